@@ -1,0 +1,371 @@
+"""The carehub command line: serve, send, browse and prune messages, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from carehub import __version__
+from carehub.config import ENV_CONFIG, ENV_DATA_DIR, HubConfig, load_config, resolve_data_dir
+from carehub.errors import CarehubError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def hub_options(func: F) -> F:
+    """--config and --data-dir, shared by every command that touches the store."""
+
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar=ENV_CONFIG,
+        help=f"Hub config YAML (or ${ENV_CONFIG}).",
+    )
+    @click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help=f"Where the store lives (or ${ENV_DATA_DIR}; default ./data).",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, config_path: Path | None, data_dir: Path | None, **kwargs: Any) -> Any:
+        config = load_config(config_path)
+        return func(*args, config=config, data_dir=resolve_data_dir(config, data_dir), **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class CarehubGroup(click.Group):
+    """Turns CarehubError into a one-line message and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CarehubError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=CarehubGroup)
+@click.version_option(__version__, prog_name="carehub")
+def main() -> None:
+    """carehub: HL7 v2 intake, routing and care-team notification."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- serve -----------------------------------------------------------------------------------
+@main.command()
+@hub_options
+@click.option("--mllp-port", type=int, help="Port of the first MLLP listener (0 picks one).")
+@click.option("--http-port", type=int, help="Port of the HTTP listener (0 picks one).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(
+    config: HubConfig,
+    data_dir: Path,
+    mllp_port: int | None,
+    http_port: int | None,
+    log_level: str | None,
+) -> None:
+    """Run the hub until SIGTERM or Ctrl-C, then finish in-flight messages and exit 0."""
+    from carehub.hub import Hub
+
+    _apply_port_overrides(config, mllp_port, http_port)
+    _setup_logging(log_level or config.log_level)
+    hub = Hub(config, data_dir)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        bound = await hub.start()
+        click.echo(f"carehub {__version__}: store {_store_label(config, data_dir)}")
+        for listener in bound:
+            click.echo(f"{listener.kind} listener '{listener.name}' on {listener.address}")
+        click.echo("carehub ready")
+        sys.stdout.flush()
+        try:
+            await stop.wait()
+        finally:
+            click.echo("carehub stopping: finishing in-flight messages")
+            await hub.stop()
+
+    try:
+        asyncio.run(run())
+    except OSError as err:
+        raise CarehubError(f"cannot start a listener: {err}") from err
+
+
+def _apply_port_overrides(config: HubConfig, mllp_port: int | None, http_port: int | None) -> None:
+    if mllp_port is not None:
+        if not config.listeners.mllp:
+            from carehub.config import MLLPListenerConfig
+
+            config.listeners.mllp.append(MLLPListenerConfig())
+        config.listeners.mllp[0].port = mllp_port
+    if http_port is not None:
+        config.listeners.http.port = http_port
+        config.listeners.http.enabled = True
+
+
+def _store_label(config: HubConfig, data_dir: Path) -> str:
+    if config.store.url:
+        return re.sub(r"//[^@/]*@", "//***@", config.store.url)  # never print a password
+    return f"{data_dir / 'carehub.db'} (SQLite, durability={config.store.durability})"
+
+
+# -- send ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=2575, show_default=True)
+@click.option("--tls", is_flag=True, help="Connect with TLS.")
+@click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), help="CA to trust.")
+@click.option("--cert", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate.")
+@click.option("--key", type=click.Path(path_type=Path, dir_okay=False), help="Client key.")
+@click.option("--insecure", is_flag=True, help="With --tls, do not verify the server.")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def send(
+    files: tuple[Path, ...],
+    host: str,
+    port: int,
+    tls: bool,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    insecure: bool,
+    timeout: float,
+) -> None:
+    """Send HL7 files over MLLP and print each ACK. Exit 1 on AE, AR or no answer."""
+    from carehub.hl7.batch import split_messages
+
+    outgoing: list[tuple[str, bytes]] = []
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CarehubError(f"{path}: cannot read: {err.strerror}") from err
+        parts = split_messages(data)
+        if not parts:
+            raise CarehubError(f"{path}: no HL7 message in the file (no MSH segment)")
+        for number, part in enumerate(parts, start=1):
+            label = str(path) if len(parts) == 1 else f"{path} #{number}"
+            outgoing.append((label, part))
+    context = None
+    if tls or ca or cert:
+        from carehub.intake.tls import client_context
+
+        context = client_context(ca, cert, key, verify=not insecure)
+    failures = asyncio.run(_send_all(outgoing, host, port, context, timeout))
+    sys.exit(1 if failures else 0)
+
+
+async def _send_all(
+    outgoing: list[tuple[str, bytes]], host: str, port: int, context: Any, timeout: float
+) -> int:
+    from carehub.client import MLLPClient, NoAnswer
+    from carehub.hl7.ack import read_ack
+    from carehub.hl7.view import NotHL7Error
+
+    failures = 0
+    client = MLLPClient(host, port, ssl_context=context, timeout=timeout)
+    try:
+        await client.connect()
+    except (OSError, TimeoutError) as err:
+        raise CarehubError(f"cannot connect to {host}:{port}: {err}") from err
+    try:
+        for label, payload in outgoing:
+            try:
+                answer = await client.send(payload)
+            except (NoAnswer, OSError) as err:
+                click.echo(f"{label}: no answer: {err}")
+                failures += 1
+                await client.close()
+                try:
+                    await client.connect()
+                except (OSError, TimeoutError):
+                    break
+                continue
+            try:
+                code, control_id, text = read_ack(answer.decode("utf-8", "replace"))
+            except NotHL7Error:
+                click.echo(f"{label}: answer is not an HL7 ACK")
+                failures += 1
+                continue
+            suffix = f": {text}" if text else ""
+            click.echo(f"{label}: {code} (MSH-10 {control_id or '-'}){suffix}")
+            if code not in ("AA", "CA"):
+                failures += 1
+    finally:
+        await client.close()
+    return failures
+
+
+# -- messages --------------------------------------------------------------------------------
+@main.group()
+def messages() -> None:
+    """Browse stored messages."""
+
+
+def _parse_since(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d+)([smhd])", value)
+    if match:
+        seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return datetime.now(UTC) - timedelta(seconds=int(match.group(1)) * seconds)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as err:
+        raise click.BadParameter(
+            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)"
+        ) from err
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@messages.command("list")
+@hub_options
+@click.option("--status", help="received, refused, rejected, routed, delivered, failed, ...")
+@click.option("--type", "message_type", help="Message type (MSH-9.1), e.g. ADT.")
+@click.option("--event", help="Trigger event (MSH-9.2), e.g. A01.")
+@click.option("--patient", help="Patient identifier (PID-3.1).")
+@click.option("--since", help="ISO date/time or an age such as 30m, 2h, 7d.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_messages(
+    config: HubConfig,
+    data_dir: Path,
+    status: str | None,
+    message_type: str | None,
+    event: str | None,
+    patient: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List stored messages, newest first."""
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir)
+    try:
+        found = store.find(
+            status=status,
+            message_type=message_type,
+            event=event,
+            patient=patient,
+            since=_parse_since(since),
+            limit=limit,
+        )
+    finally:
+        store.close()
+    if as_json:
+        for message in found:
+            click.echo(json.dumps(message.summary(), ensure_ascii=False))
+        return
+    from carehub.display import message_table
+
+    message_table(found)
+
+
+@messages.command("show")
+@hub_options
+@click.argument("message_id", type=int)
+@click.option("--raw", is_flag=True, help="Print the message text only.")
+def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) -> None:
+    """Header fields, status history, and the message segment by segment with field names."""
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir)
+    try:
+        message = store.get(message_id)
+        if message is None:
+            raise CarehubError(
+                f"no message with id {message_id} in {_store_label(config, data_dir)}"
+            )
+        history = store.history(message_id)
+    finally:
+        store.close()
+    if raw:
+        click.echo(message.text.replace("\r\n", "\n").replace("\r", "\n"))
+        return
+    from carehub.display import show_message as render
+
+    render(message, history)
+
+
+# -- store maintenance -----------------------------------------------------------------------
+@main.group()
+def store() -> None:
+    """Store maintenance: schema upgrades and retention."""
+
+
+@store.command("upgrade")
+@hub_options
+def store_upgrade(config: HubConfig, data_dir: Path) -> None:
+    """Apply schema migrations (also done on every start)."""
+    from carehub.hub import open_store
+
+    opened = open_store(config, data_dir)
+    click.echo(f"store at schema revision {opened.schema_revision()}")
+    opened.close()
+
+
+@store.command("prune")
+@hub_options
+@click.option("--older-than", "days", type=click.IntRange(min=0), required=True, help="Days.")
+@click.option("--full", is_flag=True, help="PostgreSQL: VACUUM FULL (locks the tables).")
+def store_prune(config: HubConfig, data_dir: Path, days: int, full: bool) -> None:
+    """Delete messages received more than N days ago and reclaim the space."""
+    from carehub.hub import open_store
+
+    opened = open_store(config, data_dir)
+    try:
+        result = opened.prune(timedelta(days=days), full_vacuum=full)
+    finally:
+        opened.close()
+    line = f"pruned {result.messages_deleted} message(s) older than {days} day(s)"
+    if result.bytes_before is not None and result.bytes_after is not None:
+        line += f"; store file {result.bytes_before:,} -> {result.bytes_after:,} bytes"
+    click.echo(line)
+
+
+# -- demo ------------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Hub config (default: config/carehub.yaml of this checkout).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Keep the demo store here (default: a fresh temporary folder).",
+)
+def demo(config_path: Path | None, data_dir: Path | None) -> None:
+    """Run the hub on the sample config and feeds, and show what it received and answered."""
+    from carehub.demo import run_demo
+
+    sys.exit(run_demo(config_path, data_dir))
+
+
+if __name__ == "__main__":
+    main()

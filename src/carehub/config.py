@@ -1,0 +1,234 @@
+"""Hub configuration: a YAML file validated by pydantic, with ${VAR} and ${VAR:-default}.
+
+Errors name the file, the line and the key (``config/carehub.yaml:14: listeners.mllp[0].port:
+Input should be less than or equal to 65535``), so the fix is obvious from the message alone.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from carehub.errors import ConfigError
+
+ENV_DATA_DIR = "CAREHUB_DATA_DIR"
+ENV_CONFIG = "CAREHUB_CONFIG"
+ENV_HTTP_TOKENS = "CAREHUB_HTTP_TOKENS"
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _known_codec(value: str) -> str:
+    try:
+        codecs.lookup(value)
+    except LookupError as err:
+        raise ValueError(f"unknown character set {value!r}") from err
+    return value
+
+
+class TLSConfig(_Strict):
+    """Certificate and key for MLLP over TLS; client_ca turns on client certificate checks."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+
+
+class MLLPListenerConfig(_Strict):
+    name: str = "mllp"
+    host: str = "0.0.0.0"
+    port: int = Field(2575, ge=0, le=65535)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    idle_timeout: float = Field(600.0, ge=0, description="seconds; 0 keeps idle connections")
+    default_charset: str = "utf-8"
+    tls: TLSConfig | None = None
+
+    _charset = field_validator("default_charset")(_known_codec)
+
+
+class HTTPListenerConfig(_Strict):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    tokens: list[str] = Field(default_factory=list, description="bearer tokens; empty = open")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    default_charset: str = "utf-8"
+
+    _charset = field_validator("default_charset")(_known_codec)
+
+
+class FileDropConfig(_Strict):
+    name: str = "files"
+    directory: Path
+    processed_dir: Path | None = None
+    error_dir: Path | None = None
+    poll_interval: float = Field(1.0, gt=0)
+    settle_seconds: float = Field(1.0, ge=0, description="a file must be unchanged this long")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    default_charset: str = "utf-8"
+
+    _charset = field_validator("default_charset")(_known_codec)
+
+
+class ListenersConfig(_Strict):
+    mllp: list[MLLPListenerConfig] = Field(default_factory=lambda: [MLLPListenerConfig()])
+    http: HTTPListenerConfig = Field(default_factory=HTTPListenerConfig)
+    files: list[FileDropConfig] = Field(default_factory=list)
+
+
+class StoreConfig(_Strict):
+    url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the data dir")
+    durability: Literal["process", "power"] = "process"
+
+    @field_validator("url")
+    @classmethod
+    def _empty_means_default(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class HubIdentity(_Strict):
+    """How the hub names itself in ACKs when the sender left MSH-5/MSH-6 empty."""
+
+    application: str = "CAREHUB"
+    facility: str = ""
+
+
+class HubConfig(_Strict):
+    data_dir: Path | None = None
+    hub: HubIdentity = Field(default_factory=HubIdentity)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    listeners: ListenersConfig = Field(default_factory=ListenersConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    #: Where the file was read from; relative paths in it are taken from its folder.
+    source: Path | None = Field(None, exclude=True)
+
+
+def expand_env(value: str, where: str) -> str:
+    """Replace ${VAR} and ${VAR:-default}; a missing variable without default is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{where}: environment variable {name} is not set "
+            f"(write ${{{name}:-default}} to give a default)"
+        )
+
+    return _ENV_REFERENCE.sub(replace, value)
+
+
+def _expand_tree(node: Any, where: str) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, where)
+    if isinstance(node, list):
+        return [_expand_tree(v, f"{where}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+    return node
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at ``loc``, or of the nearest parent that exists."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+            if match is None:
+                break
+            node = match
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def load_config(path: Path | None) -> HubConfig:
+    """Read and validate a config file; None gives the built-in defaults."""
+    if path is None:
+        return HubConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from err
+    try:
+        tree = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    data = _expand_tree(data, f"{path}")
+    try:
+        config = HubConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            loc = tuple(error["loc"])
+            line = _line_of(tree, loc)
+            problems.append(f"{path}{f':{line}' if line else ''}: {_loc_text(loc)}: {error['msg']}")
+        raise ConfigError("\n".join(problems)) from None
+    config.source = path.resolve()
+    return _resolve_paths(config, path.resolve().parent)
+
+
+def _resolve_paths(config: HubConfig, base: Path) -> HubConfig:
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    config.data_dir = fix(config.data_dir)
+    for listener in config.listeners.mllp:
+        if listener.tls:
+            listener.tls.cert = fix(listener.tls.cert)  # type: ignore[assignment]
+            listener.tls.key = fix(listener.tls.key)  # type: ignore[assignment]
+            listener.tls.client_ca = fix(listener.tls.client_ca)
+    for drop in config.listeners.files:
+        drop.directory = fix(drop.directory)  # type: ignore[assignment]
+        drop.processed_dir = fix(drop.processed_dir)
+        drop.error_dir = fix(drop.error_dir)
+    return config
+
+
+def resolve_data_dir(config: HubConfig, override: Path | None) -> Path:
+    """--data-dir, then $CAREHUB_DATA_DIR, then the config's data_dir, then ./data."""
+    if override is not None:
+        return override.resolve()
+    if os.environ.get(ENV_DATA_DIR):
+        return Path(os.environ[ENV_DATA_DIR]).resolve()
+    if config.data_dir is not None:
+        return config.data_dir.resolve()
+    return Path("data").resolve()
+
+
+def http_tokens(config: HubConfig) -> list[str]:
+    """Bearer tokens from the config and from $CAREHUB_HTTP_TOKENS (comma-separated)."""
+    tokens = [t for t in config.listeners.http.tokens if t]
+    tokens += [t.strip() for t in os.environ.get(ENV_HTTP_TOKENS, "").split(",") if t.strip()]
+    return tokens

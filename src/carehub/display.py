@@ -1,0 +1,100 @@
+"""Terminal rendering of stored messages (rich tables), for `carehub messages list|show`."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from carehub.hl7.fieldnames import field_name
+from carehub.hl7.view import MessageView, NotHL7Error
+from carehub.store.store import StatusChange, StoredMessage
+
+_console = Console(highlight=False, soft_wrap=False)
+
+
+def _type_of(message: StoredMessage) -> str:
+    if not message.message_type:
+        return "-"
+    return (
+        f"{message.message_type}^{message.trigger_event}"
+        if message.trigger_event
+        else message.message_type
+    )
+
+
+def message_table(found: list[StoredMessage]) -> None:
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("id", "received (UTC)", "via", "type", "control id", "patient", "ack", "status"):
+        table.add_column(column)
+    for m in found:
+        patient = (
+            f"{m.patient_id}^{m.patient_authority}" if m.patient_authority else (m.patient_id or "")
+        )
+        table.add_row(
+            str(m.id),
+            m.received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{m.transport}:{m.listener}",
+            _type_of(m),
+            m.control_id or "",
+            patient,
+            m.ack_code,
+            m.status,
+        )
+    _console.print(table)
+    _console.print(f"{len(found)} message(s)")
+
+
+def show_message(message: StoredMessage, history: list[StatusChange]) -> None:
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column()
+    facts = [
+        ("id", str(message.id)),
+        ("received", message.received_at.isoformat()),
+        ("via", f"{message.transport} listener '{message.listener}' from {message.peer or '-'}"),
+        ("sending", f"{message.sending_application or ''} / {message.sending_facility or ''}"),
+        (
+            "receiving",
+            f"{message.receiving_application or ''} / {message.receiving_facility or ''}",
+        ),
+        ("type", f"{_type_of(message)} {message.structure or ''}".strip()),
+        ("control id", message.control_id or "-"),
+        ("version", message.version or "-"),
+        ("patient", f"{message.patient_id or '-'} (authority {message.patient_authority or '-'})"),
+        ("size", f"{message.size:,} bytes, {message.charset or 'unknown charset'}"),
+        ("ack", message.ack_code),
+        ("status", message.status),
+    ]
+    for name, value in facts:
+        header.add_row(name, Text(value))
+    _console.print(header)
+
+    _console.print("\n[bold]History[/bold]")
+    for change in history:
+        detail = f"  {change.detail}" if change.detail else ""
+        stamp = change.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        _console.print(Text(f"  {stamp}  {change.event}{detail}"))
+
+    _console.print("\n[bold]Message[/bold]")
+    try:
+        view = MessageView(message.text)
+    except NotHL7Error:
+        _console.print("(not an HL7 v2 message; raw text follows)")
+        _console.print(Text(message.text))
+        return
+    version = message.version or "2.5"
+    for position in range(len(view.segments)):
+        fields = view.fields(position)
+        name = fields[0]
+        _console.print(f"[bold cyan]{name}[/bold cyan]")
+        table = Table.grid(padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True, style="dim")
+        table.add_column(overflow="fold")
+        for number in range(1, len(fields)):
+            value = fields[number]
+            if value == "":
+                continue
+            table.add_row(f"{name}-{number}", field_name(name, number, version) or "", Text(value))
+        _console.print(table)

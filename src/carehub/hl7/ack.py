@@ -1,0 +1,134 @@
+"""Original-mode acknowledgments (AA / AE / AR) built as text, in the sender's own dialect.
+
+The ACK swaps sending and receiving application/facility, keeps the inbound separators and
+version, echoes MSH-10 in MSA-2, and carries an ERR segment with a readable reason on errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from carehub.hl7.view import MessageView, Separators, escape
+
+
+class AckCode(StrEnum):
+    ACCEPT = "AA"
+    ERROR = "AE"
+    REJECT = "AR"
+
+
+class ErrorCode(StrEnum):
+    """HL7 table 0357 message error condition codes used by carehub."""
+
+    SEGMENT_SEQUENCE = "100"
+    REQUIRED_FIELD_MISSING = "101"
+    UNSUPPORTED_MESSAGE_TYPE = "200"
+    APPLICATION_INTERNAL_ERROR = "207"
+
+
+_ERROR_TEXT = {
+    ErrorCode.SEGMENT_SEQUENCE: "Segment sequence error",
+    ErrorCode.REQUIRED_FIELD_MISSING: "Required field missing",
+    ErrorCode.UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
+    ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
+}
+
+_counter = itertools.count(1)
+_start = int(time.time())
+
+
+def new_control_id() -> str:
+    """A short unique MSH-10 for ACKs (MSH-10 is limited to 20 characters before v2.7)."""
+    return f"CH{_start:x}{next(_counter):x}"[:20]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts) or (2, 5)
+
+
+def build_ack(
+    code: AckCode,
+    original: MessageView | None,
+    *,
+    reason: str = "",
+    error_code: ErrorCode | None = None,
+    error_location: str = "",
+    hub_application: str = "CAREHUB",
+    hub_facility: str = "",
+) -> str:
+    """The ACK text (segments ended by CR) for ``original``; None when it had no readable MSH."""
+    seps = original.separators if original else Separators()
+    f, c = seps.field, seps.component
+
+    def field(path: str) -> str:
+        return original.raw(path) if original else ""
+
+    version = field("MSH-12") or "2.5"
+    trigger = field("MSH-9.2")
+    if trigger and _version_tuple(version) >= (2, 3, 1):
+        message_type = f"ACK{c}{trigger}{c}ACK"
+    elif trigger:
+        message_type = f"ACK{c}{trigger}"
+    else:
+        message_type = "ACK"
+    now = datetime.now(UTC).astimezone().strftime("%Y%m%d%H%M%S%z")
+    msh = [
+        "MSH",
+        seps.encoding_characters,
+        field("MSH-5") or hub_application,
+        field("MSH-6") or hub_facility,
+        field("MSH-3"),
+        field("MSH-4"),
+        now,
+        "",
+        message_type,
+        new_control_id(),
+        field("MSH-11") or "P",
+        version,
+    ]
+    charset = field("MSH-18")
+    if charset:
+        msh += [""] * (17 - len(msh)) + [charset]
+    segments = [f.join(msh)]
+
+    text = escape(reason, seps) if reason else ""
+    modern = _version_tuple(version) >= (2, 5)
+    msa = ["MSA", code.value, field("MSH-10")]
+    if text and _version_tuple(version) < (2, 7):
+        msa.append(text)  # MSA-3 was withdrawn in v2.7; ERR-8 carries the text from v2.5 on.
+    segments.append(f.join(msa))
+
+    if code is not AckCode.ACCEPT:
+        error_code = error_code or ErrorCode.APPLICATION_INTERNAL_ERROR
+        location = error_location.replace("-", c) if error_location else ""
+        coded = c.join([error_code.value, _ERROR_TEXT[error_code], "HL70357"])
+        if modern:
+            segments.append(f.join(["ERR", "", location, coded, "E", "", "", "", text]))
+        else:
+            sub = seps.subcomponent
+            eld_code = sub.join(
+                [error_code.value, escape(text or _ERROR_TEXT[error_code], seps), "HL70357"]
+            )
+            parts = location.split(c) if location else ["", ""]
+            parts += [""] * (3 - len(parts))
+            segments.append(f.join(["ERR", c.join([*parts[:3], eld_code])]))
+    return "\r".join(segments) + "\r"
+
+
+def read_ack(text: str) -> tuple[str, str, str]:
+    """(code, control id echoed, human text) from an ACK; text comes from MSA-3 or ERR."""
+    view = MessageView(text)
+    code = view.get("MSA-1")
+    control_id = view.get("MSA-2")
+    message = view.get("MSA-3")
+    if not message and view.count("ERR"):
+        message = view.get("ERR-8") or view.get("ERR-1.4.2") or view.get("ERR-3.2")
+    return code, control_id, message

@@ -1,0 +1,123 @@
+"""MLLP framing: <VT> payload <FS><CR>, decoded incrementally from whatever the socket hands us.
+
+The decoder never raises on bad input. Bytes outside a frame are skipped (and counted), a start
+block inside an unfinished frame ends that frame as broken, and a frame past the size limit is
+drained without being buffered so a huge or runaway frame cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+START_BLOCK = 0x0B
+END_BLOCK = 0x1C
+CARRIAGE_RETURN = 0x0D
+
+#: Bytes kept from the start of an oversize or broken frame, enough to read its MSH for the ACK.
+HEAD_BYTES = 4096
+
+
+@dataclass(slots=True, frozen=True)
+class Frame:
+    """A complete frame; payload excludes the framing bytes."""
+
+    payload: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class OversizeFrame:
+    """A frame larger than the limit: only its head is kept, the rest was discarded."""
+
+    head: bytes
+    size: int
+
+
+@dataclass(slots=True, frozen=True)
+class BrokenFrame:
+    """A frame cut short by the start block of the next one (the sender lost its place)."""
+
+    head: bytes
+    size: int
+
+
+FrameEvent = Frame | OversizeFrame | BrokenFrame
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Wrap one payload in MLLP framing bytes."""
+    return b"\x0b" + payload + b"\x1c\x0d"
+
+
+class FrameDecoder:
+    """Turns a byte stream into frame events; one decoder per connection."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.stray_bytes = 0
+        self._buf = bytearray()
+        self._in_frame = False
+        self._scanned = 0  # bytes of _buf already known to hold no END/START block
+        self._drained = 0  # bytes of an oversize frame already thrown away
+        self._head = b""
+
+    @property
+    def mid_frame(self) -> bool:
+        """True while part of a frame has been read but not its end."""
+        return self._in_frame
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf) + self._drained
+
+    def feed(self, data: bytes) -> list[FrameEvent]:
+        self._buf += data
+        events: list[FrameEvent] = []
+        buf = self._buf
+        while True:
+            if not self._in_frame:
+                start = buf.find(START_BLOCK)
+                if start < 0:
+                    self.stray_bytes += len(buf)
+                    buf.clear()
+                    return events
+                self.stray_bytes += start
+                del buf[: start + 1]
+                self._in_frame = True
+                self._scanned = 0
+                self._drained = 0
+                self._head = b""
+            end = buf.find(END_BLOCK, self._scanned)
+            restart = buf.find(START_BLOCK, self._scanned, end if end >= 0 else len(buf))
+            if restart >= 0:
+                events.append(
+                    BrokenFrame(self._head or bytes(buf[:HEAD_BYTES]), self._drained + restart)
+                )
+                del buf[:restart]
+                self._in_frame = False
+                continue
+            if end < 0:
+                self._scanned = len(buf)
+                self._drain_if_oversize()
+                return events
+            if end + 1 >= len(buf):
+                # <FS> is the last byte read: wait for the next byte to see whether <CR> follows.
+                self._scanned = end
+                return events
+            size = self._drained + end
+            consumed = end + 2 if buf[end + 1] == CARRIAGE_RETURN else end + 1
+            if size > self.max_frame_bytes:
+                events.append(OversizeFrame(self._head or bytes(buf[:HEAD_BYTES]), size))
+            else:
+                events.append(Frame(bytes(buf[:end])))
+            del buf[:consumed]
+            self._in_frame = False
+
+    def _drain_if_oversize(self) -> None:
+        buf = self._buf
+        if self._drained + len(buf) <= self.max_frame_bytes:
+            return
+        if not self._head:
+            self._head = bytes(buf[:HEAD_BYTES])
+        self._drained += len(buf)
+        buf.clear()
+        self._scanned = 0

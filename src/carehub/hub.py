@@ -1,0 +1,134 @@
+"""The Hub: one object that owns the store, intake and listeners of a running carehub.
+
+Everything a running hub needs hangs off this object (no module-level state), so tests build
+a fresh hub per test and several hubs can run in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from carehub import __version__
+from carehub.config import HubConfig, http_tokens, resolve_data_dir
+from carehub.intake.filedrop import FileDropListener
+from carehub.intake.http import HTTPListener, build_app
+from carehub.intake.intake import Intake
+from carehub.intake.mllp import MLLPListener
+from carehub.intake.tls import server_context
+from carehub.metrics import make_registry, render
+from carehub.store.group_commit import GroupCommitWriter
+from carehub.store.store import MessageStore, sqlite_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BoundListener:
+    """A listener that is up, and where: (kind, name, address)."""
+
+    kind: str
+    name: str
+    address: str
+
+
+def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> MessageStore:
+    """The store the config names (SQLite under data_dir by default), migrated to the newest
+    schema. ``serving`` moves SQLite WAL checkpoints onto a background thread."""
+    url = config.store.url or sqlite_url(data_dir)
+    store = MessageStore(url, durability=config.store.durability, background_checkpoint=serving)
+    store.migrate()
+    return store
+
+
+class Hub:
+    def __init__(self, config: HubConfig, data_dir: Path | None = None) -> None:
+        self.config = config
+        self.data_dir = resolve_data_dir(config, data_dir)
+        self.store: MessageStore | None = None
+        self.writer: GroupCommitWriter
+        self.intake: Intake
+        self.mllp_listeners: list[MLLPListener] = []
+        self.http_listener: HTTPListener | None = None
+        self.file_listeners: list[FileDropListener] = []
+        self.registry = make_registry(self)
+        self.bound: list[BoundListener] = []
+
+    async def start(self) -> list[BoundListener]:
+        """Open the store, then the listeners; returns where each listener is bound."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = await asyncio.to_thread(open_store, self.config, self.data_dir, serving=True)
+        self.writer = GroupCommitWriter(self.store)
+        self.writer.start()
+        identity = self.config.hub
+        self.intake = Intake(
+            self.writer, hub_application=identity.application, hub_facility=identity.facility
+        )
+        listeners = self.config.listeners
+        try:
+            for i, mllp_config in enumerate(listeners.mllp):
+                context = (
+                    server_context(mllp_config.tls, f"listeners.mllp[{i}]")
+                    if mllp_config.tls
+                    else None
+                )
+                listener = MLLPListener(mllp_config, self.intake, context)
+                host, port = await listener.start()
+                self.mllp_listeners.append(listener)
+                kind = "MLLP+TLS" if context else "MLLP"
+                self.bound.append(BoundListener(kind, listener.name, f"{host}:{port}"))
+            if listeners.http.enabled:
+                app = build_app(
+                    listeners.http,
+                    self.intake,
+                    http_tokens(self.config),
+                    self.health,
+                    lambda: render(self.registry),
+                )
+                self.http_listener = HTTPListener(listeners.http, app)
+                host, port = await self.http_listener.start()
+                self.bound.append(BoundListener("HTTP", "http", f"{host}:{port}"))
+            for drop_config in listeners.files:
+                drop = FileDropListener(drop_config, self.intake)
+                folder = await drop.start()
+                self.file_listeners.append(drop)
+                self.bound.append(BoundListener("file drop", drop.name, str(folder)))
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
+        return self.bound
+
+    async def stop(self) -> None:
+        """Stop accepting, finish what is in flight, commit it, close the store."""
+        await asyncio.gather(*(listener.stop() for listener in self.mllp_listeners))
+        await asyncio.gather(*(drop.stop() for drop in self.file_listeners))
+        if self.http_listener:
+            await self.http_listener.stop()
+        if self.store is not None:
+            await asyncio.to_thread(self.writer.stop)
+            await asyncio.to_thread(self.store.close)
+            self.store = None
+        log.info("carehub stopped")
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def health(self) -> dict[str, Any]:
+        store_ok = self.store is not None and self.store.ping()
+        return {
+            "status": "ok" if store_ok else "store unavailable",
+            "version": __version__,
+            "store": "ok" if store_ok else "unavailable",
+            "listeners": [
+                {"kind": b.kind, "name": b.name, "address": b.address} for b in self.bound
+            ],
+            "intake": {f"{k[0]}/{k[1]}": v for k, v in sorted(self.intake.counts.items())},
+        }

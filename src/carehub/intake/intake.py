@@ -1,0 +1,188 @@
+"""The one path every listener (MLLP, HTTP, file drop) sends received bytes down.
+
+decode by MSH-18 -> read the header through the lazy view -> store (group commit) -> ACK.
+AA only after the commit; AE when stored but the content is refused; AR when the frame is not
+HL7 at all or cannot be taken (too large, cut short). Every outcome is a row in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from carehub.hl7.ack import AckCode, ErrorCode, build_ack
+from carehub.hl7.charsets import decode_message
+from carehub.hl7.header import MessageHeader
+from carehub.hl7.view import MessageView, NotHL7Error
+from carehub.store.group_commit import GroupCommitWriter, StoreUnavailable
+from carehub.store.schema import MessageStatus
+from carehub.store.store import NewMessage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class Arrival:
+    """How a message came in: the transport, the named listener, and the peer address."""
+
+    transport: str
+    listener: str
+    peer: str | None = None
+    default_charset: str = "utf-8"
+
+
+@dataclass(slots=True, frozen=True)
+class IntakeResult:
+    code: AckCode
+    ack: bytes
+    message_id: int | None
+    duplicate: bool = False
+    reason: str | None = None
+
+
+class Intake:
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        *,
+        hub_application: str = "CAREHUB",
+        hub_facility: str = "",
+    ) -> None:
+        self.writer = writer
+        self.hub_application = hub_application
+        self.hub_facility = hub_facility
+        #: (listener, outcome) -> count; outcome is accepted, duplicate, refused, rejected or
+        #: store_error. Read by /health and /metrics; a dict increment costs nothing per message.
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    async def receive(self, payload: bytes, arrival: Arrival) -> IntakeResult:
+        """Store one message and return the ACK that answers it."""
+        decoded = decode_message(payload, arrival.default_charset)
+        try:
+            view = MessageView(decoded.text)
+        except NotHL7Error:
+            return await self._reject(
+                payload,
+                arrival,
+                None,
+                "not an HL7 v2 message: no MSH segment at the start of the frame",
+                ErrorCode.SEGMENT_SEQUENCE,
+                charset=decoded.charset,
+            )
+        header = MessageHeader.read(view)
+        problem = header.problem()
+        status = MessageStatus.REFUSED if problem else MessageStatus.RECEIVED
+        code = AckCode.ERROR if problem else AckCode.ACCEPT
+        message = NewMessage(
+            raw=payload,
+            transport=arrival.transport,
+            listener=arrival.listener,
+            peer=arrival.peer,
+            status=status,
+            ack_code=code.value,
+            header=header,
+            charset=decoded.charset,
+            detail=problem or decoded.warning,
+        )
+        try:
+            outcome = await self.writer.submit(message)
+        except StoreUnavailable:
+            self.counts[arrival.listener, "store_error"] += 1
+            reason = "message not stored: the message store is unavailable; please resend"
+            ack = self._ack(AckCode.ERROR, view, reason, ErrorCode.APPLICATION_INTERNAL_ERROR, "")
+            return IntakeResult(
+                AckCode.ERROR, self._encode(ack, decoded.charset), None, False, reason
+            )
+        if problem:
+            self.counts[arrival.listener, "refused"] += 1
+            location = "MSH-1-10" if "MSH-10" in problem else "MSH-1-9"
+            ack = self._ack(code, view, problem, ErrorCode.REQUIRED_FIELD_MISSING, location)
+        else:
+            outcome_name = "duplicate" if outcome.duplicate else "accepted"
+            self.counts[arrival.listener, outcome_name] += 1
+            ack = self._ack(code, view, "", None, "")
+        return IntakeResult(
+            code, self._encode(ack, decoded.charset), outcome.message_id, outcome.duplicate, problem
+        )
+
+    async def reject_unreadable_frame(
+        self, head: bytes, size: int, arrival: Arrival, reason: str
+    ) -> IntakeResult:
+        """Answer a frame that cannot be taken whole (over the size limit, or cut short).
+
+        Only its first bytes are kept; they are stored as a rejected row so an operator can see
+        what the sender tried, and the ACK echoes MSH-10 when the head holds it.
+        """
+        decoded = decode_message(head, arrival.default_charset)
+        try:
+            view: MessageView | None = MessageView(decoded.text)
+        except NotHL7Error:
+            view = None
+        detail = f"{reason} ({size} bytes received; the first {len(head)} kept)"
+        return await self._reject(
+            head,
+            arrival,
+            view,
+            reason,
+            ErrorCode.APPLICATION_INTERNAL_ERROR,
+            charset=decoded.charset,
+            detail=detail,
+        )
+
+    async def _reject(
+        self,
+        payload: bytes,
+        arrival: Arrival,
+        view: MessageView | None,
+        reason: str,
+        error_code: ErrorCode,
+        *,
+        charset: str,
+        detail: str | None = None,
+    ) -> IntakeResult:
+        self.counts[arrival.listener, "rejected"] += 1
+        header = MessageHeader.read(view) if view else None
+        message = NewMessage(
+            raw=payload,
+            transport=arrival.transport,
+            listener=arrival.listener,
+            peer=arrival.peer,
+            status=MessageStatus.REJECTED,
+            ack_code=AckCode.REJECT.value,
+            header=header,
+            charset=charset,
+            detail=detail or reason,
+        )
+        message_id: int | None = None
+        try:
+            message_id = (await self.writer.submit(message)).message_id
+        except StoreUnavailable:
+            self.counts[arrival.listener, "store_error"] += 1
+        ack = self._ack(AckCode.REJECT, view, reason, error_code, "")
+        return IntakeResult(AckCode.REJECT, self._encode(ack, charset), message_id, False, reason)
+
+    def _ack(
+        self,
+        code: AckCode,
+        view: MessageView | None,
+        reason: str,
+        error_code: ErrorCode | None,
+        location: str,
+    ) -> str:
+        return build_ack(
+            code,
+            view,
+            reason=reason,
+            error_code=error_code,
+            error_location=location,
+            hub_application=self.hub_application,
+            hub_facility=self.hub_facility,
+        )
+
+    @staticmethod
+    def _encode(ack: str, charset: str) -> bytes:
+        try:
+            return ack.encode(charset, "replace")
+        except LookupError:
+            return ack.encode("utf-8", "replace")

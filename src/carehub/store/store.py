@@ -1,0 +1,446 @@
+"""MessageStore: SQLAlchemy Core over SQLite (WAL, the embedded default) or PostgreSQL.
+
+Core, not the ORM: intake inserts messages in groups of hundreds per commit, and the ORM's
+unit of work would cost more than the commit itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from carehub.hl7.header import MessageHeader
+from carehub.store.schema import MessageStatus, message_events, messages
+
+log = logging.getLogger(__name__)
+
+Durability = Literal["process", "power"]
+MIGRATIONS = Path(__file__).parent / "migrations"
+RESENT = "resent"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written."""
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """What intake hands the store for one received frame."""
+
+    raw: bytes
+    transport: str
+    listener: str
+    peer: str | None
+    status: MessageStatus
+    ack_code: str
+    header: MessageHeader | None = None
+    charset: str | None = None
+    detail: str | None = None
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def identity(self) -> str | None:
+        """MSH-3, MSH-4 and MSH-10 joined: the key a resend shares with the original."""
+        if self.status is not MessageStatus.RECEIVED or self.header is None:
+            return None  # refused and rejected frames never stand in for a later good resend
+        h = self.header
+        if not h.control_id:
+            return None
+        return "\x1f".join((h.sending_application, h.sending_facility, h.control_id))
+
+    def row(self) -> dict[str, Any]:
+        h = self.header
+        patient = h.patient if h else None
+        return {
+            "received_at": self.received_at,
+            "transport": self.transport,
+            "listener": self.listener,
+            "peer": self.peer,
+            "raw": self.raw,
+            "size": len(self.raw),
+            "charset": self.charset,
+            "sending_application": h.sending_application if h else None,
+            "sending_facility": h.sending_facility if h else None,
+            "receiving_application": h.receiving_application if h else None,
+            "receiving_facility": h.receiving_facility if h else None,
+            "message_type": h.message_type or None if h else None,
+            "trigger_event": h.trigger_event or None if h else None,
+            "structure": h.structure or None if h else None,
+            "control_id": h.control_id or None if h else None,
+            "version": h.version or None if h else None,
+            "patient_id": patient.value if patient else None,
+            "patient_authority": patient.authority if patient else None,
+            "ack_code": self.ack_code,
+            "status": self.status.value,
+            "status_at": self.received_at,
+            "detail": self.detail,
+            "identity": self.identity(),
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class InsertOutcome:
+    """Where a submitted message ended up: its row id, and whether it was a resend."""
+
+    message_id: int
+    duplicate: bool
+
+
+@dataclass(slots=True, frozen=True)
+class StatusChange:
+    at: datetime
+    event: str
+    detail: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class StoredMessage:
+    id: int
+    received_at: datetime
+    transport: str
+    listener: str
+    peer: str | None
+    raw: bytes
+    size: int
+    charset: str | None
+    sending_application: str | None
+    sending_facility: str | None
+    receiving_application: str | None
+    receiving_facility: str | None
+    message_type: str | None
+    trigger_event: str | None
+    structure: str | None
+    control_id: str | None
+    version: str | None
+    patient_id: str | None
+    patient_authority: str | None
+    ack_code: str
+    status: str
+    status_at: datetime
+    detail: str | None
+
+    @property
+    def text(self) -> str:
+        from carehub.hl7.charsets import decode_message
+
+        return decode_message(self.raw, self.charset or "utf-8").text
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready header facts (no message body)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            if name == "raw":
+                continue
+            value = getattr(self, name)
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class PruneResult:
+    messages_deleted: int
+    bytes_before: int | None
+    bytes_after: int | None
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands datetimes back naive; they were written in UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'carehub.db').resolve()}"
+
+
+class MessageStore:
+    """Durable storage for received messages and the audit trail of their lifecycle."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: Durability = "process",
+        background_checkpoint: bool = False,
+    ) -> None:
+        self.url = url
+        self.durability = durability
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine = self._create_engine(url, background_checkpoint)
+        self._checkpointer: _WalCheckpointer | None = None
+        if self.is_sqlite and background_checkpoint:
+            self._checkpointer = _WalCheckpointer(self.engine)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _create_engine(self, url: str, background_checkpoint: bool) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        synchronous = "FULL" if self.durability == "power" else "NORMAL"
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            if background_checkpoint:
+                # Checkpoints run on their own thread so a commit never waits for one.
+                cursor.execute("PRAGMA wal_autocheckpoint=0")
+            cursor.close()
+
+        return engine
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (a no-op when it already is)."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            alembic_command.upgrade(cfg, "head")
+
+    def schema_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            try:
+                return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+            except Exception:
+                return None
+
+    def close(self) -> None:
+        if self._checkpointer:
+            self._checkpointer.stop()
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:
+            return False
+
+    # -- writes ---------------------------------------------------------------------------
+    def _insert_statement(self, returning: bool) -> Any:
+        dialect_insert = postgresql.insert if not self.is_sqlite else sqlite.insert
+        stmt = dialect_insert(messages).on_conflict_do_nothing(index_elements=["identity"])
+        if returning:
+            stmt = stmt.returning(messages.c.id, messages.c.identity)
+        return stmt
+
+    def insert_messages(self, batch: list[NewMessage]) -> list[InsertOutcome]:
+        """Store a group of messages in one transaction; resends map to their original row."""
+        with self.engine.begin() as conn:
+            outcomes = self._insert(conn, batch)
+        if self._checkpointer:
+            self._checkpointer.poke()
+        return outcomes
+
+    def _insert(self, conn: Connection, batch: list[NewMessage]) -> list[InsertOutcome]:
+        ids: dict[int, int] = {}  # batch index -> message id
+        duplicates: set[int] = set()
+        first_of: dict[str, int] = {}
+        keyed: list[int] = []
+        for i, item in enumerate(batch):
+            key = item.identity()
+            if key is None:
+                ids[i] = conn.execute(
+                    insert(messages).returning(messages.c.id), item.row()
+                ).scalar_one()
+            elif key in first_of:
+                duplicates.add(i)
+            else:
+                first_of[key] = i
+                keyed.append(i)
+        if keyed:
+            result = conn.execute(self._insert_statement(True), [batch[i].row() for i in keyed])
+            inserted = {r[1]: r[0] for r in result}
+            for i in keyed:
+                key = batch[i].identity()
+                assert key is not None
+                if key in inserted:
+                    ids[i] = inserted[key]
+                else:
+                    duplicates.add(i)
+        if duplicates:
+            wanted = {batch[i].identity() for i in duplicates}
+            rows = conn.execute(
+                select(messages.c.id, messages.c.identity).where(messages.c.identity.in_(wanted))
+            )
+            existing = {r[1]: r[0] for r in rows}
+            for i in duplicates:
+                ids[i] = existing[batch[i].identity()]  # type: ignore[index]
+        now = datetime.now(UTC)
+        events = [
+            {
+                "message_id": ids[i],
+                "at": item.received_at if i not in duplicates else now,
+                "event": RESENT if i in duplicates else item.status.value,
+                "detail": (
+                    f"resent by the sender via {item.transport}:{item.listener}; answered AA, "
+                    "not stored again"
+                    if i in duplicates
+                    else item.detail
+                ),
+            }
+            for i, item in enumerate(batch)
+        ]
+        conn.execute(insert(message_events), events)
+        return [InsertOutcome(ids[i], i in duplicates) for i in range(len(batch))]
+
+    def set_status(self, message_id: int, status: MessageStatus, detail: str | None = None) -> None:
+        """Move a message to a new status and record the change."""
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(messages)
+                .where(messages.c.id == message_id)
+                .values(status=status.value, status_at=now, detail=detail)
+            )
+            conn.execute(
+                insert(message_events),
+                {"message_id": message_id, "at": now, "event": status.value, "detail": detail},
+            )
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, message_id: int) -> StoredMessage | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+        return self._to_stored(row._mapping) if row else None
+
+    def history(self, message_id: int) -> list[StatusChange]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(message_events.c.at, message_events.c.event, message_events.c.detail)
+                .where(message_events.c.message_id == message_id)
+                .order_by(message_events.c.id)
+            )
+            return [StatusChange(_aware(r.at), r.event, r.detail) for r in rows]
+
+    def find(
+        self,
+        *,
+        status: str | None = None,
+        message_type: str | None = None,
+        event: str | None = None,
+        patient: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = 100,
+    ) -> list[StoredMessage]:
+        """Messages matching every given filter, newest first."""
+        query = select(messages).order_by(messages.c.id.desc())
+        if status:
+            query = query.where(messages.c.status == status)
+        if message_type:
+            query = query.where(messages.c.message_type == message_type.upper())
+        if event:
+            query = query.where(messages.c.trigger_event == event.upper())
+        if patient:
+            query = query.where(messages.c.patient_id == patient)
+        if since:
+            query = query.where(messages.c.received_at >= since)
+        if limit:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [self._to_stored(r._mapping) for r in conn.execute(query)]
+
+    def count(self, status: str | None = None) -> int:
+        query = select(func.count()).select_from(messages)
+        if status:
+            query = query.where(messages.c.status == status)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def control_id_counts(self) -> dict[str, int]:
+        """How many rows hold each MSH-10 (used to prove nothing was stored twice)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(messages.c.control_id, func.count()).group_by(messages.c.control_id)
+            )
+            return {r[0]: r[1] for r in rows if r[0] is not None}
+
+    @staticmethod
+    def _to_stored(mapping: Any) -> StoredMessage:
+        values = dict(mapping)
+        values.pop("identity", None)
+        values["received_at"] = _aware(values["received_at"])
+        values["status_at"] = _aware(values["status_at"])
+        values["raw"] = bytes(values["raw"])
+        return StoredMessage(**values)
+
+    # -- retention ------------------------------------------------------------------------
+    def prune(self, older_than: timedelta, *, full_vacuum: bool = False) -> PruneResult:
+        """Delete messages received before now - older_than, then give the space back."""
+        cutoff = datetime.now(UTC) - older_than
+        before = self._file_size()
+        with self.engine.begin() as conn:
+            old_ids = select(messages.c.id).where(messages.c.received_at < cutoff)
+            conn.execute(delete(message_events).where(message_events.c.message_id.in_(old_ids)))
+            deleted = conn.execute(delete(messages).where(messages.c.received_at < cutoff)).rowcount
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("VACUUM")
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            else:
+                verb = "VACUUM (FULL, ANALYZE)" if full_vacuum else "VACUUM (ANALYZE)"
+                conn.exec_driver_sql(f"{verb} messages")
+                conn.exec_driver_sql(f"{verb} message_events")
+        return PruneResult(deleted or 0, before, self._file_size())
+
+    def _file_size(self) -> int | None:
+        if not self.is_sqlite:
+            return None
+        path = Path(self.url.removeprefix("sqlite:///"))
+        total = 0
+        for suffix in ("", "-wal"):
+            candidate = path.with_name(path.name + suffix)
+            if candidate.exists():
+                total += candidate.stat().st_size
+        return total
+
+
+class _WalCheckpointer:
+    """Runs passive WAL checkpoints off the commit path, at most once per interval."""
+
+    def __init__(self, engine: Engine, interval: float = 1.0) -> None:
+        self._engine = engine
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self._checkpoint("TRUNCATE")
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            self._checkpoint("PASSIVE")
+            self._stopping.wait(self._interval)
+
+    def _checkpoint(self, mode: str) -> None:
+        try:
+            with self._engine.connect() as conn:
+                conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
+        except Exception:  # a failed checkpoint is retried on the next one
+            log.warning("WAL checkpoint (%s) failed", mode, exc_info=True)
