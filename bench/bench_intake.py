@@ -50,6 +50,7 @@ STOP_TIMEOUT = 15.0  # seconds a server gets to exit after SIGTERM
 LISTENER_RE = re.compile(r"MLLP listener '(\S+)' on ([\d.]+):(\d+)")
 READY_LINE = "carehub ready"
 PORT_RE = re.compile(r"^PORT (\d+)$")
+DURABILITY_RE = re.compile(r"durability=(\w+)")
 
 # Targets for carehub with durability=process, all relative to figures from the same run.
 TARGET_VS_BARE = 0.45
@@ -297,6 +298,10 @@ async def run_plan(plan: Plan, args: argparse.Namespace, work: Path, tag: str) -
         f"timing {plan.n} messages over {args.k} connections ...",
         flush=True,
     )
+    if plan.durability is not None:  # a config key carehub ignored would make the row a lie
+        said = {m.group(1) for line in server.stdout_lines() if (m := DURABILITY_RE.search(line))}
+        if said and said != {plan.durability}:
+            row.problems.append(f"configured durability={plan.durability}, carehub says {said}")
     try:
         warm, timed = await measure(plan, host, port, args.k, tag, args.ack_timeout)
         row.result = timed
@@ -369,7 +374,7 @@ def print_table(rows: list[Row]) -> None:
             table.append([row.plan.label, str(row.k), str(row.plan.n)] + ["-"] * 5)
             continue
         ratio = res.rate / bare.rate if bare and bare.rate else None
-        ratio_spec = ".3f" if ratio is not None and ratio < 0.1 else ".2f"
+        ratio_spec = ".2f" if ratio is None or ratio >= 0.1 else ".3f" if ratio >= 0.01 else ".4f"
         table.append(
             [
                 row.plan.label,

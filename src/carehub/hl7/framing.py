@@ -89,9 +89,8 @@ class FrameDecoder:
             end = buf.find(END_BLOCK, self._scanned)
             restart = buf.find(START_BLOCK, self._scanned, end if end >= 0 else len(buf))
             if restart >= 0:
-                events.append(
-                    BrokenFrame(self._head or bytes(buf[:HEAD_BYTES]), self._drained + restart)
-                )
+                head = self._head or bytes(buf[: min(restart, HEAD_BYTES)])
+                events.append(BrokenFrame(head, self._drained + restart))
                 del buf[:restart]
                 self._in_frame = False
                 continue
