@@ -14,7 +14,6 @@ from carehub.hl7.framing import encode_frame
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
 from carehub.testing import HubThread, read_frames
-
 from tests.conftest import corpus_files, requires_corpus
 
 pytestmark = requires_corpus

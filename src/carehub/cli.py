@@ -190,7 +190,9 @@ async def _send_all(
     try:
         await client.connect()
     except (OSError, TimeoutError) as err:
-        raise CarehubError(f"cannot connect to {host}:{port}: {err}") from err
+        # No answer at all is a failed send (exit 1, as documented), not a usage error (exit 2).
+        click.echo(f"error: cannot connect to {host}:{port}: {err}", err=True)
+        return len(outgoing)
     try:
         for label, payload in outgoing:
             try:

@@ -185,7 +185,12 @@ def load_config(path: Path | None) -> HubConfig:
         raise ConfigError(f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    data = _expand_tree(data, f"{path}")
+    try:
+        # Key paths start at the top-level key; the file goes in front as in every other error
+        # (it used to be glued on: "carehub.yaml.store.url").
+        data = _expand_tree(data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     try:
         config = HubConfig.model_validate(data)
     except ValidationError as err:

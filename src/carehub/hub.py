@@ -20,7 +20,7 @@ from carehub.intake.intake import Intake
 from carehub.intake.mllp import MLLPListener
 from carehub.intake.tls import server_context
 from carehub.metrics import make_registry, render
-from carehub.store.group_commit import GroupCommitWriter
+from carehub.store.group_commit import GroupCommit, group_commit_for
 from carehub.store.store import MessageStore, sqlite_url
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Hub:
         self.config = config
         self.data_dir = resolve_data_dir(config, data_dir)
         self.store: MessageStore | None = None
-        self.writer: GroupCommitWriter
+        self.writer: GroupCommit
         self.intake: Intake
         self.mllp_listeners: list[MLLPListener] = []
         self.http_listener: HTTPListener | None = None
@@ -61,7 +61,7 @@ class Hub:
         """Open the store, then the listeners; returns where each listener is bound."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = await asyncio.to_thread(open_store, self.config, self.data_dir, serving=True)
-        self.writer = GroupCommitWriter(self.store)
+        self.writer = group_commit_for(self.store)
         self.writer.start()
         identity = self.config.hub
         self.intake = Intake(
@@ -109,7 +109,7 @@ class Hub:
         if self.http_listener:
             await self.http_listener.stop()
         if self.store is not None:
-            await asyncio.to_thread(self.writer.stop)
+            await self.writer.close()
             await asyncio.to_thread(self.store.close)
             self.store = None
         log.info("carehub stopped")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 
 from carehub.hl7.view import MessageView, Separators, escape
 
@@ -45,6 +45,21 @@ def new_control_id() -> str:
     return f"CH{_start:x}{next(_counter):x}"[:20]
 
 
+_stamp_second = -1
+_stamp_text = ""
+
+
+def _timestamp() -> str:
+    """MSH-7 with the local UTC offset, formatted once per second (ACKs are frequent)."""
+    global _stamp_second, _stamp_text
+    second = int(time.time())
+    if second != _stamp_second:
+        _stamp_text = time.strftime("%Y%m%d%H%M%S%z", time.localtime(second))
+        _stamp_second = second
+    return _stamp_text
+
+
+@lru_cache(maxsize=64)
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split("."):
@@ -68,40 +83,42 @@ def build_ack(
     seps = original.separators if original else Separators()
     f, c = seps.field, seps.component
 
-    def field(path: str) -> str:
-        return original.raw(path) if original else ""
+    msh = original.fields(0) if original else []
 
-    version = field("MSH-12") or "2.5"
-    trigger = field("MSH-9.2")
+    def field(number: int) -> str:
+        return msh[number] if number < len(msh) else ""
+
+    version = field(12).split(c, 1)[0] or "2.5"
+    trigger = field(9).split(seps.repetition, 1)[0].split(c)[1:2]
+    trigger = trigger[0] if trigger else ""
     if trigger and _version_tuple(version) >= (2, 3, 1):
         message_type = f"ACK{c}{trigger}{c}ACK"
     elif trigger:
         message_type = f"ACK{c}{trigger}"
     else:
         message_type = "ACK"
-    now = datetime.now(UTC).astimezone().strftime("%Y%m%d%H%M%S%z")
-    msh = [
+    header = [
         "MSH",
         seps.encoding_characters,
-        field("MSH-5") or hub_application,
-        field("MSH-6") or hub_facility,
-        field("MSH-3"),
-        field("MSH-4"),
-        now,
+        field(5) or hub_application,
+        field(6) or hub_facility,
+        field(3),
+        field(4),
+        _timestamp(),
         "",
         message_type,
         new_control_id(),
-        field("MSH-11") or "P",
-        version,
+        field(11) or "P",
+        field(12) or version,
     ]
-    charset = field("MSH-18")
+    charset = field(18)
     if charset:
-        msh += [""] * (17 - len(msh)) + [charset]
-    segments = [f.join(msh)]
+        header += [""] * (17 - len(header)) + [charset]
+    segments = [f.join(header)]
 
     text = escape(reason, seps) if reason else ""
     modern = _version_tuple(version) >= (2, 5)
-    msa = ["MSA", code.value, field("MSH-10")]
+    msa = ["MSA", code.value, field(10)]
     if text and _version_tuple(version) < (2, 7):
         msa.append(text)  # MSA-3 was withdrawn in v2.7; ERR-8 carries the text from v2.5 on.
     segments.append(f.join(msa))

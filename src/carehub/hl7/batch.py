@@ -9,6 +9,9 @@ from carehub.hl7.charsets import UTF8_BOM
 # A segment name at the start of the data or right after a segment terminator.
 _SEGMENT_START = re.compile(rb"(?:^|(?<=[\r\n]))(MSH|FHS|BHS|BTS|FTS)(?=.)", re.S)
 _WRAPPERS = {b"FHS", b"BHS", b"BTS", b"FTS"}
+# From the first terminator (or 0x1A) after which only blank lines and 0x1A follow. Spaces are
+# stripped only there, never from the last segment itself: they may be field data.
+_TRAILER = re.compile(rb"(?:[\r\n\x1a][\r\n\x1a \t]*)?\Z")
 
 
 def split_messages(data: bytes) -> list[bytes]:
@@ -25,7 +28,9 @@ def split_messages(data: bytes) -> list[bytes]:
         if name in _WRAPPERS:
             continue
         end = starts[i + 1][0] if i + 1 < len(starts) else len(data)
-        message = data[start:end].rstrip(b"\r\n\x1a \t")
+        message = data[start:end]
+        trailer = _TRAILER.search(message)
+        message = message[: trailer.start()] if trailer else message
         if message:
             messages.append(message + b"\r")
     return messages

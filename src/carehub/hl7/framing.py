@@ -105,7 +105,9 @@ class FrameDecoder:
             size = self._drained + end
             consumed = end + 2 if buf[end + 1] == CARRIAGE_RETURN else end + 1
             if size > self.max_frame_bytes:
-                events.append(OversizeFrame(self._head or bytes(buf[:HEAD_BYTES]), size))
+                # The head stops at <FS>: the framing bytes and the next frame are not its own.
+                head = self._head or bytes(buf[: min(end, HEAD_BYTES)])
+                events.append(OversizeFrame(head, size))
             else:
                 events.append(Frame(bytes(buf[:end])))
             del buf[:consumed]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from carehub.hl7.view import MessageView
+from carehub.hl7.view import MessageView, unescape
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,18 +33,33 @@ class MessageHeader:
 
     @classmethod
     def read(cls, view: MessageView) -> MessageHeader:
+        seps = view.separators
+        msh = view.fields(0)
+        count = len(msh)
+
+        def text(number: int) -> str:
+            value = msh[number] if number < count else ""
+            return unescape(value, seps) if seps.escape in value else value
+
+        def first_components(number: int, wanted: int) -> list[str]:
+            value = msh[number] if number < count else ""
+            value = value.split(seps.repetition, 1)[0]
+            parts = [unescape(p, seps).strip() for p in value.split(seps.component)[:wanted]]
+            return parts + [""] * (wanted - len(parts))
+
+        message_type, trigger_event, structure = first_components(9, 3)
         return cls(
-            sending_application=view.get("MSH-3"),
-            sending_facility=view.get("MSH-4"),
-            receiving_application=view.get("MSH-5"),
-            receiving_facility=view.get("MSH-6"),
-            message_type=view.get("MSH-9.1").strip(),
-            trigger_event=view.get("MSH-9.2").strip(),
-            structure=view.get("MSH-9.3").strip(),
-            control_id=view.get("MSH-10").strip(),
-            processing_id=view.get("MSH-11.1").strip(),
-            version=view.get("MSH-12.1").strip(),
-            accept_ack_type=view.get("MSH-15").strip(),
+            sending_application=text(3),
+            sending_facility=text(4),
+            receiving_application=text(5),
+            receiving_facility=text(6),
+            message_type=message_type,
+            trigger_event=trigger_event,
+            structure=structure,
+            control_id=text(10).strip(),
+            processing_id=first_components(11, 1)[0],
+            version=first_components(12, 1)[0],
+            accept_ack_type=text(15).strip(),
             patient=primary_patient_id(view),
         )
 
@@ -59,21 +74,26 @@ class MessageHeader:
 
 def primary_patient_id(view: MessageView) -> PatientId | None:
     """The PID-3 repetition typed MR (medical record number), else the first one."""
-    if not view.count("PID"):
+    position = view.first("PID")
+    if position is None:
         return None
+    seps = view.separators
+    fields = view.fields(position)
     candidates: list[PatientId] = []
-    for repetition in view.repetitions("PID-3"):
-        parts = view.components(repetition)
-        parts += [""] * (5 - len(parts))
+    for repetition in (fields[3] if len(fields) > 3 else "").split(seps.repetition):
+        parts = repetition.split(seps.component)
         if not parts[0]:
             continue
-        authority = parts[3].split(view.separators.subcomponent)[0]
-        candidates.append(PatientId(parts[0], authority, parts[4]))
-    if not candidates:
-        # Older feeds (2.1-2.3) put the external identifier in PID-2.
-        legacy = view.get("PID-2.1")
-        return PatientId(legacy, view.get("PID-2.4.1")) if legacy else None
-    for candidate in candidates:
+        parts += [""] * (5 - len(parts))
+        if seps.escape in repetition:
+            parts = [unescape(part, seps) for part in parts]
+        authority = parts[3].split(seps.subcomponent, 1)[0]
+        candidate = PatientId(parts[0], authority, parts[4])
         if candidate.type_code.upper() == "MR":
             return candidate
-    return candidates[0]
+        candidates.append(candidate)
+    if candidates:
+        return candidates[0]
+    # Older feeds (2.1-2.3) put the external identifier in PID-2.
+    legacy = view.get("PID-2.1")
+    return PatientId(legacy, view.get("PID-2.4.1")) if legacy else None

@@ -15,7 +15,7 @@ from carehub.hl7.ack import AckCode, ErrorCode, build_ack
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
-from carehub.store.group_commit import GroupCommitWriter, StoreUnavailable
+from carehub.store.group_commit import GroupCommit, StoreUnavailable
 from carehub.store.schema import MessageStatus
 from carehub.store.store import NewMessage
 
@@ -44,7 +44,7 @@ class IntakeResult:
 class Intake:
     def __init__(
         self,
-        writer: GroupCommitWriter,
+        writer: GroupCommit,
         *,
         hub_application: str = "CAREHUB",
         hub_facility: str = "",

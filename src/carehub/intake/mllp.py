@@ -123,7 +123,10 @@ class MLLPListener:
                 if not events:
                     continue
                 conn.busy = True
-                results = await asyncio.gather(*(self._answer(e, arrival) for e in events))
+                if len(events) == 1:
+                    results = [await self._answer(events[0], arrival)]
+                else:  # submitted together, so they share one commit; answered in order
+                    results = await asyncio.gather(*(self._answer(e, arrival) for e in events))
                 writer.write(b"".join(encode_frame(r.ack) for r in results))
                 await writer.drain()
                 conn.busy = False

@@ -1,8 +1,18 @@
 """Group commit: every message waiting to be stored goes into the next single transaction.
 
-Connections hand messages to ``submit`` and await the result; one writer thread takes all that
-are waiting, commits them together, and only then resolves the callers' futures. So an ACK is
-never sent before its commit, yet eight busy connections share one fsync instead of eight.
+Connections hand messages to ``submit`` and await the result; the writer commits all that are
+waiting together and only then resolves the callers' futures. So an ACK is never sent before
+its commit, yet busy connections share one commit (and one fsync) instead of one each.
+
+Two writers, one contract:
+
+- ``InlineGroupCommit`` commits on the event loop, once per loop iteration, for SQLite. A WAL
+  commit there is a write into the page cache (plus one fsync with durability=power), and doing
+  it in the loop avoids handing every message across threads and the GIL (measured: about 3x
+  the throughput of the threaded writer for eight connections). While a commit blocks the loop,
+  new frames wait in socket buffers and join the next, larger group.
+- ``ThreadedGroupCommit`` commits on its own thread, for PostgreSQL, where a commit is network
+  round trips that the loop must not wait on.
 """
 
 from __future__ import annotations
@@ -18,6 +28,90 @@ from carehub.store.store import InsertOutcome, MessageStore, NewMessage
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH = 500
+
+
+class StoreUnavailable(RuntimeError):
+    """The store refused a write; the message was not stored."""
+
+
+class GroupCommit:
+    """What intake needs of a writer; ``batches`` and ``rows`` feed the metrics."""
+
+    def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.batches = 0
+        self.rows = 0
+
+    def start(self) -> None:
+        """Begin taking submissions."""
+
+    async def close(self) -> None:
+        """Commit whatever is waiting, then stop."""
+
+    async def submit(self, message: NewMessage) -> InsertOutcome:
+        raise NotImplementedError
+
+    def _write(self, messages: list[NewMessage]) -> list[InsertOutcome] | StoreUnavailable:
+        try:
+            outcomes = self.store.insert_messages(messages)
+        except Exception as err:  # the callers answer with an error ACK; the hub keeps running
+            log.error("store write failed for %d message(s): %s", len(messages), err)
+            return StoreUnavailable(str(err))
+        self.batches += 1
+        self.rows += len(messages)
+        return outcomes
+
+
+def _settle(
+    futures: list[asyncio.Future[InsertOutcome]],
+    outcome: list[InsertOutcome] | StoreUnavailable,
+) -> None:
+    for i, future in enumerate(futures):
+        if future.done():
+            continue
+        if isinstance(outcome, StoreUnavailable):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome[i])
+
+
+def group_commit_for(store: MessageStore) -> GroupCommit:
+    return InlineGroupCommit(store) if store.is_sqlite else ThreadedGroupCommit(store)
+
+
+class InlineGroupCommit(GroupCommit):
+    """Commits on the event loop at the end of each loop iteration that received messages."""
+
+    def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
+        super().__init__(store, max_batch)
+        self._pending: list[tuple[NewMessage, asyncio.Future[InsertOutcome]]] = []
+        self._scheduled = False
+
+    async def submit(self, message: NewMessage) -> InsertOutcome:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InsertOutcome] = loop.create_future()
+        self._pending.append((message, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)  # let the loop breathe between
+        else:
+            self._scheduled = False
+        _settle([f for _, f in batch], self._write([m for m, _ in batch]))
+
+    async def close(self) -> None:
+        while self._pending:
+            self._scheduled = True
+            self._flush()
+        self._scheduled = False
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -29,25 +123,21 @@ class _Pending:
 _STOP = object()
 
 
-class GroupCommitWriter:
-    """Single writer thread in front of MessageStore.insert_messages."""
+class ThreadedGroupCommit(GroupCommit):
+    """One writer thread takes everything queued, commits it, then resolves the futures."""
 
-    def __init__(self, store: MessageStore, max_batch: int = 500) -> None:
-        self.store = store
-        self.max_batch = max_batch
+    def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
+        super().__init__(store, max_batch)
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-        self.batches = 0
-        self.rows = 0
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Commit whatever is queued, then end the thread."""
+    async def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
-            self._thread.join()
+            await asyncio.to_thread(self._thread.join)
 
     async def submit(self, message: NewMessage) -> InsertOutcome:
         loop = asyncio.get_running_loop()
@@ -71,38 +161,17 @@ class GroupCommitWriter:
                     stopping = True
                     break
                 batch.append(item)  # type: ignore[arg-type]
-            self._commit(batch)
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        try:
-            outcomes: list[InsertOutcome] | BaseException = self.store.insert_messages(
-                [p.message for p in batch]
-            )
-            self.batches += 1
-            self.rows += len(batch)
-        except Exception as err:  # the callers answer with an error ACK; the hub keeps running
-            log.error("store write failed for %d message(s): %s", len(batch), err)
-            outcomes = err
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[InsertOutcome], object]]]
-        by_loop = {}
-        for i, pending in enumerate(batch):
-            result = outcomes if isinstance(outcomes, BaseException) else outcomes[i]
-            by_loop.setdefault(pending.loop, []).append((pending.future, result))
-        for loop, results in by_loop.items():
-            # RuntimeError: the loop has closed, so nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, results)
-
-
-def _resolve(results: list[tuple[asyncio.Future[InsertOutcome], object]]) -> None:
-    for future, result in results:
-        if future.done():
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(StoreUnavailable(str(result)))
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-
-class StoreUnavailable(RuntimeError):
-    """The store refused a write; the message was not stored."""
+            outcome = self._write([p.message for p in batch])
+            by_loop: dict[asyncio.AbstractEventLoop, list[int]] = {}
+            for i, pending in enumerate(batch):
+                by_loop.setdefault(pending.loop, []).append(i)
+            for loop, indexes in by_loop.items():
+                futures = [batch[i].future for i in indexes]
+                part = (
+                    outcome
+                    if isinstance(outcome, StoreUnavailable)
+                    else [outcome[i] for i in indexes]
+                )
+                # RuntimeError: the loop has closed, so nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, futures, part)
