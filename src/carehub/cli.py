@@ -47,7 +47,28 @@ def hub_options(func: F) -> F:
 
 
 class CarehubGroup(click.Group):
-    """Turns CarehubError into a one-line message and exit code 2, without a traceback."""
+    """Turns CarehubError into a one-line message and exit code 2, without a traceback, and
+    adds the commands plugins register (carehub_register_commands)."""
+
+    _plugin_commands: dict[str, click.Command] | None = None
+
+    def _plugins(self) -> dict[str, click.Command]:
+        if self._plugin_commands is None:
+            from carehub.plugins import PluginHost
+
+            try:
+                host = PluginHost().load()
+                self._plugin_commands = {c.name: c for c in host.commands if c.name}
+            except CarehubError as err:
+                click.echo(f"warning: plugin commands unavailable: {err}", err=True)
+                self._plugin_commands = {}
+        return self._plugin_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or self._plugins().get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -75,6 +96,7 @@ def _setup_logging(level: str) -> None:
 @main.command()
 @hub_options
 @click.option("--mllp-port", type=int, help="Port of the first MLLP listener (0 picks one).")
+@click.option("--no-worker", is_flag=True, help="Listeners only; routing runs in `carehub worker`.")
 @click.option("--http-port", type=int, help="Port of the HTTP listener (0 picks one).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve(
@@ -82,12 +104,15 @@ def serve(
     data_dir: Path,
     mllp_port: int | None,
     http_port: int | None,
+    no_worker: bool,
     log_level: str | None,
 ) -> None:
     """Run the hub until SIGTERM or Ctrl-C, then finish in-flight messages and exit 0."""
     from carehub.hub import Hub
 
     _apply_port_overrides(config, mllp_port, http_port)
+    if no_worker:
+        config.worker.enabled = False
     _setup_logging(log_level or config.log_level)
     hub = Hub(config, data_dir)
 
@@ -100,6 +125,9 @@ def serve(
         click.echo(f"carehub {__version__}: store {_store_label(config, data_dir)}")
         for listener in bound:
             click.echo(f"{listener.kind} listener '{listener.name}' on {listener.address}")
+        routes = ", ".join(r.name for r in hub.table.routes) or "none"
+        worker = "in-process" if config.worker.enabled else "off (run `carehub worker`)"
+        click.echo(f"routes: {routes}; worker: {worker}; queue: {_queue_label(config)}")
         click.echo("carehub ready")
         sys.stdout.flush()
         try:
@@ -124,6 +152,10 @@ def _apply_port_overrides(config: HubConfig, mllp_port: int | None, http_port: i
     if http_port is not None:
         config.listeners.http.port = http_port
         config.listeners.http.enabled = True
+
+
+def _queue_label(config: HubConfig) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", config.queue.url)
 
 
 def _store_label(config: HubConfig, data_dir: Path) -> str:
@@ -303,6 +335,11 @@ def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) 
                 f"no message with id {message_id} in {_store_label(config, data_dir)}"
             )
         history = store.history(message_id)
+        from carehub.store.outbox import Outbox
+
+        outbox = Outbox(store)
+        steps = outbox.steps(message_id)
+        sent = [(d, outbox.attempts(d.id)) for d in outbox.find(message_id=message_id, limit=None)]
     finally:
         store.close()
     if raw:
@@ -310,7 +347,240 @@ def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) 
         return
     from carehub.display import show_message as render
 
-    render(message, history)
+    render(message, history, steps, sent)
+
+
+@messages.command("reprocess")
+@hub_options
+@click.argument("message_ids", type=int, nargs=-1, required=True)
+def reprocess_messages(config: HubConfig, data_dir: Path, message_ids: tuple[int, ...]) -> None:
+    """Run stored messages through the current routes again (new deliveries, new keys)."""
+    from carehub.hub import build_routing, open_store
+    from carehub.routing.router import Router
+    from carehub.store.outbox import Outbox
+
+    host, table = build_routing(config, data_dir)
+    store = open_store(config, data_dir)
+    try:
+        outbox = Outbox(store)
+
+        async def run() -> None:
+            await table.start()
+            try:
+                router = Router(table, host)
+                for message_id in message_ids:
+                    message = store.get(message_id)
+                    if message is None:
+                        raise CarehubError(f"no message with id {message_id}")
+                    result = router.route(message, run=outbox.next_run(message_id))
+                    outbox.record_routing([result])
+                    matched = ", ".join(r.route for r in result.matched) or "no route"
+                    click.echo(
+                        f"message {message_id} (run {result.run}): {matched}; "
+                        f"{len(result.deliveries)} deliveries queued"
+                        + (f"; errors: {'; '.join(result.errors)}" if result.errors else "")
+                    )
+            finally:
+                await table.close()
+
+        asyncio.run(run())
+    finally:
+        store.close()
+    click.echo("deliveries go out when a worker runs (`carehub serve` or `carehub worker`)")
+
+
+# -- routes ----------------------------------------------------------------------------------
+@main.group()
+def routes() -> None:
+    """Check and dry-run the routes."""
+
+
+@routes.command("check")
+@hub_options
+def routes_check(config: HubConfig, data_dir: Path) -> None:
+    """Validate the hub config, every route file and every plugin option; start nothing."""
+    from carehub.hub import build_routing
+
+    host, table = build_routing(config, data_dir)
+    click.echo(f"plugins: {len(host.plugins)} loaded, {len(host.failures)} failed")
+    for failure in host.failures:
+        click.echo(f"  failed: {failure.name} ({failure.source}): {failure.error}")
+    for route in table.routes:
+        steps = ", ".join(step.label for step in route.steps)
+        click.echo(f"route {route.name} ({route.source.where()}): {steps}")
+    click.echo(f"ok: {len(table.routes)} route(s), {len(table.destinations)} destination(s)")
+    if host.failures:
+        sys.exit(1)
+
+
+@routes.command("test")
+@hub_options
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def routes_test(config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_json: bool) -> None:
+    """Show what the routes would do with each message in FILES, without sending anything."""
+    from carehub.hl7.batch import split_messages
+    from carehub.hub import build_routing
+    from carehub.routing.dryrun import dry_run, result_as_json
+
+    host, table = build_routing(config, data_dir)
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CarehubError(f"{path}: cannot read: {err.strerror}") from err
+        parts = split_messages(data)
+        if not parts:
+            raise CarehubError(f"{path}: no HL7 message in the file (no MSH segment)")
+        for number, payload in enumerate(parts, start=1):
+            result = dry_run(table, host, payload)
+            label = str(path) if len(parts) == 1 else f"{path} #{number}"
+            if as_json:
+                click.echo(json.dumps({"file": label, **result_as_json(result)}, default=str))
+            else:
+                from carehub.display import show_dry_run
+
+                show_dry_run(label, result)
+
+
+# -- dead letters ----------------------------------------------------------------------------
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Deliveries that gave up: list them, send them again."""
+
+
+@dead_letters.command("list")
+@hub_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", type=int, default=100, show_default=True)
+def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: int) -> None:
+    """Dead-lettered deliveries with their last error."""
+    from carehub.hub import open_store
+    from carehub.store.outbox import Outbox
+    from carehub.store.schema import DeliveryStatus
+
+    store = open_store(config, data_dir)
+    try:
+        dead = Outbox(store).find(status=DeliveryStatus.DEAD.value, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        for d in dead:
+            click.echo(
+                json.dumps(
+                    {
+                        "id": d.id,
+                        "message_id": d.message_id,
+                        "route": d.route,
+                        "destination": d.destination,
+                        "channel": d.channel,
+                        "attempts": d.attempts,
+                        "last_error": d.last_error,
+                        "updated_at": d.updated_at.isoformat(),
+                    }
+                )
+            )
+        return
+    from carehub.display import delivery_table
+
+    delivery_table(dead, "Dead letters")
+
+
+@dead_letters.command("retry")
+@hub_options
+@click.argument("delivery_ids", type=int, nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Every dead letter.")
+def dead_letters_retry(
+    config: HubConfig, data_dir: Path, delivery_ids: tuple[int, ...], retry_all: bool
+) -> None:
+    """Queue dead letters again with a fresh set of attempts."""
+    from carehub.hub import open_store
+    from carehub.store.outbox import Outbox
+
+    if not delivery_ids and not retry_all:
+        raise click.UsageError("name delivery ids, or pass --all")
+    store = open_store(config, data_dir)
+    try:
+        count = Outbox(store).retry_dead(None if retry_all else list(delivery_ids))
+    finally:
+        store.close()
+    click.echo(f"{count} dead letter(s) queued again; a running worker sends them")
+    if delivery_ids and count < len(delivery_ids):
+        sys.exit(1)
+
+
+# -- plugins and workers ---------------------------------------------------------------------
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True)
+def plugins_command(as_json: bool) -> None:
+    """Every plugin loaded, its version, and the components and hooks it provides."""
+    from carehub.plugins import PluginHost
+
+    host = PluginHost().load()
+    rows = [
+        {
+            "name": p.name,
+            "source": p.source,
+            "version": p.version or __version__,
+            "components": p.components,
+            "hooks": p.hooks,
+        }
+        for p in host.plugins.values()
+    ]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+    else:
+        for row in rows:
+            click.echo(f"{row['name']} {row['version']} ({row['source']})")
+            for component in row["components"]:
+                click.echo(f"    {component}")
+            click.echo(f"    hooks: {', '.join(row['hooks']) or '-'}")
+    for failure in host.failures:
+        click.echo(f"{failure.name} ({failure.source}): FAILED TO LOAD: {failure.error}")
+
+
+@main.command("worker")
+@hub_options
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> None:
+    """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`."""
+    from carehub.hub import build_routing, open_store
+    from carehub.worker import Worker, WorkerSettings
+    from carehub.workqueue import WorkQueue
+
+    _setup_logging(log_level or config.log_level)
+    if config.queue.url.startswith("memory"):
+        raise CarehubError(
+            "queue.url: a separate worker needs a shared broker (amqp://...); memory:// only "
+            "works inside `carehub serve`"
+        )
+    host, table = build_routing(config, data_dir)
+    store = open_store(config, data_dir)
+    settings = WorkerSettings(
+        config.worker.delivery_concurrency,
+        config.worker.per_destination,
+        config.worker.poll_interval,
+        single_host=False,
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        worker = Worker(
+            store, table, host, WorkQueue(config.queue.url, config.queue.partitions), settings
+        )
+        click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
+        click.echo("carehub ready")
+        sys.stdout.flush()
+        await worker.run(stop)
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
 
 
 # -- store maintenance -----------------------------------------------------------------------

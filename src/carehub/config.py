@@ -97,6 +97,22 @@ class StoreConfig(_Strict):
         return value or None
 
 
+class QueueConfig(_Strict):
+    """The work queue between intake and routing workers (kombu)."""
+
+    url: str = Field("memory://", description="memory:// in-process, or amqp://user:pw@host//")
+    partitions: int = Field(8, ge=1, le=1024)
+
+
+class WorkerConfig(_Strict):
+    """The routing and delivery worker that `carehub serve` runs in-process."""
+
+    enabled: bool = True
+    delivery_concurrency: int = Field(64, ge=1)
+    per_destination: int = Field(8, ge=1, description="sends in flight to one destination")
+    poll_interval: float = Field(0.5, gt=0, description="seconds between checks for retries")
+
+
 class HubIdentity(_Strict):
     """How the hub names itself in ACKs when the sender left MSH-5/MSH-6 empty."""
 
@@ -109,6 +125,13 @@ class HubConfig(_Strict):
     hub: HubIdentity = Field(default_factory=HubIdentity)
     store: StoreConfig = Field(default_factory=StoreConfig)
     listeners: ListenersConfig = Field(default_factory=ListenersConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    routes: list[str] = Field(
+        default_factory=lambda: ["routes/*.yaml"],
+        description="route files: glob patterns relative to this file's folder",
+    )
+    plugins_dir: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     #: Where the file was read from; relative paths in it are taken from its folder.
@@ -209,6 +232,7 @@ def _resolve_paths(config: HubConfig, base: Path) -> HubConfig:
         return p if p is None or p.is_absolute() else (base / p)
 
     config.data_dir = fix(config.data_dir)
+    config.plugins_dir = fix(config.plugins_dir)
     for listener in config.listeners.mllp:
         if listener.tls:
             listener.tls.cert = fix(listener.tls.cert)  # type: ignore[assignment]

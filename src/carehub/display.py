@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from carehub.hl7.fieldnames import field_name
 from carehub.hl7.view import MessageView, NotHL7Error
+from carehub.routing.router import RoutingResult
+from carehub.store.outbox import AttemptRow, DeliveryRecord, StepRow
 from carehub.store.store import StatusChange, StoredMessage
 
 _console = Console(highlight=False, soft_wrap=False)
@@ -45,7 +49,12 @@ def message_table(found: list[StoredMessage]) -> None:
     _console.print(f"{len(found)} message(s)")
 
 
-def show_message(message: StoredMessage, history: list[StatusChange]) -> None:
+def show_message(
+    message: StoredMessage,
+    history: list[StatusChange],
+    steps: list[StepRow] | None = None,
+    sent: list[tuple[DeliveryRecord, list[AttemptRow]]] | None = None,
+) -> None:
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -76,6 +85,35 @@ def show_message(message: StoredMessage, history: list[StatusChange]) -> None:
         stamp = change.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         _console.print(Text(f"  {stamp}  {change.event}{detail}"))
 
+    if steps:
+        _console.print("\n[bold]Route steps[/bold]")
+        for step in steps:
+            output = _short(step.output)
+            _console.print(
+                Text(
+                    f"  run {step.run}  {step.route} #{step.position} {step.step}: "
+                    f"{step.outcome}  {output}"
+                )
+            )
+    if sent:
+        _console.print("\n[bold]Deliveries[/bold]")
+        for delivery, attempts in sent:
+            _console.print(
+                Text(
+                    f"  #{delivery.id} {delivery.destination} ({delivery.channel}) "
+                    f"{delivery.status}, {delivery.attempts}/{delivery.max_attempts} attempts, "
+                    f"key {delivery.idempotency_key}"
+                )
+            )
+            for attempt in attempts:
+                stamp = attempt.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+                _console.print(
+                    Text(
+                        f"      attempt {attempt.number} {stamp} {attempt.duration_ms} ms "
+                        f"{attempt.outcome}: {attempt.detail or ''}"
+                    )
+                )
+
     _console.print("\n[bold]Message[/bold]")
     try:
         view = MessageView(message.text)
@@ -98,3 +136,57 @@ def show_message(message: StoredMessage, history: list[StatusChange]) -> None:
                 continue
             table.add_row(f"{name}-{number}", field_name(name, number, version) or "", Text(value))
         _console.print(table)
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def delivery_table(found: list[DeliveryRecord], title: str) -> None:
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for column in ("id", "message", "destination", "channel", "attempts", "updated", "last error"):
+        table.add_column(column)
+    for d in found:
+        table.add_row(
+            str(d.id),
+            str(d.message_id),
+            d.destination,
+            d.channel,
+            f"{d.attempts}/{d.max_attempts}",
+            d.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            Text(d.last_error or ""),
+        )
+    _console.print(table)
+    _console.print(f"{len(found)} delivery(ies)")
+
+
+def show_dry_run(label: str, result: RoutingResult) -> None:
+    """What `carehub routes test` prints: each route, why it matched or not, each step."""
+    matched = ", ".join(r.route for r in result.matched) or "no route"
+    _console.print(Text(f"{label}: matched {matched}", style="bold"))
+    for route in result.routes:
+        if not route.matched:
+            failed = [c for c in route.checks if not c.passed]
+            why = "; ".join(f"{c.what} = {c.value!r}, wanted {c.expected}" for c in failed)
+            _console.print(Text(f"  route {route.route}: not matched ({why})"))
+            continue
+        _console.print(Text(f"  route {route.route}: matched"))
+        for check in route.checks:
+            _console.print(Text(f"      when {check.what} = {check.value!r}: {check.expected}"))
+        for step in route.steps:
+            _console.print(
+                Text(f"    step {step.position} {step.step}: {step.outcome}  {_short(step.output)}")
+            )
+        for delivery in route.deliveries:
+            preview = delivery.outgoing.payload[:200].decode("utf-8", "replace")
+            preview = preview.replace("\r", "\\r ").replace("\n", " ")
+            _console.print(
+                Text(
+                    f"    would send to {delivery.destination} via {delivery.channel} "
+                    f"({delivery.outgoing.content_type}, {len(delivery.outgoing.payload)} bytes, "
+                    f"key {delivery.outgoing.idempotency_key}): {preview}"
+                )
+            )
+        if route.error:
+            _console.print(Text(f"    error: {route.error}", style="red"))

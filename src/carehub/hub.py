@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from carehub import __version__
+from carehub.components import ComponentContext
 from carehub.config import HubConfig, http_tokens, resolve_data_dir
 from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
@@ -20,8 +21,13 @@ from carehub.intake.intake import Intake
 from carehub.intake.mllp import MLLPListener
 from carehub.intake.tls import server_context
 from carehub.metrics import make_registry, render
+from carehub.plugins import PluginHost
+from carehub.routing.config import load_route_files, route_files
+from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
 from carehub.store.store import MessageStore, sqlite_url
+from carehub.worker import WorkerSettings, WorkerThread
+from carehub.workqueue import Publisher, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,28 @@ def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> M
     return store
 
 
+def config_dir(config: HubConfig) -> Path:
+    """Where relative paths in the config (routes, outboxes, rosters) start."""
+    return config.source.parent if config.source else Path.cwd()
+
+
+def build_routing(config: HubConfig, data_dir: Path) -> tuple[PluginHost, RouteTable]:
+    """Load plugins and bind every route file: all configuration errors surface here."""
+    host = PluginHost().load(plugins_dir=config.plugins_dir)
+    base = config_dir(config)
+    loaded = load_route_files(route_files(base, config.routes))
+    table = bind_routes(loaded, host, ComponentContext(base, data_dir))
+    return host, table
+
+
 class Hub:
     def __init__(self, config: HubConfig, data_dir: Path | None = None) -> None:
         self.config = config
         self.data_dir = resolve_data_dir(config, data_dir)
+        self.host, self.table = build_routing(config, self.data_dir)
+        self.work_queue = WorkQueue(config.queue.url, config.queue.partitions)
+        self.publisher: Publisher | None = None
+        self.worker_thread: WorkerThread | None = None
         self.store: MessageStore | None = None
         self.writer: GroupCommit
         self.intake: Intake
@@ -64,9 +88,28 @@ class Hub:
         self.writer = group_commit_for(self.store)
         self.writer.start()
         identity = self.config.hub
+        worker = self.config.worker
+        # With the in-process queue, only an in-process worker can consume: without one, leave
+        # messages 'received' in the store for the next worker start to pick up.
+        if worker.enabled or not self.work_queue.is_memory:
+            self.publisher = await asyncio.to_thread(self.work_queue.publisher)
         self.intake = Intake(
-            self.writer, hub_application=identity.application, hub_facility=identity.facility
+            self.writer,
+            hub_application=identity.application,
+            hub_facility=identity.facility,
+            on_accepted=self._publish if self.publisher else None,
         )
+        if worker.enabled:
+            settings = WorkerSettings(
+                worker.delivery_concurrency,
+                worker.per_destination,
+                worker.poll_interval,
+                single_host=self.store.is_sqlite,
+            )
+            self.worker_thread = WorkerThread(
+                self.store, self.table, self.host, self.work_queue, settings
+            )
+            await asyncio.to_thread(self.worker_thread.start)
         listeners = self.config.listeners
         try:
             for i, mllp_config in enumerate(listeners.mllp):
@@ -102,12 +145,25 @@ class Hub:
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
         return self.bound
 
+    def _publish(self, message_id: int, patient_key: str) -> None:
+        assert self.publisher is not None
+        try:
+            self.publisher.publish(message_id, patient_key)
+        except Exception as err:  # stored and ACKed already; the worker's sweep requeues it
+            log.error("could not queue message %d for routing: %s", message_id, err)
+
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight, commit it, close the store."""
         await asyncio.gather(*(listener.stop() for listener in self.mllp_listeners))
         await asyncio.gather(*(drop.stop() for drop in self.file_listeners))
         if self.http_listener:
             await self.http_listener.stop()
+        if self.worker_thread is not None:
+            await asyncio.to_thread(self.worker_thread.stop)
+            self.worker_thread = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
         if self.store is not None:
             await self.writer.close()
             await asyncio.to_thread(self.store.close)

@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 from carehub.config import HubConfig, MLLPListenerConfig
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hub import Hub
 
+if TYPE_CHECKING:
+    from carehub.routing.router import RoutingResult
 
-def local_config(**overrides: Any) -> HubConfig:
-    """A config bound to 127.0.0.1 on free ports, for tests."""
-    config = HubConfig()
+
+def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
+    """A config bound to 127.0.0.1 on free ports, with no routes, for tests. The in-process
+    worker is off unless asked for, so intake tests see messages stay 'received'."""
+    config = HubConfig(routes=[])
     config.listeners.mllp = [MLLPListenerConfig(name="test", host="127.0.0.1", port=0)]
     config.listeners.http.host = "127.0.0.1"
     config.listeners.http.port = 0
+    config.worker.enabled = worker
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -143,3 +151,64 @@ def make_adt(
         *extra_segments,
     ]
     return terminator.join(segments) + terminator
+
+
+# -- pytest plugin: route tests in a project's own test suite ---------------------------------
+# Installed as the `pytest11` entry point `carehub`, so any project with carehub installed gets
+# the `carehub_routes` fixture:
+#
+#     def test_discharge_goes_to_the_care_platform(carehub_routes):
+#         result = carehub_routes("tests/messages/discharge.hl7")
+#         assert result.matched[0].route == "admissions-discharges"
+#         assert result.deliveries[0].destination == "admissions-discharges/care-platform"
+#
+# The config comes from `--carehub-config`, the `carehub_config` ini option, or
+# config/carehub.yaml in the rootdir.
+
+
+def run_routes(
+    message: str | bytes | Path,
+    config: HubConfig | Path,
+    data_dir: Path | None = None,
+) -> RoutingResult:
+    """Dry-run one message (text, bytes or a file path) through the routes of a config:
+    which routes matched and why, each step's output, what each forward would send."""
+    from carehub.config import load_config
+    from carehub.hub import build_routing
+    from carehub.routing.dryrun import dry_run
+
+    hub_config = load_config(config) if isinstance(config, Path) else config
+    if isinstance(message, Path):
+        raw = message.read_bytes()
+    elif isinstance(message, str):
+        raw = message.encode("utf-8")
+    else:
+        raw = message
+    host, table = build_routing(hub_config, data_dir or Path(tempfile.mkdtemp(prefix="carehub-")))
+    return dry_run(table, host, raw)
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("carehub")
+    group.addoption("--carehub-config", default=None, help="carehub config for carehub_routes")
+    parser.addini("carehub_config", "carehub config file for the carehub_routes fixture")
+
+
+@pytest.fixture
+def carehub_routes(request: Any, tmp_path: Path) -> Callable[[str | bytes | Path], RoutingResult]:
+    """A function that dry-runs a message through the project's carehub routes."""
+    option = request.config.getoption("--carehub-config") or request.config.getini("carehub_config")
+    config_path = (
+        Path(option) if option else Path(request.config.rootpath) / "config" / "carehub.yaml"
+    )
+    if not config_path.is_absolute():
+        config_path = Path(request.config.rootpath) / config_path
+
+    def run(message: str | bytes | Path) -> RoutingResult:
+        if isinstance(message, str) and not message.lstrip().startswith(("MSH", "\ufeffMSH")):
+            message = Path(message)
+            if not message.is_absolute():
+                message = Path(request.config.rootpath) / message
+        return run_routes(message, config_path, tmp_path / "carehub-data")
+
+    return run

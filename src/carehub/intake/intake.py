@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from carehub.hl7.ack import AckCode, ErrorCode, build_ack
@@ -18,6 +19,7 @@ from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.group_commit import GroupCommit, StoreUnavailable
 from carehub.store.schema import MessageStatus
 from carehub.store.store import NewMessage
+from carehub.workqueue import patient_key
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,12 @@ class Intake:
         *,
         hub_application: str = "CAREHUB",
         hub_facility: str = "",
+        on_accepted: Callable[[int, str], None] | None = None,
     ) -> None:
         self.writer = writer
+        #: Told (message id, patient key) of each new message after its commit: the hub
+        #: publishes it to the work queue. Not called for resends, refusals or rejections.
+        self.on_accepted = on_accepted
         self.hub_application = hub_application
         self.hub_facility = hub_facility
         #: (listener, outcome) -> count; outcome is accepted, duplicate, refused, rejected or
@@ -101,6 +107,16 @@ class Intake:
         else:
             outcome_name = "duplicate" if outcome.duplicate else "accepted"
             self.counts[arrival.listener, outcome_name] += 1
+            if self.on_accepted is not None and not outcome.duplicate:
+                patient = header.patient
+                self.on_accepted(
+                    outcome.message_id,
+                    patient_key(
+                        patient.value if patient else None,
+                        patient.authority if patient else None,
+                        outcome.message_id,
+                    ),
+                )
             ack = self._ack(code, view, "", None, "")
         return IntakeResult(
             code, self._encode(ack, decoded.charset), outcome.message_id, outcome.duplicate, problem

@@ -339,6 +339,15 @@ class MessageStore:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
         return self._to_stored(row._mapping) if row else None
 
+    def get_many(self, message_ids: list[int]) -> list[StoredMessage]:
+        """Messages by id, in the order asked for (missing ids are left out)."""
+        if not message_ids:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(messages).where(messages.c.id.in_(message_ids)))
+            found = {r.id: self._to_stored(r._mapping) for r in rows}
+        return [found[i] for i in message_ids if i in found]
+
     def history(self, message_id: int) -> list[StatusChange]:
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -1,0 +1,608 @@
+"""carehub's built-in channels: ``file``, ``mllp`` and ``webhook``.
+
+Each channel splits its work the way the delivery engine needs: ``render`` runs once, when the
+message is routed, and fixes every byte that will be sent (so a retry a day later sends exactly
+the same thing under the same idempotency key); ``send`` runs per attempt and only moves those
+bytes, turning every failure into a ``DeliveryError`` that says whether retrying can help.
+Secrets (Authorization values, HMAC keys) are applied in ``send`` and never recorded in the
+rendered ``Outgoing``, which the store keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import ssl
+import string
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import httpx
+from pydantic import Field, field_validator, model_validator
+
+from carehub.client import MLLPClient, NoAnswer
+from carehub.components import (
+    Channel,
+    ComponentContext,
+    ComponentOptions,
+    DeliveryError,
+    Outgoing,
+    Work,
+)
+from carehub.errors import ConfigError
+from carehub.hl7.ack import read_ack
+from carehub.hl7.charsets import codec_for, decode_message
+from carehub.hl7.view import NotHL7Error
+from carehub.hookspecs import hookimpl
+from carehub.intake.tls import client_context
+
+V2_CONTENT_TYPE = "x-application/hl7-v2+er7"
+JSON_CONTENT_TYPE = "application/json"
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+def cr_segments(text: str) -> str:
+    """The text with every segment ended by CR, as MLLP and HL7 files require.
+
+    Translators and hand-written test data sometimes join segments with LF or CRLF; receivers
+    split on CR only, so a stray LF would glue segments together. Field content is untouched
+    (HL7 escapes line breaks inside fields), so this is not a re-serialisation."""
+    if "\n" in text:
+        text = text.replace("\r\n", "\r").replace("\n", "\r")
+    return text if text.endswith("\r") else text + "\r"
+
+
+def v2_bytes(work: Work, default_codec: str) -> bytes:
+    """The v2 text encoded in the character set its MSH-18 declares (``default_codec`` when it
+    declares none or one carehub does not know).
+
+    The receiver decodes by MSH-18, so encoding a message that says 8859/1 as UTF-8 would
+    garble every accented name. Characters the codec cannot hold raise ValueError at routing
+    time rather than being silently replaced in a clinical message."""
+    text = cr_segments(work.v2)
+    declared = ""
+    with contextlib.suppress(NotHL7Error):
+        view = work.view
+        declared = view.raw("MSH-18").split(view.separators.repetition, 1)[0].strip()
+    codec = codec_for(declared, default_codec) or default_codec
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"message {work.message.id}: character {text[err.start]!r} cannot be encoded as "
+            f"{codec} (MSH-18 {declared or 'empty'})"
+        ) from err
+
+
+def msh10(work: Work) -> str:
+    """MSH-10 of the v2 text as it will be sent (after any transform), else the stored one."""
+    with contextlib.suppress(NotHL7Error):
+        return work.view.get("MSH-10").strip()
+    return work.message.control_id or ""
+
+
+def event_json(event: object | None) -> Any:
+    """A JSON-ready form of a care event: pydantic models via ``model_dump(mode="json")``,
+    dataclasses via ``asdict``; None stays None (the route had no translator that made one)."""
+    if event is None:
+        return None
+    dump = getattr(event, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    if dataclasses.is_dataclass(event) and not isinstance(event, type):
+        return json.loads(json.dumps(dataclasses.asdict(event), default=_json_default))
+    return json.loads(json.dumps(event, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any, *, pretty: bool = False) -> bytes:
+    if pretty:
+        text = json.dumps(value, ensure_ascii=False, indent=2, default=_json_default) + "\n"
+    else:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    return text.encode("utf-8")
+
+
+# -- file -------------------------------------------------------------------------------------
+_FILENAME_FIELDS = frozenset({"idempotency_key", "message_id", "route", "control_id", "ext"})
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _safe(value: object) -> str:
+    """A template value made safe for a file name: MSH-10 comes from the sender and could hold
+    '/' or '..', which must never steer a write outside the directory."""
+    return _UNSAFE.sub("_", str(value))
+
+
+def render_filename(
+    template: str, key: str, message_id: int, route: str, control_id: str, ext: str
+) -> str:
+    """The file name for one delivery; every text value passes through ``_safe``."""
+    try:
+        return template.format(
+            idempotency_key=_safe(key),
+            message_id=message_id,
+            route=_safe(route),
+            control_id=_safe(control_id),
+            ext=ext,
+        )
+    except (ValueError, IndexError, KeyError) as err:
+        raise ValueError(f"bad filename template {template!r}: {err}") from err
+
+
+class FileChannel(Channel):
+    """Writes each delivery to its own file in a folder, for systems that pick up files.
+
+    The file name is fixed at routing time from ``filename`` (fields: ``idempotency_key``,
+    ``message_id``, ``route``, ``control_id``, ``ext``; values are reduced to letters, digits,
+    ``.``, ``_`` and ``-``), so a retry after a crash overwrites the same file instead of adding
+    a second copy. Each write goes to a hidden temp file in the same folder (``.<name>.<random>
+    .tmp``), is fsynced, then renamed over the target: a reader sees the whole file or none of
+    it. A crash mid-write can leave such a temp file behind; pickers should ignore dot files.
+
+    ``body: v2`` writes the v2 text with CR segment ends, encoded as its MSH-18 declares
+    (UTF-8 when it declares nothing), ext ``.hl7``. ``body: event`` writes the care event as
+    JSON (ext ``.json``); without an event it writes ``{"message_id", "route", "control_id",
+    "v2"}`` so the file is still useful.
+    """
+
+    name = "file"
+    description = "write each message to its own file in a folder (atomic, one file per delivery)"
+
+    class Options(ComponentOptions):
+        directory: Path
+        body: Literal["v2", "event"] = "v2"
+        filename: str = "{idempotency_key}{ext}"
+
+        @field_validator("filename")
+        @classmethod
+        def _check_template(cls, value: str) -> str:
+            try:
+                names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+            except ValueError as err:
+                raise ValueError(f"bad filename template {value!r}: {err}") from err
+            unknown = names - _FILENAME_FIELDS
+            if unknown:
+                raise ValueError(
+                    f"unknown field(s) {sorted(unknown)} in filename template; "
+                    f"use {sorted(_FILENAME_FIELDS)}"
+                )
+            if "/" in value or "\\" in value:
+                raise ValueError("filename must be a plain file name (no folders)")
+            sample = render_filename(value, "key", 1, "route", "MSG1", ".hl7")
+            if sample in ("", ".", ".."):
+                raise ValueError(f"filename template {value!r} makes an empty name")
+            return value
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self.directory = context.path(self.options.directory)
+
+    async def start(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"file channel: cannot create {self.directory}: {err}") from err
+
+    def render(self, work: Work, idempotency_key: str) -> Outgoing:
+        if self.options.body == "v2":
+            payload, content_type, ext = v2_bytes(work, "utf-8"), V2_CONTENT_TYPE, ".hl7"
+        else:
+            document = event_json(work.event)
+            if document is None:
+                document = {
+                    "message_id": work.message.id,
+                    "route": work.route,
+                    "control_id": msh10(work),
+                    "v2": cr_segments(work.v2),
+                }
+            payload, content_type, ext = _dumps(document, pretty=True), JSON_CONTENT_TYPE, ".json"
+        filename = render_filename(
+            self.options.filename,
+            idempotency_key,
+            work.message.id,
+            work.route,
+            msh10(work),
+            ext,
+        )
+        return Outgoing(payload, content_type, idempotency_key, {"filename": filename})
+
+    async def send(self, outgoing: Outgoing) -> str:
+        filename = outgoing.metadata["filename"]
+        try:
+            await asyncio.to_thread(_write_atomically, self.directory, filename, outgoing.payload)
+        except OSError as err:  # disk full, permissions, folder removed: may clear up
+            raise DeliveryError(f"cannot write {self.directory / filename}: {err}") from err
+        return f"wrote {filename}"
+
+
+def _write_atomically(directory: Path, filename: str, payload: bytes) -> None:
+    target = directory / filename
+    temp = directory / f".{filename}.{secrets.token_hex(4)}.tmp"
+    # os.open with 0o666 honours the umask (mkstemp would force 0600 and hide the file from a
+    # picker running as another user in the same group).
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible, and not needed, on Windows."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- MLLP -------------------------------------------------------------------------------------
+class MLLPChannel(Channel):
+    """Forwards the v2 message over MLLP (optionally TLS) and waits for its ACK.
+
+    The text sent is ``work.v2`` as routed (never re-serialised), with CR segment ends, encoded
+    as its MSH-18 declares (``encoding`` when it declares nothing). MSH-10 is forwarded unchanged:
+    it is what the receiver deduplicates on, so a retry after a lost ACK is not stored twice
+    there; it is recorded as ``metadata["control_id"]``.
+
+    One persistent connection per channel; sends are serialised with a lock because MLLP is
+    strictly one answer per message. The connection is dropped after any failure (a late ACK
+    must never be read as the answer to the next message) and reopened on the next send. If a
+    reused connection turns out to have been closed by the peer while idle, the message is sent
+    once more on a fresh connection within the same attempt.
+
+    Answers: AA/CA -> receipt "AA"; AE/CE -> retryable; AR/CR -> not retryable; no answer,
+    timeout, refused connection, TLS failure, an answer that is not an ACK, or an ACK whose
+    MSA-2 is not the MSH-10 sent -> retryable.
+    """
+
+    name = "mllp"
+    description = "forward the v2 message over MLLP (TLS optional) and check the ACK"
+
+    class Options(ComponentOptions):
+        host: str
+        port: int = Field(ge=1, le=65535)
+        tls: bool = False
+        ca: Path | None = None
+        cert: Path | None = None
+        key: Path | None = None
+        timeout: float = Field(30.0, gt=0)
+        encoding: str = "utf-8"
+
+        @field_validator("encoding")
+        @classmethod
+        def _known_codec(cls, value: str) -> str:
+            try:
+                codecs.lookup(value)
+            except LookupError as err:
+                raise ValueError(f"unknown character set {value!r}") from err
+            return value
+
+        @model_validator(mode="after")
+        def _tls_files(self) -> Self:
+            if not self.tls and (self.ca or self.cert or self.key):
+                raise ValueError("ca/cert/key are TLS settings: set tls: true to use them")
+            if self.key and not self.cert:
+                raise ValueError("key needs cert (the client certificate it belongs to)")
+            return self
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self._ssl: ssl.SSLContext | None = None
+        self._client: MLLPClient | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.host}:{self.options.port}"
+
+    async def start(self) -> None:
+        """Load TLS files now so a bad path is a start-up error; connect on first send, so a
+        destination that is down does not stop the hub from starting."""
+        if self.options.tls:
+            o = self.options
+
+            def resolve(p: Path | None) -> Path | None:
+                return self.context.path(p) if p else None
+
+            try:
+                self._ssl = client_context(resolve(o.ca), resolve(o.cert), resolve(o.key))
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigError(
+                    f"mllp channel {self.address}: cannot load TLS files: {err}"
+                ) from err
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+    def render(self, work: Work, idempotency_key: str) -> Outgoing:
+        metadata = {"control_id": msh10(work), "destination": self.address}
+        payload = v2_bytes(work, self.options.encoding)
+        return Outgoing(payload, V2_CONTENT_TYPE, idempotency_key, metadata)
+
+    async def send(self, outgoing: Outgoing) -> str:
+        async with self._lock:
+            answer = await self._exchange(outgoing.payload)
+            return await self._judge(answer, outgoing.metadata.get("control_id", ""))
+
+    async def _exchange(self, payload: bytes) -> bytes:
+        reused = self._client is not None
+        try:
+            return await self._send_once(payload)
+        except asyncio.CancelledError:
+            # Cancelled mid-exchange (shutdown): the ACK may still arrive, and must not be
+            # read later as the answer to another message, so the connection goes too.
+            client, self._client = self._client, None
+            if client is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(client.close())
+            raise
+        except (NoAnswer, OSError, TimeoutError) as err:
+            await self._drop()
+            if reused and _peer_closed(err):
+                try:  # the peer had closed the idle connection: one more go on a fresh one
+                    return await self._send_once(payload)
+                except (NoAnswer, OSError, TimeoutError) as again:
+                    await self._drop()
+                    raise self._transport_error(again) from again
+            raise self._transport_error(err) from err
+
+    async def _send_once(self, payload: bytes) -> bytes:
+        if self._client is None:
+            client = MLLPClient(
+                self.options.host,
+                self.options.port,
+                ssl_context=self._ssl,
+                timeout=self.options.timeout,
+            )
+            await client.connect()
+            self._client = client
+        return await self._client.send(payload)
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _transport_error(self, err: BaseException) -> DeliveryError:
+        if isinstance(err, TimeoutError):
+            text = f"no connection to {self.address} within {self.options.timeout:g} s"
+        elif isinstance(err, NoAnswer):
+            text = str(err)
+        else:
+            text = f"cannot reach {self.address}: {err.__class__.__name__}: {err}"
+        return DeliveryError(text, retryable=True)
+
+    async def _judge(self, answer: bytes, control_id: str) -> str:
+        """Receipt for a good ACK, else the DeliveryError it calls for (runs under the lock)."""
+        text = decode_message(answer, self.options.encoding).text
+        try:
+            code, echoed, reason = read_ack(text)
+        except NotHL7Error:
+            await self._drop()
+            raise DeliveryError(
+                f"{self.address} answered with something that is not an HL7 ACK: {_excerpt(text)!r}"
+            ) from None
+        code = code.strip().upper()
+        if echoed.strip() != control_id:
+            # Out of step with the peer: whatever we read next could answer something else.
+            await self._drop()
+            raise DeliveryError(
+                f"{self.address} acknowledged MSH-10 {echoed!r}, not the {control_id!r} sent"
+            )
+        detail = f": {reason}" if reason else ""
+        if code in ("AA", "CA"):
+            return "AA"
+        if code in ("AR", "CR"):
+            raise DeliveryError(
+                f"{self.address} rejected the message ({code}){detail}", retryable=False
+            )
+        if code in ("AE", "CE"):
+            raise DeliveryError(f"{self.address} answered {code}{detail}", retryable=True)
+        raise DeliveryError(f"{self.address} answered an unknown MSA-1 {code!r}{detail}")
+
+
+def _peer_closed(err: BaseException) -> bool:
+    """True when the peer hung up rather than being slow or unreachable."""
+    if isinstance(err, NoAnswer):
+        return not isinstance(err.__cause__, TimeoutError)
+    return isinstance(err, ConnectionResetError | BrokenPipeError | ConnectionAbortedError)
+
+
+def _excerpt(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- webhook ----------------------------------------------------------------------------------
+class WebhookChannel(Channel):
+    """POSTs each delivery as JSON to an HTTP(S) endpoint.
+
+    Body (``Content-Type: application/json``, UTF-8, fixed at routing time)::
+
+        {
+          "message_id": 42,               # carehub's id for the received message
+          "route": "adt-to-care-team",
+          "idempotency_key": "...",        # same as the Idempotency-Key header
+          "message_type": "ADT",           # MSH-9.1 as received
+          "trigger_event": "A01",          # MSH-9.2 as received
+          "control_id": "MSG00001",        # MSH-10 of the message as routed
+          "event": {...} | null,           # the care event, null when the route made none
+          "v2": "MSH|^~\\\\&|..."          # only with body: v2 (CR segment ends)
+        }
+
+    Headers: ``Idempotency-Key`` and ``X-Carehub-Delivery`` (both the delivery's key; the same
+    on every retry, so the receiver can drop repeats), ``Authorization: <auth_header>`` when
+    set, ``X-Carehub-Signature: sha256=<hex>`` (HMAC-SHA256 of the exact body bytes with
+    ``hmac_secret``) when set, plus any ``headers``. Secrets are added per request, never
+    stored with the rendered delivery.
+
+    Outcome: 2xx -> receipt "HTTP <code>"; 408, 425, 429, 5xx, timeouts and network errors ->
+    retryable; 3xx and other 4xx -> not retryable (the request will not get better by
+    repeating it), with the status and up to 200 characters of the response body.
+    """
+
+    name = "webhook"
+    description = "POST each message as JSON to an HTTP endpoint (idempotency key, HMAC)"
+
+    RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+    class Options(ComponentOptions):
+        url: str
+        body: Literal["event", "v2"] = "event"
+        headers: dict[str, str] = Field(default_factory=dict)
+        auth_header: str | None = None
+        hmac_secret: str | None = None
+        timeout: float = Field(10.0, gt=0)
+        verify_tls: bool = True
+
+        @field_validator("url")
+        @classmethod
+        def _http_url(cls, value: str) -> str:
+            try:
+                url = httpx.URL(value)
+            except (httpx.InvalidURL, TypeError) as err:
+                raise ValueError(f"bad url {value!r}: {err}") from err
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError(f"url must be http:// or https:// with a host, got {value!r}")
+            return value
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        """One client (and so one connection pool) for every delivery of this channel."""
+        self._client = httpx.AsyncClient(
+            timeout=self.options.timeout,
+            verify=self.options.verify_tls,
+            follow_redirects=False,
+            headers={"User-Agent": "carehub"},
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def render(self, work: Work, idempotency_key: str) -> Outgoing:
+        message = work.message
+        document: dict[str, Any] = {
+            "message_id": message.id,
+            "route": work.route,
+            "idempotency_key": idempotency_key,
+            "message_type": message.message_type,
+            "trigger_event": message.trigger_event,
+            "control_id": msh10(work),
+            "event": event_json(work.event),
+        }
+        if self.options.body == "v2":
+            document["v2"] = cr_segments(work.v2)
+        return Outgoing(_dumps(document), JSON_CONTENT_TYPE, idempotency_key, {})
+
+    def headers_for(self, outgoing: Outgoing) -> dict[str, str]:
+        """The request headers: configured ones first, carehub's own win on a clash."""
+        headers = dict(self.options.headers)
+        headers["Content-Type"] = outgoing.content_type
+        headers["Idempotency-Key"] = outgoing.idempotency_key
+        headers["X-Carehub-Delivery"] = outgoing.idempotency_key
+        if self.options.auth_header:
+            headers["Authorization"] = self.options.auth_header
+        if self.options.hmac_secret:
+            headers["X-Carehub-Signature"] = "sha256=" + sign(
+                self.options.hmac_secret, outgoing.payload
+            )
+        return headers
+
+    async def send(self, outgoing: Outgoing) -> str:
+        if self._client is None:
+            raise RuntimeError("WebhookChannel.send() before start()")
+        url = self.options.url
+        try:
+            async with self._client.stream(
+                "POST", url, content=outgoing.payload, headers=self.headers_for(outgoing)
+            ) as response:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return f"HTTP {status}"
+                excerpt = _excerpt(await _read_some(response))
+        except httpx.TimeoutException as err:
+            raise DeliveryError(
+                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
+            ) from err
+        except httpx.TransportError as err:
+            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}") from err
+        text = f"POST {url}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+        retry_after = response.headers.get("Retry-After")
+        if retry_after:
+            text += f" (Retry-After: {retry_after})"
+        retryable = status in self.RETRYABLE_STATUS or status >= 500
+        raise DeliveryError(text, retryable=retryable)
+
+
+def sign(secret: str, payload: bytes) -> str:
+    """Hex HMAC-SHA256 of the body, as sent in ``X-Carehub-Signature: sha256=<hex>``.
+
+    A receiver checks it with ``hmac.compare_digest(sign(secret, raw_body), given)``."""
+    return hmac.new(secret.encode("utf-8"), payload, hashlib.sha256).hexdigest()
+
+
+async def _read_some(response: httpx.Response, limit: int = 4096) -> str:
+    """The start of an error body; a huge error page is not worth reading whole."""
+    chunks = bytearray()
+    async for chunk in response.aiter_bytes():
+        chunks += chunk
+        if len(chunks) >= limit:
+            break
+    return bytes(chunks[:limit]).decode(response.encoding or "utf-8", "replace")
+
+
+# -- registration -----------------------------------------------------------------------------
+@hookimpl
+def carehub_register_channels(register: Any) -> None:
+    """The three built-in channels, registered like any plugin's."""
+    register(FileChannel)
+    register(MLLPChannel)
+    register(WebhookChannel)

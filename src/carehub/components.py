@@ -1,0 +1,147 @@
+"""What plugins build: translators, enrichers and channels, each a named class with options.
+
+A route step names a component and gives it options; carehub validates those options against
+the component's ``Options`` model (unknown keys are errors) before anything starts, then builds
+one instance per step and calls it for every message the route takes.
+
+    class Uppercase(Translator):
+        name = "uppercase-names"
+
+        class Options(ComponentOptions):
+            segment: str = "PID"
+
+        def translate(self, work: Work) -> object:
+            ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from carehub.hl7.view import MessageView
+
+if TYPE_CHECKING:
+    from carehub.events import CareEvent
+    from carehub.store.store import StoredMessage
+
+
+class ComponentOptions(BaseModel):
+    """Base of every component's options: unknown keys are configuration errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(slots=True)
+class ComponentContext:
+    """What a component may use beyond its options: where relative paths start, the data dir."""
+
+    config_dir: Path
+    data_dir: Path
+
+    def path(self, value: str | Path) -> Path:
+        """A path from a route file, relative to the config folder."""
+        candidate = Path(value)
+        return candidate if candidate.is_absolute() else self.config_dir / candidate
+
+
+@dataclass(slots=True)
+class Work:
+    """One message on its way through one route; steps read and add to it in order."""
+
+    message: StoredMessage
+    route: str
+    v2: str
+    event: CareEvent | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    _view: MessageView | None = None
+
+    @property
+    def view(self) -> MessageView:
+        """The lazy field view of the current v2 text (rebuilt after a transform changes it)."""
+        if self._view is None:
+            self._view = MessageView(self.v2)
+        return self._view
+
+    def replace_v2(self, text: str) -> None:
+        self.v2 = text
+        self._view = None
+
+
+class Component:
+    """Base of all components. ``name`` is what routes refer to; ``Options`` validates config."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[ComponentOptions]] = ComponentOptions
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        self.options = options
+        self.context = context
+
+    async def start(self) -> None:
+        """Open connections or load files; called once before the first message."""
+
+    async def close(self) -> None:
+        """Release what start() opened."""
+
+
+class Translator(Component):
+    """Turns the message into another form (a care event, an edited v2 message, ...)."""
+
+    kind = "translator"
+
+    def translate(self, work: Work) -> Any:
+        """Change ``work`` and return what to record as this step's output (JSON-ready)."""
+        raise NotImplementedError
+
+
+class Enricher(Component):
+    """Adds facts from outside the message (care team, directory entries, referral state)."""
+
+    kind = "enricher"
+
+    def enrich(self, work: Work) -> Any:
+        """Add to ``work.data`` and return what to record as this step's output.
+
+        Routing steps run one message at a time in arrival order, so keep this quick: load
+        rosters and directories in ``start()``, not per message."""
+        raise NotImplementedError
+
+
+@dataclass(slots=True, frozen=True)
+class Outgoing:
+    """Exactly what a channel will send for one delivery, fixed when the message is routed so
+    every retry sends the same bytes with the same idempotency key."""
+
+    payload: bytes
+    content_type: str
+    idempotency_key: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class DeliveryError(Exception):
+    """A send that failed. ``retryable=False`` sends the delivery straight to the dead letters
+    (the destination refused it for good, e.g. HTTP 400 or an AR acknowledgment)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Channel(Component):
+    """Forwards a routed message to a destination (file, MLLP, webhook, email, ...)."""
+
+    kind = "channel"
+
+    def render(self, work: Work, idempotency_key: str) -> Outgoing:
+        """Build what will be sent; called once, at routing time, and recorded in the store."""
+        raise NotImplementedError
+
+    async def send(self, outgoing: Outgoing) -> str:
+        """Send it; return a short receipt ("HTTP 202", "AA") or raise DeliveryError."""
+        raise NotImplementedError

@@ -1,0 +1,349 @@
+"""The canonical care event: one typed, JSON-ready record per inbound message.
+
+Encounter state, notifications, referral tracking and FHIR output all read this model instead of
+HL7 field paths, so the HL7 quirks (field positions, versions, escapes, time formats) are handled
+once, in the translator, and every later feature sees the same shape. Every model forbids unknown
+keys so a typo in code that builds or reloads an event fails loudly instead of silently dropping
+data; every field but ``kind`` is optional because real feeds leave almost anything out.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "EVENT_KINDS",
+    "Address",
+    "CareEvent",
+    "Contact",
+    "Diagnosis",
+    "Encounter",
+    "EventKind",
+    "HumanName",
+    "Identifier",
+    "Location",
+    "Merge",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "Referral",
+    "event_kind",
+    "parse_hl7_date",
+    "parse_hl7_datetime",
+]
+
+EventKind = Literal[
+    "ed_registration",
+    "registration",
+    "admission",
+    "transfer",
+    "discharge",
+    "update",
+    "demographics",
+    "cancel_admission",
+    "cancel_transfer",
+    "cancel_discharge",
+    "merge",
+    "referral_new",
+    "referral_modify",
+    "referral_cancel",
+    "referral_status_request",
+    "referral_response",
+    "other",
+]
+
+EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
+
+# ADT trigger -> kind (A04 is resolved separately: it depends on the patient class).
+_ADT_KINDS: dict[str, str] = {
+    "A01": "admission",
+    "A06": "admission",  # outpatient -> inpatient, e.g. ED patient admitted
+    "A02": "transfer",
+    "A03": "discharge",
+    "A08": "update",
+    "A28": "demographics",
+    "A31": "demographics",
+    "A11": "cancel_admission",
+    "A12": "cancel_transfer",
+    "A13": "cancel_discharge",
+    # Patient-identifier merges (re-key history to the surviving id). Account/visit-only merges
+    # (A35, A41, A42) do not change who the patient is, so they stay "other".
+    "A30": "merge",
+    "A34": "merge",
+    "A36": "merge",
+    "A39": "merge",
+    "A40": "merge",
+}
+
+_REF_KINDS: dict[str, str] = {
+    "I12": "referral_new",
+    "I13": "referral_modify",
+    "I14": "referral_cancel",
+    "I15": "referral_status_request",
+}
+
+
+def event_kind(message_type: str, trigger_event: str, patient_class: str | None = None) -> str:
+    """Classify a message by MSH-9 type and trigger (and PV1-2 for A04, where E means an ED
+    arrival: the CMS e-notification rule treats that differently from an outpatient visit)."""
+    message_type = message_type.strip().upper()
+    trigger_event = trigger_event.strip().upper()
+    if message_type == "ADT":
+        if trigger_event == "A04":
+            return "ed_registration" if (patient_class or "").upper() == "E" else "registration"
+        return _ADT_KINDS.get(trigger_event, "other")
+    if message_type == "REF":
+        return _REF_KINDS.get(trigger_event, "other")
+    if message_type == "RRI" and trigger_event in _REF_KINDS:
+        return "referral_response"
+    return "other"
+
+
+# -- HL7 time ----------------------------------------------------------------------------------
+
+_DTM_LENGTHS = frozenset({4, 6, 8, 10, 12, 14})
+_ZONES: dict[str, timezone | None] = {}
+
+
+def _zone(offset: str) -> timezone | None:
+    """``+HHMM``/``-HHMM`` as a tzinfo (cached: a feed uses one or two offsets); None if bad."""
+    zone = _ZONES.get(offset)
+    if zone is None and offset not in _ZONES:
+        hours, minutes = offset[1:3], offset[3:5]
+        if hours.isdigit() and minutes.isdigit() and int(minutes) < 60 and int(hours) < 24:
+            delta = timedelta(hours=int(hours), minutes=int(minutes))
+            zone = timezone(-delta if offset[0] == "-" else delta)
+        if len(_ZONES) < 256:  # junk offsets must not grow the cache without bound
+            _ZONES[offset] = zone
+    return zone
+
+
+def parse_hl7_datetime(text: str | None) -> datetime | None:
+    """An HL7 DTM/TS value (``YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]``) as a datetime:
+    aware when the value carries an offset (``-0500``), naive otherwise, because guessing a zone
+    would invent facts the sender did not give. Missing trailing parts are filled with their
+    minimum (``2026`` is 2026-01-01 00:00). Junk, empty text and impossible dates give None; this
+    never raises, since one bad field must not lose the whole event."""
+    if not text:
+        return None
+    # A v2.5 TS may arrive whole (``time^precision``); only the first component is the time.
+    body = text.split("^", 1)[0].strip() if "^" in text else text.strip()
+    tz = None
+    if len(body) > 5 and body[-5] in "+-":
+        tz = _zone(body[-5:])
+        if tz is None:
+            return None
+        body = body[:-5]
+    fraction = ""
+    if "." in body:
+        body, fraction = body.split(".", 1)
+        if not (fraction.isascii() and fraction.isdigit() and len(fraction) <= 4):
+            return None
+        if len(body) != 14:
+            return None  # fractions of a second need the seconds
+    if len(body) not in _DTM_LENGTHS or not (body.isascii() and body.isdigit()):
+        return None
+    try:
+        return datetime(
+            int(body[0:4]),
+            int(body[4:6] or 1),
+            int(body[6:8] or 1),
+            int(body[8:10] or 0),
+            int(body[10:12] or 0),
+            int(body[12:14] or 0),
+            int(fraction.ljust(6, "0")) if fraction else 0,
+            tzinfo=tz,
+        )
+    except ValueError:
+        return None
+
+
+def parse_hl7_date(text: str | None) -> date | None:
+    """An HL7 DT (or the date part of a DTM) as a date, as written (no zone shift: a birth date
+    is a calendar date, not an instant). Junk gives None; never raises."""
+    moment = parse_hl7_datetime(text)
+    return moment.date() if moment is not None else None
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Identifier(_Model):
+    """An id with who assigned it: identifiers are only unique within an authority (CX.4)."""
+
+    value: str
+    authority: str | None = None
+    type_code: str | None = None  # HL7 table 0203: MR, SS, MB, VN, AN, NPI ...
+
+
+class HumanName(_Model):
+    family: str | None = None
+    given: str | None = None
+    middle: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+
+
+class Address(_Model):
+    line1: str | None = None
+    line2: str | None = None
+    city: str | None = None
+    state: str | None = None
+    postal_code: str | None = None
+    country: str | None = None
+
+
+class Practitioner(_Model):
+    """A clinician (XCN, ROL or PRD). ``id`` is usually the NPI; ``role`` is the HL7 code for why
+    they appear (PP primary care, RP referring, RT referred-to, AT attending ...)."""
+
+    id: str | None = None
+    id_authority: str | None = None
+    id_type: str | None = None
+    family: str | None = None
+    given: str | None = None
+    middle: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    role: str | None = None
+    organization: str | None = None
+    address: Address | None = None
+    phone: str | None = None
+
+
+class Organization(_Model):
+    """A facility, practice or community organisation (e.g. a referred-to food bank)."""
+
+    name: str | None = None
+    id: str | None = None
+    role: str | None = None
+    address: Address | None = None
+    phone: str | None = None
+
+
+class Location(_Model):
+    """A PL location. ``facility`` is the treating facility used for CoP notifications."""
+
+    point_of_care: str | None = None
+    room: str | None = None
+    bed: str | None = None
+    facility: str | None = None
+    description: str | None = None
+
+
+class Diagnosis(_Model):
+    """One DG1: ``type`` is HL7 table 0052 (A admitting, W working, F final)."""
+
+    code: str | None = None
+    system: str | None = None
+    display: str | None = None
+    type: str | None = None
+
+
+class Contact(_Model):
+    """One CTD contact, with the PRD role it follows (RP/RT) when it belongs to a provider."""
+
+    role: str | None = None
+    name: HumanName | None = None
+    address: Address | None = None
+    phone: str | None = None
+    provider_role: str | None = None
+
+
+# -- the event ---------------------------------------------------------------------------------
+
+
+class Patient(_Model):
+    """The patient as the sender knows them. Key on (value, authority, type) of ``primary``,
+    never on the bare value: different facilities reuse the same numbers."""
+
+    identifiers: list[Identifier] = Field(default_factory=list)
+    primary: Identifier | None = None
+    account_number: Identifier | None = None  # PID-18
+    name: HumanName | None = None
+    birth_date: date | None = None
+    sex: str | None = None
+    address: Address | None = None
+    phone: str | None = None
+    pcp: Practitioner | None = None  # PD1-4, else ROL PP/PCP, else PRD PP
+
+
+class Encounter(_Model):
+    """One visit as PV1/PV2 describe it; PV1-19 is the key that stitches ADTs into a visit."""
+
+    visit_number: Identifier | None = None  # PV1-19
+    patient_class: str | None = None  # PV1-2, table 0004 (E, I, O, P, R, B ...)
+    location: Location | None = None  # PV1-3
+    prior_location: Location | None = None  # PV1-6
+    attending: Practitioner | None = None  # PV1-7
+    referring: Practitioner | None = None  # PV1-8
+    admitting: Practitioner | None = None  # PV1-17
+    hospital_service: str | None = None  # PV1-10
+    admit_type: str | None = None  # PV1-4
+    admit_source: str | None = None  # PV1-14
+    admit_reason: str | None = None  # PV2-3
+    admit_time: datetime | None = None  # PV1-44
+    discharge_time: datetime | None = None  # PV1-45
+    discharge_disposition: str | None = None  # PV1-36, table 0112 (03 = SNF ...)
+    discharged_to: str | None = None  # PV1-37.1 code
+    discharged_to_name: str | None = None  # PV1-37.1 text (see the translator for a quirk)
+    facility: str | None = None  # PV1-3.4, else MSH-4
+
+
+class Referral(_Model):
+    """An RF1 referral with its parties. Codes are kept as sent (tables 0280-0284, 0336)."""
+
+    referral_id: Identifier | None = None  # RF1-6, else RF1-11
+    external_id: Identifier | None = None  # RF1-11
+    status: str | None = None  # RF1-1, table 0283: A accepted, E expired, P pending, R rejected
+    priority: str | None = None  # RF1-2
+    type: str | None = None  # RF1-3
+    disposition: str | None = None  # RF1-4
+    category: str | None = None  # RF1-5
+    reason_code: str | None = None  # RF1-10.1
+    reason: str | None = None  # RF1-10 text, else RF1-14 (v2.7+ reason text)
+    effective_date: date | None = None  # RF1-7
+    expiration_date: date | None = None  # RF1-8
+    process_date: date | None = None  # RF1-9
+    referring: Practitioner | None = None  # PRD role RP
+    referring_organization: Organization | None = None  # PRD-10 of RP, or an RP that is no person
+    referred_to: Practitioner | Organization | None = None  # PRD role RT
+    contacts: list[Contact] = Field(default_factory=list)  # CTD
+    notes: list[str] = Field(default_factory=list)  # NTE not attached to an OBR/OBX
+
+
+class Merge(_Model):
+    """One PID/MRG pair: the surviving patient and the identifiers it absorbed."""
+
+    surviving: Identifier | None = None
+    prior_identifiers: list[Identifier] = Field(default_factory=list)  # MRG-1
+    prior_account_number: Identifier | None = None  # MRG-3
+    prior_visit_number: Identifier | None = None  # MRG-5
+
+
+class CareEvent(_Model):
+    """One message, classified and read. ``kind`` drives routing and notification; the rest is
+    the data a notification, the encounter state or a FHIR bundle needs."""
+
+    kind: EventKind
+    message_type: str
+    trigger_event: str
+    structure: str | None = None
+    message_control_id: str | None = None
+    occurred_at: datetime | None = None  # EVN-2, else MSH-7
+    sending_application: str | None = None  # MSH-3 as the store records it
+    sending_facility: str | None = None  # MSH-4 as the store records it
+    patient: Patient | None = None
+    encounter: Encounter | None = None
+    diagnoses: list[Diagnosis] = Field(default_factory=list)
+    referral: Referral | None = None
+    merged_identifiers: list[Identifier] = Field(default_factory=list)  # MRG-1 of the first PID
+    merges: list[Merge] = Field(default_factory=list)  # every PID/MRG pair (A40 may repeat)
+    raw_version: str | None = None  # MSH-12

@@ -1,0 +1,89 @@
+"""The hooks carehub calls. A plugin implements any of them with ``@hookimpl``:
+
+    from carehub import hookimpl
+
+    @hookimpl
+    def carehub_register_channels(register):
+        register(PagerChannel)
+
+Registration hooks run once at start-up. Observer hooks run for every message and must be
+quick; an observer that raises is logged and never affects the message. Every hook is
+documented in docs/hooks/ with its arguments, when it is called and an example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import click
+import pluggy
+
+if TYPE_CHECKING:
+    from carehub.components import Channel, Enricher, Translator, Work
+    from carehub.store.outbox import DeliveryRecord
+    from carehub.store.store import StoredMessage
+
+hookspec = pluggy.HookspecMarker("carehub")
+hookimpl = pluggy.HookimplMarker("carehub")
+
+
+# -- registration (once, at start-up) ---------------------------------------------------------
+@hookspec
+def carehub_register_translators(register: Callable[[type[Translator]], None]) -> None:
+    """Register Translator classes, e.g. ``register(V2ToEvent)``."""
+
+
+@hookspec
+def carehub_register_enrichers(register: Callable[[type[Enricher]], None]) -> None:
+    """Register Enricher classes, e.g. ``register(CareTeamEnricher)``."""
+
+
+@hookspec
+def carehub_register_channels(register: Callable[[type[Channel]], None]) -> None:
+    """Register Channel classes (forwarders), e.g. ``register(WebhookChannel)``."""
+
+
+@hookspec
+def carehub_register_commands(register: Callable[[click.Command], None]) -> None:
+    """Register click commands that appear under ``carehub``, e.g. ``register(my_report)``."""
+
+
+# -- observers (every message; must be quick; exceptions are logged, never propagated) ---------
+@hookspec
+def carehub_message_received(message: StoredMessage) -> None:
+    """A message was stored and acknowledged AA and is about to be routed."""
+
+
+@hookspec
+def carehub_message_routed(message: StoredMessage, routes: list[str]) -> None:
+    """A message went through routing; ``routes`` names the routes it matched (may be empty)."""
+
+
+@hookspec
+def carehub_message_delivered(delivery: DeliveryRecord) -> None:
+    """A delivery reached its destination; ``delivery.receipt`` says how it was accepted."""
+
+
+@hookspec
+def carehub_message_failed(delivery: DeliveryRecord, error: str, final: bool) -> None:
+    """A delivery attempt failed; ``final`` is True when it went to the dead letters."""
+
+
+# -- tracing (one wrapper around every step) --------------------------------------------------
+@hookspec(firstresult=True)
+def carehub_run_step(work: Work, step: str, run: Callable[[], Any]) -> Any:
+    """Runs one route step. carehub's own implementation calls ``run()``; a plugin wraps it
+    with ``@hookimpl(wrapper=True)`` to time or trace steps:
+
+        @hookimpl(wrapper=True)
+        def carehub_run_step(work, step, run):
+            started = time.perf_counter()
+            try:
+                return (yield)
+            finally:
+                record(step, time.perf_counter() - started)
+    """
+
+
+__all__ = ["Generator", "hookimpl", "hookspec"]

@@ -1,0 +1,1 @@
+"""Routing: which routes a message matches, and running each route's steps."""

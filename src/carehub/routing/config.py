@@ -1,0 +1,213 @@
+"""Route files: YAML under config/routes/, validated by pydantic before anything starts.
+
+    routes:
+      - name: discharges-to-care-platform
+        when: {type: ADT, events: [A03], patient_class: [I, E]}
+        steps:
+          - translate: v2-to-event
+          - filter: {fields: {PV1-36: {not: "20"}}}      # not expired
+          - forward: {channel: webhook, url: "${CARE_PLATFORM_URL}", retry: {max_attempts: 10}}
+          - forward: {channel: file, directory: ../outbox/discharges}
+
+Step kinds: ``translate`` and ``enrich`` name a registered component (``translate: NAME`` or
+``translate: {use: NAME, ...options}``); ``transform`` and ``validate`` are the built-in
+translators of those names; ``filter`` takes a condition like ``when`` and ends the route for
+messages that fail it; ``forward`` names a ``channel`` plus that channel's options.
+Errors name the file, the line, the route and the key.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from carehub.config import _expand_tree, _line_of, _loc_text
+from carehub.errors import ConfigError
+from carehub.routing.conditions import When
+
+STEP_KINDS = ("translate", "enrich", "transform", "validate", "filter", "forward")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetryPolicy(_Strict):
+    """Exponential backoff with jitter: delay n = min(max_delay, initial * multiplier**(n-1)),
+    then spread by +/- jitter so retries from many messages do not arrive in lockstep."""
+
+    max_attempts: int = Field(8, ge=1)
+    initial_delay: float = Field(1.0, ge=0)
+    multiplier: float = Field(2.0, ge=1)
+    max_delay: float = Field(600.0, ge=0)
+    jitter: float = Field(0.2, ge=0, le=1)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+class StepConfig(_Strict):
+    """Exactly one of the step kinds, with its settings."""
+
+    translate: str | dict[str, Any] | None = None
+    enrich: str | dict[str, Any] | None = None
+    transform: dict[str, Any] | None = None
+    validate_: dict[str, Any] | None = Field(None, alias="validate")
+    filter: When | None = None
+    forward: dict[str, Any] | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"a step is a mapping with one of: {', '.join(STEP_KINDS)}")
+        kinds = [k for k in value if k in STEP_KINDS]
+        unknown = [k for k in value if k not in STEP_KINDS]
+        if unknown:
+            raise ValueError(
+                f"unknown step kind {unknown[0]!r}; expected one of: {', '.join(STEP_KINDS)}"
+            )
+        if len(kinds) != 1:
+            raise ValueError(f"a step has exactly one kind; this one has {kinds}")
+        if value.get("validate") is None and "validate" in value:
+            value = {"validate": {}}
+        if value.get("transform") is None and "transform" in value:
+            raise ValueError("transform needs its edits")
+        return value
+
+    @property
+    def kind(self) -> str:
+        for kind in STEP_KINDS:
+            attribute = "validate_" if kind == "validate" else kind
+            if getattr(self, attribute) is not None:
+                return kind
+        raise AssertionError("validated step without a kind")
+
+    def component(self) -> tuple[str, dict[str, Any]]:
+        """(component name, options) for translate/enrich/transform/validate steps."""
+        kind = self.kind
+        if kind in ("transform", "validate"):
+            settings = self.transform if kind == "transform" else self.validate_
+            return kind, dict(settings or {})
+        value = self.translate if kind == "translate" else self.enrich
+        if isinstance(value, str):
+            return value, {}
+        assert isinstance(value, dict)
+        options = dict(value)
+        name = options.pop("use", None)
+        if not isinstance(name, str):
+            raise ValueError(f"{kind}: name the component with 'use:'")
+        return name, options
+
+
+class ForwardConfig(_Strict):
+    """The forward settings carehub itself reads; the rest are the channel's own options."""
+
+    channel: str
+    name: str | None = None
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+class RouteConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    enabled: bool = True
+    when: When = Field(default_factory=When)
+    steps: list[StepConfig] = Field(min_length=1)
+
+
+class RoutesFile(_Strict):
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RouteSource:
+    """Where a route was written, so later errors can point at the file and line."""
+
+    file: Path
+    index: int
+    node: yaml.Node | None
+
+    def where(self, loc: tuple[Any, ...] = ()) -> str:
+        line = _line_of(self.node, ("routes", self.index, *loc))
+        return f"{self.file}{f':{line}' if line else ''}"
+
+
+@dataclass(slots=True)
+class LoadedRoute:
+    config: RouteConfig
+    source: RouteSource
+
+
+def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
+    """Read and validate route files; route names must be unique across all of them."""
+    loaded: list[LoadedRoute] = []
+    seen: dict[str, LoadedRoute] = {}
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+            node = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the routes file: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}"
+            ) from err
+        data = _expand_tree(data, str(path))
+        try:
+            parsed = RoutesFile.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, path, node, data)) from None
+        for index, route in enumerate(parsed.routes):
+            item = LoadedRoute(route, RouteSource(path, index, node))
+            if route.name in seen:
+                other = seen[route.name].source
+                raise ConfigError(
+                    f"{item.source.where(('name',))}: route {route.name!r} is already defined "
+                    f"at {other.where(('name',))}"
+                )
+            seen[route.name] = item
+            loaded.append(item)
+    return loaded
+
+
+def _describe(err: ValidationError, path: Path, node: yaml.Node | None, data: Any) -> str:
+    problems = []
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        line = _line_of(node, loc)
+        where = f"{path}{f':{line}' if line else ''}"
+        route = ""
+        if len(loc) >= 2 and loc[0] == "routes" and isinstance(loc[1], int):
+            try:
+                route = f"route {data['routes'][loc[1]].get('name', '#' + str(loc[1]))!r}: "
+            except (KeyError, IndexError, TypeError, AttributeError):
+                route = f"route #{loc[1]}: "
+            loc = loc[2:]
+        problems.append(f"{where}: {route}{_loc_text(loc) or '(route)'}: {error['msg']}")
+    return "\n".join(problems)
+
+
+def route_files(config_dir: Path, patterns: list[str]) -> list[Path]:
+    """The route files named by glob patterns relative to the config folder, sorted."""
+    found: list[Path] = []
+    for pattern in patterns:
+        base = Path(pattern)
+        if base.is_absolute():
+            found += sorted(Path(base.anchor).glob(str(base.relative_to(base.anchor))))
+        else:
+            found += sorted(config_dir.glob(pattern))
+    return list(dict.fromkeys(found))

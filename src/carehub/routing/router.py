@@ -1,0 +1,195 @@
+"""Running one stored message through the route table.
+
+Each route the message matches runs independently: its steps in the order written, each
+step's output recorded. A step that raises ends that route (recorded as an error) without
+touching the other routes. Forward steps do not send anything here: they fix the exact bytes
+to send (``Channel.render``) and become deliveries, which the delivery workers send with
+retries. That way a route's result commits in one transaction, and a crash never leaves a
+message half-routed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from carehub.components import Outgoing, Work
+from carehub.hl7.view import MessageView, NotHL7Error
+from carehub.plugins import PluginHost
+from carehub.routing.conditions import Check
+from carehub.routing.table import Route, RouteTable
+from carehub.store.store import StoredMessage
+from carehub.workqueue import patient_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepRecord:
+    route: str
+    position: int
+    step: str
+    outcome: str  # ok | filtered | error
+    output: Any = None
+
+
+@dataclass(slots=True)
+class PlannedDelivery:
+    route: str
+    destination: str
+    channel: str
+    outgoing: Outgoing
+    order_key: str
+    max_attempts: int
+
+
+@dataclass(slots=True)
+class RouteResult:
+    route: str
+    matched: bool
+    checks: list[Check]
+    steps: list[StepRecord] = field(default_factory=list)
+    deliveries: list[PlannedDelivery] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RoutingResult:
+    message_id: int
+    run: int
+    routes: list[RouteResult]
+
+    @property
+    def matched(self) -> list[RouteResult]:
+        return [r for r in self.routes if r.matched]
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        return [s for r in self.routes for s in r.steps]
+
+    @property
+    def deliveries(self) -> list[PlannedDelivery]:
+        return [d for r in self.routes for d in r.deliveries]
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{r.route}: {r.error}" for r in self.routes if r.error]
+
+
+def idempotency_key(message_id: int, run: int, destination: str) -> str:
+    """Stable per (message, routing run, destination): a resend after a crash reuses it."""
+    digest = hashlib.sha256(destination.encode()).hexdigest()[:12]
+    return f"carehub-{message_id}-{run}-{digest}"
+
+
+def order_key(message: StoredMessage) -> str:
+    """Deliveries to one destination go out in arrival order per patient."""
+    return patient_key(message.patient_id, message.patient_authority, message.id)
+
+
+def jsonable(value: Any) -> Any:
+    """Step outputs are stored as JSON; anything else is stored as its text."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class Router:
+    def __init__(self, table: RouteTable, host: PluginHost) -> None:
+        self.table = table
+        self.host = host
+
+    def route(self, message: StoredMessage, run: int = 1, explain: bool = False) -> RoutingResult:
+        """Run every route; ``explain`` also records why unmatched routes did not match
+        (dry runs want it; live routing skips the work)."""
+        text = message.text
+        try:
+            view = MessageView(text)
+        except NotHL7Error:
+            return RoutingResult(message.id, run, [])
+        results = [
+            self._run_route(route, message, text, view, run, explain) for route in self.table.routes
+        ]
+        return RoutingResult(message.id, run, results)
+
+    def _run_route(
+        self,
+        route: Route,
+        message: StoredMessage,
+        text: str,
+        view: MessageView,
+        run: int,
+        explain: bool,
+    ) -> RouteResult:
+        if not route.when.matches(view):
+            return RouteResult(route.name, False, route.when.explain(view) if explain else [])
+        result = RouteResult(route.name, True, route.when.explain(view))
+        work = Work(message=message, route=route.name, v2=text)
+        for position, step in enumerate(route.steps):
+            try:
+                if step.kind == "filter":
+                    assert step.condition is not None
+                    failed = [c for c in step.condition.explain(work.view) if not c.passed]
+                    if failed:
+                        reason = "; ".join(f"{c.what}={c.value!r} not {c.expected}" for c in failed)
+                        result.steps.append(
+                            StepRecord(route.name, position, step.label, "filtered", reason)
+                        )
+                        break
+                    result.steps.append(
+                        StepRecord(route.name, position, step.label, "ok", "passed")
+                    )
+                elif step.kind == "forward":
+                    assert step.destination is not None
+                    destination = step.destination
+                    key = idempotency_key(message.id, run, destination.name)
+                    outgoing = destination.channel.render(work, key)
+                    result.deliveries.append(
+                        PlannedDelivery(
+                            route.name,
+                            destination.name,
+                            destination.channel.name,
+                            outgoing,
+                            order_key(message),
+                            destination.retry.max_attempts,
+                        )
+                    )
+                    summary = {
+                        "destination": destination.name,
+                        "idempotency_key": key,
+                        "content_type": outgoing.content_type,
+                        "bytes": len(outgoing.payload),
+                    }
+                    result.steps.append(StepRecord(route.name, position, step.label, "ok", summary))
+                else:
+                    output = self.host.run_step(work, step.label, _runner(step, work))
+                    result.steps.append(
+                        StepRecord(route.name, position, step.label, "ok", jsonable(output))
+                    )
+            except Exception as err:  # a broken step ends its route, never the hub
+                log.warning(
+                    "route %s step %d (%s) failed: %s",
+                    route.name,
+                    position,
+                    step.label,
+                    type(err).__name__,
+                )
+                result.error = f"step {position} ({step.label}): {type(err).__name__}: {err}"
+                result.steps.append(
+                    StepRecord(route.name, position, step.label, "error", result.error)
+                )
+                result.deliveries.clear()
+                break
+        return result
+
+
+def _runner(step: Any, work: Work) -> Any:
+    component = step.component
+    if step.kind == "enrich":
+        return lambda: component.enrich(work)
+    return lambda: component.translate(work)

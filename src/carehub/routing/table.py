@@ -1,0 +1,178 @@
+"""The route table: route configs bound to built component instances, ready to run.
+
+Binding validates every step's options against its component's ``Options`` model, so a typo
+in any route is reported, with file, line, route and key, before the hub takes a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from carehub.components import Channel, Component, ComponentContext, Enricher, Translator
+from carehub.config import _loc_text
+from carehub.errors import ConfigError
+from carehub.plugins import PluginHost
+from carehub.routing.conditions import When
+from carehub.routing.config import ForwardConfig, LoadedRoute, RetryPolicy, RouteSource
+
+
+@dataclass(slots=True)
+class Destination:
+    """A forward step's channel instance, its unique name and its retry policy."""
+
+    name: str
+    channel: Channel
+    retry: RetryPolicy
+
+
+@dataclass(slots=True)
+class BoundStep:
+    kind: str  # translate | enrich | filter | forward
+    label: str  # e.g. "translate v2-to-event", "forward webhook care-platform"
+    component: Component | None = None
+    condition: When | None = None
+    destination: Destination | None = None
+
+
+@dataclass(slots=True)
+class Route:
+    name: str
+    when: When
+    steps: list[BoundStep]
+    source: RouteSource
+    description: str = ""
+
+
+@dataclass(slots=True)
+class RouteTable:
+    routes: list[Route] = field(default_factory=list)
+    destinations: dict[str, Destination] = field(default_factory=dict)
+
+    def components(self) -> list[Component]:
+        built: list[Component] = []
+        for route in self.routes:
+            for step in route.steps:
+                if step.component is not None:
+                    built.append(step.component)
+                elif step.destination is not None:
+                    built.append(step.destination.channel)
+        return built
+
+    async def start(self) -> None:
+        for component in self.components():
+            await component.start()
+
+    async def close(self) -> None:
+        for component in self.components():
+            await component.close()
+
+
+def bind_routes(
+    loaded: list[LoadedRoute], host: PluginHost, context: ComponentContext
+) -> RouteTable:
+    """Build every enabled route's components; raises ConfigError naming the exact place."""
+    table = RouteTable()
+    for item in loaded:
+        config = item.config
+        if not config.enabled:
+            continue
+        steps: list[BoundStep] = []
+        for position, step in enumerate(config.steps):
+            loc: tuple[Any, ...] = ("steps", position, step.kind)
+            kind = step.kind
+            if kind == "filter":
+                steps.append(BoundStep("filter", "filter", condition=step.filter))
+                continue
+            if kind == "forward":
+                destination = _bind_forward(
+                    step.forward or {}, config.name, position, host, context, item.source, loc
+                )
+                if destination.name in table.destinations:
+                    raise ConfigError(
+                        f"{item.source.where(loc)}: route {config.name!r}: destination "
+                        f"{destination.name!r} is used twice; give forwards distinct names"
+                    )
+                table.destinations[destination.name] = destination
+                steps.append(
+                    BoundStep(
+                        "forward",
+                        f"forward {destination.channel.name} {destination.name}",
+                        destination=destination,
+                    )
+                )
+                continue
+            try:
+                name, options = step.component()
+            except ValueError as err:
+                raise ConfigError(
+                    f"{item.source.where(loc)}: route {config.name!r}: {err}"
+                ) from None
+            registry: dict[str, type[Translator]] | dict[str, type[Enricher]]
+            registry = host.enrichers if kind == "enrich" else host.translators
+            base_kind = "enricher" if kind == "enrich" else "translator"
+            component_class = registry.get(name)
+            if component_class is None:
+                known = ", ".join(sorted(registry)) or "none"
+                raise ConfigError(
+                    f"{item.source.where(loc)}: route {config.name!r}: steps[{position}]: "
+                    f"no {base_kind} named {name!r} (registered: {known})"
+                )
+            component = _build(component_class, options, context, item.source, config.name, loc)
+            label = f"{kind} {name}" if kind in ("translate", "enrich") else kind
+            steps.append(BoundStep("enrich" if kind == "enrich" else "translate", label, component))
+        table.routes.append(Route(config.name, config.when, steps, item.source, config.description))
+    return table
+
+
+def _bind_forward(
+    settings: dict[str, Any],
+    route: str,
+    position: int,
+    host: PluginHost,
+    context: ComponentContext,
+    source: RouteSource,
+    loc: tuple[Any, ...],
+) -> Destination:
+    own = {k: v for k, v in settings.items() if k in ForwardConfig.model_fields}
+    rest = {k: v for k, v in settings.items() if k not in ForwardConfig.model_fields}
+    try:
+        forward = ForwardConfig.model_validate(own)
+    except ValidationError as err:
+        raise ConfigError(_errors(err, source, route, loc)) from None
+    channel_class = host.channels.get(forward.channel)
+    if channel_class is None:
+        known = ", ".join(sorted(host.channels)) or "none"
+        raise ConfigError(
+            f"{source.where((*loc, 'channel'))}: route {route!r}: steps[{position}]: "
+            f"no channel named {forward.channel!r} (registered: {known})"
+        )
+    channel = _build(channel_class, rest, context, source, route, loc)
+    assert isinstance(channel, Channel)
+    name = f"{route}/{forward.name or f'{forward.channel}-{position}'}"
+    return Destination(name, channel, forward.retry)
+
+
+def _build(
+    component_class: type[Component],
+    options: dict[str, Any],
+    context: ComponentContext,
+    source: RouteSource,
+    route: str,
+    loc: tuple[Any, ...],
+) -> Component:
+    try:
+        validated = component_class.Options.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(_errors(err, source, route, loc)) from None
+    return component_class(validated, context)
+
+
+def _errors(err: ValidationError, source: RouteSource, route: str, loc: tuple[Any, ...]) -> str:
+    lines = []
+    for error in err.errors():
+        full = (*loc, *error["loc"])
+        lines.append(f"{source.where(full)}: route {route!r}: {_loc_text(full)}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""The worker: routes queued messages, then delivers what the routes planned.
+
+Routing takes message ids from the work queue in arrival order, runs each message through the
+route table, and commits the results (step outputs, deliveries, new status) in batches. The
+delivery loop claims due deliveries from the store and sends them concurrently, at most
+``per_destination`` at a time to any one destination, so a slow or failing destination never
+holds up the others; failed attempts are retried with backoff until they become dead letters.
+
+In the embedded default the worker runs inside ``carehub serve`` on its own thread and event
+loop; for scale-out, ``carehub worker`` runs it alone, on as many hosts as needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from carehub.components import DeliveryError, Outgoing
+from carehub.plugins import PluginHost
+from carehub.routing.router import Router, order_key
+from carehub.routing.table import RouteTable
+from carehub.store.outbox import AttemptResult, DeliveryRecord, Outbox
+from carehub.store.schema import MessageStatus
+from carehub.store.store import MessageStore
+from carehub.workqueue import Consumer, WorkQueue
+
+log = logging.getLogger(__name__)
+
+ROUTE_BATCH = 100
+SWEEP_SECONDS = 60.0
+LEASE = timedelta(seconds=60)
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    delivery_concurrency: int = 64
+    per_destination: int = 8
+    poll_interval: float = 0.5
+    single_host: bool = True  # SQLite: no other process can hold a delivery lease
+
+
+class Worker:
+    def __init__(
+        self,
+        store: MessageStore,
+        table: RouteTable,
+        host: PluginHost,
+        work_queue: WorkQueue,
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.outbox = Outbox(store)
+        self.table = table
+        self.host = host
+        self.work_queue = work_queue
+        self.settings = settings or WorkerSettings()
+        self.router = Router(table, host)
+        self.routed = 0
+        self.delivered = 0
+        self.failed_attempts = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self._wake_delivery = asyncio.Event()
+        self._results: list[AttemptResult] = []
+        self._inflight: dict[int, str] = {}  # delivery id -> destination
+        self._sending: set[asyncio.Task[None]] = set()
+        self._consumer: Consumer | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, started: threading.Event | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.table.start()
+        if self.settings.single_host:
+            await asyncio.to_thread(self.outbox.release_leases)
+        self._consumer = self.work_queue.consumer(self._queued)
+        await asyncio.to_thread(self._consumer.start)
+        await asyncio.to_thread(self._requeue_unrouted)
+        tasks = [
+            asyncio.create_task(self._route_loop(), name="route"),
+            asyncio.create_task(self._delivery_loop(), name="deliver"),
+            asyncio.create_task(self._sweep_loop(), name="sweep"),
+        ]
+        if started is not None:
+            started.set()
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._drain_inflight()
+            await asyncio.to_thread(self._consumer.stop)
+            await self.table.close()
+
+    async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(self._requeue_unrouted, every)
+            except Exception:
+                log.exception("re-queueing unrouted messages failed")
+
+    def _requeue_unrouted(self, older_than: float = 0.0) -> None:
+        """Anything stored but not routed (lost from an in-process queue at a crash, or
+        published to a broker that lost it) is queued again. Routing skips a message that
+        is already routed, so queueing one twice is harmless."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        ids = self.outbox.unrouted_message_ids(received_before=cutoff)
+        if not ids:
+            return
+        publisher = self.work_queue.publisher()
+        try:
+            for message in self.store.get_many(ids):
+                publisher.publish(message.id, order_key(message))
+        finally:
+            publisher.close()
+        log.info("queued %d stored message(s) that were not routed yet", len(ids))
+
+    def _queued(self, message_id: int, ack: object) -> None:
+        """Called on the consumer thread for each id taken from the queue."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, (message_id, ack))
+
+    # -- routing --------------------------------------------------------------------------
+    async def _route_loop(self) -> None:
+        while True:
+            batch = [await self._inbox.get()]
+            while len(batch) < ROUTE_BATCH and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                self._route_batch([message_id for message_id, _ in batch])
+            except Exception:  # the store is down: leave them unacked; they will come back
+                log.exception("routing a batch of %d message(s) failed", len(batch))
+                await asyncio.sleep(1.0)
+                continue
+            for _, ack in batch:
+                ack()  # type: ignore[operator]
+            self._wake_delivery.set()
+
+    def _route_batch(self, message_ids: list[int]) -> None:
+        messages = [
+            m for m in self.store.get_many(message_ids) if m.status == MessageStatus.RECEIVED.value
+        ]
+        if not messages:
+            return
+        results = []
+        for message in messages:
+            self.host.notify("carehub_message_received", message=message)
+            results.append(self.router.route(message))
+        recorded = set(self.outbox.record_routing(results))
+        self.routed += len(recorded)
+        for message, result in zip(messages, results, strict=True):
+            if message.id in recorded:
+                routes = [r.route for r in result.matched]
+                self.host.notify("carehub_message_routed", message=message, routes=routes)
+
+    # -- delivery -------------------------------------------------------------------------
+    async def _delivery_loop(self) -> None:
+        settings = self.settings
+        while True:
+            self._flush_results()
+            free = settings.delivery_concurrency - len(self._inflight)
+            if free > 0:
+                busy = self._busy_destinations()
+                claimed = self.outbox.claim_due(free, LEASE, exclude_destinations=busy)
+                excess = []
+                for delivery in claimed:
+                    if self._count(delivery.destination) >= settings.per_destination:
+                        excess.append(delivery.id)
+                        continue
+                    self._inflight[delivery.id] = delivery.destination
+                    task = asyncio.create_task(self._send(delivery))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
+                self.outbox.release(excess)
+            self._wake_delivery.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_delivery.wait(), settings.poll_interval)
+
+    def _count(self, destination: str) -> int:
+        return sum(1 for d in self._inflight.values() if d == destination)
+
+    def _busy_destinations(self) -> list[str]:
+        counts: dict[str, int] = {}
+        for destination in self._inflight.values():
+            counts[destination] = counts.get(destination, 0) + 1
+        return [d for d, n in counts.items() if n >= self.settings.per_destination]
+
+    async def _send(self, delivery: DeliveryRecord) -> None:
+        started = datetime.now(UTC)
+        clock = time.perf_counter()
+        attempt = delivery.attempts + 1
+        destination = self.table.destinations.get(delivery.destination)
+        try:
+            if destination is None:
+                raise DeliveryError(
+                    f"destination {delivery.destination!r} is no longer configured",
+                    retryable=False,
+                )
+            outgoing = Outgoing(
+                delivery.payload,
+                delivery.content_type,
+                delivery.idempotency_key,
+                delivery.metadata,
+            )
+            receipt = await destination.channel.send(outgoing)
+            result = AttemptResult(delivery.id, started, _ms(clock), True, receipt)
+            self.delivered += 1
+            self.host.notify("carehub_message_delivered", delivery=delivery)
+        except Exception as err:
+            retryable = err.retryable if isinstance(err, DeliveryError) else True
+            detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
+            final = not retryable or attempt >= delivery.max_attempts or destination is None
+            retry_at = None
+            if not final:
+                assert destination is not None
+                retry_at = datetime.now(UTC) + timedelta(seconds=destination.retry.delay(attempt))
+            result = AttemptResult(delivery.id, started, _ms(clock), False, detail, retry_at)
+            self.failed_attempts += 1
+            log.warning(
+                "delivery %d to %s failed (attempt %d of %d)%s: %s",
+                delivery.id,
+                delivery.destination,
+                attempt,
+                delivery.max_attempts,
+                "; dead letter" if final else "",
+                detail,
+            )
+            self.host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
+        self._results.append(result)
+        self._inflight.pop(delivery.id, None)
+        self._wake_delivery.set()
+
+    def _flush_results(self) -> None:
+        if not self._results:
+            return
+        results, self._results = self._results, []
+        self.outbox.finish(results)
+
+    async def _drain_inflight(self, grace: float = 10.0) -> None:
+        """On stop, let sends in progress finish (bounded) and record them."""
+        deadline = time.monotonic() + grace
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._flush_results()
+
+
+def _ms(start: float) -> int:
+    return int((time.perf_counter() - start) * 1000)
+
+
+class WorkerThread:
+    """Runs a Worker on its own thread and event loop (the embedded default)."""
+
+    def __init__(
+        self,
+        store: MessageStore,
+        table: RouteTable,
+        host: PluginHost,
+        work_queue: WorkQueue,
+        settings: WorkerSettings,
+    ) -> None:
+        self._args = (store, table, host, work_queue, settings)
+        self.worker: Worker | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        self._started.wait(timeout)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            self.worker = Worker(*self._args)
+            await self.worker.run(self._stop, started=self._started)
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as err:
+            self.error = err
+            log.exception("worker stopped with an error")
+        finally:
+            self._started.set()
+            self._loop.close()

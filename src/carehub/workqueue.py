@@ -1,0 +1,168 @@
+"""The work queue between intake and the routing workers, on kombu.
+
+Intake publishes the id of each newly stored message; routing workers consume them. Messages
+are spread over partition queues by patient, and each partition is consumed in order by one
+consumer at a time (RabbitMQ's single-active-consumer), so one patient's messages are routed
+in arrival order while different patients' messages go to different partitions in parallel.
+
+The store, not the queue, is the source of truth: a message whose id is lost from the queue
+(a broker restart, the in-process transport at a crash) is still 'received' in the store and is
+queued again when a worker starts.
+
+- embedded default: ``memory://``, kombu's in-process transport; one process, nothing to run.
+- scale-out: ``amqp://guest:guest@rabbit:5672//``; durable queues, persistent messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue as queue_module
+import threading
+import zlib
+from collections.abc import Callable
+
+from kombu import Connection, Exchange, Producer, Queue
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = Exchange("carehub", type="direct", durable=True)
+
+
+def patient_key(patient_id: str | None, authority: str | None, message_id: int) -> str:
+    """The ordering key: one patient's messages are routed and delivered in arrival order.
+    A message without a patient identifier is its own key."""
+    if patient_id:
+        return f"{authority or ''}|{patient_id}"
+    return f"message|{message_id}"
+
+
+def partition_of(patient_key: str, partitions: int) -> int:
+    """Stable across processes and restarts (unlike hash())."""
+    return zlib.crc32(patient_key.encode()) % partitions
+
+
+class WorkQueue:
+    """Names the queues and opens connections; publishers and consumers come from here."""
+
+    def __init__(self, url: str = "memory://", partitions: int = 8) -> None:
+        self.url = url
+        self.partitions = partitions
+        self.is_memory = url.startswith("memory")
+        arguments = None if self.is_memory else {"x-single-active-consumer": True}
+        self.queues = [
+            Queue(
+                f"carehub.route.{p}",
+                EXCHANGE,
+                routing_key=f"route.{p}",
+                durable=True,
+                queue_arguments=arguments,
+            )
+            for p in range(partitions)
+        ]
+
+    def connection(self) -> Connection:
+        options = {"polling_interval": 0.005} if self.is_memory else {}
+        return Connection(self.url, transport_options=options)
+
+    def publisher(self) -> Publisher:
+        return Publisher(self)
+
+    def consumer(self, deliver: Callable[[int, Callable[[], None]], None]) -> Consumer:
+        return Consumer(self, deliver)
+
+    def purge(self) -> None:
+        """Empty every partition queue (tests and `carehub queue purge`)."""
+        with self.connection() as conn:
+            channel = conn.channel()
+            for q in self.queues:
+                with contextlib.suppress(Exception):
+                    q.bind(channel).purge()
+
+
+class Publisher:
+    """Publishes message ids; one publisher per thread (kombu connections are not shared)."""
+
+    def __init__(self, work_queue: WorkQueue) -> None:
+        self.work_queue = work_queue
+        self._connection = work_queue.connection()
+        self._producer = Producer(self._connection.channel(), exchange=EXCHANGE)
+        for q in work_queue.queues:
+            q.bind(self._producer.channel).declare()
+
+    def publish(self, message_id: int, patient_key: str) -> None:
+        partition = partition_of(patient_key, self.work_queue.partitions)
+        self._producer.publish(
+            {"message_id": message_id},
+            routing_key=f"route.{partition}",
+            delivery_mode=2,
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+        )
+
+    def close(self) -> None:
+        self._connection.release()
+
+
+class Consumer:
+    """Drains the partition queues on its own thread and hands each id to ``deliver`` with an
+    ``ack`` callback. Acks may come from any thread: they are queued back to this thread,
+    because a kombu connection must only be used by the thread that drains it."""
+
+    def __init__(
+        self, work_queue: WorkQueue, deliver: Callable[[int, Callable[[], None]], None]
+    ) -> None:
+        self.work_queue = work_queue
+        self.deliver = deliver
+        self._acks: queue_module.SimpleQueue[object] = queue_module.SimpleQueue()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="queue-consumer", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"work queue consumer did not start: {self.error}")
+        if self.error:
+            raise RuntimeError(f"work queue consumer failed: {self.error}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            with self.work_queue.connection() as conn:
+                channel = conn.channel()
+                channel.basic_qos(0, 200, False)
+                consumer = conn.Consumer(
+                    self.work_queue.queues,
+                    channel=channel,
+                    callbacks=[self._on_message],
+                    accept=["json"],
+                )
+                with consumer:
+                    self._ready.set()
+                    while not self._stopping.is_set():
+                        self._flush_acks()
+                        with contextlib.suppress(TimeoutError, OSError):
+                            conn.drain_events(timeout=0.05)
+                    self._flush_acks()
+        except Exception as err:
+            self.error = err
+            log.error("work queue consumer stopped: %s", err)
+        finally:
+            self._ready.set()
+
+    def _on_message(self, body: dict[str, int], message: object) -> None:
+        self.deliver(int(body["message_id"]), lambda: self._acks.put(message))
+
+    def _flush_acks(self) -> None:
+        while True:
+            try:
+                message = self._acks.get_nowait()
+            except queue_module.Empty:
+                return
+            with contextlib.suppress(Exception):
+                message.ack()  # type: ignore[attr-defined]

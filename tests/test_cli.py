@@ -1,0 +1,427 @@
+"""The carehub command line against real hubs, real sockets and real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+from click.testing import CliRunner, Result
+
+from carehub.cli import main
+from carehub.config import HubConfig
+from carehub.hl7.header import MessageHeader
+from carehub.hl7.view import MessageView
+from carehub.hub import open_store
+from carehub.store.schema import MessageStatus
+from carehub.store.store import MIGRATIONS, NewMessage
+from carehub.testing import HubThread, make_adt
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No CAREHUB_* settings from the developer's shell, and a scratch working folder (a
+    command that falls back to ./data must never write into the checkout)."""
+    for name in list(os.environ):
+        if name.startswith("CAREHUB_"):
+            monkeypatch.delenv(name)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def plain(text: str) -> str:
+    """Output without terminal colour codes (rich adds them when pytest runs in a terminal)."""
+    return ANSI.sub("", text)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_bytes(text.encode())
+    return path
+
+
+def head_revision() -> str:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None and re.fullmatch(r"\d{4}", head)
+    return head
+
+
+def env_without_carehub() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
+    env["COLUMNS"] = "200"
+    return env
+
+
+# -- send --------------------------------------------------------------------------------------
+def send_args(hub: HubThread, *files: Path) -> list[str]:
+    host, port = hub.mllp_address
+    return ["send", "--host", host, "--port", str(port), "--timeout", "20", *map(str, files)]
+
+
+def test_send_prints_each_ack_and_exits_0(hub: HubThread, tmp_path: Path) -> None:
+    first = write(tmp_path, "a.hl7", make_adt("SEND-1"))
+    second = write(tmp_path, "b.hl7", make_adt("SEND-2", terminator="\n"))
+    result = run(*send_args(hub, first, second))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"{first}: AA (MSH-10 SEND-1)",
+        f"{second}: AA (MSH-10 SEND-2)",
+    ]
+    assert hub.store.control_id_counts() == {"SEND-1": 1, "SEND-2": 1}
+
+
+def test_send_resend_is_acked_but_stored_once(hub: HubThread, tmp_path: Path) -> None:
+    path = write(tmp_path, "a.hl7", make_adt("AGAIN"))
+    assert run(*send_args(hub, path)).exit_code == 0
+    result = run(*send_args(hub, path))
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"{path}: AA (MSH-10 AGAIN)"
+    assert hub.store.control_id_counts() == {"AGAIN": 1}
+
+
+def test_send_exits_1_when_a_message_is_refused(hub: HubThread, tmp_path: Path) -> None:
+    good = write(tmp_path, "good.hl7", make_adt("GOOD-1"))
+    no_id = write(tmp_path, "no-id.hl7", make_adt(""))
+    result = run(*send_args(hub, no_id, good))
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{no_id}: AE (MSH-10 -): MSH-10 (message control ID) is empty"
+    assert lines[1] == f"{good}: AA (MSH-10 GOOD-1)"  # the rest is still sent
+    assert sorted(m.status for m in hub.store.find()) == ["received", "refused"]
+
+
+def test_send_batch_file_prints_one_line_per_message(hub: HubThread, tmp_path: Path) -> None:
+    body = "".join(make_adt(f"BATCH-{i}") for i in (1, 2, 3))
+    batch = write(tmp_path, "batch.hl7", f"FHS|^~\\&|X\rBHS|^~\\&|X\r{body}BTS|3\rFTS|1\r")
+    result = run(*send_args(hub, batch))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"{batch} #{i}: AA (MSH-10 BATCH-{i})" for i in (1, 2, 3)]
+    assert hub.store.control_id_counts() == {f"BATCH-{i}": 1 for i in (1, 2, 3)}
+
+
+def test_send_with_nothing_listening_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.hl7", make_adt("NOBODY"))
+    port = free_port()
+    result = run("send", "--port", str(port), "--timeout", "5", str(path))
+    assert result.exit_code == 1, result.output
+    assert f"cannot connect to 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_send_missing_file_names_the_file(hub: HubThread, tmp_path: Path) -> None:
+    missing = tmp_path / "not-there.hl7"
+    result = run(*send_args(hub, missing))
+    assert result.exit_code != 0
+    assert f"{missing}: cannot read" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_send_file_without_msh_names_the_file_and_sends_nothing(
+    hub: HubThread, tmp_path: Path
+) -> None:
+    good = write(tmp_path, "good.hl7", make_adt("NOT-SENT"))
+    junk = write(tmp_path, "notes.txt", "PID|1||P1\nthis is not HL7\n")
+    result = run(*send_args(hub, good, junk))
+    assert result.exit_code != 0
+    assert f"{junk}: no HL7 message in the file (no MSH segment)" in result.stderr
+    assert hub.store.count() == 0  # every file is checked before anything is sent
+
+
+# -- messages list / show -------------------------------------------------------------------
+def _new(
+    control_id: str,
+    *,
+    at: datetime,
+    event: str = "A01",
+    patient_id: str = "P1",
+    status: MessageStatus = MessageStatus.RECEIVED,
+    message_type: str = "ADT",
+    filler: int = 0,
+) -> NewMessage:
+    text = make_adt(
+        control_id,
+        event,
+        patient_id=patient_id,
+        extra_segments=[f"NTE|{i}||{'n' * 2000}" for i in range(filler)],
+    )
+    if message_type != "ADT":
+        text = text.replace(f"ADT^{event}^ADT_A01", f"{message_type}^{event}")
+    return NewMessage(
+        raw=text.encode(),
+        transport="mllp",
+        listener="cli-test",
+        peer="127.0.0.1:5000",
+        status=status,
+        ack_code="AA" if status is MessageStatus.RECEIVED else "AE",
+        header=MessageHeader.read(MessageView(text)),
+        charset="utf-8",
+        received_at=at,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A store with five messages of different ages, types, events, patients and statuses."""
+    folder = tmp_path / "store"
+    now = datetime.now(UTC)
+    store = open_store(HubConfig(), folder)
+    try:
+        outcomes = store.insert_messages(
+            [
+                _new("OLD", at=now - timedelta(days=3)),
+                _new("ADMIT", at=now - timedelta(hours=4)),
+                _new("UPDATE", at=now - timedelta(minutes=30), event="A08", patient_id="P2"),
+                _new("LAB", at=now - timedelta(minutes=10), event="R01", message_type="ORU"),
+                _new("BAD", at=now, patient_id="P3", status=MessageStatus.REFUSED),
+            ]
+        )
+        store.set_status(outcomes[1].message_id, MessageStatus.ROUTED, "to the care team")
+    finally:
+        store.close()
+    return folder
+
+
+def listed(*args: str, env: dict[str, str] | None = None) -> list[dict[str, object]]:
+    result = run("messages", "list", "--json", *args, env=env)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def control_ids(rows: list[dict[str, object]]) -> list[object]:
+    return [row["control_id"] for row in rows]
+
+
+def test_list_json_is_one_object_per_line_without_the_body(data_dir: Path) -> None:
+    rows = listed("--data-dir", str(data_dir))
+    assert control_ids(rows) == ["BAD", "LAB", "UPDATE", "ADMIT", "OLD"]
+    for row in rows:
+        assert "raw" not in row and "identity" not in row
+        datetime.fromisoformat(str(row["received_at"]))
+    admit = rows[3]
+    assert admit["status"] == "routed" and admit["patient_id"] == "P1"
+    assert admit["message_type"] == "ADT" and admit["trigger_event"] == "A01"
+    assert isinstance(admit["id"], int)
+
+
+def test_list_filters(data_dir: Path) -> None:
+    d = ("--data-dir", str(data_dir))
+    assert control_ids(listed(*d, "--status", "refused")) == ["BAD"]
+    assert control_ids(listed(*d, "--status", "routed")) == ["ADMIT"]
+    assert control_ids(listed(*d, "--type", "oru")) == ["LAB"]
+    assert control_ids(listed(*d, "--type", "ADT", "--event", "A08")) == ["UPDATE"]
+    assert control_ids(listed(*d, "--patient", "P1")) == ["LAB", "ADMIT", "OLD"]
+    assert control_ids(listed(*d, "--patient", "P1", "--event", "A01")) == ["ADMIT", "OLD"]
+    assert control_ids(listed(*d, "--limit", "2")) == ["BAD", "LAB"]
+    assert listed(*d, "--patient", "NOBODY") == []
+
+
+def test_list_since_age_and_iso(data_dir: Path) -> None:
+    d = ("--data-dir", str(data_dir))
+    recent = ["BAD", "LAB", "UPDATE"]
+    assert control_ids(listed(*d, "--since", "2h")) == recent
+    assert control_ids(listed(*d, "--since", "120m")) == recent
+    assert control_ids(listed(*d, "--since", "1d")) == [*recent, "ADMIT"]
+    assert control_ids(listed(*d, "--since", "20m")) == ["BAD", "LAB"]
+    two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    naive_utc = two_hours_ago.replace(tzinfo=None).isoformat(timespec="seconds")
+    assert control_ids(listed(*d, "--since", naive_utc)) == recent
+    with_offset = two_hours_ago.astimezone(timezone(timedelta(hours=-5))).isoformat()
+    assert control_ids(listed(*d, "--since", with_offset)) == recent
+    day_before = (datetime.now(UTC) - timedelta(days=2)).date().isoformat()
+    assert "OLD" not in control_ids(listed(*d, "--since", day_before))
+
+
+def test_list_since_rejects_nonsense(data_dir: Path) -> None:
+    result = run("messages", "list", "--data-dir", str(data_dir), "--since", "yesterday")
+    assert result.exit_code == 2
+    assert "30m, 2h, 7d" in result.stderr
+
+
+def test_list_table(data_dir: Path) -> None:
+    result = run("messages", "list", "--data-dir", str(data_dir))
+    assert result.exit_code == 0
+    out = plain(result.stdout)
+    for control_id in ("OLD", "ADMIT", "UPDATE", "LAB", "BAD"):
+        assert control_id in out
+    assert "5 message(s)" in out
+
+
+def test_list_reads_carehub_data_dir(data_dir: Path) -> None:
+    rows = listed(env={"CAREHUB_DATA_DIR": str(data_dir)})
+    assert len(rows) == 5
+    assert not (Path.cwd() / "data").exists()  # did not fall back to ./data
+
+
+def test_show_prints_header_history_and_named_fields(data_dir: Path) -> None:
+    (admit,) = [r for r in listed("--data-dir", str(data_dir)) if r["control_id"] == "ADMIT"]
+    result = run("messages", "show", str(admit["id"]), "--data-dir", str(data_dir))
+    assert result.exit_code == 0, result.output
+    out = plain(result.stdout)
+    assert re.search(r"control id\s+ADMIT", out)
+    assert re.search(r"type\s+ADT\^A01 ADT_A01", out)
+    assert re.search(r"patient\s+P1 \(authority HOSP\)", out)
+    assert re.search(r"status\s+routed", out)
+    assert re.search(r"History\n\s+\S+ \S+\s+received\n\s+\S+ \S+\s+routed\s+to the care team", out)
+    assert re.search(r"PID-5\s+Patient Name\s+TESTPATIENT\^ALEX", out)
+    assert re.search(r"MSH-10\s+Message Control ID\s+ADMIT", out)
+    assert re.search(r"PV1-2\s+Patient Class\s+I", out)
+
+
+def test_show_raw_prints_the_message_text(data_dir: Path) -> None:
+    (lab,) = [r for r in listed("--data-dir", str(data_dir)) if r["control_id"] == "LAB"]
+    result = run("messages", "show", str(lab["id"]), "--raw", "--data-dir", str(data_dir))
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("MSH|^~\\&|") and "|ORU^R01|LAB|" in lines[0]
+    assert [line[:3] for line in lines if line] == ["MSH", "EVN", "PID", "PV1"]
+
+
+def test_show_unknown_id_fails_with_a_message(data_dir: Path) -> None:
+    result = run("messages", "show", "9999", "--data-dir", str(data_dir))
+    assert result.exit_code != 0
+    assert "no message with id 9999" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# -- store maintenance ------------------------------------------------------------------------
+def test_store_upgrade_prints_the_revision(tmp_path: Path) -> None:
+    folder = tmp_path / "fresh"
+    for _ in range(2):  # creating, then a no-op
+        result = run("store", "upgrade", "--data-dir", str(folder))
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == f"store at schema revision {head_revision()}"
+    assert (folder / "carehub.db").is_file()
+
+
+def test_store_prune_deletes_old_rows_and_shrinks_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "prune"
+    now = datetime.now(UTC)
+    store = open_store(HubConfig(), folder)
+    try:
+        store.insert_messages(
+            [_new(f"OLD{i}", at=now - timedelta(days=45), filler=4) for i in range(120)]
+        )
+        store.insert_messages([_new(f"NEW{i}", at=now - timedelta(days=1)) for i in range(3)])
+    finally:
+        store.close()
+
+    result = run("store", "prune", "--older-than", "30", "--data-dir", str(folder))
+    assert result.exit_code == 0, result.output
+    match = re.fullmatch(
+        r"pruned 120 message\(s\) older than 30 day\(s\); store file ([\d,]+) -> ([\d,]+) bytes",
+        result.stdout.strip(),
+    )
+    assert match, result.stdout
+    before, after = (int(group.replace(",", "")) for group in match.groups())
+    assert after < before / 2
+    assert control_ids(listed("--data-dir", str(folder))) == ["NEW2", "NEW1", "NEW0"]
+
+    again = run("store", "prune", "--older-than", "30", "--data-dir", str(folder))
+    assert again.stdout.startswith("pruned 0 message(s) older than 30 day(s)")
+
+
+def test_store_prune_needs_a_non_negative_age(tmp_path: Path) -> None:
+    result = run("store", "prune", "--older-than", "-1", "--data-dir", str(tmp_path))
+    assert result.exit_code == 2
+
+
+# -- config errors ----------------------------------------------------------------------------
+def test_bad_config_exits_2_naming_file_line_and_key(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        "hub.yaml",
+        "listeners:\n  mllp:\n    - name: adt\n      port: 70000\n",
+    )
+    result = run("messages", "list", "--config", str(config), "--data-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert f"{config}:4: listeners.mllp[0].port:" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
+    config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
+    result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})
+    assert result.exit_code == 2
+    assert f"{config}:2: store.durability:" in result.stderr
+
+
+def test_serve_with_bad_config_exits_2_in_a_real_process(tmp_path: Path) -> None:
+    config = write(tmp_path, "hub.yaml", "hub:\n  application: X\nlisteners:\n  bogus: 1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "carehub.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env_without_carehub(),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done
+    assert f"{config}:4: listeners.bogus:" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "carehub ready" not in done.stdout
+
+
+# -- demo -------------------------------------------------------------------------------------
+def test_demo_runs_and_shows_every_kind_of_answer(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "carehub.cli", "demo", "--data-dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_without_carehub(),
+        cwd=PROJECT_ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    out = plain(done.stdout)
+    codes = {code: re.findall(rf"\b{code}\b", out) for code in ("AA", "AE", "AR")}
+    assert len(codes["AA"]) >= 8, out
+    assert codes["AE"] and codes["AR"], out
+    assert "resend" in out
+    assert "RGH-000102" in out  # the resent admission
+    assert (tmp_path / "demo" / "carehub.db").is_file()
+
+
+@pytest.fixture
+def sample_hub(tmp_path: Path) -> Iterator[HubThread]:
+    from carehub.testing import local_config
+
+    with HubThread(local_config(), tmp_path / "sample") as running:
+        yield running
+
+
+def test_send_the_sample_feeds(sample_hub: HubThread) -> None:
+    feeds = sorted((PROJECT_ROOT / "config" / "feeds").glob("*.hl7"))
+    assert len(feeds) >= 9
+    result = run(*send_args(sample_hub, *feeds))
+    assert result.exit_code == 1  # one sample is deliberately missing MSH-10
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(feeds)
+    assert sum(": AA (" in line for line in lines) == len(feeds) - 1
+    (refused,) = [line for line in lines if ": AE (" in line]
+    assert "missing-control-id" in refused and "MSH-10" in refused

@@ -1,0 +1,255 @@
+"""load_config and resolve_data_dir: errors that name file, line and key; ${VAR} expansion;
+relative paths; the shipped sample config; data dir precedence."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from carehub.config import ENV_CONFIG, ENV_DATA_DIR, HubConfig, load_config, resolve_data_dir
+from carehub.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CONFIG = PROJECT_ROOT / "config" / "carehub.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CAREHUB_* settings leak in from the developer's shell."""
+    for name in (ENV_DATA_DIR, ENV_CONFIG, "CAREHUB_STORE_URL", "CAREHUB_FACILITY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def write(tmp_path: Path, text: str, name: str = "hub.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return str(caught.value)
+
+
+# -- errors name file, line and key ----------------------------------------------------------
+def test_out_of_range_port_names_file_line_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "hub:\n  application: X\nlisteners:\n  mllp:\n    - name: adt\n      port: 70000\n",
+    )
+    message = config_error(path)
+    assert message.startswith(f"{path}:6: listeners.mllp[0].port:"), message
+    assert "65535" in message
+
+
+def test_unknown_key_names_its_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "listeners:\n"
+        "  mllp:\n"
+        "    - name: adt\n"
+        "      port: 2575\n"
+        "    - name: second\n"
+        "      prot: 2576\n",
+    )
+    message = config_error(path)
+    assert message.startswith(f"{path}:6: listeners.mllp[1].prot:"), message
+    assert "not permitted" in message or "extra" in message.lower()
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "log_level: INFO\nlisteneres: {}\n")
+    assert config_error(path).startswith(f"{path}:2: listeneres:")
+
+
+def test_wrong_type_names_line_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "store:\n  durability: process\nlisteners:\n  http:\n    enabled: true\n    port: eighty\n",
+    )
+    message = config_error(path)
+    assert message.startswith(f"{path}:6: listeners.http.port:"), message
+    assert "integer" in message
+
+
+def test_every_problem_is_reported_on_its_own_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "store:\n  durability: disk\nlog_level: LOUD\n",
+    )
+    lines = config_error(path).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}:2: store.durability:")
+    assert lines[1].startswith(f"{path}:3: log_level:")
+
+
+def test_unknown_charset_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "listeners:\n  http:\n    default_charset: klingon-8\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}:3: listeners.http.default_charset:")
+    assert "klingon-8" in message
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "hub:\n  application: CAREHUB\n   facility: X\n")
+    message = config_error(path)
+    assert re.match(rf"{re.escape(str(path))}:3: not valid YAML", message), message
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, "- just\n- a list\n")
+    assert config_error(path).startswith(f"{path}: ")
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    message = config_error(path)
+    assert str(path) in message and "cannot read" in message
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert config.listeners.mllp[0].port == 2575
+    assert config.store.durability == "process"
+
+
+# -- ${VAR} expansion --------------------------------------------------------------------------
+def test_env_expansion_with_and_without_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CH_TEST_FACILITY", "RIVERSIDE")
+    monkeypatch.delenv("CH_TEST_UNSET", raising=False)
+    path = write(
+        tmp_path,
+        "hub:\n"
+        "  application: APP_${CH_TEST_FACILITY}\n"
+        "  facility: ${CH_TEST_FACILITY}\n"
+        "store:\n"
+        "  url: ${CH_TEST_UNSET:-}\n"
+        "listeners:\n"
+        "  mllp:\n"
+        "    - port: ${CH_TEST_UNSET:-2600}\n"
+        "      name: ${CH_TEST_UNSET:-adt}\n",
+    )
+    config = load_config(path)
+    assert config.hub.application == "APP_RIVERSIDE"
+    assert config.hub.facility == "RIVERSIDE"
+    assert config.store.url is None  # empty default means the SQLite default
+    assert config.listeners.mllp[0].port == 2600
+    assert config.listeners.mllp[0].name == "adt"
+
+
+def test_set_variable_wins_over_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CH_TEST_PORT", "2700")
+    path = write(tmp_path, "listeners:\n  mllp:\n    - port: ${CH_TEST_PORT:-2600}\n")
+    assert load_config(path).listeners.mllp[0].port == 2700
+
+
+def test_missing_variable_names_file_key_and_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CH_TEST_MISSING", raising=False)
+    path = write(
+        tmp_path,
+        "listeners:\n  mllp:\n    - name: adt\n    - name: ${CH_TEST_MISSING}\n",
+    )
+    message = config_error(path)
+    assert message.startswith(f"{path}: listeners.mllp[1].name: "), message
+    assert "CH_TEST_MISSING" in message
+    assert "${CH_TEST_MISSING:-default}" in message
+
+
+def test_expanded_value_is_still_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CH_TEST_PORT", "99999")
+    path = write(tmp_path, "listeners:\n  http:\n    port: ${CH_TEST_PORT}\n")
+    assert config_error(path).startswith(f"{path}:3: listeners.http.port:")
+
+
+# -- relative paths -----------------------------------------------------------------------------
+def test_relative_paths_are_taken_from_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc" / "carehub"
+    folder.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # must not matter
+    path = write(
+        folder,
+        "data_dir: ../data\n"
+        "listeners:\n"
+        "  mllp:\n"
+        "    - name: secure\n"
+        "      tls:\n"
+        "        cert: certs/hub.pem\n"
+        "        key: /abs/hub-key.pem\n"
+        "        client_ca: certs/ca.pem\n"
+        "  files:\n"
+        "    - directory: inbox\n"
+        "      processed_dir: done\n",
+    )
+    config = load_config(path)
+    assert config.source == path.resolve()
+    assert config.data_dir is not None
+    assert config.data_dir.resolve() == (tmp_path / "etc" / "data").resolve()
+    tls = config.listeners.mllp[0].tls
+    assert tls is not None
+    assert tls.cert == folder.resolve() / "certs" / "hub.pem"
+    assert tls.key == Path("/abs/hub-key.pem")
+    assert tls.client_ca == folder.resolve() / "certs" / "ca.pem"
+    drop = config.listeners.files[0]
+    assert drop.directory == folder.resolve() / "inbox"
+    assert drop.processed_dir == folder.resolve() / "done"
+    assert drop.error_dir is None
+
+
+# -- the shipped config ---------------------------------------------------------------------------
+def test_shipped_sample_config_loads() -> None:
+    config = load_config(SAMPLE_CONFIG)
+    assert config.hub.application == "CAREHUB"
+    assert config.hub.facility == "CAREHUB"
+    assert config.store.url is None
+    assert config.store.durability == "process"
+    assert [(m.name, m.port) for m in config.listeners.mllp] == [("adt", 2575)]
+    assert config.listeners.http.enabled and config.listeners.http.port == 8080
+    assert config.listeners.files == []
+
+
+def test_shipped_sample_config_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAREHUB_FACILITY", "LAKEVIEW")
+    monkeypatch.setenv("CAREHUB_STORE_URL", "postgresql+psycopg://hub@db/carehub")
+    config = load_config(SAMPLE_CONFIG)
+    assert config.hub.facility == "LAKEVIEW"
+    assert config.store.url == "postgresql+psycopg://hub@db/carehub"
+
+
+def test_no_config_file_gives_defaults() -> None:
+    assert load_config(None) == HubConfig()
+
+
+# -- data dir precedence: --data-dir > $CAREHUB_DATA_DIR > config > ./data ------------------------
+def test_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "data_dir: from-config\n")
+    config = load_config(path)
+    env_dir = tmp_path / "from-env"
+    flag_dir = tmp_path / "from-flag"
+
+    assert resolve_data_dir(HubConfig(), None) == tmp_path.resolve() / "data"
+    assert resolve_data_dir(config, None) == tmp_path.resolve() / "from-config"
+    monkeypatch.setenv(ENV_DATA_DIR, str(env_dir))
+    assert resolve_data_dir(config, None) == env_dir.resolve()
+    assert resolve_data_dir(HubConfig(), None) == env_dir.resolve()
+    assert resolve_data_dir(config, flag_dir) == flag_dir.resolve()
+    monkeypatch.setenv(ENV_DATA_DIR, "")  # empty is the same as unset
+    assert resolve_data_dir(config, None) == tmp_path.resolve() / "from-config"
+
+
+def test_relative_data_dir_flag_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir(HubConfig(), Path("here")) == tmp_path.resolve() / "here"

@@ -1,0 +1,151 @@
+"""HTTP intake against a real hub: status codes that match the ACK, tokens, health, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from carehub.hl7.ack import read_ack
+from carehub.testing import HubThread, local_config, make_adt
+
+TIMEOUT = 30.0
+HL7_TYPE = "x-application/hl7-v2+er7"
+
+
+def post(hub: HubThread, body: bytes, token: str | None = None) -> httpx.Response:
+    headers = {"Content-Type": HL7_TYPE}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.post(f"{hub.http_url}/hl7", content=body, headers=headers, timeout=TIMEOUT)
+
+
+def ack_of(response: httpx.Response) -> tuple[str, str, str]:
+    return read_ack(response.content.decode())
+
+
+@pytest.fixture
+def token_hub(tmp_path: Path) -> Iterator[HubThread]:
+    config = local_config()
+    config.listeners.http.tokens = ["s3cret"]
+    with HubThread(config, tmp_path / "data") as running:
+        yield running
+
+
+def test_good_message_is_acked_aa_and_stored_with_transport_and_peer(hub: HubThread) -> None:
+    response = post(hub, make_adt("H1").encode())
+    assert response.status_code == 200
+    assert response.headers["content-type"] == HL7_TYPE
+    assert ack_of(response)[:2] == ("AA", "H1")
+    [stored] = hub.store.find()
+    assert (stored.control_id, stored.transport, stored.listener) == ("H1", "http", "http")
+    assert stored.status == "received" and stored.ack_code == "AA"
+    host, _, port = stored.peer.rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    assert stored.raw == make_adt("H1").encode()
+
+
+def test_message_without_control_id_is_422_ae_and_stored_refused(hub: HubThread) -> None:
+    response = post(hub, make_adt("").encode())
+    assert response.status_code == 422
+    code, control_id, text = ack_of(response)
+    assert (code, control_id) == ("AE", "")
+    assert "MSH-10" in text
+    [stored] = hub.store.find()
+    assert (stored.status, stored.ack_code) == ("refused", "AE")
+
+
+def test_body_that_is_not_hl7_is_400_ar(hub: HubThread) -> None:
+    response = post(hub, b'{"resourceType": "Patient"}')
+    assert response.status_code == 400
+    code, _, text = ack_of(response)
+    assert code == "AR"
+    assert "not an HL7 v2 message" in text
+    assert hub.store.count("rejected") == 1
+
+
+def test_body_over_the_size_limit_is_413_ar_naming_the_limit(tmp_path: Path) -> None:
+    config = local_config()
+    config.listeners.http.max_message_bytes = 1024
+    with HubThread(config, tmp_path / "data") as hub:
+        body = make_adt("BIG", extra_segments=[f"NTE|1||{'x' * 6000}"]).encode()
+        response = post(hub, body)
+        assert response.status_code == 413
+        code, control_id, text = ack_of(response)
+        assert (code, control_id) == ("AR", "BIG")
+        assert f"{len(body)} bytes exceeds" in text and "limit of 1024 bytes" in text
+        [stored] = hub.store.find()
+        assert stored.status == "rejected" and stored.raw == body[:4096]  # only the head is kept
+        # A message within the limit on the same listener is still taken.
+        assert post(hub, make_adt("SMALL").encode()).status_code == 200
+
+
+def test_without_authorization_is_401_and_nothing_is_stored(token_hub: HubThread) -> None:
+    response = post(token_hub, make_adt("T1").encode())
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert token_hub.store.count() == 0
+
+
+@pytest.mark.parametrize(
+    "authorization", ["Bearer wrong", "Bearer s3cre", "Basic s3cret", "s3cret"]
+)
+def test_wrong_token_or_scheme_is_401(token_hub: HubThread, authorization: str) -> None:
+    response = httpx.post(
+        f"{token_hub.http_url}/hl7",
+        content=make_adt("T1").encode(),
+        headers={"Authorization": authorization},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 401
+    assert token_hub.store.count() == 0
+
+
+def test_right_bearer_token_is_200(token_hub: HubThread) -> None:
+    response = post(token_hub, make_adt("T1").encode(), token="s3cret")
+    assert response.status_code == 200
+    assert ack_of(response)[:2] == ("AA", "T1")
+    assert token_hub.store.count() == 1
+
+
+def test_tokens_from_the_environment_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAREHUB_HTTP_TOKENS", " envtoken , other ")
+    with HubThread(local_config(), tmp_path / "data") as hub:
+        assert post(hub, make_adt("E1").encode()).status_code == 401
+        assert post(hub, make_adt("E1").encode(), token="nope").status_code == 401
+        assert post(hub, make_adt("E1").encode(), token="envtoken").status_code == 200
+        assert post(hub, make_adt("E2").encode(), token="other").status_code == 200
+        assert hub.store.count() == 2
+
+
+def test_health_is_ok_without_a_token(token_hub: HubThread) -> None:
+    response = httpx.get(f"{token_hub.http_url}/health", timeout=TIMEOUT)
+    assert response.status_code == 200
+    report = response.json()
+    assert report["status"] == "ok" and report["store"] == "ok"
+    assert {"kind": "HTTP", "name": "http"}.items() <= report["listeners"][1].items()
+
+
+def test_metrics_count_accepted_messages(hub: HubThread) -> None:
+    for control_id in ("M1", "M2", "M3"):
+        assert post(hub, make_adt(control_id).encode()).status_code == 200
+    assert post(hub, make_adt("").encode()).status_code == 422
+    response = httpx.get(f"{hub.http_url}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    lines = response.text.splitlines()
+    assert 'carehub_intake_messages_total{listener="http",outcome="accepted"} 3.0' in lines
+    assert 'carehub_intake_messages_total{listener="http",outcome="refused"} 1.0' in lines
+
+
+def test_duplicate_post_is_aa_twice_and_stored_once(hub: HubThread) -> None:
+    body = make_adt("DUP1").encode()
+    first, second = post(hub, body), post(hub, body)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert ack_of(first)[:2] == ack_of(second)[:2] == ("AA", "DUP1")
+    [stored] = hub.store.find()
+    assert [change.event for change in hub.store.history(stored.id)] == ["received", "resent"]

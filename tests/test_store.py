@@ -1,0 +1,486 @@
+"""MessageStore and the group-commit writers against real databases: SQLite in tmp_path and
+PostgreSQL (127.0.0.1:5432, database ``test``), each test on a fresh schema."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+from sqlalchemy import func, select
+
+from carehub.hl7.header import MessageHeader
+from carehub.hl7.view import MessageView
+from carehub.store.group_commit import (
+    GroupCommit,
+    InlineGroupCommit,
+    StoreUnavailable,
+    ThreadedGroupCommit,
+    group_commit_for,
+)
+from carehub.store.schema import MessageStatus, message_events
+from carehub.store.store import MIGRATIONS, MessageStore, NewMessage, sqlite_url
+from carehub.testing import make_adt
+
+PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
+
+
+def _pg_start_hint() -> str:
+    versions = sorted(p.name for p in Path("/usr/lib/postgresql").glob("*") if p.name.isdigit())
+    version = versions[-1] if versions else "<version>"
+    return (
+        f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} "
+        f"(start it with: pg_ctlcluster --skip-systemctl-redirect {version} main start)"
+    )
+
+
+@functools.cache
+def pg_role() -> str | None:
+    """The first role that can log in to the test database (trust auth), or None."""
+    for role in ("postgres", "root"):
+        try:
+            with psycopg.connect(
+                host=PG_HOST, port=PG_PORT, user=role, dbname=PG_DATABASE, connect_timeout=3
+            ):
+                return role
+        except psycopg.Error:
+            continue
+    return None
+
+
+def pg_admin() -> psycopg.Connection:
+    return psycopg.connect(
+        host=PG_HOST, port=PG_PORT, user=pg_role(), dbname=PG_DATABASE, autocommit=True
+    )
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL with nothing in it yet: a new SQLite file, or a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path / "data")
+        return
+    role = pg_role()
+    if role is None:
+        pytest.skip(_pg_start_hint())
+    schema = f"carehub_test_{uuid.uuid4().hex[:12]}"
+    with pg_admin() as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield (
+            f"postgresql+psycopg://{role}@{PG_HOST}:{PG_PORT}/{PG_DATABASE}"
+            f"?options=-csearch_path%3D{schema}"
+        )
+    finally:
+        with pg_admin() as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[MessageStore]:
+    opened = MessageStore(store_url)
+    opened.migrate()
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def new_message(
+    control_id: str = "C1",
+    *,
+    status: MessageStatus = MessageStatus.RECEIVED,
+    received_at: datetime | None = None,
+    event: str = "A01",
+    patient_id: str = "P0001",
+    sending_facility: str = "TEST_HOSPITAL",
+    extra_segments: tuple[str, ...] = (),
+) -> NewMessage:
+    text = make_adt(
+        control_id,
+        event,
+        patient_id=patient_id,
+        sending_facility=sending_facility,
+        extra_segments=extra_segments,
+    )
+    ack = {MessageStatus.REFUSED: "AE", MessageStatus.REJECTED: "AR"}.get(status, "AA")
+    message = NewMessage(
+        raw=text.encode(),
+        transport="mllp",
+        listener="test",
+        peer="127.0.0.1:40000",
+        status=status,
+        ack_code=ack,
+        header=MessageHeader.read(MessageView(text)),
+        charset="utf-8",
+        detail=None if status is MessageStatus.RECEIVED else f"{status.value} for the test",
+    )
+    if received_at is not None:
+        message.received_at = received_at
+    return message
+
+
+def events_of(store: MessageStore, message_id: int) -> list[str]:
+    return [change.event for change in store.history(message_id)]
+
+
+# -- schema ---------------------------------------------------------------------------------------
+def migration_revisions() -> list[str]:
+    """Every revision the migration scripts define, oldest first (the last is the head)."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return [
+        script.revision
+        for script in reversed(list(ScriptDirectory.from_config(config).walk_revisions()))
+    ]
+
+
+def test_migrate_twice_is_a_no_op(store_url: str) -> None:
+    revisions = migration_revisions()
+    assert revisions[0] == "0001"
+    head = revisions[-1]
+    store = MessageStore(store_url)
+    try:
+        assert store.schema_revision() is None  # nothing there yet
+        store.migrate()
+        assert store.schema_revision() == head
+        store.insert_messages([new_message("KEEP")])
+        store.migrate()
+        assert store.schema_revision() == head
+        assert store.control_id_counts() == {"KEEP": 1}
+    finally:
+        store.close()
+    reopened = MessageStore(store_url)
+    try:
+        reopened.migrate()
+        assert reopened.schema_revision() == head
+        assert reopened.count() == 1
+    finally:
+        reopened.close()
+
+
+# -- inserts and resends --------------------------------------------------------------------------
+def test_duplicates_in_a_batch_and_across_batches(store: MessageStore) -> None:
+    first = store.insert_messages([new_message("A"), new_message("B"), new_message("A")])
+    assert [o.duplicate for o in first] == [False, False, True]
+    a_id, b_id = first[0].message_id, first[1].message_id
+    assert a_id != b_id
+    assert first[2].message_id == a_id
+
+    second = store.insert_messages([new_message("C"), new_message("A"), new_message("A")])
+    assert [o.duplicate for o in second] == [False, True, True]
+    assert second[1].message_id == second[2].message_id == a_id
+    assert second[0].message_id not in (a_id, b_id)
+
+    assert store.control_id_counts() == {"A": 1, "B": 1, "C": 1}
+    assert events_of(store, a_id) == ["received", "resent", "resent", "resent"]
+    assert events_of(store, b_id) == ["received"]
+    resent = store.history(a_id)[1]
+    assert resent.detail is not None and "mllp:test" in resent.detail
+    assert resent.at.tzinfo is not None
+
+
+def test_same_control_id_from_another_sender_is_not_a_resend(store: MessageStore) -> None:
+    outcomes = store.insert_messages(
+        [new_message("X", sending_facility="NORTH"), new_message("X", sending_facility="SOUTH")]
+    )
+    assert [o.duplicate for o in outcomes] == [False, False]
+    assert outcomes[0].message_id != outcomes[1].message_id
+    assert store.control_id_counts() == {"X": 2}
+
+
+def test_refused_and_rejected_rows_never_stand_in_for_a_good_message(store: MessageStore) -> None:
+    bad = store.insert_messages(
+        [
+            new_message("R1", status=MessageStatus.REFUSED),
+            new_message("R1", status=MessageStatus.REJECTED),
+        ]
+    )
+    assert [o.duplicate for o in bad] == [False, False]
+    # The sender fixes the message and resends it with the same control id: it is stored.
+    good = store.insert_messages([new_message("R1")])
+    assert good[0].duplicate is False
+    assert good[0].message_id not in {o.message_id for o in bad}
+    # A second refused copy is stored again as well (a refusal is never deduplicated) ...
+    again_bad = store.insert_messages([new_message("R1", status=MessageStatus.REFUSED)])
+    assert again_bad[0].duplicate is False
+    # ... while a real resend maps to the good row, not to any refused one.
+    resend = store.insert_messages([new_message("R1")])
+    assert resend[0] == type(resend[0])(good[0].message_id, True)
+    assert store.control_id_counts() == {"R1": 4}
+    statuses = sorted(m.status for m in store.find(limit=None))
+    assert statuses == ["received", "refused", "refused", "rejected"]
+    assert events_of(store, good[0].message_id) == ["received", "resent"]
+
+
+def test_stored_message_round_trip(store: MessageStore) -> None:
+    (outcome,) = store.insert_messages([new_message("RT", patient_id="P42")])
+    stored = store.get(outcome.message_id)
+    assert stored is not None
+    assert stored.control_id == "RT"
+    assert (stored.message_type, stored.trigger_event, stored.structure) == (
+        "ADT",
+        "A01",
+        "ADT_A01",
+    )
+    assert (stored.patient_id, stored.patient_authority) == ("P42", "HOSP")
+    assert stored.raw == new_message("RT", patient_id="P42").raw
+    assert stored.text.startswith("MSH|^~\\&|ADT_SENDER|TEST_HOSPITAL|")
+    assert stored.received_at.tzinfo is not None
+    summary = stored.summary()
+    assert "raw" not in summary and summary["control_id"] == "RT"
+    assert store.get(outcome.message_id + 1000) is None
+    assert store.history(outcome.message_id + 1000) == []
+
+
+def test_received_at_with_another_offset_is_kept_as_the_same_instant(store: MessageStore) -> None:
+    instant = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+    chicago = instant.astimezone(timezone(timedelta(hours=-6)))
+    (outcome,) = store.insert_messages([new_message("TZ", received_at=chicago)])
+    stored = store.get(outcome.message_id)
+    assert stored is not None
+    assert stored.received_at == instant
+    assert store.history(outcome.message_id)[0].at == instant
+
+
+# -- reads ----------------------------------------------------------------------------------------
+def test_find_filters(store: MessageStore) -> None:
+    now = datetime.now(UTC)
+    store.insert_messages(
+        [
+            new_message("OLD", received_at=now - timedelta(days=3), patient_id="P1"),
+            new_message("ADMIT", received_at=now - timedelta(hours=4), patient_id="P1"),
+            new_message("UPDATE", event="A08", received_at=now - timedelta(hours=1)),
+            new_message("BAD", status=MessageStatus.REFUSED, patient_id="P2"),
+        ]
+    )
+
+    def ids(**filters: object) -> list[str | None]:
+        return [m.control_id for m in store.find(**filters)]  # type: ignore[arg-type]
+
+    assert ids() == ["BAD", "UPDATE", "ADMIT", "OLD"]  # newest first
+    assert ids(status="refused") == ["BAD"]
+    assert ids(status="received", patient="P1") == ["ADMIT", "OLD"]
+    assert ids(message_type="adt", event="a08") == ["UPDATE"]
+    assert ids(message_type="ORU") == []
+    assert ids(patient="P2") == ["BAD"]
+    assert ids(since=now - timedelta(hours=2)) == ["BAD", "UPDATE"]
+    assert ids(since=now - timedelta(days=1)) == ["BAD", "UPDATE", "ADMIT"]
+    # The same instant written with another UTC offset selects the same rows.
+    in_chicago = (now - timedelta(hours=2)).astimezone(timezone(timedelta(hours=-6)))
+    assert ids(since=in_chicago) == ["BAD", "UPDATE"]
+    in_tokyo = (now - timedelta(hours=5)).astimezone(timezone(timedelta(hours=9)))
+    assert ids(since=in_tokyo) == ["BAD", "UPDATE", "ADMIT"]
+    assert ids(limit=2) == ["BAD", "UPDATE"]
+    assert len(store.find(limit=None)) == 4
+    assert store.count() == 4 and store.count("refused") == 1
+
+
+def test_set_status_records_history(store: MessageStore) -> None:
+    (outcome,) = store.insert_messages([new_message("S1")])
+    before = store.get(outcome.message_id)
+    assert before is not None and before.status == "received"
+    store.set_status(outcome.message_id, MessageStatus.ROUTED, "to care-team")
+    store.set_status(outcome.message_id, MessageStatus.FAILED, "smtp down")
+    after = store.get(outcome.message_id)
+    assert after is not None
+    assert (after.status, after.detail) == ("failed", "smtp down")
+    assert after.status_at >= before.status_at
+    history = store.history(outcome.message_id)
+    assert [(c.event, c.detail) for c in history] == [
+        ("received", None),
+        ("routed", "to care-team"),
+        ("failed", "smtp down"),
+    ]
+    assert history[0].at <= history[1].at <= history[2].at
+    assert store.find(status="failed")[0].id == outcome.message_id
+
+
+# -- retention ------------------------------------------------------------------------------------
+def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
+    now = datetime.now(UTC)
+    filler = tuple(f"NTE|{i}||{'x' * 2000}" for i in range(4))
+    old = store.insert_messages(
+        [
+            new_message(f"OLD{i}", received_at=now - timedelta(days=40), extra_segments=filler)
+            for i in range(150)
+        ]
+    )
+    store.set_status(old[0].message_id, MessageStatus.ROUTED)
+    recent = store.insert_messages(
+        [new_message(f"NEW{i}", received_at=now - timedelta(days=2)) for i in range(5)]
+    )
+
+    result = store.prune(timedelta(days=30))
+
+    assert result.messages_deleted == 150
+    assert set(store.control_id_counts()) == {f"NEW{i}" for i in range(5)}
+    with store.engine.connect() as conn:
+        orphans = conn.execute(
+            select(func.count())
+            .select_from(message_events)
+            .where(message_events.c.message_id.in_([o.message_id for o in old]))
+        ).scalar_one()
+        remaining_events = conn.execute(select(func.count()).select_from(message_events)).scalar()
+    assert orphans == 0
+    assert remaining_events == 5
+    assert all(events_of(store, o.message_id) == ["received"] for o in recent)
+    if store.is_sqlite:
+        assert result.bytes_before is not None and result.bytes_after is not None
+        assert result.bytes_after < result.bytes_before / 2, result
+    else:
+        assert result.bytes_before is None and result.bytes_after is None
+    # Nothing older than the cutoff left: a second prune deletes nothing.
+    assert store.prune(timedelta(days=30)).messages_deleted == 0
+    assert store.prune(timedelta(days=1)).messages_deleted == 5
+
+
+# -- group commit ---------------------------------------------------------------------------------
+WRITERS = [InlineGroupCommit, ThreadedGroupCommit]
+
+
+def test_the_hub_picks_the_writer_for_its_database(store: MessageStore) -> None:
+    expected = InlineGroupCommit if store.is_sqlite else ThreadedGroupCommit
+    assert type(group_commit_for(store)) is expected
+
+
+@pytest.mark.parametrize("writer_class", WRITERS)
+def test_concurrent_submits_all_resolve_with_distinct_ids(
+    store: MessageStore, writer_class: type[GroupCommit]
+) -> None:
+    writer = writer_class(store)
+
+    async def submit_all() -> list[tuple[str, int, bool]]:
+        writer.start()
+
+        async def one(control_id: str) -> tuple[str, int, bool]:
+            await asyncio.sleep(0)
+            outcome = await writer.submit(new_message(control_id))
+            return control_id, outcome.message_id, outcome.duplicate
+
+        try:
+            unique = [one(f"G{i:04d}") for i in range(300)]
+            resends = [one("SAME") for _ in range(20)]
+            return await asyncio.wait_for(asyncio.gather(*unique, *resends), timeout=60)
+        finally:
+            await writer.close()
+
+    results = asyncio.run(submit_all())
+    unique_ids = [message_id for cid, message_id, _ in results if cid != "SAME"]
+    assert len(unique_ids) == 300 and len(set(unique_ids)) == 300
+    same = [(message_id, duplicate) for cid, message_id, duplicate in results if cid == "SAME"]
+    assert len({message_id for message_id, _ in same}) == 1
+    assert sum(not duplicate for _, duplicate in same) == 1
+    assert same[0][0] not in unique_ids
+    assert writer.rows == 320
+    assert 1 <= writer.batches < 320  # submits that wait together share a commit
+    counts = store.control_id_counts()
+    assert len(counts) == 301 and set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize("writer_class", WRITERS)
+def test_store_failure_raises_store_unavailable_and_the_writer_recovers(
+    store_url: str, writer_class: type[GroupCommit]
+) -> None:
+    store = MessageStore(store_url)  # not migrated yet: there are no tables to write to
+    writer = writer_class(store)
+
+    async def submit(control_id: str) -> int:
+        outcome = await asyncio.wait_for(writer.submit(new_message(control_id)), timeout=30)
+        return outcome.message_id
+
+    async def several(prefix: str) -> list[BaseException | int]:
+        jobs = [submit(f"{prefix}{i}") for i in range(5)]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def scenario() -> None:
+        writer.start()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await submit("NO-TABLES")
+            assert all(isinstance(r, StoreUnavailable) for r in await several("LOST"))
+
+            await asyncio.to_thread(store.migrate)
+            assert await submit("FIRST") >= 1  # the same writer works once the store is back
+
+            with store.engine.begin() as conn:  # the table goes away under a running writer
+                conn.exec_driver_sql("ALTER TABLE messages RENAME TO messages_away")
+            with pytest.raises(StoreUnavailable):
+                await submit("GONE")
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE messages_away RENAME TO messages")
+            assert len(set(await several("AFTER"))) == 5
+        finally:
+            await writer.close()
+
+    try:
+        asyncio.run(scenario())
+        assert set(store.control_id_counts()) == {"FIRST"} | {f"AFTER{i}" for i in range(5)}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("writer_class", WRITERS)
+def test_close_commits_what_is_waiting(
+    store: MessageStore, writer_class: type[GroupCommit]
+) -> None:
+    writer = writer_class(store)
+
+    async def queue_then_close() -> list[int]:
+        tasks = [asyncio.ensure_future(writer.submit(new_message(f"Q{i}"))) for i in range(50)]
+        await asyncio.sleep(0)  # every submit is waiting before the writer has run
+        writer.start()
+        await writer.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        return [o.message_id for o in outcomes]
+
+    ids = asyncio.run(queue_then_close())
+    assert len(set(ids)) == 50
+    assert store.count() == 50
+
+
+# -- SQLite durability settings -------------------------------------------------------------------
+@pytest.mark.parametrize(("durability", "expected"), [("power", 2), ("process", 1)])
+def test_sqlite_durability_sets_synchronous(tmp_path: Path, durability: str, expected: int) -> None:
+    store = MessageStore(sqlite_url(tmp_path), durability=durability)  # type: ignore[arg-type]
+    try:
+        store.migrate()
+        raw = store.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            assert cursor.execute("PRAGMA synchronous").fetchone()[0] == expected
+            assert cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert cursor.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+            cursor.close()
+        finally:
+            raw.close()
+    finally:
+        store.close()
+
+
+def test_sqlite_background_checkpoint_truncates_the_wal_on_close(tmp_path: Path) -> None:
+    store = MessageStore(sqlite_url(tmp_path), background_checkpoint=True)
+    store.migrate()
+    raw = store.engine.raw_connection()
+    try:
+        assert raw.cursor().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    finally:
+        raw.close()
+    store.insert_messages([new_message(f"W{i}") for i in range(200)])
+    store.close()
+    wal = tmp_path / "carehub.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    reopened = MessageStore(sqlite_url(tmp_path))
+    try:
+        assert reopened.count() == 200
+    finally:
+        reopened.close()

@@ -1,0 +1,152 @@
+"""MLLP over TLS with trustme certificates: handshake, mutual TLS, plain clients, bad config."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from carehub.client import MLLPClient
+from carehub.config import TLSConfig
+from carehub.errors import ConfigError
+from carehub.hl7.ack import read_ack
+from carehub.hl7.framing import encode_frame
+from carehub.hub import Hub
+from carehub.intake.tls import client_context
+from carehub.testing import HubThread, local_config, make_adt
+
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client: Path  # key and certificate chain in one PEM file
+    foreign_client: Path  # signed by a CA the hub does not trust
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    folder = tmp_path_factory.mktemp("certs")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    server.cert_chain_pems[0].write_to_path(folder / "server.pem")
+    server.private_key_pem.write_to_path(folder / "server.key")
+    ca.issue_cert("sender@hospital.test").private_key_and_cert_chain_pem.write_to_path(
+        folder / "client.pem"
+    )
+    other_ca.issue_cert("intruder@elsewhere.test").private_key_and_cert_chain_pem.write_to_path(
+        folder / "foreign.pem"
+    )
+    return Certs(
+        folder / "ca.pem",
+        folder / "server.pem",
+        folder / "server.key",
+        folder / "client.pem",
+        folder / "foreign.pem",
+    )
+
+
+def tls_config(certs: Certs, *, require_client_cert: bool) -> TLSConfig:
+    return TLSConfig(
+        cert=certs.server_cert,
+        key=certs.server_key,
+        client_ca=certs.ca if require_client_cert else None,
+        require_client_cert=require_client_cert,
+    )
+
+
+def start_hub(tmp_path: Path, tls: TLSConfig) -> HubThread:
+    config = local_config()
+    config.listeners.mllp[0].tls = tls
+    return HubThread(config, tmp_path / "data")
+
+
+@pytest.fixture
+def tls_hub(tmp_path: Path, certs: Certs) -> Iterator[HubThread]:
+    with start_hub(tmp_path, tls_config(certs, require_client_cert=False)) as hub:
+        yield hub
+
+
+@pytest.fixture
+def mtls_hub(tmp_path: Path, certs: Certs) -> Iterator[HubThread]:
+    with start_hub(tmp_path, tls_config(certs, require_client_cert=True)) as hub:
+        yield hub
+
+
+def send_over_tls(hub: HubThread, certs: Certs, control_id: str, client: Path | None = None) -> str:
+    """Send one ADT over TLS and return the ACK's MSA-1 (raises OSError when refused)."""
+    host, port = hub.mllp_address
+    context = client_context(ca=certs.ca, cert=client)
+
+    async def run() -> bytes:
+        async with MLLPClient(host, port, ssl_context=context, timeout=TIMEOUT) as client_:
+            return await client_.send(make_adt(control_id).encode())
+
+    code, echoed, _ = read_ack(asyncio.run(run()).decode())
+    assert echoed == control_id
+    return code
+
+
+def test_message_over_tls_is_acked_and_stored(tls_hub: HubThread, certs: Certs) -> None:
+    assert send_over_tls(tls_hub, certs, "TLS1") == "AA"
+    assert [m.control_id for m in tls_hub.store.find()] == ["TLS1"]
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(
+    mtls_hub: HubThread, certs: Certs
+) -> None:
+    with pytest.raises(OSError):
+        send_over_tls(mtls_hub, certs, "NOCERT")
+    assert mtls_hub.store.count() == 0
+
+
+def test_mutual_tls_accepts_a_client_cert_signed_by_the_ca(
+    mtls_hub: HubThread, certs: Certs
+) -> None:
+    assert send_over_tls(mtls_hub, certs, "MTLS1", certs.client) == "AA"
+    assert [m.control_id for m in mtls_hub.store.find()] == ["MTLS1"]
+
+
+def test_mutual_tls_refuses_a_client_cert_from_another_ca(
+    mtls_hub: HubThread, certs: Certs
+) -> None:
+    with pytest.raises(OSError):
+        send_over_tls(mtls_hub, certs, "FOREIGN", certs.foreign_client)
+    assert mtls_hub.store.count() == 0
+
+
+def test_plain_tcp_client_on_tls_port_stores_nothing_and_tls_still_works(
+    tls_hub: HubThread, certs: Certs
+) -> None:
+    with socket.create_connection(tls_hub.mllp_address, timeout=TIMEOUT) as sock:
+        sock.sendall(encode_frame(make_adt("PLAIN").encode()))
+        try:
+            while sock.recv(65536):  # a TLS alert at most, then the close
+                pass
+        except ConnectionResetError:
+            pass
+    assert tls_hub.store.count() == 0
+    assert send_over_tls(tls_hub, certs, "AFTERPLAIN") == "AA"
+    assert [m.control_id for m in tls_hub.store.find()] == ["AFTERPLAIN"]
+
+
+@pytest.mark.parametrize("broken", ["cert", "key", "client_ca"])
+def test_unreadable_tls_file_is_a_config_error_naming_the_listener(
+    tmp_path: Path, certs: Certs, broken: str
+) -> None:
+    tls = tls_config(certs, require_client_cert=True)
+    setattr(tls, broken, tmp_path / "missing.pem")
+    config = local_config()
+    config.listeners.mllp[0].tls = tls
+    with pytest.raises(ConfigError, match=r"listeners\.mllp\[0\]\.tls") as raised:
+        asyncio.run(Hub(config, tmp_path / "data").start())
+    assert "missing.pem" in str(raised.value)
