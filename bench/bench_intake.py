@@ -202,11 +202,17 @@ def filesystem_type(path: Path) -> str | None:
 
 
 def write_carehub_config(path: Path, durability: str, base: dict[str, Any] | None) -> None:
-    """The YAML carehub is started with: the base config (if any) with store.durability set."""
+    """The YAML carehub is started with: the base config (if any) with store.durability set.
+
+    This bench measures intake (store, then ACK), so unless the base config says otherwise
+    the hub runs without routes and without its in-process routing worker, as a listener-only
+    `carehub serve --no-worker` would in a scale-out deployment."""
     config: dict[str, Any] = dict(base or {})
     store = dict(config.get("store") or {})
     store["durability"] = durability
     config["store"] = store
+    config.setdefault("routes", [])
+    config.setdefault("worker", {"enabled": False})
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 

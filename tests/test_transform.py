@@ -121,7 +121,7 @@ def test_raw_set_writes_structure_but_not_out_of_place_delimiters() -> None:
     edit = MessageEditor(ADT)
     edit.set("PID-5", "DOE^JANE~ROE^J", escape=False)
     assert edit.get("PID-5[2].1") == "ROE"
-    with pytest.raises(EditError, match="PID-5.1"):
+    with pytest.raises(EditError, match=r"PID-5\.1"):
         edit.set("PID-5.1", "A^B", escape=False)
     with pytest.raises(EditError, match="delimiter"):
         edit.set("PID-5", "A|B", escape=False)
@@ -179,7 +179,7 @@ def test_copy_moves_escaped_text_as_written() -> None:
 
 def test_copy_refuses_a_value_that_does_not_fit_the_target() -> None:
     edit = MessageEditor(ADT)
-    with pytest.raises(EditError, match="cannot copy PID-3 to PID-2.1"):
+    with pytest.raises(EditError, match=r"cannot copy PID-3 to PID-2\.1"):
         edit.copy("PID-3", "PID-2.1")
 
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from carehub.components import ComponentOptions, Translator, Work
+from carehub.components import ComponentContext, ComponentOptions, Translator, Work
 from carehub.errors import ConfigError
 from carehub.hl7.edit import EditError, MessageEditor, PathError, check_path
 
@@ -215,7 +215,7 @@ class Transform(Translator):
     description = "field-level edits of the v2 message: set, copy, clear, map through tables"
     Options = TransformOptions
 
-    def __init__(self, options: ComponentOptions, context: Any) -> None:
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
         assert isinstance(options, TransformOptions)
         self.settings = options
@@ -229,6 +229,7 @@ class Transform(Translator):
 
     async def start(self) -> None:
         """Load ``tables_file`` and check every map names a table that now exists."""
+        self.tables = dict(self.settings.tables)  # start() may run again after close()
         if self.settings.tables_file is not None:
             path = self.context.path(self.settings.tables_file)
             for name, table in load_tables(path).items():

@@ -190,7 +190,10 @@ def validate_message(
             misplaced = _check_order(segments, structure, version, check)
             _check_structure(editor, segments, structure, version, misplaced, report, check)
         for item in segments.known:
-            _check_segment(item, version, encoding, strict, report, check)
+            try:
+                _check_segment(item, version, encoding, strict, report, check)
+            except Exception as err:  # an hl7apy table shape we did not expect: go on
+                check.error(item.path, f"hl7apy could not check the segment: {_describe(err)}")
     return check.result(version, structure)
 
 
@@ -503,17 +506,18 @@ def _check_defined_fields(item: _Item, version: str, fs: str, check: _Check) -> 
 
     hl7apy reports these as unnamed children (``[None]``) or as a repetition limit of zero,
     and then flags everything inside them; one clear entry per field is enough."""
-    defined: dict[int, Any] = {}
-    for child in load_library(version).SEGMENTS[item.name][1]:
-        match = _FIELD_NAME.match(child[0])
+    defined: dict[int, bool] = {}  # field number -> withdrawn
+    for name, ref, cardinality, _kind in load_library(version).SEGMENTS[item.name][1]:
+        match = _FIELD_NAME.match(name)
         if match:
-            defined[int(match.group(2))] = child[1]
+            # Withdrawn fields have the WD datatype or, in some tables, a maximum of 0.
+            withdrawn = (len(ref) > 2 and ref[2] == "WD") or cardinality[1] == 0
+            defined[int(match.group(2))] = withdrawn
     last = max(defined, default=0)
     skipped: set[int] = set()
     for number, _value in _filled_fields(item, fs):
-        ref = defined.get(number)
         path = f"{item.path}-{number}"
-        if ref is not None and (len(ref) < 3 or ref[2] != "WD"):
+        if defined.get(number) is False:
             continue
         skipped.add(number)
         if number > last:

@@ -14,9 +14,9 @@ only in the edited values and in segment terminators, which are normalised to CR
 
 Paths are the lazy view's terse paths (``PID-3[2].4.1``, ``NTE[2]-3``, ``MSH-5``) with MSH
 numbered as HL7 does: MSH-1 is the field separator and MSH-2 the encoding characters, and
-neither can be edited. One difference from the view: an explicit ``[1]`` addresses the first
-repetition only, while a bare ``PID-3`` is the whole field with every repetition; an editor
-must tell "replace the first identifier" from "replace all identifiers".
+neither can be edited. As in the view, an explicit ``[1]`` addresses the first repetition
+only, while a bare ``PID-3`` is the whole field with every repetition: an editor must tell
+"replace the first identifier" from "replace all identifiers".
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from carehub.hl7.view import (
 
 __all__ = ["EditError", "MessageEditor", "PathError", "check_path"]
 
-_EXPLICIT_REPETITION = re.compile(r"^[A-Z][A-Z0-9]{2}(?:\[\d+\])?-\d+\[\d+\]")
 _ZERO_INDEX = re.compile(r"[\[\-.]0+(?!\d)")
 
 
@@ -191,7 +190,7 @@ class MessageEditor:
         field_index = spec.field - 1 if spec.segment == "MSH" else spec.field
         chain = [(seps.field, field_index)]
         if explicit or spec.component:
-            chain.append((seps.repetition, spec.repetition - 1))
+            chain.append((seps.repetition, (spec.repetition or 1) - 1))
         if spec.component:
             chain.append((seps.component, spec.component - 1))
             if spec.subcomponent:
@@ -245,10 +244,8 @@ def _put(text: str, chain: list[tuple[str, int]], value: str, keep: int = 0) -> 
 
 
 def _spec(path: str | FieldPath) -> tuple[FieldPath, bool]:
-    if isinstance(path, FieldPath):
-        return path, path.repetition != 1
-    spec = check_path(path)
-    return spec, bool(_EXPLICIT_REPETITION.match(path.strip().upper()))
+    spec = path if isinstance(path, FieldPath) else check_path(path)
+    return spec, spec.repetition != 0  # 0: no [n] written, the whole field
 
 
 def _escape(value: str, seps: Separators) -> str:

@@ -28,19 +28,20 @@ class PathError(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class FieldPath:
-    """A parsed terse path. Numbers are 1-based as HL7 writes them; 0 means 'not given'."""
+    """A parsed terse path. Numbers are 1-based as HL7 writes them; 0 means 'not given'
+    (a field path without a repetition means the whole field, every repetition)."""
 
     segment: str
     occurrence: int = 1
     field: int = 0
-    repetition: int = 1
+    repetition: int = 0
     component: int = 0
     subcomponent: int = 0
 
     def __str__(self) -> str:
         text = self.segment + (f"[{self.occurrence}]" if self.occurrence != 1 else "")
         if self.field:
-            text += f"-{self.field}" + (f"[{self.repetition}]" if self.repetition != 1 else "")
+            text += f"-{self.field}" + (f"[{self.repetition}]" if self.repetition else "")
             if self.component:
                 text += f".{self.component}"
                 if self.subcomponent:
@@ -61,7 +62,7 @@ def parse_path(path: str) -> FieldPath:
         segment=groups["seg"],
         occurrence=int(groups["occ"] or 1),
         field=int(groups["field"] or 0),
-        repetition=int(groups["rep"] or 1),
+        repetition=int(groups["rep"] or 0),
         component=int(groups["comp"] or 0),
         subcomponent=int(groups["sub"] or 0),
     )
@@ -163,11 +164,12 @@ class MessageView:
         if spec.segment == "MSH" and spec.field <= 2:
             return value
         seps = self.separators
-        if spec.component or spec.repetition != 1:
+        if spec.component or spec.repetition:
+            number = spec.repetition or 1
             repetitions = value.split(seps.repetition)
-            if len(repetitions) < spec.repetition:
+            if len(repetitions) < number:
                 return ""
-            value = repetitions[spec.repetition - 1]
+            value = repetitions[number - 1]
         if spec.component:
             components = value.split(seps.component)
             if len(components) < spec.component:

@@ -6,6 +6,7 @@ unit of work would cost more than the commit itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -56,40 +57,36 @@ class NewMessage:
             return None
         return "\x1f".join((h.sending_application, h.sending_facility, h.control_id))
 
-    def row(self) -> dict[str, Any]:
+    def values(self, time: Callable[[datetime], Any]) -> tuple[Any, ...]:
+        """The row in _INSERT_COLUMNS order, times converted by ``time`` for the driver."""
         h = self.header
         patient = h.patient if h else None
-        return {
-            "received_at": _utc(self.received_at),
-            "transport": self.transport,
-            "listener": self.listener,
-            "peer": self.peer,
-            "raw": self.raw,
-            "size": len(self.raw),
-            "charset": self.charset,
-            "sending_application": h.sending_application if h else None,
-            "sending_facility": h.sending_facility if h else None,
-            "receiving_application": h.receiving_application if h else None,
-            "receiving_facility": h.receiving_facility if h else None,
-            "message_type": h.message_type or None if h else None,
-            "trigger_event": h.trigger_event or None if h else None,
-            "structure": h.structure or None if h else None,
-            "control_id": h.control_id or None if h else None,
-            "version": h.version or None if h else None,
-            "patient_id": patient.value if patient else None,
-            "patient_authority": patient.authority if patient else None,
-            "ack_code": self.ack_code,
-            "status": self.status.value,
-            "status_at": _utc(self.received_at),
-            "detail": self.detail,
-            "identity": self.identity(),
-        }
-
-    def values(self, time: Callable[[datetime], Any]) -> tuple[Any, ...]:
-        """The row as a tuple in _INSERT_COLUMNS order, datetimes converted by ``time``."""
-        row = self.row()
-        row["received_at"] = row["status_at"] = time(self.received_at)
-        return tuple(row[column] for column in _INSERT_COLUMNS)
+        received = time(self.received_at)
+        return (
+            received,
+            self.transport,
+            self.listener,
+            self.peer,
+            self.raw,
+            len(self.raw),
+            self.charset,
+            h.sending_application if h else None,
+            h.sending_facility if h else None,
+            h.receiving_application if h else None,
+            h.receiving_facility if h else None,
+            (h.message_type or None) if h else None,
+            (h.trigger_event or None) if h else None,
+            (h.structure or None) if h else None,
+            (h.control_id or None) if h else None,
+            (h.version or None) if h else None,
+            patient.value if patient else None,
+            patient.authority if patient else None,
+            self.ack_code,
+            self.status.value,
+            received,
+            self.detail,
+            self.identity(),
+        )
 
 
 @dataclass(slots=True, frozen=True)
@@ -172,7 +169,9 @@ _INSERT_COLUMNS = (
 
 
 def _sqlite_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    """The text SQLAlchemy's SQLite DateTime reads back: naive UTC, microseconds."""
+    value = value.astimezone(UTC) if value.tzinfo is not UTC else value
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _as_is(value: datetime) -> datetime:
@@ -205,6 +204,7 @@ class MessageStore:
         self._checkpointer: _WalCheckpointer | None = None
         if self.is_sqlite and background_checkpoint:
             self._checkpointer = _WalCheckpointer(self.engine)
+        self._intake_connection: Any = None
         self._prepare_insert_sql()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -246,6 +246,10 @@ class MessageStore:
                 return None
 
     def close(self) -> None:
+        if self._intake_connection is not None:
+            with contextlib.suppress(Exception):
+                self._intake_connection.close()
+            self._intake_connection = None
         if self._checkpointer:
             self._checkpointer.stop()
         self.engine.dispose()
@@ -283,13 +287,27 @@ class MessageStore:
         self._time = _sqlite_time if self.is_sqlite else _as_is
 
     def insert_messages(self, batch: list[NewMessage]) -> list[InsertOutcome]:
-        """Store a group of messages in one transaction; resends map to their original row."""
-        with self.engine.begin() as conn:
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                outcomes = self._insert(cursor, batch)
-            finally:
-                cursor.close()
+        """Store a group of messages in one transaction; resends map to their original row.
+
+        Intake's writer holds one driver connection for its whole life rather than checking
+        one out of the pool per commit: at thousands of commits a second the pool's
+        bookkeeping costs more than SQLite's own commit. Only the one writer calls this.
+        """
+        if self._intake_connection is None:
+            self._intake_connection = self.engine.raw_connection()
+        connection = self._intake_connection
+        cursor = connection.cursor()
+        try:
+            outcomes = self._insert(cursor, batch)
+            connection.commit()
+        except Exception:
+            self._intake_connection = None
+            with contextlib.suppress(Exception):
+                connection.rollback()
+            connection.invalidate()  # a broken connection is replaced on the next write
+            raise
+        finally:
+            cursor.close()
         if self._checkpointer:
             self._checkpointer.poke()
         return outcomes
