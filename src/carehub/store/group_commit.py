@@ -6,13 +6,13 @@ its commit, yet busy connections share one commit (and one fsync) instead of one
 
 Two writers, one contract:
 
-- ``InlineGroupCommit`` commits on the event loop, once per loop iteration, for SQLite. A WAL
-  commit there is a write into the page cache (plus one fsync with durability=power), and doing
-  it in the loop avoids handing every message across threads and the GIL (measured: about 3x
-  the throughput of the threaded writer for eight connections). While a commit blocks the loop,
-  new frames wait in socket buffers and join the next, larger group.
-- ``ThreadedGroupCommit`` commits on its own thread, for PostgreSQL, where a commit is network
-  round trips that the loop must not wait on.
+- ``InlineGroupCommit`` commits on the event loop, once per loop iteration, for SQLite with
+  durability=process. A WAL commit there is a write into the page cache, and doing it in the
+  loop avoids handing every message across threads and the GIL. While a commit blocks the
+  loop, new frames wait in socket buffers and join the next, larger group.
+- ``ThreadedGroupCommit`` commits on its own thread, for PostgreSQL (network round trips) and
+  for durability=power (an fsync per commit): both release the GIL, so the loop keeps reading
+  and acknowledging other connections while the writer waits.
 """
 
 from __future__ import annotations
@@ -78,7 +78,13 @@ def _settle(
 
 
 def group_commit_for(store: MessageStore) -> GroupCommit:
-    return InlineGroupCommit(store) if store.is_sqlite else ThreadedGroupCommit(store)
+    """Inline for SQLite without fsync; a thread wherever a commit waits on the disk (fsync
+    with durability=power) or the network (PostgreSQL), since both release the GIL and the
+    loop keeps answering other connections meanwhile. Measured with `make bench`, eight
+    connections: process 8.2k msg/s inline vs 6.9k threaded; power 3.1k vs 4.1k."""
+    if store.is_sqlite and store.durability == "process":
+        return InlineGroupCommit(store)
+    return ThreadedGroupCommit(store)
 
 
 class InlineGroupCommit(GroupCommit):
