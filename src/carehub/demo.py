@@ -1,26 +1,42 @@
-"""`carehub demo`: the hub on the sample config, fed the sample feeds through its own MLLP port."""
+"""`carehub demo`: the hub on the sample config, fed the sample feeds through its own MLLP port.
+
+It starts a stand-in for the care-coordination platform (an HTTP endpoint the sample routes
+post care events to), points the routes' outboxes at a scratch folder, sends every feed in
+config/feeds/, waits for the deliveries, and prints what was received, how it was answered,
+and what was delivered to whom.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from fastapi import FastAPI, Request, Response
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from carehub.client import MLLPClient
-from carehub.config import load_config
+from carehub.config import HTTPListenerConfig, HubConfig, load_config
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
 from carehub.hl7.batch import split_messages
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.view import MessageView
 from carehub.hub import Hub
+from carehub.intake.http import HTTPListener
+from carehub.store.outbox import Outbox
+from carehub.store.schema import DeliveryStatus
 
-console = Console(highlight=False)
+# Wide enough for the tables when the output goes to a log or a pipe rather than a terminal.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 #: A frame a misconfigured sender might produce, to show the AR answer.
 NOT_HL7 = b"GET / HTTP/1.1\r\nHost: carehub\r\n\r\n"
@@ -49,48 +65,102 @@ def find_sample_config() -> Path:
 
 def run_demo(config_path: Path | None, data_dir: Path | None) -> int:
     config_path = config_path or find_sample_config()
-    config = load_config(config_path)
     feeds = sorted((config_path.parent / "feeds").glob("*.hl7"))
     if not feeds:
         raise ConfigError(f"{config_path.parent / 'feeds'}: no sample feeds (*.hl7) to send")
+    with tempfile.TemporaryDirectory(prefix="carehub-demo-") as scratch:
+        return asyncio.run(
+            _run(config_path, data_dir or Path(scratch) / "data", Path(scratch), feeds)
+        )
+
+
+class CarePlatform:
+    """A stand-in for the care-coordination platform the sample routes post events to."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        app = FastAPI()
+
+        @app.post("/care-events")
+        async def care_events(request: Request) -> Response:
+            body = json.loads(await request.body())
+            body["_idempotency_key"] = request.headers.get("idempotency-key")
+            self.received.append(body)
+            return Response(status_code=202)
+
+        self.listener = HTTPListener(HTTPListenerConfig(host="127.0.0.1", port=0), app)
+
+    async def start(self) -> str:
+        host, port = await self.listener.start()
+        return f"http://{host}:{port}/care-events"
+
+    async def stop(self) -> None:
+        await self.listener.stop()
+
+
+def _demo_config(config_path: Path) -> HubConfig:
+    config = load_config(config_path)
     # The demo never takes the configured ports: it runs beside anything already listening.
     for listener in config.listeners.mllp:
         listener.host, listener.port = "127.0.0.1", 0
     config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
     config.listeners.files = []
-    with tempfile.TemporaryDirectory(prefix="carehub-demo-") as scratch:
-        return asyncio.run(_run(config, data_dir or Path(scratch), feeds))
+    config.worker.poll_interval = 0.1
+    return config
 
 
-async def _run(config, data_dir: Path, feeds: list[Path]) -> int:  # type: ignore[no-untyped-def]
-    hub = Hub(config, data_dir)
+async def _run(config_path: Path, data_dir: Path, scratch: Path, feeds: list[Path]) -> int:
+    platform = CarePlatform()
+    os.environ["CARE_PLATFORM_URL"] = await platform.start()
+    os.environ["CAREHUB_OUTBOX"] = str(scratch / "outbox")
+    hub = Hub(_demo_config(config_path), data_dir)
     bound = await hub.start()
     try:
-        console.print(
-            "[bold]carehub demo[/bold]: the hub on the embedded default (SQLite, one process)"
-        )
+        console.print("[bold]carehub demo[/bold]: the hub on the embedded default")
+        console.print("  SQLite store, in-process queue and worker, one process")
         for listener in bound:
             console.print(f"  {listener.kind} listener '{listener.name}' on {listener.address}")
+        console.print(f"  routes: {', '.join(r.name for r in hub.table.routes)}")
         host, port = hub.mllp_listeners[0].address  # type: ignore[misc]
-        sent: list[Sent] = []
-        async with MLLPClient(host, port, timeout=10) as client:
-            for feed in feeds:
-                parts = split_messages(feed.read_bytes())
-                for number, payload in enumerate(parts, start=1):
-                    view = MessageView(decode_message(payload).text)
-                    label = feed.name if len(parts) == 1 else f"{feed.name} #{number}"
-                    answer = await client.send(payload)
-                    code, _, text = read_ack(answer.decode("utf-8", "replace"))
-                    message_type = f"{view.get('MSH-9.1')}^{view.get('MSH-9.2')}"
-                    sent.append(Sent(label, message_type, view.get("MSH-10"), code, text))
-            answer = await client.send(NOT_HL7)
-            code, _, text = read_ack(answer.decode("utf-8", "replace"))
-            sent.append(Sent("(a frame that is not HL7)", "-", "", code, text))
+        sent = await _send_feeds(host, port, feeds)
         _print_sent(sent)
+        assert hub.store is not None
+        await asyncio.to_thread(_wait_for_deliveries, Outbox(hub.store))
         _print_store(hub)
+        _print_deliveries(hub, platform, scratch / "outbox")
     finally:
         await hub.stop()
+        await platform.stop()
     return 0
+
+
+async def _send_feeds(host: str, port: int, feeds: list[Path]) -> list[Sent]:
+    sent: list[Sent] = []
+    async with MLLPClient(host, port, timeout=10) as client:
+        for feed in feeds:
+            parts = split_messages(feed.read_bytes())
+            for number, payload in enumerate(parts, start=1):
+                view = MessageView(decode_message(payload).text)
+                label = feed.name if len(parts) == 1 else f"{feed.name} #{number}"
+                answer = await client.send(payload)
+                code, _, text = read_ack(answer.decode("utf-8", "replace"))
+                message_type = f"{view.get('MSH-9.1')}^{view.get('MSH-9.2')}"
+                sent.append(Sent(label, message_type, view.get("MSH-10"), code, text))
+        answer = await client.send(NOT_HL7)
+        code, _, text = read_ack(answer.decode("utf-8", "replace"))
+        sent.append(Sent("(a frame that is not HL7)", "-", "", code, text))
+    return sent
+
+
+def _wait_for_deliveries(outbox: Outbox, timeout: float = 20.0) -> None:
+    """Until routing has run and no delivery is waiting (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = outbox.find(status=DeliveryStatus.PENDING.value, limit=1)
+        waiting += outbox.find(status=DeliveryStatus.SENDING.value, limit=1)
+        if not waiting and not outbox.unrouted_message_ids(limit=1):
+            return
+        time.sleep(0.1)
 
 
 def _print_sent(sent: list[Sent]) -> None:
@@ -114,28 +184,66 @@ def _print_store(hub: Hub) -> None:
     assert hub.store is not None
     stored = list(reversed(hub.store.find(limit=None)))
     table = Table(title="What the store holds", show_edge=False, header_style="bold")
-    for column in ("id", "from", "type", "patient", "charset", "status", "history"):
+    for column in ("id", "from", "type", "patient", "status", "history"):
         table.add_column(column)
     for message in stored:
         history = hub.store.history(message.id)
         events = ", ".join(change.event for change in history)
-        sender = f"{message.sending_application or '-'}/{message.sending_facility or '-'}"
+        sender = message.sending_facility or "-"
         kind = f"{message.message_type}^{message.trigger_event}" if message.message_type else "-"
         patient = f"{message.patient_id}^{message.patient_authority}" if message.patient_id else "-"
-        table.add_row(
-            str(message.id), sender, kind, patient, message.charset or "-", message.status, events
-        )
+        table.add_row(str(message.id), sender, kind, patient, message.status, events)
     console.print()
     console.print(table)
-    counts = hub.intake.counts
     totals: dict[str, int] = {}
-    for (_, outcome), count in counts.items():
+    for (_, outcome), count in hub.intake.counts.items():
         totals[outcome] = totals.get(outcome, 0) + count
     console.print(
-        f"\n{sum(totals.values())} frames answered: {totals.get('accepted', 0)} stored (AA), "
+        f"{sum(totals.values())} frames answered: {totals.get('accepted', 0)} stored (AA), "
         f"{totals.get('duplicate', 0)} resend(s) recognised and not stored again (AA), "
         f"{totals.get('refused', 0)} refused (AE), {totals.get('rejected', 0)} rejected (AR)."
     )
+
+
+def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path) -> None:
+    assert hub.store is not None
+    outbox = Outbox(hub.store)
+    table = Table(title="Delivered to whom", show_edge=False, header_style="bold")
+    for column in ("message", "route", "to", "status", "tries", "receipt / error"):
+        table.add_column(column)
+    for delivery in outbox.find(limit=None):
+        message = hub.store.get(delivery.message_id)
+        label = (
+            f"#{delivery.message_id} {message.message_type}^{message.trigger_event}"
+            if message
+            else "?"
+        )
+        to = delivery.destination.split("/", 1)[-1]
+        table.add_row(
+            label,
+            delivery.route,
+            f"{to} ({delivery.channel})",
+            delivery.status,
+            str(delivery.attempts),
+            Text(delivery.receipt or delivery.last_error or ""),
+        )
+    console.print()
+    console.print(table)
+    console.print()
+    console.print("[bold]The care platform received[/bold] (webhook, JSON care events):")
+    for body in platform.received:
+        event = body.get("event") or {}
+        patient = (event.get("patient") or {}).get("name") or {}
+        encounter = event.get("encounter") or {}
+        where = encounter.get("facility") or event.get("sending_facility")
+        name = f"{patient.get('family', '')}, {patient.get('given', '')}"
+        key = body.get("_idempotency_key")
+        console.print(Text(f"  {event.get('kind', '?'):18s} {name:18s} at {where}  (key {key})"))
+    files = sorted(p.relative_to(outbox_dir) for p in outbox_dir.rglob("*") if p.is_file())
+    console.print(f"\n[bold]Files written[/bold] under the outbox ({len(files)}):")
+    for path in files:
+        console.print(Text(f"  {path}"))
     console.print(
-        "Browse them with: carehub messages list --data-dir DIR / carehub messages show ID"
+        "\nRe-run a message through the routes without sending: "
+        "carehub routes test config/feeds/04-riverside-discharge-to-snf.hl7"
     )
