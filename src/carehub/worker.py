@@ -209,7 +209,9 @@ class Worker:
                 delivery.metadata,
             )
             receipt = await destination.channel.send(outgoing)
-            result = AttemptResult(delivery.id, started, _ms(clock), True, receipt)
+            result = AttemptResult(
+                delivery.id, delivery.message_id, attempt, started, _ms(clock), True, receipt
+            )
             self.delivered += 1
             self.host.notify("carehub_message_delivered", delivery=delivery)
         except Exception as err:
@@ -220,7 +222,16 @@ class Worker:
             if not final:
                 assert destination is not None
                 retry_at = datetime.now(UTC) + timedelta(seconds=destination.retry.delay(attempt))
-            result = AttemptResult(delivery.id, started, _ms(clock), False, detail, retry_at)
+            result = AttemptResult(
+                delivery.id,
+                delivery.message_id,
+                attempt,
+                started,
+                _ms(clock),
+                False,
+                detail,
+                retry_at,
+            )
             self.failed_attempts += 1
             log.warning(
                 "delivery %d to %s failed (attempt %d of %d)%s: %s",

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from carehub.hl7.view import MessageView, PathError, parse_path
 
@@ -100,6 +107,19 @@ NAMED_FIELDS = {
 }
 
 
+def _field_path(path: str) -> str:
+    try:
+        parse_path(path)
+    except PathError as err:
+        raise ValueError(str(err)) from err
+    return path
+
+
+# Checked per key (not in a validator of the whole mapping) so the error's location, and so
+# the line `routes check` reports, is the bad path's own line rather than the first key's.
+FieldPathKey = Annotated[str, AfterValidator(_field_path)]
+
+
 class When(BaseModel):
     """All given conditions must hold. ``fields`` maps terse paths (``PV1-2``, ``PID-3.4``) to
     value conditions. An empty ``when`` matches every message."""
@@ -113,17 +133,7 @@ class When(BaseModel):
     receiving_application: ValueCondition | None = None
     receiving_facility: ValueCondition | None = None
     patient_class: ValueCondition | None = None
-    fields: dict[str, ValueCondition] = Field(default_factory=dict)
-
-    @field_validator("fields")
-    @classmethod
-    def _paths_parse(cls, value: dict[str, ValueCondition]) -> dict[str, ValueCondition]:
-        for path in value:
-            try:
-                parse_path(path)
-            except PathError as err:
-                raise ValueError(str(err)) from err
-        return value
+    fields: dict[FieldPathKey, ValueCondition] = Field(default_factory=dict)
 
     def _conditions(self) -> list[tuple[str, str, ValueCondition]]:
         found = []

@@ -187,7 +187,7 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
 def _describe(err: ValidationError, path: Path, node: yaml.Node | None, data: Any) -> str:
     problems = []
     for error in err.errors():
-        loc = tuple(error["loc"])
+        loc = tuple(part for part in error["loc"] if part != "[key]")  # pydantic's key marker
         line = _line_of(node, loc)
         where = f"{path}{f':{line}' if line else ''}"
         route = ""

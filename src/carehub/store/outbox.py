@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from carehub.store.schema import (
@@ -61,6 +61,8 @@ class AttemptResult:
     """The outcome of one send, as the delivery worker reports it."""
 
     delivery_id: int
+    message_id: int
+    attempt: int  # 1 for the first attempt
     started_at: datetime
     duration_ms: int
     delivered: bool
@@ -121,73 +123,93 @@ class Outbox:
         """Commit routing results in one transaction; returns the ids of messages recorded.
 
         A first run only applies to a message still 'received' (so a message queued twice is
-        routed once); a reprocess (run > 1) applies whatever the status.
+        routed once); a reprocess (run > 1) applies whatever the status. Each table gets one
+        multi-row statement per batch, not one per message.
         """
+        results = list(results)
+        if not results:
+            return []
         now = _now()
-        recorded: list[int] = []
         with self.engine.begin() as conn:
-            for result in results:
-                status, detail = _routing_status(result)
-                query = update(messages).where(messages.c.id == result.message_id)
-                if result.run == 1:
-                    query = query.where(messages.c.status == MessageStatus.RECEIVED.value)
-                changed = conn.execute(
-                    query.values(status=status.value, status_at=now, detail=detail)
-                ).rowcount
-                if not changed:
-                    continue
-                recorded.append(result.message_id)
-                conn.execute(
-                    insert(message_events),
-                    {
-                        "message_id": result.message_id,
-                        "at": now,
-                        "event": status.value,
-                        "detail": detail,
-                    },
+            first_runs = [r.message_id for r in results if r.run == 1]
+            eligible: set[int] = set()
+            if first_runs:
+                query = select(messages.c.id).where(
+                    messages.c.id.in_(first_runs),
+                    messages.c.status == MessageStatus.RECEIVED.value,
                 )
-                steps = [
-                    {
-                        "message_id": result.message_id,
-                        "run": result.run,
-                        "route": s.route,
-                        "position": s.position,
-                        "step": s.step,
-                        "outcome": s.outcome,
-                        "output": json.dumps(s.output, default=str),
-                        "at": now,
-                    }
-                    for s in result.steps
-                ]
-                if steps:
-                    conn.execute(insert(message_steps), steps)
-                planned = [
-                    {
-                        "message_id": result.message_id,
-                        "run": result.run,
-                        "route": d.route,
-                        "destination": d.destination,
-                        "channel": d.channel,
-                        "idempotency_key": d.outgoing.idempotency_key,
-                        "order_key": d.order_key,
-                        "payload": d.outgoing.payload,
-                        "content_type": d.outgoing.content_type,
-                        "metadata": json.dumps(d.outgoing.metadata),
-                        "status": DeliveryStatus.PENDING.value,
-                        "attempts": 0,
-                        "max_attempts": d.max_attempts,
-                        "not_before": now,
-                        "lease_until": None,
-                        "last_error": None,
-                        "receipt": None,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for d in result.deliveries
-                ]
-                if planned:
-                    conn.execute(insert(deliveries), planned)
-        return recorded
+                if not self.store.is_sqlite:
+                    query = query.with_for_update()  # another worker may hold a copy
+                eligible = {row[0] for row in conn.execute(query)}
+            chosen: dict[int, RoutingResult] = {}
+            for result in results:
+                if (result.run > 1 or result.message_id in eligible) and (
+                    result.message_id not in chosen
+                ):
+                    chosen[result.message_id] = result
+            if not chosen:
+                return []
+            statuses = {mid: _routing_status(r) for mid, r in chosen.items()}
+            conn.execute(
+                update(messages)
+                .where(messages.c.id == bindparam("_id"))
+                .values(status=bindparam("_status"), status_at=now, detail=bindparam("_detail")),
+                [
+                    {"_id": mid, "_status": status.value, "_detail": detail}
+                    for mid, (status, detail) in statuses.items()
+                ],
+            )
+            conn.execute(
+                insert(message_events),
+                [
+                    {"message_id": mid, "at": now, "event": status.value, "detail": detail}
+                    for mid, (status, detail) in statuses.items()
+                ],
+            )
+            steps = [
+                {
+                    "message_id": mid,
+                    "run": result.run,
+                    "route": s.route,
+                    "position": s.position,
+                    "step": s.step,
+                    "outcome": s.outcome,
+                    "output": json.dumps(s.output, default=str),
+                    "at": now,
+                }
+                for mid, result in chosen.items()
+                for s in result.steps
+            ]
+            if steps:
+                conn.execute(insert(message_steps), steps)
+            planned = [
+                {
+                    "message_id": mid,
+                    "run": result.run,
+                    "route": d.route,
+                    "destination": d.destination,
+                    "channel": d.channel,
+                    "idempotency_key": d.outgoing.idempotency_key,
+                    "order_key": d.order_key,
+                    "payload": d.outgoing.payload,
+                    "content_type": d.outgoing.content_type,
+                    "metadata": json.dumps(d.outgoing.metadata),
+                    "status": DeliveryStatus.PENDING.value,
+                    "attempts": 0,
+                    "max_attempts": d.max_attempts,
+                    "not_before": now,
+                    "lease_until": None,
+                    "last_error": None,
+                    "receipt": None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for mid, result in chosen.items()
+                for d in result.deliveries
+            ]
+            if planned:
+                conn.execute(insert(deliveries), planned)
+        return list(chosen)
 
     def unrouted_message_ids(
         self, limit: int | None = None, received_before: datetime | None = None
@@ -278,65 +300,91 @@ class Outbox:
         if not results:
             return []
         now = _now()
-        touched: set[int] = set()
         with self.engine.begin() as conn:
-            for result in results:
-                row = conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.id == result.delivery_id)
-                    .values(
-                        attempts=deliveries.c.attempts + 1,
-                        updated_at=now,
-                        lease_until=None,
-                        **_finish_values(result),
-                    )
-                    .returning(deliveries.c.attempts, deliveries.c.message_id)
-                ).first()
-                if row is None:
-                    continue
-                touched.add(row.message_id)
-                conn.execute(
-                    insert(delivery_attempts),
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == bindparam("_id"))
+                .values(
+                    attempts=bindparam("_attempt"),
+                    status=bindparam("_status"),
+                    receipt=bindparam("_receipt"),
+                    last_error=bindparam("_error"),
+                    not_before=func.coalesce(bindparam("_retry_at"), deliveries.c.not_before),
+                    lease_until=None,
+                    updated_at=now,
+                ),
+                [
                     {
-                        "delivery_id": result.delivery_id,
-                        "number": row.attempts,
-                        "started_at": result.started_at,
-                        "duration_ms": result.duration_ms,
-                        "outcome": _outcome(result),
-                        "detail": result.detail,
-                    },
-                )
-            finished = self._settle_messages(conn, touched, now)
+                        "_id": r.delivery_id,
+                        "_attempt": r.attempt,
+                        "_status": _final_status(r).value,
+                        "_receipt": r.detail if r.delivered else None,
+                        "_error": None if r.delivered else r.detail,
+                        "_retry_at": r.retry_at,
+                    }
+                    for r in results
+                ],
+            )
+            conn.execute(
+                insert(delivery_attempts),
+                [
+                    {
+                        "delivery_id": r.delivery_id,
+                        "number": r.attempt,
+                        "started_at": r.started_at,
+                        "duration_ms": r.duration_ms,
+                        "outcome": _outcome(r),
+                        "detail": r.detail,
+                    }
+                    for r in results
+                ],
+            )
+            finished = self._settle_messages(conn, {r.message_id for r in results}, now)
         return finished
 
     def _settle_messages(self, conn: Any, message_ids: set[int], now: datetime) -> list[int]:
-        """Messages whose deliveries are all done become delivered (or failed if any died)."""
-        settled: list[int] = []
-        for message_id in sorted(message_ids):
-            statuses = [
-                r[0]
-                for r in conn.execute(
-                    select(deliveries.c.status).where(deliveries.c.message_id == message_id)
-                )
-            ]
-            if any(
-                s in (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value) for s in statuses
-            ):
-                continue
+        """Messages whose deliveries are all done become delivered, or failed if any died or
+        a route raised in the latest run (the other routes finishing must not hide that)."""
+        by_message: dict[int, list[str]] = {}
+        rows = conn.execute(
+            select(deliveries.c.message_id, deliveries.c.status).where(
+                deliveries.c.message_id.in_(message_ids)
+            )
+        )
+        for message_id, status in rows:
+            by_message.setdefault(message_id, []).append(status)
+        unfinished = (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value)
+        done = {
+            mid: statuses
+            for mid, statuses in by_message.items()
+            if not any(s in unfinished for s in statuses)
+        }
+        if not done:
+            return []
+        errors = _route_errors(conn, list(done))
+        changes = []
+        for message_id, statuses in sorted(done.items()):
             dead = statuses.count(DeliveryStatus.DEAD.value)
-            status = MessageStatus.FAILED if dead else MessageStatus.DELIVERED
             detail = f"{dead} of {len(statuses)} deliveries are dead letters" if dead else None
-            conn.execute(
-                update(messages)
-                .where(messages.c.id == message_id)
-                .values(status=status.value, status_at=now, detail=detail)
-            )
-            conn.execute(
-                insert(message_events),
-                {"message_id": message_id, "at": now, "event": status.value, "detail": detail},
-            )
-            settled.append(message_id)
-        return settled
+            failures = errors.get(message_id, [])
+            status = MessageStatus.FAILED if dead or failures else MessageStatus.DELIVERED
+            if failures:
+                detail = "; ".join([*failures, *([detail] if detail else [])])
+            changes.append({"_id": message_id, "_status": status.value, "_detail": detail})
+        conn.execute(
+            update(messages)
+            .where(messages.c.id == bindparam("_id"))
+            .values(status=bindparam("_status"), status_at=now, detail=bindparam("_detail")),
+            changes,
+        )
+        conn.execute(
+            insert(message_events),
+            [
+                {"message_id": c["_id"], "at": now, "event": c["_status"], "detail": c["_detail"]}
+                for c in changes
+            ],
+        )
+        return [c["_id"] for c in changes]
 
     def release(self, delivery_ids: list[int]) -> None:
         """Hand claimed deliveries back unsent (the worker took more than it can start)."""
@@ -446,6 +494,33 @@ class Outbox:
         return count
 
 
+def _route_errors(conn: Any, message_ids: list[int]) -> dict[int, list[str]]:
+    """ "route: error" for each route that raised in each message's latest routing run."""
+    latest = dict(
+        conn.execute(
+            select(message_steps.c.message_id, func.max(message_steps.c.run))
+            .where(message_steps.c.message_id.in_(message_ids))
+            .group_by(message_steps.c.message_id)
+        ).all()
+    )
+    rows = conn.execute(
+        select(
+            message_steps.c.message_id,
+            message_steps.c.run,
+            message_steps.c.route,
+            message_steps.c.output,
+        )
+        .where(message_steps.c.message_id.in_(message_ids), message_steps.c.outcome == "error")
+        .order_by(message_steps.c.id)
+    )
+    found: dict[int, list[str]] = {}
+    for message_id, run, route, output in rows:
+        if run == latest.get(message_id):
+            text = json.loads(output) if output else ""
+            found.setdefault(message_id, []).append(f"{route}: {text}")
+    return found
+
+
 def _routing_status(result: RoutingResult) -> tuple[MessageStatus, str | None]:
     if result.errors:
         return MessageStatus.FAILED, "; ".join(result.errors)
@@ -458,20 +533,10 @@ def _routing_status(result: RoutingResult) -> tuple[MessageStatus, str | None]:
     return MessageStatus.ROUTED, f"routes {', '.join(matched)}; {len(result.deliveries)} deliveries"
 
 
-def _finish_values(result: AttemptResult) -> dict[str, Any]:
+def _final_status(result: AttemptResult) -> DeliveryStatus:
     if result.delivered:
-        return {
-            "status": DeliveryStatus.DELIVERED.value,
-            "receipt": result.detail,
-            "last_error": None,
-        }
-    if result.retry_at is None:
-        return {"status": DeliveryStatus.DEAD.value, "last_error": result.detail}
-    return {
-        "status": DeliveryStatus.PENDING.value,
-        "last_error": result.detail,
-        "not_before": result.retry_at,
-    }
+        return DeliveryStatus.DELIVERED
+    return DeliveryStatus.PENDING if result.retry_at is not None else DeliveryStatus.DEAD
 
 
 def _outcome(result: AttemptResult) -> str:
