@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from carehub.store.outbox import Outbox
+
 if TYPE_CHECKING:
     from carehub.hub import Hub
 
@@ -38,6 +40,31 @@ class HubCollector(Collector):
         rows = CounterMetricFamily("carehub_store_rows", "Messages written by the store writer")
         rows.add_metric([], self.hub.writer.rows)
         yield rows
+        worker = self.hub.worker_thread.worker if self.hub.worker_thread else None
+        if worker is not None:
+            for name, help_text, value in (
+                ("carehub_routed_messages", "Messages routed by this hub's worker", worker.routed),
+                (
+                    "carehub_deliveries_sent",
+                    "Deliveries accepted by their destination",
+                    worker.delivered,
+                ),
+                (
+                    "carehub_delivery_failures",
+                    "Delivery attempts that failed",
+                    worker.failed_attempts,
+                ),
+            ):
+                family = CounterMetricFamily(name, help_text)
+                family.add_metric([], value)
+                yield family
+        if self.hub.store is not None:
+            backlog = GaugeMetricFamily(
+                "carehub_deliveries", "Deliveries in the store by status", labels=["status"]
+            )
+            for status, count in Outbox(self.hub.store).count_by_status().items():
+                backlog.add_metric([status], count)
+            yield backlog
         connections = GaugeMetricFamily(
             "carehub_mllp_connections", "Open MLLP connections", labels=["listener"]
         )

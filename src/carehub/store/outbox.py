@@ -406,6 +406,13 @@ class Outbox:
                 .values(status=DeliveryStatus.PENDING.value, lease_until=None)
             ).rowcount
 
+    def count_by_status(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
+            )
+            return {status: count for status, count in rows}
+
     def next_due_at(self) -> datetime | None:
         with self.engine.connect() as conn:
             value = conn.execute(
