@@ -54,6 +54,7 @@ class DeliveryRecord:
     receipt: str | None
     created_at: datetime
     updated_at: datetime
+    accepted_at: datetime | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -99,6 +100,8 @@ def _record(row: Any) -> DeliveryRecord:
     values.pop("lease_until", None)
     for name in ("not_before", "created_at", "updated_at"):
         values[name] = _aware(values[name])
+    if values.get("accepted_at") is not None:
+        values["accepted_at"] = _aware(values["accepted_at"])
     values["payload"] = bytes(values["payload"])
     values["metadata"] = json.loads(values["metadata"]) if values["metadata"] else {}
     return DeliveryRecord(**values)
@@ -310,6 +313,7 @@ class Outbox:
                     receipt=bindparam("_receipt"),
                     last_error=bindparam("_error"),
                     not_before=func.coalesce(bindparam("_retry_at"), deliveries.c.not_before),
+                    accepted_at=bindparam("_accepted_at"),
                     lease_until=None,
                     updated_at=now,
                 ),
@@ -321,6 +325,11 @@ class Outbox:
                         "_receipt": r.detail if r.delivered else None,
                         "_error": None if r.delivered else r.detail,
                         "_retry_at": r.retry_at,
+                        "_accepted_at": (
+                            r.started_at + timedelta(milliseconds=r.duration_ms)
+                            if r.delivered
+                            else None
+                        ),
                     }
                     for r in results
                 ],

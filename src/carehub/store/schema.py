@@ -137,6 +137,8 @@ deliveries = Table(
     Column("receipt", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # When the destination accepted it (quality measures count receipt times).
+    Column("accepted_at", DateTime(timezone=True), nullable=True),
 )
 Index("ix_deliveries_due", deliveries.c.status, deliveries.c.not_before)
 Index("ix_deliveries_order", deliveries.c.destination, deliveries.c.order_key, deliveries.c.status)
@@ -154,3 +156,96 @@ delivery_attempts = Table(
     Column("detail", Text, nullable=True),
 )
 Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)
+
+
+# -- care transitions (encounter state, notifications, follow-up clocks) ----------------------
+
+# One row per visit: PV1-19 with the patient key, or a stand-in when PV1-19 is missing.
+encounters = Table(
+    "encounters",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("patient_key", String(255), nullable=False),  # authority|id, re-keyed by merges
+    Column("visit_key", String(255), nullable=False),
+    Column("facility", String(255), nullable=True),
+    Column(
+        "state", String(24), nullable=False
+    ),  # registered|ed|admitted|discharged|cancelled|closed
+    Column("patient_class", String(8), nullable=True),
+    Column("location", String(255), nullable=True),
+    Column("opened_at", DateTime(timezone=True), nullable=True),
+    Column("admitted_at", DateTime(timezone=True), nullable=True),
+    Column("discharged_at", DateTime(timezone=True), nullable=True),
+    Column("disposition", String(16), nullable=True),
+    Column("discharged_to", String(255), nullable=True),
+    Column("snapshot", Text, nullable=True),  # JSON: the latest care event, for templates
+    Column("last_message_id", IdType, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_key", "visit_key", name="uq_encounters_visit"),
+)
+Index("ix_encounters_state", encounters.c.state, encounters.c.updated_at)
+
+# What each message did to an encounter (its timeline); one row per (message, encounter).
+encounter_events = Table(
+    "encounter_events",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("encounter_id", IdType, ForeignKey("encounters.id", ondelete="CASCADE"), nullable=False),
+    Column("message_id", IdType, nullable=True),  # None for carehub's own (stale closure)
+    Column("trigger_event", String(8), nullable=True),
+    Column("transition", String(32), nullable=False),  # admission, discharge, none, ...
+    Column("occurred_at", DateTime(timezone=True), nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("message_id", "encounter_id", name="uq_encounter_events_message"),
+)
+Index("ix_encounter_events_encounter", encounter_events.c.encounter_id)
+
+# A40 merges: the retired patient key points at the surviving one.
+patient_merges = Table(
+    "patient_merges",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("retired_key", String(255), nullable=False, unique=True),
+    Column("surviving_key", String(255), nullable=False),
+    Column("message_id", IdType, nullable=True),
+    Column("merged_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every notification decided for a care-team member, sent or suppressed, with why.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("encounter_id", IdType, nullable=True),
+    Column("message_id", IdType, nullable=True),
+    Column("patient_key", String(255), nullable=False),
+    Column("recipient", String(255), nullable=False),  # roster member id or NPI
+    Column("role", String(64), nullable=True),
+    Column("channel", String(32), nullable=True),
+    Column("address", String(255), nullable=True),
+    Column("kind", String(32), nullable=False),  # ed_arrival, admission, ..., retraction, digest
+    Column("status", String(16), nullable=False),  # queued|suppressed|digest|retracted
+    Column("reason", Text, nullable=True),  # why suppressed / what is retracted
+    Column("delivery_id", IdType, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_notifications_encounter", notifications.c.encounter_id, notifications.c.recipient)
+Index("ix_notifications_status", notifications.c.status)
+
+# Transitional-care follow-up items opened by a discharge home.
+followups = Table(
+    "followups",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("encounter_id", IdType, ForeignKey("encounters.id", ondelete="CASCADE"), nullable=False),
+    Column("patient_key", String(255), nullable=False),
+    Column("kind", String(32), nullable=False),  # contact | visit
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("status", String(16), nullable=False),  # open|done|overdue|cancelled
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    Column("alerted_at", DateTime(timezone=True), nullable=True),
+)
+Index("ix_followups_due", followups.c.status, followups.c.due_at)

@@ -1,0 +1,103 @@
+"""What the care-transition steps hand each other through ``work.data``.
+
+``work.data["encounter"]`` is a Transition (from the encounter-state enricher) and
+``work.data["care_team"]`` a CareTeam (from the care-team enricher); the notify step reads
+both to decide who is told what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+#: Transitions worth telling a care team about (CMS e-notification events and their undoing).
+NOTIFIABLE = ("ed_arrival", "admission", "transfer", "discharge")
+#: What a cancel retracts.
+RETRACTS = {
+    "cancel_admission": "admission",
+    "cancel_transfer": "transfer",
+    "cancel_discharge": "discharge",
+}
+
+TransitionKind = Literal[
+    "ed_arrival",  # A04 with patient class E
+    "admission",  # A01, A06 (or an A08 that turns E into I)
+    "transfer",  # A02 changing level of care or facility (not a bed move)
+    "discharge",  # A03
+    "cancel_admission",  # A11
+    "cancel_transfer",  # A12
+    "cancel_discharge",  # A13
+    "registration",  # A04 outpatient
+    "merge",  # A40
+    "demographics",  # A28, A31
+    "stale_closed",  # an ED visit with no discharge after the configured time
+    "none",  # A08 echo, bed move, resend: state merged quietly
+]
+
+
+@dataclass(slots=True)
+class Transition:
+    """What a message did to its encounter."""
+
+    kind: TransitionKind
+    encounter_id: int | None
+    patient_key: str
+    trigger_event: str = ""
+    state: str = ""  # the encounter's state after the message
+    #: For templates: patient, encounter, facility, treating practitioner, diagnoses, ...
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def notifiable(self) -> bool:
+        return self.kind in NOTIFIABLE
+
+    @property
+    def retracts(self) -> str | None:
+        """The notification kind a cancel takes back, or None."""
+        return RETRACTS.get(self.kind)
+
+    def as_output(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Preference = Literal["immediate", "daily_digest", "discharge_only"]
+Detail = Literal["minimum", "full"]
+
+
+@dataclass(slots=True, frozen=True)
+class Recipient:
+    """One member of a patient's care team and how they want to hear."""
+
+    id: str  # roster member id or "npi:<NPI>"
+    name: str
+    role: str  # pcp, care_coordinator, case_manager, behavioral_health, post_acute, ...
+    channel: str  # email, sms, webhook, ...
+    address: str
+    organization: str = ""
+    preference: Preference = "immediate"
+    #: How much the message may carry; None lets the channel decide (SMS gets the minimum).
+    detail: Detail | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Suppression:
+    """A notification that will not be sent, and why (recorded for audit)."""
+
+    reason: str
+    recipient_id: str | None = None  # None: the whole patient (opt-out)
+
+
+@dataclass(slots=True)
+class CareTeam:
+    recipients: list[Recipient] = field(default_factory=list)
+    suppressed: list[Suppression] = field(default_factory=list)
+
+    @property
+    def opted_out(self) -> bool:
+        return any(s.recipient_id is None for s in self.suppressed)
+
+    def as_output(self) -> dict[str, Any]:
+        return {
+            "recipients": [asdict(r) for r in self.recipients],
+            "suppressed": [asdict(s) for s in self.suppressed],
+        }
