@@ -359,8 +359,8 @@ def reprocess_messages(config: HubConfig, data_dir: Path, message_ids: tuple[int
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
 
-    host, table = build_routing(config, data_dir)
     store = open_store(config, data_dir)
+    host, table = build_routing(config, data_dir, store)
     try:
         outbox = Outbox(store)
 
@@ -555,13 +555,14 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             "queue.url: a separate worker needs a shared broker (amqp://...); memory:// only "
             "works inside `carehub serve`"
         )
-    host, table = build_routing(config, data_dir)
     store = open_store(config, data_dir)
+    host, table = build_routing(config, data_dir, store)
     settings = WorkerSettings(
         config.worker.delivery_concurrency,
         config.worker.per_destination,
         config.worker.poll_interval,
         single_host=False,
+        tick_interval=config.worker.tick_interval,
     )
 
     async def run() -> None:

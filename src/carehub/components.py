@@ -25,8 +25,10 @@ from pydantic import BaseModel, ConfigDict
 from carehub.hl7.view import MessageView
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from carehub.events import CareEvent
-    from carehub.store.store import StoredMessage
+    from carehub.store.store import MessageStore, StoredMessage
 
 
 class ComponentOptions(BaseModel):
@@ -37,10 +39,12 @@ class ComponentOptions(BaseModel):
 
 @dataclass(slots=True)
 class ComponentContext:
-    """What a component may use beyond its options: where relative paths start, the data dir."""
+    """What a component may use beyond its options: where relative paths start, the data dir,
+    and the store when the hub runs (None in dry runs: keep state in memory there)."""
 
     config_dir: Path
     data_dir: Path
+    store: MessageStore | None = None
 
     def path(self, value: str | Path) -> Path:
         """A path from a route file, relative to the config folder."""
@@ -88,6 +92,10 @@ class Component:
 
     async def close(self) -> None:
         """Release what start() opened."""
+
+    def tick(self, now: datetime) -> None:
+        """Periodic work (closing stale visits, overdue alerts, digests); the worker calls it
+        about every ``worker.tick_interval`` seconds, never in dry runs."""
 
 
 class Translator(Component):

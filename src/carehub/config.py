@@ -111,6 +111,7 @@ class WorkerConfig(_Strict):
     delivery_concurrency: int = Field(64, ge=1)
     per_destination: int = Field(8, ge=1, description="sends in flight to one destination")
     poll_interval: float = Field(0.5, gt=0, description="seconds between checks for retries")
+    tick_interval: float = Field(30.0, gt=0, description="seconds between periodic jobs")
 
 
 class HubIdentity(_Strict):

@@ -55,12 +55,15 @@ def config_dir(config: HubConfig) -> Path:
     return config.source.parent if config.source else Path.cwd()
 
 
-def build_routing(config: HubConfig, data_dir: Path) -> tuple[PluginHost, RouteTable]:
-    """Load plugins and bind every route file: all configuration errors surface here."""
+def build_routing(
+    config: HubConfig, data_dir: Path, store: MessageStore | None = None
+) -> tuple[PluginHost, RouteTable]:
+    """Load plugins and bind every route file: all configuration errors surface here.
+    Without a store (dry runs, `routes check`), components keep any state in memory."""
     host = PluginHost().load(plugins_dir=config.plugins_dir)
     base = config_dir(config)
     loaded = load_route_files(route_files(base, config.routes))
-    table = bind_routes(loaded, host, ComponentContext(base, data_dir))
+    table = bind_routes(loaded, host, ComponentContext(base, data_dir, store))
     return host, table
 
 
@@ -68,6 +71,8 @@ class Hub:
     def __init__(self, config: HubConfig, data_dir: Path | None = None) -> None:
         self.config = config
         self.data_dir = resolve_data_dir(config, data_dir)
+        # Routes are bound (and every config error raised) before anything opens; the
+        # components get the store once it is open, in start().
         self.host, self.table = build_routing(config, self.data_dir)
         self.work_queue = WorkQueue(config.queue.url, config.queue.partitions)
         self.publisher: Publisher | None = None
@@ -85,6 +90,7 @@ class Hub:
         """Open the store, then the listeners; returns where each listener is bound."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = await asyncio.to_thread(open_store, self.config, self.data_dir, serving=True)
+        self.table.attach_store(self.store)
         self.writer = group_commit_for(self.store)
         self.writer.start()
         identity = self.config.hub
@@ -105,6 +111,7 @@ class Hub:
                 worker.per_destination,
                 worker.poll_interval,
                 single_host=self.store.is_sqlite,
+                tick_interval=worker.tick_interval,
             )
             self.worker_thread = WorkerThread(
                 self.store, self.table, self.host, self.work_queue, settings

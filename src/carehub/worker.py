@@ -42,6 +42,7 @@ class WorkerSettings:
     per_destination: int = 8
     poll_interval: float = 0.5
     single_host: bool = True  # SQLite: no other process can hold a delivery lease
+    tick_interval: float = 30.0
 
 
 class Worker:
@@ -84,6 +85,7 @@ class Worker:
             asyncio.create_task(self._route_loop(), name="route"),
             asyncio.create_task(self._delivery_loop(), name="deliver"),
             asyncio.create_task(self._sweep_loop(), name="sweep"),
+            asyncio.create_task(self._tick_loop(), name="tick"),
         ]
         if started is not None:
             started.set()
@@ -96,6 +98,16 @@ class Worker:
             await self._drain_inflight()
             await asyncio.to_thread(self._consumer.stop)
             await self.table.close()
+
+    async def _tick_loop(self) -> None:
+        """Components' periodic work (stale visits, overdue follow-ups, digests)."""
+        while True:
+            await asyncio.sleep(self.settings.tick_interval)
+            try:
+                self.table.tick(datetime.now(UTC))
+            except Exception:
+                log.exception("periodic work failed")
+            self._wake_delivery.set()
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
         while True:

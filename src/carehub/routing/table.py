@@ -7,7 +7,8 @@ in any route is reported, with file, line, route and key, before the hub takes a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -17,6 +18,9 @@ from carehub.errors import ConfigError
 from carehub.plugins import PluginHost
 from carehub.routing.conditions import When
 from carehub.routing.config import ForwardConfig, LoadedRoute, RetryPolicy, RouteSource
+
+if TYPE_CHECKING:
+    from carehub.store.store import MessageStore
 
 
 @dataclass(slots=True)
@@ -60,6 +64,15 @@ class RouteTable:
                 elif step.destination is not None:
                     built.append(step.destination.channel)
         return built
+
+    def attach_store(self, store: MessageStore) -> None:
+        """Give every component the open store (the hub opens it after binding routes)."""
+        for component in self.components():
+            component.context.store = store
+
+    def tick(self, now: datetime) -> None:
+        for component in self.components():
+            component.tick(now)
 
     async def start(self) -> None:
         for component in self.components():
