@@ -1,15 +1,22 @@
 """Shared test helpers: a real uvicorn HTTP server that records every request it gets and
-answers with a status the test picks, plus a wait-for-condition poller. No mocks."""
+answers with a status the test picks, a wait-for-condition poller, and `carehub` run as a real
+subprocess. No mocks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -59,20 +66,23 @@ class Received:
 
 
 Responder = Callable[[Received], int]
+Delay = float | Callable[[Received], float]
 
 
 class HTTPServer:
     """A real uvicorn server on 127.0.0.1 (a free port) on a background thread.
 
     Every POST to any path is recorded on arrival, then answered with ``respond(request)``
-    (200 by default) after ``delay`` seconds. Both may be changed while the server runs, e.g.
-    to let a failing destination recover."""
+    (200 by default) after ``delay`` seconds (a number, or a function of the request). Both may
+    be changed while the server runs, e.g. to let a failing destination recover."""
 
-    def __init__(self, respond: Responder | None = None, delay: float = 0.0) -> None:
+    def __init__(self, respond: Responder | None = None, delay: Delay = 0.0) -> None:
         self.respond: Responder = respond or (lambda _: 200)
-        self.delay = delay
+        self.delay: Delay = delay
         self._lock = threading.Lock()
         self._requests: list[Received] = []
+        self.in_flight = 0  # requests being held right now
+        self.max_in_flight = 0
 
         async def record(request: Request) -> Response:
             arrived = Received(
@@ -83,8 +93,15 @@ class HTTPServer:
                 self._requests.append(
                     Received(arrived.path, arrived.headers, arrived.body, arrived.at, status)
                 )
-            if self.delay:
-                await asyncio.sleep(self.delay)
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                delay = self.delay(arrived) if callable(self.delay) else self.delay
+                if delay:
+                    await asyncio.sleep(delay)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
             if 200 <= status < 300:
                 return Response(status_code=status)
             return PlainTextResponse(f"test server says {status}", status)
@@ -129,3 +146,77 @@ class HTTPServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()
+
+
+# -- carehub as a real process ----------------------------------------------------------------
+LISTENER_LINE = re.compile(r"MLLP listener '(\S+)' on ([\d.]+):(\d+)")
+
+
+class CarehubProcess:
+    """``python -m carehub.cli ARGS`` as a real process (no CAREHUB_* from the shell), its
+    output in files under ``logs``. Use ``wait_ready`` before talking to it; ``kill`` in a
+    finally block (or ``with``) so no process outlives its test."""
+
+    def __init__(self, args: list[str], logs: Path, name: str) -> None:
+        logs.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.stdout_path = logs / f"{name}.out"
+        self.stderr_path = logs / f"{name}.err"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "carehub.cli", *args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=logs,
+                env=env,
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """Wait for "carehub ready" on stdout; fail with the output if the process exits."""
+
+        def ready() -> bool:
+            if "carehub ready" in self.stdout:
+                return True
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.process.returncode} before it was ready\n"
+                    f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+                )
+            return False
+
+        wait_for(ready, timeout, 0.05, f"{self.name} to print 'carehub ready'")
+        return self.stdout
+
+    @property
+    def mllp_address(self) -> tuple[str, int]:
+        match = LISTENER_LINE.search(self.stdout)
+        assert match, f"no MLLP listener line in:\n{self.stdout}"
+        host = "127.0.0.1" if match.group(2) == "0.0.0.0" else match.group(2)
+        return host, int(match.group(3))
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+    def __enter__(self) -> CarehubProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

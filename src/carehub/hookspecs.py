@@ -73,8 +73,9 @@ def carehub_message_failed(delivery: DeliveryRecord, error: str, final: bool) ->
 # -- tracing (one wrapper around every step) --------------------------------------------------
 @hookspec(firstresult=True)
 def carehub_run_step(work: Work, step: str, run: Callable[[], Any]) -> Any:
-    """Runs one route step. carehub's own implementation calls ``run()``; a plugin wraps it
-    with ``@hookimpl(wrapper=True)`` to time or trace steps:
+    """Runs one translate or enrich step (filters and forwards are carehub's own bookkeeping).
+    carehub's implementation calls ``run()``; a plugin wraps it with
+    ``@hookimpl(wrapper=True)`` to time or trace steps:
 
         @hookimpl(wrapper=True)
         def carehub_run_step(work, step, run):

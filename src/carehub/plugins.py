@@ -126,7 +126,14 @@ class PluginHost:
     def add_plugin(self, plugin: Any, name: str, *, source: str = "code") -> None:
         """Register an already-imported plugin object (tests and embedding use this)."""
         self._add(name, source, None, lambda: plugin, strict=True)
-        self.pm.check_pending()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            self.pm.unregister(plugin)
+            self.plugins.pop(name, None)
+            raise PluginError(
+                f"plugin {name!r} implements a hook that does not exist: {err}"
+            ) from err
 
     def _add(
         self,
@@ -194,7 +201,8 @@ class PluginHost:
         """Call an observer hook on every plugin; a plugin that raises is logged and skipped."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             try:
-                impl.function(**kwargs)
+                # Like pluggy itself, pass only the arguments the implementation declares.
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
             except Exception:
                 log.exception(
                     "plugin %r raised in %s; ignored", self.pm.get_name(impl.plugin), hook_name

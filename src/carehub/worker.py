@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -225,7 +226,10 @@ class Worker:
                 delivery.id, delivery.message_id, attempt, started, _ms(clock), True, receipt
             )
             self.delivered += 1
-            self.host.notify("carehub_message_delivered", delivery=delivery)
+            done = dataclasses.replace(
+                delivery, status="delivered", attempts=attempt, receipt=receipt
+            )
+            self.host.notify("carehub_message_delivered", delivery=done)
         except Exception as err:
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"

@@ -1,5 +1,6 @@
-"""Registers the care-transition components: the encounter-state and care-team enrichers,
-the email and sms channels, and the `encounters` and `followups` commands."""
+"""Registers the care-transition components: the encounter-state, care-team and
+follow-up-clock enrichers, the email and sms channels, and the `encounters` and `followups`
+commands."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from carehub.hookspecs import hookimpl
 @hookimpl
 def carehub_register_enrichers(register: Callable[[type[Enricher]], None]) -> None:
     from carehub.care.encounters import EncounterStateEnricher
+    from carehub.care.followup import FollowupEnricher
     from carehub.care.roster import CareTeamEnricher
 
     register(EncounterStateEnricher)
     register(CareTeamEnricher)
+    register(FollowupEnricher)
 
 
 @hookimpl

@@ -1,0 +1,349 @@
+"""The routing worker and the routing CLI on a real hub: per-patient order across partitions,
+`messages reprocess`, `dead-letters list/retry`, `routes check`, `routes test --json` and
+`plugins`. Real sockets and a real uvicorn receiver; the CLI runs in-process (CliRunner)
+against the same store the running hub uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from carehub.cli import main
+from carehub.config import load_config
+from carehub.store.outbox import Outbox
+from carehub.store.store import MessageStore
+from carehub.testing import HubThread, make_adt, mllp_exchange
+from tests.helpers_http import HTTPServer, wait_for
+
+FAST_RETRY = "{max_attempts: %d, initial_delay: 0.05, multiplier: 1, max_delay: 0.05, jitter: 0}"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No CAREHUB_* settings from the shell; commands run in a scratch folder."""
+    for name in list(os.environ):
+        if name.startswith("CAREHUB_"):
+            monkeypatch.delenv(name)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+
+
+@pytest.fixture
+def http() -> Iterator[HTTPServer]:
+    with HTTPServer() as server:
+        yield server
+
+
+def write_config(tmp_path: Path, routes: str, partitions: int = 8) -> Path:
+    """A hub config file in tmp_path (MLLP on a free port, fast worker) and its routes.yaml."""
+    (tmp_path / "routes.yaml").write_text(routes, encoding="utf-8")
+    path = tmp_path / "carehub.yaml"
+    path.write_text(
+        f"""
+listeners:
+  mllp: [{{name: test, host: 127.0.0.1, port: 0}}]
+  http: {{enabled: false}}
+queue: {{partitions: {partitions}}}
+worker: {{poll_interval: 0.05}}
+routes: [routes.yaml]
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def hook_routes(url: str, max_attempts: int = 3) -> str:
+    return f"""
+routes:
+  - name: care
+    when: {{type: ADT}}
+    steps:
+      - translate: v2-to-event
+      - forward: {{channel: webhook, name: hook, url: {url}, retry: {FAST_RETRY % max_attempts}}}
+"""
+
+
+def cli(config: Path, data_dir: Path, *args: str) -> Result:
+    """Run a carehub command with --config and --data-dir after its own arguments."""
+    full = [*args, "--config", str(config), "--data-dir", str(data_dir)]
+    return CliRunner().invoke(main, full, catch_exceptions=False)
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def send(hub: HubThread, texts: list[str]) -> None:
+    answers = mllp_exchange(hub.mllp_address, [t.encode() for t in texts])
+    assert all(b"MSA|AA|" in a for a in answers)
+
+
+def statuses(store: MessageStore) -> dict[str, str]:
+    return {m.control_id or "": m.status for m in store.find(limit=None)}
+
+
+def all_status(store: MessageStore, count: int, status: str) -> bool:
+    found = statuses(store)
+    return len(found) == count and set(found.values()) == {status}
+
+
+# -- order per patient ------------------------------------------------------------------------
+def test_per_patient_order_across_partitions(tmp_path: Path, http: HTTPServer) -> None:
+    rng = random.Random(7)
+    # Each request is held 0-15 ms, so sends that were not kept in order would overtake.
+    http.delay = lambda _: rng.uniform(0, 0.015)
+    config = load_config(write_config(tmp_path, hook_routes(http.url()), partitions=4))
+    patients = [f"PT{p:02d}" for p in range(10)]
+    sent: dict[str, list[str]] = {p: [] for p in patients}
+    texts = []
+    for i in range(200):
+        patient = patients[i % 10] if i % 3 else rng.choice(patients)
+        control_id = f"ORD-{i:03d}"
+        sent[patient].append(control_id)
+        texts.append(make_adt(control_id, "A08", patient_id=patient))
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, texts)
+        wait_for(lambda: all_status(hub.store, 200, "delivered"), 30, what="200 deliveries")
+    arrived: dict[str, list[str]] = {p: [] for p in patients}
+    for request in http.requests:
+        body = request.json
+        arrived[body["event"]["patient"]["primary"]["value"]].append(body["control_id"])
+    assert len(http.requests) == 200
+    for patient in patients:
+        assert arrived[patient] == sent[patient], patient
+    # The test means something only if patients really were sent side by side.
+    assert http.max_in_flight > 1
+
+
+# -- reprocess --------------------------------------------------------------------------------
+def test_reprocess_creates_run_2_deliveries_that_the_worker_sends(
+    tmp_path: Path, http: HTTPServer
+) -> None:
+    config_path = write_config(tmp_path, hook_routes(http.url()))
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config_path), data_dir) as hub:
+        send(hub, [make_adt("REP-1", patient_id="P1"), make_adt("REP-2", patient_id="P2")])
+        wait_for(lambda: all_status(hub.store, 2, "delivered"), what="first run delivered")
+        (message,) = [m for m in hub.store.find(limit=None) if m.control_id == "REP-1"]
+        (first,) = Outbox(hub.store).find(message_id=message.id)
+
+        result = cli(config_path, data_dir, "messages", "reprocess", str(message.id))
+        assert result.exit_code == 0, result.output
+        assert f"message {message.id} (run 2): care; 1 deliveries queued" in result.output
+
+        wait_for(lambda: len(http.ok()) == 3, what="the run 2 delivery to arrive")
+        wait_for(lambda: statuses(hub.store)["REP-1"] == "delivered", what="REP-1 delivered")
+        deliveries = Outbox(hub.store).find(message_id=message.id)
+        assert [(d.run, d.status) for d in deliveries] == [(1, "delivered"), (2, "delivered")]
+        second = deliveries[1]
+        assert second.idempotency_key != first.idempotency_key
+        assert second.idempotency_key.startswith(f"carehub-{message.id}-2-")
+        last = http.requests[-1]
+        assert last.key == second.idempotency_key
+        assert last.json["control_id"] == "REP-1"
+        runs = [(s.run, s.step, s.outcome) for s in Outbox(hub.store).steps(message.id)]
+        assert runs == [
+            (1, "translate v2-to-event", "ok"),
+            (1, "forward webhook care/hook", "ok"),
+            (2, "translate v2-to-event", "ok"),
+            (2, "forward webhook care/hook", "ok"),
+        ]
+        # Nothing else was sent again.
+        assert sorted(r.json["control_id"] for r in http.requests) == ["REP-1", "REP-1", "REP-2"]
+
+        missing = CliRunner().invoke(
+            main,
+            [
+                "messages",
+                "reprocess",
+                "999999",
+                "--config",
+                str(config_path),
+                "--data-dir",
+                str(data_dir),
+            ],
+        )
+        assert missing.exit_code == 2 and "no message with id 999999" in missing.output
+
+
+# -- dead letters -----------------------------------------------------------------------------
+def test_dead_letters_list_and_retry_all(tmp_path: Path, http: HTTPServer) -> None:
+    http.respond = lambda _: 400
+    config_path = write_config(tmp_path, hook_routes(http.url()))
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config_path), data_dir) as hub:
+        send(hub, [make_adt("DL-1", patient_id="P1"), make_adt("DL-2", patient_id="P2")])
+        wait_for(lambda: all_status(hub.store, 2, "failed"), what="two dead letters")
+
+        listed = cli(config_path, data_dir, "dead-letters", "list", "--json")
+        assert listed.exit_code == 0, listed.output
+        rows = [json.loads(line) for line in listed.output.splitlines()]
+        assert len(rows) == 2
+        for row in rows:
+            assert row["destination"] == "care/hook" and row["channel"] == "webhook"
+            assert row["attempts"] == 1
+            assert "HTTP 400" in row["last_error"]
+        assert {r["id"] for r in rows} == {d.id for d in Outbox(hub.store).find(status="dead")}
+        table = cli(config_path, data_dir, "dead-letters", "list")
+        assert table.exit_code == 0 and "care/hook" in plain(table.output)
+
+        unknown = cli(config_path, data_dir, "dead-letters", "retry", "999999")
+        assert unknown.exit_code == 1 and "0 dead letter(s) queued again" in unknown.output
+        assert cli(config_path, data_dir, "dead-letters", "retry").exit_code == 2  # ids or --all
+
+        http.respond = lambda _: 200
+        retried = cli(config_path, data_dir, "dead-letters", "retry", "--all")
+        assert retried.exit_code == 0, retried.output
+        assert "2 dead letter(s) queued again" in retried.output
+        wait_for(lambda: all_status(hub.store, 2, "delivered"), what="retried deliveries")
+        assert [r.status for r in http.requests].count(200) == 2
+        after = cli(config_path, data_dir, "dead-letters", "list", "--json")
+        assert after.exit_code == 0 and after.output.strip() == ""
+
+
+# -- routes check -----------------------------------------------------------------------------
+GOOD_ROUTE = """routes:
+  - name: archive
+    when: {type: ADT}
+    steps:
+      - forward: {channel: file, directory: out}
+"""
+
+BROKEN_ROUTES = {
+    "unknown forward option": (
+        GOOD_ROUTE
+        + """  - name: typo-forward
+    when: {type: ADT}
+    steps:
+      - translate: v2-to-event
+      - forward:
+          channel: webhook
+          url: http://127.0.0.1:9/hook
+          retries: 3
+""",
+        "retries: 3",
+        "typo-forward",
+        "steps[1].forward.retries",
+    ),
+    "unknown translator": (
+        GOOD_ROUTE
+        + """  - name: bad-translator
+    when: {type: ADT}
+    steps:
+      - forward: {channel: file, name: copy, directory: out}
+      - translate: v2-to-fhir
+""",
+        "translate: v2-to-fhir",
+        "bad-translator",
+        "no translator named 'v2-to-fhir'",
+    ),
+    "bad field path in when.fields": (
+        GOOD_ROUTE
+        + """  - name: bad-path
+    when:
+      type: ADT
+      fields:
+        PV1-2: I
+        PIDX-3: P1
+    steps:
+      - forward: {channel: file, name: copy, directory: out}
+""",
+        "PIDX-3: P1",
+        "bad-path",
+        "when.fields.PIDX-3",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_ROUTES))
+def test_routes_check_names_file_line_route_and_key(tmp_path: Path, case: str) -> None:
+    routes, bad_line, route, key = BROKEN_ROUTES[case]
+    config_path = write_config(tmp_path, routes)
+    line = routes.splitlines().index(next(x for x in routes.splitlines() if bad_line in x)) + 1
+    result = cli(config_path, tmp_path / "data", "routes", "check")
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'routes.yaml'}:{line}: route {route!r}: " in result.output
+    assert key in result.output
+    assert "Traceback" not in result.output
+
+
+def test_routes_check_accepts_good_routes(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, GOOD_ROUTE)
+    result = cli(config_path, tmp_path / "data", "routes", "check")
+    assert result.exit_code == 0, result.output
+    assert "route archive" in result.output and "forward file archive/file-0" in result.output
+    assert "ok: 1 route(s), 1 destination(s)" in result.output
+
+
+# -- routes test ------------------------------------------------------------------------------
+def test_routes_test_json_shows_matches_steps_and_payloads(tmp_path: Path) -> None:
+    config_path = write_config(
+        tmp_path,
+        """
+routes:
+  - name: admits
+    when: {type: ADT, events: [A01]}
+    steps:
+      - translate: v2-to-event
+      - forward: {channel: webhook, name: hook, url: "http://127.0.0.1:9/hook"}
+      - forward: {channel: file, name: archive, directory: out, body: v2}
+  - name: discharges
+    when: {events: A03}
+    steps:
+      - forward: {channel: file, name: files, directory: out}
+""",
+    )
+    message = tmp_path / "admit.hl7"
+    text = make_adt("DRY-1", "A01", patient_id="P9")
+    message.write_bytes(text.encode())
+    result = cli(config_path, tmp_path / "data", "routes", "test", str(message), "--json")
+    assert result.exit_code == 0, result.output
+    (document,) = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    assert document["file"] == str(message)
+    assert document["matched"] == ["admits"]
+    routes = {r["route"]: r for r in document["routes"]}
+    assert routes["discharges"]["matched"] is False
+    (check,) = routes["discharges"]["checks"]
+    assert check["value"] == "A01" and check["passed"] is False
+    admits = routes["admits"]
+    assert [(s["step"], s["outcome"]) for s in admits["steps"]] == [
+        ("translate v2-to-event", "ok"),
+        ("forward webhook admits/hook", "ok"),
+        ("forward file admits/archive", "ok"),
+    ]
+    assert admits["steps"][0]["output"]["kind"] == "admission"
+    hook, archive = admits["deliveries"]
+    assert hook["destination"] == "admits/hook" and hook["channel"] == "webhook"
+    body = json.loads(hook["payload"])
+    assert body["event"]["kind"] == "admission"
+    assert body["idempotency_key"] == hook["idempotency_key"]
+    assert archive["payload"] == text  # the v2 text exactly as the file would hold it
+    assert archive["metadata"] == {"filename": f"{archive['idempotency_key']}.hl7"}
+    assert admits["error"] is None
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# -- plugins ----------------------------------------------------------------------------------
+def test_plugins_lists_the_builtin_channels() -> None:
+    result = CliRunner().invoke(main, ["plugins"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("builtin.channels "))
+    block = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("    "):
+            break
+        block.append(line.strip())
+    assert {"channel file", "channel mllp", "channel webhook"} <= set(block)
+    as_json = CliRunner().invoke(main, ["plugins", "--json"], catch_exceptions=False)
+    rows = {row["name"]: row for row in map(json.loads, as_json.output.splitlines())}
+    assert "channel webhook" in rows["builtin.channels"]["components"]
+    assert rows["builtin.channels"]["source"] == "builtin"
