@@ -12,7 +12,8 @@
 Step kinds: ``translate`` and ``enrich`` name a registered component (``translate: NAME`` or
 ``translate: {use: NAME, ...options}``); ``transform`` and ``validate`` are the built-in
 translators of those names; ``filter`` takes a condition like ``when`` and ends the route for
-messages that fail it; ``forward`` names a ``channel`` plus that channel's options.
+messages that fail it; ``forward`` names a ``channel`` plus that channel's options; ``notify``
+tells a patient's care team (see carehub.care.notify).
 Errors name the file, the line, the route and the key.
 """
 
@@ -30,7 +31,7 @@ from carehub.config import _expand_tree, _line_of, _loc_text
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
 
-STEP_KINDS = ("translate", "enrich", "transform", "validate", "filter", "forward")
+STEP_KINDS = ("translate", "enrich", "transform", "validate", "filter", "forward", "notify")
 
 
 class _Strict(BaseModel):
@@ -63,6 +64,7 @@ class StepConfig(_Strict):
     validate_: dict[str, Any] | None = Field(None, alias="validate")
     filter: When | None = None
     forward: dict[str, Any] | None = None
+    notify: dict[str, Any] | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

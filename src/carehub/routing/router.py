@@ -14,15 +14,17 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carehub.components import Outgoing, Work
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.plugins import PluginHost
 from carehub.routing.conditions import Check
-from carehub.routing.table import Route, RouteTable
 from carehub.store.store import StoredMessage
 from carehub.workqueue import patient_key
+
+if TYPE_CHECKING:
+    from carehub.routing.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,13 @@ class Router:
                         break
                     result.steps.append(
                         StepRecord(route.name, position, step.label, "ok", "passed")
+                    )
+                elif step.kind == "notify":
+                    assert step.notifier is not None
+                    planned, decisions = step.notifier.plan(work, run)
+                    result.deliveries.extend(planned)
+                    result.steps.append(
+                        StepRecord(route.name, position, step.label, "ok", decisions)
                     )
                 elif step.kind == "forward":
                     assert step.destination is not None

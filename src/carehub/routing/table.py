@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from carehub.care.notify import Notifier, NotifyConfig
 from carehub.components import Channel, Component, ComponentContext, Enricher, Translator
 from carehub.config import _loc_text
 from carehub.errors import ConfigError
@@ -34,11 +35,12 @@ class Destination:
 
 @dataclass(slots=True)
 class BoundStep:
-    kind: str  # translate | enrich | filter | forward
+    kind: str  # translate | enrich | filter | forward | notify
     label: str  # e.g. "translate v2-to-event", "forward webhook care-platform"
     component: Component | None = None
     condition: When | None = None
     destination: Destination | None = None
+    notifier: Notifier | None = None
 
 
 @dataclass(slots=True)
@@ -63,7 +65,12 @@ class RouteTable:
                     built.append(step.component)
                 elif step.destination is not None:
                     built.append(step.destination.channel)
+                elif step.notifier is not None:
+                    built += [d.channel for d in step.notifier.destinations.values()]
         return built
+
+    def notifiers(self) -> list[Notifier]:
+        return [s.notifier for r in self.routes for s in r.steps if s.notifier is not None]
 
     def attach_store(self, store: MessageStore) -> None:
         """Give every component the open store (the hub opens it after binding routes)."""
@@ -73,6 +80,8 @@ class RouteTable:
     def tick(self, now: datetime) -> None:
         for component in self.components():
             component.tick(now)
+        for notifier in self.notifiers():
+            notifier.tick(now)
 
     async def start(self) -> None:
         for component in self.components():
@@ -98,6 +107,19 @@ def bind_routes(
             kind = step.kind
             if kind == "filter":
                 steps.append(BoundStep("filter", "filter", condition=step.filter))
+                continue
+            if kind == "notify":
+                notifier = _bind_notify(
+                    step.notify or {}, config.name, position, host, context, item.source, loc
+                )
+                for destination in notifier.destinations.values():
+                    if destination.name in table.destinations:
+                        raise ConfigError(
+                            f"{item.source.where(loc)}: route {config.name!r}: destination "
+                            f"{destination.name!r} is used twice"
+                        )
+                    table.destinations[destination.name] = destination
+                steps.append(BoundStep("notify", "notify", notifier=notifier))
                 continue
             if kind == "forward":
                 destination = _bind_forward(
@@ -166,6 +188,32 @@ def _bind_forward(
     assert isinstance(channel, Channel)
     name = f"{route}/{forward.name or f'{forward.channel}-{position}'}"
     return Destination(name, channel, forward.retry)
+
+
+def _bind_notify(
+    settings: dict[str, Any],
+    route: str,
+    position: int,
+    host: PluginHost,
+    context: ComponentContext,
+    source: RouteSource,
+    loc: tuple[Any, ...],
+) -> Notifier:
+    try:
+        config = NotifyConfig.model_validate(settings)
+    except ValidationError as err:
+        raise ConfigError(_errors(err, source, route, loc)) from None
+    destinations = {}
+    for key, channel_settings in config.channels.items():
+        forward = {
+            "name": f"notify-{key}",
+            "retry": config.retry.model_dump(),
+            **channel_settings,
+        }
+        destinations[key] = _bind_forward(
+            forward, route, position, host, context, source, (*loc, "channels", key)
+        )
+    return Notifier(route, config, destinations, context)
 
 
 def _build(

@@ -228,7 +228,7 @@ notifications = Table(
     Column("kind", String(32), nullable=False),  # ed_arrival, admission, ..., retraction, digest
     Column("status", String(16), nullable=False),  # queued|suppressed|digest|retracted
     Column("reason", Text, nullable=True),  # why suppressed / what is retracted
-    Column("delivery_id", IdType, nullable=True),
+    Column("delivery_key", String(128), nullable=True),  # the delivery's idempotency key
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 Index("ix_notifications_encounter", notifications.c.encounter_id, notifications.c.recipient)

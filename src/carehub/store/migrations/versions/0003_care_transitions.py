@@ -81,7 +81,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("reason", sa.Text, nullable=True),
-        sa.Column("delivery_id", IdType, nullable=True),
+        sa.Column("delivery_key", sa.String(128), nullable=True),
         sa.Column("created_at", When, nullable=False),
     )
     op.create_index(

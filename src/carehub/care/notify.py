@@ -1,0 +1,610 @@
+"""The notify step: tell each member of the care team about a care transition, once.
+
+    - notify:
+        channels:                       # the recipient's channel -> how carehub sends on it
+          email: {channel: email, host: smtp.example.org, sender: alerts@example.org}
+          sms: {channel: sms, url: "${SMS_GATEWAY_URL}"}
+        templates: care/templates       # optional: overrides of the built-in templates
+        detail: {email: full}           # default: sms gets the minimum, others the full text
+        digest_hour: 7                  # UTC hour daily digests go out
+        coordinator_roles: [care_coordinator]
+
+It reads what the earlier steps found: ``work.data["encounter"]`` (a Transition from the
+encounter-state enricher) and ``work.data["care_team"]`` (a CareTeam from care-team). Every
+decision is a row in ``notifications``: queued (a delivery was planned), digest (waits for
+the recipient's daily digest), suppressed (with the reason), retracted (a cancel took it
+back). Those rows are how "never the same thing twice" holds: a recipient already told of
+an admission is not told again, and a cancel sends a correction to exactly those told.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import and_, insert, select, update
+
+from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
+from carehub.components import ComponentContext, Outgoing, Work
+from carehub.routing.config import RetryPolicy
+from carehub.routing.router import PlannedDelivery, idempotency_key
+from carehub.store.schema import deliveries, encounters, notifications
+
+BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
+KIND_LABELS = {
+    "ed_arrival": "emergency department visit",
+    "admission": "admission",
+    "transfer": "transfer",
+    "discharge": "discharge",
+}
+ROLE_LABELS = {
+    "pcp": "primary care practitioner",
+    "care_coordinator": "care coordinator",
+    "case_manager": "case manager",
+    "behavioral_health": "behavioral health clinician",
+    "post_acute": "post-acute care provider",
+}
+#: Channels that are not secure enough for more than the CMS minimum by default.
+MINIMUM_BY_DEFAULT = {"sms"}
+
+
+class NotifyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channels: dict[str, dict[str, Any]] = Field(min_length=1)
+    templates: str | None = None
+    detail: dict[str, Literal["minimum", "full"]] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    digest_hour: int = Field(7, ge=0, le=23)
+    coordinator_roles: list[str] = Field(default_factory=lambda: ["care_coordinator"])
+    kinds: list[str] = Field(default_factory=lambda: list(NOTIFIABLE))
+
+
+@dataclass(slots=True)
+class Decision:
+    """One notification decided for one recipient (a notifications row)."""
+
+    recipient: str
+    role: str | None
+    channel: str | None
+    address: str | None
+    kind: str
+    status: str  # queued | digest | suppressed | retracted
+    reason: str | None = None
+    delivery_key: str | None = None
+
+    def output(self) -> dict[str, Any]:
+        return {
+            "recipient": self.recipient,
+            "role": self.role,
+            "channel": self.channel,
+            "kind": self.kind,
+            "status": self.status,
+            "reason": self.reason,
+            "delivery_key": self.delivery_key,
+        }
+
+
+@dataclass(slots=True)
+class _MemoryRows:
+    """Notification rows for dry runs (no store): enough to show dedup and retraction."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Notifier:
+    """Built once per notify step; plans deliveries while routing and sends digests and
+    overdue follow-up alerts from tick()."""
+
+    def __init__(
+        self,
+        route: str,
+        config: NotifyConfig,
+        destinations: dict[str, Any],
+        context: ComponentContext,
+    ) -> None:
+        self.route = route
+        self.config = config
+        self.destinations = destinations  # recipient channel -> Destination
+        self.context = context
+        self._memory = _MemoryRows()
+        loaders: list[jinja2.BaseLoader] = []
+        if config.templates:
+            loaders.append(jinja2.FileSystemLoader(str(context.path(config.templates))))
+        loaders.append(jinja2.FileSystemLoader(str(BUILTIN_TEMPLATES)))
+        self.templates = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(loaders),
+            autoescape=False,  # plain text for email bodies and SMS, not HTML
+            undefined=jinja2.ChainableUndefined,
+            trim_blocks=True,
+            keep_trailing_newline=False,
+        )
+
+    # -- routing time ---------------------------------------------------------------------
+    def plan(self, work: Work, run: int) -> tuple[list[PlannedDelivery], list[dict[str, Any]]]:
+        transition = work.data.get("encounter")
+        team = work.data.get("care_team")
+        if not isinstance(transition, Transition):
+            raise ValueError("notify needs the encounter-state enricher earlier in the route")
+        if not isinstance(team, CareTeam):
+            raise ValueError("notify needs the care-team enricher earlier in the route")
+        message_id = work.message.id
+        existing = self._rows(message_id=message_id)
+        if existing:  # routed before (a crash between routing and its commit): same answer
+            decisions = [_decision(row) for row in existing]
+            return self._deliveries(work, transition, decisions, run), [
+                d.output() for d in decisions
+            ]
+        decisions: list[Decision] = []
+        retracted_kind = transition.retracts
+        if retracted_kind:
+            decisions += self._retract(transition, retracted_kind)
+        elif transition.kind in self.config.kinds:
+            decisions += self._notify(transition, team)
+        self._record(transition, message_id, decisions, work)
+        return self._deliveries(work, transition, decisions, run), [d.output() for d in decisions]
+
+    def _notify(self, transition: Transition, team: CareTeam) -> list[Decision]:
+        kind = transition.kind
+        decisions: list[Decision] = []
+        opt_out = next((s.reason for s in team.suppressed if s.recipient_id is None), None)
+        member_suppressed = {
+            s.recipient_id: s.reason for s in team.suppressed if s.recipient_id is not None
+        }
+        told = {
+            (row["recipient"], row["kind"])
+            for row in self._rows(encounter_id=transition.encounter_id)
+            if row["status"] in ("queued", "digest")
+        }
+        for recipient in team.recipients:
+            decision = Decision(
+                recipient.id, recipient.role, recipient.channel, recipient.address, kind, "queued"
+            )
+            if opt_out:
+                decision.status, decision.reason = "suppressed", f"patient opted out: {opt_out}"
+            elif recipient.id in member_suppressed:
+                decision.status, decision.reason = "suppressed", member_suppressed[recipient.id]
+            elif (recipient.id, kind) in told:
+                decision.status, decision.reason = "suppressed", "already told of this " + kind
+            elif recipient.preference == "discharge_only" and kind != "discharge":
+                decision.status, decision.reason = "suppressed", "prefers discharge notices only"
+            elif recipient.channel not in self.destinations:
+                decision.status = "suppressed"
+                decision.reason = f"no {recipient.channel!r} channel on route {self.route!r}"
+            elif recipient.preference == "daily_digest":
+                decision.status = "digest"
+            decisions.append(decision)
+        listed = {r.id for r in team.recipients}
+        for suppression in team.suppressed:
+            if suppression.recipient_id is not None and suppression.recipient_id not in listed:
+                decisions.append(
+                    Decision(
+                        suppression.recipient_id,
+                        None,
+                        None,
+                        None,
+                        kind,
+                        "suppressed",
+                        suppression.reason,
+                    )
+                )
+        return decisions
+
+    def _retract(self, transition: Transition, kind: str) -> list[Decision]:
+        """Take back `kind` from everyone told: a correction to those already sent, and a
+        quiet removal from digests not yet sent."""
+        decisions: list[Decision] = []
+        for row in self._rows(encounter_id=transition.encounter_id):
+            if row["kind"] != kind or row["status"] not in ("queued", "digest"):
+                continue
+            self._mark_retracted(row)
+            if row["status"] == "queued" and row["channel"] in self.destinations:
+                decisions.append(
+                    Decision(
+                        row["recipient"],
+                        row["role"],
+                        row["channel"],
+                        row["address"],
+                        "retraction",
+                        "queued",
+                        f"retracts notification #{row['id']} ({kind})",
+                    )
+                )
+        return decisions
+
+    def _deliveries(
+        self, work: Work, transition: Transition, decisions: list[Decision], run: int
+    ) -> list[PlannedDelivery]:
+        planned = []
+        for decision in decisions:
+            if decision.status != "queued" or decision.channel not in self.destinations:
+                continue
+            destination = self.destinations[decision.channel]
+            key = decision.delivery_key or _key(work.message.id, run, destination.name, decision)
+            decision.delivery_key = key
+            context = self._template_context(work, transition, decision)
+            subject, body = self.render(decision.kind, decision.channel or "", context)
+            planned.append(
+                PlannedDelivery(
+                    route=self.route,
+                    destination=destination.name,
+                    channel=destination.channel.name,
+                    outgoing=Outgoing(
+                        body.encode("utf-8"),
+                        "text/plain; charset=utf-8",
+                        key,
+                        {
+                            "to": decision.address or "",
+                            "subject": subject,
+                            "recipient_name": context["recipient"]["name"],
+                            "kind": decision.kind,
+                        },
+                    ),
+                    order_key=transition.patient_key,
+                    max_attempts=self.config.retry.max_attempts,
+                )
+            )
+        return planned
+
+    def render(self, kind: str, channel: str, context: dict[str, Any]) -> tuple[str, str]:
+        """(subject, body) from `<kind>.<channel>.txt`, else `<kind>.txt`; a first line
+        `Subject: ...` is the subject."""
+        template = self.templates.select_template([f"{kind}.{channel}.txt", f"{kind}.txt"])
+        text = template.render(**context).strip()
+        subject = ""
+        if text.startswith("Subject:"):
+            first, _, text = text.partition("\n")
+            subject = first.removeprefix("Subject:").strip()
+        return subject, text.strip() + "\n"
+
+    def _template_context(
+        self, work: Work, transition: Transition, decision: Decision
+    ) -> dict[str, Any]:
+        event = work.event.model_dump(mode="json") if work.event is not None else {}
+        context = event_context(event)
+        default = "minimum" if decision.channel in MINIMUM_BY_DEFAULT else "full"
+        detail = self.config.detail.get(decision.channel or "", default)
+        followups = work.data.get("followups") or []
+        context.update(
+            kind=decision.kind,
+            full=detail == "full",
+            recipient=_recipient_context(decision, work.data.get("care_team")),
+            retracted_label=KIND_LABELS.get(_retracted_kind(decision.reason), "notification"),
+            followups=[
+                {"kind": f.get("kind"), "due": str(f.get("due_at", ""))[:10]}
+                for f in followups
+                if isinstance(f, dict)
+            ],
+        )
+        return context
+
+    # -- periodic -------------------------------------------------------------------------
+    def tick(self, now: datetime) -> None:
+        store = self.context.store
+        if store is None:
+            return
+        self._send_digests(now)
+        self._alert_overdue_followups(now)
+
+    def _send_digests(self, now: datetime) -> None:
+        """At digest_hour (UTC), one digest per recipient with everything held since the last
+        one; the delivery key names the day, so a second tick that day adds nothing."""
+        cutoff = datetime.combine(now.date(), time(self.config.digest_hour), tzinfo=UTC)
+        if now < cutoff:
+            return
+        rows = [r for r in self._rows(status="digest") if _aware(r["created_at"]) < cutoff]
+        by_recipient: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            if row["channel"] in self.destinations:
+                by_recipient.setdefault(
+                    (row["recipient"], row["channel"], row["address"]), []
+                ).append(row)
+        for (recipient, channel, address), items in by_recipient.items():
+            snapshots = self._snapshots({r["encounter_id"] for r in items})
+            lines = []
+            for row in sorted(items, key=lambda r: r["id"]):
+                context = event_context(snapshots.get(row["encounter_id"], {}))
+                lines.append(
+                    {
+                        "when": _aware(row["created_at"]).strftime("%Y-%m-%d %H:%M"),
+                        "label": KIND_LABELS.get(row["kind"], row["kind"]),
+                        "patient_name": context["patient_name"],
+                        "institution": context["institution"],
+                    }
+                )
+            subject, body = self.render("digest", channel, {"items": lines})
+            key = f"carehub-digest-{now.date().isoformat()}-{_safe(recipient)}-{_safe(channel)}"
+            destination = self.destinations[channel]
+            planned = PlannedDelivery(
+                self.route,
+                destination.name,
+                destination.channel.name,
+                Outgoing(
+                    body.encode(),
+                    "text/plain; charset=utf-8",
+                    key,
+                    {"to": address, "subject": subject, "kind": "digest"},
+                ),
+                f"digest|{recipient}",
+                self.config.retry.max_attempts,
+            )
+            self._schedule(planned, items[-1]["message_id"], [r["id"] for r in items], key)
+
+    def _alert_overdue_followups(self, now: datetime) -> None:
+        try:
+            from carehub.care.followup import due_alerts, mark_alerted
+        except ImportError:  # follow-up clocks are optional
+            return
+        engine = self.context.store.engine  # type: ignore[union-attr]
+        alerts = due_alerts(engine, now)
+        for alert in alerts:
+            coordinators = {
+                (r["recipient"], r["channel"], r["address"]): r
+                for r in self._rows(encounter_id=alert.encounter_id)
+                if r["role"] in self.config.coordinator_roles
+                and r["channel"] in self.destinations
+                and r["status"] in ("queued", "digest")
+            }
+            snapshot = self._snapshots({alert.encounter_id}).get(alert.encounter_id, {})
+            context = event_context(snapshot)
+            context.update(
+                followup_kind="interactive contact"
+                if alert.kind == "contact"
+                else "follow-up visit",
+                due=_aware(alert.due_at).strftime("%Y-%m-%d"),
+            )
+            if not coordinators:
+                self._insert_rows(
+                    [
+                        {
+                            "encounter_id": alert.encounter_id,
+                            "message_id": None,
+                            "patient_key": alert.patient_key,
+                            "recipient": "-",
+                            "role": None,
+                            "channel": None,
+                            "address": None,
+                            "kind": "followup_overdue",
+                            "status": "suppressed",
+                            "reason": f"no care coordinator on record for follow-up #{alert.id}",
+                        }
+                    ]
+                )
+            for (recipient, channel, address), row in coordinators.items():
+                subject, body = self.render("followup_overdue", channel, context)
+                key = f"carehub-overdue-{alert.id}-{_safe(recipient)}"
+                destination = self.destinations[channel]
+                planned = PlannedDelivery(
+                    self.route,
+                    destination.name,
+                    destination.channel.name,
+                    Outgoing(
+                        body.encode(),
+                        "text/plain; charset=utf-8",
+                        key,
+                        {"to": address, "subject": subject, "kind": "followup_overdue"},
+                    ),
+                    alert.patient_key,
+                    self.config.retry.max_attempts,
+                )
+                self._insert_rows(
+                    [
+                        {
+                            "encounter_id": alert.encounter_id,
+                            "message_id": row["message_id"],
+                            "patient_key": alert.patient_key,
+                            "recipient": recipient,
+                            "role": row["role"],
+                            "channel": channel,
+                            "address": address,
+                            "kind": "followup_overdue",
+                            "status": "queued",
+                            "reason": f"follow-up #{alert.id} ({alert.kind}) overdue",
+                            "delivery_key": key,
+                        }
+                    ]
+                )
+                self._schedule(planned, row["message_id"], [], key)
+        if alerts:
+            mark_alerted(engine, [a.id for a in alerts], now)
+
+    # -- persistence ----------------------------------------------------------------------
+    def _record(
+        self, transition: Transition, message_id: int, decisions: list[Decision], work: Work
+    ) -> None:
+        rows = [
+            {
+                "encounter_id": transition.encounter_id,
+                "message_id": message_id,
+                "patient_key": transition.patient_key,
+                "recipient": d.recipient,
+                "role": d.role,
+                "channel": d.channel,
+                "address": d.address,
+                "kind": d.kind,
+                "status": d.status,
+                "reason": d.reason,
+                "delivery_key": _key(message_id, 1, self.destinations[d.channel].name, d)
+                if d.status == "queued" and d.channel in self.destinations
+                else None,
+            }
+            for d in decisions
+        ]
+        for row, decision in zip(rows, decisions, strict=True):
+            decision.delivery_key = row["delivery_key"]
+        self._insert_rows(rows)
+
+    def _insert_rows(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        now = datetime.now(UTC)
+        store = self.context.store
+        if store is None:
+            for row in rows:
+                self._memory.rows.append(
+                    {**row, "id": len(self._memory.rows) + 1, "created_at": now}
+                )
+            return
+        with store.engine.begin() as conn:
+            conn.execute(insert(notifications), [{**r, "created_at": now} for r in rows])
+
+    def _rows(self, **where: Any) -> list[dict[str, Any]]:
+        store = self.context.store
+        if store is None:
+            return [r for r in self._memory.rows if all(r.get(k) == v for k, v in where.items())]
+        conditions = [getattr(notifications.c, k) == v for k, v in where.items()]
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(notifications).where(and_(*conditions)).order_by(notifications.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def _mark_retracted(self, row: dict[str, Any]) -> None:
+        store = self.context.store
+        if store is None:
+            row["status"] = "retracted"
+            return
+        with store.engine.begin() as conn:
+            conn.execute(
+                update(notifications)
+                .where(notifications.c.id == row["id"])
+                .values(status="retracted")
+            )
+
+    def _snapshots(self, encounter_ids: set[int]) -> dict[int, dict[str, Any]]:
+        store = self.context.store
+        if store is None or not encounter_ids:
+            return {}
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(encounters.c.id, encounters.c.snapshot).where(
+                    encounters.c.id.in_(encounter_ids)
+                )
+            )
+            return {r.id: json.loads(r.snapshot) if r.snapshot else {} for r in rows}
+
+    def _schedule(
+        self, planned: PlannedDelivery, message_id: int | None, digested: list[int], key: str
+    ) -> None:
+        """Put a delivery carehub itself decided on (digest, overdue alert) in the outbox."""
+        store = self.context.store
+        if store is None or message_id is None:
+            return
+        now = datetime.now(UTC)
+        with store.engine.begin() as conn:
+            exists = conn.execute(
+                select(deliveries.c.id).where(deliveries.c.idempotency_key == key)
+            ).first()
+            if exists is None:
+                conn.execute(
+                    insert(deliveries),
+                    {
+                        "message_id": message_id,
+                        "run": 0,
+                        "route": planned.route,
+                        "destination": planned.destination,
+                        "channel": planned.channel,
+                        "idempotency_key": key,
+                        "order_key": planned.order_key,
+                        "payload": planned.outgoing.payload,
+                        "content_type": planned.outgoing.content_type,
+                        "metadata": json.dumps(planned.outgoing.metadata),
+                        "status": "pending",
+                        "attempts": 0,
+                        "max_attempts": planned.max_attempts,
+                        "not_before": now,
+                        "lease_until": None,
+                        "last_error": None,
+                        "receipt": None,
+                        "created_at": now,
+                        "updated_at": now,
+                        "accepted_at": None,
+                    },
+                )
+            if digested:
+                conn.execute(
+                    update(notifications)
+                    .where(notifications.c.id.in_(digested))
+                    .values(status="digested", delivery_key=key)
+                )
+
+
+def event_context(event: dict[str, Any]) -> dict[str, Any]:
+    """Template variables from a care event (JSON form): the CMS minimum first."""
+    patient = event.get("patient") or {}
+    name = patient.get("name") or {}
+    encounter = event.get("encounter") or {}
+    practitioner = encounter.get("attending") or encounter.get("admitting") or {}
+    location = encounter.get("location") or {}
+    diagnoses = [d.get("display") or d.get("code") for d in event.get("diagnoses") or []]
+    return {
+        "event": event,
+        "patient_name": " ".join(p for p in (name.get("given"), name.get("family")) if p)
+        or "the patient",
+        "birth_date": patient.get("birth_date"),
+        "institution": encounter.get("facility") or event.get("sending_facility") or "the hospital",
+        "practitioner": " ".join(
+            p
+            for p in (
+                practitioner.get("prefix"),
+                practitioner.get("given"),
+                practitioner.get("family"),
+            )
+            if p
+        ),
+        "occurred_at": (event.get("occurred_at") or "")[:16].replace("T", " "),
+        "location": " ".join(p for p in (location.get("point_of_care"), location.get("room")) if p),
+        "reason": encounter.get("admit_reason"),
+        "diagnoses": "; ".join(d for d in diagnoses if d),
+        "disposition": encounter.get("discharge_disposition"),
+        "discharged_to": encounter.get("discharged_to_name") or encounter.get("discharged_to"),
+    }
+
+
+def _recipient_context(decision: Decision, team: CareTeam | None) -> dict[str, Any]:
+    member: Recipient | None = None
+    if team is not None:
+        member = next((r for r in team.recipients if r.id == decision.recipient), None)
+    role = decision.role or ""
+    return {
+        "id": decision.recipient,
+        "name": member.name if member else decision.recipient,
+        "role": role,
+        "role_label": ROLE_LABELS.get(role, role.replace("_", " ") or "a member of the care team"),
+    }
+
+
+def _retracted_kind(reason: str | None) -> str:
+    if reason and "(" in reason:
+        return reason.rsplit("(", 1)[1].rstrip(")")
+    return ""
+
+
+def _decision(row: dict[str, Any]) -> Decision:
+    return Decision(
+        row["recipient"],
+        row["role"],
+        row["channel"],
+        row["address"],
+        row["kind"],
+        row["status"],
+        row["reason"],
+        row["delivery_key"],
+    )
+
+
+def _key(message_id: int, run: int, destination: str, decision: Decision) -> str:
+    return idempotency_key(message_id, run, f"{destination}/{decision.recipient}/{decision.kind}")
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:60]
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
