@@ -6,4 +6,5 @@ BUILTIN_PLUGINS = [
     "carehub.builtins.core",
     "carehub.builtins.translators",
     "carehub.builtins.channels",
+    "carehub.builtins.messaging",
 ]

@@ -1,6 +1,6 @@
 """Registers the care-transition components: the encounter-state, care-team and
-follow-up-clock enrichers, the email and sms channels, and the `encounters` and `followups`
-commands."""
+follow-up-clock enrichers, and the `encounters` and `followups` commands. (The email and sms
+channels they notify through are in carehub.builtins.messaging.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import click
 
-from carehub.components import Channel, Enricher
+from carehub.components import Enricher
 from carehub.hookspecs import hookimpl
 
 
@@ -21,14 +21,6 @@ def carehub_register_enrichers(register: Callable[[type[Enricher]], None]) -> No
     register(EncounterStateEnricher)
     register(CareTeamEnricher)
     register(FollowupEnricher)
-
-
-@hookimpl
-def carehub_register_channels(register: Callable[[type[Channel]], None]) -> None:
-    from carehub.builtins.messaging import EmailChannel, SmsChannel
-
-    register(EmailChannel)
-    register(SmsChannel)
 
 
 @hookimpl
