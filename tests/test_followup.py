@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from pydantic import ValidationError
 from sqlalchemy import insert, select
 
@@ -36,6 +37,7 @@ from carehub.care.followup import (
 from carehub.care.model import Transition
 from carehub.components import ComponentContext, Work
 from carehub.errors import ConfigError
+from carehub.events import CareEvent, Encounter
 from carehub.store.schema import encounters
 from carehub.store.schema import followups as followups_table
 from carehub.store.store import MessageStore, StoredMessage, sqlite_url
@@ -222,13 +224,9 @@ def test_policy_reasons() -> None:
 
 
 # -- the clock, in memory and in a real store ------------------------------------------------
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[MessageStore]:
-    """A migrated SQLite store with encounters 1 and 2 (followups.encounter_id is a foreign
-    key to encounters)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    store = MessageStore(sqlite_url(data))
+def seeded(store: MessageStore) -> MessageStore:
+    """Migrate and add encounters 1 and 2 (followups.encounter_id is a foreign key to
+    encounters)."""
     store.migrate()
     now = datetime(2026, 11, 20, 19, 0, tzinfo=UTC)
     with store.engine.begin() as conn:
@@ -243,15 +241,61 @@ def store(tmp_path: Path) -> Iterator[MessageStore]:
                     updated_at=now,
                 )
             )
-    yield store
-    store.close()
+    return store
 
 
-@pytest.fixture(params=["memory", "store"])
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[MessageStore]:
+    """A migrated SQLite store under tmp_path/data with encounters 1 and 2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    opened = seeded(MessageStore(sqlite_url(data)))
+    yield opened
+    opened.close()
+
+
+PG = "postgresql+psycopg://{role}@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_store() -> Iterator[MessageStore]:
+    """The same in a fresh schema of the local PostgreSQL test database (skipped without one)."""
+    psycopg = pytest.importorskip("psycopg")
+    role = None
+    for candidate in ("postgres", "root"):
+        try:
+            with psycopg.connect(
+                host="127.0.0.1", port=5432, user=candidate, dbname="test", connect_timeout=3
+            ):
+                role = candidate
+                break
+        except psycopg.Error:
+            continue
+    if role is None:
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (database test)")
+    schema = f"carehub_followup_{uuid.uuid4().hex[:12]}"
+
+    def admin(sql: str) -> None:
+        with psycopg.connect(
+            host="127.0.0.1", port=5432, user=role, dbname="test", autocommit=True
+        ) as conn:
+            conn.execute(sql)
+
+    admin(f'CREATE SCHEMA "{schema}"')
+    opened = MessageStore(PG.format(role=role) + f"?options=-csearch_path%3D{schema}")
+    try:
+        yield seeded(opened)
+    finally:
+        opened.close()
+        admin(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def clock(request: pytest.FixtureRequest) -> FollowupClock:
     if request.param == "memory":
         return FollowupClock(FollowupMemory())
-    return FollowupClock(request.getfixturevalue("store").engine)
+    fixture = "store" if request.param == "sqlite" else "pg_store"
+    return FollowupClock(request.getfixturevalue(fixture).engine)
 
 
 NOW = datetime(2026, 11, 20, 20, 0, tzinfo=UTC)  # Friday 15:00 in New York
@@ -460,7 +504,7 @@ class TestEnricher:
             FollowupEnricher.Options.model_validate(bad)
 
     def test_bad_holidays_file_fails_at_build(self, tmp_path: Path) -> None:
-        with pytest.raises(ConfigError, match="missing.yaml"):
+        with pytest.raises(ConfigError, match=r"missing\.yaml"):
             enricher(tmp_path, holidays_file="missing.yaml")
 
     def test_missing_transition_is_a_clear_error(self, tmp_path: Path) -> None:
@@ -530,6 +574,27 @@ class TestEnricher:
         assert output["discharged_at"] == saturday.isoformat()
         assert output["items"][0]["due_at"] == "2026-11-24T23:59:59.999999+00:00"
 
+    def test_facts_fall_back_to_the_care_event(self, tmp_path: Path) -> None:
+        # A bare Transition: disposition, time and class come from the message's own PV1.
+        bare = Transition(kind="discharge", encounter_id=3, patient_key="HOSP|1001")
+        work = work_for(bare)
+        work.event = CareEvent(
+            kind="discharge",
+            message_type="ADT",
+            trigger_event="A03",
+            encounter=Encounter(
+                patient_class="I", discharge_disposition="06", discharge_time=FRIDAY_2PM
+            ),
+        )
+        output = enricher(tmp_path).enrich(work)
+        assert (output["action"], output["disposition"]) == ("opened", "06")
+        assert output["discharged_at"] == FRIDAY_2PM.isoformat()
+        ed = work_for(bare)
+        ed.event = work.event.model_copy(
+            update={"encounter": Encounter(patient_class="E", discharge_disposition="01")}
+        )
+        assert "patient class E" in enricher(tmp_path).enrich(ed)["reason"]
+
     def test_holidays_file_and_timezone(self, tmp_path: Path) -> None:
         (tmp_path / "holidays.yaml").write_text("- 2026-11-23\n", encoding="utf-8")
         step = enricher(
@@ -564,7 +629,7 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def invoke(*args: str) -> object:
+def invoke(*args: str) -> Result:
     return CliRunner().invoke(followups, list(args), catch_exceptions=False)
 
 

@@ -19,6 +19,7 @@ an admission is not told again, and a cancel sends a correction to exactly those
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
 from carehub.components import ComponentContext, Outgoing, Work
@@ -336,12 +338,13 @@ class Notifier:
             self._schedule(planned, items[-1]["message_id"], [r["id"] for r in items], key)
 
     def _alert_overdue_followups(self, now: datetime) -> None:
-        try:
-            from carehub.care.followup import due_alerts, mark_alerted
-        except ImportError:  # follow-up clocks are optional
-            return
-        engine = self.context.store.engine  # type: ignore[union-attr]
-        alerts = due_alerts(engine, now)
+        """Tell the care coordinators who were told of the encounter, then mark the follow-up
+        alerted: a crash in between alerts again rather than never, and the alert's delivery
+        key (follow-up id + recipient) keeps a second attempt from sending twice."""
+        from carehub.care.followup import FollowupClock
+
+        clock = FollowupClock(self.context.store.engine)  # type: ignore[union-attr]
+        alerts = clock.due_alerts(now)
         for alert in alerts:
             coordinators = {
                 (r["recipient"], r["channel"], r["address"]): r
@@ -411,7 +414,7 @@ class Notifier:
                 )
                 self._schedule(planned, row["message_id"], [], key)
         if alerts:
-            mark_alerted(engine, [a.id for a in alerts], now)
+            clock.mark_alerted([a.id for a in alerts], now)
 
     # -- persistence ----------------------------------------------------------------------
     def _record(
@@ -496,7 +499,8 @@ class Notifier:
         if store is None or message_id is None:
             return
         now = datetime.now(UTC)
-        with store.engine.begin() as conn:
+        with contextlib.suppress(IntegrityError), store.engine.begin() as conn:
+            # IntegrityError: another worker inserted the same key first; it is sent once.
             exists = conn.execute(
                 select(deliveries.c.id).where(deliveries.c.idempotency_key == key)
             ).first()

@@ -1,0 +1,1314 @@
+"""Encounter state: turn a noisy ADT feed into one record per visit and one transition per message.
+
+Hospitals send about eight ADT messages per encounter: registrations, admits, transfers, bed
+moves, A08 updates that repeat what is already known, cancels and merges. Care teams must hear
+about the few that matter (ED arrival, admission, level-of-care transfer, discharge) exactly
+once, and hear a retraction when one is cancelled. So this module keeps the visit's state in the
+store (tables ``encounters``, ``encounter_events`` and ``patient_merges``) and tells the later
+route steps, through a :class:`~carehub.care.model.Transition`, what each message changed.
+
+Rules (see docs on each handler for the reasons):
+
+- One encounter per visit, keyed by (patient key, visit key). The patient key is
+  ``authority|id`` of the PID-3 identifier typed MR (else the first), the same format as the
+  routing order key, resolved through ``patient_merges`` so a retired id follows its merge.
+  The visit key is ``authority|value`` of PV1-19.
+- PV1-19 missing: the message joins the patient's most recently updated *open* encounter
+  (registered, ed, admitted) at the same facility (an A13 looks for a discharged one instead);
+  with none, a stand-in key ``noVN:<facility>:<YYYYMMDD>`` (the admit date PV1-44, else the
+  message date EVN-2/MSH-7) is used. A registration or admission that finds that stand-in
+  already closed gets ``...#2``, ``#3``: a second visit on the same day is a new visit.
+- A04 class E -> ``ed_arrival`` (state ed); other classes -> ``registration`` (registered).
+- A01/A06 -> ``admission`` (admitted); already admitted or discharged -> ``none``. An A06
+  naming an unknown new PV1-19 with the old one in MRG-5 renumbers the old encounter. A fresh
+  A01/A06 under a new visit number quietly closes the patient's open ED visit at that facility
+  (sites that give the inpatient stay its own number never discharge the ED visit).
+- A08 that turns class E into I -> ``admission`` (site quirk). Any other A08 merges quietly
+  (``none``); a discharge time on an A08 is kept out of the state: only an A03 discharges,
+  because A08s carry provisional or planned discharge times.
+- A02 -> ``transfer`` only when the patient class or the facility (PV1-3.4) changes; a unit,
+  room or bed move is ``none`` but updates the location.
+- A03 -> ``discharge`` with PV1-45 (else the message time), PV1-36 and PV1-37; a discharge for
+  an unknown visit creates the encounter already discharged.
+- A11 -> ``cancel_admission``: back to ed when the admission came from the ED, else cancelled.
+  A12 -> ``cancel_transfer``: the location, class and facility before the last A02 come back.
+  A13 -> ``cancel_discharge``: back to the state before the discharge (admitted, normally).
+  Cancels of a visit never seen are ``none``: nothing was announced, nothing to take back.
+- A40 (and the other patient merges) -> ``merge``: each MRG-1 identifier's key is retired into
+  the surviving PID's key, its encounters are re-keyed, and later messages follow.
+- A28/A31 -> ``demographics``: the patient part of each open encounter's snapshot is updated.
+- Other ADT triggers (A05, A07, ...) merge quietly into a known visit and create nothing.
+- Resends: a message already applied returns its recorded transition unchanged (the routing
+  step may run again after a crash, or in a second route).
+- ``tick``: an ED visit with no message for ``stale_ed_hours`` (by the hub's clock: message
+  times are often local times without a zone) is closed as ``stale_closed``.
+
+Without a store (dry runs) the same rules run over an in-memory copy of the tables.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from pydantic import Field
+from sqlalchemy import Connection, Engine, insert, or_, select, update
+
+from carehub.care.model import Transition, TransitionKind
+from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.errors import CarehubError
+from carehub.events import CareEvent, Encounter, Identifier, Location
+from carehub.store.schema import (
+    encounter_events,
+    encounters,
+    messages,
+    notifications,
+    patient_merges,
+)
+from carehub.workqueue import patient_key as make_patient_key
+
+__all__ = [
+    "OPEN_STATES",
+    "EncounterRecord",
+    "EncounterStateEnricher",
+    "EncounterStateError",
+    "EncounterTracker",
+    "Timeline",
+    "TimelineEntry",
+    "encounter_timeline",
+    "get_encounter",
+    "list_encounters",
+    "visit_key",
+]
+
+log = logging.getLogger(__name__)
+
+#: States in which a visit is still going on (a PV1-19-less message may join it).
+OPEN_STATES: tuple[str, ...] = ("registered", "ed", "admitted")
+#: Every state an encounter row can be in.
+STATES: tuple[str, ...] = (*OPEN_STATES, "discharged", "cancelled", "closed")
+_OPENERS = frozenset({"A01", "A04", "A06"})
+_DISCHARGE_KEYS = ("discharge_time", "discharge_disposition", "discharged_to", "discharged_to_name")
+_MERGE_HOPS = 32  # a chain of merges longer than this is a loop in bad data
+
+
+class EncounterStateError(CarehubError):
+    """The encounter-state step cannot work with what the route gave it."""
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EncounterRecord:
+    """One ``encounters`` row. ``snapshot`` is the visit's merged care event (CareEvent JSON),
+    so templates and digests can describe the visit even from a message that says little."""
+
+    id: int | None
+    patient_key: str
+    visit_key: str
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    facility: str | None = None
+    patient_class: str | None = None
+    location: str | None = None
+    opened_at: datetime | None = None
+    admitted_at: datetime | None = None
+    discharged_at: datetime | None = None
+    disposition: str | None = None
+    discharged_to: str | None = None
+    snapshot: dict[str, Any] = field(default_factory=dict)
+    last_message_id: int | None = None
+
+    def core(self) -> dict[str, Any]:
+        """What a cancel must be able to put back; recorded as ``before`` on every event row."""
+        encounter = self.snapshot.get("encounter") or {}
+        return {
+            "state": self.state,
+            "patient_class": self.patient_class,
+            "facility": self.facility,
+            "location": self.location,
+            "location_detail": encounter.get("location"),
+        }
+
+    def as_output(self) -> dict[str, Any]:
+        """JSON-ready, for ``carehub encounters list --json``."""
+        out = asdict(self)
+        for name, value in out.items():
+            if isinstance(value, datetime):
+                out[name] = value.isoformat()
+        return out
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """One ``encounter_events`` row: what one message (or a stale closure) did to a visit."""
+
+    id: int
+    encounter_id: int
+    message_id: int | None
+    trigger_event: str | None
+    transition: str
+    occurred_at: datetime | None
+    detail: dict[str, Any]
+    recorded_at: datetime
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stored(value: datetime | None) -> datetime | None:
+    """Times as the store keeps them: aware ones in UTC (SQLite drops the offset and keeps the
+    wall clock), naive ones as sent (an HL7 time without a zone is the sender's local time)."""
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """The hub's own clock columns (created/updated) come back from SQLite naive; they are UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def visit_key(visit_number: Identifier) -> str:
+    """The visit part of the encounter key: PV1-19 with its assigning authority, because visit
+    numbers are only unique within the system that issued them."""
+    return f"{visit_number.authority or ''}|{visit_number.value}"
+
+
+def _location_text(location: Location | dict[str, Any] | None) -> str | None:
+    """``unit/room/bed`` for the ``location`` column and lists; the facility has its own."""
+    if location is None:
+        return None
+    data = location if isinstance(location, dict) else location.model_dump()
+    parts = [data.get(k) for k in ("point_of_care", "room", "bed")]
+    return "/".join(p for p in parts if p) or data.get("description") or None
+
+
+def _state_for_class(patient_class: str | None, default: str = "registered") -> str:
+    """The state a visit first seen mid-stream is in, judged by PV1-2 alone."""
+    if patient_class == "E":
+        return "ed"
+    if patient_class == "I":
+        return "admitted"
+    return default
+
+
+def _person_name(data: dict[str, Any] | None) -> str | None:
+    if not data:
+        return None
+    parts = (data.get("prefix"), data.get("given"), data.get("family"))
+    return " ".join(p for p in parts if p) or None
+
+
+def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The visit's care event after one more message: the new message wins, but what it leaves
+    out (an A08 without DG1, a discharge without the attending) is kept from earlier ones.
+    ``patient`` and ``encounter`` merge one level deep (a new location replaces the whole old
+    one, so a bed from the old unit never sticks); message-specific parts (merges, referral)
+    come from the new message only. The result is still valid CareEvent JSON."""
+    merged = dict(new)
+    for part in ("patient", "encounter"):
+        before = old.get(part)
+        if isinstance(before, dict):
+            merged[part] = {**before, **(new.get(part) or {})}
+    if not new.get("diagnoses") and old.get("diagnoses"):
+        merged["diagnoses"] = old["diagnoses"]
+    return merged
+
+
+def _transition_from(output: dict[str, Any]) -> Transition:
+    return Transition(
+        kind=output["kind"],
+        encounter_id=output.get("encounter_id"),
+        patient_key=output.get("patient_key", ""),
+        trigger_event=output.get("trigger_event", ""),
+        state=output.get("state", ""),
+        summary=output.get("summary") or {},
+    )
+
+
+def _patient_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
+    patient = snapshot.get("patient") or {}
+    return {
+        "patient_name": _person_name(patient.get("name")),
+        "name": patient.get("name"),
+        "birth_date": patient.get("birth_date"),
+        "sex": patient.get("sex"),
+        "identifiers": patient.get("identifiers") or [],
+        "primary_identifier": patient.get("primary"),
+        "account_number": patient.get("account_number"),
+        "phone": patient.get("phone"),
+        "address": patient.get("address"),
+        "pcp": patient.get("pcp"),
+    }
+
+
+def _summary(
+    rec: EncounterRecord, event: CareEvent | None, previous_state: str | None
+) -> dict[str, Any]:
+    """What a notification needs, flat (the CMS minimum is patient name, treating practitioner
+    and sending institution; the rest is for full-detail channels and follow-up clocks)."""
+    snap = rec.snapshot
+    enc = snap.get("encounter") or {}
+    practitioner = enc.get("attending") or enc.get("admitting")
+    discharged = rec.state == "discharged"
+    return {
+        **_patient_summary(snap),
+        "patient_key": rec.patient_key,
+        "visit_key": rec.visit_key,
+        "visit_number": (enc.get("visit_number") or {}).get("value"),
+        "facility": rec.facility,
+        "sending_facility": snap.get("sending_facility"),
+        "location": rec.location,
+        "location_detail": enc.get("location"),
+        "patient_class": rec.patient_class,
+        "hospital_service": enc.get("hospital_service"),
+        "attending": enc.get("attending"),
+        "admitting": enc.get("admitting"),
+        "treating_practitioner": practitioner,
+        "treating_practitioner_name": _person_name(practitioner),
+        "admit_reason": enc.get("admit_reason"),
+        "admit_time": enc.get("admit_time") or _iso(rec.opened_at),
+        "opened_at": _iso(rec.opened_at),
+        "admitted_at": _iso(rec.admitted_at),
+        "discharge_time": (enc.get("discharge_time") or _iso(rec.discharged_at))
+        if discharged
+        else None,
+        "discharged_at": _iso(rec.discharged_at),
+        "disposition": rec.disposition,
+        "discharged_to": rec.discharged_to,
+        "discharged_to_name": enc.get("discharged_to_name") if discharged else None,
+        "diagnoses": snap.get("diagnoses") or [],
+        "occurred_at": _iso(event.occurred_at) if event is not None else None,
+        "previous_state": previous_state,
+    }
+
+
+# -- storage: the same operations over the store or over memory ---------------------------------
+
+
+class _Backend(Protocol):
+    """What the state machine needs from storage, inside one transaction."""
+
+    def recorded_result(self, message_key: Any) -> dict[str, Any] | None: ...
+    def merged_into(self, key: str) -> str | None: ...
+    def record_merge(self, retired: str, surviving: str, message_id: int, at: datetime) -> None: ...
+    def get(self, patient_key: str, visit_key: str) -> EncounterRecord | None: ...
+    def get_by_id(self, encounter_id: int) -> EncounterRecord | None: ...
+    def of_patient(
+        self, patient_key: str, states: tuple[str, ...], facility: str | None = None
+    ) -> list[EncounterRecord]: ...
+    def save(self, rec: EncounterRecord) -> int: ...
+    def add_event(self, row: dict[str, Any], message_key: Any) -> int: ...
+    def events(self, encounter_id: int) -> list[EventRecord]: ...
+    def stale_ed(self, cutoff: datetime) -> list[EncounterRecord]: ...
+    def close_if(self, encounter_id: int, state: str, new_state: str, now: datetime) -> bool: ...
+
+
+def _row_values(rec: EncounterRecord) -> dict[str, Any]:
+    return {
+        "patient_key": rec.patient_key,
+        "visit_key": rec.visit_key,
+        "facility": rec.facility,
+        "state": rec.state,
+        "patient_class": rec.patient_class,
+        "location": rec.location,
+        "opened_at": _stored(rec.opened_at),
+        "admitted_at": _stored(rec.admitted_at),
+        "discharged_at": _stored(rec.discharged_at),
+        "disposition": rec.disposition,
+        "discharged_to": rec.discharged_to,
+        "snapshot": json.dumps(rec.snapshot, ensure_ascii=False) if rec.snapshot else None,
+        "last_message_id": rec.last_message_id,
+        "created_at": _stored(rec.created_at),
+        "updated_at": _stored(rec.updated_at),
+    }
+
+
+def _to_record(row: Any) -> EncounterRecord:
+    values = dict(row._mapping)
+    values["snapshot"] = json.loads(values["snapshot"]) if values["snapshot"] else {}
+    values["created_at"] = _aware(values["created_at"])
+    values["updated_at"] = _aware(values["updated_at"])
+    return EncounterRecord(**values)
+
+
+def _to_event(row: Any) -> EventRecord:
+    values = dict(row._mapping)
+    values["detail"] = json.loads(values["detail"]) if values["detail"] else {}
+    values["recorded_at"] = _aware(values["recorded_at"])
+    return EventRecord(**values)
+
+
+class _SqlBackend:
+    """The tables, through one connection inside the caller's transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def recorded_result(self, message_key: Any) -> dict[str, Any] | None:
+        rows = self.conn.execute(
+            select(encounter_events.c.detail)
+            .where(encounter_events.c.message_id == message_key)
+            .order_by(encounter_events.c.id)
+        )
+        for row in rows:
+            detail = json.loads(row.detail) if row.detail else {}
+            if "result" in detail:
+                return detail["result"]
+        return None
+
+    def merged_into(self, key: str) -> str | None:
+        return self.conn.execute(
+            select(patient_merges.c.surviving_key).where(patient_merges.c.retired_key == key)
+        ).scalar()
+
+    def record_merge(self, retired: str, surviving: str, message_id: int, at: datetime) -> None:
+        # The survivor is alive again if it had been retired (a merge that reverses an earlier one).
+        self.conn.execute(patient_merges.delete().where(patient_merges.c.retired_key == surviving))
+        values = {"surviving_key": surviving, "message_id": message_id, "merged_at": _stored(at)}
+        changed = self.conn.execute(
+            update(patient_merges).where(patient_merges.c.retired_key == retired).values(**values)
+        ).rowcount
+        if not changed:
+            self.conn.execute(insert(patient_merges).values(retired_key=retired, **values))
+
+    def get(self, patient_key: str, visit_key: str) -> EncounterRecord | None:
+        row = self.conn.execute(
+            select(encounters).where(
+                encounters.c.patient_key == patient_key, encounters.c.visit_key == visit_key
+            )
+        ).first()
+        return _to_record(row) if row else None
+
+    def get_by_id(self, encounter_id: int) -> EncounterRecord | None:
+        row = self.conn.execute(select(encounters).where(encounters.c.id == encounter_id)).first()
+        return _to_record(row) if row else None
+
+    def of_patient(
+        self, patient_key: str, states: tuple[str, ...], facility: str | None = None
+    ) -> list[EncounterRecord]:
+        query = select(encounters).where(
+            encounters.c.patient_key == patient_key, encounters.c.state.in_(states)
+        )
+        if facility is not None:
+            query = query.where(encounters.c.facility == facility)
+        query = query.order_by(encounters.c.updated_at.desc(), encounters.c.id.desc())
+        return [_to_record(r) for r in self.conn.execute(query)]
+
+    def save(self, rec: EncounterRecord) -> int:
+        values = _row_values(rec)
+        if rec.id is None:
+            rec.id = int(
+                self.conn.execute(insert(encounters).values(**values)).inserted_primary_key[0]
+            )
+        else:
+            self.conn.execute(update(encounters).where(encounters.c.id == rec.id).values(**values))
+        return rec.id
+
+    def add_event(self, row: dict[str, Any], message_key: Any) -> int:
+        values = {
+            **row,
+            "occurred_at": _stored(row["occurred_at"]),
+            "recorded_at": _stored(row["recorded_at"]),
+            "detail": json.dumps(row["detail"], ensure_ascii=False, default=str),
+        }
+        result = self.conn.execute(insert(encounter_events).values(**values))
+        return int(result.inserted_primary_key[0])
+
+    def events(self, encounter_id: int) -> list[EventRecord]:
+        rows = self.conn.execute(
+            select(encounter_events)
+            .where(encounter_events.c.encounter_id == encounter_id)
+            .order_by(encounter_events.c.id)
+        )
+        return [_to_event(r) for r in rows]
+
+    def stale_ed(self, cutoff: datetime) -> list[EncounterRecord]:
+        rows = self.conn.execute(
+            select(encounters)
+            .where(encounters.c.state == "ed", encounters.c.updated_at < _stored(cutoff))
+            .order_by(encounters.c.id)
+        )
+        return [_to_record(r) for r in rows]
+
+    def close_if(self, encounter_id: int, state: str, new_state: str, now: datetime) -> bool:
+        """Compare-and-set, so two hub processes ticking at once close a visit once."""
+        result = self.conn.execute(
+            update(encounters)
+            .where(encounters.c.id == encounter_id, encounters.c.state == state)
+            .values(state=new_state, updated_at=_stored(now))
+        )
+        return result.rowcount == 1
+
+
+class MemoryTables:
+    """The three tables as dicts, for dry runs (no store). One per enricher instance."""
+
+    def __init__(self) -> None:
+        self.encounters: dict[int, EncounterRecord] = {}
+        self.events: list[tuple[Any, EventRecord]] = []  # (message key, row)
+        self.merges: dict[str, str] = {}
+
+
+class _MemoryBackend:
+    def __init__(self, tables: MemoryTables) -> None:
+        self.t = tables
+
+    def recorded_result(self, message_key: Any) -> dict[str, Any] | None:
+        for key, row in self.t.events:
+            if key == message_key and "result" in row.detail:
+                return copy.deepcopy(row.detail["result"])
+        return None
+
+    def merged_into(self, key: str) -> str | None:
+        return self.t.merges.get(key)
+
+    def record_merge(self, retired: str, surviving: str, message_id: int, at: datetime) -> None:
+        self.t.merges.pop(surviving, None)
+        self.t.merges[retired] = surviving
+
+    def get(self, patient_key: str, visit_key: str) -> EncounterRecord | None:
+        for rec in self.t.encounters.values():
+            if rec.patient_key == patient_key and rec.visit_key == visit_key:
+                return copy.deepcopy(rec)
+        return None
+
+    def get_by_id(self, encounter_id: int) -> EncounterRecord | None:
+        rec = self.t.encounters.get(encounter_id)
+        return copy.deepcopy(rec) if rec else None
+
+    def of_patient(
+        self, patient_key: str, states: tuple[str, ...], facility: str | None = None
+    ) -> list[EncounterRecord]:
+        found = [
+            copy.deepcopy(rec)
+            for rec in self.t.encounters.values()
+            if rec.patient_key == patient_key
+            and rec.state in states
+            and (facility is None or rec.facility == facility)
+        ]
+        return sorted(found, key=lambda r: (r.updated_at, r.id or 0), reverse=True)
+
+    def save(self, rec: EncounterRecord) -> int:
+        if rec.id is None:
+            rec.id = max(self.t.encounters, default=0) + 1
+        self.t.encounters[rec.id] = copy.deepcopy(rec)
+        return rec.id
+
+    def add_event(self, row: dict[str, Any], message_key: Any) -> int:
+        event_id = len(self.t.events) + 1
+        self.t.events.append((message_key, EventRecord(id=event_id, **copy.deepcopy(row))))
+        return event_id
+
+    def events(self, encounter_id: int) -> list[EventRecord]:
+        return [copy.deepcopy(r) for _, r in self.t.events if r.encounter_id == encounter_id]
+
+    def stale_ed(self, cutoff: datetime) -> list[EncounterRecord]:
+        return [
+            copy.deepcopy(rec)
+            for rec in self.t.encounters.values()
+            if rec.state == "ed" and rec.updated_at < cutoff
+        ]
+
+    def close_if(self, encounter_id: int, state: str, new_state: str, now: datetime) -> bool:
+        rec = self.t.encounters.get(encounter_id)
+        if rec is None or rec.state != state:
+            return False
+        rec.state, rec.updated_at = new_state, now
+        return True
+
+
+# -- the state machine -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Step:
+    """What a handler decided for one message."""
+
+    kind: TransitionKind
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class EncounterTracker:
+    """Applies care events to encounter state: in the store's tables when given an engine,
+    else in ``memory`` (dry runs). Each message is applied in one transaction."""
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        memory: MemoryTables | None = None,
+        stale_ed_hours: float = 24,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.engine = engine
+        self.memory = memory if memory is not None else MemoryTables()
+        self.stale_ed_hours = stale_ed_hours
+        self.clock = clock
+
+    @contextmanager
+    def _session(self) -> Iterator[_Backend]:
+        if self.engine is None:
+            yield _MemoryBackend(self.memory)
+            return
+        with self.engine.begin() as conn:
+            yield _SqlBackend(conn)
+
+    # -- reading ------------------------------------------------------------------------------
+    def encounter(self, encounter_id: int) -> EncounterRecord | None:
+        with self._session() as b:
+            return b.get_by_id(encounter_id)
+
+    def find(self, patient_key: str, visit_key: str) -> EncounterRecord | None:
+        with self._session() as b:
+            return b.get(self._resolve(b, patient_key), visit_key)
+
+    def events(self, encounter_id: int) -> list[EventRecord]:
+        with self._session() as b:
+            return b.events(encounter_id)
+
+    def resolve(self, patient_key: str) -> str:
+        """The surviving key for a patient key (itself unless merged away)."""
+        with self._session() as b:
+            return self._resolve(b, patient_key)
+
+    @staticmethod
+    def _resolve(b: _Backend, key: str) -> str:
+        seen = {key}
+        for _ in range(_MERGE_HOPS):
+            target = b.merged_into(key)
+            if target is None or target in seen:
+                break
+            seen.add(target)
+            key = target
+        return key
+
+    # -- applying -----------------------------------------------------------------------------
+    def apply(
+        self, event: CareEvent, message_id: int, *, identity: str | None = None
+    ) -> Transition:
+        """Apply one message and return its transition; a message already applied returns the
+        recorded transition unchanged. ``identity`` (MSH-3/4/10) tells dry-run messages apart,
+        which all carry message id 0; with a store the message id alone is the key."""
+        message_key: Any = message_id if self.engine is not None else (message_id, identity)
+        with self._session() as b:
+            recorded = b.recorded_result(message_key)
+            if recorded is not None:
+                return _transition_from(recorded)
+            return self._apply(b, event, message_id, message_key)
+
+    def _apply(
+        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any
+    ) -> Transition:
+        trigger = event.trigger_event
+        primary = event.patient.primary if event.patient is not None else None
+        if event.message_type != "ADT" or primary is None:
+            key = make_patient_key(None, None, message_id)
+            return Transition("none", None, key, trigger, "", {})
+        key = self._resolve(b, make_patient_key(primary.value, primary.authority, message_id))
+        if event.kind == "merge":
+            return self._merge(b, event, message_id, message_key, key)
+        if event.kind == "demographics":
+            return self._demographics(b, event, message_id, message_key, key)
+        return self._visit(b, event, message_id, message_key, key)
+
+    def _event_row(
+        self,
+        rec: EncounterRecord,
+        event: CareEvent | None,
+        message_id: int | None,
+        kind: str,
+        detail: dict[str, Any],
+    ) -> dict[str, Any]:
+        assert rec.id is not None
+        return {
+            "encounter_id": rec.id,
+            "message_id": message_id,
+            "trigger_event": (event.trigger_event[:8] or None) if event is not None else None,
+            "transition": kind,
+            "occurred_at": event.occurred_at if event is not None else None,
+            "detail": detail,
+            "recorded_at": self.clock(),
+        }
+
+    # -- visits -------------------------------------------------------------------------------
+    def _find_visit(
+        self, b: _Backend, key: str, event: CareEvent, enc: Encounter, now: datetime
+    ) -> tuple[EncounterRecord | None, str, dict[str, Any]]:
+        """The encounter a message belongs to: by PV1-19, else by the module's fallback."""
+        trigger = event.trigger_event
+        if enc.visit_number is not None:
+            vk = visit_key(enc.visit_number)
+            rec = b.get(key, vk)
+            if rec is not None:
+                return rec, vk, {"visit_match": "visit_number"}
+            prior = next((m.prior_visit_number for m in event.merges if m.prior_visit_number), None)
+            if trigger == "A06" and prior is not None:
+                old = b.get(key, visit_key(prior))
+                if old is not None:  # ED visit renumbered for the inpatient stay
+                    old.visit_key = vk
+                    return (
+                        old,
+                        vk,
+                        {"visit_match": "prior_visit", "renumbered_from": visit_key(prior)},
+                    )
+            return None, vk, {"visit_match": "visit_number"}
+        # No PV1-19: the open visit at this facility, else a stand-in key.
+        states = ("discharged",) if trigger == "A13" else OPEN_STATES
+        candidates = b.of_patient(key, states, enc.facility)
+        if candidates:
+            rec = candidates[0]
+            return rec, rec.visit_key, {"visit_match": "open_encounter"}
+        moment = enc.admit_time or event.occurred_at or now
+        base = f"noVN:{enc.facility or ''}:{moment:%Y%m%d}"
+        vk, rec, n = base, b.get(key, base), 1
+        while rec is not None and trigger in _OPENERS and rec.state not in OPEN_STATES:
+            n += 1  # that visit is over: a new registration the same day is a new visit
+            vk = f"{base}#{n}"
+            rec = b.get(key, vk)
+        return rec, vk, {"visit_match": "fallback"}
+
+    def _visit(
+        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any, key: str
+    ) -> Transition:
+        enc = event.encounter or Encounter()
+        now = self.clock()
+        trigger = event.trigger_event
+        rec, vk, detail = self._find_visit(b, key, event, enc, now)
+        creates = event.kind not in ("other",)
+        if rec is None and not creates:
+            summary = _patient_summary(event.model_dump(mode="json", exclude_none=True))
+            return Transition("none", None, key, trigger, "", summary)
+        is_new = rec is None
+        if rec is None:
+            rec = EncounterRecord(
+                id=None,
+                patient_key=key,
+                visit_key=vk,
+                state="",
+                created_at=now,
+                updated_at=now,
+                opened_at=enc.admit_time or event.occurred_at or now,
+            )
+        before = None if is_new else rec.core()
+        previous_state = None if is_new else rec.state
+        self._merge_fields(rec, event, enc, message_id, now)
+        handler = {
+            "ed_registration": self._on_registration,
+            "registration": self._on_registration,
+            "admission": self._on_admission,
+            "transfer": self._on_transfer,
+            "discharge": self._on_discharge,
+            "update": self._on_update,
+            "cancel_admission": self._on_cancel_admission,
+            "cancel_transfer": self._on_cancel_transfer,
+            "cancel_discharge": self._on_cancel_discharge,
+        }.get(event.kind, self._on_other)
+        step = handler(b, rec, before, event, enc, now)
+        if rec.state != "discharged":  # only an A03 puts discharge facts into the state
+            encounter = rec.snapshot.get("encounter")
+            if isinstance(encounter, dict):
+                for name in _DISCHARGE_KEYS:
+                    encounter.pop(name, None)
+        b.save(rec)
+        transition = Transition(
+            step.kind, rec.id, key, trigger, rec.state, _summary(rec, event, previous_state)
+        )
+        detail = {"result": transition.as_output(), "before": before, **detail, **step.detail}
+        b.add_event(self._event_row(rec, event, message_id, step.kind, detail), message_key)
+        if step.kind == "admission" and is_new and trigger in ("A01", "A06"):
+            self._close_superseded_ed(b, rec, event, message_id, message_key, now)
+        return transition
+
+    @staticmethod
+    def _merge_fields(
+        rec: EncounterRecord, event: CareEvent, enc: Encounter, message_id: int, now: datetime
+    ) -> None:
+        """Fold the message's facts into the visit ("merge quietly"); handlers then decide the
+        state, and cancels put back what they undo."""
+        if enc.patient_class:
+            rec.patient_class = enc.patient_class
+        if enc.location is not None:
+            rec.location = _location_text(enc.location) or rec.location
+        # PV1-3.4 names the treating facility; MSH-4 (the translator's fallback) only fills a gap.
+        if enc.location is not None and enc.location.facility:
+            rec.facility = enc.location.facility
+        elif rec.facility is None:
+            rec.facility = enc.facility
+        rec.snapshot = _merge_snapshot(
+            rec.snapshot, event.model_dump(mode="json", exclude_none=True)
+        )
+        rec.last_message_id = message_id
+        rec.updated_at = now
+
+    @staticmethod
+    def _restore(rec: EncounterRecord, before: dict[str, Any]) -> None:
+        rec.patient_class = before.get("patient_class")
+        rec.facility = before.get("facility")
+        rec.location = before.get("location")
+        encounter = rec.snapshot.setdefault("encounter", {})
+        if before.get("location_detail"):
+            encounter["location"] = before["location_detail"]
+        else:
+            encounter.pop("location", None)
+        if before.get("patient_class"):
+            encounter["patient_class"] = before["patient_class"]
+        else:
+            encounter.pop("patient_class", None)
+
+    @staticmethod
+    def _last(events: list[EventRecord], test: Callable[[EventRecord], bool]) -> EventRecord | None:
+        return next((e for e in reversed(events) if test(e)), None)
+
+    # Each handler gets the record with the message already merged in, and ``before`` (None for a
+    # visit first seen now) to compare with or restore.
+
+    def _on_registration(
+        self, b: _Backend, rec: EncounterRecord, before: Any, event: CareEvent, *_: Any
+    ) -> _Step:
+        """A04. Class E is an ED arrival (a CoP notification); anything else a registration. An
+        A04 never moves an admitted or finished visit backwards."""
+        ed = rec.patient_class == "E"
+        if before is None or rec.state == "cancelled" or (rec.state == "registered" and ed):
+            rec.state = "ed" if ed else "registered"
+            return _Step("ed_arrival" if ed else "registration")
+        return _Step("none")
+
+    def _on_admission(
+        self,
+        b: _Backend,
+        rec: EncounterRecord,
+        before: Any,
+        event: CareEvent,
+        enc: Encounter,
+        now: datetime,
+    ) -> _Step:
+        """A01/A06: admitted. A second admit for the same visit is an echo; an admit after the
+        discharge is not a readmission (only an A13 reopens a visit)."""
+        if before is not None and rec.state in ("admitted", "discharged"):
+            return _Step("none")
+        rec.state = "admitted"
+        # An A06's PV1-44 is often the ED arrival; the message time is when the admit happened.
+        first = enc.admit_time if event.trigger_event == "A01" else event.occurred_at
+        rec.admitted_at = first or enc.admit_time or event.occurred_at or now
+        return _Step("admission")
+
+    def _on_transfer(
+        self,
+        b: _Backend,
+        rec: EncounterRecord,
+        before: Any,
+        event: CareEvent,
+        enc: Encounter,
+        now: datetime,
+    ) -> _Step:
+        """A02: a transfer only when the level of care (patient class) or the facility changes;
+        unit/room/bed moves just update the location (CMS and Da Vinci: no notice for bed moves)."""
+        new_facility = enc.location.facility if enc.location is not None else None
+        if before is None:
+            rec.state = _state_for_class(rec.patient_class)
+            prior = enc.prior_location.facility if enc.prior_location is not None else None
+            moved = bool(prior and new_facility and prior != new_facility)
+            return _Step("transfer" if moved else "none", {"note": "transfer of an unknown visit"})
+        if before["state"] not in OPEN_STATES:
+            return _Step("none", {"note": f"transfer ignored: visit is {before['state']}"})
+        changed = []
+        if (
+            enc.patient_class
+            and before["patient_class"]
+            and enc.patient_class != before["patient_class"]
+        ):
+            changed.append("patient_class")
+        if new_facility and before["facility"] and new_facility != before["facility"]:
+            changed.append("facility")
+        if rec.patient_class == "I" and rec.state in ("ed", "registered"):
+            rec.state = "admitted"
+            rec.admitted_at = rec.admitted_at or event.occurred_at or now
+        return _Step("transfer" if changed else "none", {"changed": changed})
+
+    def _on_discharge(
+        self,
+        b: _Backend,
+        rec: EncounterRecord,
+        before: Any,
+        event: CareEvent,
+        enc: Encounter,
+        now: datetime,
+    ) -> _Step:
+        """A03: discharged, with the time (PV1-45, else the message time), the disposition
+        (PV1-36, which drives post-acute routing) and where to (PV1-37). A second A03 for a
+        discharged visit only corrects those facts."""
+        rec.discharged_at = enc.discharge_time or rec.discharged_at or event.occurred_at or now
+        rec.disposition = enc.discharge_disposition or rec.disposition
+        rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
+        if before is not None and rec.state == "discharged":
+            return _Step("none", {"note": "already discharged"})
+        rec.state = "discharged"
+        return _Step(
+            "discharge", {} if before is not None else {"note": "discharge of an unknown visit"}
+        )
+
+    def _on_update(
+        self,
+        b: _Backend,
+        rec: EncounterRecord,
+        before: Any,
+        event: CareEvent,
+        enc: Encounter,
+        now: datetime,
+    ) -> _Step:
+        """A08: merged quietly, except a class change E -> I, which some sites send instead of an
+        A06. A discharge time on an A08 does not discharge: A08s carry expected discharge times
+        and corrections, and a notice must not go out until the A03."""
+        if before is None:
+            rec.state = _state_for_class(rec.patient_class)
+            return _Step("none", {"note": "update of an unknown visit"})
+        if (
+            enc.patient_class == "I"
+            and (before["patient_class"] == "E" or before["state"] == "ed")
+            and rec.state in ("ed", "registered")
+        ):
+            rec.state = "admitted"
+            rec.admitted_at = event.occurred_at or enc.admit_time or now
+            return _Step("admission", {"note": "A08 changed the patient class from E to I"})
+        if rec.state == "discharged":
+            rec.discharged_at = enc.discharge_time or rec.discharged_at
+            rec.disposition = enc.discharge_disposition or rec.disposition
+            rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
+        elif enc.discharge_time is not None:
+            return _Step("none", {"ignored_discharge_time": enc.discharge_time.isoformat()})
+        return _Step("none")
+
+    def _on_cancel_admission(
+        self, b: _Backend, rec: EncounterRecord, before: Any, *_: Any
+    ) -> _Step:
+        """A11: undo the admission. A visit admitted from the ED goes back to the ED (with its
+        ED class and location); any other admitted or registered visit is cancelled."""
+        if before is None:
+            rec.state = "cancelled"
+            return _Step("none", {"note": "cancel of an unknown visit"})
+        if rec.state == "admitted":
+            admitted = self._last(b.events(rec.id or 0), lambda e: e.transition == "admission")
+            prior = (admitted.detail.get("before") or {}) if admitted is not None else {}
+            if prior.get("state") == "ed":
+                self._restore(rec, prior)
+                rec.state = "ed"
+            else:
+                rec.state = "cancelled"
+            rec.admitted_at = None
+            return _Step("cancel_admission", {"undoes": admitted.id if admitted else None})
+        if rec.state in ("ed", "registered"):
+            rec.state = "cancelled"
+            return _Step("cancel_admission")
+        return _Step("none", {"note": f"cancel ignored: visit is {rec.state}"})
+
+    def _on_cancel_transfer(
+        self,
+        b: _Backend,
+        rec: EncounterRecord,
+        before: Any,
+        event: CareEvent,
+        enc: Encounter,
+        now: datetime,
+    ) -> _Step:
+        """A12: put back the location, class and facility from before the last A02 not yet
+        undone. Only undoing a real transfer is a ``cancel_transfer``; undoing a bed move is
+        ``none`` (no notice went out for it)."""
+        if before is None:
+            rec.state = _state_for_class(rec.patient_class)
+            return _Step("none", {"note": "cancel of an unknown visit"})
+        if rec.state not in OPEN_STATES:
+            self._restore(rec, before)
+            return _Step("none", {"note": f"cancel ignored: visit is {rec.state}"})
+        history = b.events(rec.id or 0)
+        undone = {e.detail.get("undoes") for e in history if e.trigger_event == "A12"}
+        moved = self._last(history, lambda e: e.trigger_event == "A02" and e.id not in undone)
+        if moved is None or not moved.detail.get("before"):
+            # Nothing recorded to undo: the A12's PV1-3 (the original location) has been merged.
+            return _Step("none", {"note": "no transfer to cancel"})
+        prior = moved.detail["before"]
+        self._restore(rec, prior)
+        if prior.get("state") in OPEN_STATES:
+            rec.state = prior["state"]
+        kind: TransitionKind = "cancel_transfer" if moved.transition == "transfer" else "none"
+        return _Step(kind, {"undoes": moved.id})
+
+    def _on_cancel_discharge(
+        self, b: _Backend, rec: EncounterRecord, before: Any, event: CareEvent, *_: Any
+    ) -> _Step:
+        """A13: reopen the visit in the state it had before the discharge (admitted, normally)
+        and forget the discharge facts."""
+        if before is None:
+            rec.state = _state_for_class(rec.patient_class, default="admitted")
+            return _Step("none", {"note": "cancel of an unknown visit"})
+        if rec.state != "discharged":
+            return _Step("none", {"note": f"cancel ignored: visit is {rec.state}"})
+        discharged = self._last(b.events(rec.id or 0), lambda e: e.transition == "discharge")
+        prior = (discharged.detail.get("before") or {}) if discharged is not None else {}
+        state = prior.get("state")
+        rec.state = state if state in OPEN_STATES else "admitted"
+        rec.discharged_at = rec.disposition = rec.discharged_to = None
+        return _Step("cancel_discharge", {"undoes": discharged.id if discharged else None})
+
+    def _on_other(self, b: _Backend, rec: EncounterRecord, before: Any, *_: Any) -> _Step:
+        """A05, A07 and the rest: merged into a known visit, nothing more."""
+        return _Step("none")
+
+    def _close_superseded_ed(
+        self,
+        b: _Backend,
+        admitted: EncounterRecord,
+        event: CareEvent,
+        message_id: int,
+        message_key: Any,
+        now: datetime,
+    ) -> None:
+        """An admission under a new visit number ends the patient's open ED visit at the same
+        facility; without this it would hang until the stale closure."""
+        for rec in b.of_patient(admitted.patient_key, ("ed",), admitted.facility):
+            if rec.id == admitted.id:
+                continue
+            before = rec.core()
+            rec.state, rec.updated_at = "closed", now
+            b.save(rec)
+            note = f"ED visit ended by the admission under visit {admitted.visit_key}"
+            detail = {"before": before, "note": note, "admitted_encounter": admitted.id}
+            b.add_event(self._event_row(rec, event, message_id, "none", detail), message_key)
+
+    # -- merges and demographics ---------------------------------------------------------------
+    def _merge(
+        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any, key: str
+    ) -> Transition:
+        """A40 (and A30/A34/A36/A39): each MRG-1 identifier is retired into the PID before it.
+        An MRG-1 without an assigning authority is taken to share the survivor's."""
+        now = self.clock()
+        retired: list[str] = []
+        moved: list[EncounterRecord] = []
+        patient = event.model_dump(mode="json", exclude_none=True).get("patient") or {}
+        pairs = event.merges or []
+        for merge in pairs:
+            survivor = merge.surviving or (event.patient.primary if event.patient else None)
+            if survivor is None:
+                continue
+            surviving_key = make_patient_key(survivor.value, survivor.authority, message_id)
+            for ident in merge.prior_identifiers:
+                old = make_patient_key(
+                    ident.value, ident.authority or survivor.authority, message_id
+                )
+                if old == surviving_key or old in retired:
+                    continue
+                b.record_merge(old, surviving_key, message_id, now)
+                target = self._resolve(b, surviving_key)
+                retired.append(old)
+                moved += self._rekey(b, old, target, patient, message_id, now)
+        final = self._resolve(b, key)
+        summary = {
+            **_patient_summary({"patient": patient}),
+            "patient_key": final,
+            "retired_keys": retired,
+            "encounter_ids": [r.id for r in moved],
+            "occurred_at": _iso(event.occurred_at),
+        }
+        transition = Transition(
+            "merge", moved[0].id if moved else None, final, event.trigger_event, "", summary
+        )
+        for rec in moved:
+            detail = {"result": transition.as_output(), "retired_keys": retired}
+            b.add_event(self._event_row(rec, event, message_id, "merge", detail), message_key)
+        return transition
+
+    @staticmethod
+    def _rekey(
+        b: _Backend,
+        old: str,
+        new: str,
+        patient: dict[str, Any],
+        message_id: int,
+        now: datetime,
+    ) -> list[EncounterRecord]:
+        """Move the retired key's encounters to the survivor. A visit both keys already have
+        (the site sent it under each id) stays apart, renamed ``<visit>~merged<id>``, so no
+        history is lost and later messages for that visit go to the survivor's record."""
+        moved = []
+        for rec in b.of_patient(old, STATES):
+            if b.get(new, rec.visit_key) is not None:
+                rec.visit_key = f"{rec.visit_key}~merged{rec.id}"
+            rec.patient_key = new
+            if patient:
+                rec.snapshot["patient"] = {**(rec.snapshot.get("patient") or {}), **patient}
+            rec.last_message_id, rec.updated_at = message_id, now
+            b.save(rec)
+            moved.append(rec)
+        return moved
+
+    def _demographics(
+        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any, key: str
+    ) -> Transition:
+        """A28/A31: no visit needed; the patient part of each open visit's snapshot is refreshed
+        so later notices carry the new name, PCP and contact details."""
+        now = self.clock()
+        patient = event.model_dump(mode="json", exclude_none=True).get("patient") or {}
+        summary = {
+            **_patient_summary({"patient": patient}),
+            "patient_key": key,
+            "occurred_at": _iso(event.occurred_at),
+        }
+        transition = Transition("demographics", None, key, event.trigger_event, "", summary)
+        for rec in b.of_patient(key, OPEN_STATES):
+            rec.snapshot["patient"] = {**(rec.snapshot.get("patient") or {}), **patient}
+            rec.last_message_id, rec.updated_at = message_id, now
+            b.save(rec)
+            detail = {"result": transition.as_output()}
+            b.add_event(
+                self._event_row(rec, event, message_id, "demographics", detail), message_key
+            )
+        return transition
+
+    # -- periodic -----------------------------------------------------------------------------
+    def close_stale(self, now: datetime) -> list[Transition]:
+        """Close ED visits with no message for ``stale_ed_hours`` (hanging visits: no A03 ever
+        comes). Measured on the hub's clock (``updated_at``), not on message times, which are
+        usually local times without a zone."""
+        cutoff = now - timedelta(hours=self.stale_ed_hours)
+        closed: list[Transition] = []
+        with self._session() as b:
+            for rec in b.stale_ed(cutoff):
+                assert rec.id is not None
+                if not b.close_if(rec.id, "ed", "closed", now):
+                    continue  # another process closed it, or a message just arrived
+                before = rec.core()
+                rec.state, rec.updated_at = "closed", now
+                transition = Transition(
+                    "stale_closed", rec.id, rec.patient_key, "", "closed", _summary(rec, None, "ed")
+                )
+                detail = {
+                    "result": transition.as_output(),
+                    "before": before,
+                    "note": f"no message for {self.stale_ed_hours:g} h",
+                }
+                b.add_event(self._event_row(rec, None, None, "stale_closed", detail), None)
+                closed.append(transition)
+        return closed
+
+
+# -- the route step ----------------------------------------------------------------------------
+
+
+class EncounterStateEnricher(Enricher):
+    """Route step: apply the message to its encounter and hand the transition to later steps
+    (``work.data["encounter"]``) for the care-team, notify and follow-up steps."""
+
+    name = "encounter-state"
+    description = (
+        "Track each visit's state from ADT (PV1-19 stitching, cancels, merges, A08 noise) and "
+        "say what the message changed: ed_arrival, admission, transfer, discharge, a cancel, "
+        "or none."
+    )
+
+    class Options(ComponentOptions):
+        """How long an ED visit may go without any message before it is closed as stale."""
+
+        stale_ed_hours: float = Field(default=24, gt=0)
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        # Dry runs keep state here; the store, when the hub attaches it, takes over.
+        self._memory = MemoryTables()
+        self._tracker: EncounterTracker | None = None
+
+    @property
+    def tracker(self) -> EncounterTracker:
+        """Built on first use: the hub attaches the store after the routes are bound."""
+        store = self.context.store
+        engine = store.engine if store is not None else None
+        if self._tracker is None or self._tracker.engine is not engine:
+            hours = getattr(self.options, "stale_ed_hours", 24)
+            self._tracker = EncounterTracker(engine, memory=self._memory, stale_ed_hours=hours)
+        return self._tracker
+
+    def enrich(self, work: Work) -> Any:
+        if work.event is None:
+            raise EncounterStateError(
+                f"route {work.route!r}: encounter-state needs the care event; put a "
+                "'v2-to-event' translate step before it"
+            )
+        message = work.message
+        identity = "\x1f".join(
+            part or ""
+            for part in (message.sending_application, message.sending_facility, message.control_id)
+        )
+        transition = self.tracker.apply(work.event, message.id, identity=identity)
+        work.data["encounter"] = transition
+        return transition.as_output()
+
+    def tick(self, now: datetime) -> None:
+        closed = self.tracker.close_stale(now)
+        if closed:
+            log.info("closed %d stale ED visit(s)", len(closed))
+
+
+# -- queries for the command line ---------------------------------------------------------------
+
+
+def _patient_keys(conn: Connection, patient: str) -> list[Any]:
+    """Conditions for a patient given as ``authority|id`` or a bare id, following merges (a
+    retired id shows the survivor's visits)."""
+    keys = {patient}
+    merged = conn.execute(
+        select(patient_merges.c.retired_key, patient_merges.c.surviving_key).where(
+            or_(
+                patient_merges.c.retired_key == patient,
+                patient_merges.c.retired_key.like(f"%|{patient}"),
+            )
+        )
+    )
+    keys |= {row.surviving_key for row in merged}
+    conditions: list[Any] = [encounters.c.patient_key.in_(sorted(keys))]
+    if "|" not in patient:
+        conditions.append(encounters.c.patient_key.like(f"%|{patient}"))
+    return conditions
+
+
+def list_encounters(
+    engine: Engine,
+    state: str | None = None,
+    patient: str | None = None,
+    limit: int | None = 50,
+) -> list[EncounterRecord]:
+    """Encounters, most recently updated first."""
+    query = select(encounters).order_by(encounters.c.updated_at.desc(), encounters.c.id.desc())
+    if state:
+        query = query.where(encounters.c.state == state)
+    with engine.connect() as conn:
+        if patient:
+            query = query.where(or_(*_patient_keys(conn, patient)))
+        if limit:
+            query = query.limit(limit)
+        return [_to_record(r) for r in conn.execute(query)]
+
+
+def get_encounter(engine: Engine, encounter_id: int) -> EncounterRecord | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(encounters).where(encounters.c.id == encounter_id)).first()
+    return _to_record(row) if row else None
+
+
+@dataclass(slots=True)
+class TimelineEntry:
+    """One message's effect on the visit, and the notifications decided for it."""
+
+    event: EventRecord
+    control_id: str | None
+    notifications: list[dict[str, Any]]
+
+    def as_output(self) -> dict[str, Any]:
+        event = self.event
+        return {
+            "id": event.id,
+            "message_id": event.message_id,
+            "control_id": self.control_id,
+            "trigger_event": event.trigger_event,
+            "transition": event.transition,
+            "occurred_at": _iso(event.occurred_at),
+            "recorded_at": _iso(event.recorded_at),
+            "note": event.detail.get("note"),
+            "notifications": self.notifications,
+        }
+
+
+@dataclass(slots=True)
+class Timeline:
+    encounter: EncounterRecord
+    entries: list[TimelineEntry]
+    #: Notifications for this visit not tied to one of its messages (digests, alerts).
+    other_notifications: list[dict[str, Any]]
+
+    def as_output(self) -> dict[str, Any]:
+        return {
+            "encounter": self.encounter.as_output(),
+            "timeline": [e.as_output() for e in self.entries],
+            "other_notifications": self.other_notifications,
+        }
+
+
+def _notification(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "message_id": row.message_id,
+        "recipient": row.recipient,
+        "role": row.role,
+        "channel": row.channel,
+        "kind": row.kind,
+        "status": row.status,
+        "reason": row.reason,
+        "created_at": _iso(_aware(row.created_at)),
+    }
+
+
+def encounter_timeline(engine: Engine, encounter_id: int) -> Timeline | None:
+    """The visit, each message applied to it in order, and the notifications sent for each."""
+    with engine.connect() as conn:
+        row = conn.execute(select(encounters).where(encounters.c.id == encounter_id)).first()
+        if row is None:
+            return None
+        rows = conn.execute(
+            select(encounter_events, messages.c.control_id)
+            .select_from(
+                encounter_events.outerjoin(messages, messages.c.id == encounter_events.c.message_id)
+            )
+            .where(encounter_events.c.encounter_id == encounter_id)
+            .order_by(encounter_events.c.id)
+        ).all()
+        sent = conn.execute(
+            select(
+                notifications.c.id,
+                notifications.c.message_id,
+                notifications.c.recipient,
+                notifications.c.role,
+                notifications.c.channel,
+                notifications.c.kind,
+                notifications.c.status,
+                notifications.c.reason,
+                notifications.c.created_at,
+            )
+            .where(notifications.c.encounter_id == encounter_id)
+            .order_by(notifications.c.id)
+        ).all()
+    by_message: dict[int, list[dict[str, Any]]] = {}
+    for n in sent:
+        by_message.setdefault(n.message_id, []).append(_notification(n))
+    entries = []
+    for r in rows:
+        values = dict(r._mapping)
+        control_id = values.pop("control_id")
+        event = _to_event(_Row(values))
+        sent_for = by_message.pop(event.message_id, []) if event.message_id is not None else []
+        entries.append(TimelineEntry(event, control_id, sent_for))
+    other = [n for items in by_message.values() for n in items]
+    return Timeline(_to_record(row), entries, other)
+
+
+class _Row:
+    """A mapping dressed as a row, for the converters above."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping

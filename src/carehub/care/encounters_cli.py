@@ -1,0 +1,157 @@
+"""`carehub encounters`: the visits the encounter-state step has built, and what each message
+did to one of them (with the notifications decided for it), so a question such as "why was the
+PCP not told about this discharge?" can be answered from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from carehub.cli import hub_options
+from carehub.config import HubConfig
+from carehub.errors import CarehubError
+
+_console = Console(highlight=False, soft_wrap=False)
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else ""
+
+
+@click.group()
+def encounters() -> None:
+    """Encounter state built from ADT: list visits, show one visit's timeline."""
+
+
+@encounters.command("list")
+@hub_options
+@click.option(
+    "--state", help="registered, ed, admitted, discharged, cancelled or closed (stale ED visits)."
+)
+@click.option("--patient", help="Patient id (PID-3.1), or authority|id; merged ids follow.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_command(
+    config: HubConfig,
+    data_dir: Path,
+    state: str | None,
+    patient: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List encounters, most recently updated first."""
+    from carehub.care.encounters import list_encounters
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir)
+    try:
+        found = list_encounters(store.engine, state=state, patient=patient, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        for rec in found:
+            click.echo(json.dumps(rec.as_output(), ensure_ascii=False))
+        return
+    table = Table(show_edge=False, header_style="bold")
+    columns = ("id", "patient", "visit", "facility", "state", "class", "location")
+    for column in (*columns, "opened", "discharged", "disp.", "updated (UTC)"):
+        table.add_column(column)
+    for rec in found:
+        table.add_row(
+            str(rec.id),
+            Text(rec.patient_key),
+            Text(rec.visit_key),
+            Text(rec.facility or ""),
+            rec.state,
+            rec.patient_class or "",
+            Text(rec.location or ""),
+            _when(rec.opened_at),
+            _when(rec.discharged_at),
+            rec.disposition or "",
+            _when(rec.updated_at),
+        )
+    _console.print(table)
+    _console.print(f"{len(found)} encounter(s)")
+
+
+@encounters.command("show")
+@hub_options
+@click.argument("encounter_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the visit and timeline as JSON.")
+def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: bool) -> None:
+    """One visit: its state, each message that changed it, and the notifications sent."""
+    from carehub.care.encounters import encounter_timeline
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir)
+    try:
+        timeline = encounter_timeline(store.engine, encounter_id)
+    finally:
+        store.close()
+    if timeline is None:
+        raise CarehubError(f"no encounter with id {encounter_id}")
+    if as_json:
+        click.echo(json.dumps(timeline.as_output(), ensure_ascii=False, indent=2))
+        return
+
+    rec = timeline.encounter
+    patient = (rec.snapshot.get("patient") or {}).get("name") or {}
+    name = " ".join(p for p in (patient.get("given"), patient.get("family")) if p)
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column()
+    facts = [
+        ("encounter", str(rec.id)),
+        ("patient", f"{rec.patient_key}{f'  ({name})' if name else ''}"),
+        ("visit", rec.visit_key),
+        ("facility", rec.facility or "-"),
+        ("state", rec.state),
+        ("class", rec.patient_class or "-"),
+        ("location", rec.location or "-"),
+        ("opened", _when(rec.opened_at) or "-"),
+        ("admitted", _when(rec.admitted_at) or "-"),
+        ("discharged", _when(rec.discharged_at) or "-"),
+        ("disposition", f"{rec.disposition or '-'}  to {rec.discharged_to or '-'}"),
+        ("updated (UTC)", _when(rec.updated_at)),
+    ]
+    for label, value in facts:
+        header.add_row(label, Text(value))
+    _console.print(header)
+
+    _console.print("\n[bold]Timeline[/bold]")
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("message", "trigger", "transition", "event time", "recorded (UTC)", "note"):
+        table.add_column(column)
+    for entry in timeline.entries:
+        event = entry.event
+        message = str(event.message_id) if event.message_id is not None else "carehub"
+        if entry.control_id:
+            message += f" ({entry.control_id})"
+        table.add_row(
+            Text(message),
+            event.trigger_event or "",
+            event.transition,
+            _when(event.occurred_at),
+            _when(event.recorded_at),
+            Text(str(event.detail.get("note") or "")),
+        )
+        for sent in entry.notifications:
+            table.add_row("", "", "", "", "", Text(f"notified: {_notice(sent)}", style="dim"))
+    _console.print(table)
+    if timeline.other_notifications:
+        _console.print("\n[bold]Other notifications[/bold]")
+        for sent in timeline.other_notifications:
+            _console.print(Text(f"  {_notice(sent)}"))
+
+
+def _notice(row: dict[str, Any]) -> str:
+    why = f": {row['reason']}" if row.get("reason") else ""
+    return (
+        f"{row['kind']} to {row['recipient']} via {row.get('channel') or '-'} {row['status']}{why}"
+    )

@@ -1,0 +1,800 @@
+"""Transitional-care follow-up clocks: what a discharge home obliges the care team to do, and by
+when.
+
+TCM (CPT 99495/99496) pays for post-discharge care only if the practice makes an interactive
+contact within 2 business days of discharge and sees the patient face to face within 14
+calendar days (99495, moderate complexity) or 7 (99496, high complexity). A missed deadline
+cannot be made up later, so carehub opens one ``followups`` row per obligation when an A03
+sends a patient home, raises an alert when one passes unmet, and cancels them when an A13
+takes the discharge back.
+
+Due-date convention (``BusinessCalendar``):
+
+* The day of discharge is day 0 and never counts, whatever the time of discharge.
+* ``contact`` is due at the **end** (23:59:59.999999) of the nth business day after the
+  discharge date. Business days are Monday to Friday minus the configured holidays. So a
+  discharge on Friday at 14:00 is due by the end of Tuesday, and one on Saturday or Sunday
+  counts from Monday (Monday is day 1), so also the end of Tuesday. A Monday holiday moves both
+  to the end of Wednesday.
+* ``visit`` is due at the end of the nth *calendar* day after the discharge date (weekends and
+  holidays count; CMS states the visit deadline in calendar days).
+* "Day" means the hospital's local day. With a ``timezone`` (IANA name) the discharge time is
+  converted to it, and an offset-less time is taken to be in it. Without one, an HL7 time with
+  an offset (``-0500``) is read in its own offset. That offset is then used for the due date
+  too, so a daylight-saving change between discharge and due date moves the due time by an
+  hour. An offset-less time is taken as UTC. Due times are stored in UTC, like every time in
+  the store.
+
+Dry runs have no store: the clocks then live in a ``FollowupMemory``, with the same behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import click
+import yaml
+from pydantic import field_validator
+from sqlalchemy import Engine, insert, select, update
+
+# carehub.cli imports only config and errors at module level and loads plugin commands (this
+# module included) lazily, from inside a running command, so importing it here cannot cycle.
+from carehub.care.model import Transition
+from carehub.cli import hub_options
+from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.errors import CarehubError, ConfigError
+from carehub.events import parse_hl7_datetime
+from carehub.store.schema import followups as followups_table
+from carehub.store.store import _aware
+
+if TYPE_CHECKING:
+    from carehub.config import HubConfig
+
+#: Table 0112 codes that send the patient home: home/self-care, home health, home IV.
+DEFAULT_HOME_DISPOSITIONS = ("01", "06", "08")
+#: ED treat-and-release visits are not TCM-eligible discharges (inpatient, observation, SNF and
+#: partial hospitalisation are), so ED discharges open nothing by default.
+DEFAULT_EXCLUDED_CLASSES = ("E",)
+
+OPEN = "open"
+DONE = "done"
+OVERDUE = "overdue"  # past due and alerted: still to be done
+CANCELLED = "cancelled"
+#: Statuses that still ask for work (an overdue item can still be done, or cancelled).
+PENDING = (OPEN, OVERDUE)
+
+FollowupKind = Literal["contact", "visit"]
+
+
+class FollowupError(CarehubError):
+    """A follow-up cannot be changed as asked (unknown id, already cancelled)."""
+
+
+class MissingTransitionError(RuntimeError):
+    """The follow-up step ran without the encounter-state step's Transition before it."""
+
+
+# -- calendar --------------------------------------------------------------------------------
+class BusinessCalendar:
+    """Counts business and calendar days in the hospital's local time (see the module doc)."""
+
+    def __init__(
+        self,
+        holidays: Iterable[date] = (),
+        weekend: Sequence[int] = (5, 6),
+        *,
+        zone: tzinfo | None = None,
+    ) -> None:
+        """``weekend`` uses ``date.weekday()`` numbers (Monday 0 … Sunday 6). ``zone`` is the
+        hospital's time zone. Without one, the discharge time's own offset is used."""
+        self.holidays = frozenset(holidays)
+        self.weekend = frozenset(weekend)
+        if not self.weekend <= set(range(7)):
+            raise ValueError(f"weekend days are 0 (Monday) to 6 (Sunday), not {sorted(weekend)}")
+        if len(self.weekend) == 7:
+            raise ValueError("a week needs at least one business day")
+        self.zone = zone
+
+    def is_business_day(self, day: date) -> bool:
+        return day.weekday() not in self.weekend and day not in self.holidays
+
+    def local(self, moment: datetime) -> datetime:
+        """``moment`` on the hospital's wall clock: in ``zone`` if set, otherwise as given."""
+        if self.zone is None:
+            return moment
+        return moment.astimezone(self.zone) if moment.tzinfo else moment.replace(tzinfo=self.zone)
+
+    def add_business_days(self, start: datetime, n: int) -> datetime:
+        """The end of the nth business day after ``start``'s local date (that date is day 0).
+
+        With n = 0 the result is the end of the start date, or of the next business day if the
+        start date is not one."""
+        if n < 0:
+            raise ValueError(f"business days must be 0 or more, not {n}")
+        local = self.local(start)
+        day = local.date()
+        counted = 0
+        while counted < n:
+            day += timedelta(days=1)
+            if self.is_business_day(day):
+                counted += 1
+        while not self.is_business_day(day):  # only when n == 0
+            day += timedelta(days=1)
+        return _end_of(day, local.tzinfo)
+
+    def add_days(self, start: datetime, n: int) -> datetime:
+        """The end of the nth calendar day after ``start``'s local date (that date is day 0)."""
+        if n < 0:
+            raise ValueError(f"days must be 0 or more, not {n}")
+        local = self.local(start)
+        return _end_of(local.date() + timedelta(days=n), local.tzinfo)
+
+
+def _end_of(day: date, zone: tzinfo | None) -> datetime:
+    # The last microsecond of the day, not the next midnight, so listings show the due day.
+    return datetime.combine(day, time.max, tzinfo=zone)
+
+
+def load_holidays(dates: Iterable[date | str] = (), file: Path | None = None) -> set[date]:
+    """Holidays from ISO dates and/or a YAML file.
+
+    The file may hold a list of dates (``- 2026-11-26``), a list of ``{date: ..., name: ...}``
+    entries, a mapping of date to name, or any of those under a top-level ``holidays`` key.
+    """
+    found = {_as_date(value, "holidays") for value in dates}
+    if file is None:
+        return found
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read the holidays file: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML: {err}") from err
+    if isinstance(data, dict) and "holidays" in data:
+        data = data["holidays"]
+    if data is None:
+        return found
+    entries: Iterable[Any]
+    if isinstance(data, dict):
+        entries = data.keys()
+    elif isinstance(data, list):
+        entries = [e.get("date") if isinstance(e, dict) else e for e in data]
+    else:
+        raise ConfigError(f"{file}: expected a list of dates or a mapping of date to name")
+    found.update(_as_date(value, str(file)) for value in entries)
+    return found
+
+
+def _as_date(value: Any, where: str) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
+# -- what a discharge says -------------------------------------------------------------------
+def normalize_disposition(value: Any) -> str | None:
+    """PV1-36 as a two-digit table 0112 code: "1" and "01^Home" both become "01".
+
+    YAML reads an unquoted ``01`` as the number 1, and some senders drop the leading zero."""
+    if value is None:
+        return None
+    text = str(value).split("^", 1)[0].strip()
+    if not text:
+        return None
+    return text.zfill(2) if text.isdigit() and len(text) < 2 else text
+
+
+@dataclass(slots=True, frozen=True)
+class DischargeFacts:
+    """What the clocks need from a discharge: where the patient went, when and from what."""
+
+    disposition: str | None
+    discharged_at: datetime | None
+    patient_class: str | None
+
+
+def discharge_facts(transition: Transition, work: Work | None = None) -> DischargeFacts:
+    """Read the facts from the Transition summary (the encounter's merged state), falling back
+    to the message's own care event (PV1-36, PV1-45, PV1-2)."""
+    summary = transition.summary or {}
+    nested = summary.get("encounter") if isinstance(summary.get("encounter"), dict) else {}
+    encounter = work.event.encounter if work is not None and work.event is not None else None
+
+    def pick(*names: str, event_value: Any = None) -> Any:
+        for source in (summary, nested):
+            for name in names:
+                if source.get(name) not in (None, ""):
+                    return source[name]
+        return event_value
+
+    disposition = pick(
+        "disposition",
+        "discharge_disposition",
+        event_value=encounter.discharge_disposition if encounter else None,
+    )
+    moment = pick(
+        "discharged_at",
+        "discharge_time",
+        event_value=encounter.discharge_time if encounter else None,
+    )
+    patient_class = pick(
+        "patient_class", event_value=encounter.patient_class if encounter else None
+    )
+    return DischargeFacts(
+        normalize_disposition(disposition),
+        _as_datetime(moment),
+        str(patient_class).strip().upper() if patient_class else None,
+    )
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    text = str(value).strip()
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return parse_hl7_datetime(text)  # an HL7 DTM copied as sent
+
+
+# -- items -----------------------------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class FollowupItem:
+    """One follow-up obligation (a row of ``followups``). Times are UTC."""
+
+    id: int
+    encounter_id: int
+    patient_key: str
+    kind: str
+    due_at: datetime
+    status: str
+    created_at: datetime
+    closed_at: datetime | None = None
+    alerted_at: datetime | None = None
+
+    def as_output(self) -> dict[str, Any]:
+        """JSON-ready, times as ISO 8601 text."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class FollowupAlert:
+    """A follow-up that passed its due time unmet, for the notify step to send once."""
+
+    id: int
+    encounter_id: int
+    patient_key: str
+    kind: str
+    due_at: datetime
+
+    def as_output(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "encounter_id": self.encounter_id,
+            "patient_key": self.patient_key,
+            "kind": self.kind,
+            "due_at": self.due_at.isoformat(),
+        }
+
+
+def _alert(item: FollowupItem) -> FollowupAlert:
+    return FollowupAlert(item.id, item.encounter_id, item.patient_key, item.kind, item.due_at)
+
+
+def _utc(moment: datetime) -> datetime:
+    """Aware UTC: the store keeps UTC (SQLite drops offsets), and naive times are taken as UTC."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class FollowupMemory:
+    """The ``followups`` table kept in memory, for dry runs and tests without a store."""
+
+    items: dict[int, FollowupItem] = field(default_factory=dict)
+    next_id: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+@dataclass(slots=True, frozen=True)
+class FollowupPolicy:
+    """Which discharges open clocks, and how long each one runs."""
+
+    home_dispositions: frozenset[str] = frozenset(DEFAULT_HOME_DISPOSITIONS)
+    contact_business_days: int = 2
+    visit_days: int = 14  # 14 for 99495 (moderate complexity), 7 for 99496 (high)
+    excluded_patient_classes: frozenset[str] = frozenset(DEFAULT_EXCLUDED_CLASSES)
+
+    def why_not(self, facts: DischargeFacts) -> str | None:
+        """Why this discharge opens no clocks, or None when it does."""
+        if facts.patient_class and facts.patient_class in self.excluded_patient_classes:
+            return f"patient class {facts.patient_class} is not a TCM-eligible discharge"
+        if facts.disposition is None:
+            return "no discharge disposition (PV1-36): cannot tell whether the patient went home"
+        if facts.disposition not in self.home_dispositions:
+            home = ", ".join(sorted(self.home_dispositions))
+            return f"disposition {facts.disposition} is not a discharge home ({home})"
+        return None
+
+    def due_dates(
+        self, discharged_at: datetime, calendar: BusinessCalendar
+    ) -> dict[FollowupKind, datetime]:
+        return {
+            "contact": calendar.add_business_days(discharged_at, self.contact_business_days),
+            "visit": calendar.add_days(discharged_at, self.visit_days),
+        }
+
+
+# -- the clock -------------------------------------------------------------------------------
+class FollowupClock:
+    """Opens, cancels, completes and alerts on follow-ups, in the store or in memory.
+
+    ``target`` is the store's engine (``MessageStore.engine``) or a ``FollowupMemory``."""
+
+    def __init__(
+        self,
+        target: Engine | FollowupMemory,
+        calendar: BusinessCalendar | None = None,
+        policy: FollowupPolicy | None = None,
+    ) -> None:
+        self.target = target
+        self.calendar = calendar or BusinessCalendar()
+        self.policy = policy or FollowupPolicy()
+
+    @property
+    def _memory(self) -> FollowupMemory | None:
+        return self.target if isinstance(self.target, FollowupMemory) else None
+
+    # -- opening and closing --------------------------------------------------------------
+    def open_for_discharge(
+        self,
+        transition: Transition,
+        now: datetime,
+        *,
+        facts: DischargeFacts | None = None,
+    ) -> list[FollowupItem]:
+        """Open the contact and visit items for a discharge home; returns the items opened.
+
+        Returns [] for anything else: not a discharge, not home (see ``policy.why_not``), no
+        encounter id, or an encounter that already has follow-ups that are not cancelled. The
+        last rule makes a resent or reprocessed A03 harmless. A discharge after an A13 opens
+        fresh items. ``facts`` default to ``discharge_facts(transition)``. Without a discharge
+        time the clocks start at ``now``."""
+        if transition.kind != "discharge" or transition.encounter_id is None:
+            return []
+        facts = facts or discharge_facts(transition)
+        if self.policy.why_not(facts) is not None:
+            return []
+        start = facts.discharged_at or now
+        rows = [
+            {
+                "encounter_id": transition.encounter_id,
+                "patient_key": transition.patient_key,
+                "kind": kind,
+                "due_at": _utc(due),
+                "status": OPEN,
+                "created_at": _utc(now),
+            }
+            for kind, due in self.policy.due_dates(start, self.calendar).items()
+        ]
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                if any(
+                    i.encounter_id == transition.encounter_id and i.status != CANCELLED
+                    for i in memory.items.values()
+                ):
+                    return []
+                opened = []
+                for row in rows:
+                    item = FollowupItem(id=memory.next_id, **row)
+                    memory.items[item.id] = item
+                    memory.next_id += 1
+                    opened.append(item)
+                return opened
+        assert isinstance(self.target, Engine)
+        with self.target.begin() as conn:
+            live = conn.execute(
+                select(followups_table.c.id)
+                .where(followups_table.c.encounter_id == transition.encounter_id)
+                .where(followups_table.c.status != CANCELLED)
+                .limit(1)
+            ).first()
+            if live is not None:
+                return []
+            opened = []
+            for row in rows:
+                new_id = conn.execute(
+                    insert(followups_table).values(**row).returning(followups_table.c.id)
+                ).scalar_one()
+                opened.append(FollowupItem(id=new_id, **row))
+            return opened
+
+    def cancel_for_encounter(self, encounter_id: int | None, now: datetime) -> list[FollowupItem]:
+        """Cancel the encounter's pending items (an A13 took the discharge back); returns
+        them as cancelled. Done items stay done: the work really happened."""
+        if encounter_id is None:
+            return []
+        return self._close(
+            lambda i: i.encounter_id == encounter_id and i.status in PENDING,
+            [followups_table.c.encounter_id == encounter_id],
+            CANCELLED,
+            now,
+        )
+
+    def complete(self, item_id: int, now: datetime) -> FollowupItem:
+        """Mark an item done. Done again is a no-op. A cancelled or unknown item raises
+        FollowupError, because completing it would record work for a discharge that was
+        withdrawn."""
+        self._close(
+            lambda i: i.id == item_id and i.status in PENDING,
+            [followups_table.c.id == item_id],
+            DONE,
+            now,
+        )
+        item = self.get(item_id)
+        if item is None:
+            raise FollowupError(f"no follow-up {item_id}")
+        if item.status == CANCELLED:
+            raise FollowupError(
+                f"follow-up {item_id} was cancelled (the discharge was cancelled); not changed"
+            )
+        return item
+
+    def _close(
+        self, matches: Any, where: list[Any], status: str, now: datetime
+    ) -> list[FollowupItem]:
+        closed_at = _utc(now)
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                changed = [
+                    replace(i, status=status, closed_at=closed_at)
+                    for i in memory.items.values()
+                    if matches(i)
+                ]
+                memory.items.update((i.id, i) for i in changed)
+            return changed
+        assert isinstance(self.target, Engine)
+        with self.target.begin() as conn:
+            rows = conn.execute(
+                update(followups_table)
+                .where(*where, followups_table.c.status.in_(PENDING))
+                .values(status=status, closed_at=closed_at)
+                .returning(*followups_table.c)
+            ).all()
+        return sorted((_item(r) for r in rows), key=lambda i: i.id)
+
+    # -- reading --------------------------------------------------------------------------
+    def get(self, item_id: int) -> FollowupItem | None:
+        memory = self._memory
+        if memory is not None:
+            return memory.items.get(item_id)
+        assert isinstance(self.target, Engine)
+        with self.target.connect() as conn:
+            row = conn.execute(select(followups_table).where(followups_table.c.id == item_id))
+            found = row.first()
+        return _item(found) if found else None
+
+    def find(
+        self,
+        *,
+        encounter_id: int | None = None,
+        patient_key: str | None = None,
+        statuses: Sequence[str] | None = PENDING,
+        due_before: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[FollowupItem]:
+        """Items matching every given filter, soonest due first. ``statuses=None`` means any
+        status. ``due_before`` keeps items due strictly before that time."""
+        before = _utc(due_before) if due_before is not None else None
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                found = [
+                    i
+                    for i in memory.items.values()
+                    if (encounter_id is None or i.encounter_id == encounter_id)
+                    and (patient_key is None or i.patient_key == patient_key)
+                    and (statuses is None or i.status in statuses)
+                    and (before is None or i.due_at < before)
+                ]
+            found.sort(key=lambda i: (i.due_at, i.id))
+            return found[:limit] if limit else found
+        assert isinstance(self.target, Engine)
+        t = followups_table
+        query = select(t).order_by(t.c.due_at, t.c.id)
+        if encounter_id is not None:
+            query = query.where(t.c.encounter_id == encounter_id)
+        if patient_key is not None:
+            query = query.where(t.c.patient_key == patient_key)
+        if statuses is not None:
+            query = query.where(t.c.status.in_(list(statuses)))
+        if before is not None:
+            query = query.where(t.c.due_at < before)
+        if limit:
+            query = query.limit(limit)
+        with self.target.connect() as conn:
+            return [_item(r) for r in conn.execute(query)]
+
+    # -- alerts ---------------------------------------------------------------------------
+    def due_alerts(self, now: datetime) -> list[FollowupAlert]:
+        """Open items past due that have not been alerted yet. Nothing is marked. The notify
+        step calls ``mark_alerted`` once it has queued the alerts, so a crash in between
+        alerts again instead of never."""
+        return [
+            _alert(i) for i in self.find(statuses=(OPEN,), due_before=now) if i.alerted_at is None
+        ]
+
+    def mark_alerted(self, ids: Iterable[int], now: datetime) -> list[int]:
+        """Mark items overdue and alerted; returns the ids this call marked. An id that is
+        already alerted, or that was done or cancelled meanwhile, is left out. This keeps two
+        workers from both claiming one alert."""
+        wanted = set(ids)
+        if not wanted:
+            return []
+        at = _utc(now)
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                marked = [
+                    replace(i, status=OVERDUE, alerted_at=at)
+                    for i in memory.items.values()
+                    if i.id in wanted and i.status == OPEN and i.alerted_at is None
+                ]
+                memory.items.update((i.id, i) for i in marked)
+            return sorted(i.id for i in marked)
+        assert isinstance(self.target, Engine)
+        t = followups_table
+        with self.target.begin() as conn:
+            rows = conn.execute(
+                update(t)
+                .where(t.c.id.in_(sorted(wanted)), t.c.status == OPEN, t.c.alerted_at.is_(None))
+                .values(status=OVERDUE, alerted_at=at)
+                .returning(t.c.id)
+            ).all()
+        return sorted(r.id for r in rows)
+
+    def overdue(self, now: datetime) -> list[FollowupAlert]:
+        """``due_alerts`` and ``mark_alerted`` in one call. Returns only the items this call
+        marked, so each overdue item is returned once, ever."""
+        alerts = self.due_alerts(now)
+        marked = set(self.mark_alerted([a.id for a in alerts], now))
+        return [a for a in alerts if a.id in marked]
+
+
+def _item(row: Any) -> FollowupItem:
+    values = dict(row._mapping)
+    for name in ("due_at", "created_at", "closed_at", "alerted_at"):
+        if values[name] is not None:
+            values[name] = _aware(values[name]).astimezone(UTC)
+    return FollowupItem(**values)
+
+
+# -- the route step --------------------------------------------------------------------------
+class FollowupEnricher(Enricher):
+    """Opens TCM follow-up clocks on discharges home and cancels them on A13.
+
+    Runs after ``encounter-state`` and reads its Transition from ``work.data["encounter"]``.
+    ``work.data["followups"]`` gets the encounter's pending items after a discharge (just
+    opened, or already open on a resend), so a discharge notice can show the due dates.
+    Otherwise it gets []."""
+
+    name = "follow-up-clock"
+    description = (
+        "TCM follow-up clocks: a contact due in 2 business days and a visit due in 7 or 14 "
+        "days after a discharge home; cancelled by A13"
+    )
+
+    class Options(ComponentOptions):
+        #: Table 0112 codes that count as going home (01 home, 06 home health, 08 home IV).
+        home_dispositions: list[str] = list(DEFAULT_HOME_DISPOSITIONS)
+        #: 14 for 99495 (moderate complexity), 7 for 99496 (high complexity).
+        visit_days: Literal[7, 14] = 14
+        contact_business_days: int = 2
+        #: ISO dates (YYYY-MM-DD) that are not business days.
+        holidays: list[date] = []
+        #: A YAML file of holidays (relative to the config folder), added to ``holidays``.
+        holidays_file: str | None = None
+        #: The hospital's IANA time zone (America/Chicago). It sets which day a discharge
+        #: falls on and where that day ends. Without it, the discharge time's own offset is
+        #: used, and offset-less times count as UTC.
+        timezone: str | None = None
+        #: Patient classes (PV1-2) whose discharges open nothing. ED visits are not TCM
+        #: discharges.
+        exclude_patient_classes: list[str] = list(DEFAULT_EXCLUDED_CLASSES)
+
+        @field_validator("home_dispositions", mode="before")
+        @classmethod
+        def _codes(cls, value: Any) -> Any:
+            # YAML turns an unquoted 01 into the number 1.
+            if isinstance(value, list):
+                return [normalize_disposition(v) or "" for v in value]
+            return value
+
+        @field_validator("contact_business_days")
+        @classmethod
+        def _positive(cls, value: int) -> int:
+            if value < 0:
+                raise ValueError("must be 0 or more")
+            return value
+
+        @field_validator("timezone")
+        @classmethod
+        def _zone(cls, value: str | None) -> str | None:
+            if value is not None:
+                try:
+                    ZoneInfo(value)
+                except (ZoneInfoNotFoundError, ValueError):
+                    raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+            return value
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        opts = self.options
+        # Read the holidays file now so a bad file is a configuration error at startup,
+        # not a failed step on the first discharge.
+        holidays = load_holidays(
+            opts.holidays, context.path(opts.holidays_file) if opts.holidays_file else None
+        )
+        self.calendar = BusinessCalendar(
+            holidays, zone=ZoneInfo(opts.timezone) if opts.timezone else None
+        )
+        self.policy = FollowupPolicy(
+            home_dispositions=frozenset(opts.home_dispositions),
+            contact_business_days=opts.contact_business_days,
+            visit_days=opts.visit_days,
+            excluded_patient_classes=frozenset(c.upper() for c in opts.exclude_patient_classes),
+        )
+        self.memory = FollowupMemory()
+
+    @property
+    def clock(self) -> FollowupClock:
+        """The clock over the store when the hub runs, in memory in dry runs. The hub attaches
+        the store after building components, so this is resolved on each use."""
+        store = self.context.store
+        target = store.engine if store is not None else self.memory
+        return FollowupClock(target, self.calendar, self.policy)
+
+    def enrich(self, work: Work) -> dict[str, Any]:
+        transition = work.data.get("encounter")
+        if not isinstance(transition, Transition):
+            raise MissingTransitionError(
+                f"route {work.route!r}: follow-up-clock needs the encounter transition in "
+                "work.data['encounter']; put an 'encounter-state' enrich step before it"
+            )
+        work.data["followups"] = []
+        now = datetime.now(UTC)
+        clock = self.clock
+        base: dict[str, Any] = {"transition": transition.kind}
+        if transition.encounter_id is None:
+            return {**base, "action": "none", "reason": "the transition has no encounter id"}
+        base["encounter_id"] = transition.encounter_id
+        if transition.kind == "cancel_discharge":
+            cancelled = clock.cancel_for_encounter(transition.encounter_id, now)
+            if not cancelled:
+                return {**base, "action": "none", "reason": "no pending follow-ups to cancel"}
+            return {**base, "action": "cancelled", "items": [_brief(i) for i in cancelled]}
+        if transition.kind != "discharge":
+            return {**base, "action": "none", "reason": "not a discharge"}
+        facts = discharge_facts(transition, work)
+        if facts.discharged_at is None:
+            # The receipt time, not the wall clock: a reprocess must give the same due dates.
+            facts = replace(facts, discharged_at=work.message.received_at)
+        base["disposition"] = facts.disposition
+        reason = self.policy.why_not(facts)
+        if reason is not None:
+            return {**base, "action": "none", "reason": reason}
+        assert facts.discharged_at is not None
+        base["discharged_at"] = facts.discharged_at.isoformat()
+        opened = clock.open_for_discharge(transition, now, facts=facts)
+        if opened:
+            work.data["followups"] = opened
+            return {**base, "action": "opened", "items": [_brief(i) for i in opened]}
+        existing = clock.find(encounter_id=transition.encounter_id)
+        work.data["followups"] = existing
+        return {**base, "action": "already_opened", "items": [_brief(i) for i in existing]}
+
+
+def _brief(item: FollowupItem) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "kind": item.kind,
+        "due_at": item.due_at.isoformat(),
+        "status": item.status,
+    }
+
+
+# -- commands --------------------------------------------------------------------------------
+@click.group("followups")
+def followups() -> None:
+    """Transitional-care follow-ups (TCM contact and visit): list them, mark them done."""
+
+
+@followups.command("list")
+@hub_options
+@click.option("--overdue", is_flag=True, help="Only pending items already past due.")
+@click.option("--patient", help="Patient key as the store keeps it (authority|id).")
+@click.option("--all", "show_all", is_flag=True, help="Also done and cancelled items.")
+@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_followups(
+    config: HubConfig,
+    data_dir: Path,
+    overdue: bool,
+    patient: str | None,
+    show_all: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Pending follow-ups (open or overdue), soonest due first."""
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir)
+    try:
+        found = FollowupClock(store.engine).find(
+            patient_key=patient,
+            statuses=None if show_all and not overdue else PENDING,
+            due_before=datetime.now(UTC) if overdue else None,
+            limit=limit,
+        )
+    finally:
+        store.close()
+    if as_json:
+        for item in found:
+            click.echo(json.dumps(item.as_output(), ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("id", "patient", "encounter", "kind", "due (UTC)", "status", "alerted (UTC)"):
+        table.add_column(column)
+    for item in found:
+        table.add_row(
+            str(item.id),
+            item.patient_key,
+            str(item.encounter_id),
+            item.kind,
+            item.due_at.strftime("%Y-%m-%d %H:%M"),
+            item.status,
+            item.alerted_at.strftime("%Y-%m-%d %H:%M") if item.alerted_at else "",
+        )
+    console = Console(highlight=False, soft_wrap=False)
+    console.print(table)
+    console.print(f"{len(found)} follow-up(s)")
+
+
+@followups.command("done")
+@hub_options
+@click.argument("item_id", type=int)
+def done_followup(config: HubConfig, data_dir: Path, item_id: int) -> None:
+    """Mark a follow-up done (the contact was made or the visit took place)."""
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir)
+    try:
+        item = FollowupClock(store.engine).complete(item_id, datetime.now(UTC))
+    except FollowupError as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        store.close()
+    when = item.closed_at.isoformat(timespec="seconds") if item.closed_at else "?"
+    click.echo(f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at {when}")
