@@ -63,6 +63,12 @@ in PV1-37 or PV1-3.4)::
 Provider directory CSV: ``npi,code,name,organization,kind,channel,address,preference,detail,
 practice`` with exactly one of ``npi`` (a provider) or ``code`` (a facility) per row.
 
+The ``care-team`` enricher lists roster members (id = ``member_id``), the PCP the message names
+(PD1-4 / ROL PP, id ``npi:<NPI>``, skipped when a roster member has that NPI or address) and,
+on discharge, the PV1-37 destination (id ``facility:<CODE>``). A directory miss, a recipient
+without an address and a patient opt-out (roster flag or ``opt_out_field``) become
+Suppressions; recipients stay listed so the notify step decides and records per recipient.
+
 Both files are re-read without a restart: on use, at most every ``reload_seconds``, the file's
 mtime, size and inode are compared with the loaded copy. A file that is broken when carehub
 starts is a ConfigError naming the file and line; a file that breaks later is logged and the
@@ -83,7 +89,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from carehub.care.model import CareTeam, Detail, Preference, Recipient, Suppression
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
@@ -135,8 +149,15 @@ class _Record(BaseModel):
 
     @field_validator("channel", "preference", "detail", "role", mode="before", check_fields=False)
     @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+    def _code(cls, value: Any, info: ValidationInfo) -> Any:
+        """Codes compare lower-case; an empty preference or detail cell means the default."""
+        if isinstance(value, str):
+            value = value.strip().lower()
+        if value in ("", None) and info.field_name == "preference":
+            return "immediate"
+        if value == "" and info.field_name == "detail":
+            return None
+        return value
 
     @field_validator("npi", "practice", mode="before", check_fields=False)
     @classmethod
@@ -178,16 +199,6 @@ class RosterMember(_Record):
     address: str = ""  # empty: listed, but suppressed at routing time (nowhere to send)
     preference: Preference = "immediate"
     detail: Detail | None = None
-
-    @field_validator("preference", mode="before")
-    @classmethod
-    def _default_preference(cls, value: Any) -> Any:
-        return "immediate" if value in ("", None) else value
-
-    @field_validator("detail", mode="before")
-    @classmethod
-    def _empty_detail(cls, value: Any) -> Any:
-        return None if value == "" else value
 
     def recipient(self) -> Recipient:
         return Recipient(
@@ -252,16 +263,6 @@ class DirectoryEntry(_Record):
     #: notices in the practice inbox; the CoP accepts the practice as the recipient).
     practice: str | None = None
 
-    @field_validator("preference", mode="before")
-    @classmethod
-    def _default_preference(cls, value: Any) -> Any:
-        return "immediate" if value in ("", None) else value
-
-    @field_validator("detail", mode="before")
-    @classmethod
-    def _empty_detail(cls, value: Any) -> Any:
-        return None if value == "" else value
-
     def recipient(self, recipient_id: str, role: str) -> Recipient:
         return Recipient(
             id=recipient_id,
@@ -279,9 +280,10 @@ class _DirectoryDoc(_Record):
     providers: dict[str, DirectoryEntry] = Field(default_factory=dict)
     facilities: dict[str, DirectoryEntry] = Field(default_factory=dict)
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "facilities", mode="before")
     @classmethod
-    def _npi_keys(cls, value: Any) -> Any:
+    def _text_keys(cls, value: Any) -> Any:
+        """An unquoted NPI or numeric code is an int to YAML; keys are text here."""
         if isinstance(value, dict):
             value = {str(k).strip(): v for k, v in value.items()}
         return value
@@ -395,49 +397,60 @@ def _check_keys(node: yaml.Node | None, path: Path, section: str, npi: bool) -> 
     return problems
 
 
-def _csv_rows(
-    text: str, path: Path
-) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[str]]:
-    """Header, rows (with their line numbers) and problems of a CSV file; ``#`` lines are
-    comments. Problems are returned, not raised, so one report lists every bad row."""
+@dataclass(slots=True)
+class _CsvTable:
+    header: list[str]
+    header_line: int
+    rows: list[tuple[int, dict[str, str]]]  # (line number, cells by column)
+    problems: list[str]  # returned, not raised, so one report lists every bad row
+
+
+def _csv_rows(text: str, path: Path) -> _CsvTable:
+    """Header and rows (with their line numbers) of a CSV file; ``#`` lines are comments and
+    are blanked rather than dropped so line numbers stay those an editor shows."""
     lines = ["\n" if line.lstrip().startswith("#") else line for line in text.splitlines(True)]
     reader = csv.reader(lines)
-    header: list[str] | None = None
-    rows: list[tuple[int, dict[str, str]]] = []
-    problems: list[str] = []
-    for cells in reader:
-        if not any(cell.strip() for cell in cells):
-            continue
-        if header is None:
-            header = [cell.strip().lower() for cell in cells]
-            continue
-        if len(cells) > len(header):
-            problems.append(
-                f"{path}:{reader.line_num}: {len(cells)} cells but the header has "
-                f"{len(header)} columns (quote values that contain commas)"
-            )
-            continue
-        rows.append((reader.line_num, {k: v.strip() for k, v in zip(header, cells, strict=False)}))
-    if header is None:
+    table: _CsvTable | None = None
+    try:
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                continue
+            if table is None:
+                header = [cell.strip().lower() for cell in cells]
+                table = _CsvTable(header, reader.line_num, [], [])
+                continue
+            if len(cells) > len(table.header):
+                table.problems.append(
+                    f"{path}:{reader.line_num}: {len(cells)} cells but the header has "
+                    f"{len(table.header)} columns (quote values that contain commas)"
+                )
+                continue
+            cells_by_column = dict(zip(table.header, (c.strip() for c in cells), strict=False))
+            table.rows.append((reader.line_num, cells_by_column))
+    except csv.Error as err:
+        raise ConfigError(f"{path}:{reader.line_num}: not valid CSV: {err}") from None
+    if table is None:
         raise ConfigError(f"{path}: no header row (the file is empty)")
-    return header, rows, problems
+    return table
 
 
 def _check_header(
-    header: list[str], path: Path, required: Iterable[str], known: Iterable[str]
+    table: _CsvTable, path: Path, required: Iterable[str], known: Iterable[str]
 ) -> None:
     known = tuple(known)
+    header = table.header
+    where = f"{path}:{table.header_line}"
     missing = [c for c in required if c not in header]
     unknown = [c for c in header if c not in known]
     problems = []
     if missing:
-        problems.append(f"{path}:1: header lacks column(s) {', '.join(missing)}")
+        problems.append(f"{where}: header lacks column(s) {', '.join(missing)}")
     if unknown:
         problems.append(
-            f"{path}:1: unknown column(s) {', '.join(unknown)} (known: {', '.join(known)})"
+            f"{where}: unknown column(s) {', '.join(unknown)} (known: {', '.join(known)})"
         )
     if len(set(header)) != len(header):
-        problems.append(f"{path}:1: a column name appears twice")
+        problems.append(f"{where}: a column name appears twice")
     _raise(path, problems)
 
 
@@ -490,8 +503,9 @@ class _PatientBuilder:
 
 
 def _parse_roster_csv(text: str, path: Path) -> dict[_PatientKey, RosterPatient]:
-    header, rows, problems = _csv_rows(text, path)
-    _check_header(header, path, _ROSTER_REQUIRED, ROSTER_COLUMNS)
+    table = _csv_rows(text, path)
+    _check_header(table, path, _ROSTER_REQUIRED, ROSTER_COLUMNS)
+    rows, problems = table.rows, table.problems
     patients: dict[_PatientKey, _PatientBuilder] = {}
     for line, row in rows:
         where = f"{path}:{line}"
@@ -576,10 +590,11 @@ DIRECTORY_COLUMNS = (
 
 
 def _parse_directory_csv(text: str, path: Path) -> _Directory:
-    header, rows, problems = _csv_rows(text, path)
-    _check_header(header, path, ("name", "channel", "address"), DIRECTORY_COLUMNS)
-    if "npi" not in header and "code" not in header:
-        raise ConfigError(f"{path}:1: header needs an npi or a code column")
+    table = _csv_rows(text, path)
+    _check_header(table, path, ("name", "channel", "address"), DIRECTORY_COLUMNS)
+    if "npi" not in table.header and "code" not in table.header:
+        raise ConfigError(f"{path}:{table.header_line}: header needs an npi or a code column")
+    rows, problems = table.rows, table.problems
     providers: dict[str, DirectoryEntry] = {}
     facilities: dict[str, DirectoryEntry] = {}
     for line, row in rows:
@@ -829,7 +844,14 @@ class _TeamBuilder:
         return False
 
     def add(self, recipient: Recipient, npi: str | None = None) -> None:
+        """List a recipient unless someone listed already covers them. One without an address
+        is listed *and* suppressed, so the notify step records the suppression against them;
+        it covers nobody, so a directory entry for the same NPI can still reach the PCP."""
+        if recipient.id in self.ids:
+            return
         if not recipient.address:
+            self.team.recipients.append(recipient)
+            self.ids.add(recipient.id)
             self.suppress(
                 f"{recipient.role} {recipient.name} has no {recipient.channel or 'delivery'} "
                 "address",
