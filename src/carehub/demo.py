@@ -11,13 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
+from aiosmtpd.controller import Controller
 from fastapi import FastAPI, Request, Response
 from rich.console import Console
 from rich.table import Table
@@ -75,10 +81,13 @@ def run_demo(config_path: Path | None, data_dir: Path | None) -> int:
 
 
 class CarePlatform:
-    """A stand-in for the care-coordination platform the sample routes post events to."""
+    """Stand-ins for the outside world the sample routes talk to: the care-coordination
+    platform (webhook), an SMS gateway (HTTP) and a mail server (SMTP, aiosmtpd)."""
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
+        self.texts: list[dict[str, Any]] = []
+        self.mail: list[EmailMessage] = []
         app = FastAPI()
 
         @app.post("/care-events")
@@ -88,14 +97,41 @@ class CarePlatform:
             self.received.append(body)
             return Response(status_code=202)
 
+        @app.post("/messages")
+        async def sms(request: Request) -> Response:
+            self.texts.append(json.loads(await request.body()))
+            return Response(status_code=202)
+
+        platform = self
+
+        class Mailbox:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                platform.mail.append(
+                    BytesParser(policy=default_policy).parsebytes(envelope.content)  # type: ignore[arg-type]
+                )
+                return "250 OK"
+
+        self.smtp = Controller(Mailbox(), hostname="127.0.0.1", port=_free_port())
+
         self.listener = HTTPListener(HTTPListenerConfig(host="127.0.0.1", port=0), app)
 
-    async def start(self) -> str:
+    async def start(self) -> None:
         host, port = await self.listener.start()
-        return f"http://{host}:{port}/care-events"
+        self.smtp.start()
+        os.environ["CARE_PLATFORM_URL"] = f"http://{host}:{port}/care-events"
+        os.environ["SMS_GATEWAY_URL"] = f"http://{host}:{port}/messages"
+        os.environ["SMTP_HOST"], os.environ["SMTP_PORT"] = "127.0.0.1", str(self.smtp.port)
+        os.environ["SMTP_STARTTLS"] = "false"
 
     async def stop(self) -> None:
+        self.smtp.stop()
         await self.listener.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _demo_config(config_path: Path) -> HubConfig:
@@ -111,7 +147,7 @@ def _demo_config(config_path: Path) -> HubConfig:
 
 async def _run(config_path: Path, data_dir: Path, scratch: Path, feeds: list[Path]) -> int:
     platform = CarePlatform()
-    os.environ["CARE_PLATFORM_URL"] = await platform.start()
+    await platform.start()
     os.environ["CAREHUB_OUTBOX"] = str(scratch / "outbox")
     hub = Hub(_demo_config(config_path), data_dir)
     bound = await hub.start()
@@ -128,6 +164,17 @@ async def _run(config_path: Path, data_dir: Path, scratch: Path, feeds: list[Pat
         await asyncio.to_thread(_wait_for_deliveries, Outbox(hub.store))
         _print_store(hub)
         _print_deliveries(hub, platform, scratch / "outbox")
+        if hub.table.notifiers():
+            _print_care(hub, platform, "Care transitions: who was told what")
+            later = datetime(2026, 11, 27, 7, 5, tzinfo=UTC)
+            console.print(
+                f"\n[bold]Moving the clock to {later:%Y-%m-%d %H:%M} UTC[/bold] for the periodic "
+                "work: stale ED visits close, overdue follow-ups alert the care coordinator, "
+                "daily digests go out."
+            )
+            await asyncio.to_thread(hub.table.tick, later)
+            await asyncio.to_thread(_wait_for_deliveries, Outbox(hub.store))
+            _print_care(hub, platform, "After the clock moved", only_new=True)
     finally:
         await hub.stop()
         await platform.stop()
@@ -239,11 +286,82 @@ def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path) -> Non
         name = f"{patient.get('family', '')}, {patient.get('given', '')}"
         key = body.get("_idempotency_key")
         console.print(Text(f"  {event.get('kind', '?'):18s} {name:18s} at {where}  (key {key})"))
-    files = sorted(p.relative_to(outbox_dir) for p in outbox_dir.rglob("*") if p.is_file())
-    console.print(f"\n[bold]Files written[/bold] under the outbox ({len(files)}):")
-    for path in files:
-        console.print(Text(f"  {path}"))
+    folders: dict[str, int] = {}
+    for path in outbox_dir.rglob("*"):
+        if path.is_file():
+            folder = str(path.parent.relative_to(outbox_dir))
+            folders[folder] = folders.get(folder, 0) + 1
+    summary = ", ".join(f"{folder}/ {count}" for folder, count in sorted(folders.items()))
+    console.print(f"\n[bold]Files written[/bold] under the outbox: {summary or 'none'}")
     console.print(
         "\nRe-run a message through the routes without sending: "
         "carehub routes test config/feeds/04-riverside-discharge-to-snf.hl7"
     )
+
+
+_seen_notifications: set[tuple[str, str, str, str]] = set()
+
+
+def _print_care(hub: Hub, platform: CarePlatform, title: str, only_new: bool = False) -> None:
+    """Per patient: the encounter timeline, then each notification decided for the care team
+    (sent, held for a digest, suppressed and why, retracted)."""
+    from carehub.care.report import patient_reports
+
+    assert hub.store is not None
+    console.print()
+    console.print(f"[bold]{title}[/bold]")
+    for report in patient_reports(hub.store.engine):
+        fresh = [
+            t
+            for t in report.told
+            if (t["kind"], t["recipient"], t["status"], t["reason"]) not in _seen_notifications
+        ]
+        if (
+            only_new
+            and not fresh
+            and not any(e["transition"] == "stale_closed" for e in report.timeline)
+        ):
+            continue
+        console.print(Text(f"\n  patient {report.patient_key}", style="bold"))
+        for event in report.timeline:
+            if only_new and event["transition"] != "stale_closed":
+                continue
+            when = event["at"].strftime("%Y-%m-%d %H:%M") if event["at"] else "-"
+            console.print(
+                Text(
+                    f"    {when}  {event['trigger']:4s} {event['transition']:18s} visit "
+                    f"{event['visit']} -> {event['state']}"
+                )
+            )
+        for item in fresh if only_new else report.told:
+            _seen_notifications.add(
+                (item["kind"], item["recipient"], item["status"], item["reason"])
+            )
+            who = f"{item['recipient']} ({item['role'] or '-'})"
+            how = f"{item['channel']} {item['address']}".strip()
+            if item["status"] == "queued":
+                outcome = f"sent, {item['delivery'] or 'queued'}"
+                if item["accepted_at"]:
+                    outcome += f" at {item['accepted_at']:%H:%M:%S}"
+            elif item["status"] == "digest":
+                outcome = "held for the daily digest"
+            elif item["status"] == "digested":
+                outcome = "sent in the daily digest"
+            else:
+                outcome = item["status"]
+            reason = f"  [{item['reason']}]" if item["reason"] else ""
+            console.print(
+                Text(f"      {item['kind']:16s} -> {who:38s} {how:42s} {outcome}{reason}")
+            )
+    console.print(
+        f"\n  mail server received {len(platform.mail)} email(s); "
+        f"SMS gateway received {len(platform.texts)} text(s)"
+    )
+    if platform.mail and not only_new:
+        first = platform.mail[0]
+        console.print(Text(f"  e.g. To: {first['To']}  Subject: {first['Subject']}"))
+        console.print(Text("       " + first.get_content().strip().replace("\n", "\n       ")))
+    if platform.texts and not only_new:
+        console.print(
+            Text(f"  e.g. SMS to {platform.texts[0].get('to')}: {platform.texts[0].get('text')}")
+        )
