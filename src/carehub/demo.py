@@ -302,6 +302,10 @@ def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path) -> Non
 _seen_notifications: set[tuple[str, str, str, str]] = set()
 
 
+def _note_key(item: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (item["kind"], item["recipient"], item["status"], item["reason"])
+
+
 def _print_care(hub: Hub, platform: CarePlatform, title: str, only_new: bool = False) -> None:
     """Per patient: the encounter timeline, then each notification decided for the care team
     (sent, held for a digest, suppressed and why, retracted)."""
@@ -309,49 +313,38 @@ def _print_care(hub: Hub, platform: CarePlatform, title: str, only_new: bool = F
 
     assert hub.store is not None
     console.print()
-    console.print(f"[bold]{title}[/bold]")
+    console.print(f"[bold]{title}[/bold] (times in UTC)")
     for report in patient_reports(hub.store.engine):
-        fresh = [
-            t
-            for t in report.told
-            if (t["kind"], t["recipient"], t["status"], t["reason"]) not in _seen_notifications
-        ]
-        if (
-            only_new
-            and not fresh
-            and not any(e["transition"] == "stale_closed" for e in report.timeline)
-        ):
+        fresh = [t for t in report.told if _note_key(t) not in _seen_notifications]
+        events = [e for e in report.timeline if not only_new or e["transition"] == "stale_closed"]
+        if only_new and not fresh and not events:
             continue
-        console.print(Text(f"\n  patient {report.patient_key}", style="bold"))
-        for event in report.timeline:
-            if only_new and event["transition"] != "stale_closed":
-                continue
+        visits = ", ".join(f"{key.split('|')[-1]} {state}" for key, state in report.visits.items())
+        console.print(
+            Text(f"\n  {report.name or '?'} ({report.patient_key}): {visits}", style="bold")
+        )
+        for event in events:
             when = event["at"].strftime("%Y-%m-%d %H:%M") if event["at"] else "-"
+            visit = event["visit"].split("|")[-1]
             console.print(
-                Text(
-                    f"    {when}  {event['trigger']:4s} {event['transition']:18s} visit "
-                    f"{event['visit']} -> {event['state']}"
-                )
+                Text(f"    {when}  {event['trigger']:4s} {event['transition']:17s} {visit}")
             )
         for item in fresh if only_new else report.told:
-            _seen_notifications.add(
-                (item["kind"], item["recipient"], item["status"], item["reason"])
-            )
-            who = f"{item['recipient']} ({item['role'] or '-'})"
-            how = f"{item['channel']} {item['address']}".strip()
+            _seen_notifications.add(_note_key(item))
             if item["status"] == "queued":
-                outcome = f"sent, {item['delivery'] or 'queued'}"
-                if item["accepted_at"]:
-                    outcome += f" at {item['accepted_at']:%H:%M:%S}"
+                outcome = f"sent ({item['delivery'] or 'queued'}"
+                outcome += f" {item['accepted_at']:%H:%M:%S})" if item["accepted_at"] else ")"
             elif item["status"] == "digest":
                 outcome = "held for the daily digest"
             elif item["status"] == "digested":
                 outcome = "sent in the daily digest"
             else:
                 outcome = item["status"]
-            reason = f"  [{item['reason']}]" if item["reason"] else ""
+            reason = f": {item['reason']}" if item["reason"] else ""
+            who = f"{item['recipient']} ({item['role'] or '-'})"
+            channel = item["channel"] or "-"
             console.print(
-                Text(f"      {item['kind']:16s} -> {who:38s} {how:42s} {outcome}{reason}")
+                Text(f"      {item['kind']:16s} {who:34s} {channel:5s} {outcome}{reason}")
             )
     console.print(
         f"\n  mail server received {len(platform.mail)} email(s); "

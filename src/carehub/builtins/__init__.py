@@ -7,4 +7,5 @@ BUILTIN_PLUGINS = [
     "carehub.builtins.translators",
     "carehub.builtins.channels",
     "carehub.builtins.messaging",
+    "carehub.builtins.care",
 ]

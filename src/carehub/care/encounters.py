@@ -14,7 +14,8 @@ Rules (see docs on each handler for the reasons):
   routing order key, resolved through ``patient_merges`` so a retired id follows its merge.
   The visit key is ``authority|value`` of PV1-19.
 - PV1-19 missing: the message joins the patient's most recently updated *open* encounter
-  (registered, ed, admitted) at the same facility (an A13 looks for a discharged one instead);
+  (registered, ed, admitted) at the facility in PV1-3.4, or at any facility when PV1-3.4 is
+  empty (an A13 looks for a discharged one instead);
   with none, a stand-in key ``noVN:<facility>:<YYYYMMDD>`` (the admit date PV1-44, else the
   message date EVN-2/MSH-7) is used. A registration or admission that finds that stand-in
   already closed gets ``...#2``, ``#3``: a second visit on the same day is a new visit.
@@ -37,7 +38,8 @@ Rules (see docs on each handler for the reasons):
 - A40 (and the other patient merges) -> ``merge``: each MRG-1 identifier's key is retired into
   the surviving PID's key, its encounters are re-keyed, and later messages follow.
 - A28/A31 -> ``demographics``: the patient part of each open encounter's snapshot is updated.
-- Other ADT triggers (A05, A07, ...) merge quietly into a known visit and create nothing.
+- Other ADT triggers (A05, A07, ...) merge quietly into the visit their PV1-19 names, and
+  never create one or join one by the PV1-19 fallback.
 - Resends: a message already applied returns its recorded transition unchanged (the routing
   step may run again after a crash, or in a second route).
 - ``tick``: an ED visit with no message for ``stale_ed_hours`` (by the hub's clock: message
@@ -663,6 +665,9 @@ class EncounterTracker:
                 return rec, vk, {"visit_match": "visit_number"}
             prior = next((m.prior_visit_number for m in event.merges if m.prior_visit_number), None)
             if trigger == "A06" and prior is not None:
+                # MRG-5 without an authority is taken to share the new number's authority.
+                if prior.authority is None:
+                    prior = prior.model_copy(update={"authority": enc.visit_number.authority})
                 old = b.get(key, visit_key(prior))
                 if old is not None:  # ED visit renumbered for the inpatient stay
                     old.visit_key = vk
@@ -672,9 +677,13 @@ class EncounterTracker:
                         {"visit_match": "prior_visit", "renumbered_from": visit_key(prior)},
                     )
             return None, vk, {"visit_match": "visit_number"}
-        # No PV1-19: the open visit at this facility, else a stand-in key.
+        if event.kind == "other":
+            return None, "", {"visit_match": "none"}  # an A05 or A07 must not guess its visit
+        # No PV1-19: the open visit at this facility (PV1-3.4; when the message has none, at
+        # any facility, since MSH-4 may name an interface engine), else a stand-in key.
         states = ("discharged",) if trigger == "A13" else OPEN_STATES
-        candidates = b.of_patient(key, states, enc.facility)
+        facility = enc.location.facility if enc.location is not None else None
+        candidates = b.of_patient(key, states, facility)
         if candidates:
             rec = candidates[0]
             return rec, rec.visit_key, {"visit_match": "open_encounter"}
@@ -694,8 +703,7 @@ class EncounterTracker:
         now = self.clock()
         trigger = event.trigger_event
         rec, vk, detail = self._find_visit(b, key, event, enc, now)
-        creates = event.kind not in ("other",)
-        if rec is None and not creates:
+        if rec is None and event.kind == "other":  # A05, A07 ...: only merged into a known visit
             summary = _patient_summary(event.model_dump(mode="json", exclude_none=True))
             return Transition("none", None, key, trigger, "", summary)
         is_new = rec is None

@@ -17,7 +17,10 @@ from carehub.cli import hub_options
 from carehub.config import HubConfig
 from carehub.errors import CarehubError
 
-_console = Console(highlight=False, soft_wrap=False)
+
+def _console() -> Console:
+    """Made per command, so the terminal width (or $COLUMNS) is read when it runs."""
+    return Console(highlight=False, soft_wrap=False)
 
 
 def _when(value: Any) -> str:
@@ -59,25 +62,28 @@ def list_command(
             click.echo(json.dumps(rec.as_output(), ensure_ascii=False))
         return
     table = Table(show_edge=False, header_style="bold")
-    columns = ("id", "patient", "visit", "facility", "state", "class", "location")
-    for column in (*columns, "opened", "discharged", "disp.", "updated (UTC)"):
-        table.add_column(column)
+    for column in ("id", "patient", "visit", "state", "where", "opened", "discharged", "updated"):
+        table.add_column(column, overflow="fold")
     for rec in found:
+        where = " ".join(p for p in (rec.facility, rec.location) if p)
+        if rec.patient_class:
+            where += f" ({rec.patient_class})"
+        discharged = _when(rec.discharged_at)
+        if rec.disposition:
+            discharged += f" [{rec.disposition}]"
         table.add_row(
             str(rec.id),
             Text(rec.patient_key),
             Text(rec.visit_key),
-            Text(rec.facility or ""),
             rec.state,
-            rec.patient_class or "",
-            Text(rec.location or ""),
+            Text(where),
             _when(rec.opened_at),
-            _when(rec.discharged_at),
-            rec.disposition or "",
+            Text(discharged),
             _when(rec.updated_at),
         )
-    _console.print(table)
-    _console.print(f"{len(found)} encounter(s)")
+    console = _console()
+    console.print(table)
+    console.print(f"{len(found)} encounter(s)")
 
 
 @encounters.command("show")
@@ -100,6 +106,7 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
         click.echo(json.dumps(timeline.as_output(), ensure_ascii=False, indent=2))
         return
 
+    console = _console()
     rec = timeline.encounter
     patient = (rec.snapshot.get("patient") or {}).get("name") or {}
     name = " ".join(p for p in (patient.get("given"), patient.get("family")) if p)
@@ -122,12 +129,12 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
-    _console.print(header)
+    console.print(header)
 
-    _console.print("\n[bold]Timeline[/bold]")
+    console.print("\n[bold]Timeline[/bold]")
     table = Table(show_edge=False, header_style="bold")
     for column in ("message", "trigger", "transition", "event time", "recorded (UTC)", "note"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for entry in timeline.entries:
         event = entry.event
         message = str(event.message_id) if event.message_id is not None else "carehub"
@@ -143,11 +150,11 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
         )
         for sent in entry.notifications:
             table.add_row("", "", "", "", "", Text(f"notified: {_notice(sent)}", style="dim"))
-    _console.print(table)
+    console.print(table)
     if timeline.other_notifications:
-        _console.print("\n[bold]Other notifications[/bold]")
+        console.print("\n[bold]Other notifications[/bold]")
         for sent in timeline.other_notifications:
-            _console.print(Text(f"  {_notice(sent)}"))
+            console.print(Text(f"  {_notice(sent)}"))
 
 
 def _notice(row: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ deliveries tables directly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ from carehub.store.schema import deliveries, encounter_events, encounters, notif
 @dataclass(slots=True)
 class PatientReport:
     patient_key: str
+    name: str = ""
+    visits: dict[str, str] = field(default_factory=dict)  # visit key -> current state
     timeline: list[dict[str, Any]] = field(default_factory=list)
     told: list[dict[str, Any]] = field(default_factory=list)
 
@@ -50,7 +53,11 @@ def patient_reports(engine: Engine) -> Iterator[PatientReport]:
     by_visit = {v.id: v for v in visits}
     reports: dict[str, PatientReport] = {}
     for visit in visits:
-        reports.setdefault(visit.patient_key, PatientReport(visit.patient_key))
+        report = reports.setdefault(visit.patient_key, PatientReport(visit.patient_key))
+        report.visits[visit.visit_key] = visit.state
+        if visit.snapshot and not report.name:
+            name = (json.loads(visit.snapshot).get("patient") or {}).get("name") or {}
+            report.name = " ".join(p for p in (name.get("given"), name.get("family")) if p)
     for event in events:
         visit = by_visit.get(event.encounter_id)
         if visit is None:
@@ -60,8 +67,7 @@ def patient_reports(engine: Engine) -> Iterator[PatientReport]:
                 "visit": visit.visit_key,
                 "trigger": event.trigger_event or "-",
                 "transition": event.transition,
-                "at": _aware(event.occurred_at),
-                "state": visit.state,
+                "at": _aware(event.occurred_at) or _aware(event.recorded_at),
             }
         )
     for note in notes:
