@@ -90,6 +90,10 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO, URL included: noise per delivery, and a URL may
+    # carry identifiers. Their warnings and errors still show.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 # -- serve -----------------------------------------------------------------------------------

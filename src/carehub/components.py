@@ -62,6 +62,7 @@ class Work:
     event: CareEvent | None = None
     data: dict[str, Any] = field(default_factory=dict)
     _view: MessageView | None = None
+    _event_json: tuple[object, Any] | None = None
 
     @property
     def view(self) -> MessageView:
@@ -69,6 +70,17 @@ class Work:
         if self._view is None:
             self._view = MessageView(self.v2)
         return self._view
+
+    def event_json(self) -> Any:
+        """The care event as JSON-ready data, dumped once however many steps need it
+        (the translate step's record, a webhook body, an archive file)."""
+        if self.event is None:
+            return None
+        if self._event_json is None or self._event_json[0] is not self.event:
+            from carehub.builtins.channels import event_json  # any event type, not only ours
+
+            self._event_json = (self.event, event_json(self.event))
+        return self._event_json[1]
 
     def replace_v2(self, text: str) -> None:
         self.v2 = text

@@ -33,8 +33,11 @@ from carehub.workqueue import Consumer, WorkQueue
 log = logging.getLogger(__name__)
 
 ROUTE_BATCH = 100
+STOP_ROUTING = -1  # put in the inbox to end the routing loop
+RESULT_FLUSH_SECONDS = 0.05
+RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
-LEASE = timedelta(seconds=60)
+LEASE = timedelta(minutes=5)  # a delivery held longer than this is put back in line
 
 
 @dataclass(slots=True)
@@ -70,6 +73,8 @@ class Worker:
         self._wake_delivery = asyncio.Event()
         self._results: list[AttemptResult] = []
         self._inflight: dict[int, str] = {}  # delivery id -> destination
+        self._claimed: list[DeliveryRecord] = []  # leased, not started yet
+        self._stop = asyncio.Event()
         self._sending: set[asyncio.Task[None]] = set()
         self._consumer: Consumer | None = None
 
@@ -82,6 +87,7 @@ class Worker:
         self._consumer = self.work_queue.consumer(self._queued)
         await asyncio.to_thread(self._consumer.start)
         await asyncio.to_thread(self._requeue_unrouted)
+        self._stop = stop
         tasks = [
             asyncio.create_task(self._route_loop(), name="route"),
             asyncio.create_task(self._delivery_loop(), name="deliver"),
@@ -93,28 +99,39 @@ class Worker:
         try:
             await stop.wait()
         finally:
-            for task in tasks:
-                task.cancel()
+            # The loops end by themselves when `stop` is set, rather than being cancelled:
+            # on Python 3.11 a cancellation that races a completing asyncio.wait_for is lost
+            # (CPython gh-86296) and a cancelled loop could then run on forever.
+            self._inbox.put_nowait((STOP_ROUTING, None))
+            self._wake_delivery.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._drain_inflight()
+            self.outbox.release([d.id for d in self._claimed])
             await asyncio.to_thread(self._consumer.stop)
             await self.table.close()
 
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, but wake for stop; True while the worker should go on."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return not self._stop.is_set()
+
     async def _tick_loop(self) -> None:
         """Components' periodic work (stale visits, overdue follow-ups, digests)."""
-        while True:
-            await asyncio.sleep(self.settings.tick_interval)
+        while await self._pause(self.settings.tick_interval):
             try:
-                self.table.tick(datetime.now(UTC))
+                await asyncio.to_thread(self.table.tick, datetime.now(UTC))
             except Exception:
                 log.exception("periodic work failed")
             self._wake_delivery.set()
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
-        while True:
-            await asyncio.sleep(every)
+        """Re-queue messages lost from the queue, and put deliveries whose lease ran out
+        (their worker died mid-send) back in line."""
+        while await self._pause(every):
             try:
                 await asyncio.to_thread(self._requeue_unrouted, every)
+                await asyncio.to_thread(self.outbox.release_expired_leases)
             except Exception:
                 log.exception("re-queueing unrouted messages failed")
 
@@ -141,19 +158,27 @@ class Worker:
 
     # -- routing --------------------------------------------------------------------------
     async def _route_loop(self) -> None:
+        """Routing runs on a helper thread so the delivery loop keeps sending meanwhile;
+        batches go one at a time, so arrival order per patient holds."""
         while True:
             batch = [await self._inbox.get()]
             while len(batch) < ROUTE_BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
-            try:
-                self._route_batch([message_id for message_id, _ in batch])
-            except Exception:  # the store is down: leave them unacked; they will come back
-                log.exception("routing a batch of %d message(s) failed", len(batch))
-                await asyncio.sleep(1.0)
-                continue
-            for _, ack in batch:
-                ack()  # type: ignore[operator]
-            self._wake_delivery.set()
+            stopping = any(message_id == STOP_ROUTING for message_id, _ in batch)
+            batch = [item for item in batch if item[0] != STOP_ROUTING]
+            if batch:
+                try:
+                    await asyncio.to_thread(self._route_batch, [mid for mid, _ in batch])
+                except Exception:  # the store is down: leave them unacked; they come back
+                    log.exception("routing a batch of %d message(s) failed", len(batch))
+                    if not await self._pause(1.0):
+                        return
+                    continue
+                for _, ack in batch:
+                    ack()  # type: ignore[operator]
+                self._wake_delivery.set()
+            if stopping:
+                return
 
     def _route_batch(self, message_ids: list[int]) -> None:
         messages = [
@@ -174,35 +199,53 @@ class Worker:
 
     # -- delivery -------------------------------------------------------------------------
     async def _delivery_loop(self) -> None:
+        """Claim deliveries in batches (a claim is one query however many it takes), keep
+        them in hand, and start each as its destination has room."""
         settings = self.settings
-        while True:
-            self._flush_results()
-            free = settings.delivery_concurrency - len(self._inflight)
-            if free > 0:
-                busy = self._busy_destinations()
-                claimed = self.outbox.claim_due(free, LEASE, exclude_destinations=busy)
-                excess = []
-                for delivery in claimed:
-                    if self._count(delivery.destination) >= settings.per_destination:
-                        excess.append(delivery.id)
-                        continue
-                    self._inflight[delivery.id] = delivery.destination
-                    task = asyncio.create_task(self._send(delivery))
-                    self._sending.add(task)
-                    task.add_done_callback(self._sending.discard)
-                self.outbox.release(excess)
+        last_flush = time.monotonic()
+        while not self._stop.is_set():
+            # Attempt results are written in groups: one transaction per send would cost
+            # more than the sends themselves.
+            due = time.monotonic() - last_flush >= RESULT_FLUSH_SECONDS
+            if self._results and (due or len(self._results) >= RESULT_FLUSH_COUNT):
+                self._flush_results()
+                last_flush = time.monotonic()
+            if len(self._claimed) < settings.delivery_concurrency:
+                want = 2 * settings.delivery_concurrency - len(self._claimed)
+                held = [d.id for d in self._claimed] + list(self._inflight)
+                # A destination with plenty in hand gets no more, so a slow one cannot fill
+                # the hand and starve the others.
+                per_destination: dict[str, int] = {}
+                for destination in [
+                    *self._inflight.values(),
+                    *(d.destination for d in self._claimed),
+                ]:
+                    per_destination[destination] = per_destination.get(destination, 0) + 1
+                full = [d for d, n in per_destination.items() if n >= 2 * settings.per_destination]
+                self._claimed.extend(
+                    self.outbox.claim_due(want, LEASE, exclude_destinations=full, skip_ids=held)
+                )
+            waiting: list[DeliveryRecord] = []
+            for delivery in self._claimed:
+                room = (
+                    len(self._inflight) < settings.delivery_concurrency
+                    and self._count(delivery.destination) < settings.per_destination
+                )
+                if not room:
+                    waiting.append(delivery)
+                    continue
+                self._inflight[delivery.id] = delivery.destination
+                task = asyncio.create_task(self._send(delivery))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+            self._claimed = waiting
             self._wake_delivery.clear()
+            wait = RESULT_FLUSH_SECONDS if self._results else settings.poll_interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_delivery.wait(), settings.poll_interval)
+                await asyncio.wait_for(self._wake_delivery.wait(), wait)
 
     def _count(self, destination: str) -> int:
         return sum(1 for d in self._inflight.values() if d == destination)
-
-    def _busy_destinations(self) -> list[str]:
-        counts: dict[str, int] = {}
-        for destination in self._inflight.values():
-            counts[destination] = counts.get(destination, 0) + 1
-        return [d for d, n in counts.items() if n >= self.settings.per_destination]
 
     async def _send(self, delivery: DeliveryRecord) -> None:
         started = datetime.now(UTC)

@@ -62,7 +62,8 @@ class WorkQueue:
         ]
 
     def connection(self) -> Connection:
-        options = {"polling_interval": 0.005} if self.is_memory else {}
+        # The in-process transport polls; 10 ms keeps routing prompt without a busy thread.
+        options = {"polling_interval": 0.01} if self.is_memory else {}
         return Connection(self.url, transport_options=options)
 
     def publisher(self) -> Publisher:

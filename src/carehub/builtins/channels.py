@@ -214,7 +214,7 @@ class FileChannel(Channel):
         if self.options.body == "v2":
             payload, content_type, ext = v2_bytes(work, "utf-8"), V2_CONTENT_TYPE, ".hl7"
         else:
-            document = event_json(work.event)
+            document = work.event_json() if work.event is not None else None
             if document is None:
                 document = {
                     "message_id": work.message.id,
@@ -536,7 +536,7 @@ class WebhookChannel(Channel):
             "message_type": message.message_type,
             "trigger_event": message.trigger_event,
             "control_id": msh10(work),
-            "event": event_json(work.event),
+            "event": work.event_json(),
         }
         if self.options.body == "v2":
             document["v2"] = cr_segments(work.v2)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import aliased
 
 from carehub.store.schema import (
@@ -257,32 +257,34 @@ class Outbox:
         lease: timedelta,
         now: datetime | None = None,
         exclude_destinations: list[str] | None = None,
+        skip_ids: list[int] | None = None,
     ) -> list[DeliveryRecord]:
-        """Take up to ``limit`` deliveries that are due and first in line for their
-        destination and patient; they stay ours until the lease runs out."""
+        """Take up to ``limit`` pending deliveries that are due and first in line for their
+        destination and patient; they stay ours until the lease runs out.
+
+        The query walks pending rows in id order (index on status, id) and stops at
+        ``limit``, checking each candidate's place in line through the (destination,
+        order_key, status) index, so its cost follows ``limit``, not the backlog."""
         now = now or _now()
         earlier = aliased(deliveries)
-        due = or_(
-            and_(
-                deliveries.c.status == DeliveryStatus.PENDING.value, deliveries.c.not_before <= now
-            ),
-            and_(
-                deliveries.c.status == DeliveryStatus.SENDING.value, deliveries.c.lease_until < now
-            ),
-        )
         blocked = (
             select(earlier.c.id)
             .where(
                 earlier.c.destination == deliveries.c.destination,
                 earlier.c.order_key == deliveries.c.order_key,
-                earlier.c.id < deliveries.c.id,
                 earlier.c.status.in_([DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]),
+                earlier.c.id < deliveries.c.id,
             )
             .exists()
         )
-        candidates = select(deliveries.c.id).where(due, ~blocked)
+        pending = deliveries.c.status == DeliveryStatus.PENDING.value
+        candidates = select(deliveries.c.id).where(
+            pending, deliveries.c.not_before <= now, ~blocked
+        )
         if exclude_destinations:
             candidates = candidates.where(deliveries.c.destination.notin_(exclude_destinations))
+        if skip_ids:
+            candidates = candidates.where(deliveries.c.id.notin_(skip_ids))
         candidates = candidates.order_by(deliveries.c.id).limit(limit)
         with self.engine.begin() as conn:
             ids = [r[0] for r in conn.execute(candidates)]
@@ -290,13 +292,26 @@ class Outbox:
                 return []
             rows = conn.execute(
                 update(deliveries)
-                .where(deliveries.c.id.in_(ids), due)
+                .where(deliveries.c.id.in_(ids), pending)
                 .values(
                     status=DeliveryStatus.SENDING.value, lease_until=now + lease, updated_at=now
                 )
                 .returning(*deliveries.c)
             ).all()
         return sorted((_record(r) for r in rows), key=lambda d: d.id)
+
+    def release_expired_leases(self, now: datetime | None = None) -> int:
+        """Deliveries whose worker stopped before finishing them go back in line."""
+        now = now or _now()
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(deliveries)
+                .where(
+                    deliveries.c.status == DeliveryStatus.SENDING.value,
+                    deliveries.c.lease_until < now,
+                )
+                .values(status=DeliveryStatus.PENDING.value, lease_until=None)
+            ).rowcount
 
     def finish(self, results: list[AttemptResult]) -> list[int]:
         """Record attempts; returns ids of messages whose deliveries are now all finished."""
@@ -421,15 +436,6 @@ class Outbox:
                 select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
             )
             return {status: count for status, count in rows}
-
-    def next_due_at(self) -> datetime | None:
-        with self.engine.connect() as conn:
-            value = conn.execute(
-                select(func.min(deliveries.c.not_before)).where(
-                    deliveries.c.status == DeliveryStatus.PENDING.value
-                )
-            ).scalar()
-        return _aware(value) if value else None
 
     # -- browsing and dead letters --------------------------------------------------------
     def find(

@@ -21,6 +21,10 @@ When = sa.DateTime(timezone=True)
 def upgrade() -> None:
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("accepted_at", When, nullable=True))
+    # Claims walk pending deliveries in id order. With (status, not_before) available the
+    # planner sorted the whole due backlog before applying the LIMIT.
+    op.drop_index("ix_deliveries_due", "deliveries")
+    op.create_index("ix_deliveries_line", "deliveries", ["status", "id"])
     op.create_table(
         "encounters",
         sa.Column("id", IdType, primary_key=True, autoincrement=True),
@@ -114,5 +118,7 @@ def downgrade() -> None:
     op.drop_table("patient_merges")
     op.drop_table("encounter_events")
     op.drop_table("encounters")
+    op.drop_index("ix_deliveries_line", "deliveries")
+    op.create_index("ix_deliveries_due", "deliveries", ["status", "not_before"])
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_column("accepted_at")
