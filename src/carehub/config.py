@@ -108,8 +108,8 @@ class WorkerConfig(_Strict):
     """The routing and delivery worker that `carehub serve` runs in-process."""
 
     enabled: bool = True
-    delivery_concurrency: int = Field(64, ge=1)
-    per_destination: int = Field(8, ge=1, description="sends in flight to one destination")
+    delivery_concurrency: int = Field(128, ge=1)
+    per_destination: int = Field(32, ge=1, description="sends in flight to one destination")
     poll_interval: float = Field(0.5, gt=0, description="seconds between checks for retries")
     tick_interval: float = Field(30.0, gt=0, description="seconds between periodic jobs")
 

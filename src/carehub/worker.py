@@ -42,8 +42,8 @@ LEASE = timedelta(minutes=5)  # a delivery held longer than this is put back in 
 
 @dataclass(slots=True)
 class WorkerSettings:
-    delivery_concurrency: int = 64
-    per_destination: int = 8
+    delivery_concurrency: int = 128
+    per_destination: int = 32
     poll_interval: float = 0.5
     single_host: bool = True  # SQLite: no other process can hold a delivery lease
     tick_interval: float = 30.0

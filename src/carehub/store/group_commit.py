@@ -24,11 +24,13 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from carehub.store.store import InsertOutcome, MessageStore, NewMessage
+from carehub.store.store import InsertOutcome, MessageStore, NewMessage, StoreBusy
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+LOCK_RETRY = 0.0005  # seconds between tries while another writer holds SQLite's lock
+LOCK_PATIENCE = 30.0  # then the waiting messages are answered "not stored"
 
 
 class StoreUnavailable(RuntimeError):
@@ -53,9 +55,15 @@ class GroupCommit:
     async def submit(self, message: NewMessage) -> InsertOutcome:
         raise NotImplementedError
 
-    def _write(self, messages: list[NewMessage]) -> list[InsertOutcome] | StoreUnavailable:
+    def _write(
+        self, messages: list[NewMessage], busy_ok: bool = False
+    ) -> list[InsertOutcome] | StoreUnavailable:
         try:
             outcomes = self.store.insert_messages(messages)
+        except StoreBusy:
+            if busy_ok:
+                raise
+            return StoreUnavailable("the store's write lock is held by another writer")
         except Exception as err:  # the callers answer with an error ACK; the hub keeps running
             log.error("store write failed for %d message(s): %s", len(messages), err)
             return StoreUnavailable(str(err))
@@ -88,12 +96,18 @@ def group_commit_for(store: MessageStore) -> GroupCommit:
 
 
 class InlineGroupCommit(GroupCommit):
-    """Commits on the event loop at the end of each loop iteration that received messages."""
+    """Commits on the event loop at the end of each loop iteration that received messages.
+
+    When another writer (the in-process worker) holds SQLite's write lock, the commit does
+    not wait inside SQLite, which would freeze every connection: it gives the loop back and
+    tries again half a millisecond later, with whatever else arrived meanwhile."""
 
     def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
         super().__init__(store, max_batch)
+        store.intake_waits_for_lock = False
         self._pending: list[tuple[NewMessage, asyncio.Future[InsertOutcome]]] = []
         self._scheduled = False
+        self._busy_since: float | None = None
 
     async def submit(self, message: NewMessage) -> InsertOutcome:
         loop = asyncio.get_running_loop()
@@ -105,17 +119,42 @@ class InlineGroupCommit(GroupCommit):
         return await future
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        loop = asyncio.get_running_loop()
+        batch = self._pending[: self.max_batch]
+        if not batch:  # close() got there first
+            self._scheduled = False
+            return
+        try:
+            outcome = self._write([m for m, _ in batch], busy_ok=True)
+        except StoreBusy:
+            if self._busy_since is None:
+                self._busy_since = loop.time()
+            if loop.time() - self._busy_since < LOCK_PATIENCE:
+                loop.call_later(LOCK_RETRY, self._flush)  # the batch stays pending
+                return
+            outcome = StoreUnavailable(f"write lock held for over {LOCK_PATIENCE:g} s")
+        self._busy_since = None
+        self._pending = self._pending[len(batch) :]
         if self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)  # let the loop breathe between
+            loop.call_soon(self._flush)  # let the loop breathe between groups
         else:
             self._scheduled = False
-        _settle([f for _, f in batch], self._write([m for m, _ in batch]))
+        _settle([f for _, f in batch], outcome)
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_PATIENCE
         while self._pending:
-            self._scheduled = True
-            self._flush()
+            batch = self._pending[: self.max_batch]
+            try:
+                outcome = self._write([m for m, _ in batch], busy_ok=True)
+            except StoreBusy:
+                if loop.time() < deadline:
+                    await asyncio.sleep(LOCK_RETRY)
+                    continue
+                outcome = StoreUnavailable(f"write lock held for over {LOCK_PATIENCE:g} s")
+            self._pending = self._pending[len(batch) :]
+            _settle([f for _, f in batch], outcome)
         self._scheduled = False
 
 

@@ -249,3 +249,57 @@ followups = Table(
     Column("alerted_at", DateTime(timezone=True), nullable=True),
 )
 Index("ix_followups_due", followups.c.status, followups.c.due_at)
+
+
+# -- closed-loop referrals (REF/RRI, webhooks, FHIR Task polls) -------------------------------
+# Appended by the referral feature; Boolean could join the import list at the top of the file.
+from sqlalchemy import Boolean  # noqa: E402
+
+# One row per referral, keyed by the referral id the referrer issued (RF1-6, else RF1-11).
+referrals = Table(
+    "referrals",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("referral_key", String(255), nullable=False, unique=True),  # authority|id
+    Column("patient_key", String(255), nullable=True),  # authority|id of PID-3 (MR, else first)
+    # FHIR Task.status: requested|received|accepted|in-progress|on-hold (open),
+    # rejected|completed|cancelled|failed (closed)
+    Column("status", String(24), nullable=False),
+    Column("priority", String(16), nullable=True),  # RF1-2, table 0280
+    Column("type", String(64), nullable=True),  # RF1-3, table 0281
+    Column("reason", Text, nullable=True),  # RF1-10 text
+    Column("referring", Text, nullable=True),  # JSON: {"practitioner": ..., "organization": ...}
+    Column("referred_to", Text, nullable=True),  # JSON, same shape
+    Column("needs", Text, nullable=True),  # JSON list, filled by a matching step
+    Column("matches", Text, nullable=True),  # JSON, filled by a matching step
+    Column("due_at", DateTime(timezone=True), nullable=True),  # the responder's deadline
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    Column("alerted_at", DateTime(timezone=True), nullable=True),  # overdue alert raised
+    Column("snapshot", Text, nullable=True),  # JSON: the referrer's latest care event
+)
+Index("ix_referrals_status", referrals.c.status, referrals.c.due_at)
+Index("ix_referrals_patient", referrals.c.patient_key)
+
+# Every update offered to a referral, applied or refused, with why (the referral's timeline).
+referral_events = Table(
+    "referral_events",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    # None when no referral matched (an RRI for an unknown id): the row still records it.
+    Column("referral_id", IdType, ForeignKey("referrals.id", ondelete="CASCADE"), nullable=True),
+    Column("referral_key", String(255), nullable=True),
+    Column("message_id", IdType, nullable=True),  # None for webhooks, polls and carehub's own
+    Column("source", String(64), nullable=False),  # REF^I12, RRI^I12, webhook, fhir-task-poll ...
+    Column("action", String(32), nullable=False),  # created, modified, status, illegal, ...
+    Column("from_status", String(24), nullable=True),
+    Column("to_status", String(24), nullable=True),
+    Column("accepted", Boolean, nullable=False),  # False: refused, see reason
+    Column("reason", Text, nullable=True),
+    Column("detail", Text, nullable=True),  # JSON
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_referral_events_referral", referral_events.c.referral_id)
+Index("ix_referral_events_key", referral_events.c.referral_key)
+Index("ix_referral_events_message", referral_events.c.message_id)

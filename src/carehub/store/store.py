@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ RESENT = "resent"
 
 class StoreError(RuntimeError):
     """The store cannot be opened or written."""
+
+
+class StoreBusy(StoreError):
+    """Another writer holds SQLite's write lock right now; nothing was written. Only raised
+    when the intake connection was opened with ``wait_for_lock=False``."""
 
 
 @dataclass(slots=True)
@@ -205,6 +211,8 @@ class MessageStore:
         if self.is_sqlite and background_checkpoint:
             self._checkpointer = _WalCheckpointer(self.engine)
         self._intake_connection: Any = None
+        #: False: intake's SQLite writes fail fast with StoreBusy instead of waiting.
+        self.intake_waits_for_lock = True
         self._prepare_insert_sql()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -295,22 +303,37 @@ class MessageStore:
         """
         if self._intake_connection is None:
             self._intake_connection = self.engine.raw_connection()
+            if self.is_sqlite and not self.intake_waits_for_lock:
+                # Fail at once rather than sleep in SQLite's busy handler (which backs off 1,
+                # 2, 5, 10 ms ...) with the event loop blocked: the caller retries soon.
+                self._intake_connection.cursor().execute("PRAGMA busy_timeout=0")
         connection = self._intake_connection
         cursor = connection.cursor()
         try:
             outcomes = self._insert(cursor, batch)
             connection.commit()
-        except Exception:
-            self._intake_connection = None
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                self._drop_intake_connection(connection)
+                raise
             with contextlib.suppress(Exception):
                 connection.rollback()
-            connection.invalidate()  # a broken connection is replaced on the next write
+            raise StoreBusy(str(err)) from err
+        except Exception:
+            self._drop_intake_connection(connection)
             raise
         finally:
             cursor.close()
         if self._checkpointer:
             self._checkpointer.poke()
         return outcomes
+
+    def _drop_intake_connection(self, connection: Any) -> None:
+        """A broken connection is replaced on the next write."""
+        self._intake_connection = None
+        with contextlib.suppress(Exception):
+            connection.rollback()
+        connection.invalidate()
 
     def _insert(self, cursor: Any, batch: list[NewMessage]) -> list[InsertOutcome]:
         outcomes: list[InsertOutcome] = []
