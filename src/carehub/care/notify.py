@@ -145,7 +145,12 @@ class Notifier:
         decisions: list[Decision] = []
         retracted_kind = transition.retracts
         if retracted_kind:
-            decisions += self._retract(transition, retracted_kind)
+            kinds = {retracted_kind}
+            if transition.state == "cancelled":
+                # The whole visit was cancelled (an A11 for an ED registration or a direct
+                # admission): take back everything told about it, not only an admission.
+                kinds |= set(NOTIFIABLE)
+            decisions += self._retract(transition, kinds)
         elif transition.kind in self.config.kinds:
             decisions += self._notify(transition, team)
         self._record(transition, message_id, decisions, work)
@@ -171,7 +176,9 @@ class Notifier:
                 decision.status, decision.reason = "suppressed", f"patient opted out: {opt_out}"
             elif recipient.id in member_suppressed:
                 decision.status, decision.reason = "suppressed", member_suppressed[recipient.id]
-            elif (recipient.id, kind) in told:
+            elif (recipient.id, kind) in told and kind != "transfer":
+                # A transfer is only reported on a real change of level or facility, so a
+                # second one in a stay is news (it used to be suppressed as a repeat).
                 decision.status, decision.reason = "suppressed", "already told of this " + kind
             elif recipient.preference == "discharge_only" and kind != "discharge":
                 decision.status, decision.reason = "suppressed", "prefers discharge notices only"
@@ -197,26 +204,39 @@ class Notifier:
                 )
         return decisions
 
-    def _retract(self, transition: Transition, kind: str) -> list[Decision]:
-        """Take back `kind` from everyone told: a correction to those already sent, and a
+    def _retract(self, transition: Transition, kinds: set[str]) -> list[Decision]:
+        """Take back `kinds` from everyone told: a correction to those already sent, and a
         quiet removal from digests not yet sent."""
-        decisions: list[Decision] = []
-        for row in self._rows(encounter_id=transition.encounter_id):
-            if row["kind"] != kind or row["status"] not in ("queued", "digest"):
-                continue
+        rows = [
+            row
+            for row in self._rows(encounter_id=transition.encounter_id)
+            if row["kind"] in kinds and row["status"] in ("queued", "digest")
+        ]
+        if transition.kind == "cancel_transfer" and rows:
+            # An A12 undoes the last transfer only; earlier transfers were real.
+            last = max(row["message_id"] or 0 for row in rows)
+            rows = [row for row in rows if row["message_id"] == last]
+        # One correction per recipient, even when a cancelled visit takes back several
+        # notices (one delivery key per recipient and kind per message).
+        told: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for row in rows:
             self._mark_retracted(row)
             if row["status"] == "queued" and row["channel"] in self.destinations:
-                decisions.append(
-                    Decision(
-                        row["recipient"],
-                        row["role"],
-                        row["channel"],
-                        row["address"],
-                        "retraction",
-                        "queued",
-                        f"retracts notification #{row['id']} ({kind})",
-                    )
+                told.setdefault((row["recipient"], row["channel"], row["address"]), []).append(row)
+        decisions: list[Decision] = []
+        for (recipient, channel, address), items in told.items():
+            ids = ", ".join(f"#{row['id']}" for row in items)
+            decisions.append(
+                Decision(
+                    recipient,
+                    items[0]["role"],
+                    channel,
+                    address,
+                    "retraction",
+                    "queued",
+                    f"retracts notification {ids} ({items[0]['kind']})",
                 )
+            )
         return decisions
 
     def _deliveries(
@@ -271,16 +291,26 @@ class Notifier:
         context = event_context(event)
         default = "minimum" if decision.channel in MINIMUM_BY_DEFAULT else "full"
         detail = self.config.detail.get(decision.channel or "", default)
+        team = work.data.get("care_team")
+        member = next(
+            (r for r in team.recipients if r.id == decision.recipient)
+            if isinstance(team, CareTeam)
+            else (),
+            None,
+        )
+        if member is not None and member.detail == "minimum":
+            detail = "minimum"  # the member asked for the minimum: never more on any channel
         followups = work.data.get("followups") or []
         context.update(
             kind=decision.kind,
             full=detail == "full",
-            recipient=_recipient_context(decision, work.data.get("care_team")),
+            recipient=_recipient_context(decision, team),
             retracted_label=KIND_LABELS.get(_retracted_kind(decision.reason), "notification"),
+            # follow-up-clock hands over FollowupItems (dicts accepted too): was dicts only,
+            # so discharge notices never showed the due dates.
             followups=[
-                {"kind": f.get("kind"), "due": str(f.get("due_at", ""))[:10]}
+                {"kind": _field(f, "kind"), "due": str(_field(f, "due_at") or "")[:10]}
                 for f in followups
-                if isinstance(f, dict)
             ],
         )
         return context
@@ -581,6 +611,10 @@ def _recipient_context(decision: Decision, team: CareTeam | None) -> dict[str, A
         "role": role,
         "role_label": ROLE_LABELS.get(role, role.replace("_", " ") or "a member of the care team"),
     }
+
+
+def _field(item: Any, name: str) -> Any:
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
 
 
 def _retracted_kind(reason: str | None) -> str:

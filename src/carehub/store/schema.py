@@ -6,6 +6,7 @@ from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -253,7 +254,6 @@ Index("ix_followups_due", followups.c.status, followups.c.due_at)
 
 # -- closed-loop referrals (REF/RRI, webhooks, FHIR Task polls) -------------------------------
 # Appended by the referral feature; Boolean could join the import list at the top of the file.
-from sqlalchemy import Boolean  # noqa: E402
 
 # One row per referral, keyed by the referral id the referrer issued (RF1-6, else RF1-11).
 referrals = Table(

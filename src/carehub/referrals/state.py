@@ -1,0 +1,1165 @@
+"""Closed-loop referral state: one record per referral and one recorded decision per update.
+
+A referral only closes the loop when the referring provider hears what became of it, so this
+module keeps each referral's status in the store (tables ``referrals`` and ``referral_events``)
+and tells later route steps, through a :class:`ReferralTransition`, what one message (or one
+webhook / FHIR Task poll) changed and whether the referrer should be told.
+
+The status model is FHIR ``Task.status`` as the Gravity SDOH Clinical Care IG uses it for
+referral management (requester sets requested; the responder sets received/accepted/rejected/
+in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 messages map onto it:
+
+- ``REF^I12`` (new) -> a referral in ``requested``, due for an answer ``response_hours`` later.
+  A second I12 for a referral already on file is a resend: recorded, nothing changes.
+- ``REF^I13`` (modify) -> the referrer's fields (priority, type, reason, parties, snapshot) are
+  updated; the status stays. An I13 for an unknown id creates the referral (the referrer owns it
+  and the I13 carries the whole referral, so losing the I12 must not lose the referral); an I13
+  for a closed referral is refused.
+- ``REF^I14`` (cancel) -> ``cancelled``. ``REF^I15`` (status request) -> recorded only.
+- ``RRI^I12..I15`` (responses): RF1-1 (table 0283) A -> accepted, R -> rejected,
+  P -> received (pending), E -> failed (expired).
+- Every status change is checked against :data:`TRANSITIONS`. A refused update (an RRI for an
+  unknown referral, a completion after a cancel, a regression such as pending after accepted)
+  changes nothing but is recorded with ``accepted=False`` and the reason, so the timeline shows
+  what the other side claimed and why carehub did not believe it. Nothing here raises on odd
+  content: one bad response must not stop the referral route.
+- Resends: a message already applied returns its recorded transition unchanged.
+- :meth:`ReferralTracker.advance` applies the same checks to updates that are not v2 messages
+  (a CBO's webhook, a FHIR Task poll, an operator).
+- Overdue: a referral still ``requested``/``received`` after ``due_at`` has had no answer; the
+  tick raises one alert per referral (``mark_alerted``).
+
+Without a store (dry runs) the same rules run over an in-memory copy of the tables.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from pydantic import Field
+from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+
+from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.errors import CarehubError
+from carehub.events import CareEvent, Identifier, Organization, Practitioner, Referral
+from carehub.store.schema import messages, referral_events, referrals
+from carehub.workqueue import patient_key as make_patient_key
+
+__all__ = [
+    "AWAITING_RESPONSE",
+    "CLOSED_STATUSES",
+    "OPEN_STATUSES",
+    "RF1_STATUS",
+    "STATUSES",
+    "TRANSITIONS",
+    "ReferralEvent",
+    "ReferralMemory",
+    "ReferralRecord",
+    "ReferralStateEnricher",
+    "ReferralStateError",
+    "ReferralTimeline",
+    "ReferralTracker",
+    "ReferralTransition",
+    "is_allowed",
+    "list_referrals",
+    "party_name",
+    "referral_key",
+    "referral_timeline",
+]
+
+log = logging.getLogger(__name__)
+
+#: Statuses in which the referral is still going somewhere.
+OPEN_STATUSES: tuple[str, ...] = ("requested", "received", "accepted", "in-progress", "on-hold")
+#: Terminal statuses: the loop is closed, nothing may move the referral again.
+CLOSED_STATUSES: tuple[str, ...] = ("rejected", "completed", "cancelled", "failed")
+#: The FHIR Task statuses carehub tracks (draft, ready and entered-in-error are not used).
+STATUSES: tuple[str, ...] = (*OPEN_STATUSES, *CLOSED_STATUSES)
+#: Statuses that still wait for the responder's answer (what the overdue check watches).
+AWAITING_RESPONSE: tuple[str, ...] = ("requested", "received")
+
+_RESPONDER = frozenset({"accepted", "rejected", "in-progress", "on-hold", "completed", "failed"})
+
+#: Allowed from -> to. Forward jumps are allowed (requested -> completed) because a FHIR Task
+#: poll may run only once a business day and miss the statuses in between; going back
+#: (accepted -> received) or leaving a closed status is refused. Staying put is not a
+#: transition: it is recorded as "unchanged".
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "requested": frozenset({"received", *_RESPONDER, "cancelled"}),
+    "received": frozenset({*_RESPONDER, "cancelled"}),
+    "accepted": frozenset({"in-progress", "on-hold", "completed", "failed", "cancelled"}),
+    "in-progress": frozenset({"on-hold", "completed", "failed", "cancelled"}),
+    "on-hold": frozenset({"in-progress", "completed", "failed", "cancelled"}),
+    "rejected": frozenset(),
+    "completed": frozenset(),
+    "cancelled": frozenset(),
+    "failed": frozenset(),
+}
+
+#: RF1-1 (HL7 table 0283) in a response -> FHIR Task status.
+RF1_STATUS: dict[str, str] = {"A": "accepted", "R": "rejected", "P": "received", "E": "failed"}
+
+_CURRENT = "\x00current"  # _record's default "from": the status the referral has now
+
+_REFERRAL_KINDS = frozenset(
+    {
+        "referral_new",
+        "referral_modify",
+        "referral_cancel",
+        "referral_status_request",
+        "referral_response",
+    }
+)
+
+
+class ReferralStateError(CarehubError):
+    """The referral-state step cannot work with what the route gave it."""
+
+
+def is_allowed(from_status: str, to_status: str) -> bool:
+    """Whether the transition table allows ``from_status -> to_status``."""
+    return to_status in TRANSITIONS.get(from_status, frozenset())
+
+
+def referral_key(ident: Identifier) -> str:
+    """``authority|id``: referral ids are only unique within the system that issued them."""
+    return f"{ident.authority or ''}|{ident.value}"
+
+
+def _label(key: str | None) -> str:
+    """A key as people read it (no leading bar when the id has no authority)."""
+    return (key or "").removeprefix("|")
+
+
+# -- times -------------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: datetime) -> datetime:
+    """A hub-clock time in UTC; naive ones are taken as UTC already (that is what SQLite hands
+    back and what the hub's own clock means)."""
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Hub-clock times as the store keeps them (UTC; SQLite drops the offset)."""
+    return _as_utc(value) if value is not None else None
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; they were written in UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReferralRecord:
+    """One ``referrals`` row. ``snapshot`` is the referrer's latest care event (CareEvent JSON),
+    so a notice to the referrer can name the patient, the need and the parties."""
+
+    id: int | None
+    referral_key: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    patient_key: str | None = None
+    priority: str | None = None
+    type: str | None = None
+    reason: str | None = None
+    referring: dict[str, Any] = field(default_factory=dict)
+    referred_to: dict[str, Any] = field(default_factory=dict)
+    needs: list[Any] = field(default_factory=list)
+    matches: Any = None
+    due_at: datetime | None = None
+    closed_at: datetime | None = None
+    alerted_at: datetime | None = None
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    def overdue_at(self, now: datetime) -> bool:
+        """Still waiting for an answer after its deadline."""
+        if self.status not in AWAITING_RESPONSE or self.due_at is None:
+            return False
+        return _as_utc(self.due_at) < _as_utc(now)
+
+    def as_output(self) -> dict[str, Any]:
+        """JSON-ready, for ``carehub referrals list --json`` and step outputs."""
+        out = asdict(self)
+        for name, value in out.items():
+            if isinstance(value, datetime):
+                out[name] = value.isoformat()
+        return out
+
+
+@dataclass(slots=True)
+class ReferralEvent:
+    """One ``referral_events`` row: one update offered to a referral and what carehub made of
+    it. ``to_status`` is the status asked for, applied only when ``accepted``."""
+
+    id: int
+    referral_id: int | None
+    referral_key: str | None
+    message_id: int | None
+    source: str
+    action: str
+    from_status: str | None
+    to_status: str | None
+    accepted: bool
+    reason: str | None
+    detail: dict[str, Any]
+    at: datetime
+
+    def as_output(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["at"] = _iso(self.at)
+        detail = out.pop("detail")
+        out["detail"] = {k: v for k, v in detail.items() if k != "result"}
+        out["note"] = self.detail.get("note")
+        out["control_id"] = self.detail.get("control_id")
+        return out
+
+
+@dataclass(slots=True)
+class ReferralTransition:
+    """What one update did to a referral, for later route steps (``work.data["referral"]``).
+
+    ``from_status``/``to_status`` are the status before and the status asked for; ``status``
+    is where the referral stands afterwards (unchanged when ``accepted`` is False).
+    ``notify_referrer`` is True when the receiving side's answer moved the referral (received,
+    accepted, rejected, in progress, completed ...), i.e. when a notify or forward step should
+    tell the referring provider; the referrer's own messages never set it."""
+
+    action: str  # created, resend, modified, cancelled, status, unchanged, status_request, ...
+    source: str
+    accepted: bool
+    referral_id: int | None = None
+    referral_key: str | None = None
+    patient_key: str | None = None
+    from_status: str | None = None
+    to_status: str | None = None
+    status: str | None = None
+    changed: bool = False
+    reason: str | None = None  # why it was refused
+    note: str | None = None
+    notify_referrer: bool = False
+    message_id: int | None = None
+    #: For notices: patient, referral id, parties, priority, reason, due date.
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def closes_loop(self) -> bool:
+        """The referral reached a closed status with this update."""
+        return self.accepted and self.changed and self.status in CLOSED_STATUSES
+
+    def as_output(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_output(cls, data: dict[str, Any]) -> ReferralTransition:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _person_name(data: dict[str, Any] | None) -> str | None:
+    if not data:
+        return None
+    parts = (data.get("prefix"), data.get("given"), data.get("family"))
+    return " ".join(p for p in parts if p) or None
+
+
+def _party(
+    person: Practitioner | Organization | None, organization: Organization | None = None
+) -> dict[str, Any]:
+    """A referral party as JSON: the person and/or the organisation (a CBO is often only an
+    organisation; a referring doctor often comes with their practice)."""
+    out: dict[str, Any] = {}
+    if isinstance(person, Practitioner):
+        out["practitioner"] = person.model_dump(mode="json", exclude_none=True)
+    elif isinstance(person, Organization):
+        out["organization"] = person.model_dump(mode="json", exclude_none=True)
+    if organization is not None and "organization" not in out:
+        out["organization"] = organization.model_dump(mode="json", exclude_none=True)
+    return out
+
+
+def party_name(party: dict[str, Any] | None) -> str | None:
+    """``Dr Samir Haddad (Springfield Clinic)`` for lists and notices."""
+    if not party:
+        return None
+    person = _person_name(party.get("practitioner"))
+    org = (party.get("organization") or {}).get("name")
+    if person and org:
+        return f"{person} ({org})"
+    return person or org or (party.get("practitioner") or {}).get("id")
+
+
+def _summary(rec: ReferralRecord | None) -> dict[str, Any]:
+    """What a notice to the referrer (or an overdue alert) needs, flat."""
+    if rec is None:
+        return {}
+    snap = rec.snapshot
+    patient = snap.get("patient") or {}
+    referral = snap.get("referral") or {}
+    return {
+        "referral_key": rec.referral_key,
+        "referral_id": (referral.get("referral_id") or {}).get("value"),
+        "patient_key": rec.patient_key,
+        "patient_name": _person_name(patient.get("name")),
+        "patient": {
+            k: patient[k] for k in ("name", "birth_date", "sex", "primary") if k in patient
+        },
+        "status": rec.status,
+        "priority": rec.priority,
+        "type": rec.type,
+        "reason": rec.reason,
+        "referring": rec.referring,
+        "referring_name": party_name(rec.referring),
+        "referred_to": rec.referred_to,
+        "referred_to_name": party_name(rec.referred_to),
+        "diagnoses": snap.get("diagnoses") or [],
+        "sending_application": snap.get("sending_application"),
+        "sending_facility": snap.get("sending_facility"),
+        "created_at": _iso(rec.created_at),
+        "due_at": _iso(rec.due_at),
+        "closed_at": _iso(rec.closed_at),
+    }
+
+
+# -- storage: the same operations over the store or over memory ---------------------------------
+
+
+class _Backend(Protocol):
+    """What the state machine needs from storage, inside one transaction."""
+
+    def recorded_result(self, message_key: Any) -> dict[str, Any] | None: ...
+    def get(self, key: str) -> ReferralRecord | None: ...
+    def get_by_id(self, referral_id: int) -> ReferralRecord | None: ...
+    def by_value(self, value: str) -> list[ReferralRecord]: ...
+    def save(self, rec: ReferralRecord) -> int: ...
+    def add_event(self, row: dict[str, Any], message_key: Any) -> int: ...
+    def events(self, rec: ReferralRecord) -> list[ReferralEvent]: ...
+    def awaiting(self) -> list[ReferralRecord]: ...
+    def mark_alerted(self, referral_id: int, now: datetime) -> bool: ...
+
+
+def _dump(value: Any) -> str | None:
+    if value is None or value == {} or value == []:
+        return None
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _row_values(rec: ReferralRecord) -> dict[str, Any]:
+    return {
+        "referral_key": rec.referral_key,
+        "patient_key": rec.patient_key,
+        "status": rec.status,
+        "priority": rec.priority,
+        "type": rec.type,
+        "reason": rec.reason,
+        "referring": _dump(rec.referring),
+        "referred_to": _dump(rec.referred_to),
+        "needs": _dump(rec.needs),
+        "matches": _dump(rec.matches),
+        "due_at": _utc(rec.due_at),
+        "created_at": _utc(rec.created_at),
+        "updated_at": _utc(rec.updated_at),
+        "closed_at": _utc(rec.closed_at),
+        "alerted_at": _utc(rec.alerted_at),
+        "snapshot": _dump(rec.snapshot),
+    }
+
+
+def _to_record(row: Any) -> ReferralRecord:
+    values = dict(row._mapping)
+    for name, empty in (("referring", {}), ("referred_to", {}), ("needs", []), ("snapshot", {})):
+        values[name] = json.loads(values[name]) if values[name] else empty
+    values["matches"] = json.loads(values["matches"]) if values["matches"] else None
+    for name in ("due_at", "created_at", "updated_at", "closed_at", "alerted_at"):
+        values[name] = _aware(values[name])
+    return ReferralRecord(**values)
+
+
+def _to_event(row: Any) -> ReferralEvent:
+    values = dict(row._mapping)
+    values["detail"] = json.loads(values["detail"]) if values["detail"] else {}
+    values["accepted"] = bool(values["accepted"])
+    values["at"] = _aware(values["at"])
+    return ReferralEvent(**values)
+
+
+def _events_query(rec: ReferralRecord) -> Any:
+    """A referral's own rows, plus refused rows that named its key before it existed (an RRI
+    that overtook its I12): the timeline should show both."""
+    assert rec.id is not None
+    return (
+        select(referral_events)
+        .where(
+            or_(
+                referral_events.c.referral_id == rec.id,
+                and_(
+                    referral_events.c.referral_id.is_(None),
+                    referral_events.c.referral_key == rec.referral_key,
+                ),
+            )
+        )
+        .order_by(referral_events.c.id)
+    )
+
+
+class _SqlBackend:
+    """The tables, through one connection inside the caller's transaction.
+
+    With ``lock`` the referral rows read are locked until the transaction ends (PostgreSQL
+    ``FOR UPDATE``; SQLite already serialises writers), so an RRI and a webhook for the same
+    referral, handled by two workers at once, are checked against each other's result rather
+    than against the same stale status."""
+
+    def __init__(self, conn: Connection, *, lock: bool = True) -> None:
+        self.conn = conn
+        self.lock = lock
+
+    def _select(self) -> Any:
+        query = select(referrals)
+        return query.with_for_update() if self.lock else query
+
+    def recorded_result(self, message_key: Any) -> dict[str, Any] | None:
+        rows = self.conn.execute(
+            select(referral_events.c.detail)
+            .where(referral_events.c.message_id == message_key)
+            .order_by(referral_events.c.id)
+        )
+        for row in rows:
+            detail = json.loads(row.detail) if row.detail else {}
+            if "result" in detail:
+                return detail["result"]
+        return None
+
+    def get(self, key: str) -> ReferralRecord | None:
+        row = self.conn.execute(self._select().where(referrals.c.referral_key == key)).first()
+        return _to_record(row) if row else None
+
+    def get_by_id(self, referral_id: int) -> ReferralRecord | None:
+        row = self.conn.execute(self._select().where(referrals.c.id == referral_id)).first()
+        return _to_record(row) if row else None
+
+    def by_value(self, value: str) -> list[ReferralRecord]:
+        escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = referrals.c.referral_key.like(f"%|{escaped}", escape="\\")
+        rows = self.conn.execute(self._select().where(pattern).order_by(referrals.c.id).limit(3))
+        # An authority may itself contain a bar: keep only rows whose id part is the value.
+        return [r for r in map(_to_record, rows) if r.referral_key.split("|", 1)[1] == value]
+
+    def save(self, rec: ReferralRecord) -> int:
+        values = _row_values(rec)
+        if rec.id is None:
+            result = self.conn.execute(insert(referrals).values(**values))
+            rec.id = int(result.inserted_primary_key[0])
+        else:
+            self.conn.execute(update(referrals).where(referrals.c.id == rec.id).values(**values))
+        return rec.id
+
+    def add_event(self, row: dict[str, Any], message_key: Any) -> int:
+        values = {
+            **row,
+            "at": _utc(row["at"]),
+            "detail": json.dumps(row["detail"], ensure_ascii=False, default=str),
+        }
+        result = self.conn.execute(insert(referral_events).values(**values))
+        return int(result.inserted_primary_key[0])
+
+    def events(self, rec: ReferralRecord) -> list[ReferralEvent]:
+        return [_to_event(r) for r in self.conn.execute(_events_query(rec))]
+
+    def awaiting(self) -> list[ReferralRecord]:
+        rows = self.conn.execute(
+            select(referrals)
+            .where(referrals.c.status.in_(AWAITING_RESPONSE), referrals.c.alerted_at.is_(None))
+            .order_by(referrals.c.id)
+        )
+        return [_to_record(r) for r in rows]
+
+    def mark_alerted(self, referral_id: int, now: datetime) -> bool:
+        """Compare-and-set, so two hub processes ticking at once alert a referral once."""
+        result = self.conn.execute(
+            update(referrals)
+            .where(
+                referrals.c.id == referral_id,
+                referrals.c.alerted_at.is_(None),
+                referrals.c.status.in_(AWAITING_RESPONSE),
+            )
+            .values(alerted_at=_utc(now))
+        )
+        return result.rowcount == 1
+
+
+class ReferralMemory:
+    """The two tables as dicts, for dry runs (no store). One per enricher instance."""
+
+    def __init__(self) -> None:
+        self.referrals: dict[int, ReferralRecord] = {}
+        self.events: list[tuple[Any, ReferralEvent]] = []  # (message key, row)
+        self.lock = threading.RLock()
+
+
+class _MemoryBackend:
+    def __init__(self, tables: ReferralMemory) -> None:
+        self.t = tables
+
+    def recorded_result(self, message_key: Any) -> dict[str, Any] | None:
+        for key, row in self.t.events:
+            if key == message_key and "result" in row.detail:
+                return copy.deepcopy(row.detail["result"])
+        return None
+
+    def get(self, key: str) -> ReferralRecord | None:
+        found = next((r for r in self.t.referrals.values() if r.referral_key == key), None)
+        return copy.deepcopy(found)
+
+    def get_by_id(self, referral_id: int) -> ReferralRecord | None:
+        return copy.deepcopy(self.t.referrals.get(referral_id))
+
+    def by_value(self, value: str) -> list[ReferralRecord]:
+        return [
+            copy.deepcopy(r)
+            for r in self.t.referrals.values()
+            if r.referral_key.split("|", 1)[1] == value
+        ]
+
+    def save(self, rec: ReferralRecord) -> int:
+        if rec.id is None:
+            rec.id = max(self.t.referrals, default=0) + 1
+        self.t.referrals[rec.id] = copy.deepcopy(rec)
+        return rec.id
+
+    def add_event(self, row: dict[str, Any], message_key: Any) -> int:
+        event_id = len(self.t.events) + 1
+        self.t.events.append((message_key, ReferralEvent(id=event_id, **copy.deepcopy(row))))
+        return event_id
+
+    def events(self, rec: ReferralRecord) -> list[ReferralEvent]:
+        return [
+            copy.deepcopy(e)
+            for _, e in self.t.events
+            if e.referral_id == rec.id
+            or (e.referral_id is None and e.referral_key == rec.referral_key)
+        ]
+
+    def awaiting(self) -> list[ReferralRecord]:
+        return [
+            copy.deepcopy(r)
+            for r in self.t.referrals.values()
+            if r.status in AWAITING_RESPONSE and r.alerted_at is None
+        ]
+
+    def mark_alerted(self, referral_id: int, now: datetime) -> bool:
+        rec = self.t.referrals.get(referral_id)
+        if rec is None or rec.alerted_at is not None or rec.status not in AWAITING_RESPONSE:
+            return False
+        rec.alerted_at = _utc(now)
+        return True
+
+
+# -- the state machine -------------------------------------------------------------------------
+
+
+class ReferralTracker:
+    """Applies referral messages and status updates: in the store's tables when given an
+    engine, else in ``memory`` (dry runs). Each update is applied in one transaction."""
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        memory: ReferralMemory | None = None,
+        response_hours: float = 72,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.engine = engine
+        self.memory = memory if memory is not None else ReferralMemory()
+        self.response_hours = response_hours
+        self.clock = clock
+
+    @contextmanager
+    def _session(self) -> Iterator[_Backend]:
+        if self.engine is None:
+            with self.memory.lock:
+                yield _MemoryBackend(self.memory)
+            return
+        with self.engine.begin() as conn:
+            yield _SqlBackend(conn)
+
+    # -- reading ------------------------------------------------------------------------------
+    def referral(self, key: str | int) -> ReferralRecord | None:
+        """A referral by row id or by ``authority|id`` key."""
+        with self._session() as b:
+            return b.get_by_id(key) if isinstance(key, int) else b.get(key)
+
+    def events(self, key: str | int) -> list[ReferralEvent]:
+        """A referral's timeline rows, oldest first ([] for an unknown referral)."""
+        with self._session() as b:
+            rec = b.get_by_id(key) if isinstance(key, int) else b.get(key)
+            return b.events(rec) if rec is not None else []
+
+    # -- v2 messages --------------------------------------------------------------------------
+    def apply_message(
+        self, event: CareEvent, message_id: int, *, identity: str | None = None
+    ) -> ReferralTransition:
+        """Apply one REF/RRI message; a message already applied returns the recorded
+        transition unchanged. ``identity`` (MSH-3/4/10) tells dry-run messages apart, which all
+        carry message id 0; with a store the message id alone is the key."""
+        message_key: Any = message_id if self.engine is not None else (message_id, identity)
+        with self._session() as b:
+            recorded = b.recorded_result(message_key)
+            if recorded is not None:
+                return ReferralTransition.from_output(recorded)
+            return self._apply(b, event, message_id, message_key)
+
+    def _apply(
+        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any
+    ) -> ReferralTransition:
+        source = f"{event.message_type}^{event.trigger_event}"
+        if event.kind not in _REFERRAL_KINDS:
+            # Nothing recorded: this step only owns referral messages.
+            return ReferralTransition(
+                action="not_a_referral",
+                source=source,
+                accepted=False,
+                reason=f"{source} is not a referral message",
+                message_id=message_id,
+            )
+        ctx = _Context(b, event, source, message_id, message_key, self.clock())
+        ref = event.referral or Referral()
+        if ref.referral_id is None:
+            return self._record(
+                ctx,
+                None,
+                None,
+                "no_referral_id",
+                None,
+                accepted=False,
+                reason="the message has no referral id (RF1-6 or RF1-11)",
+            )
+        key = referral_key(ref.referral_id)
+        rec = self._find(b, ref, loose=event.kind == "referral_response")
+        if event.kind == "referral_new":
+            return self._on_new(ctx, rec, key)
+        if event.kind == "referral_modify":
+            return self._on_modify(ctx, rec, key)
+        if rec is None:
+            return self._record(
+                ctx,
+                None,
+                key,
+                "unknown_referral",
+                self._target(event),
+                accepted=False,
+                reason=f"no referral {_label(key)}",
+            )
+        if event.kind == "referral_cancel":
+            return self._change(ctx, rec, "cancelled")
+        if event.kind == "referral_status_request":
+            return self._record(
+                ctx, rec, rec.referral_key, "status_request", rec.status, note="status inquiry"
+            )
+        return self._on_response(ctx, rec, ref)
+
+    @staticmethod
+    def _target(event: CareEvent) -> str | None:
+        """The status an update for an unknown referral asked for (for the record)."""
+        if event.kind == "referral_cancel":
+            return "cancelled"
+        if event.kind == "referral_response" and event.referral is not None:
+            return RF1_STATUS.get((event.referral.status or "").upper())
+        return None
+
+    @staticmethod
+    def _find(b: _Backend, ref: Referral, *, loose: bool) -> ReferralRecord | None:
+        """The referral a message names: by RF1-6 (else RF1-11) with its authority, then by
+        RF1-11. ``loose`` (responses only) also takes the bare id when either side left the
+        authority out and exactly one referral has that id: responders often echo the id
+        without its namespace, while the referrer knows its own ids exactly."""
+        candidates = [i for i in (ref.referral_id, ref.external_id) if i is not None]
+        for ident in candidates:
+            rec = b.get(referral_key(ident))
+            if rec is not None:
+                return rec
+        if not loose:
+            return None
+        for ident in candidates:
+            found = [
+                r
+                for r in b.by_value(ident.value)
+                if not ident.authority or not r.referral_key.split("|", 1)[0]
+            ]
+            if len(found) == 1:
+                return found[0]
+        return None
+
+    def _on_new(self, ctx: _Context, rec: ReferralRecord | None, key: str) -> ReferralTransition:
+        if rec is not None:
+            return self._record(
+                ctx,
+                rec,
+                rec.referral_key,
+                "resend",
+                rec.status,
+                note=f"referral already on file ({rec.status}): nothing changed",
+            )
+        rec = self._create(ctx, key)
+        return self._record(ctx, rec, key, "created", "requested", changed=True, before=None)
+
+    def _on_modify(self, ctx: _Context, rec: ReferralRecord | None, key: str) -> ReferralTransition:
+        if rec is None:
+            rec = self._create(ctx, key)
+            note = "created from a modify: the original referral (I12) was never seen"
+            return self._record(
+                ctx, rec, key, "created", "requested", changed=True, before=None, note=note
+            )
+        if rec.status in CLOSED_STATUSES:
+            return self._record(
+                ctx,
+                rec,
+                rec.referral_key,
+                "illegal",
+                rec.status,
+                accepted=False,
+                reason=f"referral is {rec.status}: a modify cannot change a closed referral",
+            )
+        changed = self._merge_fields(rec, ctx.event)
+        rec.updated_at = ctx.now
+        ctx.b.save(rec)
+        note = f"changed: {', '.join(changed)}" if changed else "nothing changed"
+        return self._record(
+            ctx, rec, rec.referral_key, "modified", rec.status, note=note, extra={"fields": changed}
+        )
+
+    def _on_response(self, ctx: _Context, rec: ReferralRecord, ref: Referral) -> ReferralTransition:
+        code = (ref.status or "").upper()
+        target = RF1_STATUS.get(code)
+        extra = {"rf1_status": ref.status}
+        if target is None:
+            return self._record(
+                ctx,
+                rec,
+                rec.referral_key,
+                "unknown_status",
+                None,
+                accepted=False,
+                reason=f"RF1-1 status {ref.status!r} is not A, R, P or E (table 0283)",
+                extra=extra,
+            )
+        trigger = ctx.event.trigger_event if ctx.event is not None else ""
+        if trigger == "I14" and rec.status == "cancelled":
+            return self._record(
+                ctx,
+                rec,
+                rec.referral_key,
+                "cancel_confirmed",
+                rec.status,
+                note="the receiving side answered the cancel",
+                extra=extra,
+            )
+        return self._change(ctx, rec, target, extra=extra)
+
+    # -- other sources ------------------------------------------------------------------------
+    def advance(
+        self,
+        key: str,
+        to_status: str,
+        source: str,
+        detail: dict[str, Any] | None = None,
+    ) -> ReferralTransition:
+        """Apply a status update that did not come as a v2 message: a CBO's webhook, a FHIR
+        Task poll (``Task.status``), an operator. Same legality checks as messages; an unknown
+        referral or status is recorded as refused, never raised, because the caller is usually
+        a listener that must keep going."""
+        with self._session() as b:
+            event_detail = dict(detail or {})
+            ctx = _Context(b, None, source, None, None, self.clock(), event_detail)
+            rec = b.get(key)
+            if rec is None:
+                return self._record(
+                    ctx,
+                    None,
+                    key,
+                    "unknown_referral",
+                    to_status,
+                    accepted=False,
+                    reason=f"no referral {_label(key)}",
+                )
+            if to_status not in STATUSES:
+                return self._record(
+                    ctx,
+                    rec,
+                    key,
+                    "unknown_status",
+                    None,
+                    accepted=False,
+                    reason=f"unknown status {to_status!r} (expected one of {', '.join(STATUSES)})",
+                    extra={"asked": to_status},
+                )
+            return self._change(ctx, rec, to_status)
+
+    # -- the one place statuses change ---------------------------------------------------------
+    def _change(
+        self,
+        ctx: _Context,
+        rec: ReferralRecord,
+        target: str,
+        *,
+        extra: dict[str, Any] | None = None,
+    ) -> ReferralTransition:
+        before = rec.status
+        if target == before:
+            note = f"already {before}"
+            return self._record(
+                ctx, rec, rec.referral_key, "unchanged", target, note=note, extra=extra
+            )
+        if not is_allowed(before, target):
+            return self._record(
+                ctx,
+                rec,
+                rec.referral_key,
+                "illegal",
+                target,
+                accepted=False,
+                reason=f"illegal transition {before} -> {target}",
+                extra=extra,
+            )
+        rec.status = target
+        rec.updated_at = ctx.now
+        if target in CLOSED_STATUSES:
+            rec.closed_at = ctx.now
+        ctx.b.save(rec)
+        action = "cancelled" if target == "cancelled" else "status"
+        return self._record(
+            ctx, rec, rec.referral_key, action, target, changed=True, before=before, extra=extra
+        )
+
+    def _create(self, ctx: _Context, key: str) -> ReferralRecord:
+        rec = ReferralRecord(
+            id=None,
+            referral_key=key,
+            status="requested",
+            created_at=ctx.now,
+            updated_at=ctx.now,
+            due_at=ctx.now + timedelta(hours=self.response_hours),
+        )
+        self._merge_fields(rec, ctx.event)
+        ctx.b.save(rec)
+        return rec
+
+    @staticmethod
+    def _merge_fields(rec: ReferralRecord, event: CareEvent | None) -> list[str]:
+        """Fold the referrer's message into the record; returns the fields that changed. What
+        a modify leaves out (no PRD RT, no reason) is kept from before."""
+        if event is None:
+            return []
+        ref = event.referral or Referral()
+        new: dict[str, Any] = {
+            "priority": ref.priority,
+            "type": ref.type,
+            "reason": ref.reason,
+            "referring": _party(ref.referring, ref.referring_organization) or None,
+            "referred_to": _party(ref.referred_to) or None,
+        }
+        primary = event.patient.primary if event.patient is not None else None
+        if primary is not None:
+            new["patient_key"] = make_patient_key(primary.value, primary.authority, 0)
+        changed = []
+        for name, value in new.items():
+            if value is not None and value != getattr(rec, name):
+                setattr(rec, name, value)
+                changed.append(name)
+        snapshot = event.model_dump(mode="json", exclude_none=True)
+        old = rec.snapshot
+        if isinstance(old.get("patient"), dict):
+            snapshot["patient"] = {**old["patient"], **(snapshot.get("patient") or {})}
+        if not snapshot.get("diagnoses") and old.get("diagnoses"):
+            snapshot["diagnoses"] = old["diagnoses"]
+        rec.snapshot = snapshot
+        return changed
+
+    def _record(
+        self,
+        ctx: _Context,
+        rec: ReferralRecord | None,
+        key: str | None,
+        action: str,
+        to_status: str | None,
+        *,
+        accepted: bool = True,
+        changed: bool = False,
+        reason: str | None = None,
+        note: str | None = None,
+        before: str | None = _CURRENT,
+        extra: dict[str, Any] | None = None,
+    ) -> ReferralTransition:
+        """Build the transition and write its timeline row (also for refused updates)."""
+        current = rec.status if rec is not None else None
+        from_status = current if before == _CURRENT else before
+        transition = ReferralTransition(
+            action=action,
+            source=ctx.source,
+            accepted=accepted,
+            referral_id=rec.id if rec is not None else None,
+            referral_key=key,
+            patient_key=rec.patient_key if rec is not None else None,
+            from_status=from_status,
+            to_status=to_status,
+            status=current,
+            changed=changed,
+            reason=reason,
+            note=note,
+            # The referrer hears about what the other side did, not about its own messages.
+            notify_referrer=accepted and changed and not ctx.source.startswith("REF^"),
+            message_id=ctx.message_id,
+            summary=_summary(rec),
+        )
+        detail: dict[str, Any] = {**ctx.detail, **(extra or {})}
+        if note:
+            detail["note"] = note
+        if ctx.event is not None:
+            detail["control_id"] = ctx.event.message_control_id
+            detail["occurred_at"] = _iso(ctx.event.occurred_at)
+            if ctx.event.kind == "referral_response" and ctx.event.referral is not None:
+                responder = ctx.event.referral
+                detail["responder"] = {
+                    "sending_application": ctx.event.sending_application,
+                    "sending_facility": ctx.event.sending_facility,
+                    "external_id": responder.external_id.model_dump(exclude_none=True)
+                    if responder.external_id
+                    else None,
+                    "notes": responder.notes,
+                }
+        detail["result"] = transition.as_output()
+        row = {
+            "referral_id": rec.id if rec is not None else None,
+            "referral_key": key,
+            "message_id": ctx.message_id,
+            "source": ctx.source[:64],
+            "action": action,
+            "from_status": from_status,
+            "to_status": to_status,
+            "accepted": accepted,
+            "reason": reason,
+            "detail": detail,
+            "at": ctx.now,
+        }
+        ctx.b.add_event(row, ctx.message_key)
+        return transition
+
+    # -- overdue -------------------------------------------------------------------------------
+    def overdue(self, now: datetime, response_hours: float | None = None) -> list[ReferralRecord]:
+        """Referrals still waiting for an answer (requested/received) past their deadline and
+        not alerted yet. The deadline is ``due_at`` (set at creation), or ``created_at +
+        response_hours`` when given, so a changed setting applies to referrals already open.
+        Nothing is marked: call :meth:`mark_alerted` once the alert is queued, so a crash in
+        between alerts again instead of never."""
+        moment = _as_utc(now)
+        found = []
+        with self._session() as b:
+            for rec in b.awaiting():
+                deadline = (
+                    rec.created_at + timedelta(hours=response_hours)
+                    if response_hours is not None
+                    else rec.due_at
+                )
+                if deadline is not None and _as_utc(deadline) < moment:
+                    found.append(rec)
+        return found
+
+    def mark_alerted(self, ids: Iterable[int], now: datetime) -> list[int]:
+        """Mark referrals alerted (one timeline row each); returns the ids this call marked.
+        One already alerted or answered meanwhile is left out, so two workers never both
+        raise the same alert."""
+        marked = []
+        with self._session() as b:
+            for referral_id in sorted(set(ids)):
+                if not b.mark_alerted(referral_id, now):
+                    continue
+                rec = b.get_by_id(referral_id)
+                assert rec is not None
+                marked.append(referral_id)
+                ctx = _Context(b, None, "carehub", None, None, _as_utc(now))
+                note = f"no answer by {_iso(rec.due_at)}"
+                self._record(ctx, rec, rec.referral_key, "overdue_alert", rec.status, note=note)
+        return marked
+
+
+@dataclass(slots=True)
+class _Context:
+    """One update being applied: where it came from and the transaction it runs in."""
+
+    b: _Backend
+    event: CareEvent | None
+    source: str
+    message_id: int | None
+    message_key: Any
+    now: datetime
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the route step ----------------------------------------------------------------------------
+
+
+class ReferralStateEnricher(Enricher):
+    """Route step: apply a REF/RRI message to its referral and hand the transition to later
+    steps (``work.data["referral"]``), e.g. a notify step that tells the referring provider
+    when ``notify_referrer`` is set."""
+
+    name = "referral-state"
+    description = (
+        "Track closed-loop referrals from REF/RRI (I12-I15) as FHIR Task statuses: new, "
+        "modify, cancel, responses (RF1-1 A/R/P/E); refuse illegal transitions with a reason; "
+        "alert when no answer comes within response_hours."
+    )
+
+    class Options(ComponentOptions):
+        """How long the receiving side has to answer (accept, reject, or say it is pending)
+        before the referral is reported overdue."""
+
+        response_hours: float = Field(default=72, gt=0)
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        # Dry runs keep state here; the store, when the hub attaches it, takes over.
+        self._memory = ReferralMemory()
+        self._tracker: ReferralTracker | None = None
+
+    @property
+    def tracker(self) -> ReferralTracker:
+        """Built on first use: the hub attaches the store after the routes are bound."""
+        store = self.context.store
+        engine = store.engine if store is not None else None
+        if self._tracker is None or self._tracker.engine is not engine:
+            hours = getattr(self.options, "response_hours", 72)
+            self._tracker = ReferralTracker(engine, memory=self._memory, response_hours=hours)
+        return self._tracker
+
+    def enrich(self, work: Work) -> Any:
+        if work.event is None:
+            raise ReferralStateError(
+                f"route {work.route!r}: referral-state needs the care event; put a "
+                "'v2-to-event' translate step before it"
+            )
+        message = work.message
+        identity = "\x1f".join(
+            part or ""
+            for part in (message.sending_application, message.sending_facility, message.control_id)
+        )
+        transition = self.tracker.apply_message(work.event, message.id, identity=identity)
+        work.data["referral"] = transition
+        return transition.as_output()
+
+    def tick(self, now: datetime) -> None:
+        tracker = self.tracker
+        late = tracker.overdue(now)
+        marked = tracker.mark_alerted([r.id for r in late if r.id is not None], now)
+        if marked:
+            keys = [_label(r.referral_key) for r in late if r.id in marked]
+            log.warning("%d referral(s) without an answer: %s", len(marked), ", ".join(keys))
+
+
+# -- queries for the command line ---------------------------------------------------------------
+
+
+def list_referrals(
+    engine: Engine,
+    open_only: bool = False,
+    overdue_now: datetime | None = None,
+    *,
+    status: str | None = None,
+    patient: str | None = None,
+    limit: int | None = 50,
+) -> list[ReferralRecord]:
+    """Referrals, most recently updated first. ``overdue_now`` keeps only those still waiting
+    for an answer past their deadline at that time (alerted or not)."""
+    query = select(referrals).order_by(referrals.c.updated_at.desc(), referrals.c.id.desc())
+    if open_only:
+        query = query.where(referrals.c.status.in_(OPEN_STATUSES))
+    if overdue_now is not None:
+        query = query.where(
+            referrals.c.status.in_(AWAITING_RESPONSE), referrals.c.due_at < _utc(overdue_now)
+        )
+    if status:
+        query = query.where(referrals.c.status == status)
+    if patient:
+        condition = referrals.c.patient_key == patient
+        if "|" not in patient:
+            condition = or_(condition, referrals.c.patient_key.like(f"%|{patient}"))
+        query = query.where(condition)
+    if limit:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return [_to_record(r) for r in conn.execute(query)]
+
+
+@dataclass(slots=True)
+class ReferralTimeline:
+    """A referral and every update offered to it, in order (with the MSH-10 of messages)."""
+
+    referral: ReferralRecord
+    events: list[ReferralEvent]
+
+    def as_output(self) -> dict[str, Any]:
+        return {
+            "referral": self.referral.as_output(),
+            "timeline": [e.as_output() for e in self.events],
+        }
+
+
+def referral_timeline(engine: Engine, ident: int | str) -> ReferralTimeline | None:
+    """A referral by row id, ``authority|id`` key, or bare referral id (when only one referral
+    has it), with its timeline; None when there is no such referral."""
+    with engine.connect() as conn:
+        rec: ReferralRecord | None = None
+        text = str(ident)
+        if isinstance(ident, int) or text.isdigit():
+            row = conn.execute(select(referrals).where(referrals.c.id == int(text))).first()
+            rec = _to_record(row) if row else None
+        if rec is None:
+            backend = _SqlBackend(conn, lock=False)
+            rec = backend.get(text)
+            if rec is None and "|" not in text:
+                found = backend.by_value(text)
+                rec = found[0] if len(found) == 1 else None
+        if rec is None:
+            return None
+        events = []
+        for row in conn.execute(_events_query(rec)):
+            event = _to_event(row)
+            events.append(event)
+        ids = {e.message_id for e in events if e.message_id is not None}
+        control_ids = dict(
+            conn.execute(
+                select(messages.c.id, messages.c.control_id).where(messages.c.id.in_(ids))
+            ).all()
+        )
+    for event in events:
+        stored = control_ids.get(event.message_id) if event.message_id is not None else None
+        if stored:
+            event.detail["control_id"] = stored
+    return ReferralTimeline(rec, events)

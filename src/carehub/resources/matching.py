@@ -1,0 +1,749 @@
+"""From a care event to ranked community services: needs, crosswalk, distance, ranking.
+
+There is no standard crosswalk from social needs to directory taxonomies (Gravity publishes the
+need categories and codes, directories use 211 HSIS, Open Eligibility or their own lists), so
+the mapping is a site-edited YAML file, :class:`Crosswalk`::
+
+    needs:
+      food:                            # the need category carehub reports
+        label: Food insecurity
+        gravity: food-insecurity       # Gravity SDOHCC category code, for FHIR output
+        codes: [Z59.4]                 # ICD-10-CM prefixes: Z59.4 covers Z59.41 and Z59.48
+        keywords: [food, hunger, "meal*", pantry]   # whole words; a trailing * is a prefix
+        taxonomy_terms: [FOOD-PANTRY, Food Pantry]  # directory term codes, names or ids
+
+Needs come from the event's diagnosis codes (DG1, e.g. Z59.41), the referral reason code and the
+referral reason text. Ranking (:func:`rank`) is a transparent points rule so a coordinator can
+see why a service is first, and every match and exclusion carries its reasons:
+
+- 40 points per need the service serves (via a crosswalk taxonomy term),
+- up to 30 for distance, falling linearly to 0 at ``max_km`` (15 for a virtual service, 0 when
+  the distance is unknown),
+- 15 when it speaks the patient's language,
+- 10 when it belongs to the organization the referral names (PRD RT),
+- 5 when it states open capacity.
+
+Ties go to the nearer service, then the name. Services that serve a need but are out of age
+range, report zero capacity, are farther than ``max_km`` or are not ``active`` are excluded,
+with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.errors import CarehubError, ConfigError
+from carehub.hl7.view import parse_path
+from carehub.resources.hsds import (
+    ApiDirectory,
+    Directory,
+    DirectoryError,
+    LocalDirectory,
+    Location,
+    Service,
+    haversine_km,
+)
+
+__all__ = [
+    "CommunityResourcesEnricher",
+    "Crosswalk",
+    "Excluded",
+    "Match",
+    "Need",
+    "PostalCodes",
+    "Ranking",
+    "age_on",
+    "language_of",
+    "rank",
+]
+
+log = logging.getLogger(__name__)
+
+NEED_POINTS = 40.0
+DISTANCE_POINTS = 30.0
+VIRTUAL_POINTS = 15.0
+LANGUAGE_POINTS = 15.0
+REFERRED_POINTS = 10.0
+CAPACITY_POINTS = 5.0
+MAX_EXCLUDED = 25  # recorded per message; the count says how many more there were
+
+
+class ResourcesError(CarehubError):
+    """The community-resources step cannot run as configured."""
+
+
+# -- crosswalk ---------------------------------------------------------------------------------
+
+
+def _norm_code(code: str) -> str:
+    """ICD-10-CM codes are written with and without the dot (Z59.41, Z5941): compare bare."""
+    return code.strip().upper().replace(".", "")
+
+
+class _NeedRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = None
+    gravity: str | None = None
+    codes: list[str] = Field(default_factory=list)
+    keywords: list[str] = Field(default_factory=list)
+    taxonomy_terms: list[str] = Field(default_factory=list)
+
+    @field_validator("codes", "keywords", "taxonomy_terms", mode="before")
+    @classmethod
+    def _text_items(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [str(v) for v in value if v is not None and str(v).strip()]
+        return value
+
+
+class _CrosswalkDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    needs: dict[str, _NeedRule]
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """One social need found for a patient, with what it was found from (the evidence) and
+    the directory terms that serve it."""
+
+    category: str
+    label: str
+    evidence: tuple[str, ...] = ()
+    terms: tuple[str, ...] = ()
+    gravity: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "category": self.category,
+            "label": self.label,
+            "gravity": self.gravity,
+            "evidence": list(self.evidence),
+        }
+
+
+class Crosswalk:
+    """Need categories with their ICD-10-CM prefixes, keywords and directory terms."""
+
+    def __init__(self, rules: dict[str, _NeedRule], source: str = "crosswalk") -> None:
+        self.source = source
+        self._rules = rules
+        self._codes = [
+            (_norm_code(code), category) for category, rule in rules.items() for code in rule.codes
+        ]
+        self._keywords: list[tuple[re.Pattern[str], str, str]] = []
+        for category, rule in rules.items():
+            for keyword in rule.keywords:
+                stem = keyword.strip().rstrip("*")
+                tail = "" if keyword.strip().endswith("*") else r"\b"
+                pattern = re.compile(rf"\b{re.escape(stem)}{tail}", re.IGNORECASE)
+                self._keywords.append((pattern, keyword, category))
+
+    @classmethod
+    def load(cls, path: Path) -> Crosswalk:
+        """Read the YAML file; errors name the file and the offending need."""
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the crosswalk: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            problem = getattr(err, "problem", err)
+            raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from err
+        try:
+            doc = _CrosswalkDoc.model_validate(data)
+        except ValidationError as err:
+            problems = [
+                f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            ]
+            raise ConfigError("\n".join(problems)) from None
+        return cls(doc.needs, str(path))
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self._rules)
+
+    def need(self, category: str, evidence: Iterable[str] = ()) -> Need:
+        rule = self._rules[category]
+        return Need(
+            category=category,
+            label=rule.label or category,
+            evidence=tuple(evidence),
+            terms=tuple(rule.taxonomy_terms),
+            gravity=rule.gravity,
+        )
+
+    def categories_for_code(self, code: str) -> list[str]:
+        """Every category with a prefix of ``code`` (Z59.81 covers Z59.811 and Z59.812)."""
+        bare = _norm_code(code)
+        found: list[str] = []
+        for prefix, category in self._codes:
+            if bare.startswith(prefix) and category not in found:
+                found.append(category)
+        return found
+
+    def categories_for_text(self, text: str) -> list[tuple[str, str]]:
+        """(category, keyword) for every keyword found in free text, first hit per category."""
+        found: dict[str, str] = {}
+        for pattern, keyword, category in self._keywords:
+            if category not in found and pattern.search(text):
+                found[category] = keyword
+        return list(found.items())
+
+    def needs_for(self, event: Any) -> list[Need]:
+        """Needs of a care event, in the order their first evidence appears: diagnoses (DG1),
+        then the referral reason code and reason text (RF1-10)."""
+        evidence: dict[str, list[str]] = {}
+
+        def add(category: str, why: str) -> None:
+            items = evidence.setdefault(category, [])
+            if why not in items:
+                items.append(why)
+
+        for diagnosis in getattr(event, "diagnoses", None) or []:
+            if not diagnosis.code:
+                continue
+            for category in self.categories_for_code(diagnosis.code):
+                text = f" {diagnosis.display}" if diagnosis.display else ""
+                add(category, f"diagnosis {diagnosis.code}{text}")
+        referral = getattr(event, "referral", None)
+        if referral is not None:
+            if referral.reason_code:
+                for category in self.categories_for_code(referral.reason_code):
+                    add(category, f"referral reason code {referral.reason_code}")
+            if referral.reason:
+                for category, keyword in self.categories_for_text(referral.reason):
+                    add(category, f'referral reason "{referral.reason}" (keyword {keyword})')
+        return [self.need(category, why) for category, why in evidence.items()]
+
+    def resolve(self, values: Iterable[str]) -> list[Need]:
+        """Needs named on a command line: a category ("food"), a code ("Z59.41") or text."""
+        found: dict[str, list[str]] = {}
+        by_label = {(r.label or c).casefold(): c for c, r in self._rules.items()}
+        for value in values:
+            key = value.strip().casefold()
+            if key in self._rules:
+                categories = [key]
+            elif key in by_label:
+                categories = [by_label[key]]
+            else:
+                looks_coded = re.match(r"^[a-z]\d", key) is not None
+                categories = self.categories_for_code(value) if looks_coded else []
+                categories = categories or [c for c, _ in self.categories_for_text(value)]
+            if not categories:
+                raise ConfigError(
+                    f"no need matches {value!r}: use one of {', '.join(self.categories)}, "
+                    "an ICD-10-CM code or words from the crosswalk keywords"
+                )
+            for category in categories:
+                found.setdefault(category, []).append(f"asked for {value}")
+        return [self.need(category, why) for category, why in found.items()]
+
+
+# -- postal codes ------------------------------------------------------------------------------
+
+
+class PostalCodes:
+    """Postal code -> centroid (lat, lon) from a CSV with ``postal_code,latitude,longitude``
+    columns (others ignored). A site ships the few hundred codes it serves, not a national
+    gazetteer; unknown codes give None and the distance is reported as unknown."""
+
+    def __init__(self, table: dict[str, tuple[float, float]], source: str = "postal codes") -> None:
+        self.table = table
+        self.source = source
+
+    @staticmethod
+    def normalize(code: str | None) -> str | None:
+        """``62704-1234`` -> ``62704``; case and spaces folded (``sw1a 1aa`` -> ``SW1A1AA``)."""
+        if not code:
+            return None
+        text = code.strip().upper()
+        if re.fullmatch(r"\d{5}(-?\d{4})?", text):
+            return text[:5]
+        return text.replace(" ", "") or None
+
+    @classmethod
+    def load(cls, path: Path) -> PostalCodes:
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as file:
+                rows = list(csv.DictReader(file))
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the postal codes: {err.strerror}") from err
+        table: dict[str, tuple[float, float]] = {}
+        for number, row in enumerate(rows, start=2):
+            code = cls.normalize(row.get("postal_code"))
+            try:
+                lat, lon = float(row.get("latitude") or ""), float(row.get("longitude") or "")
+            except ValueError:
+                raise ConfigError(
+                    f"{path}:{number}: expected postal_code,latitude,longitude with numbers"
+                ) from None
+            if code is None or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                raise ConfigError(f"{path}:{number}: a postal code and valid coordinates needed")
+            table[code] = (lat, lon)
+        return cls(table, str(path))
+
+    def get(self, postal_code: str | None) -> tuple[float, float] | None:
+        code = self.normalize(postal_code)
+        return self.table.get(code) if code else None
+
+    def distance_km(self, postal_code: str | None, point: tuple[float, float]) -> float | None:
+        centre = self.get(postal_code)
+        return haversine_km(*centre, *point) if centre else None
+
+
+# -- languages and age -------------------------------------------------------------------------
+
+# ISO 639-1 key -> (English name, other spellings: ISO 639-2/3 codes, HL7 0296 habits, names).
+_LANGUAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "en": ("English", ("eng", "english")),
+    "es": ("Spanish", ("spa", "spanish", "español", "espanol")),
+    "fr": ("French", ("fra", "fre", "french")),
+    "ar": ("Arabic", ("ara", "arabic")),
+    "zh": ("Chinese", ("zho", "chi", "chinese", "mandarin", "cmn", "cantonese", "yue")),
+    "vi": ("Vietnamese", ("vie", "vietnamese")),
+    "ko": ("Korean", ("kor", "korean")),
+    "ru": ("Russian", ("rus", "russian")),
+    "pl": ("Polish", ("pol", "polish")),
+    "pt": ("Portuguese", ("por", "portuguese")),
+    "de": ("German", ("deu", "ger", "german")),
+    "tl": ("Tagalog", ("tgl", "tagalog", "fil", "filipino")),
+    "hi": ("Hindi", ("hin", "hindi")),
+    "ur": ("Urdu", ("urd", "urdu")),
+    "so": ("Somali", ("som", "somali")),
+    "sw": ("Swahili", ("swa", "swahili")),
+    "yo": ("Yoruba", ("yor", "yoruba")),
+    "ht": ("Haitian Creole", ("hat", "haitian", "haitian creole", "creole")),
+    "ase": ("American Sign Language", ("asl", "sgn", "american sign language")),
+}
+_LANGUAGE_KEYS = {
+    alias: key for key, (name, aliases) in _LANGUAGES.items() for alias in (key, *aliases)
+}
+
+
+def language_of(text: str | None) -> tuple[str, str] | None:
+    """(comparison key, display name) of a language code or name: "SPA", "es", "Spanish" and
+    "spa^Spanish^HL70296" are all ("es", "Spanish"). Unknown text compares as itself."""
+    if not text:
+        return None
+    for part in text.split("^")[:2]:
+        key = _LANGUAGE_KEYS.get(part.strip().casefold())
+        if key:
+            return key, _LANGUAGES[key][0]
+    first = next((p.strip() for p in text.split("^") if p.strip()), "")
+    return (first.casefold(), first) if first else None
+
+
+def age_on(birth: date | None, on: date) -> int | None:
+    """Whole years, as eligibility rules count them."""
+    if birth is None:
+        return None
+    years = on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+    return years if years >= 0 else None
+
+
+# -- ranking -----------------------------------------------------------------------------------
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+EN_DASH = "\u2013"  # ranges read like "60-120" with an en dash, as people write them
+
+
+def _age_range(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"{_num(low)}{EN_DASH}{_num(high)}"
+    if low is not None:
+        return f"{_num(low)} and over"
+    return f"up to {_num(high or 0)}"
+
+
+def _eligibility(age: int | None, low: float | None, high: float | None) -> tuple[bool, str]:
+    """(eligible, reason) for the HSDS minimum_age/maximum_age rule; unknown ages pass."""
+    if low is None and high is None:
+        return True, "eligible: no age limits stated"
+    limits = _age_range(low, high)
+    if age is None:
+        return True, f"age limits {limits}; patient age unknown"
+    if (low is not None and age < low) or (high is not None and age > high):
+        return False, f"not eligible: age {age} outside {limits}"
+    if low is not None and high is not None:
+        return True, f"eligible: age {age} within {limits}"
+    return True, f"eligible: age {age}, ages {limits}"
+
+
+def _location_json(location: Location | None) -> dict[str, Any] | None:
+    if location is None:
+        return None
+    address = location.address()
+    return {
+        "name": location.name,
+        "address": address.one_line() if address else None,
+        "postal_code": location.postal_code(),
+        "latitude": location.latitude,
+        "longitude": location.longitude,
+        "virtual": location.virtual,
+    }
+
+
+@dataclass(slots=True)
+class Match:
+    """One ranked service, with the location used for distance and every reason."""
+
+    service: Service
+    score: float
+    needs: list[str]
+    reasons: list[str]
+    distance_km: float | None = None
+    location: Location | None = None
+
+    def to_json(self, rank: int | None = None) -> dict[str, Any]:
+        languages = [lang.name or lang.code for lang in self.service.all_languages()]
+        hours = [
+            text
+            for schedule in (
+                *self.service.schedules,
+                *(self.location.schedules if self.location else []),
+            )
+            if (text := schedule.text())
+        ]
+        return {
+            "rank": rank,
+            "score": self.score,
+            "service_id": self.service.id,
+            "service": self.service.name,
+            "organization": self.service.organization_name(),
+            "needs": self.needs,
+            "distance_km": self.distance_km,
+            "location": _location_json(self.location),
+            "phone": self.service.phone(),
+            "url": self.service.url,
+            "languages": list(dict.fromkeys(n for n in languages if n)),
+            "hours": list(dict.fromkeys(hours)),
+            "reasons": self.reasons,
+        }
+
+
+@dataclass(slots=True)
+class Excluded:
+    """A service that serves a need but was ruled out, and why."""
+
+    service: Service
+    needs: list[str]
+    reasons: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service_id": self.service.id,
+            "service": self.service.name,
+            "organization": self.service.organization_name(),
+            "needs": self.needs,
+            "reasons": self.reasons,
+        }
+
+
+@dataclass(slots=True)
+class Ranking:
+    matches: list[Match] = field(default_factory=list)
+    excluded: list[Excluded] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "matches": [m.to_json(i) for i, m in enumerate(self.matches, start=1)],
+            "excluded": [e.to_json() for e in self.excluded[:MAX_EXCLUDED]],
+            "excluded_total": len(self.excluded),
+        }
+
+
+def _served(service: Service, needs: Sequence[Need]) -> tuple[list[str], list[str]]:
+    """(categories served, reasons) by comparing the service's taxonomy terms (id, code or
+    name, case-insensitive) with each need's crosswalk terms."""
+    terms = service.taxonomy_terms()
+    served: list[str] = []
+    reasons: list[str] = []
+    for need in needs:
+        wanted = {t.casefold() for t in need.terms}
+        for term in terms:
+            keys = {(k or "").casefold() for k in (term.id, term.code, term.name)} - {""}
+            if keys & wanted:
+                served.append(need.category)
+                reasons.append(f"serves need {need.category} via taxonomy term {term.label()}")
+                break
+    return served, reasons
+
+
+def _nearest(
+    service: Service, centre: tuple[float, float] | None, geocoder: PostalCodes | None
+) -> tuple[Location | None, float | None]:
+    """The location to report: the nearest physical one when distances can be computed."""
+    locations = service.locations()
+    physical = [loc for loc in locations if not loc.virtual]
+    if centre is not None:
+        measured = [
+            (haversine_km(*centre, *point), loc)
+            for loc in physical
+            if (point := loc.coordinates(geocoder)) is not None
+        ]
+        if measured:
+            distance, location = min(measured, key=lambda pair: pair[0])
+            return location, round(distance, 1)
+    if physical:
+        return physical[0], None
+    return (locations[0] if locations else None), None
+
+
+def rank(
+    services: Iterable[Service],
+    needs: Sequence[Need],
+    near_postal: str | None = None,
+    language: str | None = None,
+    age: int | None = None,
+    *,
+    postal_codes: PostalCodes | None = None,
+    max_km: float = 25.0,
+    max_results: int = 5,
+    referred_to: str | None = None,
+) -> Ranking:
+    """Rank the services that serve at least one need (the points rule is in the module
+    docstring); the others are not candidates and are not listed."""
+    centre = postal_codes.get(near_postal) if (postal_codes and near_postal) else None
+    wanted_language = language_of(language)
+    referred = (referred_to or "").strip().casefold()
+    ranking = Ranking()
+    for service in services:
+        served, reasons = _served(service, needs)
+        if not served:
+            continue
+        score = NEED_POINTS * len(served)
+        out: list[str] = []  # reasons to exclude
+
+        if service.status.strip().lower() != "active":
+            out.append(f"status: {service.status}")
+
+        if referred and referred == (service.organization_name() or "").strip().casefold():
+            score += REFERRED_POINTS
+            reasons.append("organization named in the referral (referred-to)")
+
+        location, distance = _nearest(service, centre, postal_codes)
+        if distance is not None:
+            if distance > max_km:
+                out.append(f"{distance:.1f} km from {near_postal}, beyond {_num(max_km)} km")
+            else:
+                score += DISTANCE_POINTS * (1 - distance / max_km)
+                place = f" ({location.name})" if location and location.name else ""
+                reasons.append(f"{distance:.1f} km from {near_postal}{place}")
+        elif location is not None and location.virtual:
+            score += VIRTUAL_POINTS
+            reasons.append("virtual service (phone or online): no travel needed")
+        elif location is None:
+            reasons.append("no location listed: distance unknown")
+        elif not near_postal:
+            reasons.append("patient postal code unknown: distance unknown")
+        elif centre is None:
+            reasons.append(f"postal code {near_postal} not in the postal code table")
+        else:
+            reasons.append("location has no coordinates or known postal code: distance unknown")
+
+        if wanted_language is not None:
+            spoken = {
+                lang
+                for item in service.all_languages()
+                if (lang := language_of(item.code or item.name)) is not None
+            }
+            if wanted_language[0] in {key for key, _ in spoken}:
+                score += LANGUAGE_POINTS
+                reasons.append(f"speaks {wanted_language[1]}")
+            elif spoken:
+                listed = ", ".join(sorted(name for _, name in spoken))
+                reasons.append(f"does not list {wanted_language[1]} (lists {listed})")
+            else:
+                reasons.append("languages not stated")
+            if wanted_language[0] not in {k for k, _ in spoken} and service.interpretation_services:
+                reasons.append(f"interpretation: {service.interpretation_services}")
+
+        eligible, why = _eligibility(age, service.minimum_age, service.maximum_age)
+        (reasons if eligible else out).append(why)
+
+        capacity = service.available_capacity()
+        if capacity is None:
+            reasons.append("no capacity stated")
+        elif capacity[0] <= 0:
+            out.append(f"no capacity: {_num(capacity[0])} open {capacity[1]}")
+        else:
+            score += CAPACITY_POINTS
+            reasons.append(f"capacity: {_num(capacity[0])} open {capacity[1]}")
+
+        if out:
+            ranking.excluded.append(Excluded(service, served, out))
+        else:
+            ranking.matches.append(
+                Match(service, round(score, 1), served, reasons, distance, location)
+            )
+    ranking.matches.sort(
+        key=lambda m: (
+            -m.score,
+            m.distance_km if m.distance_km is not None else float("inf"),
+            m.service.name.casefold(),
+            m.service.id,
+        )
+    )
+    del ranking.matches[max_results:]
+    return ranking
+
+
+# -- the enricher ------------------------------------------------------------------------------
+
+
+def _referred_to_name(event: Any) -> str | None:
+    referral = getattr(event, "referral", None)
+    party = getattr(referral, "referred_to", None) if referral is not None else None
+    if party is None:
+        return None
+    return getattr(party, "name", None) or getattr(party, "organization", None)
+
+
+class CommunityResourcesEnricher(Enricher):
+    """Finds the patient's social needs (Z codes, referral reason) and ranks community
+    services from an HSDS directory for them, near the patient's postal code, in their
+    language and within age eligibility, with the reasons for every match and exclusion."""
+
+    name = "community-resources"
+    description = (
+        "Social needs from Z-code diagnoses and the referral reason, matched to HSDS community "
+        "services (local export or HSDS API) via a site crosswalk, ranked with reasons."
+    )
+
+    class Options(ComponentOptions):
+        directory: str | None = None  # HSDS JSON export, relative to the config folder
+        api_url: str | None = None  # HSDS 3.0 API base URL
+        crosswalk: str = "resources/crosswalk.yaml"
+        postal_codes: str = "resources/postal_codes.csv"
+        max_results: int = Field(5, ge=1, le=100)
+        max_km: float = Field(25.0, gt=0)
+        cache_seconds: float = Field(300.0, ge=0)
+        timeout: float = Field(10.0, gt=0)
+        #: Where the patient's language is (PID-15, HL7 table 0296); None to ignore language.
+        language_field: str | None = "PID-15"
+
+        @model_validator(mode="after")
+        def _one_source(self) -> CommunityResourcesEnricher.Options:
+            if (self.directory is None) == (self.api_url is None):
+                raise ValueError("give exactly one of `directory` (a file) or `api_url`")
+            return self
+
+        @field_validator("language_field")
+        @classmethod
+        def _valid_path(cls, value: str | None) -> str | None:
+            if value is not None:
+                parse_path(value)  # PathError is a ValueError: reported as a config error
+            return value
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        opts = self.options
+        self.postal_codes: PostalCodes | None = None
+        self.crosswalk: Crosswalk | None = None
+        self.directory: Directory
+        if opts.directory is not None:
+            self.directory = LocalDirectory(context.path(opts.directory))
+        else:
+            self.directory = ApiDirectory(
+                str(opts.api_url), cache_seconds=opts.cache_seconds, timeout=opts.timeout
+            )
+
+    def _load(self) -> tuple[Crosswalk, PostalCodes]:
+        if self.crosswalk is None or self.postal_codes is None:
+            self.crosswalk = Crosswalk.load(self.context.path(self.options.crosswalk))
+            self.postal_codes = PostalCodes.load(self.context.path(self.options.postal_codes))
+            if isinstance(self.directory, LocalDirectory):
+                self.directory.geocoder = self.postal_codes
+                self.directory.load()
+        return self.crosswalk, self.postal_codes
+
+    async def start(self) -> None:
+        """Load the crosswalk, postal codes and a local export up front: a broken file should
+        stop the hub at start, not fail messages later."""
+        self._load()
+
+    async def close(self) -> None:
+        if isinstance(self.directory, ApiDirectory):
+            self.directory.close()
+
+    def _language(self, work: Work) -> str | None:
+        field_path = self.options.language_field
+        if not field_path:
+            return None
+        found = language_of(work.view.raw(field_path))
+        return found[1] if found else None
+
+    def enrich(self, work: Work) -> Any:
+        event = work.event
+        if event is None:
+            raise ResourcesError(
+                "the community-resources step needs a care event: put `translate: v2-to-event` "
+                "before it in the route"
+            )
+        crosswalk, postal_codes = self._load()
+        needs = crosswalk.needs_for(event)
+        patient = event.patient
+        near = PostalCodes.normalize(
+            patient.address.postal_code if patient and patient.address else None
+        )
+        on = event.occurred_at.date() if event.occurred_at else date.today()
+        age = age_on(patient.birth_date if patient else None, on)
+        language = self._language(work)
+        result: dict[str, Any] = {
+            "needs": [n.to_json() for n in needs],
+            "near_postal_code": near,
+            "age": age,
+            "language": language,
+            "directory": self.directory.describe(),
+            "matches": [],
+            "excluded": [],
+            "excluded_total": 0,
+        }
+        if needs:
+            try:
+                if near and isinstance(self.directory, ApiDirectory):
+                    services = self.directory.search(
+                        postcode=near, proximity_m=self.options.max_km * 1000
+                    )
+                else:
+                    services = self.directory.services()
+            except DirectoryError as err:
+                # A directory outage must not hold up the care-team notifications that share
+                # the route: record it, rank nothing, let the message go on.
+                log.warning("community-resources: %s", err)
+                result["error"] = f"directory unavailable: {err}"
+            else:
+                ranking = rank(
+                    services,
+                    needs,
+                    near,
+                    language,
+                    age,
+                    postal_codes=postal_codes,
+                    max_km=self.options.max_km,
+                    max_results=self.options.max_results,
+                    referred_to=_referred_to_name(event),
+                )
+                result.update(ranking.to_json())
+        work.data["community_resources"] = result
+        return result
