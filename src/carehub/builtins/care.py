@@ -18,7 +18,6 @@ def carehub_register_enrichers(register: Callable[[type[Enricher]], None]) -> No
     from carehub.care.encounters import EncounterStateEnricher
     from carehub.care.followup import FollowupEnricher
     from carehub.care.roster import CareTeamEnricher
-
     from carehub.referrals.state import ReferralStateEnricher
 
     register(EncounterStateEnricher)
@@ -31,7 +30,6 @@ def carehub_register_enrichers(register: Callable[[type[Enricher]], None]) -> No
 def carehub_register_commands(register: Callable[[click.Command], None]) -> None:
     from carehub.care.encounters_cli import encounters
     from carehub.care.followup import followups
-
     from carehub.referrals.cli import referrals
 
     register(encounters)
