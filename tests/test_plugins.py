@@ -336,7 +336,10 @@ def test_misspelt_hook_is_a_plugin_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "owners"),
     [
-        ({"alpha": channel_plugin("carrier-pigeon"), "beta": channel_plugin("carrier-pigeon")}, "'alpha' and 'beta'"),
+        (
+            {"alpha": channel_plugin("carrier-pigeon"), "beta": channel_plugin("carrier-pigeon")},
+            "'alpha' and 'beta'",
+        ),
         ({"gamma": channel_plugin("webhook")}, "'builtin.channels' and 'gamma'"),
     ],
 )
