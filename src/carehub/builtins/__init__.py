@@ -8,4 +8,5 @@ BUILTIN_PLUGINS = [
     "carehub.builtins.channels",
     "carehub.builtins.messaging",
     "carehub.builtins.care",
+    "carehub.resources",
 ]

@@ -1,0 +1,1077 @@
+"""Referrals to community organizations as FHIR, the Gravity SDOH Clinical Care way.
+
+The Gravity Project's SDOH Clinical Care IG (``hl7.fhir.us.sdoh-clinicalcare``) models a referral
+to a community-based organization (CBO) as a **ServiceRequest** (what is asked for, for whom, why)
+plus a **Task** with code ``fulfill`` whose ``focus`` is that ServiceRequest, ``for`` the patient
+and ``owner`` the CBO. The CBO moves ``Task.status`` (accepted, rejected, in-progress, on-hold,
+failed, completed) and the referrer learns of it by polling the Task or by a subscription. This
+module builds both resources from a REF^I12 care event and ships them:
+
+- :func:`build_gravity_referral` -- the ServiceRequest and Task as FHIR JSON, validated;
+- :func:`build_referral_bundle` -- a ``transaction`` Bundle that creates them (and the patient,
+  by conditional create) in one request, safe to resend;
+- :class:`FhirReferralChannel` (``fhir-referral``) -- POSTs that Bundle to a FHIR server, keeps
+  the created Task id, and polls ``GET /Task/<id>`` from ``tick()`` to advance the referral's
+  state through :meth:`ReferralTracker.advance` (``source="fhir-task-poll"``).
+
+**FHIR version.** The IG is FHIR R4 (4.0.1). fhir.resources 8 ships R5 as its default package
+and R4B (4.3.0) and STU3 as sub-packages; there is no R4 proper. ServiceRequest, Task, Patient
+and Bundle (with ``request.ifNoneExist``) have the same R4 and R4B shape, so the resources are
+written as R4 JSON and checked with the ``fhir.resources.R4B`` models. The R5 models would be
+wrong (R5 renamed ``reasonCode``/``reasonReference`` to ``reason`` and changed Task.focus use).
+
+**Minimum necessary.** The CBO gets what it needs to contact and serve the patient and nothing
+else: the patient's identifier, name, birth date, sex, phone and address; the social-need
+category and requested service; the SDOH Z codes (ICD-10-CM Z55-Z65) as ``reasonCode`` -- no
+other diagnoses, no referral notes (NTEs may hold clinical detail); the referring clinician by
+NPI and name. Consent is stated as the IG suggests: ``supportingInfo`` -> a Consent resource when
+the site names one (``consent_reference``), else a ``note``.
+
+**Patient reference.** A CBO's server has usually never seen the patient, so a bare conditional
+reference (``Patient?identifier=...``) would fail there. The Bundle instead carries the patient
+as a *conditional create* (``ifNoneExist: identifier=<system>|<value>``): the server links to its
+own Patient with that identifier, or creates it. ServiceRequest.subject and Task.for point at it
+(``urn:uuid:`` inside the Bundle) and also carry the identifier, so the reference still means
+something when the resources are read on their own.
+
+**Idempotency.** The ServiceRequest and Task carry the delivery's idempotency key as an
+identifier (system ``identifier_system``) and are created with ``ifNoneExist`` on it, so a resend
+after a lost answer returns the resources the first attempt made instead of a second referral.
+The key is per message and routing run: forward only new referrals (REF^I12) to this channel.
+
+**Task id <-> referral mapping.** The referral tables belong to the referral-state step, the
+channel may not add tables, and :class:`ReferralTracker` has no call that stores extra data on a
+referral (its snapshot is rebuilt from each REF message). So the mapping lives in the channel's
+own JSON file, ``<data_dir>/fhir-referral/<hash of base_url>.json``: Task id -> referral key,
+Task reference and the last Task.status seen. Writes are atomic (temp file + rename) and
+serialised by a lock; a Task leaves the file once its referral is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from carehub.components import (
+    Channel,
+    ComponentContext,
+    ComponentOptions,
+    DeliveryError,
+    Outgoing,
+    Work,
+)
+from carehub.events import (
+    CareEvent,
+    Diagnosis,
+    Identifier,
+    Organization,
+    Patient,
+    Practitioner,
+)
+from carehub.referrals.state import (
+    CLOSED_STATUSES,
+    STATUSES,
+    ReferralTracker,
+    ReferralTransition,
+    referral_key,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+__all__ = [
+    "FHIR_CONTENT_TYPE",
+    "GRAVITY_CATEGORIES",
+    "SDOHCC_CODES",
+    "FhirReferralChannel",
+    "GravityOptions",
+    "ReferralResources",
+    "TaskMap",
+    "build_gravity_referral",
+    "build_referral_bundle",
+    "build_referral_resources",
+    "gravity_category_for_code",
+    "sdoh_z_code",
+    "task_id_from_location",
+    "validate_resource",
+]
+
+log = logging.getLogger(__name__)
+
+FHIR_CONTENT_TYPE = "application/fhir+json"
+
+SDOHCC_CODES = "http://hl7.org/fhir/us/sdoh-clinicalcare/CodeSystem/SDOHCC-CodeSystemTemporaryCodes"
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
+NPI = "http://hl7.org/fhir/sid/us-npi"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+#: The SDOH categories of the IG's temporary code system (code -> display), the ones the
+#: SDOHCC ServiceRequest ``category[SDOHCC]`` slice takes.
+GRAVITY_CATEGORIES: dict[str, str] = {
+    "sdoh-category-unspecified": "SDOH Category Unspecified",
+    "food-insecurity": "Food Insecurity",
+    "housing-instability": "Housing Instability",
+    "homelessness": "Homelessness",
+    "inadequate-housing": "Inadequate Housing",
+    "transportation-insecurity": "Transportation Insecurity",
+    "financial-insecurity": "Financial Insecurity",
+    "material-hardship": "Material Hardship",
+    "educational-attainment": "Educational Attainment",
+    "employment-status": "Employment Status",
+    "veteran-status": "Veteran Status",
+    "stress": "Stress",
+    "social-connection": "Social Connection",
+    "intimate-partner-violence": "Intimate Partner Violence",
+    "elder-abuse": "Elder Abuse",
+    "personal-health-literacy": "Personal Health Literacy",
+    "health-insurance-coverage-status": "Health Insurance Coverage Status",
+    "medical-cost-burden": "Medical Cost Burden",
+    "digital-literacy": "Digital Literacy",
+    "digital-access": "Digital Access",
+    "utility-insecurity": "Utility Insecurity",
+    "language-access": "Language Status",
+    "incarceration-status": "Incarceration Status",
+}
+UNSPECIFIED = "sdoh-category-unspecified"
+
+#: ICD-10-CM prefixes (no dot) -> Gravity category, longest prefix first. Used only when the
+#: community-resources step found no needs (its site crosswalk, with a ``gravity`` per need, is
+#: the better source). A starting table from the ICD-10-CM titles; sites should check it.
+_Z_CATEGORIES: tuple[tuple[str, str], ...] = tuple(
+    sorted(
+        {
+            "Z594": "food-insecurity",
+            "Z590": "homelessness",
+            "Z591": "inadequate-housing",
+            "Z5981": "housing-instability",
+            "Z5982": "transportation-insecurity",
+            "Z5986": "financial-insecurity",
+            "Z5987": "material-hardship",
+            "Z595": "financial-insecurity",
+            "Z596": "financial-insecurity",
+            "Z55": "educational-attainment",
+            "Z556": "personal-health-literacy",
+            "Z56": "employment-status",
+            "Z602": "social-connection",
+            "Z604": "social-connection",
+            "Z651": "incarceration-status",
+            "Z652": "incarceration-status",
+        }.items(),
+        key=lambda item: -len(item[0]),
+    )
+)
+
+_PRIORITY = {"S": "stat", "A": "asap", "R": "routine"}  # RF1-2 (table 0280)
+_GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown"}  # PID-8 (table 0001)
+_ICD10_SYSTEMS = frozenset({"", "I10", "I10C", "ICD10", "ICD-10", "ICD10CM", "ICD-10-CM"})
+_SDOH_Z = re.compile(r"^Z(5[5-9]|6[0-5])[0-9A-Z]*$")
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+class Coding(BaseModel):
+    """One FHIR Coding, for configured ServiceRequest codes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system: str
+    code: str
+    display: str | None = None
+
+
+def _default_service_codes() -> dict[str, Coding]:
+    # The IG's own example (SDOHCC ServiceRequest, category food-insecurity).
+    return {
+        "food-insecurity": Coding(
+            system=SNOMED,
+            code="467771000124109",
+            display="Assistance with application for food pantry program",
+        )
+    }
+
+
+class GravityOptions(ComponentOptions):
+    """How the referral resources are written: identifier systems, consent, service codes.
+
+    Identifier systems must be URIs; v2 assigning authorities (``RGH``) are not, so
+    ``identifier_systems`` maps them (``{"RGH": "urn:oid:2.16.840.1.113883.3.1"}``) and an
+    unmapped authority becomes ``urn:carehub:id:<authority>``."""
+
+    identifier_system: str = "urn:carehub:delivery"
+    identifier_systems: dict[str, str] = Field(default_factory=dict)
+    #: Gravity category -> the Coding for ServiceRequest.code. Without one the code is text.
+    service_codes: dict[str, Coding] = Field(default_factory=_default_service_codes)
+    #: A Consent the server already holds (``Consent/123``) -> ServiceRequest.supportingInfo.
+    consent_reference: str | None = None
+    #: Else this text goes in ServiceRequest.note (None: a note that consent was not stated).
+    consent_note: str | None = None
+
+    @field_validator("service_codes")
+    @classmethod
+    def _known_categories(cls, value: dict[str, Coding]) -> dict[str, Coding]:
+        unknown = sorted(set(value) - set(GRAVITY_CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown Gravity categories {unknown}")
+        return value
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+@cache
+def _model(resource_type: str) -> Any:
+    """The R4B model class; imported on first use so loading plugins stays cheap."""
+    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
+    return getattr(module, resource_type)
+
+
+def validate_resource(resource: dict[str, Any]) -> None:
+    """Check a FHIR JSON resource against the fhir.resources R4B model of its type; raises
+    ValueError naming the resource and the first problems. Done at routing time, so a referral
+    carehub would send malformed fails its route step there, visibly, instead of at the CBO."""
+    resource_type = resource.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type.isalpha():
+        raise ValueError(f"not a FHIR resource (resourceType {resource_type!r})")
+    try:
+        model = _model(resource_type)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"unknown FHIR resource type {resource_type!r}") from err
+    try:
+        model.model_validate(resource)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:3]
+        )
+        raise ValueError(f"invalid FHIR {resource_type}: {problems}") from err
+
+
+# -- small builders -----------------------------------------------------------------------------
+
+
+def sdoh_z_code(diagnosis: Diagnosis) -> str | None:
+    """The ICD-10-CM code with its dot (``Z59.41``) when this is an SDOH Z code (Z55-Z65), else
+    None. Only these leave carehub with a referral: a CBO needs the social need, not the
+    patient's other diagnoses."""
+    system = (diagnosis.system or "").strip().upper()
+    code = (diagnosis.code or "").strip().upper().replace(".", "")
+    if system not in _ICD10_SYSTEMS or not _SDOH_Z.match(code):
+        return None
+    return code[:3] + ("." + code[3:] if len(code) > 3 else "")
+
+
+def gravity_category_for_code(code: str) -> str | None:
+    """The Gravity category of an SDOH Z code (longest known prefix), else None."""
+    bare = code.strip().upper().replace(".", "")
+    return next((cat for prefix, cat in _Z_CATEGORIES if bare.startswith(prefix)), None)
+
+
+def _category(code: str) -> dict[str, Any]:
+    return {
+        "coding": [
+            {"system": SDOHCC_CODES, "code": code, "display": GRAVITY_CATEGORIES.get(code, code)}
+        ]
+    }
+
+
+def _system_for(authority: str | None, options: GravityOptions) -> str:
+    name = (authority or "").strip() or "local"
+    mapped = options.identifier_systems.get(name)
+    return mapped or f"urn:carehub:id:{quote(name, safe='')}"
+
+
+def _person_name(given: str | None, family: str | None, prefix: str | None = None) -> str | None:
+    return " ".join(p for p in (prefix, given, family) if p) or None
+
+
+def _fhir_datetime(value: datetime | None) -> str | None:
+    """A FHIR dateTime. One with a time needs a zone; HL7 times without an offset are the
+    sender's local time, which carehub does not know, so those keep only their date."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.date().isoformat()
+    return value.isoformat(timespec="seconds")
+
+
+def _address(address: Any) -> dict[str, Any] | None:
+    if address is None:
+        return None
+    out: dict[str, Any] = {}
+    lines = [line for line in (address.line1, address.line2) if line]
+    if lines:
+        out["line"] = lines
+    for key, value in (
+        ("city", address.city),
+        ("state", address.state),
+        ("postalCode", address.postal_code),
+        ("country", address.country),
+    ):
+        if value:
+            out[key] = value
+    return out or None
+
+
+def _patient_resource(patient: Patient, system: str) -> dict[str, Any]:
+    """The minimal Patient a CBO needs to find and contact the person."""
+    primary = patient.primary
+    assert primary is not None
+    identifier: dict[str, Any] = {"system": system, "value": primary.value}
+    if primary.type_code:
+        identifier["type"] = {"coding": [{"system": V2_0203, "code": primary.type_code}]}
+    resource: dict[str, Any] = {"resourceType": "Patient", "identifier": [identifier]}
+    if patient.name is not None:
+        name: dict[str, Any] = {}
+        if patient.name.family:
+            name["family"] = patient.name.family
+        given = [g for g in (patient.name.given, patient.name.middle) if g]
+        if given:
+            name["given"] = given
+        if name:
+            resource["name"] = [name]
+    if patient.phone:
+        resource["telecom"] = [{"system": "phone", "value": patient.phone}]
+    gender = _GENDER.get((patient.sex or "").strip().upper())
+    if gender:
+        resource["gender"] = gender
+    if patient.birth_date is not None:
+        resource["birthDate"] = patient.birth_date.isoformat()
+    address = _address(patient.address)
+    if address:
+        resource["address"] = [address]
+    return resource
+
+
+def _practitioner_ref(person: Practitioner, options: GravityOptions) -> dict[str, Any]:
+    """A logical reference (identifier + name): the CBO's server has no record of the
+    referring clinician, and the NPI is what it can look them up by."""
+    ref: dict[str, Any] = {"type": "Practitioner"}
+    if person.id:
+        is_npi = (person.id_type or "").upper() == "NPI" or (person.id_authority or "").upper() in (
+            "NPI",
+            "CMS",
+        )
+        system = NPI if is_npi else _system_for(person.id_authority, options)
+        ref["identifier"] = {"system": system, "value": person.id}
+    display = _person_name(person.given, person.family, person.prefix)
+    if display:
+        ref["display"] = display
+    return ref
+
+
+def _organization_ref(
+    name: str | None, ident: str | None, system: str | None
+) -> dict[str, Any] | None:
+    if not name and not ident:
+        return None
+    ref: dict[str, Any] = {"type": "Organization"}
+    if ident and system:
+        ref["identifier"] = {"system": system, "value": ident}
+    if name:
+        ref["display"] = name
+    return ref
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A need or match as a dict: the enricher records JSON, but accept objects too."""
+    if isinstance(value, dict):
+        return value
+    for method in ("to_json", "model_dump", "as_output"):
+        dump = getattr(value, method, None)
+        if callable(dump):
+            result = dump()
+            if isinstance(result, dict):
+                return result
+    return {}
+
+
+def _community(work: Work) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """(needs, top match) from the community-resources step, tolerating its absence."""
+    found = work.data.get("community_resources")
+    if not isinstance(found, dict):
+        return [], None
+    needs = [_as_dict(n) for n in found.get("needs") or []]
+    matches = [_as_dict(m) for m in found.get("matches") or []]
+    needs = [n for n in needs if n]
+    matches = [m for m in matches if m]
+    matches.sort(key=lambda m: m.get("rank") if isinstance(m.get("rank"), int) else 1_000_000)
+    return needs, (matches[0] if matches else None)
+
+
+def _referral_key_of(work: Work) -> str | None:
+    """The referral-state step's key for this referral (``authority|id``), else one built the
+    same way from the event's RF1-6/RF1-11."""
+    state = work.data.get("referral")
+    key = None
+    if isinstance(state, ReferralTransition):
+        key = state.referral_key
+    elif isinstance(state, dict):
+        key = state.get("referral_key")
+    if key:
+        return str(key)
+    event = work.event
+    if isinstance(event, CareEvent) and event.referral and event.referral.referral_id:
+        return referral_key(event.referral.referral_id)
+    return None
+
+
+# -- the resources ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralResources:
+    """The resources of one referral and their ``urn:uuid`` full URLs in the Bundle."""
+
+    referral_key: str
+    patient: dict[str, Any]
+    patient_url: str
+    patient_search: str  # the conditional-create query: identifier=<system>|<value>
+    service_request: dict[str, Any]
+    service_request_url: str
+    task: dict[str, Any]
+    task_url: str
+
+
+def _urn(seed: str, what: str) -> str:
+    """A stable urn:uuid, so rendering the same referral twice gives the same bytes."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'carehub:{seed}:{what}')}"
+
+
+def build_referral_resources(
+    work: Work, idempotency_key: str | None = None, options: GravityOptions | None = None
+) -> ReferralResources:
+    """Patient, ServiceRequest and Task for the referral in ``work`` (a REF care event, plus
+    the referral-state and community-resources steps' results when the route ran them), each
+    validated. Raises ValueError when the event cannot make a referral (no event, no referral
+    id, no patient identifier)."""
+    options = options or GravityOptions()
+    event = work.event
+    if not isinstance(event, CareEvent) or event.referral is None:
+        raise ValueError(
+            "fhir-referral needs a referral care event: put `translate: v2-to-event` (and "
+            "`enrich: referral-state`) before it, and route only REF messages to it"
+        )
+    key = _referral_key_of(work)
+    if key is None:
+        raise ValueError("the referral has no id (RF1-6 or RF1-11)")
+    patient = event.patient
+    if patient is None or patient.primary is None or not patient.primary.value:
+        raise ValueError("the referral has no patient identifier (PID-3)")
+    seed = idempotency_key or f"{key}:{work.message.id}"
+    ref = event.referral
+
+    # Patient: conditional create, referenced by urn:uuid and by identifier.
+    patient_system = _system_for(patient.primary.authority or event.sending_facility, options)
+    patient_resource = _patient_resource(patient, patient_system)
+    patient_url = _urn(seed, "Patient")
+    patient_ref: dict[str, Any] = {
+        "reference": patient_url,
+        "type": "Patient",
+        "identifier": {"system": patient_system, "value": patient.primary.value},
+    }
+    patient_name = (
+        _person_name(patient.name.given, patient.name.family) if patient.name is not None else None
+    )
+    if patient_name:
+        patient_ref["display"] = patient_name
+
+    # The need: the community-resources step's needs (the top match's first), else Z codes.
+    needs, top = _community(work)
+    z_codes: list[tuple[str, str | None]] = []
+    for diagnosis in event.diagnoses:
+        code = sdoh_z_code(diagnosis)
+        if code and code not in [c for c, _ in z_codes]:
+            z_codes.append((code, diagnosis.display))
+    if ref.reason_code:
+        code = sdoh_z_code(Diagnosis(code=ref.reason_code, system=""))
+        if code and code not in [c for c, _ in z_codes]:
+            z_codes.append((code, ref.reason))
+    categories: list[str] = []
+    labels: dict[str, str] = {}
+    for need in needs:
+        category = need.get("gravity")
+        category = category if category in GRAVITY_CATEGORIES else UNSPECIFIED
+        if category not in categories:
+            categories.append(category)
+            labels[category] = str(need.get("label") or GRAVITY_CATEGORIES[category])
+    if not categories:
+        for code, _ in z_codes:
+            category = gravity_category_for_code(code)
+            if category and category not in categories:
+                categories.append(category)
+                labels[category] = GRAVITY_CATEGORIES[category]
+    if not categories:
+        categories = [UNSPECIFIED]
+        labels[UNSPECIFIED] = "Social needs"
+    main = categories[0]
+    if top is not None:
+        served = [n for n in needs if n.get("category") in (top.get("needs") or [])]
+        if served and served[0].get("gravity") in categories:
+            main = str(served[0]["gravity"])
+    coding = options.service_codes.get(main)
+    code: dict[str, Any] = {"text": f"{labels[main]} assistance"}
+    if coding is not None:
+        code = {
+            "coding": [coding.model_dump(exclude_none=True)],
+            "text": coding.display or code["text"],
+        }
+
+    # The performer: the top community match, else the organization the referral names.
+    performer = None
+    if top is not None:
+        org_name = top.get("organization") or top.get("service")
+        org_id = top.get("organization_id")
+        performer = _organization_ref(
+            str(org_name) if org_name else None,
+            str(org_id) if org_id else None,
+            _system_for("hsds-organization", options),
+        )
+    if performer is None and isinstance(ref.referred_to, Organization):
+        performer = _organization_ref(
+            ref.referred_to.name, ref.referred_to.id, _system_for(None, options)
+        )
+    elif performer is None and isinstance(ref.referred_to, Practitioner):
+        performer = _practitioner_ref(ref.referred_to, options)
+
+    requester = None
+    if ref.referring is not None:
+        requester = _practitioner_ref(ref.referring, options)
+    org = ref.referring_organization
+    task_requester = requester
+    if org is not None and (org.name or org.id):
+        # The IG's Task.requester is a PractitionerRole or an Organization.
+        task_requester = _organization_ref(org.name, org.id, _system_for(None, options))
+    if task_requester is None and event.sending_facility:
+        task_requester = {"type": "Organization", "display": event.sending_facility}
+    if requester is None:
+        requester = task_requester
+
+    authored = (
+        _fhir_datetime(event.occurred_at)
+        or _fhir_datetime(work.message.received_at)
+        or date.today().isoformat()
+    )
+    priority = _PRIORITY.get((ref.priority or "").strip().upper())
+    delivery_id = {"system": options.identifier_system, "value": seed}
+
+    identifiers: list[dict[str, Any]] = [delivery_id]
+    if ref.referral_id is not None:
+        identifiers.append(_placer_identifier(ref.referral_id, options))
+    service_request: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "identifier": identifiers,
+        "status": "active",
+        "intent": "order",
+        "category": [
+            {
+                "coding": [
+                    {"system": SNOMED, "code": "410606002", "display": "Social service procedure"}
+                ]
+            },
+            *(_category(c) for c in categories),
+        ],
+        "code": code,
+        "subject": patient_ref,
+    }
+    if priority:
+        service_request["priority"] = priority
+    if ref.effective_date or ref.expiration_date:
+        service_request["occurrencePeriod"] = {
+            k: v.isoformat()
+            for k, v in (("start", ref.effective_date), ("end", ref.expiration_date))
+            if isinstance(v, date)
+        }
+    if authored:
+        service_request["authoredOn"] = authored
+    if requester:
+        service_request["requester"] = requester
+    if performer:
+        service_request["performer"] = [performer]
+    if z_codes:
+        service_request["reasonCode"] = [
+            {
+                "coding": [{"system": ICD10CM, "code": c, **({"display": d} if d else {})}],
+                **({"text": d} if d else {}),
+            }
+            for c, d in z_codes
+        ]
+    if options.consent_reference:
+        service_request["supportingInfo"] = [
+            {"reference": options.consent_reference, "type": "Consent"}
+        ]
+    else:
+        service_request["note"] = [
+            {
+                "text": options.consent_note
+                or "Consent to share this referral with the receiving organization was not "
+                "stated in the referral message; confirm it with the referring provider."
+            }
+        ]
+
+    service_request_url = _urn(seed, "ServiceRequest")
+    task: dict[str, Any] = {
+        "resourceType": "Task",
+        "identifier": [delivery_id],
+        "status": "requested",
+        "intent": "order",
+        "code": {
+            "coding": [
+                {"system": TASK_CODES, "code": "fulfill", "display": "Fulfill the focal request"}
+            ]
+        },
+        "focus": {"reference": service_request_url, "type": "ServiceRequest"},
+        "for": patient_ref,
+        "authoredOn": authored,
+    }
+    if priority:
+        task["priority"] = priority
+    if task_requester:
+        task["requester"] = task_requester
+    if performer:
+        task["owner"] = performer
+
+    for resource in (patient_resource, service_request, task):
+        validate_resource(resource)
+    return ReferralResources(
+        referral_key=key,
+        patient=patient_resource,
+        patient_url=patient_url,
+        patient_search=_search("identifier", patient_system, patient.primary.value),
+        service_request=service_request,
+        service_request_url=service_request_url,
+        task=task,
+        task_url=_urn(seed, "Task"),
+    )
+
+
+def _placer_identifier(ident: Identifier, options: GravityOptions) -> dict[str, Any]:
+    """The referrer's own referral id (RF1-6) as the placer identifier, so the CBO can quote
+    it back (e.g. in an RRI or a phone call)."""
+    return {
+        "type": {"coding": [{"system": V2_0203, "code": "PLAC", "display": "Placer Identifier"}]},
+        "system": _system_for(ident.authority, options),
+        "value": ident.value,
+    }
+
+
+def _search(param: str, system: str, value: str) -> str:
+    """``identifier=system|value`` with the parts escaped for a query string."""
+    return f"{param}={quote(system, safe=':/')}|{quote(value, safe='')}"
+
+
+def build_gravity_referral(
+    work: Work, options: GravityOptions | None = None, *, idempotency_key: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SDOHCC ServiceRequest and Task for the referral in ``work``, validated.
+
+    References between them (Task.focus, subject/for) are ``urn:uuid:`` full URLs that
+    :func:`build_referral_bundle` gives the entries; subject/for also carry the patient's
+    identifier. See the module docstring for what is included and why."""
+    built = build_referral_resources(work, idempotency_key, options)
+    return built.service_request, built.task
+
+
+def build_referral_bundle(
+    work: Work, idempotency_key: str, options: GravityOptions | None = None
+) -> tuple[dict[str, Any], ReferralResources]:
+    """A FHIR ``transaction`` Bundle creating the Patient (conditionally, by identifier), the
+    ServiceRequest and the Task, each with ``ifNoneExist`` so a resend creates nothing new.
+    Returns the validated Bundle and the resources in it."""
+    options = options or GravityOptions()
+    built = build_referral_resources(work, idempotency_key, options)
+    by_key = _search("identifier", options.identifier_system, idempotency_key)
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            _entry(built.patient_url, built.patient, built.patient_search),
+            _entry(built.service_request_url, built.service_request, by_key),
+            _entry(built.task_url, built.task, by_key),
+        ],
+    }
+    validate_resource(bundle)
+    return bundle, built
+
+
+def _entry(full_url: str, resource: dict[str, Any], if_none_exist: str) -> dict[str, Any]:
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {
+            "method": "POST",
+            "url": resource["resourceType"],
+            "ifNoneExist": if_none_exist,
+        },
+    }
+
+
+_LOCATION = re.compile(r"(?:^|/)Task/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
+
+
+def task_id_from_location(location: str | None) -> str | None:
+    """The Task id in a transaction-response Location (``Task/123/_history/1``, relative or
+    absolute), else None."""
+    if not location:
+        return None
+    match = _LOCATION.search(location.strip())
+    return match.group(1) if match else None
+
+
+# -- the Task id <-> referral mapping -----------------------------------------------------------
+
+_FILE_LOCKS: dict[Path, threading.Lock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    with _FILE_LOCKS_GUARD:
+        return _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
+
+
+class TaskMap:
+    """Open referrals sent to one FHIR server: Task id -> {referral_key, task, last_status,
+    sent_at, polled_at}, in a JSON file (see the module docstring for why a file).
+
+    Every change re-reads the file under a lock (send() and tick() run on different threads,
+    and two channels may share a server) and replaces it atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = _lock_for(path)
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.warning("fhir-referral: cannot read %s (%s); starting empty", self.path, err)
+            return {}
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        return tasks if isinstance(tasks, dict) else {}
+
+    def _write(self, tasks: dict[str, dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        text = json.dumps({"version": 1, "tasks": tasks}, indent=1, sort_keys=True)
+        try:
+            with temp.open("w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[dict[str, dict[str, Any]]]:
+        with self._lock:
+            tasks = self._read()
+            before = json.dumps(tasks, sort_keys=True)
+            yield tasks
+            if json.dumps(tasks, sort_keys=True) != before:
+                self._write(tasks)
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return self._read()
+
+    def add(self, task_id: str, referral_key: str, task: str, sent_at: datetime) -> None:
+        with self._editing() as tasks:
+            entry = tasks.setdefault(task_id, {"last_status": "requested"})
+            entry.update(referral_key=referral_key, task=task, sent_at=sent_at.isoformat())
+
+    def update(self, task_id: str, **values: Any) -> None:
+        with self._editing() as tasks:
+            if task_id in tasks:
+                tasks[task_id].update(values)
+
+    def remove(self, task_id: str) -> None:
+        with self._editing() as tasks:
+            tasks.pop(task_id, None)
+
+
+# -- the channel --------------------------------------------------------------------------------
+
+
+class FhirReferralChannel(Channel):
+    """Sends each referral to a FHIR server as an SDOHCC ServiceRequest + Task (one
+    transaction Bundle, ``application/fhir+json``) and follows the Task's status.
+
+    ``render`` (routing time) builds and validates the Bundle; ``send`` POSTs it to
+    ``base_url`` and answers ``HTTP <code> Task/<id>``, with the id taken from the
+    transaction-response Location. Errors map like the webhook channel: 408, 425, 429, 5xx,
+    timeouts and network errors are retryable; 3xx and other 4xx are not (the server refused
+    this Bundle for good, e.g. 400 invalid or 412 ambiguous ``ifNoneExist``).
+
+    With ``poll`` on, ``tick()`` GETs ``/Task/<id>`` for every open referral at most every
+    ``poll_minutes`` (the IG: poll at least daily, should not poll more often than every 15
+    minutes) and hands a changed ``Task.status`` to the referral state machine with source
+    ``fhir-task-poll``; a Task whose referral is closed is no longer polled."""
+
+    name = "fhir-referral"
+    description = (
+        "Send referrals to a FHIR server as Gravity SDOHCC ServiceRequest + Task (transaction "
+        "Bundle, idempotent) and poll Task.status back into the referral state"
+    )
+
+    RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+    class Options(GravityOptions):
+        base_url: str
+        auth_header: str | None = None
+        timeout: float = Field(10.0, gt=0)
+        verify_tls: bool = True
+        poll: bool = True
+        poll_minutes: float = Field(15.0, ge=0)
+
+        @field_validator("base_url")
+        @classmethod
+        def _http_url(cls, value: str) -> str:
+            try:
+                url = httpx.URL(value)
+            except (httpx.InvalidURL, TypeError) as err:
+                raise ValueError(f"bad base_url {value!r}: {err}") from err
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError(f"base_url must be http:// or https:// with a host, got {value!r}")
+            return value.rstrip("/")
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self._client: httpx.AsyncClient | None = None
+        self._poll_client: httpx.Client | None = None
+        self._tracker: ReferralTracker | None = None
+        self._last_poll: datetime | None = None
+        digest = hashlib.sha256(self.options.base_url.encode()).hexdigest()[:16]
+        self.tasks = TaskMap(context.data_dir / "fhir-referral" / f"{digest}.json")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """One client (one connection pool) for every delivery of this channel."""
+        self._client = httpx.AsyncClient(
+            timeout=self.options.timeout,
+            verify=self.options.verify_tls,
+            follow_redirects=False,
+            headers={"User-Agent": "carehub"},
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        poll_client, self._poll_client = self._poll_client, None
+        if poll_client is not None:
+            poll_client.close()
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": FHIR_CONTENT_TYPE, **(extra or {})}
+        if self.options.auth_header:
+            headers["Authorization"] = self.options.auth_header
+        return headers
+
+    # -- sending ---------------------------------------------------------------------------
+    def render(self, work: Work, idempotency_key: str) -> Outgoing:
+        bundle, built = build_referral_bundle(work, idempotency_key, self.options)
+        payload = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        metadata = {
+            "referral_key": built.referral_key,
+            "task_entry": "2",
+            "task": built.task_url,
+            "service_request": built.service_request_url,
+            "destination": self.options.base_url,
+        }
+        return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
+
+    async def send(self, outgoing: Outgoing) -> str:
+        if self._client is None:
+            raise RuntimeError("FhirReferralChannel.send() before start()")
+        url = self.options.base_url
+        headers = self._headers(
+            {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
+        )
+        try:
+            response = await self._client.post(url, content=outgoing.payload, headers=headers)
+        except httpx.TimeoutException as err:
+            raise DeliveryError(
+                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
+            ) from err
+        except httpx.TransportError as err:
+            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}") from err
+        status = response.status_code
+        if not 200 <= status < 300:
+            text = f"POST {url}: HTTP {status}"
+            reason = _outcome_text(response)
+            if reason:
+                text += f": {reason}"
+            retry_after = response.headers.get("Retry-After")
+            if retry_after:
+                text += f" (Retry-After: {retry_after})"
+            retryable = status in self.RETRYABLE_STATUS or status >= 500
+            raise DeliveryError(text, retryable=retryable)
+        task_id = _task_id_from_response(response, int(outgoing.metadata.get("task_entry", "2")))
+        if task_id is None:
+            # The server took the Bundle, so resending would not help; say it is not tracked.
+            log.warning(
+                "fhir-referral: %s answered %d without a Task Location: referral %s not polled",
+                url,
+                status,
+                outgoing.metadata.get("referral_key"),
+            )
+            return f"HTTP {status} (no Task location: not polled)"
+        key = outgoing.metadata.get("referral_key")
+        if key and self.options.poll:
+            await asyncio.to_thread(
+                self.tasks.add, task_id, key, f"Task/{task_id}", datetime.now(UTC)
+            )
+        return f"HTTP {status} Task/{task_id}"
+
+    # -- polling ---------------------------------------------------------------------------
+    @property
+    def tracker(self) -> ReferralTracker:
+        """Built on first use and rebuilt if the hub attaches another store."""
+        store = self.context.store
+        engine: Engine | None = store.engine if store is not None else None
+        if self._tracker is None or self._tracker.engine is not engine:
+            self._tracker = ReferralTracker(engine)
+        return self._tracker
+
+    def tick(self, now: datetime) -> None:
+        """Poll open Tasks, at most every ``poll_minutes``. Runs on the worker's thread."""
+        if not self.options.poll or self.context.store is None:
+            return  # without the store there is no referral state to advance
+        interval = timedelta(minutes=self.options.poll_minutes)
+        if self._last_poll is not None and now - self._last_poll < interval:
+            return
+        self._last_poll = now
+        self.poll(now)
+
+    def poll(self, now: datetime | None = None) -> list[ReferralTransition]:
+        """GET every open Task once and advance the referrals whose Task.status changed;
+        returns those transitions. A server that is down is logged and tried next time."""
+        now = now or datetime.now(UTC)
+        if self._poll_client is None:
+            self._poll_client = httpx.Client(
+                timeout=self.options.timeout,
+                verify=self.options.verify_tls,
+                follow_redirects=False,
+                headers={"User-Agent": "carehub"},
+            )
+        transitions = []
+        for task_id, entry in sorted(self.tasks.all().items()):
+            transition = self._poll_one(task_id, entry, now)
+            if transition is not None:
+                transitions.append(transition)
+        return transitions
+
+    def _poll_one(
+        self, task_id: str, entry: dict[str, Any], now: datetime
+    ) -> ReferralTransition | None:
+        assert self._poll_client is not None
+        url = f"{self.options.base_url}/Task/{quote(task_id, safe='')}"
+        try:
+            response = self._poll_client.get(url, headers=self._headers())
+        except httpx.HTTPError as err:
+            log.warning("fhir-referral: GET %s: %s: %s", url, type(err).__name__, err)
+            return None
+        if response.status_code == 410:
+            log.warning("fhir-referral: %s is gone (HTTP 410); no longer polled", url)
+            self.tasks.remove(task_id)
+            return None
+        if response.status_code != 200:
+            log.warning("fhir-referral: GET %s: HTTP %d", url, response.status_code)
+            return None
+        try:
+            task = response.json()
+        except ValueError:
+            log.warning("fhir-referral: GET %s: the answer is not JSON", url)
+            return None
+        status = task.get("status") if isinstance(task, dict) else None
+        if not isinstance(status, str) or task.get("resourceType") != "Task":
+            log.warning("fhir-referral: GET %s: not a Task with a status", url)
+            return None
+        self.tasks.update(task_id, polled_at=now.isoformat())
+        if status == entry.get("last_status"):
+            return None
+        if status not in STATUSES:
+            # draft / ready / entered-in-error: not referral states carehub tracks.
+            log.warning("fhir-referral: %s has status %r; not applied", url, status)
+            self.tasks.update(task_id, last_status=status)
+            return None
+        detail: dict[str, Any] = {"task": f"Task/{task_id}", "server": self.options.base_url}
+        reason = ((task.get("statusReason") or {}).get("text")) or (
+            (task.get("businessStatus") or {}).get("text")
+        )
+        if reason:
+            detail["note"] = str(reason)[:500]
+        if task.get("lastModified"):
+            detail["task_last_modified"] = str(task["lastModified"])
+        transition = self.tracker.advance(
+            str(entry.get("referral_key")), status, "fhir-task-poll", detail
+        )
+        if transition.action == "unknown_referral" or transition.status in CLOSED_STATUSES:
+            self.tasks.remove(task_id)
+        else:
+            self.tasks.update(task_id, last_status=status)
+        return transition
+
+
+def _task_id_from_response(response: httpx.Response, task_entry: int) -> str | None:
+    """The Task id from a transaction-response: the Location of the Task's entry (responses
+    come in request order), else any entry whose Location names a Task."""
+    try:
+        body = response.json()
+    except ValueError:
+        return task_id_from_location(response.headers.get("Location"))
+    entries = body.get("entry") if isinstance(body, dict) else None
+    if not isinstance(entries, list):
+        return None
+    locations = [
+        ((e.get("response") or {}).get("location") if isinstance(e, dict) else None)
+        for e in entries
+    ]
+    if 0 <= task_entry < len(locations):
+        found = task_id_from_location(locations[task_entry])
+        if found:
+            return found
+    return next((t for t in map(task_id_from_location, locations) if t), None)
+
+
+def _outcome_text(response: httpx.Response, limit: int = 200) -> str:
+    """What went wrong, from an OperationOutcome's diagnostics when the server sent one, else
+    the start of the body."""
+    text = response.text[:4096]
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        body = json.loads(text)
+        if body.get("resourceType") == "OperationOutcome":
+            issues = [
+                i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
+                for i in body.get("issue") or []
+            ]
+            text = "; ".join(str(i) for i in issues if i) or text
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
