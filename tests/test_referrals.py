@@ -585,10 +585,11 @@ def test_overdue_detection_and_alerts(feed: Feed) -> None:
     assert (alert.source, alert.action, alert.accepted) == ("carehub", "overdue_alert", True)
     assert feed.referral().alerted_at == now
 
+    # The step's tick only logs; the notify step alerts the care coordinator and marks it.
     feed.send(ref("I12", "REF-4", ref_id="R-4^RGH"))
     feed.enricher.tick(T0 + timedelta(hours=100))
-    assert feed.referral("RGH|R-4").alerted_at == T0 + timedelta(hours=100)
-    assert feed.events("RGH|R-4")[-1].action == "overdue_alert"
+    assert feed.referral("RGH|R-4").alerted_at is None
+    assert [r.referral_key for r in tracker.overdue(T0 + timedelta(hours=100))] == ["RGH|R-4"]
 
 
 def test_enricher_needs_the_event(tmp_path: Path) -> None:

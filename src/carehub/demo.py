@@ -22,6 +22,7 @@ from email.parser import BytesParser
 from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiosmtpd.controller import Controller
 from fastapi import FastAPI, Request, Response
@@ -88,6 +89,7 @@ class CarePlatform:
         self.received: list[dict[str, Any]] = []
         self.texts: list[dict[str, Any]] = []
         self.mail: list[EmailMessage] = []
+        self.fhir: list[dict[str, Any]] = []  # transaction bundles the community platform got
         app = FastAPI()
 
         @app.post("/care-events")
@@ -101,6 +103,29 @@ class CarePlatform:
         async def sms(request: Request) -> Response:
             self.texts.append(json.loads(await request.body()))
             return Response(status_code=202)
+
+        @app.post("/fhir")
+        async def fhir_transaction(request: Request) -> Response:
+            bundle = json.loads(await request.body())
+            self.fhir.append(bundle)
+            number = len(self.fhir)
+            entries = [
+                {
+                    "response": {
+                        "status": "201 Created",
+                        "location": f"{e['resource']['resourceType']}/{number}-{i}/_history/1",
+                    }
+                }
+                for i, e in enumerate(bundle.get("entry", []))
+            ]
+            body = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
+            return Response(json.dumps(body), status_code=200, media_type="application/fhir+json")
+
+        @app.get("/fhir/Task/{task_id}")
+        async def fhir_task(task_id: str) -> Response:
+            # Nobody at the platform has picked the task up yet: the answer comes another way.
+            task = {"resourceType": "Task", "id": task_id, "status": "requested", "intent": "order"}
+            return Response(json.dumps(task), media_type="application/fhir+json")
 
         platform = self
 
@@ -120,6 +145,7 @@ class CarePlatform:
         self.smtp.start()
         os.environ["CARE_PLATFORM_URL"] = f"http://{host}:{port}/care-events"
         os.environ["SMS_GATEWAY_URL"] = f"http://{host}:{port}/messages"
+        os.environ["CBO_FHIR_URL"] = f"http://{host}:{port}/fhir"
         os.environ["SMTP_HOST"], os.environ["SMTP_PORT"] = "127.0.0.1", str(self.smtp.port)
         os.environ["SMTP_STARTTLS"] = "false"
 
@@ -172,9 +198,13 @@ async def _run(config_path: Path, data_dir: Path, scratch: Path, feeds: list[Pat
                 "work: stale ED visits close, overdue follow-ups alert the care coordinator, "
                 "daily digests go out."
             )
+            if _has_referrals(hub):
+                await _close_a_referral(hub)
             await asyncio.to_thread(hub.table.tick, later)
             await asyncio.to_thread(_wait_for_deliveries, Outbox(hub.store))
             _print_care(hub, platform, "After the clock moved", only_new=True)
+        if _has_referrals(hub):
+            _print_referrals(hub, platform)
     finally:
         await hub.stop()
         await platform.stop()
@@ -358,3 +388,74 @@ def _print_care(hub: Hub, platform: CarePlatform, title: str, only_new: bool = F
         console.print(
             Text(f"  e.g. SMS to {platform.texts[0].get('to')}: {platform.texts[0].get('text')}")
         )
+
+
+def _has_referrals(hub: Hub) -> bool:
+    return any(r.name == "sdoh-referrals" for r in hub.table.routes)
+
+
+async def _close_a_referral(hub: Hub) -> None:
+    """The food bank reports the patient enrolled, through carehub's HTTP API."""
+    import httpx
+
+    from carehub.referrals.state import list_referrals
+
+    assert hub.store is not None and hub.http_listener and hub.http_listener.address
+    food = [r for r in list_referrals(hub.store.engine, limit=None) if r.status == "accepted"]
+    if not food:
+        return
+    host, port = hub.http_listener.address
+    key = food[0].referral_key
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"http://{host}:{port}/referrals/{quote(key, safe='')}/status",
+            json={"status": "completed", "note": "Enrolled in the weekly food box programme"},
+        )
+    console.print(
+        f"\n[bold]The food bank reports back[/bold] over HTTP: POST /referrals/{key}/status "
+        f"completed -> HTTP {answer.status_code}"
+    )
+
+
+def _print_referrals(hub: Hub, platform: CarePlatform) -> None:
+    """Each referral: what the patient needs, the services matched and why, and its timeline
+    from the referral to the answer that closed the loop (or the alert that it went unanswered)."""
+    from carehub.referrals.state import list_referrals, referral_timeline
+
+    assert hub.store is not None
+    console.print("\n[bold]Closed-loop referrals[/bold]")
+    for referral in reversed(list_referrals(hub.store.engine, limit=None)):
+        timeline = referral_timeline(hub.store.engine, referral.id or referral.referral_key)
+        target = (referral.referred_to or {}).get("organization") or {}
+        console.print(
+            Text(
+                f"\n  {referral.referral_key} for {referral.patient_key}: {referral.reason or ''}"
+                f" -> {target.get('name', '?')}; now {referral.status}",
+                style="bold",
+            )
+        )
+        needs = ", ".join(n.get("label") or n.get("category", "?") for n in referral.needs or [])
+        if needs:
+            console.print(Text(f"    needs: {needs}"))
+        for match in (referral.matches or [])[:3]:
+            reasons = "; ".join(match.get("reasons", [])[:3])
+            console.print(
+                Text(
+                    f"    match {match.get('rank')}: {match.get('service')} "
+                    f"({match.get('organization')}): {reasons}"
+                )
+            )
+        for event in timeline.events if timeline else []:
+            move = f"{event.from_status or '-'} -> {event.to_status or '-'}"
+            verdict = "" if event.accepted else f"  REFUSED: {event.reason}"
+            note = event.detail.get("note") if isinstance(event.detail, dict) else None
+            console.print(
+                Text(
+                    f"    {event.at:%Y-%m-%d %H:%M}  {event.source:15s} {event.action:15s} "
+                    f"{move}{verdict}{'  (' + note + ')' if note else ''}"
+                )
+            )
+    console.print(
+        f"\n  the community platform received {len(platform.fhir)} FHIR transaction(s) "
+        "(Gravity ServiceRequest + Task)"
+    )

@@ -137,6 +137,7 @@ class Hub:
                     http_tokens(self.config),
                     self.health,
                     lambda: render(self.registry),
+                    self.store,
                 )
                 self.http_listener = HTTPListener(listeners.http, app)
                 host, port = await self.http_listener.start()

@@ -602,7 +602,10 @@ async def _read_some(response: httpx.Response, limit: int = 4096) -> str:
 # -- registration -----------------------------------------------------------------------------
 @hookimpl
 def carehub_register_channels(register: Any) -> None:
-    """The three built-in channels, registered like any plugin's."""
+    """The built-in forwarding channels, registered like any plugin's."""
+    from carehub.referrals.fhir import FhirReferralChannel
+
     register(FileChannel)
     register(MLLPChannel)
     register(WebhookChannel)
+    register(FhirReferralChannel)

@@ -136,7 +136,9 @@ class Notifier:
         if not isinstance(team, CareTeam):
             raise ValueError("notify needs the care-team enricher earlier in the route")
         message_id = work.message.id
-        existing = self._rows(message_id=message_id)
+        # By encounter too: notifications.message_id has no index, and a scan per message
+        # made routing slow down as the table grew (the rows of a message share its encounter).
+        existing = self._rows(encounter_id=transition.encounter_id, message_id=message_id)
         if existing:  # routed before (a crash between routing and its commit): same answer
             decisions = [_decision(row) for row in existing]
             return self._deliveries(work, transition, decisions, run), [
@@ -322,6 +324,7 @@ class Notifier:
             return
         self._send_digests(now)
         self._alert_overdue_followups(now)
+        self._alert_overdue_referrals(now)
 
     def _send_digests(self, now: datetime) -> None:
         """At digest_hour (UTC), one digest per recipient with everything held since the last
@@ -445,6 +448,89 @@ class Notifier:
                 self._schedule(planned, row["message_id"], [], key)
         if alerts:
             clock.mark_alerted([a.id for a in alerts], now)
+
+    def _alert_overdue_referrals(self, now: datetime) -> None:
+        """A referral nobody answered in time: tell the patient's care coordinators (those
+        told of any of the patient's visits), then mark the referral alerted."""
+        from carehub.referrals.state import ReferralTracker
+
+        tracker = ReferralTracker(self.context.store.engine)  # type: ignore[union-attr]
+        late = tracker.overdue(now)
+        for referral in late:
+            patient_key = referral.patient_key or ""
+            coordinators = {
+                (r["recipient"], r["channel"], r["address"]): r
+                for r in self._rows(patient_key=patient_key)
+                if r["role"] in self.config.coordinator_roles
+                and r["channel"] in self.destinations
+                and r["status"] in ("queued", "digest", "digested")
+            }
+            context = event_context(referral.snapshot or {})
+            referred_to = referral.referred_to or {}
+            organization = (referred_to.get("organization") or {}).get("name") or "the service"
+            context.update(
+                referral_id=referral.referral_key.split("|")[-1],
+                referred_to=organization,
+                reason=referral.reason or "",
+                due=_aware(referral.due_at).strftime("%Y-%m-%d %H:%M UTC")
+                if referral.due_at
+                else "",
+            )
+            if not coordinators:
+                self._insert_rows(
+                    [
+                        {
+                            "encounter_id": None,
+                            "message_id": None,
+                            "patient_key": patient_key,
+                            "recipient": "-",
+                            "role": None,
+                            "channel": None,
+                            "address": None,
+                            "kind": "referral_overdue",
+                            "status": "suppressed",
+                            "reason": "no care coordinator on record for referral "
+                            + referral.referral_key,
+                        }
+                    ]
+                )
+            for (recipient, channel, address), row in coordinators.items():
+                subject, body = self.render("referral_overdue", channel, context)
+                key = f"carehub-referral-overdue-{referral.id}-{_safe(recipient)}"
+                destination = self.destinations[channel]
+                planned = PlannedDelivery(
+                    self.route,
+                    destination.name,
+                    destination.channel.name,
+                    Outgoing(
+                        body.encode(),
+                        "text/plain; charset=utf-8",
+                        key,
+                        {"to": address, "subject": subject, "kind": "referral_overdue"},
+                    ),
+                    patient_key,
+                    self.config.retry.max_attempts,
+                )
+                self._insert_rows(
+                    [
+                        {
+                            "encounter_id": row["encounter_id"],
+                            "message_id": row["message_id"],
+                            "patient_key": patient_key,
+                            "recipient": recipient,
+                            "role": row["role"],
+                            "channel": channel,
+                            "address": address,
+                            "kind": "referral_overdue",
+                            "status": "queued",
+                            "reason": f"referral {referral.referral_key} unanswered",
+                            "delivery_key": key,
+                        }
+                    ]
+                )
+                self._schedule(planned, row["message_id"], [], key)
+        if late:
+            tracker.mark_alerted([r.id for r in late if r.id is not None], now)
 
     # -- persistence ----------------------------------------------------------------------
     def _record(

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from carehub.config import HTTPListenerConfig
 from carehub.hl7.ack import AckCode
 from carehub.intake.intake import Arrival, Intake
+from carehub.store.store import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,14 @@ def build_app(
     tokens: list[str],
     health: Callable[[], dict[str, Any]],
     metrics: Callable[[], bytes] | None = None,
+    store: MessageStore | None = None,
 ) -> FastAPI:
     app = FastAPI(title="carehub", summary="HL7 v2 intake over HTTP", docs_url="/docs")
+    if store is not None:
+        # Status updates from the organisations a referral was sent to (closed-loop referrals).
+        from carehub.referrals.api import register_referral_routes
+
+        register_referral_routes(app, store, tokens)
 
     def authorized(request: Request) -> bool:
         if not tokens:

@@ -217,7 +217,9 @@ class GravityOptions(ComponentOptions):
 
     Identifier systems must be URIs; v2 assigning authorities (``RGH``) are not, so
     ``identifier_systems`` maps them (``{"RGH": "urn:oid:2.16.840.1.113883.3.1"}``) and an
-    unmapped authority becomes ``urn:carehub:id:<authority>``."""
+    unmapped authority becomes ``urn:carehub:id:<authority>``. Two names are carehub's own:
+    ``hsds-organization`` (the directory's organization ids, for the performer) and ``local``
+    (ids that came without an authority)."""
 
     identifier_system: str = "urn:carehub:delivery"
     identifier_systems: dict[str, str] = Field(default_factory=dict)

@@ -1048,6 +1048,7 @@ class ReferralStateEnricher(Enricher):
         # Dry runs keep state here; the store, when the hub attaches it, takes over.
         self._memory = ReferralMemory()
         self._tracker: ReferralTracker | None = None
+        self._logged_overdue: set[int | None] = set()
 
     @property
     def tracker(self) -> ReferralTracker:
@@ -1075,12 +1076,13 @@ class ReferralStateEnricher(Enricher):
         return transition.as_output()
 
     def tick(self, now: datetime) -> None:
-        tracker = self.tracker
-        late = tracker.overdue(now)
-        marked = tracker.mark_alerted([r.id for r in late if r.id is not None], now)
-        if marked:
-            keys = [_label(r.referral_key) for r in late if r.id in marked]
-            log.warning("%d referral(s) without an answer: %s", len(marked), ", ".join(keys))
+        """Log referrals newly past their deadline. The alert itself goes to the patient's
+        care coordinator from the notify step, which marks them alerted once it is queued."""
+        late = [r for r in self.tracker.overdue(now) if r.id not in self._logged_overdue]
+        if late:
+            self._logged_overdue.update(r.id for r in late)
+            keys = [_label(r.referral_key) for r in late]
+            log.warning("%d referral(s) without an answer: %s", len(late), ", ".join(keys))
 
 
 # -- queries for the command line ---------------------------------------------------------------
@@ -1163,3 +1165,15 @@ def referral_timeline(engine: Engine, ident: int | str) -> ReferralTimeline | No
         if stored:
             event.detail["control_id"] = stored
     return ReferralTimeline(rec, events)
+
+
+def record_matches(engine: Engine, referral_key: str, needs: list[Any], matches: Any) -> bool:
+    """Keep the needs found and the ranked services (with each rank's reasons) on the
+    referral, so `carehub referrals show` answers "what was this patient offered, and why"."""
+    with engine.begin() as conn:
+        changed = conn.execute(
+            update(referrals)
+            .where(referrals.c.referral_key == referral_key)
+            .values(needs=json.dumps(needs, default=str), matches=json.dumps(matches, default=str))
+        ).rowcount
+    return bool(changed)

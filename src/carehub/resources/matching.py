@@ -428,6 +428,8 @@ class Match:
             "service_id": self.service.id,
             "service": self.service.name,
             "organization": self.service.organization_name(),
+            "organization_id": self.service.organization_id
+            or (self.service.organization.id if self.service.organization else None),
             "needs": self.needs,
             "distance_km": self.distance_km,
             "location": _location_json(self.location),
@@ -452,6 +454,8 @@ class Excluded:
             "service_id": self.service.id,
             "service": self.service.name,
             "organization": self.service.organization_name(),
+            "organization_id": self.service.organization_id
+            or (self.service.organization.id if self.service.organization else None),
             "needs": self.needs,
             "reasons": self.reasons,
         }
@@ -746,4 +750,17 @@ class CommunityResourcesEnricher(Enricher):
                 )
                 result.update(ranking.to_json())
         work.data["community_resources"] = result
+        self._record_on_referral(work, result)
         return result
+
+    def _record_on_referral(self, work: Work, result: dict[str, Any]) -> None:
+        """With a referral-state step earlier in the route, the matches are kept on the
+        referral itself (not only in this step's output)."""
+        referral = work.data.get("referral")
+        key = getattr(referral, "referral_key", None)
+        store = self.context.store
+        if store is None or not key:
+            return
+        from carehub.referrals.state import record_matches
+
+        record_matches(store.engine, key, result["needs"], result["matches"])

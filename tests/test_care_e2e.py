@@ -1,0 +1,316 @@
+"""The shipped care-transition configuration end to end: a copy of config/ (carehub.yaml,
+routes/, care/), every sample feed in config/feeds/ sent over MLLP, the in-process worker, and
+real servers for everything the routes talk to (aiosmtpd for email, a uvicorn server for the
+SMS gateway and the care platform). The stories in config/feeds/README.md are checked at the
+mail server, in the store and through `carehub encounters` / `carehub followups` (CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from carehub.cli import main
+from carehub.config import load_config
+from carehub.hl7.ack import read_ack
+from carehub.hl7.batch import split_messages
+from carehub.store.outbox import Outbox
+from carehub.store.schema import DeliveryStatus, deliveries, notifications
+from carehub.testing import HubThread, mllp_exchange
+from tests.helpers_http import HTTPServer, wait_for
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = PROJECT_ROOT / "config"
+FEEDS = sorted((CONFIG / "feeds").glob("*.hl7"))
+
+LINDQVIST = "lindqvist@springfield-fp.example.org"
+TESTWELL = "testwell@lakeshore-pc.example.com"
+SNF = "admissions@maplegrove-snf.example.com"
+SAMPLETON = "sampleton@springfield-fp.example.org"
+LAKEVIEW_CC = "care-coord@lakeview-aco.example.com"
+
+AMARA = "RGH|RG100234"
+JOSE = "LMC|LM-448812"
+MARCUS = "RGH|RG100235"
+RENEE = "RGH|RG100236"
+OLIVE = "RGH|RG100241"
+HOLLIS = "RGH|RG100243"
+INES = "LMC|LM-448807"
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    rcpt_tos: list[str]
+    message: EmailMessage
+
+    @property
+    def to(self) -> str:
+        return str(self.message["To"].addresses[0].addr_spec)
+
+    @property
+    def subject(self) -> str:
+        return str(self.message["Subject"])
+
+    @property
+    def key(self) -> str:
+        return str(self.message["X-Carehub-Delivery"])
+
+    @property
+    def body(self) -> str:
+        return str(self.message.get_content())
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mails: list[Mail] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        parsed = message_from_bytes(envelope.original_content, policy=default_policy)
+        assert isinstance(parsed, EmailMessage)
+        with self._lock:
+            self._mails.append(Mail(list(envelope.rcpt_tos), parsed))
+        return "250 2.0.0 Ok: queued"
+
+    @property
+    def mails(self) -> list[Mail]:
+        with self._lock:
+            return list(self._mails)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Setup:
+    running: HubThread
+    mailbox: Mailbox
+    http: HTTPServer
+    config_path: Path
+    data_dir: Path
+
+    @property
+    def store(self) -> Any:
+        return self.running.store
+
+    def settle(self, timeout: float = 30.0) -> None:
+        outbox = Outbox(self.store)
+
+        def idle() -> bool:
+            waiting = outbox.find(status=DeliveryStatus.PENDING.value, limit=1)
+            waiting += outbox.find(status=DeliveryStatus.SENDING.value, limit=1)
+            return not waiting and not outbox.unrouted_message_ids(limit=1)
+
+        wait_for(idle, timeout, 0.05, "every message routed and every delivery finished")
+
+    def notifications(self) -> list[dict[str, Any]]:
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(notifications).order_by(notifications.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(deliveries).order_by(deliveries.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    def told(self, patient_key: str, address: str) -> list[tuple[str, str]]:
+        """(kind, subject) of every email that reached ``address`` about the patient, in
+        arrival order, matched to its notification by the delivery key."""
+        rows = {r["delivery_key"]: r for r in self.notifications() if r["delivery_key"]}
+        return [
+            (rows[m.key]["kind"], m.subject)
+            for m in self.mailbox.mails
+            if m.to == address and m.key in rows and rows[m.key]["patient_key"] == patient_key
+        ]
+
+    def cli(self, *args: str) -> list[dict[str, Any]]:
+        runner = CliRunner(env={"COLUMNS": "200"})
+        result = runner.invoke(
+            main,
+            [*args, "--json", "--config", str(self.config_path), "--data-dir", str(self.data_dir)],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.output.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+    """The hub on a copy of config/, pointed at local servers, with every feed sent."""
+    for name in ("CAREHUB_CONFIG", "CAREHUB_DATA_DIR", "CAREHUB_STORE_URL", "CAREHUB_HTTP_TOKENS"):
+        monkeypatch.delenv(name, raising=False)
+    folder = tmp_path / "config"
+    shutil.copytree(CONFIG, folder)
+    box = Mailbox()
+    smtp = Controller(box, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        with HTTPServer(respond=lambda _: 202) as http:
+            monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
+            monkeypatch.setenv("SMTP_PORT", str(smtp.port))
+            monkeypatch.setenv("SMTP_STARTTLS", "false")
+            monkeypatch.setenv("SMS_GATEWAY_URL", http.url("/messages"))
+            monkeypatch.setenv("CARE_PLATFORM_URL", http.url("/care-events"))
+            monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
+            config_path = folder / "carehub.yaml"
+            config = load_config(config_path)
+            for listener in config.listeners.mllp:
+                listener.host, listener.port = "127.0.0.1", 0
+            config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
+            config.listeners.files = []
+            config.worker.poll_interval = 0.05
+            config.worker.tick_interval = 3600  # the test moves the clock itself
+            data_dir = tmp_path / "data"
+            with HubThread(config, data_dir) as running:
+                setup = Setup(running, box, http, config_path, data_dir)
+                acks = send_feeds(running)
+                assert acks["09-lakeview-missing-control-id.hl7"] == "AE"
+                assert {code for name, code in acks.items() if not name.startswith("09")} == {"AA"}
+                setup.settle()
+                yield setup
+    finally:
+        smtp.stop()
+
+
+def send_feeds(running: HubThread) -> dict[str, str]:
+    """Every feed file in name order over one MLLP connection; the ACK code per file."""
+    payloads: list[tuple[str, bytes]] = []
+    for feed in FEEDS:
+        payloads += [(feed.name, part) for part in split_messages(feed.read_bytes())]
+    answers = mllp_exchange(running.mllp_address, [p for _, p in payloads])
+    return {
+        name: read_ack(answer.decode("utf-8", "replace"))[0]
+        for (name, _), answer in zip(payloads, answers, strict=True)
+    }
+
+
+def test_feeds_tell_each_care_team_once(shipped: Setup) -> None:
+    assert len(FEEDS) >= 18
+    # Nothing is left undelivered, and no delivery reached the mail server twice.
+    states = {d["status"] for d in shipped.deliveries()}
+    assert states == {DeliveryStatus.DELIVERED.value}, shipped.deliveries()
+    keys = [m.key for m in shipped.mailbox.mails]
+    assert len(keys) == len(set(keys))
+    email_keys = {d["idempotency_key"] for d in shipped.deliveries() if d["channel"] == "email"}
+    assert set(keys) == email_keys
+
+    # Amara Okafor: ED arrival, admission, an A08, a transfer to the north campus ICU, a bed
+    # move there, discharge to a nursing facility; 08 resends the admission.
+    assert shipped.told(AMARA, LINDQVIST) == [
+        ("ed_arrival", "ED visit: Amara Okafor at RIVERSIDE_GH"),
+        ("admission", "Admission: Amara Okafor at RIVERSIDE_GH"),
+        ("transfer", "Transfer: Amara Okafor at RIVERSIDE_NORTH"),
+        ("discharge", "Discharge: Amara Okafor from RIVERSIDE_GH"),
+    ]
+    assert shipped.told(AMARA, SNF) == [("discharge", "Discharge: Amara Okafor from RIVERSIDE_GH")]
+    (snf_mail,) = [m for m in shipped.mailbox.mails if m.to == SNF]
+    assert "Maple Grove Skilled Nursing" in snf_mail.body or "MAPLEGROVE_SNF" in snf_mail.body
+
+    # José Peña: an admission, then its cancel: the PCP gets the admission and a correction.
+    told_jose = shipped.told(JOSE, TESTWELL)
+    assert [kind for kind, _ in told_jose] == ["admission", "retraction"]
+    assert told_jose[0][1] == "Admission: José Peña at LAKEVIEW_MC"
+    assert told_jose[1][1].startswith("Correction: admission for ")
+    assert told_jose[1][1].endswith(" was cancelled")
+    jose = [r for r in shipped.notifications() if r["patient_key"] == JOSE]
+    assert {(r["kind"], r["status"]) for r in jose} == {
+        ("admission", "retracted"),
+        ("retraction", "queued"),
+    }
+
+    # Olive Fairweather opted out: every decision is a suppression, nothing went anywhere.
+    olive = [r for r in shipped.notifications() if r["patient_key"] == OLIVE]
+    assert olive and {r["status"] for r in olive} == {"suppressed"}
+    assert all("opted out" in r["reason"] for r in olive)
+    assert all(r["delivery_key"] is None for r in olive)
+
+    # Marcus Whitlock's ED visit and same-day discharge home reached his care team once each.
+    assert shipped.told(MARCUS, LINDQVIST) == [
+        ("ed_arrival", "ED visit: Marcus Whitlock at RIVERSIDE_GH"),
+        ("discharge", "Discharge: Marcus Whitlock from RIVERSIDE_GH"),
+    ]
+    sms = [r.json for r in shipped.http.requests if r.path == "/messages"]
+    assert sms and all("Diagnos" not in text["text"] for text in sms)
+
+    # Every sent notification has its receipt time.
+    by_key = {d["idempotency_key"]: d for d in shipped.deliveries()}
+    for row in shipped.notifications():
+        if row["status"] == "queued":
+            assert by_key[row["delivery_key"]]["accepted_at"] is not None
+
+
+def test_commands_show_encounters_and_follow_ups(shipped: Setup) -> None:
+    listed = shipped.cli("encounters", "list", "--limit", "100")
+    states = {(e["patient_key"], e["visit_key"]): e["state"] for e in listed}
+    assert states == {
+        (AMARA, "RGH|V20261124-0001"): "discharged",
+        (JOSE, "LMC|LV-2026-3301"): "cancelled",
+        (MARCUS, "RGH|V20261124-0002"): "discharged",
+        (RENEE, "RGH|V20261125-0301"): "registered",  # registered as RG100299, then merged
+        (RENEE, "RGH|V20261125-0303"): "admitted",
+        (OLIVE, "RGH|V20261125-0401"): "ed",
+        (HOLLIS, "RGH|V20261125-0501"): "ed",
+        (INES, "LMC|LV-2026-3401"): "discharged",
+    }
+    (amara,) = [e for e in listed if e["patient_key"] == AMARA]
+    assert (amara["disposition"], amara["discharged_to"]) == ("03", "MAPLEGROVE_SNF")
+    assert amara["facility"] == "RIVERSIDE_GH"
+
+    # Only Inés Quiñones went home from an inpatient stay: her clocks are the only ones (an
+    # ED treat-and-release discharge and a discharge to a nursing facility open none).
+    items = shipped.cli("followups", "list")
+    assert sorted((f["patient_key"], f["kind"], f["status"]) for f in items) == [
+        (INES, "contact", "open"),
+        (INES, "visit", "open"),
+    ]
+    due = {f["kind"]: datetime.fromisoformat(f["due_at"]) for f in items}
+    # Discharged Monday 23 Nov 2026 11:50 at -0600: contact by the end of Wednesday there.
+    assert due["contact"] == datetime(2026, 11, 26, 5, 59, 59, 999999, tzinfo=UTC)
+    assert due["visit"] == datetime(2026, 12, 8, 5, 59, 59, 999999, tzinfo=UTC)
+
+    # The clock moves on: stale ED visits close, the overdue contact alerts the coordinator
+    # who was told of the visit (once), and the daily digests go out.
+    today = datetime.now(UTC).date()
+    later = max(
+        datetime(2026, 11, 27, 7, 5, tzinfo=UTC),
+        datetime.combine(today + timedelta(days=2), time(7, 5), tzinfo=UTC),
+    )
+    shipped.running.hub.table.tick(later)
+    shipped.settle()
+    shipped.running.hub.table.tick(later + timedelta(minutes=5))
+    shipped.settle()
+
+    closed = shipped.cli("encounters", "list", "--state", "closed")
+    assert {e["patient_key"] for e in closed} == {OLIVE, HOLLIS}
+    items = shipped.cli("followups", "list", "--all")
+    overdue = [f for f in items if f["status"] == "overdue"]
+    expected = sorted(kind for kind, at in due.items() if at < later)
+    assert sorted(f["kind"] for f in overdue) == expected
+    assert all(f["alerted_at"] is not None for f in overdue)
+    alerts = shipped.told(INES, LAKEVIEW_CC)
+    assert [kind for kind, _ in alerts].count("followup_overdue") == len(expected)
+    assert all(
+        subject == "Follow-up overdue: Inés Quiñones"
+        for kind, subject in alerts
+        if kind == "followup_overdue"
+    )
+    digests = [m for m in shipped.mailbox.mails if m.to == SAMPLETON]
+    assert len(digests) == 1 and "Renee Delacroix" in digests[0].body
+    assert {d["status"] for d in shipped.deliveries()} == {DeliveryStatus.DELIVERED.value}
