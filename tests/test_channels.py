@@ -35,6 +35,7 @@ from carehub.config import TLSConfig
 from carehub.hl7.ack import AckCode, build_ack
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hl7.view import MessageView
+from carehub.referrals.fhir import FhirReferralChannel
 from carehub.store.store import StoredMessage
 from carehub.testing import HubThread, local_config, make_adt
 
@@ -131,7 +132,7 @@ class PydanticEvent(BaseModel):
 
 
 # -- registration -----------------------------------------------------------------------------
-def test_registers_the_three_channels() -> None:
+def test_registers_the_forwarding_channels() -> None:
     pm = pluggy.PluginManager("carehub")
     pm.add_hookspecs(carehub.hookspecs)
     pm.register(channels_module)
@@ -141,6 +142,7 @@ def test_registers_the_three_channels() -> None:
         "file": FileChannel,
         "mllp": MLLPChannel,
         "webhook": WebhookChannel,
+        "fhir-referral": FhirReferralChannel,
     }
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, Self
 import httpx
 from pydantic import Field, field_validator, model_validator
 
+from carehub.builtins.http_channel import HttpChannel, http_url, is_retryable, read_some
 from carehub.client import MLLPClient, NoAnswer
 from carehub.components import (
     Channel,
@@ -455,7 +456,7 @@ def _excerpt(text: str, limit: int = 200) -> str:
 
 
 # -- webhook ----------------------------------------------------------------------------------
-class WebhookChannel(Channel):
+class WebhookChannel(HttpChannel):
     """POSTs each delivery as JSON to an HTTP(S) endpoint.
 
     Body (``Content-Type: application/json``, UTF-8, fixed at routing time)::
@@ -485,8 +486,6 @@ class WebhookChannel(Channel):
     name = "webhook"
     description = "POST each message as JSON to an HTTP endpoint (idempotency key, HMAC)"
 
-    RETRYABLE_STATUS = frozenset({408, 425, 429})
-
     class Options(ComponentOptions):
         url: str
         body: Literal["event", "v2"] = "event"
@@ -496,36 +495,9 @@ class WebhookChannel(Channel):
         timeout: float = Field(10.0, gt=0)
         verify_tls: bool = True
 
-        @field_validator("url")
-        @classmethod
-        def _http_url(cls, value: str) -> str:
-            try:
-                url = httpx.URL(value)
-            except (httpx.InvalidURL, TypeError) as err:
-                raise ValueError(f"bad url {value!r}: {err}") from err
-            if url.scheme not in ("http", "https") or not url.host:
-                raise ValueError(f"url must be http:// or https:// with a host, got {value!r}")
-            return value
+        _url = field_validator("url")(http_url)
 
     options: Options
-
-    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
-        super().__init__(options, context)
-        self._client: httpx.AsyncClient | None = None
-
-    async def start(self) -> None:
-        """One client (and so one connection pool) for every delivery of this channel."""
-        self._client = httpx.AsyncClient(
-            timeout=self.options.timeout,
-            verify=self.options.verify_tls,
-            follow_redirects=False,
-            headers={"User-Agent": "carehub"},
-        )
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         message = work.message
@@ -557,17 +529,15 @@ class WebhookChannel(Channel):
         return headers
 
     async def send(self, outgoing: Outgoing) -> str:
-        if self._client is None:
-            raise RuntimeError("WebhookChannel.send() before start()")
         url = self.options.url
         try:
-            async with self._client.stream(
+            async with self.client.stream(
                 "POST", url, content=outgoing.payload, headers=self.headers_for(outgoing)
             ) as response:
                 status = response.status_code
                 if 200 <= status < 300:
                     return f"HTTP {status}"
-                excerpt = _excerpt(await _read_some(response))
+                excerpt = _excerpt(await read_some(response))
         except httpx.TimeoutException as err:
             raise DeliveryError(
                 f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
@@ -578,8 +548,7 @@ class WebhookChannel(Channel):
         retry_after = response.headers.get("Retry-After")
         if retry_after:
             text += f" (Retry-After: {retry_after})"
-        retryable = status in self.RETRYABLE_STATUS or status >= 500
-        raise DeliveryError(text, retryable=retryable)
+        raise DeliveryError(text, retryable=is_retryable(status))
 
 
 def sign(secret: str, payload: bytes) -> str:
@@ -587,16 +556,6 @@ def sign(secret: str, payload: bytes) -> str:
 
     A receiver checks it with ``hmac.compare_digest(sign(secret, raw_body), given)``."""
     return hmac.new(secret.encode("utf-8"), payload, hashlib.sha256).hexdigest()
-
-
-async def _read_some(response: httpx.Response, limit: int = 4096) -> str:
-    """The start of an error body; a huge error page is not worth reading whole."""
-    chunks = bytearray()
-    async for chunk in response.aiter_bytes():
-        chunks += chunk
-        if len(chunks) >= limit:
-            break
-    return bytes(chunks[:limit]).decode(response.encoding or "utf-8", "replace")
 
 
 # -- registration -----------------------------------------------------------------------------

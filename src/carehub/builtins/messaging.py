@@ -36,6 +36,7 @@ import aiosmtplib
 import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from carehub.builtins.http_channel import HttpChannel, http_url, is_retryable, read_some
 from carehub.components import (
     Channel,
     ComponentContext,
@@ -399,7 +400,7 @@ def shorten(text: str, limit: int) -> str:
     return text[: limit - 1].rstrip() + "…"
 
 
-class SmsChannel(Channel):
+class SmsChannel(HttpChannel):
     """Sends each delivery as a text message through an HTTP SMS gateway (httpx).
 
     The request body is ``body_template`` (a JSON document) with ``{to}`` (the recipient's
@@ -421,8 +422,6 @@ class SmsChannel(Channel):
     name = "sms"
     description = "send each delivery as a text message through an HTTP SMS gateway"
 
-    RETRYABLE_STATUS = frozenset({408, 425, 429})
-
     class Options(ComponentOptions):
         url: str
         method: Literal["POST"] = "POST"
@@ -432,16 +431,7 @@ class SmsChannel(Channel):
         timeout: float = Field(10.0, gt=0)
         to: str | None = None
 
-        @field_validator("url")
-        @classmethod
-        def _http_url(cls, value: str) -> str:
-            try:
-                url = httpx.URL(value)
-            except (httpx.InvalidURL, TypeError) as err:
-                raise ValueError(f"bad url {value!r}: {err}") from err
-            if url.scheme not in ("http", "https") or not url.host:
-                raise ValueError(f"url must be http:// or https:// with a host, got {value!r}")
-            return value
+        _url = field_validator("url")(http_url)
 
         @field_validator("body_template")
         @classmethod
@@ -479,23 +469,6 @@ class SmsChannel(Channel):
 
     options: Options
 
-    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
-        super().__init__(options, context)
-        self._client: httpx.AsyncClient | None = None
-
-    async def start(self) -> None:
-        """One client (and so one connection pool) for every delivery of this channel."""
-        self._client = httpx.AsyncClient(
-            timeout=self.options.timeout,
-            follow_redirects=False,
-            headers={"User-Agent": "carehub"},
-        )
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         if not self.options.to:
             raise ValueError(
@@ -525,12 +498,10 @@ class SmsChannel(Channel):
         return body, headers, len(text)
 
     async def send(self, outgoing: Outgoing) -> str:
-        if self._client is None:
-            raise RuntimeError("SmsChannel.send() before start()")
         body, headers, length = self.request_for(outgoing)
         method, url = self.options.method, self.options.url
         try:
-            async with self._client.stream(method, url, content=body, headers=headers) as response:
+            async with self.client.stream(method, url, content=body, headers=headers) as response:
                 status = response.status_code
                 if 200 <= status < 300:
                     receipt = f"HTTP {status}"
@@ -540,7 +511,7 @@ class SmsChannel(Channel):
                             f"{self.options.max_length} characters)"
                         )
                     return receipt
-                excerpt = _excerpt(await _read_some(response))
+                excerpt = _excerpt(await read_some(response))
         except httpx.TimeoutException as err:
             raise DeliveryError(
                 f"{method} {url}: no answer within {self.options.timeout:g} s "
@@ -552,7 +523,7 @@ class SmsChannel(Channel):
         retry_after = response.headers.get("Retry-After")
         if retry_after:
             text += f" (Retry-After: {retry_after})"
-        retryable = status in self.RETRYABLE_STATUS or status >= 500
+        retryable = is_retryable(status)
         raise DeliveryError(text, retryable=retryable)
 
 
@@ -565,16 +536,6 @@ def _strings(document: Any) -> list[str]:
     if isinstance(document, list):
         return [s for v in document for s in _strings(v)]
     return []
-
-
-async def _read_some(response: httpx.Response, limit: int = 4096) -> str:
-    """The start of an error body; a huge error page is not worth reading whole."""
-    chunks = bytearray()
-    async for chunk in response.aiter_bytes():
-        chunks += chunk
-        if len(chunks) >= limit:
-            break
-    return bytes(chunks[:limit]).decode(response.encoding or "utf-8", "replace")
 
 
 # -- registration -----------------------------------------------------------------------------

@@ -1160,11 +1160,7 @@ class EncounterStateEnricher(Enricher):
                 "'v2-to-event' translate step before it"
             )
         message = work.message
-        identity = "\x1f".join(
-            part or ""
-            for part in (message.sending_application, message.sending_facility, message.control_id)
-        )
-        transition = self.tracker.apply(work.event, message.id, identity=identity)
+        transition = self.tracker.apply(work.event, message.id, identity=message.identity)
         work.data["encounter"] = transition
         return transition.as_output()
 

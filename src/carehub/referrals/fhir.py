@@ -71,8 +71,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from carehub.builtins.http_channel import HttpChannel, http_url, is_retryable
 from carehub.components import (
-    Channel,
     ComponentContext,
     ComponentOptions,
     DeliveryError,
@@ -819,7 +819,7 @@ class TaskMap:
 # -- the channel --------------------------------------------------------------------------------
 
 
-class FhirReferralChannel(Channel):
+class FhirReferralChannel(HttpChannel):
     """Sends each referral to a FHIR server as an SDOHCC ServiceRequest + Task (one
     transaction Bundle, ``application/fhir+json``) and follows the Task's status.
 
@@ -840,8 +840,6 @@ class FhirReferralChannel(Channel):
         "Bundle, idempotent) and poll Task.status back into the referral state"
     )
 
-    RETRYABLE_STATUS = frozenset({408, 425, 429})
-
     class Options(GravityOptions):
         base_url: str
         auth_header: str | None = None
@@ -853,19 +851,12 @@ class FhirReferralChannel(Channel):
         @field_validator("base_url")
         @classmethod
         def _http_url(cls, value: str) -> str:
-            try:
-                url = httpx.URL(value)
-            except (httpx.InvalidURL, TypeError) as err:
-                raise ValueError(f"bad base_url {value!r}: {err}") from err
-            if url.scheme not in ("http", "https") or not url.host:
-                raise ValueError(f"base_url must be http:// or https:// with a host, got {value!r}")
-            return value.rstrip("/")
+            return http_url(value, "base_url").rstrip("/")
 
     options: Options
 
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
-        self._client: httpx.AsyncClient | None = None
         self._poll_client: httpx.Client | None = None
         self._tracker: ReferralTracker | None = None
         self._last_poll: datetime | None = None
@@ -873,19 +864,8 @@ class FhirReferralChannel(Channel):
         self.tasks = TaskMap(context.data_dir / "fhir-referral" / f"{digest}.json")
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def start(self) -> None:
-        """One client (one connection pool) for every delivery of this channel."""
-        self._client = httpx.AsyncClient(
-            timeout=self.options.timeout,
-            verify=self.options.verify_tls,
-            follow_redirects=False,
-            headers={"User-Agent": "carehub"},
-        )
-
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await super().close()
         poll_client, self._poll_client = self._poll_client, None
         if poll_client is not None:
             poll_client.close()
@@ -910,14 +890,12 @@ class FhirReferralChannel(Channel):
         return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
 
     async def send(self, outgoing: Outgoing) -> str:
-        if self._client is None:
-            raise RuntimeError("FhirReferralChannel.send() before start()")
         url = self.options.base_url
         headers = self._headers(
             {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
         )
         try:
-            response = await self._client.post(url, content=outgoing.payload, headers=headers)
+            response = await self.client.post(url, content=outgoing.payload, headers=headers)
         except httpx.TimeoutException as err:
             raise DeliveryError(
                 f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
@@ -933,7 +911,7 @@ class FhirReferralChannel(Channel):
             retry_after = response.headers.get("Retry-After")
             if retry_after:
                 text += f" (Retry-After: {retry_after})"
-            retryable = status in self.RETRYABLE_STATUS or status >= 500
+            retryable = is_retryable(status)
             raise DeliveryError(text, retryable=retryable)
         task_id = _task_id_from_response(response, int(outgoing.metadata.get("task_entry", "2")))
         if task_id is None:

@@ -1067,11 +1067,7 @@ class ReferralStateEnricher(Enricher):
                 "'v2-to-event' translate step before it"
             )
         message = work.message
-        identity = "\x1f".join(
-            part or ""
-            for part in (message.sending_application, message.sending_facility, message.control_id)
-        )
-        transition = self.tracker.apply_message(work.event, message.id, identity=identity)
+        transition = self.tracker.apply_message(work.event, message.id, identity=message.identity)
         work.data["referral"] = transition
         return transition.as_output()
 

@@ -137,6 +137,13 @@ class StoredMessage:
     detail: str | None
 
     @property
+    def identity(self) -> str:
+        """MSH-3, MSH-4 and MSH-10 joined: the key a resend shares with the original (the
+        same key NewMessage.identity() gives an accepted message)."""
+        parts = (self.sending_application, self.sending_facility, self.control_id)
+        return "\x1f".join(part or "" for part in parts)
+
+    @property
     def text(self) -> str:
         from carehub.hl7.charsets import decode_message
 

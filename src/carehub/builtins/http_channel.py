@@ -1,0 +1,68 @@
+"""What every channel that speaks HTTP shares: one httpx client per channel instance, URL
+option checks, and which answers are worth retrying."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from carehub.components import Channel, ComponentContext, ComponentOptions
+
+#: Besides every 5xx: timeout, too early, too many requests. Other 4xx will not get better.
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+
+def is_retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def http_url(value: str, option: str = "url") -> str:
+    """An options validator: an absolute http(s) URL with a host."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError) as err:
+        raise ValueError(f"bad {option} {value!r}: {err}") from err
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{option} must be http:// or https:// with a host, got {value!r}")
+    return value
+
+
+async def read_some(response: httpx.Response, limit: int = 4096) -> str:
+    """The start of an error body; a huge error page is not worth reading whole."""
+    chunks = bytearray()
+    async for chunk in response.aiter_bytes():
+        chunks += chunk
+        if len(chunks) >= limit:
+            break
+    return bytes(chunks[:limit]).decode(response.encoding or "utf-8", "replace")
+
+
+class HttpChannel(Channel):
+    """A channel with one httpx.AsyncClient (one connection pool) for all its deliveries,
+    opened in start() and closed in close(). Options need ``timeout`` and may have
+    ``verify_tls``."""
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        options: Any = self.options
+        self._client = httpx.AsyncClient(
+            timeout=options.timeout,
+            verify=getattr(options, "verify_tls", True),
+            follow_redirects=False,
+            headers={"User-Agent": "carehub"},
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__}.send() before start()")
+        return self._client
