@@ -354,19 +354,8 @@ class Notifier:
                 )
             subject, body = self.render("digest", channel, {"items": lines})
             key = f"carehub-digest-{now.date().isoformat()}-{_safe(recipient)}-{_safe(channel)}"
-            destination = self.destinations[channel]
-            planned = PlannedDelivery(
-                self.route,
-                destination.name,
-                destination.channel.name,
-                Outgoing(
-                    body.encode(),
-                    "text/plain; charset=utf-8",
-                    key,
-                    {"to": address, "subject": subject, "kind": "digest"},
-                ),
-                f"digest|{recipient}",
-                self.config.retry.max_attempts,
+            planned = self._planned(
+                "digest", channel, address, subject, body, key, f"digest|{recipient}"
             )
             self._schedule(planned, items[-1]["message_id"], [r["id"] for r in items], key)
 
@@ -379,13 +368,6 @@ class Notifier:
         clock = FollowupClock(self.context.store.engine)  # type: ignore[union-attr]
         alerts = clock.due_alerts(now)
         for alert in alerts:
-            coordinators = {
-                (r["recipient"], r["channel"], r["address"]): r
-                for r in self._rows(encounter_id=alert.encounter_id)
-                if r["role"] in self.config.coordinator_roles
-                and r["channel"] in self.destinations
-                and r["status"] in ("queued", "digest")
-            }
             snapshot = self._snapshots({alert.encounter_id}).get(alert.encounter_id, {})
             context = event_context(snapshot)
             context.update(
@@ -394,58 +376,15 @@ class Notifier:
                 else "follow-up visit",
                 due=_aware(alert.due_at).strftime("%Y-%m-%d"),
             )
-            if not coordinators:
-                self._insert_rows(
-                    [
-                        {
-                            "encounter_id": alert.encounter_id,
-                            "message_id": None,
-                            "patient_key": alert.patient_key,
-                            "recipient": "-",
-                            "role": None,
-                            "channel": None,
-                            "address": None,
-                            "kind": "followup_overdue",
-                            "status": "suppressed",
-                            "reason": f"no care coordinator on record for follow-up #{alert.id}",
-                        }
-                    ]
-                )
-            for (recipient, channel, address), row in coordinators.items():
-                subject, body = self.render("followup_overdue", channel, context)
-                key = f"carehub-overdue-{alert.id}-{_safe(recipient)}"
-                destination = self.destinations[channel]
-                planned = PlannedDelivery(
-                    self.route,
-                    destination.name,
-                    destination.channel.name,
-                    Outgoing(
-                        body.encode(),
-                        "text/plain; charset=utf-8",
-                        key,
-                        {"to": address, "subject": subject, "kind": "followup_overdue"},
-                    ),
-                    alert.patient_key,
-                    self.config.retry.max_attempts,
-                )
-                self._insert_rows(
-                    [
-                        {
-                            "encounter_id": alert.encounter_id,
-                            "message_id": row["message_id"],
-                            "patient_key": alert.patient_key,
-                            "recipient": recipient,
-                            "role": row["role"],
-                            "channel": channel,
-                            "address": address,
-                            "kind": "followup_overdue",
-                            "status": "queued",
-                            "reason": f"follow-up #{alert.id} ({alert.kind}) overdue",
-                            "delivery_key": key,
-                        }
-                    ]
-                )
-                self._schedule(planned, row["message_id"], [], key)
+            self._tell_coordinators(
+                "followup_overdue",
+                self._rows(encounter_id=alert.encounter_id),
+                context,
+                key_prefix=f"carehub-overdue-{alert.id}",
+                patient_key=alert.patient_key,
+                encounter_id=alert.encounter_id,
+                about=f"follow-up #{alert.id} ({alert.kind})",
+            )
         if alerts:
             clock.mark_alerted([a.id for a in alerts], now)
 
@@ -458,79 +397,111 @@ class Notifier:
         late = tracker.overdue(now)
         for referral in late:
             patient_key = referral.patient_key or ""
-            coordinators = {
-                (r["recipient"], r["channel"], r["address"]): r
-                for r in self._rows(patient_key=patient_key)
-                if r["role"] in self.config.coordinator_roles
-                and r["channel"] in self.destinations
-                and r["status"] in ("queued", "digest", "digested")
-            }
-            context = event_context(referral.snapshot or {})
             referred_to = referral.referred_to or {}
-            organization = (referred_to.get("organization") or {}).get("name") or "the service"
+            context = event_context(referral.snapshot or {})
             context.update(
-                referral_id=referral.referral_key.split("|")[-1],
-                referred_to=organization,
+                referral_id=referral.referral_key.strip("|"),
+                referred_to=(referred_to.get("organization") or {}).get("name") or "the service",
                 reason=referral.reason or "",
                 due=_aware(referral.due_at).strftime("%Y-%m-%d %H:%M UTC")
                 if referral.due_at
                 else "",
             )
-            if not coordinators:
-                self._insert_rows(
-                    [
-                        {
-                            "encounter_id": None,
-                            "message_id": None,
-                            "patient_key": patient_key,
-                            "recipient": "-",
-                            "role": None,
-                            "channel": None,
-                            "address": None,
-                            "kind": "referral_overdue",
-                            "status": "suppressed",
-                            "reason": "no care coordinator on record for referral "
-                            + referral.referral_key,
-                        }
-                    ]
-                )
-            for (recipient, channel, address), row in coordinators.items():
-                subject, body = self.render("referral_overdue", channel, context)
-                key = f"carehub-referral-overdue-{referral.id}-{_safe(recipient)}"
-                destination = self.destinations[channel]
-                planned = PlannedDelivery(
-                    self.route,
-                    destination.name,
-                    destination.channel.name,
-                    Outgoing(
-                        body.encode(),
-                        "text/plain; charset=utf-8",
-                        key,
-                        {"to": address, "subject": subject, "kind": "referral_overdue"},
-                    ),
-                    patient_key,
-                    self.config.retry.max_attempts,
-                )
-                self._insert_rows(
-                    [
-                        {
-                            "encounter_id": row["encounter_id"],
-                            "message_id": row["message_id"],
-                            "patient_key": patient_key,
-                            "recipient": recipient,
-                            "role": row["role"],
-                            "channel": channel,
-                            "address": address,
-                            "kind": "referral_overdue",
-                            "status": "queued",
-                            "reason": f"referral {referral.referral_key} unanswered",
-                            "delivery_key": key,
-                        }
-                    ]
-                )
-                self._schedule(planned, row["message_id"], [], key)
+            self._tell_coordinators(
+                "referral_overdue",
+                self._rows(patient_key=patient_key),
+                context,
+                key_prefix=f"carehub-referral-overdue-{referral.id}",
+                patient_key=patient_key,
+                encounter_id=None,
+                about=f"referral {referral.referral_key.strip('|')}",
+            )
         if late:
             tracker.mark_alerted([r.id for r in late if r.id is not None], now)
+
+    def _tell_coordinators(
+        self,
+        kind: str,
+        earlier: list[dict[str, Any]],
+        context: dict[str, Any],
+        *,
+        key_prefix: str,
+        patient_key: str,
+        encounter_id: int | None,
+        about: str,
+    ) -> None:
+        """Send `kind` to each care coordinator among those told earlier (`earlier` are
+        notification rows), or record that nobody could be told and why."""
+        coordinators = {
+            (r["recipient"], r["channel"], r["address"]): r
+            for r in earlier
+            if r["role"] in self.config.coordinator_roles
+            and r["channel"] in self.destinations
+            and r["status"] in ("queued", "digest", "digested")
+        }
+        row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
+        if not coordinators:
+            reason = f"no care coordinator on record for {about}"
+            self._insert_rows(
+                [
+                    {
+                        **row,
+                        "message_id": None,
+                        "recipient": "-",
+                        "role": None,
+                        "channel": None,
+                        "address": None,
+                        "status": "suppressed",
+                        "reason": reason,
+                    }
+                ]
+            )
+            return
+        for (recipient, channel, address), told in coordinators.items():
+            subject, body = self.render(kind, channel, context)
+            key = f"{key_prefix}-{_safe(recipient)}"
+            self._insert_rows(
+                [
+                    {
+                        **row,
+                        "message_id": told["message_id"],
+                        "recipient": recipient,
+                        "role": told["role"],
+                        "channel": channel,
+                        "address": address,
+                        "status": "queued",
+                        "reason": f"{about} overdue",
+                        "delivery_key": key,
+                    }
+                ]
+            )
+            planned = self._planned(kind, channel, address, subject, body, key, patient_key)
+            self._schedule(planned, told["message_id"], [], key)
+
+    def _planned(
+        self,
+        kind: str,
+        channel: str,
+        address: str,
+        subject: str,
+        body: str,
+        key: str,
+        order_key: str,
+    ) -> PlannedDelivery:
+        destination = self.destinations[channel]
+        return PlannedDelivery(
+            self.route,
+            destination.name,
+            destination.channel.name,
+            Outgoing(
+                body.encode(),
+                "text/plain; charset=utf-8",
+                key,
+                {"to": address, "subject": subject, "kind": kind},
+            ),
+            order_key,
+            self.config.retry.max_attempts,
+        )
 
     # -- persistence ----------------------------------------------------------------------
     def _record(
