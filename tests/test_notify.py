@@ -61,12 +61,7 @@ ROSTER = "\n".join(
     ]
 )
 PROVIDERS = """\
-providers:
-  "1234567893":
-    name: Dr Ann Attend
-    kind: practitioner
-    channel: email
-    address: attend@hospital.test
+providers: {}
 facilities:
   SNF1: {name: Test Skilled Nursing, kind: snf, channel: email, address: intake@snf.test}
 """
@@ -299,7 +294,6 @@ def adt(
     disposition: str = "",
     discharged_to: str = "",
     discharged_at: str = "",
-    diagnosis: bool = True,
 ) -> str:
     """A synthetic ADT message with what the care route reads: PD1-12 (opt-out), PV1-2,
     PV1-3 (with the facility), PV1-7, PV1-19, PV1-36/37 and PV1-44/45, and a DG1."""
@@ -318,9 +312,8 @@ def adt(
         f"PID|1||{patient}^^^HOSP^MR||Tester^Pat||19600101|F",
         "PD1" + "|" * 12 + opt_out,
         "|".join(pv1).rstrip("|"),
+        "DG1|1||R07.9^Chest pain, unspecified^I10||20261125|A",
     ]
-    if diagnosis:
-        segments.append("DG1|1||R07.9^Chest pain, unspecified^I10||20261125|A")
     return "\r".join(segments) + "\r"
 
 
