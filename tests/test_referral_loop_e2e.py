@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -91,9 +92,26 @@ def test_a_referral_goes_out_is_accepted_and_closes(loop: tuple[HubThread, FhirS
         ("RRI^I12", "accepted", True),
         ("webhook", "completed", True),
     ]
-    # Every delivery to the organisation went through; nothing is left pending.
+    # The FHIR transaction went through: nothing for the platform is left pending.
     pending = Outbox(running.store).find(status="pending", limit=None)
-    assert [d for d in pending if d.route == "sdoh-referrals"] == []
+    assert [d for d in pending if d.destination.endswith("cbo-platform")] == []
+
+    # The referrer hears of each answer once: the RRI through its route, the HTTP update
+    # from the periodic work (run twice here: still once).
+    def referrer_notices() -> list[str]:
+        return sorted(
+            d.metadata["subject"]
+            for d in Outbox(running.store).find(limit=None)
+            if d.metadata.get("to") == "haddad@riverside-gh.example.org"
+        )
+
+    wait_for(lambda: len(referrer_notices()) == 1, what="the acceptance told to the referrer")
+    running.hub.table.tick(datetime.now(UTC))
+    running.hub.table.tick(datetime.now(UTC))
+    assert [s.split(" by ")[0] for s in referrer_notices()] == [
+        f"Referral {made.referral_key.strip('|')} accepted",
+        f"Referral {made.referral_key.strip('|')} completed",
+    ]
 
 
 def test_an_update_after_the_loop_closed_is_refused_with_its_reason(

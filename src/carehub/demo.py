@@ -459,3 +459,8 @@ def _print_referrals(hub: Hub, platform: CarePlatform) -> None:
         f"\n  the community platform received {len(platform.fhir)} FHIR transaction(s) "
         "(Gravity ServiceRequest + Task)"
     )
+    notices = [m for m in platform.mail if "eferral" in str(m["Subject"])]
+    for mail in notices:
+        console.print(Text(f"  email to {mail['To']}: {mail['Subject']}"))
+    if notices:
+        console.print(Text("  e.g. " + notices[0].get_content().strip().replace("\n", "\n       ")))

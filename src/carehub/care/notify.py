@@ -19,7 +19,6 @@ an admission is not told again, and a cancel sends a correction to exactly those
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
@@ -29,13 +28,13 @@ from typing import Any, Literal
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key
-from carehub.store.schema import deliveries, encounters, notifications
+from carehub.store.outbox import Outbox
+from carehub.store.schema import encounters, notifications
 
 BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
 KIND_LABELS = {
@@ -581,42 +580,13 @@ class Notifier:
     def _schedule(
         self, planned: PlannedDelivery, message_id: int | None, digested: list[int], key: str
     ) -> None:
-        """Put a delivery carehub itself decided on (digest, overdue alert) in the outbox."""
+        """Put a delivery carehub itself decided on (digest, overdue alert) in the outbox;
+        digested rows are marked in the same transaction."""
         store = self.context.store
         if store is None or message_id is None:
             return
-        now = datetime.now(UTC)
-        with contextlib.suppress(IntegrityError), store.engine.begin() as conn:
-            # IntegrityError: another worker inserted the same key first; it is sent once.
-            exists = conn.execute(
-                select(deliveries.c.id).where(deliveries.c.idempotency_key == key)
-            ).first()
-            if exists is None:
-                conn.execute(
-                    insert(deliveries),
-                    {
-                        "message_id": message_id,
-                        "run": 0,
-                        "route": planned.route,
-                        "destination": planned.destination,
-                        "channel": planned.channel,
-                        "idempotency_key": key,
-                        "order_key": planned.order_key,
-                        "payload": planned.outgoing.payload,
-                        "content_type": planned.outgoing.content_type,
-                        "metadata": json.dumps(planned.outgoing.metadata),
-                        "status": "pending",
-                        "attempts": 0,
-                        "max_attempts": planned.max_attempts,
-                        "not_before": now,
-                        "lease_until": None,
-                        "last_error": None,
-                        "receipt": None,
-                        "created_at": now,
-                        "updated_at": now,
-                        "accepted_at": None,
-                    },
-                )
+        with store.engine.begin() as conn:
+            Outbox(store).schedule(planned, message_id, conn)
             if digested:
                 conn.execute(
                     update(notifications)

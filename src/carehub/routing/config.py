@@ -31,7 +31,16 @@ from carehub.config import _expand_tree, _line_of, _loc_text
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
 
-STEP_KINDS = ("translate", "enrich", "transform", "validate", "filter", "forward", "notify")
+STEP_KINDS = (
+    "translate",
+    "enrich",
+    "transform",
+    "validate",
+    "filter",
+    "forward",
+    "notify",
+    "notify-referral",
+)
 
 
 class _Strict(BaseModel):
@@ -65,6 +74,7 @@ class StepConfig(_Strict):
     filter: When | None = None
     forward: dict[str, Any] | None = None
     notify: dict[str, Any] | None = None
+    notify_referral: dict[str, Any] | None = Field(None, alias="notify-referral")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -90,7 +100,9 @@ class StepConfig(_Strict):
     @property
     def kind(self) -> str:
         for kind in STEP_KINDS:
-            attribute = "validate_" if kind == "validate" else kind
+            attribute = {"validate": "validate_", "notify-referral": "notify_referral"}.get(
+                kind, kind
+            )
             if getattr(self, attribute) is not None:
                 return kind
         raise AssertionError("validated step without a kind")

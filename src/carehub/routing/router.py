@@ -146,7 +146,7 @@ class Router:
                     result.steps.append(
                         StepRecord(route.name, position, step.label, "ok", "passed")
                     )
-                elif step.kind == "notify":
+                elif step.kind in ("notify", "notify-referral"):
                     assert step.notifier is not None
                     planned, decisions = step.notifier.plan(work, run)
                     result.deliveries.extend(planned)

@@ -17,6 +17,7 @@ from carehub.components import Channel, Component, ComponentContext, Enricher, T
 from carehub.config import _loc_text
 from carehub.errors import ConfigError
 from carehub.plugins import PluginHost
+from carehub.referrals.notices import ReferralNoticeConfig, ReferralNotifier
 from carehub.routing.conditions import When
 from carehub.routing.config import ForwardConfig, LoadedRoute, RetryPolicy, RouteSource
 
@@ -40,7 +41,7 @@ class BoundStep:
     component: Component | None = None
     condition: When | None = None
     destination: Destination | None = None
-    notifier: Notifier | None = None
+    notifier: Notifier | ReferralNotifier | None = None
 
 
 @dataclass(slots=True)
@@ -69,7 +70,7 @@ class RouteTable:
                     built += [d.channel for d in step.notifier.destinations.values()]
         return built
 
-    def notifiers(self) -> list[Notifier]:
+    def notifiers(self) -> list[Notifier | ReferralNotifier]:
         return [s.notifier for r in self.routes for s in r.steps if s.notifier is not None]
 
     def attach_store(self, store: MessageStore) -> None:
@@ -108,9 +109,11 @@ def bind_routes(
             if kind == "filter":
                 steps.append(BoundStep("filter", "filter", condition=step.filter))
                 continue
-            if kind == "notify":
-                notifier = _bind_notify(
-                    step.notify or {}, config.name, position, host, context, item.source, loc
+            if kind in ("notify", "notify-referral"):
+                bind = _bind_notify if kind == "notify" else _bind_referral_notify
+                settings = step.notify if kind == "notify" else step.notify_referral
+                notifier = bind(
+                    settings or {}, config.name, position, host, context, item.source, loc
                 )
                 for destination in notifier.destinations.values():
                     if destination.name in table.destinations:
@@ -119,7 +122,7 @@ def bind_routes(
                             f"{destination.name!r} is used twice"
                         )
                     table.destinations[destination.name] = destination
-                steps.append(BoundStep("notify", "notify", notifier=notifier))
+                steps.append(BoundStep(kind, kind, notifier=notifier))
                 continue
             if kind == "forward":
                 destination = _bind_forward(
@@ -214,6 +217,34 @@ def _bind_notify(
             forward, route, position, host, context, source, (*loc, "channels", key)
         )
     return Notifier(route, config, destinations, context)
+
+
+def _bind_referral_notify(
+    settings: dict[str, Any],
+    route: str,
+    position: int,
+    host: PluginHost,
+    context: ComponentContext,
+    source: RouteSource,
+    loc: tuple[Any, ...],
+) -> ReferralNotifier:
+    try:
+        config = ReferralNoticeConfig.model_validate(settings)
+    except ValidationError as err:
+        raise ConfigError(_errors(err, source, route, loc)) from None
+    destinations = {
+        key: _bind_forward(
+            {"name": f"notify-referral-{key}", "retry": config.retry.model_dump(), **channel},
+            route,
+            position,
+            host,
+            context,
+            source,
+            (*loc, "channels", key),
+        )
+        for key, channel in config.channels.items()
+    }
+    return ReferralNotifier(route, config, destinations, context)
 
 
 def _build(

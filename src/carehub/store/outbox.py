@@ -9,6 +9,7 @@ claimed while an earlier one is still pending.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from carehub.store.schema import (
@@ -30,7 +32,7 @@ from carehub.store.schema import (
 from carehub.store.store import MessageStore, _aware
 
 if TYPE_CHECKING:
-    from carehub.routing.router import RoutingResult
+    from carehub.routing.router import PlannedDelivery, RoutingResult
 
 
 @dataclass(slots=True, frozen=True)
@@ -213,6 +215,48 @@ class Outbox:
             if planned:
                 conn.execute(insert(deliveries), planned)
         return list(chosen)
+
+    def schedule(self, planned: PlannedDelivery, message_id: int, conn: Any = None) -> bool:
+        """Put a delivery carehub decided on by itself (a digest, an overdue alert, a notice
+        of an answer that came over HTTP) in the outbox, filed under ``message_id``. Its
+        idempotency key makes this once-only: False when that key is already there."""
+        now = _now()
+        row = {
+            "message_id": message_id,
+            "run": 0,  # not from a routing run
+            "route": planned.route,
+            "destination": planned.destination,
+            "channel": planned.channel,
+            "idempotency_key": planned.outgoing.idempotency_key,
+            "order_key": planned.order_key,
+            "payload": planned.outgoing.payload,
+            "content_type": planned.outgoing.content_type,
+            "metadata": json.dumps(planned.outgoing.metadata),
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 0,
+            "max_attempts": planned.max_attempts,
+            "not_before": now,
+            "lease_until": None,
+            "last_error": None,
+            "receipt": None,
+            "created_at": now,
+            "updated_at": now,
+            "accepted_at": None,
+        }
+        key = planned.outgoing.idempotency_key
+        try:
+            with contextlib.ExitStack() as stack:
+                if conn is None:
+                    conn = stack.enter_context(self.engine.begin())
+                exists = conn.execute(
+                    select(deliveries.c.id).where(deliveries.c.idempotency_key == key)
+                ).first()
+                if exists is not None:
+                    return False
+                conn.execute(insert(deliveries), row)
+                return True
+        except IntegrityError:  # another worker inserted the same key first: sent once
+            return False
 
     def unrouted_message_ids(
         self, limit: int | None = None, received_before: datetime | None = None

@@ -1,0 +1,513 @@
+"""The notify-referral step: tell the parties of a closed-loop referral, minimum necessary.
+
+    - notify-referral:
+        channels:                       # a recipient's channel -> how carehub sends on it
+          email: {channel: email, host: smtp.example.org, sender: referrals@example.org}
+          sms: {channel: sms, url: "${SMS_GATEWAY_URL}"}
+        providers: care/providers.yaml  # the referring provider's channel, by NPI
+        organizations:                  # where a CBO gets a new referral when HSDS has no email
+          scfb: intake@foodbank.example.org         # by HSDS organization id ...
+          Springfield Community Food Bank: intake@foodbank.example.org   # ... or by name
+        templates: referrals/templates  # optional: overrides of the built-in texts
+        tell: [referrer, organization]
+
+Two gaps in the referral loop are closed here, both read from what earlier steps found
+(``work.data["referral"]`` from referral-state, ``work.data["community_resources"]`` from
+community-resources):
+
+- **referrer**: when the receiving side's answer moved the referral
+  (``ReferralTransition.notify_referrer``), the referring provider hears it on the channel the
+  provider directory lists for the referring NPI. That is what "closing the loop" means.
+- **organization**: a new referral goes by email to the chosen community organisation: the one
+  the referral names (PRD role RT), else the top ranked match; never a higher-ranked *other*
+  organisation, since consent covers the one chosen. The address is that organisation's match
+  email when the HSDS directory has one, else the ``organizations`` fallback for its id or
+  name. A CBO is usually not a covered entity, so the text is the HIPAA minimum necessary for
+  intake: the patient's name, date of birth and phone,
+  the need *categories* (never the Z codes or any other diagnosis, never the free-text reason),
+  the referral id, the referrer's contact and the consent line.
+
+Like the notify step, this only *plans* deliveries; the router commits them with the route and
+the outbox sends them with retries. Nothing is written to ``notifications`` (that table is the
+encounter notices' history): a referral notice is decided by one message, so the delivery key
+(message id + routing run + destination + recipient + kind) is all the dedup it needs, and the
+outbox refuses a key it already holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from carehub.builtins.event_translator import translate_v2_to_event
+from carehub.care.roster import DirectoryEntry, ProviderDirectory
+from carehub.components import ComponentContext, Outgoing, Work
+from carehub.referrals.state import ReferralTransition
+from carehub.routing.config import RetryPolicy
+from carehub.routing.router import PlannedDelivery, idempotency_key, order_key
+from carehub.store.outbox import Outbox
+from carehub.store.schema import referral_events
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "NoticeDecision",
+    "ReferralNoticeConfig",
+    "ReferralNotifier",
+]
+
+#: Built-in texts: ``<kind>.<channel>.txt`` wins over ``<kind>.txt``; a first line
+#: ``Subject: ...`` is the subject. Kept here (not under care/templates) because they belong
+#: to this step; a ``templates`` folder overrides them by name.
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "referral_new.txt": """\
+Subject: New referral {{ referral_id }} from {{ referrer.name }}
+{{ organization }}:
+
+{{ referrer.name }} has referred a patient to you.
+
+Referral: {{ referral_id }}
+Patient: {{ patient_name }}
+Date of birth: {{ birth_date or "not given" }}
+Phone: {{ phone or "not given" }}
+Needs: {{ needs | join(", ") if needs else "not stated" }}
+
+Consent: the patient agreed to this referral (recorded by {{ referrer.name }})
+
+Referrer contact: {{ referrer.name }}
+{%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
+{%- if referrer.contact %} ({{ referrer.contact }}){% endif %}
+
+
+Please tell the referrer whether you accept the referral, quoting referral {{ referral_id }}.
+""",
+    "referral_status.txt": """\
+Subject: Referral {{ referral_id }} {{ status_label }} by {{ organization }}
+{{ referrer.name }}:
+
+{{ organization }} has {{ status_verb }} your referral {{ referral_id }} for {{ patient_name }}
+{%- if birth_date %} (born {{ birth_date }}){% endif %}.
+
+Status: {{ status_label }}{% if from_label %} (was {{ from_label }}){% endif %}
+
+{% if note %}
+
+Note from {{ organization }}: {{ note }}
+{% endif %}
+""",
+    # SMS is not a secure channel: no patient name or birth date, only what lets the
+    # provider find the referral in their own records.
+    "referral_status.sms.txt": """\
+carehub: referral {{ referral_id }} {{ status_label }} by {{ organization }}. \
+Details in your referral records.
+""",
+}
+
+Party = Literal["referrer", "organization"]
+
+#: Task status -> how a notice says it (FHIR's words are not always the ones people use).
+STATUS_LABELS: dict[str, str] = {
+    "received": "received",
+    "accepted": "accepted",
+    "rejected": "declined",
+    "in-progress": "in progress",
+    "on-hold": "on hold",
+    "completed": "completed",
+    "failed": "not completed",
+    "cancelled": "cancelled",
+    "requested": "sent",
+}
+STATUS_VERBS: dict[str, str] = {
+    "received": "received",
+    "accepted": "accepted",
+    "rejected": "declined",
+    "in-progress": "started work on",
+    "on-hold": "put on hold",
+    "completed": "completed",
+    "failed": "could not complete",
+    "cancelled": "cancelled",
+}
+
+
+class ReferralNoticeConfig(BaseModel):
+    """Options of a ``notify-referral`` step (unknown keys are errors, as in every step)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channels: dict[str, dict[str, Any]] = Field(min_length=1)
+    #: Provider directory (see carehub.care.roster), relative to the config folder.
+    providers: str | None = None
+    #: Fallback address per HSDS organization id or organisation name (case-insensitive).
+    organizations: dict[str, str] = Field(default_factory=dict)
+    templates: str | None = None
+    tell: list[Party] = Field(default_factory=lambda: ["referrer", "organization"], min_length=1)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    reload_seconds: float = Field(5.0, ge=0)
+
+
+@dataclass(slots=True)
+class NoticeDecision:
+    """One party considered for one notice: queued (a delivery was planned) or suppressed,
+    with the reason; the step's output, so a dry run shows why someone was not told."""
+
+    recipient: str
+    role: Party
+    channel: str | None
+    address: str | None
+    kind: str  # referral_status | referral_new
+    status: str  # queued | suppressed
+    reason: str | None = None
+    delivery_key: str | None = None
+    name: str = ""
+
+    def output(self) -> dict[str, Any]:
+        return {
+            "recipient": self.recipient,
+            "role": self.role,
+            "channel": self.channel,
+            "kind": self.kind,
+            "status": self.status,
+            "reason": self.reason,
+            "delivery_key": self.delivery_key,
+        }
+
+
+class ReferralNotifier:
+    """Built once per notify-referral step; the same ``plan``/``destinations``/``tick``
+    surface as :class:`carehub.care.notify.Notifier`, so the router and the route table treat
+    both alike."""
+
+    def __init__(
+        self,
+        route: str,
+        config: ReferralNoticeConfig,
+        destinations: dict[str, Any],
+        context: ComponentContext,
+    ) -> None:
+        self.route = route
+        self.config = config
+        self.destinations = destinations  # recipient channel -> Destination
+        self.context = context
+        self.directory: ProviderDirectory | None = None
+        if config.providers:
+            # Loaded now: a missing or broken directory is a start-up error, not a silent
+            # "referrer not found" on every answer.
+            self.directory = ProviderDirectory(
+                context.path(config.providers), config.reload_seconds
+            )
+            self.directory.load()
+        self._fallback = {k.strip().casefold(): v.strip() for k, v in config.organizations.items()}
+        loaders: list[jinja2.BaseLoader] = []
+        if config.templates:
+            loaders.append(jinja2.FileSystemLoader(str(context.path(config.templates))))
+        loaders.append(jinja2.DictLoader(DEFAULT_TEMPLATES))
+        self.templates = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(loaders),
+            autoescape=False,  # plain text for email bodies and SMS, not HTML
+            undefined=jinja2.ChainableUndefined,
+            trim_blocks=True,
+            keep_trailing_newline=False,
+        )
+
+    # -- routing time ---------------------------------------------------------------------
+    def plan(self, work: Work, run: int) -> tuple[list[PlannedDelivery], list[dict[str, Any]]]:
+        """Deliveries for this message (none for most referral messages) and every decision."""
+        transition = work.data.get("referral")
+        if isinstance(transition, dict):
+            transition = ReferralTransition.from_output(transition)
+        if not isinstance(transition, ReferralTransition):
+            raise ValueError(
+                "notify-referral needs the referral-state enricher earlier in the route"
+            )
+        if self.directory is not None:
+            self.directory.refresh()
+        decisions: list[NoticeDecision] = []
+        if not transition.accepted:
+            return [], []  # refused updates changed nothing: nobody is told anything
+        if "referrer" in self.config.tell and transition.notify_referrer:
+            decisions.append(self._referrer(transition))
+        if "organization" in self.config.tell and transition.action == "created":
+            decisions.append(self._organization(work, transition))
+        planned = [self._deliver(work, transition, d, run) for d in decisions if _sendable(d)]
+        return planned, [d.output() for d in decisions]
+
+    def _referrer(self, transition: ReferralTransition) -> NoticeDecision:
+        npi = _referring_npi(transition.summary)
+        name = transition.summary.get("referring_name") or "the referring provider"
+        decision = NoticeDecision(
+            f"npi:{npi}" if npi else "referrer:unknown",
+            "referrer",
+            None,
+            None,
+            "referral_status",
+            "suppressed",
+            name=name,
+        )
+        if not npi:
+            decision.reason = "the referral names no referring provider NPI"
+            return decision
+        entry = self.directory.by_npi(npi) if self.directory is not None else None
+        if entry is None:
+            decision.reason = f"referring NPI {npi} not in the provider directory"
+            return decision
+        decision.name = entry.name
+        return self._route_to(decision, entry.channel, entry.address)
+
+    def _organization(self, work: Work, transition: ReferralTransition) -> NoticeDecision:
+        named = _referred_to_org(transition.summary)
+        match = _chosen_match(work, named)
+        org_name = (match or {}).get("organization") or named
+        org_id = (match or {}).get("organization_id")
+        decision = NoticeDecision(
+            f"org:{org_id or org_name or 'unknown'}",
+            "organization",
+            "email",
+            None,
+            "referral_new",
+            "suppressed",
+            name=org_name or "",
+        )
+        if not org_name and not org_id:
+            decision.reason = "no community organisation chosen (no referred-to party, no match)"
+            return decision
+        address = _match_email(match) or self._fallback_address(
+            org_id, org_name, (match or {}).get("service_id")
+        )
+        if not address:
+            decision.reason = (
+                f"no email for {org_name or org_id}: none in the directory and no "
+                "'organizations' fallback on the step"
+            )
+            return decision
+        return self._route_to(decision, "email", address)
+
+    def _route_to(self, decision: NoticeDecision, channel: str, address: str) -> NoticeDecision:
+        decision.channel, decision.address = channel or None, address or None
+        if not channel or not address:
+            decision.reason = f"{decision.name} has no {channel or 'delivery'} address"
+        elif channel not in self.destinations:
+            decision.reason = f"no {channel!r} channel on the notify-referral step"
+        else:
+            decision.status = "queued"
+        return decision
+
+    def _fallback_address(self, *keys: str | None) -> str | None:
+        for key in keys:
+            if key and (found := self._fallback.get(key.strip().casefold())):
+                return found
+        return None
+
+    def _deliver(
+        self,
+        work: Work,
+        transition: ReferralTransition,
+        decision: NoticeDecision,
+        run: int,
+        key: str | None = None,
+    ) -> PlannedDelivery:
+        assert decision.channel is not None and decision.address is not None
+        destination = self.destinations[decision.channel]
+        key = key or idempotency_key(
+            work.message.id, run, f"{destination.name}/{decision.recipient}/{decision.kind}"
+        )
+        decision.delivery_key = key
+        context = self._context(work, transition, decision)
+        subject, body = self.render(decision.kind, decision.channel, context)
+        metadata = {
+            "to": decision.address,
+            "subject": subject,
+            "recipient_name": decision.name,
+            "kind": decision.kind,
+        }
+        reply_to = context["referrer"].get("email")
+        if decision.role == "organization" and reply_to:
+            metadata["reply_to"] = reply_to  # the CBO's answer goes to the referrer
+        return PlannedDelivery(
+            route=self.route,
+            destination=destination.name,
+            channel=destination.channel.name,
+            outgoing=Outgoing(body.encode("utf-8"), "text/plain; charset=utf-8", key, metadata),
+            order_key=transition.patient_key or order_key(work.message),
+            max_attempts=self.config.retry.max_attempts,
+        )
+
+    def render(self, kind: str, channel: str, context: dict[str, Any]) -> tuple[str, str]:
+        """(subject, body) from ``<kind>.<channel>.txt``, else ``<kind>.txt``."""
+        template = self.templates.select_template([f"{kind}.{channel}.txt", f"{kind}.txt"])
+        text = template.render(**context).strip()
+        subject = ""
+        if text.startswith("Subject:"):
+            first, _, text = text.partition("\n")
+            subject = first.removeprefix("Subject:").strip()
+        return subject, text.strip() + "\n"
+
+    def _context(
+        self, work: Work, transition: ReferralTransition, decision: NoticeDecision
+    ) -> dict[str, Any]:
+        """Template variables. Deliberately a short allow-list (no event, no diagnoses, no
+        reason text): a template override cannot leak what it is never given."""
+        summary = transition.summary
+        patient = summary.get("patient") or {}
+        event_patient = work.event.patient if work.event is not None else None
+        status = transition.status or ""
+        if decision.role == "organization":
+            organization = decision.name
+        else:
+            organization = summary.get("referred_to_name") or "the receiving organisation"
+        resources = work.data.get("community_resources") or {}
+        needs = [n.get("label") or n.get("category") for n in resources.get("needs") or []]
+        return {
+            "referral_id": summary.get("referral_id")
+            or (transition.referral_key or "").lstrip("|"),
+            "patient_name": summary.get("patient_name") or "the patient",
+            "birth_date": patient.get("birth_date"),
+            "phone": event_patient.phone if event_patient is not None else None,
+            "needs": [n for n in needs if n],
+            "organization": organization,
+            "referrer": self._referrer_contact(summary),
+            "status": status,
+            "status_label": STATUS_LABELS.get(status, status.replace("-", " ")),
+            "status_verb": STATUS_VERBS.get(status, f"updated ({status})"),
+            "from_label": STATUS_LABELS.get(transition.from_status or "", ""),
+            "note": _responder_note(work, transition),
+        }
+
+    def _referrer_contact(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """How the organisation reaches the referrer: the directory entry first (it is what the
+        practice asked to be contacted on), else the phone or address sent in PRD."""
+        practitioner = (summary.get("referring") or {}).get("practitioner") or {}
+        npi = _referring_npi(summary)
+        entry: DirectoryEntry | None = (
+            self.directory.by_npi(npi) if self.directory is not None and npi else None
+        )
+        name = (entry.name if entry else None) or summary.get("referring_name") or "the referrer"
+        organization = entry.organization if entry else ""
+        email = entry.address if entry and entry.channel == "email" else None
+        contact = email or (entry.address if entry and entry.channel == "sms" else None)
+        if not contact:
+            contact = practitioner.get("phone") or _one_line_address(practitioner.get("address"))
+        return {"name": name, "organization": organization, "contact": contact, "email": email}
+
+    def tick(self, now: datetime) -> None:
+        """Answers that arrived without an HL7 message (POST /referrals/{key}/status, a
+        polled FHIR Task) are told to the referrer here. The delivery key names the update,
+        so each is told once however often this runs. (Overdue referrals are alerted by the
+        notify step.)"""
+        store = self.context.store
+        if store is None or "referrer" not in self.config.tell:
+            return
+        since = now - ANSWER_LOOKBACK
+        with store.engine.connect() as conn:
+            answers = conn.execute(
+                select(referral_events)
+                .where(
+                    referral_events.c.source.in_(("webhook", "fhir-task-poll")),
+                    referral_events.c.accepted.is_(True),
+                    referral_events.c.at >= since,
+                )
+                .order_by(referral_events.c.id)
+            ).all()
+            originals = {
+                row.referral_id: row.first
+                for row in conn.execute(
+                    select(
+                        referral_events.c.referral_id,
+                        func.min(referral_events.c.message_id).label("first"),
+                    )
+                    .where(referral_events.c.referral_id.in_({a.referral_id for a in answers}))
+                    .group_by(referral_events.c.referral_id)
+                )
+            }
+        outbox = Outbox(store)
+        for answer in answers:
+            detail = json.loads(answer.detail) if answer.detail else {}
+            if "result" not in detail or originals.get(answer.referral_id) is None:
+                continue
+            transition = ReferralTransition.from_output(detail["result"])
+            message = store.get(originals[answer.referral_id])
+            if not transition.notify_referrer or message is None:
+                continue
+            work = Work(message=message, route=self.route, v2=message.text)
+            with contextlib.suppress(Exception):  # the referral's own message, for context
+                work.event = translate_v2_to_event(work.view)
+            decision = self._referrer(transition)
+            if _sendable(decision):
+                # One key per update and recipient, whichever route's step gets there first.
+                key = f"carehub-referral-answer-{answer.id}-{decision.recipient}"
+                planned = self._deliver(work, transition, decision, 0, key)
+                outbox.schedule(planned, message.id)
+
+
+#: How far back tick() looks for answers that came in over HTTP or a FHIR poll.
+ANSWER_LOOKBACK = timedelta(days=2)
+
+
+def _sendable(decision: NoticeDecision) -> bool:
+    return decision.status == "queued"
+
+
+def _referring_npi(summary: dict[str, Any]) -> str | None:
+    practitioner = (summary.get("referring") or {}).get("practitioner") or {}
+    npi = str(practitioner.get("id") or "").strip()
+    id_type = (practitioner.get("id_type") or "NPI").upper()
+    return npi if npi and id_type == "NPI" else None
+
+
+def _referred_to_org(summary: dict[str, Any]) -> str | None:
+    """The organisation the referral itself names (PRD with role RT), if any."""
+    organization = (summary.get("referred_to") or {}).get("organization") or {}
+    name = organization.get("name")
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def _chosen_match(work: Work, named: str | None) -> dict[str, Any] | None:
+    """The ranked service that stands for the chosen organisation. When the referral names an
+    organisation, only a match *of that organisation* counts, even if another ranks higher:
+    the patient agreed to be referred there, and their details must not go anywhere else.
+    Only a referral that names nobody goes to the top match."""
+    matches = [
+        m
+        for m in (work.data.get("community_resources") or {}).get("matches") or []
+        if isinstance(m, dict)
+    ]
+    if named is None:
+        return matches[0] if matches else None
+    wanted = named.casefold()
+    return next(
+        (m for m in matches if str(m.get("organization") or "").strip().casefold() == wanted),
+        None,
+    )
+
+
+def _match_email(match: dict[str, Any] | None) -> str | None:
+    """The service's or its organisation's email, when the HSDS directory gives one."""
+    if not match:
+        return None
+    for key in ("email", "organization_email"):
+        value = match.get(key)
+        if isinstance(value, str) and "@" in value:
+            return value.strip()
+    return None
+
+
+def _responder_note(work: Work, transition: ReferralTransition) -> str | None:
+    """What the receiving side said with its answer (NTE in an RRI, or a webhook's note)."""
+    if transition.note:
+        return transition.note
+    event = work.event
+    if event is not None and event.kind == "referral_response" and event.referral is not None:
+        return " ".join(n.strip() for n in event.referral.notes if n.strip()) or None
+    return None
+
+
+def _one_line_address(address: dict[str, Any] | None) -> str | None:
+    if not address:
+        return None
+    parts = [address.get(k) for k in ("line1", "line2", "city", "state", "postal_code")]
+    return ", ".join(p for p in parts if p) or None
