@@ -54,6 +54,9 @@ class HttpChannel(Channel):
             verify=getattr(options, "verify_tls", True),
             follow_redirects=False,
             headers={"User-Agent": "carehub"},
+            # Keep as many connections alive as the worker may have sends in flight to one
+            # destination; httpx's default of 20 made it reconnect under load.
+            limits=httpx.Limits(max_connections=128, max_keepalive_connections=128),
         )
 
     async def close(self) -> None:
