@@ -412,7 +412,7 @@ async def _close_a_referral(hub: Hub) -> None:
             json={"status": "completed", "note": "Enrolled in the weekly food box programme"},
         )
     console.print(
-        f"\n[bold]The food bank reports back[/bold] over HTTP: POST /referrals/{key}/status "
+        f"\n[bold]The food bank reports back[/bold] over HTTP: POST /referrals/{quote(key)}/status "
         f"completed -> HTTP {answer.status_code}"
     )
 

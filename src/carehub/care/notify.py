@@ -288,7 +288,7 @@ class Notifier:
     def _template_context(
         self, work: Work, transition: Transition, decision: Decision
     ) -> dict[str, Any]:
-        event = work.event.model_dump(mode="json") if work.event is not None else {}
+        event = work.event_json() or {}
         context = event_context(event)
         default = "minimum" if decision.channel in MINIMUM_BY_DEFAULT else "full"
         detail = self.config.detail.get(decision.channel or "", default)
@@ -310,7 +310,7 @@ class Notifier:
             # follow-up-clock hands over FollowupItems (dicts accepted too): was dicts only,
             # so discharge notices never showed the due dates.
             followups=[
-                {"kind": _field(f, "kind"), "due": str(_field(f, "due_at") or "")[:10]}
+                {"kind": _field(f, "kind"), "due": _local_day(_field(f, "due_at"), event)}
                 for f in followups
             ],
         )
@@ -373,7 +373,7 @@ class Notifier:
                 followup_kind="interactive contact"
                 if alert.kind == "contact"
                 else "follow-up visit",
-                due=_aware(alert.due_at).strftime("%Y-%m-%d"),
+                due=_local_day(alert.due_at, snapshot),
             )
             self._tell_coordinators(
                 "followup_overdue",
@@ -625,6 +625,28 @@ def event_context(event: dict[str, Any]) -> dict[str, Any]:
         "disposition": encounter.get("discharge_disposition"),
         "discharged_to": encounter.get("discharged_to_name") or encounter.get("discharged_to"),
     }
+
+
+def _local_day(due: Any, event: dict[str, Any]) -> str:
+    """A due date as the hospital's calendar day: due times are stored in UTC, and the end of
+    a local day is already the next day in UTC west of Greenwich. The hospital's offset is
+    taken from the event's own times."""
+    if isinstance(due, str):
+        try:
+            due = datetime.fromisoformat(due)
+        except ValueError:
+            return due[:10]
+    if not isinstance(due, datetime):
+        return ""
+    encounter = event.get("encounter") or {}
+    for text in (encounter.get("discharge_time"), event.get("occurred_at")):
+        try:
+            zone = datetime.fromisoformat(text).tzinfo if text else None
+        except (TypeError, ValueError):
+            zone = None
+        if zone is not None:
+            return _aware(due).astimezone(zone).strftime("%Y-%m-%d")
+    return _aware(due).strftime("%Y-%m-%d")
 
 
 def _recipient_context(decision: Decision, team: CareTeam | None) -> dict[str, Any]:
