@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ROUTE_BATCH = 100
 STOP_ROUTING = -1  # put in the inbox to end the routing loop
 RESULT_FLUSH_SECONDS = 0.05
+CLAIM_INTERVAL = 0.02  # seconds between claims while the hand still holds work
 RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
 LEASE = timedelta(minutes=5)  # a delivery held longer than this is put back in line
@@ -202,15 +203,19 @@ class Worker:
         """Claim deliveries in batches (a claim is one query however many it takes), keep
         them in hand, and start each as its destination has room."""
         settings = self.settings
-        last_flush = time.monotonic()
+        last_flush = last_claim = time.monotonic()
         while not self._stop.is_set():
             # Attempt results are written in groups: one transaction per send would cost
-            # more than the sends themselves.
-            due = time.monotonic() - last_flush >= RESULT_FLUSH_SECONDS
+            # more than the sends themselves. Store work runs on a helper thread so that
+            # waiting for SQLite's write lock never stalls the sends in flight on this loop.
+            now = time.monotonic()
+            due = now - last_flush >= RESULT_FLUSH_SECONDS
             if self._results and (due or len(self._results) >= RESULT_FLUSH_COUNT):
-                self._flush_results()
+                results, self._results = self._results, []
+                await asyncio.to_thread(self.outbox.finish, results)
                 last_flush = time.monotonic()
-            if len(self._claimed) < settings.delivery_concurrency:
+            hand_low = len(self._claimed) < settings.delivery_concurrency
+            if hand_low and (not self._claimed or now - last_claim >= CLAIM_INTERVAL):
                 want = 2 * settings.delivery_concurrency - len(self._claimed)
                 held = [d.id for d in self._claimed] + list(self._inflight)
                 # A destination with plenty in hand gets no more, so a slow one cannot fill
@@ -223,8 +228,9 @@ class Worker:
                     per_destination[destination] = per_destination.get(destination, 0) + 1
                 full = [d for d, n in per_destination.items() if n >= 2 * settings.per_destination]
                 self._claimed.extend(
-                    self.outbox.claim_due(want, LEASE, exclude_destinations=full, skip_ids=held)
+                    await asyncio.to_thread(self.outbox.claim_due, want, LEASE, None, full, held)
                 )
+                last_claim = time.monotonic()
             waiting: list[DeliveryRecord] = []
             for delivery in self._claimed:
                 room = (
