@@ -13,7 +13,7 @@ documented in docs/hooks/ with its arguments, when it is called and an example.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -87,4 +87,4 @@ def carehub_run_step(work: Work, step: str, run: Callable[[], Any]) -> Any:
     """
 
 
-__all__ = ["Generator", "hookimpl", "hookspec"]
+__all__ = ["hookimpl", "hookspec"]
