@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-intake bench-routing bench-care lint clean
 
 $(STAMP): pyproject.toml plugins/carehub-pager/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "carehub needs Python 3.11 or newer (set PYTHON=python3.11)")'
@@ -22,8 +22,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest plugins/carehub-pager/tests
 
-bench: $(STAMP)
+# All benchmarks (about 15 minutes); each also runs alone.
+bench: bench-intake bench-routing bench-care
+
+bench-intake: $(STAMP)
 	$(BIN)/python bench/bench_intake.py
+
+bench-routing: $(STAMP)
+	$(BIN)/python bench/bench_routing.py
+
+bench-care: $(STAMP)
+	$(BIN)/python bench/bench_care.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench plugins
