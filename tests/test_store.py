@@ -484,3 +484,27 @@ def test_sqlite_background_checkpoint_truncates_the_wal_on_close(tmp_path: Path)
         assert reopened.count() == 200
     finally:
         reopened.close()
+
+
+def test_database_errors_do_not_quote_message_contents(tmp_path: Path) -> None:
+    """Errors end up in logs; SQLAlchemy would otherwise print the statement's parameters."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from carehub.store.schema import message_events
+    from carehub.store.store import MessageStore, sqlite_url
+
+    store = MessageStore(sqlite_url(tmp_path))
+    store.migrate()
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(message_events),
+                {"message_id": 1, "at": None, "event": "x", "detail": "DOE^JANE MRN123"},
+            )
+    except SQLAlchemyError as err:
+        assert "DOE^JANE" not in str(err) and "MRN123" not in str(err)
+    else:
+        raise AssertionError("the insert should have failed (at is required)")
+    finally:
+        store.close()

@@ -225,11 +225,19 @@ class MessageStore:
     # -- lifecycle ------------------------------------------------------------------------
     def _create_engine(self, url: str, background_checkpoint: bool) -> Engine:
         if not self.is_sqlite:
-            return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            return create_engine(
+                url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True
+            )
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # hide_parameters: a database error must never print message bodies or identifiers
+        # into the logs (SQLAlchemy otherwise quotes the statement's parameters).
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            hide_parameters=True,
+        )
         synchronous = "FULL" if self.durability == "power" else "NORMAL"
 
         @event.listens_for(engine, "connect")
