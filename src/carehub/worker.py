@@ -298,6 +298,8 @@ class Worker:
                 retry_at,
             )
             self.failed_attempts += 1
+            # The error text can quote what the destination answered, which may echo the
+            # message: it goes to the store (attempt rows, dead letters), the log gets its kind.
             log.warning(
                 "delivery %d to %s failed (attempt %d of %d)%s: %s",
                 delivery.id,
@@ -305,7 +307,7 @@ class Worker:
                 attempt,
                 delivery.max_attempts,
                 "; dead letter" if final else "",
-                detail,
+                type(err).__name__ if not isinstance(err, DeliveryError) else _first_part(detail),
             )
             self.host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
@@ -324,6 +326,12 @@ class Worker:
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._flush_results()
+
+
+def _first_part(detail: str) -> str:
+    """'POST https://x/y: HTTP 500: <body>' -> 'POST https://x/y: HTTP 500' (no body text)."""
+    parts = detail.split(": ")
+    return ": ".join(parts[:2]) if len(parts) > 2 else detail[:120]
 
 
 def _ms(start: float) -> int:
