@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from rich.console import Console
 from rich.table import Table
@@ -15,6 +16,15 @@ from carehub.store.outbox import AttemptRow, DeliveryRecord, StepRow
 from carehub.store.store import StatusChange, StoredMessage
 
 _console = Console(highlight=False, soft_wrap=False)
+
+
+def new_console() -> Console:
+    """Made per command, so the terminal width (or $COLUMNS) is read when it runs."""
+    return Console(highlight=False, soft_wrap=False)
+
+
+def short_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else ""
 
 
 def _type_of(message: StoredMessage) -> str:

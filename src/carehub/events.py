@@ -10,7 +10,7 @@ data; every field but ``kind`` is optional because real feeds leave almost anyth
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -169,6 +169,15 @@ def parse_hl7_date(text: str | None) -> date | None:
 
 
 # -- building blocks ---------------------------------------------------------------------------
+
+
+def display_name(name: dict[str, Any] | None, *, with_prefix: bool = False) -> str | None:
+    """'Amara Okafor' (or 'Dr Samir Haddad') from a name in a care event's JSON form
+    (HumanName, or a Practitioner's given/family/prefix); None when it holds no name."""
+    if not name:
+        return None
+    parts = (name.get("prefix") if with_prefix else None, name.get("given"), name.get("family"))
+    return " ".join(p for p in parts if p) or None
 
 
 class _Model(BaseModel):

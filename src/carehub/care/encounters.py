@@ -65,7 +65,7 @@ from sqlalchemy import Connection, Engine, insert, or_, select, update
 from carehub.care.model import Transition, TransitionKind
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import CarehubError
-from carehub.events import CareEvent, Encounter, Identifier, Location
+from carehub.events import CareEvent, Encounter, Identifier, Location, display_name
 from carehub.store.schema import (
     encounter_events,
     encounters,
@@ -213,13 +213,6 @@ def _state_for_class(patient_class: str | None, default: str = "registered") -> 
     return default
 
 
-def _person_name(data: dict[str, Any] | None) -> str | None:
-    if not data:
-        return None
-    parts = (data.get("prefix"), data.get("given"), data.get("family"))
-    return " ".join(p for p in parts if p) or None
-
-
 def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The visit's care event after one more message: the new message wins, but what it leaves
     out (an A08 without DG1, a discharge without the attending) is kept from earlier ones.
@@ -250,7 +243,7 @@ def _transition_from(output: dict[str, Any]) -> Transition:
 def _patient_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
     patient = snapshot.get("patient") or {}
     return {
-        "patient_name": _person_name(patient.get("name")),
+        "patient_name": display_name(patient.get("name"), with_prefix=True),
         "name": patient.get("name"),
         "birth_date": patient.get("birth_date"),
         "sex": patient.get("sex"),
@@ -286,7 +279,7 @@ def _summary(
         "attending": enc.get("attending"),
         "admitting": enc.get("admitting"),
         "treating_practitioner": practitioner,
-        "treating_practitioner_name": _person_name(practitioner),
+        "treating_practitioner_name": display_name(practitioner, with_prefix=True),
         "admit_reason": enc.get("admit_reason"),
         "admit_time": enc.get("admit_time") or _iso(rec.opened_at),
         "opened_at": _iso(rec.opened_at),

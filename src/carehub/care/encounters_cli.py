@@ -9,22 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from carehub.cli import hub_options
 from carehub.config import HubConfig
+from carehub.display import new_console, short_time
 from carehub.errors import CarehubError
-
-
-def _console() -> Console:
-    """Made per command, so the terminal width (or $COLUMNS) is read when it runs."""
-    return Console(highlight=False, soft_wrap=False)
-
-
-def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M") if value is not None else ""
+from carehub.events import display_name
 
 
 @click.group()
@@ -68,7 +60,7 @@ def list_command(
         where = " ".join(p for p in (rec.facility, rec.location) if p)
         if rec.patient_class:
             where += f" ({rec.patient_class})"
-        discharged = _when(rec.discharged_at)
+        discharged = short_time(rec.discharged_at)
         if rec.disposition:
             discharged += f" [{rec.disposition}]"
         table.add_row(
@@ -77,11 +69,11 @@ def list_command(
             Text(rec.visit_key),
             rec.state,
             Text(where),
-            _when(rec.opened_at),
+            short_time(rec.opened_at),
             Text(discharged),
-            _when(rec.updated_at),
+            short_time(rec.updated_at),
         )
-    console = _console()
+    console = new_console()
     console.print(table)
     console.print(f"{len(found)} encounter(s)")
 
@@ -106,10 +98,9 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
         click.echo(json.dumps(timeline.as_output(), ensure_ascii=False, indent=2))
         return
 
-    console = _console()
+    console = new_console()
     rec = timeline.encounter
-    patient = (rec.snapshot.get("patient") or {}).get("name") or {}
-    name = " ".join(p for p in (patient.get("given"), patient.get("family")) if p)
+    name = display_name((rec.snapshot.get("patient") or {}).get("name"))
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -121,11 +112,11 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
         ("state", rec.state),
         ("class", rec.patient_class or "-"),
         ("location", rec.location or "-"),
-        ("opened", _when(rec.opened_at) or "-"),
-        ("admitted", _when(rec.admitted_at) or "-"),
-        ("discharged", _when(rec.discharged_at) or "-"),
+        ("opened", short_time(rec.opened_at) or "-"),
+        ("admitted", short_time(rec.admitted_at) or "-"),
+        ("discharged", short_time(rec.discharged_at) or "-"),
         ("disposition", f"{rec.disposition or '-'}  to {rec.discharged_to or '-'}"),
-        ("updated (UTC)", _when(rec.updated_at)),
+        ("updated (UTC)", short_time(rec.updated_at)),
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
@@ -144,8 +135,8 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
             Text(message),
             event.trigger_event or "",
             event.transition,
-            _when(event.occurred_at),
-            _when(event.recorded_at),
+            short_time(event.occurred_at),
+            short_time(event.recorded_at),
             Text(str(event.detail.get("note") or "")),
         )
         for sent in entry.notifications:

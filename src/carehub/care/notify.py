@@ -31,6 +31,7 @@ from sqlalchemy import and_, insert, select, update
 
 from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
 from carehub.components import ComponentContext, Outgoing, Work
+from carehub.events import display_name
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key
 from carehub.store.outbox import Outbox
@@ -605,19 +606,10 @@ def event_context(event: dict[str, Any]) -> dict[str, Any]:
     diagnoses = [d.get("display") or d.get("code") for d in event.get("diagnoses") or []]
     return {
         "event": event,
-        "patient_name": " ".join(p for p in (name.get("given"), name.get("family")) if p)
-        or "the patient",
+        "patient_name": display_name(name) or "the patient",
         "birth_date": patient.get("birth_date"),
         "institution": encounter.get("facility") or event.get("sending_facility") or "the hospital",
-        "practitioner": " ".join(
-            p
-            for p in (
-                practitioner.get("prefix"),
-                practitioner.get("given"),
-                practitioner.get("family"),
-            )
-            if p
-        ),
+        "practitioner": display_name(practitioner, with_prefix=True) or "",
         "occurred_at": (event.get("occurred_at") or "")[:16].replace("T", " "),
         "location": " ".join(p for p in (location.get("point_of_care"), location.get("room")) if p),
         "reason": encounter.get("admit_reason"),

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from carehub.events import display_name
 from carehub.store.schema import deliveries, encounter_events, encounters, notifications
 
 
@@ -56,8 +57,8 @@ def patient_reports(engine: Engine) -> Iterator[PatientReport]:
         report = reports.setdefault(visit.patient_key, PatientReport(visit.patient_key))
         report.visits[visit.visit_key] = visit.state
         if visit.snapshot and not report.name:
-            name = (json.loads(visit.snapshot).get("patient") or {}).get("name") or {}
-            report.name = " ".join(p for p in (name.get("given"), name.get("family")) if p)
+            patient = json.loads(visit.snapshot).get("patient") or {}
+            report.name = display_name(patient.get("name")) or ""
     for event in events:
         visit = by_visit.get(event.encounter_id)
         if visit is None:

@@ -10,22 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from carehub.cli import hub_options
 from carehub.config import HubConfig
+from carehub.display import new_console, short_time
 from carehub.errors import CarehubError
-
-
-def _console() -> Console:
-    """Made per command, so the terminal width (or $COLUMNS) is read when it runs."""
-    return Console(highlight=False, soft_wrap=False)
-
-
-def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M") if value is not None else ""
+from carehub.events import display_name
 
 
 @click.group()
@@ -79,7 +71,7 @@ def list_command(
     for column in columns:
         table.add_column(column, overflow="fold")
     for rec in found:
-        due = _when(rec.due_at)
+        due = short_time(rec.due_at)
         if rec.overdue_at(now):
             due += " OVERDUE"
         table.add_row(
@@ -89,9 +81,9 @@ def list_command(
             rec.status,
             Text(party_name(rec.referred_to) or ""),
             Text(due),
-            _when(rec.updated_at),
+            short_time(rec.updated_at),
         )
-    console = _console()
+    console = new_console()
     console.print(table)
     console.print(f"{len(found)} referral(s)")
 
@@ -117,10 +109,9 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
         click.echo(json.dumps(timeline.as_output(), ensure_ascii=False, indent=2))
         return
 
-    console = _console()
+    console = new_console()
     rec = timeline.referral
-    patient = (rec.snapshot.get("patient") or {}).get("name") or {}
-    name = " ".join(p for p in (patient.get("given"), patient.get("family")) if p)
+    name = display_name((rec.snapshot.get("patient") or {}).get("name"))
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -132,10 +123,10 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
         ("reason", rec.reason or "-"),
         ("referring", party_name(rec.referring) or "-"),
         ("referred to", party_name(rec.referred_to) or "-"),
-        ("created (UTC)", _when(rec.created_at)),
-        ("due (UTC)", _when(rec.due_at) or "-"),
-        ("closed (UTC)", _when(rec.closed_at) or "-"),
-        ("alerted (UTC)", _when(rec.alerted_at) or "-"),
+        ("created (UTC)", short_time(rec.created_at)),
+        ("due (UTC)", short_time(rec.due_at) or "-"),
+        ("closed (UTC)", short_time(rec.closed_at) or "-"),
+        ("alerted (UTC)", short_time(rec.alerted_at) or "-"),
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
@@ -158,7 +149,12 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
         else:
             result = Text(f"REFUSED: {event.reason or 'no reason recorded'}", style="red")
         table.add_row(
-            _when(event.at), Text(event.source), Text(message), event.action, Text(move), result
+            short_time(event.at),
+            Text(event.source),
+            Text(message),
+            event.action,
+            Text(move),
+            result,
         )
     console.print(table)
 

@@ -49,7 +49,14 @@ from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
 
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import CarehubError
-from carehub.events import CareEvent, Identifier, Organization, Practitioner, Referral
+from carehub.events import (
+    CareEvent,
+    Identifier,
+    Organization,
+    Practitioner,
+    Referral,
+    display_name,
+)
 from carehub.store.schema import messages, referral_events, referrals
 from carehub.workqueue import patient_key as make_patient_key
 
@@ -282,13 +289,6 @@ class ReferralTransition:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _person_name(data: dict[str, Any] | None) -> str | None:
-    if not data:
-        return None
-    parts = (data.get("prefix"), data.get("given"), data.get("family"))
-    return " ".join(p for p in parts if p) or None
-
-
 def _party(
     person: Practitioner | Organization | None, organization: Organization | None = None
 ) -> dict[str, Any]:
@@ -308,7 +308,7 @@ def party_name(party: dict[str, Any] | None) -> str | None:
     """``Dr Samir Haddad (Springfield Clinic)`` for lists and notices."""
     if not party:
         return None
-    person = _person_name(party.get("practitioner"))
+    person = display_name(party.get("practitioner"), with_prefix=True)
     org = (party.get("organization") or {}).get("name")
     if person and org:
         return f"{person} ({org})"
@@ -326,7 +326,7 @@ def _summary(rec: ReferralRecord | None) -> dict[str, Any]:
         "referral_key": rec.referral_key,
         "referral_id": (referral.get("referral_id") or {}).get("value"),
         "patient_key": rec.patient_key,
-        "patient_name": _person_name(patient.get("name")),
+        "patient_name": display_name(patient.get("name"), with_prefix=True),
         "patient": {
             k: patient[k] for k in ("name", "birth_date", "sex", "primary") if k in patient
         },
