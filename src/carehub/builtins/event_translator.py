@@ -528,5 +528,11 @@ class V2ToEvent(Translator):
         """No options: the mapping is fixed so every route sees the same event shape."""
 
     def translate(self, work: Work) -> Any:
-        work.event = translate_v2_to_event(work.view)
-        return work.event.model_dump(mode="json", exclude_none=True)
+        # One message taking several routes is translated once; the event is read-only to
+        # later steps (they add to work.data), so the routes can share it.
+        view = work.view
+        event = view.memo.get("care_event")
+        if event is None:
+            event = view.memo["care_event"] = translate_v2_to_event(view)
+        work.event = event
+        return event.model_dump(mode="json", exclude_none=True)

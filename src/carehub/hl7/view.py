@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 _PATH = re.compile(
     r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
@@ -86,7 +87,7 @@ class Separators:
 class MessageView:
     """Read-only access to fields of one message. Construction costs one split into segments."""
 
-    __slots__ = ("_fields", "_index", "segments", "separators")
+    __slots__ = ("_fields", "_index", "memo", "segments", "separators")
 
     def __init__(self, text: str) -> None:
         text = text.lstrip("\ufeff \t\r\n\x0b")
@@ -106,6 +107,9 @@ class MessageView:
         self.segments: list[str] = [s for s in text.split("\r") if s and not s.isspace()]
         self._fields: dict[int, list[str]] = {}
         self._index: dict[str, list[int]] | None = None
+        #: What other code derived from exactly this text (e.g. its care event), so the
+        #: several routes one message takes compute it once.
+        self.memo: dict[str, Any] = {}
 
     # -- segments ---------------------------------------------------------------------------
     def segment_names(self) -> list[str]:

@@ -131,7 +131,8 @@ class Router:
         if not route.when.matches(view):
             return RouteResult(route.name, False, route.when.explain(view) if explain else [])
         result = RouteResult(route.name, True, route.when.explain(view))
-        work = Work(message=message, route=route.name, v2=text)
+        # Every route starts from the same text, so they share its view (split once).
+        work = Work(message=message, route=route.name, v2=text, _view=view)
         for position, step in enumerate(route.steps):
             try:
                 if step.kind == "filter":
