@@ -10,14 +10,9 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from email import message_from_bytes
-from email.message import EmailMessage
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +30,7 @@ from carehub.store.outbox import Outbox
 from carehub.store.schema import DeliveryStatus, deliveries, notifications
 from carehub.testing import HubThread, mllp_exchange
 from tests.helpers_http import HTTPServer, wait_for
+from tests.helpers_smtp import Mailbox, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CARE_ROUTE = "care-transitions"
@@ -55,52 +51,6 @@ RENEE = "RGH|RG100236"
 OLIVE = "RGH|RG100241"
 HOLLIS = "RGH|RG100243"
 INES = "LMC|LM-448807"
-
-
-@dataclass(frozen=True, slots=True)
-class Mail:
-    rcpt_tos: list[str]
-    message: EmailMessage
-
-    @property
-    def to(self) -> str:
-        return str(self.message["To"].addresses[0].addr_spec)
-
-    @property
-    def subject(self) -> str:
-        return str(self.message["Subject"])
-
-    @property
-    def key(self) -> str:
-        return str(self.message["X-Carehub-Delivery"])
-
-    @property
-    def body(self) -> str:
-        return str(self.message.get_content())
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._mails: list[Mail] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = message_from_bytes(envelope.original_content, policy=default_policy)
-        assert isinstance(parsed, EmailMessage)
-        with self._lock:
-            self._mails.append(Mail(list(envelope.rcpt_tos), parsed))
-        return "250 2.0.0 Ok: queued"
-
-    @property
-    def mails(self) -> list[Mail]:
-        with self._lock:
-            return list(self._mails)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -6,15 +6,10 @@ mocked; decisions are read back from the store's ``notifications``, ``deliveries
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email import message_from_bytes
-from email.message import EmailMessage
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +22,7 @@ from carehub.store.outbox import Outbox
 from carehub.store.schema import DeliveryStatus, deliveries, followups, notifications
 from carehub.testing import HubThread, local_config, mllp_exchange
 from tests.helpers_http import HTTPServer, wait_for
+from tests.helpers_smtp import Mailbox, free_port
 
 DIGEST_HOUR = 7
 SENDER = "care-alerts@carehub.test"
@@ -103,53 +99,6 @@ routes:
 
 
 # -- outside world ----------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Mail:
-    rcpt_tos: list[str]
-    message: EmailMessage
-
-    @property
-    def to(self) -> str:
-        return str(self.message["To"].addresses[0].addr_spec)
-
-    @property
-    def subject(self) -> str:
-        return str(self.message["Subject"])
-
-    @property
-    def body(self) -> str:
-        return str(self.message.get_content())
-
-
-class Mailbox:
-    """aiosmtpd handler: keeps every message it accepts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._mails: list[Mail] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = message_from_bytes(envelope.original_content, policy=default_policy)
-        assert isinstance(parsed, EmailMessage)
-        with self._lock:
-            self._mails.append(Mail(list(envelope.rcpt_tos), parsed))
-        return "250 2.0.0 Ok: queued"
-
-    @property
-    def mails(self) -> list[Mail]:
-        with self._lock:
-            return list(self._mails)
-
-    def to(self, address: str) -> list[Mail]:
-        return [m for m in self.mails if m.to == address]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def mailbox() -> Iterator[tuple[Mailbox, int]]:
     box = Mailbox()
