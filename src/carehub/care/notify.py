@@ -25,11 +25,11 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
-import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, insert, select, update
 
 from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
+from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.events import display_name
 from carehub.routing.config import RetryPolicy
@@ -115,17 +115,7 @@ class Notifier:
         self.destinations = destinations  # recipient channel -> Destination
         self.context = context
         self._memory = _MemoryRows()
-        loaders: list[jinja2.BaseLoader] = []
-        if config.templates:
-            loaders.append(jinja2.FileSystemLoader(str(context.path(config.templates))))
-        loaders.append(jinja2.FileSystemLoader(str(BUILTIN_TEMPLATES)))
-        self.templates = jinja2.Environment(
-            loader=jinja2.ChoiceLoader(loaders),
-            autoescape=False,  # plain text for email bodies and SMS, not HTML
-            undefined=jinja2.ChainableUndefined,
-            trim_blocks=True,
-            keep_trailing_newline=False,
-        )
+        self.templates = MessageTemplates.from_folder(context, config.templates, BUILTIN_TEMPLATES)
 
     # -- routing time ---------------------------------------------------------------------
     def plan(self, work: Work, run: int) -> tuple[list[PlannedDelivery], list[dict[str, Any]]]:
@@ -276,15 +266,7 @@ class Notifier:
         return planned
 
     def render(self, kind: str, channel: str, context: dict[str, Any]) -> tuple[str, str]:
-        """(subject, body) from `<kind>.<channel>.txt`, else `<kind>.txt`; a first line
-        `Subject: ...` is the subject."""
-        template = self.templates.select_template([f"{kind}.{channel}.txt", f"{kind}.txt"])
-        text = template.render(**context).strip()
-        subject = ""
-        if text.startswith("Subject:"):
-            first, _, text = text.partition("\n")
-            subject = first.removeprefix("Subject:").strip()
-        return subject, text.strip() + "\n"
+        return self.templates.render(kind, channel, context)
 
     def _template_context(
         self, work: Work, transition: Transition, decision: Decision

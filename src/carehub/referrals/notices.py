@@ -48,6 +48,7 @@ from sqlalchemy import func, select
 
 from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.care.roster import DirectoryEntry, ProviderDirectory
+from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.referrals.state import ReferralTransition
 from carehub.routing.config import RetryPolicy
@@ -203,16 +204,8 @@ class ReferralNotifier:
             )
             self.directory.load()
         self._fallback = {k.strip().casefold(): v.strip() for k, v in config.organizations.items()}
-        loaders: list[jinja2.BaseLoader] = []
-        if config.templates:
-            loaders.append(jinja2.FileSystemLoader(str(context.path(config.templates))))
-        loaders.append(jinja2.DictLoader(DEFAULT_TEMPLATES))
-        self.templates = jinja2.Environment(
-            loader=jinja2.ChoiceLoader(loaders),
-            autoescape=False,  # plain text for email bodies and SMS, not HTML
-            undefined=jinja2.ChainableUndefined,
-            trim_blocks=True,
-            keep_trailing_newline=False,
+        self.templates = MessageTemplates(
+            context, config.templates, jinja2.DictLoader(DEFAULT_TEMPLATES)
         )
 
     # -- routing time ---------------------------------------------------------------------
@@ -338,14 +331,7 @@ class ReferralNotifier:
         )
 
     def render(self, kind: str, channel: str, context: dict[str, Any]) -> tuple[str, str]:
-        """(subject, body) from ``<kind>.<channel>.txt``, else ``<kind>.txt``."""
-        template = self.templates.select_template([f"{kind}.{channel}.txt", f"{kind}.txt"])
-        text = template.render(**context).strip()
-        subject = ""
-        if text.startswith("Subject:"):
-            first, _, text = text.partition("\n")
-            subject = first.removeprefix("Subject:").strip()
-        return subject, text.strip() + "\n"
+        return self.templates.render(kind, channel, context)
 
     def _context(
         self, work: Work, transition: ReferralTransition, decision: NoticeDecision
