@@ -616,7 +616,7 @@ def test_migration_creates_the_tables(tmp_path: Path) -> None:
     store = MessageStore(sqlite_url(tmp_path))
     try:
         store.migrate()
-        assert store.schema_revision() == "0004"
+        assert (store.schema_revision() or "") >= "0004"  # referrals arrived in 0004
         names = set(inspect(store.engine).get_table_names())
         assert {"referrals", "referral_events"} <= names
         columns = {c["name"] for c in inspect(store.engine).get_columns("referral_events")}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select
@@ -142,6 +143,41 @@ def migration_revisions() -> list[str]:
         script.revision
         for script in reversed(list(ScriptDirectory.from_config(config).walk_revisions()))
     ]
+
+
+def test_upgrading_to_0005_moves_intake_events_into_the_message_row(store_url: str) -> None:
+    """A store written before 0005 (intake event as a message_events row) reads the same
+    history after the upgrade, and its intake rows are gone from message_events."""
+    store = MessageStore(store_url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with store.engine.begin() as conn:
+            config.attributes["connection"] = conn
+            alembic_command.upgrade(config, "0004")
+            conn.exec_driver_sql(
+                "INSERT INTO messages (id, received_at, transport, listener, raw, size, "
+                "ack_code, status, status_at, detail) VALUES "
+                "(1, '2026-11-20 08:00:00', 'mllp', 'm', 'MSH|x', 5, 'AA', 'routed', "
+                "'2026-11-20 08:00:01', 'to care-team'), "
+                "(2, '2026-11-20 09:00:00', 'mllp', 'm', 'MSH|y', 5, 'AE', 'refused', "
+                "'2026-11-20 09:00:00', 'MSH-10 is empty')"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO message_events (message_id, at, event, detail) VALUES "
+                "(1, '2026-11-20 08:00:00', 'received', 'undeclared charset'), "
+                "(1, '2026-11-20 08:00:01', 'routed', 'to care-team'), "
+                "(2, '2026-11-20 09:00:00', 'refused', 'MSH-10 is empty')"
+            )
+        store.migrate()
+        first = [(c.event, c.detail) for c in store.history(1)]
+        assert first == [("received", "undeclared charset"), ("routed", "to care-team")]
+        assert [(c.event, c.detail) for c in store.history(2)] == [("refused", "MSH-10 is empty")]
+        with store.engine.connect() as conn:
+            left = conn.execute(select(message_events.c.event).order_by(message_events.c.id))
+            assert [row.event for row in left] == ["routed"]
+    finally:
+        store.close()
 
 
 def test_migrate_twice_is_a_no_op(store_url: str) -> None:
@@ -319,6 +355,7 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     recent = store.insert_messages(
         [new_message(f"NEW{i}", received_at=now - timedelta(days=2)) for i in range(5)]
     )
+    store.set_status(recent[0].message_id, MessageStatus.ROUTED)
 
     result = store.prune(timedelta(days=30))
 
@@ -332,8 +369,9 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
         ).scalar_one()
         remaining_events = conn.execute(select(func.count()).select_from(message_events)).scalar()
     assert orphans == 0
-    assert remaining_events == 5
-    assert all(events_of(store, o.message_id) == ["received"] for o in recent)
+    assert remaining_events == 1  # the recent message's "routed"; intake events live in the row
+    assert events_of(store, recent[0].message_id) == ["received", "routed"]
+    assert all(events_of(store, o.message_id) == ["received"] for o in recent[1:])
     if store.is_sqlite:
         assert result.bytes_before is not None and result.bytes_after is not None
         assert result.bytes_after < result.bytes_before / 2, result

@@ -27,7 +27,8 @@ IdType = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class MessageStatus(StrEnum):
-    """Where a message is in its life. Every change is also a row in message_events."""
+    """Where a message is in its life. Every change after intake is also a row in message_events;
+    the intake status itself is read from the message row (see ``intake_detail``)."""
 
     RECEIVED = "received"  # stored and ACKed AA, waiting for routing
     REFUSED = "refused"  # stored, content refused (ACKed AE)
@@ -64,6 +65,10 @@ messages = Table(
     Column("status", String(16), nullable=False),
     Column("status_at", DateTime(timezone=True), nullable=False),
     Column("detail", Text, nullable=True),
+    # What intake noted (a refusal reason, a character-set warning). The intake event itself
+    # (received / refused / rejected at received_at) is read from this row, not written to
+    # message_events: one row per message on the intake path, not two.
+    Column("intake_detail", Text, nullable=True),
     # MSH-3, MSH-4 and MSH-10 joined: a resend carries the same identity as the original. Only
     # accepted messages have one, so a refused or rejected frame never shadows a good resend.
     Column("identity", Text, nullable=True),

@@ -91,6 +91,7 @@ class NewMessage:
             self.status.value,
             received,
             self.detail,
+            self.detail,
             self.identity(),
         )
 
@@ -135,6 +136,7 @@ class StoredMessage:
     status: str
     status_at: datetime
     detail: str | None
+    intake_detail: str | None = None  # what intake noted; `detail` follows the latest status
 
     @property
     def identity(self) -> str:
@@ -177,8 +179,15 @@ _INSERT_COLUMNS = (
     "received_at", "transport", "listener", "peer", "raw", "size", "charset",
     "sending_application", "sending_facility", "receiving_application", "receiving_facility",
     "message_type", "trigger_event", "structure", "control_id", "version", "patient_id",
-    "patient_authority", "ack_code", "status", "status_at", "detail", "identity",
+    "patient_authority", "ack_code", "status", "status_at", "detail", "intake_detail", "identity",
 )  # fmt: skip
+
+#: The intake event a message's ACK code stands for: the first entry of its history.
+INTAKE_EVENT_BY_ACK = {
+    "AA": MessageStatus.RECEIVED.value,
+    "AE": MessageStatus.REFUSED.value,
+    "AR": MessageStatus.REJECTED.value,
+}
 
 
 def _sqlite_time(value: datetime) -> str:
@@ -351,28 +360,26 @@ class MessageStore:
         connection.invalidate()
 
     def _insert(self, cursor: Any, batch: list[NewMessage]) -> list[InsertOutcome]:
+        """One row per new message (its intake event is read from that row); a resend adds a
+        "resent" history row to the message it repeats."""
         outcomes: list[InsertOutcome] = []
-        events: list[tuple[Any, ...]] = []
-        now = self._time(datetime.now(UTC))
+        resends: list[tuple[Any, ...]] = []
         for item in batch:
-            identity = item.identity()
             cursor.execute(self._sql_insert, item.values(self._time))
             row = cursor.fetchone()
             if row is not None:
                 outcomes.append(InsertOutcome(row[0], False))
-                events.append(
-                    (row[0], self._time(item.received_at), item.status.value, item.detail)
-                )
                 continue
-            cursor.execute(self._sql_find, (identity,))
+            cursor.execute(self._sql_find, (item.identity(),))
             original = cursor.fetchone()[0]
             outcomes.append(InsertOutcome(original, True))
             detail = (
                 f"resent by the sender via {item.transport}:{item.listener}; answered AA, "
                 "not stored again"
             )
-            events.append((original, now, RESENT, detail))
-        cursor.executemany(self._sql_event, events)
+            resends.append((original, self._time(item.received_at), RESENT, detail))
+        if resends:
+            cursor.executemany(self._sql_event, resends)
         return outcomes
 
     def set_status(self, message_id: int, status: MessageStatus, detail: str | None = None) -> None:
@@ -405,13 +412,26 @@ class MessageStore:
         return [found[i] for i in message_ids if i in found]
 
     def history(self, message_id: int) -> list[StatusChange]:
+        """Every status the message has been in, oldest first: its intake event (from the
+        message row), then each change since (message_events)."""
         with self.engine.connect() as conn:
+            intake = conn.execute(
+                select(messages.c.received_at, messages.c.ack_code, messages.c.intake_detail)
+                .where(messages.c.id == message_id)
+            ).first()
+            if intake is None:
+                return []
             rows = conn.execute(
                 select(message_events.c.at, message_events.c.event, message_events.c.detail)
                 .where(message_events.c.message_id == message_id)
                 .order_by(message_events.c.id)
             )
-            return [StatusChange(_aware(r.at), r.event, r.detail) for r in rows]
+            first = StatusChange(
+                _aware(intake.received_at),
+                INTAKE_EVENT_BY_ACK.get(intake.ack_code, MessageStatus.REJECTED.value),
+                intake.intake_detail,
+            )
+            return [first, *(StatusChange(_aware(r.at), r.event, r.detail) for r in rows)]
 
     def find(
         self,
