@@ -416,8 +416,9 @@ class MessageStore:
         message row), then each change since (message_events)."""
         with self.engine.connect() as conn:
             intake = conn.execute(
-                select(messages.c.received_at, messages.c.ack_code, messages.c.intake_detail)
-                .where(messages.c.id == message_id)
+                select(messages.c.received_at, messages.c.ack_code, messages.c.intake_detail).where(
+                    messages.c.id == message_id
+                )
             ).first()
             if intake is None:
                 return []
