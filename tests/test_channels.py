@@ -5,9 +5,11 @@ uvicorn HTTP server that records what it receives. No mocks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
+import os
 import socket
 import threading
 import time
@@ -36,7 +38,7 @@ from carehub.hl7.ack import AckCode, build_ack
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hl7.view import MessageView
 from carehub.referrals.fhir import FhirReferralChannel
-from carehub.store.store import StoredMessage
+from carehub.store.store import MessageStore, StoredMessage, sqlite_url
 from carehub.testing import HubThread, local_config, make_adt
 
 T = TypeVar("T")
@@ -164,6 +166,34 @@ def test_file_one_file_per_delivery_and_same_key_overwrites(tmp_path: Path) -> N
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["delivery-1.hl7", "delivery-2.hl7"]  # no temp files left behind
     assert (tmp_path / "out" / "delivery-1.hl7").read_bytes() == text.encode()
+
+
+@pytest.mark.parametrize(
+    ("durability", "option", "fsyncs"),
+    [("power", None, 2), ("process", None, 0), ("process", True, 2), ("power", False, 0)],
+)
+def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    durability: str,
+    option: bool | None,
+    fsyncs: int,
+) -> None:
+    """fsync is what makes the write survive a power cut; it cannot be observed from the file
+    itself, so the test counts the calls."""
+    store = MessageStore(sqlite_url(tmp_path / "data"), durability=durability)  # type: ignore[arg-type]
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    try:
+        ctx = dataclasses.replace(context(tmp_path), store=store)
+        channel = FileChannel(FileChannel.Options(directory=tmp_path / "out", fsync=option), ctx)
+        outgoing = channel.render(work_for(make_adt("SYNC1")), "delivery-1")
+        assert run_with(channel, lambda: channel.send(outgoing)) == "wrote delivery-1.hl7"
+    finally:
+        store.close()
+    assert len(calls) == fsyncs
+    assert (tmp_path / "out" / "delivery-1.hl7").read_bytes() == make_adt("SYNC1").encode()
 
 
 def test_file_v2_body_has_cr_segment_ends(tmp_path: Path) -> None:

@@ -162,8 +162,15 @@ class FileChannel(Channel):
     ``message_id``, ``route``, ``control_id``, ``ext``; values are reduced to letters, digits,
     ``.``, ``_`` and ``-``), so a retry after a crash overwrites the same file instead of adding
     a second copy. Each write goes to a hidden temp file in the same folder (``.<name>.<random>
-    .tmp``), is fsynced, then renamed over the target: a reader sees the whole file or none of
-    it. A crash mid-write can leave such a temp file behind; pickers should ignore dot files.
+    .tmp``), then is renamed over the target: a reader sees the whole file or none of it. A
+    crash mid-write can leave such a temp file behind; pickers should ignore dot files.
+
+    ``fsync`` (default: follow the store) flushes the file and its folder to disk before the
+    delivery counts as done. With ``store.durability: power`` it does, so a delivery the store
+    records survives a power cut; with ``process`` it does not, since the store's own record of
+    the delivery would not survive one either (a redelivery after a power cut rewrites the same
+    file name). Each fsync waits for a filesystem journal commit: on ext4 here two per file
+    capped the whole route near 140 files/s.
 
     ``body: v2`` writes the v2 text with CR segment ends, encoded as its MSH-18 declares
     (UTF-8 when it declares nothing), ext ``.hl7``. ``body: event`` writes the care event as
@@ -178,6 +185,7 @@ class FileChannel(Channel):
         directory: Path
         body: Literal["v2", "event"] = "v2"
         filename: str = "{idempotency_key}{ext}"
+        fsync: bool | None = None  # None: fsync when store.durability is power
 
         @field_validator("filename")
         @classmethod
@@ -237,13 +245,21 @@ class FileChannel(Channel):
     async def send(self, outgoing: Outgoing) -> str:
         filename = outgoing.metadata["filename"]
         try:
-            await asyncio.to_thread(_write_atomically, self.directory, filename, outgoing.payload)
+            await asyncio.to_thread(
+                _write_atomically, self.directory, filename, outgoing.payload, self._fsync()
+            )
         except OSError as err:  # disk full, permissions, folder removed: may clear up
             raise DeliveryError(f"cannot write {self.directory / filename}: {err}") from err
         return f"wrote {filename}"
 
+    def _fsync(self) -> bool:
+        if self.options.fsync is not None:
+            return self.options.fsync
+        store = self.context.store
+        return store is not None and store.durability == "power"
 
-def _write_atomically(directory: Path, filename: str, payload: bytes) -> None:
+
+def _write_atomically(directory: Path, filename: str, payload: bytes, fsync: bool) -> None:
     target = directory / filename
     temp = directory / f".{filename}.{secrets.token_hex(4)}.tmp"
     # os.open with 0o666 honours the umask (mkstemp would force 0600 and hide the file from a
@@ -252,14 +268,16 @@ def _write_atomically(directory: Path, filename: str, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    _fsync_directory(directory)
+    if fsync:
+        _fsync_directory(directory)
 
 
 def _fsync_directory(directory: Path) -> None:
