@@ -22,6 +22,7 @@ from sqlalchemy import Engine, create_engine, delete, event, func, insert, selec
 
 from carehub.hl7.header import MessageHeader
 from carehub.store.schema import MessageStatus, message_events, messages
+from carehub.store.write_gate import WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,8 @@ class MessageStore:
         self.url = url
         self.durability = durability
         self.is_sqlite = url.startswith("sqlite")
+        #: SQLite only: one writer at a time inside the process, intake first.
+        self.write_gate = WriteGate()
         self.engine = self._create_engine(url, background_checkpoint)
         self._checkpointer: _WalCheckpointer | None = None
         if self.is_sqlite and background_checkpoint:
@@ -247,6 +250,7 @@ class MessageStore:
             connect_args={"timeout": 30, "check_same_thread": False},
             hide_parameters=True,
         )
+        self.write_gate.install(engine)
         synchronous = "FULL" if self.durability == "power" else "NORMAL"
 
         @event.listens_for(engine, "connect")
@@ -332,6 +336,11 @@ class MessageStore:
                 # 2, 5, 10 ms ...) with the event loop blocked: the caller retries soon.
                 self._intake_connection.cursor().execute("PRAGMA busy_timeout=0")
         connection = self._intake_connection
+        gate = self.write_gate if self.is_sqlite else None
+        if gate is not None:
+            entered = gate.enter_intake() if self.intake_waits_for_lock else gate.try_enter_intake()
+            if not entered:
+                raise StoreBusy("another writer in this process holds the write lock")
         cursor = connection.cursor()
         try:
             outcomes = self._insert(cursor, batch)
@@ -347,7 +356,10 @@ class MessageStore:
             self._drop_intake_connection(connection)
             raise
         finally:
-            cursor.close()
+            with contextlib.suppress(Exception):  # closed already if the connection was dropped
+                cursor.close()
+            if gate is not None:
+                gate.leave_intake()
         if self._checkpointer:
             self._checkpointer.poke()
         return outcomes
