@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -669,6 +670,41 @@ def test_webhook_retry_sends_identical_bytes_and_key(tmp_path: Path, http: Webho
     assert first.body == second.body
     assert first.headers["idempotency-key"] == second.headers["idempotency-key"] == "same-key"
     assert first.headers["x-carehub-signature"] == second.headers["x-carehub-signature"]
+
+
+def test_webhook_deliveries_reuse_one_connection(tmp_path: Path) -> None:
+    """Sequential deliveries to one webhook share a kept-alive connection; a fresh TCP
+    connection per delivery is what an unread answer used to cost."""
+    connections: list[str] = []
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\naccepted"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(str(writer.get_extra_info("peername")))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def scenario() -> list[str | DeliveryError]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        channel = build(WebhookChannel, tmp_path, url=f"http://127.0.0.1:{port}/hook")
+        await channel.start()
+        try:
+            work = work_for(make_adt("KEEP1"))
+            return [await outcome(channel, channel.render(work, f"k-{i}")) for i in range(20)]
+        finally:
+            await channel.close()
+            server.close()
+
+    receipts = asyncio.run(scenario())
+    assert receipts == ["HTTP 200"] * 20
+    assert len(connections) == 1, connections
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,13 @@ from typing import Any, Literal, Self
 import httpx
 from pydantic import Field, field_validator, model_validator
 
-from carehub.builtins.http_channel import HttpChannel, http_url, is_retryable, read_some
+from carehub.builtins.http_channel import (
+    HttpChannel,
+    finish_reading,
+    http_url,
+    is_retryable,
+    read_some,
+)
 from carehub.client import MLLPClient, NoAnswer
 from carehub.components import (
     Channel,
@@ -554,6 +560,7 @@ class WebhookChannel(HttpChannel):
             ) as response:
                 status = response.status_code
                 if 200 <= status < 300:
+                    await finish_reading(response)
                     return f"HTTP {status}"
                 excerpt = _excerpt(await read_some(response))
         except httpx.TimeoutException as err:

@@ -36,7 +36,13 @@ import aiosmtplib
 import httpx
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from carehub.builtins.http_channel import HttpChannel, http_url, is_retryable, read_some
+from carehub.builtins.http_channel import (
+    HttpChannel,
+    finish_reading,
+    http_url,
+    is_retryable,
+    read_some,
+)
 from carehub.components import (
     Channel,
     ComponentContext,
@@ -504,6 +510,7 @@ class SmsChannel(HttpChannel):
             async with self.client.stream(method, url, content=body, headers=headers) as response:
                 status = response.status_code
                 if 200 <= status < 300:
+                    await finish_reading(response)
                     receipt = f"HTTP {status}"
                     if length > self.options.max_length:
                         receipt += (
