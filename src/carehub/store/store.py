@@ -183,6 +183,9 @@ _INSERT_COLUMNS = (
     "patient_authority", "ack_code", "status", "status_at", "detail", "intake_detail", "identity",
 )  # fmt: skip
 
+#: Rows per multi-row INSERT: 24 parameters each stays far below SQLite's 32,766 limit.
+_ROWS_PER_STATEMENT = 200
+
 #: The intake event a message's ACK code stands for: the first entry of its history.
 INTAKE_EVENT_BY_ACK = {
     "AA": MessageStatus.RECEIVED.value,
@@ -315,6 +318,7 @@ class MessageStore:
             "ON CONFLICT (identity) DO NOTHING RETURNING id"
         )
         self._sql_find = f"SELECT id FROM messages WHERE identity = {mark}"
+        self._sql_insert_many_cache: dict[int, str] = {}
         self._sql_event = (
             f"INSERT INTO message_events (message_id, at, event, detail) "
             f"VALUES ({mark}, {mark}, {mark}, {mark})"
@@ -343,7 +347,10 @@ class MessageStore:
                 raise StoreBusy("another writer in this process holds the write lock")
         cursor = connection.cursor()
         try:
-            outcomes = self._insert(cursor, batch)
+            if self.is_sqlite:
+                outcomes = self._insert_sqlite(connection, cursor, batch)
+            else:
+                outcomes = self._insert(cursor, batch)
             connection.commit()
         except sqlite3.OperationalError as err:
             if "locked" not in str(err) and "busy" not in str(err):
@@ -371,6 +378,64 @@ class MessageStore:
             connection.rollback()
         connection.invalidate()
 
+    def _insert_sqlite(
+        self, connection: Any, cursor: Any, batch: list[NewMessage]
+    ) -> list[InsertOutcome]:
+        """The whole group in a few statements, whatever its size.
+
+        Each statement hands the GIL back while SQLite works and must win it again after;
+        with the routing worker's threads busy, that wait was most of a commit's time (one
+        INSERT ... RETURNING per row: 15 waits for 7 rows, 5-8 ms a commit). So the group
+        takes the write lock first (BEGIN IMMEDIATE), numbers its rows after the highest id,
+        and goes in as one multi-row INSERT. The connection's change count says whether every
+        row went in; only when a resend was among them are the rows looked up one by one."""
+        cursor.execute("BEGIN IMMEDIATE")
+        base = cursor.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        before = connection.total_changes
+        for start in range(0, len(batch), _ROWS_PER_STATEMENT):
+            chunk = batch[start : start + _ROWS_PER_STATEMENT]
+            params: list[Any] = []
+            for offset, item in enumerate(chunk, start=base + 1 + start):
+                params.append(offset)
+                params.extend(item.values(self._time))
+            cursor.execute(self._sql_insert_many(len(chunk)), params)
+        if connection.total_changes - before == len(batch):
+            return [InsertOutcome(base + 1 + i, False) for i in range(len(batch))]
+        stored = {
+            row[0]
+            for row in cursor.execute("SELECT id FROM messages WHERE id > ?", (base,)).fetchall()
+        }
+        outcomes: list[InsertOutcome] = []
+        resends: list[tuple[Any, ...]] = []
+        for i, item in enumerate(batch):
+            if base + 1 + i in stored:
+                outcomes.append(InsertOutcome(base + 1 + i, False))
+                continue
+            original = cursor.execute(self._sql_find, (item.identity(),)).fetchone()[0]
+            outcomes.append(InsertOutcome(original, True))
+            resends.append(self._resent_event(original, item))
+        cursor.executemany(self._sql_event, resends)
+        return outcomes
+
+    def _sql_insert_many(self, rows: int) -> str:
+        statement = self._sql_insert_many_cache.get(rows)
+        if statement is None:
+            row = "(" + ", ".join("?" for _ in range(len(_INSERT_COLUMNS) + 1)) + ")"
+            statement = (
+                f"INSERT INTO messages (id, {', '.join(_INSERT_COLUMNS)}) VALUES "
+                + ", ".join(row for _ in range(rows))
+                + " ON CONFLICT (identity) DO NOTHING"
+            )
+            self._sql_insert_many_cache[rows] = statement
+        return statement
+
+    def _resent_event(self, original: int, item: NewMessage) -> tuple[Any, ...]:
+        detail = (
+            f"resent by the sender via {item.transport}:{item.listener}; answered AA, "
+            "not stored again"
+        )
+        return (original, self._time(item.received_at), RESENT, detail)
+
     def _insert(self, cursor: Any, batch: list[NewMessage]) -> list[InsertOutcome]:
         """One row per new message (its intake event is read from that row); a resend adds a
         "resent" history row to the message it repeats."""
@@ -385,11 +450,7 @@ class MessageStore:
             cursor.execute(self._sql_find, (item.identity(),))
             original = cursor.fetchone()[0]
             outcomes.append(InsertOutcome(original, True))
-            detail = (
-                f"resent by the sender via {item.transport}:{item.listener}; answered AA, "
-                "not stored again"
-            )
-            resends.append((original, self._time(item.received_at), RESENT, detail))
+            resends.append(self._resent_event(original, item))
         if resends:
             cursor.executemany(self._sql_event, resends)
         return outcomes
