@@ -733,6 +733,27 @@ def test_webhook_connection_refused_is_retryable(tmp_path: Path) -> None:
     assert "ConnectError" in str(error)
 
 
+def test_webhook_peer_closing_without_an_answer_is_retryable(tmp_path: Path) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def scenario() -> str | DeliveryError:
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        channel = build(WebhookChannel, tmp_path, url=f"http://127.0.0.1:{port}/hook")
+        await channel.start()
+        try:
+            return await outcome(channel, channel.render(work_for(make_adt("WH9")), "k"))
+        finally:
+            await channel.close()
+            server.close()
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, DeliveryError) and error.retryable
+    assert "RemoteProtocolError" in str(error) and "no answer within" not in str(error)
+
+
 def test_webhook_timeout_is_retryable(tmp_path: Path, http: WebhookServer) -> None:
     channel = build(WebhookChannel, tmp_path, url=http.url("/slow"), timeout=0.3)
     started = time.monotonic()
