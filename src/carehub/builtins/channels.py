@@ -126,11 +126,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _dumps(value: Any, *, pretty: bool = False) -> bytes:
-    if pretty:
-        text = json.dumps(value, ensure_ascii=False, indent=2, default=_json_default) + "\n"
-    else:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+def _dumps(value: Any) -> bytes:
+    """Compact JSON: the json module's C encoder only runs without ``indent``, and an indented
+    care event cost three times as long to write (171 against 60 us here)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
     return text.encode("utf-8")
 
 
@@ -237,7 +236,7 @@ class FileChannel(Channel):
                     "control_id": msh10(work),
                     "v2": cr_segments(work.v2),
                 }
-            payload, content_type, ext = _dumps(document, pretty=True), JSON_CONTENT_TYPE, ".json"
+            payload, content_type, ext = _dumps(document) + b"\n", JSON_CONTENT_TYPE, ".json"
         filename = render_filename(
             self.options.filename,
             idempotency_key,
@@ -272,11 +271,14 @@ def _write_atomically(directory: Path, filename: str, payload: bytes, fsync: boo
     # picker running as another user in the same group).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
             if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(OSError):
