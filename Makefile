@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-intake bench-routing bench-care lint clean
+.PHONY: demo test bench bench-intake bench-routing bench-care bench-claim lint clean
 
 $(STAMP): pyproject.toml plugins/carehub-pager/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "carehub needs Python 3.11 or newer (set PYTHON=python3.11)")'
@@ -22,8 +22,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest plugins/carehub-pager/tests
 
-# All benchmarks (about 15 minutes); each also runs alone.
-bench: bench-intake bench-routing bench-care
+# All benchmarks (about 20 minutes); each also runs alone.
+bench: bench-intake bench-routing bench-care bench-claim
 
 bench-intake: $(STAMP)
 	$(BIN)/python bench/bench_intake.py
@@ -33,6 +33,9 @@ bench-routing: $(STAMP)
 
 bench-care: $(STAMP)
 	$(BIN)/python bench/bench_care.py
+
+bench-claim: $(STAMP)
+	$(BIN)/python bench/bench_claim.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench plugins

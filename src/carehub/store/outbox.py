@@ -306,9 +306,11 @@ class Outbox:
         """Take up to ``limit`` pending deliveries that are due and first in line for their
         destination and patient; they stay ours until the lease runs out.
 
-        The query walks pending rows in id order (index on status, id) and stops at
-        ``limit``, checking each candidate's place in line through the (destination,
-        order_key, status) index, so its cost follows ``limit``, not the backlog."""
+        The query walks pending rows that are due, oldest due first (index on status,
+        not_before, id), and stops at ``limit``, checking each candidate's place in line
+        through the (destination, order_key, status) index. Rows waiting for a later retry are
+        never read, so a down destination's backlog costs other destinations' claims nothing.
+        Order within a patient's line comes from the place-in-line check, not the walk."""
         now = now or _now()
         earlier = aliased(deliveries)
         blocked = (
@@ -329,14 +331,18 @@ class Outbox:
             candidates = candidates.where(deliveries.c.destination.notin_(exclude_destinations))
         if skip_ids:
             candidates = candidates.where(deliveries.c.id.notin_(skip_ids))
-        candidates = candidates.order_by(deliveries.c.id).limit(limit)
+        candidates = candidates.order_by(deliveries.c.not_before, deliveries.c.id).limit(limit)
         with self.engine.begin() as conn:
             ids = [r[0] for r in conn.execute(candidates)]
             if not ids:
                 return []
+            # The rows are found by id; the status test only guards against another worker
+            # having taken one meanwhile. Wrapped in coalesce so no planner reads it as a way
+            # in: through the (status, not_before, id) index it would visit every pending row.
+            still_pending = func.coalesce(deliveries.c.status, "") == DeliveryStatus.PENDING.value
             rows = conn.execute(
                 update(deliveries)
-                .where(deliveries.c.id.in_(ids), pending)
+                .where(deliveries.c.id.in_(ids), still_pending)
                 .values(
                     status=DeliveryStatus.SENDING.value, lease_until=now + lease, updated_at=now
                 )

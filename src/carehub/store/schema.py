@@ -146,7 +146,8 @@ deliveries = Table(
     # When the destination accepted it (quality measures count receipt times).
     Column("accepted_at", DateTime(timezone=True), nullable=True),
 )
-Index("ix_deliveries_line", deliveries.c.status, deliveries.c.id)  # claims walk this in order
+# Claims walk pending rows in the order they fall due (migration 0006 says why).
+Index("ix_deliveries_due", deliveries.c.status, deliveries.c.not_before, deliveries.c.id)
 Index("ix_deliveries_order", deliveries.c.destination, deliveries.c.order_key, deliveries.c.status)
 Index("ix_deliveries_message", deliveries.c.message_id)
 
