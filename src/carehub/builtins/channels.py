@@ -174,8 +174,7 @@ class FileChannel(Channel):
     delivery counts as done. With ``store.durability: power`` it does, so a delivery the store
     records survives a power cut; with ``process`` it does not, since the store's own record of
     the delivery would not survive one either (a redelivery after a power cut rewrites the same
-    file name). Each fsync waits for a filesystem journal commit: on ext4 here two per file
-    capped the whole route near 140 files/s.
+    file name), and each fsync waits for a filesystem journal commit.
 
     ``body: v2`` writes the v2 text with CR segment ends, encoded as its MSH-18 declares
     (UTF-8 when it declares nothing), ext ``.hl7``. ``body: event`` writes the care event as

@@ -381,14 +381,14 @@ class MessageStore:
     def _insert_sqlite(
         self, connection: Any, cursor: Any, batch: list[NewMessage]
     ) -> list[InsertOutcome]:
-        """The whole group in a few statements, whatever its size.
+        """The whole group in four statements, whatever its size.
 
-        Each statement hands the GIL back while SQLite works and must win it again after;
-        with the routing worker's threads busy, that wait was most of a commit's time (one
-        INSERT ... RETURNING per row: 15 waits for 7 rows, 5-8 ms a commit). So the group
-        takes the write lock first (BEGIN IMMEDIATE), numbers its rows after the highest id,
-        and goes in as one multi-row INSERT. The connection's change count says whether every
-        row went in; only when a resend was among them are the rows looked up one by one."""
+        Every statement is a trip from Python into SQLite that hands the GIL back and must win
+        it again, and each costs Python-side work of its own; a statement (and a fetch) per
+        message made those trips grow with the group. So the group takes the write lock first
+        (BEGIN IMMEDIATE), numbers its rows after the highest id, and goes in as one multi-row
+        INSERT. The connection's change count says whether every row went in; only when a
+        resend was among them are the rows looked up one by one."""
         cursor.execute("BEGIN IMMEDIATE")
         base = cursor.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
         before = connection.total_changes
