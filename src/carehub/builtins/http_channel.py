@@ -5,8 +5,8 @@ Channels speak httpx (its request and response API, its exceptions), but the con
 underneath are aiohttp's, through httpx-aiohttp's transport. httpx's own async connection pool
 costs CPU that grows with the requests in flight (httpx issue #3215): measured here against a
 local receiver, 1.7 ms of CPU per POST one at a time and 4.8 ms with 32 in flight, against 0.7
-and 0.8 ms over aiohttp. With a webhook beside a file forward, that was most of what a routed
-message cost the worker."""
+and 0.8 ms over aiohttp. bench/bench_routing.py (a webhook and a file forward) went from 120
+to 186 msg/s end to end with this and compact JSON files."""
 
 from __future__ import annotations
 
