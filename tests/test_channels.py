@@ -185,7 +185,12 @@ def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
     store = MessageStore(sqlite_url(tmp_path / "data"), durability=durability)  # type: ignore[arg-type]
     calls: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     try:
         ctx = dataclasses.replace(context(tmp_path), store=store)
         channel = FileChannel(FileChannel.Options(directory=tmp_path / "out", fsync=option), ctx)
