@@ -14,11 +14,11 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pluggy
 import pytest
@@ -33,93 +33,21 @@ from starlette.routing import Route
 import carehub.hookspecs
 from carehub.builtins import channels as channels_module
 from carehub.builtins.channels import FileChannel, MLLPChannel, WebhookChannel, sign
-from carehub.components import Channel, ComponentContext, DeliveryError, Outgoing, Work
+from carehub.components import Channel, DeliveryError, Outgoing
 from carehub.config import TLSConfig
 from carehub.hl7.ack import AckCode, build_ack
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hl7.view import MessageView
 from carehub.referrals.fhir import FhirReferralChannel
-from carehub.store.store import MessageStore, StoredMessage, sqlite_url
+from carehub.store.store import MessageStore, sqlite_url
 from carehub.testing import HubThread, local_config, make_adt
+from tests.helpers_channels import build, context, outcome, run_with, work_for
+from tests.helpers_smtp import free_port
 
-T = TypeVar("T")
 TIMEOUT = 30.0
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def stored(text: str, message_id: int = 7) -> StoredMessage:
-    """A StoredMessage as the store would hand it back for ``text``."""
-    view = MessageView(text)
-    raw = text.encode()
-    now = datetime.now(UTC)
-    return StoredMessage(
-        id=message_id,
-        received_at=now,
-        transport="mllp",
-        listener="test",
-        peer="127.0.0.1:1",
-        raw=raw,
-        size=len(raw),
-        charset="utf-8",
-        sending_application=view.get("MSH-3"),
-        sending_facility=view.get("MSH-4"),
-        receiving_application=view.get("MSH-5"),
-        receiving_facility=view.get("MSH-6"),
-        message_type=view.get("MSH-9.1") or None,
-        trigger_event=view.get("MSH-9.2") or None,
-        structure=view.get("MSH-9.3") or None,
-        control_id=view.get("MSH-10") or None,
-        version=view.get("MSH-12") or None,
-        patient_id="P0001",
-        patient_authority="HOSP",
-        ack_code="AA",
-        status="received",
-        status_at=now,
-        detail=None,
-    )
-
-
-def work_for(text: str, *, route: str = "to-dest", message_id: int = 7, event: Any = None) -> Work:
-    return Work(message=stored(text, message_id), route=route, v2=text, event=event)
-
-
-def context(tmp_path: Path) -> ComponentContext:
-    return ComponentContext(config_dir=tmp_path / "config", data_dir=tmp_path / "data")
-
-
-def build(cls: type[Channel], tmp_path: Path, **options: Any) -> Any:
-    """Validate options exactly as a route step would, then build the channel."""
-    return cls(cls.Options(**options), context(tmp_path))
-
-
-def run_with(channel: Channel, body: Callable[[], Awaitable[T]]) -> T:
-    """start(), run ``body``, close(), all on one fresh event loop."""
-
-    async def main() -> T:
-        await channel.start()
-        try:
-            return await body()
-        finally:
-            await channel.close()
-
-    return asyncio.run(main())
-
-
-async def outcome(channel: Channel, outgoing: Outgoing) -> str | DeliveryError:
-    """The receipt, or the DeliveryError the attempt raised."""
-    try:
-        return await channel.send(outgoing)
-    except DeliveryError as err:
-        return err
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class DataclassEvent:
     """A dataclass stand-in for a care event (the real model may be pydantic or a dataclass)."""

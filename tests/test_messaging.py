@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -18,7 +17,7 @@ from email.message import EmailMessage
 from email.policy import default as default_policy
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pluggy
 import pytest
@@ -36,86 +35,25 @@ from carehub.builtins.messaging import (
     message_id,
     shorten,
 )
-from carehub.components import Channel, ComponentContext, DeliveryError, Outgoing, Work
+from carehub.components import Channel, DeliveryError, Outgoing, Work
 from carehub.errors import ConfigError
-from carehub.hl7.view import MessageView
-from carehub.store.store import StoredMessage
 from carehub.testing import make_adt
+from tests.helpers_channels import build, outcome, run_with
+from tests.helpers_channels import work_for as _work_for
 from tests.helpers_http import HTTPServer, Received
+from tests.helpers_smtp import free_port
 
-T = TypeVar("T")
 SENDER = "carehub@hospital.test"
 
 
 # -- helpers ----------------------------------------------------------------------------------
 def work_for(text: str, *, route: str = "notify", message_id: int = 7, event: Any = None) -> Work:
-    """A Work as routing hands it to a channel, for the synthetic message ``text``."""
-    view = MessageView(text)
-    now = datetime.now(UTC)
-    message = StoredMessage(
-        id=message_id,
-        received_at=now,
-        transport="mllp",
-        listener="test",
-        peer="127.0.0.1:1",
-        raw=text.encode(),
-        size=len(text),
-        charset="utf-8",
-        sending_application=view.get("MSH-3"),
-        sending_facility=view.get("MSH-4"),
-        receiving_application=view.get("MSH-5"),
-        receiving_facility=view.get("MSH-6"),
-        message_type=view.get("MSH-9.1") or None,
-        trigger_event=view.get("MSH-9.2") or None,
-        structure=view.get("MSH-9.3") or None,
-        control_id=view.get("MSH-10") or None,
-        version=view.get("MSH-12") or None,
-        patient_id="P0001",
-        patient_authority="HOSP",
-        ack_code="AA",
-        status="received",
-        status_at=now,
-        detail=None,
-    )
-    return Work(message=message, route=route, v2=text, event=event)
-
-
-def build(cls: type[Channel], tmp_path: Path, **options: Any) -> Any:
-    """Validate options exactly as a route step would, then build the channel."""
-    context = ComponentContext(config_dir=tmp_path / "config", data_dir=tmp_path / "data")
-    return cls(cls.Options(**options), context)
-
-
-def run_with(channel: Channel, body: Callable[[], Awaitable[T]]) -> T:
-    """start(), run ``body``, close(), all on one fresh event loop."""
-
-    async def main() -> T:
-        await channel.start()
-        try:
-            return await body()
-        finally:
-            await channel.close()
-
-    return asyncio.run(main())
-
-
-async def outcome(channel: Channel, outgoing: Outgoing) -> str | DeliveryError:
-    """The receipt, or the DeliveryError the attempt raised."""
-    try:
-        return await channel.send(outgoing)
-    except DeliveryError as err:
-        return err
+    """A Work as routing hands it to a messaging channel (on the notify route by default)."""
+    return _work_for(text, route=route, message_id=message_id, event=event)
 
 
 def attempt(channel: Channel, outgoing: Outgoing) -> str | DeliveryError:
     return run_with(channel, lambda: outcome(channel, outgoing))
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def notification(
