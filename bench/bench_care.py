@@ -62,10 +62,10 @@ import yaml
 from bench_intake import (
     ServerProcess,
     Unavailable,
-    carehub_ready_parser,
     filesystem_type,
     parse_port_line,
     run_tag,
+    start_carehub,
 )
 from bench_routing import http_get_json, log_report, percentile_ms, stop_slowly
 from loadgen import check_ack
@@ -525,28 +525,6 @@ def write_config(run_dir: Path, feed: Feed, sink: str | None, sink_port: int) ->
     path = run_dir / "carehub.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-async def start_carehub(
-    name: str, carehub_bin: Path, run_dir: Path, config: Path
-) -> tuple[ServerProcess, str, int]:
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(carehub_bin),
-        "serve",
-        "--config",
-        str(config),
-        "--data-dir",
-        str(data_dir),
-        "--mllp-port",
-        "0",
-        "--http-port",
-        "0",
-    ]
-    server = ServerProcess(name, argv, run_dir)
-    host, port = await server.wait_ready(carehub_ready_parser(None), START_TIMEOUT)
-    return server, host, port
 
 
 @dataclass(slots=True)

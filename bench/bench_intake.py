@@ -257,6 +257,33 @@ async def measure(
     return warm, timed
 
 
+def carehub_serve_argv(carehub_bin: Path, config: Path, data_dir: Path) -> list[str]:
+    """`carehub serve` on the given config and data dir, every port chosen by the OS."""
+    return [
+        str(carehub_bin),
+        "serve",
+        "--config",
+        str(config),
+        "--data-dir",
+        str(data_dir),
+        "--mllp-port",
+        "0",
+        "--http-port",
+        "0",
+    ]
+
+
+async def start_carehub(
+    name: str, carehub_bin: Path, run_dir: Path, config: Path
+) -> tuple[ServerProcess, str, int]:
+    """`carehub serve` with its data under ``run_dir``; returns once it says it is ready."""
+    data_dir = run_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(name, carehub_serve_argv(carehub_bin, config, data_dir), run_dir)
+    host, port = await server.wait_ready(carehub_ready_parser(None), START_TIMEOUT)
+    return server, host, port
+
+
 async def run_plan(plan: Plan, args: argparse.Namespace, work: Path, tag: str) -> Row:
     """Start the plan's server, load it, stop it; crashes and wrong ACKs become problems."""
     row = Row(plan=plan, k=args.k)
@@ -268,18 +295,7 @@ async def run_plan(plan: Plan, args: argparse.Namespace, work: Path, tag: str) -
         data_dir.mkdir(parents=True)
         config = run_dir / "carehub.yaml"
         write_carehub_config(config, plan.durability, args.carehub_base_config)
-        argv = [
-            str(args.carehub_bin),
-            "serve",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data_dir),
-            "--mllp-port",
-            "0",
-            "--http-port",
-            "0",
-        ]
+        argv = carehub_serve_argv(args.carehub_bin, config, data_dir)
         parse = carehub_ready_parser(args.carehub_listener)
         if plan.durability == "power" and filesystem_type(data_dir) == "tmpfs":
             row.note = "data dir is on tmpfs: fsync costs nothing, use --tmp-dir on a disk"

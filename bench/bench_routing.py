@@ -49,10 +49,10 @@ import yaml
 from bench_intake import (
     ServerProcess,
     Unavailable,
-    carehub_ready_parser,
     filesystem_type,
     parse_port_line,
     run_tag,
+    start_carehub,
 )
 from loadgen import check_ack
 from messages import CONTROL_ID_SLOT, END_BLOCK, START_BLOCK, TEMPLATE
@@ -440,28 +440,6 @@ def write_configs(
     return path
 
 
-async def start_carehub(
-    name: str, args: argparse.Namespace, run_dir: Path, config: Path
-) -> tuple[ServerProcess, str, int]:
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(args.carehub_bin),
-        "serve",
-        "--config",
-        str(config),
-        "--data-dir",
-        str(data_dir),
-        "--mllp-port",
-        "0",
-        "--http-port",
-        "0",
-    ]
-    server = ServerProcess(name, argv, run_dir)
-    host, port = await server.wait_ready(carehub_ready_parser(None), START_TIMEOUT)
-    return server, host, port
-
-
 def log_report(server: ServerProcess) -> list[str]:
     """carehub's warnings and errors, summarised; a traceback is shown whole (the first)."""
     lines = server.stderr_path.read_text(errors="replace").splitlines()
@@ -502,7 +480,9 @@ async def run_intake_only(
     config = write_configs(run_dir, args.base_config, None, run_dir / "outbox")
     print("[intake only] starting carehub (routes: [], worker off) ...", flush=True)
     try:
-        server, host, port = await start_carehub("carehub-intake", args, run_dir, config)
+        server, host, port = await start_carehub(
+            "carehub-intake", args.carehub_bin, run_dir, config
+        )
     except (Unavailable, OSError) as exc:
         outcome.problems.append(f"intake-only carehub did not start: {exc}")
         return None
@@ -582,7 +562,9 @@ async def run_routing(
         config = write_configs(run_dir, args.base_config, sink_port, outbox)
         print("[routing] starting carehub (route: v2-to-event -> file + webhook) ...", flush=True)
         try:
-            server, host, port = await start_carehub("carehub-routing", args, run_dir, config)
+            server, host, port = await start_carehub(
+                "carehub-routing", args.carehub_bin, run_dir, config
+            )
         except (Unavailable, OSError) as exc:
             outcome.problems.append(f"routing carehub did not start: {exc}")
             outcome.notes += stderr_block(run_dir / "carehub-routing.stderr")
