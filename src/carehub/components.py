@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -131,6 +131,53 @@ class Enricher(Component):
         Routing steps run one message at a time in arrival order, so keep this quick: load
         rosters and directories in ``start()``, not per message."""
         raise NotImplementedError
+
+
+class _Tracker(Protocol):
+    engine: Any  # the store's engine, or None when the tracker keeps its tables in memory
+
+
+TrackerT = TypeVar("TrackerT", bound=_Tracker)
+
+
+class TrackingEnricher(Enricher, Generic[TrackerT]):
+    """An enricher that keeps state between messages (visits, referrals): in the store when the
+    hub runs, in memory in dry runs. The hub attaches the store after the routes are bound, so
+    the tracker is built on first use and rebuilt when the store changes; the memory tables
+    live as long as the step. Subclasses say how to make both, and what a message does."""
+
+    #: Raised when the route has no translate step before this one.
+    missing_event_error: ClassVar[type[Exception]] = ValueError
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self._memory = self.new_memory()
+        self._tracker: TrackerT | None = None
+
+    def new_memory(self) -> Any:
+        """The tables a dry run keeps state in."""
+        raise NotImplementedError
+
+    def new_tracker(self, engine: Any, memory: Any) -> TrackerT:
+        """The tracker over the store's ``engine`` (None: over ``memory``)."""
+        raise NotImplementedError
+
+    @property
+    def tracker(self) -> TrackerT:
+        store = self.context.store
+        engine = store.engine if store is not None else None
+        if self._tracker is None or self._tracker.engine is not engine:
+            self._tracker = self.new_tracker(engine, self._memory)
+        return self._tracker
+
+    def care_event(self, work: Work) -> CareEvent:
+        """The message's care event, which this step cannot do without."""
+        if work.event is None:
+            raise self.missing_event_error(
+                f"route {work.route!r}: {self.name} needs the care event; put a "
+                "'v2-to-event' translate step before it"
+            )
+        return work.event
 
 
 @dataclass(slots=True, frozen=True)

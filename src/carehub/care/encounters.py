@@ -63,7 +63,7 @@ from pydantic import Field
 from sqlalchemy import Connection, Engine, insert, or_, select, update
 
 from carehub.care.model import Transition, TransitionKind
-from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import CareEvent, Encounter, Identifier, Location, display_name
 from carehub.store.schema import (
@@ -1114,7 +1114,7 @@ class EncounterTracker:
 # -- the route step ----------------------------------------------------------------------------
 
 
-class EncounterStateEnricher(Enricher):
+class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
     """Route step: apply the message to its encounter and hand the transition to later steps
     (``work.data["encounter"]``) for the care-team, notify and follow-up steps."""
 
@@ -1130,30 +1130,18 @@ class EncounterStateEnricher(Enricher):
 
         stale_ed_hours: float = Field(default=24, gt=0)
 
-    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
-        super().__init__(options, context)
-        # Dry runs keep state here; the store, when the hub attaches it, takes over.
-        self._memory = MemoryTables()
-        self._tracker: EncounterTracker | None = None
+    missing_event_error = EncounterStateError
 
-    @property
-    def tracker(self) -> EncounterTracker:
-        """Built on first use: the hub attaches the store after the routes are bound."""
-        store = self.context.store
-        engine = store.engine if store is not None else None
-        if self._tracker is None or self._tracker.engine is not engine:
-            hours = getattr(self.options, "stale_ed_hours", 24)
-            self._tracker = EncounterTracker(engine, memory=self._memory, stale_ed_hours=hours)
-        return self._tracker
+    def new_memory(self) -> MemoryTables:
+        return MemoryTables()
+
+    def new_tracker(self, engine: Engine | None, memory: MemoryTables) -> EncounterTracker:
+        hours = getattr(self.options, "stale_ed_hours", 24)
+        return EncounterTracker(engine, memory=memory, stale_ed_hours=hours)
 
     def enrich(self, work: Work) -> Any:
-        if work.event is None:
-            raise EncounterStateError(
-                f"route {work.route!r}: encounter-state needs the care event; put a "
-                "'v2-to-event' translate step before it"
-            )
-        message = work.message
-        transition = self.tracker.apply(work.event, message.id, identity=message.identity)
+        event = self.care_event(work)
+        transition = self.tracker.apply(event, work.message.id, identity=work.message.identity)
         work.data["encounter"] = transition
         return transition.as_output()
 

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 from pydantic import Field
 from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
 
-from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.components import ComponentContext, ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import (
     CareEvent,
@@ -1025,7 +1025,7 @@ class _Context:
 # -- the route step ----------------------------------------------------------------------------
 
 
-class ReferralStateEnricher(Enricher):
+class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
     """Route step: apply a REF/RRI message to its referral and hand the transition to later
     steps (``work.data["referral"]``), e.g. a notify step that tells the referring provider
     when ``notify_referrer`` is set."""
@@ -1043,31 +1043,23 @@ class ReferralStateEnricher(Enricher):
 
         response_hours: float = Field(default=72, gt=0)
 
+    missing_event_error = ReferralStateError
+
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
-        # Dry runs keep state here; the store, when the hub attaches it, takes over.
-        self._memory = ReferralMemory()
-        self._tracker: ReferralTracker | None = None
         self._logged_overdue: set[int | None] = set()
 
-    @property
-    def tracker(self) -> ReferralTracker:
-        """Built on first use: the hub attaches the store after the routes are bound."""
-        store = self.context.store
-        engine = store.engine if store is not None else None
-        if self._tracker is None or self._tracker.engine is not engine:
-            hours = getattr(self.options, "response_hours", 72)
-            self._tracker = ReferralTracker(engine, memory=self._memory, response_hours=hours)
-        return self._tracker
+    def new_memory(self) -> ReferralMemory:
+        return ReferralMemory()
+
+    def new_tracker(self, engine: Engine | None, memory: ReferralMemory) -> ReferralTracker:
+        hours = getattr(self.options, "response_hours", 72)
+        return ReferralTracker(engine, memory=memory, response_hours=hours)
 
     def enrich(self, work: Work) -> Any:
-        if work.event is None:
-            raise ReferralStateError(
-                f"route {work.route!r}: referral-state needs the care event; put a "
-                "'v2-to-event' translate step before it"
-            )
+        event = self.care_event(work)
         message = work.message
-        transition = self.tracker.apply_message(work.event, message.id, identity=message.identity)
+        transition = self.tracker.apply_message(event, message.id, identity=message.identity)
         work.data["referral"] = transition
         return transition.as_output()
 
