@@ -71,9 +71,7 @@ class Setup:
         outbox = Outbox(self.store)
 
         def idle() -> bool:
-            waiting = {DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value}
-            busy = [d for d in self.deliveries() if d["status"] in waiting]
-            return not busy and not outbox.unrouted_message_ids(limit=1)
+            return not outbox.unfinished(route=CARE_ROUTE)
 
         wait_for(idle, timeout, 0.05, "every message routed and every notification sent")
 

@@ -142,12 +142,7 @@ class CareHub:
         outbox = Outbox(self.store)
 
         def idle() -> bool:
-            waiting = [
-                d
-                for status in (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value)
-                for d in outbox.find(status=status, limit=1)
-            ]
-            return not waiting and not outbox.unrouted_message_ids(limit=1)
+            return not outbox.unfinished()
 
         wait_for(idle, timeout, 0.02, "routing and delivery to finish")
 

@@ -17,8 +17,10 @@ from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select
 
+from carehub.components import Outgoing
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
+from carehub.routing.router import PlannedDelivery
 from carehub.store.group_commit import (
     GroupCommit,
     InlineGroupCommit,
@@ -26,6 +28,7 @@ from carehub.store.group_commit import (
     ThreadedGroupCommit,
     group_commit_for,
 )
+from carehub.store.outbox import Outbox
 from carehub.store.schema import MessageStatus, message_events
 from carehub.store.store import MIGRATIONS, MessageStore, NewMessage, sqlite_url
 from carehub.testing import make_adt
@@ -546,3 +549,27 @@ def test_database_errors_do_not_quote_message_contents(tmp_path: Path) -> None:
         raise AssertionError("the insert should have failed (at is required)")
     finally:
         store.close()
+
+
+# -- work in progress -----------------------------------------------------------------------------
+def test_unfinished_counts_unrouted_messages_and_waiting_deliveries(store: MessageStore) -> None:
+    outbox = Outbox(store)
+    assert outbox.unfinished() == 0
+    [first] = store.insert_messages([new_message("WIP1")])
+    assert outbox.unfinished() == 1  # stored, not routed yet
+    store.set_status(first.message_id, MessageStatus.ROUTED)
+    assert outbox.unfinished() == 0
+
+    def planned(route: str, key: str) -> PlannedDelivery:
+        outgoing = Outgoing(b"{}", "application/json", key)
+        return PlannedDelivery(route, f"{route}/hook", "webhook", outgoing, "HOSP|P1", 3)
+
+    assert outbox.schedule(planned("care", "wip-care"), first.message_id)
+    assert outbox.schedule(planned("audit", "wip-audit"), first.message_id)
+    assert outbox.unfinished() == 2
+    assert outbox.unfinished(route="care") == 1
+    [claimed] = outbox.claim_due(1, timedelta(minutes=5))
+    assert outbox.unfinished() == 2  # being sent is still unfinished
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE deliveries SET status = 'delivered' WHERE id = {claimed.id}")
+    assert outbox.unfinished() == 1

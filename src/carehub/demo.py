@@ -40,7 +40,6 @@ from carehub.hl7.view import MessageView
 from carehub.hub import Hub
 from carehub.intake.http import HTTPListener
 from carehub.store.outbox import Outbox
-from carehub.store.schema import DeliveryStatus
 
 # Wide enough for the tables when the output goes to a log or a pipe rather than a terminal.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -233,9 +232,7 @@ def _wait_for_deliveries(outbox: Outbox, timeout: float = 20.0) -> None:
     """Until routing has run and no delivery is waiting (or the timeout passes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        waiting = outbox.find(status=DeliveryStatus.PENDING.value, limit=1)
-        waiting += outbox.find(status=DeliveryStatus.SENDING.value, limit=1)
-        if not waiting and not outbox.unrouted_message_ids(limit=1):
+        if not outbox.unfinished():
             return
         time.sleep(0.1)
 

@@ -480,6 +480,27 @@ class Outbox:
                 .values(status=DeliveryStatus.PENDING.value, lease_until=None)
             ).rowcount
 
+    def unfinished(self, route: str | None = None) -> int:
+        """Messages not routed yet plus deliveries pending or being sent (of ``route`` only,
+        when given): 0 once everything received so far has been dealt with.
+
+        One statement, so one snapshot: asked one after another, "nothing pending" can be
+        read before a message is routed and "nothing unrouted" after, and the pair looks idle
+        while the new delivery waits."""
+        waiting = [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
+        in_flight = select(func.count()).select_from(deliveries)
+        in_flight = in_flight.where(deliveries.c.status.in_(waiting))
+        if route is not None:
+            in_flight = in_flight.where(deliveries.c.route == route)
+        unrouted = select(func.count()).select_from(messages)
+        unrouted = unrouted.where(messages.c.status == MessageStatus.RECEIVED.value)
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(unrouted.scalar_subquery() + in_flight.scalar_subquery())
+                ).scalar_one()
+            )
+
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(
