@@ -23,6 +23,7 @@ from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt, mllp_exchange
 from carehub.workqueue import WorkQueue
 from tests.helpers_http import CarehubProcess, HTTPServer, wait_for
+from tests.test_workqueue import check_grouped_delivery
 
 RABBIT = ("127.0.0.1", 5672)
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
@@ -133,6 +134,10 @@ def arrivals(server: HTTPServer) -> dict[str, list[str]]:
 
 def delivered(store: MessageStore, count: int) -> bool:
     return store.count("delivered") == count
+
+
+def test_ids_are_grouped_by_partition_in_order_on_the_broker(amqp_url: str) -> None:
+    check_grouped_delivery(amqp_url)
 
 
 # -- in-process worker, RabbitMQ queue --------------------------------------------------------

@@ -85,6 +85,7 @@ class Hub:
         self.file_listeners: list[FileDropListener] = []
         self.registry = make_registry(self)
         self.bound: list[BoundListener] = []
+        self._to_publish: list[tuple[int, str]] = []
 
     async def start(self) -> list[BoundListener]:
         """Open the store, then the listeners; returns where each listener is bound."""
@@ -154,11 +155,23 @@ class Hub:
         return self.bound
 
     def _publish(self, message_id: int, patient_key: str) -> None:
-        assert self.publisher is not None
+        """Queue a newly stored message for routing, together with the rest of its group.
+
+        Intake calls this as each message's commit settles; the whole commit group settles in
+        one loop iteration, so publishing at the end of it sends the group as one queue
+        message per partition."""
+        if not self._to_publish:
+            asyncio.get_running_loop().call_soon(self._publish_waiting)
+        self._to_publish.append((message_id, patient_key))
+
+    def _publish_waiting(self) -> None:
+        waiting, self._to_publish = self._to_publish, []
+        if not waiting or self.publisher is None:
+            return
         try:
-            self.publisher.publish(message_id, patient_key)
-        except Exception as err:  # stored and ACKed already; the worker's sweep requeues it
-            log.error("could not queue message %d for routing: %s", message_id, err)
+            self.publisher.publish_many(waiting)
+        except Exception as err:  # stored and ACKed already; the worker's sweep requeues them
+            log.error("could not queue %d message(s) for routing: %s", len(waiting), err)
 
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight, commit it, close the store."""
@@ -166,6 +179,7 @@ class Hub:
         await asyncio.gather(*(drop.stop() for drop in self.file_listeners))
         if self.http_listener:
             await self.http_listener.stop()
+        self._publish_waiting()
         if self.worker_thread is not None:
             await asyncio.to_thread(self.worker_thread.stop)
             self.worker_thread = None

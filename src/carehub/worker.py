@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -33,7 +34,6 @@ from carehub.workqueue import Consumer, WorkQueue
 log = logging.getLogger(__name__)
 
 ROUTE_BATCH = 100
-STOP_ROUTING = -1  # put in the inbox to end the routing loop
 RESULT_FLUSH_SECONDS = 0.05
 CLAIM_INTERVAL = 0.02  # seconds between claims while the hand still holds work
 RESULT_FLUSH_COUNT = 200
@@ -70,7 +70,8 @@ class Worker:
         self.delivered = 0
         self.failed_attempts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        #: (message ids, ack) per queue message; None ends the routing loop.
+        self._inbox: asyncio.Queue[tuple[list[int], Callable[[], None]] | None] = asyncio.Queue()
         self._wake_delivery = asyncio.Event()
         self._results: list[AttemptResult] = []
         self._inflight: dict[int, str] = {}  # delivery id -> destination
@@ -103,7 +104,7 @@ class Worker:
             # The loops end by themselves when `stop` is set, rather than being cancelled:
             # on Python 3.11 a cancellation that races a completing asyncio.wait_for is lost
             # (CPython gh-86296) and a cancelled loop could then run on forever.
-            self._inbox.put_nowait((STOP_ROUTING, None))
+            self._inbox.put_nowait(None)
             self._wake_delivery.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._drain_inflight()
@@ -146,39 +147,39 @@ class Worker:
             return
         publisher = self.work_queue.publisher()
         try:
-            for message in self.store.get_many(ids):
-                publisher.publish(message.id, order_key(message))
+            publisher.publish_many((m.id, order_key(m)) for m in self.store.get_many(ids))
         finally:
             publisher.close()
         log.info("queued %d stored message(s) that were not routed yet", len(ids))
 
-    def _queued(self, message_id: int, ack: object) -> None:
-        """Called on the consumer thread for each id taken from the queue."""
+    def _queued(self, message_ids: list[int], ack: Callable[[], None]) -> None:
+        """Called on the consumer thread for each queue message (the ids of one partition
+        from one commit group)."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, (message_id, ack))
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, (message_ids, ack))
 
     # -- routing --------------------------------------------------------------------------
     async def _route_loop(self) -> None:
         """Routing runs on a helper thread so the delivery loop keeps sending meanwhile;
         batches go one at a time, so arrival order per patient holds."""
         while True:
-            batch = [await self._inbox.get()]
-            while len(batch) < ROUTE_BATCH and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
-            stopping = any(message_id == STOP_ROUTING for message_id, _ in batch)
-            batch = [item for item in batch if item[0] != STOP_ROUTING]
+            taken = [await self._inbox.get()]
+            while sum(len(t[0]) for t in taken if t) < ROUTE_BATCH and not self._inbox.empty():
+                taken.append(self._inbox.get_nowait())
+            batch = [item for item in taken if item is not None]
             if batch:
                 try:
-                    await asyncio.to_thread(self._route_batch, [mid for mid, _ in batch])
+                    ids = [message_id for message_ids, _ in batch for message_id in message_ids]
+                    await asyncio.to_thread(self._route_batch, ids)
                 except Exception:  # the store is down: leave them unacked; they come back
-                    log.exception("routing a batch of %d message(s) failed", len(batch))
+                    log.exception("routing a batch of %d message(s) failed", len(ids))
                     if not await self._pause(1.0):
                         return
                     continue
                 for _, ack in batch:
-                    ack()  # type: ignore[operator]
+                    ack()
                 self._wake_delivery.set()
-            if stopping:
+            if len(batch) < len(taken):  # the stop marker was among them
                 return
 
     def _route_batch(self, message_ids: list[int]) -> None:

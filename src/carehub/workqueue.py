@@ -1,9 +1,10 @@
 """The work queue between intake and the routing workers, on kombu.
 
-Intake publishes the id of each newly stored message; routing workers consume them. Messages
-are spread over partition queues by patient, and each partition is consumed in order by one
-consumer at a time (RabbitMQ's single-active-consumer), so one patient's messages are routed
-in arrival order while different patients' messages go to different partitions in parallel.
+Intake publishes the ids of newly stored messages, one queue message per partition for each
+commit group; routing workers consume them. Messages are spread over partition queues by
+patient, and each partition is consumed in order by one consumer at a time (RabbitMQ's
+single-active-consumer), so one patient's messages are routed in arrival order while different
+patients' messages go to different partitions in parallel.
 
 The store, not the queue, is the source of truth: a message whose id is lost from the queue
 (a broker restart, the in-process transport at a crash) is still 'received' in the store and is
@@ -20,7 +21,8 @@ import logging
 import queue as queue_module
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
@@ -69,7 +71,7 @@ class WorkQueue:
     def publisher(self) -> Publisher:
         return Publisher(self)
 
-    def consumer(self, deliver: Callable[[int, Callable[[], None]], None]) -> Consumer:
+    def consumer(self, deliver: Callable[[list[int], Callable[[], None]], None]) -> Consumer:
         return Consumer(self, deliver)
 
     def purge(self) -> None:
@@ -92,26 +94,40 @@ class Publisher:
             q.bind(self._producer.channel).declare()
 
     def publish(self, message_id: int, patient_key: str) -> None:
-        partition = partition_of(patient_key, self.work_queue.partitions)
-        self._producer.publish(
-            {"message_id": message_id},
-            routing_key=f"route.{partition}",
-            delivery_mode=2,
-            retry=True,
-            retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
-        )
+        self.publish_many([(message_id, patient_key)])
+
+    def publish_many(self, items: Iterable[tuple[int, str]]) -> None:
+        """Queue (message id, patient key) pairs: one queue message per partition, its ids in
+        the order given, so a patient's messages stay in arrival order.
+
+        Intake publishes each commit group this way. A queue message per id cost intake about
+        as much as storing the message (kombu's serialization, delivery tag and routing
+        for each); per partition it is paid once for the group."""
+        partitions: dict[int, list[int]] = {}
+        for message_id, patient_key in items:
+            partition = partition_of(patient_key, self.work_queue.partitions)
+            partitions.setdefault(partition, []).append(message_id)
+        for partition, message_ids in partitions.items():
+            self._producer.publish(
+                {"message_ids": message_ids},
+                routing_key=f"route.{partition}",
+                delivery_mode=2,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+            )
 
     def close(self) -> None:
         self._connection.release()
 
 
 class Consumer:
-    """Drains the partition queues on its own thread and hands each id to ``deliver`` with an
-    ``ack`` callback. Acks may come from any thread: they are queued back to this thread,
-    because a kombu connection must only be used by the thread that drains it."""
+    """Drains the partition queues on its own thread and hands the ids of each queue message
+    to ``deliver`` with an ``ack`` callback, to be called once they are all routed. Acks may
+    come from any thread: they are queued back to this thread, because a kombu connection must
+    only be used by the thread that drains it."""
 
     def __init__(
-        self, work_queue: WorkQueue, deliver: Callable[[int, Callable[[], None]], None]
+        self, work_queue: WorkQueue, deliver: Callable[[list[int], Callable[[], None]], None]
     ) -> None:
         self.work_queue = work_queue
         self.deliver = deliver
@@ -156,8 +172,10 @@ class Consumer:
         finally:
             self._ready.set()
 
-    def _on_message(self, body: dict[str, int], message: object) -> None:
-        self.deliver(int(body["message_id"]), lambda: self._acks.put(message))
+    def _on_message(self, body: dict[str, Any], message: object) -> None:
+        # "message_id" (one id) is what earlier versions published; a broker may still hold some.
+        ids = body["message_ids"] if "message_ids" in body else [body["message_id"]]
+        self.deliver([int(i) for i in ids], lambda: self._acks.put(message))
 
     def _flush_acks(self) -> None:
         while True:

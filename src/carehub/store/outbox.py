@@ -109,6 +109,34 @@ def _record(row: Any) -> DeliveryRecord:
     return DeliveryRecord(**values)
 
 
+def _pending_row(
+    planned: PlannedDelivery, message_id: int, run: int, now: datetime
+) -> dict[str, Any]:
+    """A new delivery's row, waiting to be sent."""
+    return {
+        "message_id": message_id,
+        "run": run,
+        "route": planned.route,
+        "destination": planned.destination,
+        "channel": planned.channel,
+        "idempotency_key": planned.outgoing.idempotency_key,
+        "order_key": planned.order_key,
+        "payload": planned.outgoing.payload,
+        "content_type": planned.outgoing.content_type,
+        "metadata": json.dumps(planned.outgoing.metadata),
+        "status": DeliveryStatus.PENDING.value,
+        "attempts": 0,
+        "max_attempts": planned.max_attempts,
+        "not_before": now,
+        "lease_until": None,
+        "last_error": None,
+        "receipt": None,
+        "created_at": now,
+        "updated_at": now,
+        "accepted_at": None,
+    }
+
+
 class Outbox:
     def __init__(self, store: MessageStore) -> None:
         self.store = store
@@ -154,24 +182,19 @@ class Outbox:
                     chosen[result.message_id] = result
             if not chosen:
                 return []
+            # Every row is built before the first write: the write lock (SQLite's, and the
+            # process's write gate) is then held only while the statements run, and intake's
+            # commits wait that much less behind it.
             statuses = {mid: _routing_status(r) for mid, r in chosen.items()}
-            conn.execute(
-                update(messages)
-                .where(messages.c.id == bindparam("_id"))
-                .values(status=bindparam("_status"), status_at=now, detail=bindparam("_detail")),
-                [
-                    {"_id": mid, "_status": status.value, "_detail": detail}
-                    for mid, (status, detail) in statuses.items()
-                ],
-            )
-            conn.execute(
-                insert(message_events),
-                [
-                    {"message_id": mid, "at": now, "event": status.value, "detail": detail}
-                    for mid, (status, detail) in statuses.items()
-                ],
-            )
-            steps = [
+            status_rows = [
+                {"_id": mid, "_status": status.value, "_detail": detail}
+                for mid, (status, detail) in statuses.items()
+            ]
+            event_rows = [
+                {"message_id": mid, "at": now, "event": status.value, "detail": detail}
+                for mid, (status, detail) in statuses.items()
+            ]
+            step_rows = [
                 {
                     "message_id": mid,
                     "run": result.run,
@@ -185,35 +208,22 @@ class Outbox:
                 for mid, result in chosen.items()
                 for s in result.steps
             ]
-            if steps:
-                conn.execute(insert(message_steps), steps)
-            planned = [
-                {
-                    "message_id": mid,
-                    "run": result.run,
-                    "route": d.route,
-                    "destination": d.destination,
-                    "channel": d.channel,
-                    "idempotency_key": d.outgoing.idempotency_key,
-                    "order_key": d.order_key,
-                    "payload": d.outgoing.payload,
-                    "content_type": d.outgoing.content_type,
-                    "metadata": json.dumps(d.outgoing.metadata),
-                    "status": DeliveryStatus.PENDING.value,
-                    "attempts": 0,
-                    "max_attempts": d.max_attempts,
-                    "not_before": now,
-                    "lease_until": None,
-                    "last_error": None,
-                    "receipt": None,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+            delivery_rows = [
+                _pending_row(d, mid, result.run, now)
                 for mid, result in chosen.items()
                 for d in result.deliveries
             ]
-            if planned:
-                conn.execute(insert(deliveries), planned)
+            conn.execute(
+                update(messages)
+                .where(messages.c.id == bindparam("_id"))
+                .values(status=bindparam("_status"), status_at=now, detail=bindparam("_detail")),
+                status_rows,
+            )
+            conn.execute(insert(message_events), event_rows)
+            if step_rows:
+                conn.execute(insert(message_steps), step_rows)
+            if delivery_rows:
+                conn.execute(insert(deliveries), delivery_rows)
         return list(chosen)
 
     def schedule(self, planned: PlannedDelivery, message_id: int, conn: Any = None) -> bool:
@@ -221,28 +231,7 @@ class Outbox:
         of an answer that came over HTTP) in the outbox, filed under ``message_id``. Its
         idempotency key makes this once-only: False when that key is already there."""
         now = _now()
-        row = {
-            "message_id": message_id,
-            "run": 0,  # not from a routing run
-            "route": planned.route,
-            "destination": planned.destination,
-            "channel": planned.channel,
-            "idempotency_key": planned.outgoing.idempotency_key,
-            "order_key": planned.order_key,
-            "payload": planned.outgoing.payload,
-            "content_type": planned.outgoing.content_type,
-            "metadata": json.dumps(planned.outgoing.metadata),
-            "status": DeliveryStatus.PENDING.value,
-            "attempts": 0,
-            "max_attempts": planned.max_attempts,
-            "not_before": now,
-            "lease_until": None,
-            "last_error": None,
-            "receipt": None,
-            "created_at": now,
-            "updated_at": now,
-            "accepted_at": None,
-        }
+        row = _pending_row(planned, message_id, 0, now)  # run 0: not from a routing run
         key = planned.outgoing.idempotency_key
         try:
             with contextlib.ExitStack() as stack:
@@ -368,6 +357,33 @@ class Outbox:
         if not results:
             return []
         now = _now()
+        # Rows are built before the first write, so the write lock is held only while the
+        # statements run.
+        delivery_rows = [
+            {
+                "_id": r.delivery_id,
+                "_attempt": r.attempt,
+                "_status": _final_status(r).value,
+                "_receipt": r.detail if r.delivered else None,
+                "_error": None if r.delivered else r.detail,
+                "_retry_at": r.retry_at,
+                "_accepted_at": (
+                    r.started_at + timedelta(milliseconds=r.duration_ms) if r.delivered else None
+                ),
+            }
+            for r in results
+        ]
+        attempt_rows = [
+            {
+                "delivery_id": r.delivery_id,
+                "number": r.attempt,
+                "started_at": r.started_at,
+                "duration_ms": r.duration_ms,
+                "outcome": _outcome(r),
+                "detail": r.detail,
+            }
+            for r in results
+        ]
         with self.engine.begin() as conn:
             conn.execute(
                 update(deliveries)
@@ -382,37 +398,9 @@ class Outbox:
                     lease_until=None,
                     updated_at=now,
                 ),
-                [
-                    {
-                        "_id": r.delivery_id,
-                        "_attempt": r.attempt,
-                        "_status": _final_status(r).value,
-                        "_receipt": r.detail if r.delivered else None,
-                        "_error": None if r.delivered else r.detail,
-                        "_retry_at": r.retry_at,
-                        "_accepted_at": (
-                            r.started_at + timedelta(milliseconds=r.duration_ms)
-                            if r.delivered
-                            else None
-                        ),
-                    }
-                    for r in results
-                ],
+                delivery_rows,
             )
-            conn.execute(
-                insert(delivery_attempts),
-                [
-                    {
-                        "delivery_id": r.delivery_id,
-                        "number": r.attempt,
-                        "started_at": r.started_at,
-                        "duration_ms": r.duration_ms,
-                        "outcome": _outcome(r),
-                        "detail": r.detail,
-                    }
-                    for r in results
-                ],
-            )
+            conn.execute(insert(delivery_attempts), attempt_rows)
             finished = self._settle_messages(conn, {r.message_id for r in results}, now)
         return finished
 
