@@ -77,3 +77,18 @@ def test_a_worker_is_held_back_for_intake_only_so_long() -> None:
     waited = time.monotonic() - started
     gate.leave()
     assert INTAKE_PRIORITY_LIMIT * 0.9 <= waited < 2.0
+
+
+def test_intake_refused_by_the_gate_is_called_back_when_the_holder_lets_go() -> None:
+    gate = WriteGate()
+    woken: list[str] = []
+    gate.enter()  # a worker transaction is running
+    assert gate.try_enter_intake(lambda: woken.append("free")) is False
+    assert woken == []
+    done = threading.Thread(target=gate.leave)
+    done.start()
+    done.join(timeout=5)
+    assert woken == ["free"]  # once, as the gate was let go, with no polling
+    assert gate.try_enter_intake() is True
+    gate.leave_intake()
+    assert woken == ["free"]  # intake's own release calls no one

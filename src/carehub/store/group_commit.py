@@ -22,12 +22,13 @@ import concurrent.futures
 import functools
 import logging
 
-from carehub.store.store import InsertOutcome, MessageStore, NewMessage, StoreBusy
+from carehub.store.store import GateBusy, InsertOutcome, MessageStore, NewMessage, StoreBusy
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
-LOCK_RETRY = 0.0005  # seconds between tries while another writer holds SQLite's lock
+LOCK_RETRY = 0.0005  # seconds between tries while another process holds SQLite's lock
+GATE_FALLBACK = 0.05  # a safety net only: the write gate wakes intake when it is let go
 LOCK_PATIENCE = 30.0  # then the waiting messages are answered "not stored"
 
 
@@ -97,18 +98,22 @@ class InlineGroupCommit(GroupCommit):
     """Commits on the event loop at the end of each loop iteration that received messages.
 
     When another writer (the in-process worker) holds SQLite's write lock, the commit does
-    not wait inside SQLite, which would freeze every connection: it gives the loop back and
-    tries again half a millisecond later, with whatever else arrived meanwhile."""
+    not wait inside SQLite, which would freeze every connection: it gives the loop back, and
+    the write gate calls it back the moment that writer lets go, with whatever else arrived
+    meanwhile. A writer in another process (a CLI command) is polled for instead."""
 
     def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
         super().__init__(store, max_batch)
         store.intake_waits_for_lock = False
+        store.intake_gate_free = self._gate_free
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[tuple[NewMessage, asyncio.Future[InsertOutcome]]] = []
         self._scheduled = False
         self._busy_since: float | None = None
+        self._fallback: asyncio.TimerHandle | None = None
 
     async def submit(self, message: NewMessage) -> InsertOutcome:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[InsertOutcome] = loop.create_future()
         self._pending.append((message, future))
         if not self._scheduled:
@@ -116,19 +121,30 @@ class InlineGroupCommit(GroupCommit):
             loop.call_soon(self._flush)
         return await future
 
+    def _gate_free(self) -> None:
+        """Called on the thread that let the write gate go."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._flush)
+
     def _flush(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._fallback is not None:
+            self._fallback.cancel()
+            self._fallback = None
         batch = self._pending[: self.max_batch]
         if not batch:  # close() got there first
             self._scheduled = False
             return
         try:
             outcome = self._write([m for m, _ in batch], busy_ok=True)
-        except StoreBusy:
+        except StoreBusy as busy:
             if self._busy_since is None:
                 self._busy_since = loop.time()
             if loop.time() - self._busy_since < LOCK_PATIENCE:
-                loop.call_later(LOCK_RETRY, self._flush)  # the batch stays pending
+                # The batch stays pending. The gate calls _gate_free when it is let go; the
+                # timer is for SQLite's own lock, held by another process, which calls no one.
+                delay = GATE_FALLBACK if isinstance(busy, GateBusy) else LOCK_RETRY
+                self._fallback = loop.call_later(delay, self._flush)
                 return
             outcome = StoreUnavailable(f"write lock held for over {LOCK_PATIENCE:g} s")
         self._busy_since = None

@@ -37,7 +37,12 @@ class StoreError(RuntimeError):
 
 class StoreBusy(StoreError):
     """Another writer holds SQLite's write lock right now; nothing was written. Only raised
-    when the intake connection was opened with ``wait_for_lock=False``."""
+    when ``intake_waits_for_lock`` is False."""
+
+
+class GateBusy(StoreBusy):
+    """The writer holding the lock is in this process: ``intake_gate_free`` will be called
+    when it lets go, so there is no need to poll."""
 
 
 @dataclass(slots=True)
@@ -235,6 +240,9 @@ class MessageStore:
         self._intake_connection: Any = None
         #: False: intake's SQLite writes fail fast with StoreBusy instead of waiting.
         self.intake_waits_for_lock = True
+        #: With intake_waits_for_lock False: called (from any thread) when the write gate that
+        #: refused an intake group is let go.
+        self.intake_gate_free: Callable[[], None] | None = None
         self._prepare_insert_sql()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -342,9 +350,12 @@ class MessageStore:
         connection = self._intake_connection
         gate = self.write_gate if self.is_sqlite else None
         if gate is not None:
-            entered = gate.enter_intake() if self.intake_waits_for_lock else gate.try_enter_intake()
+            if self.intake_waits_for_lock:
+                entered = gate.enter_intake()
+            else:
+                entered = gate.try_enter_intake(self.intake_gate_free)
             if not entered:
-                raise StoreBusy("another writer in this process holds the write lock")
+                raise GateBusy("another writer in this process holds the write lock")
         cursor = connection.cursor()
         try:
             if self.is_sqlite:

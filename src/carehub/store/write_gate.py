@@ -20,7 +20,7 @@ for under routing is the GIL, which every SQLite call hands back and must win ag
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -28,7 +28,6 @@ from sqlalchemy import Engine, event
 #: A worker writer holds back at most this long for a waiting intake group, so a steady feed
 #: can never starve routing altogether.
 INTAKE_PRIORITY_LIMIT = 0.05  # seconds
-_YIELD = 0.0002  # seconds between looks while intake is waiting
 _PATIENCE = 30.0  # the same 30 s SQLite's busy timeout gives: then write without the gate
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
@@ -39,41 +38,69 @@ class WriteGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._intake_waiting = 0
+        #: Set while no intake group is waiting: a worker writer holding back waits on it.
+        self._intake_clear = threading.Event()
+        self._intake_clear.set()
+        #: Called once when the gate is next let go (intake's event loop asks to be woken).
+        self._on_free: Callable[[], None] | None = None
+        #: Makes "try the lock, else leave a wake-up call" one step as seen by leave(), so a
+        #: release between the two cannot go unnoticed.
+        self._mutex = threading.Lock()
 
     @property
     def intake_waiting(self) -> bool:
         return bool(self._intake_waiting)
 
     # -- intake -----------------------------------------------------------------------------
-    def try_enter_intake(self) -> bool:
-        """Take the gate if it is free; if not, say intake is waiting and return False."""
-        if self._lock.acquire(blocking=False):
-            return True
-        self._intake_waiting = 1
-        return False
+    def try_enter_intake(self, on_free: Callable[[], None] | None = None) -> bool:
+        """Take the gate if it is free; if not, say intake is waiting, arrange for ``on_free``
+        to be called when the gate is let go, and return False.
+
+        Intake's event loop cannot block on the lock, and polling it cost a loop wake-up every
+        half millisecond while a worker transaction ran; ``on_free`` wakes it once, at the
+        moment the gate is free."""
+        with self._mutex:
+            if self._lock.acquire(blocking=False):
+                return True
+            self._intake_waiting = 1
+            self._intake_clear.clear()
+            if on_free is not None:
+                self._on_free = on_free
+            return False
 
     def enter_intake(self) -> bool:
         """Wait for the gate (intake's writer thread); False after 30 s without it."""
         self._intake_waiting = 1
+        self._intake_clear.clear()
         try:
             return self._lock.acquire(timeout=_PATIENCE)
         finally:
-            self._intake_waiting = 0
+            self._clear_intake()
 
     def leave_intake(self) -> None:
+        self._clear_intake()
+        self._release()
+
+    def _clear_intake(self) -> None:
         self._intake_waiting = 0
-        self._lock.release()
+        self._intake_clear.set()
 
     # -- everyone else ----------------------------------------------------------------------
     def enter(self) -> bool:
         """Let a waiting intake group go first (up to a limit), then wait for the gate."""
-        deadline = time.monotonic() + INTAKE_PRIORITY_LIMIT
-        while self._intake_waiting and time.monotonic() < deadline:
-            time.sleep(_YIELD)
+        if self._intake_waiting:
+            self._intake_clear.wait(INTAKE_PRIORITY_LIMIT)
         return self._lock.acquire(timeout=_PATIENCE)
 
     def leave(self) -> None:
-        self._lock.release()
+        self._release()
+
+    def _release(self) -> None:
+        with self._mutex:
+            self._lock.release()
+            on_free, self._on_free = self._on_free, None
+        if on_free is not None:
+            on_free()
 
     def install(self, engine: Engine) -> None:
         """Take the gate at a connection's first write statement, leave it at commit or
