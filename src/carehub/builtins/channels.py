@@ -556,8 +556,8 @@ class WebhookChannel(HttpChannel):
     async def send(self, outgoing: Outgoing) -> str:
         url = self.options.url
         try:
-            async with self.client.stream(
-                "POST", url, content=outgoing.payload, headers=self.headers_for(outgoing)
+            async with self.request(
+                "POST", url, outgoing.payload, self.headers_for(outgoing)
             ) as response:
                 status = response.status_code
                 if 200 <= status < 300:

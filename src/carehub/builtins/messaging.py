@@ -507,7 +507,7 @@ class SmsChannel(HttpChannel):
         body, headers, length = self.request_for(outgoing)
         method, url = self.options.method, self.options.url
         try:
-            async with self.client.stream(method, url, content=body, headers=headers) as response:
+            async with self.request(method, url, body, headers) as response:
                 status = response.status_code
                 if 200 <= status < 300:
                     await finish_reading(response)

@@ -895,7 +895,8 @@ class FhirReferralChannel(HttpChannel):
             {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
         )
         try:
-            response = await self.client.post(url, content=outgoing.payload, headers=headers)
+            async with self.request("POST", url, outgoing.payload, headers) as response:
+                await response.aread()
         except httpx.TimeoutException as err:
             raise DeliveryError(
                 f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
