@@ -130,6 +130,43 @@ def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
     assert (tmp_path / "out" / "delivery-1.hl7").read_bytes() == make_adt("SYNC1").encode()
 
 
+def test_file_writes_sent_together_share_a_batch_and_fail_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends started in one loop iteration are written by one helper-thread call; a file that
+    cannot be written fails its own delivery only."""
+    channel = build(FileChannel, tmp_path, directory=tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "delivery-3.hl7").mkdir()  # a folder where the file should go
+    batches: list[int] = []
+    real_write_files = channels_module._write_files
+
+    def counting(directory: Path, files: list[tuple[str, bytes]], fsync: bool) -> Any:
+        batches.append(len(files))
+        return real_write_files(directory, files, fsync)
+
+    outgoing = [
+        channel.render(work_for(make_adt(f"BATCH{n}")), f"delivery-{n}") for n in range(1, 6)
+    ]
+
+    async def send_all() -> list[str | DeliveryError]:
+        return await asyncio.gather(*(outcome(channel, o) for o in outgoing))
+
+    monkeypatch.setattr(channels_module, "_write_files", counting)
+    results = run_with(channel, send_all)
+    assert batches == [5]
+    assert [r for n, r in enumerate(results, 1) if n != 3] == [
+        f"wrote delivery-{n}.hl7" for n in (1, 2, 4, 5)
+    ]
+    assert isinstance(results[2], DeliveryError)
+    assert "delivery-3.hl7" in str(results[2])
+    for n in (1, 2, 4, 5):
+        assert (tmp_path / "out" / f"delivery-{n}.hl7").read_bytes() == make_adt(
+            f"BATCH{n}"
+        ).encode()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
 def test_file_v2_body_has_cr_segment_ends(tmp_path: Path) -> None:
     channel = build(FileChannel, tmp_path, directory=tmp_path / "out")
     text = make_adt("LF1", terminator="\n")
