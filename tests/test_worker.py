@@ -11,10 +11,12 @@ import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
+from carehub.builtins import channels as channels_module
 from carehub.cli import main
 from carehub.config import load_config
 from carehub.store.outbox import Outbox
@@ -42,7 +44,9 @@ def http() -> Iterator[HTTPServer]:
         yield server
 
 
-def write_config(tmp_path: Path, routes: str, partitions: int = 8) -> Path:
+def write_config(
+    tmp_path: Path, routes: str, partitions: int = 8, worker: str = "poll_interval: 0.05"
+) -> Path:
     """A hub config file in tmp_path (MLLP on a free port, fast worker) and its routes.yaml."""
     (tmp_path / "routes.yaml").write_text(routes, encoding="utf-8")
     path = tmp_path / "carehub.yaml"
@@ -52,7 +56,7 @@ listeners:
   mllp: [{{name: test, host: 127.0.0.1, port: 0}}]
   http: {{enabled: false}}
 queue: {{partitions: {partitions}}}
-worker: {{poll_interval: 0.05}}
+worker: {{{worker}}}
 routes: [routes.yaml]
 """,
         encoding="utf-8",
@@ -121,6 +125,38 @@ def test_per_patient_order_across_partitions(tmp_path: Path, http: HTTPServer) -
         assert arrived[patient] == sent[patient], patient
     # The test means something only if patients really were sent side by side.
     assert http.max_in_flight > 1
+
+
+def test_per_destination_limit_holds_for_a_webhook_not_for_a_local_folder(
+    tmp_path: Path, http: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http.delay = 0.05
+    batches: list[int] = []
+    write_files = channels_module._write_files
+
+    def recording(directory: Path, files: list[tuple[str, bytes]], fsync: bool) -> Any:
+        batches.append(len(files))
+        return write_files(directory, files, fsync)
+
+    monkeypatch.setattr(channels_module, "_write_files", recording)
+    routes = f"""
+routes:
+  - name: care
+    when: {{type: ADT}}
+    steps:
+      - forward: {{channel: webhook, name: hook, url: {http.url()}}}
+      - forward: {{channel: file, name: folder, directory: {tmp_path / "out"}}}
+"""
+    path = write_config(tmp_path, routes, worker="poll_interval: 0.05, per_destination: 3")
+    config = load_config(path)
+    assert config.worker.per_destination == 3
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [make_adt(f"LIM{i:02d}", patient_id=f"PL{i:02d}") for i in range(30)])
+        wait_for(lambda: all_status(hub.store, 30, "delivered"), 30, what="30 deliveries")
+    assert len(http.requests) == 30
+    assert 1 < http.max_in_flight <= 3
+    assert sum(batches) == 30
+    assert max(batches) > 3
 
 
 # -- reprocess --------------------------------------------------------------------------------

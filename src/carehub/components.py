@@ -204,6 +204,11 @@ class Channel(Component):
     """Forwards a routed message to a destination (file, MLLP, webhook, email, ...)."""
 
     kind = "channel"
+    #: The worker sends at most ``worker.per_destination`` deliveries at a time to one
+    #: destination, so a receiving system is not flooded and a slow one cannot take every
+    #: send slot. A channel that writes on this host, with no receiving system to protect,
+    #: sets this False and is bounded by the worker's overall concurrency only.
+    limit_per_destination: ClassVar[bool] = True
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         """Build what will be sent; called once, at routing time, and recorded in the store."""

@@ -244,16 +244,20 @@ class Worker:
                     *(d.destination for d in self._claimed),
                 ]:
                     per_destination[destination] = per_destination.get(destination, 0) + 1
-                full = [d for d, n in per_destination.items() if n >= 2 * settings.per_destination]
+                full = [
+                    d
+                    for d, n in per_destination.items()
+                    if n >= 2 * settings.per_destination and self._limited(d)
+                ]
                 self._claimed.extend(
                     await asyncio.to_thread(self.outbox.claim_due, want, LEASE, None, full, held)
                 )
                 last_claim = time.monotonic()
             waiting: list[DeliveryRecord] = []
             for delivery in self._claimed:
-                room = (
-                    len(self._inflight) < settings.delivery_concurrency
-                    and self._inflight_to[delivery.destination] < settings.per_destination
+                room = len(self._inflight) < settings.delivery_concurrency and (
+                    self._inflight_to[delivery.destination] < settings.per_destination
+                    or not self._limited(delivery.destination)
                 )
                 if not room:
                     waiting.append(delivery)
@@ -270,6 +274,11 @@ class Worker:
             wait = CLAIM_INTERVAL if busy else settings.poll_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_delivery.wait(), wait)
+
+    def _limited(self, destination_name: str) -> bool:
+        """Whether ``per_destination`` applies to this destination's channel."""
+        destination = self.table.destinations.get(destination_name)
+        return destination is None or destination.channel.limit_per_destination
 
     async def _send(self, delivery: DeliveryRecord) -> None:
         started = datetime.now(UTC)
