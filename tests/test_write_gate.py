@@ -67,16 +67,37 @@ def test_a_waiting_intake_group_goes_before_the_next_worker_transaction() -> Non
     assert order == ["intake", "worker"]
 
 
+def intake_tries_on_its_own_thread(gate: WriteGate) -> bool:
+    tried: list[bool] = []
+    intake = threading.Thread(target=lambda: tried.append(gate.try_enter_intake()))
+    intake.start()
+    intake.join(timeout=5)
+    return tried[0]
+
+
 def test_a_worker_is_held_back_for_intake_only_so_long() -> None:
     gate = WriteGate()
     gate.enter()
-    assert gate.try_enter_intake() is False  # intake waiting, and never comes back
+    assert intake_tries_on_its_own_thread(gate) is False  # waiting, and never comes back
     gate.leave()
     started = time.monotonic()
     assert gate.enter() is True
     waited = time.monotonic() - started
     gate.leave()
     assert INTAKE_PRIORITY_LIMIT * 0.9 <= waited < 2.0
+
+
+def test_a_writer_on_intakes_own_thread_does_not_wait_for_intake() -> None:
+    """The embedded worker shares intake's event loop: waiting for intake there would only
+    stall the loop intake needs."""
+    gate = WriteGate()
+    gate.enter()
+    assert gate.try_enter_intake() is False  # intake, on this thread, is now waiting
+    gate.leave()
+    started = time.monotonic()
+    assert gate.enter() is True
+    assert time.monotonic() - started < INTAKE_PRIORITY_LIMIT / 2
+    gate.leave()
 
 
 def test_intake_refused_by_the_gate_is_called_back_when_the_holder_lets_go() -> None:

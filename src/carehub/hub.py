@@ -7,6 +7,7 @@ a fresh hub per test and several hubs can run in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from carehub.routing.config import load_route_files, route_files
 from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
 from carehub.store.store import MessageStore, sqlite_url
-from carehub.worker import WorkerSettings, WorkerThread
+from carehub.worker import Worker, WorkerSettings
 from carehub.workqueue import Publisher, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,22 @@ class BoundListener:
     address: str
 
 
+#: Seconds a serving hub's SQLite call waits for a write lock held by another process.
+SERVING_LOCK_TIMEOUT = 2.0
+
+
 def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> MessageStore:
     """The store the config names (SQLite under data_dir by default), migrated to the newest
-    schema. ``serving`` moves SQLite WAL checkpoints onto a background thread."""
+    schema. ``serving`` moves SQLite WAL checkpoints onto a background thread and shortens how
+    long a SQLite call waits for another process's write lock (the worker's calls run on the
+    event loop, which must not freeze for the 30 s a CLI command may wait)."""
     url = config.store.url or sqlite_url(data_dir)
-    store = MessageStore(url, durability=config.store.durability, background_checkpoint=serving)
+    store = MessageStore(
+        url,
+        durability=config.store.durability,
+        background_checkpoint=serving,
+        lock_timeout=SERVING_LOCK_TIMEOUT if serving else None,
+    )
     store.migrate()
     return store
 
@@ -76,7 +88,10 @@ class Hub:
         self.host, self.table = build_routing(config, self.data_dir)
         self.work_queue = WorkQueue(config.queue.url, config.queue.partitions)
         self.publisher: Publisher | None = None
-        self.worker_thread: WorkerThread | None = None
+        #: The in-process worker (config worker.enabled), on this hub's event loop.
+        self.worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        self._worker_stop = asyncio.Event()
         self.store: MessageStore | None = None
         self.writer: GroupCommit
         self.intake: Intake
@@ -114,10 +129,8 @@ class Hub:
                 single_host=self.store.is_sqlite,
                 tick_interval=worker.tick_interval,
             )
-            self.worker_thread = WorkerThread(
-                self.store, self.table, self.host, self.work_queue, settings
-            )
-            await asyncio.to_thread(self.worker_thread.start)
+            self.worker = Worker(self.store, self.table, self.host, self.work_queue, settings)
+            await self._start_worker(self.worker)
         listeners = self.config.listeners
         try:
             for i, mllp_config in enumerate(listeners.mllp):
@@ -154,6 +167,20 @@ class Hub:
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
         return self.bound
 
+    async def _start_worker(self, worker: Worker) -> None:
+        """Run the worker on this loop; return once it consumes, or raise why it could not."""
+        ready = asyncio.Event()
+        self._worker_stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(self._worker_stop, started=ready.set), name="worker")
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if task.done():
+            task.result()  # raises what stopped it
+            raise RuntimeError("the worker stopped as it started")
+        self._worker_task = task
+        task.add_done_callback(_report_worker_end)
+
     def _publish(self, message_id: int, patient_key: str) -> None:
         """Queue a newly stored message for routing, together with the rest of its group.
 
@@ -180,9 +207,12 @@ class Hub:
         if self.http_listener:
             await self.http_listener.stop()
         self._publish_waiting()
-        if self.worker_thread is not None:
-            await asyncio.to_thread(self.worker_thread.stop)
-            self.worker_thread = None
+        if self._worker_task is not None:
+            self._worker_stop.set()
+            with contextlib.suppress(Exception):
+                await self._worker_task
+            self._worker_task = None
+            self.worker = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
@@ -210,3 +240,9 @@ class Hub:
             ],
             "intake": {f"{k[0]}/{k[1]}": v for k, v in sorted(self.intake.counts.items())},
         }
+
+
+def _report_worker_end(task: asyncio.Task[None]) -> None:
+    """A worker that stops by itself (not through Hub.stop) is an error worth a log line."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the worker stopped with an error", exc_info=task.exception())

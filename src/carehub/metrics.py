@@ -40,7 +40,7 @@ class HubCollector(Collector):
         rows = CounterMetricFamily("carehub_store_rows", "Messages written by the store writer")
         rows.add_metric([], self.hub.writer.rows)
         yield rows
-        worker = self.hub.worker_thread.worker if self.hub.worker_thread else None
+        worker = self.hub.worker
         if worker is not None:
             for name, help_text, value in (
                 ("carehub_routed_messages", "Messages routed by this hub's worker", worker.routed),

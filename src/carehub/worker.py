@@ -6,8 +6,9 @@ delivery loop claims due deliveries from the store and sends them concurrently, 
 ``per_destination`` at a time to any one destination, so a slow or failing destination never
 holds up the others; failed attempts are retried with backoff until they become dead letters.
 
-In the embedded default the worker runs inside ``carehub serve`` on its own thread and event
-loop; for scale-out, ``carehub worker`` runs it alone, on as many hosts as needed.
+In the embedded default the worker runs inside ``carehub serve`` on the hub's own event loop,
+beside the listeners; for scale-out, ``carehub worker`` runs it alone, on as many hosts as
+needed.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from carehub.components import DeliveryError, Outgoing
 from carehub.plugins import PluginHost
@@ -34,15 +35,21 @@ from carehub.workqueue import Consumer, WorkQueue
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ROUTE_BATCH = 100
 #: After the first queue message, routing gathers more for this long (or up to ROUTE_BATCH
 #: ids): under a steady feed the ids arrive a commit group at a time, and routing each group
 #: alone cost 390 µs a message against 351 µs in batches of 50 (single-threaded, bench route).
 ROUTE_GATHER = 0.01
+#: With the store called inline (SQLite), routing gives the event loop back after every this
+#: many messages, so intake keeps answering while a batch is routed.
+ROUTE_CHUNK = 16
 RESULT_FLUSH_SECONDS = 0.05
 CLAIM_INTERVAL = 0.02  # seconds between claims while sends are in hand or in flight
 RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
+STORE_RETRY = 0.5  # seconds before recording results again after the store refused
 LEASE = timedelta(minutes=5)  # a delivery held longer than this is put back in line
 
 
@@ -71,6 +78,13 @@ class Worker:
         self.work_queue = work_queue
         self.settings = settings or WorkerSettings()
         self.router = Router(table, host)
+        #: SQLite: store calls run right on the event loop. A SQLite call is a short local
+        #: operation, while a hop to a helper thread, and every GIL hand-back inside SQLite
+        #: while other threads want it, cost more than the call (bench/bench_routing.py
+        #: --quick, embedded default: 600-700 msg/s end to end with routing and store calls on
+        #: helper threads and the worker on a thread of its own; 740-856 inline on the hub's
+        #: loop). PostgreSQL calls wait on the network and go to a helper thread.
+        self.inline_store = store.is_sqlite
         self.routed = 0
         self.delivered = 0
         self.failed_attempts = 0
@@ -87,7 +101,9 @@ class Worker:
         self._consumer: Consumer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event, started: threading.Event | None = None) -> None:
+    async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
+        """Route and deliver until ``stop`` is set; ``started`` is called once the worker is
+        consuming."""
         self._loop = asyncio.get_running_loop()
         await self.table.start()
         if self.settings.single_host:
@@ -103,7 +119,7 @@ class Worker:
             asyncio.create_task(self._tick_loop(), name="tick"),
         ]
         if started is not None:
-            started.set()
+            started()
         try:
             await stop.wait()
         finally:
@@ -117,6 +133,12 @@ class Worker:
             self.outbox.release([d.id for d in self._claimed])
             await asyncio.to_thread(self._consumer.stop)
             await self.table.close()
+
+    async def _store_call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a store operation inline (SQLite) or on a helper thread (PostgreSQL)."""
+        if self.inline_store:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, but wake for stop; True while the worker should go on."""
@@ -166,8 +188,8 @@ class Worker:
 
     # -- routing --------------------------------------------------------------------------
     async def _route_loop(self) -> None:
-        """Routing runs on a helper thread so the delivery loop keeps sending meanwhile;
-        batches go one at a time, so arrival order per patient holds."""
+        """Batches are routed one at a time, so arrival order per patient holds; the event
+        loop keeps sending meanwhile (between chunks inline, throughout on a helper thread)."""
         while True:
             taken = [await self._inbox.get()]
             count = len(taken[0][0]) if taken[0] else 0
@@ -181,7 +203,12 @@ class Worker:
             if batch:
                 try:
                     ids = [message_id for message_ids, _ in batch for message_id in message_ids]
-                    await asyncio.to_thread(self._route_batch, ids)
+                    if self.inline_store:
+                        for start in range(0, len(ids), ROUTE_CHUNK):
+                            self._route_batch(ids[start : start + ROUTE_CHUNK])
+                            await asyncio.sleep(0)
+                    else:
+                        await asyncio.to_thread(self._route_batch, ids)
                 except Exception:  # the store is down: leave them unacked; they come back
                     log.exception("routing a batch of %d message(s) failed", len(ids))
                     if not await self._pause(1.0):
@@ -230,7 +257,14 @@ class Worker:
             due = idle or now - last_flush >= RESULT_FLUSH_SECONDS
             if self._results and (due or len(self._results) >= RESULT_FLUSH_COUNT):
                 results, self._results = self._results, []
-                await asyncio.to_thread(self.outbox.finish, results)
+                try:
+                    await self._store_call(self.outbox.finish, results)
+                except Exception as err:  # the store is locked or down: keep them, try again
+                    log.warning("recording %d delivery result(s) failed: %s", len(results), err)
+                    self._results[:0] = results
+                    if not await self._pause(STORE_RETRY):
+                        break
+                    continue
                 last_flush = time.monotonic()
             hand_low = len(self._claimed) < settings.delivery_concurrency
             if hand_low and (idle or now - last_claim >= CLAIM_INTERVAL):
@@ -249,9 +283,12 @@ class Worker:
                     for d, n in per_destination.items()
                     if n >= 2 * settings.per_destination and self._limited(d)
                 ]
-                self._claimed.extend(
-                    await asyncio.to_thread(self.outbox.claim_due, want, LEASE, None, full, held)
-                )
+                try:
+                    self._claimed.extend(
+                        await self._store_call(self.outbox.claim_due, want, LEASE, None, full, held)
+                    )
+                except Exception as err:  # the store is locked or down: claim again later
+                    log.warning("claiming deliveries failed: %s", err)
                 last_claim = time.monotonic()
             waiting: list[DeliveryRecord] = []
             for delivery in self._claimed:
@@ -364,51 +401,3 @@ def _first_part(detail: str) -> str:
 
 def _ms(start: float) -> int:
     return int((time.perf_counter() - start) * 1000)
-
-
-class WorkerThread:
-    """Runs a Worker on its own thread and event loop (the embedded default)."""
-
-    def __init__(
-        self,
-        store: MessageStore,
-        table: RouteTable,
-        host: PluginHost,
-        work_queue: WorkQueue,
-        settings: WorkerSettings,
-    ) -> None:
-        self._args = (store, table, host, work_queue, settings)
-        self.worker: Worker | None = None
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
-        self.error: BaseException | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        self._thread.start()
-        self._started.wait(timeout)
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def main() -> None:
-            self._stop = asyncio.Event()
-            self.worker = Worker(*self._args)
-            await self.worker.run(self._stop, started=self._started)
-
-        try:
-            self._loop.run_until_complete(main())
-        except BaseException as err:
-            self.error = err
-            log.exception("worker stopped with an error")
-        finally:
-            self._started.set()
-            self._loop.close()

@@ -227,13 +227,14 @@ class MessageStore:
         *,
         durability: Durability = "process",
         background_checkpoint: bool = False,
+        lock_timeout: float | None = None,
     ) -> None:
         self.url = url
         self.durability = durability
         self.is_sqlite = url.startswith("sqlite")
         #: SQLite only: one writer at a time inside the process, intake first.
         self.write_gate = WriteGate()
-        self.engine = self._create_engine(url, background_checkpoint)
+        self.engine = self._create_engine(url, background_checkpoint, lock_timeout or 30.0)
         self._checkpointer: _WalCheckpointer | None = None
         if self.is_sqlite and background_checkpoint:
             self._checkpointer = _WalCheckpointer(self.engine)
@@ -246,7 +247,7 @@ class MessageStore:
         self._prepare_insert_sql()
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _create_engine(self, url: str, background_checkpoint: bool) -> Engine:
+    def _create_engine(self, url: str, background_checkpoint: bool, lock_timeout: float) -> Engine:
         if not self.is_sqlite:
             return create_engine(
                 url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True
@@ -258,7 +259,7 @@ class MessageStore:
         # into the logs (SQLAlchemy otherwise quotes the statement's parameters).
         engine = create_engine(
             url,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": lock_timeout, "check_same_thread": False},
             hide_parameters=True,
         )
         self.write_gate.install(engine)

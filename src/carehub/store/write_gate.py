@@ -46,6 +46,8 @@ class WriteGate:
         #: Makes "try the lock, else leave a wake-up call" one step as seen by leave(), so a
         #: release between the two cannot go unnoticed.
         self._mutex = threading.Lock()
+        #: The thread intake's fail-fast writes come from (its event loop's).
+        self._intake_thread: int | None = None
 
     @property
     def intake_waiting(self) -> bool:
@@ -59,6 +61,7 @@ class WriteGate:
         Intake's event loop cannot block on the lock, and polling it cost a loop wake-up every
         half millisecond while a worker transaction ran; ``on_free`` wakes it once, at the
         moment the gate is free."""
+        self._intake_thread = threading.get_ident()
         with self._mutex:
             if self._lock.acquire(blocking=False):
                 return True
@@ -87,8 +90,11 @@ class WriteGate:
 
     # -- everyone else ----------------------------------------------------------------------
     def enter(self) -> bool:
-        """Let a waiting intake group go first (up to a limit), then wait for the gate."""
-        if self._intake_waiting:
+        """Let a waiting intake group go first (up to a limit), then wait for the gate.
+
+        A writer on intake's own thread (the embedded worker shares intake's event loop) does
+        not wait: intake cannot run until that writer gives the loop back."""
+        if self._intake_waiting and threading.get_ident() != self._intake_thread:
             self._intake_clear.wait(INTAKE_PRIORITY_LIMIT)
         return self._lock.acquire(timeout=_PATIENCE)
 
