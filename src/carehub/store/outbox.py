@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Select, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
@@ -137,6 +137,109 @@ def _pending_row(
     }
 
 
+# -- statements the worker runs for every batch, built once -------------------------------------
+# Building a statement and computing its cache key cost SQLAlchemy more Python time than the
+# database took to run it: under bench/bench_routing.py, 46% of the hub's event loop was in
+# SQLAlchemy and 12% in the driver. A statement built once has its cache key computed once.
+_ELIGIBLE = select(messages.c.id).where(
+    messages.c.id.in_(bindparam("ids", expanding=True)),
+    messages.c.status == MessageStatus.RECEIVED.value,
+)
+_ELIGIBLE_FOR_UPDATE = _ELIGIBLE.with_for_update()  # another worker may hold a copy
+_SET_MESSAGE_STATUS = (
+    update(messages)
+    .where(messages.c.id == bindparam("_id"))
+    .values(status=bindparam("_status"), status_at=bindparam("_at"), detail=bindparam("_detail"))
+)
+_ADD_EVENTS = insert(message_events)
+_ADD_STEPS = insert(message_steps)
+_ADD_DELIVERIES = insert(deliveries)
+_ADD_ATTEMPTS = insert(delivery_attempts)
+_RECORD_ATTEMPT = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("_id"))
+    .values(
+        attempts=bindparam("_attempt"),
+        status=bindparam("_status"),
+        receipt=bindparam("_receipt"),
+        last_error=bindparam("_error"),
+        not_before=func.coalesce(bindparam("_retry_at"), deliveries.c.not_before),
+        accepted_at=bindparam("_accepted_at"),
+        lease_until=None,
+        updated_at=bindparam("_now"),
+    )
+)
+_DELIVERY_STATUSES = select(deliveries.c.message_id, deliveries.c.status).where(
+    deliveries.c.message_id.in_(bindparam("ids", expanding=True))
+)
+_LATEST_RUNS = (
+    select(message_steps.c.message_id, func.max(message_steps.c.run))
+    .where(message_steps.c.message_id.in_(bindparam("ids", expanding=True)))
+    .group_by(message_steps.c.message_id)
+)
+_FAILED_STEPS = (
+    select(
+        message_steps.c.message_id,
+        message_steps.c.run,
+        message_steps.c.route,
+        message_steps.c.output,
+    )
+    .where(
+        message_steps.c.message_id.in_(bindparam("ids", expanding=True)),
+        message_steps.c.outcome == "error",
+    )
+    .order_by(message_steps.c.id)
+)
+
+
+def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]:
+    """Pending deliveries that are due and first in their line (see Outbox.claim_due)."""
+    earlier = aliased(deliveries)
+    blocked = (
+        select(earlier.c.id)
+        .where(
+            earlier.c.destination == deliveries.c.destination,
+            earlier.c.order_key == deliveries.c.order_key,
+            earlier.c.status.in_([DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]),
+            earlier.c.id < deliveries.c.id,
+        )
+        .exists()
+    )
+    query = select(deliveries.c.id).where(
+        deliveries.c.status == DeliveryStatus.PENDING.value,
+        deliveries.c.not_before <= bindparam("now"),
+        ~blocked,
+    )
+    if exclude_destinations:
+        query = query.where(deliveries.c.destination.notin_(bindparam("exclude", expanding=True)))
+    if skip_ids:
+        query = query.where(deliveries.c.id.notin_(bindparam("skip", expanding=True)))
+    return query.order_by(deliveries.c.not_before, deliveries.c.id).limit(bindparam("limit"))
+
+
+_CLAIM_CANDIDATES = {
+    (exclude, skip): _claim_candidates(exclude, skip)
+    for exclude in (False, True)
+    for skip in (False, True)
+}
+# The rows are found by id; the status test only guards against another worker having taken
+# one meanwhile. Wrapped in coalesce so no planner reads it as a way in: through the
+# (status, not_before, id) index it would visit every pending row.
+_TAKE = (
+    update(deliveries)
+    .where(
+        deliveries.c.id.in_(bindparam("ids", expanding=True)),
+        func.coalesce(deliveries.c.status, "") == DeliveryStatus.PENDING.value,
+    )
+    .values(
+        status=DeliveryStatus.SENDING.value,
+        lease_until=bindparam("_lease_until"),
+        updated_at=bindparam("_now"),
+    )
+    .returning(*deliveries.c)
+)
+
+
 class Outbox:
     def __init__(self, store: MessageStore) -> None:
         self.store = store
@@ -167,13 +270,8 @@ class Outbox:
             first_runs = [r.message_id for r in results if r.run == 1]
             eligible: set[int] = set()
             if first_runs:
-                query = select(messages.c.id).where(
-                    messages.c.id.in_(first_runs),
-                    messages.c.status == MessageStatus.RECEIVED.value,
-                )
-                if not self.store.is_sqlite:
-                    query = query.with_for_update()  # another worker may hold a copy
-                eligible = {row[0] for row in conn.execute(query)}
+                query = _ELIGIBLE if self.store.is_sqlite else _ELIGIBLE_FOR_UPDATE
+                eligible = {row[0] for row in conn.execute(query, {"ids": first_runs})}
             chosen: dict[int, RoutingResult] = {}
             for result in results:
                 if (result.run > 1 or result.message_id in eligible) and (
@@ -187,7 +285,7 @@ class Outbox:
             # commits wait that much less behind it.
             statuses = {mid: _routing_status(r) for mid, r in chosen.items()}
             status_rows = [
-                {"_id": mid, "_status": status.value, "_detail": detail}
+                {"_id": mid, "_status": status.value, "_detail": detail, "_at": now}
                 for mid, (status, detail) in statuses.items()
             ]
             event_rows = [
@@ -213,17 +311,12 @@ class Outbox:
                 for mid, result in chosen.items()
                 for d in result.deliveries
             ]
-            conn.execute(
-                update(messages)
-                .where(messages.c.id == bindparam("_id"))
-                .values(status=bindparam("_status"), status_at=now, detail=bindparam("_detail")),
-                status_rows,
-            )
-            conn.execute(insert(message_events), event_rows)
+            conn.execute(_SET_MESSAGE_STATUS, status_rows)
+            conn.execute(_ADD_EVENTS, event_rows)
             if step_rows:
-                conn.execute(insert(message_steps), step_rows)
+                conn.execute(_ADD_STEPS, step_rows)
             if delivery_rows:
-                conn.execute(insert(deliveries), delivery_rows)
+                conn.execute(_ADD_DELIVERIES, delivery_rows)
         return list(chosen)
 
     def schedule(self, planned: PlannedDelivery, message_id: int, conn: Any = None) -> bool:
@@ -301,42 +394,14 @@ class Outbox:
         never read, so a down destination's backlog costs other destinations' claims nothing.
         Order within a patient's line comes from the place-in-line check, not the walk."""
         now = now or _now()
-        earlier = aliased(deliveries)
-        blocked = (
-            select(earlier.c.id)
-            .where(
-                earlier.c.destination == deliveries.c.destination,
-                earlier.c.order_key == deliveries.c.order_key,
-                earlier.c.status.in_([DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]),
-                earlier.c.id < deliveries.c.id,
-            )
-            .exists()
-        )
-        pending = deliveries.c.status == DeliveryStatus.PENDING.value
-        candidates = select(deliveries.c.id).where(
-            pending, deliveries.c.not_before <= now, ~blocked
-        )
-        if exclude_destinations:
-            candidates = candidates.where(deliveries.c.destination.notin_(exclude_destinations))
-        if skip_ids:
-            candidates = candidates.where(deliveries.c.id.notin_(skip_ids))
-        candidates = candidates.order_by(deliveries.c.not_before, deliveries.c.id).limit(limit)
+        candidates = _CLAIM_CANDIDATES[bool(exclude_destinations), bool(skip_ids)]
+        params = {"now": now, "limit": limit, "exclude": exclude_destinations, "skip": skip_ids}
         with self.engine.begin() as conn:
-            ids = [r[0] for r in conn.execute(candidates)]
+            ids = [r[0] for r in conn.execute(candidates, params)]
             if not ids:
                 return []
-            # The rows are found by id; the status test only guards against another worker
-            # having taken one meanwhile. Wrapped in coalesce so no planner reads it as a way
-            # in: through the (status, not_before, id) index it would visit every pending row.
-            still_pending = func.coalesce(deliveries.c.status, "") == DeliveryStatus.PENDING.value
-            rows = conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id.in_(ids), still_pending)
-                .values(
-                    status=DeliveryStatus.SENDING.value, lease_until=now + lease, updated_at=now
-                )
-                .returning(*deliveries.c)
-            ).all()
+            taken = {"ids": ids, "_lease_until": now + lease, "_now": now}
+            rows = conn.execute(_TAKE, taken).all()
         return sorted((_record(r) for r in rows), key=lambda d: d.id)
 
     def release_expired_leases(self, now: datetime | None = None) -> int:
@@ -370,6 +435,7 @@ class Outbox:
                 "_accepted_at": (
                     r.started_at + timedelta(milliseconds=r.duration_ms) if r.delivered else None
                 ),
+                "_now": now,
             }
             for r in results
         ]
@@ -385,22 +451,8 @@ class Outbox:
             for r in results
         ]
         with self.engine.begin() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == bindparam("_id"))
-                .values(
-                    attempts=bindparam("_attempt"),
-                    status=bindparam("_status"),
-                    receipt=bindparam("_receipt"),
-                    last_error=bindparam("_error"),
-                    not_before=func.coalesce(bindparam("_retry_at"), deliveries.c.not_before),
-                    accepted_at=bindparam("_accepted_at"),
-                    lease_until=None,
-                    updated_at=now,
-                ),
-                delivery_rows,
-            )
-            conn.execute(insert(delivery_attempts), attempt_rows)
+            conn.execute(_RECORD_ATTEMPT, delivery_rows)
+            conn.execute(_ADD_ATTEMPTS, attempt_rows)
             finished = self._settle_messages(conn, {r.message_id for r in results}, now)
         return finished
 
@@ -408,11 +460,7 @@ class Outbox:
         """Messages whose deliveries are all done become delivered, or failed if any died or
         a route raised in the latest run (the other routes finishing must not hide that)."""
         by_message: dict[int, list[str]] = {}
-        rows = conn.execute(
-            select(deliveries.c.message_id, deliveries.c.status).where(
-                deliveries.c.message_id.in_(message_ids)
-            )
-        )
+        rows = conn.execute(_DELIVERY_STATUSES, {"ids": list(message_ids)})
         for message_id, status in rows:
             by_message.setdefault(message_id, []).append(status)
         unfinished = (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value)
@@ -432,15 +480,12 @@ class Outbox:
             status = MessageStatus.FAILED if dead or failures else MessageStatus.DELIVERED
             if failures:
                 detail = "; ".join([*failures, *([detail] if detail else [])])
-            changes.append({"_id": message_id, "_status": status.value, "_detail": detail})
+            changes.append(
+                {"_id": message_id, "_status": status.value, "_detail": detail, "_at": now}
+            )
+        conn.execute(_SET_MESSAGE_STATUS, changes)
         conn.execute(
-            update(messages)
-            .where(messages.c.id == bindparam("_id"))
-            .values(status=bindparam("_status"), status_at=now, detail=bindparam("_detail")),
-            changes,
-        )
-        conn.execute(
-            insert(message_events),
+            _ADD_EVENTS,
             [
                 {"message_id": c["_id"], "at": now, "event": c["_status"], "detail": c["_detail"]}
                 for c in changes
@@ -577,23 +622,8 @@ class Outbox:
 
 def _route_errors(conn: Any, message_ids: list[int]) -> dict[int, list[str]]:
     """ "route: error" for each route that raised in each message's latest routing run."""
-    latest = dict(
-        conn.execute(
-            select(message_steps.c.message_id, func.max(message_steps.c.run))
-            .where(message_steps.c.message_id.in_(message_ids))
-            .group_by(message_steps.c.message_id)
-        ).all()
-    )
-    rows = conn.execute(
-        select(
-            message_steps.c.message_id,
-            message_steps.c.run,
-            message_steps.c.route,
-            message_steps.c.output,
-        )
-        .where(message_steps.c.message_id.in_(message_ids), message_steps.c.outcome == "error")
-        .order_by(message_steps.c.id)
-    )
+    latest = dict(conn.execute(_LATEST_RUNS, {"ids": message_ids}).all())
+    rows = conn.execute(_FAILED_STEPS, {"ids": message_ids})
     found: dict[int, list[str]] = {}
     for message_id, run, route, output in rows:
         if run == latest.get(message_id):
