@@ -253,3 +253,16 @@ def test_relative_data_dir_flag_is_made_absolute(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert resolve_data_dir(HubConfig(), Path("here")) == tmp_path.resolve() / "here"
+
+
+@pytest.mark.parametrize(
+    ("queue", "partitions"),
+    [
+        ("{}", 1),  # in-process: one worker consumes every queue
+        ("{url: 'amqp://guest:guest@127.0.0.1:5672//'}", 8),
+        ("{partitions: 4}", 4),
+        ("{url: 'amqp://guest:guest@127.0.0.1:5672//', partitions: 16}", 16),
+    ],
+)
+def test_queue_partitions_default_by_transport(tmp_path: Path, queue: str, partitions: int) -> None:
+    assert load_config(write(tmp_path, f"queue: {queue}\n")).queue.partition_count() == partitions

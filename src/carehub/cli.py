@@ -592,7 +592,11 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         worker = Worker(
-            store, table, host, WorkQueue(config.queue.url, config.queue.partitions), settings
+            store,
+            table,
+            host,
+            WorkQueue(config.queue.url, config.queue.partition_count()),
+            settings,
         )
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
         _settle_garbage_collector()

@@ -101,7 +101,15 @@ class QueueConfig(_Strict):
     """The work queue between intake and routing workers (kombu)."""
 
     url: str = Field("memory://", description="memory:// in-process, or amqp://user:pw@host//")
-    partitions: int = Field(8, ge=1, le=1024)
+    #: Queues that patients are spread over; each is consumed by one worker at a time. None:
+    #: 8 on a broker, 1 in-process, where the one in-process worker consumes them all and
+    #: more queues only split each commit group into more queue messages.
+    partitions: int | None = Field(None, ge=1, le=1024)
+
+    def partition_count(self) -> int:
+        if self.partitions is not None:
+            return self.partitions
+        return 1 if self.url.startswith("memory") else 8
 
 
 class WorkerConfig(_Strict):

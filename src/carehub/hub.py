@@ -86,7 +86,7 @@ class Hub:
         # Routes are bound (and every config error raised) before anything opens; the
         # components get the store once it is open, in start().
         self.host, self.table = build_routing(config, self.data_dir)
-        self.work_queue = WorkQueue(config.queue.url, config.queue.partitions)
+        self.work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
         self.publisher: Publisher | None = None
         #: The in-process worker (config worker.enabled), on this hub's event loop.
         self.worker: Worker | None = None
