@@ -36,6 +36,14 @@ class StepRecord:
     step: str
     outcome: str  # ok | filtered | error
     output: Any = None
+    #: ``output`` as JSON, when the router already encoded it (see ``recordable``).
+    output_json: str | None = None
+
+    def encoded_output(self) -> str:
+        """The output as stored: JSON, anything JSON cannot hold as its text."""
+        if self.output_json is None:
+            self.output_json = json.dumps(self.output, default=str)
+        return self.output_json
 
 
 @dataclass(slots=True)
@@ -92,13 +100,15 @@ def order_key(message: StoredMessage) -> str:
     return patient_key(message.patient_id, message.patient_authority, message.id)
 
 
-def jsonable(value: Any) -> Any:
-    """Step outputs are stored as JSON; anything else is stored as its text."""
+def recordable(value: Any) -> tuple[Any, str]:
+    """A step output as it will be stored, and its JSON: the value itself when JSON can hold
+    it, else its text. Encoding it once here spares encoding a care event twice per message
+    (once to check it, once to store it)."""
     try:
-        json.dumps(value)
-        return value
+        return value, json.dumps(value)
     except (TypeError, ValueError):
-        return str(value)
+        text = str(value)
+        return text, json.dumps(text)
 
 
 class Router:
@@ -130,7 +140,7 @@ class Router:
     ) -> RouteResult:
         if not route.when.matches(view):
             return RouteResult(route.name, False, route.when.explain(view) if explain else [])
-        result = RouteResult(route.name, True, route.when.explain(view))
+        result = RouteResult(route.name, True, route.when.explain(view) if explain else [])
         # Every route starts from the same text, so they share its view (split once).
         work = Work(message=message, route=route.name, v2=text, _view=view)
         for position, step in enumerate(route.steps):
@@ -178,8 +188,9 @@ class Router:
                     result.steps.append(StepRecord(route.name, position, step.label, "ok", summary))
                 else:
                     output = self.host.run_step(work, step.label, _runner(step, work))
+                    value, encoded = recordable(output)
                     result.steps.append(
-                        StepRecord(route.name, position, step.label, "ok", jsonable(output))
+                        StepRecord(route.name, position, step.label, "ok", value, encoded)
                     )
             except Exception as err:  # a broken step ends its route, never the hub
                 log.warning(

@@ -300,7 +300,7 @@ class Outbox:
                     "position": s.position,
                     "step": s.step,
                     "outcome": s.outcome,
-                    "output": json.dumps(s.output, default=str),
+                    "output": s.encoded_output(),
                     "at": now,
                 }
                 for mid, result in chosen.items()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
 
 from carehub.hl7.header import MessageHeader
 from carehub.store.schema import MessageStatus, message_events, messages
@@ -216,6 +216,10 @@ def _aware(value: datetime) -> datetime:
 
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'carehub.db').resolve()}"
+
+
+#: Built once: the worker reads every batch of messages through it (see outbox.py on why).
+_MESSAGES_BY_ID = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
 
 
 class MessageStore:
@@ -492,7 +496,7 @@ class MessageStore:
         if not message_ids:
             return []
         with self.engine.connect() as conn:
-            rows = conn.execute(select(messages).where(messages.c.id.in_(message_ids)))
+            rows = conn.execute(_MESSAGES_BY_ID, {"ids": message_ids})
             found = {r.id: self._to_stored(r._mapping) for r in rows}
         return [found[i] for i in message_ids if i in found]
 
