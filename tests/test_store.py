@@ -428,6 +428,33 @@ def test_concurrent_submits_all_resolve_with_distinct_ids(
     assert len(counts) == 301 and set(counts.values()) == {1}
 
 
+def test_inline_writer_waits_a_loop_pass_or_two_for_a_group_still_growing(
+    tmp_path: Path,
+) -> None:
+    """Messages arriving one loop pass apart share a commit; a lone message is not held."""
+    store = MessageStore(sqlite_url(tmp_path))
+    store.migrate()
+    writer = InlineGroupCommit(store)
+
+    async def arrivals() -> None:
+        async def one(control_id: str, passes: int) -> None:
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            await writer.submit(new_message(control_id))
+
+        await asyncio.gather(*(one(f"GROW{n}", n) for n in range(4)))
+        assert writer.batches == 1  # four arrivals, one pass apart: one commit
+        await one("ALONE", 0)
+        assert writer.batches == 2
+        await writer.close()
+
+    try:
+        asyncio.run(arrivals())
+    finally:
+        store.close()
+    assert writer.rows == 5
+
+
 @pytest.mark.parametrize("writer_class", WRITERS)
 def test_store_failure_raises_store_unavailable_and_the_writer_recovers(
     store_url: str, writer_class: type[GroupCommit]
