@@ -229,6 +229,33 @@ def test_webhook_and_file_carry_the_real_care_event(tmp_path: Path) -> None:
     assert json.loads(hook.payload)["event"] == expected
 
 
+@pytest.mark.parametrize("body", ["event", "v2"])
+@pytest.mark.parametrize("with_event", [True, False])
+def test_webhook_body_is_the_documented_json_byte_for_byte(
+    tmp_path: Path, body: str, with_event: bool
+) -> None:
+    """The event's JSON is encoded once and spliced in; the bytes must be those of encoding
+    the whole document (compact, UTF-8, keys in the documented order)."""
+    events = pytest.importorskip("carehub.events")
+    event = events.CareEvent(kind="admission", message_type="ADT", trigger_event="A01")
+    text = make_adt("SPLICE1", name="ZOË^ÅSA")
+    work = work_for(text, event=event if with_event else None)
+    hook = build(WebhookChannel, tmp_path, url="https://example.test/hook", body=body)
+    document = {
+        "message_id": 7,
+        "route": "to-dest",
+        "idempotency_key": "k",
+        "message_type": "ADT",
+        "trigger_event": "A01",
+        "control_id": "SPLICE1",
+        "event": event.model_dump(mode="json") if with_event else None,
+    }
+    if body == "v2":
+        document["v2"] = text.replace("\n", "\r")
+    expected = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    assert hook.render(work, "k").payload == expected
+
+
 def test_file_relative_directory_is_resolved_against_the_config_folder(tmp_path: Path) -> None:
     channel = build(FileChannel, tmp_path, directory="outbox/adt")
     outgoing = channel.render(work_for(make_adt("REL1")), "rel")

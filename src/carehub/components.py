@@ -63,6 +63,7 @@ class Work:
     data: dict[str, Any] = field(default_factory=dict)
     _view: MessageView | None = None
     _event_json: tuple[object, Any] | None = None
+    _event_bytes: tuple[object, bytes] | None = None
 
     @property
     def view(self) -> MessageView:
@@ -81,6 +82,17 @@ class Work:
 
             self._event_json = (self.event, event_json(self.event))
         return self._event_json[1]
+
+    def event_json_bytes(self) -> bytes | None:
+        """``event_json()`` as compact UTF-8 JSON, encoded once however many channels send it
+        (a file and a webhook on one route each wrote the same 2 KB of JSON)."""
+        if self.event is None:
+            return None
+        if self._event_bytes is None or self._event_bytes[0] is not self.event:
+            from carehub.builtins.channels import _dumps
+
+            self._event_bytes = (self.event, _dumps(self.event_json()))
+        return self._event_bytes[1]
 
     def replace_v2(self, text: str) -> None:
         self.v2 = text

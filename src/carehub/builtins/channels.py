@@ -19,6 +19,7 @@ import decimal
 import enum
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -166,8 +167,8 @@ class FileChannel(Channel):
     The file name is fixed at routing time from ``filename`` (fields: ``idempotency_key``,
     ``message_id``, ``route``, ``control_id``, ``ext``; values are reduced to letters, digits,
     ``.``, ``_`` and ``-``), so a retry after a crash overwrites the same file instead of adding
-    a second copy. Each write goes to a hidden temp file in the same folder (``.<name>.<random>
-    .tmp``), then is renamed over the target: a reader sees the whole file or none of it. A
+    a second copy. Each write goes to a hidden temp file in the same folder (``.<name>.<tag>-<n>
+    .tmp``, unique to this process), then is renamed over the target: a reader sees the whole file or none of it. A
     crash mid-write can leave such a temp file behind; pickers should ignore dot files.
 
     ``fsync`` (default: follow the store) flushes the file and its folder to disk before the
@@ -233,15 +234,17 @@ class FileChannel(Channel):
         if self.options.body == "v2":
             payload, content_type, ext = v2_bytes(work, "utf-8"), V2_CONTENT_TYPE, ".hl7"
         else:
-            document = work.event_json() if work.event is not None else None
-            if document is None:
-                document = {
-                    "message_id": work.message.id,
-                    "route": work.route,
-                    "control_id": msh10(work),
-                    "v2": cr_segments(work.v2),
-                }
-            payload, content_type, ext = _dumps(document) + b"\n", JSON_CONTENT_TYPE, ".json"
+            body = work.event_json_bytes()
+            if body is None:
+                body = _dumps(
+                    {
+                        "message_id": work.message.id,
+                        "route": work.route,
+                        "control_id": msh10(work),
+                        "v2": cr_segments(work.v2),
+                    }
+                )
+            payload, content_type, ext = body + b"\n", JSON_CONTENT_TYPE, ".json"
         filename = render_filename(
             self.options.filename,
             idempotency_key,
@@ -317,9 +320,15 @@ def _write_files(
     return errors
 
 
+#: Temp names are unique per process run without a call for random bytes per file (a system
+#: call on the writer thread): a tag drawn once, then a counter.
+_TEMP_TAG = secrets.token_hex(4)
+_temp_numbers = itertools.count()
+
+
 def _write_atomically(directory: Path, filename: str, payload: bytes, fsync: bool) -> None:
     target = directory / filename
-    temp = directory / f".{filename}.{secrets.token_hex(4)}.tmp"
+    temp = directory / f".{filename}.{_TEMP_TAG}-{next(_temp_numbers)}.tmp"
     # os.open with 0o666 honours the umask (mkstemp would force 0600 and hide the file from a
     # picker running as another user in the same group).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -578,18 +587,22 @@ class WebhookChannel(HttpChannel):
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         message = work.message
-        document: dict[str, Any] = {
-            "message_id": message.id,
-            "route": work.route,
-            "idempotency_key": idempotency_key,
-            "message_type": message.message_type,
-            "trigger_event": message.trigger_event,
-            "control_id": msh10(work),
-            "event": work.event_json(),
-        }
+        head = _dumps(
+            {
+                "message_id": message.id,
+                "route": work.route,
+                "idempotency_key": idempotency_key,
+                "message_type": message.message_type,
+                "trigger_event": message.trigger_event,
+                "control_id": msh10(work),
+            }
+        )
+        # The event's JSON is spliced in as encoded once for every channel of the route; the
+        # bytes are the same as encoding the whole document.
+        parts = [head[:-1], b',"event":', work.event_json_bytes() or b"null"]
         if self.options.body == "v2":
-            document["v2"] = cr_segments(work.v2)
-        return Outgoing(_dumps(document), JSON_CONTENT_TYPE, idempotency_key, {})
+            parts += [b',"v2":', _dumps(cr_segments(work.v2))]
+        return Outgoing(b"".join([*parts, b"}"]), JSON_CONTENT_TYPE, idempotency_key, {})
 
     def headers_for(self, outgoing: Outgoing) -> dict[str, str]:
         """The request headers: configured ones first, carehub's own win on a clash."""
