@@ -9,6 +9,8 @@ import json
 import os
 import random
 import re
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from click.testing import CliRunner, Result
 from carehub.builtins import channels as channels_module
 from carehub.cli import main
 from carehub.config import load_config
+from carehub.hub import SERVING_LOCK_TIMEOUT
 from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread, make_adt, mllp_exchange
@@ -157,6 +160,28 @@ routes:
     assert 1 < http.max_in_flight <= 3
     assert sum(batches) == 30
     assert max(batches) > 3
+
+
+def test_a_write_lock_held_by_another_process_delays_the_worker_and_loses_nothing(
+    tmp_path: Path, http: HTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded worker calls SQLite on the hub's loop with a short lock timeout: while a
+    CLI command (here a plain connection) holds the write lock, recording results fails, is
+    logged and retried, and every delivery is recorded once the lock is let go."""
+    http.delay = 0.3  # sends are in flight when the lock is taken
+    config = load_config(write_config(tmp_path, hook_routes(http.url())))
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [make_adt(f"LOCK{i}", patient_id=f"PK{i}") for i in range(6)])
+        wait_for(lambda: len(http.requests) >= 1, 10, what="a send in flight")
+        other = sqlite3.connect(tmp_path / "data" / "carehub.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # what a CLI write holds while it runs
+        time.sleep(2 * SERVING_LOCK_TIMEOUT + 0.5)
+        other.execute("ROLLBACK")
+        other.close()
+        wait_for(lambda: all_status(hub.store, 6, "delivered"), 30, what="6 deliveries")
+        assert hub.hub.worker is not None  # still running
+    assert len({r.headers["idempotency-key"] for r in http.requests}) == 6
+    assert "delivery result(s) failed" in caplog.text
 
 
 # -- reprocess --------------------------------------------------------------------------------
