@@ -167,9 +167,10 @@ class FileChannel(Channel):
     The file name is fixed at routing time from ``filename`` (fields: ``idempotency_key``,
     ``message_id``, ``route``, ``control_id``, ``ext``; values are reduced to letters, digits,
     ``.``, ``_`` and ``-``), so a retry after a crash overwrites the same file instead of adding
-    a second copy. Each write goes to a hidden temp file in the same folder (``.<name>.<tag>-<n>
-    .tmp``, unique to this process), then is renamed over the target: a reader sees the whole file or none of it. A
-    crash mid-write can leave such a temp file behind; pickers should ignore dot files.
+    a second copy. Each write goes to a hidden temp file in the same folder
+    (``.<name>.<tag>-<n>.tmp``, unique to this process), then is renamed over the target: a
+    reader sees the whole file or none of it. A crash mid-write can leave such a temp file
+    behind; pickers should ignore dot files.
 
     ``fsync`` (default: follow the store) flushes the file and its folder to disk before the
     delivery counts as done. With ``store.durability: power`` it does, so a delivery the store
