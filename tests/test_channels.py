@@ -669,11 +669,18 @@ def test_webhook_retry_sends_identical_bytes_and_key(tmp_path: Path, http: Webho
     assert first.headers["x-carehub-signature"] == second.headers["x-carehub-signature"]
 
 
-def test_webhook_deliveries_reuse_one_connection(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\naccepted",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",  # nothing to read: not read at all
+    ],
+    ids=["short-body", "empty-body"],
+)
+def test_webhook_deliveries_reuse_one_connection(tmp_path: Path, answer: bytes) -> None:
     """Sequential deliveries to one webhook share a kept-alive connection; a fresh TCP
     connection per delivery is what an unread answer used to cost."""
     connections: list[str] = []
-    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\naccepted"
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(str(writer.get_extra_info("peername")))

