@@ -169,8 +169,10 @@ _RECORD_ATTEMPT = (
         updated_at=bindparam("_now"),
     )
 )
-_DELIVERY_STATUSES = select(deliveries.c.message_id, deliveries.c.status).where(
-    deliveries.c.message_id.in_(bindparam("ids", expanding=True))
+_DELIVERY_STATUSES = (
+    select(deliveries.c.message_id, deliveries.c.status, messages.c.status)
+    .join(messages, messages.c.id == deliveries.c.message_id)
+    .where(deliveries.c.message_id.in_(bindparam("ids", expanding=True)))
 )
 _LATEST_RUNS = (
     select(message_steps.c.message_id, func.max(message_steps.c.run))
@@ -460,9 +462,12 @@ class Outbox:
         """Messages whose deliveries are all done become delivered, or failed if any died or
         a route raised in the latest run (the other routes finishing must not hide that)."""
         by_message: dict[int, list[str]] = {}
+        routing_failed: set[int] = set()
         rows = conn.execute(_DELIVERY_STATUSES, {"ids": list(message_ids)})
-        for message_id, status in rows:
+        for message_id, status, message_status in rows:
             by_message.setdefault(message_id, []).append(status)
+            if message_status == MessageStatus.FAILED.value:
+                routing_failed.add(message_id)
         unfinished = (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value)
         done = {
             mid: statuses
@@ -471,7 +476,10 @@ class Outbox:
         }
         if not done:
             return []
-        errors = _route_errors(conn, list(done))
+        # Only a message already marked failed can have a route that raised (routing marks it
+        # so); the others skip the two step queries.
+        suspects = [mid for mid in done if mid in routing_failed]
+        errors = _route_errors(conn, suspects) if suspects else {}
         changes = []
         for message_id, statuses in sorted(done.items()):
             dead = statuses.count(DeliveryStatus.DEAD.value)
