@@ -606,10 +606,10 @@ class MessageStore:
         return total
 
 
-#: A WAL holding more pages than this after a passive checkpoint gets a RESTART one (64 MB
+#: A WAL holding more pages than this after a passive checkpoint gets a RESTART one (16 MB
 #: of 4 KB pages); the file is trimmed to WAL_SIZE_LIMIT bytes when SQLite starts it over.
-RESTART_FRAMES = 16_384
-WAL_SIZE_LIMIT = 64 * 1024 * 1024
+RESTART_FRAMES = 4_096
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class _WalCheckpointer:
