@@ -247,9 +247,8 @@ class Worker:
             # Attempt results are written in groups, and deliveries claimed in groups: one
             # transaction per send would cost more than the sends themselves (measured
             # single-threaded: 167 µs a message recording results 26 at a time, 84 µs at 100).
-            # Store work runs on a helper thread so that waiting for SQLite's write lock never
-            # stalls the sends in flight on this loop. An idle worker (nothing in hand, nothing
-            # in flight) records and claims at once: the next delivery in a patient's line
+            # See inline_store for where the store calls run. An idle worker (nothing in hand,
+            # nothing in flight) records and claims at once: the next delivery in a patient's line
             # cannot be claimed until this result is written (one patient's backlog drained at
             # about 12 messages a second waiting for the timer).
             now = time.monotonic()
