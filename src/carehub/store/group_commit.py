@@ -97,7 +97,7 @@ def group_commit_for(store: MessageStore) -> GroupCommit:
 
 
 class InlineGroupCommit(GroupCommit):
-    """Commits on the event loop at the end of each loop iteration that received messages.
+    """Commits on the event loop once the waiting group stops growing (see _still_forming).
 
     When another writer (the in-process worker) holds SQLite's write lock, the commit does
     not wait inside SQLite, which would freeze every connection: it gives the loop back, and
