@@ -26,7 +26,7 @@ from carehub.plugins import PluginHost
 from carehub.routing.config import load_route_files, route_files
 from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
-from carehub.store.store import MessageStore, sqlite_url
+from carehub.store.store import LOCK_TIMEOUT, MessageStore, sqlite_url
 from carehub.worker import Worker, WorkerSettings
 from carehub.workqueue import Publisher, WorkQueue
 
@@ -56,7 +56,7 @@ def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> M
         url,
         durability=config.store.durability,
         background_checkpoint=serving,
-        lock_timeout=SERVING_LOCK_TIMEOUT if serving else None,
+        lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
     )
     store.migrate()
     return store
@@ -170,7 +170,6 @@ class Hub:
     async def _start_worker(self, worker: Worker) -> None:
         """Run the worker on this loop; return once it consumes, or raise why it could not."""
         ready = asyncio.Event()
-        self._worker_stop = asyncio.Event()
         task = asyncio.create_task(worker.run(self._worker_stop, started=ready.set), name="worker")
         waiting = asyncio.create_task(ready.wait())
         await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)

@@ -201,8 +201,8 @@ class Worker:
                 count += len(item[0]) if item else 0
             batch = [item for item in taken if item is not None]
             if batch:
+                ids = [message_id for message_ids, _ in batch for message_id in message_ids]
                 try:
-                    ids = [message_id for message_ids, _ in batch for message_id in message_ids]
                     if self.inline_store:
                         for start in range(0, len(ids), ROUTE_CHUNK):
                             self._route_batch(ids[start : start + ROUTE_CHUNK])

@@ -127,7 +127,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _dumps(value: Any) -> bytes:
+def compact_json(value: Any) -> bytes:
     """Compact JSON: the json module's C encoder only runs without ``indent``, and an indented
     care event cost three times as long to write (171 against 60 us here)."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
@@ -237,7 +237,7 @@ class FileChannel(Channel):
         else:
             body = work.event_json_bytes()
             if body is None:
-                body = _dumps(
+                body = compact_json(
                     {
                         "message_id": work.message.id,
                         "route": work.route,
@@ -588,7 +588,7 @@ class WebhookChannel(HttpChannel):
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         message = work.message
-        head = _dumps(
+        head = compact_json(
             {
                 "message_id": message.id,
                 "route": work.route,
@@ -602,7 +602,7 @@ class WebhookChannel(HttpChannel):
         # bytes are the same as encoding the whole document.
         parts = [head[:-1], b',"event":', work.event_json_bytes() or b"null"]
         if self.options.body == "v2":
-            parts += [b',"v2":', _dumps(cr_segments(work.v2))]
+            parts += [b',"v2":', compact_json(cr_segments(work.v2))]
         return Outgoing(b"".join([*parts, b"}"]), JSON_CONTENT_TYPE, idempotency_key, {})
 
     def headers_for(self, outgoing: Outgoing) -> dict[str, str]:

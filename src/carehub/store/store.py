@@ -214,6 +214,10 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+#: Seconds a SQLite call waits for a write lock another connection holds (SQLite's busy timeout).
+LOCK_TIMEOUT = 30.0
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'carehub.db').resolve()}"
 
@@ -231,14 +235,14 @@ class MessageStore:
         *,
         durability: Durability = "process",
         background_checkpoint: bool = False,
-        lock_timeout: float | None = None,
+        lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
         self.url = url
         self.durability = durability
         self.is_sqlite = url.startswith("sqlite")
         #: SQLite only: one writer at a time inside the process, intake first.
         self.write_gate = WriteGate()
-        self.engine = self._create_engine(url, background_checkpoint, lock_timeout or 30.0)
+        self.engine = self._create_engine(url, background_checkpoint, lock_timeout)
         self._checkpointer: _WalCheckpointer | None = None
         if self.is_sqlite and background_checkpoint:
             self._checkpointer = _WalCheckpointer(self.engine)
