@@ -262,6 +262,16 @@ class SteadyLoad:
                 return
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """User and system CPU seconds a process (all its threads) has used, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def percentile_ms(values: list[float], p: float) -> float:
     """Nearest-rank percentile in milliseconds (NaN for no values)."""
     if not values:
@@ -542,6 +552,8 @@ class RoutingFigures:
     final: Sample  # after the drain (and 2 s more, for late duplicates)
     sink_stats: dict[str, int]
     store_final: str
+    #: carehub's user and system CPU seconds over the window (None off Linux).
+    cpu: tuple[float, float] | None = None
 
 
 async def run_routing(
@@ -654,6 +666,7 @@ async def _drive_routing(
     # The sending window: a sample every second, on a fixed schedule.
     load.start()
     t0 = load.started
+    cpu_start = cpu_seconds(server.proc.pid)
     samples = [Sample(0.0, 0, 0, 0, 0)]
     tick = 1
     while tick <= args.duration:
@@ -670,6 +683,7 @@ async def _drive_routing(
             )
         tick += 1
     load.stop_sending()
+    cpu_end = cpu_seconds(server.proc.pid)
     end = samples[-1]
     window = end.t
     stop_at = time.perf_counter()
@@ -725,6 +739,11 @@ async def _drive_routing(
         final=final,
         sink_stats=sink_stats,
         store_final=store if isinstance(store, str) else store.text(),
+        cpu=(
+            (cpu_end[0] - cpu_start[0], cpu_end[1] - cpu_start[1])
+            if cpu_start and cpu_end
+            else None
+        ),
     )
 
 
@@ -865,6 +884,13 @@ def print_report(
                 f"    end-to-end per second: min {min(per_sec):,.0f} / median "
                 f"{statistics.median(per_sec):,.0f} / max {max(per_sec):,.0f} msg/s "
                 f"over {len(per_sec)} s"
+            )
+        if routing.cpu and end.delivered:
+            user, system = routing.cpu
+            print(
+                f"    carehub CPU in the window: user {user:.1f} s + system {system:.1f} s = "
+                f"{(user + system) / end.delivered * 1e6:,.0f} us per message delivered "
+                f"({(user + system) / w:.0%} of one core)"
             )
         buckets = bucket_rates(routing.samples, STRETCH)
         print(f"    end-to-end per {STRETCH} s: " + " ".join(f"{rate:,.0f}" for rate in buckets))

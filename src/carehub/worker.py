@@ -28,7 +28,7 @@ from carehub.components import DeliveryError, Outgoing
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
 from carehub.routing.table import RouteTable
-from carehub.store.outbox import AttemptResult, DeliveryRecord, Outbox
+from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MessageStore
 from carehub.workqueue import Consumer, WorkQueue
@@ -205,10 +205,12 @@ class Worker:
                 try:
                     if self.inline_store:
                         for start in range(0, len(ids), ROUTE_CHUNK):
-                            self._route_batch(ids[start : start + ROUTE_CHUNK])
+                            chunk = ids[start : start + ROUTE_CHUNK]
+                            self._take(self._route_batch(chunk, self._handover()))
                             await asyncio.sleep(0)
                     else:
-                        await asyncio.to_thread(self._route_batch, ids)
+                        handover = self._handover()
+                        self._take(await asyncio.to_thread(self._route_batch, ids, handover))
                 except Exception:  # the store is down: leave them unacked; they come back
                     log.exception("routing a batch of %d message(s) failed", len(ids))
                     if not await self._pause(1.0):
@@ -220,22 +222,44 @@ class Worker:
             if len(batch) < len(taken):  # the stop marker was among them
                 return
 
-    def _route_batch(self, message_ids: list[int]) -> None:
+    def _route_batch(self, message_ids: list[int], handover: Handover) -> Handover:
+        """Route and record a batch; ``handover`` comes back with the deliveries it leased
+        to this worker."""
         messages = [
             m for m in self.store.get_many(message_ids) if m.status == MessageStatus.RECEIVED.value
         ]
         if not messages:
-            return
+            return handover
         results = []
         for message in messages:
             self.host.notify("carehub_message_received", message=message)
             results.append(self.router.route(message))
-        recorded = set(self.outbox.record_routing(results))
+        recorded = set(self.outbox.record_routing(results, handover))
         self.routed += len(recorded)
         for message, result in zip(messages, results, strict=True):
             if message.id in recorded:
                 routes = [r.route for r in result.matched]
                 self.host.notify("carehub_message_routed", message=message, routes=routes)
+        return handover
+
+    def _handover(self) -> Handover:
+        """The room this worker has for deliveries routing plans now (see Handover): what a
+        claim would take, under the same limits."""
+        room = 2 * self.settings.delivery_concurrency - len(self._claimed)
+        return Handover(max(0, room), LEASE, frozenset(self._full_destinations()))
+
+    def _take(self, handover: Handover) -> None:
+        if handover.taken:
+            self._claimed.extend(handover.taken)
+            self._wake_delivery.set()
+
+    def _full_destinations(self) -> list[str]:
+        """Destinations with plenty in hand get no more, so a slow one cannot fill the hand
+        and starve the others."""
+        in_hand = Counter(self._inflight.values())
+        in_hand.update(d.destination for d in self._claimed)
+        limit = 2 * self.settings.per_destination
+        return [d for d, n in in_hand.items() if n >= limit and self._limited(d)]
 
     # -- delivery -------------------------------------------------------------------------
     async def _delivery_loop(self) -> None:
@@ -269,19 +293,7 @@ class Worker:
             if hand_low and (idle or now - last_claim >= CLAIM_INTERVAL):
                 want = 2 * settings.delivery_concurrency - len(self._claimed)
                 held = [d.id for d in self._claimed] + list(self._inflight)
-                # A destination with plenty in hand gets no more, so a slow one cannot fill
-                # the hand and starve the others.
-                per_destination: dict[str, int] = {}
-                for destination in [
-                    *self._inflight.values(),
-                    *(d.destination for d in self._claimed),
-                ]:
-                    per_destination[destination] = per_destination.get(destination, 0) + 1
-                full = [
-                    d
-                    for d, n in per_destination.items()
-                    if n >= 2 * settings.per_destination and self._limited(d)
-                ]
+                full = self._full_destinations()
                 try:
                     self._claimed.extend(
                         await self._store_call(self.outbox.claim_due, want, LEASE, None, full, held)

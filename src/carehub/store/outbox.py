@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from carehub.store.schema import (
     message_steps,
     messages,
 )
-from carehub.store.store import MessageStore, _aware
+from carehub.store.store import EVENT_COLUMNS, DriverSQL, MessageStore, _aware
 
 if TYPE_CHECKING:
     from carehub.routing.router import PlannedDelivery, RoutingResult
@@ -109,71 +109,121 @@ def _record(row: Any) -> DeliveryRecord:
     return DeliveryRecord(**values)
 
 
-def _pending_row(
-    planned: PlannedDelivery, message_id: int, run: int, now: datetime
-) -> dict[str, Any]:
-    """A new delivery's row, waiting to be sent."""
-    return {
-        "message_id": message_id,
-        "run": run,
-        "route": planned.route,
-        "destination": planned.destination,
-        "channel": planned.channel,
-        "idempotency_key": planned.outgoing.idempotency_key,
-        "order_key": planned.order_key,
-        "payload": planned.outgoing.payload,
-        "content_type": planned.outgoing.content_type,
-        "metadata": json.dumps(planned.outgoing.metadata),
-        "status": DeliveryStatus.PENDING.value,
-        "attempts": 0,
-        "max_attempts": planned.max_attempts,
-        "not_before": now,
-        "lease_until": None,
-        "last_error": None,
-        "receipt": None,
-        "created_at": now,
-        "updated_at": now,
-        "accepted_at": None,
-    }
+#: A new delivery's columns, in the order ``_new_delivery_values`` gives them.
+_DELIVERY_COLUMNS = (
+    "message_id", "run", "route", "destination", "channel", "idempotency_key", "order_key",
+    "payload", "content_type", "metadata", "status", "attempts", "max_attempts", "not_before",
+    "lease_until", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def _new_delivery_values(
+    planned: PlannedDelivery,
+    message_id: int,
+    run: int,
+    now: Any,
+    lease_until: Any = None,
+) -> tuple[Any, ...]:
+    """A new delivery's row; times as the driver takes them. Pending, or with a lease already
+    being sent (see Handover)."""
+    outgoing = planned.outgoing
+    return (
+        message_id,
+        run,
+        planned.route,
+        planned.destination,
+        planned.channel,
+        outgoing.idempotency_key,
+        planned.order_key,
+        outgoing.payload,
+        outgoing.content_type,
+        json.dumps(outgoing.metadata) if outgoing.metadata else "{}",
+        DeliveryStatus.PENDING.value if lease_until is None else DeliveryStatus.SENDING.value,
+        0,
+        planned.max_attempts,
+        now,
+        lease_until,
+        now,
+        now,
+    )
+
+
+@dataclass(slots=True)
+class Handover:
+    """Room a worker has to start new deliveries itself, offered to ``record_routing``.
+
+    A delivery that routing has just planned and that is first in its line (nothing pending
+    or being sent before it to that destination for that patient) is written already leased
+    and handed straight back, rather than written pending and claimed by a query a moment
+    later. The worker takes at most ``room`` of them, none to a destination in ``full``."""
+
+    room: int
+    lease: timedelta
+    full: frozenset[str] = frozenset()
+    #: Filled in by record_routing: the deliveries now leased to the caller, in order.
+    taken: list[DeliveryRecord] = field(default_factory=list)
+
+
+class _WorkerSQL:
+    """The writes the worker makes for every batch, as driver-level SQL (see DriverSQL)."""
+
+    def __init__(self, sql: DriverSQL) -> None:
+        m = sql.mark
+        self.time = sql.time
+        self.marks = sql.marks
+        self.set_message_status = (
+            f"UPDATE messages SET status = {m}, status_at = {m}, detail = {m} WHERE id = {m}"
+        )
+        self.add_events = sql.insert("message_events", EVENT_COLUMNS)
+        self.add_steps = sql.insert(
+            "message_steps",
+            ("message_id", "run", "route", "position", "step", "outcome", "output", "at"),
+        )
+        self.add_deliveries = sql.insert("deliveries", _DELIVERY_COLUMNS)
+        self.add_attempts = sql.insert(
+            "delivery_attempts",
+            ("delivery_id", "number", "started_at", "duration_ms", "outcome", "detail"),
+        )
+        self.record_attempt = (
+            f"UPDATE deliveries SET attempts = {m}, status = {m}, receipt = {m}, "
+            f"last_error = {m}, not_before = coalesce({m}, not_before), accepted_at = {m}, "
+            f"lease_until = NULL, updated_at = {m} WHERE id = {m}"
+        )
+
+    def eligible(self, count: int) -> str:
+        """Which of ``count`` messages are still waiting for their first routing."""
+        return (
+            f"SELECT id FROM messages WHERE id IN ({self.marks(count)}) "
+            f"AND status = '{MessageStatus.RECEIVED.value}'"
+        )
+
+    def busy_lines(self, destinations: int, order_keys: int) -> str:
+        """Which (destination, order key) lines already hold an unfinished delivery."""
+        return (
+            "SELECT DISTINCT destination, order_key FROM deliveries "
+            f"WHERE destination IN ({self.marks(destinations)}) "
+            f"AND order_key IN ({self.marks(order_keys)}) "
+            f"AND status IN ('{DeliveryStatus.PENDING.value}', '{DeliveryStatus.SENDING.value}')"
+        )
+
+    def ids_by_key(self, count: int) -> str:
+        return (
+            "SELECT idempotency_key, id FROM deliveries "
+            f"WHERE idempotency_key IN ({self.marks(count)})"
+        )
+
+    def delivery_statuses(self, count: int) -> str:
+        """Each delivery's status of ``count`` messages, with its message's status."""
+        return (
+            "SELECT d.message_id, d.status, m.status FROM deliveries d "
+            f"JOIN messages m ON m.id = d.message_id WHERE d.message_id IN ({self.marks(count)})"
+        )
 
 
 # -- statements the worker runs for every batch, built once -------------------------------------
 # Building a statement and computing its cache key cost SQLAlchemy more Python time than the
 # database took to run it: under bench/bench_routing.py, 46% of the hub's event loop was in
 # SQLAlchemy and 12% in the driver. A statement built once has its cache key computed once.
-_ELIGIBLE = select(messages.c.id).where(
-    messages.c.id.in_(bindparam("ids", expanding=True)),
-    messages.c.status == MessageStatus.RECEIVED.value,
-)
-_ELIGIBLE_FOR_UPDATE = _ELIGIBLE.with_for_update()  # another worker may hold a copy
-_SET_MESSAGE_STATUS = (
-    update(messages)
-    .where(messages.c.id == bindparam("_id"))
-    .values(status=bindparam("_status"), status_at=bindparam("_at"), detail=bindparam("_detail"))
-)
-_ADD_EVENTS = insert(message_events)
-_ADD_STEPS = insert(message_steps)
-_ADD_DELIVERIES = insert(deliveries)
-_ADD_ATTEMPTS = insert(delivery_attempts)
-_RECORD_ATTEMPT = (
-    update(deliveries)
-    .where(deliveries.c.id == bindparam("_id"))
-    .values(
-        attempts=bindparam("_attempt"),
-        status=bindparam("_status"),
-        receipt=bindparam("_receipt"),
-        last_error=bindparam("_error"),
-        not_before=func.coalesce(bindparam("_retry_at"), deliveries.c.not_before),
-        accepted_at=bindparam("_accepted_at"),
-        lease_until=None,
-        updated_at=bindparam("_now"),
-    )
-)
-_DELIVERY_STATUSES = (
-    select(deliveries.c.message_id, deliveries.c.status, messages.c.status)
-    .join(messages, messages.c.id == deliveries.c.message_id)
-    .where(deliveries.c.message_id.in_(bindparam("ids", expanding=True)))
-)
 _LATEST_RUNS = (
     select(message_steps.c.message_id, func.max(message_steps.c.run))
     .where(message_steps.c.message_id.in_(bindparam("ids", expanding=True)))
@@ -246,6 +296,7 @@ class Outbox:
     def __init__(self, store: MessageStore) -> None:
         self.store = store
         self.engine = store.engine
+        self._sql = _WorkerSQL(store.sql)
 
     # -- routing --------------------------------------------------------------------------
     def next_run(self, message_id: int) -> int:
@@ -257,23 +308,30 @@ class Outbox:
             ).scalar()
         return int(last or 0) + 1
 
-    def record_routing(self, results: Iterable[RoutingResult]) -> list[int]:
+    def record_routing(
+        self, results: Iterable[RoutingResult], handover: Handover | None = None
+    ) -> list[int]:
         """Commit routing results in one transaction; returns the ids of messages recorded.
 
         A first run only applies to a message still 'received' (so a message queued twice is
         routed once); a reprocess (run > 1) applies whatever the status. Each table gets one
-        multi-row statement per batch, not one per message.
+        multi-row statement per batch, not one per message. With a ``handover``, deliveries
+        first in their line are leased to the caller at once (see Handover).
         """
         results = list(results)
         if not results:
             return []
-        now = _now()
+        sql = self._sql
+        moment = _now()
+        now = sql.time(moment)
         with self.engine.begin() as conn:
             first_runs = [r.message_id for r in results if r.run == 1]
             eligible: set[int] = set()
             if first_runs:
-                query = _ELIGIBLE if self.store.is_sqlite else _ELIGIBLE_FOR_UPDATE
-                eligible = {row[0] for row in conn.execute(query, {"ids": first_runs})}
+                query = sql.eligible(len(first_runs))
+                if not self.store.is_sqlite:
+                    query += " FOR UPDATE"  # another worker may hold a copy
+                eligible = {row[0] for row in conn.exec_driver_sql(query, tuple(first_runs))}
             chosen: dict[int, RoutingResult] = {}
             for result in results:
                 if (result.run > 1 or result.message_id in eligible) and (
@@ -287,46 +345,105 @@ class Outbox:
             # commits wait that much less behind it.
             statuses = {mid: _routing_status(r) for mid, r in chosen.items()}
             status_rows = [
-                {"_id": mid, "_status": status.value, "_detail": detail, "_at": now}
-                for mid, (status, detail) in statuses.items()
+                (status.value, now, detail, mid) for mid, (status, detail) in statuses.items()
             ]
             event_rows = [
-                {"message_id": mid, "at": now, "event": status.value, "detail": detail}
-                for mid, (status, detail) in statuses.items()
+                (mid, now, status.value, detail) for mid, (status, detail) in statuses.items()
             ]
             step_rows = [
-                {
-                    "message_id": mid,
-                    "run": result.run,
-                    "route": s.route,
-                    "position": s.position,
-                    "step": s.step,
-                    "outcome": s.outcome,
-                    "output": s.encoded_output(),
-                    "at": now,
-                }
+                (
+                    mid,
+                    result.run,
+                    s.route,
+                    s.position,
+                    s.step,
+                    s.outcome,
+                    s.encoded_output(),
+                    now,
+                )
                 for mid, result in chosen.items()
                 for s in result.steps
             ]
-            delivery_rows = [
-                _pending_row(d, mid, result.run, now)
-                for mid, result in chosen.items()
-                for d in result.deliveries
+            planned = [
+                (mid, result.run, d) for mid, result in chosen.items() for d in result.deliveries
             ]
-            conn.execute(_SET_MESSAGE_STATUS, status_rows)
-            conn.execute(_ADD_EVENTS, event_rows)
+            handed: list[int] = []  # positions in planned
+            if handover is not None and handover.room > 0 and planned:
+                handed = self._first_in_line(conn, planned, handover)
+            lease_until = sql.time(moment + handover.lease) if handover else None
+            delivery_rows = [_new_delivery_values(d, mid, run, now) for mid, run, d in planned]
+            for position in handed:
+                mid, run, d = planned[position]
+                delivery_rows[position] = _new_delivery_values(d, mid, run, now, lease_until)
+            conn.exec_driver_sql(sql.set_message_status, status_rows)
+            conn.exec_driver_sql(sql.add_events, event_rows)
             if step_rows:
-                conn.execute(_ADD_STEPS, step_rows)
+                conn.exec_driver_sql(sql.add_steps, step_rows)
             if delivery_rows:
-                conn.execute(_ADD_DELIVERIES, delivery_rows)
+                conn.exec_driver_sql(sql.add_deliveries, delivery_rows)
+            if handed:
+                assert handover is not None
+                handover.taken = self._handed_records(conn, [planned[i] for i in handed], moment)
         return list(chosen)
+
+    def _first_in_line(
+        self, conn: Any, planned: list[tuple[int, int, PlannedDelivery]], handover: Handover
+    ) -> list[int]:
+        """Positions of the planned deliveries that may be sent at once: first in their line
+        (nothing unfinished before them, in the store or earlier in this batch), to a
+        destination the worker has room for, at most ``handover.room`` of them."""
+        destinations = tuple({d.destination for _, _, d in planned})
+        keys = tuple({d.order_key for _, _, d in planned})
+        rows = conn.exec_driver_sql(
+            self._sql.busy_lines(len(destinations), len(keys)), destinations + keys
+        )
+        busy = {(destination, key) for destination, key in rows}
+        handed: list[int] = []
+        for position, (_, _, d) in enumerate(planned):
+            line = (d.destination, d.order_key)
+            if line in busy:
+                continue
+            busy.add(line)  # whatever this one does, a later one in its line waits for it
+            if len(handed) < handover.room and d.destination not in handover.full:
+                handed.append(position)
+        return handed
+
+    def _handed_records(
+        self, conn: Any, handed: list[tuple[int, int, PlannedDelivery]], now: datetime
+    ) -> list[DeliveryRecord]:
+        """The records of deliveries just written leased: their ids from their keys."""
+        keys = tuple(d.outgoing.idempotency_key for _, _, d in handed)
+        ids = dict(conn.exec_driver_sql(self._sql.ids_by_key(len(keys)), keys).all())
+        return [
+            DeliveryRecord(
+                id=ids[d.outgoing.idempotency_key],
+                message_id=mid,
+                run=run,
+                route=d.route,
+                destination=d.destination,
+                channel=d.channel,
+                idempotency_key=d.outgoing.idempotency_key,
+                order_key=d.order_key,
+                payload=d.outgoing.payload,
+                content_type=d.outgoing.content_type,
+                metadata=dict(d.outgoing.metadata),
+                status=DeliveryStatus.SENDING.value,
+                attempts=0,
+                max_attempts=d.max_attempts,
+                not_before=now,
+                last_error=None,
+                receipt=None,
+                created_at=now,
+                updated_at=now,
+            )
+            for mid, run, d in handed
+        ]
 
     def schedule(self, planned: PlannedDelivery, message_id: int, conn: Any = None) -> bool:
         """Put a delivery carehub decided on by itself (a digest, an overdue alert, a notice
         of an answer that came over HTTP) in the outbox, filed under ``message_id``. Its
         idempotency key makes this once-only: False when that key is already there."""
-        now = _now()
-        row = _pending_row(planned, message_id, 0, now)  # run 0: not from a routing run
+        row = _new_delivery_values(planned, message_id, 0, self._sql.time(_now()))  # run 0
         key = planned.outgoing.idempotency_key
         try:
             with contextlib.ExitStack() as stack:
@@ -337,7 +454,7 @@ class Outbox:
                 ).first()
                 if exists is not None:
                     return False
-                conn.execute(insert(deliveries), row)
+                conn.exec_driver_sql(self._sql.add_deliveries, row)
                 return True
         except IntegrityError:  # another worker inserted the same key first: sent once
             return False
@@ -423,47 +540,49 @@ class Outbox:
         """Record attempts; returns ids of messages whose deliveries are now all finished."""
         if not results:
             return []
-        now = _now()
+        sql = self._sql
+        now = sql.time(_now())
         # Rows are built before the first write, so the write lock is held only while the
         # statements run.
         delivery_rows = [
-            {
-                "_id": r.delivery_id,
-                "_attempt": r.attempt,
-                "_status": _final_status(r).value,
-                "_receipt": r.detail if r.delivered else None,
-                "_error": None if r.delivered else r.detail,
-                "_retry_at": r.retry_at,
-                "_accepted_at": (
-                    r.started_at + timedelta(milliseconds=r.duration_ms) if r.delivered else None
-                ),
-                "_now": now,
-            }
+            (
+                r.attempt,
+                _final_status(r).value,
+                r.detail if r.delivered else None,
+                None if r.delivered else r.detail,
+                sql.time(r.retry_at) if r.retry_at is not None else None,
+                sql.time(r.started_at + timedelta(milliseconds=r.duration_ms))
+                if r.delivered
+                else None,
+                now,
+                r.delivery_id,
+            )
             for r in results
         ]
         attempt_rows = [
-            {
-                "delivery_id": r.delivery_id,
-                "number": r.attempt,
-                "started_at": r.started_at,
-                "duration_ms": r.duration_ms,
-                "outcome": _outcome(r),
-                "detail": r.detail,
-            }
+            (
+                r.delivery_id,
+                r.attempt,
+                sql.time(r.started_at),
+                r.duration_ms,
+                _outcome(r),
+                r.detail,
+            )
             for r in results
         ]
         with self.engine.begin() as conn:
-            conn.execute(_RECORD_ATTEMPT, delivery_rows)
-            conn.execute(_ADD_ATTEMPTS, attempt_rows)
+            conn.exec_driver_sql(sql.record_attempt, delivery_rows)
+            conn.exec_driver_sql(sql.add_attempts, attempt_rows)
             finished = self._settle_messages(conn, {r.message_id for r in results}, now)
         return finished
 
-    def _settle_messages(self, conn: Any, message_ids: set[int], now: datetime) -> list[int]:
+    def _settle_messages(self, conn: Any, message_ids: set[int], now: Any) -> list[int]:
         """Messages whose deliveries are all done become delivered, or failed if any died or
         a route raised in the latest run (the other routes finishing must not hide that)."""
         by_message: dict[int, list[str]] = {}
         routing_failed: set[int] = set()
-        rows = conn.execute(_DELIVERY_STATUSES, {"ids": list(message_ids)})
+        ids = tuple(message_ids)
+        rows = conn.exec_driver_sql(self._sql.delivery_statuses(len(ids)), ids)
         for message_id, status, message_status in rows:
             by_message.setdefault(message_id, []).append(status)
             if message_status == MessageStatus.FAILED.value:
@@ -488,18 +607,15 @@ class Outbox:
             status = MessageStatus.FAILED if dead or failures else MessageStatus.DELIVERED
             if failures:
                 detail = "; ".join([*failures, *([detail] if detail else [])])
-            changes.append(
-                {"_id": message_id, "_status": status.value, "_detail": detail, "_at": now}
-            )
-        conn.execute(_SET_MESSAGE_STATUS, changes)
-        conn.execute(
-            _ADD_EVENTS,
-            [
-                {"message_id": c["_id"], "at": now, "event": c["_status"], "detail": c["_detail"]}
-                for c in changes
-            ],
+            changes.append((message_id, status.value, detail))
+        sql = self._sql
+        conn.exec_driver_sql(
+            sql.set_message_status, [(status, now, detail, mid) for mid, status, detail in changes]
         )
-        return [c["_id"] for c in changes]
+        conn.exec_driver_sql(
+            sql.add_events, [(mid, now, status, detail) for mid, status, detail in changes]
+        )
+        return [mid for mid, _, _ in changes]
 
     def release(self, delivery_ids: list[int]) -> None:
         """Hand claimed deliveries back unsent (the worker took more than it can start)."""
