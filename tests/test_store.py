@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from carehub.components import Outgoing
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
-from carehub.routing.router import PlannedDelivery
+from carehub.routing.router import PlannedDelivery, RouteResult, RoutingResult
 from carehub.store.group_commit import (
     GroupCommit,
     InlineGroupCommit,
@@ -28,7 +28,7 @@ from carehub.store.group_commit import (
     ThreadedGroupCommit,
     group_commit_for,
 )
-from carehub.store.outbox import Outbox
+from carehub.store.outbox import Handover, Outbox
 from carehub.store.schema import MessageStatus, message_events
 from carehub.store.store import MIGRATIONS, MessageStore, NewMessage, sqlite_url
 from carehub.testing import make_adt
@@ -600,3 +600,74 @@ def test_unfinished_counts_unrouted_messages_and_waiting_deliveries(store: Messa
     with store.engine.begin() as conn:
         conn.exec_driver_sql(f"UPDATE deliveries SET status = 'delivered' WHERE id = {claimed.id}")
     assert outbox.unfinished() == 1
+
+
+# -- deliveries handed straight to the worker that routed them ------------------------------------
+def _routed(message_id: int, *lines: tuple[str, str]) -> RoutingResult:
+    """A routing result planning one delivery per (destination, patient line)."""
+    deliveries = [
+        PlannedDelivery(
+            "adt",
+            destination,
+            "webhook",
+            Outgoing(b"{}", "application/json", f"key-{message_id}-{destination}"),
+            line,
+            3,
+        )
+        for destination, line in lines
+    ]
+    return RoutingResult(message_id, 1, [RouteResult("adt", True, [], [], deliveries)])
+
+
+def _statuses(store: MessageStore) -> dict[str, str]:
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT idempotency_key, status FROM deliveries")
+        return dict(rows.all())
+
+
+def test_routing_hands_over_deliveries_first_in_their_line(store: MessageStore) -> None:
+    outbox = Outbox(store)
+    ids = [o.message_id for o in store.insert_messages([new_message(f"H{i}") for i in range(4)])]
+    outbox.record_routing([_routed(ids[0], ("hook", "P1"))])  # no handover: waits pending
+    handover = Handover(room=10, lease=timedelta(minutes=5))
+    outbox.record_routing(
+        [
+            _routed(ids[1], ("hook", "P1"), ("file", "P1")),  # hook line busy; file line free
+            _routed(ids[2], ("hook", "P2")),
+            _routed(ids[3], ("hook", "P2")),  # behind the one just planned for P2
+        ],
+        handover,
+    )
+    taken = {d.idempotency_key: d for d in handover.taken}
+    assert list(taken) == [f"key-{ids[1]}-file", f"key-{ids[2]}-hook"]
+    assert _statuses(store) == {
+        f"key-{ids[0]}-hook": "pending",
+        f"key-{ids[1]}-hook": "pending",
+        f"key-{ids[1]}-file": "sending",
+        f"key-{ids[2]}-hook": "sending",
+        f"key-{ids[3]}-hook": "pending",
+    }
+    for delivery in handover.taken:  # the records are the rows, ids included
+        stored = outbox.get(delivery.id)
+        assert stored is not None and stored.idempotency_key == delivery.idempotency_key
+        assert stored.payload == delivery.payload and stored.message_id == delivery.message_id
+    # A claim takes the first pending delivery in each line and nothing behind a handed one.
+    claimed = outbox.claim_due(10, timedelta(minutes=5))
+    assert [d.idempotency_key for d in claimed] == [f"key-{ids[0]}-hook"]
+
+
+def test_handover_respects_the_workers_room_and_full_destinations(store: MessageStore) -> None:
+    outbox = Outbox(store)
+    ids = [o.message_id for o in store.insert_messages([new_message(f"R{i}") for i in range(3)])]
+    handover = Handover(room=1, lease=timedelta(minutes=5), full=frozenset({"slow"}))
+    outbox.record_routing(
+        [
+            _routed(ids[0], ("slow", "P1")),
+            _routed(ids[1], ("hook", "P2")),
+            _routed(ids[2], ("hook", "P3")),
+        ],
+        handover,
+    )
+    assert [d.idempotency_key for d in handover.taken] == [f"key-{ids[1]}-hook"]
+    claimed = outbox.claim_due(10, timedelta(minutes=5))
+    assert {d.idempotency_key for d in claimed} == {f"key-{ids[0]}-slow", f"key-{ids[2]}-hook"}
