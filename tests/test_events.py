@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from carehub.builtins.event_translator import V2ToEvent, translate_v2_to_event
-from carehub.components import ComponentContext, Work
+from carehub.components import ComponentContext, JSONText, Work
 from carehub.events import (
     EVENT_KINDS,
     CareEvent,
@@ -607,10 +607,12 @@ def test_v2_to_event_translator_sets_work_event(tmp_path: Path) -> None:
     text = decode_message((FEEDS / "04-riverside-discharge-to-snf.hl7").read_bytes()).text
     translator = V2ToEvent(V2ToEvent.Options(), ComponentContext(tmp_path, tmp_path))
     work = Work(message=None, route="test", v2=text)  # type: ignore[arg-type]
-    output = translator.translate(work)
+    recorded = translator.translate(work)
     assert isinstance(work.event, CareEvent)
     assert work.event.kind == "discharge"
-    assert output == json.loads(json.dumps(output))
+    assert isinstance(recorded, JSONText)  # encoded by pydantic once, stored as it is
+    output = json.loads(recorded.text)
+    assert output == work.event.model_dump(mode="json", exclude_none=True)
     assert output["kind"] == "discharge"
     assert output["encounter"]["discharge_disposition"] == "03"
     assert "referral" not in output  # exclude_none

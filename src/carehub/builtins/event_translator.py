@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from carehub.components import ComponentOptions, Translator, Work
+from carehub.components import ComponentOptions, JSONText, Translator, Work
 from carehub.events import (
     Address,
     CareEvent,
@@ -535,4 +535,4 @@ class V2ToEvent(Translator):
         if event is None:
             event = view.memo["care_event"] = translate_v2_to_event(view)
         work.event = event
-        return event.model_dump(mode="json", exclude_none=True)
+        return JSONText(event.model_dump_json(exclude_none=True))

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from carehub.components import Outgoing, Work
+from carehub.components import JSONText, Outgoing, Work
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.plugins import PluginHost
 from carehub.routing.conditions import Check
@@ -35,9 +35,16 @@ class StepRecord:
     position: int
     step: str
     outcome: str  # ok | filtered | error
-    output: Any = None
+    #: The step's output (read it as ``output``); JSONText until someone reads it.
+    _output: Any = None
     #: ``output`` as JSON, when the router already encoded it (see ``recordable``).
     output_json: str | None = None
+
+    @property
+    def output(self) -> Any:
+        if isinstance(self._output, JSONText):
+            self._output = json.loads(self._output.text)
+        return self._output
 
     def encoded_output(self) -> str:
         """The output as stored: JSON, anything JSON cannot hold as its text."""
@@ -103,7 +110,9 @@ def order_key(message: StoredMessage) -> str:
 def recordable(value: Any) -> tuple[Any, str]:
     """A step output as it will be stored, and its JSON: the value itself when JSON can hold
     it, else its text. Encoding it once here spares encoding a care event twice per message
-    (once to check it, once to store it)."""
+    (once to check it, once to store it); JSONText is already encoded."""
+    if isinstance(value, JSONText):
+        return value, value.text
     try:
         return value, json.dumps(value)
     except (TypeError, ValueError):
