@@ -30,7 +30,13 @@ from carehub.store.group_commit import (
 )
 from carehub.store.outbox import Handover, Outbox
 from carehub.store.schema import MessageStatus, message_events
-from carehub.store.store import MIGRATIONS, MessageStore, NewMessage, sqlite_url
+from carehub.store.store import (
+    MIGRATIONS,
+    MessageStore,
+    NewMessage,
+    RecentMessages,
+    sqlite_url,
+)
 from carehub.testing import make_adt
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
@@ -671,3 +677,33 @@ def test_handover_respects_the_workers_room_and_full_destinations(store: Message
     assert [d.idempotency_key for d in handover.taken] == [f"key-{ids[1]}-hook"]
     claimed = outbox.claim_due(10, timedelta(minutes=5))
     assert {d.idempotency_key for d in claimed} == {f"key-{ids[0]}-slow", f"key-{ids[2]}-hook"}
+
+
+# -- messages handed from intake to the in-process worker -----------------------------------------
+def test_the_worker_gets_what_intake_stored_as_the_store_would_read_it(
+    store: MessageStore,
+) -> None:
+    store.recent = RecentMessages(capacity=2)
+    batch = [new_message(f"RM{i}", patient_id=f"P{i}") for i in range(3)]
+    for item in batch:
+        item.text = item.raw.decode()
+    ids = [o.message_id for o in store.insert_messages(batch)]
+    read_back = store.get_many(ids)
+    taken = store.take_for_routing(ids)
+    assert taken == read_back  # every field, times included
+    # The two most recent came from intake, text and all; the oldest aged out and was read.
+    assert [m.decoded is not None for m in taken] == [False, True, True]
+    assert [m.text for m in taken] == [m.text for m in read_back]
+    # Each is handed over once: asked again, they come from the store.
+    assert all(m.decoded is None for m in store.take_for_routing(ids))
+
+
+def test_resends_and_refusals_are_not_handed_to_the_worker(store: MessageStore) -> None:
+    store.recent = RecentMessages()
+    [first] = store.insert_messages([new_message("RS1")])
+    store.take_for_routing([first.message_id])
+    [again] = store.insert_messages([new_message("RS1")])
+    [refused] = store.insert_messages([new_message("RS2", status=MessageStatus.REFUSED)])
+    assert again.duplicate
+    assert store.recent.take(first.message_id) is None
+    assert store.recent.take(refused.message_id) is None

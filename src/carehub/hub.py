@@ -26,7 +26,7 @@ from carehub.plugins import PluginHost
 from carehub.routing.config import load_route_files, route_files
 from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
-from carehub.store.store import LOCK_TIMEOUT, MessageStore, sqlite_url
+from carehub.store.store import LOCK_TIMEOUT, MessageStore, RecentMessages, sqlite_url
 from carehub.worker import Worker, WorkerSettings
 from carehub.workqueue import Publisher, WorkQueue
 
@@ -129,6 +129,8 @@ class Hub:
                 single_host=self.store.is_sqlite,
                 tick_interval=worker.tick_interval,
             )
+            if self.work_queue.is_memory:  # every message is then routed by this worker
+                self.store.recent = RecentMessages()  # what intake stores, the worker takes
             self.worker = Worker(self.store, self.table, self.host, self.work_queue, settings)
             await self._start_worker(self.worker)
         listeners = self.config.listeners

@@ -226,7 +226,9 @@ class Worker:
         """Route and record a batch; ``handover`` comes back with the deliveries it leased
         to this worker."""
         messages = [
-            m for m in self.store.get_many(message_ids) if m.status == MessageStatus.RECEIVED.value
+            m
+            for m in self.store.take_for_routing(message_ids)
+            if m.status == MessageStatus.RECEIVED.value
         ]
         if not messages:
             return handover

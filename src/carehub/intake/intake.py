@@ -90,6 +90,7 @@ class Intake:
             header=header,
             charset=decoded.charset,
             detail=problem or decoded.warning,
+            text=decoded.text,
         )
         try:
             outcome = await self.writer.submit(message)

@@ -59,6 +59,8 @@ class NewMessage:
     charset: str | None = None
     detail: str | None = None
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The text as intake decoded it, handed on to the worker with the row (RecentMessages).
+    text: str | None = None
 
     def identity(self) -> str | None:
         """MSH-3, MSH-4 and MSH-10 joined: the key a resend shares with the original."""
@@ -100,6 +102,12 @@ class NewMessage:
             self.detail,
             self.identity(),
         )
+
+    def stored(self, message_id: int) -> StoredMessage:
+        """The row as committed under ``message_id``, as get_many would read it back."""
+        row = dict(zip(_INSERT_COLUMNS, self.values(_as_is), strict=True))
+        del row["identity"]
+        return StoredMessage(id=message_id, decoded=self.text, **row)
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,6 +151,8 @@ class StoredMessage:
     status_at: datetime
     detail: str | None
     intake_detail: str | None = None  # what intake noted; `detail` follows the latest status
+    #: The decoded text, when intake handed it over (see RecentMessages); else decoded on use.
+    decoded: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def identity(self) -> str:
@@ -153,6 +163,8 @@ class StoredMessage:
 
     @property
     def text(self) -> str:
+        if self.decoded is not None:
+            return self.decoded
         from carehub.hl7.charsets import decode_message
 
         return decode_message(self.raw, self.charset or "utf-8").text
@@ -248,6 +260,37 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'carehub.db').resolve()}"
 
 
+#: Messages RecentMessages holds at most: a worker further behind than this reads the store.
+RECENT_CAPACITY = 4096
+
+
+class RecentMessages:
+    """Messages this process stored moments ago, held for the in-process worker.
+
+    In the embedded default the worker routes each message a few milliseconds after intake
+    committed it; reading it back from the store and decoding its text again cost 5% of the
+    hub's event loop under bench/bench_routing.py. Intake leaves each accepted message here,
+    and the worker takes it (each is taken once; an unclaimed one ages out past
+    RECENT_CAPACITY). What the worker takes is the row as committed, so a message routed
+    meanwhile by another path still reads 'received' here: the routing result's own
+    eligibility check (Outbox.record_routing) is what keeps it from being routed twice."""
+
+    def __init__(self, capacity: int = RECENT_CAPACITY) -> None:
+        self.capacity = capacity
+        self._items: dict[int, StoredMessage] = {}
+        self._lock = threading.Lock()  # intake and worker share a thread only on SQLite
+
+    def add(self, message: StoredMessage) -> None:
+        with self._lock:
+            self._items[message.id] = message
+            if len(self._items) > self.capacity:
+                del self._items[next(iter(self._items))]
+
+    def take(self, message_id: int) -> StoredMessage | None:
+        with self._lock:
+            return self._items.pop(message_id, None)
+
+
 #: Built once: the worker reads every batch of messages through it (see outbox.py on why).
 _MESSAGES_BY_ID = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
 
@@ -279,6 +322,8 @@ class MessageStore:
         #: With intake_waits_for_lock False: called (from any thread) when the write gate that
         #: refused an intake group is let go.
         self.intake_gate_free: Callable[[], None] | None = None
+        #: Set when a worker runs in this process: intake leaves it what it stores.
+        self.recent: RecentMessages | None = None
         self._prepare_insert_sql()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -411,6 +456,10 @@ class MessageStore:
                 gate.leave_intake()
         if self._checkpointer:
             self._checkpointer.poke()
+        if self.recent is not None:
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if not outcome.duplicate and item.status is MessageStatus.RECEIVED:
+                    self.recent.add(item.stored(outcome.message_id))
         return outcomes
 
     def _drop_intake_connection(self, connection: Any) -> None:
@@ -524,6 +573,23 @@ class MessageStore:
         with self.engine.connect() as conn:
             rows = conn.execute(_MESSAGES_BY_ID, {"ids": message_ids})
             found = {r.id: self._to_stored(r._mapping) for r in rows}
+        return [found[i] for i in message_ids if i in found]
+
+    def take_for_routing(self, message_ids: list[int]) -> list[StoredMessage]:
+        """Messages by id for the worker: those intake just stored in this process from
+        ``recent``, the rest from the store (see RecentMessages)."""
+        if self.recent is None:
+            return self.get_many(message_ids)
+        found: dict[int, StoredMessage] = {}
+        missing = []
+        for message_id in message_ids:
+            message = self.recent.take(message_id)
+            if message is None:
+                missing.append(message_id)
+            else:
+                found[message_id] = message
+        if missing:
+            found.update((m.id, m) for m in self.get_many(missing))
         return [found[i] for i in message_ids if i in found]
 
     def history(self, message_id: int) -> list[StatusChange]:
