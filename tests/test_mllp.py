@@ -17,6 +17,7 @@ from carehub.hl7.ack import read_ack
 from carehub.hl7.framing import encode_frame
 from carehub.hl7.view import MessageView
 from carehub.hub import open_store
+from carehub.intake.mllp import MAX_UNANSWERED
 from carehub.testing import HubThread, local_config, make_adt, mllp_exchange, read_frames
 
 TIMEOUT = 30.0
@@ -149,6 +150,25 @@ def test_start_block_inside_a_frame_rejects_it_and_accepts_the_next(hub: HubThre
     (rejected,) = hub.store.find(status="rejected")
     assert rejected.raw == broken
     assert [m.control_id for m in hub.store.find(status="received")] == ["NEXT"]
+
+
+def test_a_sender_that_reads_no_acks_for_a_while_gets_every_one_in_order(
+    hub: HubThread,
+) -> None:
+    """More frames than the listener keeps unanswered (it stops reading meanwhile), sent
+    before reading a single ACK: all are answered, in order, once the sender reads."""
+    count = MAX_UNANSWERED * 4
+    frames = b"".join(encode_frame(adt(f"FLOOD{n}")) for n in range(count))
+    with connect(hub) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(frames,), daemon=True)
+        sender.start()
+        time.sleep(0.5)  # the listener reads until it holds MAX_UNANSWERED, then waits
+        answers = read_frames(sock, count, TIMEOUT)
+        sender.join(TIMEOUT)
+    assert [read_ack(a.decode())[:2] for a in answers] == [
+        ("AA", f"FLOOD{n}") for n in range(count)
+    ]
+    assert len(hub.store.control_id_counts()) == count
 
 
 def test_many_concurrent_connections_are_all_acked_and_stored_once(hub: HubThread) -> None:

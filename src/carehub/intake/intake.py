@@ -7,6 +7,7 @@ HL7 at all or cannot be taken (too large, cut short). Every outcome is a row in 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.group_commit import GroupCommit, StoreUnavailable
 from carehub.store.schema import MessageStatus
-from carehub.store.store import NewMessage
+from carehub.store.store import InsertOutcome, NewMessage
 from carehub.workqueue import patient_key
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ class IntakeResult:
     reason: str | None = None
 
 
+#: Called with the result of one frame once it is settled (committed, or refused by the store).
+Answer = Callable[[IntakeResult], None]
+
+
 class Intake:
     def __init__(
         self,
@@ -64,68 +69,100 @@ class Intake:
 
     async def receive(self, payload: bytes, arrival: Arrival) -> IntakeResult:
         """Store one message and return the ACK that answers it."""
+        return await self._awaited(self.receive_soon, payload, arrival)
+
+    async def reject_unreadable_frame(
+        self, head: bytes, size: int, arrival: Arrival, reason: str
+    ) -> IntakeResult:
+        """Answer a frame that cannot be taken whole (see ``reject_unreadable_frame_soon``)."""
+        return await self._awaited(self.reject_unreadable_frame_soon, head, size, arrival, reason)
+
+    @staticmethod
+    async def _awaited(submit: Callable[..., None], *args: object) -> IntakeResult:
+        future: asyncio.Future[IntakeResult] = asyncio.get_running_loop().create_future()
+        submit(*args, future.set_result)
+        return await future
+
+    def receive_soon(self, payload: bytes, arrival: Arrival, answer: Answer) -> None:
+        """Store one message; ``answer`` is called with the result (and its ACK) once it is
+        committed. The MLLP listener takes this form: no task or future per frame."""
         decoded = decode_message(payload, arrival.default_charset)
         try:
             view = MessageView(decoded.text)
         except NotHL7Error:
-            return await self._reject(
+            self._reject(
                 payload,
                 arrival,
                 None,
                 "not an HL7 v2 message: no MSH segment at the start of the frame",
                 ErrorCode.SEGMENT_SEQUENCE,
+                answer,
                 charset=decoded.charset,
             )
+            return
         header = MessageHeader.read(view)
         problem = header.problem()
-        status = MessageStatus.REFUSED if problem else MessageStatus.RECEIVED
-        code = AckCode.ERROR if problem else AckCode.ACCEPT
         message = NewMessage(
             raw=payload,
             transport=arrival.transport,
             listener=arrival.listener,
             peer=arrival.peer,
-            status=status,
-            ack_code=code.value,
+            status=MessageStatus.REFUSED if problem else MessageStatus.RECEIVED,
+            ack_code=AckCode.ERROR.value if problem else AckCode.ACCEPT.value,
             header=header,
             charset=decoded.charset,
             detail=problem or decoded.warning,
             text=decoded.text,
         )
-        try:
-            outcome = await self.writer.submit(message)
-        except StoreUnavailable:
+
+        def committed(outcome: InsertOutcome | StoreUnavailable) -> None:
+            answer(self._answer(outcome, message, view, problem, arrival))
+
+        self.writer.submit_soon(message, committed)
+
+    def _answer(
+        self,
+        outcome: InsertOutcome | StoreUnavailable,
+        message: NewMessage,
+        view: MessageView,
+        problem: str | None,
+        arrival: Arrival,
+    ) -> IntakeResult:
+        """The ACK for a committed (or refused by the store) message, and the counts."""
+        charset = message.charset or "utf-8"
+        if isinstance(outcome, StoreUnavailable):
             self.counts[arrival.listener, "store_error"] += 1
             reason = "message not stored: the message store is unavailable; please resend"
             ack = self._ack(AckCode.ERROR, view, reason, ErrorCode.APPLICATION_INTERNAL_ERROR, "")
-            return IntakeResult(
-                AckCode.ERROR, self._encode(ack, decoded.charset), None, False, reason
-            )
+            return IntakeResult(AckCode.ERROR, self._encode(ack, charset), None, False, reason)
         if problem:
             self.counts[arrival.listener, "refused"] += 1
             location = "MSH-1-10" if "MSH-10" in problem else "MSH-1-9"
-            ack = self._ack(code, view, problem, ErrorCode.REQUIRED_FIELD_MISSING, location)
-        else:
-            outcome_name = "duplicate" if outcome.duplicate else "accepted"
-            self.counts[arrival.listener, outcome_name] += 1
-            if self.on_accepted is not None and not outcome.duplicate:
-                patient = header.patient
-                self.on_accepted(
+            ack = self._ack(
+                AckCode.ERROR, view, problem, ErrorCode.REQUIRED_FIELD_MISSING, location
+            )
+            return IntakeResult(
+                AckCode.ERROR, self._encode(ack, charset), outcome.message_id, False, problem
+            )
+        self.counts[arrival.listener, "duplicate" if outcome.duplicate else "accepted"] += 1
+        if self.on_accepted is not None and not outcome.duplicate:
+            patient = message.header.patient if message.header else None
+            self.on_accepted(
+                outcome.message_id,
+                patient_key(
+                    patient.value if patient else None,
+                    patient.authority if patient else None,
                     outcome.message_id,
-                    patient_key(
-                        patient.value if patient else None,
-                        patient.authority if patient else None,
-                        outcome.message_id,
-                    ),
-                )
-            ack = self._ack(code, view, "", None, "")
+                ),
+            )
+        ack = self._ack(AckCode.ACCEPT, view, "", None, "")
         return IntakeResult(
-            code, self._encode(ack, decoded.charset), outcome.message_id, outcome.duplicate, problem
+            AckCode.ACCEPT, self._encode(ack, charset), outcome.message_id, outcome.duplicate
         )
 
-    async def reject_unreadable_frame(
-        self, head: bytes, size: int, arrival: Arrival, reason: str
-    ) -> IntakeResult:
+    def reject_unreadable_frame_soon(
+        self, head: bytes, size: int, arrival: Arrival, reason: str, answer: Answer
+    ) -> None:
         """Answer a frame that cannot be taken whole (over the size limit, or cut short).
 
         Only its first bytes are kept; they are stored as a rejected row so an operator can see
@@ -137,27 +174,29 @@ class Intake:
         except NotHL7Error:
             view = None
         detail = f"{reason} ({size} bytes received; the first {len(head)} kept)"
-        return await self._reject(
+        self._reject(
             head,
             arrival,
             view,
             reason,
             ErrorCode.APPLICATION_INTERNAL_ERROR,
+            answer,
             charset=decoded.charset,
             detail=detail,
         )
 
-    async def _reject(
+    def _reject(
         self,
         payload: bytes,
         arrival: Arrival,
         view: MessageView | None,
         reason: str,
         error_code: ErrorCode,
+        answer: Answer,
         *,
         charset: str,
         detail: str | None = None,
-    ) -> IntakeResult:
+    ) -> None:
         self.counts[arrival.listener, "rejected"] += 1
         header = MessageHeader.read(view) if view else None
         message = NewMessage(
@@ -171,13 +210,19 @@ class Intake:
             charset=charset,
             detail=detail or reason,
         )
-        message_id: int | None = None
-        try:
-            message_id = (await self.writer.submit(message)).message_id
-        except StoreUnavailable:
-            self.counts[arrival.listener, "store_error"] += 1
-        ack = self._ack(AckCode.REJECT, view, reason, error_code, "")
-        return IntakeResult(AckCode.REJECT, self._encode(ack, charset), message_id, False, reason)
+
+        def committed(outcome: InsertOutcome | StoreUnavailable) -> None:
+            message_id = None
+            if isinstance(outcome, StoreUnavailable):
+                self.counts[arrival.listener, "store_error"] += 1
+            else:
+                message_id = outcome.message_id
+            ack = self._ack(AckCode.REJECT, view, reason, error_code, "")
+            answer(
+                IntakeResult(AckCode.REJECT, self._encode(ack, charset), message_id, False, reason)
+            )
+
+        self.writer.submit_soon(message, committed)
 
     def _ack(
         self,

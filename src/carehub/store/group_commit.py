@@ -1,7 +1,7 @@
 """Group commit: every message waiting to be stored goes into the next single transaction.
 
-Connections hand messages to ``submit`` and await the result; the writer commits all that are
-waiting together and only then resolves the callers' futures. So an ACK is never sent before
+Connections hand messages to ``submit_soon`` with a callback (or await ``submit``); the writer
+commits all that are waiting together and only then calls back. So an ACK is never sent before
 its commit, yet busy connections share one commit (and one fsync) instead of one each.
 
 Two writers, one contract:
@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+from collections.abc import Callable
 
 from carehub.store.store import GateBusy, InsertOutcome, MessageStore, NewMessage, StoreBusy
 
@@ -53,8 +54,22 @@ class GroupCommit:
     async def close(self) -> None:
         """Commit whatever is waiting, then stop."""
 
-    async def submit(self, message: NewMessage) -> InsertOutcome:
+    def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        """Queue a message for the next commit; ``done`` is called on the event loop with its
+        outcome, or with StoreUnavailable when it was not stored. The MLLP listener answers
+        frames this way, without a task or future per frame."""
         raise NotImplementedError
+
+    async def submit(self, message: NewMessage) -> InsertOutcome:
+        """``submit_soon``, awaited: raises StoreUnavailable when the message was not stored."""
+        future: asyncio.Future[InsertOutcome | StoreUnavailable] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.submit_soon(message, future.set_result)
+        outcome = await future
+        if isinstance(outcome, StoreUnavailable):
+            raise outcome
+        return outcome
 
     def _write(
         self, messages: list[NewMessage], busy_ok: bool = False
@@ -73,17 +88,18 @@ class GroupCommit:
         return outcomes
 
 
-def _settle(
-    futures: list[asyncio.Future[InsertOutcome]],
-    outcome: list[InsertOutcome] | StoreUnavailable,
-) -> None:
-    for i, future in enumerate(futures):
-        if future.done():
-            continue
-        if isinstance(outcome, StoreUnavailable):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome[i])
+#: Called with a submitted message's outcome, or with why it was not stored.
+Committed = Callable[[InsertOutcome | StoreUnavailable], None]
+
+
+def _settle(callbacks: list[Committed], outcome: list[InsertOutcome] | StoreUnavailable) -> None:
+    for i, done in enumerate(callbacks):
+        try:
+            done(outcome if isinstance(outcome, StoreUnavailable) else outcome[i])
+        except asyncio.InvalidStateError:
+            pass  # its awaiting caller was cancelled meanwhile
+        except Exception:  # one caller's bug must not cost the others their answers
+            log.exception("a store commit callback failed")
 
 
 def group_commit_for(store: MessageStore) -> GroupCommit:
@@ -109,7 +125,7 @@ class InlineGroupCommit(GroupCommit):
         store.intake_waits_for_lock = False
         store.intake_gate_free = self._gate_free
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[NewMessage, asyncio.Future[InsertOutcome]]] = []
+        self._pending: list[tuple[NewMessage, Committed]] = []
         self._scheduled = False
         self._busy_since: float | None = None
         self._fallback: asyncio.TimerHandle | None = None
@@ -117,14 +133,12 @@ class InlineGroupCommit(GroupCommit):
         self._forming_since: float | None = None
         self._forming_size = 0
 
-    async def submit(self, message: NewMessage) -> InsertOutcome:
-        loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[InsertOutcome] = loop.create_future()
-        self._pending.append((message, future))
+    def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        self._pending.append((message, done))
         if not self._scheduled:
+            loop = self._loop = asyncio.get_running_loop()
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await future
 
     def _gate_free(self) -> None:
         """Called on the thread that let the write gate go."""
@@ -161,7 +175,7 @@ class InlineGroupCommit(GroupCommit):
             loop.call_soon(self._flush)  # let the loop breathe between groups
         else:
             self._scheduled = False
-        _settle([f for _, f in batch], outcome)
+        _settle([done for _, done in batch], outcome)
 
     def _still_forming(self, loop: asyncio.AbstractEventLoop, size: int) -> bool:
         """Whether to give the group one more loop pass to grow before committing it.
@@ -195,7 +209,7 @@ class InlineGroupCommit(GroupCommit):
                     continue
                 outcome = StoreUnavailable(f"write lock held for over {LOCK_PATIENCE:g} s")
             self._pending = self._pending[len(batch) :]
-            _settle([f for _, f in batch], outcome)
+            _settle([done for _, done in batch], outcome)
         self._scheduled = False
 
 
@@ -210,7 +224,7 @@ class ThreadedGroupCommit(GroupCommit):
     def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
         super().__init__(store, max_batch)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._waiting: list[tuple[NewMessage, asyncio.Future[InsertOutcome]]] = []
+        self._waiting: list[tuple[NewMessage, Committed]] = []
         self._in_flight = False
         self._dispatch_scheduled = False
 
@@ -229,15 +243,12 @@ class ThreadedGroupCommit(GroupCommit):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def submit(self, message: NewMessage) -> InsertOutcome:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[InsertOutcome] = loop.create_future()
-        self._waiting.append((message, future))
+    def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        self._waiting.append((message, done))
         if not self._in_flight and not self._dispatch_scheduled:
             # At the end of this loop iteration, so frames read in it share the commit.
             self._dispatch_scheduled = True
-            loop.call_soon(self._dispatch)
-        return await future
+            asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         """Hand the waiting messages to the writer thread as one group."""
@@ -255,11 +266,11 @@ class ThreadedGroupCommit(GroupCommit):
 
     def _committed(
         self,
-        group: list[tuple[NewMessage, asyncio.Future[InsertOutcome]]],
+        group: list[tuple[NewMessage, Committed]],
         done: asyncio.Future[list[InsertOutcome] | StoreUnavailable],
     ) -> None:
         self._in_flight = False
         outcome = StoreUnavailable("the writer stopped") if done.cancelled() else done.result()
-        _settle([future for _, future in group], outcome)
+        _settle([done for _, done in group], outcome)
         if self._waiting:
             self._dispatch()
