@@ -197,6 +197,10 @@ class PluginHost:
         return register
 
     # -- per-message observers ------------------------------------------------------------
+    def observed(self, hook_name: str) -> bool:
+        """Whether any plugin implements an observer hook (so its arguments are worth making)."""
+        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call an observer hook on every plugin; a plugin that raises is logged and skipped."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():

@@ -352,10 +352,11 @@ class Worker:
                 delivery.id, delivery.message_id, attempt, started, _ms(clock), True, receipt
             )
             self.delivered += 1
-            done = dataclasses.replace(
-                delivery, status="delivered", attempts=attempt, receipt=receipt
-            )
-            self.host.notify("carehub_message_delivered", delivery=done)
+            if self.host.observed("carehub_message_delivered"):
+                done = dataclasses.replace(
+                    delivery, status="delivered", attempts=attempt, receipt=receipt
+                )
+                self.host.notify("carehub_message_delivered", delivery=done)
         except Exception as err:
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
