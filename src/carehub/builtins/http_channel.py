@@ -1,22 +1,19 @@
 """What every channel that speaks HTTP shares: one connection pool per channel instance, URL
 option checks, and which answers are worth retrying.
 
-Channels speak httpx (its request and response API, its exceptions), but the connections
-underneath are aiohttp's, through httpx-aiohttp's transport. httpx's own async connection pool
-costs CPU that grows with the requests in flight (httpx issue #3215): measured here against a
-local receiver, 1.7 ms of CPU per POST one at a time and 4.8 ms with 32 in flight, against 0.7
-and 0.8 ms over aiohttp. bench/bench_routing.py (a webhook and a file forward) went from 120
-to 186 msg/s end to end with this and compact JSON files."""
+The connections are aiohttp's (see HttpChannel for why not httpx's); URLs are checked with
+httpx, and connection errors are raised as httpx's exception classes, which the channels
+catch and report."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from carehub.components import Channel, ComponentContext, ComponentOptions
 
@@ -41,104 +38,147 @@ def http_url(value: str, option: str = "url") -> str:
     return value
 
 
-async def read_some(response: httpx.Response, limit: int = 4096) -> str:
+async def read_some(response: HttpAnswer, limit: int = 4096) -> str:
     """The start of an error body; a huge error page is not worth reading whole."""
     chunks = bytearray()
     async for chunk in response.aiter_bytes():
         chunks += chunk
         if len(chunks) >= limit:
             break
-    return bytes(chunks[:limit]).decode(response.encoding or "utf-8", "replace")
+    return bytes(chunks[:limit]).decode(response.encoding, "replace")
 
 
-async def finish_reading(response: httpx.Response, limit: int = 64 * 1024) -> None:
+async def finish_reading(response: HttpAnswer, limit: int = 64 * 1024) -> None:
     """Read the rest of a short answer so its connection goes back to the pool.
 
-    httpx closes a connection whose streamed response was left unread, so each delivery
+    A connection whose answer was left unread is closed rather than reused, so each delivery
     opened a new one: about 300 new TCP connections a second to a webhook under load, with
     thousands left in TIME-WAIT. An answer longer than ``limit`` is abandoned (its connection
     closed) rather than read whole. An empty answer (``Content-Length: 0``, the usual reply
     to a webhook) has nothing to read: setting up the read cost a quarter of the CPU of the
     whole POST (140 against 102-119 µs, 32 in flight)."""
-    if response.headers.get("content-length") == "0":
+    if response.headers.get("Content-Length") == "0":
         return
     await read_some(response, limit)
 
 
-class _Transport(AiohttpTransport):  # type: ignore[misc]
-    """httpx-aiohttp's transport with aiohttp's errors named as httpx names them.
+def _as_httpx_error(err: Exception) -> httpx.TransportError:
+    """aiohttp's connection errors under the httpx names channels catch and report: a refused
+    connection must read "connection refused", not a timeout."""
+    text = str(err) or type(err).__name__
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(text)
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(text)
+    if isinstance(err, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError(text)
+    if isinstance(err, aiohttp.ClientPayloadError):
+        return httpx.ReadError(text)
+    if isinstance(err, TimeoutError):  # aiohttp's read timeouts are TimeoutErrors too
+        return httpx.ReadTimeout(text)
+    if isinstance(err, aiohttp.ClientConnectionError):
+        return httpx.NetworkError(text)
+    return httpx.TransportError(text)
 
-    It reports every aiohttp connection error as a connect timeout, so a refused connection
-    read "no answer within 10 s"; the operator needs "connection refused"."""
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+class HttpAnswer:
+    """A destination's answer, read through the names httpx.Response gives them
+    (``status_code``, ``headers``, ``aread``, ``aiter_bytes``, ``text``, ``json``)."""
+
+    __slots__ = ("_body", "_response", "headers", "status_code")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self._body: bytes | None = None
+        self.status_code = response.status
+        self.headers = response.headers  # case-insensitive, like httpx's
+
+    @property
+    def encoding(self) -> str:
+        return self._response.get_encoding() if self._body is not None else "utf-8"
+
+    async def aread(self) -> bytes:
+        if self._body is None:
+            try:
+                self._body = await self._response.read()
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise _as_httpx_error(err) from err
+        return self._body
+
+    async def aiter_bytes(self, chunk_size: int = 16 * 1024) -> AsyncIterator[bytes]:
+        if self._body is not None:
+            yield self._body
+            return
         try:
-            response: httpx.Response = await super().handle_async_request(request)
-        except httpx.TransportError as err:
-            cause = err.__cause__
-            if isinstance(cause, aiohttp.ConnectionTimeoutError):
-                raise httpx.ConnectTimeout(str(cause), request=request) from cause
-            if isinstance(cause, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
-                raise httpx.ReadTimeout(str(cause), request=request) from cause
-            if isinstance(cause, aiohttp.ClientConnectorError):
-                raise httpx.ConnectError(str(cause), request=request) from cause
-            if isinstance(cause, aiohttp.ServerDisconnectedError):
-                raise httpx.RemoteProtocolError(str(cause), request=request) from cause
-            if isinstance(cause, aiohttp.ClientConnectionError):
-                raise httpx.NetworkError(str(cause), request=request) from cause
-            raise
-        return response
+            async for chunk in self._response.content.iter_chunked(chunk_size):
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise _as_httpx_error(err) from err
+
+    @property
+    def text(self) -> str:
+        """The body read by ``aread``, decoded by its charset."""
+        return (self._body or b"").decode(self._response.get_encoding(), "replace")
+
+    def json(self) -> Any:
+        return json.loads(self._body or b"")
 
 
 class HttpChannel(Channel):
     """A channel with one connection pool for all its deliveries, opened in start() and
     closed in close(). Options need ``timeout`` and may have ``verify_tls``.
 
-    Requests go through ``request()``, which builds the httpx.Request itself and hands it to
-    the transport. httpx's AsyncClient would add per-request cookie, auth and redirect
-    handling and URL merging that channels never use (they follow no redirects and keep no
-    cookies); measured, 32 POSTs in flight to bench/webhook_sink.py, that doubled the CPU a
-    request costs: 202 µs against 105 µs."""
+    Requests go through ``request()`` straight to an aiohttp session; the answer is read as an
+    HttpAnswer and connection errors are raised as httpx's. httpx's own async pool costs CPU
+    that grows with the requests in flight (httpx issue #3215: measured here 1.7 ms of CPU per
+    POST one at a time and 4.8 ms with 32 in flight, against 0.7 and 0.8 ms over aiohttp), and
+    building an httpx.Request and Response around each aiohttp call took a third of a
+    webhook POST's CPU under bench/bench_routing.py. No cookies are kept and no redirects
+    followed: a destination is one fixed URL."""
 
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
-        self._transport: _Transport | None = None
-        self._timeout = httpx.Timeout(getattr(options, "timeout", 10.0)).as_dict()
-        self._urls: dict[str, httpx.URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        timeout = httpx.Timeout(getattr(options, "timeout", 10.0))
+        self._timeout = aiohttp.ClientTimeout(
+            sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+        )
 
     async def start(self) -> None:
         options: Any = self.options
-        self._transport = _Transport(
-            verify=getattr(options, "verify_tls", True),
+        connector = aiohttp.TCPConnector(
+            ssl=httpx.create_ssl_context(verify=getattr(options, "verify_tls", True)),
             # Keep as many connections alive as the worker may have sends in flight to one
-            # destination; a default of 20 made it reconnect under load.
-            limits=httpx.Limits(max_connections=128, max_keepalive_connections=128),
+            # destination; a smaller pool made it reconnect under load.
+            limit=128,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=self._timeout,
+            auto_decompress=False,
+            headers={"User-Agent": USER_AGENT},
         )
 
     async def close(self) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            await transport.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     @contextlib.asynccontextmanager
     async def request(
         self, method: str, url: str, content: bytes, headers: dict[str, str]
-    ) -> AsyncIterator[httpx.Response]:
-        """Send one request; the response's body is streamed and closed on leaving."""
-        if self._transport is None:
+    ) -> AsyncIterator[HttpAnswer]:
+        """Send one request; the answer's body is read on demand and released on leaving."""
+        if self._session is None:
             raise RuntimeError(f"{type(self).__name__}.send() before start()")
-        target = self._urls.get(url)
-        if target is None:
-            target = self._urls[url] = httpx.URL(url)
-        request = httpx.Request(
-            method,
-            target,
-            content=content,
-            headers={"User-Agent": USER_AGENT, **headers},
-            extensions={"timeout": self._timeout},
-        )
-        response = await self._transport.handle_async_request(request)
         try:
-            yield response
+            response = await self._session.request(
+                method, url, data=content, headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise _as_httpx_error(err) from err
+        try:
+            yield HttpAnswer(response)
         finally:
-            await response.aclose()
+            response.release()

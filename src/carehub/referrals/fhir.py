@@ -71,7 +71,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from carehub.builtins.http_channel import HttpChannel, http_url, is_retryable
+from carehub.builtins.http_channel import HttpAnswer, HttpChannel, http_url, is_retryable
 from carehub.components import (
     ComponentContext,
     ComponentOptions,
@@ -1021,7 +1021,7 @@ class FhirReferralChannel(HttpChannel):
         return transition
 
 
-def _task_id_from_response(response: httpx.Response, task_entry: int) -> str | None:
+def _task_id_from_response(response: HttpAnswer, task_entry: int) -> str | None:
     """The Task id from a transaction-response: the Location of the Task's entry (responses
     come in request order), else any entry whose Location names a Task."""
     try:
@@ -1042,7 +1042,7 @@ def _task_id_from_response(response: httpx.Response, task_entry: int) -> str | N
     return next((t for t in map(task_id_from_location, locations) if t), None)
 
 
-def _outcome_text(response: httpx.Response, limit: int = 200) -> str:
+def _outcome_text(response: HttpAnswer, limit: int = 200) -> str:
     """What went wrong, from an OperationOutcome's diagnostics when the server sent one, else
     the start of the body."""
     text = response.text[:4096]
