@@ -91,7 +91,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: (message ids, ack) per queue message; None ends the routing loop.
         self._inbox: asyncio.Queue[tuple[list[int], Callable[[], None]] | None] = asyncio.Queue()
-        self._wake_delivery = asyncio.Event()
+        self._wake_delivery = Wakeup()
         self._results: list[AttemptResult] = []
         self._inflight: dict[int, str] = {}  # delivery id -> destination
         self._inflight_to: Counter[str] = Counter()  # destination -> sends in flight
@@ -322,8 +322,7 @@ class Worker:
             # Busy: come back for the next claim or flush even if no send finishes meanwhile.
             busy = self._results or self._inflight or self._claimed
             wait = CLAIM_INTERVAL if busy else settings.poll_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_delivery.wait(), wait)
+            await self._wake_delivery.wait(wait)
 
     def _limited(self, destination_name: str) -> bool:
         """Whether ``per_destination`` applies to this destination's channel."""
@@ -405,6 +404,48 @@ class Worker:
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._flush_results()
+
+
+class Wakeup:
+    """Like asyncio.Event for a single waiter, with a timeout that costs no task.
+
+    The delivery loop waits for the next finished send or claim time thousands of times a
+    second; asyncio.wait_for wraps every wait in a new task and a timeout context, which took
+    more of the loop than the claims themselves."""
+
+    def __init__(self) -> None:
+        self._is_set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._is_set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._is_set = False
+
+    def is_set(self) -> bool:
+        return self._is_set
+
+    async def wait(self, timeout: float) -> None:
+        """Until set() is called or ``timeout`` seconds have passed."""
+        if self._is_set:
+            return
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _first_part(detail: str) -> str:

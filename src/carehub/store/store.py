@@ -216,8 +216,9 @@ INTAKE_EVENT_BY_ACK = {
 
 def _sqlite_time(value: datetime) -> str:
     """The text SQLAlchemy's SQLite DateTime reads back: naive UTC, microseconds."""
-    value = value.astimezone(UTC) if value.tzinfo is not UTC else value
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 def _as_is(value: datetime) -> datetime:
