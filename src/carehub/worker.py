@@ -247,8 +247,11 @@ class Worker:
     def _handover(self) -> Handover:
         """The room this worker has for deliveries routing plans now (see Handover): what a
         claim would take, under the same limits."""
-        room = 2 * self.settings.delivery_concurrency - len(self._claimed)
-        return Handover(max(0, room), LEASE, frozenset(self._full_destinations()))
+        return Handover(max(0, self._room()), LEASE, frozenset(self._full_destinations()))
+
+    def _room(self) -> int:
+        """How many more deliveries this worker takes in hand: two rounds of sends."""
+        return 2 * self.settings.delivery_concurrency - len(self._claimed)
 
     def _take(self, handover: Handover) -> None:
         if handover.taken:
@@ -293,7 +296,7 @@ class Worker:
                 last_flush = time.monotonic()
             hand_low = len(self._claimed) < settings.delivery_concurrency
             if hand_low and (idle or now - last_claim >= CLAIM_INTERVAL):
-                want = 2 * settings.delivery_concurrency - len(self._claimed)
+                want = self._room()
                 held = [d.id for d in self._claimed] + list(self._inflight)
                 full = self._full_destinations()
                 try:
@@ -409,9 +412,8 @@ class Worker:
 class Wakeup:
     """Like asyncio.Event for a single waiter, with a timeout that costs no task.
 
-    The delivery loop waits for the next finished send or claim time thousands of times a
-    second; asyncio.wait_for wraps every wait in a new task and a timeout context, which took
-    more of the loop than the claims themselves."""
+    The delivery loop waits for the next finished send or claim time hundreds of times a
+    second, and asyncio.wait_for would wrap every one of those waits in a new task."""
 
     def __init__(self) -> None:
         self._is_set = False

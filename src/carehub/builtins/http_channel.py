@@ -7,6 +7,7 @@ catch and report."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -95,7 +96,12 @@ class HttpAnswer:
 
     @property
     def encoding(self) -> str:
-        return self._response.get_encoding() if self._body is not None else "utf-8"
+        """The charset the answer's Content-Type names when Python knows it, else UTF-8."""
+        charset = self._response.charset
+        if charset:
+            with contextlib.suppress(LookupError):
+                return codecs.lookup(charset).name
+        return "utf-8"
 
     async def aread(self) -> bytes:
         if self._body is None:
@@ -118,7 +124,7 @@ class HttpAnswer:
     @property
     def text(self) -> str:
         """The body read by ``aread``, decoded by its charset."""
-        return (self._body or b"").decode(self._response.get_encoding(), "replace")
+        return (self._body or b"").decode(self.encoding, "replace")
 
     def json(self) -> Any:
         return json.loads(self._body or b"")
