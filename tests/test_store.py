@@ -15,7 +15,7 @@ import pytest
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 
 from carehub.components import Outgoing
 from carehub.hl7.header import MessageHeader
@@ -28,8 +28,14 @@ from carehub.store.group_commit import (
     ThreadedGroupCommit,
     group_commit_for,
 )
-from carehub.store.outbox import Handover, Outbox
-from carehub.store.schema import MessageStatus, message_events
+from carehub.store.outbox import _CLAIM_CANDIDATES, Handover, Outbox
+from carehub.store.schema import (
+    UNFINISHED,
+    MessageStatus,
+    deliveries,
+    delivery_in,
+    message_events,
+)
 from carehub.store.store import (
     MIGRATIONS,
     MessageStore,
@@ -707,3 +713,50 @@ def test_resends_and_refusals_are_not_handed_to_the_worker(store: MessageStore) 
     assert again.duplicate
     assert store.recent.take(first.message_id) is None
     assert store.recent.take(refused.message_id) is None
+
+
+# -- the partial delivery indexes ------------------------------------------------------------------
+def test_outbox_queries_read_the_partial_delivery_indexes(tmp_path: Path) -> None:
+    """The worker's queries must hold each partial index's condition as written, or SQLite
+    walks the whole outbox: claims, the place-in-line check, the lease sweep, dead letters."""
+    store = MessageStore(sqlite_url(tmp_path / "data"))
+    store.migrate()
+    outbox = Outbox(store)
+    claim = (
+        _CLAIM_CANDIDATES[(False, False)]
+        .params(now=datetime(2026, 1, 1, tzinfo=UTC), limit=10)
+        .compile(store.engine)
+    )
+    claim_params = tuple(claim.construct_params()[name] for name in claim.positiontup or ())
+    sweep = (
+        update(deliveries)
+        .where(
+            delivery_in(deliveries, *UNFINISHED),
+            deliveries.c.status == "sending",
+            deliveries.c.lease_until < "2026-01-01",
+        )
+        .values(status="pending")
+        .compile(store.engine, compile_kwargs={"literal_binds": True})
+    )
+    dead = (
+        select(deliveries.c.id)
+        .where(deliveries.c.status == bindparam("status", "dead", literal_execute=True))
+        .order_by(deliveries.c.id)
+        .compile(store.engine, compile_kwargs={"literal_binds": True})
+    )
+    busy = outbox._sql.busy_lines(1, 1).replace("?", "'x'")
+
+    def plan(sql: str, params: tuple[object, ...] = ()) -> str:
+        with store.engine.connect() as conn:
+            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)
+            return " | ".join(r[-1] for r in rows)
+
+    try:
+        claim_plan = plan(str(claim), claim_params)
+        assert "USING INDEX ix_deliveries_due" in claim_plan
+        assert "USING INDEX ix_deliveries_unfinished" in claim_plan
+        assert "USING INDEX ix_deliveries_unfinished" in plan(busy)
+        assert "USING INDEX ix_deliveries_unfinished" in plan(str(sweep))
+        assert "USING INDEX ix_deliveries_dead" in plan(str(dead))
+    finally:
+        store.close()

@@ -21,10 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from carehub.store.schema import (
+    PENDING,
+    UNFINISHED,
     DeliveryStatus,
     MessageStatus,
     deliveries,
     delivery_attempts,
+    delivery_in,
     message_events,
     message_steps,
     messages,
@@ -164,6 +167,12 @@ class Handover:
     taken: list[DeliveryRecord] = field(default_factory=list)
 
 
+#: The unfinished-deliveries condition as SQL text, the same as its partial index's.
+_UNFINISHED_SQL = str(
+    delivery_in(deliveries, *UNFINISHED).compile(compile_kwargs={"literal_binds": True})
+)
+
+
 class _WorkerSQL:
     """The writes the worker makes for every batch, as driver-level SQL (see DriverSQL)."""
 
@@ -203,7 +212,7 @@ class _WorkerSQL:
             "SELECT DISTINCT destination, order_key FROM deliveries "
             f"WHERE destination IN ({self.marks(destinations)}) "
             f"AND order_key IN ({self.marks(order_keys)}) "
-            f"AND status IN ('{DeliveryStatus.PENDING.value}', '{DeliveryStatus.SENDING.value}')"
+            f"AND {_UNFINISHED_SQL}"
         )
 
     def ids_by_key(self, count: int) -> str:
@@ -252,13 +261,13 @@ def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]
         .where(
             earlier.c.destination == deliveries.c.destination,
             earlier.c.order_key == deliveries.c.order_key,
-            earlier.c.status.in_([DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]),
+            delivery_in(earlier, *UNFINISHED),
             earlier.c.id < deliveries.c.id,
         )
         .exists()
     )
     query = select(deliveries.c.id).where(
-        deliveries.c.status == DeliveryStatus.PENDING.value,
+        delivery_in(deliveries, *PENDING),
         deliveries.c.not_before <= bindparam("now"),
         ~blocked,
     )
@@ -275,8 +284,8 @@ _CLAIM_CANDIDATES = {
     for skip in (False, True)
 }
 # The rows are found by id; the status test only guards against another worker having taken
-# one meanwhile. Wrapped in coalesce so no planner reads it as a way in: through the
-# (status, not_before, id) index it would visit every pending row.
+# one meanwhile. Wrapped in coalesce so no planner reads it as a way in: through the index of
+# pending rows it would visit every one of them.
 _TAKE = (
     update(deliveries)
     .where(
@@ -530,6 +539,7 @@ class Outbox:
             return conn.execute(
                 update(deliveries)
                 .where(
+                    delivery_in(deliveries, *UNFINISHED),  # reads the index of those
                     deliveries.c.status == DeliveryStatus.SENDING.value,
                     deliveries.c.lease_until < now,
                 )
@@ -633,7 +643,10 @@ class Outbox:
         with self.engine.begin() as conn:
             return conn.execute(
                 update(deliveries)
-                .where(deliveries.c.status == DeliveryStatus.SENDING.value)
+                .where(
+                    delivery_in(deliveries, *UNFINISHED),  # reads the index of those
+                    deliveries.c.status == DeliveryStatus.SENDING.value,
+                )
                 .values(status=DeliveryStatus.PENDING.value, lease_until=None)
             ).rowcount
 
@@ -644,9 +657,8 @@ class Outbox:
         One statement, so one snapshot: asked one after another, "nothing pending" can be
         read before a message is routed and "nothing unrouted" after, and the pair looks idle
         while the new delivery waits."""
-        waiting = [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
         in_flight = select(func.count()).select_from(deliveries)
-        in_flight = in_flight.where(deliveries.c.status.in_(waiting))
+        in_flight = in_flight.where(delivery_in(deliveries, *UNFINISHED))
         if route is not None:
             in_flight = in_flight.where(deliveries.c.route == route)
         unrouted = select(func.count()).select_from(messages)
@@ -674,8 +686,10 @@ class Outbox:
         limit: int | None = 100,
     ) -> list[DeliveryRecord]:
         query = select(deliveries).order_by(deliveries.c.id)
-        if status:
-            query = query.where(deliveries.c.status == status)
+        if status:  # written into the SQL, so "dead" is read through its partial index
+            query = query.where(
+                deliveries.c.status == bindparam("status", status, literal_execute=True)
+            )
         if message_id is not None:
             query = query.where(deliveries.c.message_id == message_id)
         if limit:
@@ -703,7 +717,7 @@ class Outbox:
     def retry_dead(self, delivery_ids: list[int] | None) -> int:
         """Give dead letters a fresh set of attempts (all of them when ids is None)."""
         now = _now()
-        query = update(deliveries).where(deliveries.c.status == DeliveryStatus.DEAD.value)
+        query = update(deliveries).where(delivery_in(deliveries, DeliveryStatus.DEAD))
         if delivery_ids is not None:
             query = query.where(deliveries.c.id.in_(delivery_ids))
         with self.engine.begin() as conn:
