@@ -32,7 +32,13 @@ from starlette.routing import Route
 
 import carehub.hookspecs
 from carehub.builtins import channels as channels_module
-from carehub.builtins.channels import FileChannel, MLLPChannel, WebhookChannel, sign
+from carehub.builtins.channels import (
+    FileChannel,
+    MLLPChannel,
+    WebhookChannel,
+    is_local_filesystem,
+    sign,
+)
 from carehub.components import Channel, DeliveryError, Outgoing
 from carehub.config import TLSConfig
 from carehub.hl7.ack import AckCode, build_ack
@@ -130,19 +136,22 @@ def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
     assert (tmp_path / "out" / "delivery-1.hl7").read_bytes() == make_adt("SYNC1").encode()
 
 
+@pytest.mark.parametrize(("writer", "on_loop"), [("auto", True), ("thread", False)])
 def test_file_writes_sent_together_share_a_batch_and_fail_one_by_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str, on_loop: bool
 ) -> None:
-    """Sends started in one loop iteration are written by one helper-thread call; a file that
-    cannot be written fails its own delivery only."""
-    channel = build(FileChannel, tmp_path, directory=tmp_path / "out")
+    """Sends started in one loop iteration are written by one call, on the loop for a local
+    folder without fsync (``auto``; tmp_path is on a local disk), else on a helper thread; a
+    file that cannot be written fails its own delivery only."""
+    channel = build(FileChannel, tmp_path, directory=tmp_path / "out", writer=writer)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "delivery-3.hl7").mkdir()  # a folder where the file should go
-    batches: list[int] = []
+    batches: list[tuple[int, bool]] = []
     real_write_files = channels_module._write_files
+    loop_thread = threading.get_ident()
 
     def counting(directory: Path, files: list[tuple[str, bytes]], fsync: bool) -> Any:
-        batches.append(len(files))
+        batches.append((len(files), threading.get_ident() == loop_thread))
         return real_write_files(directory, files, fsync)
 
     outgoing = [
@@ -154,7 +163,7 @@ def test_file_writes_sent_together_share_a_batch_and_fail_one_by_one(
 
     monkeypatch.setattr(channels_module, "_write_files", counting)
     results = run_with(channel, send_all)
-    assert batches == [5]
+    assert batches == [(5, on_loop)]
     assert [r for n, r in enumerate(results, 1) if n != 3] == [
         f"wrote delivery-{n}.hl7" for n in (1, 2, 4, 5)
     ]
@@ -165,6 +174,11 @@ def test_file_writes_sent_together_share_a_batch_and_fail_one_by_one(
             f"BATCH{n}"
         ).encode()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_only_local_filesystems_count_as_local(tmp_path: Path) -> None:
+    assert is_local_filesystem(tmp_path)  # the test's own folder, on this machine's disk
+    assert not is_local_filesystem(Path("/proc/self"))  # procfs: not a place for files
 
 
 def test_file_v2_body_has_cr_segment_ends(tmp_path: Path) -> None:
