@@ -41,6 +41,8 @@ import yaml
 from loadgen import LoadResult, run_load
 from messages import adt_a01
 
+from carehub.builtins.channels import filesystem_type
+
 BENCH_DIR = Path(__file__).resolve().parent
 SERVERS_PY = BENCH_DIR / "servers.py"
 
@@ -180,25 +182,6 @@ def carehub_ready_parser(listener: str | None) -> Callable[[list[str]], tuple[st
         raise Unavailable(f"ready, but no MLLP listener {listener or ''} (listeners: {names})")
 
     return parse
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The filesystem holding `path`, from /proc/mounts; tmpfs makes fsync free."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    best, fstype = "", None
-    resolved = str(path.resolve())
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1]
-        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
 
 
 def write_carehub_config(path: Path, durability: str, base: dict[str, Any] | None) -> None:

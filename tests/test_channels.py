@@ -104,8 +104,14 @@ def test_file_one_file_per_delivery_and_same_key_overwrites(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("durability", "option", "fsyncs"),
-    [("power", None, 2), ("process", None, 0), ("process", True, 2), ("power", False, 0)],
+    ("durability", "option", "fsyncs", "writer"),
+    [
+        ("power", None, 2, "auto"),
+        ("process", None, 0, "auto"),
+        ("process", True, 2, "auto"),
+        ("power", False, 0, "auto"),
+        ("process", True, 2, "loop"),  # forced onto the loop, fsync still holds
+    ],
 )
 def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
     tmp_path: Path,
@@ -113,6 +119,7 @@ def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
     durability: str,
     option: bool | None,
     fsyncs: int,
+    writer: str,
 ) -> None:
     """fsync is what makes the write survive a power cut; it cannot be observed from the file
     itself, so the test counts the calls."""
@@ -127,7 +134,8 @@ def test_file_fsyncs_the_file_and_folder_when_the_store_is_power_durable(
     monkeypatch.setattr(os, "fsync", counting_fsync)
     try:
         ctx = dataclasses.replace(context(tmp_path), store=store)
-        channel = FileChannel(FileChannel.Options(directory=tmp_path / "out", fsync=option), ctx)
+        options = FileChannel.Options(directory=tmp_path / "out", fsync=option, writer=writer)
+        channel = FileChannel(options, ctx)
         outgoing = channel.render(work_for(make_adt("SYNC1")), "delivery-1")
         assert run_with(channel, lambda: channel.send(outgoing)) == "wrote delivery-1.hl7"
     finally:

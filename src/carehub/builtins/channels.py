@@ -300,7 +300,7 @@ class FileChannel(Channel):
                     written.set_exception(error)
 
         if self._write_on_loop:
-            settle(_write_files(self.directory, files, False))
+            settle(_write_files(self.directory, files, self._fsync()))
             return
 
         def settle_thread(done: asyncio.Future[list[OSError | None]]) -> None:
@@ -329,24 +329,29 @@ LOCAL_FILESYSTEMS = frozenset(
 )
 
 
-def is_local_filesystem(path: Path) -> bool:
-    """Whether ``path`` is on a local filesystem, by the mount that holds it in /proc/mounts.
-    Anything else (NFS, SMB, FUSE, or no /proc/mounts to read) counts as not local."""
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path`` (its mount in /proc/mounts), None unknown."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
         target = str(path.resolve())
     except OSError:
-        return False
-    best, fstype = "", ""
+        return None
+    best, fstype = "", None
     for line in mounts:
         parts = line.split()
         if len(parts) < 3:
             continue
-        mount = parts[1].replace("\\040", " ")
+        mount = parts[1].replace("\\040", " ")  # /proc/mounts writes a space as \040
         inside = target == mount or target.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) >= len(best):
             best, fstype = mount, parts[2]
-    return fstype in LOCAL_FILESYSTEMS
+    return fstype
+
+
+def is_local_filesystem(path: Path) -> bool:
+    """Whether ``path`` is on a local filesystem. Anything else (NFS, SMB, FUSE, or no
+    /proc/mounts to read) counts as not local."""
+    return filesystem_type(path) in LOCAL_FILESYSTEMS
 
 
 def _write_files(
