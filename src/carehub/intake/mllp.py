@@ -208,10 +208,10 @@ class MLLPListener:
         return self.address
 
     def opened(self, connection: _Connection) -> None:
-        if self._closing:  # accepted just as the listener stopped
-            connection.stop()
         self._connections.add(connection)
         self.connections_total += 1
+        if self._closing:  # accepted just as the listener stopped
+            connection.stop()
 
     def closed(self, connection: _Connection) -> None:
         self._connections.discard(connection)

@@ -173,23 +173,22 @@ _UNFINISHED_SQL = str(
 )
 
 
-class _WorkerSQL:
+class _WorkerSQL(DriverSQL):
     """The writes the worker makes for every batch, as driver-level SQL (see DriverSQL)."""
 
-    def __init__(self, sql: DriverSQL) -> None:
-        m = sql.mark
-        self.time = sql.time
-        self.marks = sql.marks
+    def __init__(self, is_sqlite: bool) -> None:
+        super().__init__(is_sqlite)
+        m = self.mark
         self.set_message_status = (
             f"UPDATE messages SET status = {m}, status_at = {m}, detail = {m} WHERE id = {m}"
         )
-        self.add_events = sql.insert("message_events", EVENT_COLUMNS)
-        self.add_steps = sql.insert(
+        self.add_events = self.insert("message_events", EVENT_COLUMNS)
+        self.add_steps = self.insert(
             "message_steps",
             ("message_id", "run", "route", "position", "step", "outcome", "output", "at"),
         )
-        self.add_deliveries = sql.insert("deliveries", _DELIVERY_COLUMNS)
-        self.add_attempts = sql.insert(
+        self.add_deliveries = self.insert("deliveries", _DELIVERY_COLUMNS)
+        self.add_attempts = self.insert(
             "delivery_attempts",
             ("delivery_id", "number", "started_at", "duration_ms", "outcome", "detail"),
         )
@@ -305,7 +304,7 @@ class Outbox:
     def __init__(self, store: MessageStore) -> None:
         self.store = store
         self.engine = store.engine
-        self._sql = _WorkerSQL(store.sql)
+        self._sql = _WorkerSQL(store.is_sqlite)
 
     # -- routing --------------------------------------------------------------------------
     def next_run(self, message_id: int) -> int:
@@ -379,11 +378,12 @@ class Outbox:
             handed: list[int] = []  # positions in planned
             if handover is not None and handover.room > 0 and planned:
                 handed = self._first_in_line(conn, planned, handover)
+            leased = set(handed)
             lease_until = sql.time(moment + handover.lease) if handover else None
-            delivery_rows = [_new_delivery_values(d, mid, run, now) for mid, run, d in planned]
-            for position in handed:
-                mid, run, d = planned[position]
-                delivery_rows[position] = _new_delivery_values(d, mid, run, now, lease_until)
+            delivery_rows = [
+                _new_delivery_values(d, mid, run, now, lease_until if i in leased else None)
+                for i, (mid, run, d) in enumerate(planned)
+            ]
             conn.exec_driver_sql(sql.set_message_status, status_rows)
             conn.exec_driver_sql(sql.add_events, event_rows)
             if step_rows:

@@ -409,7 +409,6 @@ class MessageStore:
         self._sql_find = f"SELECT id FROM messages WHERE identity = {sql.mark}"
         self._sql_insert_many_cache: dict[int, str] = {}
         self._sql_event = sql.insert("message_events", EVENT_COLUMNS)
-        self._time = sql.time
 
     def insert_messages(self, batch: list[NewMessage]) -> list[InsertOutcome]:
         """Store a group of messages in one transaction; resends map to their original row.
@@ -489,7 +488,7 @@ class MessageStore:
             params: list[Any] = []
             for offset, item in enumerate(chunk, start=base + 1 + start):
                 params.append(offset)
-                params.extend(item.values(self._time))
+                params.extend(item.values(self.sql.time))
             cursor.execute(self._sql_insert_many(len(chunk)), params)
         if connection.total_changes - before == len(batch):
             return [InsertOutcome(base + 1 + i, False) for i in range(len(batch))]
@@ -526,7 +525,7 @@ class MessageStore:
             f"resent by the sender via {item.transport}:{item.listener}; answered AA, "
             "not stored again"
         )
-        return (original, self._time(item.received_at), RESENT, detail)
+        return (original, self.sql.time(item.received_at), RESENT, detail)
 
     def _insert(self, cursor: Any, batch: list[NewMessage]) -> list[InsertOutcome]:
         """One row per new message (its intake event is read from that row); a resend adds a
@@ -534,7 +533,7 @@ class MessageStore:
         outcomes: list[InsertOutcome] = []
         resends: list[tuple[Any, ...]] = []
         for item in batch:
-            cursor.execute(self._sql_insert, item.values(self._time))
+            cursor.execute(self._sql_insert, item.values(self.sql.time))
             row = cursor.fetchone()
             if row is not None:
                 outcomes.append(InsertOutcome(row[0], False))
