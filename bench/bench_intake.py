@@ -4,6 +4,9 @@ Every row is measured in the same run on the same machine, against the bare asyn
 measured in that run, so the ratios hold even though absolute numbers vary between machines:
 
     bare               asyncio MLLP server that ACKs without storing anything: the ceiling
+    carehub, no store  carehub's own listener and intake path with a writer that stores
+                       nothing (a diagnostic, not a carehub mode): what carehub's time per
+                       message is before its durable write
     carehub (process)  `carehub serve`, store durability=process (SQLite WAL, synchronous=NORMAL)
     carehub (power)    `carehub serve`, store durability=power (fsync on every commit group)
     python-hl7         python-hl7's asyncio MLLP server, parse + create_ack()
@@ -65,7 +68,7 @@ class Plan:
     """One row of the table: which server, how many messages, how to connect."""
 
     label: str
-    kind: str  # "bare" | "carehub" | "python-hl7" | "hl7apy"
+    kind: str  # "bare" | "carehub-unstored" | "carehub" | "python-hl7" | "hl7apy"
     code: str  # one letter, part of every MSH-10 so control ids never repeat across rows
     n: int
     warmup: int
@@ -343,6 +346,7 @@ def build_plans(args: argparse.Namespace) -> list[Plan]:
 
     plans = {
         "bare": Plan("bare", "bare", "B", n, warmup(n)),
+        "carehub-unstored": Plan("carehub, no store", "carehub-unstored", "U", n, warmup(n)),
         "carehub-process": Plan(
             "carehub (process)", "carehub", "C", n, warmup(n), durability="process"
         ),
@@ -465,6 +469,34 @@ def print_targets(rows: list[Row]) -> None:
         print(f"  {name.ljust(width)}  {verdict(ok):<18} {detail}".rstrip())
 
 
+def print_time_per_message(rows: list[Row]) -> None:
+    """Wall time per message (1 / rate) of bare, carehub without and with its store: how much
+    of carehub's time is its listener and intake path, how much the durable write, and what
+    the rate target leaves for that write."""
+
+    def result(label: str) -> LoadResult | None:
+        return next((r.result for r in rows if r.plan.label == label and r.result), None)
+
+    bare, path, stored = result("bare"), result("carehub, no store"), result("carehub (process)")
+    if not (bare and path and stored and bare.rate and path.rate and stored.rate):
+        return
+    us = {
+        label: 1e6 / res.rate for label, res in [("bare", bare), ("path", path), ("stored", stored)]
+    }
+    allowed = us["bare"] / TARGET_VS_BARE
+    print("\nWall time per message (1 / rate), this run:")
+    print(f"  bare                {us['bare']:6.1f} us")
+    print(f"  carehub, no store   {us['path']:6.1f} us  (listener, decoding, header view, ACK)")
+    print(
+        f"  carehub (process)   {us['stored']:6.1f} us  "
+        f"(the durable write adds {us['stored'] - us['path']:.1f} us)"
+    )
+    print(
+        f"  At {TARGET_VS_BARE:.0%} of bare carehub has {allowed:.1f} us a message, which leaves "
+        f"{allowed - us['path']:.1f} us for the durable write."
+    )
+
+
 def print_problems(rows: list[Row]) -> None:
     for row in rows:
         for text in row.problems:
@@ -483,9 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=8, help="concurrent connections (default 8)")
     parser.add_argument(
         "--servers",
-        default="bare,carehub,python-hl7,hl7apy",
-        help="comma list of bare, carehub (= carehub-process,carehub-power), carehub-process,\n"
-        "carehub-power, python-hl7, hl7apy (default: all)",
+        default="bare,carehub-unstored,carehub,python-hl7,hl7apy",
+        help="comma list of bare, carehub-unstored, carehub (= carehub-process,carehub-power),\n"
+        "carehub-process, carehub-power, python-hl7, hl7apy (default: all)",
     )
     parser.add_argument("--carehub-bin", type=Path, default=default_bin)
     parser.add_argument(
@@ -521,6 +553,7 @@ async def run(args: argparse.Namespace) -> int:
             rows.append(await run_plan(plan, args, Path(tmp), tag))
     print_table(rows)
     print_targets(rows)
+    print_time_per_message(rows)
     failed = [row for row in rows if row.problems]
     if failed:
         print("\nProblems (a server crashed or ACKs were wrong):")

@@ -5,6 +5,10 @@ serves until SIGTERM, then exits 0. Each one runs in its own process so that it 
 GIL with the load generator, which would otherwise halve both sides' throughput.
 
     bare        asyncio streams, ACK from a string template, stores nothing: the ceiling.
+    carehub-unstored
+                carehub's own MLLP listener and intake path (framing, MSH-18 decoding, the
+                header view, a full ACK) with a writer that stores nothing: a diagnostic that
+                splits carehub's time per message into its path and its durable write.
     python-hl7  python-hl7's own asyncio MLLP server, parse + Message.create_ack().
     hl7apy      hl7apy's threaded MLLPServer, parse_message + an ACK built with hl7apy; it closes
                 the connection after every message, so clients must reconnect each time.
@@ -27,7 +31,14 @@ from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
-KINDS = ("bare", "python-hl7", "hl7apy")
+from carehub.cli import settle_garbage_collector
+from carehub.config import MLLPListenerConfig
+from carehub.intake.intake import Intake
+from carehub.intake.mllp import MLLPListener
+from carehub.store.group_commit import Committed, GroupCommit
+from carehub.store.store import InsertOutcome, NewMessage
+
+KINDS = ("bare", "carehub-unstored", "python-hl7", "hl7apy")
 
 _END = b"\x1c\r"
 
@@ -90,6 +101,43 @@ async def run_bare(host: str, port: int) -> None:
     """The ceiling: what asyncio streams alone cost per message."""
     server = await asyncio.start_server(_bare_connection, host, port)
     await _serve_until_sigterm(server)
+
+
+class NothingStored(GroupCommit):
+    """Answers each message as committed without storing it, on the next loop pass, so frames
+    read together are answered together as carehub's group commit answers them. Never a carehub
+    mode: only this diagnostic uses it."""
+
+    def __init__(self) -> None:  # no store to hold
+        self.batches = 0
+        self.rows = 0
+        self._waiting: list[Committed] = []
+
+    def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        if not self._waiting:
+            asyncio.get_running_loop().call_soon(self._answer_all)
+        self._waiting.append(done)
+
+    def _answer_all(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        self.batches += 1
+        for done in waiting:
+            self.rows += 1
+            done(InsertOutcome(self.rows, False))
+
+
+async def run_carehub_unstored(host: str, port: int) -> None:
+    """carehub's MLLP listener and intake with NothingStored in place of the store."""
+    listener = MLLPListener(MLLPListenerConfig(host=host, port=port), Intake(NothingStored()))
+    _, bound = await listener.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    settle_garbage_collector()  # as `carehub serve` does once it has started
+    announce(bound)
+    await stop.wait()
+    await listener.stop()
 
 
 async def _python_hl7_connection(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
@@ -156,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runners: dict[str, Callable[[str, int], object]] = {
         "bare": lambda h, p: asyncio.run(run_bare(h, p)),
+        "carehub-unstored": lambda h, p: asyncio.run(run_carehub_unstored(h, p)),
         "python-hl7": lambda h, p: asyncio.run(run_python_hl7(h, p)),
         "hl7apy": run_hl7apy,
     }

@@ -133,7 +133,7 @@ def serve(
         routes = ", ".join(r.name for r in hub.table.routes) or "none"
         worker = "in-process" if config.worker.enabled else "off (run `carehub worker`)"
         click.echo(f"routes: {routes}; worker: {worker}; queue: {_queue_label(config)}")
-        _settle_garbage_collector()
+        settle_garbage_collector()
         click.echo("carehub ready")
         sys.stdout.flush()
         try:
@@ -148,7 +148,7 @@ def serve(
         raise CarehubError(f"cannot start a listener: {err}") from err
 
 
-def _settle_garbage_collector() -> None:
+def settle_garbage_collector() -> None:
     """Tune Python's cyclic garbage collector for a long-running hub, once it has started.
 
     What start-up built (plugins, routes, parsed config, imported modules) lives as long as the
@@ -599,7 +599,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             settings,
         )
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
-        _settle_garbage_collector()
+        settle_garbage_collector()
         click.echo("carehub ready")
         sys.stdout.flush()
         await worker.run(stop)
