@@ -208,11 +208,15 @@ class Hub:
             log.error("could not queue %d message(s) for routing: %s", len(waiting), err)
 
     async def stop(self) -> None:
-        """Stop accepting, finish what is in flight, commit it, close the store."""
-        await asyncio.gather(*(listener.stop() for listener in self.mllp_listeners))
-        await asyncio.gather(*(drop.stop() for drop in self.file_listeners))
+        """Stop accepting, finish what is in flight, commit it, close the store.
+
+        Every listener stops at once: one still draining its connections must not leave the
+        others taking new messages meanwhile."""
+        stopping = [listener.stop() for listener in self.mllp_listeners]
+        stopping += [drop.stop() for drop in self.file_listeners]
         if self.http_listener:
-            await self.http_listener.stop()
+            stopping.append(self.http_listener.stop())
+        await asyncio.gather(*stopping)
         self._publish_waiting()
         if self._worker_task is not None:
             self._worker_stop.set()

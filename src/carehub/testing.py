@@ -57,8 +57,11 @@ class HubThread:
 
     def call(self, coroutine: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the hub's loop and wait for its result."""
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(timeout)
+        return self.submit(coroutine).result(timeout)
+
+    def submit(self, coroutine: Any) -> Future[Any]:
+        """Start a coroutine on the hub's loop without waiting (e.g. a stop to watch)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def stop(self) -> None:
         if self._thread.is_alive():
