@@ -397,6 +397,22 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     assert store.prune(timedelta(days=1)).messages_deleted == 5
 
 
+def test_ids_deleted_by_prune_are_never_handed_out_again(store: MessageStore) -> None:
+    """A message id is a key outside the store too (care records, receivers' idempotency keys):
+    after retention deleted the newest messages, the next one must not take an old id."""
+    first = store.insert_messages([new_message(f"GONE{i}") for i in range(3)])
+    top = max(o.message_id for o in first)
+
+    assert store.prune(timedelta(0)).messages_deleted == 3
+    after = store.insert_messages([new_message("AFTER1"), new_message("AFTER2")])
+    assert min(o.message_id for o in after) > top
+
+    # A second prune of everything, then a restart of numbering: still past every id used.
+    assert store.prune(timedelta(0)).messages_deleted == 2
+    (later,) = store.insert_messages([new_message("AFTER3")])
+    assert later.message_id > max(o.message_id for o in after)
+
+
 # -- group commit ---------------------------------------------------------------------------------
 WRITERS = [InlineGroupCommit, ThreadedGroupCommit]
 

@@ -82,6 +82,17 @@ Index("ix_messages_status", messages.c.status)
 Index("ix_messages_type_event", messages.c.message_type, messages.c.trigger_event)
 Index("ix_messages_patient", messages.c.patient_id, messages.c.patient_authority)
 
+# SQLite numbers a new row after the highest id left in the table, so once retention deleted the
+# newest messages their ids would come round again, and a new message would look like one the
+# care records and receivers' idempotency keys already know. Retention records the highest id
+# it deleted here, and intake numbers after it (PostgreSQL's identities never go back).
+id_floors = Table(
+    "id_floors",
+    metadata,
+    Column("table_name", String(64), primary_key=True),
+    Column("last_id", BigInteger, nullable=False),
+)
+
 message_events = Table(
     "message_events",
     metadata,

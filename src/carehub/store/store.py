@@ -206,6 +206,19 @@ EVENT_COLUMNS = ("message_id", "at", "event", "detail")
 #: Rows per multi-row INSERT: 24 parameters each stays far below SQLite's 32,766 limit.
 _ROWS_PER_STATEMENT = 200
 
+#: The id SQLite intake numbers a group after: the highest id in the table, or the highest one
+#: retention ever deleted (schema.id_floors), whichever is higher.
+_SQL_LAST_MESSAGE_ID = (
+    "SELECT max(coalesce((SELECT max(id) FROM messages), 0), "
+    "coalesce((SELECT last_id FROM id_floors WHERE table_name = 'messages'), 0))"
+)
+#: Before retention deletes messages on SQLite: remember the highest id there has been.
+_SQL_KEEP_MESSAGE_ID_FLOOR = (
+    "INSERT INTO id_floors (table_name, last_id) "
+    f"SELECT 'messages', ({_SQL_LAST_MESSAGE_ID}) WHERE true "
+    "ON CONFLICT (table_name) DO UPDATE SET last_id = excluded.last_id"
+)
+
 #: The intake event a message's ACK code stands for: the first entry of its history.
 INTAKE_EVENT_BY_ACK = {
     "AA": MessageStatus.RECEIVED.value,
@@ -481,7 +494,7 @@ class MessageStore:
         INSERT. The connection's change count says whether every row went in; only when a
         resend was among them are the rows looked up one by one."""
         cursor.execute("BEGIN IMMEDIATE")
-        base = cursor.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        base = cursor.execute(_SQL_LAST_MESSAGE_ID).fetchone()[0]
         before = connection.total_changes
         for start in range(0, len(batch), _ROWS_PER_STATEMENT):
             chunk = batch[start : start + _ROWS_PER_STATEMENT]
@@ -672,6 +685,8 @@ class MessageStore:
         cutoff = datetime.now(UTC) - older_than
         before = self._file_size()
         with self.engine.begin() as conn:
+            if self.is_sqlite:  # so that the ids deleted are never handed out again
+                conn.exec_driver_sql(_SQL_KEEP_MESSAGE_ID_FLOOR)
             old_ids = select(messages.c.id).where(messages.c.received_at < cutoff)
             conn.execute(delete(message_events).where(message_events.c.message_id.in_(old_ids)))
             deleted = conn.execute(delete(messages).where(messages.c.received_at < cutoff)).rowcount
