@@ -397,6 +397,48 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     assert store.prune(timedelta(days=1)).messages_deleted == 5
 
 
+def _odd_header_message(control_id: str, **fields: str) -> NewMessage:
+    text = make_adt(control_id, **fields)
+    return NewMessage(
+        raw=text.encode(),
+        transport="mllp",
+        listener="test",
+        peer="127.0.0.1:40000",
+        status=MessageStatus.RECEIVED,
+        ack_code="AA",
+        header=MessageHeader.read(MessageView(text)),
+        charset="utf-8",
+    )
+
+
+def test_header_values_too_long_or_with_nul_are_stored_and_share_the_commit(
+    store: MessageStore,
+) -> None:
+    """PostgreSQL refuses a value longer than its column, or one holding NUL, and such a value
+    used to fail the commit of every message in its group (all answered "not stored"). Each
+    goes in as its column holds it; the raw message keeps it whole; a resend still matches."""
+    odd = [
+        _odd_header_message("LONGEVENT", event="A" * 21, version="2." + "5" * 21),
+        _odd_header_message("NULAPP", sending_application="APP\x00X"),
+        _odd_header_message("C" * 250, patient_id="P" * 300),
+    ]
+    group = [new_message("GOOD1"), *odd, new_message("GOOD2")]
+
+    outcomes = store.insert_messages(group)
+
+    assert [o.duplicate for o in outcomes] == [False] * 5
+    stored = store.get_many([o.message_id for o in outcomes])
+    by_id = {m.id: m for m in stored}
+    long_event, nul_app, long_ids = (by_id[o.message_id] for o in outcomes[1:4])
+    assert long_event.trigger_event == "A" * 16 and long_event.version == ("2." + "5" * 21)[:16]
+    assert nul_app.sending_application == "APP\ufffdX"
+    assert long_ids.control_id == "C" * 199 and long_ids.patient_id == "P" * 255
+    assert [by_id[o.message_id].raw for o in outcomes] == [m.raw for m in group]
+
+    resent = store.insert_messages([_odd_header_message("NULAPP", sending_application="APP\x00X")])
+    assert resent[0].duplicate and resent[0].message_id == outcomes[2].message_id
+
+
 def test_ids_deleted_by_prune_are_never_handed_out_again(store: MessageStore) -> None:
     """A message id is a key outside the store too (care records, receivers' idempotency keys):
     after retention deleted the newest messages, the next one must not take an old id."""

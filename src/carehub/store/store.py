@@ -69,10 +69,14 @@ class NewMessage:
         h = self.header
         if not h.control_id:
             return None
-        return "\x1f".join((h.sending_application, h.sending_facility, h.control_id))
+        return _fit("\x1f".join((h.sending_application, h.sending_facility, h.control_id)))
 
     def values(self, time: Callable[[datetime], Any]) -> tuple[Any, ...]:
-        """The row in _INSERT_COLUMNS order, times converted by ``time`` for the driver."""
+        """The row in _INSERT_COLUMNS order, times converted by ``time`` for the driver.
+
+        Whatever the sender wrote goes in as its column can hold it (see ``_fit``), so that
+        one message with a 40-character MSH-9 cannot fail the commit of every message in
+        its group on PostgreSQL."""
         h = self.header
         patient = h.patient if h else None
         received = time(self.received_at)
@@ -80,26 +84,26 @@ class NewMessage:
             received,
             self.transport,
             self.listener,
-            self.peer,
+            _fit(self.peer, _PEER),
             self.raw,
             len(self.raw),
-            self.charset,
-            h.sending_application if h else None,
-            h.sending_facility if h else None,
-            h.receiving_application if h else None,
-            h.receiving_facility if h else None,
-            (h.message_type or None) if h else None,
-            (h.trigger_event or None) if h else None,
-            (h.structure or None) if h else None,
-            (h.control_id or None) if h else None,
-            (h.version or None) if h else None,
-            patient.value if patient else None,
-            patient.authority if patient else None,
+            _fit(self.charset, _CHARSET),
+            _fit(h.sending_application, _NAME) if h else None,
+            _fit(h.sending_facility, _NAME) if h else None,
+            _fit(h.receiving_application, _NAME) if h else None,
+            _fit(h.receiving_facility, _NAME) if h else None,
+            _fit(h.message_type or None, _CODE) if h else None,
+            _fit(h.trigger_event or None, _CODE) if h else None,
+            _fit(h.structure or None, _CODE) if h else None,
+            _fit(h.control_id or None, _CONTROL_ID) if h else None,
+            _fit(h.version or None, _CODE) if h else None,
+            _fit(patient.value, _NAME) if patient else None,
+            _fit(patient.authority, _NAME) if patient else None,
             self.ack_code,
             self.status.value,
             received,
-            self.detail,
-            self.detail,
+            _fit(self.detail),
+            _fit(self.detail),
             self.identity(),
         )
 
@@ -108,6 +112,29 @@ class NewMessage:
         row = dict(zip(_INSERT_COLUMNS, self.values(_as_is), strict=True))
         del row["identity"]
         return StoredMessage(id=message_id, decoded=self.text, **row)
+
+
+def _fit(value: str | None, limit: int | None = None) -> str | None:
+    """A value from the sender as a text column can hold it: at most ``limit`` characters, and
+    NUL shown as U+FFFD. PostgreSQL refuses both a longer value and a NUL (SQLite takes them),
+    and the raw message keeps the value whole. The same value always fits the same way, so a
+    resend's identity still matches the original's."""
+    if value is None or ("\x00" not in value and (limit is None or len(value) <= limit)):
+        return value
+    value = value.replace("\x00", "\ufffd")
+    return value if limit is None else value[:limit]
+
+
+def _length(column: str) -> int:
+    length: int = messages.c[column].type.length  # type: ignore[attr-defined]
+    return length
+
+
+_PEER = _length("peer")
+_CHARSET = _length("charset")
+_NAME = _length("sending_application")  # applications, facilities, patient id and authority
+_CODE = _length("message_type")  # type, event, structure, version
+_CONTROL_ID = _length("control_id")
 
 
 @dataclass(slots=True, frozen=True)
