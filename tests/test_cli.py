@@ -364,6 +364,35 @@ def test_bad_config_exits_2_naming_file_line_and_key(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_store_url_that_names_no_database_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = write(tmp_path, "hub.yaml", "hub:\n  application: X\nstore:\n  url: notadb://x\n")
+    result = run("messages", "list", "--config", str(config))
+    assert result.exit_code == 2
+    assert f"{config}:4: store.url: cannot open the store at notadb://x" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_store_exits_2_without_showing_the_password(tmp_path: Path) -> None:
+    url = f"postgresql://carehub:s3cret@127.0.0.1:{free_port()}/test"
+    config = write(tmp_path, "hub.yaml", f"store:\n  url: {url}\n")
+    result = run("messages", "list", "--config", str(config))
+    assert result.exit_code == 2
+    assert f"{config}:2: store.url: cannot open the store at postgresql://carehub:***@" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+
+
+def test_data_dir_that_cannot_hold_a_store_exits_2_naming_it(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    for command in (["messages", "list"], ["serve", "--mllp-port", "0", "--http-port", "0"]):
+        result = run(*command, "--data-dir", str(blocked / "data"))
+        assert result.exit_code == 2, result.output
+        assert f"data dir {blocked / 'data'}: cannot" in result.stderr
+        assert "Traceback" not in result.output
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

@@ -200,6 +200,19 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+def where_in_config(config: HubConfig, *key: str | int) -> str:
+    """``file:line: key.path`` for a setting found wrong after loading (a store that will not
+    open, say), as load_config's own errors name it; just the key path without a file."""
+    dotted = _loc_text(key)
+    if config.source is None:
+        return dotted
+    try:
+        line = _line_of(yaml.compose(config.source.read_text(encoding="utf-8")), key)
+    except (OSError, yaml.YAMLError):
+        line = None
+    return f"{config.source}{f':{line}' if line else ''}: {dotted}"
+
+
 def load_config(path: Path | None) -> HubConfig:
     """Read and validate a config file; None gives the built-in defaults."""
     if path is None:

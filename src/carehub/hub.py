@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alembic.util import CommandError as AlembicError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
 from carehub import __version__
 from carehub.components import ComponentContext
-from carehub.config import HubConfig, http_tokens, resolve_data_dir
+from carehub.config import HubConfig, http_tokens, resolve_data_dir, where_in_config
+from carehub.errors import CarehubError
 from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
 from carehub.intake.intake import Intake
@@ -52,14 +57,39 @@ def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> M
     long a SQLite call waits for another process's write lock (the worker's calls run on the
     event loop, which must not freeze for the 30 s a CLI command may wait)."""
     url = config.store.url or sqlite_url(data_dir)
-    store = MessageStore(
-        url,
-        durability=config.store.durability,
-        background_checkpoint=serving,
-        lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
-    )
-    store.migrate()
+    try:
+        if not config.store.url:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        store = MessageStore(
+            url,
+            durability=config.store.durability,
+            background_checkpoint=serving,
+            lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
+        )
+        store.migrate()
+    except (SQLAlchemyError, AlembicError, OSError) as err:
+        raise StoreOpenError(_store_open_problem(config, data_dir, err)) from err
     return store
+
+
+class StoreOpenError(CarehubError):
+    """The store cannot be opened: the message names the setting to fix."""
+
+
+def _store_open_problem(config: HubConfig, data_dir: Path, err: Exception) -> str:
+    """Where the store was meant to be (the config key, or the data dir) and why it cannot be
+    opened there, without a password from the URL."""
+    reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+    if isinstance(err, OSError) and err.strerror:
+        reason = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    if not config.store.url:
+        return f"data dir {data_dir}: cannot open the store there: {reason}"
+    where = where_in_config(config, "store", "url")
+    try:
+        shown = make_url(config.store.url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return f"{where}: not a database URL carehub can use ({reason})"
+    return f"{where}: cannot open the store at {shown}: {reason}"
 
 
 def config_dir(config: HubConfig) -> Path:
@@ -108,7 +138,12 @@ class Hub:
 
     async def start(self) -> list[BoundListener]:
         """Open the store, then the listeners; returns where each listener is bound."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CarehubError(
+                f"data dir {self.data_dir}: cannot create it: {err.strerror}"
+            ) from err
         self.store = await asyncio.to_thread(open_store, self.config, self.data_dir, serving=True)
         self.table.attach_store(self.store)
         self.writer = group_commit_for(self.store)
