@@ -308,12 +308,29 @@ def test_oversize_frame_keeps_none_of_the_next_frame_in_its_stored_head(tmp_path
         assert big.startswith(rejected.raw)
 
 
-def test_message_of_almost_one_mebibyte_is_accepted_byte_for_byte(hub: HubThread) -> None:
-    payload = padded_adt("HUGE", 1_048_000)
-    assert exchange(hub, payload) == [("AA", "HUGE", "")]
-    (stored,) = hub.store.find()
-    assert stored.raw == payload
-    assert stored.size == 1_048_000
+def test_message_of_exactly_the_default_limit_is_accepted_and_one_byte_more_is_rejected(
+    hub: HubThread,
+) -> None:
+    """The default size limit is inclusive: a message of exactly DEFAULT_MAX_MESSAGE_BYTES gets
+    AA and is stored byte for byte; one byte more gets AR naming the limit; and the same
+    connection then still answers a good message AA (an off-by-one in the frame decoder, or a
+    connection left stuck after draining the oversize frame, fails here)."""
+    from carehub.config import DEFAULT_MAX_MESSAGE_BYTES as LIMIT
+
+    exact = padded_adt("EXACT", LIMIT)
+    over = padded_adt("OVER", LIMIT + 1)
+    answers = exchange(hub, exact, over, adt("AFTER"))
+    assert answers[0] == ("AA", "EXACT", "")
+    code, control_id, text = answers[1]
+    assert (code, control_id) == ("AR", "OVER")
+    assert f"limit of {LIMIT} bytes" in text and f"{LIMIT + 1} bytes" in text
+    assert answers[2] == ("AA", "AFTER", "")
+    stored = {m.control_id: m for m in hub.store.find()}
+    assert (stored["EXACT"].status, stored["EXACT"].size) == ("received", LIMIT)
+    assert stored["EXACT"].raw == exact
+    assert stored["OVER"].status == "rejected"
+    assert over.startswith(stored["OVER"].raw) and len(stored["OVER"].raw) < LIMIT
+    assert stored["AFTER"].status == "received"
 
 
 # -- ACK header -------------------------------------------------------------------------------

@@ -222,13 +222,31 @@ def send(
         for number, part in enumerate(parts, start=1):
             label = str(path) if len(parts) == 1 else f"{path} #{number}"
             outgoing.append((label, part))
-    context = None
-    if tls or ca or cert:
-        from carehub.intake.tls import client_context
-
-        context = client_context(ca, cert, key, verify=not insecure)
+    context = _client_tls(ca, cert, key, insecure) if tls or ca or cert else None
     failures = asyncio.run(_send_all(outgoing, host, port, context, timeout))
     sys.exit(1 if failures else 0)
+
+
+def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> Any:
+    """The TLS context for `send`; a file that cannot be read or used is named, as a message
+    file that cannot be read is."""
+    import ssl
+
+    from carehub.intake.tls import client_context
+
+    given = [(option, path) for option, path in (("--ca", ca), ("--cert", cert), ("--key", key))]
+    for option, path in given:
+        if path is None:
+            continue
+        try:
+            path.read_bytes()
+        except OSError as err:
+            raise CarehubError(f"{path}: cannot read ({option}): {err.strerror}") from err
+    try:
+        return client_context(ca, cert, key, verify=not insecure)
+    except ssl.SSLError as err:
+        files = ", ".join(f"{option} {path}" for option, path in given if path is not None)
+        raise CarehubError(f"cannot use the TLS files ({files}): {err.reason or err}") from err
 
 
 async def _send_all(
@@ -246,18 +264,25 @@ async def _send_all(
         # No answer at all is a failed send (exit 1, as documented), not a usage error (exit 2).
         click.echo(f"error: cannot connect to {host}:{port}: {err}", err=True)
         return len(outgoing)
+    connected = True
     try:
-        for label, payload in outgoing:
+        for index, (label, payload) in enumerate(outgoing):
+            if not connected:  # the last one went unanswered: a fresh connection for this one
+                try:
+                    await client.connect()
+                    connected = True
+                except (OSError, TimeoutError) as err:
+                    for unsent, _ in outgoing[index:]:
+                        click.echo(f"{unsent}: not sent: cannot reconnect to {host}:{port}: {err}")
+                    failures += len(outgoing) - index
+                    break
             try:
                 answer = await client.send(payload)
             except (NoAnswer, OSError) as err:
                 click.echo(f"{label}: no answer: {err}")
                 failures += 1
                 await client.close()
-                try:
-                    await client.connect()
-                except (OSError, TimeoutError):
-                    break
+                connected = False
                 continue
             try:
                 code, control_id, text = read_ack(answer.decode("utf-8", "replace"))
