@@ -2,6 +2,7 @@
 
 from carehub.hl7.ack import AckCode, ErrorCode, build_ack, read_ack
 from carehub.hl7.view import MessageView
+from carehub.testing import HubThread, make_adt, mllp_exchange
 
 
 def inbound(version: str = "2.5", extra: str = "") -> MessageView:
@@ -75,3 +76,32 @@ def test_other_separators_are_kept() -> None:
     text = build_ack(AckCode.ACCEPT, view)
     assert text.startswith("MSH#$%!*#R#RF#S#F#")
     assert "ACK$A01$ACK" in text
+
+
+# -- v2.7 truncation character ---------------------------------------------------------------
+
+V27 = "MSH|^~\\&#|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20261125||ADT^A01^ADT_A01|ID27|P|2.7\rPID|1\r"
+
+
+def test_ack_echoes_all_five_encoding_characters() -> None:
+    text = build_ack(AckCode.ACCEPT, MessageView(V27))
+    assert text.startswith("MSH|^~\\&#|RECVAPP|RECVFAC|SENDAPP|SENDFAC|")
+    ack = MessageView(text)
+    assert ack.get("MSH-2") == "^~\\&#"
+    assert (ack.raw("MSH-9"), ack.get("MSA-1"), ack.get("MSA-2")) == ("ACK^A01^ACK", "AA", "ID27")
+
+
+def test_error_text_escapes_the_truncation_character() -> None:
+    reason = "bed #4 | unknown"
+    text = build_ack(AckCode.ERROR, MessageView(V27), reason=reason)
+    assert "bed \\P\\4 \\F\\ unknown" in text
+    assert read_ack(text) == ("AE", "ID27", reason)
+
+
+def test_ack_over_mllp_echoes_the_truncation_character(hub: HubThread) -> None:
+    payload = make_adt("TRUNC27", version="2.7").replace("MSH|^~\\&|", "MSH|^~\\&#|", 1).encode()
+    (answer,) = mllp_exchange(hub.mllp_address, [payload], timeout=30)
+    assert answer.startswith(b"MSH|^~\\&#|")
+    assert read_ack(answer.decode())[:2] == ("AA", "TRUNC27")
+    (stored,) = hub.store.find()
+    assert stored.raw == payload and stored.control_id == "TRUNC27"

@@ -166,3 +166,78 @@ def test_dropping_the_same_file_again_is_recognised_as_a_resend(
     assert hub.store.control_id_counts() == {"R1": 1, "R2": 1}
     for stored in hub.store.find():
         assert [c.event for c in hub.store.history(stored.id)] == ["received", "resent"]
+
+
+# -- stored bytes are the file's bytes ---------------------------------------------------------
+
+
+def test_lf_terminated_messages_are_stored_byte_for_byte(hub: HubThread, inbox: Path) -> None:
+    one, two = (make_adt(f"LF{n}", terminator="\n").encode() for n in (1, 2))
+    drop(inbox, "lf.hl7", one + b"\n" + two + b"\n\x1a")
+    wait_for(lambda: names(inbox / "processed") == ["lf.hl7"], "lf.hl7 in processed/")
+    stored = {m.control_id: m.raw for m in hub.store.find()}
+    assert stored == {"LF1": one, "LF2": two}
+
+
+def test_batch_messages_are_stored_as_their_own_slice_of_the_file(
+    hub: HubThread, inbox: Path
+) -> None:
+    bodies = [make_adt(f"CRLF{n}", terminator="\r\n").encode() for n in (1, 2)]
+    data = b"FHS|^~\\&|SENDER\r\nBHS|^~\\&|SENDER\r\n" + b"".join(bodies) + b"BTS|2\r\nFTS|1\r\n"
+    drop(inbox, "crlf.hl7", data)
+    wait_for(lambda: names(inbox / "processed") == ["crlf.hl7"], "crlf.hl7 in processed/")
+    stored = {m.control_id: m.raw for m in hub.store.find()}
+    assert stored == {"CRLF1": bodies[0], "CRLF2": bodies[1]}
+    assert all(raw in data for raw in stored.values())
+
+
+def test_utf16_file_is_split_and_stored_as_sent(hub: HubThread, inbox: Path) -> None:
+    text = "".join(make_adt(f"U{n}", name="Zoë^Núñez", charset="UNICODE UTF-16") for n in (1, 2))
+    drop(inbox, "utf16.hl7", b"\xff\xfe" + text.encode("utf-16-le"))
+    wait_for(lambda: names(inbox / "processed") == ["utf16.hl7"], "utf16.hl7 in processed/")
+    stored = {m.control_id: m for m in hub.store.find()}
+    assert set(stored) == {"U1", "U2"}
+    assert stored["U1"].raw == make_adt("U1", name="Zoë^Núñez", charset="UNICODE UTF-16").encode(
+        "utf-16-le"
+    )
+    assert stored["U2"].charset == "utf-16-le" and "Zoë^Núñez" in stored["U2"].text
+
+
+# -- text outside the messages ---------------------------------------------------------------
+
+
+def test_text_before_the_first_message_is_kept_as_rejected_and_the_file_goes_to_error(
+    hub: HubThread, inbox: Path
+) -> None:
+    note = b"Cover note: two admissions, ward 7\r\n"
+    drop(inbox, "note.hl7", note + (make_adt("N1") + make_adt("N2")).encode())
+    wait_for(lambda: "note.hl7" in names(inbox / "error"), "note.hl7 in error/")
+    assert names(inbox / "processed") == []
+    # The messages themselves are fine and stored; the note is on record, not lost.
+    assert hub.store.control_id_counts() == {"N1": 1, "N2": 1}
+    [rejected] = hub.store.find(status="rejected")
+    assert (rejected.raw, rejected.ack_code, rejected.peer) == (note, "AR", "note.hl7")
+    assert "byte 0" in (rejected.detail or "")
+    reason = (inbox / "error" / "note.hl7.error.txt").read_text(encoding="utf-8")
+    assert reason == (
+        f"{len(note)} bytes at byte 0 (before message 1) are not HL7 and not a batch header "
+        f"or trailer: 'Cover note: two admissions, ward 7'; AR, stored as message {rejected.id}\n"
+    )
+
+
+def test_text_after_a_batch_trailer_is_reported_too(hub: HubThread, inbox: Path) -> None:
+    body = make_adt("T1") + make_adt("T2")
+    drop(inbox, "tail.hl7", f"BHS|^~\\&|S\r{body}BTS|2\rprinted by batch job 7\r".encode())
+    wait_for(lambda: "tail.hl7" in names(inbox / "error"), "tail.hl7 in error/")
+    reason = (inbox / "error" / "tail.hl7.error.txt").read_text(encoding="utf-8")
+    assert "(after the last message)" in reason and "printed by batch job 7" in reason
+    assert hub.store.count("received") == 2 and hub.store.count("rejected") == 1
+
+
+def test_blank_lines_and_batch_headers_before_the_first_message_are_fine(
+    hub: HubThread, inbox: Path
+) -> None:
+    data = f"\r\n  \r\nFHS|^~\\&|S\rBHS|^~\\&|S\r{make_adt('H1')}BTS|1\rFTS|1\r\n\x1a"
+    drop(inbox, "blank.hl7", data.encode())
+    wait_for(lambda: names(inbox / "processed") == ["blank.hl7"], "blank.hl7 in processed/")
+    assert hub.store.count() == 1 and hub.store.count("received") == 1

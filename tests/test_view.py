@@ -112,3 +112,70 @@ def test_header_problems_name_the_field() -> None:
     assert "MSH-10" in (no_id.problem() or "")
     no_type = MessageHeader.read(MessageView("MSH|^~\\&|A|B|C|D|1||^|X1|P|2.5\r"))
     assert "MSH-9" in (no_type.problem() or "")
+
+
+# -- v2.7 truncation character (fifth character of MSH-2) ------------------------------------
+
+V27 = (
+    "MSH|^~\\&#|SEND|FAC|RECV|RFAC|20261125||ADT^A01^ADT_A01|CTRL27|P|2.7\r"
+    "PID|1||MRN7^^^HOSP&1.2.3&ISO^MR~X9^^^OTHER^PI||O\\T\\BRIEN^ANN\\S\\MARIE\r"
+    "NTE|1||Room \\P\\4, bed \\E\\2\r"
+    "NTE|2||a long comment cut short by the sender#\r"
+)
+
+
+def test_fifth_encoding_character_is_the_truncation_character() -> None:
+    view = MessageView(V27)
+    assert view.separators == Separators("|", "^", "~", "\\", "&", "#")
+    assert view.separators.encoding_characters == "^~\\&#"
+    assert view.get("MSH-2") == "^~\\&#"
+    assert (view.get("MSH-3"), view.get("MSH-9.2"), view.get("MSH-10")) == (
+        "SEND",
+        "A01",
+        "CTRL27",
+    )
+
+
+def test_components_repetitions_and_escapes_read_the_same_with_five_encoding_characters() -> None:
+    view = MessageView(V27)
+    assert view.get("PID-3[1].4.2") == "1.2.3"
+    assert view.get("PID-3[2].1") == "X9"
+    assert view.get("PID-5.1") == "O&BRIEN"
+    assert view.get("PID-5.2") == "ANN^MARIE"
+    assert view.get("NTE-3") == "Room #4, bed \\2"
+    # A trailing truncation character marks truncated data; it is kept, not read as an escape.
+    assert view.get("NTE[2]-3") == "a long comment cut short by the sender#"
+
+
+def test_truncation_escape_round_trips() -> None:
+    seps = MessageView(V27).separators
+    assert escape("Room #4", seps) == "Room \\P\\4"
+    message = V27 + f"NTE|3||{escape('a|b #c', seps)}\r"
+    assert MessageView(message).get("NTE[3]-3") == "a|b #c"
+
+
+def test_without_a_truncation_character_hash_is_plain_text() -> None:
+    view = MessageView(ADT + "NTE|3||Room #4 \\P\\\r")
+    assert view.separators.truncation == ""
+    assert view.separators.encoding_characters == "^~\\&"
+    assert view.get("NTE[3]-3") == "Room #4 \\P\\"  # an unknown escape is kept as written
+    assert escape("Room #4", view.separators) == "Room #4"
+
+
+def test_truncation_character_with_other_delimiters() -> None:
+    view = MessageView("MSH#$%!*@#S#F#R#RF#2026##ADT$A04#C9#P#2.7\rPID#1##ID1$$$AUTH\r")
+    assert view.separators == Separators("#", "$", "%", "!", "*", "@")
+    assert (view.get("MSH-9.2"), view.get("PID-3.4")) == ("A04", "AUTH")
+
+
+@pytest.mark.parametrize(
+    ("msh", "expected"),
+    [
+        ("MSH|^~\\&|A\r", "^~\\&"),
+        ("MSH|^~|A\r", "^~\\&"),  # missing characters take the defaults
+        ("MSH|^~\\&^|A\r", "^~\\&"),  # a fifth character that is a delimiter is not one
+        ("MSH|^~\\&\r", "^~\\&"),
+    ],
+)
+def test_msh_2_of_four_or_fewer_characters(msh: str, expected: str) -> None:
+    assert MessageView(msh).separators.encoding_characters == expected

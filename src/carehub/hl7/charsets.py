@@ -1,11 +1,23 @@
 """MSH-18 character set names (HL7 table 0211) mapped to Python codecs.
 
-HL7 text arrives as bytes; the header is ASCII, so MSH-18 can be read before decoding the rest.
+HL7 text arrives as bytes. In the 8-bit character sets the header is ASCII, so MSH-18 can be
+read before decoding the rest; UTF-16 and UTF-32 text is recognised by its byte order mark or by
+the byte pattern of "MSH" in that encoding, since its header is not ASCII.
+
+Senders often write MSH-18 in spellings that are not in table 0211 (``ISO-8859-1``, ``LATIN1``,
+``UTF8``, ``CP1252``); those are accepted as Python codec names rather than read as UTF-8 with
+replacement characters, which would garble every accented name.
+
+MLLP framing is single bytes (0x0B ... 0x1C 0x0D), so a UTF-16/32 message arrives intact only
+while none of its code units holds those bytes (U+010B or U+011C would); the MLLP spec leaves
+these encodings out for that reason. What does arrive whole is decoded and answered in kind.
 """
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
+from functools import lru_cache
 
 HL7_CHARSETS: dict[str, str] = {
     "ASCII": "ascii",
@@ -47,6 +59,38 @@ HL7_CHARSETS: dict[str, str] = {
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
+def _squash(name: str) -> str:
+    """A charset name without case, spaces, underscores or hyphens: ``ISO_IR 100`` (the DICOM
+    spelling) and ``UTF8`` then find their table 0211 entries."""
+    return "".join(name.upper().replace("_", " ").replace("-", " ").split())
+
+
+_SQUASHED = {_squash(name): codec for name, codec in HL7_CHARSETS.items()}
+#: Python's canonical codec name -> the spelling the table uses, so ``LATIN1`` and ``8859/1``
+#: are stored as the same charset.
+_PREFERRED = {codecs.lookup(codec).name: codec for codec in HL7_CHARSETS.values()}
+#: Codecs Python knows that are not character sets a sender could mean.
+_NOT_CHARSETS = frozenset(
+    {"charmap", "idna", "punycode", "unicode-escape", "raw-unicode-escape", "undefined"}
+)
+
+#: (codec, byte order mark, "MSH" in that encoding, bytes per code unit). UTF-32 comes first:
+#: its little-endian mark begins with the UTF-16 one.
+_WIDE: tuple[tuple[str, bytes, bytes, int], ...] = tuple(
+    (codec, bom, "MSH".encode(codec), unit)
+    for codec, bom, unit in (
+        ("utf-32-le", codecs.BOM_UTF32_LE, 4),
+        ("utf-32-be", codecs.BOM_UTF32_BE, 4),
+        ("utf-16-le", codecs.BOM_UTF16_LE, 2),
+        ("utf-16-be", codecs.BOM_UTF16_BE, 2),
+    )
+)
+_WIDE_BOMS = {codec: bom for codec, bom, _, _ in _WIDE}
+#: How far into the bytes "MSH" is looked for in a wide encoding (leading blank lines only).
+_WIDE_SCAN = 256
+_LEADING_BLANK = "\ufeff \t\r\n\x0b"
+
+
 @dataclass(slots=True, frozen=True)
 class DecodedText:
     """Text of a message, the codec used, and why the bytes were not read as declared (if so)."""
@@ -56,8 +100,73 @@ class DecodedText:
     warning: str | None = None
 
 
+def wide_encoding(raw: bytes) -> tuple[str, bytes] | None:
+    """(codec, byte order mark or b"") when the bytes are UTF-16 or UTF-32 text, else None.
+
+    Recognised by a byte order mark, or without one by "MSH" in that encoding at the first
+    character that is not blank. The codec names the byte order exactly (``utf-16-le``), so the
+    answer can be written back the way the sender wrote.
+    """
+    if raw.startswith(b"MSH"):
+        return None  # the common case, checked first: this runs for every message
+    for codec, bom, _, _ in _WIDE:
+        if raw.startswith(bom):
+            return codec, bom
+    if b"\x00" not in raw[:16]:
+        return None  # 8-bit text: every UTF-16/32 form of an ASCII "MSH" holds NUL bytes
+    head = raw[:_WIDE_SCAN]
+    for codec, _, msh, unit in _WIDE:
+        at = head.find(msh)
+        aligned = at >= 0 and at % unit == 0
+        if aligned and not head[:at].decode(codec, "replace").strip(_LEADING_BLANK):
+            return codec, b""
+    return None
+
+
+@lru_cache(maxsize=64)
+def _unicode_width(codec: str) -> str | None:
+    """The family, ``utf-16`` or ``utf-32``, of a codec in either byte order; else None."""
+    try:
+        name = codecs.lookup(codec).name
+    except LookupError:
+        return None
+    return name[:6] if name.startswith(("utf-16", "utf-32")) else None
+
+
+def is_wide(codec: str) -> bool:
+    """True for the UTF-16 and UTF-32 codecs, whose text holds no ASCII header."""
+    return _unicode_width(codec) is not None
+
+
+def _msh18(text: str) -> str | None:
+    """MSH-18 (first repetition) of the MSH segment in ``text``, or None."""
+    start = text.find("MSH")
+    if start < 0 or len(text) < start + 8:
+        return None
+    line_end = len(text)
+    for terminator in ("\r", "\n"):
+        found = text.find(terminator, start)
+        if 0 <= found < line_end:
+            line_end = found
+    separator = text[start + 3]
+    fields = text[start:line_end].split(separator)
+    if len(fields) <= 17:
+        return None
+    encoding_chars = fields[1]
+    value = fields[17]
+    if len(encoding_chars) > 1:
+        value = value.split(encoding_chars[1])[0]  # first repetition
+    name = value.strip()
+    return name or None
+
+
 def declared_charset(raw: bytes) -> str | None:
     """MSH-18 (first repetition) read straight from the bytes, or None."""
+    wide = wide_encoding(raw)
+    if wide is not None:
+        codec, bom = wide
+        return _msh18(raw[len(bom) :].decode(codec, "replace"))
+    # 8-bit text: the header is ASCII, so it is read as bytes (this runs for every message).
     start = raw.find(b"MSH")
     if start < 0 or len(raw) < start + 8:
         return None
@@ -82,7 +191,43 @@ def codec_for(charset_name: str | None, default: str) -> str | None:
     """Python codec for an MSH-18 value; None when the value is unknown."""
     if not charset_name:
         return default
-    return HL7_CHARSETS.get(charset_name.upper())
+    return HL7_CHARSETS.get(charset_name.upper()) or _codec_for_name(charset_name)
+
+
+@lru_cache(maxsize=256)
+def _codec_for_name(name: str) -> str | None:
+    """A value that is not spelt as table 0211 writes it: the table entry it squashes to, else
+    the Python codec of that name (``ISO-8859-1``, ``LATIN1``, ``CP1252``), else None."""
+    codec = _SQUASHED.get(_squash(name))
+    if codec:
+        return codec
+    normalised = "_".join(name.replace("_", " ").lower().split())
+    if not normalised or len(normalised) > 64 or not normalised.isascii():
+        return None
+    try:
+        info = codecs.lookup(normalised)
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
+        # bytes-to-bytes codecs (base64, hex, zlib) and transforms (idna, unicode-escape)
+        return None
+    return _PREFERRED.get(info.name, info.name)
+
+
+def encode_reply(text: str, charset: str, received: bytes = b"") -> bytes:
+    """``text`` in the character set of the message it answers, never raising.
+
+    A UTF-16 or UTF-32 message is answered in its own byte order, with a byte order mark only
+    when the message had one, so a sender that reads no mark still reads the answer.
+    """
+    try:
+        encoded = text.encode(charset, "replace")
+    except LookupError:
+        return text.encode("utf-8", "replace")
+    bom = _WIDE_BOMS.get(charset)
+    if bom and received.startswith(bom):
+        return bom + encoded
+    return encoded
 
 
 def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
@@ -94,6 +239,9 @@ def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
     """
     if raw.startswith(UTF8_BOM):
         raw = raw[len(UTF8_BOM) :]
+    wide = wide_encoding(raw)
+    if wide is not None:
+        return _decode_wide(raw, *wide)
     declared = declared_charset(raw)
     codec = codec_for(declared, default)
     if codec is None:
@@ -101,18 +249,48 @@ def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
         return DecodedText(
             text, default, f"unknown MSH-18 character set {declared!r}; read as {default}"
         )
+    note = None
+    if is_wide(codec):
+        # The header read as ASCII, so these bytes are not the UTF-16/32 that was expected.
+        expected = f"MSH-18 declares {declared!r}" if declared else f"the default is {codec}"
+        note = f"{expected} but the bytes are 8-bit text"
+        declared, codec = None, "utf-8"
     try:
-        return DecodedText(raw.decode(codec), codec)
+        decoded = DecodedText(raw.decode(codec), codec)
     except UnicodeDecodeError as err:
         if declared is None:
-            return DecodedText(
+            decoded = DecodedText(
                 raw.decode("iso-8859-1"),
                 "iso-8859-1",
                 f"bytes are not valid {codec} (offset {err.start}); read as ISO-8859-1",
             )
-        return DecodedText(
-            raw.decode(codec, "replace"),
-            codec,
-            f"bytes are not valid {codec} as MSH-18 declares (offset {err.start}); "
-            "undecodable bytes replaced in the text view",
+        else:
+            decoded = DecodedText(
+                raw.decode(codec, "replace"),
+                codec,
+                f"bytes are not valid {codec} as MSH-18 declares (offset {err.start}); "
+                "undecodable bytes replaced in the text view",
+            )
+    if note:
+        detail = decoded.warning or f"read as {decoded.charset}"
+        return DecodedText(decoded.text, decoded.charset, f"{note}; {detail}")
+    return decoded
+
+
+def _decode_wide(raw: bytes, codec: str, bom: bytes) -> DecodedText:
+    """UTF-16/32 text: the bytes say what they are, so they win over MSH-18 (which is noted)."""
+    body = raw[len(bom) :]
+    warning = None
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as err:
+        text = body.decode(codec, "replace")
+        warning = (
+            f"bytes are not valid {codec} (offset {err.start + len(bom)}); "
+            "undecodable bytes replaced in the text view"
         )
+    declared = _msh18(text)
+    if declared and _unicode_width(codec_for(declared, codec) or "") != _unicode_width(codec):
+        note = f"the bytes are {codec} but MSH-18 declares {declared!r}; read as {codec}"
+        warning = f"{warning}; {note}" if warning else note
+    return DecodedText(text, codec, warning)

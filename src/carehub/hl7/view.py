@@ -3,7 +3,8 @@
 Intake and routing read a handful of fields per message; building a full tree (hl7apy takes
 20-70 ms per ADT) would cap the engine at tens of messages a second. This view costs
 microseconds and reads any field by a terse path such as ``PID-3.4`` or ``PID-3[2].1``.
-Escapes (``\\F\\`` ``\\S\\`` ``\\T\\`` ``\\R\\`` ``\\E\\`` ``\\Xhh\\``) are decoded on access.
+Escapes (``\\F\\`` ``\\S\\`` ``\\T\\`` ``\\R\\`` ``\\E\\`` ``\\Xhh\\``, and ``\\P\\`` when MSH-2
+declares a v2.7 truncation character) are decoded on access.
 """
 
 from __future__ import annotations
@@ -71,17 +72,48 @@ def parse_path(path: str) -> FieldPath:
 
 @dataclass(slots=True, frozen=True)
 class Separators:
-    """The five delimiters of one message, from MSH-1 and MSH-2."""
+    """The delimiters of one message, from MSH-1 and MSH-2.
+
+    ``truncation`` is the fifth encoding character of v2.7 and later (``^~\\&#``), or '' when
+    MSH-2 has four. It delimits nothing: a value ending with it was truncated by the sender, and
+    in text it is written ``\\P\\``. It is kept so that MSH-2 can be echoed as the sender wrote it.
+    """
 
     field: str = "|"
     component: str = "^"
     repetition: str = "~"
     escape: str = "\\"
     subcomponent: str = "&"
+    truncation: str = ""
 
     @property
     def encoding_characters(self) -> str:
-        return self.component + self.repetition + self.escape + self.subcomponent
+        """MSH-2 as written: four characters, or five with the truncation character."""
+        return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
+
+
+_DEFAULT_ENCODING = "^~\\&"
+_DEFAULT_SEPARATORS = Separators()
+
+
+def _separators(field_sep: str, head: str) -> Separators:
+    """Separators from MSH-1 and the (up to five) characters after it, where MSH-2 sits.
+
+    MSH-2 ends at the next field separator or line end; missing characters take the defaults.
+    A fifth character is the truncation character only when it differs from every delimiter.
+    """
+    if head == "^~\\&|" and field_sep == "|":
+        return _DEFAULT_SEPARATORS  # nearly every message: skip the scanning below
+    encoding = head
+    for stop in (field_sep, "\r", "\n"):
+        end = encoding.find(stop)
+        if end >= 0:
+            encoding = encoding[:end]
+    encoding = encoding + _DEFAULT_ENCODING[len(encoding) :]
+    truncation = encoding[4:5]
+    if truncation and (truncation == field_sep or truncation in encoding[:4]):
+        truncation = ""
+    return Separators(field_sep, encoding[0], encoding[1], encoding[2], encoding[3], truncation)
 
 
 class MessageView:
@@ -94,13 +126,7 @@ class MessageView:
         if not text.startswith("MSH") or len(text) < 8:
             raise NotHL7Error("no MSH segment at the start of the message")
         field_sep = text[3]
-        encoding = text[4:8]
-        end = encoding.find(field_sep)
-        if end >= 0:
-            encoding = encoding[:end]
-        defaults = "^~\\&"
-        encoding = encoding + defaults[len(encoding) :]
-        self.separators = Separators(field_sep, encoding[0], encoding[1], encoding[2], encoding[3])
+        self.separators = _separators(field_sep, text[4:9])
         if "\n" in text:
             text = text.replace("\r\n", "\r").replace("\n", "\r")
         # str.split is four times faster than a regex split here, and this runs per message.
@@ -242,6 +268,8 @@ def _escape_replacement(code: str, seps: Separators) -> str | None:
     }
     if code in simple:
         return simple[code]
+    if code == "P" and seps.truncation:
+        return seps.truncation  # v2.7+: a truncation character that is data, not a marker
     if code.startswith("X") and len(code) > 1:
         try:
             return bytes.fromhex(code[1:]).decode("latin-1")
@@ -262,6 +290,8 @@ def escape(value: str, seps: Separators) -> str:
         (seps.component, "S"),
         (seps.subcomponent, "T"),
         (seps.repetition, "R"),
+        (seps.truncation, "P"),
     ):
-        out = out.replace(char, f"{esc}{code}{esc}")
+        if char:
+            out = out.replace(char, f"{esc}{code}{esc}")
     return out.replace("\r", f"{esc}.br{esc}").replace("\n", f"{esc}.br{esc}")

@@ -1,9 +1,18 @@
 """File drop intake: a watched directory where each file holds one message or a batch.
 
 A file is taken once it has stopped changing (size and mtime unchanged for settle_seconds), so
-a sender still writing it is never read half-way. Its messages are stored like MLLP messages;
-then the file moves to processed/, or to error/ with ``<name>.error.txt`` beside it saying, per
-message, why. Dropping a corrected file again is safe: resends are recognised by MSH-10.
+a sender still writing it is never read half-way. Its messages are stored like MLLP messages,
+each as the exact bytes the file holds for it (its own slice of a batch, terminators as
+written); then the file moves to processed/, or to error/ with ``<name>.error.txt`` beside it
+saying, per message, why. Dropping a corrected file again is safe: resends are recognised by
+MSH-10.
+
+Nothing in a file is dropped silently. Text outside every message that is not blank and not a
+batch wrapper segment (FHS, BHS, BTS, FTS) - say a cover note before the first MSH - is treated
+like an MLLP frame with no MSH: stored as a rejected row (AR) so an operator can see it, and
+named in the error file, which sends the file to error/. The file's messages are still stored
+(a file with a bad message is handled the same way), so the sender's fix is to drop the file
+again without the stray text.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from pathlib import Path
 
 from carehub.config import FileDropConfig
 from carehub.hl7.ack import AckCode, read_ack
-from carehub.hl7.batch import split_messages
+from carehub.hl7.batch import MessageSlice, Stray, split_data
+from carehub.hl7.charsets import decode_message
+from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake, IntakeResult
 
 log = logging.getLogger(__name__)
@@ -96,19 +107,35 @@ class FileDropListener:
     async def take_file(self, path: Path) -> list[IntakeResult]:
         data = await asyncio.to_thread(path.read_bytes)
         arrival = Arrival("file", self.name, path.name, self.config.default_charset)
-        parts = split_messages(data)
+        contents = split_data(data)
+        parts = contents.messages
         if not parts:
-            result = await self.intake.receive(data[:4096], arrival)
+            result = await self.intake.receive(data[:HEAD_BYTES], arrival)
             self._move(
                 path, self.error_dir, [f"{path.name}: no HL7 message (no MSH segment) in the file"]
             )
             self.files_failed += 1
             return [result]
-        results = await asyncio.gather(*(self._receive(p, arrival) for p in parts))
+        # In file order, so the stored rows follow the file as a reader of it would.
+        items: list[MessageSlice | Stray] = sorted([*parts, *contents.stray], key=_offset)
+        results = await asyncio.gather(
+            *(
+                self._receive(item.data, arrival)
+                if isinstance(item, MessageSlice)
+                else self._reject_stray(item, arrival)
+                for item in items
+            )
+        )
         problems = []
-        for number, result in enumerate(results, start=1):
+        number = 0
+        for item, result in zip(items, results, strict=True):
+            if isinstance(item, Stray):
+                problems.append(_stray_problem(item, number, len(parts), result))
+                continue
+            number += 1
             if result.code is not AckCode.ACCEPT:
-                code, control_id, text = read_ack(result.ack.decode("utf-8", "replace"))
+                # The ACK is in the message's own character set, UTF-16 included.
+                code, control_id, text = read_ack(decode_message(result.ack).text)
                 problems.append(
                     f"message {number} of {len(parts)} (MSH-10 {control_id or 'empty'}): "
                     f"{code}: {text or result.reason}"
@@ -120,12 +147,24 @@ class FileDropListener:
             self.files_processed += 1
             self._move(path, self.processed_dir, None)
         log.info(
-            "file drop %s: took a file with %d message(s), %d refused",
+            "file drop %s: took a file with %d message(s), %d refused, %d stray text(s)",
             self.name,
             len(parts),
-            len(problems),
+            len(problems) - len(contents.stray),
+            len(contents.stray),
         )
         return list(results)
+
+    async def _reject_stray(self, stray: Stray, arrival: Arrival) -> IntakeResult:
+        """Store text found outside the file's messages as a rejected row (AR), as the MLLP
+        listener stores a frame without MSH, so it is on record rather than lost."""
+        reason = (
+            f"text outside any HL7 message at byte {stray.offset} of the file "
+            "(not blank and not a batch header or trailer segment)"
+        )
+        return await self.intake.reject_unreadable_frame(
+            stray.data[:HEAD_BYTES], len(stray.data), arrival, reason
+        )
 
     async def _receive(self, payload: bytes, arrival: Arrival) -> IntakeResult:
         if len(payload) > self.config.max_message_bytes:
@@ -149,3 +188,22 @@ class FileDropListener:
             reason_file = target.with_name(target.name + ".error.txt")
             reason_file.write_text("\n".join(problems) + "\n", encoding="utf-8")
         return target
+
+
+def _offset(item: MessageSlice | Stray) -> int:
+    return item.offset
+
+
+def _stray_problem(stray: Stray, before: int, messages: int, result: IntakeResult) -> str:
+    """One line of the error file for stray text: where it is, how it starts, its AR."""
+    where = f"after message {before}" if before else "before message 1"
+    if before == messages:
+        where = "after the last message"
+    excerpt = " ".join(stray.text.split())
+    if len(excerpt) > 60:
+        excerpt = excerpt[:57] + "..."
+    stored = f"stored as message {result.message_id}" if result.message_id else "not stored"
+    return (
+        f"{len(stray.data)} bytes at byte {stray.offset} ({where}) are not HL7 and not a "
+        f"batch header or trailer: {excerpt!r}; {result.code.value}, {stored}"
+    )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from carehub.hl7.ack import AckCode, ErrorCode, build_ack
-from carehub.hl7.charsets import decode_message
+from carehub.hl7.charsets import decode_message, encode_reply
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.group_commit import GroupCommit, StoreUnavailable
@@ -134,7 +134,9 @@ class Intake:
             self.counts[arrival.listener, "store_error"] += 1
             reason = "message not stored: the message store is unavailable; please resend"
             ack = self._ack(AckCode.ERROR, view, reason, ErrorCode.APPLICATION_INTERNAL_ERROR, "")
-            return IntakeResult(AckCode.ERROR, self._encode(ack, charset), None, False, reason)
+            return IntakeResult(
+                AckCode.ERROR, self._encode(ack, charset, message.raw), None, False, reason
+            )
         if problem:
             self.counts[arrival.listener, "refused"] += 1
             location = "MSH-1-10" if "MSH-10" in problem else "MSH-1-9"
@@ -142,7 +144,11 @@ class Intake:
                 AckCode.ERROR, view, problem, ErrorCode.REQUIRED_FIELD_MISSING, location
             )
             return IntakeResult(
-                AckCode.ERROR, self._encode(ack, charset), outcome.message_id, False, problem
+                AckCode.ERROR,
+                self._encode(ack, charset, message.raw),
+                outcome.message_id,
+                False,
+                problem,
             )
         self.counts[arrival.listener, "duplicate" if outcome.duplicate else "accepted"] += 1
         if self.on_accepted is not None and not outcome.duplicate:
@@ -157,7 +163,10 @@ class Intake:
             )
         ack = self._ack(AckCode.ACCEPT, view, "", None, "")
         return IntakeResult(
-            AckCode.ACCEPT, self._encode(ack, charset), outcome.message_id, outcome.duplicate
+            AckCode.ACCEPT,
+            self._encode(ack, charset, message.raw),
+            outcome.message_id,
+            outcome.duplicate,
         )
 
     def reject_unreadable_frame_soon(
@@ -219,7 +228,9 @@ class Intake:
                 message_id = outcome.message_id
             ack = self._ack(AckCode.REJECT, view, reason, error_code, "")
             answer(
-                IntakeResult(AckCode.REJECT, self._encode(ack, charset), message_id, False, reason)
+                IntakeResult(
+                    AckCode.REJECT, self._encode(ack, charset, payload), message_id, False, reason
+                )
             )
 
         self.writer.submit_soon(message, committed)
@@ -243,8 +254,6 @@ class Intake:
         )
 
     @staticmethod
-    def _encode(ack: str, charset: str) -> bytes:
-        try:
-            return ack.encode(charset, "replace")
-        except LookupError:
-            return ack.encode("utf-8", "replace")
+    def _encode(ack: str, charset: str, received: bytes) -> bytes:
+        """The ACK in the message's own character set (and UTF-16/32 byte order and mark)."""
+        return encode_reply(ack, charset, received)

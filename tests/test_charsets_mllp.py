@@ -1,0 +1,60 @@
+"""Character sets end to end over a real MLLP socket: MSH-18 spellings outside table 0211, and
+UTF-16 messages, which are stored as sent and answered in their own encoding."""
+
+from __future__ import annotations
+
+import codecs
+
+import pytest
+
+from carehub.hl7.charsets import decode_message
+from carehub.hl7.view import MessageView
+from carehub.testing import HubThread, make_adt, mllp_exchange
+
+TIMEOUT = 30.0
+NAME = "Zoë^Núñez"
+
+
+@pytest.mark.parametrize("charset", ["ISO-8859-1", "LATIN1"])
+def test_latin1_spelt_outside_table_0211_is_stored_readable(hub: HubThread, charset: str) -> None:
+    payload = make_adt("SPELT", name=NAME, charset=charset).encode("iso-8859-1")
+    (answer,) = mllp_exchange(hub.mllp_address, [payload], timeout=TIMEOUT)
+    ack = MessageView(answer.decode("iso-8859-1"))
+    assert (ack.get("MSA-1"), ack.get("MSA-2"), ack.get("MSH-18")) == ("AA", "SPELT", charset)
+    (stored,) = hub.store.find()
+    assert stored.raw == payload
+    assert (stored.charset, stored.patient_id) == ("iso-8859-1", "P0001")
+    assert MessageView(stored.text).get("PID-5") == NAME
+    assert hub.store.history(stored.id)[0].detail is None  # no "unknown character set" note
+
+
+@pytest.mark.parametrize(
+    ("codec", "bom"),
+    [
+        ("utf-16-le", codecs.BOM_UTF16_LE),
+        ("utf-16-le", b""),
+        ("utf-16-be", codecs.BOM_UTF16_BE),
+        ("utf-16-be", b""),
+    ],
+)
+def test_utf16_message_is_stored_and_answered_aa_in_utf16(
+    hub: HubThread, codec: str, bom: bytes
+) -> None:
+    text = make_adt("WIDE16", name=NAME, charset="UNICODE UTF-16")
+    payload = bom + text.encode(codec)
+    (answer,) = mllp_exchange(hub.mllp_address, [payload], timeout=TIMEOUT)
+    # The answer is in the sender's encoding: same byte order, a mark only if it sent one.
+    assert answer.startswith(bom + "MSH|".encode(codec))
+    ack = MessageView(answer[len(bom) :].decode(codec))
+    assert (ack.get("MSA-1"), ack.get("MSA-2")) == ("AA", "WIDE16")
+    assert ack.get("MSH-18") == "UNICODE UTF-16"
+    assert decode_message(answer).charset == codec
+    (stored,) = hub.store.find()
+    assert stored.raw == payload
+    assert (stored.status, stored.charset) == ("received", codec)
+    assert (stored.control_id, stored.message_type, stored.patient_id) == (
+        "WIDE16",
+        "ADT",
+        "P0001",
+    )
+    assert MessageView(stored.text).get("PID-5") == NAME
