@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,10 +31,24 @@ START_TIMEOUT = 60.0
 ACK_TIMEOUT = 30.0
 
 
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """For the child: no file may grow past ``limit`` bytes (RLIMIT_FSIZE, soft limit only, so
+    a test can lift it again with prlimit): to the process, the disk is full."""
+
+    def limit_in_child() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return limit_in_child
+
+
 class HubProcess:
     """`carehub serve` in its own process, on free ports, with its output in files."""
 
-    def __init__(self, data_dir: Path, logs: Path, name: str) -> None:
+    def __init__(
+        self, data_dir: Path, logs: Path, name: str, file_size_limit: int | None = None
+    ) -> None:
         self.stdout_path = logs / f"{name}.out"
         self.stderr_path = logs / f"{name}.err"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
@@ -43,7 +57,13 @@ class HubProcess:
         command += ["--mllp-port", "0", "--http-port", "0"]
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=logs, env=env
+                command,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=logs,
+                env=env,
+                preexec_fn=_limit_file_size(file_size_limit) if file_size_limit else None,
             )
         self.address = self._wait_until_ready()
 

@@ -24,6 +24,7 @@ import functools
 import logging
 from collections.abc import Callable
 
+from carehub.store.failure_run import FailureRun
 from carehub.store.store import GateBusy, InsertOutcome, MessageStore, NewMessage, StoreBusy
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,13 @@ class GroupCommit:
         self.max_batch = max_batch
         self.batches = 0
         self.rows = 0
+        #: A full disk or a lost database fails every commit: logged as one run, not per commit.
+        self.failures = FailureRun(
+            "store write",
+            "answering 'not stored, please resend' until it works",
+            "message(s)",
+            logger=log,
+        )
 
     def start(self) -> None:
         """Begin taking submissions."""
@@ -81,8 +89,9 @@ class GroupCommit:
                 raise
             return StoreUnavailable("the store's write lock is held by another writer")
         except Exception as err:  # the callers answer with an error ACK; the hub keeps running
-            log.error("store write failed for %d message(s): %s", len(messages), err)
+            self.failures.failed(err, len(messages))
             return StoreUnavailable(str(err))
+        self.failures.succeeded()
         self.batches += 1
         self.rows += len(messages)
         return outcomes

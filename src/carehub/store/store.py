@@ -21,6 +21,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
 
 from carehub.hl7.header import MessageHeader
+from carehub.store.failure_run import FailureRun
 from carehub.store.schema import MessageStatus, message_events, messages
 from carehub.store.write_gate import WriteGate
 
@@ -763,6 +764,9 @@ class _WalCheckpointer:
         self._engine = engine
         self._pause = pause
         self._restart_frames = restart_frames
+        self._failures = FailureRun(
+            "WAL checkpoint", "the WAL file grows until one succeeds", "checkpoint(s)", logger=log
+        )
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
@@ -792,7 +796,8 @@ class _WalCheckpointer:
         try:
             with self._engine.connect() as conn:
                 row = conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})").first()
-        except Exception:  # a failed checkpoint is retried on the next one
-            log.warning("WAL checkpoint (%s) failed", mode, exc_info=True)
+        except Exception as err:  # a failed checkpoint is retried on the next one
+            self._failures.failed(err)
             return 0
+        self._failures.succeeded()
         return int(row[1]) if row is not None and row[1] is not None and row[1] > 0 else 0
