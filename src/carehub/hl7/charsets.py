@@ -148,16 +148,13 @@ def _msh18(text: str) -> str | None:
         found = text.find(terminator, start)
         if 0 <= found < line_end:
             line_end = found
-    separator = text[start + 3]
-    fields = text[start:line_end].split(separator)
+    fields = text[start:line_end].split(text[start + 3])
     if len(fields) <= 17:
         return None
-    encoding_chars = fields[1]
-    value = fields[17]
+    encoding_chars, value = fields[1], fields[17]
     if len(encoding_chars) > 1:
         value = value.split(encoding_chars[1])[0]  # first repetition
-    name = value.strip()
-    return name or None
+    return value.strip() or None
 
 
 def declared_charset(raw: bytes) -> str | None:
@@ -166,25 +163,17 @@ def declared_charset(raw: bytes) -> str | None:
     if wide is not None:
         codec, bom = wide
         return _msh18(raw[len(bom) :].decode(codec, "replace"))
-    # 8-bit text: the header is ASCII, so it is read as bytes (this runs for every message).
+    # 8-bit text: the header is ASCII, so the MSH line alone is decoded (as Latin-1, which
+    # takes any byte) before the rest is known; this runs for every message.
     start = raw.find(b"MSH")
-    if start < 0 or len(raw) < start + 8:
+    if start < 0:
         return None
     line_end = len(raw)
     for terminator in (b"\r", b"\n"):
         found = raw.find(terminator, start)
         if 0 <= found < line_end:
             line_end = found
-    separator = raw[start + 3 : start + 4]
-    fields = raw[start:line_end].split(separator)
-    if len(fields) <= 17:
-        return None
-    encoding_chars = fields[1]
-    value = fields[17]
-    if len(encoding_chars) > 1:
-        value = value.split(encoding_chars[1:2])[0]  # first repetition
-    name = value.decode("ascii", "replace").strip()
-    return name or None
+    return _msh18(raw[start:line_end].decode("latin-1"))
 
 
 def codec_for(charset_name: str | None, default: str) -> str | None:
