@@ -4,6 +4,7 @@ character sets, idle and graceful shutdown. Every ACK is checked by code and MSA
 from __future__ import annotations
 
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from carehub.hl7.ack import read_ack
@@ -217,6 +219,64 @@ def test_idle_connection_is_closed_while_an_active_one_stays_open(tmp_path: Path
             time.sleep(0.1)
         assert closed_at[0] - opened >= 0.9  # not before its idle timeout
         assert hub.store.count() == sent
+
+
+def test_a_peer_over_its_connection_limit_loses_its_longest_idle_connection(
+    tmp_path: Path,
+) -> None:
+    """A sender that opens a connection per message and never closes one: past
+    max_connections_per_peer the hub closes that peer's longest idle connection, so the sender
+    keeps working and cannot use up the hub's file descriptors."""
+    with custom_hub(tmp_path, max_connections_per_peer=3) as hub:
+        first, second, third = (
+            socket.create_connection(hub.mllp_address, timeout=TIMEOUT) for _ in range(3)
+        )
+        try:
+            for number, sock in enumerate((first, second, third)):
+                sock.sendall(encode_frame(adt(f"LEAK{number}")))
+                assert read_ack(read_frames(sock, 1)[0].decode())[0] == "AA"
+                time.sleep(0.05)  # so "longest idle" is well defined
+            second.sendall(encode_frame(adt("LEAK1B")))  # second is now the most recent
+            assert read_ack(read_frames(second, 1)[0].decode())[0] == "AA"
+
+            with connect(hub) as fourth:
+                assert closed_by_peer(first, timeout=5)  # the longest idle one
+                fourth.sendall(encode_frame(adt("LEAK3")))
+                assert read_ack(read_frames(fourth, 1)[0].decode())[:2] == ("AA", "LEAK3")
+                for sock, control_id in ((second, "LEAK1C"), (third, "LEAK2B")):
+                    sock.sendall(encode_frame(adt(control_id)))
+                    assert read_ack(read_frames(sock, 1)[0].decode())[:2] == ("AA", control_id)
+            metrics = httpx.get(f"{hub.http_url}/metrics", timeout=TIMEOUT).text
+            assert 'carehub_mllp_connections_shed_total{listener="test"} 1.0' in metrics
+        finally:
+            for sock in (first, second, third):
+                sock.close()
+
+
+def test_a_peer_at_its_limit_with_every_connection_waiting_for_an_ack_gets_no_more(
+    tmp_path: Path,
+) -> None:
+    """A connection with a frame in flight is never cut to make room: when all of the peer's
+    connections wait for their ACK (here: another process holds SQLite's write lock), the new
+    connection is the one closed, and the waiting frames are still answered AA."""
+    with custom_hub(tmp_path, max_connections_per_peer=2) as hub:
+        blocker = sqlite3.connect(tmp_path / "data" / "carehub.db", timeout=5)
+        waiting = [socket.create_connection(hub.mllp_address, timeout=TIMEOUT) for _ in range(2)]
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            for number, sock in enumerate(waiting):
+                sock.sendall(encode_frame(adt(f"HELD{number}")))
+            time.sleep(0.3)  # both frames read, waiting for the lock
+            with connect(hub) as extra:
+                assert closed_by_peer(extra, timeout=5)
+            blocker.rollback()
+            for number, sock in enumerate(waiting):
+                assert read_ack(read_frames(sock, 1)[0].decode())[:2] == ("AA", f"HELD{number}")
+            assert hub.hub.mllp_listeners[0].connections_shed == 1
+        finally:
+            blocker.close()
+            for sock in waiting:
+                sock.close()
 
 
 # -- segment terminators and BOM ---------------------------------------------------------------

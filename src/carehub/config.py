@@ -51,6 +51,13 @@ class MLLPListenerConfig(_Strict):
     port: int = Field(2575, ge=0, le=65535)
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     idle_timeout: float = Field(600.0, ge=0, description="seconds; 0 keeps idle connections")
+    max_connections_per_peer: int = Field(
+        64,
+        ge=1,
+        description="open connections one peer address may hold; past it the peer's longest "
+        "idle connection is closed to make room (a sender that leaks connections cannot use "
+        "up the hub's file descriptors)",
+    )
     default_charset: str = "utf-8"
     tls: TLSConfig | None = None
 

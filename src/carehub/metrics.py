@@ -68,9 +68,16 @@ class HubCollector(Collector):
         connections = GaugeMetricFamily(
             "carehub_mllp_connections", "Open MLLP connections", labels=["listener"]
         )
+        shed = CounterMetricFamily(
+            "carehub_mllp_connections_shed",
+            "MLLP connections closed because their peer went over max_connections_per_peer",
+            labels=["listener"],
+        )
         for listener in self.hub.mllp_listeners:
             connections.add_metric([listener.name], listener.open_connections)
+            shed.add_metric([listener.name], listener.connections_shed)
         yield connections
+        yield shed
 
 
 def make_registry(hub: Hub) -> CollectorRegistry:

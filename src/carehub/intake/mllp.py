@@ -10,7 +10,10 @@ more than reading the message's header.
 A bad frame is answered with AR and the connection carries on; a peer that drops mid-frame
 costs only its unfinished frame, which it never got an ACK for and will resend. A peer that
 sends without reading its ACKs is paused once MAX_UNANSWERED frames wait for their answer or
-the socket's send buffer is full, and resumed when it catches up.
+the socket's send buffer is full, and resumed when it catches up. A peer address holds at most
+``max_connections_per_peer`` open connections: one more closes that peer's longest idle one, so
+a sender that opens a connection per message and never closes any cannot use up the hub's file
+descriptors (and with them every other feed's connections and the store's files).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Frames of one connection waiting for their ACK before the connection stops reading.
 MAX_UNANSWERED = 256
+#: Seconds between log lines about connections closed over the per-peer limit.
+SHED_REPORT_EVERY = 60.0
 
 
 class _Answer:
@@ -49,6 +54,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(listener.config.max_message_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown"
+        self.host = "unknown"  # the peer's address without its port: the per-peer limit's key
         self.arrival: Arrival | None = None
         self.last_activity = time.monotonic()
         self.closing = False  # the listener is stopping: answer what was read, then close
@@ -67,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         peername = transport.get_extra_info("peername")
         if peername:
+            self.host = str(peername[0])
             self.peer = f"{peername[0]}:{peername[1]}"
         config = self.listener.config
         self.arrival = Arrival("mllp", config.name, self.peer, config.default_charset)
@@ -179,6 +186,12 @@ class MLLPListener:
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        #: Open connections by peer address, oldest first (max_connections_per_peer).
+        self._by_host: dict[str, list[_Connection]] = {}
+        #: Connections closed because their peer went over max_connections_per_peer.
+        self.connections_shed = 0
+        self._shed_since_report = 0
+        self._shed_reported_at = -SHED_REPORT_EVERY
         self._all_closed: asyncio.Event | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -212,9 +225,46 @@ class MLLPListener:
         self.connections_total += 1
         if self._closing:  # accepted just as the listener stopped
             connection.stop()
+            return
+        same_peer = self._by_host.setdefault(connection.host, [])
+        if len(same_peer) >= self.config.max_connections_per_peer:
+            self._make_room(connection, same_peer)
+        if not connection.closing:
+            same_peer.append(connection)
+
+    def _make_room(self, newcomer: _Connection, same_peer: list[_Connection]) -> None:
+        """The peer is at its limit: close its longest idle connection (a sender that opens a
+        connection per message and never closes one is the usual cause), or, when every one is
+        waiting for an ACK, the newcomer. A connection with frames in flight is never cut."""
+        idle = [conn for conn in same_peer if not conn.busy]
+        victim = min(idle, key=lambda conn: conn.last_activity) if idle else newcomer
+        if victim is not newcomer:
+            same_peer.remove(victim)
+        victim.closing = True
+        victim.close()
+        self.connections_shed += 1
+        self._shed_since_report += 1
+        now = time.monotonic()
+        if now - self._shed_reported_at >= SHED_REPORT_EVERY:
+            log.warning(
+                "MLLP listener %s: closed %d connection(s) in the last %.0f s from peers over "
+                "the limit of %d open connections per peer (latest: %s)",
+                self.config.name,
+                self._shed_since_report,
+                min(now - self._shed_reported_at, SHED_REPORT_EVERY),
+                self.config.max_connections_per_peer,
+                newcomer.host,
+            )
+            self._shed_reported_at = now
+            self._shed_since_report = 0
 
     def closed(self, connection: _Connection) -> None:
         self._connections.discard(connection)
+        same_peer = self._by_host.get(connection.host)
+        if same_peer is not None and connection in same_peer:
+            same_peer.remove(connection)
+            if not same_peer:
+                del self._by_host[connection.host]
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
 
