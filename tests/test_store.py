@@ -372,7 +372,9 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     )
     store.set_status(recent[0].message_id, MessageStatus.ROUTED)
 
-    result = store.prune(timedelta(days=30))
+    # On PostgreSQL only VACUUM FULL gives the space back to the disk (plain VACUUM keeps it
+    # for the tables' reuse); SQLite's VACUUM always does.
+    result = store.prune(timedelta(days=30), full_vacuum=not store.is_sqlite)
 
     assert result.messages_deleted == 150
     assert set(store.control_id_counts()) == {f"NEW{i}" for i in range(5)}
@@ -387,11 +389,9 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     assert remaining_events == 1  # the recent message's "routed"; intake events live in the row
     assert events_of(store, recent[0].message_id) == ["received", "routed"]
     assert all(events_of(store, o.message_id) == ["received"] for o in recent[1:])
-    if store.is_sqlite:
-        assert result.bytes_before is not None and result.bytes_after is not None
-        assert result.bytes_after < result.bytes_before / 2, result
-    else:
-        assert result.bytes_before is None and result.bytes_after is None
+    assert result.bytes_before is not None and result.bytes_after is not None
+    # PostgreSQL compresses the filler and keeps a few empty pages per table and index.
+    assert result.bytes_after < result.bytes_before / (2 if store.is_sqlite else 1.2), result
     # Nothing older than the cutoff left: a second prune deletes nothing.
     assert store.prune(timedelta(days=30)).messages_deleted == 0
     assert store.prune(timedelta(days=1)).messages_deleted == 5

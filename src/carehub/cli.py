@@ -667,7 +667,8 @@ def store_prune(config: HubConfig, data_dir: Path, days: int, full: bool) -> Non
         opened.close()
     line = f"pruned {result.messages_deleted} message(s) older than {days} day(s)"
     if result.bytes_before is not None and result.bytes_after is not None:
-        line += f"; store file {result.bytes_before:,} -> {result.bytes_after:,} bytes"
+        what = "store file" if opened.is_sqlite else "message tables"
+        line += f"; {what} {result.bytes_before:,} -> {result.bytes_after:,} bytes"
     click.echo(line)
 
 

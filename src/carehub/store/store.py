@@ -247,6 +247,9 @@ _SQL_KEEP_MESSAGE_ID_FLOOR = (
     "ON CONFLICT (table_name) DO UPDATE SET last_id = excluded.last_id"
 )
 
+#: Tables whose rows go when retention deletes a message (the rest by ON DELETE CASCADE).
+_PRUNED_TABLES = ("messages", "message_events", "message_steps", "deliveries", "delivery_attempts")
+
 #: The intake event a message's ACK code stands for: the first entry of its history.
 INTAKE_EVENT_BY_ACK = {
     "AA": MessageStatus.RECEIVED.value,
@@ -724,13 +727,17 @@ class MessageStore:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             else:
                 verb = "VACUUM (FULL, ANALYZE)" if full_vacuum else "VACUUM (ANALYZE)"
-                conn.exec_driver_sql(f"{verb} messages")
-                conn.exec_driver_sql(f"{verb} message_events")
+                for table in _PRUNED_TABLES:
+                    conn.exec_driver_sql(f"{verb} {table}")
         return PruneResult(deleted or 0, before, self._file_size())
 
     def _file_size(self) -> int | None:
+        """Bytes the store takes on disk: SQLite's file and WAL, or on PostgreSQL the tables
+        retention deletes from, with their indexes and TOAST (what VACUUM FULL gives back)."""
         if not self.is_sqlite:
-            return None
+            sizes = " + ".join(f"pg_total_relation_size('{table}')" for table in _PRUNED_TABLES)
+            with self.engine.connect() as conn:
+                return int(conn.exec_driver_sql(f"SELECT {sizes}").scalar_one())
         path = Path(self.url.removeprefix("sqlite:///"))
         total = 0
         for suffix in ("", "-wal"):
