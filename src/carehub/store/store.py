@@ -81,6 +81,7 @@ class NewMessage:
         h = self.header
         patient = h.patient if h else None
         received = time(self.received_at)
+        detail = _fit(self.detail)
         return (
             received,
             self.transport,
@@ -103,8 +104,8 @@ class NewMessage:
             self.ack_code,
             self.status.value,
             received,
-            _fit(self.detail),
-            _fit(self.detail),
+            detail,
+            detail,  # intake_detail: what intake noted, kept when later statuses replace detail
             self.identity(),
         )
 
