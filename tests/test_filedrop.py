@@ -112,6 +112,40 @@ def test_file_without_hl7_goes_to_error_with_a_reason(hub: HubThread, inbox: Pat
     assert (stored.status, stored.ack_code, stored.peer) == ("rejected", "AR", "notes.txt")
 
 
+def test_file_over_the_size_limit_is_not_read_and_goes_to_error(tmp_path: Path) -> None:
+    """A file is read whole, so one over max_file_bytes is refused unread: its head is stored
+    as rejected, the reason names the limit, and the next file is taken as usual."""
+    config = local_config()
+    config.listeners.files = [
+        FileDropConfig(
+            name="inbox",
+            directory=tmp_path / "inbox",
+            poll_interval=0.05,
+            settle_seconds=0,
+            max_file_bytes=64 * 1024,
+        )
+    ]
+    inbox = tmp_path / "inbox"
+    with HubThread(config, tmp_path / "data") as hub:
+        big = make_adt("BIGFILE", extra_segments=[f"NTE|{i}||{'x' * 1000}" for i in range(80)])
+        drop(inbox, "big.hl7", big.encode())
+        wait_for(lambda: "big.hl7" in names(inbox / "error"), "big.hl7 in error/")
+        reason = (inbox / "error" / "big.hl7.error.txt").read_text(encoding="utf-8")
+        size = (inbox / "error" / "big.hl7").stat().st_size
+        assert reason == (
+            f"big.hl7: file of {size} bytes exceeds this file drop's limit of 65536 bytes "
+            "(max_file_bytes)\n"
+        )
+        [rejected] = hub.store.find()
+        assert (rejected.status, rejected.ack_code, rejected.peer) == ("rejected", "AR", "big.hl7")
+        assert rejected.control_id == "BIGFILE"  # read from the head that was kept
+        assert len(rejected.raw) < size
+
+        drop(inbox, "small.hl7", make_adt("SMALLFILE").encode())
+        wait_for(lambda: "small.hl7" in names(inbox / "processed"), "small.hl7 in processed/")
+        assert sorted(m.control_id for m in hub.store.find()) == ["BIGFILE", "SMALLFILE"]
+
+
 def test_file_still_being_written_is_taken_only_once_settled(tmp_path: Path) -> None:
     # settle 1 s rather than less, so a stalled test thread on a busy machine cannot let the
     # watcher see the half file as settled before the assertion below runs.

@@ -21,6 +21,8 @@ ENV_DATA_DIR = "CAREHUB_DATA_DIR"
 ENV_CONFIG = "CAREHUB_CONFIG"
 ENV_HTTP_TOKENS = "CAREHUB_HTTP_TOKENS"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+#: A dropped file is read whole: a nightly batch of 100,000 ADT messages is about 260 MB.
+DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
@@ -83,6 +85,12 @@ class FileDropConfig(_Strict):
     poll_interval: float = Field(1.0, gt=0)
     settle_seconds: float = Field(1.0, ge=0, description="a file must be unchanged this long")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    max_file_bytes: int = Field(
+        DEFAULT_MAX_FILE_BYTES,
+        ge=1024,
+        description="a larger file is not read (it is moved to error/ with the reason): a "
+        "file is read whole, so this bounds the memory one dropped file can take",
+    )
     default_charset: str = "utf-8"
 
     _charset = field_validator("default_charset")(_known_codec)

@@ -105,8 +105,11 @@ class FileDropListener:
         return len(files)
 
     async def take_file(self, path: Path) -> list[IntakeResult]:
-        data = await asyncio.to_thread(path.read_bytes)
         arrival = Arrival("file", self.name, path.name, self.config.default_charset)
+        size = path.stat().st_size
+        if size > self.config.max_file_bytes:
+            return [await self._refuse_large_file(path, size, arrival)]
+        data = await asyncio.to_thread(path.read_bytes)
         contents = split_data(data)
         parts = contents.messages
         if not parts:
@@ -154,6 +157,18 @@ class FileDropListener:
             len(contents.stray),
         )
         return list(results)
+
+    async def _refuse_large_file(self, path: Path, size: int, arrival: Arrival) -> IntakeResult:
+        """A file over max_file_bytes is not read whole (that could exhaust memory): its head
+        is stored as a rejected row, and the file goes to error/ with the reason."""
+        limit = self.config.max_file_bytes
+        reason = f"file of {size} bytes exceeds this file drop's limit of {limit} bytes"
+        with path.open("rb") as file:
+            head = await asyncio.to_thread(file.read, HEAD_BYTES)
+        result = await self.intake.reject_unreadable_frame(head, size, arrival, reason)
+        self._move(path, self.error_dir, [f"{path.name}: {reason} (max_file_bytes)"])
+        self.files_failed += 1
+        return result
 
     async def _reject_stray(self, stray: Stray, arrival: Arrival) -> IntakeResult:
         """Store text found outside the file's messages as a rejected row (AR), as the MLLP
