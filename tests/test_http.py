@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +82,49 @@ def test_body_over_the_size_limit_is_413_ar_naming_the_limit(tmp_path: Path) -> 
         assert stored.status == "rejected" and stored.raw == body[:4096]  # only the head is kept
         # A message within the limit on the same listener is still taken.
         assert post(hub, make_adt("SMALL").encode()).status_code == 200
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_endless_body_is_answered_413_once_past_the_limit(tmp_path: Path, framing: str) -> None:
+    """A sender streaming a body that never ends (or declaring 1 GB) gets its 413 as soon as the
+    limit is passed: the hub does not read, or hold in memory, more than the limit."""
+    config = local_config()
+    config.listeners.http.max_message_bytes = 64 * 1024
+    with HubThread(config, tmp_path / "data") as hub:
+        assert hub.hub.http_listener and hub.hub.http_listener.address
+        port = hub.hub.http_listener.address[1]
+        head = make_adt("ENDLESS").encode() + b"NTE|1||"
+        length = (
+            "Transfer-Encoding: chunked" if framing == "chunked" else "Content-Length: 1000000000"
+        )
+        request = (
+            f"POST /hl7 HTTP/1.1\r\nHost: x\r\nContent-Type: {HL7_TYPE}\r\n{length}\r\n\r\n"
+        ).encode()
+        chunk = b"x" * 16 * 1024
+
+        def framed(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data) if framing == "chunked" else data
+
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            sock.sendall(request + framed(head))
+            sock.setblocking(False)
+            sent, answer = len(head), b""
+            while b"\r\n\r\n" not in answer:
+                assert sent < 8 * 1024 * 1024, f"no answer after {sent} bytes of body"
+                try:
+                    sock.send(framed(chunk))
+                    sent += len(chunk)
+                except BlockingIOError:
+                    pass  # the hub has stopped reading: its answer is on the way
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                try:
+                    answer += sock.recv(65536)
+                except BlockingIOError:
+                    select.select([sock], [], [], 0.01)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        [stored] = hub.store.find()
+        assert (stored.status, stored.control_id) == ("rejected", "ENDLESS")
 
 
 def test_without_authorization_is_401_and_nothing_is_stored(token_hub: HubThread) -> None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from carehub.config import HTTPListenerConfig
 from carehub.hl7.ack import AckCode
+from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake
 from carehub.store.store import MessageStore
 
@@ -28,6 +29,31 @@ log = logging.getLogger(__name__)
 
 HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
 _STATUS_FOR_CODE = {AckCode.ACCEPT: 200, AckCode.ERROR: 422, AckCode.REJECT: 400}
+
+
+_CLOSE = {"Connection": "close"}
+
+
+async def _read_body(request: Request, limit: int) -> tuple[bytes, int]:
+    """The body and its size, read no further than ``limit`` bytes, so a sender cannot make the
+    hub hold a body of any size in memory. A body over the limit comes back cut short, with its
+    declared Content-Length, or else the bytes read before reading stopped."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        head = bytearray()
+        async for chunk in request.stream():
+            head += chunk
+            if len(head) >= HEAD_BYTES:
+                break
+        return bytes(head), int(declared)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks), size
 
 
 def build_app(
@@ -64,14 +90,15 @@ def build_app(
             )
         peer = f"{request.client.host}:{request.client.port}" if request.client else None
         arrival = Arrival("http", "http", peer, config.default_charset)
-        body = await request.body()
-        if len(body) > config.max_message_bytes:
+        body, size = await _read_body(request, config.max_message_bytes)
+        if size > config.max_message_bytes:
             reason = (
-                f"message of {len(body)} bytes exceeds this listener's limit of "
+                f"message of {size} bytes exceeds this listener's limit of "
                 f"{config.max_message_bytes} bytes"
             )
-            result = await intake.reject_unreadable_frame(body[:4096], len(body), arrival, reason)
-            return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE)
+            result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
+            # The rest of the body was never read: the connection cannot carry another request.
+            return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=_CLOSE)
         result = await intake.receive(body, arrival)
         status = _STATUS_FOR_CODE[result.code]
         if result.code is AckCode.ERROR and result.message_id is None:
