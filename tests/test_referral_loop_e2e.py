@@ -142,3 +142,11 @@ def test_an_update_after_the_loop_closed_is_refused_with_its_reason(
         timeout=10,
     )
     assert unknown.status_code == 404
+    # A body far larger than any status update is refused unread, and changes nothing.
+    oversized = httpx.post(
+        f"{running.http_url}/referrals/{key}/status",
+        json={"status": "accepted", "note": "x" * 200_000},
+        timeout=10,
+    )
+    assert oversized.status_code == 413 and "at most 65536 bytes" in oversized.text
+    assert referral_timeline(running.store.engine, made.id).events[-1] == last

@@ -31,10 +31,12 @@ HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
 _STATUS_FOR_CODE = {AckCode.ACCEPT: 200, AckCode.ERROR: 422, AckCode.REJECT: 400}
 
 
-_CLOSE = {"Connection": "close"}
+#: For an answer sent before the whole request body was read: the connection cannot carry
+#: another request.
+CLOSE = {"Connection": "close"}
 
 
-async def _read_body(request: Request, limit: int) -> tuple[bytes, int]:
+async def read_body(request: Request, limit: int) -> tuple[bytes, int]:
     """The body and its size, read no further than ``limit`` bytes, so a sender cannot make the
     hub hold a body of any size in memory. A body over the limit comes back cut short, with its
     declared Content-Length, or else the bytes read before reading stopped."""
@@ -90,15 +92,14 @@ def build_app(
             )
         peer = f"{request.client.host}:{request.client.port}" if request.client else None
         arrival = Arrival("http", "http", peer, config.default_charset)
-        body, size = await _read_body(request, config.max_message_bytes)
+        body, size = await read_body(request, config.max_message_bytes)
         if size > config.max_message_bytes:
             reason = (
                 f"message of {size} bytes exceeds this listener's limit of "
                 f"{config.max_message_bytes} bytes"
             )
             result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
-            # The rest of the body was never read: the connection cannot carry another request.
-            return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=_CLOSE)
+            return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=CLOSE)
         result = await intake.receive(body, arrival)
         status = _STATUS_FOR_CODE[result.code]
         if result.code is AckCode.ERROR and result.message_id is None:

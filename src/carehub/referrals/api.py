@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 
+from carehub.intake.http import CLOSE, read_body
 from carehub.referrals.state import STATUSES, ReferralTracker, ReferralTransition, referral_timeline
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ __all__ = ["StatusUpdate", "register_referral_routes"]
 log = logging.getLogger(__name__)
 
 SOURCE = "webhook"
+
+
+#: A status update is a status and a short note; a larger body is refused unread.
+MAX_STATUS_UPDATE_BYTES = 64 * 1024
 
 
 class StatusUpdate(BaseModel):
@@ -129,8 +134,15 @@ def register_referral_routes(
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="carehub"'},
             )
+        body, size = await read_body(request, MAX_STATUS_UPDATE_BYTES)
+        if size > MAX_STATUS_UPDATE_BYTES:
+            return JSONResponse(
+                {"error": f"a status update is at most {MAX_STATUS_UPDATE_BYTES} bytes"},
+                status_code=413,
+                headers=CLOSE,
+            )
         try:
-            update = StatusUpdate.model_validate_json(await request.body())
+            update = StatusUpdate.model_validate_json(body)
         except ValidationError as err:
             problems = [
                 {"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
