@@ -160,7 +160,7 @@ def register_referral_routes(
             key = await asyncio.to_thread(_resolve, active, referral_key)
             transition = await asyncio.to_thread(active.advance, key, update.status, SOURCE, detail)
         except SQLAlchemyError as err:
-            log.warning("referral status update for %s: store error: %s", referral_key, err)
+            log.warning("referral status update not recorded: store error: %s", err)
             return JSONResponse({"error": "the store is not reachable; retry"}, status_code=503)
         body = _public(transition)
         if transition.action == "unknown_referral":

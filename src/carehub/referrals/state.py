@@ -1069,8 +1069,10 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
         late = [r for r in self.tracker.overdue(now) if r.id not in self._logged_overdue]
         if late:
             self._logged_overdue.update(r.id for r in late)
-            keys = [_label(r.referral_key) for r in late]
-            log.warning("%d referral(s) without an answer: %s", len(late), ", ".join(keys))
+            # Row ids, not referral numbers: a referral number identifies a patient's referral,
+            # and logs carry no identifiers (`carehub referrals show ID` gives the rest).
+            ids = ", ".join(f"#{r.id}" for r in late)
+            log.warning("%d referral(s) without an answer: %s", len(late), ids)
 
 
 # -- queries for the command line ---------------------------------------------------------------
