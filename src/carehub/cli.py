@@ -85,7 +85,9 @@ def main() -> None:
     """carehub: HL7 v2 intake, routing and care-team notification."""
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
+    """What `carehub serve` and `carehub worker` log, to stderr: carehub at ``level``, and the
+    libraries that would log identifiers at INFO kept to their warnings."""
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -118,7 +120,7 @@ def serve(
     _apply_port_overrides(config, mllp_port, http_port)
     if no_worker:
         config.worker.enabled = False
-    _setup_logging(log_level or config.log_level)
+    setup_logging(log_level or config.log_level)
     hub = Hub(config, data_dir)
 
     async def run() -> None:
@@ -595,7 +597,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
     from carehub.worker import Worker, WorkerSettings
     from carehub.workqueue import WorkQueue
 
-    _setup_logging(log_level or config.log_level)
+    setup_logging(log_level or config.log_level)
     if config.queue.url.startswith("memory"):
         raise CarehubError(
             "queue.url: a separate worker needs a shared broker (amqp://...); memory:// only "
