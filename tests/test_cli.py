@@ -393,6 +393,34 @@ def test_data_dir_that_cannot_hold_a_store_exits_2_naming_it(tmp_path: Path) -> 
         assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("listener", ["mllp", "http"])
+def test_a_port_in_use_exits_2_naming_the_listener_and_the_setting(
+    tmp_path: Path, listener: str
+) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    other = free_port()
+    mllp, http = (port, other) if listener == "mllp" else (other, port)
+    config = write(
+        tmp_path,
+        "hub.yaml",
+        "listeners:\n"
+        "  mllp:\n"
+        f"    - {{name: adt, host: 127.0.0.1, port: {mllp}}}\n"
+        f"  http: {{host: 127.0.0.1, port: {http}}}\n",
+    )
+    with taken:
+        result = run("serve", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2
+    what, key = (
+        (f"MLLP listener 'adt' cannot listen on 127.0.0.1:{port}", "listeners.mllp[0].port")
+        if listener == "mllp"
+        else (f"HTTP listener cannot listen on 127.0.0.1:{port}", "listeners.http.port")
+    )
+    assert what in result.stderr and f"({config}:" in result.stderr, result.stderr
+    assert key in result.stderr and "Traceback" not in result.output
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

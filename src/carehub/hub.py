@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +183,13 @@ class Hub:
                     else None
                 )
                 listener = MLLPListener(mllp_config, self.intake, context)
-                host, port = await listener.start()
+                host, port = await _bind(
+                    listener.start(),
+                    f"MLLP listener '{mllp_config.name}'",
+                    mllp_config.host,
+                    mllp_config.port,
+                    where_in_config(self.config, "listeners", "mllp", i, "port"),
+                )
                 self.mllp_listeners.append(listener)
                 kind = "MLLP+TLS" if context else "MLLP"
                 self.bound.append(BoundListener(kind, listener.name, f"{host}:{port}"))
@@ -195,7 +203,13 @@ class Hub:
                     self.store,
                 )
                 self.http_listener = HTTPListener(listeners.http, app)
-                host, port = await self.http_listener.start()
+                host, port = await _bind(
+                    self.http_listener.start(),
+                    "HTTP listener",
+                    listeners.http.host,
+                    listeners.http.port,
+                    where_in_config(self.config, "listeners", "http", "port"),
+                )
                 self.bound.append(BoundListener("HTTP", "http", f"{host}:{port}"))
             for drop_config in listeners.files:
                 drop = FileDropListener(drop_config, self.intake)
@@ -286,6 +300,18 @@ class Hub:
             ],
             "intake": {f"{k[0]}/{k[1]}": v for k, v in sorted(self.intake.counts.items())},
         }
+
+
+async def _bind(
+    starting: Coroutine[Any, Any, tuple[str, int]], what: str, host: str, port: int, key: str
+) -> tuple[str, int]:
+    """Start a listener; a port that cannot be bound (in use, not allowed) is a CarehubError
+    naming the listener, the address and the setting to change."""
+    try:
+        return await starting
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise CarehubError(f"{what} cannot listen on {host}:{port}: {reason} ({key})") from err
 
 
 def _report_worker_end(task: asyncio.Task[None]) -> None:

@@ -146,17 +146,26 @@ class HTTPListener:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> tuple[str, int]:
-        self._task = asyncio.create_task(self._server.serve())
+        self._task = asyncio.create_task(self._serve())
         while not self._server.started:
             if self._task.done():
-                # uvicorn logs the bind error and exits its task with SystemExit.
-                with contextlib.suppress(BaseException):
-                    self._task.result()
+                self._task.result()  # why it could not start (an OSError when it cannot bind)
                 raise OSError(f"HTTP listener could not bind {self.config.host}:{self.config.port}")
             await asyncio.sleep(0.01)
         sock = self._server.servers[0].sockets[0].getsockname()
         self.address = (sock[0], sock[1])
         return self.address
+
+    async def _serve(self) -> None:
+        """uvicorn's serve(), with the SystemExit it raises when it cannot bind turned back into
+        the OSError behind it: a SystemExit leaving a task would stop the hub's whole loop."""
+        try:
+            await self._server.serve()
+        except SystemExit as exit_:
+            cause = exit_.__context__
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror or str(cause)) from None
+            raise OSError(f"HTTP listener stopped on start (exit code {exit_.code})") from None
 
     async def stop(self) -> None:
         self._server.should_exit = True
