@@ -222,6 +222,45 @@ def test_feeds_tell_each_care_team_once(shipped: Setup) -> None:
             assert by_key[row["delivery_key"]]["accepted_at"] is not None
 
 
+def test_reprocessing_a_message_tells_nobody_again(shipped: Setup) -> None:
+    """`messages reprocess` of a message the care-transitions route handled: its other routes
+    get run-2 deliveries, and the care team is not told a second time (the notify step plans
+    the same deliveries, under the keys the first run used; they are left out)."""
+    before = shipped.deliveries()
+    mails_before = len(shipped.mailbox.mails)
+    notified = {d["message_id"] for d in before}
+    message_id = min(notified)
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "messages",
+            "reprocess",
+            str(message_id),
+            "--config",
+            str(shipped.config_path),
+            "--data-dir",
+            str(shipped.data_dir),
+        ],
+        catch_exceptions=False,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert f"message {message_id} (run 2):" in result.output
+    assert "care-transitions" in result.output
+    shipped.settle()
+    assert shipped.deliveries() == before  # no notification planned twice
+    assert len(shipped.mailbox.mails) == mails_before
+    with shipped.store.engine.connect() as conn:
+        runs = {
+            row.run
+            for row in conn.execute(
+                select(deliveries.c.run).where(deliveries.c.message_id == message_id)
+            )
+        }
+    assert runs == {1, 2}  # the message's other routes did deliver again
+
+
 def test_commands_show_encounters_and_follow_ups(shipped: Setup) -> None:
     listed = shipped.cli("encounters", "list", "--limit", "100")
     states = {(e["patient_key"], e["visit_key"]): e["state"] for e in listed}

@@ -325,6 +325,10 @@ class Outbox:
         routed once); a reprocess (run > 1) applies whatever the status. Each table gets one
         multi-row statement per batch, not one per message. With a ``handover``, deliveries
         first in their line are leased to the caller at once (see Handover).
+
+        A reprocess plans some deliveries under keys an earlier run already used (the notify
+        step tells a recipient of a visit event once, whatever the run): those are left out,
+        and taken off their route's result, so nobody is told the same thing twice.
         """
         results = list(results)
         if not results:
@@ -372,6 +376,8 @@ class Outbox:
                 for mid, result in chosen.items()
                 for s in result.steps
             ]
+            if any(result.run > 1 for result in chosen.values()):
+                self._drop_known_deliveries(conn, chosen.values())
             planned = [
                 (mid, result.run, d) for mid, result in chosen.items() for d in result.deliveries
             ]
@@ -394,6 +400,19 @@ class Outbox:
                 assert handover is not None
                 handover.taken = self._handed_records(conn, [planned[i] for i in handed], moment)
         return list(chosen)
+
+    def _drop_known_deliveries(self, conn: Any, results: Iterable[RoutingResult]) -> None:
+        """Take off each route's result the deliveries whose idempotency key is already in the
+        outbox (planned by an earlier run)."""
+        routes = [route for result in results for route in result.routes if route.deliveries]
+        keys = tuple({d.outgoing.idempotency_key for r in routes for d in r.deliveries})
+        if not keys:
+            return
+        known = {key for key, _ in conn.exec_driver_sql(self._sql.ids_by_key(len(keys)), keys)}
+        for route in routes:
+            route.deliveries = [
+                d for d in route.deliveries if d.outgoing.idempotency_key not in known
+            ]
 
     def _first_in_line(
         self, conn: Any, planned: list[tuple[int, int, PlannedDelivery]], handover: Handover
