@@ -346,6 +346,42 @@ def test_store_prune_deletes_old_rows_and_shrinks_the_file(tmp_path: Path) -> No
     assert again.stdout.startswith("pruned 0 message(s) older than 30 day(s)")
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["messages", "show", "99999999999999999999"], "'MESSAGE_ID'"),
+        (["messages", "reprocess", "0"], "'MESSAGE_IDS...'"),
+        (["messages", "list", "--limit", "0"], "'--limit'"),
+        (["messages", "list", "--limit", "-1"], "'--limit'"),
+        (["messages", "list", "--since", "99999999d"], "'--since'"),
+        (["messages", "list", "--since", "9999-12-31T23:59:59-05:00"], "'--since'"),
+        (["messages", "list", "--since", "yesterday"], "'--since'"),
+        (["store", "prune", "--older-than", "99999999999"], "'--older-than'"),
+        (["dead-letters", "retry", "99999999999999999999"], "'[DELIVERY_IDS]...'"),
+        (["encounters", "show", "99999999999999999999"], "'ENCOUNTER_ID'"),
+        (["encounters", "list", "--limit", "0"], "'--limit'"),
+        (["followups", "done", "99999999999999999999"], "'ITEM_ID'"),
+        (["referrals", "list", "--limit", "0"], "'--limit'"),
+        (["serve", "--mllp-port", "70000"], "'--mllp-port'"),
+        (["serve", "--http-port", "-1"], "'--http-port'"),
+        (["send", "--port", "70000", "x.hl7"], "'--port'"),
+        (["send", "--timeout", "0", "x.hl7"], "'--timeout'"),
+    ],
+)
+def test_values_out_of_range_are_usage_errors_naming_the_option(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    """Ids past what the store holds, limits below one, ports past 65535, dates past the
+    calendar: exit 2 with the option named, never an OverflowError from inside SQLite or a
+    socket call."""
+    (tmp_path / "x.hl7").write_bytes(make_adt("RANGE").encode())
+    data = [] if args[0] == "send" else ["--data-dir", str(tmp_path / "data")]
+    result = run(*args, *data) if args[0] != "send" else run(*args[:-1], str(tmp_path / "x.hl7"))
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_store_prune_needs_a_non_negative_age(tmp_path: Path) -> None:
     result = run("store", "prune", "--older-than", "-1", "--data-dir", str(tmp_path))
     assert result.exit_code == 2

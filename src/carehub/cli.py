@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from carehub import __version__
+from carehub.cliparams import DAYS, LIMIT, PORT, ROW_ID, TIMEOUT
 from carehub.config import ENV_CONFIG, ENV_DATA_DIR, HubConfig, load_config, resolve_data_dir
 from carehub.errors import CarehubError
 
@@ -102,9 +103,9 @@ def setup_logging(level: str) -> None:
 # -- serve -----------------------------------------------------------------------------------
 @main.command()
 @hub_options
-@click.option("--mllp-port", type=int, help="Port of the first MLLP listener (0 picks one).")
+@click.option("--mllp-port", type=PORT, help="Port of the first MLLP listener (0 picks one).")
 @click.option("--no-worker", is_flag=True, help="Listeners only; routing runs in `carehub worker`.")
-@click.option("--http-port", type=int, help="Port of the HTTP listener (0 picks one).")
+@click.option("--http-port", type=PORT, help="Port of the HTTP listener (0 picks one).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve(
     config: HubConfig,
@@ -191,13 +192,13 @@ def _store_label(config: HubConfig, data_dir: Path) -> str:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=2575, show_default=True)
+@click.option("--port", type=PORT, default=2575, show_default=True)
 @click.option("--tls", is_flag=True, help="Connect with TLS.")
 @click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), help="CA to trust.")
 @click.option("--cert", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate.")
 @click.option("--key", type=click.Path(path_type=Path, dir_okay=False), help="Client key.")
 @click.option("--insecure", is_flag=True, help="With --tls, do not verify the server.")
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--timeout", type=TIMEOUT, default=30.0, show_default=True)
 def send(
     files: tuple[Path, ...],
     host: str,
@@ -311,16 +312,22 @@ def _parse_since(value: str | None) -> datetime | None:
     if not value:
         return None
     match = re.fullmatch(r"(\d+)([smhd])", value)
-    if match:
-        seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return datetime.now(UTC) - timedelta(seconds=int(match.group(1)) * seconds)
     try:
+        if match:
+            seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+            return datetime.now(UTC) - timedelta(seconds=int(match.group(1)) * seconds)
         parsed = datetime.fromisoformat(value)
+        # In UTC now, as the store compares: a time at the calendar's edge fails here, by name.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except ValueError as err:
         raise click.BadParameter(
-            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)"
+            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",
+            param_hint="'--since'",
         ) from err
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError as err:
+        raise click.BadParameter(
+            f"{value!r} reaches past the calendar's range", param_hint="'--since'"
+        ) from err
 
 
 @messages.command("list")
@@ -330,7 +337,7 @@ def _parse_since(value: str | None) -> datetime | None:
 @click.option("--event", help="Trigger event (MSH-9.2), e.g. A01.")
 @click.option("--patient", help="Patient identifier (PID-3.1).")
 @click.option("--since", help="ISO date/time or an age such as 30m, 2h, 7d.")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_messages(
     config: HubConfig,
@@ -369,7 +376,7 @@ def list_messages(
 
 @messages.command("show")
 @hub_options
-@click.argument("message_id", type=int)
+@click.argument("message_id", type=ROW_ID)
 @click.option("--raw", is_flag=True, help="Print the message text only.")
 def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) -> None:
     """Header fields, status history, and the message segment by segment with field names."""
@@ -400,7 +407,7 @@ def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) 
 
 @messages.command("reprocess")
 @hub_options
-@click.argument("message_ids", type=int, nargs=-1, required=True)
+@click.argument("message_ids", type=ROW_ID, nargs=-1, required=True)
 def reprocess_messages(config: HubConfig, data_dir: Path, message_ids: tuple[int, ...]) -> None:
     """Run stored messages through the current routes again (new deliveries, new keys)."""
     from carehub.hub import build_routing, open_store
@@ -500,7 +507,7 @@ def dead_letters() -> None:
 @dead_letters.command("list")
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
 def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: int) -> None:
     """Dead-lettered deliveries with their last error."""
     from carehub.hub import open_store
@@ -536,7 +543,7 @@ def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: i
 
 @dead_letters.command("retry")
 @hub_options
-@click.argument("delivery_ids", type=int, nargs=-1)
+@click.argument("delivery_ids", type=ROW_ID, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Every dead letter.")
 def dead_letters_retry(
     config: HubConfig, data_dir: Path, delivery_ids: tuple[int, ...], retry_all: bool
@@ -656,7 +663,7 @@ def store_upgrade(config: HubConfig, data_dir: Path) -> None:
 
 @store.command("prune")
 @hub_options
-@click.option("--older-than", "days", type=click.IntRange(min=0), required=True, help="Days.")
+@click.option("--older-than", "days", type=DAYS, required=True, help="Days.")
 @click.option("--full", is_flag=True, help="PostgreSQL: VACUUM FULL (locks the tables).")
 def store_prune(config: HubConfig, data_dir: Path, days: int, full: bool) -> None:
     """Delete messages received more than N days ago and reclaim the space."""

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from carehub.cli import hub_options
+from carehub.cliparams import LIMIT, ROW_ID
 from carehub.config import HubConfig
 from carehub.display import new_console, short_time
 from carehub.errors import CarehubError
@@ -30,7 +31,7 @@ def encounters() -> None:
     "--state", help="registered, ed, admitted, discharged, cancelled or closed (stale ED visits)."
 )
 @click.option("--patient", help="Patient id (PID-3.1), or authority|id; merged ids follow.")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_command(
     config: HubConfig,
@@ -80,7 +81,7 @@ def list_command(
 
 @encounters.command("show")
 @hub_options
-@click.argument("encounter_id", type=int)
+@click.argument("encounter_id", type=ROW_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print the visit and timeline as JSON.")
 def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: bool) -> None:
     """One visit: its state, each message that changed it, and the notifications sent."""

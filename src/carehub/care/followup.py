@@ -48,6 +48,7 @@ from sqlalchemy import Engine, insert, select, update
 # module included) lazily, from inside a running command, so importing it here cannot cycle.
 from carehub.care.model import Transition
 from carehub.cli import hub_options
+from carehub.cliparams import LIMIT, ROW_ID
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import CarehubError, ConfigError
 from carehub.events import parse_hl7_datetime
@@ -733,7 +734,7 @@ def followups() -> None:
 @click.option("--overdue", is_flag=True, help="Only pending items already past due.")
 @click.option("--patient", help="Patient key as the store keeps it (authority|id).")
 @click.option("--all", "show_all", is_flag=True, help="Also done and cancelled items.")
-@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--limit", type=LIMIT, default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_followups(
     config: HubConfig,
@@ -784,7 +785,7 @@ def list_followups(
 
 @followups.command("done")
 @hub_options
-@click.argument("item_id", type=int)
+@click.argument("item_id", type=ROW_ID)
 def done_followup(config: HubConfig, data_dir: Path, item_id: int) -> None:
     """Mark a follow-up done (the contact was made or the visit took place)."""
     from carehub.hub import open_store

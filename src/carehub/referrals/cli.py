@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from carehub.cli import hub_options
+from carehub.cliparams import LIMIT
 from carehub.config import HubConfig
 from carehub.display import new_console, short_time
 from carehub.errors import CarehubError
@@ -33,7 +34,7 @@ def referrals() -> None:
 )
 @click.option("--status", help="One FHIR Task status (requested, accepted, completed ...).")
 @click.option("--patient", help="Patient id (PID-3.1), or authority|id.")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_command(
     config: HubConfig,
