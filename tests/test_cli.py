@@ -457,6 +457,24 @@ def test_a_port_in_use_exits_2_naming_the_listener_and_the_setting(
     assert key in result.stderr and "Traceback" not in result.output
 
 
+def test_files_that_are_not_utf8_are_named_with_their_line(tmp_path: Path) -> None:
+    """A config or routes file saved in another encoding is a config error naming the file and
+    the line of the first byte that is not UTF-8, not a UnicodeDecodeError traceback."""
+    config = tmp_path / "hub.yaml"
+    config.write_bytes(b"hub:\n  application: CAREHUB\n  facility: H\xf4PITAL\n")
+    result = run("routes", "check", "--config", str(config))
+    assert result.exit_code == 2
+    assert f"{config}:3: the config file is not UTF-8 text (byte 0xf4" in result.stderr
+
+    routes = tmp_path / "latin.yaml"
+    routes.write_bytes(b"routes:\n  - name: caf\xe9\n")
+    config.write_text('routes: ["latin.yaml"]\n', encoding="utf-8")
+    result = run("routes", "check", "--config", str(config))
+    assert result.exit_code == 2
+    assert f"{routes}:2: the routes file is not UTF-8 text (byte 0xe9" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

@@ -215,6 +215,24 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+def read_config_text(path: Path, what: str, encoding: str = "utf-8") -> str:
+    """The text of a file the configuration names (the config itself, routes, rosters, tables),
+    or a ConfigError naming the file: why it cannot be read, or the line of the first byte that
+    is not text in ``encoding``."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror or err}") from err
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: {what} is not {encoding.upper()} text "
+            f"(byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
 def where_in_config(config: HubConfig, *key: str | int) -> str:
     """``file:line: key.path`` for a setting found wrong after loading (a store that will not
     open, say), as load_config's own errors name it; just the key path without a file."""
@@ -232,10 +250,7 @@ def load_config(path: Path | None) -> HubConfig:
     """Read and validate a config file; None gives the built-in defaults."""
     if path is None:
         return HubConfig()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file: {err.strerror}") from err
+    text = read_config_text(path, "the config file")
     try:
         tree = yaml.compose(text)
         data = yaml.safe_load(text) or {}

@@ -34,6 +34,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from carehub.components import ComponentContext, ComponentOptions, Translator, Work
+from carehub.config import read_config_text
 from carehub.errors import ConfigError
 from carehub.hl7.edit import EditError, MessageEditor, PathError, check_path
 
@@ -304,10 +305,7 @@ def load_tables(path: Path) -> dict[str, dict[str, str]]:
     """Code tables from YAML (``{table: {code: value}}``) or CSV (header ``table,code,value``).
 
     Codes and values must be text: YAML would read 01 as 1 and change the code silently."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read tables_file: {err.strerror or err}") from None
+    text = read_config_text(path, "tables_file", encoding="utf-8-sig")
     tables: dict[str, dict[str, str]] = {}
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())

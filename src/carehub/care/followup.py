@@ -50,6 +50,7 @@ from carehub.care.model import Transition
 from carehub.cli import hub_options
 from carehub.cliparams import LIMIT, ROW_ID
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.config import read_config_text
 from carehub.errors import CarehubError, ConfigError
 from carehub.events import parse_hl7_datetime
 from carehub.store.schema import followups as followups_table
@@ -153,9 +154,7 @@ def load_holidays(dates: Iterable[date | str] = (), file: Path | None = None) ->
     if file is None:
         return found
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"{file}: cannot read the holidays file: {err.strerror}") from err
+        data = yaml.safe_load(read_config_text(file, "the holidays file"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{file}: not valid YAML: {err}") from err
     if isinstance(data, dict) and "holidays" in data:

@@ -31,6 +31,7 @@ with the reason recorded.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
+from carehub.config import read_config_text
 from carehub.errors import CarehubError, ConfigError
 from carehub.hl7.view import parse_path
 from carehub.resources.hsds import (
@@ -155,9 +157,7 @@ class Crosswalk:
     def load(cls, path: Path) -> Crosswalk:
         """Read the YAML file; errors name the file and the offending need."""
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the crosswalk: {err.strerror}") from err
+            data = yaml.safe_load(read_config_text(path, "the crosswalk"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -277,11 +277,8 @@ class PostalCodes:
 
     @classmethod
     def load(cls, path: Path) -> PostalCodes:
-        try:
-            with path.open(encoding="utf-8-sig", newline="") as file:
-                rows = list(csv.DictReader(file))
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the postal codes: {err.strerror}") from err
+        text = read_config_text(path, "the postal codes", encoding="utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         table: dict[str, tuple[float, float]] = {}
         for number, row in enumerate(rows, start=2):
             code = cls.normalize(row.get("postal_code"))

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from carehub.config import _expand_tree, _line_of, _loc_text
+from carehub.config import _expand_tree, _line_of, _loc_text, read_config_text
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
 
@@ -168,12 +168,10 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
     loaded: list[LoadedRoute] = []
     seen: dict[str, LoadedRoute] = {}
     for path in paths:
+        text = read_config_text(path, "the routes file")
         try:
-            text = path.read_text(encoding="utf-8")
             node = yaml.compose(text)
             data = yaml.safe_load(text) or {}
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the routes file: {err.strerror}") from err
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
