@@ -475,6 +475,24 @@ def test_files_that_are_not_utf8_are_named_with_their_line(tmp_path: Path) -> No
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", [["worker"], ["serve", "--mllp-port", "0", "--http-port", "0"]])
+def test_a_broker_that_cannot_be_reached_is_named_before_anything_says_ready(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A queue.url nothing answers at: exit 2 naming the setting and the broker (its password
+    hidden), before "carehub ready"; not a consumer thread failing once the worker is up, nor an
+    error blamed on the listeners."""
+    url = f"amqp://carehub:s3cret@127.0.0.1:{free_port()}//"
+    config = write(tmp_path, "hub.yaml", f"queue:\n  url: {url}\n")
+    result = run(*command, "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2, result.output
+    assert f"{config}:2: queue.url: cannot reach the broker at amqp://carehub:**@" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.output and "carehub ready" not in result.output
+    assert "Traceback" not in result.output
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

@@ -610,6 +610,14 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             "queue.url: a separate worker needs a shared broker (amqp://...); memory:// only "
             "works inside `carehub serve`"
         )
+    from carehub.config import where_in_config
+    from carehub.workqueue import QueueUnavailable
+
+    work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
+    try:
+        work_queue.check()
+    except QueueUnavailable as err:
+        raise CarehubError(f"{where_in_config(config, 'queue', 'url')}: {err}") from err
     store = open_store(config, data_dir)
     host, table = build_routing(config, data_dir, store)
     settings = WorkerSettings(
@@ -625,13 +633,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        worker = Worker(
-            store,
-            table,
-            host,
-            WorkQueue(config.queue.url, config.queue.partition_count()),
-            settings,
-        )
+        worker = Worker(store, table, host, work_queue, settings)
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
         settle_garbage_collector()
         click.echo("carehub ready")

@@ -35,7 +35,7 @@ from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
 from carehub.store.store import LOCK_TIMEOUT, MessageStore, RecentMessages, sqlite_url
 from carehub.worker import Worker, WorkerSettings
-from carehub.workqueue import Publisher, WorkQueue
+from carehub.workqueue import Publisher, QueueUnavailable, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Hub:
         # With the in-process queue, only an in-process worker can consume: without one, leave
         # messages 'received' in the store for the next worker start to pick up.
         if worker.enabled or not self.work_queue.is_memory:
-            self.publisher = await asyncio.to_thread(self.work_queue.publisher)
+            self.publisher = await asyncio.to_thread(self._open_publisher)
         self.intake = Intake(
             self.writer,
             hub_application=identity.application,
@@ -221,6 +221,16 @@ class Hub:
             raise
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
         return self.bound
+
+    def _open_publisher(self) -> Publisher:
+        """The work queue's publisher; a broker that cannot be reached is an error naming
+        queue.url, not one blamed on the listeners."""
+        try:
+            self.work_queue.check()
+            return self.work_queue.publisher()
+        except (QueueUnavailable, OSError) as err:
+            where = where_in_config(self.config, "queue", "url")
+            raise CarehubError(f"{where}: {err}") from err
 
     async def _start_worker(self, worker: Worker) -> None:
         """Run the worker on this loop; return once it consumes, or raise why it could not."""

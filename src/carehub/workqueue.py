@@ -44,6 +44,10 @@ def partition_of(patient_key: str, partitions: int) -> int:
     return zlib.crc32(patient_key.encode()) % partitions
 
 
+class QueueUnavailable(RuntimeError):
+    """The work queue's broker cannot be reached or used."""
+
+
 class WorkQueue:
     """Names the queues and opens connections; publishers and consumers come from here."""
 
@@ -70,6 +74,31 @@ class WorkQueue:
 
     def publisher(self) -> Publisher:
         return Publisher(self)
+
+    def check(self, timeout: float = 5.0) -> None:
+        """Connect to the broker once, so that one that cannot be reached (or a URL kombu
+        cannot use) is reported when the hub or worker starts, as QueueUnavailable, rather
+        than by a consumer thread after the process said it was ready."""
+        if self.is_memory:
+            return
+        try:
+            with self.connection() as conn:
+                conn.ensure_connection(
+                    max_retries=2, interval_start=0.5, interval_step=0.5, timeout=timeout
+                )
+        except Exception as err:  # kombu raises the transport's own errors, and KeyError
+            reason = str(err) or type(err).__name__
+            raise QueueUnavailable(
+                f"cannot reach the broker at {self.shown_url}: {reason}"
+            ) from err
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without its password, for messages and logs."""
+        try:
+            return str(Connection(self.url).as_uri())
+        except Exception:
+            return self.url.split("://", 1)[0] + "://..."
 
     def consumer(self, deliver: Callable[[list[int], Callable[[], None]], None]) -> Consumer:
         return Consumer(self, deliver)
