@@ -493,6 +493,36 @@ def test_a_broker_that_cannot_be_reached_is_named_before_anything_says_ready(
     assert "Traceback" not in result.output
 
 
+def test_a_store_that_refuses_writes_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A write command on a store the system will not let it write (here an immutable file) is
+    a one-line error and exit 1; commands that only read still work."""
+    data = tmp_path / "data"
+    assert run("store", "upgrade", "--data-dir", str(data)).exit_code == 0
+    database = data / "carehub.db"
+    locked = subprocess.run(["chattr", "+i", str(database)], capture_output=True, check=False)
+    if locked.returncode != 0:
+        pytest.skip("making the store file immutable needs chattr and root (CAP_LINUX_IMMUTABLE)")
+    try:
+        result = run("dead-letters", "retry", "--all", "--data-dir", str(data))
+        listed = run("messages", "list", "--data-dir", str(data))
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], check=True)
+    assert result.exit_code == 1, result.output
+    assert "error: the store refused the command: attempt to write a readonly database" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+    assert listed.exit_code == 0
+
+
+def test_a_store_url_whose_driver_is_not_installed_names_the_key(tmp_path: Path) -> None:
+    config = write(tmp_path, "hub.yaml", "store:\n  url: mysql://u:pw@127.0.0.1:1/db\n")
+    result = run("messages", "list", "--config", str(config))
+    assert result.exit_code == 2
+    assert f"{config}:2: store.url: cannot open the store at mysql://u:***@" in result.stderr
+    assert "No module named" in result.stderr and "Traceback" not in result.output
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

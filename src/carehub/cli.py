@@ -73,11 +73,19 @@ class CarehubGroup(click.Group):
         return super().get_command(ctx, cmd_name) or self._plugins().get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
             return super().invoke(ctx)
         except CarehubError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except SQLAlchemyError as err:
+            # The store refused the command's reads or writes (read-only, locked by another
+            # process for longer than the busy timeout, gone): say so in a line, exit 1.
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            click.echo(f"error: the store refused the command: {reason}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=CarehubGroup)

@@ -69,7 +69,8 @@ def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> M
             lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
         )
         store.migrate()
-    except (SQLAlchemyError, AlembicError, OSError) as err:
+    except (SQLAlchemyError, AlembicError, OSError, ImportError) as err:
+        # ImportError: the URL names a database whose driver is not installed (mysql://...).
         raise StoreOpenError(_store_open_problem(config, data_dir, err)) from err
     return store
 
