@@ -344,6 +344,41 @@ def test_routes_check_accepts_good_routes(tmp_path: Path) -> None:
     assert "ok: 1 route(s), 1 destination(s)" in result.output
 
 
+def test_routes_check_loads_what_serve_loads_at_start(tmp_path: Path) -> None:
+    """`routes check` fails where `serve` would: a file a step reads at start (here the care
+    team's roster) that does not exist is named, not reported "ok"."""
+    config_path = write_config(
+        tmp_path,
+        """
+routes:
+  - name: care
+    when: {type: ADT}
+    steps:
+      - translate: v2-to-event
+      - enrich: {use: care-team, roster: care/missing-roster.csv}
+      - forward: {channel: file, name: copy, directory: out}
+""",
+    )
+    result = cli(config_path, tmp_path / "data", "routes", "check")
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'care' / 'missing-roster.csv'}: cannot read" in result.output
+    assert "ok:" not in result.output and "Traceback" not in result.output
+
+
+def test_routes_check_names_a_routes_file_that_does_not_exist(tmp_path: Path) -> None:
+    """A routes file named outright (not a glob) that is not there is an error naming the
+    config line: a misspelt name used to drop its routes and report "ok: 0 route(s)"."""
+    config_path = write_config(tmp_path, GOOD_ROUTE)
+    text = config_path.read_text(encoding="utf-8").replace("[routes.yaml]", "[route.yaml]")
+    config_path.write_text(text, encoding="utf-8")
+    line = text.splitlines().index("routes: [route.yaml]") + 1
+    result = cli(config_path, tmp_path / "data", "routes", "check")
+    assert result.exit_code == 2, result.output
+    assert f"{config_path}:{line}: routes[0]: no routes file {tmp_path / 'route.yaml'}" in (
+        result.output
+    )
+
+
 # -- routes test ------------------------------------------------------------------------------
 def test_routes_test_json_shows_matches_steps_and_payloads(tmp_path: Path) -> None:
     config_path = write_config(

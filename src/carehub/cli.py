@@ -461,10 +461,22 @@ def routes() -> None:
 @routes.command("check")
 @hub_options
 def routes_check(config: HubConfig, data_dir: Path) -> None:
-    """Validate the hub config, every route file and every plugin option; start nothing."""
+    """Validate the hub config, every route file and every plugin option, and load what the
+    steps read at start (rosters, directories, code tables, TLS files) as `serve` would; no
+    listener starts and nothing is sent."""
     from carehub.hub import build_routing
+    from carehub.intake.tls import server_context
 
     host, table = build_routing(config, data_dir)
+    for index, listener in enumerate(config.listeners.mllp):
+        if listener.tls:
+            server_context(listener.tls, f"listeners.mllp[{index}]")
+
+    async def start_and_close() -> None:
+        await table.start()
+        await table.close()
+
+    asyncio.run(start_and_close())
     click.echo(f"plugins: {len(host.plugins)} loaded, {len(host.failures)} failed")
     for failure in host.failures:
         click.echo(f"  failed: {failure.name} ({failure.source}): {failure.error}")
@@ -484,9 +496,11 @@ def routes_test(config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_j
     """Show what the routes would do with each message in FILES, without sending anything."""
     from carehub.hl7.batch import split_messages
     from carehub.hub import build_routing
-    from carehub.routing.dryrun import dry_run, result_as_json
+    from carehub.routing.dryrun import dry_run_all, result_as_json
 
     host, table = build_routing(config, data_dir)
+    labels: list[str] = []
+    payloads: list[bytes] = []
     for path in files:
         try:
             data = path.read_bytes()
@@ -496,14 +510,15 @@ def routes_test(config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_j
         if not parts:
             raise CarehubError(f"{path}: no HL7 message in the file (no MSH segment)")
         for number, payload in enumerate(parts, start=1):
-            result = dry_run(table, host, payload)
-            label = str(path) if len(parts) == 1 else f"{path} #{number}"
-            if as_json:
-                click.echo(json.dumps({"file": label, **result_as_json(result)}, default=str))
-            else:
-                from carehub.display import show_dry_run
+            labels.append(str(path) if len(parts) == 1 else f"{path} #{number}")
+            payloads.append(payload)
+    for label, result in zip(labels, dry_run_all(table, host, payloads), strict=True):
+        if as_json:
+            click.echo(json.dumps({"file": label, **result_as_json(result)}, default=str))
+        else:
+            from carehub.display import show_dry_run
 
-                show_dry_run(label, result)
+            show_dry_run(label, result)
 
 
 # -- dead letters ----------------------------------------------------------------------------

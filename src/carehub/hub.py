@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from carehub import __version__
 from carehub.components import ComponentContext
 from carehub.config import HubConfig, http_tokens, resolve_data_dir, where_in_config
-from carehub.errors import CarehubError
+from carehub.errors import CarehubError, ConfigError
 from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
 from carehub.intake.intake import Intake
@@ -107,6 +107,12 @@ def build_routing(
     Without a store (dry runs, `routes check`), components keep any state in memory."""
     host = PluginHost().load(plugins_dir=config.plugins_dir)
     base = config_dir(config)
+    for index, pattern in enumerate(config.routes):
+        # A glob may match nothing yet (an empty routes folder); a file named outright must
+        # exist, or a misspelt name would drop its routes without a word.
+        if not any(c in pattern for c in "*?[") and not (base / pattern).is_file():
+            where = where_in_config(config, "routes", index)
+            raise ConfigError(f"{where}: no routes file {base / pattern}")
     loaded = load_route_files(route_files(base, config.routes))
     table = bind_routes(loaded, host, ComponentContext(base, data_dir, store))
     return host, table

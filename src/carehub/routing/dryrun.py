@@ -52,11 +52,18 @@ def preview_message(raw: bytes, message_id: int = 0) -> StoredMessage:
 
 def dry_run(table: RouteTable, host: PluginHost, raw: bytes) -> RoutingResult:
     """Route one message through the table with components started, nothing stored or sent."""
+    return dry_run_all(table, host, [raw])[0]
 
-    async def run() -> RoutingResult:
+
+def dry_run_all(table: RouteTable, host: PluginHost, payloads: list[bytes]) -> list[RoutingResult]:
+    """Route messages in turn through the table, started once for all of them (starting loads
+    rosters and directories and opens sessions: per message, a batch file took minutes)."""
+
+    async def run() -> list[RoutingResult]:
         await table.start()
         try:
-            return Router(table, host).route(preview_message(raw), explain=True)
+            router = Router(table, host)
+            return [router.route(preview_message(raw), explain=True) for raw in payloads]
         finally:
             await table.close()
 

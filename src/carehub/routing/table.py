@@ -6,6 +6,7 @@ in any route is reported, with file, line, route and key, before the hub takes a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -85,8 +86,18 @@ class RouteTable:
             notifier.tick(now)
 
     async def start(self) -> None:
-        for component in self.components():
-            await component.start()
+        """Start every component; when one cannot start, close those already started (their
+        sessions and files) before raising why."""
+        started = []
+        try:
+            for component in self.components():
+                await component.start()
+                started.append(component)
+        except BaseException:
+            for component in reversed(started):
+                with contextlib.suppress(Exception):
+                    await component.close()
+            raise
 
     async def close(self) -> None:
         for component in self.components():
