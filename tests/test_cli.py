@@ -425,7 +425,8 @@ def test_data_dir_that_cannot_hold_a_store_exits_2_naming_it(tmp_path: Path) -> 
     for command in (["messages", "list"], ["serve", "--mllp-port", "0", "--http-port", "0"]):
         result = run(*command, "--data-dir", str(blocked / "data"))
         assert result.exit_code == 2, result.output
-        assert f"data dir {blocked / 'data'}: cannot" in result.stderr
+        # serve cannot create it; messages list finds no store there
+        assert f"data dir {blocked / 'data'}: " in result.stderr
         assert "Traceback" not in result.output
 
 
@@ -521,6 +522,19 @@ def test_a_store_url_whose_driver_is_not_installed_names_the_key(tmp_path: Path)
     assert result.exit_code == 2
     assert f"{config}:2: store.url: cannot open the store at mysql://u:***@" in result.stderr
     assert "No module named" in result.stderr and "Traceback" not in result.output
+
+
+def test_commands_that_read_the_store_do_not_create_one_at_a_mistyped_path(
+    tmp_path: Path,
+) -> None:
+    """`messages list --data-dir <typo>` used to create an empty store there and report no
+    messages; it names the folder instead, and leaves nothing behind."""
+    typo = tmp_path / "dta"
+    for command in (["messages", "list"], ["store", "prune", "--older-than", "30"]):
+        result = run(*command, "--data-dir", str(typo))
+        assert result.exit_code == 2, result.output
+        assert f"data dir {typo}: no store there (carehub.db)" in result.stderr
+    assert not typo.exists()
 
 
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from carehub.care.followup import (
     normalize_disposition,
 )
 from carehub.care.model import Transition
+from carehub.cli import main
 from carehub.components import ComponentContext, Work
 from carehub.errors import ConfigError
 from carehub.events import CareEvent, Encounter
@@ -686,9 +687,13 @@ class TestCommands:
         contact_id, _visit_id, _total = self.seed(store)
         FollowupClock(store.engine).cancel_for_encounter(1, NOW)
         data_dir = str(tmp_path / "data")
-        missing = invoke("done", "999", "--data-dir", data_dir)
-        assert missing.exit_code == 1
-        assert "no follow-up 999" in missing.output
-        cancelled = invoke("done", str(contact_id), "--data-dir", data_dir)
-        assert cancelled.exit_code == 1
+        # Through the carehub command, as a person runs it: an unknown id is a one-line
+        # error with exit 2, as for every other command.
+        missing = CliRunner().invoke(main, ["followups", "done", "999", "--data-dir", data_dir])
+        assert missing.exit_code == 2
+        assert "error: no follow-up 999" in missing.output
+        cancelled = CliRunner().invoke(
+            main, ["followups", "done", str(contact_id), "--data-dir", data_dir]
+        )
+        assert cancelled.exit_code == 2
         assert "cancelled" in cancelled.output

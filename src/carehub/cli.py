@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from carehub import __version__
-from carehub.cliparams import DAYS, LIMIT, PORT, ROW_ID, TIMEOUT
+from carehub.cliparams import DAYS, LIMIT, MESSAGE_STATUS, PORT, ROW_ID, TIMEOUT
 from carehub.config import ENV_CONFIG, ENV_DATA_DIR, HubConfig, load_config, resolve_data_dir
 from carehub.errors import CarehubError
 
@@ -340,11 +340,19 @@ def _parse_since(value: str | None) -> datetime | None:
 
 @messages.command("list")
 @hub_options
-@click.option("--status", help="received, refused, rejected, routed, delivered, failed, ...")
+@click.option(
+    "--status",
+    type=MESSAGE_STATUS,
+    help="received, refused, rejected, routed, unrouted, delivered or failed.",
+)
 @click.option("--type", "message_type", help="Message type (MSH-9.1), e.g. ADT.")
 @click.option("--event", help="Trigger event (MSH-9.2), e.g. A01.")
 @click.option("--patient", help="Patient identifier (PID-3.1).")
-@click.option("--since", help="ISO date/time or an age such as 30m, 2h, 7d.")
+@click.option(
+    "--since",
+    callback=lambda _ctx, _param, value: _parse_since(value),
+    help="ISO date/time or an age such as 30m, 2h, 7d.",
+)
 @click.option("--limit", type=LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_messages(
@@ -354,21 +362,21 @@ def list_messages(
     message_type: str | None,
     event: str | None,
     patient: str | None,
-    since: str | None,
+    since: datetime | None,
     limit: int,
     as_json: bool,
 ) -> None:
     """List stored messages, newest first."""
     from carehub.hub import open_store
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         found = store.find(
             status=status,
             message_type=message_type,
             event=event,
             patient=patient,
-            since=_parse_since(since),
+            since=since,
             limit=limit,
         )
     finally:
@@ -390,7 +398,7 @@ def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) 
     """Header fields, status history, and the message segment by segment with field names."""
     from carehub.hub import open_store
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         message = store.get(message_id)
         if message is None:
@@ -422,7 +430,7 @@ def reprocess_messages(config: HubConfig, data_dir: Path, message_ids: tuple[int
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     host, table = build_routing(config, data_dir, store)
     try:
         outbox = Outbox(store)
@@ -537,7 +545,7 @@ def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: i
     from carehub.store.outbox import Outbox
     from carehub.store.schema import DeliveryStatus
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         dead = Outbox(store).find(status=DeliveryStatus.DEAD.value, limit=limit)
     finally:
@@ -577,7 +585,7 @@ def dead_letters_retry(
 
     if not delivery_ids and not retry_all:
         raise click.UsageError("name delivery ids, or pass --all")
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         count = Outbox(store).retry_dead(None if retry_all else list(delivery_ids))
     finally:
@@ -694,7 +702,7 @@ def store_prune(config: HubConfig, data_dir: Path, days: int, full: bool) -> Non
     """Delete messages received more than N days ago and reclaim the space."""
     from carehub.hub import open_store
 
-    opened = open_store(config, data_dir)
+    opened = open_store(config, data_dir, must_exist=True)
     try:
         result = opened.prune(timedelta(days=days), full_vacuum=full)
     finally:

@@ -6,6 +6,8 @@ that names the option (exit 2), not a traceback from deep inside a socket or SQL
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 #: A TCP port; 0 lets the system pick a free one.
@@ -18,3 +20,21 @@ LIMIT = click.IntRange(1, 1_000_000)
 TIMEOUT = click.FloatRange(min=0, min_open=True, max=86_400)
 #: An age in days for retention: at most a century.
 DAYS = click.IntRange(0, 36_500)
+
+
+class MessageStatusChoice(click.ParamType):
+    """One of the store's message statuses, checked when used: importing the store (and
+    SQLAlchemy) up front would slow every command's start."""
+
+    name = "status"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from carehub.store.schema import MessageStatus
+
+        choices = [status.value for status in MessageStatus]
+        if value in choices:
+            return str(value)
+        self.fail(f"{value!r} is not one of {', '.join(choices)}", param, ctx)
+
+
+MESSAGE_STATUS = MessageStatusChoice()

@@ -33,7 +33,13 @@ from carehub.plugins import PluginHost
 from carehub.routing.config import load_route_files, route_files
 from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
-from carehub.store.store import LOCK_TIMEOUT, MessageStore, RecentMessages, sqlite_url
+from carehub.store.store import (
+    LOCK_TIMEOUT,
+    STORE_FILE,
+    MessageStore,
+    RecentMessages,
+    sqlite_url,
+)
 from carehub.worker import Worker, WorkerSettings
 from carehub.workqueue import Publisher, QueueUnavailable, WorkQueue
 
@@ -53,12 +59,24 @@ class BoundListener:
 SERVING_LOCK_TIMEOUT = 2.0
 
 
-def open_store(config: HubConfig, data_dir: Path, *, serving: bool = False) -> MessageStore:
+def open_store(
+    config: HubConfig, data_dir: Path, *, serving: bool = False, must_exist: bool = False
+) -> MessageStore:
     """The store the config names (SQLite under data_dir by default), migrated to the newest
-    schema. ``serving`` moves SQLite WAL checkpoints onto a background thread and shortens how
-    long a SQLite call waits for another process's write lock (the worker's calls run on the
-    event loop, which must not freeze for the 30 s a CLI command may wait)."""
+    schema.
+
+    ``serving`` moves SQLite WAL checkpoints onto a background thread and shortens how long a
+    SQLite call waits for another process's write lock (the worker's calls run on the event
+    loop, which must not freeze for the 30 s a CLI command may wait). With ``must_exist`` (the
+    commands that read a store), a SQLite store that is not there is an error, not created."""
     url = config.store.url or sqlite_url(data_dir)
+    if must_exist and not config.store.url and not (data_dir / STORE_FILE).is_file():
+        # A command that reads the store was pointed at a folder without one: a mistyped
+        # --data-dir would otherwise create an empty store there and report nothing found.
+        raise StoreOpenError(
+            f"data dir {data_dir}: no store there ({STORE_FILE}); check --data-dir or "
+            f"CAREHUB_DATA_DIR, or start `carehub serve` with it first"
+        )
     try:
         if not config.store.url:
             data_dir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def list_command(
     from carehub.care.encounters import list_encounters
     from carehub.hub import open_store
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         found = list_encounters(store.engine, state=state, patient=patient, limit=limit)
     finally:
@@ -88,7 +88,7 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
     from carehub.care.encounters import encounter_timeline
     from carehub.hub import open_store
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         timeline = encounter_timeline(store.engine, encounter_id)
     finally:

@@ -747,7 +747,7 @@ def list_followups(
     """Pending follow-ups (open or overdue), soonest due first."""
     from carehub.hub import open_store
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         found = FollowupClock(store.engine).find(
             patient_key=patient,
@@ -789,12 +789,10 @@ def done_followup(config: HubConfig, data_dir: Path, item_id: int) -> None:
     """Mark a follow-up done (the contact was made or the visit took place)."""
     from carehub.hub import open_store
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         item = FollowupClock(store.engine).complete(item_id, datetime.now(UTC))
-    except FollowupError as err:
-        raise click.ClickException(str(err)) from None
-    finally:
+    finally:  # a FollowupError is a CarehubError: one line, exit 2, as for any unknown id
         store.close()
     when = item.closed_at.isoformat(timespec="seconds") if item.closed_at else "?"
     click.echo(f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at {when}")

@@ -51,7 +51,7 @@ def list_command(
     from carehub.referrals.state import list_referrals, party_name
 
     now = datetime.now(UTC)
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         found = list_referrals(
             store.engine,
@@ -99,7 +99,7 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     from carehub.hub import open_store
     from carehub.referrals.state import party_name, referral_timeline
 
-    store = open_store(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
     try:
         timeline = referral_timeline(store.engine, referral)
     finally:

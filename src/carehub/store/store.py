@@ -302,8 +302,12 @@ def _aware(value: datetime) -> datetime:
 LOCK_TIMEOUT = 30.0
 
 
+#: The SQLite store's file in the data dir.
+STORE_FILE = "carehub.db"
+
+
 def sqlite_url(data_dir: Path) -> str:
-    return f"sqlite:///{(data_dir / 'carehub.db').resolve()}"
+    return f"sqlite:///{(data_dir / STORE_FILE).resolve()}"
 
 
 #: Messages RecentMessages holds at most: a worker further behind than this reads the store.
