@@ -258,6 +258,7 @@ def test_dead_letters_list_and_retry_all(tmp_path: Path, http: HTTPServer) -> No
 
         unknown = cli(config_path, data_dir, "dead-letters", "retry", "999999")
         assert unknown.exit_code == 1 and "0 dead letter(s) queued again" in unknown.output
+        assert "delivery 999999: no such delivery" in unknown.output
         assert cli(config_path, data_dir, "dead-letters", "retry").exit_code == 2  # ids or --all
 
         http.respond = lambda _: 200

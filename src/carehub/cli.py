@@ -587,9 +587,19 @@ def dead_letters_retry(
         raise click.UsageError("name delivery ids, or pass --all")
     store = open_store(config, data_dir, must_exist=True)
     try:
-        count = Outbox(store).retry_dead(None if retry_all else list(delivery_ids))
+        outbox = Outbox(store)
+        found = outbox.statuses(list(delivery_ids)) if delivery_ids else {}
+        count = outbox.retry_dead(None if retry_all else list(delivery_ids))
     finally:
         store.close()
+    for delivery_id in dict.fromkeys(delivery_ids):  # each named id that was not retried
+        status = found.get(delivery_id)
+        if status is None:
+            click.echo(f"delivery {delivery_id}: no such delivery", err=True)
+        elif status != "dead":
+            click.echo(
+                f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
+            )
     click.echo(f"{count} dead letter(s) queued again; a running worker sends them")
     if delivery_ids and count < len(delivery_ids):
         sys.exit(1)

@@ -733,6 +733,14 @@ class Outbox:
                 for r in rows
             ]
 
+    def statuses(self, delivery_ids: list[int]) -> dict[int, str]:
+        """The status of each delivery id that exists."""
+        query = select(deliveries.c.id, deliveries.c.status).where(
+            deliveries.c.id.in_(delivery_ids)
+        )
+        with self.engine.connect() as conn:
+            return {row.id: row.status for row in conn.execute(query)}
+
     def retry_dead(self, delivery_ids: list[int] | None) -> int:
         """Give dead letters a fresh set of attempts (all of them when ids is None)."""
         now = _now()
