@@ -537,6 +537,13 @@ def test_commands_that_read_the_store_do_not_create_one_at_a_mistyped_path(
     assert not typo.exists()
 
 
+def test_demo_with_a_config_that_is_not_there_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    result = run("demo", "--config", str(missing))
+    assert result.exit_code == 2
+    assert f"{missing}: cannot read the config file" in result.stderr
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

@@ -71,6 +71,7 @@ def find_sample_config() -> Path:
 
 def run_demo(config_path: Path | None, data_dir: Path | None) -> int:
     config_path = config_path or find_sample_config()
+    load_config(config_path)  # a config that cannot be read is named before anything else
     feeds = sorted((config_path.parent / "feeds").glob("*.hl7"))
     if not feeds:
         raise ConfigError(f"{config_path.parent / 'feeds'}: no sample feeds (*.hl7) to send")
