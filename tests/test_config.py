@@ -10,6 +10,7 @@ import pytest
 
 from carehub.config import ENV_CONFIG, ENV_DATA_DIR, HubConfig, load_config, resolve_data_dir
 from carehub.errors import ConfigError
+from carehub.routing.config import load_route_files
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = PROJECT_ROOT / "config" / "carehub.yaml"
@@ -142,6 +143,33 @@ def test_env_expansion_with_and_without_default(
     assert config.listeners.mllp[0].name == "adt"
 
 
+def test_an_unset_variable_is_named_with_its_file_line_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the hub config and in a routes file alike: file:line: key path, then the variable."""
+    monkeypatch.delenv("CH_TEST_UNSET", raising=False)
+    path = write(tmp_path, "hub:\n  application: X\n  facility: ${CH_TEST_UNSET}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(
+        f"{path}:3: hub.facility: environment variable CH_TEST_UNSET is not set"
+    )
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        "routes:\n"
+        "  - name: out\n"
+        "    steps:\n"
+        "      - forward: {channel: webhook, name: hook, url: '${CH_TEST_UNSET}'}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_route_files([routes])
+    assert str(raised.value).startswith(
+        f"{routes}:4: routes[0].steps[0].forward.url: environment variable CH_TEST_UNSET"
+    )
+
+
 def test_set_variable_wins_over_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CH_TEST_PORT", "2700")
     path = write(tmp_path, "listeners:\n  mllp:\n    - port: ${CH_TEST_PORT:-2600}\n")
@@ -157,7 +185,7 @@ def test_missing_variable_names_file_key_and_variable(
         "listeners:\n  mllp:\n    - name: adt\n    - name: ${CH_TEST_MISSING}\n",
     )
     message = config_error(path)
-    assert message.startswith(f"{path}: listeners.mllp[1].name: "), message
+    assert message.startswith(f"{path}:4: listeners.mllp[1].name: "), message
     assert "CH_TEST_MISSING" in message
     assert "${CH_TEST_MISSING:-default}" in message
 

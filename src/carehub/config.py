@@ -179,13 +179,26 @@ def expand_env(value: str, where: str) -> str:
     return _ENV_REFERENCE.sub(replace, value)
 
 
-def _expand_tree(node: Any, where: str) -> Any:
+class UnsetVariable(ConfigError):
+    """A ${VAR} without a default whose variable is not set, at ``loc`` in the file's tree."""
+
+    def __init__(self, loc: tuple[Any, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def expand_tree(node: Any, loc: tuple[Any, ...] = ()) -> Any:
+    """Every string in a parsed YAML tree with its ${VAR}s replaced (UnsetVariable names the
+    key path; the caller, which has the file and its YAML nodes, adds the file and line)."""
     if isinstance(node, str):
-        return expand_env(node, where)
+        try:
+            return expand_env(node, _loc_text(loc))
+        except ConfigError as err:
+            raise UnsetVariable(loc, str(err)) from None
     if isinstance(node, list):
-        return [_expand_tree(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return [expand_tree(v, (*loc, i)) for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _expand_tree(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        return {k: expand_tree(v, (*loc, k)) for k, v in node.items()}
     return node
 
 
@@ -261,11 +274,10 @@ def load_config(path: Path | None) -> HubConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     try:
-        # Key paths start at the top-level key; the file goes in front as in every other error
-        # (it used to be glued on: "carehub.yaml.store.url").
-        data = _expand_tree(data, "")
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        data = expand_tree(data)
+    except UnsetVariable as err:
+        line = _line_of(tree, err.loc)
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: {err}") from None
     try:
         config = HubConfig.model_validate(data)
     except ValidationError as err:

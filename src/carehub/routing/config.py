@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from carehub.config import _expand_tree, _line_of, _loc_text, read_config_text
+from carehub.config import UnsetVariable, _line_of, _loc_text, expand_tree, read_config_text
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
 
@@ -178,7 +178,11 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
             raise ConfigError(
                 f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}"
             ) from err
-        data = _expand_tree(data, str(path))
+        try:
+            data = expand_tree(data)
+        except UnsetVariable as err:
+            line = _line_of(node, err.loc)
+            raise ConfigError(f"{path}{f':{line}' if line else ''}: {err}") from None
         try:
             parsed = RoutesFile.model_validate(data)
         except ValidationError as err:
