@@ -544,6 +544,21 @@ def test_demo_with_a_config_that_is_not_there_names_it(tmp_path: Path) -> None:
     assert f"{missing}: cannot read the config file" in result.stderr
 
 
+def test_a_busy_port_given_on_the_command_line_names_the_option(tmp_path: Path) -> None:
+    config = write(
+        tmp_path, "hub.yaml", "listeners:\n  mllp:\n    - {name: adt, host: 127.0.0.1}\n"
+    )
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run(
+            "serve", "--config", str(config), "--data-dir", str(tmp_path / "data"),
+            "--mllp-port", str(port), "--http-port", "0",
+        )  # fmt: skip
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "(--mllp-port, in place of listeners.mllp[0].port)" in result.stderr
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

@@ -181,9 +181,11 @@ def _apply_port_overrides(config: HubConfig, mllp_port: int | None, http_port: i
 
             config.listeners.mllp.append(MLLPListenerConfig())
         config.listeners.mllp[0].port = mllp_port
+        config.overridden["listeners", "mllp", 0, "port"] = "--mllp-port"
     if http_port is not None:
         config.listeners.http.port = http_port
         config.listeners.http.enabled = True
+        config.overridden["listeners", "http", "port"] = "--http-port"
 
 
 def _queue_label(config: HubConfig) -> str:

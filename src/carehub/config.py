@@ -160,6 +160,9 @@ class HubConfig(_Strict):
 
     #: Where the file was read from; relative paths in it are taken from its folder.
     source: Path | None = Field(None, exclude=True)
+    #: Settings a command-line option replaced, by key path (("listeners", "http", "port") ->
+    #: "--http-port"), so an error about one names the option rather than the file.
+    overridden: dict[tuple[str | int, ...], str] = Field(default_factory=dict, exclude=True)
 
 
 def expand_env(value: str, where: str) -> str:
@@ -250,6 +253,8 @@ def where_in_config(config: HubConfig, *key: str | int) -> str:
     """``file:line: key.path`` for a setting found wrong after loading (a store that will not
     open, say), as load_config's own errors name it; just the key path without a file."""
     dotted = _loc_text(key)
+    if key in config.overridden:
+        return f"{config.overridden[key]}, in place of {dotted}"
     if config.source is None:
         return dotted
     try:
