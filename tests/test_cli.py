@@ -559,6 +559,23 @@ def test_a_busy_port_given_on_the_command_line_names_the_option(tmp_path: Path) 
     assert "(--mllp-port, in place of listeners.mllp[0].port)" in result.stderr
 
 
+def test_a_file_drop_folder_that_cannot_be_made_names_the_listener_and_key(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = write(
+        tmp_path,
+        "hub.yaml",
+        f"listeners:\n  mllp: []\n  http: {{enabled: false}}\n"
+        f"  files:\n    - {{name: inbox, directory: {blocker / 'inbox'}}}\n",
+    )
+    result = run("serve", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2, result.output
+    assert "file drop 'inbox' cannot use its folders" in result.stderr
+    assert f"({config}:5: listeners.files[0].directory)" in result.stderr
+
+
 def test_bad_config_from_carehub_config_env(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  durability: sometimes\n")
     result = run("store", "upgrade", env={"CAREHUB_CONFIG": str(config)})

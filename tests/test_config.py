@@ -170,6 +170,30 @@ def test_an_unset_variable_is_named_with_its_file_line_and_key(
     )
 
 
+def test_a_key_given_twice_is_named_with_its_second_line(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys without a word; carehub refuses the file."""
+    path = write(tmp_path, "hub:\n  application: A\nlisteners: {}\nhub:\n  application: B\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:4: 'hub' is given twice"):
+        load_config(path)
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        "routes:\n  - name: a\n    when: {type: ADT}\n    when: {type: ORU}\n    steps: []\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(routes))}:4: 'when' is given twice"):
+        load_route_files([routes])
+
+
+def test_two_listeners_of_one_name_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "listeners:\n  mllp:\n    - {name: adt, port: 0}\n"
+        "  files:\n    - {name: adt, directory: inbox}\n",
+    )
+    with pytest.raises(ConfigError, match="two listeners are named 'adt'"):
+        load_config(path)
+
+
 def test_set_variable_wins_over_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CH_TEST_PORT", "2700")
     path = write(tmp_path, "listeners:\n  mllp:\n    - port: ${CH_TEST_PORT:-2600}\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from carehub.errors import ConfigError
 
@@ -100,6 +100,17 @@ class ListenersConfig(_Strict):
     mllp: list[MLLPListenerConfig] = Field(default_factory=lambda: [MLLPListenerConfig()])
     http: HTTPListenerConfig = Field(default_factory=HTTPListenerConfig)
     files: list[FileDropConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> ListenersConfig:
+        """Each stored message records the listener it came by, and the metrics count by it:
+        two listeners of one name could not be told apart."""
+        seen: set[str] = set()
+        for listener in [*self.mllp, *self.files]:
+            if listener.name in seen:
+                raise ValueError(f"two listeners are named {listener.name!r}; names must differ")
+            seen.add(listener.name)
+        return self
 
 
 class StoreConfig(_Strict):
@@ -212,6 +223,23 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
     return text
 
 
+def check_no_duplicate_keys(node: yaml.Node | None, path: Path) -> None:
+    """A key written twice in one mapping is an error naming its second line: YAML loaders
+    keep the last one silently, so a second `routes:` or `port:` would quietly win."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key, value in node.value:
+            name = getattr(key, "value", None)
+            if name in seen:
+                line = key.start_mark.line + 1
+                raise ConfigError(f"{path}:{line}: {name!r} is given twice in the same mapping")
+            seen.add(name)
+            check_no_duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            check_no_duplicate_keys(item, path)
+
+
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """Line (1-based) of the YAML node at ``loc``, or of the nearest parent that exists."""
     line = node.start_mark.line + 1 if node is not None else None
@@ -276,6 +304,7 @@ def load_config(path: Path | None) -> HubConfig:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}") from err
+    check_no_duplicate_keys(tree, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     try:

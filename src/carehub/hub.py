@@ -236,9 +236,14 @@ class Hub:
                     where_in_config(self.config, "listeners", "http", "port"),
                 )
                 self.bound.append(BoundListener("HTTP", "http", f"{host}:{port}"))
-            for drop_config in listeners.files:
+            for index, drop_config in enumerate(listeners.files):
                 drop = FileDropListener(drop_config, self.intake)
-                folder = await drop.start()
+                try:
+                    folder = await drop.start()
+                except OSError as err:
+                    where = where_in_config(self.config, "listeners", "files", index, "directory")
+                    problem = f"file drop '{drop_config.name}' cannot use its folders: {err}"
+                    raise CarehubError(f"{problem} ({where})") from err
                 self.file_listeners.append(drop)
                 self.bound.append(BoundListener("file drop", drop.name, str(folder)))
         except BaseException:

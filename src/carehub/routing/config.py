@@ -27,7 +27,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from carehub.config import UnsetVariable, _line_of, _loc_text, expand_tree, read_config_text
+from carehub.config import (
+    UnsetVariable,
+    _line_of,
+    _loc_text,
+    check_no_duplicate_keys,
+    expand_tree,
+    read_config_text,
+)
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
 
@@ -178,6 +185,7 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
             raise ConfigError(
                 f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}"
             ) from err
+        check_no_duplicate_keys(node, path)
         try:
             data = expand_tree(data)
         except UnsetVariable as err:
