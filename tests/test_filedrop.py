@@ -23,7 +23,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_SEC
         time.sleep(0.02)
 
 
-def start_hub(tmp_path: Path, settle_seconds: float = 0) -> HubThread:
+def start_hub(tmp_path: Path, settle_seconds: float = 0, **options: int) -> HubThread:
     config = local_config()
     config.listeners.files = [
         FileDropConfig(
@@ -31,6 +31,7 @@ def start_hub(tmp_path: Path, settle_seconds: float = 0) -> HubThread:
             directory=tmp_path / "inbox",
             poll_interval=0.05,
             settle_seconds=settle_seconds,
+            **options,
         )
     ]
     return HubThread(config, tmp_path / "data")
@@ -115,18 +116,8 @@ def test_file_without_hl7_goes_to_error_with_a_reason(hub: HubThread, inbox: Pat
 def test_file_over_the_size_limit_is_not_read_and_goes_to_error(tmp_path: Path) -> None:
     """A file is read whole, so one over max_file_bytes is refused unread: its head is stored
     as rejected, the reason names the limit, and the next file is taken as usual."""
-    config = local_config()
-    config.listeners.files = [
-        FileDropConfig(
-            name="inbox",
-            directory=tmp_path / "inbox",
-            poll_interval=0.05,
-            settle_seconds=0,
-            max_file_bytes=64 * 1024,
-        )
-    ]
     inbox = tmp_path / "inbox"
-    with HubThread(config, tmp_path / "data") as hub:
+    with start_hub(tmp_path, max_file_bytes=64 * 1024) as hub:
         big = make_adt("BIGFILE", extra_segments=[f"NTE|{i}||{'x' * 1000}" for i in range(80)])
         drop(inbox, "big.hl7", big.encode())
         wait_for(lambda: "big.hl7" in names(inbox / "error"), "big.hl7 in error/")
