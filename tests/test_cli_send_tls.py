@@ -326,3 +326,18 @@ def test_send_with_a_tls_file_that_is_not_a_certificate_names_it(
     assert done.returncode == 2
     no_traceback(done)
     assert f"cannot use the TLS files (--cert {garbage})" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [(["--key", "k.pem"], "--key is the key of a client certificate"), (["--insecure"], "--tls")],
+)
+def test_send_refuses_tls_options_that_would_do_nothing(
+    tmp_path: Path, options: list[str], said: str
+) -> None:
+    """An option that cannot take effect without another is a usage error, not ignored."""
+    path = write(tmp_path, "a.hl7", make_adt("CLI-TLS-OPTS"))
+    done = send_to(("127.0.0.1", 9), *options, path, cwd=tmp_path)
+    assert done.returncode == 2
+    assert said in done.stderr
+    no_traceback(done)

@@ -235,6 +235,10 @@ def send(
         for number, part in enumerate(parts, start=1):
             label = str(path) if len(parts) == 1 else f"{path} #{number}"
             outgoing.append((label, part))
+    if key and not cert:
+        raise click.UsageError("--key is the key of a client certificate: give --cert too")
+    if insecure and not (tls or ca or cert):
+        raise click.UsageError("--insecure only applies to a TLS connection: add --tls")
     context = _client_tls(ca, cert, key, insecure) if tls or ca or cert else None
     failures = asyncio.run(_send_all(outgoing, host, port, context, timeout))
     sys.exit(1 if failures else 0)
