@@ -823,6 +823,19 @@ def test_cli_search_prints_ranked_services_with_reasons() -> None:
     )
 
 
+def test_cli_search_says_when_the_postal_code_is_unknown() -> None:
+    """A postal code outside the shipped table is not silently dropped: the search still runs,
+    and says distance could not count."""
+    result = CliRunner().invoke(
+        resources,
+        ["search", "--need", "food", "--near", "abc", "--config", str(CONFIG / "carehub.yaml")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: postal code ABC is not in " in result.stderr
+    assert "distances are unknown" in result.stderr
+    assert result.stdout.startswith("needs: food · near ABC")
+
+
 def test_cli_search_json_defaults_to_config_resources_in_the_current_folder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -84,9 +84,16 @@ def search_command(
         raise click.UsageError("give --directory or --api-url, not both")
     base = _base_folder(config_path)
     walk = Crosswalk.load(_resolve(crosswalk, base, "resources/crosswalk.yaml"))
-    table = PostalCodes.load(_resolve(postal_codes, base, "resources/postal_codes.csv"))
+    postal_codes_file = _resolve(postal_codes, base, "resources/postal_codes.csv")
+    table = PostalCodes.load(postal_codes_file)
     wanted = walk.resolve(needs)
     near = PostalCodes.normalize(near)
+    if near and not api_url and table.get(near) is None:
+        click.echo(
+            f"note: postal code {near} is not in {postal_codes_file}: distances are unknown, "
+            "so services are not ranked or limited by distance",
+            err=True,
+        )
     source: Directory
     if api_url:
         source = ApiDirectory(api_url, cache_seconds=0)
