@@ -487,7 +487,7 @@ def test_a_broker_that_cannot_be_reached_is_named_before_anything_says_ready(
     config = write(tmp_path, "hub.yaml", f"queue:\n  url: {url}\n")
     result = run(*command, "--config", str(config), "--data-dir", str(tmp_path / "data"))
     assert result.exit_code == 2, result.output
-    assert f"{config}:2: queue.url: cannot reach the broker at amqp://carehub:**@" in (
+    assert f"{config}:2: queue.url: cannot reach the broker at amqp://carehub:***@" in (
         result.stderr
     )
     assert "s3cret" not in result.output and "carehub ready" not in result.output

@@ -19,7 +19,14 @@ import click
 
 from carehub import __version__
 from carehub.cliparams import DAYS, LIMIT, MESSAGE_STATUS, PORT, ROW_ID, TIMEOUT
-from carehub.config import ENV_CONFIG, ENV_DATA_DIR, HubConfig, load_config, resolve_data_dir
+from carehub.config import (
+    ENV_CONFIG,
+    ENV_DATA_DIR,
+    HubConfig,
+    load_config,
+    resolve_data_dir,
+    without_password,
+)
 from carehub.errors import CarehubError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -189,13 +196,15 @@ def _apply_port_overrides(config: HubConfig, mllp_port: int | None, http_port: i
 
 
 def _queue_label(config: HubConfig) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", config.queue.url)
+    return without_password(config.queue.url)
 
 
 def _store_label(config: HubConfig, data_dir: Path) -> str:
+    from carehub.store.store import STORE_FILE
+
     if config.store.url:
-        return re.sub(r"//[^@/]*@", "//***@", config.store.url)  # never print a password
-    return f"{data_dir / 'carehub.db'} (SQLite, durability={config.store.durability})"
+        return without_password(config.store.url)
+    return f"{data_dir / STORE_FILE} (SQLite, durability={config.store.durability})"
 
 
 # -- send ------------------------------------------------------------------------------------
@@ -478,13 +487,10 @@ def routes_check(config: HubConfig, data_dir: Path) -> None:
     """Validate the hub config, every route file and every plugin option, and load what the
     steps read at start (rosters, directories, code tables, TLS files) as `serve` would; no
     listener starts and nothing is sent."""
-    from carehub.hub import build_routing
-    from carehub.intake.tls import server_context
+    from carehub.hub import build_routing, mllp_tls_contexts
 
     host, table = build_routing(config, data_dir)
-    for index, listener in enumerate(config.listeners.mllp):
-        if listener.tls:
-            server_context(listener.tls, f"listeners.mllp[{index}]")
+    mllp_tls_contexts(config)
 
     async def start_and_close() -> None:
         await table.start()
@@ -588,6 +594,7 @@ def dead_letters_retry(
     """Queue dead letters again with a fresh set of attempts."""
     from carehub.hub import open_store
     from carehub.store.outbox import Outbox
+    from carehub.store.schema import DeliveryStatus
 
     if not delivery_ids and not retry_all:
         raise click.UsageError("name delivery ids, or pass --all")
@@ -602,7 +609,7 @@ def dead_letters_retry(
         status = found.get(delivery_id)
         if status is None:
             click.echo(f"delivery {delivery_id}: no such delivery", err=True)
-        elif status != "dead":
+        elif status != DeliveryStatus.DEAD.value:
             click.echo(
                 f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
             )

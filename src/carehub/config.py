@@ -277,6 +277,14 @@ def read_config_text(path: Path, what: str, encoding: str = "utf-8") -> str:
         ) from None
 
 
+_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
+
+
+def without_password(url: str) -> str:
+    """A URL as it may be printed or logged: a password in it replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
 def where_in_config(config: HubConfig, *key: str | int) -> str:
     """``file:line: key.path`` for a setting found wrong after loading (a store that will not
     open, say), as load_config's own errors name it; just the key path without a file."""
@@ -287,7 +295,7 @@ def where_in_config(config: HubConfig, *key: str | int) -> str:
         return dotted
     try:
         line = _line_of(yaml.compose(config.source.read_text(encoding="utf-8")), key)
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: no longer UTF-8 text
         line = None
     return f"{config.source}{f':{line}' if line else ''}: {dotted}"
 

@@ -10,18 +10,24 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic.util import CommandError as AlembicError
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from carehub import __version__
 from carehub.components import ComponentContext
-from carehub.config import HubConfig, http_tokens, resolve_data_dir, where_in_config
+from carehub.config import (
+    HubConfig,
+    http_tokens,
+    resolve_data_dir,
+    where_in_config,
+    without_password,
+)
 from carehub.errors import CarehubError, ConfigError
 from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
@@ -106,11 +112,16 @@ def _store_open_problem(config: HubConfig, data_dir: Path, err: Exception) -> st
     if not config.store.url:
         return f"data dir {data_dir}: cannot open the store there: {reason}"
     where = where_in_config(config, "store", "url")
-    try:
-        shown = make_url(config.store.url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return f"{where}: not a database URL carehub can use ({reason})"
-    return f"{where}: cannot open the store at {shown}: {reason}"
+    return f"{where}: cannot open the store at {without_password(config.store.url)}: {reason}"
+
+
+def mllp_tls_contexts(config: HubConfig) -> list[ssl.SSLContext | None]:
+    """Each MLLP listener's TLS context (None without TLS); a file that cannot be loaded is a
+    ConfigError naming the listener's setting. `serve` and `routes check` both load them."""
+    return [
+        server_context(listener.tls, f"listeners.mllp[{i}]") if listener.tls else None
+        for i, listener in enumerate(config.listeners.mllp)
+    ]
 
 
 def config_dir(config: HubConfig) -> Path:
@@ -201,19 +212,15 @@ class Hub:
             await self._start_worker(self.worker)
         listeners = self.config.listeners
         try:
-            for i, mllp_config in enumerate(listeners.mllp):
-                context = (
-                    server_context(mllp_config.tls, f"listeners.mllp[{i}]")
-                    if mllp_config.tls
-                    else None
-                )
+            contexts = mllp_tls_contexts(self.config)
+            for i, (mllp_config, context) in enumerate(zip(listeners.mllp, contexts, strict=True)):
                 listener = MLLPListener(mllp_config, self.intake, context)
-                host, port = await _bind(
+                host, port = await self._bind(
                     listener.start(),
                     f"MLLP listener '{mllp_config.name}'",
                     mllp_config.host,
                     mllp_config.port,
-                    where_in_config(self.config, "listeners", "mllp", i, "port"),
+                    ("listeners", "mllp", i, "port"),
                 )
                 self.mllp_listeners.append(listener)
                 kind = "MLLP+TLS" if context else "MLLP"
@@ -228,12 +235,12 @@ class Hub:
                     self.store,
                 )
                 self.http_listener = HTTPListener(listeners.http, app)
-                host, port = await _bind(
+                host, port = await self._bind(
                     self.http_listener.start(),
                     "HTTP listener",
                     listeners.http.host,
                     listeners.http.port,
-                    where_in_config(self.config, "listeners", "http", "port"),
+                    ("listeners", "http", "port"),
                 )
                 self.bound.append(BoundListener("HTTP", "http", f"{host}:{port}"))
             for index, drop_config in enumerate(listeners.files):
@@ -251,6 +258,25 @@ class Hub:
             raise
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
         return self.bound
+
+    async def _bind(
+        self,
+        starting: Coroutine[Any, Any, tuple[str, int]],
+        what: str,
+        host: str,
+        port: int,
+        key: tuple[str | int, ...],
+    ) -> tuple[str, int]:
+        """Start a listener; a port that cannot be bound (in use, not allowed) is a CarehubError
+        naming the listener, the address and the setting to change."""
+        try:
+            return await starting
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            where = where_in_config(self.config, *key)
+            raise CarehubError(
+                f"{what} cannot listen on {host}:{port}: {reason} ({where})"
+            ) from err
 
     def _open_publisher(self) -> Publisher:
         """The work queue's publisher; a broker that cannot be reached is an error naming
@@ -340,18 +366,6 @@ class Hub:
             ],
             "intake": {f"{k[0]}/{k[1]}": v for k, v in sorted(self.intake.counts.items())},
         }
-
-
-async def _bind(
-    starting: Coroutine[Any, Any, tuple[str, int]], what: str, host: str, port: int, key: str
-) -> tuple[str, int]:
-    """Start a listener; a port that cannot be bound (in use, not allowed) is a CarehubError
-    naming the listener, the address and the setting to change."""
-    try:
-        return await starting
-    except OSError as err:
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        raise CarehubError(f"{what} cannot listen on {host}:{port}: {reason} ({key})") from err
 
 
 def _report_worker_end(task: asyncio.Task[None]) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
+from carehub.config import without_password
+
 log = logging.getLogger(__name__)
 
 EXCHANGE = Exchange("carehub", type="direct", durable=True)
@@ -89,16 +91,8 @@ class WorkQueue:
         except Exception as err:  # kombu raises the transport's own errors, and KeyError
             reason = str(err) or type(err).__name__
             raise QueueUnavailable(
-                f"cannot reach the broker at {self.shown_url}: {reason}"
+                f"cannot reach the broker at {without_password(self.url)}: {reason}"
             ) from err
-
-    @property
-    def shown_url(self) -> str:
-        """The URL without its password, for messages and logs."""
-        try:
-            return str(Connection(self.url).as_uri())
-        except Exception:
-            return self.url.split("://", 1)[0] + "://..."
 
     def consumer(self, deliver: Callable[[list[int], Callable[[], None]], None]) -> Consumer:
         return Consumer(self, deliver)
