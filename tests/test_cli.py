@@ -350,7 +350,7 @@ def test_store_prune_deletes_old_rows_and_shrinks_the_file(tmp_path: Path) -> No
     ("args", "named"),
     [
         (["messages", "show", "99999999999999999999"], "'MESSAGE_ID'"),
-        (["messages", "reprocess", "0"], "'MESSAGE_IDS...'"),
+        (["messages", "reprocess", "0"], "'[MESSAGE_IDS]...'"),
         (["messages", "list", "--limit", "0"], "'--limit'"),
         (["messages", "list", "--limit", "-1"], "'--limit'"),
         (["messages", "list", "--since", "99999999d"], "'--since'"),

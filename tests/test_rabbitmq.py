@@ -15,8 +15,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from click.testing import CliRunner, Result
 from kombu import Connection
 
+from carehub.cli import main
 from carehub.hl7.ack import read_ack
 from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore
@@ -260,3 +262,56 @@ routes: [routes.yaml]
                 store.close()
     assert arrivals(http) == order
     assert {r.key for r in http.requests} == keys and len(keys) == 12
+
+
+# -- routes check ----------------------------------------------------------------------------
+CHECK_ROUTES = """routes:
+  - name: archive
+    when: {type: ADT}
+    steps:
+      - forward: {channel: file, directory: out}
+"""
+
+
+def routes_check(tmp_path: Path, settings: str) -> Result:
+    """`carehub routes check` on a hub config of ``settings`` with one file route."""
+    (tmp_path / "routes.yaml").write_text(CHECK_ROUTES, encoding="utf-8")
+    config_path = tmp_path / "carehub.yaml"
+    config_path.write_text(f"{settings}routes: [routes.yaml]\n", encoding="utf-8")
+    args = ["routes", "check", "--config", str(config_path), "--data-dir", str(tmp_path / "data")]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_routes_check_passes_with_a_broker_that_answers(tmp_path: Path) -> None:
+    """The broker `serve` would publish to answers: `routes check` says so (the password
+    hidden) and passes."""
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    if not reachable(RABBIT):
+        pytest.skip(RABBIT_SKIP)
+    result = routes_check(tmp_path, f"queue:\n  url: {url}\n")
+    assert result.exit_code == 0, result.output
+    assert "queue: amqp://guest:***@127.0.0.1:5672// (answers)" in result.stdout
+    assert "ok: 1 route(s), 1 destination(s)" in result.stdout
+    assert "guest:guest" not in result.output
+
+
+@pytest.mark.postgres
+def test_routes_check_reads_a_postgresql_store_without_creating_its_tables(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """On an empty PostgreSQL schema `routes check` passes (serve creates the tables) and
+    creates none; once migrated, it shows the schema revision."""
+    settings = f"store:\n  url: '{pg_url}'\n"
+    result = routes_check(tmp_path, settings)
+    assert result.exit_code == 0, result.output
+    assert "(none yet; serve creates it)" in result.stdout
+    store = MessageStore(pg_url)
+    try:
+        assert store.schema_revision() is None  # nothing was created
+        store.migrate()
+        revision = store.schema_revision()
+    finally:
+        store.close()
+    result = routes_check(tmp_path, settings)
+    assert result.exit_code == 0, result.output
+    assert f"(schema {revision})" in result.stdout and "ok: 1 route(s)" in result.stdout

@@ -836,6 +836,49 @@ def test_cli_search_says_when_the_postal_code_is_unknown() -> None:
     assert result.stdout.startswith("needs: food · near ABC")
 
 
+def test_cli_search_refuses_a_language_it_does_not_know() -> None:
+    """A language neither carehub nor the directory knows (a typo, say) used to rank as if no
+    language were asked; it is a usage error naming the option, the value and the forms taken."""
+    runner = CliRunner()
+    args = ["search", "--need", "food", "--near", "62704", "--config", str(CONFIG / "carehub.yaml")]
+    for value in ("klingon", "spansih"):
+        result = runner.invoke(resources, [*args, "--language", value])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '--language': {value!r} is not a language" in result.stderr
+        assert "ISO 639-1 or 639-2 code or an English name (es, spa or Spanish)" in result.stderr
+        assert "the directory lists English, Spanish" in result.stderr
+        assert result.stdout == "" and "Traceback" not in result.output
+    assert "did you mean 'spanish'?" in result.stderr  # the typo
+    for value in ("SPA", "Spanish", "spa^Spanish^HL70296"):
+        result = runner.invoke(resources, [*args, "--language", value])
+        assert result.exit_code == 0, result.output
+        assert "   - speaks Spanish" in result.stdout.splitlines()
+
+
+def test_cli_search_takes_a_language_only_the_directory_lists(
+    tmp_path: Path, sample_services: list[dict[str, Any]]
+) -> None:
+    """A language outside carehub's table is accepted, by code or by name, when a service in the
+    directory lists it, and that service ranks as speaking it."""
+    services = json.loads(json.dumps(sample_services))
+    pantry = next(s for s in services if s["name"] == "Community Food Pantry")
+    pantry["languages"].append({"id": "hmn-1", "code": "hmn", "name": "Hmong"})
+    directory = tmp_path / "directory.json"
+    directory.write_text(json.dumps(services), encoding="utf-8")
+    args = ["search", "--need", "food", "--near", "62704", "--json", "--directory", str(directory)]
+    args += ["--config", str(CONFIG / "carehub.yaml")]
+    for value in ("Hmong", "HMN", "^Hmong"):
+        result = CliRunner().invoke(resources, [*args, "--language", value])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["language"] == "Hmong"
+        speaking = [m["service"] for m in data["matches"] if "speaks hmn" in m["reasons"]]
+        assert speaking == ["Community Food Pantry"]
+    refused = CliRunner().invoke(resources, [*args, "--language", "Hmongg"])
+    assert refused.exit_code == 2
+    assert "the directory lists English, Hmong, Spanish; did you mean 'hmong'?" in refused.stderr
+
+
 def test_cli_search_json_defaults_to_config_resources_in_the_current_folder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

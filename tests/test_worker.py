@@ -11,7 +11,7 @@ import random
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread, make_adt, mllp_exchange
 from tests.helpers_http import HTTPServer, wait_for
+from tests.test_cli import free_port
 
 FAST_RETRY = "{max_attempts: %d, initial_delay: 0.05, multiplier: 1, max_delay: 0.05, jitter: 0}"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -378,6 +379,120 @@ def test_routes_check_names_a_routes_file_that_does_not_exist(tmp_path: Path) ->
     assert f"{config_path}:{line}: routes[0]: no routes file {tmp_path / 'route.yaml'}" in (
         result.output
     )
+
+
+def hub_config(tmp_path: Path, **sections: str) -> Path:
+    """write_config's hub config (GOOD_ROUTE) with its queue: line replaced by ``sections``,
+    each a top-level key with its block of YAML (queue, store)."""
+    path = write_config(tmp_path, GOOD_ROUTE)
+    text = path.read_text(encoding="utf-8").replace("queue: {partitions: 8}\n", "")
+    text += "".join(f"{key}:\n{body}" for key, body in sections.items())
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_routes_check_names_a_broker_that_cannot_be_reached(tmp_path: Path) -> None:
+    """`serve` stops before "ready" when queue.url names a broker nothing answers at, and so
+    does `routes check`: exit 2 naming the setting by file and line, the password hidden, and
+    no "ok" line. The routes are still listed, and no store is created."""
+    url = f"amqp://carehub:s3cret@127.0.0.1:{free_port()}//"
+    config_path = hub_config(tmp_path, queue=f"  url: {url}\n")
+    result = cli(config_path, tmp_path / "data", "routes", "check")
+    assert result.exit_code == 2, result.output
+    where = f"{config_path}:{line_of(config_path, 'url: amqp')}: queue.url"
+    assert f"error: {where}: cannot reach the broker at amqp://carehub:***@127.0.0.1:" in (
+        result.stderr
+    )
+    assert "route archive" in result.stdout and "ok:" not in result.output
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "data").exists()
+
+
+def test_routes_check_names_the_store_and_the_broker_in_one_run(tmp_path: Path) -> None:
+    """A store.url nothing answers at is named as `serve` names it, and the broker as well:
+    one run shows every setting to fix."""
+    store_url = f"postgresql+psycopg://carehub:s3cret@127.0.0.1:{free_port()}/test"
+    queue_url = f"amqp://carehub:s3cret@127.0.0.1:{free_port()}//"
+    config_path = hub_config(tmp_path, store=f"  url: {store_url}\n", queue=f"  url: {queue_url}\n")
+    result = cli(config_path, tmp_path / "data", "routes", "check")
+    assert result.exit_code == 2, result.output
+    store_line, queue_line = line_of(config_path, "postgresql"), line_of(config_path, "amqp")
+    assert (
+        f"error: {config_path}:{store_line}: store.url: cannot open the store at "
+        "postgresql+psycopg://carehub:***@127.0.0.1:"
+    ) in result.stderr
+    assert f"error: {config_path}:{queue_line}: queue.url: cannot reach the broker" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.output and "ok:" not in result.output
+
+    offline = cli(config_path, tmp_path / "data", "routes", "check", "--offline")
+    assert offline.exit_code == 0, offline.output  # a CI job without the database or broker
+    assert "ok: 1 route(s)" in offline.stdout
+    assert "store:" not in offline.output and "queue:" not in offline.output
+
+
+def _data_dir_under_a_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "a-file").write_text("not a folder")
+    return tmp_path / "a-file" / "data", f"Not a directory: {tmp_path / 'a-file'}"
+
+
+def _not_a_database(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "carehub.db").write_bytes(b"not a database " * 100)
+    return tmp_path / "data", "file is not a database"
+
+
+def _newer_schema(tmp_path: Path) -> tuple[Path, str]:
+    data = tmp_path / "data"
+    assert CliRunner().invoke(main, ["store", "upgrade", "--data-dir", str(data)]).exit_code == 0
+    with sqlite3.connect(data / "carehub.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    conn.close()
+    return data, "its schema is at revision '9999', which this carehub version cannot migrate"
+
+
+@pytest.mark.parametrize("case", [_data_dir_under_a_file, _not_a_database, _newer_schema])
+def test_routes_check_names_a_store_serve_could_not_open(
+    tmp_path: Path, case: Callable[[Path], tuple[Path, str]]
+) -> None:
+    """`routes check` fails, naming the data dir, where `serve` fails to open the store, and
+    leaves the files as they were (no -wal or -shm beside a SQLite store, nothing migrated)."""
+    data, reason = case(tmp_path)
+    config_path = write_config(tmp_path, GOOD_ROUTE)
+    before = sorted(p.name for p in data.iterdir()) if data.is_dir() else None
+    stored = (data / "carehub.db").read_bytes() if before else None
+    result = cli(config_path, data, "routes", "check")
+    assert result.exit_code == 2, result.output
+    assert f"error: data dir {data}: cannot open the store there: {reason}" in result.stderr
+    assert "queue: memory://" in result.stdout and "ok:" not in result.output
+    assert (sorted(p.name for p in data.iterdir()) if data.is_dir() else None) == before
+    assert ((data / "carehub.db").read_bytes() if before else None) == stored
+    served = cli(config_path, data, "serve", "--mllp-port", "0", "--http-port", "0")
+    assert served.exit_code == 2 and f"data dir {data}: cannot" in served.stderr
+
+
+def test_routes_check_reads_the_store_without_creating_or_changing_it(tmp_path: Path) -> None:
+    """A store that is not there yet passes (serve creates it) and is not made by the check;
+    one that is there shows its schema revision, with nothing left beside it."""
+    config_path = write_config(tmp_path, GOOD_ROUTE)
+    data = tmp_path / "nested" / "data"
+    result = cli(config_path, data, "routes", "check")
+    assert result.exit_code == 0, result.output
+    assert f"store: {data / 'carehub.db'} (none yet; serve creates it)" in result.stdout
+    assert "queue: memory:// (in-process)" in result.stdout
+    assert not (tmp_path / "nested").exists()
+
+    upgraded = CliRunner().invoke(main, ["store", "upgrade", "--data-dir", str(data)])
+    revision = upgraded.output.split()[-1]
+    result = cli(config_path, data, "routes", "check")
+    assert result.exit_code == 0, result.output
+    assert f"store: {data / 'carehub.db'} (schema {revision})" in result.stdout
+    assert [p.name for p in data.iterdir()] == ["carehub.db"]
 
 
 # -- routes test ------------------------------------------------------------------------------

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import json
 import logging
-import re
 import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from carehub import __version__
-from carehub.cliparams import DAYS, LIMIT, MESSAGE_STATUS, PORT, ROW_ID, TIMEOUT
+from carehub.cliparams import AGE, DAYS, LIMIT, MESSAGE_STATUS, PORT, ROW_ID, TIMEOUT, parse_age
 from carehub.config import (
     ENV_CONFIG,
     ENV_DATA_DIR,
@@ -28,6 +28,10 @@ from carehub.config import (
     without_password,
 )
 from carehub.errors import CarehubError
+from carehub.search import FieldMatch, MessageFilter, parse_sender
+
+if TYPE_CHECKING:
+    from carehub.store.store import MessageStore, StoredMessage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -331,71 +335,200 @@ def messages() -> None:
     """Browse stored messages."""
 
 
-def _parse_since(value: str | None) -> datetime | None:
+def _parse_since(value: str | None, option: str = "--since") -> datetime | None:
+    """A moment given as an ISO date/time or an age back from now; errors name ``option``."""
     if not value:
         return None
-    match = re.fullmatch(r"(\d+)([smhd])", value)
     try:
-        if match:
-            seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-            return datetime.now(UTC) - timedelta(seconds=int(match.group(1)) * seconds)
+        age = parse_age(value)
+        if age is not None:
+            return datetime.now(UTC) - age
         parsed = datetime.fromisoformat(value)
         # In UTC now, as the store compares: a time at the calendar's edge fails here, by name.
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except ValueError as err:
         raise click.BadParameter(
             f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",
-            param_hint="'--since'",
+            param_hint=f"'{option}'",
         ) from err
     except OverflowError as err:
         raise click.BadParameter(
-            f"{value!r} reaches past the calendar's range", param_hint="'--since'"
+            f"{value!r} reaches past the calendar's range", param_hint=f"'{option}'"
         ) from err
 
 
-@messages.command("list")
-@hub_options
-@click.option(
-    "--status",
-    type=MESSAGE_STATUS,
-    help="received, refused, rejected, routed, unrouted, delivered or failed.",
-)
-@click.option("--type", "message_type", help="Message type (MSH-9.1), e.g. ADT.")
-@click.option("--event", help="Trigger event (MSH-9.2), e.g. A01.")
-@click.option("--patient", help="Patient identifier (PID-3.1).")
-@click.option(
-    "--since",
-    callback=lambda _ctx, _param, value: _parse_since(value),
-    help="ISO date/time or an age such as 30m, 2h, 7d.",
-)
-@click.option("--limit", type=LIMIT, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def list_messages(
-    config: HubConfig,
-    data_dir: Path,
-    status: str | None,
-    message_type: str | None,
-    event: str | None,
-    patient: str | None,
-    since: datetime | None,
-    limit: int,
-    as_json: bool,
-) -> None:
-    """List stored messages, newest first."""
-    from carehub.hub import open_store
+def _moment(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    return _parse_since(value, param.opts[0])
 
-    store = open_store(config, data_dir, must_exist=True)
+
+def _field_matches(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[FieldMatch, ...]:
+    matches = []
+    for value in values:
+        try:
+            matches.append(FieldMatch.parse(value))
+        except ValueError as err:
+            raise click.BadParameter(f"{value!r}: {err}", ctx, param) from err
+    return tuple(matches)
+
+
+def _sender(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
     try:
-        found = store.find(
+        return parse_sender(value)
+    except ValueError as err:
+        raise click.BadParameter(f"{value!r}: {err}", ctx, param) from err
+
+
+def _some_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value == "":
+        raise click.BadParameter("give the text to look for", ctx, param)
+    return value
+
+
+_FILTER_OPTIONS = (
+    click.option(
+        "--status",
+        type=MESSAGE_STATUS,
+        help="received, refused, rejected, routed, unrouted, delivered or failed.",
+    ),
+    click.option("--type", "message_type", help="Message type (MSH-9.1), e.g. ADT."),
+    click.option("--event", help="Trigger event (MSH-9.2), e.g. A01."),
+    click.option("--patient", help="Patient identifier (PID-3.1)."),
+    click.option("--listener", help="Name of the listener that received it."),
+    click.option(
+        "--sender",
+        metavar="APP[^FACILITY]",
+        callback=_sender,
+        help="Sending application (MSH-3) and facility (MSH-4), each the whole field or its "
+        "first component; ^FACILITY alone for the facility only.",
+    ),
+    click.option("--control-id", help="Message control ID (MSH-10)."),
+    click.option(
+        "--since",
+        callback=_moment,
+        help="Received at or after: ISO date/time or an age such as 30m, 2h, 7d.",
+    ),
+    click.option(
+        "--until",
+        callback=_moment,
+        help="Received before: ISO date/time or an age such as 30m, 2h, 7d.",
+    ),
+    click.option(
+        "--field",
+        "field_matches",
+        metavar="PATH=VALUE",
+        multiple=True,
+        callback=_field_matches,
+        help="The value at a field path, as a route reads it, e.g. PID-5.1=DOE or "
+        "PV1-3.4=NORTH (repeatable; every one must hold).",
+    ),
+    click.option(
+        "--contains",
+        callback=_some_text,
+        help="Text anywhere in the message, in any case.",
+    ),
+)
+
+
+def message_filters(func: F) -> F:
+    """The search options of `messages list`, `reprocess` and `export`, handed to the command
+    as one MessageFilter (``filters``), so that the three commands select alike."""
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        status: str | None,
+        message_type: str | None,
+        event: str | None,
+        patient: str | None,
+        listener: str | None,
+        sender: tuple[str | None, str | None],
+        control_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        field_matches: tuple[FieldMatch, ...],
+        contains: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        if since is not None and until is not None and until <= since:
+            raise click.BadParameter(
+                "must be later than --since", click.get_current_context(), param_hint="'--until'"
+            )
+        filters = MessageFilter(
             status=status,
             message_type=message_type,
             event=event,
             patient=patient,
+            listener=listener,
+            sending_application=sender[0],
+            sending_facility=sender[1],
+            control_id=control_id,
             since=since,
-            limit=limit,
+            until=until,
+            fields=field_matches,
+            contains=contains,
         )
+        return func(*args, filters=filters, **kwargs)
+
+    for option in reversed(_FILTER_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+class _ScanCount:
+    """How many stored messages a content search (--field, --contains) read, told on stderr
+    at the end and, on a terminal, as it goes: such a search reads the messages themselves,
+    and on a large store that takes long enough to want to see it move."""
+
+    def __init__(self, filters: MessageFilter) -> None:
+        self.shown = filters.reads_content
+        self.live = self.shown and sys.stderr.isatty()
+        self.scanned = 0
+
+    def __call__(self, scanned: int) -> None:
+        self.scanned = scanned
+        if self.live:
+            click.echo(f"\rscanned {scanned:,} message(s)...", err=True, nl=False)
+
+    def report(self, matched: int) -> None:
+        if self.shown:
+            erase = "\r\x1b[K" if self.live else ""
+            click.echo(f"{erase}scanned {self.scanned:,} message(s), {matched:,} matched", err=True)
+
+
+def _message_line(message: StoredMessage) -> str:
+    """One message on one line, for lists of what a command would do (no patient data)."""
+    kind = "^".join(part for part in (message.message_type, message.trigger_event) if part)
+    received = message.received_at.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{message.id}\t{received}\t{kind or '-'}\t{message.control_id or '-'}\t{message.status}"
+
+
+@messages.command("list")
+@hub_options
+@message_filters
+@click.option("--limit", type=LIMIT, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_messages(
+    config: HubConfig, data_dir: Path, filters: MessageFilter, limit: int, as_json: bool
+) -> None:
+    """List stored messages, newest first.
+
+    --field and --contains read the messages themselves, newest first, until --limit of them
+    match; how many were read is told on stderr."""
+    from carehub.hub import open_store
+
+    store = open_store(config, data_dir, must_exist=True)
+    count = _ScanCount(filters)
+    try:
+        found = list(store.search(filters, limit=limit, on_page=count))
     finally:
         store.close()
+    count.report(len(found))
     if as_json:
         for message in found:
             click.echo(json.dumps(message.summary(), ensure_ascii=False))
@@ -438,41 +571,169 @@ def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) 
 
 @messages.command("reprocess")
 @hub_options
-@click.argument("message_ids", type=ROW_ID, nargs=-1, required=True)
-def reprocess_messages(config: HubConfig, data_dir: Path, message_ids: tuple[int, ...]) -> None:
-    """Run stored messages through the current routes again (new deliveries, new keys)."""
-    from carehub.hub import build_routing, open_store
-    from carehub.routing.router import Router
-    from carehub.store.outbox import Outbox
+@click.argument("message_ids", type=ROW_ID, nargs=-1)
+@message_filters
+@click.option("--limit", type=LIMIT, help="With filters: only the newest N matches.")
+@click.option("--dry-run", is_flag=True, help="List what would be reprocessed; change nothing.")
+@click.option("--yes", is_flag=True, help="With filters: do not ask before reprocessing.")
+def reprocess_messages(
+    config: HubConfig,
+    data_dir: Path,
+    message_ids: tuple[int, ...],
+    filters: MessageFilter,
+    limit: int | None,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Run stored messages through the current routes again (new deliveries, new keys).
 
+    Give message ids, or the filters of `messages list` to reprocess every match
+    (`--status failed --since 2h`): how many match is shown and confirmed first (--yes
+    skips the question), and they are reprocessed oldest first, so that each patient's
+    messages reach the destinations in the order they were received."""
+    from carehub.hub import open_store
+
+    ctx = click.get_current_context()
+    if message_ids and not filters.is_empty():
+        raise click.UsageError("give message ids or filters, not both", ctx)
+    if not message_ids and filters.is_empty():
+        raise click.UsageError(
+            "give message ids, or filters that select messages (e.g. --status failed --since 2h)",
+            ctx,
+        )
+    if message_ids and limit is not None:
+        raise click.UsageError("--limit goes with filters, not with message ids", ctx)
     store = open_store(config, data_dir, must_exist=True)
-    host, table = build_routing(config, data_dir, store)
     try:
-        outbox = Outbox(store)
-
-        async def run() -> None:
-            await table.start()
-            try:
-                router = Router(table, host)
-                for message_id in message_ids:
-                    message = store.get(message_id)
-                    if message is None:
-                        raise CarehubError(f"no message with id {message_id}")
-                    result = router.route(message, run=outbox.next_run(message_id))
-                    outbox.record_routing([result])
-                    matched = ", ".join(r.route for r in result.matched) or "no route"
-                    click.echo(
-                        f"message {message_id} (run {result.run}): {matched}; "
-                        f"{len(result.deliveries)} deliveries queued"
-                        + (f"; errors: {'; '.join(result.errors)}" if result.errors else "")
-                    )
-            finally:
-                await table.close()
-
-        asyncio.run(run())
+        if message_ids:
+            chosen = store.get_many(list(message_ids))
+            known = {message.id for message in chosen}
+            for message_id in message_ids:
+                if message_id not in known:
+                    raise CarehubError(f"no message with id {message_id}")
+            if dry_run:
+                for message in chosen:
+                    click.echo(_message_line(message))
+            ids = list(message_ids)
+        else:
+            # Only the ids (and, for a dry run, a line each) are kept: the messages are read
+            # again one at a time as they are routed.
+            count = _ScanCount(filters)
+            ids: list[int] = []
+            lines: list[str] = []
+            for message in store.search(filters, limit=limit, on_page=count):
+                ids.append(message.id)
+                if dry_run:
+                    lines.append(_message_line(message))
+            count.report(len(ids))
+            ids.reverse()  # oldest first
+            for line in reversed(lines):
+                click.echo(line)
+            click.echo(f"{len(ids)} message(s) match")
+        if dry_run:
+            click.echo(f"dry run: {len(ids)} message(s) would be reprocessed; nothing changed")
+            return
+        if not ids:
+            return
+        if not message_ids and not yes:
+            click.confirm(f"Reprocess {len(ids)} message(s)?", abort=True)
+        _reprocess(config, data_dir, store, ids)
     finally:
         store.close()
     click.echo("deliveries go out when a worker runs (`carehub serve` or `carehub worker`)")
+
+
+def _reprocess(
+    config: HubConfig, data_dir: Path, store: MessageStore, message_ids: list[int]
+) -> None:
+    """Route each message again as a new run, with new deliveries under new keys. Deliveries
+    planned under a key an earlier run already used (a care-team notice of the same visit
+    event) are left out by the outbox, so nobody is told twice."""
+    from carehub.hub import build_routing
+    from carehub.routing.router import Router
+    from carehub.store.outbox import Outbox
+
+    host, table = build_routing(config, data_dir, store)
+    outbox = Outbox(store)
+
+    async def run() -> None:
+        await table.start()
+        try:
+            router = Router(table, host)
+            for message_id in message_ids:
+                message = store.get(message_id)
+                if message is None:
+                    raise CarehubError(f"no message with id {message_id}")
+                result = router.route(message, run=outbox.next_run(message_id))
+                outbox.record_routing([result])
+                matched = ", ".join(r.route for r in result.matched) or "no route"
+                click.echo(
+                    f"message {message_id} (run {result.run}): {matched}; "
+                    f"{len(result.deliveries)} deliveries queued"
+                    + (f"; errors: {'; '.join(result.errors)}" if result.errors else "")
+                )
+        finally:
+            await table.close()
+
+    asyncio.run(run())
+
+
+@messages.command("export")
+@hub_options
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for the <id>.hl7 files (made when missing).",
+)
+@message_filters
+@click.option("--limit", type=LIMIT, help="Only the newest N matches.")
+@click.option("--force", is_flag=True, help="Overwrite files that are already there.")
+def export_messages(
+    config: HubConfig,
+    data_dir: Path,
+    out_dir: Path,
+    filters: MessageFilter,
+    limit: int | None,
+    force: bool,
+) -> None:
+    """Write each matching message to OUT/<id>.hl7, byte for byte as it was received.
+
+    The files replay with `carehub send` and serve as test fixtures. Without --force nothing
+    is written when any of the files is already there."""
+    from carehub.hub import open_store
+    from carehub.store.store import SEARCH_PAGE
+
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        count = _ScanCount(filters)
+        ids = [message.id for message in store.search(filters, limit=limit, on_page=count)]
+        count.report(len(ids))
+        if not force:
+            taken = [path for path in (out_dir / f"{i}.hl7" for i in ids) if path.exists()]
+            if taken:
+                more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+                raise CarehubError(f"{taken[0]} is already there{more}; --force overwrites")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CarehubError(f"--out {out_dir}: cannot make the folder: {err}") from err
+        written = 0
+        for start in range(0, len(ids), SEARCH_PAGE):
+            for message in store.get_many(ids[start : start + SEARCH_PAGE]):
+                path = out_dir / f"{message.id}.hl7"
+                try:
+                    with path.open("wb" if force else "xb") as file:
+                        file.write(message.raw)
+                except FileExistsError as err:
+                    raise CarehubError(f"{path} is already there; --force overwrites") from err
+                except OSError as err:
+                    raise CarehubError(f"{path}: cannot write: {err}") from err
+                written += 1
+    finally:
+        store.close()
+    click.echo(f"wrote {written} message(s) to {out_dir}")
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -483,11 +744,19 @@ def routes() -> None:
 
 @routes.command("check")
 @hub_options
-def routes_check(config: HubConfig, data_dir: Path) -> None:
-    """Validate the hub config, every route file and every plugin option, and load what the
-    steps read at start (rosters, directories, code tables, TLS files) as `serve` would; no
-    listener starts and nothing is sent."""
-    from carehub.hub import build_routing, mllp_tls_contexts
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Leave out the store and broker checks (routes, plugins and files only).",
+)
+def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
+    """Validate the hub config, every route file and every plugin option, load what the
+    steps read at start (rosters, directories, code tables, TLS files) and check that the store
+    would open and the queue's broker answers, as `serve` would before it is ready; no listener
+    starts, nothing is sent, and the store is neither created nor migrated. With --offline
+    (a CI job that has the config but not the production database or broker) the store and
+    broker are left out."""
+    from carehub.hub import build_routing, check_queue, check_store, mllp_tls_contexts
 
     host, table = build_routing(config, data_dir)
     mllp_tls_contexts(config)
@@ -503,6 +772,21 @@ def routes_check(config: HubConfig, data_dir: Path) -> None:
     for route in table.routes:
         steps = ", ".join(step.label for step in route.steps)
         click.echo(f"route {route.name} ({route.source.where()}): {steps}")
+    # Both are checked, so one run names every setting `serve` would stop on.
+    problems: list[str] = []
+    checks = (
+        ("store", lambda: check_store(config, data_dir)),
+        ("queue", lambda: check_queue(config)),
+    )
+    for what, check in () if offline else checks:
+        try:
+            click.echo(f"{what}: {check()}")
+        except CarehubError as err:
+            problems.append(str(err))
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(2)  # what `serve` exits with on the same error
     click.echo(f"ok: {len(table.routes)} route(s), {len(table.destinations)} destination(s)")
     if host.failures:
         sys.exit(1)
@@ -551,7 +835,10 @@ def dead_letters() -> None:
 @hub_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--limit", type=LIMIT, default=100, show_default=True)
-def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: int) -> None:
+@click.option("--destination", help="Only this destination's (route/name, as listed).")
+def dead_letters_list(
+    config: HubConfig, data_dir: Path, as_json: bool, limit: int, destination: str | None
+) -> None:
     """Dead-lettered deliveries with their last error."""
     from carehub.hub import open_store
     from carehub.store.outbox import Outbox
@@ -559,7 +846,10 @@ def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: i
 
     store = open_store(config, data_dir, must_exist=True)
     try:
-        dead = Outbox(store).find(status=DeliveryStatus.DEAD.value, limit=limit)
+        outbox = Outbox(store)
+        dead = outbox.find(status=DeliveryStatus.DEAD.value, destination=destination, limit=limit)
+        if destination is not None and not dead:
+            _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
         store.close()
     if as_json:
@@ -584,25 +874,47 @@ def dead_letters_list(config: HubConfig, data_dir: Path, as_json: bool, limit: i
     delivery_table(dead, "Dead letters")
 
 
+def _no_dead_letters_for(destination: str, dead: dict[str, int]) -> None:
+    """Say so on stderr, naming the destinations that have some: a mistyped name must not
+    read as "nothing is dead" when something is."""
+    others = ", ".join(f"{name} ({count})" for name, count in sorted(dead.items()))
+    click.echo(
+        f"no dead letters for destination {destination!r}; "
+        + (f"dead letters are waiting for: {others}" if others else "there are none at all"),
+        err=True,
+    )
+
+
 @dead_letters.command("retry")
 @hub_options
 @click.argument("delivery_ids", type=ROW_ID, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Every dead letter.")
+@click.option(
+    "--destination",
+    help="Every dead letter of this destination (route/name), e.g. once it is back up.",
+)
 def dead_letters_retry(
-    config: HubConfig, data_dir: Path, delivery_ids: tuple[int, ...], retry_all: bool
+    config: HubConfig,
+    data_dir: Path,
+    delivery_ids: tuple[int, ...],
+    retry_all: bool,
+    destination: str | None,
 ) -> None:
     """Queue dead letters again with a fresh set of attempts."""
     from carehub.hub import open_store
     from carehub.store.outbox import Outbox
     from carehub.store.schema import DeliveryStatus
 
-    if not delivery_ids and not retry_all:
-        raise click.UsageError("name delivery ids, or pass --all")
+    chosen = sum((bool(delivery_ids), retry_all, destination is not None))
+    if chosen != 1:
+        raise click.UsageError("name delivery ids, or pass --all, or --destination; only one")
     store = open_store(config, data_dir, must_exist=True)
     try:
         outbox = Outbox(store)
         found = outbox.statuses(list(delivery_ids)) if delivery_ids else {}
-        count = outbox.retry_dead(None if retry_all else list(delivery_ids))
+        count = outbox.retry_dead(list(delivery_ids) or None, destination)
+        if destination is not None and not count:
+            _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
         store.close()
     for delivery_id in dict.fromkeys(delivery_ids):  # each named id that was not retried
@@ -614,8 +926,59 @@ def dead_letters_retry(
                 f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
             )
     click.echo(f"{count} dead letter(s) queued again; a running worker sends them")
-    if delivery_ids and count < len(delivery_ids):
+    if (delivery_ids and count < len(delivery_ids)) or (destination is not None and not count):
         sys.exit(1)
+
+
+# -- status ----------------------------------------------------------------------------------
+@main.command("status")
+@hub_options
+@click.option(
+    "--window",
+    type=AGE,
+    default="1h",
+    show_default=True,
+    help="How far back intake and deliveries are counted: 30m, 2h, 7d.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.5, max=3600),
+    metavar="SECONDS",
+    help="Show it again every SECONDS until Ctrl-C.",
+)
+def status_command(
+    config: HubConfig, data_dir: Path, window: timedelta, as_json: bool, watch: float | None
+) -> None:
+    """Intake by listener, the routing backlog, and the outbox by destination, from the store.
+
+    Works the same beside one embedded hub or many workers, and with no hub running."""
+    import time
+
+    from carehub.display import new_console
+    from carehub.hub import open_store
+    from carehub.status import read_status, render
+
+    if watch and as_json:
+        raise click.UsageError("--watch shows the status on the terminal; leave out --json")
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        if as_json:
+            click.echo(json.dumps(read_status(store, window).as_json()))
+            return
+        console = new_console()
+        if not watch:
+            console.print(render(read_status(store, window)))
+            return
+        from rich.live import Live
+
+        first = render(read_status(store, window))
+        with contextlib.suppress(KeyboardInterrupt), Live(first, console=console) as live:
+            while True:
+                time.sleep(watch)
+                live.update(render(read_status(store, window)))
+    finally:
+        store.close()
 
 
 # -- plugins and workers ---------------------------------------------------------------------
@@ -654,7 +1017,7 @@ def plugins_command(as_json: bool) -> None:
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> None:
     """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`."""
-    from carehub.hub import build_routing, open_store
+    from carehub.hub import build_routing, check_queue, open_store
     from carehub.worker import Worker, WorkerSettings
     from carehub.workqueue import WorkQueue
 
@@ -664,14 +1027,8 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             "queue.url: a separate worker needs a shared broker (amqp://...); memory:// only "
             "works inside `carehub serve`"
         )
-    from carehub.config import where_in_config
-    from carehub.workqueue import QueueUnavailable
-
+    check_queue(config)
     work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
-    try:
-        work_queue.check()
-    except QueueUnavailable as err:
-        raise CarehubError(f"{where_in_config(config, 'queue', 'url')}: {err}") from err
     store = open_store(config, data_dir)
     host, table = build_routing(config, data_dir, store)
     settings = WorkerSettings(

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import sqlite3
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
+from sqlalchemy import create_engine, inspect, make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from carehub import __version__
 from carehub.components import ComponentContext
@@ -41,6 +47,7 @@ from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
 from carehub.store.store import (
     LOCK_TIMEOUT,
+    MIGRATIONS,
     STORE_FILE,
     MessageStore,
     RecentMessages,
@@ -113,6 +120,90 @@ def _store_open_problem(config: HubConfig, data_dir: Path, err: Exception) -> st
         return f"data dir {data_dir}: cannot open the store there: {reason}"
     where = where_in_config(config, "store", "url")
     return f"{where}: cannot open the store at {without_password(config.store.url)}: {reason}"
+
+
+def check_store(config: HubConfig, data_dir: Path) -> str:
+    """Raise the StoreOpenError open_store would raise at `serve`, without creating, migrating
+    or writing anything, for `routes check`: a database must answer with a schema this version
+    can migrate; a SQLite file must be a database, or its folder one that can be made.
+    Returns what was checked, to print."""
+    url = config.store.url or sqlite_url(data_dir)
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            revision = _sqlite_revision(parsed.database)
+        else:
+            engine = create_engine(url, poolclass=NullPool, hide_parameters=True)
+            try:
+                with engine.connect() as conn:
+                    revision = (
+                        conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+                        if inspect(conn).has_table("alembic_version")
+                        else None
+                    )
+            finally:
+                engine.dispose()
+        _check_revision(revision)
+    except (SQLAlchemyError, AlembicError, OSError, ImportError, sqlite3.Error) as err:
+        # ImportError: the URL names a database whose driver is not installed (mysql://...).
+        raise StoreOpenError(_store_open_problem(config, data_dir, err)) from err
+    where = without_password(config.store.url) if config.store.url else data_dir / STORE_FILE
+    return f"{where} ({f'schema {revision}' if revision else 'none yet; serve creates it'})"
+
+
+def _sqlite_revision(database: str | None) -> str | None:
+    """The schema revision of a SQLite store, opened without creating it (mode=rw, which also
+    leaves no -wal or -shm file behind); None for one `serve` would create, where it can."""
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).absolute()
+    if not path.exists():
+        _check_can_create(path.parent)
+        return None
+    uri = f"{path.as_uri()}?mode=rw"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT)) as conn:
+        tables = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+        if conn.execute(tables).fetchone() is None:
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return str(row[0]) if row else None
+
+
+def _check_can_create(folder: Path) -> None:
+    """Raise the OSError that making ``folder`` (and a file in it) would meet, making nothing."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+
+
+def _check_revision(revision: str | None) -> None:
+    """A store at a revision this version does not have (a newer carehub's, say) stops
+    open_store's migration; say so before `serve` finds it."""
+    if revision is None:
+        return
+    alembic_config = AlembicConfig()
+    alembic_config.set_main_option("script_location", str(MIGRATIONS))
+    script = ScriptDirectory.from_config(alembic_config)
+    if revision not in {s.revision for s in script.walk_revisions()}:
+        raise AlembicError(
+            f"its schema is at revision {revision!r}, which this carehub version cannot "
+            f"migrate (it knows up to {script.get_current_head()})"
+        )
+
+
+def check_queue(config: HubConfig) -> str:
+    """Raise the CarehubError `serve` and `worker` would when queue.url names a broker that
+    does not answer (naming the setting, the password hidden); memory:// is always there.
+    Returns what was checked, to print."""
+    work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
+    try:
+        work_queue.check()
+    except QueueUnavailable as err:
+        raise CarehubError(f"{where_in_config(config, 'queue', 'url')}: {err}") from err
+    label = without_password(config.queue.url)
+    return f"{label} (in-process)" if work_queue.is_memory else f"{label} (answers)"
 
 
 def mllp_tls_contexts(config: HubConfig) -> list[ssl.SSLContext | None]:

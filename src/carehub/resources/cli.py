@@ -16,8 +16,14 @@ from typing import Any
 import click
 
 from carehub.config import ENV_CONFIG
-from carehub.resources.hsds import ApiDirectory, Directory, LocalDirectory
-from carehub.resources.matching import Crosswalk, PostalCodes, language_of, rank
+from carehub.resources.hsds import ApiDirectory, Directory, LocalDirectory, Service
+from carehub.resources.matching import (
+    Crosswalk,
+    PostalCodes,
+    known_language,
+    language_hint,
+    rank,
+)
 
 
 def _base_folder(config_path: Path | None) -> Path:
@@ -45,7 +51,11 @@ def resources() -> None:
     help="A need category (food, housing, ...), an ICD-10-CM code (Z59.41) or words; repeatable.",
 )
 @click.option("--near", help="The patient's postal code, for distance.")
-@click.option("--language", help="The patient's language: es, spa, Spanish ...")
+@click.option(
+    "--language",
+    help="The patient's language: an ISO 639-1/639-2 code or English name (es, spa, Spanish) "
+    "or a language the directory lists.",
+)
 @click.option("--age", type=click.IntRange(min=0, max=130), help="The patient's age in years.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option(
@@ -107,12 +117,12 @@ def search_command(
     finally:
         if isinstance(source, ApiDirectory):
             source.close()
-    found = language_of(language)
+    found = _language(language, services) if language else None
     ranking = rank(
         services,
         wanted,
         near,
-        found[1] if found else None,
+        found[0] if found else None,
         age,
         postal_codes=table,
         max_km=max_km,
@@ -130,6 +140,21 @@ def search_command(
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     _print(result)
+
+
+def _language(text: str, services: list[Service]) -> tuple[str, str]:
+    """The --language value as rank() compares it, and its name. Unlike a postal code missing
+    from the table (distance is only unknown, so the search goes on with a note), a language
+    nobody knows is a typo or matches no service: ranked as if it were not asked, the results
+    would look like an answer, so it is refused with the forms that are accepted."""
+    found = known_language(text, services)
+    if found is None:
+        raise click.BadParameter(
+            f"{text!r} is not a language carehub knows or the directory lists: "
+            f"{language_hint(text, services)}",
+            param_hint="'--language'",
+        )
+    return found
 
 
 def _print(result: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ with the reason recorded.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import re
@@ -66,6 +67,8 @@ __all__ = [
     "PostalCodes",
     "Ranking",
     "age_on",
+    "known_language",
+    "language_hint",
     "language_of",
     "rank",
 ]
@@ -342,6 +345,46 @@ def language_of(text: str | None) -> tuple[str, str] | None:
             return key, _LANGUAGES[key][0]
     first = next((p.strip() for p in text.split("^") if p.strip()), "")
     return (first.casefold(), first) if first else None
+
+
+def known_language(text: str, services: Iterable[Service] = ()) -> tuple[str, str] | None:
+    """(what to rank by, display name) of a language someone typed, or None when neither the
+    language table nor any of ``services`` knows it: language_of compares unknown text as
+    itself, so a typo would match no service and the ranking would ignore it without a word.
+
+    A language outside the table counts when a service lists it by code or name; the value
+    returned is then what rank() compares that service's languages by (its code first)."""
+    typed = [part.strip().casefold() for part in text.split("^")[:2] if part.strip()]
+    for part in typed:
+        if key := _LANGUAGE_KEYS.get(part):
+            return key, _LANGUAGES[key][0]
+    for service in services:
+        for item in service.all_languages():
+            spellings = {s.strip().casefold() for s in (item.code, item.name) if s}
+            listed = item.code or item.name
+            if listed and spellings.intersection(typed):
+                return listed, item.name or listed
+    return None
+
+
+def language_hint(text: str, services: Iterable[Service] = ()) -> str:
+    """Which forms --language takes, the languages the services list and the nearest known
+    spelling of ``text``, for the error that refuses it."""
+    listed: dict[str, None] = {}
+    spellings = list(_LANGUAGE_KEYS)
+    for service in services:
+        for item in service.all_languages():
+            found = language_of(item.code or item.name)
+            if found is not None:
+                listed[found[1] if found[0] in _LANGUAGES else item.name or found[1]] = None
+            spellings += [s.casefold() for s in (item.code, item.name) if s]
+    hint = "give an ISO 639-1 or 639-2 code or an English name (es, spa or Spanish)"
+    if listed:
+        hint += f"; the directory lists {', '.join(sorted(listed))}"
+    close = difflib.get_close_matches(text.strip().casefold(), spellings, n=1, cutoff=0.75)
+    if close:
+        hint += f"; did you mean {close[0]!r}?"
+    return hint
 
 
 def age_on(birth: date | None, on: date) -> int | None:

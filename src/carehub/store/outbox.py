@@ -702,6 +702,7 @@ class Outbox:
         *,
         status: str | None = None,
         message_id: int | None = None,
+        destination: str | None = None,
         limit: int | None = 100,
     ) -> list[DeliveryRecord]:
         query = select(deliveries).order_by(deliveries.c.id)
@@ -711,6 +712,8 @@ class Outbox:
             )
         if message_id is not None:
             query = query.where(deliveries.c.message_id == message_id)
+        if destination is not None:
+            query = query.where(deliveries.c.destination == destination)
         if limit:
             query = query.limit(limit)
         with self.engine.connect() as conn:
@@ -741,12 +744,25 @@ class Outbox:
         with self.engine.connect() as conn:
             return {row.id: row.status for row in conn.execute(query)}
 
-    def retry_dead(self, delivery_ids: list[int] | None) -> int:
-        """Give dead letters a fresh set of attempts (all of them when ids is None)."""
+    def dead_by_destination(self) -> dict[str, int]:
+        """How many dead letters each destination has."""
+        query = (
+            select(deliveries.c.destination, func.count())
+            .where(delivery_in(deliveries, DeliveryStatus.DEAD))
+            .group_by(deliveries.c.destination)
+        )
+        with self.engine.connect() as conn:
+            return {destination: count for destination, count in conn.execute(query)}
+
+    def retry_dead(self, delivery_ids: list[int] | None, destination: str | None = None) -> int:
+        """Give dead letters a fresh set of attempts: those named, or every one (of one
+        destination, when given) when ids is None."""
         now = _now()
         query = update(deliveries).where(delivery_in(deliveries, DeliveryStatus.DEAD))
         if delivery_ids is not None:
             query = query.where(deliveries.c.id.in_(delivery_ids))
+        if destination is not None:
+            query = query.where(deliveries.c.destination == destination)
         with self.engine.begin() as conn:
             ids = [
                 r[0]

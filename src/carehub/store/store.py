@@ -10,7 +10,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,9 +18,23 @@ from typing import Any, Literal
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 
 from carehub.hl7.header import MessageHeader
+from carehub.search import MessageFilter
 from carehub.store.failure_run import FailureRun
 from carehub.store.schema import MessageStatus, message_events, messages
 from carehub.store.write_gate import WriteGate
@@ -194,9 +208,7 @@ class StoredMessage:
     def text(self) -> str:
         if self.decoded is not None:
             return self.decoded
-        from carehub.hl7.charsets import decode_message
-
-        return decode_message(self.raw, self.charset or "utf-8").text
+        return decoded_text(self.raw, self.charset)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready header facts (no message body)."""
@@ -207,6 +219,13 @@ class StoredMessage:
             value = getattr(self, name)
             out[name] = value.isoformat() if isinstance(value, datetime) else value
         return out
+
+
+def decoded_text(raw: bytes, charset: str | None) -> str:
+    """A stored message's text, decoded as intake decoded it (MSH-18, else its charset)."""
+    from carehub.hl7.charsets import decode_message
+
+    return decode_message(raw, charset or "utf-8").text
 
 
 @dataclass(slots=True, frozen=True)
@@ -300,6 +319,10 @@ def _aware(value: datetime) -> datetime:
 
 #: Seconds a SQLite call waits for a write lock another connection holds (SQLite's busy timeout).
 LOCK_TIMEOUT = 30.0
+
+
+#: Rows a search reads per query (see MessageStore.search).
+SEARCH_PAGE = 500
 
 
 #: The SQLite store's file in the data dir.
@@ -674,22 +697,143 @@ class MessageStore:
         since: datetime | None = None,
         limit: int | None = 100,
     ) -> list[StoredMessage]:
-        """Messages matching every given filter, newest first."""
-        query = select(messages).order_by(messages.c.id.desc())
-        if status:
-            query = query.where(messages.c.status == status)
-        if message_type:
-            query = query.where(messages.c.message_type == message_type.upper())
-        if event:
-            query = query.where(messages.c.trigger_event == event.upper())
-        if patient:
-            query = query.where(messages.c.patient_id == patient)
-        if since:
-            query = query.where(messages.c.received_at >= _utc(since))
-        if limit:
-            query = query.limit(limit)
+        """Messages matching every given filter, newest first (``search``, as a list)."""
+        filters = MessageFilter(
+            status=status, message_type=message_type, event=event, patient=patient, since=since
+        )
+        return list(self.search(filters, limit=limit))
+
+    def search(
+        self,
+        filters: MessageFilter,
+        *,
+        limit: int | None = None,
+        page_size: int = SEARCH_PAGE,
+        on_page: Callable[[int], None] | None = None,
+    ) -> Iterator[StoredMessage]:
+        """Messages matching ``filters``, newest first, at most ``limit`` (None: all).
+
+        The store is read in pages of ``page_size`` rows by id, each page below the last id
+        seen and in a read of its own: a search through a million rows never holds them in
+        memory, nor holds a read open for minutes (which would keep SQLite from checkpointing
+        its WAL). Column filters go into the SQL; content filters (``filters.reads_content``)
+        are checked on each page's rows, and reading stops as soon as ``limit`` rows matched.
+        ``on_page`` is told after every page how many rows have been read so far."""
+        if limit is not None and limit < 1:
+            return
+        where = self._search_conditions(filters)
         with self.engine.connect() as conn:
-            return [self._to_stored(r._mapping) for r in conn.execute(query)]
+            bounds = self._id_bounds(conn, filters)
+        if bounds is None:
+            if on_page is not None:
+                on_page(0)
+            return
+        low, high = bounds
+        if low is not None:
+            where.append(messages.c.id >= low)
+        below = None if high is None else high + 1
+        found = scanned = 0
+        # Content filters read only what they test, and the whole row of a match: building
+        # every scanned row would double the time a search through a large store takes.
+        wanted_columns = (
+            (messages.c.id, messages.c.raw, messages.c.charset)
+            if filters.reads_content
+            else (messages,)
+        )
+        while True:
+            want = page_size
+            if limit is not None and not filters.reads_content:
+                want = min(page_size, limit - found)
+            query = select(*wanted_columns).where(*where).order_by(messages.c.id.desc())
+            if below is not None:
+                query = query.where(messages.c.id < below)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query.limit(want)).all()
+            scanned += len(rows)
+            if on_page is not None:
+                on_page(scanned)
+            if filters.reads_content:
+                ids = [
+                    r.id
+                    for r in rows
+                    if filters.matches_text(decoded_text(bytes(r.raw), r.charset))
+                ]
+                if limit is not None:
+                    ids = ids[: limit - found]
+                page = self.get_many(ids)
+            else:
+                page = [self._to_stored(r._mapping) for r in rows]
+            for message in page:
+                yield message
+                found += 1
+            if len(rows) < want or (limit is not None and found >= limit):
+                return
+            below = rows[-1].id
+
+    def _search_conditions(self, filters: MessageFilter) -> list[ColumnElement[bool]]:
+        """The SQL half of a search: every filter that reads a column."""
+        c = messages.c
+        where: list[ColumnElement[bool]] = []
+        if filters.status:
+            where.append(c.status == filters.status)
+        if filters.message_type:
+            type_column: ColumnElement[Any] = c.message_type
+            if self.is_sqlite and not filters.event:
+                # Alone, the type could only use the (type, event) index, which hands SQLite
+                # the rows out of id order: it would sort every ADT in the store for each
+                # page. As an expression it is checked on the rows read by id instead.
+                type_column = c.message_type.concat("")
+            where.append(type_column == filters.message_type.upper())
+        if filters.event:
+            where.append(c.trigger_event == filters.event.upper())
+        if filters.patient:
+            where.append(c.patient_id == filters.patient)
+        if filters.listener:
+            where.append(c.listener == filters.listener)
+        senders = (
+            (c.sending_application, filters.sending_application),
+            (c.sending_facility, filters.sending_facility),
+        )
+        for column, wanted in senders:
+            if wanted:
+                # The column holds the whole field (LAB^2.16.840.1^ISO): match it, or its
+                # first component, as the field was written when it was stored.
+                value = _fit(wanted, _NAME) or ""
+                where.append(
+                    or_(column == value, func.substr(column, 1, len(value) + 1) == value + "^")
+                )
+        if filters.control_id:
+            where.append(c.control_id == _fit(filters.control_id, _CONTROL_ID))
+        if filters.since is not None:
+            where.append(c.received_at >= _utc(filters.since))
+        if filters.until is not None:
+            where.append(c.received_at < _utc(filters.until))
+        return where
+
+    @staticmethod
+    def _id_bounds(conn: Any, filters: MessageFilter) -> tuple[int | None, int | None] | None:
+        """The lowest and highest id of the messages received in the filter's time window,
+        from the received_at index; None when no message was received in it.
+
+        Pages go by id, not time: without these bounds a search of the last two hours would
+        go on reading every older row only to find none of them in the window. ``id + 0``
+        keeps SQLite from answering min()/max() by walking the primary key (for a recent
+        window, nearly the whole table) instead of the index."""
+        some_id = messages.c.id + literal_column("0")
+        low = high = None
+        if filters.since is not None:
+            low = conn.execute(
+                select(func.min(some_id)).where(messages.c.received_at >= _utc(filters.since))
+            ).scalar()
+            if low is None:
+                return None
+        if filters.until is not None:
+            high = conn.execute(
+                select(func.max(some_id)).where(messages.c.received_at < _utc(filters.until))
+            ).scalar()
+            if high is None:
+                return None
+        return low, high
 
     def count(self, status: str | None = None) -> int:
         query = select(func.count()).select_from(messages)

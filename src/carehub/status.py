@@ -1,0 +1,344 @@
+"""`carehub status`: what the hub has taken in and sent out lately, read from the store.
+
+The store is the one place every listener and every worker writes to, so this works the same
+for the embedded hub and for a scale-out deployment with many workers, and it needs no running
+hub. Each figure is one indexed query (received_at, status, and the outbox's partial indexes),
+so a status stays quick on a store of millions of messages; nothing scans a whole table.
+
+Message bodies and identifiers are never shown: counts, listener and destination names, times,
+and a destination's last error as the destination's own answer gave it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import and_, case, func, select
+
+from carehub.store.schema import (
+    PENDING,
+    UNFINISHED,
+    DeliveryStatus,
+    MessageStatus,
+    deliveries,
+    delivery_in,
+    messages,
+)
+from carehub.store.store import MessageStore
+
+#: How many of the newest failed-and-waiting deliveries are read to find each destination's
+#: last error; enough to cover every destination without reading a long retry queue whole.
+LAST_ERRORS_READ = 500
+
+
+@dataclass(slots=True)
+class ListenerIntake:
+    """One listener's messages in the window, by the ACK they were answered with."""
+
+    transport: str
+    listener: str
+    accepted: int = 0  # AA
+    refused: int = 0  # AE: stored, content refused
+    rejected: int = 0  # AR: not HL7, too large, cut short
+    last_received: datetime | None = None
+
+    @property
+    def total(self) -> int:
+        return self.accepted + self.refused + self.rejected
+
+
+@dataclass(slots=True)
+class DestinationState:
+    """One destination's outbox: what waits now, what gave up, and how many of the window's
+    messages it has been sent."""
+
+    destination: str
+    channel: str
+    waiting: int = 0  # pending or being sent now
+    retrying: int = 0  # of those, tried at least once and failed
+    oldest_waiting: datetime | None = None  # when the longest-waiting one was planned
+    delivered: int = 0  # of the messages received in the window
+    dead: int = 0  # dead letters, however old, until retried
+    last_error: str | None = None  # of the newest delivery that failed and waits to retry
+
+
+@dataclass(slots=True)
+class HubStatus:
+    """Everything `carehub status` shows, as of ``now`` over the window since ``since``."""
+
+    now: datetime
+    since: datetime
+    intake: list[ListenerIntake] = field(default_factory=list)
+    #: Messages received in the window, by the status they have now.
+    by_status: dict[str, int] = field(default_factory=dict)
+    #: Messages stored and ACKed but not routed yet, whenever they came.
+    routing_backlog: int = 0
+    oldest_unrouted: datetime | None = None
+    destinations: list[DestinationState] = field(default_factory=list)
+
+    @property
+    def received(self) -> int:
+        return sum(item.total for item in self.intake)
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(item.dead for item in self.destinations)
+
+    @property
+    def waiting(self) -> int:
+        return sum(item.waiting for item in self.destinations)
+
+    def as_json(self) -> dict[str, Any]:
+        """Plain JSON types: times as ISO 8601 in UTC."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, datetime):
+                return value.isoformat()
+            if isinstance(value, dict):
+                return {key: plain(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [plain(item) for item in value]
+            return value
+
+        report = plain(asdict(self))
+        report["window_seconds"] = round((self.now - self.since).total_seconds())
+        report["received"] = self.received
+        report["dead_letters"] = self.dead_letters
+        return report  # type: ignore[no-any-return]
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; the store writes them in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def read_status(store: MessageStore, window: timedelta, now: datetime | None = None) -> HubStatus:
+    """The hub's status over the last ``window``, from the store alone."""
+    now = now or datetime.now(UTC)
+    status = HubStatus(now=now, since=now - window)
+    since = status.since
+    with store.engine.connect() as conn:
+        listeners: dict[tuple[str, str], ListenerIntake] = {}
+        intake_rows = conn.execute(
+            select(
+                messages.c.transport,
+                messages.c.listener,
+                messages.c.ack_code,
+                messages.c.status,
+                func.count(),
+                func.max(messages.c.received_at),
+            )
+            .where(messages.c.received_at >= since)
+            .group_by(
+                messages.c.transport, messages.c.listener, messages.c.ack_code, messages.c.status
+            )
+        )
+        for transport, listener, ack_code, message_status, count, last in intake_rows:
+            item = listeners.setdefault((transport, listener), ListenerIntake(transport, listener))
+            if ack_code == "AA":
+                item.accepted += count
+            elif ack_code == "AE":
+                item.refused += count
+            else:
+                item.rejected += count
+            last = _aware(last)
+            if last is not None and (item.last_received is None or last > item.last_received):
+                item.last_received = last
+            status.by_status[message_status] = status.by_status.get(message_status, 0) + count
+        status.intake = sorted(listeners.values(), key=lambda item: (item.transport, item.listener))
+
+        backlog, oldest = conn.execute(
+            select(func.count(), func.min(messages.c.received_at)).where(
+                messages.c.status == MessageStatus.RECEIVED.value
+            )
+        ).one()
+        status.routing_backlog, status.oldest_unrouted = backlog, _aware(oldest)
+
+        status.destinations = _destinations(conn, since)
+    return status
+
+
+def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
+    """The outbox by destination: waiting now (with retries and their last error), dead
+    letters, and deliveries made for the window's messages."""
+    found: dict[tuple[str, str], DestinationState] = {}
+
+    def state(destination: str, channel: str) -> DestinationState:
+        return found.setdefault((destination, channel), DestinationState(destination, channel))
+
+    waiting_rows = conn.execute(
+        select(
+            deliveries.c.destination,
+            deliveries.c.channel,
+            func.count(),
+            func.sum(case((deliveries.c.attempts > 0, 1), else_=0)),
+            func.min(deliveries.c.created_at),
+        )
+        .where(delivery_in(deliveries, *UNFINISHED))
+        .group_by(deliveries.c.destination, deliveries.c.channel)
+    )
+    for destination, channel, count, retrying, oldest in waiting_rows:
+        item = state(destination, channel)
+        item.waiting, item.retrying, item.oldest_waiting = count, retrying or 0, _aware(oldest)
+
+    dead_rows = conn.execute(
+        select(deliveries.c.destination, deliveries.c.channel, func.count())
+        .where(delivery_in(deliveries, DeliveryStatus.DEAD))
+        .group_by(deliveries.c.destination, deliveries.c.channel)
+    )
+    for destination, channel, count in dead_rows:
+        state(destination, channel).dead = count
+
+    # Of the messages received in the window, the deliveries made: read by the deliveries'
+    # message_id index from the window's first message, not by a scan of the whole outbox.
+    # (The first by received_at, not min(id): SQLite would answer min(id) by walking the table
+    # from its first row, past every older message.)
+    first_id = conn.execute(
+        select(messages.c.id)
+        .where(messages.c.received_at >= since)
+        .order_by(messages.c.received_at)
+        .limit(1)
+    ).scalar()
+    if first_id is not None:
+        delivered_rows = conn.execute(
+            select(deliveries.c.destination, deliveries.c.channel, func.count())
+            .where(
+                and_(
+                    deliveries.c.message_id >= first_id,
+                    deliveries.c.status == DeliveryStatus.DELIVERED.value,
+                )
+            )
+            .group_by(deliveries.c.destination, deliveries.c.channel)
+        )
+        for destination, channel, count in delivered_rows:
+            state(destination, channel).delivered = count
+
+    error_rows = conn.execute(
+        select(deliveries.c.destination, deliveries.c.channel, deliveries.c.last_error)
+        .where(and_(delivery_in(deliveries, *PENDING), deliveries.c.attempts > 0))
+        .order_by(deliveries.c.updated_at.desc())
+        .limit(LAST_ERRORS_READ)
+    )
+    for destination, channel, last_error in error_rows:
+        item = state(destination, channel)
+        if item.last_error is None and last_error:
+            item.last_error = last_error
+    return sorted(found.values(), key=lambda item: (item.destination, item.channel))
+
+
+# -- on the terminal ---------------------------------------------------------------------------
+def _age(then: datetime | None, now: datetime) -> str:
+    """How long ago, in the largest unit that reads well: 45 s, 12 min, 3.5 h, 2 d."""
+    if then is None:
+        return "-"
+    seconds = max(0.0, (now - then).total_seconds())
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _window(status: HubStatus) -> str:
+    """The window as an age is written on the command line: 30m, 1h, 7d."""
+    seconds = round((status.now - status.since).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def render(status: HubStatus) -> RenderableType:
+    """The status as rich tables: intake by listener, routing backlog, outbox by destination."""
+    now, window = status.now, _window(status)
+    minutes = max((status.now - status.since).total_seconds() / 60, 1 / 60)
+    parts: list[RenderableType] = [
+        Text(
+            f"carehub status at {now:%Y-%m-%d %H:%M:%S} UTC, last {window} "
+            f"(since {status.since:%Y-%m-%d %H:%M} UTC)",
+            style="bold",
+        )
+    ]
+
+    intake = Table(title=f"Intake, last {window}", title_justify="left", show_edge=False)
+    for column in ("listener", "accepted (AA)", "refused (AE)", "rejected (AR)", "per minute"):
+        intake.add_column(column, justify="left" if column == "listener" else "right")
+    intake.add_column("last received")
+    for item in status.intake:
+        intake.add_row(
+            f"{item.transport}:{item.listener}",
+            str(item.accepted),
+            _warn(item.refused),
+            _warn(item.rejected),
+            f"{item.total / minutes:.1f}",
+            f"{_age(item.last_received, now)} ago",
+        )
+    parts.append(intake if status.intake else Text(f"Intake, last {window}: nothing received"))
+
+    if status.by_status:
+        counts = ", ".join(
+            f"{name} {count}" for name, count in sorted(status.by_status.items(), key=_by_life)
+        )
+        parts.append(Text(f"Messages received in the last {window}, by status now: {counts}"))
+    if status.routing_backlog:
+        parts.append(
+            Text(
+                f"Waiting to be routed: {status.routing_backlog} "
+                f"(the oldest for {_age(status.oldest_unrouted, now)})",
+                style="yellow",
+            )
+        )
+    else:
+        parts.append(Text("Waiting to be routed: none"))
+
+    if status.destinations:
+        outbox = Table(title="Deliveries", title_justify="left", show_edge=False)
+        outbox.add_column("destination")
+        outbox.add_column("channel")
+        for column in (f"delivered ({window})", "waiting", "retrying", "oldest waiting", "dead"):
+            outbox.add_column(column, justify="right")
+        outbox.add_column("last error", overflow="fold")
+        for item in status.destinations:
+            outbox.add_row(
+                item.destination,
+                item.channel,
+                str(item.delivered),
+                str(item.waiting),
+                _warn(item.retrying),
+                _age(item.oldest_waiting, now) if item.waiting else "-",
+                _warn(item.dead, "red"),
+                item.last_error or "",
+            )
+        parts.append(outbox)
+    else:
+        parts.append(Text("Deliveries: none"))
+    if status.dead_letters:
+        parts.append(
+            Text(
+                f"{status.dead_letters} dead letter(s): see `carehub dead-letters list`",
+                style="red",
+            )
+        )
+    return Group(*parts)
+
+
+def _warn(count: int, style: str = "yellow") -> Text:
+    return Text(str(count), style=style if count else "")
+
+
+_LIFE_ORDER = [status.value for status in MessageStatus]
+
+
+def _by_life(item: tuple[str, int]) -> int:
+    """Statuses in the order a message goes through them."""
+    name = item[0]
+    return _LIFE_ORDER.index(name) if name in _LIFE_ORDER else len(_LIFE_ORDER)
