@@ -29,7 +29,7 @@ from carehub.store.schema import (
     delivery_in,
     messages,
 )
-from carehub.store.store import MessageStore
+from carehub.store.store import MessageStore, first_id_since
 
 #: How many of the newest failed-and-waiting deliveries are read to find each destination's
 #: last error; enough to cover every destination without reading a long retry queue whole.
@@ -198,14 +198,7 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
 
     # Of the messages received in the window, the deliveries made: read by the deliveries'
     # message_id index from the window's first message, not by a scan of the whole outbox.
-    # (The first by received_at, not min(id): SQLite would answer min(id) by walking the table
-    # from its first row, past every older message.)
-    first_id = conn.execute(
-        select(messages.c.id)
-        .where(messages.c.received_at >= since)
-        .order_by(messages.c.received_at)
-        .limit(1)
-    ).scalar()
+    first_id = first_id_since(conn, since)
     if first_id is not None:
         delivered_rows = conn.execute(
             select(deliveries.c.destination, deliveries.c.channel, func.count())

@@ -324,6 +324,19 @@ LOCK_TIMEOUT = 30.0
 #: Rows a search reads per query (see MessageStore.search).
 SEARCH_PAGE = 500
 
+#: A message's id as an expression: SQLite then answers min()/max() over a received_at range
+#: from that index, instead of walking the primary key past every older message.
+_ID_BY_INDEX = messages.c.id + literal_column("0")
+
+
+def first_id_since(conn: Any, since: datetime) -> int | None:
+    """The lowest id of the messages received at or after ``since`` (None: there are none),
+    read from the received_at index: where a window of recent messages starts."""
+    found = conn.execute(
+        select(func.min(_ID_BY_INDEX)).where(messages.c.received_at >= _utc(since))
+    ).scalar()
+    return int(found) if found is not None else None
+
 
 #: The SQLite store's file in the data dir.
 STORE_FILE = "carehub.db"
@@ -818,18 +831,15 @@ class MessageStore:
         Pages go by id, not time: without these bounds a search of the last two hours would
         go on reading every older row only to find none of them in the window. ``id + 0``
         keeps SQLite from answering min()/max() by walking the primary key (for a recent
-        window, nearly the whole table) instead of the index."""
-        some_id = messages.c.id + literal_column("0")
+        window, nearly the whole table) instead of the index (see _ID_BY_INDEX)."""
         low = high = None
         if filters.since is not None:
-            low = conn.execute(
-                select(func.min(some_id)).where(messages.c.received_at >= _utc(filters.since))
-            ).scalar()
+            low = first_id_since(conn, filters.since)
             if low is None:
                 return None
         if filters.until is not None:
             high = conn.execute(
-                select(func.max(some_id)).where(messages.c.received_at < _utc(filters.until))
+                select(func.max(_ID_BY_INDEX)).where(messages.c.received_at < _utc(filters.until))
             ).scalar()
             if high is None:
                 return None
