@@ -27,7 +27,10 @@ from carehub.store.outbox import Outbox
 from carehub.store.schema import MessageStatus
 from carehub.store.store import SEARCH_PAGE, MessageStore, NewMessage, StoredMessage
 from carehub.testing import HubThread, make_adt, mllp_exchange
+from tests import test_store
 from tests.test_cli import control_ids, listed, plain, run
+
+store_url = test_store.store_url
 
 
 @pytest.fixture(autouse=True)
@@ -687,3 +690,44 @@ def test_an_export_replays_with_send(hub: HubThread, tmp_path: Path) -> None:
     sent = run("send", "--host", host, "--port", str(port), "--timeout", "20", str(exported))
     assert sent.exit_code == 0, sent.output
     assert sent.stdout.strip() == f"{exported}: AA (MSH-10 LATIN)"
+
+
+# -- the same search on PostgreSQL ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "store_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_the_search_reads_the_same_on_postgresql(store_url: str) -> None:
+    """Every SQL filter (sender by first component, time window, type without event) and a
+    content filter, on the database a scale-out deployment uses."""
+    now = datetime.now(UTC)
+    store = MessageStore(store_url)
+    store.migrate()
+    try:
+        store.insert_messages(
+            [
+                adt("OLD", at=now - timedelta(days=3), sender=("LAB^2.16.840.1^ISO", "NORTH")),
+                adt("ADMIT", at=now - timedelta(hours=4), unit="SOUTH"),
+                adt(
+                    "LAB",
+                    at=now - timedelta(minutes=10),
+                    sender=("LAB", "NORTH"),
+                    event="R01",
+                    message_type="ORU",
+                ),
+                adt("BAD", at=now, sender=("LABX", "NORTH"), status=MessageStatus.REFUSED),
+            ]
+        )
+
+        def ids(**filters: object) -> list[str | None]:
+            found = store.search(MessageFilter(**filters), limit=None)  # type: ignore[arg-type]
+            return [message.control_id for message in found]
+
+        assert ids(sending_application="LAB") == ["LAB", "OLD"]
+        assert ids(sending_facility="NORTH", status="refused") == ["BAD"]
+        assert ids(message_type="adt") == ["BAD", "ADMIT", "OLD"]
+        assert ids(since=now - timedelta(hours=5), until=now - timedelta(minutes=15)) == ["ADMIT"]
+        assert ids(control_id="LAB") == ["LAB"]
+        assert ids(fields=(FieldMatch.parse("PV1-3.4=SOUTH"),)) == ["ADMIT"]
+        assert ids(contains="labx") == ["BAD"]
+    finally:
+        store.close()
