@@ -1,4 +1,5 @@
-"""Shared fixtures: a running hub on free local ports with a fresh SQLite store per test."""
+"""Shared fixtures: a running hub on free local ports with a fresh SQLite store per test, and
+the suite kept to carehub's own plugins plus the shipped example, whatever else is installed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from carehub import plugins
 from carehub.testing import HubThread, local_config
+
+#: The entry-point plugins this suite knows: the example in plugins/carehub-pager.
+KNOWN_ENTRY_POINTS = frozenset({"pager"})
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = PROJECT_ROOT.parent / "shared" / "corpus" / "fhir-converter-hl7v2"
@@ -28,3 +33,26 @@ requires_corpus = pytest.mark.skipif(
     not CORPUS.is_dir(),
     reason=f"sample corpus not found at {CORPUS} (it sits beside the checkout in shared/corpus)",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def only_known_plugins() -> Iterator[None]:
+    """Keep the suite to the built-ins and the example pager, so a third-party plugin in the
+    same environment (one that registers `webhook`, say) cannot change the results: entry
+    points other than the known ones are left out of discovery in this process, and blocked
+    through CAREHUB_BLOCK_PLUGINS in `carehub` processes that inherit the environment. A
+    developer's allow list and plugins directory are cleared; tests of the lists and of
+    discovery set their own (plugin-discovery tests still see every known entry point)."""
+    real = plugins.installed_entry_points
+    unknown = sorted({e.name for e in real()} - KNOWN_ENTRY_POINTS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            plugins,
+            "installed_entry_points",
+            lambda: [e for e in real() if e.name in KNOWN_ENTRY_POINTS],
+        )
+        for name in (plugins.ENV_ALLOW, plugins.ENV_PLUGINS_DIR, plugins.ENV_BLOCK):
+            patch.delenv(name, raising=False)
+        if unknown:
+            patch.setenv(plugins.ENV_BLOCK, ",".join(unknown))
+        yield

@@ -185,7 +185,7 @@ def test_route_using_the_pager_components_binds_and_dry_runs(tmp_path: Path) -> 
     assert [step.step for step in route.steps] == [
         "translate v2-to-event",
         "enrich on-call",
-        "forward pager admissions-page/pager-2",
+        "forward pager admissions-page/pager",  # a route's only pager forward: named "pager"
     ]
     (delivery,) = result.deliveries
     page = json.loads(delivery.outgoing.payload)
@@ -203,7 +203,12 @@ def test_carehub_plugins_lists_the_pager_and_its_command() -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     at = lines.index(f"pager {version} (entry point)")
-    assert lines[at + 1 : at + 3] == ["    enricher on-call", "    channel pager"]
+    assert lines[at + 1 : at + 3] == [
+        "    enricher on-call: look up the on-call clinician and pager for the patient's unit "
+        "(PV1-3.1)",
+        "    channel pager: page the on-call clinician via an HTTP paging gateway "
+        "(no patient details)",
+    ]
 
     rows = [
         json.loads(line) for line in runner.invoke(main, ["plugins", "--json"]).output.splitlines()
@@ -330,7 +335,11 @@ def test_misspelt_hook_is_a_plugin_error(tmp_path: Path) -> None:
     )
     with pytest.raises(PluginError, match="carehub_register_chanels") as caught:
         PluginHost().load(plugins_dir=folder)
-    assert "hook that does not exist" in str(caught.value)
+    # Named as `carehub plugins` and the allow list name it, not by its module's repr.
+    assert str(caught.value) == (
+        f"plugin 'typo' (file {folder / 'typo.py'}) implements a hook that does not exist: "
+        "carehub_register_chanels; did you mean carehub_register_channels?"
+    )
 
 
 @pytest.mark.parametrize(

@@ -342,7 +342,7 @@ def test_routes_check_accepts_good_routes(tmp_path: Path) -> None:
     config_path = write_config(tmp_path, GOOD_ROUTE)
     result = cli(config_path, tmp_path / "data", "routes", "check")
     assert result.exit_code == 0, result.output
-    assert "route archive" in result.output and "forward file archive/file-0" in result.output
+    assert "route archive" in result.output and "forward file archive/file" in result.output
     assert "ok: 1 route(s), 1 destination(s)" in result.output
 
 
@@ -553,7 +553,7 @@ def test_plugins_lists_the_builtin_channels() -> None:
     for line in lines[start + 1 :]:
         if not line.startswith("    "):
             break
-        block.append(line.strip())
+        block.append(line.strip().partition(":")[0])  # "channel file: description"
     assert {"channel file", "channel mllp", "channel webhook"} <= set(block)
     as_json = CliRunner().invoke(main, ["plugins", "--json"], catch_exceptions=False)
     rows = {row["name"]: row for row in map(json.loads, as_json.output.splitlines())}

@@ -787,17 +787,24 @@ def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
         click.echo(f"error: {problem}", err=True)
     if problems:
         sys.exit(2)  # what `serve` exits with on the same error
-    click.echo(f"ok: {len(table.routes)} route(s), {len(table.destinations)} destination(s)")
-    if host.failures:
+    if host.failures:  # "ok:" then exit 1 would read as a pass
+        names = ", ".join(failure.name for failure in host.failures)
+        click.echo(f"failed: {len(host.failures)} plugin(s) did not load: {names}", err=True)
         sys.exit(1)
+    click.echo(f"ok: {len(table.routes)} route(s), {len(table.destinations)} destination(s)")
 
 
 @routes.command("test")
 @hub_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def routes_test(config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_json: bool) -> None:
-    """Show what the routes would do with each message in FILES, without sending anything."""
+@click.option("--require-match", is_flag=True, help="Exit 1 when a message matches no route.")
+def routes_test(
+    config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_json: bool, require_match: bool
+) -> None:
+    """Show what the routes would do with each message in FILES, without sending anything.
+    Exits 1 when a route records an error for any message (so CI can gate on it), and with
+    --require-match also when a message matches no route; every result is printed first."""
     from carehub.hl7.batch import split_messages
     from carehub.hub import build_routing
     from carehub.routing.dryrun import dry_run_all, result_as_json
@@ -816,6 +823,8 @@ def routes_test(config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_j
         for number, payload in enumerate(parts, start=1):
             labels.append(str(path) if len(parts) == 1 else f"{path} #{number}")
             payloads.append(payload)
+    failed: list[str] = []
+    unmatched: list[str] = []
     for label, result in zip(labels, dry_run_all(table, host, payloads), strict=True):
         if as_json:
             click.echo(json.dumps({"file": label, **result_as_json(result)}, default=str))
@@ -823,6 +832,21 @@ def routes_test(config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_j
             from carehub.display import show_dry_run
 
             show_dry_run(label, result)
+        if result.errors:
+            failed.append(label)
+        if not result.matched:
+            unmatched.append(label)
+    if failed:
+        click.echo(
+            f"failed: a route error for {len(failed)} message(s): {', '.join(failed)}", err=True
+        )
+    if require_match and unmatched:
+        click.echo(
+            f"failed: {len(unmatched)} message(s) matched no route: {', '.join(unmatched)}",
+            err=True,
+        )
+    if failed or (require_match and unmatched):
+        sys.exit(1)
 
 
 # -- dead letters ----------------------------------------------------------------------------
@@ -993,9 +1017,24 @@ def plugins_command(as_json: bool) -> None:
         {
             "name": p.name,
             "source": p.source,
-            "version": p.version or __version__,
+            # A built-in is carehub's own version; a plugins-directory file has none.
+            "version": p.version or (__version__ if p.source == "builtin" else None),
             "components": p.components,
             "hooks": p.hooks,
+            "component_details": [
+                {
+                    "kind": c.kind,
+                    "name": c.name,
+                    "description": c.description,
+                    "options": [
+                        {"name": o.name, "required": True}
+                        if o.required
+                        else {"name": o.name, "required": False, "default": o.default}
+                        for o in c.options
+                    ],
+                }
+                for c in p.details
+            ],
         }
         for p in host.plugins.values()
     ]
@@ -1004,9 +1043,10 @@ def plugins_command(as_json: bool) -> None:
             click.echo(json.dumps(row))
     else:
         for row in rows:
-            click.echo(f"{row['name']} {row['version']} ({row['source']})")
-            for component in row["components"]:
-                click.echo(f"    {component}")
+            click.echo(f"{row['name']} {row['version'] or '-'} ({row['source']})")
+            for component in row["component_details"]:
+                about = f": {component['description']}" if component["description"] else ""
+                click.echo(f"    {component['kind']} {component['name']}{about}")
             click.echo(f"    hooks: {', '.join(row['hooks']) or '-'}")
     for failure in host.failures:
         click.echo(f"{failure.name} ({failure.source}): FAILED TO LOAD: {failure.error}")

@@ -185,9 +185,9 @@ def show_dry_run(label: str, result: RoutingResult) -> None:
         for check in route.checks:
             _console.print(Text(f"      when {check.what} = {check.value!r}: {check.expected}"))
         for step in route.steps:
-            _console.print(
-                Text(f"    step {step.position} {step.step}: {step.outcome}  {_short(step.output)}")
-            )
+            # A failed step's output is the route's error, printed once below.
+            output = "" if step.outcome == "error" else f"  {_short(step.output)}"
+            _console.print(Text(f"    step {step.position} {step.step}: {step.outcome}{output}"))
         for delivery in route.deliveries:
             preview = delivery.outgoing.payload[:200].decode("utf-8", "replace")
             preview = preview.replace("\r", "\\r ").replace("\n", " ")

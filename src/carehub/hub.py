@@ -225,7 +225,7 @@ def build_routing(
 ) -> tuple[PluginHost, RouteTable]:
     """Load plugins and bind every route file: all configuration errors surface here.
     Without a store (dry runs, `routes check`), components keep any state in memory."""
-    host = PluginHost().load(plugins_dir=config.plugins_dir)
+    host = PluginHost().load(config=config)
     base = config_dir(config)
     for index, pattern in enumerate(config.routes):
         # A glob may match nothing yet (an empty routes folder); a file named outright must
@@ -277,32 +277,35 @@ class Hub:
         self.table.attach_store(self.store)
         self.writer = group_commit_for(self.store)
         self.writer.start()
-        identity = self.config.hub
-        worker = self.config.worker
-        # With the in-process queue, only an in-process worker can consume: without one, leave
-        # messages 'received' in the store for the next worker start to pick up.
-        if worker.enabled or not self.work_queue.is_memory:
-            self.publisher = await asyncio.to_thread(self._open_publisher)
-        self.intake = Intake(
-            self.writer,
-            hub_application=identity.application,
-            hub_facility=identity.facility,
-            on_accepted=self._publish if self.publisher else None,
-        )
-        if worker.enabled:
-            settings = WorkerSettings(
-                worker.delivery_concurrency,
-                worker.per_destination,
-                worker.poll_interval,
-                single_host=self.store.is_sqlite,
-                tick_interval=worker.tick_interval,
-            )
-            if self.work_queue.is_memory:  # every message is then routed by this worker
-                self.store.recent = RecentMessages()  # what intake stores, the worker takes
-            self.worker = Worker(self.store, self.table, self.host, self.work_queue, settings)
-            await self._start_worker(self.worker)
-        listeners = self.config.listeners
+        # Everything after the store opens is undone if a later step fails (the broker, a
+        # component's start() in the worker, a port): the store, its writer and checkpoint
+        # thread must not outlive a hub that did not start.
         try:
+            identity = self.config.hub
+            worker = self.config.worker
+            # With the in-process queue, only an in-process worker can consume: without one,
+            # leave messages 'received' in the store for the next worker start to pick up.
+            if worker.enabled or not self.work_queue.is_memory:
+                self.publisher = await asyncio.to_thread(self._open_publisher)
+            self.intake = Intake(
+                self.writer,
+                hub_application=identity.application,
+                hub_facility=identity.facility,
+                on_accepted=self._publish if self.publisher else None,
+            )
+            if worker.enabled:
+                settings = WorkerSettings(
+                    worker.delivery_concurrency,
+                    worker.per_destination,
+                    worker.poll_interval,
+                    single_host=self.store.is_sqlite,
+                    tick_interval=worker.tick_interval,
+                )
+                if self.work_queue.is_memory:  # every message is then routed by this worker
+                    self.store.recent = RecentMessages()  # what intake stores, the worker takes
+                self.worker = Worker(self.store, self.table, self.host, self.work_queue, settings)
+                await self._start_worker(self.worker)
+            listeners = self.config.listeners
             contexts = mllp_tls_contexts(self.config)
             for i, (mllp_config, context) in enumerate(zip(listeners.mllp, contexts, strict=True)):
                 listener = MLLPListener(mllp_config, self.intake, context)

@@ -9,6 +9,7 @@ unless strict loading is asked for. The host lives on the Hub: there is no globa
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -19,15 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import pluggy
+from pydantic_core import to_jsonable_python
 
 from carehub import hookspecs
 from carehub.builtins import BUILTIN_PLUGINS
 from carehub.components import Channel, Component, Enricher, Translator
-from carehub.errors import CarehubError
+from carehub.errors import CarehubError, ConfigError
+from carehub.routing.config import ForwardConfig
+
+if TYPE_CHECKING:
+    from carehub.config import HubConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +41,58 @@ ENTRY_POINT_GROUP = "carehub"
 ENV_ALLOW = "CAREHUB_PLUGINS"
 ENV_BLOCK = "CAREHUB_BLOCK_PLUGINS"
 ENV_PLUGINS_DIR = "CAREHUB_PLUGINS_DIR"
+#: The built-in that runs every translate and enrich step (carehub_run_step); never blocked.
+CORE_PLUGIN = "builtin.core"
+
+#: Step keys carehub reads itself, by component kind: an Options field of one of these names
+#: would never receive the route's value (StepConfig.component pops ``use``; ForwardConfig
+#: takes ``channel``, ``name`` and ``retry`` before the channel sees its options).
+RESERVED_OPTION_KEYS: dict[str, frozenset[str]] = {
+    "translator": frozenset({"use"}),
+    "enricher": frozenset({"use"}),
+    "channel": frozenset(ForwardConfig.model_fields),
+}
 
 
 class PluginError(CarehubError):
     """A plugin could not be loaded or registered something invalid."""
+
+
+class ReservedOptionError(PluginError):
+    """A component's Options declares a key carehub reads itself; its plugin is not loaded."""
+
+
+@dataclass(slots=True)
+class OptionInfo:
+    """One option of a component's Options model, for `carehub plugins --json`."""
+
+    name: str
+    required: bool
+    default: Any = None  # as JSON holds it
+
+
+@dataclass(slots=True)
+class ComponentInfo:
+    """One registered component: what routes write and what `carehub plugins` shows."""
+
+    kind: str  # translator | enricher | channel
+    name: str
+    description: str
+    options: list[OptionInfo] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, component: type[Component]) -> ComponentInfo:
+        options = [
+            OptionInfo(key, True)
+            if spec.is_required()
+            else OptionInfo(
+                key,
+                False,
+                to_jsonable_python(spec.get_default(call_default_factory=True), fallback=str),
+            )
+            for key, spec in component.Options.model_fields.items()
+        ]
+        return cls(component.kind, component.name, component.description, options)
 
 
 @dataclass(slots=True)
@@ -49,8 +103,11 @@ class PluginInfo:
     source: str  # builtin | entry point | file
     version: str | None
     module: ModuleType | None = None
+    #: "KIND NAME" of each component registered, in order.
     components: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
+    #: The same components with their descriptions and options.
+    details: list[ComponentInfo] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -67,6 +124,12 @@ def _names(env: str) -> set[str] | None:
     return {n.strip() for n in raw.split(",") if n.strip()}
 
 
+def installed_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed distributions' ``carehub`` entry points (one place to narrow them down,
+    as carehub's own test suite does to stay independent of what else is installed)."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
 class PluginHost:
     """Loads plugins, calls the registration hooks, and holds what they registered."""
 
@@ -75,21 +138,46 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[LoadFailure] = []
+        #: Plugins the allow or block list kept out: name -> the variable that did.
+        self.left_out: dict[str, str] = {}
+        #: Allow-list names that matched no plugin (a typo, or a package not installed).
+        self.unmatched: list[str] = []
         self.translators: dict[str, type[Translator]] = {}
         self.enrichers: dict[str, type[Enricher]] = {}
         self.channels: dict[str, type[Channel]] = {}
         self.commands: list[click.Command] = []
         self._owner: dict[tuple[str, str], str] = {}
+        self._step_runner: bool | None = None  # is anything answering carehub_run_step?
 
     # -- loading --------------------------------------------------------------------------
-    def load(self, *, plugins_dir: Path | None = None, strict: bool = False) -> PluginHost:
-        """Load built-ins, entry points and the plugins directory, then run registration."""
+    def load(
+        self,
+        *,
+        plugins_dir: Path | None = None,
+        strict: bool = False,
+        config: HubConfig | None = None,
+    ) -> PluginHost:
+        """Load built-ins, entry points and the plugins directory, then run registration.
+        ``config``: its ``plugins_dir`` is used when ``plugins_dir`` is not given, and an
+        error about it names the config file and line."""
         allow, block = _names(ENV_ALLOW), _names(ENV_BLOCK)
+        if block and CORE_PLUGIN in block:
+            raise PluginError(
+                f"{ENV_BLOCK} names {CORE_PLUGIN!r}, which cannot be blocked: it runs every "
+                "translate and enrich step"
+            )
+        directory = _plugins_directory(plugins_dir, config)
+        seen: set[str] = set()
 
         def wanted(name: str, builtin: bool) -> bool:
+            seen.add(name)
             if block and name in block:
+                self.left_out[name] = ENV_BLOCK
                 return False
-            return builtin or allow is None or name in allow
+            if builtin or allow is None or name in allow:
+                return True
+            self.left_out[name] = ENV_ALLOW
+            return False
 
         for module_name in BUILTIN_PLUGINS:
             short = module_name.rsplit(".", 1)[-1]
@@ -101,39 +189,39 @@ class PluginHost:
                     lambda m=module_name: importlib.import_module(m),
                     strict=True,
                 )
-        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        for entry in installed_entry_points():
             if not wanted(entry.name, False):
                 continue
             version = entry.dist.version if entry.dist else None
             self._add(entry.name, "entry point", version, entry.load, strict=strict)
-        directory = plugins_dir or (
-            Path(os.environ[ENV_PLUGINS_DIR]) if os.environ.get(ENV_PLUGINS_DIR) else None
-        )
-        if directory is not None and directory.is_dir():
+        if directory is not None:
             for path in sorted(directory.glob("*.py")):
                 if path.name.startswith("_") or not wanted(path.stem, False):
                     continue
                 self._add(
                     path.stem, f"file {path}", None, lambda p=path: _import_file(p), strict=strict
                 )
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as err:
-            raise PluginError(f"a plugin implements a hook that does not exist: {err}") from err
-        self._register_all()
+        self.unmatched = sorted((allow or set()) - seen)
+        if self.unmatched:
+            log.warning(
+                "%s names %s, which %s no installed plugin or plugins-directory file",
+                ENV_ALLOW,
+                ", ".join(repr(name) for name in self.unmatched),
+                "matches" if len(self.unmatched) == 1 else "match",
+            )
+        self._check_hooks()
+        self._register_all(strict)
         return self
 
     def add_plugin(self, plugin: Any, name: str, *, source: str = "code") -> None:
         """Register an already-imported plugin object (tests and embedding use this)."""
         self._add(name, source, None, lambda: plugin, strict=True)
         try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as err:
+            self._check_hooks()
+        except PluginError:
             self.pm.unregister(plugin)
             self.plugins.pop(name, None)
-            raise PluginError(
-                f"plugin {name!r} implements a hook that does not exist: {err}"
-            ) from err
+            raise
 
     def _add(
         self,
@@ -144,21 +232,48 @@ class PluginHost:
         *,
         strict: bool,
     ) -> None:
+        self._step_runner = None
         try:
             plugin = loader()
             self.pm.register(plugin, name=name)
         except Exception as err:
             if strict:
                 raise PluginError(f"plugin {name!r} ({source}) failed to load: {err}") from err
-            log.error("plugin %r (%s) failed to load and is skipped: %s", name, source, err)
-            self.failures.append(LoadFailure(name, source, f"{type(err).__name__}: {err}"))
+            self._failed(name, source, f"{type(err).__name__}: {err}")
             return
         module = plugin if isinstance(plugin, ModuleType) else None
         hooks = [impl.name for impl in self.pm.get_hookcallers(plugin) or []]
         self.plugins[name] = PluginInfo(name, source, version, module, hooks=sorted(hooks))
 
+    def _failed(self, name: str, source: str, error: str) -> None:
+        log.error("plugin %r (%s) failed to load and is skipped: %s", name, source, error)
+        self.failures.append(LoadFailure(name, source, error))
+
+    def _check_hooks(self) -> None:
+        """A ``carehub_*`` hookimpl that matches no hook is a misspelling: raise PluginError
+        naming the plugin (as `carehub plugins` shows it) and the hook, rather than leaving
+        it silently never called."""
+        for hook_name in list(vars(self.pm.hook)):
+            if hook_name.startswith("_"):
+                continue
+            caller = getattr(self.pm.hook, hook_name)
+            if caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+                info = self.plugins.get(name)
+                where = f" ({info.source})" if info else ""
+                close = difflib.get_close_matches(hook_name, _hook_names(), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise PluginError(
+                    f"plugin {name!r}{where} implements a hook that does not exist: "
+                    f"{hook_name}{hint}"
+                )
+
     # -- registration ---------------------------------------------------------------------
-    def _register_all(self) -> None:
+    def _register_all(self, strict: bool) -> None:
         hook = self.pm.hook
         for hook_name, registry, base in (
             ("carehub_register_translators", self.translators, Translator),
@@ -167,9 +282,32 @@ class PluginHost:
         ):
             for impl in getattr(hook, hook_name).get_hookimpls():
                 plugin_name = self.pm.get_name(impl.plugin) or "?"
-                impl.function(register=self._registrar(plugin_name, registry, base))
+                try:
+                    impl.function(register=self._registrar(plugin_name, registry, base))
+                except ReservedOptionError as err:
+                    info = self.plugins.get(plugin_name)
+                    if strict or info is None or info.source == "builtin":
+                        raise
+                    self._drop(plugin_name, info.source, str(err))
         for impl in hook.carehub_register_commands.get_hookimpls():
             impl.function(register=self.commands.append)
+
+    def _drop(self, plugin_name: str, source: str, error: str) -> None:
+        """Take a plugin back out, with every component it registered so far, and record it
+        as failing to load: half a plugin is worse than none."""
+        registries: dict[str, dict[str, Any]] = {
+            Translator.kind: self.translators,
+            Enricher.kind: self.enrichers,
+            Channel.kind: self.channels,
+        }
+        for key, owner in list(self._owner.items()):
+            if owner == plugin_name:
+                del self._owner[key]
+                registries[key[0]].pop(key[1], None)
+        self.plugins.pop(plugin_name, None)
+        self.pm.unregister(name=plugin_name)
+        self._step_runner = None
+        self._failed(plugin_name, source, error)
 
     def _registrar(
         self, plugin_name: str, registry: dict[str, Any], base: type[Component]
@@ -182,6 +320,7 @@ class PluginHost:
                 )
             if not component.name:
                 raise PluginError(f"plugin {plugin_name!r}: {component.__name__} has no name")
+            _check_reserved(plugin_name, base.kind, component)
             key = (base.kind, component.name)
             if key in self._owner:
                 raise PluginError(
@@ -193,8 +332,25 @@ class PluginHost:
             info = self.plugins.get(plugin_name)
             if info is not None:
                 info.components.append(f"{base.kind} {component.name}")
+                info.details.append(ComponentInfo.of(component))
 
         return register
+
+    def owner(self, kind: str, name: str) -> str | None:
+        """The plugin that registered the ``kind`` ("channel", ...) called ``name``."""
+        return self._owner.get((kind, name))
+
+    def missing_note(self) -> str:
+        """What to add to a "no channel named ..." error: the plugins the allow or block list
+        left out and those that failed to load, since the component may be in one of them."""
+        notes = []
+        for variable in (ENV_ALLOW, ENV_BLOCK):
+            names = sorted(n for n, v in self.left_out.items() if v == variable)
+            if names:
+                notes.append(f"left out by {variable}: {', '.join(names)}")
+        if self.failures:
+            notes.append(f"failed to load: {', '.join(f.name for f in self.failures)}")
+        return "".join(f"; {note}" for note in notes)
 
     # -- per-message observers ------------------------------------------------------------
     def observed(self, hook_name: str) -> bool:
@@ -213,8 +369,60 @@ class PluginHost:
                 )
 
     def run_step(self, work: Any, step: str, run: Callable[[], Any]) -> Any:
-        """Run one route step through the carehub_run_step wrappers (tracing, timing)."""
+        """Run one route step through the carehub_run_step wrappers (tracing, timing).
+        carehub_run_step is a firstresult hook: with nothing but wrappers implementing it,
+        pluggy would return None and every step would "succeed" without running."""
+        if self._step_runner is None:
+            self._step_runner = any(
+                not (impl.wrapper or impl.hookwrapper)
+                for impl in self.pm.hook.carehub_run_step.get_hookimpls()
+            )
+        if not self._step_runner:
+            raise PluginError(
+                f"no plugin runs route steps (carehub_run_step): {CORE_PLUGIN!r} is not loaded"
+            )
         return self.pm.hook.carehub_run_step(work=work, step=step, run=run)
+
+
+def _hook_names() -> list[str]:
+    return [name for name in vars(hookspecs) if name.startswith("carehub_")]
+
+
+def _check_reserved(plugin_name: str, kind: str, component: type[Component]) -> None:
+    """Refuse an Options field (or alias) named after a step key carehub reads itself: the
+    route's value would never reach it, and the error the author would see names the wrong
+    thing (``forward.name: Field required`` however the route spells it)."""
+    reserved = RESERVED_OPTION_KEYS.get(kind, frozenset())
+    step = {"translator": "translate", "enricher": "enrich", "channel": "forward"}.get(kind, kind)
+    for key, spec in component.Options.model_fields.items():
+        for spelled in (key, spec.alias, spec.validation_alias):
+            if isinstance(spelled, str) and spelled in reserved:
+                raise ReservedOptionError(
+                    f"plugin {plugin_name!r}: {kind} {component.name!r} "
+                    f"({component.__name__}.Options) declares {spelled!r}, which carehub reads "
+                    f"itself from a route's {step}: step; rename the option"
+                )
+
+
+def _plugins_directory(plugins_dir: Path | None, config: HubConfig | None) -> Path | None:
+    """The plugins directory to load, from the argument, the config or CAREHUB_PLUGINS_DIR;
+    one set to something that is not a folder is a ConfigError naming the setting, since a
+    misspelt folder would otherwise only show as "no enricher named ..." later."""
+    setting = "plugins_dir"
+    if plugins_dir is None and config is not None and config.plugins_dir is not None:
+        plugins_dir = config.plugins_dir
+        from carehub.config import where_in_config
+
+        setting = where_in_config(config, "plugins_dir")
+    if plugins_dir is None:
+        value = os.environ.get(ENV_PLUGINS_DIR)
+        if not value:
+            return None
+        plugins_dir, setting = Path(value), f"{ENV_PLUGINS_DIR}={value}"
+    if not plugins_dir.is_dir():
+        what = "is not a folder" if plugins_dir.exists() else "does not exist"
+        raise ConfigError(f"{setting}: the plugins folder {plugins_dir.absolute()} {what}")
+    return plugins_dir
 
 
 def _import_file(path: Path) -> ModuleType:

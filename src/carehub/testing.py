@@ -1,29 +1,39 @@
 """Test helpers for carehub and for projects that configure or extend it.
 
 ``HubThread`` runs a real hub (real sockets, real store) on a background event loop so plain
-synchronous tests can talk to it; ``mllp_exchange`` sends frames over a real socket;
-``make_adt`` builds synthetic messages.
+synchronous tests can talk to it, and waits for its deliveries; ``mllp_exchange`` sends frames
+over a real socket; ``make_adt`` builds synthetic messages; ``run_routes`` and
+``run_routes_async`` dry-run a message through a config's routes; ``bind_channel`` gives one
+destination's channel, to test its ``send()`` on its own. The pytest fixture
+``carehub_routes`` lives in ``carehub.pytest_plugin``, which does not import this module
+until a test asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import pytest
 
 from carehub.config import HubConfig, MLLPListenerConfig
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hub import Hub
 
 if TYPE_CHECKING:
+    from carehub.components import Channel
     from carehub.routing.router import RoutingResult
+    from carehub.store.outbox import DeliveryRecord
+
+#: Delivery statuses that no longer change by themselves.
+SETTLED = frozenset({"delivered", "dead"})
 
 
 def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
@@ -49,7 +59,16 @@ class HubThread:
 
     def __enter__(self) -> HubThread:
         self._thread.start()
-        self.call(self.hub.start())
+        try:
+            self.call(self.hub.start())
+        except BaseException:
+            # __exit__ is not called when __enter__ raises: without this, every test of a
+            # start that fails would leave a loop thread and an open store behind.
+            if self.hub.store is not None:  # Hub.start closes what it opened; in case not
+                with contextlib.suppress(Exception):
+                    self.call(self.hub.stop())
+            self._stop_loop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -66,9 +85,43 @@ class HubThread:
     def stop(self) -> None:
         if self._thread.is_alive():
             self.call(self.hub.stop())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        """End the loop thread and the loop's helper threads (asyncio.to_thread's)."""
+        with contextlib.suppress(Exception):
+            self.call(self._loop.shutdown_default_executor(), timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def wait_for_deliveries(
+        self, count: int = 1, *, destination: str | None = None, timeout: float = 30.0
+    ) -> list[DeliveryRecord]:
+        """Wait until at least ``count`` deliveries (to ``destination``, ``ROUTE/NAME``, if
+        given) are in the store and every one of them is settled, delivered or dead, then
+        return them oldest first. Retries count as unsettled, so a delivery that fails, waits
+        and is sent again is returned once it is delivered or given up. Raises TimeoutError
+        saying what it saw."""
+        from carehub.store.outbox import Outbox
+
+        if self.store is None:
+            raise RuntimeError("the hub is not running: call wait_for_deliveries inside `with`")
+        outbox = Outbox(self.store)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = outbox.find(destination=destination, limit=None)
+            if len(found) >= count and all(d.status in SETTLED for d in found):
+                return found
+            if time.monotonic() >= deadline:
+                seen = Counter(d.status for d in found)
+                summary = ", ".join(f"{n} {status}" for status, n in sorted(seen.items()))
+                raise TimeoutError(
+                    f"waited {timeout:g} s for {count} settled deliveries"
+                    f"{f' to {destination}' if destination else ''}; the store has "
+                    f"{summary or 'none'}"
+                )
+            time.sleep(0.02)
 
     @property
     def store(self) -> Any:
@@ -124,11 +177,13 @@ def make_adt(
     version: str = "2.5",
     charset: str = "",
     patient_class: str = "I",
+    location: str = "WARD^101^A",
     visit_number: str = "V0001",
     terminator: str = "\r",
     extra_segments: Iterable[str] = (),
 ) -> str:
-    """A small synthetic ADT message (text; encode it with the charset you want to test)."""
+    """A small synthetic ADT message (text; encode it with the charset you want to test).
+    ``location`` is PV1-3, the assigned location: point of care (unit), room, bed."""
     msh = [
         "MSH",
         "^~\\&",
@@ -149,36 +204,58 @@ def make_adt(
         "|".join(msh),
         f"EVN|{event}|20261125083000",
         f"PID|1||{patient_id}^^^{authority}^MR||{name}||19700101|F",
-        f"PV1|1|{patient_class}|WARD^101^A||||1234567890^DOCTOR^TEST|||MED||||||||"
+        f"PV1|1|{patient_class}|{location}||||1234567890^DOCTOR^TEST|||MED||||||||"
         f"|{visit_number}^^^{authority}^VN",
         *extra_segments,
     ]
     return terminator.join(segments) + terminator
 
 
-# -- pytest plugin: route tests in a project's own test suite ---------------------------------
-# Installed as the `pytest11` entry point `carehub`, so any project with carehub installed gets
-# the `carehub_routes` fixture:
-#
-#     def test_discharge_goes_to_the_care_platform(carehub_routes):
-#         result = carehub_routes("tests/messages/discharge.hl7")
-#         assert result.matched[0].route == "admissions-discharges"
-#         assert result.deliveries[0].destination == "admissions-discharges/care-platform"
-#
-# The config comes from `--carehub-config`, the `carehub_config` ini option, or
-# config/carehub.yaml in the rootdir.
+# -- channels --------------------------------------------------------------------------------
+def bind_channel(
+    config: HubConfig | Path, destination: str, data_dir: Path | None = None
+) -> Channel:
+    """The channel instance of one destination (``ROUTE/NAME``), built from the route exactly
+    as the hub builds it (options validated, ``${VAR}`` expanded) but not started: test
+    ``send()`` against a real server with ``await channel.start()``, ``await
+    channel.send(outgoing)`` (an Outgoing from run_routes' deliveries) and ``await
+    channel.close()``."""
+    from carehub.config import load_config
+    from carehub.hub import build_routing
+
+    hub_config = load_config(config) if isinstance(config, Path) else config
+    data = data_dir or Path(tempfile.mkdtemp(prefix="carehub-"))
+    _, table = build_routing(hub_config, data)
+    found = table.destinations.get(destination)
+    if found is None:
+        known = ", ".join(sorted(table.destinations)) or "none"
+        raise LookupError(f"no destination {destination!r} in the routes (there are: {known})")
+    return found.channel
 
 
+# -- dry runs -------------------------------------------------------------------------------
 def run_routes(
     message: str | bytes | Path,
     config: HubConfig | Path,
     data_dir: Path | None = None,
 ) -> RoutingResult:
     """Dry-run one message (text, bytes or a file path) through the routes of a config:
-    which routes matched and why, each step's output, what each forward would send."""
+    which routes matched and why, each step's output, what each forward would send. It runs
+    the components on an event loop of its own (asyncio.run): from an ``async def`` test,
+    await run_routes_async instead."""
+    return asyncio.run(run_routes_async(message, config, data_dir))
+
+
+async def run_routes_async(
+    message: str | bytes | Path,
+    config: HubConfig | Path,
+    data_dir: Path | None = None,
+) -> RoutingResult:
+    """run_routes on the running event loop, for async tests (where asyncio.run, and so
+    run_routes, cannot be called). The components' start(), steps and close() run on it."""
     from carehub.config import load_config
     from carehub.hub import build_routing
-    from carehub.routing.dryrun import dry_run
+    from carehub.routing.dryrun import dry_run_all_async
 
     hub_config = load_config(config) if isinstance(config, Path) else config
     if isinstance(message, Path):
@@ -188,30 +265,5 @@ def run_routes(
     else:
         raw = message
     host, table = build_routing(hub_config, data_dir or Path(tempfile.mkdtemp(prefix="carehub-")))
-    return dry_run(table, host, raw)
-
-
-def pytest_addoption(parser: Any) -> None:
-    group = parser.getgroup("carehub")
-    group.addoption("--carehub-config", default=None, help="carehub config for carehub_routes")
-    parser.addini("carehub_config", "carehub config file for the carehub_routes fixture")
-
-
-@pytest.fixture
-def carehub_routes(request: Any, tmp_path: Path) -> Callable[[str | bytes | Path], RoutingResult]:
-    """A function that dry-runs a message through the project's carehub routes."""
-    option = request.config.getoption("--carehub-config") or request.config.getini("carehub_config")
-    config_path = (
-        Path(option) if option else Path(request.config.rootpath) / "config" / "carehub.yaml"
-    )
-    if not config_path.is_absolute():
-        config_path = Path(request.config.rootpath) / config_path
-
-    def run(message: str | bytes | Path) -> RoutingResult:
-        if isinstance(message, str) and not message.lstrip().startswith(("MSH", "\ufeffMSH")):
-            message = Path(message)
-            if not message.is_absolute():
-                message = Path(request.config.rootpath) / message
-        return run_routes(message, config_path, tmp_path / "carehub-data")
-
-    return run
+    (result,) = await dry_run_all_async(table, host, [raw])
+    return result

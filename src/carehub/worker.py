@@ -329,14 +329,14 @@ class Worker:
 
     def _limited(self, destination_name: str) -> bool:
         """Whether ``per_destination`` applies to this destination's channel."""
-        destination = self.table.destinations.get(destination_name)
+        destination = self.table.destination(destination_name)
         return destination is None or destination.channel.limit_per_destination
 
     async def _send(self, delivery: DeliveryRecord) -> None:
         started = datetime.now(UTC)
         clock = time.perf_counter()
         attempt = delivery.attempts + 1
-        destination = self.table.destinations.get(delivery.destination)
+        destination = self.table.destination(delivery.destination)
         try:
             if destination is None:
                 raise DeliveryError(
@@ -389,6 +389,16 @@ class Worker:
                 "; dead letter" if final else "",
                 type(err).__name__ if not isinstance(err, DeliveryError) else _first_part(detail),
             )
+            if not isinstance(err, DeliveryError):
+                # Not a refusal the channel reported but a bug or an unforeseen failure in
+                # send(): its traceback (which may quote the message) at DEBUG only.
+                log.debug(
+                    "delivery %d to %s: %s raised",
+                    delivery.id,
+                    delivery.destination,
+                    type(err).__name__,
+                    exc_info=True,
+                )
             self.host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
         if self._inflight.pop(delivery.id, None) is not None:

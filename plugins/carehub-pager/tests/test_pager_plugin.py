@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,13 +12,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from carehub.cli import main
 from carehub.components import DeliveryError, Outgoing
-from carehub.config import load_config
 from carehub.errors import ConfigError
-from carehub.hub import build_routing
-from carehub.routing.dryrun import dry_run
 from carehub.routing.router import RoutingResult
-from carehub.store.outbox import Outbox
-from carehub.testing import HubThread, local_config, make_adt, mllp_exchange, run_routes
+from carehub.testing import (
+    HubThread,
+    bind_channel,
+    local_config,
+    make_adt,
+    mllp_exchange,
+    run_routes,
+    run_routes_async,
+)
 from click.testing import CliRunner
 
 from carehub_pager.plugin import STATS, PagerChannel, load_schedule, page_text
@@ -37,7 +40,7 @@ PATIENT_DETAILS = ("TESTPATIENT", "ALEX", "P0001", "19700101", "V0001", "1234567
 
 def on_unit(unit: str, control_id: str = "MSG00001", **kwargs: Any) -> str:
     """make_adt's message with the patient on another unit (PV1-3.1)."""
-    return make_adt(control_id, **kwargs).replace("WARD^101^A", f"{unit}^12^B")
+    return make_adt(control_id, location=f"{unit}^12^B", **kwargs)
 
 
 def page_of(result: RoutingResult) -> dict[str, Any]:
@@ -64,6 +67,13 @@ def test_route_pages_the_unit_on_call_with_no_patient_details(tmp_path: Path) ->
     recorded = delivery.outgoing.payload.decode() + json.dumps(delivery.outgoing.metadata)
     for detail in (*PATIENT_DETAILS, "test-token"):
         assert detail not in recorded
+
+
+def test_async_tests_dry_run_with_run_routes_async(tmp_path: Path) -> None:
+    async def an_async_test() -> RoutingResult:  # as in an anyio or pytest-asyncio test
+        return await run_routes_async(ADMIT, CONFIG, tmp_path)
+
+    assert page_of(asyncio.run(an_async_test()))["to"] == "5550101"
 
 
 def test_carehub_routes_fixture(
@@ -153,10 +163,8 @@ def test_bad_schedules_name_the_file_and_entry(
 # -- a real gateway ---------------------------------------------------------------------------
 def routed(tmp_path: Path, message: str | Path = ADMIT) -> tuple[PagerChannel, Outgoing]:
     """The pager channel of the sample route and what it rendered for ``message``."""
-    raw = message.read_bytes() if isinstance(message, Path) else message.encode()
-    host, table = build_routing(load_config(CONFIG), tmp_path)
-    (delivery,) = dry_run(table, host, raw).deliveries
-    channel = table.destinations[DESTINATION].channel
+    (delivery,) = run_routes(message, CONFIG, tmp_path).deliveries
+    channel = bind_channel(CONFIG, DESTINATION, tmp_path)
     assert isinstance(channel, PagerChannel)
     return channel, delivery.outgoing
 
@@ -234,32 +242,20 @@ def test_unreachable_or_slow_gateway_is_retryable(
 
 
 # -- a running hub ----------------------------------------------------------------------------
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def statuses(outbox: Outbox) -> list[str]:
-    return [d.status for d in outbox.find()]
-
-
 def test_running_hub_pages_retries_and_counts_failures(
     tmp_path: Path, gateway: PageGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PAGER_URL", gateway.url())
-    monkeypatch.setattr(main, "_plugin_commands", None)  # the CLI caches plugin commands
     STATS.reset()
     gateway.answers = [503, 202, 400]  # first page: retried then sent; second: refused
     config = local_config(worker=True, routes=["routes/*.yaml"], source=CONFIG)
-    hub = HubThread(config, tmp_path / "data")
-    with hub:
-        outbox = Outbox(hub.store)
+    with HubThread(config, tmp_path / "data") as hub:
         mllp_exchange(hub.mllp_address, [ADMIT.read_bytes()])
-        wait_until(lambda: statuses(outbox) == ["delivered"], "the first page")
+        (first,) = hub.wait_for_deliveries(1)
+        assert (first.status, first.attempts) == ("delivered", 2)
         mllp_exchange(hub.mllp_address, [on_unit("4W", "MSG2", patient_id="P0002").encode()])
-        wait_until(lambda: statuses(outbox) == ["delivered", "dead"], "the refused page")
+        first, refused = hub.wait_for_deliveries(2)
+        assert (refused.status, refused.attempts) == ("dead", 1)
 
     assert [json.loads(r.body)["to"] for r in gateway.received] == ["5550101"] * 2 + ["5550144"]
     assert STATS.failures["pager"] == 2 and STATS.dead["pager"] == 1
@@ -285,8 +281,7 @@ def test_running_hub_pages_retries_and_counts_failures(
     assert "on call *: House Supervisor (pager 5550199)" in lines
 
 
-def test_pager_status_with_no_deliveries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(main, "_plugin_commands", None)
+def test_pager_status_with_no_deliveries(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["pager-status", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert result.output == "pager deliveries: none\n"

@@ -57,17 +57,22 @@ def dry_run(table: RouteTable, host: PluginHost, raw: bytes) -> RoutingResult:
 
 def dry_run_all(table: RouteTable, host: PluginHost, payloads: list[bytes]) -> list[RoutingResult]:
     """Route messages in turn through the table, started once for all of them (starting loads
-    rosters and directories and opens sessions: per message, a batch file took minutes)."""
+    rosters and directories and opens sessions: per message, a batch file took minutes).
+    Runs its own event loop; from a coroutine, await dry_run_all_async instead."""
+    return asyncio.run(dry_run_all_async(table, host, payloads))
 
-    async def run() -> list[RoutingResult]:
-        await table.start()
-        try:
-            router = Router(table, host)
-            return [router.route(preview_message(raw), explain=True) for raw in payloads]
-        finally:
-            await table.close()
 
-    return asyncio.run(run())
+async def dry_run_all_async(
+    table: RouteTable, host: PluginHost, payloads: list[bytes]
+) -> list[RoutingResult]:
+    """dry_run_all on the running event loop (an async test's, say), where asyncio.run
+    cannot be called."""
+    await table.start()
+    try:
+        router = Router(table, host)
+        return [router.route(preview_message(raw), explain=True) for raw in payloads]
+    finally:
+        await table.close()
 
 
 def result_as_json(result: RoutingResult) -> dict[str, Any]:

@@ -202,12 +202,21 @@ class Router:
                         StepRecord(route.name, position, step.label, "ok", value, encoded)
                     )
             except Exception as err:  # a broken step ends its route, never the hub
+                # The error's text can quote the message: WARNING gets its type, and the
+                # traceback (for a plugin author to find the line) goes to DEBUG only.
                 log.warning(
                     "route %s step %d (%s) failed: %s",
                     route.name,
                     position,
                     step.label,
                     type(err).__name__,
+                )
+                log.debug(
+                    "route %s step %d (%s) traceback",
+                    route.name,
+                    position,
+                    step.label,
+                    exc_info=True,
                 )
                 result.error = f"step {position} ({step.label}): {type(err).__name__}: {err}"
                 result.steps.append(

@@ -7,6 +7,8 @@ in any route is reported, with file, line, route and key, before the hub takes a
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -20,10 +22,18 @@ from carehub.errors import ConfigError
 from carehub.plugins import PluginHost
 from carehub.referrals.notices import ReferralNoticeConfig, ReferralNotifier
 from carehub.routing.conditions import When
-from carehub.routing.config import ForwardConfig, LoadedRoute, RetryPolicy, RouteSource
+from carehub.routing.config import (
+    ForwardConfig,
+    LoadedRoute,
+    RetryPolicy,
+    RouteSource,
+    StepConfig,
+)
 
 if TYPE_CHECKING:
     from carehub.store.store import MessageStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -33,6 +43,7 @@ class Destination:
     name: str
     channel: Channel
     retry: RetryPolicy
+    plugin: str | None = None  # the plugin that registered the channel
 
 
 @dataclass(slots=True)
@@ -43,6 +54,9 @@ class BoundStep:
     condition: When | None = None
     destination: Destination | None = None
     notifier: Notifier | ReferralNotifier | None = None
+    #: Where the step is written, as (steps, position, key), for errors about it.
+    loc: tuple[Any, ...] = ()
+    plugin: str | None = None  # the plugin that registered ``component``
 
 
 @dataclass(slots=True)
@@ -58,6 +72,16 @@ class Route:
 class RouteTable:
     routes: list[Route] = field(default_factory=list)
     destinations: dict[str, Destination] = field(default_factory=dict)
+    #: Names earlier versions gave forwards written without ``name:`` (ROUTE/CHANNEL-POSITION)
+    #: -> the name they have now, so deliveries stored under the old name still go out.
+    former_names: dict[str, str] = field(default_factory=dict)
+
+    def destination(self, name: str) -> Destination | None:
+        """The destination a delivery was planned for, by its current or former name."""
+        found = self.destinations.get(name)
+        if found is None and name in self.former_names:
+            found = self.destinations.get(self.former_names[name])
+        return found
 
     def components(self) -> list[Component]:
         built: list[Component] = []
@@ -87,17 +111,53 @@ class RouteTable:
 
     async def start(self) -> None:
         """Start every component; when one cannot start, close those already started (their
-        sessions and files) before raising why."""
-        started = []
+        sessions and files) before raising why. A ConfigError from start() (a missing file)
+        is the component's own words; anything else is a bug or an unforeseen failure, raised
+        as a ConfigError naming the route file and line, the route, the step and the plugin,
+        with the traceback logged at DEBUG."""
+        started: list[Component] = []
         try:
-            for component in self.components():
-                await component.start()
+            for route, position, step, component, what in self._startables():
+                try:
+                    await component.start()
+                except ConfigError:
+                    raise
+                except Exception as err:
+                    where = f"{route.source.where(step.loc)}: route {route.name!r}"
+                    problem = f"{where}: steps[{position}] ({what}) failed to start"
+                    log.debug("%s", problem, exc_info=True)
+                    reason = " ".join(str(err).split())
+                    raise ConfigError(
+                        f"{problem}: {type(err).__name__}{f': {reason}' if reason else ''}"
+                    ) from err
                 started.append(component)
         except BaseException:
             for component in reversed(started):
                 with contextlib.suppress(Exception):
                     await component.close()
             raise
+
+    def _startables(self) -> list[tuple[Route, int, BoundStep, Component, str]]:
+        """Each component with its route, step and a label naming it and its plugin."""
+        found: list[tuple[Route, int, BoundStep, Component, str]] = []
+        for route in self.routes:
+            for position, step in enumerate(route.steps):
+                if step.component is not None:
+                    found.append(
+                        (route, position, step, step.component, _named(step.label, step.plugin))
+                    )
+                elif step.destination is not None:
+                    destination = step.destination
+                    label = _named(step.label, destination.plugin)
+                    found.append((route, position, step, destination.channel, label))
+                elif step.notifier is not None:
+                    for destination in step.notifier.destinations.values():
+                        label = _named(
+                            f"{step.label}, channel {destination.channel.name} {destination.name}",
+                            destination.plugin,
+                        )
+                        found.append((route, position, step, destination.channel, label))
+        return found
 
     async def close(self) -> None:
         for component in self.components():
@@ -113,6 +173,7 @@ def bind_routes(
         config = item.config
         if not config.enabled:
             continue
+        unnamed = _unnamed_forwards(config.steps, item.source, config.name)
         steps: list[BoundStep] = []
         for position, step in enumerate(config.steps):
             loc: tuple[Any, ...] = ("steps", position, step.kind)
@@ -133,11 +194,18 @@ def bind_routes(
                             f"{destination.name!r} is used twice"
                         )
                     table.destinations[destination.name] = destination
-                steps.append(BoundStep(kind, kind, notifier=notifier))
+                steps.append(BoundStep(kind, kind, notifier=notifier, loc=loc))
                 continue
             if kind == "forward":
                 destination = _bind_forward(
-                    step.forward or {}, config.name, position, host, context, item.source, loc
+                    step.forward or {},
+                    config.name,
+                    position,
+                    host,
+                    context,
+                    item.source,
+                    loc,
+                    default_name=unnamed.get(position),
                 )
                 if destination.name in table.destinations:
                     raise ConfigError(
@@ -145,11 +213,15 @@ def bind_routes(
                         f"{destination.name!r} is used twice; give forwards distinct names"
                     )
                 table.destinations[destination.name] = destination
+                if position in unnamed:
+                    channel = (step.forward or {}).get("channel")
+                    table.former_names[f"{config.name}/{channel}-{position}"] = destination.name
                 steps.append(
                     BoundStep(
                         "forward",
                         f"forward {destination.channel.name} {destination.name}",
                         destination=destination,
+                        loc=loc,
                     )
                 )
                 continue
@@ -167,11 +239,19 @@ def bind_routes(
                 known = ", ".join(sorted(registry)) or "none"
                 raise ConfigError(
                     f"{item.source.where(loc)}: route {config.name!r}: steps[{position}]: "
-                    f"no {base_kind} named {name!r} (registered: {known})"
+                    f"no {base_kind} named {name!r} (registered: {known}{host.missing_note()})"
                 )
             component = _build(component_class, options, context, item.source, config.name, loc)
             label = f"{kind} {name}" if kind in ("translate", "enrich") else kind
-            steps.append(BoundStep("enrich" if kind == "enrich" else "translate", label, component))
+            steps.append(
+                BoundStep(
+                    "enrich" if kind == "enrich" else "translate",
+                    label,
+                    component,
+                    loc=loc,
+                    plugin=host.owner(component_class.kind, name),
+                )
+            )
         table.routes.append(Route(config.name, config.when, steps, item.source, config.description))
     return table
 
@@ -184,7 +264,11 @@ def _bind_forward(
     context: ComponentContext,
     source: RouteSource,
     loc: tuple[Any, ...],
+    *,
+    default_name: str | None = None,
 ) -> Destination:
+    """Bind a forward to its channel; the destination is ROUTE/NAME after its ``name:``, or
+    ``default_name`` (the channel's name, for a route's only forward to that channel)."""
     own = {k: v for k, v in settings.items() if k in ForwardConfig.model_fields}
     rest = {k: v for k, v in settings.items() if k not in ForwardConfig.model_fields}
     try:
@@ -196,12 +280,50 @@ def _bind_forward(
         known = ", ".join(sorted(host.channels)) or "none"
         raise ConfigError(
             f"{source.where((*loc, 'channel'))}: route {route!r}: steps[{position}]: "
-            f"no channel named {forward.channel!r} (registered: {known})"
+            f"no channel named {forward.channel!r} (registered: {known}{host.missing_note()})"
         )
     channel = _build(channel_class, rest, context, source, route, loc)
     assert isinstance(channel, Channel)
-    name = f"{route}/{forward.name or f'{forward.channel}-{position}'}"
-    return Destination(name, channel, forward.retry)
+    name = forward.name or default_name
+    if name is None:  # _unnamed_forwards made sure every forward has one
+        raise ConfigError(f"{source.where(loc)}: route {route!r}: steps[{position}]: no name")
+    return Destination(
+        f"{route}/{name}", channel, forward.retry, host.owner(Channel.kind, forward.channel)
+    )
+
+
+def _unnamed_forwards(steps: list[StepConfig], source: RouteSource, route: str) -> dict[int, str]:
+    """The destination name of each forward step written without ``name:``: its channel's,
+    when it is the route's only forward to that channel. A name taken from the step's
+    position would change when a step is added before it, and the deliveries waiting for a
+    retry would then go to the dead letters as "no longer configured". Several forwards to
+    one channel must each be named: a ConfigError names the first without one."""
+    forwards = {
+        position: step.forward
+        for position, step in enumerate(steps)
+        if step.kind == "forward" and isinstance(step.forward, dict)
+    }
+    per_channel = Counter(
+        f.get("channel") for f in forwards.values() if isinstance(f.get("channel"), str)
+    )
+    defaults: dict[int, str] = {}
+    for position, forward in forwards.items():
+        channel = forward.get("channel")
+        if forward.get("name") is not None or not isinstance(channel, str):
+            continue  # a name, or a channel ForwardConfig will refuse
+        if per_channel[channel] > 1:
+            raise ConfigError(
+                f"{source.where(('steps', position, 'forward'))}: route {route!r}: "
+                f"steps[{position}].forward.name: this route has {per_channel[channel]} "
+                f"forwards to channel {channel!r}; give each a name (its destination is "
+                f"{route}/NAME, the name its deliveries and their retries are kept under)"
+            )
+        defaults[position] = channel
+    return defaults
+
+
+def _named(label: str, plugin: str | None) -> str:
+    return f"{label}, plugin {plugin!r}" if plugin else label
 
 
 def _bind_notify(

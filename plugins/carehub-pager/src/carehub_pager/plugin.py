@@ -19,7 +19,8 @@ Each piece is the smallest useful example of one kind of carehub extension:
         steps:
           - translate: v2-to-event
           - enrich: {use: on-call, schedule: on-call.yaml}
-          - forward: {channel: pager, url: "${PAGER_URL}", token: "${PAGER_TOKEN}"}
+          - forward: {channel: pager, name: on-call-pager, url: "${PAGER_URL}",
+                      token: "${PAGER_TOKEN}"}
 """
 
 from __future__ import annotations
