@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 from collections.abc import Iterator
@@ -194,3 +195,27 @@ def test_duplicate_post_is_aa_twice_and_stored_once(hub: HubThread) -> None:
     assert ack_of(first)[:2] == ack_of(second)[:2] == ("AA", "DUP1")
     [stored] = hub.store.find()
     assert [change.event for change in hub.store.history(stored.id)] == ["received", "resent"]
+
+
+@pytest.mark.parametrize(
+    ("host", "tokens", "warned"),
+    [("0.0.0.0", [], True), ("127.0.0.1", [], False), ("0.0.0.0", ["s3cret-token"], False)],
+)
+def test_an_open_http_listener_on_the_network_is_warned_about(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    tokens: list[str],
+    warned: bool,
+) -> None:
+    monkeypatch.delenv("CAREHUB_HTTP_TOKENS", raising=False)
+    config = local_config()
+    config.listeners.http.host = host
+    config.listeners.http.tokens = tokens
+    caplog.set_level(logging.WARNING, logger="carehub.hub")
+    with HubThread(config, tmp_path / "data"):
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "takes messages" in r.getMessage()]
+    assert bool(warnings) is warned, warnings
+    assert all("s3cret" not in text for text in warnings)

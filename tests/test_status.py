@@ -106,6 +106,8 @@ def test_status_counts_intake_backlog_and_each_destination(
     good, down, flaky = (destinations[f"events/{name}"] for name in ("good", "down", "flaky"))
     assert (good["delivered"], good["waiting"], good["dead"]) == (3, 0, 0)
     assert (down["delivered"], down["waiting"], down["dead"]) == (0, 0, 3)
+    assert "HTTP 503" in down["last_error"]  # nothing retrying: the newest dead letter's error
+    assert good["last_error"] is None
     assert (flaky["delivered"], flaky["waiting"], flaky["retrying"]) == (0, 3, 3)
     assert "HTTP 502" in flaky["last_error"]
     assert flaky["oldest_waiting"] is not None

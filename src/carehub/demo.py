@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ from urllib.parse import quote
 
 from aiosmtpd.controller import Controller
 from fastapi import FastAPI, Request, Response
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from carehub.client import MLLPClient
 from carehub.config import HTTPListenerConfig, HubConfig, load_config
+from carehub.display import new_console
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
 from carehub.hl7.batch import split_messages
@@ -42,7 +41,7 @@ from carehub.intake.http import HTTPListener
 from carehub.store.outbox import Outbox
 
 # Wide enough for the tables when the output goes to a log or a pipe rather than a terminal.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+console = new_console(pipe_width=120)
 
 #: A frame a misconfigured sender might produce, to show the AR answer.
 NOT_HL7 = b"GET / HTTP/1.1\r\nHost: carehub\r\n\r\n"

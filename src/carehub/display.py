@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from datetime import datetime
 
 from rich.console import Console
@@ -15,12 +17,19 @@ from carehub.routing.router import RoutingResult
 from carehub.store.outbox import AttemptRow, DeliveryRecord, StepRow
 from carehub.store.store import StatusChange, StoredMessage
 
-_console = Console(highlight=False, soft_wrap=False)
+#: Columns for output that goes to a pipe or a file rather than a terminal.
+PIPE_WIDTH = 200
 
 
-def new_console() -> Console:
-    """Made per command, so the terminal width (or $COLUMNS) is read when it runs."""
-    return Console(highlight=False, soft_wrap=False)
+def new_console(pipe_width: int = PIPE_WIDTH) -> Console:
+    """Made per command, so the terminal width (or $COLUMNS) is read when it runs. Piped into
+    grep, a file, CI or cron, rich would wrap at 80 columns and cut destination names, dates
+    and errors mid-word; such output gets ``pipe_width`` columns instead."""
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(highlight=False, soft_wrap=False, width=None if wide else pipe_width)
+
+
+_console = new_console()
 
 
 def short_time(value: datetime | None) -> str:

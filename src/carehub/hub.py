@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import sqlite3
@@ -28,6 +29,7 @@ from sqlalchemy.pool import NullPool
 from carehub import __version__
 from carehub.components import ComponentContext
 from carehub.config import (
+    ENV_HTTP_TOKENS,
     HubConfig,
     http_tokens,
     resolve_data_dir,
@@ -206,6 +208,14 @@ def check_queue(config: HubConfig) -> str:
     return f"{label} (in-process)" if work_queue.is_memory else f"{label} (answers)"
 
 
+def _loopback(host: str) -> bool:
+    """Whether a listener bound to ``host`` can be reached from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def mllp_tls_contexts(config: HubConfig) -> list[ssl.SSLContext | None]:
     """Each MLLP listener's TLS context (None without TLS); a file that cannot be loaded is a
     ConfigError naming the listener's setting. `serve` and `routes check` both load them."""
@@ -320,10 +330,19 @@ class Hub:
                 kind = "MLLP+TLS" if context else "MLLP"
                 self.bound.append(BoundListener(kind, listener.name, f"{host}:{port}"))
             if listeners.http.enabled:
+                tokens = http_tokens(self.config)
+                if not tokens and not _loopback(listeners.http.host):
+                    log.warning(
+                        "HTTP listener on %s takes messages and referral updates from anyone "
+                        "who can reach it: set listeners.http.tokens (or %s), or bind it to "
+                        "127.0.0.1",
+                        listeners.http.host,
+                        ENV_HTTP_TOKENS,
+                    )
                 app = build_app(
                     listeners.http,
                     self.intake,
-                    http_tokens(self.config),
+                    tokens,
                     self.health,
                     lambda: render(self.registry),
                     self.store,

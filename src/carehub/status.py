@@ -64,7 +64,8 @@ class DestinationState:
     oldest_waiting: datetime | None = None  # when the longest-waiting one was planned
     delivered: int = 0  # of the messages received in the window
     dead: int = 0  # dead letters, however old, until retried
-    last_error: str | None = None  # of the newest delivery that failed and waits to retry
+    #: Of the newest delivery that failed and waits to retry, else of the newest dead letter.
+    last_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -223,6 +224,17 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
         item = state(destination, channel)
         if item.last_error is None and last_error:
             item.last_error = last_error
+    # A destination with nothing retrying but dead letters: the newest dead letter's error.
+    dead_errors = conn.execute(
+        select(deliveries.c.destination, deliveries.c.channel, deliveries.c.last_error)
+        .where(delivery_in(deliveries, DeliveryStatus.DEAD))
+        .order_by(deliveries.c.id.desc())
+        .limit(LAST_ERRORS_READ)
+    )
+    for destination, channel, last_error in dead_errors:
+        item = state(destination, channel)
+        if item.last_error is None and last_error:
+            item.last_error = last_error
     return sorted(found.values(), key=lambda item: (item.destination, item.channel))
 
 
@@ -309,7 +321,7 @@ def render(status: HubStatus) -> RenderableType:
                 _warn(item.retrying),
                 _age(item.oldest_waiting, now) if item.waiting else "-",
                 _warn(item.dead, "red"),
-                item.last_error or "",
+                _one_line(item.last_error),
             )
         parts.append(outbox)
     else:
@@ -322,6 +334,18 @@ def render(status: HubStatus) -> RenderableType:
             )
         )
     return Group(*parts)
+
+
+#: Characters of a destination's last error shown in the table; `dead-letters list` and
+#: `messages show` have it whole.
+ERROR_SHOWN = 100
+
+
+def _one_line(error: str | None) -> str:
+    if not error:
+        return ""
+    text = " ".join(error.split())
+    return text if len(text) <= ERROR_SHOWN else text[: ERROR_SHOWN - 1] + "…"
 
 
 def _warn(count: int, style: str = "yellow") -> Text:

@@ -761,7 +761,6 @@ def list_followups(
         for item in found:
             click.echo(json.dumps(item.as_output(), ensure_ascii=False))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_edge=False, header_style="bold")
@@ -777,7 +776,9 @@ def list_followups(
             item.status,
             item.alerted_at.strftime("%Y-%m-%d %H:%M") if item.alerted_at else "",
         )
-    console = Console(highlight=False, soft_wrap=False)
+    from carehub.display import new_console
+
+    console = new_console()
     console.print(table)
     console.print(f"{len(found)} follow-up(s)")
 
