@@ -290,9 +290,9 @@ def test_content_search_reads_page_after_page_and_stops_at_the_limit(tmp_path: P
         ],
     )
     one = list_result(folder, "--contains", "needle", "--limit", "1")
-    assert one.stderr.strip() == "scanned 500 message(s), 1 matched"
+    assert one.stderr.splitlines()[0] == "scanned 500 message(s), 1 matched"
     two = list_result(folder, "--contains", "needle", "--limit", "2")
-    assert two.stderr.strip() == "scanned 1,000 message(s), 2 matched"
+    assert two.stderr.splitlines()[0] == "scanned 1,000 message(s), 2 matched"
     assert search(folder, "--contains", "needle", "--limit", "2") == ["N1100", "N0650"]
     every = list_result(folder, "--contains", "needle")
     assert every.stderr.strip() == "scanned 1,200 message(s), 3 matched"
@@ -731,3 +731,28 @@ def test_the_search_reads_the_same_on_postgresql(store_url: str) -> None:
         assert ids(contains="labx") == ["BAD"]
     finally:
         store.close()
+
+
+def test_reprocess_leaves_a_rejected_item_alone_and_says_why(routed: Routed) -> None:
+    """A frame rejected at intake (not HL7) has nothing a route could read."""
+    rejected = NewMessage(
+        raw=b"GET / HTTP/1.1",
+        transport="mllp",
+        listener="adt-in",
+        peer="127.0.0.1:5000",
+        status=MessageStatus.REJECTED,
+        ack_code="AR",
+        detail="not an HL7 v2 message",
+    )
+    (rejected_id,) = insert(routed.data_dir, [rejected], load_config(routed.config))
+    result = routed.cli("messages", "reprocess", str(rejected_id), str(routed.ids["DONE"]))
+    assert result.exit_code == 1, result.output
+    assert f"message {rejected_id}: rejected at intake" in result.stderr
+    assert f"message {routed.ids['DONE']} (run 2)" in result.stdout  # the other one still runs
+
+
+def test_a_listing_cut_by_its_limit_says_there_may_be_more(data_dir: Path) -> None:
+    cut = list_result(data_dir, "--limit", "2")
+    assert "(the newest 2; there may be more" in cut.stderr
+    whole = list_result(data_dir, "--limit", "50")
+    assert "there may be more" not in whole.stderr

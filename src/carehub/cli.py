@@ -532,10 +532,12 @@ def list_messages(
     if as_json:
         for message in found:
             click.echo(json.dumps(message.summary(), ensure_ascii=False))
-        return
-    from carehub.display import message_table
+    else:
+        from carehub.display import message_table
 
-    message_table(found)
+        message_table(found)
+    if len(found) == limit:
+        click.echo(f"(the newest {limit}; there may be more: --limit N shows more)", err=True)
 
 
 @messages.command("show")
@@ -652,9 +654,11 @@ def _reprocess(
     from carehub.hub import build_routing
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
+    from carehub.store.schema import MessageStatus
 
     host, table = build_routing(config, data_dir, store)
     outbox = Outbox(store)
+    skipped: list[int] = []
 
     async def run() -> None:
         await table.start()
@@ -664,6 +668,14 @@ def _reprocess(
                 message = store.get(message_id)
                 if message is None:
                     raise CarehubError(f"no message with id {message_id}")
+                if message.status == MessageStatus.REJECTED.value:
+                    skipped.append(message_id)
+                    click.echo(
+                        f"message {message_id}: rejected at intake (not HL7, too large or cut "
+                        "short), so there is nothing to route; left as it is",
+                        err=True,
+                    )
+                    continue
                 result = router.route(message, run=outbox.next_run(message_id))
                 outbox.record_routing([result])
                 matched = ", ".join(r.route for r in result.matched) or "no route"
@@ -676,6 +688,8 @@ def _reprocess(
             await table.close()
 
     asyncio.run(run())
+    if skipped:
+        sys.exit(1)
 
 
 @messages.command("export")
