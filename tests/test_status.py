@@ -4,6 +4,9 @@ from the store of a real hub that took real MLLP messages and delivered to real 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -179,10 +182,32 @@ def test_bad_options_are_usage_errors_naming_the_option(tmp_path: Path) -> None:
         (["--window", "0h"], "must be more than nothing"),
         (["--window", "99999999999999999999d"], "at most 36500d"),
         (["--watch", "0"], "--watch"),
-        (["--watch", "1", "--json"], "leave out --json"),
     ):
         result = runner.invoke(main, ["status", "--data-dir", str(tmp_path), *args], env=env)
         assert result.exit_code == 2, (args, result.output)
         assert expected in plain(result.output), (args, result.output)
     missing = runner.invoke(main, ["status", "--data-dir", str(tmp_path / "none")], env=env)
     assert missing.exit_code != 0 and "no store there" in missing.output
+
+
+def test_watch_with_json_prints_a_line_each_time(tmp_path: Path, store: MessageStore) -> None:
+    """`status --watch N --json` feeds a monitor a JSON line every N seconds until stopped."""
+    store.insert_messages([test_store.new_message("W-1")])
+    config = tmp_path / "watched.yaml"
+    config.write_text(json.dumps({"store": {"url": store.url}}), encoding="utf-8")
+    command = [str(Path(sys.executable).with_name("carehub")), "status", "--config", str(config)]
+    process = subprocess.Popen(
+        [*command, "--data-dir", str(tmp_path), "--json", "--watch", "0.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env_without_carehub(),
+    )
+    try:
+        assert process.stdout is not None
+        lines = [json.loads(process.stdout.readline()) for _ in range(3)]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+    assert process.returncode == 0
+    assert [line["received"] for line in lines] == [1, 1, 1]
+    assert lines[0]["now"] < lines[1]["now"] < lines[2]["now"]

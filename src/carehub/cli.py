@@ -978,7 +978,9 @@ def dead_letters_retry(
     show_default=True,
     help="How far back intake and deliveries are counted: 30m, 2h, 7d.",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object (a line a time with --watch)."
+)
 @click.option(
     "--watch",
     type=click.FloatRange(min=0.5, max=3600),
@@ -997,13 +999,17 @@ def status_command(
     from carehub.hub import open_store
     from carehub.status import read_status, render
 
-    if watch and as_json:
-        raise click.UsageError("--watch shows the status on the terminal; leave out --json")
     store = open_store(config, data_dir, must_exist=True)
     try:
-        if as_json:
-            click.echo(json.dumps(read_status(store, window).as_json()))
-            return
+        if as_json:  # with --watch, one line each time: a feed for a simple monitor
+            while True:
+                click.echo(json.dumps(read_status(store, window).as_json()))
+                if not watch:
+                    return
+                try:
+                    time.sleep(watch)
+                except KeyboardInterrupt:
+                    return
         console = new_console()
         if not watch:
             console.print(render(read_status(store, window)))
