@@ -23,8 +23,9 @@ from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
 from carehub.hub import open_store
 from carehub.store.schema import MessageStatus
-from carehub.store.store import MIGRATIONS, NewMessage
+from carehub.store.store import MIGRATIONS, MessageStore, NewMessage, sqlite_url
 from carehub.testing import HubThread, make_adt
+from tests.test_store import new_message
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -324,9 +325,11 @@ def test_store_prune_deletes_old_rows_and_shrinks_the_file(tmp_path: Path) -> No
     now = datetime.now(UTC)
     store = open_store(HubConfig(), folder)
     try:
-        store.insert_messages(
+        old = store.insert_messages(
             [_new(f"OLD{i}", at=now - timedelta(days=45), filler=4) for i in range(120)]
         )
+        for outcome in old:  # no route took them: nothing left to do, so retention may go
+            store.set_status(outcome.message_id, MessageStatus.UNROUTED)
         store.insert_messages([_new(f"NEW{i}", at=now - timedelta(days=1)) for i in range(3)])
     finally:
         store.close()
@@ -499,12 +502,17 @@ def test_a_store_that_refuses_writes_is_one_line_and_exit_1(tmp_path: Path) -> N
     a one-line error and exit 1; commands that only read still work."""
     data = tmp_path / "data"
     assert run("store", "upgrade", "--data-dir", str(data)).exit_code == 0
+    store = MessageStore(sqlite_url(data))
+    try:
+        (stored,) = store.insert_messages([new_message("RO-1")])
+    finally:
+        store.close()
     database = data / "carehub.db"
     locked = subprocess.run(["chattr", "+i", str(database)], capture_output=True, check=False)
     if locked.returncode != 0:
         pytest.skip("making the store file immutable needs chattr and root (CAP_LINUX_IMMUTABLE)")
-    try:
-        result = run("dead-letters", "retry", "--all", "--data-dir", str(data))
+    try:  # routing it again writes its new run
+        result = run("messages", "reprocess", str(stored.message_id), "--data-dir", str(data))
         listed = run("messages", "list", "--data-dir", str(data))
     finally:
         subprocess.run(["chattr", "-i", str(database)], check=True)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from carehub.cli import main
 from carehub.config import load_config
+from carehub.store.outbox import Outbox
 from carehub.testing import HubThread, make_adt
 from tests.helpers_http import HTTPServer, wait_for
 from tests.test_worker import FAST_RETRY, all_status, send, write_config
@@ -95,3 +96,71 @@ def test_retry_takes_ids_or_all_or_one_destination(tmp_path: Path, args: list[st
     result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "name delivery ids, or pass --all, or --destination; only one" in result.output
+
+
+def test_discard_gives_up_for_good_and_lets_the_held_ones_go(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    """A refusal (HTTP 400) makes a dead letter at once; it holds its patient's line on that
+    destination until discarded, which asks first with --destination and records who."""
+    a, b = servers
+    routes = ROUTES.format(a=a.url(), b=b.url(), retry=FAST_RETRY % 1)
+    config = write_config(tmp_path, routes)
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("DD-1", patient_id="P1"), make_adt("DD-2", patient_id="P2")])
+        wait_for(lambda: all_status(hub.store, 2, "failed"), what="both messages failed")
+        a.respond = lambda _: 200
+        send(hub, [make_adt("DD-3", "A03", patient_id="P1")])  # held on a and on b
+        wait_for(lambda: len(hub.store.find(limit=None)) == 3, what="the A03 stored")
+        wait_for(
+            lambda: sum(Outbox(hub.store).held().values()) == 2, what="the A03 held on a and b"
+        )
+        assert a.ok() == []
+
+        code, out, _ = run(config, data_dir, "dead-letters", "list", "--destination", "care/a")
+        assert code == 0
+        p1_dead = [d for d in Outbox(hub.store).find(status="dead") if d.order_key.endswith("P1")]
+        held_on_a = next(d for d in p1_dead if d.destination == "care/a")
+        assert f"#{held_on_a.id} holds 1" in out
+        code, out, _ = run(config, data_dir, "status")
+        assert "2 delivery(ies) held behind dead letters" in out
+
+        discard = ["dead-letters", "discard", "--destination", "care/a", "--by", "tester"]
+        where = ["--config", str(config), "--data-dir", str(data_dir)]
+        result = CliRunner().invoke(main, [*discard, *where], input="n\n")
+        assert result.exit_code == 1  # asked, and told no: nothing changed
+        assert "discard 2 dead letter(s) of care/a for good" in result.output
+        assert len(Outbox(hub.store).find(status="dead")) == 4
+
+        result = CliRunner().invoke(main, [*discard, "--reason", "INC-42", *where], input="y\n")
+        assert result.exit_code == 0, result.output
+        assert "2 dead letter(s) discarded; they stay in the store" in result.output
+        assert "1 delivery(ies) held behind them go on" in result.output
+        wait_for(lambda: len(a.ok()) == 1, what="the held A03 sent to care/a")
+        assert len(b.requests) == 2  # b keeps its dead letters, and holds P1's A03
+
+        code, out, _ = run(config, data_dir, "dead-letters", "list", "--json", "--discarded")
+        listed = [json.loads(line) for line in out.splitlines()]
+        assert {(d["destination"], d["status"]) for d in listed} == {("care/a", "discarded")}
+        code, out, _ = run(config, data_dir, "dead-letters", "list", "--json")
+        assert [json.loads(line)["destination"] for line in out.splitlines()] == ["care/b"] * 2
+        code, out, _ = run(config, data_dir, "messages", "show", str(held_on_a.message_id))
+        assert "discarded by tester (carehub dead-letters discard): INC-42" in out
+
+        code, out, err = run(config, data_dir, "dead-letters", "discard", str(held_on_a.id))
+        assert code == 1
+        assert f"delivery {held_on_a.id}: discarded, not a dead letter; left as it is" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dead-letters", "discard"],
+        ["dead-letters", "discard", "5", "--destination", "care/a"],
+    ],
+)
+def test_discard_takes_ids_or_one_destination(tmp_path: Path, args: list[str]) -> None:
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "name delivery ids, or pass --destination; only one" in result.output

@@ -35,6 +35,7 @@ from carehub.store.schema import (
     deliveries,
     delivery_in,
     message_events,
+    messages,
 )
 from carehub.store.store import (
     MIGRATIONS,
@@ -357,6 +358,17 @@ def test_set_status_records_history(store: MessageStore) -> None:
 
 
 # -- retention ------------------------------------------------------------------------------------
+def finish_all(store: MessageStore) -> None:
+    """Every message not routed yet becomes 'unrouted' (matched no route): nothing left to do
+    for it, so retention may delete it."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(messages)
+            .where(messages.c.status == MessageStatus.RECEIVED.value)
+            .values(status=MessageStatus.UNROUTED.value)
+        )
+
+
 def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     now = datetime.now(UTC)
     filler = tuple(f"NTE|{i}||{'x' * 2000}" for i in range(4))
@@ -371,6 +383,7 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
         [new_message(f"NEW{i}", received_at=now - timedelta(days=2)) for i in range(5)]
     )
     store.set_status(recent[0].message_id, MessageStatus.ROUTED)
+    finish_all(store)
 
     # On PostgreSQL only VACUUM FULL gives the space back to the disk (plain VACUUM keeps it
     # for the tables' reuse); SQLite's VACUUM always does.
@@ -395,6 +408,94 @@ def test_prune_deletes_old_rows_and_their_events(store: MessageStore) -> None:
     # Nothing older than the cutoff left: a second prune deletes nothing.
     assert store.prune(timedelta(days=30)).messages_deleted == 0
     assert store.prune(timedelta(days=1)).messages_deleted == 5
+
+
+def _deliveries_in(store: MessageStore, message_id: int, *statuses: str) -> None:
+    """Give the message one delivery in each of ``statuses`` (written straight to the row)."""
+    outbox = Outbox(store)
+    for number, status in enumerate(statuses):
+        key = f"keep-{message_id}-{number}"
+        outgoing = Outgoing(b"{}", "application/json", key)
+        planned = PlannedDelivery("care", f"care/hook{number}", "webhook", outgoing, "H|P1", 3)
+        assert outbox.schedule(planned, message_id)
+        with store.engine.begin() as conn:
+            conn.execute(
+                update(deliveries).where(deliveries.c.idempotency_key == key).values(status=status)
+            )
+
+
+def _delivery_statuses(store: MessageStore) -> list[tuple[int, str]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(deliveries.c.message_id, deliveries.c.status))
+        return sorted((row[0], row[1]) for row in rows)
+
+
+def test_prune_keeps_old_messages_that_still_have_work(store: MessageStore) -> None:
+    """Retention deletes finished messages only: one not routed yet, one with a delivery
+    pending or being sent, and one with a dead letter are kept and counted by reason (a
+    message with both a waiting delivery and a dead letter once, as waiting), the same on
+    SQLite and PostgreSQL. Deleting them used to cascade to their deliveries: work lost."""
+    old = datetime.now(UTC) - timedelta(days=40)
+    ids = {
+        name: outcome.message_id
+        for name, outcome in zip(
+            ["unrouted", "pending", "sending", "dead", "both", "delivered", "nothing", "refused"],
+            store.insert_messages(
+                [new_message(f"KEEP{i}", received_at=old) for i in range(7)]
+                + [new_message("AE", received_at=old, status=MessageStatus.REFUSED)]
+            ),
+            strict=True,
+        )
+    }
+    (recent,) = store.insert_messages([new_message("RECENT")])
+    store.set_status(ids["pending"], MessageStatus.ROUTED)
+    store.set_status(ids["sending"], MessageStatus.ROUTED)
+    store.set_status(ids["dead"], MessageStatus.FAILED)
+    store.set_status(ids["both"], MessageStatus.ROUTED)
+    store.set_status(ids["delivered"], MessageStatus.DELIVERED)
+    store.set_status(ids["nothing"], MessageStatus.UNROUTED)
+    _deliveries_in(store, ids["pending"], "pending", "delivered")
+    _deliveries_in(store, ids["sending"], "sending")
+    _deliveries_in(store, ids["dead"], "dead", "delivered")
+    _deliveries_in(store, ids["both"], "dead", "pending")
+    _deliveries_in(store, ids["delivered"], "delivered")
+    kept = [ids[name] for name in ("unrouted", "pending", "sending", "dead", "both")]
+    outbox_before = [row for row in _delivery_statuses(store) if row[0] in kept]
+
+    plan = store.prune_plan(timedelta(days=30))
+    assert (plan.older, plan.unrouted, plan.waiting, plan.dead) == (8, 1, 3, 1)
+    assert (plan.kept, plan.deleted) == (5, 3)
+    assert store.count() == 9  # a plan changes nothing
+
+    result = store.prune(timedelta(days=30))
+
+    assert result.messages_deleted == 3
+    assert result.plan is not None and result.plan.kept == 5
+    assert sorted(m.id for m in store.find(limit=None)) == sorted([*kept, recent.message_id])
+    assert _delivery_statuses(store) == outbox_before  # every delivery of a kept message
+    assert events_of(store, ids["dead"]) == ["received", "failed"]  # and its history
+
+    # Asked for, the unfinished ones go too, and are named by reason.
+    everything = store.prune_plan(timedelta(days=30), include_unfinished=True)
+    assert (everything.unfinished, everything.kept, everything.deleted) == (5, 0, 5)
+    gone = store.prune(timedelta(days=30), include_unfinished=True)
+    assert gone.messages_deleted == 5
+    assert [m.id for m in store.find(limit=None)] == [recent.message_id]
+    assert _delivery_statuses(store) == []
+
+
+def test_prune_of_everything_still_keeps_what_arrived_and_waits(store: MessageStore) -> None:
+    """`--older-than 0` on a live hub: a message that arrived a moment ago and is not routed
+    yet stays; so does one whose delivery is on its way."""
+    _, done = store.insert_messages([new_message("JUSTNOW"), new_message("ONITSWAY")])
+    store.set_status(done.message_id, MessageStatus.ROUTED)
+    _deliveries_in(store, done.message_id, "sending")
+
+    result = store.prune(timedelta(0))
+
+    assert result.messages_deleted == 0
+    assert result.plan is not None and (result.plan.unrouted, result.plan.waiting) == (1, 1)
+    assert store.count() == 2
 
 
 def _odd_header_message(control_id: str, **fields: str) -> NewMessage:
@@ -443,10 +544,12 @@ def test_ids_deleted_by_prune_are_never_handed_out_again(store: MessageStore) ->
     """A message id is a key outside the store too (care records, receivers' idempotency keys):
     after retention deleted the newest messages, the next one must not take an old id."""
     first = store.insert_messages([new_message(f"GONE{i}") for i in range(3)])
+    finish_all(store)
     top = max(o.message_id for o in first)
 
     assert store.prune(timedelta(0)).messages_deleted == 3
     after = store.insert_messages([new_message("AFTER1"), new_message("AFTER2")])
+    finish_all(store)
     assert min(o.message_id for o in after) > top
 
     # A second prune of everything, then a restart of numbering: still past every id used.

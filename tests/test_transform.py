@@ -392,7 +392,7 @@ def test_transform_tables_file_problems_are_config_errors(tmp_path: Path) -> Non
         ([{"set": {"PV1-2": 1}}], "quote it"),
         ([{"set": {"PV1-2": "I"}, "clear": "PID-8"}], "exactly one of"),
         ([{"clear": "PID-8", "escape": False}], "only goes with 'set'"),
-        ([{"rename": "PID-8"}], "exactly one of"),
+        ([{"rename": "PID-8"}], "unknown key 'rename' in an edit"),
         ([], "at least 1"),
     ],
 )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from kombu import Producer
 
-from carehub.workqueue import EXCHANGE, WorkQueue, partition_of, patient_key
+from carehub.workqueue import WorkQueue, partition_of, patient_key
 
 
 def receive(work_queue: WorkQueue, expected_ids: int, timeout: float = 10.0) -> list[list[int]]:
@@ -61,7 +61,10 @@ def test_a_single_id_queue_message_from_an_earlier_version_is_still_routed() -> 
     work_queue = WorkQueue("memory://", partitions=2)
     work_queue.purge()
     with work_queue.connection() as conn:
-        Producer(conn.channel(), exchange=EXCHANGE).publish(
+        channel = conn.channel()
+        for queue in work_queue.queues:  # as a Publisher of that version declared them
+            queue.bind(channel).declare()
+        Producer(channel, exchange=work_queue.exchange).publish(
             {"message_id": 7}, routing_key="route.1", delivery_mode=2
         )
     assert receive(work_queue, 1) == [[7]]

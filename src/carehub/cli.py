@@ -31,7 +31,7 @@ from carehub.errors import CarehubError
 from carehub.search import FieldMatch, MessageFilter, parse_sender
 
 if TYPE_CHECKING:
-    from carehub.store.store import MessageStore, StoredMessage
+    from carehub.store.store import MessageStore, PrunePlan, StoredMessage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -544,10 +544,33 @@ def list_messages(
 @hub_options
 @click.argument("message_id", type=ROW_ID)
 @click.option("--raw", is_flag=True, help="Print the message text only.")
-def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) -> None:
-    """Header fields, status history, and the message segment by segment with field names."""
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object: header, text, history, route steps, deliveries with attempts.",
+)
+@click.option("--payload", is_flag=True, help="What each delivery sends, in full.")
+@click.option("--full", is_flag=True, help="Route step outputs whole, not cut short.")
+def show_message(
+    config: HubConfig,
+    data_dir: Path,
+    message_id: int,
+    raw: bool,
+    as_json: bool,
+    payload: bool,
+    full: bool,
+) -> None:
+    """Header fields, status history, route steps, deliveries, and the message segment by
+    segment with field names.
+
+    --payload prints what each delivery sends (decoded text, a segment a line; binary as
+    base64), --full each route step's output whole; --json has it all, nothing cut short (its
+    payloads with --payload)."""
     from carehub.hub import open_store
 
+    if raw and (as_json or payload or full):
+        raise click.UsageError("--raw prints the message text alone; leave out the others")
     store = open_store(config, data_dir, must_exist=True)
     try:
         message = store.get(message_id)
@@ -566,9 +589,15 @@ def show_message(config: HubConfig, data_dir: Path, message_id: int, raw: bool) 
     if raw:
         click.echo(message.text.replace("\r\n", "\n").replace("\r", "\n"))
         return
+    if as_json:
+        from carehub.display import message_json
+
+        shown = message_json(message, history, steps, sent, payloads=payload)
+        click.echo(json.dumps(shown, default=str, ensure_ascii=False))
+        return
     from carehub.display import show_message as render
 
-    render(message, history, steps, sent)
+    render(message, history, steps, sent, full=full, payloads=payload)
 
 
 @messages.command("reprocess")
@@ -866,7 +895,11 @@ def routes_test(
 # -- dead letters ----------------------------------------------------------------------------
 @main.group("dead-letters")
 def dead_letters() -> None:
-    """Deliveries that gave up: list them, send them again."""
+    """Deliveries that gave up: list them, send them again, or give up on them for good.
+
+    A dead letter holds its patient's line to its destination (unless the destination's
+    retry.after_dead_letter is continue): the later deliveries wait until it is retried or
+    discarded, so the receiver never gets a newer message before an older one."""
 
 
 @dead_letters.command("list")
@@ -874,19 +907,30 @@ def dead_letters() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--limit", type=LIMIT, default=100, show_default=True)
 @click.option("--destination", help="Only this destination's (route/name, as listed).")
+@click.option(
+    "--discarded", is_flag=True, help="The dead letters given up on (discard), not the live ones."
+)
 def dead_letters_list(
-    config: HubConfig, data_dir: Path, as_json: bool, limit: int, destination: str | None
+    config: HubConfig,
+    data_dir: Path,
+    as_json: bool,
+    limit: int,
+    destination: str | None,
+    discarded: bool,
 ) -> None:
-    """Dead-lettered deliveries with their last error."""
+    """Dead-lettered deliveries with their last error, and how many deliveries of each one's
+    line wait behind it."""
     from carehub.hub import open_store
     from carehub.store.outbox import Outbox
     from carehub.store.schema import DeliveryStatus
 
+    status = DeliveryStatus.DISCARDED if discarded else DeliveryStatus.DEAD
     store = open_store(config, data_dir, must_exist=True)
     try:
         outbox = Outbox(store)
-        dead = outbox.find(status=DeliveryStatus.DEAD.value, destination=destination, limit=limit)
-        if destination is not None and not dead:
+        dead = outbox.find(status=status.value, destination=destination, limit=limit)
+        behind = {} if discarded else outbox.waiting_behind([d.id for d in dead if d.holds_line])
+        if destination is not None and not dead and not discarded:
             _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
         store.close()
@@ -900,16 +944,27 @@ def dead_letters_list(
                         "route": d.route,
                         "destination": d.destination,
                         "channel": d.channel,
+                        "status": d.status,
                         "attempts": d.attempts,
                         "last_error": d.last_error,
                         "updated_at": d.updated_at.isoformat(),
+                        "holds_line": bool(d.holds_line),
+                        "held_behind": behind.get(d.id, 0),
                     }
                 )
             )
         return
     from carehub.display import delivery_table
 
-    delivery_table(dead, "Dead letters")
+    delivery_table(dead, "Discarded dead letters" if discarded else "Dead letters")
+    holding = [(d.id, behind[d.id]) for d in dead if behind.get(d.id)]
+    if holding:
+        each = ", ".join(f"#{delivery_id} holds {count}" for delivery_id, count in holding)
+        click.echo(
+            f"held behind these dead letters (their patient's line to that destination waits): "
+            f"{each}; `dead-letters retry` sends the dead letter first and the held ones after "
+            "it, `dead-letters discard` gives up on it and lets them go"
+        )
 
 
 def _no_dead_letters_for(destination: str, dead: dict[str, int]) -> None:
@@ -921,6 +976,18 @@ def _no_dead_letters_for(destination: str, dead: dict[str, int]) -> None:
         + (f"dead letters are waiting for: {others}" if others else "there are none at all"),
         err=True,
     )
+
+
+def _not_dead_letters(delivery_ids: tuple[int, ...], found: dict[int, str]) -> None:
+    """On stderr, each named id that is not a dead letter (so was left alone), and why."""
+    for delivery_id in dict.fromkeys(delivery_ids):
+        status = found.get(delivery_id)
+        if status is None:
+            click.echo(f"delivery {delivery_id}: no such delivery", err=True)
+        elif status != "dead":
+            click.echo(
+                f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
+            )
 
 
 @dead_letters.command("retry")
@@ -938,10 +1005,10 @@ def dead_letters_retry(
     retry_all: bool,
     destination: str | None,
 ) -> None:
-    """Queue dead letters again with a fresh set of attempts."""
+    """Queue dead letters again with a fresh set of attempts; the deliveries held behind them
+    follow them in order. Warns when later deliveries of the same lines were already sent."""
     from carehub.hub import open_store
     from carehub.store.outbox import Outbox
-    from carehub.store.schema import DeliveryStatus
 
     chosen = sum((bool(delivery_ids), retry_all, destination is not None))
     if chosen != 1:
@@ -950,22 +1017,96 @@ def dead_letters_retry(
     try:
         outbox = Outbox(store)
         found = outbox.statuses(list(delivery_ids)) if delivery_ids else {}
-        count = outbox.retry_dead(list(delivery_ids) or None, destination)
-        if destination is not None and not count:
+        report = outbox.retry_dead_letters(list(delivery_ids) or None, destination)
+        if destination is not None and not report.count:
             _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
         store.close()
-    for delivery_id in dict.fromkeys(delivery_ids):  # each named id that was not retried
-        status = found.get(delivery_id)
-        if status is None:
-            click.echo(f"delivery {delivery_id}: no such delivery", err=True)
-        elif status != DeliveryStatus.DEAD.value:
-            click.echo(
-                f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
-            )
+    _not_dead_letters(delivery_ids, found)
+    count = report.count
     click.echo(f"{count} dead letter(s) queued again; a running worker sends them")
+    if report.released:
+        click.echo(f"{report.released} delivery(ies) held behind them follow, each line in order")
+    if report.overtaken:
+        click.echo(
+            f"warning: {report.overtaken} later delivery(ies) in {report.overtaken_lines} of "
+            "these patient lines were already delivered before the dead letters (sent before "
+            "dead letters held their line, or with after_dead_letter: continue): the receiver "
+            "gets these older messages after newer ones. If it cannot take that, discard them "
+            "instead (`carehub dead-letters discard`)",
+            err=True,
+        )
     if (delivery_ids and count < len(delivery_ids)) or (destination is not None and not count):
         sys.exit(1)
+
+
+@dead_letters.command("discard")
+@hub_options
+@click.argument("delivery_ids", type=ROW_ID, nargs=-1)
+@click.option("--destination", help="Every dead letter of this destination (route/name).")
+@click.option("--reason", help="Why, recorded with each one (a ticket, what was done instead).")
+@click.option(
+    "--by",
+    "operator",
+    help="Who, recorded with each one; by default this session's login name and host.",
+)
+@click.option("--yes", is_flag=True, help="With --destination: do not ask first.")
+def dead_letters_discard(
+    config: HubConfig,
+    data_dir: Path,
+    delivery_ids: tuple[int, ...],
+    destination: str | None,
+    reason: str | None,
+    operator: str | None,
+    yes: bool,
+) -> None:
+    """Give up on dead letters for good: each stays in the store with who discarded it and
+    when (`list --discarded`, `messages show`), is never sent, and no longer holds its
+    patient's line, so the deliveries that waited behind it go on."""
+    from carehub.hub import open_store
+    from carehub.store.outbox import Outbox
+
+    if bool(delivery_ids) == (destination is not None):
+        raise click.UsageError("name delivery ids, or pass --destination; only one")
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        outbox = Outbox(store)
+        found = outbox.statuses(list(delivery_ids)) if delivery_ids else {}
+        if destination is not None:
+            waiting = outbox.dead_by_destination().get(destination, 0)
+            if not waiting:
+                _no_dead_letters_for(destination, outbox.dead_by_destination())
+                click.echo("0 dead letter(s) discarded")
+                sys.exit(1)
+            if not yes:
+                click.confirm(
+                    f"discard {waiting} dead letter(s) of {destination} for good "
+                    "(never sent; the deliveries held behind them go on)?",
+                    abort=True,
+                )
+        report = outbox.discard_dead_letters(
+            list(delivery_ids) or None, destination, by=operator or _operator(), reason=reason
+        )
+    finally:
+        store.close()
+    _not_dead_letters(delivery_ids, found)
+    click.echo(f"{report.count} dead letter(s) discarded; they stay in the store")
+    if report.released:
+        click.echo(f"{report.released} delivery(ies) held behind them go on, each line in order")
+    if delivery_ids and report.count < len(set(delivery_ids)):
+        sys.exit(1)
+
+
+def _operator() -> str:
+    """Who runs this command, as far as the host knows: login name and host name."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in the environment or the password database
+        user = "unknown user"
+    return f"{user}@{socket.gethostname()}"
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -1002,14 +1143,13 @@ def status_command(
     store = open_store(config, data_dir, must_exist=True)
     try:
         if as_json:  # with --watch, one line each time: a feed for a simple monitor
-            while True:
-                click.echo(json.dumps(read_status(store, window).as_json()))
-                if not watch:
-                    return
-                try:
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a watch: exit 0
+                while True:
+                    click.echo(json.dumps(read_status(store, window).as_json()))
+                    if not watch:
+                        return
                     time.sleep(watch)
-                except KeyboardInterrupt:
-                    return
+            return
         console = new_console()
         if not watch:
             console.print(render(read_status(store, window)))
@@ -1028,11 +1168,26 @@ def status_command(
 # -- plugins and workers ---------------------------------------------------------------------
 @main.command("plugins")
 @click.option("--json", "as_json", is_flag=True)
-def plugins_command(as_json: bool) -> None:
-    """Every plugin loaded, its version, and the components and hooks it provides."""
+@click.option(
+    "--options",
+    "options_of",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[NAME]",
+    help="Print each component's options (type, default, description), or only NAME's.",
+)
+def plugins_command(as_json: bool, options_of: str | None) -> None:
+    """Every plugin loaded, its version, and the components and hooks it provides; with
+    --options, the options each component takes in a route step."""
     from carehub.plugins import PluginHost
 
     host = PluginHost().load()
+    if options_of is not None:
+        from carehub.reference import options_output
+
+        click.echo(options_output(host, options_of, as_json=as_json), nl=False)
+        return
     rows = [
         {
             "name": p.name,
@@ -1138,13 +1293,50 @@ def store_upgrade(config: HubConfig, data_dir: Path) -> None:
 @hub_options
 @click.option("--older-than", "days", type=DAYS, required=True, help="Days.")
 @click.option("--full", is_flag=True, help="PostgreSQL: VACUUM FULL (locks the tables).")
-def store_prune(config: HubConfig, data_dir: Path, days: int, full: bool) -> None:
-    """Delete messages received more than N days ago and reclaim the space."""
-    from carehub.hub import open_store
+@click.option(
+    "--include-unfinished",
+    is_flag=True,
+    help="Also delete older messages with work left: not routed yet, deliveries waiting, "
+    "dead letters.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would go and what stays; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask first.")
+def store_prune(
+    config: HubConfig,
+    data_dir: Path,
+    days: int,
+    full: bool,
+    include_unfinished: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Delete messages received more than N days ago that have no work left, and reclaim the
+    space.
 
+    A message not routed yet, with a delivery waiting or being sent, or with a dead letter is
+    kept (and counted) unless --include-unfinished. It asks first when --older-than is 0
+    (everything up to now, perhaps while a hub is taking messages) or when work would be
+    deleted; --yes skips the question."""
+    from carehub.hub import open_store
+    from carehub.lockfile import store_holder
+
+    age = timedelta(days=days)
     opened = open_store(config, data_dir, must_exist=True)
     try:
-        result = opened.prune(timedelta(days=days), full_vacuum=full)
+        plan = opened.prune_plan(age, include_unfinished=include_unfinished)
+        if dry_run:
+            for line in _prune_plan_lines(plan, days):
+                click.echo(line)
+            click.echo("dry run: nothing changed")
+            return
+        if (days < 1 or (include_unfinished and plan.unfinished)) and not yes:
+            for line in _prune_plan_lines(plan, days):
+                click.echo(line)
+            holder = store_holder(config, data_dir)
+            if holder is not None:
+                click.echo(f"a hub ({holder}) is serving from this store now")
+            click.confirm(f"Delete {plan.deleted:,} message(s)?", abort=True)
+        result = opened.prune(age, full_vacuum=full, include_unfinished=include_unfinished)
     finally:
         opened.close()
     line = f"pruned {result.messages_deleted} message(s) older than {days} day(s)"
@@ -1152,6 +1344,37 @@ def store_prune(config: HubConfig, data_dir: Path, days: int, full: bool) -> Non
         what = "store file" if opened.is_sqlite else "message tables"
         line += f"; {what} {result.bytes_before:,} -> {result.bytes_after:,} bytes"
     click.echo(line)
+    if result.plan is not None and result.plan.kept:
+        click.echo(
+            f"kept {result.plan.kept:,} older message(s) with work left: "
+            f"{_prune_reasons(result.plan)} (--include-unfinished deletes them too)"
+        )
+
+
+def _prune_reasons(plan: PrunePlan) -> str:
+    return (
+        f"{plan.unrouted:,} not routed yet, {plan.waiting:,} with deliveries waiting or being "
+        f"sent, {plan.dead:,} with dead letters"
+    )
+
+
+def _prune_plan_lines(plan: PrunePlan, days: int) -> list[str]:
+    """What a prune would do, for a dry run or before asking: how many go, what is kept and
+    why, or what work goes with them."""
+    lines = [
+        f"{plan.older:,} message(s) received before {plan.cutoff:%Y-%m-%d %H:%M:%S} UTC "
+        f"(older than {days} day(s))",
+        f"  would delete {plan.deleted:,}",
+    ]
+    if plan.include_unfinished:
+        if plan.unfinished:
+            lines[-1] += f", including {plan.unfinished:,} with work left: {_prune_reasons(plan)}"
+    else:
+        lines.append(
+            f"  would keep {plan.kept:,} with work left: {_prune_reasons(plan)}"
+            + (" (--include-unfinished deletes them too)" if plan.kept else "")
+        )
+    return lines
 
 
 # -- demo ------------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -73,7 +77,12 @@ def show_message(
     history: list[StatusChange],
     steps: list[StepRow] | None = None,
     sent: list[tuple[DeliveryRecord, list[AttemptRow]]] | None = None,
+    *,
+    full: bool = False,
+    payloads: bool = False,
 ) -> None:
+    """`carehub messages show`: compact by default (step outputs cut short, no payloads);
+    ``full`` prints each step's output whole, ``payloads`` what each delivery sent."""
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -106,22 +115,30 @@ def show_message(
 
     if steps:
         _console.print("\n[bold]Route steps[/bold]")
+        cut = False
         for step in steps:
-            output = _short(step.output)
-            _console.print(
-                Text(
-                    f"  run {step.run}  {step.route} #{step.position} {step.step}: "
-                    f"{step.outcome}  {output}"
-                )
-            )
+            line = f"  run {step.run}  {step.route} #{step.position} {step.step}: {step.outcome}"
+            if not full:
+                output = _short(step.output)
+                cut = cut or output != _short(step.output, sys.maxsize)
+                _console.print(Text(f"{line}  {output}"))
+                continue
+            _console.print(Text(line))
+            if step.output is not None:
+                whole = json.dumps(step.output, indent=2, default=str, ensure_ascii=False)
+                _print_block(terminal_text(whole), "      ")
+        if cut:
+            _console.print(Text("  (outputs cut short: --full shows them whole)", style="dim"))
     if sent:
         _console.print("\n[bold]Deliveries[/bold]")
         for delivery, attempts in sent:
             _console.print(
                 Text(
                     f"  #{delivery.id} {delivery.destination} ({delivery.channel}) "
-                    f"{delivery.status}, {delivery.attempts}/{delivery.max_attempts} attempts, "
-                    f"key {delivery.idempotency_key}"
+                    f"{delivery.status}, {delivery.attempts}/"
+                    f"{delivery.max_attempts or 'forever'} attempts, "
+                    f"key {delivery.idempotency_key}, "
+                    f"{len(delivery.payload):,} bytes {delivery.content_type}"
                 )
             )
             for attempt in attempts:
@@ -132,6 +149,10 @@ def show_message(
                         f"{attempt.outcome}: {attempt.detail or ''}"
                     )
                 )
+            if payloads:
+                _print_payload(delivery)
+        if not payloads:
+            _console.print(Text("  (--payload shows what each one sends)", style="dim"))
 
     _console.print("\n[bold]Message[/bold]")
     try:
@@ -157,6 +178,145 @@ def show_message(
         _console.print(table)
 
 
+# -- delivery payloads -----------------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class PayloadView:
+    """A delivery's payload as a person reads it: its text, or None when it is binary."""
+
+    text: str | None
+    charset: str | None = None
+    note: str | None = None  # how the text was read, when that is worth saying
+
+
+#: A charset parameter in a Content-Type.
+_CHARSET_PARAM = re.compile(r";\s*charset\s*=\s*\"?([^\";\s]+)", re.IGNORECASE)
+#: Control characters a terminal could act on; line breaks and tabs are not among them.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_V2_STARTS = (b"MSH", b"FHS", b"BHS", b"\xef\xbb\xbfMSH")
+
+
+def payload_view(payload: bytes, content_type: str) -> PayloadView:
+    """Decode a payload as its receiver reads it: HL7 v2 by its MSH-18 (the character set the
+    channel encoded it in), anything else by its Content-Type's charset, else as UTF-8.
+    Bytes that do not decode, or that hold NUL, are binary."""
+    from carehub.hl7.charsets import decode_message
+
+    if "hl7-v2" in content_type.lower() or payload.startswith(_V2_STARTS):
+        decoded = decode_message(payload)
+        if "\x00" in decoded.text:
+            return PayloadView(None)
+        return PayloadView(decoded.text, decoded.charset, decoded.warning)
+    found = _CHARSET_PARAM.search(content_type)
+    charset = found.group(1) if found else "utf-8"
+    try:
+        text = payload.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return PayloadView(None)
+    return PayloadView(None) if "\x00" in text else PayloadView(text, charset)
+
+
+def terminal_text(text: str) -> str:
+    """Text safe to print on a terminal: each segment (CR) on a line of its own, and any other
+    control character written as an escape (\\x1b), so that it cannot act on the terminal."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", lines)
+
+
+def _print_payload(delivery: DeliveryRecord) -> None:
+    view = payload_view(delivery.payload, delivery.content_type)
+    if view.text is None:
+        size = len(delivery.payload)
+        _console.print(Text(f"      payload: binary, {size:,} bytes, as base64:"))
+        _print_block(base64.encodebytes(delivery.payload).decode("ascii"), "        ")
+        return
+    about = view.charset or "text"
+    _console.print(Text(f"      payload ({about}{f'; {view.note}' if view.note else ''}):"))
+    _print_block(terminal_text(view.text), "        ")
+
+
+def _print_block(text: str, prefix: str) -> None:
+    """Lines printed whole, indented: never wrapped by the console, so that a payload or an
+    output copied from the screen (or a pipe) is what was stored."""
+    for line in text.rstrip("\n").split("\n"):
+        _console.print(Text(prefix + line), soft_wrap=True)
+
+
+def message_json(
+    message: StoredMessage,
+    history: list[StatusChange],
+    steps: list[StepRow],
+    sent: list[tuple[DeliveryRecord, list[AttemptRow]]],
+    *,
+    payloads: bool = False,
+) -> dict[str, Any]:
+    """`carehub messages show --json`: everything the text view shows, nothing cut short.
+    Payloads only with ``payloads``: as text when they decode, else as base64."""
+    return {
+        "message": message.summary(),
+        "text": message.text,
+        "history": [
+            {"at": change.at.isoformat(), "event": change.event, "detail": change.detail}
+            for change in history
+        ],
+        "steps": [
+            {
+                "run": step.run,
+                "route": step.route,
+                "position": step.position,
+                "step": step.step,
+                "outcome": step.outcome,
+                "output": step.output,
+                "at": step.at.isoformat(),
+            }
+            for step in steps
+        ],
+        "deliveries": [_delivery_json(d, attempts, payloads) for d, attempts in sent],
+    }
+
+
+def _delivery_json(
+    delivery: DeliveryRecord, attempts: list[AttemptRow], payloads: bool
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": delivery.id,
+        "run": delivery.run,
+        "route": delivery.route,
+        "destination": delivery.destination,
+        "channel": delivery.channel,
+        "idempotency_key": delivery.idempotency_key,
+        "order_key": delivery.order_key,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "max_attempts": delivery.max_attempts,
+        "not_before": delivery.not_before.isoformat(),
+        "last_error": delivery.last_error,
+        "receipt": delivery.receipt,
+        "created_at": delivery.created_at.isoformat(),
+        "updated_at": delivery.updated_at.isoformat(),
+        "accepted_at": delivery.accepted_at.isoformat() if delivery.accepted_at else None,
+        "content_type": delivery.content_type,
+        "size": len(delivery.payload),
+        "metadata": delivery.metadata,
+        "attempt_log": [
+            {
+                "number": attempt.number,
+                "started_at": attempt.started_at.isoformat(),
+                "duration_ms": attempt.duration_ms,
+                "outcome": attempt.outcome,
+                "detail": attempt.detail,
+            }
+            for attempt in attempts
+        ],
+    }
+    if payloads:
+        view = payload_view(delivery.payload, delivery.content_type)
+        if view.text is None:
+            out["payload"] = {"base64": base64.b64encode(delivery.payload).decode("ascii")}
+        else:
+            out["payload"] = {"text": view.text, "charset": view.charset}
+    return out
+
+
 def _short(value: object, limit: int = 160) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -172,7 +332,7 @@ def delivery_table(found: list[DeliveryRecord], title: str) -> None:
             str(d.message_id),
             d.destination,
             d.channel,
-            f"{d.attempts}/{d.max_attempts}",
+            f"{d.attempts}/{d.max_attempts or 'forever'}",  # 0: retried until it works
             d.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
             Text(d.last_error or ""),
         )

@@ -42,6 +42,7 @@ from carehub.intake.http import HTTPListener, build_app
 from carehub.intake.intake import Intake
 from carehub.intake.mllp import MLLPListener
 from carehub.intake.tls import server_context
+from carehub.lockfile import StoreLock, lock_store
 from carehub.metrics import make_registry, render
 from carehub.plugins import PluginHost
 from carehub.routing.config import load_route_files, route_files
@@ -274,6 +275,8 @@ class Hub:
         self.registry = make_registry(self)
         self.bound: list[BoundListener] = []
         self._to_publish: list[tuple[int, str]] = []
+        #: Held while serving from a SQLite store: one hub per store (see carehub.lockfile).
+        self.store_lock: StoreLock | None = None
 
     async def start(self) -> list[BoundListener]:
         """Open the store, then the listeners; returns where each listener is bound."""
@@ -283,7 +286,14 @@ class Hub:
             raise CarehubError(
                 f"data dir {self.data_dir}: cannot create it: {err.strerror}"
             ) from err
-        self.store = await asyncio.to_thread(open_store, self.config, self.data_dir, serving=True)
+        self.store_lock = lock_store(self.config, self.data_dir)  # before the store opens
+        try:
+            self.store = await asyncio.to_thread(
+                open_store, self.config, self.data_dir, serving=True
+            )
+        except BaseException:
+            self._release_store_lock()
+            raise
         self.table.attach_store(self.store)
         self.writer = group_commit_for(self.store)
         self.writer.start()
@@ -459,7 +469,13 @@ class Hub:
             await self.writer.close()
             await asyncio.to_thread(self.store.close)
             self.store = None
+        self._release_store_lock()  # once the store is closed: the next hub may open it
         log.info("carehub stopped")
+
+    def _release_store_lock(self) -> None:
+        if self.store_lock is not None:
+            self.store_lock.release()
+            self.store_lock = None
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -2,26 +2,52 @@
 
 A custom collector (rather than Counter.inc on every message) keeps the per-message path free
 of metrics work, and a registry per hub keeps tests independent of each other.
+
+The per-destination gauges and the routing backlog are read from the store at scrape time,
+by the queries `carehub status` runs (carehub.status.read_status): they cover every worker
+writing to the store, not only this hub's, so in a scale-out deployment every `serve` reports
+the same values (aggregate them with max, not sum). Every destination of the hub's routes is
+exported, at 0 when nothing waits, so that an alert on it never sees the series vanish.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select
 
-from carehub.store.outbox import Outbox
+from carehub.status import DestinationState, HubStatus, read_status
+from carehub.store.failure_run import FailureRun
+from carehub.store.schema import UNFINISHED, DeliveryStatus, deliveries, delivery_in
 
 if TYPE_CHECKING:
     from carehub.hub import Hub
+    from carehub.store.store import MessageStore
+
+log = logging.getLogger(__name__)
+
+#: The window read_status counts intake over. No gauge here uses those counts, so the
+#: shortest window keeps that part of a scrape to the last minute's rows.
+STATUS_WINDOW = timedelta(minutes=1)
+
+_DESTINATION = ["destination", "channel"]
 
 
 class HubCollector(Collector):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self._store_failures = FailureRun(
+            "reading the store for /metrics",
+            "its gauges are left out and carehub_store_up is 0",
+            "scrape(s)",
+            logger=log,
+        )
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         messages = CounterMetricFamily(
@@ -59,12 +85,7 @@ class HubCollector(Collector):
                 family.add_metric([], value)
                 yield family
         if self.hub.store is not None:
-            backlog = GaugeMetricFamily(
-                "carehub_deliveries", "Deliveries in the store by status", labels=["status"]
-            )
-            for status, count in Outbox(self.hub.store).count_by_status().items():
-                backlog.add_metric([status], count)
-            yield backlog
+            yield from self._store_gauges(self.hub.store)
         connections = GaugeMetricFamily(
             "carehub_mllp_connections", "Open MLLP connections", labels=["listener"]
         )
@@ -78,6 +99,124 @@ class HubCollector(Collector):
             shed.add_metric([listener.name], listener.connections_shed)
         yield connections
         yield shed
+
+    def _store_gauges(self, store: MessageStore) -> Iterator[GaugeMetricFamily]:
+        """What the store says now: deliveries by status, each destination's queue, the
+        routing backlog. A store that cannot be read leaves them out (the rest of the scrape
+        still answers) and sets carehub_store_up to 0."""
+        up = GaugeMetricFamily("carehub_store_up", "1 when the store answered this scrape")
+        try:
+            by_status = _deliveries_by_status(store)
+            status = read_status(store, STATUS_WINDOW)
+        except Exception as err:
+            self._store_failures.failed(err)
+            up.add_metric([], 0)
+            yield up
+            return
+        self._store_failures.succeeded()
+        up.add_metric([], 1)
+        yield up
+        deliveries = GaugeMetricFamily(
+            "carehub_deliveries", "Deliveries in the store by status", labels=["status"]
+        )
+        for name, count in by_status.items():
+            deliveries.add_metric([name], count)
+        yield deliveries
+        yield from _destination_gauges(status, self._destinations(status))
+        backlog = GaugeMetricFamily(
+            "carehub_routing_backlog", "Messages stored and ACKed, not routed yet"
+        )
+        backlog.add_metric([], status.routing_backlog)
+        yield backlog
+        oldest = GaugeMetricFamily(
+            "carehub_routing_backlog_oldest_seconds",
+            "Seconds the oldest message not routed yet has waited (0 when none waits)",
+        )
+        oldest.add_metric([], _seconds_since(status, status.oldest_unrouted))
+        yield oldest
+
+    def _destinations(self, status: HubStatus) -> list[DestinationState]:
+        """The destinations the store has work for, and every one the routes name."""
+        found = {(item.destination, item.channel): item for item in status.destinations}
+        for name, destination in self.hub.table.destinations.items():
+            channel = destination.channel.name
+            found.setdefault((name, channel), DestinationState(name, channel))
+        return [found[key] for key in sorted(found)]
+
+
+def _deliveries_by_status(store: MessageStore) -> dict[str, int]:
+    """Deliveries by status, reading only the rows still in play.
+
+    A GROUP BY status reads every delivery row, payloads and all: 61 ms for 200,000 rows,
+    spent on the hub's event loop at each scrape and growing with the store. Every status but
+    delivered is counted through its partial index, and delivered is the rest of the total,
+    which SQLite counts from the narrowest index (0.5 ms for the same rows). One read, so
+    the counts agree with each other."""
+    others = [s for s in DeliveryStatus if s not in (*UNFINISHED, DeliveryStatus.DELIVERED)]
+    with store.engine.connect() as conn:
+        counts: dict[str, int] = {
+            name: count
+            for name, count in conn.execute(
+                select(deliveries.c.status, func.count())
+                .where(delivery_in(deliveries, *UNFINISHED))
+                .group_by(deliveries.c.status)
+            )
+        }
+        for status in others:
+            query = select(func.count()).select_from(deliveries)
+            counts[status.value] = conn.execute(
+                query.where(delivery_in(deliveries, status))
+            ).scalar_one()
+        total = conn.execute(select(func.count()).select_from(deliveries)).scalar_one()
+    counts[DeliveryStatus.DELIVERED.value] = max(0, total - sum(counts.values()))
+    return {name: count for name, count in counts.items() if count}
+
+
+def _seconds_since(status: HubStatus, then: datetime | None) -> float:
+    if then is None:
+        return 0.0
+    return round(max(0.0, (status.now - then).total_seconds()), 3)
+
+
+def _destination_gauges(
+    status: HubStatus, destinations: list[DestinationState]
+) -> Iterator[GaugeMetricFamily]:
+    families = {
+        "waiting": GaugeMetricFamily(
+            "carehub_destination_waiting",
+            "Deliveries pending or being sent, by destination",
+            labels=_DESTINATION,
+        ),
+        "retrying": GaugeMetricFamily(
+            "carehub_destination_retrying",
+            "Of the deliveries waiting, those that failed at least once",
+            labels=_DESTINATION,
+        ),
+        "dead": GaugeMetricFamily(
+            "carehub_destination_dead_letters",
+            "Deliveries that gave up (dead letters), until retried",
+            labels=_DESTINATION,
+        ),
+        "held": GaugeMetricFamily(
+            "carehub_destination_held",
+            "Of the deliveries waiting, those held behind a dead letter of their patient's line",
+            labels=_DESTINATION,
+        ),
+        "oldest": GaugeMetricFamily(
+            "carehub_destination_oldest_waiting_seconds",
+            "Seconds the longest-waiting delivery has waited since it was planned (0: none)",
+            labels=_DESTINATION,
+        ),
+    }
+    for item in destinations:
+        labels = [item.destination, item.channel]
+        families["waiting"].add_metric(labels, item.waiting)
+        families["retrying"].add_metric(labels, item.retrying)
+        families["dead"].add_metric(labels, item.dead)
+        families["held"].add_metric(labels, item.held)
+        oldest = item.oldest_waiting if item.waiting else None
+        families["oldest"].add_metric(labels, _seconds_since(status, oldest))
+    yield from families.values()
 
 
 def make_registry(hub: Hub) -> CollectorRegistry:

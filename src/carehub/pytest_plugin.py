@@ -6,15 +6,19 @@ fixture for route tests in a project's own suite.
         assert result.matched[0].route == "admissions-discharges"
         assert result.deliveries[0].destination == "admissions-discharges/care-platform"
 
-The config comes from ``--carehub-config``, the ``carehub_config`` ini option, or
-config/carehub.yaml in the rootdir. pytest loads this module in every run of any environment
-carehub is installed in, so it imports nothing of carehub until the fixture is used: the hub,
-its store and web stack take most of a second to import.
+    def test_every_message_of_the_batch_is_routed(carehub_routes):
+        results = carehub_routes.all("tests/messages/batch.hl7")   # one result per message
+        assert all(result.matched for result in results)
+
+A string holding a segment separator or ``|`` is message text; any other string is a file
+path relative to the rootdir. The config comes from ``--carehub-config``, the
+``carehub_config`` ini option, or config/carehub.yaml in the rootdir. pytest loads this module
+in every run of any environment carehub is installed in, so it imports nothing of carehub
+until the fixture is used: the hub, its store and web stack take most of a second to import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,28 +34,47 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("carehub_config", "carehub config file for the carehub_routes fixture")
 
 
-@pytest.fixture
-def carehub_routes(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Callable[[str | bytes | Path], RoutingResult]:
-    """A function that dry-runs a message (text, bytes, or a file path relative to the
-    rootdir) through the project's carehub routes."""
-    from carehub.testing import run_routes
+class RouteRunner:
+    """What ``carehub_routes`` gives a test: call it with one message, or ``.all`` with a file
+    or text holding several (or an FHS/BHS batch) for one result per message."""
 
+    def __init__(self, config: Path, rootpath: Path, data_dir: Path) -> None:
+        self.config = config
+        self.rootpath = rootpath
+        self.data_dir = data_dir
+
+    def __call__(self, message: str | bytes | Path) -> RoutingResult:
+        """Dry-run one message (text, bytes, or a file path relative to the rootdir); a file
+        holding several messages is an error that points at ``.all``."""
+        from carehub.testing import run_routes
+
+        return run_routes(self._source(message), self.config, self.data_dir)
+
+    def all(self, messages: str | bytes | Path) -> list[RoutingResult]:
+        """Dry-run every message of a file, text or bytes, in order."""
+        from carehub.testing import run_routes_all
+
+        return run_routes_all(self._source(messages), self.config, self.data_dir)
+
+    def _source(self, message: str | bytes | Path) -> str | bytes | Path:
+        from carehub.testing import is_message_text
+
+        if isinstance(message, str) and not is_message_text(message):
+            path = Path(message)
+            return path if path.is_absolute() else self.rootpath / path
+        return message
+
+
+@pytest.fixture
+def carehub_routes(request: pytest.FixtureRequest, tmp_path: Path) -> RouteRunner:
+    """Dry-runs messages (text, bytes, or a file path relative to the rootdir) through the
+    project's carehub routes: ``carehub_routes(one)`` or ``carehub_routes.all(several)``."""
     rootpath = Path(request.config.rootpath)
     option = request.config.getoption("--carehub-config") or request.config.getini("carehub_config")
     config_path = Path(option) if option else rootpath / "config" / "carehub.yaml"
     if not config_path.is_absolute():
         config_path = rootpath / config_path
-
-    def run(message: str | bytes | Path) -> RoutingResult:
-        if isinstance(message, str) and not message.lstrip().startswith(("MSH", "\ufeffMSH")):
-            message = Path(message)
-            if not message.is_absolute():
-                message = rootpath / message
-        return run_routes(message, config_path, tmp_path / "carehub-data")
-
-    return run
+    return RouteRunner(config_path, rootpath, tmp_path / "carehub-data")
 
 
-__all__ = ["carehub_routes", "pytest_addoption"]
+__all__ = ["RouteRunner", "carehub_routes", "pytest_addoption"]

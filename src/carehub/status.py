@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import and_, case, func, select
 
+from carehub.store.outbox import held_counts
 from carehub.store.schema import (
     PENDING,
     UNFINISHED,
@@ -64,6 +65,9 @@ class DestinationState:
     oldest_waiting: datetime | None = None  # when the longest-waiting one was planned
     delivered: int = 0  # of the messages received in the window
     dead: int = 0  # dead letters, however old, until retried
+    #: Of those waiting, the ones held behind a dead letter of their patient's line: they go
+    #: when it is retried or discarded (`carehub dead-letters`).
+    held: int = 0
     #: Of the newest delivery that failed and waits to retry, else of the newest dead letter.
     last_error: str | None = None
 
@@ -94,6 +98,10 @@ class HubStatus:
     def waiting(self) -> int:
         return sum(item.waiting for item in self.destinations)
 
+    @property
+    def held(self) -> int:
+        return sum(item.held for item in self.destinations)
+
     def as_json(self) -> dict[str, Any]:
         """Plain JSON types: times as ISO 8601 in UTC."""
 
@@ -110,6 +118,7 @@ class HubStatus:
         report["window_seconds"] = round((self.now - self.since).total_seconds())
         report["received"] = self.received
         report["dead_letters"] = self.dead_letters
+        report["held"] = self.held
         return report  # type: ignore[no-any-return]
 
 
@@ -196,6 +205,8 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
     )
     for destination, channel, count in dead_rows:
         state(destination, channel).dead = count
+    for (destination, channel), count in held_counts(conn).items():
+        state(destination, channel).held = count
 
     # Of the messages received in the window, the deliveries made: read by the deliveries'
     # message_id index from the window's first message, not by a scan of the whole outbox.
@@ -309,7 +320,8 @@ def render(status: HubStatus) -> RenderableType:
         outbox = Table(title="Deliveries", title_justify="left", show_edge=False)
         outbox.add_column("destination")
         outbox.add_column("channel")
-        for column in (f"delivered ({window})", "waiting", "retrying", "oldest waiting", "dead"):
+        columns = (f"delivered ({window})", "waiting", "retrying", "held", "oldest waiting", "dead")
+        for column in columns:
             outbox.add_column(column, justify="right")
         outbox.add_column("last error", overflow="fold")
         for item in status.destinations:
@@ -319,6 +331,7 @@ def render(status: HubStatus) -> RenderableType:
                 str(item.delivered),
                 str(item.waiting),
                 _warn(item.retrying),
+                _warn(item.held, "red"),
                 _age(item.oldest_waiting, now) if item.waiting else "-",
                 _warn(item.dead, "red"),
                 _one_line(item.last_error),
@@ -330,6 +343,14 @@ def render(status: HubStatus) -> RenderableType:
         parts.append(
             Text(
                 f"{status.dead_letters} dead letter(s): see `carehub dead-letters list`",
+                style="red",
+            )
+        )
+    if status.held:
+        parts.append(
+            Text(
+                f"{status.held} delivery(ies) held behind dead letters of their patient's line: "
+                "they go once those are retried or discarded (`carehub dead-letters`)",
                 style="red",
             )
         )

@@ -3,7 +3,8 @@
 ``HubThread`` runs a real hub (real sockets, real store) on a background event loop so plain
 synchronous tests can talk to it, and waits for its deliveries; ``mllp_exchange`` sends frames
 over a real socket; ``make_adt`` builds synthetic messages; ``run_routes`` and
-``run_routes_async`` dry-run a message through a config's routes; ``bind_channel`` gives one
+``run_routes_async`` dry-run a message through a config's routes, ``run_routes_all`` (and
+``run_routes_all_async``) every message of a file or batch; ``bind_channel`` gives one
 destination's channel, to test its ``send()`` on its own. The pytest fixture
 ``carehub_routes`` lives in ``carehub.pytest_plugin``, which does not import this module
 until a test asks for it.
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from carehub.store.outbox import DeliveryRecord
 
 #: Delivery statuses that no longer change by themselves.
-SETTLED = frozenset({"delivered", "dead"})
+SETTLED = frozenset({"delivered", "dead", "discarded"})
 
 
 def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
@@ -234,36 +235,109 @@ def bind_channel(
 
 
 # -- dry runs -------------------------------------------------------------------------------
+#: What run_routes and the carehub_routes fixture take: message text, bytes, or a file path.
+MessageSource = str | bytes | Path
+
+
+def is_message_text(value: str) -> bool:
+    """Whether a string is HL7 text rather than a file path: it holds a segment separator or
+    the field separator ``|`` (a path has neither; a one-line message has ``|``)."""
+    return "\r" in value or "\n" in value or "|" in value
+
+
+def read_messages(source: MessageSource, base: Path | None = None) -> list[bytes]:
+    """Every message in a source, as ``routes test`` reads a file: one message, several, or
+    an FHS/BHS batch, split with ``split_messages``. A string is message text when
+    ``is_message_text`` says so, else a path (relative to ``base``, when given)."""
+    from carehub.hl7.batch import split_messages
+
+    if isinstance(source, str) and not is_message_text(source):
+        source = Path(source)
+        if base is not None and not source.is_absolute():
+            source = base / source
+    if isinstance(source, Path):
+        try:
+            data = source.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{source}: no such file (a string is read as a file path unless it holds a "
+                "segment separator or '|', which makes it message text)"
+            ) from None
+        what = str(source)
+    elif isinstance(source, str):
+        data, what = source.encode("utf-8"), "the message text"
+    else:
+        data, what = source, "the message bytes"
+    messages = split_messages(data)
+    if not messages:
+        raise ValueError(f"{what}: no HL7 message (no MSH segment)")
+    return messages
+
+
+def _one(source: MessageSource, messages: list[bytes]) -> bytes:
+    if len(messages) != 1:
+        if isinstance(source, Path) or (isinstance(source, str) and not is_message_text(source)):
+            what = str(source)
+        else:
+            what = "the message text" if isinstance(source, str) else "the message bytes"
+        raise ValueError(
+            f"{what} holds {len(messages)} messages; run_routes takes one: use run_routes_all "
+            "(carehub_routes.all in a test) for one result per message"
+        )
+    return messages[0]
+
+
 def run_routes(
-    message: str | bytes | Path,
+    message: MessageSource,
     config: HubConfig | Path,
     data_dir: Path | None = None,
 ) -> RoutingResult:
     """Dry-run one message (text, bytes or a file path) through the routes of a config:
-    which routes matched and why, each step's output, what each forward would send. It runs
-    the components on an event loop of its own (asyncio.run): from an ``async def`` test,
-    await run_routes_async instead."""
+    which routes matched and why, each step's output, what each forward would send. A file
+    or text holding several messages is an error naming run_routes_all. It runs the
+    components on an event loop of its own (asyncio.run): from an ``async def`` test, await
+    run_routes_async instead."""
     return asyncio.run(run_routes_async(message, config, data_dir))
 
 
 async def run_routes_async(
-    message: str | bytes | Path,
+    message: MessageSource,
     config: HubConfig | Path,
     data_dir: Path | None = None,
 ) -> RoutingResult:
     """run_routes on the running event loop, for async tests (where asyncio.run, and so
     run_routes, cannot be called). The components' start(), steps and close() run on it."""
+    (result,) = await _dry_run([_one(message, read_messages(message))], config, data_dir)
+    return result
+
+
+def run_routes_all(
+    messages: MessageSource,
+    config: HubConfig | Path,
+    data_dir: Path | None = None,
+) -> list[RoutingResult]:
+    """Dry-run every message in a file, text or bytes (several messages, or an FHS/BHS
+    batch, as ``carehub routes test`` reads them): one result per message, in order, with
+    the routes' components started once for all of them."""
+    return asyncio.run(run_routes_all_async(messages, config, data_dir))
+
+
+async def run_routes_all_async(
+    messages: MessageSource,
+    config: HubConfig | Path,
+    data_dir: Path | None = None,
+) -> list[RoutingResult]:
+    """run_routes_all on the running event loop, for async tests."""
+    return await _dry_run(read_messages(messages), config, data_dir)
+
+
+async def _dry_run(
+    payloads: list[bytes], config: HubConfig | Path, data_dir: Path | None
+) -> list[RoutingResult]:
     from carehub.config import load_config
     from carehub.hub import build_routing
     from carehub.routing.dryrun import dry_run_all_async
 
     hub_config = load_config(config) if isinstance(config, Path) else config
-    if isinstance(message, Path):
-        raw = message.read_bytes()
-    elif isinstance(message, str):
-        raw = message.encode("utf-8")
-    else:
-        raw = message
     host, table = build_routing(hub_config, data_dir or Path(tempfile.mkdtemp(prefix="carehub-")))
-    (result,) = await dry_run_all_async(table, host, [raw])
-    return result
+    return await dry_run_all_async(table, host, payloads)

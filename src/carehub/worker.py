@@ -5,6 +5,8 @@ route table, and commits the results (step outputs, deliveries, new status) in b
 delivery loop claims due deliveries from the store and sends them concurrently, at most
 ``per_destination`` at a time to any one destination, so a slow or failing destination never
 holds up the others; failed attempts are retried with backoff until they become dead letters.
+A dead letter holds its patient's line to its destination (``retry.after_dead_letter``) until an
+operator retries or discards it; the deliveries behind it wait, parked (see carehub.store.outbox).
 
 In the embedded default the worker runs inside ``carehub serve`` on the hub's own event loop,
 beside the listeners; for scale-out, ``carehub worker`` runs it alone, on as many hosts as
@@ -108,6 +110,7 @@ class Worker:
         await self.table.start()
         if self.settings.single_host:
             await asyncio.to_thread(self.outbox.release_leases)
+        await asyncio.to_thread(self._apply_line_policy)
         self._consumer = self.work_queue.consumer(self._queued)
         await asyncio.to_thread(self._consumer.start)
         await asyncio.to_thread(self._requeue_unrouted)
@@ -156,14 +159,38 @@ class Worker:
             self._wake_delivery.set()
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
-        """Re-queue messages lost from the queue, and put deliveries whose lease ran out
-        (their worker died mid-send) back in line."""
+        """Re-queue messages lost from the queue, put deliveries whose lease ran out (their
+        worker died mid-send) back in line, and mend parked lines (Outbox.tidy_lines)."""
         while await self._pause(every):
             try:
                 await asyncio.to_thread(self._requeue_unrouted, every)
                 await asyncio.to_thread(self.outbox.release_expired_leases)
+                await asyncio.to_thread(self.outbox.tidy_lines)
             except Exception:
                 log.exception("re-queueing unrouted messages failed")
+
+    def _apply_line_policy(self) -> None:
+        """Dead letters get their destination's ``retry.after_dead_letter`` as the routes say
+        now (a setting changed since, or dead letters from before lines were held), and the
+        log says how many deliveries wait behind dead letters: after an upgrade or a long
+        outage, those lines move only when an operator retries or discards."""
+        holding: list[str] = []
+        going_on: list[str] = []
+        names = {name: name for name in self.table.destinations}
+        names.update(self.table.former_names)
+        for name, current in names.items():
+            destination = self.table.destinations.get(current)
+            if destination is not None:
+                holds = destination.retry.holds_line(destination.channel.name)
+                (holding if holds else going_on).append(name)
+        self.outbox.apply_line_policy(holding, going_on)
+        held = sum(self.outbox.held().values())
+        if held:
+            log.warning(
+                "%d delivery(ies) wait behind dead letters that hold their patient's line: "
+                "see `carehub dead-letters list`, then retry or discard them",
+                held,
+            )
 
     def _requeue_unrouted(self, older_than: float = 0.0) -> None:
         """Anything stored but not routed (lost from an in-process queue at a crash, or
@@ -351,7 +378,15 @@ class Worker:
             )
             receipt = await destination.channel.send(outgoing)
             result = AttemptResult(
-                delivery.id, delivery.message_id, attempt, started, _ms(clock), True, receipt
+                delivery.id,
+                delivery.message_id,
+                attempt,
+                started,
+                _ms(clock),
+                True,
+                receipt,
+                destination=delivery.destination,
+                order_key=delivery.order_key,
             )
             self.delivered += 1
             if self.host.observed("carehub_message_delivered"):
@@ -362,11 +397,17 @@ class Worker:
         except Exception as err:
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
-            final = not retryable or attempt >= delivery.max_attempts or destination is None
+            limit = delivery.max_attempts  # 0: retried until it is taken
+            final = not retryable or (0 < limit <= attempt) or destination is None
             retry_at = None
             if not final:
                 assert destination is not None
                 retry_at = datetime.now(UTC) + timedelta(seconds=destination.retry.delay(attempt))
+            # A dead letter to a destination no longer configured lets its line go on: the
+            # later ones cannot be sent there either, and would wait behind it for nothing.
+            holds = destination is not None and destination.retry.holds_line(
+                destination.channel.name
+            )
             result = AttemptResult(
                 delivery.id,
                 delivery.message_id,
@@ -376,17 +417,22 @@ class Worker:
                 False,
                 detail,
                 retry_at,
+                destination=delivery.destination,
+                order_key=delivery.order_key,
+                holds_line=holds,
             )
             self.failed_attempts += 1
             # The error text can quote what the destination answered, which may echo the
             # message: it goes to the store (attempt rows, dead letters), the log gets its kind.
             log.warning(
-                "delivery %d to %s failed (attempt %d of %d)%s: %s",
+                "delivery %d to %s failed (attempt %d of %s)%s: %s",
                 delivery.id,
                 delivery.destination,
                 attempt,
-                delivery.max_attempts,
-                "; dead letter" if final else "",
+                delivery.max_attempts or "unlimited",
+                ("; dead letter, holding its patient's line" if holds else "; dead letter")
+                if final
+                else "",
                 type(err).__name__ if not isinstance(err, DeliveryError) else _first_part(detail),
             )
             if not isinstance(err, DeliveryError):

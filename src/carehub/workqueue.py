@@ -11,12 +11,16 @@ The store, not the queue, is the source of truth: a message whose id is lost fro
 queued again when a worker starts.
 
 - embedded default: ``memory://``, kombu's in-process transport; one process, nothing to run.
+  Its queues and exchanges are global to the process, so each WorkQueue on it names its own
+  (``carehub.<n>``): two hubs in one process (a test's sender and receiver) never take each
+  other's work.
 - scale-out: ``amqp://guest:guest@rabbit:5672//``; durable queues, persistent messages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue as queue_module
 import threading
@@ -30,7 +34,11 @@ from carehub.config import without_password
 
 log = logging.getLogger(__name__)
 
+#: The exchange on a broker, shared by every serve and worker of a deployment.
 EXCHANGE = Exchange("carehub", type="direct", durable=True)
+
+#: Numbers the in-process work queues of this process (see WorkQueue).
+_MEMORY_QUEUES = itertools.count(1)
 
 
 def patient_key(patient_id: str | None, authority: str | None, message_id: int) -> str:
@@ -51,17 +59,34 @@ class QueueUnavailable(RuntimeError):
 
 
 class WorkQueue:
-    """Names the queues and opens connections; publishers and consumers come from here."""
+    """Names the queues and opens connections; publishers and consumers come from here.
 
-    def __init__(self, url: str = "memory://", partitions: int = 8) -> None:
+    ``namespace`` names the exchange and prefixes the queues (``<namespace>.route.<n>``): by
+    default ``carehub`` on a broker, and a name of its own for each in-process queue."""
+
+    def __init__(
+        self, url: str = "memory://", partitions: int = 8, namespace: str | None = None
+    ) -> None:
         self.url = url
         self.partitions = partitions
         self.is_memory = url.startswith("memory")
         arguments = None if self.is_memory else {"x-single-active-consumer": True}
+        if namespace is None:
+            # On a broker every process must meet in the same queues. kombu's in-process
+            # transport keeps its queues and exchanges in class attributes, one set for the
+            # whole process: under a shared name a second hub's worker would consume (and
+            # route against its own store) ids the first hub published, and the reverse.
+            namespace = f"carehub.{next(_MEMORY_QUEUES)}" if self.is_memory else EXCHANGE.name
+        self.namespace = namespace
+        self.exchange = (
+            EXCHANGE
+            if namespace == EXCHANGE.name
+            else Exchange(namespace, type="direct", durable=True)
+        )
         self.queues = [
             Queue(
-                f"carehub.route.{p}",
-                EXCHANGE,
+                f"{namespace}.route.{p}",
+                self.exchange,
                 routing_key=f"route.{p}",
                 durable=True,
                 queue_arguments=arguments,
@@ -112,7 +137,7 @@ class Publisher:
     def __init__(self, work_queue: WorkQueue) -> None:
         self.work_queue = work_queue
         self._connection = work_queue.connection()
-        self._producer = Producer(self._connection.channel(), exchange=EXCHANGE)
+        self._producer = Producer(self._connection.channel(), exchange=work_queue.exchange)
         for q in work_queue.queues:
             q.bind(self._producer.channel).declare()
 

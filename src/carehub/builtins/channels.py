@@ -200,11 +200,27 @@ class FileChannel(Channel):
     limit_per_destination = False
 
     class Options(ComponentOptions):
-        directory: Path
-        body: Literal["v2", "event"] = "v2"
-        filename: str = "{idempotency_key}{ext}"
-        fsync: bool | None = None  # None: fsync when store.durability is power
-        writer: Literal["auto", "loop", "thread"] = "auto"
+        directory: Path = Field(
+            description="folder to write into (created if missing), relative to the config folder"
+        )
+        body: Literal["v2", "event"] = Field(
+            "v2", description="v2: the message as routed (.hl7); event: the care event as JSON"
+        )
+        filename: str = Field(
+            "{idempotency_key}{ext}",
+            description="file name template: {idempotency_key}, {message_id}, {route}, "
+            "{control_id}, {ext}",
+        )
+        fsync: bool | None = Field(
+            None,
+            description="flush each file to disk before it counts as delivered; "
+            "unset: when store.durability is power",
+        )
+        writer: Literal["auto", "loop", "thread"] = Field(
+            "auto",
+            description="where writes run: auto (the event loop for local disks without fsync, "
+            "else a helper thread), loop or thread",
+        )
 
         @field_validator("filename")
         @classmethod
@@ -435,14 +451,20 @@ class MLLPChannel(Channel):
     description = "forward the v2 message over MLLP (TLS optional) and check the ACK"
 
     class Options(ComponentOptions):
-        host: str
-        port: int = Field(ge=1, le=65535)
-        tls: bool = False
-        ca: Path | None = None
-        cert: Path | None = None
-        key: Path | None = None
-        timeout: float = Field(30.0, gt=0)
-        encoding: str = "utf-8"
+        host: str = Field(description="receiver's host name or address")
+        port: int = Field(ge=1, le=65535, description="receiver's MLLP port")
+        tls: bool = Field(False, description="connect with TLS")
+        ca: Path | None = Field(
+            None, description="CA file to trust instead of the system's (TLS only)"
+        )
+        cert: Path | None = Field(None, description="client certificate file (TLS only)")
+        key: Path | None = Field(None, description="client certificate's key file (with cert)")
+        timeout: float = Field(
+            30.0, gt=0, description="seconds to connect, and to wait for the ACK"
+        )
+        encoding: str = Field(
+            "utf-8", description="character set for messages whose MSH-18 declares none"
+        )
 
         @field_validator("encoding")
         @classmethod
@@ -624,13 +646,21 @@ class WebhookChannel(HttpChannel):
     description = "POST each message as JSON to an HTTP endpoint (idempotency key, HMAC)"
 
     class Options(ComponentOptions):
-        url: str
-        body: Literal["event", "v2"] = "event"
-        headers: dict[str, str] = Field(default_factory=dict)
-        auth_header: str | None = None
-        hmac_secret: str | None = None
-        timeout: float = Field(10.0, gt=0)
-        verify_tls: bool = True
+        url: str = Field(description="http(s) URL to POST to")
+        body: Literal["event", "v2"] = Field(
+            "event", description="event: the care event only; v2: the v2 text too"
+        )
+        headers: dict[str, str] = Field(
+            default_factory=dict, description="extra request headers (carehub's own win)"
+        )
+        auth_header: str | None = Field(
+            None, description="Authorization header value, e.g. Bearer ${TOKEN}; never stored"
+        )
+        hmac_secret: str | None = Field(
+            None, description="key for the X-Carehub-Signature HMAC-SHA256 of the body"
+        )
+        timeout: float = Field(10.0, gt=0, description="seconds for the whole request")
+        verify_tls: bool = Field(True, description="check the server's TLS certificate")
 
         _url = field_validator("url")(http_url)
 

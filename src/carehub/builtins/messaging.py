@@ -208,19 +208,23 @@ class EmailChannel(Channel):
     description = "send each delivery as an email over SMTP (STARTTLS or TLS, optional AUTH)"
 
     class Options(ComponentOptions):
-        host: str
-        port: int = Field(587, ge=1, le=65535)
-        starttls: bool = True
-        use_tls: bool = False
-        username: str | None = None
-        password: SecretStr | None = None
-        sender: str
-        timeout: float = Field(30.0, gt=0)
-        validate_certs: bool = True
-        ca_file: Path | None = None
-        to: str | None = None
-        subject: str = "carehub notification"
-        max_connections: int = Field(4, ge=1)
+        host: str = Field(description="SMTP server")
+        port: int = Field(587, ge=1, le=65535, description="SMTP port (465 is usual with use_tls)")
+        starttls: bool = Field(True, description="require STARTTLS on a plain connection")
+        use_tls: bool = Field(False, description="implicit TLS from the start (port 465)")
+        username: str | None = Field(None, description="login name; only sent over TLS")
+        password: SecretStr | None = Field(None, description="login password; only sent over TLS")
+        sender: str = Field(description="From address")
+        timeout: float = Field(30.0, gt=0, description="seconds per SMTP exchange")
+        validate_certs: bool = Field(True, description="check the server's TLS certificate")
+        ca_file: Path | None = Field(None, description="CA file to trust for a private CA")
+        to: str | None = Field(
+            None, description="recipient for a plain forward step (notify gives its own)"
+        )
+        subject: str = Field(
+            "carehub notification", description="subject when the delivery gives none"
+        )
+        max_connections: int = Field(4, ge=1, description="SMTP connections open at once")
 
         @field_validator("sender", "to")
         @classmethod
@@ -429,13 +433,22 @@ class SmsChannel(HttpChannel):
     description = "send each delivery as a text message through an HTTP SMS gateway"
 
     class Options(ComponentOptions):
-        url: str
-        method: Literal["POST"] = "POST"
-        auth_header: SecretStr | None = None
-        body_template: str = DEFAULT_SMS_TEMPLATE
-        max_length: int = Field(320, ge=2)
-        timeout: float = Field(10.0, gt=0)
-        to: str | None = None
+        url: str = Field(description="the SMS gateway's http(s) URL")
+        method: Literal["POST"] = Field("POST", description="HTTP method")
+        auth_header: SecretStr | None = Field(
+            None, description="Authorization header value; never stored"
+        )
+        body_template: str = Field(
+            DEFAULT_SMS_TEMPLATE,
+            description="JSON request body with {to}, {text} and {key} placeholders",
+        )
+        max_length: int = Field(
+            320, ge=2, description="longer text is cut, marked with an ellipsis"
+        )
+        timeout: float = Field(10.0, gt=0, description="seconds for the whole request")
+        to: str | None = Field(
+            None, description="phone number for a plain forward step (notify gives its own)"
+        )
 
         _url = field_validator("url")(http_url)
 

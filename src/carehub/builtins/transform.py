@@ -1,9 +1,9 @@
-"""The ``transform`` step: field-level edits of the v2 message, configured without code.
+"""The ``transform`` step: edits of the v2 message, configured without code.
 
 Interface engineers spend most of their time on small, repetitive fixes (route a facility code,
-blank a field a receiver rejects, map one code set to another). This step does those from the
-route file, in order, on the message text, so everything it does not touch is forwarded
-byte for byte:
+blank a field a receiver rejects, map one code set to another, drop a Z segment). This step
+does those from the route file, in order, on the message text, so everything it does not touch
+is forwarded byte for byte:
 
     - transform:
         tables:
@@ -11,11 +11,15 @@ byte for byte:
         tables_file: tables/codes.yaml        # optional, relative to the config folder
         edits:
           - set: {MSH-5: CARE_PLATFORM, MSH-6: "{MSH-4}"}   # {PATH} inserts a field's value
-          - copy: {from: PID-3[1].1, to: PID-2}
+          - copy: {from: "PID-3[1].1", to: PID-2}          # [ ] inside { }: quote it
           - clear: [PID-19, PID-13]
           - map: {path: PID-8, table: sex, default: U}       # default: keep (default), "", text
           - set: {PID-5: "Doe^Jane"}
             escape: false                                    # write delimiters as structure
+          - remove: [ZPI, "NTE[2]"]                          # every ZPI; the second NTE only
+          - add: {segment: "ZNT|1|{PV1-19}", after: PV1}     # {PATH} inserts the text as written
+          - set: {PV1-3.1: ED}
+            when: {patient_class: E}                         # any route condition
 
 Bad paths, a ``{{`` in the wrong place and table names that exist nowhere are configuration
 errors naming the edit's index and path. A table loaded from ``tables_file`` is checked when
@@ -36,10 +40,17 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 from carehub.components import ComponentContext, ComponentOptions, Translator, Work
 from carehub.config import read_config_text
 from carehub.errors import ConfigError
-from carehub.hl7.edit import EditError, MessageEditor, PathError, check_path
+from carehub.hl7.edit import EditError, MessageEditor, PathError, check_path, check_segment
+from carehub.routing.conditions import When
 
-OPS = ("set", "copy", "clear", "map")
+OPS = ("set", "copy", "clear", "map", "remove", "add")
+#: Keys an edit may carry beside its op.
+MODIFIERS = ("when", "escape")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_SEGMENT_TEXT = re.compile(r"[A-Z][A-Z0-9]{2}(?:[^A-Za-z0-9].*)?", re.S)
+_NOT_ADDABLE = ("MSH", "FHS", "BHS", "BTS", "FTS")
+
+Op = Literal["set", "copy", "clear", "map", "remove", "add"]
 
 
 class CopySpec(ComponentOptions):
@@ -47,35 +58,77 @@ class CopySpec(ComponentOptions):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    from_: str = Field(alias="from")
-    to: str
+    from_: str = Field(alias="from", description="path to read (escaped text, as written)")
+    to: str = Field(description="path to write; its segment must exist")
 
 
 class MapSpec(ComponentOptions):
     """``{path: PATH, table: NAME, default: ...}``; a missing or ``keep`` default leaves codes
     that are not in the table as they are, ``""`` clears them, any other text replaces them."""
 
-    path: str
-    table: str
-    default: str | None = None
+    path: str = Field(description="path whose code is looked up and replaced")
+    table: str = Field(description="name of a table from tables or tables_file")
+    default: str | None = Field(
+        None, description='for codes not in the table: keep (the default), "" clears, text replaces'
+    )
+
+
+class AddSpec(ComponentOptions):
+    """``{segment: "ZNT|1|{PV1-19}", after: PV1}``: one segment, in the message's delimiters."""
+
+    segment: str = Field(
+        description="the segment's text; {PATH} inserts that field's text as written"
+    )
+    after: str | None = Field(
+        None, description="after the last segment of this name (PV1[1]: after the first)"
+    )
+    before: str | None = Field(
+        None, description="before the first segment of this name (OBX[2]: before the second)"
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> AddSpec:
+        if self.after is not None and self.before is not None:
+            raise ValueError("add takes 'after' or 'before', not both")
+        return self
 
 
 class Edit(ComponentOptions):
-    """One edit: exactly one of ``set``, ``copy``, ``clear`` or ``map``."""
+    """One edit: exactly one of ``set``, ``copy``, ``clear``, ``map``, ``remove`` or ``add``,
+    optionally with ``when`` (the edit is made only for messages that meet it)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    set_: dict[str, str] | None = Field(None, alias="set")
-    copy_: CopySpec | None = Field(None, alias="copy")
-    clear: str | list[str] | None = None
-    map_: MapSpec | None = Field(None, alias="map")
-    escape: bool = True
+    set_: dict[str, str] | None = Field(
+        None, alias="set", description="PATH: value; {PATH} in a value inserts that field"
+    )
+    copy_: CopySpec | None = Field(None, alias="copy", description="{from: PATH, to: PATH}")
+    clear: str | list[str] | None = Field(None, description="a path or a list of paths to empty")
+    map_: MapSpec | None = Field(
+        None, alias="map", description="{path, table, default}: replace a code through a table"
+    )
+    remove: list[str] | None = Field(
+        None,
+        description="segments to drop: ZPI (every one), ZPI[2] (one), a list, or {segment: ZPI}",
+    )
+    add: AddSpec | None = Field(None, description="{segment, after | before}: insert a segment")
+    when: When | None = Field(None, description="a route condition on the message as edited so far")
+    escape: bool = Field(
+        True, description="set only: false writes delimiters in the value as structure"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _one_op(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"an edit is a mapping with one of: {', '.join(OPS)}")
+        unknown = [k for k in value if k not in OPS and k not in MODIFIERS]
+        if unknown:
+            names = ", ".join(repr(k) for k in unknown)
+            raise ValueError(
+                f"unknown key {names} in an edit; an edit has one of {', '.join(OPS)}, "
+                f"optionally with {', '.join(MODIFIERS)}"
+            )
         ops = [k for k in OPS if k in value]
         if len(ops) != 1:
             raise ValueError(f"an edit has exactly one of {', '.join(OPS)}; this one has {ops}")
@@ -98,25 +151,53 @@ class Edit(ComponentOptions):
             value = {**value, "set": fixed}
         if ops[0] == "clear" and (settings is None or settings == []):
             raise ValueError("clear takes a path or a list of paths")
+        if ops[0] == "remove":
+            value = {**value, "remove": _segments_to_remove(settings)}
+        if ops[0] == "add" and isinstance(settings, str):
+            value = {**value, "add": {"segment": settings}}
         return value
 
     @property
-    def op(self) -> Literal["set", "copy", "clear", "map"]:
+    def op(self) -> Op:
         if self.set_ is not None:
             return "set"
         if self.copy_ is not None:
             return "copy"
         if self.map_ is not None:
             return "map"
+        if self.remove is not None:
+            return "remove"
+        if self.add is not None:
+            return "add"
         return "clear"
 
 
-class TransformOptions(ComponentOptions):
-    """Options of the transform step; see the module docstring for the syntax."""
+def _segments_to_remove(settings: Any) -> list[str]:
+    """``ZPI``, ``[ZPI, ZPD]``, ``{segment: ZPI}`` or ``{segment: [ZPI, ZPD]}`` as a list."""
+    if isinstance(settings, dict):
+        if set(settings) != {"segment"}:
+            raise ValueError("remove takes a segment, a list of them, or {segment: NAME}")
+        settings = settings["segment"]
+    names = [settings] if isinstance(settings, str) else settings
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError("remove takes a segment name (ZPI, ZPI[2]) or a list of them")
+    return names
 
-    tables: dict[str, dict[str, str]] = Field(default_factory=dict)
-    tables_file: str | None = None
-    edits: list[Edit] = Field(min_length=1)
+
+class TransformOptions(ComponentOptions):
+    """Options of the transform step: the edits, in order, and the code tables they use."""
+
+    tables: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="code tables: {name: {code: value}}"
+    )
+    tables_file: str | None = Field(
+        None,
+        description="more tables from a .yaml ({name: {code: value}}) or .csv "
+        "(table,code,value) file, relative to the config folder",
+    )
+    edits: list[Edit] = Field(
+        min_length=1, description="edits made in order; the message changes only if all succeed"
+    )
 
     @field_validator("tables_file")
     @classmethod
@@ -147,18 +228,38 @@ def _edit_problems(
 
     def path_ok(path: str, *, writable: bool) -> None:
         try:
-            check_path(path, writable=writable)
+            spec = check_path(path, writable=writable)
         except PathError as err:
-            problems.append(f"{where}: {err}")
+            hint = ""
+            if writable and edit.op in ("clear", "set"):
+                try:
+                    check_segment(path)
+                    hint = f"; to drop the segment, use remove: {path.strip()}"
+                except PathError:
+                    pass
+            problems.append(f"{where}: {err}{hint}")
+            return
+        if edit.op == "add" and not spec.field:
+            problems.append(f"{where}: {{{path}}} names a whole segment; name a field")
+
+    def segment_ok(path: str, what: str) -> str | None:
+        try:
+            return check_segment(path)[0]
+        except PathError as err:
+            problems.append(f"{where}{what}: {err}")
+            return None
+
+    def placeholders_ok(path: str, value: str) -> None:
+        try:
+            for placeholder in Template.parse(value).paths():
+                path_ok(placeholder, writable=False)
+        except ValueError as err:
+            problems.append(f"{where} {path}: {err}")
 
     if edit.set_ is not None:
         for path, value in edit.set_.items():
             path_ok(path, writable=True)
-            try:
-                for placeholder in Template.parse(value).paths():
-                    path_ok(placeholder, writable=False)
-            except ValueError as err:
-                problems.append(f"{where} {path}: {err}")
+            placeholders_ok(path, value)
     elif edit.copy_ is not None:
         path_ok(edit.copy_.from_, writable=False)
         path_ok(edit.copy_.to, writable=True)
@@ -169,6 +270,27 @@ def _edit_problems(
             problems.append(
                 f"{where} {edit.map_.path}: unknown table {edit.map_.table!r} (tables: {known})"
             )
+    elif edit.remove is not None:
+        for path in edit.remove:
+            if segment_ok(path, "") == "MSH":
+                problems.append(f"{where}: MSH cannot be removed: it is the message header")
+    elif edit.add is not None:
+        text = edit.add.segment
+        name = text[:3]
+        if "\r" in text or "\n" in text or not _SEGMENT_TEXT.fullmatch(text):
+            problems.append(
+                f"{where}: segment {text!r} must be one line starting with a segment name and "
+                "the field separator, e.g. ZNT|1|note"
+            )
+        elif name in _NOT_ADDABLE:
+            problems.append(
+                f"{where}: {name} cannot be added: a message has one MSH and no batch segments"
+            )
+        placeholders_ok(name, text)
+        for key in ("after", "before"):
+            anchor = getattr(edit.add, key)
+            if anchor is not None:
+                segment_ok(anchor, f" {key}")
     else:
         for path in [edit.clear] if isinstance(edit.clear, str) else edit.clear or []:
             path_ok(path, writable=True)
@@ -210,10 +332,26 @@ class Template:
 
 
 class Transform(Translator):
-    """Applies the configured edits in order and records each as {op, path, before, after}."""
+    """Edits the v2 message as configured, in order, and records each edit as {op, path,
+    before, after} (an edit whose ``when`` is not met as {op, edit, skipped}).
+
+    Ops: ``set`` writes values (``{PATH}`` in a value inserts that field's value; with
+    ``escape: false`` delimiters in the value are structure), ``copy`` moves a field's text
+    as written, ``clear`` empties fields, ``map`` replaces a code through a table, ``remove``
+    drops segments (``ZPI``: every one; ``ZPI[2]``: the second) and ``add`` inserts one
+    segment (``{segment: "ZNT|1|{PV1-19}", after: PV1}``; ``{PATH}`` inserts the field's text
+    as written; at the end without ``after``/``before``). Any edit may carry ``when:``, a
+    route condition read from the message as the edits before it left it.
+
+    A field edit on a segment the message lacks fails the step (except ``clear`` and ``map``,
+    which have nothing to do); so does ``add`` next to a missing segment. Nothing changes
+    unless every edit succeeds, and segments no edit touched are forwarded byte for byte."""
 
     name = "transform"
-    description = "field-level edits of the v2 message: set, copy, clear, map through tables"
+    description = (
+        "edits of the v2 message: set, copy, clear, map through tables, remove and add "
+        "segments, each optionally conditional"
+    )
     Options = TransformOptions
 
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
@@ -226,6 +364,11 @@ class Transform(Translator):
             (index, path): Template.parse(value)
             for index, edit in enumerate(options.edits)
             for path, value in (edit.set_ or {}).items()
+        }
+        self._segment_templates = {
+            index: Template.parse(edit.add.segment)
+            for index, edit in enumerate(options.edits)
+            if edit.add is not None
         }
 
     async def start(self) -> None:
@@ -256,11 +399,16 @@ class Transform(Translator):
         editor = MessageEditor(work.v2)
         changes: list[dict[str, Any]] = []
         for index, edit in enumerate(self.settings.edits):
+            if edit.when is not None and not edit.when.matches(editor.view()):
+                failed = [c for c in edit.when.explain(editor.view()) if not c.passed]
+                reason = "; ".join(f"{c.what} = {c.value!r}, wanted {c.expected}" for c in failed)
+                changes.append({"op": edit.op, "edit": index, "skipped": reason})
+                continue
             try:
                 self._apply(index, edit, editor, changes)
             except EditError as err:
                 raise EditError(f"transform edits[{index}] {edit.op}: {err}") from None
-        if any(change["before"] != change["after"] for change in changes):
+        if any(change.get("before") != change.get("after") for change in changes):
             work.replace_v2(editor.text())
         return changes
 
@@ -294,6 +442,18 @@ class Transform(Translator):
             elif spec.default is not None and spec.default != "keep":
                 editor.set(spec.path, spec.default)
             record("map", spec.path, before, table=spec.table)
+        elif edit.remove is not None:
+            for path in edit.remove:
+                removed = editor.remove_segments(path)
+                # One CR-joined text per path, so a record reads as the segments it dropped.
+                changes.append(
+                    {"op": "remove", "path": path, "before": "\r".join(removed), "after": ""}
+                )
+        elif edit.add is not None:
+            spec = edit.add
+            text = self._segment_templates[index].render(editor, raw=True)
+            editor.add_segment(text, after=spec.after, before=spec.before)
+            changes.append({"op": "add", "path": text[:3], "before": "", "after": text})
         else:
             for path in [edit.clear] if isinstance(edit.clear, str) else edit.clear or []:
                 before = editor.raw(path)

@@ -40,7 +40,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import ChildNotFound
 from hl7apy.parser import get_message_info, parse_message, parse_segment
 from hl7apy.validation import Validator
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from carehub.components import ComponentOptions, Translator, Work
 from carehub.errors import CarehubError
@@ -112,9 +112,13 @@ class ValidateOptions(ComponentOptions):
     """``version`` overrides MSH-12; ``strict`` counts warnings as errors and parses each
     segment with hl7apy's STRICT level; ``fail_on_error`` stops the route on an error."""
 
-    version: str | None = None
-    strict: bool = False
-    fail_on_error: bool = False
+    version: str | None = Field(
+        None, description='HL7 version to check against, quoted ("2.5"); default MSH-12'
+    )
+    strict: bool = Field(
+        False, description="count warnings as errors, and parse with hl7apy's STRICT level"
+    )
+    fail_on_error: bool = Field(False, description="stop the route when the check finds an error")
 
     @field_validator("version", mode="before")
     @classmethod

@@ -4,9 +4,13 @@ Each message is the data's own bytes from its MSH up to and including the termin
 last segment (CR, LF or CRLF, whichever the sender wrote; none if the data ends without one), so
 the stored raw message is byte for byte what the sender wrote. Blank lines and DOS end-of-file
 marks (0x1A) between or after messages belong to no message. Batch wrapper segments (FHS, BHS,
-BTS, FTS) are dropped. Anything else outside a message - text before the first MSH, or after a
-wrapper segment - is returned as ``stray`` so the caller can refuse it visibly instead of losing
-it.
+BTS, FTS) are dropped. Anything else outside a message - text before the first MSH, after a
+wrapper segment, or after a message's last segment (a line that is not a segment, and whatever
+follows it up to the next MSH or wrapper, when no segment follows in between) - is returned as
+``stray`` so the caller can refuse it visibly instead of losing it or passing it on as part of
+the message. A line that is not a segment *between* two segments of a message stays in it:
+the message is incomplete without what follows, so intake refuses it whole (AE) rather than
+store half of it as accepted.
 
 UTF-16 and UTF-32 data (a byte order mark, or "MSH" in that encoding at the start) is split on
 its characters; each message is still a slice of the data's bytes.
@@ -15,9 +19,12 @@ its characters; each message is still a slice of the data's bytes.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
+from carehub.hl7.ack import new_control_id
 from carehub.hl7.charsets import UTF8_BOM, wide_encoding
+from carehub.hl7.view import is_segment_line
 
 # A segment name at the start of the data or right after a segment terminator.
 _SEGMENT_START = re.compile(r"(?:^|(?<=[\r\n]))(MSH|FHS|BHS|BTS|FTS)(?=.)", re.S)
@@ -52,6 +59,12 @@ class Stray:
 class SplitData:
     messages: list[MessageSlice]
     stray: list[Stray]
+    #: The batch header segments (FHS, BHS) as text, in order: an answer to a batch is
+    #: wrapped in a batch of its own that refers to them.
+    wrappers: tuple[str, ...] = ()
+    #: How the data was read for splitting: ``iso-8859-1`` for any 8-bit data, or the
+    #: UTF-16/32 codec (in its byte order) of wide data.
+    codec: str = "iso-8859-1"
 
 
 class _ByteOffsets:
@@ -113,22 +126,42 @@ def split_data(data: bytes) -> SplitData:
 
     starts = [(m.start(), m.group(1)) for m in _SEGMENT_START.finditer(text)]
     outside(0, starts[0][0] if starts else len(text))
+    wrappers: list[str] = []
     for i, (start, name) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
         if name in _WRAPPERS:
             line_end = _LINE_END.search(text, start, end)
+            if name in ("FHS", "BHS"):
+                wrappers.append(text[start : line_end.start() if line_end else end])
             outside(line_end.end() if line_end else end, end)
             continue
-        trailer = _TRAILER.search(text, start, end)
-        cut = trailer.start() if trailer else end
+        segments_end = _segments_end(text, start, end)
+        trailer = _TRAILER.search(text, start, segments_end)
+        cut = trailer.start() if trailer else segments_end
         # Keep the last segment's own terminator; what follows it is blank and no one's.
-        if text.startswith("\r\n", cut, end):
+        if text.startswith("\r\n", cut, segments_end):
             cut += 2
-        elif cut < end and text[cut] in "\r\n":
+        elif cut < segments_end and text[cut] in "\r\n":
             cut += 1
+        outside(segments_end, end)
         first, last = offset(start), offset(cut)
         messages.append(MessageSlice(first, data[first:last]))
-    return SplitData(messages, stray)
+    return SplitData(messages, stray, tuple(wrappers), codec)
+
+
+def _segments_end(text: str, start: int, end: int) -> int:
+    """Where the message that starts at ``start`` ends: after the terminator of its last line
+    that is a segment, so that text after it that is not a segment is left out of it."""
+    field_sep = text[start + 3]
+    position = last = start
+    while position < end:
+        line_end = _LINE_END.search(text, position, end)
+        stop = line_end.start() if line_end else end
+        after = line_end.end() if line_end else end
+        if is_segment_line(text[position:stop], field_sep):
+            last = after
+        position = after
+    return last
 
 
 def split_messages(data: bytes) -> list[bytes]:
@@ -139,3 +172,47 @@ def split_messages(data: bytes) -> list[bytes]:
     messages is left out here; ``split_data`` reports it.
     """
     return [part.data for part in split_data(data).messages]
+
+
+def answer_envelope(
+    wrappers: tuple[str, ...], count: int, hub_application: str, hub_facility: str
+) -> tuple[str, str]:
+    """(header, trailer) segments, each ended by CR, to wrap ``count`` ACKs as the answer to
+    a batch whose FHS/BHS segments were ``wrappers``: an FHS and a BHS when the request had
+    them, naming the hub as the sender and the request's FHS-11/BHS-11 as the reference
+    (FHS-12/BHS-12), then BTS with the number of ACKs and FTS."""
+    stamp = time.strftime("%Y%m%d%H%M%S%z")
+    head: list[str] = []
+    names: dict[str, str] = {}  # wrapper -> its field separator
+    for name in ("FHS", "BHS"):
+        request = next((w for w in wrappers if w.startswith(name)), None)
+        if request is None or len(request) < 4:
+            continue
+        sep = request[3]
+        fields = request.split(sep)  # fields[n - 1] is FHS-n / BHS-n, from FHS-2 on
+
+        def field(number: int, fields: list[str] = fields) -> str:
+            return fields[number - 1] if number - 1 < len(fields) else ""
+
+        values = [
+            name,
+            field(2) or "^~\\&",
+            field(5) or hub_application,
+            field(6) or hub_facility,
+            field(3),
+            field(4),
+            stamp,
+            "",
+            "",
+            "",
+            new_control_id(),
+            field(11),
+        ]
+        head.append(sep.join(values))
+        names[name] = sep
+    tail = []
+    if "BHS" in names:
+        tail.append(f"BTS{names['BHS']}{count}")
+    if "FHS" in names:
+        tail.append(f"FTS{names['FHS']}{1 if 'BHS' in names else 0}")
+    return "".join(f"{line}\r" for line in head), "".join(f"{line}\r" for line in tail)

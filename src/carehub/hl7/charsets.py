@@ -98,6 +98,9 @@ class DecodedText:
     text: str
     charset: str
     warning: str | None = None
+    #: Bytes that are not valid in ``charset`` were replaced (U+FFFD): the text is not an
+    #: exact reading of the bytes, so two different messages may read alike.
+    lossy: bool = False
 
 
 def wide_encoding(raw: bytes) -> tuple[str, bytes] | None:
@@ -236,7 +239,10 @@ def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
     if codec is None:
         text = raw.decode(default, "replace")
         return DecodedText(
-            text, default, f"unknown MSH-18 character set {declared!r}; read as {default}"
+            text,
+            default,
+            f"unknown MSH-18 character set {declared!r}; read as {default}",
+            "\ufffd" in text,
         )
     note = None
     if is_wide(codec):
@@ -259,10 +265,11 @@ def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
                 codec,
                 f"bytes are not valid {codec} as MSH-18 declares (offset {err.start}); "
                 "undecodable bytes replaced in the text view",
+                lossy=True,
             )
     if note:
         detail = decoded.warning or f"read as {decoded.charset}"
-        return DecodedText(decoded.text, decoded.charset, f"{note}; {detail}")
+        return DecodedText(decoded.text, decoded.charset, f"{note}; {detail}", decoded.lossy)
     return decoded
 
 
@@ -270,10 +277,12 @@ def _decode_wide(raw: bytes, codec: str, bom: bytes) -> DecodedText:
     """UTF-16/32 text: the bytes say what they are, so they win over MSH-18 (which is noted)."""
     body = raw[len(bom) :]
     warning = None
+    lossy = False
     try:
         text = body.decode(codec)
     except UnicodeDecodeError as err:
         text = body.decode(codec, "replace")
+        lossy = True
         warning = (
             f"bytes are not valid {codec} (offset {err.start + len(bom)}); "
             "undecodable bytes replaced in the text view"
@@ -282,4 +291,4 @@ def _decode_wide(raw: bytes, codec: str, bom: bytes) -> DecodedText:
     if declared and _unicode_width(codec_for(declared, codec) or "") != _unicode_width(codec):
         note = f"the bytes are {codec} but MSH-18 declares {declared!r}; read as {codec}"
         warning = f"{warning}; {note}" if warning else note
-    return DecodedText(text, codec, warning)
+    return DecodedText(text, codec, warning, lossy)

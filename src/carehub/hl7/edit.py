@@ -4,12 +4,15 @@ The engine forwards the sender's bytes, never a re-serialised parse tree (hl7apy
 segments and reorders nothing it does not understand; see the performance baseline, section 2).
 So edits are made on the text itself: only the segment holding the edited field is split and
 re-joined, with the message's own delimiters from MSH, and the output differs from the input
-only in the edited values and in segment terminators, which are normalised to CR.
+only in the edited values, the removed or added segments, and in segment terminators, which
+are normalised to CR.
 
     edit = MessageEditor(text)
     edit.set("PID-3[2].4.1", "RGH")         # pads missing repetitions, components, ...
     edit.copy("PID-3[1].1", "PID-2")
     edit.clear("PID-19")
+    edit.remove_segments("ZPI")              # every ZPI; "ZPI[2]" for the second only
+    edit.add_segment("ZNT|1|note", after="PV1")
     text = edit.text()
 
 Paths are the lazy view's terse paths (``PID-3[2].4.1``, ``NTE[2]-3``, ``MSH-5``) with MSH
@@ -33,9 +36,12 @@ from carehub.hl7.view import (
     unescape,
 )
 
-__all__ = ["EditError", "MessageEditor", "PathError", "check_path"]
+__all__ = ["EditError", "MessageEditor", "PathError", "check_path", "check_segment"]
 
 _ZERO_INDEX = re.compile(r"[\[\-.]0+(?!\d)")
+_SEGMENT = re.compile(r"^(?P<name>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?$")
+#: Segments that are not the message's own: the header, and the batch wrappers.
+_NOT_ADDABLE = frozenset({"MSH", "FHS", "BHS", "BTS", "FTS"})
 
 
 class EditError(ValueError):
@@ -59,10 +65,25 @@ def check_path(path: str, *, writable: bool = False) -> FieldPath:
     return spec
 
 
+def check_segment(path: str) -> tuple[str, int | None]:
+    """A segment path (``ZPI``, or ``ZPI[2]`` for one occurrence) as (name, occurrence or None
+    for every one); raises PathError naming the path."""
+    match = _SEGMENT.match(path.strip().upper())
+    if match is None:
+        raise PathError(
+            f"bad segment {path!r}: expected a segment name such as ZPI, or ZPI[2] for one "
+            "occurrence"
+        )
+    occurrence = match.group("occ")
+    if occurrence is not None and int(occurrence) == 0:
+        raise PathError(f"bad segment {path!r}: numbers in a path start at 1")
+    return match.group("name"), int(occurrence) if occurrence is not None else None
+
+
 class MessageEditor:
     """Field-level edits on one message's text; see the module docstring for the guarantees."""
 
-    __slots__ = ("_segments", "separators")
+    __slots__ = ("_segments", "_view", "separators")
 
     def __init__(self, text: str) -> None:
         # The view already knows how to find MSH, read the delimiters and split segments on
@@ -70,6 +91,7 @@ class MessageEditor:
         view = MessageView(text)
         self.separators: Separators = view.separators
         self._segments: list[str] = list(view.segments)
+        self._view: MessageView | None = None
 
     # -- reading ----------------------------------------------------------------------------
     @property
@@ -113,6 +135,13 @@ class MessageEditor:
         spec, _ = _spec(path)
         return self._find(spec) is not None
 
+    def view(self) -> MessageView:
+        """A read-only view of the message as edited so far (for conditions on later edits);
+        built once per state, not per read."""
+        if self._view is None:
+            self._view = MessageView(self.text())
+        return self._view
+
     # -- editing ----------------------------------------------------------------------------
     def set(self, path: str | FieldPath, value: str, *, escape: bool = True) -> None:
         """Write ``value`` at ``path``, padding missing fields, repetitions, components and
@@ -132,6 +161,7 @@ class MessageEditor:
             self._check_raw(path, value, len(chain))
             text = value
         self._segments[position] = self._put(self._segments[position], chain, text, spec)
+        self._view = None
 
     def clear(self, path: str | FieldPath) -> None:
         """Empty the value at a path. Trailing delimiters the edit leaves behind are dropped;
@@ -142,6 +172,7 @@ class MessageEditor:
             return
         chain = self._chain(spec, explicit)
         self._segments[position] = self._put(self._segments[position], chain, "", spec)
+        self._view = None
 
     def copy(self, source: str | FieldPath, target: str | FieldPath) -> None:
         """Copy the escaped text from one path to another (an absent source clears the target).
@@ -159,7 +190,83 @@ class MessageEditor:
         except EditError as err:
             raise EditError(f"cannot copy {_name(source)} to {_name(target)}: {err}") from None
 
+    def remove_segments(self, path: str) -> list[str]:
+        """Drop every segment of a name (``ZPI``) or one occurrence (``ZPI[2]``) and return
+        the segments dropped, in order; none there is not an error (nothing to remove). The
+        other segments keep their bytes and their order."""
+        name, occurrence = self._segment_path(path)
+        if name == "MSH":
+            raise EditError("MSH cannot be removed: it is the message header")
+        positions = self._positions(name)
+        if occurrence is not None:
+            positions = positions[occurrence - 1 : occurrence]
+        removed = [self._segments[position] for position in positions]
+        for position in reversed(positions):
+            del self._segments[position]
+        if removed:
+            self._view = None
+        return removed
+
+    def add_segment(self, text: str, *, after: str | None = None, before: str | None = None) -> int:
+        """Insert one segment, written with this message's delimiters, and return its position.
+
+        ``after: PV1`` puts it after the last PV1 (``PV1[1]``: after the first), ``before:
+        OBX`` before the first OBX (``OBX[2]``: before the second); with neither it goes at the
+        end. An anchor segment the message does not have is an error, as an edit of a field in
+        a missing segment is."""
+        if after is not None and before is not None:
+            raise EditError("add takes 'after' or 'before', not both")
+        name = self._check_segment_text(text)
+        if after is None and before is None:
+            position = len(self._segments)
+        else:
+            anchor = after if after is not None else before
+            assert anchor is not None
+            anchor_name, occurrence = self._segment_path(anchor)
+            positions = self._positions(anchor_name)
+            if occurrence is not None:
+                positions = positions[occurrence - 1 : occurrence]
+            if not positions:
+                where = "after" if after is not None else "before"
+                raise EditError(
+                    f"cannot add {name} {where} {_name(anchor)}: the message has no "
+                    f"{_name(anchor).upper()} segment"
+                )
+            position = positions[-1] + 1 if after is not None else positions[0]
+        self._segments.insert(position, text)
+        self._view = None
+        return position
+
     # -- internals --------------------------------------------------------------------------
+    def _segment_path(self, path: str) -> tuple[str, int | None]:
+        try:
+            return check_segment(path)
+        except PathError as err:
+            raise EditError(str(err)) from None
+
+    def _positions(self, name: str) -> list[int]:
+        return [position for position, segment in enumerate(self._segments) if segment[:3] == name]
+
+    def _check_segment_text(self, text: str) -> str:
+        """The new segment's name, once the text is known to be one segment of this message."""
+        name = text[:3]
+        if "\r" in text or "\n" in text:
+            raise EditError(f"a segment to add is one line; {text!r} has a line break")
+        separator = text[3:4]
+        if not re.fullmatch(r"[A-Z][A-Z0-9]{2}", name) or separator not in (
+            "",
+            self.separators.field,
+        ):
+            raise EditError(
+                f"segment {text!r} must start with a segment name and this message's field "
+                f"separator {self.separators.field!r}, e.g. ZNT{self.separators.field}1"
+            )
+        if name in _NOT_ADDABLE:
+            raise EditError(
+                f"{name} cannot be added: a message has one header and no batch segments"
+            )
+        return name
+
     def _writable(self, path: str | FieldPath) -> tuple[FieldPath, bool]:
         if isinstance(path, str):
             try:

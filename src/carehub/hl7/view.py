@@ -4,15 +4,20 @@ Intake and routing read a handful of fields per message; building a full tree (h
 20-70 ms per ADT) would cap the engine at tens of messages a second. This view costs
 microseconds and reads any field by a terse path such as ``PID-3.4`` or ``PID-3[2].1``.
 Escapes (``\\F\\`` ``\\S\\`` ``\\T\\`` ``\\R\\`` ``\\E\\`` ``\\Xhh\\``, and ``\\P\\`` when MSH-2
-declares a v2.7 truncation character) are decoded on access.
+declares a v2.7 truncation character) are decoded on access; the bytes of ``\\Xhh\\`` are
+text in the message's own character set, so they are decoded in it.
 """
 
 from __future__ import annotations
 
+import binascii
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
+
+from carehub.hl7.charsets import codec_for
 
 _PATH = re.compile(
     r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?"
@@ -85,6 +90,9 @@ class Separators:
     escape: str = "\\"
     subcomponent: str = "&"
     truncation: str = ""
+    #: The Python codec the message's text was decoded with (intake's decode, else MSH-18):
+    #: ``\\Xhh\\`` escapes name bytes in it. '' means UTF-8, HL7's default today.
+    charset: str = ""
 
     @property
     def encoding_characters(self) -> str:
@@ -94,6 +102,39 @@ class Separators:
 
 _DEFAULT_ENCODING = "^~\\&"
 _DEFAULT_SEPARATORS = Separators()
+
+_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
+#: Bytes of a message's content digest (see MessageView.content_digest): 128 bits of SHA-256,
+#: which CPUs hash in hardware (three times faster than BLAKE2 here on a 2.6 KB ADT).
+DIGEST_SIZE = 16
+#: Characters of the digest as text: base64 without its padding, every one above 0x20.
+DIGEST_CHARS = 22
+
+
+@lru_cache(maxsize=16)
+def _irregular_line(field_separator: str) -> re.Pattern[str]:
+    """Finds, in segments joined by CR, the start of a line that is not a segment or that
+    begins another message: one scan in C instead of a Python call per segment."""
+    sep = re.escape(field_separator)
+    return re.compile(rf"\r(?:MSH|(?![A-Z][A-Z0-9]{{2}}(?:{sep}|\r|\Z)))")
+
+
+@lru_cache(maxsize=1024)
+def is_segment_id(name: str) -> bool:
+    """``PID``, ``ZPI``, ``OBX``: an upper-case letter, then two upper-case letters or digits."""
+    return _SEGMENT_ID.fullmatch(name) is not None
+
+
+def is_segment_line(line: str, field_separator: str) -> bool:
+    """Whether a line (without its terminator) is a segment: a segment ID followed by the
+    field separator, or a segment ID alone. Anything else - a note typed into a file, a
+    stray log line - is not part of any message."""
+    return (len(line) == 3 or line[3:4] == field_separator) and is_segment_id(line[:3])
+
+
+@lru_cache(maxsize=256)
+def _with_charset(separators: Separators, charset: str) -> Separators:
+    return replace(separators, charset=charset)
 
 
 def _separators(field_sep: str, head: str) -> Separators:
@@ -117,11 +158,15 @@ def _separators(field_sep: str, head: str) -> Separators:
 
 
 class MessageView:
-    """Read-only access to fields of one message. Construction costs one split into segments."""
+    """Read-only access to fields of one message. Construction costs one split into segments.
 
-    __slots__ = ("_fields", "_index", "memo", "segments", "separators")
+    ``charset`` is the codec the text was decoded with, when the caller knows it (intake
+    does); otherwise MSH-18 says (UTF-8 when it says nothing). It matters only to ``\\Xhh\\``
+    escapes, and travels with the separators that ``unescape`` is given."""
 
-    def __init__(self, text: str) -> None:
+    __slots__ = ("_fields", "_index", "_joined", "memo", "segments", "separators")
+
+    def __init__(self, text: str, charset: str | None = None) -> None:
         text = text.lstrip("\ufeff \t\r\n\x0b")
         if not text.startswith("MSH") or len(text) < 8:
             raise NotHL7Error("no MSH segment at the start of the message")
@@ -133,6 +178,16 @@ class MessageView:
         self.segments: list[str] = [s for s in text.split("\r") if s and not s.isspace()]
         self._fields: dict[int, list[str]] = {}
         self._index: dict[str, list[int]] | None = None
+        self._joined: str | None = None
+        if charset is None:
+            # MSH-18 from the MSH fields, which nearly every reader of a view splits anyway.
+            msh = self.fields(0)
+            declared = msh[18] if len(msh) > 18 else ""
+            if declared:
+                declared = declared.split(self.separators.repetition, 1)[0].strip()
+                charset = codec_for(declared, "utf-8") if declared else None
+        if charset and charset != "utf-8":
+            self.separators = _with_charset(self.separators, charset)
         #: What other code derived from exactly this text (e.g. its care event), so the
         #: several routes one message takes compute it once.
         self.memo: dict[str, Any] = {}
@@ -160,6 +215,52 @@ class MessageView:
     def count(self, segment: str) -> int:
         """How many segments of this name the message holds."""
         return len(self._positions(segment))
+
+    def joined(self) -> str:
+        """The segments joined by CR: the message with its terminators normalised and its
+        blank lines dropped."""
+        if self._joined is None:
+            self._joined = "\r".join(self.segments)
+        return self._joined
+
+    def first_irregular(self) -> int | None:
+        """Position of the first segment after MSH that is not a segment line (see
+        ``is_segment_line``) or that starts another message (a second MSH); None when every
+        line is a segment of this message. Blank lines are not segments and never count."""
+        joined = self.joined()
+        found = _irregular_line(self.separators.field).search(joined)
+        return None if found is None else joined.count("\r", 0, found.start() + 1)
+
+    def content_digest(self, raw: bytes | None = None) -> str:
+        """A hash of what the message says, the part of its identity that tells a resend of a
+        message from a different message that reuses its control ID (store.NewMessage).
+
+        Hashed: the segments as the view holds them, joined by CR. So a resend is still
+        recognised when the sender (or an engine on the way) wrote other segment terminators
+        (CR, LF, CRLF), added or dropped blank lines or a byte order mark, or sent the same
+        text in another character set.
+
+        Left out: MSH-7, the time the message was created. Engines that resend from a queue
+        or a downtime replay commonly build the header again and stamp MSH-7 with the resend
+        time, while every other field, the control ID and the event time (EVN-2) included,
+        stays as it was: with MSH-7 in the hash such a resend would be stored and routed a
+        second time. Two messages from one sender that carry the same control ID and differ
+        in nothing but MSH-7 say the same thing, so taking the second as a resend loses no
+        information.
+
+        ``raw``: the received bytes, given when the text is not an exact decoding of them
+        (undecodable bytes were replaced). Those bytes are hashed as received instead, so two
+        messages that differ only in bytes the decoder replaced alike never pass for one.
+        """
+        if raw is not None:
+            return raw_digest(raw)
+        text = self.joined()
+        fields = self.fields(0)
+        if len(fields) > 7 and fields[7]:
+            sep = self.separators.field
+            header = "MSH" + sep + sep.join([*fields[2:7], "", *fields[8:]])
+            text = header + text[len(self.segments[0]) :]
+        return _digest(text.encode("utf-8", "surrogatepass"))
 
     def msh(self, number: int) -> str:
         """Raw MSH-n, the cheapest read there is (intake reads a dozen of these per message)."""
@@ -230,6 +331,16 @@ class MessageView:
         return [unescape(c, self.separators) for c in value.split(self.separators.component)]
 
 
+def raw_digest(raw: bytes) -> str:
+    """The content digest of bytes taken as they are (see MessageView.content_digest)."""
+    return _digest(b"raw\x00" + raw)
+
+
+def _digest(data: bytes) -> str:
+    encoded = binascii.b2a_base64(hashlib.sha256(data).digest()[:DIGEST_SIZE], newline=False)
+    return encoded[:DIGEST_CHARS].decode("ascii")
+
+
 _HIGHLIGHT_AND_FORMAT = {"H": "", "N": "", ".br": "\n", ".sp": "\n", ".in": "", ".ti": ""}
 
 
@@ -272,13 +383,24 @@ def _escape_replacement(code: str, seps: Separators) -> str | None:
         return seps.truncation  # v2.7+: a truncation character that is data, not a marker
     if code.startswith("X") and len(code) > 1:
         try:
-            return bytes.fromhex(code[1:]).decode("latin-1")
+            data = bytes.fromhex(code[1:])
         except ValueError:
             return None
+        return _decode_hex(data, seps.charset or "utf-8")
     for prefix, replacement in _HIGHLIGHT_AND_FORMAT.items():
         if code.startswith(prefix):
             return replacement
     return None
+
+
+def _decode_hex(data: bytes, charset: str) -> str:
+    """The bytes of a ``\\Xhh\\`` escape as text in the message's character set. Bytes that
+    are not valid in it are read as ISO-8859-1, which takes any byte: that is what a sender
+    escaping single bytes most often means, and nothing is lost or replaced."""
+    try:
+        return data.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return data.decode("iso-8859-1")
 
 
 def escape(value: str, seps: Separators) -> str:

@@ -4,11 +4,12 @@ A file is taken once it has stopped changing (size and mtime unchanged for settl
 a sender still writing it is never read half-way. Its messages are stored like MLLP messages,
 each as the exact bytes the file holds for it (its own slice of a batch, terminators as
 written); then the file moves to processed/, or to error/ with ``<name>.error.txt`` beside it
-saying, per message, why. Dropping a corrected file again is safe: resends are recognised by
-MSH-10.
+saying, per message, why. Dropping a corrected file again is safe: a message already stored
+(same sender, MSH-10 and content) is recognised as a resend and not stored twice.
 
 Nothing in a file is dropped silently. Text outside every message that is not blank and not a
-batch wrapper segment (FHS, BHS, BTS, FTS) - say a cover note before the first MSH - is treated
+batch wrapper segment (FHS, BHS, BTS, FTS) - say a cover note before the first MSH, or lines
+that are not segments after a message's last segment (hl7.batch.split_data) - is treated
 like an MLLP frame with no MSH: stored as a rejected row (AR) so an operator can see it, and
 named in the error file, which sends the file to error/. The file's messages are still stored
 (a file with a bad message is handled the same way), so the sender's fix is to drop the file

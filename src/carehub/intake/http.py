@@ -3,6 +3,10 @@
 POST /hl7 with an HL7 v2 message as the body returns the ACK as the body, with a status that
 matches it: 200 AA, 422 AE (stored, content refused), 400 AR (not HL7), 413 over the size
 limit, 401 without a valid bearer token when tokens are configured, 503 when the store is down.
+A body holding several messages, or an FHS/BHS batch, is split as the file drop splits a file:
+each message is stored and answered like one posted alone, text outside the messages is
+stored as a rejected row (AR), and the body of the answer holds every ACK in order (wrapped in
+FHS/BHS ... BTS/FTS when the request was), with the status of the worst of them.
 GET /health answers without a token so load balancers can probe it.
 """
 
@@ -21,14 +25,18 @@ from fastapi.responses import JSONResponse
 
 from carehub.config import HTTPListenerConfig
 from carehub.hl7.ack import AckCode
+from carehub.hl7.batch import MessageSlice, SplitData, Stray, answer_envelope, split_data
 from carehub.hl7.framing import HEAD_BYTES
-from carehub.intake.intake import Arrival, Intake
+from carehub.intake.intake import Arrival, Intake, IntakeResult
 from carehub.store.store import MessageStore
 
 log = logging.getLogger(__name__)
 
 HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
 _STATUS_FOR_CODE = {AckCode.ACCEPT: 200, AckCode.ERROR: 422, AckCode.REJECT: 400}
+#: Which status of several ACKs answers the request: the one a sender most needs to act on.
+#: 503 first (something was not stored: send the body again, resends are recognised).
+_SEVERITY = {200: 0, 422: 1, 400: 2, 503: 3}
 
 
 #: For an answer sent before the whole request body was read: the connection cannot carry
@@ -100,11 +108,21 @@ def build_app(
             )
             result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
             return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=CLOSE)
+        contents = None if _single(body) else split_data(body)
+        if contents is not None and (len(contents.messages) > 1 or contents.wrappers):
+            results = await _receive_parts(intake, contents, arrival)
+            status = max((_status(r) for r in results), key=_SEVERITY.__getitem__, default=200)
+            head, tail = answer_envelope(
+                contents.wrappers, len(results), intake.hub_application, intake.hub_facility
+            )
+            acks = b"".join(r.ack for r in results)
+            if head:
+                encode = contents.codec
+                acks = head.encode(encode, "replace") + acks + tail.encode(encode, "replace")
+            return Response(acks, status_code=status, media_type=HL7_MEDIA_TYPE)
+        # One message, or none: taken whole, exactly like an MLLP frame.
         result = await intake.receive(body, arrival)
-        status = _STATUS_FOR_CODE[result.code]
-        if result.code is AckCode.ERROR and result.message_id is None:
-            status = 503  # not stored at all: the sender must retry
-        return Response(result.ack, status_code=status, media_type=HL7_MEDIA_TYPE)
+        return Response(result.ack, status_code=_status(result), media_type=HL7_MEDIA_TYPE)
 
     @app.get("/health", summary="Liveness and store reachability")
     async def health_check() -> JSONResponse:
@@ -118,6 +136,47 @@ def build_app(
             return Response(metrics(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _single(body: bytes) -> bool:
+    """True when the body cannot hold a second message or a batch header, found with a few
+    byte searches: splitting a body costs a hundred microseconds, and nearly every body holds
+    one message. UTF-16/32 bodies (NUL bytes in their first characters) are always split."""
+    if b"\x00" in body[:16]:
+        return False
+    return (
+        body.find(b"MSH", body.find(b"MSH") + 3) < 0 and b"FHS" not in body and b"BHS" not in body
+    )
+
+
+def _status(result: IntakeResult) -> int:
+    if result.code is AckCode.ERROR and result.message_id is None:
+        return 503  # not stored at all: the sender must retry
+    return _STATUS_FOR_CODE[result.code]
+
+
+async def _receive_parts(
+    intake: Intake, contents: SplitData, arrival: Arrival
+) -> list[IntakeResult]:
+    """Every message of a split body stored as if posted alone, and any text outside them
+    stored as a rejected row (as the file drop does), answered in body order."""
+    items: list[MessageSlice | Stray] = sorted(
+        [*contents.messages, *contents.stray], key=lambda item: item.offset
+    )
+
+    def take(item: MessageSlice | Stray) -> Any:
+        if isinstance(item, MessageSlice):
+            return intake.receive(item.data, arrival)
+        reason = (
+            f"text outside any HL7 message at byte {item.offset} of the body "
+            "(not blank and not a batch header or trailer segment)"
+        )
+        return intake.reject_unreadable_frame(
+            item.data[:HEAD_BYTES], len(item.data), arrival, reason
+        )
+
+    # Submitted in body order, so the messages share a commit and keep their order.
+    return list(await asyncio.gather(*(take(item) for item in items)))
 
 
 class _EmbeddedServer(uvicorn.Server):

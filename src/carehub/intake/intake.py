@@ -1,19 +1,27 @@
 """The one path every listener (MLLP, HTTP, file drop) sends received bytes down.
 
 decode by MSH-18 -> read the header through the lazy view -> store (group commit) -> ACK.
-AA only after the commit; AE when stored but the content is refused; AR when the frame is not
-HL7 at all or cannot be taken (too large, cut short). Every outcome is a row in the store.
+AA only after the commit; AE when stored but the content is refused (an empty MSH-9 or MSH-10,
+a line that is not a segment); AR when the frame is not HL7 at all or cannot be taken as one
+message (too large, cut short, several messages in one frame). Every outcome is a row in the
+store, and only an AA message is routed.
+
+A resend of a stored message (same MSH-3, MSH-4, MSH-10 and content) is answered AA and not
+stored again; a message that reuses a control ID with other content is a new message, stored
+and routed, and its row says which message used the control ID before (store.NewMessage).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from carehub.hl7.ack import AckCode, ErrorCode, build_ack
+from carehub.hl7.batch import split_data
 from carehub.hl7.charsets import decode_message, encode_reply
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
@@ -46,6 +54,21 @@ class IntakeResult:
 
 #: Called with the result of one frame once it is settled (committed, or refused by the store).
 Answer = Callable[[IntakeResult], None]
+
+
+@dataclass(slots=True, frozen=True)
+class _Refusal:
+    """Why a message's content is refused (AE), and where, for the ACK's ERR segment."""
+
+    reason: str
+    error_code: ErrorCode
+    location: str = ""
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_LEADING_BLANK = "\ufeff \t\r\n\x0b"  # what MessageView skips before MSH
+#: Characters of a line that is not a segment quoted back in the ACK, so the sender can find it.
+_EXCERPT = 20
 
 
 class Intake:
@@ -88,20 +111,45 @@ class Intake:
         committed. The MLLP listener takes this form: no task or future per frame."""
         decoded = decode_message(payload, arrival.default_charset)
         try:
-            view = MessageView(decoded.text)
+            view = MessageView(decoded.text, decoded.charset)
         except NotHL7Error:
             self._reject(
                 payload,
                 arrival,
                 None,
-                "not an HL7 v2 message: no MSH segment at the start of the frame",
+                _not_hl7_reason(decoded.text),
                 ErrorCode.SEGMENT_SEQUENCE,
                 answer,
                 charset=decoded.charset,
             )
             return
+        irregular = view.first_irregular()
+        problem: _Refusal | None = None
+        if irregular is not None:
+            second = _second_message(view, irregular)
+            if second is not None:
+                # One frame, one message: storing it as one would forward the second inside
+                # the first, and splitting it would answer two messages with one ACK.
+                self._reject(
+                    payload,
+                    arrival,
+                    view,
+                    _several_messages_reason(payload, decoded.text, view, second),
+                    ErrorCode.SEGMENT_SEQUENCE,
+                    answer,
+                    charset=decoded.charset,
+                    location="MSH-2",  # ERR-2: the second MSH segment
+                )
+                return
         header = MessageHeader.read(view)
-        problem = header.problem()
+        header_problem = header.problem()
+        if header_problem:
+            location = "MSH-1-10" if "MSH-10" in header_problem else "MSH-1-9"
+            problem = _Refusal(header_problem, ErrorCode.REQUIRED_FIELD_MISSING, location)
+        elif irregular is not None:
+            problem = _Refusal(
+                _not_a_segment_reason(decoded.text, view, irregular), ErrorCode.SEGMENT_SEQUENCE
+            )
         message = NewMessage(
             raw=payload,
             transport=arrival.transport,
@@ -111,9 +159,11 @@ class Intake:
             ack_code=AckCode.ERROR.value if problem else AckCode.ACCEPT.value,
             header=header,
             charset=decoded.charset,
-            detail=problem or decoded.warning,
+            detail=problem.reason if problem else decoded.warning,
             text=decoded.text,
         )
+        if problem is None and header.control_id:
+            message.digest = view.content_digest(payload if decoded.lossy else None)
 
         def committed(outcome: InsertOutcome | StoreUnavailable) -> None:
             answer(self._answer(outcome, message, view, problem, arrival))
@@ -125,7 +175,7 @@ class Intake:
         outcome: InsertOutcome | StoreUnavailable,
         message: NewMessage,
         view: MessageView,
-        problem: str | None,
+        problem: _Refusal | None,
         arrival: Arrival,
     ) -> IntakeResult:
         """The ACK for a committed (or refused by the store) message, and the counts."""
@@ -139,18 +189,24 @@ class Intake:
             )
         if problem:
             self.counts[arrival.listener, "refused"] += 1
-            location = "MSH-1-10" if "MSH-10" in problem else "MSH-1-9"
             ack = self._ack(
-                AckCode.ERROR, view, problem, ErrorCode.REQUIRED_FIELD_MISSING, location
+                AckCode.ERROR, view, problem.reason, problem.error_code, problem.location
             )
             return IntakeResult(
                 AckCode.ERROR,
                 self._encode(ack, charset, message.raw),
                 outcome.message_id,
                 False,
-                problem,
+                problem.reason,
             )
         self.counts[arrival.listener, "duplicate" if outcome.duplicate else "accepted"] += 1
+        if outcome.reuses is not None:
+            log.info(
+                "message %d reuses the sender and control ID of message %d with other content; "
+                "stored as a new message",
+                outcome.message_id,
+                outcome.reuses,
+            )
         if self.on_accepted is not None and not outcome.duplicate:
             patient = message.header.patient if message.header else None
             self.on_accepted(
@@ -179,7 +235,7 @@ class Intake:
         """
         decoded = decode_message(head, arrival.default_charset)
         try:
-            view: MessageView | None = MessageView(decoded.text)
+            view: MessageView | None = MessageView(decoded.text, decoded.charset)
         except NotHL7Error:
             view = None
         detail = f"{reason} ({size} bytes received; the first {len(head)} kept)"
@@ -205,6 +261,7 @@ class Intake:
         *,
         charset: str,
         detail: str | None = None,
+        location: str = "",
     ) -> None:
         self.counts[arrival.listener, "rejected"] += 1
         header = MessageHeader.read(view) if view else None
@@ -226,7 +283,7 @@ class Intake:
                 self.counts[arrival.listener, "store_error"] += 1
             else:
                 message_id = outcome.message_id
-            ack = self._ack(AckCode.REJECT, view, reason, error_code, "")
+            ack = self._ack(AckCode.REJECT, view, reason, error_code, location)
             answer(
                 IntakeResult(
                     AckCode.REJECT, self._encode(ack, charset, payload), message_id, False, reason
@@ -257,3 +314,65 @@ class Intake:
     def _encode(ack: str, charset: str, received: bytes) -> bytes:
         """The ACK in the message's own character set (and UTF-16/32 byte order and mark)."""
         return encode_reply(ack, charset, received)
+
+
+def _not_hl7_reason(text: str) -> str:
+    reason = "not an HL7 v2 message: no MSH segment at the start of the frame"
+    if text.lstrip(_LEADING_BLANK).startswith(("FHS", "BHS")):
+        reason += " (it holds an FHS/BHS batch: send each of its messages in a frame of its own)"
+    return reason
+
+
+def _second_message(view: MessageView, start: int) -> int | None:
+    """Position of the first segment from ``start`` on that begins another message."""
+    segments = view.segments
+    for position in range(start, len(segments)):
+        if segments[position].startswith("MSH"):
+            return position
+    return None
+
+
+def _count_messages(view: MessageView) -> int:
+    return sum(1 for segment in view.segments if segment.startswith("MSH"))
+
+
+def _line_number(text: str, position: int) -> int:
+    """The line (1 for the first, blank lines counted, each ended by CR, LF or CRLF) of the
+    text that holds the view's segment ``position``: where an editor shows it."""
+    body = text.lstrip(_LEADING_BLANK)
+    line = 1 + len(_LINE_END.findall(text, 0, len(text) - len(body)))
+    seen = -1
+    for piece in _LINE_END.split(body):
+        if piece and not piece.isspace():
+            seen += 1
+            if seen == position:
+                return line
+        line += 1
+    return line
+
+
+def _excerpt(line: str) -> str:
+    """The start of a line, printable, to quote in an ACK."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in line[:_EXCERPT])
+    return shown + ("..." if len(line) > _EXCERPT else "")
+
+
+def _not_a_segment_reason(text: str, view: MessageView, position: int) -> str:
+    line = _line_number(text, position)
+    return (
+        f"line {line} is not an HL7 segment (a segment ID such as PID, then "
+        f"{view.separators.field!r}): it starts {_excerpt(view.segments[position])!r}; "
+        "the message was stored but not accepted"
+    )
+
+
+def _several_messages_reason(payload: bytes, text: str, view: MessageView, second: int) -> str:
+    count = _count_messages(view)
+    where = f"line {_line_number(text, second)}"
+    parts = split_data(payload).messages
+    if len(parts) > 1:
+        where += f", byte {parts[1].offset}"
+    return (
+        f"the frame holds {count} HL7 messages (the second MSH segment starts at {where}); "
+        "one message per frame: none of them was accepted, send each in a frame of its own"
+    )

@@ -7,12 +7,24 @@ A value condition is written as:
 - ``{not: A08}`` or ``{not: [A08, A11]}``: none of;
 - ``{regex: "^RIV"}``: a regular expression found in the value (``re.search``);
 - ``{present: true}``: the field is non-empty (``false``: empty).
+
+Field paths are the view's terse paths. A path with a component (``PID-3.4``) or a
+repetition (``PID-3[2]``) reads one repetition, the first unless one is named, of the first
+segment of that name unless one is named (``OBX[2]-5``); a bare field (``PID-3``) is the whole
+field as written, every repetition with its ``~``. ``[*]`` reads every one instead and the
+condition holds when any of them passes: ``PID-3[*].4: SSA`` (any identifier's authority),
+``OBX[*]-3.1: GLU`` (any OBX), ``OBX[*]-5[*]`` (any repetition of any OBX).
+
+The conditions of one ``when`` must all hold. ``any:`` (a list: at least one holds),
+``all:`` (a list: every one holds) and ``not:`` (it does not hold) take whole conditions, so
+they combine named conditions and fields and nest.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import (
@@ -20,11 +32,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
 
-from carehub.hl7.view import MessageView, PathError, parse_path
+from carehub.hl7.view import FieldPath, MessageView, PathError, parse_path
 
 
 class ValueCondition(BaseModel):
@@ -87,12 +100,30 @@ class ValueCondition(BaseModel):
 
 @dataclass(slots=True, frozen=True)
 class Check:
-    """One condition checked against one message, for `routes test` explanations."""
+    """One condition checked against one message, for `routes test` explanations.
+
+    ``what`` names the condition, prefixed with the ``any[i]``/``all[i]``/``not`` branch it
+    sits in; ``at`` is the exact place where a ``[*]`` path's condition held (``PID-3[2].4``),
+    '' when it held nowhere or the path has no ``[*]``."""
 
     what: str
     value: str
     expected: str
     passed: bool
+    at: str = ""
+
+    def within(self, branch: str) -> Check:
+        """This check as seen from inside a branch of ``any``/``all``."""
+        return replace(self, what=f"{branch} {self.what}")
+
+    def negated(self) -> Check:
+        """This check as seen from inside ``not``: it passes when the inner one fails."""
+        return replace(
+            self,
+            what=f"not {self.what}",
+            expected=f"not ({self.expected})",
+            passed=not self.passed,
+        )
 
 
 # The named conditions and the field each one reads.
@@ -106,10 +137,85 @@ NAMED_FIELDS = {
     "patient_class": "PV1-2.1",
 }
 
+_ANY = "[*]"
+_ANY_REPETITION = re.compile(r"-\d+\[\*\]")
+
+
+@dataclass(slots=True, frozen=True)
+class FieldRef:
+    """A condition's field path: one place, or with ``[*]`` every occurrence of the segment
+    and/or every repetition of the field."""
+
+    text: str
+    spec: FieldPath
+    every_occurrence: bool = False
+    every_repetition: bool = False
+
+    @property
+    def wildcard(self) -> bool:
+        return self.every_occurrence or self.every_repetition
+
+    def noun(self) -> str:
+        """What ``[*]`` ranges over, for explanations."""
+        if self.every_occurrence and self.every_repetition:
+            return f"{self.spec.segment} repetition"
+        return self.spec.segment if self.every_occurrence else "repetition"
+
+    def values(self, view: MessageView) -> list[tuple[str, str]]:
+        """(exact place, unescaped value) for each place the path reads. A ``[*]`` over an
+        absent segment or an empty field still reads one empty value, so ``{present: false}``
+        holds there."""
+        spec = self.spec
+        if not self.wildcard:
+            return [(self.text, view.get(spec))]
+        if self.every_occurrence:
+            occurrences = range(1, view.count(spec.segment) + 1) or range(1, 2)
+        else:
+            occurrences = range(spec.occurrence, spec.occurrence + 1)
+        found: list[tuple[str, str]] = []
+        for occurrence in occurrences:
+            at = replace(spec, occurrence=occurrence)
+            if self.every_repetition:
+                whole = str(FieldPath(spec.segment, occurrence, spec.field))
+                count = max(len(view.repetitions(whole)), 1)
+                places = [replace(at, repetition=n) for n in range(1, count + 1)]
+            else:
+                places = [at]
+            for place in places:
+                label = str(place)
+                if self.every_occurrence and occurrence == 1:
+                    label = f"{spec.segment}[1]{label[3:]}"
+                found.append((label, view.get(place)))
+        return found
+
+
+@lru_cache(maxsize=1024)
+def field_ref(path: str) -> FieldRef:
+    """Parse a condition path: a terse path, with ``[*]`` allowed right after the segment name
+    and right after the field number. Raises PathError naming the path."""
+    text = path.strip()
+    plain = text
+    every_occurrence = plain[3:6] == _ANY
+    if every_occurrence:
+        plain = plain[:3] + plain[6:]
+    match = _ANY_REPETITION.search(plain)
+    every_repetition = match is not None
+    if match is not None:
+        plain = plain[: match.end() - len(_ANY)] + "[1]" + plain[match.end() :]
+    if "*" in plain:
+        raise PathError(
+            f"bad field path {path!r}: [*] goes right after the segment name (OBX[*]-5) or "
+            "the field number (PID-3[*].4)"
+        )
+    spec = parse_path(plain)
+    if every_repetition and not spec.field:  # pragma: no cover - the regex needs a field
+        raise PathError(f"bad field path {path!r}: [*] after a field number needs a field")
+    return FieldRef(text, spec, every_occurrence, every_repetition)
+
 
 def _field_path(path: str) -> str:
     try:
-        parse_path(path)
+        field_ref(path)
     except PathError as err:
         raise ValueError(str(err)) from err
     return path
@@ -120,38 +226,122 @@ def _field_path(path: str) -> str:
 FieldPathKey = Annotated[str, AfterValidator(_field_path)]
 
 
+def _test(ref: FieldRef, condition: ValueCondition, view: MessageView) -> bool:
+    if not ref.wildcard:
+        return condition.test(view.get(ref.spec))
+    return any(condition.test(value) for _, value in ref.values(view))
+
+
+def _check(label: str, ref: FieldRef, condition: ValueCondition, view: MessageView) -> Check:
+    wanted = condition.describe()
+    if not ref.wildcard:
+        value = view.get(ref.spec)
+        return Check(label, value, wanted, condition.test(value))
+    values = ref.values(view)
+    for at, value in values:
+        if condition.test(value):
+            return Check(label, value, f"{wanted} (passed at {at})", True, at)
+    # The values as the field would hold them, so a reader sees every one that was tried.
+    shown = "~".join(value for _, value in values)
+    return Check(label, shown, f"{wanted} at any {ref.noun()} ({len(values)} read)", False)
+
+
 class When(BaseModel):
-    """All given conditions must hold. ``fields`` maps terse paths (``PV1-2``, ``PID-3.4``) to
-    value conditions. An empty ``when`` matches every message."""
+    """All given conditions must hold. ``fields`` maps terse paths (``PV1-2``, ``PID-3.4``,
+    ``PID-3[*].4``) to value conditions; ``any``, ``all`` and ``not`` take whole conditions.
+    An empty ``when`` matches every message."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    type: ValueCondition | None = None
-    event: ValueCondition | None = Field(None, alias="events")
-    sending_application: ValueCondition | None = None
-    sending_facility: ValueCondition | None = None
-    receiving_application: ValueCondition | None = None
-    receiving_facility: ValueCondition | None = None
-    patient_class: ValueCondition | None = None
-    fields: dict[FieldPathKey, ValueCondition] = Field(default_factory=dict)
+    type: ValueCondition | None = Field(None, description="MSH-9.1, e.g. ADT")
+    event: ValueCondition | None = Field(None, alias="events", description="MSH-9.2, e.g. A01")
+    sending_application: ValueCondition | None = Field(None, description="MSH-3.1")
+    sending_facility: ValueCondition | None = Field(None, description="MSH-4.1")
+    receiving_application: ValueCondition | None = Field(None, description="MSH-5.1")
+    receiving_facility: ValueCondition | None = Field(None, description="MSH-6.1")
+    patient_class: ValueCondition | None = Field(None, description="PV1-2.1, e.g. I, E, O")
+    fields: dict[FieldPathKey, ValueCondition] = Field(
+        default_factory=dict, description="terse path -> value condition"
+    )
+    any_: list[When] | None = Field(
+        None, alias="any", min_length=1, description="conditions of which at least one holds"
+    )
+    all_: list[When] | None = Field(
+        None, alias="all", min_length=1, description="conditions that all hold"
+    )
+    not_: When | None = Field(None, alias="not", description="a condition that does not hold")
+    _found: list[tuple[str, FieldRef, ValueCondition]] | None = PrivateAttr(None)
 
-    def _conditions(self) -> list[tuple[str, str, ValueCondition]]:
-        found = []
-        for name, path in NAMED_FIELDS.items():
-            condition = getattr(self, name)
-            if condition is not None:
-                found.append((name, path, condition))
-        found += [(path, path, condition) for path, condition in self.fields.items()]
-        return found
+    @field_validator("any_", "all_")
+    @classmethod
+    def _no_empty_branch(cls, branches: list[When] | None) -> list[When] | None:
+        for index, branch in enumerate(branches or []):
+            if branch.is_empty():
+                raise ValueError(
+                    f"[{index}] is empty, and an empty condition holds for every message; "
+                    "give it a condition or remove it"
+                )
+        return branches
+
+    @field_validator("not_")
+    @classmethod
+    def _no_empty_not(cls, inner: When | None) -> When | None:
+        if inner is not None and inner.is_empty():
+            raise ValueError("is empty, so it would match no message; give it a condition")
+        return inner
+
+    def is_empty(self) -> bool:
+        return not (self._conditions() or self.any_ or self.all_ or self.not_)
+
+    def _conditions(self) -> list[tuple[str, FieldRef, ValueCondition]]:
+        """(label, path, condition) of the named conditions and fields, worked out once: live
+        routing asks every route's ``when`` about every message."""
+        if self._found is None:
+            found = []
+            for name, path in NAMED_FIELDS.items():
+                condition = getattr(self, name)
+                if condition is not None:
+                    found.append((f"{name} ({path})", field_ref(path), condition))
+            found += [(path, field_ref(path), c) for path, c in self.fields.items()]
+            self._found = found
+        return self._found
 
     def matches(self, view: MessageView) -> bool:
-        return all(condition.test(view.get(path)) for _, path, condition in self._conditions())
+        if not all(_test(ref, condition, view) for _, ref, condition in self._conditions()):
+            return False
+        if self.any_ is not None and not any(branch.matches(view) for branch in self.any_):
+            return False
+        if self.all_ is not None and not all(branch.matches(view) for branch in self.all_):
+            return False
+        return self.not_ is None or not self.not_.matches(view)
 
     def explain(self, view: MessageView) -> list[Check]:
-        """Every condition with the value it saw and whether it passed."""
-        checks = []
-        for name, path, condition in self._conditions():
-            value = view.get(path)
-            label = name if name == path else f"{name} ({path})"
-            checks.append(Check(label, value, condition.describe(), condition.test(value)))
+        """Every condition with the value it saw and whether it passed; the route matches
+        exactly when every check passed. Branches are named by their place in the list
+        (``any[1]``, from 0 as in configuration errors): a passing ``any`` shows the branch
+        that passed, a failing one every branch's failures, ``[*]`` paths where they passed."""
+        checks = [
+            _check(label, ref, condition, view) for label, ref, condition in self._conditions()
+        ]
+        if self.any_ is not None:
+            failures: list[Check] = []
+            for index, branch in enumerate(self.any_):
+                inner = branch.explain(view)
+                if all(check.passed for check in inner):
+                    checks += [check.within(f"any[{index}]") for check in inner]
+                    break
+                failures += [c.within(f"any[{index}]") for c in inner if not c.passed]
+            else:
+                checks += failures
+        for index, branch in enumerate(self.all_ or []):
+            checks += [check.within(f"all[{index}]") for check in branch.explain(view)]
+        if self.not_ is not None:
+            inner = self.not_.explain(view)
+            if all(check.passed for check in inner):
+                checks += [check.negated() for check in inner]  # every one held: each is why
+            else:
+                checks += [check.negated() for check in inner if not check.passed]
         return checks
+
+
+When.model_rebuild()

@@ -12,20 +12,30 @@
 Step kinds: ``translate`` and ``enrich`` name a registered component (``translate: NAME`` or
 ``translate: {use: NAME, ...options}``); ``transform`` and ``validate`` are the built-in
 translators of those names; ``filter`` takes a condition like ``when`` and ends the route for
-messages that fail it; ``forward`` names a ``channel`` plus that channel's options; ``notify``
-tells a patient's care team (see carehub.care.notify).
+messages that fail it (both are carehub.routing.conditions: named conditions, ``fields`` by
+terse path, ``[*]`` for any repetition, ``any``/``all``/``not`` lists that nest);
+``forward`` names a ``channel`` plus that channel's options; ``notify`` tells a patient's care
+team (see carehub.care.notify).
 Errors name the file, the line, the route and the key.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from carehub.config import (
     UnsetVariable,
@@ -56,17 +66,65 @@ class _Strict(BaseModel):
 
 class RetryPolicy(_Strict):
     """Exponential backoff with jitter: delay n = min(max_delay, initial * multiplier**(n-1)),
-    then spread by +/- jitter so retries from many messages do not arrive in lockstep."""
+    then spread by +/- jitter so retries from many messages do not arrive in lockstep.
 
-    max_attempts: int = Field(8, ge=1)
+    ``max_attempts: 0`` (or ``forever``) retries until the destination takes the delivery, for
+    a receiver where order matters more than time; a refusal for good (HTTP 400, an AR) still
+    makes a dead letter at once, as repeating it would not change the answer.
+
+    ``after_dead_letter`` is what a dead letter does to the later deliveries of its patient to
+    its destination (its line): ``hold`` keeps them waiting until the dead letter is retried
+    or discarded (``carehub dead-letters``), so the receiver never gets a newer message before
+    an older one (an A03 before the A01 it discharges); ``continue`` lets them go on, for a
+    receiver where order does not matter. Unset, the channel decides (CONTINUE_BY_DEFAULT)."""
+
+    #: Channels whose dead letters let the line go on unless ``after_dead_letter: hold``: each
+    #: notice is read by a person on its own, and a notify step's destination carries every
+    #: care-team member of a patient in one line, so one bad address or number would otherwise
+    #: stop that patient's later notices to everyone.
+    CONTINUE_BY_DEFAULT: ClassVar[frozenset[str]] = frozenset({"email", "sms"})
+
+    max_attempts: int = 8
     initial_delay: float = Field(1.0, ge=0)
     multiplier: float = Field(2.0, ge=1)
     max_delay: float = Field(600.0, ge=0)
     jitter: float = Field(0.2, ge=0, le=1)
+    after_dead_letter: Literal["hold", "continue"] | None = None
+
+    @field_validator("max_attempts", mode="before")
+    @classmethod
+    def _forever(cls, value: Any) -> Any:
+        """``forever`` reads better in a route file than 0, and means the same."""
+        return 0 if isinstance(value, str) and value.strip().lower() == "forever" else value
+
+    @field_validator("max_attempts")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        """The error says what 0 means, as the next thing one would try."""
+        if value < 0:
+            raise ValueError("must be 1 or more, or 0 (or forever) to retry until it works")
+        return value
+
+    @property
+    def forever(self) -> bool:
+        return self.max_attempts == 0
+
+    def holds_line(self, channel: str) -> bool:
+        """Whether a dead letter to this destination (of ``channel``) holds its line."""
+        if self.after_dead_letter is None:
+            return channel not in self.CONTINUE_BY_DEFAULT
+        return self.after_dead_letter == "hold"
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        # Capped before the power: a delivery retried forever reaches attempts where the
+        # power alone would overflow a float.
+        exponent = min(attempt - 1, 1024)
+        try:
+            grown = self.initial_delay * self.multiplier**exponent
+        except OverflowError:
+            grown = self.max_delay
+        base = min(self.max_delay, grown)
         spread = base * self.jitter
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 
@@ -182,8 +240,9 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
+            hint = _bracket_hint(text, mark.line) if mark else ""
             raise ConfigError(
-                f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}"
+                f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}{hint}"
             ) from err
         check_no_duplicate_keys(node, path)
         try:
@@ -206,6 +265,23 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
             seen[route.name] = item
             loaded.append(item)
     return loaded
+
+
+# A terse path with a [n] or [*] (PID-3[*].4, NTE[2]) written inside a YAML flow collection.
+_BRACKETED_PATH = re.compile(r"[{\[,]\s*[A-Z][A-Z0-9]{2}(?:\[[\d*]+\])?(?:-\d+)?\[")
+
+
+def _bracket_hint(text: str, line: int) -> str:
+    """YAML reads ``[`` inside ``{...}`` or ``[...]`` as the start of a list, so an unquoted
+    ``{PID-3[*].4: SSA}`` fails with a message about aliases or flow mappings that does not
+    say why; name the fix when the failing line holds such a path."""
+    lines = text.splitlines()
+    if 0 <= line < len(lines) and _BRACKETED_PATH.search(lines[line]):
+        return (
+            '; a path with [ ] inside { } or [ ] must be quoted, e.g. {"PID-3[*].4": SSA} '
+            "(or written in block style, one key per line)"
+        )
+    return ""
 
 
 def _describe(err: ValidationError, path: Path, node: yaml.Node | None, data: Any) -> str:

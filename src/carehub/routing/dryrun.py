@@ -11,6 +11,7 @@ from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
 from carehub.plugins import PluginHost
+from carehub.routing.conditions import Check
 from carehub.routing.router import Router, RoutingResult
 from carehub.routing.table import RouteTable
 from carehub.store.schema import MessageStatus
@@ -83,15 +84,7 @@ def result_as_json(result: RoutingResult) -> dict[str, Any]:
             {
                 "route": route.route,
                 "matched": route.matched,
-                "checks": [
-                    {
-                        "condition": c.what,
-                        "value": c.value,
-                        "expected": c.expected,
-                        "passed": c.passed,
-                    }
-                    for c in route.checks
-                ],
+                "checks": [_check_json(c) for c in route.checks],
                 "steps": [
                     {
                         "position": s.position,
@@ -116,6 +109,19 @@ def result_as_json(result: RoutingResult) -> dict[str, Any]:
             }
         )
     return {"matched": [r.route for r in result.matched], "routes": routes}
+
+
+def _check_json(check: Check) -> dict[str, Any]:
+    """One condition as JSON; ``at`` (where a ``[*]`` path held) only when there is one."""
+    found: dict[str, Any] = {
+        "condition": check.what,
+        "value": check.value,
+        "expected": check.expected,
+        "passed": check.passed,
+    }
+    if check.at:
+        found["at"] = check.at
+    return found
 
 
 def _payload(payload: bytes, content_type: str) -> dict[str, str]:

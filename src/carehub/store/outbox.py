@@ -3,8 +3,16 @@
 A message's routing result (step outputs, planned deliveries, new status) commits in one
 transaction. Deliveries are then claimed by workers with a lease, sent, and finished with an
 attempt row each; a failed attempt sets the next try time, and the last one makes it a dead
-letter. Deliveries to one destination for one patient go out in order: a later one is not
-claimed while an earlier one is still pending.
+letter. Deliveries to one destination for one patient (a line) go out in order: a later one is
+not claimed while an earlier one is still pending, nor while an earlier one is a dead letter
+that holds its line (its destination's ``retry.after_dead_letter``, hold unless the channel's
+notices are read one by one) until an operator retries or discards it.
+
+A delivery that waits behind a stalled line (a dead letter that holds it, or a delivery waiting
+for its next retry) is parked: its due time is PARKED, so claims, which walk pending deliveries
+by due time, never read it, and a down destination's backlog costs other claims nothing. It is
+made due again when its line moves: a delivery sent after failing, a dead letter that lets the
+line go on, retried or discarded. The worker's sweep mends what a race between workers left.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, bindparam, func, insert, select, update
+from sqlalchemy import Select, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
@@ -60,6 +68,8 @@ class DeliveryRecord:
     created_at: datetime
     updated_at: datetime
     accepted_at: datetime | None = None
+    #: A dead letter's: whether later deliveries of its line wait for it (see module doc).
+    holds_line: bool | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,6 +84,24 @@ class AttemptResult:
     delivered: bool
     detail: str
     retry_at: datetime | None = None  # None with delivered=False means: dead letter
+    #: The delivery's line, so the deliveries behind it are parked or made due with it.
+    destination: str = ""
+    order_key: str = ""
+    #: For a dead letter: whether it holds its line (the destination's after_dead_letter).
+    holds_line: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class LineReport:
+    """What an operator's retry or discard of dead letters did to their lines."""
+
+    count: int  # dead letters retried or discarded
+    lines: int  # distinct (destination, patient) lines they were in
+    released: int  # deliveries that waited behind them and are now due
+    #: Later deliveries of those lines that had been delivered before them (their order at the
+    #: receiver is already broken: sent before this hub held lines, or with ``continue``).
+    overtaken: int = 0
+    overtaken_lines: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,9 +154,11 @@ def _new_delivery_values(
     run: int,
     now: Any,
     lease_until: Any = None,
+    not_before: Any = None,
 ) -> tuple[Any, ...]:
-    """A new delivery's row; times as the driver takes them. Pending, or with a lease already
-    being sent (see Handover)."""
+    """A new delivery's row; times as the driver takes them. Pending (due ``now``, or
+    ``not_before``: PARKED behind a stalled line), or with a lease already being sent (see
+    Handover)."""
     outgoing = planned.outgoing
     return (
         message_id,
@@ -144,7 +174,7 @@ def _new_delivery_values(
         DeliveryStatus.PENDING.value if lease_until is None else DeliveryStatus.SENDING.value,
         0,
         planned.max_attempts,
-        now,
+        now if not_before is None else not_before,
         lease_until,
         now,
         now,
@@ -155,10 +185,11 @@ def _new_delivery_values(
 class Handover:
     """Room a worker has to start new deliveries itself, offered to ``record_routing``.
 
-    A delivery that routing has just planned and that is first in its line (nothing pending
-    or being sent before it to that destination for that patient) is written already leased
-    and handed straight back, rather than written pending and claimed by a query a moment
-    later. The worker takes at most ``room`` of them, none to a destination in ``full``."""
+    A delivery that routing has just planned and that is first in its line (nothing pending,
+    being sent or holding the line as a dead letter before it to that destination for that
+    patient) is written already leased and handed straight back, rather than written pending
+    and claimed by a query a moment later. The worker takes at most ``room`` of them, none to
+    a destination in ``full``."""
 
     room: int
     lease: timedelta
@@ -167,10 +198,36 @@ class Handover:
     taken: list[DeliveryRecord] = field(default_factory=list)
 
 
+#: The due time of a delivery parked behind a stalled line (see the module doc). Far beyond any
+#: retry time, and within what both databases and Python's datetime hold.
+PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def _literal(condition: Any) -> str:
+    return str(condition.compile(compile_kwargs={"literal_binds": True}))
+
+
 #: The unfinished-deliveries condition as SQL text, the same as its partial index's.
-_UNFINISHED_SQL = str(
-    delivery_in(deliveries, *UNFINISHED).compile(compile_kwargs={"literal_binds": True})
-)
+_UNFINISHED_SQL = _literal(delivery_in(deliveries, *UNFINISHED))
+#: Of ``deliveries``, one that waits (pending, the due-index's condition written out).
+_PENDING_SQL = _literal(delivery_in(deliveries, *PENDING))
+
+
+def _stalled_before(row: str, alias: str) -> str:
+    """SQL: something earlier in ``row``'s line stalls it, a delivery failed once and waiting
+    (or being sent) again, or a dead letter that holds the line; each read through its
+    partial index (the status conditions are written as the indexes have them)."""
+    line = (
+        f"{alias}.destination = {row}.destination AND {alias}.order_key = {row}.order_key "
+        f"AND {alias}.id < {row}.id"
+    )
+    unfinished = _UNFINISHED_SQL.replace("deliveries.", f"{alias}.")
+    return (
+        f"(EXISTS (SELECT 1 FROM deliveries {alias} WHERE {line} AND {unfinished} "
+        f"AND {alias}.attempts > 0) "
+        f"OR EXISTS (SELECT 1 FROM deliveries {alias} WHERE {line} "
+        f"AND {alias}.status = '{DeliveryStatus.DEAD.value}' AND {alias}.holds_line))"
+    )
 
 
 class _WorkerSQL(DriverSQL):
@@ -195,7 +252,49 @@ class _WorkerSQL(DriverSQL):
         self.record_attempt = (
             f"UPDATE deliveries SET attempts = {m}, status = {m}, receipt = {m}, "
             f"last_error = {m}, not_before = coalesce({m}, not_before), accepted_at = {m}, "
-            f"lease_until = NULL, updated_at = {m} WHERE id = {m}"
+            f"holds_line = {m}, lease_until = NULL, updated_at = {m} WHERE id = {m}"
+        )
+        # Parameters: PARKED, destination, order key, the id after which to park.
+        self.park_line = (
+            f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
+            f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} AND id > {m}"
+        )
+        # Parameters: PARKED, destination, order key, PARKED. Those of the line a stalled
+        # delivery is before.
+        self.park_behind = (
+            f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
+            f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} "
+            f"AND not_before < {m} AND {_stalled_before('deliveries', 'e')}"
+        )
+        # Parameters: now, destination, order key, PARKED. Only those no stalled delivery is
+        # before: the rest of the line stays parked behind it.
+        self.unpark_line = (
+            f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
+            f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} "
+            f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
+        )
+        # The sweep's (Outbox.tidy_lines): found by a read, which takes no write lock however
+        # many parked deliveries it passes, then changed by id, the line checked again.
+        # Parameters: PARKED. Parked deliveries nothing stalls any more (a race between
+        # workers, a dead letter pruned, a setting changed): read from the due index's end.
+        self.stale_parked = (
+            f"SELECT id FROM deliveries WHERE {_PENDING_SQL} "
+            f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
+        )
+        # Parameters: now. Due deliveries a stalled one is before, which claims would
+        # otherwise read and pass over every time.
+        self.stalled_due = (
+            f"SELECT id FROM deliveries WHERE {_PENDING_SQL} "
+            f"AND not_before <= {m} AND {_stalled_before('deliveries', 'e')}"
+        )
+
+    def set_due(self, count: int, stalled: bool) -> str:
+        """Parameters: the due time, then ``count`` ids; only those pending and (not) stalled
+        still."""
+        return (
+            f"UPDATE deliveries SET not_before = {self.mark} WHERE id IN ({self.marks(count)}) "
+            f"AND status = '{DeliveryStatus.PENDING.value}' "
+            f"AND {'' if stalled else 'NOT '}{_stalled_before('deliveries', 'e')}"
         )
 
     def eligible(self, count: int) -> str:
@@ -206,12 +305,20 @@ class _WorkerSQL(DriverSQL):
         )
 
     def busy_lines(self, destinations: int, order_keys: int) -> str:
-        """Which (destination, order key) lines already hold an unfinished delivery."""
+        """Which (destination, order key) lines already hold an unfinished delivery or a dead
+        letter that holds the line, each with the highest attempt count among the
+        unfinished (above 0: one failed and waits to be tried again) or -1 for a dead letter:
+        a new delivery there waits, parked when the line is stalled. Takes the destinations
+        and keys twice."""
+        lines = (
+            f"destination IN ({self.marks(destinations)}) "
+            f"AND order_key IN ({self.marks(order_keys)})"
+        )
         return (
-            "SELECT DISTINCT destination, order_key FROM deliveries "
-            f"WHERE destination IN ({self.marks(destinations)}) "
-            f"AND order_key IN ({self.marks(order_keys)}) "
-            f"AND {_UNFINISHED_SQL}"
+            f"SELECT destination, order_key, max(attempts) FROM deliveries WHERE {lines} "
+            f"AND {_UNFINISHED_SQL} GROUP BY destination, order_key "
+            f"UNION ALL SELECT DISTINCT destination, order_key, -1 FROM deliveries "
+            f"WHERE {lines} AND status = '{DeliveryStatus.DEAD.value}' AND holds_line"
         )
 
     def ids_by_key(self, count: int) -> str:
@@ -252,23 +359,34 @@ _FAILED_STEPS = (
 )
 
 
-def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]:
-    """Pending deliveries that are due and first in their line (see Outbox.claim_due)."""
-    earlier = aliased(deliveries)
-    blocked = (
+def _earlier_in_line(earlier: Any, *conditions: Any) -> Any:
+    """EXISTS a delivery before this one in its line (destination, patient) that meets
+    ``conditions``."""
+    return (
         select(earlier.c.id)
         .where(
             earlier.c.destination == deliveries.c.destination,
             earlier.c.order_key == deliveries.c.order_key,
-            delivery_in(earlier, *UNFINISHED),
+            *conditions,
             earlier.c.id < deliveries.c.id,
         )
         .exists()
+    )
+
+
+def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]:
+    """Pending deliveries that are due and first in their line (see Outbox.claim_due)."""
+    earlier = aliased(deliveries)
+    blocked = _earlier_in_line(earlier, delivery_in(earlier, *UNFINISHED))
+    dead = aliased(deliveries)
+    held = _earlier_in_line(
+        dead, delivery_in(dead, DeliveryStatus.DEAD), dead.c.holds_line.is_(True)
     )
     query = select(deliveries.c.id).where(
         delivery_in(deliveries, *PENDING),
         deliveries.c.not_before <= bindparam("now"),
         ~blocked,
+        ~held,
     )
     if exclude_destinations:
         query = query.where(deliveries.c.destination.notin_(bindparam("exclude", expanding=True)))
@@ -382,12 +500,21 @@ class Outbox:
                 (mid, result.run, d) for mid, result in chosen.items() for d in result.deliveries
             ]
             handed: list[int] = []  # positions in planned
-            if handover is not None and handover.room > 0 and planned:
-                handed = self._first_in_line(conn, planned, handover)
+            parked: set[int] = set()
+            if planned:
+                handed, parked = self._place_in_line(conn, planned, handover)
             leased = set(handed)
             lease_until = sql.time(moment + handover.lease) if handover else None
+            parked_at = sql.time(PARKED)
             delivery_rows = [
-                _new_delivery_values(d, mid, run, now, lease_until if i in leased else None)
+                _new_delivery_values(
+                    d,
+                    mid,
+                    run,
+                    now,
+                    lease_until if i in leased else None,
+                    parked_at if i in parked else None,
+                )
                 for i, (mid, run, d) in enumerate(planned)
             ]
             conn.exec_driver_sql(sql.set_message_status, status_rows)
@@ -414,27 +541,42 @@ class Outbox:
                 d for d in route.deliveries if d.outgoing.idempotency_key not in known
             ]
 
-    def _first_in_line(
-        self, conn: Any, planned: list[tuple[int, int, PlannedDelivery]], handover: Handover
-    ) -> list[int]:
+    def _place_in_line(
+        self,
+        conn: Any,
+        planned: list[tuple[int, int, PlannedDelivery]],
+        handover: Handover | None,
+    ) -> tuple[list[int], set[int]]:
         """Positions of the planned deliveries that may be sent at once: first in their line
-        (nothing unfinished before them, in the store or earlier in this batch), to a
-        destination the worker has room for, at most ``handover.room`` of them."""
+        (nothing unfinished or holding the line before them, in the store or earlier in this
+        batch), to a destination the worker has room for, at most ``handover.room`` of them;
+        and of those to write parked, as their line is stalled (see the module doc)."""
         destinations = tuple({d.destination for _, _, d in planned})
         keys = tuple({d.order_key for _, _, d in planned})
         rows = conn.exec_driver_sql(
-            self._sql.busy_lines(len(destinations), len(keys)), destinations + keys
+            self._sql.busy_lines(len(destinations), len(keys)), (destinations + keys) * 2
         )
-        busy = {(destination, key) for destination, key in rows}
+        busy: set[tuple[str, str]] = set()
+        stalled: set[tuple[str, str]] = set()
+        for destination, key, attempts in rows:
+            busy.add((destination, key))
+            if attempts:  # failed once and waiting, or a dead letter holding the line (-1)
+                stalled.add((destination, key))
+        room = handover.room if handover is not None else 0
+        full = handover.full if handover is not None else frozenset()
         handed: list[int] = []
+        parked: set[int] = set()
         for position, (_, _, d) in enumerate(planned):
             line = (d.destination, d.order_key)
+            if line in stalled:
+                parked.add(position)
+                continue
             if line in busy:
                 continue
             busy.add(line)  # whatever this one does, a later one in its line waits for it
-            if len(handed) < handover.room and d.destination not in handover.full:
+            if len(handed) < room and d.destination not in full:
                 handed.append(position)
-        return handed
+        return handed, parked
 
     def _handed_records(
         self, conn: Any, handed: list[tuple[int, int, PlannedDelivery]], now: datetime
@@ -471,7 +613,6 @@ class Outbox:
         """Put a delivery carehub decided on by itself (a digest, an overdue alert, a notice
         of an answer that came over HTTP) in the outbox, filed under ``message_id``. Its
         idempotency key makes this once-only: False when that key is already there."""
-        row = _new_delivery_values(planned, message_id, 0, self._sql.time(_now()))  # run 0
         key = planned.outgoing.idempotency_key
         try:
             with contextlib.ExitStack() as stack:
@@ -482,6 +623,14 @@ class Outbox:
                 ).first()
                 if exists is not None:
                     return False
+                _, parked = self._place_in_line(conn, [(message_id, 0, planned)], None)
+                row = _new_delivery_values(  # run 0
+                    planned,
+                    message_id,
+                    0,
+                    self._sql.time(_now()),
+                    not_before=self._sql.time(PARKED) if parked else None,
+                )
                 conn.exec_driver_sql(self._sql.add_deliveries, row)
                 return True
         except IntegrityError:  # another worker inserted the same key first: sent once
@@ -535,11 +684,14 @@ class Outbox:
         """Take up to ``limit`` pending deliveries that are due and first in line for their
         destination and patient; they stay ours until the lease runs out.
 
-        The query walks pending rows that are due, oldest due first (index on status,
-        not_before, id), and stops at ``limit``, checking each candidate's place in line
-        through the (destination, order_key, status) index. Rows waiting for a later retry are
-        never read, so a down destination's backlog costs other destinations' claims nothing.
-        Order within a patient's line comes from the place-in-line check, not the walk."""
+        The query walks pending rows that are due, oldest due first (the partial index of
+        pending rows by not_before, id), and stops at ``limit``, checking each candidate's
+        place in line through the partial indexes of unfinished deliveries and of dead letters
+        by (destination, order_key, id): nothing unfinished before it, and no dead letter that
+        holds the line. Rows waiting for a later retry, and rows parked behind a stalled line
+        (see the module doc), are never read, so a down destination's backlog costs other
+        destinations' claims nothing. Order within a patient's line comes from the
+        place-in-line check, not the walk."""
         now = now or _now()
         candidates = _CLAIM_CANDIDATES[bool(exclude_destinations), bool(skip_ids)]
         params = {"now": now, "limit": limit, "exclude": exclude_destinations, "skip": skip_ids}
@@ -583,6 +735,7 @@ class Outbox:
                 sql.time(r.started_at + timedelta(milliseconds=r.duration_ms))
                 if r.delivered
                 else None,
+                r.holds_line if _final_status(r) is DeliveryStatus.DEAD else None,
                 now,
                 r.delivery_id,
             )
@@ -599,9 +752,15 @@ class Outbox:
             )
             for r in results
         ]
+        parked = sql.time(PARKED)
+        park, unpark = _line_moves(results, parked, now)
         with self.engine.begin() as conn:
             conn.exec_driver_sql(sql.record_attempt, delivery_rows)
             conn.exec_driver_sql(sql.add_attempts, attempt_rows)
+            if park:
+                conn.exec_driver_sql(sql.park_line, park)
+            if unpark:
+                conn.exec_driver_sql(sql.unpark_line, unpark)
             finished = self._settle_messages(conn, {r.message_id for r in results}, now)
         return finished
 
@@ -631,7 +790,13 @@ class Outbox:
         changes = []
         for message_id, statuses in sorted(done.items()):
             dead = statuses.count(DeliveryStatus.DEAD.value)
-            detail = f"{dead} of {len(statuses)} deliveries are dead letters" if dead else None
+            discarded = statuses.count(DeliveryStatus.DISCARDED.value)
+            told = [
+                *([f"{dead} of {len(statuses)} deliveries are dead letters"] if dead else []),
+                *([f"{discarded} of {len(statuses)} were discarded"] if discarded else []),
+            ]
+            detail = "; ".join(told) or None
+            dead += discarded  # given up on all the same: the message was not delivered
             failures = errors.get(message_id, [])
             status = MessageStatus.FAILED if dead or failures else MessageStatus.DELIVERED
             if failures:
@@ -756,38 +921,43 @@ class Outbox:
 
     def retry_dead(self, delivery_ids: list[int] | None, destination: str | None = None) -> int:
         """Give dead letters a fresh set of attempts: those named, or every one (of one
-        destination, when given) when ids is None."""
+        destination, when given) when ids is None. Returns how many (see retry_dead_letters)."""
+        return self.retry_dead_letters(delivery_ids, destination).count
+
+    def retry_dead_letters(
+        self, delivery_ids: list[int] | None, destination: str | None = None
+    ) -> LineReport:
+        """Give dead letters a fresh set of attempts, as retry_dead; the deliveries held
+        behind them follow them in their lines' order, and the report says how many, and how
+        many later ones of those lines had already been delivered before them."""
         now = _now()
-        query = update(deliveries).where(delivery_in(deliveries, DeliveryStatus.DEAD))
-        if delivery_ids is not None:
-            query = query.where(deliveries.c.id.in_(delivery_ids))
-        if destination is not None:
-            query = query.where(deliveries.c.destination == destination)
+        chosen = _dead_letters_chosen(delivery_ids, destination)
         with self.engine.begin() as conn:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    select(deliveries.c.message_id).where(query.whereclause)  # type: ignore[arg-type]
-                )
-            ]
-            count = conn.execute(
-                query.values(
+            dead = self._dead_letters(conn, chosen)
+            overtaken = self._overtaken(conn, dead)
+            # Run even when nothing matched: a store that refuses writes says so.
+            conn.execute(
+                update(deliveries)
+                .where(*chosen)
+                .values(
                     status=DeliveryStatus.PENDING.value,
                     attempts=0,
                     not_before=now,
                     updated_at=now,
                     lease_until=None,
+                    holds_line=None,
                 )
-            ).rowcount
-            for message_id in set(ids):
+            )
+            if not dead:
+                return LineReport(0, 0, 0)
+            lines = {(row.destination, row.order_key) for row in dead}
+            released = self._settle_lines(conn, lines, now)
+            detail = "dead letters queued again"
+            for message_id in sorted({row.message_id for row in dead}):
                 conn.execute(
                     update(messages)
                     .where(messages.c.id == message_id)
-                    .values(
-                        status=MessageStatus.ROUTED.value,
-                        status_at=now,
-                        detail="dead letters queued again",
-                    )
+                    .values(status=MessageStatus.ROUTED.value, status_at=now, detail=detail)
                 )
                 conn.execute(
                     insert(message_events),
@@ -795,10 +965,270 @@ class Outbox:
                         "message_id": message_id,
                         "at": now,
                         "event": MessageStatus.ROUTED.value,
-                        "detail": "dead letters queued again",
+                        "detail": detail,
                     },
                 )
-        return count
+        return LineReport(len(dead), len(lines), released, sum(overtaken.values()), len(overtaken))
+
+    def discard_dead_letters(
+        self,
+        delivery_ids: list[int] | None,
+        destination: str | None = None,
+        *,
+        by: str,
+        reason: str | None = None,
+    ) -> LineReport:
+        """Give up on dead letters for good: those named, or every one of ``destination``.
+        Each stays in the store, status discarded, with an attempt row and a message event
+        saying who (``by``) and when; it no longer holds its line, so what waited behind it
+        goes on. Never sent again: a discarded delivery is not a dead letter any more."""
+        now = _now()
+        detail = f"discarded by {by} (carehub dead-letters discard)" + (
+            f": {reason}" if reason else ""
+        )
+        chosen = _dead_letters_chosen(delivery_ids, destination)
+        with self.engine.begin() as conn:
+            dead = self._dead_letters(conn, chosen)
+            conn.execute(  # even when nothing matched: a store that refuses writes says so
+                update(deliveries)
+                .where(*chosen)
+                .values(
+                    status=DeliveryStatus.DISCARDED.value,
+                    updated_at=now,
+                    lease_until=None,
+                    holds_line=None,
+                )
+            )
+            if not dead:
+                return LineReport(0, 0, 0)
+            conn.execute(
+                insert(delivery_attempts),
+                [
+                    {
+                        "delivery_id": row.id,
+                        "number": row.attempts,
+                        "started_at": now,
+                        "duration_ms": 0,
+                        "outcome": DeliveryStatus.DISCARDED.value,
+                        "detail": detail,
+                    }
+                    for row in dead
+                ],
+            )
+            by_message: dict[int, list[int]] = {}
+            for row in dead:
+                by_message.setdefault(row.message_id, []).append(row.id)
+            conn.execute(
+                insert(message_events),
+                [
+                    {
+                        "message_id": message_id,
+                        "at": now,
+                        "event": DeliveryStatus.DISCARDED.value,
+                        "detail": f"dead letter(s) {', '.join(f'#{i}' for i in ids)} {detail}",
+                    }
+                    for message_id, ids in sorted(by_message.items())
+                ],
+            )
+            lines = {(row.destination, row.order_key) for row in dead}
+            released = self._settle_lines(conn, lines, now)
+        return LineReport(len(dead), len(lines), released)
+
+    def _dead_letters(self, conn: Any, chosen: list[Any]) -> list[Any]:
+        """The dead letters chosen (_dead_letters_chosen): id, message_id, destination,
+        order_key, attempts; oldest first."""
+        query = (
+            select(
+                deliveries.c.id,
+                deliveries.c.message_id,
+                deliveries.c.destination,
+                deliveries.c.order_key,
+                deliveries.c.attempts,
+            )
+            .where(*chosen)
+            .order_by(deliveries.c.id)
+        )
+        return list(conn.execute(query).all())
+
+    def _settle_lines(self, conn: Any, lines: Iterable[tuple[str, str]], now: datetime) -> int:
+        """Park what a stalled delivery is before in these lines, make due what nothing stalls
+        any more; returns how many were made due."""
+        sql = self._sql
+        parked, at = sql.time(PARKED), sql.time(now)
+        released = 0
+        for destination, key in sorted(lines):
+            conn.exec_driver_sql(sql.park_behind, (parked, destination, key, parked))
+            released += conn.exec_driver_sql(
+                sql.unpark_line, (at, destination, key, parked)
+            ).rowcount
+        return released
+
+    def _overtaken(self, conn: Any, dead: list[Any]) -> dict[tuple[str, str], int]:
+        """For each line of these dead letters, how many later deliveries of it were already
+        delivered (sent before lines were held, or with ``continue``). Read through the
+        patient's messages (the patient index, then each message's deliveries), as the outbox
+        keeps no index of delivered rows by line: the deliveries planned for the dead
+        letters' patient, as the store's messages name the patient."""
+        first: dict[tuple[str, str], Any] = {}
+        for row in dead:
+            first.setdefault((row.destination, row.order_key), row)
+        patients = {
+            row.id: (row.patient_id, row.patient_authority)
+            for chunk in _chunks([row.message_id for row in first.values()])
+            for row in conn.execute(
+                select(messages.c.id, messages.c.patient_id, messages.c.patient_authority).where(
+                    messages.c.id.in_(chunk)
+                )
+            )
+        }
+        found: dict[tuple[str, str], int] = {}
+        for line, row in first.items():
+            patient_id, authority = patients.get(row.message_id, (None, None))
+            query = (
+                select(func.count())
+                .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+                .where(
+                    deliveries.c.destination == line[0],
+                    deliveries.c.order_key == line[1],
+                    deliveries.c.id > row.id,
+                    deliveries.c.status == DeliveryStatus.DELIVERED.value,
+                )
+            )
+            if patient_id is None:  # a message without a patient is its own line
+                query = query.where(messages.c.id == row.message_id)
+            else:
+                query = query.where(
+                    messages.c.patient_id == patient_id,
+                    messages.c.patient_authority == authority
+                    if authority is not None
+                    else messages.c.patient_authority.is_(None),
+                )
+            count = int(conn.execute(query).scalar_one())
+            if count:
+                found[line] = count
+        return found
+
+    def waiting_behind(self, delivery_ids: list[int]) -> dict[int, int]:
+        """For each of these dead letters, how many deliveries of its line wait after it."""
+        if not delivery_ids:
+            return {}
+        dead, waiting = aliased(deliveries), aliased(deliveries)
+        found: dict[int, int] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(delivery_ids):
+                query = (
+                    select(dead.c.id, func.count(waiting.c.id))
+                    .select_from(
+                        dead.join(
+                            waiting,
+                            and_(
+                                waiting.c.destination == dead.c.destination,
+                                waiting.c.order_key == dead.c.order_key,
+                                delivery_in(waiting, *UNFINISHED),
+                                waiting.c.id > dead.c.id,
+                            ),
+                        )
+                    )
+                    .where(dead.c.id.in_(chunk))
+                    .group_by(dead.c.id)
+                )
+                found.update({delivery_id: count for delivery_id, count in conn.execute(query)})
+        return found
+
+    def held(self) -> dict[tuple[str, str], int]:
+        """Deliveries waiting behind a dead letter that holds their line, by (destination,
+        channel); see held_counts."""
+        with self.engine.connect() as conn:
+            return held_counts(conn)
+
+    def apply_line_policy(self, holding: Iterable[str], going_on: Iterable[str]) -> int:
+        """Give the dead letters of these destinations their setting as the routes have it
+        now (``retry.after_dead_letter``), so a changed setting applies to dead letters made
+        before it, and those from before lines were held get one; then settle every line
+        (tidy_lines). Returns how many dead letters changed."""
+        changed = 0
+        with self.engine.begin() as conn:
+            for names, flag in ((sorted(set(holding)), True), (sorted(set(going_on)), False)):
+                for chunk in _chunks(names):
+                    changed += conn.execute(
+                        update(deliveries)
+                        .where(
+                            delivery_in(deliveries, DeliveryStatus.DEAD),
+                            deliveries.c.destination.in_(chunk),
+                            deliveries.c.holds_line.is_not(flag),  # NULL too
+                        )
+                        .values(holds_line=flag)
+                    ).rowcount
+        self.tidy_lines()
+        return changed
+
+    def tidy_lines(self, now: datetime | None = None) -> tuple[int, int]:
+        """Park the due deliveries a stalled delivery is before, and make due the parked ones
+        nothing stalls any more; returns (parked, made due). Parking as lines stall and move
+        is done as it happens (finish, routing, retry, discard): this mends what a race
+        between workers on PostgreSQL, a pruned dead letter or a changed setting left."""
+        sql = self._sql
+        at, parked = sql.time(now or _now()), sql.time(PARKED)
+        with self.engine.connect() as conn:
+            to_park = [row[0] for row in conn.exec_driver_sql(sql.stalled_due, (at,))]
+            to_free = [row[0] for row in conn.exec_driver_sql(sql.stale_parked, (parked,))]
+        newly = freed = 0
+        if to_park or to_free:
+            with self.engine.begin() as conn:
+                for chunk in _chunks(to_park):
+                    query = sql.set_due(len(chunk), stalled=True)
+                    newly += conn.exec_driver_sql(query, (parked, *chunk)).rowcount
+                for chunk in _chunks(to_free):
+                    query = sql.set_due(len(chunk), stalled=False)
+                    freed += conn.exec_driver_sql(query, (at, *chunk)).rowcount
+        return newly, freed
+
+
+def _held_query() -> Select[Any]:
+    """See held_counts; built once (see _LATEST_RUNS for why)."""
+    dead, waiting = aliased(deliveries), aliased(deliveries)
+    return (
+        select(waiting.c.destination, waiting.c.channel, func.count(func.distinct(waiting.c.id)))
+        .select_from(
+            dead.join(
+                waiting,
+                and_(
+                    waiting.c.destination == dead.c.destination,
+                    waiting.c.order_key == dead.c.order_key,
+                    delivery_in(waiting, *UNFINISHED),
+                    waiting.c.id > dead.c.id,
+                ),
+            )
+        )
+        .where(delivery_in(dead, DeliveryStatus.DEAD), dead.c.holds_line.is_(True))
+        .group_by(waiting.c.destination, waiting.c.channel)
+    )
+
+
+_HELD = _held_query()
+
+
+def held_counts(conn: Any) -> dict[tuple[str, str], int]:
+    """Deliveries waiting (pending or being sent) behind a dead letter that holds their line,
+    by (destination, channel). Read from the dead letters (their partial index by line), each
+    joined to the unfinished deliveries after it in its line: no walk of the outbox."""
+    return {(destination, channel): count for destination, channel, count in conn.execute(_HELD)}
+
+
+def _dead_letters_chosen(delivery_ids: list[int] | None, destination: str | None) -> list[Any]:
+    """The conditions for the dead letters named (ids), or every one of ``destination``, or
+    every one: read through the dead letters' partial index."""
+    chosen = [delivery_in(deliveries, DeliveryStatus.DEAD)]
+    if delivery_ids is not None:
+        chosen.append(deliveries.c.id.in_(delivery_ids))
+    if destination is not None:
+        chosen.append(deliveries.c.destination == destination)
+    return chosen
+
+
+def _chunks(values: list[Any], size: int = 500) -> list[list[Any]]:
+    """A long IN list in pieces (SQLite's parameter limit, PostgreSQL's plan size)."""
+    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 def _route_errors(conn: Any, message_ids: list[int]) -> dict[int, list[str]]:
@@ -823,6 +1253,29 @@ def _routing_status(result: RoutingResult) -> tuple[MessageStatus, str | None]:
         # Matched, but filtered or nothing to forward: routed is where it stays.
         return MessageStatus.ROUTED, f"routes {', '.join(matched)}; nothing to deliver"
     return MessageStatus.ROUTED, f"routes {', '.join(matched)}; {len(result.deliveries)} deliveries"
+
+
+def _line_moves(
+    results: list[AttemptResult], parked: Any, now: Any
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Parameters of park_line and unpark_line for the lines these attempts stall or move on:
+    a failure (to be retried, or a dead letter that holds the line) parks what waits behind
+    it; a delivery that had failed before and is now sent, or a dead letter that lets the line
+    go on, makes it due. A first attempt that succeeds has nothing parked behind it."""
+    park: list[tuple[Any, ...]] = []
+    unpark: list[tuple[Any, ...]] = []
+    for r in results:
+        if not r.destination:  # a result without its line: the sweep mends it
+            continue
+        status = _final_status(r)
+        stalls = status is DeliveryStatus.PENDING or (
+            status is DeliveryStatus.DEAD and r.holds_line
+        )
+        if stalls:
+            park.append((parked, r.destination, r.order_key, r.delivery_id))
+        elif status is DeliveryStatus.DEAD or r.attempt > 1:
+            unpark.append((now, r.destination, r.order_key, parked))
+    return park, unpark
 
 
 def _final_status(result: AttemptResult) -> DeliveryStatus:

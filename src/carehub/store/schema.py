@@ -27,6 +27,9 @@ metadata = MetaData()
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 IdType = BigInteger().with_variant(Integer(), "sqlite")
+#: Text compared byte by byte: PostgreSQL's default collation may order by language rules, which
+#: ignore control characters such as the separators inside a message identity.
+IDENTITY_TYPE = Text().with_variant(Text(collation="C"), "postgresql")
 
 
 class MessageStatus(StrEnum):
@@ -72,9 +75,12 @@ messages = Table(
     # (received / refused / rejected at received_at) is read from this row, not written to
     # message_events: one row per message on the intake path, not two.
     Column("intake_detail", Text, nullable=True),
-    # MSH-3, MSH-4 and MSH-10 joined: a resend carries the same identity as the original. Only
-    # accepted messages have one, so a refused or rejected frame never shadows a good resend.
-    Column("identity", Text, nullable=True),
+    # MSH-3, MSH-4, MSH-10 and a hash of the content (store.NewMessage.identity): a resend
+    # carries the same identity as the original. Only accepted messages have one, so a refused
+    # or rejected frame never shadows a good resend. Compared byte by byte (collation "C" on
+    # PostgreSQL, SQLite's BINARY), so that every identity of one sender and control ID sorts
+    # together and the index answers a range probe for them (migration 0009).
+    Column("identity", IDENTITY_TYPE, nullable=True),
     UniqueConstraint("identity", name="uq_messages_identity"),
 )
 Index("ix_messages_received_at", messages.c.received_at)
@@ -115,6 +121,9 @@ class DeliveryStatus(StrEnum):
     SENDING = "sending"  # claimed by a worker until lease_until
     DELIVERED = "delivered"
     DEAD = "dead"  # gave up: attempts exhausted or refused for good; see last_error
+    #: A dead letter an operator gave up on for good (`carehub dead-letters discard`): kept,
+    #: with an attempt row saying who and when, never sent, and holding no line.
+    DISCARDED = "discarded"
 
 
 # What each route step made of a message: one row per step per routing run.
@@ -159,6 +168,10 @@ deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # When the destination accepted it (quality measures count receipt times).
     Column("accepted_at", DateTime(timezone=True), nullable=True),
+    # A dead letter's: whether the later deliveries of its line (destination, order_key) wait
+    # for it to be retried or discarded (the destination's retry.after_dead_letter). NULL on
+    # every other delivery (migration 0010).
+    Column("holds_line", Boolean, nullable=True),
 )
 
 
@@ -173,7 +186,8 @@ def delivery_in(table: Any, *statuses: DeliveryStatus) -> ColumnElement[bool]:
 
 # Partial indexes over the few rows still in play (migration 0007 says why). Claims walk pending
 # rows in the order they fall due (0006); the place-in-line check, the lease sweep and "anything
-# unfinished?" read the unfinished ones; dead letters are listed on their own.
+# unfinished?" read the unfinished ones; dead letters are listed on their own, and read by line
+# for the place-in-line check (0010), as are the discarded ones listed.
 PENDING = (DeliveryStatus.PENDING,)
 UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 _pending = delivery_in(deliveries, *PENDING)
@@ -195,6 +209,21 @@ Index(
     postgresql_where=_unfinished,
 )
 Index("ix_deliveries_dead", deliveries.c.id, sqlite_where=_dead, postgresql_where=_dead)
+Index(
+    "ix_deliveries_dead_line",
+    deliveries.c.destination,
+    deliveries.c.order_key,
+    deliveries.c.id,
+    sqlite_where=_dead,
+    postgresql_where=_dead,
+)
+_discarded = delivery_in(deliveries, DeliveryStatus.DISCARDED)
+Index(
+    "ix_deliveries_discarded",
+    deliveries.c.id,
+    sqlite_where=_discarded,
+    postgresql_where=_discarded,
+)
 Index("ix_deliveries_message", deliveries.c.message_id)
 
 delivery_attempts = Table(

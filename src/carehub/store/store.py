@@ -33,10 +33,20 @@ from sqlalchemy import (
     update,
 )
 
+from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
+from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest
 from carehub.search import MessageFilter
 from carehub.store.failure_run import FailureRun
-from carehub.store.schema import MessageStatus, message_events, messages
+from carehub.store.schema import (
+    UNFINISHED,
+    DeliveryStatus,
+    MessageStatus,
+    deliveries,
+    delivery_in,
+    message_events,
+    messages,
+)
 from carehub.store.write_gate import WriteGate
 
 log = logging.getLogger(__name__)
@@ -76,15 +86,46 @@ class NewMessage:
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     #: The text as intake decoded it, handed on to the worker with the row (RecentMessages).
     text: str | None = None
+    #: The hash of the content (MessageView.content_digest) that ends the identity; intake
+    #: hands it over, else it is computed from ``raw`` when first needed.
+    digest: str | None = None
+    #: Set by the insert: a stored message with the same sender and control ID but other
+    #: content (a control ID reused; the newest of its group, else one the index finds
+    #: first), noted in this row's intake detail.
+    reuses: int | None = None
 
-    def identity(self) -> str | None:
-        """MSH-3, MSH-4 and MSH-10 joined: the key a resend shares with the original."""
+    def sender_key(self) -> str | None:
+        """MSH-3, MSH-4 and MSH-10, each followed by a separator: how every identity of this
+        sender and control ID begins, whatever the content (see ``identity``)."""
         if self.status is not MessageStatus.RECEIVED or self.header is None:
             return None  # refused and rejected frames never stand in for a later good resend
         h = self.header
         if not h.control_id:
             return None
-        return _fit("\x1f".join((h.sending_application, h.sending_facility, h.control_id)))
+        return _fit("\x1f".join((h.sending_application, h.sending_facility, h.control_id, "")))
+
+    def identity(self) -> str | None:
+        """The key a resend shares with the original: MSH-3, MSH-4, MSH-10 and a hash of the
+        content. Senders reuse control IDs (a counter reset by an interface restart, a test
+        system, a replay with corrected content), so only the same sender, control ID *and*
+        content make a resend; the same control ID with other content is a new message."""
+        key = self.sender_key()
+        if key is None:
+            return None
+        if self.digest is None:
+            self.digest = message_digest(self.raw, self.charset)
+        return key + self.digest
+
+    def intake_note(self) -> str | None:
+        """What intake noted, with a reused control ID first: the operator's first question."""
+        if self.reuses is None or self.header is None:
+            return self.detail
+        h = self.header
+        note = (
+            f"MSH-10 {h.control_id} from {h.sending_application}/{h.sending_facility} was used "
+            f"before by message {self.reuses} with different content; stored as a new message"
+        )
+        return f"{note}; {self.detail}" if self.detail else note
 
     def values(self, time: Callable[[datetime], Any]) -> tuple[Any, ...]:
         """The row in _INSERT_COLUMNS order, times converted by ``time`` for the driver.
@@ -95,7 +136,7 @@ class NewMessage:
         h = self.header
         patient = h.patient if h else None
         received = time(self.received_at)
-        detail = _fit(self.detail)
+        detail = _fit(self.intake_note())
         return (
             received,
             self.transport,
@@ -130,6 +171,50 @@ class NewMessage:
         return StoredMessage(id=message_id, decoded=self.text, **row)
 
 
+def message_digest(raw: bytes, charset: str | None) -> str:
+    """``MessageView.content_digest`` of stored bytes, decoded as intake decodes them (the
+    identity of a row written without one, and migration 0009's rewrite of older rows)."""
+    decoded = decode_message(raw, charset or "utf-8")
+    try:
+        view = MessageView(decoded.text, decoded.charset)
+    except NotHL7Error:
+        return raw_digest(raw)
+    return view.content_digest(raw if decoded.lossy else None)
+
+
+#: The character after the separator (0x1F) that ends a sender key: every identity that begins
+#: with a key sorts below the key with this in place of its last character.
+_AFTER_SEPARATOR = "\x20"
+
+
+class _EarlierUses:
+    """For each message of a group, in order: whether it is a resend, and which earlier
+    message used its sender and control ID with other content (``probed``, what the store
+    holds, from MessageStore._probe_uses; then the group's own messages as they go in)."""
+
+    __slots__ = ("_group", "_identities", "_probed")
+
+    def __init__(self, probed: dict[str, tuple[int | None, int | None]]) -> None:
+        self._probed = probed
+        self._group: dict[str, int] = {}  # sender key -> newest message of the group with it
+        self._identities: set[str] = set()
+
+    def check(self, identity: str | None) -> tuple[bool, int | None]:
+        """(a resend, the earlier message it reuses the control ID of, or None)."""
+        if identity is None:
+            return False, None
+        same, other = self._probed.get(identity, (None, None))
+        if same is not None or identity in self._identities:
+            return True, None
+        return False, self._group.get(identity[:-DIGEST_CHARS], other)
+
+    def add(self, identity: str | None, message_id: int) -> None:
+        """A message of the group goes in under ``message_id``: later ones see it."""
+        if identity is not None:
+            self._identities.add(identity)
+            self._group[identity[:-DIGEST_CHARS]] = message_id
+
+
 def _fit(value: str | None, limit: int | None = None) -> str | None:
     """A value from the sender as a text column can hold it: at most ``limit`` characters, and
     NUL shown as U+FFFD. PostgreSQL refuses both a longer value and a NUL (SQLite takes them),
@@ -159,6 +244,8 @@ class InsertOutcome:
 
     message_id: int
     duplicate: bool
+    #: A new message that reuses the sender and control ID of this earlier, different one.
+    reuses: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -199,8 +286,8 @@ class StoredMessage:
 
     @property
     def identity(self) -> str:
-        """MSH-3, MSH-4 and MSH-10 joined: the key a resend shares with the original (the
-        same key NewMessage.identity() gives an accepted message)."""
+        """MSH-3, MSH-4 and MSH-10 joined: which message of which sender this is, for dry
+        runs that have no row ids (the stored identity adds a hash of the content)."""
         parts = (self.sending_application, self.sending_facility, self.control_id)
         return "\x1f".join(part or "" for part in parts)
 
@@ -229,10 +316,42 @@ def decoded_text(raw: bytes, charset: str | None) -> str:
 
 
 @dataclass(slots=True, frozen=True)
+class PrunePlan:
+    """What retention does with the messages received before ``cutoff``.
+
+    A message that still has work is kept unless ``include_unfinished``: one not routed yet,
+    one with a delivery waiting or being sent, one with a dead letter (a delivery that gave
+    up, which an operator may still retry). Each kept message is counted once, under the
+    first of those reasons that holds."""
+
+    cutoff: datetime
+    older: int  # messages received before the cutoff
+    unrouted: int  # still 'received': stored and ACKed, not routed yet
+    waiting: int  # a delivery pending or being sent
+    dead: int  # a dead letter, and nothing waiting
+    include_unfinished: bool = False
+
+    @property
+    def unfinished(self) -> int:
+        """Older messages that still have work, kept or not."""
+        return self.unrouted + self.waiting + self.dead
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.include_unfinished else self.unfinished
+
+    @property
+    def deleted(self) -> int:
+        return self.older - self.kept
+
+
+@dataclass(slots=True, frozen=True)
 class PruneResult:
     messages_deleted: int
     bytes_before: int | None
     bytes_after: int | None
+    #: What was found before deleting: how many were kept, and why.
+    plan: PrunePlan | None = None
 
 
 def _utc(value: datetime) -> datetime:
@@ -493,6 +612,7 @@ class MessageStore:
         )
         self._sql_find = f"SELECT id FROM messages WHERE identity = {sql.mark}"
         self._sql_insert_many_cache: dict[int, str] = {}
+        self._sql_uses_cache: dict[int, str] = {}
         self._sql_event = sql.insert("message_events", EVENT_COLUMNS)
 
     def insert_messages(self, batch: list[NewMessage]) -> list[InsertOutcome]:
@@ -557,16 +677,23 @@ class MessageStore:
     def _insert_sqlite(
         self, connection: Any, cursor: Any, batch: list[NewMessage]
     ) -> list[InsertOutcome]:
-        """The whole group in four statements, whatever its size.
+        """The whole group in five statements, whatever its size.
 
         Every statement is a trip from Python into SQLite that hands the GIL back and must win
         it again, and each costs Python-side work of its own; a statement (and a fetch) per
         message made those trips grow with the group. So the group takes the write lock first
-        (BEGIN IMMEDIATE), numbers its rows after the highest id, and goes in as one multi-row
-        INSERT. The connection's change count says whether every row went in; only when a
-        resend was among them are the rows looked up one by one."""
+        (BEGIN IMMEDIATE), numbers its rows after the highest id, finds the earlier uses of its
+        control IDs (``_probe_uses``) and goes in as one multi-row INSERT. The connection's
+        change count says whether every row went in; only when a resend was among them are
+        the rows looked up one by one."""
         cursor.execute("BEGIN IMMEDIATE")
         base = cursor.execute(_SQL_LAST_MESSAGE_ID).fetchone()[0]
+        identities = [item.identity() for item in batch]
+        uses = self._probe_uses(cursor, identities)
+        for i, (item, identity) in enumerate(zip(batch, identities, strict=True)):
+            resend, item.reuses = uses.check(identity)
+            if not resend:
+                uses.add(identity, base + 1 + i)  # the id the INSERT below gives it
         before = connection.total_changes
         for start in range(0, len(batch), _ROWS_PER_STATEMENT):
             chunk = batch[start : start + _ROWS_PER_STATEMENT]
@@ -576,7 +703,7 @@ class MessageStore:
                 params.extend(item.values(self.sql.time))
             cursor.execute(self._sql_insert_many(len(chunk)), params)
         if connection.total_changes - before == len(batch):
-            return [InsertOutcome(base + 1 + i, False) for i in range(len(batch))]
+            return [InsertOutcome(base + 1 + i, False, item.reuses) for i, item in enumerate(batch)]
         stored = {
             row[0]
             for row in cursor.execute("SELECT id FROM messages WHERE id > ?", (base,)).fetchall()
@@ -585,7 +712,7 @@ class MessageStore:
         resends: list[tuple[Any, ...]] = []
         for i, item in enumerate(batch):
             if base + 1 + i in stored:
-                outcomes.append(InsertOutcome(base + 1 + i, False))
+                outcomes.append(InsertOutcome(base + 1 + i, False, item.reuses))
                 continue
             original = cursor.execute(self._sql_find, (item.identity(),)).fetchone()[0]
             outcomes.append(InsertOutcome(original, True))
@@ -605,6 +732,45 @@ class MessageStore:
             self._sql_insert_many_cache[rows] = statement
         return statement
 
+    def _probe_uses(self, cursor: Any, identities: list[str | None]) -> _EarlierUses:
+        """What the store holds of each identity's sender and control ID: the row with that
+        very identity (the message is a resend), and one row with another (it reuses the
+        control ID).
+
+        One statement per group, two seeks on the unique identity index per message: every
+        identity of one sender and control ID begins with its key (NewMessage.sender_key), so
+        they sort together, and the first of them that is not this message's own is found in
+        a range of the index without reading the rest (a sender that sends one control ID
+        all day costs no more than one that never repeats). Measured: 11 us a group of 8 on
+        SQLite and 44 us on PostgreSQL, with 25,000 messages stored."""
+        wanted = list(dict.fromkeys(i for i in identities if i is not None))
+        probed: dict[str, tuple[int | None, int | None]] = {}
+        for start in range(0, len(wanted), _ROWS_PER_STATEMENT):
+            chunk = wanted[start : start + _ROWS_PER_STATEMENT]
+            params: list[str] = []
+            for identity in chunk:
+                key = identity[:-DIGEST_CHARS]
+                params += (key, key[:-1] + _AFTER_SEPARATOR, identity)
+            cursor.execute(self._sql_uses(len(chunk)), params)
+            for identity, same, other in cursor.fetchall():
+                probed[identity] = (same, other)
+        return _EarlierUses(probed)
+
+    def _sql_uses(self, count: int) -> str:
+        statement = self._sql_uses_cache.get(count)
+        if statement is None:
+            mark = self.sql.mark
+            rows = ", ".join(f"({mark}, {mark}, {mark})" for _ in range(count))
+            statement = (
+                f"WITH p (lo, hi, mine) AS (VALUES {rows}) SELECT p.mine, "
+                "(SELECT m.id FROM messages AS m WHERE m.identity = p.mine), "
+                "(SELECT m.id FROM messages AS m WHERE m.identity >= p.lo "
+                "AND m.identity < p.hi AND m.identity <> p.mine ORDER BY m.identity LIMIT 1) "
+                "FROM p"
+            )
+            self._sql_uses_cache[count] = statement
+        return statement
+
     def _resent_event(self, original: int, item: NewMessage) -> tuple[Any, ...]:
         detail = (
             f"resent by the sender via {item.transport}:{item.listener}; answered AA, "
@@ -614,14 +780,21 @@ class MessageStore:
 
     def _insert(self, cursor: Any, batch: list[NewMessage]) -> list[InsertOutcome]:
         """One row per new message (its intake event is read from that row); a resend adds a
-        "resent" history row to the message it repeats."""
+        "resent" history row to the message it repeats. The earlier uses of the group's
+        control IDs are probed once, before its inserts; should another hub's writer store a
+        use in between, this message's note misses it, but the unique identity still tells a
+        resend from a new message."""
         outcomes: list[InsertOutcome] = []
         resends: list[tuple[Any, ...]] = []
-        for item in batch:
+        identities = [item.identity() for item in batch]
+        uses = self._probe_uses(cursor, identities)
+        for item, identity in zip(batch, identities, strict=True):
+            _, item.reuses = uses.check(identity)
             cursor.execute(self._sql_insert, item.values(self.sql.time))
             row = cursor.fetchone()
             if row is not None:
-                outcomes.append(InsertOutcome(row[0], False))
+                uses.add(identity, row[0])
+                outcomes.append(InsertOutcome(row[0], False, item.reuses))
                 continue
             cursor.execute(self._sql_find, (item.identity(),))
             original = cursor.fetchone()[0]
@@ -870,16 +1043,35 @@ class MessageStore:
         return StoredMessage(**values)
 
     # -- retention ------------------------------------------------------------------------
-    def prune(self, older_than: timedelta, *, full_vacuum: bool = False) -> PruneResult:
-        """Delete messages received before now - older_than, then give the space back."""
+    def prune_plan(self, older_than: timedelta, *, include_unfinished: bool = False) -> PrunePlan:
+        """What ``prune`` would delete and keep now, changing nothing (a dry run)."""
+        cutoff = datetime.now(UTC) - older_than
+        with self.engine.connect() as conn:
+            return _prune_plan(conn, cutoff, include_unfinished)
+
+    def prune(
+        self,
+        older_than: timedelta,
+        *,
+        full_vacuum: bool = False,
+        include_unfinished: bool = False,
+    ) -> PruneResult:
+        """Delete messages received before now - older_than, then give the space back.
+
+        Retention is for finished messages: one that still has work (not routed yet, a
+        delivery waiting, a dead letter) is kept unless ``include_unfinished``, because
+        deleting it cascades to its deliveries and the work is lost without a trace."""
         cutoff = datetime.now(UTC) - older_than
         before = self._file_size()
         with self.engine.begin() as conn:
             if self.is_sqlite:  # so that the ids deleted are never handed out again
                 conn.exec_driver_sql(_SQL_KEEP_MESSAGE_ID_FLOOR)
-            old_ids = select(messages.c.id).where(messages.c.received_at < cutoff)
-            conn.execute(delete(message_events).where(message_events.c.message_id.in_(old_ids)))
-            deleted = conn.execute(delete(messages).where(messages.c.received_at < cutoff)).rowcount
+            # Counted in the transaction that deletes (on SQLite, under its write lock).
+            plan = _prune_plan(conn, cutoff, include_unfinished)
+            where = _prunable(cutoff, include_unfinished)
+            doomed = select(messages.c.id).where(*where)
+            conn.execute(delete(message_events).where(message_events.c.message_id.in_(doomed)))
+            deleted = conn.execute(delete(messages).where(*where)).rowcount
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("VACUUM")
@@ -888,7 +1080,7 @@ class MessageStore:
                 verb = "VACUUM (FULL, ANALYZE)" if full_vacuum else "VACUUM (ANALYZE)"
                 for table in _PRUNED_TABLES:
                     conn.exec_driver_sql(f"{verb} {table}")
-        return PruneResult(deleted or 0, before, self._file_size())
+        return PruneResult(deleted or 0, before, self._file_size(), plan)
 
     def _file_size(self) -> int | None:
         """Bytes the store takes on disk: SQLite's file and WAL, or on PostgreSQL the tables
@@ -904,6 +1096,55 @@ class MessageStore:
             if candidate.exists():
                 total += candidate.stat().st_size
         return total
+
+
+def _with_work() -> Any:
+    """The ids of messages with a delivery waiting, being sent or dead. Two selects, so that
+    each reads its partial index: an IN of all three statuses implies neither's condition."""
+    unfinished = select(deliveries.c.message_id).where(delivery_in(deliveries, *UNFINISHED))
+    dead = select(deliveries.c.message_id).where(delivery_in(deliveries, DeliveryStatus.DEAD))
+    return unfinished.union_all(dead)
+
+
+def _prunable(cutoff: datetime, include_unfinished: bool) -> list[ColumnElement[bool]]:
+    """The messages retention deletes: received before ``cutoff`` and, unless
+    ``include_unfinished``, with no work left."""
+    where: list[ColumnElement[bool]] = [messages.c.received_at < cutoff]
+    if not include_unfinished:
+        where.append(messages.c.status != MessageStatus.RECEIVED.value)
+        where.append(messages.c.id.not_in(_with_work()))
+    return where
+
+
+def _prune_plan(conn: Any, cutoff: datetime, include_unfinished: bool) -> PrunePlan:
+    """Count the older messages, and those of them with work left, by reason. The reasons are
+    read through the outbox's partial indexes, so they cost what is waiting, not the store."""
+    old = messages.c.received_at < cutoff
+    routed = messages.c.status != MessageStatus.RECEIVED.value
+    older = conn.execute(select(func.count()).select_from(messages).where(old)).scalar_one()
+    unrouted = conn.execute(
+        select(func.count())
+        .select_from(messages)
+        .where(old, messages.c.status == MessageStatus.RECEIVED.value)
+    ).scalar_one()
+    joined = deliveries.join(messages, messages.c.id == deliveries.c.message_id)
+    per_message = func.count(func.distinct(deliveries.c.message_id))
+    unfinished = delivery_in(deliveries, *UNFINISHED)
+    waiting = conn.execute(
+        select(per_message).select_from(joined).where(unfinished, old, routed)
+    ).scalar_one()
+    waiting_ids = select(deliveries.c.message_id).where(unfinished)
+    dead = conn.execute(
+        select(per_message)
+        .select_from(joined)
+        .where(
+            delivery_in(deliveries, DeliveryStatus.DEAD),
+            old,
+            routed,
+            deliveries.c.message_id.not_in(waiting_ids),
+        )
+    ).scalar_one()
+    return PrunePlan(cutoff, older, unrouted, waiting, dead, include_unfinished)
 
 
 #: A WAL holding more pages than this after a passive checkpoint gets a RESTART one (16 MB
