@@ -1118,17 +1118,7 @@ class Outbox:
             for chunk in _chunks(delivery_ids):
                 query = (
                     select(dead.c.id, func.count(waiting.c.id))
-                    .select_from(
-                        dead.join(
-                            waiting,
-                            and_(
-                                waiting.c.destination == dead.c.destination,
-                                waiting.c.order_key == dead.c.order_key,
-                                delivery_in(waiting, *UNFINISHED),
-                                waiting.c.id > dead.c.id,
-                            ),
-                        )
-                    )
+                    .select_from(_waiting_behind(dead, waiting))
                     .where(dead.c.id.in_(chunk))
                     .group_by(dead.c.id)
                 )
@@ -1184,22 +1174,26 @@ class Outbox:
         return newly, freed
 
 
+def _waiting_behind(dead: Any, waiting: Any) -> Any:
+    """``dead`` joined to the unfinished deliveries after it in its line (same destination
+    and patient), ``waiting``: what a dead letter keeps back."""
+    return dead.join(
+        waiting,
+        and_(
+            waiting.c.destination == dead.c.destination,
+            waiting.c.order_key == dead.c.order_key,
+            delivery_in(waiting, *UNFINISHED),
+            waiting.c.id > dead.c.id,
+        ),
+    )
+
+
 def _held_query() -> Select[Any]:
     """See held_counts; built once (see _LATEST_RUNS for why)."""
     dead, waiting = aliased(deliveries), aliased(deliveries)
     return (
         select(waiting.c.destination, waiting.c.channel, func.count(func.distinct(waiting.c.id)))
-        .select_from(
-            dead.join(
-                waiting,
-                and_(
-                    waiting.c.destination == dead.c.destination,
-                    waiting.c.order_key == dead.c.order_key,
-                    delivery_in(waiting, *UNFINISHED),
-                    waiting.c.id > dead.c.id,
-                ),
-            )
-        )
+        .select_from(_waiting_behind(dead, waiting))
         .where(delivery_in(dead, DeliveryStatus.DEAD), dead.c.holds_line.is_(True))
         .group_by(waiting.c.destination, waiting.c.channel)
     )
