@@ -388,12 +388,13 @@ def test_line_queries_read_the_partial_indexes(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.parametrize(
+    "store_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 def test_postgresql_reads_dead_letters_by_line_through_their_index(store: MessageStore) -> None:
     """The claim's check for a dead letter holding the line can use the partial index on
     PostgreSQL too (sequential scans off, so the planner shows what it can use on a table this
     small)."""
-    if store.is_sqlite:
-        pytest.skip("PostgreSQL's planner; SQLite's is checked above")
     claim = (
         _CLAIM_CANDIDATES[(False, False)]
         .params(now=datetime(2026, 1, 1, tzinfo=UTC), limit=10)
