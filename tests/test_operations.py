@@ -419,7 +419,7 @@ def test_a_second_serve_on_the_same_data_dir_is_refused(tmp_path: Path, hub_yaml
             "--data-dir"
         ]
         assert "carehub ready" not in second.stdout
-        assert (data / LOCK_FILE).read_text().strip() == str(first.process.pid)
+        assert (data / LOCK_FILE).read_text().splitlines()[0] == str(first.process.pid)
 
         # Commands that read the store work beside the running hub, and take no lock.
         listed = carehub("messages", "list", "--json", "--data-dir", str(data))
@@ -452,7 +452,7 @@ def test_a_hub_killed_outright_leaves_no_stale_lock(tmp_path: Path, hub_yaml: Pa
         killed.process.wait(30)
     with CarehubProcess(serve_args(hub_yaml, data), logs, "next") as following:
         following.wait_ready()
-        assert (data / LOCK_FILE).read_text().strip() == str(following.process.pid)
+        assert (data / LOCK_FILE).read_text().splitlines()[0] == str(following.process.pid)
         assert following.terminate() == 0, following.stderr
 
 
@@ -472,7 +472,7 @@ def test_a_sqlite_url_is_locked_beside_its_file(tmp_path: Path) -> None:
     database = tmp_path / "shared" / "hub.sqlite"
     config = local_config(store=StoreConfig(url=f"sqlite:///{database}"))
     with HubThread(config, tmp_path / "one"):
-        assert (tmp_path / "shared" / "hub.lock").read_text().strip() == str(os.getpid())
+        assert (tmp_path / "shared" / "hub.lock").read_text().splitlines()[0] == str(os.getpid())
         with pytest.raises(StoreInUse, match=f"store {database}: another carehub is serving"):
             HubThread(config, tmp_path / "two").__enter__()
 

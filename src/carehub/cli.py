@@ -134,7 +134,8 @@ def serve(
     no_worker: bool,
     log_level: str | None,
 ) -> None:
-    """Run the hub until SIGTERM or Ctrl-C, then finish in-flight messages and exit 0."""
+    """Run the hub until SIGTERM or Ctrl-C, then finish in-flight messages and exit 0.
+    SIGHUP (or `carehub routes reload`) reloads the routes, listeners left open."""
     from carehub.hub import Hub
 
     _apply_port_overrides(config, mllp_port, http_port)
@@ -148,6 +149,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        on_sighup(hub.reload_routes)
         bound = await hub.start()
         click.echo(f"carehub {__version__}: store {_store_label(config, data_dir)}")
         for listener in bound:
@@ -168,6 +170,20 @@ def serve(
         asyncio.run(run())
     except OSError as err:
         raise CarehubError(f"cannot start a listener: {err}") from err
+
+
+def on_sighup(reload: Callable[[], Any]) -> None:
+    """Run ``reload()`` (a coroutine function) on each SIGHUP, one at a time; a SIGHUP that
+    comes while one runs is not lost, it runs next."""
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[Any]] = set()
+
+    def reload_safely() -> None:
+        task = loop.create_task(reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_safely)
 
 
 def settle_garbage_collector() -> None:
@@ -661,6 +677,8 @@ def reprocess_messages(
             for line in reversed(lines):
                 click.echo(line)
             click.echo(f"{len(ids)} message(s) match")
+        if ids:
+            _warn_if_hub_runs_other_routes(config, data_dir)
         if dry_run:
             click.echo(f"dry run: {len(ids)} message(s) would be reprocessed; nothing changed")
             return
@@ -672,6 +690,23 @@ def reprocess_messages(
     finally:
         store.close()
     click.echo("deliveries go out when a worker runs (`carehub serve` or `carehub worker`)")
+
+
+def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path) -> None:
+    """Reprocess routes with the files on disk: say so when the hub serving from this store
+    loaded other ones, or live messages and reprocessed ones go out differently."""
+    from carehub.hub import route_fingerprint
+    from carehub.lockfile import serving_note
+
+    note = serving_note(config, data_dir)
+    if note is None or note.routes is None or note.routes == route_fingerprint(config):
+        return
+    click.echo(
+        f"warning: the config or route files differ from those the running hub (pid "
+        f"{note.pid}) loaded: these messages are routed with the files as they are now, new "
+        "ones with the hub's; `carehub routes reload` makes the hub take the files too",
+        err=True,
+    )
 
 
 def _reprocess(
@@ -782,7 +817,67 @@ def export_messages(
 # -- routes ----------------------------------------------------------------------------------
 @main.group()
 def routes() -> None:
-    """Check and dry-run the routes."""
+    """Check, dry-run and reload the routes."""
+
+
+#: Seconds `routes reload` waits for the hub to say how the reload went.
+RELOAD_WAIT = 30.0
+
+
+@routes.command("reload")
+@hub_options
+@click.option(
+    "--timeout",
+    type=TIMEOUT,
+    default=RELOAD_WAIT,
+    show_default=True,
+    help="Seconds to wait for the hub to report how the reload went.",
+)
+def routes_reload(config: HubConfig, data_dir: Path, timeout: float) -> None:
+    """Make the `carehub serve` of this data dir reload its routes (it gets a SIGHUP), and
+    wait for the outcome. Its listeners stay open; invalid routes leave it on the old ones
+    (its log says why, and this exits 1). Listener, store and queue settings need a restart.
+    A `carehub worker` reloads on its own SIGHUP."""
+    import os
+    import time
+
+    from carehub.lockfile import lock_path, serving_note
+
+    if lock_path(config, data_dir) is None:
+        raise CarehubError(
+            "store.url names a database server, which has no lock file to find the hub by: "
+            "send SIGHUP to each `carehub serve` and `carehub worker` process"
+        )
+    before = serving_note(config, data_dir)
+    if before is None or before.pid is None:
+        raise CarehubError(f"data dir {data_dir}: no carehub serve is running from it")
+    try:
+        os.kill(before.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CarehubError(f"data dir {data_dir}: no carehub serve is running from it") from None
+    except PermissionError as err:
+        raise CarehubError(
+            f"cannot signal carehub serve (pid {before.pid}): {err.strerror}"
+        ) from err
+    click.echo(f"sent SIGHUP to carehub serve (pid {before.pid}); waiting for it to reload")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = serving_note(config, data_dir)
+        if now is None or now.pid != before.pid:
+            raise CarehubError(f"carehub serve (pid {before.pid}) stopped meanwhile")
+        if now.reloads > before.reloads:
+            if now.outcome == "ok":
+                click.echo("routes reloaded; its log has the route and destination counts")
+                return
+            click.echo(
+                "the new routes were refused and the hub runs on the old ones: its log says "
+                "why (`carehub routes check` too)",
+                err=True,
+            )
+            sys.exit(1)
+        time.sleep(0.05)
+    click.echo(f"no answer within {timeout:g} s: see the hub's log", err=True)
+    sys.exit(1)
 
 
 @routes.command("check")
@@ -1231,8 +1326,9 @@ def plugins_command(as_json: bool, options_of: str | None) -> None:
 @hub_options
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> None:
-    """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`."""
-    from carehub.hub import build_routing, check_queue, open_store
+    """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`.
+    SIGHUP reloads the routes."""
+    from carehub.hub import RouteReloader, build_routing, check_queue, log_reloaded, open_store
     from carehub.worker import Worker, WorkerSettings
     from carehub.workqueue import WorkQueue
 
@@ -1245,6 +1341,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
     check_queue(config)
     work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
     store = open_store(config, data_dir)
+    reloader = RouteReloader(config, data_dir)
     host, table = build_routing(config, data_dir, store)
     settings = WorkerSettings(
         config.worker.delivery_concurrency,
@@ -1260,11 +1357,25 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         worker = Worker(store, table, host, work_queue, settings)
+        consuming = asyncio.Event()
+
+        async def reload_routes() -> None:
+            if not consuming.is_set():
+                logging.getLogger("carehub.hub").warning(
+                    "routes not reloaded: the worker is not running yet"
+                )
+                return
+            loaded = await reloader.load(store)
+            if loaded is not None:
+                await worker.replace_routing(loaded[0], loaded[1])
+                log_reloaded(loaded[1], loaded[2])
+
+        on_sighup(reload_routes)
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
         settle_garbage_collector()
         click.echo("carehub ready")
         sys.stdout.flush()
-        await worker.run(stop)
+        await worker.run(stop, started=consuming.set)
 
     try:
         asyncio.run(run())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -32,6 +33,7 @@ from carehub.config import (
     ENV_HTTP_TOKENS,
     HubConfig,
     http_tokens,
+    load_config,
     resolve_data_dir,
     where_in_config,
     without_password,
@@ -249,6 +251,100 @@ def build_routing(
     return host, table
 
 
+def route_fingerprint(config: HubConfig) -> str:
+    """A hash of the config file and every route file it names, as they are on disk now: the
+    running hub records the one it loaded, so `messages reprocess` can tell when the files
+    differ from the routes the hub runs."""
+    digest = hashlib.sha256()
+    base = config_dir(config)
+    named = [config.source] if config.source else []
+    for path in [*named, *route_files(base, config.routes)]:
+        digest.update(f"{path}\0".encode())
+        try:
+            digest.update(path.read_bytes())
+        except OSError as err:  # loading it says what is wrong; the hash only has to differ
+            digest.update(f"unreadable: {err.strerror}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _restart_settings(config: HubConfig) -> dict[str, Any]:
+    """The config settings a route reload does not apply (listeners, store, queue, ...)."""
+    return config.model_dump(mode="json", exclude={"routes", "plugins_dir"})
+
+
+class RouteReloader:
+    """Reads the routes again for a running hub or worker (SIGHUP, `carehub routes reload`).
+
+    From the config file only ``routes`` and ``plugins_dir`` are taken again: listeners, the
+    store and the queue are open already, so changes to them wait for a restart (the log line
+    says so). ``config`` is the running config with the reloaded route settings."""
+
+    def __init__(self, config: HubConfig, data_dir: Path) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        #: Of the route set last loaded; taken before the files are read, so an edit made
+        #: while they were being read makes it differ from the files (a warning too many).
+        self.fingerprint = route_fingerprint(config)
+        self.reloads = 0
+        self.outcome = ""
+        self._file_settings = self._restart_settings_on_disk()
+        self._lock = asyncio.Lock()
+
+    def _restart_settings_on_disk(self) -> dict[str, Any] | None:
+        if self.config.source is None:
+            return None
+        with contextlib.suppress(CarehubError):
+            return _restart_settings(load_config(self.config.source))
+        return None
+
+    async def load(self, store: MessageStore | None) -> tuple[PluginHost, RouteTable, str] | None:
+        """Bind the routes as the files say now and start their components; returns them
+        with a note for the log, or None (after one ERROR line) when they cannot be used, in
+        which case the caller keeps the routes it runs."""
+        async with self._lock:
+            self.reloads += 1
+            fingerprint = route_fingerprint(self.config)
+            note = ""
+            try:
+                config = self.config
+                if config.source is not None:
+                    fresh = load_config(config.source)
+                    config = config.model_copy(
+                        update={"routes": fresh.routes, "plugins_dir": fresh.plugins_dir}
+                    )
+                    fingerprint = route_fingerprint(config)
+                    settings = _restart_settings(fresh)
+                    if self._file_settings is not None and settings != self._file_settings:
+                        note = (
+                            f"; other changes in {config.source} (listeners, store, queue, "
+                            "worker, ...) take effect at the next restart"
+                        )
+                host, table = build_routing(config, self.data_dir, store)
+                await table.start()
+            except Exception as err:
+                problem = " | ".join(str(err).split("\n")) or type(err).__name__
+                if not isinstance(err, CarehubError):
+                    problem = f"{type(err).__name__}: {problem}"
+                    log.debug("route reload failed", exc_info=True)
+                log.error("routes not reloaded, still running the previous ones: %s", problem)
+                self.outcome = "failed"
+                return None
+            self.config = config
+            self.fingerprint = fingerprint
+            self.outcome = "ok"
+            return host, table, note
+
+
+def log_reloaded(table: RouteTable, note: str) -> None:
+    log.info(
+        "routes reloaded: %d route(s), %d destination(s)%s",
+        len(table.routes),
+        len(table.destinations),
+        note,
+    )
+
+
 #: Seconds newly stored messages wait to be published together (see Hub._publish).
 PUBLISH_GATHER = 0.005
 
@@ -259,6 +355,7 @@ class Hub:
         self.data_dir = resolve_data_dir(config, data_dir)
         # Routes are bound (and every config error raised) before anything opens; the
         # components get the store once it is open, in start().
+        self.reloader = RouteReloader(config, self.data_dir)
         self.host, self.table = build_routing(config, self.data_dir)
         self.work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
         self.publisher: Publisher | None = None
@@ -277,6 +374,7 @@ class Hub:
         self._to_publish: list[tuple[int, str]] = []
         #: Held while serving from a SQLite store: one hub per store (see carehub.lockfile).
         self.store_lock: StoreLock | None = None
+        self._serving = False  # started and not stopping: a route reload may swap tables
 
     async def start(self) -> list[BoundListener]:
         """Open the store, then the listeners; returns where each listener is bound."""
@@ -294,6 +392,7 @@ class Hub:
         except BaseException:
             self._release_store_lock()
             raise
+        self._note_routes()
         self.table.attach_store(self.store)
         self.writer = group_commit_for(self.store)
         self.writer.start()
@@ -379,6 +478,7 @@ class Hub:
         except BaseException:
             await self.stop()
             raise
+        self._serving = True
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
         return self.bound
 
@@ -450,6 +550,7 @@ class Hub:
 
         Every listener stops at once: one still draining its connections must not leave the
         others taking new messages meanwhile."""
+        self._serving = False
         stopping = [listener.stop() for listener in self.mllp_listeners]
         stopping += [drop.stop() for drop in self.file_listeners]
         if self.http_listener:
@@ -471,6 +572,40 @@ class Hub:
             self.store = None
         self._release_store_lock()  # once the store is closed: the next hub may open it
         log.info("carehub stopped")
+
+    async def reload_routes(self) -> bool:
+        """Route with the route files as they are now, listeners untouched (SIGHUP).
+
+        The new table is bound and its components started first; only then does it replace
+        the old one, for new routing and new sends, while the sends already under way finish
+        on the old components, which close after them. Invalid routes leave the hub running
+        on the old ones (one ERROR line says why). Returns whether the new routes are in."""
+        if not self._serving:
+            log.warning("routes not reloaded: the hub is not running (yet)")
+            return False
+        loaded = await self.reloader.load(self.store)
+        if loaded is None:
+            self._note_routes()
+            return False
+        host, table, note = loaded
+        if not self._serving:  # stopping since the new routes began to load
+            await table.close()
+            return False
+        self.config = self.reloader.config
+        self.host, self.table = host, table
+        if self.worker is not None:  # it closes the table it routed with, once done with it
+            await self.worker.replace_routing(table, host)
+        else:  # without a worker nothing runs on the components: started only to check them
+            await table.close()
+        self._note_routes()
+        log_reloaded(table, note)
+        return True
+
+    def _note_routes(self) -> None:
+        """Write the loaded route set and the reloads so far into the lock file."""
+        if self.store_lock is not None:
+            reloader = self.reloader
+            self.store_lock.note(reloader.fingerprint, reloader.reloads, reloader.outcome)
 
     def _release_store_lock(self) -> None:
         if self.store_lock is not None:

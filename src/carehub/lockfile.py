@@ -10,14 +10,18 @@ The kernel lets go of the lock when the process ends, however it ends, so a cras
 leaves a stale lock behind (the file itself, holding the last holder's pid, stays). Commands
 that only read or queue work in the store (`messages list`, `status`, `reprocess`, ...) take
 no lock: they are meant to run beside the hub.
+
+Below the pid, the holder notes which route set it runs (a fingerprint of the config and route
+files) and how its last route reload went, so `messages reprocess` can tell when the files on
+disk are not what the hub routes with, and `routes reload` can report the outcome.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import make_url
@@ -92,6 +96,16 @@ class StoreLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    def note(self, routes: str, reloads: int = 0, outcome: str = "") -> None:
+        """Record the route set this holder runs and its reloads so far (``outcome``: "ok" or
+        "failed", of the last one). Written in place, then cut to length, so a reader never
+        finds the file empty."""
+        if self._fd is None:
+            return
+        text = f"{os.getpid()}\nroutes {routes}\nreloads {reloads} {outcome}\n".encode()
+        os.pwrite(self._fd, text, 0)
+        os.ftruncate(self._fd, len(text))
+
     def release(self) -> None:
         """Let go (closing the file lets go of the lock); the file stays."""
         if self._fd is not None:
@@ -139,8 +153,40 @@ def store_holder(config: HubConfig, data_dir: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class LockNote:
+    """What the serving hub wrote in its lock file (see StoreLock.note)."""
+
+    pid: int | None
+    routes: str | None = None  # fingerprint of the route set it runs
+    reloads: int = 0
+    outcome: str = ""  # of the last reload: "ok" or "failed"
+
+
+def read_note(path: Path) -> LockNote:
+    """The lock file's contents; fields it does not hold (yet) are left empty."""
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, ValueError):
+        return LockNote(None)
+    pid = int(lines[0]) if lines and lines[0].strip().isdigit() else None
+    fields = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
+    reloads, _, outcome = fields.get("reloads", "0").partition(" ")
+    return LockNote(
+        pid, fields.get("routes"), int(reloads) if reloads.isdigit() else 0, outcome.strip()
+    )
+
+
+def serving_note(config: HubConfig, data_dir: Path) -> LockNote | None:
+    """The note of the hub serving from this store now; None when none does (or the store is
+    a database server, which has no lock file)."""
+    path = lock_path(config, data_dir)
+    if path is None or store_holder(config, data_dir) is None:
+        return None
+    return read_note(path)
+
+
 def _holder(path: Path) -> str:
     """The holder as "pid N", read from the lock file (written just after taking the lock)."""
-    with contextlib.suppress(OSError, ValueError):
-        return f"pid {int(path.read_text(encoding='ascii').strip())}"
-    return "pid unknown"
+    pid = read_note(path).pid
+    return f"pid {pid}" if pid is not None else "pid unknown"

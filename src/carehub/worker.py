@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -101,6 +101,11 @@ class Worker:
         self._stop = asyncio.Event()
         self._sending: set[asyncio.Task[None]] = set()
         self._consumer: Consumer | None = None
+        #: id(table) -> routing batches, sends and ticks running on it now, so a table
+        #: replaced by a route reload is closed only once they are done with it.
+        self._uses: Counter[int] = Counter()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._drained = False  # stopping, and the sends in flight are done (or given up on)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
@@ -133,9 +138,53 @@ class Worker:
             self._wake_delivery.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._drain_inflight()
+            self._drained = True
             self.outbox.release([d.id for d in self._claimed])
             await asyncio.to_thread(self._consumer.stop)
+            await asyncio.gather(*self._retiring, return_exceptions=True)
             await self.table.close()
+
+    async def replace_routing(self, table: RouteTable, host: PluginHost) -> None:
+        """Route and send with ``table`` (started already) from now on: a route reload.
+        The old table closes once the routing and sends already under way on it finish;
+        deliveries planned for a destination the new table lacks (by its name or a former
+        one) become dead letters when sent, "no longer configured", as after a restart."""
+        if self._stop.is_set():  # stopping: the old table is closed by run()
+            await table.close()
+            return
+        old = self.table
+        self.table, self.host = table, host
+        self.router = Router(table, host)
+        task = asyncio.create_task(self._close_when_unused(old), name="close old routes")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        try:
+            # Line holding follows each destination's retry.after_dead_letter as it is now.
+            await asyncio.to_thread(self._apply_line_policy)
+        except Exception:
+            log.exception("applying the reloaded routes' line policies failed")
+
+    async def _close_when_unused(self, table: RouteTable) -> None:
+        """Close a replaced table once nothing runs on it (or the worker stops, after its
+        sends in flight are drained)."""
+        try:
+            while self._uses[id(table)] > 0 and not self._drained:
+                await asyncio.sleep(0.05)
+        finally:
+            self._uses.pop(id(table), None)
+            try:
+                await table.close()
+            except Exception:
+                log.exception("closing the replaced routes' components failed")
+
+    @contextlib.contextmanager
+    def _using(self, table: RouteTable) -> Iterator[RouteTable]:
+        """Count ``table`` as in use for the block (see _close_when_unused)."""
+        self._uses[id(table)] += 1
+        try:
+            yield table
+        finally:
+            self._uses[id(table)] -= 1
 
     async def _store_call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a store operation inline (SQLite) or on a helper thread (PostgreSQL)."""
@@ -153,7 +202,8 @@ class Worker:
         """Components' periodic work (stale visits, overdue follow-ups, digests)."""
         while await self._pause(self.settings.tick_interval):
             try:
-                await asyncio.to_thread(self.table.tick, datetime.now(UTC))
+                with self._using(self.table) as table:
+                    await asyncio.to_thread(table.tick, datetime.now(UTC))
             except Exception:
                 log.exception("periodic work failed")
             self._wake_delivery.set()
@@ -229,15 +279,20 @@ class Worker:
             batch = [item for item in taken if item is not None]
             if batch:
                 ids = [message_id for message_ids, _ in batch for message_id in message_ids]
+                router = self.router  # a route reload meanwhile applies from the next batch
                 try:
-                    if self.inline_store:
-                        for start in range(0, len(ids), ROUTE_CHUNK):
-                            chunk = ids[start : start + ROUTE_CHUNK]
-                            self._take(self._route_batch(chunk, self._handover()))
-                            await asyncio.sleep(0)
-                    else:
-                        handover = self._handover()
-                        self._take(await asyncio.to_thread(self._route_batch, ids, handover))
+                    with self._using(router.table):
+                        if self.inline_store:
+                            for start in range(0, len(ids), ROUTE_CHUNK):
+                                chunk = ids[start : start + ROUTE_CHUNK]
+                                self._take(self._route_batch(chunk, self._handover(), router))
+                                await asyncio.sleep(0)
+                        else:
+                            handover = self._handover()
+                            routed = await asyncio.to_thread(
+                                self._route_batch, ids, handover, router
+                            )
+                            self._take(routed)
                 except Exception:  # the store is down: leave them unacked; they come back
                     log.exception("routing a batch of %d message(s) failed", len(ids))
                     if not await self._pause(1.0):
@@ -249,9 +304,13 @@ class Worker:
             if len(batch) < len(taken):  # the stop marker was among them
                 return
 
-    def _route_batch(self, message_ids: list[int], handover: Handover) -> Handover:
+    def _route_batch(
+        self, message_ids: list[int], handover: Handover, router: Router | None = None
+    ) -> Handover:
         """Route and record a batch; ``handover`` comes back with the deliveries it leased
         to this worker."""
+        router = router or self.router
+        host = router.host
         messages = [
             m
             for m in self.store.take_for_routing(message_ids)
@@ -261,14 +320,14 @@ class Worker:
             return handover
         results = []
         for message in messages:
-            self.host.notify("carehub_message_received", message=message)
-            results.append(self.router.route(message))
+            host.notify("carehub_message_received", message=message)
+            results.append(router.route(message))
         recorded = set(self.outbox.record_routing(results, handover))
         self.routed += len(recorded)
         for message, result in zip(messages, results, strict=True):
             if message.id in recorded:
                 routes = [r.route for r in result.matched]
-                self.host.notify("carehub_message_routed", message=message, routes=routes)
+                host.notify("carehub_message_routed", message=message, routes=routes)
         return handover
 
     def _handover(self) -> Handover:
@@ -360,10 +419,15 @@ class Worker:
         return destination is None or destination.channel.limit_per_destination
 
     async def _send(self, delivery: DeliveryRecord) -> None:
+        """Send on the table current as the send starts; a reload meanwhile waits for it."""
+        with self._using(self.table) as table:
+            await self._send_on(table, self.host, delivery)
+
+    async def _send_on(self, table: RouteTable, host: PluginHost, delivery: DeliveryRecord) -> None:
         started = datetime.now(UTC)
         clock = time.perf_counter()
         attempt = delivery.attempts + 1
-        destination = self.table.destination(delivery.destination)
+        destination = table.destination(delivery.destination)
         try:
             if destination is None:
                 raise DeliveryError(
@@ -389,11 +453,11 @@ class Worker:
                 order_key=delivery.order_key,
             )
             self.delivered += 1
-            if self.host.observed("carehub_message_delivered"):
+            if host.observed("carehub_message_delivered"):
                 done = dataclasses.replace(
                     delivery, status="delivered", attempts=attempt, receipt=receipt
                 )
-                self.host.notify("carehub_message_delivered", delivery=done)
+                host.notify("carehub_message_delivered", delivery=done)
         except Exception as err:
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
@@ -445,7 +509,7 @@ class Worker:
                     type(err).__name__,
                     exc_info=True,
                 )
-            self.host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
+            host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
         if self._inflight.pop(delivery.id, None) is not None:
             self._inflight_to[delivery.destination] -= 1
