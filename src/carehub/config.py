@@ -68,7 +68,9 @@ class MLLPListenerConfig(_Strict):
 
 class HTTPListenerConfig(_Strict):
     enabled: bool = True
-    host: str = "0.0.0.0"
+    #: This machine only unless asked: HTTP intake without tokens takes posts from anyone who
+    #: reaches the port (serve warns when it is opened wider without them).
+    host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     tokens: list[str] = Field(default_factory=list, description="bearer tokens; empty = open")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
