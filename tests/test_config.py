@@ -318,3 +318,29 @@ def test_relative_data_dir_flag_is_made_absolute(
 )
 def test_queue_partitions_default_by_transport(tmp_path: Path, queue: str, partitions: int) -> None:
     assert load_config(write(tmp_path, f"queue: {queue}\n")).queue.partition_count() == partitions
+
+
+def test_route_files_know_the_data_dir_and_defaults_may_name_a_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`${CAREHUB_OUTBOX:-${CAREHUB_DATA_DIR}/outbox}`: a file forward writes beside the store
+    of whichever data dir the hub runs with, unless the environment says otherwise."""
+    monkeypatch.delenv("CAREHUB_OUTBOX", raising=False)
+    monkeypatch.delenv(ENV_DATA_DIR, raising=False)
+    routes = write(
+        tmp_path,
+        "routes:\n  - name: r\n    steps:\n      - forward: {channel: file, name: out, "
+        "directory: '${CAREHUB_OUTBOX:-${CAREHUB_DATA_DIR}/outbox}/events'}\n",
+        "routes.yaml",
+    )
+
+    def directory(data_dir: Path | None) -> str:
+        (loaded,) = load_route_files([routes], data_dir)
+        return str(loaded.config.steps[0].forward["directory"])  # type: ignore[index]
+
+    assert directory(tmp_path / "hub-data") == f"{tmp_path / 'hub-data'}/outbox/events"
+    monkeypatch.setenv("CAREHUB_OUTBOX", "/srv/outbox")
+    assert directory(tmp_path / "hub-data") == "/srv/outbox/events"
+    monkeypatch.delenv("CAREHUB_OUTBOX")
+    with pytest.raises(ConfigError, match="CAREHUB_DATA_DIR is not set"):
+        directory(None)  # read with no hub behind it: says what is missing

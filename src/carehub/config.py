@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,10 @@ ENV_HTTP_TOKENS = "CAREHUB_HTTP_TOKENS"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 #: A dropped file is read whole: a nightly batch of 100,000 ADT messages is about 260 MB.
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+#: ${VAR} or ${VAR:-default}; the default may itself hold ${OTHER} references (one level).
+_ENV_REFERENCE = re.compile(
+    r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^${}]|\$(?!\{)|\$\{[^{}]*\})*))?\}"
+)
 
 
 class _Strict(BaseModel):
@@ -178,15 +182,19 @@ class HubConfig(_Strict):
     overridden: dict[tuple[str | int, ...], str] = Field(default_factory=dict, exclude=True)
 
 
-def expand_env(value: str, where: str) -> str:
-    """Replace ${VAR} and ${VAR:-default}; a missing variable without default is an error."""
+def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -> str:
+    """Replace ${VAR} and ${VAR:-default}; a missing variable without default is an error.
+    ``known``: values carehub itself supplies (CAREHUB_DATA_DIR in route files) for names
+    the environment does not set."""
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in os.environ:
             return os.environ[name]
+        if known and name in known:
+            return known[name]
         if default is not None:
-            return default
+            return expand_env(default, where, known)
         raise ConfigError(
             f"{where}: environment variable {name} is not set "
             f"(write ${{{name}:-default}} to give a default)"
@@ -203,18 +211,20 @@ class UnsetVariable(ConfigError):
         self.loc = loc
 
 
-def expand_tree(node: Any, loc: tuple[Any, ...] = ()) -> Any:
+def expand_tree(
+    node: Any, loc: tuple[Any, ...] = (), known: Mapping[str, str] | None = None
+) -> Any:
     """Every string in a parsed YAML tree with its ${VAR}s replaced (UnsetVariable names the
     key path; the caller, which has the file and its YAML nodes, adds the file and line)."""
     if isinstance(node, str):
         try:
-            return expand_env(node, _loc_text(loc))
+            return expand_env(node, _loc_text(loc), known)
         except ConfigError as err:
             raise UnsetVariable(loc, str(err)) from None
     if isinstance(node, list):
-        return [expand_tree(v, (*loc, i)) for i, v in enumerate(node)]
+        return [expand_tree(v, (*loc, i), known) for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: expand_tree(v, (*loc, k)) for k, v in node.items()}
+        return {k: expand_tree(v, (*loc, k), known) for k, v in node.items()}
     return node
 
 

@@ -246,7 +246,7 @@ def build_routing(
         if not any(c in pattern for c in "*?[") and not (base / pattern).is_file():
             where = where_in_config(config, "routes", index)
             raise ConfigError(f"{where}: no routes file {base / pattern}")
-    loaded = load_route_files(route_files(base, config.routes))
+    loaded = load_route_files(route_files(base, config.routes), data_dir)
     table = bind_routes(loaded, host, ComponentContext(base, data_dir, store))
     return host, table
 

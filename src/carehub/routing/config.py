@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from carehub.config import (
+    ENV_DATA_DIR,
     UnsetVariable,
     _line_of,
     _loc_text,
@@ -228,8 +229,13 @@ class LoadedRoute:
     source: RouteSource
 
 
-def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
-    """Read and validate route files; route names must be unique across all of them."""
+def load_route_files(paths: list[Path], data_dir: Path | None = None) -> list[LoadedRoute]:
+    """Read and validate route files; route names must be unique across all of them.
+
+    ``${CAREHUB_DATA_DIR}`` in a route file is the data dir the hub runs with (--data-dir,
+    $CAREHUB_DATA_DIR or the config's), so a file forward can write beside the store
+    whichever data dir that is."""
+    known = {ENV_DATA_DIR: str(data_dir)} if data_dir is not None else None
     loaded: list[LoadedRoute] = []
     seen: dict[str, LoadedRoute] = {}
     for path in paths:
@@ -246,7 +252,7 @@ def load_route_files(paths: list[Path]) -> list[LoadedRoute]:
             ) from err
         check_no_duplicate_keys(node, path)
         try:
-            data = expand_tree(data)
+            data = expand_tree(data, known=known)
         except UnsetVariable as err:
             line = _line_of(node, err.loc)
             raise ConfigError(f"{path}{f':{line}' if line else ''}: {err}") from None
