@@ -1128,7 +1128,12 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
     class Options(ComponentOptions):
         """How long an ED visit may go without any message before it is closed as stale."""
 
-        stale_ed_hours: float = Field(default=24, gt=0)
+        stale_ed_hours: float = Field(
+            default=24,
+            gt=0,
+            description="hours an ED visit may go without a message (by the hub's clock) "
+            "before it is closed as stale_closed",
+        )
 
     missing_event_error = EncounterStateError
 

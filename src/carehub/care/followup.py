@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 import yaml
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from sqlalchemy import Engine, insert, select, update
 
 # carehub.cli imports only config and errors at module level and loads plugin commands (this
@@ -602,22 +602,39 @@ class FollowupEnricher(Enricher):
     )
 
     class Options(ComponentOptions):
-        #: Table 0112 codes that count as going home (01 home, 06 home health, 08 home IV).
-        home_dispositions: list[str] = list(DEFAULT_HOME_DISPOSITIONS)
-        #: 14 for 99495 (moderate complexity), 7 for 99496 (high complexity).
-        visit_days: Literal[7, 14] = 14
-        contact_business_days: int = 2
-        #: ISO dates (YYYY-MM-DD) that are not business days.
-        holidays: list[date] = []
-        #: A YAML file of holidays (relative to the config folder), added to ``holidays``.
-        holidays_file: str | None = None
-        #: The hospital's IANA time zone (America/Chicago). It sets which day a discharge
-        #: falls on and where that day ends. Without it, the discharge time's own offset is
-        #: used, and offset-less times count as UTC.
-        timezone: str | None = None
-        #: Patient classes (PV1-2) whose discharges open nothing. ED visits are not TCM
-        #: discharges.
-        exclude_patient_classes: list[str] = list(DEFAULT_EXCLUDED_CLASSES)
+        home_dispositions: list[str] = Field(
+            list(DEFAULT_HOME_DISPOSITIONS),
+            description="PV1-36 codes (table 0112) that count as a discharge home: 01 home, "
+            "06 home health, 08 home IV",
+        )
+        visit_days: Literal[7, 14] = Field(
+            14,
+            description="calendar days after discharge for the visit: 14 for 99495 (moderate "
+            "complexity), 7 for 99496 (high)",
+        )
+        contact_business_days: int = Field(
+            2,
+            description="business days (Monday to Friday, not holidays) after discharge for "
+            "the interactive contact",
+        )
+        holidays: list[date] = Field(
+            [], description="ISO dates (YYYY-MM-DD) that are not business days"
+        )
+        holidays_file: str | None = Field(
+            None,
+            description="YAML file of more holidays, relative to the config folder: a list of "
+            "dates, of {date, name}, or a mapping of date to name",
+        )
+        timezone: str | None = Field(
+            None,
+            description="the hospital's IANA time zone (America/Chicago), which sets the "
+            "discharge day; unset: the time's own offset, or UTC without one",
+        )
+        exclude_patient_classes: list[str] = Field(
+            list(DEFAULT_EXCLUDED_CLASSES),
+            description="patient classes (PV1-2) whose discharges open nothing; E: ED visits "
+            "are not TCM discharges",
+        )
 
         @field_validator("home_dispositions", mode="before")
         @classmethod

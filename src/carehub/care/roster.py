@@ -890,14 +890,40 @@ class CareTeamEnricher(Enricher):
     )
 
     class Options(ComponentOptions):
-        roster: str  # path, relative to the config folder
-        providers: str | None = None  # path of the provider directory
-        reload_seconds: float = Field(5.0, ge=0)
-        #: A field whose value marks the patient as do-not-notify, e.g. "PD1-12".
-        opt_out_field: str | None = None
-        opt_out_values: list[str] = Field(default_factory=lambda: ["Y"])
-        include_pcp_from_message: bool = True
-        include_post_acute: bool = True
+        roster: str = Field(
+            description="attribution roster, a .csv, .yaml or .yml file relative to the config "
+            "folder: who follows which patient, and patient opt-outs"
+        )
+        providers: str | None = Field(
+            None,
+            description="provider directory (.csv, .yaml or .yml, relative to the config "
+            "folder) for PCP NPIs and discharge destinations; unset: those are suppressed",
+        )
+        reload_seconds: float = Field(
+            5.0,
+            ge=0,
+            description="seconds between checks of both files for changes (0: on every message)",
+        )
+        opt_out_field: str | None = Field(
+            None,
+            description='field whose value marks the patient do-not-notify, e.g. "PD1-12"; '
+            "unset: only the roster's opt_out",
+        )
+        opt_out_values: list[str] = Field(
+            default_factory=lambda: ["Y"],
+            description="opt_out_field values (or first components) that mean opted out, in "
+            "any case",
+        )
+        include_pcp_from_message: bool = Field(
+            True,
+            description="add the PCP the message names (PD1-4, or ROL/PRD role PP) by NPI from "
+            "the provider directory",
+        )
+        include_post_acute: bool = Field(
+            True,
+            description="on discharge, add the PV1-37 destination facility from the provider "
+            "directory",
+        )
 
         @field_validator("roster", "providers")
         @classmethod

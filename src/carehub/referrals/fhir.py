@@ -196,9 +196,11 @@ class Coding(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    system: str
-    code: str
-    display: str | None = None
+    system: str = Field(description="code system URI, e.g. http://snomed.info/sct")
+    code: str = Field(description="the code in that system")
+    display: str | None = Field(
+        None, description="display text, also used as ServiceRequest.code.text"
+    )
 
 
 def _default_service_codes() -> dict[str, Coding]:
@@ -221,14 +223,31 @@ class GravityOptions(ComponentOptions):
     ``hsds-organization`` (the directory's organization ids, for the performer) and ``local``
     (ids that came without an authority)."""
 
-    identifier_system: str = "urn:carehub:delivery"
-    identifier_systems: dict[str, str] = Field(default_factory=dict)
-    #: Gravity category -> the Coding for ServiceRequest.code. Without one the code is text.
-    service_codes: dict[str, Coding] = Field(default_factory=_default_service_codes)
-    #: A Consent the server already holds (``Consent/123``) -> ServiceRequest.supportingInfo.
-    consent_reference: str | None = None
-    #: Else this text goes in ServiceRequest.note (None: a note that consent was not stated).
-    consent_note: str | None = None
+    identifier_system: str = Field(
+        "urn:carehub:delivery",
+        description="identifier system of the delivery key on the ServiceRequest and Task, "
+        "which makes a resend create nothing new",
+    )
+    identifier_systems: dict[str, str] = Field(
+        default_factory=dict,
+        description="v2 assigning authority (e.g. RGH) -> identifier system URI; unmapped "
+        "ones become urn:carehub:id:{authority}",
+    )
+    service_codes: dict[str, Coding] = Field(
+        default_factory=_default_service_codes,
+        description="Gravity category -> the Coding for ServiceRequest.code; without one the "
+        "code is text only",
+    )
+    consent_reference: str | None = Field(
+        None,
+        description="a Consent the server already holds (Consent/123), sent as "
+        "ServiceRequest.supportingInfo",
+    )
+    consent_note: str | None = Field(
+        None,
+        description="without consent_reference, this text goes in ServiceRequest.note "
+        "(unset: a note that consent was not stated)",
+    )
 
     @field_validator("service_codes")
     @classmethod
@@ -841,12 +860,29 @@ class FhirReferralChannel(HttpChannel):
     )
 
     class Options(GravityOptions):
-        base_url: str
-        auth_header: str | None = None
-        timeout: float = Field(10.0, gt=0)
-        verify_tls: bool = True
-        poll: bool = True
-        poll_minutes: float = Field(15.0, ge=0)
+        base_url: str = Field(
+            description="http(s) base URL of the FHIR server: the Bundle is POSTed here, Tasks "
+            "are read from {base_url}/Task/{id}"
+        )
+        auth_header: str | None = Field(
+            None,
+            description="Authorization header value for the POST and each poll, e.g. Bearer "
+            "${TOKEN}",
+        )
+        timeout: float = Field(
+            10.0, gt=0, description="seconds to wait for the server to connect or answer"
+        )
+        verify_tls: bool = Field(True, description="check the server's TLS certificate")
+        poll: bool = Field(
+            True,
+            description="keep each created Task and poll its status into the referral state "
+            "(needs the store)",
+        )
+        poll_minutes: float = Field(
+            15.0,
+            ge=0,
+            description="minutes between polls of the open Tasks (0: each time periodic work runs)",
+        )
 
         @field_validator("base_url")
         @classmethod

@@ -1041,7 +1041,12 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
         """How long the receiving side has to answer (accept, reject, or say it is pending)
         before the referral is reported overdue."""
 
-        response_hours: float = Field(default=72, gt=0)
+        response_hours: float = Field(
+            default=72,
+            gt=0,
+            description="hours after a referral is first recorded by which an answer is due; "
+            "one still requested or received after that is reported overdue",
+        )
 
     missing_event_error = ReferralStateError
 

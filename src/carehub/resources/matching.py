@@ -673,16 +673,43 @@ class CommunityResourcesEnricher(Enricher):
     )
 
     class Options(ComponentOptions):
-        directory: str | None = None  # HSDS JSON export, relative to the config folder
-        api_url: str | None = None  # HSDS 3.0 API base URL
-        crosswalk: str = "resources/crosswalk.yaml"
-        postal_codes: str = "resources/postal_codes.csv"
-        max_results: int = Field(5, ge=1, le=100)
-        max_km: float = Field(25.0, gt=0)
-        cache_seconds: float = Field(300.0, ge=0)
-        timeout: float = Field(10.0, gt=0)
-        #: Where the patient's language is (PID-15, HL7 table 0296); None to ignore language.
-        language_field: str | None = "PID-15"
+        directory: str | None = Field(
+            None,
+            description="HSDS JSON export file (a list of services or a saved page), relative "
+            "to the config folder; give this or api_url",
+        )
+        api_url: str | None = Field(
+            None, description="HSDS 3.0 API base URL; give this or directory"
+        )
+        crosswalk: str = Field(
+            "resources/crosswalk.yaml",
+            description="YAML file mapping need categories to ICD-10-CM codes, keywords and "
+            "directory taxonomy terms, relative to the config folder",
+        )
+        postal_codes: str = Field(
+            "resources/postal_codes.csv",
+            description="CSV file (postal_code,latitude,longitude) for distances, relative to "
+            "the config folder",
+        )
+        max_results: int = Field(5, ge=1, le=100, description="most matches listed, best first")
+        max_km: float = Field(
+            25.0,
+            gt=0,
+            description="km from the patient's postal code beyond which a service is excluded",
+        )
+        cache_seconds: float = Field(
+            300.0, ge=0, description="seconds to keep API answers (api_url only); 0: no cache"
+        )
+        timeout: float = Field(
+            10.0,
+            gt=0,
+            description="seconds to wait for the API to connect or answer (api_url only)",
+        )
+        language_field: str | None = Field(
+            "PID-15",
+            description="field holding the patient's language (HL7 table 0296); null ignores "
+            "language",
+        )
 
         @model_validator(mode="after")
         def _one_source(self) -> CommunityResourcesEnricher.Options:
