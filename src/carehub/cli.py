@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +31,7 @@ from carehub.errors import CarehubError
 from carehub.search import FieldMatch, MessageFilter, parse_sender
 
 if TYPE_CHECKING:
+    from carehub.store.outbox import LineReport
     from carehub.store.store import MessageStore, PrunePlan, StoredMessage
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +58,15 @@ def hub_options(func: F) -> F:
         return func(*args, config=config, data_dir=resolve_data_dir(config, data_dir), **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def operator_option(func: F) -> F:
+    """--by: who runs an action, for the audit trail (`carehub audit list`)."""
+    return click.option(
+        "--by",
+        "operator",
+        help="Who, for the audit trail; by default this session's login name and host.",
+    )(func)
 
 
 class CarehubGroup(click.Group):
@@ -623,6 +633,7 @@ def show_message(
 @click.option("--limit", type=LIMIT, help="With filters: only the newest N matches.")
 @click.option("--dry-run", is_flag=True, help="List what would be reprocessed; change nothing.")
 @click.option("--yes", is_flag=True, help="With filters: do not ask before reprocessing.")
+@operator_option
 def reprocess_messages(
     config: HubConfig,
     data_dir: Path,
@@ -631,6 +642,7 @@ def reprocess_messages(
     limit: int | None,
     dry_run: bool,
     yes: bool,
+    operator: str | None,
 ) -> None:
     """Run stored messages through the current routes again (new deliveries, new keys).
 
@@ -686,10 +698,18 @@ def reprocess_messages(
             return
         if not message_ids and not yes:
             click.confirm(f"Reprocess {len(ids)} message(s)?", abort=True)
-        _reprocess(config, data_dir, store, ids)
+        target = _ids_text("messages", ids) if message_ids else _filter_text(filters, limit)
+        with _audited(store, "messages reprocess", target, operator) as action:
+            if not message_ids:
+                action.detail = _ids_text("matched messages", ids)
+            _reprocess(config, data_dir, store, ids, action.counts)
+            if action.counts["skipped"]:
+                action.outcome = "partial"
     finally:
         store.close()
     click.echo("deliveries go out when a worker runs (`carehub serve` or `carehub worker`)")
+    if action.counts["skipped"]:
+        sys.exit(1)
 
 
 def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path) -> None:
@@ -710,11 +730,17 @@ def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path) -> None:
 
 
 def _reprocess(
-    config: HubConfig, data_dir: Path, store: MessageStore, message_ids: list[int]
-) -> None:
+    config: HubConfig,
+    data_dir: Path,
+    store: MessageStore,
+    message_ids: list[int],
+    counts: dict[str, int] | None = None,
+) -> dict[str, int]:
     """Route each message again as a new run, with new deliveries under new keys. Deliveries
-    planned under a key an earlier run already used (a care-team notice of the same visit
-    event) are left out by the outbox, so nobody is told twice."""
+        planned under a key an earlier run already used (a care-team notice of the same visit
+        event) are left out by the outbox, so nobody is told twice. Returns how many messages
+        were routed, deliveries queued and messages skipped (rejected at intake), in ``counts``
+    when given (so far as it got, should it fail)."""
     from carehub.hub import build_routing
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
@@ -723,6 +749,8 @@ def _reprocess(
     host, table = build_routing(config, data_dir, store)
     outbox = Outbox(store)
     skipped: list[int] = []
+    counts = {} if counts is None else counts
+    counts.update(messages=0, deliveries=0, skipped=0)
 
     async def run() -> None:
         await table.start()
@@ -742,6 +770,8 @@ def _reprocess(
                     continue
                 result = router.route(message, run=outbox.next_run(message_id))
                 outbox.record_routing([result])
+                counts["messages"] += 1
+                counts["deliveries"] += len(result.deliveries)
                 matched = ", ".join(r.route for r in result.matched) or "no route"
                 click.echo(
                     f"message {message_id} (run {result.run}): {matched}; "
@@ -751,9 +781,11 @@ def _reprocess(
         finally:
             await table.close()
 
-    asyncio.run(run())
-    if skipped:
-        sys.exit(1)
+    try:
+        asyncio.run(run())
+    finally:
+        counts["skipped"] = len(skipped)
+    return counts
 
 
 @messages.command("export")
@@ -833,7 +865,8 @@ RELOAD_WAIT = 30.0
     show_default=True,
     help="Seconds to wait for the hub to report how the reload went.",
 )
-def routes_reload(config: HubConfig, data_dir: Path, timeout: float) -> None:
+@operator_option
+def routes_reload(config: HubConfig, data_dir: Path, timeout: float, operator: str | None) -> None:
     """Make the `carehub serve` of this data dir reload its routes (it gets a SIGHUP), and
     wait for the outcome. Its listeners stay open; invalid routes leave it on the old ones
     (its log says why, and this exits 1). Listener, store and queue settings need a restart.
@@ -860,15 +893,35 @@ def routes_reload(config: HubConfig, data_dir: Path, timeout: float) -> None:
             f"cannot signal carehub serve (pid {before.pid}): {err.strerror}"
         ) from err
     click.echo(f"sent SIGHUP to carehub serve (pid {before.pid}); waiting for it to reload")
+    target = f"carehub serve pid {before.pid}"
+
+    def record(outcome: str, detail: str | None = None) -> None:
+        from carehub.hub import open_store
+
+        action = _Action()
+        action.outcome, action.detail = outcome, detail
+        try:
+            store = open_store(config, data_dir, must_exist=True)
+        except CarehubError as err:
+            click.echo(f"warning: not recorded in the audit trail: {err}", err=True)
+            return
+        try:
+            _record_action(store, "routes reload", target, action, operator)
+        finally:
+            store.close()
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         now = serving_note(config, data_dir)
         if now is None or now.pid != before.pid:
+            record("failed", "the hub stopped meanwhile")
             raise CarehubError(f"carehub serve (pid {before.pid}) stopped meanwhile")
         if now.reloads > before.reloads:
             if now.outcome == "ok":
+                record("ok")
                 click.echo("routes reloaded; its log has the route and destination counts")
                 return
+            record("refused", "the new routes were refused; the hub runs on the old ones")
             click.echo(
                 "the new routes were refused and the hub runs on the old ones: its log says "
                 "why (`carehub routes check` too)",
@@ -876,6 +929,7 @@ def routes_reload(config: HubConfig, data_dir: Path, timeout: float) -> None:
             )
             sys.exit(1)
         time.sleep(0.05)
+    record("failed", f"no answer within {timeout:g} s")
     click.echo(f"no answer within {timeout:g} s: see the hub's log", err=True)
     sys.exit(1)
 
@@ -1093,12 +1147,14 @@ def _not_dead_letters(delivery_ids: tuple[int, ...], found: dict[int, str]) -> N
     "--destination",
     help="Every dead letter of this destination (route/name), e.g. once it is back up.",
 )
+@operator_option
 def dead_letters_retry(
     config: HubConfig,
     data_dir: Path,
     delivery_ids: tuple[int, ...],
     retry_all: bool,
     destination: str | None,
+    operator: str | None,
 ) -> None:
     """Queue dead letters again with a fresh set of attempts; the deliveries held behind them
     follow them in order. Warns when later deliveries of the same lines were already sent."""
@@ -1112,7 +1168,10 @@ def dead_letters_retry(
     try:
         outbox = Outbox(store)
         found = outbox.statuses(list(delivery_ids)) if delivery_ids else {}
-        report = outbox.retry_dead_letters(list(delivery_ids) or None, destination)
+        target = _dead_letters_target(delivery_ids, destination)
+        with _audited(store, "dead-letters retry", target, operator) as action:
+            report = outbox.retry_dead_letters(list(delivery_ids) or None, destination)
+            _line_counts(action, report, len(set(delivery_ids)))
         if destination is not None and not report.count:
             _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
@@ -1179,9 +1238,13 @@ def dead_letters_discard(
                     "(never sent; the deliveries held behind them go on)?",
                     abort=True,
                 )
-        report = outbox.discard_dead_letters(
-            list(delivery_ids) or None, destination, by=operator or _operator(), reason=reason
-        )
+        target = _dead_letters_target(delivery_ids, destination)
+        with _audited(store, "dead-letters discard", target, operator) as action:
+            report = outbox.discard_dead_letters(
+                list(delivery_ids) or None, destination, by=operator or _operator(), reason=reason
+            )
+            _line_counts(action, report, len(set(delivery_ids)))
+            action.detail = f"reason: {reason}" if reason else None
     finally:
         store.close()
     _not_dead_letters(delivery_ids, found)
@@ -1190,6 +1253,22 @@ def dead_letters_discard(
         click.echo(f"{report.released} delivery(ies) held behind them go on, each line in order")
     if delivery_ids and report.count < len(set(delivery_ids)):
         sys.exit(1)
+
+
+def _dead_letters_target(delivery_ids: tuple[int, ...], destination: str | None) -> str:
+    if delivery_ids:
+        return _ids_text("deliveries", delivery_ids)
+    return f"destination {destination}" if destination is not None else "all dead letters"
+
+
+def _line_counts(action: _Action, report: LineReport, named: int) -> None:
+    """A retry's or discard's counts and outcome: none when nothing matched, partial when
+    some named ids were not dead letters."""
+    action.counts = {"dead_letters": report.count, "released": report.released}
+    if not report.count:
+        action.outcome = "none"
+    elif named and report.count < named:
+        action.outcome = "partial"
 
 
 def _operator() -> str:
@@ -1202,6 +1281,93 @@ def _operator() -> str:
     except Exception:  # no login name in the environment or the password database
         user = "unknown user"
     return f"{user}@{socket.gethostname()}"
+
+
+class _Action:
+    """What an audited action did, filled in as it goes (see _audited)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.outcome = "ok"
+        self.detail: str | None = None
+
+
+@contextlib.contextmanager
+def _audited(
+    store: MessageStore, command: str, target: str | None, operator: str | None
+) -> Iterator[_Action]:
+    """Record the block's action in the audit trail once it is over, as it went: an error
+    is recorded as failed (its kind, or a carehub error's own words, never a store error's
+    text, which can quote parameters) and raised on."""
+    action = _Action()
+    try:
+        yield action
+    except (Exception, KeyboardInterrupt) as err:
+        action.outcome = "failed"
+        action.detail = str(err)[:300] if isinstance(err, CarehubError) else type(err).__name__
+        _record_action(store, command, target, action, operator)
+        raise
+    _record_action(store, command, target, action, operator)
+
+
+def _record_action(
+    store: MessageStore, command: str, target: str | None, action: _Action, operator: str | None
+) -> None:
+    from carehub.store.audit import record_action
+
+    try:
+        record_action(
+            store,
+            actor=operator or _operator(),
+            command=command,
+            target=target,
+            counts=action.counts,
+            outcome=action.outcome,
+            detail=action.detail,
+        )
+    except Exception as err:  # the action is done: say so, do not undo it
+        click.echo(f"warning: not recorded in the audit trail: {type(err).__name__}", err=True)
+
+
+#: Ids written out in an audit target; more are counted.
+IDS_SHOWN = 50
+
+
+def _ids_text(noun: str, ids: list[int] | tuple[int, ...]) -> str:
+    """'messages 3, 4, 5', the first IDS_SHOWN of a long list and how many in all."""
+    unique = list(dict.fromkeys(ids))
+    shown = ", ".join(str(i) for i in unique[:IDS_SHOWN])
+    more = f", ... ({len(unique)} in all)" if len(unique) > IDS_SHOWN else ""
+    return f"{noun} {shown}{more}"
+
+
+def _filter_text(filters: MessageFilter, limit: int | None) -> str:
+    """The filters as options, for the audit trail: patient values, field values and
+    searched text are left out (they identify patients), which options were given is kept."""
+    parts: list[str] = []
+    for option, value in (
+        ("--status", filters.status),
+        ("--type", filters.message_type),
+        ("--event", filters.event),
+        ("--listener", filters.listener),
+        ("--control-id", filters.control_id),
+        ("--since", filters.since.isoformat() if filters.since else None),
+        ("--until", filters.until.isoformat() if filters.until else None),
+    ):
+        if value:
+            parts.append(f"{option} {value}")
+    if filters.sending_application or filters.sending_facility:
+        sender = filters.sending_application or ""
+        sender += f"^{filters.sending_facility}" if filters.sending_facility else ""
+        parts.append(f"--sender {sender}")
+    if filters.patient:
+        parts.append("--patient (not recorded)")
+    parts += [f"--field {match.path}=(not recorded)" for match in filters.fields]
+    if filters.contains:
+        parts.append("--contains (not recorded)")
+    if limit is not None:
+        parts.append(f"--limit {limit}")
+    return " ".join(parts)
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -1258,6 +1424,231 @@ def status_command(
                 live.update(render(read_status(store, window)))
     finally:
         store.close()
+
+
+# -- destinations: pause and resume ---------------------------------------------------------
+@main.group()
+def destinations() -> None:
+    """Pause sending to one destination (its maintenance window) and resume it, while the hub
+    keeps taking in and routing messages.
+
+    The state is in the store, so every worker on every host honours it. A paused
+    destination's deliveries wait, their attempts and retry times untouched; on resume they go
+    out, each patient's in order."""
+
+
+def _route_destinations(config: HubConfig, data_dir: Path) -> dict[str, str]:
+    """Each destination the routes name, with its channel (nothing is started)."""
+    from carehub.hub import build_routing
+
+    _, table = build_routing(config, data_dir)
+    return {name: d.channel.name for name, d in sorted(table.destinations.items())}
+
+
+def _unknown_destination(name: str, known: dict[str, str]) -> CarehubError:
+    names = ", ".join(known) or "none"
+    return CarehubError(f"unknown destination {name!r}; the routes have: {names}")
+
+
+def _utc_text(value: datetime) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC"
+
+
+@destinations.command("list")
+@hub_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def destinations_list(config: HubConfig, data_dir: Path, as_json: bool) -> None:
+    """Every destination of the routes: active or paused (since when, by whom, why) and how
+    many deliveries wait for it."""
+    from carehub.hub import open_store
+    from carehub.status import read_status
+
+    known = _route_destinations(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        status = read_status(store, timedelta(minutes=1))
+    finally:
+        store.close()
+    rows: dict[str, dict[str, Any]] = {
+        name: {"destination": name, "channel": channel, "in_routes": True}
+        for name, channel in known.items()
+    }
+    for item in status.destinations:
+        row = rows.setdefault(
+            item.destination,
+            {"destination": item.destination, "channel": item.channel, "in_routes": False},
+        )
+        row["waiting"] = row.get("waiting", 0) + item.waiting
+        if item.paused:
+            row.update(
+                paused_at=item.paused_at.isoformat() if item.paused_at else None,
+                paused_by=item.paused_by,
+                reason=item.pause_reason,
+            )
+    for row in rows.values():
+        row.setdefault("waiting", 0)
+        row["state"] = "paused" if "paused_by" in row else "active"
+    if as_json:
+        for row in rows.values():
+            click.echo(json.dumps(row))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from carehub.display import new_console
+
+    table = Table(title="Destinations", title_justify="left", show_edge=False)
+    for column in ("destination", "channel", "state", "since", "by", "waiting", "reason"):
+        table.add_column(column, justify="right" if column == "waiting" else "left")
+    for row in rows.values():
+        paused = row["state"] == "paused"
+        since = datetime.fromisoformat(row["paused_at"]) if row.get("paused_at") else None
+        table.add_row(
+            row["destination"] + ("" if row["in_routes"] else " (not in the routes)"),
+            row["channel"],
+            Text(row["state"], style="yellow" if paused else ""),
+            _utc_text(since) if since else "",
+            row.get("paused_by") or "",
+            str(row["waiting"]),
+            row.get("reason") or "",
+        )
+    new_console().print(table)
+
+
+@destinations.command("pause")
+@hub_options
+@click.argument("name")
+@click.option("--reason", help="Why (a maintenance window, a ticket), shown by list and status.")
+@operator_option
+def destinations_pause(
+    config: HubConfig, data_dir: Path, name: str, reason: str | None, operator: str | None
+) -> None:
+    """Stop sending to destination NAME (route/name, as `destinations list` shows it) on
+    every worker. Messages are still taken in and routed; its deliveries wait until resumed."""
+    from carehub.hub import open_store
+    from carehub.store.outbox import Outbox
+
+    known = _route_destinations(config, data_dir)
+    if name not in known:
+        raise _unknown_destination(name, known)
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        with _audited(store, "destinations pause", f"destination {name}", operator) as action:
+            report = Outbox(store).pause_destination(
+                name, known[name], by=operator or _operator(), reason=reason
+            )
+            action.counts = {"waiting": report.waiting, "parked": report.moved}
+            action.detail = f"reason: {reason}" if reason else None
+            if not report.changed:
+                action.outcome, action.detail = "none", "already paused"
+    finally:
+        store.close()
+    pause = report.pause
+    assert pause is not None
+    if not report.changed:
+        click.echo(
+            f"{name} is already paused, since {_utc_text(pause.paused_at)} by {pause.paused_by}"
+            + (f": {pause.reason}" if pause.reason else "")
+        )
+        return
+    click.echo(
+        f"paused {name}: {report.waiting} delivery(ies) wait; messages are still taken in and "
+        "routed, and their deliveries to it wait too"
+    )
+    click.echo(
+        "workers stop starting sends to it within a second (a send under way finishes); "
+        f"`carehub destinations resume {name}` sends them, each patient's in order"
+    )
+
+
+@destinations.command("resume")
+@hub_options
+@click.argument("name")
+@operator_option
+def destinations_resume(config: HubConfig, data_dir: Path, name: str, operator: str | None) -> None:
+    """Send to a paused destination again: what waited goes out, each patient's in order."""
+    from carehub.hub import open_store
+    from carehub.store.outbox import Outbox
+
+    known = _route_destinations(config, data_dir)
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        outbox = Outbox(store)
+        if name not in known and name not in {p.destination for p in outbox.paused()}:
+            raise _unknown_destination(name, known)
+        with _audited(store, "destinations resume", f"destination {name}", operator) as action:
+            report = outbox.resume_destination(name)
+            action.counts = {"waiting": report.waiting, "released": report.moved}
+            if not report.changed:
+                action.outcome, action.detail = "none", "was not paused"
+    finally:
+        store.close()
+    if not report.changed:
+        click.echo(f"{name} is not paused; nothing changed")
+        return
+    assert report.pause is not None
+    click.echo(
+        f"resumed {name} (paused since {_utc_text(report.pause.paused_at)} by "
+        f"{report.pause.paused_by}): {report.waiting} delivery(ies) waiting go out as a running "
+        "worker claims them, each patient's in order"
+    )
+
+
+# -- audit trail -------------------------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """The trail of operator actions: who reprocessed, retried, discarded, pruned, paused,
+    resumed or reloaded, and when. It holds ids and counts, never message content or patient
+    identifiers."""
+
+
+@audit.command("list")
+@hub_options
+@click.option(
+    "--since", callback=_moment, help="At or after: ISO date/time or an age such as 30m, 2h, 7d."
+)
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_list(
+    config: HubConfig, data_dir: Path, since: datetime | None, limit: int, as_json: bool
+) -> None:
+    """Operator actions, newest first."""
+    from carehub.hub import open_store
+    from carehub.store.audit import list_actions
+
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        actions = list_actions(store, since, limit)
+    finally:
+        store.close()
+    if as_json:
+        for item in actions:
+            click.echo(json.dumps(item.as_json()))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from carehub.display import new_console
+
+    table = Table(title="Operator actions", title_justify="left", show_edge=False)
+    for column in ("at", "by", "command", "target", "counts", "outcome", "detail"):
+        table.add_column(column, overflow="fold" if column in ("target", "detail") else None)
+    for item in actions:
+        counts = ", ".join(f"{key} {value}" for key, value in item.counts.items())
+        style = {"failed": "red", "refused": "red", "partial": "yellow"}.get(item.outcome, "")
+        table.add_row(
+            _utc_text(item.at),
+            item.actor,
+            item.command,
+            item.target or "",
+            counts,
+            Text(item.outcome, style=style),
+            item.detail or "",
+        )
+    if actions:
+        new_console().print(table)
+    else:
+        click.echo("no operator actions recorded" + (" since then" if since else ""))
 
 
 # -- plugins and workers ---------------------------------------------------------------------
@@ -1412,6 +1803,7 @@ def store_upgrade(config: HubConfig, data_dir: Path) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Count what would go and what stays; change nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask first.")
+@operator_option
 def store_prune(
     config: HubConfig,
     data_dir: Path,
@@ -1420,6 +1812,7 @@ def store_prune(
     include_unfinished: bool,
     dry_run: bool,
     yes: bool,
+    operator: str | None,
 ) -> None:
     """Delete messages received more than N days ago that have no work left, and reclaim the
     space.
@@ -1447,7 +1840,16 @@ def store_prune(
             if holder is not None:
                 click.echo(f"a hub ({holder}) is serving from this store now")
             click.confirm(f"Delete {plan.deleted:,} message(s)?", abort=True)
-        result = opened.prune(age, full_vacuum=full, include_unfinished=include_unfinished)
+        target = f"older than {days} day(s)" + (
+            ", including unfinished" if include_unfinished else ""
+        )
+        with _audited(opened, "store prune", target, operator) as action:
+            result = opened.prune(age, full_vacuum=full, include_unfinished=include_unfinished)
+            action.counts = {"messages": result.messages_deleted}
+            if result.plan is not None:
+                action.counts["kept"] = result.plan.kept
+            if not result.messages_deleted:
+                action.outcome = "none"
     finally:
         opened.close()
     line = f"pruned {result.messages_deleted} message(s) older than {days} day(s)"

@@ -207,6 +207,11 @@ def _destination_gauges(
             "Seconds the longest-waiting delivery has waited since it was planned (0: none)",
             labels=_DESTINATION,
         ),
+        "paused": GaugeMetricFamily(
+            "carehub_destination_paused",
+            "1 while an operator has paused the destination (nothing is sent to it), else 0",
+            labels=_DESTINATION,
+        ),
     }
     for item in destinations:
         labels = [item.destination, item.channel]
@@ -216,6 +221,7 @@ def _destination_gauges(
         families["held"].add_metric(labels, item.held)
         oldest = item.oldest_waiting if item.waiting else None
         families["oldest"].add_metric(labels, _seconds_since(status, oldest))
+        families["paused"].add_metric(labels, 1 if item.paused else 0)
     yield from families.values()
 
 

@@ -29,6 +29,7 @@ from carehub.store.schema import (
     deliveries,
     delivery_in,
     messages,
+    paused_destinations,
 )
 from carehub.store.store import MessageStore, first_id_since
 
@@ -70,6 +71,11 @@ class DestinationState:
     held: int = 0
     #: Of the newest delivery that failed and waits to retry, else of the newest dead letter.
     last_error: str | None = None
+    #: Paused by an operator (`carehub destinations pause`): since when, by whom, why.
+    paused: bool = False
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+    pause_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +107,10 @@ class HubStatus:
     @property
     def held(self) -> int:
         return sum(item.held for item in self.destinations)
+
+    @property
+    def paused(self) -> list[DestinationState]:
+        return [item for item in self.destinations if item.paused]
 
     def as_json(self) -> dict[str, Any]:
         """Plain JSON types: times as ISO 8601 in UTC."""
@@ -235,6 +245,13 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
         item = state(destination, channel)
         if item.last_error is None and last_error:
             item.last_error = last_error
+    # Paused destinations, with or without work waiting (a few rows, read whole).
+    for row in conn.execute(select(paused_destinations)):
+        marked = [item for (name, _), item in found.items() if name == row.destination]
+        for item in marked or [state(row.destination, row.channel or "")]:
+            item.paused, item.paused_at = True, _aware(row.paused_at)
+            item.paused_by, item.pause_reason = row.paused_by, row.reason
+
     # A destination with nothing retrying but dead letters: the newest dead letter's error.
     dead_errors = conn.execute(
         select(deliveries.c.destination, deliveries.c.channel, deliveries.c.last_error)
@@ -326,7 +343,7 @@ def render(status: HubStatus) -> RenderableType:
         outbox.add_column("last error", overflow="fold")
         for item in status.destinations:
             outbox.add_row(
-                item.destination,
+                Text.assemble(item.destination, (" (paused)", "yellow") if item.paused else ""),
                 item.channel,
                 str(item.delivered),
                 str(item.waiting),
@@ -344,6 +361,15 @@ def render(status: HubStatus) -> RenderableType:
             Text(
                 f"{status.dead_letters} dead letter(s): see `carehub dead-letters list`",
                 style="red",
+            )
+        )
+    for item in status.paused:
+        why = f": {_one_line(item.pause_reason)}" if item.pause_reason else ""
+        parts.append(
+            Text(
+                f"{item.destination} paused {_age(item.paused_at, now)} ago by {item.paused_by}"
+                f"{why}; its deliveries wait (`carehub destinations resume {item.destination}`)",
+                style="yellow",
             )
         )
     if status.held:

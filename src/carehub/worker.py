@@ -53,6 +53,10 @@ RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
 STORE_RETRY = 0.5  # seconds before recording results again after the store refused
 LEASE = timedelta(minutes=5)  # a delivery held longer than this is put back in line
+#: Seconds between reads of which destinations operators paused. Claims skip a paused
+#: destination at once (the store says so); this bounds how long deliveries already in hand
+#: for it may still start.
+PAUSE_CHECK = 1.0
 
 
 @dataclass(slots=True)
@@ -106,6 +110,9 @@ class Worker:
         self._uses: Counter[int] = Counter()
         self._retiring: set[asyncio.Task[None]] = set()
         self._drained = False  # stopping, and the sends in flight are done (or given up on)
+        #: Destinations paused by an operator, as last read (see PAUSE_CHECK).
+        self._paused: frozenset[str] = frozenset()
+        self._paused_read = float("-inf")
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
@@ -392,6 +399,8 @@ class Worker:
                 except Exception as err:  # the store is locked or down: claim again later
                     log.warning("claiming deliveries failed: %s", err)
                 last_claim = time.monotonic()
+            if time.monotonic() - self._paused_read >= PAUSE_CHECK:
+                await self._read_paused()
             waiting: list[DeliveryRecord] = []
             for delivery in self._claimed:
                 room = len(self._inflight) < settings.delivery_concurrency and (
@@ -412,6 +421,29 @@ class Worker:
             busy = self._results or self._inflight or self._claimed
             wait = CLAIM_INTERVAL if busy else settings.poll_interval
             await self._wake_delivery.wait(wait)
+
+    async def _read_paused(self) -> None:
+        """Read which destinations are paused; deliveries in hand for one go back to the
+        store unsent (pending: parked by the next sweep, or claimed once it is resumed)."""
+        self._paused_read = time.monotonic()
+        try:
+            paused = await self._store_call(self.outbox.paused_names)
+        except Exception as err:  # the store is locked or down: keep the last reading
+            log.warning("reading paused destinations failed: %s", err)
+            return
+        for name in sorted(paused - self._paused):
+            log.info("destination %s is paused: nothing is sent to it until it is resumed", name)
+        for name in sorted(self._paused - paused):
+            log.info("destination %s is resumed", name)
+        self._paused = paused
+        back = [d.id for d in self._claimed if d.destination in paused]
+        if not back:
+            return
+        self._claimed = [d for d in self._claimed if d.destination not in paused]
+        try:
+            await self._store_call(self.outbox.release, back)
+        except Exception as err:  # their leases run out and put them back in line
+            log.warning("handing back %d delivery(ies) failed: %s", len(back), err)
 
     def _limited(self, destination_name: str) -> bool:
         """Whether ``per_destination`` applies to this destination's channel."""

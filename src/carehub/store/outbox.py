@@ -13,6 +13,10 @@ for its next retry) is parked: its due time is PARKED, so claims, which walk pen
 by due time, never read it, and a down destination's backlog costs other claims nothing. It is
 made due again when its line moves: a delivery sent after failing, a dead letter that lets the
 line go on, retried or discarded. The worker's sweep mends what a race between workers left.
+
+A destination an operator paused (``carehub destinations pause``) stalls every line to it: its
+pending deliveries are parked, new ones are written parked, and the claim skips it, until it is
+resumed; then each line goes on in order, as after a retry of dead letters.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from carehub.store.schema import (
     message_events,
     message_steps,
     messages,
+    paused_destinations,
 )
 from carehub.store.store import EVENT_COLUMNS, DriverSQL, MessageStore, _aware
 
@@ -102,6 +107,27 @@ class LineReport:
     #: receiver is already broken: sent before this hub held lines, or with ``continue``).
     overtaken: int = 0
     overtaken_lines: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class PausedDestination:
+    """A destination an operator paused: since when, by whom, why."""
+
+    destination: str
+    channel: str | None
+    paused_at: datetime
+    paused_by: str
+    reason: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class PauseReport:
+    """What a pause or resume did: ``changed`` False when it already was paused (or was not)."""
+
+    changed: bool
+    waiting: int  # the destination's deliveries pending or being sent
+    moved: int = 0  # parked by a pause, made due by a resume
+    pause: PausedDestination | None = None  # the pause in force (pause) or ended (resume)
 
 
 @dataclass(slots=True, frozen=True)
@@ -201,6 +227,8 @@ class Handover:
 #: The due time of a delivery parked behind a stalled line (see the module doc). Far beyond any
 #: retry time, and within what both databases and Python's datetime hold.
 PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+#: busy_lines' attempt count for a destination that is paused (not a line).
+PAUSED_LINE = -2
 
 
 def _literal(condition: Any) -> str:
@@ -216,7 +244,9 @@ _PENDING_SQL = _literal(delivery_in(deliveries, *PENDING))
 def _stalled_before(row: str, alias: str) -> str:
     """SQL: something earlier in ``row``'s line stalls it, a delivery failed once and waiting
     (or being sent) again, or a dead letter that holds the line; each read through its
-    partial index (the status conditions are written as the indexes have them)."""
+    partial index (the status conditions are written as the indexes have them). Or an
+    operator paused ``row``'s destination: the whole destination stalls until resumed, so
+    parking, the sweep and a line moving on all leave its deliveries parked."""
     line = (
         f"{alias}.destination = {row}.destination AND {alias}.order_key = {row}.order_key "
         f"AND {alias}.id < {row}.id"
@@ -226,7 +256,9 @@ def _stalled_before(row: str, alias: str) -> str:
         f"(EXISTS (SELECT 1 FROM deliveries {alias} WHERE {line} AND {unfinished} "
         f"AND {alias}.attempts > 0) "
         f"OR EXISTS (SELECT 1 FROM deliveries {alias} WHERE {line} "
-        f"AND {alias}.status = '{DeliveryStatus.DEAD.value}' AND {alias}.holds_line))"
+        f"AND {alias}.status = '{DeliveryStatus.DEAD.value}' AND {alias}.holds_line) "
+        f"OR EXISTS (SELECT 1 FROM paused_destinations {alias}p "
+        f"WHERE {alias}p.destination = {row}.destination))"
     )
 
 
@@ -281,6 +313,23 @@ class _WorkerSQL(DriverSQL):
             f"SELECT id FROM deliveries WHERE {_PENDING_SQL} "
             f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
         )
+        # Parameters: PARKED, destination, PARKED. Every waiting delivery of a destination
+        # being paused, through the index of unfinished deliveries by line.
+        self.park_destination = (
+            f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
+            f"AND {_PENDING_SQL} AND destination = {m} AND not_before < {m}"
+        )
+        # Parameters: now, destination, PARKED. A resumed destination's parked deliveries
+        # that nothing earlier in their line stalls: the rest follow as their lines move.
+        self.unpark_destination = (
+            f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
+            f"AND {_PENDING_SQL} AND destination = {m} "
+            f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
+        )
+        # Parameters: destination. Its deliveries pending or being sent.
+        self.count_waiting = (
+            f"SELECT count(*) FROM deliveries WHERE {_UNFINISHED_SQL} AND destination = {m}"
+        )
         # Parameters: now. Due deliveries a stalled one is before, which claims would
         # otherwise read and pass over every time.
         self.stalled_due = (
@@ -308,8 +357,9 @@ class _WorkerSQL(DriverSQL):
         """Which (destination, order key) lines already hold an unfinished delivery or a dead
         letter that holds the line, each with the highest attempt count among the
         unfinished (above 0: one failed and waits to be tried again) or -1 for a dead letter:
-        a new delivery there waits, parked when the line is stalled. Takes the destinations
-        and keys twice."""
+        a new delivery there waits, parked when the line is stalled. Then each of the
+        destinations that is paused, as (destination, NULL, -2): its deliveries are written
+        parked. Takes the destinations and keys twice, then the destinations."""
         lines = (
             f"destination IN ({self.marks(destinations)}) "
             f"AND order_key IN ({self.marks(order_keys)})"
@@ -318,7 +368,9 @@ class _WorkerSQL(DriverSQL):
             f"SELECT destination, order_key, max(attempts) FROM deliveries WHERE {lines} "
             f"AND {_UNFINISHED_SQL} GROUP BY destination, order_key "
             f"UNION ALL SELECT DISTINCT destination, order_key, -1 FROM deliveries "
-            f"WHERE {lines} AND status = '{DeliveryStatus.DEAD.value}' AND holds_line"
+            f"WHERE {lines} AND status = '{DeliveryStatus.DEAD.value}' AND holds_line "
+            f"UNION ALL SELECT destination, NULL, -2 FROM paused_destinations "
+            f"WHERE destination IN ({self.marks(destinations)})"
         )
 
     def ids_by_key(self, count: int) -> str:
@@ -382,11 +434,19 @@ def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]
     held = _earlier_in_line(
         dead, delivery_in(dead, DeliveryStatus.DEAD), dead.c.holds_line.is_(True)
     )
+    # A paused destination's deliveries are parked; this catches one routed or released as
+    # the pause was made (a probe of a table of a few rows, by its key).
+    paused = (
+        select(paused_destinations.c.destination)
+        .where(paused_destinations.c.destination == deliveries.c.destination)
+        .exists()
+    )
     query = select(deliveries.c.id).where(
         delivery_in(deliveries, *PENDING),
         deliveries.c.not_before <= bindparam("now"),
         ~blocked,
         ~held,
+        ~paused,
     )
     if exclude_destinations:
         query = query.where(deliveries.c.destination.notin_(bindparam("exclude", expanding=True)))
@@ -554,11 +614,16 @@ class Outbox:
         destinations = tuple({d.destination for _, _, d in planned})
         keys = tuple({d.order_key for _, _, d in planned})
         rows = conn.exec_driver_sql(
-            self._sql.busy_lines(len(destinations), len(keys)), (destinations + keys) * 2
+            self._sql.busy_lines(len(destinations), len(keys)),
+            (destinations + keys) * 2 + destinations,
         )
         busy: set[tuple[str, str]] = set()
         stalled: set[tuple[str, str]] = set()
+        paused: set[str] = set()
         for destination, key, attempts in rows:
+            if attempts == PAUSED_LINE:
+                paused.add(destination)
+                continue
             busy.add((destination, key))
             if attempts:  # failed once and waiting, or a dead letter holding the line (-1)
                 stalled.add((destination, key))
@@ -568,7 +633,7 @@ class Outbox:
         parked: set[int] = set()
         for position, (_, _, d) in enumerate(planned):
             line = (d.destination, d.order_key)
-            if line in stalled:
+            if line in stalled or d.destination in paused:
                 parked.add(position)
                 continue
             if line in busy:
@@ -1152,6 +1217,73 @@ class Outbox:
         self.tidy_lines()
         return changed
 
+    # -- pausing a destination -------------------------------------------------------------
+    def pause_destination(
+        self, destination: str, channel: str | None, *, by: str, reason: str | None = None
+    ) -> PauseReport:
+        """Stop sending to ``destination`` on every worker, keep routing to it: its waiting
+        deliveries are parked (attempts and retry times stop where they are) and new ones
+        are written parked. A destination already paused keeps its first pause's record."""
+        sql = self._sql
+        now = _now()
+        parked = sql.time(PARKED)
+        with self.engine.begin() as conn:
+            current = self._pause_of(conn, destination)
+            if current is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            insert(paused_destinations).values(
+                                destination=destination,
+                                channel=channel,
+                                paused_at=now,
+                                paused_by=by,
+                                reason=reason,
+                            )
+                        )
+                except IntegrityError:  # another operator paused it a moment ago
+                    current = self._pause_of(conn, destination)
+            moved = conn.exec_driver_sql(
+                sql.park_destination, (parked, destination, parked)
+            ).rowcount
+            waiting = int(conn.exec_driver_sql(sql.count_waiting, (destination,)).scalar_one())
+            pause = current or PausedDestination(destination, channel, now, by, reason)
+        return PauseReport(current is None, waiting, moved, pause)
+
+    def resume_destination(self, destination: str) -> PauseReport:
+        """Send to a paused destination again: its parked deliveries become due, each line
+        in order (a line stalled by a retry or a dead letter stays so)."""
+        sql = self._sql
+        with self.engine.begin() as conn:
+            current = self._pause_of(conn, destination)
+            conn.execute(
+                paused_destinations.delete().where(paused_destinations.c.destination == destination)
+            )
+            moved = conn.exec_driver_sql(
+                sql.unpark_destination, (sql.time(_now()), destination, sql.time(PARKED))
+            ).rowcount
+            waiting = int(conn.exec_driver_sql(sql.count_waiting, (destination,)).scalar_one())
+        return PauseReport(current is not None, waiting, moved, current)
+
+    def paused(self) -> list[PausedDestination]:
+        """Every paused destination, by name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(paused_destinations).order_by(paused_destinations.c.destination)
+            )
+            return [_pause(row) for row in rows]
+
+    def paused_names(self) -> frozenset[str]:
+        """The names of the paused destinations (what a worker checks its hand against)."""
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(select(paused_destinations.c.destination)).scalars())
+
+    def _pause_of(self, conn: Any, destination: str) -> PausedDestination | None:
+        row = conn.execute(
+            select(paused_destinations).where(paused_destinations.c.destination == destination)
+        ).first()
+        return _pause(row) if row is not None else None
+
     def tidy_lines(self, now: datetime | None = None) -> tuple[int, int]:
         """Park the due deliveries a stalled delivery is before, and make due the parked ones
         nothing stalls any more; returns (parked, made due). Parking as lines stall and move
@@ -1172,6 +1304,12 @@ class Outbox:
                     query = sql.set_due(len(chunk), stalled=False)
                     freed += conn.exec_driver_sql(query, (at, *chunk)).rowcount
         return newly, freed
+
+
+def _pause(row: Any) -> PausedDestination:
+    return PausedDestination(
+        row.destination, row.channel, _aware(row.paused_at), row.paused_by, row.reason
+    )
 
 
 def _waiting_behind(dead: Any, waiting: Any) -> Any:

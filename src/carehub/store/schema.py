@@ -239,6 +239,36 @@ delivery_attempts = Table(
 )
 Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)
 
+# Destinations an operator paused (`carehub destinations pause`): a row while paused, deleted
+# on resume. In the store, so every worker on every host honours it; their deliveries stay
+# pending, parked, and are not claimed (migration 0011). Past pauses are in operator_actions.
+paused_destinations = Table(
+    "paused_destinations",
+    metadata,
+    Column("destination", String(255), primary_key=True),
+    Column("channel", String(64), nullable=True),  # as the routes had it, for status and metrics
+    Column("paused_at", DateTime(timezone=True), nullable=False),
+    Column("paused_by", String(255), nullable=False),
+    Column("reason", Text, nullable=True),
+)
+
+# What operators did to the hub's work (reprocess, retry, discard, prune, pause, resume,
+# reload): who, when, what it touched (row ids, filter text with patient values left out, a
+# destination) and counts. Never message content or patient identifiers.
+operator_actions = Table(
+    "operator_actions",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("command", String(64), nullable=False),  # e.g. "dead-letters retry"
+    Column("target", Text, nullable=True),
+    Column("counts", Text, nullable=True),  # JSON object of names to numbers
+    Column("outcome", String(16), nullable=False),  # ok | none | partial | refused | failed
+    Column("detail", Text, nullable=True),
+)
+Index("ix_operator_actions_at", operator_actions.c.at)
+
 
 # -- care transitions (encounter state, notifications, follow-up clocks) ----------------------
 
