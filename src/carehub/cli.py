@@ -1758,8 +1758,9 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
                 return
             loaded = await reloader.load(store)
             if loaded is not None:
-                await worker.replace_routing(loaded[0], loaded[1])
-                log_reloaded(loaded[1], loaded[2])
+                new_host, new_table, note = loaded
+                await worker.replace_routing(new_table, new_host)
+                log_reloaded(new_table, note)
 
         on_sighup(reload_routes)
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")

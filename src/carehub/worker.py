@@ -459,8 +459,10 @@ class Worker:
         started = datetime.now(UTC)
         clock = time.perf_counter()
         attempt = delivery.attempts + 1
-        destination = table.destination(delivery.destination)
         try:
+            # Inside the try: whatever goes wrong here is a failed attempt, recorded, never a
+            # delivery left 'sending' until its lease runs out.
+            destination = table.destination(delivery.destination)
             if destination is None:
                 raise DeliveryError(
                     f"destination {delivery.destination!r} is no longer configured",

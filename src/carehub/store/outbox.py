@@ -355,9 +355,12 @@ class _WorkerSQL(DriverSQL):
 
     def busy_lines(self, destinations: int, order_keys: int) -> str:
         """Which (destination, order key) lines already hold an unfinished delivery or a dead
-        letter that holds the line, each with the highest attempt count among the
-        unfinished (above 0: one failed and waits to be tried again) or -1 for a dead letter:
-        a new delivery there waits, parked when the line is stalled. Then each of the
+        letter that holds the line, each with the highest attempt count among those waiting
+        (above 0: one failed and waits to be tried again) or -1 for a dead letter: a new
+        delivery there waits, parked when the line is stalled. One being sent again right
+        now does not stall its line: when that send works, the finish unparks only what it
+        sees, and a delivery another worker was routing into the line meanwhile would stay
+        parked until the sweep; when it fails, the finish parks what is behind it. Then each of the
         destinations that is paused, as (destination, NULL, -2): its deliveries are written
         parked. Takes the destinations and keys twice, then the destinations."""
         lines = (
@@ -365,7 +368,9 @@ class _WorkerSQL(DriverSQL):
             f"AND order_key IN ({self.marks(order_keys)})"
         )
         return (
-            f"SELECT destination, order_key, max(attempts) FROM deliveries WHERE {lines} "
+            "SELECT destination, order_key, "
+            f"max(CASE WHEN status = '{DeliveryStatus.PENDING.value}' THEN attempts ELSE 0 END) "
+            f"FROM deliveries WHERE {lines} "
             f"AND {_UNFINISHED_SQL} GROUP BY destination, order_key "
             f"UNION ALL SELECT DISTINCT destination, order_key, -1 FROM deliveries "
             f"WHERE {lines} AND status = '{DeliveryStatus.DEAD.value}' AND holds_line "
@@ -834,7 +839,18 @@ class Outbox:
         a route raised in the latest run (the other routes finishing must not hide that)."""
         by_message: dict[int, list[str]] = {}
         routing_failed: set[int] = set()
-        ids = tuple(message_ids)
+        ids = tuple(sorted(message_ids))
+        if not self.store.is_sqlite:
+            # Two workers finishing deliveries of one message at the same moment would each
+            # read the other's as still 'sending' (READ COMMITTED) and neither would settle
+            # it. Locking the messages first makes the second wait for the first's commit;
+            # its next read then sees both. Deliveries, then messages, in id order, as
+            # retry_dead_letters locks them: no deadlock.
+            conn.exec_driver_sql(
+                f"SELECT id FROM messages WHERE id IN ({self._sql.marks(len(ids))}) "
+                "ORDER BY id FOR UPDATE",
+                ids,
+            )
         rows = conn.exec_driver_sql(self._sql.delivery_statuses(len(ids)), ids)
         for message_id, status, message_status in rows:
             by_message.setdefault(message_id, []).append(status)

@@ -565,10 +565,20 @@ class MessageStore:
         return engine
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (a no-op when it already is)."""
+        """Bring the schema to the newest revision (a no-op when it already is).
+
+        On PostgreSQL, `serve` and every `carehub worker` migrate as they start, often at the
+        same moment: the first to arrive takes a transaction-scoped advisory lock for the
+        schema and migrates, the others wait for its commit and then find nothing to do
+        (without it, one of two processes starting on a new schema failed on "duplicate key
+        value violates unique constraint pg_type_typname_nsp_index")."""
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                conn.exec_driver_sql(
+                    "SELECT pg_advisory_xact_lock(hashtext('carehub migrate ' || current_schema()))"
+                )
             cfg.attributes["connection"] = conn
             alembic_command.upgrade(cfg, "head")
 
