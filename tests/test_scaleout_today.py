@@ -700,7 +700,8 @@ def test_dead_letters_hold_lines_on_both_workers_until_retry_by_destination(
 
         def settled() -> dict[str, Any] | None:
             hook = deployment.destination(HOOK)
-            done = (hook["dead"], hook["held"], hook["retrying"]) == (12, 228, 0)
+            counts = (hook["dead"], hook["held"], hook["retrying"], hook["waiting"])
+            done = counts == (12, 228, 0, 228)
             return hook if done and store.count("received") == 0 else None
 
         hook = wait_for(settled, 30, what="a dead letter holding each of 12 lines")

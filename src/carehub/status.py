@@ -145,6 +145,10 @@ def read_status(store: MessageStore, window: timedelta, now: datetime | None = N
     status = HubStatus(now=now, since=now - window)
     since = status.since
     with store.engine.connect() as conn:
+        if not store.is_sqlite:
+            # One snapshot for every figure, so that held never reads above waiting while
+            # workers route between two of the queries.
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
         listeners: dict[tuple[str, str], ListenerIntake] = {}
         intake_rows = conn.execute(
             select(
