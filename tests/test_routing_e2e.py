@@ -5,6 +5,7 @@ carehub as an MLLP destination. Nothing is mocked; every wait polls for a condit
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,39 @@ def test_two_500s_then_200_is_delivered_on_attempt_3(tmp_path: Path, http: HTTPS
     assert [r.status for r in http.requests] == [500, 500, 200]
     assert {r.key for r in http.requests} == {delivery.idempotency_key}
     assert len({r.body for r in http.requests}) == 1  # every retry sends the same bytes
+
+
+def test_a_send_past_worker_send_timeout_is_a_failed_attempt_then_retried(
+    tmp_path: Path, http: HTTPServer
+) -> None:
+    """A receiver that holds the first request far past worker.send_timeout (the webhook's
+    own timeout is longer still): that attempt ends as a failure naming the setting, and the
+    retry is delivered, rather than the send holding the patient's line for as long as the
+    receiver likes."""
+    http.delay = lambda _: 20.0 if len(http.requests) == 1 else 0.0
+    config = routed_config(
+        tmp_path,
+        f"""
+routes:
+  - name: hooked
+    when: {{type: ADT}}
+    steps:
+      - forward: {{channel: webhook, name: hook, url: {http.url()}, timeout: 60,
+                   retry: {FAST_RETRY % 3}}}
+""",
+    )
+    config.worker.send_timeout = 0.5
+    with HubThread(config, tmp_path / "data") as hub:
+        began = time.monotonic()
+        assert send(hub, make_adt("SLOW-1")) == ["AA"]
+        wait_statuses(hub.store, {"SLOW-1": "delivered"})
+        took = time.monotonic() - began
+        delivery = deliveries_of(hub.store, "SLOW-1")["hooked/hook"]
+        assert attempt_outcomes(hub.store, delivery.id) == [(1, "failed"), (2, "delivered")]
+        first = Outbox(hub.store).attempts(delivery.id)[0]
+        assert "within 0.5 s (worker.send_timeout)" in (first.detail or "")
+    assert took < 10, took
+    assert len(http.requests) == 2
 
 
 def test_always_500_is_a_dead_letter_until_retried(tmp_path: Path, http: HTTPServer) -> None:

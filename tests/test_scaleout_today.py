@@ -73,6 +73,12 @@ class Receiver:
         self.unavailable = False
         self.refuse_once: set[str] = set()
         self._refused: set[str] = set()
+        #: Control ID -> seconds its first request is held before it is answered (a slow
+        #: send); ``let_go`` ends every hold at once.
+        self.hold_first: dict[str, float] = {}
+        self.let_go = threading.Event()
+        #: Control ID -> (monotonic time of each request's arrival), answered or not.
+        self.arrived: dict[str, list[float]] = {}
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -92,6 +98,11 @@ class Receiver:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 event = body.get("event") or {}
                 control_id = body.get("control_id")
+                with receiver._lock:
+                    receiver.arrived.setdefault(control_id, []).append(time.monotonic())
+                    hold = receiver.hold_first.pop(control_id, 0.0)
+                if hold:
+                    receiver.let_go.wait(hold)
                 with receiver._lock:
                     if receiver.unavailable:
                         status = 503
@@ -122,6 +133,7 @@ class Receiver:
         self._server = server
 
     def down(self) -> None:
+        self.let_go.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -181,7 +193,13 @@ class Deployment:
     """serve --no-worker and workers on one schema and vhost, as separate processes."""
 
     def __init__(
-        self, tmp_path: Path, pg_url: str, amqp_url: str, hook_url: str, archive: bool = True
+        self,
+        tmp_path: Path,
+        pg_url: str,
+        amqp_url: str,
+        hook_url: str,
+        archive: bool = True,
+        worker: str = "poll_interval: 0.1",
     ) -> None:
         fresh_queue(amqp_url, PARTITIONS)  # nothing left from another test's store
         self.tmp_path = tmp_path
@@ -197,7 +215,7 @@ queue: {{url: "{amqp_url}", partitions: {PARTITIONS}}}
 listeners:
   mllp: [{{name: adt, host: 127.0.0.1, port: 0}}]
   http: {{host: 127.0.0.1, port: 0}}
-worker: {{poll_interval: 0.1}}
+worker: {{{worker}}}
 routes: [routes.yaml]
 """
         )
@@ -277,8 +295,10 @@ def deploy(
 ) -> Iterator[Callable[..., Deployment]]:
     made: list[Deployment] = []
 
-    def make(path: str = "/v1/hook", archive: bool = True) -> Deployment:
-        deployment = Deployment(tmp_path, pg_url, amqp_url, receiver.url(path), archive)
+    def make(
+        path: str = "/v1/hook", archive: bool = True, worker: str = "poll_interval: 0.1"
+    ) -> Deployment:
+        deployment = Deployment(tmp_path, pg_url, amqp_url, receiver.url(path), archive, worker)
         made.append(deployment)
         return deployment
 
@@ -833,3 +853,68 @@ def test_sighup_moves_both_workers_to_the_new_url_and_loses_nothing(
         store.close()
     assert deployment.stop_all() == {"worker-a": 0, "worker-b": 0, "serve": 0}
     clean_logs(serve, *workers)
+
+
+#: Leases of two seconds, renewed every two thirds of one, so a test sees them run out.
+SHORT_LEASE = "poll_interval: 0.1, lease_seconds: 2"
+
+
+def test_a_send_slower_than_the_lease_is_sent_once(
+    deploy: Callable[..., Deployment], receiver: Receiver
+) -> None:
+    """The receiver holds one message's request for two leases' time while a second worker
+    claims all it can: the worker sending it keeps its lease renewed, so the other never takes
+    it over and sends it again. Every message is delivered once, the slow one included."""
+    deployment = deploy(archive=False, worker=SHORT_LEASE)
+    serve = deployment.start_serve()
+    workers = start_two_workers(deployment)
+    receiver.hold_first["L0005"] = 4.0  # under the webhook timeout of 5 s
+    feed = Feed("L", 20, 20)  # a patient each: no line waits behind the slow one
+    feed.send(serve.mllp_address)
+    assert Counter(code for _, _, code in feed.answers) == {"AA": 20}
+    store = MessageStore(deployment.pg_url)
+    try:
+        wait_for(lambda: "L0005" in receiver.arrived, 20, what="the slow send under way")
+        wait_delivered(store, 20, 40, serve, *workers)
+        assert len(receiver.arrived["L0005"]) == 1
+        check_delivered_once_in_order(store, receiver, feed, None)
+    finally:
+        store.close()
+    assert deployment.stop_all() == {"worker-a": 0, "worker-b": 0, "serve": 0}
+    clean_logs(serve, *workers)
+
+
+def test_a_worker_killed_mid_send_has_its_delivery_taken_over_within_a_lease(
+    deploy: Callable[..., Deployment], receiver: Receiver
+) -> None:
+    """Worker A is alone when a message comes and the receiver holds its request; A is
+    killed with SIGKILL mid-send and worker B started. B sends the message again (same
+    idempotency key) once A's lease runs out unrenewed: seconds after the kill, where a
+    fixed five-minute lease made it wait five minutes or more, and that patient's next
+    message with it."""
+    deployment = deploy(archive=False, worker=SHORT_LEASE)
+    serve = deployment.start_serve()
+    worker_a = deployment.start_worker("worker-a")
+    worker_a.wait_ready()
+    receiver.hold_first["K0000"] = 30.0
+    feed = Feed("K", 2, 1)  # one patient: K0001 waits in line behind K0000
+    feed.send(serve.mllp_address)
+    store = MessageStore(deployment.pg_url)
+    try:
+        wait_for(lambda: "K0000" in receiver.arrived, 20, what="the send under way")
+        worker_a.kill()
+        killed = time.monotonic()
+        worker_b = deployment.start_worker("worker-b")
+        worker_b.wait_ready()
+        wait_delivered(store, 2, 30, serve, worker_b)
+        again = receiver.arrived["K0000"][1]
+        assert again - killed < 10, again - killed
+        assert len(receiver.arrived["K0000"]) == 2  # the one A never heard answered, and B's
+        delivery = Outbox(store).find(destination=HOOK, limit=None)[0]
+        assert (delivery.status, delivery.attempts) == ("delivered", 1)
+        check_delivered_once_in_order(store, receiver, feed, None)
+    finally:
+        store.close()
+    receiver.let_go.set()
+    assert deployment.stop_all() == {"worker-b": 0, "serve": 0}
+    clean_logs(serve, worker_b)

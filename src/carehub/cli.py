@@ -1734,13 +1734,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
     store = open_store(config, data_dir)
     reloader = RouteReloader(config, data_dir)
     host, table = build_routing(config, data_dir, store)
-    settings = WorkerSettings(
-        config.worker.delivery_concurrency,
-        config.worker.per_destination,
-        config.worker.poll_interval,
-        single_host=False,
-        tick_interval=config.worker.tick_interval,
-    )
+    settings = WorkerSettings.from_config(config.worker, single_host=False)
 
     async def run() -> None:
         stop = asyncio.Event()

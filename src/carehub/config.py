@@ -152,6 +152,19 @@ class WorkerConfig(_Strict):
     per_destination: int = Field(32, ge=1, description="sends in flight to one destination")
     poll_interval: float = Field(0.5, gt=0, description="seconds between checks for retries")
     tick_interval: float = Field(30.0, gt=0, description="seconds between periodic jobs")
+    lease_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="seconds a claimed delivery stays with its worker unless renewed; a "
+        "worker renews its own every third of this, so the deliveries of one that dies "
+        "mid-send go back in line within this time",
+    )
+    send_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="seconds one send may take before it counts as a failed attempt "
+        "(a channel's own timeout normally ends it first)",
+    )
 
 
 class HubIdentity(_Strict):

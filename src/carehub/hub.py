@@ -413,13 +413,10 @@ class Hub:
                 on_accepted=self._publish if self.publisher else None,
             )
             if worker.enabled:
-                settings = WorkerSettings(
-                    worker.delivery_concurrency,
-                    worker.per_destination,
-                    worker.poll_interval,
-                    single_host=self.store.is_sqlite,
-                    tick_interval=worker.tick_interval,
-                )
+                # Only with the in-process queue is this worker the only one that can hold
+                # leases: with a broker, `carehub worker`s elsewhere hold theirs.
+                single_host = self.store.is_sqlite and self.work_queue.is_memory
+                settings = WorkerSettings.from_config(worker, single_host=single_host)
                 if self.work_queue.is_memory:  # every message is then routed by this worker
                     self.store.recent = RecentMessages()  # what intake stores, the worker takes
                 self.worker = Worker(self.store, self.table, self.host, self.work_queue, settings)

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from carehub.components import DeliveryError, Outgoing
+from carehub.config import WorkerConfig
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
 from carehub.routing.table import RouteTable
@@ -52,7 +53,8 @@ CLAIM_INTERVAL = 0.02  # seconds between claims while sends are in hand or in fl
 RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
 STORE_RETRY = 0.5  # seconds before recording results again after the store refused
-LEASE = timedelta(minutes=5)  # a delivery held longer than this is put back in line
+#: A worker renews the leases of the deliveries it holds this many times a lease.
+LEASE_RENEWALS = 3
 #: Seconds between reads of which destinations operators paused. Claims skip a paused
 #: destination at once (the store says so); this bounds how long deliveries already in hand
 #: for it may still start.
@@ -64,8 +66,24 @@ class WorkerSettings:
     delivery_concurrency: int = 128
     per_destination: int = 32
     poll_interval: float = 0.5
-    single_host: bool = True  # SQLite: no other process can hold a delivery lease
+    #: No other process can hold a delivery lease (the embedded hub: SQLite and the
+    #: in-process queue), so every lease left at start is a crashed run's, released at once.
+    single_host: bool = True
     tick_interval: float = 30.0
+    lease: float = 60.0  # seconds; see WorkerConfig.lease_seconds
+    send_timeout: float = 300.0  # seconds; see WorkerConfig.send_timeout
+
+    @classmethod
+    def from_config(cls, config: WorkerConfig, *, single_host: bool) -> WorkerSettings:
+        return cls(
+            config.delivery_concurrency,
+            config.per_destination,
+            config.poll_interval,
+            single_host=single_host,
+            tick_interval=config.tick_interval,
+            lease=config.lease_seconds,
+            send_timeout=config.send_timeout,
+        )
 
 
 class Worker:
@@ -132,6 +150,7 @@ class Worker:
             asyncio.create_task(self._delivery_loop(), name="deliver"),
             asyncio.create_task(self._sweep_loop(), name="sweep"),
             asyncio.create_task(self._tick_loop(), name="tick"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
         ]
         if started is not None:
             started()
@@ -216,15 +235,49 @@ class Worker:
             self._wake_delivery.set()
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
-        """Re-queue messages lost from the queue, put deliveries whose lease ran out (their
-        worker died mid-send) back in line, and mend parked lines (Outbox.tidy_lines)."""
+        """Re-queue messages lost from the queue and mend parked lines (Outbox.tidy_lines)."""
         while await self._pause(every):
             try:
                 await asyncio.to_thread(self._requeue_unrouted, every)
-                await asyncio.to_thread(self.outbox.release_expired_leases)
                 await asyncio.to_thread(self.outbox.tidy_lines)
             except Exception:
                 log.exception("re-queueing unrouted messages failed")
+
+    async def _lease_loop(self) -> None:
+        """Keep the leases of the deliveries this worker holds, and put back in line those
+        whose worker stopped renewing them (it died mid-send).
+
+        A lease is short and renewed rather than long and fixed: a fixed five-minute lease
+        left a killed worker's sends, and each patient's later messages behind them, waiting
+        five to six minutes on another worker; and a send slower than the lease (a channel
+        timeout set above it, a receiver that answers late) was claimed by a second worker
+        and sent twice. Now a held delivery stays held however long its send takes, and a
+        dead worker's come back within one lease and one renewal interval."""
+        lease = timedelta(seconds=self.settings.lease)
+        while await self._pause(self.settings.lease / LEASE_RENEWALS):
+            held = self._held()
+            try:
+                if held:
+                    await self._store_call(self.outbox.renew_leases, held, lease)
+                released = await self._store_call(self.outbox.release_expired_leases)
+            except Exception as err:  # the store is locked or down: try at the next renewal
+                log.warning("renewing %d delivery lease(s) failed: %s", len(held), err)
+                continue
+            if released:
+                log.warning(
+                    "%d delivery(ies) whose worker stopped renewing their lease (it stopped "
+                    "mid-send) are back in line",
+                    released,
+                )
+                self._wake_delivery.set()
+
+    def _held(self) -> list[int]:
+        """Deliveries leased to this worker: in hand, being sent, or sent with the result
+        not written yet."""
+        held = [d.id for d in self._claimed]
+        held.extend(self._inflight)
+        held.extend(r.delivery_id for r in self._results)
+        return held
 
     def _apply_line_policy(self) -> None:
         """Dead letters get their destination's ``retry.after_dead_letter`` as the routes say
@@ -340,7 +393,11 @@ class Worker:
     def _handover(self) -> Handover:
         """The room this worker has for deliveries routing plans now (see Handover): what a
         claim would take, under the same limits."""
-        return Handover(max(0, self._room()), LEASE, frozenset(self._full_destinations()))
+        return Handover(
+            max(0, self._room()),
+            timedelta(seconds=self.settings.lease),
+            frozenset(self._full_destinations()),
+        )
 
     def _room(self) -> int:
         """How many more deliveries this worker takes in hand: two rounds of sends."""
@@ -364,6 +421,7 @@ class Worker:
         """Claim deliveries in batches (a claim is one query however many it takes), keep
         them in hand, and start each as its destination has room."""
         settings = self.settings
+        lease = timedelta(seconds=settings.lease)
         last_flush = last_claim = time.monotonic()
         while not self._stop.is_set():
             # Attempt results are written in groups, and deliveries claimed in groups: one
@@ -394,7 +452,7 @@ class Worker:
                 full = self._full_destinations()
                 try:
                     self._claimed.extend(
-                        await self._store_call(self.outbox.claim_due, want, LEASE, None, full, held)
+                        await self._store_call(self.outbox.claim_due, want, lease, None, full, held)
                     )
                 except Exception as err:  # the store is locked or down: claim again later
                     log.warning("claiming deliveries failed: %s", err)
@@ -474,7 +532,20 @@ class Worker:
                 delivery.idempotency_key,
                 delivery.metadata,
             )
-            receipt = await destination.channel.send(outgoing)
+            limit = asyncio.timeout(self.settings.send_timeout)
+            try:
+                async with limit:
+                    receipt = await destination.channel.send(outgoing)
+            except TimeoutError as err:
+                if not limit.expired():
+                    raise  # the channel's own
+                # Cancelled like a send at shutdown: the channel drops a connection it was
+                # using, so a late answer is never read as the answer to another message.
+                raise DeliveryError(
+                    f"no answer from the channel within {self.settings.send_timeout:g} s "
+                    "(worker.send_timeout)",
+                    retryable=True,
+                ) from err
             result = AttemptResult(
                 delivery.id,
                 delivery.message_id,

@@ -226,6 +226,8 @@ class Handover:
 
 #: The due time of a delivery parked behind a stalled line (see the module doc). Far beyond any
 #: retry time, and within what both databases and Python's datetime hold.
+#: Ids bound into one IN (...) list, well under SQLite's oldest limit of 999 variables.
+_IDS_PER_STATEMENT = 500
 PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 #: busy_lines' attempt count for a destination that is paused (not a line).
 PAUSED_LINE = -2
@@ -772,6 +774,27 @@ class Outbox:
             taken = {"ids": ids, "_lease_until": now + lease, "_now": now}
             rows = conn.execute(_TAKE, taken).all()
         return sorted((_record(r) for r in rows), key=lambda d: d.id)
+
+    def renew_leases(
+        self, delivery_ids: list[int], lease: timedelta, now: datetime | None = None
+    ) -> int:
+        """Extend the leases of deliveries this worker still holds (Worker._lease_loop);
+        those finished or handed back meanwhile are left alone. How many were renewed."""
+        if not delivery_ids:
+            return 0
+        until = (now or _now()) + lease
+        renewed = 0
+        with self.engine.begin() as conn:
+            for start in range(0, len(delivery_ids), _IDS_PER_STATEMENT):
+                renewed += conn.execute(
+                    update(deliveries)
+                    .where(
+                        deliveries.c.id.in_(delivery_ids[start : start + _IDS_PER_STATEMENT]),
+                        deliveries.c.status == DeliveryStatus.SENDING.value,
+                    )
+                    .values(lease_until=until)
+                ).rowcount
+        return renewed
 
     def release_expired_leases(self, now: datetime | None = None) -> int:
         """Deliveries whose worker stopped before finishing them go back in line."""
