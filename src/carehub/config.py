@@ -66,6 +66,13 @@ class MLLPListenerConfig(_Strict):
     )
     default_charset: str = "utf-8"
     tls: TLSConfig | None = None
+    enhanced_acks: bool = Field(
+        False,
+        description="honour enhanced-mode acknowledgment: a message with MSH-15 or MSH-16 "
+        "valued is answered with an accept ACK (CA stored, CE refused or not stored, CR "
+        "rejected), sent only when MSH-15 asks (AL always, NE never, ER on errors, SU on "
+        "success); off, every frame gets an original-mode AA/AE/AR",
+    )
 
     _charset = field_validator("default_charset")(_known_codec)
 

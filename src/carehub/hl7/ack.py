@@ -1,4 +1,5 @@
-"""Original-mode acknowledgments (AA / AE / AR) built as text, in the sender's own dialect.
+"""Acknowledgments built as text, in the sender's own dialect: original mode (AA / AE / AR),
+or in enhanced mode the accept acknowledgment (CA / CE / CR) for a listener that honours it.
 
 The ACK swaps sending and receiving application/facility, keeps the inbound separators and
 version, echoes MSH-10 in MSA-2, and carries an ERR segment with a readable reason on errors.
@@ -18,6 +19,26 @@ class AckCode(StrEnum):
     ACCEPT = "AA"
     ERROR = "AE"
     REJECT = "AR"
+
+
+#: The enhanced-mode accept acknowledgment for each outcome: committed to the store (CA), stored
+#: but refused or not stored (CE), not taken as a message at all (CR).
+COMMIT_CODES = {AckCode.ACCEPT: "CA", AckCode.ERROR: "CE", AckCode.REJECT: "CR"}
+
+
+def accept_ack_wanted(accept_ack_type: str, code: AckCode) -> bool:
+    """Whether MSH-15 (HL7 table 0155) asks for an accept acknowledgment of this outcome: AL
+    always, NE never, ER on an error or rejection only, SU on success only. Empty (enhanced
+    mode asked for by MSH-16 alone) or a value the table lacks: always, as an answer the
+    sender did not want costs less than one it waits for in vain."""
+    kind = accept_ack_type.strip().upper()
+    if kind == "NE":
+        return False
+    if kind == "ER":
+        return code is not AckCode.ACCEPT
+    if kind == "SU":
+        return code is AckCode.ACCEPT
+    return True
 
 
 class ErrorCode(StrEnum):
@@ -78,8 +99,10 @@ def build_ack(
     error_location: str = "",
     hub_application: str = "CAREHUB",
     hub_facility: str = "",
+    enhanced: bool = False,
 ) -> str:
-    """The ACK text (segments ended by CR) for ``original``; None when it had no readable MSH."""
+    """The ACK text (segments ended by CR) for ``original`` (None when it had no readable
+    MSH); ``enhanced``: the accept acknowledgment, MSA-1 CA/CE/CR (COMMIT_CODES)."""
     seps = original.separators if original else Separators()
     f, c = seps.field, seps.component
 
@@ -118,7 +141,7 @@ def build_ack(
 
     text = escape(reason, seps) if reason else ""
     modern = _version_tuple(version) >= (2, 5)
-    msa = ["MSA", code.value, field(10)]
+    msa = ["MSA", COMMIT_CODES[code] if enhanced else code.value, field(10)]
     if text and _version_tuple(version) < (2, 7):
         msa.append(text)  # MSA-3 was withdrawn in v2.7; ERR-8 carries the text from v2.5 on.
     segments.append(f.join(msa))

@@ -28,7 +28,8 @@ class MessageHeader:
     control_id: str
     processing_id: str
     version: str
-    accept_ack_type: str
+    accept_ack_type: str  # MSH-15
+    application_ack_type: str  # MSH-16
     patient: PatientId | None
 
     @classmethod
@@ -60,8 +61,15 @@ class MessageHeader:
             processing_id=first_components(11, 1)[0],
             version=first_components(12, 1)[0],
             accept_ack_type=text(15).strip(),
+            application_ack_type=text(16).strip(),
             patient=primary_patient_id(view),
         )
+
+    @property
+    def asks_enhanced_mode(self) -> bool:
+        """MSH-15 or MSH-16 valued: the sender asks for enhanced-mode acknowledgment (HL7
+        v2 ch. 2); both empty is original mode."""
+        return bool(self.accept_ack_type or self.application_ack_type)
 
     def problem(self) -> str | None:
         """Why the content must be refused (AE), or None when the header is usable."""

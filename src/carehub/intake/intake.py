@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from carehub.hl7.ack import AckCode, ErrorCode, build_ack
+from carehub.hl7.ack import AckCode, ErrorCode, accept_ack_wanted, build_ack
 from carehub.hl7.batch import split_data
 from carehub.hl7.charsets import decode_message, encode_reply
 from carehub.hl7.header import MessageHeader
@@ -41,15 +41,22 @@ class Arrival:
     listener: str
     peer: str | None = None
     default_charset: str = "utf-8"
+    #: The listener honours enhanced-mode acknowledgment (MLLPListenerConfig.enhanced_acks).
+    enhanced_acks: bool = False
 
 
 @dataclass(slots=True, frozen=True)
 class IntakeResult:
+    """One frame's outcome. ``code`` is the outcome in original-mode terms, whatever was sent
+    (it is what the store records); ``ack`` is the answer, with CA/CE/CR in enhanced mode;
+    ``send`` is False when the sender's MSH-15 asked for no answer to this outcome."""
+
     code: AckCode
     ack: bytes
     message_id: int | None
     duplicate: bool = False
     reason: str | None = None
+    send: bool = True
 
 
 #: Called with the result of one frame once it is settled (committed, or refused by the store).
@@ -179,25 +186,29 @@ class Intake:
         arrival: Arrival,
     ) -> IntakeResult:
         """The ACK for a committed (or refused by the store) message, and the counts."""
-        charset = message.charset or "utf-8"
         if isinstance(outcome, StoreUnavailable):
             self.counts[arrival.listener, "store_error"] += 1
             reason = "message not stored: the message store is unavailable; please resend"
-            ack = self._ack(AckCode.ERROR, view, reason, ErrorCode.APPLICATION_INTERNAL_ERROR, "")
-            return IntakeResult(
-                AckCode.ERROR, self._encode(ack, charset, message.raw), None, False, reason
+            return self._result(
+                AckCode.ERROR,
+                view,
+                message,
+                arrival,
+                None,
+                reason=reason,
+                error_code=ErrorCode.APPLICATION_INTERNAL_ERROR,
             )
         if problem:
             self.counts[arrival.listener, "refused"] += 1
-            ack = self._ack(
-                AckCode.ERROR, view, problem.reason, problem.error_code, problem.location
-            )
-            return IntakeResult(
+            return self._result(
                 AckCode.ERROR,
-                self._encode(ack, charset, message.raw),
+                view,
+                message,
+                arrival,
                 outcome.message_id,
-                False,
-                problem.reason,
+                reason=problem.reason,
+                error_code=problem.error_code,
+                location=problem.location,
             )
         self.counts[arrival.listener, "duplicate" if outcome.duplicate else "accepted"] += 1
         if outcome.reuses is not None:
@@ -217,12 +228,8 @@ class Intake:
                     outcome.message_id,
                 ),
             )
-        ack = self._ack(AckCode.ACCEPT, view, "", None, "")
-        return IntakeResult(
-            AckCode.ACCEPT,
-            self._encode(ack, charset, message.raw),
-            outcome.message_id,
-            outcome.duplicate,
+        return self._result(
+            AckCode.ACCEPT, view, message, arrival, outcome.message_id, outcome.duplicate
         )
 
     def reject_unreadable_frame_soon(
@@ -283,24 +290,39 @@ class Intake:
                 self.counts[arrival.listener, "store_error"] += 1
             else:
                 message_id = outcome.message_id
-            ack = self._ack(AckCode.REJECT, view, reason, error_code, location)
             answer(
-                IntakeResult(
-                    AckCode.REJECT, self._encode(ack, charset, payload), message_id, False, reason
+                self._result(
+                    AckCode.REJECT,
+                    view,
+                    message,
+                    arrival,
+                    message_id,
+                    reason=reason,
+                    error_code=error_code,
+                    location=location,
                 )
             )
 
         self.writer.submit_soon(message, committed)
 
-    def _ack(
+    def _result(
         self,
         code: AckCode,
         view: MessageView | None,
-        reason: str,
-        error_code: ErrorCode | None,
-        location: str,
-    ) -> str:
-        return build_ack(
+        message: NewMessage,
+        arrival: Arrival,
+        message_id: int | None,
+        duplicate: bool = False,
+        *,
+        reason: str = "",
+        error_code: ErrorCode | None = None,
+        location: str = "",
+    ) -> IntakeResult:
+        """The answer to one frame: an original-mode ACK, or on a listener that honours it and
+        for a message that asks for it, the enhanced-mode accept ACK, sent as MSH-15 says."""
+        header = message.header
+        enhanced = arrival.enhanced_acks and header is not None and header.asks_enhanced_mode
+        ack = build_ack(
             code,
             view,
             reason=reason,
@@ -308,12 +330,13 @@ class Intake:
             error_location=location,
             hub_application=self.hub_application,
             hub_facility=self.hub_facility,
+            enhanced=enhanced,
         )
-
-    @staticmethod
-    def _encode(ack: str, charset: str, received: bytes) -> bytes:
-        """The ACK in the message's own character set (and UTF-16/32 byte order and mark)."""
-        return encode_reply(ack, charset, received)
+        send = True
+        if enhanced and header is not None:
+            send = accept_ack_wanted(header.accept_ack_type, code)
+        encoded = encode_reply(ack, message.charset or "utf-8", message.raw)
+        return IntakeResult(code, encoded, message_id, duplicate, reason or None, send)
 
 
 def _not_hl7_reason(text: str) -> str:

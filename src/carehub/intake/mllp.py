@@ -1,5 +1,8 @@
 """The MLLP listener: asyncio, persistent connections, every frame answered in order.
 
+(With ``enhanced_acks`` a frame whose MSH-15 asks for no answer to its outcome gets none; it
+still keeps its place, so the answers that are sent stay in frame order.)
+
 Each connection is an ``asyncio.Protocol``: whatever the socket hands over goes through the
 frame decoder, each complete frame goes to intake at once (frames read together share a
 commit), and the ACKs are written in the order their frames came, each as soon as it and every
@@ -76,7 +79,9 @@ class _Connection(asyncio.Protocol):
             self.host = str(peername[0])
             self.peer = f"{peername[0]}:{peername[1]}"
         config = self.listener.config
-        self.arrival = Arrival("mllp", config.name, self.peer, config.default_charset)
+        self.arrival = Arrival(
+            "mllp", config.name, self.peer, config.default_charset, config.enhanced_acks
+        )
         self.listener.opened(self)
         log.debug("MLLP connection from %s on %s", self.peer, config.name)
 
@@ -115,7 +120,8 @@ class _Connection(asyncio.Protocol):
         intake = self.listener.intake
 
         def answered(result: IntakeResult) -> None:
-            answer.frame = encode_frame(result.ack)
+            # b"": its sender's MSH-15 asked for no answer; it still keeps its place in line.
+            answer.frame = encode_frame(result.ack) if result.send else b""
             self._write_answered()
 
         if isinstance(event, Frame):
@@ -138,7 +144,8 @@ class _Connection(asyncio.Protocol):
         ready: list[bytes] = []
         while answers and (frame := answers[0].frame) is not None:
             answers.popleft()
-            ready.append(frame)
+            if frame:
+                ready.append(frame)
         transport = self.transport
         if ready and transport is not None and not transport.is_closing():
             transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
