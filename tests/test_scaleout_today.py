@@ -479,6 +479,23 @@ def test_serve_and_two_workers_start_together_on_a_new_schema(
     assert deployment.stop_all() == {"worker-a": 0, "worker-b": 0, "serve": 0}
 
 
+def test_a_worker_says_ready_once_it_consumes_every_partition(
+    deploy: Callable[..., Deployment],
+) -> None:
+    """`carehub ready` is what deployment scripts wait for: by then the worker holds a
+    consumer on every partition queue, not merely a connection to the broker."""
+    deployment = deploy(archive=False)
+    deployment.start_serve()
+    worker = deployment.start_worker("worker-a")
+    worker.wait_ready()
+    consuming = [
+        test_rabbitmq.consumers_on(deployment.amqp_url, f"carehub.route.{p}")
+        for p in range(PARTITIONS)
+    ]
+    assert consuming == [1] * PARTITIONS
+    assert deployment.stop_all() == {"worker-a": 0, "serve": 0}
+
+
 def resent_events(store: MessageStore) -> int:
     with store.engine.connect() as conn:
         query = "SELECT count(*) FROM message_events WHERE event = 'resent'"

@@ -1756,12 +1756,17 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
                 await worker.replace_routing(new_table, new_host)
                 log_reloaded(new_table, note)
 
+        def started() -> None:
+            """Ready means consuming: a deployment script that waits for the line can then
+            count on this worker taking its share of the partitions."""
+            consuming.set()
+            click.echo("carehub ready")
+            sys.stdout.flush()
+
         on_sighup(reload_routes)
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
         settle_garbage_collector()
-        click.echo("carehub ready")
-        sys.stdout.flush()
-        await worker.run(stop, started=consuming.set)
+        await worker.run(stop, started=started)
 
     try:
         asyncio.run(run())
