@@ -81,7 +81,7 @@ def test_status_counts_intake_backlog_and_each_destination(
     no_control_id = make_adt("").encode()  # AE: stored, content refused
     not_hl7 = b"this is not an HL7 message"  # AR
     with HubThread(config, data_dir) as hub:
-        mllp_exchange(hub.mllp_address, [*adts, no_control_id, not_hl7])
+        mllp_exchange(hub.mllp_address, [*adts, no_control_id, not_hl7, adts[0], adts[1]])
         wait_for(
             lambda: len(servers["down"].requests) == 6 and len(servers["flaky"].requests) == 3,
             what="the down destination tried twice a message and the flaky one once",
@@ -99,6 +99,7 @@ def test_status_counts_intake_backlog_and_each_destination(
     (intake,) = report["intake"]
     assert (intake["transport"], intake["listener"]) == ("mllp", "test")
     assert (intake["accepted"], intake["refused"], intake["rejected"]) == (3, 1, 1)
+    assert intake["resent"] == 2  # answered AA again, stored once
     assert report["received"] == 5
     # Routed, not finished: the flaky destination still waits to try again.
     assert report["by_status"] == {"routed": 3, "refused": 1, "rejected": 1}

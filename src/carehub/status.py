@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, literal_column, select
 
 from carehub.store.outbox import held_counts
 from carehub.store.schema import (
@@ -28,10 +28,11 @@ from carehub.store.schema import (
     MessageStatus,
     deliveries,
     delivery_in,
+    message_events,
     messages,
     paused_destinations,
 )
-from carehub.store.store import MessageStore, first_id_since
+from carehub.store.store import RESENT, MessageStore, first_id_since
 
 #: How many of the newest failed-and-waiting deliveries are read to find each destination's
 #: last error; enough to cover every destination without reading a long retry queue whole.
@@ -45,6 +46,7 @@ class ListenerIntake:
     transport: str
     listener: str
     accepted: int = 0  # AA
+    resent: int = 0  # answered AA again and not stored again: the sender did not hear the first
     refused: int = 0  # AE: stored, content refused
     rejected: int = 0  # AR: not HL7, too large, cut short
     last_received: datetime | None = None
@@ -176,6 +178,19 @@ def read_status(store: MessageStore, window: timedelta, now: datetime | None = N
             if last is not None and (item.last_received is None or last > item.last_received):
                 item.last_received = last
             status.by_status[message_status] = status.by_status.get(message_status, 0) + count
+        resent_rows = message_events.join(messages, messages.c.id == message_events.c.message_id)
+        resends = conn.execute(
+            select(messages.c.transport, messages.c.listener, func.count())
+            .select_from(resent_rows)
+            .where(
+                message_events.c.event == literal_column(f"'{RESENT}'"),  # the partial index
+                message_events.c.at >= since,
+            )
+            .group_by(messages.c.transport, messages.c.listener)
+        )
+        for transport, listener, count in resends:
+            item = listeners.setdefault((transport, listener), ListenerIntake(transport, listener))
+            item.resent = count
         status.intake = sorted(listeners.values(), key=lambda item: (item.transport, item.listener))
 
         backlog, oldest = conn.execute(
@@ -307,13 +322,15 @@ def render(status: HubStatus) -> RenderableType:
     ]
 
     intake = Table(title=f"Intake, last {window}", title_justify="left", show_edge=False)
-    for column in ("listener", "accepted (AA)", "refused (AE)", "rejected (AR)", "per minute"):
+    columns = ("listener", "accepted (AA)", "resent", "refused (AE)", "rejected (AR)", "per minute")
+    for column in columns:
         intake.add_column(column, justify="left" if column == "listener" else "right")
     intake.add_column("last received")
     for item in status.intake:
         intake.add_row(
             f"{item.transport}:{item.listener}",
             str(item.accepted),
+            _warn(item.resent),
             _warn(item.refused),
             _warn(item.rejected),
             f"{item.total / minutes:.1f}",

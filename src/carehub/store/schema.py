@@ -114,6 +114,14 @@ message_events = Table(
     Column("detail", Text, nullable=True),
 )
 Index("ix_message_events_message", message_events.c.message_id)
+# Resends by time, for `carehub status` (migration 0012): few rows, so a partial index.
+_resent = message_events.c.event == literal_column("'resent'")
+Index(
+    "ix_message_events_resent",
+    message_events.c.at,
+    sqlite_where=_resent,
+    postgresql_where=_resent,
+)
 
 
 class DeliveryStatus(StrEnum):
