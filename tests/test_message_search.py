@@ -727,6 +727,7 @@ def test_the_search_reads_the_same_on_postgresql(store_url: str) -> None:
         assert ids(message_type="adt") == ["BAD", "ADMIT", "OLD"]
         assert ids(since=now - timedelta(hours=5), until=now - timedelta(minutes=15)) == ["ADMIT"]
         assert ids(control_id="LAB") == ["LAB"]
+        assert ids(control_id="BAD") == ["BAD"]  # refused: no identity, found all the same
         assert ids(fields=(FieldMatch.parse("PV1-3.4=SOUTH"),)) == ["ADMIT"]
         assert ids(contains="labx") == ["BAD"]
     finally:
@@ -756,3 +757,41 @@ def test_a_listing_cut_by_its_limit_says_there_may_be_more(data_dir: Path) -> No
     assert "(the newest 2; there may be more" in cut.stderr
     whole = list_result(data_dir, "--limit", "50")
     assert "there may be more" not in whole.stderr
+
+
+def test_control_id_is_found_for_every_sender_that_used_it(store_url: str) -> None:
+    """One MSH-10 from four senders (one of them an empty facility, one a name that sorts
+    between the others' keys), reused by one with other content, and once in a refused
+    message: the search by control ID alone finds each, and nothing with a control ID that
+    merely begins the same way or belongs to a neighbouring sender."""
+    now = datetime.now(UTC)
+    store = MessageStore(store_url)
+    store.migrate()
+    senders = [("ADT", "EAST"), ("ADT", ""), ("ADT", "EAST2"), ("ADTX", "EAST"), ("LAB", "NORTH")]
+    try:
+        store.insert_messages(
+            [
+                adt("MSG1", at=now, sender=sender, patient_id=f"P{n}")
+                for n, sender in enumerate(senders)
+            ]
+            + [
+                adt("MSG1", at=now, sender=("ADT", "EAST"), patient_id="P9"),  # reused
+                adt("MSG10", at=now, sender=("ADT", "EAST")),
+                adt("MSG", at=now, sender=("ADT", "EAST")),
+                adt("MSG1", at=now, sender=("ZZZ", "Z"), status=MessageStatus.REFUSED),
+            ]
+        )
+        found = list(store.search(MessageFilter(control_id="MSG1"), limit=None))
+        assert sorted((m.sending_application, m.sending_facility, m.patient_id) for m in found) == [
+            ("ADT", "", "P1"),
+            ("ADT", "EAST", "P0"),
+            ("ADT", "EAST", "P9"),
+            ("ADT", "EAST2", "P2"),
+            ("ADTX", "EAST", "P3"),
+            ("LAB", "NORTH", "P4"),
+            ("ZZZ", "Z", "P1"),
+        ]
+        assert [m.id for m in found] == sorted((m.id for m in found), reverse=True)
+        assert list(store.search(MessageFilter(control_id="MSG2"), limit=None)) == []
+    finally:
+        store.close()
