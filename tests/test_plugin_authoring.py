@@ -9,6 +9,8 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -35,6 +37,7 @@ from carehub.plugins import (
 from carehub.routing.dryrun import dry_run
 from carehub.testing import HubThread, local_config, make_adt, mllp_exchange, run_routes
 from tests.helpers_http import CarehubProcess, HTTPServer, wait_for
+from tests.test_cli import env_without_carehub
 from tests.test_plugins import FAILING_STEP_PLUGIN, TRANSLATOR_PLUGIN, plugins_dir
 
 #: An enricher whose start() has a plain bug.
@@ -587,6 +590,17 @@ def test_routes_test_exits_1_when_a_route_errors_and_prints_the_error_once(
     assert f"{discharge}: matched no route" in result.stdout  # every result is printed
     assert result.stdout.count("ValueError: boom") == 1
     assert result.stderr == f"failed: a route error for 1 message(s): {admit}\n"
+    # The same as a process of its own, where no test harness holds the log records.
+    args = ["routes", "test", admit, "--config", config, "--data-dir", tmp_path / "d"]
+    alone = subprocess.run(
+        [str(Path(sys.executable).with_name("carehub")), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env_without_carehub(),
+        timeout=60,
+    )
+    assert alone.returncode == 1
+    assert alone.stderr == f"failed: a route error for 1 message(s): {admit}\n"
 
     result = routes_test(admit, "--json")
     assert result.exit_code == 1

@@ -210,9 +210,9 @@ def test_a_failed_any_shows_every_branchs_failures() -> None:
 def test_not_explains_the_condition_that_held() -> None:
     (check,) = when({"not": {"events": "A01"}}).explain(view())
     assert (check.what, check.value, check.expected, check.passed) == (
-        "not event (MSH-9.2)",
+        "not: event (MSH-9.2)",
         "A01",
-        "not (in ['A01'])",
+        "not in ['A01']",
         False,
     )
 
@@ -467,7 +467,7 @@ def test_when_reads_the_message_as_the_edits_before_it_left_it() -> None:
     assert segments[-1] == "ZNT|gone"
     assert "ZNT|seen" not in segments
     assert changes[2]["skipped"] == (
-        "not ZPI[*]-1 = '2', wanted not (present (passed at ZPI[2]-1))"
+        "not: ZPI[*]-1 = '2', wanted not (present (passed at ZPI[2]-1))"
     )
 
 

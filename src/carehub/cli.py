@@ -1017,6 +1017,9 @@ def routes_test(
             payloads.append(payload)
     failed: list[str] = []
     unmatched: list[str] = []
+    # Each step error is in the output below; the router's log line for it would only print
+    # the same failure again, above the results.
+    logging.getLogger("carehub.routing.router").setLevel(logging.ERROR)
     for label, result in zip(labels, dry_run_all(table, host, payloads), strict=True):
         if as_json:
             click.echo(json.dumps({"file": label, **result_as_json(result)}, default=str))

@@ -120,10 +120,26 @@ class Check:
         """This check as seen from inside ``not``: it passes when the inner one fails."""
         return replace(
             self,
-            what=f"not {self.what}",
-            expected=f"not ({self.expected})",
+            what=f"not: {self.what}",
+            expected=_opposite(self.expected),
             passed=not self.passed,
         )
+
+
+#: A condition's description and the words for its opposite (see Check.negated).
+_OPPOSITES = (("not in ", "in "), ("in ", "not in "), ("matches ", "does not match "))
+
+
+def _opposite(expected: str) -> str:
+    """What ``not`` wants, in words: "not in ['A08']" rather than "not (in ['A08'])"; a
+    description of several parts, or one saying where a [*] path held, keeps its brackets."""
+    if " and " not in expected and "(" not in expected:
+        for words, opposite in _OPPOSITES:
+            if expected.startswith(words):
+                return opposite + expected.removeprefix(words)
+        if expected in ("present", "empty"):
+            return "empty" if expected == "present" else "present"
+    return f"not ({expected})"
 
 
 # The named conditions and the field each one reads.
