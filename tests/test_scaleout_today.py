@@ -872,6 +872,32 @@ def test_sighup_moves_both_workers_to_the_new_url_and_loses_nothing(
     clean_logs(serve, *workers)
 
 
+def test_status_lists_serve_and_workers_and_a_worker_left_on_old_routes(
+    deploy: Callable[..., Deployment], receiver: Receiver
+) -> None:
+    """Every process of the deployment is in `status --json` with the same route set; after
+    the route file changes and only one worker is sent SIGHUP, status counts two route sets
+    at once (the reloaded worker says so without waiting for its next heartbeat), and a
+    worker that stops is gone from the list."""
+    deployment = deploy(archive=False)
+    serve = deployment.start_serve()
+    workers = start_two_workers(deployment)
+    processes = deployment.status()["processes"]
+    assert sorted(p["role"] for p in processes) == ["serve", "worker", "worker"]
+    assert {p["pid"] for p in processes} == {p.process.pid for p in (serve, *workers)}
+    assert all(p["answering"] for p in processes)
+    assert deployment.status()["route_sets"] == 1
+    deployment.routes.write_text(routes_yaml(receiver.url("/v2/hook"), None))
+    workers[0].process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "routes reloaded" in workers[0].stderr, 15, what="the reload")
+    wait_for(lambda: deployment.status()["route_sets"] == 2, 5, what="two route sets")
+    assert workers[1].terminate(30) == 0
+    left = {p["pid"] for p in deployment.status()["processes"]}
+    assert left == {serve.process.pid, workers[0].process.pid}
+    assert deployment.stop_all() == {"worker-a": 0, "serve": 0}
+    clean_logs(serve, *workers)
+
+
 #: Leases of two seconds, renewed every two thirds of one, so a test sees them run out.
 SHORT_LEASE = "poll_interval: 0.1, lease_seconds: 2"
 

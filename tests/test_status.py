@@ -212,3 +212,57 @@ def test_watch_with_json_prints_a_line_each_time(tmp_path: Path, store: MessageS
     assert process.returncode == 0
     assert [line["received"] for line in lines] == [1, 1, 1]
     assert lines[0]["now"] < lines[1]["now"] < lines[2]["now"]
+
+
+def test_status_lists_the_processes_and_names_a_silent_one_and_mixed_routes(
+    tmp_path: Path,
+) -> None:
+    """The running hub has a row with its route set while it runs and none once stopped; a
+    worker that stopped answering (its row left stale, as after a SIGKILL) is marked, and
+    answering processes with different route sets are pointed out."""
+    from sqlalchemy import insert
+
+    from carehub.hub import route_set_digest
+    from carehub.store.schema import hub_processes
+
+    config = routed_config(tmp_path, "routes: []\n")
+    data_dir = tmp_path / "data"
+    now = datetime.now(UTC)
+
+    def worker_row(pid: int, seen: datetime, routes: str) -> dict[str, Any]:
+        return {
+            "id": f"worker-{pid}",
+            "role": "worker",
+            "host": "host-b",
+            "pid": pid,
+            "version": "0.1.0",
+            "started_at": now - timedelta(hours=1),
+            "last_seen": seen,
+            "routes": routes,
+            "routes_loaded_at": now - timedelta(hours=1),
+        }
+
+    with HubThread(config, data_dir) as hub:
+        (serve,) = status_json(data_dir)["processes"]
+        assert (serve["role"], serve["answering"]) == ("serve", True)
+        assert serve["routes"] == route_set_digest(config)
+        with hub.store.engine.begin() as conn:
+            conn.execute(
+                insert(hub_processes),
+                [
+                    worker_row(4001, now - timedelta(minutes=10), serve["routes"]),
+                    worker_row(4002, now, "0123456789ab"),
+                ],
+            )
+        report = status_json(data_dir)
+        answering = {p["pid"]: p["answering"] for p in report["processes"]}
+        assert answering == {serve["pid"]: True, 4001: False, 4002: True}
+        assert report["route_sets"] == 2
+        result = CliRunner().invoke(
+            main, ["status", "--data-dir", str(data_dir)], env=env_without_carehub()
+        )
+        text = plain(result.output)
+        assert "not answering" in text
+        assert "the running processes use 2 different route sets" in text
+    left = {p["pid"] for p in status_json(data_dir)["processes"]}
+    assert left == {4001, 4002}  # the hub removed its own row as it stopped

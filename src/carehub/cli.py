@@ -1723,6 +1723,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
     """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`.
     SIGHUP reloads the routes."""
     from carehub.hub import RouteReloader, build_routing, check_queue, log_reloaded, open_store
+    from carehub.store.processes import ProcessBeacon
     from carehub.worker import Worker, WorkerSettings
     from carehub.workqueue import WorkQueue
 
@@ -1757,6 +1758,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             if loaded is not None:
                 new_host, new_table, note = loaded
                 await worker.replace_routing(new_table, new_host)
+                beacon.refresh()
                 log_reloaded(new_table, note)
 
         def started() -> None:
@@ -1769,7 +1771,12 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
         on_sighup(reload_routes)
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
         settle_garbage_collector()
-        await worker.run(stop, started=started)
+        beacon = ProcessBeacon(store, "worker", lambda: reloader.route_set)
+        await beacon.start()
+        try:
+            await worker.run(stop, started=started)
+        finally:
+            await beacon.stop()
 
     try:
         asyncio.run(run())

@@ -50,6 +50,7 @@ from carehub.plugins import PluginHost
 from carehub.routing.config import load_route_files, route_files
 from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
+from carehub.store.processes import ProcessBeacon
 from carehub.store.store import (
     LOCK_TIMEOUT,
     MIGRATIONS,
@@ -268,6 +269,25 @@ def route_fingerprint(config: HubConfig) -> str:
     return digest.hexdigest()
 
 
+def route_set_digest(config: HubConfig) -> str:
+    """The first 12 hex digits of a hash of the route files' names (as the config lists them,
+    from its folder) and contents: the same on every host that has the same route files,
+    wherever they are installed, so `carehub status` can tell processes running different
+    route sets apart (route_fingerprint also covers where the files are and the config)."""
+    digest = hashlib.sha256()
+    base = config_dir(config)
+    for path in route_files(base, config.routes):
+        with contextlib.suppress(ValueError):
+            path = path.relative_to(base)
+        digest.update(f"{path}\0".encode())
+        try:
+            digest.update((base / path).read_bytes())
+        except OSError as err:  # loading it says what is wrong; the hash only has to differ
+            digest.update(f"unreadable: {err.strerror}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
 def _restart_settings(config: HubConfig) -> dict[str, Any]:
     """The config settings a route reload does not apply (listeners, store, queue, ...)."""
     return config.model_dump(mode="json", exclude={"routes", "plugins_dir"})
@@ -286,6 +306,8 @@ class RouteReloader:
         #: Of the route set last loaded; taken before the files are read, so an edit made
         #: while they were being read makes it differ from the files (a warning too many).
         self.fingerprint = route_fingerprint(config)
+        #: route_set_digest of the routes loaded (and taken before the files are read, too).
+        self.route_set = route_set_digest(config)
         self.reloads = 0
         self.outcome = ""
         self._file_settings = self._restart_settings_on_disk()
@@ -305,6 +327,7 @@ class RouteReloader:
         async with self._lock:
             self.reloads += 1
             fingerprint = route_fingerprint(self.config)
+            route_set = route_set_digest(self.config)
             note = ""
             try:
                 config = self.config
@@ -314,6 +337,7 @@ class RouteReloader:
                         update={"routes": fresh.routes, "plugins_dir": fresh.plugins_dir}
                     )
                     fingerprint = route_fingerprint(config)
+                    route_set = route_set_digest(config)
                     settings = _restart_settings(fresh)
                     if self._file_settings is not None and settings != self._file_settings:
                         note = (
@@ -332,6 +356,7 @@ class RouteReloader:
                 return None
             self.config = config
             self.fingerprint = fingerprint
+            self.route_set = route_set
             self.outcome = "ok"
             return host, table, note
 
@@ -374,6 +399,8 @@ class Hub:
         self._to_publish: list[tuple[int, str]] = []
         #: Held while serving from a SQLite store: one hub per store (see carehub.lockfile).
         self.store_lock: StoreLock | None = None
+        #: This process's row in the store's list of running processes (store/processes.py).
+        self.beacon: ProcessBeacon | None = None
         self._serving = False  # started and not stopping: a route reload may swap tables
 
     async def start(self) -> list[BoundListener]:
@@ -475,6 +502,8 @@ class Hub:
         except BaseException:
             await self.stop()
             raise
+        self.beacon = ProcessBeacon(self.store, "serve", lambda: self.reloader.route_set)
+        await self.beacon.start()
         self._serving = True
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
         return self.bound
@@ -548,6 +577,9 @@ class Hub:
         Every listener stops at once: one still draining its connections must not leave the
         others taking new messages meanwhile."""
         self._serving = False
+        if self.beacon is not None:
+            await self.beacon.stop()
+            self.beacon = None
         stopping = [listener.stop() for listener in self.mllp_listeners]
         stopping += [drop.stop() for drop in self.file_listeners]
         if self.http_listener:
@@ -595,6 +627,8 @@ class Hub:
         else:  # without a worker nothing runs on the components: started only to check them
             await table.close()
         self._note_routes()
+        if self.beacon is not None:
+            self.beacon.refresh()
         log_reloaded(table, note)
         return True
 

@@ -21,6 +21,7 @@ from rich.text import Text
 from sqlalchemy import and_, case, func, literal_column, select
 
 from carehub.store.outbox import held_counts
+from carehub.store.processes import HubProcess, running_processes
 from carehub.store.schema import (
     PENDING,
     UNFINISHED,
@@ -93,6 +94,8 @@ class HubStatus:
     routing_backlog: int = 0
     oldest_unrouted: datetime | None = None
     destinations: list[DestinationState] = field(default_factory=list)
+    #: The serve and worker processes on this store (store/processes.py).
+    processes: list[HubProcess] = field(default_factory=list)
 
     @property
     def received(self) -> int:
@@ -111,6 +114,12 @@ class HubStatus:
         return sum(item.held for item in self.destinations)
 
     @property
+    def route_sets(self) -> set[str]:
+        """The route sets the answering processes run: more than one after a reload that
+        did not reach every process, or with route files that differ between hosts."""
+        return {p.routes or "?" for p in self.processes if not p.stale(self.now)}
+
+    @property
     def paused(self) -> list[DestinationState]:
         return [item for item in self.destinations if item.paused]
 
@@ -127,6 +136,8 @@ class HubStatus:
             return value
 
         report = plain(asdict(self))
+        report["processes"] = [p.as_json(self.now) for p in self.processes]
+        report["route_sets"] = len(self.route_sets)
         report["window_seconds"] = round((self.now - self.since).total_seconds())
         report["received"] = self.received
         report["dead_letters"] = self.dead_letters
@@ -201,6 +212,7 @@ def read_status(store: MessageStore, window: timedelta, now: datetime | None = N
         status.routing_backlog, status.oldest_unrouted = backlog, _aware(oldest)
 
         status.destinations = _destinations(conn, since)
+        status.processes = running_processes(conn)
     return status
 
 
@@ -377,6 +389,16 @@ def render(status: HubStatus) -> RenderableType:
         parts.append(outbox)
     else:
         parts.append(Text("Deliveries: none"))
+    parts.append(_processes(status))
+    if len(status.route_sets) > 1:
+        parts.append(
+            Text(
+                f"the running processes use {len(status.route_sets)} different route sets: "
+                "reload the ones behind (`carehub routes reload`, or SIGHUP) or check that "
+                "every host has the same route files",
+                style="yellow",
+            )
+        )
     if status.dead_letters:
         parts.append(
             Text(
@@ -407,6 +429,28 @@ def render(status: HubStatus) -> RenderableType:
 #: Characters of a destination's last error shown in the table; `dead-letters list` and
 #: `messages show` have it whole.
 ERROR_SHOWN = 100
+
+
+def _processes(status: HubStatus) -> RenderableType:
+    """The serve and worker processes: where, since when, last heard from, which routes."""
+    now = status.now
+    if not status.processes:
+        return Text("Processes: none running on this store")
+    table = Table(title="Processes", title_justify="left", show_edge=False)
+    for column in ("role", "host", "pid", "version", "up", "last heard", "routes"):
+        table.add_column(column, justify="right" if column == "pid" else "left")
+    for item in status.processes:
+        heard = f"{_age(item.last_seen, now)} ago"
+        table.add_row(
+            item.role,
+            item.host,
+            str(item.pid),
+            item.version,
+            _age(item.started_at, now),
+            Text(f"{heard}: not answering", style="red") if item.stale(now) else heard,
+            item.routes or "-",
+        )
+    return table
 
 
 def _one_line(error: str | None) -> str:

@@ -277,6 +277,23 @@ operator_actions = Table(
 )
 Index("ix_operator_actions_at", operator_actions.c.at)
 
+# Every `carehub serve` and `carehub worker` on this store while it runs: where, since when,
+# when it last said so, and which route set it runs (store/processes.py). A process that stops
+# removes its row; one that dies leaves it, going stale, until it is pruned a week later.
+hub_processes = Table(
+    "hub_processes",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("role", String(16), nullable=False),  # serve | worker
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("routes", String(64), nullable=True),  # route_set_digest of the routes it loaded
+    Column("routes_loaded_at", DateTime(timezone=True), nullable=True),
+)
+
 
 # -- care transitions (encounter state, notifications, follow-up clocks) ----------------------
 

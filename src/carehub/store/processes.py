@@ -1,0 +1,183 @@
+"""Which carehub processes run on this store: each `carehub serve` and `carehub worker` keeps a
+row while it runs (ProcessBeacon), and `carehub status` lists them (running_processes).
+
+In a scale-out deployment an operator otherwise has no one place to see that the worker on the
+second host died an hour ago, or that after a route reload one worker still runs the old
+routes. The row says where the process runs (host, pid, version), since when, when it last
+said it was alive (every HEARTBEAT seconds), and a digest of the route files it loaded, so
+processes running different route sets stand out. A process that stops removes its row; one
+that dies leaves it to go stale (`status` says for how long), pruned after PRUNE_AFTER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from carehub import __version__
+from carehub.store.schema import hub_processes
+from carehub.store.store import MessageStore, _aware
+
+log = logging.getLogger(__name__)
+
+#: Seconds between a process's "still here" writes.
+HEARTBEAT = 15.0
+#: A process not heard from for this long is shown as not answering.
+STALE_AFTER = timedelta(seconds=3 * HEARTBEAT)
+#: Rows of processes not heard from for this long are removed when another process starts.
+PRUNE_AFTER = timedelta(days=7)
+
+
+@dataclass(slots=True, frozen=True)
+class HubProcess:
+    """One process's row, as `carehub status` shows it."""
+
+    id: str
+    role: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    last_seen: datetime
+    routes: str | None
+    routes_loaded_at: datetime | None
+
+    def stale(self, now: datetime) -> bool:
+        """Not heard from for longer than it takes to say it is alive a few times over."""
+        return now - self.last_seen > STALE_AFTER
+
+    def as_json(self, now: datetime) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "started_at": self.started_at.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+            "answering": not self.stale(now),
+            "routes": self.routes,
+            "routes_loaded_at": self.routes_loaded_at.isoformat()
+            if self.routes_loaded_at
+            else None,
+        }
+
+
+def running_processes(conn: Any) -> list[HubProcess]:
+    """Every process row, serve first, then by host and start."""
+    rows = conn.execute(select(hub_processes)).all()
+    found = [
+        HubProcess(
+            id=r.id,
+            role=r.role,
+            host=r.host,
+            pid=r.pid,
+            version=r.version,
+            started_at=_aware(r.started_at),
+            last_seen=_aware(r.last_seen),
+            routes=r.routes,
+            routes_loaded_at=_aware(r.routes_loaded_at) if r.routes_loaded_at else None,
+        )
+        for r in rows
+    ]
+    return sorted(found, key=lambda p: (p.role != "serve", p.host, p.started_at))
+
+
+class ProcessBeacon:
+    """This process's row: written at start, refreshed every HEARTBEAT seconds (with the
+    route set it runs now, which a reload may change), removed at stop. A failed write is a
+    warning and tried again at the next beat: the store being away must not stop the hub."""
+
+    def __init__(self, store: MessageStore, role: str, routes: Callable[[], str | None]) -> None:
+        self.store = store
+        self.role = role
+        self.routes = routes
+        self.id = str(uuid.uuid4())
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._routes_sent: str | None = None
+
+    async def start(self, every: float = HEARTBEAT) -> None:
+        try:
+            await asyncio.to_thread(self._register)
+        except Exception as err:
+            log.warning("could not record this process in the store: %s", err)
+        self._task = asyncio.create_task(self._beat_loop(every), name="process beacon")
+
+    def refresh(self) -> None:
+        """Write the row now rather than at the next beat (the routes were just reloaded)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+            self._task = None
+        try:
+            await asyncio.to_thread(self._unregister)
+        except Exception as err:
+            log.warning("could not remove this process's row from the store: %s", err)
+
+    async def _beat_loop(self, every: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), every)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self._beat)
+            except Exception as err:
+                log.warning("could not tell the store this process is alive: %s", err)
+
+    def _register(self) -> None:
+        now = datetime.now(UTC)
+        routes = self.routes()
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(hub_processes).where(hub_processes.c.last_seen < now - PRUNE_AFTER))
+            conn.execute(
+                insert(hub_processes).values(
+                    id=self.id,
+                    role=self.role,
+                    host=socket.gethostname()[:255],
+                    pid=os.getpid(),
+                    version=__version__,
+                    started_at=now,
+                    last_seen=now,
+                    routes=routes,
+                    routes_loaded_at=now,
+                )
+            )
+        self._routes_sent = routes
+
+    def _beat(self) -> None:
+        now = datetime.now(UTC)
+        routes = self.routes()
+        values: dict[str, Any] = {"last_seen": now}
+        if routes != self._routes_sent:
+            values.update(routes=routes, routes_loaded_at=now)
+        with self.store.engine.begin() as conn:
+            found = conn.execute(
+                update(hub_processes).where(hub_processes.c.id == self.id).values(**values)
+            ).rowcount
+        if not found:  # pruned while it could not write, or the store was replaced: again
+            self._register()
+            return
+        self._routes_sent = routes
+
+    def _unregister(self) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(hub_processes).where(hub_processes.c.id == self.id))
