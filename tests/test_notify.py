@@ -622,3 +622,81 @@ def test_overdue_follow_up_alerts_the_care_coordinator_once(care: Callable[..., 
         assert "follow-up visit" in hub.texts()[-1]["text"]
         assert len(hub.mailbox.to(PCP)) == mails_to_pcp  # only coordinators are alerted
         hub.assert_sent_with_receipt_times()
+
+
+def merge(control_id: str, surviving: str, retired: str) -> str:
+    """An A40: ``retired`` (MRG-1) merged into ``surviving`` (PID-3)."""
+    return (
+        "\r".join(
+            [
+                f"MSH|^~\\&|ADT_APP|GENERAL|CAREHUB|CAREHUB|20261125090000||ADT^A40^ADT_A39|"
+                f"{control_id}|P|2.5.1",
+                "EVN|A40|20261125090000",
+                f"PID|1||{surviving}^^^HOSP^MR||Tester^Pat||19600101|F",
+                f"MRG|{retired}^^^HOSP^MR",
+            ]
+        )
+        + "\r"
+    )
+
+
+def test_a_follow_up_moves_with_a_merge_and_alerts_the_survivors_coordinator(
+    care: Callable[..., Any],
+) -> None:
+    """P900, on no roster, is discharged home: nobody is told, but the follow-up clock runs.
+    An A40 then merges P900 into P100, whose roster lists coordinator cc-a. The follow-ups
+    now belong to P100, and when the contact is overdue cc-a is alerted (the alert used to
+    find no coordinator among those told of the visit, and reached nobody)."""
+    with care() as hub:
+        hub.send(
+            adt("A01", "M-ADM", patient="P900", cls="I"),
+            adt(
+                "A03",
+                "M-DIS",
+                patient="P900",
+                cls="I",
+                disposition="01",
+                discharged_at="20261123120000+0000",
+            ),
+        )
+        hub.settle()
+        assert [r["status"] for r in hub.rows(patient_key="HOSP|P900")] == []
+        assert {f["patient_key"] for f in hub.followups()} == {"HOSP|P900"}
+        assert hub.send(merge("M-MRG", "P100", "P900")) == ["AA"]
+        hub.settle()
+        assert {f["patient_key"] for f in hub.followups()} == {"HOSP|P100"}
+        texts_before = len(hub.texts())
+
+        contact_due = _aware(hub.followups()[0]["due_at"])
+        hub.tick(contact_due + timedelta(hours=1))
+        alerts = hub.rows(kind="followup_overdue")
+        assert [(r["recipient"], r["status"]) for r in alerts] == [("cc-a", "queued")]
+        new = hub.texts()[texts_before:]
+        assert len(new) == 1 and new[0]["to"] == CC_PHONE
+        hub.assert_sent_with_receipt_times()
+
+
+def test_an_overdue_follow_up_of_an_opted_out_patient_alerts_nobody_and_says_why(
+    care: Callable[..., Any],
+) -> None:
+    """P200 opted out on the roster: the roster's coordinator is not alerted either."""
+    with care() as hub:
+        hub.send(
+            adt("A01", "O-ADM", patient="P200", cls="I"),
+            adt(
+                "A03",
+                "O-DIS",
+                patient="P200",
+                cls="I",
+                disposition="01",
+                discharged_at="20261123120000+0000",
+            ),
+        )
+        hub.settle()
+        texts_before = len(hub.texts())
+        contact_due = _aware(hub.followups()[0]["due_at"])
+        hub.tick(contact_due + timedelta(hours=1))
+        (alert,) = hub.rows(kind="followup_overdue")
+        assert alert["status"] == "suppressed"
+        assert "opted out" in alert["reason"]
+        assert len(hub.texts()) == texts_before

@@ -69,9 +69,11 @@ from carehub.events import CareEvent, Encounter, Identifier, Location, display_n
 from carehub.store.schema import (
     encounter_events,
     encounters,
+    followups,
     messages,
     notifications,
     patient_merges,
+    referrals,
 )
 from carehub.workqueue import patient_key as make_patient_key
 
@@ -385,6 +387,12 @@ class _SqlBackend:
         ).rowcount
         if not changed:
             self.conn.execute(insert(patient_merges).values(retired_key=retired, **values))
+        # What follows the patient rather than one visit moves too: the follow-up clocks
+        # (their overdue alerts look up the survivor's care coordinators) and referrals.
+        for table in (followups, referrals):
+            self.conn.execute(
+                update(table).where(table.c.patient_key == retired).values(patient_key=surviving)
+            )
 
     def get(self, patient_key: str, visit_key: str) -> EncounterRecord | None:
         row = self.conn.execute(

@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, func, insert, select, update
 
 from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
+from carehub.care.roster import CareTeamEnricher
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.events import display_name
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key
 from carehub.store.outbox import Outbox
-from carehub.store.schema import encounters, notifications
+from carehub.store.schema import encounters, notifications, referral_events
 
 BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
 KIND_LABELS = {
@@ -114,6 +115,9 @@ class Notifier:
         self.config = config
         self.destinations = destinations  # recipient channel -> Destination
         self.context = context
+        #: The route's care-team step, if it has one: the roster, for alerts about patients
+        #: whose coordinators were never sent a notice (bound by routing.table).
+        self.care_team: CareTeamEnricher | None = None
         self._memory = _MemoryRows()
         self.templates = MessageTemplates.from_folder(context, config.templates, BUILTIN_TEMPLATES)
 
@@ -366,6 +370,11 @@ class Notifier:
                 patient_key=alert.patient_key,
                 encounter_id=alert.encounter_id,
                 about=f"follow-up #{alert.id} ({alert.kind})",
+                message_id=self._scalar(
+                    select(encounters.c.last_message_id).where(
+                        encounters.c.id == alert.encounter_id
+                    )
+                ),
             )
         if alerts:
             clock.mark_alerted([a.id for a in alerts], now)
@@ -397,6 +406,11 @@ class Notifier:
                 patient_key=patient_key,
                 encounter_id=None,
                 about=f"referral {referral.referral_key.strip('|')}",
+                message_id=self._scalar(
+                    select(func.max(referral_events.c.message_id)).where(
+                        referral_events.c.referral_id == referral.id
+                    )
+                ),
             )
         if late:
             tracker.mark_alerted([r.id for r in late if r.id is not None], now)
@@ -411,9 +425,13 @@ class Notifier:
         patient_key: str,
         encounter_id: int | None,
         about: str,
+        message_id: int | None,
     ) -> None:
         """Send `kind` to each care coordinator among those told earlier (`earlier` are
-        notification rows), or record that nobody could be told and why."""
+        notification rows); else to the coordinators the roster lists for the patient now (a
+        patient nobody was told about yet, one merged into a rostered patient since, one whose
+        coordinator was added later), the alert going with ``message_id``; else record that
+        nobody could be told and why."""
         coordinators = {
             (r["recipient"], r["channel"], r["address"]): r
             for r in earlier
@@ -422,8 +440,21 @@ class Notifier:
             and r["status"] in ("queued", "digest", "digested")
         }
         row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
+        reason = f"no care coordinator on record for {about}"
+        if not coordinators and self.care_team is not None and message_id is not None:
+            team, opted_out = self.care_team.roster_team(patient_key, self.config.coordinator_roles)
+            if opted_out:
+                reason = f"{about}: {opted_out}"
+            for member in team:
+                if member.channel not in self.destinations or not member.address:
+                    reason = (
+                        f"{about}: care coordinator {member.id} has no address or no "
+                        f"{member.channel!r} channel on route {self.route!r}"
+                    )
+                    continue
+                told = {"message_id": message_id, "role": member.role}
+                coordinators[(member.id, member.channel, member.address)] = told
         if not coordinators:
-            reason = f"no care coordinator on record for {about}"
             self._insert_rows(
                 [
                     {
@@ -535,6 +566,13 @@ class Notifier:
                 select(notifications).where(and_(*conditions)).order_by(notifications.c.id)
             )
             return [dict(r._mapping) for r in rows]
+
+    def _scalar(self, query: Any) -> Any:
+        store = self.context.store
+        if store is None:
+            return None
+        with store.engine.connect() as conn:
+            return conn.execute(query).scalar()
 
     def _mark_retracted(self, row: dict[str, Any]) -> None:
         store = self.context.store

@@ -83,7 +83,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -986,6 +986,21 @@ class CareTeamEnricher(Enricher):
 
         work.data["care_team"] = builder.team
         return builder.team.as_output()
+
+    def roster_team(
+        self, patient_key: str, roles: Collection[str]
+    ) -> tuple[list[Recipient], str | None]:
+        """The roster's members in ``roles`` for a patient key (authority|id), and why the
+        patient must not be contacted about, when the roster says so: for the hub's own
+        alerts (an overdue follow-up or referral), which have no message to read a team from."""
+        self.roster.refresh()
+        entry = self.roster.find_key(patient_key)
+        if entry is None:
+            return [], None
+        if entry.opt_out:
+            reason = f"patient {entry.key} opted out (roster)"
+            return [], f"{reason}: {entry.opt_out_reason}" if entry.opt_out_reason else reason
+        return [m.recipient() for m in entry.members if m.role in roles], None
 
     # -- pieces ---------------------------------------------------------------------------
     def _roster_patients(self, work: Work, encounter: Any) -> list[RosterPatient]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from carehub.care.notify import Notifier, NotifyConfig
+from carehub.care.roster import CareTeamEnricher
 from carehub.components import Channel, Component, ComponentContext, Enricher, Translator
 from carehub.config import _loc_text
 from carehub.errors import ConfigError
@@ -187,6 +188,11 @@ def bind_routes(
                 notifier = bind(
                     settings or {}, config.name, position, host, context, item.source, loc
                 )
+                if isinstance(notifier, Notifier):
+                    notifier.care_team = next(
+                        (s.component for s in steps if isinstance(s.component, CareTeamEnricher)),
+                        None,
+                    )
                 for destination in notifier.destinations.values():
                     if destination.name in table.destinations:
                         raise ConfigError(
