@@ -37,24 +37,32 @@ def test_latin1_spelt_outside_table_0211_is_stored_readable(hub: HubThread, char
         ("utf-16-be", b""),
     ],
 )
-def test_utf16_message_is_stored_and_answered_aa_in_utf16(
+def test_utf16_over_mllp_is_rejected_in_utf16_naming_why(
     hub: HubThread, codec: str, bom: bytes
 ) -> None:
+    """MLLP cannot carry UTF-16 (its bytes can hold the end block): the sender is told so,
+    in its own encoding, and the bytes are kept as a rejected item."""
     text = make_adt("WIDE16", name=NAME, charset="UNICODE UTF-16")
     payload = bom + text.encode(codec)
     (answer,) = mllp_exchange(hub.mllp_address, [payload], timeout=TIMEOUT)
     # The answer is in the sender's encoding: same byte order, a mark only if it sent one.
     assert answer.startswith(bom + "MSH|".encode(codec))
     ack = MessageView(answer[len(bom) :].decode(codec))
-    assert (ack.get("MSA-1"), ack.get("MSA-2")) == ("AA", "WIDE16")
-    assert ack.get("MSH-18") == "UNICODE UTF-16"
+    assert (ack.get("MSA-1"), ack.get("MSA-2")) == ("AR", "WIDE16")
+    assert "cannot be framed by MLLP" in ack.get("ERR-8")
     assert decode_message(answer).charset == codec
     (stored,) = hub.store.find()
     assert stored.raw == payload
-    assert (stored.status, stored.charset) == ("received", codec)
-    assert (stored.control_id, stored.message_type, stored.patient_id) == (
-        "WIDE16",
-        "ADT",
-        "P0001",
-    )
-    assert MessageView(stored.text).get("PID-5") == NAME
+    assert (stored.status, stored.charset) == ("rejected", codec)
+
+
+def test_a_utf16_name_holding_the_end_block_bytes_is_never_answered_aa(hub: HubThread) -> None:
+    """U+0D1C (Malayalam JA) is 1C 0D in UTF-16LE: the frame ends inside the name. The part
+    read is rejected, never taken as the whole message."""
+    text = make_adt("JA-16", name="\u0d1c\u0d2f\u0d7b^Arun", charset="UNICODE UTF-16")
+    payload = text.encode("utf-16-le")
+    assert b"\x1c\x0d" in payload
+    (answer,) = mllp_exchange(hub.mllp_address, [payload, make_adt("AFTER").encode()])[:1]
+    ack = MessageView(answer.decode("utf-16-le"))
+    assert (ack.get("MSA-1"), ack.get("MSA-2")) == ("AR", "JA-16")
+    assert [m.status for m in hub.store.find(limit=None)][-1] == "rejected"

@@ -70,3 +70,45 @@ def test_mid_frame_is_reported_for_a_dropped_peer() -> None:
     decoder = FrameDecoder(1 << 20)
     decoder.feed(b"\x0b" + MSG[:10])
     assert decoder.mid_frame and decoder.pending_bytes == 10
+
+
+def test_an_end_block_inside_the_message_is_a_byte_of_it_not_its_end() -> None:
+    """0x1C followed by anything but CR, LF or the next VT is data: the frame goes on to the
+    real end, so the message is never cut short (intake refuses the byte, but has it all)."""
+    inside = MSG.replace(b"PID|1", b"PID|1|\x1cTAIL|")
+    data = encode_frame(inside) + encode_frame(MSG)
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
+        assert feed_all(FrameDecoder(1 << 20), chunks) == [Frame(inside), Frame(MSG)]
+
+
+def test_an_end_block_followed_by_a_line_feed_ends_the_frame() -> None:
+    events = FrameDecoder(1 << 20).feed(b"\x0b" + MSG + b"\x1c\n" + encode_frame(MSG))
+    assert events == [Frame(MSG), Frame(MSG)]
+
+
+def test_a_start_block_inside_the_message_is_a_byte_of_it_unless_an_msh_follows() -> None:
+    """One frame, one answer: a VT in the content does not split the frame into two."""
+    inside = MSG.replace(b"PID|1", b"PID|1|\x0bX")
+    data = encode_frame(inside) + encode_frame(MSG)
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
+        assert feed_all(FrameDecoder(1 << 20), chunks) == [Frame(inside), Frame(MSG)]
+    with_bom = b"\x0b" + MSG[:20] + b"\x0b\xef\xbb\xbf" + MSG + b"\x1c\r"
+    events = FrameDecoder(1 << 20).feed(with_bom)
+    assert isinstance(events[0], BrokenFrame) and events[1] == Frame(b"\xef\xbb\xbf" + MSG)
+
+
+def test_a_start_block_at_the_end_of_a_read_waits_to_see_what_follows() -> None:
+    decoder = FrameDecoder(1 << 20)
+    assert decoder.feed(b"\x0b" + MSG[:20] + b"\x0bMS") == []
+    events = decoder.feed(b"H" + MSG[3:] + b"\x1c\r")
+    assert isinstance(events[0], BrokenFrame) and events[1] == Frame(MSG)
+
+
+def test_an_end_block_with_nothing_after_it_ends_the_frame_when_asked() -> None:
+    """A sender that leaves out the CR and waits: the listener ends the frame after a quiet."""
+    decoder = FrameDecoder(1 << 20)
+    assert decoder.feed(b"\x0b" + MSG + b"\x1c") == []
+    assert decoder.awaiting_end
+    assert decoder.end_frame_now() == [Frame(MSG)]
+    assert not decoder.mid_frame and not decoder.awaiting_end
+    assert decoder.end_frame_now() == []

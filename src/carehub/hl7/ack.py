@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
 
     SEGMENT_SEQUENCE = "100"
     REQUIRED_FIELD_MISSING = "101"
+    DATA_TYPE_ERROR = "102"
     UNSUPPORTED_MESSAGE_TYPE = "200"
     APPLICATION_INTERNAL_ERROR = "207"
 
@@ -53,6 +54,7 @@ class ErrorCode(StrEnum):
 _ERROR_TEXT = {
     ErrorCode.SEGMENT_SEQUENCE: "Segment sequence error",
     ErrorCode.REQUIRED_FIELD_MISSING: "Required field missing",
+    ErrorCode.DATA_TYPE_ERROR: "Data type error",
     ErrorCode.UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
     ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
 }

@@ -1,8 +1,16 @@
 """MLLP framing: <VT> payload <FS><CR>, decoded incrementally from whatever the socket hands us.
 
-The decoder never raises on bad input. Bytes outside a frame are skipped (and counted), a start
-block inside an unfinished frame ends that frame as broken, and a frame past the size limit is
-drained without being buffered so a huge or runaway frame cannot exhaust memory.
+The decoder never raises on bad input. Bytes outside a frame are skipped (and counted), and a
+frame past the size limit is drained without being buffered so a huge or runaway frame cannot
+exhaust memory.
+
+A frame ends only where it can end: <FS> followed by <CR> (or by <LF>, or by the <VT> of the next
+frame, for senders that leave the <CR> out). An <FS> followed by anything else is a byte of the
+message, never its end: taking it as one answered the first part of the message AA and dropped
+the rest. Likewise a <VT> inside a frame starts a new frame (the sender lost its place, and the
+unfinished one is broken) only when an MSH follows it; otherwise it too is a byte of the
+message, and the frame stays one frame with one answer. Intake refuses a message holding
+either byte (they cannot be forwarded over MLLP), but it has the whole message.
 """
 
 from __future__ import annotations
@@ -13,8 +21,15 @@ START_BLOCK = 0x0B
 END_BLOCK = 0x1C
 CARRIAGE_RETURN = 0x0D
 
+LINE_FEED = 0x0A
+
 #: Bytes kept from the start of an oversize or broken frame, enough to read its MSH for the ACK.
 HEAD_BYTES = 4096
+#: What a start block inside a frame must be followed by to begin a new message.
+_MESSAGE_STARTS = (b"MSH", b"\xef\xbb\xbfMSH")
+_LOOKAHEAD = max(len(s) for s in _MESSAGE_STARTS)
+#: Bytes after <FS> that end a frame: <CR>, and <LF> or the next <VT> from careless senders.
+_AFTER_END = frozenset({CARRIAGE_RETURN, LINE_FEED, START_BLOCK})
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,6 +84,21 @@ class FrameDecoder:
     def pending_bytes(self) -> int:
         return len(self._buf) + self._drained
 
+    @property
+    def awaiting_end(self) -> bool:
+        """The last byte read is an <FS> that may end the frame once its <CR> comes."""
+        buf = self._buf
+        last = len(buf) - 1
+        return self._in_frame and last >= 0 and buf[last] == END_BLOCK and self._scanned == last
+
+    def end_frame_now(self) -> list[FrameEvent]:
+        """Take the <FS> that ends what was read as the frame's end although nothing followed
+        it: a sender that leaves out the <CR> and waits for its ACK before sending more would
+        otherwise wait forever (the listener calls this after a short quiet)."""
+        if not self.awaiting_end:
+            return []
+        return self.feed(bytes([CARRIAGE_RETURN]))
+
     def feed(self, data: bytes) -> list[FrameEvent]:
         self._buf += data
         events: list[FrameEvent] = []
@@ -89,10 +119,19 @@ class FrameDecoder:
             end = buf.find(END_BLOCK, self._scanned)
             restart = buf.find(START_BLOCK, self._scanned, end if end >= 0 else len(buf))
             if restart >= 0:
-                head = self._head or bytes(buf[: min(restart, HEAD_BYTES)])
-                events.append(BrokenFrame(head, self._drained + restart))
-                del buf[:restart]
-                self._in_frame = False
+                after = bytes(buf[restart + 1 : restart + 1 + _LOOKAHEAD])
+                if after.startswith(_MESSAGE_STARTS):
+                    head = self._head or bytes(buf[: min(restart, HEAD_BYTES)])
+                    events.append(BrokenFrame(head, self._drained + restart))
+                    del buf[:restart]
+                    self._in_frame = False
+                    continue
+                if restart + 1 + len(after) == len(buf) and any(
+                    start.startswith(after) for start in _MESSAGE_STARTS
+                ):
+                    self._scanned = restart  # too few bytes yet to tell: wait for more
+                    return events
+                self._scanned = restart + 1  # a byte of the message, not a new frame
                 continue
             if end < 0:
                 self._scanned = len(buf)
@@ -102,8 +141,12 @@ class FrameDecoder:
                 # <FS> is the last byte read: wait for the next byte to see whether <CR> follows.
                 self._scanned = end
                 return events
+            following = buf[end + 1]
+            if following not in _AFTER_END:
+                self._scanned = end + 1  # a byte of the message, not its end
+                continue
             size = self._drained + end
-            consumed = end + 2 if buf[end + 1] == CARRIAGE_RETURN else end + 1
+            consumed = end + 1 if following == START_BLOCK else end + 2
             if size > self.max_frame_bytes:
                 # The head stops at <FS>: the framing bytes and the next frame are not its own.
                 head = self._head or bytes(buf[: min(end, HEAD_BYTES)])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from carehub.hl7.ack import AckCode, ErrorCode, accept_ack_wanted, build_ack
 from carehub.hl7.batch import split_data
-from carehub.hl7.charsets import decode_message, encode_reply
+from carehub.hl7.charsets import decode_message, encode_reply, is_wide
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.group_commit import GroupCommit, StoreUnavailable
@@ -130,6 +130,20 @@ class Intake:
                 charset=decoded.charset,
             )
             return
+        if arrival.transport == "mllp" and is_wide(decoded.charset):
+            # Its bytes can hold <FS><CR> (U+0D1C in UTF-16LE is 1C 0D), which ends the frame
+            # in mid-message: whatever came whole cannot be trusted to be the whole message.
+            self._reject(
+                payload,
+                arrival,
+                view,
+                _WIDE_ON_MLLP,
+                ErrorCode.DATA_TYPE_ERROR,
+                answer,
+                charset=decoded.charset,
+                location="MSH-18",
+            )
+            return
         irregular = view.first_irregular()
         problem: _Refusal | None = None
         if irregular is not None:
@@ -157,6 +171,8 @@ class Intake:
             problem = _Refusal(
                 _not_a_segment_reason(decoded.text, view, irregular), ErrorCode.SEGMENT_SEQUENCE
             )
+        elif arrival.transport == "mllp" and (framing := _framing_byte(payload)) is not None:
+            problem = _Refusal(framing, ErrorCode.DATA_TYPE_ERROR)
         message = NewMessage(
             raw=payload,
             transport=arrival.transport,
@@ -337,6 +353,26 @@ class Intake:
             send = accept_ack_wanted(header.accept_ack_type, code)
         encoded = encode_reply(ack, message.charset or "utf-8", message.raw)
         return IntakeResult(code, encoded, message_id, duplicate, reason or None, send)
+
+
+_WIDE_ON_MLLP = (
+    "UTF-16 and UTF-32 cannot be framed by MLLP (their bytes can hold the end block 1C 0D, "
+    "which cuts the message short): send it as UTF-8, or over HTTP or the file drop; "
+    "not accepted"
+)
+
+
+def _framing_byte(payload: bytes) -> str | None:
+    """Why a message holding an MLLP start or end block byte is refused, or None."""
+    found = [(at, byte) for byte in (0x0B, 0x1C) if (at := payload.find(byte)) >= 0]
+    if not found:
+        return None
+    at, byte = min(found)
+    name = "start block (0x0B)" if byte == 0x0B else "end block (0x1C)"
+    return (
+        f"byte {at} of the message is an MLLP {name}, which a message cannot hold (it could "
+        "not be forwarded over MLLP); the message was stored but not accepted"
+    )
 
 
 def _not_hl7_reason(text: str) -> str:

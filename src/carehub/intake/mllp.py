@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 MAX_UNANSWERED = 256
 #: Seconds between log lines about connections closed over the per-peer limit.
 SHED_REPORT_EVERY = 60.0
+#: Seconds a frame's last byte read may be an <FS> with no <CR> after it before the <FS> is
+#: taken as the end (FrameDecoder.end_frame_now): the <CR> normally comes in the same read.
+LONE_END_WAIT = 0.2
 
 
 class _Answer:
@@ -64,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self._answers: deque[_Answer] = deque()
         self._writing_paused = False
         self._reading_paused = False
+        self._lone_end: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> bool:
@@ -89,13 +93,37 @@ class _Connection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         if self.closing:
             return  # never ACKed, so the sender resends it to the next hub
-        for event in self.decoder.feed(data):
+        if self._lone_end is not None:
+            self._lone_end.cancel()
+            self._lone_end = None
+        self._take(self.decoder.feed(data))
+        if self.decoder.awaiting_end:
+            loop = asyncio.get_running_loop()
+            self._lone_end = loop.call_later(LONE_END_WAIT, self._end_lone_frame)
+        self._pause_or_resume_reading()
+
+    def eof_received(self) -> bool:
+        """The peer half-closed: it sends no more, but may still read. Answer every frame it
+        sent, then close (returning False would close at once, with their ACKs unsent)."""
+        self._take(self.decoder.end_frame_now())
+        self.closing = True
+        return bool(self._answers)
+
+    def _take(self, events: list[Frame | OversizeFrame | BrokenFrame]) -> None:
+        for event in events:
             answer = _Answer()
             self._answers.append(answer)
             self._submit(event, answer)
-        self._pause_or_resume_reading()
+
+    def _end_lone_frame(self) -> None:
+        self._lone_end = None
+        if not self.closing:
+            self._take(self.decoder.end_frame_now())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lone_end is not None:
+            self._lone_end.cancel()
+            self._lone_end = None
         if exc is not None:
             log.info("MLLP connection from %s ended: %s", self.peer, exc.__class__.__name__)
         if self.decoder.mid_frame:
