@@ -157,7 +157,10 @@ class CarehubProcess:
     output in files under ``logs``. Use ``wait_ready`` before talking to it; ``kill`` in a
     finally block (or ``with``) so no process outlives its test."""
 
-    def __init__(self, args: list[str], logs: Path, name: str) -> None:
+    def __init__(
+        self, args: list[str], logs: Path, name: str, command: list[str] | None = None
+    ) -> None:
+        """``command``, when given, is run instead (a carehub command under a wrapper)."""
         logs.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.stdout_path = logs / f"{name}.out"
@@ -166,7 +169,7 @@ class CarehubProcess:
         env["PYTHONUNBUFFERED"] = "1"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "carehub.cli", *args],
+                command or [sys.executable, "-m", "carehub.cli", *args],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,

@@ -266,3 +266,85 @@ def test_blank_lines_and_batch_headers_before_the_first_message_are_fine(
     drop(inbox, "blank.hl7", data.encode())
     wait_for(lambda: names(inbox / "processed") == ["blank.hl7"], "blank.hl7 in processed/")
     assert hub.store.count() == 1 and hub.store.count("received") == 1
+
+
+def test_a_file_that_cannot_be_moved_is_set_aside_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """processed/ stops being a folder: the taken file cannot be moved there, so it stays in
+    the inbox with one WARNING (not a traceback every poll), a later file still goes through
+    (to error/, which works), and once processed/ is back the file is tried again and moved,
+    its message stored once."""
+    from carehub.intake import filedrop
+
+    monkeypatch.setattr(filedrop, "STUCK_RETRY", 0.5)
+    caplog.set_level("WARNING", logger="carehub.intake.filedrop")
+    processed = tmp_path / "done"
+    config = local_config()
+    config.listeners.files = [
+        FileDropConfig(
+            name="inbox",
+            directory=tmp_path / "inbox",
+            processed_dir=processed,
+            poll_interval=0.05,
+            settle_seconds=0,
+        )
+    ]
+    with HubThread(config, tmp_path / "data") as running:
+        inbox = tmp_path / "inbox"
+        processed.rmdir()
+        processed.write_text("not a folder")
+        drop(inbox, "stuck.hl7", make_adt("STUCK-1").encode())
+        wait_for(lambda: running.store.count() == 1, "the first file's message stored")
+        drop(inbox, "bad.hl7", make_adt("").encode())  # no MSH-10: refused, to error/
+        wait_for(lambda: "bad.hl7" in names(inbox / "error"), "the later file handled")
+        time.sleep(1.5)  # retried a few times meanwhile
+        stuck = [r for r in caplog.records if "cannot take stuck.hl7" in r.getMessage()]
+        assert len(stuck) == 1
+        assert "stuck.hl7" in names(inbox)
+        processed.unlink()
+        processed.mkdir()
+        wait_for(lambda: "stuck.hl7" in names(processed), "the file moved once possible")
+        assert [m.control_id for m in running.store.find(limit=None)].count("STUCK-1") == 1
+    assert not [r for r in caplog.records if r.exc_info]  # no tracebacks
+
+
+def test_a_file_the_hub_may_not_read_goes_to_error_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    """`carehub serve` runs without the right to read any file (as a service user would
+    lack it): an unreadable file goes to error/ saying why, and the files after it are
+    taken."""
+    import shlex
+    import shutil
+    import sys
+
+    from tests.helpers_http import CarehubProcess
+
+    inbox = tmp_path / "inbox"
+    config = tmp_path / "carehub.yaml"
+    config.write_text(
+        f"listeners:\n  mllp: []\n  http: {{enabled: false}}\n  files:\n"
+        f"    - {{name: inbox, directory: {inbox}, poll_interval: 0.05, settle_seconds: 0}}\n"
+        "routes: []\nworker: {enabled: false}\n"
+    )
+    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
+    command = None
+    if os.geteuid() == 0:  # root reads any file: drop that right for the hub
+        capsh = shutil.which("capsh")
+        if capsh is None:
+            pytest.skip("running as root without capsh (libcap2-bin) to drop file overrides")
+        line = "exec " + shlex.join([sys.executable, "-m", "carehub.cli", *args])
+        command = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", line]
+    inbox.mkdir()
+    secret = drop(inbox, "locked.hl7", make_adt("LOCKED-1").encode())
+    secret.chmod(0)
+    with CarehubProcess(args, tmp_path / "logs", "serve", command) as serve:
+        serve.wait_ready()
+        wait_for(lambda: "locked.hl7" in names(inbox / "error"), "the unreadable file moved")
+        drop(inbox, "open.hl7", make_adt("OPEN-1").encode())
+        wait_for(lambda: "open.hl7" in names(inbox / "processed"), "the next file taken")
+        reason = (inbox / "error" / "locked.hl7.error.txt").read_text()
+        assert "cannot read the file: Permission denied" in reason
+        assert serve.terminate() == 0
+        assert "Traceback" not in serve.stderr

@@ -14,6 +14,11 @@ like an MLLP frame with no MSH: stored as a rejected row (AR) so an operator can
 named in the error file, which sends the file to error/. The file's messages are still stored
 (a file with a bad message is handled the same way), so the sender's fix is to drop the file
 again without the stray text.
+
+One file that cannot be taken never holds up the others: a file the hub may not read goes to
+error/ with the reason; one it cannot move (processed/ not writable) is left where it is, with
+one WARNING, and skipped until it changes, while newer files go on. A folder dropped into the
+inbox is named once in the log.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from carehub.intake.intake import Arrival, Intake, IntakeResult
 log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = (".tmp", ".part", ".filepart", ".swp", ".error.txt")
+#: Seconds before a file that could not be taken is tried again (sooner if it changes).
+STUCK_RETRY = 60.0
 
 
 class FileDropListener:
@@ -47,6 +54,11 @@ class FileDropListener:
         self.processed_dir = config.processed_dir or config.directory / "processed"
         self.error_dir = config.error_dir or config.directory / "error"
         self._seen: dict[str, tuple[int, int, float]] = {}
+        #: Files that could not be taken, by name: the (size, mtime) they had then and when to
+        #: try again. Skipped till then (or till they change), so one file cannot stall the
+        #: inbox or write a traceback every poll; an operator's fix is found within a minute.
+        self._stuck: dict[str, tuple[tuple[int, int], float]] = {}
+        self._folders_named: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.files_processed = 0
@@ -79,12 +91,17 @@ class FileDropListener:
         current: dict[str, tuple[int, int, float]] = {}
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if not entry.is_file() or entry.name.startswith("."):
+                if entry.name.startswith(".") or entry.name.endswith(_IGNORED_SUFFIXES):
                     continue
-                if entry.name.endswith(_IGNORED_SUFFIXES):
+                if not entry.is_file():
+                    self._name_folder(entry)
                     continue
                 stat = entry.stat()
                 signature = (stat.st_size, stat.st_mtime_ns)
+                stuck = self._stuck.get(entry.name)
+                if stuck is not None and stuck[0] == signature and now < stuck[1]:
+                    current[entry.name] = (*signature, now)
+                    continue
                 first_seen = self._seen.get(entry.name, (*signature, now))
                 if first_seen[:2] != signature:
                     first_seen = (*signature, now)
@@ -93,7 +110,22 @@ class FileDropListener:
                 if settled:
                     ready.append(Path(entry.path))
         self._seen = current
-        return sorted(ready, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        self._stuck = {name: stuck for name, stuck in self._stuck.items() if name in current}
+        return sorted(ready, key=_arrival_order)
+
+    def _name_folder(self, entry: os.DirEntry[str]) -> None:
+        """Say once that a folder in the inbox is not taken (its own processed/ and error/
+        aside), so a sender that drops one is not left wondering."""
+        own = Path(entry.path) in (self.processed_dir, self.error_dir)
+        if own or not entry.is_dir() or entry.name in self._folders_named:
+            return
+        self._folders_named.add(entry.name)
+        log.warning(
+            "file drop %s: %s is a folder; only files dropped into %s are taken",
+            self.name,
+            entry.name,
+            self.directory,
+        )
 
     async def scan_once(self) -> int:
         """Take every settled file once; returns how many files were handled."""
@@ -101,16 +133,50 @@ class FileDropListener:
         for path in files:
             if self._stopping.is_set():
                 break
-            await self.take_file(path)
+            try:
+                await self.take_file(path)
+            except FileNotFoundError:
+                pass  # taken away meanwhile (by the sender, or another hub on the folder)
+            except OSError as err:
+                self._set_aside(path, err)
             self._seen.pop(path.name, None)
         return len(files)
+
+    def _set_aside(self, path: Path, err: OSError) -> None:
+        """Skip a file that cannot be taken for STUCK_RETRY seconds (or until it changes),
+        saying so once for as long as the same file keeps failing."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return
+        signature = (stat.st_size, stat.st_mtime_ns)
+        known = self._stuck.get(path.name)
+        self._stuck[path.name] = (signature, time.time() + STUCK_RETRY)
+        if known is not None and known[0] == signature:
+            return
+        log.warning(
+            "file drop %s: cannot take %s (%s); it stays in %s and is tried again every %g s, "
+            "and the other files go on",
+            self.name,
+            path.name,
+            err.strerror or type(err).__name__,
+            self.directory,
+            STUCK_RETRY,
+        )
 
     async def take_file(self, path: Path) -> list[IntakeResult]:
         arrival = Arrival("file", self.name, path.name, self.config.default_charset)
         size = path.stat().st_size
         if size > self.config.max_file_bytes:
             return [await self._refuse_large_file(path, size, arrival)]
-        data = await asyncio.to_thread(path.read_bytes)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except (PermissionError, IsADirectoryError) as err:
+            reason = f"{path.name}: cannot read the file: {err.strerror}; nothing was stored"
+            self._move(path, self.error_dir, [reason])  # an OSError here: set aside instead
+            self.files_failed += 1
+            log.warning("file drop %s: %s, moved to %s", self.name, reason, self.error_dir)
+            return []
         contents = split_data(data)
         parts = contents.messages
         if not parts:
@@ -204,6 +270,14 @@ class FileDropListener:
             reason_file = target.with_name(target.name + ".error.txt")
             reason_file.write_text("\n".join(problems) + "\n", encoding="utf-8")
         return target
+
+
+def _arrival_order(path: Path) -> tuple[int, str]:
+    """Oldest first; a file gone meanwhile sorts first and is found gone when taken."""
+    try:
+        return path.stat().st_mtime_ns, path.name
+    except OSError:
+        return 0, path.name
 
 
 def _offset(item: MessageSlice | Stray) -> int:
