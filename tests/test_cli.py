@@ -524,6 +524,26 @@ def test_a_store_that_refuses_writes_is_one_line_and_exit_1(tmp_path: Path) -> N
     assert listed.exit_code == 0
 
 
+def test_serve_on_a_store_it_may_not_write_exits_2_naming_the_data_dir(tmp_path: Path) -> None:
+    """Caught at start, naming where the store is, rather than a hub that answers every
+    message "not stored"."""
+    data = tmp_path / "data"
+    assert run("store", "upgrade", "--data-dir", str(data)).exit_code == 0
+    database = data / "carehub.db"
+    locked = subprocess.run(["chattr", "+i", str(database)], capture_output=True, check=False)
+    if locked.returncode != 0:
+        pytest.skip("making the store file immutable needs chattr and root (CAP_LINUX_IMMUTABLE)")
+    try:
+        result = run("serve", "--data-dir", str(data), "--mllp-port", "0", "--http-port", "0")
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], check=True)
+    assert result.exit_code == 2, result.output
+    assert f"data dir {data}: cannot open the store there: attempt to write a readonly" in (
+        result.stderr
+    )
+    assert "carehub ready" not in result.output
+
+
 def test_a_store_url_whose_driver_is_not_installed_names_the_key(tmp_path: Path) -> None:
     config = write(tmp_path, "hub.yaml", "store:\n  url: mysql://u:pw@127.0.0.1:1/db\n")
     result = run("messages", "list", "--config", str(config))

@@ -6,7 +6,9 @@ whole message, one answer per frame, and every frame is answered, whatever the b
 - A start block (0x0B) inside the message not followed by MSH is a byte of it: one frame, one
   answer, and the answers that follow stay paired with their frames.
 - A sender that half-closes after sending (shutdown(SHUT_WR)) still reads every ACK.
-- A sender that ends a frame with 0x1C and no CR, and waits, is answered."""
+- A sender that ends a frame with 0x1C and no CR, and waits, is answered.
+- A header whose delimiters cannot be read (MSH-2 missing) is rejected, not answered AA with
+  every field shifted; an MSH cut short is named as such."""
 
 from __future__ import annotations
 
@@ -77,3 +79,17 @@ def test_a_frame_ended_without_its_carriage_return_is_answered_while_the_sender_
         assert time.monotonic() - began < 5
         sock.sendall(encode_frame(make_adt("NOCR-2").encode()))  # the connection goes on
         assert answers(sock, 1)[0][:2] == ("AA", "NOCR-2")
+
+
+def test_a_header_without_encoding_characters_is_rejected_not_read_shifted(
+    hub: HubThread,
+) -> None:
+    with socket.create_connection(hub.mllp_address, timeout=TIMEOUT) as sock:
+        sock.sendall(encode_frame(b"MSH|A|B|C|D|20260101||ADT^A01|X5|P|2.5\rPID|1\r"))
+        sock.sendall(encode_frame(b"MSH^^~\\&^A^B^C^D^20260101^^ADT~A01^X6^P^2.5\r"))
+        sock.sendall(encode_frame(b"MSH|\r"))
+        first, second, third = answers(sock, 3)
+    assert first[0] == "AR" and "MSH-2 (the encoding characters) is 'A'" in first[2]
+    assert second[0] == "AR" and "MSH-2 (the encoding characters) is ''" in second[2]
+    assert third[0] == "AR" and "the MSH segment is cut short" in third[2]
+    assert {m.status for m in hub.store.find(limit=None)} == {"rejected"}

@@ -106,6 +106,11 @@ def open_store(
             lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
         )
         store.migrate()
+        if serving and store.is_sqlite:
+            # A read-only file opens and migrates (when current) without a write: found here,
+            # it is a start-up error naming the data dir, not an AE to every message.
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql("PRAGMA user_version = 0")
     except (SQLAlchemyError, AlembicError, OSError, ImportError) as err:
         # ImportError: the URL names a database whose driver is not installed (mysql://...).
         raise StoreOpenError(_store_open_problem(config, data_dir, err)) from err

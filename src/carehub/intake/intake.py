@@ -130,6 +130,21 @@ class Intake:
                 charset=decoded.charset,
             )
             return
+        unreadable = _delimiters_problem(decoded.text)
+        if unreadable is not None:
+            # Without its delimiters no field can be found where it belongs (a missing MSH-2
+            # shifted MSH-10 into MSH-11 and was answered AA): nothing of it can be trusted.
+            self._reject(
+                payload,
+                arrival,
+                None,
+                unreadable,
+                ErrorCode.DATA_TYPE_ERROR,
+                answer,
+                charset=decoded.charset,
+                location="MSH-2",
+            )
+            return
         if arrival.transport == "mllp" and is_wide(decoded.charset):
             # Its bytes can hold <FS><CR> (U+0D1C in UTF-16LE is 1C 0D), which ends the frame
             # in mid-message: whatever came whole cannot be trusted to be the whole message.
@@ -375,7 +390,38 @@ def _framing_byte(payload: bytes) -> str | None:
     )
 
 
+def _delimiters_problem(text: str) -> str | None:
+    """Why MSH-1 and MSH-2 cannot be taken as the message's delimiters, or None: the field
+    separator and the one to five encoding characters after it must be neither letters,
+    digits nor blanks, and all different."""
+    body = text.lstrip(_LEADING_BLANK)
+    if body.startswith("MSH|^~\\&|"):
+        return None  # nearly every message
+    field = body[3]
+    if field.isalnum() or field.isspace():
+        return f"MSH-1 (the field separator) is {field!r}: it must not be a letter, digit or blank"
+    encoding = re.split(r"[\r\n]", body[4:], maxsplit=1)[0].split(field, 1)[0]
+    delimiters = field + encoding
+    if (
+        not encoding
+        or len(encoding) > 5
+        or any(c.isalnum() or c.isspace() for c in encoding)
+        or len(set(delimiters)) != len(delimiters)
+    ):
+        return (
+            f"MSH-2 (the encoding characters) is {encoding!r}: it must hold the component, "
+            "repetition, escape and subcomponent separators, none a letter, digit or blank "
+            "and all different, as in MSH|^~\\&|; no field can be read without them"
+        )
+    return None
+
+
 def _not_hl7_reason(text: str) -> str:
+    if text.lstrip(_LEADING_BLANK).startswith("MSH"):
+        return (
+            "the MSH segment is cut short: it must begin with MSH-1 and MSH-2 (the field "
+            "separator and encoding characters, as in MSH|^~\\&|)"
+        )
     reason = "not an HL7 v2 message: no MSH segment at the start of the frame"
     if text.lstrip(_LEADING_BLANK).startswith(("FHS", "BHS")):
         reason += " (it holds an FHS/BHS batch: send each of its messages in a frame of its own)"
