@@ -203,7 +203,23 @@ def _codec_for_name(name: str) -> str | None:
     if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
         # bytes-to-bytes codecs (base64, hex, zlib) and transforms (idna, unicode-escape)
         return None
+    if not _ascii_compatible(info.name) and _unicode_width(info.name) is None:
+        # EBCDIC (cp037), UTF-7, HZ: the header and the delimiters would not read as the
+        # ASCII they are, and an ACK written in them could not be read by the sender.
+        return None
     return _PREFERRED.get(info.name, info.name)
+
+
+_ASCII_PROBE = "".join(chr(c) for c in range(0x20, 0x7F)) + "\r\n"
+
+
+@lru_cache(maxsize=64)
+def _ascii_compatible(codec: str) -> bool:
+    """Whether the codec writes printable ASCII, CR and LF as ASCII does, byte for byte."""
+    try:
+        return _ASCII_PROBE.encode(codec) == _ASCII_PROBE.encode("ascii")
+    except (UnicodeError, LookupError):
+        return False
 
 
 def encode_reply(text: str, charset: str, received: bytes = b"") -> bytes:
