@@ -174,7 +174,8 @@ def test_send_exits_1_on_an_ar_and_still_sends_the_rest(hub: HubThread, tmp_path
     done = send_to(hub.mllp_address, "--timeout", "20", junk, good, cwd=tmp_path)
     assert done.returncode == 1, done
     assert done.stdout.splitlines() == [
-        f"{junk}: AR (MSH-10 -): not an HL7 v2 message: no MSH segment at the start of the frame",
+        f"{junk}: AR (MSH-10 -): the MSH segment is cut short: it must begin with MSH-1 and "
+        "MSH-2 (the field separator and encoding characters, as in MSH|^~\\&|)",
         f"{good}: AA (MSH-10 AFTER-AR)",
     ]
     no_traceback(done)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trustme
 
@@ -137,6 +138,42 @@ def test_plain_tcp_client_on_tls_port_stores_nothing_and_tls_still_works(
     assert tls_hub.store.count() == 0
     assert send_over_tls(tls_hub, certs, "AFTERPLAIN") == "AA"
     assert [m.control_id for m in tls_hub.store.find()] == ["AFTERPLAIN"]
+
+
+def test_failed_handshakes_are_logged_with_the_peer_and_the_reason(
+    mtls_hub: HubThread, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A partner whose certificate is refused, or who speaks plain TCP, is named in one
+    WARNING with why (asyncio alone logs nothing), and a second failure from the same address
+    within the minute adds no line; a good client is served after them."""
+    caplog.set_level("WARNING", logger="carehub.intake.mllp")
+    with pytest.raises(OSError):
+        send_over_tls(mtls_hub, certs, "FOREIGN", certs.foreign_client)
+    with pytest.raises(OSError):
+        send_over_tls(mtls_hub, certs, "FOREIGN2", certs.foreign_client)
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("MLLP listener test: TLS handshake with 127.0.0.1:")
+    assert "CERTIFICATE_VERIFY_FAILED" in lines[0] or "certificate" in lines[0].lower()
+    assert mtls_hub.hub.mllp_listeners[0].handshakes_failed == 2
+    metrics = httpx.get(mtls_hub.http_url + "/metrics", timeout=TIMEOUT).text
+    assert 'carehub_mllp_tls_handshakes_failed_total{listener="test"} 2.0' in metrics
+    assert send_over_tls(mtls_hub, certs, "GOOD", certs.client) == "AA"
+
+
+def test_plain_tcp_on_the_tls_port_is_logged_as_a_failed_handshake(
+    tls_hub: HubThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="carehub.intake.mllp")
+    with socket.create_connection(tls_hub.mllp_address, timeout=TIMEOUT) as sock:
+        sock.sendall(encode_frame(make_adt("PLAIN").encode()))
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert len(lines) == 1 and "failed (" in lines[0], lines
 
 
 @pytest.mark.parametrize("broken", ["cert", "key", "client_ca"])

@@ -94,11 +94,19 @@ class HubCollector(Collector):
             "MLLP connections closed because their peer went over max_connections_per_peer",
             labels=["listener"],
         )
+        handshakes = CounterMetricFamily(
+            "carehub_mllp_tls_handshakes_failed",
+            "TLS handshakes that failed on an MLLP listener (refused certificate, plain TCP, "
+            "timeout); the log names the peer and the reason",
+            labels=["listener"],
+        )
         for listener in self.hub.mllp_listeners:
             connections.add_metric([listener.name], listener.open_connections)
             shed.add_metric([listener.name], listener.connections_shed)
+            handshakes.add_metric([listener.name], listener.handshakes_failed)
         yield connections
         yield shed
+        yield handshakes
 
     def _store_gauges(self, store: MessageStore) -> Iterator[GaugeMetricFamily]:
         """What the store says now: deliveries by status, each destination's queue, the

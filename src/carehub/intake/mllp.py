@@ -41,6 +41,10 @@ SHED_REPORT_EVERY = 60.0
 #: Seconds a frame's last byte read may be an <FS> with no <CR> after it before the <FS> is
 #: taken as the end (FrameDecoder.end_frame_now): the <CR> normally comes in the same read.
 LONE_END_WAIT = 0.2
+#: Seconds a TLS client has to finish its handshake.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+#: Seconds between log lines about failed TLS handshakes from one peer address.
+HANDSHAKE_REPORT_EVERY = 60.0
 
 
 class _Answer:
@@ -68,6 +72,9 @@ class _Connection(asyncio.Protocol):
         self._writing_paused = False
         self._reading_paused = False
         self._lone_end: asyncio.TimerHandle | None = None
+        #: The TCP transport while a TLS handshake runs on it (``transport`` is set after).
+        self._raw: asyncio.Transport | None = None
+        self._handshake: asyncio.Task[None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -77,7 +84,6 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
         peername = transport.get_extra_info("peername")
         if peername:
             self.host = str(peername[0])
@@ -86,8 +92,42 @@ class _Connection(asyncio.Protocol):
         self.arrival = Arrival(
             "mllp", config.name, self.peer, config.default_charset, config.enhanced_acks
         )
-        self.listener.opened(self)
+        tls = self.listener.ssl_context is not None
+        if tls:
+            self._raw = transport
+        else:
+            self.transport = transport
+        self.listener.opened(self)  # may close it at once (max_connections_per_peer)
         log.debug("MLLP connection from %s on %s", self.peer, config.name)
+        if tls and not transport.is_closing():
+            # TLS is set up here rather than by the server, which drops a failed handshake
+            # without a word (asyncio logs it only in debug mode): an operator whose
+            # partner's certificate is refused would have nothing to go on.
+            self._handshake = asyncio.get_running_loop().create_task(self._secure(transport))
+        elif tls:
+            self._raw = None  # closed by opened(): connection_lost follows
+
+    async def _secure(self, raw: asyncio.Transport) -> None:
+        context = self.listener.ssl_context
+        assert context is not None
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            )
+        except (OSError, TimeoutError, ConnectionError) as err:
+            self.listener.handshake_failed(self, err)
+            raw.abort()
+            self._raw = None
+            self.listener.closed(self)
+            return
+        self._raw = None
+        if secured is None:  # closed meanwhile
+            self.listener.closed(self)
+            return
+        self.transport = secured
+        self.last_activity = time.monotonic()
+        if self.closing:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -198,6 +238,8 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        elif self._raw is not None:  # still in its TLS handshake
+            self._raw.abort()
 
     def stop(self) -> None:
         """Answer the frames already read, then close; read no more."""
@@ -231,6 +273,8 @@ class MLLPListener:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self.connections_total = 0
+        self.handshakes_failed = 0
+        self._handshake_reported: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -246,8 +290,7 @@ class MLLPListener:
             lambda: _Connection(self),
             self.config.host,
             self.config.port,
-            ssl=self.ssl_context,
-            backlog=256,
+            backlog=256,  # TLS, when configured, is set up by each connection (_secure)
         )
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
@@ -292,6 +335,26 @@ class MLLPListener:
             )
             self._shed_reported_at = now
             self._shed_since_report = 0
+
+    def handshake_failed(self, connection: _Connection, err: BaseException) -> None:
+        """One WARNING per peer address a minute, naming why: a certificate from another CA,
+        no certificate where one is required, plain TCP to the TLS port, a timeout."""
+        self.handshakes_failed += 1
+        now = time.monotonic()
+        last = self._handshake_reported.get(connection.host)
+        if last is not None and now - last < HANDSHAKE_REPORT_EVERY:
+            return
+        self._handshake_reported[connection.host] = now
+        reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+        if isinstance(err, TimeoutError):
+            reason = f"no handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
+        log.warning(
+            "MLLP listener %s: TLS handshake with %s failed (%s); later failures from this "
+            "address are logged at most once a minute",
+            self.config.name,
+            connection.peer,
+            reason,
+        )
 
     def closed(self, connection: _Connection) -> None:
         self._connections.discard(connection)
