@@ -614,3 +614,66 @@ def test_cli_list_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     missing = runner.invoke(encounters_cli, ["show", "999", *base])
     assert missing.exit_code != 0
+
+
+def test_an_a08_that_brings_a_discharge_time_that_has_come_discharges(feed: Feed) -> None:
+    """Some sites discharge by update and never send an A03: the A08 carrying PV1-45 (no later
+    than the message) is the discharge, with its disposition, once; a later A03 only corrects
+    it. A planned discharge time (after the message) is not."""
+    feed.send(adt("A01", "U1", cls="I", location="MED^201^1^MAIN", at="20261201100000"))
+    planned = feed.send(
+        adt(
+            "A08",
+            "U2",
+            cls="I",
+            location="MED^201^1^MAIN",
+            at="20261201120000",
+            discharge="20261203120000",
+        )
+    )
+    assert (planned.kind, planned.state) == ("none", "admitted")
+    gone = feed.send(
+        adt(
+            "A08",
+            "U3",
+            cls="I",
+            location="MED^201^1^MAIN",
+            at="20261202150000",
+            discharge="20261202145000",
+            disposition="01",
+        )
+    )
+    assert (gone.kind, gone.state) == ("discharge", "discharged")
+    record = feed.encounter(gone.encounter_id)
+    assert record.disposition == "01"
+    assert record.discharged_at is not None and record.discharged_at.hour == 14
+    again = feed.send(
+        adt(
+            "A03",
+            "U4",
+            cls="I",
+            location="MED^201^1^MAIN",
+            at="20261202160000",
+            discharge="20261202145000",
+            disposition="01",
+        )
+    )
+    assert again.kind == "none"  # told once
+
+
+def test_discharge_by_update_can_be_turned_off(tmp_path: Path) -> None:
+    options = EncounterStateEnricher.Options(discharge_on_update=False)
+    feed = Feed(EncounterStateEnricher(options, ComponentContext(tmp_path, tmp_path, None)), None)
+    feed.send(adt("A01", "W1", cls="I", location="MED^201^1^MAIN", at="20261201100000"))
+    update = feed.send(
+        adt(
+            "A08",
+            "W2",
+            cls="I",
+            location="MED^201^1^MAIN",
+            at="20261202150000",
+            discharge="20261202145000",
+            disposition="01",
+        )
+    )
+    assert (update.kind, update.state) == ("none", "admitted")

@@ -700,3 +700,26 @@ def test_an_overdue_follow_up_of_an_opted_out_patient_alerts_nobody_and_says_why
         assert alert["status"] == "suppressed"
         assert "opted out" in alert["reason"]
         assert len(hub.texts()) == texts_before
+
+
+def test_a_discharge_sent_as_an_a08_notifies_and_starts_the_follow_up_clock(
+    care: Callable[..., Any],
+) -> None:
+    with care() as hub:
+        hub.send(
+            adt("A01", "U-ADM", cls="I"),
+            adt(
+                "A08",
+                "U-DIS",
+                cls="I",
+                when="20261123130000",
+                disposition="01",
+                discharged_at="20261123120000+0000",
+            ),
+        )
+        hub.settle()
+        assert ("pcp-a", "discharge", "queued") in hub.decisions()
+        assert [(f["kind"], f["status"]) for f in hub.followups()] == [
+            ("contact", "open"),
+            ("visit", "open"),
+        ]

@@ -24,9 +24,11 @@ Rules (see docs on each handler for the reasons):
   naming an unknown new PV1-19 with the old one in MRG-5 renumbers the old encounter. A fresh
   A01/A06 under a new visit number quietly closes the patient's open ED visit at that facility
   (sites that give the inpatient stay its own number never discharge the ED visit).
-- A08 that turns class E into I -> ``admission`` (site quirk). Any other A08 merges quietly
-  (``none``); a discharge time on an A08 is kept out of the state: only an A03 discharges,
-  because A08s carry provisional or planned discharge times.
+- A08 that turns class E into I -> ``admission`` (site quirk). An A08 that brings a discharge
+  time (PV1-45) no later than the message itself to a visit not yet discharged -> ``discharge``
+  (sites that discharge by update, never sending an A03: without it no one would be told and
+  no follow-up clock would start); a discharge time after the message is a planned one and is
+  kept out of the state. Any other A08 merges quietly (``none``).
 - A02 -> ``transfer`` only when the patient class or the facility (PV1-3.4) changes; a unit,
   room or bed move is ``none`` but updates the location.
 - A03 -> ``discharge`` with PV1-45 (else the message time), PV1-36 and PV1-37; a discharge for
@@ -213,6 +215,17 @@ def _state_for_class(patient_class: str | None, default: str = "registered") -> 
     if patient_class == "I":
         return "admitted"
     return default
+
+
+def _later(moment: datetime, than: datetime) -> bool:
+    """Whether ``moment`` comes after ``than``; a time without a zone is read as UTC, as the
+    event translator reads one (a few hours either way cannot make a past discharge planned:
+    planned ones are days ahead)."""
+    return _as_utc(moment) > _as_utc(than)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -561,11 +574,13 @@ class EncounterTracker:
         *,
         memory: MemoryTables | None = None,
         stale_ed_hours: float = 24,
+        discharge_on_update: bool = True,
         clock: Callable[[], datetime] = _now,
     ) -> None:
         self.engine = engine
         self.memory = memory if memory is not None else MemoryTables()
         self.stale_ed_hours = stale_ed_hours
+        self.discharge_on_update = discharge_on_update
         self.clock = clock
 
     @contextmanager
@@ -886,8 +901,9 @@ class EncounterTracker:
         now: datetime,
     ) -> _Step:
         """A08: merged quietly, except a class change E -> I, which some sites send instead of an
-        A06. A discharge time on an A08 does not discharge: A08s carry expected discharge times
-        and corrections, and a notice must not go out until the A03."""
+        A06, and a discharge time that has come (see the module doc): some sites discharge by
+        A08 and never send an A03. A discharge time after the message's own time is a plan,
+        not a discharge."""
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
             return _Step("none", {"note": "update of an unknown visit"})
@@ -904,6 +920,13 @@ class EncounterTracker:
             rec.disposition = enc.discharge_disposition or rec.disposition
             rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
         elif enc.discharge_time is not None:
+            sent = event.occurred_at or now
+            if self.discharge_on_update and not _later(enc.discharge_time, sent):
+                rec.discharged_at = enc.discharge_time
+                rec.disposition = enc.discharge_disposition or rec.disposition
+                rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
+                rec.state = "discharged"
+                return _Step("discharge", {"note": "A08 brought a discharge time (PV1-45)"})
             return _Step("none", {"ignored_discharge_time": enc.discharge_time.isoformat()})
         return _Step("none")
 
@@ -1142,6 +1165,12 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
             description="hours an ED visit may go without a message (by the hub's clock) "
             "before it is closed as stale_closed",
         )
+        discharge_on_update: bool = Field(
+            default=True,
+            description="an A08 that brings a discharge time (PV1-45) no later than the "
+            "message to a visit not yet discharged discharges it (for sites that never send "
+            "an A03); false: only an A03 discharges",
+        )
 
     missing_event_error = EncounterStateError
 
@@ -1150,7 +1179,10 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
 
     def new_tracker(self, engine: Engine | None, memory: MemoryTables) -> EncounterTracker:
         hours = getattr(self.options, "stale_ed_hours", 24)
-        return EncounterTracker(engine, memory=memory, stale_ed_hours=hours)
+        by_update = getattr(self.options, "discharge_on_update", True)
+        return EncounterTracker(
+            engine, memory=memory, stale_ed_hours=hours, discharge_on_update=by_update
+        )
 
     def enrich(self, work: Work) -> Any:
         event = self.care_event(work)
