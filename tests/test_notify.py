@@ -723,3 +723,30 @@ def test_a_discharge_sent_as_an_a08_notifies_and_starts_the_follow_up_clock(
             ("contact", "open"),
             ("visit", "open"),
         ]
+
+
+def test_an_opt_out_stated_at_registration_holds_when_the_discharge_leaves_pd1_12_empty(
+    care: Callable[..., Any],
+) -> None:
+    """PD1-12 = Y on the ED registration, empty on the discharge: nobody is told of either.
+    A later message that says N takes the opt-out back."""
+    with care() as hub:
+        hub.send(adt("A04", "OPT-1", opt_out="Y"), adt("A03", "OPT-2", disposition="01"))
+        hub.settle()
+        told = [(r, k) for r, k, status in hub.decisions() if status != "suppressed"]
+        assert told == []
+        reasons = {r["reason"] for r in hub.rows(kind="discharge")}
+        assert any("PD1-12 = 'Y' in message" in (reason or "") for reason in reasons), reasons
+        hub.send(adt("A04", "OPT-3", visit="V2", opt_out="N"))
+        hub.settle()
+        assert ("pcp-a", "ed_arrival", "queued") in hub.decisions()
+
+
+def test_an_opt_out_moves_with_a_merge(care: Callable[..., Any]) -> None:
+    with care() as hub:
+        hub.send(adt("A04", "MO-1", patient="P900", opt_out="Y"))
+        hub.send(merge("MO-2", "P100", "P900"))
+        hub.send(adt("A04", "MO-3", visit="V7"))  # P100, PD1-12 empty
+        hub.settle()
+        ed = [r for r in hub.rows(kind="ed_arrival") if r["patient_key"] == "HOSP|P100"]
+        assert ed and all(r["status"] == "suppressed" for r in ed), ed

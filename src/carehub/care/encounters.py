@@ -62,7 +62,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import Field
-from sqlalchemy import Connection, Engine, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
 
 from carehub.care.model import Transition, TransitionKind
 from carehub.components import ComponentOptions, TrackingEnricher, Work
@@ -75,6 +75,7 @@ from carehub.store.schema import (
     messages,
     notifications,
     patient_merges,
+    patient_preferences,
     referrals,
 )
 from carehub.workqueue import patient_key as make_patient_key
@@ -406,6 +407,23 @@ class _SqlBackend:
             self.conn.execute(
                 update(table).where(table.c.patient_key == retired).values(patient_key=surviving)
             )
+        self._merge_preference(retired, surviving)
+
+    def _merge_preference(self, retired: str, surviving: str) -> None:
+        """The retired record's do-not-notify choice moves to the survivor; when both have
+        one, an opt-out on either wins (the privacy-safe reading)."""
+        prefs = patient_preferences
+        old = self.conn.execute(select(prefs).where(prefs.c.patient_key == retired)).first()
+        if old is None:
+            return
+        self.conn.execute(delete(prefs).where(prefs.c.patient_key == retired))
+        kept = self.conn.execute(select(prefs).where(prefs.c.patient_key == surviving)).first()
+        values = dict(old._mapping, patient_key=surviving)
+        if kept is None:
+            self.conn.execute(insert(prefs).values(**values))
+        elif old.opted_out and not kept.opted_out:
+            survivor = prefs.c.patient_key == surviving
+            self.conn.execute(update(prefs).where(survivor).values(**values))
 
     def get(self, patient_key: str, visit_key: str) -> EncounterRecord | None:
         row = self.conn.execute(

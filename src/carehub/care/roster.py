@@ -85,6 +85,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -98,11 +99,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy import insert, select, update
 
 from carehub.care.model import CareTeam, Detail, Preference, Recipient, Suppression
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import ConfigError
 from carehub.hl7.view import parse_path
+from carehub.store.schema import patient_preferences
+from carehub.workqueue import patient_key as make_patient_key
 
 __all__ = [
     "ROLES",
@@ -871,6 +875,58 @@ def _address_key(recipient: Recipient) -> tuple[str, str]:
     return (recipient.channel, recipient.address.strip().lower())
 
 
+@dataclass(slots=True, frozen=True)
+class StatedChoice:
+    """What a message last said about the patient's do-not-notify field."""
+
+    opted_out: bool
+    value: str
+    message_id: int | None
+
+
+class StatedOptOuts:
+    """Each patient's do-not-notify choice as the last message that filled the field stated
+    it (table ``patient_preferences``; in memory for dry runs). A message with the field
+    empty says nothing, so it does not take an opt-out back: only a message that fills the
+    field with another value does. Written only when the choice changes."""
+
+    def __init__(self, context: ComponentContext) -> None:
+        self.context = context  # its store is attached once the hub has opened it
+        self._memory: dict[str, StatedChoice] = {}
+
+    def get(self, patient_key: str) -> StatedChoice | None:
+        store = self.context.store
+        if store is None:
+            return self._memory.get(patient_key)
+        with store.engine.connect() as conn:
+            row = conn.execute(
+                select(patient_preferences).where(patient_preferences.c.patient_key == patient_key)
+            ).first()
+        return StatedChoice(row.opted_out, row.value or "", row.message_id) if row else None
+
+    def record(self, patient_key: str, choice: StatedChoice) -> None:
+        known = self.get(patient_key)
+        if known is not None and known.opted_out == choice.opted_out:
+            return
+        store = self.context.store
+        if store is None:
+            self._memory[patient_key] = choice
+            return
+        values = {
+            "opted_out": choice.opted_out,
+            "value": choice.value[:255],
+            "message_id": choice.message_id,
+            "updated_at": datetime.now(UTC),
+        }
+        table = patient_preferences
+        with store.engine.begin() as conn:
+            found = conn.execute(
+                update(table).where(table.c.patient_key == patient_key).values(**values)
+            ).rowcount
+            if not found:
+                conn.execute(insert(table).values(patient_key=patient_key, **values))
+
+
 def _transition_field(encounter: Any, name: str) -> Any:
     if encounter is None:
         return None
@@ -951,6 +1007,7 @@ class CareTeamEnricher(Enricher):
             else None
         )
         self._opt_out_values = {v.strip().upper() for v in opts.opt_out_values}
+        self.stated = StatedOptOuts(context)
 
     async def start(self) -> None:
         self.roster.load()
@@ -978,7 +1035,7 @@ class CareTeamEnricher(Enricher):
                 builder.suppress(reason)
             for member in patient.members:
                 builder.add(member.recipient(), npi=member.npi)
-        self._message_opt_out(work, builder)
+        self._message_opt_out(work, encounter, builder)
         if self.options.include_pcp_from_message:
             self._add_pcp(event, builder)
         if self.options.include_post_acute:
@@ -1022,14 +1079,42 @@ class CareTeamEnricher(Enricher):
                 found.setdefault(entry.key, entry)
         return list(found.values())
 
-    def _message_opt_out(self, work: Work, builder: _TeamBuilder) -> None:
+    def _message_opt_out(self, work: Work, encounter: Any, builder: _TeamBuilder) -> None:
+        """The opt_out_field of this message, or, when it is empty, what an earlier message
+        of the patient's stated there: an opt-out given at registration holds for the
+        discharge whose PD1-12 the sender left empty."""
         field = self.options.opt_out_field
         if not field:
             return
         value = work.view.get(field).strip()
-        first = value.split(work.view.separators.component, 1)[0].strip()
-        if value.upper() in self._opt_out_values or first.upper() in self._opt_out_values:
-            builder.suppress(f"patient asked not to be notified ({field} = {value!r})")
+        key = self._patient_key(work, encounter)
+        if value:
+            first = value.split(work.view.separators.component, 1)[0].strip()
+            opted_out = value.upper() in self._opt_out_values or (
+                first.upper() in self._opt_out_values
+            )
+            if key is not None:
+                self.stated.record(key, StatedChoice(opted_out, value, work.message.id))
+            if opted_out:
+                builder.suppress(f"patient asked not to be notified ({field} = {value!r})")
+            return
+        stated = self.stated.get(key) if key is not None else None
+        if stated is not None and stated.opted_out:
+            builder.suppress(
+                f"patient asked not to be notified ({field} = {stated.value!r} in message "
+                f"{stated.message_id}; this message leaves it empty)"
+            )
+
+    @staticmethod
+    def _patient_key(work: Work, encounter: Any) -> str | None:
+        """The encounter's patient key (it follows merges), else PID-3's primary id."""
+        key = _transition_field(encounter, "patient_key")
+        if isinstance(key, str) and key:
+            return key
+        patient = work.event.patient if work.event else None
+        if patient is None or patient.primary is None or not patient.primary.value:
+            return None
+        return make_patient_key(patient.primary.value, patient.primary.authority, 0)
 
     def _add_pcp(self, event: Any, builder: _TeamBuilder) -> None:
         pcp = event.patient.pcp if event.patient else None

@@ -371,6 +371,20 @@ notifications = Table(
 Index("ix_notifications_encounter", notifications.c.encounter_id, notifications.c.recipient)
 Index("ix_notifications_status", notifications.c.status)
 
+# A patient's do-not-notify choice as the last message that said anything about it left it
+# (the care-team step's opt_out_field, e.g. PD1-12): a later message with the field empty does
+# not take it back, only one that says otherwise does. Re-keyed by merges, opted out if either
+# record was.
+patient_preferences = Table(
+    "patient_preferences",
+    metadata,
+    Column("patient_key", String(255), primary_key=True),  # authority|id
+    Column("opted_out", Boolean, nullable=False),
+    Column("value", String(255), nullable=True),  # as the field said it
+    Column("message_id", IdType, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 # Transitional-care follow-up items opened by a discharge home.
 followups = Table(
     "followups",
