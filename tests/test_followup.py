@@ -313,11 +313,11 @@ class TestClock:
         assert clock.find(encounter_id=1) == opened
         assert clock.get(contact.id) == contact
 
-    @pytest.mark.parametrize("code", ["01", "06", "08"])
+    @pytest.mark.parametrize("code", ["01", "06", "07", "08"])
     def test_every_home_disposition_opens(self, clock: FollowupClock, code: str) -> None:
         assert len(clock.open_for_discharge(discharge(disposition=code), NOW)) == 2
 
-    @pytest.mark.parametrize("code", ["03", "02", "20", "07", None])
+    @pytest.mark.parametrize("code", ["03", "02", "20", None])
     def test_non_home_dispositions_open_nothing(self, clock: FollowupClock, code: str) -> None:
         assert clock.open_for_discharge(discharge(disposition=code), NOW) == []
         assert clock.find(statuses=None) == []

@@ -596,7 +596,9 @@ def test_overdue_follow_up_alerts_the_care_coordinator_once(care: Callable[..., 
         assert visit_due.date().isoformat() == "2026-12-07"  # 14 days
         (discharge,) = [m for m in hub.mailbox.to(PCP) if m.subject.startswith("Discharge")]
         # Full detail (email): the disposition on its own line, and the due dates.
-        assert "Discharged: 01\n" in discharge.body.replace("\r\n", "\n")
+        body = discharge.body.replace("\r\n", "\n")
+        assert "Discharged: 01 (home or self care)\n" in body
+        assert "discharged from GENERAL on 2026-11-23 12:00." in body  # PV1-45, not MSH-7
         assert "Follow-up due: contact by 2026-11-25; visit by 2026-12-07" in discharge.body
         texts_before = len(hub.texts())
         mails_to_pcp = len(hub.mailbox.to(PCP))
@@ -750,3 +752,24 @@ def test_an_opt_out_moves_with_a_merge(care: Callable[..., Any]) -> None:
         hub.settle()
         ed = [r for r in hub.rows(kind="ed_arrival") if r["patient_key"] == "HOSP|P100"]
         assert ed and all(r["status"] == "suppressed" for r in ed), ed
+
+
+def test_a_discharge_without_a_disposition_says_no_clock_started(care: Callable[..., Any]) -> None:
+    with care() as hub:
+        hub.send(adt("A01", "ND-1", cls="I"), adt("A03", "ND-2", cls="I"))
+        hub.settle()
+        (mail,) = [m for m in hub.mailbox.to(PCP) if m.subject.startswith("Discharge")]
+        body = mail.body.replace("\r\n", "\n")
+        assert "No follow-up clock started: no discharge disposition (PV1-36)" in body
+        assert hub.followups() == []
+
+
+def test_a_death_is_told_as_a_death(care: Callable[..., Any]) -> None:
+    with care() as hub:
+        hub.send(adt("A01", "EX-1", cls="I"), adt("A03", "EX-2", cls="I", disposition="20"))
+        hub.settle()
+        (mail,) = [m for m in hub.mailbox.to(PCP) if not m.subject.startswith("Admission")]
+        assert mail.subject == "Died: Pat Tester at GENERAL"
+        body = mail.body.replace("\r\n", "\n")
+        assert "Pat Tester died at GENERAL" in body and "Discharged: 20 (expired)" in body
+        assert "No follow-up clock started" not in body and hub.followups() == []

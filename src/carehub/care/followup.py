@@ -46,7 +46,7 @@ from sqlalchemy import Engine, insert, select, update
 
 # carehub.cli imports only config and errors at module level and loads plugin commands (this
 # module included) lazily, from inside a running command, so importing it here cannot cycle.
-from carehub.care.model import Transition
+from carehub.care.model import DISPOSITIONS, Transition
 from carehub.cli import hub_options
 from carehub.cliparams import LIMIT, ROW_ID
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
@@ -59,8 +59,9 @@ from carehub.store.store import _aware
 if TYPE_CHECKING:
     from carehub.config import HubConfig
 
-#: Table 0112 codes that send the patient home: home/self-care, home health, home IV.
-DEFAULT_HOME_DISPOSITIONS = ("01", "06", "08")
+#: Table 0112 codes that send the patient home: home/self-care, home health, left against
+#: medical advice (home, and among the patients most at risk), home IV.
+DEFAULT_HOME_DISPOSITIONS = ("01", "06", "07", "08")
 #: ED treat-and-release visits are not TCM-eligible discharges (inpatient, observation, SNF and
 #: partial hospitalisation are), so ED discharges open nothing by default.
 DEFAULT_EXCLUDED_CLASSES = ("E",)
@@ -605,7 +606,7 @@ class FollowupEnricher(Enricher):
         home_dispositions: list[str] = Field(
             list(DEFAULT_HOME_DISPOSITIONS),
             description="PV1-36 codes (table 0112) that count as a discharge home: 01 home, "
-            "06 home health, 08 home IV",
+            "06 home health, 07 left against medical advice, 08 home IV",
         )
         visit_days: Literal[7, 14] = Field(
             14,
@@ -718,6 +719,10 @@ class FollowupEnricher(Enricher):
         base["disposition"] = facts.disposition
         reason = self.policy.why_not(facts)
         if reason is not None:
+            if facts.disposition is None or facts.disposition not in DISPOSITIONS:
+                # Not a discharge elsewhere but one nobody can place: the notice says that no
+                # clock runs, so the care team does not take its silence for "none due".
+                work.data["followup_note"] = reason
             return {**base, "action": "none", "reason": reason}
         assert facts.discharged_at is not None
         base["discharged_at"] = facts.discharged_at.isoformat()

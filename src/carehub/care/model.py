@@ -19,6 +19,39 @@ RETRACTS = {
     "cancel_discharge": "discharge",
 }
 
+#: PV1-36 discharge dispositions as US sites send them (table 0112 is user-defined there; the
+#: values are the UB-04 patient discharge status codes), worded for a notice.
+DISPOSITIONS = {
+    "01": "home or self care",
+    "02": "to a short-term general hospital",
+    "03": "to a skilled nursing facility",
+    "04": "to an intermediate care facility",
+    "05": "to another type of institution",
+    "06": "home with home health care",
+    "07": "left against medical advice",
+    "08": "home with home IV therapy",
+    "09": "admitted as an inpatient",
+    "20": "expired",
+    "21": "to court or law enforcement",
+    "30": "still a patient",
+    "40": "expired at home",
+    "41": "expired in a medical facility",
+    "42": "expired, place unknown",
+    "43": "to a federal health care facility",
+    "50": "to hospice at home",
+    "51": "to a hospice facility",
+    "61": "to a swing bed",
+    "62": "to an inpatient rehabilitation facility",
+    "63": "to a long-term care hospital",
+    "64": "to a nursing facility (Medicaid)",
+    "65": "to a psychiatric hospital",
+    "66": "to a critical access hospital",
+    "69": "to a designated disaster alternative care site",
+    "70": "to another type of health care institution",
+}
+#: Of those, the patient died: a notice says so rather than "was discharged".
+DIED = frozenset({"20", "40", "41", "42"})
+
 TransitionKind = Literal[
     "ed_arrival",  # A04 with patient class E
     "admission",  # A01, A06 (or an A08 that turns E into I)

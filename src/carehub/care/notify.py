@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, func, insert, select, update
 
-from carehub.care.model import NOTIFIABLE, CareTeam, Recipient, Transition
+from carehub.care.model import DIED, DISPOSITIONS, NOTIFIABLE, CareTeam, Recipient, Transition
 from carehub.care.roster import CareTeamEnricher
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
@@ -276,7 +276,7 @@ class Notifier:
         self, work: Work, transition: Transition, decision: Decision
     ) -> dict[str, Any]:
         event = work.event_json() or {}
-        context = event_context(event)
+        context = event_context(event, decision.kind)
         default = "minimum" if decision.channel in MINIMUM_BY_DEFAULT else "full"
         detail = self.config.detail.get(decision.channel or "", default)
         team = work.data.get("care_team")
@@ -300,6 +300,7 @@ class Notifier:
                 {"kind": _field(f, "kind"), "due": _local_day(_field(f, "due_at"), event)}
                 for f in followups
             ],
+            followup_note=work.data.get("followup_note"),
         )
         return context
 
@@ -616,25 +617,33 @@ class Notifier:
                 )
 
 
-def event_context(event: dict[str, Any]) -> dict[str, Any]:
-    """Template variables from a care event (JSON form): the CMS minimum first."""
+def event_context(event: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
+    """Template variables from a care event (JSON form): the CMS minimum first. ``kind`` is
+    the notice's, when it is not the event's own (a discharge an A08 brought)."""
     patient = event.get("patient") or {}
     name = patient.get("name") or {}
     encounter = event.get("encounter") or {}
     practitioner = encounter.get("attending") or encounter.get("admitting") or {}
     location = encounter.get("location") or {}
     diagnoses = [d.get("display") or d.get("code") for d in event.get("diagnoses") or []]
+    disposition = (encounter.get("discharge_disposition") or "").strip()
+    label = DISPOSITIONS.get(disposition.zfill(2) if disposition.isdigit() else disposition)
+    # A discharge notice gives when the patient left (PV1-45), not when the message was sent:
+    # an A03 sent on Monday for a Friday night discharge read as a Monday discharge.
+    is_discharge = (kind or event.get("kind")) == "discharge"
+    discharged = encounter.get("discharge_time") if is_discharge else None
     return {
         "event": event,
         "patient_name": display_name(name) or "the patient",
         "birth_date": patient.get("birth_date"),
         "institution": encounter.get("facility") or event.get("sending_facility") or "the hospital",
         "practitioner": display_name(practitioner, with_prefix=True) or "",
-        "occurred_at": (event.get("occurred_at") or "")[:16].replace("T", " "),
+        "occurred_at": (discharged or event.get("occurred_at") or "")[:16].replace("T", " "),
         "location": " ".join(p for p in (location.get("point_of_care"), location.get("room")) if p),
         "reason": encounter.get("admit_reason"),
         "diagnoses": "; ".join(d for d in diagnoses if d),
-        "disposition": encounter.get("discharge_disposition"),
+        "disposition": f"{disposition} ({label})" if label else disposition or None,
+        "died": disposition.zfill(2) in DIED if disposition.isdigit() else False,
         "discharged_to": encounter.get("discharged_to_name") or encounter.get("discharged_to"),
     }
 
