@@ -773,3 +773,28 @@ def test_a_death_is_told_as_a_death(care: Callable[..., Any]) -> None:
         body = mail.body.replace("\r\n", "\n")
         assert "Pat Tester died at GENERAL" in body and "Discharged: 20 (expired)" in body
         assert "No follow-up clock started" not in body and hub.followups() == []
+
+
+def test_recipients_by_a_channel_the_notify_step_lacks_are_named_at_start(
+    care: Callable[..., Any],
+) -> None:
+    """A roster member reached by fax (no fax channel on notify) would be suppressed on
+    every notice; the start says so, naming the file, the channel and the fix."""
+    fax = "P500,HOSP,,,fx-a,Fax Person,pcp,Clinic,,fax,+1-217-555-0199,immediate,"
+    with care(roster=ROSTER + "\n" + fax) as hub:
+        (warning,) = hub.running.hub.table.start_warnings
+        assert "roster.csv reaches recipients by 'fax'" in warning
+        assert "notify step has no 'fax' channel" in warning
+
+
+def test_the_sample_routes_reach_every_recipient_they_list(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from carehub.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "config" / "carehub.yaml"
+    result = CliRunner().invoke(
+        main, ["routes", "check", "--offline", "--config", str(config), "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning:" not in result.output

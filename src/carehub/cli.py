@@ -957,7 +957,10 @@ def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
         await table.start()
         await table.close()
 
+    logging.getLogger("carehub.routing.table").setLevel(logging.ERROR)  # printed below
     asyncio.run(start_and_close())
+    for warning in table.start_warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"plugins: {len(host.plugins)} loaded, {len(host.failures)} failed")
     for failure in host.failures:
         click.echo(f"  failed: {failure.name} ({failure.source}): {failure.error}")

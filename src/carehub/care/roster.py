@@ -1044,6 +1044,21 @@ class CareTeamEnricher(Enricher):
         work.data["care_team"] = builder.team
         return builder.team.as_output()
 
+    def channels_in_use(self) -> dict[str, Path]:
+        """Each channel a roster member or a directory entry is reached by, with the file
+        that names it (first found): the notify step must have a channel of each name, or
+        those recipients are never told (RouteTable.start says so)."""
+        found: dict[str, Path] = {}
+        for patient in self.roster.patients():
+            for member in patient.members:
+                found.setdefault(member.channel, self.roster.path)
+        if self.directory is not None:
+            data = self.directory.data
+            for entry in [*data.providers.values(), *data.facilities.values()]:
+                if entry.channel:
+                    found.setdefault(entry.channel, self.directory.path)
+        return found
+
     def roster_team(
         self, patient_key: str, roles: Collection[str]
     ) -> tuple[list[Recipient], str | None]:

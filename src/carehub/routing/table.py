@@ -76,6 +76,8 @@ class RouteTable:
     #: Names earlier versions gave forwards written without ``name:`` (ROUTE/CHANNEL-POSITION)
     #: -> the name they have now, so deliveries stored under the old name still go out.
     former_names: dict[str, str] = field(default_factory=dict)
+    #: What start() found that will not stop routing but loses notices (logged as warnings).
+    start_warnings: list[str] = field(default_factory=list)
 
     def destination(self, name: str) -> Destination | None:
         """The destination a delivery was planned for, by its current or former name."""
@@ -137,6 +139,29 @@ class RouteTable:
                 with contextlib.suppress(Exception):
                     await component.close()
             raise
+        self.start_warnings = self._unreachable_recipients()
+        for warning in self.start_warnings:
+            log.warning("%s", warning)
+
+    def _unreachable_recipients(self) -> list[str]:
+        """Routes whose roster or provider directory (read at start) reach someone by a
+        channel the route's notify step lacks: those recipients would be suppressed on every
+        notice, "no 'webhook' channel", found only by reading the notifications."""
+        warnings: list[str] = []
+        for route in self.routes:
+            for step in route.steps:
+                notifier = step.notifier
+                if not isinstance(notifier, Notifier) or notifier.care_team is None:
+                    continue
+                for channel, named_in in sorted(notifier.care_team.channels_in_use().items()):
+                    if channel not in notifier.destinations:
+                        warnings.append(
+                            f"{route.source.where(step.loc)}: route {route.name!r}: "
+                            f"{named_in.name} reaches recipients by {channel!r}, but the "
+                            f"notify step has no {channel!r} channel: they will never be told "
+                            f"(add one under notify.channels, or change their channel)"
+                        )
+        return warnings
 
     def _startables(self) -> list[tuple[Route, int, BoundStep, Component, str]]:
         """Each component with its route, step and a label naming it and its plugin."""
