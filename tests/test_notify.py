@@ -555,9 +555,10 @@ def test_daily_digest_holds_items_and_sends_one_digest(care: Callable[..., Any])
         assert digest.subject == "Daily care-transition digest (3 updates)"
         lines = [line for line in digest.body.splitlines() if line.startswith("- ")]
         assert len(lines) == 3
-        assert ": admission - Pat Tester at GENERAL" in lines[0]
+        # When each happened (PV1-44 admit, PV1-45 discharge), not when carehub heard of it.
+        assert "2026-11-25 08:00: admission - Pat Tester at GENERAL" in lines[0]
         assert ": emergency department visit - Pat Tester at GENERAL" in lines[1]
-        assert ": discharge - Pat Tester at GENERAL" in lines[2]
+        assert "2026-11-26 10:00: discharge - Pat Tester at GENERAL" in lines[2]
         digested = hub.rows(recipient="cm-a")
         assert {r["status"] for r in digested} == {"digested"}
         assert len({r["delivery_key"] for r in digested}) == 1

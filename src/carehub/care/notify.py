@@ -330,10 +330,17 @@ class Notifier:
             snapshots = self._snapshots({r["encounter_id"] for r in items})
             lines = []
             for row in sorted(items, key=lambda r: r["id"]):
-                context = event_context(snapshots.get(row["encounter_id"], {}))
+                snapshot = snapshots.get(row["encounter_id"], {})
+                context = event_context(snapshot)
+                # When it happened, in the hospital's time as its messages gave it (the visit's
+                # latest state holds the admit and discharge times); when carehub heard of it
+                # (UTC) only for want of those.
+                encounter = snapshot.get("encounter") or {}
+                clinical = encounter.get(_CLINICAL_TIME.get(row["kind"], ""))
                 lines.append(
                     {
-                        "when": _aware(row["created_at"]).strftime("%Y-%m-%d %H:%M"),
+                        "when": (clinical or "")[:16].replace("T", " ")
+                        or _aware(row["created_at"]).strftime("%Y-%m-%d %H:%M UTC"),
                         "label": KIND_LABELS.get(row["kind"], row["kind"]),
                         "patient_name": context["patient_name"],
                         "institution": context["institution"],
@@ -615,6 +622,14 @@ class Notifier:
                     .where(notifications.c.id.in_(digested))
                     .values(status="digested", delivery_key=key)
                 )
+
+
+#: The encounter time (PV1-44/45) a digest line gives for each kind of notice.
+_CLINICAL_TIME = {
+    "ed_arrival": "admit_time",
+    "admission": "admit_time",
+    "discharge": "discharge_time",
+}
 
 
 def event_context(event: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
