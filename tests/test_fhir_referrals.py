@@ -5,9 +5,12 @@ polling and by the webhook route. No mocks: real uvicorn servers, real SQLite st
 from __future__ import annotations
 
 import asyncio
+import base64
+import copy
 import json
 import socket
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -139,24 +143,39 @@ class Served:
         self._sock.close()
 
 
+def if_none_exist_of(raw: dict[str, Any], kind: str) -> str:
+    """The ``ifNoneExist`` of the Bundle entry that creates a ``kind``."""
+    return next(
+        e["request"]["ifNoneExist"] for e in raw["entry"] if e["resource"]["resourceType"] == kind
+    )
+
+
+def _model_for(kind: str) -> Any:
+    return {"ServiceRequest": ServiceRequest, "Task": Task}[kind]
+
+
 def _coding(concept: Any) -> set[tuple[str | None, str | None]]:
     return {(c.system, c.code) for c in (concept.coding or [])} if concept else set()
 
 
 class FhirServer:
     """A small FHIR server: ``POST /fhir`` takes transaction Bundles, validating them with
-    fhir.resources R4B and checking the SDOHCC referral rules; ``ifNoneExist`` is honoured
-    (conditional create); ``GET /fhir/Task/{id}`` answers the Task with the next status from
-    ``task_statuses`` (the CBO working on it). ``fail_with`` makes every POST fail."""
+    fhir.resources R4B and checking the SDOHCC referral rules. A transaction either creates
+    (``ifNoneExist`` honoured as a search on the resources' identifiers: conditional create)
+    or patches (``PATCH Type?identifier=...`` with a JSON Patch in a Binary: conditional
+    patch; no match 404, several 412), all or nothing. ``GET /fhir/Task/{id}`` answers the Task
+    with the next status from ``task_statuses`` (the CBO working on it). ``fail_with`` makes
+    every POST fail."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.resources: dict[str, dict[str, Any]] = {}  # "Type/id" -> resource
-        self.conditional: dict[tuple[str, str], str] = {}  # (type, ifNoneExist) -> "Type/id"
+        self.versions: dict[str, int] = {}  # "Type/id" -> version
         self.task_statuses: list[str] = []
         self.fail_with: int | None = None
         self.problems: list[str] = []  # what the validation refused
         self.posts: list[dict[str, Any]] = []
+        self.patched: list[str] = []  # "Type/id" of every resource a transaction patched
         self.gets: list[str] = []
         self.headers: list[dict[str, str]] = []
         self._next = 100
@@ -199,17 +218,29 @@ class FhirServer:
         raw = json.loads(await request.body())
         self.posts.append(raw)
         try:
-            self.check(raw)
+            patching = self.check(raw)
+            if patching:
+                return self.patch(raw)
         except (ValueError, AssertionError) as err:
             self.problems.append(str(err))
             return self.outcome(400, str(err))
         return JSONResponse(self.apply(raw), media_type=FHIR_CONTENT_TYPE)
 
-    def check(self, raw: dict[str, Any]) -> None:
+    def check(self, raw: dict[str, Any]) -> bool:
         """fhir.resources validation of the Bundle and every resource in it (the Bundle
-        model dispatches each entry to its resource model), then the SDOHCC referral rules."""
+        model dispatches each entry to its resource model), then the SDOHCC referral rules
+        for a create, or the conditional-patch shape for an update; True for an update."""
         bundle = Bundle.model_validate(raw)
         assert bundle.type == "transaction", f"Bundle.type {bundle.type}"
+        methods = {entry.request.method for entry in bundle.entry or []}
+        if methods == {"PATCH"}:
+            for entry in bundle.entry or []:
+                binary = entry.resource
+                assert binary.get_resource_type() == "Binary", "a JSON Patch goes in a Binary"
+                assert binary.contentType == "application/json-patch+json", binary.contentType
+                kind, _, query = entry.request.url.partition("?")
+                assert kind in ("ServiceRequest", "Task") and query.startswith("identifier=")
+            return True
         by_type: dict[str, Any] = {}
         urls: dict[str, str] = {}
         for entry in bundle.entry or []:
@@ -234,6 +265,27 @@ class FhirServer:
         assert task.focus.reference == urls["ServiceRequest"]
         assert task.for_fhir.reference == urls["Patient"]
         assert task.authoredOn is not None and task.requester is not None
+        for resource in (sr, task):
+            condition = urllib.parse.unquote(if_none_exist_of(raw, resource.get_resource_type()))
+            assert any(
+                f"identifier={i.system}|{i.value}" == condition for i in resource.identifier or []
+            ), f"{resource.get_resource_type()} does not carry the identifier it is created on"
+        return False
+
+    def search(self, kind: str, query: str) -> list[str]:
+        """``identifier=system|value`` over the stored resources of ``kind``."""
+        name, _, wanted = urllib.parse.unquote(query).partition("=")
+        assert name == "identifier", f"unsupported search {query}"
+        system, _, value = wanted.rpartition("|")
+        return [
+            ref
+            for ref, resource in self.resources.items()
+            if ref.startswith(kind + "/")
+            and any(
+                (i.get("system"), i.get("value")) == (system, value)
+                for i in resource.get("identifier") or []
+            )
+        ]
 
     def apply(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Conditional creates, then the urn:uuid references rewritten to the ids."""
@@ -243,21 +295,22 @@ class FhirServer:
             created = []
             for entry in raw["entry"]:
                 kind = entry["resource"]["resourceType"]
-                condition = (kind, entry["request"]["ifNoneExist"])
-                if condition in self.conditional:
-                    ref, status = self.conditional[condition], "200 OK"
+                found = self.search(kind, entry["request"]["ifNoneExist"])
+                if found:
+                    ref, status = found[0], "200 OK"
                 else:
                     self._next += 1
                     ref, status = f"{kind}/{self._next}", "201 Created"
-                    self.conditional[condition] = ref
                     created.append((ref, entry["resource"]))
+                    self.resources[ref] = entry["resource"]  # found by later entries
+                    self.versions[ref] = 1
                 ids[entry["fullUrl"]] = ref
                 answers.append(
                     {
                         "response": {
                             "status": status,
-                            "location": f"{ref}/_history/1",
-                            "etag": 'W/"1"',
+                            "location": f"{ref}/_history/{self.versions[ref]}",
+                            "etag": f'W/"{self.versions[ref]}"',
                         }
                     }
                 )
@@ -271,6 +324,39 @@ class FhirServer:
         response = {"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
         Bundle.model_validate(response)
         return response
+
+    def patch(self, raw: dict[str, Any]) -> Response:
+        """Conditional patches, all or nothing: each entry's search must find exactly one
+        resource, and each patched resource must still be valid FHIR."""
+        with self.lock:
+            changed: dict[str, dict[str, Any]] = {}
+            for entry in raw["entry"]:
+                kind, _, query = entry["request"]["url"].partition("?")
+                found = self.search(kind, query)
+                if not found:
+                    return self.outcome(404, f"no {kind} matches {query}")
+                if len(found) > 1:
+                    return self.outcome(412, f"{len(found)} {kind} match {query}")
+                ref = found[0]
+                resource = copy.deepcopy(changed.get(ref, self.resources[ref]))
+                for op in json.loads(base64.b64decode(entry["resource"]["data"])):
+                    assert op["op"] in ("add", "replace"), f"unsupported op {op['op']}"
+                    name = op["path"].removeprefix("/")
+                    assert name and "/" not in name, f"unsupported path {op['path']}"
+                    if op["op"] == "replace" and name not in resource:
+                        return self.outcome(422, f"replace of missing {op['path']}")
+                    resource[name] = op["value"]
+                _model_for(kind).model_validate(resource)
+                changed[ref] = resource
+            answers = []
+            for ref, resource in changed.items():
+                self.resources[ref] = resource
+                self.versions[ref] += 1
+                location = f"{ref}/_history/{self.versions[ref]}"
+                answers.append({"response": {"status": "200 OK", "location": location}})
+        self.patched.extend(changed)
+        body = {"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
+        return JSONResponse(body, media_type=FHIR_CONTENT_TYPE)
 
     async def read_task(self, request: Request) -> Response:
         ref = f"Task/{request.path_params['id']}"
@@ -370,8 +456,9 @@ def test_service_request_and_task_follow_the_gravity_pattern() -> None:
             "display": "Springfield Community Food Bank",
         }
     ]
-    placer = [i for i in sr["identifier"] if i.get("type")]
-    assert placer[0]["value"] == "R-1"
+    placer = {"system": "urn:carehub:id:RGH", "value": "R-1"}
+    assert [{k: i[k] for k in placer} for i in sr["identifier"]] == [placer]
+    assert sr["identifier"][0]["type"]["coding"][0]["code"] == "PLAC"
 
     assert (task["status"], task["intent"]) == ("requested", "order")
     assert task["code"]["coding"][0]["code"] == "fulfill"
@@ -379,7 +466,7 @@ def test_service_request_and_task_follow_the_gravity_pattern() -> None:
     assert task["for"] == sr["subject"]
     assert task["owner"] == sr["performer"][0]
     assert task["authoredOn"] == sr["authoredOn"]
-    assert task["identifier"][0]["value"] == "carehub-1-1-abc"
+    assert task["identifier"] == sr["identifier"]  # the referral's id, not the delivery's
 
 
 def test_only_sdoh_z_codes_leave_carehub() -> None:
@@ -429,8 +516,8 @@ def test_render_is_a_validated_transaction_bundle_with_stable_bytes(tmp_path: Pa
     conditions = [e["request"]["ifNoneExist"] for e in bundle["entry"]]
     assert conditions == [
         "identifier=urn:carehub:id:RGH|RG100234",
-        "identifier=urn:carehub:delivery|carehub-1-1-abc",
-        "identifier=urn:carehub:delivery|carehub-1-1-abc",
+        "identifier=urn:carehub:id:RGH|R-1",
+        "identifier=urn:carehub:id:RGH|R-1",
     ]
     other = channel.render(work, "carehub-1-2-abc")
     assert json.loads(other.payload)["entry"][2]["fullUrl"] != bundle["entry"][2]["fullUrl"]

@@ -10,9 +10,12 @@ module builds both resources from a REF^I12 care event and ships them:
 - :func:`build_gravity_referral` -- the ServiceRequest and Task as FHIR JSON, validated;
 - :func:`build_referral_bundle` -- a ``transaction`` Bundle that creates them (and the patient,
   by conditional create) in one request, safe to resend;
-- :class:`FhirReferralChannel` (``fhir-referral``) -- POSTs that Bundle to a FHIR server, keeps
-  the created Task id, and polls ``GET /Task/<id>`` from ``tick()`` to advance the referral's
-  state through :meth:`ReferralTracker.advance` (``source="fhir-task-poll"``).
+- :func:`build_referral_update` -- a ``transaction`` Bundle of conditional patches that tells
+  the organisation of a modify (REF^I13) or a cancel (REF^I14);
+- :class:`FhirReferralChannel` (``fhir-referral``) -- POSTs the Bundle the referral's transition
+  calls for to a FHIR server, keeps the created Task id, and polls ``GET /Task/<id>`` from
+  ``tick()`` to advance the referral's state through :meth:`ReferralTracker.advance`
+  (``source="fhir-task-poll"``).
 
 **FHIR version.** The IG is FHIR R4 (4.0.1). fhir.resources 8 ships R5 as its default package
 and R4B (4.3.0) and STU3 as sub-packages; there is no R4 proper. ServiceRequest, Task, Patient
@@ -34,10 +37,26 @@ own Patient with that identifier, or creates it. ServiceRequest.subject and Task
 (``urn:uuid:`` inside the Bundle) and also carry the identifier, so the reference still means
 something when the resources are read on their own.
 
-**Idempotency.** The ServiceRequest and Task carry the delivery's idempotency key as an
-identifier (system ``identifier_system``) and are created with ``ifNoneExist`` on it, so a resend
-after a lost answer returns the resources the first attempt made instead of a second referral.
-The key is per message and routing run: forward only new referrals (REF^I12) to this channel.
+**One referral, one ServiceRequest and Task.** Both carry the referral's own identifier, the
+placer referral number (RF1-6) in the system of its assigning authority, i.e. carehub's
+``referral_key``, and are created with ``ifNoneExist`` on it. Whatever the MSH-10, a routing
+run again or a lost answer, the server links to what it holds for that referral instead of
+making a second one. The channel also sends nothing for an update the referral-state step found
+changed nothing (an I12 resent with a new MSH-10, a second cancel).
+
+**Modify and cancel.** Later messages reach the organisation through the same identifier, as
+*conditional patches* (``PATCH ServiceRequest?identifier=<system>|<value>``, JSON Patch in a
+Binary, both resources in one transaction). Not a conditional update (``PUT``): a PUT replaces
+the whole resource, and the Task is shared, its status, ``output`` and ``businessStatus`` being
+the organisation's to set (SDOHCC Task for Referral Management: the requester sets requested,
+the responder accepted ... completed, either party cancelled), so a PUT from carehub would undo
+what the organisation recorded. Nor a PUT to the ids the server returned: the task file forgets
+a Task once its referral closes and is not kept with ``poll: false``, and a patch by identifier
+needs no stored id. A modify patches what the referral message carries and the referrer owns:
+``priority`` (ServiceRequest and Task), the SDOH ``reasonCode`` and ``occurrencePeriod``; a cancel
+sets ServiceRequest.status ``revoked`` and Task.status ``cancelled``. Conditional patch is FHIR R4
+(http.html#patch); a match on no resource is answered 404, taken as "the referral has not
+reached the server yet" and retried.
 
 **Task id <-> referral mapping.** The referral tables belong to the referral-state step, the
 channel may not add tables, and :class:`ReferralTracker` has no call that stores extra data on a
@@ -50,6 +69,7 @@ serialised by a lock; a Task leaves the file once its referral is closed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import importlib
@@ -82,7 +102,6 @@ from carehub.components import (
 from carehub.events import (
     CareEvent,
     Diagnosis,
-    Identifier,
     Organization,
     Patient,
     Practitioner,
@@ -105,11 +124,15 @@ __all__ = [
     "FhirReferralChannel",
     "GravityOptions",
     "ReferralResources",
+    "ReferralUpdate",
     "TaskMap",
     "build_gravity_referral",
     "build_referral_bundle",
     "build_referral_resources",
+    "build_referral_update",
     "gravity_category_for_code",
+    "referral_operation",
+    "referral_search",
     "sdoh_z_code",
     "task_id_from_location",
     "validate_resource",
@@ -221,13 +244,9 @@ class GravityOptions(ComponentOptions):
     ``identifier_systems`` maps them (``{"RGH": "urn:oid:2.16.840.1.113883.3.1"}``) and an
     unmapped authority becomes ``urn:carehub:id:<authority>``. Two names are carehub's own:
     ``hsds-organization`` (the directory's organization ids, for the performer) and ``local``
-    (ids that came without an authority)."""
+    (ids that came without an authority). The referral's identifier system is the one of its
+    RF1-6 authority: change a mapping and referrals sent before are no longer found by it."""
 
-    identifier_system: str = Field(
-        "urn:carehub:delivery",
-        description="identifier system of the delivery key on the ServiceRequest and Task, "
-        "which makes a resend create nothing new",
-    )
     identifier_systems: dict[str, str] = Field(
         default_factory=dict,
         description="v2 assigning authority (e.g. RGH) -> identifier system URI; unmapped "
@@ -465,6 +484,7 @@ class ReferralResources:
     """The resources of one referral and their ``urn:uuid`` full URLs in the Bundle."""
 
     referral_key: str
+    referral_search: str  # identifier=<system>|<value> of the referral's own identifier
     patient: dict[str, Any]
     patient_url: str
     patient_search: str  # the conditional-create query: identifier=<system>|<value>
@@ -472,6 +492,12 @@ class ReferralResources:
     service_request_url: str
     task: dict[str, Any]
     task_url: str
+
+
+_NEEDS_REFERRAL_EVENT = (
+    "fhir-referral needs a referral care event: put `translate: v2-to-event` (and "
+    "`enrich: referral-state`) before it, and route only REF messages to it"
+)
 
 
 def _urn(seed: str, what: str) -> str:
@@ -489,10 +515,7 @@ def build_referral_resources(
     options = options or GravityOptions()
     event = work.event
     if not isinstance(event, CareEvent) or event.referral is None:
-        raise ValueError(
-            "fhir-referral needs a referral care event: put `translate: v2-to-event` (and "
-            "`enrich: referral-state`) before it, and route only REF messages to it"
-        )
+        raise ValueError(_NEEDS_REFERRAL_EVENT)
     key = _referral_key_of(work)
     if key is None:
         raise ValueError("the referral has no id (RF1-6 or RF1-11)")
@@ -594,14 +617,10 @@ def build_referral_resources(
         or date.today().isoformat()
     )
     priority = _PRIORITY.get((ref.priority or "").strip().upper())
-    delivery_id = {"system": options.identifier_system, "value": seed}
-
-    identifiers: list[dict[str, Any]] = [delivery_id]
-    if ref.referral_id is not None:
-        identifiers.append(_placer_identifier(ref.referral_id, options))
+    placer = _placer_identifier(key, options)
     service_request: dict[str, Any] = {
         "resourceType": "ServiceRequest",
-        "identifier": identifiers,
+        "identifier": [placer],
         "status": "active",
         "intent": "order",
         "category": [
@@ -653,7 +672,7 @@ def build_referral_resources(
     service_request_url = _urn(seed, "ServiceRequest")
     task: dict[str, Any] = {
         "resourceType": "Task",
-        "identifier": [delivery_id],
+        "identifier": [placer],
         "status": "requested",
         "intent": "order",
         "code": {
@@ -676,6 +695,7 @@ def build_referral_resources(
         validate_resource(resource)
     return ReferralResources(
         referral_key=key,
+        referral_search=referral_search(key, options),
         patient=patient_resource,
         patient_url=patient_url,
         patient_search=_search("identifier", patient_system, patient.primary.value),
@@ -686,14 +706,29 @@ def build_referral_resources(
     )
 
 
-def _placer_identifier(ident: Identifier, options: GravityOptions) -> dict[str, Any]:
-    """The referrer's own referral id (RF1-6) as the placer identifier, so the CBO can quote
-    it back (e.g. in an RRI or a phone call)."""
+def _split_key(key: str) -> tuple[str, str]:
+    """(authority, id) of a ``referral_key`` (``authority|id``; the id never holds a bar)."""
+    authority, _, value = key.rpartition("|")
+    return authority, value
+
+
+def _placer_identifier(key: str, options: GravityOptions) -> dict[str, Any]:
+    """The referrer's own referral id (RF1-6 with its authority, as ``referral_key`` has it) as
+    the placer identifier: the CBO can quote it back (in an RRI or a phone call), and carehub
+    finds the ServiceRequest and Task by it for a resend, a modify or a cancel."""
+    authority, value = _split_key(key)
     return {
         "type": {"coding": [{"system": V2_0203, "code": "PLAC", "display": "Placer Identifier"}]},
-        "system": _system_for(ident.authority, options),
-        "value": ident.value,
+        "system": _system_for(authority, options),
+        "value": value,
     }
+
+
+def referral_search(key: str, options: GravityOptions | None = None) -> str:
+    """``identifier=<system>|<value>`` for the referral ``key``: how its ServiceRequest and Task
+    are found at the server (conditional create and conditional patch)."""
+    authority, value = _split_key(key)
+    return _search("identifier", _system_for(authority, options or GravityOptions()), value)
 
 
 def _search(param: str, system: str, value: str) -> str:
@@ -717,22 +752,137 @@ def build_referral_bundle(
     work: Work, idempotency_key: str, options: GravityOptions | None = None
 ) -> tuple[dict[str, Any], ReferralResources]:
     """A FHIR ``transaction`` Bundle creating the Patient (conditionally, by identifier), the
-    ServiceRequest and the Task, each with ``ifNoneExist`` so a resend creates nothing new.
-    Returns the validated Bundle and the resources in it."""
+    ServiceRequest and the Task, each with ``ifNoneExist``: the ServiceRequest and Task on the
+    referral's identifier, so the referral exists once at the server whatever message or run
+    sent it. Returns the validated Bundle and the resources in it."""
     options = options or GravityOptions()
     built = build_referral_resources(work, idempotency_key, options)
-    by_key = _search("identifier", options.identifier_system, idempotency_key)
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
             _entry(built.patient_url, built.patient, built.patient_search),
-            _entry(built.service_request_url, built.service_request, by_key),
-            _entry(built.task_url, built.task, by_key),
+            _entry(built.service_request_url, built.service_request, built.referral_search),
+            _entry(built.task_url, built.task, built.referral_search),
         ],
     }
     validate_resource(bundle)
     return bundle, built
+
+
+#: What a modify may change at the organisation: the fields a referral message carries that
+#: the referrer owns. Category, code and performer came from the community match at creation
+#: and are left alone (an update route does not match again).
+_MODIFIABLE = {
+    "ServiceRequest": ("priority", "reasonCode", "occurrencePeriod"),
+    "Task": ("priority",),
+}
+_JSON_PATCH = "application/json-patch+json"
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralUpdate:
+    """A modify or cancel as a transaction Bundle of conditional patches; ``bundle`` is None
+    when there is nothing to tell (a modify carrying none of the fields the organisation's
+    copy holds)."""
+
+    referral_key: str
+    operation: str  # modify | cancel
+    bundle: dict[str, Any] | None
+    task_entry: int | None  # the Task's entry in the Bundle, for its id in the response
+
+
+def build_referral_update(
+    work: Work, operation: str, idempotency_key: str, options: GravityOptions | None = None
+) -> ReferralUpdate:
+    """The ``transaction`` Bundle telling the organisation of a modify (the new priority,
+    SDOH reasons and dates) or a cancel (ServiceRequest revoked, Task cancelled), as JSON
+    Patches on the resources found by the referral's identifier; validated. See the module
+    docstring for why patches and not updates."""
+    options = options or GravityOptions()
+    patches: dict[str, list[dict[str, Any]]] = {}
+    if operation == "cancel":
+        key = _referral_key_of(work)
+        if key is None:
+            raise ValueError("the referral has no id (RF1-6 or RF1-11)")
+        patches["ServiceRequest"] = [_set("status", "revoked")]
+        patches["Task"] = [
+            _set("status", "cancelled"),
+            _set("statusReason", {"text": "Cancelled by the referring provider"}),
+        ]
+    elif operation == "modify":
+        built = build_referral_resources(work, idempotency_key, options)
+        key = built.referral_key
+        for resource in (built.service_request, built.task):
+            kind = resource["resourceType"]
+            ops = [_set(name, resource[name]) for name in _MODIFIABLE[kind] if name in resource]
+            if ops:
+                patches[kind] = ops
+    else:
+        raise ValueError(f"unknown referral update {operation!r}")
+    if not patches:
+        return ReferralUpdate(key, operation, None, None)
+    search = referral_search(key, options)
+    entries = [
+        _patch_entry(f"{kind}?{search}", ops, _urn(f"{key}:{idempotency_key}", kind))
+        for kind, ops in patches.items()
+    ]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    validate_resource(bundle)
+    task_entry = list(patches).index("Task") if "Task" in patches else None
+    return ReferralUpdate(key, operation, bundle, task_entry)
+
+
+def _set(name: str, value: Any) -> dict[str, Any]:
+    """A JSON Patch ``add`` of a top-level element: sets it whether or not it was there
+    (RFC 6902 4.1), which ``replace`` would refuse for an element the resource lacks."""
+    return {"op": "add", "path": f"/{name}", "value": value}
+
+
+def _patch_entry(url: str, ops: list[dict[str, Any]], full_url: str) -> dict[str, Any]:
+    """A conditional PATCH in a transaction: FHIR carries a JSON Patch as a Binary."""
+    data = json.dumps(ops, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return {
+        "fullUrl": full_url,
+        "resource": {
+            "resourceType": "Binary",
+            "contentType": _JSON_PATCH,
+            "data": base64.b64encode(data).decode("ascii"),
+        },
+        "request": {"method": "PATCH", "url": url},
+    }
+
+
+#: Referral-state actions (and, without that step, message kinds) -> what the server hears.
+_OPERATIONS = {"created": "create", "modified": "modify", "cancelled": "cancel"}
+_KIND_OPERATIONS = {
+    "referral_new": "create",
+    "referral_modify": "modify",
+    "referral_cancel": "cancel",
+}
+
+
+def referral_operation(work: Work) -> tuple[str, str | None]:
+    """What the organisation's server must hear of this message: ``create``, ``modify``,
+    ``cancel`` or ``none`` (with why). Read from the referral-state step's transition, so a
+    resend, a refused update or a second cancel sends nothing; without that step, from the
+    message's kind."""
+    state = work.data.get("referral")
+    if isinstance(state, dict):
+        state = ReferralTransition.from_output(state)
+    if isinstance(state, ReferralTransition):
+        operation = _OPERATIONS.get(state.action)
+        if operation is not None:
+            return operation, None
+        why = state.reason or state.note
+        return "none", f"{state.action}{': ' + why if why else ''}"
+    event = work.event
+    if not isinstance(event, CareEvent) or event.referral is None:
+        raise ValueError(_NEEDS_REFERRAL_EVENT)
+    operation = _KIND_OPERATIONS.get(event.kind)
+    if operation is None:
+        return "none", f"{event.kind}: neither a new, a modified nor a cancelled referral"
+    return operation, None
 
 
 def _entry(full_url: str, resource: dict[str, Any], if_none_exist: str) -> dict[str, Any]:
@@ -834,19 +984,28 @@ class TaskMap:
         with self._editing() as tasks:
             tasks.pop(task_id, None)
 
+    def remove_referral(self, referral_key: str) -> None:
+        """Forget every Task of a referral (one closed by carehub's own message)."""
+        with self._editing() as tasks:
+            for task_id in [t for t, e in tasks.items() if e.get("referral_key") == referral_key]:
+                del tasks[task_id]
+
 
 # -- the channel --------------------------------------------------------------------------------
 
 
 class FhirReferralChannel(HttpChannel):
     """Sends each referral to a FHIR server as an SDOHCC ServiceRequest + Task (one
-    transaction Bundle, ``application/fhir+json``) and follows the Task's status.
+    transaction Bundle, ``application/fhir+json``), tells it of the referral's modifies and
+    cancels, and follows the Task's status.
 
-    ``render`` (routing time) builds and validates the Bundle; ``send`` POSTs it to
-    ``base_url`` and answers ``HTTP <code> Task/<id>``, with the id taken from the
-    transaction-response Location. Errors map like the webhook channel: 408, 425, 429, 5xx,
-    timeouts and network errors are retryable; 3xx and other 4xx are not (the server refused
-    this Bundle for good, e.g. 400 invalid or 412 ambiguous ``ifNoneExist``).
+    ``render`` (routing time) builds and validates the Bundle the referral-state transition
+    calls for (create, patch, or nothing for a resend); ``send`` POSTs it to ``base_url`` and
+    answers ``HTTP <code> Task/<id>``, with the id taken from the transaction-response
+    Location. Errors map like the webhook channel: 408, 425, 429, 5xx, timeouts and network
+    errors are retryable; 3xx and other 4xx are not (the server refused this Bundle for good,
+    e.g. 400 invalid or 412 ambiguous ``ifNoneExist``), except a 404 to a modify or cancel,
+    whose referral may still be on its way to the server.
 
     With ``poll`` on, ``tick()`` GETs ``/Task/<id>`` for every open referral at most every
     ``poll_minutes`` (the IG: poll at least daily, should not poll more often than every 15
@@ -856,7 +1015,8 @@ class FhirReferralChannel(HttpChannel):
     name = "fhir-referral"
     description = (
         "Send referrals to a FHIR server as Gravity SDOHCC ServiceRequest + Task (transaction "
-        "Bundle, idempotent) and poll Task.status back into the referral state"
+        "Bundle, one per referral), patch them on a modify or cancel, and poll Task.status "
+        "back into the referral state"
     )
 
     class Options(GravityOptions):
@@ -914,18 +1074,40 @@ class FhirReferralChannel(HttpChannel):
 
     # -- sending ---------------------------------------------------------------------------
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
-        bundle, built = build_referral_bundle(work, idempotency_key, self.options)
+        """The Bundle this referral message calls for: a create for a new referral, patches
+        for a modify or a cancel, and nothing (an empty payload ``send`` does not send) when
+        the referral-state step found the message changed nothing."""
+        operation, why = referral_operation(work)
+        metadata = {"operation": operation, "destination": self.options.base_url}
+        bundle: dict[str, Any] | None = None
+        if operation == "create":
+            bundle, built = build_referral_bundle(work, idempotency_key, self.options)
+            metadata.update(
+                referral_key=built.referral_key,
+                task_entry="2",
+                task=built.task_url,
+                service_request=built.service_request_url,
+            )
+        elif operation in ("modify", "cancel"):
+            update = build_referral_update(work, operation, idempotency_key, self.options)
+            metadata["referral_key"] = update.referral_key
+            bundle = update.bundle
+            if update.task_entry is not None:
+                metadata["task_entry"] = str(update.task_entry)
+            why = None if bundle else "the modify changes nothing the organisation's copy holds"
+        if bundle is None:
+            key = _referral_key_of(work)
+            metadata.update(operation="none", not_sent=why or "nothing to send")
+            if key:
+                metadata["referral_key"] = key
+            return Outgoing(b"", FHIR_CONTENT_TYPE, idempotency_key, metadata)
         payload = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        metadata = {
-            "referral_key": built.referral_key,
-            "task_entry": "2",
-            "task": built.task_url,
-            "service_request": built.service_request_url,
-            "destination": self.options.base_url,
-        }
         return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
 
     async def send(self, outgoing: Outgoing) -> str:
+        operation = outgoing.metadata.get("operation", "create")
+        if operation == "none":
+            return f"not sent: {outgoing.metadata.get('not_sent', 'nothing to send')}"
         url = self.options.base_url
         headers = self._headers(
             {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
@@ -949,7 +1131,14 @@ class FhirReferralChannel(HttpChannel):
             if retry_after:
                 text += f" (Retry-After: {retry_after})"
             retryable = is_retryable(status)
+            if status == 404 and operation != "create":
+                # The conditional patch matched nothing: the referral's creation, sent by
+                # another route's forward, may not have reached the server yet.
+                text += " (the referral is not at the server yet; retried)"
+                retryable = True
             raise DeliveryError(text, retryable=retryable)
+        if operation != "create":
+            return await self._updated(outgoing, response, operation)
         task_id = _task_id_from_response(response, int(outgoing.metadata.get("task_entry", "2")))
         if task_id is None:
             # The server took the Bundle, so resending would not help; say it is not tracked.
@@ -966,6 +1155,18 @@ class FhirReferralChannel(HttpChannel):
                 self.tasks.add, task_id, key, f"Task/{task_id}", datetime.now(UTC)
             )
         return f"HTTP {status} Task/{task_id}"
+
+    async def _updated(self, outgoing: Outgoing, response: HttpAnswer, operation: str) -> str:
+        """The receipt of a modify or cancel. A cancelled referral is closed: its Task leaves
+        the task file, so the poll does not read back the status carehub itself set."""
+        entry = outgoing.metadata.get("task_entry")
+        task_id = _task_id_from_response(response, int(entry)) if entry else None
+        key = outgoing.metadata.get("referral_key")
+        if operation == "cancel" and key:
+            await asyncio.to_thread(self.tasks.remove_referral, key)
+        done = "cancelled" if operation == "cancel" else "modified"
+        task = f"Task/{task_id} " if task_id else ""
+        return f"HTTP {response.status_code} {task}{done}"
 
     # -- polling ---------------------------------------------------------------------------
     @property

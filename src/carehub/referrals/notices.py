@@ -17,7 +17,10 @@ community-resources):
 
 - **referrer**: when the receiving side's answer moved the referral
   (``ReferralTransition.notify_referrer``), the referring provider hears it on the channel the
-  provider directory lists for the referring NPI. That is what "closing the loop" means.
+  provider directory lists for the referring NPI. That is what "closing the loop" means. So
+  does an answer carehub refused because the referral is cancelled while the organisation says
+  it is working on it (``acted_on_cancelled``): the cancel did not stop them, and only the
+  referrer can sort that out with them.
 - **organization**: a new referral goes by email to the chosen community organisation: the one
   the referral names (PRD role RT), else the top ranked match; never a higher-ranked *other*
   organisation, since consent covers the one chosen. The address is that organisation's match
@@ -44,7 +47,7 @@ from typing import Any, Literal
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.care.roster import DirectoryEntry, ProviderDirectory
@@ -108,6 +111,26 @@ Note from {{ organization }}: {{ note }}
 carehub: referral {{ referral_id }} {{ status_label }} by {{ organization }}. \
 Details in your referral records.
 """,
+    "referral_after_cancel.txt": """\
+Subject: Cancelled referral {{ referral_id }} reported {{ claimed_label }} by {{ organization }}
+{{ referrer.name }}:
+
+Your referral {{ referral_id }} for {{ patient_name }}
+{%- if birth_date %} (born {{ birth_date }}){% endif %} was cancelled.
+Since then, {{ organization }} has reported it {{ claimed_label }}.
+They may be working on a referral that no longer stands; carehub keeps it cancelled.
+
+Please contact {{ organization }} to confirm the cancellation,
+or send a new referral if the patient still needs the service.
+{% if note %}
+
+Note from {{ organization }}: {{ note }}
+{% endif %}
+""",
+    "referral_after_cancel.sms.txt": """\
+carehub: referral {{ referral_id }} is cancelled, but {{ organization }} reports it \
+{{ claimed_label }}. Please contact them. Details in your referral records.
+""",
 }
 
 Party = Literal["referrer", "organization"]
@@ -161,7 +184,7 @@ class NoticeDecision:
     role: Party
     channel: str | None
     address: str | None
-    kind: str  # referral_status | referral_new
+    kind: str  # referral_status | referral_after_cancel | referral_new
     status: str  # queued | suppressed
     reason: str | None = None
     delivery_key: str | None = None
@@ -221,9 +244,9 @@ class ReferralNotifier:
         if self.directory is not None:
             self.directory.refresh()
         decisions: list[NoticeDecision] = []
-        if not transition.accepted:
-            return [], []  # refused updates changed nothing: nobody is told anything
-        if "referrer" in self.config.tell and transition.notify_referrer:
+        # A refused update changed nothing, so nobody hears of it, except an organisation
+        # working on a cancelled referral (acted_on_cancelled is only ever set on refusals).
+        if "referrer" in self.config.tell and _tells_referrer(transition):
             decisions.append(self._referrer(transition))
         if "organization" in self.config.tell and transition.action == "created":
             decisions.append(self._organization(work, transition))
@@ -238,7 +261,7 @@ class ReferralNotifier:
             "referrer",
             None,
             None,
-            "referral_status",
+            "referral_after_cancel" if transition.acted_on_cancelled else "referral_status",
             "suppressed",
             name=name,
         )
@@ -342,6 +365,7 @@ class ReferralNotifier:
         patient = summary.get("patient") or {}
         event_patient = work.event.patient if work.event is not None else None
         status = transition.status or ""
+        claimed = transition.to_status or ""
         if decision.role == "organization":
             organization = decision.name
         else:
@@ -361,6 +385,8 @@ class ReferralNotifier:
             "status_label": STATUS_LABELS.get(status, status.replace("-", " ")),
             "status_verb": STATUS_VERBS.get(status, f"updated ({status})"),
             "from_label": STATUS_LABELS.get(transition.from_status or "", ""),
+            # What the organisation claimed, when carehub refused it (after a cancel).
+            "claimed_label": STATUS_LABELS.get(claimed, claimed.replace("-", " ")),
             "note": _responder_note(work, transition),
         }
 
@@ -382,9 +408,9 @@ class ReferralNotifier:
 
     def tick(self, now: datetime) -> None:
         """Answers that arrived without an HL7 message (POST /referrals/{key}/status, a
-        polled FHIR Task) are told to the referrer here. The delivery key names the update,
-        so each is told once however often this runs. (Overdue referrals are alerted by the
-        notify step.)"""
+        polled FHIR Task) are told to the referrer here, as is such an answer refused because
+        the referral is cancelled. The delivery key names the update, so each is told once
+        however often this runs. (Overdue referrals are alerted by the notify step.)"""
         store = self.context.store
         if store is None or "referrer" not in self.config.tell:
             return
@@ -394,7 +420,10 @@ class ReferralNotifier:
                 select(referral_events)
                 .where(
                     referral_events.c.source.in_(("webhook", "fhir-task-poll")),
-                    referral_events.c.accepted.is_(True),
+                    or_(
+                        referral_events.c.accepted.is_(True),
+                        referral_events.c.from_status == "cancelled",
+                    ),
                     referral_events.c.at >= since,
                 )
                 .order_by(referral_events.c.id)
@@ -417,7 +446,7 @@ class ReferralNotifier:
                 continue
             transition = ReferralTransition.from_output(detail["result"])
             message = store.get(originals[answer.referral_id])
-            if not transition.notify_referrer or message is None:
+            if not _tells_referrer(transition) or message is None:
                 continue
             work = Work(message=message, route=self.route, v2=message.text)
             with contextlib.suppress(Exception):  # the referral's own message, for context
@@ -436,6 +465,11 @@ ANSWER_LOOKBACK = timedelta(days=2)
 
 def _sendable(decision: NoticeDecision) -> bool:
     return decision.status == "queued"
+
+
+def _tells_referrer(transition: ReferralTransition) -> bool:
+    """An answer that moved the referral, or one working on a referral already cancelled."""
+    return transition.notify_referrer or transition.acted_on_cancelled
 
 
 def _referring_npi(summary: dict[str, Any]) -> str | None:

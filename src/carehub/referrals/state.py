@@ -22,7 +22,9 @@ in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 mess
   unknown referral, a completion after a cancel, a regression such as pending after accepted)
   changes nothing but is recorded with ``accepted=False`` and the reason, so the timeline shows
   what the other side claimed and why carehub did not believe it. Nothing here raises on odd
-  content: one bad response must not stop the referral route.
+  content: one bad response must not stop the referral route. A refused answer that says the
+  organisation is working on a cancelled referral is flagged ``acted_on_cancelled`` (the first
+  time each status is claimed), for the referrer to be told.
 - Resends: a message already applied returns its recorded transition unchanged.
 - :meth:`ReferralTracker.advance` applies the same checks to updates that are not v2 messages
   (a CBO's webhook, a FHIR Task poll, an operator).
@@ -94,6 +96,9 @@ STATUSES: tuple[str, ...] = (*OPEN_STATUSES, *CLOSED_STATUSES)
 AWAITING_RESPONSE: tuple[str, ...] = ("requested", "received")
 
 _RESPONDER = frozenset({"accepted", "rejected", "in-progress", "on-hold", "completed", "failed"})
+#: Answers that say the receiving side is working on a referral (or has done the work). One
+#: of these for a referral carehub knows is cancelled means the cancel did not stop them.
+_ACTING = frozenset({"received", "accepted", "in-progress", "on-hold", "completed"})
 
 #: Allowed from -> to. Forward jumps are allowed (requested -> completed) because a FHIR Task
 #: poll may run only once a business day and miss the statuses in between; going back
@@ -271,6 +276,10 @@ class ReferralTransition:
     reason: str | None = None  # why it was refused
     note: str | None = None
     notify_referrer: bool = False
+    #: Refused because the referral is cancelled, yet the receiving side says it is working
+    #: on it: the referrer should hear of it (once per status claimed), or the organisation
+    #: goes on serving a referral nobody expects.
+    acted_on_cancelled: bool = False
     message_id: int | None = None
     #: For notices: patient, referral id, parties, priority, reason, due date.
     summary: dict[str, Any] = field(default_factory=dict)
@@ -847,6 +856,7 @@ class ReferralTracker:
                 accepted=False,
                 reason=f"illegal transition {before} -> {target}",
                 extra=extra,
+                acted_on_cancelled=self._first_claim_after_cancel(ctx, rec, target),
             )
         rec.status = target
         rec.updated_at = ctx.now
@@ -856,6 +866,17 @@ class ReferralTracker:
         action = "cancelled" if target == "cancelled" else "status"
         return self._record(
             ctx, rec, rec.referral_key, action, target, changed=True, before=before, extra=extra
+        )
+
+    @staticmethod
+    def _first_claim_after_cancel(ctx: _Context, rec: ReferralRecord, target: str) -> bool:
+        """The receiving side says it works on a cancelled referral, and has not said so with
+        this status before (a second identical claim tells the referrer nothing new)."""
+        if rec.status != "cancelled" or target not in _ACTING or ctx.source.startswith("REF^"):
+            return False
+        return not any(
+            e.from_status == "cancelled" and e.to_status == target and not e.accepted
+            for e in ctx.b.events(rec)
         )
 
     def _create(self, ctx: _Context, key: str) -> ReferralRecord:
@@ -916,6 +937,7 @@ class ReferralTracker:
         note: str | None = None,
         before: str | None = _CURRENT,
         extra: dict[str, Any] | None = None,
+        acted_on_cancelled: bool = False,
     ) -> ReferralTransition:
         """Build the transition and write its timeline row (also for refused updates)."""
         current = rec.status if rec is not None else None
@@ -935,6 +957,7 @@ class ReferralTracker:
             note=note,
             # The referrer hears about what the other side did, not about its own messages.
             notify_referrer=accepted and changed and not ctx.source.startswith("REF^"),
+            acted_on_cancelled=acted_on_cancelled,
             message_id=ctx.message_id,
             summary=_summary(rec),
         )
