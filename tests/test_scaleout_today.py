@@ -668,6 +668,74 @@ def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_pa
         second.close()
 
 
+def test_a_line_whose_waiting_head_goes_while_another_worker_routes_into_it_moves_on(
+    pg_url: str,
+) -> None:
+    """Each line's first delivery failed once and waits, due again, so the line is stalled;
+    worker A claims it, sends it and records it delivered while worker B routes the
+    patient's next message into the line. B read the line stalled and wrote its delivery
+    parked; A made due what it saw of the line, B's row not committed yet. B looks at the
+    line again once it has committed: every new delivery is claimable at once, none left
+    parked until the sweep a minute later."""
+    first, second = MessageStore(pg_url), MessageStore(pg_url)
+    first.migrate()
+    try:
+        outbox_a, outbox_b = Outbox(first), Outbox(second)
+        patients = 60
+        earlier = [new_message(f"W{n}", patient_id=f"WP{n}") for n in range(patients)]
+        later = [new_message(f"X{n}", patient_id=f"WP{n}") for n in range(patients)]
+        firsts = [o.message_id for o in first.insert_messages(earlier)]
+        seconds = [o.message_id for o in first.insert_messages(later)]
+
+        def route(outbox: Outbox, message_id: int, line: str) -> None:
+            outgoing = Outgoing(b"{}", "application/json", f"key-{message_id}")
+            planned = PlannedDelivery("care", HOOK, "webhook", outgoing, line, 5)
+            result = RoutingResult(message_id, 1, [RouteResult("care", True, [], [], [planned])])
+            outbox.record_routing([result])
+
+        def outcome(delivery: Any, attempt: int, ok: bool) -> AttemptResult:
+            return AttemptResult(
+                delivery.id,
+                delivery.message_id,
+                attempt,
+                datetime.now(UTC),
+                1,
+                ok,
+                "HTTP 200" if ok else "HTTP 503",
+                None if ok else datetime.now(UTC),  # failed: due again at once
+                destination=delivery.destination,
+                order_key=delivery.order_key,
+            )
+
+        for n, message_id in enumerate(firsts):
+            route(outbox_a, message_id, f"line-{n}")
+        lease = timedelta(minutes=5)
+        outbox_a.finish([outcome(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
+        for n in range(patients):
+            barrier = threading.Barrier(2)
+
+            def send(n: int = n, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                (head,) = outbox_a.claim_due(1, lease)  # the oldest due: this line's head
+                assert head.order_key == f"line-{n}"
+                outbox_a.finish([outcome(head, 2, True)])
+
+            def plan(n: int = n, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                route(outbox_b, seconds[n], f"line-{n}")
+
+            threads = [threading.Thread(target=send), threading.Thread(target=plan)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        claimable = outbox_a.claim_due(1000, lease)
+        assert sorted(d.message_id for d in claimable) == seconds
+    finally:
+        first.close()
+        second.close()
+
+
 def test_feed_with_resends_and_a_reused_control_id_over_two_workers(
     deploy: Callable[..., Deployment], receiver: Receiver
 ) -> None:

@@ -307,6 +307,11 @@ class _WorkerSQL(DriverSQL):
             f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} "
             f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
         )
+        # Parameters: the sorted line keys, as an array. PostgreSQL only (Outbox._lock_lines).
+        self.lock_lines = (
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) "
+            f"FROM unnest(CAST({m} AS text[])) AS k"
+        )
         # The sweep's (Outbox.tidy_lines): found by a read, which takes no write lock however
         # many parked deliveries it passes, then changed by id, the line checked again.
         # Parameters: PARKED. Parked deliveries nothing stalls any more (a race between
@@ -569,6 +574,7 @@ class Outbox:
             handed: list[int] = []  # positions in planned
             parked: set[int] = set()
             if planned:
+                self._lock_lines(conn, ((d.destination, d.order_key) for _, _, d in planned))
                 handed, parked = self._place_in_line(conn, planned, handover)
             leased = set(handed)
             lease_until = sql.time(moment + handover.lease) if handover else None
@@ -594,6 +600,22 @@ class Outbox:
                 assert handover is not None
                 handover.taken = self._handed_records(conn, [planned[i] for i in handed], moment)
         return list(chosen)
+
+    def _lock_lines(self, conn: Any, lines: Iterable[tuple[str, str]]) -> None:
+        """PostgreSQL: hold these lines (destination, patient) until the commit.
+
+        Routing reads whether a line is stalled and writes its new delivery parked or due; a
+        finish moves the line on and makes due what it sees parked in it. Run at the same
+        moment on two workers, each read the other's work uncommitted: routing parked behind
+        a head that was being delivered, the finish made due all but that row, and it waited
+        for the sweep, up to a minute. Both hold the line instead, so the second waits for
+        the first's commit and reads it. Taken in one order (sorted), so two batches never
+        wait on each other; SQLite has one writer at a time and needs none of this."""
+        if self.store.is_sqlite:
+            return
+        keys = sorted({f"{destination}\x1f{key}" for destination, key in lines})
+        if keys:
+            conn.exec_driver_sql(self._sql.lock_lines, (keys,))
 
     def _drop_known_deliveries(self, conn: Any, results: Iterable[RoutingResult]) -> None:
         """Take off each route's result the deliveries whose idempotency key is already in the
@@ -848,6 +870,7 @@ class Outbox:
         parked = sql.time(PARKED)
         park, unpark = _line_moves(results, parked, now)
         with self.engine.begin() as conn:
+            self._lock_lines(conn, ((r.destination, r.order_key) for r in results))
             conn.exec_driver_sql(sql.record_attempt, delivery_rows)
             conn.exec_driver_sql(sql.add_attempts, attempt_rows)
             if park:
