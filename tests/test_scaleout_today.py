@@ -602,6 +602,30 @@ def test_two_workers_finishing_one_message_at_the_same_moment_settle_it(pg_url: 
         second.close()
 
 
+def route_into(outbox: Outbox, message_id: int, line: str) -> None:
+    """Record the routing of one message to the webhook destination, in ``line``."""
+    outgoing = Outgoing(b"{}", "application/json", f"key-{message_id}")
+    planned = PlannedDelivery("care", HOOK, "webhook", outgoing, line, 5)
+    result = RoutingResult(message_id, 1, [RouteResult("care", True, [], [], [planned])])
+    outbox.record_routing([result])
+
+
+def attempted(delivery: Any, attempt: int, ok: bool) -> AttemptResult:
+    """A send of ``delivery``: delivered, or failed and due again at once."""
+    return AttemptResult(
+        delivery.id,
+        delivery.message_id,
+        attempt,
+        datetime.now(UTC),
+        1,
+        ok,
+        "HTTP 200" if ok else "HTTP 503",
+        None if ok else datetime.now(UTC),
+        destination=delivery.destination,
+        order_key=delivery.order_key,
+    )
+
+
 def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_parked(
     pg_url: str,
 ) -> None:
@@ -619,30 +643,10 @@ def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_pa
         firsts = [o.message_id for o in first.insert_messages(earlier)]
         seconds = [o.message_id for o in first.insert_messages(later)]
 
-        def route(outbox: Outbox, message_id: int, line: str) -> None:
-            outgoing = Outgoing(b"{}", "application/json", f"key-{message_id}")
-            planned = PlannedDelivery("care", HOOK, "webhook", outgoing, line, 5)
-            result = RoutingResult(message_id, 1, [RouteResult("care", True, [], [], [planned])])
-            outbox.record_routing([result])
-
-        def outcome(delivery: Any, attempt: int, ok: bool) -> AttemptResult:
-            return AttemptResult(
-                delivery.id,
-                delivery.message_id,
-                attempt,
-                datetime.now(UTC),
-                1,
-                ok,
-                "HTTP 200" if ok else "HTTP 503",
-                None if ok else datetime.now(UTC),  # failed: due again at once
-                destination=delivery.destination,
-                order_key=delivery.order_key,
-            )
-
         for n, message_id in enumerate(firsts):
-            route(outbox_a, message_id, f"line-{n}")
+            route_into(outbox_a, message_id, f"line-{n}")
         lease = timedelta(minutes=5)
-        outbox_a.finish([outcome(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
+        outbox_a.finish([attempted(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
         resent = {d.order_key: d for d in outbox_a.claim_due(1000, lease)}
         assert len(resent) == patients  # each line's first delivery, being sent again
         for n in range(patients):
@@ -650,11 +654,11 @@ def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_pa
 
             def record(n: int = n, barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
-                outbox_a.finish([outcome(resent[f"line-{n}"], 2, True)])
+                outbox_a.finish([attempted(resent[f"line-{n}"], 2, True)])
 
             def plan(n: int = n, barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
-                route(outbox_b, seconds[n], f"line-{n}")
+                route_into(outbox_b, seconds[n], f"line-{n}")
 
             threads = [threading.Thread(target=record), threading.Thread(target=plan)]
             for thread in threads:
@@ -687,30 +691,10 @@ def test_a_line_whose_waiting_head_goes_while_another_worker_routes_into_it_move
         firsts = [o.message_id for o in first.insert_messages(earlier)]
         seconds = [o.message_id for o in first.insert_messages(later)]
 
-        def route(outbox: Outbox, message_id: int, line: str) -> None:
-            outgoing = Outgoing(b"{}", "application/json", f"key-{message_id}")
-            planned = PlannedDelivery("care", HOOK, "webhook", outgoing, line, 5)
-            result = RoutingResult(message_id, 1, [RouteResult("care", True, [], [], [planned])])
-            outbox.record_routing([result])
-
-        def outcome(delivery: Any, attempt: int, ok: bool) -> AttemptResult:
-            return AttemptResult(
-                delivery.id,
-                delivery.message_id,
-                attempt,
-                datetime.now(UTC),
-                1,
-                ok,
-                "HTTP 200" if ok else "HTTP 503",
-                None if ok else datetime.now(UTC),  # failed: due again at once
-                destination=delivery.destination,
-                order_key=delivery.order_key,
-            )
-
         for n, message_id in enumerate(firsts):
-            route(outbox_a, message_id, f"line-{n}")
+            route_into(outbox_a, message_id, f"line-{n}")
         lease = timedelta(minutes=5)
-        outbox_a.finish([outcome(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
+        outbox_a.finish([attempted(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
         for n in range(patients):
             barrier = threading.Barrier(2)
 
@@ -718,11 +702,11 @@ def test_a_line_whose_waiting_head_goes_while_another_worker_routes_into_it_move
                 barrier.wait()
                 (head,) = outbox_a.claim_due(1, lease)  # the oldest due: this line's head
                 assert head.order_key == f"line-{n}"
-                outbox_a.finish([outcome(head, 2, True)])
+                outbox_a.finish([attempted(head, 2, True)])
 
             def plan(n: int = n, barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
-                route(outbox_b, seconds[n], f"line-{n}")
+                route_into(outbox_b, seconds[n], f"line-{n}")
 
             threads = [threading.Thread(target=send), threading.Thread(target=plan)]
             for thread in threads:
