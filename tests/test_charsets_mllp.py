@@ -66,3 +66,15 @@ def test_a_utf16_name_holding_the_end_block_bytes_is_never_answered_aa(hub: HubT
     ack = MessageView(answer.decode("utf-16-le"))
     assert (ack.get("MSA-1"), ack.get("MSA-2")) == ("AR", "JA-16")
     assert [m.status for m in hub.store.find(limit=None)][-1] == "rejected"
+
+
+@pytest.mark.parametrize("declared", ["UNICODE UTF-16", "cp037"])
+def test_an_ack_never_claims_a_character_set_it_is_not_written_in(
+    hub: HubThread, declared: str
+) -> None:
+    """8-bit bytes that declare UTF-16, or a code that is not ASCII-compatible: the message is
+    read (and answered) as the default, so the ACK leaves MSH-18 out instead of echoing it."""
+    payload = make_adt("DECL", charset=declared).encode("utf-8")
+    (answer,) = mllp_exchange(hub.mllp_address, [payload], timeout=TIMEOUT)
+    ack = MessageView(answer.decode("utf-8"))
+    assert (ack.get("MSA-1"), ack.get("MSA-2"), ack.get("MSH-18")) == ("AA", "DECL", "")

@@ -102,9 +102,11 @@ def build_ack(
     hub_application: str = "CAREHUB",
     hub_facility: str = "",
     enhanced: bool = False,
+    charset_field: str | None = None,
 ) -> str:
     """The ACK text (segments ended by CR) for ``original`` (None when it had no readable
-    MSH); ``enhanced``: the accept acknowledgment, MSA-1 CA/CE/CR (COMMIT_CODES)."""
+    MSH); ``enhanced``: the accept acknowledgment, MSA-1 CA/CE/CR (COMMIT_CODES);
+    ``charset_field``: MSH-18 of the ACK instead of the original's ('' leaves it out)."""
     seps = original.separators if original else Separators()
     f, c = seps.field, seps.component
 
@@ -136,7 +138,7 @@ def build_ack(
         field(11) or "P",
         field(12) or version,
     ]
-    charset = field(18)
+    charset = field(18) if charset_field is None else charset_field
     if charset:
         header += [""] * (17 - len(header)) + [charset]
     segments = [f.join(header)]

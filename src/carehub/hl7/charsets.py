@@ -136,6 +136,18 @@ def _unicode_width(codec: str) -> str | None:
     return name[:6] if name.startswith(("utf-16", "utf-32")) else None
 
 
+@lru_cache(maxsize=64)
+def same_charset(one: str, other: str) -> bool:
+    """Whether two codec names mean one character set (``utf-16`` and ``utf-16-le`` do)."""
+    width = _unicode_width(one)
+    if width is not None:
+        return width == _unicode_width(other)
+    try:
+        return codecs.lookup(one).name == codecs.lookup(other).name
+    except LookupError:
+        return False
+
+
 def is_wide(codec: str) -> bool:
     """True for the UTF-16 and UTF-32 codecs, whose text holds no ASCII header."""
     return _unicode_width(codec) is not None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from carehub.hl7.ack import AckCode, ErrorCode, accept_ack_wanted, build_ack
 from carehub.hl7.batch import split_data
-from carehub.hl7.charsets import decode_message, encode_reply, is_wide
+from carehub.hl7.charsets import codec_for, decode_message, encode_reply, is_wide, same_charset
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.group_commit import GroupCommit, StoreUnavailable
@@ -362,6 +362,7 @@ class Intake:
             hub_application=self.hub_application,
             hub_facility=self.hub_facility,
             enhanced=enhanced,
+            charset_field=_ack_charset_field(view, message.charset),
         )
         send = True
         if enhanced and header is not None:
@@ -388,6 +389,20 @@ def _framing_byte(payload: bytes) -> str | None:
         f"byte {at} of the message is an MLLP {name}, which a message cannot hold (it could "
         "not be forwarded over MLLP); the message was stored but not accepted"
     )
+
+
+def _ack_charset_field(view: MessageView | None, used: str | None) -> str | None:
+    """None to echo MSH-18 in the ACK; '' to leave it out, when the message was not read in
+    the character set it declares (8-bit bytes declared UTF-16, an unknown name): the ACK is
+    written in what was used, and must not claim another."""
+    if view is None:
+        return None
+    msh = view.fields(0)
+    declared = msh[18].split(view.separators.repetition, 1)[0].strip() if len(msh) > 18 else ""
+    if not declared:
+        return None
+    codec = codec_for(declared, "utf-8")
+    return None if codec is not None and same_charset(codec, used or "utf-8") else ""
 
 
 def _delimiters_problem(text: str) -> str | None:
