@@ -20,6 +20,7 @@ from carehub.hl7.framing import encode_frame
 from carehub.hub import Hub
 from carehub.intake.tls import client_context
 from carehub.testing import HubThread, local_config, make_adt
+from tests.helpers_http import wait_for
 
 TIMEOUT = 30.0
 
@@ -140,6 +141,10 @@ def test_plain_tcp_client_on_tls_port_stores_nothing_and_tls_still_works(
     assert [m.control_id for m in tls_hub.store.find()] == ["AFTERPLAIN"]
 
 
+def handshake_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+
+
 def test_failed_handshakes_are_logged_with_the_peer_and_the_reason(
     mtls_hub: HubThread, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -151,11 +156,13 @@ def test_failed_handshakes_are_logged_with_the_peer_and_the_reason(
         send_over_tls(mtls_hub, certs, "FOREIGN", certs.foreign_client)
     with pytest.raises(OSError):
         send_over_tls(mtls_hub, certs, "FOREIGN2", certs.foreign_client)
-    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    listener = mtls_hub.hub.mllp_listeners[0]
+    # The client may see its connection closed before the hub's handshake task has logged.
+    wait_for(lambda: listener.handshakes_failed == 2, 10, what="both failures counted")
+    lines = handshake_lines(caplog)
     assert len(lines) == 1, lines
     assert lines[0].startswith("MLLP listener test: TLS handshake with 127.0.0.1:")
     assert "CERTIFICATE_VERIFY_FAILED" in lines[0] or "certificate" in lines[0].lower()
-    assert mtls_hub.hub.mllp_listeners[0].handshakes_failed == 2
     metrics = httpx.get(mtls_hub.http_url + "/metrics", timeout=TIMEOUT).text
     assert 'carehub_mllp_tls_handshakes_failed_total{listener="test"} 2.0' in metrics
     assert send_over_tls(mtls_hub, certs, "GOOD", certs.client) == "AA"
@@ -172,7 +179,8 @@ def test_plain_tcp_on_the_tls_port_is_logged_as_a_failed_handshake(
                 pass
         except ConnectionResetError:
             pass
-    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    wait_for(lambda: handshake_lines(caplog), 10, what="the failed handshake logged")
+    lines = handshake_lines(caplog)
     assert len(lines) == 1 and "failed (" in lines[0], lines
 
 
