@@ -626,6 +626,25 @@ def attempted(delivery: Any, attempt: int, ok: bool) -> AttemptResult:
     )
 
 
+LEASE = timedelta(minutes=5)
+
+
+def stall_lines(store: MessageStore, patients: int, tag: str) -> list[int]:
+    """On a new schema, ``patients`` lines whose first delivery failed once and is due again
+    (each line stalled), each with its patient's next message stored, not routed yet: their
+    ids, line by line."""
+    store.migrate()
+    outbox = Outbox(store)
+    earlier = [new_message(f"{tag}{n}", patient_id=f"{tag}P{n}") for n in range(patients)]
+    later = [new_message(f"{tag}N{n}", patient_id=f"{tag}P{n}") for n in range(patients)]
+    firsts = [o.message_id for o in store.insert_messages(earlier)]
+    seconds = [o.message_id for o in store.insert_messages(later)]
+    for n, message_id in enumerate(firsts):
+        route_into(outbox, message_id, f"line-{n}")
+    outbox.finish([attempted(d, 1, False) for d in outbox.claim_due(1000, LEASE)])
+    return seconds
+
+
 def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_parked(
     pg_url: str,
 ) -> None:
@@ -633,21 +652,12 @@ def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_pa
     and records it delivered at the same moment as worker B routes that patient's next
     message: the new delivery must be claimable at once, not left parked behind a line that
     has moved on until the sweep mends it a minute later (99 of 100 lines were)."""
+    patients = 40
     first, second = MessageStore(pg_url), MessageStore(pg_url)
-    first.migrate()
     try:
+        seconds = stall_lines(first, patients, "A")
         outbox_a, outbox_b = Outbox(first), Outbox(second)
-        patients = 40
-        earlier = [new_message(f"A{n}", patient_id=f"AP{n}") for n in range(patients)]
-        later = [new_message(f"B{n}", patient_id=f"AP{n}") for n in range(patients)]
-        firsts = [o.message_id for o in first.insert_messages(earlier)]
-        seconds = [o.message_id for o in first.insert_messages(later)]
-
-        for n, message_id in enumerate(firsts):
-            route_into(outbox_a, message_id, f"line-{n}")
-        lease = timedelta(minutes=5)
-        outbox_a.finish([attempted(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
-        resent = {d.order_key: d for d in outbox_a.claim_due(1000, lease)}
+        resent = {d.order_key: d for d in outbox_a.claim_due(1000, LEASE)}
         assert len(resent) == patients  # each line's first delivery, being sent again
         for n in range(patients):
             barrier = threading.Barrier(2)
@@ -665,7 +675,7 @@ def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_pa
                 thread.start()
             for thread in threads:
                 thread.join()
-        claimable = outbox_a.claim_due(1000, lease)
+        claimable = outbox_a.claim_due(1000, LEASE)
         assert sorted(d.message_id for d in claimable) == seconds
     finally:
         first.close()
@@ -677,30 +687,21 @@ def test_a_line_whose_waiting_head_goes_while_another_worker_routes_into_it_move
 ) -> None:
     """Each line's first delivery failed once and waits, due again, so the line is stalled;
     worker A claims it, sends it and records it delivered while worker B routes the
-    patient's next message into the line. B read the line stalled and wrote its delivery
-    parked; A made due what it saw of the line, B's row not committed yet. B looks at the
-    line again once it has committed: every new delivery is claimable at once, none left
+    patient's next message into the line. Without a lock on the line, B read it stalled and
+    wrote its delivery parked while A made due what it saw of the line, B's row not committed
+    yet (6 of 60 lines). Both hold the line: every new delivery is claimable at once, none left
     parked until the sweep a minute later."""
+    patients = 60
     first, second = MessageStore(pg_url), MessageStore(pg_url)
-    first.migrate()
     try:
+        seconds = stall_lines(first, patients, "W")
         outbox_a, outbox_b = Outbox(first), Outbox(second)
-        patients = 60
-        earlier = [new_message(f"W{n}", patient_id=f"WP{n}") for n in range(patients)]
-        later = [new_message(f"X{n}", patient_id=f"WP{n}") for n in range(patients)]
-        firsts = [o.message_id for o in first.insert_messages(earlier)]
-        seconds = [o.message_id for o in first.insert_messages(later)]
-
-        for n, message_id in enumerate(firsts):
-            route_into(outbox_a, message_id, f"line-{n}")
-        lease = timedelta(minutes=5)
-        outbox_a.finish([attempted(d, 1, False) for d in outbox_a.claim_due(1000, lease)])
         for n in range(patients):
             barrier = threading.Barrier(2)
 
             def send(n: int = n, barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
-                (head,) = outbox_a.claim_due(1, lease)  # the oldest due: this line's head
+                (head,) = outbox_a.claim_due(1, LEASE)  # the oldest due: this line's head
                 assert head.order_key == f"line-{n}"
                 outbox_a.finish([attempted(head, 2, True)])
 
@@ -713,7 +714,7 @@ def test_a_line_whose_waiting_head_goes_while_another_worker_routes_into_it_move
                 thread.start()
             for thread in threads:
                 thread.join()
-        claimable = outbox_a.claim_due(1000, lease)
+        claimable = outbox_a.claim_due(1000, LEASE)
         assert sorted(d.message_id for d in claimable) == seconds
     finally:
         first.close()
