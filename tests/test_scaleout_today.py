@@ -15,6 +15,7 @@ Skipped, with how to start the service, when RabbitMQ or PostgreSQL is not runni
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -565,9 +566,9 @@ def test_two_workers_finishing_one_message_at_the_same_moment_settle_it(pg_url: 
             by_message.setdefault(delivery.message_id, []).append(delivery)
         dies = set(ids[::2])  # of these, the webhook delivery dies (HTTP 400)
 
-        def finish(outbox: Outbox, delivery: Any, barrier: threading.Barrier) -> None:
+        def result(delivery: Any) -> AttemptResult:
             ok = delivery.destination == "care/archive" or delivery.message_id not in dies
-            result = AttemptResult(
+            return AttemptResult(
                 delivery.id,
                 delivery.message_id,
                 1,
@@ -579,19 +580,10 @@ def test_two_workers_finishing_one_message_at_the_same_moment_settle_it(pg_url: 
                 destination=delivery.destination,
                 order_key=delivery.order_key,
             )
-            barrier.wait()
-            outbox.finish([result])
 
         for message_id in ids:
-            barrier = threading.Barrier(2)
-            threads = [
-                threading.Thread(target=finish, args=(outbox, delivery, barrier))
-                for outbox, delivery in zip(outboxes, by_message[message_id], strict=True)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            pairs = zip(outboxes, by_message[message_id], strict=True)
+            at_once(*(functools.partial(outbox.finish, [result(d)]) for outbox, d in pairs))
         assert Outbox(first).unfinished() == 0
         statuses = {m.id: m.status for m in first.find(limit=None)}
         expected = {m: "failed" if m in dies else "delivered" for m in ids}
@@ -629,6 +621,28 @@ def attempted(delivery: Any, attempt: int, ok: bool) -> AttemptResult:
 LEASE = timedelta(minutes=5)
 
 
+def at_once(*actions: Callable[[], object]) -> None:
+    """Run each action on a thread of its own, all released together (two workers at the
+    same moment), and raise the first error any of them raised."""
+    barrier = threading.Barrier(len(actions))
+    errors: list[BaseException] = []
+
+    def run(action: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            action()
+        except BaseException as err:  # handed to the test's thread, not lost in this one
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def stall_lines(store: MessageStore, patients: int, tag: str) -> list[int]:
     """On a new schema, ``patients`` lines whose first delivery failed once and is due again
     (each line stalled), each with its patient's next message stored, not routed yet: their
@@ -660,21 +674,10 @@ def test_a_line_that_moves_on_while_another_worker_routes_into_it_is_not_left_pa
         resent = {d.order_key: d for d in outbox_a.claim_due(1000, LEASE)}
         assert len(resent) == patients  # each line's first delivery, being sent again
         for n in range(patients):
-            barrier = threading.Barrier(2)
-
-            def record(n: int = n, barrier: threading.Barrier = barrier) -> None:
-                barrier.wait()
-                outbox_a.finish([attempted(resent[f"line-{n}"], 2, True)])
-
-            def plan(n: int = n, barrier: threading.Barrier = barrier) -> None:
-                barrier.wait()
-                route_into(outbox_b, seconds[n], f"line-{n}")
-
-            threads = [threading.Thread(target=record), threading.Thread(target=plan)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            at_once(
+                lambda n=n: outbox_a.finish([attempted(resent[f"line-{n}"], 2, True)]),
+                lambda n=n: route_into(outbox_b, seconds[n], f"line-{n}"),
+            )
         claimable = outbox_a.claim_due(1000, LEASE)
         assert sorted(d.message_id for d in claimable) == seconds
     finally:
@@ -697,23 +700,13 @@ def test_a_line_whose_waiting_head_goes_while_another_worker_routes_into_it_move
         seconds = stall_lines(first, patients, "W")
         outbox_a, outbox_b = Outbox(first), Outbox(second)
         for n in range(patients):
-            barrier = threading.Barrier(2)
 
-            def send(n: int = n, barrier: threading.Barrier = barrier) -> None:
-                barrier.wait()
+            def send(n: int = n) -> None:
                 (head,) = outbox_a.claim_due(1, LEASE)  # the oldest due: this line's head
                 assert head.order_key == f"line-{n}"
                 outbox_a.finish([attempted(head, 2, True)])
 
-            def plan(n: int = n, barrier: threading.Barrier = barrier) -> None:
-                barrier.wait()
-                route_into(outbox_b, seconds[n], f"line-{n}")
-
-            threads = [threading.Thread(target=send), threading.Thread(target=plan)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            at_once(send, lambda n=n: route_into(outbox_b, seconds[n], f"line-{n}"))
         claimable = outbox_a.claim_due(1000, LEASE)
         assert sorted(d.message_id for d in claimable) == seconds
     finally:

@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from pydantic import Field
 from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
@@ -183,8 +183,13 @@ def _stored(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
+@overload
+def _aware(value: datetime) -> datetime: ...
+@overload
+def _aware(value: None) -> None: ...
 def _aware(value: datetime | None) -> datetime | None:
-    """The hub's own clock columns (created/updated) come back from SQLite naive; they are UTC."""
+    """A time without a zone, read as UTC: the hub's own clock columns (created/updated) come
+    back from SQLite naive, and the event translator reads a message time without one so."""
     if value is None:
         return None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -222,11 +227,7 @@ def _later(moment: datetime, than: datetime) -> bool:
     """Whether ``moment`` comes after ``than``; a time without a zone is read as UTC, as the
     event translator reads one (a few hours either way cannot make a past discharge planned:
     planned ones are days ahead)."""
-    return _as_utc(moment) > _as_utc(than)
-
-
-def _as_utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return _aware(moment) > _aware(than)
 
 
 def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
