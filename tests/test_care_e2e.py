@@ -319,3 +319,43 @@ def test_commands_show_encounters_and_follow_ups(shipped: Setup) -> None:
     digests = [m for m in shipped.mailbox.mails if m.to == SAMPLETON]
     assert len(digests) == 1 and "Renee Delacroix" in digests[0].body
     assert {d["status"] for d in shipped.deliveries()} == {DeliveryStatus.DELIVERED.value}
+
+
+def test_care_platform_hears_each_visit_change_once(shipped: Setup, tmp_path: Path) -> None:
+    """The shipped adt-care-events route tells the care platform what changed a visit, once:
+    not the bed move inside the ICU (03c), not the A08 that repeats the admission (03), and
+    not an admission sent again under a new MSH-10; the archive keeps every event."""
+    outbox = Outbox(shipped.store)
+    wait_for(
+        lambda: not outbox.unfinished(route="adt-care-events"),
+        30,
+        0.05,
+        "every care event delivered",
+    )
+    platform = [r.json for r in shipped.http.requests if r.path == "/care-events"]
+    told = [(event["control_id"], event["event"]["kind"]) for event in platform]
+    ids = [control_id for control_id, _ in told]
+    assert len(ids) == len(set(ids))  # nothing twice
+    assert ("RGH-000101", "ed_registration") in told
+    assert ("RGH-000102", "admission") in told
+    assert ("RGH-000105", "transfer") in told  # to the ICU at the north campus
+    assert ("RGH-000104", "discharge") in told
+    assert "RGH-000103" not in ids  # an A08 that changes nothing about the visit
+    assert "RGH-000106" not in ids  # a bed move inside the ICU
+
+    admit = (CONFIG / "feeds" / "02-riverside-admit.hl7").read_bytes()
+    again = admit.replace(b"|RGH-000102|", b"|RGH-000102-R|").replace(
+        b"|20261124103000-0500||ADT^A01", b"|20261124110000-0500||ADT^A01"
+    )
+    (answer,) = mllp_exchange(shipped.running.mllp_address, [again])
+    assert read_ack(answer.decode())[0] == "AA"
+
+    archive = tmp_path / "outbox" / "care-events"
+
+    def archived() -> bool:
+        return any(b"RGH-000102-R" in path.read_bytes() for path in archive.iterdir())
+
+    wait_for(archived, 30, 0.05, "the resend's event archived")
+    wait_for(lambda: not outbox.unfinished(route="adt-care-events"), 30, 0.05, "deliveries done")
+    platform_after = [r.json for r in shipped.http.requests if r.path == "/care-events"]
+    assert len(platform_after) == len(platform)

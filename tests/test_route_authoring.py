@@ -138,7 +138,7 @@ def test_star_paths_work_in_filter_steps(tmp_path: Path) -> None:
     assert stopped.deliveries == []
     (step,) = stopped.steps
     assert step.outcome == "filtered"
-    assert "PID-3[*].4='HOSP' not in ['SSA'] at any repetition (1 read)" in step.output
+    assert "PID-3[*].4 = 'HOSP', wanted in ['SSA'] at any repetition (1 read)" in step.output
 
 
 # -- 13: any / all / not ---------------------------------------------------------------------
@@ -803,3 +803,110 @@ def test_docstring_literal_blocks_become_fenced_code() -> None:
         "",
         "After.",
     ]
+
+
+# -- filters on the care transition ----------------------------------------------------------
+TRACKED_ROUTES = """
+    routes:
+      - name: platform
+        when: {type: ADT}
+        steps:
+          - translate: v2-to-event
+          - enrich: encounter-state
+          - filter:
+              transition: {not: none}
+          - forward: {channel: file, name: platform, directory: out}
+      - name: transitions
+        when: {type: ADT, events: [A01, A02, A03]}
+        steps:
+          - translate: v2-to-event
+          - enrich: encounter-state
+          - forward: {channel: file, name: all, directory: out}
+    """
+
+
+def test_a_filter_tests_the_transition_an_encounter_state_step_found(tmp_path: Path) -> None:
+    """A bed move, an A08 echo and an admission sent again under a new MSH-10 are "none" and
+    stop at the filter; the admission and the transfer to another facility pass. Two routes that
+    track visits see the same visits in a dry run, as they share the store's tables live."""
+    config = hub_config(tmp_path / "config", TRACKED_ROUTES)
+    feed = [
+        make_adt("M1", "A01", location="4W^412^A"),
+        make_adt("M2", "A08", location="4W^412^A"),
+        make_adt("M3", "A01", location="4W^412^A"),  # the admission again, new MSH-10
+        make_adt("M4", "A02", location="4W^414^B"),  # another bed on the same unit
+        make_adt("M5", "A02", location="ICU^2^A^NORTH"),  # another facility: a transfer
+    ]
+    results = run_routes_all("".join(feed), config, tmp_path / "data")
+    sent = [[d.destination for d in r.deliveries] for r in results]
+    assert sent == [
+        ["platform/platform", "transitions/all"],
+        [],
+        ["transitions/all"],
+        ["transitions/all"],
+        ["platform/platform", "transitions/all"],
+    ]
+    stopped = results[3].routes[0].steps[-1]
+    assert stopped.outcome == "filtered"
+    assert stopped.output == ("transition (encounter-state) = 'none', wanted not in ['none']")
+
+
+@pytest.mark.parametrize(
+    ("routes", "line", "wanted"),
+    [
+        (
+            """
+            routes:
+              - name: r
+                when:
+                  transition: admission
+                steps:
+                  - forward: {channel: file, directory: out}
+            """,
+            5,
+            "route 'r': when: transition is what an encounter-state step finds",
+        ),
+        (
+            """
+            routes:
+              - name: r
+                steps:
+                  - translate: v2-to-event
+                  - filter:
+                      any: [{transition: admission}, {events: A03}]
+                  - enrich: encounter-state
+                  - forward: {channel: file, directory: out}
+            """,
+            7,
+            "route 'r': steps[1]: filter: transition is what an encounter-state step finds",
+        ),
+    ],
+)
+def test_the_transition_is_tested_only_after_an_encounter_state_step(
+    tmp_path: Path, routes: str, line: int, wanted: str
+) -> None:
+    config = hub_config(tmp_path / "config", routes)
+    with pytest.raises(ConfigError) as caught:
+        build_routing(load_config(config), tmp_path / "data")
+    path = tmp_path / "config" / "routes" / "routes.yaml"
+    assert str(caught.value).startswith(f"{path}:{line}: {wanted}")
+
+
+def test_a_misspelt_transition_names_the_ones_there_are(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            routes:
+              - name: r
+                steps:
+                  - filter: {transition: [admission, admit]}
+                  - forward: {channel: file, directory: out}
+            """
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([path])
+    message = str(caught.value)
+    assert message.startswith(f"{path}:5: route 'r': steps[0].filter.transition: ")
+    assert "'admit' is not a care transition; one of: ed_arrival, admission, transfer" in message

@@ -55,6 +55,8 @@ class ComponentContext:
     config_dir: Path
     data_dir: Path
     store: MessageStore | None = None
+    #: State that steps of one kind share without a store (TrackingEnricher's memory tables).
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def path(self, value: str | Path) -> Path:
         """A path from a route file, relative to the config folder."""
@@ -172,15 +174,20 @@ TrackerT = TypeVar("TrackerT", bound=_Tracker)
 class TrackingEnricher(Enricher, Generic[TrackerT]):
     """An enricher that keeps state between messages (visits, referrals): in the store when the
     hub runs, in memory in dry runs. The hub attaches the store after the routes are bound, so
-    the tracker is built on first use and rebuilt when the store changes; the memory tables
-    live as long as the step. Subclasses say how to make both, and what a message does."""
+    the tracker is built on first use and rebuilt when the store changes. The memory tables
+    are shared by every step of the same name bound with one context, as the store's tables
+    are (two routes that track visits see the same visits in a dry run too). Subclasses say
+    how to make both, and what a message does."""
 
     #: Raised when the route has no translate step before this one.
     missing_event_error: ClassVar[type[Exception]] = ValueError
 
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
-        self._memory = self.new_memory()
+        memory_key = f"{type(self).kind}:{type(self).name}:memory"
+        if memory_key not in context.shared:
+            context.shared[memory_key] = self.new_memory()
+        self._memory = context.shared[memory_key]
         self._tracker: TrackerT | None = None
 
     def new_memory(self) -> Any:

@@ -8,7 +8,7 @@ both to decide who is told what.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 #: Transitions worth telling a care team about (CMS e-notification events and their undoing).
 NOTIFIABLE = ("ed_arrival", "admission", "transfer", "discharge")
@@ -66,6 +66,8 @@ TransitionKind = Literal[
     "stale_closed",  # an ED visit with no discharge after the configured time
     "none",  # A08 echo, bed move, resend: state merged quietly
 ]
+#: Every transition kind, for configuration that names them (a filter's ``transition``).
+TRANSITION_KINDS: tuple[str, ...] = get_args(TransitionKind)
 
 
 @dataclass(slots=True)

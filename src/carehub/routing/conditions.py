@@ -15,6 +15,12 @@ field as written, every repetition with its ``~``. ``[*]`` reads every one inste
 condition holds when any of them passes: ``PID-3[*].4: SSA`` (any identifier's authority),
 ``OBX[*]-3.1: GLU`` (any OBX), ``OBX[*]-5[*]`` (any repetition of any OBX).
 
+A filter step placed after an ``encounter-state`` step may also test ``transition``: what that
+step found the message did to its visit (``admission``, ``transfer``, ``discharge``, a cancel,
+``none`` for an A08 echo, a bed move or a resend under a new MSH-10; see
+``carehub.care.model.TransitionKind``). It is not known when routes are matched, so a route's
+own ``when`` cannot test it.
+
 The conditions of one ``when`` must all hold. ``any:`` (a list: at least one holds),
 ``all:`` (a list: every one holds) and ``not:`` (it does not hold) take whole conditions, so
 they combine named conditions and fields and nest.
@@ -276,6 +282,11 @@ class When(BaseModel):
     receiving_application: ValueCondition | None = Field(None, description="MSH-5.1")
     receiving_facility: ValueCondition | None = Field(None, description="MSH-6.1")
     patient_class: ValueCondition | None = Field(None, description="PV1-2.1, e.g. I, E, O")
+    transition: ValueCondition | None = Field(
+        None,
+        description="the care transition an earlier encounter-state step found (admission, "
+        "transfer, discharge, none ...); filter steps only",
+    )
     fields: dict[FieldPathKey, ValueCondition] = Field(
         default_factory=dict, description="terse path -> value condition"
     )
@@ -306,8 +317,28 @@ class When(BaseModel):
             raise ValueError("is empty, so it would match no message; give it a condition")
         return inner
 
+    @field_validator("transition")
+    @classmethod
+    def _known_transitions(cls, condition: ValueCondition | None) -> ValueCondition | None:
+        if condition is None:
+            return None
+        from carehub.care.model import TRANSITION_KINDS
+
+        named = (condition.any_of or []) + (condition.none_of or [])
+        unknown = [value for value in named if value not in TRANSITION_KINDS]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a care transition; one of: {', '.join(TRANSITION_KINDS)}"
+            )
+        return condition
+
     def is_empty(self) -> bool:
-        return not (self._conditions() or self.any_ or self.all_ or self.not_)
+        return not (self._conditions() or self.transition or self.any_ or self.all_ or self.not_)
+
+    def uses_transition(self) -> bool:
+        """Whether this condition, or any branch of it, tests the care transition."""
+        branches = [*(self.any_ or []), *(self.all_ or []), *([self.not_] if self.not_ else [])]
+        return self.transition is not None or any(b.uses_transition() for b in branches)
 
     def _conditions(self) -> list[tuple[str, FieldRef, ValueCondition]]:
         """(label, path, condition) of the named conditions and fields, worked out once: live
@@ -322,16 +353,19 @@ class When(BaseModel):
             self._found = found
         return self._found
 
-    def matches(self, view: MessageView) -> bool:
+    def matches(self, view: MessageView, transition: str | None = None) -> bool:
+        """``transition``: what an earlier encounter-state step found, for filter steps."""
         if not all(_test(ref, condition, view) for _, ref, condition in self._conditions()):
             return False
-        if self.any_ is not None and not any(branch.matches(view) for branch in self.any_):
+        if self.transition is not None and not self.transition.test(transition or ""):
             return False
-        if self.all_ is not None and not all(branch.matches(view) for branch in self.all_):
+        if self.any_ is not None and not any(b.matches(view, transition) for b in self.any_):
             return False
-        return self.not_ is None or not self.not_.matches(view)
+        if self.all_ is not None and not all(b.matches(view, transition) for b in self.all_):
+            return False
+        return self.not_ is None or not self.not_.matches(view, transition)
 
-    def explain(self, view: MessageView) -> list[Check]:
+    def explain(self, view: MessageView, transition: str | None = None) -> list[Check]:
         """Every condition with the value it saw and whether it passed; the route matches
         exactly when every check passed. Branches are named by their place in the list
         (``any[1]``, from 0 as in configuration errors): a passing ``any`` shows the branch
@@ -339,10 +373,20 @@ class When(BaseModel):
         checks = [
             _check(label, ref, condition, view) for label, ref, condition in self._conditions()
         ]
+        if self.transition is not None:
+            found = transition or ""
+            checks.append(
+                Check(
+                    "transition (encounter-state)",
+                    found,
+                    self.transition.describe(),
+                    self.transition.test(found),
+                )
+            )
         if self.any_ is not None:
             failures: list[Check] = []
             for index, branch in enumerate(self.any_):
-                inner = branch.explain(view)
+                inner = branch.explain(view, transition)
                 if all(check.passed for check in inner):
                     checks += [check.within(f"any[{index}]") for check in inner]
                     break
@@ -350,9 +394,9 @@ class When(BaseModel):
             else:
                 checks += failures
         for index, branch in enumerate(self.all_ or []):
-            checks += [check.within(f"all[{index}]") for check in branch.explain(view)]
+            checks += [check.within(f"all[{index}]") for check in branch.explain(view, transition)]
         if self.not_ is not None:
-            inner = self.not_.explain(view)
+            inner = self.not_.explain(view, transition)
             if all(check.passed for check in inner):
                 checks += [check.negated() for check in inner]  # every one held: each is why
             else:

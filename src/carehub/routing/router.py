@@ -156,9 +156,12 @@ class Router:
             try:
                 if step.kind == "filter":
                     assert step.condition is not None
-                    failed = [c for c in step.condition.explain(work.view) if not c.passed]
+                    checks = step.condition.explain(work.view, _transition(work))
+                    failed = [c for c in checks if not c.passed]
                     if failed:
-                        reason = "; ".join(f"{c.what}={c.value!r} not {c.expected}" for c in failed)
+                        reason = "; ".join(
+                            f"{c.what} = {c.value!r}, wanted {c.expected}" for c in failed
+                        )
                         result.steps.append(
                             StepRecord(route.name, position, step.label, "filtered", reason)
                         )
@@ -225,6 +228,12 @@ class Router:
                 result.deliveries.clear()
                 break
         return result
+
+
+def _transition(work: Work) -> str | None:
+    """What an earlier encounter-state step found this message did (Transition.kind)."""
+    found = work.data.get("encounter")
+    return getattr(found, "kind", None)
 
 
 def _runner(step: Any, work: Work) -> Any:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from carehub.care.encounters import EncounterStateEnricher
 from carehub.care.notify import Notifier, NotifyConfig
 from carehub.care.roster import CareTeamEnricher
 from carehub.components import Channel, Component, ComponentContext, Enricher, Translator
@@ -190,6 +191,12 @@ class RouteTable:
             await component.close()
 
 
+_TRANSITION_LATER = (
+    "transition is what an encounter-state step finds, known only after one: test it in a "
+    "filter step placed after `enrich: encounter-state`"
+)
+
+
 def bind_routes(
     loaded: list[LoadedRoute], host: PluginHost, context: ComponentContext
 ) -> RouteTable:
@@ -200,11 +207,22 @@ def bind_routes(
         if not config.enabled:
             continue
         unnamed = _unnamed_forwards(config.steps, item.source, config.name)
+        if config.when.uses_transition():
+            raise ConfigError(
+                f"{item.source.where(('when',))}: route {config.name!r}: when: {_TRANSITION_LATER}"
+            )
         steps: list[BoundStep] = []
         for position, step in enumerate(config.steps):
             loc: tuple[Any, ...] = ("steps", position, step.kind)
             kind = step.kind
             if kind == "filter":
+                assert step.filter is not None
+                tracked = any(isinstance(s.component, EncounterStateEnricher) for s in steps)
+                if step.filter.uses_transition() and not tracked:
+                    raise ConfigError(
+                        f"{item.source.where(loc)}: route {config.name!r}: steps[{position}]: "
+                        f"filter: {_TRANSITION_LATER}"
+                    )
                 steps.append(BoundStep("filter", "filter", condition=step.filter))
                 continue
             if kind in ("notify", "notify-referral"):
