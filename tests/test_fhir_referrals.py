@@ -8,10 +8,11 @@ import asyncio
 import base64
 import copy
 import json
+import re
 import socket
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,11 @@ class FhirServer:
     fhir.resources R4B and checking the SDOHCC referral rules. A transaction either creates
     (``ifNoneExist`` honoured as a search on the resources' identifiers: conditional create)
     or patches (``PATCH Type?identifier=...`` with a JSON Patch in a Binary: conditional
-    patch; no match 404, several 412), all or nothing. ``GET /fhir/Task/{id}`` answers the Task
-    with the next status from ``task_statuses`` (the CBO working on it). ``fail_with`` makes
-    every POST fail."""
+    patch; no match 404, several 412; or ``PATCH Task/<id>`` with ``ifMatch``: 412 when the
+    version moved on), all or nothing. ``GET /fhir/Task/{id}`` answers the Task with the next
+    status from ``task_statuses`` (the CBO working on it); ``GET /fhir/Task?identifier=`` a
+    searchset with each Task's meta.versionId, after which ``on_search`` may change the Task
+    (the CBO acting in between). ``fail_with`` makes every POST fail."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -178,10 +181,12 @@ class FhirServer:
         self.patched: list[str] = []  # "Type/id" of every resource a transaction patched
         self.gets: list[str] = []
         self.headers: list[dict[str, str]] = []
+        self.on_search: Callable[[str], None] | None = None
         self._next = 100
         app = Starlette(
             routes=[
                 Route("/fhir", self.transaction, methods=["POST"]),
+                Route("/fhir/Task", self.search_tasks, methods=["GET"]),
                 Route("/fhir/Task/{id}", self.read_task, methods=["GET"]),
             ]
         )
@@ -239,7 +244,10 @@ class FhirServer:
                 assert binary.get_resource_type() == "Binary", "a JSON Patch goes in a Binary"
                 assert binary.contentType == "application/json-patch+json", binary.contentType
                 kind, _, query = entry.request.url.partition("?")
-                assert kind in ("ServiceRequest", "Task") and query.startswith("identifier=")
+                if entry.request.ifMatch:  # a patch held to the version read
+                    assert re.fullmatch(r"Task/[\w.-]+", entry.request.url), entry.request.url
+                else:
+                    assert kind in ("ServiceRequest", "Task") and query.startswith("identifier=")
             return True
         by_type: dict[str, Any] = {}
         urls: dict[str, str] = {}
@@ -332,7 +340,16 @@ class FhirServer:
             changed: dict[str, dict[str, Any]] = {}
             for entry in raw["entry"]:
                 kind, _, query = entry["request"]["url"].partition("?")
-                found = self.search(kind, query)
+                if "ifMatch" in entry["request"]:
+                    ref = entry["request"]["url"]
+                    kind = ref.split("/")[0]
+                    if ref not in self.resources:
+                        return self.outcome(404, f"{ref} not found")
+                    if entry["request"]["ifMatch"] != f'W/"{self.versions[ref]}"':
+                        return self.outcome(412, f"{ref} is at version {self.versions[ref]}")
+                    found = [ref]
+                else:
+                    found = self.search(kind, query)
                 if not found:
                     return self.outcome(404, f"no {kind} matches {query}")
                 if len(found) > 1:
@@ -356,6 +373,31 @@ class FhirServer:
                 answers.append({"response": {"status": "200 OK", "location": location}})
         self.patched.extend(changed)
         body = {"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
+        return JSONResponse(body, media_type=FHIR_CONTENT_TYPE)
+
+    def act(self, ref: str, status: str) -> None:
+        """The organisation changes one of its Tasks (a new version)."""
+        with self.lock:
+            self.resources[ref]["status"] = status
+            self.versions[ref] += 1
+
+    async def search_tasks(self, request: Request) -> Response:
+        query = request.url.query
+        self.gets.append(f"Task?{urllib.parse.unquote(query)}")
+        with self.lock:
+            found = [
+                {**self.resources[ref], "meta": {"versionId": str(self.versions[ref])}}
+                for ref in self.search("Task", query)
+            ]
+        body = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "entry": [{"resource": task, "search": {"mode": "match"}} for task in found],
+        }
+        Bundle.model_validate(body)
+        if self.on_search is not None:
+            self.on_search(query)
         return JSONResponse(body, media_type=FHIR_CONTENT_TYPE)
 
     async def read_task(self, request: Request) -> Response:

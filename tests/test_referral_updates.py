@@ -133,12 +133,71 @@ def test_a_cancel_revokes_the_request_and_cancels_the_task(
     assert ReferralTracker(store.engine).referral(KEY).status == "cancelled"
     assert referrals.channel.tasks.all() == {}  # closed: no poll reads back our own cancel
     assert referrals.channel.poll() == []
-    assert fhir_server.gets == []
+    assert fhir_server.gets == [f"Task?identifier={SEARCHED}"]  # read once, before the cancel
 
     again = referrals.deliver(ref_message("I14", "RGH-REF-4"))  # a second cancel
     assert isinstance(again, str) and again.startswith("not sent: unchanged")
     assert sorted(fhir_server.patched) == ["ServiceRequest/102", "Task/103"]
     asyncio.run(referrals.channel.close())
+
+
+#: The referral's identifier as the channel searches for its Task.
+SEARCHED = "urn:carehub:id:RGH|R-1"
+
+
+def test_a_cancel_leaves_a_task_the_organisation_closed_meanwhile(
+    referrals: Referrals,
+    fhir_server: FhirServer,
+    store: MessageStore,
+) -> None:
+    """The food bank completed the Task before carehub polled it; the referrer then cancels.
+    The cancel must not overwrite the organisation's record: nothing is patched, the Task
+    stays completed, and the completion is recorded (refused, the referral being cancelled
+    here) so the referrer hears that the organisation had already acted."""
+    referrals.deliver(ref_i12("RGH-REF-1"))
+    fhir_server.act("Task/103", "completed")
+
+    receipt = referrals.deliver(ref_message("I14", "RGH-REF-3"))
+
+    assert receipt == (
+        "not sent: Task/103 is already completed at the organisation, and a cancel would "
+        "overwrite it"
+    )
+    assert fhir_server.patched == []
+    assert fhir_server.resources["Task/103"]["status"] == "completed"
+    assert fhir_server.resources["ServiceRequest/102"]["status"] == "active"
+    tracker = ReferralTracker(store.engine)
+    claimed = tracker.events(KEY)[-1]
+    assert (claimed.source, claimed.to_status, claimed.accepted) == (
+        "fhir-task-poll",
+        "completed",
+        False,
+    )
+    assert claimed.detail["result"]["acted_on_cancelled"] is True
+    assert referrals.channel.tasks.all() == {}
+    asyncio.run(referrals.channel.close())
+
+
+def test_a_task_changed_between_the_read_and_the_cancel_is_read_again(
+    referrals: Referrals,
+    fhir_server: FhirServer,
+) -> None:
+    """The organisation accepts the Task between carehub's read and its patch: the patch,
+    held to the version read, is refused (412) and retried; the retry reads the new version
+    and cancels."""
+    referrals.deliver(ref_i12("RGH-REF-1"))
+    fhir_server.on_search = lambda _query: fhir_server.act("Task/103", "accepted")
+    work = referrals.route(ref_message("I14", "RGH-REF-3"))
+    cancel = referrals.channel.render(work, f"carehub-{work.message.id}-1")
+
+    (first,) = send(referrals.channel, cancel)
+    assert isinstance(first, DeliveryError) and first.retryable
+    assert "HTTP 412" in str(first) and "changed at the organisation" in str(first)
+    assert fhir_server.resources["Task/103"]["status"] == "accepted"
+
+    fhir_server.on_search = None
+    assert send(referrals.channel, cancel) == ["HTTP 200 Task/103 cancelled"]
+    assert fhir_server.resources["Task/103"]["status"] == "cancelled"
 
 
 def test_an_update_that_overtakes_its_referral_is_retried(

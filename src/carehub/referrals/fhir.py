@@ -56,7 +56,10 @@ needs no stored id. A modify patches what the referral message carries and the r
 ``priority`` (ServiceRequest and Task), the SDOH ``reasonCode`` and ``occurrencePeriod``; a cancel
 sets ServiceRequest.status ``revoked`` and Task.status ``cancelled``. Conditional patch is FHIR R4
 (http.html#patch); a match on no resource is answered 404, taken as "the referral has not
-reached the server yet" and retried.
+reached the server yet" and retried. A cancel reads the Task first: one the organisation has
+closed since the last poll (completed, rejected) is not overwritten, and its status is recorded
+as a poll would; an open one is patched by its id with ``ifMatch`` on the version read, so a
+change the organisation makes in between is answered 412 and the cancel is read and tried again.
 
 **Task id <-> referral mapping.** The referral tables belong to the referral-state step, the
 channel may not add tables, and :class:`ReferralTracker` has no call that stores extra data on a
@@ -1112,8 +1115,14 @@ class FhirReferralChannel(HttpChannel):
         headers = self._headers(
             {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
         )
+        payload = outgoing.payload
+        if operation == "cancel":
+            guarded = await self._guarded_cancel(outgoing)
+            if isinstance(guarded, str):
+                return guarded
+            payload = guarded
         try:
-            async with self.request("POST", url, outgoing.payload, headers) as response:
+            async with self.request("POST", url, payload, headers) as response:
                 await response.aread()
         except httpx.TimeoutException as err:
             raise DeliveryError(
@@ -1131,6 +1140,9 @@ class FhirReferralChannel(HttpChannel):
             if retry_after:
                 text += f" (Retry-After: {retry_after})"
             retryable = is_retryable(status)
+            if status == 412 and payload is not outgoing.payload:
+                text += " (the Task changed at the organisation since it was read; retried)"
+                retryable = True
             if status == 404 and operation != "create":
                 # The conditional patch matched nothing: the referral's creation, sent by
                 # another route's forward, may not have reached the server yet.
@@ -1155,6 +1167,65 @@ class FhirReferralChannel(HttpChannel):
                 self.tasks.add, task_id, key, f"Task/{task_id}", datetime.now(UTC)
             )
         return f"HTTP {status} Task/{task_id}"
+
+    async def _guarded_cancel(self, outgoing: Outgoing) -> bytes | str:
+        """The cancel's Bundle with its Task patch made to the Task's id and conditional on the
+        version read just now (``ifMatch``), or why it is not sent.
+
+        The organisation may have closed the Task (completed the service, rejected it) since
+        the last poll; a cancel sent blind would overwrite what it recorded. So the Task is
+        read first: one already closed is left as it is and its status is recorded as if
+        polled (the referral is cancelled here, so the referrer hears that the organisation
+        had already acted); an open one is patched only if nobody changed it meanwhile (HTTP
+        412 otherwise, retried: the next try reads it again)."""
+        key = outgoing.metadata.get("referral_key")
+        if not key:
+            return outgoing.payload
+        url = f"{self.options.base_url}/Task?{referral_search(key, self.options)}"
+        try:
+            async with self.request("GET", url, b"", self._headers()) as response:
+                body = await response.aread()
+        except httpx.TimeoutException as err:
+            raise DeliveryError(
+                f"GET {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
+            ) from err
+        except httpx.TransportError as err:
+            raise DeliveryError(f"GET {url}: {type(err).__name__}: {err}") from err
+        if response.status_code != 200:
+            text = f"GET {url} (the Task, before cancelling it): HTTP {response.status_code}"
+            raise DeliveryError(text, retryable=is_retryable(response.status_code))
+        tasks = _search_results(body, "Task")
+        if not tasks:
+            raise DeliveryError(
+                f"GET {url}: no Task for referral {key} (the referral is not at the server "
+                "yet; retried)"
+            )
+        if len(tasks) > 1:
+            return outgoing.payload  # the conditional patch says what is wrong (412)
+        task = tasks[0]
+        task_id, status = task.get("id"), task.get("status")
+        if status in CLOSED_STATUSES or status == "entered-in-error":
+            if status in STATUSES and status != "cancelled":
+                detail = {
+                    "task": f"Task/{task_id}",
+                    "server": self.options.base_url,
+                    "note": f"the Task was already {status} when the cancel was to be sent; "
+                    "the cancel was not sent",
+                }
+                await asyncio.to_thread(self.tracker.advance, key, status, "fhir-task-poll", detail)
+            await asyncio.to_thread(self.tasks.remove_referral, key)
+            return (
+                f"not sent: Task/{task_id} is already {status} at the organisation, and a "
+                "cancel would overwrite it"
+            )
+        version = (task.get("meta") or {}).get("versionId")
+        if not isinstance(task_id, str) or not version:
+            return outgoing.payload  # no version to hold it to: the conditional patch
+        bundle = json.loads(outgoing.payload)
+        request = bundle["entry"][int(outgoing.metadata.get("task_entry", "1"))]["request"]
+        request["url"] = f"Task/{quote(task_id, safe='')}"
+        request["ifMatch"] = f'W/"{version}"'
+        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     async def _updated(self, outgoing: Outgoing, response: HttpAnswer, operation: str) -> str:
         """The receipt of a modify or cancel. A cancelled referral is closed: its Task leaves
@@ -1256,6 +1327,17 @@ class FhirReferralChannel(HttpChannel):
         else:
             self.tasks.update(task_id, last_status=status)
         return transition
+
+
+def _search_results(body: bytes, resource_type: str) -> list[dict[str, Any]]:
+    """The resources of one type in a searchset Bundle (none if the body is not one)."""
+    try:
+        bundle = json.loads(body)
+    except ValueError:
+        return []
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    resources = [e.get("resource") for e in entries or [] if isinstance(e, dict)]
+    return [r for r in resources if isinstance(r, dict) and r.get("resourceType") == resource_type]
 
 
 def _task_id_from_response(response: HttpAnswer, task_entry: int) -> str | None:
