@@ -910,3 +910,50 @@ def test_a_misspelt_transition_names_the_ones_there_are(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(f"{path}:5: route 'r': steps[0].filter.transition: ")
     assert "'admit' is not a care transition; one of: ed_arrival, admission, transfer" in message
+
+
+# -- paths that number from 0 ------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["NK1[0]-2", "PID-0", "PID-3[0].1", "PID-3.0", "PID-3.1.0"])
+def test_a_condition_path_numbered_from_zero_is_refused(tmp_path: Path, path: str) -> None:
+    """NK1[0]-2 read the last NK1 (index -1), or raised mid-routing on a message without an
+    NK1; PID-0 read the whole segment. `routes check` refuses them as transform edits do."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        "routes:\n"
+        "  - name: r\n"
+        f"    when: {{fields: {{'{path}': {{present: true}}}}}}\n"
+        "    steps: [{forward: {channel: file, directory: out}}]\n"
+    )
+    with pytest.raises(ConfigError, match=r"numbers in a path start at 1"):
+        load_route_files([routes])
+
+
+def test_a_condition_that_fails_fails_its_own_route_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should reading a condition raise, that route records the error (the message is failed
+    with a reason) and every other route still runs; before, the error ended the routing of
+    the whole batch, and its messages stayed "received" with no word."""
+    config = hub_config(
+        tmp_path / "config",
+        """
+        routes:
+          - name: broken
+            when: {fields: {ZZZ-1: X}}
+            steps: [{forward: {channel: file, name: broken, directory: out}}]
+          - name: fine
+            when: {type: ADT}
+            steps: [{forward: {channel: file, name: fine, directory: out}}]
+        """,
+    )
+    original = MessageView.get
+
+    def get(view: MessageView, path: Any) -> str:
+        if str(path).startswith("ZZZ"):
+            raise IndexError("list index out of range")
+        return original(view, path)
+
+    monkeypatch.setattr(MessageView, "get", get)
+    result = run_routes(ADT, config, tmp_path / "data")
+    assert [d.destination for d in result.deliveries] == ["fine/fine"]
+    assert result.errors == ["broken: when: IndexError: list index out of range"]

@@ -38,7 +38,6 @@ from carehub.hl7.view import (
 
 __all__ = ["EditError", "MessageEditor", "PathError", "check_path", "check_segment"]
 
-_ZERO_INDEX = re.compile(r"[\[\-.]0+(?!\d)")
 _SEGMENT = re.compile(r"^(?P<name>[A-Z][A-Z0-9]{2})(?:\[(?P<occ>\d+)\])?$")
 #: Segments that are not the message's own: the header, and the batch wrappers.
 _NOT_ADDABLE = frozenset({"MSH", "FHS", "BHS", "BTS", "FTS"})
@@ -53,8 +52,6 @@ def check_path(path: str, *, writable: bool = False) -> FieldPath:
 
     ``writable`` also rejects whole-segment paths and MSH-1/MSH-2 (the delimiters)."""
     spec = parse_path(path)
-    if _ZERO_INDEX.search(path.strip()):
-        raise PathError(f"bad field path {path!r}: numbers in a path start at 1")
     if writable:
         if not spec.field:
             raise PathError(f"path {path!r} names a whole segment; name a field, e.g. {path}-3")

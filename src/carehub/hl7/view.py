@@ -65,6 +65,11 @@ def parse_path(path: str) -> FieldPath:
             f"bad field path {path!r}: expected SEG-field[.component[.subcomponent]], e.g. PID-3.4"
         )
     groups = match.groupdict()
+    numbers = (groups[name] for name in ("occ", "field", "rep", "comp", "sub"))
+    if any(number is not None and int(number) == 0 for number in numbers):
+        # NK1[0]-2 would read the last NK1 (index -1) or fail mid-routing on a message without
+        # one; PID-0 the whole segment: no path means either, so none is let through.
+        raise PathError(f"bad field path {path!r}: numbers in a path start at 1")
     return FieldPath(
         segment=groups["seg"],
         occurrence=int(groups["occ"] or 1),

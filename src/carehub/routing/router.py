@@ -147,9 +147,16 @@ class Router:
         run: int,
         explain: bool,
     ) -> RouteResult:
-        if not route.when.matches(view):
-            return RouteResult(route.name, False, route.when.explain(view) if explain else [])
-        result = RouteResult(route.name, True, route.when.explain(view) if explain else [])
+        try:
+            matched = route.when.matches(view)
+            checks = route.when.explain(view) if explain else []
+        except Exception as err:  # a condition that cannot be read fails its route only
+            log.warning("route %s: its when failed: %s", route.name, type(err).__name__)
+            log.debug("route %s when traceback", route.name, exc_info=True)
+            return RouteResult(route.name, True, [], error=f"when: {type(err).__name__}: {err}")
+        if not matched:
+            return RouteResult(route.name, False, checks)
+        result = RouteResult(route.name, True, checks)
         # Every route starts from the same text, so they share its view (split once).
         work = Work(message=message, route=route.name, v2=text, _view=view)
         for position, step in enumerate(route.steps):
