@@ -957,3 +957,46 @@ def test_a_condition_that_fails_fails_its_own_route_only(
     result = run_routes(ADT, config, tmp_path / "data")
     assert [d.destination for d in result.deliveries] == ["fine/fine"]
     assert result.errors == ["broken: when: IndexError: list index out of range"]
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "{fields: {PV1-36: 01}}",  # YAML: the number 1, never the disposition "01"
+        "{fields: {PID-11.6: NO}}",  # YAML 1.1: false, never Norway
+        "{fields: {PV1-36: [01, 06]}}",
+        "{fields: {PV1-36: {not: [20, 40]}}}",
+        "{sending_facility: off}",
+    ],
+)
+def test_a_condition_value_yaml_reads_as_no_text_is_refused(tmp_path: Path, condition: str) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        "routes:\n"
+        "  - name: r\n"
+        f"    when: {condition}\n"
+        "    steps: [{forward: {channel: file, directory: out}}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([routes])
+    assert str(caught.value).startswith(f"{routes}:3: route 'r': when.")
+    assert "quote the value as the message writes it (e.g. '01', 'NO')" in str(caught.value)
+
+
+def test_a_quoted_code_with_a_leading_zero_matches(tmp_path: Path) -> None:
+    config = hub_config(
+        tmp_path / "config",
+        """
+        routes:
+          - name: home
+            when: {fields: {PV1-36: ["01", "06"], PID-8: {not: ["NO"]}}}
+            steps: [{forward: {channel: file, name: home, directory: out}}]
+        """,
+    )
+    fields = make_adt().split("\r")
+    pv1 = fields[3].split("|")
+    pv1 += [""] * (37 - len(pv1))
+    pv1[36] = "01"
+    fields[3] = "|".join(pv1)
+    result = run_routes("\r".join(fields), config, tmp_path / "data")
+    assert [d.destination for d in result.deliveries] == ["home/home"]

@@ -60,14 +60,14 @@ class ValueCondition(BaseModel):
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str | int | float):
-            return {"any_of": [str(value)]}
+            return {"any_of": [_text(value)]}
         if isinstance(value, list):
-            return {"any_of": [str(v) for v in value]}
+            return {"any_of": [_text(v) for v in value]}
         if isinstance(value, dict) and "not" in value:
             rest = {k: v for k, v in value.items() if k != "not"}
             negated = value["not"]
             rest["none_of"] = (
-                [str(v) for v in negated] if isinstance(negated, list) else [str(negated)]
+                [_text(v) for v in negated] if isinstance(negated, list) else [_text(negated)]
             )
             return rest
         return value
@@ -102,6 +102,21 @@ class ValueCondition(BaseModel):
         if self.present is not None:
             parts.append("present" if self.present else "empty")
         return " and ".join(parts) or "anything"
+
+
+def _text(value: Any) -> str:
+    """A value to compare with a field, which is text. YAML reads ``01`` as the number 1 and
+    ``NO`` or ``off`` as booleans, so a condition written that way would never hold for the
+    code the message carries ("01", "NO"): it is refused with the fix instead."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        raise ValueError(
+            f"{value!r} is not text: YAML reads an unquoted 01 as the number 1 and NO or off as "
+            "true/false, which no field holds; quote the value as the message writes it "
+            "(e.g. '01', 'NO')"
+        )
+    raise ValueError(f"expected text, got {type(value).__name__} {value!r}")
 
 
 @dataclass(slots=True, frozen=True)
