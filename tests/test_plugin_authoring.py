@@ -254,6 +254,8 @@ def test_serve_names_the_failing_start_and_logs_its_traceback_at_debug(tmp_path:
 
 
 def test_a_config_error_from_start_keeps_the_plugins_own_words(tmp_path: Path) -> None:
+    """After the route file and line, the route and the step, so that with several routes
+    using rosters the operator knows which one names the missing file."""
     routes = """
         routes:
           - name: r
@@ -264,7 +266,8 @@ def test_a_config_error_from_start_keeps_the_plugins_own_words(tmp_path: Path) -
     result = cli("routes", "check", "--offline", "--config", config, "--data-dir", tmp_path)
     assert result.exit_code == 2
     assert result.stderr == (
-        "error: nope.csv: cannot read the team roster: No such file or directory\n"
+        f"error: {routes_file(config)}:5: route 'r': steps[0] (enrich roster, plugin 'teams'): "
+        "nope.csv: cannot read the team roster: No such file or directory\n"
     )
 
 

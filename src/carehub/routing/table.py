@@ -115,19 +115,19 @@ class RouteTable:
 
     async def start(self) -> None:
         """Start every component; when one cannot start, close those already started (their
-        sessions and files) before raising why. A ConfigError from start() (a missing file)
-        is the component's own words; anything else is a bug or an unforeseen failure, raised
-        as a ConfigError naming the route file and line, the route, the step and the plugin,
+        sessions and files) before raising why, as a ConfigError naming the route file and
+        line, the route and the step: after it, a ConfigError's own words (a missing roster
+        file); for anything else, a bug or an unforeseen failure, the plugin and the error,
         with the traceback logged at DEBUG."""
         started: list[Component] = []
         try:
             for route, position, step, component, what in self._startables():
+                where = f"{route.source.where(step.loc)}: route {route.name!r}"
                 try:
                     await component.start()
-                except ConfigError:
-                    raise
+                except ConfigError as err:
+                    raise ConfigError(f"{where}: steps[{position}] ({what}): {err}") from err
                 except Exception as err:
-                    where = f"{route.source.where(step.loc)}: route {route.name!r}"
                     problem = f"{where}: steps[{position}] ({what}) failed to start"
                     log.debug("%s", problem, exc_info=True)
                     reason = " ".join(str(err).split())
