@@ -464,7 +464,7 @@ def test_each_operator_action_is_recorded_with_who_what_and_counts(tmp_path: Pat
     assert (by_id["actor"], by_id["target"], by_id["counts"]) == (
         "dan",
         f"messages {first}",
-        {"messages": 1, "deliveries": 1, "skipped": 0},
+        {"messages": 1, "deliveries": 1, "skipped": 0, "failed": 0},
     )
     assert by_filter["target"] == (
         "--event A03 --patient (not recorded) --field PID-3.1=(not recorded)"

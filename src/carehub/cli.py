@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,9 +29,16 @@ from carehub.config import (
     without_password,
 )
 from carehub.errors import CarehubError
-from carehub.search import FieldMatch, MessageFilter, parse_sender
+from carehub.search import (
+    FieldMatch,
+    MessageFilter,
+    parse_message_type,
+    parse_patient,
+    parse_sender,
+)
 
 if TYPE_CHECKING:
+    from carehub.routing.router import RoutingResult
     from carehub.store.outbox import LineReport
     from carehub.store.store import MessageStore, PrunePlan, StoredMessage
 
@@ -410,6 +418,28 @@ def _sender(
         raise click.BadParameter(f"{value!r}: {err}", ctx, param) from err
 
 
+def _message_type(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    try:
+        return parse_message_type(value)
+    except ValueError as err:
+        raise click.BadParameter(f"{value!r}: {err}", ctx, param) from err
+
+
+def _patient(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    try:
+        return parse_patient(value)
+    except ValueError as err:
+        raise click.BadParameter(f"{value!r}: {err}", ctx, param) from err
+
+
 def _some_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value == "":
         raise click.BadParameter("give the text to look for", ctx, param)
@@ -422,10 +452,26 @@ _FILTER_OPTIONS = (
         type=MESSAGE_STATUS,
         help="received, refused, rejected, routed, unrouted, delivered or failed.",
     ),
-    click.option("--type", "message_type", help="Message type (MSH-9.1), e.g. ADT."),
+    click.option(
+        "--type",
+        "message_type",
+        metavar="TYPE[^EVENT]",
+        callback=_message_type,
+        help="Message type (MSH-9.1), e.g. ADT; or with its event as listed, e.g. ADT^A01.",
+    ),
     click.option("--event", help="Trigger event (MSH-9.2), e.g. A01."),
-    click.option("--patient", help="Patient identifier (PID-3.1)."),
-    click.option("--listener", help="Name of the listener that received it."),
+    click.option(
+        "--patient",
+        metavar="ID[^AUTHORITY]",
+        callback=_patient,
+        help="Patient identifier (PID-3.1); or with its assigning authority (PID-3.4) as "
+        "listed, e.g. RG100234^RGH.",
+    ),
+    click.option(
+        "--listener",
+        metavar="[TRANSPORT:]NAME",
+        help="Listener that received it: its name, or transport:name as listed (mllp:adt).",
+    ),
     click.option(
         "--sender",
         metavar="APP[^FACILITY]",
@@ -469,9 +515,9 @@ def message_filters(func: F) -> F:
     def wrapper(
         *args: Any,
         status: str | None,
-        message_type: str | None,
+        message_type: tuple[str | None, str | None],
         event: str | None,
-        patient: str | None,
+        patient: tuple[str | None, str | None],
         listener: str | None,
         sender: tuple[str | None, str | None],
         control_id: str | None,
@@ -485,11 +531,19 @@ def message_filters(func: F) -> F:
             raise click.BadParameter(
                 "must be later than --since", click.get_current_context(), param_hint="'--until'"
             )
+        type_name, type_event = message_type
+        if type_event and event and type_event.upper() != event.upper():
+            raise click.BadParameter(
+                f"{event!r}: --type {type_name or ''}^{type_event} names another event",
+                click.get_current_context(),
+                param_hint="'--event'",
+            )
         filters = MessageFilter(
             status=status,
-            message_type=message_type,
-            event=event,
-            patient=patient,
+            message_type=type_name,
+            event=event or type_event,
+            patient=patient[0],
+            patient_authority=patient[1],
             listener=listener,
             sending_application=sender[0],
             sending_facility=sender[1],
@@ -552,6 +606,8 @@ def list_messages(
     count = _ScanCount(filters)
     try:
         found = list(store.search(filters, limit=limit, on_page=count))
+        if not found:
+            _note_unseen_listener(store, filters)
     finally:
         store.close()
     count.report(len(found))
@@ -564,6 +620,22 @@ def list_messages(
         message_table(found)
     if len(found) == limit:
         click.echo(f"(the newest {limit}; there may be more: --limit N shows more)", err=True)
+
+
+def _note_unseen_listener(store: MessageStore, filters: MessageFilter) -> None:
+    """On stderr, when no stored message came in by the --listener given, the listeners that
+    messages did come in by: a mistyped name must not read as "nothing came in"."""
+    if not filters.listener:
+        return
+    seen = store.listeners()
+    if any(filters.names_listener(transport, name) for transport, name in seen):
+        return
+    known = ", ".join(f"{transport}:{name}" for transport, name in seen)
+    click.echo(
+        f"note: no stored message came in by listener {filters.listener!r}; "
+        + (f"the store has messages from: {known}" if known else "the store holds no message"),
+        err=True,
+    )
 
 
 @messages.command("show")
@@ -631,6 +703,18 @@ def show_message(
 @click.argument("message_ids", type=ROW_ID, nargs=-1)
 @message_filters
 @click.option("--limit", type=LIMIT, help="With filters: only the newest N matches.")
+@click.option(
+    "--undelivered",
+    is_flag=True,
+    help="Send only to destinations that have not delivered the message yet.",
+)
+@click.option(
+    "--destination",
+    "destinations",
+    multiple=True,
+    metavar="NAME",
+    help="Send only to this destination (repeatable); others are left out.",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be reprocessed; change nothing.")
 @click.option("--yes", is_flag=True, help="With filters: do not ask before reprocessing.")
 @operator_option
@@ -640,6 +724,8 @@ def reprocess_messages(
     message_ids: tuple[int, ...],
     filters: MessageFilter,
     limit: int | None,
+    undelivered: bool,
+    destinations: tuple[str, ...],
     dry_run: bool,
     yes: bool,
     operator: str | None,
@@ -649,7 +735,13 @@ def reprocess_messages(
     Give message ids, or the filters of `messages list` to reprocess every match
     (`--status failed --since 2h`): how many match is shown and confirmed first (--yes
     skips the question), and they are reprocessed oldest first, so that each patient's
-    messages reach the destinations in the order they were received."""
+    messages reach the destinations in the order they were received.
+
+    Every destination the routes reach gets the message again, under a new key its
+    receiver cannot take for a repeat: what a corrected route is for. --undelivered sends
+    only where it has not been delivered (after a dead letter, say), --destination only
+    where named. A dead letter of an earlier run at a destination this run sends to is
+    discarded as superseded, so that a later retry cannot send the message twice."""
     from carehub.hub import open_store
 
     ctx = click.get_current_context()
@@ -691,6 +783,8 @@ def reprocess_messages(
             click.echo(f"{len(ids)} message(s) match")
         if ids:
             _warn_if_hub_runs_other_routes(config, data_dir)
+            if not undelivered:
+                _warn_of_deliveries_made(store, ids, destinations)
         if dry_run:
             click.echo(f"dry run: {len(ids)} message(s) would be reprocessed; nothing changed")
             return
@@ -699,17 +793,66 @@ def reprocess_messages(
         if not message_ids and not yes:
             click.confirm(f"Reprocess {len(ids)} message(s)?", abort=True)
         target = _ids_text("messages", ids) if message_ids else _filter_text(filters, limit)
+        if undelivered or destinations:
+            only = [*(["undelivered"] if undelivered else []), *destinations]
+            target += f" (only: {', '.join(only)})"
+        choice = DestinationChoice(frozenset(destinations), undelivered)
         with _audited(store, "messages reprocess", target, operator) as action:
             if not message_ids:
                 action.detail = _ids_text("matched messages", ids)
-            _reprocess(config, data_dir, store, ids, action.counts)
-            if action.counts["skipped"]:
+            by = operator or _operator()
+            _reprocess(config, data_dir, store, ids, action.counts, choice, by)
+            if action.counts["skipped"] or action.counts["failed"]:
                 action.outcome = "partial"
     finally:
         store.close()
     click.echo("deliveries go out when a worker runs (`carehub serve` or `carehub worker`)")
-    if action.counts["skipped"]:
+    if action.counts["skipped"] or action.counts["failed"]:
         sys.exit(1)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationChoice:
+    """Which of a reprocess run's deliveries go out: only the named destinations (none named:
+    all), and with ``undelivered`` only those that have not delivered the message before."""
+
+    names: frozenset[str] = frozenset()
+    undelivered: bool = False
+
+    def keeps(self, destination: str, delivered_before: set[str]) -> bool:
+        if self.names and destination not in self.names:
+            return False
+        return not (self.undelivered and destination in delivered_before)
+
+
+def _warn_of_deliveries_made(
+    store: MessageStore, message_ids: list[int], destinations: tuple[str, ...]
+) -> None:
+    """Say how many deliveries already made would be made again, under new keys."""
+    from carehub.store.outbox import Outbox
+
+    outbox = Outbox(store)
+    made = 0
+    for message_id in message_ids:
+        delivered = outbox.delivered_destinations(message_id)
+        made += len(delivered & set(destinations)) if destinations else len(delivered)
+    if made:
+        click.echo(
+            f"note: {made} delivery(ies) of these messages were already made and will be made "
+            "again under new keys (a receiver cannot tell them for repeats); --undelivered "
+            "leaves those destinations out",
+            err=True,
+        )
+
+
+def _keep_chosen(result: RoutingResult, choice: DestinationChoice, delivered: set[str]) -> int:
+    """Take the deliveries ``choice`` leaves out off their routes' results; how many."""
+    left_out = 0
+    for route in result.routes:
+        kept = [d for d in route.deliveries if choice.keeps(d.destination, delivered)]
+        left_out += len(route.deliveries) - len(kept)
+        route.deliveries = kept
+    return left_out
 
 
 def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path) -> None:
@@ -735,22 +878,31 @@ def _reprocess(
     store: MessageStore,
     message_ids: list[int],
     counts: dict[str, int] | None = None,
+    choice: DestinationChoice | None = None,
+    operator: str = "carehub",
 ) -> dict[str, int]:
-    """Route each message again as a new run, with new deliveries under new keys. Deliveries
-        planned under a key an earlier run already used (a care-team notice of the same visit
-        event) are left out by the outbox, so nobody is told twice. Returns how many messages
-        were routed, deliveries queued and messages skipped (rejected at intake), in ``counts``
-    when given (so far as it got, should it fail)."""
+    """Route each message again as a new run, with new deliveries under new keys, to the
+    destinations ``choice`` keeps. Deliveries planned under a key an earlier run already
+    used (a care-team notice of the same visit event) are left out by the outbox, so nobody
+    is told twice; an earlier run's dead letters at the destinations this run sends to are
+    discarded as superseded. Returns how many messages were routed, deliveries queued,
+    messages skipped (rejected at intake) and routed with a route error, in ``counts`` when
+    given (so far as it got, should it fail)."""
     from carehub.hub import build_routing
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
     from carehub.store.schema import MessageStatus
 
     host, table = build_routing(config, data_dir, store)
+    choice = choice or DestinationChoice()
+    unknown = sorted(choice.names - set(table.destinations))
+    if unknown:
+        known = ", ".join(sorted(table.destinations)) or "none"
+        raise CarehubError(f"no destination {unknown[0]!r} in the routes (there are: {known})")
     outbox = Outbox(store)
     skipped: list[int] = []
     counts = {} if counts is None else counts
-    counts.update(messages=0, deliveries=0, skipped=0)
+    counts.update(messages=0, deliveries=0, skipped=0, failed=0)
 
     async def run() -> None:
         await table.start()
@@ -769,13 +921,30 @@ def _reprocess(
                     )
                     continue
                 result = router.route(message, run=outbox.next_run(message_id))
+                left_out = _keep_chosen(result, choice, outbox.delivered_destinations(message_id))
                 outbox.record_routing([result])
+                superseded = outbox.superseded_dead_letters(
+                    message_id, {d.outgoing.idempotency_key for d in result.deliveries}
+                )
+                if superseded:
+                    outbox.discard_dead_letters(
+                        superseded,
+                        by=operator,
+                        reason=f"superseded by reprocess run {result.run}",
+                    )
                 counts["messages"] += 1
                 counts["deliveries"] += len(result.deliveries)
+                counts["failed"] += bool(result.errors)
                 matched = ", ".join(r.route for r in result.matched) or "no route"
                 click.echo(
                     f"message {message_id} (run {result.run}): {matched}; "
                     f"{len(result.deliveries)} deliveries queued"
+                    + (f", {left_out} left out" if left_out else "")
+                    + (
+                        f"; dead letter(s) {', '.join(f'#{i}' for i in superseded)} superseded"
+                        if superseded
+                        else ""
+                    )
                     + (f"; errors: {'; '.join(result.errors)}" if result.errors else "")
                 )
         finally:
@@ -820,6 +989,8 @@ def export_messages(
         count = _ScanCount(filters)
         ids = [message.id for message in store.search(filters, limit=limit, on_page=count)]
         count.report(len(ids))
+        if not ids:
+            _note_unseen_listener(store, filters)
         if not force:
             taken = [path for path in (out_dir / f"{i}.hl7" for i in ids) if path.exists()]
             if taken:
@@ -1074,9 +1245,9 @@ def dead_letters_list(
     discarded: bool,
 ) -> None:
     """Dead-lettered deliveries with their last error, and how many deliveries of each one's
-    line wait behind it."""
+    line wait behind it; with --discarded, those given up on, with when, by whom and why."""
     from carehub.hub import open_store
-    from carehub.store.outbox import Outbox
+    from carehub.store.outbox import Discard, Outbox
     from carehub.store.schema import DeliveryStatus
 
     status = DeliveryStatus.DISCARDED if discarded else DeliveryStatus.DEAD
@@ -1085,33 +1256,41 @@ def dead_letters_list(
         outbox = Outbox(store)
         dead = outbox.find(status=status.value, destination=destination, limit=limit)
         behind = {} if discarded else outbox.waiting_behind([d.id for d in dead if d.holds_line])
+        discards: dict[int, Discard] = outbox.discards([d.id for d in dead]) if discarded else {}
         if destination is not None and not dead and not discarded:
             _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
         store.close()
     if as_json:
         for d in dead:
-            click.echo(
-                json.dumps(
-                    {
-                        "id": d.id,
-                        "message_id": d.message_id,
-                        "route": d.route,
-                        "destination": d.destination,
-                        "channel": d.channel,
-                        "status": d.status,
-                        "attempts": d.attempts,
-                        "last_error": d.last_error,
-                        "updated_at": d.updated_at.isoformat(),
-                        "holds_line": bool(d.holds_line),
-                        "held_behind": behind.get(d.id, 0),
-                    }
-                )
-            )
+            shown: dict[str, Any] = {
+                "id": d.id,
+                "message_id": d.message_id,
+                "route": d.route,
+                "destination": d.destination,
+                "channel": d.channel,
+                "status": d.status,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "updated_at": d.updated_at.isoformat(),
+                "holds_line": bool(d.holds_line),
+                "held_behind": behind.get(d.id, 0),
+            }
+            if discarded:
+                discard = discards.get(d.id)
+                shown["discarded_at"] = discard.at.isoformat() if discard else None
+                shown["discarded_by"] = discard.by if discard else None
+                shown["discard_reason"] = discard.reason if discard else None
+            click.echo(json.dumps(shown))
+        return
+    if discarded:
+        from carehub.display import discarded_table
+
+        discarded_table(dead, discards)
         return
     from carehub.display import delivery_table
 
-    delivery_table(dead, "Discarded dead letters" if discarded else "Dead letters")
+    delivery_table(dead, "Dead letters")
     holding = [(d.id, behind[d.id]) for d in dead if behind.get(d.id)]
     if holding:
         each = ", ".join(f"#{delivery_id} holds {count}" for delivery_id, count in holding)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -107,6 +108,21 @@ class LineReport:
     #: receiver is already broken: sent before this hub held lines, or with ``continue``).
     overtaken: int = 0
     overtaken_lines: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Discard:
+    """Who gave up on a dead letter, when, and the reason they gave."""
+
+    at: datetime
+    by: str | None
+    reason: str | None
+
+
+#: The attempt detail discard_dead_letters writes, read back into who and why.
+_DISCARD_DETAIL = re.compile(
+    r"discarded by (?P<by>.*?) \(carehub dead-letters discard\)(?:: (?P<reason>.*))?", re.DOTALL
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -394,9 +410,23 @@ class _WorkerSQL(DriverSQL):
     def delivery_statuses(self, count: int) -> str:
         """Each delivery's status of ``count`` messages, with its message's status."""
         return (
-            "SELECT d.message_id, d.status, m.status FROM deliveries d "
-            f"JOIN messages m ON m.id = d.message_id WHERE d.message_id IN ({self.marks(count)})"
+            "SELECT d.message_id, d.status, m.status, d.idempotency_key FROM deliveries d "
+            f"JOIN messages m ON m.id = d.message_id WHERE d.message_id IN ({self.marks(count)}) "
+            "ORDER BY d.id"
         )
+
+
+def _same_delivery(key: str, message_id: int) -> str:
+    """What two deliveries of one message share when a reprocess made one of them again: the
+    key without its routing run (``carehub-<message>-<run>-<digest>``, the digest naming the
+    destination, and a notice's recipient and kind; router.idempotency_key). Keys of other
+    forms are each their own."""
+    prefix = f"carehub-{message_id}-"
+    if key.startswith(prefix):
+        run, _, digest = key[len(prefix) :].partition("-")
+        if run.isdigit() and digest:
+            return digest
+    return key
 
 
 # -- statements the worker runs for every batch, built once -------------------------------------
@@ -882,8 +912,9 @@ class Outbox:
 
     def _settle_messages(self, conn: Any, message_ids: set[int], now: Any) -> list[int]:
         """Messages whose deliveries are all done become delivered, or failed if any died or
-        a route raised in the latest run (the other routes finishing must not hide that)."""
-        by_message: dict[int, list[str]] = {}
+        a route raised in the latest run (the other routes finishing must not hide that). Of
+        the deliveries a reprocess made again, only the latest counts (see _same_delivery)."""
+        by_message: dict[int, dict[str, str]] = {}
         routing_failed: set[int] = set()
         ids = tuple(sorted(message_ids))
         if not self.store.is_sqlite:
@@ -898,15 +929,15 @@ class Outbox:
                 ids,
             )
         rows = conn.exec_driver_sql(self._sql.delivery_statuses(len(ids)), ids)
-        for message_id, status, message_status in rows:
-            by_message.setdefault(message_id, []).append(status)
+        for message_id, status, message_status, key in rows:
+            by_message.setdefault(message_id, {})[_same_delivery(key, message_id)] = status
             if message_status == MessageStatus.FAILED.value:
                 routing_failed.add(message_id)
         unfinished = (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value)
         done = {
-            mid: statuses
-            for mid, statuses in by_message.items()
-            if not any(s in unfinished for s in statuses)
+            mid: list(latest.values())
+            for mid, latest in by_message.items()
+            if not any(s in unfinished for s in latest.values())
         }
         if not done:
             return []
@@ -1010,6 +1041,37 @@ class Outbox:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             return [_record(r) for r in conn.execute(query)]
+
+    def delivered_destinations(self, message_id: int) -> set[str]:
+        """The destinations that have delivered the message, in any routing run."""
+        query = select(deliveries.c.destination).where(
+            deliveries.c.message_id == message_id,
+            deliveries.c.status == DeliveryStatus.DELIVERED.value,
+        )
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def superseded_dead_letters(self, message_id: int, keys: Iterable[str]) -> list[int]:
+        """The message's dead letters that deliveries under ``keys`` (a reprocess run's) make
+        again (_same_delivery), oldest first: once those are made, retrying these would
+        deliver the message twice."""
+        again = {_same_delivery(key, message_id) for key in keys}
+        query = (
+            select(deliveries.c.id, deliveries.c.idempotency_key)
+            .where(
+                deliveries.c.message_id == message_id,
+                deliveries.c.status == DeliveryStatus.DEAD.value,
+            )
+            .order_by(deliveries.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            row.id
+            for row in rows
+            if row.idempotency_key not in keys
+            and _same_delivery(row.idempotency_key, message_id) in again
+        ]
 
     def get(self, delivery_id: int) -> DeliveryRecord | None:
         with self.engine.connect() as conn:
@@ -1160,6 +1222,30 @@ class Outbox:
             lines = {(row.destination, row.order_key) for row in dead}
             released = self._settle_lines(conn, lines, now)
         return LineReport(len(dead), len(lines), released)
+
+    def discards(self, delivery_ids: list[int]) -> dict[int, Discard]:
+        """Who discarded each of these deliveries, when and why, from the attempt row the
+        discard wrote; a delivery never discarded is left out."""
+        attempts = delivery_attempts.c
+        found: dict[int, Discard] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(delivery_ids):
+                query = (
+                    select(attempts.delivery_id, attempts.started_at, attempts.detail)
+                    .where(
+                        attempts.delivery_id.in_(chunk),
+                        attempts.outcome == DeliveryStatus.DISCARDED.value,
+                    )
+                    .order_by(attempts.id)
+                )
+                for row in conn.execute(query):
+                    recorded = _DISCARD_DETAIL.fullmatch(row.detail or "")
+                    if recorded is None:  # not in discard's words: keep what was written
+                        by, reason = None, row.detail
+                    else:
+                        by, reason = recorded["by"], recorded["reason"]
+                    found[row.delivery_id] = Discard(_aware(row.started_at), by, reason)
+        return found
 
     def _dead_letters(self, conn: Any, chosen: list[Any]) -> list[Any]:
         """The dead letters chosen (_dead_letters_chosen): id, message_id, destination,

@@ -1,0 +1,133 @@
+"""`messages reprocess` and what was already delivered: a message "failed" for one dead letter
+is sent again only where it was not delivered (--undelivered) or where named (--destination);
+the run's deliveries supersede the dead letters of earlier runs at the same destinations, so a
+later retry cannot send the message twice; a route error makes the command fail. Real hub,
+real HTTP servers, the CLI through CliRunner."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from carehub.config import load_config
+from carehub.store.outbox import Outbox
+from carehub.testing import HubThread, make_adt
+from tests.helpers_http import HTTPServer, wait_for
+from tests.test_dead_letters import ROUTES, run
+from tests.test_worker import FAST_RETRY, all_status, send, write_config
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[HTTPServer, HTTPServer]]:
+    """``a`` takes everything; ``b`` refuses (HTTP 400: a dead letter at once) until told."""
+    with HTTPServer(lambda _: 200) as a, HTTPServer(lambda _: 400) as b:
+        yield a, b
+
+
+def one_dead_letter(tmp_path: Path, a: HTTPServer, b: HTTPServer) -> tuple[Path, Path]:
+    """The config, and a data dir holding one message delivered to care/a, dead at care/b."""
+    config = write_config(tmp_path, ROUTES.format(a=a.url(), b=b.url(), retry=FAST_RETRY % 1))
+    return config, tmp_path / "data"
+
+
+def test_undelivered_sends_only_where_the_message_did_not_arrive(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    a, b = servers
+    config, data_dir = one_dead_letter(tmp_path, a, b)
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("RP-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
+        (dead,) = Outbox(hub.store).find(status="dead")
+        b.respond = lambda _: 200
+
+        code, out, err = run(
+            config, data_dir, "messages", "reprocess", "1", "--undelivered", "--by", "tester"
+        )
+        assert code == 0, out + err
+        assert "message 1 (run 2): care; 1 deliveries queued, 1 left out" in out
+        assert f"dead letter(s) #{dead.id} superseded" in out
+        assert "already made" not in err
+        wait_for(lambda: len(b.ok()) == 1, what="care/b sent once")
+        wait_for(lambda: all_status(hub.store, 1, "delivered"), what="the message delivered")
+
+        assert len(a.requests) == 1  # delivered before: not sent again
+        assert Outbox(hub.store).find(status="dead") == []
+        code, out, _ = run(config, data_dir, "dead-letters", "retry", "--all")
+        assert "0 dead letter(s) queued again" in out
+        code, out, _ = run(config, data_dir, "messages", "show", "1")
+        assert "discarded by tester (carehub dead-letters discard): superseded by reprocess" in out
+    assert len(b.ok()) == 1 and len(a.requests) == 1
+
+
+def test_a_plain_reprocess_says_what_goes_again_and_never_sends_a_dead_letter_twice(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    """Every destination gets the message again (what a corrected route is for), and the
+    command says so first; the dead letter it supersedes cannot be retried into a second copy."""
+    a, b = servers
+    config, data_dir = one_dead_letter(tmp_path, a, b)
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("RP-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
+        b.respond = lambda _: 200
+
+        code, out, err = run(config, data_dir, "messages", "reprocess", "--status", "failed")
+        assert code == 1  # asked, and CliRunner gives no answer: nothing done
+        assert "1 delivery(ies) of these messages were already made and will be made again" in err
+
+        code, out, err = run(
+            config, data_dir, "messages", "reprocess", "--status", "failed", "--yes"
+        )
+        assert code == 0, out + err
+        assert "2 deliveries queued" in out and "superseded" in out
+        wait_for(lambda: len(a.requests) == 2 and len(b.ok()) == 1, what="both sent")
+        code, out, _ = run(config, data_dir, "dead-letters", "retry", "--all")
+        assert "0 dead letter(s) queued again" in out
+        keys = {r.key for r in a.requests}
+        assert len(keys) == 2  # a new key: the receiver is told it is another delivery
+    assert len(b.ok()) == 1
+
+
+def test_destination_names_where_to_send_and_refuses_an_unknown_one(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    a, b = servers
+    config, data_dir = one_dead_letter(tmp_path, a, b)
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("RP-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
+
+        code, out, err = run(
+            config, data_dir, "messages", "reprocess", "1", "--destination", "care/x"
+        )
+        assert code == 2
+        assert "no destination 'care/x' in the routes (there are: care/a, care/b)" in err
+
+        code, out, err = run(
+            config, data_dir, "messages", "reprocess", "1", "--destination", "care/a"
+        )
+        assert code == 0, out + err
+        assert "1 deliveries queued, 1 left out" in out and "superseded" not in out
+        wait_for(lambda: len(a.requests) == 2, what="care/a sent again")
+        assert len(Outbox(hub.store).find(status="dead")) == 1  # care/b is left as it was
+
+
+def test_a_route_error_fails_the_reprocess(tmp_path: Path) -> None:
+    routes = """
+routes:
+  - name: broken
+    steps:
+      - transform: {edits: [{set: {"OBX[3]-5": X}}]}
+      - forward: {channel: file, directory: out}
+"""
+    config = write_config(tmp_path, routes)
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("RP-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "failed"), what="the route failed")
+    code, out, _ = run(config, data_dir, "messages", "reprocess", "1")
+    assert code == 1
+    assert "errors: broken: step 0 (transform)" in out
