@@ -195,3 +195,37 @@ def test_reload_lets_a_send_in_flight_finish_on_the_old_routes(
             errors = [r for r in caplog.records if r.levelno == logging.ERROR]
             assert len(errors) == 1
             assert "feed.yaml:" in errors[0].getMessage()
+
+
+def test_an_emptied_route_file_keeps_the_routes_and_a_removal_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route file emptied (a truncated save, a bad checkout) would have dropped its routes
+    with one INFO line: it is refused, and the routes run on. Routes taken out on purpose
+    (`routes: []`) go, with a WARNING naming them and their destinations."""
+    caplog.set_level(logging.INFO, logger="carehub.hub")
+    write_route(tmp_path, "DSFAC", "http://127.0.0.1:9/hook")
+    (tmp_path / "carehub.yaml").write_text(HUB_YAML, encoding="utf-8")
+    route_file = tmp_path / "routes" / "feed.yaml"
+
+    route_file.write_text("", encoding="utf-8")
+    checked = carehub("routes", "check", "--offline", "--config", str(tmp_path / "carehub.yaml"))
+    assert checked.returncode == 2
+    assert f"{route_file}: holds no routes (no `routes:` key)" in checked.stderr
+
+    write_route(tmp_path, "DSFAC", "http://127.0.0.1:9/hook")
+    with HubThread(load_config(tmp_path / "carehub.yaml"), tmp_path / "data") as hub:
+        current = hub.hub.table
+        route_file.write_text("\n# being edited\n", encoding="utf-8")
+        assert hub.call(hub.hub.reload_routes()) is False
+        assert hub.hub.table is current
+        assert "holds no routes" in caplog.text
+
+        caplog.clear()
+        route_file.write_text("routes: []\n", encoding="utf-8")
+        assert hub.call(hub.hub.reload_routes()) is True
+        assert hub.hub.table.routes == []
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.getMessage() == (
+            "the reload removed route(s) feed and destination(s) feed/hook"
+        )

@@ -1939,9 +1939,10 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             loaded = await reloader.load(store)
             if loaded is not None:
                 new_host, new_table, note = loaded
+                old_table = worker.table
                 await worker.replace_routing(new_table, new_host)
                 beacon.refresh()
-                log_reloaded(new_table, note)
+                log_reloaded(old_table, new_table, note)
 
         def started() -> None:
             """Ready means consuming: a deployment script that waits for the line can then

@@ -366,13 +366,25 @@ class RouteReloader:
             return host, table, note
 
 
-def log_reloaded(table: RouteTable, note: str) -> None:
+def log_reloaded(old: RouteTable, table: RouteTable, note: str) -> None:
+    """One INFO line with the counts, and a WARNING naming what the reload took away: a route
+    or destination gone from the files stops quietly otherwise (its deliveries still waiting
+    become dead letters, "no longer configured")."""
     log.info(
         "routes reloaded: %d route(s), %d destination(s)%s",
         len(table.routes),
         len(table.destinations),
         note,
     )
+    gone_routes = sorted({r.name for r in old.routes} - {r.name for r in table.routes})
+    renamed = set(table.former_names)
+    gone_destinations = sorted(set(old.destinations) - set(table.destinations) - renamed)
+    if gone_routes or gone_destinations:
+        log.warning(
+            "the reload removed route(s) %s and destination(s) %s",
+            ", ".join(gone_routes) or "none",
+            ", ".join(gone_destinations) or "none",
+        )
 
 
 #: Seconds newly stored messages wait to be published together (see Hub._publish).
@@ -626,6 +638,7 @@ class Hub:
             await table.close()
             return False
         self.config = self.reloader.config
+        old_table = self.table
         self.host, self.table = host, table
         if self.worker is not None:  # it closes the table it routed with, once done with it
             await self.worker.replace_routing(table, host)
@@ -634,7 +647,7 @@ class Hub:
         self._note_routes()
         if self.beacon is not None:
             self.beacon.refresh()
-        log_reloaded(table, note)
+        log_reloaded(old_table, table, note)
         return True
 
     def _note_routes(self) -> None:

@@ -260,6 +260,15 @@ def load_route_files(paths: list[Path], data_dir: Path | None = None) -> list[Lo
             parsed = RoutesFile.model_validate(data)
         except ValidationError as err:
             raise ConfigError(_describe(err, path, node, data)) from None
+        if not isinstance(data, dict) or "routes" not in data:
+            # An empty file is most likely one caught half written, or emptied by mistake:
+            # loading it would drop every route it held without a word. `routes: []` says
+            # there are none on purpose.
+            raise ConfigError(
+                f"{path}: holds no routes (no `routes:` key); write `routes: []` if that is "
+                "meant, give a route `enabled: false` to turn it off, or move the file out of "
+                "the hub config's `routes:` globs"
+            )
         for index, route in enumerate(parsed.routes):
             item = LoadedRoute(route, RouteSource(path, index, node))
             if route.name in seen:
