@@ -693,6 +693,52 @@ def test_the_carehub_routes_fixture_in_a_projects_own_suite(tmp_path: Path) -> N
     assert "3 passed" in done.stdout
 
 
+def test_the_fixture_reads_a_path_from_the_rootdir_wherever_pytest_starts(
+    tmp_path: Path,
+) -> None:
+    """A ``Path`` is read from the rootdir as a string is, when pytest runs from a subfolder;
+    a missing one is an error naming where it was looked for."""
+    project = tmp_path / "project"
+    hub_config(project / "config", ROUTES)
+    (project / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")  # the rootdir
+    (project / "tests" / "messages").mkdir(parents=True)
+    (project / "tests" / "messages" / "one.hl7").write_text(make_adt("R1"), encoding="utf-8")
+    (project / "tests" / "test_paths.py").write_text(
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+
+            import pytest
+
+            def test_a_path_and_a_string_read_the_same_file(carehub_routes):
+                assert carehub_routes(Path("tests/messages/one.hl7")).matched
+                assert len(carehub_routes.all(Path("tests/messages/one.hl7"))) == 1
+                assert carehub_routes("tests/messages/one.hl7").matched
+
+            def test_a_missing_path_names_where_it_was_looked_for(carehub_routes):
+                looked_at = {str(project / "tests" / "messages" / "missing.hl7")!r}
+                with pytest.raises(FileNotFoundError) as raised:
+                    carehub_routes(Path("tests/messages/missing.hl7"))
+                assert str(raised.value) == (
+                    looked_at + ": no such file (a relative path is read from the rootdir)"
+                )
+                with pytest.raises(FileNotFoundError, match="a string is read as a file path"):
+                    carehub_routes("tests/messages/missing.hl7")
+            """
+        ),
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_paths.py"],
+        cwd=project / "tests",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
+
+
 # -- 14: the reference of the built-in components -------------------------------------------
 @pytest.mark.parametrize("name", [COMPONENTS_PAGE, CARE_EVENT_SCHEMA])
 def test_generated_docs_are_current(name: str) -> None:
@@ -1000,3 +1046,31 @@ def test_a_quoted_code_with_a_leading_zero_matches(tmp_path: Path) -> None:
     fields[3] = "|".join(pv1)
     result = run_routes("\r".join(fields), config, tmp_path / "data")
     assert [d.destination for d in result.deliveries] == ["home/home"]
+
+
+def test_each_bad_edit_is_told_at_its_own_line(tmp_path: Path) -> None:
+    """The edits' validator names each bad edit (edits[1], edits[3]); each is reported at
+    that edit's line, not at the line of `edits:`."""
+    config = hub_config(
+        tmp_path / "config",
+        """
+        routes:
+          - name: r
+            steps:
+              - transform:
+                  edits:
+                    - set: {MSH-5: X}
+                    - set: {PID-0: X}
+                    - set: {MSH-6: X}
+                    - set: {PID-5.1: "{nonsense}"}
+              - forward: {channel: file, directory: out}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_routing(load_config(config), tmp_path / "data")
+    routes = tmp_path / "config" / "routes" / "routes.yaml"
+    first, second = str(caught.value).splitlines()
+    assert first.startswith(f"{routes}:8: route 'r': steps[0].transform.edits: edits[1] set: ")
+    assert "numbers in a path start at 1" in first
+    assert second.startswith(f"{routes}:10: route 'r': steps[0].transform.edits: edits[3] set: ")
+    assert "bad field path 'nonsense'" in second

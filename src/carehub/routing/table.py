@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -448,5 +449,24 @@ def _errors(err: ValidationError, source: RouteSource, route: str, loc: tuple[An
     lines = []
     for error in err.errors():
         full = (*loc, *error["loc"])
-        lines.append(f"{source.where(full)}: route {route!r}: {_loc_text(full)}: {error['msg']}")
+        for where, message in _items_named(full, error["msg"]):
+            lines.append(f"{source.where(where)}: route {route!r}: {_loc_text(full)}: {message}")
     return "\n".join(lines)
+
+
+_ITEM_PROBLEM = re.compile(r"(?:^|; )(?=(\w+)\[(\d+)\] )")
+
+
+def _items_named(loc: tuple[Any, ...], message: str) -> list[tuple[tuple[Any, ...], str]]:
+    """A list's validator names each bad item as ``edits[3] ...`` (one problem after another,
+    joined by "; "), so each problem is told at its item's own line, not the list's."""
+    text = message.removeprefix("Value error, ")
+    starts = [m for m in _ITEM_PROBLEM.finditer(text) if loc and m.group(1) == loc[-1]]
+    if not starts or starts[0].start() != 0:
+        return [(loc, message)]
+    found = []
+    for at, match in enumerate(starts):
+        end = starts[at + 1].start() if at + 1 < len(starts) else len(text)
+        problem = text[match.end() : end]
+        found.append(((*loc, int(match.group(2))), problem))
+    return found
