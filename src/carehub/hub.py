@@ -15,8 +15,10 @@ import logging
 import os
 import sqlite3
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +391,24 @@ def log_reloaded(old: RouteTable, table: RouteTable, note: str) -> None:
 
 #: Seconds newly stored messages wait to be published together (see Hub._publish).
 PUBLISH_GATHER = 0.005
+#: While the broker cannot be reached: seconds between tries, and how many ids are held.
+QUEUE_RETRY = 5.0
+UNQUEUED_HELD = 100_000
+
+
+@dataclass(slots=True)
+class _QueueDown:
+    """Since when intake could not queue stored messages for routing, why, and when to try
+    again."""
+
+    since: datetime
+    reason: str
+    retry_at: float = 0.0
+
+
+def _since(moment: datetime) -> str:
+    seconds = (datetime.now(UTC) - moment).total_seconds()
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 class Hub:
@@ -401,6 +421,9 @@ class Hub:
         self.host, self.table = build_routing(config, self.data_dir)
         self.work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
         self.publisher: Publisher | None = None
+        #: Stored messages not yet queued while the broker is away (see _publish_waiting).
+        self._unqueued: list[tuple[int, str]] = []
+        self._queue_down: _QueueDown | None = None
         #: The in-process worker (config worker.enabled), on this hub's event loop.
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -580,13 +603,47 @@ class Hub:
         self._to_publish.append((message_id, patient_key))
 
     def _publish_waiting(self) -> None:
+        """Publish what intake stored since the last call. While the broker cannot be
+        reached, what is stored is held (up to UNQUEUED_HELD ids; the workers' sweep finds
+        any beyond) and publishing is tried again every QUEUE_RETRY seconds, not with every
+        commit: each try blocks intake while kombu retries. One ERROR when publishing stops,
+        one WARNING when it works again."""
         waiting, self._to_publish = self._to_publish, []
-        if not waiting or self.publisher is None:
+        if not (waiting or self._unqueued) or self.publisher is None:
             return
+        now = time.monotonic()
+        if self._queue_down is not None and now < self._queue_down.retry_at:
+            self._hold_unqueued(waiting)
+            return
+        held = self._unqueued
         try:
-            self.publisher.publish_many(waiting)
-        except Exception as err:  # stored and ACKed already; the worker's sweep requeues them
-            log.error("could not queue %d message(s) for routing: %s", len(waiting), err)
+            self.publisher.publish_many([*held, *waiting])
+        except Exception as err:  # stored and ACKed already: held, and the sweep finds them
+            self._hold_unqueued(waiting)
+            if self._queue_down is None:
+                self._queue_down = _QueueDown(datetime.now(UTC), str(err) or type(err).__name__)
+                log.error(
+                    "cannot queue stored messages for routing: %s; holding them and trying "
+                    "again every %g s",
+                    self._queue_down.reason,
+                    QUEUE_RETRY,
+                )
+            self._queue_down.retry_at = now + QUEUE_RETRY
+            # Tried again then even if nothing new is stored meanwhile.
+            asyncio.get_running_loop().call_later(QUEUE_RETRY, self._publish_waiting)
+            return
+        self._unqueued = []
+        if self._queue_down is not None:
+            log.warning(
+                "queueing for routing again after %s; %d message(s) held meanwhile queued",
+                _since(self._queue_down.since),
+                len(held),
+            )
+            self._queue_down = None
+
+    def _hold_unqueued(self, items: list[tuple[int, str]]) -> None:
+        room = UNQUEUED_HELD - len(self._unqueued)
+        self._unqueued.extend(items[: max(room, 0)])
 
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight, commit it, close the store.
@@ -670,10 +727,16 @@ class Hub:
 
     def health(self) -> dict[str, Any]:
         store_ok = self.store is not None and self.store.ping()
+        down = self._queue_down
         return {
             "status": "ok" if store_ok else "store unavailable",
             "version": __version__,
             "store": "ok" if store_ok else "unavailable",
+            # Intake still stores and answers, so the status stays ok; routing waits.
+            "queue": "ok"
+            if down is None
+            else f"cannot queue for routing since {down.since.isoformat(timespec='seconds')}: "
+            f"{down.reason}",
             "listeners": [
                 {"kind": b.kind, "name": b.name, "address": b.address} for b in self.bound
             ],

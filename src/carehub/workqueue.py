@@ -24,6 +24,7 @@ import itertools
 import logging
 import queue as queue_module
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: The exchange on a broker, shared by every serve and worker of a deployment.
 EXCHANGE = Exchange("carehub", type="direct", durable=True)
+
+#: Seconds between tries to reach the broker again once a consumer lost it.
+RECONNECT_SECONDS = 2.0
 
 #: Numbers the in-process work queues of this process (see WorkQueue).
 _MEMORY_QUEUES = itertools.count(1)
@@ -132,14 +136,31 @@ class WorkQueue:
 
 
 class Publisher:
-    """Publishes message ids; one publisher per thread (kombu connections are not shared)."""
+    """Publishes message ids; one publisher per thread (kombu connections are not shared).
+
+    A publish that fails (the broker went away and kombu's retries gave up) drops the
+    connection, which kombu leaves half closed, so that the next publish opens a new one:
+    once the broker is back, publishing works again without a restart."""
 
     def __init__(self, work_queue: WorkQueue) -> None:
         self.work_queue = work_queue
-        self._connection = work_queue.connection()
-        self._producer = Producer(self._connection.channel(), exchange=work_queue.exchange)
-        for q in work_queue.queues:
-            q.bind(self._producer.channel).declare()
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._open()
+
+    def _open(self) -> Producer:
+        self._connection = self.work_queue.connection()
+        producer = Producer(self._connection.channel(), exchange=self.work_queue.exchange)
+        for q in self.work_queue.queues:
+            q.bind(producer.channel).declare()
+        self._producer = producer
+        return producer
+
+    def _drop(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.release()
 
     def publish(self, message_id: int, patient_key: str) -> None:
         self.publish_many([(message_id, patient_key)])
@@ -155,17 +176,22 @@ class Publisher:
         for message_id, patient_key in items:
             partition = partition_of(patient_key, self.work_queue.partitions)
             partitions.setdefault(partition, []).append(message_id)
-        for partition, message_ids in partitions.items():
-            self._producer.publish(
-                {"message_ids": message_ids},
-                routing_key=f"route.{partition}",
-                delivery_mode=2,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
-            )
+        try:
+            producer = self._producer or self._open()
+            for partition, message_ids in partitions.items():
+                producer.publish(
+                    {"message_ids": message_ids},
+                    routing_key=f"route.{partition}",
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+                )
+        except Exception:
+            self._drop()
+            raise
 
     def close(self) -> None:
-        self._connection.release()
+        self._drop()
 
 
 class Consumer:
@@ -197,28 +223,52 @@ class Consumer:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        """Consume until stopped. A broker connection lost once consuming has begun is logged
+        once and opened again (every RECONNECT_SECONDS) until it works: the queue messages
+        not acked on the old one are redelivered by the broker, and routing a message twice
+        records it once. Only a first connection that fails stops the consumer (start()
+        reports it)."""
+        lost_since: float | None = None
         try:
-            with self.work_queue.connection() as conn:
-                channel = conn.channel()
-                channel.basic_qos(0, 200, False)
-                consumer = conn.Consumer(
-                    self.work_queue.queues,
-                    channel=channel,
-                    callbacks=[self._on_message],
-                    accept=["json"],
-                )
-                with consumer:
-                    self._ready.set()
-                    while not self._stopping.is_set():
-                        self._flush_acks()
-                        with contextlib.suppress(TimeoutError, OSError):
-                            conn.drain_events(timeout=0.05)
-                    self._flush_acks()
-        except Exception as err:
-            self.error = err
-            log.error("work queue consumer stopped: %s", err)
+            while not self._stopping.is_set():
+                try:
+                    self._consume(reconnected=lost_since is not None)
+                    return
+                except Exception as err:
+                    if not self._ready.is_set():
+                        self.error = err
+                        log.error("work queue consumer stopped: %s", err)
+                        return
+                    if lost_since is None:
+                        lost_since = time.monotonic()
+                        log.error(
+                            "work queue consumer lost the broker: %s; connecting again every %g s",
+                            str(err) or type(err).__name__,
+                            RECONNECT_SECONDS,
+                        )
+                self._stopping.wait(RECONNECT_SECONDS)
         finally:
             self._ready.set()
+
+    def _consume(self, reconnected: bool) -> None:
+        with self.work_queue.connection() as conn:
+            channel = conn.channel()
+            channel.basic_qos(0, 200, False)
+            consumer = conn.Consumer(
+                self.work_queue.queues,
+                channel=channel,
+                callbacks=[self._on_message],
+                accept=["json"],
+            )
+            with consumer:
+                self._ready.set()
+                if reconnected:
+                    log.warning("work queue consumer connected to the broker again")
+                while not self._stopping.is_set():
+                    self._flush_acks()
+                    with contextlib.suppress(TimeoutError):  # nothing came within the wait
+                        conn.drain_events(timeout=0.05)
+                self._flush_acks()
 
     def _on_message(self, body: dict[str, Any], message: object) -> None:
         # "message_id" (one id) is what earlier versions published; a broker may still hold some.

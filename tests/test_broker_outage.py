@@ -1,0 +1,148 @@
+"""A broker that goes away and comes back: the hub's publisher and its worker's consumer both
+reach RabbitMQ through a TCP relay the test cuts and restores (the shared broker itself is
+never touched). Messages stored during the outage are routed once it is over, without a
+restart and without waiting for the once-a-minute sweep; /health says while intake cannot
+queue. Skipped, with how to start it, when RabbitMQ is not running on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from carehub.testing import HubThread, local_config, make_adt
+from tests.helpers_http import HTTPServer, wait_for
+from tests.test_rabbitmq import amqp_url, delivered, fresh_queue, routes_yaml, send_all
+
+__all__ = ["amqp_url"]  # the module-scoped fixture, shared with test_rabbitmq
+
+#: Well under the workers' sweep (60 s), which would otherwise route what the queue lost.
+RECOVERY_SECONDS = 20
+
+
+class Relay:
+    """A TCP relay to ``target`` that can be cut (every connection closed, nothing accepted)
+    and restored on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, []
+        for sock in [*sockets, *([listener] if listener else [])]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    for sock in (source, sink):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def relay(amqp_url: str) -> Iterator[Relay]:
+    broker = urlsplit(amqp_url)
+    relayed = Relay((broker.hostname or "127.0.0.1", broker.port or 5672))
+    relayed.start()
+    try:
+        yield relayed
+    finally:
+        relayed.cut()
+
+
+def health(hub: HubThread) -> dict[str, object]:
+    with urllib.request.urlopen(hub.http_url + "/health", timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def test_messages_stored_while_the_broker_is_away_are_routed_when_it_is_back(
+    tmp_path: Path, amqp_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    fresh_queue(amqp_url, 2)
+    with HTTPServer() as http:
+        (tmp_path / "routes.yaml").write_text(routes_yaml(http.url()))
+        config = local_config(worker=True)
+        config.source = tmp_path / "carehub.yaml"
+        config.routes = ["routes.yaml"]
+        config.worker.poll_interval = 0.05
+        config.queue.url = relayed_url
+        config.queue.partitions = 2
+        with HubThread(config, tmp_path / "data") as hub:
+            send_all(hub.mllp_address, [make_adt("BO-1", patient_id="P1")])
+            wait_for(lambda: delivered(hub.store, 1), 30, what="the first message delivered")
+            assert health(hub)["queue"] == "ok"
+
+            relay.cut()
+            wait_for(
+                lambda: "work queue consumer lost the broker" in caplog.text,
+                10,
+                what="the consumer to notice",
+            )
+            send_all(hub.mllp_address, [make_adt("BO-2", patient_id="P1")])  # stored, AA
+            wait_for(
+                lambda: str(health(hub)["queue"]).startswith("cannot queue for routing since"),
+                10,
+                what="/health to say intake cannot queue",
+            )
+            assert health(hub)["status"] == "ok"  # intake still stores and answers
+
+            relay.start()
+            send_all(hub.mllp_address, [make_adt("BO-3", patient_id="P2")])
+            wait_for(
+                lambda: delivered(hub.store, 3),
+                RECOVERY_SECONDS,
+                what="the messages stored during the outage routed and delivered",
+            )
+            assert health(hub)["queue"] == "ok"
+        assert "work queue consumer connected to the broker again" in caplog.text
+        assert "queueing for routing again after" in caplog.text
+        assert sorted(r.json["control_id"] for r in http.ok()) == ["BO-1", "BO-2", "BO-3"]
