@@ -31,6 +31,9 @@ from carehub.routing.dryrun import preview_message
 from carehub.store.schema import MessageStatus, encounter_events, notifications, patient_merges
 from carehub.store.store import MessageStore, NewMessage, sqlite_url
 from carehub.testing import make_adt
+from tests.test_store import store_url
+
+__all__ = ["store_url"]  # the SQLite / PostgreSQL store fixture, shared with test_store
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -677,3 +680,28 @@ def test_discharge_by_update_can_be_turned_off(tmp_path: Path) -> None:
         )
     )
     assert (update.kind, update.state) == ("none", "admitted")
+
+
+# -- values longer than their columns ----------------------------------------------------------
+
+
+def test_a_disposition_in_words_is_kept_clipped_not_a_failed_step(
+    tmp_path: Path, store_url: str
+) -> None:
+    """PV1-36 sent as words ("Skilled nursing facility", 24 characters) is longer than the
+    disposition column: PostgreSQL refused the row, failing the step and the care team's
+    notice (SQLite stores any length). The row keeps what fits; the discharge goes on."""
+    opened = MessageStore(store_url)
+    opened.migrate()
+    try:
+        feed = Feed(make_enricher(tmp_path, opened), opened)
+        admitted = feed.send(adt("A01", "W1", cls="I", location="4W^1^A^MAIN^^^^^" + "X" * 300))
+        words = "Skilled nursing facility"
+        discharged = feed.send(adt("A03", "W2", cls="I", disposition=words, to="Maple " * 60))
+        assert (admitted.kind, discharged.kind) == ("admission", "discharge")
+        rec = feed.encounter(discharged.encounter_id)
+        assert rec.disposition == words[:16]
+        assert rec.discharged_to is not None and len(rec.discharged_to) == 255
+        assert rec.state == "discharged"
+    finally:
+        opened.close()

@@ -69,6 +69,7 @@ from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import CareEvent, Encounter, Identifier, Location, display_name
 from carehub.store.schema import (
+    clipped,
     encounter_events,
     encounters,
     followups,
@@ -335,7 +336,15 @@ class _Backend(Protocol):
     def close_if(self, encounter_id: int, state: str, new_state: str, now: datetime) -> bool: ...
 
 
+#: What an encounter row says about the visit as the sender wrote it (clipped to fit).
+_DESCRIPTIVE = ("patient_class", "location", "disposition", "discharged_to")
+
+
 def _row_values(rec: EncounterRecord) -> dict[str, Any]:
+    return clipped(encounters, _values(rec), _DESCRIPTIVE)
+
+
+def _values(rec: EncounterRecord) -> dict[str, Any]:
     return {
         "patient_key": rec.patient_key,
         "visit_key": rec.visit_key,

@@ -59,7 +59,7 @@ from carehub.events import (
     Referral,
     display_name,
 )
-from carehub.store.schema import messages, referral_events, referrals
+from carehub.store.schema import clipped, messages, referral_events, referrals
 from carehub.workqueue import patient_key as make_patient_key
 
 __all__ = [
@@ -380,6 +380,10 @@ def _dump(value: Any) -> str | None:
 
 
 def _row_values(rec: ReferralRecord) -> dict[str, Any]:
+    return clipped(referrals, _values(rec), ("priority", "type"))
+
+
+def _values(rec: ReferralRecord) -> dict[str, Any]:
     return {
         "referral_key": rec.referral_key,
         "patient_key": rec.patient_key,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
@@ -453,3 +454,19 @@ referral_events = Table(
 Index("ix_referral_events_referral", referral_events.c.referral_id)
 Index("ix_referral_events_key", referral_events.c.referral_key)
 Index("ix_referral_events_message", referral_events.c.message_id)
+
+
+def clipped(table: Table, values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``values`` with each of ``names`` that is text cut to its column's length.
+
+    A coded field may come as words of any length (PV1-36 "Skilled nursing facility"):
+    PostgreSQL refuses a value too long for its column, failing the whole step (and the
+    care team's notice), where SQLite, the embedded default, stores it whole. Only columns
+    that describe are clipped; keys are looked up by equality and must stay whole."""
+    fitted = dict(values)
+    for name in names:
+        value = fitted.get(name)
+        length = getattr(table.c[name].type, "length", None)
+        if isinstance(value, str) and length is not None and len(value) > length:
+            fitted[name] = value[:length]
+    return fitted
