@@ -4,7 +4,9 @@ leaving every other destination's dead letters where they are. Real hub, real HT
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from carehub.config import load_config
 from carehub.store.outbox import Outbox
 from carehub.testing import HubThread, make_adt
 from tests.helpers_http import HTTPServer, wait_for
+from tests.test_cli import plain
 from tests.test_worker import FAST_RETRY, all_status, send, write_config
 
 ROUTES = """
@@ -31,6 +34,12 @@ routes:
 def servers() -> Iterator[tuple[HTTPServer, HTTPServer]]:
     with HTTPServer(lambda _: 400) as a, HTTPServer(lambda _: 400) as b:
         yield a, b
+
+
+def table_cells(out: str) -> list[list[str]]:
+    """The cells of a rich table's header and rows, as printed."""
+    lines = [line for line in plain(out).splitlines() if "│" in line or "┃" in line]
+    return [[cell.strip() for cell in re.split("[│┃]", line)] for line in lines]
 
 
 def run(config: Path, data_dir: Path, *args: str) -> tuple[int, str, str]:
@@ -151,6 +160,54 @@ def test_discard_gives_up_for_good_and_lets_the_held_ones_go(
         code, out, err = run(config, data_dir, "dead-letters", "discard", str(held_on_a.id))
         assert code == 1
         assert f"delivery {held_on_a.id}: discarded, not a dead letter; left as it is" in err
+
+
+def test_the_discarded_list_says_when_by_whom_and_why(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    """`list --discarded` shows the discard (when, who, the reason given), not only the send
+    error the delivery died of; --json has the same."""
+    a, b = servers
+    routes = ROUTES.format(a=a.url(), b=b.url(), retry=FAST_RETRY % 1)
+    config = write_config(tmp_path, routes)
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("DD-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "failed"), what="the message failed")
+        dead = {d.destination: d.id for d in Outbox(hub.store).find(status="dead")}
+        assert dead == {"care/a": 1, "care/b": 2}
+        before = datetime.now(UTC).replace(microsecond=0)
+
+        by_alice = ["--by", "alice", "--reason", "INC-42"]
+        code, out, _ = run(config, data_dir, "dead-letters", "discard", "1", *by_alice)
+        assert code == 0, out
+        code, out, _ = run(config, data_dir, "dead-letters", "discard", "2", "--by", "bob")
+        assert code == 0, out
+
+    code, out, _ = run(config, data_dir, "dead-letters", "list", "--discarded")
+    assert code == 0, out
+    header, *rows = table_cells(out)
+    assert header[5:] == ["discarded (UTC)", "by", "reason", "last send error"]
+    shown = {row[2]: dict(zip(header, row, strict=True)) for row in rows}
+    assert sorted(shown) == ["care/a", "care/b"]
+    assert (shown["care/a"]["by"], shown["care/a"]["reason"]) == ("alice", "INC-42")
+    assert (shown["care/b"]["by"], shown["care/b"]["reason"]) == ("bob", "")
+    for row in shown.values():
+        when = datetime.fromisoformat(row["discarded (UTC)"]).replace(tzinfo=UTC)
+        assert before <= when <= datetime.now(UTC)
+        assert "HTTP 400" in row["last send error"]  # what it died of, under its own name
+
+    code, out, _ = run(config, data_dir, "dead-letters", "list", "--discarded", "--json")
+    assert code == 0, out
+    listed = {d["destination"]: d for d in map(json.loads, out.splitlines())}
+    assert (listed["care/a"]["discarded_by"], listed["care/a"]["discard_reason"]) == (
+        "alice",
+        "INC-42",
+    )
+    assert (listed["care/b"]["discarded_by"], listed["care/b"]["discard_reason"]) == ("bob", None)
+    for record in listed.values():
+        assert before <= datetime.fromisoformat(record["discarded_at"]) <= datetime.now(UTC)
+        assert "HTTP 400" in record["last_error"]
 
 
 @pytest.mark.parametrize(

@@ -218,6 +218,103 @@ def test_time_filters_hold_when_ids_and_times_disagree(tmp_path: Path) -> None:
     assert search(folder, "--since", "150m", "--until", "30m", "--contains", "adt") == ["BACKFILL"]
 
 
+def test_filters_take_the_values_the_list_shows(data_dir: Path, tmp_path: Path) -> None:
+    """What the table shows in its via, type and patient columns, given back as a filter,
+    finds that row (and its like), in `list`, `reprocess` and `export` alike."""
+    table = plain(run("messages", "list", "--data-dir", str(data_dir)).stdout)
+    header, *rows = (
+        [cell.strip() for cell in line.split("│" if "│" in line else "┃")]
+        for line in table.splitlines()
+        if "│" in line or "┃" in line
+    )
+    update = dict(zip(header, next(row for row in rows if "UPDATE" in row), strict=True))
+    shown = (update["via"], update["type"], update["patient"])
+    assert shown == ("mllp:adt-in", "ADT^A08", "P2^HOSP")
+    assert search(data_dir, "--listener", update["via"]) == ["BAD", "UPDATE", "ADMIT"]
+    assert search(data_dir, "--type", update["type"]) == ["UPDATE"]
+    assert search(data_dir, "--patient", update["patient"]) == ["UPDATE"]
+
+    assert search(data_dir, "--patient", "P3^HOSP") == search(data_dir, "--patient", "P3")
+    assert search(data_dir, "--patient", "P3^HOSP") == ["BAD", "LAB"]
+    assert search(data_dir, "--patient", "P3^OTHER") == []
+    assert search(data_dir, "--patient", "P3^") == ["BAD", "LAB"]  # no authority: any
+    assert search(data_dir, "--type", "oru^r01") == ["LAB"]
+    assert search(data_dir, "--type", "ADT^A01", "--event", "a01") == ["BAD", "ADMIT", "OLD"]
+    assert search(data_dir, "--type", "ADT^") == ["BAD", "UPDATE", "ADMIT", "OLD"]
+    assert search(data_dir, "--type", "^R01") == ["LAB"]
+    assert search(data_dir, "--listener", "mllp:lab-in") == ["LAB", "OLD"]
+    assert search(data_dir, "--listener", "lab-in") == ["LAB", "OLD"]
+    assert search(data_dir, "--listener", "http:lab-in") == []  # the transport counts too
+
+    as_listed = ["--listener", "mllp:lab-in", "--type", "ORU^R01", "--patient", "P3^HOSP"]
+    dry_run = run("messages", "reprocess", "--dry-run", "--data-dir", str(data_dir), *as_listed)
+    assert dry_run.exit_code == 0, dry_run.output
+    assert "1 message(s) match" in dry_run.stdout and "ORU^R01\tLAB\t" in dry_run.stdout
+    exported = export(data_dir, tmp_path / "out", "--patient", "P3^HOSP", "--type", "ORU^R01")
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.startswith("wrote 1 message(s)")
+
+
+def test_a_listener_no_message_came_by_is_told_with_those_that_did(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """An unknown --listener finds nothing, as before, and says so on stderr with the
+    listeners the store has messages from; a known one that finds nothing says nothing."""
+    seen = "the store has messages from: mllp:adt-in, mllp:lab-in"
+    for listener in ("nope", "http:lab-in", "lab"):
+        result = list_result(data_dir, "--listener", listener)
+        assert result.stdout == ""
+        assert result.stderr == (
+            f"note: no stored message came in by listener {listener!r}; {seen}\n"
+        )
+    exported = export(data_dir, tmp_path / "out", "--listener", "nope")
+    assert exported.exit_code == 0, exported.output
+    assert exported.stdout.startswith("wrote 0 message(s)")
+    assert f"listener 'nope'; {seen}" in exported.stderr
+
+    for listener in ("lab-in", "mllp:lab-in"):
+        known = list_result(data_dir, "--listener", listener, "--status", "refused")
+        assert (known.stdout, known.stderr) == ("", "")
+    insert(tmp_path / "empty", [])
+    empty = run("messages", "list", "--data-dir", str(tmp_path / "empty"), "--listener", "adt")
+    assert empty.exit_code == 0, empty.output
+    assert "listener 'adt'; the store holds no message" in empty.stderr
+
+
+@pytest.mark.parametrize("command", [["list"], ["reprocess"], ["export", "--out", "x"]])
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--type", "ADT^A01", "--event", "A08"], ["'--event'", "'A08'", "ADT^A01"]),
+        (["--type", "ADT^A01^ADT_A01"], ["'--type'", "TYPE^EVENT"]),
+        (["--type", "^"], ["'--type'", "TYPE^EVENT"]),
+        (["--patient", "^HOSP"], ["'--patient'", "ID^AUTHORITY"]),
+        (["--patient", "P1^^^HOSP^MR"], ["'--patient'", "ID^AUTHORITY"]),
+    ],
+)
+def test_listed_forms_that_do_not_fit_are_usage_errors(
+    data_dir: Path, command: list[str], args: list[str], named: list[str]
+) -> None:
+    result = run("messages", *command, "--data-dir", str(data_dir), *args)
+    assert result.exit_code == 2, result.output
+    for text in named:
+        assert text in result.stderr, result.stderr
+    assert not Path("x").exists()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        MessageFilter(patient="P1", patient_authority="HOSP"),
+        MessageFilter(listener="mllp:adt-in"),
+    ],
+)
+def test_no_page_of_a_search_by_a_listed_form_sorts_the_store(
+    data_dir: Path, filters: MessageFilter
+) -> None:
+    test_no_page_of_a_search_sorts_the_store(data_dir, filters)
+
+
 # -- list: filters on the message itself -----------------------------------------------------
 def test_field_reads_the_message_through_the_view(data_dir: Path) -> None:
     assert search(data_dir, "--field", "PID-5.1=DOE") == ["BAD", "LAB", "ADMIT", "OLD"]

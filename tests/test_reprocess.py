@@ -6,6 +6,8 @@ real HTTP servers, the CLI through CliRunner."""
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from carehub.config import load_config
 from carehub.store.outbox import Outbox
+from carehub.store.processes import ProcessBeacon
 from carehub.testing import HubThread, make_adt
 from tests.helpers_http import HTTPServer, wait_for
 from tests.test_dead_letters import ROUTES, run
@@ -131,3 +134,29 @@ routes:
     code, out, _ = run(config, data_dir, "messages", "reprocess", "1")
     assert code == 1
     assert "errors: broken: step 0 (transform)" in out
+
+
+def test_reprocess_warns_when_a_worker_runs_other_route_files(tmp_path: Path) -> None:
+    """The warning reads the process registry, so it holds on every store (a scale-out
+    worker on PostgreSQL has no lock file to read): here a worker registered with another
+    route set than the files on disk."""
+    routes = """
+routes:
+  - name: archive
+    steps: [{forward: {channel: file, directory: out}}]
+"""
+    config = write_config(tmp_path, routes)
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("RP-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "delivered"), what="delivered")
+        code, _, err = run(config, data_dir, "messages", "reprocess", "1", "--dry-run")
+        assert code == 0 and "other route files" not in err
+        other = ProcessBeacon(hub.store, "worker", lambda: "0123456789ab")
+        hub.call(other.start(every=3600))
+        try:
+            code, _, err = run(config, data_dir, "messages", "reprocess", "1", "--dry-run")
+        finally:
+            hub.call(other.stop())
+    assert code == 0
+    assert f"warning: worker {socket.gethostname()} pid {os.getpid()} routed with other " in err

@@ -777,12 +777,14 @@ def reprocess_messages(
                 if dry_run:
                     lines.append(_message_line(message))
             count.report(len(ids))
+            if not ids:
+                _note_unseen_listener(store, filters)
             ids.reverse()  # oldest first
             for line in reversed(lines):
                 click.echo(line)
             click.echo(f"{len(ids)} message(s) match")
         if ids:
-            _warn_if_hub_runs_other_routes(config, data_dir)
+            _warn_if_hub_runs_other_routes(config, data_dir, store)
             if not undelivered:
                 _warn_of_deliveries_made(store, ids, destinations)
         if dry_run:
@@ -855,21 +857,40 @@ def _keep_chosen(result: RoutingResult, choice: DestinationChoice, delivered: se
     return left_out
 
 
-def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path) -> None:
-    """Reprocess routes with the files on disk: say so when the hub serving from this store
-    loaded other ones, or live messages and reprocessed ones go out differently."""
-    from carehub.hub import route_fingerprint
+def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path, store: MessageStore) -> None:
+    """Reprocess routes with the files on disk: say so when a process routing from this
+    store loaded other ones, or live messages and reprocessed ones go out differently. The
+    SQLite hub's lock file also covers the config; the process registry covers every store,
+    a scale-out deployment's workers on other hosts included."""
+    from carehub.hub import route_fingerprint, route_set_digest
     from carehub.lockfile import serving_note
+    from carehub.store.processes import running_processes
 
     note = serving_note(config, data_dir)
-    if note is None or note.routes is None or note.routes == route_fingerprint(config):
+    if note is not None and note.routes is not None and note.routes != route_fingerprint(config):
+        click.echo(
+            f"warning: the config or route files differ from those the running hub (pid "
+            f"{note.pid}) loaded: these messages are routed with the files as they are now, "
+            "new ones with the hub's; `carehub routes reload` makes the hub take the files too",
+            err=True,
+        )
         return
-    click.echo(
-        f"warning: the config or route files differ from those the running hub (pid "
-        f"{note.pid}) loaded: these messages are routed with the files as they are now, new "
-        "ones with the hub's; `carehub routes reload` makes the hub take the files too",
-        err=True,
-    )
+    now = datetime.now(UTC)
+    with store.engine.connect() as conn:
+        processes = running_processes(conn)
+    mine = route_set_digest(config)
+    behind = [
+        f"{p.role} {p.host} pid {p.pid}"
+        for p in processes
+        if p.routes is not None and p.routes != mine and not p.stale(now)
+    ]
+    if behind:
+        click.echo(
+            f"warning: {', '.join(behind)} routed with other route files than these: these "
+            "messages are routed with the files as they are here, new ones with theirs; "
+            "reload them (SIGHUP to each) to make them the same",
+            err=True,
+        )
 
 
 def _reprocess(

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.text import Text
 from carehub.hl7.fieldnames import field_name
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.routing.router import RoutingResult
-from carehub.store.outbox import AttemptRow, DeliveryRecord, StepRow
+from carehub.store.outbox import AttemptRow, DeliveryRecord, Discard, StepRow
 from carehub.store.store import StatusChange, StoredMessage
 
 #: Columns for output that goes to a pipe or a file rather than a terminal.
@@ -334,6 +334,42 @@ def delivery_table(found: list[DeliveryRecord], title: str) -> None:
             d.channel,
             f"{d.attempts}/{d.max_attempts or 'forever'}",  # 0: retried until it works
             d.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            Text(d.last_error or ""),
+        )
+    _console.print(table)
+    _console.print(f"{len(found)} delivery(ies)")
+
+
+def discarded_table(found: list[DeliveryRecord], discards: dict[int, Discard]) -> None:
+    """`dead-letters list --discarded`: when each was given up on, by whom and why, beside
+    the error it had died of (kept apart, so neither reads as the other)."""
+    table = Table(title="Discarded dead letters", show_edge=False, header_style="bold")
+    for column in (
+        "id",
+        "message",
+        "destination",
+        "channel",
+        "attempts",
+        "discarded (UTC)",
+        "by",
+        "reason",
+        "last send error",
+    ):
+        table.add_column(column)
+    for d in found:
+        discard = discards.get(d.id)
+        when = discard.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if discard else ""
+        by = discard.by if discard else None
+        reason = discard.reason if discard else None
+        table.add_row(
+            str(d.id),
+            str(d.message_id),
+            d.destination,
+            d.channel,
+            f"{d.attempts}/{d.max_attempts or 'forever'}",
+            when,
+            Text(by or ""),
+            Text(reason or ""),
             Text(d.last_error or ""),
         )
     _console.print(table)

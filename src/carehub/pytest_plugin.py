@@ -10,8 +10,8 @@ fixture for route tests in a project's own suite.
         results = carehub_routes.all("tests/messages/batch.hl7")   # one result per message
         assert all(result.matched for result in results)
 
-A string holding a segment separator or ``|`` is message text; any other string is a file
-path relative to the rootdir. The config comes from ``--carehub-config``, the
+A string holding a segment separator or ``|`` is message text; any other string, like a
+``Path``, is a file path relative to the rootdir. The config comes from ``--carehub-config``, the
 ``carehub_config`` ini option, or config/carehub.yaml in the rootdir. pytest loads this module
 in every run of any environment carehub is installed in, so it imports nothing of carehub
 until the fixture is used: the hub, its store and web stack take most of a second to import.
@@ -57,12 +57,25 @@ class RouteRunner:
         return run_routes_all(self._source(messages), self.config, self.data_dir)
 
     def _source(self, message: str | bytes | Path) -> str | bytes | Path:
+        """A file path, given as a str or a Path, read from the rootdir as the fixture says:
+        the directory pytest was started from must not change which file a test reads. A
+        missing file is an error naming the path looked at."""
         from carehub.testing import is_message_text
 
-        if isinstance(message, str) and not is_message_text(message):
-            path = Path(message)
-            return path if path.is_absolute() else self.rootpath / path
-        return message
+        if isinstance(message, bytes) or (isinstance(message, str) and is_message_text(message)):
+            return message
+        path = Path(message)
+        looked_at = path if path.is_absolute() else self.rootpath / path
+        if not looked_at.exists():
+            why = [] if path.is_absolute() else ["a relative path is read from the rootdir"]
+            if isinstance(message, str):
+                why.append(
+                    "a string is read as a file path unless it holds a segment separator or "
+                    "'|', which makes it message text"
+                )
+            reason = f" ({'; '.join(why)})" if why else ""
+            raise FileNotFoundError(f"{looked_at}: no such file{reason}")
+        return looked_at
 
 
 @pytest.fixture

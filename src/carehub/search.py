@@ -55,6 +55,29 @@ def parse_sender(text: str) -> tuple[str | None, str | None]:
     return application or None, facility or None
 
 
+def parse_message_type(text: str) -> tuple[str | None, str | None]:
+    """``TYPE`` or ``TYPE^EVENT``, as `messages list` shows the type, as (MSH-9.1, MSH-9.2); an
+    empty part is not filtered on. ValueError when both are empty, or for more components."""
+    if "^" not in text:
+        return text, None
+    message_type, _, event = text.partition("^")
+    if "^" in event or not (message_type or event):
+        raise ValueError("expected TYPE or TYPE^EVENT, e.g. ADT^A01")
+    return message_type or None, event or None
+
+
+def parse_patient(text: str) -> tuple[str, str | None]:
+    """``ID`` or ``ID^AUTHORITY``, as `messages list` shows the patient, as (PID-3.1, PID-3.4);
+    an empty authority is not filtered on. ValueError without an identifier, or for more
+    components (the whole PID-3 of the message is not what was stored)."""
+    if "^" not in text:
+        return text, None
+    patient_id, _, authority = text.partition("^")
+    if not patient_id or "^" in authority:
+        raise ValueError("expected ID or ID^AUTHORITY, e.g. RG100234^RGH")
+    return patient_id, authority or None
+
+
 @dataclass(slots=True, frozen=True)
 class MessageFilter:
     """Every condition a stored message must meet; an unset one is not checked.
@@ -66,7 +89,8 @@ class MessageFilter:
     message_type: str | None = None  # MSH-9.1, compared upper-case
     event: str | None = None  # MSH-9.2, compared upper-case
     patient: str | None = None  # PID-3.1 as intake stored it
-    listener: str | None = None
+    patient_authority: str | None = None  # that identifier's PID-3.4, as intake stored it
+    listener: str | None = None  # a listener's name, or TRANSPORT:NAME (see listener_forms)
     sending_application: str | None = None  # MSH-3: the whole field or its first component
     sending_facility: str | None = None  # MSH-4: the whole field or its first component
     control_id: str | None = None  # MSH-10
@@ -79,6 +103,23 @@ class MessageFilter:
         """No condition at all: every message matches. An empty value sets no condition (as
         in the SQL), so that `reprocess --type ""` is not taken for a filter."""
         return not any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def listener_forms(self) -> list[tuple[str | None, str]]:
+        """What ``listener`` may name, as (transport or None, listener name): the listener by
+        its name, or ``TRANSPORT:NAME`` as `messages list` shows it. A name may hold a colon
+        itself, so both readings are tried."""
+        if not self.listener:
+            return []
+        forms: list[tuple[str | None, str]] = [(None, self.listener)]
+        transport, colon, name = self.listener.partition(":")
+        if colon and transport and name:
+            forms.append((transport, name))
+        return forms
+
+    def names_listener(self, transport: str, name: str) -> bool:
+        """Whether ``listener`` names the listener ``name`` of ``transport``."""
+        forms = self.listener_forms()
+        return (None, name) in forms or (transport, name) in forms
 
     @property
     def reads_content(self) -> bool:

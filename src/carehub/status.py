@@ -394,8 +394,8 @@ def render(status: HubStatus) -> RenderableType:
         parts.append(
             Text(
                 f"the running processes use {len(status.route_sets)} different route sets: "
-                "reload the ones behind (`carehub routes reload`, or SIGHUP) or check that "
-                "every host has the same route files",
+                "reload the ones behind (SIGHUP to each; `carehub routes reload` does it for "
+                "a serve on a SQLite store) or check that every host has the same route files",
                 style="yellow",
             )
         )

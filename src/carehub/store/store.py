@@ -21,6 +21,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    and_,
     bindparam,
     create_engine,
     delete,
@@ -995,8 +996,16 @@ class MessageStore:
             where.append(c.trigger_event == filters.event.upper())
         if filters.patient:
             where.append(c.patient_id == filters.patient)
+        if filters.patient_authority:
+            where.append(c.patient_authority == filters.patient_authority)
         if filters.listener:
-            where.append(c.listener == filters.listener)
+            named = [
+                c.listener == name
+                if transport is None
+                else and_(c.transport == transport, c.listener == name)
+                for transport, name in filters.listener_forms()
+            ]
+            where.append(or_(*named))
         senders = (
             (c.sending_application, filters.sending_application),
             (c.sending_facility, filters.sending_facility),
@@ -1077,6 +1086,14 @@ class MessageStore:
             query = query.where(messages.c.status == status)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
+
+    def listeners(self) -> list[tuple[str, str]]:
+        """Each (transport, listener) that stored messages came in by. No index holds them, so
+        this reads the whole table: for naming them when a search by listener found nothing."""
+        c = messages.c
+        query = select(c.transport, c.listener).distinct().order_by(c.transport, c.listener)
+        with self.engine.connect() as conn:
+            return [(row.transport, row.listener) for row in conn.execute(query)]
 
     def control_id_counts(self) -> dict[str, int]:
         """How many rows hold each MSH-10 (used to prove nothing was stored twice)."""
