@@ -25,7 +25,11 @@ from carehub.hub import open_store
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MIGRATIONS, MessageStore, NewMessage, sqlite_url
 from carehub.testing import HubThread, make_adt
+from tests import test_rabbitmq
 from tests.test_store import new_message
+
+# A new, empty PostgreSQL schema's URL (skipped, with how to start it, without PostgreSQL).
+pg_url = test_rabbitmq.pg_url
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -347,6 +351,38 @@ def test_store_prune_deletes_old_rows_and_shrinks_the_file(tmp_path: Path) -> No
 
     again = run("store", "prune", "--older-than", "30", "--data-dir", str(folder))
     assert again.stdout.startswith("pruned 0 message(s) older than 30 day(s)")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("full", [False, True])
+def test_store_prune_on_postgresql_says_where_the_space_went(
+    tmp_path: Path, pg_url: str, full: bool
+) -> None:
+    """Plain VACUUM keeps the freed pages for the tables' reuse, so the size may not fall (a
+    feed writing meanwhile grows it): the line says so rather than let it read as reclaimed."""
+    now = datetime.now(UTC)
+    store = MessageStore(pg_url)
+    store.migrate()
+    try:
+        old = store.insert_messages(
+            [_new(f"OLD{i}", at=now - timedelta(days=45), filler=4) for i in range(60)]
+        )
+        for outcome in old:
+            store.set_status(outcome.message_id, MessageStatus.UNROUTED)
+    finally:
+        store.close()
+    config = tmp_path / "carehub.yaml"
+    config.write_text(f"store: {{url: '{pg_url}'}}\n", encoding="utf-8")
+    args = ["store", "prune", "--older-than", "30", "--yes", "--config", str(config)]
+    result = run(*args, *(["--full"] if full else []))
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[0]
+    kept = r" \(the freed space is kept for reuse by the tables; --full returns it\)"
+    assert re.fullmatch(
+        r"pruned 60 message\(s\) older than 30 day\(s\); message tables [\d,]+ -> [\d,]+ bytes"
+        + ("" if full else kept),
+        line,
+    ), line
 
 
 @pytest.mark.parametrize(

@@ -2070,6 +2070,10 @@ def store_prune(
     if result.bytes_before is not None and result.bytes_after is not None:
         what = "store file" if opened.is_sqlite else "message tables"
         line += f"; {what} {result.bytes_before:,} -> {result.bytes_after:,} bytes"
+        if not opened.is_sqlite and not full:
+            # Plain VACUUM keeps the freed pages for the tables' own reuse, and a feed
+            # writing meanwhile can grow them: only VACUUM FULL gives the space back.
+            line += " (the freed space is kept for reuse by the tables; --full returns it)"
     click.echo(line)
     if result.plan is not None and result.plan.kept:
         click.echo(
