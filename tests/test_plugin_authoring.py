@@ -756,3 +756,412 @@ def test_a_delivery_stored_under_the_former_position_name_still_goes_out(
         2,
     )
     assert [r.status for r in server.requests] == [500, 200]
+
+
+# -- 18: what render() returns is checked where it is called ------------------------------------
+#: Channels whose render() returns an Outgoing the store cannot keep.
+BAD_OUTGOING_PLUGIN = """
+from datetime import datetime
+
+from carehub import hookimpl
+from carehub.components import Channel, Outgoing
+
+
+class TextPayload(Channel):
+    name = "text-payload"
+
+    def render(self, work, key):
+        return Outgoing(work.view.get("MSH-10"), "text/plain", key)  # not encoded
+
+    async def send(self, outgoing):
+        return "ok"
+
+
+class DatedMetadata(Channel):
+    name = "dated-metadata"
+
+    def render(self, work, key):
+        return Outgoing(b"x", "text/plain", key, {"rendered_at": datetime.now()})
+
+    async def send(self, outgoing):
+        return "ok"
+
+
+@hookimpl
+def carehub_register_channels(register):
+    register(TextPayload)
+    register(DatedMetadata)
+"""
+
+BAD_OUTGOING_ROUTES = """
+    routes:
+      - name: text
+        when: {type: ADT, events: [A01]}
+        steps:
+          - forward: {channel: text-payload}
+      - name: dated
+        when: {type: ADT, events: [A03]}
+        steps:
+          - forward: {channel: dated-metadata}
+      - name: archive
+        when: {type: ADT}
+        steps:
+          - forward: {channel: file, directory: out}
+"""
+TEXT_PAYLOAD_ERROR = (
+    "text: step 0 (forward text-payload text/text-payload): RenderError: channel "
+    "'text-payload' (plugin 'bad'): render() returned a str payload; encode it to bytes"
+)
+DATED_METADATA_ERROR = (
+    "dated: step 0 (forward dated-metadata dated/dated-metadata): RenderError: channel "
+    "'dated-metadata' (plugin 'bad'): render() returned metadata whose value for "
+    "'rendered_at' is a datetime, not a str; turn it into text"
+)
+
+
+def test_an_outgoing_the_store_cannot_keep_fails_its_route_for_that_message_only(
+    tmp_path: Path,
+) -> None:
+    config = project(tmp_path / "config", BAD_OUTGOING_ROUTES, {"bad": BAD_OUTGOING_PLUGIN})
+    assert run_routes(make_adt("O1"), config, tmp_path / "dry").errors == [TEXT_PAYLOAD_ERROR]
+    assert run_routes(make_adt("O2", "A03"), config, tmp_path / "dry").errors == [
+        DATED_METADATA_ERROR
+    ]
+
+    hub_config = local_config(worker=True, routes=["routes/*.yaml"], source=config)
+    hub_config.plugins_dir = config.parent / "plugins"
+    with HubThread(hub_config, tmp_path / "data") as hub:
+        messages = [
+            make_adt("O1", patient_id="PO1"),
+            make_adt("O2", "A03", patient_id="PO2"),
+            make_adt("O3", "A04", patient_id="PO3"),
+        ]
+        mllp_exchange(hub.mllp_address, [m.encode() for m in messages])
+        found = hub.wait_for_deliveries(3, timeout=20)
+        assert {(d.destination, d.status) for d in found} == {("archive/file", "delivered")}
+        wait_for(
+            lambda: [m.status for m in hub.store.find(limit=None)].count("received") == 0,
+            20,
+            what="every message settled",
+        )
+        settled = {m.control_id: m for m in hub.store.find(limit=None)}
+    assert {c: m.status for c, m in settled.items()} == {
+        "O1": "failed",
+        "O2": "failed",
+        "O3": "delivered",
+    }
+    assert TEXT_PAYLOAD_ERROR.split(": ", 1)[1] in (settled["O1"].detail or "")
+    assert DATED_METADATA_ERROR.split(": ", 1)[1] in (settled["O2"].detail or "")
+
+
+# -- 19: methods carehub awaits, and methods it calls ---------------------------------------------
+SYNC_SEND_PLUGIN = """
+from carehub import hookimpl
+from carehub.components import Channel, Outgoing
+
+
+class SyncSend(Channel):
+    name = "sync-send"
+
+    def render(self, work, key):
+        return Outgoing(b"x", "text/plain", key)
+
+    def send(self, outgoing):
+        return "HTTP 200"
+
+
+@hookimpl
+def carehub_register_channels(register):
+    register(SyncSend)
+"""
+
+ASYNC_ENRICH_PLUGIN = """
+from carehub import hookimpl
+from carehub.components import Enricher, Translator
+
+
+class Fine(Translator):
+    name = "fine-before-async"
+
+    def translate(self, work):
+        return None
+
+
+class AsyncLookup(Enricher):
+    name = "async-lookup"
+
+    async def enrich(self, work):
+        work.data["looked_up"] = True
+
+
+@hookimpl
+def carehub_register_translators(register):
+    register(Fine)
+
+
+@hookimpl
+def carehub_register_enrichers(register):
+    register(AsyncLookup)
+"""
+
+
+def test_a_method_of_the_wrong_kind_fails_its_plugin_at_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routes = """
+        routes:
+          - name: r
+            steps:
+              - forward: {channel: sync-send}
+    """
+    config = project(
+        tmp_path / "config",
+        routes,
+        {"syncsend": SYNC_SEND_PLUGIN, "asyncenrich": ASYNC_ENRICH_PLUGIN},
+    )
+    folder = config.parent / "plugins"
+
+    host = PluginHost().load(plugins_dir=folder)
+
+    assert host.failures == [
+        LoadFailure(
+            "asyncenrich",
+            f"file {folder / 'asyncenrich.py'}",
+            "plugin 'asyncenrich': enricher 'async-lookup' (AsyncLookup): enrich() must not be "
+            "'async def': carehub calls it and uses what it returns without awaiting it (do "
+            "async work in start())",
+        ),
+        LoadFailure(
+            "syncsend",
+            f"file {folder / 'syncsend.py'}",
+            "plugin 'syncsend': channel 'sync-send' (SyncSend): send() must be 'async def': "
+            "carehub awaits it on the worker's event loop (use async I/O in it)",
+        ),
+    ]
+    assert "fine-before-async" not in host.translators  # the whole plugin is left out
+    with pytest.raises(PluginError, match=r"enrich\(\) must not be 'async def'"):
+        PluginHost().load(plugins_dir=folder, strict=True)
+
+    result = cli("routes", "check", "--offline", "--config", config, "--data-dir", tmp_path)
+    assert result.exit_code == 2
+    assert "no channel named 'sync-send'" in result.stderr
+    assert "failed to load: asyncenrich, syncsend" in result.stderr
+    monkeypatch.setenv(ENV_PLUGINS_DIR, str(folder))
+    assert "syncsend (file " in cli("plugins").stdout
+
+
+# -- 20: a registration hook that raises ---------------------------------------------------------
+LAZY_IMPORT_PLUGIN = """
+from carehub import hookimpl
+from carehub.components import Translator
+
+
+class Early(Translator):
+    name = "early"
+
+    def translate(self, work):
+        return None
+
+
+@hookimpl
+def carehub_register_translators(register):
+    register(Early)
+
+
+@hookimpl
+def carehub_register_channels(register):
+    from acme_sdk_not_installed.channel import AcmeSdkChannel  # an optional dependency
+
+    register(AcmeSdkChannel)
+"""
+
+BROKEN_COMMANDS_PLUGIN = """
+import click
+
+from carehub import hookimpl
+
+
+@click.command("half-made")
+def half_made():
+    pass
+
+
+@hookimpl
+def carehub_register_commands(register):
+    register(half_made)
+    raise RuntimeError("no report template")
+"""
+
+
+def test_a_registration_hook_that_raises_skips_its_plugin_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routes = """
+        routes:
+          - name: r
+            steps:
+              - translate: lower-control-id
+              - forward: {channel: file, directory: out}
+    """
+    config = project(
+        tmp_path / "config",
+        routes,
+        {
+            "lazy": LAZY_IMPORT_PLUGIN,
+            "reports": BROKEN_COMMANDS_PLUGIN,
+            "lowercase": TRANSLATOR_PLUGIN,
+        },
+    )
+    folder = config.parent / "plugins"
+
+    host = PluginHost().load(plugins_dir=folder)
+
+    assert host.failures == [
+        LoadFailure(
+            "lazy",
+            f"file {folder / 'lazy.py'}",
+            "carehub_register_channels raised ModuleNotFoundError: No module named "
+            "'acme_sdk_not_installed'",
+        ),
+        LoadFailure(
+            "reports",
+            f"file {folder / 'reports.py'}",
+            "carehub_register_commands raised RuntimeError: no report template",
+        ),
+    ]
+    assert "lazy" not in host.plugins and "early" not in host.translators
+    assert "half-made" not in [c.name for c in host.commands]
+    assert "lower-control-id" in host.translators  # the others still load
+    with pytest.raises(PluginError, match="plugin 'lazy': carehub_register_channels raised"):
+        PluginHost().load(plugins_dir=folder, strict=True)
+
+    result = cli("routes", "check", "--offline", "--config", config, "--data-dir", tmp_path)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == "failed: 2 plugin(s) did not load: lazy, reports\n"
+    assert "Traceback" not in result.output
+
+    monkeypatch.setenv(ENV_PLUGINS_DIR, str(folder))
+    helped = cli("--help")
+    assert helped.exit_code == 0 and "Traceback" not in helped.output
+    listed = cli("plugins")
+    assert listed.exit_code == 0
+    assert (
+        f"lazy (file {folder / 'lazy.py'}): FAILED TO LOAD: carehub_register_channels raised "
+        "ModuleNotFoundError"
+    ) in listed.stdout
+
+
+# -- 21: Options that would let a misspelt key through -------------------------------------------
+PLAIN_OPTIONS_PLUGIN = """
+from pydantic import BaseModel, ConfigDict
+
+from carehub import hookimpl
+from carehub.components import ComponentOptions, Enricher
+
+
+class Tagger(Enricher):
+    name = "tagger"
+
+    class Options(BaseModel):
+        tag: str = "default"
+
+    def enrich(self, work):
+        return self.options.tag
+
+
+class Lenient(Enricher):
+    name = "lenient"
+
+    class Options(ComponentOptions):
+        model_config = ConfigDict(extra="ignore")
+
+    def enrich(self, work):
+        return None
+
+
+@hookimpl
+def carehub_register_enrichers(register):
+    register(Tagger)
+"""
+
+
+def test_options_that_are_not_component_options_fail_the_plugin_at_registration(
+    tmp_path: Path,
+) -> None:
+    lenient = PLAIN_OPTIONS_PLUGIN.replace("register(Tagger)", "register(Lenient)")
+    folder = plugins_dir(
+        tmp_path / "plugins",
+        plainopts=PLAIN_OPTIONS_PLUGIN,
+        lenient=lenient,
+        lowercase=TRANSLATOR_PLUGIN,
+    )
+
+    host = PluginHost().load(plugins_dir=folder)
+
+    assert host.failures == [
+        LoadFailure(
+            "lenient",
+            f"file {folder / 'lenient.py'}",
+            "plugin 'lenient': enricher 'lenient' (Lenient.Options) lets unknown keys through "
+            "(model_config extra='ignore'), so a misspelt option key in a route would be "
+            "ignored; keep ComponentOptions' extra='forbid'",
+        ),
+        LoadFailure(
+            "plainopts",
+            f"file {folder / 'plainopts.py'}",
+            "plugin 'plainopts': enricher 'tagger' (Tagger.Options) is not a "
+            "carehub.components.ComponentOptions subclass, so a misspelt option key in a route "
+            "would be ignored; subclass ComponentOptions",
+        ),
+    ]
+    assert "tagger" not in host.enrichers and "lower-control-id" in host.translators
+
+
+# -- 22: plugin names: built-ins' are reserved, and each is used once ----------------------------
+def test_an_entry_point_named_like_a_builtin_or_another_plugin_is_refused_by_the_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    (site / "acme_broken-1.0.dist-info").mkdir(parents=True)
+    (site / "acme_broken-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: acme-broken\nVersion: 1.0\n", encoding="utf-8"
+    )
+    (site / "acme_broken-1.0.dist-info" / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\nbuiltin.channels = acme_broken_ok\nlowercase = acme_broken_ok\n",
+        encoding="utf-8",
+    )
+    (site / "acme_broken_ok.py").write_text(TRANSLATOR_PLUGIN, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(
+        plugins,
+        "installed_entry_points",
+        lambda: [
+            e
+            for e in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+            if e.dist is not None and e.dist.name == "acme-broken"
+        ],
+    )
+    folder = plugins_dir(tmp_path / "plugins", lowercase=TRANSLATOR_PLUGIN)
+
+    host = PluginHost().load(plugins_dir=folder)
+
+    assert host.failures == [
+        LoadFailure(
+            "builtin.channels",
+            "entry point",
+            "the plugin name 'builtin.channels' is reserved: names starting 'builtin.' belong "
+            "to carehub's built-ins; rename the entry point in the distribution acme-broken",
+        ),
+        LoadFailure(
+            "lowercase",
+            f"file {folder / 'lowercase.py'}",
+            "the plugin name 'lowercase' is already used by the plugin from entry point; "
+            f"rename the file {folder / 'lowercase.py'}",
+        ),
+    ]
+    assert host.plugins["builtin.channels"].source == "builtin"  # the built-in is untouched
+    assert host.plugins["lowercase"].source == "entry point"
+    monkeypatch.setenv(ENV_PLUGINS_DIR, str(folder))
+    output = cli("plugins").output
+    assert "builtin.channels (entry point): FAILED TO LOAD: the plugin name" in output
+    assert "Plugin name already registered" not in output

@@ -188,3 +188,18 @@ def test_bind_channel_builds_one_destinations_channel_from_its_route(tmp_path: P
 
     with pytest.raises(LookupError, match=r"no destination 'r/nope' .*: r/file, r/webhook\)"):
         bind_channel(config, "r/nope", tmp_path / "data")
+
+
+def test_run_routes_and_bind_channel_take_the_config_path_as_a_str(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = hub_config(tmp_path / "config", ROUTES.format(url="http://127.0.0.1:9/x", attempts=1))
+    monkeypatch.chdir(tmp_path)
+    relative = str(config.relative_to(tmp_path))  # as a test writes it: "config/carehub.yaml"
+
+    result = run_routes(make_adt("S1"), relative, tmp_path / "data")
+    assert [d.destination for d in result.deliveries] == ["r/file", "r/webhook"]
+    assert isinstance(bind_channel(str(config), "r/file", tmp_path / "data"), FileChannel)
+
+    with pytest.raises(TypeError, match="config must be a HubConfig or the path of a carehub"):
+        run_routes(make_adt("S1"), 42, tmp_path / "data")  # type: ignore[arg-type]

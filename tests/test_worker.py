@@ -6,6 +6,7 @@ against the same store the running hub uses."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -20,13 +21,15 @@ from click.testing import CliRunner, Result
 
 from carehub.builtins import channels as channels_module
 from carehub.cli import main
-from carehub.config import load_config
+from carehub.config import HubConfig, load_config
 from carehub.hub import SERVING_LOCK_TIMEOUT
 from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore
-from carehub.testing import HubThread, make_adt, mllp_exchange
+from carehub.testing import HubThread, local_config, make_adt, mllp_exchange
+from carehub.worker import Worker
 from tests.helpers_http import HTTPServer, wait_for
 from tests.test_cli import free_port
+from tests.test_plugin_authoring import project
 
 FAST_RETRY = "{max_attempts: %d, initial_delay: 0.05, multiplier: 1, max_delay: 0.05, jitter: 0}"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -559,3 +562,98 @@ def test_plugins_lists_the_builtin_channels() -> None:
     rows = {row["name"]: row for row in map(json.loads, as_json.output.splitlines())}
     assert "channel webhook" in rows["builtin.channels"]["components"]
     assert rows["builtin.channels"]["source"] == "builtin"
+
+
+# -- a send() whose receipt is not text --------------------------------------------------------
+#: A channel that notes each send in a ledger file and answers with a dict, not a str receipt.
+DICT_RECEIPT_PLUGIN = """
+from carehub import hookimpl
+from carehub.components import Channel, ComponentOptions, Outgoing
+
+
+class Ledger(Channel):
+    name = "ledger"
+
+    class Options(ComponentOptions):
+        path: str
+
+    def render(self, work, key):
+        return Outgoing(work.view.get("MSH-10").encode(), "text/plain", key)
+
+    async def send(self, outgoing):
+        with open(self.context.path(self.options.path), "a", encoding="utf-8") as ledger:
+            ledger.write(outgoing.idempotency_key + "\\n")
+        return {"ledger_id": 17}
+
+
+@hookimpl
+def carehub_register_channels(register):
+    register(Ledger)
+"""
+
+
+def ledger_hub(tmp_path: Path, url: str) -> HubConfig:
+    """A hub whose admissions go to the ledger channel and every ADT to a webhook."""
+    routes = f"""
+        routes:
+          - name: ledger
+            when: {{type: ADT, events: [A01]}}
+            steps:
+              - forward: {{channel: ledger, path: ledger.txt}}
+          - name: care
+            when: {{type: ADT}}
+            steps:
+              - forward: {{channel: webhook, name: hook, url: {url}, retry: {FAST_RETRY % 3}}}
+    """
+    config = project(tmp_path / "config", routes, {"ledger": DICT_RECEIPT_PLUGIN})
+    hub_config = local_config(worker=True, routes=["routes/*.yaml"], source=config)
+    hub_config.plugins_dir = config.parent / "plugins"
+    return hub_config
+
+
+def test_a_receipt_that_is_not_text_is_recorded_delivered_and_holds_up_nobody(
+    tmp_path: Path, http: HTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ledger_hub(tmp_path, http.url())
+    ledger = tmp_path / "config" / "ledger.txt"
+    caplog.set_level(logging.INFO, logger="carehub.worker")
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [make_adt("D1", patient_id="PD1"), make_adt("D2", "A04", patient_id="PD2")])
+        found = hub.wait_for_deliveries(3, timeout=20)
+    by_destination = {d.destination: d for d in found if d.message_id == 1}
+    assert [d.status for d in found] == ["delivered"] * 3
+    assert by_destination["ledger/ledger"].receipt == "{'ledger_id': 17}"
+    assert len(http.requests) == 2  # the other destination's deliveries went out meanwhile
+
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage() == (
+        "channel 'ledger' (plugin 'ledger') of ledger/ledger returned a dict from send(), not "
+        "a str receipt; recorded as delivered with its text (said once per destination and type)"
+    )
+
+    # Recorded as delivered, so a restart sends nothing again.
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [make_adt("D3", "A04", patient_id="PD3")])
+        assert len(hub.wait_for_deliveries(4, timeout=20)) == 4
+    assert len(ledger.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_a_result_the_store_cannot_take_does_not_hold_up_the_others(
+    tmp_path: Path,
+    http: HTTPServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recording results is robust by itself, whatever reaches it: with the receipt passed on
+    as send() returned it, the store refuses that one result, and the rest of its batch is
+    recorded one at a time (the refused one as its text)."""
+    monkeypatch.setattr(Worker, "_receipt_text", lambda self, receipt, *_: receipt, raising=False)
+    config = ledger_hub(tmp_path, http.url())
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [make_adt(f"R{i}", patient_id=f"PR{i}") for i in range(3)])
+        found = hub.wait_for_deliveries(6, timeout=20)
+        assert hub.hub.worker is not None and not hub.hub.worker._results
+    assert [d.status for d in found] == ["delivered"] * 6
+    assert {d.receipt for d in found if d.destination == "ledger/ledger"} == {"{'ledger_id': 17}"}
+    assert len(http.requests) == 3
+    assert "recording them one at a time" in caplog.text

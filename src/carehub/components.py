@@ -147,7 +147,8 @@ class Translator(Component):
     kind = "translator"
 
     def translate(self, work: Work) -> Any:
-        """Change ``work`` and return what to record as this step's output (JSON-ready)."""
+        """Change ``work`` and return what to record as this step's output (JSON-ready).
+        A plain ``def``: carehub uses what it returns without awaiting it."""
         raise NotImplementedError
 
 
@@ -160,7 +161,8 @@ class Enricher(Component):
         """Add to ``work.data`` and return what to record as this step's output.
 
         Routing steps run one message at a time in arrival order, so keep this quick: load
-        rosters and directories in ``start()``, not per message."""
+        rosters and directories in ``start()``, not per message. A plain ``def``: carehub uses
+        what it returns without awaiting it."""
         raise NotImplementedError
 
 
@@ -247,9 +249,11 @@ class Channel(Component):
     limit_per_destination: ClassVar[bool] = True
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
-        """Build what will be sent; called once, at routing time, and recorded in the store."""
+        """Build what will be sent; called once, at routing time, and recorded in the store.
+        A plain ``def`` returning an Outgoing with a bytes payload and str-to-str metadata."""
         raise NotImplementedError
 
     async def send(self, outgoing: Outgoing) -> str:
-        """Send it; return a short receipt ("HTTP 202", "AA") or raise DeliveryError."""
+        """Send it; return a short str receipt ("HTTP 202", "AA") or raise DeliveryError.
+        An ``async def``: the worker awaits it on its event loop, beside every other send."""
         raise NotImplementedError

@@ -6,9 +6,10 @@
     def carehub_register_channels(register):
         register(PagerChannel)
 
-Registration hooks run once at start-up. Observer hooks run for every message and must be
-quick; an observer that raises is logged and never affects the message. Every hook is
-documented in docs/hooks/ with its arguments, when it is called and an example.
+Registration hooks run once at start-up; one that raises (or registers a component that
+breaks the contract) fails its own plugin's loading only. Observer hooks run for every
+message and must be quick; an observer that raises is logged and never affects the message.
+Every hook is documented in docs/hooks/ with its arguments, when it is called and an example.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from pydantic_core import to_jsonable_python
 
 from carehub import hookspecs
 from carehub.builtins import BUILTIN_PLUGINS
-from carehub.components import Channel, Component, Enricher, Translator
+from carehub.components import Channel, Component, ComponentOptions, Enricher, Translator
 from carehub.errors import CarehubError, ConfigError
 from carehub.routing.config import ForwardConfig
 
@@ -43,6 +44,20 @@ ENV_BLOCK = "CAREHUB_BLOCK_PLUGINS"
 ENV_PLUGINS_DIR = "CAREHUB_PLUGINS_DIR"
 #: The built-in that runs every translate and enrich step (carehub_run_step); never blocked.
 CORE_PLUGIN = "builtin.core"
+#: Plugin names starting with this belong to carehub's built-ins: an entry point or a
+#: plugins-directory file so named would take a blocked built-in's place, or clash with it.
+BUILTIN_PREFIX = "builtin."
+
+#: Per component kind: the methods carehub awaits (``async def``) and those it calls without
+#: awaiting (plain ``def``). The wrong kind fails late and quietly otherwise: a plain ``send``
+#: delivers and is then recorded as failing (``await`` of its str), and an ``async def
+#: enrich`` records its coroutine as the output without running.
+AWAITED_METHODS: dict[str, tuple[str, ...]] = {"channel": ("send",)}
+CALLED_METHODS: dict[str, tuple[str, ...]] = {
+    "translator": ("translate",),
+    "enricher": ("enrich",),
+    "channel": ("render",),
+}
 
 #: Step keys carehub reads itself, by component kind: an Options field of one of these names
 #: would never receive the route's value (StepConfig.component pops ``use``; ForwardConfig
@@ -58,7 +73,12 @@ class PluginError(CarehubError):
     """A plugin could not be loaded or registered something invalid."""
 
 
-class ReservedOptionError(PluginError):
+class InvalidComponentError(PluginError):
+    """A component breaks the component contract (its Options, its methods); its plugin is
+    not loaded, as if it had failed to import."""
+
+
+class ReservedOptionError(InvalidComponentError):
     """A component's Options declares a key carehub reads itself; its plugin is not loaded."""
 
 
@@ -193,7 +213,12 @@ class PluginHost:
             if not wanted(entry.name, False):
                 continue
             version = entry.dist.version if entry.dist else None
-            self._add(entry.name, "entry point", version, entry.load, strict=strict)
+            named_by = "entry point" + (
+                f" in the distribution {entry.dist.name}" if entry.dist else ""
+            )
+            self._add(
+                entry.name, "entry point", version, entry.load, strict=strict, named_by=named_by
+            )
         if directory is not None:
             for path in sorted(directory.glob("*.py")):
                 if path.name.startswith("_") or not wanted(path.stem, False):
@@ -231,15 +256,20 @@ class PluginHost:
         loader: Callable[[], Any],
         *,
         strict: bool,
+        named_by: str | None = None,
     ) -> None:
+        """Import and register one plugin. ``named_by``: what gives it its name (to rename on
+        a clash), by default what its source says."""
         self._step_runner = None
         try:
+            _check_plugin_name(name, source, self.plugins, named_by or _what_names(source))
             plugin = loader()
             self.pm.register(plugin, name=name)
         except Exception as err:
             if strict:
                 raise PluginError(f"plugin {name!r} ({source}) failed to load: {err}") from err
-            self._failed(name, source, f"{type(err).__name__}: {err}")
+            error = str(err) if isinstance(err, PluginError) else f"{type(err).__name__}: {err}"
+            self._failed(name, source, error)
             return
         module = plugin if isinstance(plugin, ModuleType) else None
         hooks = [impl.name for impl in self.pm.get_hookcallers(plugin) or []]
@@ -282,15 +312,47 @@ class PluginHost:
         ):
             for impl in getattr(hook, hook_name).get_hookimpls():
                 plugin_name = self.pm.get_name(impl.plugin) or "?"
-                try:
-                    impl.function(register=self._registrar(plugin_name, registry, base))
-                except ReservedOptionError as err:
-                    info = self.plugins.get(plugin_name)
-                    if strict or info is None or info.source == "builtin":
-                        raise
-                    self._drop(plugin_name, info.source, str(err))
+                register = self._registrar(plugin_name, registry, base)
+                self._run_registration(plugin_name, hook_name, impl, register, strict)
         for impl in hook.carehub_register_commands.get_hookimpls():
-            impl.function(register=self.commands.append)
+            plugin_name = self.pm.get_name(impl.plugin) or "?"
+            commands: list[click.Command] = []
+            hook_name = "carehub_register_commands"
+            if self._run_registration(plugin_name, hook_name, impl, commands.append, strict):
+                self.commands.extend(commands)
+
+    def _run_registration(
+        self,
+        plugin_name: str,
+        hook_name: str,
+        impl: pluggy.HookImpl,
+        register: Callable[[Any], None],
+        strict: bool,
+    ) -> bool:
+        """Call one plugin's registration hook; False when the plugin was dropped for it.
+
+        A hook that raises (a lazy import of an optional dependency that is not installed,
+        a component that breaks the contract) takes its own plugin out, not every command of
+        carehub: the other plugins load and the failure is listed with the import failures."""
+        try:
+            impl.function(register=register)
+            return True
+        except InvalidComponentError as err:
+            error = str(err)
+            failure: Exception = err
+        except PluginError:
+            raise  # two plugins claim one name, or a non-component: the docs' PluginError
+        except Exception as err:
+            error = f"{hook_name} raised {type(err).__name__}: {err}"
+            failure = err
+        info = self.plugins.get(plugin_name)
+        if strict or info is None or info.source == "builtin":
+            if isinstance(failure, PluginError):
+                raise failure
+            raise PluginError(f"plugin {plugin_name!r}: {error}") from failure
+        log.debug("plugin %r: %s traceback", plugin_name, hook_name, exc_info=failure)
+        self._drop(plugin_name, info.source, error)
+        return False
 
     def _drop(self, plugin_name: str, source: str, error: str) -> None:
         """Take a plugin back out, with every component it registered so far, and record it
@@ -305,7 +367,8 @@ class PluginHost:
                 del self._owner[key]
                 registries[key[0]].pop(key[1], None)
         self.plugins.pop(plugin_name, None)
-        self.pm.unregister(name=plugin_name)
+        if self.pm.has_plugin(plugin_name):
+            self.pm.unregister(name=plugin_name)
         self._step_runner = None
         self._failed(plugin_name, source, error)
 
@@ -320,7 +383,9 @@ class PluginHost:
                 )
             if not component.name:
                 raise PluginError(f"plugin {plugin_name!r}: {component.__name__} has no name")
+            _check_options_model(plugin_name, base.kind, component)
             _check_reserved(plugin_name, base.kind, component)
+            _check_methods(plugin_name, base.kind, component)
             key = (base.kind, component.name)
             if key in self._owner:
                 raise PluginError(
@@ -386,6 +451,66 @@ class PluginHost:
 
 def _hook_names() -> list[str]:
     return [name for name in vars(hookspecs) if name.startswith("carehub_")]
+
+
+def _check_plugin_name(
+    name: str, source: str, loaded: dict[str, PluginInfo], named_by: str
+) -> None:
+    """Refuse a plugin name that is a built-in's or another plugin's, with the rule, rather
+    than pluggy's "already registered" and its dump of every plugin."""
+    if source != "builtin" and name.startswith(BUILTIN_PREFIX):
+        raise PluginError(
+            f"the plugin name {name!r} is reserved: names starting {BUILTIN_PREFIX!r} belong to "
+            f"carehub's built-ins; rename the {named_by}"
+        )
+    if name in loaded:
+        raise PluginError(
+            f"the plugin name {name!r} is already used by the plugin from "
+            f"{loaded[name].source}; rename the {named_by}"
+        )
+
+
+def _what_names(source: str) -> str:
+    """What gives a plugin from ``source`` its name, for a rename hint."""
+    if source.startswith("file "):
+        return source
+    return "entry point" if source == "entry point" else "plugin"
+
+
+def _check_options_model(plugin_name: str, kind: str, component: type[Component]) -> None:
+    """Refuse an Options model that would let a misspelt option key through: carehub promises
+    route authors that an unknown key stops the hub, which only ComponentOptions (extra keys
+    forbidden) keeps."""
+    options = component.Options
+    where = f"plugin {plugin_name!r}: {kind} {component.name!r} ({component.__name__}.Options)"
+    if not (isinstance(options, type) and issubclass(options, ComponentOptions)):
+        raise InvalidComponentError(
+            f"{where} is not a carehub.components.ComponentOptions subclass, so a misspelt "
+            "option key in a route would be ignored; subclass ComponentOptions"
+        )
+    if options.model_config.get("extra") != "forbid":
+        raise InvalidComponentError(
+            f"{where} lets unknown keys through (model_config extra="
+            f"{options.model_config.get('extra')!r}), so a misspelt option key in a route "
+            "would be ignored; keep ComponentOptions' extra='forbid'"
+        )
+
+
+def _check_methods(plugin_name: str, kind: str, component: type[Component]) -> None:
+    """Refuse a method of the wrong kind for how carehub calls it (see AWAITED_METHODS)."""
+    where = f"plugin {plugin_name!r}: {kind} {component.name!r} ({component.__name__})"
+    for method in AWAITED_METHODS.get(kind, ()):
+        if not inspect.iscoroutinefunction(getattr(component, method, None)):
+            raise InvalidComponentError(
+                f"{where}: {method}() must be 'async def': carehub awaits it on the worker's "
+                "event loop (use async I/O in it)"
+            )
+    for method in CALLED_METHODS.get(kind, ()):
+        if inspect.iscoroutinefunction(getattr(component, method, None)):
+            raise InvalidComponentError(
+                f"{where}: {method}() must not be 'async def': carehub calls it and uses "
+                "what it returns without awaiting it (do async work in start())"
+            )
 
 
 def _check_reserved(plugin_name: str, kind: str, component: type[Component]) -> None:

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from carehub.config import HubConfig, MLLPListenerConfig
+from carehub.config import HubConfig, MLLPListenerConfig, load_config
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hub import Hub
 
@@ -35,6 +35,21 @@ if TYPE_CHECKING:
 
 #: Delivery statuses that no longer change by themselves.
 SETTLED = frozenset({"delivered", "dead", "discarded"})
+
+#: What the helpers take as a config: a loaded HubConfig, or the path of its file (a str
+#: too, as tests often write it).
+ConfigSource = HubConfig | Path | str
+
+
+def _hub_config(config: ConfigSource) -> HubConfig:
+    """The config itself, or the one its file holds (relative to the working folder)."""
+    if isinstance(config, HubConfig):
+        return config
+    if isinstance(config, str | Path):
+        return load_config(Path(config))
+    raise TypeError(
+        f"config must be a HubConfig or the path of a carehub.yaml, not {type(config).__name__}"
+    )
 
 
 def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
@@ -213,18 +228,15 @@ def make_adt(
 
 
 # -- channels --------------------------------------------------------------------------------
-def bind_channel(
-    config: HubConfig | Path, destination: str, data_dir: Path | None = None
-) -> Channel:
+def bind_channel(config: ConfigSource, destination: str, data_dir: Path | None = None) -> Channel:
     """The channel instance of one destination (``ROUTE/NAME``), built from the route exactly
     as the hub builds it (options validated, ``${VAR}`` expanded) but not started: test
     ``send()`` against a real server with ``await channel.start()``, ``await
     channel.send(outgoing)`` (an Outgoing from run_routes' deliveries) and ``await
     channel.close()``."""
-    from carehub.config import load_config
     from carehub.hub import build_routing
 
-    hub_config = load_config(config) if isinstance(config, Path) else config
+    hub_config = _hub_config(config)
     data = data_dir or Path(tempfile.mkdtemp(prefix="carehub-"))
     _, table = build_routing(hub_config, data)
     found = table.destinations.get(destination)
@@ -289,7 +301,7 @@ def _one(source: MessageSource, messages: list[bytes]) -> bytes:
 
 def run_routes(
     message: MessageSource,
-    config: HubConfig | Path,
+    config: ConfigSource,
     data_dir: Path | None = None,
 ) -> RoutingResult:
     """Dry-run one message (text, bytes or a file path) through the routes of a config:
@@ -302,7 +314,7 @@ def run_routes(
 
 async def run_routes_async(
     message: MessageSource,
-    config: HubConfig | Path,
+    config: ConfigSource,
     data_dir: Path | None = None,
 ) -> RoutingResult:
     """run_routes on the running event loop, for async tests (where asyncio.run, and so
@@ -313,7 +325,7 @@ async def run_routes_async(
 
 def run_routes_all(
     messages: MessageSource,
-    config: HubConfig | Path,
+    config: ConfigSource,
     data_dir: Path | None = None,
 ) -> list[RoutingResult]:
     """Dry-run every message in a file, text or bytes (several messages, or an FHS/BHS
@@ -324,7 +336,7 @@ def run_routes_all(
 
 async def run_routes_all_async(
     messages: MessageSource,
-    config: HubConfig | Path,
+    config: ConfigSource,
     data_dir: Path | None = None,
 ) -> list[RoutingResult]:
     """run_routes_all on the running event loop, for async tests."""
@@ -332,12 +344,11 @@ async def run_routes_all_async(
 
 
 async def _dry_run(
-    payloads: list[bytes], config: HubConfig | Path, data_dir: Path | None
+    payloads: list[bytes], config: ConfigSource, data_dir: Path | None
 ) -> list[RoutingResult]:
-    from carehub.config import load_config
     from carehub.hub import build_routing
     from carehub.routing.dryrun import dry_run_all_async
 
-    hub_config = load_config(config) if isinstance(config, Path) else config
+    hub_config = _hub_config(config)
     host, table = build_routing(hub_config, data_dir or Path(tempfile.mkdtemp(prefix="carehub-")))
     return await dry_run_all_async(table, host, payloads)

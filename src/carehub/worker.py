@@ -26,14 +26,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from sqlalchemy import exc as sql_errors
+
 from carehub.components import DeliveryError, Outgoing
 from carehub.config import WorkerConfig
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
-from carehub.routing.table import RouteTable
+from carehub.routing.table import Destination, RouteTable
+from carehub.store.group_commit import StoreUnavailable
 from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
 from carehub.store.schema import MessageStatus
-from carehub.store.store import MessageStore
+from carehub.store.store import MessageStore, StoreError
 from carehub.workqueue import Consumer, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ LEASE_RENEWALS = 3
 #: destination at once (the store says so); this bounds how long deliveries already in hand
 #: for it may still start.
 PAUSE_CHECK = 1.0
+#: A receipt that is not text is recorded as its repr, clipped to this many characters.
+RECEIPT_TEXT_LIMIT = 200
 
 
 @dataclass(slots=True)
@@ -131,6 +136,8 @@ class Worker:
         #: Destinations paused by an operator, as last read (see PAUSE_CHECK).
         self._paused: frozenset[str] = frozenset()
         self._paused_read = float("-inf")
+        #: (destination, type name) of receipts that were not text, said once each.
+        self._odd_receipts: set[tuple[str, str]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
@@ -436,11 +443,9 @@ class Worker:
             due = idle or now - last_flush >= RESULT_FLUSH_SECONDS
             if self._results and (due or len(self._results) >= RESULT_FLUSH_COUNT):
                 results, self._results = self._results, []
-                try:
-                    await self._store_call(self.outbox.finish, results)
-                except Exception as err:  # the store is locked or down: keep them, try again
-                    log.warning("recording %d delivery result(s) failed: %s", len(results), err)
-                    self._results[:0] = results
+                kept = await self._record_results(results)
+                if kept:  # the store is locked or down: keep them, try again
+                    self._results[:0] = kept
                     if not await self._pause(STORE_RETRY):
                         break
                     continue
@@ -546,6 +551,8 @@ class Worker:
                     "(worker.send_timeout)",
                     retryable=True,
                 ) from err
+            if not isinstance(receipt, str):
+                receipt = self._receipt_text(receipt, destination)
             result = AttemptResult(
                 delivery.id,
                 delivery.message_id,
@@ -620,18 +627,108 @@ class Worker:
             self._inflight_to[delivery.destination] -= 1
         self._wake_delivery.set()
 
-    def _flush_results(self) -> None:
-        if not self._results:
-            return
-        results, self._results = self._results, []
-        self.outbox.finish(results)
+    def _receipt_text(self, receipt: object, destination: Destination) -> str:
+        """A send() that returned something other than text still delivered (the destination
+        took it), so it is recorded as delivered with the receipt's repr, clipped; the store
+        cannot hold any other value, and a result it refuses would be sent again later. The
+        log names the channel's plugin and the type (never the value, which may quote the
+        message), once per destination and type."""
+        try:
+            text = repr(receipt)
+        except Exception:  # a repr that raises must not turn a delivery into a failure
+            text = f"<{type(receipt).__name__}>"
+        kind = type(receipt).__name__
+        if (destination.name, kind) not in self._odd_receipts:
+            self._odd_receipts.add((destination.name, kind))
+            log.warning(
+                "channel %r (plugin %r) of %s returned a %s from send(), not a str receipt; "
+                "recorded as delivered with its text (said once per destination and type)",
+                destination.channel.name,
+                destination.plugin or "?",
+                destination.name,
+                kind,
+            )
+        return _clip(text.replace("\x00", ""), RECEIPT_TEXT_LIMIT)
+
+    async def _record_results(self, results: list[AttemptResult]) -> list[AttemptResult]:
+        """Record attempt results; returns those to record again later.
+
+        When the store refuses (locked, down) every result is kept and tried again. When it
+        takes the batch but cannot take some value in it, the batch is recorded one result at
+        a time, so one bad result never holds up the others (nor, since the delivery loop
+        waits for this, every destination's sends): a result refused on its own is recorded
+        again with its text cleaned, and one refused even then is left out, logged; its lease
+        then runs out and it goes back in line."""
+        try:
+            await self._store_call(self.outbox.finish, results)
+            return []
+        except Exception as err:
+            if _store_refused(err):
+                log.warning(
+                    "recording %d delivery result(s) failed: %s", len(results), _store_error(err)
+                )
+                return results
+            log.warning(
+                "recording %d delivery result(s) failed (%s); recording them one at a time",
+                len(results),
+                type(err).__name__,
+            )
+            log.debug("recording delivery results failed", exc_info=True)
+        for index, result in enumerate(results):
+            cleaned = dataclasses.replace(result, detail=_clean_text(result.detail))
+            failure: Exception | None = None
+            tries = (result,) if cleaned.detail == result.detail else (result, cleaned)
+            for attempt in tries:
+                try:
+                    await self._store_call(self.outbox.finish, [attempt])
+                except Exception as err:
+                    if _store_refused(err):
+                        return results[index:]
+                    failure = err
+                    continue
+                if attempt is cleaned:
+                    log.warning(
+                        "delivery %d to %s: its result was recorded with its text cleaned "
+                        "(the store refused it as it was: %s)",
+                        result.delivery_id,
+                        result.destination,
+                        type(failure).__name__,
+                    )
+                failure = None
+                break
+            if failure is not None:
+                log.error(
+                    "delivery %d to %s: its attempt %d cannot be recorded (%s) and is left "
+                    "out; the delivery goes back in line when its lease runs out",
+                    result.delivery_id,
+                    result.destination,
+                    result.attempt,
+                    type(failure).__name__,
+                )
+        return []
 
     async def _drain_inflight(self, grace: float = 10.0) -> None:
-        """On stop, let sends in progress finish (bounded) and record them."""
+        """On stop, let sends in progress finish (bounded) and record them: once more after
+        a pause if the store refuses, then their leases put them back in line."""
         deadline = time.monotonic() + grace
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._flush_results()
+        for last in (False, True):
+            if not self._results:
+                return
+            results, self._results = self._results, []
+            kept = await self._record_results(results)
+            if not kept:
+                return
+            if last:
+                log.warning(
+                    "%d delivery result(s) are not recorded at stop; those deliveries go back "
+                    "in line when their leases run out",
+                    len(kept),
+                )
+                return
+            self._results = kept
+            await asyncio.sleep(STORE_RETRY)
 
 
 class Wakeup:
@@ -673,6 +770,41 @@ class Wakeup:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _store_refused(err: BaseException) -> bool:
+    """Whether the store as a whole refused (locked, full, unreachable): worth trying the
+    same results again later, unlike a value it cannot take."""
+    if isinstance(err, sql_errors.DBAPIError) and err.connection_invalidated:
+        return True
+    return isinstance(
+        err,
+        (
+            sql_errors.OperationalError,
+            sql_errors.InterfaceError,
+            sql_errors.TimeoutError,
+            StoreError,
+            StoreUnavailable,
+            OSError,
+        ),
+    )
+
+
+def _store_error(err: BaseException) -> str:
+    """The store's own words for a refusal, without the statement and its parameters (which
+    quote receipts and errors, and so may quote the message)."""
+    orig = getattr(err, "orig", None)
+    return f"{type(orig).__name__}: {orig}" if orig is not None else f"{type(err).__name__}: {err}"
+
+
+def _clean_text(value: object) -> str:
+    """Text any store can hold: a str without NUL characters (PostgreSQL refuses them)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text.replace("\x00", "")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_part(detail: str) -> str:

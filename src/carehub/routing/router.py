@@ -120,6 +120,47 @@ def recordable(value: Any) -> tuple[Any, str]:
         return text, json.dumps(text)
 
 
+class RenderError(TypeError):
+    """A channel's render() returned something the store cannot keep as a delivery."""
+
+
+def check_outgoing(outgoing: object, channel: str, plugin: str | None) -> None:
+    """Refuse what a render() returned unless the store can keep it as it is and every retry
+    can send it: bytes payload, text content type and key, text-to-text metadata. Caught
+    here it fails this route for this message, like a render() that raises; caught later it
+    broke the whole routing batch (other patients' messages with it), the claims of its
+    retries and the views that show it."""
+    named = f"channel {channel!r}" + (f" (plugin {plugin!r})" if plugin else "")
+    if not isinstance(outgoing, Outgoing):
+        raise RenderError(
+            f"{named}: render() returned a {type(outgoing).__name__}, not a "
+            "carehub.components.Outgoing"
+        )
+    payload = outgoing.payload
+    if not isinstance(payload, bytes):
+        hint = "encode it to bytes" if isinstance(payload, str) else "it must be bytes"
+        raise RenderError(f"{named}: render() returned a {type(payload).__name__} payload; {hint}")
+    for what in ("content_type", "idempotency_key"):
+        value = getattr(outgoing, what)
+        if not isinstance(value, str):
+            raise RenderError(
+                f"{named}: render() returned a {type(value).__name__} {what}, not a str"
+            )
+    metadata = outgoing.metadata
+    if not isinstance(metadata, dict):
+        raise RenderError(
+            f"{named}: render() returned {type(metadata).__name__} metadata, not a dict of str"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            wrong, which = (key, "key") if not isinstance(key, str) else (value, "value")
+            raise RenderError(
+                f"{named}: render() returned metadata whose {which} "
+                + (f"for {key!r} " if which == "value" else "")
+                + f"is a {type(wrong).__name__}, not a str; turn it into text"
+            )
+
+
 class Router:
     def __init__(self, table: RouteTable, host: PluginHost) -> None:
         self.table = table
@@ -188,6 +229,7 @@ class Router:
                     destination = step.destination
                     key = idempotency_key(message.id, run, destination.name)
                     outgoing = destination.channel.render(work, key)
+                    check_outgoing(outgoing, destination.channel.name, destination.plugin)
                     result.deliveries.append(
                         PlannedDelivery(
                             route.name,
