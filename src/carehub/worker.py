@@ -33,6 +33,7 @@ from carehub.config import WorkerConfig
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
 from carehub.routing.table import Destination, RouteTable
+from carehub.store.failure_run import FailureRun
 from carehub.store.group_commit import StoreUnavailable
 from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
 from carehub.store.schema import MessageStatus
@@ -55,6 +56,9 @@ RESULT_FLUSH_SECONDS = 0.05
 CLAIM_INTERVAL = 0.02  # seconds between claims while sends are in hand or in flight
 RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
+#: Seconds before routing a batch the store refused again, doubling up to the most.
+ROUTE_RETRY = 0.5
+ROUTE_RETRY_MAX = 5.0
 STORE_RETRY = 0.5  # seconds before recording results again after the store refused
 #: A worker renews the leases of the deliveries it holds this many times a lease.
 LEASE_RENEWALS = 3
@@ -138,6 +142,18 @@ class Worker:
         self._paused_read = float("-inf")
         #: (destination, type name) of receipts that were not text, said once each.
         self._odd_receipts: set[tuple[str, str]] = set()
+        #: The store refusing this worker (locked, down): every loop meets it at once, so it
+        #: is logged as one run (start, every 30 s, end) rather than by each loop each try.
+        self.store_trouble = FailureRun(
+            "the worker's use of the store",
+            "routing, claims, results and leases wait and are tried again",
+            "call(s)",
+            logger=log,
+        )
+        #: A component's periodic work that keeps failing the same way, logged as a run.
+        self.tick_trouble = FailureRun(
+            "periodic work", "tried again at the next tick", "tick(s)", logger=log
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
@@ -237,8 +253,10 @@ class Worker:
             try:
                 with self._using(self.table) as table:
                     await asyncio.to_thread(table.tick, datetime.now(UTC))
-            except Exception:
-                log.exception("periodic work failed")
+            except Exception as err:
+                self._failed(err, self.tick_trouble)
+            else:
+                self.tick_trouble.succeeded()
             self._wake_delivery.set()
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
@@ -247,8 +265,11 @@ class Worker:
             try:
                 await asyncio.to_thread(self._requeue_unrouted, every)
                 await asyncio.to_thread(self.outbox.tidy_lines)
-            except Exception:
-                log.exception("re-queueing unrouted messages failed")
+            except Exception as err:
+                if not _store_refused(err):
+                    log.exception("re-queueing unrouted messages failed")
+                else:
+                    self.store_trouble.failed(_StoreRefusal(_store_error(err)))
 
     async def _lease_loop(self) -> None:
         """Keep the leases of the deliveries this worker holds, and put back in line those
@@ -268,8 +289,9 @@ class Worker:
                     await self._store_call(self.outbox.renew_leases, held, lease)
                 released = await self._store_call(self.outbox.release_expired_leases)
             except Exception as err:  # the store is locked or down: try at the next renewal
-                log.warning("renewing %d delivery lease(s) failed: %s", len(held), err)
+                self._failed(err, self.store_trouble)
                 continue
+            self.store_trouble.succeeded()
             if released:
                 log.warning(
                     "%d delivery(ies) whose worker stopped renewing their lease (it stopped "
@@ -346,30 +368,82 @@ class Worker:
             batch = [item for item in taken if item is not None]
             if batch:
                 ids = [message_id for message_ids, _ in batch for message_id in message_ids]
-                router = self.router  # a route reload meanwhile applies from the next batch
-                try:
-                    with self._using(router.table):
-                        if self.inline_store:
-                            for start in range(0, len(ids), ROUTE_CHUNK):
-                                chunk = ids[start : start + ROUTE_CHUNK]
-                                self._take(self._route_batch(chunk, self._handover(), router))
-                                await asyncio.sleep(0)
-                        else:
-                            handover = self._handover()
-                            routed = await asyncio.to_thread(
-                                self._route_batch, ids, handover, router
-                            )
-                            self._take(routed)
-                except Exception:  # the store is down: leave them unacked; they come back
-                    log.exception("routing a batch of %d message(s) failed", len(ids))
-                    if not await self._pause(1.0):
-                        return
-                    continue
+                if not await self._route_until_done(ids):
+                    return  # stopping: unacked, the queue gives them to the next worker
                 for _, ack in batch:
                     ack()
                 self._wake_delivery.set()
             if len(batch) < len(taken):  # the stop marker was among them
                 return
+
+    async def _route_until_done(self, ids: list[int]) -> bool:
+        """Route one batch, trying the same batch again while the store refuses, before any
+        later one: a batch given up on stayed unacked, held a place of the consumer's
+        prefetch for good (200 such and the worker got nothing more), and its messages were
+        routed a minute later by the sweep, after their patients' later messages. False when
+        the worker stops first."""
+        pause = ROUTE_RETRY
+        while True:
+            router = self.router  # a route reload meanwhile applies from the next try
+            try:
+                with self._using(router.table):
+                    await self._route_chunks(ids, router)
+            except Exception as err:
+                problem = err
+                if not _store_refused(err):
+                    # Not the store: something about one message no try will mend. Each is
+                    # routed alone, and one that fails so is set aside, failed with the reason.
+                    try:
+                        with self._using(router.table):
+                            await self._route_each(ids, router)
+                        self.store_trouble.succeeded()
+                        return True
+                    except Exception as refused:  # the store, meanwhile: as below
+                        problem = refused
+                self._failed(problem, self.store_trouble)
+                if not await self._pause(pause):
+                    return False
+                pause = min(pause * 2, ROUTE_RETRY_MAX)
+                continue
+            self.store_trouble.succeeded()
+            return True
+
+    async def _route_chunks(self, ids: list[int], router: Router) -> None:
+        if self.inline_store:
+            for start in range(0, len(ids), ROUTE_CHUNK):
+                chunk = ids[start : start + ROUTE_CHUNK]
+                self._take(self._route_batch(chunk, self._handover(), router))
+                await asyncio.sleep(0)
+        else:
+            handover = self._handover()
+            self._take(await asyncio.to_thread(self._route_batch, ids, handover, router))
+
+    async def _route_each(self, ids: list[int], router: Router) -> None:
+        """Route message by message; a store refusal is raised (the batch is tried again)."""
+        for message_id in ids:
+            try:
+                await self._route_chunks([message_id], router)
+            except Exception as err:
+                if _store_refused(err):
+                    raise
+                log.error(
+                    "message %d cannot be routed (%s); marked failed",
+                    message_id,
+                    type(err).__name__,
+                )
+                log.debug("routing message %d failed", message_id, exc_info=True)
+                reason = f"routing failed: {type(err).__name__} (see the worker's log)"
+                await self._store_call(
+                    self.store.set_status, message_id, MessageStatus.FAILED, reason
+                )
+
+    def _failed(self, err: BaseException, run: FailureRun) -> None:
+        """Count a failure in its run: the store's own words for a store that refused (never
+        the statement and its parameters, which can quote a message), else the error."""
+        if _store_refused(err):
+            self.store_trouble.failed(_StoreRefusal(_store_error(err)))
+        else:
+            run.failed(err)
 
     def _route_batch(
         self, message_ids: list[int], handover: Handover, router: Router | None = None
@@ -385,6 +459,14 @@ class Worker:
         ]
         if not messages:
             return handover
+        stranded = self.store.unrouted_before(messages)
+        if stranded:
+            # A patient's earlier message goes first, whichever way it comes back.
+            log.info("routing %d earlier message(s) of the same patients first", len(stranded))
+            earlier = [
+                m for m in self.store.get_many(stranded) if m.status == MessageStatus.RECEIVED.value
+            ]
+            messages = sorted([*earlier, *messages], key=lambda m: m.id)
         results = []
         for message in messages:
             host.notify("carehub_message_received", message=message)
@@ -460,7 +542,9 @@ class Worker:
                         await self._store_call(self.outbox.claim_due, want, lease, None, full, held)
                     )
                 except Exception as err:  # the store is locked or down: claim again later
-                    log.warning("claiming deliveries failed: %s", err)
+                    self._failed(err, self.store_trouble)
+                else:
+                    self.store_trouble.succeeded()
                 last_claim = time.monotonic()
             if time.monotonic() - self._paused_read >= PAUSE_CHECK:
                 await self._read_paused()
@@ -492,7 +576,7 @@ class Worker:
         try:
             paused = await self._store_call(self.outbox.paused_names)
         except Exception as err:  # the store is locked or down: keep the last reading
-            log.warning("reading paused destinations failed: %s", err)
+            self._failed(err, self.store_trouble)
             return
         for name in sorted(paused - self._paused):
             log.info("destination %s is paused: nothing is sent to it until it is resumed", name)
@@ -664,9 +748,7 @@ class Worker:
             return []
         except Exception as err:
             if _store_refused(err):
-                log.warning(
-                    "recording %d delivery result(s) failed: %s", len(results), _store_error(err)
-                )
+                self.store_trouble.failed(_StoreRefusal(_store_error(err)), len(results))
                 return results
             log.warning(
                 "recording %d delivery result(s) failed (%s); recording them one at a time",
@@ -770,6 +852,10 @@ class Wakeup:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class _StoreRefusal(Exception):
+    """A store error retold in the store's own words, for the log (see _store_error)."""
 
 
 def _store_refused(err: BaseException) -> bool:

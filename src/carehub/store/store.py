@@ -866,6 +866,37 @@ class MessageStore:
             found.update((m.id, m) for m in self.get_many(missing))
         return [found[i] for i in message_ids if i in found]
 
+    def unrouted_before(self, batch: list[StoredMessage]) -> list[int]:
+        """Messages still waiting to be routed that came before this batch's messages of the
+        same patient, oldest first: stranded by a crash between commit and queueing, or by a
+        worker that could not route them, and found otherwise only by the once-a-minute
+        sweep, after their patient's later messages had gone out."""
+        first: dict[tuple[str, str | None], int] = {}
+        for message in batch:
+            if message.patient_id:
+                key = (message.patient_id, message.patient_authority)
+                first[key] = min(first.get(key, message.id), message.id)
+        if not first:
+            return []
+        taken = {message.id for message in batch}
+        query = (
+            select(messages.c.id, messages.c.patient_id, messages.c.patient_authority)
+            .where(
+                messages.c.status == MessageStatus.RECEIVED.value,
+                messages.c.id < max(first.values()),
+                messages.c.patient_id.in_(sorted({pid for pid, _ in first})),
+            )
+            .order_by(messages.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            row.id
+            for row in rows
+            if row.id not in taken
+            and row.id < first.get((row.patient_id, row.patient_authority), -1)
+        ]
+
     def history(self, message_id: int) -> list[StatusChange]:
         """Every status the message has been in, oldest first: its intake event (from the
         message row), then each change since (message_events)."""
