@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from carehub import worker as worker_module
 from carehub.builtins import channels as channels_module
 from carehub.cli import main
 from carehub.config import HubConfig, load_config
@@ -26,6 +27,7 @@ from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
 from carehub.hub import SERVING_LOCK_TIMEOUT
 from carehub.store.outbox import Outbox
+from carehub.store.processes import ProcessBeacon
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MessageStore, NewMessage
 from carehub.testing import HubThread, local_config, make_adt, mllp_exchange
@@ -690,3 +692,47 @@ def test_a_patients_stranded_message_goes_before_the_later_one(
         "ST-1",
         "ST-2",
     ]
+
+
+def test_a_destination_a_reload_has_not_brought_yet_is_left_to_the_workers_that_have_it(
+    tmp_path: Path,
+    http: HTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One SIGHUP at a time: while processes run different route sets, a worker whose routes
+    lack a destination (added by a reload that has not reached it) leaves its deliveries in
+    line, where it made them dead letters "no longer configured" that an operator had to
+    retry. Once every process runs the same routes, one still lacking it is dead-lettered."""
+    monkeypatch.setattr(worker_module, "ROUTE_SETS_CHECK", 0.1)
+    routes = hook_routes(http.url()) + (
+        f"      - forward: {{channel: webhook, name: added, url: {http.url('/added')}}}\n"
+    )
+    config_path = write_config(tmp_path, routes, worker="poll_interval: 0.05, lease_seconds: 1.5")
+    with HubThread(load_config(config_path), tmp_path / "data") as hub:
+        outbox = Outbox(hub.store)
+        outbox.pause_destination("care/added", "webhook", by="test")
+        send(hub, [make_adt("RL-1", patient_id="P1")])
+        wait_for(lambda: len(http.ok()) == 1, what="care/hook sent")
+        write_config(tmp_path, hook_routes(http.url()), worker="poll_interval: 0.05")
+        assert hub.call(hub.hub.reload_routes()) is True  # this hub: without care/added
+        other = ProcessBeacon(hub.store, "worker", lambda: "0123456789ab")  # not reloaded
+        hub.call(other.start(every=3600))
+        try:
+            outbox.resume_destination("care/added")
+            wait_for(
+                lambda: "destination care/added is not in this worker's routes" in caplog.text,
+                what="the delivery left to the other worker",
+            )
+            time.sleep(1.0)
+            (added,) = outbox.find(destination="care/added")
+            assert added.status == "pending" and added.attempts == 0
+        finally:
+            hub.call(other.stop())
+        wait_for(
+            lambda: outbox.find(destination="care/added")[0].status == "dead",
+            what="a dead letter once every process runs the same routes",
+        )
+        (dead,) = outbox.find(destination="care/added")
+        assert "is no longer configured" in (dead.last_error or "")
+    assert [r.path for r in http.requests] == ["/hook"]

@@ -36,6 +36,7 @@ from carehub.routing.table import Destination, RouteTable
 from carehub.store.failure_run import FailureRun
 from carehub.store.group_commit import StoreUnavailable
 from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
+from carehub.store.processes import running_processes
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MessageStore, StoreError
 from carehub.workqueue import Consumer, WorkQueue
@@ -56,6 +57,8 @@ RESULT_FLUSH_SECONDS = 0.05
 CLAIM_INTERVAL = 0.02  # seconds between claims while sends are in hand or in flight
 RESULT_FLUSH_COUNT = 200
 SWEEP_SECONDS = 60.0
+#: Seconds between readings of which route sets the running processes load.
+ROUTE_SETS_CHECK = 15.0
 #: Seconds before routing a batch the store refused again, doubling up to the most.
 ROUTE_RETRY = 0.5
 ROUTE_RETRY_MAX = 5.0
@@ -142,6 +145,10 @@ class Worker:
         self._paused_read = float("-inf")
         #: (destination, type name) of receipts that were not text, said once each.
         self._odd_receipts: set[tuple[str, str]] = set()
+        #: Destinations left to workers whose routes have them (see _leave_to_others).
+        self._foreign: set[str] = set()
+        self._route_sets_read = float("-inf")
+        self._route_sets_differ = False
         #: The store refusing this worker (locked, down): every loop meets it at once, so it
         #: is logged as one run (start, every 30 s, end) rather than by each loop each try.
         self.store_trouble = FailureRun(
@@ -204,6 +211,8 @@ class Worker:
         old = self.table
         self.table, self.host = table, host
         self.router = Router(table, host)
+        self._foreign.clear()  # claimed again: sent if the new routes have them
+        self._route_sets_read = float("-inf")
         task = asyncio.create_task(self._close_when_unused(old), name="close old routes")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -283,6 +292,8 @@ class Worker:
         dead worker's come back within one lease and one renewal interval."""
         lease = timedelta(seconds=self.settings.lease)
         while await self._pause(self.settings.lease / LEASE_RENEWALS):
+            if self._foreign:
+                await self._routes_differ()  # once they agree, this worker claims them again
             held = self._held()
             try:
                 if held:
@@ -503,7 +514,8 @@ class Worker:
         in_hand = Counter(self._inflight.values())
         in_hand.update(d.destination for d in self._claimed)
         limit = 2 * self.settings.per_destination
-        return [d for d, n in in_hand.items() if n >= limit and self._limited(d)]
+        full = [d for d, n in in_hand.items() if n >= limit and self._limited(d)]
+        return full + sorted(self._foreign - set(full))  # and those left to other workers
 
     # -- delivery -------------------------------------------------------------------------
     async def _delivery_loop(self) -> None:
@@ -606,6 +618,9 @@ class Worker:
         started = datetime.now(UTC)
         clock = time.perf_counter()
         attempt = delivery.attempts + 1
+        if table.destination(delivery.destination) is None and await self._routes_differ():
+            await self._leave_to_others(delivery)
+            return
         try:
             # Inside the try: whatever goes wrong here is a failed attempt, recorded, never a
             # delivery left 'sending' until its lease runs out.
@@ -709,6 +724,54 @@ class Worker:
         self._results.append(result)
         if self._inflight.pop(delivery.id, None) is not None:
             self._inflight_to[delivery.destination] -= 1
+        self._wake_delivery.set()
+
+    async def _routes_differ(self) -> bool:
+        """Whether the processes running now load different route sets (a reload that has
+        reached only some, one SIGHUP at a time), read at most every ROUTE_SETS_CHECK
+        seconds; when the store cannot say, taken as yes."""
+        now = time.monotonic()
+        if now - self._route_sets_read >= ROUTE_SETS_CHECK:
+            self._route_sets_read = now
+            try:
+                sets = await self._store_call(self._running_route_sets)
+            except Exception:
+                self._route_sets_differ = True
+            else:
+                self._route_sets_differ = len(sets) > 1
+                if not self._route_sets_differ:
+                    self._foreign.clear()  # every process agrees now: claimed again
+        return self._route_sets_differ
+
+    def _running_route_sets(self) -> set[str]:
+        moment = datetime.now(UTC)
+        with self.store.engine.connect() as conn:
+            return {
+                p.routes
+                for p in running_processes(conn)
+                if p.routes is not None and not p.stale(moment)
+            }
+
+    async def _leave_to_others(self, delivery: DeliveryRecord) -> None:
+        """A destination this worker's routes lack while others run other route sets is
+        one added by a reload that has not reached this worker yet, not one removed: its
+        deliveries go back unsent for a worker that has it (this one no longer claims them
+        until its own routes change), where they became dead letters "no longer
+        configured"."""
+        name = delivery.destination
+        if name not in self._foreign:
+            self._foreign.add(name)
+            log.warning(
+                "destination %s is not in this worker's routes while other processes run "
+                "other route sets: left to them (reload this worker with SIGHUP to send to it)",
+                name,
+            )
+        if self._inflight.pop(delivery.id, None) is not None:
+            self._inflight_to[name] -= 1
+        try:
+            await self._store_call(self.outbox.release, [delivery.id])
+        except Exception as err:  # its lease runs out and puts it back in line
+            self._failed(err, self.store_trouble)
         self._wake_delivery.set()
 
     def _receipt_text(self, receipt: object, destination: Destination) -> str:
