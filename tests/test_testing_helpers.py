@@ -203,3 +203,31 @@ def test_run_routes_and_bind_channel_take_the_config_path_as_a_str(
 
     with pytest.raises(TypeError, match="config must be a HubConfig or the path of a carehub"):
         run_routes(make_adt("S1"), 42, tmp_path / "data")  # type: ignore[arg-type]
+
+
+def test_local_config_takes_a_relative_plugins_dir_from_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a config file, a relative plugins_dir starts from the folder of ``source``, not
+    from wherever the tests run; it was read from the working folder and the hub refused to
+    start, blaming a line of the config file."""
+    (tmp_path / "hub" / "plugins").mkdir(parents=True)
+    (tmp_path / "hub" / "plugins" / "shout.py").write_text(
+        "from carehub import hookimpl\n"
+        "from carehub.components import Translator\n"
+        "class Shout(Translator):\n"
+        "    name = 'shout'\n"
+        "    def translate(self, work):\n"
+        "        return work.v2.upper()\n"
+        "@hookimpl\n"
+        "def carehub_register_translators(register):\n"
+        "    register(Shout)\n",
+        encoding="utf-8",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = local_config(source=tmp_path / "hub" / "carehub.yaml", plugins_dir=Path("plugins"))
+    assert config.plugins_dir == tmp_path / "hub" / "plugins"
+    with HubThread(config, tmp_path / "data") as hub:
+        assert "shout" in hub.hub.host.translators

@@ -362,10 +362,11 @@ def load_config(path: Path | None) -> HubConfig:
             problems.append(f"{path}{f':{line}' if line else ''}: {_loc_text(loc)}: {error['msg']}")
         raise ConfigError("\n".join(problems)) from None
     config.source = path.resolve()
-    return _resolve_paths(config, path.resolve().parent)
+    return resolve_paths(config, path.resolve().parent)
 
 
-def _resolve_paths(config: HubConfig, base: Path) -> HubConfig:
+def resolve_paths(config: HubConfig, base: Path) -> HubConfig:
+    """The config's relative paths taken from ``base``, the folder of the file it came from."""
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from carehub.config import HubConfig, MLLPListenerConfig, load_config
+from carehub.config import HubConfig, MLLPListenerConfig, load_config, resolve_paths
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hub import Hub
 
@@ -54,7 +54,9 @@ def _hub_config(config: ConfigSource) -> HubConfig:
 
 def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
     """A config bound to 127.0.0.1 on free ports, with no routes, for tests. The in-process
-    worker is off unless asked for, so intake tests see messages stay 'received'."""
+    worker is off unless asked for, so intake tests see messages stay 'received'. Given a
+    ``source``, relative paths (``plugins_dir``, a data dir, TLS files) start from its
+    folder, as they do in a config file."""
     config = HubConfig(routes=[])
     config.listeners.mllp = [MLLPListenerConfig(name="test", host="127.0.0.1", port=0)]
     config.listeners.http.host = "127.0.0.1"
@@ -62,6 +64,8 @@ def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
     config.worker.enabled = worker
     for key, value in overrides.items():
         setattr(config, key, value)
+    if config.source is not None:
+        config = resolve_paths(config, Path(config.source).resolve().parent)
     return config
 
 
