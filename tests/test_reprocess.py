@@ -6,6 +6,7 @@ real HTTP servers, the CLI through CliRunner."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -29,20 +30,25 @@ def servers() -> Iterator[tuple[HTTPServer, HTTPServer]]:
         yield a, b
 
 
-def one_dead_letter(tmp_path: Path, a: HTTPServer, b: HTTPServer) -> tuple[Path, Path]:
-    """The config, and a data dir holding one message delivered to care/a, dead at care/b."""
+@contextlib.contextmanager
+def one_dead_letter(
+    tmp_path: Path, a: HTTPServer, b: HTTPServer
+) -> Iterator[tuple[Path, Path, HubThread]]:
+    """A running hub (its config, data dir) holding one message delivered to care/a and
+    dead at care/b."""
     config = write_config(tmp_path, ROUTES.format(a=a.url(), b=b.url(), retry=FAST_RETRY % 1))
-    return config, tmp_path / "data"
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("RP-1", patient_id="P1")])
+        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
+        yield config, data_dir, hub
 
 
 def test_undelivered_sends_only_where_the_message_did_not_arrive(
     tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
 ) -> None:
     a, b = servers
-    config, data_dir = one_dead_letter(tmp_path, a, b)
-    with HubThread(load_config(config), data_dir) as hub:
-        send(hub, [make_adt("RP-1", patient_id="P1")])
-        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
+    with one_dead_letter(tmp_path, a, b) as (config, data_dir, hub):
         (dead,) = Outbox(hub.store).find(status="dead")
         b.respond = lambda _: 200
 
@@ -71,10 +77,7 @@ def test_a_plain_reprocess_says_what_goes_again_and_never_sends_a_dead_letter_tw
     """Every destination gets the message again (what a corrected route is for), and the
     command says so first; the dead letter it supersedes cannot be retried into a second copy."""
     a, b = servers
-    config, data_dir = one_dead_letter(tmp_path, a, b)
-    with HubThread(load_config(config), data_dir) as hub:
-        send(hub, [make_adt("RP-1", patient_id="P1")])
-        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
+    with one_dead_letter(tmp_path, a, b) as (config, data_dir, _hub):
         b.respond = lambda _: 200
 
         code, out, err = run(config, data_dir, "messages", "reprocess", "--status", "failed")
@@ -98,11 +101,7 @@ def test_destination_names_where_to_send_and_refuses_an_unknown_one(
     tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
 ) -> None:
     a, b = servers
-    config, data_dir = one_dead_letter(tmp_path, a, b)
-    with HubThread(load_config(config), data_dir) as hub:
-        send(hub, [make_adt("RP-1", patient_id="P1")])
-        wait_for(lambda: all_status(hub.store, 1, "failed"), what="dead at care/b")
-
+    with one_dead_letter(tmp_path, a, b) as (config, data_dir, hub):
         code, out, err = run(
             config, data_dir, "messages", "reprocess", "1", "--destination", "care/x"
         )

@@ -1121,15 +1121,7 @@ class FhirReferralChannel(HttpChannel):
             if isinstance(guarded, str):
                 return guarded
             payload = guarded
-        try:
-            async with self.request("POST", url, payload, headers) as response:
-                await response.aread()
-        except httpx.TimeoutException as err:
-            raise DeliveryError(
-                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
-            ) from err
-        except httpx.TransportError as err:
-            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}") from err
+        response = await self._call("POST", url, payload, headers)
         status = response.status_code
         if not 200 <= status < 300:
             text = f"POST {url}: HTTP {status}"
@@ -1168,6 +1160,23 @@ class FhirReferralChannel(HttpChannel):
             )
         return f"HTTP {status} Task/{task_id}"
 
+    async def _call(
+        self, method: str, url: str, payload: bytes, headers: dict[str, str]
+    ) -> HttpAnswer:
+        """One request with its answer read; no answer in time, or none at all, is a
+        DeliveryError naming the request (tried again)."""
+        try:
+            async with self.request(method, url, payload, headers) as response:
+                await response.aread()
+        except httpx.TimeoutException as err:
+            raise DeliveryError(
+                f"{method} {url}: no answer within {self.options.timeout:g} s "
+                f"({type(err).__name__})"
+            ) from err
+        except httpx.TransportError as err:
+            raise DeliveryError(f"{method} {url}: {type(err).__name__}: {err}") from err
+        return response
+
     async def _guarded_cancel(self, outgoing: Outgoing) -> bytes | str:
         """The cancel's Bundle with its Task patch made to the Task's id and conditional on the
         version read just now (``ifMatch``), or why it is not sent.
@@ -1182,15 +1191,8 @@ class FhirReferralChannel(HttpChannel):
         if not key:
             return outgoing.payload
         url = f"{self.options.base_url}/Task?{referral_search(key, self.options)}"
-        try:
-            async with self.request("GET", url, b"", self._headers()) as response:
-                body = await response.aread()
-        except httpx.TimeoutException as err:
-            raise DeliveryError(
-                f"GET {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
-            ) from err
-        except httpx.TransportError as err:
-            raise DeliveryError(f"GET {url}: {type(err).__name__}: {err}") from err
+        response = await self._call("GET", url, b"", self._headers())
+        body = await response.aread()
         if response.status_code != 200:
             text = f"GET {url} (the Task, before cancelling it): HTTP {response.status_code}"
             raise DeliveryError(text, retryable=is_retryable(response.status_code))
