@@ -879,22 +879,22 @@ class MessageStore:
         if not first:
             return []
         taken = {message.id for message in batch}
+        patients = sorted({pid for pid, _ in first})
+        # The worker asks this for every routing batch: written as the driver's SQL, since
+        # building and compiling a statement each time cost SQLAlchemy four times what SQLite
+        # took to answer it (the status index finds the few rows waiting).
+        marks = ", ".join(self.sql.mark for _ in patients)
         query = (
-            select(messages.c.id, messages.c.patient_id, messages.c.patient_authority)
-            .where(
-                messages.c.status == MessageStatus.RECEIVED.value,
-                messages.c.id < max(first.values()),
-                messages.c.patient_id.in_(sorted({pid for pid, _ in first})),
-            )
-            .order_by(messages.c.id)
+            "SELECT id, patient_id, patient_authority FROM messages WHERE status = "
+            f"'{MessageStatus.RECEIVED.value}' AND id < {self.sql.mark} "
+            f"AND patient_id IN ({marks}) ORDER BY id"
         )
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.exec_driver_sql(query, (max(first.values()), *patients)).all()
         return [
-            row.id
-            for row in rows
-            if row.id not in taken
-            and row.id < first.get((row.patient_id, row.patient_authority), -1)
+            row_id
+            for row_id, patient_id, authority in rows
+            if row_id not in taken and row_id < first.get((patient_id, authority), -1)
         ]
 
     def history(self, message_id: int) -> list[StatusChange]:
