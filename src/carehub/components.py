@@ -231,11 +231,17 @@ class Outgoing:
 
 class DeliveryError(Exception):
     """A send that failed. ``retryable=False`` sends the delivery straight to the dead letters
-    (the destination refused it for good, e.g. HTTP 400 or an AR acknowledgment)."""
+    (the destination refused it for good, e.g. HTTP 400 or an AR acknowledgment).
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
+    ``said`` is what the destination answered (an HTTP body, an ACK's ERR text): it may quote
+    the message (a patient's name, an MRN), so it is kept with the attempt in the store and
+    never written to the log, which gets ``message`` only."""
+
+    def __init__(self, message: str, *, retryable: bool = True, said: str | None = None) -> None:
+        super().__init__(f"{message}: {said}" if said else message)
         self.retryable = retryable
+        self.message = message
+        self.said = said
 
 
 class Channel(Component):

@@ -708,7 +708,7 @@ class Worker:
                 ("; dead letter, holding its patient's line" if holds else "; dead letter")
                 if final
                 else "",
-                type(err).__name__ if not isinstance(err, DeliveryError) else _first_part(detail),
+                type(err).__name__ if not isinstance(err, DeliveryError) else _loggable(err),
             )
             if not isinstance(err, DeliveryError):
                 # Not a refusal the channel reported but a bug or an unforeseen failure in
@@ -956,10 +956,14 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _first_part(detail: str) -> str:
-    """'POST https://x/y: HTTP 500: <body>' -> 'POST https://x/y: HTTP 500' (no body text)."""
-    parts = detail.split(": ")
-    return ": ".join(parts[:2]) if len(parts) > 2 else detail[:120]
+def _loggable(err: DeliveryError) -> str:
+    """What of a failed send the log may say: the channel's own words, without what the
+    destination answered (``said``, which can quote the message). From a channel that does
+    not set ``said``, only the words before the first ': ' (its answer may follow it), at
+    most 120 characters."""
+    if err.said is not None:
+        return err.message[:200]
+    return err.message.split(": ", 1)[0][:120]
 
 
 def _ms(start: float) -> int:
