@@ -168,12 +168,88 @@ def test_tokens_from_the_environment_are_accepted(
         assert hub.store.count() == 2
 
 
-def test_health_is_ok_without_a_token(token_hub: HubThread) -> None:
+def test_health_is_ok_without_a_token_and_shows_the_status_alone(token_hub: HubThread) -> None:
     response = httpx.get(f"{token_hub.http_url}/health", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    wrong = httpx.get(
+        f"{token_hub.http_url}/health", headers={"Authorization": "Bearer nope"}, timeout=TIMEOUT
+    )
+    assert wrong.json() == {"status": "ok"}
+
+
+def test_health_details_need_a_token_when_tokens_are_set(token_hub: HubThread) -> None:
+    response = httpx.get(
+        f"{token_hub.http_url}/health", headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT
+    )
     assert response.status_code == 200
     report = response.json()
     assert report["status"] == "ok" and report["store"] == "ok"
     assert {"kind": "HTTP", "name": "http"}.items() <= report["listeners"][1].items()
+
+
+def test_health_shows_its_details_on_a_hub_without_tokens(hub: HubThread) -> None:
+    report = httpx.get(f"{hub.http_url}/health", timeout=TIMEOUT).json()
+    assert report["status"] == "ok" and "listeners" in report and "intake" in report
+
+
+def test_metrics_need_a_token_when_tokens_are_set(token_hub: HubThread) -> None:
+    url = f"{token_hub.http_url}/metrics"
+    assert httpx.get(url, timeout=TIMEOUT).status_code == 401
+    wrong = httpx.get(url, headers={"Authorization": "Bearer nope"}, timeout=TIMEOUT)
+    assert wrong.status_code == 401 and "carehub_" not in wrong.text
+    right = httpx.get(url, headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT)
+    assert right.status_code == 200 and "carehub_intake_messages_total" in right.text
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_api_docs_are_not_served_unless_turned_on(
+    token_hub: HubThread, tmp_path: Path, path: str
+) -> None:
+    assert httpx.get(f"{token_hub.http_url}{path}", timeout=TIMEOUT).status_code == 404
+    config = local_config()
+    config.listeners.http.api_docs = True
+    with HubThread(config, tmp_path / "docs-data") as documented:
+        assert httpx.get(f"{documented.http_url}{path}", timeout=TIMEOUT).status_code == 200
+
+
+@pytest.mark.parametrize("tokens", ['["${CAREHUB_HTTP_TOKEN}"]', '[""]', '[good, " "]'])
+def test_a_token_that_comes_out_empty_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokens: str
+) -> None:
+    from click.testing import CliRunner
+
+    from carehub.cli import main
+
+    monkeypatch.delenv("CAREHUB_HTTP_TOKENS", raising=False)
+    monkeypatch.setenv("CAREHUB_HTTP_TOKEN", "")
+    config = tmp_path / "carehub.yaml"
+    config.write_text(
+        f"routes: []\nlisteners:\n  http: {{host: 0.0.0.0, tokens: {tokens}}}\n", encoding="utf-8"
+    )
+    where = ["--config", str(config), "--data-dir", str(tmp_path / "data")]
+    for command in (["routes", "check", "--offline"], ["serve", "--mllp-port", "0"]):
+        result = CliRunner().invoke(main, [*command, *where])
+        assert result.exit_code == 2, result.output
+        assert f"{config}:3: listeners.http.tokens:" in result.stderr
+        assert "would let anyone in" in result.stderr
+        assert "carehub ready" not in result.output
+
+
+@pytest.mark.parametrize("value", ["", " , ", "good,"])
+def test_an_empty_token_in_the_environment_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from click.testing import CliRunner
+
+    from carehub.cli import main
+
+    monkeypatch.setenv("CAREHUB_HTTP_TOKENS", value)
+    config = tmp_path / "carehub.yaml"
+    config.write_text("routes: []\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["routes", "check", "--offline", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "CAREHUB_HTTP_TOKENS" in result.stderr and "would let anyone in" in result.stderr
 
 
 def test_metrics_count_accepted_messages(hub: HubThread) -> None:

@@ -186,7 +186,7 @@ def test_new_referral_goes_to_the_top_match_email_with_minimum_necessary(
         "Date of birth: 1958-03-12",
         f"Phone: {PATIENT_PHONE}",
         "Needs: Food insecurity, Housing instability",
-        "Consent: the patient agreed to this referral (recorded by Dr Samir Haddad)",
+        "Consent: NOT STATED. The referral does not say that the patient agreed",
         f"Referrer contact: Dr Samir Haddad, Riverside Clinic ({REFERRER_EMAIL})",
     ):
         assert expected in body, expected
@@ -475,5 +475,5 @@ def test_organisation_notice_arrives_by_email(
     assert message["Subject"] == "New referral RGH-R-2026-0042 from Dr Samir Haddad"
     assert message["Reply-To"] == REFERRER_EMAIL
     text = message.get_content()
-    assert "Consent: the patient agreed to this referral (recorded by Dr Samir Haddad)" in text
+    assert "Consent: NOT STATED." in text and "agreed to this referral" not in text
     assert "Z59" not in text

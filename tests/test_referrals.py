@@ -16,6 +16,7 @@ from sqlalchemy import inspect, select
 
 from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.components import ComponentContext, Work
+from carehub.errors import CarehubError
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
 from carehub.referrals.cli import referrals as referrals_cli
@@ -749,3 +750,30 @@ def test_cli_list_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     missing = runner.invoke(referrals_cli, ["show", "999", *base])
     assert missing.exit_code != 0
+
+
+def test_show_takes_a_numeric_referral_id_before_a_row_id(tmp_path: Path) -> None:
+    """Row 1 is R-1; a referral the hospital numbered "1" sits in a later row. "1" shows the
+    referral numbered 1 (it showed row 1, another patient's referral); "#1" shows row 1; an
+    id two senders used is an error naming both keys."""
+    store = MessageStore(sqlite_url(tmp_path))
+    store.migrate()
+    try:
+        feed = _seed(store, tmp_path)
+        for text in (
+            ref("I12", "NUM-1", ref_id="1^RGH"),
+            ref("I12", "NUM-2", ref_id="7^RGH"),
+            ref("I12", "NUM-3", ref_id="7^LMC"),
+        ):
+            feed.send(text, message_id=_store_message(store, text))
+        engine = store.engine
+        first_row = referral_timeline(engine, "#1")
+        numbered_one = referral_timeline(engine, "1")
+        assert first_row is not None and numbered_one is not None
+        assert first_row.referral.referral_key == "RGH|R-1"
+        assert numbered_one.referral.referral_key == "RGH|1"
+        with pytest.raises(CarehubError, match=r"'7' was used by 2 senders: give one of LMC\|7"):
+            referral_timeline(engine, "7")
+        assert referral_timeline(engine, "LMC|7") is not None
+    finally:
+        store.close()

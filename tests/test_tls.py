@@ -195,3 +195,77 @@ def test_unreadable_tls_file_is_a_config_error_naming_the_listener(
     with pytest.raises(ConfigError, match=r"listeners\.mllp\[0\]\.tls") as raised:
         asyncio.run(Hub(config, tmp_path / "data").start())
     assert "missing.pem" in str(raised.value)
+
+
+def test_client_ca_alone_requires_a_client_certificate(tmp_path: Path, certs: Certs) -> None:
+    """With client_ca and require_client_cert left out, a sender without a certificate is
+    refused and nothing is stored; one with a certificate from the CA is served."""
+    tls = TLSConfig(cert=certs.server_cert, key=certs.server_key, client_ca=certs.ca)
+    with start_hub(tmp_path, tls) as hub:
+        with pytest.raises(OSError):
+            send_over_tls(hub, certs, "NOCERT")
+        assert hub.store.count() == 0
+        assert send_over_tls(hub, certs, "WITHCERT", certs.client) == "AA"
+
+
+def test_client_certificates_are_optional_only_when_asked_for(tmp_path: Path, certs: Certs) -> None:
+    tls = TLSConfig(
+        cert=certs.server_cert, key=certs.server_key, client_ca=certs.ca, require_client_cert=False
+    )
+    with start_hub(tmp_path, tls) as hub:
+        assert send_over_tls(hub, certs, "NOCERT", None) == "AA"
+        with pytest.raises(OSError):
+            send_over_tls(hub, certs, "FOREIGN", certs.foreign_client)  # checked when presented
+
+
+def key_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if ".tls.key" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
+def test_a_tls_key_other_accounts_can_read_is_warned_about_at_start(
+    tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    key = tmp_path / "hub-key.pem"
+    key.write_bytes(certs.server_key.read_bytes())
+    key.chmod(mode)
+    caplog.set_level("WARNING")
+    with start_hub(tmp_path, TLSConfig(cert=certs.server_cert, key=key)) as hub:
+        assert send_over_tls(hub, certs, "KEYMODE") == "AA"
+    lines = key_warnings(caplog)
+    assert bool(lines) is warned, lines
+    if warned:
+        [line] = lines
+        assert line.startswith(f"listeners.mllp[0].tls.key {key} can be read by other accounts")
+        assert f"(mode {mode:03o})" in line
+
+
+def plain_mllp_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "has no TLS" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("host", "with_tls", "warned"),
+    [("0.0.0.0", False, True), ("127.0.0.1", False, False), ("0.0.0.0", True, False)],
+)
+def test_plain_mllp_beyond_loopback_is_warned_about_at_start(
+    tmp_path: Path,
+    certs: Certs,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    with_tls: bool,
+    warned: bool,
+) -> None:
+    config = local_config()
+    config.listeners.mllp[0].host = host
+    if with_tls:
+        config.listeners.mllp[0].tls = tls_config(certs, require_client_cert=False)
+    caplog.set_level("WARNING", logger="carehub.hub")
+    with HubThread(config, tmp_path / "data"):
+        pass
+    lines = plain_mllp_warnings(caplog)
+    assert bool(lines) is warned, lines
+    if warned:
+        [line] = lines
+        assert line.startswith("MLLP listener 'test' on 0.0.0.0 has no TLS: messages cross")
+        assert "trusted network" in line and "TLS terminator" in line

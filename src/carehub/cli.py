@@ -154,8 +154,9 @@ def serve(
 ) -> None:
     """Run the hub until SIGTERM or Ctrl-C, then finish in-flight messages and exit 0.
     SIGHUP (or `carehub routes reload`) reloads the routes, listeners left open."""
-    from carehub.hub import Hub
+    from carehub.hub import Hub, keep_written_files_private
 
+    keep_written_files_private()
     _apply_port_overrides(config, mllp_port, http_port)
     if no_worker:
         config.worker.enabled = False
@@ -1002,9 +1003,10 @@ def export_messages(
 
     The files replay with `carehub send` and serve as test fixtures. Without --force nothing
     is written when any of the files is already there."""
-    from carehub.hub import open_store
+    from carehub.hub import keep_written_files_private, open_store
     from carehub.store.store import SEARCH_PAGE
 
+    keep_written_files_private()
     store = open_store(config, data_dir, must_exist=True)
     try:
         count = _ScanCount(filters)
@@ -1925,11 +1927,19 @@ def plugins_command(as_json: bool, options_of: str | None) -> None:
 def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> None:
     """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`.
     SIGHUP reloads the routes."""
-    from carehub.hub import RouteReloader, build_routing, check_queue, log_reloaded, open_store
+    from carehub.hub import (
+        RouteReloader,
+        build_routing,
+        check_queue,
+        keep_written_files_private,
+        log_reloaded,
+        open_store,
+    )
     from carehub.store.processes import ProcessBeacon
     from carehub.worker import Worker, WorkerSettings
     from carehub.workqueue import WorkQueue
 
+    keep_written_files_private()
     setup_logging(log_level or config.log_level)
     if config.queue.url.startswith("memory"):
         raise CarehubError(
@@ -2124,7 +2134,9 @@ def _prune_plan_lines(plan: PrunePlan, days: int) -> list[str]:
 def demo(config_path: Path | None, data_dir: Path | None) -> None:
     """Run the hub on the sample config and feeds, and show what it received and answered."""
     from carehub.demo import run_demo
+    from carehub.hub import keep_written_files_private
 
+    keep_written_files_private()
     sys.exit(run_demo(config_path, data_dir))
 
 

@@ -43,12 +43,18 @@ def _known_codec(value: str) -> str:
 
 
 class TLSConfig(_Strict):
-    """Certificate and key for MLLP over TLS; client_ca turns on client certificate checks."""
+    """Certificate and key for MLLP over TLS. With client_ca, every sender must present a
+    certificate signed by it (mutual TLS); ``require_client_cert: false`` beside it checks a
+    certificate only when one is presented, and takes senders without one."""
 
     cert: Path
     key: Path
     client_ca: Path | None = None
-    require_client_cert: bool = False
+    require_client_cert: bool | None = Field(
+        None,
+        description="unset: required when client_ca is given; false: optional (senders "
+        "without a certificate are taken); true: required (needs client_ca)",
+    )
 
 
 class MLLPListenerConfig(_Strict):
@@ -83,11 +89,33 @@ class HTTPListenerConfig(_Strict):
     #: reaches the port (serve warns when it is opened wider without them).
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    tokens: list[str] = Field(default_factory=list, description="bearer tokens; empty = open")
+    tokens: list[str] = Field(
+        default_factory=list,
+        description="bearer tokens; no tokens key (and no CAREHUB_HTTP_TOKENS) = open",
+    )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     default_charset: str = "utf-8"
+    api_docs: bool = Field(
+        False,
+        description="serve the API description at /docs, /redoc and /openapi.json, without "
+        "a token; off, they are not served",
+    )
 
     _charset = field_validator("default_charset")(_known_codec)
+
+    @field_validator("tokens")
+    @classmethod
+    def _no_empty_token(cls, tokens: list[str]) -> list[str]:
+        """A token that came out empty (``${CAREHUB_HTTP_TOKEN}`` with the variable set to
+        nothing) must not count as "no tokens": intake would be open to anyone."""
+        for index, token in enumerate(tokens):
+            if not token.strip():
+                raise ValueError(
+                    f"token {index + 1} of {len(tokens)} is empty (a variable it names may be "
+                    "set to nothing); an empty token would let anyone in: give it a value or "
+                    "remove it"
+                )
+        return tokens
 
 
 class FileDropConfig(_Strict):
@@ -309,12 +337,33 @@ def read_config_text(path: Path, what: str, encoding: str = "utf-8") -> str:
         ) from None
 
 
-_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^@/]*@")
+#: The password of a URL's userinfo (``//user:password@``): up to the last @ of the authority,
+#: so a password holding an @ of its own is hidden whole.
+_URL_PASSWORD = re.compile(r"(//[^:/?#@\s]*:)[^/?#\s]*@")
+#: Query parameters whose values are credentials (``?api_key=...``, libpq's ``?password=``).
+SECRET_QUERY_PARAMETERS = (
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "secret",
+    "signature",
+    "sig",
+    "code",
+)
+_SECRET_QUERY_VALUE = re.compile(
+    rf"([?&;](?:{'|'.join(SECRET_QUERY_PARAMETERS)})=)[^&;#\s'\"]*", re.IGNORECASE
+)
 
 
-def without_password(url: str) -> str:
-    """A URL as it may be printed or logged: a password in it replaced by ***."""
-    return _URL_PASSWORD.sub(r"\1***@", url)
+def without_password(text: str) -> str:
+    """A URL, or a text quoting URLs (an error, a log line), as it may be printed or logged:
+    a userinfo password and the values of secret query parameters replaced by ***. Channel
+    URLs carry credentials this way, and what is printed ends up in logs and tickets."""
+    masked = _URL_PASSWORD.sub(r"\1***@", text)
+    return _SECRET_QUERY_VALUE.sub(r"\1***", masked)
 
 
 def where_in_config(config: HubConfig, *key: str | int) -> str:
@@ -335,7 +384,9 @@ def where_in_config(config: HubConfig, *key: str | int) -> str:
 def load_config(path: Path | None) -> HubConfig:
     """Read and validate a config file; None gives the built-in defaults."""
     if path is None:
-        return HubConfig()
+        config = HubConfig()
+        http_tokens(config)  # refuses an empty $CAREHUB_HTTP_TOKENS
+        return config
     text = read_config_text(path, "the config file")
     try:
         tree = yaml.compose(text)
@@ -362,11 +413,13 @@ def load_config(path: Path | None) -> HubConfig:
             problems.append(f"{path}{f':{line}' if line else ''}: {_loc_text(loc)}: {error['msg']}")
         raise ConfigError("\n".join(problems)) from None
     config.source = path.resolve()
+    http_tokens(config)  # an empty $CAREHUB_HTTP_TOKENS is refused with the file's own errors
     return resolve_paths(config, path.resolve().parent)
 
 
 def resolve_paths(config: HubConfig, base: Path) -> HubConfig:
     """The config's relative paths taken from ``base``, the folder of the file it came from."""
+
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
@@ -396,7 +449,18 @@ def resolve_data_dir(config: HubConfig, override: Path | None) -> Path:
 
 
 def http_tokens(config: HubConfig) -> list[str]:
-    """Bearer tokens from the config and from $CAREHUB_HTTP_TOKENS (comma-separated)."""
-    tokens = [t for t in config.listeners.http.tokens if t]
-    tokens += [t.strip() for t in os.environ.get(ENV_HTTP_TOKENS, "").split(",") if t.strip()]
+    """Bearer tokens from the config and from $CAREHUB_HTTP_TOKENS (comma-separated).
+
+    The variable set but empty, or with an empty entry, is a ConfigError: dropping the empty
+    entry could leave no token at all, and no token means intake takes posts from anyone."""
+    tokens = list(config.listeners.http.tokens)
+    if ENV_HTTP_TOKENS in os.environ:
+        from_env = [t.strip() for t in os.environ[ENV_HTTP_TOKENS].split(",")]
+        if not all(from_env):
+            raise ConfigError(
+                f"{ENV_HTTP_TOKENS} is set but holds an empty token (it is empty, or has an "
+                "empty entry between commas); an empty token would let anyone in: give it "
+                "comma-separated tokens, or unset it"
+            )
+        tokens += from_env
     return tokens

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from carehub.config import without_password
 from carehub.hl7.fieldnames import field_name
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.routing.router import RoutingResult
@@ -146,7 +147,7 @@ def show_message(
                 _console.print(
                     Text(
                         f"      attempt {attempt.number} {stamp} {attempt.duration_ms} ms "
-                        f"{attempt.outcome}: {attempt.detail or ''}"
+                        f"{attempt.outcome}: {without_password(attempt.detail or '')}"
                     )
                 )
             if payloads:
@@ -289,7 +290,9 @@ def _delivery_json(
         "attempts": delivery.attempts,
         "max_attempts": delivery.max_attempts,
         "not_before": delivery.not_before.isoformat(),
-        "last_error": delivery.last_error,
+        "last_error": without_password(delivery.last_error)
+        if delivery.last_error
+        else delivery.last_error,
         "receipt": delivery.receipt,
         "created_at": delivery.created_at.isoformat(),
         "updated_at": delivery.updated_at.isoformat(),
@@ -303,7 +306,7 @@ def _delivery_json(
                 "started_at": attempt.started_at.isoformat(),
                 "duration_ms": attempt.duration_ms,
                 "outcome": attempt.outcome,
-                "detail": attempt.detail,
+                "detail": without_password(attempt.detail) if attempt.detail else attempt.detail,
             }
             for attempt in attempts
         ],
@@ -334,7 +337,7 @@ def delivery_table(found: list[DeliveryRecord], title: str) -> None:
             d.channel,
             f"{d.attempts}/{d.max_attempts or 'forever'}",  # 0: retried until it works
             d.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
-            Text(d.last_error or ""),
+            Text(without_password(d.last_error or "")),
         )
     _console.print(table)
     _console.print(f"{len(found)} delivery(ies)")
@@ -370,7 +373,7 @@ def discarded_table(found: list[DeliveryRecord], discards: dict[int, Discard]) -
             when,
             Text(by or ""),
             Text(reason or ""),
-            Text(d.last_error or ""),
+            Text(without_password(d.last_error or "")),
         )
     _console.print(table)
     _console.print(f"{len(found)} delivery(ies)")

@@ -34,6 +34,7 @@ from carehub.components import ComponentContext
 from carehub.config import (
     ENV_HTTP_TOKENS,
     HubConfig,
+    MLLPListenerConfig,
     http_tokens,
     load_config,
     resolve_data_dir,
@@ -45,7 +46,7 @@ from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
 from carehub.intake.intake import Intake
 from carehub.intake.mllp import MLLPListener
-from carehub.intake.tls import server_context
+from carehub.intake.tls import server_context, warn_if_key_readable
 from carehub.lockfile import StoreLock, lock_store
 from carehub.metrics import make_registry, render
 from carehub.plugins import PluginHost
@@ -78,6 +79,18 @@ class BoundListener:
 
 #: Seconds a serving hub's SQLite call waits for a write lock held by another process.
 SERVING_LOCK_TIMEOUT = 2.0
+#: The umask of the commands that write messages (serve, worker, demo, messages export): the
+#: store, its WAL, outbox files and exports hold PHI, readable by the hub's user only.
+PRIVATE_UMASK = 0o077
+#: A data dir carehub makes: the hub's user only, whatever the umask.
+PRIVATE_DIR_MODE = 0o700
+
+
+def keep_written_files_private() -> None:
+    """Make what this process creates from now on readable by its user only: SQLite, outbox
+    channels and exports create their files with the umask, and the usual 022 would let every
+    local account read the messages."""
+    os.umask(PRIVATE_UMASK)
 
 
 def open_store(
@@ -100,7 +113,7 @@ def open_store(
         )
     try:
         if not config.store.url:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         store = MessageStore(
             url,
             durability=config.store.durability,
@@ -225,6 +238,23 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def warn_if_exposed(listener: MLLPListenerConfig, where: str) -> None:
+    """A WARNING for an MLLP listener others could read or impersonate: one beyond loopback
+    without TLS (MLLP has no authentication, and messages cross the network in clear), or
+    one whose TLS private key other accounts can read."""
+    if listener.tls is not None:
+        warn_if_key_readable(listener.tls, where)
+    elif not _loopback(listener.host):
+        log.warning(
+            "MLLP listener '%s' on %s has no TLS: messages cross the network in clear and "
+            "anyone who reaches the port can send; keep it on a trusted network or behind a "
+            "TLS terminator, set %s.tls, or bind it to 127.0.0.1",
+            listener.name,
+            listener.host,
+            where,
+        )
 
 
 def mllp_tls_contexts(config: HubConfig) -> list[ssl.SSLContext | None]:
@@ -358,7 +388,10 @@ class RouteReloader:
                 if not isinstance(err, CarehubError):
                     problem = f"{type(err).__name__}: {problem}"
                     log.debug("route reload failed", exc_info=True)
-                log.error("routes not reloaded, still running the previous ones: %s", problem)
+                log.error(
+                    "routes not reloaded, still running the previous ones: %s",
+                    without_password(problem),  # a route file's URL may carry a credential
+                )
                 self.outcome = "failed"
                 return None
             self.config = config
@@ -446,7 +479,7 @@ class Hub:
     async def start(self) -> list[BoundListener]:
         """Open the store, then the listeners; returns where each listener is bound."""
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         except OSError as err:
             raise CarehubError(
                 f"data dir {self.data_dir}: cannot create it: {err.strerror}"
@@ -491,6 +524,7 @@ class Hub:
             listeners = self.config.listeners
             contexts = mllp_tls_contexts(self.config)
             for i, (mllp_config, context) in enumerate(zip(listeners.mllp, contexts, strict=True)):
+                warn_if_exposed(mllp_config, f"listeners.mllp[{i}]")
                 listener = MLLPListener(mllp_config, self.intake, context)
                 host, port = await self._bind(
                     listener.start(),

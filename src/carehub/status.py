@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import and_, case, func, literal_column, select
 
+from carehub.config import without_password
 from carehub.store.outbox import held_counts
 from carehub.store.processes import HubProcess, running_processes
 from carehub.store.schema import (
@@ -275,7 +276,7 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
     for destination, channel, last_error in error_rows:
         item = state(destination, channel)
         if item.last_error is None and last_error:
-            item.last_error = last_error
+            item.last_error = without_password(last_error)  # stored before URLs were masked
     # Paused destinations, with or without work waiting (a few rows, read whole).
     for row in conn.execute(select(paused_destinations)):
         marked = [item for (name, _), item in found.items() if name == row.destination]
@@ -293,7 +294,7 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
     for destination, channel, last_error in dead_errors:
         item = state(destination, channel)
         if item.last_error is None and last_error:
-            item.last_error = last_error
+            item.last_error = without_password(last_error)  # stored before URLs were masked
     return sorted(found.values(), key=lambda item: (item.destination, item.channel))
 
 

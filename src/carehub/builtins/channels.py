@@ -48,6 +48,7 @@ from carehub.components import (
     Outgoing,
     Work,
 )
+from carehub.config import without_password
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
 from carehub.hl7.charsets import codec_for, decode_message
@@ -701,6 +702,7 @@ class WebhookChannel(HttpChannel):
 
     async def send(self, outgoing: Outgoing) -> str:
         url = self.options.url
+        shown = without_password(url)  # error texts are logged, stored and printed
         try:
             async with self.request(
                 "POST", url, outgoing.payload, self.headers_for(outgoing)
@@ -712,11 +714,12 @@ class WebhookChannel(HttpChannel):
                 excerpt = _excerpt(await read_some(response))
         except httpx.TimeoutException as err:
             raise DeliveryError(
-                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
+                f"POST {shown}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
             ) from err
         except httpx.TransportError as err:
-            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}") from err
-        text = f"POST {url}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+            reason = without_password(f"{type(err).__name__}: {err}")
+            raise DeliveryError(f"POST {shown}: {reason}") from err
+        text = f"POST {shown}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
         retry_after = response.headers.get("Retry-After")
         if retry_after:
             text += f" (Retry-After: {retry_after})"

@@ -17,6 +17,7 @@ import aiohttp
 import httpx
 
 from carehub.components import Channel, ComponentContext, ComponentOptions
+from carehub.config import without_password
 
 USER_AGENT = "carehub"
 
@@ -29,13 +30,15 @@ def is_retryable(status: int) -> bool:
 
 
 def http_url(value: str, option: str = "url") -> str:
-    """An options validator: an absolute http(s) URL with a host."""
+    """An options validator: an absolute http(s) URL with a host. The error quotes the value
+    with its credentials masked: config and reload errors are printed and logged."""
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError) as err:
-        raise ValueError(f"bad {option} {value!r}: {err}") from err
+        raise ValueError(without_password(f"bad {option} {value!r}: {err}")) from err
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{option} must be http:// or https:// with a host, got {value!r}")
+        shown = without_password(repr(value))
+        raise ValueError(f"{option} must be http:// or https:// with a host, got {shown}")
     return value
 
 

@@ -51,6 +51,7 @@ from carehub.components import (
     Outgoing,
     Work,
 )
+from carehub.config import without_password
 from carehub.errors import ConfigError
 from carehub.hookspecs import hookimpl
 from carehub.intake.tls import client_context
@@ -519,6 +520,7 @@ class SmsChannel(HttpChannel):
     async def send(self, outgoing: Outgoing) -> str:
         body, headers, length = self.request_for(outgoing)
         method, url = self.options.method, self.options.url
+        shown = without_password(url)  # error texts are logged, stored and printed
         try:
             async with self.request(method, url, body, headers) as response:
                 status = response.status_code
@@ -534,12 +536,13 @@ class SmsChannel(HttpChannel):
                 excerpt = _excerpt(await read_some(response))
         except httpx.TimeoutException as err:
             raise DeliveryError(
-                f"{method} {url}: no answer within {self.options.timeout:g} s "
+                f"{method} {shown}: no answer within {self.options.timeout:g} s "
                 f"({type(err).__name__})"
             ) from err
         except httpx.TransportError as err:
-            raise DeliveryError(f"{method} {url}: {type(err).__name__}: {err}") from err
-        text = f"{method} {url}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+            reason = without_password(f"{type(err).__name__}: {err}")
+            raise DeliveryError(f"{method} {shown}: {reason}") from err
+        text = f"{method} {shown}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
         retry_after = response.headers.get("Retry-After")
         if retry_after:
             text += f" (Retry-After: {retry_after})"

@@ -7,7 +7,9 @@ A body holding several messages, or an FHS/BHS batch, is split as the file drop 
 each message is stored and answered like one posted alone, text outside the messages is
 stored as a rejected row (AR), and the body of the answer holds every ACK in order (wrapped in
 FHS/BHS ... BTS/FTS when the request was), with the status of the worst of them.
-GET /health answers without a token so load balancers can probe it.
+GET /health answers without a token so load balancers can probe it, with the status alone; the
+details (listeners, intake counts, queue) need a token when tokens are configured, as GET
+/metrics does. /docs, /redoc and /openapi.json are served only with listeners.http.api_docs.
 """
 
 from __future__ import annotations
@@ -74,7 +76,15 @@ def build_app(
     metrics: Callable[[], bytes] | None = None,
     store: MessageStore | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="carehub", summary="HL7 v2 intake over HTTP", docs_url="/docs")
+    # The API description is off unless asked for: it maps every endpoint for anyone who asks.
+    docs_on = config.api_docs
+    app = FastAPI(
+        title="carehub",
+        summary="HL7 v2 intake over HTTP",
+        docs_url="/docs" if docs_on else None,
+        redoc_url="/redoc" if docs_on else None,
+        openapi_url="/openapi.json" if docs_on else None,
+    )
     if store is not None:
         # Status updates from the organisations a referral was sent to (closed-loop referrals).
         from carehub.referrals.api import register_referral_routes
@@ -90,14 +100,17 @@ def build_app(
             return False
         return any(hmac.compare_digest(presented.encode(), t.encode()) for t in tokens)
 
+    def unauthorized() -> JSONResponse:
+        return JSONResponse(
+            {"error": "missing or invalid bearer token"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="carehub"'},
+        )
+
     @app.post("/hl7", summary="Submit one HL7 v2 message; the response body is its ACK")
     async def receive_message(request: Request) -> Response:
         if not authorized(request):
-            return JSONResponse(
-                {"error": "missing or invalid bearer token"},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Bearer realm="carehub"'},
-            )
+            return unauthorized()
         peer = f"{request.client.host}:{request.client.port}" if request.client else None
         arrival = Arrival("http", "http", peer, config.default_charset)
         body, size = await read_body(request, config.max_message_bytes)
@@ -124,15 +137,22 @@ def build_app(
         result = await intake.receive(body, arrival)
         return Response(result.ack, status_code=_status(result), media_type=HL7_MEDIA_TYPE)
 
-    @app.get("/health", summary="Liveness and store reachability")
-    async def health_check() -> JSONResponse:
+    @app.get("/health", summary="Liveness and store reachability; details with a token")
+    async def health_check(request: Request) -> JSONResponse:
         report = await asyncio.to_thread(health)
-        return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
+        status_code = 200 if report.get("status") == "ok" else 503
+        if not authorized(request):
+            # What a load balancer needs; listener addresses, paths and counts are not for
+            # whoever reaches the port.
+            report = {"status": report.get("status")}
+        return JSONResponse(report, status_code=status_code)
 
     if metrics is not None:
 
-        @app.get("/metrics", summary="Prometheus metrics")
-        async def prometheus_metrics() -> Response:
+        @app.get("/metrics", summary="Prometheus metrics (a token when tokens are configured)")
+        async def prometheus_metrics(request: Request) -> Response:
+            if not authorized(request):
+                return unauthorized()
             return Response(metrics(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -1,12 +1,19 @@
-"""TLS contexts for MLLP: server side (optionally requiring client certificates) and client side."""
+"""TLS contexts for MLLP: server side (requiring client certificates when given a CA to check
+them against) and client side."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 
 from carehub.config import TLSConfig
 from carehub.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Permission bits that let the file's group or anyone else read a file.
+READABLE_BY_OTHERS = 0o044
 
 
 def server_context(tls: TLSConfig, where: str) -> ssl.SSLContext:
@@ -24,10 +31,30 @@ def server_context(tls: TLSConfig, where: str) -> ssl.SSLContext:
             context.load_verify_locations(cafile=str(tls.client_ca))
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"{where}.tls.client_ca: cannot load {tls.client_ca}: {err}") from err
-        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+        # Optional only when asked for: a CA given to check senders against means mutual TLS.
+        optional = tls.require_client_cert is False
+        context.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
     elif tls.require_client_cert:
         raise ConfigError(f"{where}.tls.require_client_cert: needs tls.client_ca to check against")
     return context
+
+
+def warn_if_key_readable(tls: TLSConfig, where: str) -> None:
+    """One WARNING when the private key can be read by its group or by anyone: whoever reads
+    it can pose as the hub to senders. A key that cannot be read at all is server_context's
+    error to report."""
+    try:
+        mode = tls.key.stat().st_mode
+    except OSError:
+        return
+    if mode & READABLE_BY_OTHERS:
+        log.warning(
+            "%s.tls.key %s can be read by other accounts (mode %03o): anyone who reads it can "
+            "pose as this hub; make it readable by the hub's user only (chmod 600)",
+            where,
+            tls.key,
+            mode & 0o777,
+        )
 
 
 def client_context(

@@ -17,8 +17,9 @@ the reason; 422 for a body that is not a valid update; 401 without a valid beare
 same tokens and header as ``POST /hl7``); 503 when the store cannot be reached. Refused updates
 are still recorded on the timeline, so what the other side claimed is never lost.
 
-The answer leaves out the transition's ``summary`` (patient name, birth date, parties): the
-caller already knows the referral, and a status call should not hand back more PHI than it sent.
+The answer leaves out the transition's ``summary`` (patient name, birth date, parties) and its
+``patient_key`` (the patient's MRN with its authority): the caller already knows the referral,
+and a status call should not hand back more PHI than it sent.
 """
 
 from __future__ import annotations
@@ -80,9 +81,15 @@ def _authorized(request: Request, tokens: list[str]) -> bool:
     return any(hmac.compare_digest(presented.encode(), t.encode()) for t in tokens)
 
 
+#: Transition fields a status answer leaves out: the patient's identity and the referral's
+#: parties are not the caller's to learn from a status call.
+_NOT_ANSWERED = ("summary", "patient_key")
+
+
 def _public(transition: ReferralTransition) -> dict[str, Any]:
     out = transition.as_output()
-    out.pop("summary", None)
+    for name in _NOT_ANSWERED:
+        out.pop(name, None)
     return out
 
 

@@ -94,8 +94,9 @@ def list_command(
 @click.argument("referral")
 @click.option("--json", "as_json", is_flag=True, help="Print the referral and timeline as JSON.")
 def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool) -> None:
-    """One referral (by row id, authority|id, or referral id) and its whole timeline: each
-    update's source, from -> to, and whether it was applied or refused (with why)."""
+    """One referral (by authority|id, its referral id, or its row id as #N) and its whole
+    timeline: each update's source, from -> to, and whether it was applied or refused (with
+    why). A referral id comes before a row id: 2 is the referral numbered 2."""
     from carehub.hub import open_store
     from carehub.referrals.state import party_name, referral_timeline
 

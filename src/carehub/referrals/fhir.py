@@ -25,10 +25,23 @@ wrong (R5 renamed ``reasonCode``/``reasonReference`` to ``reason`` and changed T
 
 **Minimum necessary.** The CBO gets what it needs to contact and serve the patient and nothing
 else: the patient's identifier, name, birth date, sex, phone and address; the social-need
-category and requested service; the SDOH Z codes (ICD-10-CM Z55-Z65) as ``reasonCode`` -- no
-other diagnoses, no referral notes (NTEs may hold clinical detail); the referring clinician by
-NPI and name. Consent is stated as the IG suggests: ``supportingInfo`` -> a Consent resource when
-the site names one (``consent_reference``), else a ``note``.
+category and requested service; as ``reasonCode``, only the SDOH Z codes (ICD-10-CM Z55-Z65) of
+the need this referral is for -- no other diagnoses, no referral notes (NTEs may hold clinical
+detail); the referring clinician by NPI and name. "The need this referral is for" is what the
+chosen service serves (its ``needs`` in the community-resources output, each need listing the
+codes it was found from); without that step, the Gravity category of the referral's reason
+code or first SDOH Z code. A patient's Z codes also record abuse, family conflict,
+incarceration or legal trouble (Z62, Z63, Z65): a food bank has no use for them, and a
+disclosure of them cannot be taken back. Consent is stated as the IG suggests:
+``supportingInfo`` -> a Consent resource when the site names one (``consent_reference``), else a
+``note`` (:func:`consent_statement`, which the email to the organisation uses too).
+
+**Recipient.** ServiceRequest.performer and Task.owner are the organisation the referral names
+(PRD role RT), else the top-ranked community match:
+:func:`carehub.resources.matching.chosen_match`, the same rule the notify-referral email
+follows, so both channels always name one organisation. A new referral with no recipient at
+all (nothing named, nothing matched) is not sent: an unowned Task on a shared platform would
+put the patient's details before whoever sees unassigned work, with nobody responsible.
 
 **Patient reference.** A CBO's server has usually never seen the patient, so a bare conditional
 reference (``Patient?identifier=...``) would fail there. The Bundle instead carries the patient
@@ -102,6 +115,7 @@ from carehub.components import (
     Outgoing,
     Work,
 )
+from carehub.config import without_password
 from carehub.events import (
     CareEvent,
     Diagnosis,
@@ -116,6 +130,7 @@ from carehub.referrals.state import (
     ReferralTransition,
     referral_key,
 )
+from carehub.resources.matching import chosen_match
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -124,6 +139,7 @@ __all__ = [
     "FHIR_CONTENT_TYPE",
     "GRAVITY_CATEGORIES",
     "SDOHCC_CODES",
+    "ConsentStatement",
     "FhirReferralChannel",
     "GravityOptions",
     "ReferralResources",
@@ -133,6 +149,7 @@ __all__ = [
     "build_referral_bundle",
     "build_referral_resources",
     "build_referral_update",
+    "consent_statement",
     "gravity_category_for_code",
     "referral_operation",
     "referral_search",
@@ -310,6 +327,34 @@ def validate_resource(resource: dict[str, Any]) -> None:
         raise ValueError(f"invalid FHIR {resource_type}: {problems}") from err
 
 
+# -- consent ------------------------------------------------------------------------------------
+
+CONSENT_NOT_STATED = (
+    "Consent to share this referral with the receiving organization was not stated in the "
+    "referral message; confirm it with the referring provider."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentStatement:
+    """What is known of the patient's consent to this referral, for every channel."""
+
+    stated: bool
+    text: str
+
+
+def consent_statement(reference: str | None, note: str | None) -> ConsentStatement:
+    """The consent line from what the site configured (``consent_reference``, else
+    ``consent_note``). A REF message itself carries no consent, so without either nothing is
+    known and the text says so: claiming consent nobody recorded would mislead the
+    organisation into acting on it."""
+    if reference:
+        return ConsentStatement(True, f"recorded by the referrer ({reference})")
+    if note and note.strip():
+        return ConsentStatement(True, note.strip())
+    return ConsentStatement(False, CONSENT_NOT_STATED)
+
+
 # -- small builders -----------------------------------------------------------------------------
 
 
@@ -450,16 +495,47 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 
 def _community(work: Work) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """(needs, top match) from the community-resources step, tolerating its absence."""
+    """(needs, the chosen organisation's match) from the community-resources step, tolerating
+    its absence. The match is picked by :func:`carehub.resources.matching.chosen_match`, the
+    rule the email to the organisation follows too."""
     found = work.data.get("community_resources")
     if not isinstance(found, dict):
         return [], None
     needs = [_as_dict(n) for n in found.get("needs") or []]
     matches = [_as_dict(m) for m in found.get("matches") or []]
     needs = [n for n in needs if n]
-    matches = [m for m in matches if m]
-    matches.sort(key=lambda m: m.get("rank") if isinstance(m.get("rank"), int) else 1_000_000)
-    return needs, (matches[0] if matches else None)
+    return needs, chosen_match(work.event, {"matches": [m for m in matches if m]})
+
+
+def _bare(code: str) -> str:
+    return code.strip().upper().replace(".", "")
+
+
+def _for_the_referral(
+    needs: list[dict[str, Any]], chosen: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The needs this referral is for: those the chosen service serves; without a chosen
+    service (a named organisation outside the directory), the first need found."""
+    if chosen is not None:
+        served = [n for n in needs if n.get("category") in (chosen.get("needs") or [])]
+        if served:
+            return served
+    return needs[:1]
+
+
+def _z_code_is_for(code: str, needs: list[dict[str, Any]], main: str) -> bool:
+    """Whether an SDOH Z code belongs to a need the referral is for: one of the codes the
+    need was found from (community-resources lists them), else, for needs recorded without
+    their codes or with no needs at all, a code of the referral's Gravity category."""
+    if not needs:
+        return gravity_category_for_code(code) == main
+    for need in needs:
+        if "codes" in need:
+            if _bare(code) in {_bare(str(c)) for c in need.get("codes") or []}:
+                return True
+        elif gravity_category_for_code(code) == need.get("gravity"):
+            return True
+    return False
 
 
 def _referral_key_of(work: Work) -> str | None:
@@ -496,6 +572,12 @@ class ReferralResources:
     task: dict[str, Any]
     task_url: str
 
+
+#: Why a new referral is held back instead of sent to the FHIR server.
+NO_RECIPIENT = (
+    "no community organisation chosen: the referral names none and no directory service "
+    "matched its needs; held for the referral coordinator to choose one"
+)
 
 _NEEDS_REFERRAL_EVENT = (
     "fhir-referral needs a referral care event: put `translate: v2-to-event` (and "
@@ -543,17 +625,20 @@ def build_referral_resources(
     if patient_name:
         patient_ref["display"] = patient_name
 
-    # The need: the community-resources step's needs (the top match's first), else Z codes.
-    needs, top = _community(work)
-    z_codes: list[tuple[str, str | None]] = []
+    # The need: what the chosen service serves (community-resources), else the Z codes. Only
+    # the Z codes of that need go out (see "Minimum necessary" in the module docstring).
+    found_needs, chosen = _community(work)
+    needs = _for_the_referral(found_needs, chosen)
+    sdoh_codes: list[tuple[str, str | None]] = []
     for diagnosis in event.diagnoses:
         code = sdoh_z_code(diagnosis)
-        if code and code not in [c for c, _ in z_codes]:
-            z_codes.append((code, diagnosis.display))
+        if code and code not in [c for c, _ in sdoh_codes]:
+            sdoh_codes.append((code, diagnosis.display))
     if ref.reason_code:
         code = sdoh_z_code(Diagnosis(code=ref.reason_code, system=""))
-        if code and code not in [c for c, _ in z_codes]:
-            z_codes.append((code, ref.reason))
+        if code and code not in [c for c, _ in sdoh_codes]:
+            # The reason code first: it is what the referrer said the referral is for.
+            sdoh_codes.insert(0, (code, ref.reason))
     categories: list[str] = []
     labels: dict[str, str] = {}
     for need in needs:
@@ -563,19 +648,17 @@ def build_referral_resources(
             categories.append(category)
             labels[category] = str(need.get("label") or GRAVITY_CATEGORIES[category])
     if not categories:
-        for code, _ in z_codes:
-            category = gravity_category_for_code(code)
-            if category and category not in categories:
-                categories.append(category)
-                labels[category] = GRAVITY_CATEGORIES[category]
+        category = next(
+            (found for c, _ in sdoh_codes if (found := gravity_category_for_code(c))), None
+        )
+        if category:
+            categories.append(category)
+            labels[category] = GRAVITY_CATEGORIES[category]
     if not categories:
         categories = [UNSPECIFIED]
         labels[UNSPECIFIED] = "Social needs"
     main = categories[0]
-    if top is not None:
-        served = [n for n in needs if n.get("category") in (top.get("needs") or [])]
-        if served and served[0].get("gravity") in categories:
-            main = str(served[0]["gravity"])
+    z_codes = [(c, d) for c, d in sdoh_codes if _z_code_is_for(c, needs, main)]
     coding = options.service_codes.get(main)
     code: dict[str, Any] = {"text": f"{labels[main]} assistance"}
     if coding is not None:
@@ -584,11 +667,12 @@ def build_referral_resources(
             "text": coding.display or code["text"],
         }
 
-    # The performer: the top community match, else the organization the referral names.
+    # The performer: the organisation the referral names, else the top community match
+    # (chosen_match); the email to the organisation names the same one.
     performer = None
-    if top is not None:
-        org_name = top.get("organization") or top.get("service")
-        org_id = top.get("organization_id")
+    if chosen is not None:
+        org_name = chosen.get("organization") or chosen.get("service")
+        org_id = chosen.get("organization_id")
         performer = _organization_ref(
             str(org_name) if org_name else None,
             str(org_id) if org_id else None,
@@ -664,13 +748,7 @@ def build_referral_resources(
             {"reference": options.consent_reference, "type": "Consent"}
         ]
     else:
-        service_request["note"] = [
-            {
-                "text": options.consent_note
-                or "Consent to share this referral with the receiving organization was not "
-                "stated in the referral message; confirm it with the referring provider."
-            }
-        ]
+        service_request["note"] = [{"text": consent_statement(None, options.consent_note).text}]
 
     service_request_url = _urn(seed, "ServiceRequest")
     task: dict[str, Any] = {
@@ -1091,6 +1169,11 @@ class FhirReferralChannel(HttpChannel):
                 task=built.task_url,
                 service_request=built.service_request_url,
             )
+            if "owner" not in built.task:
+                # Nobody would be responsible for it: on a shared platform an unowned Task is
+                # visible to whoever sees unassigned work. Held, like the email, until a
+                # coordinator chooses an organisation (a new referral naming it).
+                bundle, why = None, NO_RECIPIENT
         elif operation in ("modify", "cancel"):
             update = build_referral_update(work, operation, idempotency_key, self.options)
             metadata["referral_key"] = update.referral_key
@@ -1124,7 +1207,7 @@ class FhirReferralChannel(HttpChannel):
         response = await self._call("POST", url, payload, headers)
         status = response.status_code
         if not 200 <= status < 300:
-            text = f"POST {url}: HTTP {status}"
+            text = f"POST {without_password(url)}: HTTP {status}"
             reason = _outcome_text(response)
             if reason:
                 text += f": {reason}"
@@ -1148,7 +1231,7 @@ class FhirReferralChannel(HttpChannel):
             # The server took the Bundle, so resending would not help; say it is not tracked.
             log.warning(
                 "fhir-referral: %s answered %d without a Task Location: referral %s not polled",
-                url,
+                without_password(url),
                 status,
                 outgoing.metadata.get("referral_key"),
             )
@@ -1170,11 +1253,12 @@ class FhirReferralChannel(HttpChannel):
                 await response.aread()
         except httpx.TimeoutException as err:
             raise DeliveryError(
-                f"{method} {url}: no answer within {self.options.timeout:g} s "
+                f"{method} {without_password(url)}: no answer within {self.options.timeout:g} s "
                 f"({type(err).__name__})"
             ) from err
         except httpx.TransportError as err:
-            raise DeliveryError(f"{method} {url}: {type(err).__name__}: {err}") from err
+            text = f"{method} {url}: {type(err).__name__}: {err}"
+            raise DeliveryError(without_password(text)) from err
         return response
 
     async def _guarded_cancel(self, outgoing: Outgoing) -> bytes | str:
@@ -1194,13 +1278,14 @@ class FhirReferralChannel(HttpChannel):
         response = await self._call("GET", url, b"", self._headers())
         body = await response.aread()
         if response.status_code != 200:
-            text = f"GET {url} (the Task, before cancelling it): HTTP {response.status_code}"
+            shown = without_password(url)
+            text = f"GET {shown} (the Task, before cancelling it): HTTP {response.status_code}"
             raise DeliveryError(text, retryable=is_retryable(response.status_code))
         tasks = _search_results(body, "Task")
         if not tasks:
             raise DeliveryError(
-                f"GET {url}: no Task for referral {key} (the referral is not at the server "
-                "yet; retried)"
+                f"GET {without_password(url)}: no Task for referral {key} (the referral is not "
+                "at the server yet; retried)"
             )
         if len(tasks) > 1:
             return outgoing.payload  # the conditional patch says what is wrong (412)
@@ -1284,33 +1369,35 @@ class FhirReferralChannel(HttpChannel):
     ) -> ReferralTransition | None:
         assert self._poll_client is not None
         url = f"{self.options.base_url}/Task/{quote(task_id, safe='')}"
+        shown = without_password(url)  # for the log lines below
         try:
             response = self._poll_client.get(url, headers=self._headers())
         except httpx.HTTPError as err:
-            log.warning("fhir-referral: GET %s: %s: %s", url, type(err).__name__, err)
+            reason = without_password(f"{type(err).__name__}: {err}")
+            log.warning("fhir-referral: GET %s: %s", shown, reason)
             return None
         if response.status_code == 410:
-            log.warning("fhir-referral: %s is gone (HTTP 410); no longer polled", url)
+            log.warning("fhir-referral: %s is gone (HTTP 410); no longer polled", shown)
             self.tasks.remove(task_id)
             return None
         if response.status_code != 200:
-            log.warning("fhir-referral: GET %s: HTTP %d", url, response.status_code)
+            log.warning("fhir-referral: GET %s: HTTP %d", shown, response.status_code)
             return None
         try:
             task = response.json()
         except ValueError:
-            log.warning("fhir-referral: GET %s: the answer is not JSON", url)
+            log.warning("fhir-referral: GET %s: the answer is not JSON", shown)
             return None
         status = task.get("status") if isinstance(task, dict) else None
         if not isinstance(status, str) or task.get("resourceType") != "Task":
-            log.warning("fhir-referral: GET %s: not a Task with a status", url)
+            log.warning("fhir-referral: GET %s: not a Task with a status", shown)
             return None
         self.tasks.update(task_id, polled_at=now.isoformat())
         if status == entry.get("last_status"):
             return None
         if status not in STATUSES:
             # draft / ready / entered-in-error: not referral states carehub tracks.
-            log.warning("fhir-referral: %s has status %r; not applied", url, status)
+            log.warning("fhir-referral: %s has status %r; not applied", shown, status)
             self.tasks.update(task_id, last_status=status)
             return None
         detail: dict[str, Any] = {"task": f"Task/{task_id}", "server": self.options.base_url}
@@ -1319,6 +1406,10 @@ class FhirReferralChannel(HttpChannel):
         )
         if reason:
             detail["note"] = str(reason)[:500]
+        owner = task.get("owner") if isinstance(task.get("owner"), dict) else {}
+        if owner.get("display"):
+            # Who answered: the Task's owner, whoever the referral first named.
+            detail["answered_by"] = str(owner["display"])[:200]
         if task.get("lastModified"):
             detail["task_last_modified"] = str(task["lastModified"])
         transition = self.tracker.advance(

@@ -23,12 +23,20 @@ community-resources):
   referrer can sort that out with them.
 - **organization**: a new referral goes by email to the chosen community organisation: the one
   the referral names (PRD role RT), else the top ranked match; never a higher-ranked *other*
-  organisation, since consent covers the one chosen. The address is that organisation's match
-  email when the HSDS directory has one, else the ``organizations`` fallback for its id or
-  name. A CBO is usually not a covered entity, so the text is the HIPAA minimum necessary for
-  intake: the patient's name, date of birth and phone,
-  the need *categories* (never the Z codes or any other diagnosis, never the free-text reason),
-  the referral id, the referrer's contact and the consent line.
+  organisation, since consent covers the one chosen. The rule is
+  :func:`carehub.resources.matching.chosen_match`, which also picks the FHIR performer and Task
+  owner, so both channels name the same organisation. The address is that organisation's match
+  email (the service's, else its organisation's, from the HSDS directory) when it has one, else
+  the ``organizations`` fallback for its id or name. A CBO is usually not a covered entity, so
+  the text is the HIPAA minimum necessary for intake: the patient's name, date of birth and
+  phone, the need *categories* (never the Z codes or any other diagnosis, never the free-text
+  reason), the referral id, the referrer's contact and the consent line. The consent line says
+  only what the site recorded (``consent_reference`` / ``consent_note``, read as the FHIR copy
+  reads them); without either it says plainly that consent was not stated.
+
+A notice to the referrer names who answered (:attr:`ReferralTransition.answered_by`: an RRI's
+responding party or sender, a polled Task's owner), never simply the organisation the referral
+named, and carries what they said (an RRI's NTEs, a webhook's or a Task's note).
 
 Like the notify step, this only *plans* deliveries; the router commits them with the route and
 the outbox sends them with retries. Nothing is written to ``notifications`` (that table is the
@@ -53,7 +61,9 @@ from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.care.roster import DirectoryEntry, ProviderDirectory
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
+from carehub.referrals.fhir import consent_statement
 from carehub.referrals.state import ReferralTransition
+from carehub.resources.matching import chosen_match, referred_to_name
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key, order_key
 from carehub.store.outbox import Outbox
@@ -82,7 +92,12 @@ Date of birth: {{ birth_date or "not given" }}
 Phone: {{ phone or "not given" }}
 Needs: {{ needs | join(", ") if needs else "not stated" }}
 
-Consent: the patient agreed to this referral (recorded by {{ referrer.name }})
+{% if consent.stated -%}
+Consent: {{ consent.text }}
+{%- else -%}
+Consent: NOT STATED. The referral does not say that the patient agreed to be referred to you.
+Please confirm the patient's consent with {{ referrer.name }} before acting on it.
+{%- endif %}
 
 Referrer contact: {{ referrer.name }}
 {%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
@@ -170,6 +185,11 @@ class ReferralNoticeConfig(BaseModel):
     #: Fallback address per HSDS organization id or organisation name (case-insensitive).
     organizations: dict[str, str] = Field(default_factory=dict)
     templates: str | None = None
+    #: The patient's consent as the site records it; the same two settings, read the same way
+    #: (carehub.referrals.fhir.consent_statement), as on the fhir-referral forward, so the
+    #: email and the FHIR copy of a referral say the same. Unset: "not stated".
+    consent_reference: str | None = None
+    consent_note: str | None = None
     tell: list[Party] = Field(default_factory=lambda: ["referrer", "organization"], min_length=1)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     reload_seconds: float = Field(5.0, ge=0)
@@ -276,8 +296,8 @@ class ReferralNotifier:
         return self._route_to(decision, entry.channel, entry.address)
 
     def _organization(self, work: Work, transition: ReferralTransition) -> NoticeDecision:
-        named = _referred_to_org(transition.summary)
-        match = _chosen_match(work, named)
+        named = referred_to_name(work.event) or _referred_to_org(transition.summary)
+        match = chosen_match(work.event, work.data.get("community_resources"))
         org_name = (match or {}).get("organization") or named
         org_id = (match or {}).get("organization_id")
         decision = NoticeDecision(
@@ -369,7 +389,9 @@ class ReferralNotifier:
         if decision.role == "organization":
             organization = decision.name
         else:
-            organization = summary.get("referred_to_name") or "the receiving organisation"
+            # Who answered, not whom the referral named: another organisation may answer (a
+            # FHIR Task's owner, an RRI's sender), and the referrer must hear who it was.
+            organization = transition.answered_by or "the receiving organisation"
         resources = work.data.get("community_resources") or {}
         needs = [n.get("label") or n.get("category") for n in resources.get("needs") or []]
         return {
@@ -388,6 +410,7 @@ class ReferralNotifier:
             # What the organisation claimed, when carehub refused it (after a cancel).
             "claimed_label": STATUS_LABELS.get(claimed, claimed.replace("-", " ")),
             "note": _responder_note(work, transition),
+            "consent": consent_statement(self.config.consent_reference, self.config.consent_note),
         }
 
     def _referrer_contact(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -486,25 +509,6 @@ def _referred_to_org(summary: dict[str, Any]) -> str | None:
     return name.strip() if isinstance(name, str) and name.strip() else None
 
 
-def _chosen_match(work: Work, named: str | None) -> dict[str, Any] | None:
-    """The ranked service that stands for the chosen organisation. When the referral names an
-    organisation, only a match *of that organisation* counts, even if another ranks higher:
-    the patient agreed to be referred there, and their details must not go anywhere else.
-    Only a referral that names nobody goes to the top match."""
-    matches = [
-        m
-        for m in (work.data.get("community_resources") or {}).get("matches") or []
-        if isinstance(m, dict)
-    ]
-    if named is None:
-        return matches[0] if matches else None
-    wanted = named.casefold()
-    return next(
-        (m for m in matches if str(m.get("organization") or "").strip().casefold() == wanted),
-        None,
-    )
-
-
 def _match_email(match: dict[str, Any] | None) -> str | None:
     """The service's or its organisation's email, when the HSDS directory gives one."""
     if not match:
@@ -517,9 +521,12 @@ def _match_email(match: dict[str, Any] | None) -> str | None:
 
 
 def _responder_note(work: Work, transition: ReferralTransition) -> str | None:
-    """What the receiving side said with its answer (NTE in an RRI, or a webhook's note)."""
+    """What the receiving side said with its answer: a webhook's or a FHIR Task's note, or
+    the NTEs of an RRI."""
     if transition.note:
         return transition.note
+    if transition.answer_note:
+        return transition.answer_note
     event = work.event
     if event is not None and event.kind == "referral_response" and event.referral is not None:
         return " ".join(n.strip() for n in event.referral.notes if n.strip()) or None

@@ -280,6 +280,12 @@ class ReferralTransition:
     #: on it: the referrer should hear of it (once per status claimed), or the organisation
     #: goes on serving a referral nobody expects.
     acted_on_cancelled: bool = False
+    #: Who gave this answer, as far as carehub knows: the responding party of an RRI (PRD
+    #: role RT, else MSH-4/MSH-3), the owner of a polled FHIR Task; None when the update does
+    #: not say (a webhook call). Not the organisation the referral named: another may answer.
+    answered_by: str | None = None
+    #: What the receiving side said with a webhook call or a FHIR Task update.
+    answer_note: str | None = None
     message_id: int | None = None
     #: For notices: patient, referral id, parties, priority, reason, due date.
     summary: dict[str, Any] = field(default_factory=dict)
@@ -962,6 +968,8 @@ class ReferralTracker:
             # The referrer hears about what the other side did, not about its own messages.
             notify_referrer=accepted and changed and not ctx.source.startswith("REF^"),
             acted_on_cancelled=acted_on_cancelled,
+            answered_by=_answered_by(ctx),
+            answer_note=_answer_note(ctx),
             message_id=ctx.message_id,
             summary=_summary(rec),
         )
@@ -1047,6 +1055,36 @@ class _Context:
     message_key: Any
     now: datetime
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+#: Sources whose updates come from the receiving side without a v2 message.
+_ANSWER_SOURCES = frozenset({"webhook", "fhir-task-poll"})
+
+
+def _answered_by(ctx: _Context) -> str | None:
+    """The party that gave an answer: an RRI's responding party (PRD role RT, else its sending
+    facility or application); for a webhook or Task poll what the caller recorded in
+    ``detail["answered_by"]`` (a Task's owner)."""
+    event = ctx.event
+    if event is not None:
+        if event.kind != "referral_response":
+            return None
+        party = event.referral.referred_to if event.referral is not None else None
+        name: str | None = None
+        if isinstance(party, Organization):
+            name = party.name
+        elif isinstance(party, Practitioner):
+            person = display_name(party.model_dump(exclude_none=True), with_prefix=True)
+            name = party.organization or person
+        return name or event.sending_facility or event.sending_application
+    found = ctx.detail.get("answered_by")
+    return str(found) if found and ctx.source in _ANSWER_SOURCES else None
+
+
+def _answer_note(ctx: _Context) -> str | None:
+    """The note a webhook call or a Task update carried (an RRI's notes are its NTEs)."""
+    note = ctx.detail.get("note")
+    return str(note) if note and ctx.event is None and ctx.source in _ANSWER_SOURCES else None
 
 
 # -- the route step ----------------------------------------------------------------------------
@@ -1156,20 +1194,34 @@ class ReferralTimeline:
 
 
 def referral_timeline(engine: Engine, ident: int | str) -> ReferralTimeline | None:
-    """A referral by row id, ``authority|id`` key, or bare referral id (when only one referral
-    has it), with its timeline; None when there is no such referral."""
+    """A referral by its ``authority|id`` key, its bare referral id, or its row id (``#2``,
+    or digits that are no referral's id), with its timeline; None when there is no such
+    referral. The referral's own id comes first: "2" is the referral the hospital numbered 2,
+    not whatever referral happens to sit in row 2. A bare id that several senders used is
+    an error naming their keys."""
     with engine.connect() as conn:
         rec: ReferralRecord | None = None
-        text = str(ident)
-        if isinstance(ident, int) or text.isdigit():
-            row = conn.execute(select(referrals).where(referrals.c.id == int(text))).first()
-            rec = _to_record(row) if row else None
-        if rec is None:
+        text = str(ident).strip()
+        row_id = int(text[1:]) if text.startswith("#") and text[1:].isdigit() else None
+        if isinstance(ident, int):
+            row_id = ident
+        if row_id is None:
             backend = _SqlBackend(conn, lock=False)
             rec = backend.get(text)
             if rec is None and "|" not in text:
                 found = backend.by_value(text)
-                rec = found[0] if len(found) == 1 else None
+                if len(found) > 1:
+                    keys = ", ".join(sorted(r.referral_key for r in found))
+                    raise CarehubError(
+                        f"referral id {text!r} was used by {len(found)} senders: give one of "
+                        f"{keys}, or a row id as #N"
+                    )
+                rec = found[0] if found else None
+            if rec is None and text.isdigit():
+                row_id = int(text)
+        if row_id is not None:
+            row = conn.execute(select(referrals).where(referrals.c.id == row_id)).first()
+            rec = _to_record(row) if row else None
         if rec is None:
             return None
         events = []

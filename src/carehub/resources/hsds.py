@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from carehub.config import without_password
 from carehub.errors import CarehubError
 
 __all__ = [
@@ -548,7 +549,7 @@ class ApiDirectory:
         self.requests_made = 0  # HTTP requests sent, for logs and tests
 
     def describe(self) -> str:
-        return f"HSDS API {self.base_url}"
+        return f"HSDS API {without_password(self.base_url)}"
 
     def close(self) -> None:
         self._client.close()
@@ -579,16 +580,18 @@ class ApiDirectory:
         try:
             return self._client.get(path.lstrip("/"), params=params)
         except httpx.HTTPError as err:
-            raise DirectoryError(f"{url}: {type(err).__name__}: {err}") from err
+            raise DirectoryError(without_password(f"{url}: {type(err).__name__}: {err}")) from err
 
     def _json(self, path: str, params: dict[str, Any] | None = None) -> Any:
         response = self._get(path, params)
         if response.status_code != 200:
-            raise DirectoryError(f"{response.url}: HTTP {response.status_code}")
+            shown = without_password(str(response.url))
+            raise DirectoryError(f"{shown}: HTTP {response.status_code}")
         try:
             return response.json()
         except ValueError as err:
-            raise DirectoryError(f"{response.url}: the answer is not JSON") from err
+            shown = without_password(str(response.url))
+            raise DirectoryError(f"{shown}: the answer is not JSON") from err
 
     def _pages(self, path: str, params: dict[str, Any]) -> list[Any]:
         """Every ``contents`` item of a paged list. Stops at ``total_pages`` when the server
@@ -602,7 +605,8 @@ class ApiDirectory:
                 return items + body
             contents = body.get("contents") if isinstance(body, dict) else None
             if not isinstance(contents, list):
-                raise DirectoryError(f"{self.base_url}/{path}: no 'contents' list in the answer")
+                shown = without_password(f"{self.base_url}/{path}")
+                raise DirectoryError(f"{shown}: no 'contents' list in the answer")
             items.extend(contents)
             total = body.get("total_pages")
             if isinstance(total, int) and not isinstance(total, bool):
@@ -612,7 +616,8 @@ class ApiDirectory:
             if done:
                 return items
             if page >= self.max_pages:
-                log.warning("%s/%s: stopped after %d pages", self.base_url, path, page)
+                shown = without_password(f"{self.base_url}/{path}")
+                log.warning("%s: stopped after %d pages", shown, page)
                 return items
             page += 1
 
@@ -620,7 +625,7 @@ class ApiDirectory:
     def services(self) -> list[Service]:
         def fetch() -> list[Service]:
             rows = self._pages("services", {"full": "true"})
-            return parse_services(rows, f"{self.base_url}/services")
+            return parse_services(rows, without_password(f"{self.base_url}/services"))
 
         return list(self._cached(("services",), fetch))
 
@@ -630,11 +635,13 @@ class ApiDirectory:
             if response.status_code == 404:
                 return None
             if response.status_code != 200:
-                raise DirectoryError(f"{response.url}: HTTP {response.status_code}")
+                shown = without_password(str(response.url))
+                raise DirectoryError(f"{shown}: HTTP {response.status_code}")
+            shown = without_password(str(response.url))
             try:
-                return parse_services([response.json()], str(response.url))[0]
+                return parse_services([response.json()], shown)[0]
             except ValueError as err:
-                raise DirectoryError(f"{response.url}: the answer is not JSON") from err
+                raise DirectoryError(f"{shown}: the answer is not JSON") from err
 
         return self._cached(("service", service_id), fetch)
 
@@ -664,16 +671,16 @@ class ApiDirectory:
             try:
                 sal = ServiceAtLocation.model_validate(row)
             except ValidationError as err:
-                raise DirectoryError(
-                    f"{self.base_url}/service_at_locations: item {index}: {err.errors()[0]['msg']}"
-                ) from err
+                shown = without_password(f"{self.base_url}/service_at_locations")
+                raise DirectoryError(f"{shown}: item {index}: {err.errors()[0]['msg']}") from err
             nested = row.get("service")
             service_id = sal.service_id or (nested or {}).get("id")
             if not service_id:
                 continue
             if service_id not in grouped:
                 if isinstance(nested, dict) and "attributes" in nested:
-                    service = parse_services([nested], f"{self.base_url}/service_at_locations")[0]
+                    where = without_password(f"{self.base_url}/service_at_locations")
+                    service = parse_services([nested], where)[0]
                 else:
                     found = self.service(str(service_id))
                     if found is None:

@@ -67,10 +67,12 @@ __all__ = [
     "PostalCodes",
     "Ranking",
     "age_on",
+    "chosen_match",
     "known_language",
     "language_hint",
     "language_of",
     "rank",
+    "referred_to_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,9 @@ class Need:
     evidence: tuple[str, ...] = ()
     terms: tuple[str, ...] = ()
     gravity: str | None = None
+    #: The ICD-10-CM codes (as sent) this need was found from: what a referral for this need
+    #: may pass on, and nothing else.
+    codes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,6 +141,7 @@ class Need:
             "label": self.label,
             "gravity": self.gravity,
             "evidence": list(self.evidence),
+            "codes": list(self.codes),
         }
 
 
@@ -179,7 +185,7 @@ class Crosswalk:
     def categories(self) -> list[str]:
         return list(self._rules)
 
-    def need(self, category: str, evidence: Iterable[str] = ()) -> Need:
+    def need(self, category: str, evidence: Iterable[str] = (), codes: Iterable[str] = ()) -> Need:
         rule = self._rules[category]
         return Need(
             category=category,
@@ -187,6 +193,7 @@ class Crosswalk:
             evidence=tuple(evidence),
             terms=tuple(rule.taxonomy_terms),
             gravity=rule.gravity,
+            codes=tuple(dict.fromkeys(codes)),
         )
 
     def categories_for_code(self, code: str) -> list[str]:
@@ -210,27 +217,36 @@ class Crosswalk:
         """Needs of a care event, in the order their first evidence appears: diagnoses (DG1),
         then the referral reason code and reason text (RF1-10)."""
         evidence: dict[str, list[str]] = {}
+        codes: dict[str, list[str]] = {}
 
-        def add(category: str, why: str) -> None:
+        def add(category: str, why: str, code: str | None = None) -> None:
             items = evidence.setdefault(category, [])
             if why not in items:
                 items.append(why)
+            if code:
+                codes.setdefault(category, []).append(code)
 
         for diagnosis in getattr(event, "diagnoses", None) or []:
             if not diagnosis.code:
                 continue
             for category in self.categories_for_code(diagnosis.code):
                 text = f" {diagnosis.display}" if diagnosis.display else ""
-                add(category, f"diagnosis {diagnosis.code}{text}")
+                add(category, f"diagnosis {diagnosis.code}{text}", diagnosis.code)
         referral = getattr(event, "referral", None)
         if referral is not None:
             if referral.reason_code:
                 for category in self.categories_for_code(referral.reason_code):
-                    add(category, f"referral reason code {referral.reason_code}")
+                    add(
+                        category,
+                        f"referral reason code {referral.reason_code}",
+                        referral.reason_code,
+                    )
             if referral.reason:
                 for category, keyword in self.categories_for_text(referral.reason):
                     add(category, f'referral reason "{referral.reason}" (keyword {keyword})')
-        return [self.need(category, why) for category, why in evidence.items()]
+        return [
+            self.need(category, why, codes.get(category, ())) for category, why in evidence.items()
+        ]
 
     def resolve(self, values: Iterable[str]) -> list[Need]:
         """Needs named on a command line: a category ("food"), a code ("Z59.41") or text."""
@@ -475,6 +491,11 @@ class Match:
             "location": _location_json(self.location),
             "phone": self.service.phone(),
             "url": self.service.url,
+            # Where the organisation takes referrals by email (notify-referral reads these).
+            "email": self.service.email,
+            "organization_email": self.service.organization.email
+            if self.service.organization
+            else None,
             "languages": list(dict.fromkeys(n for n in languages if n)),
             "hours": list(dict.fromkeys(hours)),
             "reasons": self.reasons,
@@ -653,12 +674,39 @@ def rank(
 # -- the enricher ------------------------------------------------------------------------------
 
 
-def _referred_to_name(event: Any) -> str | None:
+def referred_to_name(event: Any) -> str | None:
+    """The organisation the referral names (PRD role RT): an organisation's name, or the
+    organisation a named person works for."""
     referral = getattr(event, "referral", None)
     party = getattr(referral, "referred_to", None) if referral is not None else None
     if party is None:
         return None
-    return getattr(party, "name", None) or getattr(party, "organization", None)
+    name = getattr(party, "name", None) or getattr(party, "organization", None)
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def chosen_match(event: Any, found: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ranked service (``to_json`` form, from the community-resources output ``found``)
+    that stands for the organisation a referral goes to. The one rule for every channel (the
+    email and the FHIR ServiceRequest/Task), so both always name the same recipient:
+
+    - a referral that names a party (PRD role RT) goes there and nowhere else: only a match of
+      *that* organisation counts, even when another ranks higher, since the patient agreed to
+      be referred there and their details must not go to anyone else (None when the directory
+      has no service of it: the named party is then the recipient, outside the directory);
+    - only a referral that names nobody goes to the top-ranked match (None without one)."""
+    matches = [m for m in (found or {}).get("matches") or [] if isinstance(m, dict)]
+    matches.sort(key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
+    referral = getattr(event, "referral", None)
+    if getattr(referral, "referred_to", None) is None:
+        return matches[0] if matches else None
+    wanted = (referred_to_name(event) or "").casefold()
+    if not wanted:
+        return None
+    return next(
+        (m for m in matches if str(m.get("organization") or "").strip().casefold() == wanted),
+        None,
+    )
 
 
 class CommunityResourcesEnricher(Enricher):
@@ -813,7 +861,7 @@ class CommunityResourcesEnricher(Enricher):
                     postal_codes=postal_codes,
                     max_km=self.options.max_km,
                     max_results=self.options.max_results,
-                    referred_to=_referred_to_name(event),
+                    referred_to=referred_to_name(event),
                 )
                 result.update(ranking.to_json())
         work.data["community_resources"] = result
