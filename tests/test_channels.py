@@ -437,6 +437,8 @@ def test_mllp_ar_is_not_retryable(tmp_path: Path) -> None:
     (error,) = against_peer(tmp_path, ack_for(AckCode.REJECT, "unknown facility"))
     assert isinstance(error, DeliveryError) and not error.retryable
     assert "AR" in str(error) and "unknown facility" in str(error)
+    # The ERR text is the peer's own words (engines quote what they refuse): never logged.
+    assert error.said == "unknown facility" and "unknown facility" not in error.message
 
 
 def test_mllp_ack_for_another_message_is_retryable(tmp_path: Path) -> None:
@@ -745,11 +747,12 @@ def test_webhook_status_codes(
     assert isinstance(error, DeliveryError)
     assert error.retryable is retryable
     text = str(error)
-    assert f"HTTP {status}" in text and f"status {status}: xxx" in text
-    excerpt = text.split(f"HTTP {status}: ", 1)[1].split(" (Retry-After")[0]
-    assert len(excerpt) <= 200
+    assert f"HTTP {status}" in error.message and f"status {status}: xxx" in text
+    # The receiver's body is what it said: stored with the attempt, never logged.
+    assert error.said is not None and error.said.startswith(f"status {status}: xxx")
+    assert len(error.said) <= 200 and error.said not in error.message
     if status == 429:
-        assert "Retry-After: 30" in text
+        assert "Retry-After: 30" in error.message
 
 
 def test_webhook_connection_refused_is_retryable(tmp_path: Path) -> None:

@@ -582,25 +582,29 @@ class MLLPChannel(Channel):
         except NotHL7Error:
             await self._drop()
             raise DeliveryError(
-                f"{self.address} answered with something that is not an HL7 ACK: {_excerpt(text)!r}"
+                f"{self.address} answered with something that is not an HL7 ACK",
+                said=repr(_excerpt(text)),
             ) from None
         code = code.strip().upper()
         if echoed.strip() != control_id:
             # Out of step with the peer: whatever we read next could answer something else.
+            # Control IDs are what the peer said (some senders fill them with an MRN).
             await self._drop()
             raise DeliveryError(
-                f"{self.address} acknowledged MSH-10 {echoed!r}, not the {control_id!r} sent"
+                f"{self.address} acknowledged another MSH-10 than the one sent",
+                said=f"{echoed!r}, not {control_id!r}",
             )
-        detail = f": {reason}" if reason else ""
+        # The ERR text is the peer's own words, and engines quote what they refuse in it.
+        said = reason or None
         if code in ("AA", "CA"):
             return "AA"
         if code in ("AR", "CR"):
             raise DeliveryError(
-                f"{self.address} rejected the message ({code}){detail}", retryable=False
+                f"{self.address} rejected the message ({code})", retryable=False, said=said
             )
         if code in ("AE", "CE"):
-            raise DeliveryError(f"{self.address} answered {code}{detail}", retryable=True)
-        raise DeliveryError(f"{self.address} answered an unknown MSA-1 {code!r}{detail}")
+            raise DeliveryError(f"{self.address} answered {code}", retryable=True, said=said)
+        raise DeliveryError(f"{self.address} answered an unknown MSA-1 {code[:8]!r}", said=said)
 
 
 def _peer_closed(err: BaseException) -> bool:
@@ -719,11 +723,12 @@ class WebhookChannel(HttpChannel):
         except httpx.TransportError as err:
             reason = without_password(f"{type(err).__name__}: {err}")
             raise DeliveryError(f"POST {shown}: {reason}") from err
-        text = f"POST {shown}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+        text = f"POST {shown}: HTTP {status}"
         retry_after = response.headers.get("Retry-After")
         if retry_after:
-            text += f" (Retry-After: {retry_after})"
-        raise DeliveryError(text, retryable=is_retryable(status))
+            text += f" (Retry-After: {retry_after[:40]})"
+        # The body is the receiver's own words, which can echo what it was sent.
+        raise DeliveryError(text, retryable=is_retryable(status), said=excerpt or None)
 
 
 def sign(secret: str, payload: bytes) -> str:

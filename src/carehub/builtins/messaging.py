@@ -357,9 +357,10 @@ class EmailChannel(Channel):
         where = f"SMTP {self.address}"
         if isinstance(err, aiosmtplib.SMTPRecipientsRefused):
             refusals = err.recipients
-            text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in refusals)
+            codes = "; ".join(f"{r.recipient}: {r.code}" for r in refusals)
+            said = "; ".join(f"{r.recipient}: {r.message}" for r in refusals)
             final = bool(refusals) and all(500 <= r.code < 600 for r in refusals)
-            return DeliveryError(f"{where} refused {text}", retryable=not final)
+            return DeliveryError(f"{where} refused {codes}", retryable=not final, said=said)
         if isinstance(err, aiosmtplib.SMTPResponseException):
             if isinstance(err, aiosmtplib.SMTPAuthenticationError):
                 what = f"rejected the login as {self.options.username!r}"
@@ -371,8 +372,11 @@ class EmailChannel(Channel):
                 what = f"refused the message for {recipient}"
             else:
                 what = "answered"
-            text = f"{where} {what}: {err.code} {_excerpt(err.message)}"
-            return DeliveryError(text, retryable=not 500 <= err.code < 600)
+            return DeliveryError(
+                f"{where} {what}: {err.code}",
+                retryable=not 500 <= err.code < 600,
+                said=_excerpt(err.message) or None,
+            )
         if isinstance(err, aiosmtplib.SMTPTimeoutError | TimeoutError):
             return DeliveryError(f"{where}: no answer within {self.options.timeout:g} s ({err})")
         if isinstance(err, aiosmtplib.SMTPNotSupported):  # SMTPUTF8 for a non-ASCII address
@@ -542,12 +546,13 @@ class SmsChannel(HttpChannel):
         except httpx.TransportError as err:
             reason = without_password(f"{type(err).__name__}: {err}")
             raise DeliveryError(f"{method} {shown}: {reason}") from err
-        text = f"{method} {shown}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+        text = f"{method} {shown}: HTTP {status}"
         retry_after = response.headers.get("Retry-After")
         if retry_after:
-            text += f" (Retry-After: {retry_after})"
+            text += f" (Retry-After: {retry_after[:40]})"
         retryable = is_retryable(status)
-        raise DeliveryError(text, retryable=retryable)
+        # The gateway's body can echo the text it was sent: kept, never logged.
+        raise DeliveryError(text, retryable=retryable, said=excerpt or None)
 
 
 def _strings(document: Any) -> list[str]:
