@@ -109,8 +109,8 @@ def test_a_referral_goes_out_is_accepted_and_closes(loop: tuple[HubThread, FhirS
     running.hub.table.tick(datetime.now(UTC))
     running.hub.table.tick(datetime.now(UTC))
     assert [s.split(" by ")[0] for s in referrer_notices()] == [
-        f"Referral {made.referral_key.strip('|')} accepted",
-        f"Referral {made.referral_key.strip('|')} completed",
+        f"Referral {made.referral_key.split('|', 1)[-1]} accepted",  # the id as written
+        f"Referral {made.referral_key.split('|', 1)[-1]} completed",
     ]
 
 

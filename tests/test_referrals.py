@@ -322,11 +322,36 @@ def test_rf1_status_codes(feed: Feed, code: str, status: str) -> None:
 
 
 def test_sample_feed_referral(feed: Feed) -> None:
-    """The REF^I12 from config/feeds: its RF1-6 has no assigning authority."""
+    """The REF^I12 from config/feeds: its RF1-6 has no assigning authority, so the sending
+    facility (MSH-4) stands for it."""
     text = (PROJECT_ROOT / "config" / "feeds" / "07-riverside-sdoh-referral.hl7").read_text()
     created = feed.send(text)
-    assert (created.action, created.referral_key) == ("created", "|RGH-R-2026-0042")
-    assert feed.referral("|RGH-R-2026-0042").reason == "Food and housing support after discharge"
+    key = "RIVERSIDE_GH|RGH-R-2026-0042"
+    assert (created.action, created.referral_key) == ("created", key)
+    assert feed.referral(key).reason == "Food and housing support after discharge"
+
+
+def test_two_hospitals_numbering_alike_place_two_referrals(feed: Feed) -> None:
+    """Riverside's and Lakeview's R-5000, with no authority in RF1-6: two referrals, not a
+    second taken for a resend of the first (dropped, nothing sent); each hospital's cancel
+    reaches its own; an answer naming only "R-5000" matches neither (it cannot tell which)."""
+    riverside = ref("I12", "TWO-1", ref_id="R-5000")
+    lakeview = ref("I12", "TWO-2", ref_id="R-5000").replace(
+        "|RGH_REF|RIVERSIDE_GH|", "|LMC_REF|LAKEVIEW_MC|"
+    )
+    assert "|LMC_REF|LAKEVIEW_MC|" in lakeview
+    first, second = feed.send(riverside), feed.send(lakeview)
+    assert (first.action, second.action) == ("created", "created")
+    riverside_key, lakeview_key = "RIVERSIDE_GH|R-5000", "LAKEVIEW_MC|R-5000"
+    assert (first.referral_key, second.referral_key) == (riverside_key, lakeview_key)
+    cancel = ref("I14", "TWO-3", ref_id="R-5000").replace(
+        "|RGH_REF|RIVERSIDE_GH|", "|LMC_REF|LAKEVIEW_MC|"
+    )
+    assert feed.send(cancel).action == "cancelled"
+    assert feed.referral(lakeview_key).status == "cancelled"
+    assert feed.referral(riverside_key).status == "requested"
+    answer = feed.send(rri("I12", "TWO-4", "A", ref_id="R-5000"))
+    assert answer.action == "unknown_referral"
 
 
 # -- resends and modifies ------------------------------------------------------------------------
@@ -504,11 +529,15 @@ def test_response_echoing_the_bare_id_matches(feed: Feed) -> None:
 
 def test_referrer_ids_match_exactly_and_like_wildcards_do_not(feed: Feed) -> None:
     feed.send(ref("I12", "REF-1"))
-    # The referrer knows its own ids: a bare R-1 from it is another referral, not a resend.
+    # The referrer knows its own ids: a bare R-1 from it is another referral, not a resend,
+    # numbered in its sending facility's name.
     other = feed.send(ref("I12", "REF-2", ref_id="R-1"))
-    assert (other.action, other.referral_key) == ("created", "|R-1")
+    assert (other.action, other.referral_key) == ("created", "RIVERSIDE_GH|R-1")
+    # An answer naming R-1 bare could be either: refused rather than guessed.
     echo = feed.send(rri("I12", "RRI-1", "A", ref_id="R-1", external_id=""))
-    assert echo.referral_key == "|R-1" and echo.status == "accepted"  # the exact key wins
+    assert (echo.action, echo.reason) == ("unknown_referral", "no referral R-1")
+    named = feed.send(rri("I12", "RRI-1B", "A", ref_id="R-1^RIVERSIDE_GH", external_id=""))
+    assert named.referral_key == "RIVERSIDE_GH|R-1" and named.status == "accepted"
     # Two referrals share the bare id 5 under different authorities: an echo without the
     # authority is ambiguous, so it is refused rather than guessed.
     feed.send(ref("I12", "REF-4", ref_id="5^NORTH"))

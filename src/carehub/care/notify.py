@@ -390,7 +390,7 @@ class Notifier:
     def _alert_overdue_referrals(self, now: datetime) -> None:
         """A referral nobody answered in time: tell the patient's care coordinators (those
         told of any of the patient's visits), then mark the referral alerted."""
-        from carehub.referrals.state import ReferralTracker
+        from carehub.referrals.state import ReferralTracker, referral_id_of
 
         tracker = ReferralTracker(self.context.store.engine)  # type: ignore[union-attr]
         late = tracker.overdue(now)
@@ -399,7 +399,7 @@ class Notifier:
             referred_to = referral.referred_to or {}
             context = event_context(referral.snapshot or {})
             context.update(
-                referral_id=referral.referral_key.strip("|"),
+                referral_id=referral_id_of(referral.referral_key),
                 referred_to=(referred_to.get("organization") or {}).get("name") or "the service",
                 reason=referral.reason or "",
                 due=_aware(referral.due_at).strftime("%Y-%m-%d %H:%M UTC")
@@ -413,7 +413,7 @@ class Notifier:
                 key_prefix=f"carehub-referral-overdue-{referral.id}",
                 patient_key=patient_key,
                 encounter_id=None,
-                about=f"referral {referral.referral_key.strip('|')}",
+                about=f"referral {referral_id_of(referral.referral_key)}",
                 message_id=self._scalar(
                     select(func.max(referral_events.c.message_id)).where(
                         referral_events.c.referral_id == referral.id

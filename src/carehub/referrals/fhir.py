@@ -128,7 +128,7 @@ from carehub.referrals.state import (
     STATUSES,
     ReferralTracker,
     ReferralTransition,
-    referral_key,
+    placed_referral_key,
 )
 from carehub.resources.matching import chosen_match
 
@@ -551,7 +551,7 @@ def _referral_key_of(work: Work) -> str | None:
         return str(key)
     event = work.event
     if isinstance(event, CareEvent) and event.referral and event.referral.referral_id:
-        return referral_key(event.referral.referral_id)
+        return placed_referral_key(event.referral.referral_id, event)
     return None
 
 

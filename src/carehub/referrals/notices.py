@@ -62,7 +62,7 @@ from carehub.care.roster import DirectoryEntry, ProviderDirectory
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.referrals.fhir import consent_statement
-from carehub.referrals.state import ReferralTransition
+from carehub.referrals.state import ReferralTransition, referral_id_of
 from carehub.resources.matching import chosen_match, referred_to_name
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key, order_key
@@ -395,8 +395,7 @@ class ReferralNotifier:
         resources = work.data.get("community_resources") or {}
         needs = [n.get("label") or n.get("category") for n in resources.get("needs") or []]
         return {
-            "referral_id": summary.get("referral_id")
-            or (transition.referral_key or "").lstrip("|"),
+            "referral_id": summary.get("referral_id") or referral_id_of(transition.referral_key),
             "patient_name": summary.get("patient_name") or "the patient",
             "birth_date": patient.get("birth_date"),
             "phone": event_patient.phone if event_patient is not None else None,

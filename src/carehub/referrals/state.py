@@ -146,6 +146,32 @@ def referral_key(ident: Identifier) -> str:
     return f"{ident.authority or ''}|{ident.value}"
 
 
+def placed_referral_key(ident: Identifier, event: CareEvent) -> str:
+    """The key of a referral the message's sender placed (REF^I12-I15): RF1-6 with its
+    authority, and without one the sending facility (else application) as the authority. A
+    bare number is only unique at the hospital that issued it: two hospitals' R-5000 were one
+    referral, and the second hospital's was dropped as a resend of the first's."""
+    if ident.authority:
+        return referral_key(ident)
+    issuer = event.sending_facility or event.sending_application
+    return f"{issuer or ''}|{ident.value}"
+
+
+def _placed_by_the_same(rec: ReferralRecord, placed: str) -> bool:
+    """A referral stored under a bare ``|id`` key (before keys named their sender) is the
+    placer's own only when the sender it came from is the one placing this message."""
+    issuer = placed.split("|", 1)[0]
+    snapshot = rec.snapshot or {}
+    sent_by = snapshot.get("sending_facility") or snapshot.get("sending_application")
+    return not rec.referral_key.split("|", 1)[0] and (sent_by is None or sent_by == issuer)
+
+
+def referral_id_of(key: str | None) -> str:
+    """The referral's id as its referrer wrote it: the key without its authority (which may
+    be the sending facility's name, see placed_referral_key), for notices to people."""
+    return (key or "").split("|", 1)[-1]
+
+
 def _label(key: str | None) -> str:
     """A key as people read it (no leading bar when the id has no authority)."""
     return (key or "").removeprefix("|")
@@ -680,8 +706,13 @@ class ReferralTracker:
                 accepted=False,
                 reason="the message has no referral id (RF1-6 or RF1-11)",
             )
-        key = referral_key(ref.referral_id)
-        rec = self._find(b, ref, loose=event.kind == "referral_response")
+        responding = event.kind == "referral_response"
+        key = (
+            referral_key(ref.referral_id)
+            if responding
+            else placed_referral_key(ref.referral_id, event)
+        )
+        rec = self._find(b, ref, loose=responding, placed=None if responding else key)
         if event.kind == "referral_new":
             return self._on_new(ctx, rec, key)
         if event.kind == "referral_modify":
@@ -714,15 +745,22 @@ class ReferralTracker:
         return None
 
     @staticmethod
-    def _find(b: _Backend, ref: Referral, *, loose: bool) -> ReferralRecord | None:
-        """The referral a message names: by RF1-6 (else RF1-11) with its authority, then by
-        RF1-11. ``loose`` (responses only) also takes the bare id when either side left the
+    def _find(
+        b: _Backend, ref: Referral, *, loose: bool, placed: str | None = None
+    ) -> ReferralRecord | None:
+        """The referral a message names: by the key its placer gave it (``placed``, for the
+        referrer's own messages), by RF1-6 (else RF1-11) with its authority, then by RF1-11.
+        ``loose`` (responses only) also takes the bare id when either side left the
         authority out and exactly one referral has that id: responders often echo the id
         without its namespace, while the referrer knows its own ids exactly."""
+        if placed is not None:
+            rec = b.get(placed)
+            if rec is not None:
+                return rec
         candidates = [i for i in (ref.referral_id, ref.external_id) if i is not None]
         for ident in candidates:
             rec = b.get(referral_key(ident))
-            if rec is not None:
+            if rec is not None and (placed is None or _placed_by_the_same(rec, placed)):
                 return rec
         if not loose:
             return None
