@@ -730,8 +730,10 @@ def test_enricher_reads_the_language_and_uses_an_api_with_its_cache(
         result = step.enrich(work_for(feed_07("SPA^Spanish^HL70296")))
         assert result["language"] == "Spanish"
         assert result["directory"] == f"HSDS API {api.url}"
-        queries = api.seen("/service_at_locations")
-        assert queries and queries[0]["postcode"] == "62704" and queries[0]["proximity"] == "10000"
+        # The whole directory is read (and cached) and ranked here, by the local postal code
+        # table: nothing of the patient's address goes to the directory's server.
+        assert api.seen("/services")
+        assert not any("postcode" in query or "proximity" in query for query in api.seen())
         # Within 10 km: the referred-to pantry 3.8 km away (40 + 10 + 18.6 + 15 = 83.6) just
         # beats a clinic 0.5 km away (40 + 28.5 + 15 = 83.5); both speak Spanish.
         assert [(m["service"], m["score"]) for m in result["matches"]] == [
@@ -740,7 +742,8 @@ def test_enricher_reads_the_language_and_uses_an_api_with_its_cache(
             ("Eviction Prevention Clinic", 83.5),
         ]
         assert all("speaks Spanish" in m["reasons"] for m in result["matches"])
-        assert not any(e["service"] == "Rural Food Pantry" for e in result["excluded"])
+        excluded = {e["service"]: e["reasons"] for e in result["excluded"]}
+        assert excluded["Rural Food Pantry"][0].endswith("beyond 10 km")  # ranked out here
         api.clear()
         again = step.enrich(work_for(feed_07("SPA^Spanish^HL70296")))
         assert api.seen() == [] and again["matches"] == result["matches"]

@@ -585,12 +585,12 @@ class ApiDirectory:
     def _json(self, path: str, params: dict[str, Any] | None = None) -> Any:
         response = self._get(path, params)
         if response.status_code != 200:
-            shown = without_password(str(response.url))
+            shown = _shown(response.url)
             raise DirectoryError(f"{shown}: HTTP {response.status_code}")
         try:
             return response.json()
         except ValueError as err:
-            shown = without_password(str(response.url))
+            shown = _shown(response.url)
             raise DirectoryError(f"{shown}: the answer is not JSON") from err
 
     def _pages(self, path: str, params: dict[str, Any]) -> list[Any]:
@@ -635,9 +635,9 @@ class ApiDirectory:
             if response.status_code == 404:
                 return None
             if response.status_code != 200:
-                shown = without_password(str(response.url))
+                shown = _shown(response.url)
                 raise DirectoryError(f"{shown}: HTTP {response.status_code}")
-            shown = without_password(str(response.url))
+            shown = _shown(response.url)
             try:
                 return parse_services([response.json()], shown)[0]
             except ValueError as err:
@@ -693,3 +693,9 @@ class ApiDirectory:
             service.model_copy(update={"service_at_locations": sals})
             for service, sals in grouped.values()
         ]
+
+
+def _shown(url: object) -> str:
+    """An API address for errors and logs: no password, and no query, which can hold what was
+    searched for (a postal code) as well as a key."""
+    return without_password(str(url).split("?", 1)[0])

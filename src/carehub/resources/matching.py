@@ -840,12 +840,10 @@ class CommunityResourcesEnricher(Enricher):
         }
         if needs:
             try:
-                if near and isinstance(self.directory, ApiDirectory):
-                    services = self.directory.search(
-                        postcode=near, proximity_m=self.options.max_km * 1000
-                    )
-                else:
-                    services = self.directory.services()
+                # The whole directory (an API's is cached), ranked here by distance from the
+                # local postal code table: a search by the patient's postal code would send
+                # a piece of their address to the directory's server with every referral.
+                services = self.directory.services()
             except DirectoryError as err:
                 # A directory outage must not hold up the care-team notifications that share
                 # the route: record it, rank nothing, let the message go on.
