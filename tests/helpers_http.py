@@ -25,6 +25,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from carehub.config import HubConfig
+
 T = TypeVar("T")
 START_TIMEOUT = 30.0
 
@@ -223,3 +225,15 @@ class CarehubProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def on_this_host(config: HubConfig) -> HubConfig:
+    """The shipped config for a test: listeners on free loopback ports, no file drop, a
+    quick worker, and no periodic work (tests that need it move the clock and tick)."""
+    for listener in config.listeners.mllp:
+        listener.host, listener.port = "127.0.0.1", 0
+    config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
+    config.listeners.files = []
+    config.worker.poll_interval = 0.05
+    config.worker.tick_interval = 3600
+    return config

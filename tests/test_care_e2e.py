@@ -29,7 +29,7 @@ from carehub.hl7.batch import split_messages
 from carehub.store.outbox import Outbox
 from carehub.store.schema import DeliveryStatus, deliveries, notifications
 from carehub.testing import HubThread, mllp_exchange
-from tests.helpers_http import HTTPServer, wait_for
+from tests.helpers_http import HTTPServer, on_this_host, wait_for
 from tests.helpers_smtp import Mailbox, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -135,12 +135,7 @@ def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
                         monkeypatch.setenv(name, http.url(urlsplit(url).path or "/"))
             config_path = folder / "carehub.yaml"
             config = load_config(config_path)
-            for listener in config.listeners.mllp:
-                listener.host, listener.port = "127.0.0.1", 0
-            config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
-            config.listeners.files = []
-            config.worker.poll_interval = 0.05
-            config.worker.tick_interval = 3600  # the test moves the clock itself
+            on_this_host(config)  # the test moves the clock itself
             data_dir = tmp_path / "data"
             with HubThread(config, data_dir) as running:
                 setup = Setup(running, box, http, config_path, data_dir)

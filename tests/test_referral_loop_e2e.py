@@ -19,7 +19,7 @@ from carehub.hl7.ack import read_ack
 from carehub.referrals.state import list_referrals, referral_timeline
 from carehub.store.outbox import Outbox
 from carehub.testing import HubThread, mllp_exchange
-from tests.helpers_http import HTTPServer, wait_for
+from tests.helpers_http import HTTPServer, on_this_host, wait_for
 from tests.test_fhir_referrals import FhirServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,7 @@ def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[HubT
         monkeypatch.setenv("SMTP_PORT", "9")  # nothing here is emailed
         monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
         config = load_config(folder / "carehub.yaml")
-        for listener in config.listeners.mllp:
-            listener.host, listener.port = "127.0.0.1", 0
-        config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
-        config.listeners.files = []
-        config.worker.poll_interval = 0.05
-        config.worker.tick_interval = 3600
+        on_this_host(config)  # the test moves the clock itself
         with HubThread(config, tmp_path / "data") as running:
             yield running, fhir
 

@@ -12,9 +12,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email import message_from_bytes
 from email.message import EmailMessage
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,8 +28,9 @@ from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread, mllp_exchange
 from tests import test_fhir_referrals as fhir_tests
-from tests.helpers_http import HTTPServer, wait_for
+from tests.helpers_http import HTTPServer, on_this_host, wait_for
 from tests.test_fhir_referrals import FhirServer
+from tests.test_referral_notices import _Inbox
 
 # Fixtures: a FHIR test server and a migrated SQLite store.
 fhir_server, store = fhir_tests.fhir_server, fhir_tests.store
@@ -42,17 +41,6 @@ FEED_07 = (FEEDS / "07-riverside-sdoh-referral.hl7").read_text().replace("\n", "
 SCFB = "Springfield Community Food Bank"
 SCFB_ID = "ea27667f-de6b-5901-a714-1772c2e2cca2"  # its HSDS organization id (directory.json)
 REFERRER = "haddad@riverside-gh.example.org"
-
-
-class _Inbox:
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], EmailMessage]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = message_from_bytes(envelope.content, policy=default_policy)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append((list(envelope.rcpt_tos), parsed))
-        return "250 OK"
 
 
 @dataclass
@@ -107,12 +95,7 @@ def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
             monkeypatch.setenv("SMTP_PORT", str(smtp_port))
             monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
             config = load_config(folder / "carehub.yaml")
-            for listener in config.listeners.mllp:
-                listener.host, listener.port = "127.0.0.1", 0
-            config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
-            config.listeners.files = []
-            config.worker.poll_interval = 0.05
-            config.worker.tick_interval = 3600
+            on_this_host(config)  # the test moves the clock itself
             with HubThread(config, tmp_path / "data") as running:
                 yield Loop(running, fhir, inbox)
     finally:
