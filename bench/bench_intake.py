@@ -550,7 +550,7 @@ def print_time_per_message(rows: list[Row]) -> None:
     bare_cpu, stored_cpu = cpu.get("bare"), cpu.get("carehub (process)")
     if bare_cpu and stored_cpu:
         # The host's speed moves the rates from minute to minute; the CPU each server spends
-        # on a message moves much less, so the ratio of the two is the steadier reading.
+        # on a message is its own, apart from the load generator's share of the CPUs.
         print(
             f"Server CPU per message: bare {bare_cpu:.0f} us, carehub (process) "
             f"{stored_cpu:.0f} us ({stored_cpu / bare_cpu:.1f}x); a server short of CPU "
