@@ -26,6 +26,7 @@ from carehub.cli import main
 from carehub.config import load_config
 from carehub.hl7.ack import read_ack
 from carehub.hl7.batch import split_messages
+from carehub.referrals.state import ReferralTracker
 from carehub.store.outbox import Outbox
 from carehub.store.schema import DeliveryStatus, deliveries, notifications
 from carehub.testing import HubThread, mllp_exchange
@@ -354,3 +355,40 @@ def test_care_platform_hears_each_visit_change_once(shipped: Setup, tmp_path: Pa
     wait_for(lambda: not outbox.unfinished(route="adt-care-events"), 30, 0.05, "deliveries done")
     platform_after = [r.json for r in shipped.http.requests if r.path == "/care-events"]
     assert len(platform_after) == len(platform)
+
+
+def test_a_referral_answered_pending_is_told_as_received_not_unanswered(shipped: Setup) -> None:
+    """Inés Quiñones's transport referral (feed 20) is answered "P" (received, pending) and
+    then nothing more: when its answer is due, her coordinator hears it was received but
+    neither accepted nor declined, where the alert said it had had no answer at all."""
+    pending = (
+        "\r".join(
+            [
+                "MSH|^~\\&|CAR_RIDES|CAPITAL_AREA_RIDES|CAREHUB|CAREHUB|20261125170000-0600||"
+                "RRI^I12^RRI_I12|CAR-5001|P|2.5",
+                "MSA|AA|LMC-REF-8801",
+                "RF1|P^Pending^HL70283|R^Routine^HL70280|SO^Social services^HL70281|||"
+                "LMC-R-2026-0107",
+                "PRD|RT^Referred to provider^HL70286|Capital Area Rides (synthetic)",
+                "PID|1||LM-448807^^^LMC^MR||Quinones^Ines||19550817|F",
+            ]
+        )
+        + "\r"
+    )
+    (answer,) = mllp_exchange(shipped.running.mllp_address, [pending.encode()])
+    assert read_ack(answer.decode())[0] == "AA"
+    tracker = ReferralTracker(shipped.store.engine)
+    wait_for(
+        lambda: tracker.referral("LAKEVIEW_MC|LMC-R-2026-0107").status == "received",
+        30,
+        0.05,
+        "the referral received",
+    )
+    shipped.running.hub.table.tick(datetime.now(UTC) + timedelta(days=30))
+    shipped.settle()
+    alerts = [s for kind, s in shipped.told(INES, LAKEVIEW_CC) if kind == "referral_overdue"]
+    # The name as the referral (feed 20) wrote it.
+    assert alerts == ["Referral not yet accepted: Ines Quinones"]
+    (mail,) = [m for m in shipped.mailbox.mails if m.subject == alerts[0]]
+    assert "has received the referral of Ines Quinones" in mail.body
+    assert "no answer" not in mail.body

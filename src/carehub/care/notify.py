@@ -399,6 +399,7 @@ class Notifier:
             referred_to = referral.referred_to or {}
             context = event_context(referral.snapshot or {})
             context.update(
+                status=referral.status,  # "received": answered pending, not yet accepted
                 referral_id=referral_id_of(referral.referral_key),
                 referred_to=(referred_to.get("organization") or {}).get("name") or "the service",
                 reason=referral.reason or "",
