@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,27 @@ class Relay:
         listener.listen()
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def silence(self) -> None:
+        """Cut every connection, then take new ones and never answer on them: a broker host
+        that has stopped answering without refusing (a hung broker, a dropped route)."""
+        self.cut()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self._listener = listener
+
+        def hold() -> None:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                with self._lock:
+                    self._sockets.append(client)
+
+        threading.Thread(target=hold, daemon=True).start()
 
     def cut(self) -> None:
         with self._lock:
@@ -146,3 +168,28 @@ def test_messages_stored_while_the_broker_is_away_are_routed_when_it_is_back(
         assert "work queue consumer connected to the broker again" in caplog.text
         assert "queueing for routing again after" in caplog.text
         assert sorted(r.json["control_id"] for r in http.ok()) == ["BO-1", "BO-2", "BO-3"]
+
+
+def test_intake_answers_at_once_while_the_broker_is_silent(
+    tmp_path: Path, amqp_url: str, relay: Relay
+) -> None:
+    """A broker that stops answering without refusing: publishing waits for kombu to give up
+    connecting, on the publisher's own thread, while intake goes on storing and answering.
+    (On the event loop, every sender's ACK waited with it, seconds at a time.)"""
+    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    fresh_queue(amqp_url, 1)
+    config = local_config(worker=False)
+    config.queue.url = relayed_url
+    config.queue.partitions = 1
+    with HubThread(config, tmp_path / "data") as hub:
+        send_all(hub.mllp_address, [make_adt("SI-0", patient_id="P1")])
+        relay.silence()
+        waits = []
+        for n in range(1, 8):
+            started = time.monotonic()
+            send_all(hub.mllp_address, [make_adt(f"SI-{n}", patient_id="P1")])
+            waits.append(time.monotonic() - started)
+            time.sleep(0.3)
+        assert hub.store.count("received") == 8  # every one stored and answered AA
+        # Whatever kombu's connect timeout, no answer waited for it: a second is ample.
+        assert max(waits) < 1.0, waits

@@ -7,6 +7,7 @@ a fresh hub per test and several hubs can run in one process.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -439,6 +440,15 @@ class _QueueDown:
     retry_at: float = 0.0
 
 
+def _publish(publisher: Publisher, batch: list[tuple[int, str]]) -> Exception | None:
+    """Publish a batch; the error instead of raising it (the caller may be another thread)."""
+    try:
+        publisher.publish_many(batch)
+    except Exception as err:
+        return err
+    return None
+
+
 def _since(moment: datetime) -> str:
     seconds = (datetime.now(UTC) - moment).total_seconds()
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
@@ -457,6 +467,10 @@ class Hub:
         #: Stored messages not yet queued while the broker is away (see _publish_waiting).
         self._unqueued: list[tuple[int, str]] = []
         self._queue_down: _QueueDown | None = None
+        #: The broker publisher's own thread (None for the in-process queue), and whether a
+        #: publish is under way on it.
+        self._publish_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._publishing = False
         #: The in-process worker (config worker.enabled), on this hub's event loop.
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -506,6 +520,10 @@ class Hub:
             # leave messages 'received' in the store for the next worker start to pick up.
             if worker.enabled or not self.work_queue.is_memory:
                 self.publisher = await asyncio.to_thread(self._open_publisher)
+                if not self.work_queue.is_memory:
+                    self._publish_thread = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="queue-publish"
+                    )
             self.intake = Intake(
                 self.writer,
                 hub_application=identity.application,
@@ -637,43 +655,63 @@ class Hub:
         self._to_publish.append((message_id, patient_key))
 
     def _publish_waiting(self) -> None:
-        """Publish what intake stored since the last call. While the broker cannot be
-        reached, what is stored is held (up to UNQUEUED_HELD ids; the workers' sweep finds
-        any beyond) and publishing is tried again every QUEUE_RETRY seconds, not with every
-        commit: each try blocks intake while kombu retries. One ERROR when publishing stops,
-        one WARNING when it works again."""
+        """Publish what intake stored since the last call. On a broker the publish runs on a
+        thread of its own, one at a time and in order: a broker that stops answering (no
+        refusal, only silence) held the event loop, and every sender's ACK, for as long as
+        kombu waited to connect. While the broker cannot be reached, what is stored is held
+        (up to UNQUEUED_HELD ids; the workers' sweep finds any beyond) and publishing is
+        tried again every QUEUE_RETRY seconds. One ERROR when publishing stops, one WARNING
+        when it works again."""
         waiting, self._to_publish = self._to_publish, []
         if not (waiting or self._unqueued) or self.publisher is None:
             return
-        now = time.monotonic()
-        if self._queue_down is not None and now < self._queue_down.retry_at:
+        down = self._queue_down
+        if self._publishing or (down is not None and time.monotonic() < down.retry_at):
             self._hold_unqueued(waiting)
             return
-        held = self._unqueued
-        try:
-            self.publisher.publish_many([*held, *waiting])
-        except Exception as err:  # stored and ACKed already: held, and the sweep finds them
-            self._hold_unqueued(waiting)
+        batch, self._unqueued = [*self._unqueued, *waiting], []
+        if self._publish_thread is None:  # the in-process queue: nothing to wait for
+            self._published(batch, _publish(self.publisher, batch))
+            return
+        self._publishing = True
+        future = asyncio.get_running_loop().run_in_executor(
+            self._publish_thread, _publish, self.publisher, batch
+        )
+        future.add_done_callback(
+            lambda done: self._published(
+                batch, RuntimeError("stopped") if done.cancelled() else done.result()
+            )
+        )
+
+    def _published(self, batch: list[tuple[int, str]], error: Exception | None) -> None:
+        """A publish is over: hold its batch again if it failed, else say the queue is back
+        and publish what waited meanwhile."""
+        self._publishing = False
+        loop = asyncio.get_running_loop()
+        if error is not None:  # stored and ACKed already: held, and the sweep finds them
+            self._unqueued = [*batch, *self._unqueued][:UNQUEUED_HELD]
             if self._queue_down is None:
-                self._queue_down = _QueueDown(datetime.now(UTC), str(err) or type(err).__name__)
+                reason = str(error) or type(error).__name__
+                self._queue_down = _QueueDown(datetime.now(UTC), reason)
                 log.error(
                     "cannot queue stored messages for routing: %s; holding them and trying "
                     "again every %g s",
-                    self._queue_down.reason,
+                    reason,
                     QUEUE_RETRY,
                 )
-            self._queue_down.retry_at = now + QUEUE_RETRY
+            self._queue_down.retry_at = time.monotonic() + QUEUE_RETRY
             # Tried again then even if nothing new is stored meanwhile.
-            asyncio.get_running_loop().call_later(QUEUE_RETRY, self._publish_waiting)
+            loop.call_later(QUEUE_RETRY, self._publish_waiting)
             return
-        self._unqueued = []
         if self._queue_down is not None:
             log.warning(
                 "queueing for routing again after %s; %d message(s) held meanwhile queued",
                 _since(self._queue_down.since),
-                len(held),
+                len(batch),
             )
             self._queue_down = None
+        if self._unqueued or self._to_publish:
+            loop.call_soon(self._publish_waiting)
 
     def _hold_unqueued(self, items: list[tuple[int, str]]) -> None:
         room = UNQUEUED_HELD - len(self._unqueued)
@@ -700,6 +738,9 @@ class Hub:
                 await self._worker_task
             self._worker_task = None
             self.worker = None
+        if self._publish_thread is not None:  # the last publish ends before its connection
+            await asyncio.to_thread(self._publish_thread.shutdown, True)
+            self._publish_thread = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
