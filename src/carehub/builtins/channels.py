@@ -716,13 +716,8 @@ class WebhookChannel(HttpChannel):
                     await finish_reading(response)
                     return f"HTTP {status}"
                 excerpt = _excerpt(await read_some(response))
-        except httpx.TimeoutException as err:
-            raise DeliveryError(
-                f"POST {shown}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
-            ) from err
-        except httpx.TransportError as err:
-            reason = without_password(f"{type(err).__name__}: {err}")
-            raise DeliveryError(f"POST {shown}: {reason}") from err
+        except (httpx.TimeoutException, httpx.TransportError) as err:
+            raise self.unreached("POST", url, err) from err
         text = f"POST {shown}: HTTP {status}"
         retry_after = response.headers.get("Retry-After")
         if retry_after:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from carehub.components import Channel, ComponentContext, ComponentOptions
+from carehub.components import Channel, ComponentContext, ComponentOptions, DeliveryError
 from carehub.config import without_password
 
 USER_AGENT = "carehub"
@@ -173,6 +173,15 @@ class HttpChannel(Channel):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+    def unreached(self, method: str, url: str, err: httpx.HTTPError) -> DeliveryError:
+        """The DeliveryError (tried again) for a request that got no answer: none in time,
+        or none at all; its text names the request, with any secret in the URL masked."""
+        if isinstance(err, httpx.TimeoutException):
+            what = f"no answer within {self.options.timeout:g} s ({type(err).__name__})"
+        else:
+            what = f"{type(err).__name__}: {err}"
+        return DeliveryError(without_password(f"{method} {url}: {what}"))
 
     @contextlib.asynccontextmanager
     async def request(

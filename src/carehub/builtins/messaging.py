@@ -538,14 +538,8 @@ class SmsChannel(HttpChannel):
                         )
                     return receipt
                 excerpt = _excerpt(await read_some(response))
-        except httpx.TimeoutException as err:
-            raise DeliveryError(
-                f"{method} {shown}: no answer within {self.options.timeout:g} s "
-                f"({type(err).__name__})"
-            ) from err
-        except httpx.TransportError as err:
-            reason = without_password(f"{type(err).__name__}: {err}")
-            raise DeliveryError(f"{method} {shown}: {reason}") from err
+        except (httpx.TimeoutException, httpx.TransportError) as err:
+            raise self.unreached(method, url, err) from err
         text = f"{method} {shown}: HTTP {status}"
         retry_after = response.headers.get("Retry-After")
         if retry_after:

@@ -1251,14 +1251,8 @@ class FhirReferralChannel(HttpChannel):
         try:
             async with self.request(method, url, payload, headers) as response:
                 await response.aread()
-        except httpx.TimeoutException as err:
-            raise DeliveryError(
-                f"{method} {without_password(url)}: no answer within {self.options.timeout:g} s "
-                f"({type(err).__name__})"
-            ) from err
-        except httpx.TransportError as err:
-            text = f"{method} {url}: {type(err).__name__}: {err}"
-            raise DeliveryError(without_password(text)) from err
+        except (httpx.TimeoutException, httpx.TransportError) as err:
+            raise self.unreached(method, url, err) from err
         return response
 
     async def _guarded_cancel(self, outgoing: Outgoing) -> bytes | str:
