@@ -77,31 +77,30 @@ def test_serve_and_export_write_files_only_their_user_can_read(tmp_path: Path) -
         serving.wait(timeout=30)
 
     exported = tmp_path / "export"
-    done = subprocess.run(
-        [*CARE_HUB, "messages", "export", *where, "--out", str(exported)],
-        capture_output=True,
-        text=True,
-        env=env_without_carehub(),
-        cwd=tmp_path,
-        preexec_fn=usual_umask,
-        timeout=60,
+    done = carehub_under_usual_umask(
+        ["messages", "export", *where, "--out", str(exported)], cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
     files = [exported, *exported.iterdir()]
     assert len(files) == 2 and private(files) == {}
 
 
-def test_demo_keeps_its_store_private(tmp_path: Path) -> None:
-    data_dir = tmp_path / "demo"
-    done = subprocess.run(
-        [*CARE_HUB, "demo", "--data-dir", str(data_dir)],
+def carehub_under_usual_umask(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A carehub command run to its end as a user with the usual umask (022) would run it."""
+    return subprocess.run(
+        [*CARE_HUB, *args],
         capture_output=True,
         text=True,
         env=env_without_carehub(),
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         preexec_fn=usual_umask,
         timeout=120,
     )
+
+
+def test_demo_keeps_its_store_private(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    done = carehub_under_usual_umask(["demo", "--data-dir", str(data_dir)], cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr
     written = [data_dir, *data_dir.rglob("*")]
     assert (data_dir / "carehub.db") in written
