@@ -852,12 +852,15 @@ def build_referral_bundle(
 
 
 #: What a modify may change at the organisation: the fields a referral message carries that
-#: the referrer owns. Category, code and performer came from the community match at creation
-#: and are left alone (an update route does not match again).
+#: the referrer owns. Category and code came from the community match at creation and are
+#: left alone (an update route does not match again).
 _MODIFIABLE = {
     "ServiceRequest": ("priority", "reasonCode", "occurrencePeriod"),
     "Task": ("priority",),
 }
+#: And when the modify names another receiving party (PRD role RT) than before: the referral
+#: moves to it (the organisation that had it is told by email, see notices.py).
+_RECIPIENT = {"ServiceRequest": ("performer",), "Task": ("owner",)}
 _JSON_PATCH = "application/json-patch+json"
 
 
@@ -894,9 +897,11 @@ def build_referral_update(
     elif operation == "modify":
         built = build_referral_resources(work, idempotency_key, options)
         key = built.referral_key
+        moved = _names_another_recipient(work)
         for resource in (built.service_request, built.task):
             kind = resource["resourceType"]
-            ops = [_set(name, resource[name]) for name in _MODIFIABLE[kind] if name in resource]
+            names = _MODIFIABLE[kind] + (_RECIPIENT[kind] if moved else ())
+            ops = [_set(name, resource[name]) for name in names if name in resource]
             if ops:
                 patches[kind] = ops
     else:
@@ -912,6 +917,14 @@ def build_referral_update(
     validate_resource(bundle)
     task_entry = list(patches).index("Task") if "Task" in patches else None
     return ReferralUpdate(key, operation, bundle, task_entry)
+
+
+def _names_another_recipient(work: Work) -> bool:
+    """The referral-state step found this modify names another receiving party than before."""
+    state = work.data.get("referral")
+    if isinstance(state, dict):
+        return bool(state.get("referred_to_before"))
+    return isinstance(state, ReferralTransition) and bool(state.referred_to_before)
 
 
 def _set(name: str, value: Any) -> dict[str, Any]:

@@ -33,6 +33,13 @@ community-resources):
   reason), the referral id, the referrer's contact and the consent line. The consent line says
   only what the site recorded (``consent_reference`` / ``consent_note``, read as the FHIR copy
   reads them); without either it says plainly that consent was not stated.
+- **organization, later**: the organisations a referral was sent to (read from the outbox: the
+  ``referral_new`` deliveries of the referral's earlier messages) hear of the referrer's
+  accepted cancel (``referral_cancelled``: stop) and of a modify that changed something
+  (``referral_changed``: what changed, in words, and the priority). A modify that names
+  another organisation (``ReferralTransition.referred_to_before``) withdraws the referral from
+  the one that had it (``referral_withdrawn``, without saying where it went) and sends it to
+  the one named now as ``referral_new``. A dry run has no outbox: it remembers what it sent.
 
 A notice to the referrer names who answered (:attr:`ReferralTransition.answered_by`: an RRI's
 responding party or sender, a polled Task's owner), never simply the organisation the referral
@@ -67,7 +74,7 @@ from carehub.resources.matching import chosen_match, referred_to_name
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key, order_key
 from carehub.store.outbox import Outbox
-from carehub.store.schema import referral_events
+from carehub.store.schema import DeliveryStatus, deliveries, referral_events
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -126,6 +133,52 @@ Note from {{ organization }}: {{ note }}
 carehub: referral {{ referral_id }} {{ status_label }} by {{ organization }}. \
 Details in your referral records.
 """,
+    # What the organisation that was sent a referral hears of the referrer's later messages:
+    # only what it needs to act (stop, or look again), never the new reason's text.
+    "referral_changed.txt": """\
+Subject: Referral {{ referral_id }} updated by {{ referrer.name }}
+{{ organization }}:
+
+{{ referrer.name }} has updated referral {{ referral_id }} for {{ patient_name }}
+{%- if birth_date %} (born {{ birth_date }}){% endif %}, which was sent to you.
+
+Changed: {{ changed | join(", ") }}
+{%- if priority_label %}
+Priority: {{ priority_label }}{% endif %}
+{%- if needs %}
+Needs: {{ needs | join(", ") }}{% endif %}
+
+The referral still stands with you. Referrer contact: {{ referrer.name }}
+{%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
+{%- if referrer.contact %} ({{ referrer.contact }}){% endif %}
+""",
+    "referral_cancelled.txt": """\
+Subject: Referral {{ referral_id }} cancelled by {{ referrer.name }}
+{{ organization }}:
+
+{{ referrer.name }} has cancelled referral {{ referral_id }} for {{ patient_name }}
+{%- if birth_date %} (born {{ birth_date }}){% endif %}, which was sent to you.
+
+Please stop any work on it, and do not contact the patient about this referral.
+
+Referrer contact: {{ referrer.name }}
+{%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
+{%- if referrer.contact %} ({{ referrer.contact }}){% endif %}
+""",
+    "referral_withdrawn.txt": """\
+Subject: Referral {{ referral_id }} withdrawn by {{ referrer.name }}
+{{ organization }}:
+
+{{ referrer.name }} has sent referral {{ referral_id }} for {{ patient_name }}
+{%- if birth_date %} (born {{ birth_date }}){% endif %} to another organisation instead:
+it no longer stands with you.
+
+Please stop any work on it, and do not contact the patient about this referral.
+
+Referrer contact: {{ referrer.name }}
+{%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
+{%- if referrer.contact %} ({{ referrer.contact }}){% endif %}
+""",
     "referral_after_cancel.txt": """\
 Subject: Cancelled referral {{ referral_id }} reported {{ claimed_label }} by {{ organization }}
 {{ referrer.name }}:
@@ -149,6 +202,23 @@ carehub: referral {{ referral_id }} is cancelled, but {{ organization }} reports
 }
 
 Party = Literal["referrer", "organization"]
+
+#: A referral field a modify changed -> how the organisation's notice names it.
+CHANGED_LABELS: dict[str, str] = {
+    "priority": "priority",
+    "type": "type of referral",
+    "reason": "reason for referral",
+    "referring": "referring provider",
+    "referred_to": "receiving organisation",
+    "patient_key": "patient identifier",
+}
+#: RF1-2 (HL7 table 0280) -> words.
+PRIORITY_LABELS = {"S": "STAT", "A": "ASAP", "R": "routine"}
+#: Notices that put a referral with an organisation, and the one that takes it away again.
+_SENT_KINDS = ("referral_new",)
+_WITHDRAWN_KINDS = ("referral_withdrawn",)
+#: Without a store (a dry run): referral key -> {address: (recipient, name)} told so far.
+_TOLD_MEMORY = "notify-referral:organisations-told"
 
 #: Task status -> how a notice says it (FHIR's words are not always the ones people use).
 STATUS_LABELS: dict[str, str] = {
@@ -204,7 +274,9 @@ class NoticeDecision:
     role: Party
     channel: str | None
     address: str | None
-    kind: str  # referral_status | referral_after_cancel | referral_new
+    #: referral_status | referral_after_cancel (to the referrer); referral_new,
+    #: referral_changed, referral_cancelled, referral_withdrawn (to an organisation)
+    kind: str
     status: str  # queued | suppressed
     reason: str | None = None
     delivery_key: str | None = None
@@ -268,10 +340,100 @@ class ReferralNotifier:
         # working on a cancelled referral (acted_on_cancelled is only ever set on refusals).
         if "referrer" in self.config.tell and _tells_referrer(transition):
             decisions.append(self._referrer(transition))
-        if "organization" in self.config.tell and transition.action == "created":
-            decisions.append(self._organization(work, transition))
+        if "organization" in self.config.tell:
+            if transition.action == "created":
+                decisions.append(self._organization(work, transition))
+            elif transition.accepted and transition.action in ("modified", "cancelled"):
+                decisions.extend(self._organizations_following(work, transition))
         planned = [self._deliver(work, transition, d, run) for d in decisions if _sendable(d)]
+        if self.context.store is None:
+            self._remember_told(transition, decisions)
         return planned, [d.output() for d in decisions]
+
+    def _organizations_following(
+        self, work: Work, transition: ReferralTransition
+    ) -> list[NoticeDecision]:
+        """The organisations that were sent this referral hear of the referrer's change or
+        cancel (they may be about to call the patient); one that the referral no longer names
+        hears it is withdrawn, and the organisation it names now gets it as a new referral."""
+        told = self._organizations_told(transition)
+        if transition.action == "cancelled":
+            return [self._told_again(r, a, n, "referral_cancelled") for r, a, n in told]
+        if not transition.changed_fields:
+            return []
+        now_named = None
+        if transition.referred_to_before is not None:
+            now_named = referred_to_name(work.event) or _referred_to_org(transition.summary)
+        if not now_named:
+            return [self._told_again(r, a, n, "referral_changed") for r, a, n in told]
+        wanted = now_named.casefold()
+        decisions = [
+            self._told_again(r, a, n, "referral_changed")
+            if n.casefold() == wanted
+            else self._told_again(r, a, n, "referral_withdrawn")
+            for r, a, n in told
+        ]
+        if not any(n.casefold() == wanted for _, _, n in told):
+            decisions.append(self._organization(work, transition))
+        return decisions
+
+    def _told_again(self, recipient: str, address: str, name: str, kind: str) -> NoticeDecision:
+        decision = NoticeDecision(recipient, "organization", "email", None, kind, "suppressed")
+        decision.name = name
+        return self._route_to(decision, "email", address)
+
+    def _organizations_told(self, transition: ReferralTransition) -> list[tuple[str, str, str]]:
+        """(recipient, address, name) of each organisation sent this referral and not told
+        since that it was withdrawn, oldest first: read from the outbox (what was planned for
+        the referral's earlier messages), or without a store from this process's memory."""
+        store = self.context.store
+        if store is None:
+            remembered = self.context.shared.get(_TOLD_MEMORY, {})
+            told = remembered.get(transition.referral_key or "", {})
+            return [(r, address, n) for address, (r, n) in told.items()]
+        if transition.referral_id is None:
+            return []
+        earlier = (
+            select(referral_events.c.message_id)
+            .where(
+                referral_events.c.referral_id == transition.referral_id,
+                referral_events.c.message_id.is_not(None),
+            )
+            .scalar_subquery()
+        )
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(deliveries.c.metadata)
+                .where(
+                    deliveries.c.message_id.in_(earlier),
+                    deliveries.c.status != DeliveryStatus.DISCARDED.value,
+                )
+                .order_by(deliveries.c.id)
+            ).all()
+        by_address: dict[str, tuple[str, str]] = {}
+        for (text,) in rows:
+            meta = _json_object(text)
+            address = str(meta.get("to") or "")
+            if meta.get("kind") in _SENT_KINDS and address:
+                recipient = str(meta.get("recipient") or f"org:{address}")
+                by_address[address] = (recipient, str(meta.get("recipient_name") or address))
+            elif meta.get("kind") in _WITHDRAWN_KINDS:
+                by_address.pop(address, None)
+        return [(r, address, n) for address, (r, n) in by_address.items()]
+
+    def _remember_told(
+        self, transition: ReferralTransition, decisions: list[NoticeDecision]
+    ) -> None:
+        """A dry run's stand-in for the outbox (see _organizations_told)."""
+        told = self.context.shared.setdefault(_TOLD_MEMORY, {})
+        mine = told.setdefault(transition.referral_key or "", {})
+        for decision in decisions:
+            if decision.status != "queued" or decision.address is None:
+                continue
+            if decision.kind in _SENT_KINDS:
+                mine[decision.address] = (decision.recipient, decision.name)
+            elif decision.kind in _WITHDRAWN_KINDS:
+                mine.pop(decision.address, None)
 
     def _referrer(self, transition: ReferralTransition) -> NoticeDecision:
         npi = _referring_npi(transition.summary)
@@ -358,6 +520,7 @@ class ReferralNotifier:
         metadata = {
             "to": decision.address,
             "subject": subject,
+            "recipient": decision.recipient,
             "recipient_name": decision.name,
             "kind": decision.kind,
         }
@@ -409,6 +572,10 @@ class ReferralNotifier:
             # What the organisation claimed, when carehub refused it (after a cancel).
             "claimed_label": STATUS_LABELS.get(claimed, claimed.replace("-", " ")),
             "note": _responder_note(work, transition),
+            "changed": [CHANGED_LABELS.get(f, f) for f in transition.changed_fields],
+            "priority_label": PRIORITY_LABELS.get(
+                str(summary.get("priority") or ""), summary.get("priority") or ""
+            ),
             "consent": consent_statement(self.config.consent_reference, self.config.consent_note),
         }
 
@@ -530,6 +697,14 @@ def _responder_note(work: Work, transition: ReferralTransition) -> str | None:
     if event is not None and event.kind == "referral_response" and event.referral is not None:
         return " ".join(n.strip() for n in event.referral.notes if n.strip()) or None
     return None
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    with contextlib.suppress(ValueError, TypeError):
+        value = json.loads(text or "{}")
+        if isinstance(value, dict):
+            return value
+    return {}
 
 
 def _one_line_address(address: dict[str, Any] | None) -> str | None:

@@ -315,6 +315,11 @@ class ReferralTransition:
     message_id: int | None = None
     #: For notices: patient, referral id, parties, priority, reason, due date.
     summary: dict[str, Any] = field(default_factory=dict)
+    #: A modify: the referral's fields it changed (priority, type, reason, referring,
+    #: referred_to, patient_key), and whom the referral named before, when it names another
+    #: party now: the organisation that had it must hear it no longer stands with them.
+    changed_fields: list[str] = field(default_factory=list)
+    referred_to_before: dict[str, Any] | None = None
 
     @property
     def closes_loop(self) -> bool:
@@ -804,12 +809,21 @@ class ReferralTracker:
                 accepted=False,
                 reason=f"referral is {rec.status}: a modify cannot change a closed referral",
             )
+        named_before = copy.deepcopy(rec.referred_to)
         changed = self._merge_fields(rec, ctx.event)
         rec.updated_at = ctx.now
         ctx.b.save(rec)
         note = f"changed: {', '.join(changed)}" if changed else "nothing changed"
         return self._record(
-            ctx, rec, rec.referral_key, "modified", rec.status, note=note, extra={"fields": changed}
+            ctx,
+            rec,
+            rec.referral_key,
+            "modified",
+            rec.status,
+            note=note,
+            extra={"fields": changed},
+            changed_fields=changed,
+            referred_to_before=named_before if "referred_to" in changed else None,
         )
 
     def _on_response(self, ctx: _Context, rec: ReferralRecord, ref: Referral) -> ReferralTransition:
@@ -986,6 +1000,8 @@ class ReferralTracker:
         before: str | None = _CURRENT,
         extra: dict[str, Any] | None = None,
         acted_on_cancelled: bool = False,
+        changed_fields: list[str] | None = None,
+        referred_to_before: dict[str, Any] | None = None,
     ) -> ReferralTransition:
         """Build the transition and write its timeline row (also for refused updates)."""
         current = rec.status if rec is not None else None
@@ -1010,6 +1026,8 @@ class ReferralTracker:
             answer_note=_answer_note(ctx),
             message_id=ctx.message_id,
             summary=_summary(rec),
+            changed_fields=list(changed_fields or []),
+            referred_to_before=referred_to_before or None,
         )
         detail: dict[str, Any] = {**ctx.detail, **(extra or {})}
         if note:

@@ -1,0 +1,142 @@
+"""The organisation a referral was sent to hears of the referrer's later messages, whichever
+channel it was sent on: a cancel (REF^I14) and a change (REF^I13) by email as well as on the
+FHIR copy, and a change that names another organisation takes the referral from the first
+(told it is withdrawn; its FHIR Task moves) and gives it to the second. On the shipped config,
+over real sockets (MLLP in, an aiosmtpd server, a FHIR test server)."""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from pathlib import Path
+
+from carehub.routing.router import PlannedDelivery, RoutingResult
+from carehub.testing import run_routes_all
+from tests.helpers_http import wait_for
+from tests.test_referral_recipients import FEED_07, SCFB, Loop, _referral, loop
+
+__all__ = ["loop"]  # the fixture, used by name
+
+REFERRAL = "RGH-R-2026-0042"
+NEW = "REF^I12^REF_I12"
+EASTSIDE = "Eastside Neighbors Pantry"
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "carehub.yaml"
+
+
+def _later(control_id: str, trigger: str, replace: dict[str, str] | None = None) -> str:
+    """Feed 07's referral again, as the referrer's modify (I13) or cancel (I14)."""
+    changes = {NEW: f"REF^{trigger}^REF_I12", **(replace or {})}
+    return _referral(control_id, REFERRAL, replace=changes)
+
+
+def _sent_new(loop: Loop) -> str:
+    """Send the referral; the address its organisation's email went to."""
+    assert loop.send(FEED_07) == "AA"
+    (email,) = loop.settled("sdoh-referrals/notify-referral-email")
+    return str(email.metadata["to"])
+
+
+def _mail(loop: Loop, address: str, count: int) -> list[EmailMessage]:
+    wait_for(lambda: len(loop.emails_to(address)) >= count, timeout=20, what=f"{count} emails")
+    return loop.emails_to(address)
+
+
+def test_a_cancel_reaches_the_organisation_the_referral_was_emailed_to(loop: Loop) -> None:
+    address = _sent_new(loop)
+    assert loop.send(_later("T-CX-1", "I14")) == "AA"
+    (told,) = loop.settled("referral-changes/notify-referral-email")
+    assert told.metadata["to"] == address
+    _, cancelled = _mail(loop, address, 2)
+    assert cancelled["Subject"] == f"Referral {REFERRAL} cancelled by Dr Samir Haddad"
+    text = cancelled.get_content()
+    assert "has cancelled referral" in text and "Okafor" in text
+    assert "Z59" not in text  # no codes, as in every notice to an organisation
+    # The FHIR copy follows too: the Task is cancelled.
+    wait_for(
+        lambda: [t["status"] for t in loop.created("Task")] == ["cancelled"],
+        timeout=20,
+        what="the Task cancelled",
+    )
+    # A second cancel changes nothing and tells nobody again.
+    assert loop.send(_later("T-CX-2", "I14")) == "AA"
+    wait_for(lambda: loop.running.store.get(3) is not None, what="the resend stored")
+    assert len(loop.deliveries("referral-changes/notify-referral-email")) == 1
+
+
+def test_a_change_of_priority_reaches_the_organisation(loop: Loop) -> None:
+    address = _sent_new(loop)
+    urgent = _later("T-MD-1", "I13", {"R^Routine^HL70280": "S^STAT^HL70280"})
+    assert loop.send(urgent) == "AA"
+    (told,) = loop.settled("referral-changes/notify-referral-email")
+    assert told.metadata["to"] == address
+    _, changed = _mail(loop, address, 2)
+    assert changed["Subject"] == f"Referral {REFERRAL} updated by Dr Samir Haddad"
+    text = changed.get_content()
+    assert "Changed: priority" in text and "Priority: STAT" in text
+    assert "still stands with you" in text
+
+
+def test_a_modify_that_changes_nothing_tells_the_organisation_nothing(loop: Loop) -> None:
+    _sent_new(loop)
+    assert loop.send(_later("T-MD-2", "I13")) == "AA"
+    loop.settled("referral-changes/cbo-platform")
+    assert loop.deliveries("referral-changes/notify-referral-email") == []
+
+
+def test_a_modify_naming_another_organisation_moves_the_referral_to_it(loop: Loop) -> None:
+    first = _sent_new(loop)
+    loop.settled("sdoh-referrals/cbo-platform")
+    moved = _later(
+        "T-MV-1",
+        "I13",
+        {f"|{SCFB}|900 Market St^^Springfield^IL^62703": f"|{EASTSIDE}|"},
+    )
+    assert loop.send(moved) == "AA"
+    told = loop.settled("referral-changes/notify-referral-email", 2)
+    kinds = {d.metadata["to"]: d.metadata["kind"] for d in told}
+    assert kinds[first] == "referral_withdrawn"
+    (second,) = [a for a in kinds if a != first]
+    assert second.endswith("@eastside.example.org")
+    assert kinds[second] == "referral_new"
+    _, withdrawn = _mail(loop, first, 2)
+    assert withdrawn["Subject"] == f"Referral {REFERRAL} withdrawn by Dr Samir Haddad"
+    assert EASTSIDE not in withdrawn.get_content()  # the first needs not know who has it now
+    (new,) = _mail(loop, second, 1)
+    assert new["Subject"].startswith(f"New referral {REFERRAL}")
+    # The FHIR copy moves too: the Task and ServiceRequest name the new organisation.
+    wait_for(
+        lambda: [t["owner"]["display"] for t in loop.created("Task")] == [EASTSIDE],
+        timeout=20,
+        what="the Task's owner changed",
+    )
+    (request,) = loop.created("ServiceRequest")
+    assert request["performer"][0]["display"] == EASTSIDE
+    assert loop.fhir.problems == []
+    # A cancel now reaches the organisation that has it, not the one it was taken from.
+    assert (
+        loop.send(
+            _later(
+                "T-MV-2", "I14", {f"|{SCFB}|900 Market St^^Springfield^IL^62703": f"|{EASTSIDE}|"}
+            )
+        )
+        == "AA"
+    )
+    (cancelled,) = _mail(loop, second, 2)[1:]
+    assert cancelled["Subject"].startswith(f"Referral {REFERRAL} cancelled")
+    assert len(loop.emails_to(first)) == 2
+
+
+def test_a_dry_run_tells_the_organisation_of_a_cancel_too(tmp_path: Path) -> None:
+    """`carehub routes test` and run_routes_all have no outbox: what was sent to whom is
+    remembered across the messages of the run."""
+    messages = FEED_07 + "\r" + _later("T-DR-1", "I14")
+    first, cancel = run_routes_all(messages.encode(), CONFIG, tmp_path / "data")
+    (sent,) = _emails(first, "sdoh-referrals")
+    (cancelled,) = _emails(cancel, "referral-changes")
+    assert sent.outgoing.metadata["kind"] == "referral_new"
+    assert cancelled.outgoing.metadata["kind"] == "referral_cancelled"
+    assert cancelled.outgoing.metadata["to"] == sent.outgoing.metadata["to"]
+
+
+def _emails(result: RoutingResult, route: str) -> list[PlannedDelivery]:
+    (found,) = [r for r in result.routes if r.route == route]
+    return [d for d in found.deliveries if d.destination.endswith("notify-referral-email")]
