@@ -100,6 +100,12 @@ class HTTPListenerConfig(_Strict):
         description="serve the API description at /docs, /redoc and /openapi.json, without "
         "a token; off, they are not served",
     )
+    organization_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="community organisation name -> its bearer token for POST "
+        "/referrals/{key}/status only: it may update only the referrals sent to it, its "
+        "answers are recorded as its own, and it opens nothing else (not /hl7)",
+    )
 
     _charset = field_validator("default_charset")(_known_codec)
 
@@ -116,6 +122,33 @@ class HTTPListenerConfig(_Strict):
                     "remove it"
                 )
         return tokens
+
+    @model_validator(mode="after")
+    def _organization_tokens_are_their_own(self) -> HTTPListenerConfig:
+        """Each organisation's token must be non-empty and its alone: a token shared with
+        intake would let a community organisation post HL7 into the hospital's feed, and one
+        shared by two organisations would let each answer for the other."""
+        seen: dict[str, str] = {}
+        for name, token in self.organization_tokens.items():
+            if not name.strip():
+                raise ValueError("organization_tokens: an organisation name is empty")
+            if not token.strip():
+                raise ValueError(
+                    f"organization_tokens: the token of {name!r} is empty (a variable it names "
+                    "may be set to nothing): give it a value or remove the entry"
+                )
+            if token in self.tokens:
+                raise ValueError(
+                    f"organization_tokens: the token of {name!r} is also an intake token "
+                    "(listeners.http.tokens), which would let it post HL7: give it its own"
+                )
+            if token in seen:
+                raise ValueError(
+                    f"organization_tokens: {seen[token]!r} and {name!r} have the same token, "
+                    "so each could answer for the other: give each its own"
+                )
+            seen[token] = name
+        return self
 
 
 class FileDropConfig(_Strict):

@@ -89,7 +89,7 @@ def build_app(
         # Status updates from the organisations a referral was sent to (closed-loop referrals).
         from carehub.referrals.api import register_referral_routes
 
-        register_referral_routes(app, store, tokens)
+        register_referral_routes(app, store, tokens, organizations=config.organization_tokens)
 
     def authorized(request: Request) -> bool:
         if not tokens:

@@ -13,9 +13,17 @@ the bar as ``%7C``); a bare id is accepted when it is unambiguous.
 
 Answers: 200 with the transition (also when nothing changed, ``changed: false``); 404 for an
 unknown referral; 409 for a transition the rules refuse (e.g. ``completed -> accepted``) with
-the reason; 422 for a body that is not a valid update; 401 without a valid bearer token (the
-same tokens and header as ``POST /hl7``); 503 when the store cannot be reached. Refused updates
-are still recorded on the timeline, so what the other side claimed is never lost.
+the reason; 422 for a body that is not a valid update; 401 without a valid bearer token; 503
+when the store cannot be reached. Refused updates are still recorded on the timeline, so what
+the other side claimed is never lost.
+
+Tokens: the intake tokens of ``POST /hl7`` (a trusted system, such as a coordination platform
+acting for many organisations), or an organisation's own token
+(``listeners.http.organization_tokens``). An organisation's token opens this route only, for
+the referrals sent to that organisation (another's answers 404, as an unknown one, and nothing
+is recorded), and its answers are recorded as that organisation's: the referrer is told who
+answered. A community organisation is usually not a covered entity: a token that also let it
+post HL7 into the hospital's feed, or answer for another organisation, would be a breach.
 
 The answer leaves out the transition's ``summary`` (patient name, birth date, parties) and its
 ``patient_key`` (the patient's MRN with its authority): the caller already knows the referral,
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.exc import SQLAlchemyError
 
 from carehub.intake.http import CLOSE, read_body
+from carehub.referrals.notices import organizations_sent
 from carehub.referrals.state import STATUSES, ReferralTracker, ReferralTransition, referral_timeline
 
 if TYPE_CHECKING:
@@ -69,16 +79,62 @@ class StatusUpdate(BaseModel):
         return value
 
 
-def _authorized(request: Request, tokens: list[str]) -> bool:
-    """The /hl7 rule: no tokens configured means open; else ``Authorization: Bearer <token>``
-    matching one of them (compared in constant time)."""
-    if not tokens:
-        return True
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a status call: ``organization`` names the community organisation whose token
+    it carried; None is a system holding an intake token (or any caller of an open API)."""
+
+    organization: str | None = None
+
+
+def _caller(request: Request, tokens: list[str], organizations: dict[str, str]) -> Caller | None:
+    """The caller the bearer token stands for, or None (401). No token of either kind
+    configured means open, as for /hl7; an intake token is a trusted system; an
+    organisation's token is that organisation. Tokens are compared in constant time."""
+    if not tokens and not organizations:
+        return Caller()
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
+        return None
+    given = presented.encode()
+    if any(hmac.compare_digest(given, token.encode()) for token in tokens):
+        return Caller()
+    for name, token in organizations.items():
+        if hmac.compare_digest(given, token.encode()):
+            return Caller(name)
+    return None
+
+
+def _sent_to(tracker: ReferralTracker, key: str, organization: str) -> bool:
+    """Whether the referral went to this organisation: the one it names (PRD role RT, as a
+    modify may have changed it), else its top community match (the rule the sending steps
+    follow, resources.matching.chosen_match), or one it was emailed to and not withdrawn from."""
+    record = tracker.referral(key)
+    if record is None:
         return False
-    return any(hmac.compare_digest(presented.encode(), t.encode()) for t in tokens)
+    wanted = organization.strip().casefold()
+    named = _organization_of(record.referred_to)
+    if named is None and isinstance(record.matches, list):
+        ranked = [m for m in record.matches if isinstance(m, dict)]
+        ranked.sort(key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
+        named = str(ranked[0].get("organization") or "") if ranked else None
+    if named and named.strip().casefold() == wanted:
+        return True
+    if tracker.engine is None or record.id is None:
+        return False
+    emailed = organizations_sent(tracker.engine, record.id)
+    return any(name.strip().casefold() == wanted for _, _, name in emailed)
+
+
+def _organization_of(party: dict[str, Any] | None) -> str | None:
+    """The organisation of a stored referral party: the organisation, or the one a named
+    practitioner works for."""
+    party = party or {}
+    organization = (party.get("organization") or {}).get("name")
+    if not organization:
+        organization = (party.get("practitioner") or {}).get("organization")
+    return str(organization) if organization else None
 
 
 #: Transition fields a status answer leaves out: the patient's identity and the referral's
@@ -113,13 +169,17 @@ def register_referral_routes(
     store: MessageStore | None,
     tokens: list[str],
     *,
+    organizations: dict[str, str] | None = None,
     tracker: ReferralTracker | None = None,
 ) -> None:
     """Add ``POST /referrals/{referral_key}/status`` to ``app``.
 
     ``store`` is the hub's open store (its referral tables); ``tokens`` the HTTP listener's
-    bearer tokens. ``tracker`` overrides the tracker built on ``store`` (tests, or a hub that
-    shares one); with neither, updates go to an in-memory tracker and are lost on exit."""
+    bearer tokens; ``organizations`` its organisation tokens (name -> token), each good for
+    this route only and for the referrals sent to that organisation. ``tracker`` overrides the
+    tracker built on ``store`` (tests, or a hub that shares one); with neither, updates go to
+    an in-memory tracker and are lost on exit."""
+    organizations = dict(organizations or {})
     if tracker is None:
         tracker = ReferralTracker(store.engine if store is not None else None)
     active = tracker
@@ -135,7 +195,8 @@ def register_referral_routes(
         },
     )
     async def referral_status(referral_key: str, request: Request) -> JSONResponse:
-        if not _authorized(request, tokens):
+        caller = _caller(request, tokens, organizations)
+        if caller is None:
             return JSONResponse(
                 {"error": "missing or invalid bearer token"},
                 status_code=401,
@@ -163,8 +224,23 @@ def register_referral_routes(
             detail["note"] = update.note
         if request.client is not None:
             detail["peer"] = request.client.host
+        if caller.organization is not None:
+            detail["answered_by"] = caller.organization  # the referrer hears who answered
         try:
             key = await asyncio.to_thread(_resolve, active, referral_key)
+            if caller.organization is not None and not await asyncio.to_thread(
+                _sent_to, active, key, caller.organization
+            ):
+                # As for an unknown referral: whether another organisation's referral exists
+                # is not this caller's to learn, and nothing is recorded against it.
+                log.warning(
+                    "referral status call refused: the referral was not sent to the calling "
+                    "organisation %r",
+                    caller.organization,
+                )
+                return JSONResponse(
+                    {"error": "no such referral was sent to your organisation"}, status_code=404
+                )
             transition = await asyncio.to_thread(active.advance, key, update.status, SOURCE, detail)
         except SQLAlchemyError as err:
             log.warning("referral status update not recorded: store error: %s", err)

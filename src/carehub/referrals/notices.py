@@ -62,7 +62,7 @@ from typing import Any, Literal
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, or_, select
+from sqlalchemy import Engine, func, or_, select
 
 from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.care.roster import DirectoryEntry, ProviderDirectory
@@ -81,6 +81,7 @@ __all__ = [
     "NoticeDecision",
     "ReferralNoticeConfig",
     "ReferralNotifier",
+    "organizations_sent",
 ]
 
 #: Built-in texts: ``<kind>.<channel>.txt`` wins over ``<kind>.txt``; a first line
@@ -393,33 +394,7 @@ class ReferralNotifier:
             return [(r, address, n) for address, (r, n) in told.items()]
         if transition.referral_id is None:
             return []
-        earlier = (
-            select(referral_events.c.message_id)
-            .where(
-                referral_events.c.referral_id == transition.referral_id,
-                referral_events.c.message_id.is_not(None),
-            )
-            .scalar_subquery()
-        )
-        with store.engine.connect() as conn:
-            rows = conn.execute(
-                select(deliveries.c.metadata)
-                .where(
-                    deliveries.c.message_id.in_(earlier),
-                    deliveries.c.status != DeliveryStatus.DISCARDED.value,
-                )
-                .order_by(deliveries.c.id)
-            ).all()
-        by_address: dict[str, tuple[str, str]] = {}
-        for (text,) in rows:
-            meta = _json_object(text)
-            address = str(meta.get("to") or "")
-            if meta.get("kind") in _SENT_KINDS and address:
-                recipient = str(meta.get("recipient") or f"org:{address}")
-                by_address[address] = (recipient, str(meta.get("recipient_name") or address))
-            elif meta.get("kind") in _WITHDRAWN_KINDS:
-                by_address.pop(address, None)
-        return [(r, address, n) for address, (r, n) in by_address.items()]
+        return organizations_sent(store.engine, transition.referral_id)
 
     def _remember_told(
         self, transition: ReferralTransition, decisions: list[NoticeDecision]
@@ -646,6 +621,39 @@ class ReferralNotifier:
                 key = f"carehub-referral-answer-{answer.id}-{decision.recipient}"
                 planned = self._deliver(work, transition, decision, 0, key)
                 outbox.schedule(planned, message.id)
+
+
+def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str, str]]:
+    """(recipient, address, name) of each organisation emailed the referral (row id) and not
+    told since that it was withdrawn, oldest first: the ``referral_new`` deliveries of the
+    referral's earlier messages in the outbox, less the ``referral_withdrawn`` ones."""
+    earlier = (
+        select(referral_events.c.message_id)
+        .where(
+            referral_events.c.referral_id == referral_id,
+            referral_events.c.message_id.is_not(None),
+        )
+        .scalar_subquery()
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(deliveries.c.metadata)
+            .where(
+                deliveries.c.message_id.in_(earlier),
+                deliveries.c.status != DeliveryStatus.DISCARDED.value,
+            )
+            .order_by(deliveries.c.id)
+        ).all()
+    by_address: dict[str, tuple[str, str]] = {}
+    for (text,) in rows:
+        meta = _json_object(text)
+        address = str(meta.get("to") or "")
+        if meta.get("kind") in _SENT_KINDS and address:
+            recipient = str(meta.get("recipient") or f"org:{address}")
+            by_address[address] = (recipient, str(meta.get("recipient_name") or address))
+        elif meta.get("kind") in _WITHDRAWN_KINDS:
+            by_address.pop(address, None)
+    return [(r, address, n) for address, (r, n) in by_address.items()]
 
 
 #: How far back tick() looks for answers that came in over HTTP or a FHIR poll.

@@ -1,0 +1,159 @@
+"""A community organisation's own token for the referral status API: it answers only for the
+referrals sent to that organisation, is recorded as that organisation's answer (so the referrer
+hears who answered), and opens nothing else (not HL7 intake). On the shipped config, over real
+sockets: MLLP and HTTP in, an aiosmtpd server for the referrer's email, a FHIR test server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from aiosmtpd.controller import Controller
+
+from carehub.config import load_config
+from carehub.errors import ConfigError
+from carehub.referrals.state import list_referrals
+from carehub.testing import HubThread
+from tests.helpers_http import HTTPServer, on_this_host, wait_for
+from tests.test_fhir_referrals import FhirServer
+from tests.test_referral_notices import _Inbox
+from tests.test_referral_recipients import FEED_07, REFERRER, SCFB, Loop
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HOSPITAL = "hospital-intake-token"
+FOOD_BANK = "food-bank-token"
+PANTRY = "pantry-token"
+
+
+@pytest.fixture
+def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
+    """The referral loop of test_referral_recipients, with intake and organisation tokens."""
+    for name in ("CAREHUB_CONFIG", "CAREHUB_DATA_DIR", "CAREHUB_STORE_URL", "CAREHUB_HTTP_TOKENS"):
+        monkeypatch.delenv(name, raising=False)
+    folder = tmp_path / "config"
+    shutil.copytree(PROJECT_ROOT / "config", folder)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        smtp_port = probe.getsockname()[1]
+    inbox = _Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        with FhirServer() as fhir, HTTPServer(respond=lambda _: 202) as elsewhere:
+            monkeypatch.setenv("CBO_FHIR_URL", fhir.base_url)
+            for name in ("CARE_PLATFORM_URL", "SMS_GATEWAY_URL"):
+                monkeypatch.setenv(name, elsewhere.url("/"))
+            monkeypatch.setenv("SMTP_PORT", str(smtp_port))
+            monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
+            config = on_this_host(load_config(folder / "carehub.yaml"))
+            config.listeners.http.tokens = [HOSPITAL]
+            config.listeners.http.organization_tokens = {
+                SCFB: FOOD_BANK,
+                "Eastside Neighbors Pantry": PANTRY,
+            }
+            with HubThread(config, tmp_path / "data") as running:
+                yield Loop(running, fhir, inbox)
+    finally:
+        controller.stop()
+
+
+def _status(loop: Loop, key: str, token: str | None, status: str = "accepted") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(
+        f"{loop.running.http_url}/referrals/{quote(key, safe='')}/status",
+        json={"status": status, "note": "intake call booked"},
+        headers=headers,
+        timeout=10,
+    )
+
+
+def _referral_key(loop: Loop) -> str:
+    assert loop.send(FEED_07) == "AA"
+    found = wait_for(lambda: list_referrals(loop.running.store.engine), what="the referral")
+    return str(found[0].referral_key)
+
+
+def test_the_organisation_answers_its_own_referral_and_the_referrer_hears_its_name(
+    loop: Loop,
+) -> None:
+    key = _referral_key(loop)
+    answer = _status(loop, key, FOOD_BANK)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["answered_by"] == SCFB
+    loop.running.hub.table.tick(datetime.now(UTC))  # answers over HTTP are told on the tick
+    wait_for(lambda: loop.emails_to(REFERRER), what="the referrer's email")
+    (told,) = loop.emails_to(REFERRER)
+    assert told["Subject"] == f"Referral RGH-R-2026-0042 accepted by {SCFB}"
+    assert "intake call booked" in told.get_content()
+
+
+def test_another_organisation_cannot_answer_for_it(loop: Loop) -> None:
+    key = _referral_key(loop)
+    refused = _status(loop, key, PANTRY, "rejected")
+    assert refused.status_code == 404
+    assert "RG100234" not in refused.text and "Okafor" not in refused.text
+    (referral,) = list_referrals(loop.running.store.engine)
+    assert referral.status == "requested"  # unchanged, and nothing claimed on its timeline
+    assert _status(loop, key, FOOD_BANK).status_code == 200  # the one it went to may
+
+
+def test_an_organisation_token_opens_no_hl7_intake(loop: Loop) -> None:
+    for token in (FOOD_BANK, PANTRY):
+        posted = httpx.post(
+            f"{loop.running.http_url}/hl7",
+            content=FEED_07.encode(),
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "x-application/hl7-v2+er7",
+            },
+            timeout=10,
+        )
+        assert posted.status_code == 401
+    assert loop.running.store.get(1) is None
+
+
+def test_intake_tokens_still_answer_for_any_referral_and_none_is_refused(loop: Loop) -> None:
+    key = _referral_key(loop)
+    assert _status(loop, key, None).status_code == 401
+    assert _status(loop, key, "not-a-token").status_code == 401
+    answered = _status(loop, key, HOSPITAL, "received")
+    assert answered.status_code == 200
+    assert answered.json()["answered_by"] is None  # a system: it does not say who
+
+
+def _http_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "carehub.yaml"
+    path.write_text(f"listeners:\n  http:\n{body}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (
+            "    tokens: [same]\n    organization_tokens: {Food Bank: same}\n",
+            "is also an intake token",
+        ),
+        (
+            "    organization_tokens: {Food Bank: '', Pantry: b}\n",
+            "the token of 'Food Bank' is empty",
+        ),
+        (
+            "    organization_tokens: {Food Bank: t, Pantry: t}\n",
+            "'Food Bank' and 'Pantry' have the same token",
+        ),
+    ],
+)
+def test_organisation_tokens_that_would_open_too_much_are_config_errors(
+    tmp_path: Path, body: str, said: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(_http_config(tmp_path, body))
+    assert said in str(raised.value)
+    assert "listeners.http" in str(raised.value)
