@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from carehub.hub import PUBLISH_STOP_WAIT
+from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt
 from tests.helpers_http import HTTPServer, wait_for
 from tests.test_rabbitmq import amqp_url, delivered, fresh_queue, routes_yaml, send_all
@@ -193,3 +195,33 @@ def test_intake_answers_at_once_while_the_broker_is_silent(
         assert hub.store.count("received") == 8  # every one stored and answered AA
         # Whatever kombu's connect timeout, no answer waited for it: a second is ample.
         assert max(waits) < 1.0, waits
+
+
+def test_the_hub_stops_promptly_while_the_broker_is_silent(
+    tmp_path: Path, amqp_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publish held by a silent broker is given up at stop after PUBLISH_STOP_WAIT: what it
+    held is stored and the workers' sweep routes it, so SIGTERM need not wait for kombu to stop
+    trying (12 s here; the stop waited for all of it)."""
+    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    fresh_queue(amqp_url, 1)
+    config = local_config(worker=False)
+    config.queue.url = relayed_url
+    config.queue.partitions = 1
+    hub = HubThread(config, tmp_path / "data").__enter__()
+    try:
+        send_all(hub.mllp_address, [make_adt("SS-0", patient_id="P1")])
+        relay.silence()
+        send_all(hub.mllp_address, [make_adt("SS-1", patient_id="P1")])
+        time.sleep(0.2)  # its publish is under way, and held
+    finally:
+        started = time.monotonic()
+        hub.stop()
+        took = time.monotonic() - started
+    assert took < PUBLISH_STOP_WAIT + 2.0, took
+    assert "stopping without waiting longer for the broker" in caplog.text
+    store = MessageStore(f"sqlite:///{tmp_path / 'data' / 'carehub.db'}")
+    try:
+        assert store.count("received") == 2  # stored, for the sweep to route
+    finally:
+        store.close()

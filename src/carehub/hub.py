@@ -7,15 +7,16 @@ a fresh hub per test and several hubs can run in one process.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import hashlib
 import ipaddress
 import logging
 import os
+import queue
 import sqlite3
 import ssl
+import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -440,6 +441,59 @@ class _QueueDown:
     retry_at: float = 0.0
 
 
+#: Seconds `stop` waits for a publish in flight (a silent broker holds one for as long as
+#: kombu waits to connect: what it held is stored, and the workers' sweep routes it).
+PUBLISH_STOP_WAIT = 3.0
+
+
+class _PublishThread:
+    """The one thread that publishes to a broker, batch after batch, in order.
+
+    A daemon thread rather than an executor's: a broker that stops answering without refusing
+    holds a publish for as long as kombu waits to connect (12 s with its defaults here), and
+    an executor's thread is joined at interpreter exit, so a stopped hub would wait that long
+    to exit even after giving up on it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_PublishJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="queue-publish", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, publisher: Publisher, batch: list[tuple[int, str]]
+    ) -> asyncio.Future[Exception | None]:
+        """Publish on the thread; the future (on the calling loop) holds the error, or None."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Exception | None] = loop.create_future()
+        self._jobs.put(_PublishJob(loop, future, publisher, batch))
+        return future
+
+    def stop(self, timeout: float) -> bool:
+        """No more publishing; whether the thread ended within ``timeout`` seconds."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            error = _publish(job.publisher, job.batch)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                job.loop.call_soon_threadsafe(_settle_publish, job.future, error)
+
+
+@dataclass(slots=True, frozen=True)
+class _PublishJob:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Exception | None]
+    publisher: Publisher
+    batch: list[tuple[int, str]]
+
+
+def _settle_publish(future: asyncio.Future[Exception | None], error: Exception | None) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
 def _publish(publisher: Publisher, batch: list[tuple[int, str]]) -> Exception | None:
     """Publish a batch; the error instead of raising it (the caller may be another thread)."""
     try:
@@ -469,7 +523,7 @@ class Hub:
         self._queue_down: _QueueDown | None = None
         #: The broker publisher's own thread (None for the in-process queue), and whether a
         #: publish is under way on it.
-        self._publish_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._publish_thread: _PublishThread | None = None
         self._publishing = False
         #: The in-process worker (config worker.enabled), on this hub's event loop.
         self.worker: Worker | None = None
@@ -521,9 +575,7 @@ class Hub:
             if worker.enabled or not self.work_queue.is_memory:
                 self.publisher = await asyncio.to_thread(self._open_publisher)
                 if not self.work_queue.is_memory:
-                    self._publish_thread = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="queue-publish"
-                    )
+                    self._publish_thread = _PublishThread()
             self.intake = Intake(
                 self.writer,
                 hub_application=identity.application,
@@ -674,9 +726,7 @@ class Hub:
             self._published(batch, _publish(self.publisher, batch))
             return
         self._publishing = True
-        future = asyncio.get_running_loop().run_in_executor(
-            self._publish_thread, _publish, self.publisher, batch
-        )
+        future = self._publish_thread.submit(self.publisher, batch)
         future.add_done_callback(
             lambda done: self._published(
                 batch, RuntimeError("stopped") if done.cancelled() else done.result()
@@ -738,11 +788,20 @@ class Hub:
                 await self._worker_task
             self._worker_task = None
             self.worker = None
+        publisher_idle = True
         if self._publish_thread is not None:  # the last publish ends before its connection
-            await asyncio.to_thread(self._publish_thread.shutdown, True)
+            publisher_idle = await asyncio.to_thread(self._publish_thread.stop, PUBLISH_STOP_WAIT)
             self._publish_thread = None
+            if not publisher_idle:
+                log.warning(
+                    "stopping without waiting longer for the broker, which has not answered "
+                    "for %g s: what was stored and not yet queued is routed by the workers' "
+                    "sweep",
+                    PUBLISH_STOP_WAIT,
+                )
         if self.publisher is not None:
-            self.publisher.close()
+            if publisher_idle:  # else its thread still holds it; the process exit ends both
+                self.publisher.close()
             self.publisher = None
         if self.store is not None:
             await self.writer.close()
