@@ -176,19 +176,21 @@ def test_feeds_tell_each_care_team_once(shipped: Setup) -> None:
     # Amara Okafor: ED arrival, admission, an A08, a transfer to the north campus ICU, a bed
     # move there, discharge to a nursing facility; 08 resends the admission.
     assert shipped.told(AMARA, LINDQVIST) == [
-        ("ed_arrival", "ED visit: Amara Okafor at RIVERSIDE_GH"),
-        ("admission", "Admission: Amara Okafor at RIVERSIDE_GH"),
-        ("transfer", "Transfer: Amara Okafor at RIVERSIDE_NORTH"),
-        ("discharge", "Discharge: Amara Okafor from RIVERSIDE_GH"),
+        ("ed_arrival", "ED visit: Amara Okafor at Riverside General Hospital"),
+        ("admission", "Admission: Amara Okafor at Riverside General Hospital"),
+        ("transfer", "Transfer: Amara Okafor at Riverside General Hospital North Campus"),
+        ("discharge", "Discharge: Amara Okafor from Riverside General Hospital"),
     ]
-    assert shipped.told(AMARA, SNF) == [("discharge", "Discharge: Amara Okafor from RIVERSIDE_GH")]
+    assert shipped.told(AMARA, SNF) == [
+        ("discharge", "Discharge: Amara Okafor from Riverside General Hospital")
+    ]
     (snf_mail,) = [m for m in shipped.mailbox.mails if m.to == SNF]
     assert "Maple Grove Skilled Nursing" in snf_mail.body or "MAPLEGROVE_SNF" in snf_mail.body
 
     # José Peña: an admission, then its cancel: the PCP gets the admission and a correction.
     told_jose = shipped.told(JOSE, TESTWELL)
     assert [kind for kind, _ in told_jose] == ["admission", "retraction"]
-    assert told_jose[0][1] == "Admission: José Peña at LAKEVIEW_MC"
+    assert told_jose[0][1] == "Admission: José Peña at Lakeview Medical Center"
     assert told_jose[1][1].startswith("Correction: admission for ")
     assert told_jose[1][1].endswith(" was cancelled")
     jose = [r for r in shipped.notifications() if r["patient_key"] == JOSE]
@@ -205,8 +207,8 @@ def test_feeds_tell_each_care_team_once(shipped: Setup) -> None:
 
     # Marcus Whitlock's ED visit and same-day discharge home reached his care team once each.
     assert shipped.told(MARCUS, LINDQVIST) == [
-        ("ed_arrival", "ED visit: Marcus Whitlock at RIVERSIDE_GH"),
-        ("discharge", "Discharge: Marcus Whitlock from RIVERSIDE_GH"),
+        ("ed_arrival", "ED visit: Marcus Whitlock at Riverside General Hospital"),
+        ("discharge", "Discharge: Marcus Whitlock from Riverside General Hospital"),
     ]
     sms = [r.json for r in shipped.http.requests if r.path == "/messages"]
     assert sms and all("Diagnos" not in text["text"] for text in sms)

@@ -8,13 +8,18 @@
         detail: {email: full}           # default: sms gets the minimum, others the full text
         digest_hour: 7                  # UTC hour daily digests go out
         coordinator_roles: [care_coordinator]
+        facilities:                     # optional: facility code -> the name notices give
+          RIVERSIDE_GH: Riverside General Hospital    # (others: the code as sent)
 
 It reads what the earlier steps found: ``work.data["encounter"]`` (a Transition from the
 encounter-state enricher) and ``work.data["care_team"]`` (a CareTeam from care-team). Every
 decision is a row in ``notifications``: queued (a delivery was planned), digest (waits for
-the recipient's daily digest), suppressed (with the reason), retracted (a cancel took it
-back). Those rows are how "never the same thing twice" holds: a recipient already told of
-an admission is not told again, and a cancel sends a correction to exactly those told.
+the recipient's daily digest), digested (went out in one), suppressed (with the reason),
+retracted (a cancel took it back). Those rows are how "never the same thing twice" holds: a
+recipient already told of an admission is not told again, those told of a visit hear of its
+later events even when the care team changed (a merge), and a cancel sends a correction to
+exactly those told (a digest reader in their next digest; a notice still waiting for a
+digest is just withdrawn).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, func, insert, select, update
 
 from carehub.care.model import DIED, DISPOSITIONS, NOTIFIABLE, CareTeam, Recipient, Transition
@@ -54,6 +59,17 @@ ROLE_LABELS = {
 }
 #: Channels that are not secure enough for more than the CMS minimum by default.
 MINIMUM_BY_DEFAULT = {"sms"}
+#: Statuses of a notification row whose recipient was told (or will be, in their digest).
+TOLD = ("queued", "digest", "digested")
+#: The columns of a row that records an alert nobody could be sent.
+_NOBODY = {
+    "message_id": None,
+    "recipient": "-",
+    "role": None,
+    "channel": None,
+    "address": None,
+    "status": "suppressed",
+}
 
 
 class NotifyConfig(BaseModel):
@@ -66,6 +82,14 @@ class NotifyConfig(BaseModel):
     digest_hour: int = Field(7, ge=0, le=23)
     coordinator_roles: list[str] = Field(default_factory=lambda: ["care_coordinator"])
     kinds: list[str] = Field(default_factory=lambda: list(NOTIFIABLE))
+    #: Facility code (PV1-3.4, else MSH-4) -> the name notices give the sending institution.
+    facilities: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("facilities")
+    @classmethod
+    def _codes_upper(cls, value: dict[str, str]) -> dict[str, str]:
+        """Codes compare case-insensitively, as in the provider directory."""
+        return {str(code).strip().upper(): name.strip() for code, name in value.items()}
 
 
 @dataclass(slots=True)
@@ -159,12 +183,9 @@ class Notifier:
         member_suppressed = {
             s.recipient_id: s.reason for s in team.suppressed if s.recipient_id is not None
         }
-        told = {
-            (row["recipient"], row["kind"])
-            for row in self._rows(encounter_id=transition.encounter_id)
-            if row["status"] in ("queued", "digest")
-        }
-        for recipient in team.recipients:
+        earlier = self._rows(encounter_id=transition.encounter_id)
+        told = {(row["recipient"], row["kind"]) for row in earlier if row["status"] in TOLD}
+        for recipient in [*team.recipients, *_no_longer_listed(earlier, team)]:
             decision = Decision(
                 recipient.id, recipient.role, recipient.channel, recipient.address, kind, "queued"
             )
@@ -201,27 +222,33 @@ class Notifier:
         return decisions
 
     def _retract(self, transition: Transition, kinds: set[str]) -> list[Decision]:
-        """Take back `kinds` from everyone told: a correction to those already sent, and a
-        quiet removal from digests not yet sent."""
+        """Take back `kinds` from everyone told: a correction to those already sent a notice
+        (now), a correction in the next digest to those who read it in a digest, and a quiet
+        removal from digests not yet sent."""
         rows = [
             row
             for row in self._rows(encounter_id=transition.encounter_id)
-            if row["kind"] in kinds and row["status"] in ("queued", "digest")
+            if row["kind"] in kinds and row["status"] in TOLD
         ]
         if transition.kind == "cancel_transfer" and rows:
             # An A12 undoes the last transfer only; earlier transfers were real.
             last = max(row["message_id"] or 0 for row in rows)
             rows = [row for row in rows if row["message_id"] == last]
         # One correction per recipient, even when a cancelled visit takes back several
-        # notices (one delivery key per recipient and kind per message).
+        # notices (one delivery key per recipient and kind per message). A digest reader gets
+        # theirs the way they asked to hear: in their daily digest.
         told: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for row in rows:
+            was_sent = row["status"] in ("queued", "digested")
+            in_digest = row["status"] == "digested"
             self._mark_retracted(row)
-            if row["status"] == "queued" and row["channel"] in self.destinations:
-                told.setdefault((row["recipient"], row["channel"], row["address"]), []).append(row)
+            if was_sent and row["channel"] in self.destinations:
+                key = (row["recipient"], row["channel"], row["address"])
+                told.setdefault(key, []).append({**row, "in_digest": in_digest})
         decisions: list[Decision] = []
         for (recipient, channel, address), items in told.items():
             ids = ", ".join(f"#{row['id']}" for row in items)
+            in_digest = all(row["in_digest"] for row in items)
             decisions.append(
                 Decision(
                     recipient,
@@ -229,7 +256,7 @@ class Notifier:
                     channel,
                     address,
                     "retraction",
-                    "queued",
+                    "digest" if in_digest else "queued",
                     f"retracts notification {ids} ({items[0]['kind']})",
                 )
             )
@@ -275,8 +302,8 @@ class Notifier:
     def _template_context(
         self, work: Work, transition: Transition, decision: Decision
     ) -> dict[str, Any]:
-        event = work.event_json() or {}
-        context = event_context(event, decision.kind)
+        event = _with_encounter_facts(work.event_json() or {}, transition.summary)
+        context = self._event_context(event, decision.kind)
         default = "minimum" if decision.channel in MINIMUM_BY_DEFAULT else "full"
         detail = self.config.detail.get(decision.channel or "", default)
         team = work.data.get("care_team")
@@ -286,8 +313,10 @@ class Notifier:
             else (),
             None,
         )
-        if member is not None and member.detail == "minimum":
-            detail = "minimum"  # the member asked for the minimum: never more on any channel
+        if member is None or member.detail == "minimum":
+            # The member asked for the minimum (never more on any channel), or the team no
+            # longer lists them, so what they asked for is not known.
+            detail = "minimum"
         followups = work.data.get("followups") or []
         context.update(
             kind=decision.kind,
@@ -302,6 +331,13 @@ class Notifier:
             ],
             followup_note=work.data.get("followup_note"),
         )
+        return context
+
+    def _event_context(self, event: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
+        """``event_context`` with the institution by its name where ``facilities`` gives one."""
+        context = event_context(event, kind)
+        code = context["institution"]
+        context["institution"] = self.config.facilities.get(code.strip().upper(), code)
         return context
 
     # -- periodic -------------------------------------------------------------------------
@@ -331,17 +367,20 @@ class Notifier:
             lines = []
             for row in sorted(items, key=lambda r: r["id"]):
                 snapshot = snapshots.get(row["encounter_id"], {})
-                context = event_context(snapshot)
+                context = self._event_context(snapshot)
                 # When it happened, in the hospital's time as its messages gave it (the visit's
                 # latest state holds the admit and discharge times); when carehub heard of it
                 # (UTC) only for want of those.
                 encounter = snapshot.get("encounter") or {}
                 clinical = encounter.get(_CLINICAL_TIME.get(row["kind"], ""))
+                correction = row["kind"] == "retraction"
+                kind = _retracted_kind(row["reason"]) if correction else row["kind"]
                 lines.append(
                     {
                         "when": (clinical or "")[:16].replace("T", " ")
                         or _aware(row["created_at"]).strftime("%Y-%m-%d %H:%M UTC"),
-                        "label": KIND_LABELS.get(row["kind"], row["kind"]),
+                        "label": KIND_LABELS.get(kind, kind or "notification"),
+                        "correction": correction,
                         "patient_name": context["patient_name"],
                         "institution": context["institution"],
                     }
@@ -354,7 +393,7 @@ class Notifier:
             self._schedule(planned, items[-1]["message_id"], [r["id"] for r in items], key)
 
     def _alert_overdue_followups(self, now: datetime) -> None:
-        """Tell the care coordinators who were told of the encounter, then mark the follow-up
+        """Tell the care coordinators who were told of the discharge, then mark the follow-up
         alerted: a crash in between alerts again rather than never, and the alert's delivery
         key (follow-up id + recipient) keeps a second attempt from sending twice."""
         from carehub.care.followup import FollowupClock
@@ -363,7 +402,7 @@ class Notifier:
         alerts = clock.due_alerts(now)
         for alert in alerts:
             snapshot = self._snapshots({alert.encounter_id}).get(alert.encounter_id, {})
-            context = event_context(snapshot)
+            context = self._event_context(snapshot)
             context.update(
                 followup_kind="interactive contact"
                 if alert.kind == "contact"
@@ -372,7 +411,9 @@ class Notifier:
             )
             self._tell_coordinators(
                 "followup_overdue",
-                self._rows(encounter_id=alert.encounter_id),
+                # Those told of the discharge the follow-up is due after, not of the visit's
+                # other events: nobody is alerted about a discharge they never heard of.
+                self._rows(encounter_id=alert.encounter_id, kind="discharge"),
                 context,
                 key_prefix=f"carehub-overdue-{alert.id}",
                 patient_key=alert.patient_key,
@@ -397,7 +438,7 @@ class Notifier:
         for referral in late:
             patient_key = referral.patient_key or ""
             referred_to = referral.referred_to or {}
-            context = event_context(referral.snapshot or {})
+            context = self._event_context(referral.snapshot or {})
             context.update(
                 status=referral.status,  # "received": answered pending, not yet accepted
                 referral_id=referral_id_of(referral.referral_key),
@@ -440,20 +481,25 @@ class Notifier:
         notification rows); else to the coordinators the roster lists for the patient now (a
         patient nobody was told about yet, one merged into a rostered patient since, one whose
         coordinator was added later), the alert going with ``message_id``; else record that
-        nobody could be told and why."""
+        nobody could be told and why. A patient who opted out (roster or message) is never
+        the subject of an alert: that is recorded as the reason instead."""
+        row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
+        opted_out = self.care_team.opt_out(patient_key) if self.care_team is not None else None
+        if opted_out is not None:
+            # Nobody hears anything about an opted-out patient, not even those told before
+            # the patient opted out.
+            self._insert_rows([{**row, **_NOBODY, "reason": f"{about}: {opted_out}"}])
+            return
         coordinators = {
             (r["recipient"], r["channel"], r["address"]): r
             for r in earlier
             if r["role"] in self.config.coordinator_roles
             and r["channel"] in self.destinations
-            and r["status"] in ("queued", "digest", "digested")
+            and r["status"] in TOLD
         }
-        row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
         reason = f"no care coordinator on record for {about}"
         if not coordinators and self.care_team is not None and message_id is not None:
-            team, opted_out = self.care_team.roster_team(patient_key, self.config.coordinator_roles)
-            if opted_out:
-                reason = f"{about}: {opted_out}"
+            team, _ = self.care_team.roster_team(patient_key, self.config.coordinator_roles)
             for member in team:
                 if member.channel not in self.destinations or not member.address:
                     reason = (
@@ -464,20 +510,7 @@ class Notifier:
                 told = {"message_id": message_id, "role": member.role}
                 coordinators[(member.id, member.channel, member.address)] = told
         if not coordinators:
-            self._insert_rows(
-                [
-                    {
-                        **row,
-                        "message_id": None,
-                        "recipient": "-",
-                        "role": None,
-                        "channel": None,
-                        "address": None,
-                        "status": "suppressed",
-                        "reason": reason,
-                    }
-                ]
-            )
+            self._insert_rows([{**row, **_NOBODY, "reason": reason}])
             return
         for (recipient, channel, address), told in coordinators.items():
             subject, body = self.render(kind, channel, context)
@@ -664,6 +697,24 @@ def event_context(event: dict[str, Any], kind: str | None = None) -> dict[str, A
     }
 
 
+def _with_encounter_facts(event: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The message's care event with the CMS minimum (patient name, treating practitioner,
+    sending institution) and the diagnoses taken from what the encounter knows (a
+    Transition summary) where the message leaves them out: an A03 often omits the PV1-7 that
+    the admission sent."""
+    patient = dict(event.get("patient") or {})
+    encounter = dict(event.get("encounter") or {})
+    if not patient.get("name") and summary.get("name"):
+        patient["name"] = summary["name"]
+    known_practitioner = summary.get("treating_practitioner")
+    if not (encounter.get("attending") or encounter.get("admitting")) and known_practitioner:
+        encounter["attending"] = known_practitioner
+    if not encounter.get("facility") and summary.get("facility"):
+        encounter["facility"] = summary["facility"]
+    diagnoses = event.get("diagnoses") or summary.get("diagnoses") or []
+    return {**event, "patient": patient, "encounter": encounter, "diagnoses": diagnoses}
+
+
 def _local_day(due: Any, event: dict[str, Any]) -> str:
     """A due date as the hospital's calendar day: due times are stored in UTC, and the end of
     a local day is already the next day in UTC west of Greenwich. The hospital's offset is
@@ -684,6 +735,31 @@ def _local_day(due: Any, event: dict[str, Any]) -> str:
         if zone is not None:
             return _aware(due).astimezone(zone).strftime("%Y-%m-%d")
     return _aware(due).strftime("%Y-%m-%d")
+
+
+def _no_longer_listed(earlier: list[dict[str, Any]], team: CareTeam) -> list[Recipient]:
+    """Those told of this visit (``earlier`` are its notification rows) whom the care team no
+    longer lists, e.g. the retired record's team after a merge: they hear of the visit's later
+    events too, as before (immediately or in their digest), with the CMS minimum only, since
+    what else they asked for is no longer on file."""
+    listed = {r.id for r in team.recipients} | {s.recipient_id for s in team.suppressed}
+    addresses = {(r.channel, r.address.strip().lower()) for r in team.recipients}
+    found: dict[str, Recipient] = {}
+    for row in earlier:
+        if row["status"] not in TOLD or row["kind"] not in NOTIFIABLE or not row["address"]:
+            continue
+        if row["recipient"] in listed or (row["channel"], row["address"].lower()) in addresses:
+            continue
+        found[row["recipient"]] = Recipient(
+            id=row["recipient"],
+            name=row["recipient"],
+            role=row["role"] or "",
+            channel=row["channel"],
+            address=row["address"],
+            preference="immediate" if row["status"] == "queued" else "daily_digest",
+            detail="minimum",
+        )
+    return list(found.values())
 
 
 def _recipient_context(decision: Decision, team: CareTeam | None) -> dict[str, Any]:

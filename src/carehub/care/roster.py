@@ -105,13 +105,14 @@ from carehub.care.model import CareTeam, Detail, Preference, Recipient, Suppress
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import ConfigError
 from carehub.hl7.view import parse_path
-from carehub.store.schema import patient_preferences
+from carehub.store.schema import patient_merges, patient_preferences
 from carehub.workqueue import patient_key as make_patient_key
 
 __all__ = [
     "ROLES",
     "CareTeamEnricher",
     "DirectoryEntry",
+    "MergedKeys",
     "ProviderDirectory",
     "Role",
     "Roster",
@@ -133,6 +134,7 @@ Role = Literal[
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 
 _MAX_ERRORS = 20  # a wholly wrong file should not print thousands of lines
+_MERGE_HOPS = 32  # a chain of merges longer than this is a loop in bad data
 _NPI = re.compile(r"^\d{10}$")
 _CHANNEL = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _PHONE = re.compile(r"^\+?[0-9 ().-]{7,20}$")
@@ -927,6 +929,41 @@ class StatedOptOuts:
                 conn.execute(insert(table).values(patient_key=patient_key, **values))
 
 
+class MergedKeys:
+    """Which patient keys were merged into which (table ``patient_merges``, written by the
+    encounter-state enricher on an A40): the roster may still list a patient under a retired
+    identifier. Without a store (dry runs) a key stands for itself only."""
+
+    def __init__(self, context: ComponentContext) -> None:
+        self.context = context  # its store is attached once the hub has opened it
+
+    def keys_of(self, patient_key: str) -> list[str]:
+        """``patient_key`` and every key retired into it, directly or through a chain of
+        merges (at most _MERGE_HOPS deep, so a loop in bad data ends)."""
+        keys = [patient_key]
+        store = self.context.store
+        if store is None:
+            return keys
+        frontier = [patient_key]
+        with store.engine.connect() as conn:
+            for _ in range(_MERGE_HOPS):
+                if not frontier:
+                    break
+                retired = conn.execute(
+                    select(patient_merges.c.retired_key).where(
+                        patient_merges.c.surviving_key.in_(frontier)
+                    )
+                ).scalars()
+                frontier = [key for key in retired if key not in keys]
+                keys += frontier
+        return keys
+
+
+def _roster_opt_out_reason(patient: RosterPatient) -> str:
+    reason = f"patient {patient.key} opted out (roster)"
+    return f"{reason}: {patient.opt_out_reason}" if patient.opt_out_reason else reason
+
+
 def _transition_field(encounter: Any, name: str) -> Any:
     if encounter is None:
         return None
@@ -1008,6 +1045,7 @@ class CareTeamEnricher(Enricher):
         )
         self._opt_out_values = {v.strip().upper() for v in opts.opt_out_values}
         self.stated = StatedOptOuts(context)
+        self.merged = MergedKeys(context)
 
     async def start(self) -> None:
         self.roster.load()
@@ -1029,10 +1067,7 @@ class CareTeamEnricher(Enricher):
 
         for patient in self._roster_patients(work, encounter):
             if patient.opt_out:
-                reason = f"patient {patient.key} opted out (roster)"
-                if patient.opt_out_reason:
-                    reason += f": {patient.opt_out_reason}"
-                builder.suppress(reason)
+                builder.suppress(_roster_opt_out_reason(patient))
             for member in patient.members:
                 builder.add(member.recipient(), npi=member.npi)
         self._message_opt_out(work, encounter, builder)
@@ -1062,23 +1097,49 @@ class CareTeamEnricher(Enricher):
     def roster_team(
         self, patient_key: str, roles: Collection[str]
     ) -> tuple[list[Recipient], str | None]:
-        """The roster's members in ``roles`` for a patient key (authority|id), and why the
-        patient must not be contacted about, when the roster says so: for the hub's own
-        alerts (an overdue follow-up or referral), which have no message to read a team from."""
+        """The roster's members in ``roles`` for a patient key (authority|id) and every key
+        merged into it, and why the patient must not be contacted about, when the roster or a
+        message says so: for the hub's own alerts (an overdue follow-up or referral), which
+        have no message to read a team from."""
+        opted_out = self.opt_out(patient_key)
+        if opted_out is not None:
+            return [], opted_out
+        members = {
+            member.member_id: member.recipient()
+            for entry in self._roster_entries(patient_key)
+            for member in entry.members
+            if member.role in roles
+        }
+        return list(members.values()), None
+
+    def opt_out(self, patient_key: str) -> str | None:
+        """Why nobody may be told anything about this patient (a roster flag on the key or a
+        key merged into it, or a do-not-notify a message stated), or None. For the hub's own
+        alerts; a message's notices read the same facts in ``enrich``."""
         self.roster.refresh()
-        entry = self.roster.find_key(patient_key)
-        if entry is None:
-            return [], None
-        if entry.opt_out:
-            reason = f"patient {entry.key} opted out (roster)"
-            return [], f"{reason}: {entry.opt_out_reason}" if entry.opt_out_reason else reason
-        return [m.recipient() for m in entry.members if m.role in roles], None
+        for entry in self._roster_entries(patient_key):
+            if entry.opt_out:
+                return _roster_opt_out_reason(entry)
+        stated = self.stated.get(patient_key)
+        if stated is not None and stated.opted_out:
+            field = self.options.opt_out_field or "a message"
+            return (
+                f"patient asked not to be notified ({field} = {stated.value!r} in message "
+                f"{stated.message_id})"
+            )
+        return None
+
+    def _roster_entries(self, patient_key: str) -> list[RosterPatient]:
+        """The roster entries of a patient key and of every key merged into it."""
+        entries = (self.roster.find_key(key) for key in self.merged.keys_of(patient_key))
+        return [entry for entry in entries if entry is not None]
 
     # -- pieces ---------------------------------------------------------------------------
     def _roster_patients(self, work: Work, encounter: Any) -> list[RosterPatient]:
-        """Every roster entry for this patient: by any identifier in PID-3, and by the
-        encounter's patient key (which follows merges). A patient attributed under two
-        identifiers (two programs) gets the union of both teams."""
+        """Every roster entry for this patient: by any identifier in PID-3, by the encounter's
+        patient key (which follows merges) and by every key an A40 merged into it, so the
+        retired record's team and opt-out still apply. A patient attributed under two
+        identifiers (two programs, or a merge) gets the union of both teams."""
         found: dict[str, RosterPatient] = {}
         patient = work.event.patient if work.event else None
         if patient is not None:
@@ -1089,8 +1150,7 @@ class CareTeamEnricher(Enricher):
                     found.setdefault(entry.key, entry)
         key = _transition_field(encounter, "patient_key")
         if isinstance(key, str) and key:
-            entry = self.roster.find_key(key)
-            if entry is not None:
+            for entry in self._roster_entries(key):
                 found.setdefault(entry.key, entry)
         return list(found.values())
 
