@@ -1,7 +1,8 @@
 """`messages reprocess` and what was already delivered: a message "failed" for one dead letter
 is sent again only where it was not delivered (--undelivered) or where named (--destination);
-the run's deliveries supersede the dead letters of earlier runs at the same destinations, so a
-later retry cannot send the message twice; a route error makes the command fail. Real hub,
+the run's deliveries take the place of earlier runs' deliveries not made yet (dead letters,
+waiting ones) at the same destinations, in their patients' lines, so the message is never sent
+twice nor after the patient's later messages; a route error makes the command fail. Real hub,
 real HTTP servers, the CLI through CliRunner."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,7 +59,7 @@ def test_undelivered_sends_only_where_the_message_did_not_arrive(
         )
         assert code == 0, out + err
         assert "message 1 (run 2): care; 1 deliveries queued, 1 left out" in out
-        assert f"dead letter(s) #{dead.id} superseded" in out
+        assert f"in place of earlier dead letter #{dead.id}, keeping the place in line" in out
         assert "already made" not in err
         wait_for(lambda: len(b.ok()) == 1, what="care/b sent once")
         wait_for(lambda: all_status(hub.store, 1, "delivered"), what="the message delivered")
@@ -67,7 +69,7 @@ def test_undelivered_sends_only_where_the_message_did_not_arrive(
         code, out, _ = run(config, data_dir, "dead-letters", "retry", "--all")
         assert "0 dead letter(s) queued again" in out
         code, out, _ = run(config, data_dir, "messages", "show", "1")
-        assert "discarded by tester (carehub dead-letters discard): superseded by reprocess" in out
+        assert f"delivery #{dead.id} (dead) carries reprocess run 2's delivery to care/b" in out
     assert len(b.ok()) == 1 and len(a.requests) == 1
 
 
@@ -88,7 +90,7 @@ def test_a_plain_reprocess_says_what_goes_again_and_never_sends_a_dead_letter_tw
             config, data_dir, "messages", "reprocess", "--status", "failed", "--yes"
         )
         assert code == 0, out + err
-        assert "2 deliveries queued" in out and "superseded" in out
+        assert "2 deliveries queued" in out and "in place of earlier dead letter" in out
         wait_for(lambda: len(a.requests) == 2 and len(b.ok()) == 1, what="both sent")
         code, out, _ = run(config, data_dir, "dead-letters", "retry", "--all")
         assert "0 dead letter(s) queued again" in out
@@ -112,7 +114,7 @@ def test_destination_names_where_to_send_and_refuses_an_unknown_one(
             config, data_dir, "messages", "reprocess", "1", "--destination", "care/a"
         )
         assert code == 0, out + err
-        assert "1 deliveries queued, 1 left out" in out and "superseded" not in out
+        assert "1 deliveries queued, 1 left out" in out and "in place of" not in out
         wait_for(lambda: len(a.requests) == 2, what="care/a sent again")
         assert len(Outbox(hub.store).find(status="dead")) == 1  # care/b is left as it was
 
@@ -159,3 +161,56 @@ routes:
             hub.call(other.stop())
     assert code == 0
     assert f"warning: worker {socket.gethostname()} pid {os.getpid()} routed with other " in err
+
+
+@contextlib.contextmanager
+def held_line(
+    tmp_path: Path, a: HTTPServer, b: HTTPServer
+) -> Iterator[tuple[Path, Path, HubThread]]:
+    """A running hub where a patient's admission (message 1) is a dead letter at care/b,
+    holding its line, and the discharge after it (message 2) waits behind it there."""
+    config = write_config(tmp_path, ROUTES.format(a=a.url(), b=b.url(), retry=FAST_RETRY % 1))
+    data_dir = tmp_path / "data"
+    with HubThread(load_config(config), data_dir) as hub:
+        send(hub, [make_adt("HL-1", "A01", patient_id="P1")])
+        wait_for(lambda: Outbox(hub.store).find(status="dead"), what="the A01 dead at care/b")
+        send(hub, [make_adt("HL-2", "A03", patient_id="P1")])
+        wait_for(lambda: len(a.ok()) == 2, what="both delivered to care/a")
+        yield config, data_dir, hub
+
+
+def _sent_to(server: HTTPServer) -> list[str]:
+    return [r.json["control_id"] for r in server.ok()]
+
+
+def test_a_reprocessed_dead_letter_goes_before_the_patients_later_messages(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    """The README's recipe after an outage: the admission goes again, and the discharge held
+    behind its dead letter still follows it (a new delivery queued behind the discharge)."""
+    a, b = servers
+    with held_line(tmp_path, a, b) as (config, data_dir, _hub):
+        b.respond = lambda _: 200
+        code, out, err = run(config, data_dir, "messages", "reprocess", "1", "--undelivered")
+        assert code == 0, out + err
+        assert "1 deliveries queued, 1 left out; in place of earlier dead letter" in out
+        wait_for(lambda: len(b.ok()) == 2, what="both sent to care/b")
+        assert _sent_to(b) == ["HL-1", "HL-2"]
+
+
+def test_undelivered_never_adds_a_second_delivery_where_one_waits(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    a, b = servers
+    with held_line(tmp_path, a, b) as (config, data_dir, hub):
+        code, out, err = run(config, data_dir, "messages", "reprocess", "2", "--undelivered")
+        assert code == 0, out + err
+        assert "in place of earlier delivery #" in out and "(pending)" in out
+        waiting = [d for d in Outbox(hub.store).find(limit=None) if d.message_id == 2]
+        assert sorted(d.destination for d in waiting) == ["care/a", "care/b"]  # no second one
+        b.respond = lambda _: 200
+        code, out, _ = run(config, data_dir, "dead-letters", "retry", "--all")
+        assert code == 0, out
+        wait_for(lambda: len(b.ok()) == 2, what="both sent to care/b")
+        time.sleep(0.5)  # a second copy would follow within the worker's poll
+        assert _sent_to(b) == ["HL-1", "HL-2"]

@@ -39,7 +39,7 @@ from carehub.search import (
 
 if TYPE_CHECKING:
     from carehub.routing.router import RoutingResult
-    from carehub.store.outbox import LineReport
+    from carehub.store.outbox import LineReport, PlaceTaken
     from carehub.store.store import MessageStore, PrunePlan, StoredMessage
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -741,8 +741,9 @@ def reprocess_messages(
     Every destination the routes reach gets the message again, under a new key its
     receiver cannot take for a repeat: what a corrected route is for. --undelivered sends
     only where it has not been delivered (after a dead letter, say), --destination only
-    where named. A dead letter of an earlier run at a destination this run sends to is
-    discarded as superseded, so that a later retry cannot send the message twice."""
+    where named. Where an earlier run's delivery has not been made yet (a dead letter, or
+    one waiting), the new one takes its place, and its place in the patient's line: the
+    message is not sent twice, nor after the patient's later messages."""
     from carehub.hub import open_store
 
     ctx = click.get_current_context()
@@ -858,6 +859,16 @@ def _keep_chosen(result: RoutingResult, choice: DestinationChoice, delivered: se
     return left_out
 
 
+def _deliveries_text(places: list[PlaceTaken]) -> str:
+    """``dead letter #108`` / ``deliveries #95 (pending), #108 (dead)``."""
+    if len(places) == 1:
+        only = places[0]
+        return f"{'dead letter' if only.was == 'dead' else 'delivery'} #{only.delivery_id}" + (
+            "" if only.was == "dead" else f" ({only.was})"
+        )
+    return "deliveries " + ", ".join(f"#{p.delivery_id} ({p.was})" for p in places)
+
+
 def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path, store: MessageStore) -> None:
     """Reprocess routes with the files on disk: say so when a process routing from this
     store loaded other ones, or live messages and reprocessed ones go out differently. The
@@ -906,10 +917,10 @@ def _reprocess(
     """Route each message again as a new run, with new deliveries under new keys, to the
     destinations ``choice`` keeps. Deliveries planned under a key an earlier run already
     used (a care-team notice of the same visit event) are left out by the outbox, so nobody
-    is told twice; an earlier run's dead letters at the destinations this run sends to are
-    discarded as superseded. Returns how many messages were routed, deliveries queued,
-    messages skipped (rejected at intake) and routed with a route error, in ``counts`` when
-    given (so far as it got, should it fail)."""
+    is told twice; an earlier run's delivery not made yet (dead, or waiting) carries this
+    run's in its place (Outbox._take_places). Returns how many messages were routed,
+    deliveries queued, messages skipped (rejected at intake) and routed with a route error,
+    in ``counts`` when given (so far as it got, should it fail)."""
     from carehub.hub import build_routing
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
@@ -944,27 +955,28 @@ def _reprocess(
                     continue
                 result = router.route(message, run=outbox.next_run(message_id))
                 left_out = _keep_chosen(result, choice, outbox.delivered_destinations(message_id))
-                outbox.record_routing([result])
-                superseded = outbox.superseded_dead_letters(
-                    message_id, {d.outgoing.idempotency_key for d in result.deliveries}
-                )
-                if superseded:
-                    outbox.discard_dead_letters(
-                        superseded,
-                        by=operator,
-                        reason=f"superseded by reprocess run {result.run}",
-                    )
+                places: list[PlaceTaken] = []
+                outbox.record_routing([result], places_taken=places)
+                carried = [p for p in places if p.carried]
+                in_flight = [p for p in places if not p.carried]
+                queued = len(result.deliveries) + len(carried)
                 counts["messages"] += 1
-                counts["deliveries"] += len(result.deliveries)
+                counts["deliveries"] += queued
                 counts["failed"] += bool(result.errors)
                 matched = ", ".join(r.route for r in result.matched) or "no route"
                 click.echo(
                     f"message {message_id} (run {result.run}): {matched}; "
-                    f"{len(result.deliveries)} deliveries queued"
-                    + (f", {left_out} left out" if left_out else "")
+                    f"{queued} deliveries queued"
+                    + (f", {left_out + len(in_flight)} left out" if left_out or in_flight else "")
                     + (
-                        f"; dead letter(s) {', '.join(f'#{i}' for i in superseded)} superseded"
-                        if superseded
+                        f"; in place of earlier {_deliveries_text(carried)}, keeping "
+                        "the place in line"
+                        if carried
+                        else ""
+                    )
+                    + (
+                        f"; {_deliveries_text(in_flight)} being sent now: not sent again"
+                        if in_flight
                         else ""
                     )
                     + (f"; errors: {'; '.join(result.errors)}" if result.errors else "")

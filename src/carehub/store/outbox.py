@@ -223,6 +223,27 @@ def _new_delivery_values(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PlaceTaken:
+    """An earlier run's delivery a reprocess run met (Outbox._take_places): ``carried`` when
+    the row now carries the new run's delivery; False when it was being sent, and the new
+    run's delivery was left out."""
+
+    message_id: int
+    delivery_id: int
+    was: str  # the earlier delivery's status: pending, dead or sending
+    carried: bool
+
+
+#: An earlier run's deliveries a reprocess run's delivery takes the place of (or, sending,
+#: leaves to finish).
+_TAKEN_OVER = (
+    DeliveryStatus.PENDING.value,
+    DeliveryStatus.DEAD.value,
+    DeliveryStatus.SENDING.value,
+)
+
+
 @dataclass(slots=True)
 class Handover:
     """Room a worker has to start new deliveries itself, offered to ``record_routing``.
@@ -537,7 +558,10 @@ class Outbox:
         return int(last or 0) + 1
 
     def record_routing(
-        self, results: Iterable[RoutingResult], handover: Handover | None = None
+        self,
+        results: Iterable[RoutingResult],
+        handover: Handover | None = None,
+        places_taken: list[PlaceTaken] | None = None,
     ) -> list[int]:
         """Commit routing results in one transaction; returns the ids of messages recorded.
 
@@ -548,7 +572,10 @@ class Outbox:
 
         A reprocess plans some deliveries under keys an earlier run already used (the notify
         step tells a recipient of a visit event once, whatever the run): those are left out,
-        and taken off their route's result, so nobody is told the same thing twice.
+        and taken off their route's result, so nobody is told the same thing twice. A
+        reprocess delivery that an earlier run's delivery still waits to make (pending, or a
+        dead letter) takes that delivery's place (_take_places; what happened is added to
+        ``places_taken`` when given).
         """
         results = list(results)
         if not results:
@@ -598,6 +625,9 @@ class Outbox:
             ]
             if any(result.run > 1 for result in chosen.values()):
                 self._drop_known_deliveries(conn, chosen.values())
+                taken = self._take_places(conn, [r for r in chosen.values() if r.run > 1], moment)
+                if places_taken is not None:
+                    places_taken.extend(taken)
             planned = [
                 (mid, result.run, d) for mid, result in chosen.items() for d in result.deliveries
             ]
@@ -659,6 +689,81 @@ class Outbox:
             route.deliveries = [
                 d for d in route.deliveries if d.outgoing.idempotency_key not in known
             ]
+
+    def _take_places(
+        self, conn: Any, results: list[RoutingResult], now: datetime
+    ) -> list[PlaceTaken]:
+        """A reprocess run's deliveries that an earlier run's delivery of the same message to
+        the same place (_same_delivery) has not made yet: the earlier row is rewritten to
+        carry the new run's delivery, due now with a fresh set of attempts, and the new one
+        is not written. It so keeps the earlier one's place in its patient's line: written as
+        a new row it would queue behind the patient's later messages (an A03 delivered before
+        the A01 it discharges, once the dead letter holding the line was discarded), and a
+        pending earlier one would still go too, sending the message twice. One being sent
+        right now is left to finish, and the new run's delivery is left out."""
+        taken: list[PlaceTaken] = []
+        lines: set[tuple[str, str]] = set()
+        for result in results:
+            wanted = {
+                _same_delivery(d.outgoing.idempotency_key, result.message_id): (route, d)
+                for route in result.routes
+                for d in route.deliveries
+            }
+            if not wanted:
+                continue
+            earlier = conn.execute(
+                select(deliveries.c.id, deliveries.c.idempotency_key, deliveries.c.status)
+                .where(
+                    deliveries.c.message_id == result.message_id,
+                    deliveries.c.status.in_(_TAKEN_OVER),
+                )
+                .order_by(deliveries.c.id)
+            ).all()
+            for row in earlier:
+                found = wanted.pop(_same_delivery(row.idempotency_key, result.message_id), None)
+                if found is None:
+                    continue
+                route, planned = found
+                route.deliveries = [d for d in route.deliveries if d is not planned]
+                if row.status == DeliveryStatus.SENDING.value:
+                    taken.append(PlaceTaken(result.message_id, row.id, row.status, False))
+                    continue
+                outgoing = planned.outgoing
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id == row.id, deliveries.c.status == row.status)
+                    .values(
+                        run=result.run,
+                        route=planned.route,
+                        channel=planned.channel,
+                        idempotency_key=outgoing.idempotency_key,
+                        payload=outgoing.payload,
+                        content_type=outgoing.content_type,
+                        metadata=json.dumps(outgoing.metadata) if outgoing.metadata else "{}",
+                        status=DeliveryStatus.PENDING.value,
+                        attempts=0,
+                        max_attempts=planned.max_attempts,
+                        not_before=now,
+                        lease_until=None,
+                        holds_line=None,
+                        updated_at=now,
+                    )
+                )
+                conn.execute(
+                    insert(message_events),
+                    {
+                        "message_id": result.message_id,
+                        "at": now,
+                        "event": MessageStatus.ROUTED.value,
+                        "detail": f"delivery #{row.id} ({row.status}) carries reprocess run "
+                        f"{result.run}'s delivery to {planned.destination}, in its place",
+                    },
+                )
+                taken.append(PlaceTaken(result.message_id, row.id, row.status, True))
+                lines.add((planned.destination, planned.order_key))
+        if lines:
+            self._settle_lines(conn, lines, now)
+        return taken
 
     def _place_in_line(
         self,
@@ -1050,28 +1155,6 @@ class Outbox:
         )
         with self.engine.connect() as conn:
             return set(conn.execute(query).scalars())
-
-    def superseded_dead_letters(self, message_id: int, keys: Iterable[str]) -> list[int]:
-        """The message's dead letters that deliveries under ``keys`` (a reprocess run's) make
-        again (_same_delivery), oldest first: once those are made, retrying these would
-        deliver the message twice."""
-        again = {_same_delivery(key, message_id) for key in keys}
-        query = (
-            select(deliveries.c.id, deliveries.c.idempotency_key)
-            .where(
-                deliveries.c.message_id == message_id,
-                deliveries.c.status == DeliveryStatus.DEAD.value,
-            )
-            .order_by(deliveries.c.id)
-        )
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return [
-            row.id
-            for row in rows
-            if row.idempotency_key not in keys
-            and _same_delivery(row.idempotency_key, message_id) in again
-        ]
 
     def get(self, delivery_id: int) -> DeliveryRecord | None:
         with self.engine.connect() as conn:
