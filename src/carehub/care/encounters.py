@@ -36,7 +36,14 @@ Rules (see docs on each handler for the reasons):
 - A11 -> ``cancel_admission``: back to ed when the admission came from the ED, else cancelled.
   A12 -> ``cancel_transfer``: the location, class and facility before the last A02 come back.
   A13 -> ``cancel_discharge``: back to the state before the discharge (admitted, normally).
-  Cancels of a visit never seen are ``none``: nothing was announced, nothing to take back.
+  Cancels of a visit never seen are ``none``: nothing was announced, nothing to take back. An
+  A11 for a visit never seen leaves it cancelled, so the admission it cancels cannot open it
+  when it arrives late.
+- An A01/A04/A06 for a cancelled visit reopens it only when it happened after the cancel
+  (EVN-2, else MSH-7): one from before is what the cancel took back, arriving out of order,
+  and is ``none``. When the two times are equal the order of arrival decides (a re-admission
+  after the cancel), except after an A11 that came before anything it could cancel: that one
+  is still waiting for its admission, and an admission of the same time is it.
 - A40 (and the other patient merges) -> ``merge``: each MRG-1 identifier's key is retired into
   the surviving PID's key, its encounters are re-keyed, and later messages follow.
 - A28/A31 -> ``demographics``: the patient part of each open encounter's snapshot is updated.
@@ -229,6 +236,14 @@ def _later(moment: datetime, than: datetime) -> bool:
     event translator reads one (a few hours either way cannot make a past discharge planned:
     planned ones are days ahead)."""
     return _aware(moment) > _aware(than)
+
+
+def _cancelled_the_visit(event: EventRecord) -> bool:
+    """The event row of the cancel that put the visit in ``cancelled`` (later cancels of the
+    cancelled visit and the late messages it took back leave it as it was)."""
+    result = event.detail.get("result") or {}
+    before = event.detail.get("before") or {}
+    return result.get("state") == "cancelled" and before.get("state") != "cancelled"
 
 
 def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -632,6 +647,19 @@ class EncounterTracker:
         with self._session() as b:
             return b.events(encounter_id)
 
+    def discharge_overtaken(self, encounter_id: int, message_id: int) -> bool:
+        """Whether a later discharge, or cancel of one, came to the visit after the one this
+        message made: what the message did to the discharge no longer stands (its A03 was
+        taken back by an A13, its A13 followed by a new discharge). A message applied again
+        gets its recorded transition back, so the steps that act on it ask this first. False
+        when the message made no discharge or cancel of one on the visit."""
+        changes = [
+            e.message_id
+            for e in self.events(encounter_id)
+            if e.transition in ("discharge", "cancel_discharge")
+        ]
+        return message_id in changes and changes[-1] != message_id
+
     def resolve(self, patient_key: str) -> str:
         """The surviving key for a patient key (itself unless merged away)."""
         with self._session() as b:
@@ -831,6 +859,19 @@ class EncounterTracker:
     def _last(events: list[EventRecord], test: Callable[[EventRecord], bool]) -> EventRecord | None:
         return next((e for e in reversed(events) if test(e)), None)
 
+    def _cancelled_before(self, b: _Backend, rec: EncounterRecord, event: CareEvent) -> bool:
+        """Whether an admission or registration reaching a cancelled visit is one the cancel
+        already took back, arriving out of order (see the module doc). Without both times
+        nothing can be told, and the message reopens the visit as before."""
+        if rec.state != "cancelled":
+            return False
+        cancel = self._last(b.events(rec.id or 0), _cancelled_the_visit)
+        if cancel is None or cancel.occurred_at is None or event.occurred_at is None:
+            return False
+        if cancel.detail.get("before") is None:  # the cancel came first, awaiting its admission
+            return not _later(event.occurred_at, cancel.occurred_at)
+        return _later(cancel.occurred_at, event.occurred_at)
+
     # Each handler gets the record with the message already merged in, and ``before`` (None for a
     # visit first seen now) to compare with or restore.
 
@@ -838,7 +879,10 @@ class EncounterTracker:
         self, b: _Backend, rec: EncounterRecord, before: Any, event: CareEvent, *_: Any
     ) -> _Step:
         """A04. Class E is an ED arrival (a CoP notification); anything else a registration. An
-        A04 never moves an admitted or finished visit backwards."""
+        A04 never moves an admitted or finished visit backwards, and reopens a cancelled one
+        only when dated after the cancel (``_cancelled_before``)."""
+        if self._cancelled_before(b, rec, event):
+            return _Step("none", {"note": "registration taken back by an earlier cancel"})
         ed = rec.patient_class == "E"
         if before is None or rec.state == "cancelled" or (rec.state == "registered" and ed):
             rec.state = "ed" if ed else "registered"
@@ -855,9 +899,13 @@ class EncounterTracker:
         now: datetime,
     ) -> _Step:
         """A01/A06: admitted. A second admit for the same visit is an echo; an admit after the
-        discharge is not a readmission (only an A13 reopens a visit)."""
+        discharge is not a readmission (only an A13 reopens a visit). A cancelled visit is
+        admitted again only by an admission dated after the cancel (``_cancelled_before``): one
+        from before is the admission the cancel took back, arriving late."""
         if before is not None and rec.state in ("admitted", "discharged"):
             return _Step("none")
+        if self._cancelled_before(b, rec, event):
+            return _Step("none", {"note": "admission taken back by an earlier cancel"})
         rec.state = "admitted"
         # An A06's PV1-44 is often the ED arrival; the message time is when the admit happened.
         first = enc.admit_time if event.trigger_event == "A01" else event.occurred_at

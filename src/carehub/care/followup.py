@@ -6,7 +6,10 @@ contact within 2 business days of discharge and sees the patient face to face wi
 calendar days (99495, moderate complexity) or 7 (99496, high complexity). A missed deadline
 cannot be made up later, so carehub opens one ``followups`` row per obligation when an A03
 sends a patient home, raises an alert when one passes unmet, and cancels them when an A13
-takes the discharge back.
+takes the discharge back. A patient who opted out of notifications gets clocks too: the
+follow-up is still the care team's duty, only telling anyone is ruled out, so the notify step
+alerts nobody when such an item falls overdue and records why (it reads the patient's choice
+then, so a later opt-out counts too).
 
 Due-date convention (``BusinessCalendar``):
 
@@ -46,6 +49,7 @@ from sqlalchemy import Engine, insert, select, update
 
 # carehub.cli imports only config and errors at module level and loads plugin commands (this
 # module included) lazily, from inside a running command, so importing it here cannot cycle.
+from carehub.care.encounters import EncounterTracker
 from carehub.care.model import DISPOSITIONS, Transition
 from carehub.cli import hub_options
 from carehub.cliparams import LIMIT, ROW_ID
@@ -72,6 +76,9 @@ OVERDUE = "overdue"  # past due and alerted: still to be done
 CANCELLED = "cancelled"
 #: Statuses that still ask for work (an overdue item can still be done, or cancelled).
 PENDING = (OPEN, OVERDUE)
+
+#: Why a reprocessed discharge or A13 opens or cancels nothing.
+OVERTAKEN = "a later discharge or cancel of the discharge came to the visit since this message"
 
 FollowupKind = Literal["contact", "visit"]
 
@@ -374,8 +381,9 @@ class FollowupClock:
         Returns [] for anything else: not a discharge, not home (see ``policy.why_not``), no
         encounter id, or an encounter that already has follow-ups that are not cancelled. The
         last rule makes a resent or reprocessed A03 harmless. A discharge after an A13 opens
-        fresh items. ``facts`` default to ``discharge_facts(transition)``. Without a discharge
-        time the clocks start at ``now``."""
+        fresh items (the route step first makes sure it is not the A03 that A13 took back).
+        ``facts`` default to ``discharge_facts(transition)``. Without a discharge time the
+        clocks start at ``now``."""
         if transition.kind != "discharge" or transition.encounter_id is None:
             return []
         facts = facts or discharge_facts(transition)
@@ -705,6 +713,10 @@ class FollowupEnricher(Enricher):
         if transition.encounter_id is None:
             return {**base, "action": "none", "reason": "the transition has no encounter id"}
         base["encounter_id"] = transition.encounter_id
+        if transition.kind in ("discharge", "cancel_discharge") and self._overtaken(
+            transition, work
+        ):
+            return {**base, "action": "none", "reason": OVERTAKEN}
         if transition.kind == "cancel_discharge":
             cancelled = clock.cancel_for_encounter(transition.encounter_id, now)
             if not cancelled:
@@ -733,6 +745,19 @@ class FollowupEnricher(Enricher):
         existing = clock.find(encounter_id=transition.encounter_id)
         work.data["followups"] = existing
         return {**base, "action": "already_opened", "items": [_brief(i) for i in existing]}
+
+    def _overtaken(self, transition: Transition, work: Work) -> bool:
+        """Whether the discharge or A13 this message made was overtaken on its visit (see
+        ``EncounterTracker.discharge_overtaken``). A reprocessed message gets its recorded
+        transition back; acting on it again would reopen the clocks of a discharge an A13 has
+        since taken back, or cancel those of a discharge that came after the A13, and
+        reprocessing sends again but changes no state. Dry runs give every message id 0, so
+        they cannot tell whose discharge it was: their messages are taken to stand."""
+        store = self.context.store
+        if store is None or transition.encounter_id is None:
+            return False
+        tracker = EncounterTracker(store.engine)
+        return tracker.discharge_overtaken(transition.encounter_id, work.message.id)
 
 
 def _brief(item: FollowupItem) -> dict[str, Any]:
