@@ -1204,8 +1204,9 @@ def routes_test(
     config: HubConfig, data_dir: Path, files: tuple[Path, ...], as_json: bool, require_match: bool
 ) -> None:
     """Show what the routes would do with each message in FILES, without sending anything.
-    Exits 1 when a route records an error for any message (so CI can gate on it), and with
-    --require-match also when a message matches no route; every result is printed first."""
+    Exits 1 when a route records an error for any message or the hub would not route one
+    (its intake would answer AE or AR), so CI can gate on it, and with --require-match also
+    when a message matches no route; every result is printed first."""
     from carehub.hl7.batch import split_messages
     from carehub.hub import build_routing
     from carehub.routing.dryrun import dry_run_all, result_as_json
@@ -1225,6 +1226,7 @@ def routes_test(
             labels.append(str(path) if len(parts) == 1 else f"{path} #{number}")
             payloads.append(payload)
     failed: list[str] = []
+    refused: list[str] = []
     unmatched: list[str] = []
     # Each step error is in the output below; the router's log line for it would only print
     # the same failure again, above the results.
@@ -1238,18 +1240,25 @@ def routes_test(
             show_dry_run(label, result)
         if result.errors:
             failed.append(label)
-        if not result.matched:
+        if result.not_routed:
+            refused.append(label)
+        elif not result.matched:
             unmatched.append(label)
     if failed:
         click.echo(
             f"failed: a route error for {len(failed)} message(s): {', '.join(failed)}", err=True
+        )
+    if refused:
+        click.echo(
+            f"failed: the hub would not route {len(refused)} message(s): {', '.join(refused)}",
+            err=True,
         )
     if require_match and unmatched:
         click.echo(
             f"failed: {len(unmatched)} message(s) matched no route: {', '.join(unmatched)}",
             err=True,
         )
-    if failed or (require_match and unmatched):
+    if failed or refused or (require_match and unmatched):
         sys.exit(1)
 
 

@@ -1,9 +1,10 @@
 """`carehub demo`: the hub on the sample config, fed the sample feeds through its own MLLP port.
 
 It starts a stand-in for the care-coordination platform (an HTTP endpoint the sample routes
-post care events to), points the routes' outboxes at a scratch folder, sends every feed in
-config/feeds/, waits for the deliveries, and prints what was received, how it was answered,
-and what was delivered to whom.
+post care events to), points the routes' outboxes beside the store (kept with --data-dir, else
+in a scratch folder), sends every feed in config/feeds/, waits for the deliveries, and prints
+what was received, how it was answered, and what was delivered to whom; then it moves the
+clock forward for the periodic work.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
@@ -46,6 +48,12 @@ console = new_console(pipe_width=120)
 #: A frame a misconfigured sender might produce, to show the AR answer.
 NOT_HL7 = b"GET / HTTP/1.1\r\nHost: carehub\r\n\r\n"
 
+#: Where the demo moves the clock for the periodic work: just past the sample's digest_hour
+#: (7, UTC), at least as long after the feeds as its stale_ed_hours and its referrals'
+#: response_hours (24), so stale ED visits close, digests go out and referrals fall overdue.
+PERIODIC_WORK_TIME = clock_time(7, 5, tzinfo=UTC)
+PERIODIC_WORK_AFTER = timedelta(hours=24)
+
 
 @dataclass(slots=True)
 class Sent:
@@ -75,8 +83,9 @@ def run_demo(config_path: Path | None, data_dir: Path | None) -> int:
     if not feeds:
         raise ConfigError(f"{config_path.parent / 'feeds'}: no sample feeds (*.hl7) to send")
     with tempfile.TemporaryDirectory(prefix="carehub-demo-") as scratch:
+        kept = data_dir is not None
         return asyncio.run(
-            _run(config_path, data_dir or Path(scratch) / "data", Path(scratch), feeds)
+            _run(config_path, (data_dir or Path(scratch) / "data").resolve(), kept, feeds)
         )
 
 
@@ -170,10 +179,22 @@ def _demo_config(config_path: Path) -> HubConfig:
     return config
 
 
-async def _run(config_path: Path, data_dir: Path, scratch: Path, feeds: list[Path]) -> int:
+def periodic_work_clock(now: datetime) -> datetime:
+    """The time the demo moves the clock to: PERIODIC_WORK_TIME on the first day at least
+    PERIODIC_WORK_AFTER from ``now``, so it shows the periodic work on whatever day it runs."""
+    later = datetime.combine(now.date(), PERIODIC_WORK_TIME)
+    while later < now + PERIODIC_WORK_AFTER:
+        later += timedelta(days=1)
+    return later
+
+
+async def _run(config_path: Path, data_dir: Path, kept: bool, feeds: list[Path]) -> int:
+    """The demo itself; ``kept`` says the data dir (and so the outbox beside the store) is the
+    user's --data-dir, which stays after the demo ends."""
     platform = CarePlatform()
     await platform.start()
-    os.environ["CAREHUB_OUTBOX"] = str(scratch / "outbox")
+    outbox_dir = data_dir / "outbox"  # beside the store, as the sample's routes write it
+    os.environ["CAREHUB_OUTBOX"] = str(outbox_dir)
     hub = Hub(_demo_config(config_path), data_dir)
     bound = await hub.start()
     try:
@@ -188,14 +209,14 @@ async def _run(config_path: Path, data_dir: Path, scratch: Path, feeds: list[Pat
         assert hub.store is not None
         await asyncio.to_thread(_wait_for_deliveries, Outbox(hub.store))
         _print_store(hub)
-        _print_deliveries(hub, platform, scratch / "outbox")
+        _print_deliveries(hub, platform, outbox_dir, kept)
         if hub.table.notifiers():
             _print_care(hub, platform, "Care transitions: who was told what")
-            later = datetime(2026, 11, 27, 7, 5, tzinfo=UTC)
+            later = periodic_work_clock(datetime.now(UTC))
             console.print(
                 f"\n[bold]Moving the clock to {later:%Y-%m-%d %H:%M} UTC[/bold] for the periodic "
-                "work: stale ED visits close, overdue follow-ups alert the care coordinator, "
-                "daily digests go out."
+                "work: stale ED visits close, overdue follow-ups and referrals alert the care "
+                "coordinator, daily digests go out."
             )
             if _has_referrals(hub):
                 await _close_a_referral(hub)
@@ -279,7 +300,7 @@ def _print_store(hub: Hub) -> None:
     )
 
 
-def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path) -> None:
+def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path, kept: bool) -> None:
     assert hub.store is not None
     outbox = Outbox(hub.store)
     table = Table(title="Delivered to whom", show_edge=False, header_style="bold")
@@ -319,7 +340,10 @@ def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path) -> Non
             folder = str(path.parent.relative_to(outbox_dir))
             folders[folder] = folders.get(folder, 0) + 1
     summary = ", ".join(f"{folder}/ {count}" for folder, count in sorted(folders.items()))
-    console.print(f"\n[bold]Files written[/bold] under the outbox: {summary or 'none'}")
+    where = "kept" if kept else "removed when the demo ends; --data-dir keeps it"
+    console.print(
+        f"\n[bold]Files written[/bold] under the outbox {outbox_dir} ({where}): {summary or 'none'}"
+    )
     console.print(
         "\nRe-run a message through the routes without sending: "
         "carehub routes test config/feeds/04-riverside-discharge-to-snf.hl7"

@@ -9,7 +9,7 @@ import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -18,9 +18,11 @@ from rich.text import Text
 from carehub.config import without_password
 from carehub.hl7.fieldnames import field_name
 from carehub.hl7.view import MessageView, NotHL7Error
-from carehub.routing.router import RoutingResult
 from carehub.store.outbox import AttemptRow, DeliveryRecord, Discard, StepRow
 from carehub.store.store import StatusChange, StoredMessage
+
+if TYPE_CHECKING:
+    from carehub.routing.dryrun import DryRunResult
 
 #: Columns for output that goes to a pipe or a file rather than a terminal.
 PIPE_WIDTH = 200
@@ -379,8 +381,12 @@ def discarded_table(found: list[DeliveryRecord], discards: dict[int, Discard]) -
     _console.print(f"{len(found)} delivery(ies)")
 
 
-def show_dry_run(label: str, result: RoutingResult) -> None:
-    """What `carehub routes test` prints: each route, why it matched or not, each step."""
+def show_dry_run(label: str, result: DryRunResult) -> None:
+    """What `carehub routes test` prints: each route, why it matched or not, each step; for
+    a message the hub would refuse, why it would not be routed."""
+    if result.not_routed:
+        _console.print(Text(f"{label}: {result.not_routed}", style="bold red"))
+        return
     matched = ", ".join(r.route for r in result.matched) or "no route"
     _console.print(Text(f"{label}: matched {matched}", style="bold"))
     for route in result.routes:

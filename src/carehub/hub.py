@@ -21,6 +21,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from carehub.config import (
     where_in_config,
     without_password,
 )
-from carehub.errors import CarehubError, ConfigError
+from carehub.errors import CarehubError
 from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
 from carehub.intake.intake import Intake
@@ -52,7 +53,7 @@ from carehub.intake.tls import server_context, warn_if_key_readable
 from carehub.lockfile import StoreLock, lock_store
 from carehub.metrics import make_registry, render
 from carehub.plugins import PluginHost
-from carehub.routing.config import load_route_files, route_files
+from carehub.routing.config import configured_route_files, load_route_files, route_files
 from carehub.routing.table import RouteTable, bind_routes
 from carehub.store.group_commit import GroupCommit, group_commit_for
 from carehub.store.processes import ProcessBeacon
@@ -261,11 +262,16 @@ def warn_if_exposed(listener: MLLPListenerConfig, where: str) -> None:
 
 def mllp_tls_contexts(config: HubConfig) -> list[ssl.SSLContext | None]:
     """Each MLLP listener's TLS context (None without TLS); a file that cannot be loaded is a
-    ConfigError naming the listener's setting. `serve` and `routes check` both load them."""
-    return [
-        server_context(listener.tls, f"listeners.mllp[{i}]") if listener.tls else None
-        for i, listener in enumerate(config.listeners.mllp)
-    ]
+    ConfigError naming the setting with the config file and line, as other config errors do.
+    `serve` and `routes check` both load them."""
+    contexts: list[ssl.SSLContext | None] = []
+    for index, listener in enumerate(config.listeners.mllp):
+        if listener.tls is None:
+            contexts.append(None)
+            continue
+        setting = partial(where_in_config, config, "listeners", "mllp", index, "tls")
+        contexts.append(server_context(listener.tls, setting))
+    return contexts
 
 
 def config_dir(config: HubConfig) -> Path:
@@ -280,13 +286,7 @@ def build_routing(
     Without a store (dry runs, `routes check`), components keep any state in memory."""
     host = PluginHost().load(config=config)
     base = config_dir(config)
-    for index, pattern in enumerate(config.routes):
-        # A glob may match nothing yet (an empty routes folder); a file named outright must
-        # exist, or a misspelt name would drop its routes without a word.
-        if not any(c in pattern for c in "*?[") and not (base / pattern).is_file():
-            where = where_in_config(config, "routes", index)
-            raise ConfigError(f"{where}: no routes file {base / pattern}")
-    loaded = load_route_files(route_files(base, config.routes), data_dir)
+    loaded = load_route_files(configured_route_files(config, base), data_dir)
     table = bind_routes(loaded, host, ComponentContext(base, data_dir, store))
     return host, table
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from carehub.routing.router import RoutingResult
+    from carehub.routing.dryrun import DryRunResult
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,14 +43,14 @@ class RouteRunner:
         self.rootpath = rootpath
         self.data_dir = data_dir
 
-    def __call__(self, message: str | bytes | Path) -> RoutingResult:
+    def __call__(self, message: str | bytes | Path) -> DryRunResult:
         """Dry-run one message (text, bytes, or a file path relative to the rootdir); a file
         holding several messages is an error that points at ``.all``."""
         from carehub.testing import run_routes
 
         return run_routes(self._source(message), self.config, self.data_dir)
 
-    def all(self, messages: str | bytes | Path) -> list[RoutingResult]:
+    def all(self, messages: str | bytes | Path) -> list[DryRunResult]:
         """Dry-run every message of a file, text or bytes, in order."""
         from carehub.testing import run_routes_all
 

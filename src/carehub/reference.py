@@ -1,7 +1,9 @@
 """A reference of every component's options, read from the pydantic models themselves.
 
 The same models validate route files, so a reference built from them cannot drift from what
-carehub accepts: ``carehub plugins --options [NAME]`` prints it for whatever is installed,
+carehub accepts: the components' ``Options``, and the config models of the built-in steps that
+are not components (``notify``, ``notify-referral``). ``carehub plugins --options [NAME]``
+prints it for whatever is installed,
 and ``python -m carehub.reference`` writes docs/components.md (the built-in components) and
 docs/care-event.schema.json (the care event webhooks and files carry); the test suite fails
 when either is stale.
@@ -71,7 +73,8 @@ class ModelDoc:
 
 @dataclass(slots=True)
 class ComponentDoc:
-    """One component: what ``carehub plugins --options`` and docs/components.md show."""
+    """One component, or one built-in step that is not a component (kind ``step``): what
+    ``carehub plugins --options`` and docs/components.md show."""
 
     kind: str
     name: str
@@ -82,13 +85,13 @@ class ComponentDoc:
     #: Models the options refer to (``Edit`` of ``transform``), each documented once.
     nested: list[ModelDoc] = field(default_factory=list)
     component: type[Component] | None = None
+    #: The model that validates the options (a component's ``Options``), for the JSON Schema.
+    model: type[BaseModel] | None = None
 
     def as_json(self) -> dict[str, Any]:
         schema: dict[str, Any] | None
         try:
-            schema = (
-                self.component.Options.model_json_schema(by_alias=True) if self.component else None
-            )
+            schema = self.model.model_json_schema(by_alias=True) if self.model else None
         except Exception:  # a plugin type JSON Schema cannot express: the list still helps
             schema = None
         return {
@@ -108,9 +111,10 @@ def _is_model(value: Any) -> bool:
 
 
 def _documented_inline(model: type[BaseModel]) -> bool:
-    """Models written out in the reference rather than named: a component's own option
-    models. Route conditions are named as such; the README documents them."""
-    return not model.__module__.startswith("carehub.routing.")
+    """Models written out in the reference rather than named: option models (a transform
+    edit, a notify step's retry). Route conditions are named as such; the README documents
+    them."""
+    return not model.__module__.startswith("carehub.routing.conditions")
 
 
 def type_text(annotation: Any, nested: list[type[BaseModel]] | None = None) -> str:
@@ -167,12 +171,18 @@ def option_docs(
     return options
 
 
-def component_doc(component: type[Component], plugin: str) -> ComponentDoc:
+def _options_and_nested(model: type[BaseModel]) -> tuple[list[OptionDoc], list[ModelDoc]]:
+    """A model's options, and those of every option model they refer to."""
     nested: list[type[BaseModel]] = []
-    options = option_docs(component.Options, nested)
+    options = option_docs(model, nested)
     models = []
-    for model in nested:  # grows while it is read: a nested model may name another
-        models.append(ModelDoc(model.__name__, option_docs(model, nested)))
+    for each in nested:  # grows while it is read: a nested model may name another
+        models.append(ModelDoc(each.__name__, option_docs(each, nested)))
+    return options, models
+
+
+def component_doc(component: type[Component], plugin: str) -> ComponentDoc:
+    options, models = _options_and_nested(component.Options)
     return ComponentDoc(
         kind=component.kind,
         name=component.name,
@@ -182,7 +192,41 @@ def component_doc(component: type[Component], plugin: str) -> ComponentDoc:
         options=options,
         nested=models,
         component=component,
+        model=component.Options,
     )
+
+
+def _builtin_step_models() -> dict[str, type[BaseModel]]:
+    """The built-in route steps that are not components, each written ``NAME: {...}``, and
+    the model that validates its options (as the route table does)."""
+    from carehub.care.notify import NotifyConfig
+    from carehub.referrals.notices import ReferralNoticeConfig
+
+    return {"notify": NotifyConfig, "notify-referral": ReferralNoticeConfig}
+
+
+def step_docs() -> list[ComponentDoc]:
+    """The built-in steps that are not components (``notify``, ``notify-referral``): their
+    options from their config models, and what they do from their module's docstring (its
+    first line is the description)."""
+    docs = []
+    for name, model in _builtin_step_models().items():
+        about = inspect.getdoc(sys.modules[model.__module__]) or ""
+        description, _, details = about.partition("\n")
+        options, models = _options_and_nested(model)
+        docs.append(
+            ComponentDoc(
+                kind="step",
+                name=name,
+                plugin="builtin",
+                description=description.strip(),
+                details=details.strip("\n"),
+                options=options,
+                nested=models,
+                model=model,
+            )
+        )
+    return docs
 
 
 def _details(component: type[Component]) -> str:
@@ -241,13 +285,15 @@ def render_text(docs: list[ComponentDoc]) -> str:
 
 
 def options_output(host: PluginHost, name: str = "", *, as_json: bool = False) -> str:
-    """What ``carehub plugins --options [NAME]`` prints: every component's options, or those
-    of the components called NAME; JSON is one object per line, with the JSON Schema."""
-    docs = component_docs(host)
+    """What ``carehub plugins --options [NAME]`` prints: every component's and built-in
+    step's options, or those of the ones called NAME; JSON is one object per line, with the
+    JSON Schema."""
+    every = [*component_docs(host), *step_docs()]
+    docs = every
     if name:
-        docs = [doc for doc in docs if doc.name == name]
+        docs = [doc for doc in every if doc.name == name]
         if not docs:
-            known = ", ".join(sorted({doc.name for doc in component_docs(host)}))
+            known = ", ".join(sorted({doc.name for doc in every}))
             raise CarehubError(f"no component named {name!r} (there are: {known})")
     if as_json:
         return "".join(json.dumps(doc.as_json(), default=str) + "\n" for doc in docs)
@@ -303,11 +349,17 @@ def _markdown_prose(doc: str) -> list[str]:
     return out
 
 
-_KIND_TITLES = {"translator": "Translators", "enricher": "Enrichers", "channel": "Channels"}
+_KIND_TITLES = {
+    "translator": "Translators",
+    "enricher": "Enrichers",
+    "channel": "Channels",
+    "step": "Notification steps",
+}
 _KIND_STEPS = {
     "translator": "`translate: NAME` or `translate: {use: NAME, ...options}`",
     "enricher": "`enrich: NAME` or `enrich: {use: NAME, ...options}`",
     "channel": "`forward: {channel: NAME, ...options}` (plus carehub's own `name` and `retry`)",
+    "step": "`NAME: {...options}` (`notify: {...}`, `notify-referral: {...}`)",
 }
 
 
@@ -319,10 +371,11 @@ def render_markdown(docs: list[ComponentDoc]) -> str:
         "<!-- Generated by `python -m carehub.reference` from the components' options models;",
         "     do not edit by hand. The test suite fails when it is out of date. -->",
         "",
-        "Every translator, enricher and channel carehub ships, with the options a route step",
-        "gives it. Options are checked when the routes load (`carehub routes check`): an",
-        "unknown key or a wrong type stops the hub with the file, line and key. The built-in",
-        "`transform` and `validate` steps are written `transform: {...}` and `validate: {...}`.",
+        "Every translator, enricher, channel and notification step carehub ships, with the",
+        "options a route step gives it. Options are checked when the routes load (`carehub",
+        "routes check`): an unknown key or a wrong type stops the hub with the file, line and",
+        "key. The built-in `transform` and `validate` steps are written `transform: {...}` and",
+        "`validate: {...}`.",
         "`carehub plugins --options [NAME]` prints the same for whatever is installed,",
         "plugins included. The care event that `v2-to-event` makes, and that the webhook and",
         f"file channels send, is described by [{CARE_EVENT_SCHEMA}]({CARE_EVENT_SCHEMA}).",
@@ -371,7 +424,7 @@ def generated_files() -> dict[str, str]:
     not depend on what else is installed."""
     host = PluginHost().load(plugins_dir=None)
     return {
-        COMPONENTS_PAGE: render_markdown(component_docs(host, builtin_only=True)),
+        COMPONENTS_PAGE: render_markdown([*component_docs(host, builtin_only=True), *step_docs()]),
         CARE_EVENT_SCHEMA: json.dumps(care_event_schema(), indent=2, ensure_ascii=False) + "\n",
     }
 

@@ -30,7 +30,7 @@ from carehub.hub import Hub
 
 if TYPE_CHECKING:
     from carehub.components import Channel
-    from carehub.routing.router import RoutingResult
+    from carehub.routing.dryrun import DryRunResult
     from carehub.store.outbox import DeliveryRecord
 
 #: Delivery statuses that no longer change by themselves.
@@ -307,12 +307,14 @@ def run_routes(
     message: MessageSource,
     config: ConfigSource,
     data_dir: Path | None = None,
-) -> RoutingResult:
+) -> DryRunResult:
     """Dry-run one message (text, bytes or a file path) through the routes of a config:
-    which routes matched and why, each step's output, what each forward would send. A file
-    or text holding several messages is an error naming run_routes_all. It runs the
-    components on an event loop of its own (asyncio.run): from an ``async def`` test, await
-    run_routes_async instead."""
+    which routes matched and why, each step's output, what each forward would send. A
+    message the hub's intake would not accept (AE or AR) goes through no route, as on the
+    hub: ``result.not_routed`` then says why (else it is None). A file or text holding
+    several messages is an error naming run_routes_all. It runs the components on an event
+    loop of its own (asyncio.run): from an ``async def`` test, await run_routes_async
+    instead."""
     return asyncio.run(run_routes_async(message, config, data_dir))
 
 
@@ -320,7 +322,7 @@ async def run_routes_async(
     message: MessageSource,
     config: ConfigSource,
     data_dir: Path | None = None,
-) -> RoutingResult:
+) -> DryRunResult:
     """run_routes on the running event loop, for async tests (where asyncio.run, and so
     run_routes, cannot be called). The components' start(), steps and close() run on it."""
     (result,) = await _dry_run([_one(message, read_messages(message))], config, data_dir)
@@ -331,7 +333,7 @@ def run_routes_all(
     messages: MessageSource,
     config: ConfigSource,
     data_dir: Path | None = None,
-) -> list[RoutingResult]:
+) -> list[DryRunResult]:
     """Dry-run every message in a file, text or bytes (several messages, or an FHS/BHS
     batch, as ``carehub routes test`` reads them): one result per message, in order, with
     the routes' components started once for all of them."""
@@ -342,14 +344,14 @@ async def run_routes_all_async(
     messages: MessageSource,
     config: ConfigSource,
     data_dir: Path | None = None,
-) -> list[RoutingResult]:
+) -> list[DryRunResult]:
     """run_routes_all on the running event loop, for async tests."""
     return await _dry_run(read_messages(messages), config, data_dir)
 
 
 async def _dry_run(
     payloads: list[bytes], config: ConfigSource, data_dir: Path | None
-) -> list[RoutingResult]:
+) -> list[DryRunResult]:
     from carehub.hub import build_routing
     from carehub.routing.dryrun import dry_run_all_async
 

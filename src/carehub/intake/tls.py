@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from carehub.config import TLSConfig
@@ -15,28 +16,42 @@ log = logging.getLogger(__name__)
 #: Permission bits that let the file's group or anyone else read a file.
 READABLE_BY_OTHERS = 0o044
 
+#: Names a setting under a listener's ``tls`` for an error, given its key (none for ``tls``
+#: itself), as other config errors do: ``carehub.yaml:21: listeners.mllp[0].tls.cert``
+#: (carehub.config.where_in_config).
+TLSSettingName = Callable[..., str]
 
-def server_context(tls: TLSConfig, where: str) -> ssl.SSLContext:
-    """A server context from the listener's TLS settings; names the file that cannot be read."""
+
+def server_context(tls: TLSConfig, where: TLSSettingName) -> ssl.SSLContext:
+    """A server context from the listener's TLS settings; a file that cannot be loaded is a
+    ConfigError naming its setting (the cert or key that cannot be read, else both)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(str(tls.cert), str(tls.key))
     except (OSError, ssl.SSLError) as err:
-        raise ConfigError(
-            f"{where}.tls: cannot load cert {tls.cert} / key {tls.key}: {err}"
-        ) from err
+        unreadable = [key for key in ("cert", "key") if not _readable(getattr(tls, key))]
+        setting = where(*unreadable[:1])  # a cert and key that do not match: tls itself
+        raise ConfigError(f"{setting}: cannot load cert {tls.cert} / key {tls.key}: {err}") from err
     if tls.client_ca is not None:
         try:
             context.load_verify_locations(cafile=str(tls.client_ca))
         except (OSError, ssl.SSLError) as err:
-            raise ConfigError(f"{where}.tls.client_ca: cannot load {tls.client_ca}: {err}") from err
+            raise ConfigError(f"{where('client_ca')}: cannot load {tls.client_ca}: {err}") from err
         # Optional only when asked for: a CA given to check senders against means mutual TLS.
         optional = tls.require_client_cert is False
         context.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
     elif tls.require_client_cert:
-        raise ConfigError(f"{where}.tls.require_client_cert: needs tls.client_ca to check against")
+        raise ConfigError(f"{where('require_client_cert')}: needs tls.client_ca to check against")
     return context
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            return True
+    except OSError:
+        return False
 
 
 def warn_if_key_readable(tls: TLSConfig, where: str) -> None:

@@ -39,12 +39,14 @@ from pydantic import (
 
 from carehub.config import (
     ENV_DATA_DIR,
+    HubConfig,
     UnsetVariable,
     _line_of,
     _loc_text,
     check_no_duplicate_keys,
     expand_tree,
     read_config_text,
+    where_in_config,
 )
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
@@ -326,3 +328,27 @@ def route_files(config_dir: Path, patterns: list[str]) -> list[Path]:
         else:
             found += sorted(config_dir.glob(pattern))
     return list(dict.fromkeys(found))
+
+
+def configured_route_files(config: HubConfig, config_dir: Path) -> list[Path]:
+    """The route files the config's ``routes:`` names, each entry written there checked to
+    name at least one: a misspelt file name or pattern would leave the hub answering AA and
+    routing nothing, without a word. ``routes: []`` is how a config says it has none on
+    purpose. The default (``routes/*.yaml``, for a config that leaves ``routes:`` out) may
+    match nothing: such a config never asked for route files."""
+    if "routes" in config.model_fields_set:
+        for index, pattern in enumerate(config.routes):
+            is_glob = any(c in pattern for c in "*?[")
+            found = (
+                route_files(config_dir, [pattern]) if is_glob else (config_dir / pattern).is_file()
+            )
+            if found:
+                continue
+            where = where_in_config(config, "routes", index)
+            if not is_glob:
+                raise ConfigError(f"{where}: no routes file {config_dir / pattern}")
+            raise ConfigError(
+                f"{where}: {pattern!r} matches no file in {config_dir}; write `routes: []` for "
+                "a hub with no routes"
+            )
+    return route_files(config_dir, config.routes)

@@ -4,22 +4,64 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from carehub.hl7.ack import AckCode
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
+from carehub.intake.intake import Arrival, Intake, IntakeResult
 from carehub.plugins import PluginHost
 from carehub.routing.conditions import Check
 from carehub.routing.router import Router, RoutingResult
 from carehub.routing.table import RouteTable
+from carehub.store.group_commit import Committed, GroupCommit
 from carehub.store.schema import MessageStatus
-from carehub.store.store import StoredMessage
+from carehub.store.store import InsertOutcome, NewMessage, StoredMessage
+
+#: How a dry run's message arrives. The checks that belong to MLLP alone (MLLP block bytes
+#: in the message, UTF-16 and UTF-32) depend on the listener and are not applied.
+DRY_RUN_ARRIVAL = Arrival(transport="dry-run", listener="dry-run")
+
+
+@dataclass(slots=True)
+class DryRunResult(RoutingResult):
+    """What the routes would do with a message, and how the hub's intake would answer it.
+    Only an AA message is routed: for AE or AR, ``routes`` is empty and ``refusal`` says
+    why the hub would refuse it."""
+
+    ack_code: str = AckCode.ACCEPT.value
+    refusal: str | None = None
+
+    @property
+    def not_routed(self) -> str | None:
+        """'not routed: the hub would answer AE: <reason>' for a message the hub would not
+        route, else None."""
+        if self.ack_code == AckCode.ACCEPT.value:
+            return None
+        return f"not routed: the hub would answer {self.ack_code}: {self.refusal}"
+
+
+class _NothingStored(GroupCommit):
+    """A writer for intake that stores nothing and takes every message as new, so the hub's
+    own Intake decides AA, AE or AR for a dry run without a store."""
+
+    def __init__(self) -> None:
+        """No store and no counts: nothing is ever written."""
+
+    def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        done(InsertOutcome(message_id=0, duplicate=False))
+
+
+async def intake_answer(raw: bytes) -> IntakeResult:
+    """How the hub's intake would answer these bytes (AA, AE or AR, and why), nothing stored."""
+    return await Intake(_NothingStored()).receive(raw, DRY_RUN_ARRIVAL)
 
 
 def preview_message(raw: bytes, message_id: int = 0) -> StoredMessage:
-    """A StoredMessage built in memory from bytes, as intake would have stored it."""
+    """A StoredMessage built in memory from bytes intake accepts (AA), as it would store it."""
     decoded = decode_message(raw)
     header = MessageHeader.read(MessageView(decoded.text))
     now = datetime.now(UTC)
@@ -51,12 +93,12 @@ def preview_message(raw: bytes, message_id: int = 0) -> StoredMessage:
     )
 
 
-def dry_run(table: RouteTable, host: PluginHost, raw: bytes) -> RoutingResult:
+def dry_run(table: RouteTable, host: PluginHost, raw: bytes) -> DryRunResult:
     """Route one message through the table with components started, nothing stored or sent."""
     return dry_run_all(table, host, [raw])[0]
 
 
-def dry_run_all(table: RouteTable, host: PluginHost, payloads: list[bytes]) -> list[RoutingResult]:
+def dry_run_all(table: RouteTable, host: PluginHost, payloads: list[bytes]) -> list[DryRunResult]:
     """Route messages in turn through the table, started once for all of them (starting loads
     rosters and directories and opens sessions: per message, a batch file took minutes).
     Runs its own event loop; from a coroutine, await dry_run_all_async instead."""
@@ -65,19 +107,37 @@ def dry_run_all(table: RouteTable, host: PluginHost, payloads: list[bytes]) -> l
 
 async def dry_run_all_async(
     table: RouteTable, host: PluginHost, payloads: list[bytes]
-) -> list[RoutingResult]:
+) -> list[DryRunResult]:
     """dry_run_all on the running event loop (an async test's, say), where asyncio.run
-    cannot be called."""
+    cannot be called. A message the hub's intake would refuse (AE) or reject (AR) goes
+    through no route, as on the hub."""
     await table.start()
     try:
         router = Router(table, host)
-        return [router.route(preview_message(raw), explain=True) for raw in payloads]
+        results = []
+        for raw in payloads:
+            answer = await intake_answer(raw)
+            if answer.code is not AckCode.ACCEPT:
+                results.append(
+                    DryRunResult(
+                        message_id=0,
+                        run=0,
+                        routes=[],
+                        ack_code=answer.code.value,
+                        refusal=answer.reason,
+                    )
+                )
+                continue
+            routed = router.route(preview_message(raw), explain=True)
+            results.append(DryRunResult(routed.message_id, routed.run, routed.routes))
+        return results
     finally:
         await table.close()
 
 
-def result_as_json(result: RoutingResult) -> dict[str, Any]:
-    """The dry-run result as plain JSON: routes, why they matched, step outputs, deliveries."""
+def result_as_json(result: DryRunResult) -> dict[str, Any]:
+    """The dry-run result as plain JSON: the hub's answer (``ack``, and ``not_routed`` when
+    it is not AA), routes, why they matched, step outputs, deliveries."""
     routes = []
     for route in result.routes:
         routes.append(
@@ -108,7 +168,10 @@ def result_as_json(result: RoutingResult) -> dict[str, Any]:
                 "error": route.error,
             }
         )
-    return {"matched": [r.route for r in result.matched], "routes": routes}
+    found: dict[str, Any] = {"ack": result.ack_code}
+    if result.not_routed:
+        found["not_routed"] = result.not_routed
+    return {**found, "matched": [r.route for r in result.matched], "routes": routes}
 
 
 def _check_json(check: Check) -> dict[str, Any]:
