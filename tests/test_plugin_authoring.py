@@ -433,7 +433,7 @@ def test_a_bug_in_send_is_logged_with_its_traceback_at_debug_only(
     (traced,) = [r for r in records if r.exc_info]
     assert traced.levelno == logging.DEBUG
     assert isinstance(traced.exc_info[1], KeyError)
-    assert traced.getMessage() == "delivery 1 to r/buggy: KeyError raised"
+    assert traced.getMessage() == "message 1 (delivery 1) to r/buggy: KeyError raised"
     shown = [r for r in records if r.levelno >= logging.INFO]
     assert any("KeyError" in r.getMessage() for r in shown)
     assert not any("ZEBEDEE" in r.getMessage() or r.exc_info for r in shown)

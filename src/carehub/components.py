@@ -229,19 +229,49 @@ class Outgoing:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+#: ``said`` left out: the channel has not said where the destination's words are.
+_NOT_SAID: Any = object()
+
+
 class DeliveryError(Exception):
     """A send that failed. ``retryable=False`` sends the delivery straight to the dead letters
     (the destination refused it for good, e.g. HTTP 400 or an AR acknowledgment).
 
-    ``said`` is what the destination answered (an HTTP body, an ACK's ERR text): it may quote
-    the message (a patient's name, an MRN), so it is kept with the attempt in the store and
-    never written to the log, which gets ``message`` only."""
+    ``message`` is the channel's own account of the failure: where it sent, and what went
+    wrong (no answer in time, connection refused, TLS failed, HTTP 503, AR). ``said`` is what
+    the destination answered (an HTTP body, an ACK's ERR text): it may quote the message (a
+    patient's name, an MRN), so it is kept with the attempt in the store and never written to
+    the log. Giving ``said`` (None when the destination said nothing) declares that the
+    destination's words are there and not in ``message``, so the log shows ``message`` whole;
+    from a channel that leaves ``said`` out, the log takes only the words before the first
+    ': ' of ``message`` (its answer may follow them).
 
-    def __init__(self, message: str, *, retryable: bool = True, said: str | None = None) -> None:
+    ``retry_after`` is how many seconds the destination asked carehub to wait before trying
+    again (HTTP ``Retry-After``): the next attempt comes no sooner, up to the destination's
+    ``retry.max_delay``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        said: str | None = _NOT_SAID,
+        retry_after: float | None = None,
+    ) -> None:
+        self.own_words_only = said is not _NOT_SAID
+        said = None if said is _NOT_SAID else said
         super().__init__(f"{message}: {said}" if said else message)
         self.retryable = retryable
         self.message = message
-        self.said = said
+        self.said: str | None = said
+        self.retry_after = retry_after
+
+    @property
+    def loggable(self) -> str:
+        """What of this failure the log may say (see the class docstring)."""
+        if self.own_words_only:
+            return self.message
+        return self.message.split(": ", 1)[0]
 
 
 class Channel(Component):

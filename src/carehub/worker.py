@@ -71,6 +71,16 @@ LEASE_RENEWALS = 3
 PAUSE_CHECK = 1.0
 #: A receipt that is not text is recorded as its repr, clipped to this many characters.
 RECEIPT_TEXT_LIMIT = 200
+#: On stop, seconds the sends under way get to finish. Those still running then are cut off
+#: and handed back unsent, so the hub exits well inside a service manager's stop timeout
+#: (systemd: 90 s) however many sends wait behind a slow destination.
+STOP_GRACE = 10.0
+#: Seconds a send cut off at stop gets to end (a channel drops its connection).
+CUT_OFF_WAIT = 2.0
+#: Seconds between the log's summaries of a destination that keeps failing.
+TROUBLE_REPORT_SECONDS = 30.0
+#: The most of a failure's own words a log line carries.
+REASON_LOG_LIMIT = 200
 
 
 @dataclass(slots=True)
@@ -157,6 +167,8 @@ class Worker:
             "call(s)",
             logger=log,
         )
+        #: Destinations whose sends fail, each logged as a run (see DestinationTrouble).
+        self._trouble: dict[str, DestinationTrouble] = {}
         #: A component's periodic work that keeps failing the same way, logged as a run.
         self.tick_trouble = FailureRun(
             "periodic work", "tried again at the next tick", "tick(s)", logger=log
@@ -193,9 +205,12 @@ class Worker:
             self._inbox.put_nowait(None)
             self._wake_delivery.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Deliveries in hand but not started are not started now: back in line at once,
+            # for the next start (or another worker) to send without waiting for the lease.
+            not_started, self._claimed = self._claimed, []
+            await self._hand_back([d.id for d in not_started])
             await self._drain_inflight()
             self._drained = True
-            self.outbox.release([d.id for d in self._claimed])
             await asyncio.to_thread(self._consumer.stop)
             await asyncio.gather(*self._retiring, return_exceptions=True)
             await self.table.close()
@@ -664,6 +679,9 @@ class Worker:
                 order_key=delivery.order_key,
             )
             self.delivered += 1
+            trouble = self._trouble.get(delivery.destination)
+            if trouble is not None:
+                trouble.delivered(delivery.id)
             if host.observed("carehub_message_delivered"):
                 done = dataclasses.replace(
                     delivery, status="delivered", attempts=attempt, receipt=receipt
@@ -677,7 +695,8 @@ class Worker:
             retry_at = None
             if not final:
                 assert destination is not None
-                retry_at = datetime.now(UTC) + timedelta(seconds=destination.retry.delay(attempt))
+                delay = _retry_delay(destination, attempt, err)
+                retry_at = datetime.now(UTC) + timedelta(seconds=delay)
             # A dead letter to a destination no longer configured lets its line go on: the
             # later ones cannot be sent there either, and would wait behind it for nothing.
             holds = destination is not None and destination.retry.holds_line(
@@ -697,34 +716,68 @@ class Worker:
                 holds_line=holds,
             )
             self.failed_attempts += 1
-            # The error text can quote what the destination answered, which may echo the
-            # message: it goes to the store (attempt rows, dead letters), the log gets its kind.
-            log.warning(
-                "delivery %d to %s failed (attempt %d of %s)%s: %s",
-                delivery.id,
-                delivery.destination,
-                attempt,
-                delivery.max_attempts or "unlimited",
-                ("; dead letter, holding its patient's line" if holds else "; dead letter")
-                if final
-                else "",
-                type(err).__name__ if not isinstance(err, DeliveryError) else _loggable(err),
-            )
-            if not isinstance(err, DeliveryError):
-                # Not a refusal the channel reported but a bug or an unforeseen failure in
-                # send(): its traceback (which may quote the message) at DEBUG only.
-                log.debug(
-                    "delivery %d to %s: %s raised",
-                    delivery.id,
-                    delivery.destination,
-                    type(err).__name__,
-                    exc_info=True,
-                )
+            self._log_failure(delivery, attempt, err, final=final, holds=holds)
             host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
         if self._inflight.pop(delivery.id, None) is not None:
             self._inflight_to[delivery.destination] -= 1
         self._wake_delivery.set()
+
+    def _log_failure(
+        self,
+        delivery: DeliveryRecord,
+        attempt: int,
+        err: BaseException,
+        *,
+        final: bool,
+        holds: bool,
+    ) -> None:
+        """Log a failed attempt. The error's full text, which can quote what the destination
+        answered and so the message, goes to the store (attempt rows, dead letters); the log
+        gets its reason (see _reason). A destination that fails is one run in the log (see
+        DestinationTrouble), each attempt a DEBUG line; a dead letter, which waits for an
+        operator, is a WARNING of its own."""
+        reason = _reason(err)
+        limit = delivery.max_attempts or "unlimited"
+        retryable = err.retryable if isinstance(err, DeliveryError) else True
+        if retryable:  # a refusal for good is about the message, not the destination
+            trouble = self._trouble.get(delivery.destination)
+            if trouble is None:
+                trouble = self._trouble[delivery.destination] = DestinationTrouble(
+                    delivery.destination
+                )
+            trouble.failed(delivery.id, reason, tried_again=not final)
+        log.debug(
+            "message %d (delivery %d) to %s: attempt %d of %s failed: %s",
+            delivery.message_id,
+            delivery.id,
+            delivery.destination,
+            attempt,
+            limit,
+            reason,
+        )
+        if final:
+            log.warning(
+                "message %d (delivery %d) to %s is a dead letter after attempt %d of %s%s: %s",
+                delivery.message_id,
+                delivery.id,
+                delivery.destination,
+                attempt,
+                limit,
+                ", holding its patient's line" if holds else "",
+                reason,
+            )
+        if not isinstance(err, DeliveryError):
+            # Not a refusal the channel reported but a bug or an unforeseen failure in
+            # send(): its traceback (which may quote the message) at DEBUG only.
+            log.debug(
+                "message %d (delivery %d) to %s: %s raised",
+                delivery.message_id,
+                delivery.id,
+                delivery.destination,
+                type(err).__name__,
+                exc_info=err,
+            )
 
     async def _routes_differ(self) -> bool:
         """Whether the processes running now load different route sets (a reload that has
@@ -833,8 +886,9 @@ class Worker:
                     continue
                 if attempt is cleaned:
                     log.warning(
-                        "delivery %d to %s: its result was recorded with its text cleaned "
-                        "(the store refused it as it was: %s)",
+                        "message %d (delivery %d) to %s: its result was recorded with its "
+                        "text cleaned (the store refused it as it was: %s)",
+                        result.message_id,
                         result.delivery_id,
                         result.destination,
                         type(failure).__name__,
@@ -843,8 +897,9 @@ class Worker:
                 break
             if failure is not None:
                 log.error(
-                    "delivery %d to %s: its attempt %d cannot be recorded (%s) and is left "
-                    "out; the delivery goes back in line when its lease runs out",
+                    "message %d (delivery %d) to %s: its attempt %d cannot be recorded (%s) "
+                    "and is left out; the delivery goes back in line when its lease runs out",
+                    result.message_id,
                     result.delivery_id,
                     result.destination,
                     result.attempt,
@@ -852,12 +907,29 @@ class Worker:
                 )
         return []
 
-    async def _drain_inflight(self, grace: float = 10.0) -> None:
-        """On stop, let sends in progress finish (bounded) and record them: once more after
-        a pause if the store refuses, then their leases put them back in line."""
-        deadline = time.monotonic() + grace
-        while self._inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    async def _drain_inflight(self, grace: float = STOP_GRACE) -> None:
+        """On stop, let the sends under way finish for up to ``grace`` seconds, then cut off
+        those still running (each channel drops the connection it was using) and hand their
+        deliveries back unsent, to be sent again at the next start: at least once, for a send
+        cut off mid-way. Every send that ended is recorded: once more after a pause if the
+        store refuses, then their leases put them back in line."""
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=grace)
+        if self._sending:
+            running = set(self._sending)
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=CUT_OFF_WAIT)
+            cut_off = list(self._inflight)
+            self._inflight.clear()
+            self._inflight_to.clear()
+            log.warning(
+                "%d send(s) still under way %g s after the stop began are cut off; their "
+                "deliveries are sent again at the next start",
+                len(cut_off),
+                grace,
+            )
+            await self._hand_back(cut_off)
         for last in (False, True):
             if not self._results:
                 return
@@ -874,6 +946,52 @@ class Worker:
                 return
             self._results = kept
             await asyncio.sleep(STORE_RETRY)
+
+    async def _hand_back(self, delivery_ids: list[int]) -> None:
+        """Put deliveries this worker holds back in line unsent, their leases released."""
+        if not delivery_ids:
+            return
+        try:
+            await self._store_call(self.outbox.release, delivery_ids)
+        except Exception as err:  # their leases run out and put them back in line
+            self._failed(err, self.store_trouble)
+
+
+class DestinationTrouble:
+    """A destination's failed attempts, logged as one run (FailureRun): a WARNING with the
+    reason when sends to it start failing, a summary every TROUBLE_REPORT_SECONDS while they
+    go on failing, and a line when one works again; each attempt is logged at DEBUG only. A
+    line per failed attempt buried everything else in the log (883 in 30 s for one
+    destination that was down with 200 messages waiting)."""
+
+    def __init__(self, destination: str) -> None:
+        self.run = FailureRun(
+            f"sending to {destination}",
+            "each delivery is tried again as its retry settings allow",
+            "attempt(s)",
+            report_every=TROUBLE_REPORT_SECONDS,
+            logger=log,
+            level=logging.WARNING,
+            traceback=False,
+        )
+        #: Deliveries whose last attempt failed and that will be tried again.
+        self.retrying: set[int] = set()
+
+    def failed(self, delivery_id: int, reason: str, *, tried_again: bool) -> None:
+        if tried_again:
+            self.retrying.add(delivery_id)
+        else:
+            self.retrying.discard(delivery_id)
+        waiting = f"{len(self.retrying)} delivery(ies) waiting to be tried again"
+        self.run.failed(_Reason(f"{reason}; {waiting}"))
+
+    def delivered(self, delivery_id: int) -> None:
+        self.retrying.discard(delivery_id)
+        self.run.succeeded()
+
+
+class _Reason(Exception):
+    """A failure retold in words the log may carry."""
 
 
 class Wakeup:
@@ -956,14 +1074,23 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _loggable(err: DeliveryError) -> str:
-    """What of a failed send the log may say: the channel's own words, without what the
-    destination answered (``said``, which can quote the message). From a channel that does
-    not set ``said``, only the words before the first ': ' (its answer may follow it), at
-    most 120 characters."""
-    if err.said is not None:
-        return err.message[:200]
-    return err.message.split(": ", 1)[0][:120]
+def _reason(err: BaseException) -> str:
+    """What of a failed send the log may say: a DeliveryError's own account (see
+    DeliveryError.loggable), never what the destination said; of any other exception, its
+    type only (its text may quote the message)."""
+    if isinstance(err, DeliveryError):
+        return _clip(err.loggable, REASON_LOG_LIMIT)
+    return type(err).__name__
+
+
+def _retry_delay(destination: Destination, attempt: int, err: BaseException) -> float:
+    """Seconds before the next attempt: the destination's backoff, or longer when the
+    destination asked for it (HTTP Retry-After), up to its ``retry.max_delay``."""
+    delay = destination.retry.delay(attempt)
+    asked = err.retry_after if isinstance(err, DeliveryError) else None
+    if asked is not None:
+        delay = max(delay, min(asked, destination.retry.max_delay))
+    return delay
 
 
 def _ms(start: float) -> int:

@@ -36,7 +36,6 @@ from carehub.builtins.http_channel import (
     HttpChannel,
     finish_reading,
     http_url,
-    is_retryable,
     read_some,
 )
 from carehub.client import MLLPClient, NoAnswer
@@ -48,7 +47,6 @@ from carehub.components import (
     Outgoing,
     Work,
 )
-from carehub.config import without_password
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
 from carehub.hl7.charsets import codec_for, decode_message
@@ -300,7 +298,9 @@ class FileChannel(Channel):
         try:
             await written
         except OSError as err:  # disk full, permissions, folder removed: may clear up
-            raise DeliveryError(f"cannot write {self.directory / filename}: {err}") from err
+            raise DeliveryError(
+                f"cannot write {self.directory / filename}: {err}", said=None
+            ) from err
         return f"wrote {filename}"
 
     def _write_queued(self) -> None:
@@ -572,7 +572,7 @@ class MLLPChannel(Channel):
             text = str(err)
         else:
             text = f"cannot reach {self.address}: {err.__class__.__name__}: {err}"
-        return DeliveryError(text, retryable=True)
+        return DeliveryError(text, retryable=True, said=None)
 
     async def _judge(self, answer: bytes, control_id: str) -> str:
         """Receipt for a good ACK, else the DeliveryError it calls for (runs under the lock)."""
@@ -604,7 +604,10 @@ class MLLPChannel(Channel):
             )
         if code in ("AE", "CE"):
             raise DeliveryError(f"{self.address} answered {code}", retryable=True, said=said)
-        raise DeliveryError(f"{self.address} answered an unknown MSA-1 {code[:8]!r}", said=said)
+        raise DeliveryError(
+            f"{self.address} answered an unknown acknowledgment code",
+            said=f"MSA-1 {code[:8]!r}" + (f"; {reason}" if reason else ""),
+        )
 
 
 def _peer_closed(err: BaseException) -> bool:
@@ -706,7 +709,6 @@ class WebhookChannel(HttpChannel):
 
     async def send(self, outgoing: Outgoing) -> str:
         url = self.options.url
-        shown = without_password(url)  # error texts are logged, stored and printed
         try:
             async with self.request(
                 "POST", url, outgoing.payload, self.headers_for(outgoing)
@@ -718,12 +720,7 @@ class WebhookChannel(HttpChannel):
                 excerpt = _excerpt(await read_some(response))
         except (httpx.TimeoutException, httpx.TransportError) as err:
             raise self.unreached("POST", url, err) from err
-        text = f"POST {shown}: HTTP {status}"
-        retry_after = response.headers.get("Retry-After")
-        if retry_after:
-            text += f" (Retry-After: {retry_after[:40]})"
-        # The body is the receiver's own words, which can echo what it was sent.
-        raise DeliveryError(text, retryable=is_retryable(status), said=excerpt or None)
+        raise self.refused("POST", url, response, said=excerpt or None)
 
 
 def sign(secret: str, payload: bytes) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -27,6 +30,25 @@ RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 def is_retryable(status: int) -> bool:
     return status in RETRYABLE_STATUS or status >= 500
+
+
+def retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
+    """Seconds an answer's ``Retry-After`` asks to wait before the next request (RFC 9110
+    10.2.3: a number of seconds or an HTTP-date), 0 for a date already past; None when the
+    header is absent or unreadable."""
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=UTC)
+    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def http_url(value: str, option: str = "url") -> str:
@@ -174,6 +196,20 @@ class HttpChannel(Channel):
         if session is not None:
             await session.close()
 
+    def refused(
+        self, method: str, url: str, response: HttpAnswer, said: str | None
+    ) -> DeliveryError:
+        """The DeliveryError for a request answered with a status that is not 2xx: tried again
+        for 408, 425, 429 and 5xx, no sooner than the answer's ``Retry-After`` says. Its text
+        names the request (any secret in the URL masked) and the status; the answer's body
+        goes in ``said`` only, since it can echo what was sent."""
+        status = response.status_code
+        wait = retry_after(response.headers)
+        text = f"{method} {without_password(url)}: HTTP {status}"
+        if wait is not None:
+            text += f" (Retry-After: {wait:.0f} s)"
+        return DeliveryError(text, retryable=is_retryable(status), said=said, retry_after=wait)
+
     def unreached(self, method: str, url: str, err: httpx.HTTPError) -> DeliveryError:
         """The DeliveryError (tried again) for a request that got no answer: none in time,
         or none at all; its text names the request, with any secret in the URL masked."""
@@ -181,7 +217,8 @@ class HttpChannel(Channel):
             what = f"no answer within {self.options.timeout:g} s ({type(err).__name__})"
         else:
             what = f"{type(err).__name__}: {err}"
-        return DeliveryError(without_password(f"{method} {url}: {what}"))
+        # The words are carehub's and the HTTP client's: the destination said nothing.
+        return DeliveryError(without_password(f"{method} {url}: {what}"), said=None)
 
     @contextlib.asynccontextmanager
     async def request(

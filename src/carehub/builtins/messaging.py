@@ -40,7 +40,6 @@ from carehub.builtins.http_channel import (
     HttpChannel,
     finish_reading,
     http_url,
-    is_retryable,
     read_some,
 )
 from carehub.components import (
@@ -51,7 +50,6 @@ from carehub.components import (
     Outgoing,
     Work,
 )
-from carehub.config import without_password
 from carehub.errors import ConfigError
 from carehub.hookspecs import hookimpl
 from carehub.intake.tls import client_context
@@ -353,7 +351,9 @@ class EmailChannel(Channel):
         return _excerpt(f"SMTP 250 {reply}", RECEIPT_LIMIT)
 
     def _error(self, err: Exception, recipient: str) -> DeliveryError:
-        """The DeliveryError for a failed attempt: 5xx replies are final, the rest is not."""
+        """The DeliveryError for a failed attempt: 5xx replies are final, the rest is not.
+        The server's reply text goes in ``said`` (it can quote the message); the text says
+        which server, what carehub asked for and the reply code or what went wrong."""
         where = f"SMTP {self.address}"
         if isinstance(err, aiosmtplib.SMTPRecipientsRefused):
             refusals = err.recipients
@@ -378,19 +378,23 @@ class EmailChannel(Channel):
                 said=_excerpt(err.message) or None,
             )
         if isinstance(err, aiosmtplib.SMTPTimeoutError | TimeoutError):
-            return DeliveryError(f"{where}: no answer within {self.options.timeout:g} s ({err})")
+            return DeliveryError(
+                f"{where}: no answer within {self.options.timeout:g} s ({err})", said=None
+            )
         if isinstance(err, aiosmtplib.SMTPNotSupported):  # SMTPUTF8 for a non-ASCII address
-            return DeliveryError(f"{where}: {err} (recipient {recipient})", retryable=False)
+            return DeliveryError(
+                f"{where}: {err} (recipient {recipient})", retryable=False, said=None
+            )
         if isinstance(err, ssl.SSLError):  # before ValueError: certificate errors are both
-            return DeliveryError(f"{where}: TLS failed: {type(err).__name__}: {err}")
+            return DeliveryError(f"{where}: TLS failed: {type(err).__name__}: {err}", said=None)
         if isinstance(err, ValueError):  # an address aiosmtplib will not put on the wire
-            return DeliveryError(f"{where}: {recipient}: {err}", retryable=False)
+            return DeliveryError(f"{where}: {recipient}: {err}", retryable=False, said=None)
         if isinstance(err, OSError) and not isinstance(err, aiosmtplib.SMTPException):
-            return DeliveryError(f"cannot reach {where}: {type(err).__name__}: {err}")
+            return DeliveryError(f"cannot reach {where}: {type(err).__name__}: {err}", said=None)
         # SMTPConnectError, SMTPServerDisconnected, no STARTTLS/AUTH offered, ...
         cause = err.__cause__
         detail = f" ({type(cause).__name__}: {cause})" if cause else ""
-        return DeliveryError(f"{where}: {type(err).__name__}: {err}{detail}")
+        return DeliveryError(f"{where}: {type(err).__name__}: {err}{detail}", said=None)
 
 
 # -- sms --------------------------------------------------------------------------------------
@@ -524,7 +528,6 @@ class SmsChannel(HttpChannel):
     async def send(self, outgoing: Outgoing) -> str:
         body, headers, length = self.request_for(outgoing)
         method, url = self.options.method, self.options.url
-        shown = without_password(url)  # error texts are logged, stored and printed
         try:
             async with self.request(method, url, body, headers) as response:
                 status = response.status_code
@@ -540,13 +543,8 @@ class SmsChannel(HttpChannel):
                 excerpt = _excerpt(await read_some(response))
         except (httpx.TimeoutException, httpx.TransportError) as err:
             raise self.unreached(method, url, err) from err
-        text = f"{method} {shown}: HTTP {status}"
-        retry_after = response.headers.get("Retry-After")
-        if retry_after:
-            text += f" (Retry-After: {retry_after[:40]})"
-        retryable = is_retryable(status)
         # The gateway's body can echo the text it was sent: kept, never logged.
-        raise DeliveryError(text, retryable=retryable, said=excerpt or None)
+        raise self.refused(method, url, response, said=excerpt or None)
 
 
 def _strings(document: Any) -> list[str]:

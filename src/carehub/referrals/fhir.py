@@ -107,7 +107,13 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from carehub.builtins.http_channel import HttpAnswer, HttpChannel, http_url, is_retryable
+from carehub.builtins.http_channel import (
+    HttpAnswer,
+    HttpChannel,
+    http_url,
+    is_retryable,
+    retry_after,
+)
 from carehub.components import (
     ComponentContext,
     ComponentOptions,
@@ -1224,9 +1230,9 @@ class FhirReferralChannel(HttpChannel):
             reason = _outcome_text(response)
             if reason:
                 text += f": {reason}"
-            retry_after = response.headers.get("Retry-After")
-            if retry_after:
-                text += f" (Retry-After: {retry_after})"
+            wait = retry_after(response.headers)
+            if wait is not None:
+                text += f" (Retry-After: {wait:.0f} s)"
             retryable = is_retryable(status)
             if status == 412 and payload is not outgoing.payload:
                 text += " (the Task changed at the organisation since it was read; retried)"
@@ -1236,7 +1242,7 @@ class FhirReferralChannel(HttpChannel):
                 # another route's forward, may not have reached the server yet.
                 text += " (the referral is not at the server yet; retried)"
                 retryable = True
-            raise DeliveryError(text, retryable=retryable)
+            raise DeliveryError(text, retryable=retryable, retry_after=wait)
         if operation != "create":
             return await self._updated(outgoing, response, operation)
         task_id = _task_id_from_response(response, int(outgoing.metadata.get("task_entry", "2")))

@@ -16,7 +16,10 @@ log = logging.getLogger(__name__)
 
 class FailureRun:
     """Logs the first failure of a run (with its traceback), then at most one line every
-    ``report_every`` seconds with how many failed meanwhile, and one line when it works again."""
+    ``report_every`` seconds with how many failed meanwhile, and one line when it works again.
+
+    Both failure lines go out at ``level``; ``traceback=False`` leaves the traceback out, for
+    failures whose kind and text say it all (a destination that does not answer)."""
 
     def __init__(
         self,
@@ -27,6 +30,8 @@ class FailureRun:
         report_every: float = 30.0,
         logger: logging.Logger = log,
         clock: Callable[[], float] = time.monotonic,
+        level: int = logging.ERROR,
+        traceback: bool = True,
     ) -> None:
         self.what = what  # "store write"
         self.meanwhile = meanwhile  # what carehub does until it works again
@@ -34,6 +39,8 @@ class FailureRun:
         self.report_every = report_every
         self._log = logger
         self._clock = clock
+        self._level = level
+        self._traceback = traceback
         self.failing_since: float | None = None
         self._last_report = 0.0
         self._since_report = 0
@@ -45,11 +52,19 @@ class FailureRun:
         if self.failing_since is None:
             self.failing_since = self._last_report = now
             self._since_report = 0
-            self._log.error("%s failed (%s): %s", self.what, err, self.meanwhile, exc_info=err)
+            self._log.log(
+                self._level,
+                "%s failed (%s): %s",
+                self.what,
+                err,
+                self.meanwhile,
+                exc_info=err if self._traceback else None,
+            )
             return
         self._since_report += count
         if now - self._last_report >= self.report_every:
-            self._log.error(
+            self._log.log(
+                self._level,
                 "%s still failing (%s): %d %s in the last %.0f s",
                 self.what,
                 err,
