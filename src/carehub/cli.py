@@ -268,8 +268,12 @@ def send(
     insecure: bool,
     timeout: float,
 ) -> None:
-    """Send HL7 files over MLLP and print each ACK. Exit 1 on AE, AR or no answer."""
-    from carehub.hl7.batch import split_messages
+    """Send HL7 files over MLLP and print each ACK. Exit 1 on AE, AR or no answer.
+
+    A file holding text outside its messages (a note typed after one) is refused before
+    anything is sent, naming where: sending the messages without it would pass the text over
+    in silence, and whoever wrote it may have meant it for the receiver."""
+    from carehub.hl7.batch import split_data
 
     outgoing: list[tuple[str, bytes]] = []
     for path in files:
@@ -277,9 +281,12 @@ def send(
             data = path.read_bytes()
         except OSError as err:
             raise CarehubError(f"{path}: cannot read: {err.strerror}") from err
-        parts = split_messages(data)
+        contents = split_data(data)
+        parts = [message.data for message in contents.messages]
         if not parts:
             raise CarehubError(f"{path}: no HL7 message in the file (no MSH segment)")
+        if contents.stray:
+            raise CarehubError(_stray_text_problem(path, contents.stray))
         for number, part in enumerate(parts, start=1):
             label = str(path) if len(parts) == 1 else f"{path} #{number}"
             outgoing.append((label, part))
@@ -290,6 +297,16 @@ def send(
     context = _client_tls(ca, cert, key, insecure) if tls or ca or cert else None
     failures = asyncio.run(_send_all(outgoing, host, port, context, timeout))
     sys.exit(1 if failures else 0)
+
+
+def _stray_text_problem(path: Path, stray: list[Any]) -> str:
+    """Where a file to send holds text outside its messages (batch.Stray items), by byte
+    offset and size as the file drop names it; never the text, which may hold PHI."""
+    places = ", ".join(f"{len(item.data)} bytes at byte {item.offset}" for item in stray)
+    return (
+        f"{path}: text outside any HL7 message ({places}): not HL7 segments, so nothing was "
+        "sent; remove it from the file, or make it a segment (NTE) of the message it belongs to"
+    )
 
 
 def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> Any:

@@ -100,13 +100,21 @@ class HubCollector(Collector):
             "timeout); the log names the peer and the reason",
             labels=["listener"],
         )
+        outside_frames = CounterMetricFamily(
+            "carehub_mllp_bytes_outside_frames",
+            "Bytes an MLLP listener ignored, unanswered, because no start block (0x0B) came "
+            "before them (a message sent unframed, noise between frames); the log names the peer",
+            labels=["listener"],
+        )
         for listener in self.hub.mllp_listeners:
             connections.add_metric([listener.name], listener.open_connections)
             shed.add_metric([listener.name], listener.connections_shed)
             handshakes.add_metric([listener.name], listener.handshakes_failed)
+            outside_frames.add_metric([listener.name], listener.bytes_outside_frames)
         yield connections
         yield shed
         yield handshakes
+        yield outside_frames
 
     def _store_gauges(self, store: MessageStore) -> Iterator[GaugeMetricFamily]:
         """What the store says now: deliveries by status, each destination's queue, the

@@ -92,6 +92,15 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts) or (2, 5)
 
 
+def _encoding_characters(seps: Separators, written: str) -> str:
+    """MSH-2 of the ACK: the sender's own, as it wrote it. ``Separators`` fills in missing
+    encoding characters with the defaults to read the message, but a sender that wrote fewer
+    than four (``^~``) expects its own back, not ``^~\\&``."""
+    if written and len(written) < 4:
+        return written
+    return seps.encoding_characters
+
+
 def build_ack(
     code: AckCode,
     original: MessageView | None,
@@ -126,7 +135,7 @@ def build_ack(
         message_type = "ACK"
     header = [
         "MSH",
-        seps.encoding_characters,
+        _encoding_characters(seps, field(2)),
         field(5) or hub_application,
         field(6) or hub_facility,
         field(3),

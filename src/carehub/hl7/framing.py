@@ -1,8 +1,8 @@
 """MLLP framing: <VT> payload <FS><CR>, decoded incrementally from whatever the socket hands us.
 
-The decoder never raises on bad input. Bytes outside a frame are skipped (and counted), and a
-frame past the size limit is drained without being buffered so a huge or runaway frame cannot
-exhaust memory.
+The decoder never raises on bad input. Bytes outside a frame are skipped (MLLP has the
+receiver ignore them) and counted for the listener to report, and a frame past the size limit
+is drained without being buffered so a huge or runaway frame cannot exhaust memory.
 
 A frame ends only where it can end: <FS> followed by <CR> (or by <LF>, or by the <VT> of the next
 frame, for senders that leave the <CR> out). An <FS> followed by anything else is a byte of the
@@ -30,6 +30,8 @@ _MESSAGE_STARTS = (b"MSH", b"\xef\xbb\xbfMSH")
 _LOOKAHEAD = max(len(s) for s in _MESSAGE_STARTS)
 #: Bytes after <FS> that end a frame: <CR>, and <LF> or the next <VT> from careless senders.
 _AFTER_END = frozenset({CARRIAGE_RETURN, LINE_FEED, START_BLOCK})
+#: How bytes outside a frame end when they are a message sent without its start block.
+_UNFRAMED_END = bytes([END_BLOCK, CARRIAGE_RETURN])
 
 
 @dataclass(slots=True, frozen=True)
@@ -68,7 +70,10 @@ class FrameDecoder:
 
     def __init__(self, max_frame_bytes: int) -> None:
         self.max_frame_bytes = max_frame_bytes
+        #: Bytes skipped outside any frame (no start block before them).
         self.stray_bytes = 0
+        #: Runs of those bytes that ended like a message (<FS><CR>): a sender leaving out <VT>.
+        self.unframed_messages = 0
         self._buf = bytearray()
         self._in_frame = False
         self._scanned = 0  # bytes of _buf already known to hold no END/START block
@@ -107,11 +112,11 @@ class FrameDecoder:
             if not self._in_frame:
                 start = buf.find(START_BLOCK)
                 if start < 0:
-                    self.stray_bytes += len(buf)
-                    buf.clear()
+                    self._skip(len(buf))
                     return events
-                self.stray_bytes += start
-                del buf[: start + 1]
+                if start:
+                    self._skip(start)
+                del buf[0]
                 self._in_frame = True
                 self._scanned = 0
                 self._drained = 0
@@ -155,6 +160,13 @@ class FrameDecoder:
                 events.append(Frame(bytes(buf[:end])))
             del buf[:consumed]
             self._in_frame = False
+
+    def _skip(self, count: int) -> None:
+        """Drop ``count`` bytes before any start block; only their number and shape are kept."""
+        buf = self._buf
+        self.stray_bytes += count
+        self.unframed_messages += buf.count(_UNFRAMED_END, 0, count)
+        del buf[:count]
 
     def _drain_if_oversize(self) -> None:
         buf = self._buf

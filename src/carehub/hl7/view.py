@@ -15,6 +15,8 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 from carehub.hl7.charsets import codec_for
@@ -253,19 +255,45 @@ class MessageView:
         in nothing but MSH-7 say the same thing, so taking the second as a resend loses no
         information.
 
+        Trailing delimiters (``DOE^JANE^^^``) are hashed as written: dropping them costs more
+        than the rest of the digest, on every message. A resend that differs from the original
+        only in those is told apart where it is rare, when its control ID turns out used
+        before with other content (``padding_free_digest``, compared by the store).
+
         ``raw``: the received bytes, given when the text is not an exact decoding of them
         (undecodable bytes were replaced). Those bytes are hashed as received instead, so two
         messages that differ only in bytes the decoder replaced alike never pass for one.
         """
         if raw is not None:
             return raw_digest(raw)
-        text = self.joined()
+        return _digest(self._without_msh_7(self.joined().encode("utf-8", "surrogatepass")))
+
+    def padding_free_digest(self) -> str:
+        """``content_digest`` with delimiters that have nothing after them to the end of their
+        field or segment left out (``DOE^JANE^^^`` is ``DOE^JANE``, ``PV1|1|I|||`` is
+        ``PV1|1|I``): in HL7 v2 they carry no data, and engines on the way add or drop them
+        as they write a message out again. Two messages with the same sender and control ID
+        that agree on this are one message resent."""
+        data = self.joined().encode("utf-8", "surrogatepass")
+        trailing = _trailing_delimiters(self.separators)
         fields = self.fields(0)
-        if len(fields) > 7 and fields[7]:
-            sep = self.separators.field
-            header = "MSH" + sep + sep.join([*fields[2:7], "", *fields[8:]])
-            text = header + text[len(self.segments[0]) :]
-        return _digest(text.encode("utf-8", "surrogatepass"))
+        if trailing is not None and len(fields) > 2:
+            # From the field separator after MSH-2, whose characters are not delimiters.
+            msh_2 = fields[2].encode("utf-8", "surrogatepass")
+            data = trailing.drop(self.segments, data, len(msh_2) + 4)
+        return _digest(self._without_msh_7(data))
+
+    def _without_msh_7(self, data: bytes) -> bytes:
+        """The message (UTF-8) with MSH-7 emptied (see content_digest)."""
+        header_end = data.find(b"\r")
+        if header_end < 0:
+            header_end = len(data)
+        sep = self.separators.field.encode("utf-8", "surrogatepass")
+        header = data[:header_end].split(sep)  # MSH, MSH-2, MSH-3, ...: MSH-7 at 6
+        if len(header) > 6 and header[6]:
+            header[6] = b""
+            data = sep.join(header) + data[header_end:]
+        return data
 
     def msh(self, number: int) -> str:
         """Raw MSH-n, the cheapest read there is (intake reads a dozen of these per message)."""
@@ -334,6 +362,69 @@ class MessageView:
     def components(self, value: str) -> list[str]:
         """Split one raw field repetition into unescaped components."""
         return [unescape(c, self.separators) for c in value.split(self.separators.component)]
+
+
+_last_character = itemgetter(-1)
+
+
+class _TrailingDelimiters:
+    """Drops delimiters with nothing after them to the end of their field or segment (see
+    MessageView.content_digest), from UTF-8 text (where no byte of a multibyte character can
+    be taken for an ASCII delimiter).
+
+    Most messages from real feeds have some, so both the look and the rewrite are searches
+    in C, with Python work only per padded field: a regex over the message cost ten times
+    the whole digest."""
+
+    def __init__(self, separators: Separators) -> None:
+        field = separators.field
+        lower = separators.component + separators.repetition + separators.subcomponent
+        self._delimiters = frozenset(field + lower)
+        self._delimiter_bytes = (field + lower).encode()
+        self._component = ord(separators.component)
+        #: Every delimiter below the field separator, read as the component separator.
+        self._as_component = bytes.maketrans(lower.encode(), separators.component.encode() * 3)
+        self._lower_before_field = (separators.component + field).encode()
+
+    def drop(self, segments: list[str], data: bytes, start: int) -> bytes:
+        """``data`` (``segments`` joined by CR, in UTF-8) without them from ``start`` on, or
+        ``data`` itself when it has none."""
+        probe = data.translate(self._as_component)
+        padded_field = probe.find(self._lower_before_field, start)
+        if padded_field >= 0:
+            data = self._drop_before_fields(data, probe, start, padded_field)
+        # A segment's last character is never one dropped above (a CR follows it, not a field
+        # separator), so this look holds for the data as it is now.
+        if self._delimiters.isdisjoint(map(_last_character, segments)):
+            return data
+        segments_after = data[start:].split(b"\r")
+        ends = map(bytes.rstrip, segments_after, repeat(self._delimiter_bytes))
+        return data[:start] + b"\r".join(ends)
+
+    def _drop_before_fields(self, data: bytes, probe: bytes, start: int, found: int) -> bytes:
+        """Drop each run of delimiters below the field separator that ends at one; ``found``
+        is where the first run ends (``probe`` shows each of those delimiters as a component
+        separator)."""
+        kept: list[bytes] = []
+        kept_from = 0
+        while found >= 0:
+            run_start = found
+            while run_start > start and probe[run_start - 1] == self._component:
+                run_start -= 1
+            kept.append(data[kept_from:run_start])
+            kept_from = found + 1
+            found = probe.find(self._lower_before_field, found + 2)
+        kept.append(data[kept_from:])
+        return b"".join(kept)
+
+
+@lru_cache(maxsize=16)
+def _trailing_delimiters(separators: Separators) -> _TrailingDelimiters | None:
+    """None for delimiters outside ASCII, which no sender seen uses: left as written."""
+    delimiters = separators.field + separators.component + separators.repetition
+    if not (delimiters + separators.subcomponent).isascii():
+        return None
+    return _TrailingDelimiters(separators)
 
 
 def raw_digest(raw: bytes) -> str:

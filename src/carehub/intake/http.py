@@ -68,6 +68,15 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, int]:
     return b"".join(chunks), size
 
 
+def oversize_text(request: Request, size: int, limit: int) -> str:
+    """How big a body read_body stopped reading is: its Content-Length when it declared one,
+    else (chunked) only that it holds more than ``limit`` bytes, since the bytes read before
+    reading stopped are not its size."""
+    if request.headers.get("content-length", "").isdigit():
+        return f"{size} bytes"
+    return f"more than {limit} bytes"
+
+
 def build_app(
     config: HTTPListenerConfig,
     intake: Intake,
@@ -116,8 +125,8 @@ def build_app(
         body, size = await read_body(request, config.max_message_bytes)
         if size > config.max_message_bytes:
             reason = (
-                f"message of {size} bytes exceeds this listener's limit of "
-                f"{config.max_message_bytes} bytes"
+                f"message of {oversize_text(request, size, config.max_message_bytes)} exceeds "
+                f"this listener's limit of {config.max_message_bytes} bytes"
             )
             result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
             return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=CLOSE)

@@ -142,7 +142,8 @@ class Intake:
                 ErrorCode.DATA_TYPE_ERROR,
                 answer,
                 charset=decoded.charset,
-                location="MSH-2",
+                # ERR-2 names the field: MSH-1 or MSH-2 of the (first) MSH segment.
+                location="MSH-1-1" if unreadable.startswith("MSH-1 ") else "MSH-1-2",
             )
             return
         if arrival.transport == "mllp" and is_wide(decoded.charset):
@@ -156,7 +157,7 @@ class Intake:
                 ErrorCode.DATA_TYPE_ERROR,
                 answer,
                 charset=decoded.charset,
-                location="MSH-18",
+                location="MSH-1-18",
             )
             return
         irregular = view.first_irregular()
@@ -174,7 +175,7 @@ class Intake:
                     ErrorCode.SEGMENT_SEQUENCE,
                     answer,
                     charset=decoded.charset,
-                    location="MSH-2",  # ERR-2: the second MSH segment
+                    location="MSH-2",  # ERR-2: the second MSH segment, not a field
                 )
                 return
         header = MessageHeader.read(view)

@@ -45,6 +45,81 @@ LONE_END_WAIT = 0.2
 TLS_HANDSHAKE_TIMEOUT = 30.0
 #: Seconds between log lines about failed TLS handshakes from one peer address.
 HANDSHAKE_REPORT_EVERY = 60.0
+#: Seconds between log lines about bytes outside any frame from one peer address.
+OUTSIDE_FRAMES_REPORT_EVERY = 60.0
+#: Most bytes taken from the TLS session at a time (asyncio's own TLS transport reads 256 KiB).
+TLS_READ_BYTES = 256 * 1024
+
+
+class _TlsTransport(asyncio.Transport):
+    """TLS spoken by the MLLP connection itself over its TCP transport (ssl.MemoryBIO).
+
+    asyncio's TLS transport closes the connection as soon as the sender half-closes, by a
+    close_notify alert (Go's CloseWrite, Node's end()) or by a TCP FIN alone (it ignores
+    eof_received returning True), so the ACKs of the last frames were never written. Here a
+    half-close only ends the reading, as on plain TCP: the ACKs go out, then the hub's own
+    close_notify and the close."""
+
+    def __init__(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.raw = raw
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._session = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.secured = False  # the handshake is done
+        self.peer_closed = False  # the sender's close_notify was read: it sends no more
+
+    def receive(self, data: bytes) -> bytes:
+        """The application bytes in what the socket handed over (the handshake first).
+        Raises ssl.SSLError for a failed handshake or a corrupt record."""
+        self._incoming.write(data)
+        chunks: list[bytes] = []
+        try:
+            if not self.secured:
+                self._session.do_handshake()
+                self.secured = True
+            while chunk := self._session.read(TLS_READ_BYTES):
+                chunks.append(chunk)
+            self.peer_closed = True
+        except ssl.SSLWantReadError:
+            pass  # all read; the rest of the record (or of the handshake) is still on its way
+        except ssl.SSLZeroReturnError:
+            self.peer_closed = True
+        finally:
+            self._flush()  # handshake replies, session tickets, alerts
+        return b"".join(chunks)
+
+    def _flush(self) -> None:
+        if data := self._outgoing.read():
+            self.raw.write(data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._session.write(data)
+        self._flush()
+
+    def close(self) -> None:
+        """Send the hub's close_notify after whatever was written, then close."""
+        if self.raw.is_closing():
+            return
+        with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's is not needed
+            self._session.unwrap()
+        self._flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self.raw.abort()
+
+    def is_closing(self) -> bool:
+        return self.raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.raw.resume_reading()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.raw.get_extra_info(name, default)
 
 
 class _Answer:
@@ -69,12 +144,14 @@ class _Connection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.closing = False  # the listener is stopping: answer what was read, then close
         self._answers: deque[_Answer] = deque()
+        self._stray_reported = 0  # decoder.stray_bytes already handed to the listener
+        self._unframed_reported = 0
         self._writing_paused = False
         self._reading_paused = False
         self._lone_end: asyncio.TimerHandle | None = None
-        #: The TCP transport while a TLS handshake runs on it (``transport`` is set after).
-        self._raw: asyncio.Transport | None = None
-        self._handshake: asyncio.Task[None] | None = None
+        #: TLS over the TCP transport; ``transport`` is set to it once its handshake is done.
+        self._tls: _TlsTransport | None = None
+        self._handshake_deadline: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> bool:
@@ -92,51 +169,76 @@ class _Connection(asyncio.Protocol):
         self.arrival = Arrival(
             "mllp", config.name, self.peer, config.default_charset, config.enhanced_acks
         )
-        tls = self.listener.ssl_context is not None
-        if tls:
-            self._raw = transport
+        context = self.listener.ssl_context
+        if context is not None:
+            # TLS is spoken here rather than by the server, which drops a failed handshake
+            # without a word (asyncio logs it only in debug mode), and by _TlsTransport rather
+            # than asyncio's, which cannot answer a sender that half-closes.
+            self._tls = _TlsTransport(transport, context)
         else:
             self.transport = transport
         self.listener.opened(self)  # may close it at once (max_connections_per_peer)
         log.debug("MLLP connection from %s on %s", self.peer, config.name)
-        if tls and not transport.is_closing():
-            # TLS is set up here rather than by the server, which drops a failed handshake
-            # without a word (asyncio logs it only in debug mode): an operator whose
-            # partner's certificate is refused would have nothing to go on.
-            self._handshake = asyncio.get_running_loop().create_task(self._secure(transport))
-        elif tls:
-            self._raw = None  # closed by opened(): connection_lost follows
-
-    async def _secure(self, raw: asyncio.Transport) -> None:
-        context = self.listener.ssl_context
-        assert context is not None
-        try:
-            secured = await asyncio.get_running_loop().start_tls(
-                raw, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+        if self._tls is not None and not transport.is_closing():
+            self._handshake_deadline = asyncio.get_running_loop().call_later(
+                TLS_HANDSHAKE_TIMEOUT,
+                self._handshake_failed,
+                TimeoutError(f"no handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"),
             )
-        except (OSError, TimeoutError, ConnectionError) as err:
-            self.listener.handshake_failed(self, err)
-            raw.abort()
-            self._raw = None
-            self.listener.closed(self)
+
+    def _cancel_handshake_deadline(self) -> None:
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
+            self._handshake_deadline = None
+
+    def _handshake_failed(self, err: BaseException) -> None:
+        assert self._tls is not None
+        self._cancel_handshake_deadline()
+        self.listener.handshake_failed(self, err)
+        self._tls.abort()
+
+    def _tls_received(self, tls: _TlsTransport, data: bytes) -> None:
+        """Decrypt, finish the handshake, and take a close_notify as the sender's half-close."""
+        if self.closing and tls.secured:
+            return  # see data_received
+        handshaking = not tls.secured
+        try:
+            data = tls.receive(data)
+        except ssl.SSLError as err:
+            if handshaking:
+                self._handshake_failed(err)
+            else:
+                reason = err.reason or type(err).__name__
+                log.info("MLLP connection from %s ended: TLS error %s", self.peer, reason)
+                tls.abort()
             return
-        self._raw = None
-        if secured is None:  # closed meanwhile
-            self.listener.closed(self)
-            return
-        self.transport = secured
-        self.last_activity = time.monotonic()
-        if self.closing:
+        if handshaking and tls.secured:
+            self._cancel_handshake_deadline()
+            self.transport = tls
+            if self.closing:  # the listener stopped meanwhile
+                self.close()
+                return
+        if data:
+            self._frames_received(data)
+        if tls.peer_closed and not self.eof_received():
             self.close()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self._tls is not None:
+            self._tls_received(self._tls, data)
+        else:
+            self._frames_received(data)
+
+    def _frames_received(self, data: bytes) -> None:
         if self.closing:
             return  # never ACKed, so the sender resends it to the next hub
         if self._lone_end is not None:
             self._lone_end.cancel()
             self._lone_end = None
         self._take(self.decoder.feed(data))
+        if self.decoder.stray_bytes != self._stray_reported:
+            self._report_bytes_outside_frames()
         if self.decoder.awaiting_end:
             loop = asyncio.get_running_loop()
             self._lone_end = loop.call_later(LONE_END_WAIT, self._end_lone_frame)
@@ -145,6 +247,9 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The peer half-closed: it sends no more, but may still read. Answer every frame it
         sent, then close (returning False would close at once, with their ACKs unsent)."""
+        if self._tls is not None and not self._tls.secured:
+            self._handshake_failed(ConnectionResetError("closed during the TLS handshake"))
+            return False
         self._take(self.decoder.end_frame_now())
         self.closing = True
         return bool(self._answers)
@@ -155,6 +260,16 @@ class _Connection(asyncio.Protocol):
             self._answers.append(answer)
             self._submit(event, answer)
 
+    def _report_bytes_outside_frames(self) -> None:
+        decoder = self.decoder
+        self.listener.bytes_outside_frames_ignored(
+            self,
+            decoder.stray_bytes - self._stray_reported,
+            decoder.unframed_messages - self._unframed_reported,
+        )
+        self._stray_reported = decoder.stray_bytes
+        self._unframed_reported = decoder.unframed_messages
+
     def _end_lone_frame(self) -> None:
         self._lone_end = None
         if not self.closing:
@@ -164,6 +279,8 @@ class _Connection(asyncio.Protocol):
         if self._lone_end is not None:
             self._lone_end.cancel()
             self._lone_end = None
+        if self._handshake_deadline is not None:  # reset mid-handshake
+            self._handshake_failed(exc or ConnectionResetError("closed during the TLS handshake"))
         if exc is not None:
             log.info("MLLP connection from %s ended: %s", self.peer, exc.__class__.__name__)
         if self.decoder.mid_frame:
@@ -238,8 +355,9 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        elif self._raw is not None:  # still in its TLS handshake
-            self._raw.abort()
+        elif self._tls is not None:  # still in its TLS handshake
+            self._cancel_handshake_deadline()
+            self._tls.abort()
 
     def stop(self) -> None:
         """Answer the frames already read, then close; read no more."""
@@ -275,6 +393,8 @@ class MLLPListener:
         self.connections_total = 0
         self.handshakes_failed = 0
         self._handshake_reported: dict[str, float] = {}
+        self.bytes_outside_frames = 0
+        self._outside_frames_reported: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -354,6 +474,34 @@ class MLLPListener:
             self.config.name,
             connection.peer,
             reason,
+        )
+
+    def bytes_outside_frames_ignored(
+        self, connection: _Connection, count: int, unframed_messages: int
+    ) -> None:
+        """Bytes with no start block before them are ignored and not answered, as MLLP has it;
+        a sender waiting for an ACK to them would wait in vain, so one WARNING per peer address
+        a minute says how many and why. Never the bytes themselves: they may be a message."""
+        self.bytes_outside_frames += count
+        now = time.monotonic()
+        last = self._outside_frames_reported.get(connection.host)
+        if last is not None and now - last < OUTSIDE_FRAMES_REPORT_EVERY:
+            return
+        self._outside_frames_reported[connection.host] = now
+        shape = (
+            f"; {unframed_messages} run(s) of them ended like a message (0x1C 0x0D): is the "
+            "sender leaving out the start block?"
+            if unframed_messages
+            else ""
+        )
+        log.warning(
+            "MLLP listener %s: ignored %d byte(s) from %s outside any frame (no start block "
+            "0x0B before them), unanswered%s; later ones from this address are logged at most "
+            "once a minute",
+            self.config.name,
+            count,
+            connection.peer,
+            shape,
         )
 
     def closed(self, connection: _Connection) -> None:

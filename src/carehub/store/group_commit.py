@@ -87,14 +87,26 @@ class GroupCommit:
         except StoreBusy:
             if busy_ok:
                 raise
-            return StoreUnavailable("the store's write lock is held by another writer")
+            return self._not_stored(
+                StoreUnavailable("the store's write lock is held by another writer"), messages
+            )
         except Exception as err:  # the callers answer with an error ACK; the hub keeps running
-            self.failures.failed(err, len(messages))
-            return StoreUnavailable(str(err))
+            return self._not_stored(err, messages)
         self.failures.succeeded()
         self.batches += 1
         self.rows += len(messages)
         return outcomes
+
+    def _not_stored(self, err: Exception, messages: list[NewMessage]) -> StoreUnavailable:
+        """Why these messages were not stored, for their answers; every such failure goes
+        through ``failures``, which logs the run once when it starts, every 30 s while it
+        lasts and when it ends (a lock held for minutes must not be silent)."""
+        self.failures.failed(err, len(messages))
+        return err if isinstance(err, StoreUnavailable) else StoreUnavailable(str(err))
+
+    def _lock_held_too_long(self, messages: list[NewMessage]) -> StoreUnavailable:
+        reason = f"write lock held for over {LOCK_PATIENCE:g} s"
+        return self._not_stored(StoreUnavailable(reason), messages)
 
 
 #: Called with a submitted message's outcome, or with why it was not stored.
@@ -166,8 +178,9 @@ class InlineGroupCommit(GroupCommit):
         if self._still_forming(loop, len(batch)):
             loop.call_soon(self._flush)
             return
+        messages = [m for m, _ in batch]
         try:
-            outcome = self._write([m for m, _ in batch], busy_ok=True)
+            outcome = self._write(messages, busy_ok=True)
         except StoreBusy as busy:
             if self._busy_since is None:
                 self._busy_since = loop.time()
@@ -177,7 +190,7 @@ class InlineGroupCommit(GroupCommit):
                 delay = GATE_FALLBACK if isinstance(busy, GateBusy) else LOCK_RETRY
                 self._fallback = loop.call_later(delay, self._flush)
                 return
-            outcome = StoreUnavailable(f"write lock held for over {LOCK_PATIENCE:g} s")
+            outcome = self._lock_held_too_long(messages)
         self._busy_since = None
         self._pending = self._pending[len(batch) :]
         if self._pending:
@@ -210,13 +223,14 @@ class InlineGroupCommit(GroupCommit):
         deadline = loop.time() + LOCK_PATIENCE
         while self._pending:
             batch = self._pending[: self.max_batch]
+            messages = [m for m, _ in batch]
             try:
-                outcome = self._write([m for m, _ in batch], busy_ok=True)
+                outcome = self._write(messages, busy_ok=True)
             except StoreBusy:
                 if loop.time() < deadline:
                     await asyncio.sleep(LOCK_RETRY)
                     continue
-                outcome = StoreUnavailable(f"write lock held for over {LOCK_PATIENCE:g} s")
+                outcome = self._lock_held_too_long(messages)
             self._pending = self._pending[len(batch) :]
             _settle([done for _, done in batch], outcome)
         self._scheduled = False

@@ -183,6 +183,18 @@ def message_digest(raw: bytes, charset: str | None) -> str:
     return view.content_digest(raw if decoded.lossy else None)
 
 
+def _padding_free_digest(raw: bytes, charset: str | None) -> str | None:
+    """MessageView.padding_free_digest of stored bytes, decoded as intake decodes them; None
+    when they are not read as text exactly (their resends are told by their bytes alone)."""
+    decoded = decode_message(raw, charset or "utf-8")
+    if decoded.lossy:
+        return None
+    try:
+        return MessageView(decoded.text, decoded.charset).padding_free_digest()
+    except NotHL7Error:
+        return None
+
+
 #: The character after the separator (0x1F) that ends a sender key: every identity that begins
 #: with a key sorts below the key with this in place of its last character.
 _AFTER_SEPARATOR = "\x20"
@@ -707,9 +719,9 @@ class MessageStore:
         identities = [item.identity() for item in batch]
         uses = self._probe_uses(cursor, identities)
         for i, (item, identity) in enumerate(zip(batch, identities, strict=True)):
-            resend, item.reuses = uses.check(identity)
+            resend, item.reuses = self._check_use(cursor, uses, item, identity, batch[:i])
             if not resend:
-                uses.add(identity, base + 1 + i)  # the id the INSERT below gives it
+                uses.add(item.identity(), base + 1 + i)  # the id the INSERT below gives it
         before = connection.total_changes
         for start in range(0, len(batch), _ROWS_PER_STATEMENT):
             chunk = batch[start : start + _ROWS_PER_STATEMENT]
@@ -772,6 +784,54 @@ class MessageStore:
                 probed[identity] = (same, other)
         return _EarlierUses(probed)
 
+    def _check_use(
+        self,
+        cursor: Any,
+        uses: _EarlierUses,
+        item: NewMessage,
+        identity: str | None,
+        earlier_in_group: list[NewMessage],
+    ) -> tuple[bool, int | None]:
+        """``uses.check``, and when the control ID was used before with other content: whether
+        that content differs from this only in trailing delimiters (padding_free_digest), as
+        when an engine on the way wrote the message out again. Then this is a resend of it:
+        it takes that message's digest, and so its identity, and goes the way of every resend.
+        Only here, where a control ID is met again, is the message hashed that way: dropping
+        the delimiters costs more than the rest of the digest."""
+        resend, reuses = uses.check(identity)
+        if resend or reuses is None or identity is None:
+            return resend, reuses
+        twin = self._padding_twin(cursor, item, identity, earlier_in_group)
+        if twin is None:
+            return resend, reuses
+        item.digest = twin
+        return uses.check(item.identity())
+
+    def _padding_twin(
+        self, cursor: Any, item: NewMessage, identity: str, earlier_in_group: list[NewMessage]
+    ) -> str | None:
+        """The digest of an earlier message with this sender and control ID (stored, or of
+        this group) that says the same as ``item`` but for trailing delimiters, or None."""
+        wanted = _padding_free_digest(item.raw, item.charset)
+        if wanted is None:
+            return None
+        key = identity[:-DIGEST_CHARS]
+        for other in earlier_in_group:
+            if (other.identity() or "").startswith(key) and (
+                _padding_free_digest(other.raw, other.charset) == wanted
+            ):
+                return other.digest
+        mark = self.sql.mark
+        cursor.execute(
+            f"SELECT identity, raw, charset FROM messages WHERE identity >= {mark} "
+            f"AND identity < {mark} ORDER BY id",
+            (key, key[:-1] + _AFTER_SEPARATOR),
+        )
+        for stored_identity, raw, charset in cursor.fetchall():
+            if _padding_free_digest(bytes(raw), charset) == wanted:
+                return str(stored_identity)[-DIGEST_CHARS:]
+        return None
+
     def _sql_uses(self, count: int) -> str:
         statement = self._sql_uses_cache.get(count)
         if statement is None:
@@ -804,12 +864,12 @@ class MessageStore:
         resends: list[tuple[Any, ...]] = []
         identities = [item.identity() for item in batch]
         uses = self._probe_uses(cursor, identities)
-        for item, identity in zip(batch, identities, strict=True):
-            _, item.reuses = uses.check(identity)
+        for i, (item, identity) in enumerate(zip(batch, identities, strict=True)):
+            _, item.reuses = self._check_use(cursor, uses, item, identity, batch[:i])
             cursor.execute(self._sql_insert, item.values(self.sql.time))
             row = cursor.fetchone()
             if row is not None:
-                uses.add(identity, row[0])
+                uses.add(item.identity(), row[0])
                 outcomes.append(InsertOutcome(row[0], False, item.reuses))
                 continue
             cursor.execute(self._sql_find, (item.identity(),))
