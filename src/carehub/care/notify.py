@@ -25,16 +25,17 @@ digest is just withdrawn).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy import and_, func, insert, select, update
 
 from carehub.care.model import DIED, DISPOSITIONS, NOTIFIABLE, CareTeam, Recipient, Transition
-from carehub.care.roster import CareTeamEnricher
+from carehub.care.roster import ROLES, CareTeamEnricher
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.events import display_name
@@ -73,23 +74,82 @@ _NOBODY = {
 
 
 class NotifyConfig(BaseModel):
+    """Options of a ``notify`` step. Besides unknown keys, a value that would quietly send
+    more than asked for or tell nobody is an error: a ``detail`` for a channel the step does
+    not have, a kind it cannot tell, a role the roster does not know."""
+
     model_config = ConfigDict(extra="forbid")
 
     channels: dict[str, dict[str, Any]] = Field(min_length=1)
+    #: A folder of site templates (relative to the config folder); it must exist.
     templates: str | None = None
+    #: The step's channel -> how much a notice on it says (each channel has a default).
     detail: dict[str, Literal["minimum", "full"]] = Field(default_factory=dict)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     digest_hour: int = Field(7, ge=0, le=23)
+    #: Roster roles (carehub.care.roster.ROLES) that hear of overdue follow-ups.
     coordinator_roles: list[str] = Field(default_factory=lambda: ["care_coordinator"])
+    #: The transitions told (carehub.care.model.NOTIFIABLE); cancels are always corrected.
     kinds: list[str] = Field(default_factory=lambda: list(NOTIFIABLE))
     #: Facility code (PV1-3.4, else MSH-4) -> the name notices give the sending institution.
     facilities: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("detail")
+    @classmethod
+    def _detail_for_own_channels(
+        cls, value: dict[str, str], info: ValidationInfo
+    ) -> dict[str, str]:
+        """A misspelt channel here would leave the real one at its default, which for email
+        is the full text (diagnoses included)."""
+        channels = info.data.get("channels")
+        if channels is None:  # refused already; that error says why
+            return value
+        unknown = [key for key in value if key not in channels]
+        if unknown:
+            raise ValueError(
+                "; ".join(
+                    f"{key!r} is not a channel of this step ({_choices(channels)})"
+                    for key in unknown
+                )
+            )
+        return value
+
+    @field_validator("coordinator_roles")
+    @classmethod
+    def _known_roles(cls, value: list[str]) -> list[str]:
+        """A role no roster entry can have would send overdue alerts to nobody."""
+        return _each_known("coordinator_roles", value, ROLES, "a roster role")
+
+    @field_validator("kinds")
+    @classmethod
+    def _notifiable_kinds(cls, value: list[str]) -> list[str]:
+        """A misspelt kind would tell nobody of that transition, and say nothing about it."""
+        if not value:
+            raise ValueError(f"name at least one kind to tell ({_choices(NOTIFIABLE)})")
+        return _each_known("kinds", value, NOTIFIABLE, "a kind the notify step tells")
 
     @field_validator("facilities")
     @classmethod
     def _codes_upper(cls, value: dict[str, str]) -> dict[str, str]:
         """Codes compare case-insensitively, as in the provider directory."""
         return {str(code).strip().upper(): name.strip() for code, name in value.items()}
+
+
+def _each_known(option: str, given: list[str], known: Sequence[str], what: str) -> list[str]:
+    """``given`` if every item is one of ``known``; else a ValueError naming each item that is
+    not as ``option[index]`` (the route table reports each at its own line)."""
+    problems = [
+        f"{option}[{index}] {item!r} is not {what} ({_choices(known)})"
+        for index, item in enumerate(given)
+        if item not in known
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return given
+
+
+def _choices(known: Iterable[str]) -> str:
+    return "one of: " + ", ".join(known)
 
 
 @dataclass(slots=True)

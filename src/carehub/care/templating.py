@@ -10,6 +10,7 @@ from typing import Any
 import jinja2
 
 from carehub.components import ComponentContext
+from carehub.errors import ConfigError
 
 
 class MessageTemplates:
@@ -18,7 +19,7 @@ class MessageTemplates:
     ) -> None:
         loaders: list[jinja2.BaseLoader] = []
         if site_folder:
-            loaders.append(jinja2.FileSystemLoader(str(context.path(site_folder))))
+            loaders.append(jinja2.FileSystemLoader(str(_existing_folder(context, site_folder))))
         loaders.append(builtin)
         self.environment = jinja2.Environment(
             loader=jinja2.ChoiceLoader(loaders),
@@ -43,3 +44,13 @@ class MessageTemplates:
             first, _, text = text.partition("\n")
             subject = first.removeprefix("Subject:").strip()
         return subject, text.strip() + "\n"
+
+
+def _existing_folder(context: ComponentContext, site_folder: str) -> Path:
+    """The site's templates folder, which must exist: a misspelt one would otherwise send
+    every notice with the built-in texts, which may say more than the site's do."""
+    folder = context.path(site_folder)
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(f"templates: the folder {folder} {problem}")
+    return folder

@@ -61,7 +61,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy import Engine, func, or_, select
 
 from carehub.builtins.event_translator import translate_v2_to_event
@@ -246,7 +246,9 @@ STATUS_VERBS: dict[str, str] = {
 
 
 class ReferralNoticeConfig(BaseModel):
-    """Options of a ``notify-referral`` step (unknown keys are errors, as in every step)."""
+    """Options of a ``notify-referral`` step (unknown keys are errors, as in every step).
+    So is a setting that would leave a party it tells with no way to be told, or send a
+    referral to an address chosen by which of two spellings of a name came last."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -255,15 +257,63 @@ class ReferralNoticeConfig(BaseModel):
     providers: str | None = None
     #: Fallback address per HSDS organization id or organisation name (case-insensitive).
     organizations: dict[str, str] = Field(default_factory=dict)
+    #: A folder of site templates (relative to the config folder); it must exist.
     templates: str | None = None
     #: The patient's consent as the site records it; the same two settings, read the same way
     #: (carehub.referrals.fhir.consent_statement), as on the fhir-referral forward, so the
     #: email and the FHIR copy of a referral say the same. Unset: "not stated".
     consent_reference: str | None = None
     consent_note: str | None = None
-    tell: list[Party] = Field(default_factory=lambda: ["referrer", "organization"], min_length=1)
+    tell: list[Party] = Field(
+        default_factory=lambda: ["referrer", "organization"], min_length=1, validate_default=True
+    )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     reload_seconds: float = Field(5.0, ge=0)
+
+    @field_validator("organizations")
+    @classmethod
+    def _one_address_per_organisation(cls, value: dict[str, str]) -> dict[str, str]:
+        """Keys compare case-insensitively, so two spellings of one organisation with
+        different addresses would send to whichever came last; an address without an @ is a
+        typo that would hold every referral to it in the dead letters."""
+        problems = [
+            f"{key!r}: {address!r} is not an email address"
+            for key, address in value.items()
+            if "@" not in address or len(address.split()) != 1
+        ]
+        seen: dict[str, tuple[str, str]] = {}
+        for key, address in value.items():
+            folded = key.strip().casefold()
+            if folded in seen and seen[folded][1] != address.strip():
+                problems.append(
+                    f"{seen[folded][0]!r} and {key!r} name the same organisation (names "
+                    "compare case-insensitively) with different addresses"
+                )
+            seen.setdefault(folded, (key, address.strip()))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("tell")
+    @classmethod
+    def _each_party_can_be_told(cls, value: list[Party], info: ValidationInfo) -> list[Party]:
+        """Organisations are told by email and referrers found in the provider directory: a
+        party in ``tell`` the step cannot reach would never hear of a referral, silently."""
+        channels = info.data.get("channels")
+        if channels is None:  # refused already; that error says why
+            return value
+        if "organization" in value and "email" not in channels:
+            raise ValueError(
+                "organisations are told by email, but the step has no 'email' channel "
+                f"(channels: {', '.join(channels)}); add one, or leave 'organization' out "
+                "of tell"
+            )
+        if "referrer" in value and not info.data.get("providers"):
+            raise ValueError(
+                "referrers are found by NPI in the provider directory, but the step has no "
+                "providers file; set providers, or leave 'referrer' out of tell"
+            )
+        return value
 
 
 @dataclass(slots=True)

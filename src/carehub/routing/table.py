@@ -399,7 +399,10 @@ def _bind_notify(
         destinations[key] = _bind_forward(
             forward, route, position, host, context, source, (*loc, "channels", key)
         )
-    return Notifier(route, config, destinations, context)
+    try:
+        return Notifier(route, config, destinations, context)
+    except ConfigError as err:
+        raise _in_step(err, source, route, position, loc) from err
 
 
 def _bind_referral_notify(
@@ -427,7 +430,20 @@ def _bind_referral_notify(
         )
         for key, channel in config.channels.items()
     }
-    return ReferralNotifier(route, config, destinations, context)
+    try:
+        return ReferralNotifier(route, config, destinations, context)
+    except ConfigError as err:
+        raise _in_step(err, source, route, position, loc) from err
+
+
+def _in_step(
+    err: ConfigError, source: RouteSource, route: str, position: int, loc: tuple[Any, ...]
+) -> ConfigError:
+    """A notify step's own ConfigError (a missing templates folder or directory file),
+    prefixed as start() prefixes a component's: route file and line, route and step."""
+    return ConfigError(
+        f"{source.where(loc)}: route {route!r}: steps[{position}] ({loc[-1]}): {err}"
+    )
 
 
 def _build(
