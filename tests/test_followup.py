@@ -508,6 +508,27 @@ class TestEnricher:
         with pytest.raises(ConfigError, match=r"missing\.yaml"):
             enricher(tmp_path, holidays_file="missing.yaml")
 
+    def test_a_missing_holidays_file_names_the_route_file_line_and_step(
+        self, tmp_path: Path
+    ) -> None:
+        """As every other route option error: where it is written, not only the file path."""
+        (tmp_path / "routes").mkdir()
+        (tmp_path / "carehub.yaml").write_text("routes: [routes/care.yaml]\n")
+        (tmp_path / "routes" / "care.yaml").write_text(
+            "routes:\n"
+            "  - name: care\n"
+            "    steps:\n"
+            "      - translate: v2-to-event\n"
+            "      - enrich: {use: encounter-state}\n"
+            "      - enrich: {use: follow-up-clock, holidays_file: nope.yaml}\n"
+        )
+        result = CliRunner().invoke(
+            main, ["routes", "check", "--offline", "--config", str(tmp_path / "carehub.yaml")]
+        )
+        assert result.exit_code == 2, result.output
+        assert "routes/care.yaml:6: route 'care': steps[2]" in result.stderr
+        assert "nope.yaml: cannot read the holidays file" in result.stderr
+
     def test_missing_transition_is_a_clear_error(self, tmp_path: Path) -> None:
         with pytest.raises(MissingTransitionError, match="encounter-state"):
             enricher(tmp_path).enrich(work_for(None))

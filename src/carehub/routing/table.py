@@ -458,7 +458,10 @@ def _build(
         validated = component_class.Options.model_validate(options)
     except ValidationError as err:
         raise ConfigError(_errors(err, source, route, loc)) from None
-    return component_class(validated, context)
+    try:
+        return component_class(validated, context)
+    except ConfigError as err:  # a file it reads as it is built (a holidays file, say)
+        raise ConfigError(f"{source.where(loc)}: route {route!r}: {_loc_text(loc)}: {err}") from err
 
 
 def _errors(err: ValidationError, source: RouteSource, route: str, loc: tuple[Any, ...]) -> str:
