@@ -5,8 +5,6 @@ sockets: MLLP and HTTP in, an aiosmtpd server for the referrer's email, a FHIR t
 
 from __future__ import annotations
 
-import shutil
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,53 +12,31 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from aiosmtpd.controller import Controller
 
-from carehub.config import load_config
+from carehub.config import HubConfig, load_config
 from carehub.errors import ConfigError
 from carehub.referrals.state import list_referrals
-from carehub.testing import HubThread
-from tests.helpers_http import HTTPServer, on_this_host, wait_for
-from tests.test_fhir_referrals import FhirServer
-from tests.test_referral_notices import _Inbox
-from tests.test_referral_recipients import FEED_07, REFERRER, SCFB, Loop
+from tests.helpers_http import wait_for
+from tests.test_referral_recipients import FEED_07, REFERRER, SCFB, Loop, referral_loop
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HOSPITAL = "hospital-intake-token"
 FOOD_BANK = "food-bank-token"
 PANTRY = "pantry-token"
 
 
+def _with_tokens(config: HubConfig) -> None:
+    config.listeners.http.tokens = [HOSPITAL]
+    config.listeners.http.organization_tokens = {
+        SCFB: FOOD_BANK,
+        "Eastside Neighbors Pantry": PANTRY,
+    }
+
+
 @pytest.fixture
 def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
     """The referral loop of test_referral_recipients, with intake and organisation tokens."""
-    for name in ("CAREHUB_CONFIG", "CAREHUB_DATA_DIR", "CAREHUB_STORE_URL", "CAREHUB_HTTP_TOKENS"):
-        monkeypatch.delenv(name, raising=False)
-    folder = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", folder)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        smtp_port = probe.getsockname()[1]
-    inbox = _Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    try:
-        with FhirServer() as fhir, HTTPServer(respond=lambda _: 202) as elsewhere:
-            monkeypatch.setenv("CBO_FHIR_URL", fhir.base_url)
-            for name in ("CARE_PLATFORM_URL", "SMS_GATEWAY_URL"):
-                monkeypatch.setenv(name, elsewhere.url("/"))
-            monkeypatch.setenv("SMTP_PORT", str(smtp_port))
-            monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
-            config = on_this_host(load_config(folder / "carehub.yaml"))
-            config.listeners.http.tokens = [HOSPITAL]
-            config.listeners.http.organization_tokens = {
-                SCFB: FOOD_BANK,
-                "Eastside Neighbors Pantry": PANTRY,
-            }
-            with HubThread(config, tmp_path / "data") as running:
-                yield Loop(running, fhir, inbox)
-    finally:
-        controller.stop()
+    with referral_loop(tmp_path, monkeypatch, _with_tokens) as running:
+        yield running
 
 
 def _status(loop: Loop, key: str, token: str | None, status: str = "accepted") -> httpx.Response:

@@ -8,9 +8,10 @@ what is known; a referral nobody is responsible for is held; the referrer hears 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -21,7 +22,7 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
-from carehub.config import load_config
+from carehub.config import HubConfig, load_config
 from carehub.hl7.ack import read_ack
 from carehub.referrals.state import list_referrals
 from carehub.store.outbox import Outbox
@@ -75,8 +76,14 @@ class Loop:
         return [m for rcpts, m in self.inbox.messages if address in rcpts]
 
 
-@pytest.fixture
-def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
+@contextlib.contextmanager
+def referral_loop(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    adjust: Callable[[HubConfig], None] | None = None,
+) -> Iterator[Loop]:
+    """The shipped config running with a FHIR test server, an SMTP server and a sink for the
+    other HTTP destinations; ``adjust`` changes the config before the hub starts."""
     for name in ("CAREHUB_CONFIG", "CAREHUB_DATA_DIR", "CAREHUB_STORE_URL", "CAREHUB_HTTP_TOKENS"):
         monkeypatch.delenv(name, raising=False)
     folder = tmp_path / "config"
@@ -96,10 +103,18 @@ def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
             monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
             config = load_config(folder / "carehub.yaml")
             on_this_host(config)  # the test moves the clock itself
+            if adjust is not None:
+                adjust(config)
             with HubThread(config, tmp_path / "data") as running:
                 yield Loop(running, fhir, inbox)
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
+    with referral_loop(tmp_path, monkeypatch) as running:
+        yield running
 
 
 def _referral(
