@@ -124,6 +124,10 @@ def _http_config(tmp_path: Path, body: str) -> Path:
             "    organization_tokens: {Food Bank: t, Pantry: t}\n",
             "'Food Bank' and 'Pantry' have the same token",
         ),
+        (
+            "    organization_tokens: {Food Bank: a}\n",
+            "organisations have tokens but intake has none",
+        ),
     ],
 )
 def test_organisation_tokens_that_would_open_too_much_are_config_errors(
@@ -133,3 +137,37 @@ def test_organisation_tokens_that_would_open_too_much_are_config_errors(
         load_config(_http_config(tmp_path, body))
     assert said in str(raised.value)
     assert "listeners.http" in str(raised.value)
+
+
+def test_an_organisation_token_given_to_intake_by_the_environment_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAREHUB_HTTP_TOKENS", "hospital,food")
+    body = "    tokens: [other]\n    organization_tokens: {Food Bank: food}\n"
+    with pytest.raises(ConfigError) as raised:
+        load_config(_http_config(tmp_path, body))
+    assert "the token of 'Food Bank' is also an intake token ($CAREHUB_HTTP_TOKENS)" in str(
+        raised.value
+    )
+    assert "carehub.yaml:4: listeners.http.organization_tokens" in str(raised.value)
+
+
+def test_a_bare_id_two_senders_used_is_refused_not_a_server_error(
+    loop: Loop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two hospitals' referrals with the same RF1-6: an organisation asking by the bare id
+    learns nothing (404, as for any referral not sent to it); a trusted system is told why
+    (409). Refusals are logged once a minute per organisation, not once per call."""
+    _referral_key(loop)
+    other = FEED_07.replace("RIVERSIDE_GH", "NORTHSIDE_CL").replace("RGH-REF-7001", "NS-1")
+    assert loop.send(other) == "AA"
+    wait_for(lambda: len(list_referrals(loop.running.store.engine)) == 2, what="two referrals")
+    bare = "RGH-R-2026-0042"
+    for _ in range(3):
+        assert _status(loop, bare, PANTRY).status_code == 404
+    assert _status(loop, bare, FOOD_BANK).status_code == 404
+    system = _status(loop, bare, HOSPITAL)
+    assert system.status_code == 409
+    assert "used by 2 senders" in system.json()["error"]
+    refusals = [r for r in caplog.records if "referral status call refused" in r.getMessage()]
+    assert len(refusals) == 2  # one for each organisation, however often it asks

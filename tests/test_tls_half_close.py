@@ -96,3 +96,36 @@ def test_a_sender_that_half_closes_over_tls_reads_every_ack(
         client.close()
     assert [(code, echoed) for code, echoed, _ in acks] == [("AA", cid) for cid in ids]
     assert sorted(m.control_id for m in tls_hub.store.find(limit=None)) == sorted(ids)
+
+
+def test_a_bad_record_in_the_read_that_ends_the_handshake_is_no_handshake_failure(
+    tls_hub: HubThread, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's Finished, a frame and a corrupt record in one read: the handshake did
+    succeed, so the corrupt record ends the connection as any later one does, and no failed
+    handshake is logged or counted (nor uses up the address's once-a-minute warning)."""
+    caplog.set_level("INFO", logger="carehub.intake.mllp")
+    sock = socket.create_connection(tls_hub.mllp_address, timeout=TIMEOUT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = client_context(ca=certs.ca, cert=None)
+    session = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            session.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if data := outgoing.read():
+                sock.sendall(data)
+            incoming.write(sock.recv(65536))
+    session.write(encode_frame(make_adt("SAMEREAD").encode()))
+    oversize_record = b"\x17\x03\x03\xff\xff" + bytes(100)
+    sock.sendall(outgoing.read() + oversize_record)  # Finished, the frame, the bad record
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
+    sock.close()
+    listener = tls_hub.hub.mllp_listeners[0]
+    ended = [r.getMessage() for r in caplog.records if "ended: TLS error" in r.getMessage()]
+    assert ended, [r.getMessage() for r in caplog.records]
+    assert listener.handshakes_failed == 0
+    assert not [r for r in caplog.records if "TLS handshake with" in r.getMessage()]

@@ -496,4 +496,28 @@ def http_tokens(config: HubConfig) -> list[str]:
                 "comma-separated tokens, or unset it"
             )
         tokens += from_env
+    _check_organization_tokens(config, tokens)
     return tokens
+
+
+def _check_organization_tokens(config: HubConfig, intake_tokens: list[str]) -> None:
+    """Organisation tokens mean organisations outside the hospital reach the HTTP port, so
+    intake must have tokens of its own (without, /hl7, /metrics and /health's details answer
+    anyone), and none of them may be an organisation's, from the config (checked as it is
+    read) or from $CAREHUB_HTTP_TOKENS (checked here)."""
+    organizations = config.listeners.http.organization_tokens
+    if not organizations:
+        return
+    where = where_in_config(config, "listeners", "http", "organization_tokens")
+    if not intake_tokens:
+        raise ConfigError(
+            f"{where}: organisations have tokens but intake has none (listeners.http.tokens "
+            f"or ${ENV_HTTP_TOKENS}): /hl7, /metrics and /health's details would answer "
+            "anyone who reaches the port, the organisations included: give intake its own token"
+        )
+    for name, token in organizations.items():
+        if token in intake_tokens:
+            raise ConfigError(
+                f"{where}: the token of {name!r} is also an intake token (${ENV_HTTP_TOKENS}), "
+                "which would let it post HL7: give it its own"
+            )

@@ -205,9 +205,10 @@ class _Connection(asyncio.Protocol):
         try:
             data = tls.receive(data)
         except ssl.SSLError as err:
-            if handshaking:
+            if not tls.secured:
                 self._handshake_failed(err)
-            else:
+            else:  # a bad record after the handshake, perhaps in the read that finished it
+                self._cancel_handshake_deadline()
                 reason = err.reason or type(err).__name__
                 log.info("MLLP connection from %s ended: TLS error %s", self.peer, reason)
                 tls.abort()

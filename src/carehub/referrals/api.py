@@ -13,9 +13,10 @@ the bar as ``%7C``); a bare id is accepted when it is unambiguous.
 
 Answers: 200 with the transition (also when nothing changed, ``changed: false``); 404 for an
 unknown referral; 409 for a transition the rules refuse (e.g. ``completed -> accepted``) with
-the reason; 422 for a body that is not a valid update; 401 without a valid bearer token; 503
-when the store cannot be reached. Refused updates are still recorded on the timeline, so what
-the other side claimed is never lost.
+the reason, or for a bare id several senders' referrals have (an organisation gets 404); 422
+for a body that is not a valid update; 401 without a valid bearer token; 503 when the store
+cannot be reached. Refused updates are still recorded on the timeline, so what the other side
+claimed is never lost.
 
 Tokens: the intake tokens of ``POST /hl7`` (a trusted system, such as a coordination platform
 acting for many organisations), or an organisation's own token
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 
+from carehub.errors import CarehubError
 from carehub.intake.http import CLOSE, read_body
 from carehub.referrals.notices import organizations_sent
 from carehub.referrals.state import STATUSES, ReferralTracker, ReferralTransition, referral_timeline
@@ -56,6 +59,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = "webhook"
 
+
+#: Seconds between log lines about one organisation's refused status calls.
+REFUSAL_REPORT_EVERY = 60.0
 
 #: A status update is a status and a short note; a larger body is refused unread.
 MAX_STATUS_UPDATE_BYTES = 64 * 1024
@@ -109,21 +115,25 @@ def _caller(request: Request, tokens: list[str], organizations: dict[str, str]) 
 def _sent_to(tracker: ReferralTracker, key: str, organization: str) -> bool:
     """Whether the referral went to this organisation: the one it names (PRD role RT, as a
     modify may have changed it), else its top community match (the rule the sending steps
-    follow, resources.matching.chosen_match), or one it was emailed to and not withdrawn from."""
+    follow, resources.matching.chosen_match), or one it was emailed to and not withdrawn from.
+
+    The same reads are made whether or not the referral exists, so that the time a refusal
+    takes does not tell a caller which of another organisation's referrals exist."""
     record = tracker.referral(key)
-    if record is None:
-        return False
     wanted = organization.strip().casefold()
-    named = _organization_of(record.referred_to)
-    if named is None and isinstance(record.matches, list):
+    named = _organization_of(record.referred_to) if record is not None else None
+    if named is None and record is not None and isinstance(record.matches, list):
         ranked = [m for m in record.matches if isinstance(m, dict)]
         ranked.sort(key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
         named = str(ranked[0].get("organization") or "") if ranked else None
+    emailed: list[tuple[str, str, str]] = []
+    if tracker.engine is not None:
+        row_id = record.id if record is not None and record.id is not None else -1
+        emailed = organizations_sent(tracker.engine, row_id)
+    if record is None:
+        return False
     if named and named.strip().casefold() == wanted:
         return True
-    if tracker.engine is None or record.id is None:
-        return False
-    emailed = organizations_sent(tracker.engine, record.id)
     return any(name.strip().casefold() == wanted for _, _, name in emailed)
 
 
@@ -180,6 +190,25 @@ def register_referral_routes(
     tracker built on ``store`` (tests, or a hub that shares one); with neither, updates go to
     an in-memory tracker and are lost on exit."""
     organizations = dict(organizations or {})
+    refusals_logged: dict[str, float] = {}
+
+    def refused_for(organization: str) -> JSONResponse:
+        """As for an unknown referral: whether another organisation's referral exists is
+        not this caller's to learn, and nothing is recorded against it. One WARNING per
+        organisation a minute says it happens (a misconfigured caller, or one probing)."""
+        now = time.monotonic()
+        last = refusals_logged.get(organization)
+        if last is None or now - last >= REFUSAL_REPORT_EVERY:
+            refusals_logged[organization] = now
+            log.warning(
+                "referral status call refused: the referral was not sent to the calling "
+                "organisation %r (logged at most once a minute per organisation)",
+                organization,
+            )
+        return JSONResponse(
+            {"error": "no such referral was sent to your organisation"}, status_code=404
+        )
+
     if tracker is None:
         tracker = ReferralTracker(store.engine if store is not None else None)
     active = tracker
@@ -227,20 +256,16 @@ def register_referral_routes(
         if caller.organization is not None:
             detail["answered_by"] = caller.organization  # the referrer hears who answered
         try:
-            key = await asyncio.to_thread(_resolve, active, referral_key)
+            try:
+                key = await asyncio.to_thread(_resolve, active, referral_key)
+            except CarehubError as err:  # a bare id that several senders' referrals have
+                if caller.organization is not None:
+                    return refused_for(caller.organization)
+                return JSONResponse({"error": str(err)}, status_code=409)
             if caller.organization is not None and not await asyncio.to_thread(
                 _sent_to, active, key, caller.organization
             ):
-                # As for an unknown referral: whether another organisation's referral exists
-                # is not this caller's to learn, and nothing is recorded against it.
-                log.warning(
-                    "referral status call refused: the referral was not sent to the calling "
-                    "organisation %r",
-                    caller.organization,
-                )
-                return JSONResponse(
-                    {"error": "no such referral was sent to your organisation"}, status_code=404
-                )
+                return refused_for(caller.organization)
             transition = await asyncio.to_thread(active.advance, key, update.status, SOURCE, detail)
         except SQLAlchemyError as err:
             log.warning("referral status update not recorded: store error: %s", err)
