@@ -22,6 +22,7 @@ import pytest
 from carehub.hub import PUBLISH_STOP_WAIT
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt
+from carehub.workqueue import PUBLISH_CONFIRM_TIMEOUT
 from tests.helpers_http import HTTPServer, wait_for
 from tests.test_rabbitmq import amqp_url, delivered, fresh_queue, routes_yaml, send_all
 
@@ -44,6 +45,8 @@ class Relay:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        #: Set: the connections stay open and nothing more is passed on (see freeze).
+        self.frozen = threading.Event()
 
     def start(self) -> None:
         listener = socket.socket()
@@ -52,6 +55,12 @@ class Relay:
         listener.listen()
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def freeze(self) -> None:
+        """Keep every connection open and pass nothing more on, either way: a broker that
+        hangs with its connections established (the publisher's writes still go into the
+        socket buffers, and no error ever comes)."""
+        self.frozen.set()
 
     def silence(self) -> None:
         """Cut every connection, then take new ones and never answer on them: a broker host
@@ -98,12 +107,16 @@ class Relay:
             with self._lock:
                 self._sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+                threading.Thread(
+                    target=_pipe, args=(source, sink, self.frozen), daemon=True
+                ).start()
 
 
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
+def _pipe(source: socket.socket, sink: socket.socket, frozen: threading.Event) -> None:
     with contextlib.suppress(OSError):
         while chunk := source.recv(65536):
+            while frozen.is_set():
+                time.sleep(0.05)
             sink.sendall(chunk)
     for sock in (source, sink):
         with contextlib.suppress(OSError):
@@ -225,3 +238,31 @@ def test_the_hub_stops_promptly_while_the_broker_is_silent(
         assert store.count("received") == 2  # stored, for the sweep to route
     finally:
         store.close()
+
+
+def test_a_broker_that_hangs_with_its_connection_open_is_noticed(
+    tmp_path: Path, amqp_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Publishes went into the socket buffer of a connection the broker no longer served, and
+    nothing said so: /health read "ok" and stored messages waited for the sweep. Each publish
+    now waits for the broker's confirm, so the hub holds them, says so, and queues them once
+    the broker answers again."""
+    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    fresh_queue(amqp_url, 1)
+    config = local_config(worker=False)
+    config.queue.url = relayed_url
+    config.queue.partitions = 1
+    with HubThread(config, tmp_path / "data") as hub:
+        send_all(hub.mllp_address, [make_adt("HG-0", patient_id="P1")])
+        assert health(hub)["queue"] == "ok"
+        relay.freeze()
+        send_all(hub.mllp_address, [make_adt("HG-1", patient_id="P1")])  # stored, AA
+        wait_for(
+            lambda: str(health(hub)["queue"]).startswith("cannot queue for routing since"),
+            # The confirm's wait, then kombu's retries of it on a new connection: ~20 s here.
+            8 * PUBLISH_CONFIRM_TIMEOUT,
+            what="/health to say intake cannot queue",
+        )
+        assert "cannot queue stored messages for routing" in caplog.text
+        relay.frozen.clear()  # the broker answers again: what was held is queued
+        wait_for(lambda: health(hub)["queue"] == "ok", 30, what="queueing again")

@@ -62,6 +62,11 @@ class QueueUnavailable(RuntimeError):
     """The work queue's broker cannot be reached or used."""
 
 
+#: Seconds a publish waits for the broker (its confirm, a declare), then fails (and the hub
+#: holds what it could not queue and tries again).
+PUBLISH_CONFIRM_TIMEOUT = 5.0
+
+
 class WorkQueue:
     """Names the queues and opens connections; publishers and consumers come from here.
 
@@ -98,9 +103,20 @@ class WorkQueue:
             for p in range(partitions)
         ]
 
-    def connection(self) -> Connection:
+    def connection(self, *, confirmed: bool = False) -> Connection:
+        """A connection to the queue. ``confirmed`` (a publisher's): on a broker, every publish
+        waits for the broker to confirm it took the message (publisher confirms), and every
+        wait for the broker ends after PUBLISH_CONFIRM_TIMEOUT. Without, a broker that hangs
+        with the connection open took each publish into the socket's buffer and nothing said
+        the messages never reached a queue; and a declare on it waited for ever."""
         # The in-process transport polls; 10 ms keeps routing prompt without a busy thread.
-        options = {"polling_interval": 0.01} if self.is_memory else {}
+        options: dict[str, Any] = {"polling_interval": 0.01} if self.is_memory else {}
+        if confirmed and not self.is_memory:
+            options.update(
+                confirm_publish=True,
+                read_timeout=PUBLISH_CONFIRM_TIMEOUT,
+                write_timeout=PUBLISH_CONFIRM_TIMEOUT,
+            )
         return Connection(self.url, transport_options=options)
 
     def publisher(self) -> Publisher:
@@ -149,7 +165,7 @@ class Publisher:
         self._open()
 
     def _open(self) -> Producer:
-        self._connection = self.work_queue.connection()
+        self._connection = self.work_queue.connection(confirmed=True)
         producer = Producer(self._connection.channel(), exchange=self.work_queue.exchange)
         for q in self.work_queue.queues:
             q.bind(producer.channel).declare()
@@ -185,6 +201,7 @@ class Publisher:
                     delivery_mode=2,
                     retry=True,
                     retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+                    confirm_timeout=PUBLISH_CONFIRM_TIMEOUT,
                 )
         except Exception:
             self._drop()
