@@ -162,7 +162,8 @@ def test_sigterm_with_sends_queued_for_a_receiver_that_never_answers_records_wha
     assert not [d for d in after_stop if d.status == "sending"]
     tried = [d for d in after_stop if d.attempts == 1]
     # Each send that timed out is recorded as a failed attempt, to be tried again; only the
-    # one cut off at the grace is not, and it goes out again as if never sent.
-    assert len(tried) >= received - 1 >= 2, (len(tried), received)
+    # one cut off at the grace is not, and it goes out again as if never sent. (The sends
+    # waiting for the connection when the stop began were handed back without starting.)
+    assert len(tried) >= received - 1 >= 1, (len(tried), received)
     assert all(d.status == "pending" and d.last_error for d in tried)
     assert all(d.status == "pending" for d in after_stop)

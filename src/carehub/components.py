@@ -16,6 +16,7 @@ one instance per step and calls it for every message the route takes.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from carehub.hl7.view import MessageView
 
 if TYPE_CHECKING:
+    import asyncio
     from datetime import datetime
 
     from carehub.events import CareEvent
@@ -272,6 +274,19 @@ class DeliveryError(Exception):
         if self.own_words_only:
             return self.message
         return self.message.split(": ", 1)[0]
+
+
+class SendNotStarted(Exception):
+    """Raised by a channel's send() that gives up before saying anything to the destination
+    because the worker is stopping (see ``worker_stopping``): the worker hands the delivery
+    back unsent, no attempt counted, for the next start or another worker."""
+
+
+#: The stop of the worker that runs the current send (set once it begins to stop). A channel
+#: whose sends wait for their turn (one connection, one message at a time) stops waiting when
+#: it is set and raises SendNotStarted, rather than keep the delivery until the stop's grace
+#: runs out.
+worker_stopping: ContextVar[asyncio.Event | None] = ContextVar("worker_stopping", default=None)
 
 
 class Channel(Component):

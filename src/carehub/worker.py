@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from sqlalchemy import exc as sql_errors
 
-from carehub.components import DeliveryError, Outgoing
+from carehub.components import DeliveryError, Outgoing, SendNotStarted, worker_stopping
 from carehub.config import WorkerConfig
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
@@ -56,7 +56,12 @@ ROUTE_CHUNK = 16
 RESULT_FLUSH_SECONDS = 0.05
 CLAIM_INTERVAL = 0.02  # seconds between claims while sends are in hand or in flight
 RESULT_FLUSH_COUNT = 200
-SWEEP_SECONDS = 60.0
+#: Seconds between the sweeps of the workers (see _sweep_loop).
+SWEEP_SECONDS = 30.0
+#: A message stored this many seconds ago and still not routed is taken for one lost from the
+#: queue and queued again by the next sweep: so within UNROUTED_AGE + SWEEP_SECONDS of being
+#: stored (50 s; README: "within a minute").
+UNROUTED_AGE = 20.0
 #: Seconds between readings of which route sets the running processes load.
 ROUTE_SETS_CHECK = 15.0
 #: Seconds before routing a batch the store refused again, doubling up to the most.
@@ -134,11 +139,21 @@ class Worker:
         self.routed = 0
         self.delivered = 0
         self.failed_attempts = 0
+        #: Sends that were still waiting for their turn on a channel when the stop began.
+        self.handed_back_at_stop = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         #: (message ids, ack) per queue message; None ends the routing loop.
         self._inbox: asyncio.Queue[tuple[list[int], Callable[[], None]] | None] = asyncio.Queue()
         self._wake_delivery = Wakeup()
         self._results: list[AttemptResult] = []
+        #: Deliveries leased to this worker (in hand, being sent, or sent with the result not
+        #: written yet) -> the lease end it last wrote. The store leaves a write about one
+        #: (renewal, result, hand-back) out unless that is still its lease: once a lease ran
+        #: out, another worker may have claimed the delivery (Outbox._still_held).
+        self._leases: dict[int, datetime] = {}
+        #: Held around every write that names leases, so a renewal never changes a lease
+        #: between a result's reading of it and the store's check of it.
+        self._lease_writes = asyncio.Lock()
         self._inflight: dict[int, str] = {}  # delivery id -> destination
         self._inflight_to: Counter[str] = Counter()  # destination -> sends in flight
         self._claimed: list[DeliveryRecord] = []  # leased, not started yet
@@ -149,7 +164,8 @@ class Worker:
         #: replaced by a route reload is closed only once they are done with it.
         self._uses: Counter[int] = Counter()
         self._retiring: set[asyncio.Task[None]] = set()
-        self._drained = False  # stopping, and the sends in flight are done (or given up on)
+        #: Stopping, and the sends in flight are done (or given up on): leases end with it.
+        self._drained = asyncio.Event()
         #: Destinations paused by an operator, as last read (see PAUSE_CHECK).
         self._paused: frozenset[str] = frozenset()
         self._paused_read = float("-inf")
@@ -187,13 +203,19 @@ class Worker:
         await asyncio.to_thread(self._consumer.start)
         await asyncio.to_thread(self._requeue_unrouted)
         self._stop = stop
+        # Sends started from here on see the stop: one still waiting for its turn on a
+        # channel when it comes gives up (SendNotStarted) instead of waiting out the grace.
+        stopping_seen = worker_stopping.set(stop)
         tasks = [
             asyncio.create_task(self._route_loop(), name="route"),
             asyncio.create_task(self._delivery_loop(), name="deliver"),
             asyncio.create_task(self._sweep_loop(), name="sweep"),
             asyncio.create_task(self._tick_loop(), name="tick"),
-            asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._trouble_loop(), name="trouble"),
         ]
+        # Renewals go on through the stop's drain, until the last send under way has ended:
+        # a lease left to run out meanwhile let another worker send the same delivery again.
+        leases = asyncio.create_task(self._lease_loop(), name="leases")
         if started is not None:
             started()
         try:
@@ -210,7 +232,9 @@ class Worker:
             not_started, self._claimed = self._claimed, []
             await self._hand_back([d.id for d in not_started])
             await self._drain_inflight()
-            self._drained = True
+            self._drained.set()
+            await asyncio.gather(leases, return_exceptions=True)
+            worker_stopping.reset(stopping_seen)
             await asyncio.to_thread(self._consumer.stop)
             await asyncio.gather(*self._retiring, return_exceptions=True)
             await self.table.close()
@@ -241,7 +265,7 @@ class Worker:
         """Close a replaced table once nothing runs on it (or the worker stops, after its
         sends in flight are drained)."""
         try:
-            while self._uses[id(table)] > 0 and not self._drained:
+            while self._uses[id(table)] > 0 and not self._drained.is_set():
                 await asyncio.sleep(0.05)
         finally:
             self._uses.pop(id(table), None)
@@ -265,11 +289,12 @@ class Worker:
             return fn(*args)
         return await asyncio.to_thread(fn, *args)
 
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep, but wake for stop; True while the worker should go on."""
+    async def _pause(self, seconds: float, until: asyncio.Event | None = None) -> bool:
+        """Sleep, but wake for stop (or ``until``); True while the worker should go on."""
+        end = self._stop if until is None else until
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        return not self._stop.is_set()
+            await asyncio.wait_for(end.wait(), seconds)
+        return not end.is_set()
 
     async def _tick_loop(self) -> None:
         """Components' periodic work (stale visits, overdue follow-ups, digests)."""
@@ -283,11 +308,27 @@ class Worker:
                 self.tick_trouble.succeeded()
             self._wake_delivery.set()
 
+    async def _trouble_loop(self) -> None:
+        """For each destination whose sends fail (DestinationTrouble), three times a summary
+        period: read how many deliveries wait for it, for its next summary, or end its run
+        when this worker has seen no failed attempt for a whole period."""
+        while await self._pause(TROUBLE_REPORT_SECONDS / 3):
+            now = time.monotonic()
+            for name, trouble in list(self._trouble.items()):
+                trouble.end_if_quiet(now)
+                if not trouble.failing:
+                    continue
+                try:
+                    trouble.waiting = await self._store_call(self.outbox.waiting_for, name)
+                except Exception as err:  # said by the store's own run; the count stays out
+                    trouble.waiting = None
+                    self._failed(err, self.store_trouble)
+
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
         """Re-queue messages lost from the queue and mend parked lines (Outbox.tidy_lines)."""
         while await self._pause(every):
             try:
-                await asyncio.to_thread(self._requeue_unrouted, every)
+                await asyncio.to_thread(self._requeue_unrouted, UNROUTED_AGE)
                 await asyncio.to_thread(self.outbox.tidy_lines)
             except Exception as err:
                 if not _store_refused(err):
@@ -304,16 +345,19 @@ class Worker:
         five to six minutes on another worker; and a send slower than the lease (a channel
         timeout set above it, a receiver that answers late) was claimed by a second worker
         and sent twice. Now a held delivery stays held however long its send takes, and a
-        dead worker's come back within one lease and one renewal interval."""
+        dead worker's come back within one lease and one renewal interval. A stopping
+        worker renews until its last send has ended (see run)."""
         lease = timedelta(seconds=self.settings.lease)
-        while await self._pause(self.settings.lease / LEASE_RENEWALS):
-            if self._foreign:
+        while await self._pause(self.settings.lease / LEASE_RENEWALS, until=self._drained):
+            stopping = self._stop.is_set()
+            if self._foreign and not stopping:
                 await self._routes_differ()  # once they agree, this worker claims them again
-            held = self._held()
             try:
-                if held:
-                    await self._store_call(self.outbox.renew_leases, held, lease)
-                released = await self._store_call(self.outbox.release_expired_leases)
+                await self._renew_leases(lease)
+                # Another worker's deliveries: left to the workers that go on.
+                released = (
+                    0 if stopping else await self._store_call(self.outbox.release_expired_leases)
+                )
             except Exception as err:  # the store is locked or down: try at the next renewal
                 self._failed(err, self.store_trouble)
                 continue
@@ -326,13 +370,25 @@ class Worker:
                 )
                 self._wake_delivery.set()
 
-    def _held(self) -> list[int]:
-        """Deliveries leased to this worker: in hand, being sent, or sent with the result
-        not written yet."""
-        held = [d.id for d in self._claimed]
-        held.extend(self._inflight)
-        held.extend(r.delivery_id for r in self._results)
-        return held
+    async def _renew_leases(self, lease: timedelta) -> None:
+        """Renew the leases this worker holds. One the store no longer holds for it (it ran
+        out while the store or this process stalled, and another worker took it) is this
+        worker's no more: not started if still in hand, its result not recorded if sent."""
+        async with self._lease_writes:
+            if not self._leases:
+                return
+            held = dict(self._leases)
+            renewed = await self._store_call(self.outbox.renew_leases, held, lease)
+            lost = held.keys() - renewed.keys()
+            for delivery_id in lost:
+                del self._leases[delivery_id]
+            self._leases.update(renewed)
+        if lost:
+            log.warning(
+                "%d delivery(ies) this worker held were taken by another worker after their "
+                "lease ran out; left to it",
+                len(lost),
+            )
 
     def _apply_line_policy(self) -> None:
         """Dead letters get their destination's ``retry.after_dead_letter`` as the routes say
@@ -520,8 +576,15 @@ class Worker:
 
     def _take(self, handover: Handover) -> None:
         if handover.taken:
-            self._claimed.extend(handover.taken)
+            self._hold(handover.taken)
             self._wake_delivery.set()
+
+    def _hold(self, leased: list[DeliveryRecord]) -> None:
+        """Take deliveries just leased to this worker in hand, and keep their leases."""
+        for delivery in leased:
+            assert delivery.lease_until is not None, "a delivery in hand is leased"
+            self._leases[delivery.id] = delivery.lease_until
+        self._claimed.extend(leased)
 
     def _full_destinations(self) -> list[str]:
         """Destinations with plenty in hand get no more, so a slow one cannot fill the hand
@@ -565,7 +628,7 @@ class Worker:
                 held = [d.id for d in self._claimed] + list(self._inflight)
                 full = self._full_destinations()
                 try:
-                    self._claimed.extend(
+                    self._hold(
                         await self._store_call(self.outbox.claim_due, want, lease, None, full, held)
                     )
                 except Exception as err:  # the store is locked or down: claim again later
@@ -577,6 +640,8 @@ class Worker:
                 await self._read_paused()
             waiting: list[DeliveryRecord] = []
             for delivery in self._claimed:
+                if delivery.id not in self._leases:
+                    continue  # its lease ran out and another worker has it (_renew_leases)
                 room = len(self._inflight) < settings.delivery_concurrency and (
                     self._inflight_to[delivery.destination] < settings.per_destination
                     or not self._limited(delivery.destination)
@@ -614,10 +679,7 @@ class Worker:
         if not back:
             return
         self._claimed = [d for d in self._claimed if d.destination not in paused]
-        try:
-            await self._store_call(self.outbox.release, back)
-        except Exception as err:  # their leases run out and put them back in line
-            log.warning("handing back %d delivery(ies) failed: %s", len(back), err)
+        await self._hand_back(back)
 
     def _limited(self, destination_name: str) -> bool:
         """Whether ``per_destination`` applies to this destination's channel."""
@@ -681,12 +743,17 @@ class Worker:
             self.delivered += 1
             trouble = self._trouble.get(delivery.destination)
             if trouble is not None:
-                trouble.delivered(delivery.id)
+                trouble.delivered()
             if host.observed("carehub_message_delivered"):
                 done = dataclasses.replace(
                     delivery, status="delivered", attempts=attempt, receipt=receipt
                 )
                 host.notify("carehub_message_delivered", delivery=done)
+        except SendNotStarted:
+            # The worker is stopping and the channel never began this send: no attempt.
+            self.handed_back_at_stop += 1
+            await self._unsent(delivery)
+            return
         except Exception as err:
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
@@ -746,7 +813,7 @@ class Worker:
                 trouble = self._trouble[delivery.destination] = DestinationTrouble(
                     delivery.destination
                 )
-            trouble.failed(delivery.id, reason, tried_again=not final)
+            trouble.failed(reason)
         log.debug(
             "message %d (delivery %d) to %s: attempt %d of %s failed: %s",
             delivery.message_id,
@@ -819,12 +886,13 @@ class Worker:
                 "other route sets: left to them (reload this worker with SIGHUP to send to it)",
                 name,
             )
+        await self._unsent(delivery)
+
+    async def _unsent(self, delivery: DeliveryRecord) -> None:
+        """A delivery taken to send and not sent goes back in line at once."""
         if self._inflight.pop(delivery.id, None) is not None:
-            self._inflight_to[name] -= 1
-        try:
-            await self._store_call(self.outbox.release, [delivery.id])
-        except Exception as err:  # its lease runs out and puts it back in line
-            self._failed(err, self.store_trouble)
+            self._inflight_to[delivery.destination] -= 1
+        await self._hand_back([delivery.id])
         self._wake_delivery.set()
 
     def _receipt_text(self, receipt: object, destination: Destination) -> str:
@@ -851,6 +919,26 @@ class Worker:
         return _clip(text.replace("\x00", ""), RECEIPT_TEXT_LIMIT)
 
     async def _record_results(self, results: list[AttemptResult]) -> list[AttemptResult]:
+        """Record attempt results, each under the lease its delivery is held by now; returns
+        those to record again later. A result whose lease this worker lost is left out."""
+        async with self._lease_writes:
+            held = [
+                dataclasses.replace(r, lease_until=self._leases[r.delivery_id])
+                for r in results
+                if r.delivery_id in self._leases
+            ]
+            if len(held) < len(results):
+                log.warning(
+                    "%d attempt result(s) are not recorded: another worker took those "
+                    "deliveries after their lease ran out",
+                    len(results) - len(held),
+                )
+            kept = await self._record_held(held)
+            for delivery_id in {r.delivery_id for r in held} - {r.delivery_id for r in kept}:
+                del self._leases[delivery_id]
+        return kept
+
+    async def _record_held(self, results: list[AttemptResult]) -> list[AttemptResult]:
         """Record attempt results; returns those to record again later.
 
         When the store refuses (locked, down) every result is kept and tried again. When it
@@ -911,10 +999,24 @@ class Worker:
         """On stop, let the sends under way finish for up to ``grace`` seconds, then cut off
         those still running (each channel drops the connection it was using) and hand their
         deliveries back unsent, to be sent again at the next start: at least once, for a send
-        cut off mid-way. Every send that ended is recorded: once more after a pause if the
-        store refuses, then their leases put them back in line."""
-        if self._sending:
-            await asyncio.wait(set(self._sending), timeout=grace)
+        cut off mid-way. A send still waiting for its turn on a channel is handed back at
+        once (SendNotStarted). Each send's result is recorded as it ends, under a lease still
+        renewed: once more after a pause if the store refuses, then their leases put them
+        back in line."""
+        deadline = time.monotonic() + grace
+        while self._sending and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(
+                set(self._sending), timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self._results:
+                results, self._results = self._results, []
+                self._results[:0] = await self._record_results(results)
+        if self.handed_back_at_stop:
+            log.info(
+                "%d send(s) waiting for their turn on a channel were handed back unsent at the "
+                "stop",
+                self.handed_back_at_stop,
+            )
         if self._sending:
             running = set(self._sending)
             for task in running:
@@ -948,25 +1050,42 @@ class Worker:
             await asyncio.sleep(STORE_RETRY)
 
     async def _hand_back(self, delivery_ids: list[int]) -> None:
-        """Put deliveries this worker holds back in line unsent, their leases released."""
-        if not delivery_ids:
-            return
-        try:
-            await self._store_call(self.outbox.release, delivery_ids)
-        except Exception as err:  # their leases run out and put them back in line
-            self._failed(err, self.store_trouble)
+        """Put deliveries this worker holds back in line unsent, their leases released (those
+        another worker took meanwhile stay its own: see Outbox.release)."""
+        async with self._lease_writes:
+            held = {i: self._leases.pop(i) for i in delivery_ids if i in self._leases}
+            if not held:
+                return
+            try:
+                await self._store_call(self.outbox.release, held)
+            except Exception as err:  # their leases run out and put them back in line
+                self._failed(err, self.store_trouble)
 
 
 class DestinationTrouble:
-    """A destination's failed attempts, logged as one run (FailureRun): a WARNING with the
-    reason when sends to it start failing, a summary every TROUBLE_REPORT_SECONDS while they
-    go on failing, and a line when one works again; each attempt is logged at DEBUG only. A
-    line per failed attempt buried everything else in the log (883 in 30 s for one
-    destination that was down with 200 messages waiting)."""
+    """A destination's failed attempts on this worker, logged as one run (FailureRun): a
+    WARNING with the reason when sends to it start failing, a summary every
+    TROUBLE_REPORT_SECONDS while they go on failing, with the deliveries waiting for it as the
+    store counts them (every worker's), and a line when it is over; each attempt is logged at
+    DEBUG only. A line per failed attempt buried everything else in the log (883 in 30 s for
+    one destination that was down with 200 messages waiting).
+
+    The run is over when a send of this worker's works, or when this worker has seen no
+    failed attempt for a whole summary period: with several workers, the send that works
+    after an outage may be another worker's."""
 
     def __init__(self, destination: str) -> None:
-        self.run = FailureRun(
-            f"sending to {destination}",
+        self.destination = destination
+        self.run = self._new_run()
+        #: Deliveries to the destination pending or being sent, as last read (Worker.
+        #: _trouble_loop); None until read in this run.
+        self.waiting: int | None = None
+        self._last_failed = 0.0  # time.monotonic() of this worker's latest failed attempt
+        self._failed_in_run = 0
+
+    def _new_run(self) -> FailureRun:
+        return FailureRun(
+            f"sending to {self.destination}",
             "each delivery is tried again as its retry settings allow",
             "attempt(s)",
             report_every=TROUBLE_REPORT_SECONDS,
@@ -974,20 +1093,42 @@ class DestinationTrouble:
             level=logging.WARNING,
             traceback=False,
         )
-        #: Deliveries whose last attempt failed and that will be tried again.
-        self.retrying: set[int] = set()
 
-    def failed(self, delivery_id: int, reason: str, *, tried_again: bool) -> None:
-        if tried_again:
-            self.retrying.add(delivery_id)
-        else:
-            self.retrying.discard(delivery_id)
-        waiting = f"{len(self.retrying)} delivery(ies) waiting to be tried again"
-        self.run.failed(_Reason(f"{reason}; {waiting}"))
+    @property
+    def failing(self) -> bool:
+        return self.run.failing_since is not None
 
-    def delivered(self, delivery_id: int) -> None:
-        self.retrying.discard(delivery_id)
+    def failed(self, reason: str) -> None:
+        self._last_failed = time.monotonic()
+        self._failed_in_run += 1
+        if self.waiting is not None:
+            reason = f"{reason}; {self.waiting} delivery(ies) waiting for it"
+        self.run.failed(_Reason(reason))
+
+    def delivered(self) -> None:
         self.run.succeeded()
+        self._end()
+
+    def end_if_quiet(self, now: float) -> None:
+        """End the run if no attempt of this worker's failed for a whole summary period."""
+        quiet = now - self._last_failed
+        if not self.failing or quiet < TROUBLE_REPORT_SECONDS:
+            return
+        assert self.run.failing_since is not None
+        log.warning(
+            "sending to %s: no failed attempts for %.0f s (%d attempt(s) failed in the %.1f s "
+            "before)",
+            self.destination,
+            quiet,
+            self._failed_in_run,
+            self._last_failed - self.run.failing_since,
+        )
+        self.run = self._new_run()
+        self._end()
+
+    def _end(self) -> None:
+        self.waiting = None
+        self._failed_in_run = 0
 
 
 class _Reason(Exception):

@@ -45,7 +45,9 @@ from carehub.components import (
     ComponentOptions,
     DeliveryError,
     Outgoing,
+    SendNotStarted,
     Work,
+    worker_stopping,
 )
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
@@ -522,9 +524,48 @@ class MLLPChannel(Channel):
         return Outgoing(payload, V2_CONTENT_TYPE, idempotency_key, metadata)
 
     async def send(self, outgoing: Outgoing) -> str:
-        async with self._lock:
+        await self._take_turn()
+        try:
             answer = await self._exchange(outgoing.payload)
             return await self._judge(answer, outgoing.metadata.get("control_id", ""))
+        finally:
+            self._lock.release()
+
+    async def _take_turn(self) -> None:
+        """Wait for the connection (one message at a time). If the worker begins to stop
+        first, the send gives up unsent (SendNotStarted) rather than wait behind the sends
+        before it until the stop's grace runs out."""
+        stopping = worker_stopping.get()
+        if stopping is None or not self._lock.locked():
+            await self._lock.acquire()
+        elif not await self._turn_unless(stopping):
+            raise SendNotStarted(f"mllp channel {self.address}: the worker is stopping")
+        if stopping is not None and stopping.is_set():
+            self._lock.release()
+            raise SendNotStarted(f"mllp channel {self.address}: the worker is stopping")
+
+    async def _turn_unless(self, stopping: asyncio.Event) -> bool:
+        """Wait for the lock or the stop, whichever comes first: True with the lock held."""
+        turn = asyncio.ensure_future(self._lock.acquire())
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait((turn, stop), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the send was cut off) while waiting
+            self._give_up(turn)
+            raise
+        finally:
+            stop.cancel()
+        if stopping.is_set():
+            self._give_up(turn)
+            return False
+        return True
+
+    def _give_up(self, turn: asyncio.Future[bool]) -> None:
+        """Let go of a turn being waited for, or release it if it came meanwhile."""
+        if not turn.done():
+            turn.cancel()  # asyncio.Lock passes a turn it gave a cancelled waiter on
+        elif not turn.cancelled():
+            self._lock.release()
 
     async def _exchange(self, payload: bytes) -> bytes:
         reused = self._client is not None

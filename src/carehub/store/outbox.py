@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ from carehub.store.store import EVENT_COLUMNS, DriverSQL, MessageStore, _aware
 if TYPE_CHECKING:
     from carehub.routing.router import PlannedDelivery, RoutingResult
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True, frozen=True)
 class DeliveryRecord:
@@ -76,6 +79,9 @@ class DeliveryRecord:
     accepted_at: datetime | None = None
     #: A dead letter's: whether later deliveries of its line wait for it (see module doc).
     holds_line: bool | None = None
+    #: While it is being sent: when its lease runs out. No process is named as holding a
+    #: lease; its end time, as the holder last wrote it, says who holds it (see Outbox.finish).
+    lease_until: datetime | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,6 +101,10 @@ class AttemptResult:
     order_key: str = ""
     #: For a dead letter: whether it holds its line (the destination's after_dead_letter).
     holds_line: bool = True
+    #: The lease the sender holds the delivery under (DeliveryRecord.lease_until, as last
+    #: renewed): the result is recorded only while the delivery is still being sent under
+    #: it. None: recorded whatever the delivery's state.
+    lease_until: datetime | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -172,11 +182,11 @@ def _now() -> datetime:
 
 def _record(row: Any) -> DeliveryRecord:
     values = dict(row._mapping)
-    values.pop("lease_until", None)
     for name in ("not_before", "created_at", "updated_at"):
         values[name] = _aware(values[name])
-    if values.get("accepted_at") is not None:
-        values["accepted_at"] = _aware(values["accepted_at"])
+    for name in ("accepted_at", "lease_until"):
+        if values.get(name) is not None:
+            values[name] = _aware(values[name])
     values["payload"] = bytes(values["payload"])
     values["metadata"] = json.loads(values["metadata"]) if values["metadata"] else {}
     return DeliveryRecord(**values)
@@ -658,7 +668,9 @@ class Outbox:
                 conn.exec_driver_sql(sql.add_deliveries, delivery_rows)
             if handed:
                 assert handover is not None
-                handover.taken = self._handed_records(conn, [planned[i] for i in handed], moment)
+                handover.taken = self._handed_records(
+                    conn, [planned[i] for i in handed], moment, moment + handover.lease
+                )
         return list(chosen)
 
     def _lock_lines(self, conn: Any, lines: Iterable[tuple[str, str]]) -> None:
@@ -808,7 +820,11 @@ class Outbox:
         return handed, parked
 
     def _handed_records(
-        self, conn: Any, handed: list[tuple[int, int, PlannedDelivery]], now: datetime
+        self,
+        conn: Any,
+        handed: list[tuple[int, int, PlannedDelivery]],
+        now: datetime,
+        lease_until: datetime,
     ) -> list[DeliveryRecord]:
         """The records of deliveries just written leased: their ids from their keys."""
         keys = tuple(d.outgoing.idempotency_key for _, _, d in handed)
@@ -834,6 +850,7 @@ class Outbox:
                 receipt=None,
                 created_at=now,
                 updated_at=now,
+                lease_until=lease_until,
             )
             for mid, run, d in handed
         ]
@@ -933,25 +950,45 @@ class Outbox:
         return sorted((_record(r) for r in rows), key=lambda d: d.id)
 
     def renew_leases(
-        self, delivery_ids: list[int], lease: timedelta, now: datetime | None = None
-    ) -> int:
-        """Extend the leases of deliveries this worker still holds (Worker._lease_loop);
-        those finished or handed back meanwhile are left alone. How many were renewed."""
-        if not delivery_ids:
-            return 0
+        self, held: Mapping[int, datetime], lease: timedelta, now: datetime | None = None
+    ) -> dict[int, datetime]:
+        """Extend the leases of deliveries the caller holds (``held``: delivery id -> the
+        lease it last wrote; Worker._lease_loop). Those finished or handed back meanwhile,
+        or taken by another worker once their lease ran out, are left alone. Returns the new
+        lease of each delivery renewed."""
         until = (now or _now()) + lease
-        renewed = 0
         with self.engine.begin() as conn:
-            for start in range(0, len(delivery_ids), _IDS_PER_STATEMENT):
-                renewed += conn.execute(
-                    update(deliveries)
-                    .where(
-                        deliveries.c.id.in_(delivery_ids[start : start + _IDS_PER_STATEMENT]),
-                        deliveries.c.status == DeliveryStatus.SENDING.value,
-                    )
-                    .values(lease_until=until)
-                ).rowcount
-        return renewed
+            still = self._still_held(conn, held)
+            for chunk in _chunks(still, _IDS_PER_STATEMENT):
+                conn.execute(
+                    update(deliveries).where(deliveries.c.id.in_(chunk)).values(lease_until=until)
+                )
+        return dict.fromkeys(still, until)
+
+    def _still_held(self, conn: Any, held: Mapping[int, datetime]) -> list[int]:
+        """Of ``held`` (delivery id -> the lease the caller last wrote), those still being
+        sent under that lease, locked until the commit (PostgreSQL). Once a lease runs out,
+        another worker's sweep puts its delivery back in line and a claim leases it anew:
+        whatever the first worker writes about it after that must be left out, or it would
+        overwrite the second worker's send (hand it back, or finish it under its feet)."""
+        still: list[int] = []
+        for chunk in _chunks(sorted(held), _IDS_PER_STATEMENT):
+            query = (
+                select(deliveries.c.id, deliveries.c.lease_until)
+                .where(
+                    deliveries.c.id.in_(chunk),
+                    deliveries.c.status == DeliveryStatus.SENDING.value,
+                )
+                .order_by(deliveries.c.id)
+            )
+            if not self.store.is_sqlite:
+                query = query.with_for_update()
+            still.extend(
+                delivery_id
+                for delivery_id, until in conn.execute(query)
+                if until is not None and _aware(until) == held[delivery_id]
+            )
+        return still
 
     def release_expired_leases(self, now: datetime | None = None) -> int:
         """Deliveries whose worker stopped before finishing them go back in line."""
@@ -968,13 +1005,47 @@ class Outbox:
             ).rowcount
 
     def finish(self, results: list[AttemptResult]) -> list[int]:
-        """Record attempts; returns ids of messages whose deliveries are now all finished."""
+        """Record attempts; returns ids of messages whose deliveries are now all finished.
+
+        A result with a ``lease_until`` is recorded only if its delivery is still being sent
+        under that lease (see _still_held); the others are left out, logged."""
         if not results:
             return []
         sql = self._sql
         now = sql.time(_now())
+        leased = {r.delivery_id: r.lease_until for r in results if r.lease_until is not None}
         # Rows are built before the first write, so the write lock is held only while the
-        # statements run.
+        # statements run (the lease check before it only reads).
+        rows = self._finish_rows(results, now)
+        with self.engine.begin() as conn:
+            self._lock_lines(conn, ((r.destination, r.order_key) for r in results))
+            lost = leased.keys() - set(self._still_held(conn, leased)) if leased else set()
+            if lost:
+                log.warning(
+                    "%d attempt result(s) are not recorded: another worker took those "
+                    "deliveries after their lease ran out",
+                    len(lost),
+                )
+                results = [r for r in results if r.delivery_id not in lost]
+                if not results:
+                    return []
+                rows = self._finish_rows(results, now)
+            delivery_rows, attempt_rows, park, unpark = rows
+            conn.exec_driver_sql(sql.record_attempt, delivery_rows)
+            conn.exec_driver_sql(sql.add_attempts, attempt_rows)
+            if park:
+                conn.exec_driver_sql(sql.park_line, park)
+            if unpark:
+                conn.exec_driver_sql(sql.unpark_line, unpark)
+            finished = self._settle_messages(conn, {r.message_id for r in results}, now)
+        return finished
+
+    def _finish_rows(
+        self, results: list[AttemptResult], now: Any
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Any], list[Any]]:
+        """finish's rows: the deliveries' new state, their attempts, the lines to park and
+        to unpark."""
+        sql = self._sql
         delivery_rows = [
             (
                 r.attempt,
@@ -1002,18 +1073,8 @@ class Outbox:
             )
             for r in results
         ]
-        parked = sql.time(PARKED)
-        park, unpark = _line_moves(results, parked, now)
-        with self.engine.begin() as conn:
-            self._lock_lines(conn, ((r.destination, r.order_key) for r in results))
-            conn.exec_driver_sql(sql.record_attempt, delivery_rows)
-            conn.exec_driver_sql(sql.add_attempts, attempt_rows)
-            if park:
-                conn.exec_driver_sql(sql.park_line, park)
-            if unpark:
-                conn.exec_driver_sql(sql.unpark_line, unpark)
-            finished = self._settle_messages(conn, {r.message_id for r in results}, now)
-        return finished
+        park, unpark = _line_moves(results, sql.time(PARKED), now)
+        return delivery_rows, attempt_rows, park, unpark
 
     def _settle_messages(self, conn: Any, message_ids: set[int], now: Any) -> list[int]:
         """Messages whose deliveries are all done become delivered, or failed if any died or
@@ -1074,16 +1135,20 @@ class Outbox:
         )
         return [mid for mid, _, _ in changes]
 
-    def release(self, delivery_ids: list[int]) -> None:
-        """Hand claimed deliveries back unsent (the worker took more than it can start)."""
-        if not delivery_ids:
-            return
+    def release(self, held: Mapping[int, datetime]) -> int:
+        """Hand deliveries back unsent (``held``: delivery id -> the lease the caller last
+        wrote), those still being sent under that lease (see _still_held). How many."""
+        if not held:
+            return 0
         with self.engine.begin() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id.in_(delivery_ids))
-                .values(status=DeliveryStatus.PENDING.value, lease_until=None)
-            )
+            still = self._still_held(conn, held)
+            for chunk in _chunks(still, _IDS_PER_STATEMENT):
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_(chunk))
+                    .values(status=DeliveryStatus.PENDING.value, lease_until=None)
+                )
+        return len(still)
 
     def release_leases(self) -> int:
         """Put deliveries claimed by a process that is gone back in line (single-host start)."""
@@ -1495,6 +1560,11 @@ class Outbox:
             ).rowcount
             waiting = int(conn.exec_driver_sql(sql.count_waiting, (destination,)).scalar_one())
         return PauseReport(current is not None, waiting, moved, current)
+
+    def waiting_for(self, destination: str) -> int:
+        """How many deliveries to ``destination`` are pending or being sent."""
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql(self._sql.count_waiting, (destination,)).scalar_one())
 
     def paused(self) -> list[PausedDestination]:
         """Every paused destination, by name."""
