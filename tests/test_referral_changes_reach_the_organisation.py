@@ -9,6 +9,7 @@ from __future__ import annotations
 from email.message import EmailMessage
 from pathlib import Path
 
+from carehub.referrals.state import list_referrals
 from carehub.routing.router import PlannedDelivery, RoutingResult
 from carehub.testing import run_routes_all
 from tests.helpers_http import wait_for
@@ -70,9 +71,9 @@ def test_a_change_of_priority_reaches_the_organisation(loop: Loop) -> None:
     assert told.metadata["to"] == address
     _, changed = _mail(loop, address, 2)
     assert changed["Subject"] == f"Referral {REFERRAL} updated by Dr Samir Haddad"
-    text = changed.get_content()
-    assert "Changed: priority" in text and "Priority: STAT" in text
-    assert "still stands with you" in text
+    lines = changed.get_content().splitlines()
+    assert "Changed: priority" in lines and "Priority: STAT" in lines  # each on its own line
+    assert any("still stands with you" in line for line in lines)
 
 
 def test_a_modify_that_changes_nothing_tells_the_organisation_nothing(loop: Loop) -> None:
@@ -140,3 +141,71 @@ def test_a_dry_run_tells_the_organisation_of_a_cancel_too(tmp_path: Path) -> Non
 def _emails(result: RoutingResult, route: str) -> list[PlannedDelivery]:
     (found,) = [r for r in result.routes if r.route == route]
     return [d for d in found.deliveries if d.destination.endswith("notify-referral-email")]
+
+
+TO_SCFB = f"|{SCFB}|900 Market St^^Springfield^IL^62703"
+DIAGNOSES = (
+    "DG1|1||Z59.41^Food insecurity^I10||20261127|F\r",
+    "DG1|2||Z59.811^Housing instability, housed, with risk of homelessness^I10||20261127|F",
+)
+
+
+def test_a_redirect_without_diagnoses_still_reaches_the_new_organisation(loop: Loop) -> None:
+    """A modify that names another organisation often carries no DG1: the new organisation
+    is still found in the directory and emailed there."""
+    first = _sent_new(loop)
+    bare = dict.fromkeys(DIAGNOSES, "")
+    assert loop.send(_later("T-MV-3", "I13", {TO_SCFB: f"|{EASTSIDE}|", **bare})) == "AA"
+    told = loop.settled("referral-changes/notify-referral-email", 2)
+    kinds = {d.metadata["to"]: d.metadata["kind"] for d in told}
+    assert kinds[first] == "referral_withdrawn"
+    (second,) = [a for a in kinds if a != first]
+    assert second.endswith("@eastside.example.org") and kinds[second] == "referral_new"
+
+
+def test_the_same_organisation_written_otherwise_has_not_changed(loop: Loop) -> None:
+    address = _sent_new(loop)
+    loop.settled("sdoh-referrals/cbo-platform")
+    shouted = _later(
+        "T-MV-4",
+        "I13",
+        {TO_SCFB: f"|{SCFB.upper()}|", "R^Routine^HL70280": "A^ASAP^HL70280"},
+    )
+    assert loop.send(shouted) == "AA"
+    (told,) = loop.settled("referral-changes/notify-referral-email")
+    assert told.metadata["to"] == address and told.metadata["kind"] == "referral_changed"
+    _, changed = _mail(loop, address, 2)
+    lines = changed.get_content().splitlines()
+    assert "Changed: priority" in lines  # not "receiving organisation"
+    assert "Priority: ASAP" in lines
+    loop.settled("referral-changes/cbo-platform")
+    (task,) = loop.created("Task")
+    assert task["owner"]["display"] == SCFB  # not patched to the other spelling
+
+
+def test_the_organisation_a_referral_moves_to_answers_afresh(loop: Loop) -> None:
+    """The first organisation accepted; the referral then moved: the second one has not
+    answered yet, so the referral is requested again, with a new deadline, and its Task too."""
+    _sent_new(loop)
+    loop.settled("sdoh-referrals/cbo-platform")
+    rri = (
+        "MSH|^~\\&|SCFB_REF|SCFB|CAREHUB|CAREHUB|20261128093000-0600||RRI^I12^RRI_I12|SC-1|P|2.5\r"
+        "MSA|AA|RGH-REF-7001\r"
+        f"RF1|A^Accepted^HL70283|R^Routine^HL70280|SO^Social services^HL70281|||{REFERRAL}\r"
+        "PID|1||RG100234^^^RGH^MR||Okafor^Amara^N||19580312|F\r"
+    )
+    assert loop.send(rri) == "AA"
+    wait_for(
+        lambda: list_referrals(loop.running.store.engine)[0].status == "accepted",
+        what="accepted by the food bank",
+    )
+    assert loop.send(_later("T-MV-5", "I13", {TO_SCFB: f"|{EASTSIDE}|"})) == "AA"
+    wait_for(
+        lambda: list_referrals(loop.running.store.engine)[0].status == "requested",
+        what="requested again",
+    )
+    (referral,) = list_referrals(loop.running.store.engine)
+    assert referral.due_at is not None and referral.due_at > referral.created_at
+    loop.settled("referral-changes/cbo-platform")
+    (task,) = loop.created("Task")
+    assert (task["owner"]["display"], task["status"]) == (EASTSIDE, "requested")

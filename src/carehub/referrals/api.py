@@ -38,6 +38,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -47,8 +48,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from carehub.errors import CarehubError
 from carehub.intake.http import CLOSE, read_body
-from carehub.referrals.notices import organizations_sent
-from carehub.referrals.state import STATUSES, ReferralTracker, ReferralTransition, referral_timeline
+from carehub.referrals.state import (
+    STATUSES,
+    ReferralRecord,
+    ReferralTracker,
+    ReferralTransition,
+    referral_recipients,
+    referral_timeline,
+)
 
 if TYPE_CHECKING:
     from carehub.store.store import MessageStore
@@ -113,38 +120,15 @@ def _caller(request: Request, tokens: list[str], organizations: dict[str, str]) 
 
 
 def _sent_to(tracker: ReferralTracker, key: str, organization: str) -> bool:
-    """Whether the referral went to this organisation: the one it names (PRD role RT, as a
-    modify may have changed it), else its top community match (the rule the sending steps
-    follow, resources.matching.chosen_match), or one it was emailed to and not withdrawn from.
-
-    The same reads are made whether or not the referral exists, so that the time a refusal
-    takes does not tell a caller which of another organisation's referrals exist."""
+    """Whether the referral went to this organisation (state.referral_recipients). The same
+    reads are made whether or not the referral exists, so that the time a refusal takes does
+    not tell a caller which of another organisation's referrals exist."""
     record = tracker.referral(key)
+    now = datetime.now(UTC)
+    probe = record or ReferralRecord(None, key, "", now, now)
+    holders = referral_recipients(probe, tracker.engine)
     wanted = organization.strip().casefold()
-    named = _organization_of(record.referred_to) if record is not None else None
-    if named is None and record is not None and isinstance(record.matches, list):
-        ranked = [m for m in record.matches if isinstance(m, dict)]
-        ranked.sort(key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
-        named = str(ranked[0].get("organization") or "") if ranked else None
-    emailed: list[tuple[str, str, str]] = []
-    if tracker.engine is not None:
-        row_id = record.id if record is not None and record.id is not None else -1
-        emailed = organizations_sent(tracker.engine, row_id)
-    if record is None:
-        return False
-    if named and named.strip().casefold() == wanted:
-        return True
-    return any(name.strip().casefold() == wanted for _, _, name in emailed)
-
-
-def _organization_of(party: dict[str, Any] | None) -> str | None:
-    """The organisation of a stored referral party: the organisation, or the one a named
-    practitioner works for."""
-    party = party or {}
-    organization = (party.get("organization") or {}).get("name")
-    if not organization:
-        organization = (party.get("practitioner") or {}).get("organization")
-    return str(organization) if organization else None
+    return record is not None and any(h.strip().casefold() == wanted for h in holders)
 
 
 #: Transition fields a status answer leaves out: the patient's identity and the referral's

@@ -865,7 +865,8 @@ _MODIFIABLE = {
     "Task": ("priority",),
 }
 #: And when the modify names another receiving party (PRD role RT) than before: the referral
-#: moves to it (the organisation that had it is told by email, see notices.py).
+#: moves to it, back to requested (the organisation that had it is told by email, see
+#: notices.py).
 _RECIPIENT = {"ServiceRequest": ("performer",), "Task": ("owner",)}
 _JSON_PATCH = "application/json-patch+json"
 
@@ -908,6 +909,9 @@ def build_referral_update(
             kind = resource["resourceType"]
             names = _MODIFIABLE[kind] + (_RECIPIENT[kind] if moved else ())
             ops = [_set(name, resource[name]) for name in names if name in resource]
+            if moved and kind == "Task":
+                # The new owner has not answered yet: the first one's answer is not its own.
+                ops.append(_set("status", "requested"))
             if ops:
                 patches[kind] = ops
     else:

@@ -62,26 +62,31 @@ from typing import Any, Literal
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import func, or_, select
 
 from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.care.roster import DirectoryEntry, ProviderDirectory
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.referrals.fhir import consent_statement
-from carehub.referrals.state import ReferralTransition, referral_id_of
+from carehub.referrals.state import (
+    SENT_KINDS,
+    WITHDRAWN_KINDS,
+    ReferralTransition,
+    organizations_sent,
+    referral_id_of,
+)
 from carehub.resources.matching import chosen_match, referred_to_name
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import PlannedDelivery, idempotency_key, order_key
 from carehub.store.outbox import Outbox
-from carehub.store.schema import DeliveryStatus, deliveries, referral_events
+from carehub.store.schema import referral_events
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "NoticeDecision",
     "ReferralNoticeConfig",
     "ReferralNotifier",
-    "organizations_sent",
 ]
 
 #: Built-in texts: ``<kind>.<channel>.txt`` wins over ``<kind>.txt``; a first line
@@ -100,12 +105,12 @@ Date of birth: {{ birth_date or "not given" }}
 Phone: {{ phone or "not given" }}
 Needs: {{ needs | join(", ") if needs else "not stated" }}
 
-{% if consent.stated -%}
+{% if consent.stated %}
 Consent: {{ consent.text }}
-{%- else -%}
+{% else %}
 Consent: NOT STATED. The referral does not say that the patient agreed to be referred to you.
 Please confirm the patient's consent with {{ referrer.name }} before acting on it.
-{%- endif %}
+{% endif %}
 
 Referrer contact: {{ referrer.name }}
 {%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
@@ -144,10 +149,9 @@ Subject: Referral {{ referral_id }} updated by {{ referrer.name }}
 {%- if birth_date %} (born {{ birth_date }}){% endif %}, which was sent to you.
 
 Changed: {{ changed | join(", ") }}
-{%- if priority_label %}
-Priority: {{ priority_label }}{% endif %}
-{%- if needs %}
-Needs: {{ needs | join(", ") }}{% endif %}
+{% if priority_label %}Priority: {{ priority_label }}
+{% endif %}{% if needs %}Needs: {{ needs | join(", ") }}
+{% endif %}
 
 The referral still stands with you. Referrer contact: {{ referrer.name }}
 {%- if referrer.organization %}, {{ referrer.organization }}{% endif %}
@@ -215,9 +219,6 @@ CHANGED_LABELS: dict[str, str] = {
 }
 #: RF1-2 (HL7 table 0280) -> words.
 PRIORITY_LABELS = {"S": "STAT", "A": "ASAP", "R": "routine"}
-#: Notices that put a referral with an organisation, and the one that takes it away again.
-_SENT_KINDS = ("referral_new",)
-_WITHDRAWN_KINDS = ("referral_withdrawn",)
 #: Without a store (a dry run): referral key -> {address: (recipient, name)} told so far.
 _TOLD_MEMORY = "notify-referral:organisations-told"
 
@@ -455,9 +456,9 @@ class ReferralNotifier:
         for decision in decisions:
             if decision.status != "queued" or decision.address is None:
                 continue
-            if decision.kind in _SENT_KINDS:
+            if decision.kind in SENT_KINDS:
                 mine[decision.address] = (decision.recipient, decision.name)
-            elif decision.kind in _WITHDRAWN_KINDS:
+            elif decision.kind in WITHDRAWN_KINDS:
                 mine.pop(decision.address, None)
 
     def _referrer(self, transition: ReferralTransition) -> NoticeDecision:
@@ -673,39 +674,6 @@ class ReferralNotifier:
                 outbox.schedule(planned, message.id)
 
 
-def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str, str]]:
-    """(recipient, address, name) of each organisation emailed the referral (row id) and not
-    told since that it was withdrawn, oldest first: the ``referral_new`` deliveries of the
-    referral's earlier messages in the outbox, less the ``referral_withdrawn`` ones."""
-    earlier = (
-        select(referral_events.c.message_id)
-        .where(
-            referral_events.c.referral_id == referral_id,
-            referral_events.c.message_id.is_not(None),
-        )
-        .scalar_subquery()
-    )
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(deliveries.c.metadata)
-            .where(
-                deliveries.c.message_id.in_(earlier),
-                deliveries.c.status != DeliveryStatus.DISCARDED.value,
-            )
-            .order_by(deliveries.c.id)
-        ).all()
-    by_address: dict[str, tuple[str, str]] = {}
-    for (text,) in rows:
-        meta = _json_object(text)
-        address = str(meta.get("to") or "")
-        if meta.get("kind") in _SENT_KINDS and address:
-            recipient = str(meta.get("recipient") or f"org:{address}")
-            by_address[address] = (recipient, str(meta.get("recipient_name") or address))
-        elif meta.get("kind") in _WITHDRAWN_KINDS:
-            by_address.pop(address, None)
-    return [(r, address, n) for address, (r, n) in by_address.items()]
-
-
 #: How far back tick() looks for answers that came in over HTTP or a FHIR poll.
 ANSWER_LOOKBACK = timedelta(days=2)
 
@@ -755,14 +723,6 @@ def _responder_note(work: Work, transition: ReferralTransition) -> str | None:
     if event is not None and event.kind == "referral_response" and event.referral is not None:
         return " ".join(n.strip() for n in event.referral.notes if n.strip()) or None
     return None
-
-
-def _json_object(text: str | None) -> dict[str, Any]:
-    with contextlib.suppress(ValueError, TypeError):
-        value = json.loads(text or "{}")
-        if isinstance(value, dict):
-            return value
-    return {}
 
 
 def _one_line_address(address: dict[str, Any] | None) -> str | None:

@@ -36,6 +36,7 @@ Without a store (dry runs) the same rules run over an in-memory copy of the tabl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -59,7 +60,14 @@ from carehub.events import (
     Referral,
     display_name,
 )
-from carehub.store.schema import clipped, messages, referral_events, referrals
+from carehub.store.schema import (
+    DeliveryStatus,
+    clipped,
+    deliveries,
+    messages,
+    referral_events,
+    referrals,
+)
 from carehub.workqueue import patient_key as make_patient_key
 
 __all__ = [
@@ -333,6 +341,98 @@ class ReferralTransition:
     def from_output(cls, data: dict[str, Any]) -> ReferralTransition:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+#: Notices (notify-referral) that put a referral with an organisation, and the one that
+#: takes it away again: the outbox's record of whom a referral was emailed to.
+SENT_KINDS = ("referral_new",)
+WITHDRAWN_KINDS = ("referral_withdrawn",)
+
+
+def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str, str]]:
+    """(recipient, address, name) of each organisation emailed the referral (row id) and not
+    told since that it was withdrawn, oldest first: the ``referral_new`` deliveries of the
+    referral's earlier messages in the outbox, less the ``referral_withdrawn`` ones."""
+    earlier = (
+        select(referral_events.c.message_id)
+        .where(
+            referral_events.c.referral_id == referral_id,
+            referral_events.c.message_id.is_not(None),
+        )
+        .scalar_subquery()
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(deliveries.c.metadata)
+            .where(
+                deliveries.c.message_id.in_(earlier),
+                deliveries.c.status != DeliveryStatus.DISCARDED.value,
+            )
+            .order_by(deliveries.c.id)
+        ).all()
+    by_address: dict[str, tuple[str, str]] = {}
+    for (text,) in rows:
+        meta = _json_object(text)
+        address = str(meta.get("to") or "")
+        if meta.get("kind") in SENT_KINDS and address:
+            recipient = str(meta.get("recipient") or f"org:{address}")
+            by_address[address] = (recipient, str(meta.get("recipient_name") or address))
+        elif meta.get("kind") in WITHDRAWN_KINDS:
+            by_address.pop(address, None)
+    return [(r, address, n) for address, (r, n) in by_address.items()]
+
+
+def referral_recipients(record: ReferralRecord, engine: Engine | None) -> list[str]:
+    """The organisations that have the referral, as far as carehub knows: the one it names
+    (PRD role RT; after a modify, the one named now), else the top community match it went
+    out with (the rule of resources.matching.chosen_match); and those it was emailed to and
+    not withdrawn from. Empty: it was held, sent nowhere (nothing named, nothing matched).
+
+    The same reads are made whatever the referral, so that the time a status call takes does
+    not tell a caller which of another organisation's referrals exist."""
+    found: list[str] = []
+    named = party_organization(record.referred_to) or _top_match(record.matches)
+    if named:
+        found.append(named)
+    if engine is not None:
+        row_id = record.id if record.id is not None else -1
+        for _, _, name in organizations_sent(engine, row_id):
+            if name.strip().casefold() not in {f.strip().casefold() for f in found}:
+                found.append(name)
+    return found
+
+
+def _top_match(matches: Any) -> str | None:
+    ranked = [m for m in matches or [] if isinstance(m, dict)]
+    ranked.sort(key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
+    return str(ranked[0].get("organization") or "") or None if ranked else None
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    with contextlib.suppress(ValueError, TypeError):
+        value = json.loads(text or "{}")
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def _names_another_organization(
+    before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> bool:
+    """A modify's referred-to party is another organisation than before (not the same one
+    written in other letters, or with another address): the referral moves to it."""
+    old, new = party_organization(before), party_organization(after)
+    return bool(new) and (old or "").strip().casefold() != (new or "").strip().casefold()
+
+
+def party_organization(party: dict[str, Any] | None) -> str | None:
+    """The organisation of a stored referral party: the organisation itself, or the one a
+    named practitioner works for."""
+    party = party or {}
+    organization = (party.get("organization") or {}).get("name")
+    if not organization:
+        organization = (party.get("practitioner") or {}).get("organization")
+    return str(organization) if organization else None
 
 
 def _party(
@@ -810,20 +910,34 @@ class ReferralTracker:
                 reason=f"referral is {rec.status}: a modify cannot change a closed referral",
             )
         named_before = copy.deepcopy(rec.referred_to)
+        before = rec.status
         changed = self._merge_fields(rec, ctx.event)
+        moved = _names_another_organization(named_before, rec.referred_to)
+        if "referred_to" in changed and not moved:
+            changed.remove("referred_to")  # the same organisation, written otherwise
+        if moved:
+            # Sent to another organisation: it starts from the beginning, with its own time
+            # to answer, whatever the first one had said (it may accept or decline afresh).
+            rec.status = "requested"
+            rec.due_at = ctx.now + timedelta(hours=self.response_hours)
+            rec.alerted_at = None
         rec.updated_at = ctx.now
         ctx.b.save(rec)
         note = f"changed: {', '.join(changed)}" if changed else "nothing changed"
+        if moved:
+            note += f"; sent to another organisation, so {before} -> requested"
         return self._record(
             ctx,
             rec,
             rec.referral_key,
             "modified",
             rec.status,
+            changed=moved and before != rec.status,
+            before=before,
             note=note,
             extra={"fields": changed},
             changed_fields=changed,
-            referred_to_before=named_before if "referred_to" in changed else None,
+            referred_to_before=named_before if moved else None,
         )
 
     def _on_response(self, ctx: _Context, rec: ReferralRecord, ref: Referral) -> ReferralTransition:

@@ -674,6 +674,19 @@ def rank(
 # -- the enricher ------------------------------------------------------------------------------
 
 
+def _named_organization(services: Iterable[Service], name: str) -> dict[str, Any] | None:
+    """The directory's entry for the organisation a referral names (its first active service,
+    as a match without a rank), whether or not it serves a need found in this message: a
+    modify that names another organisation often carries no diagnosis, and the organisation
+    must still be reached at the address the directory gives it."""
+    wanted = name.strip().casefold()
+    found = [s for s in services if (s.organization_name() or "").strip().casefold() == wanted]
+    found.sort(key=lambda s: s.status.strip().lower() != "active")
+    if not found:
+        return None
+    return Match(found[0], 0.0, [], ["organization named in the referral (referred-to)"]).to_json()
+
+
 def referred_to_name(event: Any) -> str | None:
     """The organisation the referral names (PRD role RT): an organisation's name, or the
     organisation a named person works for."""
@@ -703,9 +716,10 @@ def chosen_match(event: Any, found: dict[str, Any] | None) -> dict[str, Any] | N
     wanted = (referred_to_name(event) or "").casefold()
     if not wanted:
         return None
+    named = (found or {}).get("named")
     return next(
         (m for m in matches if str(m.get("organization") or "").strip().casefold() == wanted),
-        None,
+        named if isinstance(named, dict) else None,
     )
 
 
@@ -838,7 +852,8 @@ class CommunityResourcesEnricher(Enricher):
             "excluded": [],
             "excluded_total": 0,
         }
-        if needs:
+        named = referred_to_name(event)
+        if needs or named:
             try:
                 # The whole directory (an API's is cached), ranked here by distance from the
                 # local postal code table: a search by the patient's postal code would send
@@ -859,20 +874,24 @@ class CommunityResourcesEnricher(Enricher):
                     postal_codes=postal_codes,
                     max_km=self.options.max_km,
                     max_results=self.options.max_results,
-                    referred_to=referred_to_name(event),
+                    referred_to=named,
                 )
                 result.update(ranking.to_json())
+                if named:
+                    result["named"] = _named_organization(services, named)
         work.data["community_resources"] = result
         self._record_on_referral(work, result)
         return result
 
     def _record_on_referral(self, work: Work, result: dict[str, Any]) -> None:
-        """With a referral-state step earlier in the route, the matches are kept on the
-        referral itself (not only in this step's output)."""
+        """With a referral-state step earlier in the route, the matches a new referral was
+        sent by are kept on the referral itself (not only in this step's output). Only a new
+        one's: the matches of a later modify (ranked again, from that message alone) must not
+        replace what the referral went out with, which tells who has it."""
         referral = work.data.get("referral")
         key = getattr(referral, "referral_key", None)
         store = self.context.store
-        if store is None or not key:
+        if store is None or not key or getattr(referral, "action", None) != "created":
             return
         from carehub.referrals.state import record_matches
 
