@@ -209,3 +209,62 @@ def test_the_organisation_a_referral_moves_to_answers_afresh(loop: Loop) -> None
     loop.settled("referral-changes/cbo-platform")
     (task,) = loop.created("Task")
     assert (task["owner"]["display"], task["status"]) == (EASTSIDE, "requested")
+
+
+NO_RECIPIENT = {TO_SCFB.replace("|", "PRD|RT^Referred to provider^HL70286|", 1) + "\r": ""}
+HELD = {
+    **NO_RECIPIENT,
+    "Food and housing support after discharge": "Please help",
+    **dict.fromkeys(DIAGNOSES, ""),
+}
+
+
+def test_naming_an_organisation_moves_a_referral_that_went_to_a_directory_match(
+    loop: Loop,
+) -> None:
+    """The I12 named nobody and went to the top match; the I13 names another organisation."""
+    assert loop.send(_referral("T-UN-1", REFERRAL, replace=NO_RECIPIENT)) == "AA"
+    (email,) = loop.settled("sdoh-referrals/notify-referral-email")
+    first = str(email.metadata["to"])
+    loop.settled("sdoh-referrals/cbo-platform")
+    moved = _later("T-UN-2", "I13", NO_RECIPIENT).rstrip("\r") + (
+        f"\rPRD|RT^Referred to provider^HL70286|{EASTSIDE}|\r"
+    )
+    assert loop.send(moved) == "AA"
+    told = loop.settled("referral-changes/notify-referral-email", 2)
+    kinds = {d.metadata["to"]: d.metadata["kind"] for d in told}
+    assert kinds[first] == "referral_withdrawn"
+    assert any(
+        k == "referral_new" and a.endswith("@eastside.example.org") for a, k in kinds.items()
+    )
+    wait_for(
+        lambda: [t["owner"]["display"] for t in loop.created("Task")] == [EASTSIDE],
+        timeout=20,
+        what="the Task moved to the organisation named",
+    )
+
+
+def test_a_held_referral_goes_out_when_a_modify_names_an_organisation(loop: Loop) -> None:
+    assert loop.send(_referral("T-HD-1", REFERRAL, replace=HELD)) == "AA"
+    (held,) = loop.settled("sdoh-referrals/cbo-platform")
+    assert held.receipt.startswith("not sent: no community organisation chosen")
+    named = _later("T-HD-2", "I13", HELD).rstrip("\r") + (
+        f"\rPRD|RT^Referred to provider^HL70286|{EASTSIDE}|\r"
+    )
+    assert loop.send(named) == "AA"
+    (sent,) = loop.settled("referral-changes/cbo-platform")
+    assert not sent.receipt.startswith("not sent"), sent.receipt
+    (task,) = loop.created("Task")
+    assert task["owner"]["display"] == EASTSIDE and task["status"] == "requested"
+    (email,) = loop.settled("referral-changes/notify-referral-email")
+    assert email.metadata["kind"] == "referral_new"
+    assert str(email.metadata["to"]).endswith("@eastside.example.org")
+
+
+def test_cancelling_a_held_referral_sends_nothing_and_holds_nobodys_line(loop: Loop) -> None:
+    assert loop.send(_referral("T-HD-3", REFERRAL, replace=HELD)) == "AA"
+    loop.settled("sdoh-referrals/cbo-platform")
+    assert loop.send(_later("T-HD-4", "I14", HELD)) == "AA"
+    (cancel,) = loop.settled("referral-changes/cbo-platform")
+    assert "never sent to an organisation" in cancel.receipt
+    assert loop.fhir.posts == [] and loop.deliveries("referral-changes/notify-referral-email") == []

@@ -16,6 +16,7 @@ import pytest
 from carehub.config import HubConfig, load_config
 from carehub.errors import ConfigError
 from carehub.referrals.state import list_referrals
+from carehub.store.outbox import Outbox
 from tests.helpers_http import wait_for
 from tests.test_referral_recipients import FEED_07, REFERRER, SCFB, Loop, referral_loop
 
@@ -171,3 +172,44 @@ def test_a_bare_id_two_senders_used_is_refused_not_a_server_error(
     assert "used by 2 senders" in system.json()["error"]
     refusals = [r for r in caplog.records if "referral status call refused" in r.getMessage()]
     assert len(refusals) == 2  # one for each organisation, however often it asks
+
+
+def test_a_modify_that_ranks_the_directory_again_gives_nobody_else_the_referral(
+    loop: Loop,
+) -> None:
+    """The referral named nobody and went to the top match; a modify (the patient moved) ranks
+    the directory again with another organisation on top: that one still cannot answer it."""
+    unnamed = (
+        FEED_07.replace(
+            "PRD|RT^Referred to provider^HL70286|Springfield Community Food Bank"
+            "|900 Market St^^Springfield^IL^62703\r",
+            "",
+        )
+        .replace("Food and housing support after discharge", "Food support")
+        .replace(
+            "\rDG1|2||Z59.811^Housing instability, housed, with risk of homelessness^I10"
+            "||20261127|F",
+            "",
+        )
+    )
+    assert loop.send(unnamed) == "AA"
+    (email,) = loop.settled("sdoh-referrals/notify-referral-email")
+    holder = email.metadata["recipient_name"]
+    (made,) = list_referrals(loop.running.store.engine)
+    moved = (
+        unnamed.replace("REF^I12^REF_I12", "REF^I13^REF_I12")
+        .replace("RGH-REF-7001", "RGH-REF-7002")
+        .replace("418 Birch Lane^^Springfield^IL^62704", "77 New St^^Springfield^IL^62702")
+        .replace("R^Routine^HL70280", "A^ASAP^HL70280")
+    )
+    assert loop.send(moved) == "AA"
+    loop.settled("referral-changes/referral-updates")
+    modify = max(m.id for m in loop.running.store.find(limit=None))
+    outbox = Outbox(loop.running.store)
+    (ranked,) = [s.output for s in outbox.steps(modify) if s.step == "enrich community-resources"]
+    top = ranked["matches"][0]["organization"]
+    assert top != holder  # the modify's own ranking put another organisation first
+    tokens = {SCFB: FOOD_BANK, "Eastside Neighbors Pantry": PANTRY}
+    assert {holder, top} == set(tokens)
+    assert _status(loop, made.referral_key, tokens[top]).status_code == 404
+    assert _status(loop, made.referral_key, tokens[holder]).status_code == 200

@@ -958,7 +958,12 @@ def _patch_entry(url: str, ops: list[dict[str, Any]], full_url: str) -> dict[str
 
 
 #: Referral-state actions (and, without that step, message kinds) -> what the server hears.
-_OPERATIONS = {"created": "create", "modified": "modify", "cancelled": "cancel"}
+_OPERATIONS = {
+    "created": "create",
+    "released": "create",
+    "modified": "modify",
+    "cancelled": "cancel",
+}
 _KIND_OPERATIONS = {
     "referral_new": "create",
     "referral_modify": "modify",
@@ -976,6 +981,11 @@ def referral_operation(work: Work) -> tuple[str, str | None]:
         state = ReferralTransition.from_output(state)
     if isinstance(state, ReferralTransition):
         operation = _OPERATIONS.get(state.action)
+        if operation in ("modify", "cancel") and state.held:
+            return "none", (
+                f"{state.action}: the referral was never sent to an organisation (held: "
+                "nobody named, nothing matched), so there is nothing there to change"
+            )
         if operation is not None:
             return operation, None
         why = state.reason or state.note

@@ -393,7 +393,7 @@ class ReferralNotifier:
         if "referrer" in self.config.tell and _tells_referrer(transition):
             decisions.append(self._referrer(transition))
         if "organization" in self.config.tell:
-            if transition.action == "created":
+            if transition.action in ("created", "released"):
                 decisions.append(self._organization(work, transition))
             elif transition.accepted and transition.action in ("modified", "cancelled"):
                 decisions.extend(self._organizations_following(work, transition))

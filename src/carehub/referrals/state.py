@@ -297,7 +297,9 @@ class ReferralTransition:
     accepted, rejected, in progress, completed ...), i.e. when a notify or forward step should
     tell the referring provider; the referrer's own messages never set it."""
 
-    action: str  # created, resend, modified, cancelled, status, unchanged, status_request, ...
+    #: created, released (a held referral names an organisation now: sent as new), resend,
+    #: modified, cancelled, status, unchanged, status_request, ...
+    action: str
     source: str
     accepted: bool
     referral_id: int | None = None
@@ -328,6 +330,9 @@ class ReferralTransition:
     #: party now: the organisation that had it must hear it no longer stands with them.
     changed_fields: list[str] = field(default_factory=list)
     referred_to_before: dict[str, Any] | None = None
+    #: The referral has gone to no organisation (none named, none matched when it was made):
+    #: a change or cancel of it has nobody to reach.
+    held: bool = False
 
     @property
     def closes_loop(self) -> bool:
@@ -416,13 +421,9 @@ def _json_object(text: str | None) -> dict[str, Any]:
     return {}
 
 
-def _names_another_organization(
-    before: dict[str, Any] | None, after: dict[str, Any] | None
-) -> bool:
-    """A modify's referred-to party is another organisation than before (not the same one
-    written in other letters, or with another address): the referral moves to it."""
-    old, new = party_organization(before), party_organization(after)
-    return bool(new) and (old or "").strip().casefold() != (new or "").strip().casefold()
+def _same_name(one: str, other: str) -> bool:
+    """Organisation names as people write them: letter case and outer blanks aside."""
+    return one.strip().casefold() == other.strip().casefold()
 
 
 def party_organization(party: dict[str, Any] | None) -> str | None:
@@ -910,14 +911,19 @@ class ReferralTracker:
                 reason=f"referral is {rec.status}: a modify cannot change a closed referral",
             )
         named_before = copy.deepcopy(rec.referred_to)
+        holder_before = party_organization(named_before) or _top_match(rec.matches)
         before = rec.status
         changed = self._merge_fields(rec, ctx.event)
-        moved = _names_another_organization(named_before, rec.referred_to)
-        if "referred_to" in changed and not moved:
+        named_now = party_organization(rec.referred_to)
+        moved = bool(holder_before and named_now) and not _same_name(holder_before, named_now)
+        # A referral held for want of an organisation (none named, none matched) that names
+        # one now is sent as a new one: nothing of it reached anyone before.
+        released = holder_before is None and bool(named_now)
+        if "referred_to" in changed and not (moved or released):
             changed.remove("referred_to")  # the same organisation, written otherwise
-        if moved:
-            # Sent to another organisation: it starts from the beginning, with its own time
-            # to answer, whatever the first one had said (it may accept or decline afresh).
+        if moved or released:
+            # Sent to an organisation afresh: it starts from the beginning, with its own time
+            # to answer, whatever another had said (it may accept or decline it anew).
             rec.status = "requested"
             rec.due_at = ctx.now + timedelta(hours=self.response_hours)
             rec.alerted_at = None
@@ -926,18 +932,23 @@ class ReferralTracker:
         note = f"changed: {', '.join(changed)}" if changed else "nothing changed"
         if moved:
             note += f"; sent to another organisation, so {before} -> requested"
+        if released:
+            note += "; it names an organisation now: sent as a new referral"
         return self._record(
             ctx,
             rec,
             rec.referral_key,
-            "modified",
+            "released" if released else "modified",
             rec.status,
-            changed=moved and before != rec.status,
+            changed=(moved or released) and before != rec.status,
             before=before,
             note=note,
             extra={"fields": changed},
             changed_fields=changed,
-            referred_to_before=named_before if moved else None,
+            referred_to_before=(named_before or {"organization": {"name": holder_before}})
+            if moved
+            else None,
+            held=holder_before is None and not released,
         )
 
     def _on_response(self, ctx: _Context, rec: ReferralRecord, ref: Referral) -> ReferralTransition:
@@ -1116,8 +1127,11 @@ class ReferralTracker:
         acted_on_cancelled: bool = False,
         changed_fields: list[str] | None = None,
         referred_to_before: dict[str, Any] | None = None,
+        held: bool | None = None,
     ) -> ReferralTransition:
-        """Build the transition and write its timeline row (also for refused updates)."""
+        """Build the transition and write its timeline row (also for refused updates).
+        ``held``: see ReferralTransition; by default, whether ``rec`` names or matched no
+        organisation."""
         current = rec.status if rec is not None else None
         from_status = current if before == _CURRENT else before
         transition = ReferralTransition(
@@ -1142,6 +1156,9 @@ class ReferralTracker:
             summary=_summary(rec),
             changed_fields=list(changed_fields or []),
             referred_to_before=referred_to_before or None,
+            held=bool(held)
+            if held is not None
+            else action != "created" and rec is not None and not referral_recipients(rec, None),
         )
         detail: dict[str, Any] = {**ctx.detail, **(extra or {})}
         if note:

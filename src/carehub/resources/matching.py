@@ -674,6 +674,10 @@ def rank(
 # -- the enricher ------------------------------------------------------------------------------
 
 
+#: Referral-state actions that send a referral out as new (see _record_on_referral).
+_SENT_AS_NEW = ("created", "released")
+
+
 def _named_organization(services: Iterable[Service], name: str) -> dict[str, Any] | None:
     """The directory's entry for the organisation a referral names (its first active service,
     as a match without a rank), whether or not it serves a need found in this message: a
@@ -891,7 +895,7 @@ class CommunityResourcesEnricher(Enricher):
         referral = work.data.get("referral")
         key = getattr(referral, "referral_key", None)
         store = self.context.store
-        if store is None or not key or getattr(referral, "action", None) != "created":
+        if store is None or not key or getattr(referral, "action", None) not in _SENT_AS_NEW:
             return
         from carehub.referrals.state import record_matches
 
