@@ -6,9 +6,13 @@ over real sockets (MLLP in, an aiosmtpd server, a FHIR test server)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
+from click.testing import CliRunner
+
+from carehub.cli import main
 from carehub.referrals.state import list_referrals
 from carehub.routing.router import PlannedDelivery, RoutingResult
 from carehub.testing import run_routes_all
@@ -268,3 +272,42 @@ def test_cancelling_a_held_referral_sends_nothing_and_holds_nobodys_line(loop: L
     (cancel,) = loop.settled("referral-changes/cbo-platform")
     assert "never sent to an organisation" in cancel.receipt
     assert loop.fhir.posts == [] and loop.deliveries("referral-changes/notify-referral-email") == []
+
+
+def test_a_held_referral_is_shown_and_alerted_as_not_sent(loop: Loop) -> None:
+    """Nobody failed to answer a referral that went nowhere: the list says it is held, and the
+    coordinator's alert says it was not sent and what to do, not that nobody answered."""
+    assert loop.send(_referral("T-HD-5", REFERRAL, replace=HELD)) == "AA"
+    loop.settled("sdoh-referrals/cbo-platform")
+    loop.running.hub.table.tick(datetime.now(UTC) + timedelta(days=2))
+    coordinator = "cc-team@riverside-cm.example.org"
+    (alert,) = _mail(loop, coordinator, 1)
+    assert alert["Subject"] == "Referral not sent: Amara Okafor"
+    assert "has not been sent to any organisation" in alert.get_content()
+    assert "no answer" not in alert.get_content()
+    config = str(loop.running.hub.config.source)
+    listed = CliRunner().invoke(
+        main,
+        ["referrals", "list", "--config", config, "--data-dir", str(loop.running.hub.data_dir)],
+    )
+    assert "held: nobody named, nothing" in listed.output, listed.output
+
+
+def test_a_referral_sent_to_its_directory_match_shows_whom(loop: Loop) -> None:
+    assert loop.send(_referral("T-UN-3", REFERRAL, replace=NO_RECIPIENT)) == "AA"
+    (email,) = loop.settled("sdoh-referrals/notify-referral-email")
+    config = str(loop.running.hub.config.source)
+    shown = CliRunner().invoke(
+        main,
+        [
+            "referrals",
+            "show",
+            REFERRAL,
+            "--config",
+            config,
+            "--data-dir",
+            str(loop.running.hub.data_dir),
+        ],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert email.metadata["recipient_name"] in shown.output

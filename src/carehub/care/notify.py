@@ -491,18 +491,24 @@ class Notifier:
     def _alert_overdue_referrals(self, now: datetime) -> None:
         """A referral nobody answered in time: tell the patient's care coordinators (those
         told of any of the patient's visits), then mark the referral alerted."""
-        from carehub.referrals.state import ReferralTracker, referral_id_of
+        from carehub.referrals.state import ReferralTracker, referral_id_of, referral_recipients
 
-        tracker = ReferralTracker(self.context.store.engine)  # type: ignore[union-attr]
+        engine = self.context.store.engine  # type: ignore[union-attr]
+        tracker = ReferralTracker(engine)
         late = tracker.overdue(now)
         for referral in late:
             patient_key = referral.patient_key or ""
             referred_to = referral.referred_to or {}
+            holders = referral_recipients(referral, engine)
             context = self._event_context(referral.snapshot or {})
             context.update(
                 status=referral.status,  # "received": answered pending, not yet accepted
                 referral_id=referral_id_of(referral.referral_key),
-                referred_to=(referred_to.get("organization") or {}).get("name") or "the service",
+                # Held: sent nowhere (nobody named, nothing matched), so nobody failed to answer.
+                held=not holders,
+                referred_to=(referred_to.get("organization") or {}).get("name")
+                or ", ".join(holders)
+                or "the service",
                 reason=referral.reason or "",
                 due=_aware(referral.due_at).strftime("%Y-%m-%d %H:%M UTC")
                 if referral.due_at

@@ -48,7 +48,7 @@ def list_command(
 ) -> None:
     """List referrals, most recently updated first."""
     from carehub.hub import open_store
-    from carehub.referrals.state import list_referrals, party_name
+    from carehub.referrals.state import list_referrals, referral_recipients, sent_to_text
 
     now = datetime.now(UTC)
     store = open_store(config, data_dir, must_exist=True)
@@ -61,11 +61,15 @@ def list_command(
             patient=patient,
             limit=limit,
         )
+        holders = {rec.id: referral_recipients(rec, store.engine) for rec in found}
+        shown = {rec.id: sent_to_text(rec, store.engine) for rec in found}
     finally:
         store.close()
     if as_json:
         for rec in found:
-            click.echo(json.dumps({**rec.as_output(), "overdue": rec.overdue_at(now)}))
+            out = {**rec.as_output(), "overdue": rec.overdue_at(now)}
+            out["sent_to"] = holders[rec.id]  # empty: held, sent nowhere
+            click.echo(json.dumps(out))
         return
     table = Table(show_edge=False, header_style="bold")
     columns = ("id", "referral", "patient", "status", "referred to", "due", "updated")
@@ -80,7 +84,7 @@ def list_command(
             Text(rec.referral_key.removeprefix("|")),
             Text(rec.patient_key or ""),
             rec.status,
-            Text(party_name(rec.referred_to) or ""),
+            Text(shown[rec.id]),
             Text(due),
             short_time(rec.updated_at),
         )
@@ -98,11 +102,12 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     timeline: each update's source, from -> to, and whether it was applied or refused (with
     why). A referral id comes before a row id: 2 is the referral numbered 2."""
     from carehub.hub import open_store
-    from carehub.referrals.state import party_name, referral_timeline
+    from carehub.referrals.state import party_name, referral_timeline, sent_to_text
 
     store = open_store(config, data_dir, must_exist=True)
     try:
         timeline = referral_timeline(store.engine, referral)
+        holder = sent_to_text(timeline.referral, store.engine) if timeline else ""
     finally:
         store.close()
     if timeline is None:
@@ -124,7 +129,7 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
         ("priority / type", f"{rec.priority or '-'} / {rec.type or '-'}"),
         ("reason", rec.reason or "-"),
         ("referring", party_name(rec.referring) or "-"),
-        ("referred to", party_name(rec.referred_to) or "-"),
+        ("referred to", holder),
         ("created (UTC)", short_time(rec.created_at)),
         ("due (UTC)", short_time(rec.due_at) or "-"),
         ("closed (UTC)", short_time(rec.closed_at) or "-"),

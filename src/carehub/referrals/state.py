@@ -407,6 +407,20 @@ def referral_recipients(record: ReferralRecord, engine: Engine | None) -> list[s
     return found
 
 
+#: Who has a referral that went to nobody, as lists and alerts say it.
+HELD_TEXT = "held: nobody named, nothing matched"
+
+
+def sent_to_text(record: ReferralRecord, engine: Engine | None) -> str:
+    """Who has the referral, as lists and alerts show it: the party it names (PRD role RT),
+    else the organisations it went to (its directory match, those emailed), else HELD_TEXT."""
+    named = party_name(record.referred_to)
+    if named:
+        return named
+    holders = referral_recipients(record, engine)
+    return ", ".join(holders) if holders else HELD_TEXT
+
+
 def _top_match(matches: Any) -> str | None:
     ranked = [m for m in matches or [] if isinstance(m, dict)]
     ranked.sort(key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
