@@ -9,16 +9,18 @@ data; every field but ``kind`` is optional because real feeds leave almost anyth
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 __all__ = [
     "EVENT_KINDS",
     "Address",
     "CareEvent",
     "Contact",
+    "DateAsSent",
     "Diagnosis",
     "Encounter",
     "EventKind",
@@ -27,10 +29,15 @@ __all__ = [
     "Location",
     "Merge",
     "Organization",
+    "PartialDate",
+    "PartialDateTime",
     "Patient",
     "Practitioner",
+    "Precision",
     "Referral",
+    "date_as_sent",
     "event_kind",
+    "has_time",
     "parse_hl7_date",
     "parse_hl7_datetime",
 ]
@@ -104,8 +111,77 @@ def event_kind(message_type: str, trigger_event: str, patient_class: str | None 
 
 # -- HL7 time ----------------------------------------------------------------------------------
 
-_DTM_LENGTHS = frozenset({4, 6, 8, 10, 12, 14})
+#: How much of a date or time the sender wrote, coarsest first.
+Precision = Literal["year", "month", "day", "hour", "minute", "second"]
+_PRECISIONS: tuple[Precision, ...] = Precision.__args__  # type: ignore[attr-defined]
+_PRECISION_OF_LENGTH: dict[int, Precision] = dict(
+    zip((4, 6, 8, 10, 12, 14), _PRECISIONS, strict=True)
+)
 _ZONES: dict[str, timezone | None] = {}
+
+
+class PartialDate(date):
+    """A date no more precise than the sender wrote it: HL7 allows ``1958`` or ``195803`` (a
+    birth year is often all anyone knows), and so do FHIR and ISO 8601. It is the first day it
+    covers (1958-01-01), so ages, sorting and comparisons work as for any date; ``precision``
+    keeps how much was said, so what carehub writes out (FHIR, the event's JSON: see
+    :func:`date_as_sent`) does not invent a month or a day."""
+
+    precision: Precision
+
+    def __new__(cls, *args: Any, precision: Precision = "day", **kwargs: Any) -> PartialDate:
+        value = super().__new__(cls, *args, **kwargs)
+        value.precision = precision
+        return value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # date's own reduction forgets the precision (copies, pickles).
+        rebuild, args = super().__reduce_ex__(protocol)[:2]
+        return rebuild, args, {"precision": self.precision}
+
+
+class PartialDateTime(datetime):
+    """A date-time no more precise than the sender wrote it (``2026-0500`` is a year): the
+    first moment it covers, with ``precision`` saying how much was said. Where a moment is
+    needed (encounter times, ordering, the event's JSON) it is that moment; where the value is
+    written for someone else (FHIR ``authoredOn``), :func:`date_as_sent` and :func:`has_time`
+    keep it as precise as the sender. Times computed from it (``+ timedelta``, ``replace``)
+    are whole moments again."""
+
+    precision: Precision
+
+    def __new__(cls, *args: Any, precision: Precision = "second", **kwargs: Any) -> PartialDateTime:
+        value = super().__new__(cls, *args, **kwargs)
+        value.precision = precision
+        return value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        rebuild, args = super().__reduce_ex__(protocol)[:2]
+        return rebuild, args, {"precision": self.precision}
+
+
+def _precision(value: date) -> Precision:
+    """How much of ``value`` the sender gave: a partial value's own, else all of it."""
+    found = getattr(value, "precision", None)
+    if found in _PRECISIONS:
+        return found
+    return "second" if isinstance(value, datetime) else "day"
+
+
+def has_time(value: date) -> bool:
+    """Whether the sender gave a time of day, not only a year, month or date."""
+    return _PRECISIONS.index(_precision(value)) > _PRECISIONS.index("day")
+
+
+def date_as_sent(value: date) -> str:
+    """The calendar date of a date or date-time (as written, no zone shift) in ISO form, no
+    more precise than the sender gave it: ``1958``, ``1958-03`` or ``1958-03-12``."""
+    precision = _precision(value)
+    if precision == "year":
+        return f"{value.year:04d}"
+    if precision == "month":
+        return f"{value.year:04d}-{value.month:02d}"
+    return f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
 
 
 def _zone(offset: str) -> timezone | None:
@@ -121,12 +197,13 @@ def _zone(offset: str) -> timezone | None:
     return zone
 
 
-def parse_hl7_datetime(text: str | None) -> datetime | None:
+def parse_hl7_datetime(text: str | None) -> PartialDateTime | None:
     """An HL7 DTM/TS value (``YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]``) as a datetime:
     aware when the value carries an offset (``-0500``), naive otherwise, because guessing a zone
     would invent facts the sender did not give. Missing trailing parts are filled with their
-    minimum (``2026`` is 2026-01-01 00:00). Junk, empty text and impossible dates give None; this
-    never raises, since one bad field must not lose the whole event."""
+    minimum (``2026`` is 2026-01-01 00:00) and ``precision`` says which parts were given. Junk,
+    empty text and impossible dates give None; this never raises, since one bad field must not
+    lose the whole event."""
     if not text:
         return None
     # A v2.5 TS may arrive whole (``time^precision``); only the first component is the time.
@@ -144,10 +221,11 @@ def parse_hl7_datetime(text: str | None) -> datetime | None:
             return None
         if len(body) != 14:
             return None  # fractions of a second need the seconds
-    if len(body) not in _DTM_LENGTHS or not (body.isascii() and body.isdigit()):
+    precision = _PRECISION_OF_LENGTH.get(len(body))
+    if precision is None or not (body.isascii() and body.isdigit()):
         return None
     try:
-        return datetime(
+        return PartialDateTime(
             int(body[0:4]),
             int(body[4:6] or 1),
             int(body[6:8] or 1),
@@ -156,16 +234,56 @@ def parse_hl7_datetime(text: str | None) -> datetime | None:
             int(body[12:14] or 0),
             int(fraction.ljust(6, "0")) if fraction else 0,
             tzinfo=tz,
+            precision=precision,
         )
     except ValueError:
         return None
 
 
-def parse_hl7_date(text: str | None) -> date | None:
+def parse_hl7_date(text: str | None) -> PartialDate | None:
     """An HL7 DT (or the date part of a DTM) as a date, as written (no zone shift: a birth date
-    is a calendar date, not an instant). Junk gives None; never raises."""
+    is a calendar date, not an instant) and as precise as written (``1958`` stays a year).
+    Junk gives None; never raises."""
     moment = parse_hl7_datetime(text)
-    return moment.date() if moment is not None else None
+    if moment is None:
+        return None
+    precision = moment.precision if not has_time(moment) else "day"
+    return PartialDate(moment.year, moment.month, moment.day, precision=precision)
+
+
+_SHORT_ISO_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
+def _read_date_as_sent(value: Any) -> Any:
+    """The event's JSON of a partial date (``1958``, ``1958-03``) back as a PartialDate; any
+    other value goes on to pydantic's own date parsing."""
+    if isinstance(value, str) and (found := _SHORT_ISO_DATE.fullmatch(value.strip())):
+        year, month = found.groups()
+        try:
+            return PartialDate(
+                int(year), int(month or 1), 1, precision="month" if month else "year"
+            )
+        except ValueError:
+            return value  # pydantic names the problem
+    return value
+
+
+#: A date field of the event: a ``date`` in Python, as precise as the sender in JSON (``1958``,
+#: ``1958-03`` or ``1958-03-12``), so no reader of the event mistakes an unknown month or day for
+#: January or the 1st.
+DateAsSent = Annotated[
+    date,
+    BeforeValidator(_read_date_as_sent),
+    PlainSerializer(date_as_sent, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[0-9]{4}(-[0-9]{2}(-[0-9]{2})?)?$",
+            "description": "an ISO 8601 date as precise as the sender gave it: YYYY, YYYY-MM "
+            "or YYYY-MM-DD",
+        }
+    ),
+]
 
 
 # -- building blocks ---------------------------------------------------------------------------
@@ -277,7 +395,7 @@ class Patient(_Model):
     primary: Identifier | None = None
     account_number: Identifier | None = None  # PID-18
     name: HumanName | None = None
-    birth_date: date | None = None
+    birth_date: DateAsSent | None = None
     sex: str | None = None
     address: Address | None = None
     phone: str | None = None
@@ -318,9 +436,9 @@ class Referral(_Model):
     category: str | None = None  # RF1-5
     reason_code: str | None = None  # RF1-10.1
     reason: str | None = None  # RF1-10 text, else RF1-14 (v2.7+ reason text)
-    effective_date: date | None = None  # RF1-7
-    expiration_date: date | None = None  # RF1-8
-    process_date: date | None = None  # RF1-9
+    effective_date: DateAsSent | None = None  # RF1-7
+    expiration_date: DateAsSent | None = None  # RF1-8
+    process_date: DateAsSent | None = None  # RF1-9
     referring: Practitioner | None = None  # PRD role RP
     referring_organization: Organization | None = None  # PRD-10 of RP, or an RP that is no person
     referred_to: Practitioner | Organization | None = None  # PRD role RT

@@ -687,7 +687,7 @@ class WebhookChannel(HttpChannel):
     stored with the rendered delivery.
 
     Outcome: 2xx -> receipt "HTTP <code>"; 408, 425, 429, 5xx, timeouts and network errors ->
-    retryable; 3xx and other 4xx -> not retryable (the request will not get better by
+    retryable; 3xx, other 4xx, 501 and 505 -> not retryable (the request will not get better by
     repeating it), with the status and up to 200 characters of the response body.
     """
 

@@ -24,11 +24,18 @@ from carehub.config import without_password
 
 USER_AGENT = "carehub"
 
-#: Besides every 5xx: timeout, too early, too many requests. Other 4xx will not get better.
+#: Besides the 5xx: timeout, too early, too many requests. Other 4xx will not get better.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
+#: The 5xx that say the server cannot do what was asked, rather than that it cannot do it now:
+#: 501 Not Implemented (the method or request), 505 HTTP Version Not Supported.
+PERMANENT_SERVER_STATUS = frozenset({501, 505})
 
 
 def is_retryable(status: int) -> bool:
+    """Whether an HTTP answer may be different if the same request is sent again: a retry of
+    one that cannot be only delays the dead letter that tells someone to act."""
+    if status in PERMANENT_SERVER_STATUS:
+        return False
     return status in RETRYABLE_STATUS or status >= 500
 
 

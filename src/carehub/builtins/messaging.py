@@ -434,8 +434,9 @@ class SmsChannel(HttpChannel):
     and ``Authorization: <auth_header>`` when set (applied per request, never recorded).
 
     Outcome: 2xx -> receipt ``HTTP <code>``; 408, 425, 429, 5xx, timeouts and network errors ->
-    retryable; 3xx and other 4xx -> not retryable (a bad number or a rejected request will not
-    get better by repeating it), with the status and up to 200 characters of the response.
+    retryable; 3xx, other 4xx, 501 and 505 -> not retryable (a bad number or a rejected request
+    will not get better by repeating it), with the status and up to 200 characters of the
+    response.
     """
 
     name = "sms"

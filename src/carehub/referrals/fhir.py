@@ -128,6 +128,9 @@ from carehub.events import (
     Organization,
     Patient,
     Practitioner,
+    Referral,
+    date_as_sent,
+    has_time,
 )
 from carehub.referrals.state import (
     CLOSED_STATUSES,
@@ -400,12 +403,14 @@ def _person_name(given: str | None, family: str | None, prefix: str | None = Non
 
 
 def _fhir_datetime(value: datetime | None) -> str | None:
-    """A FHIR dateTime. One with a time needs a zone; HL7 times without an offset are the
-    sender's local time, which carehub does not know, so those keep only their date."""
+    """A FHIR dateTime, no more precise than the sender gave it: a year, a month or a date
+    without a time stays one (FHIR allows YYYY, YYYY-MM and YYYY-MM-DD). One with a time needs
+    a zone; HL7 times without an offset are the sender's local time, which carehub does not
+    know, so those keep only their date."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        return value.date().isoformat()
+    if value.tzinfo is None or not has_time(value):
+        return date_as_sent(value)
     return value.isoformat(timespec="seconds")
 
 
@@ -450,7 +455,7 @@ def _patient_resource(patient: Patient, system: str) -> dict[str, Any]:
     if gender:
         resource["gender"] = gender
     if patient.birth_date is not None:
-        resource["birthDate"] = patient.birth_date.isoformat()
+        resource["birthDate"] = date_as_sent(patient.birth_date)
     address = _address(patient.address)
     if address:
         resource["address"] = [address]
@@ -577,6 +582,8 @@ class ReferralResources:
     service_request_url: str
     task: dict[str, Any]
     task_url: str
+    #: What the referral message said that the resources leave out, and why.
+    left_out: tuple[str, ...] = ()
 
 
 #: Why a new referral is held back instead of sent to the FHIR server.
@@ -729,12 +736,9 @@ def build_referral_resources(
     }
     if priority:
         service_request["priority"] = priority
-    if ref.effective_date or ref.expiration_date:
-        service_request["occurrencePeriod"] = {
-            k: v.isoformat()
-            for k, v in (("start", ref.effective_date), ("end", ref.expiration_date))
-            if isinstance(v, date)
-        }
+    period, period_left_out = _occurrence_period(ref)
+    if period:
+        service_request["occurrencePeriod"] = period
     if authored:
         service_request["authoredOn"] = authored
     if requester:
@@ -790,12 +794,38 @@ def build_referral_resources(
         service_request_url=service_request_url,
         task=task,
         task_url=_urn(seed, "Task"),
+        left_out=(period_left_out,) if period_left_out else (),
     )
 
 
+def _occurrence_period(ref: Referral) -> tuple[dict[str, str] | None, str | None]:
+    """ServiceRequest.occurrencePeriod from RF1-7 (effective) and RF1-8 (expiration), each as
+    precise as sent, and why it is left out when it is.
+
+    An expiration before the effective date breaks FHIR's rule per-1 (a period's start is not
+    after its end, compared at the precision both have): a validating server refuses the whole
+    referral for it, and nobody can tell which of the two dates is wrong. So the referral is
+    still sent, without dates rather than with one the message contradicts, and the delivery
+    says why (its ``left_out``), for the coordinator to have the referrer correct them."""
+    start = date_as_sent(ref.effective_date) if ref.effective_date else None
+    end = date_as_sent(ref.expiration_date) if ref.expiration_date else None
+    if start and end:
+        common = min(len(start), len(end))  # ISO dates of one length sort as text
+        if start[:common] > end[:common]:
+            return None, (
+                f"occurrencePeriod left out: the effective date (RF1-7, {start}) is after the "
+                f"expiration date (RF1-8, {end})"
+            )
+    period = {name: value for name, value in (("start", start), ("end", end)) if value}
+    return period or None, None
+
+
 def _split_key(key: str) -> tuple[str, str]:
-    """(authority, id) of a ``referral_key`` (``authority|id``; the id never holds a bar)."""
-    authority, _, value = key.rpartition("|")
+    """(authority, id) of a ``referral_key`` (``authority|id``, see
+    :func:`carehub.referrals.state.referral_key`): the authority ends at the first bar, as the
+    referral state reads its keys too. The id may hold a bar itself: RF1-6 ``R\\F\\7`` is
+    the id ``R|7``."""
+    authority, _, value = key.partition("|")
     return authority, value
 
 
@@ -819,8 +849,16 @@ def referral_search(key: str, options: GravityOptions | None = None) -> str:
 
 
 def _search(param: str, system: str, value: str) -> str:
-    """``identifier=system|value`` with the parts escaped for a query string."""
+    """``identifier=system|value``: each part escaped as FHIR search reads a token (a ``|``,
+    ``,``, ``$`` or ``\\`` of its own after a backslash, so an id ``R|7`` is not read as a
+    system ``R`` and a code ``7``), then for a query string."""
+    system, value = _token_escaped(system), _token_escaped(value)
     return f"{param}={quote(system, safe=':/')}|{quote(value, safe='')}"
+
+
+def _token_escaped(text: str) -> str:
+    """FHIR search escaping (search.html#escaping) of one part of a token parameter."""
+    return re.sub(r"([\\|,$])", r"\\\1", text)
 
 
 def build_gravity_referral(
@@ -881,6 +919,7 @@ class ReferralUpdate:
     operation: str  # modify | cancel
     bundle: dict[str, Any] | None
     task_entry: int | None  # the Task's entry in the Bundle, for its id in the response
+    left_out: tuple[str, ...] = ()  # as ReferralResources.left_out
 
 
 def build_referral_update(
@@ -892,6 +931,7 @@ def build_referral_update(
     docstring for why patches and not updates."""
     options = options or GravityOptions()
     patches: dict[str, list[dict[str, Any]]] = {}
+    left_out: tuple[str, ...] = ()
     if operation == "cancel":
         key = _referral_key_of(work)
         if key is None:
@@ -903,7 +943,7 @@ def build_referral_update(
         ]
     elif operation == "modify":
         built = build_referral_resources(work, idempotency_key, options)
-        key = built.referral_key
+        key, left_out = built.referral_key, built.left_out
         moved = _names_another_recipient(work)
         for resource in (built.service_request, built.task):
             kind = resource["resourceType"]
@@ -917,7 +957,7 @@ def build_referral_update(
     else:
         raise ValueError(f"unknown referral update {operation!r}")
     if not patches:
-        return ReferralUpdate(key, operation, None, None)
+        return ReferralUpdate(key, operation, None, None, left_out)
     search = referral_search(key, options)
     entries = [
         _patch_entry(f"{kind}?{search}", ops, _urn(f"{key}:{idempotency_key}", kind))
@@ -926,7 +966,7 @@ def build_referral_update(
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     validate_resource(bundle)
     task_entry = list(patches).index("Task") if "Task" in patches else None
-    return ReferralUpdate(key, operation, bundle, task_entry)
+    return ReferralUpdate(key, operation, bundle, task_entry, left_out)
 
 
 def _names_another_recipient(work: Work) -> bool:
@@ -1117,9 +1157,11 @@ class FhirReferralChannel(HttpChannel):
     calls for (create, patch, or nothing for a resend); ``send`` POSTs it to ``base_url`` and
     answers ``HTTP <code> Task/<id>``, with the id taken from the transaction-response
     Location. Errors map like the webhook channel: 408, 425, 429, 5xx, timeouts and network
-    errors are retryable; 3xx and other 4xx are not (the server refused this Bundle for good,
-    e.g. 400 invalid or 412 ambiguous ``ifNoneExist``), except a 404 to a modify or cancel,
-    whose referral may still be on its way to the server.
+    errors are retryable; 3xx, other 4xx, 501 and 505 are not (the server refused this Bundle
+    for good, e.g. 400 invalid or 412 ambiguous ``ifNoneExist``), except a 404 to a modify or
+    cancel, whose referral may still be on its way to the server. What the Bundle leaves out
+    of the referral message (dates that contradict each other) is named in the delivery's
+    ``left_out`` and after its receipt.
 
     With ``poll`` on, ``tick()`` GETs ``/Task/<id>`` for every open referral at most every
     ``poll_minutes`` (the IG: poll at least daily, should not poll more often than every 15
@@ -1194,8 +1236,10 @@ class FhirReferralChannel(HttpChannel):
         operation, why = referral_operation(work)
         metadata = {"operation": operation, "destination": self.options.base_url}
         bundle: dict[str, Any] | None = None
+        left_out: tuple[str, ...] = ()
         if operation == "create":
             bundle, built = build_referral_bundle(work, idempotency_key, self.options)
+            left_out = built.left_out
             metadata.update(
                 referral_key=built.referral_key,
                 task_entry="2",
@@ -1210,10 +1254,12 @@ class FhirReferralChannel(HttpChannel):
         elif operation in ("modify", "cancel"):
             update = build_referral_update(work, operation, idempotency_key, self.options)
             metadata["referral_key"] = update.referral_key
-            bundle = update.bundle
+            bundle, left_out = update.bundle, update.left_out
             if update.task_entry is not None:
                 metadata["task_entry"] = str(update.task_entry)
             why = None if bundle else "the modify changes nothing the organisation's copy holds"
+        if left_out:
+            metadata["left_out"] = "; ".join(left_out)
         if bundle is None:
             key = _referral_key_of(work)
             metadata.update(operation="none", not_sent=why or "nothing to send")
@@ -1224,6 +1270,13 @@ class FhirReferralChannel(HttpChannel):
         return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
 
     async def send(self, outgoing: Outgoing) -> str:
+        """The server's answer as the receipt, with what the resources left out of the
+        referral message (``left_out``) after it, so the delivery's record says so too."""
+        receipt = await self._deliver(outgoing)
+        left_out = outgoing.metadata.get("left_out")
+        return f"{receipt} ({left_out})" if left_out else receipt
+
+    async def _deliver(self, outgoing: Outgoing) -> str:
         operation = outgoing.metadata.get("operation", "create")
         if operation == "none":
             return f"not sent: {outgoing.metadata.get('not_sent', 'nothing to send')}"

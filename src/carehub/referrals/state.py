@@ -792,9 +792,15 @@ class ReferralTracker:
         self, event: CareEvent, message_id: int, *, identity: str | None = None
     ) -> ReferralTransition:
         """Apply one REF/RRI message; a message already applied returns the recorded
-        transition unchanged. ``identity`` (MSH-3/4/10) tells dry-run messages apart, which all
-        carry message id 0; with a store the message id alone is the key."""
-        message_key: Any = message_id if self.engine is not None else (message_id, identity)
+        transition unchanged. With a store the message id alone is the key. Dry-run messages
+        all carry message id 0, so ``identity`` (MSH-3/4/10) and what the message says tell
+        them apart, as the hub's intake does: a message that reuses a control ID with other
+        content is another message, not a resend (its time aside, MSH-7, which the hub's
+        content hash leaves out too)."""
+        message_key: Any = message_id
+        if self.engine is None:
+            said = event.model_dump_json(exclude={"occurred_at"})
+            message_key = (message_id, identity, said)
         with self._session() as b:
             recorded = b.recorded_result(message_key)
             if recorded is not None:
