@@ -21,6 +21,22 @@ from tests.test_worker import send, write_config
 
 MESSAGES = 20
 SUMMARY_EVERY = 0.5  # seconds, for the test; 30 s in service
+FOREVER = "{max_attempts: forever, initial_delay: 0.05, max_delay: 0.05, jitter: 0}"
+
+
+def webhook_routes(url: str, retry: str = FOREVER) -> str:
+    """One route forwarding every ADT to a webhook ``hook`` at ``url``, retrying as given."""
+    return f"""
+routes:
+  - name: care
+    when: {{type: ADT}}
+    steps:
+      - forward:
+          channel: webhook
+          name: hook
+          url: {url}
+          retry: {retry}
+"""
 
 
 @pytest.fixture
@@ -36,17 +52,7 @@ def test_a_failing_destination_is_logged_as_one_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(worker_module, "TROUBLE_REPORT_SECONDS", SUMMARY_EVERY, raising=False)
-    routes = f"""
-routes:
-  - name: care
-    when: {{type: ADT}}
-    steps:
-      - forward:
-          channel: webhook
-          name: hook
-          url: {receiver.url("/events")}
-          retry: {{max_attempts: forever, initial_delay: 0.05, max_delay: 0.05, jitter: 0}}
-"""
+    routes = webhook_routes(receiver.url("/events"))
     caplog.set_level(logging.DEBUG, logger="carehub.worker")
     config = load_config(write_config(tmp_path, routes))
     with HubThread(config, tmp_path / "data") as hub:

@@ -20,6 +20,7 @@ from carehub.config import load_config
 from carehub.store.outbox import Outbox
 from carehub.testing import HubThread, make_adt
 from tests.helpers_http import HTTPServer, wait_for
+from tests.test_destination_failure_runs_logged import webhook_routes
 from tests.test_worker import send, write_config
 
 PATIENTS = 4
@@ -41,17 +42,7 @@ def test_summaries_count_the_stores_waiting_deliveries_and_a_quiet_run_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(worker_module, "TROUBLE_REPORT_SECONDS", SUMMARY_EVERY)
-    routes = f"""
-routes:
-  - name: care
-    when: {{type: ADT}}
-    steps:
-      - forward:
-          channel: webhook
-          name: hook
-          url: {receiver.url("/events")}
-          retry: {{max_attempts: forever, initial_delay: 0.05, max_delay: 0.05, jitter: 0}}
-"""
+    routes = webhook_routes(receiver.url("/events"))
     caplog.set_level(logging.INFO, logger="carehub.worker")
     config = load_config(write_config(tmp_path, routes))
     texts = [

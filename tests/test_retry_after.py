@@ -17,6 +17,7 @@ from carehub.config import load_config
 from carehub.store.outbox import DeliveryRecord, Outbox
 from carehub.testing import HubThread, make_adt
 from tests.test_channels import WebhookServer
+from tests.test_destination_failure_runs_logged import webhook_routes
 from tests.test_worker import send, write_config
 
 
@@ -41,17 +42,8 @@ def first_failed_attempt(hub: HubThread) -> DeliveryRecord:
 def test_next_attempt_waits_for_retry_after_up_to_max_delay(
     tmp_path: Path, receiver: WebhookServer, max_delay: float, expected: float
 ) -> None:
-    routes = f"""
-routes:
-  - name: care
-    when: {{type: ADT}}
-    steps:
-      - forward:
-          channel: webhook
-          name: hook
-          url: {receiver.url("/status/429")}
-          retry: {{max_attempts: 3, initial_delay: 0.1, max_delay: {max_delay}, jitter: 0}}
-"""
+    retry = f"{{max_attempts: 3, initial_delay: 0.1, max_delay: {max_delay}, jitter: 0}}"
+    routes = webhook_routes(receiver.url("/status/429"), retry)
     config = load_config(write_config(tmp_path, routes))
     with HubThread(config, tmp_path / "data") as hub:
         send(hub, [make_adt("RA-1")])
