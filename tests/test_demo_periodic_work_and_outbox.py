@@ -58,3 +58,12 @@ def test_the_outbox_stays_beside_a_given_data_dir(demo_run: tuple[Path, str, dat
         "care-events",
         "downstream-ehr",
     }
+
+
+def test_the_food_bank_answers_with_its_own_token_and_is_named(
+    demo_run: tuple[Path, str, datetime],
+) -> None:
+    _, out, _ = demo_run
+    assert "reports back over HTTP with its own token" in out
+    assert "completed -> HTTP 200" in out
+    assert re.search(r"completed by\s+Springfield\s+Community\s+Food\s+Bank", out), out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import socket
 import tempfile
 import time
@@ -168,6 +169,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: The sample's food bank (config/resources/directory.json), which the demo's referral names.
+FOOD_BANK = "Springfield Community Food Bank"
+
+
 def _demo_config(config_path: Path) -> HubConfig:
     config = load_config(config_path)
     # The demo never takes the configured ports: it runs beside anything already listening.
@@ -176,6 +181,10 @@ def _demo_config(config_path: Path) -> HubConfig:
     config.listeners.http.host, config.listeners.http.port = "127.0.0.1", 0
     config.listeners.files = []
     config.worker.poll_interval = 0.1
+    # The food bank answers with a token of its own, as an organisation does in service: good
+    # for its referrals' status only, and its answer is told to the referrer under its name.
+    config.listeners.http.tokens = [secrets.token_urlsafe(16)]
+    config.listeners.http.organization_tokens = {FOOD_BANK: secrets.token_urlsafe(16)}
     return config
 
 
@@ -427,14 +436,16 @@ async def _close_a_referral(hub: Hub) -> None:
         return
     host, port = hub.http_listener.address
     key = food[0].referral_key
+    token = hub.config.listeners.http.organization_tokens[FOOD_BANK]
     async with httpx.AsyncClient() as client:
         answer = await client.post(
             f"http://{host}:{port}/referrals/{quote(key, safe='')}/status",
             json={"status": "completed", "note": "Enrolled in the weekly food box programme"},
+            headers={"Authorization": f"Bearer {token}"},
         )
     console.print(
-        f"\n[bold]The food bank reports back[/bold] over HTTP: POST /referrals/{quote(key)}/status "
-        f"completed -> HTTP {answer.status_code}"
+        f"\n[bold]The food bank reports back[/bold] over HTTP with its own token: POST "
+        f"/referrals/{quote(key)}/status completed -> HTTP {answer.status_code}"
     )
 
 
