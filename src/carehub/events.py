@@ -120,27 +120,35 @@ _PRECISION_OF_LENGTH: dict[int, Precision] = dict(
 _ZONES: dict[str, timezone | None] = {}
 
 
-class PartialDate(date):
+class _AsPrecise:
+    """What PartialDate and PartialDateTime share: ``precision``, given as they are made (the
+    whole value's own by default) and kept through copies and pickles (which date's own
+    reduction forgets)."""
+
+    precision: Precision
+    _WHOLE: Precision
+
+    def __new__(cls, *args: Any, precision: Precision | None = None, **kwargs: Any) -> Any:
+        value = super().__new__(cls, *args, **kwargs)  # type: ignore[misc]
+        value.precision = precision or cls._WHOLE
+        return value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        rebuild, args = super().__reduce_ex__(protocol)[:2]  # type: ignore[misc]
+        return rebuild, args, {"precision": self.precision}
+
+
+class PartialDate(_AsPrecise, date):
     """A date no more precise than the sender wrote it: HL7 allows ``1958`` or ``195803`` (a
     birth year is often all anyone knows), and so do FHIR and ISO 8601. It is the first day it
     covers (1958-01-01), so ages, sorting and comparisons work as for any date; ``precision``
     keeps how much was said, so what carehub writes out (FHIR, the event's JSON: see
     :func:`date_as_sent`) does not invent a month or a day."""
 
-    precision: Precision
-
-    def __new__(cls, *args: Any, precision: Precision = "day", **kwargs: Any) -> PartialDate:
-        value = super().__new__(cls, *args, **kwargs)
-        value.precision = precision
-        return value
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        # date's own reduction forgets the precision (copies, pickles).
-        rebuild, args = super().__reduce_ex__(protocol)[:2]
-        return rebuild, args, {"precision": self.precision}
+    _WHOLE = "day"
 
 
-class PartialDateTime(datetime):
+class PartialDateTime(_AsPrecise, datetime):
     """A date-time no more precise than the sender wrote it (``2026-0500`` is a year): the
     first moment it covers, with ``precision`` saying how much was said. Where a moment is
     needed (encounter times, ordering, the event's JSON) it is that moment; where the value is
@@ -148,16 +156,7 @@ class PartialDateTime(datetime):
     keep it as precise as the sender. Times computed from it (``+ timedelta``, ``replace``)
     are whole moments again."""
 
-    precision: Precision
-
-    def __new__(cls, *args: Any, precision: Precision = "second", **kwargs: Any) -> PartialDateTime:
-        value = super().__new__(cls, *args, **kwargs)
-        value.precision = precision
-        return value
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        rebuild, args = super().__reduce_ex__(protocol)[:2]
-        return rebuild, args, {"precision": self.precision}
+    _WHOLE = "second"
 
 
 def _precision(value: date) -> Precision:
