@@ -469,6 +469,17 @@ _LATEST_RUNS = (
     .where(message_steps.c.message_id.in_(bindparam("ids", expanding=True)))
     .group_by(message_steps.c.message_id)
 )
+#: Outbox._still_held: the deliveries of ``ids`` being sent, with their leases (built once,
+#: as every batch of results reads it).
+_STILL_HELD = (
+    select(deliveries.c.id, deliveries.c.lease_until)
+    .where(
+        deliveries.c.id.in_(bindparam("ids", expanding=True)),
+        deliveries.c.status == DeliveryStatus.SENDING.value,
+    )
+    .order_by(deliveries.c.id)
+)
+_STILL_HELD_LOCKED = _STILL_HELD.with_for_update()
 _FAILED_STEPS = (
     select(
         message_steps.c.message_id,
@@ -972,20 +983,11 @@ class Outbox:
         whatever the first worker writes about it after that must be left out, or it would
         overwrite the second worker's send (hand it back, or finish it under its feet)."""
         still: list[int] = []
+        query = _STILL_HELD if self.store.is_sqlite else _STILL_HELD_LOCKED
         for chunk in _chunks(sorted(held), _IDS_PER_STATEMENT):
-            query = (
-                select(deliveries.c.id, deliveries.c.lease_until)
-                .where(
-                    deliveries.c.id.in_(chunk),
-                    deliveries.c.status == DeliveryStatus.SENDING.value,
-                )
-                .order_by(deliveries.c.id)
-            )
-            if not self.store.is_sqlite:
-                query = query.with_for_update()
             still.extend(
                 delivery_id
-                for delivery_id, until in conn.execute(query)
+                for delivery_id, until in conn.execute(query, {"ids": chunk})
                 if until is not None and _aware(until) == held[delivery_id]
             )
         return still
