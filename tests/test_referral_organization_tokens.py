@@ -213,3 +213,15 @@ def test_a_modify_that_ranks_the_directory_again_gives_nobody_else_the_referral(
     assert {holder, top} == set(tokens)
     assert _status(loop, made.referral_key, tokens[top]).status_code == 404
     assert _status(loop, made.referral_key, tokens[holder]).status_code == 200
+
+
+def test_an_answer_that_does_not_say_who_gave_it_reads_as_a_sentence(loop: Loop) -> None:
+    """A trusted system's call names no organisation: the referrer reads "The receiving
+    organisation has ...", a capital where the sentence starts and nowhere else."""
+    key = _referral_key(loop)
+    assert _status(loop, key, HOSPITAL).status_code == 200
+    loop.running.hub.table.tick(datetime.now(UTC))
+    wait_for(lambda: loop.emails_to(REFERRER), what="the referrer's email")
+    (told,) = loop.emails_to(REFERRER)
+    assert told["Subject"].endswith("accepted by the receiving organisation")
+    assert "The receiving organisation has accepted your referral" in told.get_content()

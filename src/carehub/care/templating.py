@@ -28,6 +28,7 @@ class MessageTemplates:
             trim_blocks=True,
             keep_trailing_newline=False,
         )
+        self.environment.filters["sentence_start"] = sentence_start
 
     @classmethod
     def from_folder(
@@ -54,3 +55,11 @@ def _existing_folder(context: ComponentContext, site_folder: str) -> Path:
         problem = "is not a folder" if folder.exists() else "does not exist"
         raise ConfigError(f"templates: the folder {folder} {problem}")
     return folder
+
+
+def sentence_start(text: Any) -> str:
+    """``text`` with its first letter a capital, the rest as written (jinja's ``capitalize``
+    lowers the rest, and a name such as "Springfield Community Food Bank" must keep its
+    capitals): for a value that may open a sentence, like "the receiving organisation"."""
+    value = str(text)
+    return value[:1].upper() + value[1:]

@@ -123,7 +123,8 @@ Please tell the referrer whether you accept the referral, quoting referral {{ re
 Subject: Referral {{ referral_id }} {{ status_label }} by {{ organization }}
 {{ referrer.name }}:
 
-{{ organization }} has {{ status_verb }} your referral {{ referral_id }} for {{ patient_name }}
+{% set who = organization | sentence_start %}
+{{ who }} has {{ status_verb }} your referral {{ referral_id }} for {{ patient_name }}
 {%- if birth_date %} (born {{ birth_date }}){% endif %}.
 
 Status: {{ status_label }}{% if from_label %} (was {{ from_label }}){% endif %}
