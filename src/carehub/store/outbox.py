@@ -200,6 +200,11 @@ _DELIVERY_COLUMNS = (
 )  # fmt: skip
 
 
+def _metadata_text(metadata: dict[str, Any] | None) -> str:
+    """A delivery's metadata as its column holds it (JSON; ``{}`` when there is none)."""
+    return json.dumps(metadata) if metadata else "{}"
+
+
 def _new_delivery_values(
     planned: PlannedDelivery,
     message_id: int,
@@ -222,7 +227,7 @@ def _new_delivery_values(
         planned.order_key,
         outgoing.payload,
         outgoing.content_type,
-        json.dumps(outgoing.metadata) if outgoing.metadata else "{}",
+        _metadata_text(outgoing.metadata),
         DeliveryStatus.PENDING.value if lease_until is None else DeliveryStatus.SENDING.value,
         0,
         planned.max_attempts,
@@ -762,7 +767,7 @@ class Outbox:
                         idempotency_key=outgoing.idempotency_key,
                         payload=outgoing.payload,
                         content_type=outgoing.content_type,
-                        metadata=json.dumps(outgoing.metadata) if outgoing.metadata else "{}",
+                        metadata=_metadata_text(outgoing.metadata),
                         status=DeliveryStatus.PENDING.value,
                         attempts=0,
                         max_attempts=planned.max_attempts,
