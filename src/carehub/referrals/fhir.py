@@ -17,11 +17,9 @@ module builds both resources from a REF^I12 care event and ships them:
   ``tick()`` to advance the referral's state through :meth:`ReferralTracker.advance`
   (``source="fhir-task-poll"``).
 
-**FHIR version.** The IG is FHIR R4 (4.0.1). fhir.resources 8 ships R5 as its default package
-and R4B (4.3.0) and STU3 as sub-packages; there is no R4 proper. ServiceRequest, Task, Patient
-and Bundle (with ``request.ifNoneExist``) have the same R4 and R4B shape, so the resources are
-written as R4 JSON and checked with the ``fhir.resources.R4B`` models. The R5 models would be
-wrong (R5 renamed ``reasonCode``/``reasonReference`` to ``reason`` and changed Task.focus use).
+**FHIR version.** The IG is FHIR R4 (4.0.1); the resources are written as R4 JSON and checked
+with fhir.resources' R4B models (see :mod:`carehub.fhir`, which also holds what this module
+shares with the ADT notifications).
 
 **Minimum necessary.** The CBO gets what it needs to contact and serve the patient and nothing
 else: the patient's identifier, name, birth date, sex, phone and address; the social-need
@@ -88,24 +86,21 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
 import re
 import secrets
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from carehub.builtins.http_channel import (
     HttpAnswer,
@@ -130,7 +125,21 @@ from carehub.events import (
     Practitioner,
     Referral,
     date_as_sent,
-    has_time,
+)
+from carehub.fhir import (
+    FHIR_CONTENT_TYPE,
+    GENDER,
+    ICD10CM,
+    SNOMED,
+    V2_0203,
+    fhir_address,
+    fhir_datetime,
+    identifier_system,
+    outcome_text,
+    person_name,
+    practitioner_identifier,
+    stable_urn,
+    validate_resource,
 )
 from carehub.referrals.state import (
     CLOSED_STATUSES,
@@ -169,14 +178,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FHIR_CONTENT_TYPE = "application/fhir+json"
-
 SDOHCC_CODES = "http://hl7.org/fhir/us/sdoh-clinicalcare/CodeSystem/SDOHCC-CodeSystemTemporaryCodes"
-SNOMED = "http://snomed.info/sct"
-ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
-NPI = "http://hl7.org/fhir/sid/us-npi"
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 #: The SDOH categories of the IG's temporary code system (code -> display), the ones the
 #: SDOHCC ServiceRequest ``category[SDOHCC]`` slice takes.
@@ -235,7 +238,6 @@ _Z_CATEGORIES: tuple[tuple[str, str], ...] = tuple(
 )
 
 _PRIORITY = {"S": "stat", "A": "asap", "R": "routine"}  # RF1-2 (table 0280)
-_GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown"}  # PID-8 (table 0001)
 _ICD10_SYSTEMS = frozenset({"", "I10", "I10C", "ICD10", "ICD-10", "ICD10CM", "ICD-10-CM"})
 _SDOH_Z = re.compile(r"^Z(5[5-9]|6[0-5])[0-9A-Z]*$")
 
@@ -309,33 +311,6 @@ class GravityOptions(ComponentOptions):
 # -- validation ---------------------------------------------------------------------------------
 
 
-@cache
-def _model(resource_type: str) -> Any:
-    """The R4B model class; imported on first use so loading plugins stays cheap."""
-    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
-    return getattr(module, resource_type)
-
-
-def validate_resource(resource: dict[str, Any]) -> None:
-    """Check a FHIR JSON resource against the fhir.resources R4B model of its type; raises
-    ValueError naming the resource and the first problems. Done at routing time, so a referral
-    carehub would send malformed fails its route step there, visibly, instead of at the CBO."""
-    resource_type = resource.get("resourceType")
-    if not isinstance(resource_type, str) or not resource_type.isalpha():
-        raise ValueError(f"not a FHIR resource (resourceType {resource_type!r})")
-    try:
-        model = _model(resource_type)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"unknown FHIR resource type {resource_type!r}") from err
-    try:
-        model.model_validate(resource)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:3]
-        )
-        raise ValueError(f"invalid FHIR {resource_type}: {problems}") from err
-
-
 # -- consent ------------------------------------------------------------------------------------
 
 CONSENT_NOT_STATED = (
@@ -392,46 +367,6 @@ def _category(code: str) -> dict[str, Any]:
     }
 
 
-def _system_for(authority: str | None, options: GravityOptions) -> str:
-    name = (authority or "").strip() or "local"
-    mapped = options.identifier_systems.get(name)
-    return mapped or f"urn:carehub:id:{quote(name, safe='')}"
-
-
-def _person_name(given: str | None, family: str | None, prefix: str | None = None) -> str | None:
-    return " ".join(p for p in (prefix, given, family) if p) or None
-
-
-def _fhir_datetime(value: datetime | None) -> str | None:
-    """A FHIR dateTime, no more precise than the sender gave it: a year, a month or a date
-    without a time stays one (FHIR allows YYYY, YYYY-MM and YYYY-MM-DD). One with a time needs
-    a zone; HL7 times without an offset are the sender's local time, which carehub does not
-    know, so those keep only their date."""
-    if value is None:
-        return None
-    if value.tzinfo is None or not has_time(value):
-        return date_as_sent(value)
-    return value.isoformat(timespec="seconds")
-
-
-def _address(address: Any) -> dict[str, Any] | None:
-    if address is None:
-        return None
-    out: dict[str, Any] = {}
-    lines = [line for line in (address.line1, address.line2) if line]
-    if lines:
-        out["line"] = lines
-    for key, value in (
-        ("city", address.city),
-        ("state", address.state),
-        ("postalCode", address.postal_code),
-        ("country", address.country),
-    ):
-        if value:
-            out[key] = value
-    return out or None
-
-
 def _patient_resource(patient: Patient, system: str) -> dict[str, Any]:
     """The minimal Patient a CBO needs to find and contact the person."""
     primary = patient.primary
@@ -451,12 +386,12 @@ def _patient_resource(patient: Patient, system: str) -> dict[str, Any]:
             resource["name"] = [name]
     if patient.phone:
         resource["telecom"] = [{"system": "phone", "value": patient.phone}]
-    gender = _GENDER.get((patient.sex or "").strip().upper())
+    gender = GENDER.get((patient.sex or "").strip().upper())
     if gender:
         resource["gender"] = gender
     if patient.birth_date is not None:
         resource["birthDate"] = date_as_sent(patient.birth_date)
-    address = _address(patient.address)
+    address = fhir_address(patient.address)
     if address:
         resource["address"] = [address]
     return resource
@@ -466,14 +401,10 @@ def _practitioner_ref(person: Practitioner, options: GravityOptions) -> dict[str
     """A logical reference (identifier + name): the CBO's server has no record of the
     referring clinician, and the NPI is what it can look them up by."""
     ref: dict[str, Any] = {"type": "Practitioner"}
-    if person.id:
-        is_npi = (person.id_type or "").upper() == "NPI" or (person.id_authority or "").upper() in (
-            "NPI",
-            "CMS",
-        )
-        system = NPI if is_npi else _system_for(person.id_authority, options)
-        ref["identifier"] = {"system": system, "value": person.id}
-    display = _person_name(person.given, person.family, person.prefix)
+    identifier = practitioner_identifier(person, options.identifier_systems)
+    if identifier:
+        ref["identifier"] = identifier
+    display = person_name(person.given, person.family, person.prefix)
     if display:
         ref["display"] = display
     return ref
@@ -598,11 +529,6 @@ _NEEDS_REFERRAL_EVENT = (
 )
 
 
-def _urn(seed: str, what: str) -> str:
-    """A stable urn:uuid, so rendering the same referral twice gives the same bytes."""
-    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'carehub:{seed}:{what}')}"
-
-
 def build_referral_resources(
     work: Work, idempotency_key: str | None = None, options: GravityOptions | None = None
 ) -> ReferralResources:
@@ -624,16 +550,18 @@ def build_referral_resources(
     ref = event.referral
 
     # Patient: conditional create, referenced by urn:uuid and by identifier.
-    patient_system = _system_for(patient.primary.authority or event.sending_facility, options)
+    patient_system = identifier_system(
+        patient.primary.authority or event.sending_facility, options.identifier_systems
+    )
     patient_resource = _patient_resource(patient, patient_system)
-    patient_url = _urn(seed, "Patient")
+    patient_url = stable_urn(seed, "Patient")
     patient_ref: dict[str, Any] = {
         "reference": patient_url,
         "type": "Patient",
         "identifier": {"system": patient_system, "value": patient.primary.value},
     }
     patient_name = (
-        _person_name(patient.name.given, patient.name.family) if patient.name is not None else None
+        person_name(patient.name.given, patient.name.family) if patient.name is not None else None
     )
     if patient_name:
         patient_ref["display"] = patient_name
@@ -689,11 +617,13 @@ def build_referral_resources(
         performer = _organization_ref(
             str(org_name) if org_name else None,
             str(org_id) if org_id else None,
-            _system_for("hsds-organization", options),
+            identifier_system("hsds-organization", options.identifier_systems),
         )
     if performer is None and isinstance(ref.referred_to, Organization):
         performer = _organization_ref(
-            ref.referred_to.name, ref.referred_to.id, _system_for(None, options)
+            ref.referred_to.name,
+            ref.referred_to.id,
+            identifier_system(None, options.identifier_systems),
         )
     elif performer is None and isinstance(ref.referred_to, Practitioner):
         performer = _practitioner_ref(ref.referred_to, options)
@@ -705,15 +635,17 @@ def build_referral_resources(
     task_requester = requester
     if org is not None and (org.name or org.id):
         # The IG's Task.requester is a PractitionerRole or an Organization.
-        task_requester = _organization_ref(org.name, org.id, _system_for(None, options))
+        task_requester = _organization_ref(
+            org.name, org.id, identifier_system(None, options.identifier_systems)
+        )
     if task_requester is None and event.sending_facility:
         task_requester = {"type": "Organization", "display": event.sending_facility}
     if requester is None:
         requester = task_requester
 
     authored = (
-        _fhir_datetime(event.occurred_at)
-        or _fhir_datetime(work.message.received_at)
+        fhir_datetime(event.occurred_at)
+        or fhir_datetime(work.message.received_at)
         or date.today().isoformat()
     )
     priority = _PRIORITY.get((ref.priority or "").strip().upper())
@@ -760,7 +692,7 @@ def build_referral_resources(
     else:
         service_request["note"] = [{"text": consent_statement(None, options.consent_note).text}]
 
-    service_request_url = _urn(seed, "ServiceRequest")
+    service_request_url = stable_urn(seed, "ServiceRequest")
     task: dict[str, Any] = {
         "resourceType": "Task",
         "identifier": [placer],
@@ -793,7 +725,7 @@ def build_referral_resources(
         service_request=service_request,
         service_request_url=service_request_url,
         task=task,
-        task_url=_urn(seed, "Task"),
+        task_url=stable_urn(seed, "Task"),
         left_out=(period_left_out,) if period_left_out else (),
     )
 
@@ -836,7 +768,7 @@ def _placer_identifier(key: str, options: GravityOptions) -> dict[str, Any]:
     authority, value = _split_key(key)
     return {
         "type": {"coding": [{"system": V2_0203, "code": "PLAC", "display": "Placer Identifier"}]},
-        "system": _system_for(authority, options),
+        "system": identifier_system(authority, options.identifier_systems),
         "value": value,
     }
 
@@ -845,7 +777,11 @@ def referral_search(key: str, options: GravityOptions | None = None) -> str:
     """``identifier=<system>|<value>`` for the referral ``key``: how its ServiceRequest and Task
     are found at the server (conditional create and conditional patch)."""
     authority, value = _split_key(key)
-    return _search("identifier", _system_for(authority, options or GravityOptions()), value)
+    return _search(
+        "identifier",
+        identifier_system(authority, (options or GravityOptions()).identifier_systems),
+        value,
+    )
 
 
 def _search(param: str, system: str, value: str) -> str:
@@ -960,7 +896,7 @@ def build_referral_update(
         return ReferralUpdate(key, operation, None, None, left_out)
     search = referral_search(key, options)
     entries = [
-        _patch_entry(f"{kind}?{search}", ops, _urn(f"{key}:{idempotency_key}", kind))
+        _patch_entry(f"{kind}?{search}", ops, stable_urn(f"{key}:{idempotency_key}", kind))
         for kind, ops in patches.items()
     ]
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
@@ -1294,7 +1230,7 @@ class FhirReferralChannel(HttpChannel):
         status = response.status_code
         if not 200 <= status < 300:
             text = f"POST {without_password(url)}: HTTP {status}"
-            reason = _outcome_text(response)
+            reason = outcome_text(response)
             if reason:
                 text += f": {reason}"
             wait = retry_after(response.headers)
@@ -1532,19 +1468,3 @@ def _task_id_from_response(response: HttpAnswer, task_entry: int) -> str | None:
         if found:
             return found
     return next((t for t in map(task_id_from_location, locations) if t), None)
-
-
-def _outcome_text(response: HttpAnswer, limit: int = 200) -> str:
-    """What went wrong, from an OperationOutcome's diagnostics when the server sent one, else
-    the start of the body."""
-    text = response.text[:4096]
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        body = json.loads(text)
-        if body.get("resourceType") == "OperationOutcome":
-            issues = [
-                i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
-                for i in body.get("issue") or []
-            ]
-            text = "; ".join(str(i) for i in issues if i) or text
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
