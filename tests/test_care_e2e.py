@@ -82,10 +82,13 @@ class Setup:
             return [dict(r._mapping) for r in rows]
 
     def deliveries(self) -> list[dict[str, Any]]:
-        """The notify step's deliveries (route care-transitions)."""
+        """The notify step's deliveries (route care-transitions, but its FHIR forward)."""
         with self.store.engine.connect() as conn:
             rows = conn.execute(
-                select(deliveries).where(deliveries.c.route == CARE_ROUTE).order_by(deliveries.c.id)
+                select(deliveries)
+                .where(deliveries.c.route == CARE_ROUTE)
+                .where(deliveries.c.channel != "fhir-notification")
+                .order_by(deliveries.c.id)
             )
             return [dict(r._mapping) for r in rows]
 

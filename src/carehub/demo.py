@@ -92,13 +92,16 @@ def run_demo(config_path: Path | None, data_dir: Path | None) -> int:
 
 class CarePlatform:
     """Stand-ins for the outside world the sample routes talk to: the care-coordination
-    platform (webhook), an SMS gateway (HTTP) and a mail server (SMTP, aiosmtpd)."""
+    platform (webhook), the care-management platform's FHIR endpoint ($process-message), the
+    community platform's FHIR server, an SMS gateway (HTTP) and a mail server (SMTP,
+    aiosmtpd)."""
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.texts: list[dict[str, Any]] = []
         self.mail: list[EmailMessage] = []
         self.fhir: list[dict[str, Any]] = []  # transaction bundles the community platform got
+        self.notifications: list[dict[str, Any]] = []  # message bundles care management got
         app = FastAPI()
 
         @app.post("/care-events")
@@ -112,6 +115,11 @@ class CarePlatform:
         async def sms(request: Request) -> Response:
             self.texts.append(json.loads(await request.body()))
             return Response(status_code=202)
+
+        @app.post("/care-fhir/$process-message")
+        async def fhir_notification(request: Request) -> Response:
+            self.notifications.append(json.loads(await request.body()))
+            return Response(status_code=200)
 
         @app.post("/fhir")
         async def fhir_transaction(request: Request) -> Response:
@@ -155,6 +163,7 @@ class CarePlatform:
         os.environ["CARE_PLATFORM_URL"] = f"http://{host}:{port}/care-events"
         os.environ["SMS_GATEWAY_URL"] = f"http://{host}:{port}/messages"
         os.environ["CBO_FHIR_URL"] = f"http://{host}:{port}/fhir"
+        os.environ["CARE_FHIR_URL"] = f"http://{host}:{port}/care-fhir"
         os.environ["SMTP_HOST"], os.environ["SMTP_PORT"] = "127.0.0.1", str(self.smtp.port)
         os.environ["SMTP_STARTTLS"] = "false"
 
@@ -343,6 +352,13 @@ def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path, kept: 
         name = f"{patient.get('family', '')}, {patient.get('given', '')}"
         key = body.get("_idempotency_key")
         console.print(Text(f"  {event.get('kind', '?'):18s} {name:18s} at {where}  (key {key})"))
+    if platform.notifications:
+        console.print(
+            "\n[bold]The care-management platform received[/bold] (FHIR, Da Vinci notification "
+            "Bundles):"
+        )
+    for bundle in platform.notifications:
+        console.print(Text("  " + _notification_line(bundle)))
     folders: dict[str, int] = {}
     for path in outbox_dir.rglob("*"):
         if path.is_file():
@@ -357,6 +373,21 @@ def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path, kept: 
         "\nRe-run a message through the routes without sending: "
         "carehub routes test config/feeds/04-riverside-discharge-to-snf.hl7"
     )
+
+
+def _notification_line(bundle: dict[str, Any]) -> str:
+    """One notification Bundle as a line: its event, the Encounter's status and class, the
+    patient and the facility."""
+    resources = {e["fullUrl"]: e["resource"] for e in bundle.get("entry", [])}
+    header = next(iter(resources.values()), {})
+    encounter = resources.get((header.get("focus") or [{}])[0].get("reference", ""), {})
+    patient = resources.get(encounter.get("subject", {}).get("reference", ""), {})
+    name = (patient.get("name") or [{}])[0]
+    who = f"{name.get('family', '')}, {' '.join(name.get('given', [])[:1])}"
+    sender = (header.get("sender") or {}).get("display", "?")
+    event = (header.get("eventCoding") or {}).get("code", "?")
+    state = f"Encounter {encounter.get('status', '?')} ({encounter.get('class', {}).get('code')})"
+    return f"{event:23s} {state:27s} {who:18s} from {sender}"
 
 
 _seen_notifications: set[tuple[str, str, str, str]] = set()

@@ -775,9 +775,11 @@ def sign(secret: str, payload: bytes) -> str:
 @hookimpl
 def carehub_register_channels(register: Any) -> None:
     """The built-in forwarding channels, registered like any plugin's."""
+    from carehub.care.fhir_notifications import FhirNotificationChannel
     from carehub.referrals.fhir import FhirReferralChannel
 
     register(FileChannel)
     register(MLLPChannel)
     register(WebhookChannel)
     register(FhirReferralChannel)
+    register(FhirNotificationChannel)

@@ -1,0 +1,717 @@
+"""Admit, discharge and transfer notifications as FHIR messages, the Da Vinci way.
+
+The Da Vinci Unsolicited Notifications IG (``hl7.fhir.us.davinci-alerts`` 1.1.0, FHIR R4) is how
+a care-management platform, a payer or an HIE takes encounter notifications over FHIR: a
+``message`` Bundle whose first entry is a **MessageHeader** (``eventCoding`` from the IG's
+notification-event code system: ``notification-admit``, ``notification-discharge``,
+``notification-transfer``) with ``focus`` the **Encounter**, followed by the resources it points
+at: the Patient, the facility (Organization), its Location, the attending and admitting
+Practitioners and the patient's primary care practitioner, and the encounter diagnoses
+(Condition). It is POSTed to ``[base]/$process-message``; no response message is expected.
+
+**What is sent comes from the visit, not from one message.** The channel reads the
+encounter-state step's transition (``work.data["encounter"]``): its kind decides whether and as
+what the message is sent, and its summary (the visit as all its messages built it) fills the
+Encounter. So a discharge whose A03 left out the admission time or the attending still carries
+them, and an A08 that repeated what was known, a bed move or a resend under a new MSH-10 (kind
+``none``) sends nothing. The trigger rules are the ones the notify step follows: an ED arrival
+and an admission are ``notification-admit``, a change of level of care or facility is
+``notification-transfer``, a discharge ``notification-discharge``.
+
+**Cancels.** The IG has no cancel event; a cancel is sent as the notification it takes back,
+with the Encounter as the cancel left it (v2-to-FHIR's Event[EncounterStatus] map): an A11 that
+cancels the visit gives ``cancelled``, an A13 puts the visit back ``in-progress`` without its
+end. A cancel of a visit carehub first heard of in that cancel (it came before its event) sends
+nothing: the receiver was never told of it.
+
+**Identity.** The Encounter, Patient, Organization, Location and Practitioners have ``urn:uuid``
+full URLs made from what they are (the visit's key, the patient's key, the facility code, an
+NPI), so every notification of one visit names the same Encounter, and the receiver can tell
+an update from a new visit; the Encounter also carries the visit number (PV1-19, type VN). The
+Bundle and MessageHeader ids come from the stored message and the endpoint: a retry, or a
+``messages reprocess``, sends the same FHIR message again, which a receiver that has it drops
+as a repeat (FHIR messaging's rule for a Bundle id it has seen), while one that never got it
+acts on it.
+
+**Who is told, and what.** A patient who opted out (PD1-12 or the roster, found by the
+care-team step when the route runs it before this channel) is not sent. Diagnoses go as
+Condition resources unless ``diagnoses: false`` (a receiver not covered for them, e.g. under
+42 CFR Part 2). Coverage (IN1) is not sent: the care event does not carry it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+from pydantic import Field, field_validator
+
+from carehub import __version__
+from carehub.builtins.http_channel import HttpChannel, http_url
+from carehub.care.model import DISPOSITIONS, NOTIFIABLE, RETRACTS, CareTeam, Transition
+from carehub.components import ComponentContext, ComponentOptions, DeliveryError, Outgoing, Work
+from carehub.events import Address, HumanName, Identifier, Practitioner
+from carehub.fhir import (
+    FHIR_CONTENT_TYPE,
+    GENDER,
+    ICD9CM,
+    ICD10CM,
+    SNOMED,
+    V2_0203,
+    fhir_address,
+    identifier_system,
+    outcome_text,
+    person_name,
+    practitioner_identifier,
+    stable_urn,
+    validate_resource,
+)
+
+__all__ = ["FhirNotificationChannel", "NotificationOptions", "build_notification_bundle"]
+
+EVENT_CODES = "http://hl7.org/fhir/us/davinci-alerts/CodeSystem/notification-event"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+NULL_FLAVOR = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+DIAGNOSIS_ROLE = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
+DISCHARGE_DISPOSITION = "http://www.nubc.org/patient-discharge"
+PROFILE = "http://hl7.org/fhir/us/davinci-alerts/StructureDefinition/"
+
+#: Transition kind -> (notification-event code, its display).
+_EVENTS: dict[str, tuple[str, str]] = {
+    "ed_arrival": ("notification-admit", "Admit Notification"),
+    "admission": ("notification-admit", "Admit Notification"),
+    "transfer": ("notification-transfer", "Transfer Notification"),
+    "discharge": ("notification-discharge", "Discharge Notification"),
+}
+_MESSAGEHEADER_PROFILES = {
+    "notification-admit": "admit-notification-messageheader",
+    "notification-discharge": "discharge-notification-messageheader",
+    "notification-transfer": "transfer-notification-messageheader",
+}
+#: The visit's state after the message -> Encounter.status.
+_STATUS = {
+    "registered": "arrived",
+    "ed": "in-progress",
+    "admitted": "in-progress",
+    "discharged": "finished",
+    "closed": "finished",
+    "cancelled": "cancelled",
+}
+#: PV1-2 patient class (table 0004) -> Encounter.class (v3 ActCode), as the v2-to-FHIR IG's
+#: PatientClass map gives it; V (observation, as several US sites send it) as Da Vinci maps it.
+_CLASSES: dict[str, tuple[str, str]] = {
+    "E": ("EMER", "emergency"),
+    "I": ("IMP", "inpatient encounter"),
+    "O": ("AMB", "ambulatory"),
+    "P": ("PRENC", "pre-admission"),
+    "V": ("OBSENC", "observation encounter"),
+}
+#: DG1-3's coding system (table 0396) -> the FHIR system URI.
+_DIAGNOSIS_SYSTEMS = {
+    "I10": ICD10CM,
+    "I10C": ICD10CM,
+    "ICD10": ICD10CM,
+    "ICD10CM": ICD10CM,
+    "I9": ICD9CM,
+    "I9C": ICD9CM,
+    "SCT": SNOMED,
+    "SNM": SNOMED,
+    "SNOMED": SNOMED,
+}
+#: DG1-6 diagnosis type (table 0052) -> Encounter.diagnosis.use.
+_DIAGNOSIS_ROLES = {"A": ("AD", "Admission diagnosis"), "F": ("DD", "Discharge diagnosis")}
+#: The participants an Encounter names, from the transition summary.
+_PARTICIPANTS = (("attending", "ATND", "attender"), ("admitting", "ADM", "admitter"))
+
+
+class NotificationOptions(ComponentOptions):
+    """How the notifications are written: which transitions, what they carry, and the names
+    and identifier systems they use."""
+
+    kinds: list[Literal["ed_arrival", "admission", "transfer", "discharge"]] = Field(
+        default_factory=lambda: list(NOTIFIABLE),
+        min_length=1,
+        description="the transitions sent (their cancels follow them)",
+    )
+    diagnoses: bool = Field(
+        True, description="send the encounter diagnoses (Condition); false leaves them out"
+    )
+    identifier_systems: dict[str, str] = Field(
+        default_factory=dict,
+        description="v2 assigning authority (e.g. RGH) -> identifier system URI; unmapped "
+        "ones become urn:carehub:id:{authority}; 'facility' names the facility codes' system",
+    )
+    facilities: dict[str, str] = Field(
+        default_factory=dict,
+        description="facility code (PV1-3.4, else MSH-4) -> the Organization's name",
+    )
+    source_endpoint: str = Field(
+        "urn:carehub", description="MessageHeader.source.endpoint: this hub, as receivers know it"
+    )
+    destination_name: str | None = Field(
+        None, description="MessageHeader.destination.name: the receiver, as it calls itself"
+    )
+
+    @field_validator("facilities")
+    @classmethod
+    def _codes_upper(cls, value: dict[str, str]) -> dict[str, str]:
+        """Codes compare case-insensitively, as in the notify step."""
+        return {str(code).strip().upper(): name.strip() for code, name in value.items()}
+
+
+# -- the decision ------------------------------------------------------------------------------
+
+_CANCELS = ("A11", "A12", "A13")
+_NOTHING_TO_CANCEL = "a cancel of a visit first heard of in the cancel: nobody was told of it"
+
+
+def notification_event(transition: Transition, kinds: list[str]) -> tuple[str | None, str]:
+    """(the transition kind whose notification this message is, or None; why not when None).
+    A cancel is the notification it takes back, and is sent only when the visit was known
+    before it (else the receiver was never told of it)."""
+    kind = transition.kind
+    retracted = RETRACTS.get(kind)
+    if retracted is not None:
+        if transition.summary.get("previous_state") is None:
+            return None, _NOTHING_TO_CANCEL
+        if retracted == "admission" and transition.summary.get("previous_state") == "ed":
+            retracted = "ed_arrival"
+        if retracted not in kinds and not (retracted == "admission" and "ed_arrival" in kinds):
+            return None, f"{retracted} notifications are not sent on this forward"
+        return retracted, ""
+    if kind in kinds:
+        return kind, ""
+    if kind in NOTIFIABLE:
+        return None, f"{kind} notifications are not sent on this forward"
+    if kind == "none" and transition.trigger_event in _CANCELS:
+        return None, _NOTHING_TO_CANCEL
+    if kind == "none":
+        return None, "nothing new for the visit (a resend, an update or a bed move)"
+    return None, f"no admission, transfer or discharge (transition {kind})"
+
+
+# -- the bundle --------------------------------------------------------------------------------
+
+
+class _Bundle:
+    """The message's entries, each added once under its stable full URL."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def add(self, full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
+        """Add a resource (once) and return a reference to it."""
+        if full_url not in self.entries:
+            resource["id"] = full_url.removeprefix("urn:uuid:")
+            self.entries[full_url] = resource
+        ref: dict[str, Any] = {"reference": full_url}
+        display = _display(self.entries[full_url])
+        if display:
+            ref["display"] = display
+        return ref
+
+
+def _display(resource: dict[str, Any]) -> str | None:
+    name = resource.get("name")
+    if isinstance(name, str):
+        return name
+    if isinstance(name, list) and name:
+        first = name[0]
+        given = " ".join(first.get("given") or [])
+        return person_name(given or None, first.get("family"), " ".join(first.get("prefix") or []))
+    return None
+
+
+def _when(value: Any) -> str | None:
+    """A summary time (ISO text, as the sender's precision left it) as a FHIR dateTime: a time
+    without a zone keeps only its date (see carehub.fhir.fhir_datetime)."""
+    if not isinstance(value, str) or not value:
+        return None
+    if "T" not in value:
+        return value  # YYYY, YYYY-MM or YYYY-MM-DD
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return moment.date().isoformat()
+    return moment.isoformat(timespec="seconds")
+
+
+def _identifier(ident: Identifier, systems: dict[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {
+        "system": identifier_system(ident.authority, systems),
+        "value": ident.value,
+    }
+    if ident.type_code:
+        found["type"] = {"coding": [{"system": V2_0203, "code": ident.type_code}]}
+    return found
+
+
+def _human_name(name: HumanName) -> dict[str, Any] | None:
+    found: dict[str, Any] = {}
+    if name.family:
+        found["family"] = name.family
+    given = [g for g in (name.given, name.middle) if g]
+    if given:
+        found["given"] = given
+    if name.prefix:
+        found["prefix"] = [name.prefix]
+    if name.suffix:
+        found["suffix"] = [name.suffix]
+    return found or None
+
+
+def _model_or_none(model: type[Any], value: Any) -> Any:
+    """A summary part as its care-event model (the summary holds them as JSON)."""
+    return model.model_validate(value) if isinstance(value, dict) and value else None
+
+
+def _practitioner(
+    bundle: _Bundle, person: Practitioner, options: NotificationOptions
+) -> dict[str, Any] | None:
+    identifier = practitioner_identifier(person, options.identifier_systems)
+    name = _human_name(
+        HumanName(
+            family=person.family,
+            given=person.given,
+            middle=person.middle,
+            prefix=person.prefix,
+            suffix=person.suffix,
+        )
+    )
+    if identifier is None and name is None:
+        return None
+    resource: dict[str, Any] = {"resourceType": "Practitioner"}
+    if identifier:
+        resource["identifier"] = [identifier]
+    if name:
+        resource["name"] = [name]
+    seed = json.dumps(identifier or name, sort_keys=True)
+    return bundle.add(stable_urn(seed, "Practitioner"), resource)
+
+
+def _organization(bundle: _Bundle, code: str, options: NotificationOptions) -> dict[str, Any]:
+    name = options.facilities.get(code.strip().upper(), code)
+    resource = {
+        "resourceType": "Organization",
+        "identifier": [
+            {"system": identifier_system("facility", options.identifier_systems), "value": code}
+        ],
+        "name": name,
+    }
+    return bundle.add(stable_urn(code, "Organization"), resource)
+
+
+def _location(
+    bundle: _Bundle, detail: dict[str, Any], organization: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    parts = [
+        f"{label}{detail[key]}"
+        for key, label in (("point_of_care", ""), ("room", "room "), ("bed", "bed "))
+        if detail.get(key)
+    ]
+    name = detail.get("description") or ", ".join(parts)
+    if not name:
+        return None
+    resource: dict[str, Any] = {"resourceType": "Location", "name": name, "mode": "instance"}
+    if organization is not None:
+        resource["managingOrganization"] = organization
+    seed = json.dumps([detail.get("facility"), name])
+    return bundle.add(stable_urn(seed, "Location"), resource)
+
+
+def _patient(
+    bundle: _Bundle, summary: dict[str, Any], options: NotificationOptions
+) -> dict[str, Any]:
+    systems = options.identifier_systems
+    identifiers = [Identifier.model_validate(i) for i in summary.get("identifiers") or []]
+    primary = _model_or_none(Identifier, summary.get("primary_identifier"))
+    if primary is not None and primary not in identifiers:
+        identifiers.insert(0, primary)
+    if not identifiers:
+        raise ValueError("the visit's patient has no identifier (PID-3)")
+    resource: dict[str, Any] = {
+        "resourceType": "Patient",
+        "identifier": [_identifier(i, systems) for i in identifiers],
+    }
+    name = _model_or_none(HumanName, summary.get("name"))
+    if name is not None and (found := _human_name(name)):
+        resource["name"] = [found]
+    if summary.get("phone"):
+        resource["telecom"] = [{"system": "phone", "value": summary["phone"]}]
+    gender = GENDER.get(str(summary.get("sex") or "").strip().upper())
+    if gender:
+        resource["gender"] = gender
+    birth = _when(summary.get("birth_date"))
+    if birth:
+        resource["birthDate"] = birth[:10]
+    address = fhir_address(_model_or_none(Address, summary.get("address")))
+    if address:
+        resource["address"] = [address]
+    pcp = _model_or_none(Practitioner, summary.get("pcp"))
+    if pcp is not None and (ref := _practitioner(bundle, pcp, options)):
+        resource["generalPractitioner"] = [ref]
+    seed = summary.get("patient_key") or json.dumps(resource["identifier"][0], sort_keys=True)
+    return bundle.add(stable_urn(seed, "Patient"), resource)
+
+
+def _visit_identifier(work: Work, number: str, options: NotificationOptions) -> dict[str, Any]:
+    """PV1-19 in the system of its assigning authority (this message's, when it gave one)."""
+    encounter = work.event.encounter if work.event is not None else None
+    visit = encounter.visit_number if encounter is not None else None
+    authority = visit.authority if visit is not None and visit.value == number else None
+    return {
+        "type": {"coding": [{"system": V2_0203, "code": "VN", "display": "Visit number"}]},
+        "system": identifier_system(authority, options.identifier_systems),
+        "value": number,
+    }
+
+
+def _encounter_class(summary: dict[str, Any], kind: str) -> dict[str, str]:
+    patient_class = str(summary.get("patient_class") or "").strip().upper()
+    if kind == "ed_arrival":
+        patient_class = "E"
+    code = _CLASSES.get(patient_class)
+    if code is None:
+        return {"system": NULL_FLAVOR, "code": "UNK", "display": "unknown"}
+    return {"system": ACT_CODE, "code": code[0], "display": code[1]}
+
+
+def _conditions(
+    bundle: _Bundle, summary: dict[str, Any], patient: dict[str, Any], encounter_url: str
+) -> list[dict[str, Any]]:
+    """Encounter.diagnosis entries, each with its Condition added to the bundle."""
+    found: list[dict[str, Any]] = []
+    for i, diagnosis in enumerate(summary.get("diagnoses") or []):
+        code, display = diagnosis.get("code"), diagnosis.get("display")
+        if not code and not display:
+            continue
+        concept: dict[str, Any] = {}
+        system = _DIAGNOSIS_SYSTEMS.get(str(diagnosis.get("system") or "").strip().upper())
+        if code and system:
+            coding: dict[str, Any] = {"system": system, "code": code}
+            if display:
+                coding["display"] = display
+            concept["coding"] = [coding]
+        concept["text"] = display or code
+        condition = {
+            "resourceType": "Condition",
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": CONDITION_CATEGORY,
+                            "code": "encounter-diagnosis",
+                            "display": "Encounter Diagnosis",
+                        }
+                    ]
+                }
+            ],
+            "code": concept,
+            "subject": patient,
+            "encounter": {"reference": encounter_url},
+        }
+        ref = bundle.add(
+            stable_urn(f"{encounter_url}:{i}:{code}:{display}", "Condition"), condition
+        )
+        entry: dict[str, Any] = {"condition": ref, "rank": i + 1}
+        role = _DIAGNOSIS_ROLES.get(str(diagnosis.get("type") or "").strip().upper())
+        if role:
+            entry["use"] = {
+                "coding": [{"system": DIAGNOSIS_ROLE, "code": role[0], "display": role[1]}]
+            }
+        found.append(entry)
+    return found
+
+
+def build_notification_bundle(
+    work: Work,
+    transition: Transition,
+    kind: str,
+    message_key: str,
+    options: NotificationOptions,
+    endpoint: str,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The message Bundle telling of ``kind`` (a NOTIFIABLE kind; for a cancel, the kind it
+    takes back) with the visit as ``transition`` left it; every resource validated. The Bundle
+    and MessageHeader ids are made from ``message_key``."""
+    summary = transition.summary
+    code, display = _EVENTS[kind]
+    bundle = _Bundle()
+    header_url = stable_urn(message_key, "MessageHeader")
+    bundle.entries[header_url] = {}  # first, as a message must begin
+    visit_seed = f"{transition.patient_key}:{summary.get('visit_key') or transition.encounter_id}"
+    encounter_url = stable_urn(visit_seed, "Encounter")
+    bundle.entries[encounter_url] = {}  # second: the focus, before what it points at
+
+    facility_code = summary.get("facility") or summary.get("sending_facility")
+    facility = _organization(bundle, facility_code, options) if facility_code else None
+    patient = _patient(bundle, summary, options)
+    state = transition.state
+    encounter: dict[str, Any] = {
+        "resourceType": "Encounter",
+        "meta": {"profile": [PROFILE + "adt-notification-encounter"]},
+        "status": _STATUS.get(state, "unknown"),
+        "class": _encounter_class(summary, kind),
+        "subject": patient,
+    }
+    if summary.get("visit_number"):
+        encounter["identifier"] = [_visit_identifier(work, summary["visit_number"], options)]
+    participants = []
+    author = None
+    for key, role, role_display in _PARTICIPANTS:
+        person = _model_or_none(Practitioner, summary.get(key))
+        ref = _practitioner(bundle, person, options) if person is not None else None
+        if ref is not None:
+            participants.append(
+                {
+                    "type": [
+                        {
+                            "coding": [
+                                {"system": PARTICIPATION, "code": role, "display": role_display}
+                            ]
+                        }
+                    ],
+                    "individual": ref,
+                }
+            )
+            author = author or ref
+    if participants:
+        encounter["participant"] = participants
+    period: dict[str, str] = {}
+    start = _when(summary.get("admit_time"))
+    if start:
+        period["start"] = start
+    end = _when(summary.get("discharge_time")) if state in ("discharged", "closed") else None
+    if end and (not start or start[:10] <= end[:10]):
+        period["end"] = end
+    if period:
+        encounter["period"] = period
+    if options.diagnoses:
+        diagnoses = _conditions(bundle, summary, patient, encounter_url)
+        if diagnoses:
+            encounter["diagnosis"] = diagnoses
+    disposition = summary.get("disposition")
+    if state == "discharged" and (disposition or summary.get("discharged_to_name")):
+        hospitalization: dict[str, Any] = {}
+        if disposition:
+            text = DISPOSITIONS.get(disposition, disposition)
+            hospitalization["dischargeDisposition"] = {
+                "coding": [{"system": DISCHARGE_DISPOSITION, "code": disposition, "display": text}],
+                "text": text,
+            }
+        if summary.get("discharged_to_name"):
+            hospitalization["destination"] = {"display": summary["discharged_to_name"]}
+        encounter["hospitalization"] = hospitalization
+    location = _location(bundle, summary.get("location_detail") or {}, facility)
+    if location is not None:
+        encounter["location"] = [
+            {
+                "location": location,
+                "status": "completed" if state in ("discharged", "closed") else "active",
+            }
+        ]
+    if facility is not None:
+        encounter["serviceProvider"] = facility
+    bundle.entries[encounter_url] = {**encounter, "id": encounter_url.removeprefix("urn:uuid:")}
+
+    header: dict[str, Any] = {
+        "resourceType": "MessageHeader",
+        "id": header_url.removeprefix("urn:uuid:"),
+        "meta": {
+            "profile": [
+                PROFILE + "notifications-messageheader",
+                PROFILE + _MESSAGEHEADER_PROFILES[code],
+            ]
+        },
+        "eventCoding": {"system": EVENT_CODES, "code": code, "display": display},
+        "destination": [{"endpoint": endpoint}],
+        "source": {
+            "name": "carehub",
+            "software": "carehub",
+            "version": __version__,
+            "endpoint": options.source_endpoint,
+        },
+        "focus": [{"reference": encounter_url}],
+    }
+    if options.destination_name:
+        header["destination"][0]["name"] = options.destination_name
+    sending_code = summary.get("sending_facility") or facility_code
+    sender = _organization(bundle, sending_code, options) if sending_code else None
+    if sender is not None:  # the hospital that sent it, whichever campus the visit is at
+        header["sender"] = sender
+        header["responsible"] = sender
+    if author is not None:
+        header["author"] = author
+    bundle.entries[header_url] = header
+
+    message_id = stable_urn(message_key, "Bundle").removeprefix("urn:uuid:")
+    result = {
+        "resourceType": "Bundle",
+        "id": message_id,
+        "meta": {"profile": [PROFILE + "notifications-bundle"]},
+        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{message_id}"},
+        "type": "message",
+        "timestamp": (now or datetime.now(UTC)).isoformat(timespec="seconds"),
+        "entry": [
+            {"fullUrl": url, "resource": resource} for url, resource in bundle.entries.items()
+        ],
+    }
+    for _, resource in bundle.entries.items():
+        validate_resource(resource)
+    validate_resource(result)
+    return result
+
+
+# -- the channel -------------------------------------------------------------------------------
+
+
+class FhirNotificationChannel(HttpChannel):
+    """Sends ADT care transitions to a FHIR endpoint as Da Vinci Unsolicited Notifications
+    (a ``message`` Bundle: MessageHeader, Encounter, Patient, Organization, Location,
+    Practitioners, Conditions) POSTed to ``{base_url}/$process-message``.
+
+    ``render`` (routing time) reads the encounter-state step's transition, so put
+    ``translate: v2-to-event`` and ``enrich: encounter-state`` before it (``care-team`` too,
+    for opt-outs): an ED arrival or admission goes as ``notification-admit``, a transfer of
+    level or facility as ``notification-transfer``, a discharge as
+    ``notification-discharge``, a cancel as the notification it takes back with the
+    Encounter as the cancel left it; anything else (a resend, an A08 that changed nothing, a
+    bed move) is recorded as not sent. ``send`` POSTs it: 200, 202 and 204 are delivered
+    (receipt ``HTTP <code> <event>``); a response message whose MessageHeader says
+    ``fatal-error`` is refused for good and one that says ``transient-error`` is retried;
+    401, 404 and other 4xx are not retried (the IG: do not resend until the error is fixed),
+    408, 425, 429 (no sooner than its ``Retry-After``), 5xx but 501 and 505, timeouts and
+    network errors are. What a FHIR server said (an OperationOutcome's diagnostics) is kept
+    with the attempt, never logged."""
+
+    name = "fhir-notification"
+    description = (
+        "Send admissions, ED arrivals, transfers and discharges (and their cancels) to a FHIR "
+        "endpoint as Da Vinci Unsolicited Notifications ($process-message)"
+    )
+
+    class Options(NotificationOptions):
+        base_url: str = Field(
+            description="http(s) base URL of the FHIR endpoint: the Bundle is POSTed to "
+            "{base_url}/$process-message"
+        )
+        auth_header: str | None = Field(
+            None, description="Authorization header value, e.g. Bearer ${TOKEN}; never stored"
+        )
+        timeout: float = Field(
+            10.0, gt=0, description="seconds to wait for the server to connect or answer"
+        )
+        verify_tls: bool = Field(True, description="check the server's TLS certificate")
+
+        @field_validator("base_url")
+        @classmethod
+        def _http_url(cls, value: str) -> str:
+            return http_url(value, "base_url").rstrip("/")
+
+    options: Options
+
+    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
+        super().__init__(options, context)
+        self.endpoint = f"{self.options.base_url}/$process-message"
+
+    def render(self, work: Work, idempotency_key: str) -> Outgoing:
+        transition = work.data.get("encounter")
+        if not isinstance(transition, Transition):
+            raise ValueError(
+                f"route {work.route!r}: fhir-notification needs the visit's transition; put "
+                "'translate: v2-to-event' and 'enrich: encounter-state' before it"
+            )
+        metadata = {"destination": self.endpoint}
+        kind, why = notification_event(transition, list(self.options.kinds))
+        team = work.data.get("care_team")
+        if kind is not None and isinstance(team, CareTeam) and team.opted_out:
+            kind, why = None, "the patient opted out of notifications"
+        if kind is None:
+            metadata.update(event="none", not_sent=why)
+            return Outgoing(b"", FHIR_CONTENT_TYPE, idempotency_key, metadata)
+        # One message, one FHIR message: a reprocess sends the Bundle id the first run sent,
+        # which FHIR messaging receivers drop as a repeat when they have it already.
+        message_key = f"{work.message.id}:{self.endpoint}"
+        bundle = build_notification_bundle(
+            work, transition, kind, message_key, self.options, self.endpoint
+        )
+        metadata["event"] = _EVENTS[kind][0]
+        metadata["encounter_status"] = bundle["entry"][1]["resource"]["status"]
+        payload = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
+
+    async def send(self, outgoing: Outgoing) -> str:
+        event = outgoing.metadata.get("event", "")
+        if not outgoing.payload:
+            return f"not sent: {outgoing.metadata.get('not_sent', 'nothing to send')}"
+        url = self.endpoint
+        headers = {
+            "Content-Type": outgoing.content_type,
+            "Accept": FHIR_CONTENT_TYPE,
+            "Idempotency-Key": outgoing.idempotency_key,
+        }
+        if self.options.auth_header:
+            headers["Authorization"] = self.options.auth_header
+        try:
+            async with self.request("POST", url, outgoing.payload, headers) as response:
+                status = response.status_code
+                if 200 <= status < 300:
+                    await response.aread()
+                    return self._accepted(response, status, event)
+                await response.aread()
+        except (httpx.TimeoutException, httpx.TransportError) as err:
+            raise self.unreached("POST", url, err) from err
+        raise self.refused("POST", url, response, said=outcome_text(response) or None)
+
+    def _accepted(self, response: Any, status: int, event: str) -> str:
+        """The receipt of a 2xx; a response message that reports an error raises."""
+        code, said = _response_code(response)
+        if code == "fatal-error":
+            raise DeliveryError(
+                f"POST {self.endpoint}: HTTP {status}, response message says fatal-error",
+                retryable=False,
+                said=said,
+            )
+        if code == "transient-error":
+            raise DeliveryError(
+                f"POST {self.endpoint}: HTTP {status}, response message says transient-error",
+                said=said,
+            )
+        return f"HTTP {status} {event}".rstrip()
+
+
+def _response_code(response: Any) -> tuple[str | None, str | None]:
+    """(MessageHeader.response.code, the OperationOutcome's words) of a response message, or
+    (None, None) when the body is no message Bundle (an empty 200, 202 or 204 is usual)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, None
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return None, None
+    resources = [e.get("resource") for e in body.get("entry") or [] if isinstance(e, dict)]
+    header = next(
+        (r for r in resources if isinstance(r, dict) and r.get("resourceType") == "MessageHeader"),
+        None,
+    )
+    code = ((header or {}).get("response") or {}).get("code")
+    outcome = next(
+        (
+            r
+            for r in resources
+            if isinstance(r, dict) and r.get("resourceType") == "OperationOutcome"
+        ),
+        None,
+    )
+    said = None
+    if outcome is not None:
+        issues = [i.get("diagnostics") or i.get("code") for i in outcome.get("issue") or []]
+        said = "; ".join(str(i) for i in issues if i) or None
+    return (code if isinstance(code, str) else None), said

@@ -1,0 +1,424 @@
+"""ADT care transitions as Da Vinci Unsolicited Notifications: a real hub takes the sample
+feeds over MLLP and its fhir-notification forward POSTs message Bundles to a real FHIR endpoint
+(uvicorn), which checks each with fhir.resources R4B and the IG's message rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fhir.resources.R4B.bundle import Bundle
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from carehub.cli import main
+from carehub.config import load_config
+from carehub.fhir import validate_resource
+from carehub.store.outbox import DeliveryRecord
+from carehub.testing import HubThread, make_adt
+from tests.test_fhir_referrals import Served
+from tests.test_worker import send, write_config
+
+FEEDS = Path(__file__).resolve().parents[1] / "config" / "feeds"
+EVENT_SYSTEM = "http://hl7.org/fhir/us/davinci-alerts/CodeSystem/notification-event"
+DESTINATION = "care-fhir/care-management"
+
+
+class NotificationEndpoint:
+    """``POST /fhir/$process-message``: checks the Bundle is a FHIR R4 message as the IG
+    wants it (type message, MessageHeader first with an eventCoding from the IG's code system,
+    its focus an Encounter in the Bundle, every reference resolvable inside the Bundle) and
+    records it. ``answers`` queues (status, body, headers) to answer the next POSTs with."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        #: Answers for the next POSTs, in turn; None takes that POST as usual.
+        self.answers: list[tuple[int, dict[str, Any] | None, dict[str, str]] | None] = []
+        self.calls = 0
+        app = Starlette(routes=[Route("/fhir/$process-message", self.take, methods=["POST"])])
+        self.served = Served(app)
+
+    @property
+    def base_url(self) -> str:
+        return self.served.url("/fhir")
+
+    def __enter__(self) -> NotificationEndpoint:
+        self.served.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.served.__exit__(*exc)
+
+    async def take(self, request: Request) -> Response:
+        body = await request.body()
+        with self.lock:
+            self.calls += 1
+            answer = self.answers.pop(0) if self.answers else None
+        if answer is not None:
+            status, content, headers = answer
+            return JSONResponse(content, status_code=status, headers=headers)
+        bundle = json.loads(body)
+        problems = message_problems(bundle)
+        if request.headers.get("content-type") != "application/fhir+json":
+            problems.append(f"content type {request.headers.get('content-type')}")
+        with self.lock:
+            self.problems += problems
+            self.received.append(bundle)
+        return Response(status_code=200 if not problems else 400)
+
+    def events(self) -> list[tuple[str, str]]:
+        """(eventCoding code, Encounter.status) of each Bundle received."""
+        return [(header(b)["eventCoding"]["code"], encounter(b)["status"]) for b in self.received]
+
+
+def message_problems(bundle: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    try:
+        Bundle.model_validate(bundle)
+        for entry in bundle["entry"]:
+            validate_resource(entry["resource"])
+    except (ValueError, KeyError) as err:
+        return [str(err)]
+    if bundle["type"] != "message" or not bundle.get("id") or not bundle.get("timestamp"):
+        problems.append("not a message Bundle with id and timestamp")
+    first = bundle["entry"][0]["resource"]
+    if first["resourceType"] != "MessageHeader":
+        problems.append("the first entry is no MessageHeader")
+    elif first["eventCoding"]["system"] != EVENT_SYSTEM:
+        problems.append(f"eventCoding system {first['eventCoding']['system']}")
+    urls = {entry["fullUrl"] for entry in bundle["entry"]}
+    for ref in references(bundle):
+        if ref not in urls:
+            problems.append(f"reference {ref} is not in the Bundle")
+    focus = first.get("focus") or [{}]
+    if (
+        focus[0].get("reference") not in urls
+        or resource(bundle, focus[0]["reference"])["resourceType"] != "Encounter"
+    ):
+        problems.append("the focus is no Encounter of the Bundle")
+    return problems
+
+
+def references(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                yield item
+            else:
+                yield from references(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from references(item)
+
+
+def resource(bundle: dict[str, Any], url: str) -> dict[str, Any]:
+    return next(e["resource"] for e in bundle["entry"] if e["fullUrl"] == url)
+
+
+def header(bundle: dict[str, Any]) -> dict[str, Any]:
+    return bundle["entry"][0]["resource"]
+
+
+def encounter(bundle: dict[str, Any]) -> dict[str, Any]:
+    return resource(bundle, header(bundle)["focus"][0]["reference"])
+
+
+def of_type(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def routes(base_url: str, options: str = "", before: str = "") -> str:
+    return f"""
+routes:
+  - name: care-fhir
+    when: {{type: ADT}}
+    steps:
+      - translate: v2-to-event
+      - enrich: encounter-state
+{before}      - forward:
+          channel: fhir-notification
+          name: care-management
+          base_url: {base_url}
+          facilities: {{RIVERSIDE_GH: Riverside General Hospital}}
+          identifier_systems: {{RGH: "urn:oid:2.16.840.1.113883.3.999"}}
+          retry: {{max_attempts: 3, initial_delay: 0.05, max_delay: 0.2, jitter: 0}}
+{options}"""
+
+
+@pytest.fixture
+def endpoint() -> Iterator[NotificationEndpoint]:
+    with NotificationEndpoint() as server:
+        yield server
+
+
+def run(
+    tmp_path: Path, route_text: str, texts: list[str], settled: int | None = None
+) -> list[DeliveryRecord]:
+    config = load_config(write_config(tmp_path, route_text))
+    with HubThread(config, tmp_path / "data") as hub:
+        for sent, text in enumerate(texts, start=1):  # one at a time, as the visit went
+            send(hub, [text])
+            hub.wait_for_deliveries(sent, destination=DESTINATION)
+        return hub.wait_for_deliveries(settled or len(texts), destination=DESTINATION)
+
+
+def feed(name: str) -> str:
+    return next(FEEDS.glob(f"{name}-*.hl7")).read_text(encoding="utf-8")
+
+
+def test_a_stay_is_told_as_admit_transfer_discharge_and_nothing_else(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    # ED arrival, admission, A08 repeating it, transfer to ICU at another campus, a bed move
+    # inside the ICU, the discharge to a nursing facility, and the admission sent again under
+    # a new control ID.
+    texts = [feed(n) for n in ("01", "02", "03", "03b", "03c", "04")]
+    texts.append(feed("02").replace("|RGH-000102|", "|RGH-000102-AGAIN|"))
+    deliveries = run(tmp_path, routes(endpoint.base_url), texts)
+
+    assert endpoint.problems == []
+    assert endpoint.events() == [
+        ("notification-admit", "in-progress"),
+        ("notification-admit", "in-progress"),
+        ("notification-transfer", "in-progress"),
+        ("notification-discharge", "finished"),
+    ]
+    receipts = [d.receipt or "" for d in deliveries]
+    assert [r.startswith("not sent") for r in receipts] == [
+        False, False, True, False, True, False, True
+    ]  # fmt: skip
+    assert "nothing new for the visit" in receipts[2]
+
+    ed, admit, transfer, discharge = endpoint.received
+    # One visit: the same Encounter in every notification, with its visit number.
+    assert len({header(b)["focus"][0]["reference"] for b in endpoint.received}) == 1
+    assert encounter(ed)["class"]["code"] == "EMER"
+    assert encounter(admit)["class"]["code"] == "IMP"
+    assert encounter(admit)["identifier"][0]["value"] == "V20261124-0001"
+    assert encounter(admit)["identifier"][0]["system"] == "urn:oid:2.16.840.1.113883.3.999"
+    # The transfer names the new campus's unit; the discharge the disposition and its end.
+    assert of_type(transfer, "Location")[0]["name"].startswith("ICU, room I03")
+    ended = encounter(discharge)
+    assert ended["period"]["end"].startswith("2026-11-27")
+    assert ended["period"]["start"].startswith("2026-11-24")
+    assert ended["hospitalization"]["dischargeDisposition"]["coding"][0]["code"] == "03"
+    assert ended["location"][0]["status"] == "completed"
+    # Who: the patient by MRN in the mapped system, the attending as author, the PCP.
+    patient = of_type(discharge, "Patient")[0]
+    assert {"system": "urn:oid:2.16.840.1.113883.3.999", "value": "RG100234"}.items() <= (
+        patient["identifier"][0].items()
+    )
+    assert patient["birthDate"] == "1958-03-12" and patient["gender"] == "female"
+    assert "generalPractitioner" in patient
+    author = resource(discharge, header(discharge)["author"]["reference"])
+    assert author["identifier"][0] == {
+        "system": "http://hl7.org/fhir/sid/us-npi",
+        "value": "1497758544",
+    }
+    sender = resource(discharge, header(discharge)["sender"]["reference"])
+    assert sender["name"] == "Riverside General Hospital"
+    assert header(discharge)["destination"][0]["endpoint"] == (
+        endpoint.base_url + "/$process-message"
+    )
+    conditions = of_type(admit, "Condition")
+    assert conditions and conditions[0]["code"]["coding"][0]["system"] == (
+        "http://hl7.org/fhir/sid/icd-10-cm"
+    )
+    assert encounter(admit)["diagnosis"][0]["condition"]["reference"]
+    # Each message its own Bundle id; a retry of one keeps it (from the delivery's key).
+    assert len({b["id"] for b in endpoint.received}) == 4
+
+
+def test_cancels_are_told_as_what_they_take_back(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    admit = make_adt("C-1", "A01", visit_number="V-C1")
+    discharge = make_adt("C-2", "A03", visit_number="V-C1")
+    cancel_discharge = make_adt("C-3", "A13", visit_number="V-C1")
+    cancel_admit = make_adt("C-4", "A11", visit_number="V-C1")
+    run(tmp_path, routes(endpoint.base_url), [admit, discharge, cancel_discharge, cancel_admit])
+
+    assert endpoint.problems == []
+    assert endpoint.events() == [
+        ("notification-admit", "in-progress"),
+        ("notification-discharge", "finished"),
+        ("notification-discharge", "in-progress"),  # the A13: the stay goes on
+        ("notification-admit", "cancelled"),  # the A11: it never was
+    ]
+    reopened = encounter(endpoint.received[2])
+    assert "end" not in reopened.get("period", {})
+    assert "hospitalization" not in reopened
+
+
+def test_a_cancel_of_a_visit_nobody_was_told_of_sends_nothing(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    # The A11 comes before its A01; the A01 dated earlier then keeps the visit cancelled.
+    cancel = make_adt("E-1", "A11", visit_number="V-E1")
+    deliveries = run(tmp_path, routes(endpoint.base_url), [cancel])
+    assert endpoint.received == []
+    assert "nobody was told of it" in (deliveries[0].receipt or "")
+
+
+def test_opted_out_patients_and_left_out_diagnoses(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    care_team = """      - enrich:
+          use: care-team
+          roster: roster.csv
+          opt_out_field: PD1-12
+"""
+    (tmp_path / "roster.csv").write_text(
+        "patient_id,authority,opt_out,opt_out_reason,member_id,name,role,organization,npi,"
+        "channel,address,preference,detail\n",
+        encoding="utf-8",
+    )
+    dg1 = "DG1|1||I21.4^Non-ST elevation myocardial infarction^I10||20261125|A"
+    opted_out = make_adt("O-1", "A01", patient_id="P-OUT", extra_segments=["PD1" + "|" * 12 + "Y"])
+    told = make_adt("O-2", "A01", patient_id="P-IN", visit_number="V2", extra_segments=[dg1])
+    deliveries = run(
+        tmp_path,
+        routes(endpoint.base_url, "          diagnoses: false\n", care_team),
+        [opted_out, told],
+    )
+    assert "opted out" in (deliveries[0].receipt or "")
+    assert len(endpoint.received) == 1
+    bundle = endpoint.received[0]
+    assert of_type(bundle, "Condition") == [] and "diagnosis" not in encounter(bundle)
+
+
+def test_refusals_are_dead_letters_and_passing_trouble_is_retried(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "not-found", "diagnostics": "no such endpoint"}],
+    }
+    fatal = {
+        "resourceType": "Bundle",
+        "type": "message",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "MessageHeader",
+                    "eventCoding": {"code": "notification-admit"},
+                    "source": {"endpoint": "urn:receiver"},
+                    "response": {"identifier": "x", "code": "fatal-error"},
+                }
+            }
+        ],
+    }
+    transient = json.loads(json.dumps(fatal))
+    transient["entry"][0]["resource"]["response"]["code"] = "transient-error"
+    endpoint.answers = [
+        (404, outcome, {}),  # the first message: refused for good
+        (503, None, {"Retry-After": "0"}),  # the second: retried ...
+        None,  # ... and taken
+        (200, transient, {}),  # the third: retried ...
+        None,  # ... and taken
+        (200, fatal, {}),  # the fourth: refused for good
+    ]
+    texts = [make_adt(f"R-{i}", "A01", patient_id=f"P-R{i}") for i in range(4)]
+    deliveries = run(tmp_path, routes(endpoint.base_url), texts)
+    by_control = {d.idempotency_key: d for d in deliveries}
+    assert len(by_control) == 4
+    statuses = [d.status for d in deliveries]
+    assert statuses == ["dead", "delivered", "delivered", "dead"], [
+        (d.status, d.last_error) for d in deliveries
+    ]
+    assert deliveries[0].attempts == 1 and "HTTP 404" in (deliveries[0].last_error or "")
+    assert "no such endpoint" in (deliveries[0].last_error or "")
+    assert deliveries[1].attempts == 2 and deliveries[2].attempts == 2
+    assert "fatal-error" in (deliveries[3].last_error or "") and deliveries[3].attempts == 1
+    assert len(endpoint.received) == 2 and endpoint.problems == []
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        (
+            "          kinds: [admission, discharged]\n",
+            ["routes.yaml:15", "kinds[1]", "'discharge'"],
+        ),
+        ("          kinds: []\n", ["kinds"]),
+        ("          diagnosis: false\n", ["diagnosis", "xtra"]),
+    ],
+)
+def test_option_errors_name_the_file_line_and_key(
+    tmp_path: Path, option: str, named: list[str]
+) -> None:
+    config = write_config(tmp_path, routes("http://127.0.0.1:9/fhir", option))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "carehub.cli",
+            "routes",
+            "check",
+            "--offline",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done
+    assert "routes.yaml:" in done.stderr and "Traceback" not in done.stderr
+    for word in named:
+        assert word in done.stderr, done.stderr
+
+
+def test_a_base_url_that_is_no_http_url_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, routes("ftp://example.org/fhir"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "carehub.cli",
+            "routes",
+            "check",
+            "--offline",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and "base_url" in done.stderr, done
+
+
+def test_a_reprocessed_message_is_the_same_fhir_message(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    """`messages reprocess` sends the notification again under the Bundle id it went out with,
+    so a receiver that has it drops the repeat (FHIR messaging), and one that lost it acts."""
+    config_path = write_config(tmp_path, routes(endpoint.base_url))
+    with HubThread(load_config(config_path), tmp_path / "data") as hub:
+        send(hub, [make_adt("P-1", "A01")])
+        first = hub.wait_for_deliveries(1, destination=DESTINATION)[0]
+        where = ["--config", str(config_path), "--data-dir", str(tmp_path / "data")]
+        result = CliRunner().invoke(
+            main, ["messages", "reprocess", str(first.message_id), *where], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+        again = hub.wait_for_deliveries(2, destination=DESTINATION)
+    assert [d.run for d in again] == [1, 2] and again[1].status == "delivered"
+    assert len(endpoint.received) == 2 and endpoint.problems == []
+    original, repeat = endpoint.received
+    assert repeat["id"] == original["id"]
+    assert header(repeat)["id"] == header(original)["id"]
