@@ -203,7 +203,9 @@ class Notifier:
         #: whose coordinators were never sent a notice (bound by routing.table).
         self.care_team: CareTeamEnricher | None = None
         self._memory = _MemoryRows()
-        self.templates = MessageTemplates.from_folder(context, config.templates, BUILTIN_TEMPLATES)
+        self.templates = MessageTemplates.from_folder(
+            context, config.templates, BUILTIN_TEMPLATES, config.channels
+        )
 
     # -- routing time ---------------------------------------------------------------------
     def plan(self, work: Work, run: int) -> tuple[list[PlannedDelivery], list[dict[str, Any]]]:

@@ -373,7 +373,7 @@ class ReferralNotifier:
             self.directory.load()
         self._fallback = {k.strip().casefold(): v.strip() for k, v in config.organizations.items()}
         self.templates = MessageTemplates(
-            context, config.templates, jinja2.DictLoader(DEFAULT_TEMPLATES)
+            context, config.templates, jinja2.DictLoader(DEFAULT_TEMPLATES), config.channels
         )
 
     # -- routing time ---------------------------------------------------------------------
