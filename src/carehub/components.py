@@ -188,11 +188,16 @@ class TrackingEnricher(Enricher, Generic[TrackerT]):
 
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
-        memory_key = f"{type(self).kind}:{type(self).name}:memory"
+        memory_key = self.memory_key()
         if memory_key not in context.shared:
             context.shared[memory_key] = self.new_memory()
         self._memory = context.shared[memory_key]
         self._tracker: TrackerT | None = None
+
+    @classmethod
+    def memory_key(cls) -> str:
+        """Where ``ComponentContext.shared`` holds this kind of step's memory tables."""
+        return f"{cls.kind}:{cls.name}:memory"
 
     def new_memory(self) -> Any:
         """The tables a dry run keeps state in."""

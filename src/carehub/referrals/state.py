@@ -1448,9 +1448,18 @@ def referral_timeline(engine: Engine, ident: int | str) -> ReferralTimeline | No
     return ReferralTimeline(rec, events)
 
 
-def record_matches(engine: Engine, referral_key: str, needs: list[Any], matches: Any) -> bool:
+def record_matches(
+    engine: Engine | ReferralMemory, referral_key: str, needs: list[Any], matches: Any
+) -> bool:
     """Keep the needs found and the ranked services (with each rank's reasons) on the
-    referral, so `carehub referrals show` answers "what was this patient offered, and why"."""
+    referral, so `carehub referrals show` answers "what was this patient offered, and why",
+    and a later change or cancel knows who has it. In a dry run, on its memory tables."""
+    if isinstance(engine, ReferralMemory):
+        with engine.lock:
+            found = [r for r in engine.referrals.values() if r.referral_key == referral_key]
+            for rec in found:
+                rec.needs, rec.matches = copy.deepcopy(needs), copy.deepcopy(matches)
+        return bool(found)
     with engine.begin() as conn:
         changed = conn.execute(
             update(referrals)

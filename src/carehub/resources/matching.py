@@ -894,9 +894,16 @@ class CommunityResourcesEnricher(Enricher):
         replace what the referral went out with, which tells who has it."""
         referral = work.data.get("referral")
         key = getattr(referral, "referral_key", None)
-        store = self.context.store
-        if store is None or not key or getattr(referral, "action", None) not in _SENT_AS_NEW:
+        if not key or getattr(referral, "action", None) not in _SENT_AS_NEW:
             return
-        from carehub.referrals.state import record_matches
+        from carehub.referrals.state import ReferralStateEnricher, record_matches
 
-        record_matches(store.engine, key, result["needs"], result["matches"])
+        store = self.context.store
+        # Without a store (a dry run) the referral lives in the referral-state step's memory.
+        target = (
+            store.engine
+            if store is not None
+            else self.context.shared.get(ReferralStateEnricher.memory_key())
+        )
+        if target is not None:
+            record_matches(target, key, result["needs"], result["matches"])
