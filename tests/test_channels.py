@@ -39,6 +39,7 @@ from carehub.builtins.channels import (
     is_local_filesystem,
     sign,
 )
+from carehub.care.fhir_notifications import FhirNotificationChannel
 from carehub.components import Channel, DeliveryError, Outgoing
 from carehub.config import TLSConfig
 from carehub.hl7.ack import AckCode, build_ack
@@ -80,6 +81,7 @@ def test_registers_the_forwarding_channels() -> None:
         "mllp": MLLPChannel,
         "webhook": WebhookChannel,
         "fhir-referral": FhirReferralChannel,
+        "fhir-notification": FhirNotificationChannel,
     }
 
 

@@ -344,6 +344,19 @@ def test_refusals_are_dead_letters_and_passing_trouble_is_retried(
     assert len(endpoint.received) == 2 and endpoint.problems == []
 
 
+def routes_check(tmp_path: Path, route_text: str) -> subprocess.CompletedProcess[str]:
+    """`carehub routes check --offline` in a real process, on a config holding the routes."""
+    config = write_config(tmp_path, route_text)
+    command = ["routes", "check", "--offline", "--config", str(config)]
+    return subprocess.run(
+        [sys.executable, "-m", "carehub.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
 @pytest.mark.parametrize(
     ("option", "named"),
     [
@@ -358,23 +371,7 @@ def test_refusals_are_dead_letters_and_passing_trouble_is_retried(
 def test_option_errors_name_the_file_line_and_key(
     tmp_path: Path, option: str, named: list[str]
 ) -> None:
-    config = write_config(tmp_path, routes("http://127.0.0.1:9/fhir", option))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "carehub.cli",
-            "routes",
-            "check",
-            "--offline",
-            "--config",
-            str(config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = routes_check(tmp_path, routes("http://127.0.0.1:9/fhir", option))
     assert done.returncode == 2, done
     assert "routes.yaml:" in done.stderr and "Traceback" not in done.stderr
     for word in named:
@@ -382,23 +379,7 @@ def test_option_errors_name_the_file_line_and_key(
 
 
 def test_a_base_url_that_is_no_http_url_is_refused(tmp_path: Path) -> None:
-    config = write_config(tmp_path, routes("ftp://example.org/fhir"))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "carehub.cli",
-            "routes",
-            "check",
-            "--offline",
-            "--config",
-            str(config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = routes_check(tmp_path, routes("ftp://example.org/fhir"))
     assert done.returncode == 2 and "base_url" in done.stderr, done
 
 

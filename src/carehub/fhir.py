@@ -23,8 +23,10 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 
+from carehub.builtins.http_channel import http_url
+from carehub.components import ComponentOptions
 from carehub.events import Address, Practitioner, date_as_sent, has_time
 
 if TYPE_CHECKING:
@@ -40,6 +42,25 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 #: PID-8 administrative sex (table 0001) -> Patient.gender.
 GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown"}
+
+
+class FhirServerOptions(ComponentOptions):
+    """How a channel reaches a FHIR server; each channel says in its own ``base_url``
+    description what it sends where under it."""
+
+    base_url: str = Field(description="http(s) base URL of the FHIR server")
+    auth_header: str | None = Field(
+        None, description="Authorization header value, e.g. Bearer ${TOKEN}; never stored"
+    )
+    timeout: float = Field(
+        10.0, gt=0, description="seconds to wait for the server to connect or answer"
+    )
+    verify_tls: bool = Field(True, description="check the server's TLS certificate")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return http_url(value, "base_url").rstrip("/")
 
 
 @cache

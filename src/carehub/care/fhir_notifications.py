@@ -49,7 +49,7 @@ import httpx
 from pydantic import Field, field_validator
 
 from carehub import __version__
-from carehub.builtins.http_channel import HttpChannel, http_url
+from carehub.builtins.http_channel import HttpChannel
 from carehub.care.model import DISPOSITIONS, NOTIFIABLE, RETRACTS, CareTeam, Transition
 from carehub.components import ComponentContext, ComponentOptions, DeliveryError, Outgoing, Work
 from carehub.events import Address, HumanName, Identifier, Practitioner
@@ -60,6 +60,7 @@ from carehub.fhir import (
     ICD10CM,
     SNOMED,
     V2_0203,
+    FhirServerOptions,
     fhir_address,
     identifier_system,
     outcome_text,
@@ -597,23 +598,11 @@ class FhirNotificationChannel(HttpChannel):
         "endpoint as Da Vinci Unsolicited Notifications ($process-message)"
     )
 
-    class Options(NotificationOptions):
+    class Options(NotificationOptions, FhirServerOptions):
         base_url: str = Field(
             description="http(s) base URL of the FHIR endpoint: the Bundle is POSTed to "
             "{base_url}/$process-message"
         )
-        auth_header: str | None = Field(
-            None, description="Authorization header value, e.g. Bearer ${TOKEN}; never stored"
-        )
-        timeout: float = Field(
-            10.0, gt=0, description="seconds to wait for the server to connect or answer"
-        )
-        verify_tls: bool = Field(True, description="check the server's TLS certificate")
-
-        @field_validator("base_url")
-        @classmethod
-        def _http_url(cls, value: str) -> str:
-            return http_url(value, "base_url").rstrip("/")
 
     options: Options
 

@@ -105,7 +105,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from carehub.builtins.http_channel import (
     HttpAnswer,
     HttpChannel,
-    http_url,
     is_retryable,
     retry_after,
 )
@@ -132,6 +131,7 @@ from carehub.fhir import (
     ICD10CM,
     SNOMED,
     V2_0203,
+    FhirServerOptions,
     fhir_address,
     fhir_datetime,
     identifier_system,
@@ -1111,20 +1111,11 @@ class FhirReferralChannel(HttpChannel):
         "back into the referral state"
     )
 
-    class Options(GravityOptions):
+    class Options(GravityOptions, FhirServerOptions):
         base_url: str = Field(
             description="http(s) base URL of the FHIR server: the Bundle is POSTed here, Tasks "
             "are read from {base_url}/Task/{id}"
         )
-        auth_header: str | None = Field(
-            None,
-            description="Authorization header value for the POST and each poll, e.g. Bearer "
-            "${TOKEN}",
-        )
-        timeout: float = Field(
-            10.0, gt=0, description="seconds to wait for the server to connect or answer"
-        )
-        verify_tls: bool = Field(True, description="check the server's TLS certificate")
         poll: bool = Field(
             True,
             description="keep each created Task and poll its status into the referral state "
@@ -1135,11 +1126,6 @@ class FhirReferralChannel(HttpChannel):
             ge=0,
             description="minutes between polls of the open Tasks (0: each time periodic work runs)",
         )
-
-        @field_validator("base_url")
-        @classmethod
-        def _http_url(cls, value: str) -> str:
-            return http_url(value, "base_url").rstrip("/")
 
     options: Options
 
