@@ -271,6 +271,37 @@ def test_a_cancel_of_a_visit_nobody_was_told_of_sends_nothing(
     assert "nobody was told of it" in (deliveries[0].receipt or "")
 
 
+def test_cancels_of_what_nobody_was_told_send_nothing(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    """An outpatient registration is no notification, so its A11 takes nothing back; nor does
+    the A12 of a bed move; nor an A11 of an admission when the forward sends ED arrivals only."""
+    texts = [
+        make_adt("N-1", "A04", patient_class="O", visit_number="V-N1"),
+        make_adt("N-2", "A11", patient_class="O", visit_number="V-N1"),
+        make_adt("N-3", "A01", patient_id="P-N2", visit_number="V-N2", location="4W^401^A"),
+        make_adt("N-4", "A02", patient_id="P-N2", visit_number="V-N2", location="4W^402^B"),
+        make_adt("N-5", "A12", patient_id="P-N2", visit_number="V-N2", location="4W^401^A"),
+    ]
+    deliveries = run(tmp_path, routes(endpoint.base_url), texts)
+    assert endpoint.events() == [("notification-admit", "in-progress")]  # N-3 only
+    receipts = [d.receipt or "" for d in deliveries]
+    assert "the cancel takes back nothing a notification told" in receipts[1]
+    assert receipts[3].startswith("not sent") and receipts[4].startswith("not sent")
+
+
+def test_a_cancel_is_sent_only_where_its_notification_was(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    texts = [
+        make_adt("K-1", "A01", visit_number="V-K1"),
+        make_adt("K-2", "A11", visit_number="V-K1"),
+    ]
+    deliveries = run(tmp_path, routes(endpoint.base_url, "          kinds: [ed_arrival]\n"), texts)
+    assert endpoint.received == []
+    assert "admission notifications are not sent on this forward" in (deliveries[1].receipt or "")
+
+
 def test_opted_out_patients_and_left_out_diagnoses(
     tmp_path: Path, endpoint: NotificationEndpoint
 ) -> None:

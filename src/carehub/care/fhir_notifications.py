@@ -168,22 +168,32 @@ class NotificationOptions(ComponentOptions):
 
 _CANCELS = ("A11", "A12", "A13")
 _NOTHING_TO_CANCEL = "a cancel of a visit first heard of in the cancel: nobody was told of it"
+_NOTHING_TOLD = "the cancel takes back nothing a notification told"
+#: (cancel, the visit's state before it) -> the notification it takes back.
+_TOLD_BEFORE_CANCEL = {
+    ("cancel_admission", "ed"): "ed_arrival",
+    ("cancel_admission", "admitted"): "admission",
+    ("cancel_transfer", "ed"): "transfer",
+    ("cancel_transfer", "admitted"): "transfer",
+    ("cancel_discharge", "discharged"): "discharge",
+}
 
 
 def notification_event(transition: Transition, kinds: list[str]) -> tuple[str | None, str]:
     """(the transition kind whose notification this message is, or None; why not when None).
-    A cancel is the notification it takes back, and is sent only when the visit was known
-    before it (else the receiver was never told of it)."""
+    A cancel is the notification it takes back, told by the state the visit was in before it
+    (an ED visit's A11 takes back the ED arrival), and is sent only when that notification was
+    one this forward sends: a cancel of a registration, or of a visit first heard of in the
+    cancel, takes back nothing the receiver was told."""
     kind = transition.kind
-    retracted = RETRACTS.get(kind)
-    if retracted is not None:
-        if transition.summary.get("previous_state") is None:
-            return None, _NOTHING_TO_CANCEL
-        if retracted == "admission" and transition.summary.get("previous_state") == "ed":
-            retracted = "ed_arrival"
-        if retracted not in kinds and not (retracted == "admission" and "ed_arrival" in kinds):
-            return None, f"{retracted} notifications are not sent on this forward"
-        return retracted, ""
+    if kind in RETRACTS:
+        before = transition.summary.get("previous_state")
+        told = _TOLD_BEFORE_CANCEL.get((kind, before))
+        if told is None:
+            return None, _NOTHING_TO_CANCEL if before is None else _NOTHING_TOLD
+        if told not in kinds:
+            return None, f"{told} notifications are not sent on this forward"
+        return told, ""
     if kind in kinds:
         return kind, ""
     if kind in NOTIFIABLE:
