@@ -21,8 +21,9 @@ and an admission are ``notification-admit``, a change of level of care or facili
 **Cancels.** The IG has no cancel event; a cancel is sent as the notification it takes back,
 with the Encounter as the cancel left it (v2-to-FHIR's Event[EncounterStatus] map): an A11 that
 cancels the visit gives ``cancelled``, an A13 puts the visit back ``in-progress`` without its
-end. A cancel of a visit carehub first heard of in that cancel (it came before its event) sends
-nothing: the receiver was never told of it.
+end. What it takes back is told by the visit's state before it (an ED visit's A11 takes back
+the ED arrival). A cancel of what no notification told sends nothing: of an outpatient
+registration, of a bed move, of a visit first heard of in the cancel (it came before its event).
 
 **Identity.** The Encounter, Patient, Organization, Location and Practitioners have ``urn:uuid``
 full URLs made from what they are (the visit's key, the patient's key, the facility code, an
