@@ -12,6 +12,7 @@ from typing import Any
 from click.testing import CliRunner
 
 from carehub.cli import main
+from carehub.testing import make_adt
 from tests.test_referral_recipients import FEED_07, _referral
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "carehub.yaml"
@@ -72,3 +73,20 @@ def test_a_true_resend_gives_the_transition_recorded_for_the_original(tmp_path: 
     first, again = routes_test_json(tmp_path, first=FEED_07, resend=resend)
     assert referral_state(again) == referral_state(first)
     assert referral_state(again)["action"] == "created"
+
+
+def test_the_encounter_state_tells_reused_control_ids_apart(tmp_path: Path) -> None:
+    """The public samples all say MSG00001: an A03 after an A01 under the same MSH-3/4/10 is
+    the discharge, not the admission again."""
+    admit = make_adt("MSG00001", "A01", visit_number="V-R1")
+    discharge = make_adt("MSG00001", "A03", visit_number="V-R1")
+    first, second = routes_test_json(tmp_path, admit=admit, discharge=discharge)
+    kinds = [
+        step["output"]["kind"]
+        for result in (first, second)
+        for route in result["routes"]
+        if route["route"] == "care-transitions"
+        for step in route["steps"]
+        if step["step"] == "enrich encounter-state"
+    ]
+    assert kinds == ["admission", "discharge"]

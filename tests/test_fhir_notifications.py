@@ -24,7 +24,8 @@ from carehub.cli import main
 from carehub.config import load_config
 from carehub.fhir import validate_resource
 from carehub.store.outbox import DeliveryRecord
-from carehub.testing import HubThread, make_adt
+from carehub.testing import HubThread, make_adt, run_routes_all
+from tests.conftest import corpus_files, requires_corpus
 from tests.test_fhir_referrals import Served
 from tests.test_worker import send, write_config
 
@@ -414,23 +415,188 @@ def test_a_base_url_that_is_no_http_url_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and "base_url" in done.stderr, done
 
 
-def test_a_reprocessed_message_is_the_same_fhir_message(
+def test_notifications_of_two_hubs_never_share_an_id(
     tmp_path: Path, endpoint: NotificationEndpoint
 ) -> None:
-    """`messages reprocess` sends the notification again under the Bundle id it went out with,
-    so a receiver that has it drops the repeat (FHIR messaging), and one that lost it acts."""
-    config_path = write_config(tmp_path, routes(endpoint.base_url))
-    with HubThread(load_config(config_path), tmp_path / "data") as hub:
-        send(hub, [make_adt("P-1", "A01")])
-        first = hub.wait_for_deliveries(1, destination=DESTINATION)[0]
-        where = ["--config", str(config_path), "--data-dir", str(tmp_path / "data")]
-        result = CliRunner().invoke(
-            main, ["messages", "reprocess", str(first.message_id), *where], catch_exceptions=False
-        )
-        assert result.exit_code == 0, result.output
-        again = hub.wait_for_deliveries(2, destination=DESTINATION)
-    assert [d.run for d in again] == [1, 2] and again[1].status == "delivered"
-    assert len(endpoint.received) == 2 and endpoint.problems == []
-    original, repeat = endpoint.received
-    assert repeat["id"] == original["id"]
-    assert header(repeat)["id"] == header(original)["id"]
+    """Each store numbers its messages from 1: two hubs sending to one receiver must still give
+    different patients' notifications different Bundle ids and Idempotency-Keys, or a
+    receiver that drops repeats drops a real admission. A reprocess is a new message too."""
+    keys: list[str] = []
+    for hub_name, patient in (("one", "P-ONE"), ("two", "P-TWO")):
+        folder = tmp_path / hub_name
+        folder.mkdir()
+        config_path = write_config(folder, routes(endpoint.base_url))
+        with HubThread(load_config(config_path), folder / "data") as hub:
+            send(hub, [make_adt(f"{hub_name}-1", "A01", patient_id=patient)])
+            (delivery,) = hub.wait_for_deliveries(1, destination=DESTINATION)
+            keys.append(delivery.idempotency_key)
+            if hub_name == "one":
+                where = ["--config", str(config_path), "--data-dir", str(folder / "data")]
+                result = CliRunner().invoke(
+                    main,
+                    ["messages", "reprocess", str(delivery.message_id), *where],
+                    catch_exceptions=False,
+                )
+                assert result.exit_code == 0, result.output
+                again = hub.wait_for_deliveries(2, destination=DESTINATION)
+                assert [d.run for d in again] == [1, 2]
+                keys.append(again[1].idempotency_key)
+    assert len(set(keys)) == 3, keys
+    assert endpoint.problems == [] and len(endpoint.received) == 3
+    assert len({b["id"] for b in endpoint.received}) == 3
+    assert len({header(b)["id"] for b in endpoint.received}) == 3
+
+
+def test_a_merge_during_the_stay_keeps_the_encounter(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    admit = make_adt("M-1", "A01", patient_id="P-OLD", visit_number="V-M1")
+    merge = make_adt("M-2", "A40", patient_id="P-NEW", extra_segments=["MRG|P-OLD^^^HOSP^MR"])
+    discharge = make_adt("M-3", "A03", patient_id="P-NEW", visit_number="V-M1")
+    run(tmp_path, routes(endpoint.base_url), [admit, merge, discharge], settled=3)
+    assert endpoint.events() == [
+        ("notification-admit", "in-progress"),
+        ("notification-discharge", "finished"),
+    ]
+    first, last = endpoint.received
+    assert header(first)["focus"] == header(last)["focus"]  # the same Encounter
+    assert of_type(last, "Patient")[0]["identifier"][0]["value"] == "P-NEW"
+
+
+def test_a_cancel_says_it_is_one(tmp_path: Path, endpoint: NotificationEndpoint) -> None:
+    """An ED visit admitted and the admission cancelled: the A11 brings back the ED visit, and
+    its MessageHeader.reason (the v2 event) tells it from the ED arrival it resembles."""
+    texts = [
+        make_adt("X-1", "A04", patient_class="E", visit_number="V-X1"),
+        make_adt("X-2", "A01", patient_class="I", visit_number="V-X1"),
+        make_adt("X-3", "A11", patient_class="I", visit_number="V-X1"),
+    ]
+    run(tmp_path, routes(endpoint.base_url), texts)
+    reasons = [header(b)["reason"]["coding"][0]["code"] for b in endpoint.received]
+    assert reasons == ["A04", "A01", "A11"]
+    assert header(endpoint.received[2])["reason"]["text"] == "Cancel admit/visit notification"
+
+
+def test_cancels_follow_what_this_endpoint_was_sent(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    """Opted out at admission and not any more at the cancel: nothing to take back. Told of
+    the admission and opted out later: the cancel still corrects what the receiver holds."""
+    care_team = """      - enrich:
+          use: care-team
+          roster: roster.csv
+          opt_out_field: PD1-12
+"""
+    (tmp_path / "roster.csv").write_text(
+        "patient_id,authority,opt_out,opt_out_reason,member_id,name,role,organization,npi,"
+        "channel,address,preference,detail\n",
+        encoding="utf-8",
+    )
+    out, back = "PD1" + "|" * 12 + "Y", "PD1" + "|" * 12 + "N"
+    texts = [
+        make_adt("F-1", "A01", patient_id="P-F1", visit_number="V-F1", extra_segments=[out]),
+        make_adt("F-2", "A08", patient_id="P-F1", visit_number="V-F1", extra_segments=[back]),
+        make_adt("F-3", "A11", patient_id="P-F1", visit_number="V-F1", extra_segments=[back]),
+        make_adt("G-1", "A01", patient_id="P-G1", visit_number="V-G1"),
+        make_adt("G-2", "A08", patient_id="P-G1", visit_number="V-G1", extra_segments=[out]),
+        make_adt("G-3", "A11", patient_id="P-G1", visit_number="V-G1", extra_segments=[out]),
+    ]
+    deliveries = run(tmp_path, routes(endpoint.base_url, before=care_team), texts)
+    assert "went to this endpoint" in (deliveries[2].receipt or "")
+    told = [(of_type(b, "Patient")[0]["identifier"][0]["value"], *e) for b, e in
+            zip(endpoint.received, endpoint.events(), strict=True)]  # fmt: skip
+    assert told == [
+        ("P-G1", "notification-admit", "in-progress"),
+        ("P-G1", "notification-admit", "cancelled"),
+    ]
+
+
+def test_an_outpatient_visit_becoming_a_stay_is_an_admission_to_the_receiver(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    texts = [
+        make_adt("T-1", "A04", patient_class="O", visit_number="V-T1"),
+        make_adt("T-2", "A02", patient_class="I", visit_number="V-T1", location="4W^401^A"),
+    ]
+    run(tmp_path, routes(endpoint.base_url), texts)
+    assert endpoint.events() == [("notification-admit", "in-progress")]
+
+
+def test_what_feeds_send_is_made_fit_for_fhir(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    """An HD in MSH-4, a disposition in words, an SSN, a control character in a name, a
+    year-only admission time, a discharge before the admission on the same day, no sex: the
+    Bundle says each as FHIR and US Core want it, and what it cannot know it leaves out."""
+    admit = make_adt(
+        "H-1",
+        "A01",
+        sending_facility="GHHSFacility^2.16.840.1.122848.1.30^ISO",
+        name="SMITH\x07^PAT",
+        visit_number="V-H1",
+        location="4W^401^A^",
+    ).replace("^^^HOSP^MR||", "^^^HOSP^MR~123-45-6789^^^SSA^SS||")
+    admit = admit.replace("||19700101|F", "||19700101|")
+    admit = admit.replace("|V-H1^^^HOSP^VN", "|V-H1^^^HOSP^VN" + "|" * 25 + "2026")
+    discharge = make_adt("H-2", "A03", visit_number="V-H1", location="4W^401^A^")
+    fields = discharge.split("\r")
+    pv1 = fields[3].split("|")
+    pv1 += [""] * (46 - len(pv1))
+    pv1[36], pv1[44], pv1[45] = "HOME", "202611251000-0500", "202611250900-0500"
+    fields[3] = "|".join(pv1)
+    run(tmp_path, routes(endpoint.base_url), [admit, "\r".join(fields)])
+
+    assert endpoint.problems == []
+    first, second = endpoint.received
+    sender = resource(first, header(first)["sender"]["reference"])
+    assert sender["name"] == "GHHSFacility" and sender["active"] is True
+    assert sender["identifier"][0]["value"] == "GHHSFacility"
+    patient = of_type(first, "Patient")[0]
+    assert patient["name"][0]["family"] == "SMITH" and patient["gender"] == "unknown"
+    assert any(i["system"] == "http://hl7.org/fhir/sid/us-ssn" for i in patient["identifier"])
+    assert encounter(first)["period"]["start"] == "2026"
+    assert encounter(first)["type"][0]["coding"][0]["code"] == "I"
+    ended = encounter(second)
+    assert "end" not in ended["period"]  # 09:00 is before the 10:00 admission
+    assert ended["hospitalization"]["dischargeDisposition"] == {"text": "HOME"}
+
+
+def test_a_response_message_that_is_not_well_formed_is_taken_as_accepted(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    odd = {"resourceType": "Bundle", "type": "message", "entry": [{"resource": {
+        "resourceType": "MessageHeader", "response": "fatal-error"}}]}  # fmt: skip
+    endpoint.answers = [(200, odd, {})]
+    (delivery,) = run(tmp_path, routes(endpoint.base_url), [make_adt("W-1", "A01")])
+    assert delivery.status == "delivered" and delivery.attempts == 1, delivery.last_error
+
+
+@requires_corpus
+def test_every_sample_adt_that_makes_a_notification_makes_a_valid_one(tmp_path: Path) -> None:
+    """The public ADT samples, each dry-run on its own through the forward: every Bundle made
+    is a FHIR R4 message as the IG wants it; a facility sent as an HD with an ISO OID is an
+    Organization named by its namespace, with the OID as an identifier."""
+    config = write_config(tmp_path, routes("http://127.0.0.1:9/fhir"))
+    made = 0
+    for path in corpus_files():
+        if not path.name.startswith("ADT"):
+            continue
+        for result in run_routes_all(path, config):
+            for route in result.routes:
+                for delivery in route.deliveries:
+                    if not delivery.outgoing.payload:
+                        continue
+                    made += 1
+                    bundle = json.loads(delivery.outgoing.payload)
+                    assert message_problems(bundle) == [], path.name
+                    for organization in of_type(bundle, "Organization"):
+                        assert "^" not in organization["name"], path.name
+    assert made >= 10, made  # the admissions, transfers and discharges among them
+    (sample,) = [p for p in corpus_files() if p.name == "ADT-A01-01.hl7"]
+    (result,) = run_routes_all(sample, config)
+    bundle = json.loads(result.routes[0].deliveries[0].outgoing.payload)
+    sender = resource(bundle, header(bundle)["sender"]["reference"])
+    assert sender["name"] == "GHHSFacility"
+    assert {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.16.840.1.122848.1.30"} in (
+        sender["identifier"]
+    )

@@ -29,10 +29,10 @@ registration, of a bed move, of a visit first heard of in the cancel (it came be
 full URLs made from what they are (the visit's key, the patient's key, the facility code, an
 NPI), so every notification of one visit names the same Encounter, and the receiver can tell
 an update from a new visit; the Encounter also carries the visit number (PV1-19, type VN). The
-Bundle and MessageHeader ids come from the stored message and the endpoint: a retry, or a
-``messages reprocess``, sends the same FHIR message again, which a receiver that has it drops
-as a repeat (FHIR messaging's rule for a Bundle id it has seen), while one that never got it
-acts on it.
+Bundle and MessageHeader ids come from the delivery's idempotency key, which is unique to the
+store, the message and the routing run: a retry is the same FHIR message, which a receiver that
+has it drops as a repeat (FHIR messaging's rule for a Bundle id it has seen); a ``messages
+reprocess`` is a new one, as for every forward.
 
 **Who is told, and what.** A patient who opted out (PD1-12 or the roster, found by the
 care-team step when the route runs it before this channel) is not sent. Diagnoses go as
@@ -42,12 +42,14 @@ Condition resources unless ``diagnoses: false`` (a receiver not covered for them
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import httpx
 from pydantic import Field, field_validator
+from sqlalchemy import select
 
 from carehub import __version__
 from carehub.builtins.http_channel import HttpChannel
@@ -63,6 +65,7 @@ from carehub.fhir import (
     V2_0203,
     FhirServerOptions,
     fhir_address,
+    fhir_datetime,
     identifier_system,
     outcome_text,
     person_name,
@@ -70,6 +73,7 @@ from carehub.fhir import (
     stable_urn,
     validate_resource,
 )
+from carehub.store.schema import DeliveryStatus, deliveries, encounter_events
 
 __all__ = ["FhirNotificationChannel", "NotificationOptions", "build_notification_bundle"]
 
@@ -81,6 +85,26 @@ CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 DIAGNOSIS_ROLE = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 DISCHARGE_DISPOSITION = "http://www.nubc.org/patient-discharge"
 PROFILE = "http://hl7.org/fhir/us/davinci-alerts/StructureDefinition/"
+V2_EVENTS = "http://terminology.hl7.org/CodeSystem/v2-0003"
+V2_PATIENT_CLASS = "http://terminology.hl7.org/CodeSystem/v2-0004"
+US_SSN = "http://hl7.org/fhir/sid/us-ssn"
+
+#: The v2 trigger events a notification can come from (table 0003), for MessageHeader.reason:
+#: how a receiver tells a cancel (A11, A12, A13) from the notification it takes back.
+_TRIGGERS = {
+    "A01": "Admit/visit notification",
+    "A02": "Transfer a patient",
+    "A03": "Discharge/end visit",
+    "A04": "Register a patient",
+    "A06": "Change an outpatient to an inpatient",
+    "A08": "Update patient information",
+    "A11": "Cancel admit/visit notification",
+    "A12": "Cancel transfer",
+    "A13": "Cancel discharge/end visit",
+}
+#: Characters FHIR strings may not hold (below U+0020 but tab, CR and LF); some feeds carry
+#: them, raw or as \X..\ escapes.
+_CONTROL = dict.fromkeys(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D))
 
 #: Transition kind -> (notification-event code, its display).
 _EVENTS: dict[str, tuple[str, str]] = {
@@ -111,6 +135,19 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "O": ("AMB", "ambulatory"),
     "P": ("PRENC", "pre-admission"),
     "V": ("OBSENC", "observation encounter"),
+}
+#: PV1-2 (table 0004) as Encounter.type: US Core asks for a type, and the class is what v2 says.
+_PATIENT_CLASSES = {
+    "E": "Emergency",
+    "I": "Inpatient",
+    "O": "Outpatient",
+    "P": "Preadmit",
+    "R": "Recurring patient",
+    "B": "Obstetrics",
+    "C": "Commercial Account",
+    "N": "Not Applicable",
+    "U": "Unknown",
+    "V": "Observation",
 }
 #: DG1-3's coding system (table 0396) -> the FHIR system URI.
 _DIAGNOSIS_SYSTEMS = {
@@ -195,6 +232,10 @@ def notification_event(transition: Transition, kinds: list[str]) -> tuple[str | 
         if told not in kinds:
             return None, f"{told} notifications are not sent on this forward"
         return told, ""
+    if kind == "transfer" and transition.summary.get("previous_state") == "registered":
+        # An outpatient visit (never notified) that became an inpatient stay: to a receiver
+        # that has heard nothing of it, it is an admission.
+        kind = "admission"
     if kind in kinds:
         return kind, ""
     if kind in NOTIFIABLE:
@@ -238,11 +279,15 @@ def _display(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def _when(value: Any) -> str | None:
-    """A summary time (ISO text, as the sender's precision left it) as a FHIR dateTime: a time
-    without a zone keeps only its date (see carehub.fhir.fhir_datetime)."""
+def _when(value: Any, as_sent: datetime | None = None) -> str | None:
+    """A summary time (ISO text) as a FHIR dateTime: a time without a zone keeps only its date
+    (see carehub.fhir.fhir_datetime). ``as_sent`` is the same time as this message gave it,
+    with the precision the sender wrote (a year stays a year), which the summary's JSON loses;
+    it is used when it is the summary's time."""
     if not isinstance(value, str) or not value:
         return None
+    if as_sent is not None and as_sent.isoformat() == value:
+        return fhir_datetime(as_sent)
     if "T" not in value:
         return value  # YYYY, YYYY-MM or YYYY-MM-DD
     try:
@@ -254,9 +299,21 @@ def _when(value: Any) -> str | None:
     return moment.isoformat(timespec="seconds")
 
 
+def _not_before(end: str, start: str) -> bool:
+    """Whether a period may end at ``end`` having started at ``start``: the times themselves
+    when both have one, else as far as the coarser of the two goes (ISO text compares in
+    order at equal length)."""
+    with contextlib.suppress(ValueError, TypeError):
+        if "T" in end and "T" in start:
+            return datetime.fromisoformat(end) >= datetime.fromisoformat(start)
+    size = min(len(end), len(start), 10)
+    return end[:size] >= start[:size]
+
+
 def _identifier(ident: Identifier, systems: dict[str, str]) -> dict[str, Any]:
+    is_ssn = (ident.type_code or "").strip().upper() == "SS"
     found: dict[str, Any] = {
-        "system": identifier_system(ident.authority, systems),
+        "system": US_SSN if is_ssn else identifier_system(ident.authority, systems),
         "value": ident.value,
     }
     if ident.type_code:
@@ -308,15 +365,23 @@ def _practitioner(
 
 
 def _organization(bundle: _Bundle, code: str, options: NotificationOptions) -> dict[str, Any]:
-    name = options.facilities.get(code.strip().upper(), code)
+    """The facility a code names (PV1-3.4 or MSH-4, an HD: namespace^universal id^type), by
+    its name where ``facilities`` gives one; an ISO universal id is also an OID identifier."""
+    namespace, _, rest = code.partition("^")
+    universal, _, id_type = rest.partition("^")
+    namespace = namespace.strip() or universal.strip()
+    identifiers = [
+        {"system": identifier_system("facility", options.identifier_systems), "value": namespace}
+    ]
+    if universal.strip() and id_type.strip().upper() == "ISO":
+        identifiers.append({"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{universal.strip()}"})
     resource = {
         "resourceType": "Organization",
-        "identifier": [
-            {"system": identifier_system("facility", options.identifier_systems), "value": code}
-        ],
-        "name": name,
+        "identifier": identifiers,
+        "active": True,
+        "name": options.facilities.get(namespace.upper(), namespace),
     }
-    return bundle.add(stable_urn(code, "Organization"), resource)
+    return bundle.add(stable_urn(namespace.upper(), "Organization"), resource)
 
 
 def _location(
@@ -333,7 +398,7 @@ def _location(
     resource: dict[str, Any] = {"resourceType": "Location", "name": name, "mode": "instance"}
     if organization is not None:
         resource["managingOrganization"] = organization
-    seed = json.dumps([detail.get("facility"), name])
+    seed = json.dumps([str(detail.get("facility") or "").upper(), name])
     return bundle.add(stable_urn(seed, "Location"), resource)
 
 
@@ -356,9 +421,8 @@ def _patient(
         resource["name"] = [found]
     if summary.get("phone"):
         resource["telecom"] = [{"system": "phone", "value": summary["phone"]}]
-    gender = GENDER.get(str(summary.get("sex") or "").strip().upper())
-    if gender:
-        resource["gender"] = gender
+    # US Core asks for a gender: one the sender did not give is "unknown".
+    resource["gender"] = GENDER.get(str(summary.get("sex") or "").strip().upper(), "unknown")
     birth = _when(summary.get("birth_date"))
     if birth:
         resource["birthDate"] = birth[:10]
@@ -382,6 +446,27 @@ def _visit_identifier(work: Work, number: str, options: NotificationOptions) -> 
         "system": identifier_system(authority, options.identifier_systems),
         "value": number,
     }
+
+
+def _encounter_type(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Encounter.type (US Core: at least one): the patient class as v2 says it."""
+    patient_class = str(summary.get("patient_class") or "").strip().upper()
+    label = _PATIENT_CLASSES.get(patient_class)
+    if label is None:
+        return [{"text": "Unknown"}]
+    coding = {"system": V2_PATIENT_CLASS, "code": patient_class, "display": label}
+    return [{"coding": [coding], "text": label}]
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with the control characters FHIR strings may not hold taken out."""
+    if isinstance(value, str):
+        return value.translate(_CONTROL)
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
 
 
 def _encounter_class(summary: dict[str, Any], kind: str) -> dict[str, str]:
@@ -458,7 +543,14 @@ def build_notification_bundle(
     bundle = _Bundle()
     header_url = stable_urn(message_key, "MessageHeader")
     bundle.entries[header_url] = {}  # first, as a message must begin
-    visit_seed = f"{transition.patient_key}:{summary.get('visit_key') or transition.encounter_id}"
+    visit_key = str(summary.get("visit_key") or "")
+    # A visit number names the visit whoever the patient turns out to be (an A40 merge during
+    # the stay changes the patient's key, not the Encounter); a stand-in key needs the patient.
+    visit_seed = (
+        visit_key
+        if visit_key and not visit_key.startswith("noVN:")
+        else f"{transition.patient_key}:{visit_key or transition.encounter_id}"
+    )
     encounter_url = stable_urn(visit_seed, "Encounter")
     bundle.entries[encounter_url] = {}  # second: the focus, before what it points at
 
@@ -471,6 +563,7 @@ def build_notification_bundle(
         "meta": {"profile": [PROFILE + "adt-notification-encounter"]},
         "status": _STATUS.get(state, "unknown"),
         "class": _encounter_class(summary, kind),
+        "type": _encounter_type(summary),
         "subject": patient,
     }
     if summary.get("visit_number"):
@@ -496,12 +589,15 @@ def build_notification_bundle(
             author = author or ref
     if participants:
         encounter["participant"] = participants
+    this = work.event.encounter if work.event is not None else None
     period: dict[str, str] = {}
-    start = _when(summary.get("admit_time"))
+    start = _when(summary.get("admit_time"), this.admit_time if this else None)
     if start:
         period["start"] = start
-    end = _when(summary.get("discharge_time")) if state in ("discharged", "closed") else None
-    if end and (not start or start[:10] <= end[:10]):
+    end = None
+    if state in ("discharged", "closed"):
+        end = _when(summary.get("discharge_time"), this.discharge_time if this else None)
+    if end and (not start or _not_before(end, start)):
         period["end"] = end
     if period:
         encounter["period"] = period
@@ -514,10 +610,12 @@ def build_notification_bundle(
         hospitalization: dict[str, Any] = {}
         if disposition:
             text = DISPOSITIONS.get(disposition, disposition)
-            hospitalization["dischargeDisposition"] = {
-                "coding": [{"system": DISCHARGE_DISPOSITION, "code": disposition, "display": text}],
-                "text": text,
-            }
+            concept: dict[str, Any] = {"text": text}
+            if len(disposition) == 2 and disposition.isdigit():  # a UB-04 (NUBC) code
+                concept["coding"] = [
+                    {"system": DISCHARGE_DISPOSITION, "code": disposition, "display": text}
+                ]
+            hospitalization["dischargeDisposition"] = concept
         if summary.get("discharged_to_name"):
             hospitalization["destination"] = {"display": summary["discharged_to_name"]}
         encounter["hospitalization"] = hospitalization
@@ -554,6 +652,13 @@ def build_notification_bundle(
     }
     if options.destination_name:
         header["destination"][0]["name"] = options.destination_name
+    trigger = transition.trigger_event.strip().upper()
+    if trigger:
+        said = _TRIGGERS.get(trigger, f"event {trigger}")
+        header["reason"] = {
+            "coding": [{"system": V2_EVENTS, "code": trigger, "display": said}],
+            "text": said,
+        }
     sending_code = summary.get("sending_facility") or facility_code
     sender = _organization(bundle, sending_code, options) if sending_code else None
     if sender is not None:  # the hospital that sent it, whichever campus the visit is at
@@ -575,8 +680,9 @@ def build_notification_bundle(
             {"fullUrl": url, "resource": resource} for url, resource in bundle.entries.items()
         ],
     }
-    for _, resource in bundle.entries.items():
-        validate_resource(resource)
+    result = _clean(result)
+    for entry in result["entry"]:
+        validate_resource(entry["resource"])
     validate_resource(result)
     return result
 
@@ -631,21 +737,53 @@ class FhirNotificationChannel(HttpChannel):
         metadata = {"destination": self.endpoint}
         kind, why = notification_event(transition, list(self.options.kinds))
         team = work.data.get("care_team")
-        if kind is not None and isinstance(team, CareTeam) and team.opted_out:
+        cancel = transition.kind in RETRACTS
+        if kind is not None and cancel and self._delivered_here(transition, kind) is False:
+            kind, why = None, f"no {_EVENTS[kind][0]} of this visit went to this endpoint"
+        elif kind is not None and not cancel and isinstance(team, CareTeam) and team.opted_out:
+            # A cancel still goes: it corrects what the receiver holds, and tells nothing new.
             kind, why = None, "the patient opted out of notifications"
         if kind is None:
             metadata.update(event="none", not_sent=why)
             return Outgoing(b"", FHIR_CONTENT_TYPE, idempotency_key, metadata)
-        # One message, one FHIR message: a reprocess sends the Bundle id the first run sent,
-        # which FHIR messaging receivers drop as a repeat when they have it already.
-        message_key = f"{work.message.id}:{self.endpoint}"
         bundle = build_notification_bundle(
-            work, transition, kind, message_key, self.options, self.endpoint
+            work, transition, kind, idempotency_key, self.options, self.endpoint
         )
         metadata["event"] = _EVENTS[kind][0]
         metadata["encounter_status"] = bundle["entry"][1]["resource"]["status"]
         payload = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
+
+    def _delivered_here(self, transition: Transition, kind: str) -> bool | None:
+        """Whether a ``kind`` notification of this visit went to this endpoint (or is on its
+        way: a delivery not given up), from the store's deliveries; None without a store (a
+        dry run), where the visit's state has to answer. A cancel is sent only then: the
+        patient's opt-out, or a forward added later, may have kept the first from it."""
+        store = self.context.store
+        if store is None or transition.encounter_id is None:
+            return None
+        event = _EVENTS[kind][0]
+        query = (
+            select(deliveries.c.metadata)
+            .select_from(
+                deliveries.join(
+                    encounter_events, deliveries.c.message_id == encounter_events.c.message_id
+                )
+            )
+            .where(
+                encounter_events.c.encounter_id == transition.encounter_id,
+                deliveries.c.channel == self.name,
+                deliveries.c.status.not_in((DeliveryStatus.DEAD, DeliveryStatus.DISCARDED)),
+            )
+        )
+        with store.engine.connect() as conn:
+            found = conn.execute(query).scalars().all()
+        for text in found:
+            with contextlib.suppress(ValueError, TypeError):
+                metadata = json.loads(text or "{}")
+                if metadata.get("destination") == self.endpoint and metadata.get("event") == event:
+                    return True
+        return False
 
     async def send(self, outgoing: Outgoing) -> str:
         event = outgoing.metadata.get("event", "")
@@ -701,7 +839,8 @@ def _response_code(response: Any) -> tuple[str | None, str | None]:
         (r for r in resources if isinstance(r, dict) and r.get("resourceType") == "MessageHeader"),
         None,
     )
-    code = ((header or {}).get("response") or {}).get("code")
+    response = (header or {}).get("response")
+    code = response.get("code") if isinstance(response, dict) else None
     outcome = next(
         (
             r
@@ -711,7 +850,7 @@ def _response_code(response: Any) -> tuple[str | None, str | None]:
         None,
     )
     said = None
-    if outcome is not None:
+    if isinstance(outcome, dict):
         issues = [i.get("diagnostics") or i.get("code") for i in outcome.get("issue") or []]
         said = "; ".join(str(i) for i in issues if i) or None
     return (code if isinstance(code, str) else None), said

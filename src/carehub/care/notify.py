@@ -40,7 +40,7 @@ from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.events import display_name
 from carehub.routing.config import RetryPolicy
-from carehub.routing.router import PlannedDelivery, idempotency_key
+from carehub.routing.router import PlannedDelivery, idempotency_key, store_id_of
 from carehub.store.outbox import Outbox
 from carehub.store.schema import encounters, notifications, referral_events
 
@@ -332,7 +332,9 @@ class Notifier:
             if decision.status != "queued" or decision.channel not in self.destinations:
                 continue
             destination = self.destinations[decision.channel]
-            key = decision.delivery_key or _key(work.message.id, run, destination.name, decision)
+            key = decision.delivery_key or _key(
+                work.message.id, run, destination.name, decision, store_id_of(self.context)
+            )
             decision.delivery_key = key
             context = self._template_context(work, transition, decision)
             subject, body = self.render(decision.kind, decision.channel or "", context)
@@ -642,7 +644,13 @@ class Notifier:
                 "kind": d.kind,
                 "status": d.status,
                 "reason": d.reason,
-                "delivery_key": _key(message_id, 1, self.destinations[d.channel].name, d)
+                "delivery_key": _key(
+                    message_id,
+                    1,
+                    self.destinations[d.channel].name,
+                    d,
+                    store_id_of(self.context),
+                )
                 if d.status == "queued" and d.channel in self.destinations
                 else None,
             }
@@ -866,8 +874,9 @@ def _decision(row: dict[str, Any]) -> Decision:
     )
 
 
-def _key(message_id: int, run: int, destination: str, decision: Decision) -> str:
-    return idempotency_key(message_id, run, f"{destination}/{decision.recipient}/{decision.kind}")
+def _key(message_id: int, run: int, destination: str, decision: Decision, store_id: str) -> str:
+    key_of = f"{destination}/{decision.recipient}/{decision.kind}"
+    return idempotency_key(message_id, run, key_of, store_id)
 
 
 def _safe(text: str) -> str:

@@ -78,7 +78,7 @@ from carehub.referrals.state import (
 )
 from carehub.resources.matching import chosen_match, referred_to_name
 from carehub.routing.config import RetryPolicy
-from carehub.routing.router import PlannedDelivery, idempotency_key, order_key
+from carehub.routing.router import PlannedDelivery, idempotency_key, order_key, store_id_of
 from carehub.store.outbox import Outbox
 from carehub.store.schema import referral_events
 
@@ -539,7 +539,10 @@ class ReferralNotifier:
         assert decision.channel is not None and decision.address is not None
         destination = self.destinations[decision.channel]
         key = key or idempotency_key(
-            work.message.id, run, f"{destination.name}/{decision.recipient}/{decision.kind}"
+            work.message.id,
+            run,
+            f"{destination.name}/{decision.recipient}/{decision.kind}",
+            store_id_of(self.context),
         )
         decision.delivery_key = key
         context = self._context(work, transition, decision)

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from carehub.components import JSONText, Outgoing, Work
+from carehub.components import ComponentContext, JSONText, Outgoing, Work
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.plugins import PluginHost
 from carehub.routing.conditions import Check
@@ -96,10 +96,18 @@ class RoutingResult:
         return [f"{r.route}: {r.error}" for r in self.routes if r.error]
 
 
-def idempotency_key(message_id: int, run: int, destination: str) -> str:
-    """Stable per (message, routing run, destination): a resend after a crash reuses it."""
-    digest = hashlib.sha256(destination.encode()).hexdigest()[:12]
+def idempotency_key(message_id: int, run: int, destination: str, store_id: str = "") -> str:
+    """Stable per (store, message, routing run, destination): a resend after a crash reuses
+    it. Message ids start at 1 in every store, so the digest takes the store's own id too
+    (``MessageStore.instance_id``; empty in dry runs): two hubs sending to one receiver never
+    give two messages one key."""
+    digest = hashlib.sha256(f"{store_id}/{destination}".encode()).hexdigest()[:12]
     return f"carehub-{message_id}-{run}-{digest}"
+
+
+def store_id_of(context: ComponentContext) -> str:
+    """The id of the store a component works with, for its keys ("" without one)."""
+    return context.store.instance_id if context.store is not None else ""
 
 
 def order_key(message: StoredMessage) -> str:
@@ -227,7 +235,8 @@ class Router:
                 elif step.kind == "forward":
                     assert step.destination is not None
                     destination = step.destination
-                    key = idempotency_key(message.id, run, destination.name)
+                    store_id = store_id_of(destination.channel.context)
+                    key = idempotency_key(message.id, run, destination.name, store_id)
                     outgoing = destination.channel.render(work, key)
                     check_outgoing(outgoing, destination.channel.name, destination.plugin)
                     result.deliveries.append(

@@ -100,6 +100,17 @@ id_floors = Table(
     Column("last_id", BigInteger, nullable=False),
 )
 
+# Message ids start at 1 in every store, so what a store sends under them (delivery idempotency
+# keys, FHIR message ids) must also say which store: two hubs, or a store rebuilt, sending to one
+# receiver would otherwise give two patients' messages the same key. One row, made when the
+# schema is created (migration 0015), never changed.
+store_identity = Table(
+    "store_identity",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 message_events = Table(
     "message_events",
     metadata,

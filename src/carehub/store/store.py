@@ -7,6 +7,7 @@ unit of work would cost more than the commit itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -47,6 +48,7 @@ from carehub.store.schema import (
     delivery_in,
     message_events,
     messages,
+    store_identity,
 )
 from carehub.store.write_gate import WriteGate
 
@@ -304,10 +306,13 @@ class StoredMessage:
 
     @property
     def identity(self) -> str:
-        """MSH-3, MSH-4 and MSH-10 joined: which message of which sender this is, for dry
-        runs that have no row ids (the stored identity adds a hash of the content)."""
+        """MSH-3, MSH-4, MSH-10 and a hash of the content, as the store's identity: which
+        message of which sender this is, for dry runs that have no row ids. Senders reuse
+        control IDs (the public samples all say MSG00001), so without the content two
+        different messages of one dry run would be taken for one."""
         parts = (self.sending_application, self.sending_facility, self.control_id)
-        return "\x1f".join(part or "" for part in parts)
+        digest = message_digest(self.raw, self.charset)
+        return "\x1f".join([*(part or "" for part in parts), digest])
 
     @property
     def text(self) -> str:
@@ -599,6 +604,16 @@ class MessageStore:
                 )
             cfg.attributes["connection"] = conn
             alembic_command.upgrade(cfg, "head")
+
+    @functools.cached_property
+    def instance_id(self) -> str:
+        """This store's own random id (store_identity, made with the schema): what it sends
+        under its message ids says which store they are from."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(store_identity.c.id)).scalar()
+        if found is None:
+            raise RuntimeError("the store has no identity: run its migrations (carehub serve)")
+        return str(found)
 
     def schema_revision(self) -> str | None:
         with self.engine.connect() as conn:
