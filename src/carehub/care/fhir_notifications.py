@@ -22,8 +22,11 @@ and an admission are ``notification-admit``, a change of level of care or facili
 with the Encounter as the cancel left it (v2-to-FHIR's Event[EncounterStatus] map): an A11 that
 cancels the visit gives ``cancelled``, an A13 puts the visit back ``in-progress`` without its
 end. What it takes back is told by the visit's state before it (an ED visit's A11 takes back
-the ED arrival). A cancel of what no notification told sends nothing: of an outpatient
-registration, of a bed move, of a visit first heard of in the cancel (it came before its event).
+the ED arrival), and it is sent only when that notification went to this endpoint (the store's
+deliveries say; in a dry run, the visit's state): a cancel of an outpatient registration, of a
+bed move, of a visit first heard of in the cancel, or of an admission the patient's opt-out kept
+back sends nothing. Every MessageHeader carries the v2 event in ``reason`` (v2-0003), so a
+receiver tells an A11 from the notification it takes back.
 
 **Identity.** The Encounter, Patient, Organization, Location and Practitioners have ``urn:uuid``
 full URLs made from what they are (the visit's key, the patient's key, the facility code, an
@@ -700,7 +703,7 @@ class FhirNotificationChannel(HttpChannel):
     for opt-outs): an ED arrival or admission goes as ``notification-admit``, a transfer of
     level or facility as ``notification-transfer``, a discharge as
     ``notification-discharge``, a cancel as the notification it takes back with the
-    Encounter as the cancel left it; anything else (a resend, an A08 that changed nothing, a
+    Encounter as the cancel left it (and only where that went); anything else (a resend, an A08 that changed nothing, a
     bed move) is recorded as not sent. ``send`` POSTs it: 200, 202 and 204 are delivered
     (receipt ``HTTP <code> <event>``); a response message whose MessageHeader says
     ``fatal-error`` is refused for good and one that says ``transient-error`` is retried;
