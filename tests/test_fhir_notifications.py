@@ -600,3 +600,16 @@ def test_every_sample_adt_that_makes_a_notification_makes_a_valid_one(tmp_path: 
     assert {"system": "urn:ietf:rfc:3986", "value": "urn:oid:2.16.840.1.122848.1.30"} in (
         sender["identifier"]
     )
+
+
+def test_a_dry_run_says_why_nothing_would_be_sent(tmp_path: Path) -> None:
+    config = write_config(tmp_path, routes("http://127.0.0.1:9/fhir"))
+    update = tmp_path / "update.hl7"
+    update.write_text(make_adt("D-1", "A01") + make_adt("D-2", "A08"), encoding="utf-8")
+    where = ["--config", str(config), "--data-dir", str(tmp_path / "data")]
+    shown = CliRunner().invoke(main, ["routes", "test", *where, str(update)])
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "would not send to care-fhir/care-management via fhir-notification: nothing new for "
+        "the visit"
+    ) in " ".join(shown.output.split())

@@ -403,6 +403,16 @@ def show_dry_run(label: str, result: DryRunResult) -> None:
             output = "" if step.outcome == "error" else f"  {_short(step.output)}"
             _console.print(Text(f"    step {step.position} {step.step}: {step.outcome}{output}"))
         for delivery in route.deliveries:
+            not_sent = delivery.outgoing.metadata.get("not_sent")
+            if not delivery.outgoing.payload and not_sent:
+                # A channel that decided at routing time to send nothing says why.
+                _console.print(
+                    Text(
+                        f"    would not send to {delivery.destination} via {delivery.channel}: "
+                        f"{not_sent}"
+                    )
+                )
+                continue
             preview = delivery.outgoing.payload[:200].decode("utf-8", "replace")
             preview = preview.replace("\r", "\\r ").replace("\n", " ")
             _console.print(
