@@ -613,3 +613,24 @@ def test_a_dry_run_says_why_nothing_would_be_sent(tmp_path: Path) -> None:
         "would not send to care-fhir/care-management via fhir-notification: nothing new for "
         "the visit"
     ) in " ".join(shown.output.split())
+
+
+def test_a_cancel_routed_with_its_admission_is_sent(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    """The admission and its cancel arrive together and are routed in one batch, before the
+    admission's delivery is stored: the cancel still knows the admission went out."""
+    admit = make_adt("Y-1", "A01", visit_number="V-Y1")
+    cancel = make_adt("Y-2", "A11", visit_number="V-Y1")
+    config = load_config(write_config(tmp_path, routes(endpoint.base_url)))
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [admit, cancel])
+        deliveries = hub.wait_for_deliveries(2, destination=DESTINATION)
+    assert [d.receipt for d in deliveries] == [
+        "HTTP 200 notification-admit",
+        "HTTP 200 notification-admit",
+    ]
+    assert endpoint.events() == [
+        ("notification-admit", "in-progress"),
+        ("notification-admit", "cancelled"),
+    ]

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -208,6 +209,9 @@ class NotificationOptions(ComponentOptions):
 # -- the decision ------------------------------------------------------------------------------
 
 _CANCELS = ("A11", "A12", "A13")
+#: How many rendered notifications a channel remembers (see FhirNotificationChannel._rendered):
+#: far more than a routing batch holds.
+RECENTLY_RENDERED = 10_000
 _NOTHING_TO_CANCEL = "a cancel of a visit first heard of in the cancel: nobody was told of it"
 _NOTHING_TOLD = "the cancel takes back nothing a notification told"
 #: (cancel, the visit's state before it) -> the notification it takes back.
@@ -698,19 +702,18 @@ class FhirNotificationChannel(HttpChannel):
     (a ``message`` Bundle: MessageHeader, Encounter, Patient, Organization, Location,
     Practitioners, Conditions) POSTed to ``{base_url}/$process-message``.
 
-    ``render`` (routing time) reads the encounter-state step's transition, so put
-    ``translate: v2-to-event`` and ``enrich: encounter-state`` before it (``care-team`` too,
-    for opt-outs): an ED arrival or admission goes as ``notification-admit``, a transfer of
-    level or facility as ``notification-transfer``, a discharge as
-    ``notification-discharge``, a cancel as the notification it takes back with the
-    Encounter as the cancel left it (and only where that went); anything else (a resend, an A08 that changed nothing, a
-    bed move) is recorded as not sent. ``send`` POSTs it: 200, 202 and 204 are delivered
-    (receipt ``HTTP <code> <event>``); a response message whose MessageHeader says
-    ``fatal-error`` is refused for good and one that says ``transient-error`` is retried;
-    401, 404 and other 4xx are not retried (the IG: do not resend until the error is fixed),
-    408, 425, 429 (no sooner than its ``Retry-After``), 5xx but 501 and 505, timeouts and
-    network errors are. What a FHIR server said (an OperationOutcome's diagnostics) is kept
-    with the attempt, never logged."""
+    ``render`` (routing time) reads the encounter-state step's transition, so put ``translate:
+    v2-to-event`` and ``enrich: encounter-state`` before it (``care-team`` too, for opt-outs):
+    an ED arrival or admission goes as ``notification-admit``, a transfer of level or facility
+    as ``notification-transfer``, a discharge as ``notification-discharge``, a cancel as the
+    notification it takes back with the Encounter as the cancel left it (and only where that
+    went); anything else (a resend, an A08 that changed nothing, a bed move) is recorded as not
+    sent. ``send`` POSTs it: 200, 202 and 204 are delivered (receipt ``HTTP <code> <event>``); a
+    response message whose MessageHeader says ``fatal-error`` is refused for good and one that
+    says ``transient-error`` is retried; 401, 404 and other 4xx are not retried (the IG: do not
+    resend until the error is fixed), 408, 425, 429 (no sooner than its ``Retry-After``), 5xx
+    but 501 and 505, timeouts and network errors are. What a FHIR server said (an
+    OperationOutcome's diagnostics) is kept with the attempt, never logged."""
 
     name = "fhir-notification"
     description = (
@@ -729,6 +732,10 @@ class FhirNotificationChannel(HttpChannel):
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
         self.endpoint = f"{self.options.base_url}/$process-message"
+        #: (encounter id, event) of the latest notifications rendered: the worker stores a
+        #: routing batch's deliveries when the batch ends, so a cancel routed in the same
+        #: batch as its admission finds the admission here, not yet in the store.
+        self._rendered: deque[tuple[int, str]] = deque(maxlen=RECENTLY_RENDERED)
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         transition = work.data.get("encounter")
@@ -754,6 +761,8 @@ class FhirNotificationChannel(HttpChannel):
         )
         metadata["event"] = _EVENTS[kind][0]
         metadata["encounter_status"] = bundle["entry"][1]["resource"]["status"]
+        if transition.encounter_id is not None:
+            self._rendered.append((transition.encounter_id, metadata["event"]))
         payload = json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return Outgoing(payload, FHIR_CONTENT_TYPE, idempotency_key, metadata)
 
@@ -766,6 +775,8 @@ class FhirNotificationChannel(HttpChannel):
         if store is None or transition.encounter_id is None:
             return None
         event = _EVENTS[kind][0]
+        if (transition.encounter_id, event) in self._rendered:
+            return True  # planned moments ago, in a routing batch not yet stored
         query = (
             select(deliveries.c.metadata)
             .select_from(
