@@ -352,12 +352,19 @@ def test_misspelt_hook_is_a_plugin_error(tmp_path: Path) -> None:
         ({"gamma": channel_plugin("webhook")}, "'builtin.channels' and 'gamma'"),
     ],
 )
-def test_two_plugins_registering_one_channel_name_is_an_error(
+def test_of_two_plugins_registering_one_channel_name_the_later_is_skipped(
     tmp_path: Path, files: dict[str, str], owners: str
 ) -> None:
+    """The first to register a name keeps it (built-ins register first); the later plugin is
+    skipped with the reason, and the hub goes on with the rest."""
     folder = plugins_dir(tmp_path / "plugins", **files)
-    with pytest.raises(PluginError, match=f"two plugins register a channel named .*: {owners}"):
-        PluginHost().load(plugins_dir=folder)
+    host = PluginHost().load(plugins_dir=folder)
+    (failure,) = host.failures
+    assert failure.name == list(files)[-1]
+    assert f"two plugins register a channel named 'carrier-pigeon': {owners}" in failure.error or (
+        f"two plugins register a channel named 'webhook': {owners}" in failure.error
+    )
+    assert host.owner("channel", "webhook") == "builtin.channels"
 
 
 # -- observers and step wrappers on a running hub ---------------------------------------------

@@ -17,6 +17,9 @@ import inspect
 import logging
 import os
 import sys
+import sysconfig
+import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from carehub.routing.config import ForwardConfig
 
 if TYPE_CHECKING:
     from carehub.config import HubConfig
+    from carehub.store.failure_run import FailureRun
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,9 @@ CALLED_METHODS: dict[str, tuple[str, ...]] = {
     "channel": ("render",),
 }
 
+#: Seconds between the log's reminders that one plugin's observer hook keeps raising.
+OBSERVER_REPORT_SECONDS = 60.0
+
 #: Step keys carehub reads itself, by component kind: an Options field of one of these names
 #: would never receive the route's value (StepConfig.component pops ``use``; ForwardConfig
 #: takes ``channel``, ``name`` and ``retry`` before the channel sees its options).
@@ -80,6 +87,11 @@ class InvalidComponentError(PluginError):
 
 class ReservedOptionError(InvalidComponentError):
     """A component's Options declares a key carehub reads itself; its plugin is not loaded."""
+
+
+class ComponentNameError(InvalidComponentError):
+    """A component without a name, or with one another plugin (a built-in, say) registered
+    first: the first keeps it, and this plugin is not loaded."""
 
 
 @dataclass(slots=True)
@@ -128,6 +140,8 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     #: The same components with their descriptions and options.
     details: list[ComponentInfo] = field(default_factory=list)
+    #: What loaded but looks wrong (a module with no hook implementations), as logged.
+    warning: str | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +149,8 @@ class LoadFailure:
     name: str
     source: str
     error: str
+    #: FILE:LINE of the code that raised, when it is known (see _failure_site).
+    at: str | None = field(default=None, compare=False)
 
 
 def _names(env: str) -> set[str] | None:
@@ -168,6 +184,10 @@ class PluginHost:
         self.commands: list[click.Command] = []
         self._owner: dict[tuple[str, str], str] = {}
         self._step_runner: bool | None = None  # is anything answering carehub_run_step?
+        #: (plugin, hook) -> the run of that observer's failures (see notify). Observers are
+        #: called from the event loop and from routing's helper threads, hence the lock.
+        self._observer_runs: dict[tuple[str, str], FailureRun] = {}
+        self._observer_lock = threading.Lock()
 
     # -- loading --------------------------------------------------------------------------
     def load(
@@ -268,16 +288,30 @@ class PluginHost:
         except Exception as err:
             if strict:
                 raise PluginError(f"plugin {name!r} ({source}) failed to load: {err}") from err
-            error = str(err) if isinstance(err, PluginError) else f"{type(err).__name__}: {err}"
-            self._failed(name, source, error)
+            if isinstance(err, PluginError):
+                self._failed(name, source, str(err))
+            else:
+                log.debug("plugin %r (%s): import traceback", name, source, exc_info=err)
+                self._failed(name, source, f"{type(err).__name__}: {err}", _failure_site(err))
             return
         module = plugin if isinstance(plugin, ModuleType) else None
         hooks = [impl.name for impl in self.pm.get_hookcallers(plugin) or []]
-        self.plugins[name] = PluginInfo(name, source, version, module, hooks=sorted(hooks))
+        info = PluginInfo(name, source, version, module, hooks=sorted(hooks))
+        if not hooks and source not in ("builtin", "code"):
+            named = source == "entry point"
+            info.warning = (
+                "implements no carehub hook (no @hookimpl function), so it adds nothing"
+                + ("; does the entry point name the module that holds them?" if named else "")
+            )
+            log.warning("plugin %r (%s) %s", name, source, info.warning)
+        self.plugins[name] = info
 
-    def _failed(self, name: str, source: str, error: str) -> None:
-        log.error("plugin %r (%s) failed to load and is skipped: %s", name, source, error)
-        self.failures.append(LoadFailure(name, source, error))
+    def _failed(self, name: str, source: str, error: str, at: str | None = None) -> None:
+        """Record and log a plugin that is skipped; ``at`` (FILE:LINE of the code that raised)
+        is code, not data, so the one-line summary may carry it."""
+        where = f" (at {at})" if at else ""
+        log.error("plugin %r (%s) failed to load and is skipped: %s%s", name, source, error, where)
+        self.failures.append(LoadFailure(name, source, error, at))
 
     def _check_hooks(self) -> None:
         """A ``carehub_*`` hookimpl that matches no hook is a misspelling: raise PluginError
@@ -334,27 +368,26 @@ class PluginHost:
         A hook that raises (a lazy import of an optional dependency that is not installed,
         a component that breaks the contract) takes its own plugin out, not every command of
         carehub: the other plugins load and the failure is listed with the import failures."""
+        at: str | None = None
         try:
             impl.function(register=register)
             return True
         except InvalidComponentError as err:
             error = str(err)
             failure: Exception = err
-        except PluginError:
-            raise  # two plugins claim one name, or a non-component: the docs' PluginError
         except Exception as err:
             error = f"{hook_name} raised {type(err).__name__}: {err}"
-            failure = err
+            failure, at = err, _failure_site(err)
         info = self.plugins.get(plugin_name)
         if strict or info is None or info.source == "builtin":
             if isinstance(failure, PluginError):
                 raise failure
             raise PluginError(f"plugin {plugin_name!r}: {error}") from failure
         log.debug("plugin %r: %s traceback", plugin_name, hook_name, exc_info=failure)
-        self._drop(plugin_name, info.source, error)
+        self._drop(plugin_name, info.source, error, at)
         return False
 
-    def _drop(self, plugin_name: str, source: str, error: str) -> None:
+    def _drop(self, plugin_name: str, source: str, error: str, at: str | None = None) -> None:
         """Take a plugin back out, with every component it registered so far, and record it
         as failing to load: half a plugin is worse than none."""
         registries: dict[str, dict[str, Any]] = {
@@ -370,27 +403,39 @@ class PluginHost:
         if self.pm.has_plugin(plugin_name):
             self.pm.unregister(name=plugin_name)
         self._step_runner = None
-        self._failed(plugin_name, source, error)
+        self._failed(plugin_name, source, error, at)
 
     def _registrar(
         self, plugin_name: str, registry: dict[str, Any], base: type[Component]
     ) -> Callable[[type[Component]], None]:
         def register(component: type[Component]) -> None:
+            """Check one component and add it; InvalidComponentError (the plugin is skipped,
+            or with strict loading, the load fails) when it breaks the contract."""
             if not (isinstance(component, type) and issubclass(component, base)):
-                raise PluginError(
+                raise InvalidComponentError(
                     f"plugin {plugin_name!r} registered {component!r}, which is not a "
                     f"{base.__name__} subclass"
                 )
             if not component.name:
-                raise PluginError(f"plugin {plugin_name!r}: {component.__name__} has no name")
+                raise ComponentNameError(
+                    f"plugin {plugin_name!r}: {base.kind} {component.__name__} has no name "
+                    "(set the class attribute `name`, the word routes use)"
+                )
             _check_options_model(plugin_name, base.kind, component)
             _check_reserved(plugin_name, base.kind, component)
             _check_methods(plugin_name, base.kind, component)
             key = (base.kind, component.name)
-            if key in self._owner:
-                raise PluginError(
+            owner = self._owner.get(key)
+            if owner == plugin_name:
+                raise ComponentNameError(
+                    f"plugin {plugin_name!r} registers two {base.kind}s named "
+                    f"{component.name!r}; give each its own name"
+                )
+            if owner is not None:
+                raise ComponentNameError(
                     f"two plugins register a {base.kind} named {component.name!r}: "
-                    f"{self._owner[key]!r} and {plugin_name!r}"
+                    f"{owner!r} and {plugin_name!r}; {owner!r} keeps it: rename the one in "
+                    f"{plugin_name!r}"
                 )
             self._owner[key] = plugin_name
             registry[component.name] = component
@@ -428,10 +473,31 @@ class PluginHost:
             try:
                 # Like pluggy itself, pass only the arguments the implementation declares.
                 impl.function(**{name: kwargs[name] for name in impl.argnames})
-            except Exception:
-                log.exception(
-                    "plugin %r raised in %s; ignored", self.pm.get_name(impl.plugin), hook_name
+            except Exception as err:
+                self._observer_failed(self.pm.get_name(impl.plugin) or "?", hook_name, err)
+
+    def _observer_failed(self, plugin_name: str, hook_name: str, err: Exception) -> None:
+        """Log an observer that raised as a run per plugin and hook: at ERROR the first time,
+        then at most once an OBSERVER_REPORT_SECONDS with how many failed meanwhile, so one
+        that fails on every message cannot flood the log. The log names the exception's type
+        only: its text can quote the message (a patient's name); the traceback is at DEBUG."""
+        log.debug("%s of plugin %r raised", hook_name, plugin_name, exc_info=err)
+        with self._observer_lock:
+            run = self._observer_runs.get((plugin_name, hook_name))
+            if run is None:
+                # Imported here: the store package brings SQLAlchemy, which `carehub plugins`
+                # and the plugin commands otherwise do without.
+                from carehub.store.failure_run import FailureRun
+
+                run = self._observer_runs[(plugin_name, hook_name)] = FailureRun(
+                    f"{hook_name} of plugin {plugin_name!r}",
+                    "ignored; the message goes on and the other observers are still called",
+                    "call(s)",
+                    report_every=OBSERVER_REPORT_SECONDS,
+                    logger=log,
+                    traceback=False,
                 )
+            run.failed(FailureKind(type(err).__name__))
 
     def run_step(self, work: Any, step: str, run: Callable[[], Any]) -> Any:
         """Run one route step through the carehub_run_step wrappers (tracing, timing).
@@ -447,6 +513,31 @@ class PluginHost:
                 f"no plugin runs route steps (carehub_run_step): {CORE_PLUGIN!r} is not loaded"
             )
         return self.pm.hook.carehub_run_step(work=work, step=step, run=run)
+
+
+class FailureKind(Exception):
+    """A plugin's failure told by its exception's type alone, for the log: the exception's
+    own text can quote the message it was handling."""
+
+
+#: Where the standard library lives, and where installed packages do (which may be inside it).
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_INSTALLED = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
+def _failure_site(err: BaseException) -> str | None:
+    """FILE:LINE where a plugin's import or hook failed: a SyntaxError's own place, else the
+    innermost frame outside the import machinery, the standard library and this module;
+    None when there is none (a module that does not exist)."""
+    if isinstance(err, SyntaxError) and err.filename and err.lineno:
+        return f"{err.filename}:{err.lineno}"
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        name = frame.filename
+        machinery = name.startswith("<") or name == __file__
+        if machinery or (name.startswith(_STDLIB) and not name.startswith(_INSTALLED)):
+            continue
+        return f"{name}:{frame.lineno}"
+    return None
 
 
 def _hook_names() -> list[str]:

@@ -294,7 +294,9 @@ def options_output(host: PluginHost, name: str = "", *, as_json: bool = False) -
         docs = [doc for doc in every if doc.name == name]
         if not docs:
             known = ", ".join(sorted({doc.name for doc in every}))
-            raise CarehubError(f"no component named {name!r} (there are: {known})")
+            raise CarehubError(
+                f"no component named {name!r} (there are: {known}){host.missing_note()}"
+            )
     if as_json:
         return "".join(json.dumps(doc.as_json(), default=str) + "\n" for doc in docs)
     return render_text(docs)

@@ -56,16 +56,19 @@ def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:
     """A config bound to 127.0.0.1 on free ports, with no routes, for tests. The in-process
     worker is off unless asked for, so intake tests see messages stay 'received'. Given a
     ``source``, relative paths (``plugins_dir``, a data dir, TLS files) start from its
-    folder, as they do in a config file."""
+    folder, as they do in a config file. The overrides are validated as a config file's
+    settings are: a path may be a str, and a misspelt setting is an error naming it."""
     config = HubConfig(routes=[])
     config.listeners.mllp = [MLLPListenerConfig(name="test", host="127.0.0.1", port=0)]
     config.listeners.http.host = "127.0.0.1"
     config.listeners.http.port = 0
     config.worker.enabled = worker
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    if overrides:
+        settings = {name: getattr(config, name) for name in HubConfig.model_fields}
+        config = HubConfig.model_validate({**settings, **overrides})
     if config.source is not None:
-        config = resolve_paths(config, Path(config.source).resolve().parent)
+        config.source = config.source.resolve()
+        config = resolve_paths(config, config.source.parent)
     return config
 
 

@@ -754,7 +754,12 @@ class Worker:
             self.handed_back_at_stop += 1
             await self._unsent(delivery)
             return
-        except Exception as err:
+        except (Exception, asyncio.CancelledError) as err:
+            if isinstance(err, asyncio.CancelledError) and _cancelled_from_outside():
+                raise  # the stop cuts this send off: _drain_inflight hands it back
+            # A CancelledError of the channel's own (a library's, or raised by hand) is a
+            # failed attempt like any other: retried, then a dead letter, never a delivery
+            # left 'sending' holding its patient's line until a restart.
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
             limit = delivery.max_attempts  # 0: retried until it is taken
@@ -1222,6 +1227,13 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, DeliveryError):
         return _clip(err.loggable, REASON_LOG_LIMIT)
     return type(err).__name__
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task was cancelled (Task.cancel(): the stop cutting a send off),
+    rather than the code it awaits raising CancelledError on its own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _retry_delay(destination: Destination, attempt: int, err: BaseException) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,7 +223,11 @@ def test_gateway_answers_map_to_retryable_or_not(
     error = send(*routed(tmp_path))
     assert isinstance(error, DeliveryError)
     assert error.retryable is retryable
-    assert f"HTTP {status}: status {status}" in str(error)
+    assert f"HTTP {status}: status {status}" in str(error)  # stored with the attempt
+    # What the gateway said is kept apart from the channel's own account, which the log
+    # shows whole: the status, never the gateway's words.
+    assert error.said == f"status {status}"
+    assert error.loggable == f"POST {gateway.url()}: HTTP {status}"
 
 
 def test_unreachable_or_slow_gateway_is_retryable(
@@ -243,13 +248,19 @@ def test_unreachable_or_slow_gateway_is_retryable(
 
 # -- a running hub ----------------------------------------------------------------------------
 def test_running_hub_pages_retries_and_counts_failures(
-    tmp_path: Path, gateway: PageGateway, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    gateway: PageGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("PAGER_URL", gateway.url())
     STATS.reset()
     gateway.answers = [503, 202, 400]  # first page: retried then sent; second: refused
     config = local_config(worker=True, routes=["routes/*.yaml"], source=CONFIG)
-    with HubThread(config, tmp_path / "data") as hub:
+    with (
+        caplog.at_level(logging.INFO, logger="carehub"),
+        HubThread(config, tmp_path / "data") as hub,
+    ):
         mllp_exchange(hub.mllp_address, [ADMIT.read_bytes()])
         (first,) = hub.wait_for_deliveries(1)
         assert (first.status, first.attempts) == ("delivered", 2)
@@ -258,6 +269,11 @@ def test_running_hub_pages_retries_and_counts_failures(
         assert (refused.status, refused.attempts) == ("dead", 1)
 
     assert [json.loads(r.body)["to"] for r in gateway.received] == ["5550101"] * 2 + ["5550144"]
+    # The log tells the status of each failure, and never what the gateway answered.
+    (dead_letter,) = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage()]
+    assert dead_letter.endswith(f"POST {gateway.url()}: HTTP 400")
+    assert "HTTP 503" in caplog.text
+    assert "status 400" not in caplog.text and "status 503" not in caplog.text
     assert STATS.failures["pager"] == 2 and STATS.dead["pager"] == 1
     for step in ("translate v2-to-event", "enrich on-call"):
         assert STATS.steps[step].count == 2

@@ -6,7 +6,6 @@ in any route is reported, with file, line, route and key, before the hub takes a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections import Counter
@@ -22,7 +21,7 @@ from carehub.care.roster import CareTeamEnricher
 from carehub.components import Channel, Component, ComponentContext, Enricher, Translator
 from carehub.config import _loc_text
 from carehub.errors import ConfigError
-from carehub.plugins import PluginHost
+from carehub.plugins import FailureKind, PluginHost
 from carehub.referrals.notices import ReferralNoticeConfig, ReferralNotifier
 from carehub.routing.conditions import When
 from carehub.routing.config import (
@@ -32,11 +31,15 @@ from carehub.routing.config import (
     RouteSource,
     StepConfig,
 )
+from carehub.store.failure_run import FailureRun
 
 if TYPE_CHECKING:
     from carehub.store.store import MessageStore
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the log's reminders that a component's tick() keeps failing.
+TICK_REPORT_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -80,6 +83,8 @@ class RouteTable:
     former_names: dict[str, str] = field(default_factory=dict)
     #: What start() found that will not stop routing but loses notices (logged as warnings).
     start_warnings: list[str] = field(default_factory=list)
+    #: Per step whose tick() fails: its run of failures, for the log (see _tick_one).
+    _tick_runs: dict[str, FailureRun] = field(default_factory=dict, repr=False)
 
     def destination(self, name: str) -> Destination | None:
         """The destination a delivery was planned for, by its current or former name."""
@@ -109,10 +114,42 @@ class RouteTable:
             component.context.store = store
 
     def tick(self, now: datetime) -> None:
-        for component in self.components():
-            component.tick(now)
-        for notifier in self.notifiers():
-            notifier.tick(now)
+        """Run every component's and notifier's periodic work, each on its own: one that
+        raises is logged naming its step and plugin (see _tick_one) and the others, the
+        built-ins included, still do theirs."""
+        for where, component in self._placed():
+            self._tick_one(where, component, now)
+        for route in self.routes:
+            for position, step in enumerate(route.steps):
+                if step.notifier is not None:
+                    self._tick_one(
+                        _step_where(route, position, step, step.label), step.notifier, now
+                    )
+
+    def _tick_one(
+        self, where: str, ticking: Component | Notifier | ReferralNotifier, now: datetime
+    ) -> None:
+        """One tick, its failures logged as a run per step (first one at ERROR, then at most
+        one line a TICK_REPORT_SECONDS with the count): the exception's type only, since its
+        text can quote a message; the traceback at DEBUG."""
+        run = self._tick_runs.get(where)
+        try:
+            ticking.tick(now)
+        except Exception as err:
+            if run is None:
+                run = self._tick_runs[where] = FailureRun(
+                    f"{where}: tick()",
+                    "tried again at the next tick",
+                    "tick(s)",
+                    report_every=TICK_REPORT_SECONDS,
+                    logger=log,
+                    traceback=False,
+                )
+            log.debug("%s: tick() raised", where, exc_info=err)
+            run.failed(FailureKind(type(err).__name__))
+        else:
+            if run is not None:
+                run.succeeded()
 
     async def start(self) -> None:
         """Start every component; when one cannot start, close those already started (their
@@ -120,26 +157,21 @@ class RouteTable:
         line, the route and the step: after it, a ConfigError's own words (a missing roster
         file); for anything else, a bug or an unforeseen failure, the plugin and the error,
         with the traceback logged at DEBUG."""
-        started: list[Component] = []
+        started: list[tuple[str, Component]] = []
         try:
-            for route, position, step, component, what in self._startables():
-                where = f"{route.source.where(step.loc)}: route {route.name!r}"
+            for where, component in self._placed():
                 try:
                     await component.start()
                 except ConfigError as err:
-                    raise ConfigError(f"{where}: steps[{position}] ({what}): {err}") from err
+                    raise ConfigError(f"{where}: {err}") from err
                 except Exception as err:
-                    problem = f"{where}: steps[{position}] ({what}) failed to start"
+                    problem = f"{where} failed to start"
                     log.debug("%s", problem, exc_info=True)
-                    reason = " ".join(str(err).split())
-                    raise ConfigError(
-                        f"{problem}: {type(err).__name__}{f': {reason}' if reason else ''}"
-                    ) from err
-                started.append(component)
+                    raise ConfigError(f"{problem}: {_failure_text(err)}") from err
+                started.append((where, component))
         except BaseException:
-            for component in reversed(started):
-                with contextlib.suppress(Exception):
-                    await component.close()
+            for where, component in reversed(started):
+                await _close_one(where, component)
             raise
         self.start_warnings = self._unreachable_recipients()
         for warning in self.start_warnings:
@@ -187,9 +219,39 @@ class RouteTable:
                         found.append((route, position, step, destination.channel, label))
         return found
 
+    def _placed(self) -> list[tuple[str, Component]]:
+        """Each component with where it is: route file and line, route, step and plugin."""
+        return [
+            (_step_where(route, position, step, what), component)
+            for route, position, step, component, what in self._startables()
+        ]
+
     async def close(self) -> None:
-        for component in self.components():
-            await component.close()
+        """Close every component, each on its own: one whose close() raises is logged and
+        the others still close their sessions and files."""
+        for where, component in self._placed():
+            await _close_one(where, component)
+
+
+async def _close_one(where: str, component: Component) -> None:
+    """Close one component; a failure is logged at ERROR naming its step and plugin with
+    the exception's type only (its text can quote a message), the traceback at DEBUG."""
+    try:
+        await component.close()
+    except Exception as err:
+        log.error("%s: close() failed (%s)", where, type(err).__name__)
+        log.debug("%s: close() raised", where, exc_info=err)
+
+
+def _step_where(route: Route, position: int, step: BoundStep, what: str) -> str:
+    """``FILE:LINE: route 'NAME': steps[N] (WHAT)``, as start()'s errors name a step."""
+    return f"{route.source.where(step.loc)}: route {route.name!r}: steps[{position}] ({what})"
+
+
+def _failure_text(err: BaseException) -> str:
+    """``TypeName: text`` of a component's unforeseen failure, on one line."""
+    reason = " ".join(str(err).split())
+    return f"{type(err).__name__}{f': {reason}' if reason else ''}"
 
 
 _TRANSITION_LATER = (
@@ -291,15 +353,19 @@ def bind_routes(
                     f"{item.source.where(loc)}: route {config.name!r}: steps[{position}]: "
                     f"no {base_kind} named {name!r} (registered: {known}{host.missing_note()})"
                 )
-            component = _build(component_class, options, context, item.source, config.name, loc)
             label = f"{kind} {name}" if kind in ("translate", "enrich") else kind
+            plugin = host.owner(component_class.kind, name)
+            what = f"steps[{position}] ({_named(label, plugin)})"
+            component = _build(
+                component_class, options, context, item.source, config.name, loc, what
+            )
             steps.append(
                 BoundStep(
                     "enrich" if kind == "enrich" else "translate",
                     label,
                     component,
                     loc=loc,
-                    plugin=host.owner(component_class.kind, name),
+                    plugin=plugin,
                 )
             )
         table.routes.append(Route(config.name, config.when, steps, item.source, config.description))
@@ -332,14 +398,19 @@ def _bind_forward(
             f"{source.where((*loc, 'channel'))}: route {route!r}: steps[{position}]: "
             f"no channel named {forward.channel!r} (registered: {known}{host.missing_note()})"
         )
-    channel = _build(channel_class, rest, context, source, route, loc)
-    assert isinstance(channel, Channel)
     name = forward.name or default_name
     if name is None:  # _unnamed_forwards made sure every forward has one
         raise ConfigError(f"{source.where(loc)}: route {route!r}: steps[{position}]: no name")
-    return Destination(
-        f"{route}/{name}", channel, forward.retry, host.owner(Channel.kind, forward.channel)
-    )
+    destination = f"{route}/{name}"
+    plugin = host.owner(Channel.kind, forward.channel)
+    # As start() names it: a forward step, or one channel of a notify step.
+    label = f"forward {forward.channel} {destination}"
+    if loc[2] != "forward":
+        label = f"{loc[2]}, channel {forward.channel} {destination}"
+    what = f"steps[{position}] ({_named(label, plugin)})"
+    channel = _build(channel_class, rest, context, source, route, loc, what)
+    assert isinstance(channel, Channel)
+    return Destination(destination, channel, forward.retry, plugin)
 
 
 def _unnamed_forwards(steps: list[StepConfig], source: RouteSource, route: str) -> dict[int, str]:
@@ -453,7 +524,12 @@ def _build(
     source: RouteSource,
     route: str,
     loc: tuple[Any, ...],
+    what: str,
 ) -> Component:
+    """Validate a step's options and build its component. ``what`` names the step and the
+    plugin (``steps[1] (enrich boom, plugin 'teams')``) for a failure that is not a
+    ConfigError, a bug in the component's ``__init__``: one line, as start() reports one,
+    with the traceback at DEBUG."""
     try:
         validated = component_class.Options.model_validate(options)
     except ValidationError as err:
@@ -462,6 +538,10 @@ def _build(
         return component_class(validated, context)
     except ConfigError as err:  # a file it reads as it is built (a holidays file, say)
         raise ConfigError(f"{source.where(loc)}: route {route!r}: {_loc_text(loc)}: {err}") from err
+    except Exception as err:
+        problem = f"{source.where(loc)}: route {route!r}: {what} failed in __init__"
+        log.debug("%s", problem, exc_info=True)
+        raise ConfigError(f"{problem}: {_failure_text(err)}") from err
 
 
 def _errors(err: ValidationError, source: RouteSource, route: str, loc: tuple[Any, ...]) -> str:

@@ -272,23 +272,24 @@ class PagerChannel(Channel):
         }
         if self.options.token:
             headers["Authorization"] = f"Bearer {self.options.token}"
+        # The text of each DeliveryError is this channel's own account (logged whole);
+        # what the gateway answered goes in `said=`, kept with the attempt and never logged,
+        # since a gateway may quote what it refused. `said=None`: the gateway said nothing.
         try:
             response = await self._client.post(url, content=outgoing.payload, headers=headers)
         except httpx.TimeoutException as err:
             raise DeliveryError(
-                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})"
+                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})",
+                said=None,
             ) from err
         except httpx.TransportError as err:
-            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}") from err
+            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}", said=None) from err
         status = response.status_code
         if 200 <= status < 300:
             return f"HTTP {status}"
         excerpt = " ".join(response.text.split())[:200]
         retryable = status in self.RETRYABLE_STATUS or status >= 500
-        raise DeliveryError(
-            f"POST {url}: HTTP {status}" + (f": {excerpt}" if excerpt else ""),
-            retryable=retryable,
-        )
+        raise DeliveryError(f"POST {url}: HTTP {status}", retryable=retryable, said=excerpt or None)
 
 
 def _kind(work: Work) -> str:
