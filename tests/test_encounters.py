@@ -416,9 +416,7 @@ def test_fresh_admission_number_closes_the_ed_visit(feed: Feed) -> None:
     assert admitted.kind == "admission" and admitted.encounter_id != ed.encounter_id
     assert feed.encounter(ed.encounter_id).state == "closed"
     # The admission message's recorded result is still the admission.
-    again = feed.send(
-        adt("A01", "F2", cls="I", visit="IP1", location="MED^1^1^MAIN"), message_id=2
-    )
+    again = feed.send(adt("A01", "F2", cls="I", visit="IP1", location="MED^1^1^MAIN"), message_id=2)
     assert again.as_output() == admitted.as_output()
 
 
