@@ -13,6 +13,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from carehub.config import HubConfig, load_config
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
 from carehub.hub import SERVING_LOCK_TIMEOUT
-from carehub.store.outbox import Outbox
+from carehub.store.outbox import Handover, Outbox
 from carehub.store.processes import ProcessBeacon
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MessageStore, NewMessage
@@ -736,3 +737,44 @@ def test_a_destination_a_reload_has_not_brought_yet_is_left_to_the_workers_that_
         (dead,) = outbox.find(destination="care/added")
         assert "is no longer configured" in (dead.last_error or "")
     assert [r.path for r in http.requests] == ["/hook"]
+
+
+def test_a_merge_routes_the_retired_identifiers_waiting_message_first(
+    tmp_path: Path, http: HTTPServer
+) -> None:
+    """A duplicate registration's admission (under the identifier an A40 then retires) waits
+    in another partition's queue: the merge and the discharge under the surviving identifier
+    must not overtake it, or the visit is discharged before it is admitted and the admission
+    is never told. The worker routing the merge routes the retired identifier's earlier
+    waiting messages first."""
+    config = load_config(write_config(tmp_path, hook_routes(http.url())))
+    with HubThread(config, tmp_path / "data") as hub:
+        admit = make_adt("MG-1", "A01", patient_id="P-DUP", visit_number="V-MG")
+        header = MessageHeader.read(MessageView(admit))
+        hub.store.insert_messages(
+            [NewMessage(admit.encode(), "mllp", "test", None, MessageStatus.RECEIVED, "AA", header)]
+        )  # in the store, never published to the queue
+        merge = make_adt("MG-2", "A40", patient_id="P-KEEP", extra_segments=["MRG|P-DUP^^^HOSP^MR"])
+        discharge = make_adt("MG-3", "A03", patient_id="P-KEEP", visit_number="V-MG")
+        send(hub, [merge, discharge])
+        wait_for(lambda: len(http.ok()) == 3, 20, what="all three sent")
+    assert [r.json["control_id"] for r in http.ok()] == ["MG-1", "MG-2", "MG-3"]
+
+
+def test_a_batch_is_routed_in_arrival_order_whatever_queue_order_it_came_in(
+    tmp_path: Path, http: HTTPServer
+) -> None:
+    """A batch gathers several partitions' queues one after another; the duplicate
+    registration's admission and the merge that retires its identifier sit in two of them, the
+    merge's first: routed as they came off the queues, the admission was routed after the
+    merge had moved the visit on, and nobody heard of it."""
+    config = load_config(write_config(tmp_path, hook_routes(http.url()), worker="enabled: false"))
+    with HubThread(config, tmp_path / "data") as hub:
+        admit = make_adt("BO-1", "A01", patient_id="P-DUP", visit_number="V-BO")
+        merge = make_adt("BO-2", "A40", patient_id="P-KEEP", extra_segments=["MRG|P-DUP^^^HOSP^MR"])
+        send(hub, [admit, merge])
+        ids = sorted(m.id for m in hub.store.find(limit=None))
+        worker = Worker(hub.store, hub.hub.table, hub.hub.host, hub.hub.work_queue)
+        worker._route_batch(list(reversed(ids)), Handover(room=0, lease=timedelta(seconds=30)))
+        routed = [d.message_id for d in Outbox(hub.store).find(limit=None)]
+    assert routed == ids

@@ -2045,7 +2045,8 @@ def store() -> None:
 @store.command("upgrade")
 @hub_options
 def store_upgrade(config: HubConfig, data_dir: Path) -> None:
-    """Apply schema migrations (also done on every start)."""
+    """Bring the store's schema to this release's (`serve` and `worker` also do it as they
+    start; the other commands only check it, and say when it is older or newer)."""
     from carehub.hub import open_store
 
     opened = open_store(config, data_dir)

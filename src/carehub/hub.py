@@ -63,6 +63,7 @@ from carehub.store.store import (
     STORE_FILE,
     MessageStore,
     RecentMessages,
+    StoreError,
     sqlite_url,
 )
 from carehub.worker import Worker, WorkerSettings
@@ -97,15 +98,25 @@ def keep_written_files_private() -> None:
 
 
 def open_store(
-    config: HubConfig, data_dir: Path, *, serving: bool = False, must_exist: bool = False
+    config: HubConfig,
+    data_dir: Path,
+    *,
+    serving: bool = False,
+    must_exist: bool = False,
+    migrate: bool | None = None,
 ) -> MessageStore:
-    """The store the config names (SQLite under data_dir by default), migrated to the newest
-    schema.
+    """The store the config names (SQLite under data_dir by default), with the schema this
+    release needs.
 
     ``serving`` moves SQLite WAL checkpoints onto a background thread and shortens how long a
     SQLite call waits for another process's write lock (the worker's calls run on the event
     loop, which must not freeze for the 30 s a CLI command may wait). With ``must_exist`` (the
-    commands that read a store), a SQLite store that is not there is an error, not created."""
+    commands that read a store), a SQLite store that is not there is an error, not created.
+
+    ``migrate`` (by default, unless ``must_exist``): bring the schema to this release's; what
+    runs the hub (`serve`, `worker`) and `store upgrade` do. The other commands only check it:
+    one of them, run from a new release during a rolling upgrade, must not migrate the store
+    under the old release's processes, which could then not start again."""
     url = config.store.url or sqlite_url(data_dir)
     if must_exist and not config.store.url and not (data_dir / STORE_FILE).is_file():
         # A command that reads the store was pointed at a folder without one: a mistyped
@@ -123,13 +134,19 @@ def open_store(
             background_checkpoint=serving,
             lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
         )
-        store.migrate()
+        if migrate if migrate is not None else not must_exist:
+            store.migrate()
+        else:
+            behind = store.schema_behind()
+            if behind is not None:
+                store.close()
+                raise StoreOpenError(_store_open_problem(config, data_dir, StoreError(behind)))
         if serving and store.is_sqlite:
             # A read-only file opens and migrates (when current) without a write: found here,
             # it is a start-up error naming the data dir, not an AE to every message.
             with store.engine.begin() as conn:
                 conn.exec_driver_sql("PRAGMA user_version = 0")
-    except (SQLAlchemyError, AlembicError, OSError, ImportError) as err:
+    except (SQLAlchemyError, AlembicError, OSError, ImportError, StoreError) as err:
         # ImportError: the URL names a database whose driver is not installed (mysql://...).
         raise StoreOpenError(_store_open_problem(config, data_dir, err)) from err
     return store

@@ -534,11 +534,17 @@ class Worker:
         to this worker."""
         router = router or self.router
         host = router.host
-        messages = [
-            m
-            for m in self.store.take_for_routing(message_ids)
-            if m.status == MessageStatus.RECEIVED.value
-        ]
+        # In arrival order (ids are given at intake): a batch gathers several partitions'
+        # queues one after another, and one patient's messages can sit in two of them (a
+        # duplicate registration's id before the A40 that merges it).
+        messages = sorted(
+            (
+                m
+                for m in self.store.take_for_routing(message_ids)
+                if m.status == MessageStatus.RECEIVED.value
+            ),
+            key=lambda m: m.id,
+        )
         if not messages:
             return handover
         stranded = self.store.unrouted_before(messages)

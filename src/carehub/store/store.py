@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicError
 from sqlalchemy import (
     ColumnElement,
     Engine,
@@ -34,7 +36,9 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import inspect as sa_inspect
 
+from carehub import __version__
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest
@@ -523,6 +527,55 @@ class RecentMessages:
 _MESSAGES_BY_ID = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
 
 
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def _known_revision(script: ScriptDirectory, revision: str) -> bool:
+    try:
+        return script.get_revision(revision) is not None
+    except AlembicError:
+        return False
+
+
+def _newer_schema(revision: str, head: str | None) -> str:
+    return (
+        f"the store was upgraded by a newer carehub (schema revision {revision}; carehub "
+        f"{__version__} knows revisions up to {head}): run the newer release"
+    )
+
+
+#: Trigger events whose MRG segments name identifiers merged into the PID's (as events.py).
+_MERGE_TRIGGERS = frozenset({"A30", "A34", "A36", "A39", "A40"})
+
+
+def _patient_of(message: StoredMessage) -> tuple[str, str | None]:
+    return (message.patient_id or "", message.patient_authority)
+
+
+def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
+    """(MRG-1.1, MRG-1.4.1) of each MRG of a merge message: the identifiers it retires."""
+    if (message.trigger_event or "").upper() not in _MERGE_TRIGGERS:
+        return []
+    try:
+        view = MessageView(message.text)
+    except NotHL7Error:
+        return []
+    component = view.separators.component
+    found = []
+    for position, text in enumerate(view.segments):
+        if not text.startswith("MRG" + view.separators.field):
+            continue
+        fields = view.fields(position)
+        if len(fields) > 1 and fields[1]:
+            parts = fields[1].split(view.separators.repetition)[0].split(component)
+            authority = parts[3].split(view.separators.subcomponent)[0] if len(parts) > 3 else ""
+            found.append((parts[0], authority or None))
+    return found
+
+
 class MessageStore:
     """Durable storage for received messages and the audit trail of their lifecycle."""
 
@@ -587,6 +640,24 @@ class MessageStore:
 
         return engine
 
+    def schema_behind(self) -> str | None:
+        """Why this store's schema does not fit this release (None when it does): older, and
+        waiting for ``migrate`` (run by `carehub store upgrade`, `serve` and `worker`), or
+        newer, migrated by a later release that this one cannot follow."""
+        script = ScriptDirectory.from_config(_alembic_config())
+        head = script.get_current_head()
+        revision = self.schema_revision()
+        if revision == head:
+            return None
+        if revision is not None and not _known_revision(script, revision):
+            return _newer_schema(revision, head)
+        return (
+            f"the store's schema is at revision {revision or 'none'} and this carehub "
+            f"{__version__} needs {head}: run `carehub store upgrade` (or start `carehub serve` "
+            "or `carehub worker`, which upgrade it), once the older release's processes "
+            "have stopped"
+        )
+
     def migrate(self) -> None:
         """Bring the schema to the newest revision (a no-op when it already is).
 
@@ -595,13 +666,16 @@ class MessageStore:
         schema and migrates, the others wait for its commit and then find nothing to do
         (without it, one of two processes starting on a new schema failed on "duplicate key
         value violates unique constraint pg_type_typname_nsp_index")."""
-        cfg = AlembicConfig()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg = _alembic_config()
+        script = ScriptDirectory.from_config(cfg)
         with self.engine.begin() as conn:
             if not self.is_sqlite:
                 conn.exec_driver_sql(
                     "SELECT pg_advisory_xact_lock(hashtext('carehub migrate ' || current_schema()))"
                 )
+            revision = self.schema_revision(conn)
+            if revision is not None and not _known_revision(script, revision):
+                raise StoreError(_newer_schema(revision, script.get_current_head()))
             cfg.attributes["connection"] = conn
             alembic_command.upgrade(cfg, "head")
 
@@ -615,12 +689,15 @@ class MessageStore:
             raise RuntimeError("the store has no identity: run its migrations (carehub serve)")
         return str(found)
 
-    def schema_revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            try:
-                return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-            except Exception:
-                return None
+    def schema_revision(self, conn: Any = None) -> str | None:
+        """The schema's Alembic revision, None for a database without carehub's tables."""
+        if conn is None:
+            with self.engine.connect() as own:
+                return self.schema_revision(own)
+        if "alembic_version" not in sa_inspect(conn).get_table_names():
+            return None
+        found = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        return str(found) if found is not None else None
 
     def close(self) -> None:
         if self._intake_connection is not None:
@@ -948,9 +1025,11 @@ class MessageStore:
         sweep, after their patient's later messages had gone out."""
         first: dict[tuple[str, str | None], int] = {}
         for message in batch:
-            if message.patient_id:
-                key = (message.patient_id, message.patient_authority)
-                first[key] = min(first.get(key, message.id), message.id)
+            # A merge is also the retired identifier's message: what came under that
+            # identifier before it (the duplicate registration's admission) goes first.
+            for key in (_patient_of(message), *_merged_identifiers(message)):
+                if key[0]:
+                    first[key] = min(first.get(key, message.id), message.id)
         if not first:
             return []
         taken = {message.id for message in batch}
