@@ -634,3 +634,26 @@ def test_a_cancel_routed_with_its_admission_is_sent(
         ("notification-admit", "in-progress"),
         ("notification-admit", "cancelled"),
     ]
+
+
+def test_no_cancel_for_an_admission_that_became_a_dead_letter(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    """The admission was refused for good (a dead letter) and the operator gave up on it: the
+    receiver never had it, so its cancel is not sent either, though this process rendered it."""
+    refused = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "x"}]}
+    endpoint.answers = [(400, refused, {})]
+    config_path = write_config(tmp_path, routes(endpoint.base_url))
+    with HubThread(load_config(config_path), tmp_path / "data") as hub:
+        send(hub, [make_adt("Z-1", "A01", visit_number="V-Z1")])
+        (dead,) = hub.wait_for_deliveries(1, destination=DESTINATION)
+        assert dead.status == "dead"
+        send(hub, [make_adt("Z-2", "A11", visit_number="V-Z1")])
+        where = ["--config", str(config_path), "--data-dir", str(tmp_path / "data")]
+        result = CliRunner().invoke(
+            main, ["dead-letters", "discard", str(dead.id), "--yes", *where], catch_exceptions=False
+        )
+        assert result.exit_code == 0, result.output
+        _, cancel = hub.wait_for_deliveries(2, destination=DESTINATION)
+    assert endpoint.received == []
+    assert "no notification-admit of this visit went to this endpoint" in (cancel.receipt or "")

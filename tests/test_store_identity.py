@@ -63,3 +63,27 @@ def test_keys_of_one_message_differ_between_stores() -> None:
         1, 1, "care/platform", one
     )
     assert idempotency_key(1, 1, "care/platform", one).startswith("carehub-1-1-")
+
+
+def test_keys_made_from_row_ids_end_with_the_store(tmp_path: Path) -> None:
+    """Overdue alerts, digests and referral answers are keyed by carehub's own row ids (the
+    email's Message-ID is made from the key): two hubs must not give two patients' alerts to
+    one coordinator under one key."""
+    from carehub.components import ComponentContext
+    from carehub.routing.router import key_of_this_store
+
+    keys = []
+    for name in ("one", "two"):
+        store = MessageStore(sqlite_url(tmp_path / name))
+        try:
+            store.migrate()
+            context = ComponentContext(config_dir=tmp_path, data_dir=tmp_path / name, store=store)
+            keys.append(key_of_this_store("carehub-overdue-1-cc-lmc-01", context))
+            assert keys[-1].endswith("-" + store.instance_id[:8])
+        finally:
+            store.close()
+    assert keys[0] != keys[1]
+    dry_run = ComponentContext(config_dir=tmp_path, data_dir=tmp_path)
+    assert (
+        key_of_this_store("carehub-overdue-1-cc-lmc-01", dry_run) == "carehub-overdue-1-cc-lmc-01"
+    )

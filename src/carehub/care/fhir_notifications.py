@@ -770,15 +770,15 @@ class FhirNotificationChannel(HttpChannel):
         """Whether a ``kind`` notification of this visit went to this endpoint (or is on its
         way: a delivery not given up), from the store's deliveries; None without a store (a
         dry run), where the visit's state has to answer. A cancel is sent only then: the
-        patient's opt-out, or a forward added later, may have kept the first from it."""
+        patient's opt-out, a dead letter, or a forward added later may have kept the first
+        from it. One rendered moments ago whose delivery is not stored yet (the same routing
+        batch) counts as on its way."""
         store = self.context.store
         if store is None or transition.encounter_id is None:
             return None
         event = _EVENTS[kind][0]
-        if (transition.encounter_id, event) in self._rendered:
-            return True  # planned moments ago, in a routing batch not yet stored
         query = (
-            select(deliveries.c.metadata)
+            select(deliveries.c.metadata, deliveries.c.status)
             .select_from(
                 deliveries.join(
                     encounter_events, deliveries.c.message_id == encounter_events.c.message_id
@@ -787,17 +787,19 @@ class FhirNotificationChannel(HttpChannel):
             .where(
                 encounter_events.c.encounter_id == transition.encounter_id,
                 deliveries.c.channel == self.name,
-                deliveries.c.status.not_in((DeliveryStatus.DEAD, DeliveryStatus.DISCARDED)),
             )
         )
         with store.engine.connect() as conn:
-            found = conn.execute(query).scalars().all()
-        for text in found:
+            found = conn.execute(query).all()
+        stored = False
+        for text, status in found:
             with contextlib.suppress(ValueError, TypeError):
                 metadata = json.loads(text or "{}")
                 if metadata.get("destination") == self.endpoint and metadata.get("event") == event:
-                    return True
-        return False
+                    if status not in (DeliveryStatus.DEAD, DeliveryStatus.DISCARDED):
+                        return True
+                    stored = True  # given up: the receiver never had it
+        return not stored and (transition.encounter_id, event) in self._rendered
 
     async def send(self, outgoing: Outgoing) -> str:
         event = outgoing.metadata.get("event", "")

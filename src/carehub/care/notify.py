@@ -40,7 +40,12 @@ from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.events import display_name
 from carehub.routing.config import RetryPolicy
-from carehub.routing.router import PlannedDelivery, idempotency_key, store_id_of
+from carehub.routing.router import (
+    PlannedDelivery,
+    idempotency_key,
+    key_of_this_store,
+    store_id_of,
+)
 from carehub.store.outbox import Outbox
 from carehub.store.schema import encounters, notifications, referral_events
 
@@ -450,7 +455,10 @@ class Notifier:
                     }
                 )
             subject, body = self.render("digest", channel, {"items": lines})
-            key = f"carehub-digest-{now.date().isoformat()}-{_safe(recipient)}-{_safe(channel)}"
+            key = key_of_this_store(
+                f"carehub-digest-{now.date().isoformat()}-{_safe(recipient)}-{_safe(channel)}",
+                self.context,
+            )
             planned = self._planned(
                 "digest", channel, address, subject, body, key, f"digest|{recipient}"
             )
@@ -584,7 +592,7 @@ class Notifier:
             return
         for (recipient, channel, address), told in coordinators.items():
             subject, body = self.render(kind, channel, context)
-            key = f"{key_prefix}-{_safe(recipient)}"
+            key = key_of_this_store(f"{key_prefix}-{_safe(recipient)}", self.context)
             self._insert_rows(
                 [
                     {

@@ -78,7 +78,13 @@ from carehub.referrals.state import (
 )
 from carehub.resources.matching import chosen_match, referred_to_name
 from carehub.routing.config import RetryPolicy
-from carehub.routing.router import PlannedDelivery, idempotency_key, order_key, store_id_of
+from carehub.routing.router import (
+    PlannedDelivery,
+    idempotency_key,
+    key_of_this_store,
+    order_key,
+    store_id_of,
+)
 from carehub.store.outbox import Outbox
 from carehub.store.schema import referral_events
 
@@ -673,7 +679,9 @@ class ReferralNotifier:
             decision = self._referrer(transition)
             if _sendable(decision):
                 # One key per update and recipient, whichever route's step gets there first.
-                key = f"carehub-referral-answer-{answer.id}-{decision.recipient}"
+                key = key_of_this_store(
+                    f"carehub-referral-answer-{answer.id}-{decision.recipient}", self.context
+                )
                 planned = self._deliver(work, transition, decision, 0, key)
                 outbox.schedule(planned, message.id)
 

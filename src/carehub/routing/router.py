@@ -110,6 +110,13 @@ def store_id_of(context: ComponentContext) -> str:
     return context.store.instance_id if context.store is not None else ""
 
 
+def key_of_this_store(key: str, context: ComponentContext) -> str:
+    """A key carehub makes from its own row ids (an overdue alert's, a digest's), made unique
+    to the store as ``idempotency_key`` is: the store's id ends it."""
+    store_id = store_id_of(context)
+    return f"{key}-{store_id[:8]}" if store_id else key
+
+
 def order_key(message: StoredMessage) -> str:
     """Deliveries to one destination go out in arrival order per patient."""
     return patient_key(message.patient_id, message.patient_authority, message.id)
