@@ -71,3 +71,20 @@ def test_a_store_a_newer_release_migrated_is_refused_in_words(tmp_path: Path) ->
         assert store.schema_revision() == "0099"
     finally:
         store.close()
+
+
+def test_store_downgrade_goes_back_for_the_older_release(tmp_path: Path) -> None:
+    store = MessageStore(sqlite_url(tmp_path / "data"))
+    try:
+        store.migrate()
+        head = store.schema_revision()
+        done = carehub(tmp_path, "store", "downgrade", "0014", "--yes")
+        assert done.returncode == 0, done
+        assert "store at schema revision 0014" in done.stdout
+        assert store.schema_revision() == "0014"
+        unknown = carehub(tmp_path, "store", "downgrade", "0999", "--yes")
+        assert unknown.returncode == 2 and "no schema revision '0999'" in unknown.stderr
+        assert carehub(tmp_path, "store", "upgrade").returncode == 0
+        assert store.schema_revision() == head
+    finally:
+        store.close()

@@ -2054,6 +2054,33 @@ def store_upgrade(config: HubConfig, data_dir: Path) -> None:
     opened.close()
 
 
+@store.command("downgrade")
+@hub_options
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def store_downgrade(config: HubConfig, data_dir: Path, revision: str, yes: bool) -> None:
+    """Take the store's schema back to REVISION (e.g. 0014), for going back to the release
+    that knew it: stop every carehub process first. What the later revisions added is dropped
+    (their tables, e.g. the store's identity); the messages and deliveries stay."""
+    from carehub.hub import open_store
+    from carehub.store.store import StoreError
+
+    opened = open_store(config, data_dir, must_exist=True, migrate=False, check_schema=False)
+    try:
+        current = opened.schema_revision()
+        if not yes:
+            click.confirm(
+                f"Take the store from schema revision {current} back to {revision}?", abort=True
+            )
+        try:
+            opened.downgrade(revision)
+        except StoreError as err:
+            raise CarehubError(str(err)) from None
+        click.echo(f"store at schema revision {opened.schema_revision()}")
+    finally:
+        opened.close()
+
+
 @store.command("prune")
 @hub_options
 @click.option("--older-than", "days", type=DAYS, required=True, help="Days.")

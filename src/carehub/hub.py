@@ -104,6 +104,7 @@ def open_store(
     serving: bool = False,
     must_exist: bool = False,
     migrate: bool | None = None,
+    check_schema: bool = True,
 ) -> MessageStore:
     """The store the config names (SQLite under data_dir by default), with the schema this
     release needs.
@@ -116,7 +117,8 @@ def open_store(
     ``migrate`` (by default, unless ``must_exist``): bring the schema to this release's; what
     runs the hub (`serve`, `worker`) and `store upgrade` do. The other commands only check it:
     one of them, run from a new release during a rolling upgrade, must not migrate the store
-    under the old release's processes, which could then not start again."""
+    under the old release's processes, which could then not start again. ``check_schema``
+    False opens whatever schema is there (`store downgrade`)."""
     url = config.store.url or sqlite_url(data_dir)
     if must_exist and not config.store.url and not (data_dir / STORE_FILE).is_file():
         # A command that reads the store was pointed at a folder without one: a mistyped
@@ -136,7 +138,7 @@ def open_store(
         )
         if migrate if migrate is not None else not must_exist:
             store.migrate()
-        else:
+        elif check_schema:
             behind = store.schema_behind()
             if behind is not None:
                 store.close()

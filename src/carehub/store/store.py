@@ -689,6 +689,18 @@ class MessageStore:
             raise RuntimeError("the store has no identity: run its migrations (carehub serve)")
         return str(found)
 
+    def downgrade(self, revision: str) -> None:
+        """Take the schema back to ``revision`` (Alembic's downgrade), for the release that
+        knew it; a revision this release does not know is a StoreError."""
+        cfg = _alembic_config()
+        script = ScriptDirectory.from_config(cfg)
+        if not _known_revision(script, revision):
+            head = script.get_current_head()
+            raise StoreError(f"no schema revision {revision!r} (this release knows 0001 to {head})")
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            alembic_command.downgrade(cfg, revision)
+
     def schema_revision(self, conn: Any = None) -> str | None:
         """The schema's Alembic revision, None for a database without carehub's tables."""
         if conn is None:
