@@ -157,6 +157,20 @@ routes:
 {options}"""
 
 
+def care_team_step(config_dir: Path) -> str:
+    """A care-team step reading PD1-12 for opt-outs, with an empty roster in ``config_dir``."""
+    (config_dir / "roster.csv").write_text(
+        "patient_id,authority,opt_out,opt_out_reason,member_id,name,role,organization,npi,"
+        "channel,address,preference,detail\n",
+        encoding="utf-8",
+    )
+    return """      - enrich:
+          use: care-team
+          roster: roster.csv
+          opt_out_field: PD1-12
+"""
+
+
 @pytest.fixture
 def endpoint() -> Iterator[NotificationEndpoint]:
     with NotificationEndpoint() as server:
@@ -306,16 +320,7 @@ def test_a_cancel_is_sent_only_where_its_notification_was(
 def test_opted_out_patients_and_left_out_diagnoses(
     tmp_path: Path, endpoint: NotificationEndpoint
 ) -> None:
-    care_team = """      - enrich:
-          use: care-team
-          roster: roster.csv
-          opt_out_field: PD1-12
-"""
-    (tmp_path / "roster.csv").write_text(
-        "patient_id,authority,opt_out,opt_out_reason,member_id,name,role,organization,npi,"
-        "channel,address,preference,detail\n",
-        encoding="utf-8",
-    )
+    care_team = care_team_step(tmp_path)
     dg1 = "DG1|1||I21.4^Non-ST elevation myocardial infarction^I10||20261125|A"
     opted_out = make_adt("O-1", "A01", patient_id="P-OUT", extra_segments=["PD1" + "|" * 12 + "Y"])
     told = make_adt("O-2", "A01", patient_id="P-IN", visit_number="V2", extra_segments=[dg1])
@@ -482,16 +487,7 @@ def test_cancels_follow_what_this_endpoint_was_sent(
 ) -> None:
     """Opted out at admission and not any more at the cancel: nothing to take back. Told of
     the admission and opted out later: the cancel still corrects what the receiver holds."""
-    care_team = """      - enrich:
-          use: care-team
-          roster: roster.csv
-          opt_out_field: PD1-12
-"""
-    (tmp_path / "roster.csv").write_text(
-        "patient_id,authority,opt_out,opt_out_reason,member_id,name,role,organization,npi,"
-        "channel,address,preference,detail\n",
-        encoding="utf-8",
-    )
+    care_team = care_team_step(tmp_path)
     out, back = "PD1" + "|" * 12 + "Y", "PD1" + "|" * 12 + "N"
     texts = [
         make_adt("F-1", "A01", patient_id="P-F1", visit_number="V-F1", extra_segments=[out]),
