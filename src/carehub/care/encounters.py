@@ -1262,7 +1262,10 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
 
     def enrich(self, work: Work) -> Any:
         event = self.care_event(work)
-        transition = self.tracker.apply(event, work.message.id, identity=work.message.identity)
+        tracker = self.tracker
+        # Only a dry run (no store, every message id 0) needs the identity, and its digest.
+        identity = work.message.identity if tracker.engine is None else None
+        transition = tracker.apply(event, work.message.id, identity=identity)
         work.data["encounter"] = transition
         return transition.as_output()
 

@@ -1336,7 +1336,10 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
     def enrich(self, work: Work) -> Any:
         event = self.care_event(work)
         message = work.message
-        transition = self.tracker.apply_message(event, message.id, identity=message.identity)
+        tracker = self.tracker
+        # Only a dry run (no store, every message id 0) needs the identity, and its digest.
+        identity = message.identity if tracker.engine is None else None
+        transition = tracker.apply_message(event, message.id, identity=identity)
         work.data["referral"] = transition
         return transition.as_output()
 
