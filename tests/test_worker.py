@@ -739,8 +739,9 @@ def test_a_destination_a_reload_has_not_brought_yet_is_left_to_the_workers_that_
     assert [r.path for r in http.requests] == ["/hook"]
 
 
+@pytest.mark.parametrize("authority", ["HOSP", ""])
 def test_a_merge_routes_the_retired_identifiers_waiting_message_first(
-    tmp_path: Path, http: HTTPServer
+    tmp_path: Path, http: HTTPServer, authority: str
 ) -> None:
     """A duplicate registration's admission (under the identifier an A40 then retires) waits
     in another partition's queue: the merge and the discharge under the surviving identifier
@@ -749,13 +750,23 @@ def test_a_merge_routes_the_retired_identifiers_waiting_message_first(
     waiting messages first."""
     config = load_config(write_config(tmp_path, hook_routes(http.url())))
     with HubThread(config, tmp_path / "data") as hub:
-        admit = make_adt("MG-1", "A01", patient_id="P-DUP", visit_number="V-MG")
+        admit = make_adt(
+            "MG-1", "A01", patient_id="P-DUP", authority=authority, visit_number="V-MG"
+        )
         header = MessageHeader.read(MessageView(admit))
         hub.store.insert_messages(
             [NewMessage(admit.encode(), "mllp", "test", None, MessageStatus.RECEIVED, "AA", header)]
         )  # in the store, never published to the queue
-        merge = make_adt("MG-2", "A40", patient_id="P-KEEP", extra_segments=["MRG|P-DUP^^^HOSP^MR"])
-        discharge = make_adt("MG-3", "A03", patient_id="P-KEEP", visit_number="V-MG")
+        merge = make_adt(
+            "MG-2",
+            "A40",
+            patient_id="P-KEEP",
+            authority=authority,
+            extra_segments=[f"MRG|P-OTHER~P-DUP^^^{authority}^MR"],
+        )
+        discharge = make_adt(
+            "MG-3", "A03", patient_id="P-KEEP", authority=authority, visit_number="V-MG"
+        )
         send(hub, [merge, discharge])
         wait_for(lambda: len(http.ok()) == 3, 20, what="all three sent")
     assert [r.json["control_id"] for r in http.ok()] == ["MG-1", "MG-2", "MG-3"]

@@ -41,7 +41,7 @@ from sqlalchemy import inspect as sa_inspect
 from carehub import __version__
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
-from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest
+from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest, unescape
 from carehub.search import MessageFilter
 from carehub.store.failure_run import FailureRun
 from carehub.store.schema import (
@@ -552,7 +552,7 @@ _MERGE_TRIGGERS = frozenset({"A30", "A34", "A36", "A39", "A40"})
 
 
 def _patient_of(message: StoredMessage) -> tuple[str, str | None]:
-    return (message.patient_id or "", message.patient_authority)
+    return (message.patient_id or "", message.patient_authority or None)
 
 
 def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
@@ -563,16 +563,18 @@ def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
         view = MessageView(message.text)
     except NotHL7Error:
         return []
-    component = view.separators.component
+    seps = view.separators
     found = []
     for position, text in enumerate(view.segments):
-        if not text.startswith("MRG" + view.separators.field):
+        if not text.startswith("MRG" + seps.field):
             continue
         fields = view.fields(position)
-        if len(fields) > 1 and fields[1]:
-            parts = fields[1].split(view.separators.repetition)[0].split(component)
-            authority = parts[3].split(view.separators.subcomponent)[0] if len(parts) > 3 else ""
-            found.append((parts[0], authority or None))
+        for repetition in (fields[1] if len(fields) > 1 else "").split(seps.repetition):
+            parts = [*repetition.split(seps.component), "", "", "", ""]
+            if seps.escape in repetition:  # read as PID-3 is read (header.primary_patient_id)
+                parts = [unescape(part, seps) for part in parts]
+            if parts[0]:
+                found.append((parts[0], parts[3].split(seps.subcomponent, 1)[0] or None))
     return found
 
 
@@ -1060,7 +1062,7 @@ class MessageStore:
         return [
             row_id
             for row_id, patient_id, authority in rows
-            if row_id not in taken and row_id < first.get((patient_id, authority), -1)
+            if row_id not in taken and row_id < first.get((patient_id, authority or None), -1)
         ]
 
     def history(self, message_id: int) -> list[StatusChange]:
