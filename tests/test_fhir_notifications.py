@@ -632,24 +632,61 @@ def test_a_cancel_routed_with_its_admission_is_sent(
     ]
 
 
-def test_no_cancel_for_an_admission_that_became_a_dead_letter(
+def test_a_dead_lettered_admission_keeps_its_cancel_behind_it(
     tmp_path: Path, endpoint: NotificationEndpoint
 ) -> None:
-    """The admission was refused for good (a dead letter) and the operator gave up on it: the
-    receiver never had it, so its cancel is not sent either, though this process rendered it."""
+    """The admission was refused (a dead letter) and its visit cancelled meanwhile: the cancel
+    waits behind it in the patient's line, so retrying the admission sends it and then its
+    cancel, never an admission left standing. A dead letter discarded before the cancel
+    comes takes nothing the receiver had: that cancel is not sent."""
     refused = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "x"}]}
-    endpoint.answers = [(400, refused, {})]
+    endpoint.answers = [(400, refused, {}), (400, refused, {})]
     config_path = write_config(tmp_path, routes(endpoint.base_url))
-    with HubThread(load_config(config_path), tmp_path / "data") as hub:
-        send(hub, [make_adt("Z-1", "A01", visit_number="V-Z1")])
-        (dead,) = hub.wait_for_deliveries(1, destination=DESTINATION)
-        assert dead.status == "dead"
-        send(hub, [make_adt("Z-2", "A11", visit_number="V-Z1")])
-        where = ["--config", str(config_path), "--data-dir", str(tmp_path / "data")]
-        result = CliRunner().invoke(
-            main, ["dead-letters", "discard", str(dead.id), "--yes", *where], catch_exceptions=False
-        )
+    where = ["--config", str(config_path), "--data-dir", str(tmp_path / "data")]
+
+    def operator(*command: str) -> None:
+        result = CliRunner().invoke(main, [*command, *where], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        _, cancel = hub.wait_for_deliveries(2, destination=DESTINATION)
-    assert endpoint.received == []
-    assert "no notification-admit of this visit went to this endpoint" in (cancel.receipt or "")
+
+    with HubThread(load_config(config_path), tmp_path / "data") as hub:
+        send(hub, [make_adt("Z-1", "A01", patient_id="P-Z1", visit_number="V-Z1")])
+        (retried,) = hub.wait_for_deliveries(1, destination=DESTINATION)
+        send(hub, [make_adt("Z-2", "A01", patient_id="P-Z2", visit_number="V-Z2")])
+        _, discarded = hub.wait_for_deliveries(2, destination=DESTINATION)
+        assert (retried.status, discarded.status) == ("dead", "dead")
+        operator("dead-letters", "discard", str(discarded.id), "--yes")
+        send(hub, [make_adt("Z-3", "A11", patient_id="P-Z1", visit_number="V-Z1")])
+        send(hub, [make_adt("Z-4", "A11", patient_id="P-Z2", visit_number="V-Z2")])
+        operator("dead-letters", "retry", str(retried.id))
+        found = hub.wait_for_deliveries(4, destination=DESTINATION)
+    assert endpoint.events() == [
+        ("notification-admit", "in-progress"),
+        ("notification-admit", "cancelled"),
+    ]
+    assert {of_type(b, "Patient")[0]["identifier"][0]["value"] for b in endpoint.received} == {
+        "P-Z1"
+    }
+    assert "no notification-admit of this visit went to this endpoint" in (found[3].receipt or "")
+
+
+def test_a_visit_without_a_visit_number_keeps_its_encounter_through_a_merge(
+    tmp_path: Path, endpoint: NotificationEndpoint
+) -> None:
+    def no_visit_number(text: str) -> str:  # PV1-19 left empty
+        return text.replace("|^^^HOSP^VN", "|")
+
+    admit = no_visit_number(
+        make_adt("N-1", "A04", patient_id="P-OLD2", patient_class="E", visit_number="")
+    )
+    merge = make_adt("N-2", "A40", patient_id="P-NEW2", extra_segments=["MRG|P-OLD2^^^HOSP^MR"])
+    discharge = no_visit_number(
+        make_adt("N-3", "A03", patient_id="P-NEW2", patient_class="E", visit_number="")
+    )
+    assert "^VN" not in admit + discharge
+    run(tmp_path, routes(endpoint.base_url), [admit, merge, discharge], settled=3)
+    assert endpoint.events() == [
+        ("notification-admit", "in-progress"),
+        ("notification-discharge", "finished"),
+    ]
+    first, last = endpoint.received
+    assert header(first)["focus"] == header(last)["focus"]

@@ -88,3 +88,25 @@ def test_store_downgrade_goes_back_for_the_older_release(tmp_path: Path) -> None
         assert store.schema_revision() == head
     finally:
         store.close()
+
+
+def test_store_downgrade_refuses_in_words(tmp_path: Path) -> None:
+    """Not later than the store already is, or a store a newer release migrated (which takes
+    its own schema back): a one-line error, not Alembic's traceback."""
+    store = MessageStore(sqlite_url(tmp_path / "data"))
+    try:
+        store.migrate()
+        head = store.schema_revision()
+        assert head is not None
+        same = carehub(tmp_path, "store", "downgrade", head, "--yes")
+        assert same.returncode == 2, same
+        assert f"the store is at revision {head}, not later than {head}" in same.stderr
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+        newer = carehub(tmp_path, "store", "downgrade", "0014", "--yes")
+        assert newer.returncode == 2, newer
+        assert "upgraded by a newer carehub" in newer.stderr
+        for done in (same, newer):
+            assert "Traceback" not in done.stderr
+    finally:
+        store.close()

@@ -2062,20 +2062,25 @@ def store_downgrade(config: HubConfig, data_dir: Path, revision: str, yes: bool)
     """Take the store's schema back to REVISION (e.g. 0014), for going back to the release
     that knew it: stop every carehub process first. What the later revisions added is dropped
     (their tables, e.g. the store's identity); the messages and deliveries stay."""
+    from alembic.util import CommandError as AlembicError
+
     from carehub.hub import open_store
     from carehub.store.store import StoreError
 
     opened = open_store(config, data_dir, must_exist=True, migrate=False, check_schema=False)
     try:
         current = opened.schema_revision()
+        behind = opened.schema_behind()
+        if behind is not None and "newer carehub" in behind:
+            raise CarehubError(f"{behind}; it takes its own schema back")
         if not yes:
             click.confirm(
                 f"Take the store from schema revision {current} back to {revision}?", abort=True
             )
         try:
             opened.downgrade(revision)
-        except StoreError as err:
-            raise CarehubError(str(err)) from None
+        except (StoreError, AlembicError) as err:
+            raise CarehubError(f"store downgrade to {revision}: {err}") from None
         click.echo(f"store at schema revision {opened.schema_revision()}")
     finally:
         opened.close()

@@ -21,12 +21,14 @@ and an admission are ``notification-admit``, a change of level of care or facili
 **Cancels.** The IG has no cancel event; a cancel is sent as the notification it takes back,
 with the Encounter as the cancel left it (v2-to-FHIR's Event[EncounterStatus] map): an A11 that
 cancels the visit gives ``cancelled``, an A13 puts the visit back ``in-progress`` without its
-end. What it takes back is told by the visit's state before it (an ED visit's A11 takes back
-the ED arrival), and it is sent only when that notification went to this endpoint (the store's
-deliveries say; in a dry run, the visit's state): a cancel of an outpatient registration, of a
-bed move, of a visit first heard of in the cancel, or of an admission the patient's opt-out kept
-back sends nothing. Every MessageHeader carries the v2 event in ``reason`` (v2-0003), so a
-receiver tells an A11 from the notification it takes back.
+end. What it takes back is told by the visit's state before it (an ED visit's A11 takes back the
+ED arrival), and it is sent only when that notification went to this endpoint or may still go
+(the store's deliveries say; in a dry run, the visit's state). A dead letter may still go: its
+cancel waits behind it in the patient's line, and follows it if it is retried. A cancel of an
+outpatient registration, of a bed move, of a visit first heard of in the cancel, of a discarded
+dead letter, or of an admission the patient's opt-out kept back sends nothing. Every
+MessageHeader carries the v2 event in ``reason`` (v2-0003), so a receiver tells an A11 from the
+notification it takes back.
 
 **Identity.** The Encounter, Patient, Organization, Location and Practitioners have ``urn:uuid``
 full URLs made from what they are (the visit's key, the patient's key, the facility code, an
@@ -77,6 +79,7 @@ from carehub.fhir import (
     stable_urn,
     validate_resource,
 )
+from carehub.routing.router import store_id_of
 from carehub.store.schema import DeliveryStatus, deliveries, encounter_events
 
 __all__ = ["FhirNotificationChannel", "NotificationOptions", "build_notification_bundle"]
@@ -541,6 +544,7 @@ def build_notification_bundle(
     options: NotificationOptions,
     endpoint: str,
     now: datetime | None = None,
+    store_id: str = "",
 ) -> dict[str, Any]:
     """The message Bundle telling of ``kind`` (a NOTIFIABLE kind; for a cancel, the kind it
     takes back) with the visit as ``transition`` left it; every resource validated. The Bundle
@@ -552,11 +556,12 @@ def build_notification_bundle(
     bundle.entries[header_url] = {}  # first, as a message must begin
     visit_key = str(summary.get("visit_key") or "")
     # A visit number names the visit whoever the patient turns out to be (an A40 merge during
-    # the stay changes the patient's key, not the Encounter); a stand-in key needs the patient.
+    # the stay changes the patient's key, not the Encounter). A visit without one is the
+    # store's encounter row, which a merge moves to the surviving patient whole.
     visit_seed = (
         visit_key
         if visit_key and not visit_key.startswith("noVN:")
-        else f"{transition.patient_key}:{visit_key or transition.encounter_id}"
+        else f"{store_id}:encounter:{transition.encounter_id}"
     )
     encounter_url = stable_urn(visit_seed, "Encounter")
     bundle.entries[encounter_url] = {}  # second: the focus, before what it points at
@@ -757,7 +762,13 @@ class FhirNotificationChannel(HttpChannel):
             metadata.update(event="none", not_sent=why)
             return Outgoing(b"", FHIR_CONTENT_TYPE, idempotency_key, metadata)
         bundle = build_notification_bundle(
-            work, transition, kind, idempotency_key, self.options, self.endpoint
+            work,
+            transition,
+            kind,
+            idempotency_key,
+            self.options,
+            self.endpoint,
+            store_id=store_id_of(self.context),
         )
         metadata["event"] = _EVENTS[kind][0]
         metadata["encounter_status"] = bundle["entry"][1]["resource"]["status"]
@@ -770,9 +781,10 @@ class FhirNotificationChannel(HttpChannel):
         """Whether a ``kind`` notification of this visit went to this endpoint (or is on its
         way: a delivery not given up), from the store's deliveries; None without a store (a
         dry run), where the visit's state has to answer. A cancel is sent only then: the
-        patient's opt-out, a dead letter, or a forward added later may have kept the first
-        from it. One rendered moments ago whose delivery is not stored yet (the same routing
-        batch) counts as on its way."""
+        patient's opt-out, a discarded dead letter, or a forward added later may have kept
+        the first from it. A dead letter not discarded counts (a retry sends it, and the
+        cancel waits behind it in the patient's line), and so does one rendered moments ago
+        whose delivery is not stored yet (the same routing batch)."""
         store = self.context.store
         if store is None or transition.encounter_id is None:
             return None
@@ -796,9 +808,11 @@ class FhirNotificationChannel(HttpChannel):
             with contextlib.suppress(ValueError, TypeError):
                 metadata = json.loads(text or "{}")
                 if metadata.get("destination") == self.endpoint and metadata.get("event") == event:
-                    if status not in (DeliveryStatus.DEAD, DeliveryStatus.DISCARDED):
+                    if status != DeliveryStatus.DISCARDED:
+                        # A dead letter counts: the operator may retry it, and the cancel,
+                        # held behind it in the patient's line, then follows it.
                         return True
-                    stored = True  # given up: the receiver never had it
+                    stored = True  # given up for good: the receiver never had it
         return not stored and (transition.encounter_id, event) in self._rendered
 
     async def send(self, outgoing: Outgoing) -> str:

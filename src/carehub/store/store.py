@@ -699,6 +699,9 @@ class MessageStore:
         if not _known_revision(script, revision):
             head = script.get_current_head()
             raise StoreError(f"no schema revision {revision!r} (this release knows 0001 to {head})")
+        current = self.schema_revision()
+        if current is not None and revision >= current:
+            raise StoreError(f"the store is at revision {current}, not later than {revision}")
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             alembic_command.downgrade(cfg, revision)
