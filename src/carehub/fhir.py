@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from carehub.builtins.http_channel import http_url
 from carehub.components import ComponentOptions
-from carehub.events import Address, Practitioner, date_as_sent, has_time
+from carehub.events import Address, HumanName, Practitioner, date_as_sent, has_time
 
 if TYPE_CHECKING:
     from carehub.builtins.http_channel import HttpAnswer
@@ -109,6 +109,30 @@ def practitioner_identifier(
     is_npi = (person.id_type or "").upper() == "NPI" or authority in ("NPI", "CMS")
     system = NPI if is_npi else identifier_system(person.id_authority, systems)
     return {"system": system, "value": person.id}
+
+
+def fhir_identifier(system: str, value: str, type_code: str | None = None) -> dict[str, Any]:
+    """An Identifier, typed by its v2 identifier type (table 0203: MR, SS, VN ...) when given."""
+    found: dict[str, Any] = {"system": system, "value": value}
+    if type_code:
+        found["type"] = {"coding": [{"system": V2_0203, "code": type_code}]}
+    return found
+
+
+def fhir_human_name(name: HumanName) -> dict[str, Any] | None:
+    """A HumanName from the care event's (the middle name is a second given name), or None
+    when it holds nothing."""
+    found: dict[str, Any] = {}
+    if name.family:
+        found["family"] = name.family
+    given = [g for g in (name.given, name.middle) if g]
+    if given:
+        found["given"] = given
+    if name.prefix:
+        found["prefix"] = [name.prefix]
+    if name.suffix:
+        found["suffix"] = [name.suffix]
+    return found or None
 
 
 def person_name(given: str | None, family: str | None, prefix: str | None = None) -> str | None:

@@ -72,6 +72,8 @@ from carehub.fhir import (
     FhirServerOptions,
     fhir_address,
     fhir_datetime,
+    fhir_human_name,
+    fhir_identifier,
     identifier_system,
     outcome_text,
     person_name,
@@ -322,27 +324,8 @@ def _not_before(end: str, start: str) -> bool:
 
 def _identifier(ident: Identifier, systems: dict[str, str]) -> dict[str, Any]:
     is_ssn = (ident.type_code or "").strip().upper() == "SS"
-    found: dict[str, Any] = {
-        "system": US_SSN if is_ssn else identifier_system(ident.authority, systems),
-        "value": ident.value,
-    }
-    if ident.type_code:
-        found["type"] = {"coding": [{"system": V2_0203, "code": ident.type_code}]}
-    return found
-
-
-def _human_name(name: HumanName) -> dict[str, Any] | None:
-    found: dict[str, Any] = {}
-    if name.family:
-        found["family"] = name.family
-    given = [g for g in (name.given, name.middle) if g]
-    if given:
-        found["given"] = given
-    if name.prefix:
-        found["prefix"] = [name.prefix]
-    if name.suffix:
-        found["suffix"] = [name.suffix]
-    return found or None
+    system = US_SSN if is_ssn else identifier_system(ident.authority, systems)
+    return fhir_identifier(system, ident.value, ident.type_code)
 
 
 def _model_or_none(model: type[Any], value: Any) -> Any:
@@ -354,7 +337,7 @@ def _practitioner(
     bundle: _Bundle, person: Practitioner, options: NotificationOptions
 ) -> dict[str, Any] | None:
     identifier = practitioner_identifier(person, options.identifier_systems)
-    name = _human_name(
+    name = fhir_human_name(
         HumanName(
             family=person.family,
             given=person.given,
@@ -427,7 +410,7 @@ def _patient(
         "identifier": [_identifier(i, systems) for i in identifiers],
     }
     name = _model_or_none(HumanName, summary.get("name"))
-    if name is not None and (found := _human_name(name)):
+    if name is not None and (found := fhir_human_name(name)):
         resource["name"] = [found]
     if summary.get("phone"):
         resource["telecom"] = [{"system": "phone", "value": summary["phone"]}]

@@ -134,6 +134,8 @@ from carehub.fhir import (
     FhirServerOptions,
     fhir_address,
     fhir_datetime,
+    fhir_human_name,
+    fhir_identifier,
     identifier_system,
     outcome_text,
     person_name,
@@ -371,19 +373,11 @@ def _patient_resource(patient: Patient, system: str) -> dict[str, Any]:
     """The minimal Patient a CBO needs to find and contact the person."""
     primary = patient.primary
     assert primary is not None
-    identifier: dict[str, Any] = {"system": system, "value": primary.value}
-    if primary.type_code:
-        identifier["type"] = {"coding": [{"system": V2_0203, "code": primary.type_code}]}
+    identifier = fhir_identifier(system, primary.value, primary.type_code)
     resource: dict[str, Any] = {"resourceType": "Patient", "identifier": [identifier]}
-    if patient.name is not None:
-        name: dict[str, Any] = {}
-        if patient.name.family:
-            name["family"] = patient.name.family
-        given = [g for g in (patient.name.given, patient.name.middle) if g]
-        if given:
-            name["given"] = given
-        if name:
-            resource["name"] = [name]
+    name = fhir_human_name(patient.name) if patient.name is not None else None
+    if name:
+        resource["name"] = [name]
     if patient.phone:
         resource["telecom"] = [{"system": "phone", "value": patient.phone}]
     gender = GENDER.get((patient.sex or "").strip().upper())
