@@ -344,3 +344,15 @@ def test_route_files_know_the_data_dir_and_defaults_may_name_a_variable(
     monkeypatch.delenv("CAREHUB_OUTBOX")
     with pytest.raises(ConfigError, match="CAREHUB_DATA_DIR is not set"):
         directory(None)  # read with no hub behind it: says what is missing
+
+
+def test_referenced_environment_names_every_variable_with_its_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from carehub.config import referenced_environment
+
+    monkeypatch.setenv("REF_A", "one")
+    monkeypatch.delenv("REF_B", raising=False)
+    monkeypatch.setenv("REF_C", "three")
+    text = "url: ${REF_A}\ntoken: ${REF_B:-${REF_C}}\nagain: ${REF_A}\nplain: $REF_D"
+    assert referenced_environment(text) == [("REF_A", "one"), ("REF_B", None), ("REF_C", "three")]

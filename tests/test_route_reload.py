@@ -70,8 +70,10 @@ def facility_of(request_json: dict[str, str]) -> str:
     return request_json["v2"].split("|")[5]
 
 
-def carehub(*args: str) -> subprocess.CompletedProcess[str]:
+def carehub(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in this environment, with ``settings`` set in it on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
+    env.update(settings)
     return subprocess.run(
         [sys.executable, "-m", "carehub.cli", *args],
         capture_output=True,
@@ -144,6 +146,36 @@ def test_routes_reload_swaps_routes_under_a_running_serve(tmp_path: Path) -> Non
                 assert "differ from those the running hub" in warned.stderr
             assert hub.terminate() == 0, hub.stderr
         assert "RL1" not in hub.stderr and "RL2" not in hub.stderr  # no identifiers logged
+
+
+def test_reprocess_warns_when_a_variable_the_routes_name_differs_from_the_hubs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same route files with ${SINK_URL} set otherwise send elsewhere: reprocess says
+    the hub routes differently, and is quiet when the value is the hub's."""
+    config = tmp_path / "carehub.yaml"
+    config.write_text(HUB_YAML, encoding="utf-8")
+    data = tmp_path / "data"
+    hub_args = ["--config", str(config), "--data-dir", str(data)]
+    with HTTPServer() as server:
+        write_route(tmp_path, "DSFAC", "${SINK_URL}")
+        monkeypatch.setenv("SINK_URL", server.url("/hub"))
+        with CarehubProcess(["serve", *hub_args], tmp_path / "logs", "serve") as hub:
+            hub.wait_ready()
+            with socket.create_connection(hub.mllp_address, timeout=10) as sock:
+                assert b"|AA|" in exchange(sock, make_adt("ENV1"))
+            wait_for(lambda: server.ok(), what="the delivery")
+            other = carehub(
+                "messages", "reprocess", "--dry-run", "1", *hub_args, SINK_URL=server.url("/cli")
+            )
+            assert other.returncode == 0, other.stderr
+            assert "environment variables they name" in other.stderr
+            assert "differ from those the running hub" in other.stderr
+            assert server.url("/cli") not in other.stderr  # no values: they may be secrets
+            same = carehub("messages", "reprocess", "--dry-run", "1", *hub_args)
+            assert same.returncode == 0, same.stderr
+            assert "differ" not in same.stderr
+            assert hub.terminate() == 0, hub.stderr
 
 
 def test_routes_reload_says_when_no_hub_serves_there(tmp_path: Path) -> None:

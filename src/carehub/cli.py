@@ -898,9 +898,11 @@ def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path, store: Mes
     note = serving_note(config, data_dir)
     if note is not None and note.routes is not None and note.routes != route_fingerprint(config):
         click.echo(
-            f"warning: the config or route files differ from those the running hub (pid "
-            f"{note.pid}) loaded: these messages are routed with the files as they are now, "
-            "new ones with the hub's; `carehub routes reload` makes the hub take the files too",
+            f"warning: the config or route files, or the environment variables they name "
+            f"(such as a ${{VAR}} URL), differ from those the running hub (pid {note.pid}) "
+            "loaded: these messages are routed with the files and environment here, new ones "
+            "with the hub's; `carehub routes reload` makes the hub take the files too, and "
+            "running this command with the hub's environment makes the rest the same",
             err=True,
         )
         return
@@ -915,9 +917,10 @@ def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path, store: Mes
     ]
     if behind:
         click.echo(
-            f"warning: {', '.join(behind)} routed with other route files than these: these "
-            "messages are routed with the files as they are here, new ones with theirs; "
-            "reload them (SIGHUP to each) to make them the same",
+            f"warning: {', '.join(behind)} routed with other route files (or other values of "
+            "the environment variables they name) than these: these messages are routed with "
+            "the files and environment here, new ones with theirs; reload them (SIGHUP to "
+            "each) and run this with their environment to make them the same",
             err=True,
         )
 

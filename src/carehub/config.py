@@ -284,6 +284,19 @@ def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -
     return _ENV_REFERENCE.sub(replace, value)
 
 
+def referenced_environment(text: str) -> list[tuple[str, str | None]]:
+    """Every environment variable ``text`` names in a ${VAR} (defaults included), sorted, with
+    its value here (None when unset): what a file's meaning depends on beyond its bytes."""
+    names: set[str] = set()
+    pending = [text]
+    while pending:
+        for match in _ENV_REFERENCE.finditer(pending.pop()):
+            names.add(match.group(1))
+            if match.group(2):
+                pending.append(match.group(2))
+    return [(name, os.environ.get(name)) for name in sorted(names)]
+
+
 class UnsetVariable(ConfigError):
     """A ${VAR} without a default whose variable is not set, at ``loc`` in the file's tree."""
 

@@ -40,6 +40,7 @@ from carehub.config import (
     MLLPListenerConfig,
     http_tokens,
     load_config,
+    referenced_environment,
     resolve_data_dir,
     where_in_config,
     without_password,
@@ -311,39 +312,48 @@ def build_routing(
 
 
 def route_fingerprint(config: HubConfig) -> str:
-    """A hash of the config file and every route file it names, as they are on disk now: the
-    running hub records the one it loaded, so `messages reprocess` can tell when the files
-    differ from the routes the hub runs."""
+    """A hash of the config file and every route file it names, as they are on disk now, with
+    the environment variables they name: the running hub records the one it loaded, so
+    `messages reprocess` can tell when the files (or a ${VAR} in them) differ from the routes
+    the hub runs."""
     digest = hashlib.sha256()
     base = config_dir(config)
     named = [config.source] if config.source else []
     for path in [*named, *route_files(base, config.routes)]:
-        digest.update(f"{path}\0".encode())
-        try:
-            digest.update(path.read_bytes())
-        except OSError as err:  # loading it says what is wrong; the hash only has to differ
-            digest.update(f"unreadable: {err.strerror}".encode())
-        digest.update(b"\0")
+        _digest_file(digest, path, path)
     return digest.hexdigest()
 
 
 def route_set_digest(config: HubConfig) -> str:
     """The first 12 hex digits of a hash of the route files' names (as the config lists them,
-    from its folder) and contents: the same on every host that has the same route files,
-    wherever they are installed, so `carehub status` can tell processes running different
-    route sets apart (route_fingerprint also covers where the files are and the config)."""
+    from its folder), contents and the environment variables they name: the same on every
+    host that has the same route files and settings, wherever they are installed, so `carehub
+    status` can tell processes running different route sets apart (route_fingerprint also
+    covers where the files are and the config)."""
     digest = hashlib.sha256()
     base = config_dir(config)
     for path in route_files(base, config.routes):
+        label = path
         with contextlib.suppress(ValueError):
-            path = path.relative_to(base)
-        digest.update(f"{path}\0".encode())
-        try:
-            digest.update((base / path).read_bytes())
-        except OSError as err:  # loading it says what is wrong; the hash only has to differ
-            digest.update(f"unreadable: {err.strerror}".encode())
-        digest.update(b"\0")
+            label = path.relative_to(base)
+        _digest_file(digest, base / label, label)
     return digest.hexdigest()[:12]
+
+
+def _digest_file(digest: Any, path: Path, label: Path) -> None:
+    """Add a file's name, bytes and the values of the ${VAR}s it names to ``digest``: a route
+    that sends to ${CARE_FHIR_URL} goes elsewhere when the variable does."""
+    digest.update(f"{label}\0".encode())
+    try:
+        content = path.read_bytes()
+    except OSError as err:  # loading it says what is wrong; the hash only has to differ
+        digest.update(f"unreadable: {err.strerror}".encode())
+    else:
+        digest.update(content)
+        for name, value in referenced_environment(content.decode("utf-8", "replace")):
+            digest.update(f"\0{name}=".encode())
+            digest.update(b"\1unset" if value is None else value.encode("utf-8", "replace"))
+    digest.update(b"\0")
 
 
 def _restart_settings(config: HubConfig) -> dict[str, Any]:
