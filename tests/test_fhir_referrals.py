@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from carehub.builtins.event_translator import translate_v2_to_event
-from carehub.components import ComponentContext, DeliveryError, Outgoing, Work
+from carehub.components import ComponentContext, DeliveryError, NothingToSend, Outgoing, Work
 from carehub.referrals.api import register_referral_routes
 from carehub.referrals.fhir import (
     FHIR_CONTENT_TYPE,
@@ -452,17 +452,22 @@ def channel_for(
     return FhirReferralChannel(opts, ComponentContext(tmp_path, tmp_path / "data", store))
 
 
-def send(channel: FhirReferralChannel, *outgoing: Outgoing) -> list[str | DeliveryError]:
-    """Start the channel, send each delivery (collecting receipts or errors), close it."""
+#: What one send came to: a receipt, a failure, or nothing to send.
+Sent = str | DeliveryError | NothingToSend
 
-    async def main() -> list[str | DeliveryError]:
+
+def send(channel: FhirReferralChannel, *outgoing: Outgoing) -> list[Sent]:
+    """Start the channel, send each delivery (collecting receipts, errors and what it found
+    nothing to send for), close it."""
+
+    async def main() -> list[Sent]:
         await channel.start()
-        results: list[str | DeliveryError] = []
+        results: list[Sent] = []
         try:
             for item in outgoing:
                 try:
                     results.append(await channel.send(item))
-                except DeliveryError as err:
+                except (DeliveryError, NothingToSend) as err:
                     results.append(err)
         finally:
             await channel.close()

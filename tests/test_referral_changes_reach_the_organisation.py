@@ -251,13 +251,14 @@ def test_naming_an_organisation_moves_a_referral_that_went_to_a_directory_match(
 def test_a_held_referral_goes_out_when_a_modify_names_an_organisation(loop: Loop) -> None:
     assert loop.send(_referral("T-HD-1", REFERRAL, replace=HELD)) == "AA"
     (held,) = loop.settled("sdoh-referrals/cbo-platform")
-    assert held.receipt.startswith("not sent: no community organisation chosen")
+    assert held.status == "skipped"
+    assert held.receipt.startswith("no community organisation chosen")
     named = _later("T-HD-2", "I13", HELD).rstrip("\r") + (
         f"\rPRD|RT^Referred to provider^HL70286|{EASTSIDE}|\r"
     )
     assert loop.send(named) == "AA"
     (sent,) = loop.settled("referral-changes/cbo-platform")
-    assert not sent.receipt.startswith("not sent"), sent.receipt
+    assert sent.status == "delivered", sent.receipt
     (task,) = loop.created("Task")
     assert task["owner"]["display"] == EASTSIDE and task["status"] == "requested"
     (email,) = loop.settled("referral-changes/notify-referral-email")

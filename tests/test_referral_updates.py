@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from carehub.components import ComponentContext, DeliveryError, Work
+from carehub.components import ComponentContext, DeliveryError, NothingToSend, Work
 from carehub.referrals.state import ReferralStateEnricher, ReferralTracker, list_referrals
 from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore
@@ -23,7 +23,7 @@ from carehub.testing import HubThread
 from tests import test_fhir_referrals as fhir_tests
 from tests import test_referral_loop_e2e as loop_e2e
 from tests.helpers_http import wait_for
-from tests.test_fhir_referrals import KEY, FhirServer, channel_for, ref_i12, send, work_for
+from tests.test_fhir_referrals import KEY, FhirServer, Sent, channel_for, ref_i12, send, work_for
 
 # Fixtures: a FHIR test server; a migrated SQLite store; the shipped config on a running hub.
 fhir_server, store, loop = fhir_tests.fhir_server, fhir_tests.store, loop_e2e.loop
@@ -58,7 +58,7 @@ class Referrals:
         self.state.enrich(work)
         return work
 
-    def deliver(self, text: str) -> str | DeliveryError:
+    def deliver(self, text: str) -> Sent:
         work = self.route(text)
         (result,) = send(self.channel, self.channel.render(work, f"carehub-{work.message.id}-1"))
         return result
@@ -91,7 +91,7 @@ def test_an_i12_resent_with_a_new_control_id_sends_nothing(
 ) -> None:
     assert referrals.deliver(ref_i12("RGH-REF-1")) == "HTTP 200 Task/103"
     receipt = referrals.deliver(ref_i12("RGH-REF-1-resent"))
-    assert isinstance(receipt, str) and receipt.startswith("not sent: resend")
+    assert isinstance(receipt, NothingToSend) and receipt.reason.startswith("resend")
     assert len(fhir_server.posts) == 1
 
 
@@ -136,7 +136,7 @@ def test_a_cancel_revokes_the_request_and_cancels_the_task(
     assert fhir_server.gets == [f"Task?identifier={SEARCHED}"]  # read once, before the cancel
 
     again = referrals.deliver(ref_message("I14", "RGH-REF-4"))  # a second cancel
-    assert isinstance(again, str) and again.startswith("not sent: unchanged")
+    assert isinstance(again, NothingToSend) and again.reason.startswith("unchanged")
     assert sorted(fhir_server.patched) == ["ServiceRequest/102", "Task/103"]
     asyncio.run(referrals.channel.close())
 
@@ -159,9 +159,9 @@ def test_a_cancel_leaves_a_task_the_organisation_closed_meanwhile(
 
     receipt = referrals.deliver(ref_message("I14", "RGH-REF-3"))
 
-    assert receipt == (
-        "not sent: Task/103 is already completed at the organisation, and a cancel would "
-        "overwrite it"
+    assert isinstance(receipt, NothingToSend)
+    assert receipt.reason == (
+        "Task/103 is already completed at the organisation, and a cancel would overwrite it"
     )
     assert fhir_server.patched == []
     assert fhir_server.resources["Task/103"]["status"] == "completed"
@@ -239,7 +239,7 @@ def _settled(running: HubThread, destination: str, count: int) -> list[Any]:
         found = [
             d
             for d in Outbox(running.store).find(limit=None)
-            if d.destination == destination and d.status == "delivered"
+            if d.destination == destination and d.status in ("delivered", "skipped")
         ]
         return found if len(found) >= count else []
 
@@ -320,6 +320,7 @@ def test_an_i12_resent_with_a_new_control_id_posts_nothing_new(
     assert _send(running, _variant("REF^I12^REF_I12", "RGH-REF-7001b")) == "AA"
     first, resent = _settled(running, "sdoh-referrals/cbo-platform", 2)
     assert first.receipt.startswith("HTTP 200 Task/")
-    assert resent.receipt.startswith("not sent: resend")
+    assert resent.status == "skipped"
+    assert resent.receipt.startswith("resend")
     assert len(fhir.posts) == 1
     assert (fhir.count("ServiceRequest"), fhir.count("Task")) == (1, 1)

@@ -281,6 +281,19 @@ class DeliveryError(Exception):
         return self.message.split(": ", 1)[0]
 
 
+class NothingToSend(Exception):
+    """Raised by a channel's send() (or by what it calls) that finds nothing to send for this
+    delivery: a resend its receiver already has, a cancel of a notification it never had, a
+    Task the organisation has already closed. The delivery is settled as ``skipped`` with
+    ``reason`` as its receipt; nothing went out. It is not a failure: no retry, no dead
+    letter, and the patient's later deliveries go on. ``reason`` is kept in the store, not
+    logged; like a receipt it must not quote the message."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class SendNotStarted(Exception):
     """Raised by a channel's send() that gives up before saying anything to the destination
     because the worker is stopping (see ``worker_stopping``): the worker hands the delivery
@@ -310,6 +323,7 @@ class Channel(Component):
         raise NotImplementedError
 
     async def send(self, outgoing: Outgoing) -> str:
-        """Send it; return a short str receipt ("HTTP 202", "AA") or raise DeliveryError.
+        """Send it; return a short str receipt ("HTTP 202", "AA") or raise DeliveryError
+        (NothingToSend when there turns out to be nothing to send).
         An ``async def``: the worker awaits it on its event loop, beside every other send."""
         raise NotImplementedError

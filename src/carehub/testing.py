@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from carehub.store.outbox import DeliveryRecord
 
 #: Delivery statuses that no longer change by themselves.
-SETTLED = frozenset({"delivered", "dead", "discarded"})
+SETTLED = frozenset({"delivered", "skipped", "dead", "discarded"})
 
 #: What the helpers take as a config: a loaded HubConfig, or the path of its file (a str
 #: too, as tests often write it).

@@ -28,7 +28,13 @@ from typing import TypeVar
 
 from sqlalchemy import exc as sql_errors
 
-from carehub.components import DeliveryError, Outgoing, SendNotStarted, worker_stopping
+from carehub.components import (
+    DeliveryError,
+    NothingToSend,
+    Outgoing,
+    SendNotStarted,
+    worker_stopping,
+)
 from carehub.config import WorkerConfig
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
@@ -138,6 +144,8 @@ class Worker:
         self.inline_store = store.is_sqlite
         self.routed = 0
         self.delivered = 0
+        #: Deliveries whose channel found nothing to send (NothingToSend).
+        self.skipped = 0
         self.failed_attempts = 0
         #: Sends that were still waiting for their turn on a channel when the stop began.
         self.handed_back_at_stop = 0
@@ -720,9 +728,12 @@ class Worker:
                 delivery.metadata,
             )
             limit = asyncio.timeout(self.settings.send_timeout)
+            skipped = False
             try:
                 async with limit:
                     receipt = await destination.channel.send(outgoing)
+            except NothingToSend as nothing:
+                receipt, skipped = nothing.reason or "nothing to send", True
             except TimeoutError as err:
                 if not limit.expired():
                     raise  # the channel's own
@@ -741,16 +752,20 @@ class Worker:
                 attempt,
                 started,
                 _ms(clock),
-                True,
+                not skipped,
                 receipt,
                 destination=delivery.destination,
                 order_key=delivery.order_key,
+                skipped=skipped,
             )
-            self.delivered += 1
             trouble = self._trouble.get(delivery.destination)
             if trouble is not None:
-                trouble.delivered()
-            if host.observed("carehub_message_delivered"):
+                trouble.delivered()  # it answered for this one: whatever failed is over
+            if skipped:
+                self.skipped += 1
+            else:
+                self.delivered += 1
+            if not skipped and host.observed("carehub_message_delivered"):
                 done = dataclasses.replace(
                     delivery, status="delivered", attempts=attempt, receipt=receipt
                 )

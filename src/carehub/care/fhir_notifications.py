@@ -60,7 +60,14 @@ from sqlalchemy import select
 from carehub import __version__
 from carehub.builtins.http_channel import HttpChannel
 from carehub.care.model import DISPOSITIONS, NOTIFIABLE, RETRACTS, CareTeam, Transition
-from carehub.components import ComponentContext, ComponentOptions, DeliveryError, Outgoing, Work
+from carehub.components import (
+    ComponentContext,
+    ComponentOptions,
+    DeliveryError,
+    NothingToSend,
+    Outgoing,
+    Work,
+)
 from carehub.events import Address, HumanName, Identifier, Practitioner
 from carehub.fhir import (
     FHIR_CONTENT_TYPE,
@@ -801,7 +808,7 @@ class FhirNotificationChannel(HttpChannel):
     async def send(self, outgoing: Outgoing) -> str:
         event = outgoing.metadata.get("event", "")
         if not outgoing.payload:
-            return f"not sent: {outgoing.metadata.get('not_sent', 'nothing to send')}"
+            raise NothingToSend(outgoing.metadata.get("not_sent", "nothing to send"))
         url = self.endpoint
         headers = {
             "Content-Type": outgoing.content_type,

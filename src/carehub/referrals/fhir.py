@@ -112,6 +112,7 @@ from carehub.components import (
     ComponentContext,
     ComponentOptions,
     DeliveryError,
+    NothingToSend,
     Outgoing,
     Work,
 )
@@ -1195,17 +1196,14 @@ class FhirReferralChannel(HttpChannel):
     async def _deliver(self, outgoing: Outgoing) -> str:
         operation = outgoing.metadata.get("operation", "create")
         if operation == "none":
-            return f"not sent: {outgoing.metadata.get('not_sent', 'nothing to send')}"
+            raise NothingToSend(outgoing.metadata.get("not_sent", "nothing to send"))
         url = self.options.base_url
         headers = self._headers(
             {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
         )
         payload = outgoing.payload
         if operation == "cancel":
-            guarded = await self._guarded_cancel(outgoing)
-            if isinstance(guarded, str):
-                return guarded
-            payload = guarded
+            payload = await self._guarded_cancel(outgoing)
         response = await self._call("POST", url, payload, headers)
         status = response.status_code
         if not 200 <= status < 300:
@@ -1257,9 +1255,9 @@ class FhirReferralChannel(HttpChannel):
             raise self.unreached(method, url, err) from err
         return response
 
-    async def _guarded_cancel(self, outgoing: Outgoing) -> bytes | str:
+    async def _guarded_cancel(self, outgoing: Outgoing) -> bytes:
         """The cancel's Bundle with its Task patch made to the Task's id and conditional on the
-        version read just now (``ifMatch``), or why it is not sent.
+        version read just now (``ifMatch``); NothingToSend saying why when it is not sent.
 
         The organisation may have closed the Task (completed the service, rejected it) since
         the last poll; a cancel sent blind would overwrite what it recorded. So the Task is
@@ -1297,9 +1295,9 @@ class FhirReferralChannel(HttpChannel):
                 }
                 await asyncio.to_thread(self.tracker.advance, key, status, "fhir-task-poll", detail)
             await asyncio.to_thread(self.tasks.remove_referral, key)
-            return (
-                f"not sent: Task/{task_id} is already {status} at the organisation, and a "
-                "cancel would overwrite it"
+            raise NothingToSend(
+                f"Task/{task_id} is already {status} at the organisation, and a cancel would "
+                "overwrite it"
             )
         version = (task.get("meta") or {}).get("versionId")
         if not isinstance(task_id, str) or not version:

@@ -101,6 +101,9 @@ class AttemptResult:
     order_key: str = ""
     #: For a dead letter: whether it holds its line (the destination's after_dead_letter).
     holds_line: bool = True
+    #: The channel found nothing to send (NothingToSend): settled as skipped, ``detail``
+    #: saying why; ``delivered`` is False.
+    skipped: bool = False
     #: The lease the sender holds the delivery under (DeliveryRecord.lease_until, as last
     #: renewed): the result is recorded only while the delivery is still being sent under
     #: it. None: recorded whatever the delivery's state.
@@ -1057,8 +1060,8 @@ class Outbox:
             (
                 r.attempt,
                 _final_status(r).value,
-                r.detail if r.delivered else None,
-                None if r.delivered else r.detail,
+                r.detail if r.delivered or r.skipped else None,
+                None if r.delivered or r.skipped else r.detail,
                 sql.time(r.retry_at) if r.retry_at is not None else None,
                 sql.time(r.started_at + timedelta(milliseconds=r.duration_ms))
                 if r.delivered
@@ -1122,9 +1125,11 @@ class Outbox:
         for message_id, statuses in sorted(done.items()):
             dead = statuses.count(DeliveryStatus.DEAD.value)
             discarded = statuses.count(DeliveryStatus.DISCARDED.value)
+            skipped = statuses.count(DeliveryStatus.SKIPPED.value)
             told = [
                 *([f"{dead} of {len(statuses)} deliveries are dead letters"] if dead else []),
                 *([f"{discarded} of {len(statuses)} were discarded"] if discarded else []),
+                *([f"{skipped} of {len(statuses)} had nothing to send"] if skipped else []),
             ]
             detail = "; ".join(told) or None
             dead += discarded  # given up on all the same: the message was not delivered
@@ -1721,10 +1726,14 @@ def _line_moves(
 def _final_status(result: AttemptResult) -> DeliveryStatus:
     if result.delivered:
         return DeliveryStatus.DELIVERED
+    if result.skipped:
+        return DeliveryStatus.SKIPPED
     return DeliveryStatus.PENDING if result.retry_at is not None else DeliveryStatus.DEAD
 
 
 def _outcome(result: AttemptResult) -> str:
     if result.delivered:
         return "delivered"
+    if result.skipped:
+        return "skipped"
     return "failed" if result.retry_at is not None else "dead"

@@ -144,6 +144,10 @@ class DeliveryStatus(StrEnum):
     #: A dead letter an operator gave up on for good (`carehub dead-letters discard`): kept,
     #: with an attempt row saying who and when, never sent, and holding no line.
     DISCARDED = "discarded"
+    #: The channel found nothing to send (a resend the receiver already has, a cancel of a
+    #: notification it never had, a Task already closed at the organisation): settled, nothing
+    #: went out, the reason in ``receipt``. Not a failure: no retry, no dead letter, no line held.
+    SKIPPED = "skipped"
 
 
 # What each route step made of a message: one row per step per routing run.
@@ -207,7 +211,8 @@ def delivery_in(table: Any, *statuses: DeliveryStatus) -> ColumnElement[bool]:
 # Partial indexes over the few rows still in play (migration 0007 says why). Claims walk pending
 # rows in the order they fall due (0006); the place-in-line check, the lease sweep and "anything
 # unfinished?" read the unfinished ones; dead letters are listed on their own, and read by line
-# for the place-in-line check (0010), as are the discarded ones listed.
+# for the place-in-line check (0010), as are the discarded ones listed, and the skipped ones
+# counted (0016).
 PENDING = (DeliveryStatus.PENDING,)
 UNFINISHED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 _pending = delivery_in(deliveries, *PENDING)
@@ -243,6 +248,13 @@ Index(
     deliveries.c.id,
     sqlite_where=_discarded,
     postgresql_where=_discarded,
+)
+_skipped = delivery_in(deliveries, DeliveryStatus.SKIPPED)
+Index(
+    "ix_deliveries_skipped",
+    deliveries.c.id,
+    sqlite_where=_skipped,
+    postgresql_where=_skipped,
 )
 Index("ix_deliveries_message", deliveries.c.message_id)
 
