@@ -56,3 +56,15 @@ def only_known_plugins() -> Iterator[None]:
         if unknown:
             patch.setenv(plugins.ENV_BLOCK, ",".join(unknown))
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sample_routes_environment() -> Iterator[None]:
+    """What the sample routes need to run against the suite's stand-ins, as `carehub demo`
+    sets it: a signing key of the suite's own ($CARE_PLATFORM_SECRET, without which they do
+    not load), and plain SMTP to the mail stand-ins on 127.0.0.1 (the sample requires
+    STARTTLS by default)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CARE_PLATFORM_SECRET", "suite-stand-in-signing-key")
+        patch.setenv("SMTP_STARTTLS", "false")
+        yield

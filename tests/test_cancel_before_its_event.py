@@ -84,7 +84,7 @@ def test_an_admission_after_an_earlier_arriving_cancel_is_not_announced(
         assert list_encounters(hub.store.engine)[0].state == "admitted"
         assert ("pcp-a", "admission", "queued") in hub.decisions()
         (mail,) = hub.mailbox.to(PCP)
-        assert mail.subject == "Admission: Pat Tester at GENERAL"
+        assert mail.subject == "Admission at GENERAL"
 
 
 def test_an_ed_arrival_after_an_earlier_arriving_cancel_is_not_announced(

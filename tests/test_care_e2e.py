@@ -179,23 +179,21 @@ def test_feeds_tell_each_care_team_once(shipped: Setup) -> None:
     # Amara Okafor: ED arrival, admission, an A08, a transfer to the north campus ICU, a bed
     # move there, discharge to a nursing facility; 08 resends the admission.
     assert shipped.told(AMARA, LINDQVIST) == [
-        ("ed_arrival", "ED visit: Amara Okafor at Riverside General Hospital"),
-        ("admission", "Admission: Amara Okafor at Riverside General Hospital"),
-        ("transfer", "Transfer: Amara Okafor at Riverside General Hospital North Campus"),
-        ("discharge", "Discharge: Amara Okafor from Riverside General Hospital"),
+        ("ed_arrival", "ED visit at Riverside General Hospital"),
+        ("admission", "Admission at Riverside General Hospital"),
+        ("transfer", "Transfer at Riverside General Hospital North Campus"),
+        ("discharge", "Discharge from Riverside General Hospital"),
     ]
-    assert shipped.told(AMARA, SNF) == [
-        ("discharge", "Discharge: Amara Okafor from Riverside General Hospital")
-    ]
+    assert shipped.told(AMARA, SNF) == [("discharge", "Discharge from Riverside General Hospital")]
     (snf_mail,) = [m for m in shipped.mailbox.mails if m.to == SNF]
     assert "Maple Grove Skilled Nursing" in snf_mail.body or "MAPLEGROVE_SNF" in snf_mail.body
 
     # José Peña: an admission, then its cancel: the PCP gets the admission and a correction.
     told_jose = shipped.told(JOSE, TESTWELL)
     assert [kind for kind, _ in told_jose] == ["admission", "retraction"]
-    assert told_jose[0][1] == "Admission: José Peña at Lakeview Medical Center"
-    assert told_jose[1][1].startswith("Correction: admission for ")
-    assert told_jose[1][1].endswith(" was cancelled")
+    assert told_jose[0][1] == "Admission at Lakeview Medical Center"
+    assert told_jose[1][1].startswith("Correction from ")
+    assert told_jose[1][1].endswith(": admission cancelled")
     jose = [r for r in shipped.notifications() if r["patient_key"] == JOSE]
     assert {(r["kind"], r["status"]) for r in jose} == {
         ("admission", "retracted"),
@@ -210,8 +208,8 @@ def test_feeds_tell_each_care_team_once(shipped: Setup) -> None:
 
     # Marcus Whitlock's ED visit and same-day discharge home reached his care team once each.
     assert shipped.told(MARCUS, LINDQVIST) == [
-        ("ed_arrival", "ED visit: Marcus Whitlock at Riverside General Hospital"),
-        ("discharge", "Discharge: Marcus Whitlock from Riverside General Hospital"),
+        ("ed_arrival", "ED visit at Riverside General Hospital"),
+        ("discharge", "Discharge from Riverside General Hospital"),
     ]
     sms = [r.json for r in shipped.http.requests if r.path == "/messages"]
     assert sms and all("Diagnos" not in text["text"] for text in sms)
@@ -313,7 +311,7 @@ def test_commands_show_encounters_and_follow_ups(shipped: Setup) -> None:
     alerts = shipped.told(INES, LAKEVIEW_CC)
     assert [kind for kind, _ in alerts].count("followup_overdue") == len(expected)
     assert all(
-        subject == "Follow-up overdue: Inés Quiñones"
+        subject == "Follow-up overdue after a discharge from Lakeview Medical Center"
         for kind, subject in alerts
         if kind == "followup_overdue"
     )
@@ -392,8 +390,7 @@ def test_a_referral_answered_pending_is_told_as_received_not_unanswered(shipped:
     shipped.running.hub.table.tick(datetime.now(UTC) + timedelta(days=30))
     shipped.settle()
     alerts = [s for kind, s in shipped.told(INES, LAKEVIEW_CC) if kind == "referral_overdue"]
-    # The name as the referral (feed 20) wrote it.
-    assert alerts == ["Referral not yet accepted: Ines Quinones"]
+    assert alerts == ["Referral not yet accepted"]  # the patient's name only in the body
     (mail,) = [m for m in shipped.mailbox.mails if m.subject == alerts[0]]
-    assert "has received the referral of Ines Quinones" in mail.body
+    assert "has received the referral of Ines Quinones" in mail.body  # as feed 20 wrote it
     assert "no answer" not in mail.body

@@ -638,13 +638,13 @@ def test_webhook_event_body_headers_and_signature(tmp_path: Path, http: WebhookS
         url=http.url("/hook"),
         headers={"X-Tenant": "north", "Idempotency-Key": "configured-values-lose"},
         auth_header="Bearer s3cret-token",
-        hmac_secret="shared-secret",
+        hmac_secret="shared-signing-secret",
     )
     at = datetime(2026, 11, 25, 8, 30, tzinfo=UTC)
     work = work_for(make_adt("WH1", "A03"), route="discharges", message_id=12)
     work.event = PydanticEvent(kind="discharge", at=at)
     outgoing = channel.render(work, "12:discharges:0")
-    assert "s3cret" not in repr(outgoing) and "shared-secret" not in repr(outgoing)
+    assert "s3cret" not in repr(outgoing) and "shared-signing-secret" not in repr(outgoing)
 
     assert post(channel, outgoing) == "HTTP 202"
 
@@ -664,9 +664,9 @@ def test_webhook_event_body_headers_and_signature(tmp_path: Path, http: WebhookS
     assert headers["x-carehub-delivery"] == "12:discharges:0"
     assert headers["authorization"] == "Bearer s3cret-token"
     assert headers["x-tenant"] == "north"
-    expected = hmac.new(b"shared-secret", request.body, hashlib.sha256).hexdigest()
+    expected = hmac.new(b"shared-signing-secret", request.body, hashlib.sha256).hexdigest()
     assert headers["x-carehub-signature"] == f"sha256={expected}"
-    assert hmac.compare_digest(sign("shared-secret", request.body), expected)
+    assert hmac.compare_digest(sign("shared-signing-secret", request.body), expected)
 
 
 def test_webhook_v2_body_and_no_optional_headers(tmp_path: Path, http: WebhookServer) -> None:
@@ -683,7 +683,9 @@ def test_webhook_v2_body_and_no_optional_headers(tmp_path: Path, http: WebhookSe
 
 
 def test_webhook_retry_sends_identical_bytes_and_key(tmp_path: Path, http: WebhookServer) -> None:
-    channel = build(WebhookChannel, tmp_path, url=http.url("/hook"), hmac_secret="s")
+    channel = build(
+        WebhookChannel, tmp_path, url=http.url("/hook"), hmac_secret="retry-signing-secret"
+    )
     outgoing = channel.render(work_for(make_adt("WH3")), "same-key")
     receipts = run_with(
         channel, lambda: asyncio.gather(channel.send(outgoing), channel.send(outgoing))

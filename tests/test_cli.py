@@ -340,11 +340,17 @@ def test_store_prune_deletes_old_rows_and_shrinks_the_file(tmp_path: Path) -> No
 
     result = run("store", "prune", "--older-than", "30", "--data-dir", str(folder))
     assert result.exit_code == 0, result.output
+    first, care = result.stdout.strip().splitlines()
     match = re.fullmatch(
         r"pruned 120 message\(s\) older than 30 day\(s\); store file ([\d,]+) -> ([\d,]+) bytes",
-        result.stdout.strip(),
+        first,
     )
     assert match, result.stdout
+    assert care == (
+        "pruned care and referral records: 0 encounter(s), 0 encounter event(s), "
+        "0 notification(s), 0 follow-up(s), 0 referral(s), 0 referral event(s), "
+        "0 patient merge(s)"
+    )
     before, after = (int(group.replace(",", "")) for group in match.groups())
     assert after < before / 2
     assert control_ids(listed("--data-dir", str(folder))) == ["NEW2", "NEW1", "NEW0"]
@@ -379,7 +385,7 @@ def test_store_prune_on_postgresql_says_where_the_space_went(
     line = result.stdout.strip().splitlines()[0]
     kept = r" \(the freed space is kept for reuse by the tables; --full returns it\)"
     assert re.fullmatch(
-        r"pruned 60 message\(s\) older than 30 day\(s\); message tables [\d,]+ -> [\d,]+ bytes"
+        r"pruned 60 message\(s\) older than 30 day\(s\); pruned tables [\d,]+ -> [\d,]+ bytes"
         + ("" if full else kept),
         line,
     ), line

@@ -72,6 +72,14 @@ def test_retry_one_destinations_dead_letters(
         assert code == 0
         assert [json.loads(line)["destination"] for line in out.splitlines()] == ["care/a"] * 2
 
+        # A list cut at --limit says how many there are in all, in the table and beside JSON.
+        code, out, _ = run(config, data_dir, "dead-letters", "list", "--limit", "3")
+        assert code == 0 and "3 of 4 delivery(ies) shown (--limit N shows more)" in plain(out)
+        code, out, _ = run(config, data_dir, "dead-letters", "list", "--limit", "4")
+        assert "4 delivery(ies)" in plain(out) and " of " not in plain(out).splitlines()[-1]
+        code, out, err = run(config, data_dir, "dead-letters", "list", "--json", "--limit", "1")
+        assert len(out.splitlines()) == 1 and "1 of 4 shown" in err
+
         code, out, err = run(config, data_dir, "dead-letters", "list", "--destination", "care/c")
         assert code == 0
         assert "no dead letters for destination 'care/c'" in err

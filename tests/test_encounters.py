@@ -210,7 +210,8 @@ def test_ed_arrival_admission_transfer_noise_and_discharge_to_snf(feed: Feed) ->
     summary = gone.summary
     assert summary["patient_name"] == "JANE DOE"
     assert summary["birth_date"] == "1950-02-14"
-    assert {i["value"] for i in summary["identifiers"]} == {"P100", "999-00-1234"}
+    # The SSN (PID-3 type SS) is not in the care event, so not in the visit.
+    assert {i["value"] for i in summary["identifiers"]} == {"P100"}
     assert summary["treating_practitioner_name"] == "DR ANNA SMITH"
     assert summary["pcp"]["family"] == "WELBY"
     assert summary["disposition"] == "03"

@@ -159,7 +159,10 @@ def test_ed_registration_fields_from_the_riverside_feed() -> None:
     patient = event.patient
     assert patient is not None
     assert patient.primary == Identifier(value="RG100234", authority="RGH", type_code="MR")
-    assert [i.type_code for i in patient.identifiers] == ["MR", "SS"]
+    assert [i.type_code for i in patient.identifiers] == ["MR"]  # the SSN is left out
+    text = decode_message((FEEDS / "01-riverside-ed-visit.hl7").read_bytes()).text
+    kept = translate_v2_to_event(MessageView(text), keep_national_ids=True).patient
+    assert kept is not None and [i.type_code for i in kept.identifiers] == ["MR", "SS"]
     assert patient.account_number == Identifier(value="RG-V-5521")
     assert patient.name is not None
     assert (patient.name.family, patient.name.given, patient.name.middle) == (
@@ -305,7 +308,8 @@ def test_a40_merge_prior_identifiers_per_patient() -> None:
     assert event.kind == "merge"
     assert event.patient is not None
     assert event.patient.primary == Identifier(value="12345", authority="BCBS", type_code="MR")
-    assert event.merged_identifiers == [
+    assert event.merged_identifiers == [Identifier(value="56789", authority="BCBS", type_code="MR")]
+    assert translate_v2_to_event(MessageView(text), keep_national_ids=True).merged_identifiers == [
         Identifier(value="56789", authority="BCBS", type_code="MR"),
         Identifier(value="999", authority="SSA", type_code="SS"),
     ]

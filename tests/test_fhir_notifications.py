@@ -542,7 +542,11 @@ def test_what_feeds_send_is_made_fit_for_fhir(
     pv1 += [""] * (46 - len(pv1))
     pv1[36], pv1[44], pv1[45] = "HOME", "202611251000-0500", "202611250900-0500"
     fields[3] = "|".join(pv1)
-    run(tmp_path, routes(endpoint.base_url), [admit, "\r".join(fields)])
+    # The SSN goes only where a route keeps national identifiers, in the event and the Bundle.
+    kept = routes(endpoint.base_url, options="          keep_national_ids: true\n").replace(
+        "translate: v2-to-event", "translate: {use: v2-to-event, keep_national_ids: true}"
+    )
+    run(tmp_path, kept, [admit, "\r".join(fields)])
 
     assert endpoint.problems == []
     first, second = endpoint.received

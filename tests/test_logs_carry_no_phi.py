@@ -10,6 +10,7 @@ appear in what was logged. What the demo prints for a person is its output, not 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,12 @@ def test_the_whole_sample_pipeline_logs_no_phi_at_info(
     quiet = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
     caplog.set_level(logging.INFO)
     setup_logging("INFO")  # as `carehub serve` sets up its logs
+    settings = ("CARE_FHIR_URL", "CARE_PLATFORM_SECRET", "SMTP_PORT", "CAREHUB_OUTBOX")
+    before = {name: os.environ.get(name) for name in settings}
     try:
         assert run_demo(config, tmp_path / "data") == 0
+        # The stand-ins' addresses do not outlive the demo in the program that ran it.
+        assert {name: os.environ.get(name) for name in settings} == before
     finally:
         for name, level in quiet.items():
             logging.getLogger(name).setLevel(level)

@@ -281,7 +281,7 @@ def test_ed_arrival_tells_each_member_once_by_their_channel(care: Callable[..., 
         assert hub.rows(recipient="bh-a")[0]["reason"] == "prefers discharge notices only"
         (mail,) = hub.mailbox.to(PCP)
         assert mail.rcpt_tos == [PCP]
-        assert mail.subject == "ED visit: Pat Tester at GENERAL"
+        assert mail.subject == "ED visit at GENERAL"
         assert str(mail.message["From"]) == SENDER
         assert "Chest pain" in mail.body  # email: full detail
         assert "Dr Ann Attend" in mail.body
@@ -336,8 +336,8 @@ def test_cancelled_admission_is_retracted_from_exactly_those_told(
             ("cc-a", "retraction", "queued"),
         ]
         admission, correction = hub.mailbox.to(PCP)
-        assert admission.subject == "Admission: Pat Tester at GENERAL"
-        assert correction.subject == "Correction: admission for Pat Tester was cancelled"
+        assert admission.subject == "Admission at GENERAL"
+        assert correction.subject == "Correction from GENERAL: admission cancelled"
         assert "Please disregard" in correction.body
         first, second = hub.texts()
         assert first["to"] == second["to"] == CC_PHONE
@@ -374,7 +374,7 @@ def test_a_cancelled_ed_visit_is_retracted_too(care: Callable[..., Any]) -> None
         ]
         _, correction = hub.mailbox.to(PCP)
         assert correction.subject == (
-            "Correction: emergency department visit for Pat Tester was cancelled"
+            "Correction from GENERAL: emergency department visit cancelled"
         )
         hub.assert_sent_with_receipt_times()
 
@@ -399,9 +399,7 @@ def test_a_cancelled_visit_sends_one_correction_per_member(care: Callable[..., A
         assert {r["status"] for r in hub.rows(recipient="pcp-a", kind="admission")} == {"retracted"}
         assert {r["status"] for r in hub.rows(recipient="pcp-a", kind="transfer")} == {"retracted"}
         corrections = [m for m in hub.mailbox.to(PCP) if m.subject.startswith("Correction")]
-        assert [m.subject for m in corrections] == [
-            "Correction: admission for Pat Tester was cancelled"
-        ]
+        assert [m.subject for m in corrections] == ["Correction from NORTH: admission cancelled"]
         assert len(hub.texts()) == 3
         hub.assert_sent_with_receipt_times()
 
@@ -422,9 +420,9 @@ def test_each_transfer_is_told_and_a12_takes_back_only_the_last(
             "queued",
         ]
         assert [m.subject for m in hub.mailbox.to(PCP)] == [
-            "Admission: Pat Tester at GENERAL",
-            "Transfer: Pat Tester at NORTH",
-            "Transfer: Pat Tester at GENERAL",
+            "Admission at GENERAL",
+            "Transfer at NORTH",
+            "Transfer at GENERAL",
         ]
         hub.send(adt("A12", "CTR1", cls="I", facility="GENERAL"))
         hub.settle()
@@ -432,9 +430,7 @@ def test_each_transfer_is_told_and_a12_takes_back_only_the_last(
         assert (first["status"], second["status"]) == ("queued", "retracted")
         (retraction,) = hub.rows(recipient="pcp-a", kind="retraction")
         assert retraction["reason"] == f"retracts notification #{second['id']} (transfer)"
-        assert hub.mailbox.to(PCP)[-1].subject == (
-            "Correction: transfer for Pat Tester was cancelled"
-        )
+        assert hub.mailbox.to(PCP)[-1].subject == "Correction from GENERAL: transfer cancelled"
         assert len(hub.mailbox.to(PCP)) == 4
         hub.assert_sent_with_receipt_times()
 
@@ -501,15 +497,15 @@ def test_discharge_only_member_hears_only_the_discharge(care: Callable[..., Any]
         ]
         assert {r["reason"] for r in mine[:3]} == {"prefers discharge notices only"}
         (mail,) = hub.mailbox.to(BH)
-        assert mail.subject == "Discharge: Pat Tester from NORTH"
-        assert [m.subject.split(":")[0] for m in hub.mailbox.to(PCP)] == [
-            "ED visit",
+        assert mail.subject == "Discharge from NORTH"
+        assert [m.subject.split(" ")[0] for m in hub.mailbox.to(PCP)] == [
+            "ED",
             "Admission",
             "Transfer",
             "Discharge",
         ]
         (snf,) = hub.mailbox.to("intake@snf.test")  # the post-acute provider, on discharge
-        assert snf.subject == "Discharge: Pat Tester from NORTH"
+        assert snf.subject == "Discharge from NORTH"
         hub.assert_sent_with_receipt_times()
 
 
@@ -770,7 +766,7 @@ def test_a_death_is_told_as_a_death(care: Callable[..., Any]) -> None:
         hub.send(adt("A01", "EX-1", cls="I"), adt("A03", "EX-2", cls="I", disposition="20"))
         hub.settle()
         (mail,) = [m for m in hub.mailbox.to(PCP) if not m.subject.startswith("Admission")]
-        assert mail.subject == "Died: Pat Tester at GENERAL"
+        assert mail.subject == "Death at GENERAL"
         body = mail.body.replace("\r\n", "\n")
         assert "Pat Tester died at GENERAL" in body and "Discharged: 20 (expired)" in body
         assert "No follow-up clock started" not in body and hub.followups() == []

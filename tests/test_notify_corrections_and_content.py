@@ -124,9 +124,9 @@ def test_every_notice_names_the_institution_by_its_configured_name(
         )
         hub.settle()
         assert [m.subject for m in hub.mailbox.to(PCP)] == [
-            "Admission: Pat Tester at General Test Hospital",
-            "Transfer: Pat Tester at NORTH",
-            "Discharge: Pat Tester from General Test Hospital",
+            "Admission at General Test Hospital",
+            "Transfer at NORTH",
+            "Discharge from General Test Hospital",
         ]
         assert "discharged from General Test Hospital on" in hub.mailbox.to(PCP)[-1].body
         assert "General Test Hospital" in hub.texts()[-1]["text"]

@@ -102,7 +102,7 @@ def test_the_retired_records_team_is_told_after_a_merge(
         assert ("cc-b", "ed_arrival", "queued") in hub.decisions()
         assert ("pcp-a", "ed_arrival", "queued") in hub.decisions()
         (mail,) = hub.mailbox.to(CC_B)
-        assert mail.subject == "ED visit: Pat Tester at GENERAL"
+        assert mail.subject == "ED visit at GENERAL"
 
 
 def test_those_told_of_a_merged_records_admission_hear_of_its_discharge(
@@ -117,12 +117,12 @@ def test_those_told_of_a_merged_records_admission_hear_of_its_discharge(
             adt("A01", "MD-2", cls="I", visit="V6", patient="P600"),
         )
         hub.settle()
-        assert [m.subject for m in hub.mailbox.to(CC_B)] == ["Admission: Pat Tester at GENERAL"]
+        assert [m.subject for m in hub.mailbox.to(CC_B)] == ["Admission at GENERAL"]
         hub.send(merge("MD-3", "P100", "P600"), discharge_home("MD-4", visit="V6"))
         hub.settle()
         assert [m.subject for m in hub.mailbox.to(CC_B)] == [
-            "Admission: Pat Tester at GENERAL",
-            "Discharge: Pat Tester from GENERAL",
+            "Admission at GENERAL",
+            "Discharge from GENERAL",
         ]
         assert ("pcp-a", "discharge", "queued") in hub.decisions()
 
@@ -134,7 +134,9 @@ def test_those_told_of_a_merged_records_admission_hear_of_its_discharge(
         }
         assert alerted == {"cc-a", "cc-b"}
         assert alerted <= told_of_discharge
-        assert hub.mailbox.to(CC_B)[-1].subject == "Follow-up overdue: Pat Tester"
+        assert (
+            hub.mailbox.to(CC_B)[-1].subject == "Follow-up overdue after a discharge from GENERAL"
+        )
         assert hub.texts()[-1]["to"] == CC_PHONE
         hub.assert_sent_with_receipt_times()
 
@@ -161,6 +163,6 @@ def test_those_told_of_a_visit_hear_of_its_discharge_when_the_team_no_longer_lis
         hub.send(merge("NL-2", "P100", "P600"), discharge_home("NL-3", visit="V6"))
         hub.settle()
         admission, discharge = hub.mailbox.to(CC_B)
-        assert discharge.subject == "Discharge: Pat Tester from GENERAL"
+        assert discharge.subject == "Discharge from GENERAL"
         assert "Chest pain" in admission.body and "Chest pain" not in discharge.body
-        assert [m.subject for m in hub.mailbox.to(PCP)] == ["Discharge: Pat Tester from GENERAL"]
+        assert [m.subject for m in hub.mailbox.to(PCP)] == ["Discharge from GENERAL"]

@@ -156,6 +156,10 @@ def test_prune_dry_run_counts_and_changes_nothing(prune_dir: Path) -> None:
         "  would delete 2",
         "  would keep 3 with work left: 1 not routed yet, 1 with deliveries waiting or being "
         "sent, 1 with dead letters (--include-unfinished deletes them too)",
+        "care and referral records last changed before then:",
+        "  would delete 0 encounter(s), 0 encounter event(s), 0 notification(s), 0 follow-up(s), "
+        "0 referral(s), 0 referral event(s), 0 patient merge(s)",
+        "  would keep 0 with work left: none",
         "dry run: nothing changed",
     ]
     assert len(control_ids(prune_dir)) == 6

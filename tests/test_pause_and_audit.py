@@ -27,7 +27,7 @@ from carehub.status import read_status, render
 from carehub.store.audit import list_actions
 from carehub.store.outbox import _CLAIM_CANDIDATES, PARKED, Handover, Outbox
 from carehub.store.schema import deliveries, operator_actions
-from carehub.store.store import MessageStore, sqlite_url
+from carehub.store.store import CARE_RECORD_TABLES, MessageStore, sqlite_url
 from carehub.testing import HubThread, make_adt
 from tests import test_store
 from tests.helpers_http import CarehubProcess, HTTPServer, wait_for
@@ -482,7 +482,13 @@ def test_each_operator_action_is_recorded_with_who_what_and_counts(tmp_path: Pat
     assert (prune["actor"], prune["target"], prune["counts"]) == (
         "ops",
         "older than 30 day(s)",
-        {"messages": 0, "kept": 0},
+        {
+            "messages": 0,
+            "kept": 0,
+            **dict.fromkeys(CARE_RECORD_TABLES, 0),
+            "kept_care_records": 0,
+            "kept_patient_merges": 0,
+        },
     )
     assert prune["outcome"] == "none"
     no_patient_data(data_dir, PATIENT, "RGH-A-0001", "RGH-A-0002", "MSH|")

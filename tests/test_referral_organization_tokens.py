@@ -216,12 +216,13 @@ def test_a_modify_that_ranks_the_directory_again_gives_nobody_else_the_referral(
 
 
 def test_an_answer_that_does_not_say_who_gave_it_reads_as_a_sentence(loop: Loop) -> None:
-    """A trusted system's call names no organisation: the referrer reads "The receiving
-    organisation has ...", a capital where the sentence starts and nowhere else."""
+    """A trusted system's call names no organisation: the referrer reads whom the referral is
+    with, said as that rather than as who answered, as a sentence."""
     key = _referral_key(loop)
     assert _status(loop, key, HOSPITAL).status_code == 200
     loop.running.hub.table.tick(datetime.now(UTC))
     wait_for(lambda: loop.emails_to(REFERRER), what="the referrer's email")
     (told,) = loop.emails_to(REFERRER)
-    assert told["Subject"].endswith("accepted by the receiving organisation")
-    assert "The receiving organisation has accepted your referral" in told.get_content()
+    holder = f"{SCFB} (the organisation the referral is with)"
+    assert told["Subject"].endswith(f"accepted by {holder}")
+    assert f"{holder} has accepted your referral" in told.get_content()

@@ -294,9 +294,11 @@ def test_modify_and_cancel_reach_the_organisation_and_late_answers_reach_the_ref
     assert answer.status_code == 409
     running.hub.table.tick(datetime.now(UTC))
     running.hub.table.tick(datetime.now(UTC))
-    # A webhook call does not say who made it: the notice does not guess.
+    # A webhook call with an intake token does not say who made it: the notice names whom
+    # the referral is with, and says it is that rather than who answered.
     by_webhook = (
-        "Cancelled referral RGH-R-2026-0042 reported completed by the receiving organisation"
+        "Cancelled referral RGH-R-2026-0042 reported completed by Springfield Community Food "
+        "Bank (the organisation the referral is with)"
     )
     assert _referrer_subjects(running)[1:] == [by_webhook]
 

@@ -113,11 +113,20 @@ class Feed:
         self.store = store
         self.next_id = 1
 
-    def send(self, text: str, message_id: int | None = None) -> ReferralTransition:
+    def send(
+        self, text: str, message_id: int | None = None, *, untracked: bool = False
+    ) -> ReferralTransition:
+        """``untracked``: a message tied to no referral, whose step fails the route."""
         if message_id is None:
             message_id, self.next_id = self.next_id, self.next_id + 1
         work = Work(message=preview_message(text.encode(), message_id), route="refs", v2=text)
         work.event = translate_v2_to_event(work.view)
+        if untracked:
+            with pytest.raises(ReferralStateError, match="not tracked"):
+                self.enricher.enrich(work)
+            transition = work.data["referral"]
+            assert isinstance(transition, ReferralTransition)
+            return transition
         output = self.enricher.enrich(work)
         transition = work.data["referral"]
         assert isinstance(transition, ReferralTransition)
@@ -492,18 +501,22 @@ def test_response_for_unknown_referral_is_recorded_not_created(feed: Feed) -> No
     assert feed.referral_count() == 0
     assert feed.all_events() == [("RGH|NOPE", "unknown_referral", False, "no referral RGH|NOPE")]
 
-    cancel = feed.send(ref("I14", "REF-1", ref_id="NOPE2^RGH"))
+    cancel = feed.send(ref("I14", "REF-1", ref_id="NOPE2^RGH"), untracked=True)
     assert (cancel.action, cancel.accepted) == ("unknown_referral", False)
-    status = feed.send(ref("I15", "REF-2", ref_id="NOPE3^RGH"))
+    status = feed.send(ref("I15", "REF-2", ref_id="NOPE3^RGH"), untracked=True)
     assert (status.action, status.accepted) == ("unknown_referral", False)
     assert feed.referral_count() == 0
 
-    # The I12 arrives after its answer (feeds reorder): the refused row joins its timeline.
-    feed.send(ref("I12", "REF-3", ref_id="NOPE^RGH"))
+    # The I12 arrives after its answer (feeds reorder): the refused row joins its timeline,
+    # and the answer is applied just after the referral it overtook.
+    created = feed.send(ref("I12", "REF-3", ref_id="NOPE^RGH"))
+    assert created.early_answer is not None and created.early_answer["status"] == "accepted"
     assert [(e.action, e.accepted) for e in feed.events("RGH|NOPE")] == [
         ("unknown_referral", False),
         ("created", True),
+        ("status", True),
     ]
+    assert feed.referral("RGH|NOPE").status == "accepted"
 
 
 def test_regression_and_unknown_codes_are_refused(feed: Feed) -> None:
@@ -551,7 +564,7 @@ def test_referrer_ids_match_exactly_and_like_wildcards_do_not(feed: Feed) -> Non
 
 
 def test_message_without_referral_id_or_not_a_referral(feed: Feed) -> None:
-    missing = feed.send(rri("I12", "RRI-1", "A", ref_id="", external_id=""))
+    missing = feed.send(rri("I12", "RRI-1", "A", ref_id="", external_id=""), untracked=True)
     assert (missing.action, missing.accepted) == ("no_referral_id", False)
     assert missing.reason and "RF1-6" in missing.reason
 

@@ -214,3 +214,45 @@ def test_undelivered_never_adds_a_second_delivery_where_one_waits(
         wait_for(lambda: len(b.ok()) == 2, what="both sent to care/b")
         time.sleep(0.5)  # a second copy would follow within the worker's poll
         assert _sent_to(b) == ["HL-1", "HL-2"]
+
+
+def test_reprocess_keeps_a_discarded_dead_letter_discarded_and_warns_of_overtaking(
+    tmp_path: Path, servers: tuple[HTTPServer, HTTPServer]
+) -> None:
+    """A discarded dead letter leaves its message 'failed', so `reprocess --status failed
+    --undelivered` picks it up: that destination is left out (the operator gave up on it), and
+    sending it there by name says it arrives after the patient's later messages."""
+    a, b = servers
+    with one_dead_letter(tmp_path, a, b) as (config, data_dir, hub):
+        (dead,) = Outbox(hub.store).find(status="dead")
+        b.respond = lambda _: 200
+        send(hub, [make_adt("RP-2", "A03", patient_id="P1")])
+        code, out, err = run(config, data_dir, "dead-letters", "discard", str(dead.id))
+        assert code == 0, out + err
+        wait_for(lambda: len(b.ok()) == 1, what="the later A03 sent once the line goes on")
+
+        code, out, err = run(
+            config,
+            data_dir,
+            "messages",
+            "reprocess",
+            "--status",
+            "failed",
+            "--undelivered",
+            "--yes",
+        )
+        assert code == 0, out + err
+        assert "message 1 (run 2): care; 0 deliveries queued, 2 left out" in out
+        assert "message 1: left out care/b, where its dead letter was discarded" in err
+        assert "out of order" not in err
+
+        code, out, err = run(
+            config, data_dir, "messages", "reprocess", "1", "--destination", "care/b"
+        )
+        assert code == 0, out + err
+        assert (
+            "warning: message 1 reaches care/b after 1 later message(s) of the same patient "
+            "already delivered there: the receiver gets it out of order"
+        ) in err
+        wait_for(lambda: len(b.ok()) == 2, what="sent by name")
+    assert len(a.requests) == 2  # RP-1 and RP-2, once each

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 import carehub.store.group_commit as group_commit
@@ -50,3 +51,30 @@ def test_a_write_lock_held_by_another_process_is_logged_when_it_starts_and_ends(
         assert started_again == started
         assert ended.startswith("store write works again after ")
         assert "(1 message(s) failed meanwhile)" in ended
+
+
+def test_health_and_metrics_say_the_store_is_not_storing_while_writes_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held write lock still answers SELECT 1; /health must not say "ok" while every message
+    is refused, and /metrics' carehub_store_writable says it too, until a write works again."""
+    monkeypatch.setattr(group_commit, "LOCK_PATIENCE", 1.0)
+    data_dir = tmp_path / "data"
+    with HubThread(local_config(), data_dir) as hub:
+        holder = hold_sqlite_write_lock(data_dir)
+        try:
+            assert post(hub, make_adt("LOCK-H-1").encode()).status_code == 503
+            health = httpx.get(f"{hub.http_url}/health", timeout=10)
+            metrics = httpx.get(f"{hub.http_url}/metrics", timeout=10).text
+        finally:
+            holder.rollback()
+            holder.close()
+        assert health.status_code == 503
+        report = health.json()
+        assert report["status"] == "store unavailable"
+        assert report["store"].startswith("not storing since ") and "lock" in report["store"]
+        assert "carehub_store_writable 0.0" in metrics
+        assert post(hub, make_adt("LOCK-H-1").encode()).status_code == 200
+        again = httpx.get(f"{hub.http_url}/health", timeout=10)
+        assert again.status_code == 200 and again.json()["store"] == "ok"
+        assert "carehub_store_writable 1.0" in httpx.get(f"{hub.http_url}/metrics").text

@@ -40,7 +40,7 @@ from carehub.search import (
 if TYPE_CHECKING:
     from carehub.routing.router import RoutingResult
     from carehub.store.outbox import LineReport, PlaceTaken
-    from carehub.store.store import MessageStore, PrunePlan, StoredMessage
+    from carehub.store.store import CareRecordsPlan, MessageStore, PrunePlan, StoredMessage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -866,6 +866,37 @@ def _warn_of_deliveries_made(
         )
 
 
+def _note_discarded_left_out(
+    message_id: int, result: RoutingResult, choice: DestinationChoice, discarded: set[str]
+) -> None:
+    """--undelivered leaves out where an operator discarded the message's dead letter: a
+    decision not to send it there, which a reprocess by status must not undo unasked."""
+    routed = {d.destination for r in result.routes for d in r.deliveries}
+    named = routed & discarded
+    if choice.names:
+        named &= choice.names
+    if named:
+        click.echo(
+            f"message {message_id}: left out {', '.join(sorted(named))}, where its dead "
+            "letter was discarded; name the destination with --destination, without "
+            "--undelivered, to send it there anyway",
+            err=True,
+        )
+
+
+def _warn_of_overtaking(outbox: Any, message_id: int, result: RoutingResult) -> None:
+    """Say where the message will arrive after its patient's later messages: what
+    `dead-letters retry` warns of too (an A04 after the A03 it preceded)."""
+    queued = {d.destination for r in result.routes for d in r.deliveries}
+    for destination, count in sorted(outbox.later_delivered(message_id, queued).items()):
+        click.echo(
+            f"warning: message {message_id} reaches {destination} after {count} later "
+            "message(s) of the same patient already delivered there: the receiver gets it "
+            "out of order",
+            err=True,
+        )
+
+
 def _keep_chosen(result: RoutingResult, choice: DestinationChoice, delivered: set[str]) -> int:
     """Take the deliveries ``choice`` leaves out off their routes' results; how many."""
     left_out = 0
@@ -974,7 +1005,12 @@ def _reprocess(
                     )
                     continue
                 result = router.route(message, run=outbox.next_run(message_id))
-                left_out = _keep_chosen(result, choice, outbox.delivered_destinations(message_id))
+                done_with = outbox.delivered_destinations(message_id)
+                if choice.undelivered:
+                    discarded = outbox.discarded_destinations(message_id)
+                    _note_discarded_left_out(message_id, result, choice, discarded)
+                    done_with |= discarded
+                left_out = _keep_chosen(result, choice, done_with)
                 places: list[PlaceTaken] = []
                 outbox.record_routing([result], places_taken=places)
                 carried = [p for p in places if p.carried]
@@ -1001,6 +1037,7 @@ def _reprocess(
                     )
                     + (f"; errors: {'; '.join(result.errors)}" if result.errors else "")
                 )
+                _warn_of_overtaking(outbox, message_id, result)
         finally:
             await table.close()
 
@@ -1170,14 +1207,23 @@ def routes_reload(config: HubConfig, data_dir: Path, timeout: float, operator: s
 def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
     """Validate the hub config, every route file and every plugin option, load what the
     steps read at start (rosters, directories, code tables, TLS files) and check that the store
-    would open and the queue's broker answers, as `serve` would before it is ready; no listener
+    would open and the queue's broker answers, as `serve` would before it is ready, printing
+    the warnings its routes would log (recipients no channel reaches, destinations on other
+    machines sent to in clear or without checking the server); no listener
     starts, nothing is sent, and the store is neither created nor migrated. With --offline
     (a CI job that has the config but not the production database or broker) the store and
     broker are left out."""
-    from carehub.hub import build_routing, check_queue, check_store, mllp_tls_contexts
+    from carehub.hub import (
+        build_routing,
+        check_queue,
+        check_store,
+        http_tls_context,
+        mllp_tls_contexts,
+    )
 
     host, table = build_routing(config, data_dir)
     mllp_tls_contexts(config)
+    http_tls_context(config)
 
     async def start_and_close() -> None:
         await table.start()
@@ -1319,6 +1365,9 @@ def dead_letters_list(
     try:
         outbox = Outbox(store)
         dead = outbox.find(status=status.value, destination=destination, limit=limit)
+        total = len(dead)
+        if limit and total >= limit:
+            total = outbox.count(status=status.value, destination=destination)
         behind = {} if discarded else outbox.waiting_behind([d.id for d in dead if d.holds_line])
         discards: dict[int, Discard] = outbox.discards([d.id for d in dead]) if discarded else {}
         if destination is not None and not dead and not discarded:
@@ -1346,15 +1395,17 @@ def dead_letters_list(
                 shown["discarded_by"] = discard.by if discard else None
                 shown["discard_reason"] = discard.reason if discard else None
             click.echo(json.dumps(shown))
+        if total > len(dead):
+            click.echo(f"{len(dead)} of {total} shown (--limit N shows more)", err=True)
         return
     if discarded:
         from carehub.display import discarded_table
 
-        discarded_table(dead, discards)
+        discarded_table(dead, discards, total)
         return
     from carehub.display import delivery_table
 
-    delivery_table(dead, "Dead letters")
+    delivery_table(dead, "Dead letters", total)
     holding = [(d.id, behind[d.id]) for d in dead if behind.get(d.id)]
     if holding:
         each = ", ".join(f"#{delivery_id} holds {count}" for delivery_id, count in holding)
@@ -2096,8 +2147,8 @@ def store_downgrade(config: HubConfig, data_dir: Path, revision: str, yes: bool)
 @click.option(
     "--include-unfinished",
     is_flag=True,
-    help="Also delete older messages with work left: not routed yet, deliveries waiting, "
-    "dead letters.",
+    help="Also delete older work not finished: messages not routed yet, with deliveries "
+    "waiting or dead letters; open encounters and referrals, pending follow-ups.",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would go and what stays; change nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask first.")
@@ -2112,13 +2163,15 @@ def store_prune(
     yes: bool,
     operator: str | None,
 ) -> None:
-    """Delete messages received more than N days ago that have no work left, and reclaim the
-    space.
+    """Delete messages received more than N days ago, and the care and referral records
+    finished before then (encounters, their events, notifications and follow-ups; referrals
+    and their events; patient merges nothing refers to any more), and reclaim the space.
 
-    A message not routed yet, with a delivery waiting or being sent, or with a dead letter is
-    kept (and counted) unless --include-unfinished. It asks first when --older-than is 0
-    (everything up to now, perhaps while a hub is taking messages) or when work would be
-    deleted; --yes skips the question."""
+    Kept (and counted) unless --include-unfinished: a message not routed yet, with a delivery
+    waiting or being sent, or with a dead letter; an encounter still open, with a follow-up
+    pending or a notification held for a digest; an open referral. Patients' opt-outs are
+    always kept. It asks first when --older-than is 0 (everything up to now, perhaps while a
+    hub is taking messages) or when work would be deleted; --yes skips the question."""
     from carehub.hub import open_store
     from carehub.lockfile import store_holder
 
@@ -2131,28 +2184,34 @@ def store_prune(
                 click.echo(line)
             click.echo("dry run: nothing changed")
             return
-        if (days < 1 or (include_unfinished and plan.unfinished)) and not yes:
+        unfinished = plan.unfinished + plan.care.unfinished
+        if (days < 1 or (include_unfinished and unfinished)) and not yes:
             for line in _prune_plan_lines(plan, days):
                 click.echo(line)
             holder = store_holder(config, data_dir)
             if holder is not None:
                 click.echo(f"a hub ({holder}) is serving from this store now")
-            click.confirm(f"Delete {plan.deleted:,} message(s)?", abort=True)
+            question = f"Delete {plan.deleted:,} message(s)"
+            if plan.care.total:
+                question += f" and {plan.care.total:,} care and referral record(s)"
+            click.confirm(f"{question}?", abort=True)
         target = f"older than {days} day(s)" + (
             ", including unfinished" if include_unfinished else ""
         )
         with _audited(opened, "store prune", target, operator) as action:
             result = opened.prune(age, full_vacuum=full, include_unfinished=include_unfinished)
-            action.counts = {"messages": result.messages_deleted}
+            action.counts = {"messages": result.messages_deleted, **result.care_deleted}
             if result.plan is not None:
                 action.counts["kept"] = result.plan.kept
-            if not result.messages_deleted:
+                action.counts["kept_care_records"] = result.plan.care.kept
+                action.counts["kept_patient_merges"] = result.plan.care.merges_in_use
+            if not result.messages_deleted and not any(result.care_deleted.values()):
                 action.outcome = "none"
     finally:
         opened.close()
     line = f"pruned {result.messages_deleted} message(s) older than {days} day(s)"
     if result.bytes_before is not None and result.bytes_after is not None:
-        what = "store file" if opened.is_sqlite else "message tables"
+        what = "store file" if opened.is_sqlite else "pruned tables"
         line += f"; {what} {result.bytes_before:,} -> {result.bytes_after:,} bytes"
         if not opened.is_sqlite and not full:
             # Plain VACUUM keeps the freed pages for the tables' own reuse, and a feed
@@ -2164,6 +2223,17 @@ def store_prune(
             f"kept {result.plan.kept:,} older message(s) with work left: "
             f"{_prune_reasons(result.plan)} (--include-unfinished deletes them too)"
         )
+    click.echo(f"pruned care and referral records: {_care_record_counts(result.care_deleted)}")
+    if result.plan is None:
+        return
+    care = result.plan.care
+    if care.kept:
+        click.echo(
+            f"kept {care.kept:,} older care and referral record(s) with work left: "
+            f"{_care_reasons(care)} (--include-unfinished deletes them too)"
+        )
+    if care.merges_in_use:
+        click.echo(f"kept {_merges_in_use(care)}")
 
 
 def _prune_reasons(plan: PrunePlan) -> str:
@@ -2173,9 +2243,46 @@ def _prune_reasons(plan: PrunePlan) -> str:
     )
 
 
+#: How prune names the rows of each care and referral table it counts.
+_CARE_RECORD_NOUNS = {
+    "encounters": "encounter(s)",
+    "encounter_events": "encounter event(s)",
+    "notifications": "notification(s)",
+    "followups": "follow-up(s)",
+    "referrals": "referral(s)",
+    "referral_events": "referral event(s)",
+    "patient_merges": "patient merge(s)",
+}
+
+
+def _care_record_counts(counts: dict[str, int]) -> str:
+    return ", ".join(
+        f"{counts.get(table, 0):,} {noun}" for table, noun in _CARE_RECORD_NOUNS.items()
+    )
+
+
+def _care_reasons(care: CareRecordsPlan) -> str:
+    """The older care and referral records with work left, by reason (those there are)."""
+    reasons = [
+        (care.open_encounters, "open encounter(s)"),
+        (care.encounters_with_followups, "encounter(s) with follow-ups pending"),
+        (care.encounters_with_digest, "encounter(s) with notifications held for a digest"),
+        (care.open_referrals, "open referral(s)"),
+        (care.notices_for_digest, "notification(s) without a visit held for a digest"),
+    ]
+    return ", ".join(f"{count:,} {what}" for count, what in reasons if count) or "none"
+
+
+def _merges_in_use(care: CareRecordsPlan) -> str:
+    return (
+        f"{care.merges_in_use:,} older patient merge(s): their patients still have records "
+        "in the store, and a message for a retired identifier must still find them"
+    )
+
+
 def _prune_plan_lines(plan: PrunePlan, days: int) -> list[str]:
     """What a prune would do, for a dry run or before asking: how many go, what is kept and
-    why, or what work goes with them."""
+    why, or what work goes with them; for messages, then for care and referral records."""
     lines = [
         f"{plan.older:,} message(s) received before {plan.cutoff:%Y-%m-%d %H:%M:%S} UTC "
         f"(older than {days} day(s))",
@@ -2189,6 +2296,21 @@ def _prune_plan_lines(plan: PrunePlan, days: int) -> list[str]:
             f"  would keep {plan.kept:,} with work left: {_prune_reasons(plan)}"
             + (" (--include-unfinished deletes them too)" if plan.kept else "")
         )
+    care = plan.care
+    lines += [
+        "care and referral records last changed before then:",
+        f"  would delete {_care_record_counts(care.deleted)}",
+    ]
+    if care.include_unfinished:
+        if care.unfinished:
+            lines[-1] += f", including {care.unfinished:,} with work left: {_care_reasons(care)}"
+    else:
+        lines.append(
+            f"  would keep {care.kept:,} with work left: {_care_reasons(care)}"
+            + (" (--include-unfinished deletes them too)" if care.kept else "")
+        )
+    if care.merges_in_use:
+        lines.append(f"  would keep {_merges_in_use(care)}")
     return lines
 
 

@@ -16,6 +16,7 @@ one instance per step and calls it for every message the route takes.
 
 from __future__ import annotations
 
+import ipaddress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +308,18 @@ class SendNotStarted(Exception):
 worker_stopping: ContextVar[asyncio.Event | None] = ContextVar("worker_stopping", default=None)
 
 
+def on_this_machine(host: str) -> bool:
+    """Whether ``host`` names this machine only (a loopback address, ``localhost``): what is
+    sent to it, or taken by a listener bound to it, never crosses the network."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class Channel(Component):
     """Forwards a routed message to a destination (file, MLLP, webhook, email, ...)."""
 
@@ -316,6 +329,15 @@ class Channel(Component):
     #: send slot. A channel that writes on this host, with no receiving system to protect,
     #: sets this False and is bounded by the worker's overall concurrency only.
     limit_per_destination: ClassVar[bool] = True
+
+    def unprotected_transport(self) -> str | None:
+        """How what this channel sends could be read or altered on its way to a destination
+        on another machine (sent in clear, or to a server whose certificate is not checked),
+        naming the option that makes it so; None when it is protected, or the destination is
+        on this machine (see on_this_machine). Routes' start logs one WARNING per destination
+        that says so, and `routes check` prints it: patient data must not leave in clear
+        without a word. A channel that sends over the network says; the default says nothing."""
+        return None
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         """Build what will be sent; called once, at routing time, and recorded in the store.

@@ -43,9 +43,9 @@ def _known_codec(value: str) -> str:
 
 
 class TLSConfig(_Strict):
-    """Certificate and key for MLLP over TLS. With client_ca, every sender must present a
-    certificate signed by it (mutual TLS); ``require_client_cert: false`` beside it checks a
-    certificate only when one is presented, and takes senders without one."""
+    """Certificate and key for a listener's TLS (MLLP over TLS, HTTPS). With client_ca, every
+    sender must present a certificate signed by it (mutual TLS); ``require_client_cert: false``
+    beside it checks a certificate only when one is presented, and takes senders without one."""
 
     cert: Path
     key: Path
@@ -106,6 +106,9 @@ class HTTPListenerConfig(_Strict):
         "/referrals/{key}/status only: it may update only the referrals sent to it, its "
         "answers are recorded as its own, and it opens nothing else (not /hl7)",
     )
+    #: HTTPS, as the MLLP listener's tls: without it, bearer tokens, messages and referral
+    #: updates cross the network in clear (serve warns when it is bound beyond loopback).
+    tls: TLSConfig | None = None
 
     _charset = field_validator("default_charset")(_known_codec)
 
@@ -471,11 +474,11 @@ def resolve_paths(config: HubConfig, base: Path) -> HubConfig:
 
     config.data_dir = fix(config.data_dir)
     config.plugins_dir = fix(config.plugins_dir)
-    for listener in config.listeners.mllp:
-        if listener.tls:
-            listener.tls.cert = fix(listener.tls.cert)  # type: ignore[assignment]
-            listener.tls.key = fix(listener.tls.key)  # type: ignore[assignment]
-            listener.tls.client_ca = fix(listener.tls.client_ca)
+    for tls in [listener.tls for listener in config.listeners.mllp] + [config.listeners.http.tls]:
+        if tls:
+            tls.cert = fix(tls.cert)  # type: ignore[assignment]
+            tls.key = fix(tls.key)  # type: ignore[assignment]
+            tls.client_ca = fix(tls.client_ca)
     for drop in config.listeners.files:
         drop.directory = fix(drop.directory)  # type: ignore[assignment]
         drop.processed_dir = fix(drop.processed_dir)

@@ -97,6 +97,7 @@ class CarePlatform:
     aiosmtpd)."""
 
     def __init__(self) -> None:
+        self._environment_before: dict[str, str | None] = {}
         self.received: list[dict[str, Any]] = []
         self.texts: list[dict[str, Any]] = []
         self.mail: list[EmailMessage] = []
@@ -160,16 +161,41 @@ class CarePlatform:
     async def start(self) -> None:
         host, port = await self.listener.start()
         self.smtp.start()
-        os.environ["CARE_PLATFORM_URL"] = f"http://{host}:{port}/care-events"
-        os.environ["SMS_GATEWAY_URL"] = f"http://{host}:{port}/messages"
-        os.environ["CBO_FHIR_URL"] = f"http://{host}:{port}/fhir"
-        os.environ["CARE_FHIR_URL"] = f"http://{host}:{port}/care-fhir"
-        os.environ["SMTP_HOST"], os.environ["SMTP_PORT"] = "127.0.0.1", str(self.smtp.port)
-        os.environ["SMTP_STARTTLS"] = "false"
+        self._environment_before = set_environment(
+            {
+                "CARE_PLATFORM_URL": f"http://{host}:{port}/care-events",
+                "CARE_PLATFORM_SECRET": secrets.token_urlsafe(24),  # the stand-in's own
+                "SMS_GATEWAY_URL": f"http://{host}:{port}/messages",
+                "CBO_FHIR_URL": f"http://{host}:{port}/fhir",
+                "CARE_FHIR_URL": f"http://{host}:{port}/care-fhir",
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": str(self.smtp.port),
+                "SMTP_STARTTLS": "false",
+            }
+        )
 
     async def stop(self) -> None:
         self.smtp.stop()
         await self.listener.stop()
+        restore_environment(self._environment_before)
+
+
+def set_environment(values: dict[str, str]) -> dict[str, str | None]:
+    """Set the variables the sample routes read (``${CARE_FHIR_URL}``, ...) to the demo's
+    stand-ins; returns what they were, for restore_environment. The demo runs inside other
+    programs too (tests, `make demo` under a shell that exports its own): the stand-ins'
+    addresses must not outlive them there."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    return before
+
+
+def restore_environment(before: dict[str, str | None]) -> None:
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _free_port() -> int:
@@ -212,7 +238,23 @@ async def _run(config_path: Path, data_dir: Path, kept: bool, feeds: list[Path])
     platform = CarePlatform()
     await platform.start()
     outbox_dir = data_dir / "outbox"  # beside the store, as the sample's routes write it
-    os.environ["CAREHUB_OUTBOX"] = str(outbox_dir)
+    outbox_before = set_environment({"CAREHUB_OUTBOX": str(outbox_dir)})
+    try:
+        return await _run_hub(config_path, data_dir, kept, feeds, platform, outbox_dir)
+    finally:
+        await platform.stop()
+        restore_environment(outbox_before)
+
+
+async def _run_hub(
+    config_path: Path,
+    data_dir: Path,
+    kept: bool,
+    feeds: list[Path],
+    platform: CarePlatform,
+    outbox_dir: Path,
+) -> int:
+    """The hub's part of the demo, with its stand-ins running."""
     hub = Hub(_demo_config(config_path), data_dir)
     bound = await hub.start()
     try:
@@ -245,7 +287,6 @@ async def _run(config_path: Path, data_dir: Path, kept: bool, feeds: list[Path])
             _print_referrals(hub, platform)
     finally:
         await hub.stop()
-        await platform.stop()
     return 0
 
 

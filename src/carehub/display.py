@@ -327,7 +327,14 @@ def _short(value: object, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def delivery_table(found: list[DeliveryRecord], title: str) -> None:
+def _shown_count(shown: int, total: int) -> str:
+    """``12 delivery(ies)``, or ``100 of 512 delivery(ies) shown (--limit N shows more)``."""
+    if total <= shown:
+        return f"{shown} delivery(ies)"
+    return f"{shown} of {total} delivery(ies) shown (--limit N shows more)"
+
+
+def delivery_table(found: list[DeliveryRecord], title: str, total: int | None = None) -> None:
     table = Table(title=title, show_edge=False, header_style="bold")
     for column in ("id", "message", "destination", "channel", "attempts", "updated", "last error"):
         table.add_column(column)
@@ -342,10 +349,12 @@ def delivery_table(found: list[DeliveryRecord], title: str) -> None:
             Text(without_password(d.last_error or "")),
         )
     _console.print(table)
-    _console.print(f"{len(found)} delivery(ies)")
+    _console.print(_shown_count(len(found), len(found) if total is None else total))
 
 
-def discarded_table(found: list[DeliveryRecord], discards: dict[int, Discard]) -> None:
+def discarded_table(
+    found: list[DeliveryRecord], discards: dict[int, Discard], total: int | None = None
+) -> None:
     """`dead-letters list --discarded`: when each was given up on, by whom and why, beside
     the error it had died of (kept apart, so neither reads as the other)."""
     table = Table(title="Discarded dead letters", show_edge=False, header_style="bold")
@@ -378,7 +387,7 @@ def discarded_table(found: list[DeliveryRecord], discards: dict[int, Discard]) -
             Text(without_password(d.last_error or "")),
         )
     _console.print(table)
-    _console.print(f"{len(found)} delivery(ies)")
+    _console.print(_shown_count(len(found), len(found) if total is None else total))
 
 
 def show_dry_run(label: str, result: DryRunResult) -> None:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 __all__ = [
     "EVENT_KINDS",
+    "NATIONAL_ID_AUTHORITIES",
+    "NATIONAL_ID_TYPES",
     "Address",
     "CareEvent",
     "Contact",
@@ -38,6 +40,7 @@ __all__ = [
     "date_as_sent",
     "event_kind",
     "has_time",
+    "is_national_id",
     "parse_hl7_date",
     "parse_hl7_datetime",
 ]
@@ -307,6 +310,25 @@ class Identifier(_Model):
     value: str
     authority: str | None = None
     type_code: str | None = None  # HL7 table 0203: MR, SS, MB, VN, AN, NPI ...
+
+
+#: HL7 table 0203 identifier types that are a person's national identifier: SS (Social
+#: Security number), NI (national unique individual identifier), and NNxxx (national person
+#: identifier, xxx an ISO 3166 country code) below.
+NATIONAL_ID_TYPES = frozenset({"SS", "NI"})
+#: Assigning authorities (CX.4, table 0363) that issue only national identifiers: the US
+#: Social Security Administration, as feeds name it with or without the country.
+NATIONAL_ID_AUTHORITIES = frozenset({"SSA", "USSSA"})
+
+
+def is_national_id(identifier: Identifier) -> bool:
+    """Whether an identifier is a national one (an SSN, a national person number), which a
+    care event leaves out by default: nobody it goes to needs it to know the patient (the MRN
+    does that), and it is the identifier most wanted for identity theft."""
+    code = (identifier.type_code or "").strip().upper()
+    if code in NATIONAL_ID_TYPES or (len(code) == 5 and code[:2] == "NN" and code[2:].isalpha()):
+        return True
+    return (identifier.authority or "").strip().upper() in NATIONAL_ID_AUTHORITIES
 
 
 class HumanName(_Model):

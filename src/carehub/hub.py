@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import ipaddress
 import logging
 import os
 import queue
@@ -33,9 +32,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from carehub import __version__
-from carehub.components import ComponentContext
+from carehub.components import ComponentContext, on_this_machine
 from carehub.config import (
     ENV_HTTP_TOKENS,
+    HTTPListenerConfig,
     HubConfig,
     MLLPListenerConfig,
     http_tokens,
@@ -50,7 +50,11 @@ from carehub.intake.filedrop import FileDropListener
 from carehub.intake.http import HTTPListener, build_app
 from carehub.intake.intake import Intake
 from carehub.intake.mllp import MLLPListener
-from carehub.intake.tls import server_context, warn_if_key_readable
+from carehub.intake.tls import (
+    requires_client_certificates,
+    server_context,
+    warn_if_key_readable,
+)
 from carehub.lockfile import StoreLock, lock_store
 from carehub.metrics import make_registry, render
 from carehub.plugins import PluginHost
@@ -255,21 +259,26 @@ def check_queue(config: HubConfig) -> str:
     return f"{label} (in-process)" if work_queue.is_memory else f"{label} (answers)"
 
 
-def _loopback(host: str) -> bool:
-    """Whether a listener bound to ``host`` can be reached from this machine only."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def warn_if_exposed(listener: MLLPListenerConfig, where: str) -> None:
     """A WARNING for an MLLP listener others could read or impersonate: one beyond loopback
     without TLS (MLLP has no authentication, and messages cross the network in clear), or
-    one whose TLS private key other accounts can read."""
+    with TLS that takes clients without a certificate (so anyone who reaches the port can
+    send, as over plain TCP), or one whose TLS private key other accounts can read."""
     if listener.tls is not None:
         warn_if_key_readable(listener.tls, where)
-    elif not _loopback(listener.host):
+        if not on_this_machine(listener.host) and not requires_client_certificates(listener.tls):
+            why = "no client_ca" if listener.tls.client_ca is None else "require_client_cert: false"
+            log.warning(
+                "MLLP listener '%s' on %s does not require client certificates (%s): any "
+                "client that reaches the port can send; keep it on a trusted network, require "
+                "them with %s.tls.client_ca (the senders' CA, without require_client_cert: "
+                "false), or bind it to 127.0.0.1",
+                listener.name,
+                listener.host,
+                why,
+                where,
+            )
+    elif not on_this_machine(listener.host):
         log.warning(
             "MLLP listener '%s' on %s has no TLS: messages cross the network in clear and "
             "anyone who reaches the port can send; keep it on a trusted network or behind a "
@@ -278,6 +287,42 @@ def warn_if_exposed(listener: MLLPListenerConfig, where: str) -> None:
             listener.host,
             where,
         )
+
+
+def warn_if_http_exposed(listener: HTTPListenerConfig, tokens: list[str]) -> None:
+    """A WARNING for an HTTP listener beyond loopback that anyone who reaches it can post to
+    (no tokens), and one for such a listener without TLS: bearer tokens, messages and
+    referral updates would cross the network in clear. With TLS, one whose private key other
+    accounts can read."""
+    if listener.tls is not None:
+        warn_if_key_readable(listener.tls, "listeners.http")
+    if on_this_machine(listener.host):
+        return
+    if not tokens:
+        log.warning(
+            "HTTP listener on %s takes messages and referral updates from anyone who can "
+            "reach it: set listeners.http.tokens (or %s), or bind it to 127.0.0.1",
+            listener.host,
+            ENV_HTTP_TOKENS,
+        )
+    if listener.tls is None:
+        log.warning(
+            "HTTP listener on %s has no TLS: bearer tokens, messages and referral updates "
+            "cross the network in clear; keep it on a trusted network or behind a TLS "
+            "terminator, set listeners.http.tls, or bind it to 127.0.0.1",
+            listener.host,
+        )
+
+
+def http_tls_context(config: HubConfig) -> ssl.SSLContext | None:
+    """The HTTP listener's TLS context (None without TLS); a file that cannot be loaded is a
+    ConfigError naming the setting, as for the MLLP listeners. `serve` and `routes check`
+    both load it."""
+    listener = config.listeners.http
+    if not listener.enabled or listener.tls is None:
+        return None
+    setting = partial(where_in_config, config, "listeners", "http", "tls")
+    return server_context(listener.tls, setting)
 
 
 def mllp_tls_contexts(config: HubConfig) -> list[ssl.SSLContext | None]:
@@ -637,14 +682,8 @@ class Hub:
                 self.bound.append(BoundListener(kind, listener.name, f"{host}:{port}"))
             if listeners.http.enabled:
                 tokens = http_tokens(self.config)
-                if not tokens and not _loopback(listeners.http.host):
-                    log.warning(
-                        "HTTP listener on %s takes messages and referral updates from anyone "
-                        "who can reach it: set listeners.http.tokens (or %s), or bind it to "
-                        "127.0.0.1",
-                        listeners.http.host,
-                        ENV_HTTP_TOKENS,
-                    )
+                http_context = http_tls_context(self.config)
+                warn_if_http_exposed(listeners.http, tokens)
                 app = build_app(
                     listeners.http,
                     self.intake,
@@ -653,7 +692,7 @@ class Hub:
                     lambda: render(self.registry),
                     self.store,
                 )
-                self.http_listener = HTTPListener(listeners.http, app)
+                self.http_listener = HTTPListener(listeners.http, app, http_context)
                 host, port = await self._bind(
                     self.http_listener.start(),
                     "HTTP listener",
@@ -661,7 +700,8 @@ class Hub:
                     listeners.http.port,
                     ("listeners", "http", "port"),
                 )
-                self.bound.append(BoundListener("HTTP", "http", f"{host}:{port}"))
+                kind = "HTTPS" if http_context else "HTTP"
+                self.bound.append(BoundListener(kind, "http", f"{host}:{port}"))
             for index, drop_config in enumerate(listeners.files):
                 drop = FileDropListener(drop_config, self.intake)
                 try:
@@ -889,12 +929,23 @@ class Hub:
             await self.stop()
 
     def health(self) -> dict[str, Any]:
+        """Whether intake can take messages now. The store answering a read is not enough: a
+        held write lock or a full disk still answers SELECT 1 while every message is refused
+        "not stored, please resend", so a write failure that has not cleared counts too."""
         store_ok = self.store is not None and self.store.ping()
+        writer: GroupCommit | None = getattr(self, "writer", None)  # set by start()
+        writes = writer.failures if writer is not None else None
+        if store_ok and writes is not None and writes.failing_since_at is not None:
+            since = writes.failing_since_at.isoformat(timespec="seconds")
+            store_text = f"not storing since {since}: {writes.last_error}"
+            store_ok = False
+        else:
+            store_text = "ok" if store_ok else "unavailable"
         down = self._queue_down
         return {
             "status": "ok" if store_ok else "store unavailable",
             "version": __version__,
-            "store": "ok" if store_ok else "unavailable",
+            "store": store_text,
             # Intake still stores and answers, so the status stays ok; routing waits.
             "queue": "ok"
             if down is None

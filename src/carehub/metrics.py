@@ -66,6 +66,13 @@ class HubCollector(Collector):
         rows = CounterMetricFamily("carehub_store_rows", "Messages written by the store writer")
         rows.add_metric([], self.hub.writer.rows)
         yield rows
+        writable = GaugeMetricFamily(
+            "carehub_store_writable",
+            "0 while intake's writes fail (write lock held, disk full) and every message is "
+            "answered 'not stored, please resend'; 1 otherwise",
+        )
+        writable.add_metric([], 0 if self.hub.writer.failures.failing_since is not None else 1)
+        yield writable
         worker = self.hub.worker
         if worker is not None:
             for name, help_text, value in (

@@ -6,7 +6,9 @@ hub. Each figure is one indexed query (received_at, status, and the outbox's par
 so a status stays quick on a store of millions of messages; nothing scans a whole table.
 
 Message bodies and identifiers are never shown: counts, listener and destination names, times,
-and a destination's last error as the destination's own answer gave it.
+and of a destination's last error what the log says of it (the channel's own account: where it
+sent and what went wrong), never what the destination answered, which can quote the message.
+The whole error is for the views of one message (`messages show`, `dead-letters list`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import and_, case, func, literal_column, select
 
+from carehub.components import DeliveryError
 from carehub.config import without_password
 from carehub.store.outbox import held_counts
 from carehub.store.processes import HubProcess, running_processes
@@ -73,7 +76,8 @@ class DestinationState:
     #: Of those waiting, the ones held behind a dead letter of their patient's line: they go
     #: when it is retried or discarded (`carehub dead-letters`).
     held: int = 0
-    #: Of the newest delivery that failed and waits to retry, else of the newest dead letter.
+    #: Of the newest delivery that failed and waits to retry, else of the newest dead letter:
+    #: what the log says of it (see _loggable_error).
     last_error: str | None = None
     #: Paused by an operator (`carehub destinations pause`): since when, by whom, why.
     paused: bool = False
@@ -217,6 +221,16 @@ def read_status(store: MessageStore, window: timedelta, now: datetime | None = N
     return status
 
 
+def _loggable_error(loggable: str | None, last_error: str | None) -> str | None:
+    """What status shows of a delivery's last error: the part the log showed, as the worker
+    stored it; of an error stored before it did, the part the log would show of an error that
+    does not say where the destination's answer begins (DeliveryError.loggable)."""
+    if not last_error:
+        return None
+    shown = loggable if loggable is not None else DeliveryError(last_error).loggable
+    return without_password(shown)  # stored before URLs were masked
+
+
 def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
     """The outbox by destination: waiting now (with retries and their last error), dead
     letters, and deliveries made for the window's messages."""
@@ -267,16 +281,22 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
         for destination, channel, count in delivered_rows:
             state(destination, channel).delivered = count
 
+    error_columns = (
+        deliveries.c.destination,
+        deliveries.c.channel,
+        deliveries.c.last_error_loggable,
+        deliveries.c.last_error,
+    )
     error_rows = conn.execute(
-        select(deliveries.c.destination, deliveries.c.channel, deliveries.c.last_error)
+        select(*error_columns)
         .where(and_(delivery_in(deliveries, *PENDING), deliveries.c.attempts > 0))
         .order_by(deliveries.c.updated_at.desc())
         .limit(LAST_ERRORS_READ)
     )
-    for destination, channel, last_error in error_rows:
+    for destination, channel, loggable, last_error in error_rows:
         item = state(destination, channel)
-        if item.last_error is None and last_error:
-            item.last_error = without_password(last_error)  # stored before URLs were masked
+        if item.last_error is None:
+            item.last_error = _loggable_error(loggable, last_error)
     # Paused destinations, with or without work waiting (a few rows, read whole).
     for row in conn.execute(select(paused_destinations)):
         marked = [item for (name, _), item in found.items() if name == row.destination]
@@ -286,15 +306,15 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
 
     # A destination with nothing retrying but dead letters: the newest dead letter's error.
     dead_errors = conn.execute(
-        select(deliveries.c.destination, deliveries.c.channel, deliveries.c.last_error)
+        select(*error_columns)
         .where(delivery_in(deliveries, DeliveryStatus.DEAD))
         .order_by(deliveries.c.id.desc())
         .limit(LAST_ERRORS_READ)
     )
-    for destination, channel, last_error in dead_errors:
+    for destination, channel, loggable, last_error in dead_errors:
         item = state(destination, channel)
-        if item.last_error is None and last_error:
-            item.last_error = without_password(last_error)  # stored before URLs were masked
+        if item.last_error is None:
+            item.last_error = _loggable_error(loggable, last_error)
     return sorted(found.values(), key=lambda item: (item.destination, item.channel))
 
 

@@ -90,6 +90,9 @@ STOP_GRACE = 10.0
 CUT_OFF_WAIT = 2.0
 #: Seconds between the log's summaries of a destination that keeps failing.
 TROUBLE_REPORT_SECONDS = 30.0
+#: Seconds without a failure after which a kind of store call is taken to work again
+#: (StoreTrouble): longer than routing's longest pause between tries (ROUTE_RETRY_MAX).
+STORE_TROUBLE_QUIET = 60.0
 #: The most of a failure's own words a log line carries.
 REASON_LOG_LIMIT = 200
 
@@ -185,11 +188,13 @@ class Worker:
         self._route_sets_differ = False
         #: The store refusing this worker (locked, down): every loop meets it at once, so it
         #: is logged as one run (start, every 30 s, end) rather than by each loop each try.
-        self.store_trouble = FailureRun(
-            "the worker's use of the store",
-            "routing, claims, results and leases wait and are tried again",
-            "call(s)",
-            logger=log,
+        self.store_trouble = StoreTrouble(
+            FailureRun(
+                "the worker's use of the store",
+                "routing, claims, results and leases wait and are tried again",
+                "call(s)",
+                logger=log,
+            )
         )
         #: Destinations whose sends fail, each logged as a run (see DestinationTrouble).
         self._trouble: dict[str, DestinationTrouble] = {}
@@ -311,9 +316,10 @@ class Worker:
                 with self._using(self.table) as table:
                     await asyncio.to_thread(table.tick, datetime.now(UTC))
             except Exception as err:
-                self._failed(err, self.tick_trouble)
+                self._failed(err, "ticks", self.tick_trouble)
             else:
                 self.tick_trouble.succeeded()
+                self.store_trouble.succeeded("ticks")
             self._wake_delivery.set()
 
     async def _trouble_loop(self) -> None:
@@ -330,7 +336,9 @@ class Worker:
                     trouble.waiting = await self._store_call(self.outbox.waiting_for, name)
                 except Exception as err:  # said by the store's own run; the count stays out
                     trouble.waiting = None
-                    self._failed(err, self.store_trouble)
+                    self._failed(err, "waiting counts")
+                else:
+                    self.store_trouble.succeeded("waiting counts")
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
         """Re-queue messages lost from the queue and mend parked lines (Outbox.tidy_lines)."""
@@ -342,7 +350,9 @@ class Worker:
                 if not _store_refused(err):
                     log.exception("re-queueing unrouted messages failed")
                 else:
-                    self.store_trouble.failed(_StoreRefusal(_store_error(err)))
+                    self.store_trouble.failed("sweeps", _StoreRefusal(_store_error(err)))
+            else:
+                self.store_trouble.succeeded("sweeps")
 
     async def _lease_loop(self) -> None:
         """Keep the leases of the deliveries this worker holds, and put back in line those
@@ -367,9 +377,9 @@ class Worker:
                     0 if stopping else await self._store_call(self.outbox.release_expired_leases)
                 )
             except Exception as err:  # the store is locked or down: try at the next renewal
-                self._failed(err, self.store_trouble)
+                self._failed(err, "leases")
                 continue
-            self.store_trouble.succeeded()
+            self.store_trouble.succeeded("leases")
             if released:
                 log.warning(
                     "%d delivery(ies) whose worker stopped renewing their lease (it stopped "
@@ -486,16 +496,16 @@ class Worker:
                     try:
                         with self._using(router.table):
                             await self._route_each(ids, router)
-                        self.store_trouble.succeeded()
+                        self.store_trouble.succeeded("routing")
                         return True
                     except Exception as refused:  # the store, meanwhile: as below
                         problem = refused
-                self._failed(problem, self.store_trouble)
+                self._failed(problem, "routing")
                 if not await self._pause(pause):
                     return False
                 pause = min(pause * 2, ROUTE_RETRY_MAX)
                 continue
-            self.store_trouble.succeeded()
+            self.store_trouble.succeeded("routing")
             return True
 
     async def _route_chunks(self, ids: list[int], router: Router) -> None:
@@ -527,13 +537,16 @@ class Worker:
                     self.store.set_status, message_id, MessageStatus.FAILED, reason
                 )
 
-    def _failed(self, err: BaseException, run: FailureRun) -> None:
-        """Count a failure in its run: the store's own words for a store that refused (never
-        the statement and its parameters, which can quote a message), else the error."""
+    def _failed(self, err: BaseException, operation: str, run: FailureRun | None = None) -> None:
+        """Count a failure of ``operation`` in its run: a store that refused goes in the
+        store's run in the store's own words (never the statement and its parameters, which
+        can quote a message); anything else in ``run``, or in the store's run when none."""
         if _store_refused(err):
-            self.store_trouble.failed(_StoreRefusal(_store_error(err)))
-        else:
+            self.store_trouble.failed(operation, _StoreRefusal(_store_error(err)))
+        elif run is not None:
             run.failed(err)
+        else:
+            self.store_trouble.failed(operation, err)
 
     def _route_batch(
         self, message_ids: list[int], handover: Handover, router: Router | None = None
@@ -646,9 +659,9 @@ class Worker:
                         await self._store_call(self.outbox.claim_due, want, lease, None, full, held)
                     )
                 except Exception as err:  # the store is locked or down: claim again later
-                    self._failed(err, self.store_trouble)
+                    self._failed(err, "claims")
                 else:
-                    self.store_trouble.succeeded()
+                    self.store_trouble.succeeded("claims")
                 last_claim = time.monotonic()
             if time.monotonic() - self._paused_read >= PAUSE_CHECK:
                 await self._read_paused()
@@ -682,8 +695,9 @@ class Worker:
         try:
             paused = await self._store_call(self.outbox.paused_names)
         except Exception as err:  # the store is locked or down: keep the last reading
-            self._failed(err, self.store_trouble)
+            self._failed(err, "pause checks")
             return
+        self.store_trouble.succeeded("pause checks")
         for name in sorted(paused - self._paused):
             log.info("destination %s is paused: nothing is sent to it until it is resumed", name)
         for name in sorted(self._paused - paused):
@@ -759,8 +773,8 @@ class Worker:
                 skipped=skipped,
             )
             trouble = self._trouble.get(delivery.destination)
-            if trouble is not None:
-                trouble.delivered()  # it answered for this one: whatever failed is over
+            if trouble is not None and trouble.delivered():  # it answered: the failing is over
+                self._retry_soon(delivery.destination)
             if skipped:
                 self.skipped += 1
             else:
@@ -807,6 +821,7 @@ class Worker:
                 destination=delivery.destination,
                 order_key=delivery.order_key,
                 holds_line=holds,
+                loggable=_clean_text(_reason(err)),  # what `carehub status` shows of it
             )
             self.failed_attempts += 1
             self._log_failure(delivery, attempt, err, final=final, holds=holds)
@@ -921,6 +936,29 @@ class Worker:
         await self._hand_back([delivery.id])
         self._wake_delivery.set()
 
+    def _retry_soon(self, destination: str) -> None:
+        """The destination takes deliveries again: those of its deliveries waiting out a
+        retry delay go now, rather than after a delay grown while it was down."""
+
+        async def bring_forward() -> None:
+            try:
+                moved = await self._store_call(self.outbox.retry_now, destination)
+            except Exception as err:  # they go at their own time, as before
+                self._failed(err, "retries brought forward")
+                return
+            if moved:
+                log.info(
+                    "%s takes deliveries again: %d delivery(ies) waiting out a retry delay "
+                    "are due now",
+                    destination,
+                    moved,
+                )
+                self._wake_delivery.set()
+
+        task = asyncio.create_task(bring_forward())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
     def _receipt_text(self, receipt: object, destination: Destination) -> str:
         """A send() that returned something other than text still delivered (the destination
         took it), so it is recorded as delivered with the receipt's repr, clipped; the store
@@ -975,10 +1013,11 @@ class Worker:
         then runs out and it goes back in line."""
         try:
             await self._store_call(self.outbox.finish, results)
+            self.store_trouble.succeeded("results")
             return []
         except Exception as err:
             if _store_refused(err):
-                self.store_trouble.failed(_StoreRefusal(_store_error(err)), len(results))
+                self.store_trouble.failed("results", _StoreRefusal(_store_error(err)), len(results))
                 return results
             log.warning(
                 "recording %d delivery result(s) failed (%s); recording them one at a time",
@@ -1085,7 +1124,39 @@ class Worker:
             try:
                 await self._store_call(self.outbox.release, held)
             except Exception as err:  # their leases run out and put them back in line
-                self._failed(err, self.store_trouble)
+                self._failed(err, "releases")
+            else:
+                self.store_trouble.succeeded("releases")
+
+
+class StoreTrouble:
+    """The store refusing this worker, logged as one run (FailureRun) that ends only when
+    every kind of call that failed in it has worked again. Under a full disk a claim that
+    finds nothing due, or a lease renewal, still works while routing's writes fail: ending
+    the run then logged "works again" every few seconds through an outage."""
+
+    def __init__(self, run: FailureRun, clock: Callable[[], float] = time.monotonic) -> None:
+        self.run = run
+        self._clock = clock
+        #: The kinds of call (routing, claims, results, ...) failing now, with when each last
+        #: failed.
+        self.failing: dict[str, float] = {}
+
+    def failed(self, operation: str, err: BaseException, count: int = 1) -> None:
+        self.failing[operation] = self._clock()
+        self.run.failed(err, count)
+
+    def succeeded(self, operation: str) -> None:
+        self.failing.pop(operation, None)
+        # A call made only now and then (a sweep, a count for a failing destination's log)
+        # may not come again: one that has not failed for STORE_TROUBLE_QUIET while others
+        # work is taken as working too, so the run can end.
+        quiet_since = self._clock() - STORE_TROUBLE_QUIET
+        for name, when in list(self.failing.items()):
+            if when < quiet_since:
+                del self.failing[name]
+        if not self.failing:
+            self.run.succeeded()
 
 
 class DestinationTrouble:
@@ -1131,9 +1202,12 @@ class DestinationTrouble:
             reason = f"{reason}; {self.waiting} delivery(ies) waiting for it"
         self.run.failed(_Reason(reason))
 
-    def delivered(self) -> None:
+    def delivered(self) -> bool:
+        """A send worked; True when it ends a run of failures (the destination is back)."""
+        was_failing = self.failing
         self.run.succeeded()
         self._end()
+        return was_failing
 
     def end_if_quiet(self, now: float) -> None:
         """End the run if no attempt of this worker's failed for a whole summary period."""

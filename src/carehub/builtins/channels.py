@@ -47,6 +47,7 @@ from carehub.components import (
     Outgoing,
     SendNotStarted,
     Work,
+    on_this_machine,
     worker_stopping,
 )
 from carehub.errors import ConfigError
@@ -498,6 +499,14 @@ class MLLPChannel(Channel):
     def address(self) -> str:
         return f"{self.options.host}:{self.options.port}"
 
+    def unprotected_transport(self) -> str | None:
+        if self.options.tls or on_this_machine(self.options.host):
+            return None
+        return (
+            f"sends patient data to {self.address} over MLLP in clear (no tls: true): anyone "
+            "on the network between can read it; set tls: true"
+        )
+
     async def start(self) -> None:
         """Load TLS files now so a bad path is a start-up error; connect on first send, so a
         destination that is down does not stop the hub from starting."""
@@ -664,6 +673,12 @@ def _excerpt(text: str, limit: int = 200) -> str:
 
 
 # -- webhook ----------------------------------------------------------------------------------
+#: The shortest ``hmac_secret`` a webhook takes: a shorter key can be guessed.
+MIN_HMAC_SECRET = 16
+#: Placeholders sample files use for a secret: anyone who read the sample knows them.
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change_me", "secret"})
+
+
 class WebhookChannel(HttpChannel):
     """POSTs each delivery as JSON to an HTTP(S) endpoint.
 
@@ -706,12 +721,36 @@ class WebhookChannel(HttpChannel):
             None, description="Authorization header value, e.g. Bearer ${TOKEN}; never stored"
         )
         hmac_secret: str | None = Field(
-            None, description="key for the X-Carehub-Signature HMAC-SHA256 of the body"
+            None,
+            description="key for the X-Carehub-Signature HMAC-SHA256 of the body (at least "
+            f"{MIN_HMAC_SECRET} characters)",
         )
         timeout: float = Field(10.0, gt=0, description="seconds for the whole request")
         verify_tls: bool = Field(True, description="check the server's TLS certificate")
 
         _url = field_validator("url")(http_url)
+
+        @field_validator("hmac_secret")
+        @classmethod
+        def _secret_nobody_else_knows(cls, value: str | None) -> str | None:
+            """A signature proves the sender only with a key nobody else knows: a placeholder
+            left in (an unset variable's default) or a key short enough to guess lets anyone
+            sign what the receiver will trust. The value itself is never quoted."""
+            if value is None:
+                return None
+            if value.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    f"the key is the placeholder {value.strip()!r}, which anyone who read the "
+                    "sample knows (a variable left unset?): set the receiver's own key of at "
+                    f"least {MIN_HMAC_SECRET} characters"
+                )
+            if len(value) < MIN_HMAC_SECRET:
+                raise ValueError(
+                    f"the key is shorter than {MIN_HMAC_SECRET} characters, easy to guess (a "
+                    "variable set to nothing?): set the receiver's own key of at least "
+                    f"{MIN_HMAC_SECRET} characters, or remove hmac_secret to send unsigned"
+                )
+            return value
 
     options: Options
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from carehub.components import ComponentOptions, JSONText, Translator, Work
 from carehub.events import (
     Address,
@@ -25,6 +27,7 @@ from carehub.events import (
     Practitioner,
     Referral,
     event_kind,
+    is_national_id,
     parse_hl7_date,
     parse_hl7_datetime,
 )
@@ -123,6 +126,13 @@ class _Reader:
             return None
         return Identifier(value=value, authority=self.hd(comps, 4), type_code=self.leaf(comps, 5))
 
+    def cx_list(self, fields: list[str], number: int, keep_national_ids: bool) -> list[Identifier]:
+        """The identifiers of a repeating CX field, national ones only if asked to keep them."""
+        found = [
+            ident for rep in self.reps(fields, number) if (ident := self.cx(rep.split(self.comp)))
+        ]
+        return found if keep_national_ids else [i for i in found if not is_national_id(i)]
+
     def ei(self, comps: list[str]) -> Identifier | None:
         value = self.leaf(comps, 1)
         if value is None:
@@ -210,11 +220,11 @@ class _Reader:
 # -- segments ----------------------------------------------------------------------------------
 
 
-def _patient(r: _Reader, fields: list[str]) -> Patient:
-    identifiers = [ident for rep in r.reps(fields, 3) if (ident := r.cx(rep.split(r.comp)))]
+def _patient(r: _Reader, fields: list[str], keep_national_ids: bool) -> Patient:
+    identifiers = r.cx_list(fields, 3, keep_national_ids)
     if not identifiers:
         # Versions 2.1-2.3 often carry the external id in PID-2 only.
-        identifiers = [ident for rep in r.reps(fields, 2) if (ident := r.cx(rep.split(r.comp)))]
+        identifiers = r.cx_list(fields, 2, keep_national_ids)
     primary = next((i for i in identifiers if (i.type_code or "").upper() == "MR"), None)
     if primary is None and identifiers:
         primary = identifiers[0]
@@ -413,8 +423,13 @@ def _referral(
 # -- the translation ---------------------------------------------------------------------------
 
 
-def translate_v2_to_event(view: MessageView) -> CareEvent:
-    """Read one message into a CareEvent (see carehub.events for what each field means)."""
+def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False) -> CareEvent:
+    """Read one message into a CareEvent (see carehub.events for what each field means).
+
+    National identifiers (an SSN: carehub.events.is_national_id) are left out of the
+    patient's and the merges' identifiers unless ``keep_national_ids``: minimum necessary,
+    since every step and channel after this one sees the event, and the MRN identifies the
+    patient. The primary identifier is then chosen among those kept."""
     r = _Reader(view)
     names = view.segment_names()
     msh = view.fields(0)
@@ -446,12 +461,12 @@ def translate_v2_to_event(view: MessageView) -> CareEvent:
     for position in sorted(positions.get("PID", []) + positions.get("MRG", [])):
         fields = view.fields(position)
         if names[position] == "PID":
-            current = _patient(r, fields)
+            current = _patient(r, fields, keep_national_ids)
             surviving = current.primary
             if patient is None:
                 patient = current
             continue
-        prior = [ident for rep in r.reps(fields, 1) if (ident := r.cx(rep.split(r.comp)))]
+        prior = r.cx_list(fields, 1, keep_national_ids)
         merges.append(
             Merge(
                 surviving=surviving,
@@ -525,14 +540,26 @@ class V2ToEvent(Translator):
     )
 
     class Options(ComponentOptions):
-        """No options: the mapping is fixed so every route sees the same event shape."""
+        """The mapping is fixed so every route sees the same event shape; only whether it
+        carries national identifiers is chosen."""
+
+        keep_national_ids: bool = Field(
+            False,
+            description="keep national identifiers (PID-3 or MRG-1 typed SS, NI or NNxxx, or "
+            "assigned by SSA/USSSA) in the event; left out by default (minimum necessary: "
+            "the MRN identifies the patient)",
+        )
+
+    options: Options
 
     def translate(self, work: Work) -> Any:
-        # One message taking several routes is translated once; the event is read-only to
-        # later steps (they add to work.data), so the routes can share it.
+        # One message taking several routes is translated once per choice of identifiers; the
+        # event is read-only to later steps (they add to work.data), so routes can share it.
         view = work.view
-        event = view.memo.get("care_event")
+        keep = self.options.keep_national_ids
+        memo_key = "care_event:national_ids" if keep else "care_event"
+        event = view.memo.get(memo_key)
         if event is None:
-            event = view.memo["care_event"] = translate_v2_to_event(view)
+            event = view.memo[memo_key] = translate_v2_to_event(view, keep_national_ids=keep)
         work.event = event
         return JSONText(event.model_dump_json(exclude_none=True))

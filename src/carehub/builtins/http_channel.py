@@ -19,7 +19,13 @@ from typing import Any
 import aiohttp
 import httpx
 
-from carehub.components import Channel, ComponentContext, ComponentOptions, DeliveryError
+from carehub.components import (
+    Channel,
+    ComponentContext,
+    ComponentOptions,
+    DeliveryError,
+    on_this_machine,
+)
 from carehub.config import without_password
 
 USER_AGENT = "carehub"
@@ -162,9 +168,32 @@ class HttpAnswer:
         return json.loads(self._body or b"")
 
 
+def unprotected_http(url: str, verify_tls: bool = True) -> str | None:
+    """Channel.unprotected_transport for a destination at ``url``: plain http:// to another
+    machine, or https:// with ``verify_tls: false``. Only the scheme, host and port are named:
+    a URL's path or query may hold a secret."""
+    parsed = httpx.URL(url)
+    if on_this_machine(parsed.host):
+        return None
+    where = f"{parsed.scheme}://{parsed.netloc.decode('ascii', 'replace')}"  # no userinfo
+    if parsed.scheme == "http":
+        return (
+            f"sends patient data to {where} in clear (http://, no TLS): anyone on the network "
+            "between can read it; use https://"
+        )
+    if not verify_tls:
+        return (
+            f"sends patient data to {where} with verify_tls: false: the server's certificate "
+            "is not checked, so anyone on the network between can pose as the server and read "
+            "it; remove verify_tls: false"
+        )
+    return None
+
+
 class HttpChannel(Channel):
     """A channel with one connection pool for all its deliveries, opened in start() and
-    closed in close(). Options need ``timeout`` and may have ``verify_tls``.
+    closed in close(). Options need ``timeout``, name the destination in ``url`` (a FHIR
+    server's in ``base_url``) and may have ``verify_tls``.
 
     Requests go through ``request()`` straight to an aiohttp session; the answer is read as an
     HttpAnswer and connection errors are raised as httpx's. httpx's own async pool costs CPU
@@ -197,6 +226,11 @@ class HttpChannel(Channel):
             auto_decompress=False,
             headers={"User-Agent": USER_AGENT},
         )
+
+    def unprotected_transport(self) -> str | None:
+        options: Any = self.options
+        url = getattr(options, "url", None) or getattr(options, "base_url", None)
+        return unprotected_http(url, getattr(options, "verify_tls", True)) if url else None
 
     async def close(self) -> None:
         session, self._session = self._session, None

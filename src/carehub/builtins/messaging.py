@@ -49,6 +49,7 @@ from carehub.components import (
     DeliveryError,
     Outgoing,
     Work,
+    on_this_machine,
 )
 from carehub.errors import ConfigError
 from carehub.hookspecs import hookimpl
@@ -271,6 +272,25 @@ class EmailChannel(Channel):
     @property
     def address(self) -> str:
         return f"{self.options.host}:{self.options.port}"
+
+    def unprotected_transport(self) -> str | None:
+        o = self.options
+        if on_this_machine(o.host):
+            return None
+        if not (o.starttls or o.use_tls):
+            return (
+                f"sends patient data to SMTP server {self.address} in clear (starttls: false, "
+                "no use_tls): anyone on the network between can read it; set starttls: true "
+                "or use_tls: true"
+            )
+        if not o.validate_certs:
+            return (
+                f"sends patient data to SMTP server {self.address} with validate_certs: false: "
+                "the server's certificate is not checked, so anyone on the network between can "
+                "pose as the server and read it; remove validate_certs: false (ca_file trusts "
+                "a private CA)"
+            )
+        return None
 
     async def start(self) -> None:
         """Load the CA file now so a bad path is a start-up error; connect per delivery, so a

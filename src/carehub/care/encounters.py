@@ -75,6 +75,7 @@ from carehub.care.model import Transition, TransitionKind
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import CareEvent, Encounter, Identifier, Location, display_name
+from carehub.referrals.state import move_referrals_to_survivor
 from carehub.store.schema import (
     clipped,
     encounter_events,
@@ -84,7 +85,6 @@ from carehub.store.schema import (
     notifications,
     patient_merges,
     patient_preferences,
-    referrals,
 )
 from carehub.workqueue import patient_key as make_patient_key
 
@@ -427,11 +427,14 @@ class _SqlBackend:
         if not changed:
             self.conn.execute(insert(patient_merges).values(retired_key=retired, **values))
         # What follows the patient rather than one visit moves too: the follow-up clocks
-        # (their overdue alerts look up the survivor's care coordinators) and referrals.
-        for table in (followups, referrals):
-            self.conn.execute(
-                update(table).where(table.c.patient_key == retired).values(patient_key=surviving)
-            )
+        # (their overdue alerts look up the survivor's care coordinators) and referrals (each
+        # with a row on its timeline).
+        self.conn.execute(
+            update(followups)
+            .where(followups.c.patient_key == retired)
+            .values(patient_key=surviving)
+        )
+        move_referrals_to_survivor(self.conn, retired, surviving, message_id, at)
         self._merge_preference(retired, surviving)
 
     def _merge_preference(self, retired: str, surviving: str) -> None:

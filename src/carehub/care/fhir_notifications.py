@@ -42,7 +42,8 @@ reprocess`` is a new one, as for every forward.
 **Who is told, and what.** A patient who opted out (PD1-12 or the roster, found by the
 care-team step when the route runs it before this channel) is not sent. Diagnoses go as
 Condition resources unless ``diagnoses: false`` (a receiver not covered for them, e.g. under
-42 CFR Part 2). Coverage (IN1) is not sent: the care event does not carry it.
+42 CFR Part 2). Coverage (IN1) is not sent: the care event does not carry it. The Patient
+carries the visit's identifiers but national ones (an SSN), unless ``keep_national_ids``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from carehub.components import (
     Outgoing,
     Work,
 )
-from carehub.events import Address, HumanName, Identifier, Practitioner
+from carehub.events import Address, HumanName, Identifier, Practitioner, is_national_id
 from carehub.fhir import (
     FHIR_CONTENT_TYPE,
     GENDER,
@@ -194,6 +195,12 @@ class NotificationOptions(ComponentOptions):
     )
     diagnoses: bool = Field(
         True, description="send the encounter diagnoses (Condition); false leaves them out"
+    )
+    keep_national_ids: bool = Field(
+        False,
+        description="send the patient's national identifiers (an SSN as us-ssn; types SS, NI, "
+        "NNxxx, or assigned by SSA/USSSA) if the visit has them; left out by default (minimum "
+        "necessary); the v2-to-event step must keep them too",
     )
     identifier_systems: dict[str, str] = Field(
         default_factory=dict,
@@ -410,8 +417,16 @@ def _patient(
     primary = _model_or_none(Identifier, summary.get("primary_identifier"))
     if primary is not None and primary not in identifiers:
         identifiers.insert(0, primary)
+    if not options.keep_national_ids:
+        # Also of visits recorded while the translate step still kept them.
+        identifiers = [i for i in identifiers if not is_national_id(i)]
     if not identifiers:
-        raise ValueError("the visit's patient has no identifier (PID-3)")
+        raise ValueError(
+            "the visit's patient has no identifier (PID-3) but national ones, which are "
+            "not sent without keep_national_ids"
+            if summary.get("identifiers") or primary is not None
+            else "the visit's patient has no identifier (PID-3)"
+        )
     resource: dict[str, Any] = {
         "resourceType": "Patient",
         "identifier": [_identifier(i, systems) for i in identifiers],

@@ -10,6 +10,7 @@ FHS/BHS ... BTS/FTS when the request was), with the status of the worst of them.
 GET /health answers without a token so load balancers can probe it, with the status alone; the
 details (listeners, intake counts, queue) need a token when tokens are configured, as GET
 /metrics does. /docs, /redoc and /openapi.json are served only with listeners.http.api_docs.
+With listeners.http.tls the listener speaks HTTPS only (mutual TLS with its client_ca).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -216,14 +218,32 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class _ServerSettings(uvicorn.Config):
+    """uvicorn's settings with the TLS context carehub built (carehub.intake.tls, as the MLLP
+    listener's: TLS 1.2 at least, client certificates as tls.client_ca and
+    tls.require_client_cert say) in place of the one uvicorn would build from file names."""
+
+    def __init__(self, app: FastAPI, ssl_context: ssl.SSLContext | None, **settings: Any) -> None:
+        super().__init__(app, **settings)
+        self._ssl_context = ssl_context
+
+    def load(self) -> None:
+        super().load()
+        if self._ssl_context is not None:
+            self.ssl = self._ssl_context
+
+
 class HTTPListener:
-    def __init__(self, config: HTTPListenerConfig, app: FastAPI) -> None:
+    def __init__(
+        self, config: HTTPListenerConfig, app: FastAPI, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.config = config
         self.name = "http"
         self.address: tuple[str, int] | None = None
         self._server = _EmbeddedServer(
-            uvicorn.Config(
+            _ServerSettings(
                 app,
+                ssl_context,
                 host=config.host,
                 port=config.port,
                 log_level="warning",

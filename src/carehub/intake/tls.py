@@ -1,5 +1,5 @@
-"""TLS contexts for MLLP: server side (requiring client certificates when given a CA to check
-them against) and client side."""
+"""TLS contexts: server side for the MLLP and HTTP listeners (requiring client certificates
+when given a CA to check them against) and client side."""
 
 from __future__ import annotations
 
@@ -39,11 +39,17 @@ def server_context(tls: TLSConfig, where: TLSSettingName) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"{where('client_ca')}: cannot load {tls.client_ca}: {err}") from err
         # Optional only when asked for: a CA given to check senders against means mutual TLS.
-        optional = tls.require_client_cert is False
-        context.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
+        required = requires_client_certificates(tls)
+        context.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
     elif tls.require_client_cert:
         raise ConfigError(f"{where('require_client_cert')}: needs tls.client_ca to check against")
     return context
+
+
+def requires_client_certificates(tls: TLSConfig) -> bool:
+    """Whether the listener refuses a client without a certificate: with client_ca, unless
+    require_client_cert is false. Without, any client that reaches the port can send."""
+    return tls.client_ca is not None and tls.require_client_cert is not False
 
 
 def _readable(path: Path) -> bool:

@@ -26,9 +26,10 @@ is recorded), and its answers are recorded as that organisation's: the referrer 
 answered. A community organisation is usually not a covered entity: a token that also let it
 post HL7 into the hospital's feed, or answer for another organisation, would be a breach.
 
-The answer leaves out the transition's ``summary`` (patient name, birth date, parties) and its
-``patient_key`` (the patient's MRN with its authority): the caller already knows the referral,
-and a status call should not hand back more PHI than it sent.
+The answer leaves out the transition's ``summary`` (patient name, birth date, parties), its
+``patient_key`` (the patient's MRN with its authority) and ``sent_to`` (whom else the referral
+is with): the caller already knows the referral, and a status call should not hand back more
+PHI, or more of the referral's parties, than it sent.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def _sent_to(tracker: ReferralTracker, key: str, organization: str) -> bool:
 
 
 #: Transition fields a status answer leaves out: the patient's identity and the referral's
-#: parties are not the caller's to learn from a status call.
-_NOT_ANSWERED = ("summary", "patient_key")
+#: parties (and whom else it is with) are not the caller's to learn from a status call.
+_NOT_ANSWERED = ("summary", "patient_key", "sent_to")
 
 
 def _public(transition: ReferralTransition) -> dict[str, Any]:

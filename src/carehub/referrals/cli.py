@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from carehub.cli import hub_options
+from carehub.cli import _moment, hub_options
 from carehub.cliparams import LIMIT
 from carehub.config import HubConfig
 from carehub.display import new_console, short_time
@@ -23,7 +24,8 @@ from carehub.events import display_name
 
 @click.group()
 def referrals() -> None:
-    """Closed-loop referrals from REF/RRI and CBO updates: list them, show one's timeline."""
+    """Closed-loop referrals from REF/RRI and CBO updates: list them, show one (what it was
+    offered and its timeline), list the updates refused."""
 
 
 @referrals.command("list")
@@ -79,12 +81,15 @@ def list_command(
         due = short_time(rec.due_at)
         if rec.overdue_at(now):
             due += " OVERDUE"
+        holder = Text(shown[rec.id])
+        for warning in _warnings(rec.matches):
+            holder.append(f" [{warning}]", style="red")
         table.add_row(
             str(rec.id),
             Text(rec.referral_key.removeprefix("|")),
             Text(rec.patient_key or ""),
             rec.status,
-            Text(shown[rec.id]),
+            holder,
             Text(due),
             short_time(rec.updated_at),
         )
@@ -98,7 +103,8 @@ def list_command(
 @click.argument("referral")
 @click.option("--json", "as_json", is_flag=True, help="Print the referral and timeline as JSON.")
 def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool) -> None:
-    """One referral (by authority|id, its referral id, or its row id as #N) and its whole
+    """One referral (by authority|id, its referral id, or its row id as #N): the needs found,
+    the services it was offered (rank, score, reasons; a warning in red) and its whole
     timeline: each update's source, from -> to, and whether it was applied or refused (with
     why). A referral id comes before a row id: 2 is the referral numbered 2."""
     from carehub.hub import open_store
@@ -137,7 +143,10 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
+    for warning in _warnings(rec.matches, named=True):
+        header.add_row("warning", Text(warning, style="red"))
     console.print(header)
+    _print_offered(console, rec.needs, rec.matches)
 
     console.print("\n[bold]Timeline[/bold]")
     table = Table(show_edge=False, header_style="bold")
@@ -166,5 +175,132 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     console.print(table)
 
 
+@referrals.command("refused")
+@hub_options
+@click.option(
+    "--since", callback=_moment, help="At or after: ISO date/time or an age such as 30m, 2h, 7d."
+)
+@click.option(
+    "--unattached",
+    is_flag=True,
+    help="Only those tied to no referral (no referral id, or one carehub does not know).",
+)
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def refused_command(
+    config: HubConfig,
+    data_dir: Path,
+    since: datetime | None,
+    unattached: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Referral updates carehub refused, newest first: a REF without a referral id, an answer
+    to an unknown referral, an illegal transition ... each with when, its message (store id and
+    MSH-10) and why. Ids only: `carehub messages show ID` has the message itself."""
+    from carehub.hub import open_store
+    from carehub.referrals.state import refused_referral_events
+
+    store = open_store(config, data_dir, must_exist=True)
+    try:
+        found = refused_referral_events(
+            store.engine, since, unattached_only=unattached, limit=limit
+        )
+    finally:
+        store.close()
+    if as_json:
+        for event in found:
+            click.echo(json.dumps(_refusal(event)))
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("id", "at (UTC)", "referral", "message", "source", "reason"):
+        table.add_column(column, overflow="fold")
+    for event in found:
+        row = _refusal(event)
+        message = "" if row["message_id"] is None else str(row["message_id"])
+        if row["control_id"]:
+            message += f" ({row['control_id']})"
+        table.add_row(
+            str(row["id"]),
+            short_time(event.at),
+            "-" if row["referral_id"] is None else f"#{row['referral_id']}",
+            Text(message),
+            Text(row["source"]),
+            Text(row["reason"] or "no reason recorded"),
+        )
+    console = new_console()
+    console.print(table)
+    console.print(f"{len(found)} refused referral update(s)")
+
+
+def _refusal(event: Any) -> dict[str, Any]:
+    """What `referrals refused` shows of a refused update: ids, time, source and reason, and
+    nothing of the message's content (its detail may quote the responder's notes)."""
+    return {
+        "id": event.id,
+        "at": event.at.isoformat(),
+        "referral_id": event.referral_id,
+        "message_id": event.message_id,
+        "control_id": event.detail.get("control_id"),
+        "source": event.source,
+        "action": event.action,
+        "reason": event.reason,
+    }
+
+
 def _suffix(note: Any) -> str:
     return f": {note}" if note else ""
+
+
+def _offered(matches: Any) -> list[dict[str, Any]]:
+    """The services kept on a referral, ranked ones first in rank order; an entry without a
+    rank is the organisation the referral names, kept because it went there unranked."""
+    found = [m for m in matches or [] if isinstance(m, dict)]
+    return sorted(found, key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
+
+
+def _warnings(matches: Any, *, named: bool = False) -> list[str]:
+    """The warnings the matching step left on a referral's services (``named``: each with the
+    organisation it is about)."""
+    return [
+        f"{m.get('organization') or m.get('service')}: {m['warning']}" if named else m["warning"]
+        for m in _offered(matches)
+        if m.get("warning")
+    ]
+
+
+def _print_offered(console: Console, needs: Any, matches: Any) -> None:
+    """What the patient was offered, and why: the needs found (with what they were found
+    from) and each service kept on the referral with its rank, score and reasons."""
+    console.print("\n[bold]Needs[/bold]")
+    found = [n for n in needs or [] if isinstance(n, dict)]
+    if not found:
+        console.print("none found")
+    for need in found:
+        line = Text(f"- {need.get('label') or need.get('category') or '?'}")
+        evidence = [str(e) for e in need.get("evidence") or []]
+        if evidence:
+            line.append(f": {'; '.join(evidence)}")
+        console.print(line)
+
+    console.print("\n[bold]Offered[/bold]")
+    offered = _offered(matches)
+    if not offered:
+        console.print("no service matched")
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("rank", "score", "organisation / service", "reasons"):
+        table.add_column(column, overflow="fold")
+    for match in offered:
+        rank = match.get("rank")
+        organization = str(match.get("organization") or "-")
+        service = str(match.get("service") or "-")
+        # A warning is among the reasons, in words; the header shows it in red.
+        reasons = Text("\n".join(str(r) for r in match.get("reasons") or []))
+        table.add_row(
+            str(rank) if isinstance(rank, int) else "named",
+            "-" if rank is None else str(match.get("score", "-")),
+            Text(f"{organization} / {service}"),
+            reasons,
+        )
+    console.print(table)

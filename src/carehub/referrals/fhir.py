@@ -1227,16 +1227,18 @@ class FhirReferralChannel(HttpChannel):
         if operation != "create":
             return await self._updated(outgoing, response, operation)
         task_id = _task_id_from_response(response, int(outgoing.metadata.get("task_entry", "2")))
+        key = outgoing.metadata.get("referral_key")
         if task_id is None:
             # The server took the Bundle, so resending would not help; say it is not tracked.
+            # By the referral's row id: its key is the referral number, an identifier.
+            record = await asyncio.to_thread(self.tracker.referral, key) if key else None
             log.warning(
                 "fhir-referral: %s answered %d without a Task Location: referral %s not polled",
                 without_password(url),
                 status,
-                outgoing.metadata.get("referral_key"),
+                f"#{record.id}" if record is not None else "(not tracked here)",
             )
             return f"HTTP {status} (no Task location: not polled)"
-        key = outgoing.metadata.get("referral_key")
         if key and self.options.poll:
             await asyncio.to_thread(
                 self.tasks.add, task_id, key, f"Task/{task_id}", datetime.now(UTC)
@@ -1244,15 +1246,21 @@ class FhirReferralChannel(HttpChannel):
         return f"HTTP {status} Task/{task_id}"
 
     async def _call(
-        self, method: str, url: str, payload: bytes, headers: dict[str, str]
+        self,
+        method: str,
+        url: str,
+        payload: bytes,
+        headers: dict[str, str],
+        named: str | None = None,
     ) -> HttpAnswer:
         """One request with its answer read; no answer in time, or none at all, is a
-        DeliveryError naming the request (tried again)."""
+        DeliveryError naming the request (tried again) by ``named`` when given: a search's
+        URL without its query, which holds the referral's identifier."""
         try:
             async with self.request(method, url, payload, headers) as response:
                 await response.aread()
         except (httpx.TimeoutException, httpx.TransportError) as err:
-            raise self.unreached(method, url, err) from err
+            raise self.unreached(method, named or url, err) from err
         return response
 
     async def _guarded_cancel(self, outgoing: Outgoing) -> bytes:
@@ -1268,18 +1276,28 @@ class FhirReferralChannel(HttpChannel):
         key = outgoing.metadata.get("referral_key")
         if not key:
             return outgoing.payload
-        url = f"{self.options.base_url}/Task?{referral_search(key, self.options)}"
-        response = await self._call("GET", url, b"", self._headers())
+        # Errors name the search without its query: it is the referral's identifier, and
+        # what a DeliveryError says of itself goes to the log.
+        searched = f"{self.options.base_url}/Task"
+        url = f"{searched}?{referral_search(key, self.options)}"
+        response = await self._call("GET", url, b"", self._headers(), named=searched)
         body = await response.aread()
         if response.status_code != 200:
-            shown = without_password(url)
-            text = f"GET {shown} (the Task, before cancelling it): HTTP {response.status_code}"
-            raise DeliveryError(text, retryable=is_retryable(response.status_code))
+            text = (
+                f"GET {without_password(searched)} (the referral's Task, before cancelling it): "
+                f"HTTP {response.status_code}"
+            )
+            raise DeliveryError(
+                text,
+                retryable=is_retryable(response.status_code),
+                said=outcome_text(response) or None,
+            )
         tasks = _search_results(body, "Task")
         if not tasks:
             raise DeliveryError(
-                f"GET {without_password(url)}: no Task for referral {key} (the referral is not "
-                "at the server yet; retried)"
+                f"GET {without_password(searched)}: no Task for the referral (it is not at the "
+                "server yet; retried)",
+                said=None,
             )
         if len(tasks) > 1:
             return outgoing.payload  # the conditional patch says what is wrong (412)

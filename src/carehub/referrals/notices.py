@@ -43,7 +43,16 @@ community-resources):
 
 A notice to the referrer names who answered (:attr:`ReferralTransition.answered_by`: an RRI's
 responding party or sender, a polled Task's owner), never simply the organisation the referral
-named, and carries what they said (an RRI's NTEs, a webhook's or a Task's note).
+named, and carries what they said (an RRI's NTEs, a webhook's or a Task's note). When carehub
+does not know who answered (a webhook call with an intake token), it names the organisation
+the referral is with, as that: "Eastside Neighbors Pantry (the organisation the referral is
+with)". An answer that overtook its referral is told with the referral that it waited for
+(:attr:`ReferralTransition.early_answer`).
+
+A reprocessed message (``messages reprocess``) finds the transition its first run applied, not
+the referral as it stands now, so a notice that an earlier run of the message made to the same
+recipient, of the same kind, and that was delivered or is still on its way, is not made again
+(suppressed, with the reason): the referrer is never told "accepted" after "completed".
 
 Like the notify step, this only *plans* deliveries; the router commits them with the route and
 the outbox sends them with retries. Nothing is written to ``notifications`` (that table is the
@@ -86,7 +95,7 @@ from carehub.routing.router import (
     store_id_of,
 )
 from carehub.store.outbox import Outbox
-from carehub.store.schema import referral_events
+from carehub.store.schema import DeliveryStatus, deliveries, referral_events
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -394,20 +403,65 @@ class ReferralNotifier:
             )
         if self.directory is not None:
             self.directory.refresh()
-        decisions: list[NoticeDecision] = []
+        # Each decision with the transition its notice tells of.
+        decisions: list[tuple[NoticeDecision, ReferralTransition]] = []
         # A refused update changed nothing, so nobody hears of it, except an organisation
         # working on a cancelled referral (acted_on_cancelled is only ever set on refusals).
         if "referrer" in self.config.tell and _tells_referrer(transition):
-            decisions.append(self._referrer(transition))
+            decisions.append((self._referrer(transition), transition))
+        early = _early_answer(transition)
+        if "referrer" in self.config.tell and early is not None and _tells_referrer(early):
+            # An answer that overtook its referral, applied once the referral came.
+            decisions.append((self._referrer(early), early))
         if "organization" in self.config.tell:
             if transition.action in ("created", "released"):
-                decisions.append(self._organization(work, transition))
+                decisions.append((self._organization(work, transition), transition))
             elif transition.accepted and transition.action in ("modified", "cancelled"):
-                decisions.extend(self._organizations_following(work, transition))
-        planned = [self._deliver(work, transition, d, run) for d in decisions if _sendable(d)]
+                decisions.extend(
+                    (d, transition) for d in self._organizations_following(work, transition)
+                )
+        if run > 1:
+            self._suppress_told_before(work, run, [d for d, _ in decisions])
+        planned = [self._deliver(work, t, d, run) for d, t in decisions if _sendable(d)]
         if self.context.store is None:
-            self._remember_told(transition, decisions)
-        return planned, [d.output() for d in decisions]
+            self._remember_told(transition, [d for d, _ in decisions])
+        return planned, [d.output() for d, _ in decisions]
+
+    def _suppress_told_before(self, work: Work, run: int, decisions: list[NoticeDecision]) -> None:
+        """A reprocess (run > 1) finds the transition the first run applied, not the
+        referral as it stands now: its notice would tell again what was told, and may be out
+        of date (an "accepted" after the referral was completed). A notice an earlier run of
+        this message made to the same recipient, of the same kind, delivered or still on its
+        way, is not made again; one that was given up on (a dead letter, discarded) is."""
+        store = self.context.store
+        if store is None:
+            return
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(deliveries.c.id, deliveries.c.run, deliveries.c.metadata)
+                .where(
+                    deliveries.c.message_id == work.message.id,
+                    deliveries.c.route == self.route,
+                    deliveries.c.run.between(1, run - 1),  # routing runs (0: carehub's own)
+                    deliveries.c.status.in_(_TOLD),
+                )
+                .order_by(deliveries.c.id)
+            ).all()
+        told: dict[tuple[str, str], tuple[int, int]] = {}
+        for row in rows:
+            meta = _json_object(row.metadata)
+            told[(str(meta.get("recipient") or ""), str(meta.get("kind") or ""))] = (
+                row.id,
+                row.run,
+            )
+        for decision in decisions:
+            earlier = told.get((decision.recipient, decision.kind))
+            if decision.status == "queued" and earlier is not None:
+                decision.status = "suppressed"
+                decision.reason = (
+                    f"told by run {earlier[1]} of this message (delivery {earlier[0]}); a "
+                    "reprocess does not tell it again"
+                )
 
     def _organizations_following(
         self, work: Work, transition: ReferralTransition
@@ -590,7 +644,13 @@ class ReferralNotifier:
         else:
             # Who answered, not whom the referral named: another organisation may answer (a
             # FHIR Task's owner, an RRI's sender), and the referrer must hear who it was.
-            organization = transition.answered_by or "the receiving organisation"
+            # When carehub does not know (a webhook call with an intake token), whom the
+            # referral is with, said as that.
+            organization = (
+                transition.answered_by
+                or _with_label(transition.sent_to)
+                or "the receiving organisation"
+            )
         resources = work.data.get("community_resources") or {}
         needs = [n.get("label") or n.get("category") for n in resources.get("needs") or []]
         return {
@@ -653,6 +713,8 @@ class ReferralNotifier:
                 )
                 .order_by(referral_events.c.id)
             ).all()
+            # The referrer's first message of each referral (not an answer that came before
+            # it, nor a merge that re-filed it).
             originals = {
                 row.referral_id: row.first
                 for row in conn.execute(
@@ -660,7 +722,10 @@ class ReferralNotifier:
                         referral_events.c.referral_id,
                         func.min(referral_events.c.message_id).label("first"),
                     )
-                    .where(referral_events.c.referral_id.in_({a.referral_id for a in answers}))
+                    .where(
+                        referral_events.c.referral_id.in_({a.referral_id for a in answers}),
+                        referral_events.c.source.like("REF^%"),
+                    )
                     .group_by(referral_events.c.referral_id)
                 )
             }
@@ -690,8 +755,41 @@ class ReferralNotifier:
 ANSWER_LOOKBACK = timedelta(days=2)
 
 
+#: Deliveries that told their recipient, or are on their way to (see _suppress_told_before).
+_TOLD = (
+    DeliveryStatus.DELIVERED.value,
+    DeliveryStatus.PENDING.value,
+    DeliveryStatus.SENDING.value,
+)
+
+
 def _sendable(decision: NoticeDecision) -> bool:
     return decision.status == "queued"
+
+
+def _early_answer(transition: ReferralTransition) -> ReferralTransition | None:
+    """The answer applied with a referral it had overtaken (ReferralTransition.early_answer)."""
+    if not transition.early_answer:
+        return None
+    return ReferralTransition.from_output(transition.early_answer)
+
+
+def _with_label(organizations: list[str]) -> str | None:
+    """``Eastside Neighbors Pantry (the organisation the referral is with)``: for an answer
+    whose sender carehub does not know, whom it can name, said as what it is."""
+    if not organizations:
+        return None
+    if len(organizations) == 1:
+        return f"{organizations[0]} (the organisation the referral is with)"
+    return f"{', '.join(organizations)} (the organisations the referral is with)"
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    with contextlib.suppress(ValueError, TypeError):
+        value = json.loads(text or "{}")
+        if isinstance(value, dict):
+            return value
+    return {}
 
 
 def _tells_referrer(transition: ReferralTransition) -> bool:

@@ -17,7 +17,21 @@ in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 mess
   for a closed referral is refused.
 - ``REF^I14`` (cancel) -> ``cancelled``. ``REF^I15`` (status request) -> recorded only.
 - ``RRI^I12..I15`` (responses): RF1-1 (table 0283) A -> accepted, R -> rejected,
-  P -> received (pending), E -> failed (expired).
+  P -> received (pending), E -> failed (expired). An answer counts only from an organisation
+  the referral is with (referral_recipients): one whose PRD role RT names another, or whose
+  sender (MSH-4, MSH-3) is an organisation a modify took the referral from, is refused, and
+  the referral keeps waiting for its own organisation's answer. One that names no
+  organisation is taken from its sender.
+- An RRI that overtook its I12 is refused (unknown referral) and kept: the I12 (or an I13 that
+  creates the referral) takes on every refused row that named its id, with or without the
+  authority, and applies the newest answer among them just after it
+  (``ReferralTransition.early_answer``), so the referrer hears it and no overdue alert fires.
+- A message naming no referral id, or the referrer's I14/I15 for a referral carehub never had,
+  belongs to no referral: it is recorded (:func:`refused_referral_events`) and the step fails
+  its route with the reason, so the message is ``failed`` and says why.
+- The patient is filed under the identifier a merge (A40) left standing: a later message with
+  the retired identifier changes nothing, and the merge itself is a row on the timeline of
+  each referral it moves (:func:`move_referrals_to_survivor`).
 - Every status change is checked against :data:`TRANSITIONS`. A refused update (an RRI for an
   unknown referral, a completion after a cancel, a regression such as pending after accepted)
   changes nothing but is recorded with ``accepted=False`` and the reason, so the timeline shows
@@ -50,7 +64,7 @@ from typing import Any, Protocol
 from pydantic import Field
 from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
 
-from carehub.components import ComponentContext, ComponentOptions, TrackingEnricher, Work
+from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import (
     CareEvent,
@@ -65,6 +79,7 @@ from carehub.store.schema import (
     clipped,
     deliveries,
     messages,
+    patient_merges,
     referral_events,
     referrals,
 )
@@ -87,9 +102,11 @@ __all__ = [
     "ReferralTransition",
     "is_allowed",
     "list_referrals",
+    "move_referrals_to_survivor",
     "party_name",
     "referral_key",
     "referral_timeline",
+    "refused_referral_events",
 ]
 
 log = logging.getLogger(__name__)
@@ -322,6 +339,14 @@ class ReferralTransition:
     answered_by: str | None = None
     #: What the receiving side said with a webhook call or a FHIR Task update.
     answer_note: str | None = None
+    #: An answer from the receiving side: the organisations the referral was with when it
+    #: came (referral_recipients), for a notice about an answer whose sender carehub does not
+    #: know (a webhook call with an intake token).
+    sent_to: list[str] = field(default_factory=list)
+    #: A referral created by this message (I12, I13) that had an answer waiting: an RRI that
+    #: overtook it, applied just after it. That answer's transition (as_output), for the
+    #: referrer to hear it as if it had come after the referral.
+    early_answer: dict[str, Any] | None = None
     message_id: int | None = None
     #: For notices: patient, referral id, parties, priority, reason, due date.
     summary: dict[str, Any] = field(default_factory=dict)
@@ -354,10 +379,20 @@ SENT_KINDS = ("referral_new",)
 WITHDRAWN_KINDS = ("referral_withdrawn",)
 
 
-def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str, str]]:
-    """(recipient, address, name) of each organisation emailed the referral (row id) and not
-    told since that it was withdrawn, oldest first: the ``referral_new`` deliveries of the
-    referral's earlier messages in the outbox, less the ``referral_withdrawn`` ones."""
+@dataclass(slots=True)
+class _OutboxOrganizations:
+    """What the outbox says of the organisations one referral was emailed to."""
+
+    #: (recipient, address, name) of each emailed it and not told since that it was
+    #: withdrawn, oldest first.
+    sent: list[tuple[str, str, str]]
+    #: The names of those told it was withdrawn (and not sent it again since).
+    withdrawn: list[str]
+
+
+def _outbox_organizations(conn: Connection, referral_id: int) -> _OutboxOrganizations:
+    """The ``referral_new`` and ``referral_withdrawn`` deliveries of the referral's earlier
+    messages in the outbox, read through ``conn`` (the caller's transaction, or its own)."""
     earlier = (
         select(referral_events.c.message_id)
         .where(
@@ -366,25 +401,39 @@ def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str,
         )
         .scalar_subquery()
     )
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(deliveries.c.metadata)
-            .where(
-                deliveries.c.message_id.in_(earlier),
-                deliveries.c.status != DeliveryStatus.DISCARDED.value,
-            )
-            .order_by(deliveries.c.id)
-        ).all()
+    rows = conn.execute(
+        select(deliveries.c.metadata)
+        .where(
+            deliveries.c.message_id.in_(earlier),
+            deliveries.c.status != DeliveryStatus.DISCARDED.value,
+        )
+        .order_by(deliveries.c.id)
+    ).all()
     by_address: dict[str, tuple[str, str]] = {}
+    withdrawn: dict[str, str] = {}
     for (text,) in rows:
         meta = _json_object(text)
         address = str(meta.get("to") or "")
+        name = str(meta.get("recipient_name") or address)
         if meta.get("kind") in SENT_KINDS and address:
             recipient = str(meta.get("recipient") or f"org:{address}")
-            by_address[address] = (recipient, str(meta.get("recipient_name") or address))
+            by_address[address] = (recipient, name)
+            withdrawn.pop(address, None)
         elif meta.get("kind") in WITHDRAWN_KINDS:
             by_address.pop(address, None)
-    return [(r, address, n) for address, (r, n) in by_address.items()]
+            if address:
+                withdrawn[address] = name
+    return _OutboxOrganizations(
+        [(r, address, n) for address, (r, n) in by_address.items()], list(withdrawn.values())
+    )
+
+
+def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str, str]]:
+    """(recipient, address, name) of each organisation emailed the referral (row id) and not
+    told since that it was withdrawn, oldest first: the ``referral_new`` deliveries of the
+    referral's earlier messages in the outbox, less the ``referral_withdrawn`` ones."""
+    with engine.connect() as conn:
+        return _outbox_organizations(conn, referral_id).sent
 
 
 def referral_recipients(record: ReferralRecord, engine: Engine | None) -> list[str]:
@@ -395,15 +444,21 @@ def referral_recipients(record: ReferralRecord, engine: Engine | None) -> list[s
 
     The same reads are made whatever the referral, so that the time a status call takes does
     not tell a caller which of another organisation's referrals exist."""
+    sent: list[tuple[str, str, str]] = []
+    if engine is not None:
+        sent = organizations_sent(engine, record.id if record.id is not None else -1)
+    return _recipients(record, [name for _, _, name in sent])
+
+
+def _recipients(record: ReferralRecord, emailed: Iterable[str]) -> list[str]:
+    """referral_recipients, given the names of the organisations emailed it."""
     found: list[str] = []
     named = party_organization(record.referred_to) or _top_match(record.matches)
     if named:
         found.append(named)
-    if engine is not None:
-        row_id = record.id if record.id is not None else -1
-        for _, _, name in organizations_sent(engine, row_id):
-            if name.strip().casefold() not in {f.strip().casefold() for f in found}:
-                found.append(name)
+    for name in emailed:
+        if not any(_same_name(name, f) for f in found):
+            found.append(name)
     return found
 
 
@@ -523,6 +578,11 @@ class _Backend(Protocol):
     def events(self, rec: ReferralRecord) -> list[ReferralEvent]: ...
     def awaiting(self) -> list[ReferralRecord]: ...
     def mark_alerted(self, referral_id: int, now: datetime) -> bool: ...
+    def merged_into(self, patient_key: str) -> str | None: ...
+    def outbox_organizations(self, referral_id: int) -> _OutboxOrganizations: ...
+    def orphans(self, keys: Iterable[str]) -> list[ReferralEvent]: ...
+    def adopt(self, event_ids: Iterable[int], referral_id: int) -> None: ...
+    def set_result(self, event_id: int, result: dict[str, Any]) -> None: ...
 
 
 def _dump(value: Any) -> str | None:
@@ -678,6 +738,47 @@ class _SqlBackend:
         )
         return result.rowcount == 1
 
+    def merged_into(self, patient_key: str) -> str | None:
+        return self.conn.execute(
+            select(patient_merges.c.surviving_key).where(
+                patient_merges.c.retired_key == patient_key
+            )
+        ).scalar()
+
+    def outbox_organizations(self, referral_id: int) -> _OutboxOrganizations:
+        return _outbox_organizations(self.conn, referral_id)
+
+    def orphans(self, keys: Iterable[str]) -> list[ReferralEvent]:
+        rows = self.conn.execute(
+            select(referral_events)
+            .where(
+                referral_events.c.referral_id.is_(None),
+                referral_events.c.referral_key.in_(sorted(set(keys))),
+            )
+            .order_by(referral_events.c.id)
+        )
+        return [_to_event(r) for r in rows]
+
+    def adopt(self, event_ids: Iterable[int], referral_id: int) -> None:
+        ids = sorted(set(event_ids))
+        if ids:
+            self.conn.execute(
+                update(referral_events)
+                .where(referral_events.c.id.in_(ids), referral_events.c.referral_id.is_(None))
+                .values(referral_id=referral_id)
+            )
+
+    def set_result(self, event_id: int, result: dict[str, Any]) -> None:
+        text = self.conn.execute(
+            select(referral_events.c.detail).where(referral_events.c.id == event_id)
+        ).scalar()
+        detail = {**_json_object(text), "result": result}
+        self.conn.execute(
+            update(referral_events)
+            .where(referral_events.c.id == event_id)
+            .values(detail=json.dumps(detail, ensure_ascii=False, default=str))
+        )
+
 
 class ReferralMemory:
     """The two tables as dicts, for dry runs (no store). One per enricher instance."""
@@ -744,6 +845,31 @@ class _MemoryBackend:
             return False
         rec.alerted_at = _utc(now)
         return True
+
+    def merged_into(self, patient_key: str) -> str | None:
+        return None  # a dry run's merges are the encounter-state step's, not kept here
+
+    def outbox_organizations(self, referral_id: int) -> _OutboxOrganizations:
+        return _OutboxOrganizations([], [])  # a dry run has no outbox
+
+    def orphans(self, keys: Iterable[str]) -> list[ReferralEvent]:
+        wanted = set(keys)
+        return [
+            copy.deepcopy(e)
+            for _, e in self.t.events
+            if e.referral_id is None and e.referral_key in wanted
+        ]
+
+    def adopt(self, event_ids: Iterable[int], referral_id: int) -> None:
+        ids = set(event_ids)
+        for _, event in self.t.events:
+            if event.id in ids and event.referral_id is None:
+                event.referral_id = referral_id
+
+    def set_result(self, event_id: int, result: dict[str, Any]) -> None:
+        for _, event in self.t.events:
+            if event.id == event_id:
+                event.detail["result"] = copy.deepcopy(result)
 
 
 # -- the state machine -------------------------------------------------------------------------
@@ -911,15 +1037,13 @@ class ReferralTracker:
                 note=f"referral already on file ({rec.status}): nothing changed",
             )
         rec = self._create(ctx, key)
-        return self._record(ctx, rec, key, "created", "requested", changed=True, before=None)
+        return self._created(ctx, rec, key)
 
     def _on_modify(self, ctx: _Context, rec: ReferralRecord | None, key: str) -> ReferralTransition:
         if rec is None:
             rec = self._create(ctx, key)
             note = "created from a modify: the original referral (I12) was never seen"
-            return self._record(
-                ctx, rec, key, "created", "requested", changed=True, before=None, note=note
-            )
+            return self._created(ctx, rec, key, note)
         if rec.status in CLOSED_STATUSES:
             return self._record(
                 ctx,
@@ -933,7 +1057,7 @@ class ReferralTracker:
         named_before = copy.deepcopy(rec.referred_to)
         holder_before = party_organization(named_before) or _top_match(rec.matches)
         before = rec.status
-        changed = self._merge_fields(rec, ctx.event)
+        changed = self._merge_fields(rec, ctx.event, ctx.b)
         named_now = party_organization(rec.referred_to)
         moved = bool(holder_before and named_now) and not _same_name(holder_before, named_now)
         # A referral held for want of an organisation (none named, none matched) that names
@@ -986,6 +1110,20 @@ class ReferralTracker:
                 reason=f"RF1-1 status {ref.status!r} is not A, R, P or E (table 0283)",
                 extra=extra,
             )
+        refusal = self._answer_refusal(
+            ctx.b, rec, _responding_organization(ctx.event), _senders(ctx.event)
+        )
+        if refusal is not None:
+            return self._record(
+                ctx,
+                rec,
+                rec.referral_key,
+                "other_organization",
+                target,
+                accepted=False,
+                reason=refusal,
+                extra=extra,
+            )
         trigger = ctx.event.trigger_event if ctx.event is not None else ""
         if trigger == "I14" and rec.status == "cancelled":
             return self._record(
@@ -998,6 +1136,133 @@ class ReferralTracker:
                 extra=extra,
             )
         return self._change(ctx, rec, target, extra=extra)
+
+    def _answer_refusal(
+        self, b: _Backend, rec: ReferralRecord, organization: str | None, senders: list[str]
+    ) -> str | None:
+        """Why an answer cannot be the answer of whoever has the referral, or None. An answer
+        that names its organisation (PRD role RT) must name one the referral is with (unless
+        it is with none: held); one that names none is taken, unless its sender (MSH-4, MSH-3)
+        is an organisation the referral was withdrawn from. A sender is a facility code as
+        often as a name, so only a name carehub knows tells it apart."""
+        outbox = b.outbox_organizations(rec.id if rec.id is not None else -1)
+        holders = _recipients(rec, [name for _, _, name in outbox.sent])
+        withdrawn = [
+            name
+            for name in [*outbox.withdrawn, *self._moved_from(b, rec)]
+            if not _among(name, holders)
+        ]
+        now_with = f"it is with {', '.join(holders)}" if holders else "it is with nobody now"
+        if organization:
+            if _among(organization, holders) or not (holders or _among(organization, withdrawn)):
+                return None
+            how = (
+                "was withdrawn from it" if _among(organization, withdrawn) else "was not sent to it"
+            )
+            return f"answer from {organization}, but the referral {how}: {now_with}"
+        for sender in senders:
+            if _among(sender, withdrawn) and not _among(sender, holders):
+                return f"answer from {sender}, but the referral was withdrawn from it: {now_with}"
+        return None
+
+    @staticmethod
+    def _moved_from(b: _Backend, rec: ReferralRecord) -> list[str]:
+        """The organisations a modify took the referral from (ReferralTransition
+        .referred_to_before), as the timeline recorded them: known with or without an outbox."""
+        names = []
+        for event in b.events(rec):
+            result = event.detail.get("result") or {}
+            if event.accepted and event.action == "modified" and result.get("referred_to_before"):
+                name = party_organization(result["referred_to_before"])
+                if name:
+                    names.append(name)
+        return names
+
+    # -- a referral that was waited for --------------------------------------------------------
+    def _created(
+        self, ctx: _Context, rec: ReferralRecord, key: str, note: str | None = None
+    ) -> ReferralTransition:
+        """Record a referral this message created, with what came for it before it did: the
+        refused updates that named its id join its timeline, and the newest answer among them
+        (an RRI that overtook its I12) is applied just after, as if it had come then."""
+        waiting = self._adopt_orphans(ctx, rec)
+        transition = self._record(
+            ctx, rec, key, "created", "requested", changed=True, before=None, note=note
+        )
+        created_row = ctx.last_event_id
+        early = self._apply_early_answer(ctx, rec, waiting)
+        if early is not None and created_row is not None:
+            transition.early_answer = early.as_output()
+            ctx.b.set_result(created_row, transition.as_output())
+        return transition
+
+    @staticmethod
+    def _adopt_orphans(ctx: _Context, rec: ReferralRecord) -> list[ReferralEvent]:
+        """The refused rows that named this referral's id before it existed, now its own: by
+        its key, by the id with the authority the message gave it, and by the bare id (as an
+        RRI echoes RF1-6) while no other referral has that id."""
+        ref = ctx.event.referral if ctx.event is not None else None
+        ident = ref.referral_id if ref is not None else None
+        assert rec.id is not None
+        if ident is None:
+            return []
+        keys = {rec.referral_key}
+        if ident.authority:
+            keys.add(referral_key(ident))
+        if [r.id for r in ctx.b.by_value(ident.value)] == [rec.id]:
+            keys.update({f"|{ident.value}", ident.value})
+        found = ctx.b.orphans(keys)
+        ctx.b.adopt((e.id for e in found), rec.id)
+        return found
+
+    def _apply_early_answer(
+        self, ctx: _Context, rec: ReferralRecord, waiting: list[ReferralEvent]
+    ) -> ReferralTransition | None:
+        """Apply the newest answer (RRI, not the answer to a cancel) among ``waiting`` that the
+        referral takes: one with a status carehub reads, from whoever it is with. Only RRIs:
+        their senders were acknowledged and will not send them again, while a webhook caller
+        was answered 404 and knows to try again."""
+        answers = [
+            e
+            for e in waiting
+            if e.action == "unknown_referral"
+            and e.source.startswith("RRI^")
+            and e.source != "RRI^I14"
+            and e.to_status in RF1_STATUS.values()
+        ]
+        for answer in reversed(answers):
+            responder = answer.detail.get("responder") or {}
+            senders = [
+                str(responder[k])
+                for k in ("sending_facility", "sending_application")
+                if responder.get(k)
+            ]
+            organization = responder.get("organization")
+            if self._answer_refusal(ctx.b, rec, organization, senders) is not None:
+                continue
+            assert answer.to_status is not None
+            if not is_allowed(rec.status, answer.to_status):
+                continue
+            result = answer.detail.get("result") or {}
+            notes = [str(n) for n in responder.get("notes") or [] if str(n).strip()]
+            replay = _Context(
+                ctx.b,
+                None,
+                answer.source,
+                answer.message_id,
+                ctx.message_key,
+                ctx.now,
+                {
+                    "responder": responder,
+                    "early_answer": answer.id,
+                    "note": f"an answer that came before the referral (timeline row "
+                    f"{answer.id}), applied after it",
+                },
+                answered_by=result.get("answered_by"),
+                answer_note=" ".join(n.strip() for n in notes) or None,
+            )
+            return self._change(replay, rec, answer.to_status)
+        return None
 
     # -- other sources ------------------------------------------------------------------------
     def advance(
@@ -1095,14 +1360,16 @@ class ReferralTracker:
             updated_at=ctx.now,
             due_at=ctx.now + timedelta(hours=self.response_hours),
         )
-        self._merge_fields(rec, ctx.event)
+        self._merge_fields(rec, ctx.event, ctx.b)
         ctx.b.save(rec)
         return rec
 
     @staticmethod
-    def _merge_fields(rec: ReferralRecord, event: CareEvent | None) -> list[str]:
+    def _merge_fields(rec: ReferralRecord, event: CareEvent | None, b: _Backend) -> list[str]:
         """Fold the referrer's message into the record; returns the fields that changed. What
-        a modify leaves out (no PRD RT, no reason) is kept from before."""
+        a modify leaves out (no PRD RT, no reason) is kept from before. The patient is filed
+        under the identifier a merge (A40) left standing: a message that still sends the
+        retired one changes nothing about whose referral it is."""
         if event is None:
             return []
         ref = event.referral or Referral()
@@ -1115,7 +1382,9 @@ class ReferralTracker:
         }
         primary = event.patient.primary if event.patient is not None else None
         if primary is not None:
-            new["patient_key"] = make_patient_key(primary.value, primary.authority, 0)
+            new["patient_key"] = _surviving_key(
+                b, make_patient_key(primary.value, primary.authority, 0)
+            )
         changed = []
         for name, value in new.items():
             if value is not None and value != getattr(rec, name):
@@ -1172,6 +1441,7 @@ class ReferralTracker:
             acted_on_cancelled=acted_on_cancelled,
             answered_by=_answered_by(ctx),
             answer_note=_answer_note(ctx),
+            sent_to=self._sent_to(ctx, rec),
             message_id=ctx.message_id,
             summary=_summary(rec),
             changed_fields=list(changed_fields or []),
@@ -1189,6 +1459,7 @@ class ReferralTracker:
             if ctx.event.kind == "referral_response" and ctx.event.referral is not None:
                 responder = ctx.event.referral
                 detail["responder"] = {
+                    "organization": _responding_organization(ctx.event),
                     "sending_application": ctx.event.sending_application,
                     "sending_facility": ctx.event.sending_facility,
                     "external_id": responder.external_id.model_dump(exclude_none=True)
@@ -1210,8 +1481,22 @@ class ReferralTracker:
             "detail": detail,
             "at": ctx.now,
         }
-        ctx.b.add_event(row, ctx.message_key)
+        ctx.last_event_id = ctx.b.add_event(row, ctx.message_key)
         return transition
+
+    @staticmethod
+    def _sent_to(ctx: _Context, rec: ReferralRecord | None) -> list[str]:
+        """For an answer from the receiving side: whom the referral is with (see
+        ReferralTransition.sent_to); nothing for the referrer's own messages."""
+        answering = (
+            ctx.event.kind == "referral_response"
+            if ctx.event is not None
+            else ctx.source in _ANSWER_SOURCES or ctx.answered_by is not None
+        )
+        if not answering or rec is None or rec.id is None:
+            return []
+        emailed = ctx.b.outbox_organizations(rec.id).sent
+        return _recipients(rec, [name for _, _, name in emailed])
 
     # -- overdue -------------------------------------------------------------------------------
     def overdue(self, now: datetime, response_hours: float | None = None) -> list[ReferralRecord]:
@@ -1262,6 +1547,12 @@ class _Context:
     message_key: Any
     now: datetime
     detail: dict[str, Any] = field(default_factory=dict)
+    #: An answer applied after it came (one that overtook its referral): who gave it and
+    #: what they said, as recorded when it came.
+    answered_by: str | None = None
+    answer_note: str | None = None
+    #: The timeline row _record wrote last.
+    last_event_id: int | None = None
 
 
 #: Sources whose updates come from the receiving side without a v2 message.
@@ -1272,6 +1563,8 @@ def _answered_by(ctx: _Context) -> str | None:
     """The party that gave an answer: an RRI's responding party (PRD role RT, else its sending
     facility or application); for a webhook or Task poll what the caller recorded in
     ``detail["answered_by"]`` (a Task's owner)."""
+    if ctx.answered_by is not None:
+        return ctx.answered_by
     event = ctx.event
     if event is not None:
         if event.kind != "referral_response":
@@ -1290,8 +1583,48 @@ def _answered_by(ctx: _Context) -> str | None:
 
 def _answer_note(ctx: _Context) -> str | None:
     """The note a webhook call or a Task update carried (an RRI's notes are its NTEs)."""
+    if ctx.answer_note is not None:
+        return ctx.answer_note
     note = ctx.detail.get("note")
     return str(note) if note and ctx.event is None and ctx.source in _ANSWER_SOURCES else None
+
+
+def _responding_organization(event: CareEvent | None) -> str | None:
+    """The organisation an RRI names as its responding party (PRD role RT): the organisation,
+    or the one the named person works for. None when it names none."""
+    party = event.referral.referred_to if event is not None and event.referral else None
+    if isinstance(party, Organization):
+        return party.name or None
+    if isinstance(party, Practitioner):
+        return party.organization or None
+    return None
+
+
+def _senders(event: CareEvent | None) -> list[str]:
+    """Who sent a message, as its header says: MSH-4, MSH-3."""
+    if event is None:
+        return []
+    return [s for s in (event.sending_facility, event.sending_application) if s]
+
+
+def _among(name: str, names: Iterable[str]) -> bool:
+    return any(_same_name(name, other) for other in names)
+
+
+_MERGE_HOPS = 32  # a chain of merges longer than this is a loop in bad data
+
+
+def _surviving_key(b: _Backend, patient_key: str) -> str:
+    """The patient key a merge (A40) left standing for ``patient_key``: itself unless it was
+    retired, followed through a chain of merges as the encounter-state step follows it."""
+    seen = {patient_key}
+    for _ in range(_MERGE_HOPS):
+        target = b.merged_into(patient_key)
+        if target is None or target in seen:
+            break
+        seen.add(target)
+        patient_key = target
+    return patient_key
 
 
 # -- the route step ----------------------------------------------------------------------------
@@ -1322,10 +1655,6 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
 
     missing_event_error = ReferralStateError
 
-    def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
-        super().__init__(options, context)
-        self._logged_overdue: set[int | None] = set()
-
     def new_memory(self) -> ReferralMemory:
         return ReferralMemory()
 
@@ -1341,21 +1670,141 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
         identity = message.identity if tracker.engine is None else None
         transition = tracker.apply_message(event, message.id, identity=identity)
         work.data["referral"] = transition
+        untracked = _untracked(transition)
+        if untracked is not None:
+            # Recorded (refused_referral_events lists it), and the route fails with the
+            # reason, so the message is 'failed' and says why rather than 'delivered'.
+            raise ReferralStateError(untracked)
         return transition.as_output()
 
     def tick(self, now: datetime) -> None:
-        """Log referrals newly past their deadline. The alert itself goes to the patient's
-        care coordinator from the notify step, which marks them alerted once it is queued."""
-        late = [r for r in self.tracker.overdue(now) if r.id not in self._logged_overdue]
+        """Log referrals newly past their deadline, once per store whichever of the routes'
+        referral-state steps gets there first. The alert itself goes to the patient's care
+        coordinator from the notify step, which marks them alerted once it is queued."""
+        store = self.context.store
+        by_store = self.context.shared.setdefault(_OVERDUE_LOGGED, {})
+        logged: set[int | None] = by_store.setdefault(
+            store.instance_id if store is not None else "", set()
+        )
+        late = [r for r in self.tracker.overdue(now) if r.id not in logged]
         if late:
-            self._logged_overdue.update(r.id for r in late)
+            logged.update(r.id for r in late)
             # Row ids, not referral numbers: a referral number identifies a patient's referral,
             # and logs carry no identifiers (`carehub referrals show ID` gives the rest).
             ids = ", ".join(f"#{r.id}" for r in late)
             log.warning("%d referral(s) without an answer: %s", len(late), ids)
 
 
+#: ComponentContext.shared: store id -> the referral rows whose overdue warning was logged.
+_OVERDUE_LOGGED = "enrich:referral-state:overdue-logged"
+
+
+def _untracked(transition: ReferralTransition) -> str | None:
+    """Why a referral message can be tied to no referral at all, or None: it names no
+    referral id, or it is the referrer's cancel or status request (I14, I15) for a referral
+    carehub never had. Said without the id, since it becomes the message's status detail.
+    An answer (RRI) for an unknown referral is not one: it is kept for its referral, which
+    may come after it (see ReferralTracker._created)."""
+    if transition.action == "no_referral_id":
+        return (
+            f"{transition.source} not tracked: the message has no referral id (RF1-6 or "
+            "RF1-11), so it belongs to no referral"
+        )
+    if transition.action == "unknown_referral" and transition.source.startswith("REF^"):
+        return (
+            f"{transition.source} not tracked: no referral with its id (RF1-6) is on file, "
+            "so there is nothing to apply it to"
+        )
+    return None
+
+
 # -- queries for the command line ---------------------------------------------------------------
+
+
+def refused_referral_events(
+    engine: Engine,
+    since: datetime | None = None,
+    *,
+    unattached_only: bool = False,
+    limit: int | None = 100,
+) -> list[ReferralEvent]:
+    """Referral updates carehub refused, newest first, with the MSH-10 of their messages:
+    ``since`` a time (all without one); ``unattached_only`` keeps those tied to no referral
+    (no referral id, an unknown one) that no referral's timeline shows."""
+    query = (
+        select(referral_events)
+        .where(referral_events.c.accepted.is_(False))
+        .order_by(referral_events.c.id.desc())
+    )
+    if since is not None:
+        query = query.where(referral_events.c.at >= _utc(since))
+    if unattached_only:
+        query = query.where(referral_events.c.referral_id.is_(None))
+    if limit:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        events = [_to_event(row) for row in conn.execute(query)]
+        _add_control_ids(conn, events)
+    return events
+
+
+def _add_control_ids(conn: Connection, events: list[ReferralEvent]) -> None:
+    """Each event's message's MSH-10 as the store has it, into ``detail["control_id"]``."""
+    ids = {e.message_id for e in events if e.message_id is not None}
+    if not ids:
+        return
+    control_ids = dict(
+        conn.execute(
+            select(messages.c.id, messages.c.control_id).where(messages.c.id.in_(ids))
+        ).all()
+    )
+    for event in events:
+        stored = control_ids.get(event.message_id) if event.message_id is not None else None
+        if stored:
+            event.detail["control_id"] = stored
+
+
+def move_referrals_to_survivor(
+    conn: Connection, retired: str, surviving: str, message_id: int | None, at: datetime
+) -> list[int]:
+    """A merge (A40) retired ``retired`` into ``surviving``: file the retired patient's
+    referrals under the survivor, each with a row on its timeline saying so (the referral's
+    patient changed without a message of its own). Runs in the caller's transaction (the
+    encounter-state step's, which records the merge). Returns the referral row ids moved."""
+    moved = conn.execute(
+        select(referrals.c.id, referrals.c.referral_key, referrals.c.status).where(
+            referrals.c.patient_key == retired
+        )
+    ).all()
+    if not moved:
+        return []
+    conn.execute(
+        update(referrals)
+        .where(referrals.c.id.in_([row.id for row in moved]))
+        .values(patient_key=surviving)
+    )
+    note = f"patient {_label(retired)} merged into {_label(surviving)}: filed under it now"
+    detail = json.dumps({"note": note, "retired_key": retired, "surviving_key": surviving})
+    conn.execute(
+        insert(referral_events),
+        [
+            {
+                "referral_id": row.id,
+                "referral_key": row.referral_key,
+                "message_id": message_id,
+                "source": "patient-merge",
+                "action": "patient_merged",
+                "from_status": row.status,
+                "to_status": row.status,
+                "accepted": True,
+                "reason": None,
+                "detail": detail,
+                "at": _utc(at),
+            }
+            for row in moved
+        ],
+    )
+    return [row.id for row in moved]
 
 
 def list_referrals(
@@ -1434,20 +1883,8 @@ def referral_timeline(engine: Engine, ident: int | str) -> ReferralTimeline | No
             rec = _to_record(row) if row else None
         if rec is None:
             return None
-        events = []
-        for row in conn.execute(_events_query(rec)):
-            event = _to_event(row)
-            events.append(event)
-        ids = {e.message_id for e in events if e.message_id is not None}
-        control_ids = dict(
-            conn.execute(
-                select(messages.c.id, messages.c.control_id).where(messages.c.id.in_(ids))
-            ).all()
-        )
-    for event in events:
-        stored = control_ids.get(event.message_id) if event.message_id is not None else None
-        if stored:
-            event.detail["control_id"] = stored
+        events = [_to_event(row) for row in conn.execute(_events_query(rec))]
+        _add_control_ids(conn, events)
     return ReferralTimeline(rec, events)
 
 

@@ -26,6 +26,18 @@ see why a service is first, and every match and exclusion carries its reasons:
 Ties go to the nearer service, then the name. Services that serve a need but are out of age
 range, report zero capacity, are farther than ``max_km`` or are not ``active`` are excluded,
 with the reason recorded.
+
+Language comes before points: when the patient's language is known (the language table or a
+service lists it), a service whose stated languages leave it out and that states no
+interpretation ranks after every service that may serve in it, whatever its points, with the
+reason; a referral that names nobody goes to the first rank and must not go where the patient
+cannot be understood. An unknown language only adds its reasons.
+
+A referral that names an organisation (PRD role RT) goes there (:func:`chosen_match`): the
+patient agreed to that one, and a directory status can lag behind the organisation. When
+none of its services is ``active``, the entry that stands for it carries a ``warning`` saying
+so, kept on the referral with the ranked matches, for the coordinator to check that it can
+take the patient or move the referral to another (REF^I13 naming it).
 """
 
 from __future__ import annotations
@@ -84,6 +96,8 @@ LANGUAGE_POINTS = 15.0
 REFERRED_POINTS = 10.0
 CAPACITY_POINTS = 5.0
 MAX_EXCLUDED = 25  # recorded per message; the count says how many more there were
+#: The reason a service of the organisation the referral names (PRD role RT) gives for it.
+NAMED_REASON = "organization named in the referral (referred-to)"
 
 
 class ResourcesError(CarehubError):
@@ -467,6 +481,9 @@ class Match:
     reasons: list[str]
     distance_km: float | None = None
     location: Location | None = None
+    #: Its stated languages leave out the patient's known one (and it states no
+    #: interpretation): ranked after every service that may serve in it.
+    lacks_language: bool = False
 
     def to_json(self, rank: int | None = None) -> dict[str, Any]:
         languages = [lang.name or lang.code for lang in self.service.all_languages()]
@@ -572,6 +589,22 @@ def _nearest(
     return (locations[0] if locations else None), None
 
 
+def _spoken(service: Service) -> set[tuple[str, str]]:
+    """(comparison key, display name) of each language the service lists."""
+    return {
+        lang
+        for item in service.all_languages()
+        if (lang := language_of(item.code or item.name)) is not None
+    }
+
+
+def _is_known_language(key: str, services: Sequence[Service]) -> bool:
+    """Whether ``key`` (a language_of key) names a language: one the table knows or one a
+    service lists. Other text (a code nobody uses) must not rank every service that states
+    its languages after those that do not."""
+    return key in _LANGUAGES or any(key in {k for k, _ in _spoken(service)} for service in services)
+
+
 def rank(
     services: Iterable[Service],
     needs: Sequence[Need],
@@ -587,7 +620,11 @@ def rank(
     """Rank the services that serve at least one need (the points rule is in the module
     docstring); the others are not candidates and are not listed."""
     centre = postal_codes.get(near_postal) if (postal_codes and near_postal) else None
+    services = list(services)
     wanted_language = language_of(language)
+    language_known = wanted_language is not None and _is_known_language(
+        wanted_language[0], services
+    )
     referred = (referred_to or "").strip().casefold()
     ranking = Ranking()
     for service in services:
@@ -602,7 +639,7 @@ def rank(
 
         if referred and referred == (service.organization_name() or "").strip().casefold():
             score += REFERRED_POINTS
-            reasons.append("organization named in the referral (referred-to)")
+            reasons.append(NAMED_REASON)
 
         location, distance = _nearest(service, centre, postal_codes)
         if distance is not None:
@@ -624,18 +661,21 @@ def rank(
         else:
             reasons.append("location has no coordinates or known postal code: distance unknown")
 
+        lacks_language = False
         if wanted_language is not None:
-            spoken = {
-                lang
-                for item in service.all_languages()
-                if (lang := language_of(item.code or item.name)) is not None
-            }
+            spoken = _spoken(service)
             if wanted_language[0] in {key for key, _ in spoken}:
                 score += LANGUAGE_POINTS
                 reasons.append(f"speaks {wanted_language[1]}")
             elif spoken:
                 listed = ", ".join(sorted(name for _, name in spoken))
-                reasons.append(f"does not list {wanted_language[1]} (lists {listed})")
+                lacks_language = language_known and not service.interpretation_services
+                after = (
+                    f": ranked after the services that may serve in {wanted_language[1]}"
+                    if lacks_language
+                    else ""
+                )
+                reasons.append(f"does not list {wanted_language[1]} (lists {listed}){after}")
             else:
                 reasons.append("languages not stated")
             if wanted_language[0] not in {k for k, _ in spoken} and service.interpretation_services:
@@ -657,10 +697,11 @@ def rank(
             ranking.excluded.append(Excluded(service, served, out))
         else:
             ranking.matches.append(
-                Match(service, round(score, 1), served, reasons, distance, location)
+                Match(service, round(score, 1), served, reasons, distance, location, lacks_language)
             )
     ranking.matches.sort(
         key=lambda m: (
+            m.lacks_language,
             -m.score,
             m.distance_km if m.distance_km is not None else float("inf"),
             m.service.name.casefold(),
@@ -682,13 +723,25 @@ def _named_organization(services: Iterable[Service], name: str) -> dict[str, Any
     """The directory's entry for the organisation a referral names (its first active service,
     as a match without a rank), whether or not it serves a need found in this message: a
     modify that names another organisation often carries no diagnosis, and the organisation
-    must still be reached at the address the directory gives it."""
+    must still be reached at the address the directory gives it.
+
+    With no active service, its first service stands for it with a ``warning``: the referral
+    still goes where it names (see the module docstring), and the coordinator is told why
+    that may be a dead end and what to do."""
     wanted = name.strip().casefold()
     found = [s for s in services if (s.organization_name() or "").strip().casefold() == wanted]
-    found.sort(key=lambda s: s.status.strip().lower() != "active")
     if not found:
         return None
-    return Match(found[0], 0.0, [], ["organization named in the referral (referred-to)"]).to_json()
+    active = [s for s in found if s.status.strip().lower() == "active"]
+    if active:
+        return Match(active[0], 0.0, [], [NAMED_REASON]).to_json()
+    statuses = ", ".join(dict.fromkeys(s.status.strip() or "not stated" for s in found))
+    warning = f"not active in the directory (status: {statuses})"
+    advice = (
+        f"{warning}: the referral goes there because it names it; check that it can take the "
+        "patient, or send the referral to another organisation (REF^I13 naming it)"
+    )
+    return {**Match(found[0], 0.0, [], [NAMED_REASON, advice]).to_json(), "warning": warning}
 
 
 def referred_to_name(event: Any) -> str | None:
@@ -883,15 +936,25 @@ class CommunityResourcesEnricher(Enricher):
                 result.update(ranking.to_json())
                 if named:
                     result["named"] = _named_organization(services, named)
+                    if (result["named"] or {}).get("warning"):
+                        # The message id only: logs carry no names or identifiers.
+                        log.warning(
+                            "community-resources: message %s names an organisation that is "
+                            "%s; recorded on the referral",
+                            work.message.id,
+                            result["named"]["warning"],
+                        )
         work.data["community_resources"] = result
         self._record_on_referral(work, result)
         return result
 
     def _record_on_referral(self, work: Work, result: dict[str, Any]) -> None:
         """With a referral-state step earlier in the route, the matches a new referral was
-        sent by are kept on the referral itself (not only in this step's output). Only a new
-        one's: the matches of a later modify (ranked again, from that message alone) must not
-        replace what the referral went out with, which tells who has it."""
+        sent by are kept on the referral itself (not only in this step's output), and after
+        them, without a rank, the named organisation's entry when that is where it goes but
+        it did not rank (with its warning, if any). Only a new one's: the matches of a later
+        modify (ranked again, from that message alone) must not replace what the referral went
+        out with, which tells who has it."""
         referral = work.data.get("referral")
         key = getattr(referral, "referral_key", None)
         if not key or getattr(referral, "action", None) not in _SENT_AS_NEW:
@@ -906,4 +969,8 @@ class CommunityResourcesEnricher(Enricher):
             else self.context.shared.get(ReferralStateEnricher.memory_key())
         )
         if target is not None:
-            record_matches(target, key, result["needs"], result["matches"])
+            offered = list(result["matches"])
+            chosen = chosen_match(work.event, result)
+            if chosen is not None and chosen not in offered:
+                offered.append(chosen)
+            record_matches(target, key, result["needs"], offered)

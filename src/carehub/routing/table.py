@@ -81,7 +81,8 @@ class RouteTable:
     #: Names earlier versions gave forwards written without ``name:`` (ROUTE/CHANNEL-POSITION)
     #: -> the name they have now, so deliveries stored under the old name still go out.
     former_names: dict[str, str] = field(default_factory=dict)
-    #: What start() found that will not stop routing but loses notices (logged as warnings).
+    #: What start() found that will not stop routing but loses notices or sends patient
+    #: data unprotected (logged as warnings; `routes check` prints them).
     start_warnings: list[str] = field(default_factory=list)
     #: Per step whose tick() fails: its run of failures, for the log (see _tick_one).
     _tick_runs: dict[str, FailureRun] = field(default_factory=dict, repr=False)
@@ -173,7 +174,7 @@ class RouteTable:
             for where, component in reversed(started):
                 await _close_one(where, component)
             raise
-        self.start_warnings = self._unreachable_recipients()
+        self.start_warnings = self._unreachable_recipients() + self._unprotected_destinations()
         for warning in self.start_warnings:
             log.warning("%s", warning)
 
@@ -196,6 +197,15 @@ class RouteTable:
                             f"(add one under notify.channels, or change their channel)"
                         )
         return warnings
+
+    def _unprotected_destinations(self) -> list[str]:
+        """One line per destination on another machine that its channel says would be sent
+        to in clear or without checking the server (Channel.unprotected_transport)."""
+        return [
+            f"{where}: {risk}"
+            for where, component in self._placed()
+            if isinstance(component, Channel) and (risk := component.unprotected_transport())
+        ]
 
     def _startables(self) -> list[tuple[Route, int, BoundStep, Component, str]]:
         """Each component with its route, step and a label naming it and its plugin."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class FailureRun:
         self._level = level
         self._traceback = traceback
         self.failing_since: float | None = None
+        #: When the run began, by the wall clock, and the latest failure's first line: what
+        #: /health says while it lasts.
+        self.failing_since_at: datetime | None = None
+        self.last_error = ""
         self._last_report = 0.0
         self._since_report = 0
         self._in_run = 0
@@ -49,8 +54,10 @@ class FailureRun:
     def failed(self, err: BaseException, count: int = 1) -> None:
         now = self._clock()
         self._in_run += count
+        self.last_error = (str(err) or type(err).__name__).split("\n", 1)[0][:200]
         if self.failing_since is None:
             self.failing_since = self._last_report = now
+            self.failing_since_at = datetime.now(UTC)
             self._since_report = 0
             self._log.log(
                 self._level,
@@ -86,4 +93,5 @@ class FailureRun:
             self.unit,
         )
         self.failing_since = None
+        self.failing_since_at = None
         self._in_run = 0

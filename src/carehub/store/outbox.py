@@ -82,6 +82,9 @@ class DeliveryRecord:
     #: While it is being sent: when its lease runs out. No process is named as holding a
     #: lease; its end time, as the holder last wrote it, says who holds it (see Outbox.finish).
     lease_until: datetime | None = None
+    #: Of ``last_error``, what the log may show (DeliveryError.loggable); None for a delivery
+    #: that never failed, and for errors recorded before the store kept it (migration 0017).
+    last_error_loggable: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,6 +111,10 @@ class AttemptResult:
     #: renewed): the result is recorded only while the delivery is still being sent under
     #: it. None: recorded whatever the delivery's state.
     lease_until: datetime | None = None
+    #: Of a failure's ``detail``, what the log may show (DeliveryError.loggable), kept for
+    #: `carehub status`; None: read from ``detail`` as the log reads an error that does not
+    #: say where the destination's answer begins.
+    loggable: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -340,7 +347,8 @@ class _WorkerSQL(DriverSQL):
         )
         self.record_attempt = (
             f"UPDATE deliveries SET attempts = {m}, status = {m}, receipt = {m}, "
-            f"last_error = {m}, not_before = coalesce({m}, not_before), accepted_at = {m}, "
+            f"last_error = {m}, last_error_loggable = {m}, "
+            f"not_before = coalesce({m}, not_before), accepted_at = {m}, "
             f"holds_line = {m}, lease_until = NULL, updated_at = {m} WHERE id = {m}"
         )
         # Parameters: PARKED, destination, order key, the id after which to park.
@@ -1062,6 +1070,7 @@ class Outbox:
                 _final_status(r).value,
                 r.detail if r.delivered or r.skipped else None,
                 None if r.delivered or r.skipped else r.detail,
+                None if r.delivered or r.skipped else r.loggable,
                 sql.time(r.retry_at) if r.retry_at is not None else None,
                 sql.time(r.started_at + timedelta(milliseconds=r.duration_ms))
                 if r.delivered
@@ -1210,19 +1219,26 @@ class Outbox:
         destination: str | None = None,
         limit: int | None = 100,
     ) -> list[DeliveryRecord]:
-        query = select(deliveries).order_by(deliveries.c.id)
-        if status:  # written into the SQL, so "dead" is read through its partial index
-            query = query.where(
-                deliveries.c.status == bindparam("status", status, literal_execute=True)
-            )
-        if message_id is not None:
-            query = query.where(deliveries.c.message_id == message_id)
-        if destination is not None:
-            query = query.where(deliveries.c.destination == destination)
+        query = _matching(select(deliveries), status, message_id, destination)
+        query = query.order_by(deliveries.c.id)
         if limit:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             return [_record(r) for r in conn.execute(query)]
+
+    def count(
+        self,
+        *,
+        status: str | None = None,
+        message_id: int | None = None,
+        destination: str | None = None,
+    ) -> int:
+        """How many ``find`` would return without its limit: a list cut at --limit says so."""
+        query = _matching(
+            select(func.count()).select_from(deliveries), status, message_id, destination
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def delivered_destinations(self, message_id: int) -> set[str]:
         """The destinations that have delivered the message, in any routing run."""
@@ -1232,6 +1248,47 @@ class Outbox:
         )
         with self.engine.connect() as conn:
             return set(conn.execute(query).scalars())
+
+    def discarded_destinations(self, message_id: int) -> set[str]:
+        """The destinations where an operator gave up on the message for good (discarded its
+        dead letter) and no later run has delivered it."""
+        query = select(deliveries.c.destination).where(
+            deliveries.c.message_id == message_id,
+            delivery_in(deliveries, DeliveryStatus.DISCARDED),
+        )
+        with self.engine.connect() as conn:
+            discarded = set(conn.execute(query).scalars())
+        return discarded - self.delivered_destinations(message_id)
+
+    def later_delivered(self, message_id: int, destinations: set[str]) -> dict[str, int]:
+        """For each destination, how many later messages of the same patient (higher ids) it
+        has already been delivered: a message sent there now arrives after them."""
+        if not destinations:
+            return {}
+        with self.engine.connect() as conn:
+            patient = conn.execute(
+                select(messages.c.patient_id, messages.c.patient_authority).where(
+                    messages.c.id == message_id
+                )
+            ).first()
+            if patient is None or patient.patient_id is None:
+                return {}
+            authority = messages.c.patient_authority
+            query = (
+                select(deliveries.c.destination, func.count(func.distinct(messages.c.id)))
+                .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+                .where(
+                    deliveries.c.destination.in_(sorted(destinations)),
+                    deliveries.c.status == DeliveryStatus.DELIVERED.value,
+                    messages.c.id > message_id,
+                    messages.c.patient_id == patient.patient_id,
+                    authority == patient.patient_authority
+                    if patient.patient_authority is not None
+                    else authority.is_(None),
+                )
+                .group_by(deliveries.c.destination)
+            )
+            return {destination: int(count) for destination, count in conn.execute(query)}
 
     def get(self, delivery_id: int) -> DeliveryRecord | None:
         with self.engine.connect() as conn:
@@ -1573,6 +1630,26 @@ class Outbox:
             waiting = int(conn.exec_driver_sql(sql.count_waiting, (destination,)).scalar_one())
         return PauseReport(current is not None, waiting, moved, current)
 
+    def retry_now(self, destination: str) -> int:
+        """Deliveries to ``destination`` waiting out a retry delay are due now: it has just
+        taken a delivery again after failing. Without this, with a retry delay of up to
+        ``max_delay`` (15 minutes in the sample routes), each patient's line waited that long
+        behind its head after the receiver was back. Parked deliveries stay parked (their
+        line moves as its head is sent), and so do deliveries never tried. Returns how many."""
+        now = _now()
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(deliveries)
+                .where(
+                    delivery_in(deliveries, *PENDING),  # reads the index of those
+                    deliveries.c.destination == destination,
+                    deliveries.c.attempts > 0,
+                    deliveries.c.not_before > now,
+                    deliveries.c.not_before < PARKED,
+                )
+                .values(not_before=now, updated_at=now)
+            ).rowcount
+
     def waiting_for(self, destination: str) -> int:
         """How many deliveries to ``destination`` are pending or being sent."""
         with self.engine.connect() as conn:
@@ -1721,6 +1798,21 @@ def _line_moves(
         elif status is DeliveryStatus.DEAD or r.attempt > 1:
             unpark.append((now, r.destination, r.order_key, parked))
     return park, unpark
+
+
+def _matching(
+    query: Select[Any], status: str | None, message_id: int | None, destination: str | None
+) -> Select[Any]:
+    """``query`` narrowed to the deliveries ``find`` and ``count`` select."""
+    if status:  # written into the SQL, so "dead" is read through its partial index
+        query = query.where(
+            deliveries.c.status == bindparam("status", status, literal_execute=True)
+        )
+    if message_id is not None:
+        query = query.where(deliveries.c.message_id == message_id)
+    if destination is not None:
+        query = query.where(deliveries.c.destination == destination)
+    return query
 
 
 def _final_status(result: AttemptResult) -> DeliveryStatus:

@@ -187,6 +187,9 @@ deliveries = Table(
     Column("not_before", DateTime(timezone=True), nullable=False),
     Column("lease_until", DateTime(timezone=True), nullable=True),
     Column("last_error", Text, nullable=True),
+    # Of last_error, what the log may show (DeliveryError.loggable): `carehub status` shows
+    # this, never what the destination answered. NULL before migration 0017.
+    Column("last_error_loggable", Text, nullable=True),
     Column("receipt", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),

@@ -32,8 +32,10 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    not_,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy import inspect as sa_inspect
@@ -50,8 +52,16 @@ from carehub.store.schema import (
     MessageStatus,
     deliveries,
     delivery_in,
+    encounter_events,
+    encounters,
+    followups,
     message_events,
     messages,
+    notifications,
+    patient_merges,
+    patient_preferences,
+    referral_events,
+    referrals,
     store_identity,
 )
 from carehub.store.write_gate import WriteGate
@@ -344,7 +354,8 @@ def decoded_text(raw: bytes, charset: str | None) -> str:
 
 @dataclass(slots=True, frozen=True)
 class PrunePlan:
-    """What retention does with the messages received before ``cutoff``.
+    """What retention does with the messages received before ``cutoff`` (and, in ``care``,
+    with the care and referral records last changed before it).
 
     A message that still has work is kept unless ``include_unfinished``: one not routed yet,
     one with a delivery waiting or being sent, one with a dead letter (a delivery that gave
@@ -356,6 +367,8 @@ class PrunePlan:
     unrouted: int  # still 'received': stored and ACKed, not routed yet
     waiting: int  # a delivery pending or being sent
     dead: int  # a dead letter, and nothing waiting
+    #: The care and referral records the same retention deletes and keeps.
+    care: CareRecordsPlan
     include_unfinished: bool = False
 
     @property
@@ -372,6 +385,72 @@ class PrunePlan:
         return self.older - self.kept
 
 
+#: The care and referral tables retention deletes from, in the order their counts are told.
+CARE_RECORD_TABLES = (
+    "encounters",
+    "encounter_events",
+    "notifications",
+    "followups",
+    "referrals",
+    "referral_events",
+    "patient_merges",
+)
+
+#: A notification the notify step holds for its recipient's next digest: not sent yet.
+_HELD_FOR_DIGEST = "digest"
+
+
+@dataclass(slots=True, frozen=True)
+class CareRecordsPlan:
+    """What retention does with the care-transition and referral records (they hold names,
+    birth dates, addresses and care-team addresses as long as they stay).
+
+    Finished records last changed before the cutoff go: an encounter that is no longer open
+    (discharged, cancelled, closed), with its events, notifications and follow-ups; a closed
+    referral (rejected, completed, cancelled, failed), with its events; a referral event that
+    matched no referral; a notification without a visit left in the store. An older encounter
+    that is still open, has a follow-up pending, or a notification held for the next digest,
+    an open referral, and a notification without a visit held for a digest are kept unless
+    ``include_unfinished``, and counted (each encounter once, under the first reason).
+
+    A patient merge goes once it and every merge chained to it are older than the cutoff and
+    nothing left in the store (a message, an encounter, a follow-up, a referral, a
+    notification, a patient's standing opt-out) carries any key of that chain: while anything
+    does, a message for the retired identifier, late or reprocessed, must still reach the
+    surviving record and honour its opt-out. Those are counted in ``merges_in_use``, whatever
+    ``include_unfinished`` says. Patient preferences are never deleted: an opt-out is the
+    patient's standing instruction, not a record of care."""
+
+    deleted: dict[str, int]  # table name (CARE_RECORD_TABLES) -> rows
+    open_encounters: int
+    encounters_with_followups: int  # closed, with a follow-up open or overdue
+    encounters_with_digest: int  # closed, with a notification held for a digest
+    open_referrals: int
+    notices_for_digest: int  # without a visit, held for a digest
+    merges_in_use: int  # older than the cutoff, kept: their patients still have records
+    include_unfinished: bool = False
+
+    @property
+    def unfinished(self) -> int:
+        """Older records that still have work, kept or not."""
+        return (
+            self.open_encounters
+            + self.encounters_with_followups
+            + self.encounters_with_digest
+            + self.open_referrals
+            + self.notices_for_digest
+        )
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.include_unfinished else self.unfinished
+
+    @property
+    def total(self) -> int:
+        """Rows deleted, every table together."""
+        return sum(self.deleted.values())
+
+
 @dataclass(slots=True, frozen=True)
 class PruneResult:
     messages_deleted: int
@@ -379,6 +458,8 @@ class PruneResult:
     bytes_after: int | None
     #: What was found before deleting: how many were kept, and why.
     plan: PrunePlan | None = None
+    #: Care and referral rows deleted, per table (CARE_RECORD_TABLES).
+    care_deleted: dict[str, int] = field(default_factory=dict)
 
 
 def _utc(value: datetime) -> datetime:
@@ -413,8 +494,16 @@ _SQL_KEEP_MESSAGE_ID_FLOOR = (
     "ON CONFLICT (table_name) DO UPDATE SET last_id = excluded.last_id"
 )
 
-#: Tables whose rows go when retention deletes a message (the rest by ON DELETE CASCADE).
-_PRUNED_TABLES = ("messages", "message_events", "message_steps", "deliveries", "delivery_attempts")
+#: Tables retention deletes from (a message's steps, deliveries and attempts by ON DELETE
+#: CASCADE): those VACUUM goes over on PostgreSQL, and whose size prune reports there.
+_PRUNED_TABLES = (
+    "messages",
+    "message_events",
+    "message_steps",
+    "deliveries",
+    "delivery_attempts",
+    *CARE_RECORD_TABLES,
+)
 
 #: The intake event a message's ACK code stands for: the first entry of its history.
 INTAKE_EVENT_BY_ACK = {
@@ -1328,11 +1417,13 @@ class MessageStore:
         full_vacuum: bool = False,
         include_unfinished: bool = False,
     ) -> PruneResult:
-        """Delete messages received before now - older_than, then give the space back.
+        """Delete messages received before now - older_than, and the care and referral
+        records finished before then (see CareRecordsPlan), then give the space back.
 
-        Retention is for finished messages: one that still has work (not routed yet, a
-        delivery waiting, a dead letter) is kept unless ``include_unfinished``, because
-        deleting it cascades to its deliveries and the work is lost without a trace."""
+        Retention is for finished work: a message that still has work (not routed yet, a
+        delivery waiting, a dead letter), an open encounter or referral, a pending follow-up
+        is kept unless ``include_unfinished``, because deleting it loses the work without a
+        trace."""
         cutoff = datetime.now(UTC) - older_than
         before = self._file_size()
         with self.engine.begin() as conn:
@@ -1344,6 +1435,7 @@ class MessageStore:
             doomed = select(messages.c.id).where(*where)
             conn.execute(delete(message_events).where(message_events.c.message_id.in_(doomed)))
             deleted = conn.execute(delete(messages).where(*where)).rowcount
+            care_deleted = _CareRetention(cutoff, include_unfinished).delete(conn)
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("VACUUM")
@@ -1352,7 +1444,7 @@ class MessageStore:
                 verb = "VACUUM (FULL, ANALYZE)" if full_vacuum else "VACUUM (ANALYZE)"
                 for table in _PRUNED_TABLES:
                     conn.exec_driver_sql(f"{verb} {table}")
-        return PruneResult(deleted or 0, before, self._file_size(), plan)
+        return PruneResult(deleted or 0, before, self._file_size(), plan, care_deleted)
 
     def _file_size(self) -> int | None:
         """Bytes the store takes on disk: SQLite's file and WAL, or on PostgreSQL the tables
@@ -1416,7 +1508,222 @@ def _prune_plan(conn: Any, cutoff: datetime, include_unfinished: bool) -> PruneP
             deliveries.c.message_id.not_in(waiting_ids),
         )
     ).scalar_one()
-    return PrunePlan(cutoff, older, unrouted, waiting, dead, include_unfinished)
+    care = _CareRetention(cutoff, include_unfinished).plan(conn)
+    return PrunePlan(cutoff, older, unrouted, waiting, dead, care, include_unfinished)
+
+
+#: Patient keys per query when retention asks which of them the store still holds.
+_KEYS_PER_QUERY = 500
+
+
+class _CareRetention:
+    """Which care and referral rows retention deletes (CareRecordsPlan says what and why),
+    as the WHERE clauses the dry run counts with and the prune deletes with."""
+
+    def __init__(self, cutoff: datetime, include_unfinished: bool) -> None:
+        from carehub.care.encounters import OPEN_STATES
+        from carehub.care.followup import PENDING
+        from carehub.referrals.state import CLOSED_STATUSES
+
+        self.cutoff = cutoff
+        self.include_unfinished = include_unfinished
+        self._older_encounter = encounters.c.updated_at < cutoff
+        self._open = encounters.c.state.in_(OPEN_STATES)
+        self._followup_pending = encounters.c.id.in_(
+            select(followups.c.encounter_id).where(followups.c.status.in_(PENDING))
+        )
+        self._notice_held = encounters.c.id.in_(
+            select(notifications.c.encounter_id).where(
+                notifications.c.status == _HELD_FOR_DIGEST,
+                notifications.c.encounter_id.is_not(None),  # NOT IN over a NULL matches nothing
+            )
+        )
+        self._older_referral = referrals.c.updated_at < cutoff
+        self._closed_referral = referrals.c.status.in_(CLOSED_STATUSES)
+        visit_gone = or_(
+            notifications.c.encounter_id.is_(None),
+            notifications.c.encounter_id.not_in(select(encounters.c.id)),
+        )
+        self._older_notice_without_visit = and_(notifications.c.created_at < cutoff, visit_gone)
+
+    # -- what goes ---------------------------------------------------------------------------
+    def encounters(self) -> list[ColumnElement[bool]]:
+        where = [self._older_encounter]
+        if not self.include_unfinished:
+            where += [not_(self._open), not_(self._followup_pending), not_(self._notice_held)]
+        return where
+
+    def _of_encounters(self, column: Any) -> ColumnElement[bool]:
+        """Rows of the encounters that go; false, never NULL, for a row without one (so that
+        NOT of it reads as "stays")."""
+        going = select(encounters.c.id).where(*self.encounters())
+        return and_(column.is_not(None), column.in_(going))
+
+    def notifications(self) -> ColumnElement[bool]:
+        without_visit = self._older_notice_without_visit
+        if not self.include_unfinished:
+            without_visit = and_(without_visit, notifications.c.status != _HELD_FOR_DIGEST)
+        return or_(self._of_encounters(notifications.c.encounter_id), without_visit)
+
+    def referrals(self) -> list[ColumnElement[bool]]:
+        where = [self._older_referral]
+        if not self.include_unfinished:
+            where.append(self._closed_referral)
+        return where
+
+    def referral_events(self) -> ColumnElement[bool]:
+        unmatched = and_(
+            referral_events.c.referral_id.is_(None), referral_events.c.at < self.cutoff
+        )
+        of_referrals = referral_events.c.referral_id.in_(
+            select(referrals.c.id).where(*self.referrals())
+        )
+        return or_(of_referrals, unmatched)
+
+    def merges(self, conn: Any) -> tuple[list[int], int]:
+        """The ids of the patient merges that go, and how many older ones stay: their chain
+        has a newer merge, or a key of it is carried by a row that stays (see
+        CareRecordsPlan)."""
+        rows = conn.execute(
+            select(
+                patient_merges.c.id,
+                patient_merges.c.retired_key,
+                patient_merges.c.surviving_key,
+                patient_merges.c.merged_at,
+            )
+        ).all()
+        chain_of = _chains([(row.retired_key, row.surviving_key) for row in rows])
+        chains: dict[str, list[Any]] = {}
+        for row in rows:
+            chains.setdefault(chain_of[row.retired_key], []).append(row)
+        older = {
+            chain: members
+            for chain, members in chains.items()
+            if all(_aware(row.merged_at) < self.cutoff for row in members)
+        }
+        keys = {
+            key
+            for members in older.values()
+            for row in members
+            for key in (row.retired_key, row.surviving_key)
+        }
+        carried = {chain_of[key] for key in self._keys_still_held(conn, keys)}
+        doomed = [
+            row.id for chain, rows_of in older.items() if chain not in carried for row in rows_of
+        ]
+        older_rows = sum(1 for row in rows if _aware(row.merged_at) < self.cutoff)
+        return doomed, older_rows - len(doomed)
+
+    def _keys_still_held(self, conn: Any, keys: set[str]) -> set[str]:
+        """Which of ``keys`` a row that retention keeps still carries."""
+        from carehub.workqueue import patient_key
+
+        staying = [
+            (encounters.c.patient_key, not_(and_(*self.encounters()))),
+            (followups.c.patient_key, not_(self._of_encounters(followups.c.encounter_id))),
+            (notifications.c.patient_key, not_(self.notifications())),
+            (referrals.c.patient_key, not_(and_(*self.referrals()))),
+            (patient_preferences.c.patient_key, true()),
+        ]
+        message_stays = not_(and_(*_prunable(self.cutoff, self.include_unfinished)))
+        ordered = sorted(keys)
+        held: set[str] = set()
+        for start in range(0, len(ordered), _KEYS_PER_QUERY):
+            chunk = ordered[start : start + _KEYS_PER_QUERY]
+            for column, stays in staying:
+                found = conn.execute(select(column).distinct().where(column.in_(chunk), stays))
+                held.update(found.scalars())
+            # A message carries the key its PID-3 makes (authority|id); asked by the id,
+            # which ix_messages_patient finds, and the key compared whole.
+            values = {
+                part for key in chunk for part in (key.partition("|")[2], key.rpartition("|")[2])
+            }
+            found = conn.execute(
+                select(messages.c.patient_id, messages.c.patient_authority)
+                .distinct()
+                .where(messages.c.patient_id.in_(sorted(values)), message_stays)
+            )
+            held.update(patient_key(value, authority, 0) for value, authority in found)
+        return held & keys
+
+    # -- dry run and prune -------------------------------------------------------------------
+    def plan(self, conn: Any) -> CareRecordsPlan:
+        def count(table: Any, *where: ColumnElement[bool]) -> int:
+            return int(
+                conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+            )
+
+        doomed_merges, merges_in_use = self.merges(conn)
+        deleted = {
+            "encounters": count(encounters, *self.encounters()),
+            "encounter_events": count(
+                encounter_events, self._of_encounters(encounter_events.c.encounter_id)
+            ),
+            "notifications": count(notifications, self.notifications()),
+            "followups": count(followups, self._of_encounters(followups.c.encounter_id)),
+            "referrals": count(referrals, *self.referrals()),
+            "referral_events": count(referral_events, self.referral_events()),
+            "patient_merges": len(doomed_merges),
+        }
+        closed = [self._older_encounter, not_(self._open)]
+        return CareRecordsPlan(
+            deleted=deleted,
+            open_encounters=count(encounters, self._older_encounter, self._open),
+            encounters_with_followups=count(encounters, *closed, self._followup_pending),
+            encounters_with_digest=count(
+                encounters, *closed, not_(self._followup_pending), self._notice_held
+            ),
+            open_referrals=count(referrals, self._older_referral, not_(self._closed_referral)),
+            notices_for_digest=count(
+                notifications,
+                self._older_notice_without_visit,
+                notifications.c.status == _HELD_FOR_DIGEST,
+            ),
+            merges_in_use=merges_in_use,
+            include_unfinished=self.include_unfinished,
+        )
+
+    def delete(self, conn: Any) -> dict[str, int]:
+        """Delete what ``plan`` counts, children before their parents; rows deleted per
+        table. The rows that stay are the same before and after, so the merges they decide
+        are the ones the plan counted."""
+        doomed_merges, _ = self.merges(conn)
+        deleted = {
+            "notifications": conn.execute(delete(notifications).where(self.notifications())),
+            "followups": conn.execute(
+                delete(followups).where(self._of_encounters(followups.c.encounter_id))
+            ),
+            "encounter_events": conn.execute(
+                delete(encounter_events).where(self._of_encounters(encounter_events.c.encounter_id))
+            ),
+            "encounters": conn.execute(delete(encounters).where(*self.encounters())),
+            "referral_events": conn.execute(delete(referral_events).where(self.referral_events())),
+            "referrals": conn.execute(delete(referrals).where(*self.referrals())),
+        }
+        counts = {table: result.rowcount or 0 for table, result in deleted.items()}
+        counts["patient_merges"] = 0
+        for start in range(0, len(doomed_merges), _KEYS_PER_QUERY):
+            chunk = doomed_merges[start : start + _KEYS_PER_QUERY]
+            result = conn.execute(delete(patient_merges).where(patient_merges.c.id.in_(chunk)))
+            counts["patient_merges"] += result.rowcount or 0
+        return {table: counts[table] for table in CARE_RECORD_TABLES}
+
+
+def _chains(links: list[tuple[str, str]]) -> dict[str, str]:
+    """Each key of ``links`` (retired, surviving) -> one key that names its chain: keys
+    linked by merges, directly or through others, share it."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for retired, surviving in links:
+        parent[root(retired)] = root(surviving)
+    return {key: root(key) for key in list(parent)}
 
 
 #: A WAL holding more pages than this after a passive checkpoint gets a RESTART one (16 MB

@@ -1,0 +1,65 @@
+"""When a destination takes a delivery again after failing, its other deliveries waiting out a
+retry delay go at once, rather than after a delay that grew while it was down (up to max_delay:
+15 minutes in the sample routes), with each patient's later messages held behind them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from carehub.config import load_config
+from carehub.store.outbox import Outbox
+from carehub.testing import HubThread, make_adt
+from tests.helpers_http import HTTPServer, wait_for
+from tests.test_worker import send, write_config
+
+#: A long first delay: without the change the first patient's message waits all of it.
+SLOW_RETRY = "{max_attempts: 5, initial_delay: 60, multiplier: 1, max_delay: 60, jitter: 0}"
+
+
+def test_a_destination_back_up_gets_its_retrying_deliveries_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="carehub.worker")
+    down = True
+    with HTTPServer(lambda _: 503 if down else 200) as receiver:
+        routes = f"""
+routes:
+  - name: care
+    when: {{type: ADT}}
+    steps:
+      - forward: {{channel: webhook, name: hook, url: {receiver.url()}, retry: {SLOW_RETRY}}}
+"""
+        config = load_config(write_config(tmp_path, routes))
+        with HubThread(config, tmp_path / "data") as hub:
+            send(
+                hub,
+                [
+                    make_adt("BACK-1", patient_id="P-B1"),
+                    make_adt("BACK-2", "A03", patient_id="P-B1"),
+                ],
+            )
+            outbox = Outbox(hub.store)
+            wait_for(
+                lambda: any(d.attempts == 1 for d in outbox.find(destination="care/hook")),
+                what="the first attempt failed",
+            )
+            down = False
+            started = time.monotonic()
+            # Another patient's message: its first attempt works and tells the worker so.
+            send(hub, [make_adt("BACK-3", patient_id="P-B2")])
+            wait_for(lambda: len(receiver.ok()) == 3, 30, what="all three delivered")
+            took = time.monotonic() - started
+    assert took < 20, f"the retrying delivery waited {took:.1f} s"
+    bodies = [r.body for r in receiver.ok()]
+    first, second = (
+        next(i for i, body in enumerate(bodies) if control_id.encode() in body)
+        for control_id in ("BACK-1", "BACK-2")
+    )
+    assert first < second  # the patient's line kept its order
+    assert (
+        "care/hook takes deliveries again: 1 delivery(ies) waiting out a retry delay are due now"
+    ) in caplog.text
