@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,16 @@ def test_a_referral_naming_an_organisation_with_no_active_service_carries_a_warn
     assert "Southtown Pantry" in listed and "not active in the directory" in listed
     as_json = json.loads(_cli(loop, "referrals", "show", "RGH-ST-0001", "--json"))
     assert any(m.get("warning") for m in as_json["referral"]["matches"])
+
+    # The care coordinator hears at the next tick, not after response_hours (24 h here).
+    loop.running.hub.table.tick(datetime.now(UTC) + timedelta(minutes=1))
+    coordinator = "cc-team@riverside-cm.example.org"
+    wait_for(lambda: loop.emails_to(coordinator), what="the coordinator's alert")
+    (alert,) = loop.emails_to(coordinator)
+    assert alert["Subject"] == "Referral sent to an inactive service"
+    body = alert.get_content()
+    assert "Southtown Pantry" in body and "temporarily closed" in body
+    assert "no answer since" not in body
 
 
 def test_a_referral_naming_an_active_organisation_has_no_warning(loop: Loop) -> None:

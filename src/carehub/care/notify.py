@@ -503,7 +503,12 @@ class Notifier:
     def _alert_overdue_referrals(self, now: datetime) -> None:
         """A referral nobody answered in time: tell the patient's care coordinators (those
         told of any of the patient's visits), then mark the referral alerted."""
-        from carehub.referrals.state import ReferralTracker, referral_id_of, referral_recipients
+        from carehub.referrals.state import (
+            ReferralTracker,
+            inactive_warning,
+            referral_id_of,
+            referral_recipients,
+        )
 
         engine = self.context.store.engine  # type: ignore[union-attr]
         tracker = ReferralTracker(engine)
@@ -522,6 +527,8 @@ class Notifier:
                 or ", ".join(holders)
                 or "the service",
                 reason=referral.reason or "",
+                # Sent to an organisation the directory lists as not active: due at once.
+                inactive=inactive_warning(referral.matches) or "",
                 due=_aware(referral.due_at).strftime("%Y-%m-%d %H:%M UTC")
                 if referral.due_at
                 else "",

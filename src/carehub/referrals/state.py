@@ -1893,12 +1893,20 @@ def record_matches(
 ) -> bool:
     """Keep the needs found and the ranked services (with each rank's reasons) on the
     referral, so `carehub referrals show` answers "what was this patient offered, and why",
-    and a later change or cancel knows who has it. In a dry run, on its memory tables."""
+    and a later change or cancel knows who has it. In a dry run, on its memory tables.
+
+    A referral sent to an organisation the directory lists as not active (its entry carries
+    a ``warning``) is due for an answer now: nobody may answer it, and the care coordinator
+    hears at the next tick (the overdue alert, saying why) rather than after response_hours."""
+    due_now = datetime.now(UTC) if inactive_warning(matches) else None
     if isinstance(engine, ReferralMemory):
         with engine.lock:
             found = [r for r in engine.referrals.values() if r.referral_key == referral_key]
             for rec in found:
                 rec.needs, rec.matches = copy.deepcopy(needs), copy.deepcopy(matches)
+                if due_now is not None and rec.status not in CLOSED_STATUSES:
+                    due = _utc(rec.due_at)
+                    rec.due_at = due_now if due is None else min(due, due_now)
         return bool(found)
     with engine.begin() as conn:
         changed = conn.execute(
@@ -1906,4 +1914,23 @@ def record_matches(
             .where(referrals.c.referral_key == referral_key)
             .values(needs=json.dumps(needs, default=str), matches=json.dumps(matches, default=str))
         ).rowcount
+        if due_now is not None:
+            conn.execute(
+                update(referrals)
+                .where(
+                    referrals.c.referral_key == referral_key,
+                    referrals.c.status.not_in(CLOSED_STATUSES),
+                    or_(referrals.c.due_at.is_(None), referrals.c.due_at > due_now),
+                )
+                .values(due_at=due_now)
+            )
     return bool(changed)
+
+
+def inactive_warning(matches: Any) -> str | None:
+    """The warning on the organisation a referral went to when the directory lists it as not
+    active (resources.matching._named_organization), else None."""
+    for match in matches or []:
+        if isinstance(match, dict) and match.get("warning"):
+            return str(match["warning"])
+    return None
