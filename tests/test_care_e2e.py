@@ -113,6 +113,25 @@ class Setup:
         return [json.loads(line) for line in result.output.splitlines() if line.strip()]
 
 
+def point_sample_at(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, smtp_port: int, http: HTTPServer, outbox: Path
+) -> None:
+    """Point a copy of the shipped config (``folder``) at local stand-ins: its mail at the
+    SMTP server on ``smtp_port``, its SMS gateway, care platform and every other HTTP
+    destination its routes name at ``http`` (nothing leaves the test), its files at
+    ``outbox``."""
+    monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("SMTP_PORT", str(smtp_port))
+    monkeypatch.setenv("SMTP_STARTTLS", "false")
+    monkeypatch.setenv("SMS_GATEWAY_URL", http.url("/messages"))
+    monkeypatch.setenv("CARE_PLATFORM_URL", http.url("/care-events"))
+    monkeypatch.setenv("CAREHUB_OUTBOX", str(outbox))
+    for route_file in (folder / "routes").glob("*.yaml"):
+        for name, url in DEFAULT_URL.findall(route_file.read_text(encoding="utf-8")):
+            if name not in os.environ:
+                monkeypatch.setenv(name, http.url(urlsplit(url).path or "/"))
+
+
 @pytest.fixture
 def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     """The hub on a copy of config/, pointed at local servers, with every feed sent."""
@@ -125,18 +144,7 @@ def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     smtp.start()
     try:
         with HTTPServer(respond=lambda _: 202) as http:
-            monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
-            monkeypatch.setenv("SMTP_PORT", str(smtp.port))
-            monkeypatch.setenv("SMTP_STARTTLS", "false")
-            monkeypatch.setenv("SMS_GATEWAY_URL", http.url("/messages"))
-            monkeypatch.setenv("CARE_PLATFORM_URL", http.url("/care-events"))
-            monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
-            # Any other HTTP destination the shipped routes name goes to the stand-in too,
-            # so nothing leaves the test (its answers do not matter here).
-            for route_file in (folder / "routes").glob("*.yaml"):
-                for name, url in DEFAULT_URL.findall(route_file.read_text(encoding="utf-8")):
-                    if name not in os.environ:
-                        monkeypatch.setenv(name, http.url(urlsplit(url).path or "/"))
+            point_sample_at(monkeypatch, folder, smtp.port, http, tmp_path / "outbox")
             config_path = folder / "carehub.yaml"
             config = load_config(config_path)
             on_this_host(config)  # the test moves the clock itself

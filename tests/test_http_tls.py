@@ -9,54 +9,23 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import trustme
 
 from carehub.config import TLSConfig
 from carehub.errors import ConfigError
 from carehub.hub import Hub
 from carehub.intake.tls import client_context
 from carehub.testing import HubThread, local_config, make_adt
+from tests import test_tls
+from tests.test_tls import Certs
+
+certs = test_tls.certs  # the trustme CA, server and client certificates
 
 TIMEOUT = 30.0
 TOKEN = "intake-token-for-the-https-tests"
-
-
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client: Path  # key and certificate chain in one PEM file
-    foreign_client: Path  # signed by a CA the hub does not trust
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    folder = tmp_path_factory.mktemp("certs")
-    ca, other_ca = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    ca.cert_pem.write_to_path(folder / "ca.pem")
-    server.cert_chain_pems[0].write_to_path(folder / "server.pem")
-    server.private_key_pem.write_to_path(folder / "server.key")
-    (folder / "server.key").chmod(0o600)
-    ca.issue_cert("referrals@foodbank.test").private_key_and_cert_chain_pem.write_to_path(
-        folder / "client.pem"
-    )
-    other_ca.issue_cert("intruder@elsewhere.test").private_key_and_cert_chain_pem.write_to_path(
-        folder / "foreign.pem"
-    )
-    return Certs(
-        folder / "ca.pem",
-        folder / "server.pem",
-        folder / "server.key",
-        folder / "client.pem",
-        folder / "foreign.pem",
-    )
 
 
 def https_hub(tmp_path: Path, tls: TLSConfig, host: str = "127.0.0.1") -> HubThread:

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 
 from carehub.cli import main
 from carehub.referrals.state import list_referrals
+from tests import test_referral_recipients as recipients
 from tests.helpers_http import wait_for
-from tests.test_referral_recipients import Loop, _owner, _referral, referral_loop
+from tests.test_referral_recipients import Loop, _owner, _referral
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 FOOD_BANK_PRD = (
@@ -33,13 +31,7 @@ SOUTHTOWN_PRD = "PRD|RT^Referred to provider^HL70286|Southtown Pantry|1 Sample R
 ADDRESS = "418 Birch Lane^^Springfield^IL^62704^USA"
 
 
-@pytest.fixture
-def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
-    # What the shipped config asks of its environment beyond what referral_loop sets.
-    monkeypatch.setenv("CARE_PLATFORM_SECRET", "synthetic-test-secret")
-    monkeypatch.setenv("SMTP_STARTTLS", "false")  # the SMTP stand-in is a local relay
-    with referral_loop(tmp_path, monkeypatch) as running:
-        yield running
+loop = recipients.loop  # the shipped config on a running hub, with its stand-ins
 
 
 def _cli(loop: Loop, *args: str) -> str:

@@ -6,13 +6,11 @@ answer does not tell the referrer again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
-import pytest
 from click.testing import CliRunner
 
 from carehub.cli import main
@@ -23,8 +21,9 @@ from carehub.referrals.state import (
     referral_timeline,
 )
 from carehub.store.outbox import Outbox
+from tests import test_referral_recipients as recipients
 from tests.helpers_http import wait_for
-from tests.test_referral_recipients import REFERRER, SCFB, Loop, _referral, referral_loop
+from tests.test_referral_recipients import REFERRER, SCFB, Loop, _referral
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FEED_19 = (
@@ -38,11 +37,7 @@ RT_LINE = f"PRD|RT^Referred to provider^HL70286{RT_SCFB}\r"
 MODIFY = {"REF^I12^REF_I12": "REF^I13^REF_I12"}
 
 
-@pytest.fixture
-def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
-    monkeypatch.setenv("SMTP_STARTTLS", "false")  # the test's SMTP server speaks no TLS
-    with referral_loop(tmp_path, monkeypatch) as running:
-        yield running
+loop = recipients.loop  # the shipped config on a running hub, with its stand-ins
 
 
 def _answer(

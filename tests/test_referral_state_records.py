@@ -6,7 +6,6 @@ however many routes track referrals."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,8 +14,9 @@ import pytest
 from carehub.referrals import state
 from carehub.referrals.state import list_referrals, referral_timeline
 from carehub.store.store import StoredMessage
+from tests import test_referral_recipients as recipients
 from tests.helpers_http import wait_for
-from tests.test_referral_recipients import FEED_07, Loop, _referral, referral_loop
+from tests.test_referral_recipients import FEED_07, Loop, _referral
 from tests.test_referral_state_answers import FEED_19, MODIFY, _answer
 
 FEEDS = Path(__file__).resolve().parents[1] / "config" / "feeds"
@@ -26,11 +26,7 @@ RF1_07 = next(line for line in FEED_07.split("\r") if line.startswith("RF1|"))
 RF1_19 = next(line for line in FEED_19.split("\r") if line.startswith("RF1|"))
 
 
-@pytest.fixture
-def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
-    monkeypatch.setenv("SMTP_STARTTLS", "false")  # the test's SMTP server speaks no TLS
-    with referral_loop(tmp_path, monkeypatch) as running:
-        yield running
+loop = recipients.loop  # the shipped config on a running hub, with its stand-ins
 
 
 def _patient_of(loop: Loop, referral_id: str) -> str | None:

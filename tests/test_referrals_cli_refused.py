@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
 
 from carehub.cli import main
 from carehub.referrals.state import refused_referral_events
+from tests import test_referral_recipients as recipients
 from tests.helpers_http import wait_for
-from tests.test_referral_recipients import Loop, _referral, referral_loop
+from tests.test_referral_recipients import Loop, _referral
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 UNKNOWN_ANSWER = (
@@ -28,13 +26,7 @@ UNKNOWN_ANSWER = (
 )
 
 
-@pytest.fixture
-def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
-    # What the shipped config asks of its environment beyond what referral_loop sets.
-    monkeypatch.setenv("CARE_PLATFORM_SECRET", "synthetic-test-secret")
-    monkeypatch.setenv("SMTP_STARTTLS", "false")  # the SMTP stand-in is a local relay
-    with referral_loop(tmp_path, monkeypatch) as running:
-        yield running
+loop = recipients.loop  # the shipped config on a running hub, with its stand-ins
 
 
 def _refused(loop: Loop, *args: str) -> Result:

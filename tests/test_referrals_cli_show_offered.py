@@ -5,27 +5,19 @@ score and reasons. A referral sent over MLLP to the shipped config, read back wi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from carehub.cli import main
 from carehub.referrals.state import list_referrals
+from tests import test_referral_recipients as recipients
 from tests.helpers_http import wait_for
-from tests.test_referral_recipients import FEED_07, Loop, referral_loop
+from tests.test_referral_recipients import FEED_07, Loop
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-@pytest.fixture
-def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
-    # What the shipped config asks of its environment beyond what referral_loop sets.
-    monkeypatch.setenv("CARE_PLATFORM_SECRET", "synthetic-test-secret")
-    monkeypatch.setenv("SMTP_STARTTLS", "false")  # the SMTP stand-in is a local relay
-    with referral_loop(tmp_path, monkeypatch) as running:
-        yield running
+loop = recipients.loop  # the shipped config on a running hub, with its stand-ins
 
 
 def _show(loop: Loop, referral: str) -> str:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -35,7 +34,7 @@ from carehub.store.store import MessageStore
 from carehub.testing import HubThread, mllp_exchange
 from tests.helpers_http import HTTPServer, on_this_host, wait_for
 from tests.helpers_smtp import Mailbox, free_port
-from tests.test_care_e2e import CONFIG, DEFAULT_URL, FEEDS, send_feeds
+from tests.test_care_e2e import CONFIG, FEEDS, point_sample_at, send_feeds
 from tests.test_store import store_url
 
 __all__ = ["store_url"]  # the SQLite / PostgreSQL store fixture, shared with test_store
@@ -189,16 +188,7 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_url: str) -> Iter
     smtp.start()
     try:
         with HTTPServer(respond=lambda _: 202) as http:
-            monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
-            monkeypatch.setenv("SMTP_PORT", str(smtp.port))
-            monkeypatch.setenv("SMTP_STARTTLS", "false")
-            monkeypatch.setenv("SMS_GATEWAY_URL", http.url("/messages"))
-            monkeypatch.setenv("CARE_PLATFORM_URL", http.url("/care-events"))
-            monkeypatch.setenv("CAREHUB_OUTBOX", str(tmp_path / "outbox"))
-            for route_file in (folder / "routes").glob("*.yaml"):
-                for name, url in DEFAULT_URL.findall(route_file.read_text(encoding="utf-8")):
-                    if name not in os.environ:
-                        monkeypatch.setenv(name, http.url(urlsplit(url).path or "/"))
+            point_sample_at(monkeypatch, folder, smtp.port, http, tmp_path / "outbox")
             store = MessageStore(store_url)
             fed = Fed(folder / "carehub.yaml", tmp_path / "data", dict(os.environ), store)
             try:

@@ -42,6 +42,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     ca.cert_pem.write_to_path(folder / "ca.pem")
     server.cert_chain_pems[0].write_to_path(folder / "server.pem")
     server.private_key_pem.write_to_path(folder / "server.key")
+    (folder / "server.key").chmod(0o600)  # as a key should be: readable by its owner only
     ca.issue_cert("sender@hospital.test").private_key_and_cert_chain_pem.write_to_path(
         folder / "client.pem"
     )

@@ -21,6 +21,13 @@ class Clock:
         return self.now
 
 
+def store_trouble(clock: Clock) -> StoreTrouble:
+    return StoreTrouble(
+        FailureRun("store use", "tried again", "call(s)", clock=clock, traceback=False),
+        clock=clock,
+    )
+
+
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("store use")]
 
@@ -30,10 +37,7 @@ def test_the_run_ends_when_the_failing_call_works_not_when_another_does(
 ) -> None:
     caplog.set_level(logging.INFO)
     clock = Clock()
-    trouble = StoreTrouble(
-        FailureRun("store use", "tried again", "call(s)", clock=clock, traceback=False),
-        clock=clock,
-    )
+    trouble = store_trouble(clock)
     full = sqlite3.OperationalError("database or disk is full")
     trouble.failed("routing", full)
     for _ in range(5):  # claims and lease renewals read and find nothing to write
@@ -52,10 +56,7 @@ def test_a_call_that_does_not_come_again_does_not_hold_the_run_open(
 ) -> None:
     caplog.set_level(logging.INFO)
     clock = Clock()
-    trouble = StoreTrouble(
-        FailureRun("store use", "tried again", "call(s)", clock=clock, traceback=False),
-        clock=clock,
-    )
+    trouble = store_trouble(clock)
     trouble.failed("sweeps", sqlite3.OperationalError("database is locked"))
     clock.now += 1
     trouble.succeeded("claims")

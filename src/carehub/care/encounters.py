@@ -71,6 +71,7 @@ from typing import Any, Protocol, overload
 from pydantic import Field
 from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
 
+from carehub.care.merges import follow_merges
 from carehub.care.model import Transition, TransitionKind
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
@@ -110,7 +111,6 @@ OPEN_STATES: tuple[str, ...] = ("registered", "ed", "admitted")
 STATES: tuple[str, ...] = (*OPEN_STATES, "discharged", "cancelled", "closed")
 _OPENERS = frozenset({"A01", "A04", "A06"})
 _DISCHARGE_KEYS = ("discharge_time", "discharge_disposition", "discharged_to", "discharged_to_name")
-_MERGE_HOPS = 32  # a chain of merges longer than this is a loop in bad data
 
 
 class EncounterStateError(CarehubError):
@@ -670,14 +670,7 @@ class EncounterTracker:
 
     @staticmethod
     def _resolve(b: _Backend, key: str) -> str:
-        seen = {key}
-        for _ in range(_MERGE_HOPS):
-            target = b.merged_into(key)
-            if target is None or target in seen:
-                break
-            seen.add(target)
-            key = target
-        return key
+        return follow_merges(b.merged_into, key)
 
     # -- applying -----------------------------------------------------------------------------
     def apply(

@@ -82,6 +82,7 @@ from carehub.referrals.state import (
     SENT_KINDS,
     WITHDRAWN_KINDS,
     ReferralTransition,
+    json_object,
     organizations_sent,
     referral_id_of,
 )
@@ -449,7 +450,7 @@ class ReferralNotifier:
             ).all()
         told: dict[tuple[str, str], tuple[int, int]] = {}
         for row in rows:
-            meta = _json_object(row.metadata)
+            meta = json_object(row.metadata)
             told[(str(meta.get("recipient") or ""), str(meta.get("kind") or ""))] = (
                 row.id,
                 row.run,
@@ -782,14 +783,6 @@ def _with_label(organizations: list[str]) -> str | None:
     if len(organizations) == 1:
         return f"{organizations[0]} (the organisation the referral is with)"
     return f"{', '.join(organizations)} (the organisations the referral is with)"
-
-
-def _json_object(text: str | None) -> dict[str, Any]:
-    with contextlib.suppress(ValueError, TypeError):
-        value = json.loads(text or "{}")
-        if isinstance(value, dict):
-            return value
-    return {}
 
 
 def _tells_referrer(transition: ReferralTransition) -> bool:

@@ -64,6 +64,7 @@ from typing import Any, Protocol
 from pydantic import Field
 from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
 
+from carehub.care.merges import follow_merges
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import (
@@ -412,7 +413,7 @@ def _outbox_organizations(conn: Connection, referral_id: int) -> _OutboxOrganiza
     by_address: dict[str, tuple[str, str]] = {}
     withdrawn: dict[str, str] = {}
     for (text,) in rows:
-        meta = _json_object(text)
+        meta = json_object(text)
         address = str(meta.get("to") or "")
         name = str(meta.get("recipient_name") or address)
         if meta.get("kind") in SENT_KINDS and address:
@@ -482,7 +483,8 @@ def _top_match(matches: Any) -> str | None:
     return str(ranked[0].get("organization") or "") or None if ranked else None
 
 
-def _json_object(text: str | None) -> dict[str, Any]:
+def json_object(text: str | None) -> dict[str, Any]:
+    """A JSON column's object (metadata, detail); {} for anything else."""
     with contextlib.suppress(ValueError, TypeError):
         value = json.loads(text or "{}")
         if isinstance(value, dict):
@@ -772,7 +774,7 @@ class _SqlBackend:
         text = self.conn.execute(
             select(referral_events.c.detail).where(referral_events.c.id == event_id)
         ).scalar()
-        detail = {**_json_object(text), "result": result}
+        detail = {**json_object(text), "result": result}
         self.conn.execute(
             update(referral_events)
             .where(referral_events.c.id == event_id)
@@ -1611,20 +1613,10 @@ def _among(name: str, names: Iterable[str]) -> bool:
     return any(_same_name(name, other) for other in names)
 
 
-_MERGE_HOPS = 32  # a chain of merges longer than this is a loop in bad data
-
-
 def _surviving_key(b: _Backend, patient_key: str) -> str:
-    """The patient key a merge (A40) left standing for ``patient_key``: itself unless it was
-    retired, followed through a chain of merges as the encounter-state step follows it."""
-    seen = {patient_key}
-    for _ in range(_MERGE_HOPS):
-        target = b.merged_into(patient_key)
-        if target is None or target in seen:
-            break
-        seen.add(target)
-        patient_key = target
-    return patient_key
+    """The patient key a merge (A40) left standing for ``patient_key``, as the encounter-state
+    step follows it."""
+    return follow_merges(b.merged_into, patient_key)
 
 
 # -- the route step ----------------------------------------------------------------------------
