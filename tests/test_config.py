@@ -356,3 +356,17 @@ def test_referenced_environment_names_every_variable_with_its_value(
     monkeypatch.setenv("REF_C", "three")
     text = "url: ${REF_A}\ntoken: ${REF_B:-${REF_C}}\nagain: ${REF_A}\nplain: $REF_D"
     assert referenced_environment(text) == [("REF_A", "one"), ("REF_B", None), ("REF_C", "three")]
+    # The data dir is carehub's own to supply, however each process was given it.
+    monkeypatch.setenv("CAREHUB_DATA_DIR", "/srv/carehub")
+    assert referenced_environment("path: ${CAREHUB_DATA_DIR}/outbox") == []
+
+
+def test_an_unset_secret_is_not_to_be_given_a_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from carehub.config import expand_env
+
+    monkeypatch.delenv("SITE_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("SITE_URL", raising=False)
+    with pytest.raises(ConfigError, match="a secret has no default"):
+        expand_env("${SITE_WEBHOOK_SECRET}", "routes.yaml:3")
+    with pytest.raises(ConfigError, match=r"write \$\{SITE_URL:-default\}"):
+        expand_env("${SITE_URL}", "routes.yaml:4")

@@ -101,6 +101,7 @@ def test_a_delivery_with_nothing_to_send_is_skipped_and_the_line_goes_on(tmp_pat
     assert 'carehub_deliveries{status="skipped"} 2.0' in metrics
     assert 'carehub_deliveries{status="delivered"} 1.0' in metrics
     assert "carehub_deliveries_sent_total 1.0" in metrics
+    assert "carehub_deliveries_skipped_total 2.0" in metrics
     by_control_id = {row.control_id: (row.status, row.detail) for row in message_rows}
     assert by_control_id["SKIP-1"] == ("delivered", "1 of 1 had nothing to send")
     assert by_control_id["SEND-2"] == ("delivered", None)

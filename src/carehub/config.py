@@ -30,6 +30,10 @@ _ENV_REFERENCE = re.compile(
 )
 
 
+#: Variable names that hold secrets: an unset one is not to be given a default in the file.
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|PRIVATE", re.IGNORECASE)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -279,17 +283,21 @@ def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -
             return known[name]
         if default is not None:
             return expand_env(default, where, known)
-        raise ConfigError(
-            f"{where}: environment variable {name} is not set "
-            f"(write ${{{name}:-default}} to give a default)"
+        hint = (
+            "set it in the environment: a secret has no default"
+            if _SECRET_NAME.search(name)
+            else f"write ${{{name}:-default}} to give a default"
         )
+        raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
 
     return _ENV_REFERENCE.sub(replace, value)
 
 
 def referenced_environment(text: str) -> list[tuple[str, str | None]]:
     """Every environment variable ``text`` names in a ${VAR} (defaults included), sorted, with
-    its value here (None when unset): what a file's meaning depends on beyond its bytes."""
+    its value here (None when unset): what a file's meaning depends on beyond its bytes.
+    ${CAREHUB_DATA_DIR} is left out: carehub supplies it from the data dir in use, which is
+    the same for every process of one store however each was given it."""
     names: set[str] = set()
     pending = [text]
     while pending:
@@ -297,6 +305,7 @@ def referenced_environment(text: str) -> list[tuple[str, str | None]]:
             names.add(match.group(1))
             if match.group(2):
                 pending.append(match.group(2))
+    names.discard(ENV_DATA_DIR)
     return [(name, os.environ.get(name)) for name in sorted(names)]
 
 

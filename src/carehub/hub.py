@@ -934,10 +934,11 @@ class Hub:
         "not stored, please resend", so a write failure that has not cleared counts too."""
         store_ok = self.store is not None and self.store.ping()
         writer: GroupCommit | None = getattr(self, "writer", None)  # set by start()
-        writes = writer.failures if writer is not None else None
-        if store_ok and writes is not None and writes.failing_since_at is not None:
-            since = writes.failing_since_at.isoformat(timespec="seconds")
-            store_text = f"not storing since {since}: {writes.last_error}"
+        if store_ok and writer is not None and not writer.writable():
+            writes = writer.failures
+            since = writes.failing_since_at
+            when = since.isoformat(timespec="seconds") if since else "now"
+            store_text = f"not storing since {when}: {writes.last_error}"
             store_ok = False
         else:
             store_text = "ok" if store_ok else "unavailable"

@@ -71,7 +71,7 @@ class HubCollector(Collector):
             "0 while intake's writes fail (write lock held, disk full) and every message is "
             "answered 'not stored, please resend'; 1 otherwise",
         )
-        writable.add_metric([], 0 if self.hub.writer.failures.failing_since is not None else 1)
+        writable.add_metric([], 1 if self.hub.writer.writable() else 0)
         yield writable
         worker = self.hub.worker
         if worker is not None:
@@ -81,6 +81,12 @@ class HubCollector(Collector):
                     "carehub_deliveries_sent",
                     "Deliveries accepted by their destination",
                     worker.delivered,
+                ),
+                (
+                    "carehub_deliveries_skipped",
+                    "Deliveries whose channel found nothing to send (a resend, a cancel of "
+                    "a notification never sent)",
+                    worker.skipped,
                 ),
                 (
                     "carehub_delivery_failures",

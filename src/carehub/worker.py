@@ -90,6 +90,10 @@ STOP_GRACE = 10.0
 CUT_OFF_WAIT = 2.0
 #: Seconds between the log's summaries of a destination that keeps failing.
 TROUBLE_REPORT_SECONDS = 30.0
+#: A destination's retries are brought forward when it works again after failing for at least
+#: this many seconds, and at most once in RETRY_SOON_EVERY seconds (Worker._retry_soon).
+RETRY_SOON_AFTER = 30.0
+RETRY_SOON_EVERY = 300.0
 #: Seconds without a failure after which a kind of store call is taken to work again
 #: (StoreTrouble): longer than routing's longest pause between tries (ROUTE_RETRY_MAX).
 STORE_TROUBLE_QUIET = 60.0
@@ -198,6 +202,8 @@ class Worker:
         )
         #: Destinations whose sends fail, each logged as a run (see DestinationTrouble).
         self._trouble: dict[str, DestinationTrouble] = {}
+        #: When each destination's retries were last brought forward (see _retry_soon).
+        self._brought_forward: dict[str, float] = {}
         #: A component's periodic work that keeps failing the same way, logged as a run.
         self.tick_trouble = FailureRun(
             "periodic work", "tried again at the next tick", "tick(s)", logger=log
@@ -773,8 +779,9 @@ class Worker:
                 skipped=skipped,
             )
             trouble = self._trouble.get(delivery.destination)
-            if trouble is not None and trouble.delivered():  # it answered: the failing is over
-                self._retry_soon(delivery.destination)
+            outage = trouble.delivered() if trouble is not None else None
+            if outage is not None:  # it answered: the failing is over
+                self._retry_soon(delivery.destination, outage)
             if skipped:
                 self.skipped += 1
             else:
@@ -936,9 +943,17 @@ class Worker:
         await self._hand_back([delivery.id])
         self._wake_delivery.set()
 
-    def _retry_soon(self, destination: str) -> None:
+    def _retry_soon(self, destination: str, outage: float) -> None:
         """The destination takes deliveries again: those of its deliveries waiting out a
-        retry delay go now, rather than after a delay grown while it was down."""
+        retry delay go now, rather than after a delay grown while it was down. Only after an
+        outage of RETRY_SOON_AFTER or more, and at most once per RETRY_SOON_EVERY: a
+        destination that fails every other request ends a run of failures with each success,
+        and bringing every retry forward each time spent all their attempts in seconds."""
+        now = time.monotonic()
+        last = self._brought_forward.get(destination)
+        if outage < RETRY_SOON_AFTER or (last is not None and now - last < RETRY_SOON_EVERY):
+            return
+        self._brought_forward[destination] = now
 
         async def bring_forward() -> None:
             try:
@@ -1202,12 +1217,13 @@ class DestinationTrouble:
             reason = f"{reason}; {self.waiting} delivery(ies) waiting for it"
         self.run.failed(_Reason(reason))
 
-    def delivered(self) -> bool:
-        """A send worked; True when it ends a run of failures (the destination is back)."""
-        was_failing = self.failing
+    def delivered(self) -> float | None:
+        """A send worked; when it ends a run of failures (the destination is back), how many
+        seconds the run lasted, else None."""
+        since = self.run.failing_since
         self.run.succeeded()
         self._end()
-        return was_failing
+        return None if since is None else time.monotonic() - since
 
     def end_if_quiet(self, now: float) -> None:
         """End the run if no attempt of this worker's failed for a whole summary period."""

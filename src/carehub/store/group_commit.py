@@ -56,6 +56,24 @@ class GroupCommit:
             logger=log,
         )
 
+    @property
+    def failing(self) -> bool:
+        """Whether intake's writes are failing now (a write lock held past LOCK_PATIENCE, a
+        full disk). A run of failures ends with the next write that works; with no message
+        to store, ``writable`` tries one of its own."""
+        return self.failures.failing_since is not None
+
+    def writable(self) -> bool:
+        """False while intake's writes fail; while they do, a test write decides, so /health
+        stops saying "not storing" once the lock is let go or space is freed, before the
+        next message comes (a balancer that took the hub out sends none)."""
+        if not self.failing:
+            return True
+        if not self.store.can_write():
+            return False
+        self.failures.succeeded()
+        return True
+
     def start(self) -> None:
         """Begin taking submissions."""
 

@@ -822,6 +822,26 @@ class MessageStore:
         except Exception:
             return False
 
+    def can_write(self) -> bool:
+        """Whether a write commits now: a held write lock or a full disk still answers a
+        read, so this writes (the store identity row, unchanged) and commits. On SQLite it
+        waits CAN_WRITE_WAIT for the lock at most, on a connection of its own: /health must
+        answer a balancer at once, and the pool's connections wait LOCK_TIMEOUT."""
+        touch = "UPDATE store_identity SET created_at = created_at"
+        try:
+            if not self.is_sqlite:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(touch)
+                return True
+            path = self.url.removeprefix("sqlite:///")
+            with contextlib.closing(sqlite3.connect(path, timeout=CAN_WRITE_WAIT)) as raw:
+                raw.execute("BEGIN IMMEDIATE")
+                raw.execute(touch)
+                raw.commit()
+            return True
+        except Exception:
+            return False
+
     # -- writes ---------------------------------------------------------------------------
     def _prepare_insert_sql(self) -> None:
         """Plain SQL for the intake hot path, in the driver's own placeholder style.
@@ -1730,6 +1750,10 @@ def _chains(links: list[tuple[str, str]]) -> dict[str, str]:
 #: of 4 KB pages); the file is trimmed to WAL_SIZE_LIMIT bytes when SQLite starts it over.
 RESTART_FRAMES = 4_096
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
+#: Seconds can_write waits for SQLite's write lock.
+CAN_WRITE_WAIT = 0.2
 
 
 class _WalCheckpointer:
