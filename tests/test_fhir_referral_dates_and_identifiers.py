@@ -142,7 +142,7 @@ def test_the_care_event_keeps_the_precision_and_still_gives_a_date() -> None:
     schema = care_event_schema()["$defs"]["Patient"]["properties"]["birth_date"]["anyOf"][0]
     assert re.fullmatch(schema["pattern"], dumped["patient"]["birth_date"])
     again = CareEvent.model_validate(dumped)
-    assert again == event
+    assert again.model_dump() == event.model_dump()  # all but the store's key (never sent)
     assert json.loads(again.model_dump_json()) == dumped
     full = json.loads(work_for(ref_i12()).event.model_dump_json())  # type: ignore[union-attr]
     assert full["patient"]["birth_date"] == "1958-03-12"

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.config import load_config
 from carehub.hl7.view import MessageView
+from carehub.store.schema import encounters
 from carehub.testing import HubThread
 from tests.helpers_http import HTTPServer, wait_for
 from tests.test_fhir_notifications import NotificationEndpoint, of_type
@@ -139,3 +141,59 @@ def test_which_identifiers_are_national() -> None:
     assert [i.value for i in patient.identifiers] == ["M1", "D1", "NN1"]
     kept = translate_v2_to_event(MessageView(text), keep_national_ids=True).patient
     assert kept is not None and len(kept.identifiers) == 7
+
+
+def _with_pid3(pid3: str, trigger: str = "A01", control_id: str = "NAT-1") -> str:
+    """Feed 01 with PID-3 replaced and its own trigger and control id."""
+    lines = FEED_01.replace("\n", "\r").rstrip("\r").split("\r")
+    out = []
+    for line in lines:
+        fields = line.split("|")
+        if fields[0] == "MSH":
+            fields[8] = f"ADT^{trigger}^ADT_A01"
+            fields[9] = control_id
+        elif fields[0] == "PID":
+            fields[3] = pid3
+        elif fields[0] == "EVN":
+            fields[1] = trigger
+        out.append("|".join(fields))
+    return "\r".join(out) + "\r"
+
+
+def test_keys_are_made_as_before_national_ids_were_left_out() -> None:
+    """An SSN before an untyped MRN keyed the patient by the SSN: it still does (so visits
+    open across an upgrade are found), though the event sent names only the MRN."""
+    event = translate_v2_to_event(MessageView(_with_pid3(f"{SSN}^^^SSA^SS~{MRN}^^^RGH")))
+    kept = translate_v2_to_event(
+        MessageView(_with_pid3(f"{SSN}^^^SSA^SS~{MRN}^^^RGH")), keep_national_ids=True
+    )
+    assert event.patient is not None and kept.patient is not None
+    assert event.patient.key == kept.patient.primary  # the key of earlier releases
+    assert event.patient.primary is not None and event.patient.primary.value == MRN
+    assert SSN not in event.model_dump_json()
+
+
+def test_a_patient_known_only_by_an_ssn_is_still_tracked_and_the_ssn_not_sent(
+    tmp_path: Path, receivers: tuple[HTTPServer, NotificationEndpoint]
+) -> None:
+    webhook, _ = receivers
+    routes = f"""
+routes:
+  - name: care
+    when: {{type: ADT}}
+    steps:
+      - translate: v2-to-event
+      - enrich: encounter-state
+      - forward: {{channel: webhook, name: platform, url: {webhook.url()}}}
+"""
+    config = load_config(write_config(tmp_path, routes))
+    only_ssn = f"{SSN}^^^SSA^SS"
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [_with_pid3(only_ssn, "A01", "NAT-A01"), _with_pid3(only_ssn, "A03", "NAT-A03")])
+        hub.wait_for_deliveries(2)
+        with hub.store.engine.connect() as conn:
+            visits = conn.execute(select(encounters.c.patient_key, encounters.c.state)).all()
+    wait_for(lambda: len(webhook.requests) == 2, what="both events")
+    assert all(SSN not in json.dumps(request.json) for request in webhook.requests)
+    # One visit, admitted then discharged: the patient is tracked by the key alone.
+    assert [state for _, state in visits] == ["discharged"], visits

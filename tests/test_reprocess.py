@@ -227,6 +227,11 @@ def test_reprocess_keeps_a_discarded_dead_letter_discarded_and_warns_of_overtaki
         (dead,) = Outbox(hub.store).find(status="dead")
         b.respond = lambda _: 200
         send(hub, [make_adt("RP-2", "A03", patient_id="P1")])
+        # Routed (held behind the dead letter) before the discard lets its line go on.
+        wait_for(
+            lambda: len(Outbox(hub.store).find(destination="care/b")) == 2,
+            what="the A03 routed behind the dead letter",
+        )
         code, out, err = run(config, data_dir, "dead-letters", "discard", str(dead.id))
         assert code == 0, out + err
         wait_for(lambda: len(b.ok()) == 1, what="the later A03 sent once the line goes on")

@@ -414,6 +414,11 @@ class Patient(_Model):
 
     identifiers: list[Identifier] = Field(default_factory=list)
     primary: Identifier | None = None
+    #: The identifier the store keys this patient on (visits, referrals, the roster), chosen
+    #: from every PID-3 repetition as ``primary`` is when national identifiers are kept, so a
+    #: patient known only by an SSN is still tracked, and keys do not move when national
+    #: identifiers are left out of what is sent. Never sent: not part of the event's JSON.
+    key: Identifier | None = Field(default=None, exclude=True)
     account_number: Identifier | None = None  # PID-18
     name: HumanName | None = None
     birth_date: DateAsSent | None = None
@@ -421,6 +426,14 @@ class Patient(_Model):
     address: Address | None = None
     phone: str | None = None
     pcp: Practitioner | None = None  # PD1-4, else ROL PP/PCP, else PRD PP
+
+
+def patient_key_identifier(patient: Patient | None) -> Identifier | None:
+    """The identifier a patient is keyed on in the store: Patient.key, else ``primary`` (an
+    event built by hand, or read back from JSON, has no key)."""
+    if patient is None:
+        return None
+    return patient.key or patient.primary
 
 
 class Encounter(_Model):
@@ -472,6 +485,10 @@ class Merge(_Model):
 
     surviving: Identifier | None = None
     prior_identifiers: list[Identifier] = Field(default_factory=list)  # MRG-1
+    #: Patient.key of the survivor and every MRG-1 identifier, national ones too: what the
+    #: store re-keys (never sent, as Patient.key).
+    surviving_key: Identifier | None = Field(default=None, exclude=True)
+    prior_keys: list[Identifier] = Field(default_factory=list, exclude=True)
     prior_account_number: Identifier | None = None  # MRG-3
     prior_visit_number: Identifier | None = None  # MRG-5
 

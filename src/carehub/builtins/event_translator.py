@@ -220,19 +220,26 @@ class _Reader:
 # -- segments ----------------------------------------------------------------------------------
 
 
+def _primary(identifiers: list[Identifier]) -> Identifier | None:
+    """The identifier that names the patient: the MRN (type MR), else the first."""
+    found = next((i for i in identifiers if (i.type_code or "").upper() == "MR"), None)
+    return found or (identifiers[0] if identifiers else None)
+
+
 def _patient(r: _Reader, fields: list[str], keep_national_ids: bool) -> Patient:
-    identifiers = r.cx_list(fields, 3, keep_national_ids)
-    if not identifiers:
+    every = r.cx_list(fields, 3, keep_national_ids=True)
+    if not every:
         # Versions 2.1-2.3 often carry the external id in PID-2 only.
-        identifiers = r.cx_list(fields, 2, keep_national_ids)
-    primary = next((i for i in identifiers if (i.type_code or "").upper() == "MR"), None)
-    if primary is None and identifiers:
-        primary = identifiers[0]
+        every = r.cx_list(fields, 2, keep_national_ids=True)
+    identifiers = every if keep_national_ids else [i for i in every if not is_national_id(i)]
     names = r.reps(fields, 5)
     legal = next((n for n in names if r.leaf(n.split(r.comp), 7) == "L"), names[0] if names else "")
     return Patient(
         identifiers=identifiers,
-        primary=primary,
+        primary=_primary(identifiers),
+        # Keyed as before national identifiers were left out, so keys do not move and a
+        # patient known only by an SSN is still tracked (Patient.key is never sent).
+        key=_primary(every),
         account_number=r.cx(r.first(fields, 18)),
         name=r.xpn(legal.split(r.comp)) if legal else None,
         birth_date=parse_hl7_date(r.leaf(r.first(fields, 7), 1)),
@@ -351,6 +358,18 @@ def _prd_party(
     return None, organization
 
 
+#: PRD-1 roles (HL7 table 0286) the referral reads, in the order one is taken when a PRD
+#: gives several: the receiving party first, since that is where the referral goes.
+_READ_ROLES = ("RT", "RP", "PP", "PCP")
+
+
+def _provider_role(r: _Reader, fields: list[str]) -> str | None:
+    """PRD-1, which repeats (``CP^Consulting provider~RT^Referred to provider``): the role
+    among its repetitions that the referral reads, else the first one given."""
+    roles = [role.upper() for rep in r.reps(fields, 1) if (role := r.leaf(rep.split(r.comp), 1))]
+    return next((role for role in _READ_ROLES if role in roles), roles[0] if roles else None)
+
+
 def _referral(
     r: _Reader, rf1: list[str] | None, names: list[str]
 ) -> tuple[Referral, Practitioner | None]:
@@ -368,7 +387,7 @@ def _referral(
     for position, name in enumerate(names):
         if name == "PRD":
             fields = view.fields(position)
-            role = (r.leaf(r.first(fields, 1), 1) or "").upper() or None
+            role = _provider_role(r, fields)
             head, head_role = name, role
             person, org = _prd_party(r, fields, role)
             if role == "RP" and referring is None and referring_org is None:
@@ -458,19 +477,24 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
     patient: Patient | None = None
     merges: list[Merge] = []
     surviving: Identifier | None = None
+    surviving_key: Identifier | None = None
     for position in sorted(positions.get("PID", []) + positions.get("MRG", [])):
         fields = view.fields(position)
         if names[position] == "PID":
             current = _patient(r, fields, keep_national_ids)
-            surviving = current.primary
+            surviving, surviving_key = current.primary, current.key
             if patient is None:
                 patient = current
             continue
-        prior = r.cx_list(fields, 1, keep_national_ids)
+        prior_keys = r.cx_list(fields, 1, keep_national_ids=True)
         merges.append(
             Merge(
                 surviving=surviving,
-                prior_identifiers=prior,
+                prior_identifiers=[
+                    i for i in prior_keys if keep_national_ids or not is_national_id(i)
+                ],
+                surviving_key=surviving_key,
+                prior_keys=prior_keys,
                 prior_account_number=r.cx(r.first(fields, 3)),
                 prior_visit_number=r.cx(r.first(fields, 5)),
             )

@@ -75,7 +75,14 @@ from carehub.care.merges import follow_merges
 from carehub.care.model import Transition, TransitionKind
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
-from carehub.events import CareEvent, Encounter, Identifier, Location, display_name
+from carehub.events import (
+    CareEvent,
+    Encounter,
+    Identifier,
+    Location,
+    display_name,
+    patient_key_identifier,
+)
 from carehub.referrals.state import move_referrals_to_survivor
 from carehub.store.schema import (
     clipped,
@@ -690,7 +697,7 @@ class EncounterTracker:
         self, b: _Backend, event: CareEvent, message_id: int, message_key: Any
     ) -> Transition:
         trigger = event.trigger_event
-        primary = event.patient.primary if event.patient is not None else None
+        primary = patient_key_identifier(event.patient)
         if event.message_type != "ADT" or primary is None:
             key = make_patient_key(None, None, message_id)
             return Transition("none", None, key, trigger, "", {})
@@ -1110,11 +1117,13 @@ class EncounterTracker:
         patient = event.model_dump(mode="json", exclude_none=True).get("patient") or {}
         pairs = event.merges or []
         for merge in pairs:
-            survivor = merge.surviving or (event.patient.primary if event.patient else None)
+            survivor = (
+                merge.surviving_key or merge.surviving or patient_key_identifier(event.patient)
+            )
             if survivor is None:
                 continue
             surviving_key = make_patient_key(survivor.value, survivor.authority, message_id)
-            for ident in merge.prior_identifiers:
+            for ident in merge.prior_keys or merge.prior_identifiers:
                 old = make_patient_key(
                     ident.value, ident.authority or survivor.authority, message_id
                 )

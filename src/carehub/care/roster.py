@@ -104,6 +104,7 @@ from sqlalchemy import insert, select, update
 from carehub.care.model import CareTeam, Detail, Preference, Recipient, Suppression
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import ConfigError
+from carehub.events import patient_key_identifier
 from carehub.hl7.view import parse_path
 from carehub.store.schema import patient_merges, patient_preferences
 from carehub.workqueue import patient_key as make_patient_key
@@ -1143,7 +1144,8 @@ class CareTeamEnricher(Enricher):
         found: dict[str, RosterPatient] = {}
         patient = work.event.patient if work.event else None
         if patient is not None:
-            identifiers = ([patient.primary] if patient.primary else []) + patient.identifiers
+            keyed = [i for i in (patient.key, patient.primary) if i is not None]
+            identifiers = keyed + patient.identifiers
             for identifier in identifiers:
                 entry = self.roster.find(identifier.value, identifier.authority)
                 if entry is not None:
@@ -1186,10 +1188,10 @@ class CareTeamEnricher(Enricher):
         key = _transition_field(encounter, "patient_key")
         if isinstance(key, str) and key:
             return key
-        patient = work.event.patient if work.event else None
-        if patient is None or patient.primary is None or not patient.primary.value:
+        key = patient_key_identifier(work.event.patient if work.event else None)
+        if key is None or not key.value:
             return None
-        return make_patient_key(patient.primary.value, patient.primary.authority, 0)
+        return make_patient_key(key.value, key.authority, 0)
 
     def _add_pcp(self, event: Any, builder: _TeamBuilder) -> None:
         pcp = event.patient.pcp if event.patient else None

@@ -57,6 +57,7 @@ from carehub.referrals.state import (
     referral_recipients,
     referral_timeline,
 )
+from carehub.resources.matching import same_organization
 
 if TYPE_CHECKING:
     from carehub.store.store import MessageStore
@@ -121,15 +122,15 @@ def _caller(request: Request, tokens: list[str], organizations: dict[str, str]) 
 
 
 def _sent_to(tracker: ReferralTracker, key: str, organization: str) -> bool:
-    """Whether the referral went to this organisation (state.referral_recipients). The same
-    reads are made whether or not the referral exists, so that the time a refusal takes does
-    not tell a caller which of another organisation's referrals exist."""
+    """Whether the referral went to this organisation (state.referral_recipients; names
+    compared as everywhere, resources.matching.same_organization). The same reads are made
+    whether or not the referral exists, so that the time a refusal takes does not tell a
+    caller which of another organisation's referrals exist."""
     record = tracker.referral(key)
     now = datetime.now(UTC)
     probe = record or ReferralRecord(None, key, "", now, now)
     holders = referral_recipients(probe, tracker.engine)
-    wanted = organization.strip().casefold()
-    return record is not None and any(h.strip().casefold() == wanted for h in holders)
+    return record is not None and any(same_organization(h, organization) for h in holders)
 
 
 #: Transition fields a status answer leaves out: the patient's identity and the referral's
@@ -255,6 +256,8 @@ def register_referral_routes(
         except SQLAlchemyError as err:
             log.warning("referral status update not recorded: store error: %s", err)
             return JSONResponse({"error": "the store is not reachable; retry"}, status_code=503)
+        if transition.action == "other_organization" and caller.organization is not None:
+            return refused_for(caller.organization)  # as above: not the caller's to learn
         body = _public(transition)
         if transition.action == "unknown_referral":
             return JSONResponse({"error": transition.reason, **body}, status_code=404)

@@ -82,7 +82,7 @@ def list_command(
         if rec.overdue_at(now):
             due += " OVERDUE"
         holder = Text(shown[rec.id])
-        for warning in _warnings(rec.matches):
+        for warning in _warnings(rec.matches, holders[rec.id]):
             holder.append(f" [{warning}]", style="red")
         table.add_row(
             str(rec.id),
@@ -108,12 +108,18 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     timeline: each update's source, from -> to, and whether it was applied or refused (with
     why). A referral id comes before a row id: 2 is the referral numbered 2."""
     from carehub.hub import open_store
-    from carehub.referrals.state import party_name, referral_timeline, sent_to_text
+    from carehub.referrals.state import (
+        party_name,
+        referral_recipients,
+        referral_timeline,
+        sent_to_text,
+    )
 
     store = open_store(config, data_dir, must_exist=True)
     try:
         timeline = referral_timeline(store.engine, referral)
         holder = sent_to_text(timeline.referral, store.engine) if timeline else ""
+        holders = referral_recipients(timeline.referral, store.engine) if timeline else []
     finally:
         store.close()
     if timeline is None:
@@ -143,7 +149,7 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
-    for warning in _warnings(rec.matches, named=True):
+    for warning in _warnings(rec.matches, holders, named=True):
         header.add_row("warning", Text(warning, style="red"))
     console.print(header)
     _print_offered(console, rec.needs, rec.matches)
@@ -197,7 +203,8 @@ def refused_command(
 ) -> None:
     """Referral updates carehub refused, newest first: a REF without a referral id, an answer
     to an unknown referral, an illegal transition ... each with when, its message (store id and
-    MSH-10) and why. Ids only: `carehub messages show ID` has the message itself."""
+    MSH-10) and why. One that came before its referral and was applied when the referral came
+    says so ("applied later"). Ids only: `carehub messages show ID` has the message itself."""
     from carehub.hub import open_store
     from carehub.referrals.state import refused_referral_events
 
@@ -220,13 +227,16 @@ def refused_command(
         message = "" if row["message_id"] is None else str(row["message_id"])
         if row["control_id"]:
             message += f" ({row['control_id']})"
+        reason = Text(row["reason"] or "no reason recorded")
+        if row["applied_later"]:
+            reason.append("; applied later, when its referral came", style="green")
         table.add_row(
             str(row["id"]),
             short_time(event.at),
             "-" if row["referral_id"] is None else f"#{row['referral_id']}",
             Text(message),
             Text(row["source"]),
-            Text(row["reason"] or "no reason recorded"),
+            reason,
         )
     console = new_console()
     console.print(table)
@@ -245,6 +255,8 @@ def _refusal(event: Any) -> dict[str, Any]:
         "source": event.source,
         "action": event.action,
         "reason": event.reason,
+        # Refused when it came before its referral, applied once the referral came.
+        "applied_later": event.detail.get("applied_later") is not None,
     }
 
 
@@ -259,13 +271,17 @@ def _offered(matches: Any) -> list[dict[str, Any]]:
     return sorted(found, key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
 
 
-def _warnings(matches: Any, *, named: bool = False) -> list[str]:
-    """The warnings the matching step left on a referral's services (``named``: each with the
-    organisation it is about)."""
+def _warnings(matches: Any, holders: list[str], *, named: bool = False) -> list[str]:
+    """The warnings the matching step left on the services of the organisations the referral
+    is with now (``holders``; a warning about one it was moved from is not its holder's), and
+    with ``named`` each with the organisation it is about."""
+    from carehub.resources.matching import same_organization
+
     return [
         f"{m.get('organization') or m.get('service')}: {m['warning']}" if named else m["warning"]
         for m in _offered(matches)
         if m.get("warning")
+        and any(same_organization(str(m.get("organization") or ""), h) for h in holders)
     ]
 
 

@@ -76,7 +76,8 @@ change the organisation makes in between is answered 412 and the cancel is read 
 channel may not add tables, and :class:`ReferralTracker` has no call that stores extra data on a
 referral (its snapshot is rebuilt from each REF message). So the mapping lives in the channel's
 own JSON file, ``<data_dir>/fhir-referral/<hash of base_url>.json``: Task id -> referral key,
-Task reference and the last Task.status seen. Writes are atomic (temp file + rename) and
+Task reference and the last Task.status seen, with the Task's owner then (the same status from
+another owner is another organisation's answer). Writes are atomic (temp file + rename) and
 serialised by a lock; a Task leaves the file once its referral is closed.
 """
 
@@ -945,13 +946,18 @@ _KIND_OPERATIONS = {
 def referral_operation(work: Work) -> tuple[str, str | None]:
     """What the organisation's server must hear of this message: ``create``, ``modify``,
     ``cancel`` or ``none`` (with why). Read from the referral-state step's transition, so a
-    resend, a refused update or a second cancel sends nothing; without that step, from the
-    message's kind."""
+    resend, a refused update, a second cancel or a new referral that an early answer or
+    cancel closed sends nothing; without that step, from the message's kind."""
     state = work.data.get("referral")
     if isinstance(state, dict):
         state = ReferralTransition.from_output(state)
     if isinstance(state, ReferralTransition):
         operation = _OPERATIONS.get(state.action)
+        if operation == "create" and not state.sent_as_new:
+            return "none", (
+                f"{state.action}: the referral is {state.status} already (an answer or cancel "
+                "that came before it closed it), so it is not sent"
+            )
         if operation in ("modify", "cancel") and state.held:
             return "none", (
                 f"{state.action}: the referral was never sent to an organisation (held: "
@@ -1007,7 +1013,7 @@ def _lock_for(path: Path) -> threading.Lock:
 
 class TaskMap:
     """Open referrals sent to one FHIR server: Task id -> {referral_key, task, last_status,
-    sent_at, polled_at}, in a JSON file (see the module docstring for why a file).
+    last_owner, sent_at, polled_at}, in a JSON file (see the module docstring for why a file).
 
     Every change re-reads the file under a lock (send() and tick() run on different threads,
     and two channels may share a server) and replaces it atomically."""
@@ -1405,7 +1411,14 @@ class FhirReferralChannel(HttpChannel):
             log.warning("fhir-referral: GET %s: not a Task with a status", shown)
             return None
         self.tasks.update(task_id, polled_at=now.isoformat())
-        if status == entry.get("last_status"):
+        owner = task.get("owner") if isinstance(task.get("owner"), dict) else {}
+        # Who answered: the Task's owner, whoever the referral first named.
+        answered_by = str(owner["display"])[:200] if owner.get("display") else None
+        # The same status from another owner is another answer: the one the referral moved to
+        # may accept after the one it was taken from was refused for accepting.
+        if status == entry.get("last_status") and answered_by == entry.get(
+            "last_owner", answered_by
+        ):
             return None
         if status not in STATUSES:
             # draft / ready / entered-in-error: not referral states carehub tracks.
@@ -1418,10 +1431,8 @@ class FhirReferralChannel(HttpChannel):
         )
         if reason:
             detail["note"] = str(reason)[:500]
-        owner = task.get("owner") if isinstance(task.get("owner"), dict) else {}
-        if owner.get("display"):
-            # Who answered: the Task's owner, whoever the referral first named.
-            detail["answered_by"] = str(owner["display"])[:200]
+        if answered_by:
+            detail["answered_by"] = answered_by
         if task.get("lastModified"):
             detail["task_last_modified"] = str(task["lastModified"])
         transition = self.tracker.advance(
@@ -1430,7 +1441,7 @@ class FhirReferralChannel(HttpChannel):
         if transition.action == "unknown_referral" or transition.status in CLOSED_STATUSES:
             self.tasks.remove(task_id)
         else:
-            self.tasks.update(task_id, last_status=status)
+            self.tasks.update(task_id, last_status=status, last_owner=answered_by)
         return transition
 
 

@@ -32,7 +32,9 @@ community-resources):
   phone, the need *categories* (never the Z codes or any other diagnosis, never the free-text
   reason), the referral id, the referrer's contact and the consent line. The consent line says
   only what the site recorded (``consent_reference`` / ``consent_note``, read as the FHIR copy
-  reads them); without either it says plainly that consent was not stated.
+  reads them); without either it says plainly that consent was not stated. A referral that
+  an answer or the referrer's cancel closed before it came (it overtook the I12: declined,
+  cancelled) is sent to nobody (``ReferralTransition.sent_as_new``).
 - **organization, later**: the organisations a referral was sent to (read from the outbox: the
   ``referral_new`` deliveries of the referral's earlier messages) hear of the referrer's
   accepted cancel (``referral_cancelled``: stop) and of a modify that changed something
@@ -79,6 +81,7 @@ from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
 from carehub.referrals.fhir import consent_statement
 from carehub.referrals.state import (
+    SENT_AS_NEW_ACTIONS,
     SENT_KINDS,
     WITHDRAWN_KINDS,
     ReferralTransition,
@@ -86,7 +89,7 @@ from carehub.referrals.state import (
     organizations_sent,
     referral_id_of,
 )
-from carehub.resources.matching import chosen_match, referred_to_name
+from carehub.resources.matching import chosen_match, referred_to_name, same_organization
 from carehub.routing.config import RetryPolicy
 from carehub.routing.router import (
     PlannedDelivery,
@@ -415,8 +418,10 @@ class ReferralNotifier:
             # An answer that overtook its referral, applied once the referral came.
             decisions.append((self._referrer(early), early))
         if "organization" in self.config.tell:
-            if transition.action in ("created", "released"):
+            if transition.sent_as_new:
                 decisions.append((self._organization(work, transition), transition))
+            elif transition.action in SENT_AS_NEW_ACTIONS:
+                decisions.append((self._closed_before_sent(work, transition), transition))
             elif transition.accepted and transition.action in ("modified", "cancelled"):
                 decisions.extend(
                     (d, transition) for d in self._organizations_following(work, transition)
@@ -480,14 +485,13 @@ class ReferralNotifier:
             now_named = referred_to_name(work.event) or _referred_to_org(transition.summary)
         if not now_named:
             return [self._told_again(r, a, n, "referral_changed") for r, a, n in told]
-        wanted = now_named.casefold()
         decisions = [
             self._told_again(r, a, n, "referral_changed")
-            if n.casefold() == wanted
+            if same_organization(n, now_named)
             else self._told_again(r, a, n, "referral_withdrawn")
             for r, a, n in told
         ]
-        if not any(n.casefold() == wanted for _, _, n in told):
+        if not any(same_organization(n, now_named) for _, _, n in told):
             decisions.append(self._organization(work, transition))
         return decisions
 
@@ -572,6 +576,17 @@ class ReferralNotifier:
             )
             return decision
         return self._route_to(decision, "email", address)
+
+    def _closed_before_sent(self, work: Work, transition: ReferralTransition) -> NoticeDecision:
+        """The organisation a new referral would go to, not told: what overtook the referral
+        (the organisation's own answer declining it, the referrer's cancel) closed it."""
+        decision = self._organization(work, transition)
+        decision.status = "suppressed"
+        decision.reason = (
+            f"the referral is {STATUS_LABELS.get(transition.status or '', transition.status)} "
+            "already (an answer or cancel that came before it closed it): not sent as new"
+        )
+        return decision
 
     def _route_to(self, decision: NoticeDecision, channel: str, address: str) -> NoticeDecision:
         decision.channel, decision.address = channel or None, address or None

@@ -21,14 +21,27 @@ in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 mess
   the referral is with (referral_recipients): one whose PRD role RT names another, or whose
   sender (MSH-4, MSH-3) is an organisation a modify took the referral from, is refused, and
   the referral keeps waiting for its own organisation's answer. One that names no
-  organisation is taken from its sender.
-- An RRI that overtook its I12 is refused (unknown referral) and kept: the I12 (or an I13 that
-  creates the referral) takes on every refused row that named its id, with or without the
-  authority, and applies the newest answer among them just after it
-  (``ReferralTransition.early_answer``), so the referrer hears it and no overdue alert fires.
+  organisation is taken from its sender (unless the sender is the referrer's own system
+  relaying it: then it is told as the answer of whom the referral is with). Organisation
+  names compare as resources.matching.same_organization says (case, punctuation, a legal
+  form aside). The same holds for a FHIR Task's owner and an organisation's token.
+- An answer is never applied to a referral of another patient (PID-3, merges followed): two
+  hospitals both number a referral R-310, and an answer echoing the bare id goes to its own
+  patient's.
+- An update that overtook its referral is refused (unknown referral) and kept: the I12 (or an
+  I13 that creates the referral) applies, just after it and in the order they came, the
+  newest RRI that named its id (with or without the authority) about its patient from an
+  organisation it is with (``ReferralTransition.early_answer``: the referrer hears it and no
+  overdue alert fires), and the referrer's own I14 for it (``early_cancel``). Only what is
+  applied joins its timeline (its row marked ``applied_later``); the rest stay unattached for
+  the referral they belong to. A referral such an update closed is sent to nobody
+  (``ReferralTransition.sent_as_new``). A reprocess applies afresh a message recorded as
+  belonging to no referral, so an early I14 finds its referral once it is on file.
 - A message naming no referral id, or the referrer's I14/I15 for a referral carehub never had,
-  belongs to no referral: it is recorded (:func:`refused_referral_events`) and the step fails
-  its route with the reason, so the message is ``failed`` and says why.
+  belongs to no referral: it is recorded (:func:`refused_referral_events`) and the step raises
+  :class:`ReferralUntracked` (a :class:`~carehub.routing.router.StepProblem`): the message ends
+  ``failed`` and says why, while the route's other steps still run (the referral desk's file
+  copy is written; the notices and the FHIR copy, which need a referral, send nothing).
 - The patient is filed under the identifier a merge (A40) left standing: a later message with
   the retired identifier changes nothing, and the merge itself is a row on the timeline of
   each referral it moves (:func:`move_referrals_to_survivor`).
@@ -43,7 +56,8 @@ in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 mess
 - :meth:`ReferralTracker.advance` applies the same checks to updates that are not v2 messages
   (a CBO's webhook, a FHIR Task poll, an operator).
 - Overdue: a referral still ``requested``/``received`` after ``due_at`` has had no answer; the
-  tick raises one alert per referral (``mark_alerted``).
+  tick raises one alert per referral (``mark_alerted``). One sent (new, or moved by a modify)
+  to an organisation the directory lists as not active is due at once (:func:`record_matches`).
 
 Without a store (dry runs) the same rules run over an in-memory copy of the tables.
 """
@@ -74,7 +88,10 @@ from carehub.events import (
     Practitioner,
     Referral,
     display_name,
+    patient_key_identifier,
 )
+from carehub.resources.matching import same_organization
+from carehub.routing.router import StepProblem
 from carehub.store.schema import (
     DeliveryStatus,
     clipped,
@@ -101,6 +118,7 @@ __all__ = [
     "ReferralTimeline",
     "ReferralTracker",
     "ReferralTransition",
+    "ReferralUntracked",
     "is_allowed",
     "list_referrals",
     "move_referrals_to_survivor",
@@ -147,6 +165,9 @@ RF1_STATUS: dict[str, str] = {"A": "accepted", "R": "rejected", "P": "received",
 
 _CURRENT = "\x00current"  # _record's default "from": the status the referral has now
 
+#: A message recorded with one of these belonged to no referral: a reprocess applies it afresh.
+_UNTRACKED_ACTIONS = ("unknown_referral", "no_referral_id")
+
 _REFERRAL_KINDS = frozenset(
     {
         "referral_new",
@@ -160,6 +181,12 @@ _REFERRAL_KINDS = frozenset(
 
 class ReferralStateError(CarehubError):
     """The referral-state step cannot work with what the route gave it."""
+
+
+class ReferralUntracked(ReferralStateError, StepProblem):
+    """A referral message that belongs to no referral: recorded, and the message ends
+    ``failed`` with why, while the route's other steps still run (the desk's file copy is
+    written; the forwards that need a referral send nothing)."""
 
 
 def is_allowed(from_status: str, to_status: str) -> bool:
@@ -310,7 +337,8 @@ class ReferralTransition:
     """What one update did to a referral, for later route steps (``work.data["referral"]``).
 
     ``from_status``/``to_status`` are the status before and the status asked for; ``status``
-    is where the referral stands afterwards (unchanged when ``accepted`` is False).
+    is where the referral stands afterwards (unchanged when ``accepted`` is False; for a
+    referral created with an early answer or cancel, after those).
     ``notify_referrer`` is True when the receiving side's answer moved the referral (received,
     accepted, rejected, in progress, completed ...), i.e. when a notify or forward step should
     tell the referring provider; the referrer's own messages never set it."""
@@ -348,6 +376,8 @@ class ReferralTransition:
     #: overtook it, applied just after it. That answer's transition (as_output), for the
     #: referrer to hear it as if it had come after the referral.
     early_answer: dict[str, Any] | None = None
+    #: Likewise the referrer's own cancel (REF^I14) that overtook the referral it cancels.
+    early_cancel: dict[str, Any] | None = None
     message_id: int | None = None
     #: For notices: patient, referral id, parties, priority, reason, due date.
     summary: dict[str, Any] = field(default_factory=dict)
@@ -359,6 +389,13 @@ class ReferralTransition:
     #: The referral has gone to no organisation (none named, none matched when it was made):
     #: a change or cancel of it has nobody to reach.
     held: bool = False
+
+    @property
+    def sent_as_new(self) -> bool:
+        """This update sends the referral to an organisation as a new one (created, or
+        released from being held), which the notice and FHIR steps act on; not when what
+        came before it (an early answer or cancel) closed it: ``status`` is then closed."""
+        return self.action in SENT_AS_NEW_ACTIONS and self.status not in CLOSED_STATUSES
 
     @property
     def closes_loop(self) -> bool:
@@ -373,6 +410,9 @@ class ReferralTransition:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+
+#: Actions that send a referral to an organisation as a new one (ReferralTransition.sent_as_new).
+SENT_AS_NEW_ACTIONS = ("created", "released")
 
 #: Notices (notify-referral) that put a referral with an organisation, and the one that
 #: takes it away again: the outbox's record of whom a referral was emailed to.
@@ -458,7 +498,7 @@ def _recipients(record: ReferralRecord, emailed: Iterable[str]) -> list[str]:
     if named:
         found.append(named)
     for name in emailed:
-        if not any(_same_name(name, f) for f in found):
+        if not any(same_organization(name, f) for f in found):
             found.append(name)
     return found
 
@@ -490,11 +530,6 @@ def json_object(text: str | None) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
     return {}
-
-
-def _same_name(one: str, other: str) -> bool:
-    """Organisation names as people write them: letter case and outer blanks aside."""
-    return one.strip().casefold() == other.strip().casefold()
 
 
 def party_organization(party: dict[str, Any] | None) -> str | None:
@@ -584,7 +619,7 @@ class _Backend(Protocol):
     def outbox_organizations(self, referral_id: int) -> _OutboxOrganizations: ...
     def orphans(self, keys: Iterable[str]) -> list[ReferralEvent]: ...
     def adopt(self, event_ids: Iterable[int], referral_id: int) -> None: ...
-    def set_result(self, event_id: int, result: dict[str, Any]) -> None: ...
+    def update_detail(self, event_id: int, values: dict[str, Any]) -> None: ...
 
 
 def _dump(value: Any) -> str | None:
@@ -694,7 +729,8 @@ class _SqlBackend:
     def by_value(self, value: str) -> list[ReferralRecord]:
         escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = referrals.c.referral_key.like(f"%|{escaped}", escape="\\")
-        rows = self.conn.execute(self._select().where(pattern).order_by(referrals.c.id).limit(3))
+        # All of them: an answer picks its patient's among them (ReferralTracker._find).
+        rows = self.conn.execute(self._select().where(pattern).order_by(referrals.c.id))
         # An authority may itself contain a bar: keep only rows whose id part is the value.
         return [r for r in map(_to_record, rows) if r.referral_key.split("|", 1)[1] == value]
 
@@ -770,11 +806,11 @@ class _SqlBackend:
                 .values(referral_id=referral_id)
             )
 
-    def set_result(self, event_id: int, result: dict[str, Any]) -> None:
+    def update_detail(self, event_id: int, values: dict[str, Any]) -> None:
         text = self.conn.execute(
             select(referral_events.c.detail).where(referral_events.c.id == event_id)
         ).scalar()
-        detail = {**json_object(text), "result": result}
+        detail = {**json_object(text), **values}
         self.conn.execute(
             update(referral_events)
             .where(referral_events.c.id == event_id)
@@ -868,10 +904,10 @@ class _MemoryBackend:
             if event.id in ids and event.referral_id is None:
                 event.referral_id = referral_id
 
-    def set_result(self, event_id: int, result: dict[str, Any]) -> None:
+    def update_detail(self, event_id: int, values: dict[str, Any]) -> None:
         for _, event in self.t.events:
             if event.id == event_id:
-                event.detail["result"] = copy.deepcopy(result)
+                event.detail.update(copy.deepcopy(values))
 
 
 # -- the state machine -------------------------------------------------------------------------
@@ -931,13 +967,25 @@ class ReferralTracker:
             message_key = (message_id, identity, said)
         with self._session() as b:
             recorded = b.recorded_result(message_key)
-            if recorded is not None:
-                return ReferralTransition.from_output(recorded)
-            return self._apply(b, event, message_id, message_key)
+            if recorded is None:
+                return self._apply(b, event, message_id, message_key)
+            earlier = ReferralTransition.from_output(recorded)
+            if earlier.action not in _UNTRACKED_ACTIONS:
+                return earlier
+            # It belonged to no referral then: its referral may be on file now (a reprocess
+            # after the I12 came), so it is applied afresh; still none, the same refusal.
+            return self._apply(b, event, message_id, message_key, earlier)
 
     def _apply(
-        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any
+        self,
+        b: _Backend,
+        event: CareEvent,
+        message_id: int,
+        message_key: Any,
+        earlier: ReferralTransition | None = None,
     ) -> ReferralTransition:
+        """Apply one message; ``earlier`` is its recorded refusal for want of a referral,
+        returned again (not recorded twice) when there is still none."""
         source = f"{event.message_type}^{event.trigger_event}"
         if event.kind not in _REFERRAL_KINDS:
             # Nothing recorded: this step only owns referral messages.
@@ -951,6 +999,8 @@ class ReferralTracker:
         ctx = _Context(b, event, source, message_id, message_key, self.clock())
         ref = event.referral or Referral()
         if ref.referral_id is None:
+            if earlier is not None and earlier.action == "no_referral_id":
+                return earlier
             return self._record(
                 ctx,
                 None,
@@ -966,12 +1016,17 @@ class ReferralTracker:
             if responding
             else placed_referral_key(ref.referral_id, event)
         )
-        rec = self._find(b, ref, loose=responding, placed=None if responding else key)
+        patient = _patient_of(event) if responding else None
+        rec = self._find(
+            b, ref, loose=responding, placed=None if responding else key, patient=patient
+        )
         if event.kind == "referral_new":
             return self._on_new(ctx, rec, key)
         if event.kind == "referral_modify":
             return self._on_modify(ctx, rec, key)
         if rec is None:
+            if earlier is not None and earlier.action == "unknown_referral":
+                return earlier
             return self._record(
                 ctx,
                 None,
@@ -979,7 +1034,7 @@ class ReferralTracker:
                 "unknown_referral",
                 self._target(event),
                 accepted=False,
-                reason=f"no referral {_label(key)}",
+                reason=self._unknown_reason(b, ref, key, patient),
             )
         if event.kind == "referral_cancel":
             return self._change(ctx, rec, "cancelled")
@@ -1000,13 +1055,20 @@ class ReferralTracker:
 
     @staticmethod
     def _find(
-        b: _Backend, ref: Referral, *, loose: bool, placed: str | None = None
+        b: _Backend,
+        ref: Referral,
+        *,
+        loose: bool,
+        placed: str | None = None,
+        patient: str | None = None,
     ) -> ReferralRecord | None:
         """The referral a message names: by the key its placer gave it (``placed``, for the
         referrer's own messages), by RF1-6 (else RF1-11) with its authority, then by RF1-11.
         ``loose`` (responses only) also takes the bare id when either side left the
-        authority out and exactly one referral has that id: responders often echo the id
-        without its namespace, while the referrer knows its own ids exactly."""
+        authority out and exactly one referral of the answer's ``patient`` has that id:
+        responders often echo the id without its namespace, while the referrer knows its own
+        ids exactly. An answer is never taken by a referral of another patient (two hospitals
+        both number a referral R-310: each answer goes to its own patient's)."""
         if placed is not None:
             rec = b.get(placed)
             if rec is not None:
@@ -1014,7 +1076,11 @@ class ReferralTracker:
         candidates = [i for i in (ref.referral_id, ref.external_id) if i is not None]
         for ident in candidates:
             rec = b.get(referral_key(ident))
-            if rec is not None and (placed is None or _placed_by_the_same(rec, placed)):
+            if (
+                rec is not None
+                and (placed is None or _placed_by_the_same(rec, placed))
+                and _same_patient(b, rec, patient)
+            ):
                 return rec
         if not loose:
             return None
@@ -1022,11 +1088,22 @@ class ReferralTracker:
             found = [
                 r
                 for r in b.by_value(ident.value)
-                if not ident.authority or not r.referral_key.split("|", 1)[0]
+                if (not ident.authority or not r.referral_key.split("|", 1)[0])
+                and _same_patient(b, r, patient)
             ]
             if len(found) == 1:
                 return found[0]
         return None
+
+    @staticmethod
+    def _unknown_reason(b: _Backend, ref: Referral, key: str, patient: str | None) -> str:
+        """Why an update names no referral on file: none has its id, or (an answer) those
+        that have it are another patient's."""
+        if patient is not None and ref.referral_id is not None:
+            others = b.by_value(ref.referral_id.value)
+            if others and not any(_same_patient(b, r, patient) for r in others):
+                return f"no referral {_label(key)} for the patient the answer names (PID-3)"
+        return f"no referral {_label(key)}"
 
     def _on_new(self, ctx: _Context, rec: ReferralRecord | None, key: str) -> ReferralTransition:
         if rec is not None:
@@ -1061,7 +1138,9 @@ class ReferralTracker:
         before = rec.status
         changed = self._merge_fields(rec, ctx.event, ctx.b)
         named_now = party_organization(rec.referred_to)
-        moved = bool(holder_before and named_now) and not _same_name(holder_before, named_now)
+        moved = bool(holder_before and named_now) and not same_organization(
+            holder_before, named_now
+        )
         # A referral held for want of an organisation (none named, none matched) that names
         # one now is sent as a new one: nothing of it reached anyone before.
         released = holder_before is None and bool(named_now)
@@ -1184,46 +1263,61 @@ class ReferralTracker:
     def _created(
         self, ctx: _Context, rec: ReferralRecord, key: str, note: str | None = None
     ) -> ReferralTransition:
-        """Record a referral this message created, with what came for it before it did: the
-        refused updates that named its id join its timeline, and the newest answer among them
-        (an RRI that overtook its I12) is applied just after, as if it had come then."""
-        waiting = self._adopt_orphans(ctx, rec)
+        """Record a referral this message created, then what came for it before it did and
+        is its own: the newest answer that overtook it (an RRI about its patient, from an
+        organisation it is with) and the referrer's cancel (REF^I14 from the same sender),
+        applied just after it in the order they came, as if they had come then. Only what is
+        applied joins its timeline: another patient's answer, or one it refuses, stays
+        unattached (``referrals refused --unattached``) for the referral it belongs to."""
+        waiting = self._waiting(ctx, rec)
         transition = self._record(
             ctx, rec, key, "created", "requested", changed=True, before=None, note=note
         )
         created_row = ctx.last_event_id
-        early = self._apply_early_answer(ctx, rec, waiting)
-        if early is not None and created_row is not None:
-            transition.early_answer = early.as_output()
-            ctx.b.set_result(created_row, transition.as_output())
+        early = [self._early_answer(ctx, rec, waiting), _early_cancel(rec, waiting)]
+        for row in sorted((e for e in early if e is not None), key=lambda e: e.id):
+            applied = self._apply_early(ctx, rec, row)
+            if applied is None:
+                continue
+            if row.source.startswith("REF^"):
+                transition.early_cancel = applied.as_output()
+            else:
+                transition.early_answer = applied.as_output()
+        if (transition.early_answer or transition.early_cancel) and created_row is not None:
+            # Where it stands after them: closed, it is sent to nobody (sent_as_new).
+            transition.status = rec.status
+            ctx.b.update_detail(created_row, {"result": transition.as_output()})
         return transition
 
     @staticmethod
-    def _adopt_orphans(ctx: _Context, rec: ReferralRecord) -> list[ReferralEvent]:
-        """The refused rows that named this referral's id before it existed, now its own: by
-        its key, by the id with the authority the message gave it, and by the bare id (as an
-        RRI echoes RF1-6) while no other referral has that id."""
+    def _waiting(ctx: _Context, rec: ReferralRecord) -> list[ReferralEvent]:
+        """The refused rows, tied to no referral, that named this referral's id before it
+        existed: by its key, by the id with the authority the message gave it, and by the
+        bare id (as an RRI echoes RF1-6), whichever referral they turn out to be for."""
         ref = ctx.event.referral if ctx.event is not None else None
         ident = ref.referral_id if ref is not None else None
-        assert rec.id is not None
         if ident is None:
             return []
-        keys = {rec.referral_key}
+        keys = {rec.referral_key, f"|{ident.value}", ident.value}
         if ident.authority:
             keys.add(referral_key(ident))
-        if [r.id for r in ctx.b.by_value(ident.value)] == [rec.id]:
-            keys.update({f"|{ident.value}", ident.value})
-        found = ctx.b.orphans(keys)
-        ctx.b.adopt((e.id for e in found), rec.id)
-        return found
+        return ctx.b.orphans(keys)
 
-    def _apply_early_answer(
+    def _early_answer(
         self, ctx: _Context, rec: ReferralRecord, waiting: list[ReferralEvent]
-    ) -> ReferralTransition | None:
-        """Apply the newest answer (RRI, not the answer to a cancel) among ``waiting`` that the
-        referral takes: one with a status carehub reads, from whoever it is with. Only RRIs:
-        their senders were acknowledged and will not send them again, while a webhook caller
-        was answered 404 and knows to try again."""
+    ) -> ReferralEvent | None:
+        """The newest answer (RRI, not the answer to a cancel) among ``waiting`` that is this
+        referral's: with a status carehub reads, about its patient (an answer that names no
+        patient only when it named this referral exactly, or no other referral has its id),
+        from whoever it is with. Only RRIs: their senders were acknowledged and will not send
+        them again, while a webhook caller was answered 404 and knows to try again."""
+        ref = ctx.event.referral if ctx.event is not None else None
+        ident = ref.referral_id if ref is not None else None
+        named_exactly = {
+            rec.referral_key,
+            *([referral_key(ident)] if ident and ident.authority else []),
+        }
+        only_one = ident is not None and [r.id for r in ctx.b.by_value(ident.value)] == [rec.id]
         answers = [
             e
             for e in waiting
@@ -1234,37 +1328,51 @@ class ReferralTracker:
         ]
         for answer in reversed(answers):
             responder = answer.detail.get("responder") or {}
-            senders = [
-                str(responder[k])
-                for k in ("sending_facility", "sending_application")
-                if responder.get(k)
-            ]
-            organization = responder.get("organization")
-            if self._answer_refusal(ctx.b, rec, organization, senders) is not None:
+            patient = responder.get("patient_key")
+            if patient is None and answer.referral_key not in named_exactly and not only_one:
                 continue
-            assert answer.to_status is not None
-            if not is_allowed(rec.status, answer.to_status):
+            if not _same_patient(ctx.b, rec, patient):
                 continue
-            result = answer.detail.get("result") or {}
-            notes = [str(n) for n in responder.get("notes") or [] if str(n).strip()]
-            replay = _Context(
-                ctx.b,
-                None,
-                answer.source,
-                answer.message_id,
-                ctx.message_key,
-                ctx.now,
-                {
-                    "responder": responder,
-                    "early_answer": answer.id,
-                    "note": f"an answer that came before the referral (timeline row "
-                    f"{answer.id}), applied after it",
-                },
-                answered_by=result.get("answered_by"),
-                answer_note=" ".join(n.strip() for n in notes) or None,
-            )
-            return self._change(replay, rec, answer.to_status)
+            organization, senders = responder.get("organization"), _senders_of(responder)
+            if self._answer_refusal(ctx.b, rec, organization, senders) is None:
+                return answer
         return None
+
+    def _apply_early(
+        self, ctx: _Context, rec: ReferralRecord, row: ReferralEvent
+    ) -> ReferralTransition | None:
+        """Apply one update that came before the referral (``row``, its refused record) now,
+        if the referral may still move so; it then joins the referral's timeline, marked as
+        applied later. None when it may not (an answer after an early cancel)."""
+        assert row.to_status is not None
+        if not is_allowed(rec.status, row.to_status):
+            return None
+        answering = row.source.startswith("RRI^")
+        responder = row.detail.get("responder") or {}
+        notes = [str(n) for n in responder.get("notes") or [] if str(n).strip()]
+        what = "an answer" if answering else "a cancel"
+        detail: dict[str, Any] = {
+            "early_update": row.id,
+            "note": f"{what} that came before the referral (timeline row {row.id}), applied "
+            "after it",
+        }
+        if answering:
+            detail["responder"] = responder
+        replay = _Context(
+            ctx.b,
+            None,
+            row.source,
+            row.message_id,
+            ctx.message_key,
+            ctx.now,
+            detail,
+            answered_by=_early_answerer(responder, rec) if answering else None,
+            answer_note=" ".join(n.strip() for n in notes) or None,
+        )
+        applied = self._change(replay, rec, row.to_status)
+        ctx.b.adopt([row.id], rec.id if rec.id is not None else -1)
+        ctx.b.update_detail(row.id, {"applied_later": replay.last_event_id})
+        return applied
 
     # -- other sources ------------------------------------------------------------------------
     def advance(
@@ -1303,6 +1411,22 @@ class ReferralTracker:
                     reason=f"unknown status {to_status!r} (expected one of {', '.join(STATUSES)})",
                     extra={"asked": to_status},
                 )
+            answered_by = event_detail.get("answered_by")
+            if answered_by and source in _ANSWER_SOURCES:
+                # A Task's owner, an organisation's token: the same rule as for an RRI that
+                # names its organisation, so an answer from one the referral was taken from
+                # (or never sent to) does not move it.
+                refusal = self._answer_refusal(b, rec, str(answered_by), [])
+                if refusal is not None:
+                    return self._record(
+                        ctx,
+                        rec,
+                        key,
+                        "other_organization",
+                        to_status,
+                        accepted=False,
+                        reason=refusal,
+                    )
             return self._change(ctx, rec, to_status)
 
     # -- the one place statuses change ---------------------------------------------------------
@@ -1382,7 +1506,7 @@ class ReferralTracker:
             "referring": _party(ref.referring, ref.referring_organization) or None,
             "referred_to": _party(ref.referred_to) or None,
         }
-        primary = event.patient.primary if event.patient is not None else None
+        primary = patient_key_identifier(event.patient)
         if primary is not None:
             new["patient_key"] = _surviving_key(
                 b, make_patient_key(primary.value, primary.authority, 0)
@@ -1441,7 +1565,7 @@ class ReferralTracker:
             # The referrer hears about what the other side did, not about its own messages.
             notify_referrer=accepted and changed and not ctx.source.startswith("REF^"),
             acted_on_cancelled=acted_on_cancelled,
-            answered_by=_answered_by(ctx),
+            answered_by=_answered_by(ctx, rec),
             answer_note=_answer_note(ctx),
             sent_to=self._sent_to(ctx, rec),
             message_id=ctx.message_id,
@@ -1468,6 +1592,9 @@ class ReferralTracker:
                     if responder.external_id
                     else None,
                     "notes": responder.notes,
+                    # Whose answer it is (PID-3): a referral that comes after it takes it
+                    # only if it is that patient's.
+                    "patient_key": _patient_of(ctx.event),
                 }
         detail["result"] = transition.as_output()
         row = {
@@ -1493,7 +1620,9 @@ class ReferralTracker:
         answering = (
             ctx.event.kind == "referral_response"
             if ctx.event is not None
-            else ctx.source in _ANSWER_SOURCES or ctx.answered_by is not None
+            else ctx.source in _ANSWER_SOURCES
+            or ctx.source.startswith("RRI^")  # an early answer, applied after its referral
+            or ctx.answered_by is not None
         )
         if not answering or rec is None or rec.id is None:
             return []
@@ -1561,10 +1690,10 @@ class _Context:
 _ANSWER_SOURCES = frozenset({"webhook", "fhir-task-poll"})
 
 
-def _answered_by(ctx: _Context) -> str | None:
+def _answered_by(ctx: _Context, rec: ReferralRecord | None) -> str | None:
     """The party that gave an answer: an RRI's responding party (PRD role RT, else its sending
-    facility or application); for a webhook or Task poll what the caller recorded in
-    ``detail["answered_by"]`` (a Task's owner)."""
+    facility or application, see _answering_sender); for a webhook or Task poll what the
+    caller recorded in ``detail["answered_by"]`` (a Task's owner)."""
     if ctx.answered_by is not None:
         return ctx.answered_by
     event = ctx.event
@@ -1578,9 +1707,30 @@ def _answered_by(ctx: _Context) -> str | None:
         elif isinstance(party, Practitioner):
             person = display_name(party.model_dump(exclude_none=True), with_prefix=True)
             name = party.organization or person
-        return name or event.sending_facility or event.sending_application
+        return name or _answering_sender(_senders(event), rec)
     found = ctx.detail.get("answered_by")
     return str(found) if found and ctx.source in _ANSWER_SOURCES else None
+
+
+def _answering_sender(senders: list[str], rec: ReferralRecord | None) -> str | None:
+    """Whom an answer that names no organisation is credited to: its sender (MSH-4, else
+    MSH-3), unless the sender is the referrer's own system relaying it (the facility or
+    application that placed the referral, or the authority of its id): then nobody by name,
+    and a notice names whom the referral is with, as that."""
+    if rec is not None:
+        snapshot = rec.snapshot or {}
+        placer = {
+            str(name).strip().casefold()
+            for name in (
+                snapshot.get("sending_facility"),
+                snapshot.get("sending_application"),
+                rec.referral_key.split("|", 1)[0],
+            )
+            if name
+        }
+        if any(sender.strip().casefold() in placer for sender in senders):
+            return None
+    return senders[0] if senders else None
 
 
 def _answer_note(ctx: _Context) -> str | None:
@@ -1609,8 +1759,59 @@ def _senders(event: CareEvent | None) -> list[str]:
     return [s for s in (event.sending_facility, event.sending_application) if s]
 
 
+def _patient_of(event: CareEvent | None) -> str | None:
+    """The patient key (authority|id) of the patient a message names (PID-3), as the referral
+    files it before merges; None when it names none."""
+    primary = patient_key_identifier(event.patient if event is not None else None)
+    if primary is None or not primary.value:
+        return None
+    return make_patient_key(primary.value, primary.authority, 0)
+
+
+def _same_patient(b: _Backend, rec: ReferralRecord, patient: str | None) -> bool:
+    """Whether an answer about ``patient`` (a patient key, None: it names none) can be this
+    referral's: the same patient once merges (A40) are followed, compared by identifier
+    alone when either side leaves out its authority. An answer naming no patient, or a
+    referral filed under none, cannot be told apart, and is taken as before."""
+    ours = rec.patient_key or ""
+    if patient is None or "|" not in ours or ours.startswith("message|"):
+        return True
+    theirs = _surviving_key(b, patient)
+    if theirs == ours:
+        return True
+    their_authority, _, their_id = theirs.partition("|")
+    our_authority, _, our_id = ours.partition("|")
+    return their_id == our_id and not (their_authority and our_authority)
+
+
+def _early_answerer(responder: dict[str, Any], rec: ReferralRecord) -> str | None:
+    """_answered_by for an answer applied after the referral it overtook, from its record."""
+    organization = responder.get("organization")
+    return str(organization) if organization else _answering_sender(_senders_of(responder), rec)
+
+
+def _senders_of(responder: dict[str, Any]) -> list[str]:
+    """_senders, as an answer's record keeps them (``detail["responder"]``)."""
+    return [
+        str(responder[k]) for k in ("sending_facility", "sending_application") if responder.get(k)
+    ]
+
+
+def _early_cancel(rec: ReferralRecord, waiting: list[ReferralEvent]) -> ReferralEvent | None:
+    """The newest of the referrer's cancels (REF^I14) among ``waiting`` that named this
+    referral's own key: the same sender (or the authority of its id) placed both."""
+    cancels = [
+        e
+        for e in waiting
+        if e.action == "unknown_referral"
+        and e.source == "REF^I14"
+        and e.referral_key == rec.referral_key
+    ]
+    return cancels[-1] if cancels else None
+
+
 def _among(name: str, names: Iterable[str]) -> bool:
-    return any(_same_name(name, other) for other in names)
+    return any(same_organization(name, other) for other in names)
 
 
 def _surviving_key(b: _Backend, patient_key: str) -> str:
@@ -1625,7 +1826,9 @@ def _surviving_key(b: _Backend, patient_key: str) -> str:
 class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
     """Route step: apply a REF/RRI message to its referral and hand the transition to later
     steps (``work.data["referral"]``), e.g. a notify step that tells the referring provider
-    when ``notify_referrer`` is set."""
+    when ``notify_referrer`` is set. A message that belongs to no referral (no RF1-6, an I14
+    or I15 for a referral not on file) ends ``failed`` with the reason, and the route's other
+    steps still run."""
 
     name = "referral-state"
     description = (
@@ -1664,9 +1867,9 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
         work.data["referral"] = transition
         untracked = _untracked(transition)
         if untracked is not None:
-            # Recorded (refused_referral_events lists it), and the route fails with the
-            # reason, so the message is 'failed' and says why rather than 'delivered'.
-            raise ReferralStateError(untracked)
+            # Recorded (refused_referral_events lists it); the message ends 'failed' with the
+            # reason rather than 'delivered', and the route's other steps still run.
+            raise ReferralUntracked(untracked)
         return transition.as_output()
 
     def tick(self, now: datetime) -> None:
@@ -1694,13 +1897,21 @@ _OVERDUE_LOGGED = "enrich:referral-state:overdue-logged"
 def _untracked(transition: ReferralTransition) -> str | None:
     """Why a referral message can be tied to no referral at all, or None: it names no
     referral id, or it is the referrer's cancel or status request (I14, I15) for a referral
-    carehub never had. Said without the id, since it becomes the message's status detail.
-    An answer (RRI) for an unknown referral is not one: it is kept for its referral, which
-    may come after it (see ReferralTracker._created)."""
+    carehub does not have (a cancel is applied if its referral comes after it). Said without
+    the id, since it becomes the message's status detail. An answer (RRI) for an unknown
+    referral is not one: it is kept for its referral, which may come after it (see
+    ReferralTracker._created)."""
     if transition.action == "no_referral_id":
         return (
             f"{transition.source} not tracked: the message has no referral id (RF1-6 or "
             "RF1-11), so it belongs to no referral"
+        )
+    if transition.action == "unknown_referral" and transition.source == "REF^I14":
+        return (
+            f"{transition.source} not tracked: no referral with its id (RF1-6) is on file, "
+            "so there is nothing to apply it to yet; it is applied when the referral (REF^I12 "
+            "or I13) comes from the same sender, and `carehub messages reprocess` applies it "
+            "to one on file"
         )
     if transition.action == "unknown_referral" and transition.source.startswith("REF^"):
         return (
@@ -1881,11 +2092,12 @@ def referral_timeline(engine: Engine, ident: int | str) -> ReferralTimeline | No
 
 
 def record_matches(
-    engine: Engine | ReferralMemory, referral_key: str, needs: list[Any], matches: Any
+    engine: Engine | ReferralMemory, referral_key: str, needs: list[Any] | None, matches: Any
 ) -> bool:
     """Keep the needs found and the ranked services (with each rank's reasons) on the
     referral, so `carehub referrals show` answers "what was this patient offered, and why",
-    and a later change or cancel knows who has it. In a dry run, on its memory tables.
+    and a later change or cancel knows who has it. ``needs`` None keeps the needs it has. In
+    a dry run, on its memory tables.
 
     A referral sent to an organisation the directory lists as not active (its entry carries
     a ``warning``) is due for an answer now: nobody may answer it, and the care coordinator
@@ -1895,16 +2107,19 @@ def record_matches(
         with engine.lock:
             found = [r for r in engine.referrals.values() if r.referral_key == referral_key]
             for rec in found:
-                rec.needs, rec.matches = copy.deepcopy(needs), copy.deepcopy(matches)
+                if needs is not None:
+                    rec.needs = copy.deepcopy(needs)
+                rec.matches = copy.deepcopy(matches)
                 if due_now is not None and rec.status not in CLOSED_STATUSES:
                     due = _utc(rec.due_at)
                     rec.due_at = due_now if due is None else min(due, due_now)
         return bool(found)
+    values = {"matches": json.dumps(matches, default=str)}
+    if needs is not None:
+        values["needs"] = json.dumps(needs, default=str)
     with engine.begin() as conn:
         changed = conn.execute(
-            update(referrals)
-            .where(referrals.c.referral_key == referral_key)
-            .values(needs=json.dumps(needs, default=str), matches=json.dumps(matches, default=str))
+            update(referrals).where(referrals.c.referral_key == referral_key).values(**values)
         ).rowcount
         if due_now is not None:
             conn.execute(

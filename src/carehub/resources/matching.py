@@ -83,8 +83,10 @@ __all__ = [
     "known_language",
     "language_hint",
     "language_of",
+    "organization_key",
     "rank",
     "referred_to_name",
+    "same_organization",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,29 @@ CAPACITY_POINTS = 5.0
 MAX_EXCLUDED = 25  # recorded per message; the count says how many more there were
 #: The reason a service of the organisation the referral names (PRD role RT) gives for it.
 NAMED_REASON = "organization named in the referral (referred-to)"
+
+#: Legal-form words a name may end with or leave out: "Eastside Neighbors Pantry, Inc." is
+#: the organisation the directory lists as "Eastside Neighbors Pantry".
+LEGAL_SUFFIXES = frozenset(
+    {"inc", "incorporated", "llc", "ltd", "limited", "corp", "corporation", "co", "company"}
+)
+
+
+def organization_key(name: str | None) -> str:
+    """An organisation's name as carehub compares it: letter case, punctuation, repeated
+    blanks and a trailing legal form (Inc, LLC, Ltd, Corp, Co) aside. Every comparison of
+    organisation names (directory look-ups, whom a referral is with, who answered) uses it,
+    so one organisation is never two because a sender spelled it otherwise."""
+    words = re.sub(r"[\W_]+", " ", (name or "").casefold()).split()
+    while len(words) > 1 and words[-1] in LEGAL_SUFFIXES:
+        words.pop()
+    return " ".join(words)
+
+
+def same_organization(one: str | None, other: str | None) -> bool:
+    """Whether two names are one organisation's (see organization_key); never for no name."""
+    key = organization_key(one)
+    return bool(key) and key == organization_key(other)
 
 
 class ResourcesError(CarehubError):
@@ -625,7 +650,7 @@ def rank(
     language_known = wanted_language is not None and _is_known_language(
         wanted_language[0], services
     )
-    referred = (referred_to or "").strip().casefold()
+    referred = organization_key(referred_to)
     ranking = Ranking()
     for service in services:
         served, reasons = _served(service, needs)
@@ -637,7 +662,7 @@ def rank(
         if service.status.strip().lower() != "active":
             out.append(f"status: {service.status}")
 
-        if referred and referred == (service.organization_name() or "").strip().casefold():
+        if referred and referred == organization_key(service.organization_name()):
             score += REFERRED_POINTS
             reasons.append(NAMED_REASON)
 
@@ -715,10 +740,6 @@ def rank(
 # -- the enricher ------------------------------------------------------------------------------
 
 
-#: Referral-state actions that send a referral out as new (see _record_on_referral).
-_SENT_AS_NEW = ("created", "released")
-
-
 def _named_organization(services: Iterable[Service], name: str) -> dict[str, Any] | None:
     """The directory's entry for the organisation a referral names (its first active service,
     as a match without a rank), whether or not it serves a need found in this message: a
@@ -728,8 +749,7 @@ def _named_organization(services: Iterable[Service], name: str) -> dict[str, Any
     With no active service, its first service stands for it with a ``warning``: the referral
     still goes where it names (see the module docstring), and the coordinator is told why
     that may be a dead end and what to do."""
-    wanted = name.strip().casefold()
-    found = [s for s in services if (s.organization_name() or "").strip().casefold() == wanted]
+    found = [s for s in services if same_organization(s.organization_name(), name)]
     if not found:
         return None
     active = [s for s in found if s.status.strip().lower() == "active"]
@@ -770,12 +790,12 @@ def chosen_match(event: Any, found: dict[str, Any] | None) -> dict[str, Any] | N
     referral = getattr(event, "referral", None)
     if getattr(referral, "referred_to", None) is None:
         return matches[0] if matches else None
-    wanted = (referred_to_name(event) or "").casefold()
+    wanted = referred_to_name(event)
     if not wanted:
         return None
     named = (found or {}).get("named")
     return next(
-        (m for m in matches if str(m.get("organization") or "").strip().casefold() == wanted),
+        (m for m in matches if same_organization(str(m.get("organization") or ""), wanted)),
         named if isinstance(named, dict) else None,
     )
 
@@ -949,17 +969,28 @@ class CommunityResourcesEnricher(Enricher):
         return result
 
     def _record_on_referral(self, work: Work, result: dict[str, Any]) -> None:
-        """With a referral-state step earlier in the route, the matches a new referral was
-        sent by are kept on the referral itself (not only in this step's output), and after
-        them, without a rank, the named organisation's entry when that is where it goes but
-        it did not rank (with its warning, if any). Only a new one's: the matches of a later
-        modify (ranked again, from that message alone) must not replace what the referral went
-        out with, which tells who has it."""
+        """With a referral-state step earlier in the route, the matches a referral was sent by
+        are kept on the referral itself (not only in this step's output), and after them,
+        without a rank, the named organisation's entry when that is where it goes but it did
+        not rank (with its warning, if any). Kept when the referral goes to an organisation:
+        a new one, one released from being held, and one a modify moved to another
+        organisation (the warning follows the holder: the one it went to now may be closed,
+        the one it left may have been). A modify that keeps the organisation keeps what the
+        referral went out with (its matches, ranked again from that message alone, would
+        replace who has it); a moved one found no needs of its own keeps the needs it had."""
+        from carehub.referrals.state import (
+            SENT_AS_NEW_ACTIONS,
+            ReferralStateEnricher,
+            record_matches,
+        )
+
         referral = work.data.get("referral")
         key = getattr(referral, "referral_key", None)
-        if not key or getattr(referral, "action", None) not in _SENT_AS_NEW:
+        moved = bool(getattr(referral, "accepted", False)) and bool(
+            getattr(referral, "referred_to_before", None)
+        )
+        if not key or not (moved or getattr(referral, "action", None) in SENT_AS_NEW_ACTIONS):
             return
-        from carehub.referrals.state import ReferralStateEnricher, record_matches
 
         store = self.context.store
         # Without a store (a dry run) the referral lives in the referral-state step's memory.
@@ -973,4 +1004,5 @@ class CommunityResourcesEnricher(Enricher):
             chosen = chosen_match(work.event, result)
             if chosen is not None and chosen not in offered:
                 offered.append(chosen)
-            record_matches(target, key, result["needs"], offered)
+            needs = result["needs"] if result["needs"] or not moved else None
+            record_matches(target, key, needs, offered)

@@ -2,10 +2,12 @@
 
 Each route the message matches runs independently: its steps in the order written, each
 step's output recorded. A step that raises ends that route (recorded as an error) without
-touching the other routes. Forward steps do not send anything here: they fix the exact bytes
-to send (``Channel.render``) and become deliveries, which the delivery workers send with
-retries. That way a route's result commits in one transaction, and a crash never leaves a
-message half-routed.
+touching the other routes; one that raises :class:`StepProblem` has done its part and found
+something an operator must see: it is recorded as an error (the message ends ``failed``,
+saying why) and the route goes on. Forward steps do not send anything here: they fix the
+exact bytes to send (``Channel.render``) and become deliveries, which the delivery workers
+send with retries. That way a route's result commits in one transaction, and a crash never
+leaves a message half-routed.
 """
 
 from __future__ import annotations
@@ -133,6 +135,14 @@ def recordable(value: Any) -> tuple[Any, str]:
     except (TypeError, ValueError):
         text = str(value)
         return text, json.dumps(text)
+
+
+class StepProblem(Exception):
+    """Raised by a step that did what it could and found a problem an operator must see,
+    which the route's other steps need not stop for (a referral message that belongs to no
+    referral: the desk's file copy is still written). The step is recorded as an error with
+    this text, so the message ends ``failed`` and says why; the steps after it run and their
+    deliveries are kept. Whatever the step put in ``work.data`` stays for them."""
 
 
 class RenderError(TypeError):
@@ -269,6 +279,16 @@ class Router:
                     result.steps.append(
                         StepRecord(route.name, position, step.label, "ok", value, encoded)
                     )
+            except StepProblem as problem:
+                log.warning(
+                    "route %s step %d (%s) found a problem; the route goes on",
+                    route.name,
+                    position,
+                    step.label,
+                )
+                error = f"step {position} ({step.label}): {problem}"
+                result.error = f"{result.error}; {error}" if result.error else error
+                result.steps.append(StepRecord(route.name, position, step.label, "error", error))
             except Exception as err:  # a broken step ends its route, never the hub
                 # The error's text can quote the message: WARNING gets its type, and the
                 # traceback (for a plugin author to find the line) goes to DEBUG only.
