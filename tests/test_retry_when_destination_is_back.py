@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from carehub import worker
-from carehub.config import load_config
+from carehub.config import HubConfig, load_config
 from carehub.store.outbox import Outbox
 from carehub.testing import HubThread, make_adt
 from tests.helpers_http import HTTPServer, wait_for
@@ -19,6 +19,18 @@ from tests.test_worker import send, write_config
 
 #: A long first delay: without the change the first patient's message waits all of it.
 SLOW_RETRY = "{max_attempts: 5, initial_delay: 60, multiplier: 1, max_delay: 60, jitter: 0}"
+
+
+def hook_config(tmp_path: Path, receiver: HTTPServer) -> HubConfig:
+    """A hub whose one route forwards every ADT to ``receiver``, retrying slowly."""
+    routes = f"""
+routes:
+  - name: care
+    when: {{type: ADT}}
+    steps:
+      - forward: {{channel: webhook, name: hook, url: {receiver.url()}, retry: {SLOW_RETRY}}}
+"""
+    return load_config(write_config(tmp_path, routes))
 
 
 @pytest.fixture(autouse=True)
@@ -34,14 +46,7 @@ def test_a_destination_back_up_gets_its_retrying_deliveries_at_once(
     caplog.set_level(logging.INFO, logger="carehub.worker")
     down = True
     with HTTPServer(lambda _: 503 if down else 200) as receiver:
-        routes = f"""
-routes:
-  - name: care
-    when: {{type: ADT}}
-    steps:
-      - forward: {{channel: webhook, name: hook, url: {receiver.url()}, retry: {SLOW_RETRY}}}
-"""
-        config = load_config(write_config(tmp_path, routes))
+        config = hook_config(tmp_path, receiver)
         with HubThread(config, tmp_path / "data") as hub:
             send(
                 hub,
@@ -82,14 +87,7 @@ def test_a_destination_that_fails_every_other_request_does_not_burn_the_retries(
     caplog.set_level(logging.INFO, logger="carehub.worker")
     answers = iter([503] * 4 + [503, 200] * 200)
     with HTTPServer(lambda _: next(answers)) as receiver:
-        routes = f"""
-routes:
-  - name: care
-    when: {{type: ADT}}
-    steps:
-      - forward: {{channel: webhook, name: hook, url: {receiver.url()}, retry: {SLOW_RETRY}}}
-"""
-        config = load_config(write_config(tmp_path, routes))
+        config = hook_config(tmp_path, receiver)
         with HubThread(config, tmp_path / "data") as hub:
             outbox = Outbox(hub.store)
             send(hub, [make_adt(f"FLAP-{n}", patient_id=f"P-F{n}") for n in range(4)])
