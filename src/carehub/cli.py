@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from carehub import __version__
-from carehub.cliparams import AGE, DAYS, LIMIT, MESSAGE_STATUS, PORT, ROW_ID, TIMEOUT, parse_age
+from carehub.cliparams import (
+    AGE,
+    DAYS,
+    LIMIT,
+    MESSAGE_STATUS,
+    PORT,
+    ROW_ID,
+    TIMEOUT,
+    moment,
+)
 from carehub.config import (
     ENV_CONFIG,
     ENV_DATA_DIR,
@@ -387,32 +396,6 @@ def messages() -> None:
     """Browse stored messages."""
 
 
-def _parse_since(value: str | None, option: str = "--since") -> datetime | None:
-    """A moment given as an ISO date/time or an age back from now; errors name ``option``."""
-    if not value:
-        return None
-    try:
-        age = parse_age(value)
-        if age is not None:
-            return datetime.now(UTC) - age
-        parsed = datetime.fromisoformat(value)
-        # In UTC now, as the store compares: a time at the calendar's edge fails here, by name.
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    except ValueError as err:
-        raise click.BadParameter(
-            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",
-            param_hint=f"'{option}'",
-        ) from err
-    except OverflowError as err:
-        raise click.BadParameter(
-            f"{value!r} reaches past the calendar's range", param_hint=f"'{option}'"
-        ) from err
-
-
-def _moment(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    return _parse_since(value, param.opts[0])
-
-
 def _field_matches(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> tuple[FieldMatch, ...]:
@@ -500,12 +483,12 @@ _FILTER_OPTIONS = (
     click.option("--control-id", help="Message control ID (MSH-10)."),
     click.option(
         "--since",
-        callback=_moment,
+        callback=moment,
         help="Received at or after: ISO date/time or an age such as 30m, 2h, 7d.",
     ),
     click.option(
         "--until",
-        callback=_moment,
+        callback=moment,
         help="Received before: ISO date/time or an age such as 30m, 2h, 7d.",
     ),
     click.option(
@@ -1905,7 +1888,7 @@ def audit() -> None:
 @audit.command("list")
 @hub_options
 @click.option(
-    "--since", callback=_moment, help="At or after: ISO date/time or an age such as 30m, 2h, 7d."
+    "--since", callback=moment, help="At or after: ISO date/time or an age such as 30m, 2h, 7d."
 )
 @click.option("--limit", type=LIMIT, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -2288,30 +2271,33 @@ def _prune_plan_lines(plan: PrunePlan, days: int) -> list[str]:
         f"(older than {days} day(s))",
         f"  would delete {plan.deleted:,}",
     ]
-    if plan.include_unfinished:
-        if plan.unfinished:
-            lines[-1] += f", including {plan.unfinished:,} with work left: {_prune_reasons(plan)}"
-    else:
-        lines.append(
-            f"  would keep {plan.kept:,} with work left: {_prune_reasons(plan)}"
-            + (" (--include-unfinished deletes them too)" if plan.kept else "")
-        )
+    _with_work_left(
+        lines, plan.include_unfinished, plan.unfinished, plan.kept, _prune_reasons(plan)
+    )
     care = plan.care
     lines += [
         "care and referral records last changed before then:",
         f"  would delete {_care_record_counts(care.deleted)}",
     ]
-    if care.include_unfinished:
-        if care.unfinished:
-            lines[-1] += f", including {care.unfinished:,} with work left: {_care_reasons(care)}"
-    else:
-        lines.append(
-            f"  would keep {care.kept:,} with work left: {_care_reasons(care)}"
-            + (" (--include-unfinished deletes them too)" if care.kept else "")
-        )
+    _with_work_left(lines, care.include_unfinished, care.unfinished, care.kept, _care_reasons(care))
     if care.merges_in_use:
         lines.append(f"  would keep {_merges_in_use(care)}")
     return lines
+
+
+def _with_work_left(
+    lines: list[str], include_unfinished: bool, unfinished: int, kept: int, reasons: str
+) -> None:
+    """After a "would delete" line: with --include-unfinished, how many of those still had
+    work left; without it, how many are kept for it."""
+    if include_unfinished:
+        if unfinished:
+            lines[-1] += f", including {unfinished:,} with work left: {reasons}"
+        return
+    lines.append(
+        f"  would keep {kept:,} with work left: {reasons}"
+        + (" (--include-unfinished deletes them too)" if kept else "")
+    )
 
 
 # -- demo ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ that names the option (exit 2), not a traceback from deep inside a socket or SQL
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -79,3 +79,30 @@ class AgeType(click.ParamType):
 
 
 AGE = AgeType()
+
+
+def parse_moment(value: str | None, option: str = "--since") -> datetime | None:
+    """A moment given as an ISO date/time or an age back from now; errors name ``option``."""
+    if not value:
+        return None
+    try:
+        age = parse_age(value)
+        if age is not None:
+            return datetime.now(UTC) - age
+        parsed = datetime.fromisoformat(value)
+        # In UTC now, as the store compares: a time at the calendar's edge fails here, by name.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except ValueError as err:
+        raise click.BadParameter(
+            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",
+            param_hint=f"'{option}'",
+        ) from err
+    except OverflowError as err:
+        raise click.BadParameter(
+            f"{value!r} reaches past the calendar's range", param_hint=f"'{option}'"
+        ) from err
+
+
+def moment(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """Option callback: ``--since``/``--until`` read by parse_moment, naming the option."""
+    return parse_moment(value, param.opts[0])

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from carehub.cli import _moment, hub_options
-from carehub.cliparams import LIMIT
+from carehub.cli import hub_options
+from carehub.cliparams import LIMIT, moment
 from carehub.config import HubConfig
 from carehub.display import new_console, short_time
 from carehub.errors import CarehubError
@@ -184,7 +184,7 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
 @referrals.command("refused")
 @hub_options
 @click.option(
-    "--since", callback=_moment, help="At or after: ISO date/time or an age such as 30m, 2h, 7d."
+    "--since", callback=moment, help="At or after: ISO date/time or an age such as 30m, 2h, 7d."
 )
 @click.option(
     "--unattached",
