@@ -41,7 +41,7 @@ from carehub.hl7.charsets import decode_message
 from carehub.hl7.view import MessageView
 from carehub.hub import Hub
 from carehub.intake.http import HTTPListener
-from carehub.store.outbox import Outbox
+from carehub.store.outbox import DeliveryRecord, Outbox
 
 # Wide enough for the tables when the output goes to a log or a pipe rather than a terminal.
 console = new_console(pipe_width=120)
@@ -359,6 +359,14 @@ def _print_store(hub: Hub) -> None:
     )
 
 
+def _delivered_to(delivery: DeliveryRecord) -> str:
+    """The destination and channel, and for a notification the person it was for: the
+    table says to whom, not only through which destination."""
+    where = f"{delivery.destination.split('/', 1)[-1]} ({delivery.channel})"
+    person = delivery.metadata.get("recipient_name")
+    return f"{person} via {where}" if person else where
+
+
 def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path, kept: bool) -> None:
     assert hub.store is not None
     outbox = Outbox(hub.store)
@@ -372,11 +380,10 @@ def _print_deliveries(hub: Hub, platform: CarePlatform, outbox_dir: Path, kept: 
             if message
             else "?"
         )
-        to = delivery.destination.split("/", 1)[-1]
         table.add_row(
             label,
             delivery.route,
-            f"{to} ({delivery.channel})",
+            _delivered_to(delivery),
             delivery.status,
             str(delivery.attempts),
             Text(delivery.receipt or delivery.last_error or ""),
