@@ -230,7 +230,7 @@ def test_an_import_failure_names_the_file_and_line_and_logs_the_traceback_at_deb
     summaries = [r for r in caplog.records if r.levelno == logging.ERROR]
     (acme,) = [r.getMessage() for r in summaries if "'acme'" in r.getMessage()]
     assert acme == (
-        "plugin 'acme' (entry point) failed to load and is skipped: "
+        "plugin 'acme' (entry point of acme 1.0) failed to load and is skipped: "
         f"KeyError: 'url' (at {at['acme']})"
     )
     assert not any(r.exc_info for r in summaries)

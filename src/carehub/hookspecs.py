@@ -6,10 +6,15 @@
     def carehub_register_channels(register):
         register(PagerChannel)
 
-Registration hooks run once at start-up; one that raises (or registers a component that
-breaks the contract) fails its own plugin's loading only. Observer hooks run for every
-message and must be quick; an observer that raises is logged and never affects the message.
-Every hook is documented in docs/hooks/ with its arguments, when it is called and an example.
+Registration hooks (``carehub_register_translators``, ``_enrichers``, ``_channels``,
+``_commands``) run once at start-up; one that raises (or registers a component that breaks
+the contract) fails its own plugin's loading only. Observer hooks
+(``carehub_message_received``, ``_routed``, ``_delivered``, ``_skipped``, ``_failed``) run
+for every message or delivery and must be quick; an observer that raises is logged and never
+affects the message. ``carehub_run_step`` wraps every translate and enrich step. Every hook
+is a plain ``def`` (carehub calls them without awaiting: an ``async def`` one is refused at
+load). Every hook is documented in docs/hooks/ with its arguments, when it is called and an
+example.
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ def carehub_message_routed(message: StoredMessage, routes: list[str]) -> None:
 @hookspec
 def carehub_message_delivered(delivery: DeliveryRecord) -> None:
     """A delivery reached its destination; ``delivery.receipt`` says how it was accepted."""
+
+
+@hookspec
+def carehub_message_skipped(delivery: DeliveryRecord) -> None:
+    """A channel found nothing to send for a delivery (it raised ``NothingToSend``): settled
+    as ``skipped``, with the channel's reason in ``delivery.receipt``."""
 
 
 @hookspec

@@ -80,6 +80,15 @@ class PluginError(CarehubError):
     """A plugin could not be loaded or registered something invalid."""
 
 
+class HookImplementationError(PluginError):
+    """A hook implementation that could never work (``async def``, or an argument the hook
+    does not pass); its plugin is not loaded. ``at``: FILE:LINE of the implementation."""
+
+    def __init__(self, message: str, at: str | None) -> None:
+        super().__init__(message)
+        self.at = at
+
+
 class InvalidComponentError(PluginError):
     """A component breaks the component contract (its Options, its methods); its plugin is
     not loaded, as if it had failed to import."""
@@ -142,6 +151,13 @@ class PluginInfo:
     details: list[ComponentInfo] = field(default_factory=list)
     #: What loaded but looks wrong (a module with no hook implementations), as logged.
     warning: str | None = None
+    #: "NAME VERSION" of the distribution that provides an entry point, for its errors.
+    provided_by: str | None = None
+
+    @property
+    def origin(self) -> str:
+        """Where the plugin comes from, as its load errors say it (see _origin)."""
+        return _origin(self.source, self.provided_by)
 
 
 @dataclass(slots=True)
@@ -230,21 +246,19 @@ class PluginHost:
                     strict=True,
                 )
         for entry in installed_entry_points():
-            if not wanted(entry.name, False):
-                continue
-            version = entry.dist.version if entry.dist else None
-            named_by = "entry point" + (
-                f" in the distribution {entry.dist.name}" if entry.dist else ""
-            )
-            self._add(
-                entry.name, "entry point", version, entry.load, strict=strict, named_by=named_by
-            )
+            if wanted(entry.name, False):
+                self._add_entry_point(entry, strict=strict)
         if directory is not None:
             for path in sorted(directory.glob("*.py")):
                 if path.name.startswith("_") or not wanted(path.stem, False):
                     continue
                 self._add(
-                    path.stem, f"file {path}", None, lambda p=path: _import_file(p), strict=strict
+                    path.stem,
+                    f"file {path}",
+                    None,
+                    lambda p=path: _import_file(p),
+                    strict=strict,
+                    home=(str(path),),
                 )
         self.unmatched = sorted((allow or set()) - seen)
         if self.unmatched:
@@ -268,6 +282,44 @@ class PluginHost:
             self.plugins.pop(name, None)
             raise
 
+    def _add_entry_point(self, entry: importlib.metadata.EntryPoint, *, strict: bool) -> None:
+        """Load one installed entry point. Python imports a module once per process, so once
+        a newer version is installed a route reload gets the code imported at start again:
+        a WARNING says so, with both versions, since only a restart runs the new one."""
+        dist = entry.dist
+        installed = dist.version if dist else None
+        named_by = "entry point" + (f" in the distribution {dist.name}" if dist else "")
+        imported_before = entry.module in sys.modules
+        self._add(
+            entry.name,
+            "entry point",
+            installed,
+            entry.load,
+            strict=strict,
+            named_by=named_by,
+            provided_by=f"{dist.name} {dist.version}" if dist else None,
+            home=_package_home(entry.module),
+        )
+        if dist is None or installed is None:
+            return
+        if not imported_before and entry.module in sys.modules:
+            _imported_versions[entry.module] = installed
+        running = _imported_versions.get(entry.module, installed)
+        info = self.plugins.get(entry.name)
+        if info is None or running == installed:
+            return
+        info.version = running  # the code that runs is the one imported at start
+        log.warning(
+            "plugin %r (entry point of %s): version %s is installed, but this process still "
+            "runs version %s, imported when it started (a reload does not import installed "
+            "packages again): restart carehub serve / carehub worker to run %s",
+            entry.name,
+            dist.name,
+            installed,
+            running,
+            installed,
+        )
+
     def _add(
         self,
         name: str,
@@ -277,26 +329,34 @@ class PluginHost:
         *,
         strict: bool,
         named_by: str | None = None,
+        provided_by: str | None = None,
+        home: tuple[str, ...] = (),
     ) -> None:
         """Import and register one plugin. ``named_by``: what gives it its name (to rename on
-        a clash), by default what its source says."""
+        a clash), by default what its source says; ``provided_by``: the distribution of an
+        entry point, which its load errors name; ``home``: where its own code lives (see
+        _failure_site)."""
         self._step_runner = None
+        origin = _origin(source, provided_by)
         try:
             _check_plugin_name(name, source, self.plugins, named_by or _what_names(source))
             plugin = loader()
+            self._check_implementations(name, plugin)
             self.pm.register(plugin, name=name)
         except Exception as err:
             if strict:
-                raise PluginError(f"plugin {name!r} ({source}) failed to load: {err}") from err
+                raise PluginError(f"plugin {name!r} ({origin}) failed to load: {err}") from err
             if isinstance(err, PluginError):
-                self._failed(name, source, str(err))
+                self._failed(name, origin, str(err), getattr(err, "at", None))
             else:
-                log.debug("plugin %r (%s): import traceback", name, source, exc_info=err)
-                self._failed(name, source, f"{type(err).__name__}: {err}", _failure_site(err))
+                log.debug("plugin %r (%s): import traceback", name, origin, exc_info=err)
+                self._failed(name, origin, f"{type(err).__name__}: {err}", _failure_site(err, home))
             return
         module = plugin if isinstance(plugin, ModuleType) else None
         hooks = [impl.name for impl in self.pm.get_hookcallers(plugin) or []]
-        info = PluginInfo(name, source, version, module, hooks=sorted(hooks))
+        info = PluginInfo(
+            name, source, version, module, hooks=sorted(hooks), provided_by=provided_by
+        )
         if not hooks and source not in ("builtin", "code"):
             named = source == "entry point"
             info.warning = (
@@ -307,11 +367,47 @@ class PluginHost:
         self.plugins[name] = info
 
     def _failed(self, name: str, source: str, error: str, at: str | None = None) -> None:
-        """Record and log a plugin that is skipped; ``at`` (FILE:LINE of the code that raised)
-        is code, not data, so the one-line summary may carry it."""
+        """Record and log a plugin that is skipped, on one line whatever the error's text
+        (pluggy's span several); ``at`` (FILE:LINE of the code that raised) is code, not
+        data, so the one-line summary may carry it."""
+        error = "; ".join(line.strip() for line in error.splitlines() if line.strip())
         where = f" (at {at})" if at else ""
         log.error("plugin %r (%s) failed to load and is skipped: %s%s", name, source, error, where)
         self.failures.append(LoadFailure(name, source, error, at))
+
+    def _check_implementations(self, name: str, plugin: Any) -> None:
+        """Refuse a hook implementation that could never work, naming the plugin, the hook
+        and where the implementation is, before pluggy registers it: an ``async def`` one
+        (carehub calls hooks without awaiting them, so its body would never run) and one
+        declaring an argument the hook does not pass (pluggy's refusal points into pluggy
+        and spans several lines)."""
+        for attribute in dir(plugin):
+            options = self.pm.parse_hookimpl_opts(plugin, attribute)
+            if options is None:
+                continue
+            function = getattr(plugin, attribute)
+            hook_name = options.get("specname") or attribute
+            at = _definition_site(function)
+            if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+                raise HookImplementationError(
+                    f"plugin {name!r}: {hook_name} must not be 'async def': carehub calls "
+                    "hooks without awaiting them, so its body would never run (make it a "
+                    "plain def; hand slow work to a thread or queue of your own)",
+                    at,
+                )
+            caller = getattr(self.pm.hook, hook_name, None)
+            spec = caller.spec if caller is not None else None
+            if spec is None:
+                continue  # no such hook: _check_hooks names it, with the closest one
+            declared = pluggy.HookImpl(plugin, name, function, options).argnames
+            unknown = [a for a in declared if a not in (*spec.argnames, *spec.kwargnames)]
+            if unknown:
+                raise HookImplementationError(
+                    f"plugin {name!r}: {hook_name}({', '.join(declared)}) declares "
+                    f"{', '.join(repr(a) for a in unknown)}, which the hook does not pass "
+                    f"(its arguments: {', '.join(spec.argnames)})",
+                    at,
+                )
 
     def _check_hooks(self) -> None:
         """A ``carehub_*`` hookimpl that matches no hook is a misspelling: raise PluginError
@@ -377,14 +473,14 @@ class PluginHost:
             failure: Exception = err
         except Exception as err:
             error = f"{hook_name} raised {type(err).__name__}: {err}"
-            failure, at = err, _failure_site(err)
+            failure, at = err, _failure_site(err, _home_of(impl.plugin))
         info = self.plugins.get(plugin_name)
         if strict or info is None or info.source == "builtin":
             if isinstance(failure, PluginError):
                 raise failure
             raise PluginError(f"plugin {plugin_name!r}: {error}") from failure
         log.debug("plugin %r: %s traceback", plugin_name, hook_name, exc_info=failure)
-        self._drop(plugin_name, info.source, error, at)
+        self._drop(plugin_name, info.origin, error, at)
         return False
 
     def _drop(self, plugin_name: str, source: str, error: str, at: str | None = None) -> None:
@@ -520,24 +616,69 @@ class FailureKind(Exception):
     own text can quote the message it was handling."""
 
 
-#: Where the standard library lives, and where installed packages do (which may be inside it).
-_STDLIB = sysconfig.get_paths()["stdlib"]
-_INSTALLED = tuple({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+#: Code a plugin's failure is never pointed at: the standard library, installed packages
+#: (pluggy, a client library the plugin calls) and carehub itself.
+_NOT_THE_PLUGINS = tuple(
+    {
+        sysconfig.get_paths()["stdlib"],
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        str(Path(__file__).parent) + os.sep,
+    }
+)
+
+#: The version of each entry point's distribution whose module this process imported
+#: (module name -> version): importing it again returns that code, whatever is installed.
+_imported_versions: dict[str, str] = {}
 
 
-def _failure_site(err: BaseException) -> str | None:
+def _origin(source: str, provided_by: str | None) -> str:
+    """A plugin's source as its load errors name it: an entry point with its distribution
+    (``entry point of carehub-acme 1.0.0``), so the operator knows which package to fix."""
+    return f"{source} of {provided_by}" if provided_by else source
+
+
+def _failure_site(err: BaseException, home: tuple[str, ...] = ()) -> str | None:
     """FILE:LINE where a plugin's import or hook failed: a SyntaxError's own place, else the
-    innermost frame outside the import machinery, the standard library and this module;
-    None when there is none (a module that does not exist)."""
+    innermost frame in the plugin's own code (``home``, its file or package folder, which
+    may be among the installed packages) or in any other code that is not the import
+    machinery, the standard library, an installed package or carehub; None when there is
+    none (a module that does not exist)."""
     if isinstance(err, SyntaxError) and err.filename and err.lineno:
         return f"{err.filename}:{err.lineno}"
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         name = frame.filename
-        machinery = name.startswith("<") or name == __file__
-        if machinery or (name.startswith(_STDLIB) and not name.startswith(_INSTALLED)):
-            continue
-        return f"{name}:{frame.lineno}"
+        the_plugins = name.startswith(home)
+        someone_elses = name.startswith("<") or name.startswith(_NOT_THE_PLUGINS)
+        if the_plugins or not someone_elses:
+            return f"{name}:{frame.lineno}"
     return None
+
+
+def _definition_site(function: Callable[..., Any]) -> str | None:
+    """FILE:LINE where a function is defined (its first decorator's line), if known."""
+    code = getattr(inspect.unwrap(getattr(function, "__func__", function)), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None
+
+
+def _package_home(module_name: str) -> tuple[str, ...]:
+    """Where the top-level package of ``module_name`` lives (its folder, or its one file),
+    found without importing it; empty when it cannot be found."""
+    try:
+        spec = importlib.util.find_spec(module_name.partition(".")[0])
+    except (ImportError, ValueError):
+        return ()
+    if spec is None:
+        return ()
+    if spec.submodule_search_locations:
+        return tuple(os.path.join(folder, "") for folder in spec.submodule_search_locations)
+    return (spec.origin,) if spec.origin else ()
+
+
+def _home_of(plugin: Any) -> tuple[str, ...]:
+    """Where a registered plugin's own code lives (see _package_home)."""
+    module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+    return _package_home(module)
 
 
 def _hook_names() -> list[str]:

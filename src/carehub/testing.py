@@ -5,22 +5,28 @@ synchronous tests can talk to it, and waits for its deliveries; ``mllp_exchange`
 over a real socket; ``make_adt`` builds synthetic messages; ``run_routes`` and
 ``run_routes_async`` dry-run a message through a config's routes, ``run_routes_all`` (and
 ``run_routes_all_async``) every message of a file or batch; ``bind_channel`` gives one
-destination's channel, to test its ``send()`` on its own. The pytest fixture
-``carehub_routes`` lives in ``carehub.pytest_plugin``, which does not import this module
-until a test asks for it.
+destination's channel, to test its ``send()`` on its own, and ``HTTPReceiver`` is a real
+HTTP server to send it to. Without a ``data_dir`` they use a temporary one, removed when it
+is no longer needed. The pytest fixture ``carehub_routes`` lives in
+``carehub.pytest_plugin``, which does not import this module until a test asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
+import weakref
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,17 +246,187 @@ def bind_channel(config: ConfigSource, destination: str, data_dir: Path | None =
     as the hub builds it (options validated, ``${VAR}`` expanded) but not started: test
     ``send()`` against a real server with ``await channel.start()``, ``await
     channel.send(outgoing)`` (an Outgoing from run_routes' deliveries) and ``await
-    channel.close()``."""
+    channel.close()``. The channel may keep files in the data dir as it sends (a route's
+    ``${CAREHUB_DATA_DIR}``, the fhir-referral channel's Task map): without ``data_dir`` it
+    gets a temporary one, removed once the channel is no longer referenced."""
     from carehub.hub import build_routing
 
     hub_config = _hub_config(config)
-    data = data_dir or Path(tempfile.mkdtemp(prefix="carehub-"))
-    _, table = build_routing(hub_config, data)
-    found = table.destinations.get(destination)
-    if found is None:
-        known = ", ".join(sorted(table.destinations)) or "none"
-        raise LookupError(f"no destination {destination!r} in the routes (there are: {known})")
+    scratch = None
+    if data_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="carehub-")
+        data_dir = Path(scratch.name)
+    try:
+        _, table = build_routing(hub_config, data_dir)
+        found = table.destinations.get(destination)
+        if found is None:
+            known = ", ".join(sorted(table.destinations)) or "none"
+            raise LookupError(f"no destination {destination!r} in the routes (there are: {known})")
+    except BaseException:
+        if scratch is not None:
+            scratch.cleanup()
+        raise
+    if scratch is not None:
+        weakref.finalize(found.channel, scratch.cleanup)
     return found.channel
+
+
+# -- an HTTP destination ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """One request an HTTPReceiver took, as it arrived."""
+
+    method: str
+    #: The path with its query string, as sent (``/hook?token=x``).
+    path: str
+    #: Header names in lower case.
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body read as JSON."""
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class CannedResponse:
+    """What an HTTPReceiver answers: a status, a body (a str is sent as UTF-8) and headers,
+    after ``delay`` seconds (to test a channel's timeout)."""
+
+    status: int = 200
+    body: bytes | str = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class HTTPReceiver:
+    """A real HTTP server on 127.0.0.1 (a free port) on threads of its own, for testing a
+    channel's ``send()``: real status codes, headers and refused connections, which the retry
+    logic depends on, rather than a mock. It records every request (method, path, headers,
+    body) and answers it with the next response ``respond()`` queued, or with the default
+    one (the constructor's; 200 and no body unless told). Use as a context manager: the
+    server listens inside ``with`` and is closed at its end."""
+
+    def __init__(
+        self, status: int = 200, body: bytes | str = b"", headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.default = CannedResponse(status, body, dict(headers or {}))
+        self._queued: deque[CannedResponse] = deque()
+        self._requests: list[ReceivedRequest] = []
+        self._arrived = threading.Condition()
+        self._server: _ReceiverServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> HTTPReceiver:
+        self._server = _ReceiverServer(self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="carehub-http-receiver", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the receiver is not running: use it inside `with`")
+        return int(self._server.server_address[1])
+
+    def url(self, path: str = "/") -> str:
+        """The address of ``path`` on this receiver, to put in a route."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def respond(
+        self,
+        status: int = 200,
+        body: bytes | str = b"",
+        headers: Mapping[str, str] | None = None,
+        *,
+        delay: float = 0.0,
+    ) -> None:
+        """Queue the answer to one request; queued answers go out in order, then the default."""
+        with self._arrived:
+            self._queued.append(CannedResponse(status, body, dict(headers or {}), delay))
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """Every request so far, in arrival order (a copy)."""
+        with self._arrived:
+            return list(self._requests)
+
+    def wait_for_requests(self, count: int = 1, timeout: float = 10.0) -> list[ReceivedRequest]:
+        """Wait until at least ``count`` requests have arrived and return them all; raise
+        TimeoutError saying how many came."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self._requests) >= count, timeout):
+                raise TimeoutError(
+                    f"waited {timeout:g} s for {count} request(s); {len(self._requests)} came"
+                )
+            return list(self._requests)
+
+    def _took(self, request: ReceivedRequest) -> CannedResponse:
+        """Record a request; the answer it gets."""
+        with self._arrived:
+            self._requests.append(request)
+            self._arrived.notify_all()
+            return self._queued.popleft() if self._queued else self.default
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # 100-continue and chunked bodies; each answer closes
+    server: _ReceiverServer
+
+    def _answer(self) -> None:
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        request = ReceivedRequest(self.command, self.path, headers, self._body())
+        response = self.server.receiver._took(request)
+        if response.delay:
+            time.sleep(response.delay)
+        body = response.body.encode() if isinstance(response.body, str) else response.body
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")  # nothing lingers once the receiver closes
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+
+    def _body(self) -> bytes:
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0].strip(), 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()  # the CRLF after each chunk
+        while self.rfile.readline().strip():  # trailer fields, up to the empty line
+            pass
+        return b"".join(chunks)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: a test's output is not the place for an access log."""
+
+
+class _ReceiverServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, receiver: HTTPReceiver) -> None:
+        super().__init__(("127.0.0.1", 0), _ReceiverHandler)
+        self.receiver = receiver
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up before its answer (a timeout test) is expected: only other
+        errors are printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 # -- dry runs -------------------------------------------------------------------------------
@@ -359,5 +535,17 @@ async def _dry_run(
     from carehub.routing.dryrun import dry_run_all_async
 
     hub_config = _hub_config(config)
-    host, table = build_routing(hub_config, data_dir or Path(tempfile.mkdtemp(prefix="carehub-")))
-    return await dry_run_all_async(table, host, payloads)
+    with _data_dir_or_scratch(data_dir) as data:
+        host, table = build_routing(hub_config, data)
+        return await dry_run_all_async(table, host, payloads)
+
+
+@contextlib.contextmanager
+def _data_dir_or_scratch(data_dir: Path | None) -> Iterator[Path]:
+    """``data_dir``, or a temporary one removed on leaving: a dry run's components start,
+    run and close inside it, and its result refers to nothing in it."""
+    if data_dir is not None:
+        yield data_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="carehub-") as scratch:
+        yield Path(scratch)

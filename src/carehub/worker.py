@@ -786,11 +786,13 @@ class Worker:
                 self.skipped += 1
             else:
                 self.delivered += 1
-            if not skipped and host.observed("carehub_message_delivered"):
+            status = "skipped" if skipped else "delivered"
+            observer = "carehub_message_skipped" if skipped else "carehub_message_delivered"
+            if host.observed(observer):
                 done = dataclasses.replace(
-                    delivery, status="delivered", attempts=attempt, receipt=receipt
+                    delivery, status=status, attempts=attempt, receipt=receipt
                 )
-                host.notify("carehub_message_delivered", delivery=done)
+                host.notify(observer, delivery=done)
         except SendNotStarted:
             # The worker is stopping and the channel never began this send: no attempt.
             self.handed_back_at_stop += 1
