@@ -133,6 +133,15 @@ class Component:
         self.options = options
         self.context = context
 
+    def may_block(self) -> bool:
+        """Whether handling one message may wait on something outside carehub: a lookup over
+        the network, a slow disk. Routes with such a step are routed on a helper thread, never
+        on the hub's event loop, where every listener answers its senders: a lookup that
+        takes two seconds would otherwise hold up every ACK for two seconds. carehub's own
+        components are quick unless they say otherwise; a plugin's is taken to block unless
+        it overrides this to return False (it then runs on the loop, a little faster)."""
+        return not type(self).__module__.startswith("carehub.")
+
     async def start(self) -> None:
         """Open connections or load files; called once before the first message."""
 
@@ -165,7 +174,7 @@ class Enricher(Component):
 
         Routing steps run one message at a time in arrival order, so keep this quick: load
         rosters and directories in ``start()``, not per message. A plain ``def``: carehub uses
-        what it returns without awaiting it."""
+        what it returns without awaiting it. A lookup here is allowed (see ``may_block``)."""
         raise NotImplementedError
 
 

@@ -149,6 +149,7 @@ class Worker:
         #: helper threads and the worker on a thread of its own; 740-856 inline on the hub's
         #: loop). PostgreSQL calls wait on the network and go to a helper thread.
         self.inline_store = store.is_sqlite
+        self._say_where_routing_runs(self.router)
         self.routed = 0
         self.delivered = 0
         #: Deliveries whose channel found nothing to send (NothingToSend).
@@ -269,6 +270,7 @@ class Worker:
         old = self.table
         self.table, self.host = table, host
         self.router = Router(table, host)
+        self._say_where_routing_runs(self.router)
         self._foreign.clear()  # claimed again: sent if the new routes have them
         self._route_sets_read = float("-inf")
         task = asyncio.create_task(self._close_when_unused(old), name="close old routes")
@@ -514,8 +516,25 @@ class Worker:
             self.store_trouble.succeeded("routing")
             return True
 
+    def _longest_retry_wait(self, destination: str) -> float:
+        """The longest a delivery to ``destination`` waits between attempts, by its route's
+        retry settings (0 when the routes no longer have it)."""
+        found = self.table.destination(destination)
+        if found is None:
+            return 0.0
+        return found.retry.max_delay * (1 + found.retry.jitter)
+
+    def _say_where_routing_runs(self, router: Router) -> None:
+        """On SQLite routing runs on the hub's event loop unless a step may wait per message
+        (Component.may_block): then on a helper thread, and the log says which steps."""
+        if self.inline_store and router.steps_that_may_block:
+            log.info(
+                "routing runs on a helper thread, so listeners answer while these steps wait: %s",
+                "; ".join(router.steps_that_may_block),
+            )
+
     async def _route_chunks(self, ids: list[int], router: Router) -> None:
-        if self.inline_store:
+        if self.inline_store and not router.steps_that_may_block:
             for start in range(0, len(ids), ROUTE_CHUNK):
                 chunk = ids[start : start + ROUTE_CHUNK]
                 self._take(self._route_batch(chunk, self._handover(), router))
@@ -861,7 +880,7 @@ class Worker:
             trouble = self._trouble.get(delivery.destination)
             if trouble is None:
                 trouble = self._trouble[delivery.destination] = DestinationTrouble(
-                    delivery.destination
+                    delivery.destination, self._longest_retry_wait(delivery.destination)
                 )
             trouble.failed(reason)
         log.debug(
@@ -1185,11 +1204,15 @@ class DestinationTrouble:
     one destination that was down with 200 messages waiting).
 
     The run is over when a send of this worker's works, or when this worker has seen no
-    failed attempt for a whole summary period: with several workers, the send that works
-    after an outage may be another worker's."""
+    failed attempt for longer than the destination's longest retry wait and a summary period
+    more: with several workers, the send that works after an outage may be another worker's,
+    while a shorter quiet is only the deliveries waiting out their retry delays."""
 
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, longest_retry_wait: float = 0.0) -> None:
         self.destination = destination
+        #: Seconds a delivery to it can wait between two attempts (RetryPolicy.max_delay
+        #: with its jitter): no failure for that long is no sign the destination is back.
+        self.longest_retry_wait = longest_retry_wait
         self.run = self._new_run()
         #: Deliveries to the destination pending or being sent, as last read (Worker.
         #: _trouble_loop); None until read in this run.
@@ -1228,18 +1251,19 @@ class DestinationTrouble:
         return None if since is None else time.monotonic() - since
 
     def end_if_quiet(self, now: float) -> None:
-        """End the run if no attempt of this worker's failed for a whole summary period."""
+        """End the run if no attempt of this worker's failed for longer than any retry of the
+        destination waits, and a summary period more (another worker's send may have worked)."""
         quiet = now - self._last_failed
-        if not self.failing or quiet < TROUBLE_REPORT_SECONDS:
+        if not self.failing or quiet < self.longest_retry_wait + TROUBLE_REPORT_SECONDS:
             return
         assert self.run.failing_since is not None
         log.warning(
-            "sending to %s: no failed attempts for %.0f s (%d attempt(s) failed in the %.1f s "
-            "before)",
+            "sending to %s: no failed attempts for %.0f s, longer than its retries wait, so "
+            "taken as working again (%d attempt(s) failed in the %.1f s before)",
             self.destination,
             quiet,
             self._failed_in_run,
-            self._last_failed - self.run.failing_since,
+            max(0.0, self._last_failed - self.run.failing_since),
         )
         self.run = self._new_run()
         self._end()

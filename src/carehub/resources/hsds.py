@@ -520,8 +520,9 @@ class ApiDirectory:
     ``GET /service_at_locations?full=true`` with ``postcode``/``proximity``/``taxonomy_term_id``
     and groups the rows back into services; a row whose nested service lacks ``attributes`` is
     completed with ``GET /services/{id}``. Every answer is cached for ``cache_seconds`` (0 turns
-    the cache off). Sync httpx on purpose: routing steps run on a worker thread, one message
-    at a time, so a blocking call with a timeout is the simple, correct choice."""
+    the cache off). Sync httpx on purpose: a step that uses it says it may block
+    (``CommunityResourcesEnricher.may_block``), so its routes run on a helper thread, one
+    message at a time, and a blocking call with a timeout is the simple, correct choice."""
 
     def __init__(
         self,

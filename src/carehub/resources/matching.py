@@ -878,6 +878,11 @@ class CommunityResourcesEnricher(Enricher):
                 str(opts.api_url), cache_seconds=opts.cache_seconds, timeout=opts.timeout
             )
 
+    def may_block(self) -> bool:
+        """An HSDS API is asked when its cached answers expire, on the message that finds
+        them so: that routing must not hold up intake (a local export file never waits)."""
+        return self.options.api_url is not None
+
     def _load(self) -> tuple[Crosswalk, PostalCodes]:
         if self.crosswalk is None or self.postal_codes is None:
             self.crosswalk = Crosswalk.load(self.context.path(self.options.crosswalk))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
     from carehub.routing.table import Route, RouteTable
 
 log = logging.getLogger(__name__)
+
+#: A step that takes this many seconds for one message is logged (Router._note_if_slow) ...
+SLOW_STEP = 1.0
+#: ... at most once in this many seconds per step.
+SLOW_STEP_EVERY = 300
 
 
 @dataclass(slots=True)
@@ -190,6 +196,32 @@ class Router:
     def __init__(self, table: RouteTable, host: PluginHost) -> None:
         self.table = table
         self.host = host
+        #: Steps that may wait per message (RouteTable.steps_that_may_block): the worker
+        #: routes on a helper thread while there are any.
+        self.steps_that_may_block = table.steps_that_may_block()
+        #: When each slow step was last logged, so a lookup service that answers slowly
+        #: all day is one line every SLOW_STEP_EVERY seconds, not one per message.
+        self._slow_logged: dict[str, float] = {}
+
+    def _note_if_slow(self, route: str, position: int, label: str, started: float) -> None:
+        """A step that takes SLOW_STEP seconds or more for one message holds up every message
+        behind it (routing is in arrival order): say so, naming the step, so an operator
+        finds the lookup to fix rather than a queue that grows for no visible reason."""
+        now = time.monotonic()
+        took = now - started
+        where = f"{route}/{position}"
+        if took < SLOW_STEP or now - self._slow_logged.get(where, float("-inf")) < SLOW_STEP_EVERY:
+            return
+        self._slow_logged[where] = now
+        log.warning(
+            "route %s step %d (%s) took %.1f s for one message; the messages behind it wait "
+            "(said at most every %d s per step)",
+            route,
+            position,
+            label,
+            took,
+            SLOW_STEP_EVERY,
+        )
 
     def route(self, message: StoredMessage, run: int = 1, explain: bool = False) -> RoutingResult:
         """Run every route; ``explain`` also records why unmatched routes did not match
@@ -274,7 +306,9 @@ class Router:
                     }
                     result.steps.append(StepRecord(route.name, position, step.label, "ok", summary))
                 else:
+                    started = time.monotonic()
                     output = self.host.run_step(work, step.label, _runner(step, work))
+                    self._note_if_slow(route.name, position, step.label, started)
                     value, encoded = recordable(output)
                     result.steps.append(
                         StepRecord(route.name, position, step.label, "ok", value, encoded)

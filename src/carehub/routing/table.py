@@ -106,6 +106,17 @@ class RouteTable:
                     built += [d.channel for d in step.notifier.destinations.values()]
         return built
 
+    def steps_that_may_block(self) -> list[str]:
+        """The translate and enrich steps whose component may wait on something outside
+        carehub for each message (Component.may_block), as "route: step": while there are
+        any, the worker routes on a helper thread rather than on the hub's event loop."""
+        return [
+            f"{route.name}: {step.label}"
+            for route in self.routes
+            for step in route.steps
+            if step.component is not None and step.component.may_block()
+        ]
+
     def notifiers(self) -> list[Notifier | ReferralNotifier]:
         return [s.notifier for r in self.routes for s in r.steps if s.notifier is not None]
 
