@@ -508,15 +508,19 @@ def test_undeclared_latin1_bytes_are_read_as_latin1_with_a_warning(hub: HubThrea
     assert "not valid utf-8" in detail and "ISO-8859-1" in detail
 
 
-def test_invalid_bytes_under_declared_utf8_are_answered_and_connection_continues(
+def test_invalid_bytes_under_declared_utf8_are_refused_and_connection_continues(
     hub: HubThread,
 ) -> None:
+    """Bytes that contradict MSH-18 would reach receivers with replacement characters in a
+    clinical message: AE naming the byte, stored as received, and the next frame is AA."""
     bad = make_adt("BADUTF", name=NAME, charset="UNICODE UTF-8").encode("iso-8859-1")
-    answers = exchange(hub, bad, adt("AFTERBAD"))
-    assert answers == [("AA", "BADUTF", ""), ("AA", "AFTERBAD", "")]
+    (code, control_id, reason), after = exchange(hub, bad, adt("AFTERBAD"))
+    assert (code, control_id) == ("AE", "BADUTF")
+    assert "MSH-18" in reason and "byte" in reason
+    assert after == ("AA", "AFTERBAD", "")
     stored = {m.control_id: m for m in hub.store.find()}
     assert stored["BADUTF"].raw == bad
-    assert "replaced" in (hub.store.history(stored["BADUTF"].id)[0].detail or "")
+    assert stored["BADUTF"].status == "refused"
 
 
 # -- graceful stop ----------------------------------------------------------------------------

@@ -14,18 +14,21 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 
-from carehub.hl7.view import FieldPath, MessageView, NotHL7Error, parse_path
+from carehub.hl7.view import MessageView, NotHL7Error
+from carehub.routing.conditions import FieldRef, field_ref
 
 
 @dataclass(slots=True, frozen=True)
 class FieldMatch:
     """``PATH=VALUE``: the unescaped value at PATH must equal VALUE exactly.
 
-    The path reads as a route's ``fields:`` condition reads it (``MessageView.get``): the first
-    segment of that name and the first repetition unless the path names others
-    (``OBX[2]-5``, ``PID-3[2].1``), so a search finds what a route would have matched."""
+    The path reads as a route's ``fields:`` condition reads it (``routing.conditions``): the
+    first segment of that name and the first repetition unless the path names others
+    (``OBX[2]-5``, ``PID-3[2].1``), and with ``[*]`` every one, any of which may hold the
+    value (``PID-3[*].1``, ``OBX[*]-3.1``), so a search finds what a route would have
+    matched."""
 
-    path: FieldPath
+    ref: FieldRef
     value: str
 
     @classmethod
@@ -34,13 +37,18 @@ class FieldMatch:
         path, equals, value = text.partition("=")
         if not equals:
             raise ValueError("expected PATH=VALUE, e.g. PID-5.1=DOE")
-        spec = parse_path(path)  # PathError is a ValueError and names the path
-        if not spec.field:
-            raise ValueError(f"{path.strip()!r} names a segment, not a field: e.g. {spec}-3")
-        return cls(spec, value)
+        ref = field_ref(path)  # PathError is a ValueError and names the path
+        if not ref.spec.field:
+            raise ValueError(f"{path.strip()!r} names a segment, not a field: e.g. {ref.spec}-3")
+        return cls(ref, value)
+
+    @property
+    def path(self) -> str:
+        """The path as it was written."""
+        return self.ref.text
 
     def test(self, view: MessageView) -> bool:
-        return view.get(self.path) == self.value
+        return any(found == self.value for _, found in self.ref.values(view))
 
     def __str__(self) -> str:
         return f"{self.path}={self.value}"

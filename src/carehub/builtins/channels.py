@@ -52,7 +52,7 @@ from carehub.components import (
 )
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
-from carehub.hl7.charsets import codec_for, decode_message
+from carehub.hl7.charsets import codec_for, decode_message, same_charset
 from carehub.hl7.view import NotHL7Error
 from carehub.hookspecs import hookimpl
 from carehub.intake.tls import client_context
@@ -73,19 +73,27 @@ def cr_segments(text: str) -> str:
     return text if text.endswith("\r") else text + "\r"
 
 
-def v2_bytes(work: Work, default_codec: str) -> bytes:
-    """The v2 text encoded in the character set its MSH-18 declares (``default_codec`` when it
-    declares none or one carehub does not know).
+def v2_bytes(work: Work, undeclared_codec: str | None = None) -> bytes:
+    """The v2 message as the bytes to send.
 
-    The receiver decodes by MSH-18, so encoding a message that says 8859/1 as UTF-8 would
-    garble every accented name. Characters the codec cannot hold raise ValueError at routing
-    time rather than being silently replaced in a clinical message."""
-    text = cr_segments(work.v2)
+    A message no step edited is sent as the sender sent it, byte for byte, when its segments
+    already end with CR: a receiver then reads exactly what the hospital wrote, in the
+    character set it wrote it in. Otherwise the text is encoded in the character set its
+    MSH-18 declares, so the receiver, which decodes by MSH-18, reads it truthfully; when
+    MSH-18 declares none (or one carehub does not know), in ``undeclared_codec`` if given (a
+    receiver that reads undeclared messages in a set of its own), else in the one the message
+    arrived in. Characters the codec cannot hold raise ValueError at routing time rather than
+    being silently replaced in a clinical message."""
     declared = ""
     with contextlib.suppress(NotHL7Error):
         view = work.view
         declared = view.raw("MSH-18").split(view.separators.repetition, 1)[0].strip()
-    codec = codec_for(declared, default_codec) or default_codec
+    arrived_in = work.message.charset or "utf-8"
+    undeclared = undeclared_codec or arrived_in
+    codec = codec_for(declared, undeclared) or undeclared
+    if _as_received(work) and same_charset(codec, arrived_in):
+        return work.message.raw
+    text = cr_segments(work.v2)
     try:
         return text.encode(codec)
     except UnicodeEncodeError as err:
@@ -93,6 +101,13 @@ def v2_bytes(work: Work, default_codec: str) -> bytes:
             f"message {work.message.id}: character {text[err.start]!r} cannot be encoded as "
             f"{codec} (MSH-18 {declared or 'empty'})"
         ) from err
+
+
+def _as_received(work: Work) -> bool:
+    """Whether the v2 text is the message as received (no step edited it) and its segments
+    end with CR, so the received bytes can be sent as they are."""
+    text = work.v2
+    return "\n" not in text and text.endswith("\r") and text == work.message.text
 
 
 def msh10(work: Work) -> str:
@@ -189,8 +204,9 @@ class FileChannel(Channel):
     thread, so a stalled share never holds up intake or other destinations. ``loop`` and
     ``thread`` force one or the other.
 
-    ``body: v2`` writes the v2 text with CR segment ends, encoded as its MSH-18 declares
-    (UTF-8 when it declares nothing), ext ``.hl7``. ``body: event`` writes the care event as
+    ``body: v2`` writes the v2 message, ext ``.hl7``: the bytes received when no step edited
+    it, else the text with CR segment ends in the character set its MSH-18 declares (when it
+    declares none, the one it arrived in). ``body: event`` writes the care event as
     JSON (ext ``.json``); without an event it writes ``{"message_id", "route", "control_id",
     "v2"}`` so the file is still useful.
     """
@@ -265,7 +281,7 @@ class FileChannel(Channel):
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         if self.options.body == "v2":
-            payload, content_type, ext = v2_bytes(work, "utf-8"), V2_CONTENT_TYPE, ".hl7"
+            payload, content_type, ext = v2_bytes(work), V2_CONTENT_TYPE, ".hl7"
         else:
             body = work.event_json_bytes()
             if body is None:
@@ -435,10 +451,11 @@ def _fsync_directory(directory: Path) -> None:
 class MLLPChannel(Channel):
     """Forwards the v2 message over MLLP (optionally TLS) and waits for its ACK.
 
-    The text sent is ``work.v2`` as routed (never re-serialised), with CR segment ends, encoded
-    as its MSH-18 declares (``encoding`` when it declares nothing). MSH-10 is forwarded unchanged:
-    it is what the receiver deduplicates on, so a retry after a lost ACK is not stored twice
-    there; it is recorded as ``metadata["control_id"]``.
+    What is sent is the bytes received when no step edited the message, else ``work.v2`` as
+    routed (never re-serialised) with CR segment ends, encoded as its MSH-18 declares (when
+    it declares nothing, in ``encoding`` if set, else in the character set it arrived in).
+    MSH-10 is forwarded unchanged: it is what the receiver deduplicates on, so a retry after a
+    lost ACK is not stored twice there; it is recorded as ``metadata["control_id"]``.
 
     One persistent connection per channel; sends are serialised with a lock because MLLP is
     strictly one answer per message. The connection is dropped after any failure (a late ACK
@@ -466,13 +483,17 @@ class MLLPChannel(Channel):
         timeout: float = Field(
             30.0, gt=0, description="seconds to connect, and to wait for the ACK"
         )
-        encoding: str = Field(
-            "utf-8", description="character set for messages whose MSH-18 declares none"
+        encoding: str | None = Field(
+            None,
+            description="character set for messages whose MSH-18 declares none, for a receiver "
+            "that reads those in another than they arrived in (unset: sent as they arrived)",
         )
 
         @field_validator("encoding")
         @classmethod
-        def _known_codec(cls, value: str) -> str:
+        def _known_codec(cls, value: str | None) -> str | None:
+            if value is None:
+                return value
             try:
                 codecs.lookup(value)
             except LookupError as err:
@@ -626,7 +647,7 @@ class MLLPChannel(Channel):
 
     async def _judge(self, answer: bytes, control_id: str) -> str:
         """Receipt for a good ACK, else the DeliveryError it calls for (runs under the lock)."""
-        text = decode_message(answer, self.options.encoding).text
+        text = decode_message(answer, self.options.encoding or "utf-8").text
         try:
             code, echoed, reason = read_ack(text)
         except NotHL7Error:

@@ -166,10 +166,10 @@ def build_ack(
         if modern:
             segments.append(f.join(["ERR", "", location, coded, "E", "", "", "", text]))
         else:
-            sub = seps.subcomponent
-            eld_code = sub.join(
-                [error_code.value, escape(text or _ERROR_TEXT[error_code], seps), "HL70357"]
-            )
+            # ERR-1.4 (ELD's code, a CE) holds the text as its second subcomponent; escape()
+            # already encodes every delimiter, the subcomponent separator included.
+            eld_text = text or _ERROR_TEXT[error_code]
+            eld_code = seps.subcomponent.join([error_code.value, eld_text, "HL70357"])
             parts = location.split(c) if location else ["", ""]
             parts += [""] * (3 - len(parts))
             segments.append(f.join(["ERR", c.join([*parts[:3], eld_code])]))

@@ -4,8 +4,9 @@ HL7 text arrives as bytes. In the 8-bit character sets the header is ASCII, so M
 read before decoding the rest; UTF-16 and UTF-32 text is recognised by its byte order mark or by
 the byte pattern of "MSH" in that encoding, since its header is not ASCII.
 
-Senders often write MSH-18 in spellings that are not in table 0211 (``ISO-8859-1``, ``LATIN1``,
-``UTF8``, ``CP1252``); those are accepted as Python codec names rather than read as UTF-8 with
+Senders often write MSH-18 in spellings that are not in table 0211 (``8859-1``, ``ISO-8859-1``,
+``LATIN1``, ``UTF8``, ``CP1252``); those are accepted as the table's entries or as Python codec
+names. A name that is neither is read as undeclared text is (UTF-8, else ISO-8859-1), never with
 replacement characters, which would garble every accented name.
 
 MLLP framing is single bytes (0x0B ... 0x1C 0x0D), so a UTF-16/32 message arrives intact only
@@ -60,9 +61,11 @@ UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _squash(name: str) -> str:
-    """A charset name without case, spaces, underscores or hyphens: ``ISO_IR 100`` (the DICOM
-    spelling) and ``UTF8`` then find their table 0211 entries."""
-    return "".join(name.upper().replace("_", " ").replace("-", " ").split())
+    """A charset name without case, spaces, underscores, hyphens or slashes: ``ISO_IR 100``
+    (the DICOM spelling), ``UTF8`` and ``8859-1`` then find their table 0211 entries."""
+    for separator in "_-/":
+        name = name.replace(separator, " ")
+    return "".join(name.upper().split())
 
 
 _SQUASHED = {_squash(name): codec for name, codec in HL7_CHARSETS.items()}
@@ -98,9 +101,15 @@ class DecodedText:
     text: str
     charset: str
     warning: str | None = None
-    #: Bytes that are not valid in ``charset`` were replaced (U+FFFD): the text is not an
-    #: exact reading of the bytes, so two different messages may read alike.
-    lossy: bool = False
+    #: Offset, in the bytes as received, of the first byte that is not valid in the character
+    #: set the message declares; None when the text is an exact reading of the bytes.
+    invalid_at: int | None = None
+
+    @property
+    def lossy(self) -> bool:
+        """Bytes that are not valid in ``charset`` were replaced (U+FFFD): the text is not an
+        exact reading of the bytes, so two different messages may read alike."""
+        return self.invalid_at is not None
 
 
 def wide_encoding(raw: bytes) -> tuple[str, bytes] | None:
@@ -253,27 +262,24 @@ def encode_reply(text: str, charset: str, received: bytes = b"") -> bytes:
 def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
     """Decode message bytes by MSH-18, never raising.
 
-    Undeclared text that is not valid UTF-8 is read as ISO-8859-1 (what most such senders mean);
-    declared text that does not match its declaration is read with replacement characters. The
-    stored bytes are always the bytes received; only the text view is affected.
+    Undeclared text, and text whose MSH-18 names no character set carehub knows, is read as
+    ``default``, else as ISO-8859-1 when it is not valid there (what most such senders mean).
+    Declared text that does not match its declaration is read with replacement characters and
+    ``invalid_at`` set, so intake can refuse it. The stored bytes are always the bytes
+    received; only the text view is affected.
     """
-    if raw.startswith(UTF8_BOM):
-        raw = raw[len(UTF8_BOM) :]
+    skipped = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
+    raw = raw[skipped:]
     wide = wide_encoding(raw)
     if wide is not None:
         return _decode_wide(raw, *wide)
     declared = declared_charset(raw)
     codec = codec_for(declared, default)
-    if codec is None:
-        text = raw.decode(default, "replace")
-        return DecodedText(
-            text,
-            default,
-            f"unknown MSH-18 character set {declared!r}; read as {default}",
-            "\ufffd" in text,
-        )
     note = None
-    if is_wide(codec):
+    if codec is None:
+        note = f"unknown MSH-18 character set {declared!r}"
+        declared, codec = None, default
+    elif is_wide(codec):
         # The header read as ASCII, so these bytes are not the UTF-16/32 that was expected.
         expected = f"MSH-18 declares {declared!r}" if declared else f"the default is {codec}"
         note = f"{expected} but the bytes are 8-bit text"
@@ -281,23 +287,24 @@ def decode_message(raw: bytes, default: str = "utf-8") -> DecodedText:
     try:
         decoded = DecodedText(raw.decode(codec), codec)
     except UnicodeDecodeError as err:
+        at = skipped + err.start
         if declared is None:
             decoded = DecodedText(
                 raw.decode("iso-8859-1"),
                 "iso-8859-1",
-                f"bytes are not valid {codec} (offset {err.start}); read as ISO-8859-1",
+                f"bytes are not valid {codec} (offset {at}); read as ISO-8859-1",
             )
         else:
             decoded = DecodedText(
                 raw.decode(codec, "replace"),
                 codec,
-                f"bytes are not valid {codec} as MSH-18 declares (offset {err.start}); "
-                "undecodable bytes replaced in the text view",
-                lossy=True,
+                f"MSH-18 declares {declared!r} but byte {at} (0x{raw[err.start]:02X}) is not "
+                f"valid {codec}",
+                at,
             )
     if note:
         detail = decoded.warning or f"read as {decoded.charset}"
-        return DecodedText(decoded.text, decoded.charset, f"{note}; {detail}", decoded.lossy)
+        return DecodedText(decoded.text, decoded.charset, f"{note}; {detail}", decoded.invalid_at)
     return decoded
 
 
@@ -305,18 +312,15 @@ def _decode_wide(raw: bytes, codec: str, bom: bytes) -> DecodedText:
     """UTF-16/32 text: the bytes say what they are, so they win over MSH-18 (which is noted)."""
     body = raw[len(bom) :]
     warning = None
-    lossy = False
+    invalid_at = None
     try:
         text = body.decode(codec)
     except UnicodeDecodeError as err:
         text = body.decode(codec, "replace")
-        lossy = True
-        warning = (
-            f"bytes are not valid {codec} (offset {err.start + len(bom)}); "
-            "undecodable bytes replaced in the text view"
-        )
+        invalid_at = err.start + len(bom)
+        warning = f"byte {invalid_at} is not valid {codec}"
     declared = _msh18(text)
     if declared and _unicode_width(codec_for(declared, codec) or "") != _unicode_width(codec):
         note = f"the bytes are {codec} but MSH-18 declares {declared!r}; read as {codec}"
         warning = f"{warning}; {note}" if warning else note
-    return DecodedText(text, codec, warning, lossy)
+    return DecodedText(text, codec, warning, invalid_at)

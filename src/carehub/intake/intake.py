@@ -2,9 +2,10 @@
 
 decode by MSH-18 -> read the header through the lazy view -> store (group commit) -> ACK.
 AA only after the commit; AE when stored but the content is refused (an empty MSH-9 or MSH-10,
-a line that is not a segment); AR when the frame is not HL7 at all or cannot be taken as one
-message (too large, cut short, several messages in one frame). Every outcome is a row in the
-store, and only an AA message is routed.
+bytes that are not in the character set MSH-18 names, a line that is not a segment); AR when
+the frame is not HL7 at all or cannot be taken as one message (too large, cut short, several
+messages in one frame, unusable delimiters). Every outcome is a row in the store, and only an
+AA message is routed.
 
 A resend of a stored message (same MSH-3, MSH-4, MSH-10 and content) is answered AA and not
 stored again; a message that reuses a control ID with other content is a new message, stored
@@ -74,6 +75,7 @@ class _Refusal:
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _LEADING_BLANK = "\ufeff \t\r\n\x0b"  # what MessageView skips before MSH
+_DEFAULT_ENCODING = "^~\\&"  # MSH-2 as nearly every sender writes it
 #: Characters of a line that is not a segment quoted back in the ACK, so the sender can find it.
 _EXCERPT = 20
 
@@ -133,17 +135,20 @@ class Intake:
         unreadable = _delimiters_problem(decoded.text)
         if unreadable is not None:
             # Without its delimiters no field can be found where it belongs (a missing MSH-2
-            # shifted MSH-10 into MSH-11 and was answered AA): nothing of it can be trusted.
+            # shifted MSH-10 into MSH-11 and was answered AA): nothing of it can be trusted
+            # beyond what the field separator alone finds, when MSH-2 is in its place.
+            readable = _header_by_field_separator(decoded.text, decoded.charset)
             self._reject(
                 payload,
                 arrival,
-                None,
+                readable.view if readable else None,
                 unreadable,
                 ErrorCode.DATA_TYPE_ERROR,
                 answer,
                 charset=decoded.charset,
                 # ERR-2 names the field: MSH-1 or MSH-2 of the (first) MSH segment.
                 location="MSH-1-1" if unreadable.startswith("MSH-1 ") else "MSH-1-2",
+                header=readable.header if readable else None,
             )
             return
         if arrival.transport == "mllp" and is_wide(decoded.charset):
@@ -183,6 +188,13 @@ class Intake:
         if header_problem:
             location = "MSH-1-10" if "MSH-10" in header_problem else "MSH-1-9"
             problem = _Refusal(header_problem, ErrorCode.REQUIRED_FIELD_MISSING, location)
+        elif decoded.lossy:
+            # Routing it would forward replacement characters in place of a patient's letters.
+            problem = _Refusal(
+                _unreadable_text_reason(decoded.warning),
+                ErrorCode.DATA_TYPE_ERROR,
+                "MSH-1-18",
+            )
         elif irregular is not None:
             problem = _Refusal(
                 _not_a_segment_reason(decoded.text, view, irregular), ErrorCode.SEGMENT_SEQUENCE
@@ -202,7 +214,7 @@ class Intake:
             text=decoded.text,
         )
         if problem is None and header.control_id:
-            message.digest = view.content_digest(payload if decoded.lossy else None)
+            message.digest = view.content_digest()
 
         def committed(outcome: InsertOutcome | StoreUnavailable) -> None:
             answer(self._answer(outcome, message, view, problem, arrival))
@@ -301,9 +313,13 @@ class Intake:
         charset: str,
         detail: str | None = None,
         location: str = "",
+        header: MessageHeader | None = None,
     ) -> None:
+        """Store the frame as rejected and answer AR. ``header``: what can be read of it, when
+        that is less than ``view`` would read (the view is then only what the ACK echoes)."""
         self.counts[arrival.listener, "rejected"] += 1
-        header = MessageHeader.read(view) if view else None
+        if header is None and view is not None:
+            header = MessageHeader.read(view)
         message = NewMessage(
             raw=payload,
             transport=arrival.transport,
@@ -427,9 +443,72 @@ def _delimiters_problem(text: str) -> str | None:
         return (
             f"MSH-2 (the encoding characters) is {encoding!r}: it must hold the component, "
             "repetition, escape and subcomponent separators, none a letter, digit or blank "
-            "and all different, as in MSH|^~\\&|; no field can be read without them"
+            "and all different, as in MSH|^~\\&|; the message cannot be read without them"
         )
     return None
+
+
+@dataclass(slots=True, frozen=True)
+class _ReadableHeader:
+    """The MSH segment of a message whose MSH-2 cannot be used, read by MSH-1 alone."""
+
+    #: The MSH segment with MSH-2 taken as ``^~\&``: what the ACK echoes and is written with.
+    view: MessageView
+    header: MessageHeader
+
+
+def _header_by_field_separator(text: str, charset: str) -> _ReadableHeader | None:
+    """What the field separator alone reads of a header whose MSH-2 is unusable but in its
+    place (delimiter characters, only repeated or too many, as ``^^\\&``), so the AR can echo
+    MSH-3 to MSH-6 and MSH-10 and the stored row be found by its control ID.
+
+    Each field is kept whole, as written: with the component and escape characters unknown,
+    none is split into components or unescaped (``--sender`` still finds a first component
+    written with ``^``). So the message type and the patient stay unknown, and MSH-15 and
+    MSH-16 are not read: the sender always gets the original-mode AR.
+
+    None when MSH-1 is unreadable, or MSH-2 is missing or holds a letter, digit or blank (a
+    missing MSH-2 puts every later field one place off), or MSH-1 is one of ``^~\\&``.
+    """
+    line = _LINE_END.split(text.lstrip(_LEADING_BLANK), maxsplit=1)[0]
+    field_separator = line[3]
+    fields = line.split(field_separator)
+    written = fields[1]
+    if (
+        field_separator.isalnum()
+        or field_separator.isspace()
+        or field_separator in _DEFAULT_ENCODING
+        or not written
+        or any(c.isalnum() or c.isspace() for c in written)
+    ):
+        return None
+    fields[1] = _DEFAULT_ENCODING
+    view = MessageView(field_separator.join(fields), charset)
+    header = MessageHeader(
+        sending_application=view.msh(3),
+        sending_facility=view.msh(4),
+        receiving_application=view.msh(5),
+        receiving_facility=view.msh(6),
+        message_type="",
+        trigger_event="",
+        structure="",
+        control_id=view.msh(10).strip(),
+        processing_id=view.msh(11).strip(),
+        version=view.msh(12).strip(),
+        accept_ack_type="",
+        application_ack_type="",
+        patient=None,
+    )
+    return _ReadableHeader(view, header)
+
+
+def _unreadable_text_reason(warning: str | None) -> str:
+    """Why a message whose bytes contradict its MSH-18 is refused (see decode_message)."""
+    return (
+        f"{warning}: the text cannot be read without losing letters; send it in the character "
+        "set MSH-18 names, or name the one it is written in; the message was stored but not "
+        "accepted"
+    )
 
 
 def _not_hl7_reason(text: str) -> str:
