@@ -23,6 +23,7 @@ import datetime as dt
 import email.errors
 import email.policy
 import json
+import logging
 import re
 import ssl
 from email.headerregistry import Address, ContentTypeHeader
@@ -57,6 +58,8 @@ from carehub.intake.tls import client_context
 
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 RECEIPT_LIMIT = 100
+
+log = logging.getLogger(__name__)
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -439,6 +442,59 @@ def shorten(text: str, limit: int) -> str:
     return text[: limit - 1].rstrip() + "…"
 
 
+#: The least room a numbered text must leave for its words; a ``max_length`` smaller than
+#: that sends one text, cut (the receipt and the log say so).
+MIN_ROOM_PER_TEXT = 20
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """``text`` as texts of at most ``limit`` characters that together say all of it: the text
+    itself when it fits, else numbered parts ("(1/3) ...", "(2/3) ...") split between lines
+    where a line fits in one, between words where it does not, and inside a word only when a
+    word alone is too long."""
+    text = text.strip()
+    if len(text) <= limit:
+        return [text]
+    digits = 1
+    while True:
+        room = limit - len(f"({'9' * digits}/{'9' * digits}) ")
+        if room < MIN_ROOM_PER_TEXT:
+            return [text]
+        parts = _pack(text, room)
+        if len(str(len(parts))) <= digits:
+            return [f"({n}/{len(parts)}) {part}" for n, part in enumerate(parts, start=1)]
+        digits += 1
+
+
+def _pack(text: str, room: int) -> list[str]:
+    """``text`` in pieces of at most ``room`` characters: as many whole lines to a piece as
+    fit, a line longer than ``room`` by its words."""
+    pieces: list[str] = []
+    current = ""
+
+    def add(chunk: str, joint: str) -> None:
+        nonlocal current
+        if current and len(current) + len(joint) + len(chunk) <= room:
+            current += joint + chunk
+            return
+        if current:
+            pieces.append(current)
+        current = chunk
+
+    for line in text.split("\n"):
+        if len(line) <= room:
+            add(line, "\n")
+            continue
+        joint = "\n"
+        for word in line.split(" "):
+            for start in range(0, len(word) or 1, room):
+                add(word[start : start + room], joint)
+                joint = " "
+    if current:
+        pieces.append(current)
+    return pieces
+
+
 class SmsChannel(HttpChannel):
     """Sends each delivery as a text message through an HTTP SMS gateway (httpx).
 
@@ -446,8 +502,10 @@ class SmsChannel(HttpChannel):
     number), ``{text}`` (the payload text) and ``{key}`` (the delivery's idempotency key)
     replaced by their JSON-escaped values, so the template fits any gateway's field names;
     placeholders belong inside JSON strings. Text longer than ``max_length`` characters is cut
-    with "…" (the receipt says so): SMS is billed per segment, and a notification that needs
-    more than a few belongs in another channel.
+    with "…" (the receipt says so, and a warning is logged): SMS is billed per segment, and a
+    notification that needs more than a few belongs in another channel. The notify step
+    never has its notices cut: it sends a longer one as several numbered texts (``as_texts``),
+    each a delivery of its own.
 
     Headers: ``Content-Type: application/json``, ``Idempotency-Key`` and ``X-Carehub-Delivery``
     (the delivery's key, the same on every retry, so gateways that support it drop repeats),
@@ -473,7 +531,10 @@ class SmsChannel(HttpChannel):
             description="JSON request body with {to}, {text} and {key} placeholders",
         )
         max_length: int = Field(
-            320, ge=2, description="longer text is cut, marked with an ellipsis"
+            320,
+            ge=2,
+            description="longer text is cut, marked with an ellipsis (notify steps send a "
+            "longer notice as several numbered texts instead)",
         )
         timeout: float = Field(10.0, gt=0, description="seconds for the whole request")
         to: str | None = Field(
@@ -518,6 +579,11 @@ class SmsChannel(HttpChannel):
 
     options: Options
 
+    def as_texts(self, text: str) -> list[str]:
+        """``text`` as the texts that carry all of it within ``max_length`` (see
+        ``split_text``), for a sender that would rather send several than have it cut."""
+        return split_text(text, self.options.max_length)
+
     def render(self, work: Work, idempotency_key: str) -> Outgoing:
         if not self.options.to:
             raise ValueError(
@@ -559,6 +625,12 @@ class SmsChannel(HttpChannel):
                         receipt += (
                             f" (text shortened from {length} to "
                             f"{self.options.max_length} characters)"
+                        )
+                        log.warning(
+                            "sms: a text of %d characters was cut to max_length %d, so its "
+                            "end was not sent (the delivery's receipt says so)",
+                            length,
+                            self.options.max_length,
                         )
                     return receipt
                 excerpt = _excerpt(await read_some(response))

@@ -6,7 +6,8 @@
           sms: {channel: sms, url: "${SMS_GATEWAY_URL}"}
         templates: care/templates       # optional: overrides of the built-in templates
         detail: {email: full}           # default: sms gets the minimum, others the full text
-        digest_hour: 7                  # UTC hour daily digests go out
+        digest_hour: 7                  # the hour daily digests go out, in timezone
+        timezone: America/Chicago       # IANA name; default UTC
         coordinator_roles: [care_coordinator]
         facilities:                     # optional: facility code -> the name notices give
           RIVERSIDE_GH: Riverside General Hospital    # (others: the code as sent)
@@ -20,6 +21,10 @@ recipient already told of an admission is not told again, those told of a visit 
 later events even when the care team changed (a merge), and a cancel sends a correction to
 exactly those told (a digest reader in their next digest; a notice still waiting for a
 digest is just withdrawn).
+
+A notice and a digest line about the same event say the same: the time the hospital gave
+(``notice_time``), the institution, and a death as a death. A text longer than an SMS channel's
+``max_length`` goes as several numbered texts, each a delivery of its own, rather than cut.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy import and_, func, insert, select, update
 
+from carehub.builtins.messaging import SmsChannel
 from carehub.care.model import DIED, DISPOSITIONS, NOTIFIABLE, CareTeam, Recipient, Transition
 from carehub.care.roster import ROLES, CareTeamEnricher
 from carehub.care.templating import MessageTemplates
@@ -47,7 +54,7 @@ from carehub.routing.router import (
     store_id_of,
 )
 from carehub.store.outbox import Outbox
-from carehub.store.schema import encounters, notifications, referral_events
+from carehub.store.schema import encounter_events, encounters, notifications, referral_events
 
 BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
 KIND_LABELS = {
@@ -91,7 +98,13 @@ class NotifyConfig(BaseModel):
     #: The step's channel -> how much a notice on it says (each channel has a default).
     detail: dict[str, Literal["minimum", "full"]] = Field(default_factory=dict)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    digest_hour: int = Field(7, ge=0, le=23)
+    digest_hour: int = Field(
+        7, ge=0, le=23, description="the hour of the day daily digests go out, in timezone"
+    )
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone (America/Chicago) of digest_hour and of the digest's day",
+    )
     #: Roster roles (carehub.care.roster.ROLES) that hear of overdue follow-ups.
     coordinator_roles: list[str] = Field(default_factory=lambda: ["care_coordinator"])
     #: The transitions told (carehub.care.model.NOTIFIABLE); cancels are always corrected.
@@ -132,6 +145,23 @@ class NotifyConfig(BaseModel):
         if not value:
             raise ValueError(f"name at least one kind to tell ({_choices(NOTIFIABLE)})")
         return _each_known("kinds", value, NOTIFIABLE, "a kind the notify step tells")
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, value: str) -> str:
+        """A zone this machine cannot find would stop every digest at the first tick."""
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            if not available_timezones():
+                raise ValueError(
+                    f"unknown time zone {value!r}: this machine has no IANA time zone database "
+                    "(install the tzdata package)"
+                ) from None
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as America/Chicago or UTC)"
+            ) from None
+        return value
 
     @field_validator("facilities")
     @classmethod
@@ -208,6 +238,8 @@ class Notifier:
         #: whose coordinators were never sent a notice (bound by routing.table).
         self.care_team: CareTeamEnricher | None = None
         self._memory = _MemoryRows()
+        #: Where ``digest_hour`` is.
+        self.zone = ZoneInfo(config.timezone)
         self.templates = MessageTemplates.from_folder(
             context, config.templates, BUILTIN_TEMPLATES, config.channels
         )
@@ -343,25 +375,15 @@ class Notifier:
             decision.delivery_key = key
             context = self._template_context(work, transition, decision)
             subject, body = self.render(decision.kind, decision.channel or "", context)
-            planned.append(
-                PlannedDelivery(
-                    route=self.route,
-                    destination=destination.name,
-                    channel=destination.channel.name,
-                    outgoing=Outgoing(
-                        body.encode("utf-8"),
-                        "text/plain; charset=utf-8",
-                        key,
-                        {
-                            "to": decision.address or "",
-                            "subject": subject,
-                            "recipient_name": context["recipient"]["name"],
-                            "kind": decision.kind,
-                        },
-                    ),
-                    order_key=transition.patient_key,
-                    max_attempts=self.config.retry.max_attempts,
-                )
+            planned += self._planned(
+                decision.kind,
+                decision.channel or "",
+                decision.address or "",
+                subject,
+                body,
+                key,
+                transition.patient_key,
+                recipient_name=context["recipient"]["name"],
             )
         return planned
 
@@ -372,7 +394,7 @@ class Notifier:
         self, work: Work, transition: Transition, decision: Decision
     ) -> dict[str, Any]:
         event = _with_encounter_facts(work.event_json() or {}, transition.summary)
-        context = self._event_context(event, decision.kind)
+        context = self._event_context(event, decision.kind, transition.summary)
         default = "minimum" if decision.channel in MINIMUM_BY_DEFAULT else "full"
         detail = self.config.detail.get(decision.channel or "", default)
         team = work.data.get("care_team")
@@ -402,12 +424,33 @@ class Notifier:
         )
         return context
 
-    def _event_context(self, event: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
-        """``event_context`` with the institution by its name where ``facilities`` gives one."""
-        context = event_context(event, kind)
+    def _event_context(
+        self,
+        event: dict[str, Any],
+        kind: str | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``event_context`` with the institution by its name where ``facilities`` gives one,
+        and where the patient went by the provider directory's name, with the code."""
+        context = event_context(event, kind, summary)
         code = context["institution"]
         context["institution"] = self.config.facilities.get(code.strip().upper(), code)
+        encounter = event.get("encounter") or {}
+        context["discharged_to"] = self._destination(
+            encounter.get("discharged_to"), encounter.get("discharged_to_name")
+        )
         return context
+
+    def _destination(self, code: str | None, name_sent: str | None) -> str | None:
+        """Where a discharged patient went (PV1-37): the provider directory's name for the
+        code with the code ("Maple Grove Skilled Nursing (MAPLEGROVE_SNF)"), else the name the
+        message gave, else the code. A reader knows the facility, not the hospital's code."""
+        directory = self.care_team.directory if self.care_team is not None else None
+        entry = directory.by_code(code) if directory is not None and code else None
+        name = entry.name if entry is not None else name_sent
+        if name and code and name.strip().upper() != code.strip().upper():
+            return f"{name} ({code})"
+        return name or code
 
     # -- periodic -------------------------------------------------------------------------
     def tick(self, now: datetime) -> None:
@@ -419,50 +462,91 @@ class Notifier:
         self._alert_overdue_referrals(now)
 
     def _send_digests(self, now: datetime) -> None:
-        """At digest_hour (UTC), one digest per recipient with everything held since the last
-        one; the delivery key names the day, so a second tick that day adds nothing."""
-        cutoff = datetime.combine(now.date(), time(self.config.digest_hour), tzinfo=UTC)
+        """At ``digest_hour`` in ``timezone``, one digest per reader and channel with
+        everything held for them since the last one. It goes to the address the newest of
+        those notices was decided for: a reader whose address changed during the day (a new
+        inbox, a wrong one corrected) gets the whole day there, in one digest, rather than part
+        of it at an address they may no longer read. The delivery key names the reader's day,
+        so a second tick that day adds nothing; notices are marked digested only together
+        with a digest put in the outbox then, so any that were not wait for the next one."""
+        now = _aware(now)
+        today = now.astimezone(self.zone).date()
+        cutoff = datetime.combine(today, time(self.config.digest_hour), tzinfo=self.zone)
         if now < cutoff:
             return
         rows = [r for r in self._rows(status="digest") if _aware(r["created_at"]) < cutoff]
-        by_recipient: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        for row in rows:
+        by_reader: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in sorted(rows, key=lambda r: r["id"]):
             if row["channel"] in self.destinations:
-                by_recipient.setdefault(
-                    (row["recipient"], row["channel"], row["address"]), []
-                ).append(row)
-        for (recipient, channel, address), items in by_recipient.items():
-            snapshots = self._snapshots({r["encounter_id"] for r in items})
-            lines = []
-            for row in sorted(items, key=lambda r: r["id"]):
-                snapshot = snapshots.get(row["encounter_id"], {})
-                context = self._event_context(snapshot)
-                # When it happened, in the hospital's time as its messages gave it (the visit's
-                # latest state holds the admit and discharge times); when carehub heard of it
-                # (UTC) only for want of those.
-                encounter = snapshot.get("encounter") or {}
-                clinical = encounter.get(_CLINICAL_TIME.get(row["kind"], ""))
-                correction = row["kind"] == "retraction"
-                kind = _retracted_kind(row["reason"]) if correction else row["kind"]
-                lines.append(
-                    {
-                        "when": (clinical or "")[:16].replace("T", " ")
-                        or _aware(row["created_at"]).strftime("%Y-%m-%d %H:%M UTC"),
-                        "label": KIND_LABELS.get(kind, kind or "notification"),
-                        "correction": correction,
-                        "patient_name": context["patient_name"],
-                        "institution": context["institution"],
-                    }
-                )
-            subject, body = self.render("digest", channel, {"items": lines})
-            key = key_of_this_store(
-                f"carehub-digest-{now.date().isoformat()}-{_safe(recipient)}-{_safe(channel)}",
-                self.context,
-            )
+                by_reader.setdefault((row["recipient"], row["channel"]), []).append(row)
+        for (recipient, channel), items in by_reader.items():
+            subject, body = self.render("digest", channel, {"items": self._digest_lines(items)})
             planned = self._planned(
-                "digest", channel, address, subject, body, key, f"digest|{recipient}"
+                "digest",
+                channel,
+                items[-1]["address"],
+                subject,
+                body,
+                _digest_key(today, recipient, channel, self.context),
+                f"digest|{recipient}",
             )
-            self._schedule(planned, items[-1]["message_id"], [r["id"] for r in items], key)
+            self._schedule(planned, items[-1]["message_id"], [r["id"] for r in items])
+
+    def _digest_lines(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a digest says of each notice it holds, as the immediate notice would have
+        said it: from the facts the notice's message left (its transition summary), else,
+        for want of those, from the visit as it is now."""
+        told = self._told_facts(rows)
+        snapshots = self._snapshots(
+            {r["encounter_id"] for r in rows if (r["encounter_id"], r["message_id"]) not in told}
+        )
+        lines = []
+        for row in rows:
+            correction = row["kind"] == "retraction"
+            kind = _retracted_kind(row["reason"]) if correction else row["kind"]
+            summary = told.get((row["encounter_id"], row["message_id"]))
+            if summary is not None:
+                context = self._event_context(_event_of(summary), row["kind"], summary)
+            else:
+                context = self._event_context(snapshots.get(row["encounter_id"], {}), row["kind"])
+            lines.append(
+                {
+                    "when": context["occurred_at"] or _received(row["created_at"], self.zone),
+                    "label": KIND_LABELS.get(kind, kind or "notification"),
+                    "correction": correction,
+                    "died": kind == "discharge" and not correction and context["died"],
+                    "patient_name": context["patient_name"],
+                    "institution": context["institution"],
+                }
+            )
+        return lines
+
+    def _told_facts(self, rows: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
+        """The transition summary each row's message left on its visit's timeline (what its
+        notice was written from), by (encounter id, message id)."""
+        store = self.context.store
+        encounter_ids = {r["encounter_id"] for r in rows if r["encounter_id"] is not None}
+        message_ids = {r["message_id"] for r in rows if r["message_id"] is not None}
+        if store is None or not encounter_ids or not message_ids:
+            return {}
+        with store.engine.connect() as conn:
+            events = conn.execute(
+                select(
+                    encounter_events.c.encounter_id,
+                    encounter_events.c.message_id,
+                    encounter_events.c.detail,
+                ).where(
+                    encounter_events.c.encounter_id.in_(encounter_ids),
+                    encounter_events.c.message_id.in_(message_ids),
+                )
+            )
+            found: dict[tuple[int, int], dict[str, Any]] = {}
+            for event in events:
+                detail = json.loads(event.detail) if event.detail else {}
+                summary = (detail.get("result") or {}).get("summary")
+                if isinstance(summary, dict):
+                    found[(event.encounter_id, event.message_id)] = summary
+            return found
 
     def _alert_overdue_followups(self, now: datetime) -> None:
         """Tell the care coordinators who were told of the discharge, then mark the follow-up
@@ -616,7 +700,7 @@ class Notifier:
                 ]
             )
             planned = self._planned(kind, channel, address, subject, body, key, patient_key)
-            self._schedule(planned, told["message_id"], [], key)
+            self._schedule(planned, told["message_id"])
 
     def _planned(
         self,
@@ -627,21 +711,34 @@ class Notifier:
         body: str,
         key: str,
         order_key: str,
-    ) -> PlannedDelivery:
+        *,
+        recipient_name: str | None = None,
+    ) -> list[PlannedDelivery]:
+        """The deliveries of one notice: one, or one per text when an SMS channel would
+        otherwise cut the body at its ``max_length``. The first has ``key`` (the one the
+        notification row names); the others ``key#2``, ``key#3``..."""
         destination = self.destinations[channel]
-        return PlannedDelivery(
-            self.route,
-            destination.name,
-            destination.channel.name,
-            Outgoing(
-                body.encode(),
-                "text/plain; charset=utf-8",
-                key,
-                {"to": address, "subject": subject, "kind": kind},
-            ),
-            order_key,
-            self.config.retry.max_attempts,
-        )
+        sender = destination.channel
+        texts = sender.as_texts(body) if isinstance(sender, SmsChannel) else [body]
+        metadata = {"to": address, "subject": subject, "kind": kind}
+        if recipient_name is not None:
+            metadata["recipient_name"] = recipient_name
+        return [
+            PlannedDelivery(
+                self.route,
+                destination.name,
+                sender.name,
+                Outgoing(
+                    text.encode("utf-8"),
+                    "text/plain; charset=utf-8",
+                    key if number == 1 else f"{key}#{number}",
+                    dict(metadata),
+                ),
+                order_key,
+                self.config.retry.max_attempts,
+            )
+            for number, text in enumerate(texts, start=1)
+        ]
 
     # -- persistence ----------------------------------------------------------------------
     def _record(
@@ -732,34 +829,60 @@ class Notifier:
             return {r.id: json.loads(r.snapshot) if r.snapshot else {} for r in rows}
 
     def _schedule(
-        self, planned: PlannedDelivery, message_id: int | None, digested: list[int], key: str
-    ) -> None:
-        """Put a delivery carehub itself decided on (digest, overdue alert) in the outbox;
-        digested rows are marked in the same transaction."""
+        self,
+        planned: list[PlannedDelivery],
+        message_id: int | None,
+        digested: Sequence[int] = (),
+    ) -> bool:
+        """Put the deliveries of a notice carehub itself decided on (a digest, an overdue
+        alert) in the outbox, and mark the ``digested`` rows with the first one's key, all in
+        one transaction. False, with nothing changed, when that key is there already (that
+        day's digest went out): the rows then wait for the next digest rather than being
+        marked as told in one that never held them."""
         store = self.context.store
-        if store is None or message_id is None:
-            return
+        if store is None or message_id is None or not planned:
+            return False
+        first, *more = planned
+        outbox = Outbox(store)
         with store.engine.begin() as conn:
-            Outbox(store).schedule(planned, message_id, conn)
+            if not outbox.schedule(first, message_id, conn):
+                return False
+            for delivery in more:
+                outbox.schedule(delivery, message_id, conn)
             if digested:
                 conn.execute(
                     update(notifications)
                     .where(notifications.c.id.in_(digested))
-                    .values(status="digested", delivery_key=key)
+                    .values(status="digested", delivery_key=first.outgoing.idempotency_key)
                 )
+        return True
 
 
-#: The encounter time (PV1-44/45) a digest line gives for each kind of notice.
-_CLINICAL_TIME = {
+#: The time a notice of each kind gives, from the transition summary: an ED arrival's PV1-44,
+#: and the admission and discharge times as the encounter-state step judged them (an A01's
+#: PV1-44, an A06's message time, PV1-45); other kinds, and these when the summary has none,
+#: give when the message says it happened (EVN-2, else MSH-7).
+_NOTICE_TIME = {
     "ed_arrival": "admit_time",
-    "admission": "admit_time",
+    "admission": "admitted_at",
     "discharge": "discharge_time",
 }
 
 
-def event_context(event: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
+def notice_time(kind: str | None, facts: dict[str, Any]) -> str:
+    """When a notice of ``kind`` says it happened, on the hospital's clock as its messages
+    gave it ("2026-11-23 12:00"), from ``facts`` (a transition summary, or an event's times).
+    The immediate notice and the digest line read the same summary, so they agree."""
+    moment = facts.get(_NOTICE_TIME.get(kind or "", "")) or facts.get("occurred_at") or ""
+    return str(moment)[:16].replace("T", " ")
+
+
+def event_context(
+    event: dict[str, Any], kind: str | None = None, summary: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Template variables from a care event (JSON form): the CMS minimum first. ``kind`` is
-    the notice's, when it is not the event's own (a discharge an A08 brought)."""
+    the notice's, when it is not the event's own (a discharge an A08 brought); ``summary``
+    the transition summary of the message, whose times the notice gives."""
     patient = event.get("patient") or {}
     name = patient.get("name") or {}
     encounter = event.get("encounter") or {}
@@ -770,15 +893,18 @@ def event_context(event: dict[str, Any], kind: str | None = None) -> dict[str, A
     label = DISPOSITIONS.get(disposition.zfill(2) if disposition.isdigit() else disposition)
     # A discharge notice gives when the patient left (PV1-45), not when the message was sent:
     # an A03 sent on Monday for a Friday night discharge read as a Monday discharge.
-    is_discharge = (kind or event.get("kind")) == "discharge"
-    discharged = encounter.get("discharge_time") if is_discharge else None
+    times = summary or {
+        "occurred_at": event.get("occurred_at"),
+        "admit_time": encounter.get("admit_time"),
+        "discharge_time": encounter.get("discharge_time"),
+    }
     return {
         "event": event,
         "patient_name": display_name(name) or "the patient",
         "birth_date": patient.get("birth_date"),
         "institution": encounter.get("facility") or event.get("sending_facility") or "the hospital",
         "practitioner": display_name(practitioner, with_prefix=True) or "",
-        "occurred_at": (discharged or event.get("occurred_at") or "")[:16].replace("T", " "),
+        "occurred_at": notice_time(kind or event.get("kind"), times),
         "location": " ".join(p for p in (location.get("point_of_care"), location.get("room")) if p),
         "reason": encounter.get("admit_reason"),
         "diagnoses": "; ".join(d for d in diagnoses if d),
@@ -804,6 +930,34 @@ def _with_encounter_facts(event: dict[str, Any], summary: dict[str, Any]) -> dic
         encounter["facility"] = summary["facility"]
     diagnoses = event.get("diagnoses") or summary.get("diagnoses") or []
     return {**event, "patient": patient, "encounter": encounter, "diagnoses": diagnoses}
+
+
+def _event_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """A care event (JSON form) with what a transition summary says of the patient, the
+    institution and the discharge, for ``event_context``."""
+    return {
+        "patient": {"name": summary.get("name")},
+        "sending_facility": summary.get("sending_facility"),
+        "encounter": {
+            "facility": summary.get("facility"),
+            "discharge_disposition": summary.get("disposition"),
+            "discharged_to": summary.get("discharged_to"),
+            "discharged_to_name": summary.get("discharged_to_name"),
+        },
+    }
+
+
+def _received(created_at: datetime, zone: ZoneInfo) -> str:
+    """When carehub heard of a notice, for a digest line whose message gave no time at all:
+    labelled as such, with its zone, since every other line gives the hospital's clock."""
+    return "received " + _aware(created_at).astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _digest_key(day: date, recipient: str, channel: str, context: ComponentContext) -> str:
+    """One digest per reader, channel and day (the reader's day, in the step's timezone)."""
+    return key_of_this_store(
+        f"carehub-digest-{day.isoformat()}-{_safe(recipient)}-{_safe(channel)}", context
+    )
 
 
 def _local_day(due: Any, event: dict[str, Any]) -> str:

@@ -19,7 +19,10 @@ A filter step placed after an ``encounter-state`` step may also test ``transitio
 step found the message did to its visit (``admission``, ``transfer``, ``discharge``, a cancel,
 ``none`` for an A08 echo, a bed move or a resend under a new MSH-10; see
 ``carehub.care.model.TransitionKind``). It is not known when routes are matched, so a route's
-own ``when`` cannot test it.
+own ``when`` cannot test it. Likewise a filter step after a ``care-team`` step may test
+``opted_out`` (``false``: go on only for a patient who did not opt out of notifications, by the
+roster or by the message's opt-out field), so a route that tells another system of a visit
+keeps the opt-out the notify and fhir-notification steps keep.
 
 The conditions of one ``when`` must all hold. ``any:`` (a list: at least one holds),
 ``all:`` (a list: every one holds) and ``not:`` (it does not hold) take whole conditions, so
@@ -120,6 +123,16 @@ def _text(value: Any) -> str:
 
 
 @dataclass(slots=True, frozen=True)
+class StepFacts:
+    """What earlier steps of a route found, for its filter steps to test: the care transition
+    (an encounter-state step) and whether the patient opted out of notifications (a care-team
+    step); None where no such step ran."""
+
+    transition: str | None = None
+    opted_out: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Check:
     """One condition checked against one message, for `routes test` explanations.
 
@@ -302,6 +315,11 @@ class When(BaseModel):
         description="the care transition an earlier encounter-state step found (admission, "
         "transfer, discharge, none ...); filter steps only",
     )
+    opted_out: bool | None = Field(
+        None,
+        description="whether the patient opted out of notifications, as an earlier care-team "
+        "step found (the roster, or the message's opt-out field); filter steps only",
+    )
     fields: dict[FieldPathKey, ValueCondition] = Field(
         default_factory=dict, description="terse path -> value condition"
     )
@@ -348,12 +366,25 @@ class When(BaseModel):
         return condition
 
     def is_empty(self) -> bool:
-        return not (self._conditions() or self.transition or self.any_ or self.all_ or self.not_)
+        return not (
+            self._conditions()
+            or self.transition
+            or self.opted_out is not None
+            or self.any_
+            or self.all_
+            or self.not_
+        )
+
+    def _branches(self) -> list[When]:
+        return [*(self.any_ or []), *(self.all_ or []), *([self.not_] if self.not_ else [])]
 
     def uses_transition(self) -> bool:
         """Whether this condition, or any branch of it, tests the care transition."""
-        branches = [*(self.any_ or []), *(self.all_ or []), *([self.not_] if self.not_ else [])]
-        return self.transition is not None or any(b.uses_transition() for b in branches)
+        return self.transition is not None or any(b.uses_transition() for b in self._branches())
+
+    def uses_opt_out(self) -> bool:
+        """Whether this condition, or any branch of it, tests the patient's opt-out."""
+        return self.opted_out is not None or any(b.uses_opt_out() for b in self._branches())
 
     def _conditions(self) -> list[tuple[str, FieldRef, ValueCondition]]:
         """(label, path, condition) of the named conditions and fields, worked out once: live
@@ -368,19 +399,22 @@ class When(BaseModel):
             self._found = found
         return self._found
 
-    def matches(self, view: MessageView, transition: str | None = None) -> bool:
-        """``transition``: what an earlier encounter-state step found, for filter steps."""
+    def matches(self, view: MessageView, facts: StepFacts | None = None) -> bool:
+        """``facts``: what earlier steps found, for filter steps."""
         if not all(_test(ref, condition, view) for _, ref, condition in self._conditions()):
             return False
-        if self.transition is not None and not self.transition.test(transition or ""):
+        found = facts or _NO_FACTS
+        if self.transition is not None and not self.transition.test(found.transition or ""):
             return False
-        if self.any_ is not None and not any(b.matches(view, transition) for b in self.any_):
+        if self.opted_out is not None and found.opted_out is not self.opted_out:
             return False
-        if self.all_ is not None and not all(b.matches(view, transition) for b in self.all_):
+        if self.any_ is not None and not any(b.matches(view, facts) for b in self.any_):
             return False
-        return self.not_ is None or not self.not_.matches(view, transition)
+        if self.all_ is not None and not all(b.matches(view, facts) for b in self.all_):
+            return False
+        return self.not_ is None or not self.not_.matches(view, facts)
 
-    def explain(self, view: MessageView, transition: str | None = None) -> list[Check]:
+    def explain(self, view: MessageView, facts: StepFacts | None = None) -> list[Check]:
         """Every condition with the value it saw and whether it passed; the route matches
         exactly when every check passed. Branches are named by their place in the list
         (``any[1]``, from 0 as in configuration errors): a passing ``any`` shows the branch
@@ -388,8 +422,9 @@ class When(BaseModel):
         checks = [
             _check(label, ref, condition, view) for label, ref, condition in self._conditions()
         ]
+        known = facts or _NO_FACTS
         if self.transition is not None:
-            found = transition or ""
+            found = known.transition or ""
             checks.append(
                 Check(
                     "transition (encounter-state)",
@@ -398,10 +433,19 @@ class When(BaseModel):
                     self.transition.test(found),
                 )
             )
+        if self.opted_out is not None:
+            checks.append(
+                Check(
+                    "opted_out (care-team)",
+                    _yes_no(known.opted_out),
+                    _yes_no(self.opted_out),
+                    known.opted_out is self.opted_out,
+                )
+            )
         if self.any_ is not None:
             failures: list[Check] = []
             for index, branch in enumerate(self.any_):
-                inner = branch.explain(view, transition)
+                inner = branch.explain(view, facts)
                 if all(check.passed for check in inner):
                     checks += [check.within(f"any[{index}]") for check in inner]
                     break
@@ -409,9 +453,9 @@ class When(BaseModel):
             else:
                 checks += failures
         for index, branch in enumerate(self.all_ or []):
-            checks += [check.within(f"all[{index}]") for check in branch.explain(view, transition)]
+            checks += [check.within(f"all[{index}]") for check in branch.explain(view, facts)]
         if self.not_ is not None:
-            inner = self.not_.explain(view, transition)
+            inner = self.not_.explain(view, facts)
             if all(check.passed for check in inner):
                 checks += [check.negated() for check in inner]  # every one held: each is why
             else:
@@ -420,3 +464,10 @@ class When(BaseModel):
 
 
 When.model_rebuild()
+
+
+_NO_FACTS = StepFacts()
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")

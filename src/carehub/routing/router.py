@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from carehub.components import ComponentContext, JSONText, Outgoing, Work
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.plugins import PluginHost
-from carehub.routing.conditions import Check
+from carehub.routing.conditions import Check, StepFacts
 from carehub.store.store import StoredMessage
 from carehub.workqueue import patient_key
 
@@ -261,7 +261,7 @@ class Router:
             try:
                 if step.kind == "filter":
                     assert step.condition is not None
-                    checks = step.condition.explain(work.view, _transition(work))
+                    checks = step.condition.explain(work.view, _facts(work))
                     failed = [c for c in checks if not c.passed]
                     if failed:
                         reason = "; ".join(
@@ -349,10 +349,14 @@ class Router:
         return result
 
 
-def _transition(work: Work) -> str | None:
-    """What an earlier encounter-state step found this message did (Transition.kind)."""
-    found = work.data.get("encounter")
-    return getattr(found, "kind", None)
+def _facts(work: Work) -> StepFacts:
+    """What earlier steps found, for a filter step: what an encounter-state step found this
+    message did (Transition.kind), and whether a care-team step found the patient opted out."""
+    team = work.data.get("care_team")
+    return StepFacts(
+        transition=getattr(work.data.get("encounter"), "kind", None),
+        opted_out=getattr(team, "opted_out", None),
+    )
 
 
 def _runner(step: Any, work: Work) -> Any:

@@ -279,6 +279,10 @@ _TRANSITION_LATER = (
     "transition is what an encounter-state step finds, known only after one: test it in a "
     "filter step placed after `enrich: encounter-state`"
 )
+_OPT_OUT_LATER = (
+    "opted_out is what a care-team step finds, known only after one: test it in a filter step "
+    "placed after `enrich: care-team`"
+)
 
 
 def bind_routes(
@@ -291,10 +295,10 @@ def bind_routes(
         if not config.enabled:
             continue
         unnamed = _unnamed_forwards(config.steps, item.source, config.name)
-        if config.when.uses_transition():
-            raise ConfigError(
-                f"{item.source.where(('when',))}: route {config.name!r}: when: {_TRANSITION_LATER}"
-            )
+        if config.when.uses_transition() or config.when.uses_opt_out():
+            later = _TRANSITION_LATER if config.when.uses_transition() else _OPT_OUT_LATER
+            where = item.source.where(("when",))
+            raise ConfigError(f"{where}: route {config.name!r}: when: {later}")
         steps: list[BoundStep] = []
         for position, step in enumerate(config.steps):
             loc: tuple[Any, ...] = ("steps", position, step.kind)
@@ -306,6 +310,12 @@ def bind_routes(
                     raise ConfigError(
                         f"{item.source.where(loc)}: route {config.name!r}: steps[{position}]: "
                         f"filter: {_TRANSITION_LATER}"
+                    )
+                teamed = any(isinstance(s.component, CareTeamEnricher) for s in steps)
+                if step.filter.uses_opt_out() and not teamed:
+                    raise ConfigError(
+                        f"{item.source.where(loc)}: route {config.name!r}: steps[{position}]: "
+                        f"filter: {_OPT_OUT_LATER}"
                     )
                 steps.append(BoundStep("filter", "filter", condition=step.filter))
                 continue
