@@ -60,6 +60,30 @@ def test_message_without_control_id_is_422_ae_and_stored_refused(hub: HubThread)
     assert (stored.status, stored.ack_code) == ("refused", "AE")
 
 
+@pytest.mark.parametrize(
+    ("trailer", "problem"),
+    [("BTS|5\rFTS|1\r", "BTS-1"), ("", "no BTS")],
+    ids=["count-disagrees", "cut-short"],
+)
+def test_a_batch_that_does_not_hold_together_is_refused_whole(
+    hub: HubThread, trailer: str, problem: str
+) -> None:
+    """A batch whose trailers are missing (cut short on the way) or count other than it holds
+    is 400 AR naming why, and none of its messages is stored as received: the sender sends it
+    again whole rather than lose the part that did not come."""
+    body = (
+        "FHS|^~\\&|LAB|HOSP\rBHS|^~\\&|LAB|HOSP\r"
+        + make_adt("B1").replace("\n", "\r")
+        + trailer
+    ).encode()
+    response = post(hub, body)
+    assert response.status_code == 400
+    code, _, text = ack_of(response)
+    assert code == "AR"
+    assert problem in text and "send the whole batch again" in text
+    assert [m.status for m in hub.store.find()] == ["rejected"]
+
+
 def test_body_that_is_not_hl7_is_400_ar(hub: HubThread) -> None:
     response = post(hub, b'{"resourceType": "Patient"}')
     assert response.status_code == 400

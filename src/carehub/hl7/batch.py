@@ -4,13 +4,16 @@ Each message is the data's own bytes from its MSH up to and including the termin
 last segment (CR, LF or CRLF, whichever the sender wrote; none if the data ends without one), so
 the stored raw message is byte for byte what the sender wrote. Blank lines and DOS end-of-file
 marks (0x1A) between or after messages belong to no message. Batch wrapper segments (FHS, BHS,
-BTS, FTS) are dropped. Anything else outside a message - text before the first MSH, after a
-wrapper segment, or after a message's last segment (a line that is not a segment, and whatever
-follows it up to the next MSH or wrapper, when no segment follows in between) - is returned as
-``stray`` so the caller can refuse it visibly instead of losing it or passing it on as part of
-the message. A line that is not a segment *between* two segments of a message stays in it:
-the message is incomplete without what follows, so intake refuses it whole (AE) rather than
-store half of it as accepted.
+BTS, FTS) are part of no message; they are checked against what they wrap
+(``SplitData.batch_problems``), since a batch cut short - a file read while its sender is still
+writing it, a body truncated on the way - still splits into messages that each look whole.
+Anything else outside a message - text before the first MSH, after a wrapper segment, or
+after a message's last segment (a line that is not a segment, and whatever follows it up to the
+next MSH or wrapper, when no segment follows in between) - is returned as ``stray`` so the
+caller can refuse it visibly instead of losing it or passing it on as part of the message. A
+line that is not a segment *between* two segments of a message stays in it: the message is
+incomplete without what follows, so intake refuses it whole (AE) rather than store half of it
+as accepted.
 
 UTF-16 and UTF-32 data (a byte order mark, or "MSH" in that encoding at the start) is split on
 its characters; each message is still a slice of the data's bytes.
@@ -65,6 +68,11 @@ class SplitData:
     #: How the data was read for splitting: ``iso-8859-1`` for any 8-bit data, or the
     #: UTF-16/32 codec (in its byte order) of wide data.
     codec: str = "iso-8859-1"
+    #: Why the batch wrappers do not hold together, one sentence each: a header without its
+    #: trailer (FHS without FTS, BHS without BTS) or the reverse, or a count that disagrees
+    #: with what the data holds (BTS-1: messages in the batch; FTS-1: batches in the file).
+    #: Empty when they agree, and for data without wrappers (which cannot show it is whole).
+    batch_problems: tuple[str, ...] = ()
 
 
 class _ByteOffsets:
@@ -127,14 +135,18 @@ def split_data(data: bytes) -> SplitData:
     starts = [(m.start(), m.group(1)) for m in _SEGMENT_START.finditer(text)]
     outside(0, starts[0][0] if starts else len(text))
     wrappers: list[str] = []
+    outline: list[str] = []  # each wrapper segment, and "MSH" for each message, in data order
     for i, (start, name) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
         if name in _WRAPPERS:
             line_end = _LINE_END.search(text, start, end)
+            segment = text[start : line_end.start() if line_end else end]
+            outline.append(segment)
             if name in ("FHS", "BHS"):
-                wrappers.append(text[start : line_end.start() if line_end else end])
+                wrappers.append(segment)
             outside(line_end.end() if line_end else end, end)
             continue
+        outline.append("MSH")
         segments_end = _segments_end(text, start, end)
         trailer = _TRAILER.search(text, start, segments_end)
         cut = trailer.start() if trailer else segments_end
@@ -143,10 +155,79 @@ def split_data(data: bytes) -> SplitData:
             cut += 2
         elif cut < segments_end and text[cut] in "\r\n":
             cut += 1
-        outside(segments_end, end)
-        first, last = offset(start), offset(cut)
+        first, last = offset(start), offset(cut)  # before outside(): offsets are asked rising
         messages.append(MessageSlice(first, data[first:last]))
-    return SplitData(messages, stray, tuple(wrappers), codec)
+        outside(segments_end, end)
+    return SplitData(messages, stray, tuple(wrappers), codec, _batch_problems(outline))
+
+
+def _batch_problems(outline: list[str]) -> tuple[str, ...]:
+    """Check the wrappers against HL7 v2's batch rules (chapter 2): a file is
+    ``[FHS] {[BHS] {MSH ...} [BTS]} [FTS]``, each header closed by its trailer, BTS-1 the
+    number of messages in its batch and FTS-1 the number of batches in its file (both
+    optional). ``outline`` holds each wrapper segment's text and "MSH" for each message."""
+    problems: list[str] = []
+    in_file = in_batch = False
+    batch_number = 0  # batches in the data so far, to name them
+    batches_in_file = messages_in_batch = 0
+    for segment in outline:
+        name = segment[:3]
+        if name in ("FHS", "BHS", "FTS") and in_batch:
+            problems.append(f"batch {batch_number} (BHS) has no BTS trailer before the {name}")
+            in_batch = False
+        if name == "MSH":
+            messages_in_batch += 1
+        elif name == "FHS":
+            if in_file:
+                problems.append("the file (FHS) has no FTS trailer before the next FHS")
+            in_file, batches_in_file = True, 0
+        elif name == "BHS":
+            batch_number += 1
+            batches_in_file += 1
+            in_batch, messages_in_batch = True, 0
+        elif name == "BTS":
+            if not in_batch:
+                problems.append("a BTS trailer has no BHS header before it")
+            else:
+                field = f"BTS-1 of batch {batch_number}"
+                problems += _count_problems(
+                    segment, messages_in_batch, field, "messages", "the batch"
+                )
+            in_batch = False
+        elif name == "FTS":
+            if not in_file:
+                problems.append("an FTS trailer has no FHS header before it")
+            elif batches_in_file == 0:
+                # Messages right inside FHS/FTS: one batch without a header of its own, which
+                # senders count as 1 and the hub's own answers as 0.
+                problems += _count_problems(segment, 1, "FTS-1", "batches", "the file", also=0)
+            else:
+                problems += _count_problems(
+                    segment, batches_in_file, "FTS-1", "batches", "the file"
+                )
+            in_file = False
+    if in_batch:
+        problems.append(f"batch {batch_number} (BHS) has no BTS trailer")
+    if in_file:
+        problems.append("the file (FHS) has no FTS trailer")
+    return tuple(problems)
+
+
+def _count_problems(
+    trailer: str, held: int, field: str, counted: str, container: str, *, also: int = -1
+) -> list[str]:
+    """The trailer's count (its first field) against the number ``held`` (or ``also``) found
+    in ``container``: why they disagree, if they do. An empty field gives no count."""
+    fields = trailer.split(trailer[3]) if len(trailer) > 3 else [trailer]
+    stated = fields[1].strip() if len(fields) > 1 else ""
+    if not stated:
+        return []
+    what = f"{field}, the number of {counted} in {container},"
+    if not stated.isdigit():
+        return [f"{what} is {stated[:20]!r}, not a number"]
+    if int(stated) in (held, also):
+        return []
+    return [f"{what} is {int(stated)}, but {container} holds {held}"]
 
 
 def _segments_end(text: str, start: int, end: int) -> int:
@@ -165,7 +246,8 @@ def _segments_end(text: str, start: int, end: int) -> int:
 
 
 def split_messages(data: bytes) -> list[bytes]:
-    """Each MSH..(next MSH or batch segment) as its own bytes; wrapper segments are dropped.
+    """Each MSH..(next MSH or batch segment) as its own bytes; wrapper segments are left out,
+    and so is their check (``split_data`` gives ``batch_problems``).
 
     Bytes are kept exactly as received inside each message, its last segment terminator
     included, so the stored raw message is what the sender wrote. Stray text outside the

@@ -1,11 +1,26 @@
 """File drop intake: a watched directory where each file holds one message or a batch.
 
-A file is taken once it has stopped changing (size and mtime unchanged for settle_seconds), so
-a sender still writing it is never read half-way. Its messages are stored like MLLP messages,
-each as the exact bytes the file holds for it (its own slice of a batch, terminators as
-written); then the file moves to processed/, or to error/ with ``<name>.error.txt`` beside it
-saying, per message, why. Dropping a corrected file again is safe: a message already stored
-(same sender, MSH-10 and content) is recognised as a resend and not stored twice.
+A file is taken once it has stopped changing (size and mtime unchanged for settle_seconds).
+That alone cannot tell a finished file from one whose sender paused while writing it, so:
+
+- A sender should write each file under a name the watcher skips and rename it into place
+  when it is whole (the rename is atomic). Skipped names: those starting with a dot, and those
+  ending in .tmp, .part, .filepart (WinSCP), .swp or .error.txt, in any case.
+- An FHS/BHS batch must show it is whole: every header closed by its trailer (BHS by BTS, FHS
+  by FTS), and the counts BTS-1 (messages in the batch) and FTS-1 (batches in the file), when
+  given, matching what it holds (hl7.batch). A batch that does not is not taken: it stays in
+  the inbox while it may still be being written - until it has been unchanged for
+  INCOMPLETE_BATCH_SETTLES times settle_seconds - and is looked at again whenever it changes;
+  then it goes to error/ with the reason, nothing of it stored or routed.
+- A file with no batch wrappers has nothing to show it is whole: the settle rule is all there
+  is, hence the rename.
+
+Taken messages are stored like MLLP messages, each as the exact bytes the file holds for it
+(its own slice of a batch, terminators as written); then the file moves to processed/, or to
+error/ with ``<name>.error.txt`` beside it saying, per message, why. The file moved is what
+was read: one that changed while it was being taken goes to error/ saying so. Dropping a
+corrected file again is safe: a message already stored (same sender, MSH-10 and content) is
+recognised as a resend and not stored twice.
 
 Nothing in a file is dropped silently. Text outside every message that is not blank and not a
 batch wrapper segment (FHS, BHS, BTS, FTS) - say a cover note before the first MSH, or lines
@@ -40,9 +55,20 @@ from carehub.intake.intake import Arrival, Intake, IntakeResult
 
 log = logging.getLogger(__name__)
 
-_IGNORED_SUFFIXES = (".tmp", ".part", ".filepart", ".swp", ".error.txt")
+#: Names a sender writes under before renaming the file into place (compared in lower case);
+#: names starting with a dot are skipped too.
+SKIPPED_SUFFIXES = (".tmp", ".part", ".filepart", ".swp", ".error.txt")
 #: Seconds before a file that could not be taken is tried again (sooner if it changes).
 STUCK_RETRY = 60.0
+#: How many times settle_seconds a batch that is not whole may stay unchanged in the inbox
+#: before it goes to error/. settle_seconds is the pause after which a plain file is taken as
+#: finished; a batch missing its trailers says outright that it is not, so its sender gets ten
+#: such pauses (5 s for settle_seconds 0.5, 10 s for the default 1 s) - long enough for a
+#: writer that stalls between messages, short enough that a cut-off batch is reported within
+#: seconds rather than sitting unseen in the inbox.
+INCOMPLETE_BATCH_SETTLES = 10
+
+Signature = tuple[int, int]  # (size, mtime in ns): a file with the same signature is unchanged
 
 
 class FileDropListener:
@@ -57,12 +83,20 @@ class FileDropListener:
         #: Files that could not be taken, by name: the (size, mtime) they had then and when to
         #: try again. Skipped till then (or till they change), so one file cannot stall the
         #: inbox or write a traceback every poll; an operator's fix is found within a minute.
-        self._stuck: dict[str, tuple[tuple[int, int], float]] = {}
+        self._stuck: dict[str, tuple[Signature, float]] = {}
+        #: Batch files that are not whole yet, by name: the signature they had and when they
+        #: go to error/ if still unchanged. Skipped till then, or till they change.
+        self._held: dict[str, tuple[Signature, float]] = {}
         self._folders_named: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.files_processed = 0
         self.files_failed = 0
+
+    @property
+    def incomplete_batch_wait(self) -> float:
+        """Seconds a batch that is not whole may stay unchanged before it goes to error/."""
+        return INCOMPLETE_BATCH_SETTLES * self.config.settle_seconds
 
     async def start(self) -> Path:
         for folder in (self.directory, self.processed_dir, self.error_dir):
@@ -91,27 +125,33 @@ class FileDropListener:
         current: dict[str, tuple[int, int, float]] = {}
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or entry.name.endswith(_IGNORED_SUFFIXES):
+                if entry.name.startswith(".") or entry.name.lower().endswith(SKIPPED_SUFFIXES):
                     continue
                 if not entry.is_file():
                     self._name_folder(entry)
                     continue
                 stat = entry.stat()
-                signature = (stat.st_size, stat.st_mtime_ns)
-                stuck = self._stuck.get(entry.name)
-                if stuck is not None and stuck[0] == signature and now < stuck[1]:
-                    current[entry.name] = (*signature, now)
-                    continue
-                first_seen = self._seen.get(entry.name, (*signature, now))
-                if first_seen[:2] != signature:
+                signature = _signature(stat)
+                first_seen = self._seen.get(entry.name)
+                if first_seen is None or first_seen[:2] != signature:
                     first_seen = (*signature, now)
                 current[entry.name] = first_seen
-                settled = now - max(first_seen[2], stat.st_mtime) >= self.config.settle_seconds
-                if settled:
+                if self._left_for_now(entry.name, signature, now):
+                    continue
+                if now - _unchanged_since(first_seen[2], stat) >= self.config.settle_seconds:
                     ready.append(Path(entry.path))
         self._seen = current
         self._stuck = {name: stuck for name, stuck in self._stuck.items() if name in current}
+        self._held = {name: held for name, held in self._held.items() if name in current}
         return sorted(ready, key=_arrival_order)
+
+    def _left_for_now(self, name: str, signature: Signature, now: float) -> bool:
+        """True for a file set aside (it could not be taken) or held (a batch not whole yet)
+        whose time has not come, unless it has changed since."""
+        for waiting in (self._stuck.get(name), self._held.get(name)):
+            if waiting is not None and waiting[0] == signature and now < waiting[1]:
+                return True
+        return False
 
     def _name_folder(self, entry: os.DirEntry[str]) -> None:
         """Say once that a folder in the inbox is not taken (its own processed/ and error/
@@ -139,7 +179,8 @@ class FileDropListener:
                 pass  # taken away meanwhile (by the sender, or another hub on the folder)
             except OSError as err:
                 self._set_aside(path, err)
-            self._seen.pop(path.name, None)
+            if path.name not in self._held:  # a held file keeps the time it last changed
+                self._seen.pop(path.name, None)
         return len(files)
 
     def _set_aside(self, path: Path, err: OSError) -> None:
@@ -149,7 +190,7 @@ class FileDropListener:
             stat = path.stat()
         except OSError:
             return
-        signature = (stat.st_size, stat.st_mtime_ns)
+        signature = _signature(stat)
         known = self._stuck.get(path.name)
         self._stuck[path.name] = (signature, time.time() + STUCK_RETRY)
         if known is not None and known[0] == signature:
@@ -165,10 +206,17 @@ class FileDropListener:
         )
 
     async def take_file(self, path: Path) -> list[IntakeResult]:
+        """Store the file's messages and move it aside; nothing is taken from a file that
+        changes while it is read, or from a batch that is not whole (see the module's
+        docstring)."""
         arrival = Arrival("file", self.name, path.name, self.config.default_charset)
-        size = path.stat().st_size
-        if size > self.config.max_file_bytes:
-            return [await self._refuse_large_file(path, size, arrival)]
+        stat = path.stat()
+        signature = _signature(stat)
+        seen = self._seen.get(path.name)
+        if seen is not None and seen[:2] != signature:
+            return []  # changed since it was found settled: looked at again once it settles
+        if stat.st_size > self.config.max_file_bytes:
+            return [await self._refuse_large_file(path, stat.st_size, arrival)]
         try:
             data = await asyncio.to_thread(path.read_bytes)
         except (PermissionError, IsADirectoryError) as err:
@@ -177,7 +225,13 @@ class FileDropListener:
             self.files_failed += 1
             log.warning("file drop %s: %s, moved to %s", self.name, reason, self.error_dir)
             return []
+        if len(data) != stat.st_size or _signature(path.stat()) != signature:
+            return []  # written to while being read: looked at again once it settles
         contents = split_data(data)
+        if contents.batch_problems:
+            self._hold_or_refuse_batch(path, stat, contents.batch_problems)
+            return []
+        self._held.pop(path.name, None)
         parts = contents.messages
         if not parts:
             result = await self.intake.receive(data[:HEAD_BYTES], arrival)
@@ -210,6 +264,16 @@ class FileDropListener:
                     f"message {number} of {len(parts)} (MSH-10 {control_id or 'empty'}): "
                     f"{code}: {text or result.reason}"
                 )
+        refused = len(problems) - len(contents.stray)
+        now = path.stat()
+        if _signature(now) != signature:
+            # The file moved aside must be the one taken: this one is not, so say so.
+            problems.append(
+                f"{path.name}: the file changed while it was being taken: the {len(data)} "
+                f"bytes read then were taken (their {len(parts)} message(s) stored), it now "
+                f"holds {now.st_size}. Drop the whole file again once it is written: the "
+                "messages already stored are recognised as resends"
+            )
         if problems:
             self.files_failed += 1
             self._move(path, self.error_dir, problems)
@@ -220,10 +284,55 @@ class FileDropListener:
             "file drop %s: took a file with %d message(s), %d refused, %d stray text(s)",
             self.name,
             len(parts),
-            len(problems) - len(contents.stray),
+            refused,
             len(contents.stray),
         )
         return list(results)
+
+    def _hold_or_refuse_batch(
+        self, path: Path, stat: os.stat_result, problems: tuple[str, ...]
+    ) -> None:
+        """Leave a batch that is not whole in the inbox while its sender may still be writing
+        it; once it has been unchanged for incomplete_batch_wait, move it to error/ with the
+        reasons. Either way nothing of it is stored."""
+        give_up_at = self._last_change(path.name, stat) + self.incomplete_batch_wait
+        if time.time() < give_up_at:
+            if path.name not in self._held:
+                log.info(
+                    "file drop %s: %s is a batch that is not whole yet (%s); it stays in %s "
+                    "while it may still be being written, up to %g s unchanged",
+                    self.name,
+                    path.name,
+                    "; ".join(problems),
+                    self.directory,
+                    self.incomplete_batch_wait,
+                )
+            self._held[path.name] = (_signature(stat), give_up_at)
+            return
+        self._held.pop(path.name, None)
+        reasons = [f"{path.name}: {problem}" for problem in problems]
+        reasons.append(
+            f"{path.name}: not taken, nothing of it was stored: a batch must close every header "
+            "it opens (BHS with BTS, FHS with FTS) and hold the number of messages and batches "
+            f"its trailers give; this one stayed so for {self.incomplete_batch_wait:g} s "
+            "unchanged. Drop it again once it is whole"
+        )
+        self._move(path, self.error_dir, reasons)
+        self.files_failed += 1
+        log.warning(
+            "file drop %s: %s is a batch that is not whole (%s), moved to %s; nothing of it "
+            "was stored",
+            self.name,
+            path.name,
+            "; ".join(problems),
+            self.error_dir,
+        )
+
+    def _last_change(self, name: str, stat: os.stat_result) -> float:
+        """When the file last changed, as far as the watcher knows (see _unchanged_since)."""
+        seen = self._seen.get(name)
+        first_seen = seen[2] if seen is not None and seen[:2] == _signature(stat) else time.time()
+        return _unchanged_since(first_seen, stat)
 
     async def _refuse_large_file(self, path: Path, size: int, arrival: Arrival) -> IntakeResult:
         """A file over max_file_bytes is not read whole (that could exhaust memory): its head
@@ -261,15 +370,32 @@ class FileDropListener:
 
     @staticmethod
     def _move(path: Path, folder: Path, problems: list[str] | None) -> Path:
+        """Move the file into ``folder``, with ``<name>.error.txt`` giving the problems. The
+        reasons are written first: whoever finds the file in error/ finds them beside it."""
         target = folder / path.name
         if target.exists():
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             target = folder / f"{path.stem}.{stamp}{path.suffix}"
-        os.replace(path, target)
+        reason_file = target.with_name(target.name + ".error.txt")
         if problems is not None:
-            reason_file = target.with_name(target.name + ".error.txt")
             reason_file.write_text("\n".join(problems) + "\n", encoding="utf-8")
+        try:
+            os.replace(path, target)
+        except OSError:
+            if problems is not None:
+                reason_file.unlink(missing_ok=True)
+            raise
         return target
+
+
+def _signature(stat: os.stat_result) -> Signature:
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _unchanged_since(first_seen: float, stat: os.stat_result) -> float:
+    """The file's mtime, or when the watcher first saw it as it is if that is later: a copy
+    that keeps its source's old mtime has still only just arrived."""
+    return max(first_seen, stat.st_mtime)
 
 
 def _arrival_order(path: Path) -> tuple[int, str]:

@@ -133,6 +133,17 @@ def build_app(
             result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
             return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=CLOSE)
         contents = None if _single(body) else split_data(body)
+        if contents is not None and contents.batch_problems:
+            # A batch cut short on the way, or whose trailers count other than it holds: none
+            # of it is taken, so that the sender resends it whole.
+            reason = (
+                f"the batch does not hold together: {'; '.join(contents.batch_problems)}; "
+                "none of its messages was stored, send the whole batch again"
+            )
+            result = await intake.reject_unreadable_frame(
+                body[:HEAD_BYTES], len(body), arrival, reason
+            )
+            return Response(result.ack, status_code=400, media_type=HL7_MEDIA_TYPE)
         if contents is not None and (len(contents.messages) > 1 or contents.wrappers):
             results = await _receive_parts(intake, contents, arrival)
             status = max((_status(r) for r in results), key=_SEVERITY.__getitem__, default=200)
