@@ -72,9 +72,7 @@ def test_a_batch_that_does_not_hold_together_is_refused_whole(
     is 400 AR naming why, and none of its messages is stored as received: the sender sends it
     again whole rather than lose the part that did not come."""
     body = (
-        "FHS|^~\\&|LAB|HOSP\rBHS|^~\\&|LAB|HOSP\r"
-        + make_adt("B1").replace("\n", "\r")
-        + trailer
+        "FHS|^~\\&|LAB|HOSP\rBHS|^~\\&|LAB|HOSP\r" + make_adt("B1").replace("\n", "\r") + trailer
     ).encode()
     response = post(hub, body)
     assert response.status_code == 400
