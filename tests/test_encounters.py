@@ -184,13 +184,31 @@ def test_ed_arrival_admission_transfer_noise_and_discharge_to_snf(feed: Feed) ->
     )
     assert admitted.summary["previous_state"] == "ed"
 
-    moved = feed.send(adt("A02", "M3", cls="R", location="REHAB^5^2^NORTH", prior="MED^201^1^MAIN"))
+    moved = feed.send(
+        adt(
+            "A02",
+            "M3",
+            cls="R",
+            location="REHAB^5^2^NORTH",
+            prior="MED^201^1^MAIN",
+            at="20261125130000",
+        )
+    )
     assert (moved.kind, moved.state, moved.encounter_id) == ("transfer", "admitted", encounter_id)
     assert moved.summary["facility"] == "NORTH" and moved.summary["patient_class"] == "R"
 
-    noise = feed.send(adt("A08", "M4", cls="R", location="REHAB^5^2^NORTH"))
+    noise = feed.send(adt("A08", "M4", cls="R", location="REHAB^5^2^NORTH", at="20261125140000"))
     assert (noise.kind, noise.state) == ("none", "admitted")
-    early = feed.send(adt("A08", "M5", cls="R", location="REHAB^5^2^NORTH", discharge="20261130"))
+    early = feed.send(
+        adt(
+            "A08",
+            "M5",
+            cls="R",
+            location="REHAB^5^2^NORTH",
+            discharge="20261130",
+            at="20261125150000",
+        )
+    )
     assert (early.kind, early.state) == ("none", "admitted")  # only an A03 discharges
     assert feed.encounter(encounter_id).discharged_at is None
 

@@ -19,23 +19,38 @@ Rules (see docs on each handler for the reasons):
   with none, a stand-in key ``noVN:<facility>:<YYYYMMDD>`` (the admit date PV1-44, else the
   message date EVN-2/MSH-7) is used. A registration or admission that finds that stand-in
   already closed gets ``...#2``, ``#3``: a second visit on the same day is a new visit.
+- A message's facts (class, location, facility, the snapshot) are applied only when it is not
+  older (EVN-2, else MSH-7) than the message whose facts the visit holds; an older one, late or
+  out of order, only fills gaps, so a late A01 or A04 cannot put a discharged inpatient back
+  in the ED. The first PV1-44 heard sets when the visit opened.
 - A04 class E -> ``ed_arrival`` (state ed); other classes -> ``registration`` (registered).
-- A01/A06 -> ``admission`` (admitted); already admitted or discharged -> ``none``. An A06
-  naming an unknown new PV1-19 with the old one in MRG-5 renumbers the old encounter. A fresh
-  A01/A06 under a new visit number quietly closes the patient's open ED visit at that facility
-  (sites that give the inpatient stay its own number never discharge the ED visit).
-- A08 that turns class E into I -> ``admission`` (site quirk). An A08 that brings a discharge
-  time (PV1-45) no later than the message itself to a visit not yet discharged -> ``discharge``
-  (sites that discharge by update, never sending an A03: without it no one would be told and
-  no follow-up clock would start); a discharge time after the message is a planned one and is
-  kept out of the state. Any other A08 merges quietly (``none``).
+  The first A04 of a visit an update already put in the ED is its ``ed_arrival``.
+- A01/A06 -> ``admission`` (admitted); already admitted or discharged -> ``none``. A visit an
+  A08 or A02 opened as inpatient was never told as admitted: its first A01/A06 is the
+  ``admission``. An A06 naming an unknown new PV1-19 with the old one in MRG-5 renumbers the
+  old encounter. A fresh A01/A06 under a new visit number quietly closes the patient's open ED
+  visit at that facility (sites that give the inpatient stay its own number never discharge
+  the ED visit).
+- An admission within 30 days after another visit of the patient was discharged names that
+  visit in ``readmission_of`` (the follow-up clocks end its TCM episode); an A11 of that
+  admission names it again.
+- A08 or A02 that turns class E into I -> ``admission`` (site quirk). An A08 that brings a
+  discharge time (PV1-45) no later than the message itself to a visit not yet discharged ->
+  ``discharge`` (sites that discharge by update, never sending an A03: without it no one would
+  be told and no follow-up clock would start); a discharge time after the message is a planned
+  one and is kept out of the state. Any other A08 merges quietly (``none``).
 - A02 -> ``transfer`` only when the patient class or the facility (PV1-3.4) changes; a unit,
   room or bed move is ``none`` but updates the location.
 - A03 -> ``discharge`` with PV1-45 (else the message time), PV1-36 and PV1-37; a discharge for
-  an unknown visit creates the encounter already discharged.
+  an unknown visit creates the encounter already discharged. A later A03 or A08 giving the
+  discharged visit another disposition or destination -> ``discharge_corrected`` (with
+  ``previous_discharge``); a new disposition without PV1-37 clears the old destination.
 - A11 -> ``cancel_admission``: back to ed when the admission came from the ED, else cancelled.
   A12 -> ``cancel_transfer``: the location, class and facility before the last A02 come back.
   A13 -> ``cancel_discharge``: back to the state before the discharge (admitted, normally).
+  An A13 that finds no discharge awaits it, as an early A11 awaits its admission: a discharge
+  up to the A13's time is the one it took back (``none``); after an A13 that reopened the
+  visit, a discharge from before it is too.
   Cancels of a visit never seen are ``none``: nothing was announced, nothing to take back. An
   A11 for a visit never seen leaves it cancelled, so the admission it cancels cannot open it
   when it arrives late.
@@ -72,7 +87,7 @@ from pydantic import Field
 from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
 
 from carehub.care.merges import follow_merges
-from carehub.care.model import Transition, TransitionKind
+from carehub.care.model import DISPOSITIONS, Transition, TransitionKind, normalize_disposition
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import (
@@ -107,6 +122,7 @@ __all__ = [
     "encounter_timeline",
     "get_encounter",
     "list_encounters",
+    "patient_key_matches",
     "visit_key",
 ]
 
@@ -118,6 +134,15 @@ OPEN_STATES: tuple[str, ...] = ("registered", "ed", "admitted")
 STATES: tuple[str, ...] = (*OPEN_STATES, "discharged", "cancelled", "closed")
 _OPENERS = frozenset({"A01", "A04", "A06"})
 _DISCHARGE_KEYS = ("discharge_time", "discharge_disposition", "discharged_to", "discharged_to_name")
+#: Transitions that change what a visit's discharge stands for (the follow-up clocks act on
+#: them); a reprocessed one is overtaken once another of them came to the visit after it.
+DISCHARGE_CHANGES = ("discharge", "discharge_corrected", "cancel_discharge")
+#: An admission this soon after a discharge of the same patient is a readmission: the TCM
+#: service period (30 days from discharge), which is also the usual readmission window.
+READMISSION_WINDOW = timedelta(days=30)
+#: On the timeline row of an A13 that found nothing discharged: the discharge it cancels has
+#: not arrived yet, and when it does it is taken back (see ``_discharge_cancelled_before``).
+_AWAITS_DISCHARGE = "awaits_discharge"
 
 
 class EncounterStateError(CarehubError):
@@ -238,6 +263,23 @@ def _state_for_class(patient_class: str | None, default: str = "registered") -> 
     return default
 
 
+def _ed_turned_inpatient(before: dict[str, Any], enc: Encounter, rec: EncounterRecord) -> bool:
+    """Whether the message makes an ED visit inpatient (PV1-2 E -> I): sites that admit from
+    the ED by an A08 or an A02 rather than an A06 still admit, and care teams must hear it."""
+    return (
+        enc.patient_class == "I"
+        and (before["patient_class"] == "E" or before["state"] == "ed")
+        and rec.state in ("ed", "registered")
+    )
+
+
+def _where_to(disposition: str | None, discharged_to: str | None) -> str:
+    """A discharge's disposition and destination in words, for the visit's timeline."""
+    code = normalize_disposition(disposition)
+    words = f"{code} ({DISPOSITIONS[code]})" if code in DISPOSITIONS else (code or "no disposition")
+    return f"{words} to {discharged_to}" if discharged_to else words
+
+
 def _later(moment: datetime, than: datetime) -> bool:
     """Whether ``moment`` comes after ``than``; a time without a zone is read as UTC, as the
     event translator reads one (a few hours either way cannot make a past discharge planned:
@@ -251,6 +293,28 @@ def _cancelled_the_visit(event: EventRecord) -> bool:
     result = event.detail.get("result") or {}
     before = event.detail.get("before") or {}
     return result.get("state") == "cancelled" and before.get("state") != "cancelled"
+
+
+def _held_since(rec: EncounterRecord) -> datetime | None:
+    """When the message whose facts the visit holds happened (its EVN-2, else MSH-7): the
+    snapshot is that message's care event, with the gaps filled by earlier ones."""
+    text = rec.snapshot.get("occurred_at")
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+
+
+def _older_than_held(rec: EncounterRecord, event: CareEvent) -> bool:
+    """Whether the message happened before the one whose facts the visit holds: a message
+    that arrives late (out of order, or sent again after newer news) must not put back what is
+    no longer so. Without both times nothing can be told, and the message is applied."""
+    held = _held_since(rec)
+    if held is None or event.occurred_at is None:
+        return False
+    return _later(held, event.occurred_at)
 
 
 def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -611,10 +675,12 @@ class _MemoryBackend:
 
 @dataclass(slots=True)
 class _Step:
-    """What a handler decided for one message."""
+    """What a handler decided for one message: the transition, what goes on the visit's
+    timeline (``detail``) and what later steps need beyond the visit's facts (``summary``)."""
 
     kind: TransitionKind
     detail: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class EncounterTracker:
@@ -657,18 +723,18 @@ class EncounterTracker:
         with self._session() as b:
             return b.events(encounter_id)
 
-    def discharge_overtaken(self, encounter_id: int, message_id: int) -> bool:
-        """Whether a later discharge, or cancel of one, came to the visit after the one this
-        message made: what the message did to the discharge no longer stands (its A03 was
-        taken back by an A13, its A13 followed by a new discharge). A message applied again
-        gets its recorded transition back, so the steps that act on it ask this first. False
-        when the message made no discharge or cancel of one on the visit."""
-        changes = [
-            e.message_id
-            for e in self.events(encounter_id)
-            if e.transition in ("discharge", "cancel_discharge")
-        ]
+    def overtaken(self, encounter_id: int, message_id: int, kinds: tuple[str, ...]) -> bool:
+        """Whether another transition of ``kinds`` came to the visit after the one this
+        message made: what the message did no longer stands (its A03 was taken back by an A13
+        or corrected, its admission cancelled). A message applied again gets its recorded
+        transition back, so the steps that act on it ask this first. False when the message
+        made none of ``kinds`` on the visit."""
+        changes = [e.message_id for e in self.events(encounter_id) if e.transition in kinds]
         return message_id in changes and changes[-1] != message_id
+
+    def discharge_overtaken(self, encounter_id: int, message_id: int) -> bool:
+        """``overtaken`` for the transitions that change what the visit's discharge is."""
+        return self.overtaken(encounter_id, message_id, DISCHARGE_CHANGES)
 
     def resolve(self, patient_key: str) -> str:
         """The surviving key for a patient key (itself unless merged away)."""
@@ -794,7 +860,8 @@ class EncounterTracker:
             )
         before = None if is_new else rec.core()
         previous_state = None if is_new else rec.state
-        self._merge_fields(rec, event, enc, message_id, now)
+        late = _older_than_held(rec, event)
+        self._merge_fields(rec, event, enc, message_id, now, late=late)
         handler = {
             "ed_registration": self._on_registration,
             "registration": self._on_registration,
@@ -806,16 +873,19 @@ class EncounterTracker:
             "cancel_transfer": self._on_cancel_transfer,
             "cancel_discharge": self._on_cancel_discharge,
         }.get(event.kind, self._on_other)
-        step = handler(b, rec, before, event, enc, now)
+        step = handler(b, rec, before, event, enc, now, late)
         if rec.state != "discharged":  # only an A03 puts discharge facts into the state
             encounter = rec.snapshot.get("encounter")
             if isinstance(encounter, dict):
                 for name in _DISCHARGE_KEYS:
                     encounter.pop(name, None)
         b.save(rec)
-        transition = Transition(
-            step.kind, rec.id, key, trigger, rec.state, _summary(rec, event, previous_state)
-        )
+        if step.kind == "admission":
+            step.summary["readmission_of"] = self._readmission_of(b, rec, event, now)
+        summary = {**_summary(rec, event, previous_state), **step.summary}
+        transition = Transition(step.kind, rec.id, key, trigger, rec.state, summary)
+        if late:
+            step.detail.setdefault("note", "older than the facts held: only fills their gaps")
         detail = {"result": transition.as_output(), "before": before, **detail, **step.detail}
         b.add_event(self._event_row(rec, event, message_id, step.kind, detail), message_key)
         if step.kind == "admission" and is_new and trigger in ("A01", "A06"):
@@ -823,23 +893,54 @@ class EncounterTracker:
         return transition
 
     @staticmethod
+    def _readmission_of(
+        b: _Backend, rec: EncounterRecord, event: CareEvent, now: datetime
+    ) -> list[int]:
+        """The patient's other visits discharged in the ``READMISSION_WINDOW`` before this
+        admission: it is a readmission after them, which ends their TCM follow-up episode."""
+        admitted = _aware(rec.admitted_at or event.occurred_at or now)
+        found = []
+        for other in b.of_patient(rec.patient_key, ("discharged",)):
+            if other.id == rec.id or other.discharged_at is None:
+                continue
+            since = admitted - _aware(other.discharged_at)
+            if timedelta(0) <= since <= READMISSION_WINDOW:
+                found.append(other.id or 0)
+        return sorted(found)
+
+    @staticmethod
     def _merge_fields(
-        rec: EncounterRecord, event: CareEvent, enc: Encounter, message_id: int, now: datetime
+        rec: EncounterRecord,
+        event: CareEvent,
+        enc: Encounter,
+        message_id: int,
+        now: datetime,
+        *,
+        late: bool = False,
     ) -> None:
         """Fold the message's facts into the visit ("merge quietly"); handlers then decide the
-        state, and cancels put back what they undo."""
-        if enc.patient_class:
-            rec.patient_class = enc.patient_class
-        if enc.location is not None:
-            rec.location = _location_text(enc.location) or rec.location
+        state, and cancels put back what they undo. A ``late`` message (older than the facts
+        held) only fills what the visit does not know yet."""
+        message = event.model_dump(mode="json", exclude_none=True)
+        if enc.admit_time is not None and not (rec.snapshot.get("encounter") or {}).get(
+            "admit_time"
+        ):
+            # The first PV1-44 heard is when the visit began; until then opened_at was only
+            # the time of the first message about it (a pre-admission update, say).
+            rec.opened_at = enc.admit_time
+        location = _location_text(enc.location) if enc.location is not None else None
         # PV1-3.4 names the treating facility; MSH-4 (the translator's fallback) only fills a gap.
-        if enc.location is not None and enc.location.facility:
-            rec.facility = enc.location.facility
-        elif rec.facility is None:
-            rec.facility = enc.facility
-        rec.snapshot = _merge_snapshot(
-            rec.snapshot, event.model_dump(mode="json", exclude_none=True)
-        )
+        facility = enc.location.facility if enc.location is not None else None
+        if late:
+            rec.patient_class = rec.patient_class or enc.patient_class
+            rec.location = rec.location or location
+            rec.facility = rec.facility or facility or enc.facility
+            rec.snapshot = _merge_snapshot(message, rec.snapshot)
+        else:
+            rec.patient_class = enc.patient_class or rec.patient_class
+            rec.location = location or rec.location
+            rec.facility = facility or rec.facility or enc.facility
+            rec.snapshot = _merge_snapshot(rec.snapshot, message)
         rec.last_message_id = message_id
         rec.updated_at = now
 
@@ -875,21 +976,52 @@ class EncounterTracker:
             return not _later(event.occurred_at, cancel.occurred_at)
         return _later(cancel.occurred_at, event.occurred_at)
 
-    # Each handler gets the record with the message already merged in, and ``before`` (None for a
-    # visit first seen now) to compare with or restore.
+    def _discharge_cancelled_before(
+        self, b: _Backend, rec: EncounterRecord, moment: datetime | None
+    ) -> bool:
+        """Whether a discharge (happening at ``moment``) reaching a visit that is not discharged
+        is one an A13 already took back, arriving out of order: the rule ``_cancelled_before``
+        applies to admissions. An A13 that came before any discharge awaits its discharge, so
+        one up to the A13's time is it; after an A13 that reopened the visit, a discharge from
+        before the A13 is the one it cancelled (an equal time is a new discharge)."""
+        cancel = self._last(
+            b.events(rec.id or 0),
+            lambda e: e.transition == "cancel_discharge" or bool(e.detail.get(_AWAITS_DISCHARGE)),
+        )
+        if cancel is None or cancel.occurred_at is None or moment is None:
+            return False
+        if cancel.detail.get(_AWAITS_DISCHARGE):
+            return not _later(moment, cancel.occurred_at)
+        return _later(cancel.occurred_at, moment)
+
+    def _told(
+        self, b: _Backend, rec: EncounterRecord, kind: str, undone_by: str | None = None
+    ) -> bool:
+        """Whether a ``kind`` transition of the visit was made (and not taken back since by
+        ``undone_by``). A visit first heard of in an update or a transfer is already in its
+        state (ed, admitted) with nobody told; its first A04 or A01 is the news."""
+        made = [e.transition for e in b.events(rec.id or 0) if e.transition in (kind, undone_by)]
+        return bool(made) and made[-1] == kind
+
+    # Each handler gets the record with the message already merged in, ``before`` (None for a
+    # visit first seen now) to compare with or restore, and whether the message is ``late``
+    # (older than the facts the visit held, see ``_older_than_held``).
 
     def _on_registration(
         self, b: _Backend, rec: EncounterRecord, before: Any, event: CareEvent, *_: Any
     ) -> _Step:
         """A04. Class E is an ED arrival (a CoP notification); anything else a registration. An
         A04 never moves an admitted or finished visit backwards, and reopens a cancelled one
-        only when dated after the cancel (``_cancelled_before``)."""
+        only when dated after the cancel (``_cancelled_before``). The first A04 of a visit an
+        update already put in the ED is its ED arrival."""
         if self._cancelled_before(b, rec, event):
             return _Step("none", {"note": "registration taken back by an earlier cancel"})
         ed = rec.patient_class == "E"
         if before is None or rec.state == "cancelled" or (rec.state == "registered" and ed):
             rec.state = "ed" if ed else "registered"
             return _Step("ed_arrival" if ed else "registration")
+        if ed and rec.state == "ed" and not self._told(b, rec, "ed_arrival"):
+            return _Step("ed_arrival", {"note": "the first arrival message of a known visit"})
         return _Step("none")
 
     def _on_admission(
@@ -900,20 +1032,31 @@ class EncounterTracker:
         event: CareEvent,
         enc: Encounter,
         now: datetime,
+        *_: Any,
     ) -> _Step:
         """A01/A06: admitted. A second admit for the same visit is an echo; an admit after the
-        discharge is not a readmission (only an A13 reopens a visit). A cancelled visit is
-        admitted again only by an admission dated after the cancel (``_cancelled_before``): one
-        from before is the admission the cancel took back, arriving late."""
-        if before is not None and rec.state in ("admitted", "discharged"):
+        discharge is not a readmission (only an A13 reopens a visit). A visit an update or a
+        transfer already made inpatient was never told as admitted: this is its admission. A
+        cancelled visit is admitted again only by an admission dated after the cancel
+        (``_cancelled_before``): one from before is the admission the cancel took back."""
+        if before is not None and rec.state == "discharged":
+            return _Step("none")
+        if (
+            before is not None
+            and rec.state == "admitted"
+            and self._told(b, rec, "admission", undone_by="cancel_admission")
+        ):
             return _Step("none")
         if self._cancelled_before(b, rec, event):
             return _Step("none", {"note": "admission taken back by an earlier cancel"})
+        untold = before is not None and rec.state == "admitted"
         rec.state = "admitted"
         # An A06's PV1-44 is often the ED arrival; the message time is when the admit happened.
         first = enc.admit_time if event.trigger_event == "A01" else event.occurred_at
         rec.admitted_at = first or enc.admit_time or event.occurred_at or now
-        return _Step("admission")
+        return _Step(
+            "admission", {"note": "the first admission message of a known visit"} if untold else {}
+        )
 
     def _on_transfer(
         self,
@@ -923,9 +1066,12 @@ class EncounterTracker:
         event: CareEvent,
         enc: Encounter,
         now: datetime,
+        late: bool = False,
     ) -> _Step:
         """A02: a transfer only when the level of care (patient class) or the facility changes;
-        unit/room/bed moves just update the location (CMS and Da Vinci: no notice for bed moves)."""
+        unit/room/bed moves just update the location (CMS and Da Vinci: no notice for bed
+        moves). An ED patient moved to an inpatient class is an admission, as by an A08. A
+        late A02 reports a move the visit's newer facts already cover."""
         new_facility = enc.location.facility if enc.location is not None else None
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
@@ -934,6 +1080,8 @@ class EncounterTracker:
             return _Step("transfer" if moved else "none", {"note": "transfer of an unknown visit"})
         if before["state"] not in OPEN_STATES:
             return _Step("none", {"note": f"transfer ignored: visit is {before['state']}"})
+        if late:
+            return _Step("none")
         changed = []
         if (
             enc.patient_class
@@ -943,6 +1091,11 @@ class EncounterTracker:
             changed.append("patient_class")
         if new_facility and before["facility"] and new_facility != before["facility"]:
             changed.append("facility")
+        if _ed_turned_inpatient(before, enc, rec):
+            rec.state = "admitted"
+            rec.admitted_at = event.occurred_at or enc.admit_time or now
+            note = "A02 changed the patient class from E to I"
+            return _Step("admission", {"note": note, "changed": changed})
         if rec.patient_class == "I" and rec.state in ("ed", "registered"):
             rec.state = "admitted"
             rec.admitted_at = rec.admitted_at or event.occurred_at or now
@@ -956,19 +1109,59 @@ class EncounterTracker:
         event: CareEvent,
         enc: Encounter,
         now: datetime,
+        late: bool = False,
     ) -> _Step:
         """A03: discharged, with the time (PV1-45, else the message time), the disposition
         (PV1-36, which drives post-acute routing) and where to (PV1-37). A second A03 for a
-        discharged visit only corrects those facts."""
+        discharged visit may correct those facts (``_correct_discharge``); one that an A13
+        already took back changes nothing (``_discharge_cancelled_before``)."""
+        if before is not None and rec.state == "discharged":
+            if late:
+                return _Step("none", {"note": "already discharged"})
+            rec.discharged_at = enc.discharge_time or rec.discharged_at
+            return self._correct_discharge(rec, enc) or _Step(
+                "none", {"note": "already discharged"}
+            )
+        if self._discharge_cancelled_before(b, rec, event.occurred_at):
+            return _Step("none", {"note": "discharge taken back by an earlier cancel"})
         rec.discharged_at = enc.discharge_time or rec.discharged_at or event.occurred_at or now
         rec.disposition = enc.discharge_disposition or rec.disposition
         rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
-        if before is not None and rec.state == "discharged":
-            return _Step("none", {"note": "already discharged"})
         rec.state = "discharged"
         return _Step(
             "discharge", {} if before is not None else {"note": "discharge of an unknown visit"}
         )
+
+    @staticmethod
+    def _correct_discharge(rec: EncounterRecord, enc: Encounter) -> _Step | None:
+        """A later message about a discharged visit that says where the patient went (PV1-36,
+        PV1-37) differently: a ``discharge_corrected`` carrying what it replaces
+        (``previous_discharge``), so follow-up clocks and notices can be set right. A new
+        disposition brings its own destination, so one the message leaves out is cleared (a
+        patient now sent home is no longer going to the nursing facility); with the same
+        disposition, a missing PV1-37 keeps the one known. None when nothing changes."""
+        disposition = enc.discharge_disposition or rec.disposition
+        destination = enc.discharged_to or enc.discharged_to_name
+        new_disposition = normalize_disposition(disposition) != normalize_disposition(
+            rec.disposition
+        )
+        if not new_disposition:
+            destination = destination or rec.discharged_to
+        if not new_disposition and destination == rec.discharged_to:
+            return None
+        previous = {"disposition": rec.disposition, "discharged_to": rec.discharged_to}
+        rec.disposition, rec.discharged_to = disposition, destination
+        if new_disposition:
+            encounter = rec.snapshot.setdefault("encounter", {})
+            for name in ("discharged_to", "discharged_to_name"):
+                value = getattr(enc, name)
+                if value is None:
+                    encounter.pop(name, None)
+                else:
+                    encounter[name] = value
+        was, corrected = _where_to(**previous), _where_to(disposition, destination)
+        note = f"discharge corrected: {was}, now {corrected}"
+        return _Step("discharge_corrected", {"note": note}, {"previous_discharge": previous})
 
     def _on_update(
         self,
@@ -978,42 +1171,46 @@ class EncounterTracker:
         event: CareEvent,
         enc: Encounter,
         now: datetime,
+        late: bool = False,
     ) -> _Step:
-        """A08: merged quietly, except a class change E -> I, which some sites send instead of an
-        A06, and a discharge time that has come (see the module doc): some sites discharge by
-        A08 and never send an A03. A discharge time after the message's own time is a plan,
-        not a discharge."""
+        """A08: merged quietly, except for three things. A class change E -> I, which some
+        sites send instead of an A06. A discharge time that has come (see the module doc):
+        some sites discharge by A08 and never send an A03 (a discharge time after the
+        message's own time is a plan, not a discharge). And a discharged visit's corrected
+        disposition or destination. A late A08 can still bring the discharge (its PV1-45 says
+        when), but not a class or discharge facts older than those the visit holds."""
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
             return _Step("none", {"note": "update of an unknown visit"})
-        if (
-            enc.patient_class == "I"
-            and (before["patient_class"] == "E" or before["state"] == "ed")
-            and rec.state in ("ed", "registered")
-        ):
+        if not late and _ed_turned_inpatient(before, enc, rec):
             rec.state = "admitted"
             rec.admitted_at = event.occurred_at or enc.admit_time or now
             return _Step("admission", {"note": "A08 changed the patient class from E to I"})
         if rec.state == "discharged":
+            if late:
+                return _Step("none")
             rec.discharged_at = enc.discharge_time or rec.discharged_at
+            return self._correct_discharge(rec, enc) or _Step("none")
+        if enc.discharge_time is not None:
+            sent = event.occurred_at or now
+            if not self.discharge_on_update or _later(enc.discharge_time, sent):
+                return _Step("none", {"ignored_discharge_time": enc.discharge_time.isoformat()})
+            if self._discharge_cancelled_before(b, rec, enc.discharge_time):
+                return _Step("none", {"note": "discharge taken back by an earlier cancel"})
+            rec.discharged_at = enc.discharge_time
             rec.disposition = enc.discharge_disposition or rec.disposition
             rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
-        elif enc.discharge_time is not None:
-            sent = event.occurred_at or now
-            if self.discharge_on_update and not _later(enc.discharge_time, sent):
-                rec.discharged_at = enc.discharge_time
-                rec.disposition = enc.discharge_disposition or rec.disposition
-                rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
-                rec.state = "discharged"
-                return _Step("discharge", {"note": "A08 brought a discharge time (PV1-45)"})
-            return _Step("none", {"ignored_discharge_time": enc.discharge_time.isoformat()})
+            rec.state = "discharged"
+            return _Step("discharge", {"note": "A08 brought a discharge time (PV1-45)"})
         return _Step("none")
 
     def _on_cancel_admission(
         self, b: _Backend, rec: EncounterRecord, before: Any, *_: Any
     ) -> _Step:
         """A11: undo the admission. A visit admitted from the ED goes back to the ED (with its
-        ED class and location); any other admitted or registered visit is cancelled."""
+        ED class and location); any other admitted or registered visit is cancelled. The
+        visits the admission was a readmission after are named again (``readmission_of``):
+        their follow-ups run on."""
         if before is None:
             rec.state = "cancelled"
             return _Step("none", {"note": "cancel of an unknown visit"})
@@ -1026,7 +1223,13 @@ class EncounterTracker:
             else:
                 rec.state = "cancelled"
             rec.admitted_at = None
-            return _Step("cancel_admission", {"undoes": admitted.id if admitted else None})
+            told = (admitted.detail.get("result") or {}) if admitted is not None else {}
+            readmission_of = (told.get("summary") or {}).get("readmission_of") or []
+            return _Step(
+                "cancel_admission",
+                {"undoes": admitted.id if admitted else None},
+                {"readmission_of": readmission_of},
+            )
         if rec.state in ("ed", "registered"):
             rec.state = "cancelled"
             return _Step("cancel_admission")
@@ -1040,6 +1243,7 @@ class EncounterTracker:
         event: CareEvent,
         enc: Encounter,
         now: datetime,
+        *_: Any,
     ) -> _Step:
         """A12: put back the location, class and facility from before the last A02 not yet
         undone. Only undoing a real transfer is a ``cancel_transfer``; undoing a bed move is
@@ -1067,10 +1271,15 @@ class EncounterTracker:
         self, b: _Backend, rec: EncounterRecord, before: Any, event: CareEvent, *_: Any
     ) -> _Step:
         """A13: reopen the visit in the state it had before the discharge (admitted, normally)
-        and forget the discharge facts."""
+        and forget the discharge facts. An A13 that finds no discharge (the visit unknown or
+        still open) awaits it: the discharge it cancels is on its way, out of order, and is
+        taken back when it comes (``_discharge_cancelled_before``)."""
+        awaits = {_AWAITS_DISCHARGE: True}
         if before is None:
             rec.state = _state_for_class(rec.patient_class, default="admitted")
-            return _Step("none", {"note": "cancel of an unknown visit"})
+            return _Step("none", {"note": "cancel of an unknown visit", **awaits})
+        if rec.state in OPEN_STATES:
+            return _Step("none", {"note": "cancel of a discharge not received yet", **awaits})
         if rec.state != "discharged":
             return _Step("none", {"note": f"cancel ignored: visit is {rec.state}"})
         discharged = self._last(b.events(rec.id or 0), lambda e: e.transition == "discharge")
@@ -1283,9 +1492,10 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
 # -- queries for the command line ---------------------------------------------------------------
 
 
-def _patient_keys(conn: Connection, patient: str) -> list[Any]:
-    """Conditions for a patient given as ``authority|id`` or a bare id, following merges (a
-    retired id shows the survivor's visits)."""
+def patient_key_matches(conn: Connection, column: Any, patient: str) -> Any:
+    """The condition on a patient-key ``column`` (``encounters``, ``followups``) for a patient
+    as a person types it: ``authority|id`` or a bare id, following merges (a retired id shows
+    the survivor's rows)."""
     keys = {patient}
     merged = conn.execute(
         select(patient_merges.c.retired_key, patient_merges.c.surviving_key).where(
@@ -1296,10 +1506,10 @@ def _patient_keys(conn: Connection, patient: str) -> list[Any]:
         )
     )
     keys |= {row.surviving_key for row in merged}
-    conditions: list[Any] = [encounters.c.patient_key.in_(sorted(keys))]
+    conditions: list[Any] = [column.in_(sorted(keys))]
     if "|" not in patient:
-        conditions.append(encounters.c.patient_key.like(f"%|{patient}"))
-    return conditions
+        conditions.append(column.like(f"%|{patient}"))
+    return or_(*conditions)
 
 
 def list_encounters(
@@ -1314,7 +1524,7 @@ def list_encounters(
         query = query.where(encounters.c.state == state)
     with engine.connect() as conn:
         if patient:
-            query = query.where(or_(*_patient_keys(conn, patient)))
+            query = query.where(patient_key_matches(conn, encounters.c.patient_key, patient))
         if limit:
             query = query.limit(limit)
         return [_to_record(r) for r in conn.execute(query)]

@@ -1,10 +1,14 @@
 """`carehub encounters`: the visits the encounter-state step has built, and what each message
 did to one of them (with the notifications decided for it), so a question such as "why was the
-PCP not told about this discharge?" can be answered from the command line."""
+PCP not told about this discharge?" can be answered from the command line.
+
+Every time is printed in UTC and labelled so, as the store keeps times: a message time sent
+with an offset is converted, one sent without is read as UTC, as the hub reads it."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,16 @@ from rich.text import Text
 from carehub.cli import hub_options
 from carehub.cliparams import LIMIT, ROW_ID
 from carehub.config import HubConfig
-from carehub.display import new_console, short_time
+from carehub.display import new_console
 from carehub.errors import CarehubError
 from carehub.events import display_name
+
+
+def utc_minute(value: datetime | None) -> str:
+    """A time to the minute in UTC, for columns labelled "(UTC)"; "" for none."""
+    if value is None:
+        return ""
+    return (value.astimezone(UTC) if value.tzinfo else value).strftime("%Y-%m-%d %H:%M")
 
 
 @click.group()
@@ -55,13 +66,14 @@ def list_command(
             click.echo(json.dumps(rec.as_output(), ensure_ascii=False))
         return
     table = Table(show_edge=False, header_style="bold")
-    for column in ("id", "patient", "visit", "state", "where", "opened", "discharged", "updated"):
+    columns = ("id", "patient", "visit", "state", "where")
+    for column in (*columns, "opened (UTC)", "discharged (UTC)", "updated (UTC)"):
         table.add_column(column, overflow="fold")
     for rec in found:
         where = " ".join(p for p in (rec.facility, rec.location) if p)
         if rec.patient_class:
             where += f" ({rec.patient_class})"
-        discharged = short_time(rec.discharged_at)
+        discharged = utc_minute(rec.discharged_at)
         if rec.disposition:
             discharged += f" [{rec.disposition}]"
         table.add_row(
@@ -70,9 +82,9 @@ def list_command(
             Text(rec.visit_key),
             rec.state,
             Text(where),
-            short_time(rec.opened_at),
+            utc_minute(rec.opened_at),
             Text(discharged),
-            short_time(rec.updated_at),
+            utc_minute(rec.updated_at),
         )
     console = new_console()
     console.print(table)
@@ -113,11 +125,11 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
         ("state", rec.state),
         ("class", rec.patient_class or "-"),
         ("location", rec.location or "-"),
-        ("opened", short_time(rec.opened_at) or "-"),
-        ("admitted", short_time(rec.admitted_at) or "-"),
-        ("discharged", short_time(rec.discharged_at) or "-"),
+        ("opened (UTC)", utc_minute(rec.opened_at) or "-"),
+        ("admitted (UTC)", utc_minute(rec.admitted_at) or "-"),
+        ("discharged (UTC)", utc_minute(rec.discharged_at) or "-"),
         ("disposition", f"{rec.disposition or '-'}  to {rec.discharged_to or '-'}"),
-        ("updated (UTC)", short_time(rec.updated_at)),
+        ("updated (UTC)", utc_minute(rec.updated_at)),
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
@@ -125,7 +137,8 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
 
     console.print("\n[bold]Timeline[/bold]")
     table = Table(show_edge=False, header_style="bold")
-    for column in ("message", "trigger", "transition", "event time", "recorded (UTC)", "note"):
+    columns = ("message", "trigger", "transition", "event time (UTC)", "recorded (UTC)", "note")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for entry in timeline.entries:
         event = entry.event
@@ -136,8 +149,8 @@ def show_command(config: HubConfig, data_dir: Path, encounter_id: int, as_json: 
             Text(message),
             event.trigger_event or "",
             event.transition,
-            short_time(event.occurred_at),
-            short_time(event.recorded_at),
+            utc_minute(event.occurred_at),
+            utc_minute(event.recorded_at),
             Text(str(event.detail.get("note") or "")),
         )
         for sent in entry.notifications:

@@ -6,7 +6,13 @@ contact within 2 business days of discharge and sees the patient face to face wi
 calendar days (99495, moderate complexity) or 7 (99496, high complexity). A missed deadline
 cannot be made up later, so carehub opens one ``followups`` row per obligation when an A03
 sends a patient home, raises an alert when one passes unmet, and cancels them when an A13
-takes the discharge back. A patient who opted out of notifications gets clocks too: the
+takes the discharge back. When the obligation goes away otherwise, the pending items are closed
+with a status that says why: a corrected discharge that no longer sends the patient home
+(``not_home``) or says the patient died (``died``) closes them, and one that now sends the
+patient home opens them; a readmission within 30 days of the discharge (the TCM service period)
+ends that TCM episode (``readmitted``: no alert about a patient in hospital, and the next
+discharge home starts a new episode), unless an A11 cancels the readmission, which reopens
+them. A patient who opted out of notifications gets clocks too: the
 follow-up is still the care team's duty, only telling anyone is ruled out, so the notify step
 alerts nobody when such an item falls overdue and records why (it reads the patient's choice
 then, so a later opt-out counts too).
@@ -49,10 +55,10 @@ from sqlalchemy import Engine, insert, select, update
 
 # carehub.cli imports only config and errors at module level and loads plugin commands (this
 # module included) lazily, from inside a running command, so importing it here cannot cycle.
-from carehub.care.encounters import EncounterTracker
-from carehub.care.model import DISPOSITIONS, Transition
+from carehub.care.encounters import DISCHARGE_CHANGES, EncounterTracker, patient_key_matches
+from carehub.care.model import DIED, DISPOSITIONS, Transition, normalize_disposition
 from carehub.cli import hub_options
-from carehub.cliparams import LIMIT, ROW_ID
+from carehub.cliparams import LIMIT, ROW_ID, moment
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.config import read_config_text
 from carehub.errors import CarehubError, ConfigError
@@ -74,13 +80,30 @@ OPEN = "open"
 DONE = "done"
 OVERDUE = "overdue"  # past due and alerted: still to be done
 CANCELLED = "cancelled"
+PATIENT_DIED = "died"
+NOT_HOME = "not_home"
+READMITTED = "readmitted"
 #: Statuses that still ask for work (an overdue item can still be done, or cancelled).
 PENDING = (OPEN, OVERDUE)
+#: Statuses of items closed without the work because it is no longer owed, and why.
+WITHDRAWN = {
+    CANCELLED: "the discharge was cancelled",
+    PATIENT_DIED: "the corrected discharge says the patient died",
+    NOT_HOME: "the corrected discharge no longer sends the patient home",
+    READMITTED: "the patient was readmitted, which ends this TCM episode",
+}
+#: Of those, the ones whose discharge home was taken back or corrected away: a discharge home
+#: of the visit after them (a new A03, a correction back to home) opens fresh items.
+DISCHARGE_UNDONE = (CANCELLED, PATIENT_DIED, NOT_HOME)
 
-#: Why a reprocessed discharge or A13 opens or cancels nothing.
-OVERTAKEN = "a later discharge or cancel of the discharge came to the visit since this message"
+#: Why a reprocessed message opens, closes or reopens nothing.
+OVERTAKEN = "a later change to this discharge or admission came to the visit since this message"
 
 FollowupKind = Literal["contact", "visit"]
+#: Transitions that say the patient was discharged, and where to.
+_DISCHARGES = ("discharge", "discharge_corrected")
+#: Transitions that make or take back a readmission.
+_ADMISSION_CHANGES = ("admission", "cancel_admission")
 
 
 class FollowupError(CarehubError):
@@ -192,18 +215,6 @@ def _as_date(value: Any, where: str) -> date:
 
 
 # -- what a discharge says -------------------------------------------------------------------
-def normalize_disposition(value: Any) -> str | None:
-    """PV1-36 as a two-digit table 0112 code: "1" and "01^Home" both become "01".
-
-    YAML reads an unquoted ``01`` as the number 1, and some senders drop the leading zero."""
-    if value is None:
-        return None
-    text = str(value).split("^", 1)[0].strip()
-    if not text:
-        return None
-    return text.zfill(2) if text.isdigit() and len(text) < 2 else text
-
-
 @dataclass(slots=True, frozen=True)
 class DischargeFacts:
     """What the clocks need from a discharge: where the patient went, when and from what."""
@@ -272,12 +283,18 @@ class FollowupItem:
     closed_at: datetime | None = None
     alerted_at: datetime | None = None
 
+    @property
+    def reason(self) -> str | None:
+        """Why the item was closed without the work, or None."""
+        return WITHDRAWN.get(self.status)
+
     def as_output(self) -> dict[str, Any]:
         """JSON-ready, times as ISO 8601 text."""
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             out[name] = value.isoformat() if isinstance(value, datetime) else value
+        out["reason"] = self.reason
         return out
 
 
@@ -376,15 +393,17 @@ class FollowupClock:
         *,
         facts: DischargeFacts | None = None,
     ) -> list[FollowupItem]:
-        """Open the contact and visit items for a discharge home; returns the items opened.
+        """Open the contact and visit items for a discharge home (or one corrected to home);
+        returns the items opened.
 
         Returns [] for anything else: not a discharge, not home (see ``policy.why_not``), no
-        encounter id, or an encounter that already has follow-ups that are not cancelled. The
-        last rule makes a resent or reprocessed A03 harmless. A discharge after an A13 opens
-        fresh items (the route step first makes sure it is not the A03 that A13 took back).
+        encounter id, or an encounter that already has follow-ups other than those of a
+        discharge undone (``DISCHARGE_UNDONE``). The last rule makes a resent or reprocessed
+        A03 harmless. A discharge after an A13, or a correction back to home, opens fresh items
+        (the route step first makes sure it is not the A03 that A13 took back).
         ``facts`` default to ``discharge_facts(transition)``. Without a discharge time the
         clocks start at ``now``."""
-        if transition.kind != "discharge" or transition.encounter_id is None:
+        if transition.kind not in _DISCHARGES or transition.encounter_id is None:
             return []
         facts = facts or discharge_facts(transition)
         if self.policy.why_not(facts) is not None:
@@ -405,7 +424,7 @@ class FollowupClock:
         if memory is not None:
             with memory.lock:
                 if any(
-                    i.encounter_id == transition.encounter_id and i.status != CANCELLED
+                    i.encounter_id == transition.encounter_id and i.status not in DISCHARGE_UNDONE
                     for i in memory.items.values()
                 ):
                     return []
@@ -421,7 +440,7 @@ class FollowupClock:
             live = conn.execute(
                 select(followups_table.c.id)
                 .where(followups_table.c.encounter_id == transition.encounter_id)
-                .where(followups_table.c.status != CANCELLED)
+                .where(followups_table.c.status.not_in(DISCHARGE_UNDONE))
                 .limit(1)
             ).first()
             if live is not None:
@@ -439,36 +458,68 @@ class FollowupClock:
         them as cancelled. Done items stay done: the work really happened."""
         if encounter_id is None:
             return []
-        return self._close(
-            lambda i: i.encounter_id == encounter_id and i.status in PENDING,
-            [followups_table.c.encounter_id == encounter_id],
-            CANCELLED,
-            now,
+        return self.withdraw([encounter_id], CANCELLED, now)
+
+    def withdraw(
+        self, encounter_ids: Iterable[int], status: str, now: datetime
+    ) -> list[FollowupItem]:
+        """Close the encounters' pending items with ``status``, one of ``WITHDRAWN`` (which
+        says why they are no longer owed); returns them closed. Done items stay done."""
+        if status not in WITHDRAWN:
+            raise ValueError(f"{status!r} is not a status for withdrawn follow-ups")
+        wanted = sorted(set(encounter_ids))
+        return self._change(
+            lambda i: i.encounter_id in wanted and i.status in PENDING,
+            [followups_table.c.encounter_id.in_(wanted), followups_table.c.status.in_(PENDING)],
+            status=status,
+            closed_at=_utc(now),
         )
 
+    def reopen_readmitted(self, encounter_ids: Iterable[int]) -> list[FollowupItem]:
+        """Reopen the encounters' items a readmission closed, once that readmission is
+        cancelled (A11): the TCM episode runs on. An item alerted before is overdue again, and
+        is not alerted a second time; one that fell due meanwhile alerts at the next tick."""
+        wanted = sorted(set(encounter_ids))
+        t = followups_table
+        closed = [t.c.encounter_id.in_(wanted), t.c.status == READMITTED]
+        never_alerted = self._change(
+            lambda i: i.encounter_id in wanted and i.status == READMITTED and i.alerted_at is None,
+            [*closed, t.c.alerted_at.is_(None)],
+            status=OPEN,
+            closed_at=None,
+        )
+        alerted = self._change(  # those left were alerted
+            lambda i: i.encounter_id in wanted and i.status == READMITTED,
+            closed,
+            status=OVERDUE,
+            closed_at=None,
+        )
+        return sorted(never_alerted + alerted, key=lambda i: i.id)
+
     def complete(self, item_id: int, now: datetime) -> FollowupItem:
-        """Mark an item done. Done again is a no-op. A cancelled or unknown item raises
-        FollowupError, because completing it would record work for a discharge that was
-        withdrawn."""
-        self._close(
+        """Mark an item done at ``now`` (when the contact or visit happened). Done again is a
+        no-op. A withdrawn or unknown item raises FollowupError, because completing it would
+        record work that is no longer owed (a discharge withdrawn, a patient readmitted)."""
+        self._change(
             lambda i: i.id == item_id and i.status in PENDING,
-            [followups_table.c.id == item_id],
-            DONE,
-            now,
+            [followups_table.c.id == item_id, followups_table.c.status.in_(PENDING)],
+            status=DONE,
+            closed_at=_utc(now),
         )
         item = self.get(item_id)
         if item is None:
             raise FollowupError(f"no follow-up {item_id}")
-        if item.status == CANCELLED:
+        if item.reason is not None:
             raise FollowupError(
-                f"follow-up {item_id} was cancelled (the discharge was cancelled); not changed"
+                f"follow-up {item_id} is closed as {item.status}: {item.reason}; not changed"
             )
         return item
 
-    def _close(
-        self, matches: Any, where: list[Any], status: str, now: datetime
+    def _change(
+        self, matches: Any, where: list[Any], *, status: str, closed_at: datetime | None
     ) -> list[FollowupItem]:
-        closed_at = _utc(now)
+        """Set the status (and closing time) of the items that ``matches`` (in memory) or
+        ``where`` (in the store) select; returns them changed."""
         memory = self._memory
         if memory is not None:
             with memory.lock:
@@ -478,12 +529,12 @@ class FollowupClock:
                     if matches(i)
                 ]
                 memory.items.update((i.id, i) for i in changed)
-            return changed
+            return sorted(changed, key=lambda i: i.id)
         assert isinstance(self.target, Engine)
         with self.target.begin() as conn:
             rows = conn.execute(
                 update(followups_table)
-                .where(*where, followups_table.c.status.in_(PENDING))
+                .where(*where)
                 .values(status=status, closed_at=closed_at)
                 .returning(*followups_table.c)
             ).all()
@@ -505,11 +556,14 @@ class FollowupClock:
         *,
         encounter_id: int | None = None,
         patient_key: str | None = None,
+        patient: str | None = None,
         statuses: Sequence[str] | None = PENDING,
         due_before: datetime | None = None,
         limit: int | None = None,
     ) -> list[FollowupItem]:
-        """Items matching every given filter, soonest due first. ``statuses=None`` means any
+        """Items matching every given filter, soonest due first. ``patient_key`` is a key as
+        stored; ``patient`` one as a person types it (``authority|id`` or a bare id, following
+        merges in the store, as ``carehub encounters list`` does). ``statuses=None`` means any
         status. ``due_before`` keeps items due strictly before that time."""
         before = _utc(due_before) if due_before is not None else None
         memory = self._memory
@@ -520,6 +574,7 @@ class FollowupClock:
                     for i in memory.items.values()
                     if (encounter_id is None or i.encounter_id == encounter_id)
                     and (patient_key is None or i.patient_key == patient_key)
+                    and (patient is None or _is_patient(i.patient_key, patient))
                     and (statuses is None or i.status in statuses)
                     and (before is None or i.due_at < before)
                 ]
@@ -536,9 +591,11 @@ class FollowupClock:
             query = query.where(t.c.status.in_(list(statuses)))
         if before is not None:
             query = query.where(t.c.due_at < before)
-        if limit:
-            query = query.limit(limit)
         with self.target.connect() as conn:
+            if patient is not None:
+                query = query.where(patient_key_matches(conn, t.c.patient_key, patient))
+            if limit:
+                query = query.limit(limit)
             return [_item(r) for r in conn.execute(query)]
 
     # -- alerts ---------------------------------------------------------------------------
@@ -587,6 +644,11 @@ class FollowupClock:
         return [a for a in alerts if a.id in marked]
 
 
+def _is_patient(patient_key: str, patient: str) -> bool:
+    """``patient_key_matches`` for the in-memory items (dry runs keep no merges)."""
+    return patient_key == patient or ("|" not in patient and patient_key.endswith(f"|{patient}"))
+
+
 def _item(row: Any) -> FollowupItem:
     values = dict(row._mapping)
     for name in ("due_at", "created_at", "closed_at", "alerted_at"):
@@ -597,17 +659,21 @@ def _item(row: Any) -> FollowupItem:
 
 # -- the route step --------------------------------------------------------------------------
 class FollowupEnricher(Enricher):
-    """Opens TCM follow-up clocks on discharges home and cancels them on A13.
+    """Opens TCM follow-up clocks on discharges home (and corrections to home), cancels them
+    on A13, and closes them when a correction no longer sends the patient home or the patient
+    is readmitted (reopened if that readmission is cancelled).
 
     Runs after ``encounter-state`` and reads its Transition from ``work.data["encounter"]``.
     ``work.data["followups"]`` gets the encounter's pending items after a discharge (just
-    opened, or already open on a resend), so a discharge notice can show the due dates.
-    Otherwise it gets []."""
+    opened, or already open on a resend), so a discharge notice can show the due dates, and
+    ``work.data["followups_closed"]`` the items this message closed (their status says why).
+    Otherwise each gets []."""
 
     name = "follow-up-clock"
     description = (
         "TCM follow-up clocks: a contact due in 2 business days and a visit due in 7 or 14 "
-        "days after a discharge home; cancelled by A13"
+        "days after a discharge home; cancelled by A13, closed by a corrected discharge that "
+        "is not home or by a readmission within 30 days"
     )
 
     class Options(ComponentOptions):
@@ -707,23 +773,43 @@ class FollowupEnricher(Enricher):
                 "work.data['encounter']; put an 'encounter-state' enrich step before it"
             )
         work.data["followups"] = []
+        work.data["followups_closed"] = []
         now = datetime.now(UTC)
-        clock = self.clock
         base: dict[str, Any] = {"transition": transition.kind}
         if transition.encounter_id is None:
             return {**base, "action": "none", "reason": "the transition has no encounter id"}
         base["encounter_id"] = transition.encounter_id
-        if transition.kind in ("discharge", "cancel_discharge") and self._overtaken(
-            transition, work
-        ):
+        if self._overtaken(transition, work):
             return {**base, "action": "none", "reason": OVERTAKEN}
+        readmission_of = transition.summary.get("readmission_of") or []
+        if transition.kind in _DISCHARGES:
+            return self._discharged(transition, work, now, base)
         if transition.kind == "cancel_discharge":
-            cancelled = clock.cancel_for_encounter(transition.encounter_id, now)
+            cancelled = self._withdraw([transition.encounter_id], CANCELLED, work, now)
             if not cancelled:
                 return {**base, "action": "none", "reason": "no pending follow-ups to cancel"}
             return {**base, "action": "cancelled", "items": [_brief(i) for i in cancelled]}
-        if transition.kind != "discharge":
-            return {**base, "action": "none", "reason": "not a discharge"}
+        if transition.kind == "admission" and readmission_of:
+            base["readmission_of"] = readmission_of
+            closed = self._withdraw(readmission_of, READMITTED, work, now)
+            if not closed:
+                return {**base, "action": "none", "reason": "no pending follow-ups to close"}
+            return {**base, "action": "closed", "status": READMITTED, "items": _briefs(closed)}
+        if transition.kind == "cancel_admission" and readmission_of:
+            base["readmission_of"] = readmission_of
+            reopened = self.clock.reopen_readmitted(readmission_of)
+            if not reopened:
+                return {**base, "action": "none", "reason": "no follow-ups closed by it"}
+            return {**base, "action": "reopened", "items": _briefs(reopened)}
+        return {**base, "action": "none", "reason": "not a discharge"}
+
+    def _discharged(
+        self, transition: Transition, work: Work, now: datetime, base: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A discharge, or a correction of where a discharged patient went: one home opens the
+        clocks (a resend finds them open); a correction that no longer sends the patient home
+        closes those still pending, saying whether the patient died or went elsewhere."""
+        clock = self.clock
         facts = discharge_facts(transition, work)
         if facts.discharged_at is None:
             # The receipt time, not the wall clock: a reprocess must give the same due dates.
@@ -735,29 +821,55 @@ class FollowupEnricher(Enricher):
                 # Not a discharge elsewhere but one nobody can place: the notice says that no
                 # clock runs, so the care team does not take its silence for "none due".
                 work.data["followup_note"] = reason
+            if transition.kind == "discharge_corrected":
+                status = PATIENT_DIED if facts.disposition in DIED else NOT_HOME
+                closed = self._withdraw([transition.encounter_id or 0], status, work, now)
+                if closed:
+                    items = _briefs(closed)
+                    return {**base, "action": "closed", "status": status, "items": items}
             return {**base, "action": "none", "reason": reason}
         assert facts.discharged_at is not None
         base["discharged_at"] = facts.discharged_at.isoformat()
         opened = clock.open_for_discharge(transition, now, facts=facts)
         if opened:
             work.data["followups"] = opened
-            return {**base, "action": "opened", "items": [_brief(i) for i in opened]}
+            return {**base, "action": "opened", "items": _briefs(opened)}
         existing = clock.find(encounter_id=transition.encounter_id)
         work.data["followups"] = existing
-        return {**base, "action": "already_opened", "items": [_brief(i) for i in existing]}
+        return {**base, "action": "already_opened", "items": _briefs(existing)}
+
+    def _withdraw(
+        self, encounter_ids: list[int], status: str, work: Work, now: datetime
+    ) -> list[FollowupItem]:
+        """Close the encounters' pending items as ``status`` and hand them to the later steps
+        (``work.data["followups_closed"]``), so a notice can say the clocks stopped and why."""
+        closed = self.clock.withdraw(encounter_ids, status, now)
+        work.data["followups_closed"] = closed
+        return closed
 
     def _overtaken(self, transition: Transition, work: Work) -> bool:
-        """Whether the discharge or A13 this message made was overtaken on its visit (see
-        ``EncounterTracker.discharge_overtaken``). A reprocessed message gets its recorded
-        transition back; acting on it again would reopen the clocks of a discharge an A13 has
-        since taken back, or cancel those of a discharge that came after the A13, and
-        reprocessing sends again but changes no state. Dry runs give every message id 0, so
-        they cannot tell whose discharge it was: their messages are taken to stand."""
+        """Whether the discharge change (discharge, correction, A13) or the admission change
+        (a readmission, its A11) this message made was overtaken on its visit (see
+        ``EncounterTracker.overtaken``). A reprocessed message gets its recorded transition
+        back; acting on it again would reopen the clocks of a discharge an A13 has since taken
+        back, or close those a later correction opened, and reprocessing sends again but
+        changes no state. Dry runs give every message id 0, so they cannot tell whose change
+        it was: their messages are taken to stand."""
         store = self.context.store
         if store is None or transition.encounter_id is None:
             return False
+        if transition.kind in DISCHARGE_CHANGES:
+            kinds = DISCHARGE_CHANGES
+        elif transition.kind in _ADMISSION_CHANGES:
+            kinds = _ADMISSION_CHANGES
+        else:
+            return False
         tracker = EncounterTracker(store.engine)
-        return tracker.discharge_overtaken(transition.encounter_id, work.message.id)
+        return tracker.overtaken(transition.encounter_id, work.message.id, kinds)
+
+
+def _briefs(items: list[FollowupItem]) -> list[dict[str, Any]]:
+    return [_brief(i) for i in items]
 
 
 def _brief(item: FollowupItem) -> dict[str, Any]:
@@ -778,8 +890,8 @@ def followups() -> None:
 @followups.command("list")
 @hub_options
 @click.option("--overdue", is_flag=True, help="Only pending items already past due.")
-@click.option("--patient", help="Patient key as the store keeps it (authority|id).")
-@click.option("--all", "show_all", is_flag=True, help="Also done and cancelled items.")
+@click.option("--patient", help="Patient id (PID-3.1), or authority|id; merged ids follow.")
+@click.option("--all", "show_all", is_flag=True, help="Also done and closed items.")
 @click.option("--limit", type=LIMIT, default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_followups(
@@ -797,7 +909,7 @@ def list_followups(
     store = open_store(config, data_dir, must_exist=True)
     try:
         found = FollowupClock(store.engine).find(
-            patient_key=patient,
+            patient=patient,
             statuses=None if show_all and not overdue else PENDING,
             due_before=datetime.now(UTC) if overdue else None,
             limit=limit,
@@ -809,22 +921,27 @@ def list_followups(
             click.echo(json.dumps(item.as_output(), ensure_ascii=False))
         return
     from rich.table import Table
+    from rich.text import Text
+
+    from carehub.care.encounters_cli import utc_minute
+    from carehub.display import new_console
 
     table = Table(show_edge=False, header_style="bold")
-    for column in ("id", "patient", "encounter", "kind", "due (UTC)", "status", "alerted (UTC)"):
-        table.add_column(column)
+    columns = ("id", "patient", "encounter", "kind", "due (UTC)", "status", "alerted (UTC)")
+    for column in (*columns, "closed (UTC)", "why closed"):
+        table.add_column(column, overflow="fold")
     for item in found:
         table.add_row(
             str(item.id),
-            item.patient_key,
+            Text(item.patient_key),
             str(item.encounter_id),
             item.kind,
-            item.due_at.strftime("%Y-%m-%d %H:%M"),
+            utc_minute(item.due_at),
             item.status,
-            item.alerted_at.strftime("%Y-%m-%d %H:%M") if item.alerted_at else "",
+            utc_minute(item.alerted_at),
+            utc_minute(item.closed_at),
+            item.reason or "",
         )
-    from carehub.display import new_console
-
     console = new_console()
     console.print(table)
     console.print(f"{len(found)} follow-up(s)")
@@ -833,14 +950,27 @@ def list_followups(
 @followups.command("done")
 @hub_options
 @click.argument("item_id", type=ROW_ID)
-def done_followup(config: HubConfig, data_dir: Path, item_id: int) -> None:
+@click.option(
+    "--at",
+    "happened_at",
+    callback=moment,
+    help="When the contact or visit took place: an ISO date/time (without an offset: UTC) "
+    "or an age back from now (2h, 1d). Default: now.",
+)
+def done_followup(
+    config: HubConfig, data_dir: Path, item_id: int, happened_at: datetime | None
+) -> None:
     """Mark a follow-up done (the contact was made or the visit took place)."""
+    from carehub.care.encounters_cli import utc_minute
     from carehub.hub import open_store
 
+    now = datetime.now(UTC)
+    if happened_at is not None and happened_at > now:
+        raise click.BadParameter("is in the future", param_hint="'--at'")
     store = open_store(config, data_dir, must_exist=True)
     try:
-        item = FollowupClock(store.engine).complete(item_id, datetime.now(UTC))
+        item = FollowupClock(store.engine).complete(item_id, happened_at or now)
     finally:  # a FollowupError is a CarehubError: one line, exit 2, as for any unknown id
         store.close()
-    when = item.closed_at.isoformat(timespec="seconds") if item.closed_at else "?"
-    click.echo(f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at {when}")
+    when = utc_minute(item.closed_at)
+    click.echo(f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at {when} UTC")

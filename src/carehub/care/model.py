@@ -52,11 +52,27 @@ DISPOSITIONS = {
 #: Of those, the patient died: a notice says so rather than "was discharged".
 DIED = frozenset({"20", "40", "41", "42"})
 
+
+def normalize_disposition(value: Any) -> str | None:
+    """PV1-36 as a two-digit table 0112 code: "1" and "01^Home" both become "01".
+
+    YAML reads an unquoted ``01`` as the number 1, and some senders drop the leading zero."""
+    if value is None:
+        return None
+    text = str(value).split("^", 1)[0].strip()
+    if not text:
+        return None
+    return text.zfill(2) if text.isdigit() and len(text) < 2 else text
+
+
 TransitionKind = Literal[
     "ed_arrival",  # A04 with patient class E
     "admission",  # A01, A06 (or an A08 that turns E into I)
     "transfer",  # A02 changing level of care or facility (not a bed move)
     "discharge",  # A03
+    # A second A03 (or an A08) giving a discharged visit another disposition or destination;
+    # the summary's previous_discharge holds what it replaces
+    "discharge_corrected",
     "cancel_admission",  # A11
     "cancel_transfer",  # A12
     "cancel_discharge",  # A13
