@@ -375,3 +375,40 @@ def test_every_time_on_the_command_line_says_its_zone(care: Care) -> None:
     contact = min(f["id"] for f in care.followups())
     done = care.text("followups", "done", str(contact), "--at", "2026-12-02T14:30:00-06:00")
     assert "done at 2026-12-02 20:30 UTC" in done
+
+
+def test_those_told_of_a_discharge_hear_its_correction(care: Care) -> None:
+    """A discharge to a nursing facility corrected to home: the PCP and the coordinator are
+    told of the correction, naming what it replaces, and so is the facility, which the care
+    team no longer lists but which was told the patient was coming; a second correction is
+    told again, not suppressed as a repeat."""
+    snf = "admissions@maplegrove-snf.example.com"
+    admit_and_discharge(care, "03", "MAPLEGROVE_SNF")
+    assert care.told(AMARA, snf) == [DISCHARGE]
+    care.send(
+        adt(
+            "A03",
+            "CD-3",
+            "20261201170000-0600",
+            discharge="20261201153000-0600",
+            disposition="01",
+        )
+    )
+    corrected = ("discharge_corrected", "Corrected discharge from Riverside General Hospital")
+    for address in (LINDQVIST, COORDINATOR, snf):
+        assert care.told(AMARA, address)[-1] == corrected, address
+    (mail,) = [m for m in care.mailbox.mails if m.to == snf and "Corrected" in m.subject]
+    body = " ".join(mail.body.split())
+    assert "discharged 01 (home or self care)" in body
+    replaced = "This replaces the earlier notice: 03 (to a skilled nursing facility) to Maple Grove"
+    assert replaced in body
+    care.send(
+        adt(
+            "A03",
+            "CD-4",
+            "20261201180000-0600",
+            discharge="20261201153000-0600",
+            disposition="06",
+        )
+    )
+    assert [k for k, _ in care.told(AMARA, LINDQVIST)].count("discharge_corrected") == 2

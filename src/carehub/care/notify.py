@@ -62,7 +62,13 @@ KIND_LABELS = {
     "admission": "admission",
     "transfer": "transfer",
     "discharge": "discharge",
+    "discharge_corrected": "corrected discharge",
 }
+#: Notices told again when the same thing happens again in one visit: each is news (a second
+#: change of level of care; a discharge corrected once more), not a repeat.
+TOLD_EACH_TIME = frozenset({"transfer", "discharge_corrected"})
+#: What a recipient who wants discharge notices only is told.
+DISCHARGE_NOTICES = frozenset({"discharge", "discharge_corrected"})
 ROLE_LABELS = {
     "pcp": "primary care practitioner",
     "care_coordinator": "care coordinator",
@@ -270,7 +276,12 @@ class Notifier:
                 # admission): take back everything told about it, not only an admission.
                 kinds |= set(NOTIFIABLE)
             decisions += self._retract(transition, kinds)
-        elif transition.kind in self.config.kinds:
+        elif transition.kind in self.config.kinds or (
+            transition.kind == "discharge_corrected" and "discharge" in self.config.kinds
+        ):
+            # A corrected discharge (another disposition or destination) goes wherever a
+            # discharge notice goes, and to whoever was told of the discharge and is no
+            # longer on the team (a nursing facility the patient is not coming to after all).
             decisions += self._notify(transition, team)
         self._record(transition, message_id, decisions, work)
         return self._deliveries(work, transition, decisions, run), [d.output() for d in decisions]
@@ -292,11 +303,11 @@ class Notifier:
                 decision.status, decision.reason = "suppressed", f"patient opted out: {opt_out}"
             elif recipient.id in member_suppressed:
                 decision.status, decision.reason = "suppressed", member_suppressed[recipient.id]
-            elif (recipient.id, kind) in told and kind != "transfer":
+            elif (recipient.id, kind) in told and kind not in TOLD_EACH_TIME:
                 # A transfer is only reported on a real change of level or facility, so a
                 # second one in a stay is news (it used to be suppressed as a repeat).
                 decision.status, decision.reason = "suppressed", "already told of this " + kind
-            elif recipient.preference == "discharge_only" and kind != "discharge":
+            elif recipient.preference == "discharge_only" and kind not in DISCHARGE_NOTICES:
                 decision.status, decision.reason = "suppressed", "prefers discharge notices only"
             elif recipient.channel not in self.destinations:
                 decision.status = "suppressed"
@@ -411,6 +422,7 @@ class Notifier:
         followups = work.data.get("followups") or []
         context.update(
             kind=decision.kind,
+            previous_discharge=self._previous_discharge(transition.summary),
             full=detail == "full",
             recipient=_recipient_context(decision, team),
             retracted_label=KIND_LABELS.get(_retracted_kind(decision.reason), "notification"),
@@ -423,6 +435,18 @@ class Notifier:
             followup_note=work.data.get("followup_note"),
         )
         return context
+
+    def _previous_discharge(self, summary: dict[str, Any]) -> str | None:
+        """What a corrected discharge said before (its disposition and destination, worded
+        as a notice words them), for the correction to name; None for any other notice."""
+        previous = summary.get("previous_discharge")
+        if not isinstance(previous, dict):
+            return None
+        code = str(previous.get("disposition") or "").strip()
+        label = DISPOSITIONS.get(code.zfill(2) if code.isdigit() else code)
+        words = f"{code} ({label})" if label else code
+        where = self._destination(previous.get("discharged_to"), None)
+        return " to ".join(part for part in (words, where) if part) or None
 
     def _event_context(
         self,
@@ -866,6 +890,7 @@ _NOTICE_TIME = {
     "ed_arrival": "admit_time",
     "admission": "admitted_at",
     "discharge": "discharge_time",
+    "discharge_corrected": "discharge_time",
 }
 
 
