@@ -768,14 +768,17 @@ def reprocess_messages(
                 for message in chosen:
                     click.echo(_message_line(message))
             ids = list(message_ids)
+            turned_away = sum(1 for message in chosen if _turned_away_at_intake(message))
         else:
             # Only the ids (and, for a dry run, a line each) are kept: the messages are read
             # again one at a time as they are routed.
             count = _ScanCount(filters)
             ids: list[int] = []
             lines: list[str] = []
+            turned_away = 0
             for message in store.search(filters, limit=limit, on_page=count):
                 ids.append(message.id)
+                turned_away += bool(_turned_away_at_intake(message))
                 if dry_run:
                     lines.append(_message_line(message))
             count.report(len(ids))
@@ -790,7 +793,15 @@ def reprocess_messages(
             if not undelivered:
                 _warn_of_deliveries_made(store, ids, destinations)
         if dry_run:
-            click.echo(f"dry run: {len(ids)} message(s) would be reprocessed; nothing changed")
+            left = (
+                f", {turned_away} left as they are (refused or rejected at intake)"
+                if turned_away
+                else ""
+            )
+            click.echo(
+                f"dry run: {len(ids) - turned_away} message(s) would be reprocessed{left}; "
+                "nothing changed"
+            )
             return
         if not ids:
             return
@@ -939,6 +950,23 @@ def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path, store: Mes
         )
 
 
+def _turned_away_at_intake(message: StoredMessage) -> str | None:
+    """Why a message is not for routing, or None: only a message accepted at intake (AA) is
+    routed. One refused (AE) was stored as it came and its sender told to correct it: what it
+    resends is routed as it arrives, so routing this copy too would send the message twice."""
+    from carehub.store.schema import MessageStatus
+
+    if message.status == MessageStatus.REJECTED.value:
+        return "rejected at intake (not HL7, too large or cut short), so there is nothing to route"
+    if message.status == MessageStatus.REFUSED.value:
+        why = message.intake_detail or "no reason recorded"
+        return (
+            f"refused at intake (ACK AE: {why}), so it is not routed: only a message accepted "
+            "(AA) is; the sender's corrected resend is routed as it arrives"
+        )
+    return None
+
+
 def _reprocess(
     config: HubConfig,
     data_dir: Path,
@@ -953,12 +981,12 @@ def _reprocess(
     used (a care-team notice of the same visit event) are left out by the outbox, so nobody
     is told twice; an earlier run's delivery not made yet (dead, or waiting) carries this
     run's in its place (Outbox._take_places). Returns how many messages were routed,
-    deliveries queued, messages skipped (rejected at intake) and routed with a route error,
-    in ``counts`` when given (so far as it got, should it fail)."""
+    deliveries queued, messages skipped (turned away at intake, or routed by the hub
+    meanwhile: nothing recorded) and routed with a route error, in ``counts`` when given (so
+    far as it got, should it fail): only what the store recorded is counted."""
     from carehub.hub import build_routing
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
-    from carehub.store.schema import MessageStatus
 
     host, table = build_routing(config, data_dir, store)
     choice = choice or DestinationChoice()
@@ -979,13 +1007,10 @@ def _reprocess(
                 message = store.get(message_id)
                 if message is None:
                     raise CarehubError(f"no message with id {message_id}")
-                if message.status == MessageStatus.REJECTED.value:
+                turned_away = _turned_away_at_intake(message)
+                if turned_away:
                     skipped.append(message_id)
-                    click.echo(
-                        f"message {message_id}: rejected at intake (not HL7, too large or cut "
-                        "short), so there is nothing to route; left as it is",
-                        err=True,
-                    )
+                    click.echo(f"message {message_id}: {turned_away}; left as it is", err=True)
                     continue
                 result = router.route(message, run=outbox.next_run(message_id))
                 done_with = outbox.delivered_destinations(message_id)
@@ -995,7 +1020,16 @@ def _reprocess(
                     done_with |= discarded
                 left_out = _keep_chosen(result, choice, done_with)
                 places: list[PlaceTaken] = []
-                outbox.record_routing([result], places_taken=places)
+                if not outbox.record_routing([result], places_taken=places):
+                    # A first run is kept only for a message still waiting for it.
+                    skipped.append(message_id)
+                    click.echo(
+                        f"message {message_id}: the hub routed it while this ran (its first "
+                        "routing), so this run was not recorded and nothing was queued; "
+                        "reprocess it again to route it once more",
+                        err=True,
+                    )
+                    continue
                 carried = [p for p in places if p.carried]
                 in_flight = [p for p in places if not p.carried]
                 queued = len(result.deliveries) + len(carried)

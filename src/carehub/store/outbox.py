@@ -586,13 +586,30 @@ class Outbox:
 
     # -- routing --------------------------------------------------------------------------
     def next_run(self, message_id: int) -> int:
+        """The number of the message's next routing run: 1 while it still waits for its
+        first routing ('received'), else one past the highest run its steps or deliveries
+        carry, and never below 2. A run that no route matched records no step, yet it was
+        the first run: given 1 again, record_routing would drop the reprocess (it keeps a run
+        1 only for a message still 'received'). A number an earlier run left no row under is
+        safe to use again: no delivery key was made with it."""
+        last_step = select(func.max(message_steps.c.run)).where(
+            message_steps.c.message_id == message_id
+        )
+        last_delivery = select(func.max(deliveries.c.run)).where(
+            deliveries.c.message_id == message_id
+        )
+        query = select(
+            messages.c.status, last_step.scalar_subquery(), last_delivery.scalar_subquery()
+        ).where(messages.c.id == message_id)
         with self.engine.connect() as conn:
-            last = conn.execute(
-                select(func.max(message_steps.c.run)).where(
-                    message_steps.c.message_id == message_id
-                )
-            ).scalar()
-        return int(last or 0) + 1
+            row = conn.execute(query).first()
+        if row is None:
+            return 1
+        status, last_step_run, last_delivery_run = row
+        last = max(int(last_step_run or 0), int(last_delivery_run or 0))
+        if status != MessageStatus.RECEIVED.value:
+            last = max(last, 1)  # its first run is done, even one that recorded nothing
+        return last + 1
 
     def record_routing(
         self,
