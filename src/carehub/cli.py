@@ -169,6 +169,9 @@ def serve(
     _apply_port_overrides(config, mllp_port, http_port)
     if no_worker:
         config.worker.enabled = False
+        from carehub.hub import check_workers_can_consume
+
+        check_workers_can_consume(config)
     setup_logging(log_level or config.log_level)
     hub = Hub(config, data_dir)
 
@@ -2043,6 +2046,7 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
         keep_written_files_private,
         log_reloaded,
         open_store,
+        warn_if_worker_store_is_local,
     )
     from carehub.store.processes import ProcessBeacon
     from carehub.worker import Worker, WorkerSettings
@@ -2056,8 +2060,9 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             "works inside `carehub serve`"
         )
     check_queue(config)
-    work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
+    work_queue = WorkQueue.for_config(config.queue)
     store = open_store(config, data_dir)
+    warn_if_worker_store_is_local(config, store)
     reloader = RouteReloader(config, data_dir)
     host, table = build_routing(config, data_dir, store)
     settings = WorkerSettings.from_config(config.worker, single_host=False)
@@ -2094,7 +2099,9 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
         on_sighup(reload_routes)
         click.echo(f"carehub worker: {len(table.routes)} route(s), queue {_queue_label(config)}")
         settle_garbage_collector()
-        beacon = ProcessBeacon(store, "worker", lambda: reloader.route_set)
+        beacon = ProcessBeacon(
+            store, "worker", lambda: reloader.route_set, partitions=work_queue.partitions
+        )
         await beacon.start()
         try:
             await worker.run(stop, started=started)

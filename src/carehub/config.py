@@ -24,6 +24,8 @@ ENV_HTTP_TOKENS = "CAREHUB_HTTP_TOKENS"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 #: A dropped file is read whole: a nightly batch of 100,000 ADT messages is about 260 MB.
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+#: Seconds between heartbeats on broker connections (queue.heartbeat).
+QUEUE_HEARTBEAT_SECONDS = 30
 #: ${VAR} or ${VAR:-default}; the default may itself hold ${OTHER} references (one level).
 _ENV_REFERENCE = re.compile(
     r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^${}]|\$(?!\{)|\$\{[^{}]*\})*))?\}"
@@ -212,6 +214,26 @@ class QueueConfig(_Strict):
     #: 8 on a broker, 1 in-process, where the one in-process worker consumes them all and
     #: more queues only split each commit group into more queue messages.
     partitions: int | None = Field(None, ge=1, le=1024)
+    heartbeat: int = Field(
+        QUEUE_HEARTBEAT_SECONDS,
+        ge=1,
+        le=3600,
+        description="seconds between heartbeats on broker connections: one that goes silent "
+        "without closing (a firewall dropping it, a hung broker) is noticed within about "
+        "twice this and opened again",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _not_empty(cls, url: str) -> str:
+        """An empty URL (``${CAREHUB_QUEUE_URL:-}`` with the variable unset) would be kombu's
+        default, amqp://guest:guest@localhost//: another broker than the deployment's."""
+        if not url.strip():
+            raise ValueError(
+                "empty (a variable it names may be set to nothing): give memory:// for the "
+                "in-process queue or the broker's amqp://user:password@host:5672// URL"
+            )
+        return url
 
     def partition_count(self) -> int:
         if self.partitions is not None:

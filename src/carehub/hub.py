@@ -72,7 +72,7 @@ from carehub.store.store import (
     sqlite_url,
 )
 from carehub.worker import Worker, WorkerSettings
-from carehub.workqueue import Publisher, QueueUnavailable, WorkQueue
+from carehub.workqueue import Publisher, QueueMisconfigured, QueueUnavailable, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +250,46 @@ def check_queue(config: HubConfig) -> str:
     """Raise the CarehubError `serve` and `worker` would when queue.url names a broker that
     does not answer (naming the setting, the password hidden); memory:// is always there.
     Returns what was checked, to print."""
-    work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
+    work_queue = WorkQueue.for_config(config.queue)
     try:
         work_queue.check()
     except QueueUnavailable as err:
         raise CarehubError(f"{where_in_config(config, 'queue', 'url')}: {err}") from err
     label = without_password(config.queue.url)
     return f"{label} (in-process)" if work_queue.is_memory else f"{label} (answers)"
+
+
+def check_workers_can_consume(config: HubConfig) -> None:
+    """For `serve --no-worker`, which leaves routing to `carehub worker`s: they meet it only
+    on a shared broker. With the in-process queue (memory://) none could ever consume what it
+    queues, and every message would wait 'received' for good."""
+    if not WorkQueue.for_config(config.queue).is_memory:
+        return
+    raise CarehubError(
+        f"--no-worker with {where_in_config(config, 'queue', 'url')} "
+        f"{without_password(config.queue.url)}: no `carehub worker` can consume the "
+        "in-process queue of this serve, so nothing it stores would be routed; set queue.url "
+        "to the shared broker (amqp://user:password@host:5672//), or run serve without "
+        "--no-worker"
+    )
+
+
+def warn_if_worker_store_is_local(config: HubConfig, store: MessageStore) -> None:
+    """A WARNING for a `carehub worker` on a SQLite store: only processes on this host with
+    this data dir share that store, while the broker's queues are shared by every host. A
+    store.url left empty (its variable unset on one host) gives a worker a store of its own
+    that none of the queued messages are in."""
+    if not store.is_sqlite or WorkQueue.for_config(config.queue).is_memory:
+        return
+    log.warning(
+        "this worker's store is SQLite (%s) while its queue is a shared broker (%s): only a "
+        "serve on this host with this data dir shares that store; a worker on another host "
+        "needs the deployment's database (postgresql+psycopg://...) in %s. A worker handed "
+        "another store's messages stops",
+        without_password(str(store.engine.url)),
+        without_password(config.queue.url),
+        where_in_config(config, "store", "url"),
+    )
 
 
 def warn_if_exposed(listener: MLLPListenerConfig, where: str) -> None:
@@ -590,7 +623,7 @@ class Hub:
         # components get the store once it is open, in start().
         self.reloader = RouteReloader(config, self.data_dir)
         self.host, self.table = build_routing(config, self.data_dir)
-        self.work_queue = WorkQueue(config.queue.url, config.queue.partition_count())
+        self.work_queue = WorkQueue.for_config(config.queue)
         self.publisher: Publisher | None = None
         #: Stored messages not yet queued while the broker is away (see _publish_waiting).
         self._unqueued: list[tuple[int, str]] = []
@@ -599,6 +632,8 @@ class Hub:
         #: publish is under way on it.
         self._publish_thread: _PublishThread | None = None
         self._publishing = False
+        #: The next keep-alive of the broker publisher's connection (see _keep_queue_alive).
+        self._keep_alive: asyncio.TimerHandle | None = None
         #: The in-process worker (config worker.enabled), on this hub's event loop.
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -647,9 +682,14 @@ class Hub:
             # With the in-process queue, only an in-process worker can consume: without one,
             # leave messages 'received' in the store for the next worker start to pick up.
             if worker.enabled or not self.work_queue.is_memory:
-                self.publisher = await asyncio.to_thread(self._open_publisher)
+                self.publisher, outage = await asyncio.to_thread(self._open_publisher)
                 if not self.work_queue.is_memory:
                     self._publish_thread = _PublishThread()
+                    self._keep_alive = asyncio.get_running_loop().call_later(
+                        self._keep_alive_seconds(), self._keep_queue_alive
+                    )
+                if outage is not None:  # as when the broker goes away later: held, tried again
+                    self._published([], outage)
             self.intake = Intake(
                 self.writer,
                 hub_application=identity.application,
@@ -715,7 +755,12 @@ class Hub:
         except BaseException:
             await self.stop()
             raise
-        self.beacon = ProcessBeacon(self.store, "serve", lambda: self.reloader.route_set)
+        self.beacon = ProcessBeacon(
+            self.store,
+            "serve",
+            lambda: self.reloader.route_set,
+            partitions=None if self.work_queue.is_memory else self.work_queue.partitions,
+        )
         await self.beacon.start()
         self._serving = True
         log.info("carehub %s started with %d listener(s)", __version__, len(self.bound))
@@ -740,15 +785,48 @@ class Hub:
                 f"{what} cannot listen on {host}:{port}: {reason} ({where})"
             ) from err
 
-    def _open_publisher(self) -> Publisher:
-        """The work queue's publisher; a broker that cannot be reached is an error naming
-        queue.url, not one blamed on the listeners."""
+    def _open_publisher(self) -> tuple[Publisher, QueueUnavailable | None]:
+        """The work queue's publisher, connected, and None; or, when the broker cannot be
+        reached now and no worker of this hub needs it to start, the publisher unconnected and
+        why (intake stores and answers meanwhile, as through a later outage). A URL the broker
+        refuses (its login, its virtual host) or no transport takes, or a broker down while
+        the in-process worker needs it, is an error naming queue.url, not one blamed on the
+        listeners."""
+        assert self.store is not None
+        publisher = self.work_queue.publisher(self.store.instance_id)
         try:
             self.work_queue.check()
-            return self.work_queue.publisher()
-        except (QueueUnavailable, OSError) as err:
-            where = where_in_config(self.config, "queue", "url")
-            raise CarehubError(f"{where}: {err}") from err
+            publisher.connect()
+        except QueueUnavailable as err:
+            if self.config.worker.enabled or isinstance(err, QueueMisconfigured):
+                where = where_in_config(self.config, "queue", "url")
+                raise CarehubError(f"{where}: {err}") from err
+            return publisher, err
+        return publisher, None
+
+    def _keep_alive_seconds(self) -> float:
+        """Seconds between the idle publisher's heartbeat exchanges: four per heartbeat."""
+        return max(0.5, self.work_queue.heartbeat / 4)
+
+    def _keep_queue_alive(self) -> None:
+        """Between publishes, keep the publisher's broker connection alive (heartbeats both
+        ways), through the publish thread as a publish of nothing: a connection that went
+        silent is replaced, or, when no new one opens, counted as the broker being down,
+        which /health then says, as a failed publish would."""
+        self._keep_alive = asyncio.get_running_loop().call_later(
+            self._keep_alive_seconds(), self._keep_queue_alive
+        )
+        if self.publisher is None or self._publish_thread is None:
+            return
+        if self._publishing or self._to_publish or self._unqueued or self._queue_down:
+            return  # a publish, or the retries of one that failed, will find out
+        self._publishing = True
+        future = self._publish_thread.submit(self.publisher, [])
+        future.add_done_callback(
+            lambda done: self._published(
+                [], RuntimeError("stopped") if done.cancelled() else done.result()
+            )
+        )
 
     async def _start_worker(self, worker: Worker) -> None:
         """Run the worker on this loop; return once it consumes, or raise why it could not."""
@@ -784,7 +862,11 @@ class Hub:
         tried again every QUEUE_RETRY seconds. One ERROR when publishing stops, one WARNING
         when it works again."""
         waiting, self._to_publish = self._to_publish, []
-        if not (waiting or self._unqueued) or self.publisher is None:
+        if self.publisher is None:
+            return
+        # While the broker is down, tried again even with nothing to queue: a publish of
+        # nothing connects, and so finds out that the broker is back.
+        if not (waiting or self._unqueued or self._queue_down):
             return
         down = self._queue_down
         if self._publishing or (down is not None and time.monotonic() < down.retry_at):
@@ -857,6 +939,9 @@ class Hub:
                 await self._worker_task
             self._worker_task = None
             self.worker = None
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            self._keep_alive = None
         publisher_idle = True
         if self._publish_thread is not None:  # the last publish ends before its connection
             publisher_idle = await asyncio.to_thread(self._publish_thread.stop, PUBLISH_STOP_WAIT)
@@ -942,21 +1027,33 @@ class Hub:
             store_ok = False
         else:
             store_text = "ok" if store_ok else "unavailable"
-        down = self._queue_down
         return {
             "status": "ok" if store_ok else "store unavailable",
             "version": __version__,
             "store": store_text,
             # Intake still stores and answers, so the status stays ok; routing waits.
-            "queue": "ok"
-            if down is None
-            else f"cannot queue for routing since {down.since.isoformat(timespec='seconds')}: "
-            f"{down.reason}",
+            "queue": self._queue_health(),
             "listeners": [
                 {"kind": b.kind, "name": b.name, "address": b.address} for b in self.bound
             ],
             "intake": {f"{k[0]}/{k[1]}": v for k, v in sorted(self.intake.counts.items())},
         }
+
+    def _queue_health(self) -> str:
+        """What /health says of the queue: "ok", or what keeps stored messages from being
+        routed now (intake cannot queue them, or this hub's worker lost its broker)."""
+        down = self._queue_down
+        if down is not None:
+            since = down.since.isoformat(timespec="seconds")
+            return f"cannot queue for routing since {since}: {down.reason}"
+        lost = self.worker.broker_lost if self.worker is not None else None
+        if lost is not None:
+            since, reason = lost
+            return (
+                f"the worker cannot take queued messages since "
+                f"{since.isoformat(timespec='seconds')}: {reason}"
+            )
+        return "ok"
 
 
 def _report_worker_end(task: asyncio.Task[None]) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import and_, case, func, literal_column, select
 from carehub.components import DeliveryError
 from carehub.config import without_password
 from carehub.store.outbox import held_counts
-from carehub.store.processes import HubProcess, running_processes
+from carehub.store.processes import HubProcess, partitions_disagree, running_processes
 from carehub.store.schema import (
     PENDING,
     UNFINISHED,
@@ -417,6 +417,16 @@ def render(status: HubStatus) -> RenderableType:
                 f"the running processes use {len(status.route_sets)} different route sets: "
                 "reload the ones behind (SIGHUP to each; `carehub routes reload` does it for "
                 "a serve on a SQLite store) or check that every host has the same route files",
+                style="yellow",
+            )
+        )
+    disagreeing = partitions_disagree(status.processes, status.now)
+    if disagreeing:
+        parts.append(
+            Text(
+                f"the running processes use different queue.partitions ({disagreeing}): a "
+                "worker never consumes the queues above its own count, and their messages wait "
+                "for the sweep; give every process the same queue.partitions",
                 style="yellow",
             )
         )

@@ -35,7 +35,8 @@ from carehub.components import (
     SendNotStarted,
     worker_stopping,
 )
-from carehub.config import WorkerConfig
+from carehub.config import WorkerConfig, without_password
+from carehub.errors import CarehubError
 from carehub.plugins import PluginHost
 from carehub.routing.router import Router, order_key
 from carehub.routing.table import Destination, RouteTable
@@ -45,7 +46,7 @@ from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
 from carehub.store.processes import running_processes
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MessageStore, StoreError
-from carehub.workqueue import Consumer, WorkQueue
+from carehub.workqueue import Consumer, QueueUnavailable, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +210,33 @@ class Worker:
         self.tick_trouble = FailureRun(
             "periodic work", "tried again at the next tick", "tick(s)", logger=log
         )
+        #: The sweep's queueing of messages not routed yet, failing because the broker
+        #: cannot be reached: the broker's trouble, not the store's.
+        self.broker_trouble = FailureRun(
+            "queueing messages not routed yet on the broker",
+            "tried again at the next sweep",
+            "sweep(s)",
+            logger=log,
+            traceback=False,
+        )
+        #: Why the worker stopped by itself (see _halt); run() raises it once it has stopped.
+        self._halted: CarehubError | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
         """Route and deliver until ``stop`` is set; ``started`` is called once the worker is
-        consuming."""
+        consuming. A worker that cannot go on (WrongStore) sets ``stop`` itself, and raises
+        why once it has stopped."""
         self._loop = asyncio.get_running_loop()
+        self._stop = stop
         await self.table.start()
         if self.settings.single_host:
             await asyncio.to_thread(self.outbox.release_leases)
         await asyncio.to_thread(self._apply_line_policy)
-        self._consumer = self.work_queue.consumer(self._queued)
+        store_id = await asyncio.to_thread(lambda: self.store.instance_id)
+        self._consumer = self.work_queue.consumer(self._queued, store_id, self._other_store)
         await asyncio.to_thread(self._consumer.start)
         await asyncio.to_thread(self._requeue_unrouted)
-        self._stop = stop
         # Sends started from here on see the stop: one still waiting for its turn on a
         # channel when it comes gives up (SendNotStarted) instead of waiting out the grace.
         stopping_seen = worker_stopping.set(stop)
@@ -258,6 +272,34 @@ class Worker:
             await asyncio.to_thread(self._consumer.stop)
             await asyncio.gather(*self._retiring, return_exceptions=True)
             await self.table.close()
+        if self._halted is not None:
+            raise self._halted
+
+    @property
+    def broker_lost(self) -> tuple[datetime, str] | None:
+        """Since when, and why, this worker's consumer has been without its broker."""
+        return self._consumer.lost if self._consumer is not None else None
+
+    def _other_store(self, queued_by: str) -> None:
+        """Called on the consumer thread: a queue message came from another store than this
+        worker's (the consumer handed it back and takes no more)."""
+        assert self._loop is not None
+        own = self.store.instance_id
+        where = without_password(str(self.store.engine.url))
+        problem = WrongStore(
+            f"the work queue holds messages queued by store {queued_by}, but this worker's "
+            f"store is {own} ({where}): its store.url names another store than the processes "
+            "that queue to this broker (an empty or unset variable in it gives a SQLite store "
+            "of its own). The message was handed back to the queue for a worker on the right "
+            "store; this worker stops"
+        )
+        self._loop.call_soon_threadsafe(self._halt, problem)
+
+    def _halt(self, problem: CarehubError) -> None:
+        """Stop the worker because it cannot go on; run() raises ``problem`` once stopped."""
+        if self._halted is None:
+            self._halted = problem
+        self._stop.set()
 
     async def replace_routing(self, table: RouteTable, host: PluginHost) -> None:
         """Route and send with ``table`` (started already) from now on: a route reload.
@@ -349,10 +391,17 @@ class Worker:
                     self.store_trouble.succeeded("waiting counts")
 
     async def _sweep_loop(self, every: float = SWEEP_SECONDS) -> None:
-        """Re-queue messages lost from the queue and mend parked lines (Outbox.tidy_lines)."""
+        """Re-queue messages lost from the queue and mend parked lines (Outbox.tidy_lines).
+        A broker that cannot take the re-queued ids is logged as the broker's trouble, and
+        the lines are mended all the same."""
         while await self._pause(every):
             try:
-                await asyncio.to_thread(self._requeue_unrouted, UNROUTED_AGE)
+                try:
+                    await asyncio.to_thread(self._requeue_unrouted, UNROUTED_AGE)
+                except QueueUnavailable as err:
+                    self.broker_trouble.failed(err)
+                else:
+                    self.broker_trouble.succeeded()
                 await asyncio.to_thread(self.outbox.tidy_lines)
             except Exception as err:
                 if not _store_refused(err):
@@ -447,9 +496,10 @@ class Worker:
         ids = self.outbox.unrouted_message_ids(received_before=cutoff)
         if not ids:
             return
-        publisher = self.work_queue.publisher()
+        messages = self.store.get_many(ids)
+        publisher = self.work_queue.publisher(self.store.instance_id)
         try:
-            publisher.publish_many((m.id, order_key(m)) for m in self.store.get_many(ids))
+            publisher.publish_many((m.id, order_key(m)) for m in messages)
         finally:
             publisher.close()
         log.info("queued %d stored message(s) that were not routed yet", len(ids))
@@ -580,15 +630,15 @@ class Worker:
         to this worker."""
         router = router or self.router
         host = router.host
+        taken = self.store.take_for_routing(message_ids)
+        missing = set(message_ids).difference(m.id for m in taken)
+        if missing:
+            _say_not_in_store(sorted(missing))
         # In arrival order (ids are given at intake): a batch gathers several partitions'
         # queues one after another, and one patient's messages can sit in two of them (a
         # duplicate registration's id before the A40 that merges it).
         messages = sorted(
-            (
-                m
-                for m in self.store.take_for_routing(message_ids)
-                if m.status == MessageStatus.RECEIVED.value
-            ),
+            (m for m in taken if m.status == MessageStatus.RECEIVED.value),
             key=lambda m: m.id,
         )
         if not messages:
@@ -1316,6 +1366,34 @@ class Wakeup:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class WrongStore(CarehubError):
+    """The work queue holds another store's messages: this worker's store is not the one the
+    processes queueing to its broker use."""
+
+
+#: The most ids a log line about queued ids not in the store lists.
+MISSING_IDS_LISTED = 20
+
+
+def _say_not_in_store(missing: list[int]) -> None:
+    """Queued ids this worker's store does not have: nothing to route for them, but said, as
+    they are messages stored somewhere (another store, a queue message older than a restore)
+    that this worker cannot route."""
+    listed = ", ".join(str(i) for i in missing[:MISSING_IDS_LISTED])
+    more = (
+        f" and {len(missing) - MISSING_IDS_LISTED} more"
+        if len(missing) > MISSING_IDS_LISTED
+        else ""
+    )
+    log.warning(
+        "%d queued message id(s) are not in this worker's store, so not routed here: %s%s; "
+        "check that every serve and worker on this broker has the same store.url",
+        len(missing),
+        listed,
+        more,
+    )
 
 
 class _StoreRefusal(Exception):

@@ -8,7 +8,14 @@ patients' messages go to different partitions in parallel.
 
 The store, not the queue, is the source of truth: a message whose id is lost from the queue
 (a broker restart, the in-process transport at a crash) is still 'received' in the store and is
-queued again when a worker starts.
+queued again when a worker starts. Each queue message names the store that queued it (its
+MessageStore.instance_id), so a worker pointed at another store hands it back rather than
+looking its ids up where they are not.
+
+Broker connections exchange heartbeats (``queue.heartbeat``): a connection that goes silent
+without closing (a firewall or proxy dropping it, a hung broker) is noticed within about twice
+that, and opened again; RabbitMQ, missing the heartbeats too, gives the messages it had handed
+to the silent consumer to the next one.
 
 - embedded default: ``memory://``, kombu's in-process transport; one process, nothing to run.
   Its queues and exchanges are global to the process, so each WorkQueue on it names its own
@@ -27,11 +34,13 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
+from amqp.exceptions import AccessRefused, NotAllowed
 from kombu import Connection, Exchange, Producer, Queue
 
-from carehub.config import without_password
+from carehub.config import QUEUE_HEARTBEAT_SECONDS, QueueConfig, without_password
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,10 @@ EXCHANGE = Exchange("carehub", type="direct", durable=True)
 
 #: Seconds between tries to reach the broker again once a consumer lost it.
 RECONNECT_SECONDS = 2.0
+#: A publisher looks at its connection's heartbeats before a publish at most this often: the
+#: look waits a moment for anything to read, and under a steady feed the publishes themselves
+#: are the traffic that keeps the connection alive.
+LIVENESS_CHECK_SECONDS = 1.0
 
 #: Numbers the in-process work queues of this process (see WorkQueue).
 _MEMORY_QUEUES = itertools.count(1)
@@ -62,22 +75,51 @@ class QueueUnavailable(RuntimeError):
     """The work queue's broker cannot be reached or used."""
 
 
+class QueueMisconfigured(QueueUnavailable):
+    """The broker refuses this URL (its login, its virtual host), or no transport takes it:
+    trying again will not help, the setting has to change."""
+
+
 #: Seconds a publish waits for the broker (its confirm, a declare), then fails (and the hub
-#: holds what it could not queue and tries again).
+#: holds what it could not queue and tries again). Every other wait on a broker connection
+#: (a handshake, a consumer's cancel, a close) ends after it too.
 PUBLISH_CONFIRM_TIMEOUT = 5.0
+
+#: What a broker answers when it will never take this URL: the login refused (403), the
+#: virtual host unknown or not open to the user (530). KeyError: no transport has the URL's
+#: scheme; ImportError: the transport's library is not installed.
+_REFUSED_FOR_GOOD = (AccessRefused, NotAllowed, KeyError, ImportError)
+
+
+def broker_failure(err: BaseException, url: str) -> QueueUnavailable:
+    """What kombu or its transport raised, as QueueUnavailable naming the broker (the password
+    hidden); QueueMisconfigured when only a changed setting can help."""
+    if isinstance(err, QueueUnavailable):
+        return err
+    reason = str(err) or type(err).__name__
+    where = without_password(url)
+    if isinstance(err, _REFUSED_FOR_GOOD):
+        return QueueMisconfigured(f"the broker at {where} refuses it: {reason}")
+    return QueueUnavailable(f"cannot reach the broker at {where}: {reason}")
 
 
 class WorkQueue:
     """Names the queues and opens connections; publishers and consumers come from here.
 
     ``namespace`` names the exchange and prefixes the queues (``<namespace>.route.<n>``): by
-    default ``carehub`` on a broker, and a name of its own for each in-process queue."""
+    default ``carehub`` on a broker, and a name of its own for each in-process queue.
+    ``heartbeat``: seconds between heartbeats on broker connections (see the module's)."""
 
     def __init__(
-        self, url: str = "memory://", partitions: int = 8, namespace: str | None = None
+        self,
+        url: str = "memory://",
+        partitions: int = 8,
+        namespace: str | None = None,
+        heartbeat: int = QUEUE_HEARTBEAT_SECONDS,
     ) -> None:
         self.url = url
         self.partitions = partitions
+        self.heartbeat = heartbeat
         self.is_memory = url.startswith("memory")
         arguments = None if self.is_memory else {"x-single-active-consumer": True}
         if namespace is None:
@@ -103,29 +145,56 @@ class WorkQueue:
             for p in range(partitions)
         ]
 
-    def connection(self, *, confirmed: bool = False) -> Connection:
-        """A connection to the queue. ``confirmed`` (a publisher's): on a broker, every publish
-        waits for the broker to confirm it took the message (publisher confirms), and every
-        wait for the broker ends after PUBLISH_CONFIRM_TIMEOUT. Without, a broker that hangs
-        with the connection open took each publish into the socket's buffer and nothing said
-        the messages never reached a queue; and a declare on it waited for ever."""
-        # The in-process transport polls; 10 ms keeps routing prompt without a busy thread.
-        options: dict[str, Any] = {"polling_interval": 0.01} if self.is_memory else {}
-        if confirmed and not self.is_memory:
-            options.update(
-                confirm_publish=True,
-                read_timeout=PUBLISH_CONFIRM_TIMEOUT,
-                write_timeout=PUBLISH_CONFIRM_TIMEOUT,
-            )
-        return Connection(self.url, transport_options=options)
+    @classmethod
+    def for_config(cls, config: QueueConfig) -> WorkQueue:
+        """The work queue the ``queue`` section of the config describes."""
+        return cls(config.url, config.partition_count(), heartbeat=config.heartbeat)
 
-    def publisher(self) -> Publisher:
-        return Publisher(self)
+    def check_heartbeats(self, connection: Connection) -> None:
+        """Send this side's heartbeat when due; QueueUnavailable once the broker has sent
+        nothing for two heartbeats (a connection dropped without a close, a hung broker).
+        Only what was read from the connection counts as heard."""
+        try:
+            connection.heartbeat_check()
+        except Exception as err:
+            raise QueueUnavailable(
+                f"the broker at {without_password(self.url)} stopped answering (nothing heard "
+                f"for {2 * self.heartbeat} s: {str(err) or type(err).__name__})"
+            ) from err
+
+    def connection(self, *, confirmed: bool = False) -> Connection:
+        """A connection to the queue. On a broker it exchanges heartbeats (whoever holds it
+        calls check_heartbeats() every few seconds, or the broker closes it), and every
+        wait for the broker ends after PUBLISH_CONFIRM_TIMEOUT: without, a broker that hangs
+        with the connection open held a declare, a cancel or a close for ever.
+        ``confirmed`` (a publisher's): every publish waits for the broker to confirm it took
+        the message (publisher confirms); without, publishes went into the socket's buffer
+        and nothing said the messages never reached a queue."""
+        if self.is_memory:
+            # The in-process transport polls; 10 ms keeps routing prompt without a busy thread.
+            return Connection(self.url, transport_options={"polling_interval": 0.01})
+        options: dict[str, Any] = {
+            "read_timeout": PUBLISH_CONFIRM_TIMEOUT,
+            "write_timeout": PUBLISH_CONFIRM_TIMEOUT,
+        }
+        if confirmed:
+            options["confirm_publish"] = True
+        return Connection(
+            self.url,
+            heartbeat=self.heartbeat,
+            connect_timeout=PUBLISH_CONFIRM_TIMEOUT,
+            transport_options=options,
+        )
+
+    def publisher(self, store_id: str | None = None) -> Publisher:
+        """A publisher of the ids of ``store_id``'s messages (see Publisher)."""
+        return Publisher(self, store_id)
 
     def check(self, timeout: float = 5.0) -> None:
         """Connect to the broker once, so that one that cannot be reached (or a URL kombu
-        cannot use) is reported when the hub or worker starts, as QueueUnavailable, rather
-        than by a consumer thread after the process said it was ready."""
+        cannot use) is reported when the hub or worker starts, as QueueUnavailable (or
+        QueueMisconfigured), rather than by a consumer thread after the process said it was
+        ready."""
         if self.is_memory:
             return
         try:
@@ -134,13 +203,15 @@ class WorkQueue:
                     max_retries=2, interval_start=0.5, interval_step=0.5, timeout=timeout
                 )
         except Exception as err:  # kombu raises the transport's own errors, and KeyError
-            reason = str(err) or type(err).__name__
-            raise QueueUnavailable(
-                f"cannot reach the broker at {without_password(self.url)}: {reason}"
-            ) from err
+            raise broker_failure(err, self.url) from err
 
-    def consumer(self, deliver: Callable[[list[int], Callable[[], None]], None]) -> Consumer:
-        return Consumer(self, deliver)
+    def consumer(
+        self,
+        deliver: Callable[[list[int], Callable[[], None]], None],
+        store_id: str | None = None,
+        on_other_store: Callable[[str], None] | None = None,
+    ) -> Consumer:
+        return Consumer(self, deliver, store_id, on_other_store)
 
     def purge(self) -> None:
         """Empty every partition queue (tests and `carehub queue purge`)."""
@@ -154,15 +225,59 @@ class WorkQueue:
 class Publisher:
     """Publishes message ids; one publisher per thread (kombu connections are not shared).
 
-    A publish that fails (the broker went away and kombu's retries gave up) drops the
-    connection, which kombu leaves half closed, so that the next publish opens a new one:
-    once the broker is back, publishing works again without a restart."""
+    ``store_id`` (MessageStore.instance_id) goes with every queue message: a worker whose
+    store is another hands it back (see Consumer). The connection opens at the first publish
+    (or connect()). A publish that fails (the broker went away and kombu's retries gave up)
+    drops the connection, which kombu leaves half closed, so that the next publish opens a
+    new one: once the broker is back, publishing works again without a restart.
 
-    def __init__(self, work_queue: WorkQueue) -> None:
+    Each publish first takes the broker's heartbeats and sends this side's, so a connection
+    that went silent while idle is replaced rather than waited on. Between publishes, whoever
+    holds an idle publisher publishes nothing every few seconds (a quarter of the heartbeat)
+    to the same end: without, the broker closes the connection for missed heartbeats."""
+
+    def __init__(self, work_queue: WorkQueue, store_id: str | None = None) -> None:
         self.work_queue = work_queue
+        self.store_id = store_id
         self._connection: Connection | None = None
         self._producer: Producer | None = None
-        self._open()
+        self._checked_at = float("-inf")
+
+    def connect(self) -> None:
+        """Open the connection now rather than at the first publish; QueueUnavailable (or
+        QueueMisconfigured) when the broker cannot be used."""
+        try:
+            self._current_producer()
+        except Exception as err:
+            self._drop()
+            raise broker_failure(err, self.work_queue.url) from err
+
+    def _current_producer(self) -> Producer:
+        """The producer on a connection that is still answering, opened anew if need be."""
+        if self._producer is not None and not self._still_answering():
+            self._drop()
+        return self._producer or self._open()
+
+    def _still_answering(self) -> bool:
+        """Read what the broker sent (its heartbeats), send ours when due; False once the
+        broker has been silent for two heartbeats, or the connection failed."""
+        connection = self._connection
+        now = time.monotonic()
+        if connection is None or self.work_queue.is_memory:
+            return True
+        if now - self._checked_at < LIVENESS_CHECK_SECONDS:
+            return True
+        self._checked_at = now
+        try:
+            with contextlib.suppress(TimeoutError):  # nothing waiting to be read
+                connection.drain_events(timeout=0.001)
+            self.work_queue.check_heartbeats(connection)
+        except Exception as err:
+            log.warning(
+                "publishing on a new connection: %s", broker_failure(err, self.work_queue.url)
+            )
+            return False
+        return True
 
     def _open(self) -> Producer:
         self._connection = self.work_queue.connection(confirmed=True)
@@ -175,15 +290,18 @@ class Publisher:
     def _drop(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
         if connection is not None:
+            # No close handshake: the broker may be the one not answering. Closing the
+            # socket is enough for it to drop its side.
             with contextlib.suppress(Exception):
-                connection.release()
+                connection.collect()
 
     def publish(self, message_id: int, patient_key: str) -> None:
         self.publish_many([(message_id, patient_key)])
 
     def publish_many(self, items: Iterable[tuple[int, str]]) -> None:
         """Queue (message id, patient key) pairs: one queue message per partition, its ids in
-        the order given, so a patient's messages stay in arrival order.
+        the order given, so a patient's messages stay in arrival order. QueueUnavailable when
+        the broker cannot take them.
 
         Intake publishes each commit group this way. A queue message per id cost intake about
         as much as storing the message (kombu's serialization, delivery tag and routing
@@ -193,40 +311,62 @@ class Publisher:
             partition = partition_of(patient_key, self.work_queue.partitions)
             partitions.setdefault(partition, []).append(message_id)
         try:
-            producer = self._producer or self._open()
+            producer = self._current_producer()
             for partition, message_ids in partitions.items():
+                body: dict[str, Any] = {"message_ids": message_ids}
+                if self.store_id is not None:
+                    body["store"] = self.store_id
                 producer.publish(
-                    {"message_ids": message_ids},
+                    body,
                     routing_key=f"route.{partition}",
                     delivery_mode=2,
                     retry=True,
                     retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
                     confirm_timeout=PUBLISH_CONFIRM_TIMEOUT,
                 )
-        except Exception:
+        except Exception as err:
             self._drop()
-            raise
+            raise broker_failure(err, self.work_queue.url) from err
 
     def close(self) -> None:
-        self._drop()
+        """Close the connection, with the broker's handshake (which waits at most
+        PUBLISH_CONFIRM_TIMEOUT)."""
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.release()
 
 
 class Consumer:
     """Drains the partition queues on its own thread and hands the ids of each queue message
     to ``deliver`` with an ``ack`` callback, to be called once they are all routed. Acks may
     come from any thread: they are queued back to this thread, because a kombu connection must
-    only be used by the thread that drains it."""
+    only be used by the thread that drains it.
+
+    With ``store_id``, a queue message that another store queued (see Publisher) is handed
+    back to the queue untouched, this consumer stops taking any more, and ``on_other_store``
+    is called with that store's id: its ids mean other messages here, or none."""
 
     def __init__(
-        self, work_queue: WorkQueue, deliver: Callable[[list[int], Callable[[], None]], None]
+        self,
+        work_queue: WorkQueue,
+        deliver: Callable[[list[int], Callable[[], None]], None],
+        store_id: str | None = None,
+        on_other_store: Callable[[str], None] | None = None,
     ) -> None:
         self.work_queue = work_queue
         self.deliver = deliver
+        self.store_id = store_id
+        self.on_other_store = on_other_store
+        #: The store whose queue message this consumer handed back and stopped at.
+        self.other_store: str | None = None
         self._acks: queue_module.SimpleQueue[object] = queue_module.SimpleQueue()
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-consumer", daemon=True)
         self.error: BaseException | None = None
+        #: Since when, and why, the consumer has been without its broker (None: connected).
+        self.lost: tuple[datetime, str] | None = None
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread.start()
@@ -240,35 +380,38 @@ class Consumer:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        """Consume until stopped. A broker connection lost once consuming has begun is logged
-        once and opened again (every RECONNECT_SECONDS) until it works: the queue messages
-        not acked on the old one are redelivered by the broker, and routing a message twice
-        records it once. Only a first connection that fails stops the consumer (start()
-        reports it)."""
-        lost_since: float | None = None
+        """Consume until stopped. A broker connection lost once consuming has begun (closed,
+        or silent for two heartbeats) is logged once and opened again (every
+        RECONNECT_SECONDS) until it works: the queue messages not acked on the old one are
+        redelivered by the broker, and routing a message twice records it once. Only a first
+        connection that fails stops the consumer (start() reports it)."""
         try:
             while not self._stopping.is_set():
                 try:
-                    self._consume(reconnected=lost_since is not None)
+                    self._consume()
                     return
                 except Exception as err:
+                    if self._stopping.is_set():
+                        return  # a broker that fails as the consumer stops: nothing to do
                     if not self._ready.is_set():
                         self.error = err
                         log.error("work queue consumer stopped: %s", err)
                         return
-                    if lost_since is None:
-                        lost_since = time.monotonic()
+                    if self.lost is None:
+                        reason = str(err) or type(err).__name__
+                        self.lost = (datetime.now(UTC), reason)
                         log.error(
                             "work queue consumer lost the broker: %s; connecting again every %g s",
-                            str(err) or type(err).__name__,
+                            reason,
                             RECONNECT_SECONDS,
                         )
                 self._stopping.wait(RECONNECT_SECONDS)
         finally:
             self._ready.set()
 
-    def _consume(self, reconnected: bool) -> None:
-        with self.work_queue.connection() as conn:
+    def _consume(self) -> None:
+        conn = self.work_queue.connection()
+        try:
             channel = conn.channel()
             channel.basic_qos(0, 200, False)
             consumer = conn.Consumer(
@@ -277,17 +420,35 @@ class Consumer:
                 callbacks=[self._on_message],
                 accept=["json"],
             )
-            with consumer:
-                self._ready.set()
-                if reconnected:
-                    log.warning("work queue consumer connected to the broker again")
-                while not self._stopping.is_set():
-                    self._flush_acks()
-                    with contextlib.suppress(TimeoutError):  # nothing came within the wait
-                        conn.drain_events(timeout=0.05)
+            consumer.consume()
+            self._ready.set()
+            if self.lost is not None:
+                self.lost = None
+                log.warning("work queue consumer connected to the broker again")
+            while not self._stopping.is_set() and self.other_store is None:
                 self._flush_acks()
+                self.work_queue.check_heartbeats(conn)
+                with contextlib.suppress(TimeoutError):  # nothing came within the wait
+                    conn.drain_events(timeout=0.05)
+            self._flush_acks()
+            consumer.cancel()
+        except BaseException:
+            # No close handshake on a connection that failed: the broker may be the one not
+            # answering. Closing the socket is enough for it to drop its side.
+            with contextlib.suppress(Exception):
+                conn.collect()
+            raise
+        conn.release()
 
-    def _on_message(self, body: dict[str, Any], message: object) -> None:
+    def _on_message(self, body: dict[str, Any], message: Any) -> None:
+        queued_by = body.get("store")
+        if self.store_id is not None and queued_by is not None and queued_by != self.store_id:
+            message.requeue()
+            if self.other_store is None:
+                self.other_store = str(queued_by)
+                if self.on_other_store is not None:
+                    self.on_other_store(self.other_store)
+            return
         # "message_id" (one id) is what earlier versions published; a broker may still hold some.
         ids = body["message_ids"] if "message_ids" in body else [body["message_id"]]
         self.deliver([int(i) for i in ids], lambda: self._acks.put(message))
@@ -299,4 +460,4 @@ class Consumer:
             except queue_module.Empty:
                 return
             with contextlib.suppress(Exception):
-                message.ack()  # type: ignore[attr-defined]
+                message.ack()

@@ -4,9 +4,11 @@ row while it runs (ProcessBeacon), and `carehub status` lists them (running_proc
 In a scale-out deployment an operator otherwise has no one place to see that the worker on the
 second host died an hour ago, or that after a route reload one worker still runs the old
 routes. The row says where the process runs (host, pid, version), since when, when it last
-said it was alive (every HEARTBEAT seconds), and a digest of the route files it loaded, so
-processes running different route sets stand out. A process that stops removes its row; one
-that dies leaves it to go stale (`status` says for how long), pruned after PRUNE_AFTER.
+said it was alive (every HEARTBEAT seconds), a digest of the route files it loaded, so
+processes running different route sets stand out, and how many partition queues it uses on
+the broker, so that a serve and workers with different queue.partitions (patients queued to
+partitions no worker consumes) are warned of. A process that stops removes its row; one that
+dies leaves it to go stale (`status` says for how long), pruned after PRUNE_AFTER.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class HubProcess:
     last_seen: datetime
     routes: str | None
     routes_loaded_at: datetime | None
+    #: Partition queues it uses on the broker (queue.partitions); None with the in-process
+    #: queue, which no other process shares.
+    partitions: int | None = None
 
     def stale(self, now: datetime) -> bool:
         """Not heard from for longer than it takes to say it is alive a few times over."""
@@ -70,7 +75,12 @@ class HubProcess:
             "routes_loaded_at": self.routes_loaded_at.isoformat()
             if self.routes_loaded_at
             else None,
+            "partitions": self.partitions,
         }
+
+    def label(self) -> str:
+        """How a log line or `status` names the process: ``worker on host-b (pid 4312)``."""
+        return f"{self.role} on {self.host} (pid {self.pid})"
 
 
 def running_processes(conn: Any) -> list[HubProcess]:
@@ -87,32 +97,64 @@ def running_processes(conn: Any) -> list[HubProcess]:
             last_seen=_aware(r.last_seen),
             routes=r.routes,
             routes_loaded_at=_aware(r.routes_loaded_at) if r.routes_loaded_at else None,
+            partitions=r.partitions,
         )
         for r in rows
     ]
     return sorted(found, key=lambda p: (p.role != "serve", p.host, p.started_at))
 
 
+def partitions_disagree(processes: list[HubProcess], now: datetime) -> str | None:
+    """Which answering processes use which partition count, when they use more than one:
+    serve publishes a patient's messages to the queue its own count picks, and a worker
+    with a smaller count never consumes the queues above it (their messages wait for the
+    sweep). None when they agree."""
+    by_count: dict[int, list[HubProcess]] = {}
+    for process in processes:
+        if process.partitions is not None and not process.stale(now):
+            by_count.setdefault(process.partitions, []).append(process)
+    if len(by_count) < 2:
+        return None
+    return "; ".join(
+        f"{count} partition(s): {', '.join(p.label() for p in users)}"
+        for count, users in sorted(by_count.items())
+    )
+
+
 class ProcessBeacon:
     """This process's row: written at start, refreshed every HEARTBEAT seconds (with the
     route set it runs now, which a reload may change), removed at stop. A failed write is a
-    warning and tried again at the next beat: the store being away must not stop the hub."""
+    warning and tried again at the next beat: the store being away must not stop the hub.
 
-    def __init__(self, store: MessageStore, role: str, routes: Callable[[], str | None]) -> None:
+    ``partitions``: the partition queues this process uses on a broker (None in-process).
+    At start and at each beat the beacon reads the other rows, and warns once when the
+    answering processes use different partition counts (again if what differs changes)."""
+
+    def __init__(
+        self,
+        store: MessageStore,
+        role: str,
+        routes: Callable[[], str | None],
+        partitions: int | None = None,
+    ) -> None:
         self.store = store
         self.role = role
         self.routes = routes
+        self.partitions = partitions
         self.id = str(uuid.uuid4())
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._routes_sent: str | None = None
+        #: The disagreement on partition counts last warned of (see _check_partitions).
+        self._partitions_said: str | None = None
 
     async def start(self, every: float = HEARTBEAT) -> None:
         try:
             await asyncio.to_thread(self._register)
         except Exception as err:
             log.warning("could not record this process in the store: %s", err)
+        await self._check_partitions()
         self._task = asyncio.create_task(self._beat_loop(every), name="process beacon")
 
     def refresh(self) -> None:
@@ -142,6 +184,35 @@ class ProcessBeacon:
                 await asyncio.to_thread(self._beat)
             except Exception as err:
                 log.warning("could not tell the store this process is alive: %s", err)
+            await self._check_partitions()
+
+    async def _check_partitions(self) -> None:
+        """Warn when the answering processes on this store use different partition counts;
+        once per disagreement, and once more when they agree again."""
+        if self.partitions is None:
+            return
+        try:
+            disagreement = await asyncio.to_thread(self._partitions_disagreement)
+        except Exception:  # the store is away: said by the beat; checked at the next
+            return
+        if disagreement == self._partitions_said:
+            return
+        self._partitions_said = disagreement
+        if disagreement is None:
+            log.info("every running process now uses %d partition queue(s)", self.partitions)
+            return
+        log.warning(
+            "the running processes use different queue.partitions (%s): serve queues each "
+            "patient's messages to the partition its own count picks, and a worker consumes "
+            "only the partitions its count names, so some patients' messages wait for the "
+            "sweep or are routed out of order; give every serve and worker the same "
+            "queue.partitions",
+            disagreement,
+        )
+
+    def _partitions_disagreement(self) -> str | None:
+        with self.store.engine.connect() as conn:
+            return partitions_disagree(running_processes(conn), datetime.now(UTC))
 
     def _register(self) -> None:
         now = datetime.now(UTC)
@@ -159,6 +230,7 @@ class ProcessBeacon:
                     last_seen=now,
                     routes=routes,
                     routes_loaded_at=now,
+                    partitions=self.partitions,
                 )
             )
         self._routes_sent = routes

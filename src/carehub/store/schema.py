@@ -319,6 +319,7 @@ hub_processes = Table(
     Column("last_seen", DateTime(timezone=True), nullable=False),
     Column("routes", String(64), nullable=True),  # route_set_digest of the routes it loaded
     Column("routes_loaded_at", DateTime(timezone=True), nullable=True),
+    Column("partitions", Integer, nullable=True),  # queue.partitions; NULL: in-process queue
 )
 
 
