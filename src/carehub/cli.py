@@ -2036,9 +2036,24 @@ def plugins_command(as_json: bool, options_of: str | None) -> None:
 @main.command("worker")
 @hub_options
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> None:
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    help="Serve this worker's /health and /metrics on this port (0: a free one, printed).",
+)
+@click.option(
+    "--http-host", default="127.0.0.1", show_default=True, help="Address for --http-port."
+)
+def worker_command(
+    config: HubConfig,
+    data_dir: Path,
+    log_level: str | None,
+    http_port: int | None,
+    http_host: str,
+) -> None:
     """Route and deliver only (scale-out): run as many as needed beside `serve --no-worker`.
-    SIGHUP reloads the routes."""
+    SIGHUP reloads the routes. With --http-port it answers /health (its store and broker) and
+    /metrics (what it routed and sent), behind listeners.http.tokens as serve's are."""
     from carehub.hub import (
         RouteReloader,
         build_routing,
@@ -2103,9 +2118,20 @@ def worker_command(config: HubConfig, data_dir: Path, log_level: str | None) -> 
             store, "worker", lambda: reloader.route_set, partitions=work_queue.partitions
         )
         await beacon.start()
+        http = None
+        if http_port is not None:
+            from carehub.config import http_tokens
+            from carehub.worker_http import start_worker_http
+
+            http, (bound_host, bound_port) = await start_worker_http(
+                worker, http_host, http_port, http_tokens(config)
+            )
+            click.echo(f"worker HTTP on {bound_host}:{bound_port} (/health, /metrics)")
         try:
             await worker.run(stop, started=started)
         finally:
+            if http is not None:
+                await http.stop()
             await beacon.stop()
 
     try:

@@ -13,7 +13,7 @@ exported, at 0 when nothing waits, so that an alert on it never sees the series 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,9 @@ from carehub.store.schema import UNFINISHED, DeliveryStatus, deliveries, deliver
 
 if TYPE_CHECKING:
     from carehub.hub import Hub
+    from carehub.routing.table import RouteTable
     from carehub.store.store import MessageStore
+    from carehub.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,13 @@ STATUS_WINDOW = timedelta(minutes=1)
 _DESTINATION = ["destination", "channel"]
 
 
-class HubCollector(Collector):
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+class StoreGauges:
+    """The gauges read from the store at scrape time (deliveries by status, each
+    destination's queue, the routing backlog), for serve's /metrics and a worker's."""
+
+    def __init__(self, table: Callable[[], RouteTable]) -> None:
+        #: The routes now (a reload replaces them): every destination they name is exported.
+        self.table = table
         self._store_failures = FailureRun(
             "reading the store for /metrics",
             "its gauges are left out and carehub_store_up is 0",
@@ -49,87 +55,7 @@ class HubCollector(Collector):
             logger=log,
         )
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        messages = CounterMetricFamily(
-            "carehub_intake_messages",
-            "Frames answered by intake, by listener and outcome",
-            labels=["listener", "outcome"],
-        )
-        for (listener, outcome), count in sorted(self.hub.intake.counts.items()):
-            messages.add_metric([listener, outcome], count)
-        yield messages
-        commits = CounterMetricFamily(
-            "carehub_store_commits", "Group commits made by the store writer"
-        )
-        commits.add_metric([], self.hub.writer.batches)
-        yield commits
-        rows = CounterMetricFamily("carehub_store_rows", "Messages written by the store writer")
-        rows.add_metric([], self.hub.writer.rows)
-        yield rows
-        writable = GaugeMetricFamily(
-            "carehub_store_writable",
-            "0 while intake's writes fail (write lock held, disk full) and every message is "
-            "answered 'not stored, please resend'; 1 otherwise",
-        )
-        writable.add_metric([], 1 if self.hub.writer.writable() else 0)
-        yield writable
-        worker = self.hub.worker
-        if worker is not None:
-            for name, help_text, value in (
-                ("carehub_routed_messages", "Messages routed by this hub's worker", worker.routed),
-                (
-                    "carehub_deliveries_sent",
-                    "Deliveries accepted by their destination",
-                    worker.delivered,
-                ),
-                (
-                    "carehub_deliveries_skipped",
-                    "Deliveries whose channel found nothing to send (a resend, a cancel of "
-                    "a notification never sent)",
-                    worker.skipped,
-                ),
-                (
-                    "carehub_delivery_failures",
-                    "Delivery attempts that failed",
-                    worker.failed_attempts,
-                ),
-            ):
-                family = CounterMetricFamily(name, help_text)
-                family.add_metric([], value)
-                yield family
-        if self.hub.store is not None:
-            yield from self._store_gauges(self.hub.store)
-        connections = GaugeMetricFamily(
-            "carehub_mllp_connections", "Open MLLP connections", labels=["listener"]
-        )
-        shed = CounterMetricFamily(
-            "carehub_mllp_connections_shed",
-            "MLLP connections closed because their peer went over max_connections_per_peer",
-            labels=["listener"],
-        )
-        handshakes = CounterMetricFamily(
-            "carehub_mllp_tls_handshakes_failed",
-            "TLS handshakes that failed on an MLLP listener (refused certificate, plain TCP, "
-            "timeout); the log names the peer and the reason",
-            labels=["listener"],
-        )
-        outside_frames = CounterMetricFamily(
-            "carehub_mllp_bytes_outside_frames",
-            "Bytes an MLLP listener ignored, unanswered, because no start block (0x0B) came "
-            "before them (a message sent unframed, noise between frames); the log names the peer",
-            labels=["listener"],
-        )
-        for listener in self.hub.mllp_listeners:
-            connections.add_metric([listener.name], listener.open_connections)
-            shed.add_metric([listener.name], listener.connections_shed)
-            handshakes.add_metric([listener.name], listener.handshakes_failed)
-            outside_frames.add_metric([listener.name], listener.bytes_outside_frames)
-        yield connections
-        yield shed
-        yield handshakes
-        yield outside_frames
-
-    def _store_gauges(self, store: MessageStore) -> Iterator[GaugeMetricFamily]:
+    def collect(self, store: MessageStore) -> Iterator[GaugeMetricFamily]:
         """What the store says now: deliveries by status, each destination's queue, the
         routing backlog. A store that cannot be read leaves them out (the rest of the scrape
         still answers) and sets carehub_store_up to 0."""
@@ -167,10 +93,101 @@ class HubCollector(Collector):
     def _destinations(self, status: HubStatus) -> list[DestinationState]:
         """The destinations the store has work for, and every one the routes name."""
         found = {(item.destination, item.channel): item for item in status.destinations}
-        for name, destination in self.hub.table.destinations.items():
+        for name, destination in self.table().destinations.items():
             channel = destination.channel.name
             found.setdefault((name, channel), DestinationState(name, channel))
         return [found[key] for key in sorted(found)]
+
+
+class HubCollector(Collector):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.store_gauges = StoreGauges(lambda: hub.table)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        messages = CounterMetricFamily(
+            "carehub_intake_messages",
+            "Frames answered by intake, by listener and outcome",
+            labels=["listener", "outcome"],
+        )
+        for (listener, outcome), count in sorted(self.hub.intake.counts.items()):
+            messages.add_metric([listener, outcome], count)
+        yield messages
+        commits = CounterMetricFamily(
+            "carehub_store_commits", "Group commits made by the store writer"
+        )
+        commits.add_metric([], self.hub.writer.batches)
+        yield commits
+        rows = CounterMetricFamily("carehub_store_rows", "Messages written by the store writer")
+        rows.add_metric([], self.hub.writer.rows)
+        yield rows
+        writable = GaugeMetricFamily(
+            "carehub_store_writable",
+            "0 while intake's writes fail (write lock held, disk full) and every message is "
+            "answered 'not stored, please resend'; 1 otherwise",
+        )
+        writable.add_metric([], 1 if self.hub.writer.writable() else 0)
+        yield writable
+        if self.hub.worker is not None:
+            yield from worker_counters(self.hub.worker)
+        if self.hub.store is not None:
+            yield from self.store_gauges.collect(self.hub.store)
+        connections = GaugeMetricFamily(
+            "carehub_mllp_connections", "Open MLLP connections", labels=["listener"]
+        )
+        shed = CounterMetricFamily(
+            "carehub_mllp_connections_shed",
+            "MLLP connections closed because their peer went over max_connections_per_peer",
+            labels=["listener"],
+        )
+        handshakes = CounterMetricFamily(
+            "carehub_mllp_tls_handshakes_failed",
+            "TLS handshakes that failed on an MLLP listener (refused certificate, plain TCP, "
+            "timeout); the log names the peer and the reason",
+            labels=["listener"],
+        )
+        outside_frames = CounterMetricFamily(
+            "carehub_mllp_bytes_outside_frames",
+            "Bytes an MLLP listener ignored, unanswered, because no start block (0x0B) came "
+            "before them (a message sent unframed, noise between frames); the log names the peer",
+            labels=["listener"],
+        )
+        for listener in self.hub.mllp_listeners:
+            connections.add_metric([listener.name], listener.open_connections)
+            shed.add_metric([listener.name], listener.connections_shed)
+            handshakes.add_metric([listener.name], listener.handshakes_failed)
+            outside_frames.add_metric([listener.name], listener.bytes_outside_frames)
+        yield connections
+        yield shed
+        yield handshakes
+        yield outside_frames
+
+
+def worker_counters(worker: Worker) -> Iterator[CounterMetricFamily]:
+    """What a worker counted since it started: messages routed, deliveries sent or skipped,
+    attempts failed (serve's in-process worker, or a `carehub worker` of its own)."""
+    for name, help_text, value in (
+        ("carehub_routed_messages", "Messages routed by this worker", worker.routed),
+        (
+            "carehub_deliveries_sent",
+            "Deliveries accepted by their destination",
+            worker.delivered,
+        ),
+        (
+            "carehub_deliveries_skipped",
+            "Deliveries whose channel found nothing to send (a resend, a cancel of "
+            "a notification never sent)",
+            worker.skipped,
+        ),
+        (
+            "carehub_delivery_failures",
+            "Delivery attempts that failed",
+            worker.failed_attempts,
+        ),
+    ):
+        family = CounterMetricFamily(name, help_text)
+        family.add_metric([], value)
+        yield family
 
 
 def _deliveries_by_status(store: MessageStore) -> dict[str, int]:
@@ -262,3 +279,29 @@ def make_registry(hub: Hub) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+class WorkerCollector(Collector):
+    """A `carehub worker`'s /metrics: in a scale-out deployment serve routes nothing, so the
+    routing and delivery counters are each worker's to export (sum them across workers; the
+    store gauges are the same on every process, so take their max)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.store_gauges = StoreGauges(lambda: worker.table)
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield from worker_counters(self.worker)
+        connected = GaugeMetricFamily(
+            "carehub_worker_broker_connected",
+            "1 while this worker's consumer has its broker connection, 0 while it is lost",
+        )
+        connected.add_metric([], 0 if self.worker.broker_lost is not None else 1)
+        yield connected
+        yield from self.store_gauges.collect(self.worker.store)
+
+
+def make_worker_registry(worker: Worker) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkerCollector(worker))
+    return registry

@@ -79,6 +79,27 @@ def oversize_text(request: Request, size: int, limit: int) -> str:
     return f"more than {limit} bytes"
 
 
+def bearer_accepted(request: Request, tokens: list[str]) -> bool:
+    """Whether the request carries one of ``tokens`` as its bearer token (any request does
+    when there are none)."""
+    if not tokens:
+        return True
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    return any(hmac.compare_digest(presented.encode(), t.encode()) for t in tokens)
+
+
+def unauthorized() -> JSONResponse:
+    """The answer to a request without a valid bearer token."""
+    return JSONResponse(
+        {"error": "missing or invalid bearer token"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="carehub"'},
+    )
+
+
 def build_app(
     config: HTTPListenerConfig,
     intake: Intake,
@@ -103,20 +124,7 @@ def build_app(
         register_referral_routes(app, store, tokens, organizations=config.organization_tokens)
 
     def authorized(request: Request) -> bool:
-        if not tokens:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return False
-        return any(hmac.compare_digest(presented.encode(), t.encode()) for t in tokens)
-
-    def unauthorized() -> JSONResponse:
-        return JSONResponse(
-            {"error": "missing or invalid bearer token"},
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="carehub"'},
-        )
+        return bearer_accepted(request, tokens)
 
     @app.post("/hl7", summary="Submit one HL7 v2 message; the response body is its ACK")
     async def receive_message(request: Request) -> Response:
