@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from carehub.hl7.charsets import decode_message
@@ -144,3 +145,34 @@ def test_bytes_that_contradict_msh18_are_answered_ae_and_never_routed(
     deliveries = hub.wait_for_deliveries(DELIVERIES_EACH)
     assert {d.message_id for d in deliveries} == {stored_as(hub, "AFTER").id}
     assert [m.control_id for m in receiver.store.find(limit=None)] == ["AFTER"]
+
+
+def test_a_utf8_byte_order_mark_is_not_forwarded(hubs: tuple[HubThread, HubThread]) -> None:
+    """A sender that puts a BOM in the frame: receivers read MSH at the first byte (hl7apy
+    refuses the message, others read MSH-10 one place off), so what goes out starts with MSH."""
+    hub, receiver = hubs
+    payload = b"\xef\xbb\xbf" + message("BOM", "UNICODE UTF-8", "utf-8")
+    assert send(hub, payload).get("MSA-1") == "AA"
+    stored = stored_as(hub, "BOM")
+    assert stored.raw == payload  # kept as received
+    sent = by_destination(hub.wait_for_deliveries(DELIVERIES_EACH), stored.id)
+    assert sent["kept/v2"] == payload[3:]
+    assert stored_as(receiver, "BOM").raw == payload[3:]
+
+
+def test_undeclared_utf16_goes_out_as_utf8(hubs: tuple[HubThread, HubThread]) -> None:
+    """UTF-16 without MSH-18, posted over HTTP (MLLP cannot frame it): forwarded in UTF-8, which
+    a receiver reads without a declaration and MLLP frames, not as UTF-16 without its mark."""
+    hub, receiver = hubs
+    payload = b"\xff\xfe" + make_adt("WIDE", name=NAME).encode("utf-16-le")
+    response = httpx.post(
+        f"{hub.http_url}/hl7",
+        content=payload,
+        headers={"Content-Type": "x-application/hl7-v2+er7"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+    stored = stored_as(hub, "WIDE")
+    sent = by_destination(hub.wait_for_deliveries(DELIVERIES_EACH), stored.id)
+    assert sent["kept/v2"] == make_adt("WIDE", name=NAME).encode("utf-8")
+    assert stored_as(receiver, "WIDE").raw == make_adt("WIDE", name=NAME).encode("utf-8")

@@ -82,6 +82,16 @@ def test_a_batch_that_does_not_hold_together_is_refused_whole(
     assert [m.status for m in hub.store.find()] == ["rejected"]
 
 
+def test_a_batch_trailer_without_its_header_is_refused_as_the_file_drop_refuses_it(
+    hub: HubThread,
+) -> None:
+    response = post(hub, (make_adt("T1").replace("\n", "\r") + "BTS|1\r").encode())
+    assert response.status_code == 400
+    code, _, text = ack_of(response)
+    assert code == "AR" and "BTS" in text
+    assert [m.status for m in hub.store.find()] == ["rejected"]
+
+
 def test_body_that_is_not_hl7_is_400_ar(hub: HubThread) -> None:
     response = post(hub, b'{"resourceType": "Patient"}')
     assert response.status_code == 400

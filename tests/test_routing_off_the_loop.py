@@ -132,7 +132,7 @@ def test_a_failure_run_outlasts_the_retry_waits() -> None:
         logging.getLogger("carehub.worker").removeHandler(handler)
     assert not trouble.failing
     (said,) = [r.getMessage() for r in records]
-    assert "taken as working again" in said
+    assert "this run of failures is closed" in said
     assert "-0.0" not in said and "in the 0.0 s before" in said
 
 

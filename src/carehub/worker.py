@@ -1308,8 +1308,9 @@ class DestinationTrouble:
             return
         assert self.run.failing_since is not None
         log.warning(
-            "sending to %s: no failed attempts for %.0f s, longer than its retries wait, so "
-            "taken as working again (%d attempt(s) failed in the %.1f s before)",
+            "sending to %s: no failed attempts for %.0f s, longer than its retries wait; this "
+            "run of failures is closed, whether the destination works again or its deliveries "
+            "are all dead letters (%d attempt(s) failed in the %.1f s before)",
             self.destination,
             quiet,
             self._failed_in_run,

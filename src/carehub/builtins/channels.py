@@ -52,7 +52,7 @@ from carehub.components import (
 )
 from carehub.errors import ConfigError
 from carehub.hl7.ack import read_ack
-from carehub.hl7.charsets import codec_for, decode_message, same_charset
+from carehub.hl7.charsets import UTF8_BOM, codec_for, decode_message, is_wide, same_charset
 from carehub.hl7.view import NotHL7Error
 from carehub.hookspecs import hookimpl
 from carehub.intake.tls import client_context
@@ -82,17 +82,20 @@ def v2_bytes(work: Work, undeclared_codec: str | None = None) -> bytes:
     MSH-18 declares, so the receiver, which decodes by MSH-18, reads it truthfully; when
     MSH-18 declares none (or one carehub does not know), in ``undeclared_codec`` if given (a
     receiver that reads undeclared messages in a set of its own), else in the one the message
-    arrived in. Characters the codec cannot hold raise ValueError at routing time rather than
-    being silently replaced in a clinical message."""
+    arrived in, but UTF-8 for one that came as UTF-16 or UTF-32 (over HTTP or the file drop):
+    undeclared, a receiver cannot tell those apart from 8-bit text, and MLLP cannot frame
+    them. A UTF-8 byte order mark is never sent: receivers read MSH at the first byte.
+    Characters the codec cannot hold raise ValueError at routing time rather than being
+    silently replaced in a clinical message."""
     declared = ""
     with contextlib.suppress(NotHL7Error):
         view = work.view
         declared = view.raw("MSH-18").split(view.separators.repetition, 1)[0].strip()
     arrived_in = work.message.charset or "utf-8"
-    undeclared = undeclared_codec or arrived_in
+    undeclared = undeclared_codec or ("utf-8" if is_wide(arrived_in) else arrived_in)
     codec = codec_for(declared, undeclared) or undeclared
     if _as_received(work) and same_charset(codec, arrived_in):
-        return work.message.raw
+        return work.message.raw.removeprefix(UTF8_BOM)
     text = cr_segments(work.v2)
     try:
         return text.encode(codec)

@@ -175,6 +175,11 @@ class OnCallEnricher(Enricher):
     async def start(self) -> None:
         self.schedule = load_schedule(self.path)
 
+    def may_block(self) -> bool:
+        """A lookup in the table start() loaded never waits: routing may stay on the hub's
+        event loop (a plugin's step is otherwise taken to wait, and routed on a thread)."""
+        return False
+
     def enrich(self, work: Work) -> dict[str, str | None]:
         unit = work.view.get("PV1-3.1").strip()
         found = lookup(self.schedule, unit)
