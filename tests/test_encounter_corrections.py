@@ -397,11 +397,16 @@ def test_those_told_of_a_discharge_hear_its_correction(care: Care) -> None:
     corrected = ("discharge_corrected", "Corrected discharge from Riverside General Hospital")
     for address in (LINDQVIST, COORDINATOR, snf):
         assert care.told(AMARA, address)[-1] == corrected, address
-    (mail,) = [m for m in care.mailbox.mails if m.to == snf and "Corrected" in m.subject]
+    (mail,) = [m for m in care.mailbox.mails if m.to == LINDQVIST and "Corrected" in m.subject]
     body = " ".join(mail.body.split())
     assert "discharged 01 (home or self care)" in body
     replaced = "This replaces the earlier notice: 03 (to a skilled nursing facility) to Maple Grove"
     assert replaced in body
+    # The facility, off the team now, gets the minimum: that its notice no longer stands.
+    (mail,) = [m for m in care.mailbox.mails if m.to == snf and "Corrected" in m.subject]
+    body = " ".join(mail.body.split())
+    assert "The earlier discharge notice you received no longer stands" in body
+    assert "home" not in body
     care.send(
         adt(
             "A03",
@@ -412,3 +417,79 @@ def test_those_told_of_a_discharge_hear_its_correction(care: Care) -> None:
         )
     )
     assert [k for k, _ in care.told(AMARA, LINDQVIST)].count("discharge_corrected") == 2
+
+
+RIVERBEND = "intake@riverbend-irf.example.org"
+MAPLEGROVE = "admissions@maplegrove-snf.example.com"
+
+
+def correction(
+    control_id: str, at: str, disposition: str, to: str = "", event: str = "A03"
+) -> bytes:
+    return adt(
+        event, control_id, at, discharge="20261201153000-0600", disposition=disposition, to=to
+    )
+
+
+def test_a_facility_named_only_by_a_correction_hears_it_corrected_away_and_cancelled(
+    care: Care,
+) -> None:
+    """Home, then corrected to a rehabilitation facility (told), then to a nursing facility:
+    the first facility hears it was corrected away; an A13 then reaches both facilities."""
+    admit_and_discharge(care, "01")
+    care.send(correction("CD-3", "20261201170000-0600", "62", "RIVERBEND_IRF"))
+    assert [k for k, _ in care.told(AMARA, RIVERBEND)] == ["discharge_corrected"]
+    care.send(correction("CD-4", "20261201180000-0600", "03", "MAPLEGROVE_SNF"))
+    assert [k for k, _ in care.told(AMARA, RIVERBEND)] == ["discharge_corrected"] * 2
+    assert [k for k, _ in care.told(AMARA, MAPLEGROVE)] == ["discharge_corrected"]
+    care.send(adt("A13", "CD-5", "20261201190000-0600"))
+    for facility in (RIVERBEND, MAPLEGROVE):
+        assert care.told(AMARA, facility)[-1][0] == "retraction", facility
+
+
+def test_an_a08_correction_naming_a_facility_tells_that_facility(care: Care) -> None:
+    admit_and_discharge(care, "01")
+    care.send(correction("CD-3", "20261201170000-0600", "03", "MAPLEGROVE_SNF", event="A08"))
+    assert [k for k, _ in care.told(AMARA, MAPLEGROVE)] == ["discharge_corrected"]
+
+
+def test_the_care_platform_hears_a_corrected_discharge_over_fhir(care: Care) -> None:
+    admit_and_discharge(care, "03", "MAPLEGROVE_SNF")
+    care.send(correction("CD-3", "20261201170000-0600", "01"))
+
+    def discharges() -> list[bytes]:
+        return [r.body for r in care.http.requests if b"notification-discharge" in r.body]
+
+    bodies = discharges()
+    assert len(bodies) == 2, [r.path for r in care.http.requests]
+    assert b'"code": "01"' in bodies[1] or b'"code":"01"' in bodies[1]
+
+
+def test_a_minimum_detail_reader_hears_of_the_correction_without_its_details(care: Care) -> None:
+    """An SMS coordinator on minimum detail: the correction says that the discharge was
+    corrected, not where the patient went or went before."""
+    patient = "RG100235"
+    care.send(
+        adt("A01", "MD-1", "20261127090000-0600", patient=patient, admit="20261127090000-0600"),
+        adt(
+            "A03",
+            "MD-2",
+            "20261201153000-0600",
+            patient=patient,
+            discharge="20261201153000-0600",
+            disposition="03",
+            to="MAPLEGROVE_SNF",
+        ),
+        adt(
+            "A03",
+            "MD-3",
+            "20261201170000-0600",
+            patient=patient,
+            discharge="20261201153000-0600",
+            disposition="01",
+        ),
+    )
+    texts = [r.body.decode() for r in care.http.requests if r.path == "/messages"]
+    corrected = [t for t in texts if "corrected the discharge" in t]
+    assert corrected, texts
+    assert all("replaces" not in t and "nursing" not in t for t in corrected), corrected

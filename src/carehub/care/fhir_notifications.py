@@ -258,6 +258,10 @@ def notification_event(transition: Transition, kinds: list[str]) -> tuple[str | 
         if told not in kinds:
             return None, f"{told} notifications are not sent on this forward"
         return told, ""
+    if kind == "discharge_corrected":
+        # The hospital changed the disposition or destination: the discharge notification
+        # again, with the Encounter as it stands now (its dischargeDisposition corrected).
+        kind = "discharge"
     if kind == "transfer" and transition.summary.get("previous_state") == "registered":
         # An outpatient visit (never notified) that became an inpatient stay: to a receiver
         # that has heard nothing of it, it is an admission.

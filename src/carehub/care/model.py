@@ -12,6 +12,9 @@ from typing import Any, Literal, get_args
 
 #: Transitions worth telling a care team about (CMS e-notification events and their undoing).
 NOTIFIABLE = ("ed_arrival", "admission", "transfer", "discharge")
+#: What a notice told of a visit may be: the notifiable transitions and a corrected
+#: discharge (told where a discharge notice goes, carehub.care.notify).
+TOLD_OF_A_VISIT = (*NOTIFIABLE, "discharge_corrected")
 #: What a cancel retracts.
 RETRACTS = {
     "cancel_admission": "admission",

@@ -41,7 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from sqlalchemy import and_, func, insert, select, update
 
 from carehub.builtins.messaging import SmsChannel
-from carehub.care.model import DIED, DISPOSITIONS, NOTIFIABLE, CareTeam, Recipient, Transition
+from carehub.care.model import (
+    DIED,
+    DISPOSITIONS,
+    NOTIFIABLE,
+    TOLD_OF_A_VISIT,
+    CareTeam,
+    Recipient,
+    Transition,
+)
 from carehub.care.roster import ROLES, CareTeamEnricher
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
@@ -271,10 +279,14 @@ class Notifier:
         retracted_kind = transition.retracts
         if retracted_kind:
             kinds = {retracted_kind}
+            if retracted_kind == "discharge":
+                # Whoever heard only of a correction of it (a facility it named) hears it
+                # taken back too.
+                kinds.add("discharge_corrected")
             if transition.state == "cancelled":
                 # The whole visit was cancelled (an A11 for an ED registration or a direct
                 # admission): take back everything told about it, not only an admission.
-                kinds |= set(NOTIFIABLE)
+                kinds |= set(TOLD_OF_A_VISIT)
             decisions += self._retract(transition, kinds)
         elif transition.kind in self.config.kinds or (
             transition.kind == "discharge_corrected" and "discharge" in self.config.kinds
@@ -538,7 +550,7 @@ class Notifier:
                     "when": context["occurred_at"] or _received(row["created_at"], self.zone),
                     "label": KIND_LABELS.get(kind, kind or "notification"),
                     "correction": correction,
-                    "died": kind == "discharge" and not correction and context["died"],
+                    "died": kind in DISCHARGE_NOTICES and not correction and context["died"],
                     "patient_name": context["patient_name"],
                     "institution": context["institution"],
                 }
@@ -1016,7 +1028,7 @@ def _no_longer_listed(earlier: list[dict[str, Any]], team: CareTeam) -> list[Rec
     addresses = {(r.channel, r.address.strip().lower()) for r in team.recipients}
     found: dict[str, Recipient] = {}
     for row in earlier:
-        if row["status"] not in TOLD or row["kind"] not in NOTIFIABLE or not row["address"]:
+        if row["status"] not in TOLD or row["kind"] not in TOLD_OF_A_VISIT or not row["address"]:
             continue
         if row["recipient"] in listed or (row["channel"], row["address"].lower()) in addresses:
             continue

@@ -1211,7 +1211,10 @@ class CareTeamEnricher(Enricher):
         builder.add(entry.recipient(f"npi:{npi}", "pcp"), npi=npi)
 
     def _add_post_acute(self, event: Any, encounter: Any, builder: _TeamBuilder) -> None:
-        discharge = event.kind == "discharge" or _transition_field(encounter, "kind") == "discharge"
+        discharge = event.kind == "discharge" or _transition_field(encounter, "kind") in (
+            "discharge",
+            "discharge_corrected",
+        )
         code = event.encounter.discharged_to if event.encounter else None
         if not discharge or not code:
             return
