@@ -22,7 +22,9 @@ Rules (see docs on each handler for the reasons):
 - A message's facts (class, location, facility, the snapshot) are applied only when it is not
   older (EVN-2, else MSH-7) than the message whose facts the visit holds; an older one, late or
   out of order, only fills gaps, so a late A01 or A04 cannot put a discharged inpatient back
-  in the ED. The first PV1-44 heard sets when the visit opened.
+  in the ED. Times are compared only when both carry a UTC offset or neither does (a feed
+  mixing the two cannot be ordered: such a message is applied). The first PV1-44 heard sets
+  when the visit opened.
 - A04 class E -> ``ed_arrival`` (state ed); other classes -> ``registration`` (registered).
   The first A04 of a visit an update already put in the ED is its ``ed_arrival``.
 - A01/A06 -> ``admission`` (admitted); already admitted or discharged -> ``none``. A visit an
@@ -190,7 +192,7 @@ class EncounterRecord:
         out = asdict(self)
         for name, value in out.items():
             if isinstance(value, datetime):
-                out[name] = value.isoformat()
+                out[name] = _utc_iso(value)
         return out
 
 
@@ -237,6 +239,12 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _utc_iso(value: datetime | None) -> str | None:
+    """A time for the command line's JSON: in UTC and saying so, as the store keeps times (a
+    message time sent without an offset is read as UTC, as the hub reads it)."""
+    return _aware(value).astimezone(UTC).isoformat() if value is not None else None
 
 
 def visit_key(visit_number: Identifier) -> str:
@@ -310,9 +318,14 @@ def _held_since(rec: EncounterRecord) -> datetime | None:
 def _older_than_held(rec: EncounterRecord, event: CareEvent) -> bool:
     """Whether the message happened before the one whose facts the visit holds: a message
     that arrives late (out of order, or sent again after newer news) must not put back what is
-    no longer so. Without both times nothing can be told, and the message is applied."""
+    no longer so. Without both times nothing can be told, and the message is applied. Nor
+    when only one of them carries a UTC offset: a time without one is the sender's local
+    time, hours away from UTC, so a feed that mixes the two would have real news (a transfer
+    an hour later) judged old; such a message is applied as it comes."""
     held = _held_since(rec)
     if held is None or event.occurred_at is None:
+        return False
+    if (held.tzinfo is None) != (event.occurred_at.tzinfo is None):
         return False
     return _later(held, event.occurred_at)
 
@@ -1495,17 +1508,22 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
 def patient_key_matches(conn: Connection, column: Any, patient: str) -> Any:
     """The condition on a patient-key ``column`` (``encounters``, ``followups``) for a patient
     as a person types it: ``authority|id`` or a bare id, following merges (a retired id shows
-    the survivor's rows)."""
-    keys = {patient}
-    merged = conn.execute(
-        select(patient_merges.c.retired_key, patient_merges.c.surviving_key).where(
+    the survivor's rows, through a chain of merges too)."""
+
+    def merged_into(key: str) -> str | None:
+        return conn.execute(
+            select(patient_merges.c.surviving_key).where(patient_merges.c.retired_key == key)
+        ).scalar()
+
+    retired = conn.execute(
+        select(patient_merges.c.retired_key).where(
             or_(
                 patient_merges.c.retired_key == patient,
                 patient_merges.c.retired_key.like(f"%|{patient}"),
             )
         )
-    )
-    keys |= {row.surviving_key for row in merged}
+    ).scalars()
+    keys = {patient} | {follow_merges(merged_into, key) for key in retired}
     conditions: list[Any] = [column.in_(sorted(keys))]
     if "|" not in patient:
         conditions.append(column.like(f"%|{patient}"))
@@ -1552,8 +1570,8 @@ class TimelineEntry:
             "control_id": self.control_id,
             "trigger_event": event.trigger_event,
             "transition": event.transition,
-            "occurred_at": _iso(event.occurred_at),
-            "recorded_at": _iso(event.recorded_at),
+            "occurred_at": _utc_iso(event.occurred_at),
+            "recorded_at": _utc_iso(event.recorded_at),
             "note": event.detail.get("note"),
             "notifications": self.notifications,
         }
@@ -1584,7 +1602,7 @@ def _notification(row: Any) -> dict[str, Any]:
         "kind": row.kind,
         "status": row.status,
         "reason": row.reason,
-        "created_at": _iso(_aware(row.created_at)),
+        "created_at": _utc_iso(row.created_at),
     }
 
 

@@ -63,6 +63,7 @@ from carehub.components import ComponentContext, ComponentOptions, Enricher, Wor
 from carehub.config import read_config_text
 from carehub.errors import CarehubError, ConfigError
 from carehub.events import parse_hl7_datetime
+from carehub.store.schema import encounters as encounters_table
 from carehub.store.schema import followups as followups_table
 from carehub.store.store import _aware
 
@@ -327,6 +328,11 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _minute(moment: datetime) -> str:
+    """A time to the minute in UTC, for messages."""
+    return _utc(moment).strftime("%Y-%m-%d %H:%M")
+
+
 @dataclass(slots=True)
 class FollowupMemory:
     """The ``followups`` table kept in memory, for dry runs and tests without a store."""
@@ -499,7 +505,17 @@ class FollowupClock:
     def complete(self, item_id: int, now: datetime) -> FollowupItem:
         """Mark an item done at ``now`` (when the contact or visit happened). Done again is a
         no-op. A withdrawn or unknown item raises FollowupError, because completing it would
-        record work that is no longer owed (a discharge withdrawn, a patient readmitted)."""
+        record work that is no longer owed (a discharge withdrawn, a patient readmitted), and
+        so does a time before the visit's discharge: a transitional-care contact or visit
+        before the patient left cannot count."""
+        pending = self.get(item_id)
+        if pending is not None and pending.status in PENDING:
+            discharged = self._discharged_at(pending.encounter_id)
+            if discharged is not None and _utc(now) < discharged:
+                raise FollowupError(
+                    f"follow-up {item_id} cannot be done at {_minute(now)} UTC: that is before "
+                    f"the discharge at {_minute(discharged)} UTC; not changed"
+                )
         self._change(
             lambda i: i.id == item_id and i.status in PENDING,
             [followups_table.c.id == item_id, followups_table.c.status.in_(PENDING)],
@@ -539,6 +555,20 @@ class FollowupClock:
                 .returning(*followups_table.c)
             ).all()
         return sorted((_item(r) for r in rows), key=lambda i: i.id)
+
+    def _discharged_at(self, encounter_id: int) -> datetime | None:
+        """When the visit was discharged, in UTC (a time sent without an offset is read as
+        UTC, as the hub reads it); None when unknown (dry runs keep no encounters)."""
+        if self._memory is not None:
+            return None
+        assert isinstance(self.target, Engine)
+        with self.target.connect() as conn:
+            found = conn.execute(
+                select(encounters_table.c.discharged_at).where(
+                    encounters_table.c.id == encounter_id
+                )
+            ).scalar()
+        return _utc(found) if found is not None else None
 
     # -- reading --------------------------------------------------------------------------
     def get(self, item_id: int) -> FollowupItem | None:
@@ -955,7 +985,7 @@ def list_followups(
     "happened_at",
     callback=moment,
     help="When the contact or visit took place: an ISO date/time (without an offset: UTC) "
-    "or an age back from now (2h, 1d). Default: now.",
+    "or an age back from now (2h, 1d), not before the discharge. Default: now.",
 )
 def done_followup(
     config: HubConfig, data_dir: Path, item_id: int, happened_at: datetime | None
