@@ -368,6 +368,11 @@ def test_a_hub_paused_mid_outage_burns_no_attempts_until_resumed(tmp_path: Path)
             receiver.respond = lambda _: 200
             assert cli(config_path, data_dir, "destinations", "resume", DESTINATION).exit_code == 0
             wait_for(lambda: len(receiver.ok()) == 1, what="delivered after the resume")
+            # The attempt is recorded once the send returned: wait for the store to say so.
+            wait_for(
+                lambda: delivery_of(hub.store, "RGH-R-0001").status == "delivered",
+                what="the delivery recorded",
+            )
             assert delivery_of(hub.store, "RGH-R-0001").attempts == 2
 
 

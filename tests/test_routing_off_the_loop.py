@@ -133,7 +133,7 @@ def test_a_failure_run_outlasts_the_retry_waits() -> None:
     assert not trouble.failing
     (said,) = [r.getMessage() for r in records]
     assert "this run of failures is closed" in said
-    assert "-0.0" not in said and "in the 0.0 s before" in said
+    assert "-0.0" not in said and "failed in the 0.0 s before" in said
 
 
 def test_routing_on_a_thread_keeps_each_patients_order(tmp_path: Path) -> None:

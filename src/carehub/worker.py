@@ -1309,8 +1309,8 @@ class DestinationTrouble:
         assert self.run.failing_since is not None
         log.warning(
             "sending to %s: no failed attempts for %.0f s, longer than its retries wait; this "
-            "run of failures is closed, whether the destination works again or its deliveries "
-            "are all dead letters (%d attempt(s) failed in the %.1f s before)",
+            "run of failures is closed (the destination may be back, or its deliveries all dead "
+            "letters; %d attempt(s) failed in the %.1f s before)",
             self.destination,
             quiet,
             self._failed_in_run,
