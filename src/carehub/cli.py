@@ -2143,7 +2143,7 @@ def worker_command(
 # -- store maintenance -----------------------------------------------------------------------
 @main.group()
 def store() -> None:
-    """Store maintenance: schema upgrades and retention."""
+    """Store maintenance: schema upgrades, retention and the store's identity."""
 
 
 @store.command("upgrade")
@@ -2162,10 +2162,14 @@ def store_upgrade(config: HubConfig, data_dir: Path) -> None:
 @hub_options
 @click.argument("revision")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def store_downgrade(config: HubConfig, data_dir: Path, revision: str, yes: bool) -> None:
+@click.option("--force", is_flag=True, help="Even while carehub processes run on the store.")
+def store_downgrade(
+    config: HubConfig, data_dir: Path, revision: str, yes: bool, force: bool
+) -> None:
     """Take the store's schema back to REVISION (e.g. 0014), for going back to the release
-    that knew it: stop every carehub process first. What the later revisions added is dropped
-    (their tables, e.g. the store's identity); the messages and deliveries stay."""
+    that knew it: stop every carehub process first (it refuses while one runs on the store,
+    unless --force). What the later revisions added is dropped (their tables, e.g. the
+    store's identity); the messages and deliveries stay."""
     from alembic.util import CommandError as AlembicError
 
     from carehub.hub import open_store
@@ -2177,6 +2181,8 @@ def store_downgrade(config: HubConfig, data_dir: Path, revision: str, yes: bool)
         behind = opened.schema_behind()
         if behind is not None and "newer carehub" in behind:
             raise CarehubError(f"{behind}; it takes its own schema back")
+        if not force:
+            _refuse_while_processes_run(opened, f"store downgrade to {revision}")
         if not yes:
             click.confirm(
                 f"Take the store from schema revision {current} back to {revision}?", abort=True
@@ -2188,6 +2194,74 @@ def store_downgrade(config: HubConfig, data_dir: Path, revision: str, yes: bool)
         click.echo(f"store at schema revision {opened.schema_revision()}")
     finally:
         opened.close()
+
+
+@store.command("renew-identity")
+@hub_options
+@click.option("--force", is_flag=True, help="Even while carehub processes run on the store.")
+@operator_option
+def store_renew_identity(
+    config: HubConfig, data_dir: Path, force: bool, operator: str | None
+) -> None:
+    """Give the store a new identity, after restoring it from a backup in a way carehub
+    cannot tell by itself: a SQLite store file copied back, a PostgreSQL cluster restored
+    from a file-level backup or snapshot in the same place.
+
+    A restored store numbers messages on from where its backup ended, so it gives again the
+    ids it gave after the backup. Idempotency keys take in the store's identity: with a new
+    one, what it sends from now on cannot be taken for what it sent before by a receiver
+    that drops repeats by key. Deliveries made before keep their keys. A PostgreSQL dump
+    restored into a database made anew, or onto another cluster, has a new identity by
+    itself. Run it with every carehub process stopped (it refuses while one runs on the
+    store, unless --force): a running process keeps the identity it read at its start."""
+    from carehub.hub import open_store
+
+    opened = open_store(config, data_dir, must_exist=True)
+    try:
+        if not force:
+            _refuse_while_processes_run(opened, "store renew-identity")
+        with _audited(opened, "store renew-identity", "the store's identity", operator):
+            opened.renew_identity()
+    finally:
+        opened.close()
+    click.echo(
+        "the store has a new identity: deliveries made from now on go under new idempotency "
+        "keys; those made before keep theirs"
+    )
+
+
+def _refuse_while_processes_run(store: MessageStore, command: str) -> None:
+    """Raise when a carehub process says it runs on this store (its row in the process list
+    was refreshed within STALE_AFTER): a command that changes what they rely on must not
+    run under them."""
+    from sqlalchemy import inspect, select
+
+    from carehub.store.processes import STALE_AFTER
+    from carehub.store.schema import hub_processes
+    from carehub.store.store import _aware
+
+    now = datetime.now(UTC)
+    table = hub_processes.c
+    with store.engine.connect() as conn:
+        if not inspect(conn).has_table("hub_processes"):
+            return  # a schema from before the process list (revision 0013)
+        # The columns every revision of the list has: the store may be at an older one.
+        rows = conn.execute(
+            select(table.role, table.host, table.pid, table.version, table.last_seen)
+            .where(table.last_seen >= now - STALE_AFTER)
+            .order_by(table.role, table.host, table.pid)
+        ).all()
+    if not rows:
+        return
+    names = "; ".join(
+        f"{row.role} on {row.host} (pid {row.pid}, carehub {row.version}, last seen "
+        f"{(now - _aware(row.last_seen)).total_seconds():.0f} s ago)"
+        for row in rows
+    )
+    raise CarehubError(
+        f"{command}: carehub processes run on this store: {names}; stop them first "
+        "(--force runs it anyway)"
+    )
 
 
 @store.command("prune")

@@ -13,7 +13,8 @@ Two writers, one contract:
   socket buffers and join the next, larger group.
 - ``ThreadedGroupCommit`` commits on its own thread, one group in flight, for PostgreSQL
   (network round trips) and for durability=power (an fsync per commit): both release the GIL,
-  so the loop keeps reading frames while the writer waits, and they form the next group.
+  so the loop keeps reading frames while the writer waits, and they form the next group. A
+  commit still unanswered after COMMIT_PATIENCE is given up on (see ``_overdue``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import concurrent.futures
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from carehub.store.failure_run import FailureRun
 from carehub.store.store import GateBusy, InsertOutcome, MessageStore, NewMessage, StoreBusy
@@ -34,6 +36,12 @@ LOCK_RETRY = 0.0005  # seconds between tries while another process holds SQLite'
 GATE_FALLBACK = 0.05  # a safety net only: the write gate wakes intake when it is let go
 GATHER_SECONDS = 0.0005  # how long a forming group may wait for more (see _still_forming)
 LOCK_PATIENCE = 30.0  # then the waiting messages are answered "not stored"
+#: Seconds a commit on the writer thread may go unanswered: then the messages waiting on it,
+#: and those behind them, are answered "not stored, please resend" (see ThreadedGroupCommit).
+#: Longer than a busy commit ever takes, and than SQLite's lock wait in a serving hub.
+COMMIT_PATIENCE = 15.0
+#: Why a message was not stored while SQLite's write lock was held by another writer.
+LOCK_HELD = "the store's write lock is held by another writer"
 
 
 class StoreUnavailable(RuntimeError):
@@ -59,17 +67,23 @@ class GroupCommit:
     @property
     def failing(self) -> bool:
         """Whether intake's writes are failing now (a write lock held past LOCK_PATIENCE, a
-        full disk). A run of failures ends with the next write that works; with no message
-        to store, ``writable`` tries one of its own."""
+        full disk, a commit unanswered past COMMIT_PATIENCE). A run of failures ends with the
+        next write that works; with no message to store, ``writable`` tries one of its own."""
         return self.failures.failing_since is not None
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a commit given up on has still not come back (ThreadedGroupCommit)."""
+        return False
 
     def writable(self) -> bool:
         """False while intake's writes fail; while they do, a test write decides, so /health
         stops saying "not storing" once the lock is let go or space is freed, before the
-        next message comes (a balancer that took the hub out sends none)."""
+        next message comes (a balancer that took the hub out sends none). While a commit
+        given up on has not come back, the store has not answered it: no test write then."""
         if not self.failing:
             return True
-        if not self.store.can_write():
+        if self.stuck or not self.store.can_write():
             return False
         self.failures.succeeded()
         return True
@@ -102,14 +116,15 @@ class GroupCommit:
     ) -> list[InsertOutcome] | StoreUnavailable:
         try:
             outcomes = self.store.insert_messages(messages)
-        except StoreBusy:
-            if busy_ok:
-                raise
-            return self._not_stored(
-                StoreUnavailable("the store's write lock is held by another writer"), messages
-            )
         except Exception as err:  # the callers answer with an error ACK; the hub keeps running
+            if busy_ok and isinstance(err, StoreBusy):
+                raise
             return self._not_stored(err, messages)
+        return self._stored(messages, outcomes)
+
+    def _stored(
+        self, messages: list[NewMessage], outcomes: list[InsertOutcome]
+    ) -> list[InsertOutcome]:
         self.failures.succeeded()
         self.batches += 1
         self.rows += len(messages)
@@ -119,6 +134,8 @@ class GroupCommit:
         """Why these messages were not stored, for their answers; every such failure goes
         through ``failures``, which logs the run once when it starts, every 30 s while it
         lasts and when it ends (a lock held for minutes must not be silent)."""
+        if isinstance(err, StoreBusy):
+            err = StoreUnavailable(LOCK_HELD)
         self.failures.failed(err, len(messages))
         return err if isinstance(err, StoreUnavailable) else StoreUnavailable(str(err))
 
@@ -254,20 +271,40 @@ class InlineGroupCommit(GroupCommit):
         self._scheduled = False
 
 
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """A group handed to the writer thread, until its commit comes back."""
+
+    group: list[tuple[NewMessage, Committed]]
+    commit: concurrent.futures.Future[list[InsertOutcome] | Exception]
+    #: Answered "not stored" once it was overdue (ThreadedGroupCommit._overdue).
+    given_up: bool = False
+    deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
 class ThreadedGroupCommit(GroupCommit):
     """Commits on a writer thread, one group in flight at a time.
 
     While the thread commits a group, the loop keeps reading frames; everything that arrives
     meanwhile becomes the next group, handed over whole (one hand-off and one wake-up per
     commit, not per message). Measured with `make bench`, power durability: 0.14 of the bare
-    server's rate, against 0.097 when each message was queued to the thread on its own."""
+    server's rate, against 0.097 when each message was queued to the thread on its own.
+
+    A commit unanswered after COMMIT_PATIENCE (a database server or network gone silent) is
+    given up on: its messages, and those waiting behind it, are answered "not stored, please
+    resend", and so is every message that comes until it is back. Should it have committed
+    after all, each resend is recognised as one and answered AA."""
 
     def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
         super().__init__(store, max_batch)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._waiting: list[tuple[NewMessage, Committed]] = []
-        self._in_flight = False
+        self._flight: _Flight | None = None
         self._dispatch_scheduled = False
+
+    @property
+    def stuck(self) -> bool:
+        return self._flight is not None and self._flight.given_up
 
     def start(self) -> None:
         if self._executor is None:
@@ -276,17 +313,25 @@ class ThreadedGroupCommit(GroupCommit):
             )
 
     async def close(self) -> None:
-        while self._waiting or self._in_flight:
-            if not self._in_flight:
+        """Commit what is waiting; with a commit given up on and not back, answer it "not
+        stored" instead, and stop without waiting for the writer thread."""
+        while self._waiting or self._flight is not None:
+            if self.stuck:
+                self._answer_now(self._take_waiting())
+                break
+            if self._flight is None:
                 self._dispatch()
             await asyncio.sleep(0.001)
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=not self.stuck)
             self._executor = None
 
     def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        if self.stuck:
+            self._answer_now([(message, done)])
+            return
         self._waiting.append((message, done))
-        if not self._in_flight and not self._dispatch_scheduled:
+        if self._flight is None and not self._dispatch_scheduled:
             # At the end of this loop iteration, so frames read in it share the commit.
             self._dispatch_scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)
@@ -294,24 +339,69 @@ class ThreadedGroupCommit(GroupCommit):
     def _dispatch(self) -> None:
         """Hand the waiting messages to the writer thread as one group."""
         self._dispatch_scheduled = False
-        if self._in_flight or not self._waiting:
+        if self._flight is not None or not self._waiting:
             return
         self.start()
         assert self._executor is not None
         group = self._waiting[: self.max_batch]
         del self._waiting[: len(group)]
-        self._in_flight = True
         messages = [message for message, _ in group]
-        done = asyncio.wrap_future(self._executor.submit(self._write, messages))
-        done.add_done_callback(functools.partial(self._committed, group))
+        flight = self._flight = _Flight(group, self._executor.submit(self._insert, messages))
+        loop = asyncio.get_running_loop()
+        flight.deadline = loop.call_later(COMMIT_PATIENCE, self._overdue, flight)
+        asyncio.wrap_future(flight.commit).add_done_callback(
+            functools.partial(self._committed, flight)
+        )
+
+    def _insert(self, messages: list[NewMessage]) -> list[InsertOutcome] | Exception:
+        """On the writer thread: the outcome is counted and answered on the loop."""
+        try:
+            return self.store.insert_messages(messages)
+        except Exception as err:
+            return err
 
     def _committed(
         self,
-        group: list[tuple[NewMessage, Committed]],
-        done: asyncio.Future[list[InsertOutcome] | StoreUnavailable],
+        flight: _Flight,
+        done: asyncio.Future[list[InsertOutcome] | Exception],
     ) -> None:
-        self._in_flight = False
-        outcome = StoreUnavailable("the writer stopped") if done.cancelled() else done.result()
-        _settle([done for _, done in group], outcome)
+        self._flight = None
+        if flight.deadline is not None:
+            flight.deadline.cancel()
+        messages = [message for message, _ in flight.group]
+        callbacks = [done for _, done in flight.group]
+        result = StoreUnavailable("the writer stopped") if done.cancelled() else done.result()
+        if isinstance(result, Exception):
+            if not flight.given_up:  # else answered and counted when it was given up on
+                _settle(callbacks, self._not_stored(result, messages))
+        else:
+            outcome = self._stored(messages, result)  # committed, even if given up on
+            if not flight.given_up:
+                _settle(callbacks, outcome)
         if self._waiting:
             self._dispatch()
+
+    def _overdue(self, flight: _Flight) -> None:
+        """The commit in flight has had no answer for COMMIT_PATIENCE: answer its messages
+        and those waiting behind it "not stored", and hang up on the database server, so
+        that the writer thread (and whatever else waits on the server) fails now and the
+        next commit connects anew."""
+        if self._flight is not flight or flight.commit.done():
+            return  # back meanwhile: its outcome is on its way to _committed
+        flight.given_up = True
+        self._answer_now(flight.group + self._take_waiting())
+        if not self.store.is_sqlite:
+            self.store.hang_up()
+
+    def _take_waiting(self) -> list[tuple[NewMessage, Committed]]:
+        waiting, self._waiting = self._waiting, []
+        return waiting
+
+    def _answer_now(self, group: list[tuple[NewMessage, Committed]]) -> None:
+        """Answer ``group`` "not stored" while a commit has no answer (on the next loop
+        pass: a caller of submit_soon is not called back from inside it)."""
+        if not group:
+            return
+        reason = StoreUnavailable(f"the store has not answered a commit for {COMMIT_PATIENCE:g} s")
+        outcome = self._not_stored(reason, [message for message, _ in group])
+        asyncio.get_running_loop().call_soon(_settle, [done for _, done in group], outcome)

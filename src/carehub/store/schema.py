@@ -103,7 +103,8 @@ id_floors = Table(
 # Message ids start at 1 in every store, so what a store sends under them (delivery idempotency
 # keys, FHIR message ids) must also say which store: two hubs, or a store rebuilt, sending to one
 # receiver would otherwise give two patients' messages the same key. One row, made when the
-# schema is created (migration 0015), never changed.
+# schema is created (migration 0015), changed only by `carehub store renew-identity` (after a
+# restore, see MessageStore.instance_id).
 store_identity = Table(
     "store_identity",
     metadata,

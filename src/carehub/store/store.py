@@ -9,8 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import socket
 import sqlite3
 import threading
+import time
+import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,6 +44,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
 from carehub import __version__
 from carehub.hl7.charsets import decode_message
@@ -555,6 +562,34 @@ def _aware(value: datetime) -> datetime:
 #: Seconds a SQLite call waits for a write lock another connection holds (SQLite's busy timeout).
 LOCK_TIMEOUT = 30.0
 
+#: libpq's bounds on every PostgreSQL connection, so that a server or network that goes
+#: silent (a dropped route, a dead host) fails the connection within about 15 s instead of
+#: leaving it waiting forever: connecting at all takes at most connect_timeout seconds, an
+#: idle or waiting connection is probed after keepalives_idle seconds and given up after
+#: keepalives_count unanswered probes, and data the server has not acknowledged fails the
+#: connection after tcp_user_timeout milliseconds. A value the store URL sets wins.
+PG_CONNECTION_BOUNDS: dict[str, int] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+#: The same bounds asked of the server for its end of each connection (session settings):
+#: a transaction whose client was lost, or hung up on (MessageStore.hang_up), then ends
+#: within seconds. Left open, it would hold the rows it wrote, and a resend of its message
+#: would wait on them for as long as the server's own keepalive takes (two hours, usually).
+PG_SERVER_BOUNDS: dict[str, int] = {
+    "tcp_keepalives_idle": 5,
+    "tcp_keepalives_interval": 2,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+#: Seconds /health waits for the store to answer a check (``ping``, ``can_write``).
+PROBE_PATIENCE = 5.0
+
 
 #: Rows a search reads per query (see MessageStore.search).
 SEARCH_PAGE = 500
@@ -614,6 +649,86 @@ class RecentMessages:
 
 #: Built once: the worker reads every batch of messages through it (see outbox.py on why).
 _MESSAGES_BY_ID = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def _server_connect_args(url: str) -> dict[str, Any]:
+    """PG_CONNECTION_BOUNDS, less what the URL sets itself; a URL SQLAlchemy has no dialect
+    for is a StoreError that says how to write one for PostgreSQL."""
+    parsed = make_url(url)
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError as err:
+        if parsed.get_backend_name() == "postgres":
+            raise StoreError(
+                f"{err}: a PostgreSQL store URL begins postgresql+psycopg:// "
+                "(postgresql+psycopg://USER@HOST/DATABASE)"
+            ) from err
+        raise
+    if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+        return {}  # libpq's parameters mean nothing to other drivers
+    return {key: value for key, value in PG_CONNECTION_BOUNDS.items() if key not in parsed.query}
+
+
+def _database_place(conn: Any) -> str:
+    """Where this PostgreSQL database lives: the cluster's system identifier (new for every
+    cluster initdb makes) and the database's OID (new for every CREATE DATABASE). A dump
+    restored with pg_restore into a database made anew, or onto another cluster, is in
+    another place. The system identifier is readable without superuser on a stock server;
+    where a managed service hides it, the OID alone tells."""
+    oid = conn.exec_driver_sql(
+        "SELECT oid FROM pg_database WHERE datname = current_database()"
+    ).scalar()
+    system: object = "hidden"
+    try:
+        with conn.begin_nested():
+            system = conn.exec_driver_sql(
+                "SELECT system_identifier FROM pg_control_system()"
+            ).scalar()
+    except DBAPIError:
+        pass
+    return f"{system}/{oid}"
+
+
+def _hang_up(connection: Any) -> None:
+    """Shut a psycopg connection's socket down, from any thread: whoever waits on it gets an
+    error at once, where an answer might otherwise never come. Only the socket is shut, not
+    closed: its owner still closes the connection, and the descriptor stays its own."""
+    if connection.closed:
+        return
+    with socket.socket(fileno=os.dup(connection.pgconn.socket)) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
+
+
+class _Probe:
+    """A check of the store that answers within ``patience`` seconds, for /health: a load
+    balancer waiting on a server that went silent would otherwise wait forever, and not take
+    the hub out. The check runs on a thread of its own, one at a time: a check still waiting
+    from an earlier call past its patience counts as failed at once."""
+
+    def __init__(self, check: Callable[[], bool], patience: float) -> None:
+        self._check = check
+        self._patience = patience
+        self._lock = threading.Lock()
+        self._running: tuple[float, threading.Event, list[bool]] | None = None
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self._running is None or self._running[1].is_set():
+                self._running = (time.monotonic(), threading.Event(), [])
+                threading.Thread(
+                    target=self._run, args=self._running[1:], name="store-probe", daemon=True
+                ).start()
+            started, finished, result = self._running
+        finished.wait(max(0.0, started + self._patience - time.monotonic()))
+        return bool(result) and result[0]
+
+    def _run(self, finished: threading.Event, result: list[bool]) -> None:
+        try:
+            result.append(self._check())
+        except Exception:
+            result.append(False)
+        finally:
+            finished.set()
 
 
 def _alembic_config() -> AlembicConfig:
@@ -684,7 +799,12 @@ class MessageStore:
         self.sql = DriverSQL(self.is_sqlite)
         #: SQLite only: one writer at a time inside the process, intake first.
         self.write_gate = WriteGate()
+        #: PostgreSQL: every connection the engine opened and has not let go (see hang_up).
+        self._server_connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._server_connections_lock = threading.Lock()
         self.engine = self._create_engine(url, background_checkpoint, lock_timeout)
+        self._ping_probe = _Probe(self._ping_now, PROBE_PATIENCE)
+        self._write_probe = _Probe(self._can_write_now, PROBE_PATIENCE)
         self._checkpointer: _WalCheckpointer | None = None
         if self.is_sqlite and background_checkpoint:
             self._checkpointer = _WalCheckpointer(self.engine)
@@ -701,9 +821,16 @@ class MessageStore:
     # -- lifecycle ------------------------------------------------------------------------
     def _create_engine(self, url: str, background_checkpoint: bool, lock_timeout: float) -> Engine:
         if not self.is_sqlite:
-            return create_engine(
-                url, pool_pre_ping=True, pool_size=5, max_overflow=10, hide_parameters=True
+            engine = create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=5,
+                max_overflow=10,
+                hide_parameters=True,
+                connect_args=_server_connect_args(url),
             )
+            event.listen(engine, "connect", self._on_server_connect)
+            return engine
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -745,8 +872,8 @@ class MessageStore:
         return (
             f"the store's schema is at revision {revision or 'none'} and this carehub "
             f"{__version__} needs {head}: run `carehub store upgrade` (or start `carehub serve` "
-            "or `carehub worker`, which upgrade it), once the older release's processes "
-            "have stopped"
+            "or `carehub worker`, which upgrade it) once no process of an earlier carehub "
+            "release runs on the store (it could not work with the newer schema)"
         )
 
     def migrate(self) -> None:
@@ -772,13 +899,39 @@ class MessageStore:
 
     @functools.cached_property
     def instance_id(self) -> str:
-        """This store's own random id (store_identity, made with the schema): what it sends
-        under its message ids says which store they are from."""
+        """The identity this store puts into what it sends under its message ids
+        (idempotency keys, FHIR message ids), since message ids start at 1 in every store.
+
+        Its own random id (store_identity, made with the schema) and, on PostgreSQL, where
+        the database lives (``_database_place``). A store restored from a backup numbers its
+        messages on from where the backup ended, so it must not send under the keys of the
+        store it came from: restored into a database made anew or onto another cluster, its
+        identity is new by itself; restored where neither changes (a SQLite file copied
+        back, a file-level restore of the same cluster), `carehub store renew-identity`
+        gives it a new random id (``renew_identity``). SQLite's is the random id alone."""
         with self.engine.connect() as conn:
             found = conn.execute(select(store_identity.c.id)).scalar()
-        if found is None:
-            raise RuntimeError("the store has no identity: run its migrations (carehub serve)")
-        return str(found)
+            if found is None:
+                raise RuntimeError("the store has no identity: run its migrations (carehub serve)")
+            if self.is_sqlite:
+                return str(found)
+            place = _database_place(conn)
+        return str(uuid.uuid5(uuid.UUID(str(found)), place))
+
+    def renew_identity(self) -> str:
+        """Give the store a new random id (see ``instance_id``); returns it. What was sent
+        before keeps its keys (each delivery holds its own); what is sent from now on goes
+        under new ones. Processes running on the store keep the identity they read until
+        they restart."""
+        renewed = str(uuid.uuid4())
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(store_identity).values(id=renewed, created_at=datetime.now(UTC))
+            ).rowcount
+        if not changed:
+            raise StoreError("the store has no identity: run its migrations (carehub serve)")
+        self.__dict__.pop("instance_id", None)  # read again on its next use
+        return renewed
 
     def downgrade(self, revision: str) -> None:
         """Take the schema back to ``revision`` (Alembic's downgrade), for the release that
@@ -805,6 +958,38 @@ class MessageStore:
         found = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         return str(found) if found is not None else None
 
+    def _on_server_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        """Keep the new connection for ``hang_up``, and ask the server for its bounds
+        (PG_SERVER_BOUNDS; a server or pooler that refuses them still gets the connection)."""
+        with self._server_connections_lock:
+            self._server_connections.add(dbapi_connection)
+        settings = ", ".join(
+            f"set_config('{name}', '{value}', false)" for name, value in PG_SERVER_BOUNDS.items()
+        )
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"SELECT {settings}")
+            dbapi_connection.commit()
+        except Exception as err:
+            log.debug("the server did not take its connection bounds: %s", err)
+            dbapi_connection.rollback()
+        finally:
+            cursor.close()
+
+    def hang_up(self) -> None:
+        """PostgreSQL: shut the socket of every connection this store has open, in use or
+        idle in the pool. Called when the server has left a commit unanswered for longer than
+        it may take (group_commit.COMMIT_PATIENCE): every thread waiting on it (intake's
+        writer, the heartbeat, a health check) then fails at once instead of when, if ever,
+        an answer comes, and the next use connects anew, within PG_CONNECTION_BOUNDS. TCP
+        keepalives cannot tell a silent peer that still acknowledges packets (a proxy or a
+        load balancer whose server is gone, a hung server process) from a slow query."""
+        with self._server_connections_lock:
+            connections = list(self._server_connections)
+        for connection in connections:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing to hang up
+                _hang_up(connection)
+
     def close(self) -> None:
         if self._intake_connection is not None:
             with contextlib.suppress(Exception):
@@ -815,6 +1000,10 @@ class MessageStore:
         self.engine.dispose()
 
     def ping(self) -> bool:
+        """Whether the store answers a read within PROBE_PATIENCE."""
+        return self._ping_probe()
+
+    def _ping_now(self) -> bool:
         try:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
@@ -823,10 +1012,14 @@ class MessageStore:
             return False
 
     def can_write(self) -> bool:
-        """Whether a write commits now: a held write lock or a full disk still answers a
-        read, so this writes (the store identity row, unchanged) and commits. On SQLite it
-        waits CAN_WRITE_WAIT for the lock at most, on a connection of its own: /health must
-        answer a balancer at once, and the pool's connections wait LOCK_TIMEOUT."""
+        """Whether a write commits now, answered within PROBE_PATIENCE: a held write lock or
+        a full disk still answers a read, so this writes (the store identity row, unchanged)
+        and commits. On SQLite it waits CAN_WRITE_WAIT for the lock at most, on a connection
+        of its own: /health must answer a balancer at once, and the pool's connections wait
+        LOCK_TIMEOUT."""
+        return self._write_probe()
+
+    def _can_write_now(self) -> bool:
         touch = "UPDATE store_identity SET created_at = created_at"
         try:
             if not self.is_sqlite:
