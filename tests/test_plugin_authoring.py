@@ -1165,5 +1165,6 @@ def test_an_entry_point_named_like_a_builtin_or_another_plugin_is_refused_by_the
     assert host.plugins["lowercase"].source == "entry point"
     monkeypatch.setenv(ENV_PLUGINS_DIR, str(folder))
     output = cli("plugins").output
-    assert "builtin.channels (entry point of acme-broken 1.0): FAILED TO LOAD: the plugin name" in output
+    failed = "builtin.channels (entry point of acme-broken 1.0): FAILED TO LOAD: the plugin name"
+    assert failed in output
     assert "Plugin name already registered" not in output
