@@ -72,7 +72,7 @@ def test_the_food_bank_answers_with_its_own_token_and_is_named(
 def test_the_delivery_table_names_whom_each_notice_was_for(
     demo_run: tuple[Path, str, datetime],
 ) -> None:
-    """"Delivered to whom": an email notice's row names its recipient, not only the
+    """ "Delivered to whom": an email notice's row names its recipient, not only the
     destination that carried it."""
     _, out, _ = demo_run
     table = out.split("Delivered to whom", 1)[1].split("The care platform received", 1)[0]
