@@ -130,6 +130,18 @@ def test_send_batch_file_prints_one_line_per_message(hub: HubThread, tmp_path: P
     assert hub.store.control_id_counts() == {f"BATCH-{i}": 1 for i in (1, 2, 3)}
 
 
+def test_send_refuses_a_batch_that_does_not_hold_together(hub: HubThread, tmp_path: Path) -> None:
+    """A batch cut off (its BTS-1 counts three, two are there) is not sent in part: the file
+    is named with why, and nothing reaches the hub."""
+    body = "".join(make_adt(f"CUT-{i}") for i in (1, 2))
+    batch = write(tmp_path, "cut.hl7", f"FHS|^~\\&|X\rBHS|^~\\&|X\r{body}BTS|3\rFTS|1\r")
+    result = run(*send_args(hub, batch))
+    assert result.exit_code != 0
+    assert f"{batch}: the batch does not hold together: BTS-1" in result.stderr
+    assert "nothing was sent" in result.stderr
+    assert hub.store.count() == 0
+
+
 def test_send_with_nothing_listening_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     path = write(tmp_path, "a.hl7", make_adt("NOBODY"))
     port = free_port()

@@ -284,7 +284,9 @@ def send(
 
     A file holding text outside its messages (a note typed after one) is refused before
     anything is sent, naming where: sending the messages without it would pass the text over
-    in silence, and whoever wrote it may have meant it for the receiver."""
+    in silence, and whoever wrote it may have meant it for the receiver. So is a batch that
+    does not hold together (a trailer missing, BTS-1 or FTS-1 counting other than it holds):
+    a cut-off copy would be taken for the whole batch."""
     from carehub.hl7.batch import split_data
 
     outgoing: list[tuple[str, bytes]] = []
@@ -299,6 +301,11 @@ def send(
             raise CarehubError(f"{path}: no HL7 message in the file (no MSH segment)")
         if contents.stray:
             raise CarehubError(_stray_text_problem(path, contents.stray))
+        if contents.batch_problems:
+            raise CarehubError(
+                f"{path}: the batch does not hold together: {'; '.join(contents.batch_problems)}"
+                "; nothing was sent"
+            )
         for number, part in enumerate(parts, start=1):
             label = str(path) if len(parts) == 1 else f"{path} #{number}"
             outgoing.append((label, part))
