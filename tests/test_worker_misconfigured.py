@@ -123,6 +123,48 @@ def test_a_worker_on_another_store_hands_the_message_back_and_stops(
 @pytest.mark.postgres
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_serve_on_another_store_does_not_stop_the_workers_on_the_right_one(
+    tmp_path: Path, pg_url: str, amqp_url: str
+) -> None:
+    """The other way round: the serve whose store.url came out empty (a SQLite store of its
+    own) queues to the shared broker. A worker on the deployment's store, where a serve runs,
+    is right: it drops the stray queue messages (their store keeps them), says so, and goes on
+    routing the right serve's messages."""
+    fresh_queue(amqp_url, 1)
+    with HTTPServer() as http:
+        deployment = Deployment(tmp_path, http.url())
+        shared = MessageStore(pg_url)
+        try:
+            right = deployment.start("right", hub_yaml(pg_url, amqp_url, 1), "serve", "--no-worker")
+            right.wait_ready()
+            worker = deployment.start("worker", hub_yaml(pg_url, amqp_url, 1), "worker")
+            worker.wait_ready()
+            stray = deployment.start(
+                "stray", hub_yaml("${CAREHUB_STORE_URL:-}", amqp_url, 1), "serve", "--no-worker"
+            )
+            stray.wait_ready()
+
+            send_all(stray.mllp_address, [make_adt("SS-0", patient_id="SS-P0")])
+            wait_for(
+                lambda: "a process queues from another store" in worker.stderr,
+                30,
+                what="the worker to name the stray store",
+            )
+            send_all(
+                right.mllp_address, [make_adt(f"RS-{n}", patient_id=f"RS-P{n}") for n in range(2)]
+            )
+            wait_for(lambda: delivered(shared, 2), 30, what="the right serve's messages delivered")
+            assert worker.process.poll() is None, worker.stderr  # still running
+            assert "SS-P0" not in worker.stderr
+            assert worker.terminate() == 0, worker.stderr
+        finally:
+            shared.close()
+            deployment.kill_all()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_queued_ids_a_worker_does_not_have_are_logged_not_dropped_silently(
     tmp_path: Path, pg_url: str, amqp_url: str
 ) -> None:

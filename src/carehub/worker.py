@@ -95,6 +95,8 @@ TROUBLE_REPORT_SECONDS = 30.0
 #: this many seconds, and at most once in RETRY_SOON_EVERY seconds (Worker._retry_soon).
 RETRY_SOON_AFTER = 30.0
 RETRY_SOON_EVERY = 300.0
+#: A process queueing from another store is said at most once in this many seconds per store.
+WRONG_STORE_LOG_EVERY = 300.0
 #: Seconds without a failure after which a kind of store call is taken to work again
 #: (StoreTrouble): longer than routing's longest pause between tries (ROUTE_RETRY_MAX).
 STORE_TROUBLE_QUIET = 60.0
@@ -151,6 +153,8 @@ class Worker:
         #: loop). PostgreSQL calls wait on the network and go to a helper thread.
         self.inline_store = store.is_sqlite
         self._say_where_routing_runs(self.router)
+        #: When each foreign store's messages were last reported (see _other_store).
+        self._wrong_store_logged: dict[str, float] = {}
         self.routed = 0
         self.delivered = 0
         #: Deliveries whose channel found nothing to send (NothingToSend).
@@ -280,11 +284,30 @@ class Worker:
         """Since when, and why, this worker's consumer has been without its broker."""
         return self._consumer.lost if self._consumer is not None else None
 
-    def _other_store(self, queued_by: str) -> None:
+    def _other_store(self, queued_by: str) -> bool:
         """Called on the consumer thread: a queue message came from another store than this
-        worker's (the consumer handed it back and takes no more)."""
+        worker's. Who is wrong? When a `serve` is running on this worker's store, this worker
+        is where the hub is, and the message came from a process on another store (a serve
+        whose store.url came out wrong): the message is dropped from the queue (its store
+        keeps it) and an ERROR says so, at most every WRONG_STORE_LOG_EVERY seconds. Otherwise
+        this worker is the one on the wrong store: it hands the message back and stops."""
         assert self._loop is not None
         own = self.store.instance_id
+        if self._serve_runs_on_my_store():
+            now = time.monotonic()
+            last = self._wrong_store_logged.get(queued_by, float("-inf"))
+            if now - last >= WRONG_STORE_LOG_EVERY:
+                self._wrong_store_logged[queued_by] = now
+                log.error(
+                    "the work queue holds messages queued by store %s, not this deployment's "
+                    "store %s, where a serve is running: a process queues from another store "
+                    "(its store.url names another database, or an unset variable in it gave it "
+                    "a SQLite store of its own). Its messages are dropped from the queue and "
+                    "stay in its store until it is set right; this worker goes on",
+                    queued_by,
+                    own,
+                )
+            return False
         where = without_password(str(self.store.engine.url))
         problem = WrongStore(
             f"the work queue holds messages queued by store {queued_by}, but this worker's "
@@ -294,6 +317,18 @@ class Worker:
             "store; this worker stops"
         )
         self._loop.call_soon_threadsafe(self._halt, problem)
+        return True
+
+    def _serve_runs_on_my_store(self) -> bool:
+        """Whether a `serve` other than this process has checked in on this worker's store
+        lately (the processes table); a store that cannot be read says no."""
+        try:
+            with self.store.engine.connect() as conn:
+                processes = running_processes(conn)
+        except Exception:
+            return False
+        now = datetime.now(UTC)
+        return any(p.role == "serve" and not p.stale(now) for p in processes)
 
     def _halt(self, problem: CarehubError) -> None:
         """Stop the worker because it cannot go on; run() raises ``problem`` once stopped."""

@@ -209,7 +209,7 @@ class WorkQueue:
         self,
         deliver: Callable[[list[int], Callable[[], None]], None],
         store_id: str | None = None,
-        on_other_store: Callable[[str], None] | None = None,
+        on_other_store: Callable[[str], bool] | None = None,
     ) -> Consumer:
         return Consumer(self, deliver, store_id, on_other_store)
 
@@ -343,16 +343,19 @@ class Consumer:
     come from any thread: they are queued back to this thread, because a kombu connection must
     only be used by the thread that drains it.
 
-    With ``store_id``, a queue message that another store queued (see Publisher) is handed
-    back to the queue untouched, this consumer stops taking any more, and ``on_other_store``
-    is called with that store's id: its ids mean other messages here, or none."""
+    With ``store_id``, a queue message that another store queued (see Publisher) means other
+    messages here, or none. ``on_other_store`` is called with that store's id and says who is
+    wrong: True, this consumer (its message is handed back to the queue untouched, for a
+    consumer on the right store, and this one takes no more); False, the process that queued
+    it (the message is dropped from the queue: its own store keeps it, and that process's
+    sweep queues it again, so nothing is lost while it is set right)."""
 
     def __init__(
         self,
         work_queue: WorkQueue,
         deliver: Callable[[list[int], Callable[[], None]], None],
         store_id: str | None = None,
-        on_other_store: Callable[[str], None] | None = None,
+        on_other_store: Callable[[str], bool] | None = None,
     ) -> None:
         self.work_queue = work_queue
         self.deliver = deliver
@@ -443,11 +446,14 @@ class Consumer:
     def _on_message(self, body: dict[str, Any], message: Any) -> None:
         queued_by = body.get("store")
         if self.store_id is not None and queued_by is not None and queued_by != self.store_id:
-            message.requeue()
-            if self.other_store is None:
+            this_one_is_wrong = (
+                self.on_other_store(str(queued_by)) if self.on_other_store is not None else True
+            )
+            if this_one_is_wrong:
+                message.requeue()
                 self.other_store = str(queued_by)
-                if self.on_other_store is not None:
-                    self.on_other_store(self.other_store)
+            else:
+                message.reject()
             return
         # "message_id" (one id) is what earlier versions published; a broker may still hold some.
         ids = body["message_ids"] if "message_ids" in body else [body["message_id"]]
