@@ -6,11 +6,8 @@ queue. Skipped, with how to start it, when RabbitMQ is not running on 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,103 +21,13 @@ from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt
 from carehub.workqueue import PUBLISH_CONFIRM_TIMEOUT
 from tests.helpers_http import HTTPServer, wait_for
+from tests.helpers_relay import Relay
 from tests.test_rabbitmq import amqp_url, delivered, fresh_queue, routes_yaml, send_all
 
 __all__ = ["amqp_url"]  # the module-scoped fixture, shared with test_rabbitmq
 
 #: Well under the workers' sweep (60 s), which would otherwise route what the queue lost.
 RECOVERY_SECONDS = 20
-
-
-class Relay:
-    """A TCP relay to ``target`` that can be cut (every connection closed, nothing accepted)
-    and restored on the same port."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        #: Set: the connections stay open and nothing more is passed on (see freeze).
-        self.frozen = threading.Event()
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen()
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def freeze(self) -> None:
-        """Keep every connection open and pass nothing more on, either way: a broker that
-        hangs with its connections established (the publisher's writes still go into the
-        socket buffers, and no error ever comes)."""
-        self.frozen.set()
-
-    def silence(self) -> None:
-        """Cut every connection, then take new ones and never answer on them: a broker host
-        that has stopped answering without refusing (a hung broker, a dropped route)."""
-        self.cut()
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen()
-        self._listener = listener
-
-        def hold() -> None:
-            while True:
-                try:
-                    client, _ = listener.accept()
-                except OSError:
-                    return
-                with self._lock:
-                    self._sockets.append(client)
-
-        threading.Thread(target=hold, daemon=True).start()
-
-    def cut(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-            sockets, self._sockets = self._sockets, []
-        for sock in [*sockets, *([listener] if listener else [])]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(
-                    target=_pipe, args=(source, sink, self.frozen), daemon=True
-                ).start()
-
-
-def _pipe(source: socket.socket, sink: socket.socket, frozen: threading.Event) -> None:
-    with contextlib.suppress(OSError):
-        while chunk := source.recv(65536):
-            while frozen.is_set():
-                time.sleep(0.05)
-            sink.sendall(chunk)
-    for sock in (source, sink):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture
@@ -143,7 +50,7 @@ def test_messages_stored_while_the_broker_is_away_are_routed_when_it_is_back(
     tmp_path: Path, amqp_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    relayed_url = relay.url(amqp_url)
     fresh_queue(amqp_url, 2)
     with HTTPServer() as http:
         (tmp_path / "routes.yaml").write_text(routes_yaml(http.url()))
@@ -191,7 +98,7 @@ def test_intake_answers_at_once_while_the_broker_is_silent(
     """A broker that stops answering without refusing: publishing waits for kombu to give up
     connecting, on the publisher's own thread, while intake goes on storing and answering.
     (On the event loop, every sender's ACK waited with it, seconds at a time.)"""
-    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    relayed_url = relay.url(amqp_url)
     fresh_queue(amqp_url, 1)
     config = local_config(worker=False)
     config.queue.url = relayed_url
@@ -216,7 +123,7 @@ def test_the_hub_stops_promptly_while_the_broker_is_silent(
     """A publish held by a silent broker is given up at stop after PUBLISH_STOP_WAIT: what it
     held is stored and the workers' sweep routes it, so SIGTERM need not wait for kombu to stop
     trying (12 s here; the stop waited for all of it)."""
-    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    relayed_url = relay.url(amqp_url)
     fresh_queue(amqp_url, 1)
     config = local_config(worker=False)
     config.queue.url = relayed_url
@@ -247,7 +154,7 @@ def test_a_broker_that_hangs_with_its_connection_open_is_noticed(
     nothing said so: /health read "ok" and stored messages waited for the sweep. Each publish
     now waits for the broker's confirm, so the hub holds them, says so, and queues them once
     the broker answers again."""
-    relayed_url = amqp_url.replace(":5672/", f":{relay.port}/")
+    relayed_url = relay.url(amqp_url)
     fresh_queue(amqp_url, 1)
     config = local_config(worker=False)
     config.queue.url = relayed_url

@@ -9,12 +9,8 @@ Skipped, with how to start the service, when RabbitMQ or PostgreSQL is not runni
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import socket
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +23,7 @@ from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt
 from tests import test_rabbitmq
 from tests.helpers_http import CarehubProcess, HTTPServer, wait_for
+from tests.helpers_relay import Relay
 from tests.test_rabbitmq import delivered, fresh_queue, interleaved, routes_yaml, send_all
 
 amqp_url = test_rabbitmq.amqp_url
@@ -38,107 +35,10 @@ HEARTBEAT = 2
 HTTP_LINE = re.compile(r"HTTP listener '\S+' on ([\d.]+):(\d+)")
 
 
-class SilentProxy:
-    """A TCP proxy to ``target`` on a port of its own. ``blackhole_held`` stops passing bytes
-    on the connections it holds, which stay open, while new ones pass; ``blackhole_all`` does
-    the same and takes new connections without ever answering on them; ``restore`` lets new
-    connections pass again (the blackholed ones stay dead, as after a firewall dropped them);
-    ``start`` (again) after ``close`` listens anew on the same port."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        #: One per connection pair: set, the pair passes nothing more, for good.
-        self._dead: list[threading.Event] = []
-        self._answering = True
-        self._listener: socket.socket | None = None
-
-    def url(self, amqp_url: str) -> str:
-        return amqp_url.replace(":5672/", f":{self.port}/")
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen()
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def blackhole_held(self) -> None:
-        with self._lock:
-            for dead in self._dead:
-                dead.set()
-
-    def blackhole_all(self) -> None:
-        with self._lock:
-            self._answering = False
-        self.blackhole_held()
-
-    def restore(self) -> None:
-        with self._lock:
-            self._answering = True
-
-    def close(self) -> None:
-        """Close every connection and stop listening: connections are refused."""
-        with self._lock:
-            listener, self._listener = self._listener, None
-            sockets, self._sockets = self._sockets, []
-            for dead in self._dead:
-                dead.set()
-            self._dead = []
-        for sock in [*sockets, *([listener] if listener else [])]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                answering = self._answering
-                self._sockets.append(client)
-            if not answering:
-                continue  # held open, never answered
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            dead = threading.Event()
-            with self._lock:
-                self._sockets.append(upstream)
-                self._dead.append(dead)
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(source, sink, dead), daemon=True).start()
-
-
-def _pipe(source: socket.socket, sink: socket.socket, dead: threading.Event) -> None:
-    """Pass bytes on until the pair is blackholed; then hold both sockets open, silent."""
-    with contextlib.suppress(OSError):
-        while not dead.is_set():
-            chunk = source.recv(65536)
-            if not chunk:
-                break
-            if dead.is_set():
-                break
-            sink.sendall(chunk)
-    while dead.is_set() and source.fileno() != -1:
-        time.sleep(0.2)
-
-
 @pytest.fixture
-def proxy(amqp_url: str) -> Iterator[SilentProxy]:
+def proxy(amqp_url: str) -> Iterator[Relay]:
     broker = urlsplit(amqp_url)
-    running = SilentProxy((broker.hostname or "127.0.0.1", broker.port or 5672))
+    running = Relay((broker.hostname or "127.0.0.1", broker.port or 5672))
     running.start()
     try:
         yield running
@@ -185,7 +85,7 @@ def queued(url: str, queue: str) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_worker_whose_broker_connection_goes_silent_takes_its_messages_again(
-    tmp_path: Path, pg_url: str, amqp_url: str, proxy: SilentProxy
+    tmp_path: Path, pg_url: str, amqp_url: str, proxy: Relay
 ) -> None:
     """serve --no-worker reaches the broker directly, the worker through the proxy. Its
     consumer's connection goes silent: the worker notices by the missed heartbeats and
@@ -233,7 +133,7 @@ def test_a_worker_whose_broker_connection_goes_silent_takes_its_messages_again(
 
 
 def test_health_says_when_the_hubs_broker_goes_silent(
-    tmp_path: Path, amqp_url: str, proxy: SilentProxy
+    tmp_path: Path, amqp_url: str, proxy: Relay
 ) -> None:
     """A hub with its worker, on a broker that goes silent while nothing is being sent:
     /health said "queue": "ok" for as long as it lasted. Now the idle publisher's heartbeats
@@ -279,7 +179,7 @@ def test_health_says_when_the_hubs_broker_goes_silent(
 
 # -- a broker down as serve starts ---------------------------------------------------------------
 def test_serve_without_worker_starts_while_the_broker_is_down_and_queues_once_it_is_back(
-    tmp_path: Path, amqp_url: str, proxy: SilentProxy
+    tmp_path: Path, amqp_url: str, proxy: Relay
 ) -> None:
     """As a running serve rides out a broker outage (stores, answers AA, holds what it could
     not queue), so does one that starts during it: it says ready, /health says intake cannot
@@ -330,7 +230,7 @@ def test_serve_without_worker_refuses_a_broker_login_that_cannot_work(
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_sweep_that_cannot_reach_the_broker_is_logged_as_the_brokers_failure(
-    tmp_path: Path, pg_url: str, amqp_url: str, proxy: SilentProxy
+    tmp_path: Path, pg_url: str, amqp_url: str, proxy: Relay
 ) -> None:
     """The workers' sweep re-queues what was stored and not routed; with the broker away its
     publish fails. That was logged as "the worker's use of the store failed

@@ -33,7 +33,7 @@ from carehub.store.store import (
 from carehub.testing import make_adt, mllp_exchange
 from tests import test_rabbitmq
 from tests.helpers_http import CarehubProcess, wait_for
-from tests.test_broker_outage import Relay
+from tests.helpers_relay import Relay
 from tests.test_cli import run, write
 from tests.test_store import PG_HOST, PG_PORT, new_message
 from tests.test_store_restore_identity import database, database_url
