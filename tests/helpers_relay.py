@@ -150,3 +150,11 @@ def _pipe(
     for sock in (source, sink):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def relay_to(url: str, default_port: int) -> Relay:
+    """A started relay to the host and port ``url`` names."""
+    parts = urlsplit(url)
+    relay = Relay((parts.hostname or "127.0.0.1", parts.port or default_port))
+    relay.start()
+    return relay

@@ -12,7 +12,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -21,7 +20,7 @@ from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt
 from carehub.workqueue import PUBLISH_CONFIRM_TIMEOUT
 from tests.helpers_http import HTTPServer, wait_for
-from tests.helpers_relay import Relay
+from tests.helpers_relay import Relay, relay_to
 from tests.test_rabbitmq import amqp_url, delivered, fresh_queue, routes_yaml, send_all
 
 __all__ = ["amqp_url"]  # the module-scoped fixture, shared with test_rabbitmq
@@ -32,9 +31,7 @@ RECOVERY_SECONDS = 20
 
 @pytest.fixture
 def relay(amqp_url: str) -> Iterator[Relay]:
-    broker = urlsplit(amqp_url)
-    relayed = Relay((broker.hostname or "127.0.0.1", broker.port or 5672))
-    relayed.start()
+    relayed = relay_to(amqp_url, 5672)
     try:
         yield relayed
     finally:

@@ -14,7 +14,6 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from kombu import Connection
@@ -23,7 +22,7 @@ from carehub.store.store import MessageStore
 from carehub.testing import HubThread, local_config, make_adt
 from tests import test_rabbitmq
 from tests.helpers_http import CarehubProcess, HTTPServer, wait_for
-from tests.helpers_relay import Relay
+from tests.helpers_relay import Relay, relay_to
 from tests.test_rabbitmq import delivered, fresh_queue, interleaved, routes_yaml, send_all
 
 amqp_url = test_rabbitmq.amqp_url
@@ -37,9 +36,7 @@ HTTP_LINE = re.compile(r"HTTP listener '\S+' on ([\d.]+):(\d+)")
 
 @pytest.fixture
 def proxy(amqp_url: str) -> Iterator[Relay]:
-    broker = urlsplit(amqp_url)
-    running = Relay((broker.hostname or "127.0.0.1", broker.port or 5672))
-    running.start()
+    running = relay_to(amqp_url, 5672)
     try:
         yield running
     finally:
