@@ -209,29 +209,24 @@ def test_an_ed_patient_moved_to_an_inpatient_bed_by_an_a02_is_admitted(care: Car
 def admit_and_discharge(care: Care, disposition: str, to: str = "") -> None:
     care.send(
         adt("A01", "CD-1", "20261127090000-0600", admit="20261127090000-0600"),
-        adt(
-            "A03",
-            "CD-2",
-            "20261201153000-0600",
-            discharge="20261201153000-0600",
-            disposition=disposition,
-            to=to,
-        ),
+        discharge_message("CD-2", "20261201153000-0600", disposition, to),
+    )
+
+
+def discharge_message(
+    control_id: str, at: str, disposition: str, to: str = "", event: str = "A03"
+) -> bytes:
+    """The visit's discharge (Tuesday 15:30 at -0600) as a message sent ``at``: the first
+    one, or a correction of it with another disposition or destination."""
+    return adt(
+        event, control_id, at, discharge="20261201153000-0600", disposition=disposition, to=to
     )
 
 
 def test_a_discharge_to_a_nursing_facility_corrected_to_home_opens_the_clocks(care: Care) -> None:
     admit_and_discharge(care, "03", "MAPLEGROVE_SNF")
     assert care.followups() == []
-    care.send(
-        adt(
-            "A03",
-            "CD-3",
-            "20261201170000-0600",
-            discharge="20261201153000-0600",
-            disposition="01",
-        )
-    )
+    care.send(discharge_message("CD-3", "20261201170000-0600", "01"))
     assert care.timeline("V20261201-0900") == [
         ("A01", "admission"),
         ("A03", "discharge"),
@@ -253,13 +248,11 @@ def test_a_discharge_to_a_nursing_facility_corrected_to_home_opens_the_clocks(ca
     # Corrected back to the nursing facility, and home again: fresh clocks each time home.
     for control_id, disposition in (("CD-4", "03"), ("CD-5", "06")):
         care.send(
-            adt(
-                "A03",
+            discharge_message(
                 control_id,
                 "20261201180000-0600",
-                discharge="20261201153000-0600",
-                disposition=disposition,
-                to="MAPLEGROVE_SNF" if disposition == "03" else "",
+                disposition,
+                "MAPLEGROVE_SNF" if disposition == "03" else "",
             )
         )
     assert sorted(f["status"] for f in care.followups()) == [
@@ -385,15 +378,7 @@ def test_those_told_of_a_discharge_hear_its_correction(care: Care) -> None:
     snf = "admissions@maplegrove-snf.example.com"
     admit_and_discharge(care, "03", "MAPLEGROVE_SNF")
     assert care.told(AMARA, snf) == [DISCHARGE]
-    care.send(
-        adt(
-            "A03",
-            "CD-3",
-            "20261201170000-0600",
-            discharge="20261201153000-0600",
-            disposition="01",
-        )
-    )
+    care.send(discharge_message("CD-3", "20261201170000-0600", "01"))
     corrected = ("discharge_corrected", "Corrected discharge from Riverside General Hospital")
     for address in (LINDQVIST, COORDINATOR, snf):
         assert care.told(AMARA, address)[-1] == corrected, address
@@ -407,28 +392,12 @@ def test_those_told_of_a_discharge_hear_its_correction(care: Care) -> None:
     body = " ".join(mail.body.split())
     assert "The earlier discharge notice you received no longer stands" in body
     assert "home" not in body
-    care.send(
-        adt(
-            "A03",
-            "CD-4",
-            "20261201180000-0600",
-            discharge="20261201153000-0600",
-            disposition="06",
-        )
-    )
+    care.send(discharge_message("CD-4", "20261201180000-0600", "06"))
     assert [k for k, _ in care.told(AMARA, LINDQVIST)].count("discharge_corrected") == 2
 
 
 RIVERBEND = "intake@riverbend-irf.example.org"
 MAPLEGROVE = "admissions@maplegrove-snf.example.com"
-
-
-def correction(
-    control_id: str, at: str, disposition: str, to: str = "", event: str = "A03"
-) -> bytes:
-    return adt(
-        event, control_id, at, discharge="20261201153000-0600", disposition=disposition, to=to
-    )
 
 
 def test_a_facility_named_only_by_a_correction_hears_it_corrected_away_and_cancelled(
@@ -437,9 +406,9 @@ def test_a_facility_named_only_by_a_correction_hears_it_corrected_away_and_cance
     """Home, then corrected to a rehabilitation facility (told), then to a nursing facility:
     the first facility hears it was corrected away; an A13 then reaches both facilities."""
     admit_and_discharge(care, "01")
-    care.send(correction("CD-3", "20261201170000-0600", "62", "RIVERBEND_IRF"))
+    care.send(discharge_message("CD-3", "20261201170000-0600", "62", "RIVERBEND_IRF"))
     assert [k for k, _ in care.told(AMARA, RIVERBEND)] == ["discharge_corrected"]
-    care.send(correction("CD-4", "20261201180000-0600", "03", "MAPLEGROVE_SNF"))
+    care.send(discharge_message("CD-4", "20261201180000-0600", "03", "MAPLEGROVE_SNF"))
     assert [k for k, _ in care.told(AMARA, RIVERBEND)] == ["discharge_corrected"] * 2
     assert [k for k, _ in care.told(AMARA, MAPLEGROVE)] == ["discharge_corrected"]
     care.send(adt("A13", "CD-5", "20261201190000-0600"))
@@ -449,13 +418,13 @@ def test_a_facility_named_only_by_a_correction_hears_it_corrected_away_and_cance
 
 def test_an_a08_correction_naming_a_facility_tells_that_facility(care: Care) -> None:
     admit_and_discharge(care, "01")
-    care.send(correction("CD-3", "20261201170000-0600", "03", "MAPLEGROVE_SNF", event="A08"))
+    care.send(discharge_message("CD-3", "20261201170000-0600", "03", "MAPLEGROVE_SNF", event="A08"))
     assert [k for k, _ in care.told(AMARA, MAPLEGROVE)] == ["discharge_corrected"]
 
 
 def test_the_care_platform_hears_a_corrected_discharge_over_fhir(care: Care) -> None:
     admit_and_discharge(care, "03", "MAPLEGROVE_SNF")
-    care.send(correction("CD-3", "20261201170000-0600", "01"))
+    care.send(discharge_message("CD-3", "20261201170000-0600", "01"))
 
     def discharges() -> list[bytes]:
         return [r.body for r in care.http.requests if b"notification-discharge" in r.body]
