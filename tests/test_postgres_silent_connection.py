@@ -84,14 +84,19 @@ def health(serve: CarehubProcess) -> httpx.Response:
     return httpx.get(http_url(serve) + "/health", timeout=PROBE_PATIENCE + SLACK)
 
 
+def serve_through(relay: Relay, tmp_path: Path, database: str, amqp_url: str) -> CarehubProcess:
+    """`carehub serve --no-worker` on ``database``, reached through ``relay``."""
+    store_url = database_url(database, relay.port)
+    config = write(tmp_path, "carehub.yaml", serve_yaml(store_url, amqp_url))
+    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--no-worker"]
+    return CarehubProcess(args, tmp_path / "logs", "serve")
+
+
 @pytest.mark.postgres
 def test_serve_answers_not_stored_while_the_database_is_silent_and_recovers(
     tmp_path: Path, database: str, relay: Relay, amqp_url: str
 ) -> None:
-    store_url = database_url(database, relay.port)
-    config = write(tmp_path, "carehub.yaml", serve_yaml(store_url, amqp_url))
-    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--no-worker"]
-    with CarehubProcess(args, tmp_path / "logs", "serve") as serve:
+    with serve_through(relay, tmp_path, database, amqp_url) as serve:
         serve.wait_ready()
         assert answer_to(serve.mllp_address, "SILENT-1", 10)[0] == "AA"
 
@@ -132,10 +137,7 @@ def test_serve_answers_not_stored_while_the_database_is_silent_and_recovers(
 def test_serve_stops_when_told_while_a_commit_gets_no_answer(
     tmp_path: Path, database: str, relay: Relay, amqp_url: str
 ) -> None:
-    store_url = database_url(database, relay.port)
-    config = write(tmp_path, "carehub.yaml", serve_yaml(store_url, amqp_url))
-    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--no-worker"]
-    with CarehubProcess(args, tmp_path / "logs", "serve") as serve:
+    with serve_through(relay, tmp_path, database, amqp_url) as serve:
         serve.wait_ready()
         assert answer_to(serve.mllp_address, "STOP-1", 10)[0] == "AA"
         relay.freeze()
