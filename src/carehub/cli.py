@@ -1464,6 +1464,7 @@ def _not_dead_letters(delivery_ids: tuple[int, ...], found: dict[int, str]) -> N
             click.echo(
                 f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
             )
+                "early_attempts": d.early_attempts,
 
 
 @dead_letters.command("retry")

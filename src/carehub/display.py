@@ -18,7 +18,7 @@ from rich.text import Text
 from carehub.config import without_password
 from carehub.hl7.fieldnames import field_name
 from carehub.hl7.view import MessageView, NotHL7Error
-from carehub.store.outbox import AttemptRow, DeliveryRecord, Discard, StepRow
+from carehub.store.outbox import EARLY_FAILURE, AttemptRow, DeliveryRecord, Discard, StepRow
 from carehub.store.store import StatusChange, StoredMessage
 
 if TYPE_CHECKING:
@@ -37,6 +37,17 @@ def new_console(pipe_width: int = PIPE_WIDTH) -> Console:
 
 
 _console = new_console()
+
+
+def attempts_text(attempts: int, max_attempts: int, early: int = 0) -> str:
+    """``2/5``, and ``2/5 (+1 early)`` when attempts made early as the destination seemed
+    back failed: those are in the history but not in the count against the limit."""
+    counted = f"{attempts}/{max_attempts or 'forever'}"  # 0: retried until it works
+    return f"{counted} (+{early} early)" if early else counted
+
+
+def _early_count(attempts: list[AttemptRow]) -> int:
+    return sum(1 for attempt in attempts if attempt.outcome == EARLY_FAILURE)
 
 
 def short_time(value: datetime | None) -> str:
@@ -135,21 +146,25 @@ def show_message(
     if sent:
         _console.print("\n[bold]Deliveries[/bold]")
         for delivery, attempts in sent:
+            early = _early_count(attempts)
             _console.print(
                 Text(
                     f"  #{delivery.id} {delivery.destination} ({delivery.channel}) "
-                    f"{delivery.status}, {delivery.attempts}/"
-                    f"{delivery.max_attempts or 'forever'} attempts, "
+                    f"{delivery.status}, "
+                    f"{attempts_text(delivery.attempts, delivery.max_attempts, early)} attempts, "
                     f"key {delivery.idempotency_key}, "
                     f"{len(delivery.payload):,} bytes {delivery.content_type}"
                 )
             )
             for attempt in attempts:
                 stamp = attempt.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+                outcome = attempt.outcome
+                if outcome == EARLY_FAILURE:  # in the history, not in the count
+                    outcome += " (not counted)"
                 _console.print(
                     Text(
                         f"      attempt {attempt.number} {stamp} {attempt.duration_ms} ms "
-                        f"{attempt.outcome}: {without_password(attempt.detail or '')}"
+                        f"{outcome}: {without_password(attempt.detail or '')}"
                     )
                 )
             if payloads:
@@ -290,6 +305,7 @@ def _delivery_json(
         "order_key": delivery.order_key,
         "status": delivery.status,
         "attempts": delivery.attempts,
+        "early_attempts": _early_count(attempts),
         "max_attempts": delivery.max_attempts,
         "not_before": delivery.not_before.isoformat(),
         "last_error": without_password(delivery.last_error)
@@ -344,7 +360,7 @@ def delivery_table(found: list[DeliveryRecord], title: str, total: int | None = 
             str(d.message_id),
             d.destination,
             d.channel,
-            f"{d.attempts}/{d.max_attempts or 'forever'}",  # 0: retried until it works
+            attempts_text(d.attempts, d.max_attempts, d.early_attempts),
             d.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
             Text(without_password(d.last_error or "")),
         )
@@ -380,7 +396,7 @@ def discarded_table(
             str(d.message_id),
             d.destination,
             d.channel,
-            f"{d.attempts}/{d.max_attempts or 'forever'}",
+            attempts_text(d.attempts, d.max_attempts, d.early_attempts),
             when,
             Text(by or ""),
             Text(reason or ""),

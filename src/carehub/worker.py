@@ -92,7 +92,9 @@ CUT_OFF_WAIT = 2.0
 #: Seconds between the log's summaries of a destination that keeps failing.
 TROUBLE_REPORT_SECONDS = 30.0
 #: A destination's retries are brought forward when it works again after failing for at least
-#: this many seconds, and at most once in RETRY_SOON_EVERY seconds (Worker._retry_soon).
+#: this many seconds, and at most once in RETRY_SOON_EVERY seconds (Worker._retry_soon). Such an
+#: early attempt that fails is not counted against max_attempts, and its delivery keeps the
+#: retry time it had (Outbox.claim_early).
 RETRY_SOON_AFTER = 30.0
 RETRY_SOON_EVERY = 300.0
 #: A process queueing from another store is said at most once in this many seconds per store.
@@ -210,6 +212,9 @@ class Worker:
         self._trouble: dict[str, DestinationTrouble] = {}
         #: When each destination's retries were last brought forward (see _retry_soon).
         self._brought_forward: dict[str, float] = {}
+        #: Destinations whose retries are being taken early (see _claim_early), with how
+        #: many so far.
+        self._bringing_forward: dict[str, int] = {}
         #: A component's periodic work that keeps failing the same way, logged as a run.
         self.tick_trouble = FailureRun(
             "periodic work", "tried again at the next tick", "tick(s)", logger=log
@@ -772,6 +777,8 @@ class Worker:
                     self._failed(err, "claims")
                 else:
                     self.store_trouble.succeeded("claims")
+                if self._bringing_forward:
+                    await self._claim_early(lease)
                 last_claim = time.monotonic()
             if time.monotonic() - self._paused_read >= PAUSE_CHECK:
                 await self._read_paused()
@@ -833,6 +840,8 @@ class Worker:
         started = datetime.now(UTC)
         clock = time.perf_counter()
         attempt = delivery.attempts + 1
+        # Taken before its retry time (_claim_early): the destination seemed back.
+        early = delivery.attempts > 0 and delivery.not_before > started
         if table.destination(delivery.destination) is None and await self._routes_differ():
             await self._leave_to_others(delivery)
             return
@@ -881,6 +890,7 @@ class Worker:
                 destination=delivery.destination,
                 order_key=delivery.order_key,
                 skipped=skipped,
+                early=early,
             )
             trouble = self._trouble.get(delivery.destination)
             outage = trouble.delivered() if trouble is not None else None
@@ -911,9 +921,13 @@ class Worker:
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
             limit = delivery.max_attempts  # 0: retried until it is taken
-            final = not retryable or (0 < limit <= attempt) or destination is None
+            # An early attempt is not counted: it never makes a dead letter of its own.
+            spent = not early and 0 < limit <= attempt
+            final = not retryable or spent or destination is None
             retry_at = None
-            if not final:
+            if early and not final:
+                retry_at = delivery.not_before  # the time it had: the schedule holds
+            elif not final:
                 assert destination is not None
                 delay = _retry_delay(destination, attempt, err)
                 retry_at = datetime.now(UTC) + timedelta(seconds=delay)
@@ -935,9 +949,10 @@ class Worker:
                 order_key=delivery.order_key,
                 holds_line=holds,
                 loggable=_clean_text(_reason(err)),  # what `carehub status` shows of it
+                early=early,
             )
             self.failed_attempts += 1
-            self._log_failure(delivery, attempt, err, final=final, holds=holds)
+            self._log_failure(delivery, attempt, err, final=final, holds=holds, early=early)
             host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
         if self._inflight.pop(delivery.id, None) is not None:
@@ -952,6 +967,7 @@ class Worker:
         *,
         final: bool,
         holds: bool,
+        early: bool = False,
     ) -> None:
         """Log a failed attempt. The error's full text, which can quote what the destination
         answered and so the message, goes to the store (attempt rows, dead letters); the log
@@ -969,12 +985,13 @@ class Worker:
                 )
             trouble.failed(reason)
         log.debug(
-            "message %d (delivery %d) to %s: attempt %d of %s failed: %s",
+            "message %d (delivery %d) to %s: attempt %d of %s%s failed: %s",
             delivery.message_id,
             delivery.id,
             delivery.destination,
             attempt,
             limit,
+            ", made early (not counted; tried again at its retry time)," if early else "",
             reason,
         )
         if final:
@@ -1051,34 +1068,67 @@ class Worker:
 
     def _retry_soon(self, destination: str, outage: float) -> None:
         """The destination takes deliveries again: those of its deliveries waiting out a
-        retry delay go now, rather than after a delay grown while it was down. Only after an
-        outage of RETRY_SOON_AFTER or more, and at most once per RETRY_SOON_EVERY: a
-        destination that fails every other request ends a run of failures with each success,
-        and bringing every retry forward each time spent all their attempts in seconds."""
+        retry delay go now (_claim_early), rather than after a delay grown while it was down.
+        Only after an outage of RETRY_SOON_AFTER or more, and at most once per
+        RETRY_SOON_EVERY: a destination that fails every other request ends a run of failures
+        with each success. An early attempt that fails costs its delivery none of its
+        attempts and none of its wait, so a flapping destination cannot make dead letters of
+        them sooner than their retry settings say."""
         now = time.monotonic()
         last = self._brought_forward.get(destination)
         if outage < RETRY_SOON_AFTER or (last is not None and now - last < RETRY_SOON_EVERY):
             return
         self._brought_forward[destination] = now
+        self._bringing_forward.setdefault(destination, 0)
+        self._wake_delivery.set()
 
-        async def bring_forward() -> None:
+    async def _claim_early(self, lease: timedelta) -> None:
+        """Take in hand the deliveries waiting out a retry delay of the destinations that
+        work again, as the hand has room for them (Outbox.claim_early; their retry times stay
+        as they are). A destination is done when none is left, or when it fails again or is
+        paused: the rest then go at their own times."""
+        for destination in list(self._bringing_forward):
+            trouble = self._trouble.get(destination)
+            if (trouble is not None and trouble.failing) or destination in self._paused:
+                self._brought(destination, again=True)
+                continue
+            room = self._room()
+            if self._limited(destination):
+                in_hand = self._inflight_to[destination] + sum(
+                    1 for d in self._claimed if d.destination == destination
+                )
+                room = min(room, 2 * self.settings.per_destination - in_hand)
+            if room <= 0:
+                continue  # the next claim, once sends have made room
             try:
-                moved = await self._store_call(self.outbox.retry_now, destination)
+                taken = await self._store_call(self.outbox.claim_early, destination, room, lease)
             except Exception as err:  # they go at their own time, as before
                 self._failed(err, "retries brought forward")
-                return
-            if moved:
-                log.info(
-                    "%s takes deliveries again: %d delivery(ies) waiting out a retry delay "
-                    "are due now",
-                    destination,
-                    moved,
-                )
-                self._wake_delivery.set()
+                self._brought(destination)
+                continue
+            self.store_trouble.succeeded("retries brought forward")
+            self._hold(taken)
+            self._bringing_forward[destination] += len(taken)
+            if len(taken) < room:
+                self._brought(destination)
 
-        task = asyncio.create_task(bring_forward())
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+    def _brought(self, destination: str, *, again: bool = False) -> None:
+        """The end of bringing ``destination``'s retries forward, said when there were any."""
+        moved = self._bringing_forward.pop(destination, 0)
+        if moved and again:
+            log.info(
+                "%s takes deliveries again: %d delivery(ies) waiting out a retry delay were "
+                "sent early; it failed again (or was paused), so the others keep their retry "
+                "times",
+                destination,
+                moved,
+            )
+        elif moved:
+            log.info(
+                "%s takes deliveries again: %d delivery(ies) waiting out a retry delay are due now",
+                destination,
+                moved,
+            )
 
     def _receipt_text(self, receipt: object, destination: Destination) -> str:
         """A send() that returned something other than text still delivered (the destination

@@ -17,6 +17,12 @@ line go on, retried or discarded. The worker's sweep mends what a race between w
 A destination an operator paused (``carehub destinations pause``) stalls every line to it: its
 pending deliveries are parked, new ones are written parked, and the claim skips it, until it is
 resumed; then each line goes on in order, as after a retry of dead letters.
+
+A destination that works again after failing gets its deliveries waiting out a retry delay sent
+early (claim_early). Such an attempt is recorded like any other, but its failure (the
+destination flaps) is not counted against ``max_attempts`` and the delivery keeps the retry time
+it had: bringing retries forward never shortens the schedule the routes promise. Its attempt row
+says ``failed early``; find() counts them per delivery (DeliveryRecord.early_attempts).
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ class DeliveryRecord:
     #: Of ``last_error``, what the log may show (DeliveryError.loggable); None for a delivery
     #: that never failed, and for errors recorded before the store kept it (migration 0017).
     last_error_loggable: str | None = None
+    #: Failed attempts made early, as its destination seemed back, not counted in
+    #: ``attempts`` (see the module doc); read by find() and get(), 0 elsewhere.
+    early_attempts: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -115,6 +124,16 @@ class AttemptResult:
     #: `carehub status`; None: read from ``detail`` as the log reads an error that does not
     #: say where the destination's answer begins.
     loggable: str | None = None
+    #: Sent before its retry time, brought forward as its destination seemed back (see
+    #: Outbox.claim_early): a failure to be retried is not counted against max_attempts, and
+    #: ``retry_at`` is the retry time the delivery already had.
+    early: bool = False
+
+    @property
+    def kept_on_schedule(self) -> bool:
+        """An early attempt that failed and is retried at the delivery's own time: its
+        attempt is in the history, not in the count."""
+        return self.early and not self.delivered and not self.skipped and self.retry_at is not None
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,6 +157,9 @@ class Discard:
     by: str | None
     reason: str | None
 
+
+#: The outcome of a failed early attempt (AttemptResult.early), which does not count.
+EARLY_FAILURE = "failed early"
 
 #: The attempt detail discard_dead_letters writes, read back into who and why.
 _DISCARD_DETAIL = re.compile(
@@ -496,6 +518,17 @@ _STILL_HELD = (
     .order_by(deliveries.c.id)
 )
 _STILL_HELD_LOCKED = _STILL_HELD.with_for_update()
+#: DeliveryRecord.early_attempts of each delivery read: its failed early attempts, through the
+#: index of attempts by delivery.
+_EARLY_COUNT = (
+    select(func.count())
+    .where(
+        delivery_attempts.c.delivery_id == deliveries.c.id,
+        delivery_attempts.c.outcome == EARLY_FAILURE,
+    )
+    .scalar_subquery()
+    .label("early_attempts")
+)
 _FAILED_STEPS = (
     select(
         message_steps.c.message_id,
@@ -526,8 +559,9 @@ def _earlier_in_line(earlier: Any, *conditions: Any) -> Any:
     )
 
 
-def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]:
-    """Pending deliveries that are due and first in their line (see Outbox.claim_due)."""
+def _first_in_line() -> list[Any]:
+    """The conditions of a claim: nothing unfinished before the delivery in its line, no dead
+    letter holding it, and its destination not paused."""
     earlier = aliased(deliveries)
     blocked = _earlier_in_line(earlier, delivery_in(earlier, *UNFINISHED))
     dead = aliased(deliveries)
@@ -541,12 +575,15 @@ def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]
         .where(paused_destinations.c.destination == deliveries.c.destination)
         .exists()
     )
+    return [~blocked, ~held, ~paused]
+
+
+def _claim_candidates(exclude_destinations: bool, skip_ids: bool) -> Select[Any]:
+    """Pending deliveries that are due and first in their line (see Outbox.claim_due)."""
     query = select(deliveries.c.id).where(
         delivery_in(deliveries, *PENDING),
         deliveries.c.not_before <= bindparam("now"),
-        ~blocked,
-        ~held,
-        ~paused,
+        *_first_in_line(),
     )
     if exclude_destinations:
         query = query.where(deliveries.c.destination.notin_(bindparam("exclude", expanding=True)))
@@ -560,6 +597,21 @@ _CLAIM_CANDIDATES = {
     for exclude in (False, True)
     for skip in (False, True)
 }
+#: Outbox.claim_early: one destination's deliveries waiting out a retry delay (failed before,
+#: due later, not parked), first in their line, soonest due first.
+_EARLY_CANDIDATES = (
+    select(deliveries.c.id)
+    .where(
+        delivery_in(deliveries, *PENDING),
+        deliveries.c.destination == bindparam("destination"),
+        deliveries.c.attempts > 0,
+        deliveries.c.not_before > bindparam("now"),
+        deliveries.c.not_before < PARKED,
+        *_first_in_line(),
+    )
+    .order_by(deliveries.c.not_before, deliveries.c.id)
+    .limit(bindparam("limit"))
+)
 # The rows are found by id; the status test only guards against another worker having taken
 # one meanwhile. Wrapped in coalesce so no planner reads it as a way in: through the index of
 # pending rows it would visit every one of them.
@@ -710,6 +762,9 @@ class Outbox:
                 conn.exec_driver_sql(sql.add_steps, step_rows)
             if delivery_rows:
                 conn.exec_driver_sql(sql.add_deliveries, delivery_rows)
+            if parked:
+                lines = {(planned[i][2].destination, planned[i][2].order_key) for i in parked}
+                self._recheck_parked(conn, lines, now)
             if handed:
                 assert handover is not None
                 handover.taken = self._handed_records(
@@ -725,13 +780,32 @@ class Outbox:
         moment on two workers, each read the other's work uncommitted: routing parked behind
         a head that was being delivered, the finish made due all but that row, and it waited
         for the sweep, up to a minute. Both hold the line instead, so the second waits for
-        the first's commit and reads it. Taken in one order (sorted), so two batches never
-        wait on each other; SQLite has one writer at a time and needs none of this."""
+        the first's commit and reads it. An operator's retry or discard of a dead letter
+        holds its lines too, before it settles them, for the same race with routing; it does
+        so after changing the dead letters, whose rows a reprocess's routing also locks
+        before its lines, so the two never wait on each other. Taken in one order (sorted),
+        so two batches never wait on each other; SQLite has one writer at a time, and routing
+        there checks what it wrote parked once it holds the write lock (_recheck_parked)."""
         if self.store.is_sqlite:
             return
         keys = sorted({f"{destination}\x1f{key}" for destination, key in lines})
         if keys:
             conn.exec_driver_sql(self._sql.lock_lines, (keys,))
+
+    def _recheck_parked(self, conn: Any, lines: Iterable[tuple[str, str]], now: Any) -> None:
+        """SQLite: make due the deliveries just written parked in these lines that nothing
+        stalls any more. Routing reads whether a line is stalled before its first write,
+        outside SQLite's write lock (intake waits less behind it): a discard or retry of the
+        dead letter, or a finish, committed by another process between that read and this
+        write did not see the new row, which then waited for the sweep. After the write the
+        lock is held and a read is current; only lines written parked pay for it. PostgreSQL
+        holds the lines instead (_lock_lines)."""
+        if not self.store.is_sqlite:
+            return
+        parked = self._sql.time(PARKED)
+        rows = [(now, destination, key, parked) for destination, key in sorted(lines)]
+        if rows:
+            conn.exec_driver_sql(self._sql.unpark_line, rows)
 
     def _drop_known_deliveries(self, conn: Any, results: Iterable[RoutingResult]) -> None:
         """Take off each route's result the deliveries whose idempotency key is already in the
@@ -914,14 +988,17 @@ class Outbox:
                 if exists is not None:
                     return False
                 _, parked = self._place_in_line(conn, [(message_id, 0, planned)], None)
+                now = self._sql.time(_now())
                 row = _new_delivery_values(  # run 0
                     planned,
                     message_id,
                     0,
-                    self._sql.time(_now()),
+                    now,
                     not_before=self._sql.time(PARKED) if parked else None,
                 )
                 conn.exec_driver_sql(self._sql.add_deliveries, row)
+                if parked:
+                    self._recheck_parked(conn, [(planned.destination, planned.order_key)], now)
                 return True
         except IntegrityError:  # another worker inserted the same key first: sent once
             return False
@@ -1083,7 +1160,7 @@ class Outbox:
         sql = self._sql
         delivery_rows = [
             (
-                r.attempt,
+                r.attempt - 1 if r.kept_on_schedule else r.attempt,
                 _final_status(r).value,
                 r.detail if r.delivered or r.skipped else None,
                 None if r.delivered or r.skipped else r.detail,
@@ -1236,7 +1313,7 @@ class Outbox:
         destination: str | None = None,
         limit: int | None = 100,
     ) -> list[DeliveryRecord]:
-        query = _matching(select(deliveries), status, message_id, destination)
+        query = _matching(select(deliveries, _EARLY_COUNT), status, message_id, destination)
         query = query.order_by(deliveries.c.id)
         if limit:
             query = query.limit(limit)
@@ -1309,7 +1386,9 @@ class Outbox:
 
     def get(self, delivery_id: int) -> DeliveryRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first()
+            row = conn.execute(
+                select(deliveries, _EARLY_COUNT).where(deliveries.c.id == delivery_id)
+            ).first()
         return _record(row) if row else None
 
     def attempts(self, delivery_id: int) -> list[AttemptRow]:
@@ -1374,6 +1453,7 @@ class Outbox:
             if not dead:
                 return LineReport(0, 0, 0)
             lines = {(row.destination, row.order_key) for row in dead}
+            self._lock_lines(conn, lines)  # before settling them: see _lock_lines
             released = self._settle_lines(conn, lines, now)
             detail = "dead letters queued again"
             for message_id in sorted({row.message_id for row in dead}):
@@ -1424,6 +1504,8 @@ class Outbox:
             )
             if not dead:
                 return LineReport(0, 0, 0)
+            lines = {(row.destination, row.order_key) for row in dead}
+            self._lock_lines(conn, lines)  # before settling them: see _lock_lines
             conn.execute(
                 insert(delivery_attempts),
                 [
@@ -1453,7 +1535,6 @@ class Outbox:
                     for message_id, ids in sorted(by_message.items())
                 ],
             )
-            lines = {(row.destination, row.order_key) for row in dead}
             released = self._settle_lines(conn, lines, now)
         return LineReport(len(dead), len(lines), released)
 
@@ -1647,25 +1728,25 @@ class Outbox:
             waiting = int(conn.exec_driver_sql(sql.count_waiting, (destination,)).scalar_one())
         return PauseReport(current is not None, waiting, moved, current)
 
-    def retry_now(self, destination: str) -> int:
-        """Deliveries to ``destination`` waiting out a retry delay are due now: it has just
-        taken a delivery again after failing. Without this, with a retry delay of up to
-        ``max_delay`` (15 minutes in the sample routes), each patient's line waited that long
-        behind its head after the receiver was back. Parked deliveries stay parked (their
-        line moves as its head is sent), and so do deliveries never tried. Returns how many."""
-        now = _now()
+    def claim_early(
+        self, destination: str, limit: int, lease: timedelta, now: datetime | None = None
+    ) -> list[DeliveryRecord]:
+        """Lease up to ``limit`` of ``destination``'s deliveries waiting out a retry delay,
+        before their time: it has just taken a delivery again after failing. Without this, with
+        a retry delay of up to ``max_delay`` (15 minutes in the sample routes), each patient's
+        line waited that long behind its head after the receiver was back. Their retry times
+        are left as they are, so each record says its attempt is early (``not_before`` after
+        the send starts: AttemptResult.early), and one that fails again waits for that time
+        still. First in their line only, as claim_due; parked ones follow as their heads go."""
+        now = now or _now()
+        params = {"destination": destination, "now": now, "limit": limit}
         with self.engine.begin() as conn:
-            return conn.execute(
-                update(deliveries)
-                .where(
-                    delivery_in(deliveries, *PENDING),  # reads the index of those
-                    deliveries.c.destination == destination,
-                    deliveries.c.attempts > 0,
-                    deliveries.c.not_before > now,
-                    deliveries.c.not_before < PARKED,
-                )
-                .values(not_before=now, updated_at=now)
-            ).rowcount
+            ids = [r[0] for r in conn.execute(_EARLY_CANDIDATES, params)]
+            if not ids:
+                return []
+            taken = {"ids": ids, "_lease_until": now + lease, "_now": now}
+            rows = conn.execute(_TAKE, taken).all()
+        return sorted((_record(r) for r in rows), key=lambda d: d.id)
 
     def waiting_for(self, destination: str) -> int:
         """How many deliveries to ``destination`` are pending or being sent."""
@@ -1845,4 +1926,6 @@ def _outcome(result: AttemptResult) -> str:
         return "delivered"
     if result.skipped:
         return "skipped"
+    if result.kept_on_schedule:
+        return EARLY_FAILURE
     return "failed" if result.retry_at is not None else "dead"

@@ -270,7 +270,8 @@ delivery_attempts = Table(
     Column("number", Integer, nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("duration_ms", Integer, nullable=False),
-    Column("outcome", String(16), nullable=False),  # delivered | failed | dead
+    # delivered | failed | failed early (not counted) | dead | skipped | discarded
+    Column("outcome", String(16), nullable=False),
     Column("detail", Text, nullable=True),
 )
 Index("ix_delivery_attempts_delivery", delivery_attempts.c.delivery_id)
