@@ -45,8 +45,9 @@ Rules (see docs on each handler for the reasons):
   room or bed move is ``none`` but updates the location.
 - A03 -> ``discharge`` with PV1-45 (else the message time), PV1-36 and PV1-37; a discharge for
   an unknown visit creates the encounter already discharged. A later A03 or A08 giving the
-  discharged visit another disposition or destination -> ``discharge_corrected`` (with
-  ``previous_discharge``); a new disposition without PV1-37 clears the old destination.
+  discharged visit another disposition, destination or discharge time (PV1-45, as a moment)
+  -> ``discharge_corrected`` (with ``previous_discharge``: what it replaces, the time too); a
+  new disposition without PV1-37 clears the old destination.
 - A11 -> ``cancel_admission``: back to ed when the admission came from the ED, else cancelled.
   A12 -> ``cancel_transfer``: the location, class and facility before the last A02 come back.
   A13 -> ``cancel_discharge``: back to the state before the discharge (admitted, normally).
@@ -142,6 +143,9 @@ DISCHARGE_CHANGES = ("discharge", "discharge_corrected", "cancel_discharge")
 #: An admission this soon after a discharge of the same patient is a readmission: the TCM
 #: service period (30 days from discharge), which is also the usual readmission window.
 READMISSION_WINDOW = timedelta(days=30)
+#: Discharge times closer than this are one time restated (seconds dropped or added), not a
+#: correction to tell anyone about.
+_SAME_DISCHARGE_TIME = timedelta(minutes=1)
 #: On the timeline row of an A13 that found nothing discharged: the discharge it cancels has
 #: not arrived yet, and when it does it is taken back (see ``_discharge_cancelled_before``).
 _AWAITS_DISCHARGE = "awaits_discharge"
@@ -239,6 +243,11 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _utc_minute(value: datetime | None) -> str:
+    """A time to the minute in UTC, for a timeline note (read as ``_aware`` reads it)."""
+    return _aware(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M") if value else ""
 
 
 def _utc_iso(value: datetime | None) -> str | None:
@@ -1131,7 +1140,6 @@ class EncounterTracker:
         if before is not None and rec.state == "discharged":
             if late:
                 return _Step("none", {"note": "already discharged"})
-            rec.discharged_at = enc.discharge_time or rec.discharged_at
             return self._correct_discharge(rec, enc) or _Step(
                 "none", {"note": "already discharged"}
             )
@@ -1147,12 +1155,22 @@ class EncounterTracker:
 
     @staticmethod
     def _correct_discharge(rec: EncounterRecord, enc: Encounter) -> _Step | None:
-        """A later message about a discharged visit that says where the patient went (PV1-36,
-        PV1-37) differently: a ``discharge_corrected`` carrying what it replaces
-        (``previous_discharge``), so follow-up clocks and notices can be set right. A new
-        disposition brings its own destination, so one the message leaves out is cleared (a
-        patient now sent home is no longer going to the nursing facility); with the same
-        disposition, a missing PV1-37 keeps the one known. None when nothing changes."""
+        """A later message about a discharged visit that says when (PV1-45) or where (PV1-36,
+        PV1-37) the patient went differently: a ``discharge_corrected`` carrying what it
+        replaces (``previous_discharge``), so follow-up clocks and notices can be set right.
+        A new disposition brings its own destination, so one the message leaves out is
+        cleared (a patient now sent home is no longer going to the nursing facility); with
+        the same disposition, a missing PV1-37 keeps the one known. A discharge time is
+        compared as a moment (a time without an offset read as UTC, as the store keeps it), so
+        one restated in another offset, or less than a minute apart (seconds dropped or
+        added), tells nobody anything new. None when nothing changes."""
+        left_at = rec.discharged_at
+        rec.discharged_at = enc.discharge_time or left_at
+        moved = (
+            enc.discharge_time is not None
+            and left_at is not None
+            and abs(_aware(enc.discharge_time) - _aware(left_at)) >= _SAME_DISCHARGE_TIME
+        )
         disposition = enc.discharge_disposition or rec.disposition
         destination = enc.discharged_to or enc.discharged_to_name
         new_disposition = normalize_disposition(disposition) != normalize_disposition(
@@ -1160,9 +1178,14 @@ class EncounterTracker:
         )
         if not new_disposition:
             destination = destination or rec.discharged_to
-        if not new_disposition and destination == rec.discharged_to:
+        elsewhere = new_disposition or destination != rec.discharged_to
+        if not elsewhere and not moved:
             return None
-        previous = {"disposition": rec.disposition, "discharged_to": rec.discharged_to}
+        previous = {
+            "disposition": rec.disposition,
+            "discharged_to": rec.discharged_to,
+            "discharged_at": _utc_iso(left_at),
+        }
         rec.disposition, rec.discharged_to = disposition, destination
         if new_disposition:
             encounter = rec.snapshot.setdefault("encounter", {})
@@ -1172,9 +1195,15 @@ class EncounterTracker:
                     encounter.pop(name, None)
                 else:
                     encounter[name] = value
-        was, corrected = _where_to(**previous), _where_to(disposition, destination)
-        note = f"discharge corrected: {was}, now {corrected}"
-        return _Step("discharge_corrected", {"note": note}, {"previous_discharge": previous})
+        notes = []
+        if elsewhere:
+            was = _where_to(previous["disposition"], previous["discharged_to"])
+            notes.append(f"discharge corrected: {was}, now {_where_to(disposition, destination)}")
+        if moved:
+            was, became = _utc_minute(left_at), _utc_minute(rec.discharged_at)
+            notes.append(f"discharge time corrected: {was} UTC, now {became} UTC")
+        detail = {"note": "; ".join(notes)}
+        return _Step("discharge_corrected", detail, {"previous_discharge": previous})
 
     def _on_update(
         self,
@@ -1190,8 +1219,9 @@ class EncounterTracker:
         sites send instead of an A06. A discharge time that has come (see the module doc):
         some sites discharge by A08 and never send an A03 (a discharge time after the
         message's own time is a plan, not a discharge). And a discharged visit's corrected
-        disposition or destination. A late A08 can still bring the discharge (its PV1-45 says
-        when), but not a class or discharge facts older than those the visit holds."""
+        disposition, destination or discharge time. A late A08 can still bring the discharge
+        (its PV1-45 says when), but not a class or discharge facts older than those the visit
+        holds."""
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
             return _Step("none", {"note": "update of an unknown visit"})
@@ -1202,7 +1232,6 @@ class EncounterTracker:
         if rec.state == "discharged":
             if late:
                 return _Step("none")
-            rec.discharged_at = enc.discharge_time or rec.discharged_at
             return self._correct_discharge(rec, enc) or _Step("none")
         if enc.discharge_time is not None:
             sent = event.occurred_at or now

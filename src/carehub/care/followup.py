@@ -12,7 +12,11 @@ with a status that says why: a corrected discharge that no longer sends the pati
 patient home opens them; a readmission within 30 days of the discharge (the TCM service period)
 ends that TCM episode (``readmitted``: no alert about a patient in hospital, and the next
 discharge home starts a new episode), unless an A11 cancels the readmission, which reopens
-them. A patient who opted out of notifications gets clocks too: the
+them. A correction that moves the discharge time (PV1-45) moves the deadlines with it:
+each pending item whose due date changes is closed as ``rescheduled`` (kept, with its old due
+date and any alert, so the list shows what was worked to and why it stopped) and replaced by
+one due from the corrected time, overdue at once if that is already past; done and closed
+items stay as they are. A patient who opted out of notifications gets clocks too: the
 follow-up is still the care team's duty, only telling anyone is ruled out, so the notify step
 alerts nobody when such an item falls overdue and records why (it reads the patient's choice
 then, so a later opt-out counts too).
@@ -84,6 +88,7 @@ CANCELLED = "cancelled"
 PATIENT_DIED = "died"
 NOT_HOME = "not_home"
 READMITTED = "readmitted"
+RESCHEDULED = "rescheduled"
 #: Statuses that still ask for work (an overdue item can still be done, or cancelled).
 PENDING = (OPEN, OVERDUE)
 #: Statuses of items closed without the work because it is no longer owed, and why.
@@ -92,10 +97,14 @@ WITHDRAWN = {
     PATIENT_DIED: "the corrected discharge says the patient died",
     NOT_HOME: "the corrected discharge no longer sends the patient home",
     READMITTED: "the patient was readmitted, which ends this TCM episode",
+    RESCHEDULED: "the discharge time was corrected: this clock runs again from the corrected time",
 }
 #: Of those, the ones whose discharge home was taken back or corrected away: a discharge home
 #: of the visit after them (a new A03, a correction back to home) opens fresh items.
 DISCHARGE_UNDONE = (CANCELLED, PATIENT_DIED, NOT_HOME)
+#: Statuses that leave a visit without clocks of its own: those above, and a rescheduled item,
+#: whose replacement is the clock now.
+_NOT_LIVE = (*DISCHARGE_UNDONE, RESCHEDULED)
 
 #: Why a reprocessed message opens, closes or reopens nothing.
 OVERTAKEN = "a later change to this discharge or admission came to the visit since this message"
@@ -404,9 +413,10 @@ class FollowupClock:
 
         Returns [] for anything else: not a discharge, not home (see ``policy.why_not``), no
         encounter id, or an encounter that already has follow-ups other than those of a
-        discharge undone (``DISCHARGE_UNDONE``). The last rule makes a resent or reprocessed
-        A03 harmless. A discharge after an A13, or a correction back to home, opens fresh items
-        (the route step first makes sure it is not the A03 that A13 took back).
+        discharge undone (``DISCHARGE_UNDONE``) or rescheduled. The last rule makes a resent
+        or reprocessed A03 harmless. A discharge after an A13, or a correction back to home,
+        opens fresh items (the route step first makes sure it is not the A03 that A13 took
+        back).
         ``facts`` default to ``discharge_facts(transition)``. Without a discharge time the
         clocks start at ``now``."""
         if transition.kind not in _DISCHARGES or transition.encounter_id is None:
@@ -430,7 +440,7 @@ class FollowupClock:
         if memory is not None:
             with memory.lock:
                 if any(
-                    i.encounter_id == transition.encounter_id and i.status not in DISCHARGE_UNDONE
+                    i.encounter_id == transition.encounter_id and i.status not in _NOT_LIVE
                     for i in memory.items.values()
                 ):
                     return []
@@ -446,7 +456,7 @@ class FollowupClock:
             live = conn.execute(
                 select(followups_table.c.id)
                 .where(followups_table.c.encounter_id == transition.encounter_id)
-                .where(followups_table.c.status.not_in(DISCHARGE_UNDONE))
+                .where(followups_table.c.status.not_in(_NOT_LIVE))
                 .limit(1)
             ).first()
             if live is not None:
@@ -502,6 +512,106 @@ class FollowupClock:
         )
         return sorted(never_alerted + alerted, key=lambda i: i.id)
 
+    def reschedule(
+        self, encounter_id: int, discharged_at: datetime, now: datetime
+    ) -> tuple[list[FollowupItem], list[FollowupItem]]:
+        """Due the encounter's pending items again from a corrected discharge time; returns
+        (the items closed as ``rescheduled``, their replacements). An item whose due date
+        stays the same is left alone, so a correction of minutes, or one applied twice, moves
+        nothing. A replacement already past due that was alerted before stays overdue and is
+        not alerted again; otherwise it is open, and alerts once its own due time passes."""
+        dates = self.policy.due_dates(discharged_at, self.calendar)
+        due: dict[str, datetime] = {kind: _utc(moment) for kind, moment in dates.items()}
+        at = _utc(now)
+
+        def successor(item: FollowupItem) -> dict[str, Any]:
+            past = due[item.kind] < at
+            alerted = item.alerted_at if past else None
+            return {
+                "encounter_id": item.encounter_id,
+                "patient_key": item.patient_key,
+                "kind": item.kind,
+                "due_at": due[item.kind],
+                "status": OVERDUE if alerted is not None else OPEN,
+                "created_at": at,
+                "alerted_at": alerted,
+            }
+
+        def moves(item: FollowupItem) -> bool:
+            return item.kind in due and item.due_at != due[item.kind]
+
+        closed: list[FollowupItem] = []
+        opened: list[FollowupItem] = []
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                for item in sorted(memory.items.values(), key=lambda i: i.id):
+                    if item.encounter_id != encounter_id or item.status not in PENDING:
+                        continue
+                    if not moves(item):
+                        continue
+                    old = replace(item, status=RESCHEDULED, closed_at=at)
+                    new = FollowupItem(id=memory.next_id, **successor(item))
+                    memory.items.update({old.id: old, new.id: new})
+                    memory.next_id += 1
+                    closed.append(old)
+                    opened.append(new)
+            return closed, opened
+        assert isinstance(self.target, Engine)
+        t = followups_table
+        with self.target.begin() as conn:
+            pending = conn.execute(
+                select(t)
+                .where(t.c.encounter_id == encounter_id, t.c.status.in_(PENDING))
+                .order_by(t.c.id)
+            ).all()
+            for item in (_item(r) for r in pending):
+                if not moves(item):
+                    continue
+                row = conn.execute(
+                    update(t)
+                    .where(t.c.id == item.id, t.c.status == item.status)
+                    .values(status=RESCHEDULED, closed_at=at)
+                    .returning(*t.c)
+                ).first()
+                if row is None:  # done or closed meanwhile: nothing to move
+                    continue
+                values = successor(item)
+                new_id = conn.execute(insert(t).values(**values).returning(t.c.id)).scalar_one()
+                closed.append(_item(row))
+                opened.append(FollowupItem(id=new_id, **values))
+        return closed, opened
+
+    def links(
+        self, items: Iterable[FollowupItem]
+    ) -> tuple[dict[int, FollowupItem], dict[int, FollowupItem]]:
+        """How ``items`` were rescheduled: ({replacement id: the item it replaced}, {rescheduled
+        id: its replacement}). A replacement is written right after the item it replaces, so
+        it is the next item of the same visit and kind."""
+        visits = sorted({i.encounter_id for i in items})
+        replaces: dict[int, FollowupItem] = {}
+        replaced_by: dict[int, FollowupItem] = {}
+        if not visits:
+            return replaces, replaced_by
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                everything = [i for i in memory.items.values() if i.encounter_id in visits]
+        else:
+            assert isinstance(self.target, Engine)
+            t = followups_table
+            with self.target.connect() as conn:
+                rows = conn.execute(select(t).where(t.c.encounter_id.in_(visits))).all()
+            everything = [_item(r) for r in rows]
+        last: dict[tuple[int, str], FollowupItem] = {}
+        for item in sorted(everything, key=lambda i: i.id):
+            earlier = last.get((item.encounter_id, item.kind))
+            if earlier is not None and earlier.status == RESCHEDULED:
+                replaces[item.id] = earlier
+                replaced_by[earlier.id] = item
+            last[item.encounter_id, item.kind] = item
+        return replaces, replaced_by
+
     def complete(self, item_id: int, now: datetime) -> FollowupItem:
         """Mark an item done at ``now`` (when the contact or visit happened). Done again is a
         no-op. A withdrawn or unknown item raises FollowupError, because completing it would
@@ -526,8 +636,11 @@ class FollowupClock:
         if item is None:
             raise FollowupError(f"no follow-up {item_id}")
         if item.reason is not None:
+            replacement = self.links([item])[1].get(item.id)
+            instead = f" (now follow-up {replacement.id})" if replacement is not None else ""
             raise FollowupError(
-                f"follow-up {item_id} is closed as {item.status}: {item.reason}; not changed"
+                f"follow-up {item_id} is closed as {item.status}: {item.reason}{instead}; "
+                "not changed"
             )
         return item
 
@@ -690,20 +803,22 @@ def _item(row: Any) -> FollowupItem:
 # -- the route step --------------------------------------------------------------------------
 class FollowupEnricher(Enricher):
     """Opens TCM follow-up clocks on discharges home (and corrections to home), cancels them
-    on A13, and closes them when a correction no longer sends the patient home or the patient
-    is readmitted (reopened if that readmission is cancelled).
+    on A13, closes them when a correction no longer sends the patient home or the patient
+    is readmitted (reopened if that readmission is cancelled), and reschedules the pending ones
+    when a correction moves the discharge time.
 
     Runs after ``encounter-state`` and reads its Transition from ``work.data["encounter"]``.
     ``work.data["followups"]`` gets the encounter's pending items after a discharge (just
-    opened, or already open on a resend), so a discharge notice can show the due dates, and
-    ``work.data["followups_closed"]`` the items this message closed (their status says why).
-    Otherwise each gets []."""
+    opened, rescheduled, or already open on a resend), so a discharge notice can show the due
+    dates, and ``work.data["followups_closed"]`` the items this message closed (their status
+    says why). Otherwise each gets []."""
 
     name = "follow-up-clock"
     description = (
         "TCM follow-up clocks: a contact due in 2 business days and a visit due in 7 or 14 "
         "days after a discharge home; cancelled by A13, closed by a corrected discharge that "
-        "is not home or by a readmission within 30 days"
+        "is not home or by a readmission within 30 days, due again from a corrected discharge "
+        "time"
     )
 
     class Options(ComponentOptions):
@@ -864,6 +979,21 @@ class FollowupEnricher(Enricher):
         if opened:
             work.data["followups"] = opened
             return {**base, "action": "opened", "items": _briefs(opened)}
+        left_before = _time_corrected_from(transition, facts)
+        if left_before is not None:
+            base["previous_discharged_at"] = left_before.isoformat()
+            moved, replacements = clock.reschedule(
+                transition.encounter_id or 0, facts.discharged_at, now
+            )
+            if moved:
+                work.data["followups"] = clock.find(encounter_id=transition.encounter_id)
+                work.data["followups_closed"] = moved
+                return {
+                    **base,
+                    "action": "rescheduled",
+                    "items": _briefs(replacements),
+                    "rescheduled": _briefs(moved),
+                }
         existing = clock.find(encounter_id=transition.encounter_id)
         work.data["followups"] = existing
         return {**base, "action": "already_opened", "items": _briefs(existing)}
@@ -896,6 +1026,19 @@ class FollowupEnricher(Enricher):
             return False
         tracker = EncounterTracker(store.engine)
         return tracker.overtaken(transition.encounter_id, work.message.id, kinds)
+
+
+def _time_corrected_from(transition: Transition, facts: DischargeFacts) -> datetime | None:
+    """The discharge time a ``discharge_corrected`` replaced, when it moved the discharge to
+    another moment (times without an offset read as UTC, as the store keeps them); else None.
+    """
+    previous = (transition.summary or {}).get("previous_discharge")
+    if transition.kind != "discharge_corrected" or not isinstance(previous, dict):
+        return None
+    before = _as_datetime(previous.get("discharged_at"))
+    if before is None or facts.discharged_at is None:
+        return None
+    return before if _utc(before) != _utc(facts.discharged_at) else None
 
 
 def _briefs(items: list[FollowupItem]) -> list[dict[str, Any]]:
@@ -933,22 +1076,31 @@ def list_followups(
     limit: int,
     as_json: bool,
 ) -> None:
-    """Pending follow-ups (open or overdue), soonest due first."""
+    """Pending follow-ups (open or overdue), soonest due first; one whose due date a
+    corrected discharge time moved says from when."""
     from carehub.hub import open_store
 
+    now = datetime.now(UTC)
     store = open_store(config, data_dir, must_exist=True)
     try:
-        found = FollowupClock(store.engine).find(
+        clock = FollowupClock(store.engine)
+        found = clock.find(
             patient=patient,
             statuses=None if show_all and not overdue else PENDING,
-            due_before=datetime.now(UTC) if overdue else None,
+            due_before=now if overdue else None,
             limit=limit,
         )
+        replaces, replaced_by = clock.links(found)
     finally:
         store.close()
     if as_json:
         for item in found:
-            click.echo(json.dumps(item.as_output(), ensure_ascii=False))
+            earlier, later = replaces.get(item.id), replaced_by.get(item.id)
+            out = item.as_output()
+            out["replaces"] = earlier.id if earlier else None
+            out["was_due_at"] = earlier.due_at.isoformat() if earlier else None
+            out["replaced_by"] = later.id if later else None
+            click.echo(json.dumps(out, ensure_ascii=False))
         return
     from rich.table import Table
     from rich.text import Text
@@ -958,19 +1110,29 @@ def list_followups(
 
     table = Table(show_edge=False, header_style="bold")
     columns = ("id", "patient", "encounter", "kind", "due (UTC)", "status", "alerted (UTC)")
-    for column in (*columns, "closed (UTC)", "why closed"):
+    for column in (*columns, "closed (UTC)", "note"):
         table.add_column(column, overflow="fold")
     for item in found:
+        earlier, later = replaces.get(item.id), replaced_by.get(item.id)
+        if item.reason is not None:
+            note = item.reason + (f" (now #{later.id})" if later else "")
+        elif earlier is not None:
+            note = f"moved from {utc_minute(earlier.due_at)} (discharge time corrected)"
+        else:
+            note = ""
+        # Pending and past due is overdue, whether or not the alert has gone out yet (the
+        # alerted column says); a due date moved into the past is overdue at once.
+        late = item.status == OPEN and item.due_at < now
         table.add_row(
             str(item.id),
             Text(item.patient_key),
             str(item.encounter_id),
             item.kind,
             utc_minute(item.due_at),
-            item.status,
+            OVERDUE if late else item.status,
             utc_minute(item.alerted_at),
             utc_minute(item.closed_at),
-            item.reason or "",
+            note,
         )
     console = new_console()
     console.print(table)

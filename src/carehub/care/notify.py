@@ -458,7 +458,11 @@ class Notifier:
         label = DISPOSITIONS.get(code.zfill(2) if code.isdigit() else code)
         words = f"{code} ({label})" if label else code
         where = self._destination(previous.get("discharged_to"), None)
-        return " to ".join(part for part in (words, where) if part) or None
+        said = " to ".join(part for part in (words, where) if part)
+        was = previous.get("discharged_at")
+        if was and was != summary.get("discharged_at"):
+            said = f"{said} on {_local_minute(was, summary.get('discharge_time'))}".strip()
+        return said or None
 
     def _event_context(
         self,
@@ -1017,6 +1021,22 @@ def _local_day(due: Any, event: dict[str, Any]) -> str:
         if zone is not None:
             return _aware(due).astimezone(zone).strftime("%Y-%m-%d")
     return _aware(due).strftime("%Y-%m-%d")
+
+
+def _local_minute(moment: str, local_example: str | None) -> str:
+    """A stored UTC time as the hospital's clock reads it, its offset taken from another time
+    the hospital sent (``local_example``); in UTC when that has none."""
+    try:
+        when = _aware(datetime.fromisoformat(moment))
+    except (TypeError, ValueError):
+        return moment
+    try:
+        zone = datetime.fromisoformat(local_example).tzinfo if local_example else None
+    except (TypeError, ValueError):
+        zone = None
+    if zone is None:
+        return when.strftime("%Y-%m-%d %H:%M UTC")
+    return when.astimezone(zone).strftime("%Y-%m-%d %H:%M")
 
 
 def _no_longer_listed(earlier: list[dict[str, Any]], team: CareTeam) -> list[Recipient]:
