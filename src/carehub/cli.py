@@ -921,6 +921,50 @@ def _deliveries_text(places: list[PlaceTaken]) -> str:
     return "deliveries " + ", ".join(f"#{p.delivery_id} ({p.was})" for p in places)
 
 
+def _queued_and_suppressed(
+    outbox: Any, result: RoutingResult, carried: list[PlaceTaken], dropped: int
+) -> tuple[int, list[str]]:
+    """Of a recorded reprocess run: how many deliveries are queued to be sent, and why each
+    notice or delivery that is not was suppressed (one reason each, said where it was
+    decided). Suppressed: a notice its notify step decided not to make (told by an earlier
+    run of the message, a referral closed already); a delivery its channel found nothing to
+    send for at routing time (written, and skipped in its turn: the FHIR copy of a referral
+    that an early cancel closed); ``dropped``, planned under keys an earlier run used (the
+    outbox leaves them out, so nobody is told twice)."""
+    reasons: list[str] = []
+    for step in result.steps:
+        if step.outcome != "ok" or not step.step.startswith("notify"):
+            continue
+        for decision in step.output if isinstance(step.output, list) else []:
+            if isinstance(decision, dict) and decision.get("status") == "suppressed":
+                why = decision.get("reason") or "suppressed"
+                reasons.append(f"{step.route}/{step.step}: {why}")
+    queued = 0
+    sent_as = [(d.destination, d.outgoing.payload, d.outgoing.metadata) for d in result.deliveries]
+    for place in carried:
+        record = outbox.get(place.delivery_id)
+        if record is not None:
+            sent_as.append((record.destination, record.payload, record.metadata))
+        else:
+            queued += 1  # discarded or pruned since: counted as the outbox took it
+    for destination, payload, metadata in sent_as:
+        not_sent = metadata.get("not_sent")
+        if payload or not not_sent:
+            queued += 1
+        else:
+            reasons.append(f"{destination}: {not_sent}")
+    reasons.extend(["planned under a key an earlier run used: not made again"] * dropped)
+    return queued, reasons
+
+
+def _suppressed_text(reasons: list[str]) -> str:
+    """``3 suppressed (a: why; b: why (2 of them))``: each reason once."""
+    from collections import Counter
+
+    grouped = [f"{r} ({n} of them)" if n > 1 else r for r, n in Counter(reasons).items()]
+    return f"{len(reasons)} suppressed ({'; '.join(grouped)})"
+
+
 def _warn_if_hub_runs_other_routes(config: HubConfig, data_dir: Path, store: MessageStore) -> None:
     """Reprocess routes with the files on disk: say so when a process routing from this
     store loaded other ones, or live messages and reprocessed ones go out differently. The
@@ -991,9 +1035,10 @@ def _reprocess(
     used (a care-team notice of the same visit event) are left out by the outbox, so nobody
     is told twice; an earlier run's delivery not made yet (dead, or waiting) carries this
     run's in its place (Outbox._take_places). Returns how many messages were routed,
-    deliveries queued, messages skipped (turned away at intake, or routed by the hub
-    meanwhile: nothing recorded) and routed with a route error, in ``counts`` when given (so
-    far as it got, should it fail): only what the store recorded is counted."""
+    deliveries queued to be sent, notices and deliveries suppressed (_queued_and_suppressed:
+    told before, nothing to send), messages skipped (turned away at intake, or routed by the
+    hub meanwhile: nothing recorded) and routed with a route error, in ``counts`` when given
+    (so far as it got, should it fail): only what the store recorded is counted."""
     from carehub.hub import build_routing
     from carehub.routing.router import Router
     from carehub.store.outbox import Outbox
@@ -1029,6 +1074,7 @@ def _reprocess(
                     _note_discarded_left_out(message_id, result, choice, discarded)
                     done_with |= discarded
                 left_out = _keep_chosen(result, choice, done_with)
+                planned = len(result.deliveries)
                 places: list[PlaceTaken] = []
                 if not outbox.record_routing([result], places_taken=places):
                     # A first run is kept only for a message still waiting for it.
@@ -1042,15 +1088,19 @@ def _reprocess(
                     continue
                 carried = [p for p in places if p.carried]
                 in_flight = [p for p in places if not p.carried]
-                queued = len(result.deliveries) + len(carried)
+                dropped = planned - len(result.deliveries) - len(places)
+                queued, suppressed = _queued_and_suppressed(outbox, result, carried, dropped)
                 counts["messages"] += 1
                 counts["deliveries"] += queued
+                if suppressed:  # counted when there are some: most runs suppress nothing
+                    counts["suppressed"] = counts.get("suppressed", 0) + len(suppressed)
                 counts["failed"] += bool(result.errors)
                 matched = ", ".join(r.route for r in result.matched) or "no route"
                 click.echo(
                     f"message {message_id} (run {result.run}): {matched}; "
                     f"{queued} deliveries queued"
                     + (f", {left_out + len(in_flight)} left out" if left_out or in_flight else "")
+                    + (f", {_suppressed_text(suppressed)}" if suppressed else "")
                     + (
                         f"; in place of earlier {_deliveries_text(carried)}, keeping "
                         "the place in line"
@@ -1411,6 +1461,7 @@ def dead_letters_list(
                 "channel": d.channel,
                 "status": d.status,
                 "attempts": d.attempts,
+                "early_attempts": d.early_attempts,
                 "last_error": d.last_error,
                 "updated_at": d.updated_at.isoformat(),
                 "holds_line": bool(d.holds_line),
@@ -1464,7 +1515,6 @@ def _not_dead_letters(delivery_ids: tuple[int, ...], found: dict[int, str]) -> N
             click.echo(
                 f"delivery {delivery_id}: {status}, not a dead letter; left as it is", err=True
             )
-                "early_attempts": d.early_attempts,
 
 
 @dead_letters.command("retry")

@@ -35,8 +35,10 @@ in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 mess
   overdue alert fires), and the referrer's own I14 for it (``early_cancel``). Only what is
   applied joins its timeline (its row marked ``applied_later``); the rest stay unattached for
   the referral they belong to. A referral such an update closed is sent to nobody
-  (``ReferralTransition.sent_as_new``). A reprocess applies afresh a message recorded as
-  belonging to no referral, so an early I14 finds its referral once it is on file.
+  (``ReferralTransition.sent_as_new``). The early I14's message, failed for want of its
+  referral, then takes the status it would have had, its history saying when it was applied
+  (:func:`settle_early_updates`). A reprocess applies afresh a message recorded as belonging
+  to no referral, so an early I14 finds its referral once it is on file.
 - A message naming no referral id, or the referrer's I14/I15 for a referral carehub never had,
   belongs to no referral: it is recorded (:func:`refused_referral_events`) and the step raises
   :class:`ReferralUntracked` (a :class:`~carehub.routing.router.StepProblem`): the message ends
@@ -73,7 +75,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import Field
 from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
@@ -94,6 +96,7 @@ from carehub.resources.matching import same_organization
 from carehub.routing.router import StepProblem
 from carehub.store.schema import (
     DeliveryStatus,
+    MessageStatus,
     clipped,
     deliveries,
     messages,
@@ -102,6 +105,9 @@ from carehub.store.schema import (
     referrals,
 )
 from carehub.workqueue import patient_key as make_patient_key
+
+if TYPE_CHECKING:
+    from carehub.store.store import MessageStore
 
 __all__ = [
     "AWAITING_RESPONSE",
@@ -1865,6 +1871,8 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
         identity = message.identity if tracker.engine is None else None
         transition = tracker.apply_message(event, message.id, identity=identity)
         work.data["referral"] = transition
+        if transition.early_cancel is not None and transition.referral_id is not None:
+            self._settle_early(referral_id=transition.referral_id)
         untracked = _untracked(transition)
         if untracked is not None:
             # Recorded (refused_referral_events lists it); the message ends 'failed' with the
@@ -1888,10 +1896,139 @@ class ReferralStateEnricher(TrackingEnricher[ReferralTracker]):
             # and logs carry no identifiers (`carehub referrals show ID` gives the rest).
             ids = ", ".join(f"#{r.id}" for r in late)
             log.warning("%d referral(s) without an answer: %s", len(late), ids)
+        if store is not None:
+            # Once per store and tick, whichever of the routes' steps gets there first.
+            ticked = self.context.shared.setdefault(_EARLY_SETTLED, {})
+            if ticked.get(store.instance_id) != now:
+                ticked[store.instance_id] = now
+                self._settle_early(since=now - EARLY_SETTLE_WINDOW)
+
+    def _settle_early(
+        self, *, referral_id: int | None = None, since: datetime | None = None
+    ) -> None:
+        """settle_early_updates on the store, when there is one. Just after the referral came
+        its failure is logged and left to the next tick: the referral is applied, and its
+        message's routing must not fail for a status that can be mended later."""
+        store = self.context.store
+        if store is None:
+            return
+        try:
+            settle_early_updates(store, referral_id=referral_id, since=since)
+        except Exception as err:
+            if referral_id is None:
+                raise  # the tick's own failure, logged and retried by the worker
+            log.warning(
+                "the messages of updates applied when referral #%d came are settled at the "
+                "next periodic run (%s)",
+                referral_id,
+                type(err).__name__,
+            )
 
 
 #: ComponentContext.shared: store id -> the referral rows whose overdue warning was logged.
 _OVERDUE_LOGGED = "enrich:referral-state:overdue-logged"
+#: ComponentContext.shared: store id -> the time of the last tick that settled early updates.
+_EARLY_SETTLED = "enrich:referral-state:early-settled"
+#: How long after its message was last failed the periodic run still settles an update applied
+#: after it came (one routed in the same batch as its referral, which the referral's step
+#: found still being routed).
+EARLY_SETTLE_WINDOW = timedelta(days=2)
+#: In an early update's refused row once its message was settled (the status it took), or
+#: found failed for something else as well (None).
+_SETTLED = "message_settled"
+
+
+def settle_early_updates(
+    store: MessageStore, *, referral_id: int | None = None, since: datetime | None = None
+) -> list[tuple[int, str]]:
+    """The messages of the referrer's updates that came before their referral (a REF^I14) and
+    were applied when it came (ReferralTracker._created), still failed because their
+    referral-state step found no referral then: each takes the status a message routed
+    without that problem has, its history saying when it was applied (an operator must not
+    take it for a problem still open, and reprocess it). ``referral_id``: only that
+    referral's; ``since``: only messages failed since then. A message still being routed
+    (in the same batch as its referral) is left for a later call. Returns (message id,
+    status) of each settled."""
+    query = (
+        select(
+            referral_events.c.id,
+            referral_events.c.message_id,
+            referral_events.c.referral_id,
+            referral_events.c.source,
+            referral_events.c.detail,
+        )
+        .select_from(referral_events.join(messages, messages.c.id == referral_events.c.message_id))
+        .where(
+            referral_events.c.action == "unknown_referral",
+            referral_events.c.referral_id.is_not(None),  # set once it was applied (adopt)
+            messages.c.status == MessageStatus.FAILED.value,
+        )
+        .order_by(referral_events.c.id)
+    )
+    if referral_id is not None:
+        query = query.where(referral_events.c.referral_id == referral_id)
+    if since is not None:
+        query = query.where(messages.c.status_at >= _utc(since))
+    with store.engine.connect() as conn:
+        # Each once: settled, or found failed for something else too (a dead letter).
+        waiting = [
+            (row, problem)
+            for row in conn.execute(query)
+            if _SETTLED not in json_object(row.detail)
+            and (problem := _waiting_problem(row.source)) is not None
+        ]
+        arrivals = _arrivals(conn, {row.referral_id for row, _ in waiting})
+    settled: list[tuple[int, str]] = []
+    for row, problem in waiting:
+        applied_to, source, message_id = row.referral_id, row.source, row.message_id
+        came = arrivals.get(applied_to)
+        by = f" ({came[1]}, message {came[0]})" if came else ""
+        note = (
+            f"{source} applied when referral #{applied_to} arrived{by}: it came before the "
+            "referral and was kept for it"
+        )
+        status = store.clear_step_problem(message_id, problem, note)
+        with store.engine.begin() as conn:
+            _SqlBackend(conn, lock=False).update_detail(row.id, {_SETTLED: status})
+        if status is not None:
+            # Row ids only: logs carry no referral numbers.
+            log.info(
+                "message %d (%s) applied when referral #%d arrived: %s now",
+                message_id,
+                source,
+                applied_to,
+                status,
+            )
+            settled.append((message_id, status))
+    return settled
+
+
+def _waiting_problem(source: str) -> str | None:
+    """The problem a referral-state step raised for an update of ``source`` that named a
+    referral not on file (see _untracked); None for one that fails no message (an answer)."""
+    return _untracked(ReferralTransition(action="unknown_referral", source=source, accepted=False))
+
+
+def _arrivals(conn: Connection, referral_ids: Iterable[int]) -> dict[int, tuple[int, str]]:
+    """The message that created each referral: referral row id -> (message id, its type)."""
+    ids = sorted(set(referral_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(
+            referral_events.c.referral_id, referral_events.c.message_id, referral_events.c.source
+        )
+        .where(
+            referral_events.c.referral_id.in_(ids),
+            referral_events.c.action == "created",
+            referral_events.c.message_id.is_not(None),
+        )
+        .order_by(referral_events.c.id)
+    ).all()
+    found: dict[int, tuple[int, str]] = {}
+    for row in rows:
+        found.setdefault(row.referral_id, (row.message_id, row.source))
+    return found
 
 
 def _untracked(transition: ReferralTransition) -> str | None:

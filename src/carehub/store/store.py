@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import socket
@@ -63,6 +64,7 @@ from carehub.store.schema import (
     encounters,
     followups,
     message_events,
+    message_steps,
     messages,
     notifications,
     patient_merges,
@@ -1304,6 +1306,59 @@ class MessageStore:
                 insert(message_events),
                 {"message_id": message_id, "at": now, "event": status.value, "detail": detail},
             )
+    def clear_step_problem(self, message_id: int, problem: str, note: str) -> str | None:
+        """A problem a route step raised (StepProblem, recorded as the step's error) was dealt
+        with since: the message, failed for it alone in its latest routing run, takes the
+        status a message routed without it has. It is routed again, with ``note`` in its
+        history saying why, and then delivered or failed as its deliveries stand (routed
+        while some still wait). Returns the status it ends in; None, changing nothing, when
+        it is not failed for ``problem`` alone (not routed yet, routed again since, or
+        failed for something else too)."""
+        from carehub.store.outbox import Outbox  # outbox builds on this module
+
+        outbox = Outbox(self)
+        now = datetime.now(UTC)
+        failed, routed = MessageStatus.FAILED.value, MessageStatus.ROUTED.value
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            # Written first: the write holds the row (SQLite: the store) until the commit, so
+            # what is read next is current, and a worker settling the message waits for it.
+            if not conn.execute(
+                update(messages)
+                .where(messages.c.id == message_id, messages.c.status == failed)
+                .values(status=routed, status_at=now, detail=note)
+            ).rowcount:
+                return None
+            steps = conn.execute(
+                select(message_steps.c.run, message_steps.c.outcome, message_steps.c.output)
+                .where(message_steps.c.message_id == message_id)
+                .order_by(message_steps.c.id)
+            ).all()
+            latest = max((row.run for row in steps), default=None)
+            errors = [
+                self._step_error(row.output)
+                for row in steps
+                if row.run == latest and row.outcome == "error"
+            ]
+            if not errors or not all(text.endswith(f": {problem}") for text in errors):
+                transaction.rollback()
+                return None
+            conn.execute(
+                insert(message_events),
+                {"message_id": message_id, "at": now, "event": routed, "detail": note},
+            )
+            outbox._settle_messages(conn, {message_id}, self.sql.time(now))
+            return conn.execute(
+                select(messages.c.status).where(messages.c.id == message_id)
+            ).scalar()
+
+    @staticmethod
+    def _step_error(output: str | None) -> str:
+        """A failed step's recorded error (its output, JSON text) as text."""
+        with contextlib.suppress(ValueError, TypeError):
+            value = json.loads(output or '""')
+            return value if isinstance(value, str) else str(value)
+        return output or ""
+
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, message_id: int) -> StoredMessage | None:
