@@ -69,6 +69,7 @@ from carehub.store.store import (
     MessageStore,
     RecentMessages,
     StoreError,
+    server_connect_args,
     sqlite_url,
 )
 from carehub.worker import Worker, WorkerSettings
@@ -186,7 +187,14 @@ def check_store(config: HubConfig, data_dir: Path) -> str:
         if parsed.get_backend_name() == "sqlite":
             revision = _sqlite_revision(parsed.database)
         else:
-            engine = create_engine(url, poolclass=NullPool, hide_parameters=True)
+            # serve's bounds: a database that has gone silent fails the check in seconds,
+            # and a postgres:// URL is answered with how to write it.
+            engine = create_engine(
+                url,
+                poolclass=NullPool,
+                hide_parameters=True,
+                connect_args=server_connect_args(url),
+            )
             try:
                 with engine.connect() as conn:
                     revision = (
@@ -197,7 +205,7 @@ def check_store(config: HubConfig, data_dir: Path) -> str:
             finally:
                 engine.dispose()
         _check_revision(revision)
-    except (SQLAlchemyError, AlembicError, OSError, ImportError, sqlite3.Error) as err:
+    except (SQLAlchemyError, AlembicError, OSError, ImportError, sqlite3.Error, StoreError) as err:
         # ImportError: the URL names a database whose driver is not installed (mysql://...).
         raise StoreOpenError(_store_open_problem(config, data_dir, err)) from err
     where = without_password(config.store.url) if config.store.url else data_dir / STORE_FILE

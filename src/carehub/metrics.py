@@ -8,14 +8,21 @@ by the queries `carehub status` runs (carehub.status.read_status): they cover ev
 writing to the store, not only this hub's, so in a scale-out deployment every `serve` reports
 the same values (aggregate them with max, not sum). Every destination of the hub's routes is
 exported, at 0 when nothing waits, so that an alert on it never sees the series vanish.
+
+A scrape waits for the store at most STORE_PATIENCE: a database that has gone silent takes
+its connect timeout or longer to fail a read, and Prometheus gives up on a scrape after 10 s
+by default, so the hub would look down when only its store is. Past it, the scrape answers
+with carehub_store_up 0 and the store's gauges left out.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,7 +30,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from carehub.status import DestinationState, HubStatus, read_status
-from carehub.store.failure_run import FailureRun
 from carehub.store.schema import UNFINISHED, DeliveryStatus, deliveries, delivery_in
 
 if TYPE_CHECKING:
@@ -38,7 +44,101 @@ log = logging.getLogger(__name__)
 #: shortest window keeps that part of a scrape to the last minute's rows.
 STATUS_WINDOW = timedelta(minutes=1)
 
+#: Seconds a scrape waits for the store (its gauges, and the test write that decides
+#: carehub_store_writable while intake's writes fail) before it answers without it. A read
+#: takes milliseconds (see _deliveries_by_status); Prometheus' own timeout is 10 s.
+STORE_PATIENCE = 2.0
+
 _DESTINATION = ["destination", "channel"]
+
+T = TypeVar("T")
+
+
+class _Run(Generic[T]):
+    """One call of ``read`` on a thread of its own, whose result a scrape waits for."""
+
+    def __init__(self, read: Callable[[], T], name: str) -> None:
+        self.finished = threading.Event()
+        self._value: T | None = None
+        self._error: Exception | None = None
+        threading.Thread(target=self._run, args=(read,), name=name, daemon=True).start()
+
+    def _run(self, read: Callable[[], T]) -> None:
+        try:
+            self._value = read()
+        except Exception as err:
+            self._error = err
+        finally:
+            self.finished.set()
+
+    def result(self, deadline: float) -> T:
+        """What ``read`` returned, waited for until ``deadline`` (time.monotonic()); raises
+        what it raised, or TimeoutError when it is still running then."""
+        if not self.finished.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"no answer within {STORE_PATIENCE:g} s")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+class _OneAtATime(Generic[T]):
+    """Store reads for scrapes, one at a time: a read that outlives its scrape (a database
+    that has gone silent) is waited on by the next scrape rather than started again, so an
+    outage holds one thread, not one more per scrape."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._running: _Run[T] | None = None
+
+    def start(self, read: Callable[[], T]) -> _Run[T]:
+        with self._lock:
+            if self._running is None or self._running.finished.is_set():
+                self._running = _Run(read, self._name)
+            return self._running
+
+
+class _ReadOutage:
+    """Scrapes that could not read the store, logged as one run: a WARNING naming why when
+    the first fails, an INFO when the store answers again. Prometheus scrapes every 15 s or
+    so, and what writes to the store logs the outage itself: a line (or a traceback) per
+    scrape would only bury that."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._scrapes = 0
+
+    def failed(self, err: Exception) -> None:
+        with self._lock:
+            self._scrapes += 1
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning(
+            "reading the store for /metrics failed (%s): scrapes answer carehub_store_up 0, "
+            "without the store's gauges, until it answers",
+            _reason(err),
+        )
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, scrapes = time.monotonic() - self._since, self._scrapes
+            self._since, self._scrapes = None, 0
+        log.info(
+            "reading the store for /metrics works again after %.1f s (%d scrape(s) answered "
+            "without it)",
+            lasted,
+            scrapes,
+        )
+
+
+def _reason(err: Exception) -> str:
+    """The first line of what the driver said (SQLAlchemy's own wrapping left out)."""
+    text = str(getattr(err, "orig", None) or err) or type(err).__name__
+    return text.strip().split("\n", 1)[0][:200]
 
 
 class StoreGauges:
@@ -48,27 +148,33 @@ class StoreGauges:
     def __init__(self, table: Callable[[], RouteTable]) -> None:
         #: The routes now (a reload replaces them): every destination they name is exported.
         self.table = table
-        self._store_failures = FailureRun(
-            "reading the store for /metrics",
-            "its gauges are left out and carehub_store_up is 0",
-            "scrape(s)",
-            logger=log,
+        self._reads: _OneAtATime[tuple[dict[str, int], HubStatus]] = _OneAtATime(
+            "metrics-store-read"
+        )
+        self._outage = _ReadOutage()
+
+    def start(self, store: MessageStore) -> _Run[tuple[dict[str, int], HubStatus]]:
+        """Begin this scrape's read of the store (``collect`` waits for it), so that the
+        scrape's other waits on the store run meanwhile."""
+        return self._reads.start(
+            lambda: (_deliveries_by_status(store), read_status(store, STATUS_WINDOW))
         )
 
-    def collect(self, store: MessageStore) -> Iterator[GaugeMetricFamily]:
+    def collect(
+        self, reading: _Run[tuple[dict[str, int], HubStatus]], deadline: float
+    ) -> Iterator[GaugeMetricFamily]:
         """What the store says now: deliveries by status, each destination's queue, the
-        routing backlog. A store that cannot be read leaves them out (the rest of the scrape
-        still answers) and sets carehub_store_up to 0."""
+        routing backlog. A store that cannot be read by ``deadline`` leaves them out (the rest
+        of the scrape still answers) and sets carehub_store_up to 0."""
         up = GaugeMetricFamily("carehub_store_up", "1 when the store answered this scrape")
         try:
-            by_status = _deliveries_by_status(store)
-            status = read_status(store, STATUS_WINDOW)
+            by_status, status = reading.result(deadline)
         except Exception as err:
-            self._store_failures.failed(err)
+            self._outage.failed(err)
             up.add_metric([], 0)
             yield up
             return
-        self._store_failures.succeeded()
+        self._outage.succeeded()
         up.add_metric([], 1)
         yield up
         deliveries = GaugeMetricFamily(
@@ -103,8 +209,12 @@ class HubCollector(Collector):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.store_gauges = StoreGauges(lambda: hub.table)
+        self._write_checks: _OneAtATime[bool] = _OneAtATime("metrics-write-check")
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        deadline = time.monotonic() + STORE_PATIENCE
+        store = self.hub.store
+        reading = self.store_gauges.start(store) if store is not None else None
         messages = CounterMetricFamily(
             "carehub_intake_messages",
             "Frames answered by intake, by listener and outcome",
@@ -126,12 +236,12 @@ class HubCollector(Collector):
             "0 while intake's writes fail (write lock held, disk full) and every message is "
             "answered 'not stored, please resend'; 1 otherwise",
         )
-        writable.add_metric([], 1 if self.hub.writer.writable() else 0)
+        writable.add_metric([], 1 if self._writable(deadline) else 0)
         yield writable
         if self.hub.worker is not None:
             yield from worker_counters(self.hub.worker)
-        if self.hub.store is not None:
-            yield from self.store_gauges.collect(self.hub.store)
+        if reading is not None:
+            yield from self.store_gauges.collect(reading, deadline)
         connections = GaugeMetricFamily(
             "carehub_mllp_connections", "Open MLLP connections", labels=["listener"]
         )
@@ -161,6 +271,25 @@ class HubCollector(Collector):
         yield shed
         yield handshakes
         yield outside_frames
+        if self.hub.http_listener is not None and self.hub.http_listener.tls:
+            https_handshakes = CounterMetricFamily(
+                "carehub_http_tls_handshakes_failed",
+                "TLS handshakes that failed on the HTTPS listener (refused certificate, plain "
+                "HTTP, timeout); the log names the peer and the reason",
+            )
+            https_handshakes.add_metric([], self.hub.http_listener.handshake_failures.count)
+            yield https_handshakes
+
+    def _writable(self, deadline: float) -> bool:
+        """The writer's answer, which makes a test write while intake's writes fail: taken as
+        0 when that write has not answered by ``deadline``."""
+        writer = self.hub.writer
+        if not writer.failing:
+            return True
+        try:
+            return self._write_checks.start(writer.writable).result(deadline)
+        except Exception:
+            return False
 
 
 def worker_counters(worker: Worker) -> Iterator[CounterMetricFamily]:
@@ -291,6 +420,8 @@ class WorkerCollector(Collector):
         self.store_gauges = StoreGauges(lambda: worker.table)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        deadline = time.monotonic() + STORE_PATIENCE
+        reading = self.store_gauges.start(self.worker.store)
         yield from worker_counters(self.worker)
         connected = GaugeMetricFamily(
             "carehub_worker_broker_connected",
@@ -298,7 +429,7 @@ class WorkerCollector(Collector):
         )
         connected.add_metric([], 0 if self.worker.broker_lost is not None else 1)
         yield connected
-        yield from self.store_gauges.collect(self.worker.store)
+        yield from self.store_gauges.collect(reading, deadline)
 
 
 def make_worker_registry(worker: Worker) -> CollectorRegistry:

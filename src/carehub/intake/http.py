@@ -32,6 +32,7 @@ from carehub.hl7.ack import AckCode
 from carehub.hl7.batch import MessageSlice, SplitData, Stray, answer_envelope, split_data
 from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake, IntakeResult
+from carehub.intake.tls import HANDSHAKE_TIMEOUT, HandshakeFailures
 from carehub.store.store import MessageStore
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,10 @@ def build_app(
         async def prometheus_metrics(request: Request) -> Response:
             if not authorized(request):
                 return unauthorized()
-            return Response(metrics(), media_type="text/plain; version=0.0.4")
+            # Off the event loop: a scrape may wait on the store (carehub.metrics), and
+            # intake must not wait with it.
+            body = await asyncio.to_thread(metrics)
+            return Response(body, media_type="text/plain; version=0.0.4")
 
     return app
 
@@ -239,19 +243,105 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class _TLSFirst(asyncio.Protocol):
+    """An HTTPS connection until its TLS handshake is done: the handshake is run here
+    (loop.start_tls), then the connection is handed to uvicorn's protocol, so that one that
+    fails is logged with the peer and the reason. A server given the TLS context itself
+    (create_server(ssl=...)) drops a failed handshake without a word: asyncio logs it only in
+    debug mode.
+
+    What the client sends with the end of its handshake (its first request, often) reaches
+    this protocol before it hands over, and is passed on as it does."""
+
+    def __init__(
+        self,
+        http: asyncio.Protocol,
+        context: ssl.SSLContext,
+        failures: HandshakeFailures,
+        handshakes: set[asyncio.Task[None]],
+    ) -> None:
+        self._http = http
+        self._context = context
+        self._failures = failures
+        self._handshakes = handshakes
+        self._early: list[bytes] = []
+        self._eof = False
+        self._lost = False
+        self._handed_over = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the client's hello is for start_tls to read
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        peername = transport.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        if self._lost or transport.is_closing():
+            return
+        try:
+            secured = await asyncio.wait_for(
+                loop.start_tls(transport, self, self._context, server_side=True),
+                HANDSHAKE_TIMEOUT,
+            )
+        except Exception as err:  # start_tls has closed the connection
+            self._failures.failed(peername, err)
+            return
+        if secured is None or self._lost:  # gone before it could be handed over
+            return
+        secured.set_protocol(self._http)
+        self._handed_over = True
+        self._http.connection_made(secured)
+        for data in self._early:
+            self._http.data_received(data)
+        self._early.clear()
+        if self._eof and not self._http.eof_received():
+            secured.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def eof_received(self) -> None:
+        self._eof = True  # passed on with the connection (over TLS it closes either way)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed_over:  # the loss was on its way here as the connection was handed over
+            self._http.connection_lost(exc)
+        self._lost = True
+
+
 class _ServerSettings(uvicorn.Config):
     """uvicorn's settings with the TLS context carehub built (carehub.intake.tls, as the MLLP
     listener's: TLS 1.2 at least, client certificates as tls.client_ca and
-    tls.require_client_cert say) in place of the one uvicorn would build from file names."""
+    tls.require_client_cert say), each connection running its own handshake (_TLSFirst), in
+    place of the context uvicorn would build from file names and hand to the server."""
 
-    def __init__(self, app: FastAPI, ssl_context: ssl.SSLContext | None, **settings: Any) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        ssl_context: ssl.SSLContext | None,
+        failures: HandshakeFailures,
+        handshakes: set[asyncio.Task[None]],
+        **settings: Any,
+    ) -> None:
         super().__init__(app, **settings)
         self._ssl_context = ssl_context
+        self._failures = failures
+        self._handshakes = handshakes
 
     def load(self) -> None:
         super().load()
-        if self._ssl_context is not None:
-            self.ssl = self._ssl_context
+        context = self._ssl_context
+        if context is None:
+            return
+        http = self.http_protocol_class
+
+        def protocol(**settings: Any) -> asyncio.Protocol:
+            return _TLSFirst(http(**settings), context, self._failures, self._handshakes)
+
+        self.http_protocol_class = protocol  # type: ignore[assignment]
 
 
 class HTTPListener:
@@ -261,10 +351,17 @@ class HTTPListener:
         self.config = config
         self.name = "http"
         self.address: tuple[str, int] | None = None
+        self.tls = ssl_context is not None
+        #: Failed TLS handshakes, logged per peer address (with listeners.http.tls).
+        self.handshake_failures = HandshakeFailures(f"HTTP listener {self.name}", log)
+        #: Connections in their TLS handshake (see _TLSFirst), cancelled when the listener stops.
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._server = _EmbeddedServer(
             _ServerSettings(
                 app,
                 ssl_context,
+                self.handshake_failures,
+                self._handshakes,
                 host=config.host,
                 port=config.port,
                 log_level="warning",
@@ -301,3 +398,6 @@ class HTTPListener:
         if self._task:
             with contextlib.suppress(Exception, SystemExit):
                 await self._task
+        for handshake in list(self._handshakes):
+            handshake.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)

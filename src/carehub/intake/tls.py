@@ -1,10 +1,11 @@
 """TLS contexts: server side for the MLLP and HTTP listeners (requiring client certificates
-when given a CA to check them against) and client side."""
+when given a CA to check them against) and client side; failed handshakes, logged per peer."""
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,14 @@ log = logging.getLogger(__name__)
 
 #: Permission bits that let the file's group or anyone else read a file.
 READABLE_BY_OTHERS = 0o044
+
+#: Seconds a TLS client has to finish its handshake.
+HANDSHAKE_TIMEOUT = 30.0
+#: Seconds between log lines about failed TLS handshakes from one peer address.
+HANDSHAKE_REPORT_EVERY = 60.0
+#: Peer addresses whose last report is remembered before the ones older than
+#: HANDSHAKE_REPORT_EVERY are forgotten (a scan from many addresses must not grow it forever).
+HANDSHAKE_REPORTS_KEPT = 1024
 
 #: Names a setting under a listener's ``tls`` for an error, given its key (none for ``tls``
 #: itself), as other config errors do: ``carehub.yaml:21: listeners.mllp[0].tls.cert``
@@ -92,3 +101,61 @@ def client_context(
     if cert:
         context.load_cert_chain(str(cert), str(key) if key else None)
     return context
+
+
+class HandshakeFailures:
+    """Failed TLS handshakes on one listener: counted, and logged as a WARNING naming the
+    listener, the peer and why (a certificate from another CA or expired, none where one is
+    required, plain text to the TLS port, a timeout), at most once a minute per peer address,
+    so that a partner whose connections fail is named without a line per attempt. The reason
+    alone: nothing of the certificate itself."""
+
+    def __init__(self, listener: str, logger: logging.Logger = log) -> None:
+        self.listener = listener  # "HTTP listener http"
+        self.count = 0
+        self._log = logger
+        self._reported: dict[str, float] = {}
+
+    def failed(self, peername: object, err: BaseException) -> None:
+        """One more failure from ``peername`` (the socket's, (host, port, ...) or None)."""
+        self.count += 1
+        host, peer = _peer(peername)
+        now = time.monotonic()
+        last = self._reported.get(host)
+        if last is not None and now - last < HANDSHAKE_REPORT_EVERY:
+            return
+        if len(self._reported) >= HANDSHAKE_REPORTS_KEPT:
+            self._reported = {
+                h: t for h, t in self._reported.items() if now - t < HANDSHAKE_REPORT_EVERY
+            }
+        self._reported[host] = now
+        self._log.warning(
+            "%s: TLS handshake with %s failed (%s); later failures from this address are "
+            "logged at most once a minute",
+            self.listener,
+            peer,
+            handshake_failure_reason(err),
+        )
+
+
+def handshake_failure_reason(err: BaseException) -> str:
+    """Why a handshake failed, in OpenSSL's words where it has them
+    (CERTIFICATE_VERIFY_FAILED: certificate has expired; PEER_DID_NOT_RETURN_A_CERTIFICATE;
+    HTTP_REQUEST, plain HTTP sent to the TLS port)."""
+    if isinstance(err, TimeoutError):
+        return f"no handshake within {HANDSHAKE_TIMEOUT:g} s"
+    if isinstance(err, ssl.SSLCertVerificationError) and err.reason and err.verify_message:
+        return f"{err.reason}: {err.verify_message}"
+    reason = getattr(err, "reason", None) or str(err)
+    if reason:
+        return str(reason)
+    if isinstance(err, ConnectionError):
+        return "closed during the TLS handshake"
+    return type(err).__name__
+
+
+def _peer(peername: object) -> tuple[str, str]:
+    """The peer's address, and its address and port, as the log names them."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return str(peername[0]), f"{peername[0]}:{peername[1]}"
+    return "?", "an unknown peer"

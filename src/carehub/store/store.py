@@ -653,9 +653,10 @@ class RecentMessages:
 _MESSAGES_BY_ID = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
 
 
-def _server_connect_args(url: str) -> dict[str, Any]:
-    """PG_CONNECTION_BOUNDS, less what the URL sets itself; a URL SQLAlchemy has no dialect
-    for is a StoreError that says how to write one for PostgreSQL."""
+def server_connect_args(url: str) -> dict[str, Any]:
+    """PG_CONNECTION_BOUNDS, less what the URL sets itself, for every engine carehub opens on
+    a database server (the store's, `routes check`'s); a URL SQLAlchemy has no dialect for is
+    a StoreError that says how to write one for PostgreSQL."""
     parsed = make_url(url)
     try:
         parsed.get_dialect()
@@ -829,7 +830,7 @@ class MessageStore:
                 pool_size=5,
                 max_overflow=10,
                 hide_parameters=True,
-                connect_args=_server_connect_args(url),
+                connect_args=server_connect_args(url),
             )
             event.listen(engine, "connect", self._on_server_connect)
             return engine
