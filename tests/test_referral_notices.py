@@ -185,11 +185,13 @@ def test_new_referral_goes_to_the_top_match_email_with_minimum_necessary(
         "Patient: Amara Okafor",
         "Date of birth: 1958-03-12",
         f"Phone: {PATIENT_PHONE}",
-        "Needs: Food insecurity, Housing instability",
+        "Needs: Food insecurity\n",
         "Consent: NOT STATED. The referral does not say that the patient agreed",
         f"Referrer contact: Dr Samir Haddad, Riverside Clinic ({REFERRER_EMAIL})",
     ):
         assert expected in body, expected
+    # A food bank is told only of the need it serves (minimum necessary).
+    assert "Housing instability" not in body
 
 
 def test_new_referral_body_carries_no_codes_or_clinical_data(

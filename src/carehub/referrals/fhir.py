@@ -65,12 +65,19 @@ what the organisation recorded. Nor a PUT to the ids the server returned: the ta
 a Task once its referral closes and is not kept with ``poll: false``, and a patch by identifier
 needs no stored id. A modify patches what the referral message carries and the referrer owns:
 ``priority`` (ServiceRequest and Task), the SDOH ``reasonCode`` and ``occurrencePeriod``; a cancel
-sets ServiceRequest.status ``revoked`` and Task.status ``cancelled``. Conditional patch is FHIR R4
-(http.html#patch); a match on no resource is answered 404, taken as "the referral has not
-reached the server yet" and retried. A cancel reads the Task first: one the organisation has
-closed since the last poll (completed, rejected) is not overwritten, and its status is recorded
-as a poll would; an open one is patched by its id with ``ifMatch`` on the version read, so a
-change the organisation makes in between is answered 412 and the cancel is read and tried again.
+sets ServiceRequest.status ``revoked`` and Task.status ``cancelled``. A modify's ``reasonCode``
+holds the Z codes of the needs served by the organisation the referral is with (read from the
+referral as it stands), not those of whichever service ranks first for the modify's own needs:
+a modify that names nobody does not move the referral, and what one organisation was told
+must not grow into what another was chosen for. One that moves the referral patches the owner
+and performer, and the Task's status back to ``requested`` only while the Task is still the
+previous owner's: a reprocess, once the new owner has answered, leaves its answer alone.
+Conditional patch is FHIR R4 (http.html#patch); a match on no resource is answered 404, taken
+as "the referral has not reached the server yet" and retried. A cancel reads the Task first:
+one the organisation has closed since the last poll (completed, rejected) is not overwritten,
+and its status is recorded as a poll would; an open one is patched by its id with ``ifMatch``
+on the version read, so a change the organisation makes in between is answered 412 and the
+cancel is read and tried again.
 
 **Task id <-> referral mapping.** The referral tables belong to the referral-state step, the
 channel may not add tables, and :class:`ReferralTracker` has no call that stores extra data on a
@@ -78,7 +85,13 @@ referral (its snapshot is rebuilt from each REF message). So the mapping lives i
 own JSON file, ``<data_dir>/fhir-referral/<hash of base_url>.json``: Task id -> referral key,
 Task reference and the last Task.status seen, with the Task's owner then (the same status from
 another owner is another organisation's answer). Writes are atomic (temp file + rename) and
-serialised by a lock; a Task leaves the file once its referral is closed.
+serialised by a lock; a Task leaves the file once its referral is closed: by the poll that
+closes it, by the cancel that reaches the server, or, for a referral the organisation closed
+through another way in (an RRI, a status call), at the next poll, without reading it. carehub
+does not write that answer onto the Task: past ``requested``, Task.status is the
+organisation's (carehub sets only ``requested`` and ``cancelled``), and a completion written in
+its name could overwrite what it records there. Two forwards to one server share its file,
+and it is polled once a cycle, whichever of them ticks first.
 """
 
 from __future__ import annotations
@@ -148,11 +161,15 @@ from carehub.fhir import (
 from carehub.referrals.state import (
     CLOSED_STATUSES,
     STATUSES,
+    ReferralMemory,
+    ReferralRecord,
+    ReferralStateEnricher,
     ReferralTracker,
     ReferralTransition,
+    party_organization,
     placed_referral_key,
 )
-from carehub.resources.matching import chosen_match
+from carehub.resources.matching import chosen_match, referred_to_name, same_organization
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -432,17 +449,97 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return {}
 
 
-def _community(work: Work) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """(needs, the chosen organisation's match) from the community-resources step, tolerating
-    its absence. The match is picked by :func:`carehub.resources.matching.chosen_match`, the
-    rule the email to the organisation follows too."""
+def _found(work: Work) -> dict[str, Any]:
+    """The community-resources step's output with its needs and matches as dicts ({} without
+    that step), the directory's entry of a named organisation (``named``) kept."""
     found = work.data.get("community_resources")
     if not isinstance(found, dict):
-        return [], None
-    needs = [_as_dict(n) for n in found.get("needs") or []]
-    matches = [_as_dict(m) for m in found.get("matches") or []]
-    needs = [n for n in needs if n]
-    return needs, chosen_match(work.event, {"matches": [m for m in matches if m]})
+        return {}
+    out = dict(found)
+    out["needs"] = [n for n in map(_as_dict, found.get("needs") or []) if n]
+    out["matches"] = [m for m in map(_as_dict, found.get("matches") or []) if m]
+    named = _as_dict(found.get("named")) if found.get("named") is not None else {}
+    out["named"] = named or None
+    return out
+
+
+def _ranked(matches: Any) -> list[dict[str, Any]]:
+    ranked = [m for m in matches or [] if isinstance(m, dict)]
+    return sorted(ranked, key=lambda m: m["rank"] if isinstance(m.get("rank"), int) else 1_000_000)
+
+
+def referral_record(context: ComponentContext, key: str | None) -> ReferralRecord | None:
+    """The referral as it stands now: in the store, or in a dry run in the referral-state
+    step's memory (None without either)."""
+    if not key:
+        return None
+    if context.store is not None:
+        return ReferralTracker(context.store.engine).referral(key)
+    memory = context.shared.get(ReferralStateEnricher.memory_key())
+    if isinstance(memory, ReferralMemory):
+        return ReferralTracker(memory=memory).referral(key)
+    return None
+
+
+def holder_of(record: ReferralRecord) -> str | None:
+    """The organisation the referral is with: the one it names (PRD role RT, kept from the
+    message that named it), else the top match it went out with; None when it names a person
+    with no organisation, or nobody and matched nothing."""
+    if record.referred_to:
+        return party_organization(record.referred_to)
+    top = _ranked(record.matches)
+    return str(top[0].get("organization") or "") or None if top else None
+
+
+def service_of(
+    organization: str | None, work: Work, record: ReferralRecord | None = None
+) -> dict[str, Any] | None:
+    """The directory entry that stands for ``organization`` in this referral: its best-ranked
+    match for this message (or the directory's entry of it when the message names it), else
+    the match the referral went out with; None for an organisation outside the directory."""
+    if not organization:
+        return None
+    found = _found(work)
+    candidates = [
+        *_ranked(found.get("matches")),
+        *([found["named"]] if found.get("named") else []),
+        *_ranked(record.matches if record is not None else None),
+    ]
+    return next(
+        (
+            m
+            for m in candidates
+            if same_organization(str(m.get("organization") or ""), organization)
+        ),
+        None,
+    )
+
+
+def _transition_of(work: Work) -> ReferralTransition | None:
+    state = work.data.get("referral")
+    if isinstance(state, dict):
+        return ReferralTransition.from_output(state)
+    return state if isinstance(state, ReferralTransition) else None
+
+
+def chosen_service(work: Work, record: ReferralRecord | None = None) -> dict[str, Any] | None:
+    """The directory entry of the organisation this message's referral is for. A new referral
+    (or one released from being held) goes where :func:`carehub.resources.matching
+    .chosen_match` says, the rule the email follows too. A modify is about the referral where
+    it is: the organisation it is with now (``record``), not whichever ranks first for this
+    message, since a modify that names nobody does not move it."""
+    transition = _transition_of(work)
+    if record is not None and transition is not None and transition.action == "modified":
+        return service_of(holder_of(record), work, record)
+    return chosen_match(work.event, _found(work) or None)
+
+
+def _community(
+    work: Work, record: ReferralRecord | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """(needs, the chosen organisation's match) from the community-resources step, tolerating
+    its absence (see chosen_service)."""
+    return list(_found(work).get("needs") or []), chosen_service(work, record)
 
 
 def _bare(code: str) -> str:
@@ -459,6 +556,17 @@ def _for_the_referral(
         if served:
             return served
     return needs[:1]
+
+
+def needs_for(
+    organization: str | None, work: Work, record: ReferralRecord | None = None
+) -> list[dict[str, Any]]:
+    """The needs of this message that ``organization`` may hear of: those its service in this
+    referral serves (the same rule as the FHIR copy's reasonCode), so an email names no need
+    the organisation was not chosen for."""
+    return _for_the_referral(
+        list(_found(work).get("needs") or []), service_of(organization, work, record)
+    )
 
 
 def _z_code_is_for(code: str, needs: list[dict[str, Any]], main: str) -> bool:
@@ -526,12 +634,17 @@ _NEEDS_REFERRAL_EVENT = (
 
 
 def build_referral_resources(
-    work: Work, idempotency_key: str | None = None, options: GravityOptions | None = None
+    work: Work,
+    idempotency_key: str | None = None,
+    options: GravityOptions | None = None,
+    *,
+    record: ReferralRecord | None = None,
 ) -> ReferralResources:
     """Patient, ServiceRequest and Task for the referral in ``work`` (a REF care event, plus
     the referral-state and community-resources steps' results when the route ran them), each
-    validated. Raises ValueError when the event cannot make a referral (no event, no referral
-    id, no patient identifier)."""
+    validated; ``record``, the referral as it stands, tells a modify whom the referral is with
+    (see chosen_service). Raises ValueError when the event cannot make a referral (no event,
+    no referral id, no patient identifier)."""
     options = options or GravityOptions()
     event = work.event
     if not isinstance(event, CareEvent) or event.referral is None:
@@ -564,7 +677,7 @@ def build_referral_resources(
 
     # The need: what the chosen service serves (community-resources), else the Z codes. Only
     # the Z codes of that need go out (see "Minimum necessary" in the module docstring).
-    found_needs, chosen = _community(work)
+    found_needs, chosen = _community(work, record)
     needs = _for_the_referral(found_needs, chosen)
     sdoh_codes: list[tuple[str, str | None]] = []
     for diagnosis in event.diagnoses:
@@ -852,18 +965,28 @@ class ReferralUpdate:
     bundle: dict[str, Any] | None
     task_entry: int | None  # the Task's entry in the Bundle, for its id in the response
     left_out: tuple[str, ...] = ()  # as ReferralResources.left_out
+    #: A modify that moves the referral to another organisation (Task owner and status).
+    moves: bool = False
 
 
 def build_referral_update(
-    work: Work, operation: str, idempotency_key: str, options: GravityOptions | None = None
+    work: Work,
+    operation: str,
+    idempotency_key: str,
+    options: GravityOptions | None = None,
+    *,
+    record: ReferralRecord | None = None,
 ) -> ReferralUpdate:
     """The ``transaction`` Bundle telling the organisation of a modify (the new priority,
     SDOH reasons and dates) or a cancel (ServiceRequest revoked, Task cancelled), as JSON
-    Patches on the resources found by the referral's identifier; validated. See the module
-    docstring for why patches and not updates."""
+    Patches on the resources found by the referral's identifier; validated. ``record`` is
+    the referral as it stands now: a modify's reasons are those of the organisation it is
+    with, and a reprocessed modify that moved it does not move it back from where a later
+    one took it. See the module docstring for why patches and not updates."""
     options = options or GravityOptions()
     patches: dict[str, list[dict[str, Any]]] = {}
     left_out: tuple[str, ...] = ()
+    moved = False
     if operation == "cancel":
         key = _referral_key_of(work)
         if key is None:
@@ -874,15 +997,19 @@ def build_referral_update(
             _set("statusReason", {"text": "Cancelled by the referring provider"}),
         ]
     elif operation == "modify":
-        built = build_referral_resources(work, idempotency_key, options)
+        built = build_referral_resources(work, idempotency_key, options, record=record)
         key, left_out = built.referral_key, built.left_out
-        moved = _names_another_recipient(work)
+        moved = _names_another_recipient(work) and (
+            record is None or same_organization(holder_of(record), referred_to_name(work.event))
+        )
         for resource in (built.service_request, built.task):
             kind = resource["resourceType"]
             names = _MODIFIABLE[kind] + (_RECIPIENT[kind] if moved else ())
             ops = [_set(name, resource[name]) for name in names if name in resource]
             if moved and kind == "Task":
                 # The new owner has not answered yet: the first one's answer is not its own.
+                # Sent only while the Task is another's (see _guarded_move): once it is the
+                # new owner's, its status is that owner's answer.
                 ops.append(_set("status", "requested"))
             if ops:
                 patches[kind] = ops
@@ -890,6 +1017,7 @@ def build_referral_update(
         raise ValueError(f"unknown referral update {operation!r}")
     if not patches:
         return ReferralUpdate(key, operation, None, None, left_out)
+    moves = moved and "Task" in patches
     search = referral_search(key, options)
     entries = [
         _patch_entry(f"{kind}?{search}", ops, stable_urn(f"{key}:{idempotency_key}", kind))
@@ -898,7 +1026,7 @@ def build_referral_update(
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     validate_resource(bundle)
     task_entry = list(patches).index("Task") if "Task" in patches else None
-    return ReferralUpdate(key, operation, bundle, task_entry, left_out)
+    return ReferralUpdate(key, operation, bundle, task_entry, left_out, moves)
 
 
 def _names_another_recipient(work: Work) -> bool:
@@ -1084,6 +1212,10 @@ class TaskMap:
 
 # -- the channel --------------------------------------------------------------------------------
 
+#: Where ComponentContext.shared keeps when each task file was last polled (path -> time).
+_LAST_POLLS = "fhir-referral:last-polls"
+_POLLS_GUARD = threading.Lock()
+
 
 class FhirReferralChannel(HttpChannel):
     """Sends each referral to a FHIR server as an SDOHCC ServiceRequest + Task (one
@@ -1134,7 +1266,6 @@ class FhirReferralChannel(HttpChannel):
         super().__init__(options, context)
         self._poll_client: httpx.Client | None = None
         self._tracker: ReferralTracker | None = None
-        self._last_poll: datetime | None = None
         digest = hashlib.sha256(self.options.base_url.encode()).hexdigest()[:16]
         self.tasks = TaskMap(context.data_dir / "fhir-referral" / f"{digest}.json")
 
@@ -1175,11 +1306,20 @@ class FhirReferralChannel(HttpChannel):
                 # coordinator chooses an organisation (a new referral naming it).
                 bundle, why = None, NO_RECIPIENT
         elif operation in ("modify", "cancel"):
-            update = build_referral_update(work, operation, idempotency_key, self.options)
+            record = (
+                referral_record(self.context, _referral_key_of(work))
+                if operation == "modify"
+                else None
+            )
+            update = build_referral_update(
+                work, operation, idempotency_key, self.options, record=record
+            )
             metadata["referral_key"] = update.referral_key
             bundle, left_out = update.bundle, update.left_out
             if update.task_entry is not None:
                 metadata["task_entry"] = str(update.task_entry)
+            if update.moves:
+                metadata["moves"] = "1"
             why = None if bundle else "the modify changes nothing the organisation's copy holds"
         if left_out:
             metadata["left_out"] = "; ".join(left_out)
@@ -1210,18 +1350,19 @@ class FhirReferralChannel(HttpChannel):
         payload = outgoing.payload
         if operation == "cancel":
             payload = await self._guarded_cancel(outgoing)
+        elif outgoing.metadata.get("moves"):
+            payload = await self._guarded_move(outgoing)
         response = await self._call("POST", url, payload, headers)
         status = response.status_code
         if not 200 <= status < 300:
+            # The server's words (an OperationOutcome may quote the referral) go in `said`,
+            # kept with the attempt and never logged; the log keeps the request and status.
             text = f"POST {without_password(url)}: HTTP {status}"
-            reason = outcome_text(response)
-            if reason:
-                text += f": {reason}"
             wait = retry_after(response.headers)
             if wait is not None:
                 text += f" (Retry-After: {wait:.0f} s)"
             retryable = is_retryable(status)
-            if status == 412 and payload is not outgoing.payload:
+            if status == 412 and operation == "cancel" and payload is not outgoing.payload:
                 text += " (the Task changed at the organisation since it was read; retried)"
                 retryable = True
             if status == 404 and operation != "create":
@@ -1229,7 +1370,9 @@ class FhirReferralChannel(HttpChannel):
                 # another route's forward, may not have reached the server yet.
                 text += " (the referral is not at the server yet; retried)"
                 retryable = True
-            raise DeliveryError(text, retryable=retryable, retry_after=wait)
+            raise DeliveryError(
+                text, retryable=retryable, said=outcome_text(response) or None, retry_after=wait
+            )
         if operation != "create":
             return await self._updated(outgoing, response, operation)
         task_id = _task_id_from_response(response, int(outgoing.metadata.get("task_entry", "2")))
@@ -1282,29 +1425,7 @@ class FhirReferralChannel(HttpChannel):
         key = outgoing.metadata.get("referral_key")
         if not key:
             return outgoing.payload
-        # Errors name the search without its query: it is the referral's identifier, and
-        # what a DeliveryError says of itself goes to the log.
-        searched = f"{self.options.base_url}/Task"
-        url = f"{searched}?{referral_search(key, self.options)}"
-        response = await self._call("GET", url, b"", self._headers(), named=searched)
-        body = await response.aread()
-        if response.status_code != 200:
-            text = (
-                f"GET {without_password(searched)} (the referral's Task, before cancelling it): "
-                f"HTTP {response.status_code}"
-            )
-            raise DeliveryError(
-                text,
-                retryable=is_retryable(response.status_code),
-                said=outcome_text(response) or None,
-            )
-        tasks = _search_results(body, "Task")
-        if not tasks:
-            raise DeliveryError(
-                f"GET {without_password(searched)}: no Task for the referral (it is not at the "
-                "server yet; retried)",
-                said=None,
-            )
+        tasks = await self._read_tasks(key, "before cancelling it")
         if len(tasks) > 1:
             return outgoing.payload  # the conditional patch says what is wrong (412)
         task = tasks[0]
@@ -1332,6 +1453,61 @@ class FhirReferralChannel(HttpChannel):
         request["ifMatch"] = f'W/"{version}"'
         return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
+    async def _read_tasks(self, key: str, why: str) -> list[dict[str, Any]]:
+        """The Tasks the server holds for referral ``key`` (searched by its identifier); a
+        DeliveryError (retried) when the search fails or finds none yet."""
+        # Errors name the search without its query: it is the referral's identifier, and
+        # what a DeliveryError says of itself goes to the log.
+        searched = f"{self.options.base_url}/Task"
+        url = f"{searched}?{referral_search(key, self.options)}"
+        response = await self._call("GET", url, b"", self._headers(), named=searched)
+        body = await response.aread()
+        if response.status_code != 200:
+            text = (
+                f"GET {without_password(searched)} (the referral's Task, {why}): "
+                f"HTTP {response.status_code}"
+            )
+            raise DeliveryError(
+                text,
+                retryable=is_retryable(response.status_code),
+                said=outcome_text(response) or None,
+            )
+        tasks = _search_results(body, "Task")
+        if not tasks:
+            raise DeliveryError(
+                f"GET {without_password(searched)}: no Task for the referral (it is not at the "
+                "server yet; retried)",
+                said=None,
+            )
+        return tasks
+
+    async def _guarded_move(self, outgoing: Outgoing) -> bytes:
+        """The Bundle of a modify that moves the referral, without its Task status reset when
+        the Task is the new owner's already.
+
+        Moving a referral sets its Task back to requested, since the status the Task holds is
+        the previous organisation's answer. Sent again (a reprocess, a retry after the answer
+        was lost) once the new organisation has the Task, the reset would undo its own answer
+        (accepted, in progress). So the Task is read first, and the status is left alone when
+        its owner is already the one the referral moves to."""
+        key = outgoing.metadata.get("referral_key")
+        entry_at = outgoing.metadata.get("task_entry")
+        if not key or entry_at is None:
+            return outgoing.payload
+        tasks = await self._read_tasks(key, "before moving it")
+        if len(tasks) > 1:
+            return outgoing.payload  # the conditional patch says what is wrong (412)
+        bundle = json.loads(outgoing.payload)
+        entry = bundle["entry"][int(entry_at)]
+        ops = json.loads(base64.b64decode(entry["resource"]["data"]))
+        owner = next((op["value"] for op in ops if op.get("path") == "/owner"), None)
+        if not isinstance(owner, dict) or not _same_owner(tasks[0].get("owner"), owner):
+            return outgoing.payload
+        kept = [op for op in ops if op.get("path") != "/status"]
+        data = json.dumps(kept, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        entry["resource"]["data"] = base64.b64encode(data).decode("ascii")
+        return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
     async def _updated(self, outgoing: Outgoing, response: HttpAnswer, operation: str) -> str:
         """The receipt of a modify or cancel. A cancelled referral is closed: its Task leaves
         the task file, so the poll does not read back the status carehub itself set."""
@@ -1355,13 +1531,19 @@ class FhirReferralChannel(HttpChannel):
         return self._tracker
 
     def tick(self, now: datetime) -> None:
-        """Poll open Tasks, at most every ``poll_minutes``. Runs on the worker's thread."""
+        """Poll open Tasks, at most every ``poll_minutes``. Runs on the worker's thread.
+
+        Forwards to one server (a route that creates referrals, another that changes them)
+        share its task file: whichever ticks first polls it for all of them, once a cycle."""
         if not self.options.poll or self.context.store is None:
             return  # without the store there is no referral state to advance
         interval = timedelta(minutes=self.options.poll_minutes)
-        if self._last_poll is not None and now - self._last_poll < interval:
-            return
-        self._last_poll = now
+        with _POLLS_GUARD:
+            polled = self.context.shared.setdefault(_LAST_POLLS, {})
+            last = polled.get(self.tasks.path)
+            if last is not None and (now == last or now - last < interval):
+                return
+            polled[self.tasks.path] = now
         self.poll(now)
 
     def poll(self, now: datetime | None = None) -> list[ReferralTransition]:
@@ -1377,10 +1559,35 @@ class FhirReferralChannel(HttpChannel):
             )
         transitions = []
         for task_id, entry in sorted(self.tasks.all().items()):
+            if self._closed_here(task_id, entry):
+                continue
             transition = self._poll_one(task_id, entry, now)
             if transition is not None:
                 transitions.append(transition)
         return transitions
+
+    def _closed_here(self, task_id: str, entry: dict[str, Any]) -> bool:
+        """Whether the Task's referral was closed other than by this poll (an RRI, a status
+        call), so it leaves the task file unread: the organisation has given its last answer
+        and the referral cannot move again. Its Task is left as the organisation has it:
+        Task.status is the organisation's to set (see the module docstring).
+
+        Not a referral the referrer cancelled while the cancel has not reached the server
+        (it takes the Task out of the file when it does): the Task is open there, and an
+        organisation working on it is told to the referrer as the poll finds it."""
+        record = self.tracker.referral(str(entry.get("referral_key")))
+        if record is None or record.status not in CLOSED_STATUSES:
+            return False
+        if record.status == "cancelled" and self._cancelled_by_referrer(record):
+            return False
+        self.tasks.remove(task_id)
+        return True
+
+    def _cancelled_by_referrer(self, record: ReferralRecord) -> bool:
+        return any(
+            e.accepted and e.action == "cancelled" and e.source.startswith("REF^")
+            for e in self.tracker.events(record.referral_key)
+        )
 
     def _poll_one(
         self, task_id: str, entry: dict[str, Any], now: datetime
@@ -1443,6 +1650,22 @@ class FhirReferralChannel(HttpChannel):
         else:
             self.tasks.update(task_id, last_status=status, last_owner=answered_by)
         return transition
+
+
+def _same_owner(held: Any, wanted: dict[str, Any]) -> bool:
+    """Whether a Task's owner (a reference) is the organisation ``wanted`` names: the same
+    identifier, else the same name (see carehub.resources.matching.same_organization)."""
+    if not isinstance(held, dict):
+        return False
+    mine, theirs = held.get("identifier"), wanted.get("identifier")
+    if (
+        isinstance(mine, dict)
+        and isinstance(theirs, dict)
+        and mine.get("value")
+        and (mine.get("system"), mine.get("value")) == (theirs.get("system"), theirs.get("value"))
+    ):
+        return True
+    return same_organization(str(held.get("display") or ""), str(wanted.get("display") or ""))
 
 
 def _search_results(body: bytes, resource_type: str) -> list[dict[str, Any]]:

@@ -30,18 +30,21 @@ community-resources):
   the ``organizations`` fallback for its id or name. A CBO is usually not a covered entity, so
   the text is the HIPAA minimum necessary for intake: the patient's name, date of birth and
   phone, the need *categories* (never the Z codes or any other diagnosis, never the free-text
-  reason), the referral id, the referrer's contact and the consent line. The consent line says
-  only what the site recorded (``consent_reference`` / ``consent_note``, read as the FHIR copy
-  reads them); without either it says plainly that consent was not stated. A referral that
-  an answer or the referrer's cancel closed before it came (it overtook the I12: declined,
-  cancelled) is sent to nobody (``ReferralTransition.sent_as_new``).
+  reason) of the needs its chosen service serves, as the FHIR copy's reasons are (never a need
+  another organisation would serve), the referral id, the referrer's contact and the consent
+  line. The consent line says only what the site recorded (``consent_reference`` /
+  ``consent_note``, read as the FHIR copy reads them); without either it says plainly that
+  consent was not stated. A referral that an answer or the referrer's cancel closed before it
+  came (it overtook the I12: declined, cancelled) is sent to nobody
+  (``ReferralTransition.sent_as_new``).
 - **organization, later**: the organisations a referral was sent to (read from the outbox: the
   ``referral_new`` deliveries of the referral's earlier messages) hear of the referrer's
   accepted cancel (``referral_cancelled``: stop) and of a modify that changed something
-  (``referral_changed``: what changed, in words, and the priority). A modify that names
-  another organisation (``ReferralTransition.referred_to_before``) withdraws the referral from
-  the one that had it (``referral_withdrawn``, without saying where it went) and sends it to
-  the one named now as ``referral_new``. A dry run has no outbox: it remembers what it sent.
+  (``referral_changed``: what changed, in words, the priority, and the needs as above: those
+  of its own service). A modify that names another organisation
+  (``ReferralTransition.referred_to_before``) withdraws the referral from the one that had it
+  (``referral_withdrawn``, without saying where it went) and sends it to the one named now as
+  ``referral_new``. A dry run has no outbox: it remembers what it sent.
 
 A notice to the referrer names who answered (:attr:`ReferralTransition.answered_by`: an RRI's
 responding party or sender, a polled Task's owner), never simply the organisation the referral
@@ -53,8 +56,11 @@ with)". An answer that overtook its referral is told with the referral that it w
 
 A reprocessed message (``messages reprocess``) finds the transition its first run applied, not
 the referral as it stands now, so a notice that an earlier run of the message made to the same
-recipient, of the same kind, and that was delivered or is still on its way, is not made again
-(suppressed, with the reason): the referrer is never told "accepted" after "completed".
+recipient about the same change (to the referrer, of the same kind; to an organisation, any of
+its kinds, since the referral's standing then and now may word one change differently), and
+that was delivered or is still on its way, is not made again (suppressed, with the reason):
+the referrer is never told "accepted" after "completed", nor an organisation "updated" of the
+move that sent it the referral.
 
 Like the notify step, this only *plans* deliveries; the router commits them with the route and
 the outbox sends them with retries. Nothing is written to ``notifications`` (that table is the
@@ -79,7 +85,7 @@ from carehub.builtins.event_translator import translate_v2_to_event
 from carehub.care.roster import DirectoryEntry, ProviderDirectory
 from carehub.care.templating import MessageTemplates
 from carehub.components import ComponentContext, Outgoing, Work
-from carehub.referrals.fhir import consent_statement
+from carehub.referrals.fhir import consent_statement, needs_for, referral_record
 from carehub.referrals.state import (
     SENT_AS_NEW_ACTIONS,
     SENT_KINDS,
@@ -456,12 +462,12 @@ class ReferralNotifier:
         told: dict[tuple[str, str], tuple[int, int]] = {}
         for row in rows:
             meta = json_object(row.metadata)
-            told[(str(meta.get("recipient") or ""), str(meta.get("kind") or ""))] = (
+            told[(str(meta.get("recipient") or ""), _about(str(meta.get("kind") or "")))] = (
                 row.id,
                 row.run,
             )
         for decision in decisions:
-            earlier = told.get((decision.recipient, decision.kind))
+            earlier = told.get((decision.recipient, _about(decision.kind)))
             if decision.status == "queued" and earlier is not None:
                 decision.status = "suppressed"
                 decision.reason = (
@@ -667,8 +673,14 @@ class ReferralNotifier:
                 or _with_label(transition.sent_to)
                 or "the receiving organisation"
             )
-        resources = work.data.get("community_resources") or {}
-        needs = [n.get("label") or n.get("category") for n in resources.get("needs") or []]
+        if decision.role == "organization":
+            # Only the needs its service in this referral serves, as the FHIR copy's reasons:
+            # a food bank is not told of a housing need another organisation was chosen for.
+            record = referral_record(self.context, transition.referral_key)
+            found = needs_for(decision.name, work, record)
+        else:
+            found = (work.data.get("community_resources") or {}).get("needs") or []
+        needs = [n.get("label") or n.get("category") for n in found if isinstance(n, dict)]
         return {
             "referral_id": summary.get("referral_id") or referral_id_of(transition.referral_key),
             "patient_name": summary.get("patient_name") or "the patient",
@@ -781,6 +793,21 @@ _TOLD = (
 
 def _sendable(decision: NoticeDecision) -> bool:
     return decision.status == "queued"
+
+
+#: What an organisation is told of one referral message: its notices are one account of that
+#: message's change, whichever kind the referral's standing gave it then.
+_ORGANIZATION_KINDS = frozenset(
+    {"referral_new", "referral_changed", "referral_cancelled", "referral_withdrawn"}
+)
+
+
+def _about(kind: str) -> str:
+    """What a notice tells of, for a reprocess to know it was told: an organisation's
+    notices of one message are all one (a reprocessed modify that moved the referral finds
+    the organisation it moved to holding it, and would tell it "updated" of the change it was
+    sent as "new"); a referrer's, by kind."""
+    return "organization" if kind in _ORGANIZATION_KINDS else kind
 
 
 def _early_answer(transition: ReferralTransition) -> ReferralTransition | None:
