@@ -110,7 +110,9 @@ class Hub:
     def last_audit_row(self) -> dict[str, object]:
         listed = self.carehub("audit", "list", "--json")
         assert listed.returncode == 0, listed.stderr
-        return json.loads(listed.stdout.splitlines()[0])
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        # Reading a message is audited too; the row wanted is the latest change made.
+        return next(r for r in rows if r["command"] != "messages show")
 
     def files_in(self, folder: str) -> list[Path]:
         found = self.folder / folder

@@ -661,6 +661,7 @@ def _note_unseen_listener(store: MessageStore, filters: MessageFilter) -> None:
 )
 @click.option("--payload", is_flag=True, help="What each delivery sends, in full.")
 @click.option("--full", is_flag=True, help="Route step outputs whole, not cut short.")
+@operator_option
 def show_message(
     config: HubConfig,
     data_dir: Path,
@@ -669,30 +670,40 @@ def show_message(
     as_json: bool,
     payload: bool,
     full: bool,
+    operator: str | None,
 ) -> None:
     """Header fields, status history, route steps, deliveries, and the message segment by
     segment with field names.
 
     --payload prints what each delivery sends (decoded text, a segment a line; binary as
     base64), --full each route step's output whole; --json has it all, nothing cut short (its
-    payloads with --payload)."""
+    payloads with --payload). Each use is recorded in the audit trail (`carehub audit list`):
+    it prints a patient's message."""
     from carehub.hub import open_store
 
     if raw and (as_json or payload or full):
         raise click.UsageError("--raw prints the message text alone; leave out the others")
     store = open_store(config, data_dir, must_exist=True)
     try:
-        message = store.get(message_id)
-        if message is None:
-            raise CarehubError(
-                f"no message with id {message_id} in {_store_label(config, data_dir)}"
-            )
-        history = store.history(message_id)
-        from carehub.store.outbox import Outbox
+        with _audited(store, "messages show", f"message {message_id}", operator) as action:
+            # Which parts it printed, never their content.
+            shown = ["the message text" if raw or as_json else "the message field by field"]
+            shown += ["route step outputs whole"] if (full or as_json) and not raw else []
+            shown += ["delivery payloads"] if payload else []
+            action.detail = "printed: " + ", ".join(shown)
+            message = store.get(message_id)
+            if message is None:
+                raise CarehubError(
+                    f"no message with id {message_id} in {_store_label(config, data_dir)}"
+                )
+            history = store.history(message_id)
+            from carehub.store.outbox import Outbox
 
-        outbox = Outbox(store)
-        steps = outbox.steps(message_id)
-        sent = [(d, outbox.attempts(d.id)) for d in outbox.find(message_id=message_id, limit=None)]
+            outbox = Outbox(store)
+            steps = outbox.steps(message_id)
+            sent = [
+                (d, outbox.attempts(d.id)) for d in outbox.find(message_id=message_id, limit=None)
+            ]
     finally:
         store.close()
     if raw:
@@ -1137,6 +1148,7 @@ def _reprocess(
 @message_filters
 @click.option("--limit", type=LIMIT, help="Only the newest N matches.")
 @click.option("--force", is_flag=True, help="Overwrite files that are already there.")
+@operator_option
 def export_messages(
     config: HubConfig,
     data_dir: Path,
@@ -1144,11 +1156,14 @@ def export_messages(
     filters: MessageFilter,
     limit: int | None,
     force: bool,
+    operator: str | None,
 ) -> None:
     """Write each matching message to OUT/<id>.hl7, byte for byte as it was received.
 
     The files replay with `carehub send` and serve as test fixtures. Without --force nothing
-    is written when any of the files is already there."""
+    is written when any of the files is already there. Each export is recorded in the audit
+    trail (`carehub audit list`) with the filters and the ids written: the files hold
+    patients' messages."""
     from carehub.hub import keep_written_files_private, open_store
     from carehub.store.store import SEARCH_PAGE
 
@@ -1160,27 +1175,45 @@ def export_messages(
         count.report(len(ids))
         if not ids:
             _note_unseen_listener(store, filters)
-        if not force:
-            taken = [path for path in (out_dir / f"{i}.hl7" for i in ids) if path.exists()]
-            if taken:
-                more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-                raise CarehubError(f"{taken[0]} is already there{more}; --force overwrites")
+        # Recorded as _audited records, but a failure keeps the ids already written: their
+        # files hold patients' messages as much as those of an export that went through.
+        action = _Action()
+        written_ids: list[int] = []
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise CarehubError(f"--out {out_dir}: cannot make the folder: {err}") from err
-        written = 0
-        for start in range(0, len(ids), SEARCH_PAGE):
-            for message in store.get_many(ids[start : start + SEARCH_PAGE]):
-                path = out_dir / f"{message.id}.hl7"
-                try:
-                    with path.open("wb" if force else "xb") as file:
-                        file.write(message.raw)
-                except FileExistsError as err:
-                    raise CarehubError(f"{path} is already there; --force overwrites") from err
-                except OSError as err:
-                    raise CarehubError(f"{path}: cannot write: {err}") from err
-                written += 1
+            if not force:
+                taken = [path for path in (out_dir / f"{i}.hl7" for i in ids) if path.exists()]
+                if taken:
+                    more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+                    raise CarehubError(f"{taken[0]} is already there{more}; --force overwrites")
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CarehubError(f"--out {out_dir}: cannot make the folder: {err}") from err
+            for start in range(0, len(ids), SEARCH_PAGE):
+                for message in store.get_many(ids[start : start + SEARCH_PAGE]):
+                    path = out_dir / f"{message.id}.hl7"
+                    try:
+                        with path.open("wb" if force else "xb") as file:
+                            file.write(message.raw)
+                    except FileExistsError as err:
+                        raise CarehubError(f"{path} is already there; --force overwrites") from err
+                    except OSError as err:
+                        raise CarehubError(f"{path}: cannot write: {err}") from err
+                    written_ids.append(message.id)
+        except (Exception, KeyboardInterrupt) as err:
+            action.outcome = "failed"
+            action.detail = str(err)[:300] if isinstance(err, CarehubError) else type(err).__name__
+            raise
+        finally:
+            action.counts = {"messages": len(written_ids)}
+            if action.outcome == "ok" and not written_ids:
+                action.outcome = "none"
+            if written_ids:
+                done = f"{_ids_text('messages', written_ids)} written to {out_dir}"
+                action.detail = f"{action.detail}; {done}" if action.detail else done
+            target = _filter_text(filters, limit) or "all messages"
+            _record_action(store, "messages export", target, action, operator)
+        written = len(written_ids)
     finally:
         store.close()
     click.echo(f"wrote {written} message(s) to {out_dir}")

@@ -38,14 +38,14 @@ from carehub.components import (
 from carehub.config import WorkerConfig, without_password
 from carehub.errors import CarehubError
 from carehub.plugins import PluginHost
-from carehub.routing.router import Router, order_key
+from carehub.routing.router import Router, fits_the_loop, order_key
 from carehub.routing.table import Destination, RouteTable
 from carehub.store.failure_run import FailureRun
 from carehub.store.group_commit import StoreUnavailable
 from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
 from carehub.store.processes import running_processes
 from carehub.store.schema import MessageStatus
-from carehub.store.store import MessageStore, StoreError
+from carehub.store.store import MessageStore, StoredMessage, StoreError
 from carehub.workqueue import Consumer, QueueUnavailable, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -626,8 +626,15 @@ class Worker:
     async def _route_chunks(self, ids: list[int], router: Router) -> None:
         if self.inline_store and not router.steps_that_may_block:
             for start in range(0, len(ids), ROUTE_CHUNK):
-                chunk = ids[start : start + ROUTE_CHUNK]
-                self._take(self._route_batch(chunk, self._handover(), router))
+                messages = self._to_route(ids[start : start + ROUTE_CHUNK])
+                handover = self._handover()
+                if all(fits_the_loop(m) for m in messages):
+                    self._take(self._route_messages(messages, handover, router))
+                else:
+                    # Routing it can take seconds: on the loop, every listener's ACKs wait.
+                    self._take(
+                        await asyncio.to_thread(self._route_messages, messages, handover, router)
+                    )
                 await asyncio.sleep(0)
         else:
             handover = self._handover()
@@ -668,8 +675,11 @@ class Worker:
     ) -> Handover:
         """Route and record a batch; ``handover`` comes back with the deliveries it leased
         to this worker."""
-        router = router or self.router
-        host = router.host
+        return self._route_messages(self._to_route(message_ids), handover, router or self.router)
+
+    def _to_route(self, message_ids: list[int]) -> list[StoredMessage]:
+        """The messages of a batch still to be routed, in arrival order, with any earlier
+        message of the same patients still waiting (see MessageStore.unrouted_before)."""
         taken = self.store.take_for_routing(message_ids)
         missing = set(message_ids).difference(m.id for m in taken)
         if missing:
@@ -682,7 +692,7 @@ class Worker:
             key=lambda m: m.id,
         )
         if not messages:
-            return handover
+            return []
         stranded = self.store.unrouted_before(messages)
         if stranded:
             # A patient's earlier message goes first, whichever way it comes back.
@@ -691,6 +701,15 @@ class Worker:
                 m for m in self.store.get_many(stranded) if m.status == MessageStatus.RECEIVED.value
             ]
             messages = sorted([*earlier, *messages], key=lambda m: m.id)
+        return messages
+
+    def _route_messages(
+        self, messages: list[StoredMessage], handover: Handover, router: Router
+    ) -> Handover:
+        """Route and record messages taken by ``_to_route``."""
+        if not messages:
+            return handover
+        host = router.host
         results = []
         for message in messages:
             host.notify("carehub_message_received", message=message)

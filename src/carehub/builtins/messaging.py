@@ -43,6 +43,7 @@ from carehub.builtins.http_channel import (
     http_url,
     read_some,
 )
+from carehub.care.templating import one_line
 from carehub.components import (
     Channel,
     ComponentContext,
@@ -94,7 +95,7 @@ def summary_lines(work: Work) -> list[str]:
     if message.control_id:
         reference += f", control id {message.control_id}"
     lines.append(reference)
-    return lines
+    return [one_line(line) for line in lines]
 
 
 def _recipient(outgoing: Outgoing, channel: str) -> str:

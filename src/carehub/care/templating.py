@@ -5,10 +5,18 @@ built-ins. A template is found as ``<kind>.<channel>.txt``, else ``<kind>.txt``;
 A site's folder is read when the step starts, and what would otherwise fail quietly is a config
 error naming the file: a ``.txt`` whose name no notice looks for (``dicharge.txt``, or a channel
 the step does not have), which would leave the built-in text in use, possibly saying more than
-the site's; and a template Jinja cannot read, which would fail each notice as it is sent."""
+the site's; and a template Jinja cannot read, which would fail each notice as it is sent.
+
+Every value a template prints is one line: its line breaks and other control characters (an
+HL7 ``\\.br\\`` or ``\\X0D0A\\`` decodes to one) become spaces, so a name or a facility
+from a message can neither cut a subject short nor start a line of the body that passes for a
+header or for the template's own text. Where a template means a value's lines to be kept (a
+note), it says so with ``{{ note | multiline }}``: the lines are kept, each one after the first
+indented, so they still read as part of that value."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,8 +46,10 @@ class MessageTemplates:
             undefined=jinja2.ChainableUndefined,
             trim_blocks=True,
             keep_trailing_newline=False,
+            finalize=one_line,
         )
         self.environment.filters["sentence_start"] = sentence_start
+        self.environment.filters["multiline"] = multiline
         if folder is not None:
             self._check_site_templates(folder, builtin, set(channels))
 
@@ -104,3 +114,41 @@ def sentence_start(text: Any) -> str:
     capitals): for a value that may open a sentence, like "the receiving organisation"."""
     value = str(text)
     return value[:1].upper() + value[1:]
+
+
+#: Line breaks and other control characters: C0 and C1, DEL, and the Unicode line and
+#: paragraph separators (str.splitlines breaks at every one of them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+#: A line break as a template may keep it (``multiline``): CRLF, CR, LF and the others.
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+#: What each line of a multi-line value after the first begins with.
+CONTINUATION = "  "
+
+
+class MultiLine(str):
+    """A value whose lines a template keeps (``multiline``): printed as it is."""
+
+    __slots__ = ()
+
+
+def one_line(value: Any) -> Any:
+    """Every printed value (Jinja's ``finalize``): text with each run of control characters
+    a single space. None, numbers, undefined values and ``multiline``'s output print as
+    Jinja prints them."""
+    if isinstance(value, MultiLine) or value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, jinja2.Undefined):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return _CONTROL.sub(" ", text)
+
+
+def multiline(value: Any) -> MultiLine:
+    """``value`` with its lines kept, for a template that means them (a note): each line one
+    line (other control characters spaces), and every line after the first indented by
+    CONTINUATION, so none starts at the margin where it could pass for a header or for the
+    template's own next line."""
+    if value is None or isinstance(value, jinja2.Undefined):
+        return MultiLine("")
+    lines = [_CONTROL.sub(" ", line).rstrip() for line in _LINE_BREAK.split(str(value))]
+    return MultiLine(("\n" + CONTINUATION).join(lines).strip())
