@@ -34,21 +34,40 @@ One file that cannot be taken never holds up the others: a file the hub may not 
 error/ with the reason; one it cannot move (processed/ not writable) is left where it is, with
 one WARNING, and skipped until it changes, while newer files go on. A folder dropped into the
 inbox is named once in the log.
+
+Only regular files are read. A symbolic link is never followed - whoever may write the inbox
+could otherwise have the hub store any file it can read, its TLS key say - nor is a named pipe,
+device or socket opened: each goes to error/ as it is (the link itself, not what it points
+to) with the reason. The file is opened without following a link and checked to be the
+regular file found, so one swapped for a link in between is refused too. A hard link cannot
+be told from the file it names, and is read like any file.
+
+A file is read and split on a worker thread, a piece at a time (hl7.batch.split_stream), and
+its messages are handed to the store GROUP at a time, so a nightly batch of hundreds of
+megabytes does not hold up the answers to other senders meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import heapq
+import io
 import logging
 import os
+import stat as file_mode
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from carehub.config import FileDropConfig
 from carehub.hl7.ack import AckCode, read_ack
-from carehub.hl7.batch import MessageSlice, Stray, split_data
+from carehub.hl7.batch import MessageSlice, SplitData, Stray, split_stream
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake, IntakeResult
@@ -67,6 +86,13 @@ STUCK_RETRY = 60.0
 #: writer that stalls between messages, short enough that a cut-off batch is reported within
 #: seconds rather than sitting unseen in the inbox.
 INCOMPLETE_BATCH_SETTLES = 10
+#: Messages of a file handed to the store at a time. Each group is parsed and committed on the
+#: event loop (a few milliseconds), and other senders' messages join its commit or the next,
+#: so their answers do not wait for the rest of the file.
+GROUP = 100
+#: How a file is opened: never through a symbolic link (ELOOP instead), and without waiting
+#: for a writer should it be a named pipe put there after the scan.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 Signature = tuple[int, int]  # (size, mtime in ns): a file with the same signature is unchanged
 
@@ -90,6 +116,8 @@ class FileDropListener:
         self._folders_named: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        #: Seen by the thread reading a file, which gives up when the listener stops.
+        self._halt = threading.Event()
         self.files_processed = 0
         self.files_failed = 0
 
@@ -106,6 +134,7 @@ class FileDropListener:
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._halt.set()
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -127,10 +156,13 @@ class FileDropListener:
             for entry in entries:
                 if entry.name.startswith(".") or entry.name.lower().endswith(SKIPPED_SUFFIXES):
                     continue
-                if not entry.is_file():
+                if entry.is_dir(follow_symlinks=False):
                     self._name_folder(entry)
                     continue
-                stat = entry.stat()
+                if Path(entry.path) in (self.processed_dir, self.error_dir):
+                    continue  # its own folder, made a link to another place by the operator
+                # A link, pipe or device is taken too: take_file moves it to error/ unread.
+                stat = entry.stat(follow_symlinks=False)
                 signature = _signature(stat)
                 first_seen = self._seen.get(entry.name)
                 if first_seen is None or first_seen[:2] != signature:
@@ -157,7 +189,7 @@ class FileDropListener:
         """Say once that a folder in the inbox is not taken (its own processed/ and error/
         aside), so a sender that drops one is not left wondering."""
         own = Path(entry.path) in (self.processed_dir, self.error_dir)
-        if own or not entry.is_dir() or entry.name in self._folders_named:
+        if own or entry.name in self._folders_named:
             return
         self._folders_named.add(entry.name)
         log.warning(
@@ -187,7 +219,7 @@ class FileDropListener:
         """Skip a file that cannot be taken for STUCK_RETRY seconds (or until it changes),
         saying so once for as long as the same file keeps failing."""
         try:
-            stat = path.stat()
+            stat = os.lstat(path)
         except OSError:
             return
         signature = _signature(stat)
@@ -205,71 +237,58 @@ class FileDropListener:
             STUCK_RETRY,
         )
 
-    async def take_file(self, path: Path) -> list[IntakeResult]:
+    async def take_file(self, path: Path) -> None:
         """Store the file's messages and move it aside; nothing is taken from a file that
         changes while it is read, or from a batch that is not whole (see the module's
         docstring)."""
         arrival = Arrival("file", self.name, path.name, self.config.default_charset)
-        stat = path.stat()
+        stat = os.lstat(path)
         signature = _signature(stat)
         seen = self._seen.get(path.name)
         if seen is not None and seen[:2] != signature:
-            return []  # changed since it was found settled: looked at again once it settles
-        if stat.st_size > self.config.max_file_bytes:
-            return [await self._refuse_large_file(path, stat.st_size, arrival)]
+            return  # changed since it was found settled: looked at again once it settles
+        what = _not_regular(stat.st_mode)
+        if what is not None:
+            self._refuse_not_regular(path, what)
+            return
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            read = await asyncio.to_thread(self._read, path, stat)
+        except _NotRegular as err:
+            self._refuse_not_regular(path, err.what)
+            return
         except (PermissionError, IsADirectoryError) as err:
             reason = f"{path.name}: cannot read the file: {err.strerror}; nothing was stored"
             self._move(path, self.error_dir, [reason])  # an OSError here: set aside instead
             self.files_failed += 1
             log.warning("file drop %s: %s, moved to %s", self.name, reason, self.error_dir)
-            return []
-        if len(data) != stat.st_size or _signature(path.stat()) != signature:
-            return []  # written to while being read: looked at again once it settles
-        contents = split_data(data)
+            return
+        except _Stopped:
+            return  # the hub is stopping: the file is taken on the next start
+        if read is None or _signature(os.lstat(path)) != signature:
+            return  # written to or replaced while being read: looked at again once it settles
+        if read.contents is None:
+            await self._refuse_large_file(path, read.size, read.head, arrival)
+            return
+        contents = read.contents
         if contents.batch_problems:
             self._hold_or_refuse_batch(path, stat, contents.batch_problems)
-            return []
+            return
         self._held.pop(path.name, None)
         parts = contents.messages
         if not parts:
-            result = await self.intake.receive(data[:HEAD_BYTES], arrival)
+            await self.intake.receive(read.head, arrival)
             self._move(
                 path, self.error_dir, [f"{path.name}: no HL7 message (no MSH segment) in the file"]
             )
             self.files_failed += 1
-            return [result]
-        # In file order, so the stored rows follow the file as a reader of it would.
-        items: list[MessageSlice | Stray] = sorted([*parts, *contents.stray], key=_offset)
-        results = await asyncio.gather(
-            *(
-                self._receive(item.data, arrival)
-                if isinstance(item, MessageSlice)
-                else self._reject_stray(item, arrival)
-                for item in items
-            )
-        )
-        problems = []
-        number = 0
-        for item, result in zip(items, results, strict=True):
-            if isinstance(item, Stray):
-                problems.append(_stray_problem(item, number, len(parts), result))
-                continue
-            number += 1
-            if result.code is not AckCode.ACCEPT:
-                # The ACK is in the message's own character set, UTF-16 included.
-                code, control_id, text = read_ack(decode_message(result.ack).text)
-                problems.append(
-                    f"message {number} of {len(parts)} (MSH-10 {control_id or 'empty'}): "
-                    f"{code}: {text or result.reason}"
-                )
+            return
+        problems = await self._store(contents, arrival)
         refused = len(problems) - len(contents.stray)
-        now = path.stat()
-        if _signature(now) != signature:
+        now = os.lstat(path)
+        if _signature(now) != signature or not _same_file(now, read.opened):
             # The file moved aside must be the one taken: this one is not, so say so.
             problems.append(
-                f"{path.name}: the file changed while it was being taken: the {len(data)} "
+                f"{path.name}: the file changed while it was being taken: the {read.size} "
                 f"bytes read then were taken (their {len(parts)} message(s) stored), it now "
                 f"holds {now.st_size}. Drop the whole file again once it is written: the "
                 "messages already stored are recognised as resends"
@@ -287,7 +306,78 @@ class FileDropListener:
             refused,
             len(contents.stray),
         )
-        return list(results)
+
+    def _read(self, path: Path, found: os.stat_result) -> _Read | None:
+        """Open the file found by the scan (never through a link) and split it; on a worker
+        thread. None when it is no longer the file found, or changed while being read."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EMLINK):  # a link put there after the scan
+                raise _NotRegular("a symbolic link") from err
+            raise
+        with io.FileIO(fd, "rb") as file:
+            opened = os.fstat(fd)
+            if not _same_file(opened, found):
+                return None  # replaced since the scan: looked at again as what it is now
+            what = _not_regular(opened.st_mode)
+            if what is not None:
+                raise _NotRegular(what)
+            head = os.pread(fd, HEAD_BYTES, 0)
+            if opened.st_size > self.config.max_file_bytes:
+                return _Read(None, head, opened.st_size, opened)
+            contents = split_stream(_Halting(file, self._halt), limit=self.config.max_message_bytes)
+            size = file.tell()
+            if size != opened.st_size or _signature(os.fstat(fd)) != _signature(found):
+                return None
+        return _Read(contents, head, size, opened)
+
+    async def _store(self, contents: SplitData, arrival: Arrival) -> list[str]:
+        """Hand the file's messages and stray texts to intake in file order, GROUP at a time,
+        so the stored rows follow the file as a reader of it would; returns the problems for
+        the error file, one line each."""
+        problems: list[str] = []
+        total = len(contents.messages)
+        number = 0  # messages so far
+        items = heapq.merge(contents.messages, contents.stray, key=_offset)
+        for group in _groups(items, GROUP):
+            results = await asyncio.gather(
+                *(
+                    self._receive(item, arrival)
+                    if isinstance(item, MessageSlice)
+                    else self._reject_stray(item, arrival)
+                    for item in group
+                )
+            )
+            for item, result in zip(group, results, strict=True):
+                if isinstance(item, Stray):
+                    problems.append(_stray_problem(item, number, total, result))
+                    continue
+                number += 1
+                if result.code is not AckCode.ACCEPT:
+                    # The ACK is in the message's own character set, UTF-16 included.
+                    code, control_id, text = read_ack(decode_message(result.ack).text)
+                    problems.append(
+                        f"message {number} of {total} (MSH-10 {control_id or 'empty'}): "
+                        f"{code}: {text or result.reason}"
+                    )
+        return problems
+
+    def _refuse_not_regular(self, path: Path, what: str) -> None:
+        """Move a link, pipe, device or socket to error/ unread, saying why."""
+        reason = (
+            f"{path.name}: {what}, not a regular file: not read (links are not followed), "
+            "nothing was stored. Drop the file itself"
+        )
+        self._move(path, self.error_dir, [reason])  # an OSError here: set aside instead
+        self.files_failed += 1
+        log.warning(
+            "file drop %s: %s is %s, not a regular file; not read, moved to %s",
+            self.name,
+            path.name,
+            what,
+            self.error_dir,
+        )
 
     def _hold_or_refuse_batch(
         self, path: Path, stat: os.stat_result, problems: tuple[str, ...]
@@ -334,13 +424,13 @@ class FileDropListener:
         first_seen = seen[2] if seen is not None and seen[:2] == _signature(stat) else time.time()
         return _unchanged_since(first_seen, stat)
 
-    async def _refuse_large_file(self, path: Path, size: int, arrival: Arrival) -> IntakeResult:
+    async def _refuse_large_file(
+        self, path: Path, size: int, head: bytes, arrival: Arrival
+    ) -> IntakeResult:
         """A file over max_file_bytes is not read whole (that could exhaust memory): its head
         is stored as a rejected row, and the file goes to error/ with the reason."""
         limit = self.config.max_file_bytes
         reason = f"file of {size} bytes exceeds this file drop's limit of {limit} bytes"
-        with path.open("rb") as file:
-            head = await asyncio.to_thread(file.read, HEAD_BYTES)
         result = await self.intake.reject_unreadable_frame(head, size, arrival, reason)
         self._move(path, self.error_dir, [f"{path.name}: {reason} (max_file_bytes)"])
         self.files_failed += 1
@@ -354,31 +444,38 @@ class FileDropListener:
             "(not blank and not a batch header or trailer segment)"
         )
         return await self.intake.reject_unreadable_frame(
-            stray.data[:HEAD_BYTES], len(stray.data), arrival, reason
+            stray.data[:HEAD_BYTES], stray.length, arrival, reason
         )
 
-    async def _receive(self, payload: bytes, arrival: Arrival) -> IntakeResult:
-        if len(payload) > self.config.max_message_bytes:
+    async def _receive(self, message: MessageSlice, arrival: Arrival) -> IntakeResult:
+        if message.length > self.config.max_message_bytes:
             reason = (
-                f"message of {len(payload)} bytes exceeds this listener's limit of "
+                f"message of {message.length} bytes exceeds this listener's limit of "
                 f"{self.config.max_message_bytes} bytes"
             )
             return await self.intake.reject_unreadable_frame(
-                payload[:4096], len(payload), arrival, reason
+                message.data[:4096], message.length, arrival, reason
             )
-        return await self.intake.receive(payload, arrival)
+        return await self.intake.receive(message.data, arrival)
 
     @staticmethod
     def _move(path: Path, folder: Path, problems: list[str] | None) -> Path:
-        """Move the file into ``folder``, with ``<name>.error.txt`` giving the problems. The
-        reasons are written first: whoever finds the file in error/ finds them beside it."""
+        """Move the file (a link itself, not what it points to) into ``folder``, with
+        ``<name>.error.txt`` giving the problems. The reasons are written first, and appear
+        whole: whoever finds the file in error/ finds them beside it. Names already in the
+        folder are left alone, and nothing is written through a link someone put there."""
         target = folder / path.name
-        if target.exists():
+        for _ in range(100):
+            reason_file = target.with_name(target.name + ".error.txt")
+            taken = os.path.lexists(target)
+            if not taken and (problems is None or not os.path.lexists(reason_file)):
+                break
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             target = folder / f"{path.stem}.{stamp}{path.suffix}"
-        reason_file = target.with_name(target.name + ".error.txt")
+        else:
+            raise FileExistsError(errno.EEXIST, "no free name in the folder", str(folder))
         if problems is not None:
-            reason_file.write_text("\n".join(problems) + "\n", encoding="utf-8")
+            _write_whole(reason_file, "\n".join(problems) + "\n")
         try:
             os.replace(path, target)
         except OSError:
@@ -386,6 +483,93 @@ class FileDropListener:
                 reason_file.unlink(missing_ok=True)
             raise
         return target
+
+
+class _Stopped(Exception):
+    """The listener is stopping: the file being read is left for the next start."""
+
+
+class _NotRegular(Exception):
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+@dataclass(slots=True)
+class _Read:
+    """A file as read: split (None when over max_file_bytes, so not read), its first bytes,
+    its size, and the stat of the file opened."""
+
+    contents: SplitData | None
+    head: bytes
+    size: int
+    opened: os.stat_result
+
+
+class _Halting:
+    """A file whose reading ends (with _Stopped) once the listener stops."""
+
+    def __init__(self, file: io.FileIO, halt: threading.Event) -> None:
+        self._file, self._halt = file, halt
+
+    def read(self, size: int = -1) -> bytes:
+        if self._halt.is_set():
+            raise _Stopped
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is, for the log and the error file."""
+    if file_mode.S_ISREG(mode):
+        return None
+    if file_mode.S_ISLNK(mode):
+        return "a symbolic link"
+    if file_mode.S_ISFIFO(mode):
+        return "a named pipe"
+    if file_mode.S_ISCHR(mode) or file_mode.S_ISBLK(mode):
+        return "a device"
+    if file_mode.S_ISSOCK(mode):
+        return "a socket"
+    if file_mode.S_ISDIR(mode):
+        return "a folder"
+    return "a special file"
+
+
+def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write the file under a new name of its own (mkstemp: never through a link), then rename
+    it into place, so it is never seen half written."""
+    fd, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _groups(
+    items: Iterator[MessageSlice | Stray], size: int
+) -> Iterator[list[MessageSlice | Stray]]:
+    group: list[MessageSlice | Stray] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _signature(stat: os.stat_result) -> Signature:
@@ -401,7 +585,7 @@ def _unchanged_since(first_seen: float, stat: os.stat_result) -> float:
 def _arrival_order(path: Path) -> tuple[int, str]:
     """Oldest first; a file gone meanwhile sorts first and is found gone when taken."""
     try:
-        return path.stat().st_mtime_ns, path.name
+        return os.lstat(path).st_mtime_ns, path.name
     except OSError:
         return 0, path.name
 
@@ -420,6 +604,6 @@ def _stray_problem(stray: Stray, before: int, messages: int, result: IntakeResul
         excerpt = excerpt[:57] + "..."
     stored = f"stored as message {result.message_id}" if result.message_id else "not stored"
     return (
-        f"{len(stray.data)} bytes at byte {stray.offset} ({where}) are not HL7 and not a "
+        f"{stray.length} bytes at byte {stray.offset} ({where}) are not HL7 and not a "
         f"batch header or trailer: {excerpt!r}; {result.code.value}, {stored}"
     )
