@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +35,10 @@ _ENV_REFERENCE = re.compile(
 
 #: Variable names that hold secrets: an unset one is not to be given a default in the file.
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|PRIVATE", re.IGNORECASE)
+#: Keys whose value is where carehub sends (a destination's URL, the store's, the broker's):
+#: an unset variable there is told to be set, not given a default, since a default sends
+#: patient data to whatever listens at it.
+_ADDRESS_KEYS = frozenset({"url", "base_url", "api_url"})
 
 
 class _Strict(BaseModel):
@@ -76,6 +81,13 @@ class MLLPListenerConfig(_Strict):
         "idle connection is closed to make room (a sender that leaks connections cannot use "
         "up the hub's file descriptors)",
     )
+    frame_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="seconds a frame may take from its start block to its end; past it the "
+        "connection is closed, the frame unanswered (a peer sending a byte now and then "
+        "cannot hold a connection for ever); 0: no limit",
+    )
     default_charset: str = "utf-8"
     tls: TLSConfig | None = None
     enhanced_acks: bool = Field(
@@ -115,6 +127,30 @@ class HTTPListenerConfig(_Strict):
     #: HTTPS, as the MLLP listener's tls: without it, bearer tokens, messages and referral
     #: updates cross the network in clear (serve warns when it is bound beyond loopback).
     tls: TLSConfig | None = None
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client has to send a request's line and headers, from when it "
+        "connects (after the TLS handshake) or its previous answer is sent; past it the "
+        "connection is closed",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a request's body may take to arrive whole once its headers have; "
+        "past it the connection is closed and nothing of the request is stored",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="open connections the listener holds; one more is closed at once (keep "
+        "it well below the open-file limit, ulimit -n)",
+    )
+    max_connections_per_peer: int = Field(
+        64,
+        ge=1,
+        description="open connections one peer address may hold; one more is closed at once",
+    )
 
     _charset = field_validator("default_charset")(_known_codec)
 
@@ -305,11 +341,15 @@ def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -
             return known[name]
         if default is not None:
             return expand_env(default, where, known)
-        hint = (
-            "set it in the environment: a secret has no default"
-            if _SECRET_NAME.search(name)
-            else f"write ${{{name}:-default}} to give a default"
-        )
+        if _SECRET_NAME.search(name):
+            hint = "set it in the environment: a secret has no default"
+        elif where.rsplit(".", 1)[-1] in _ADDRESS_KEYS:
+            hint = (
+                "set it to the address of the system it names: an address has no default, "
+                "so nothing is sent where nobody said"
+            )
+        else:
+            hint = f"write ${{{name}:-default}} to give a default"
         raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
 
     return _ENV_REFERENCE.sub(replace, value)
@@ -420,30 +460,56 @@ def read_config_text(path: Path, what: str, encoding: str = "utf-8") -> str:
 #: The password of a URL's userinfo (``//user:password@``): up to the last @ of the authority,
 #: so a password holding an @ of its own is hidden whole.
 _URL_PASSWORD = re.compile(r"(//[^:/?#@\s]*:)[^/?#\s]*@")
-#: Query parameters whose values are credentials (``?api_key=...``, libpq's ``?password=``).
-SECRET_QUERY_PARAMETERS = (
+#: Words that make a query parameter's value a credential wherever they appear in its name,
+#: case and ``_``/``-`` ignored: ``auth_token``, ``client_secret``, ``apiToken``, Vonage's
+#: ``api_secret``, libpq's ``password``, ``X-Amz-Signature``, ``jsessionid``. A name
+#: holding one of them by chance (``monkey``) is masked too: a value hidden for nothing costs
+#: less than a credential in a log or a ticket.
+SECRET_QUERY_WORDS = (
     "token",
-    "access_token",
-    "api_key",
-    "apikey",
+    "secret",
     "key",
     "password",
-    "secret",
+    "passwd",
+    "pwd",
+    "auth",
     "signature",
     "sig",
-    "code",
+    "credential",
+    "session",
 )
-_SECRET_QUERY_VALUE = re.compile(
-    rf"([?&;](?:{'|'.join(SECRET_QUERY_PARAMETERS)})=)[^&;#\s'\"]*", re.IGNORECASE
+#: Whole parameter names whose values are credentials too: OAuth's authorization ``code``.
+SECRET_QUERY_NAMES = frozenset({"code"})
+#: ``name=value`` after ``?``, ``&``, ``;`` (and ``#``, where OAuth puts an access token).
+#: The value stops before a quote, whitespace, or a ``:``, ``,``, ``)`` or ``]`` that ends
+#: it ("POST http://h/x?token=abc: ConnectError" keeps its ": ").
+_QUERY_PARAMETER = re.compile(
+    r"(?P<head>[?&;#](?P<name>[^=&;#?/\s'\"]+)=)"
+    r"(?P<value>[^&;#\s'\"]*?)(?=[&;#\s'\"]|[:,)\]]*(?:\s|$)|$)"
 )
+
+
+def secret_query_parameter(name: str) -> bool:
+    """Whether a URL query parameter called ``name`` (percent-encoded or not) carries a
+    credential: see SECRET_QUERY_WORDS and SECRET_QUERY_NAMES."""
+    plain = unquote_plus(name).lower().replace("_", "").replace("-", "")
+    return plain in SECRET_QUERY_NAMES or any(word in plain for word in SECRET_QUERY_WORDS)
+
+
+def _mask_query_value(match: re.Match[str]) -> str:
+    if not match.group("value") or not secret_query_parameter(match.group("name")):
+        return match.group(0)
+    return f"{match.group('head')}***"
 
 
 def without_password(text: str) -> str:
     """A URL, or a text quoting URLs (an error, a log line), as it may be printed or logged:
-    a userinfo password and the values of secret query parameters replaced by ***. Channel
-    URLs carry credentials this way, and what is printed ends up in logs and tickets."""
+    a userinfo password and the values of query parameters named like credentials (see
+    SECRET_QUERY_WORDS) replaced by ***. Channel, store and broker URLs carry credentials
+    this way, and what is printed ends up in logs and tickets: every place that shows such
+    a URL, or an error that may quote one, passes it through here."""
     masked = _URL_PASSWORD.sub(r"\1***@", text)
-    return _SECRET_QUERY_VALUE.sub(r"\1***", masked)
+    return _QUERY_PARAMETER.sub(_mask_query_value, masked)
 
 
 def where_in_config(config: HubConfig, *key: str | int) -> str:

@@ -34,7 +34,6 @@ from sqlalchemy.pool import NullPool
 from carehub import __version__
 from carehub.components import ComponentContext, on_this_machine
 from carehub.config import (
-    ENV_HTTP_TOKENS,
     HTTPListenerConfig,
     HubConfig,
     MLLPListenerConfig,
@@ -47,7 +46,7 @@ from carehub.config import (
 )
 from carehub.errors import CarehubError
 from carehub.intake.filedrop import FileDropListener
-from carehub.intake.http import HTTPListener, build_app
+from carehub.intake.http import HTTPListener, build_app, warn_if_open_to_anyone
 from carehub.intake.intake import Intake
 from carehub.intake.mllp import MLLPListener
 from carehub.intake.tls import (
@@ -339,13 +338,9 @@ def warn_if_http_exposed(listener: HTTPListenerConfig, tokens: list[str]) -> Non
         warn_if_key_readable(listener.tls, "listeners.http")
     if on_this_machine(listener.host):
         return
-    if not tokens:
-        log.warning(
-            "HTTP listener on %s takes messages and referral updates from anyone who can "
-            "reach it: set listeners.http.tokens (or %s), or bind it to 127.0.0.1",
-            listener.host,
-            ENV_HTTP_TOKENS,
-        )
+    warn_if_open_to_anyone(
+        "HTTP listener", listener.host, tokens, "takes messages and referral updates from", log
+    )
     if listener.tls is None:
         log.warning(
             "HTTP listener on %s has no TLS: bearer tokens, messages and referral updates "

@@ -34,6 +34,7 @@ from carehub.store.schema import UNFINISHED, DeliveryStatus, deliveries, deliver
 
 if TYPE_CHECKING:
     from carehub.hub import Hub
+    from carehub.intake.http import AuthFailures, HTTPListener
     from carehub.routing.table import RouteTable
     from carehub.store.store import MessageStore
     from carehub.worker import Worker
@@ -262,23 +263,25 @@ class HubCollector(Collector):
             "before them (a message sent unframed, noise between frames); the log names the peer",
             labels=["listener"],
         )
+        frames_timed_out = CounterMetricFamily(
+            "carehub_mllp_frames_timed_out",
+            "MLLP connections closed because a frame under way did not end within "
+            "frame_timeout (left unanswered); the log names the peer",
+            labels=["listener"],
+        )
         for listener in self.hub.mllp_listeners:
             connections.add_metric([listener.name], listener.open_connections)
             shed.add_metric([listener.name], listener.connections_shed)
             handshakes.add_metric([listener.name], listener.handshakes_failed)
             outside_frames.add_metric([listener.name], listener.bytes_outside_frames)
+            frames_timed_out.add_metric([listener.name], listener.frames_timed_out)
         yield connections
         yield shed
         yield handshakes
         yield outside_frames
-        if self.hub.http_listener is not None and self.hub.http_listener.tls:
-            https_handshakes = CounterMetricFamily(
-                "carehub_http_tls_handshakes_failed",
-                "TLS handshakes that failed on the HTTPS listener (refused certificate, plain "
-                "HTTP, timeout); the log names the peer and the reason",
-            )
-            https_handshakes.add_metric([], self.hub.http_listener.handshake_failures.count)
-            yield https_handshakes
+        yield frames_timed_out
+        if self.hub.http_listener is not None:
+            yield from http_listener_metrics(self.hub.http_listener)
 
     def _writable(self, deadline: float) -> bool:
         """The writer's answer, which makes a test write while intake's writes fail: taken as
@@ -290,6 +293,55 @@ class HubCollector(Collector):
             return self._write_checks.start(writer.writable).result(deadline)
         except Exception:
             return False
+
+
+def http_listener_metrics(
+    listener: HTTPListener,
+) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The HTTP listener's connections, the ones it closed (over its limits, or for a request
+    that did not come in time), the requests it refused for their bearer token, and with
+    TLS its failed handshakes."""
+    connections = listener.connections
+    open_ = GaugeMetricFamily("carehub_http_connections", "Open HTTP connections")
+    open_.add_metric([], connections.open)
+    yield open_
+    refused = CounterMetricFamily(
+        "carehub_http_connections_refused",
+        "HTTP connections closed at once because the listener or their peer address was at "
+        "max_connections or max_connections_per_peer; the log names the peer",
+    )
+    refused.add_metric([], connections.refused)
+    yield refused
+    timed_out = CounterMetricFamily(
+        "carehub_http_connections_timed_out",
+        "HTTP connections closed because a request's line and headers (phase head, "
+        "header_timeout) or its body (phase body, body_timeout) did not come in time",
+        labels=["phase"],
+    )
+    for phase, count in sorted(connections.timed_out.items()):
+        timed_out.add_metric([phase], count)
+    yield timed_out
+    yield auth_failure_counter(listener.auth_failures)
+    if listener.tls:
+        https_handshakes = CounterMetricFamily(
+            "carehub_http_tls_handshakes_failed",
+            "TLS handshakes that failed on the HTTPS listener (refused certificate, plain "
+            "HTTP, timeout); the log names the peer and the reason",
+        )
+        https_handshakes.add_metric([], listener.handshake_failures.count)
+        yield https_handshakes
+
+
+def auth_failure_counter(failures: AuthFailures) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "carehub_http_auth_failures",
+        "HTTP requests refused for their bearer token (none, or not a configured one), by "
+        "endpoint; the log names the peer",
+        labels=["endpoint"],
+    )
+    for endpoint, count in sorted(failures.counts.items()):
+        family.add_metric([endpoint], count)
+    return family
 
 
 def worker_counters(worker: Worker) -> Iterator[CounterMetricFamily]:
@@ -415,9 +467,10 @@ class WorkerCollector(Collector):
     routing and delivery counters are each worker's to export (sum them across workers; the
     store gauges are the same on every process, so take their max)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, auth_failures: AuthFailures | None = None) -> None:
         self.worker = worker
         self.store_gauges = StoreGauges(lambda: worker.table)
+        self.auth_failures = auth_failures
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         deadline = time.monotonic() + STORE_PATIENCE
@@ -429,10 +482,15 @@ class WorkerCollector(Collector):
         )
         connected.add_metric([], 0 if self.worker.broker_lost is not None else 1)
         yield connected
+        if self.auth_failures is not None:
+            yield auth_failure_counter(self.auth_failures)
         yield from self.store_gauges.collect(reading, deadline)
 
 
-def make_worker_registry(worker: Worker) -> CollectorRegistry:
+def make_worker_registry(
+    worker: Worker, auth_failures: AuthFailures | None = None
+) -> CollectorRegistry:
+    """The worker's registry; ``auth_failures``: its HTTP port's refused requests."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorkerCollector(worker))
+    registry.register(WorkerCollector(worker, auth_failures))
     return registry

@@ -16,7 +16,10 @@ sends without reading its ACKs is paused once MAX_UNANSWERED frames wait for the
 the socket's send buffer is full, and resumed when it catches up. A peer address holds at most
 ``max_connections_per_peer`` open connections: one more closes that peer's longest idle one, so
 a sender that opens a connection per message and never closes any cannot use up the hub's file
-descriptors (and with them every other feed's connections and the store's files).
+descriptors (and with them every other feed's connections and the store's files). A frame must
+end within ``frame_timeout`` of its start block, and a connection that has sent nothing but
+bytes outside any frame for ``idle_timeout`` is idle: a peer that sends a byte now and then
+cannot hold its connections for ever.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from collections import deque
 
 from carehub.config import MLLPListenerConfig
 from carehub.hl7.framing import BrokenFrame, Frame, FrameDecoder, OversizeFrame, encode_frame
+from carehub.intake import tls as listener_tls
 from carehub.intake.intake import Arrival, Intake, IntakeResult
+from carehub.intake.tls import HandshakeFailures, PeerReports, report_accept_failures
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,6 @@ SHED_REPORT_EVERY = 60.0
 #: Seconds a frame's last byte read may be an <FS> with no <CR> after it before the <FS> is
 #: taken as the end (FrameDecoder.end_frame_now): the <CR> normally comes in the same read.
 LONE_END_WAIT = 0.2
-#: Seconds a TLS client has to finish its handshake.
-TLS_HANDSHAKE_TIMEOUT = 30.0
-#: Seconds between log lines about failed TLS handshakes from one peer address.
-HANDSHAKE_REPORT_EVERY = 60.0
 #: Seconds between log lines about bytes outside any frame from one peer address.
 OUTSIDE_FRAMES_REPORT_EVERY = 60.0
 #: Most bytes taken from the TLS session at a time (asyncio's own TLS transport reads 256 KiB).
@@ -143,6 +144,13 @@ class _Connection(asyncio.Protocol):
         self.arrival: Arrival | None = None
         self.last_activity = time.monotonic()
         self.closing = False  # the listener is stopping: answer what was read, then close
+        self.peername: object = None  # the socket's (host, port, ...)
+        #: Frames read so far; a frame started after the last of them is timed from its start.
+        self.frames_taken = 0
+        self._frame_started: float | None = None
+        self._frame_number = 0  # frames_taken when the frame under way started
+        self._frame_deadline: asyncio.TimerHandle | None = None
+        self._frame_overdue = False  # closed for frame_timeout: already logged
         self._answers: deque[_Answer] = deque()
         self._stray_reported = 0  # decoder.stray_bytes already handed to the listener
         self._unframed_reported = 0
@@ -162,6 +170,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         peername = transport.get_extra_info("peername")
+        self.peername = peername
         if peername:
             self.host = str(peername[0])
             self.peer = f"{peername[0]}:{peername[1]}"
@@ -180,10 +189,11 @@ class _Connection(asyncio.Protocol):
         self.listener.opened(self)  # may close it at once (max_connections_per_peer)
         log.debug("MLLP connection from %s on %s", self.peer, config.name)
         if self._tls is not None and not transport.is_closing():
+            timeout = listener_tls.HANDSHAKE_TIMEOUT
             self._handshake_deadline = asyncio.get_running_loop().call_later(
-                TLS_HANDSHAKE_TIMEOUT,
+                timeout,
                 self._handshake_failed,
-                TimeoutError(f"no handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"),
+                TimeoutError(f"no handshake within {timeout:g} s"),
             )
 
     def _cancel_handshake_deadline(self) -> None:
@@ -194,7 +204,7 @@ class _Connection(asyncio.Protocol):
     def _handshake_failed(self, err: BaseException) -> None:
         assert self._tls is not None
         self._cancel_handshake_deadline()
-        self.listener.handshake_failed(self, err)
+        self.listener.handshake_failures.failed(self.peername, err)
         self._tls.abort()
 
     def _tls_received(self, tls: _TlsTransport, data: bytes) -> None:
@@ -225,11 +235,57 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        taken = self.frames_taken
         if self._tls is not None:
             self._tls_received(self._tls, data)
         else:
             self._frames_received(data)
+        self._time_frames(taken)
+
+    def _time_frames(self, taken: int) -> None:
+        """After a read: a frame read whole or under way is activity (bytes outside any frame
+        are not), and a frame under way must end within frame_timeout of its start."""
+        mid_frame = self.decoder.mid_frame
+        if not (mid_frame or self.frames_taken != taken):
+            self._frame_started = None
+            return
+        now = time.monotonic()
+        self.last_activity = now
+        if not mid_frame or self.closing:
+            self._frame_started = None
+            return
+        if self._frame_started is None or self._frame_number != self.frames_taken:
+            self._frame_started = now  # a frame after the one timed before (or the first)
+            self._frame_number = self.frames_taken
+        timeout = self.listener.config.frame_timeout
+        if timeout and self._frame_deadline is None:
+            loop = asyncio.get_running_loop()
+            self._frame_deadline = loop.call_later(timeout, self._check_frame_deadline)
+
+    def _check_frame_deadline(self) -> None:
+        """Close a connection whose frame under way is past frame_timeout: the frames before
+        it are answered first; it is not (it never ended), so the sender resends it whole."""
+        self._frame_deadline = None
+        started = self._frame_started
+        if (
+            started is None
+            or self.closing
+            or not self.decoder.mid_frame
+            or self._frame_number != self.frames_taken  # it ended (an <FS> taken as the end)
+        ):
+            return
+        now = time.monotonic()
+        if self._reading_paused:  # the hub is not reading: its time does not count
+            started = self._frame_started = now
+        left = started + self.listener.config.frame_timeout - now
+        if left > 0:  # a later frame than the one the deadline was set for, or paused
+            loop = asyncio.get_running_loop()
+            self._frame_deadline = loop.call_later(left, self._check_frame_deadline)
+            return
+        self._frame_started = None
+        self._frame_overdue = True
+        self.listener.frame_overdue(self)
+        self.stop()
 
     def _frames_received(self, data: bytes) -> None:
         if self.closing:
@@ -256,6 +312,7 @@ class _Connection(asyncio.Protocol):
         return bool(self._answers)
 
     def _take(self, events: list[Frame | OversizeFrame | BrokenFrame]) -> None:
+        self.frames_taken += len(events)
         for event in events:
             answer = _Answer()
             self._answers.append(answer)
@@ -280,11 +337,14 @@ class _Connection(asyncio.Protocol):
         if self._lone_end is not None:
             self._lone_end.cancel()
             self._lone_end = None
+        if self._frame_deadline is not None:
+            self._frame_deadline.cancel()
+            self._frame_deadline = None
         if self._handshake_deadline is not None:  # reset mid-handshake
             self._handshake_failed(exc or ConnectionResetError("closed during the TLS handshake"))
         if exc is not None:
             log.info("MLLP connection from %s ended: %s", self.peer, exc.__class__.__name__)
-        if self.decoder.mid_frame:
+        if self.decoder.mid_frame and not self._frame_overdue:  # that one is logged, rated
             log.warning(
                 "MLLP peer %s left mid-frame; %d unacknowledged bytes dropped",
                 self.peer,
@@ -392,8 +452,11 @@ class MLLPListener:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self.connections_total = 0
-        self.handshakes_failed = 0
-        self._handshake_reported: dict[str, float] = {}
+        #: Failed TLS handshakes, logged per peer address.
+        self.handshake_failures = HandshakeFailures(f"MLLP listener {config.name}", log)
+        #: Connections closed with a frame under way past frame_timeout.
+        self.frames_timed_out = 0
+        self._frame_reports = PeerReports()
         self.bytes_outside_frames = 0
         self._outside_frames_reported: dict[str, float] = {}
 
@@ -405,8 +468,13 @@ class MLLPListener:
     def open_connections(self) -> int:
         return len(self._connections)
 
+    @property
+    def handshakes_failed(self) -> int:
+        return self.handshake_failures.count
+
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
+        report_accept_failures(loop)
         self._server = await loop.create_server(
             lambda: _Connection(self),
             self.config.host,
@@ -457,24 +525,22 @@ class MLLPListener:
             self._shed_reported_at = now
             self._shed_since_report = 0
 
-    def handshake_failed(self, connection: _Connection, err: BaseException) -> None:
-        """One WARNING per peer address a minute, naming why: a certificate from another CA,
-        no certificate where one is required, plain TCP to the TLS port, a timeout."""
-        self.handshakes_failed += 1
-        now = time.monotonic()
-        last = self._handshake_reported.get(connection.host)
-        if last is not None and now - last < HANDSHAKE_REPORT_EVERY:
+    def frame_overdue(self, connection: _Connection) -> None:
+        """One WARNING per peer address a minute for connections closed with a frame that did
+        not end in time. Never the frame's bytes: they may be part of a message."""
+        self.frames_timed_out += 1
+        times = self._frame_reports.due(connection.host)
+        if not times:
             return
-        self._handshake_reported[connection.host] = now
-        reason = getattr(err, "reason", None) or str(err) or type(err).__name__
-        if isinstance(err, TimeoutError):
-            reason = f"no handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
         log.warning(
-            "MLLP listener %s: TLS handshake with %s failed (%s); later failures from this "
-            "address are logged at most once a minute",
+            "MLLP listener %s: closed the connection from %s: a frame started %g s ago has not "
+            "ended (frame_timeout), %d byte(s) of it read, unanswered; %d closed from this "
+            "address since the last line, logged at most once a minute per address",
             self.config.name,
             connection.peer,
-            reason,
+            self.config.frame_timeout,
+            connection.decoder.pending_bytes,
+            times,
         )
 
     def bytes_outside_frames_ignored(

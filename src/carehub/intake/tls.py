@@ -1,13 +1,20 @@
 """TLS contexts: server side for the MLLP and HTTP listeners (requiring client certificates
-when given a CA to check them against) and client side; failed handshakes, logged per peer."""
+when given a CA to check them against) and client side; failed handshakes, logged per peer.
+
+Also what both listeners log about their connections in the same way: per peer address at most
+once a minute (PeerReports), and a process out of file descriptors once a minute
+(report_accept_failures), so that no peer can turn the log into a flood."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from carehub.config import TLSConfig
 from carehub.errors import ConfigError
@@ -19,11 +26,12 @@ READABLE_BY_OTHERS = 0o044
 
 #: Seconds a TLS client has to finish its handshake.
 HANDSHAKE_TIMEOUT = 30.0
-#: Seconds between log lines about failed TLS handshakes from one peer address.
-HANDSHAKE_REPORT_EVERY = 60.0
-#: Peer addresses whose last report is remembered before the ones older than
-#: HANDSHAKE_REPORT_EVERY are forgotten (a scan from many addresses must not grow it forever).
-HANDSHAKE_REPORTS_KEPT = 1024
+#: Seconds between log lines about one peer address (failed TLS handshakes, connections
+#: refused or timed out, failed bearer tokens), and about failed accepts.
+REPORT_EVERY = 60.0
+#: Peer addresses whose last report is remembered before the ones older than REPORT_EVERY are
+#: forgotten (a scan from many addresses must not grow it forever).
+REPORTS_KEPT = 1024
 
 #: Names a setting under a listener's ``tls`` for an error, given its key (none for ``tls``
 #: itself), as other config errors do: ``carehub.yaml:21: listeners.mllp[0].tls.cert``
@@ -103,6 +111,31 @@ def client_context(
     return context
 
 
+class PeerReports:
+    """When to log something a peer address did: the first time, then at most once every
+    REPORT_EVERY seconds per address, saying how many times it happened meanwhile."""
+
+    def __init__(self) -> None:
+        #: Per address: when it was last logged, and how often it happened since.
+        self._seen: dict[str, list[float]] = {}
+
+    def due(self, host: str) -> int:
+        """0 when this time is not to be logged; else how many times it happened from ``host``
+        since its last line, this one included."""
+        now = time.monotonic()
+        entry = self._seen.get(host)
+        if entry is not None and now - entry[0] < REPORT_EVERY:
+            entry[1] += 1
+            return 0
+        count = 1 + (int(entry[1]) if entry is not None else 0)
+        if entry is None and len(self._seen) >= REPORTS_KEPT:
+            self._seen = {h: e for h, e in self._seen.items() if now - e[0] < REPORT_EVERY}
+            if len(self._seen) >= REPORTS_KEPT:  # that many addresses within the minute
+                self._seen.clear()
+        self._seen[host] = [now, 0]
+        return count
+
+
 class HandshakeFailures:
     """Failed TLS handshakes on one listener: counted, and logged as a WARNING naming the
     listener, the peer and why (a certificate from another CA or expired, none where one is
@@ -111,24 +144,17 @@ class HandshakeFailures:
     alone: nothing of the certificate itself."""
 
     def __init__(self, listener: str, logger: logging.Logger = log) -> None:
-        self.listener = listener  # "HTTP listener http"
+        self.listener = listener  # "HTTP listener http", "MLLP listener adt"
         self.count = 0
         self._log = logger
-        self._reported: dict[str, float] = {}
+        self._reports = PeerReports()
 
     def failed(self, peername: object, err: BaseException) -> None:
         """One more failure from ``peername`` (the socket's, (host, port, ...) or None)."""
         self.count += 1
-        host, peer = _peer(peername)
-        now = time.monotonic()
-        last = self._reported.get(host)
-        if last is not None and now - last < HANDSHAKE_REPORT_EVERY:
+        host, peer = peer_names(peername)
+        if not self._reports.due(host):
             return
-        if len(self._reported) >= HANDSHAKE_REPORTS_KEPT:
-            self._reported = {
-                h: t for h, t in self._reported.items() if now - t < HANDSHAKE_REPORT_EVERY
-            }
-        self._reported[host] = now
         self._log.warning(
             "%s: TLS handshake with %s failed (%s); later failures from this address are "
             "logged at most once a minute",
@@ -154,8 +180,67 @@ def handshake_failure_reason(err: BaseException) -> str:
     return type(err).__name__
 
 
-def _peer(peername: object) -> tuple[str, str]:
-    """The peer's address, and its address and port, as the log names them."""
+def peer_names(peername: object) -> tuple[str, str]:
+    """The peer's address, and its address and port, as the log names them, from a socket's
+    peername ((host, port, ...) or None)."""
     if isinstance(peername, tuple) and len(peername) >= 2:
         return str(peername[0]), f"{peername[0]}:{peername[1]}"
     return "?", "an unknown peer"
+
+
+#: What asyncio's accept loop says when the process has no file descriptor left for a new
+#: connection (EMFILE, ENFILE) or the kernel no memory for it.
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+def report_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """Log failed accepts on ``loop`` as one WARNING a minute instead of asyncio's ERROR with a
+    traceback per attempt: its accept loop retries every pending connection each time the
+    listening socket is ready, so a process out of file descriptors wrote hundreds of
+    thousands of lines a minute. Other exceptions go to the handler that was there."""
+    previous = loop.get_exception_handler()
+    if isinstance(previous, _AcceptFailures):
+        return
+    loop.set_exception_handler(_AcceptFailures(previous))
+
+
+class _AcceptFailures:
+    """The loop's exception handler while the listeners run (report_accept_failures)."""
+
+    def __init__(self, previous: Callable[..., object] | None) -> None:
+        self._previous = previous
+        self._reports = PeerReports()
+        self.count = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        err = context.get("exception")
+        if context.get("message") != _ACCEPT_FAILED or not isinstance(err, OSError):
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.count += 1
+        address = _socket_address(context.get("socket"))
+        times = self._reports.due(address)
+        if not times:
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.warning(
+            "cannot accept connections on %s: %s (open-file limit %s, ulimit -n); %d failed "
+            "accept(s) since the last line; new connections wait until connections close. "
+            "Lower the listeners' connection limits or raise the limit; logged at most once "
+            "a minute",
+            address,
+            err.strerror or err,
+            "unlimited" if soft == resource.RLIM_INFINITY else soft,
+            times,
+        )
+
+
+def _socket_address(sock: object) -> str:
+    try:
+        name = sock.getsockname()  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "a listening socket"
+    return peer_names(name)[1]
