@@ -58,13 +58,27 @@ def only_known_plugins() -> Iterator[None]:
         yield
 
 
+#: The sample routes' destinations, which have no default: by default the suite sends them
+#: where nobody answers (port 9 of this machine, which only a privileged account could take;
+#: https, so no warning about sending in clear), and a test that looks at what they receive
+#: points them at its own stand-ins (tests.test_care_e2e.point_sample_at).
+SAMPLE_DESTINATIONS = {
+    "CARE_PLATFORM_URL": "https://127.0.0.1:9/care-events",
+    "SMS_GATEWAY_URL": "https://127.0.0.1:9/messages",
+    "CARE_FHIR_URL": "https://127.0.0.1:9/fhir",
+    "CBO_FHIR_URL": "https://127.0.0.1:9/fhir",
+}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sample_routes_environment() -> Iterator[None]:
-    """What the sample routes need to run against the suite's stand-ins, as `carehub demo`
-    sets it: a signing key of the suite's own ($CARE_PLATFORM_SECRET, without which they do
-    not load), and plain SMTP to the mail stand-ins on 127.0.0.1 (the sample requires
-    STARTTLS by default)."""
+    """What the sample routes need to load and run against the suite's stand-ins, as
+    `carehub demo` sets it: a signing key of the suite's own ($CARE_PLATFORM_SECRET, without
+    which they do not load), their destinations' URLs (SAMPLE_DESTINATIONS), and plain SMTP
+    to the mail stand-ins on 127.0.0.1 (the sample requires STARTTLS by default)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CARE_PLATFORM_SECRET", "suite-stand-in-signing-key")
         patch.setenv("SMTP_STARTTLS", "false")
+        for name, url in SAMPLE_DESTINATIONS.items():
+            patch.setenv(name, url)
         yield

@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from carehub.config import HubConfig
 
@@ -76,9 +78,13 @@ class HTTPServer:
 
     Every POST to any path is recorded on arrival, then answered with ``respond(request)``
     (200 by default) after ``delay`` seconds (a number, or a function of the request). Both may
-    be changed while the server runs, e.g. to let a failing destination recover."""
+    be changed while the server runs, e.g. to let a failing destination recover. With ``gzip``
+    every answer is gzipped when the request's Accept-Encoding lists gzip, as HAPI FHIR and
+    most web servers do."""
 
-    def __init__(self, respond: Responder | None = None, delay: Delay = 0.0) -> None:
+    def __init__(
+        self, respond: Responder | None = None, delay: Delay = 0.0, *, gzip: bool = False
+    ) -> None:
         self.respond: Responder = respond or (lambda _: 200)
         self.delay: Delay = delay
         self._lock = threading.Lock()
@@ -108,7 +114,9 @@ class HTTPServer:
                 return Response(status_code=status)
             return PlainTextResponse(f"test server says {status}", status)
 
-        app = Starlette(routes=[Route("/{path:path}", record, methods=["POST"])])
+        app: ASGIApp = Starlette(routes=[Route("/{path:path}", record, methods=["POST"])])
+        if gzip:
+            app = GZipMiddleware(app, minimum_size=0)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]

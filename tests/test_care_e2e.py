@@ -7,7 +7,6 @@ mail server, in the store and through `carehub encounters` / `carehub followups`
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -35,7 +33,10 @@ from tests.helpers_smtp import Mailbox, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CARE_ROUTE = "care-transitions"
-DEFAULT_URL = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-(https?://[^}]*)\}")
+#: A route option that takes a destination's URL from a variable: ``url: ${SMS_GATEWAY_URL}``.
+URL_VARIABLE = re.compile(r"^\s*(?:url|base_url):\s*\$\{([A-Za-z_][A-Za-z0-9_]*)\}", re.M)
+#: The path each sample destination is reached at on the HTTP stand-in.
+STAND_IN_PATHS = {"CARE_PLATFORM_URL": "/care-events", "SMS_GATEWAY_URL": "/messages"}
 CONFIG = PROJECT_ROOT / "config"
 FEEDS = sorted((CONFIG / "feeds").glob("*.hl7"))
 
@@ -123,13 +124,10 @@ def point_sample_at(
     monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("SMTP_PORT", str(smtp_port))
     monkeypatch.setenv("SMTP_STARTTLS", "false")
-    monkeypatch.setenv("SMS_GATEWAY_URL", http.url("/messages"))
-    monkeypatch.setenv("CARE_PLATFORM_URL", http.url("/care-events"))
     monkeypatch.setenv("CAREHUB_OUTBOX", str(outbox))
     for route_file in (folder / "routes").glob("*.yaml"):
-        for name, url in DEFAULT_URL.findall(route_file.read_text(encoding="utf-8")):
-            if name not in os.environ:
-                monkeypatch.setenv(name, http.url(urlsplit(url).path or "/"))
+        for name in URL_VARIABLE.findall(route_file.read_text(encoding="utf-8")):
+            monkeypatch.setenv(name, http.url(STAND_IN_PATHS.get(name, "/fhir")))
 
 
 @pytest.fixture

@@ -88,9 +88,11 @@ routes:
               port: {smtp_port}
               starttls: false
               sender: {sender}
+              allow_cleartext: true
             sms:
               channel: sms
               url: {sms_url}
+              allow_cleartext: true
           detail: {{email: full, sms: minimum}}
           digest_hour: {digest_hour}
           coordinator_roles: [care_coordinator]

@@ -1,8 +1,9 @@
 """Patient data that would leave unprotected is told at start, not found later: one WARNING per
-destination on another machine sent to in clear or without checking the server (`serve` and
-`routes check` alike, a real `carehub` process each), one for an MLLP TLS listener that takes
-any client, and a webhook signing key that anyone could know is refused. The shipped sample
-requires STARTTLS and a signing key of the site's own."""
+destination on another machine sent to in clear or without checking the server, and per one on
+this machine sent to in clear on a port any local account may bind unless it says
+``allow_cleartext: true`` (`serve` and `routes check` alike, a real `carehub` process each),
+one for an MLLP TLS listener that takes any client, and a webhook signing key that anyone could
+know is refused. The shipped sample requires STARTTLS and a signing key of the site's own."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ routes:
       - forward: {channel: mllp, name: local-ehr, host: localhost, port: 2575}
       - forward: {channel: mllp, name: tls-ehr, host: ehr.example.org, port: 2576, tls: true}
       - forward: {channel: fhir-notification, name: plain-fhir, base_url: "http://fhir.example.org/fhir"}
-      - forward: {channel: fhir-notification, name: local-fhir, base_url: "http://[::1]:8088/fhir"}
+      - forward: {channel: fhir-notification, name: local-fhir, base_url: "http://[::1]:8088/fhir", allow_cleartext: true}
       - forward: {channel: email, name: plain-mail, host: smtp.example.org, starttls: false, sender: hub@example.org, to: desk@example.org}
       - forward: {channel: email, name: unverified-mail, host: smtp.example.org, validate_certs: false, sender: hub@example.org, to: desk@example.org}
       - forward: {channel: email, name: local-mail, host: 127.0.0.1, starttls: false, sender: hub@example.org, to: desk@example.org}
@@ -44,7 +45,19 @@ routes:
       - forward: {channel: sms, name: plain-sms, url: "http://sms.example.org/send", to: "+15555550100"}
 """  # noqa: E501
 
-#: Destination -> what its line must say; every other destination has no line.
+
+def unprivileged_port_start() -> int:
+    """The lowest port any account may bind here: Linux's setting, else 1024 as on the BSDs;
+    macOS and Windows reserve none."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip())
+    except (OSError, ValueError):
+        return 0 if sys.platform in ("darwin", "win32") else 1024
+
+
+#: Destination -> what its line must say; every other destination has no line. On this
+#: machine, each port any local account may bind has one (LOCAL), but local-fhir's: it says
+#: allow_cleartext.
 EXPECTED = {
     "outward/unverified-platform": "https://platform.example.org with verify_tls: false",
     "outward/plain-platform": "http://platform.example.org:8080 in clear (http://, no TLS)",
@@ -54,6 +67,27 @@ EXPECTED = {
     "outward/unverified-mail": "smtp.example.org:587 with validate_certs: false",
     "outward/plain-sms": "http://sms.example.org in clear (http://, no TLS)",
 }
+LOCAL = {
+    "outward/local-platform": (
+        8085,
+        "http://127.0.0.1:8085 in clear (http://, no TLS) on this machine: any local user who "
+        "binds port 8085 while its receiver is not listening receives what it sends; use "
+        "https://, or set allow_cleartext: true on this destination",
+    ),
+    "outward/local-ehr": (
+        2575,
+        "localhost:2575 over MLLP in clear (no tls: true) on this machine: any local user who "
+        "binds port 2575 while its receiver is not listening receives what it sends; set "
+        "tls: true, or set allow_cleartext: true on this destination",
+    ),
+    "outward/local-mail": (
+        587,
+        "SMTP server 127.0.0.1:587 in clear (starttls: false, no use_tls) on this machine",
+    ),
+}
+EXPECTED.update(
+    {name: words for name, (port, words) in LOCAL.items() if port >= unprivileged_port_start()}
+)
 
 
 def project(folder: Path, routes: str = ROUTES) -> Path:

@@ -1409,7 +1409,13 @@ def routes_test(
     logging.getLogger("carehub.routing.router").setLevel(logging.ERROR)
     for label, result in zip(labels, dry_run_all(table, host, payloads), strict=True):
         if as_json:
-            click.echo(json.dumps({"file": label, **result_as_json(result)}, default=str))
+            from carehub.display import masked_metadata
+
+            shown = result_as_json(result)
+            for route in shown["routes"]:
+                for delivery in route["deliveries"]:
+                    delivery["metadata"] = masked_metadata(delivery["metadata"])
+            click.echo(json.dumps({"file": label, **shown}, default=str))
         else:
             from carehub.display import show_dry_run
 

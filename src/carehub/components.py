@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from carehub.config import without_password
 from carehub.hl7.view import MessageView
 
 if TYPE_CHECKING:
@@ -265,7 +266,11 @@ class DeliveryError(Exception):
 
     ``retry_after`` is how many seconds the destination asked carehub to wait before trying
     again (HTTP ``Retry-After``): the next attempt comes no sooner, up to the destination's
-    ``retry.max_delay``."""
+    ``retry.max_delay``.
+
+    Both texts pass through carehub.config.without_password: a channel's error names its URL,
+    which may carry a password or a ``?access_token=``, and what is said here is logged and
+    kept in the store."""
 
     def __init__(
         self,
@@ -276,7 +281,8 @@ class DeliveryError(Exception):
         retry_after: float | None = None,
     ) -> None:
         self.own_words_only = said is not _NOT_SAID
-        said = None if said is _NOT_SAID else said
+        said = None if said is _NOT_SAID or said is None else without_password(said)
+        message = without_password(message)
         super().__init__(f"{message}: {said}" if said else message)
         self.retryable = retryable
         self.message = message
@@ -340,12 +346,16 @@ class Channel(Component):
     limit_per_destination: ClassVar[bool] = True
 
     def unprotected_transport(self) -> str | None:
-        """How what this channel sends could be read or altered on its way to a destination
-        on another machine (sent in clear, or to a server whose certificate is not checked),
-        naming the option that makes it so; None when it is protected, or the destination is
-        on this machine (see on_this_machine). Routes' start logs one WARNING per destination
-        that says so, and `routes check` prints it: patient data must not leave in clear
-        without a word. A channel that sends over the network says; the default says nothing."""
+        """How what this channel sends could be read or altered on its way (sent in clear, or
+        to a server whose certificate is not checked), naming the option that makes it so;
+        None when it is protected. A destination on this machine (see on_this_machine) sent
+        to in clear is said too when any local account may bind its port, since whoever does
+        while the receiver is not listening gets what is sent: see
+        carehub.builtins.http_channel.cleartext_on_this_machine, whose answer the
+        destination's ``allow_cleartext: true`` silences. Routes' start logs one WARNING per
+        destination that says so, and `routes check` prints it: patient data must not go
+        unprotected without a word. A channel that sends over the network says; the default
+        says nothing."""
         return None
 
     def render(self, work: Work, idempotency_key: str) -> Outgoing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import socket
@@ -98,6 +99,8 @@ class CarePlatform:
 
     def __init__(self) -> None:
         self._environment_before: dict[str, str | None] = {}
+        #: How the start warnings name the stand-ins (see OwnStandIns); set by start().
+        self.addresses: tuple[str, ...] = ()
         self.received: list[dict[str, Any]] = []
         self.texts: list[dict[str, Any]] = []
         self.mail: list[EmailMessage] = []
@@ -161,6 +164,7 @@ class CarePlatform:
     async def start(self) -> None:
         host, port = await self.listener.start()
         self.smtp.start()
+        self.addresses = (f"http://{host}:{port} ", f"SMTP server 127.0.0.1:{self.smtp.port} ")
         self._environment_before = set_environment(
             {
                 "CARE_PLATFORM_URL": f"http://{host}:{port}/care-events",
@@ -178,6 +182,22 @@ class CarePlatform:
         self.smtp.stop()
         await self.listener.stop()
         restore_environment(self._environment_before)
+
+
+class OwnStandIns(logging.Filter):
+    """Leaves out the start warnings about sending in clear to the demo's own stand-ins on
+    this machine: they hold their ports from before the hub starts until after it stops, so
+    no other account can take them meanwhile. Any other warning is kept."""
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        super().__init__()
+        self.addresses = addresses
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (
+            "on this machine: any local user" in text and any(a in text for a in self.addresses)
+        )
 
 
 def set_environment(values: dict[str, str]) -> dict[str, str | None]:
@@ -256,7 +276,13 @@ async def _run_hub(
 ) -> int:
     """The hub's part of the demo, with its stand-ins running."""
     hub = Hub(_demo_config(config_path), data_dir)
-    bound = await hub.start()
+    own = OwnStandIns(platform.addresses)
+    table_log = logging.getLogger("carehub.routing.table")
+    table_log.addFilter(own)
+    try:
+        bound = await hub.start()
+    finally:
+        table_log.removeFilter(own)
     try:
         console.print("[bold]carehub demo[/bold]: the hub on the embedded default")
         console.print("  SQLite store, in-process queue and worker, one process")

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -292,6 +293,15 @@ def message_json(
     }
 
 
+def masked_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A delivery's metadata as it may be printed: channels record where they send
+    (``destination``: a FHIR server's URL), which may carry a password or an access token."""
+    return {
+        key: without_password(value) if isinstance(value, str) else value
+        for key, value in metadata.items()
+    }
+
+
 def _delivery_json(
     delivery: DeliveryRecord, attempts: list[AttemptRow], payloads: bool
 ) -> dict[str, Any]:
@@ -317,7 +327,7 @@ def _delivery_json(
         "accepted_at": delivery.accepted_at.isoformat() if delivery.accepted_at else None,
         "content_type": delivery.content_type,
         "size": len(delivery.payload),
-        "metadata": delivery.metadata,
+        "metadata": masked_metadata(delivery.metadata),
         "attempt_log": [
             {
                 "number": attempt.number,

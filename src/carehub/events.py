@@ -39,10 +39,13 @@ __all__ = [
     "Referral",
     "date_as_sent",
     "event_kind",
+    "facility_code",
     "has_time",
+    "identifier_scope",
     "is_national_id",
     "parse_hl7_date",
     "parse_hl7_datetime",
+    "scoped_identifier",
 ]
 
 EventKind = Literal[
@@ -312,6 +315,25 @@ class Identifier(_Model):
     type_code: str | None = None  # HL7 table 0203: MR, SS, MB, VN, AN, NPI ...
 
 
+def facility_code(hd: str | None, component: str = "^") -> str | None:
+    """The code of a facility sent as an HD (MSH-4: namespace id^universal id^type): its
+    namespace id, else its universal id; None when it names nothing."""
+    if not hd:
+        return None
+    namespace, _, rest = hd.partition(component)
+    universal = rest.partition(component)[0]
+    return namespace.strip() or universal.strip() or None
+
+
+def scoped_identifier(identifier: Identifier, scope: str | None) -> Identifier:
+    """``identifier`` with ``scope`` (the sending facility's code) as its authority when the
+    sender gave none: an MRN or a visit number without an assigning authority is only unique
+    within the facility that sent it, so two hospitals' 55501 stay two patients."""
+    if identifier.authority or not scope:
+        return identifier
+    return identifier.model_copy(update={"authority": scope})
+
+
 #: HL7 table 0203 identifier types that are a person's national identifier: SS (Social
 #: Security number), NI (national unique individual identifier), and NNxxx (national person
 #: identifier, xxx an ISO 3166 country code) below.
@@ -417,8 +439,13 @@ class Patient(_Model):
     #: The identifier the store keys this patient on (visits, referrals, the roster), chosen
     #: from every PID-3 repetition as ``primary`` is when national identifiers are kept, so a
     #: patient known only by an SSN is still tracked, and keys do not move when national
-    #: identifiers are left out of what is sent. Never sent: not part of the event's JSON.
+    #: identifiers are left out of what is sent. One sent without an assigning authority has
+    #: the sending facility's code (MSH-4) as its authority (see scoped_identifier). Never
+    #: sent: not part of the event's JSON.
     key: Identifier | None = Field(default=None, exclude=True)
+    #: ``key`` as sent, when the sending facility gave it its authority: what the store keyed
+    #: this patient on before, so visits recorded then are still found. Never sent.
+    unscoped_key: Identifier | None = Field(default=None, exclude=True)
     account_number: Identifier | None = None  # PID-18
     name: HumanName | None = None
     birth_date: DateAsSent | None = None
@@ -426,6 +453,12 @@ class Patient(_Model):
     address: Address | None = None
     phone: str | None = None
     pcp: Practitioner | None = None  # PD1-4, else ROL PP/PCP, else PRD PP
+
+
+def identifier_scope(event: CareEvent | None) -> str | None:
+    """What scopes the event's identifiers sent without an assigning authority: the sending
+    facility's code (MSH-4), as the translator scoped Patient.key."""
+    return facility_code(event.sending_facility) if event is not None else None
 
 
 def patient_key_identifier(patient: Patient | None) -> Identifier | None:
@@ -512,3 +545,6 @@ class CareEvent(_Model):
     merged_identifiers: list[Identifier] = Field(default_factory=list)  # MRG-1 of the first PID
     merges: list[Merge] = Field(default_factory=list)  # every PID/MRG pair (A40 may repeat)
     raw_version: str | None = None  # MSH-12
+    #: Fields the sender sent as the HL7 explicit null ``""``, meaning "delete the value"
+    #: (``patient.phone``, ``encounter.attending`` ...); a field left empty is only not sent.
+    cleared: list[str] | None = None

@@ -91,15 +91,31 @@ def validate_resource(resource: dict[str, Any]) -> None:
         raise ValueError(f"invalid FHIR {resource_type}: {problems}") from err
 
 
-def identifier_system(authority: str | None, systems: Mapping[str, str]) -> str:
+#: The base of the identifier systems carehub makes for assigning authorities a site has not
+#: mapped to a URI of their own. FHIR leaves a local identifier's system to its issuer, as a
+#: URL under a domain the issuer controls (or an OID); carehub controls none, so its default
+#: is under ``.invalid`` (RFC 2606: never a real domain), stable and unique to carehub until a
+#: site sets a base of its own (the fhir-notification option ``identifier_system_base``).
+LOCAL_SYSTEM_BASE = "https://carehub.invalid/id/"
+#: The base carehub used before: a URN in a namespace nobody registered (RFC 8141 wants one).
+#: What the referral channel still makes, since a referral's Task is found at the server by
+#: the identifiers it was sent with.
+URN_SYSTEM_BASE = "urn:carehub:id:"
+
+
+def identifier_system(
+    authority: str | None, systems: Mapping[str, str], base: str = URN_SYSTEM_BASE
+) -> str:
     """The Identifier.system for a v2 assigning authority (``RGH``), which is no URI: the
-    site's mapping, else ``urn:carehub:id:<authority>`` (``local`` when none was sent)."""
+    site's mapping, else ``<base><authority>`` (``local`` when none was sent and nothing
+    scopes the identifier: callers pass the sending facility for an MRN or a visit number
+    sent without an authority)."""
     name = (authority or "").strip() or "local"
-    return systems.get(name) or f"urn:carehub:id:{quote(name, safe='')}"
+    return systems.get(name) or f"{base}{quote(name, safe='')}"
 
 
 def practitioner_identifier(
-    person: Practitioner, systems: Mapping[str, str]
+    person: Practitioner, systems: Mapping[str, str], base: str = URN_SYSTEM_BASE
 ) -> dict[str, str] | None:
     """A clinician's id as an Identifier: the NPI system when the sender says it is one (id
     type NPI, or authority NPI or CMS), else the system of its assigning authority."""
@@ -107,7 +123,7 @@ def practitioner_identifier(
         return None
     authority = (person.id_authority or "").upper()
     is_npi = (person.id_type or "").upper() == "NPI" or authority in ("NPI", "CMS")
-    system = NPI if is_npi else identifier_system(person.id_authority, systems)
+    system = NPI if is_npi else identifier_system(person.id_authority, systems, base)
     return {"system": system, "value": person.id}
 
 
@@ -177,17 +193,85 @@ def stable_urn(seed: str, what: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'carehub:{seed}:{what}')}"
 
 
-def outcome_text(response: HttpAnswer, limit: int = 200) -> str:
-    """What went wrong, from an OperationOutcome's diagnostics when the server sent one, else
-    the start of the body."""
-    text = response.text[:4096]
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        body = json.loads(text)
-        if body.get("resourceType") == "OperationOutcome":
-            issues = [
-                i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
-                for i in body.get("issue") or []
-            ]
-            text = "; ".join(str(i) for i in issues if i) or text
+#: How much of a server's OperationOutcome a failed delivery keeps (in its last_error).
+OUTCOME_TEXT_LIMIT = 1000
+#: The most of one issue kept, so that one long diagnostics leaves room for the others.
+ISSUE_TEXT_LIMIT = 300
+#: OperationOutcome.issue.severity, the worst first: a server may list a note or a warning
+#: before the error that refused the request.
+SEVERITY_ORDER = ("fatal", "error", "warning", "information")
+
+
+def _one_line(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _issue_text(issue: Mapping[str, Any]) -> str | None:
+    """One issue as the elements it is about (``expression``, else the older ``location``)
+    and its words (``diagnostics``, else ``details``, else ``code``), after its severity
+    unless it is an error (fatal or error): ``Patient.name: minimum required = 1``."""
+    details = issue.get("details")
+    details = details if isinstance(details, dict) else {}
+    words = issue.get("diagnostics") or details.get("text")
+    codings = details.get("coding")
+    for coding in codings if isinstance(codings, list) else []:
+        if not words and isinstance(coding, dict):
+            words = coding.get("display") or coding.get("code")
+    words = words or issue.get("code")
+    paths = issue.get("expression") or issue.get("location")
+    where = ", ".join(str(p) for p in paths if p) if isinstance(paths, list) else ""
+    if not words and not where:
+        return None
+    severity = issue.get("severity")
+    if severity not in ("fatal", "error"):
+        label = str(severity or "issue")
+        where = f"{label} at {where}" if where else label
+    text = ": ".join(str(part) for part in (where, words) if part)
+    return _one_line(text, ISSUE_TEXT_LIMIT)
+
+
+def outcome_summary(outcome: Mapping[str, Any], limit: int = OUTCOME_TEXT_LIMIT) -> str | None:
+    """An OperationOutcome's issues on one line within ``limit`` characters, fatal and error
+    ones first (each kept to ISSUE_TEXT_LIMIT), counting those left out; None when it tells
+    nothing."""
+    issues = outcome.get("issue")
+    issues = [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
+    ranked = sorted(
+        issues,
+        key=lambda i: (
+            SEVERITY_ORDER.index(i.get("severity"))
+            if i.get("severity") in SEVERITY_ORDER
+            else len(SEVERITY_ORDER)
+        ),
+    )
+    texts = [text for text in map(_issue_text, ranked) if text]
+    if not texts:
+        return None
+    line = "; ".join(texts)
+    if len(line) <= limit:
+        return line
+    room = limit - len(f"; {len(texts)} more issues not shown")
+    kept = [texts[0]]
+    for text in texts[1:]:
+        if len("; ".join([*kept, text])) > room:
+            break
+        kept.append(text)
+    left = len(texts) - len(kept)
+    more = f"; {left} more issue{'s' if left > 1 else ''} not shown" if left else ""
+    return _one_line("; ".join(kept), max(room, 1)) + more
+
+
+def outcome_text(response: HttpAnswer, limit: int = OUTCOME_TEXT_LIMIT) -> str:
+    """What went wrong: the server's OperationOutcome summarised (outcome_summary) when it
+    sent one, else the start of the body."""
+    text = response.text
+    # A server's answer is not always what FHIR says it should be: whatever its shape, the
+    # delivery fails with the words it can show.
+    with contextlib.suppress(ValueError, TypeError, AttributeError, RecursionError):
+        body = json.loads(text)
+        if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+            summary = outcome_summary(body, limit)
+            if summary:
+                return summary
+    return _one_line(text[: 4 * limit], limit)

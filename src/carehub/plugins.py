@@ -68,7 +68,8 @@ OBSERVER_REPORT_SECONDS = 60.0
 
 #: Step keys carehub reads itself, by component kind: an Options field of one of these names
 #: would never receive the route's value (StepConfig.component pops ``use``; ForwardConfig
-#: takes ``channel``, ``name`` and ``retry`` before the channel sees its options).
+#: takes ``channel``, ``name``, ``retry`` and ``allow_cleartext`` before the channel sees its
+#: options).
 RESERVED_OPTION_KEYS: dict[str, frozenset[str]] = {
     "translator": frozenset({"use"}),
     "enricher": frozenset({"use"}),

@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -28,6 +29,7 @@ from pydantic_core import to_jsonable_python
 from carehub.components import Component
 from carehub.errors import CarehubError
 from carehub.plugins import PluginHost
+from carehub.routing.config import ForwardConfig
 
 #: Where the generated files go, relative to the repository.
 COMPONENTS_PAGE = "components.md"
@@ -351,6 +353,30 @@ def _markdown_prose(doc: str) -> list[str]:
     return out
 
 
+def _and(items: Iterable[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    listed = list(items)
+    return ", ".join(listed[:-1]) + f" and {listed[-1]}" if len(listed) > 1 else "".join(listed)
+
+
+#: The keys of a forward step that carehub reads itself (ForwardConfig), beside ``channel``:
+#: the same that plugins.RESERVED_OPTION_KEYS keeps channel options from using.
+FORWARD_OWN_KEYS = tuple(key for key in ForwardConfig.model_fields if key != "channel")
+
+
+def _forward_own_options() -> list[str]:
+    """The table of a forward's own keys, which every channel takes, and a notify step's
+    channels too (where the step gives ``name`` and ``retry``)."""
+    options = [o for o in option_docs(ForwardConfig) if o.name in FORWARD_OWN_KEYS]
+    return [
+        "Every forward also takes these, read by carehub itself; so does each channel of a",
+        "notify step, whose `name` and `retry` the step gives (`RetryPolicy` is described",
+        "under the notification steps):",
+        "",
+        *_markdown_table(options),
+    ]
+
+
 _KIND_TITLES = {
     "translator": "Translators",
     "enricher": "Enrichers",
@@ -360,7 +386,8 @@ _KIND_TITLES = {
 _KIND_STEPS = {
     "translator": "`translate: NAME` or `translate: {use: NAME, ...options}`",
     "enricher": "`enrich: NAME` or `enrich: {use: NAME, ...options}`",
-    "channel": "`forward: {channel: NAME, ...options}` (plus carehub's own `name` and `retry`)",
+    "channel": "`forward: {channel: NAME, ...options}` (plus carehub's own "
+    f"{_and(f'`{key}`' for key in FORWARD_OWN_KEYS)}, below)",
     "step": "`NAME: {...options}` (`notify: {...}`, `notify-referral: {...}`)",
 }
 
@@ -394,6 +421,8 @@ def render_markdown(docs: list[ComponentDoc]) -> str:
         if not chosen:
             continue
         lines += [f"## {title}", "", f"Route step: {_KIND_STEPS[kind]}.", ""]
+        if kind == "channel":
+            lines += _forward_own_options()
         for doc in chosen:
             lines += [f'<a id="{kind}-{doc.name}"></a>', "", f"### `{doc.name}`", ""]
             if doc.description:

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator, model_validator
 
 from carehub.builtins.http_channel import (
     HttpChannel,
+    cleartext_on_this_machine,
     finish_reading,
     http_url,
     read_some,
@@ -524,8 +525,14 @@ class MLLPChannel(Channel):
         return f"{self.options.host}:{self.options.port}"
 
     def unprotected_transport(self) -> str | None:
-        if self.options.tls or on_this_machine(self.options.host):
+        if self.options.tls:
             return None
+        if on_this_machine(self.options.host):
+            return cleartext_on_this_machine(
+                f"{self.address} over MLLP in clear (no tls: true)",
+                self.options.port,
+                "set tls: true",
+            )
         return (
             f"sends patient data to {self.address} over MLLP in clear (no tls: true): anyone "
             "on the network between can read it; set tls: true"

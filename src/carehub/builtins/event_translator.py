@@ -27,9 +27,11 @@ from carehub.events import (
     Practitioner,
     Referral,
     event_kind,
+    facility_code,
     is_national_id,
     parse_hl7_date,
     parse_hl7_datetime,
+    scoped_identifier,
 )
 from carehub.hl7.view import MessageView, unescape
 
@@ -71,6 +73,12 @@ class _Reader:
         if self.rep in value:
             value = value.split(self.rep, 1)[0]
         return value.split(self.comp)
+
+    @staticmethod
+    def is_null(fields: list[str], number: int) -> bool:
+        """Whether a field is the HL7 explicit null ``""`` ("delete the value"), unlike an
+        empty field, which only leaves the value out."""
+        return number < len(fields) and fields[number].strip() == '""'
 
     # -- leaves --------------------------------------------------------------------------
     # leaf() and text() run ~150 times a message, so they are written for speed, not reuse.
@@ -226,7 +234,7 @@ def _primary(identifiers: list[Identifier]) -> Identifier | None:
     return found or (identifiers[0] if identifiers else None)
 
 
-def _patient(r: _Reader, fields: list[str], keep_national_ids: bool) -> Patient:
+def _patient(r: _Reader, fields: list[str], keep_national_ids: bool, scope: str | None) -> Patient:
     every = r.cx_list(fields, 3, keep_national_ids=True)
     if not every:
         # Versions 2.1-2.3 often carry the external id in PID-2 only.
@@ -234,12 +242,16 @@ def _patient(r: _Reader, fields: list[str], keep_national_ids: bool) -> Patient:
     identifiers = every if keep_national_ids else [i for i in every if not is_national_id(i)]
     names = r.reps(fields, 5)
     legal = next((n for n in names if r.leaf(n.split(r.comp), 7) == "L"), names[0] if names else "")
+    # Keyed as before national identifiers were left out, so keys do not move and a patient
+    # known only by an SSN is still tracked; one without an assigning authority within the
+    # sending facility (Patient.key is never sent).
+    as_sent = _primary(every)
+    key = scoped_identifier(as_sent, scope) if as_sent is not None else None
     return Patient(
         identifiers=identifiers,
         primary=_primary(identifiers),
-        # Keyed as before national identifiers were left out, so keys do not move and a
-        # patient known only by an SSN is still tracked (Patient.key is never sent).
-        key=_primary(every),
+        key=key,
+        unscoped_key=as_sent if key is not as_sent else None,
         account_number=r.cx(r.first(fields, 18)),
         name=r.xpn(legal.split(r.comp)) if legal else None,
         birth_date=parse_hl7_date(r.leaf(r.first(fields, 7), 1)),
@@ -261,6 +273,23 @@ def _discharged_to(r: _Reader, comps: list[str]) -> tuple[str | None, str | None
         if second and parse_hl7_datetime(second) is None:
             name = second
     return code, name
+
+
+def _cleared(r: _Reader, fields: list[str], parts: dict[int, str]) -> list[str]:
+    """The fields of ``parts`` (number -> the event field it fills) sent as ``""``."""
+    return [name for number, name in parts.items() if r.is_null(fields, number)]
+
+
+#: The fields carehub keeps across a visit's messages whose explicit null it honours: PID-11
+#: and PID-13 (the patient's address and phone), PV1-7, PV1-8 and PV1-17 (the attending,
+#: referring and admitting doctors) and PV1-37 (where the patient was discharged to).
+_PID_NULLS = {11: "patient.address", 13: "patient.phone"}
+_PV1_NULLS = {
+    7: "encounter.attending",
+    8: "encounter.referring",
+    17: "encounter.admitting",
+    37: "encounter.discharged_to",
+}
 
 
 def _encounter(r: _Reader, fields: list[str], sending_facility: str | None) -> Encounter:
@@ -473,6 +502,14 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
     if occurred_at is None:
         occurred_at = parse_hl7_datetime(r.leaf(r.first(msh, 7), 1))
 
+    facility_field = r.field(msh, 4)
+    facility = r.hd(facility_field.split(r.comp), 1) if facility_field else None
+    sending_facility = view.get("MSH-4") or None
+    # What scopes an identifier sent without an assigning authority: read from MSH-4 as the
+    # event records it, as every later step reads it (carehub.events.identifier_scope).
+    scope = facility_code(sending_facility)
+    cleared: list[str] = []
+
     # Patient(s): the first PID is the event's patient; each MRG merges into the PID before it.
     patient: Patient | None = None
     merges: list[Merge] = []
@@ -481,10 +518,11 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
     for position in sorted(positions.get("PID", []) + positions.get("MRG", [])):
         fields = view.fields(position)
         if names[position] == "PID":
-            current = _patient(r, fields, keep_national_ids)
+            current = _patient(r, fields, keep_national_ids, scope)
             surviving, surviving_key = current.primary, current.key
             if patient is None:
                 patient = current
+                cleared += _cleared(r, fields, _PID_NULLS)
             continue
         prior_keys = r.cx_list(fields, 1, keep_national_ids=True)
         merges.append(
@@ -513,10 +551,10 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
         if pcp is not None:
             patient.pcp = pcp
 
-    facility_field = r.field(msh, 4)
-    facility = r.hd(facility_field.split(r.comp), 1) if facility_field else None
     pv1 = first("PV1")
     encounter = _encounter(r, pv1, facility) if pv1 is not None else None
+    if pv1 is not None:
+        cleared += _cleared(r, pv1, _PV1_NULLS)
     pv2 = first("PV2")
     if encounter is not None and pv2 is not None:
         admit_reason = r.first(pv2, 3)
@@ -543,7 +581,7 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
         occurred_at=occurred_at,
         # Whole-field text, exactly as MessageHeader (and so the store) records the sender.
         sending_application=view.get("MSH-3") or None,
-        sending_facility=view.get("MSH-4") or None,
+        sending_facility=sending_facility,
         patient=patient,
         encounter=encounter,
         diagnoses=diagnoses,
@@ -551,6 +589,7 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
         merged_identifiers=merges[0].prior_identifiers if merges else [],
         merges=merges,
         raw_version=r.leaf(r.first(msh, 12), 1),
+        cleared=cleared or None,
     )
 
 

@@ -1,5 +1,6 @@
 """What every channel that speaks HTTP shares: one connection pool per channel instance, URL
-option checks, and which answers are worth retrying.
+option checks, and which answers are worth retrying; and how a destination on this machine
+sent to in clear is told at start (the MLLP and email channels' too).
 
 The connections are aiohttp's (see HttpChannel for why not httpx's); URLs are checked with
 httpx, and connection errors are raised as httpx's exception classes, which the channels
@@ -11,9 +12,11 @@ import codecs
 import contextlib
 import json
 import math
+import sys
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +32,11 @@ from carehub.components import (
 from carehub.config import without_password
 
 USER_AGENT = "carehub"
+
+#: The most of an answer's body, once decompressed, that carehub reads (HttpAnswer.aread). The
+#: answers it reads whole (a FHIR transaction-response, a Task search, an OperationOutcome)
+#: are a few KiB; a gzip answer of 10 KiB can unpack to 10 MiB, one of 10 MiB to 10 GiB.
+MAX_ANSWER_BYTES = 10 * 1024 * 1024
 
 #: Besides the 5xx: timeout, too early, too many requests. Other 4xx will not get better.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -142,11 +150,15 @@ class HttpAnswer:
         return "utf-8"
 
     async def aread(self) -> bytes:
+        """The body, decompressed, up to MAX_ANSWER_BYTES; the rest is left unread (and its
+        connection closed), so an answer that unpacks to gigabytes costs no more memory."""
         if self._body is None:
-            try:
-                self._body = await self._response.read()
-            except (aiohttp.ClientError, TimeoutError) as err:
-                raise _as_httpx_error(err) from err
+            body = bytearray()
+            async for chunk in self.aiter_bytes():
+                body += chunk
+                if len(body) >= MAX_ANSWER_BYTES:
+                    break
+            self._body = bytes(body[:MAX_ANSWER_BYTES])
         return self._body
 
     async def aiter_bytes(self, chunk_size: int = 16 * 1024) -> AsyncIterator[bytes]:
@@ -168,14 +180,55 @@ class HttpAnswer:
         return json.loads(self._body or b"")
 
 
-def unprotected_http(url: str, verify_tls: bool = True) -> str | None:
-    """Channel.unprotected_transport for a destination at ``url``: plain http:// to another
-    machine, or https:// with ``verify_tls: false``. Only the scheme, host and port are named:
-    a URL's path or query may hold a secret."""
-    parsed = httpx.URL(url)
-    if on_this_machine(parsed.host):
+#: Linux's setting for the lowest port any account may bind (1024 unless lowered, as
+#: containers often do); ports below it need root or CAP_NET_BIND_SERVICE.
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+
+
+def unprivileged_port_start() -> int:
+    """The lowest port any local account may bind: Linux's setting, else 1024 as on the BSDs;
+    macOS and Windows reserve no ports."""
+    try:
+        return int(UNPRIVILEGED_PORT_START.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return 0 if sys.platform in ("darwin", "win32") else 1024
+
+
+class LocalCleartext(str):
+    """An unprotected_transport() answer for a destination on this machine sent to in clear
+    on a port any local account may bind. Loopback never leaves the machine, but whoever
+    binds the port while its receiver is not listening (not started yet, restarting, taken
+    down) receives what is sent. A destination's ``allow_cleartext: true`` accepts it (a
+    relay or TLS sidecar the site runs there); one on another machine is never accepted so."""
+
+
+def cleartext_on_this_machine(what: str, port: int, fix: str) -> LocalCleartext | None:
+    """Channel.unprotected_transport for a destination on this machine at ``port``, sent to
+    in clear: the words to warn with (``what`` names the destination and how it is sent in
+    clear, ``fix`` how to protect it), or None when only a privileged account could take
+    the port."""
+    if port < unprivileged_port_start():
         return None
+    return LocalCleartext(
+        f"sends patient data to {what} on this machine: any local user who binds port {port} "
+        f"while its receiver is not listening receives what it sends; {fix}, or set "
+        "allow_cleartext: true on this destination if its port is always the receiver's"
+    )
+
+
+def unprotected_http(url: str, verify_tls: bool = True) -> str | None:
+    """Channel.unprotected_transport for a destination at ``url``: plain http:// (to another
+    machine, or to a port of this one any local account may bind), or https:// with
+    ``verify_tls: false`` to another machine. Only the scheme, host and port are named: a
+    URL's path or query may hold a secret."""
+    parsed = httpx.URL(url)
     where = f"{parsed.scheme}://{parsed.netloc.decode('ascii', 'replace')}"  # no userinfo
+    if on_this_machine(parsed.host):
+        if parsed.scheme != "http":
+            return None
+        return cleartext_on_this_machine(
+            f"{where} in clear (http://, no TLS)", parsed.port or 80, "use https://"
+        )
     if parsed.scheme == "http":
         return (
             f"sends patient data to {where} in clear (http://, no TLS): anyone on the network "
@@ -223,7 +276,10 @@ class HttpChannel(Channel):
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
-            auto_decompress=False,
+            # aiohttp asks for what it can decode (gzip and deflate; br and zstd when their
+            # packages are installed), and servers such as HAPI FHIR compress whenever asked:
+            # answers are decoded as they are read, and read up to MAX_ANSWER_BYTES.
+            auto_decompress=True,
             headers={"User-Agent": USER_AGENT},
         )
 

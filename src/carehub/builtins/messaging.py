@@ -39,6 +39,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from carehub.builtins.http_channel import (
     HttpChannel,
+    cleartext_on_this_machine,
     finish_reading,
     http_url,
     read_some,
@@ -70,7 +71,10 @@ def summary_lines(work: Work) -> list[str]:
 
     Deliberately without patient names or identifiers: a plain forward has no care-team
     relationship, consent check or detail level behind it (the notify step has), and email and
-    SMS are not places to put PHI by default. The message id lets the reader look it up."""
+    SMS are not places to put PHI by default. The message id lets the reader look it up.
+
+    Each line is one line: a facility or control ID can hold a line break decoded from an
+    HL7 escape, which would otherwise start a line of the body that passes for a header."""
     message = work.message
     event = work.event
     message_type = "^".join(p for p in (message.message_type, message.trigger_event) if p)
@@ -280,7 +284,13 @@ class EmailChannel(Channel):
     def unprotected_transport(self) -> str | None:
         o = self.options
         if on_this_machine(o.host):
-            return None
+            if o.starttls or o.use_tls:
+                return None
+            return cleartext_on_this_machine(
+                f"SMTP server {self.address} in clear (starttls: false, no use_tls)",
+                o.port,
+                "set starttls: true or use_tls: true",
+            )
         if not (o.starttls or o.use_tls):
             return (
                 f"sends patient data to SMTP server {self.address} in clear (starttls: false, "

@@ -12,7 +12,13 @@ Rules (see docs on each handler for the reasons):
 - One encounter per visit, keyed by (patient key, visit key). The patient key is
   ``authority|id`` of the PID-3 identifier typed MR (else the first), the same format as the
   routing order key, resolved through ``patient_merges`` so a retired id follows its merge.
-  The visit key is ``authority|value`` of PV1-19.
+  The visit key is ``authority|value`` of PV1-19. An identifier sent without an assigning
+  authority has the sending facility's code (MSH-4) as its authority: two hospitals' 55501
+  are two patients. A visit stored under the bare keys (``|55501``) before that is still
+  found by its PV1-19 (or, without one, when it is at the facility the message names) and
+  goes on under them.
+- A field sent as the explicit null ``""`` (the event's ``cleared``) is deleted from the
+  visit's snapshot, where any other field a message leaves out is kept from earlier ones.
 - PV1-19 missing: the message joins the patient's most recently updated *open* encounter
   (registered, ed, admitted) at the facility in PV1-3.4, or at any facility when PV1-3.4 is
   empty (an A13 looks for a discharged one instead);
@@ -43,8 +49,10 @@ Rules (see docs on each handler for the reasons):
   one and is kept out of the state. Any other A08 merges quietly (``none``).
 - A02 -> ``transfer`` only when the patient class or the facility (PV1-3.4) changes; a unit,
   room or bed move is ``none`` but updates the location.
-- A03 -> ``discharge`` with PV1-45 (else the message time), PV1-36 and PV1-37; a discharge for
-  an unknown visit creates the encounter already discharged. A later A03 or A08 giving the
+- A03 -> ``discharge`` with PV1-45 (else the message time, kept in the snapshot as sent),
+  PV1-36 and PV1-37; a discharge for an unknown visit creates the encounter already
+  discharged, with no ``opened_at`` (PV1-44, else when the visit was first heard of, which
+  a discharge does not tell). A later A03 or A08 giving the
   discharged visit another disposition, destination or discharge time (PV1-45, as a moment)
   -> ``discharge_corrected`` (with ``previous_discharge``: what it replaces, the time too); a
   new disposition without PV1-37 clears the old destination.
@@ -63,7 +71,9 @@ Rules (see docs on each handler for the reasons):
   after the cancel), except after an A11 that came before anything it could cancel: that one
   is still waiting for its admission, and an admission of the same time is it.
 - A40 (and the other patient merges) -> ``merge``: each MRG-1 identifier's key is retired into
-  the surviving PID's key, its encounters are re-keyed, and later messages follow.
+  the surviving PID's key, its encounters are re-keyed (keeping the retired identifiers as
+  the snapshot's ``merged_identifiers``, which FHIR notifications name), and later messages
+  follow.
 - A28/A31 -> ``demographics``: the patient part of each open encounter's snapshot is updated.
 - Other ADT triggers (A05, A07, ...) merge quietly into the visit their PV1-19 names, and
   never create one or join one by the PV1-19 fallback.
@@ -99,6 +109,8 @@ from carehub.events import (
     Identifier,
     Location,
     display_name,
+    facility_code,
+    identifier_scope,
     patient_key_identifier,
 )
 from carehub.referrals.state import move_referrals_to_survivor
@@ -256,10 +268,11 @@ def _utc_iso(value: datetime | None) -> str | None:
     return _aware(value).astimezone(UTC).isoformat() if value is not None else None
 
 
-def visit_key(visit_number: Identifier) -> str:
+def visit_key(visit_number: Identifier, scope: str | None = None) -> str:
     """The visit part of the encounter key: PV1-19 with its assigning authority, because visit
-    numbers are only unique within the system that issued them."""
-    return f"{visit_number.authority or ''}|{visit_number.value}"
+    numbers are only unique within the system that issued them; one sent without an authority
+    is scoped by ``scope``, the sending facility (carehub.events.scoped_identifier)."""
+    return f"{visit_number.authority or scope or ''}|{visit_number.value}"
 
 
 def _location_text(location: Location | dict[str, Any] | None) -> str | None:
@@ -355,6 +368,18 @@ def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _clear(snapshot: dict[str, Any], cleared: list[str] | None) -> None:
+    """Take out of the visit's snapshot what the message sent as the explicit null ``""``
+    (the sender deleted it); a destination goes with its name."""
+    for path in cleared or ():
+        part, _, name = path.partition(".")
+        found = snapshot.get(part)
+        if isinstance(found, dict):
+            found.pop(name, None)
+            if name == "discharged_to":
+                found.pop("discharged_to_name", None)
+
+
 def _transition_from(output: dict[str, Any]) -> Transition:
     return Transition(
         kind=output["kind"],
@@ -375,6 +400,10 @@ def _patient_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
         "sex": patient.get("sex"),
         "identifiers": patient.get("identifiers") or [],
         "primary_identifier": patient.get("primary"),
+        # What scopes the identifiers sent without an assigning authority (MSH-4's code).
+        "identifier_scope": facility_code(snapshot.get("sending_facility")),
+        # The identifiers an A40 retired into this patient during the visit.
+        "replaced_identifiers": snapshot.get("merged_identifiers") or [],
         "account_number": patient.get("account_number"),
         "phone": patient.get("phone"),
         "address": patient.get("address"),
@@ -396,6 +425,7 @@ def _summary(
         "patient_key": rec.patient_key,
         "visit_key": rec.visit_key,
         "visit_number": (enc.get("visit_number") or {}).get("value"),
+        "visit_identifier": enc.get("visit_number"),
         "facility": rec.facility,
         "sending_facility": snap.get("sending_facility"),
         "location": rec.location,
@@ -407,7 +437,10 @@ def _summary(
         "treating_practitioner": practitioner,
         "treating_practitioner_name": display_name(practitioner, with_prefix=True),
         "admit_reason": enc.get("admit_reason"),
-        "admit_time": enc.get("admit_time") or _iso(rec.opened_at),
+        # PV1-44 as the sender gave it (with its offset), or nothing: when the first message
+        # about a visit came is not when it began, and opened_at as the store gives it back
+        # has lost its offset.
+        "admit_time": enc.get("admit_time"),
         "opened_at": _iso(rec.opened_at),
         "admitted_at": _iso(rec.admitted_at),
         "discharge_time": (enc.get("discharge_time") or _iso(rec.discharged_at))
@@ -794,7 +827,13 @@ class EncounterTracker:
             return self._merge(b, event, message_id, message_key, key)
         if event.kind == "demographics":
             return self._demographics(b, event, message_id, message_key, key)
-        return self._visit(b, event, message_id, message_key, key)
+        unscoped = event.patient.unscoped_key if event.patient is not None else None
+        legacy = (
+            self._resolve(b, make_patient_key(unscoped.value, None, message_id))
+            if unscoped is not None
+            else None
+        )
+        return self._visit(b, event, message_id, message_key, key, legacy)
 
     def _event_row(
         self,
@@ -817,27 +856,42 @@ class EncounterTracker:
 
     # -- visits -------------------------------------------------------------------------------
     def _find_visit(
-        self, b: _Backend, key: str, event: CareEvent, enc: Encounter, now: datetime
+        self,
+        b: _Backend,
+        key: str,
+        event: CareEvent,
+        enc: Encounter,
+        now: datetime,
+        legacy: str | None = None,
     ) -> tuple[EncounterRecord | None, str, dict[str, Any]]:
-        """The encounter a message belongs to: by PV1-19, else by the module's fallback."""
+        """The encounter a message belongs to: by PV1-19, else by the module's fallback.
+        ``legacy`` is the patient's key as sent, when the sending facility scoped it: a visit
+        recorded under the unscoped keys (before identifiers were scoped) is found there and
+        goes on under them."""
         trigger = event.trigger_event
+        scope = identifier_scope(event)
         if enc.visit_number is not None:
-            vk = visit_key(enc.visit_number)
+            vk = visit_key(enc.visit_number, scope)
             rec = b.get(key, vk)
             if rec is not None:
                 return rec, vk, {"visit_match": "visit_number"}
+            unscoped = visit_key(enc.visit_number)
+            if legacy is not None or unscoped != vk:
+                rec = b.get(legacy or key, unscoped)
+                if rec is not None:
+                    return rec, unscoped, {"visit_match": "visit_number"}
             prior = next((m.prior_visit_number for m in event.merges if m.prior_visit_number), None)
             if trigger == "A06" and prior is not None:
                 # MRG-5 without an authority is taken to share the new number's authority.
                 if prior.authority is None:
                     prior = prior.model_copy(update={"authority": enc.visit_number.authority})
-                old = b.get(key, visit_key(prior))
+                old = b.get(key, visit_key(prior, scope))
                 if old is not None:  # ED visit renumbered for the inpatient stay
                     old.visit_key = vk
                     return (
                         old,
                         vk,
-                        {"visit_match": "prior_visit", "renumbered_from": visit_key(prior)},
+                        {"visit_match": "prior_visit", "renumbered_from": visit_key(prior, scope)},
                     )
             return None, vk, {"visit_match": "visit_number"}
         if event.kind == "other":
@@ -847,6 +901,10 @@ class EncounterTracker:
         states = ("discharged",) if trigger == "A13" else OPEN_STATES
         facility = enc.location.facility if enc.location is not None else None
         candidates = b.of_patient(key, states, facility)
+        if not candidates and legacy is not None:
+            # The unscoped key may name another hospital's patient too: only a visit at the
+            # facility this message names (PV1-3.4, else MSH-4) is this patient's.
+            candidates = b.of_patient(legacy, states, facility or enc.facility)
         if candidates:
             rec = candidates[0]
             return rec, rec.visit_key, {"visit_match": "open_encounter"}
@@ -860,17 +918,25 @@ class EncounterTracker:
         return rec, vk, {"visit_match": "fallback"}
 
     def _visit(
-        self, b: _Backend, event: CareEvent, message_id: int, message_key: Any, key: str
+        self,
+        b: _Backend,
+        event: CareEvent,
+        message_id: int,
+        message_key: Any,
+        key: str,
+        legacy: str | None = None,
     ) -> Transition:
         enc = event.encounter or Encounter()
         now = self.clock()
         trigger = event.trigger_event
-        rec, vk, detail = self._find_visit(b, key, event, enc, now)
+        rec, vk, detail = self._find_visit(b, key, event, enc, now, legacy)
         if rec is None and event.kind == "other":  # A05, A07 ...: only merged into a known visit
             summary = _patient_summary(event.model_dump(mode="json", exclude_none=True))
             return Transition("none", None, key, trigger, "", summary)
         is_new = rec is None
         if rec is None:
+            # When the visit began is PV1-44; a discharge heard of first says nothing of it.
+            first_heard = None if event.kind == "discharge" else event.occurred_at or now
             rec = EncounterRecord(
                 id=None,
                 patient_key=key,
@@ -878,8 +944,10 @@ class EncounterTracker:
                 state="",
                 created_at=now,
                 updated_at=now,
-                opened_at=enc.admit_time or event.occurred_at or now,
+                opened_at=enc.admit_time or first_heard,
             )
+        else:
+            key = rec.patient_key  # a visit recorded under the unscoped key goes on under it
         before = None if is_new else rec.core()
         previous_state = None if is_new else rec.state
         late = _older_than_held(rec, event)
@@ -944,6 +1012,8 @@ class EncounterTracker:
         state, and cancels put back what they undo. A ``late`` message (older than the facts
         held) only fills what the visit does not know yet."""
         message = event.model_dump(mode="json", exclude_none=True)
+        # The identifiers an A40 retired into the patient (see _rekey), not a message's MRG-1.
+        retired = rec.snapshot.get("merged_identifiers") or []
         if enc.admit_time is not None and not (rec.snapshot.get("encounter") or {}).get(
             "admit_time"
         ):
@@ -963,6 +1033,11 @@ class EncounterTracker:
             rec.location = location or rec.location
             rec.facility = facility or rec.facility or enc.facility
             rec.snapshot = _merge_snapshot(rec.snapshot, message)
+            _clear(rec.snapshot, event.cleared)
+        if retired:
+            rec.snapshot["merged_identifiers"] = retired
+        else:
+            rec.snapshot.pop("merged_identifiers", None)
         rec.last_message_id = message_id
         rec.updated_at = now
 
@@ -1140,21 +1215,37 @@ class EncounterTracker:
         if before is not None and rec.state == "discharged":
             if late:
                 return _Step("none", {"note": "already discharged"})
-            return self._correct_discharge(rec, enc) or _Step(
+            return self._correct_discharge(rec, enc, event) or _Step(
                 "none", {"note": "already discharged"}
             )
         if self._discharge_cancelled_before(b, rec, event.occurred_at):
             return _Step("none", {"note": "discharge taken back by an earlier cancel"})
         rec.discharged_at = enc.discharge_time or rec.discharged_at or event.occurred_at or now
-        rec.disposition = enc.discharge_disposition or rec.disposition
-        rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
+        if rec.discharged_at is event.occurred_at and event.occurred_at is not None:
+            # The visit ended when the A03 says it happened, kept as the sender wrote it (the
+            # store's copy of the time has lost its offset).
+            encounter = rec.snapshot.setdefault("encounter", {})
+            encounter["discharge_time"] = event.occurred_at.isoformat()
+        self._discharge_facts(rec, event, enc)
         rec.state = "discharged"
         return _Step(
             "discharge", {} if before is not None else {"note": "discharge of an unknown visit"}
         )
 
     @staticmethod
-    def _correct_discharge(rec: EncounterRecord, enc: Encounter) -> _Step | None:
+    def _discharge_facts(rec: EncounterRecord, event: CareEvent, enc: Encounter) -> None:
+        """A discharge's disposition (PV1-36) and destination (PV1-37), each kept from before
+        when the message leaves it out; a destination sent as ``""`` is deleted."""
+        rec.disposition = enc.discharge_disposition or rec.disposition
+        if "encounter.discharged_to" in (event.cleared or ()):
+            rec.discharged_to = None
+        else:
+            rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
+
+    @staticmethod
+    def _correct_discharge(
+        rec: EncounterRecord, enc: Encounter, event: CareEvent | None = None
+    ) -> _Step | None:
         """A later message about a discharged visit that says when (PV1-45) or where (PV1-36,
         PV1-37) the patient went differently: a ``discharge_corrected`` carrying what it
         replaces (``previous_discharge``), so follow-up clocks and notices can be set right.
@@ -1176,7 +1267,8 @@ class EncounterTracker:
         new_disposition = normalize_disposition(disposition) != normalize_disposition(
             rec.disposition
         )
-        if not new_disposition:
+        deleted = event is not None and "encounter.discharged_to" in (event.cleared or ())
+        if not new_disposition and not deleted:
             destination = destination or rec.discharged_to
         elsewhere = new_disposition or destination != rec.discharged_to
         if not elsewhere and not moved:
@@ -1232,7 +1324,7 @@ class EncounterTracker:
         if rec.state == "discharged":
             if late:
                 return _Step("none")
-            return self._correct_discharge(rec, enc) or _Step("none")
+            return self._correct_discharge(rec, enc, event) or _Step("none")
         if enc.discharge_time is not None:
             sent = event.occurred_at or now
             if not self.discharge_on_update or _later(enc.discharge_time, sent):
@@ -1240,8 +1332,7 @@ class EncounterTracker:
             if self._discharge_cancelled_before(b, rec, enc.discharge_time):
                 return _Step("none", {"note": "discharge taken back by an earlier cancel"})
             rec.discharged_at = enc.discharge_time
-            rec.disposition = enc.discharge_disposition or rec.disposition
-            rec.discharged_to = enc.discharged_to or enc.discharged_to_name or rec.discharged_to
+            self._discharge_facts(rec, event, enc)
             rec.state = "discharged"
             return _Step("discharge", {"note": "A08 brought a discharge time (PV1-45)"})
         return _Step("none")
@@ -1375,15 +1466,20 @@ class EncounterTracker:
                 continue
             surviving_key = make_patient_key(survivor.value, survivor.authority, message_id)
             for ident in merge.prior_keys or merge.prior_identifiers:
-                old = make_patient_key(
-                    ident.value, ident.authority or survivor.authority, message_id
-                )
+                authority = ident.authority or survivor.authority
+                old = make_patient_key(ident.value, authority, message_id)
                 if old == surviving_key or old in retired:
                     continue
                 b.record_merge(old, surviving_key, message_id, now)
                 target = self._resolve(b, surviving_key)
                 retired.append(old)
-                moved += self._rekey(b, old, target, patient, message_id, now)
+                # The visits' later notifications name the retired identifier (a national
+                # one only where the event keeps those), with the authority it was keyed by.
+                told: list[dict[str, Any]] = []
+                if ident in merge.prior_identifiers:
+                    keyed = ident.model_copy(update={"authority": authority})
+                    told.append(keyed.model_dump(mode="json", exclude_none=True))
+                moved += self._rekey(b, old, target, patient, message_id, now, told)
         final = self._resolve(b, key)
         summary = {
             **_patient_summary({"patient": patient}),
@@ -1408,10 +1504,13 @@ class EncounterTracker:
         patient: dict[str, Any],
         message_id: int,
         now: datetime,
+        retired: list[dict[str, Any]] | None = None,
     ) -> list[EncounterRecord]:
         """Move the retired key's encounters to the survivor. A visit both keys already have
         (the site sent it under each id) stays apart, renamed ``<visit>~merged<id>``, so no
-        history is lost and later messages for that visit go to the survivor's record."""
+        history is lost and later messages for that visit go to the survivor's record. Each
+        moved visit keeps the ``retired`` identifiers (as ``merged_identifiers``), so its
+        later FHIR notifications say which patient record the survivor replaces."""
         moved = []
         for rec in b.of_patient(old, STATES):
             if b.get(new, rec.visit_key) is not None:
@@ -1419,6 +1518,10 @@ class EncounterTracker:
             rec.patient_key = new
             if patient:
                 rec.snapshot["patient"] = {**(rec.snapshot.get("patient") or {}), **patient}
+            known = list(rec.snapshot.get("merged_identifiers") or [])
+            known += [i for i in retired or () if i not in known]
+            if known:
+                rec.snapshot["merged_identifiers"] = known
             rec.last_message_id, rec.updated_at = message_id, now
             b.save(rec)
             moved.append(rec)
@@ -1437,8 +1540,10 @@ class EncounterTracker:
             "occurred_at": _iso(event.occurred_at),
         }
         transition = Transition("demographics", None, key, event.trigger_event, "", summary)
+        deleted = [path for path in event.cleared or () if path.startswith("patient.")]
         for rec in b.of_patient(key, OPEN_STATES):
             rec.snapshot["patient"] = {**(rec.snapshot.get("patient") or {}), **patient}
+            _clear(rec.snapshot, deleted)
             rec.last_message_id, rec.updated_at = message_id, now
             b.save(rec)
             detail = {"result": transition.as_output()}

@@ -33,7 +33,14 @@ notification it takes back.
 **Identity.** The Encounter, Patient, Organization, Location and Practitioners have ``urn:uuid``
 full URLs made from what they are (the visit's key, the patient's key, the facility code, an
 NPI), so every notification of one visit names the same Encounter, and the receiver can tell
-an update from a new visit; the Encounter also carries the visit number (PV1-19, type VN). The
+an update from a new visit; the Encounter also carries the visit number (PV1-19, type VN). An
+identifier's system is the site's mapping of its assigning authority, else made under
+``identifier_system_base``; an MRN or visit number sent without an authority is the sending
+facility's (MSH-4), as the store keys it, so two hospitals' numbers never name one Patient or
+one Encounter. After an A40 merge during the visit the Patient carries the retired identifiers
+(``use: old``) and a ``link`` of type ``replaces`` to the record they named. The Encounter's
+period is PV1-44 and PV1-45 as the sender wrote them (with their offsets): a visit whose
+messages never gave PV1-44 has no start, rather than a message's time. The
 Bundle and MessageHeader ids come from the delivery's idempotency key, which is unique to the
 store, the message and the routing run: a retry is the same FHIR message, which a receiver that
 has it drops as a repeat (FHIR messaging's rule for a Bundle id it has seen); a ``messages
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -75,6 +83,7 @@ from carehub.fhir import (
     GENDER,
     ICD9CM,
     ICD10CM,
+    LOCAL_SYSTEM_BASE,
     SNOMED,
     V2_0203,
     FhirServerOptions,
@@ -100,11 +109,12 @@ NULL_FLAVOR = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 DIAGNOSIS_ROLE = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
-DISCHARGE_DISPOSITION = "http://www.nubc.org/patient-discharge"
+DISCHARGE_DISPOSITION = "https://www.nubc.org/CodeSystem/PatDischargeStatus"  # THO, US Core 7+
 PROFILE = "http://hl7.org/fhir/us/davinci-alerts/StructureDefinition/"
 V2_EVENTS = "http://terminology.hl7.org/CodeSystem/v2-0003"
 V2_PATIENT_CLASS = "http://terminology.hl7.org/CodeSystem/v2-0004"
 US_SSN = "http://hl7.org/fhir/sid/us-ssn"
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:.")
 
 #: The v2 trigger events a notification can come from (table 0003), for MessageHeader.reason:
 #: how a receiver tells a cancel (A11, A12, A13) from the notification it takes back.
@@ -121,7 +131,23 @@ _TRIGGERS = {
 }
 #: Characters FHIR strings may not hold (below U+0020 but tab, CR and LF); some feeds carry
 #: them, raw or as \X..\ escapes.
-_CONTROL = dict.fromkeys(c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D))
+_CONTROL: dict[int, str | None] = dict.fromkeys(
+    c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)
+)
+
+
+def _windows_1252(code: int) -> str | None:
+    try:
+        return bytes([code]).decode("cp1252")
+    except UnicodeDecodeError:
+        return None
+
+
+#: The C1 controls (U+0080-U+009F), which no text means: they come from Windows-1252 bytes in
+#: a message declared ISO-8859-1 (0x92 for the apostrophe of O'Brien), as most senders of
+#: "8859/1" write it. They go out as the Windows-1252 characters they stand for; the five
+#: bytes Windows-1252 leaves undefined are taken out.
+_CONTROL.update({c: _windows_1252(c) for c in range(0x80, 0xA0)})
 
 #: Transition kind -> (notification-event code, its display).
 _EVENTS: dict[str, tuple[str, str]] = {
@@ -205,7 +231,15 @@ class NotificationOptions(ComponentOptions):
     identifier_systems: dict[str, str] = Field(
         default_factory=dict,
         description="v2 assigning authority (e.g. RGH) -> identifier system URI; unmapped "
-        "ones become urn:carehub:id:{authority}; 'facility' names the facility codes' system",
+        "ones become {identifier_system_base}{authority}; an MRN or visit number sent without "
+        "an authority is taken as the sending facility's (MSH-4); 'facility' names the "
+        "facility codes' system",
+    )
+    identifier_system_base: str = Field(
+        LOCAL_SYSTEM_BASE,
+        description="where the identifier systems of unmapped authorities are made: a URL "
+        "(or URN) your organisation controls, e.g. https://example.org/fhir/id/; the default "
+        "is under the reserved domain .invalid",
     )
     facilities: dict[str, str] = Field(
         default_factory=dict,
@@ -217,6 +251,17 @@ class NotificationOptions(ComponentOptions):
     destination_name: str | None = Field(
         None, description="MessageHeader.destination.name: the receiver, as it calls itself"
     )
+
+    @field_validator("identifier_system_base")
+    @classmethod
+    def _a_uri(cls, value: str) -> str:
+        """An absolute URI; an http(s) one ends with a slash, so the authority is a path."""
+        value = value.strip()
+        if not _URI_SCHEME.match(value) or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not an absolute URI (https://... or urn:...)")
+        if value.lower().startswith(("http://", "https://")) and not value.endswith(("/", "#")):
+            value += "/"
+        return value
 
     @field_validator("facilities")
     @classmethod
@@ -340,9 +385,19 @@ def _not_before(end: str, start: str) -> bool:
     return end[:size] >= start[:size]
 
 
-def _identifier(ident: Identifier, systems: dict[str, str]) -> dict[str, Any]:
+def _system(authority: str | None, options: NotificationOptions, scope: str | None = None) -> str:
+    """The system of an identifier from ``authority``; one sent without an authority is the
+    sending facility's (``scope``), as the store keys it."""
+    return identifier_system(
+        authority or scope, options.identifier_systems, options.identifier_system_base
+    )
+
+
+def _identifier(
+    ident: Identifier, options: NotificationOptions, scope: str | None
+) -> dict[str, Any]:
     is_ssn = (ident.type_code or "").strip().upper() == "SS"
-    system = US_SSN if is_ssn else identifier_system(ident.authority, systems)
+    system = US_SSN if is_ssn else _system(ident.authority, options, scope)
     return fhir_identifier(system, ident.value, ident.type_code)
 
 
@@ -354,7 +409,9 @@ def _model_or_none(model: type[Any], value: Any) -> Any:
 def _practitioner(
     bundle: _Bundle, person: Practitioner, options: NotificationOptions
 ) -> dict[str, Any] | None:
-    identifier = practitioner_identifier(person, options.identifier_systems)
+    identifier = practitioner_identifier(
+        person, options.identifier_systems, options.identifier_system_base
+    )
     name = fhir_human_name(
         HumanName(
             family=person.family,
@@ -381,9 +438,7 @@ def _organization(bundle: _Bundle, code: str, options: NotificationOptions) -> d
     namespace, _, rest = code.partition("^")
     universal, _, id_type = rest.partition("^")
     namespace = namespace.strip() or universal.strip()
-    identifiers = [
-        {"system": identifier_system("facility", options.identifier_systems), "value": namespace}
-    ]
+    identifiers = [{"system": _system("facility", options), "value": namespace}]
     if universal.strip() and id_type.strip().upper() == "ISO":
         identifiers.append({"system": "urn:ietf:rfc:3986", "value": f"urn:oid:{universal.strip()}"})
     resource = {
@@ -416,7 +471,7 @@ def _location(
 def _patient(
     bundle: _Bundle, summary: dict[str, Any], options: NotificationOptions
 ) -> dict[str, Any]:
-    systems = options.identifier_systems
+    scope = summary.get("identifier_scope")
     identifiers = [Identifier.model_validate(i) for i in summary.get("identifiers") or []]
     primary = _model_or_none(Identifier, summary.get("primary_identifier"))
     if primary is not None and primary not in identifiers:
@@ -433,8 +488,14 @@ def _patient(
         )
     resource: dict[str, Any] = {
         "resourceType": "Patient",
-        "identifier": [_identifier(i, systems) for i in identifiers],
+        "identifier": [_identifier(i, options, scope) for i in identifiers],
     }
+    replaced = _replaced(summary, resource["identifier"], options, scope)
+    if replaced:
+        # FHIR's patient merge: the survivor carries the retired record's identifiers as
+        # old ones, and a link that it replaces that record (named by identifier, the only
+        # name a receiver may know it by).
+        resource["identifier"] += [{**found, "use": "old"} for found in replaced]
     name = _model_or_none(HumanName, summary.get("name"))
     if name is not None and (found := fhir_human_name(name)):
         resource["name"] = [found]
@@ -451,18 +512,51 @@ def _patient(
     pcp = _model_or_none(Practitioner, summary.get("pcp"))
     if pcp is not None and (ref := _practitioner(bundle, pcp, options)):
         resource["generalPractitioner"] = [ref]
+    if replaced:
+        resource["link"] = [
+            {
+                "other": {"identifier": {k: v for k, v in found.items() if k != "type"}},
+                "type": "replaces",
+            }
+            for found in replaced
+        ]
     seed = summary.get("patient_key") or json.dumps(resource["identifier"][0], sort_keys=True)
+    if seed.startswith("|") and scope:  # a patient stored under the bare id, as it is now keyed
+        seed = f"{scope}{seed}"
     return bundle.add(stable_urn(seed, "Patient"), resource)
 
 
-def _visit_identifier(work: Work, number: str, options: NotificationOptions) -> dict[str, Any]:
-    """PV1-19 in the system of its assigning authority (this message's, when it gave one)."""
-    encounter = work.event.encounter if work.event is not None else None
-    visit = encounter.visit_number if encounter is not None else None
+def _replaced(
+    summary: dict[str, Any],
+    current: list[dict[str, Any]],
+    options: NotificationOptions,
+    scope: str | None,
+) -> list[dict[str, Any]]:
+    """The identifiers an A40 retired into the visit's patient (the encounter-state step
+    keeps them with the visit), as FHIR identifiers, but those the patient still has and
+    national ones unless ``keep_national_ids``."""
+    found: list[dict[str, Any]] = []
+    now = {(i.get("system"), i.get("value")) for i in current}
+    for value in summary.get("replaced_identifiers") or []:
+        ident = _model_or_none(Identifier, value)
+        if ident is None or (is_national_id(ident) and not options.keep_national_ids):
+            continue
+        fhir = _identifier(ident, options, scope)
+        if (fhir["system"], fhir["value"]) not in now:
+            now.add((fhir["system"], fhir["value"]))
+            found.append(fhir)
+    return found
+
+
+def _visit_identifier(summary: dict[str, Any], options: NotificationOptions) -> dict[str, Any]:
+    """PV1-19 in the system of its assigning authority, else of the sending facility (visit
+    numbers are only unique within the system that issued them)."""
+    visit = _model_or_none(Identifier, summary.get("visit_identifier"))
+    number = summary["visit_number"]
     authority = visit.authority if visit is not None and visit.value == number else None
     return {
         "type": {"coding": [{"system": V2_0203, "code": "VN", "display": "Visit number"}]},
-        "system": identifier_system(authority, options.identifier_systems),
+        "system": _system(authority, options, summary.get("identifier_scope")),
         "value": number,
     }
 
@@ -565,8 +659,13 @@ def build_notification_bundle(
     bundle.entries[header_url] = {}  # first, as a message must begin
     visit_key = str(summary.get("visit_key") or "")
     # A visit number names the visit whoever the patient turns out to be (an A40 merge during
-    # the stay changes the patient's key, not the Encounter). A visit without one is the
-    # store's encounter row, which a merge moves to the surviving patient whole.
+    # the stay changes the patient's key, not the Encounter), within the system that issued
+    # it: one without an authority (a visit recorded before such numbers were scoped) within
+    # the sending facility, as it is now keyed. A visit without one is the store's encounter
+    # row, which a merge moves to the surviving patient whole.
+    scope = summary.get("identifier_scope")
+    if visit_key.startswith("|") and scope:
+        visit_key = f"{scope}{visit_key}"
     visit_seed = (
         visit_key
         if visit_key and not visit_key.startswith("noVN:")
@@ -588,7 +687,7 @@ def build_notification_bundle(
         "subject": patient,
     }
     if summary.get("visit_number"):
-        encounter["identifier"] = [_visit_identifier(work, summary["visit_number"], options)]
+        encounter["identifier"] = [_visit_identifier(summary, options)]
     participants = []
     author = None
     for key, role, role_display in _PARTICIPANTS:
@@ -612,6 +711,7 @@ def build_notification_bundle(
         encounter["participant"] = participants
     this = work.event.encounter if work.event is not None else None
     period: dict[str, str] = {}
+    # The start is PV1-44 as the sender gave it, or none: never when a message came.
     start = _when(summary.get("admit_time"), this.admit_time if this else None)
     if start:
         period["start"] = start

@@ -17,7 +17,10 @@ Roster CSV: one row per care-team member; ``#`` lines and blank lines are skippe
         email,cc@example.org,immediate,full
 
 - ``patient_id`` + ``authority`` (PID-3.1 + PID-3.4) name the patient; ids are only unique
-  within an authority, so both are required.
+  within an authority, so both are required. A hospital that sends its MRNs without an
+  assigning authority has them taken as the sending facility's: give its code (MSH-4, the
+  namespace id) as the authority. An entry never matches another hospital's patient with
+  the same number.
 - ``opt_out`` (true/false/yes/no/1/0, empty = false) and ``opt_out_reason`` are patient-level:
   repeat them on each of the patient's rows, or set them on one. If any row says true the
   patient is opted out (the privacy-safe reading of a contradiction).
@@ -104,7 +107,7 @@ from sqlalchemy import insert, select, update
 from carehub.care.model import CareTeam, Detail, Preference, Recipient, Suppression
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.errors import ConfigError
-from carehub.events import patient_key_identifier
+from carehub.events import identifier_scope, patient_key_identifier, scoped_identifier
 from carehub.hl7.view import parse_path
 from carehub.store.schema import patient_merges, patient_preferences
 from carehub.workqueue import patient_key as make_patient_key
@@ -1146,7 +1149,10 @@ class CareTeamEnricher(Enricher):
         if patient is not None:
             keyed = [i for i in (patient.key, patient.primary) if i is not None]
             identifiers = keyed + patient.identifiers
+            scope = identifier_scope(work.event)
             for identifier in identifiers:
+                # One sent without an authority is the sending facility's, as it is keyed.
+                identifier = scoped_identifier(identifier, scope)
                 entry = self.roster.find(identifier.value, identifier.authority)
                 if entry is not None:
                     found.setdefault(entry.key, entry)
@@ -1176,11 +1182,28 @@ class CareTeamEnricher(Enricher):
                 builder.suppress(f"patient asked not to be notified ({field} = {value!r})")
             return
         stated = self.stated.get(key) if key is not None else None
+        if stated is None and key is not None:
+            stated = self._stated_unscoped(work, key)
         if stated is not None and stated.opted_out:
             builder.suppress(
                 f"patient asked not to be notified ({field} = {stated.value!r} in message "
                 f"{stated.message_id}; this message leaves it empty)"
             )
+
+    def _stated_unscoped(self, work: Work, key: str) -> StatedChoice | None:
+        """A choice stated under the patient's id as sent, when it came without an assigning
+        authority and is now keyed within the sending facility: one stated before ids were
+        scoped still holds, and is kept under the key now used (so the hub's own alerts,
+        which have only that key, honour it too)."""
+        patient = work.event.patient if work.event else None
+        unscoped = patient.unscoped_key if patient is not None else None
+        if unscoped is None:
+            return None
+        bare = make_patient_key(unscoped.value, None, 0)
+        stated = self.stated.get(bare) if bare != key else None
+        if stated is not None:
+            self.stated.record(key, stated)
+        return stated
 
     @staticmethod
     def _patient_key(work: Work, encounter: Any) -> str | None:

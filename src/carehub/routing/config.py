@@ -193,11 +193,26 @@ class StepConfig(_Strict):
 
 
 class ForwardConfig(_Strict):
-    """The forward settings carehub itself reads; the rest are the channel's own options."""
+    """The forward settings carehub itself reads; the rest are the channel's own options.
+    A notify step's channels take them too (``name`` and ``retry`` are the step's)."""
 
-    channel: str
-    name: str | None = None
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    channel: str = Field(description="the registered channel that sends")
+    name: str | None = Field(
+        None,
+        description="the destination's name within its route (ROUTE/NAME), under which its "
+        "deliveries and their retries are kept; unset: the channel's name, for a route's only "
+        "forward to that channel",
+    )
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy, description="how often and how long a failed send is tried"
+    )
+    allow_cleartext: bool = Field(
+        False,
+        description="true: the site's word that this destination's receiver on this machine "
+        "always holds its port (a mail relay, a TLS sidecar), so sending to it in clear is not "
+        "warned about at start; a destination on another machine is warned about whatever it "
+        "says",
+    )
 
 
 class RouteConfig(_Strict):

@@ -50,7 +50,7 @@ class StepRecord:
     route: str
     position: int
     step: str
-    outcome: str  # ok | filtered | error
+    outcome: str  # ok | filtered | error (stored as `cleared` once dealt with)
     #: The step's output (read it as ``output``); JSONText until someone reads it.
     _output: Any = None
     #: ``output`` as JSON, when the router already encoded it (see ``recordable``).

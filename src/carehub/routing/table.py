@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from carehub.builtins.http_channel import LocalCleartext
 from carehub.care.encounters import EncounterStateEnricher
 from carehub.care.notify import Notifier, NotifyConfig
 from carehub.care.roster import CareTeamEnricher
@@ -50,6 +51,8 @@ class Destination:
     channel: Channel
     retry: RetryPolicy
     plugin: str | None = None  # the plugin that registered the channel
+    #: The forward's allow_cleartext: sending in clear to this machine is accepted.
+    allow_cleartext: bool = False
 
 
 @dataclass(slots=True)
@@ -210,12 +213,17 @@ class RouteTable:
         return warnings
 
     def _unprotected_destinations(self) -> list[str]:
-        """One line per destination on another machine that its channel says would be sent
-        to in clear or without checking the server (Channel.unprotected_transport)."""
+        """One line per destination that its channel says would be sent to in clear or
+        without checking the server (Channel.unprotected_transport): on another machine, or
+        on a port of this one any local account may bind (LocalCleartext), unless that
+        destination's allow_cleartext accepts the latter."""
+        accepted = {id(d.channel) for d in self.destinations.values() if d.allow_cleartext}
         return [
             f"{where}: {risk}"
             for where, component in self._placed()
-            if isinstance(component, Channel) and (risk := component.unprotected_transport())
+            if isinstance(component, Channel)
+            and (risk := component.unprotected_transport())
+            and not (isinstance(risk, LocalCleartext) and id(component) in accepted)
         ]
 
     def _startables(self) -> list[tuple[Route, int, BoundStep, Component, str]]:
@@ -441,7 +449,7 @@ def _bind_forward(
     what = f"steps[{position}] ({_named(label, plugin)})"
     channel = _build(channel_class, rest, context, source, route, loc, what)
     assert isinstance(channel, Channel)
-    return Destination(destination, channel, forward.retry, plugin)
+    return Destination(destination, channel, forward.retry, plugin, forward.allow_cleartext)
 
 
 def _unnamed_forwards(steps: list[StepConfig], source: RouteSource, route: str) -> dict[int, str]:

@@ -161,7 +161,7 @@ message_steps = Table(
     Column("route", String(128), nullable=False),
     Column("position", Integer, nullable=False),
     Column("step", String(128), nullable=False),
-    Column("outcome", String(16), nullable=False),  # ok | filtered | error
+    Column("outcome", String(16), nullable=False),  # ok | filtered | error | cleared
     Column("output", Text, nullable=True),  # JSON
     Column("at", DateTime(timezone=True), nullable=False),
 )

@@ -42,6 +42,7 @@ import click
 import httpx
 import yaml
 from carehub import hookimpl
+from carehub.builtins.http_channel import unprotected_http
 from carehub.cli import hub_options
 from carehub.components import (
     Channel,
@@ -52,6 +53,7 @@ from carehub.components import (
     Outgoing,
     Work,
 )
+from carehub.config import without_password
 from carehub.errors import ConfigError
 from carehub.events import event_kind
 from carehub.hl7.view import NotHL7Error
@@ -211,6 +213,10 @@ class PagerChannel(Channel):
 
     Outcome: 2xx -> receipt "HTTP <code>"; 408, 425, 429, 5xx, timeouts and network errors ->
     retryable; other answers -> not retryable (a refused page will not get better by repeating).
+
+    Whatever this channel says about its URL (option errors, DeliveryErrors) goes through
+    ``without_password``: a gateway URL may carry a credential (``?api_key=``), and what is
+    said ends up in logs, `carehub status` and tickets.
     """
 
     name = "pager"
@@ -229,9 +235,10 @@ class PagerChannel(Channel):
             try:
                 url = httpx.URL(value)
             except (httpx.InvalidURL, TypeError) as err:
-                raise ValueError(f"bad url {value!r}: {err}") from err
+                raise ValueError(without_password(f"bad url {value!r}: {err}")) from err
             if url.scheme not in ("http", "https") or not url.host:
-                raise ValueError(f"url must be http:// or https:// with a host, got {value!r}")
+                shown = without_password(repr(value))
+                raise ValueError(f"url must be http:// or https:// with a host, got {shown}")
             return value
 
     options: Options
@@ -239,6 +246,12 @@ class PagerChannel(Channel):
     def __init__(self, options: ComponentOptions, context: ComponentContext) -> None:
         super().__init__(options, context)
         self._client: httpx.AsyncClient | None = None
+
+    def unprotected_transport(self) -> str | None:
+        """Pages name a unit and an event, not a patient, but still travel: plain http:// (to
+        another machine, or to a port of this one any account may bind) is warned about at
+        start, as carehub's own HTTP channels do."""
+        return unprotected_http(self.options.url)
 
     async def start(self) -> None:
         """One client, so one connection pool, for every page this channel sends."""
@@ -271,6 +284,7 @@ class PagerChannel(Channel):
         if self._client is None:
             raise RuntimeError("PagerChannel.send() before start()")
         url = self.options.url
+        shown = without_password(url)  # what the errors below say of it
         headers = {
             "Content-Type": outgoing.content_type,
             "Idempotency-Key": outgoing.idempotency_key,
@@ -284,17 +298,21 @@ class PagerChannel(Channel):
             response = await self._client.post(url, content=outgoing.payload, headers=headers)
         except httpx.TimeoutException as err:
             raise DeliveryError(
-                f"POST {url}: no answer within {self.options.timeout:g} s ({type(err).__name__})",
+                f"POST {shown}: no answer within {self.options.timeout:g} s ({type(err).__name__})",
                 said=None,
             ) from err
         except httpx.TransportError as err:
-            raise DeliveryError(f"POST {url}: {type(err).__name__}: {err}", said=None) from err
+            # httpx's own words may quote the URL too.
+            reason = without_password(f"{type(err).__name__}: {err}")
+            raise DeliveryError(f"POST {shown}: {reason}", said=None) from err
         status = response.status_code
         if 200 <= status < 300:
             return f"HTTP {status}"
         excerpt = " ".join(response.text.split())[:200]
         retryable = status in self.RETRYABLE_STATUS or status >= 500
-        raise DeliveryError(f"POST {url}: HTTP {status}", retryable=retryable, said=excerpt or None)
+        raise DeliveryError(
+            f"POST {shown}: HTTP {status}", retryable=retryable, said=excerpt or None
+        )
 
 
 def _kind(work: Work) -> str:
@@ -410,7 +428,7 @@ def pager_status(config: HubConfig, data_dir: Path, schedule: Path | None, limit
     for row in dead:
         click.echo(
             f"  dead #{row['id']} message {row['message_id']} to {row['destination']} after "
-            f"{row['attempts']} attempt(s): {row['last_error']}"
+            f"{row['attempts']} attempt(s): {without_password(row['last_error'] or '')}"
         )
     if schedule is not None:
         for unit, on_call in sorted(load_schedule(schedule).items()):
