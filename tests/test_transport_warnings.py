@@ -33,6 +33,7 @@ routes:
       - forward: {channel: webhook, name: plain-platform, url: "http://user:pw@platform.example.org:8080/events?token=abc123"}
       - forward: {channel: webhook, name: local-platform, url: "http://127.0.0.1:8085/events"}
       - forward: {channel: webhook, name: verified-platform, url: "https://platform.example.org/events"}
+      - forward: {channel: webhook, name: local-unverified, url: "https://127.0.0.1:8443/events", verify_tls: false}
       - forward: {channel: mllp, name: remote-ehr, host: ehr.example.org, port: 2575}
       - forward: {channel: mllp, name: local-ehr, host: localhost, port: 2575}
       - forward: {channel: mllp, name: tls-ehr, host: ehr.example.org, port: 2576, tls: true}
@@ -79,6 +80,12 @@ LOCAL = {
         "localhost:2575 over MLLP in clear (no tls: true) on this machine: any local user who "
         "binds port 2575 while its receiver is not listening receives what it sends; set "
         "tls: true, or set allow_cleartext: true on this destination",
+    ),
+    "outward/local-unverified": (
+        8443,
+        "https://127.0.0.1:8443 with verify_tls: false on this machine: any local user who "
+        "binds port 8443 while its receiver is not listening receives what it sends; remove "
+        "verify_tls: false, or set allow_cleartext: true on this destination",
     ),
     "outward/local-mail": (
         587,
@@ -154,7 +161,7 @@ def assert_one_line_per_unprotected_destination(output: str) -> None:
 def test_routes_check_names_each_destination_that_leaves_unprotected(tmp_path: Path) -> None:
     checked = routes_check(project(tmp_path / "config"), tmp_path / "data")
     assert checked.returncode == 0, checked.stderr
-    assert "ok: 1 route(s), 14 destination(s)" in checked.stdout
+    assert "ok: 1 route(s), 15 destination(s)" in checked.stdout
     assert_one_line_per_unprotected_destination(checked.stderr)
     assert all(line.startswith("warning: ") for line in transport_lines(checked.stderr).values())
 
@@ -278,3 +285,23 @@ def test_an_mllp_tls_listener_taking_any_client_is_warned_about_at_start(
             "any client that reaches the port can send"
         )
         assert "listeners.mllp[0].tls.client_ca" in line
+
+
+def test_a_fhir_base_url_with_a_query_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """carehub adds paths after a FHIR base URL ($process-message, Task/{id}): a token in its
+    query would swallow them (and be stored with every delivery), so it is a config error that
+    says where a token goes instead."""
+    routes = (
+        "routes:\n"
+        "  - name: notify\n"
+        "    when: {type: ADT}\n"
+        "    steps:\n"
+        "      - forward:\n"
+        "          channel: fhir-notification\n"
+        "          base_url: https://fhir.example.org/fhir?access_token=SecretTok3n\n"
+    )
+    checked = routes_check(project(tmp_path / "config", routes), tmp_path / "data")
+    assert checked.returncode != 0
+    assert "route 'notify': steps[0].forward.base_url: " in checked.stderr
+    assert "cannot carry a query" in checked.stderr and "auth_header" in checked.stderr
+    assert "SecretTok3n" not in checked.stderr + checked.stdout

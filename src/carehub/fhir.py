@@ -60,7 +60,15 @@ class FhirServerOptions(ComponentOptions):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        return http_url(value, "base_url").rstrip("/")
+        """A base the channel adds paths to ($process-message, Task/{id}): a query or fragment
+        would swallow them, so a token goes in ``auth_header``, not in the URL."""
+        url = http_url(value, "base_url")
+        if "?" in url or "#" in url:
+            raise ValueError(
+                "base_url cannot carry a query or fragment (carehub adds paths after it); "
+                "put a token in auth_header (e.g. Bearer ${TOKEN}) instead"
+            )
+        return url.rstrip("/")
 
 
 @cache

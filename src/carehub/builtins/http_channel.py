@@ -219,16 +219,20 @@ def cleartext_on_this_machine(what: str, port: int, fix: str) -> LocalCleartext 
 def unprotected_http(url: str, verify_tls: bool = True) -> str | None:
     """Channel.unprotected_transport for a destination at ``url``: plain http:// (to another
     machine, or to a port of this one any local account may bind), or https:// with
-    ``verify_tls: false`` to another machine. Only the scheme, host and port are named: a
-    URL's path or query may hold a secret."""
+    ``verify_tls: false`` (on this machine, to such a port). Only the scheme, host and port
+    are named: a URL's path or query may hold a secret."""
     parsed = httpx.URL(url)
     where = f"{parsed.scheme}://{parsed.netloc.decode('ascii', 'replace')}"  # no userinfo
     if on_this_machine(parsed.host):
-        if parsed.scheme != "http":
-            return None
-        return cleartext_on_this_machine(
-            f"{where} in clear (http://, no TLS)", parsed.port or 80, "use https://"
-        )
+        if parsed.scheme == "http":
+            return cleartext_on_this_machine(
+                f"{where} in clear (http://, no TLS)", parsed.port or 80, "use https://"
+            )
+        if not verify_tls:  # any certificate passes, so whoever takes the port is believed
+            return cleartext_on_this_machine(
+                f"{where} with verify_tls: false", parsed.port or 443, "remove verify_tls: false"
+            )
+        return None
     if parsed.scheme == "http":
         return (
             f"sends patient data to {where} in clear (http://, no TLS): anyone on the network "

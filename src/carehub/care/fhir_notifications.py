@@ -762,7 +762,7 @@ def build_notification_bundle(
             ]
         },
         "eventCoding": {"system": EVENT_CODES, "code": code, "display": display},
-        "destination": [{"endpoint": endpoint}],
+        "destination": [{"endpoint": _without_userinfo(endpoint)}],
         "source": {
             "name": "carehub",
             "software": "carehub",
@@ -809,6 +809,13 @@ def build_notification_bundle(
 
 
 # -- the channel -------------------------------------------------------------------------------
+
+
+def _without_userinfo(url: str) -> str:
+    """The endpoint as the receiver's Bundle names it: no user name or password, which would
+    otherwise be stored in every payload and shown by `messages show --payloads`."""
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
 
 
 class FhirNotificationChannel(HttpChannel):
