@@ -1501,7 +1501,7 @@ def dead_letters_list(
                 "status": d.status,
                 "attempts": d.attempts,
                 "early_attempts": d.early_attempts,
-                "last_error": d.last_error,
+                "last_error": without_password(d.last_error) if d.last_error else d.last_error,
                 "updated_at": d.updated_at.isoformat(),
                 "holds_line": bool(d.holds_line),
                 "held_behind": behind.get(d.id, 0),
