@@ -23,7 +23,7 @@ def test_latin1_spelt_outside_table_0211_is_stored_readable(hub: HubThread, char
     assert (ack.get("MSA-1"), ack.get("MSA-2"), ack.get("MSH-18")) == ("AA", "SPELT", charset)
     (stored,) = hub.store.find()
     assert stored.raw == payload
-    assert (stored.charset, stored.patient_id) == ("iso-8859-1", "P0001")
+    assert (stored.charset, stored.patient_id) == ("whatwg-windows-1252", "P0001")
     assert MessageView(stored.text).get("PID-5") == NAME
     assert hub.store.history(stored.id)[0].detail is None  # no "unknown character set" note
 

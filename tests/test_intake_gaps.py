@@ -63,7 +63,7 @@ def show(data_dir: Path, message_id: int, *extra: str, cwd: Path) -> str:
     [
         ("UNICODE UTF-8", "utf-8", "utf-8"),
         ("", "utf-8", "utf-8"),
-        ("8859/1", "iso-8859-1", "iso-8859-1"),
+        ("8859/1", "iso-8859-1", "whatwg-windows-1252"),
     ],
 )
 def test_messages_show_prints_non_ascii_names_as_sent(

@@ -493,7 +493,7 @@ def test_declared_latin1_name_is_stored_raw_and_read_back(hub: HubThread) -> Non
     assert (ack.get("MSA-1"), ack.get("MSA-2"), ack.get("MSH-18")) == ("AA", "LAT1", "8859/1")
     (stored,) = hub.store.find()
     assert stored.raw == payload
-    assert stored.charset == "iso-8859-1"
+    assert stored.charset == "whatwg-windows-1252"
     assert MessageView(stored.text).get("PID-5") == NAME
 
 

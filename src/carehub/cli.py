@@ -475,8 +475,9 @@ _FILTER_OPTIONS = (
         "--patient",
         metavar="ID[^AUTHORITY]",
         callback=_patient,
-        help="Patient identifier (PID-3.1); or with its assigning authority (PID-3.4) as "
-        "listed, e.g. RG100234^RGH.",
+        help="Patient identifier (PID-3.1), at every facility; or with its assigning "
+        "authority as listed (PID-3.4, else the sending facility's code when PID-3.4 is "
+        "empty), e.g. RG100234^RGH.",
     ),
     click.option(
         "--listener",

@@ -75,9 +75,11 @@ def parse_message_type(text: str) -> tuple[str | None, str | None]:
 
 
 def parse_patient(text: str) -> tuple[str, str | None]:
-    """``ID`` or ``ID^AUTHORITY``, as `messages list` shows the patient, as (PID-3.1, PID-3.4);
-    an empty authority is not filtered on. ValueError without an identifier, or for more
-    components (the whole PID-3 of the message is not what was stored)."""
+    """``ID`` or ``ID^AUTHORITY``, as `messages list` shows the patient, as (PID-3.1, PID-3.4,
+    else the sending facility's code for an identifier sent without one); an empty authority
+    is not filtered on, so ``ID`` alone finds that id at every facility. ValueError without
+    an identifier, or for more components (the whole PID-3 of the message is not what was
+    stored)."""
     if "^" not in text:
         return text, None
     patient_id, _, authority = text.partition("^")
@@ -97,7 +99,9 @@ class MessageFilter:
     message_type: str | None = None  # MSH-9.1, compared upper-case
     event: str | None = None  # MSH-9.2, compared upper-case
     patient: str | None = None  # PID-3.1 as intake stored it
-    patient_authority: str | None = None  # that identifier's PID-3.4, as intake stored it
+    #: That identifier's PID-3.4, else the code of the facility that sent it (MSH-4), as
+    #: intake keys the patient (store.scoped_authority).
+    patient_authority: str | None = None
     listener: str | None = None  # a listener's name, or TRANSPORT:NAME (see listener_forms)
     sending_application: str | None = None  # MSH-3: the whole field or its first component
     sending_facility: str | None = None  # MSH-4: the whole field or its first component

@@ -9,6 +9,14 @@ Senders often write MSH-18 in spellings that are not in table 0211 (``8859-1``, 
 names. A name that is neither is read as undeclared text is (UTF-8, else ISO-8859-1), never with
 replacement characters, which would garble every accented name.
 
+Text declared ISO-8859-1 is read as WHATWG's encoding standard reads that label, as
+Windows-1252 (``whatwg-windows-1252``): the senders that declare it are Windows programs, and
+their bytes 0x80-0x9F are curly quotes, dashes and the euro sign (0x92, the apostrophe of
+O'Brien as Word writes it, is U+2019), which ISO-8859-1 would make C1 control characters no
+text means. The five bytes Windows-1252 leaves undefined stay the C1 code points they are in
+ISO-8859-1, so every byte still reads as one character, and text written back in the same
+codec is the bytes received.
+
 MLLP framing is single bytes (0x0B ... 0x1C 0x0D), so a UTF-16/32 message arrives intact only
 while none of its code units holds those bytes (U+010B or U+011C would); the MLLP spec leaves
 these encodings out for that reason. What does arrive whole is decoded and answered in kind.
@@ -20,11 +28,14 @@ import codecs
 from dataclasses import dataclass
 from functools import lru_cache
 
+#: The codec text declared ISO-8859-1 is read and written in (see the module doc).
+LATIN1_AS_WINDOWS_1252 = "whatwg-windows-1252"
+
 HL7_CHARSETS: dict[str, str] = {
     "ASCII": "ascii",
     "ISO IR6": "ascii",
-    "8859/1": "iso-8859-1",
-    "ISO IR100": "iso-8859-1",
+    "8859/1": LATIN1_AS_WINDOWS_1252,
+    "ISO IR100": LATIN1_AS_WINDOWS_1252,
     "8859/2": "iso-8859-2",
     "ISO IR101": "iso-8859-2",
     "8859/3": "iso-8859-3",
@@ -60,6 +71,65 @@ HL7_CHARSETS: dict[str, str] = {
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
+def _windows_1252(byte: int) -> str:
+    """The character WHATWG's windows-1252 reads a byte as: Python's cp1252, and for the five
+    bytes it leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D), the C1 code point ISO-8859-1
+    gives them."""
+    try:
+        return bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(byte)
+
+
+_DECODING_TABLE = "".join(_windows_1252(byte) for byte in range(256))
+_ENCODING_TABLE = codecs.charmap_build(_DECODING_TABLE)
+
+
+class _Windows1252Codec(codecs.Codec):
+    def encode(self, input: str, errors: str = "strict") -> tuple[bytes, int]:
+        return codecs.charmap_encode(input, errors, _ENCODING_TABLE)
+
+    def decode(self, input: bytes, errors: str = "strict") -> tuple[str, int]:
+        return codecs.charmap_decode(input, errors, _DECODING_TABLE)
+
+
+class _Windows1252IncrementalEncoder(codecs.IncrementalEncoder):
+    def encode(self, input: str, final: bool = False) -> bytes:
+        return codecs.charmap_encode(input, self.errors, _ENCODING_TABLE)[0]
+
+
+class _Windows1252IncrementalDecoder(codecs.IncrementalDecoder):
+    def decode(self, input: bytes, final: bool = False) -> str:
+        return codecs.charmap_decode(input, self.errors, _DECODING_TABLE)[0]
+
+
+class _Windows1252StreamWriter(_Windows1252Codec, codecs.StreamWriter):
+    pass
+
+
+class _Windows1252StreamReader(_Windows1252Codec, codecs.StreamReader):
+    pass
+
+
+_WINDOWS_1252_INFO = codecs.CodecInfo(
+    name=LATIN1_AS_WINDOWS_1252,
+    encode=_Windows1252Codec().encode,
+    decode=_Windows1252Codec().decode,
+    incrementalencoder=_Windows1252IncrementalEncoder,
+    incrementaldecoder=_Windows1252IncrementalDecoder,
+    streamwriter=_Windows1252StreamWriter,
+    streamreader=_Windows1252StreamReader,
+)
+
+
+def _find_codec(name: str) -> codecs.CodecInfo | None:
+    """codecs.lookup's search for carehub's own codec (it asks with ``-`` as ``_``)."""
+    return _WINDOWS_1252_INFO if name == LATIN1_AS_WINDOWS_1252.replace("-", "_") else None
+
+
+codecs.register(_find_codec)
+
+
 def _squash(name: str) -> str:
     """A charset name without case, spaces, underscores, hyphens or slashes: ``ISO_IR 100``
     (the DICOM spelling), ``UTF8`` and ``8859-1`` then find their table 0211 entries."""
@@ -72,6 +142,7 @@ _SQUASHED = {_squash(name): codec for name, codec in HL7_CHARSETS.items()}
 #: Python's canonical codec name -> the spelling the table uses, so ``LATIN1`` and ``8859/1``
 #: are stored as the same charset.
 _PREFERRED = {codecs.lookup(codec).name: codec for codec in HL7_CHARSETS.values()}
+_PREFERRED[codecs.lookup("iso-8859-1").name] = LATIN1_AS_WINDOWS_1252  # LATIN1, L1, ISO8859-1
 #: Codecs Python knows that are not character sets a sender could mean.
 _NOT_CHARSETS = frozenset(
     {"charmap", "idna", "punycode", "unicode-escape", "raw-unicode-escape", "undefined"}

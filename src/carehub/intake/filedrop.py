@@ -33,7 +33,9 @@ again without the stray text.
 One file that cannot be taken never holds up the others: a file the hub may not read goes to
 error/ with the reason; one it cannot move (processed/ not writable) is left where it is, with
 one WARNING, and skipped until it changes, while newer files go on. A folder dropped into the
-inbox is named once in the log.
+inbox is named once in the log. An inbox that cannot be read at all (the process out of file
+descriptors, the folder gone or not readable) is one WARNING a minute, without a traceback,
+saying how many scans failed meanwhile, and one INFO once a scan works again.
 
 Only regular files are read. A symbolic link is never followed - whoever may write the inbox
 could otherwise have the hub store any file it can read, its TLS key say - nor is a named pipe,
@@ -56,6 +58,7 @@ import heapq
 import io
 import logging
 import os
+import resource
 import stat as file_mode
 import tempfile
 import threading
@@ -71,6 +74,7 @@ from carehub.hl7.batch import MessageSlice, SplitData, Stray, split_stream
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake, IntakeResult
+from carehub.intake.tls import PeerReports
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,10 @@ class FileDropListener:
         #: go to error/ if still unchanged. Skipped till then, or till they change.
         self._held: dict[str, tuple[Signature, float]] = {}
         self._folders_named: set[str] = set()
+        #: Failed scans: when to log the next (once a minute), and how many since the last
+        #: scan that worked.
+        self._scan_reports = PeerReports()
+        self._scans_failed = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         #: Seen by the thread reading a file, which gives up when the listener stops.
@@ -143,10 +151,55 @@ class FileDropListener:
         while not self._stopping.is_set():
             try:
                 await self.scan_once()
-            except Exception:  # a bad file or folder must not end the watcher
-                log.exception("file drop %s: scan failed", self.name)
+            except Exception as err:  # a bad file or folder must not end the watcher
+                self._scan_failed(err)
+            else:
+                self._scan_worked()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.config.poll_interval)
+
+    def _scan_failed(self, err: Exception) -> None:
+        """Log a failed scan at most once a minute: it is tried again every poll_interval,
+        and a process out of file descriptors would otherwise write a traceback a second.
+        An OSError (the inbox cannot be read) is a WARNING saying why; anything else, a
+        fault in carehub, an ERROR with its traceback."""
+        self._scans_failed += 1
+        times = self._scan_reports.due("scan")
+        if not times:
+            return
+        if not isinstance(err, OSError):
+            log.error(
+                "file drop %s: scan failed (%d time(s) since the last line); logged at most "
+                "once a minute",
+                self.name,
+                times,
+                exc_info=err,
+            )
+            return
+        why = err.strerror or type(err).__name__
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else soft
+            why += f" (open-file limit {limit}, ulimit -n)"
+        log.warning(
+            "file drop %s: cannot read the inbox %s: %s; %d failed scan(s) since the last "
+            "line; files wait there until it can be read; logged at most once a minute",
+            self.name,
+            self.directory,
+            why,
+            times,
+        )
+
+    def _scan_worked(self) -> None:
+        if self._scans_failed:
+            log.info(
+                "file drop %s: the inbox %s is read again, after %d failed scan(s)",
+                self.name,
+                self.directory,
+                self._scans_failed,
+            )
+            self._scans_failed = 0
+            self._scan_reports = PeerReports()  # a later failure is logged at once
 
     def _ready_files(self) -> list[Path]:
         ready: list[Path] = []
@@ -162,7 +215,10 @@ class FileDropListener:
                 if Path(entry.path) in (self.processed_dir, self.error_dir):
                     continue  # its own folder, made a link to another place by the operator
                 # A link, pipe or device is taken too: take_file moves it to error/ unread.
-                stat = entry.stat(follow_symlinks=False)
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # taken away since the folder was listed
                 signature = _signature(stat)
                 first_seen = self._seen.get(entry.name)
                 if first_seen is None or first_seen[:2] != signature:

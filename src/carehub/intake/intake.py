@@ -263,14 +263,11 @@ class Intake:
                 outcome.reuses,
             )
         if self.on_accepted is not None and not outcome.duplicate:
-            patient = message.header.patient if message.header else None
+            # The order key the router makes of the stored row (routing.router.order_key):
+            # an identifier without an authority is its sending facility's (NewMessage.patient).
+            patient_id, authority = message.patient()
             self.on_accepted(
-                outcome.message_id,
-                patient_key(
-                    patient.value if patient else None,
-                    patient.authority if patient else None,
-                    outcome.message_id,
-                ),
+                outcome.message_id, patient_key(patient_id, authority, outcome.message_id)
             )
         return self._result(
             AckCode.ACCEPT, view, message, arrival, outcome.message_id, outcome.duplicate

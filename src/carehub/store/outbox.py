@@ -53,7 +53,7 @@ from carehub.store.schema import (
     messages,
     paused_destinations,
 )
-from carehub.store.store import EVENT_COLUMNS, DriverSQL, MessageStore, _aware
+from carehub.store.store import EVENT_COLUMNS, DriverSQL, MessageStore, _aware, scoped_authority
 
 if TYPE_CHECKING:
     from carehub.routing.router import PlannedDelivery, RoutingResult
@@ -470,6 +470,24 @@ class _WorkerSQL(DriverSQL):
             f"WHERE destination IN ({self.marks(destinations)})"
         )
 
+    def line_senders(self, destinations: int, order_keys: int) -> str:
+        """The sending facility (MSH-4) and patient authority of each message with an
+        unfinished delivery, or a dead letter that holds the line, in the lines (destination,
+        order key) named. Takes the destinations and keys twice."""
+        lines = (
+            f"d.destination IN ({self.marks(destinations)}) "
+            f"AND d.order_key IN ({self.marks(order_keys)})"
+        )
+        unfinished = _UNFINISHED_SQL.replace("deliveries.", "d.")
+        return (
+            "SELECT DISTINCT d.destination, d.order_key, m.sending_facility, "
+            "m.patient_authority FROM deliveries d JOIN messages m ON m.id = d.message_id "
+            f"WHERE {lines} AND {unfinished} "
+            "UNION SELECT DISTINCT d.destination, d.order_key, m.sending_facility, "
+            "m.patient_authority FROM deliveries d JOIN messages m ON m.id = d.message_id "
+            f"WHERE {lines} AND d.status = '{DeliveryStatus.DEAD.value}' AND d.holds_line"
+        )
+
     def ids_by_key(self, count: int) -> str:
         return (
             "SELECT idempotency_key, id FROM deliveries "
@@ -483,6 +501,28 @@ class _WorkerSQL(DriverSQL):
             f"JOIN messages m ON m.id = d.message_id WHERE d.message_id IN ({self.marks(count)}) "
             "ORDER BY d.id"
         )
+
+
+def _unscoped_line(order_key: str) -> tuple[str, str] | None:
+    """(the authority, the order key without it) of a patient's order key ``AUTH|ID``: the
+    line the patient's deliveries were in before an identifier sent without an authority was
+    keyed by its sending facility (store.scoped_authority), when ``AUTH`` may be that
+    facility's code; None for a key with no authority, or one of a message with no patient."""
+    authority, bar, value = order_key.partition("|")
+    if not (authority and bar and value) or authority == "message":
+        return None
+    return authority, f"|{value}"
+
+
+def _with_unscoped_lines(lines: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``lines`` and, for each, the unscoped line it may join (see Outbox._join_unscoped)."""
+    found: list[tuple[str, str]] = []
+    for destination, key in lines:
+        found.append((destination, key))
+        unscoped = _unscoped_line(key)
+        if unscoped is not None:
+            found.append((destination, unscoped[1]))
+    return found
 
 
 def _same_delivery(key: str, message_id: int) -> str:
@@ -529,6 +569,7 @@ _EARLY_COUNT = (
     .scalar_subquery()
     .label("early_attempts")
 )
+#: The steps that raised, of messages ``ids`` (a problem cleared since is outcome "cleared").
 _FAILED_STEPS = (
     select(
         message_steps.c.message_id,
@@ -740,7 +781,8 @@ class Outbox:
             handed: list[int] = []  # positions in planned
             parked: set[int] = set()
             if planned:
-                self._lock_lines(conn, ((d.destination, d.order_key) for _, _, d in planned))
+                lines = ((d.destination, d.order_key) for _, _, d in planned)
+                self._lock_lines(conn, _with_unscoped_lines(lines))
                 handed, parked = self._place_in_line(conn, planned, handover)
             leased = set(handed)
             lease_until = sql.time(moment + handover.lease) if handover else None
@@ -906,10 +948,12 @@ class Outbox:
         batch), to a destination the worker has room for, at most ``handover.room`` of them;
         and of those to write parked, as their line is stalled (see the module doc)."""
         destinations = tuple({d.destination for _, _, d in planned})
-        keys = tuple({d.order_key for _, _, d in planned})
+        keys = {d.order_key for _, _, d in planned}
+        unscoped = {key: line for key in keys if (line := _unscoped_line(key)) is not None}
+        asked = tuple(keys | {line for _, line in unscoped.values()})
         rows = conn.exec_driver_sql(
-            self._sql.busy_lines(len(destinations), len(keys)),
-            (destinations + keys) * 2 + destinations,
+            self._sql.busy_lines(len(destinations), len(asked)),
+            (destinations + asked) * 2 + destinations,
         )
         busy: set[tuple[str, str]] = set()
         stalled: set[tuple[str, str]] = set()
@@ -921,6 +965,8 @@ class Outbox:
             busy.add((destination, key))
             if attempts:  # failed once and waiting, or a dead letter holding the line (-1)
                 stalled.add((destination, key))
+        if unscoped:
+            self._join_unscoped(conn, planned, unscoped, busy)
         room = handover.room if handover is not None else 0
         full = handover.full if handover is not None else frozenset()
         handed: list[int] = []
@@ -936,6 +982,42 @@ class Outbox:
             if len(handed) < room and d.destination not in full:
                 handed.append(position)
         return handed, parked
+
+    def _join_unscoped(
+        self,
+        conn: Any,
+        planned: list[tuple[int, int, PlannedDelivery]],
+        unscoped: dict[str, tuple[str, str]],
+        busy: set[tuple[str, str]],
+    ) -> None:
+        """Put in their unscoped line (``|55501``) the planned deliveries whose own line
+        (``GEN|55501``) is free while that one still holds a delivery of the same sender's
+        patient, unfinished or dead and holding the line: routed before identifiers sent
+        without an authority were keyed by their sending facility. So they wait behind it as
+        they did before, and go on when it is retried or discarded; once it is empty, the
+        patient's deliveries keep to their own line. What another facility's patient left in
+        the unscoped line holds nothing of this one's."""
+        joining = [
+            d
+            for _, _, d in planned
+            if d.order_key in unscoped
+            and (d.destination, d.order_key) not in busy
+            and (d.destination, unscoped[d.order_key][1]) in busy
+        ]
+        if not joining:
+            return
+        destinations = tuple({d.destination for d in joining})
+        keys = tuple({unscoped[d.order_key][1] for d in joining})
+        rows = conn.exec_driver_sql(
+            self._sql.line_senders(len(destinations), len(keys)), (destinations + keys) * 2
+        )
+        senders: dict[tuple[str, str], set[str | None]] = {}
+        for destination, key, facility, authority in rows:
+            senders.setdefault((destination, key), set()).add(scoped_authority(authority, facility))
+        for d in joining:
+            authority, line = unscoped[d.order_key]
+            if authority in senders.get((d.destination, line), ()):
+                d.order_key = line
 
     def _handed_records(
         self,
@@ -1149,7 +1231,7 @@ class Outbox:
                 conn.exec_driver_sql(sql.park_line, park)
             if unpark:
                 conn.exec_driver_sql(sql.unpark_line, unpark)
-            finished = self._settle_messages(conn, {r.message_id for r in results}, now)
+            finished = self.settle_messages(conn, {r.message_id for r in results}, now)
         return finished
 
     def _finish_rows(
@@ -1189,10 +1271,12 @@ class Outbox:
         park, unpark = _line_moves(results, sql.time(PARKED), now)
         return delivery_rows, attempt_rows, park, unpark
 
-    def _settle_messages(self, conn: Any, message_ids: set[int], now: Any) -> list[int]:
+    def settle_messages(self, conn: Any, message_ids: set[int], now: Any) -> list[int]:
         """Messages whose deliveries are all done become delivered, or failed if any died or
-        a route raised in the latest run (the other routes finishing must not hide that). Of
-        the deliveries a reprocess made again, only the latest counts (see _same_delivery)."""
+        a route raised in the latest run (the other routes finishing must not hide that; a
+        step error cleared since, MessageStore.clear_step_problem, no longer counts). Of the
+        deliveries a reprocess made again, only the latest counts (see _same_delivery). Runs
+        in the caller's transaction (``conn``)."""
         by_message: dict[int, dict[str, str]] = {}
         routing_failed: set[int] = set()
         ids = tuple(sorted(message_ids))

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -49,6 +50,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
 from carehub import __version__
+from carehub.events import facility_code
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest, unescape
@@ -119,6 +121,10 @@ class NewMessage:
     #: content (a control ID reused; the newest of its group, else one the index finds
     #: first), noted in this row's intake detail.
     reuses: int | None = None
+    #: patient() once worked out: the insert and intake's queueing both ask for it.
+    _patient: tuple[str | None, str | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def sender_key(self) -> str | None:
         """MSH-3, MSH-4 and MSH-10, each followed by a separator: how every identity of this
@@ -160,7 +166,7 @@ class NewMessage:
         one message with a 40-character MSH-9 cannot fail the commit of every message in
         its group on PostgreSQL."""
         h = self.header
-        patient = h.patient if h else None
+        patient_id, authority = self.patient()
         received = time(self.received_at)
         detail = _fit(self.intake_note())
         return (
@@ -180,8 +186,8 @@ class NewMessage:
             _fit(h.structure or None, _CODE) if h else None,
             _fit(h.control_id or None, _CONTROL_ID) if h else None,
             _fit(h.version or None, _CODE) if h else None,
-            _fit(patient.value, _NAME) if patient else None,
-            _fit(patient.authority, _NAME) if patient else None,
+            patient_id,
+            authority,
             self.ack_code,
             self.status.value,
             received,
@@ -189,6 +195,20 @@ class NewMessage:
             detail,  # intake_detail: what intake noted, kept when later statuses replace detail
             self.identity(),
         )
+
+    def patient(self) -> tuple[str | None, str | None]:
+        """(patient_id, patient_authority) as the row holds them: PID-3's identifier and its
+        authority, else the sending facility's code (scoped_authority); the order key of
+        the message's deliveries is made of them."""
+        if self._patient is not None:
+            return self._patient
+        h = self.header
+        if h is None or (patient := h.patient) is None:
+            self._patient = (None, None)
+        else:
+            authority = scoped_authority(patient.authority, h.sending_facility) or ""
+            self._patient = (_fit(patient.value, _NAME), _fit(authority, _NAME))
+        return self._patient
 
     def stored(self, message_id: int) -> StoredMessage:
         """The row as committed under ``message_id``, as get_many would read it back."""
@@ -618,6 +638,54 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / STORE_FILE).resolve()}"
 
 
+#: What SQLite keeps beside a database file; each holds messages as the database does.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+#: The mode of a store file: the hub's user only.
+PRIVATE_FILE_MODE = 0o600
+#: Permission bits that open a file to other accounts (its group and everyone).
+_OTHER_ACCOUNTS = 0o077
+
+
+def keep_store_private(database: Path) -> None:
+    """Create a SQLite store's database file with mode 0600 before SQLite opens it, whichever
+    command makes the store: SQLite gives the -wal, -shm and -journal files its database's
+    mode whatever the umask, so all of them are the hub's user's only. A store found open to
+    other accounts (made by an earlier release, or copied in with a loose mode) is made
+    private at once, with a WARNING naming each file: it holds patient messages, and
+    refusing to start would stop every feed over what the hub can put right itself."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    if os.name != "posix":  # no group and other bits to take away
+        return
+    for path in (database, *(Path(f"{database}{suffix}") for suffix in SQLITE_COMPANIONS)):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:  # not there (no -journal in WAL mode), or for SQLite to report
+            continue
+        if not mode & _OTHER_ACCOUNTS:
+            continue
+        try:
+            os.chmod(path, mode & ~_OTHER_ACCOUNTS)
+        except OSError as err:
+            log.warning(
+                "store file %s is open to other accounts (mode %03o) and could not be made "
+                "private (%s): it holds patient messages; make it the hub's user's only "
+                "(chmod 600)",
+                path,
+                mode,
+                err.strerror or type(err).__name__,
+            )
+        else:
+            log.warning(
+                "store file %s was open to other accounts (mode %03o): made private "
+                "(mode %03o); it holds patient messages, so check who may have read it and "
+                "any copies made from it",
+                path,
+                mode,
+                mode & ~_OTHER_ACCOUNTS,
+            )
+
+
 #: Messages RecentMessages holds at most: a worker further behind than this reads the store.
 RECENT_CAPACITY = 4096
 
@@ -758,12 +826,26 @@ def _newer_schema(revision: str, head: str | None) -> str:
 _MERGE_TRIGGERS = frozenset({"A30", "A34", "A36", "A39", "A40"})
 
 
+def scoped_authority(authority: str | None, sending_facility: str | None) -> str | None:
+    """The authority a patient identifier is keyed by: its own (PID-3.4), else the sending
+    facility's code (MSH-4), as carehub.events.scoped_identifier scopes Patient.key, so two
+    hospitals' 55501 sent without one are two patients (and two order keys). Rows stored
+    before hold an empty authority: read through this, they key as their sender's."""
+    return authority or facility_code(sending_facility) or None
+
+
 def _patient_of(message: StoredMessage) -> tuple[str, str | None]:
-    return (message.patient_id or "", message.patient_authority or None)
+    """(PID-3.1, its authority as scoped_authority gives it): the patient whose earlier
+    messages go first (MessageStore.unrouted_before)."""
+    return (
+        message.patient_id or "",
+        scoped_authority(message.patient_authority, message.sending_facility),
+    )
 
 
 def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
-    """(MRG-1.1, MRG-1.4.1) of each MRG of a merge message: the identifiers it retires."""
+    """(MRG-1.1, MRG-1.4.1) of each MRG of a merge message: the identifiers it retires, one
+    without an authority scoped by the sender as PID-3 is (scoped_authority)."""
     if (message.trigger_event or "").upper() not in _MERGE_TRIGGERS:
         return []
     try:
@@ -781,7 +863,8 @@ def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
             if seps.escape in repetition:  # read as PID-3 is read (header.primary_patient_id)
                 parts = [unescape(part, seps) for part in parts]
             if parts[0]:
-                found.append((parts[0], parts[3].split(seps.subcomponent, 1)[0] or None))
+                authority = parts[3].split(seps.subcomponent, 1)[0]
+                found.append((parts[0], scoped_authority(authority, message.sending_facility)))
     return found
 
 
@@ -837,6 +920,7 @@ class MessageStore:
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            keep_store_private(Path(path))
         # hide_parameters: a database error must never print message bodies or identifiers
         # into the logs (SQLAlchemy otherwise quotes the statement's parameters).
         engine = create_engine(
@@ -1307,6 +1391,7 @@ class MessageStore:
                 insert(message_events),
                 {"message_id": message_id, "at": now, "event": status.value, "detail": detail},
             )
+
     def clear_step_problem(self, message_id: int, problem: str, note: str) -> str | None:
         """A problem a route step raised (StepProblem, recorded as the step's error) was dealt
         with since: the message, failed for it alone in its latest routing run, takes the
@@ -1314,7 +1399,10 @@ class MessageStore:
         history saying why, and then delivered or failed as its deliveries stand (routed
         while some still wait). Returns the status it ends in; None, changing nothing, when
         it is not failed for ``problem`` alone (not routed yet, routed again since, or
-        failed for something else too)."""
+        failed for something else too). The step rows that raised it are marked ``cleared``
+        (their error kept as their output): settling the message again later (a dead letter
+        of it retried) must not fail it for a problem dealt with, and `messages show` tells
+        the step that raised it from one that still fails."""
         from carehub.store.outbox import Outbox  # outbox builds on this module
 
         outbox = Outbox(self)
@@ -1330,24 +1418,31 @@ class MessageStore:
             ).rowcount:
                 return None
             steps = conn.execute(
-                select(message_steps.c.run, message_steps.c.outcome, message_steps.c.output)
+                select(
+                    message_steps.c.id,
+                    message_steps.c.run,
+                    message_steps.c.outcome,
+                    message_steps.c.output,
+                )
                 .where(message_steps.c.message_id == message_id)
                 .order_by(message_steps.c.id)
             ).all()
             latest = max((row.run for row in steps), default=None)
-            errors = [
-                self._step_error(row.output)
-                for row in steps
-                if row.run == latest and row.outcome == "error"
-            ]
+            raised = [row for row in steps if row.run == latest and row.outcome == "error"]
+            errors = [self._step_error(row.output) for row in raised]
             if not errors or not all(text.endswith(f": {problem}") for text in errors):
                 transaction.rollback()
                 return None
             conn.execute(
+                update(message_steps)
+                .where(message_steps.c.id.in_([row.id for row in raised]))
+                .values(outcome="cleared")  # message_steps.outcome fits 16 characters
+            )
+            conn.execute(
                 insert(message_events),
                 {"message_id": message_id, "at": now, "event": routed, "detail": note},
             )
-            outbox._settle_messages(conn, {message_id}, self.sql.time(now))
+            outbox.settle_messages(conn, {message_id}, self.sql.time(now))
             return conn.execute(
                 select(messages.c.status).where(messages.c.id == message_id)
             ).scalar()
@@ -1359,7 +1454,6 @@ class MessageStore:
             value = json.loads(output or '""')
             return value if isinstance(value, str) else str(value)
         return output or ""
-
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, message_id: int) -> StoredMessage | None:
@@ -1414,16 +1508,19 @@ class MessageStore:
         # took to answer it (the status index finds the few rows waiting).
         marks = ", ".join(self.sql.mark for _ in patients)
         query = (
-            "SELECT id, patient_id, patient_authority FROM messages WHERE status = "
-            f"'{MessageStatus.RECEIVED.value}' AND id < {self.sql.mark} "
+            "SELECT id, patient_id, patient_authority, sending_facility FROM messages "
+            f"WHERE status = '{MessageStatus.RECEIVED.value}' AND id < {self.sql.mark} "
             f"AND patient_id IN ({marks}) ORDER BY id"
         )
         with self.engine.connect() as conn:
             rows = conn.exec_driver_sql(query, (max(first.values()), *patients)).all()
+        # A row stored before identifiers were scoped by their sender has no authority: it
+        # is its sender's patient (scoped_authority), as the batch's messages are.
         return [
             row_id
-            for row_id, patient_id, authority in rows
-            if row_id not in taken and row_id < first.get((patient_id, authority or None), -1)
+            for row_id, patient_id, authority, facility in rows
+            if row_id not in taken
+            and row_id < first.get((patient_id, scoped_authority(authority, facility)), -1)
         ]
 
     def history(self, message_id: int) -> list[StatusChange]:
@@ -1908,11 +2005,19 @@ class _CareRetention:
                 part for key in chunk for part in (key.partition("|")[2], key.rpartition("|")[2])
             }
             found = conn.execute(
-                select(messages.c.patient_id, messages.c.patient_authority)
+                select(
+                    messages.c.patient_id,
+                    messages.c.patient_authority,
+                    messages.c.sending_facility,
+                )
                 .distinct()
                 .where(messages.c.patient_id.in_(sorted(values)), message_stays)
             )
-            held.update(patient_key(value, authority, 0) for value, authority in found)
+            for value, authority, facility in found:
+                # A row stored before identifiers were scoped carries both keys: the bare
+                # one it was keyed by then, and its sender's (scoped_authority).
+                held.add(patient_key(value, authority, 0))
+                held.add(patient_key(value, scoped_authority(authority, facility), 0))
         return held & keys
 
     # -- dry run and prune -------------------------------------------------------------------
