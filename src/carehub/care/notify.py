@@ -626,18 +626,21 @@ class Notifier:
 
     def _alert_overdue_referrals(self, now: datetime) -> None:
         """A referral nobody answered in time: tell the patient's care coordinators (those
-        told of any of the patient's visits), then mark the referral alerted."""
+        told of any of the patient's visits, else the roster's), then mark the referral
+        alerted. One with nobody to tell is not marked: its timeline says so once, and the
+        alert goes at the first tick that finds someone (a coordinator added to the roster)."""
         from carehub.referrals.state import (
             ReferralTracker,
             inactive_warning,
+            party_organization,
             referral_id_of,
             referral_recipients,
         )
 
         engine = self.context.store.engine  # type: ignore[union-attr]
         tracker = ReferralTracker(engine)
-        late = tracker.overdue(now)
-        for referral in late:
+        told: list[int] = []
+        for referral in tracker.overdue(now):
             patient_key = referral.patient_key or ""
             referred_to = referral.referred_to or {}
             holders = referral_recipients(referral, engine)
@@ -650,6 +653,9 @@ class Notifier:
                 referred_to=(referred_to.get("organization") or {}).get("name")
                 or ", ".join(holders)
                 or "the service",
+                # Made to a person by name (a specialist), not to an organisation.
+                to_person=bool(referred_to.get("practitioner"))
+                and not party_organization(referred_to),
                 reason=referral.reason or "",
                 # Sent to an organisation the directory lists as not active: due at once.
                 inactive=inactive_warning(referral.matches) or "",
@@ -657,7 +663,7 @@ class Notifier:
                 if referral.due_at
                 else "",
             )
-            self._tell_coordinators(
+            nobody = self._tell_coordinators(
                 "referral_overdue",
                 self._rows(patient_key=patient_key),
                 context,
@@ -670,9 +676,18 @@ class Notifier:
                         referral_events.c.referral_id == referral.id
                     )
                 ),
+                record_nobody=False,
             )
-        if late:
-            tracker.mark_alerted([r.id for r in late if r.id is not None], now)
+            if referral.id is None:
+                continue
+            if nobody is None:
+                told.append(referral.id)
+            elif tracker.note_unalerted(referral, nobody, now):
+                # Once, as the referral's timeline says it: not again at every tick.
+                row = {"encounter_id": None, "patient_key": patient_key, "kind": "referral_overdue"}
+                self._insert_rows([{**row, **_NOBODY, "reason": nobody}])
+        if told:
+            tracker.mark_alerted(told, now)
 
     def _tell_coordinators(
         self,
@@ -685,20 +700,25 @@ class Notifier:
         encounter_id: int | None,
         about: str,
         message_id: int | None,
-    ) -> None:
+        record_nobody: bool = True,
+    ) -> str | None:
         """Send `kind` to each care coordinator among those told earlier (`earlier` are
         notification rows); else to the coordinators the roster lists for the patient now (a
         patient nobody was told about yet, one merged into a rostered patient since, one whose
         coordinator was added later), the alert going with ``message_id``; else record that
-        nobody could be told and why. A patient who opted out (roster or message) is never
-        the subject of an alert: that is recorded as the reason instead."""
+        nobody could be told and why (unless not ``record_nobody``: the caller records it).
+        A patient who opted out (roster or message) is never the subject of an alert: that
+        is recorded as the reason instead. Returns None when someone was told (queued), else
+        why nobody was."""
         row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
         opted_out = self.care_team.opt_out(patient_key) if self.care_team is not None else None
         if opted_out is not None:
             # Nobody hears anything about an opted-out patient, not even those told before
             # the patient opted out.
-            self._insert_rows([{**row, **_NOBODY, "reason": f"{about}: {opted_out}"}])
-            return
+            nobody = f"{about}: {opted_out}"
+            if record_nobody:
+                self._insert_rows([{**row, **_NOBODY, "reason": nobody}])
+            return nobody
         coordinators = {
             (r["recipient"], r["channel"], r["address"]): r
             for r in earlier
@@ -719,8 +739,9 @@ class Notifier:
                 told = {"message_id": message_id, "role": member.role}
                 coordinators[(member.id, member.channel, member.address)] = told
         if not coordinators:
-            self._insert_rows([{**row, **_NOBODY, "reason": reason}])
-            return
+            if record_nobody:
+                self._insert_rows([{**row, **_NOBODY, "reason": reason}])
+            return reason
         for (recipient, channel, address), told in coordinators.items():
             subject, body = self.render(kind, channel, context)
             key = key_of_this_store(f"{key_prefix}-{_safe(recipient)}", self.context)
@@ -741,6 +762,7 @@ class Notifier:
             )
             planned = self._planned(kind, channel, address, subject, body, key, patient_key)
             self._schedule(planned, told["message_id"])
+        return None
 
     def _planned(
         self,

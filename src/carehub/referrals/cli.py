@@ -35,7 +35,7 @@ def referrals() -> None:
     "--overdue", is_flag=True, help="Only referrals still waiting for an answer past due."
 )
 @click.option("--status", help="One FHIR Task status (requested, accepted, completed ...).")
-@click.option("--patient", help="Patient id (PID-3.1), or authority|id.")
+@click.option("--patient", help="Patient id (PID-3.1), or authority|id; merged ids follow.")
 @click.option("--limit", type=LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_command(
@@ -109,6 +109,8 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     why). A referral id comes before a row id: 2 is the referral numbered 2."""
     from carehub.hub import open_store
     from carehub.referrals.state import (
+        AWAITING_RESPONSE,
+        UNALERTED,
         party_name,
         referral_recipients,
         referral_timeline,
@@ -131,6 +133,13 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
     console = new_console()
     rec = timeline.referral
     name = display_name((rec.snapshot.get("patient") or {}).get("name"))
+    alerted = short_time(rec.alerted_at) or "-"
+    if (
+        rec.alerted_at is None
+        and rec.status in AWAITING_RESPONSE
+        and any(e.action == UNALERTED for e in timeline.events)
+    ):
+        alerted = "- (overdue, nobody to alert yet: see the timeline)"
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -145,7 +154,7 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
         ("created (UTC)", short_time(rec.created_at)),
         ("due (UTC)", short_time(rec.due_at) or "-"),
         ("closed (UTC)", short_time(rec.closed_at) or "-"),
-        ("alerted (UTC)", short_time(rec.alerted_at) or "-"),
+        ("alerted (UTC)", alerted),
     ]
     for label, value in facts:
         header.add_row(label, Text(value))
@@ -166,7 +175,9 @@ def show_command(config: HubConfig, data_dir: Path, referral: str, as_json: bool
             if control_id:
                 message += f" ({control_id})"
         move = f"{event.from_status or '-'} -> {event.to_status or '-'}"
-        if event.accepted:
+        if event.action == UNALERTED:
+            result = Text(str(event.detail.get("note") or "nobody to alert"), style="yellow")
+        elif event.accepted:
             result = Text(f"applied{_suffix(event.detail.get('note'))}")
         else:
             result = Text(f"REFUSED: {event.reason or 'no reason recorded'}", style="red")

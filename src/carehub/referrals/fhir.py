@@ -73,7 +73,13 @@ must not grow into what another was chosen for. One that moves the referral patc
 and performer, and the Task's status back to ``requested`` only while the Task is still the
 previous owner's: a reprocess, once the new owner has answered, leaves its answer alone.
 Conditional patch is FHIR R4 (http.html#patch); a match on no resource is answered 404, taken
-as "the referral has not reached the server yet" and retried. A cancel reads the Task first:
+as "the referral has not reached the server yet" and retried. A modify or cancel of a referral
+the channel never sent to this server (one kept at the referral desk, whose I13 or I14 left out
+its clinical RF1-3) is skipped, saying so: retried, it would only end as a dead letter. Never
+sent means no Task of it in the task file and no create of it to this base URL among the
+deliveries of the messages that made it; a create still waiting or retrying counts as sent, so
+the change waits behind it, and so does a referral whose making message retention has deleted
+(nothing tells then). A cancel reads the Task first:
 one the organisation has closed since the last poll (completed, rejected) is not overwritten,
 and its status is recorded as a poll would; an open one is patched by its id with ``ifMatch``
 on the version read, so a change the organisation makes in between is answered 412 and the
@@ -115,6 +121,7 @@ from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
 
 from carehub.builtins.http_channel import (
     HttpAnswer,
@@ -139,6 +146,7 @@ from carehub.events import (
     Practitioner,
     Referral,
     date_as_sent,
+    facility_code,
 )
 from carehub.fhir import (
     FHIR_CONTENT_TYPE,
@@ -160,16 +168,26 @@ from carehub.fhir import (
 )
 from carehub.referrals.state import (
     CLOSED_STATUSES,
+    SENT_AS_NEW_ACTIONS,
     STATUSES,
     ReferralMemory,
     ReferralRecord,
     ReferralStateEnricher,
     ReferralTracker,
     ReferralTransition,
+    json_object,
     party_organization,
     placed_referral_key,
 )
 from carehub.resources.matching import chosen_match, referred_to_name, same_organization
+from carehub.store.schema import (
+    DeliveryStatus,
+    MessageStatus,
+    deliveries,
+    messages,
+    referral_events,
+    referrals,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -660,7 +678,8 @@ def build_referral_resources(
 
     # Patient: conditional create, referenced by urn:uuid and by identifier.
     patient_system = identifier_system(
-        patient.primary.authority or event.sending_facility, options.identifier_systems
+        patient.primary.authority or facility_code(event.sending_facility),
+        options.identifier_systems,
     )
     patient_resource = _patient_resource(patient, patient_system)
     patient_url = stable_urn(seed, "Patient")
@@ -1228,7 +1247,8 @@ class FhirReferralChannel(HttpChannel):
     Location. Errors map like the webhook channel: 408, 425, 429, 5xx, timeouts and network
     errors are retryable; 3xx, other 4xx, 501 and 505 are not (the server refused this Bundle
     for good, e.g. 400 invalid or 412 ambiguous ``ifNoneExist``), except a 404 to a modify or
-    cancel, whose referral may still be on its way to the server. What the Bundle leaves out
+    cancel, whose referral may still be on its way to the server; one of a referral never sent
+    to it is skipped instead (see the module docstring). What the Bundle leaves out
     of the referral message (dates that contradict each other) is named in the delivery's
     ``left_out`` and after its receipt.
 
@@ -1343,6 +1363,10 @@ class FhirReferralChannel(HttpChannel):
         operation = outgoing.metadata.get("operation", "create")
         if operation == "none":
             raise NothingToSend(outgoing.metadata.get("not_sent", "nothing to send"))
+        if operation in ("modify", "cancel"):
+            never = await asyncio.to_thread(self._never_created_here, outgoing, operation)
+            if never:
+                raise NothingToSend(never)
         url = self.options.base_url
         headers = self._headers(
             {"Content-Type": outgoing.content_type, "Idempotency-Key": outgoing.idempotency_key}
@@ -1394,6 +1418,24 @@ class FhirReferralChannel(HttpChannel):
             )
         return f"HTTP {status} Task/{task_id}"
 
+    def _never_created_here(self, outgoing: Outgoing, operation: str) -> str | None:
+        """Why a modify or cancel has nothing to change at this server (its referral was
+        never sent here), else None: a patch of it would be answered 404 at every retry.
+        Without the store (nothing recorded) it is sent as before."""
+        key = outgoing.metadata.get("referral_key")
+        store = self.context.store
+        if not key or store is None:
+            return None
+        if any(e.get("referral_key") == key for e in self.tasks.all().values()):
+            return None
+        if _created_at(store.engine, key, self.options.base_url, self.name) is not False:
+            return None
+        server = without_password(self.options.base_url)
+        return (
+            f"{operation}: the referral was never sent to {server} (it went to the referral "
+            "desk only, or elsewhere), so there is nothing there to change"
+        )
+
     async def _call(
         self,
         method: str,
@@ -1434,7 +1476,7 @@ class FhirReferralChannel(HttpChannel):
             if status in STATUSES and status != "cancelled":
                 detail = {
                     "task": f"Task/{task_id}",
-                    "server": self.options.base_url,
+                    "server": without_password(self.options.base_url),
                     "note": f"the Task was already {status} when the cancel was to be sent; "
                     "the cancel was not sent",
                 }
@@ -1632,7 +1674,10 @@ class FhirReferralChannel(HttpChannel):
             log.warning("fhir-referral: %s has status %r; not applied", shown, status)
             self.tasks.update(task_id, last_status=status)
             return None
-        detail: dict[str, Any] = {"task": f"Task/{task_id}", "server": self.options.base_url}
+        detail: dict[str, Any] = {
+            "task": f"Task/{task_id}",
+            "server": without_password(self.options.base_url),
+        }
         reason = ((task.get("statusReason") or {}).get("text")) or (
             (task.get("businessStatus") or {}).get("text")
         )
@@ -1650,6 +1695,66 @@ class FhirReferralChannel(HttpChannel):
         else:
             self.tasks.update(task_id, last_status=status, last_owner=answered_by)
         return transition
+
+
+#: A create delivery in one of these has reached the server, or may yet (a dead letter can be
+#: retried by an operator); skipped and discarded ones never will.
+_MAY_HAVE_CREATED = (
+    DeliveryStatus.DELIVERED.value,
+    DeliveryStatus.PENDING.value,
+    DeliveryStatus.SENDING.value,
+    DeliveryStatus.DEAD.value,
+)
+
+
+def _created_at(engine: Engine, key: str, base_url: str, channel: str) -> bool | None:
+    """Whether referral ``key`` was sent (or is on its way) to the FHIR server at
+    ``base_url`` by a ``channel`` forward: True when a create of it to that server was
+    delivered or is still waiting, retrying or held as a dead letter; False when every message
+    that made the referral (its I12, a release) is in the store, routed, with no such create;
+    None when that cannot be told (no referral, a making message retention deleted or not
+    routed yet), which the caller takes as "maybe", not as "no"."""
+    with engine.connect() as conn:
+        referral_id = conn.execute(
+            select(referrals.c.id).where(referrals.c.referral_key == key)
+        ).scalar()
+        if referral_id is None:
+            return None
+        made_by = {
+            row.message_id
+            for row in conn.execute(
+                select(referral_events.c.message_id).where(
+                    referral_events.c.referral_id == referral_id,
+                    referral_events.c.accepted.is_(True),
+                    referral_events.c.action.in_(SENT_AS_NEW_ACTIONS),
+                )
+            )
+        }
+        if not made_by or None in made_by:
+            return None
+        routed = dict(
+            conn.execute(
+                select(messages.c.id, messages.c.status).where(messages.c.id.in_(made_by))
+            ).all()
+        )
+        if set(routed) != made_by or MessageStatus.RECEIVED.value in routed.values():
+            return None
+        rows = conn.execute(
+            select(deliveries.c.metadata).where(
+                deliveries.c.message_id.in_(made_by),
+                deliveries.c.channel == channel,
+                deliveries.c.status.in_(_MAY_HAVE_CREATED),
+            )
+        ).all()
+    for (text,) in rows:
+        meta = json_object(text)
+        if (
+            meta.get("operation") == "create"
+            and meta.get("referral_key") == key
+            and meta.get("destination") == base_url
+        ):
+            return True
+    return False
 
 
 def _same_owner(held: Any, wanted: dict[str, Any]) -> bool:

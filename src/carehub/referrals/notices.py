@@ -93,6 +93,7 @@ from carehub.referrals.state import (
     ReferralTransition,
     json_object,
     organizations_sent,
+    party_recipient,
     referral_id_of,
 )
 from carehub.resources.matching import chosen_match, referred_to_name, same_organization
@@ -570,7 +571,16 @@ class ReferralNotifier:
             name=org_name or "",
         )
         if not org_name and not org_id:
-            decision.reason = "no community organisation chosen (no referred-to party, no match)"
+            person = party_recipient(transition.summary.get("referred_to"))
+            if person:
+                # Made to a person by name (a specialist, a health worker): it has gone to
+                # them, and the directory has no address of theirs to email it to.
+                decision.name = person
+                decision.reason = f"names {person}, not an organisation: no address to email"
+            else:
+                decision.reason = (
+                    "no community organisation chosen (no referred-to party, no match)"
+                )
             return decision
         address = _match_email(match) or self._fallback_address(
             org_id, org_name, (match or {}).get("service_id")

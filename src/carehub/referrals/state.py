@@ -10,7 +10,10 @@ referral management (requester sets requested; the responder sets received/accep
 in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 messages map onto it:
 
 - ``REF^I12`` (new) -> a referral in ``requested``, due for an answer ``response_hours`` later.
-  A second I12 for a referral already on file is a resend: recorded, nothing changes.
+  A second I12 for a referral already on file is a resend: recorded, nothing changes. One
+  with other content (priority, type, reason, parties) is applied as a modify, its timeline
+  row saying a second I12 changed it: a referrer's system often resends the I12 rather than
+  send an I13, and a STAT upgrade dropped as a resend would be lost unseen.
 - ``REF^I13`` (modify) -> the referrer's fields (priority, type, reason, parties, snapshot) are
   updated; the status stays. An I13 for an unknown id creates the referral (the referrer owns it
   and the I13 carries the whole referral, so losing the I12 must not lose the referral); an I13
@@ -57,9 +60,14 @@ in-progress/on-hold/failed/completed; either may cancel). HL7 v2 chapter 11 mess
 - Resends: a message already applied returns its recorded transition unchanged.
 - :meth:`ReferralTracker.advance` applies the same checks to updates that are not v2 messages
   (a CBO's webhook, a FHIR Task poll, an operator).
+- A referral goes to the party it names (PRD role RT): an organisation, or a person named
+  without one (a specialist); else to its top community match. One with none of these is
+  held (``ReferralTransition.held``): its changes and cancel have nobody to reach.
 - Overdue: a referral still ``requested``/``received`` after ``due_at`` has had no answer; the
-  tick raises one alert per referral (``mark_alerted``). One sent (new, or moved by a modify)
-  to an organisation the directory lists as not active is due at once (:func:`record_matches`).
+  tick raises one alert per referral, marked once someone was told (``mark_alerted``). One
+  nobody could be told of says so on its timeline once (``note_unalerted``) and is alerted
+  when someone can be. One sent (new, or moved by a modify) to an organisation the directory
+  lists as not active is due at once (:func:`record_matches`).
 
 Without a store (dry runs) the same rules run over an in-memory copy of the tables.
 """
@@ -392,8 +400,8 @@ class ReferralTransition:
     #: party now: the organisation that had it must hear it no longer stands with them.
     changed_fields: list[str] = field(default_factory=list)
     referred_to_before: dict[str, Any] | None = None
-    #: The referral has gone to no organisation (none named, none matched when it was made):
-    #: a change or cancel of it has nobody to reach.
+    #: The referral has gone to nobody (no organisation or person named, no organisation
+    #: matched when it was made): a change or cancel of it has nobody to reach.
     held: bool = False
 
     @property
@@ -484,10 +492,11 @@ def organizations_sent(engine: Engine, referral_id: int) -> list[tuple[str, str,
 
 
 def referral_recipients(record: ReferralRecord, engine: Engine | None) -> list[str]:
-    """The organisations that have the referral, as far as carehub knows: the one it names
-    (PRD role RT; after a modify, the one named now), else the top community match it went
-    out with (the rule of resources.matching.chosen_match); and those it was emailed to and
-    not withdrawn from. Empty: it was held, sent nowhere (nothing named, nothing matched).
+    """Who has the referral, as far as carehub knows: the party it names (PRD role RT; after
+    a modify, the one named now: an organisation, else the person named, such as a
+    specialist), else the top community match it went out with (the rule of
+    resources.matching.chosen_match); and the organisations it was emailed to and not
+    withdrawn from. Empty: it was held, sent nowhere (nobody named, nothing matched).
 
     The same reads are made whatever the referral, so that the time a status call takes does
     not tell a caller which of another organisation's referrals exist."""
@@ -500,7 +509,7 @@ def referral_recipients(record: ReferralRecord, engine: Engine | None) -> list[s
 def _recipients(record: ReferralRecord, emailed: Iterable[str]) -> list[str]:
     """referral_recipients, given the names of the organisations emailed it."""
     found: list[str] = []
-    named = party_organization(record.referred_to) or _top_match(record.matches)
+    named = party_recipient(record.referred_to) or _top_match(record.matches)
     if named:
         found.append(named)
     for name in emailed:
@@ -546,6 +555,18 @@ def party_organization(party: dict[str, Any] | None) -> str | None:
     if not organization:
         organization = (party.get("practitioner") or {}).get("organization")
     return str(organization) if organization else None
+
+
+def party_recipient(party: dict[str, Any] | None) -> str | None:
+    """Whom a stored referral party (PRD role RT) sends the referral to: its organisation
+    (party_organization), else the person it names. A referral made to a specialist by name
+    has gone to them: it is not held, and its modify and cancel must follow it there."""
+    organization = party_organization(party)
+    if organization:
+        return organization
+    practitioner = (party or {}).get("practitioner") or {}
+    person = display_name(practitioner, with_prefix=True) or practitioner.get("id")
+    return str(person) if person else None
 
 
 def _party(
@@ -619,8 +640,10 @@ class _Backend(Protocol):
     def save(self, rec: ReferralRecord) -> int: ...
     def add_event(self, row: dict[str, Any], message_key: Any) -> int: ...
     def events(self, rec: ReferralRecord) -> list[ReferralEvent]: ...
+    def events_of(self, referral_id: int, action: str) -> list[ReferralEvent]: ...
     def awaiting(self) -> list[ReferralRecord]: ...
     def mark_alerted(self, referral_id: int, now: datetime) -> bool: ...
+    def hold(self, referral_id: int) -> None: ...
     def merged_into(self, patient_key: str) -> str | None: ...
     def outbox_organizations(self, referral_id: int) -> _OutboxOrganizations: ...
     def orphans(self, keys: Iterable[str]) -> list[ReferralEvent]: ...
@@ -761,6 +784,17 @@ class _SqlBackend:
     def events(self, rec: ReferralRecord) -> list[ReferralEvent]:
         return [_to_event(r) for r in self.conn.execute(_events_query(rec))]
 
+    def events_of(self, referral_id: int, action: str) -> list[ReferralEvent]:
+        rows = self.conn.execute(
+            select(referral_events)
+            .where(
+                referral_events.c.referral_id == referral_id,
+                referral_events.c.action == action,
+            )
+            .order_by(referral_events.c.id)
+        )
+        return [_to_event(r) for r in rows]
+
     def awaiting(self) -> list[ReferralRecord]:
         rows = self.conn.execute(
             select(referrals)
@@ -781,6 +815,16 @@ class _SqlBackend:
             .values(alerted_at=_utc(now))
         )
         return result.rowcount == 1
+
+    def hold(self, referral_id: int) -> None:
+        """Write to the referral's row (changing nothing) before reading it: the write holds
+        the row (SQLite: the store) until the commit, so a second process doing the same
+        waits for this one and then reads what it wrote."""
+        self.conn.execute(
+            update(referrals)
+            .where(referrals.c.id == referral_id)
+            .values(alerted_at=referrals.c.alerted_at)
+        )
 
     def merged_into(self, patient_key: str) -> str | None:
         return self.conn.execute(
@@ -876,6 +920,13 @@ class _MemoryBackend:
             or (e.referral_id is None and e.referral_key == rec.referral_key)
         ]
 
+    def events_of(self, referral_id: int, action: str) -> list[ReferralEvent]:
+        return [
+            copy.deepcopy(e)
+            for _, e in self.t.events
+            if e.referral_id == referral_id and e.action == action
+        ]
+
     def awaiting(self) -> list[ReferralRecord]:
         return [
             copy.deepcopy(r)
@@ -889,6 +940,9 @@ class _MemoryBackend:
             return False
         rec.alerted_at = _utc(now)
         return True
+
+    def hold(self, referral_id: int) -> None:
+        return None  # the memory's lock is held for the whole session
 
     def merged_into(self, patient_key: str) -> str | None:
         return None  # a dry run's merges are the encounter-state step's, not kept here
@@ -1112,23 +1166,42 @@ class ReferralTracker:
         return f"no referral {_label(key)}"
 
     def _on_new(self, ctx: _Context, rec: ReferralRecord | None, key: str) -> ReferralTransition:
-        if rec is not None:
-            return self._record(
-                ctx,
-                rec,
-                rec.referral_key,
-                "resend",
-                rec.status,
-                note=f"referral already on file ({rec.status}): nothing changed",
-            )
-        rec = self._create(ctx, key)
-        return self._created(ctx, rec, key)
+        if rec is None:
+            rec = self._create(ctx, key)
+            return self._created(ctx, rec, key)
+        if self._changes(rec, ctx.event, ctx.b):
+            # The referrer sent the referral again with other content (a STAT instead of a
+            # routine, another organisation): many referring systems resend an I12 rather
+            # than send an I13, and dropping it as a resend would lose the change unseen.
+            return self._on_modify(ctx, rec, key, resent=True)
+        return self._record(
+            ctx,
+            rec,
+            rec.referral_key,
+            "resend",
+            rec.status,
+            note=f"referral already on file ({rec.status}): nothing changed",
+        )
 
-    def _on_modify(self, ctx: _Context, rec: ReferralRecord | None, key: str) -> ReferralTransition:
+    def _changes(self, rec: ReferralRecord, event: CareEvent | None, b: _Backend) -> list[str]:
+        """The referral's fields a message would change (as a modify applies them), on a
+        copy: a party written otherwise that names the same recipient is no change."""
+        probe = copy.deepcopy(rec)
+        changed = self._merge_fields(probe, event, b)
+        if "referred_to" in changed and not any(_recipient_moves(rec, probe)):
+            changed.remove("referred_to")
+        return changed
+
+    def _on_modify(
+        self, ctx: _Context, rec: ReferralRecord | None, key: str, *, resent: bool = False
+    ) -> ReferralTransition:
+        """A modify (REF^I13), or a new referral (REF^I12) sent again for one on file with
+        other content (``resent``): applied alike, and the timeline says which it was."""
         if rec is None:
             rec = self._create(ctx, key)
             note = "created from a modify: the original referral (I12) was never seen"
             return self._created(ctx, rec, key, note)
+        what = "a second REF^I12 with other content" if resent else "a modify"
         if rec.status in CLOSED_STATUSES:
             return self._record(
                 ctx,
@@ -1137,21 +1210,16 @@ class ReferralTracker:
                 "illegal",
                 rec.status,
                 accepted=False,
-                reason=f"referral is {rec.status}: a modify cannot change a closed referral",
+                reason=f"referral is {rec.status}: {what} cannot change a closed referral",
             )
         named_before = copy.deepcopy(rec.referred_to)
-        holder_before = party_organization(named_before) or _top_match(rec.matches)
+        holder_before = _holder(rec)
+        earlier = copy.deepcopy(rec)
         before = rec.status
         changed = self._merge_fields(rec, ctx.event, ctx.b)
-        named_now = party_organization(rec.referred_to)
-        moved = bool(holder_before and named_now) and not same_organization(
-            holder_before, named_now
-        )
-        # A referral held for want of an organisation (none named, none matched) that names
-        # one now is sent as a new one: nothing of it reached anyone before.
-        released = holder_before is None and bool(named_now)
+        moved, released = _recipient_moves(earlier, rec)
         if "referred_to" in changed and not (moved or released):
-            changed.remove("referred_to")  # the same organisation, written otherwise
+            changed.remove("referred_to")  # the same recipient, written otherwise
         if moved or released:
             # Sent to an organisation afresh: it starts from the beginning, with its own time
             # to answer, whatever another had said (it may accept or decline it anew).
@@ -1161,6 +1229,8 @@ class ReferralTracker:
         rec.updated_at = ctx.now
         ctx.b.save(rec)
         note = f"changed: {', '.join(changed)}" if changed else "nothing changed"
+        if resent:
+            note = f"{what}, applied as a modify; {note}"
         if moved:
             note += f"; sent to another organisation, so {before} -> requested"
         if released:
@@ -1254,13 +1324,13 @@ class ReferralTracker:
 
     @staticmethod
     def _moved_from(b: _Backend, rec: ReferralRecord) -> list[str]:
-        """The organisations a modify took the referral from (ReferralTransition
+        """The recipients a modify took the referral from (ReferralTransition
         .referred_to_before), as the timeline recorded them: known with or without an outbox."""
         names = []
         for event in b.events(rec):
             result = event.detail.get("result") or {}
             if event.accepted and event.action == "modified" and result.get("referred_to_before"):
-                name = party_organization(result["referred_to_before"])
+                name = party_recipient(result["referred_to_before"])
                 if name:
                     names.append(name)
         return names
@@ -1672,6 +1742,53 @@ class ReferralTracker:
                 self._record(ctx, rec, rec.referral_key, "overdue_alert", rec.status, note=note)
         return marked
 
+    def note_unalerted(self, referral: ReferralRecord, reason: str, now: datetime) -> bool:
+        """Record on an overdue referral's timeline that nobody could be alerted, and why,
+        once for each time it is overdue (a modify that moves it starts another); the
+        referral stays unalerted, so the alert goes once someone can be told (a coordinator
+        added to the roster). True when this call recorded it, False when it was already
+        said (or the referral no longer waits for an answer). ``referral`` as overdue()
+        read it: checked first without writing, as each tick asks about it again."""
+        referral_id = referral.id
+        if referral_id is None:
+            return False
+        with self._session() as b:
+            if _said_unalerted(b, referral, reason):
+                return False
+        with self._session() as b:
+            b.hold(referral_id)
+            rec = b.get_by_id(referral_id)
+            if (
+                rec is None
+                or rec.alerted_at is not None
+                or rec.status not in AWAITING_RESPONSE
+                or _said_unalerted(b, rec, reason)
+            ):
+                return False
+            ctx = _Context(b, None, "carehub", None, None, _as_utc(now), {"unalerted": reason})
+            note = (
+                f"no answer by {_iso(rec.due_at)}, and nobody to alert: {reason}; the alert "
+                "goes once someone can be told"
+            )
+            self._record(ctx, rec, rec.referral_key, UNALERTED, rec.status, note=note)
+        return True
+
+
+#: The timeline action of an overdue referral nobody could be alerted of (note_unalerted).
+UNALERTED = "overdue_unalerted"
+
+
+def _said_unalerted(b: _Backend, rec: ReferralRecord, reason: str) -> bool:
+    """Whether the referral's timeline already says, since it was last due, that nobody could
+    be alerted for ``reason``."""
+    if rec.id is None:
+        return False
+    due = _as_utc(rec.due_at) if rec.due_at is not None else None
+    return any(
+        e.detail.get("unalerted") == reason and (due is None or _as_utc(e.at) >= due)
+        for e in b.events_of(rec.id, UNALERTED)
+    )
+
 
 @dataclass(slots=True)
 class _Context:
@@ -1814,6 +1931,21 @@ def _early_cancel(rec: ReferralRecord, waiting: list[ReferralEvent]) -> Referral
         and e.referral_key == rec.referral_key
     ]
     return cancels[-1] if cancels else None
+
+
+def _holder(rec: ReferralRecord) -> str | None:
+    """Whom the referral went to: the party it names, else its top community match."""
+    return party_recipient(rec.referred_to) or _top_match(rec.matches)
+
+
+def _recipient_moves(before: ReferralRecord, after: ReferralRecord) -> tuple[bool, bool]:
+    """(moved, released) by a modify that made ``after`` of ``before``: moved, it names
+    another recipient than the one that had it; released, it was held (nobody named, nothing
+    matched) and names one now, so it is sent as a new referral: nothing of it reached
+    anyone before."""
+    holder_before, named_now = _holder(before), party_recipient(after.referred_to)
+    moved = bool(holder_before and named_now) and not same_organization(holder_before, named_now)
+    return moved, holder_before is None and bool(named_now)
 
 
 def _among(name: str, names: Iterable[str]) -> bool:
@@ -2157,7 +2289,11 @@ def list_referrals(
     limit: int | None = 50,
 ) -> list[ReferralRecord]:
     """Referrals, most recently updated first. ``overdue_now`` keeps only those still waiting
-    for an answer past their deadline at that time (alerted or not)."""
+    for an answer past their deadline at that time (alerted or not). ``patient`` is an
+    ``authority|id`` or a bare id, merges followed: a retired id (A40) finds the referrals now
+    filed under the patient it was merged into, as the paperwork may still carry it."""
+    from carehub.care.encounters import patient_key_matches  # encounters moves referrals
+
     query = select(referrals).order_by(referrals.c.updated_at.desc(), referrals.c.id.desc())
     if open_only:
         query = query.where(referrals.c.status.in_(OPEN_STATUSES))
@@ -2167,14 +2303,11 @@ def list_referrals(
         )
     if status:
         query = query.where(referrals.c.status == status)
-    if patient:
-        condition = referrals.c.patient_key == patient
-        if "|" not in patient:
-            condition = or_(condition, referrals.c.patient_key.like(f"%|{patient}"))
-        query = query.where(condition)
-    if limit:
-        query = query.limit(limit)
     with engine.connect() as conn:
+        if patient:
+            query = query.where(patient_key_matches(conn, referrals.c.patient_key, patient))
+        if limit:
+            query = query.limit(limit)
         return [_to_record(r) for r in conn.execute(query)]
 
 
