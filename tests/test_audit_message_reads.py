@@ -5,18 +5,12 @@ is not recorded. A real hub stores the messages; the operator's side is the real
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import select
 
 from carehub.config import load_config
-from carehub.store.audit import list_actions
-from carehub.store.schema import operator_actions
-from carehub.store.store import MessageStore, sqlite_url
 from carehub.testing import HubThread, make_adt
 from tests.test_dead_letter_order import cli
+from tests.test_pause_and_audit import actions, trail_text
 from tests.test_worker import send, write_config
 
 PATIENT = "RG777001"
@@ -33,25 +27,6 @@ def _stored(tmp_path: Path, count: int) -> tuple[Path, Path]:
     with HubThread(load_config(config), data_dir) as hub:
         send(hub, texts)
     return config, data_dir
-
-
-def _actions(data_dir: Path) -> list[dict[str, Any]]:
-    """The trail, oldest first."""
-    store = MessageStore(sqlite_url(data_dir))
-    try:
-        return [a.as_json() for a in reversed(list_actions(store))]
-    finally:
-        store.close()
-
-
-def _trail_text(data_dir: Path) -> str:
-    store = MessageStore(sqlite_url(data_dir))
-    try:
-        with store.engine.connect() as conn:
-            rows = conn.execute(select(operator_actions)).all()
-    finally:
-        store.close()
-    return json.dumps([[str(v) for v in row] for row in rows])
 
 
 def test_every_show_is_recorded_with_what_it_printed(tmp_path: Path) -> None:
@@ -71,7 +46,7 @@ def test_every_show_is_recorded_with_what_it_printed(tmp_path: Path) -> None:
     listed = cli(config, data_dir, "messages", "list")
     assert listed.exit_code == 0, listed.output
 
-    found = _actions(data_dir)
+    found = actions(data_dir)
     assert [(a["command"], a["target"], a["outcome"]) for a in found] == [
         ("messages show", "message 1", "ok"),
         ("messages show", "message 1", "ok"),
@@ -90,7 +65,7 @@ def test_every_show_is_recorded_with_what_it_printed(tmp_path: Path) -> None:
     assert found[5]["detail"].startswith("no message with id 99")
     assert found[0]["actor"].count("@") == 1  # login@host by default
     assert found[1]["actor"] == "alice"
-    trail = _trail_text(data_dir)
+    trail = trail_text(data_dir)
     for value in (PATIENT, "Okafor", "READ-1", "MSH|"):
         assert value not in trail
 
@@ -111,7 +86,7 @@ def test_an_export_is_recorded_with_its_filters_and_the_ids_it_wrote(tmp_path: P
     nothing = cli(config, data_dir, "messages", "export", "--out", str(out), "--event", "A01")
     assert nothing.exit_code == 0, nothing.output
 
-    first, refused, everything, none = _actions(data_dir)
+    first, refused, everything, none = actions(data_dir)
     assert {a["command"] for a in (first, refused, everything, none)} == {"messages export"}
     assert (first["actor"], first["target"], first["counts"], first["outcome"]) == (
         "bob",
@@ -133,6 +108,6 @@ def test_an_export_is_recorded_with_its_filters_and_the_ids_it_wrote(tmp_path: P
         {"messages": 0},
         "none",
     )
-    trail = _trail_text(data_dir)
+    trail = trail_text(data_dir)
     for value in (PATIENT, "Okafor", "READ-", "MSH|"):
         assert value not in trail

@@ -8,7 +8,6 @@ at its own stand-ins without a warning. Real `carehub` processes throughout."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,17 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers_cli import (
+    environment,
+    project,
+    routes_check,
+    unprivileged_port_start,
+    unprotected_lines,
+)
 from tests.helpers_http import CarehubProcess, wait_for
-
-
-def unprivileged_port_start() -> int:
-    """The lowest port any account may bind here: Linux's setting, else 1024 as on the BSDs;
-    macOS and Windows reserve none."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip())
-    except (OSError, ValueError):
-        return 0 if sys.platform in ("darwin", "win32") else 1024
-
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = PROJECT_ROOT / "config" / "carehub.yaml"
@@ -74,58 +70,8 @@ if unprivileged_port_start() <= 25:  # any account may bind even 25 and 80 here
     EXPECTED["local/low-port-hook"] = "http://127.0.0.1 in clear"
 
 
-def environment(**changes: str | None) -> dict[str, str]:
-    """This process's environment without CAREHUB_*, with ``changes`` (None: unset)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
-    for name, value in changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-def project(folder: Path, routes: str = ROUTES) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "routes.yaml").write_text(routes, encoding="utf-8")
-    config = folder / "carehub.yaml"
-    config.write_text(
-        "routes: [routes.yaml]\n"
-        "listeners:\n"
-        "  mllp: [{name: adt, host: 127.0.0.1, port: 0}]\n"
-        "  http: {host: 127.0.0.1, port: 0}\n",
-        encoding="utf-8",
-    )
-    return config
-
-
-def routes_check(config: Path, data_dir: Path, **env: str | None) -> subprocess.CompletedProcess:
-    where = ["--config", str(config), "--data-dir", str(data_dir)]
-    return subprocess.run(
-        [sys.executable, "-m", "carehub.cli", "routes", "check", "--offline", *where],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=environment(**env),
-    )
-
-
-def cleartext_lines(output: str) -> dict[str, str]:
-    """Destination -> its line, for the lines that say patient data is sent in clear."""
-    found: dict[str, str] = {}
-    for line in output.splitlines():
-        if "sends patient data to" not in line:
-            continue
-        match = re.search(r"\((?:forward|\S+, channel) \S+ (\S+), plugin", line)
-        assert match, line
-        assert match.group(1) not in found, f"two lines for {match.group(1)}"
-        found[match.group(1)] = line
-    return found
-
-
 def assert_one_line_per_exposed_destination(output: str) -> None:
-    lines = cleartext_lines(output)
+    lines = unprotected_lines(output)
     assert set(lines) == set(EXPECTED), lines
     for name, words in EXPECTED.items():
         assert words in lines[name], lines[name]
@@ -134,20 +80,20 @@ def assert_one_line_per_exposed_destination(output: str) -> None:
 def test_routes_check_warns_of_cleartext_to_a_port_any_local_user_may_bind(
     tmp_path: Path,
 ) -> None:
-    checked = routes_check(project(tmp_path / "config"), tmp_path / "data")
+    checked = routes_check(project(tmp_path / "config", ROUTES), tmp_path / "data")
     assert checked.returncode == 0, checked.stderr
     assert_one_line_per_exposed_destination(checked.stderr)
-    assert all(line.startswith("warning: ") for line in cleartext_lines(checked.stderr).values())
+    assert all(line.startswith("warning: ") for line in unprotected_lines(checked.stderr).values())
 
 
 def test_serve_logs_cleartext_to_a_port_any_local_user_may_bind_at_start(tmp_path: Path) -> None:
-    config = project(tmp_path / "config")
+    config = project(tmp_path / "config", ROUTES)
     args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
     with CarehubProcess(args, tmp_path / "logs", "serve") as serve:
         serve.wait_ready()
         assert serve.terminate() == 0
     assert_one_line_per_exposed_destination(serve.stderr)
-    for line in cleartext_lines(serve.stderr).values():
+    for line in unprotected_lines(serve.stderr).values():
         assert " WARNING carehub.routing.table: " in line
 
 

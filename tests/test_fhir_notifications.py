@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,28 @@ def of_type(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
 
 
-def routes(base_url: str, options: str = "", before: str = "") -> str:
+#: Riverside's name for its Organization, and the system of its RGH identifiers.
+RIVERSIDE = {
+    "facilities": "{RIVERSIDE_GH: Riverside General Hospital}",
+    "identifier_systems": '{RGH: "urn:oid:2.16.840.1.113883.3.999"}',
+}
+#: Three attempts, quickly: a test sees a passing failure retried without waiting.
+QUICK_RETRY = "{max_attempts: 3, initial_delay: 0.05, max_delay: 0.2, jitter: 0}"
+
+
+def routes(
+    base_url: str,
+    options: str = "",
+    before: str = "",
+    *,
+    settings: Mapping[str, str] = RIVERSIDE,
+    retry: str = QUICK_RETRY,
+) -> str:
+    """A route sending every ADT's care transition to ``base_url`` as Da Vinci notifications
+    (DESTINATION): the forward takes ``settings`` (key -> YAML value), ``retry``, then
+    ``options`` (more of its lines, indented), after the steps ``before``. Other routes may
+    be appended."""
+    told = "".join(f"          {key}: {value}\n" for key, value in settings.items())
     return f"""
 routes:
   - name: care-fhir
@@ -151,10 +172,21 @@ routes:
           channel: fhir-notification
           name: care-management
           base_url: {base_url}
-          facilities: {{RIVERSIDE_GH: Riverside General Hospital}}
-          identifier_systems: {{RGH: "urn:oid:2.16.840.1.113883.3.999"}}
-          retry: {{max_attempts: 3, initial_delay: 0.05, max_delay: 0.2, jitter: 0}}
+{told}          retry: {retry}
 {options}"""
+
+
+def response_message(code: str, *resources: dict[str, Any]) -> dict[str, Any]:
+    """A receiver's response message: its MessageHeader answers with ``code`` (fatal-error,
+    transient-error), ``resources`` (OperationOutcomes) after it."""
+    answer = {
+        "resourceType": "MessageHeader",
+        "eventCoding": {"code": "notification-admit"},
+        "source": {"endpoint": "urn:receiver"},
+        "response": {"identifier": "x", "code": code},
+    }
+    entries = [{"resource": resource} for resource in (answer, *resources)]
+    return {"resourceType": "Bundle", "type": "message", "entry": entries}
 
 
 def care_team_step(config_dir: Path) -> str:
@@ -344,22 +376,8 @@ def test_refusals_are_dead_letters_and_passing_trouble_is_retried(
         "resourceType": "OperationOutcome",
         "issue": [{"severity": "error", "code": "not-found", "diagnostics": "no such endpoint"}],
     }
-    fatal = {
-        "resourceType": "Bundle",
-        "type": "message",
-        "entry": [
-            {
-                "resource": {
-                    "resourceType": "MessageHeader",
-                    "eventCoding": {"code": "notification-admit"},
-                    "source": {"endpoint": "urn:receiver"},
-                    "response": {"identifier": "x", "code": "fatal-error"},
-                }
-            }
-        ],
-    }
-    transient = json.loads(json.dumps(fatal))
-    transient["entry"][0]["resource"]["response"]["code"] = "transient-error"
+    fatal = response_message("fatal-error")
+    transient = response_message("transient-error")
     endpoint.answers = [
         (404, outcome, {}),  # the first message: refused for good
         (503, None, {"Retry-After": "0"}),  # the second: retried ...

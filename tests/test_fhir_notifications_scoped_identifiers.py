@@ -6,11 +6,9 @@ notifications a real hub POSTs to a real FHIR endpoint."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
@@ -22,10 +20,14 @@ from tests.test_fhir_notifications import (
     DESTINATION,
     NotificationEndpoint,
     encounter,
+    endpoint,
     header,
     of_type,
 )
+from tests.test_fhir_notifications import routes as notification_routes
 from tests.test_worker import send, write_config
+
+__all__ = ["endpoint"]  # a fixture, used by name
 
 
 def adt(
@@ -71,26 +73,10 @@ DAN = adt(
 )  # fmt: skip
 
 
-def routes(base_url: str, options: str = "") -> str:
-    return f"""
-routes:
-  - name: care-fhir
-    when: {{type: ADT}}
-    steps:
-      - translate: v2-to-event
-      - enrich: encounter-state
-      - forward:
-          channel: fhir-notification
-          name: care-management
-          base_url: {base_url}
-          retry: {{max_attempts: 3, initial_delay: 0.05, max_delay: 0.2, jitter: 0}}
-{options}"""
-
-
-@pytest.fixture
-def endpoint() -> Iterator[NotificationEndpoint]:
-    with NotificationEndpoint() as server:
-        yield server
+def routes(base_url: str, options: str = "", before: str = "") -> str:
+    """The notification route of test_fhir_notifications, without Riverside's settings: these
+    hospitals' identifiers are scoped as they come."""
+    return notification_routes(base_url, options, before, settings={})
 
 
 def cli(config: Path, data_dir: Path, *args: str) -> list[dict[str, Any]]:
@@ -264,8 +250,7 @@ def test_an_opt_out_stated_under_the_bare_id_still_holds(
         encoding="utf-8",
     )
     care_team = "      - enrich: {use: care-team, roster: roster.csv, opt_out_field: PD1-12}\n"
-    text = routes(endpoint.base_url).replace("      - forward:", care_team + "      - forward:")
-    config_path = write_config(tmp_path, text)
+    config_path = write_config(tmp_path, routes(endpoint.base_url, before=care_team))
     opted_out = ALICE.replace("\rPV1|", "\rPD1" + "|" * 12 + "Y\rPV1|")
     later = ALICE.replace("NA-001", "NA-002").replace("9001^^^^VN", "9003^^^^VN")
     with HubThread(load_config(config_path), tmp_path / "data") as hub:

@@ -7,11 +7,9 @@ message over MLLP and POSTs to a real FHIR endpoint."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 
 from carehub.cli import main
@@ -19,12 +17,17 @@ from carehub.config import load_config
 from carehub.testing import HubThread, mllp_exchange
 from tests.test_fhir_notifications import (
     DESTINATION,
+    RIVERSIDE,
     NotificationEndpoint,
     encounter,
+    endpoint,
     header,
     of_type,
 )
+from tests.test_fhir_notifications import routes as notification_routes
 from tests.test_worker import write_config
+
+__all__ = ["endpoint"]  # a fixture, used by name
 
 MOREAU = "1497758544^Moreau^Celine^^^Dr^^^NPI"
 
@@ -68,31 +71,17 @@ def adt(
     return "\r".join(segments) + "\r"
 
 
-ROUTES = """
-routes:
-  - name: care-fhir
-    when: {{type: ADT}}
-    steps:
-      - translate: v2-to-event
-      - enrich: encounter-state
-      - forward:
-          channel: fhir-notification
-          name: care-management
-          base_url: {base_url}
-          identifier_systems: {{RGH: "urn:oid:2.16.840.1.113883.3.999"}}
-          retry: {{max_attempts: 3, initial_delay: 0.05, max_delay: 0.2, jitter: 0}}
-"""
-
-
-@pytest.fixture
-def endpoint() -> Iterator[NotificationEndpoint]:
-    with NotificationEndpoint() as server:
-        yield server
+def routes(base_url: str) -> str:
+    """The notification route of test_fhir_notifications, with RGH's identifier system and
+    no facility names."""
+    return notification_routes(
+        base_url, settings={"identifier_systems": RIVERSIDE["identifier_systems"]}
+    )
 
 
 def run(tmp_path: Path, endpoint: NotificationEndpoint, texts: list[str | bytes]) -> None:
     """Each message in turn, as the visit went, until each has its delivery decided."""
-    config = load_config(write_config(tmp_path, ROUTES.format(base_url=endpoint.base_url)))
+    config = load_config(write_config(tmp_path, routes(endpoint.base_url)))
     with HubThread(config, tmp_path / "data") as hub:
         for sent, text in enumerate(texts, start=1):
             payload = text.encode("utf-8") if isinstance(text, str) else text
@@ -264,7 +253,7 @@ def test_windows_1252_punctuation_goes_out_as_the_character_it_stands_for(
 def test_the_care_event_lists_what_the_sender_deleted(tmp_path: Path) -> None:
     """``carehub routes test`` shows the v2-to-event output: fields sent as ``""`` are in
     ``cleared``; empty ones (PV1-8 here) are not."""
-    config = write_config(tmp_path, ROUTES.format(base_url="https://fhir.example.org"))
+    config = write_config(tmp_path, routes("https://fhir.example.org"))
     message = tmp_path / "a08.hl7"
     message.write_text(
         adt("E-1", "A08", "20261201120000-0500", phone='""', attending='""', destination='""'),

@@ -11,7 +11,6 @@ server and an SMTP server."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,12 @@ from carehub.config import HubConfig
 from carehub.store.outbox import DeliveryRecord, Outbox
 from tests.helpers_http import wait_for
 from tests.test_rabbitmq import pg_url
-from tests.test_referral_early_cancel_message_status import store_setting
+from tests.test_referral_early_cancel_message_status import loop, store_setting
 from tests.test_referral_early_updates import CANCEL, _message, _referral_of, _timeline
 from tests.test_referral_named_person_recipient import SPECIALIST
 from tests.test_referral_recipients import Loop, _referral, referral_loop
 
-__all__ = ["pg_url", "store_setting"]  # fixtures: the store, SQLite or PostgreSQL
+__all__ = ["loop", "pg_url", "store_setting"]  # fixtures: the hub, on SQLite or PostgreSQL
 
 CHANGES = "referral-changes/cbo-platform"
 CREATES = "sdoh-referrals/cbo-platform"
@@ -59,14 +58,6 @@ def _tried(loop: Loop, destination: str, count: int = 1) -> list[DeliveryRecord]
         return found if len(done) >= count else []
 
     return wait_for(tried, what=f"{count} deliveries to {destination} tried")
-
-
-@pytest.fixture
-def loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_setting: Callable[[HubConfig], None]
-) -> Iterator[Loop]:
-    with referral_loop(tmp_path, monkeypatch, store_setting) as running:
-        yield running
 
 
 def test_changes_to_a_referral_kept_at_the_desk_are_skipped_at_the_platform(loop: Loop) -> None:

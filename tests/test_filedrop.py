@@ -309,6 +309,21 @@ def test_a_file_that_cannot_be_moved_is_set_aside_and_the_others_go_on(
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks
 
 
+def serve_inbox(tmp_path: Path, mllp: str = "[]") -> tuple[Path, list[str]]:
+    """An inbox (tmp_path/inbox) polled every 0.05 s, a file taken as soon as it is seen, and
+    the arguments of a `carehub serve` taking it with MLLP listeners ``mllp``, no HTTP
+    listener, nothing routed and no worker: (the inbox, the arguments)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    config = tmp_path / "carehub.yaml"
+    config.write_text(
+        f"listeners:\n  mllp: {mllp}\n  http: {{enabled: false}}\n  files:\n"
+        f"    - {{name: inbox, directory: {inbox}, poll_interval: 0.05, settle_seconds: 0}}\n"
+        "routes: []\nworker: {enabled: false}\n"
+    )
+    return inbox, ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
+
+
 def test_a_file_the_hub_may_not_read_goes_to_error_and_the_others_go_on(
     tmp_path: Path,
 ) -> None:
@@ -321,14 +336,7 @@ def test_a_file_the_hub_may_not_read_goes_to_error_and_the_others_go_on(
 
     from tests.helpers_http import CarehubProcess
 
-    inbox = tmp_path / "inbox"
-    config = tmp_path / "carehub.yaml"
-    config.write_text(
-        f"listeners:\n  mllp: []\n  http: {{enabled: false}}\n  files:\n"
-        f"    - {{name: inbox, directory: {inbox}, poll_interval: 0.05, settle_seconds: 0}}\n"
-        "routes: []\nworker: {enabled: false}\n"
-    )
-    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
+    inbox, args = serve_inbox(tmp_path)
     command = None
     if os.geteuid() == 0:  # root reads any file: drop that right for the hub
         capsh = shutil.which("capsh")
@@ -336,7 +344,6 @@ def test_a_file_the_hub_may_not_read_goes_to_error_and_the_others_go_on(
             pytest.skip("running as root without capsh (libcap2-bin) to drop file overrides")
         line = "exec " + shlex.join([sys.executable, "-m", "carehub.cli", *args])
         command = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", line]
-    inbox.mkdir()
     secret = drop(inbox, "locked.hl7", make_adt("LOCKED-1").encode())
     secret.chmod(0)
     with CarehubProcess(args, tmp_path / "logs", "serve", command) as serve:

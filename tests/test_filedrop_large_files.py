@@ -19,7 +19,7 @@ from carehub.hl7.framing import encode_frame
 from carehub.hub import open_store
 from carehub.testing import make_adt, read_frames
 from tests.helpers_http import CarehubProcess
-from tests.test_filedrop import drop, names, wait_for
+from tests.test_filedrop import drop, names, serve_inbox, wait_for
 
 #: The batch: about 32 MB of ADT messages with notes, the size of a night's feed from a small
 #: hospital. Splitting it on the event loop held every listener for over 6 s on a 2-CPU machine.
@@ -43,18 +43,8 @@ def nightly_batch(count: int) -> tuple[bytes, list[str]]:
 
 
 def serve_config(tmp_path: Path) -> list[str]:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir(exist_ok=True)
-    config = tmp_path / "carehub.yaml"
-    config.write_text(
-        "listeners:\n"
-        "  mllp: [{name: senders, host: 127.0.0.1, port: 0}]\n"
-        "  http: {enabled: false}\n"
-        "  files:\n"
-        f"    - {{name: inbox, directory: {inbox}, poll_interval: 0.05, settle_seconds: 0}}\n"
-        "routes: []\nworker: {enabled: false}\n"
-    )
-    return ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
+    """`carehub serve` on the inbox, with an MLLP listener for the senders."""
+    return serve_inbox(tmp_path, "[{name: senders, host: 127.0.0.1, port: 0}]")[1]
 
 
 class Sender(threading.Thread):

@@ -18,7 +18,7 @@ import pytest
 
 from carehub.testing import make_adt
 from tests.helpers_http import CarehubProcess, wait_for
-from tests.test_filedrop import drop, names
+from tests.test_filedrop import drop, names, serve_inbox
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="prlimit on another process is Linux's"
@@ -28,14 +28,7 @@ RECOVERED = re.compile(r"file drop inbox: the inbox \S+ is read again, after (\d
 
 
 def test_an_inbox_that_cannot_be_read_is_one_warning_and_one_info(tmp_path: Path) -> None:
-    inbox = tmp_path / "inbox"
-    config = tmp_path / "carehub.yaml"
-    config.write_text(
-        f"listeners:\n  mllp: []\n  http: {{enabled: false}}\n  files:\n"
-        f"    - {{name: inbox, directory: {inbox}, poll_interval: 0.05, settle_seconds: 0}}\n"
-        "routes: []\nworker: {enabled: false}\n"
-    )
-    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
+    inbox, args = serve_inbox(tmp_path)
     with CarehubProcess(args, tmp_path / "logs", "serve") as serve:
         serve.wait_ready()
         drop(inbox, "before.hl7", make_adt("BEFORE-1").encode())

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import socket
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from carehub.config import load_config
 from carehub.hl7.framing import encode_frame
 from carehub.routing.router import LOOP_MAX_BYTES, LOOP_MAX_PARTS, fits_the_loop
-from carehub.store.store import StoredMessage
 from carehub.testing import HTTPReceiver, HubThread, make_adt, mllp_exchange, read_frames
+from tests.helpers_channels import stored
+from tests.test_fhir_notifications import routes
 from tests.test_worker import write_config
 
 #: DG1 segments of the heavy message: each becomes a diagnosis and a FHIR Condition.
@@ -24,55 +24,10 @@ HEAVY_DIAGNOSES = 20_000
 ACK_BOUND = 2.0
 
 
-def _routes(base_url: str) -> str:
-    return f"""
-routes:
-  - name: care-fhir
-    when: {{type: ADT}}
-    steps:
-      - translate: v2-to-event
-      - enrich: encounter-state
-      - forward:
-          channel: fhir-notification
-          name: care-management
-          base_url: {base_url}
-          retry: {{max_attempts: 1}}
-"""
-
-
 def _heavy(control_id: str) -> str:
     diagnoses = [f"DG1|{i}||I21.{i % 9}^AMI^I10" for i in range(1, HEAVY_DIAGNOSES + 1)]
     return make_adt(
         control_id, "A04", patient_id="HEAVY1", patient_class="E", extra_segments=diagnoses
-    )
-
-
-def _stored(raw: bytes) -> StoredMessage:
-    now = datetime.now(UTC)
-    return StoredMessage(
-        id=1,
-        received_at=now,
-        transport="mllp",
-        listener="test",
-        peer=None,
-        raw=raw,
-        size=len(raw),
-        charset=None,
-        sending_application=None,
-        sending_facility=None,
-        receiving_application=None,
-        receiving_facility=None,
-        message_type="ADT",
-        trigger_event="A04",
-        structure=None,
-        control_id="C1",
-        version=None,
-        patient_id=None,
-        patient_authority=None,
-        ack_code="AA",
-        status="received",
-        status_at=now,
-        detail=None,
     )
 
 
@@ -82,7 +37,8 @@ def _unrouted(hub: HubThread) -> set[str]:
 
 def test_a_senders_heavy_message_does_not_hold_up_another_senders_acks(tmp_path: Path) -> None:
     with HTTPReceiver() as fhir:
-        config = load_config(write_config(tmp_path, _routes(fhir.url("/fhir"))))
+        route = routes(fhir.url("/fhir"), settings={}, retry="{max_attempts: 1}")
+        config = load_config(write_config(tmp_path, route))
         with HubThread(config, tmp_path / "data") as hub:
             heavy = _heavy("HEAVY-1").encode()
             assert len(heavy) < config.listeners.mllp[0].max_message_bytes
@@ -110,25 +66,25 @@ def test_a_senders_heavy_message_does_not_hold_up_another_senders_acks(tmp_path:
 
 
 def test_what_real_messages_hold_is_routed_on_the_loop() -> None:
-    assert fits_the_loop(_stored(make_adt("N-1").encode()))
+    assert fits_the_loop(stored(make_adt("N-1")))
     lab = make_adt("N-2", extra_segments=[f"OBX|{i}|TX|||line {i}" for i in range(150)])
-    assert fits_the_loop(_stored(("\ufeff" + lab).encode()))
+    assert fits_the_loop(stored("\ufeff" + lab))
 
 
 def test_many_segments_or_repetitions_or_bytes_are_routed_off_the_loop() -> None:
-    assert not fits_the_loop(_stored(_heavy("H-1").encode()))
+    assert not fits_the_loop(stored(_heavy("H-1")))
     identifiers = "~".join(f"ID{i}^^^RGH^MR" for i in range(LOOP_MAX_PARTS + 1))
     one_segment = make_adt("H-2").replace("P0001^^^HOSP^MR", identifiers)
     assert one_segment.count("\r") < 10
-    assert not fits_the_loop(_stored(one_segment.encode()))
+    assert not fits_the_loop(stored(one_segment))
     report = make_adt("H-3", extra_segments=["OBX|1|TX|||" + "x" * LOOP_MAX_BYTES])
-    assert not fits_the_loop(_stored(report.encode()))
+    assert not fits_the_loop(stored(report))
 
 
 def test_the_repetition_separator_is_the_messages_own() -> None:
     """MSH-2 may name another repetition separator: those are counted, a ``~`` is data."""
     repeated = "!".join(f"ID{i}^^^RGH^MR" for i in range(LOOP_MAX_PARTS + 1))
     text = make_adt("R-1").replace("^~\\&", "^!\\&").replace("P0001^^^HOSP^MR", repeated)
-    assert not fits_the_loop(_stored(text.encode()))
+    assert not fits_the_loop(stored(text))
     tildes = make_adt("R-2", name="TILDE" + "~" * (LOOP_MAX_PARTS + 1)).replace("^~\\&", "^!\\&")
-    assert fits_the_loop(_stored(tildes.encode()))
+    assert fits_the_loop(stored(tildes))

@@ -26,7 +26,7 @@ from carehub.testing import make_adt
 from tests import test_fhir_referrals as fhir_tests
 from tests.helpers_channels import build, outcome, run_with, work_for
 from tests.helpers_http import HTTPServer
-from tests.test_fhir_notifications import NotificationEndpoint, routes, run
+from tests.test_fhir_notifications import NotificationEndpoint, response_message, routes, run
 from tests.test_fhir_referrals import FhirServer, Served, ref_i12
 from tests.test_messaging import notification
 from tests.test_referral_updates import Referrals, ref_message
@@ -123,21 +123,7 @@ def test_a_notification_refused_in_a_gzipped_answer_is_a_dead_letter_saying_why(
 ) -> None:
     """A 200 whose response message says fatal-error is a refusal whether or not it came
     compressed; a 400's OperationOutcome is stored as its words."""
-    fatal = {
-        "resourceType": "Bundle",
-        "type": "message",
-        "entry": [
-            {
-                "resource": {
-                    "resourceType": "MessageHeader",
-                    "eventCoding": {"code": "notification-admit"},
-                    "source": {"endpoint": "urn:receiver"},
-                    "response": {"identifier": "x", "code": "fatal-error"},
-                }
-            },
-            {"resource": _outcome("fatal", "Encounter class not accepted")},
-        ],
-    }
+    fatal = response_message("fatal-error", _outcome("fatal", "Encounter class not accepted"))
     gzip_endpoint.answers = [
         (200, fatal, {}),
         (400, _outcome("error", "Encounter.class: code XYZ not in the value set"), {}),

@@ -8,7 +8,6 @@ to start them, without PostgreSQL (and RabbitMQ, for the worker)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from tests import test_rabbitmq
 from tests.helpers_http import CarehubProcess, wait_for
 from tests.helpers_relay import Relay
 from tests.test_cli import write
+from tests.test_postgres_silent_connection import relay
 from tests.test_rabbitmq import fresh_queue
-from tests.test_store import PG_HOST, PG_PORT
 from tests.test_store_restore_identity import database, database_url
 
 amqp_url = test_rabbitmq.amqp_url
-__all__ = ["amqp_url", "database"]  # fixtures, used by name
+__all__ = ["amqp_url", "database", "relay"]  # fixtures, used by name
 
 #: Prometheus' default scrape_timeout: a scrape not answered by then counts as the target down.
 PROMETHEUS_TIMEOUT = 10.0
@@ -53,18 +52,6 @@ def records(stderr: str, logger: str) -> list[Record]:
         if here.group(2) == logger:
             found.append(Record(here.group(1), logger, stderr[here.end() : end].strip()))
     return found
-
-
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    """A relay to PostgreSQL, passing bytes until frozen."""
-    relayed = Relay((PG_HOST, PG_PORT))
-    relayed.start()
-    try:
-        yield relayed
-    finally:
-        relayed.frozen.clear()
-        relayed.close()
 
 
 def scrape(base: str) -> str:

@@ -392,6 +392,7 @@ def test_an_unknown_destination_is_refused_naming_the_known_ones(tmp_path: Path)
 
 # -- the audit trail ------------------------------------------------------------------------------
 def actions(data_dir: Path) -> list[dict[str, Any]]:
+    """The audit trail, oldest first."""
     store = MessageStore(sqlite_url(data_dir))
     try:
         return [a.as_json() for a in reversed(list_actions(store))]
@@ -399,15 +400,20 @@ def actions(data_dir: Path) -> list[dict[str, Any]]:
         store.close()
 
 
-def no_patient_data(data_dir: Path, *values: str) -> None:
-    """No audit row holds these values (patient ids, message text)."""
+def trail_text(data_dir: Path) -> str:
+    """Every column of every audit row, as text."""
     store = MessageStore(sqlite_url(data_dir))
     try:
         with store.engine.connect() as conn:
             rows = conn.execute(select(operator_actions)).all()
     finally:
         store.close()
-    text = json.dumps([[str(v) for v in row] for row in rows])
+    return json.dumps([[str(v) for v in row] for row in rows])
+
+
+def no_patient_data(data_dir: Path, *values: str) -> None:
+    """No audit row holds these values (patient ids, message text)."""
+    text = trail_text(data_dir)
     for value in values:
         assert value not in text
 

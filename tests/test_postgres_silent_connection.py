@@ -54,7 +54,7 @@ def relay() -> Iterator[Relay]:
         yield relayed
     finally:
         relayed.frozen.clear()
-        relayed.cut()
+        relayed.close()
 
 
 def answer_to(address: tuple[str, int], control_id: str, timeout: float) -> tuple[str, str]:

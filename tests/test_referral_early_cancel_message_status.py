@@ -48,6 +48,7 @@ def store_setting(request: pytest.FixtureRequest) -> Callable[[HubConfig], None]
 def loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_setting: Callable[[HubConfig], None]
 ) -> Iterator[Loop]:
+    """The shipped config on a running hub, with its stand-ins, on either store."""
     with referral_loop(tmp_path, monkeypatch, store_setting) as running:
         yield running
 

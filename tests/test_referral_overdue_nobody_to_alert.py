@@ -6,33 +6,20 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
-from carehub.config import HubConfig
 from carehub.referrals.state import referral_timeline
 from carehub.store.schema import notifications
 from tests.helpers_http import wait_for
 from tests.test_rabbitmq import pg_url
 from tests.test_referral_early_cancel_cleared_step import _cli
-from tests.test_referral_early_cancel_message_status import store_setting
+from tests.test_referral_early_cancel_message_status import loop, store_setting
 from tests.test_referral_early_updates import _message, _referral_of
-from tests.test_referral_recipients import Loop, _referral, referral_loop
+from tests.test_referral_recipients import Loop, _referral
 
-__all__ = ["pg_url", "store_setting"]  # fixtures: the store, SQLite or PostgreSQL
-
-
-@pytest.fixture
-def loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_setting: Callable[[HubConfig], None]
-) -> Iterator[Loop]:
-    """The shipped config on a running hub, with its stand-ins, on either store."""
-    with referral_loop(tmp_path, monkeypatch, store_setting) as running:
-        yield running
+__all__ = ["loop", "pg_url", "store_setting"]  # fixtures: the hub, on SQLite or PostgreSQL
 
 
 COORDINATOR = "cc-team@riverside-cm.example.org"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,24 +14,13 @@ import pytest
 from carehub.store.store import PG_CONNECTION_BOUNDS
 from tests.helpers_relay import Relay
 from tests.test_cli import env_without_carehub, run, write
-from tests.test_store import PG_HOST, PG_PORT
+from tests.test_postgres_silent_connection import relay
 from tests.test_store_restore_identity import database, database_url
 
-__all__ = ["database"]  # a fixture, used by name
+__all__ = ["database", "relay"]  # fixtures, used by name
 
 #: Long past the connect timeout: a check still running then is waiting on the silence.
 HANG = 60.0
-
-
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    relayed = Relay((PG_HOST, PG_PORT))
-    relayed.start()
-    try:
-        yield relayed
-    finally:
-        relayed.frozen.clear()
-        relayed.close()
 
 
 def store_config(folder: Path, url: str) -> Path:

@@ -6,13 +6,12 @@ Real `carehub` processes, each started under umask 022."""
 
 from __future__ import annotations
 
-import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 from carehub.testing import make_adt, mllp_exchange
+from tests.helpers_cli import carehub
 from tests.helpers_http import CarehubProcess
 
 CONFIG = """\
@@ -30,13 +29,6 @@ def store_modes(data_dir: Path) -> dict[str, int]:
     return {p.name: stat.S_IMODE(p.stat().st_mode) for p in data_dir.glob("carehub.db*")}
 
 
-def carehub(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
-    return subprocess.run(
-        [*UMASK_022, *args], capture_output=True, text=True, timeout=120, check=False, env=env
-    )
-
-
 def hub_args(tmp_path: Path) -> list[str]:
     config = tmp_path / "carehub.yaml"
     config.write_text(CONFIG, encoding="utf-8")
@@ -46,7 +38,7 @@ def hub_args(tmp_path: Path) -> list[str]:
 def test_store_upgrade_makes_a_private_store_and_serve_keeps_it_private(tmp_path: Path) -> None:
     args = hub_args(tmp_path)
     data = tmp_path / "data"
-    upgraded = carehub("store", "upgrade", *args)
+    upgraded = carehub("store", "upgrade", *args, command=UMASK_022)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert "carehub.db" in store_modes(data)
     assert set(store_modes(data).values()) == {0o600}, store_modes(data)
@@ -68,7 +60,7 @@ def test_a_store_open_to_other_accounts_is_made_private_at_start_with_a_warning(
 ) -> None:
     args = hub_args(tmp_path)
     data = tmp_path / "data"
-    assert carehub("store", "upgrade", *args).returncode == 0
+    assert carehub("store", "upgrade", *args, command=UMASK_022).returncode == 0
     database = data / "carehub.db"
     database.chmod(0o664)
 
@@ -91,13 +83,13 @@ def test_a_command_that_only_reads_the_store_makes_it_private_too(tmp_path: Path
     the wrong mode would be): both are made private, each named in a warning."""
     args = hub_args(tmp_path)
     data = tmp_path / "data"
-    assert carehub("store", "upgrade", *args).returncode == 0
+    assert carehub("store", "upgrade", *args, command=UMASK_022).returncode == 0
     wal = data / "carehub.db-wal"
     wal.write_bytes(b"")  # an empty WAL is one SQLite has nothing to replay from
     for path in (data / "carehub.db", wal):
         path.chmod(0o644)
 
-    status = carehub("status", *args)
+    status = carehub("status", *args, command=UMASK_022)
     assert status.returncode == 0, status.stdout + status.stderr
     assert set(store_modes(data).values()) == {0o600}, store_modes(data)
     for path in (data / "carehub.db", wal):

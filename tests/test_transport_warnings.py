@@ -7,10 +7,6 @@ know is refused. The shipped sample requires STARTTLS and a signing key of the s
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import trustme
 
 from carehub.config import TLSConfig
 from carehub.testing import HubThread, local_config
+from tests.helpers_cli import project, routes_check, unprivileged_port_start, unprotected_lines
 from tests.helpers_http import CarehubProcess
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +42,6 @@ routes:
       - forward: {channel: email, name: tls-mail, host: smtp.example.org, sender: hub@example.org, to: desk@example.org}
       - forward: {channel: sms, name: plain-sms, url: "http://sms.example.org/send", to: "+15555550100"}
 """  # noqa: E501
-
-
-def unprivileged_port_start() -> int:
-    """The lowest port any account may bind here: Linux's setting, else 1024 as on the BSDs;
-    macOS and Windows reserve none."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip())
-    except (OSError, ValueError):
-        return 0 if sys.platform in ("darwin", "win32") else 1024
 
 
 #: Destination -> what its line must say; every other destination has no line. On this
@@ -97,60 +85,8 @@ EXPECTED.update(
 )
 
 
-def project(folder: Path, routes: str = ROUTES) -> Path:
-    (folder / "routes").mkdir(parents=True)
-    (folder / "routes" / "out.yaml").write_text(routes, encoding="utf-8")
-    config = folder / "carehub.yaml"
-    config.write_text(
-        "routes: [routes/*.yaml]\n"
-        "listeners:\n"
-        "  mllp: [{name: adt, host: 127.0.0.1, port: 0}]\n"
-        "  http: {host: 127.0.0.1, port: 0}\n",
-        encoding="utf-8",
-    )
-    return config
-
-
-def environment(**changes: str | None) -> dict[str, str]:
-    """This process's environment without CAREHUB_*, with ``changes`` (None: unset)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
-    for name, value in changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-ROUTES_CHECK = [sys.executable, "-m", "carehub.cli", "routes", "check", "--offline"]
-
-
-def routes_check(config: Path, data_dir: Path, **env: str | None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*ROUTES_CHECK, "--config", str(config), "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=environment(**env),
-    )
-
-
-def transport_lines(output: str) -> dict[str, str]:
-    """Destination -> its line, for the lines that say patient data leaves unprotected."""
-    found: dict[str, str] = {}
-    for line in output.splitlines():
-        if "sends patient data to" not in line:
-            continue
-        match = re.search(r"\((?:forward|\S+, channel) \S+ (\S+), plugin", line)
-        assert match, line
-        assert match.group(1) not in found, f"two lines for {match.group(1)}"
-        found[match.group(1)] = line
-    return found
-
-
 def assert_one_line_per_unprotected_destination(output: str) -> None:
-    lines = transport_lines(output)
+    lines = unprotected_lines(output)
     assert set(lines) == set(EXPECTED), lines
     for name, words in EXPECTED.items():
         assert words in lines[name], lines[name]
@@ -159,21 +95,21 @@ def assert_one_line_per_unprotected_destination(output: str) -> None:
 
 
 def test_routes_check_names_each_destination_that_leaves_unprotected(tmp_path: Path) -> None:
-    checked = routes_check(project(tmp_path / "config"), tmp_path / "data")
+    checked = routes_check(project(tmp_path / "config", ROUTES), tmp_path / "data")
     assert checked.returncode == 0, checked.stderr
     assert "ok: 1 route(s), 15 destination(s)" in checked.stdout
     assert_one_line_per_unprotected_destination(checked.stderr)
-    assert all(line.startswith("warning: ") for line in transport_lines(checked.stderr).values())
+    assert all(line.startswith("warning: ") for line in unprotected_lines(checked.stderr).values())
 
 
 def test_serve_logs_each_destination_that_leaves_unprotected_at_start(tmp_path: Path) -> None:
-    config = project(tmp_path / "config")
+    config = project(tmp_path / "config", ROUTES)
     args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
     with CarehubProcess(args, tmp_path / "logs", "serve") as serve:
         serve.wait_ready()
         assert serve.terminate() == 0
     assert_one_line_per_unprotected_destination(serve.stderr)
-    for line in transport_lines(serve.stderr).values():
+    for line in unprotected_lines(serve.stderr).values():
         assert " WARNING carehub.routing.table: " in line
 
 
@@ -204,7 +140,7 @@ def test_a_webhook_signing_key_anyone_could_know_is_refused(
 ) -> None:
     checked = routes_check(hmac_project(tmp_path / "config", secret), tmp_path / "data")
     assert checked.returncode != 0
-    assert "out.yaml:8: route 'signed': steps[0].forward.hmac_secret: " in checked.stderr
+    assert "routes.yaml:8: route 'signed': steps[0].forward.hmac_secret: " in checked.stderr
     assert words in checked.stderr
     assert "Short-Key" not in checked.stderr  # a real key is never quoted
 
@@ -229,10 +165,10 @@ def test_the_sample_sends_mail_with_starttls_unless_told_otherwise(tmp_path: Pat
     remote = {"SMTP_HOST": "smtp.example.org", "CARE_PLATFORM_SECRET": "a-site-signing-key-0001"}
     default = routes_check(SAMPLE_CONFIG, tmp_path / "data", SMTP_STARTTLS=None, **remote)
     assert default.returncode == 0, default.stderr
-    assert transport_lines(default.stderr) == {}
+    assert unprotected_lines(default.stderr) == {}
     plain = routes_check(SAMPLE_CONFIG, tmp_path / "data", SMTP_STARTTLS="false", **remote)
     assert plain.returncode == 0, plain.stderr
-    mail = transport_lines(plain.stderr)
+    mail = unprotected_lines(plain.stderr)
     assert len(mail) == 4 and all("smtp.example.org" in line for line in mail.values()), mail
 
 

@@ -7,9 +7,6 @@ status`, `dead-letters list` or `messages show`; nor does `routes check` refusin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 
 from carehub.config import without_password
 from carehub.testing import make_adt, mllp_exchange
+from tests.helpers_cli import carehub, project, routes_check
 from tests.helpers_http import CarehubProcess, HTTPServer, wait_for
 from tests.test_cli import free_port, plain
 
@@ -79,26 +77,10 @@ routes:
       - forward: {{channel: webhook, name: refusing, url: "{refusing}", retry: {once}}}
 """
 ONCE = "{max_attempts: 1, initial_delay: 0.05, max_delay: 0.05, jitter: 0}"
-CONFIG = """\
-routes: [routes.yaml]
-listeners:
-  mllp: [{name: adt, host: 127.0.0.1, port: 0}]
-  http: {host: 127.0.0.1, port: 0}
-worker: {poll_interval: 0.05}
-"""
 
 
 def cli(*args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
-    env["COLUMNS"] = "250"
-    done = subprocess.run(
-        [sys.executable, "-m", "carehub.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
+    done = carehub(*args, COLUMNS="250")
     assert done.returncode == 0, done.stdout + done.stderr
     return plain(done.stdout + done.stderr)
 
@@ -120,13 +102,9 @@ def test_serve_and_the_cli_never_show_a_query_credential(
         f"http://127.0.0.1:{refusing_server.port}/care-events?apiToken=WEBHOOK-SECRET-7"
         "&api_key=VonageKey0001&api_secret=S3CR3Tvalue"
     )
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "routes.yaml").write_text(
-        ROUTES.format(closed=closed, refusing=refusing, once=ONCE), encoding="utf-8"
-    )
-    (folder / "carehub.yaml").write_text(CONFIG, encoding="utf-8")
-    hub = ["--config", str(folder / "carehub.yaml"), "--data-dir", str(tmp_path / "data")]
+    routes = ROUTES.format(closed=closed, refusing=refusing, once=ONCE)
+    config = project(tmp_path / "config", routes, "worker: {poll_interval: 0.05}\n")
+    hub = ["--config", str(config), "--data-dir", str(tmp_path / "data")]
 
     with CarehubProcess(["serve", *hub], tmp_path / "logs", "serve") as serve:
         serve.wait_ready()
@@ -161,18 +139,7 @@ def test_routes_check_masks_a_refused_url_with_a_query_credential(tmp_path: Path
         "routes:\n  - name: out\n    steps:\n      - forward: {channel: webhook, name: x, "
         "url: 'ftp://127.0.0.1:1/hook?client_secret=CS-SECRET-99&apiToken=WEBHOOK-SECRET-7'}\n"
     )
-    (tmp_path / "routes.yaml").write_text(routes, encoding="utf-8")
-    (tmp_path / "carehub.yaml").write_text("routes: [routes.yaml]\n", encoding="utf-8")
-    config = ["--config", str(tmp_path / "carehub.yaml"), "--data-dir", str(tmp_path / "data")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "carehub.cli", "routes", "check", "--offline", *config],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
+    done = routes_check(project(tmp_path / "config", routes), tmp_path / "data")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "?client_secret=***&apiToken=***" in done.stderr
     assert leaked(done.stdout + done.stderr) == []

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +25,9 @@ from carehub.hl7.ack import read_ack
 from carehub.store.outbox import Outbox
 from carehub.store.store import MessageStore, sqlite_url
 from carehub.testing import make_adt, mllp_exchange
+from tests.helpers_cli import carehub, project
 from tests.helpers_http import CarehubProcess, wait_for
+from tests.test_fhir_notifications import response_message, routes
 from tests.test_fhir_referrals import FhirServer, Served
 from tests.test_referral_early_updates import CANCEL
 from tests.test_referral_recipients import _referral
@@ -41,18 +40,8 @@ CBO_TOKEN = "CboAccessTok3n"
 CBO_PASSWORD = "CboPassw0rd"
 SECRETS = (CARE_TOKEN, CBO_TOKEN, CBO_PASSWORD)
 
-ROUTES = """\
-routes:
-  - name: care-fhir
-    when: {{type: ADT}}
-    steps:
-      - translate: v2-to-event
-      - enrich: encounter-state
-      - forward:
-          channel: fhir-notification
-          name: care-management
-          base_url: "{care_url}"
-          retry: {{max_attempts: 1}}
+#: After the care-fhir route: a referral, and its changes, to a FHIR server.
+REFERRAL_ROUTES = """\
   - name: referrals
     when: {{type: REF, events: [I12]}}
     steps:
@@ -77,18 +66,8 @@ routes:
 def fatal(url: str) -> dict[str, Any]:
     """A response message whose MessageHeader says the receiver refused the notification,
     with an OperationOutcome quoting the URL it was sent to, as many servers' errors do."""
-    header = {
-        "resourceType": "MessageHeader",
-        "eventCoding": {"code": "notification-admit"},
-        "source": {"endpoint": "urn:receiver"},
-        "response": {"identifier": "x", "code": "fatal-error"},
-    }
-    outcome = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": "processing", "diagnostics": f"refused {url}"}],
-    }
-    entries = [{"resource": header}, {"resource": outcome}]
-    return {"resourceType": "Bundle", "type": "message", "entry": entries}
+    issue = {"severity": "error", "code": "processing", "diagnostics": f"refused {url}"}
+    return response_message("fatal-error", {"resourceType": "OperationOutcome", "issue": [issue]})
 
 
 def leaked(text: str) -> list[str]:
@@ -143,32 +122,11 @@ def cbo_server() -> Iterator[FhirServer]:
         yield server
 
 
-def project(folder: Path, care_url: str, cbo_url: str) -> Path:
-    folder.mkdir(parents=True)
-    routes = ROUTES.format(care_url=care_url, cbo_url=cbo_url, resources=RESOURCES.as_posix())
-    (folder / "routes.yaml").write_text(routes, encoding="utf-8")
-    config = folder / "carehub.yaml"
-    config.write_text(
-        "routes: [routes.yaml]\n"
-        "listeners:\n"
-        "  mllp: [{name: adt, host: 127.0.0.1, port: 0}]\n"
-        "  http: {host: 127.0.0.1, port: 0}\n"
-        "worker: {poll_interval: 0.05}\n",
-        encoding="utf-8",
-    )
-    return config
-
-
-def carehub(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREHUB_")}
-    return subprocess.run(
-        [sys.executable, "-m", "carehub.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
+def hub_project(folder: Path, care_url: str, cbo_url: str) -> Path:
+    """Notifications to ``care_url``, referrals to ``cbo_url``: the carehub.yaml."""
+    care = routes(f'"{care_url}"', settings={}, retry="{max_attempts: 1}")
+    cbo = REFERRAL_ROUTES.format(cbo_url=cbo_url, resources=RESOURCES.as_posix())
+    return project(folder, care + cbo, "worker: {poll_interval: 0.05}\n")
 
 
 def send(serve: CarehubProcess, text: str) -> str:
@@ -199,7 +157,7 @@ def test_send_errors_metadata_and_timeline_never_show_a_url_credential(
 ) -> None:
     care_url = care_endpoint.served.url("/fhir").replace("http://", f"http://care:{CARE_TOKEN}@")
     cbo_url = cbo_server.base_url.replace("http://", f"http://cbo:{CBO_PASSWORD}@")
-    config = project(tmp_path / "config", care_url, cbo_url)
+    config = hub_project(tmp_path / "config", care_url, cbo_url)
     data_dir = tmp_path / "data"
     args = ["serve", "--config", str(config), "--data-dir", str(data_dir)]
     with CarehubProcess(args, tmp_path / "logs", "serve") as serve:
@@ -252,7 +210,7 @@ def test_send_errors_metadata_and_timeline_never_show_a_url_credential(
 def test_routes_test_json_never_shows_a_url_credential(tmp_path: Path) -> None:
     care_url = f"https://care:{CARE_TOKEN}@care.example.org/fhir"
     cbo_url = f"https://cbo:{CBO_TOKEN}@cbo.example.org/fhir"
-    config = project(tmp_path / "config", care_url, cbo_url)
+    config = hub_project(tmp_path / "config", care_url, cbo_url)
     messages = tmp_path / "messages.hl7"
     messages.write_text(
         make_adt("SEC-T1", "A01", patient_id="P-SEC2") + _referral("SEC-T2", "R-SEC2"),

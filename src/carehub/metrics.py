@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -312,15 +312,13 @@ def http_listener_metrics(
     )
     refused.add_metric([], connections.refused)
     yield refused
-    timed_out = CounterMetricFamily(
+    yield counter_by(
         "carehub_http_connections_timed_out",
         "HTTP connections closed because a request's line and headers (phase head, "
         "header_timeout) or its body (phase body, body_timeout) did not come in time",
-        labels=["phase"],
+        "phase",
+        connections.timed_out,
     )
-    for phase, count in sorted(connections.timed_out.items()):
-        timed_out.add_metric([phase], count)
-    yield timed_out
     yield auth_failure_counter(listener.auth_failures)
     if listener.tls:
         https_handshakes = CounterMetricFamily(
@@ -333,14 +331,22 @@ def http_listener_metrics(
 
 
 def auth_failure_counter(failures: AuthFailures) -> CounterMetricFamily:
-    family = CounterMetricFamily(
+    return counter_by(
         "carehub_http_auth_failures",
         "HTTP requests refused for their bearer token (none, or not a configured one), by "
         "endpoint; the log names the peer",
-        labels=["endpoint"],
+        "endpoint",
+        failures.counts,
     )
-    for endpoint, count in sorted(failures.counts.items()):
-        family.add_metric([endpoint], count)
+
+
+def counter_by(
+    name: str, documentation: str, label: str, counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    """A counter with one sample per value of ``label`` counted so far, in order."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
     return family
 
 
