@@ -125,3 +125,41 @@ def test_the_modify_and_cancel_of_a_referral_to_a_named_person_reach_the_platfor
         "modified",
         "cancelled",
     ]
+
+
+#: Feed 07 with no referral type (RF1-3 empty) and no SDOH code, to the food bank by name.
+UNTYPED_TO_FOOD_BANK = {
+    "SO^Social services^HL70281": "",
+    "Food and housing support after discharge": "Food support after discharge",
+    DG1_LINES: "DG1|1||I50.9^Heart failure, unspecified^I10||20261127|F",
+}
+#: The same, to Dr Jones by name: a specialist, whatever the type field leaves unsaid.
+UNTYPED_TO_SPECIALIST = {**UNTYPED_TO_FOOD_BANK, RT_FOOD_BANK: SPECIALIST[RT_FOOD_BANK]}
+
+
+def test_an_untyped_referral_to_a_named_organisation_reaches_it(loop: Loop) -> None:
+    """Many feeds leave RF1-3 empty (table 0281 has no social-services code) and send no Z
+    code: a referral naming a community organisation still goes to it."""
+    assert loop.send(_referral("RGH-UT-1", "R-UT-1", replace=UNTYPED_TO_FOOD_BANK)) == "AA"
+    (created,) = loop.settled("sdoh-referrals/cbo-platform")
+    assert created.status == "delivered", created.last_error
+    (task,) = loop.created("Task")
+    assert task["owner"]["display"] == SCFB
+    assert _sent(loop, "sdoh-referrals/referral-desk") == ["delivered"]
+
+
+def test_an_untyped_referral_to_a_named_specialist_is_skipped_by_the_platform(loop: Loop) -> None:
+    assert loop.send(_referral("RGH-UT-2", "R-UT-2", replace=UNTYPED_TO_SPECIALIST)) == "AA"
+    (skipped,) = loop.settled("sdoh-referrals/cbo-platform")
+    assert skipped.status == "skipped"
+    assert "names a person (PRD role RT) and no organisation" in (skipped.receipt or "")
+    assert loop.fhir.posts == []
+    assert _sent(loop, "sdoh-referrals/referral-desk") == ["delivered"]
+    # Its cancel has nothing to change at the platform either.
+    assert (
+        loop.send(_referral("RGH-UT-2-X", "R-UT-2", replace={**UNTYPED_TO_SPECIALIST, **CANCEL}))
+        == "AA"
+    )
+    (cancel,) = loop.settled("referral-changes/cbo-platform")
+    assert cancel.status == "skipped"
+    assert loop.fhir.posts == []

@@ -1090,6 +1090,23 @@ _KIND_OPERATIONS = {
 }
 
 
+def _names_only_a_person(event: Any) -> bool:
+    """Whether a referral that does not say it is for social needs (RF1-3 SO, or an SDOH Z
+    code as its reason or a diagnosis) is made to a person by name with no organisation: a
+    specialist, who is not on a community organisations' platform. A social-services
+    referral to a named community health worker still goes there."""
+    referral = event.referral if isinstance(event, CareEvent) else None
+    named = referral.referred_to if referral is not None else None
+    if not isinstance(named, Practitioner) or named.organization:
+        return False
+    if (referral.type or "").strip().upper() == "SO":
+        return False
+    reason = (referral.reason_code or "").strip().upper().replace(".", "")
+    if _SDOH_Z.match(reason):
+        return False
+    return not any(sdoh_z_code(d) for d in event.diagnoses)
+
+
 def referral_operation(work: Work) -> tuple[str, str | None]:
     """What the organisation's server must hear of this message: ``create``, ``modify``,
     ``cancel`` or ``none`` (with why). Read from the referral-state step's transition, so a
@@ -1104,6 +1121,12 @@ def referral_operation(work: Work) -> tuple[str, str | None]:
             return "none", (
                 f"{state.action}: the referral is {state.status} already (an answer or cancel "
                 "that came before it closed it), so it is not sent"
+            )
+        if operation == "create" and _names_only_a_person(work.event):
+            return "none", (
+                f"{state.action}: the referral names a person (PRD role RT) and no "
+                "organisation: it is for the referral desk to send on, not a community "
+                "organisation's platform"
             )
         if operation in ("modify", "cancel") and state.held:
             return "none", (
