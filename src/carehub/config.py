@@ -469,8 +469,7 @@ SECRET_QUERY_WORDS = (
     "token",
     "secret",
     "key",
-    "password",
-    "passwd",
+    "pass",  # password, passwd, passphrase, pass
     "pwd",
     "auth",
     "signature",
@@ -478,8 +477,9 @@ SECRET_QUERY_WORDS = (
     "credential",
     "session",
 )
-#: Whole parameter names whose values are credentials too: OAuth's authorization ``code``.
-SECRET_QUERY_NAMES = frozenset({"code"})
+#: Whole parameter names whose values are credentials too: OAuth's authorization ``code``,
+#: and ``pw``/``p``/``pin``, too short to look for inside other names.
+SECRET_QUERY_NAMES = frozenset({"code", "pw", "p", "pin"})
 #: ``name=value`` after ``?``, ``&``, ``;`` (and ``#``, where OAuth puts an access token).
 #: The value stops before a quote, whitespace, or a ``:``, ``,``, ``)`` or ``]`` that ends
 #: it ("POST http://h/x?token=abc: ConnectError" keeps its ": ").
