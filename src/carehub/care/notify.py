@@ -1023,6 +1023,19 @@ def _digest_key(day: date, recipient: str, channel: str, context: ComponentConte
     )
 
 
+def _hospital_zone(*times: str | None) -> Any:
+    """The hospital's UTC offset, from the first of ``times`` (as it sent them) that has one;
+    None when none does. Times are stored in UTC, so a notice reads them back in this."""
+    for text in times:
+        try:
+            zone = datetime.fromisoformat(text).tzinfo if text else None
+        except (TypeError, ValueError):
+            zone = None
+        if zone is not None:
+            return zone
+    return None
+
+
 def _local_day(due: Any, event: dict[str, Any]) -> str:
     """A due date as the hospital's calendar day: due times are stored in UTC, and the end of
     a local day is already the next day in UTC west of Greenwich. The hospital's offset is
@@ -1035,14 +1048,8 @@ def _local_day(due: Any, event: dict[str, Any]) -> str:
     if not isinstance(due, datetime):
         return ""
     encounter = event.get("encounter") or {}
-    for text in (encounter.get("discharge_time"), event.get("occurred_at")):
-        try:
-            zone = datetime.fromisoformat(text).tzinfo if text else None
-        except (TypeError, ValueError):
-            zone = None
-        if zone is not None:
-            return _aware(due).astimezone(zone).strftime("%Y-%m-%d")
-    return _aware(due).strftime("%Y-%m-%d")
+    zone = _hospital_zone(encounter.get("discharge_time"), event.get("occurred_at"))
+    return (_aware(due).astimezone(zone) if zone else _aware(due)).strftime("%Y-%m-%d")
 
 
 def _local_minute(moment: str, local_example: str | None) -> str:
@@ -1052,10 +1059,7 @@ def _local_minute(moment: str, local_example: str | None) -> str:
         when = _aware(datetime.fromisoformat(moment))
     except (TypeError, ValueError):
         return moment
-    try:
-        zone = datetime.fromisoformat(local_example).tzinfo if local_example else None
-    except (TypeError, ValueError):
-        zone = None
+    zone = _hospital_zone(local_example)
     if zone is None:
         return when.strftime("%Y-%m-%d %H:%M UTC")
     return when.astimezone(zone).strftime("%Y-%m-%d %H:%M")
