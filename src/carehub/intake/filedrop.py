@@ -45,8 +45,8 @@ regular file found, so one swapped for a link in between is refused too. A hard 
 be told from the file it names, and is read like any file.
 
 A file is read and split on a worker thread, a piece at a time (hl7.batch.split_stream), and
-its messages are handed to the store GROUP at a time, so a nightly batch of hundreds of
-megabytes does not hold up the answers to other senders meanwhile.
+its messages are handed to the store a group at a time (intake.receive_in_groups), so a
+nightly batch of hundreds of megabytes does not hold up the answers to other senders meanwhile.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ import stat as file_mode
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +73,7 @@ from carehub.hl7.ack import AckCode, read_ack
 from carehub.hl7.batch import MessageSlice, SplitData, Stray, split_stream
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import HEAD_BYTES
-from carehub.intake.intake import Arrival, Intake, IntakeResult
+from carehub.intake.intake import Arrival, Intake, IntakeResult, receive_in_groups
 from carehub.intake.tls import PeerReports
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,6 @@ STUCK_RETRY = 60.0
 #: writer that stalls between messages, short enough that a cut-off batch is reported within
 #: seconds rather than sitting unseen in the inbox.
 INCOMPLETE_BATCH_SETTLES = 10
-#: Messages of a file handed to the store at a time. Each group is parsed and committed on the
-#: event loop (a few milliseconds), and other senders' messages join its commit or the next,
-#: so their answers do not wait for the rest of the file.
-GROUP = 100
 #: How a file is opened: never through a symbolic link (ELOOP instead), and without waiting
 #: for a writer should it be a named pipe put there after the scan.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -389,23 +385,21 @@ class FileDropListener:
         return _Read(contents, head, size, opened)
 
     async def _store(self, contents: SplitData, arrival: Arrival) -> list[str]:
-        """Hand the file's messages and stray texts to intake in file order, GROUP at a time,
+        """Hand the file's messages and stray texts to intake in file order, a group at a time,
         so the stored rows follow the file as a reader of it would; returns the problems for
         the error file, one line each."""
         problems: list[str] = []
         total = len(contents.messages)
         number = 0  # messages so far
         items = heapq.merge(contents.messages, contents.stray, key=_offset)
-        for group in _groups(items, GROUP):
-            results = await asyncio.gather(
-                *(
-                    self._receive(item, arrival)
-                    if isinstance(item, MessageSlice)
-                    else self._reject_stray(item, arrival)
-                    for item in group
-                )
-            )
-            for item, result in zip(group, results, strict=True):
+
+        def take(item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
+            if isinstance(item, MessageSlice):
+                return self._receive(item, arrival)
+            return self._reject_stray(item, arrival)
+
+        async for group in receive_in_groups(items, take):
+            for item, result in group:
                 if isinstance(item, Stray):
                     problems.append(_stray_problem(item, number, total, result))
                     continue
@@ -613,19 +607,6 @@ def _write_whole(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-
-
-def _groups(
-    items: Iterator[MessageSlice | Stray], size: int
-) -> Iterator[list[MessageSlice | Stray]]:
-    group: list[MessageSlice | Stray] = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def _signature(stat: os.stat_result) -> Signature:

@@ -43,7 +43,7 @@ from carehub.config import ENV_HTTP_TOKENS, HTTPListenerConfig
 from carehub.hl7.ack import AckCode
 from carehub.hl7.batch import MessageSlice, SplitData, Stray, answer_envelope, split_data
 from carehub.hl7.framing import HEAD_BYTES
-from carehub.intake.intake import Arrival, Intake, IntakeResult
+from carehub.intake.intake import Arrival, Intake, IntakeResult, receive_in_groups
 from carehub.intake.tls import (
     HANDSHAKE_TIMEOUT,
     HandshakeFailures,
@@ -65,6 +65,8 @@ _SEVERITY = {200: 0, 422: 1, 400: 2, 503: 3}
 #: For an answer sent before the whole request body was read: the connection cannot carry
 #: another request.
 CLOSE = {"Connection": "close"}
+#: A body larger than this is split on a worker thread (see _split).
+SPLIT_INLINE_BYTES = 64 * 1024
 
 #: The shortest bearer token taken without a warning (a webhook's hmac_secret needs as many).
 MIN_TOKEN_LENGTH = 16
@@ -265,7 +267,7 @@ def build_app(
             )
             result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
             return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=CLOSE)
-        contents = None if _single(body) else split_data(body)
+        contents = None if _single(body) else await _split(body)
         if contents is not None and contents.batch_problems:
             # A batch cut short on the way, or whose trailers count other than it holds: none
             # of it is taken, so that the sender resends it whole.
@@ -329,6 +331,14 @@ def _single(body: bytes) -> bool:
     return not any(wrapper in body for wrapper in (b"FHS", b"BHS", b"BTS", b"FTS"))
 
 
+async def _split(body: bytes) -> SplitData:
+    """The body split into its messages; on a worker thread once it is large, since splitting
+    costs about 0.1 s a MiB and would hold every listener's answers meanwhile."""
+    if len(body) <= SPLIT_INLINE_BYTES:
+        return split_data(body)
+    return await asyncio.to_thread(split_data, body)
+
+
 def _status(result: IntakeResult) -> int:
     if result.code is AckCode.ERROR and result.message_id is None:
         return 503  # not stored at all: the sender must retry
@@ -344,7 +354,7 @@ async def _receive_parts(
         [*contents.messages, *contents.stray], key=lambda item: item.offset
     )
 
-    def take(item: MessageSlice | Stray) -> Any:
+    def take(item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
         if isinstance(item, MessageSlice):
             return intake.receive(item.data, arrival)
         reason = (
@@ -355,8 +365,9 @@ async def _receive_parts(
             item.data[:HEAD_BYTES], len(item.data), arrival, reason
         )
 
-    # Submitted in body order, so the messages share a commit and keep their order.
-    return list(await asyncio.gather(*(take(item) for item in items)))
+    # Submitted in body order, a group at a time, so the messages keep their order and other
+    # senders are answered while a large batch is stored.
+    return [result async for group in receive_in_groups(items, take) for _, result in group]
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -18,8 +18,9 @@ import asyncio
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from carehub.hl7.ack import AckCode, ErrorCode, accept_ack_wanted, build_ack
 from carehub.hl7.batch import split_data
@@ -62,6 +63,32 @@ class IntakeResult:
 
 #: Called with the result of one frame once it is settled (committed, or refused by the store).
 Answer = Callable[[IntakeResult], None]
+
+#: Messages of one batch (a file in the drop, a body posted over HTTP) handed to the store at a
+#: time. Each group is parsed and committed on the event loop (a few milliseconds), and other
+#: senders' messages join its commit or the next, so their answers do not wait for the rest of
+#: the batch.
+BATCH_GROUP = 100
+
+_Item = TypeVar("_Item")
+
+
+async def receive_in_groups(
+    items: Iterable[_Item],
+    take: Callable[[_Item], Awaitable[IntakeResult]],
+    size: int = BATCH_GROUP,
+) -> AsyncIterator[list[tuple[_Item, IntakeResult]]]:
+    """Each group of ``size`` items taken together, in order, with its results: a group's
+    messages are submitted in order and share a commit, and the loop answers other senders
+    between groups, as it would not if thousands of messages were started at once."""
+    group: list[_Item] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield list(zip(group, await asyncio.gather(*map(take, group)), strict=True))
+            group = []
+    if group:
+        yield list(zip(group, await asyncio.gather(*map(take, group)), strict=True))
 
 
 @dataclass(slots=True, frozen=True)
