@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 __all__ = [
     "EVENT_KINDS",
+    "MAX_DIAGNOSES",
     "NATIONAL_ID_AUTHORITIES",
     "NATIONAL_ID_TYPES",
     "Address",
@@ -408,6 +409,13 @@ class Location(_Model):
     description: str | None = None
 
 
+#: The most diagnoses a care event keeps, the first in the message's order. A real ADT carries
+#: tens at most (a UB-04 claim has room for 25); one of 20,000 DG1s made the event, the visit's
+#: snapshot and its FHIR bundle megabytes each, and storing them held the store's write lock
+#: for a fifth of a second while every sender's intake waited.
+MAX_DIAGNOSES = 100
+
+
 class Diagnosis(_Model):
     """One DG1: ``type`` is HL7 table 0052 (A admitting, W working, F final)."""
 
@@ -541,6 +549,9 @@ class CareEvent(_Model):
     patient: Patient | None = None
     encounter: Encounter | None = None
     diagnoses: list[Diagnosis] = Field(default_factory=list)
+    #: DG1 segments after the first MAX_DIAGNOSES diagnoses, left out unread: the diagnoses
+    #: above are not all the message sent. Not given when none were left out.
+    diagnoses_left_out: int | None = None
     referral: Referral | None = None
     merged_identifiers: list[Identifier] = Field(default_factory=list)  # MRG-1 of the first PID
     merges: list[Merge] = Field(default_factory=list)  # every PID/MRG pair (A40 may repeat)

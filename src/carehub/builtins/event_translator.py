@@ -7,12 +7,14 @@ raises on odd content that the view accepts: a missing or malformed field become
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import Field
 
 from carehub.components import ComponentOptions, JSONText, Translator, Work
 from carehub.events import (
+    MAX_DIAGNOSES,
     Address,
     CareEvent,
     Contact,
@@ -36,6 +38,8 @@ from carehub.events import (
 from carehub.hl7.view import MessageView, unescape
 
 __all__ = ["V2ToEvent", "translate_v2_to_event"]
+
+log = logging.getLogger(__name__)
 
 _NOT_PHONES = frozenset({"INTERNET", "X.400"})
 # NTEs after these segments annotate a result or order, not the referral itself.
@@ -328,6 +332,18 @@ def _diagnosis(r: _Reader, fields: list[str]) -> Diagnosis | None:
     return diagnosis if (diagnosis.code or diagnosis.display) else None
 
 
+def _diagnoses(r: _Reader, view: MessageView, positions: list[int]) -> tuple[list[Diagnosis], int]:
+    """The first MAX_DIAGNOSES diagnoses of the DG1 segments at ``positions``, and how many
+    segments after them were left out unread (see MAX_DIAGNOSES for why there is a cap)."""
+    diagnoses: list[Diagnosis] = []
+    for read, position in enumerate(positions):
+        if len(diagnoses) == MAX_DIAGNOSES:
+            return diagnoses, len(positions) - read
+        if diagnosis := _diagnosis(r, view.fields(position)):
+            diagnoses.append(diagnosis)
+    return diagnoses, 0
+
+
 def _pln_type(r: _Reader, comps: list[str]) -> str | None:
     """PLN.2 (table 0338). Some senders put the type after empty components
     (``1184629371^^^^NPI``); take the last non-date text then."""
@@ -560,11 +576,16 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
         admit_reason = r.first(pv2, 3)
         encounter.admit_reason = r.leaf(admit_reason, 2) or r.leaf(admit_reason, 1)
 
-    diagnoses = [
-        diagnosis
-        for position in positions.get("DG1", [])
-        if (diagnosis := _diagnosis(r, view.fields(position)))
-    ]
+    diagnoses, diagnoses_left_out = _diagnoses(r, view, positions.get("DG1", []))
+    if diagnoses_left_out:
+        # No identifiers: the count and the message type tell an operator what happened.
+        log.info(
+            "%s^%s: kept the first %d diagnoses, left out %d more DG1 segments",
+            message_type,
+            trigger,
+            len(diagnoses),
+            diagnoses_left_out,
+        )
 
     referral = None
     if message_type in ("REF", "RRI"):
@@ -585,6 +606,7 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
         patient=patient,
         encounter=encounter,
         diagnoses=diagnoses,
+        diagnoses_left_out=diagnoses_left_out or None,
         referral=referral,
         merged_identifiers=merges[0].prior_identifiers if merges else [],
         merges=merges,

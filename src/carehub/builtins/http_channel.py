@@ -13,7 +13,8 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import AsyncIterator, Mapping
+import zlib
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -33,9 +34,10 @@ from carehub.config import without_password
 
 USER_AGENT = "carehub"
 
-#: The most of an answer's body, once decompressed, that carehub reads (HttpAnswer.aread). The
-#: answers it reads whole (a FHIR transaction-response, a Task search, an OperationOutcome)
-#: are a few KiB; a gzip answer of 10 KiB can unpack to 10 MiB, one of 10 MiB to 10 GiB.
+#: The most of an answer's body, once decompressed, that carehub reads (HttpAnswer.aread, and
+#: read_answer for the sync clients). The answers it reads whole (a FHIR transaction-response,
+#: a Task search, an OperationOutcome) are a few KiB, a community directory's page of 100
+#: services a few hundred; a gzip answer of 10 KiB can unpack to 10 MiB, one of 10 MiB to 10 GiB.
 MAX_ANSWER_BYTES = 10 * 1024 * 1024
 
 #: Besides the 5xx: timeout, too early, too many requests. Other 4xx will not get better.
@@ -83,6 +85,70 @@ def http_url(value: str, option: str = "url") -> str:
         shown = without_password(repr(value))
         raise ValueError(f"{option} must be http:// or https:// with a host, got {shown}")
     return value
+
+
+class AnswerTooLarge(ValueError):
+    """An answer whose body, decompressed, is longer than the most carehub reads of one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"the answer is larger than {size_text(limit)}, the most carehub reads")
+
+
+def size_text(size: int) -> str:
+    """A byte count for messages: ``10 MiB`` when it is whole mebibytes, else bytes."""
+    mib = 1024 * 1024
+    return f"{size // mib} MiB" if size >= mib and size % mib == 0 else f"{size} bytes"
+
+
+def read_answer(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The body of a streamed httpx answer (``Client.stream``), decompressed, for the sync
+    clients; AnswerTooLarge once it passes ``limit``, with no more than that read or unpacked.
+
+    httpx unpacks each chunk it reads whole, and a chunk of 64 KiB of gzip can unpack to
+    64 MiB, so the raw bytes are unpacked here ``limit`` at most (zlib's ``max_length``). Only
+    the codings httpx asks for (gzip, deflate) are accepted; any other is a DecodingError."""
+    length = response.headers.get("Content-Length", "")
+    coding = response.headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        if length.isdigit() and int(length) > limit:
+            raise AnswerTooLarge(limit)
+        return _gather(response.iter_raw(), limit)
+    if coding in ("gzip", "x-gzip"):
+        return _gather(_inflate(response.iter_raw(), zlib.MAX_WBITS | 16, limit), limit)
+    if coding == "deflate":  # zlib-wrapped, as RFC 9110 says (a gzip header is taken too)
+        return _gather(_inflate(response.iter_raw(), zlib.MAX_WBITS | 32, limit), limit)
+    raise httpx.DecodingError(f"Content-Encoding {coding!r} was not asked for")
+
+
+def _gather(chunks: Iterator[bytes], limit: int) -> bytes:
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(limit)
+    return bytes(body)
+
+
+def _inflate(raw: Iterator[bytes], wbits: int, limit: int) -> Iterator[bytes]:
+    """Unpack ``raw`` no further than one byte past ``limit`` in all; anything after the end
+    of the compressed stream is ignored."""
+    inflater = zlib.decompressobj(wbits)
+    budget = limit + 1
+    try:
+        for chunk in raw:
+            data = chunk
+            while data and budget > 0 and not inflater.eof:
+                piece = inflater.decompress(data, budget)
+                budget -= len(piece)
+                yield piece
+                data = inflater.unconsumed_tail
+            if budget <= 0 or inflater.eof:
+                return
+        if not inflater.eof:
+            raise httpx.DecodingError("the compressed answer is cut short")
+    except zlib.error as err:
+        raise httpx.DecodingError(f"the answer cannot be decompressed: {err}") from err
 
 
 async def read_some(response: HttpAnswer, limit: int = 4096) -> str:

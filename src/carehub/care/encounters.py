@@ -104,6 +104,7 @@ from carehub.care.model import DISPOSITIONS, Transition, TransitionKind, normali
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import (
+    MAX_DIAGNOSES,
     CareEvent,
     Encounter,
     Identifier,
@@ -357,7 +358,8 @@ def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     out (an A08 without DG1, a discharge without the attending) is kept from earlier ones.
     ``patient`` and ``encounter`` merge one level deep (a new location replaces the whole old
     one, so a bed from the old unit never sticks); message-specific parts (merges, referral)
-    come from the new message only. The result is still valid CareEvent JSON."""
+    come from the new message only. The result is still valid CareEvent JSON; its diagnoses
+    are MAX_DIAGNOSES at most, with ``diagnoses_left_out`` counting the rest."""
     merged = dict(new)
     for part in ("patient", "encounter"):
         before = old.get(part)
@@ -365,6 +367,13 @@ def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             merged[part] = {**before, **(new.get(part) or {})}
     if not new.get("diagnoses") and old.get("diagnoses"):
         merged["diagnoses"] = old["diagnoses"]
+        if old.get("diagnoses_left_out"):
+            merged["diagnoses_left_out"] = old["diagnoses_left_out"]
+    diagnoses = merged.get("diagnoses") or []
+    if len(diagnoses) > MAX_DIAGNOSES:  # a snapshot stored before there was a cap
+        merged["diagnoses"] = diagnoses[:MAX_DIAGNOSES]
+        left_out = len(diagnoses) - MAX_DIAGNOSES + (merged.get("diagnoses_left_out") or 0)
+        merged["diagnoses_left_out"] = left_out
     return merged
 
 
@@ -451,6 +460,8 @@ def _summary(
         "discharged_to": rec.discharged_to,
         "discharged_to_name": enc.get("discharged_to_name") if discharged else None,
         "diagnoses": snap.get("diagnoses") or [],
+        # More DG1s than a care event keeps: the diagnoses above are the first of them.
+        "diagnoses_left_out": snap.get("diagnoses_left_out"),
         "occurred_at": _iso(event.occurred_at) if event is not None else None,
         "previous_state": previous_state,
     }

@@ -22,6 +22,8 @@ Two sources return the same typed :class:`Service` objects:
   (optional in the spec), following the ``Page`` schema (``contents``, ``total_pages``,
   ``page_number``, ``last_page``). Answers are kept in memory for ``cache_seconds`` because the
   router calls the directory once per message and directories change daily, not per second.
+  An answer is read up to MAX_ANSWER_BYTES once decompressed (the FHIR clients' bound); a
+  larger one, or any other failure, keeps the last good answer for another ``cache_seconds``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from carehub.builtins.http_channel import MAX_ANSWER_BYTES, AnswerTooLarge, read_answer
 from carehub.config import without_password
 from carehub.errors import CarehubError
 
@@ -520,7 +523,11 @@ class ApiDirectory:
     ``GET /service_at_locations?full=true`` with ``postcode``/``proximity``/``taxonomy_term_id``
     and groups the rows back into services; a row whose nested service lacks ``attributes`` is
     completed with ``GET /services/{id}``. Every answer is cached for ``cache_seconds`` (0 turns
-    the cache off). Sync httpx on purpose: a step that uses it says it may block
+    the cache off); when it expires and asking again fails (the server is down, answers junk or
+    more than ``max_answer_bytes``), the last good answer is kept, logged, for another
+    ``cache_seconds``: a directory outage must not empty the matches mid-shift.
+
+    Sync httpx on purpose: a step that uses it says it may block
     (``CommunityResourcesEnricher.may_block``), so its routes run on a helper thread, one
     message at a time, and a blocking call with a timeout is the simple, correct choice."""
 
@@ -534,11 +541,13 @@ class ApiDirectory:
         max_pages: int = 100,
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.cache_seconds = cache_seconds
         self.per_page = per_page
         self.max_pages = max_pages
+        self.max_answer_bytes = max_answer_bytes
         self._clock = clock
         self._client = httpx.Client(
             base_url=self.base_url + "/",
@@ -566,7 +575,17 @@ class ApiDirectory:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        value = produce()
+        try:
+            value = produce()
+        except DirectoryError as err:
+            if hit is None:
+                raise
+            # Asked again only after another cache_seconds: a server answering junk (or more
+            # than the bound) is not read again for every message.
+            log.warning(
+                "%s; keeping the last good answer for another %g s", err, self.cache_seconds
+            )
+            value = hit[1]
         if self.cache_seconds > 0:
             with self._lock:
                 self._cache[key] = (now + self.cache_seconds, value)
@@ -575,24 +594,28 @@ class ApiDirectory:
         return value
 
     # -- HTTP ----------------------------------------------------------------------------
-    def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
+    def _get(self, path: str, params: dict[str, Any] | None = None) -> tuple[str, int, bytes]:
+        """(the address as shown, the status, the body of a 200, else b""). The body is read
+        up to ``max_answer_bytes`` decompressed: a huge or endless answer, or a gzip one that
+        unpacks to gigabytes, is a DirectoryError instead of the process's memory."""
         url = f"{self.base_url}/{path.lstrip('/')}"
         self.requests_made += 1
         try:
-            return self._client.get(path.lstrip("/"), params=params)
+            with self._client.stream("GET", path.lstrip("/"), params=params) as response:
+                shown = _shown(response.url)
+                if response.status_code != 200:
+                    return shown, response.status_code, b""
+                return shown, 200, read_answer(response, self.max_answer_bytes)
+        except AnswerTooLarge as err:
+            raise DirectoryError(f"{_shown(url)}: {err}; not read") from err
         except httpx.HTTPError as err:
             raise DirectoryError(without_password(f"{url}: {type(err).__name__}: {err}")) from err
 
     def _json(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        response = self._get(path, params)
-        if response.status_code != 200:
-            shown = _shown(response.url)
-            raise DirectoryError(f"{shown}: HTTP {response.status_code}")
-        try:
-            return response.json()
-        except ValueError as err:
-            shown = _shown(response.url)
-            raise DirectoryError(f"{shown}: the answer is not JSON") from err
+        shown, status, body = self._get(path, params)
+        if status != 200:
+            raise DirectoryError(f"{shown}: HTTP {status}")
+        return _parsed(shown, body)
 
     def _pages(self, path: str, params: dict[str, Any]) -> list[Any]:
         """Every ``contents`` item of a paged list. Stops at ``total_pages`` when the server
@@ -632,17 +655,12 @@ class ApiDirectory:
 
     def service(self, service_id: str) -> Service | None:
         def fetch() -> Service | None:
-            response = self._get(f"services/{service_id}")
-            if response.status_code == 404:
+            shown, status, body = self._get(f"services/{service_id}")
+            if status == 404:
                 return None
-            if response.status_code != 200:
-                shown = _shown(response.url)
-                raise DirectoryError(f"{shown}: HTTP {response.status_code}")
-            shown = _shown(response.url)
-            try:
-                return parse_services([response.json()], shown)[0]
-            except ValueError as err:
-                raise DirectoryError(f"{shown}: the answer is not JSON") from err
+            if status != 200:
+                raise DirectoryError(f"{shown}: HTTP {status}")
+            return parse_services([_parsed(shown, body)], shown)[0]
 
         return self._cached(("service", service_id), fetch)
 
@@ -694,6 +712,14 @@ class ApiDirectory:
             service.model_copy(update={"service_at_locations": sals})
             for service, sals in grouped.values()
         ]
+
+
+def _parsed(shown: str, body: bytes) -> Any:
+    """An answer's JSON (UTF-8, or the UTF-16/32 that ``json`` recognises)."""
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise DirectoryError(f"{shown}: the answer is not JSON") from err
 
 
 def _shown(url: object) -> str:
