@@ -7,11 +7,16 @@ forwards send to is polled once a cycle, not once per forward."""
 
 from __future__ import annotations
 
+import gzip
+import logging
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import httpx
+import pytest
+from starlette.responses import Response
 
+from carehub.builtins.http_channel import MAX_ANSWER_BYTES
 from tests import test_referral_recipients as recipients
 from tests.helpers_http import wait_for
 from tests.test_referral_answers_organisations import _channel, _record, _referrer_subjects
@@ -94,3 +99,27 @@ def test_one_server_two_forwards_send_to_is_polled_once_a_cycle(loop: Loop) -> N
     assert loop.fhir.gets.count(task) == 1
     loop.running.hub.table.tick(start + timedelta(minutes=16))
     assert loop.fhir.gets.count(task) == 2
+
+
+def test_a_task_answer_that_unpacks_past_the_bound_is_not_read_and_the_task_stays_polled(
+    loop: Loop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Task read answered with gzip that unpacks to five times the bound (a broken or hostile
+    server): the poll stops at the bound, says so, and reads the Task again next time."""
+    assert loop.send(_referral("TP-4", "R-TP4")) == "AA"
+    task = _task(loop)
+    bomb = gzip.compress(b'{"resourceType": "Task", "note": "' + b" " * (5 * MAX_ANSWER_BYTES))
+    loop.fhir.task_answer = Response(
+        bomb, media_type="application/fhir+json", headers={"Content-Encoding": "gzip"}
+    )
+    channel = _channel(loop)
+    with caplog.at_level(logging.WARNING, logger="carehub"):
+        assert channel.poll() == []
+    assert loop.fhir.gets.count(task) == 1
+    assert "the answer is larger than 10 MiB, the most carehub reads; not read" in caplog.text
+    assert [e["task"] for e in channel.tasks.all().values()] == [task]
+
+    loop.fhir.task_answer = None
+    loop.fhir.act(task, "accepted")
+    (accepted,) = channel.poll()
+    assert accepted.status == "accepted"

@@ -182,6 +182,8 @@ class FhirServer:
         self.gets: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.on_search: Callable[[str], None] | None = None
+        #: When set, what every Task read is answered with instead of the Task.
+        self.task_answer: Response | None = None
         self._next = 100
         app = Starlette(
             routes=[
@@ -403,6 +405,8 @@ class FhirServer:
     async def read_task(self, request: Request) -> Response:
         ref = f"Task/{request.path_params['id']}"
         self.gets.append(ref)
+        if self.task_answer is not None:
+            return self.task_answer
         with self.lock:
             task = self.resources.get(ref)
             if task is None:

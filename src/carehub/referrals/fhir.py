@@ -124,9 +124,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from carehub.builtins.http_channel import (
+    AnswerTooLarge,
     HttpAnswer,
     HttpChannel,
     is_retryable,
+    read_answer,
     retry_after,
 )
 from carehub.components import (
@@ -1661,20 +1663,27 @@ class FhirReferralChannel(HttpChannel):
         url = f"{self.options.base_url}/Task/{quote(task_id, safe='')}"
         shown = without_password(url)  # for the log lines below
         try:
-            response = self._poll_client.get(url, headers=self._headers())
+            # Read up to MAX_ANSWER_BYTES decompressed, as every answer from a server is: a
+            # huge or endless answer, or a gzip bomb, is refused instead of filling memory.
+            with self._poll_client.stream("GET", url, headers=self._headers()) as response:
+                status_code = response.status_code
+                body = read_answer(response) if status_code == 200 else b""
+        except AnswerTooLarge as err:
+            log.warning("fhir-referral: GET %s: %s; not read", shown, err)
+            return None
         except httpx.HTTPError as err:
             reason = without_password(f"{type(err).__name__}: {err}")
             log.warning("fhir-referral: GET %s: %s", shown, reason)
             return None
-        if response.status_code == 410:
+        if status_code == 410:
             log.warning("fhir-referral: %s is gone (HTTP 410); no longer polled", shown)
             self.tasks.remove(task_id)
             return None
-        if response.status_code != 200:
-            log.warning("fhir-referral: GET %s: HTTP %d", shown, response.status_code)
+        if status_code != 200:
+            log.warning("fhir-referral: GET %s: HTTP %d", shown, status_code)
             return None
         try:
-            task = response.json()
+            task = json.loads(body)
         except ValueError:
             log.warning("fhir-referral: GET %s: the answer is not JSON", shown)
             return None
