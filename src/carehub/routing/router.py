@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 SLOW_STEP = 1.0
 #: ... at most once in this many seconds per step.
 SLOW_STEP_EVERY = 300
-#: Routing a message costs time in proportion to its segments and field repetitions (every
-#: DG1 a diagnosis, then a FHIR Condition: about 0.4 ms each). A message with more than this
-#: many is routed on a helper thread, never on the hub's event loop (``fits_the_loop``): one
-#: of 20,000 DG1s, well under the size limit, held up every listener's ACKs for seconds. Real
-#: messages have tens.
+#: Routing a message costs time in proportion to its segments and field repetitions (each
+#: is read, and up to events.MAX_DIAGNOSES DG1s become diagnoses and FHIR Conditions). A
+#: message with more than this many is routed on a helper thread, never on the hub's event
+#: loop (``fits_the_loop``): one of 20,000 segments, well under the size limit, held up every
+#: listener's ACKs for seconds. Real messages have tens.
 LOOP_MAX_PARTS = 200
 #: ... and so is a message of more than this many bytes, whatever its shape.
 LOOP_MAX_BYTES = 64 * 1024
