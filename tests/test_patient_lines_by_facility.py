@@ -25,7 +25,7 @@ from carehub.hl7.view import MessageView
 from carehub.store.outbox import Outbox
 from carehub.store.schema import MessageStatus, deliveries, messages
 from carehub.store.store import MessageStore, NewMessage
-from carehub.testing import HubThread, make_adt, mllp_exchange
+from carehub.testing import HubThread, make_adt, mllp_exchange, run_routes
 from tests import test_store
 from tests.helpers_http import HTTPServer, Received, wait_for
 from tests.test_dead_letter_order import QUIET, TWO_TRIES, cli, hub_config
@@ -214,3 +214,63 @@ def test_messages_stored_unrouted_before_go_first_only_for_their_senders_patient
     assert store.unrouted_before([later]) == [gen_before]
     (later_other,) = store.get_many([other_now])
     assert store.unrouted_before([later_other]) == [other_before]
+
+
+def test_a_dry_run_keys_each_hospitals_patient_as_routing_does(tmp_path: Path) -> None:
+    """`routes test` and run_routes give a delivery the line (order key) the hub gives it: the
+    identifier without an authority is keyed by its sending facility in both."""
+    texts = {"GEN-1": adt("GEN-1", "A01", GEN), "OTHER-1": adt("OTHER-1", "A01", OTHER)}
+    with HTTPServer(lambda _: 200) as server:
+        config = hub_config(tmp_path, server.url(), TWO_TRIES)
+        with HubThread(load_config(config), tmp_path / "data") as hub:
+            send(hub, *texts.values())
+            wait_for(lambda: len(server.ok()) == 2, what="both hospitals' A01 delivered")
+            routed = {c: d.order_key for c, d in deliveries_by_control_id(hub).items()}
+    dry = {
+        control_id: [d.order_key for d in run_routes(text, config).deliveries]
+        for control_id, text in texts.items()
+    }
+    assert routed == {"GEN-1": f"{GEN}|{MRN}", "OTHER-1": f"{OTHER}|{MRN}"}
+    assert dry == {control_id: [key] for control_id, key in routed.items()}
+
+
+def all_delivered(hub: HubThread, count: int) -> bool:
+    """Whether the hub holds ``count`` deliveries, every one of them delivered."""
+    found = deliveries_by_control_id(hub)
+    return len(found) == count and all(d.status == "delivered" for d in found.values())
+
+
+def test_reprocess_warns_only_of_later_messages_of_its_senders_patient(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A message sent again after its patient's later ones warns of them: those of the same
+    sender's patient, stored before identifiers were keyed by their sender or after, and
+    never another hospital's patient with the same id."""
+    with HTTPServer(lambda _: 200) as server:
+        config = hub_config(tmp_path, server.url(), TWO_TRIES, store_url)
+        data_dir = tmp_path / "data"
+        with HubThread(load_config(config), data_dir) as hub:
+            send(hub, adt("OTHER-1", "A01", OTHER), adt("GEN-1", "A01", GEN))
+            wait_for(lambda: all_delivered(hub, 2), what="both hospitals' A01 delivered")
+        before = MessageStore(store_url)
+        try:
+            _as_before(before)
+        finally:
+            before.close()
+        with HubThread(load_config(config), data_dir) as hub:
+            send(hub, adt("GEN-2", "A03", GEN), adt("OTHER-2", "A08", OTHER))
+            send(hub, adt("OTHER-3", "A03", OTHER))
+            wait_for(lambda: all_delivered(hub, 5), what="the later messages delivered")
+            ids = {m.control_id: m.id for m in hub.store.find(limit=None)}
+            outbox = Outbox(hub.store)
+            assert outbox.later_delivered(ids["GEN-1"], {DESTINATION}) == {DESTINATION: 1}
+            assert outbox.later_delivered(ids["OTHER-1"], {DESTINATION}) == {DESTINATION: 2}
+            assert outbox.later_delivered(ids["OTHER-3"], {DESTINATION}) == {}
+
+            reprocess = ("messages", "reprocess", str(ids["GEN-1"]), "--destination", DESTINATION)
+            again = cli(config, data_dir, *reprocess, "--yes")
+            assert again.exit_code == 0, again.output
+            assert (
+                f"warning: message {ids['GEN-1']} reaches {DESTINATION} after 1 later "
+                "message(s) of the same patient already delivered there"
+            ) in again.stderr

@@ -44,6 +44,7 @@ from carehub.testing import (
     run_routes_all,
     run_routes_all_async,
 )
+from tests.helpers_cli import project, routes_check
 from tests.test_plugins import hub_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -266,6 +267,89 @@ def test_condition_errors_inside_groups_name_file_line_and_key(tmp_path: Path) -
         "'PID-3[x]': expected SEG-field[.component[.subcomponent]], e.g. PID-3.4"
     )
     assert lines[1].startswith(f"{path}:12: route 'a': steps[0].filter.all[0].not: ")
+
+
+#: A step written with nothing after a key (YAML's null), the key path `routes check` names
+#: and the start of what it says there.
+NULL_STEPS = [
+    ("filter:", "steps[0].filter", "needs a condition, e.g. {type: ADT}"),
+    ("filter: {}", "steps[0].filter", "is empty, and an empty condition holds for every"),
+    ("filter: {type: }", "steps[0].filter.type", "is empty (null)"),
+    ("filter: {events: }", "steps[0].filter.events", "is empty (null)"),
+    ("filter: {not: }", "steps[0].filter.not", "is empty (null)"),
+    ("filter: {any: }", "steps[0].filter.any", "is empty (null)"),
+    ("filter: {any: [null]}", "steps[0].filter.any[0]", "is empty (null): give a condition"),
+    ("filter: {all: [{type: ADT}, {not: {type: }}]}", "steps[0].filter.all[1].not.type", "is"),
+    ("filter: {opted_out: }", "steps[0].filter.opted_out", "is empty (null)"),
+    ("filter: {transition: }", "steps[0].filter.transition", "is empty (null)"),
+    ("filter: {fields: {PV1-36: }}", "steps[0].filter.fields.PV1-36", "is empty (null)"),
+    ("filter: {fields: {PV1-36: {not: }}}", "steps[0].filter.fields.PV1-36", "holds an empty"),
+    ("filter: {fields: {PV1-36: {regex: }}}", "steps[0].filter.fields.PV1-36.regex", "is empty"),
+    ("filter: {fields: {PV1-36: {present: }}}", "steps[0].filter.fields.PV1-36.present", "is"),
+    ("translate:", "steps[0].translate", "names its component"),
+    ("enrich:", "steps[0].enrich", "names its component"),
+    ("transform:", "steps[0].transform", "needs its edits"),
+    ("forward:", "steps[0].forward", "needs its channel"),
+    ("notify:", "steps[0].notify", "needs its settings"),
+    ("notify-referral:", "steps[0].notify-referral", "needs its settings"),
+]
+
+
+@pytest.mark.parametrize(("step", "key", "message"), NULL_STEPS)
+def test_a_step_key_written_with_nothing_after_it_is_an_error_naming_the_key(
+    tmp_path: Path, step: str, key: str, message: str
+) -> None:
+    """Read as left out, such a key would make a step of no kind, or a filter that tests
+    nothing and so passes every message."""
+    path = write_routes(
+        tmp_path,
+        f"""
+        routes:
+          - name: a
+            steps:
+              - {step}
+              - forward: {{channel: file, directory: out}}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([path])
+    assert str(caught.value).startswith(f"{path}:4: route 'a': {key}: Value error, {message}")
+
+
+@pytest.mark.parametrize(("when", "key"), [("when:", "when"), ("when: {events: }", "when.events")])
+def test_a_route_condition_written_with_nothing_after_it_names_the_key(
+    tmp_path: Path, when: str, key: str
+) -> None:
+    path = write_routes(
+        tmp_path,
+        f"""
+        routes:
+          - name: a
+            {when}
+            steps: [{{forward: {{channel: file, directory: out}}}}]
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([path])
+    assert str(caught.value).startswith(f"{path}:3: route 'a': {key}: Value error, is empty (null)")
+
+
+def test_routes_check_names_a_filter_with_nothing_after_it(tmp_path: Path) -> None:
+    config = project(
+        tmp_path / "site",
+        "routes:\n"
+        "  - name: discharges\n"
+        "    steps:\n"
+        "      - filter:\n"
+        "      - forward: {channel: file, directory: out}\n",
+    )
+    checked = routes_check(config, tmp_path / "data")
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "Traceback" not in checked.stderr
+    assert checked.stderr.strip() == (
+        f"error: {config.parent / 'routes.yaml'}:4: route 'discharges': steps[0].filter: "
+        "Value error, needs a condition, e.g. {type: ADT} or {fields: {PV1-2: I}}"
+    )
 
 
 def test_an_unquoted_bracket_path_in_flow_yaml_gets_a_hint(tmp_path: Path) -> None:

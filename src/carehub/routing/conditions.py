@@ -62,6 +62,8 @@ class ValueCondition(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError(_NULL_VALUE)
         if isinstance(value, str | int | float):
             return {"any_of": [_text(value)]}
         if isinstance(value, list):
@@ -73,6 +75,14 @@ class ValueCondition(BaseModel):
                 [_text(v) for v in negated] if isinstance(negated, list) else [_text(negated)]
             )
             return rest
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        """``regex:`` with nothing after it is YAML's null, which would test nothing."""
+        if value is None:
+            raise ValueError(_NULL_KEY)
         return value
 
     @field_validator("regex")
@@ -107,12 +117,25 @@ class ValueCondition(BaseModel):
         return " and ".join(parts) or "anything"
 
 
+#: A condition key written with nothing after it (``type:``) is YAML's null: read as left
+#: out, it would test nothing, and a filter of nothing else would pass every message.
+_NULL_KEY = "is empty (null): give it a value or remove the key"
+_NULL_VALUE = (
+    "is empty (null): give a value (A01), a list ([A01, A04]) or a test ({not: ...}, "
+    "{regex: ...}, {present: true}); quote '' for an empty field"
+)
+
+
 def _text(value: Any) -> str:
     """A value to compare with a field, which is text. YAML reads ``01`` as the number 1 and
     ``NO`` or ``off`` as booleans, so a condition written that way would never hold for the
     code the message carries ("01", "NO"): it is refused with the fix instead."""
     if isinstance(value, str):
         return value
+    if value is None:
+        raise ValueError(
+            "holds an empty value (null): write the code, or quote '' for an empty field"
+        )
     if isinstance(value, bool | int | float):
         raise ValueError(
             f"{value!r} is not text: YAML reads an unquoted 01 as the number 1 and NO or off as "
@@ -331,6 +354,23 @@ class When(BaseModel):
     )
     not_: When | None = Field(None, alias="not", description="a condition that does not hold")
     _found: list[tuple[str, FieldRef, ValueCondition]] | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, value: Any) -> Any:
+        """``when:`` or a branch with nothing after it is YAML's null, not a condition."""
+        if value is None:
+            raise ValueError("is empty (null): give a condition, e.g. {type: ADT}")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        """A key written with nothing after it (``not:``, ``type:``) is YAML's null: read as
+        left out, it would test nothing."""
+        if value is None:
+            raise ValueError(_NULL_KEY)
+        return value
 
     @field_validator("any_", "all_")
     @classmethod

@@ -33,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -132,6 +133,18 @@ class RetryPolicy(_Strict):
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 
 
+#: What a step kind written with no value (``filter:``, YAML's null) is told, by field name.
+_NULL_STEP = {
+    "translate": "names its component: `translate: NAME` or `translate: {use: NAME, ...}`",
+    "enrich": "names its component: `enrich: NAME` or `enrich: {use: NAME, ...}`",
+    "transform": "needs its edits",
+    "filter": "needs a condition, e.g. {type: ADT} or {fields: {PV1-2: I}}",
+    "forward": "needs its channel and that channel's options, e.g. {channel: file, directory: out}",
+    "notify": "needs its settings, at least `channels:`",
+    "notify_referral": "needs its settings, at least `channels:`",
+}
+
+
 class StepConfig(_Strict):
     """Exactly one of the step kinds, with its settings."""
 
@@ -161,9 +174,36 @@ class StepConfig(_Strict):
             raise ValueError(f"a step has exactly one kind; this one has {kinds}")
         if value.get("validate") is None and "validate" in value:
             value = {"validate": {}}
-        if value.get("transform") is None and "transform" in value:
-            raise ValueError("transform needs its edits")
         return value
+
+    @field_validator(
+        "translate",
+        "enrich",
+        "transform",
+        "filter",
+        "forward",
+        "notify",
+        "notify_referral",
+        mode="before",
+    )
+    @classmethod
+    def _written_out(cls, value: Any, info: ValidationInfo) -> Any:
+        """A kind written with nothing after it (``filter:``) is YAML's null, which would
+        otherwise read as the kind left out: a step of no kind at all."""
+        if value is None:
+            raise ValueError(_NULL_STEP[info.field_name or ""])
+        return value
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_tests_something(cls, condition: When | None) -> When | None:
+        """An empty condition holds for every message, so such a filter ends no route."""
+        if condition is not None and condition.is_empty():
+            raise ValueError(
+                "is empty, and an empty condition holds for every message; give it a "
+                "condition (e.g. {type: ADT}) or remove the step"
+            )
+        return condition
 
     @property
     def kind(self) -> str:
@@ -184,8 +224,7 @@ class StepConfig(_Strict):
         value = self.translate if kind == "translate" else self.enrich
         if isinstance(value, str):
             return value, {}
-        assert isinstance(value, dict)
-        options = dict(value)
+        options = dict(value or {})
         name = options.pop("use", None)
         if not isinstance(name, str):
             raise ValueError(f"{kind}: name the component with 'use:'")

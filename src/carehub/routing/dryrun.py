@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from carehub.hl7.ack import AckCode
@@ -61,36 +60,25 @@ async def intake_answer(raw: bytes) -> IntakeResult:
 
 
 def preview_message(raw: bytes, message_id: int = 0) -> StoredMessage:
-    """A StoredMessage built in memory from bytes intake accepts (AA), as it would store it."""
+    """A StoredMessage built in memory from bytes intake accepts (AA), as the store would
+    hold it: the row is made by the store's own NewMessage, so its patient (an identifier
+    without an assigning authority keyed by the sending facility) and so the order keys of
+    its deliveries are the ones real routing gives."""
     decoded = decode_message(raw)
     header = MessageHeader.read(MessageView(decoded.text))
-    now = datetime.now(UTC)
-    patient = header.patient
-    return StoredMessage(
-        id=message_id,
-        received_at=now,
-        transport="dry-run",
-        listener="dry-run",
-        peer=None,
+    received = NewMessage(
         raw=raw,
-        size=len(raw),
+        transport=DRY_RUN_ARRIVAL.transport,
+        listener=DRY_RUN_ARRIVAL.listener,
+        peer=None,
+        status=MessageStatus.RECEIVED,
+        ack_code=AckCode.ACCEPT.value,
+        header=header,
         charset=decoded.charset,
-        sending_application=header.sending_application,
-        sending_facility=header.sending_facility,
-        receiving_application=header.receiving_application,
-        receiving_facility=header.receiving_facility,
-        message_type=header.message_type or None,
-        trigger_event=header.trigger_event or None,
-        structure=header.structure or None,
-        control_id=header.control_id or None,
-        version=header.version or None,
-        patient_id=patient.value if patient else None,
-        patient_authority=patient.authority if patient else None,
-        ack_code="AA",
-        status=MessageStatus.RECEIVED.value,
-        status_at=now,
-        detail=None,
+        detail=decoded.warning,
+        text=decoded.text,
     )
+    return received.stored(message_id)
 
 
 def dry_run(table: RouteTable, host: PluginHost, raw: bytes) -> DryRunResult:

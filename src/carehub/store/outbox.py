@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, and_, bindparam, func, insert, select, update
+from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
@@ -1440,33 +1440,48 @@ class Outbox:
 
     def later_delivered(self, message_id: int, destinations: set[str]) -> dict[str, int]:
         """For each destination, how many later messages of the same patient (higher ids) it
-        has already been delivered: a message sent there now arrives after them."""
+        has already been delivered: a message sent there now arrives after them. The patient
+        is keyed as everywhere in the store (store.scoped_authority): an identifier without
+        an authority is its sending facility's, so two hospitals' 55501 are two patients, and
+        a row stored before such identifiers were scoped (no authority) is its sender's."""
         if not destinations:
             return {}
         with self.engine.connect() as conn:
             patient = conn.execute(
-                select(messages.c.patient_id, messages.c.patient_authority).where(
-                    messages.c.id == message_id
-                )
+                select(
+                    messages.c.patient_id, messages.c.patient_authority, messages.c.sending_facility
+                ).where(messages.c.id == message_id)
             ).first()
-            if patient is None or patient.patient_id is None:
+            if patient is None or not patient.patient_id:
                 return {}
+            scope = scoped_authority(patient.patient_authority, patient.sending_facility)
             authority = messages.c.patient_authority
+            # Rows stored before scoping hold no authority: read each through scoped_authority.
+            same_or_unscoped = [authority == "", authority.is_(None)]
+            if scope is not None:
+                same_or_unscoped.append(authority == scope)
             query = (
-                select(deliveries.c.destination, func.count(func.distinct(messages.c.id)))
+                select(
+                    deliveries.c.destination,
+                    messages.c.id,
+                    messages.c.patient_authority,
+                    messages.c.sending_facility,
+                )
+                .distinct()
                 .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
                 .where(
                     deliveries.c.destination.in_(sorted(destinations)),
                     deliveries.c.status == DeliveryStatus.DELIVERED.value,
                     messages.c.id > message_id,
                     messages.c.patient_id == patient.patient_id,
-                    authority == patient.patient_authority
-                    if patient.patient_authority is not None
-                    else authority.is_(None),
+                    or_(*same_or_unscoped),
                 )
-                .group_by(deliveries.c.destination)
             )
-            return {destination: int(count) for destination, count in conn.execute(query)}
+            later: dict[str, set[int]] = {}
+            for destination, later_id, later_authority, facility in conn.execute(query):
+                if scoped_authority(later_authority, facility) == scope:
+                    later.setdefault(destination, set()).add(later_id)
+        return {destination: len(ids) for destination, ids in later.items()}
 
     def get(self, delivery_id: int) -> DeliveryRecord | None:
         with self.engine.connect() as conn:
