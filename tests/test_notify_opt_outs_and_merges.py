@@ -55,7 +55,8 @@ def test_an_opt_out_stated_after_the_discharge_stops_the_overdue_alert(
     care: Callable[..., Any],  # noqa: F811
 ) -> None:
     """The coordinator was told of the discharge; a later message states PD1-12 = Y. The
-    overdue follow-ups then reach nobody, and each is recorded as suppressed, saying why."""
+    overdue follow-ups then reach nobody, and each is recorded as suppressed, saying why, once:
+    they stay unalerted (the alert would go if the patient stopped objecting)."""
     with care() as hub:
         hub.send(adt("A01", "SO-1", cls="I"), discharge_home("SO-2"))
         hub.settle()
@@ -73,7 +74,9 @@ def test_an_opt_out_stated_after_the_discharge_stops_the_overdue_alert(
         ]
         assert all("patient asked not to be notified (PD1-12 = 'Y'" in r["reason"] for r in alerts)
         assert (len(hub.texts()), len(hub.mailbox.mails)) == (texts, mails)
-        assert all(f["alerted_at"] is not None for f in hub.followups())
+        assert all(f["alerted_at"] is None for f in hub.followups())
+        hub.tick(visit_due + timedelta(hours=2))
+        assert len(hub.rows(kind="followup_overdue")) == 2
 
 
 def test_a_roster_opt_out_under_a_retired_identifier_holds_after_the_merge(

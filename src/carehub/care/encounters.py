@@ -97,7 +97,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, overload
 
 from pydantic import Field
-from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 
 from carehub.care.merges import follow_merges
 from carehub.care.model import DISPOSITIONS, Transition, TransitionKind, normalize_disposition
@@ -484,6 +484,9 @@ class _Backend(Protocol):
     def save(self, rec: EncounterRecord) -> int: ...
     def add_event(self, row: dict[str, Any], message_key: Any) -> int: ...
     def events(self, encounter_id: int) -> list[EventRecord]: ...
+    def last_event(
+        self, encounter_id: int, transitions: tuple[str, ...], message_id: int | None = None
+    ) -> EventRecord | None: ...
     def stale_ed(self, cutoff: datetime) -> list[EncounterRecord]: ...
     def close_if(self, encounter_id: int, state: str, new_state: str, now: datetime) -> bool: ...
 
@@ -641,6 +644,22 @@ class _SqlBackend:
         )
         return [_to_event(r) for r in rows]
 
+    def last_event(
+        self, encounter_id: int, transitions: tuple[str, ...], message_id: int | None = None
+    ) -> EventRecord | None:
+        """The visit's latest event of ``transitions`` (made by ``message_id`` when given),
+        through ix_encounter_events_transition: it reads the few events of those kinds, not
+        the whole timeline, which a feed without PV1-19 grows by an event per A08. (As
+        ``ORDER BY id DESC LIMIT 1``, SQLite walked the index by visit backwards instead.)"""
+        t = encounter_events
+        latest = select(func.max(t.c.id)).where(
+            t.c.encounter_id == encounter_id, t.c.transition.in_(transitions)
+        )
+        if message_id is not None:
+            latest = latest.where(t.c.message_id == message_id)
+        row = self.conn.execute(select(t).where(t.c.id == latest.scalar_subquery())).first()
+        return _to_event(row) if row else None
+
     def stale_ed(self, cutoff: datetime) -> list[EncounterRecord]:
         rows = self.conn.execute(
             select(encounters)
@@ -721,6 +740,18 @@ class _MemoryBackend:
     def events(self, encounter_id: int) -> list[EventRecord]:
         return [copy.deepcopy(r) for _, r in self.t.events if r.encounter_id == encounter_id]
 
+    def last_event(
+        self, encounter_id: int, transitions: tuple[str, ...], message_id: int | None = None
+    ) -> EventRecord | None:
+        for _, row in reversed(self.t.events):
+            if (
+                row.encounter_id == encounter_id
+                and row.transition in transitions
+                and (message_id is None or row.message_id == message_id)
+            ):
+                return copy.deepcopy(row)
+        return None
+
     def stale_ed(self, cutoff: datetime) -> list[EncounterRecord]:
         return [
             copy.deepcopy(rec)
@@ -795,8 +826,11 @@ class EncounterTracker:
         or corrected, its admission cancelled). A message applied again gets its recorded
         transition back, so the steps that act on it ask this first. False when the message
         made none of ``kinds`` on the visit."""
-        changes = [e.message_id for e in self.events(encounter_id) if e.transition in kinds]
-        return message_id in changes and changes[-1] != message_id
+        with self._session() as b:
+            last = b.last_event(encounter_id, kinds)
+            if last is None or last.message_id == message_id:
+                return False
+            return b.last_event(encounter_id, kinds, message_id) is not None
 
     def discharge_overtaken(self, encounter_id: int, message_id: int) -> bool:
         """``overtaken`` for the transitions that change what the visit's discharge is."""
@@ -1107,9 +1141,11 @@ class EncounterTracker:
     ) -> bool:
         """Whether a ``kind`` transition of the visit was made (and not taken back since by
         ``undone_by``). A visit first heard of in an update or a transfer is already in its
-        state (ed, admitted) with nobody told; its first A04 or A01 is the news."""
-        made = [e.transition for e in b.events(rec.id or 0) if e.transition in (kind, undone_by)]
-        return bool(made) and made[-1] == kind
+        state (ed, admitted) with nobody told; its first A04 or A01 is the news. Asked of
+        every A04 or A01 the visit takes, so it reads the latest of those transitions alone."""
+        kinds = (kind,) if undone_by is None else (kind, undone_by)
+        last = b.last_event(rec.id or 0, kinds)
+        return last is not None and last.transition == kind
 
     # Each handler gets the record with the message already merged in, ``before`` (None for a
     # visit first seen now) to compare with or restore, and whether the message is ``late``
@@ -1359,7 +1395,7 @@ class EncounterTracker:
             rec.state = "cancelled"
             return _Step("none", {"note": "cancel of an unknown visit"})
         if rec.state == "admitted":
-            admitted = self._last(b.events(rec.id or 0), lambda e: e.transition == "admission")
+            admitted = b.last_event(rec.id or 0, ("admission",))
             prior = (admitted.detail.get("before") or {}) if admitted is not None else {}
             if prior.get("state") == "ed":
                 self._restore(rec, prior)
@@ -1426,7 +1462,7 @@ class EncounterTracker:
             return _Step("none", {"note": "cancel of a discharge not received yet", **awaits})
         if rec.state != "discharged":
             return _Step("none", {"note": f"cancel ignored: visit is {rec.state}"})
-        discharged = self._last(b.events(rec.id or 0), lambda e: e.transition == "discharge")
+        discharged = b.last_event(rec.id or 0, ("discharge",))
         prior = (discharged.detail.get("before") or {}) if discharged is not None else {}
         state = prior.get("state")
         rec.state = state if state in OPEN_STATES else "admitted"

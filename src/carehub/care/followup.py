@@ -16,10 +16,18 @@ them. A correction that moves the discharge time (PV1-45) moves the deadlines wi
 each pending item whose due date changes is closed as ``rescheduled`` (kept, with its old due
 date and any alert, so the list shows what was worked to and why it stopped) and replaced by
 one due from the corrected time, overdue at once if that is already past; done and closed
-items stay as they are. A patient who opted out of notifications gets clocks too: the
-follow-up is still the care team's duty, only telling anyone is ruled out, so the notify step
-alerts nobody when such an item falls overdue and records why (it reads the patient's choice
-then, so a later opt-out counts too).
+items stay as they are, except those a readmission closed: they are replaced in the same way
+by items still closed as ``readmitted``, so an A11 that cancels the readmission reopens
+clocks due from the corrected time.
+
+An overdue item is marked alerted only once someone was told. One the notify step finds
+nobody to alert about (no care coordinator told of the discharge or on the roster, none with a
+channel the route has) stays unalerted: the visit's timeline says why, once, ``followups list``
+says it too, and the alert goes at the first tick that finds someone (a coordinator added to
+the roster). A patient who opted out of notifications gets clocks too: the follow-up is still
+the care team's duty, only telling anyone is ruled out, so such an item alerts nobody in the
+same way (the patient's choice is read then, so a later opt-out counts too, and a later
+message saying the patient no longer objects lets the alert go).
 
 Due-date convention (``BusinessCalendar``):
 
@@ -69,6 +77,7 @@ from carehub.errors import CarehubError, ConfigError
 from carehub.events import parse_hl7_datetime
 from carehub.store.schema import encounters as encounters_table
 from carehub.store.schema import followups as followups_table
+from carehub.store.schema import notifications as notifications_table
 from carehub.store.store import _aware
 
 if TYPE_CHECKING:
@@ -105,6 +114,10 @@ DISCHARGE_UNDONE = (CANCELLED, PATIENT_DIED, NOT_HOME)
 #: Statuses that leave a visit without clocks of its own: those above, and a rescheduled item,
 #: whose replacement is the clock now.
 _NOT_LIVE = (*DISCHARGE_UNDONE, RESCHEDULED)
+
+#: Statuses of the items a corrected discharge time moves: those still to be worked, and those
+#: a readmission closed, which an A11 may reopen.
+_MOVABLE = (*PENDING, READMITTED)
 
 #: Why a reprocessed message opens, closes or reopens nothing.
 OVERTAKEN = "a later change to this discharge or admission came to the visit since this message"
@@ -318,6 +331,11 @@ class FollowupAlert:
     kind: str
     due_at: datetime
 
+    @property
+    def about(self) -> str:
+        """How an alert's record names the item (``follow-up #12 (contact)``)."""
+        return _about(self.id, self.kind)
+
     def as_output(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -326,6 +344,12 @@ class FollowupAlert:
             "kind": self.kind,
             "due_at": self.due_at.isoformat(),
         }
+
+
+def _about(item_id: int, kind: str) -> str:
+    # "follow-up #12 (contact)" is never part of "follow-up #112 (contact)", so the records
+    # of an item are told apart by this text (``FollowupClock.unalerted``).
+    return f"follow-up #{item_id} ({kind})"
 
 
 def _alert(item: FollowupItem) -> FollowupAlert:
@@ -519,7 +543,11 @@ class FollowupClock:
         (the items closed as ``rescheduled``, their replacements). An item whose due date
         stays the same is left alone, so a correction of minutes, or one applied twice, moves
         nothing. A replacement already past due that was alerted before stays overdue and is
-        not alerted again; otherwise it is open, and alerts once its own due time passes."""
+        not alerted again; otherwise it is open, and alerts once its own due time passes.
+
+        Items a readmission closed move too, their replacements closed as ``readmitted`` (at
+        the readmission's time): an A11 that takes the readmission back reopens them, and they
+        must then run from the corrected time, not the one the readmission found."""
         dates = self.policy.due_dates(discharged_at, self.calendar)
         due: dict[str, datetime] = {kind: _utc(moment) for kind, moment in dates.items()}
         at = _utc(now)
@@ -527,13 +555,15 @@ class FollowupClock:
         def successor(item: FollowupItem) -> dict[str, Any]:
             past = due[item.kind] < at
             alerted = item.alerted_at if past else None
+            readmitted = item.status == READMITTED
             return {
                 "encounter_id": item.encounter_id,
                 "patient_key": item.patient_key,
                 "kind": item.kind,
                 "due_at": due[item.kind],
-                "status": OVERDUE if alerted is not None else OPEN,
+                "status": READMITTED if readmitted else OVERDUE if alerted is not None else OPEN,
                 "created_at": at,
+                "closed_at": item.closed_at if readmitted else None,
                 "alerted_at": alerted,
             }
 
@@ -546,7 +576,7 @@ class FollowupClock:
         if memory is not None:
             with memory.lock:
                 for item in sorted(memory.items.values(), key=lambda i: i.id):
-                    if item.encounter_id != encounter_id or item.status not in PENDING:
+                    if item.encounter_id != encounter_id or item.status not in _MOVABLE:
                         continue
                     if not moves(item):
                         continue
@@ -562,7 +592,7 @@ class FollowupClock:
         with self.target.begin() as conn:
             pending = conn.execute(
                 select(t)
-                .where(t.c.encounter_id == encounter_id, t.c.status.in_(PENDING))
+                .where(t.c.encounter_id == encounter_id, t.c.status.in_(_MOVABLE))
                 .order_by(t.c.id)
             ).all()
             for item in (_item(r) for r in pending):
@@ -742,6 +772,37 @@ class FollowupClock:
             return [_item(r) for r in conn.execute(query)]
 
     # -- alerts ---------------------------------------------------------------------------
+    def unalerted(self, items: Iterable[FollowupItem], now: datetime) -> dict[int, str]:
+        """Why each of ``items`` that is past due and still unalerted has reached nobody so
+        far (the latest reason the notify step recorded on its visit), by item id. The notify
+        step tries again at each tick, so this says why the care team has not heard yet."""
+        at = _utc(now)
+        waiting = [i for i in items if i.status == OPEN and i.alerted_at is None and i.due_at < at]
+        if not waiting or self._memory is not None:  # dry runs send no alerts
+            return {}
+        from carehub.care.notify import NOBODY
+
+        assert isinstance(self.target, Engine)
+        t = notifications_table
+        with self.target.connect() as conn:
+            rows = conn.execute(
+                select(t.c.encounter_id, t.c.reason)
+                .where(
+                    t.c.encounter_id.in_(sorted({i.encounter_id for i in waiting})),
+                    t.c.recipient == NOBODY,
+                    t.c.kind == "followup_overdue",
+                )
+                .order_by(t.c.id)
+            ).all()
+        found: dict[int, str] = {}
+        for row in rows:
+            for item in waiting:
+                if item.encounter_id == row.encounter_id and _about(item.id, item.kind) in (
+                    row.reason or ""
+                ):
+                    found[item.id] = row.reason
+        return found
+
     def due_alerts(self, now: datetime) -> list[FollowupAlert]:
         """Open items past due that have not been alerted yet. Nothing is marked. The notify
         step calls ``mark_alerted`` once it has queued the alerts, so a crash in between
@@ -1077,7 +1138,8 @@ def list_followups(
     as_json: bool,
 ) -> None:
     """Pending follow-ups (open or overdue), soonest due first; one whose due date a
-    corrected discharge time moved says from when."""
+    corrected discharge time moved says from when, and an overdue one nobody could be alerted
+    about yet says why."""
     from carehub.hub import open_store
 
     now = datetime.now(UTC)
@@ -1091,6 +1153,7 @@ def list_followups(
             limit=limit,
         )
         replaces, replaced_by = clock.links(found)
+        unalerted = clock.unalerted(found, now)
     finally:
         store.close()
     if as_json:
@@ -1100,6 +1163,7 @@ def list_followups(
             out["replaces"] = earlier.id if earlier else None
             out["was_due_at"] = earlier.due_at.isoformat() if earlier else None
             out["replaced_by"] = later.id if later else None
+            out["unalerted"] = unalerted.get(item.id)
             click.echo(json.dumps(out, ensure_ascii=False))
         return
     from rich.table import Table
@@ -1120,6 +1184,11 @@ def list_followups(
             note = f"moved from {utc_minute(earlier.due_at)} (discharge time corrected)"
         else:
             note = ""
+        if item.id in unalerted:
+            # Overdue with nobody told yet: the alert goes once someone can be.
+            note = "; ".join(
+                part for part in (note, f"nobody to alert yet: {unalerted[item.id]}") if part
+            )
         # Pending and past due is overdue, whether or not the alert has gone out yet (the
         # alerted column says); a due date moved into the past is overdue at once.
         late = item.status == OPEN and item.due_at < now

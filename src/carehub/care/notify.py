@@ -88,10 +88,12 @@ ROLE_LABELS = {
 MINIMUM_BY_DEFAULT = {"sms"}
 #: Statuses of a notification row whose recipient was told (or will be, in their digest).
 TOLD = ("queued", "digest", "digested")
-#: The columns of a row that records an alert nobody could be sent.
+#: The recipient of a row that records an alert nobody could be sent.
+NOBODY = "-"
+#: The columns of such a row.
 _NOBODY = {
     "message_id": None,
-    "recipient": "-",
+    "recipient": NOBODY,
     "role": None,
     "channel": None,
     "address": None,
@@ -589,14 +591,18 @@ class Notifier:
             return found
 
     def _alert_overdue_followups(self, now: datetime) -> None:
-        """Tell the care coordinators who were told of the discharge, then mark the follow-up
-        alerted: a crash in between alerts again rather than never, and the alert's delivery
-        key (follow-up id + recipient) keeps a second attempt from sending twice."""
+        """Tell the care coordinators who were told of the discharge (else those the roster
+        lists for the patient now), then mark the follow-up alerted: a crash in between alerts
+        again rather than never, and the alert's delivery key (follow-up id + recipient) keeps
+        a second attempt from sending twice. One with nobody to tell is not marked, as an
+        overdue referral is not: the visit's timeline says why once (``_said_nobody``), and the
+        alert goes at the first tick that finds someone (a coordinator added to the roster, a
+        patient no longer opted out)."""
         from carehub.care.followup import FollowupClock
 
         clock = FollowupClock(self.context.store.engine)  # type: ignore[union-attr]
-        alerts = clock.due_alerts(now)
-        for alert in alerts:
+        told: list[int] = []
+        for alert in clock.due_alerts(now):
             snapshot = self._snapshots({alert.encounter_id}).get(alert.encounter_id, {})
             context = self._event_context(snapshot)
             context.update(
@@ -605,7 +611,7 @@ class Notifier:
                 else "follow-up visit",
                 due=_local_day(alert.due_at, snapshot),
             )
-            self._tell_coordinators(
+            nobody = self._tell_coordinators(
                 "followup_overdue",
                 # Those told of the discharge the follow-up is due after, not of the visit's
                 # other events: nobody is alerted about a discharge they never heard of.
@@ -614,15 +620,36 @@ class Notifier:
                 key_prefix=f"carehub-overdue-{alert.id}",
                 patient_key=alert.patient_key,
                 encounter_id=alert.encounter_id,
-                about=f"follow-up #{alert.id} ({alert.kind})",
+                about=alert.about,
                 message_id=self._scalar(
                     select(encounters.c.last_message_id).where(
                         encounters.c.id == alert.encounter_id
                     )
                 ),
             )
-        if alerts:
-            clock.mark_alerted([a.id for a in alerts], now)
+            if nobody is None:
+                told.append(alert.id)
+            elif not self._said_nobody(alert.encounter_id, nobody):
+                self._record_nobody(
+                    "followup_overdue", alert.patient_key, alert.encounter_id, nobody
+                )
+        if told:
+            clock.mark_alerted(told, now)
+
+    def _said_nobody(self, encounter_id: int, reason: str) -> bool:
+        """Whether the visit's timeline already says that an overdue follow-up alert reached
+        nobody for ``reason`` (which names the follow-up): it is tried again at every tick,
+        and said once. Read through the notifications index by visit and recipient, so it
+        costs the same at every tick."""
+        rows = self._rows(encounter_id=encounter_id, recipient=NOBODY)
+        return any(r["kind"] == "followup_overdue" and r["reason"] == reason for r in rows)
+
+    def _record_nobody(
+        self, kind: str, patient_key: str, encounter_id: int | None, reason: str
+    ) -> None:
+        """Record that an alert of ``kind`` reached nobody, and why."""
+        row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
+        self._insert_rows([{**row, **_NOBODY, "reason": reason}])
 
     def _alert_overdue_referrals(self, now: datetime) -> None:
         """A referral nobody answered in time: tell the patient's care coordinators (those
@@ -676,7 +703,6 @@ class Notifier:
                         referral_events.c.referral_id == referral.id
                     )
                 ),
-                record_nobody=False,
             )
             if referral.id is None:
                 continue
@@ -684,8 +710,7 @@ class Notifier:
                 told.append(referral.id)
             elif tracker.note_unalerted(referral, nobody, now):
                 # Once, as the referral's timeline says it: not again at every tick.
-                row = {"encounter_id": None, "patient_key": patient_key, "kind": "referral_overdue"}
-                self._insert_rows([{**row, **_NOBODY, "reason": nobody}])
+                self._record_nobody("referral_overdue", patient_key, None, nobody)
         if told:
             tracker.mark_alerted(told, now)
 
@@ -700,25 +725,21 @@ class Notifier:
         encounter_id: int | None,
         about: str,
         message_id: int | None,
-        record_nobody: bool = True,
     ) -> str | None:
         """Send `kind` to each care coordinator among those told earlier (`earlier` are
         notification rows); else to the coordinators the roster lists for the patient now (a
         patient nobody was told about yet, one merged into a rostered patient since, one whose
-        coordinator was added later), the alert going with ``message_id``; else record that
-        nobody could be told and why (unless not ``record_nobody``: the caller records it).
-        A patient who opted out (roster or message) is never the subject of an alert: that
-        is recorded as the reason instead. Returns None when someone was told (queued), else
-        why nobody was."""
+        coordinator was added later), the alert going with ``message_id``. A patient who opted
+        out (roster or message) is never the subject of an alert. Returns None when someone
+        was told (queued), else why nobody was (naming ``about``): the caller records that
+        once (``_record_nobody``) and leaves the alert to be tried again at the next tick, so
+        it goes once someone can be told."""
         row = {"encounter_id": encounter_id, "patient_key": patient_key, "kind": kind}
         opted_out = self.care_team.opt_out(patient_key) if self.care_team is not None else None
         if opted_out is not None:
             # Nobody hears anything about an opted-out patient, not even those told before
             # the patient opted out.
-            nobody = f"{about}: {opted_out}"
-            if record_nobody:
-                self._insert_rows([{**row, **_NOBODY, "reason": nobody}])
-            return nobody
+            return f"{about}: {opted_out}"
         coordinators = {
             (r["recipient"], r["channel"], r["address"]): r
             for r in earlier
@@ -739,8 +760,6 @@ class Notifier:
                 told = {"message_id": message_id, "role": member.role}
                 coordinators[(member.id, member.channel, member.address)] = told
         if not coordinators:
-            if record_nobody:
-                self._insert_rows([{**row, **_NOBODY, "reason": reason}])
             return reason
         for (recipient, channel, address), told in coordinators.items():
             subject, body = self.render(kind, channel, context)

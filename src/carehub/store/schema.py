@@ -368,6 +368,14 @@ encounter_events = Table(
     UniqueConstraint("message_id", "encounter_id", name="uq_encounter_events_message"),
 )
 Index("ix_encounter_events_encounter", encounter_events.c.encounter_id)
+# The latest event of a kind (was the visit's admission told, which discharge does an A13 take
+# back) without reading the whole timeline, which an update per message can make long.
+Index(
+    "ix_encounter_events_transition",
+    encounter_events.c.encounter_id,
+    encounter_events.c.transition,
+    encounter_events.c.id,
+)
 
 # A40 merges: the retired patient key points at the surviving one.
 patient_merges = Table(
