@@ -73,7 +73,13 @@ from carehub.hl7.ack import AckCode, read_ack
 from carehub.hl7.batch import MessageSlice, SplitData, Stray, split_stream
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import HEAD_BYTES
-from carehub.intake.intake import Arrival, Intake, IntakeResult, receive_in_groups
+from carehub.intake.intake import (
+    BATCH_STOPPED,
+    Arrival,
+    Intake,
+    IntakeResult,
+    receive_in_groups,
+)
 from carehub.intake.tls import PeerReports
 
 log = logging.getLogger(__name__)
@@ -393,13 +399,19 @@ class FileDropListener:
         number = 0  # messages so far
         items = heapq.merge(contents.messages, contents.stray, key=_offset)
 
-        def take(item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
+        def take(intake: Intake, item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
             if isinstance(item, MessageSlice):
-                return self._receive(item, arrival)
-            return self._reject_stray(item, arrival)
+                return self._receive(intake, item, arrival)
+            return self._reject_stray(intake, item, arrival)
 
-        async for group in receive_in_groups(items, take):
+        stopped: list[int] = []  # the numbers of the messages not stored after one was not
+        async for group in receive_in_groups(self.intake, items, take):
             for item, result in group:
+                if result.reason == BATCH_STOPPED:
+                    if isinstance(item, MessageSlice):
+                        number += 1
+                        stopped.append(number)
+                    continue
                 if isinstance(item, Stray):
                     problems.append(_stray_problem(item, number, total, result))
                     continue
@@ -411,6 +423,12 @@ class FileDropListener:
                         f"message {number} of {total} (MSH-10 {control_id or 'empty'}): "
                         f"{code}: {text or result.reason}"
                     )
+        if stopped:
+            problems.append(
+                f"messages {stopped[0]} to {stopped[-1]} of {total} were not stored, since an "
+                "earlier one was not: drop the whole file again once the store takes messages "
+                "(the messages already stored are recognised as resends)"
+            )
         return problems
 
     def _refuse_not_regular(self, path: Path, what: str) -> None:
@@ -486,27 +504,29 @@ class FileDropListener:
         self.files_failed += 1
         return result
 
-    async def _reject_stray(self, stray: Stray, arrival: Arrival) -> IntakeResult:
+    async def _reject_stray(self, intake: Intake, stray: Stray, arrival: Arrival) -> IntakeResult:
         """Store text found outside the file's messages as a rejected row (AR), as the MLLP
         listener stores a frame without MSH, so it is on record rather than lost."""
         reason = (
             f"text outside any HL7 message at byte {stray.offset} of the file "
             "(not blank and not a batch header or trailer segment)"
         )
-        return await self.intake.reject_unreadable_frame(
+        return await intake.reject_unreadable_frame(
             stray.data[:HEAD_BYTES], stray.length, arrival, reason
         )
 
-    async def _receive(self, message: MessageSlice, arrival: Arrival) -> IntakeResult:
+    async def _receive(
+        self, intake: Intake, message: MessageSlice, arrival: Arrival
+    ) -> IntakeResult:
         if message.length > self.config.max_message_bytes:
             reason = (
                 f"message of {message.length} bytes exceeds this listener's limit of "
                 f"{self.config.max_message_bytes} bytes"
             )
-            return await self.intake.reject_unreadable_frame(
+            return await intake.reject_unreadable_frame(
                 message.data[:4096], message.length, arrival, reason
             )
-        return await self.intake.receive(message.data, arrival)
+        return await intake.receive(message.data, arrival)
 
     @staticmethod
     def _move(path: Path, folder: Path, problems: list[str] | None) -> Path:

@@ -354,7 +354,7 @@ async def _receive_parts(
         [*contents.messages, *contents.stray], key=lambda item: item.offset
     )
 
-    def take(item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
+    def take(intake: Intake, item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
         if isinstance(item, MessageSlice):
             return intake.receive(item.data, arrival)
         reason = (
@@ -366,8 +366,8 @@ async def _receive_parts(
         )
 
     # Submitted in body order, a group at a time, so the messages keep their order and other
-    # senders are answered while a large batch is stored.
-    return [result async for group in receive_in_groups(items, take) for _, result in group]
+    # senders are answered while a large batch is stored; none is stored after one was not.
+    return [result async for group in receive_in_groups(intake, items, take) for _, result in group]
 
 
 class _EmbeddedServer(uvicorn.Server):

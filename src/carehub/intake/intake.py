@@ -15,6 +15,7 @@ and routed, and its row says which message used the control ID before (store.New
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import re
 from collections import Counter
@@ -27,7 +28,7 @@ from carehub.hl7.batch import split_data
 from carehub.hl7.charsets import codec_for, decode_message, encode_reply, is_wide, same_charset
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
-from carehub.store.group_commit import GroupCommit, StoreUnavailable
+from carehub.store.group_commit import Committed, GroupCommit, StoreUnavailable
 from carehub.store.schema import MessageStatus
 from carehub.store.store import InsertOutcome, NewMessage
 from carehub.workqueue import patient_key
@@ -73,22 +74,62 @@ BATCH_GROUP = 100
 _Item = TypeVar("_Item")
 
 
+class BatchStopped(StoreUnavailable):
+    """Why the rest of a batch was not stored: an earlier message of it was not."""
+
+
+BATCH_STOPPED = (
+    "message not stored: an earlier message of this batch was not stored, so none after it "
+    "was either; send the batch again (what was stored is recognised as resent)"
+)
+
+
 async def receive_in_groups(
+    intake: Intake,
     items: Iterable[_Item],
-    take: Callable[[_Item], Awaitable[IntakeResult]],
+    take: Callable[[Intake, _Item], Awaitable[IntakeResult]],
     size: int = BATCH_GROUP,
 ) -> AsyncIterator[list[tuple[_Item, IntakeResult]]]:
     """Each group of ``size`` items taken together, in order, with its results: a group's
     messages are submitted in order and share a commit, and the loop answers other senders
-    between groups, as it would not if thousands of messages were started at once."""
+    between groups, as it would not if thousands of messages were started at once.
+
+    Once a message is answered "not stored" (a full disk, a write lock held too long), every
+    later group is answered "not stored" without being stored: the sender's resend of the
+    batch then brings them in the batch's order. Storing them would route a patient's A03
+    ahead of the A01 that only the resend brings."""
     group: list[_Item] = []
+    taker = intake
+
+    async def taken() -> list[tuple[_Item, IntakeResult]]:
+        nonlocal taker
+        results = await asyncio.gather(*(take(taker, item) for item in group))
+        if taker is intake and any(_not_stored(result) for result in results):
+            taker = intake.storing_nothing(BatchStopped(BATCH_STOPPED))
+        return list(zip(group, results, strict=True))
+
     for item in items:
         group.append(item)
         if len(group) == size:
-            yield list(zip(group, await asyncio.gather(*map(take, group)), strict=True))
+            yield await taken()
             group = []
     if group:
-        yield list(zip(group, await asyncio.gather(*map(take, group)), strict=True))
+        yield await taken()
+
+
+def _not_stored(result: IntakeResult) -> bool:
+    return result.message_id is None and result.code is not AckCode.ACCEPT
+
+
+class _StoringNothing(GroupCommit):
+    """A writer that answers every message "not stored" with one reason, on the next loop
+    pass, and stores nothing (Intake.storing_nothing)."""
+
+    def __init__(self, reason: StoreUnavailable) -> None:  # no store: nothing is written
+        self.reason = reason
+
+    def submit_soon(self, message: NewMessage, done: Committed) -> None:
+        asyncio.get_running_loop().call_soon(done, self.reason)
 
 
 @dataclass(slots=True, frozen=True)
@@ -125,6 +166,13 @@ class Intake:
         #: (listener, outcome) -> count; outcome is accepted, duplicate, refused, rejected or
         #: store_error. Read by /health and /metrics; a dict increment costs nothing per message.
         self.counts: Counter[tuple[str, str]] = Counter()
+
+    def storing_nothing(self, reason: StoreUnavailable) -> Intake:
+        """This intake with a writer that stores nothing and answers each message "not
+        stored" for ``reason``; it counts into the same counts."""
+        stopped = copy.copy(self)
+        stopped.writer = _StoringNothing(reason)
+        return stopped
 
     async def receive(self, payload: bytes, arrival: Arrival) -> IntakeResult:
         """Store one message and return the ACK that answers it."""
@@ -259,7 +307,11 @@ class Intake:
         """The ACK for a committed (or refused by the store) message, and the counts."""
         if isinstance(outcome, StoreUnavailable):
             self.counts[arrival.listener, "store_error"] += 1
-            reason = "message not stored: the message store is unavailable; please resend"
+            reason = (
+                str(outcome)
+                if isinstance(outcome, BatchStopped)
+                else "message not stored: the message store is unavailable; please resend"
+            )
             return self._result(
                 AckCode.ERROR,
                 view,
