@@ -328,8 +328,9 @@ def test_commands_show_encounters_and_follow_ups(shipped: Setup) -> None:
 
 def test_care_platform_hears_each_visit_change_once(shipped: Setup, tmp_path: Path) -> None:
     """The shipped adt-care-events route tells the care platform what changed a visit, once:
-    not the bed move inside the ICU (03c), not the A08 that repeats the admission (03), and
-    not an admission sent again under a new MSH-10; the archive keeps every event."""
+    the A08 that brings a new phone number (03) as ``updated``, naming it, but not the bed
+    move inside the ICU (03c), nor an admission sent again under a new MSH-10; the archive
+    keeps every event."""
     outbox = Outbox(shipped.store)
     wait_for(
         lambda: not outbox.unfinished(route="adt-care-events"),
@@ -345,7 +346,12 @@ def test_care_platform_hears_each_visit_change_once(shipped: Setup, tmp_path: Pa
     assert ("RGH-000102", "admission") in told
     assert ("RGH-000105", "transfer") in told  # to the ICU at the north campus
     assert ("RGH-000104", "discharge") in told
-    assert "RGH-000103" not in ids  # an A08 that changes nothing about the visit
+    (phone,) = [event for event in platform if event["control_id"] == "RGH-000103"]
+    assert phone["transition"] == {
+        "kind": "updated",
+        "state": "admitted",
+        "changed": ["patient.phone"],
+    }
     assert "RGH-000106" not in ids  # a bed move inside the ICU
 
     admit = (CONFIG / "feeds" / "02-riverside-admit.hl7").read_bytes()

@@ -370,3 +370,129 @@ def test_an_unset_secret_is_not_to_be_given_a_default(monkeypatch: pytest.Monkey
         expand_env("${SITE_WEBHOOK_SECRET}", "routes.yaml:3")
     with pytest.raises(ConfigError, match=r"write \$\{SITE_URL:-default\}"):
         expand_env("${SITE_URL}", "routes.yaml:4")
+
+
+# -- references carehub does not expand ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "wanted"),
+    [
+        (
+            "$CH_TEST_HOST",
+            "$CH_TEST_HOST is not expanded: carehub expands only ${NAME}, so write ${CH_TEST_HOST}",
+        ),
+        (
+            "${CH_TEST_HOST:-127.0.0.1",
+            "'${CH_TEST_HOST:-127.0.0.1' is not a reference carehub expands (a ${ left open",
+        ),
+        ("${CH_TEST_HOST-127.0.0.1}", "is not a reference carehub expands"),
+        ("${CH_TEST_HOST:-$CH_TEST_OTHER}", "$CH_TEST_OTHER is not expanded"),
+    ],
+)
+def test_a_reference_carehub_does_not_expand_is_refused_naming_file_line_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, wanted: str
+) -> None:
+    """A shell habit ($VAR) or a ${ left open would stay as text: a host named so, a folder
+    named $CAREHUB_DATA_DIR under which patient data is written. Set or not, it is refused."""
+    monkeypatch.setenv("CH_TEST_HOST", "10.1.2.3")
+    path = write(tmp_path, f"hub:\n  application: X\n  facility: '{value}'\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}:3: hub.facility: "), message
+    assert wanted in message, message
+
+
+def test_a_shell_style_variable_in_a_route_file_is_refused(tmp_path: Path) -> None:
+    routes = write(
+        tmp_path,
+        "routes:\n  - name: adt\n    steps:\n      - forward:\n          channel: file\n"
+        "          directory: $CAREHUB_DATA_DIR/out/adt\n",
+        "routes.yaml",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([routes], tmp_path / "data")
+    assert str(caught.value) == (
+        f"{routes}:6: routes[0].steps[0].forward.directory: $CAREHUB_DATA_DIR is not expanded: "
+        "carehub expands only ${NAME}, so write ${CAREHUB_DATA_DIR} (a $ before a name meant as "
+        "text, as in a password, is given through a variable)"
+    )
+
+
+def test_a_dollar_that_names_no_variable_stays_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regex's $, a FHIR operation in a URL, a $ a variable's value holds and a $ before a
+    name in a default's text are not references: they load as written."""
+    monkeypatch.setenv("CH_TEST_PASSWORD", "pa$SWORD${X")
+    monkeypatch.delenv("CH_TEST_UNSET", raising=False)
+    routes = write(
+        tmp_path,
+        "routes:\n"
+        "  - name: adt\n"
+        "    when: {fields: {PID-5.1: {regex: '^A$|^\\$USD|[$]EUR'}, MSH-4: {not: [$]}}}\n"
+        "    steps:\n"
+        "      - forward:\n"
+        "          channel: webhook\n"
+        "          url: 'https://fhir.example.org/r4/$process-message?t=a$'\n"
+        "          hmac_secret: '${CH_TEST_PASSWORD}'\n"
+        "          name: '${CH_TEST_UNSET:-cost$}'\n",
+        "routes.yaml",
+    )
+    (loaded,) = load_route_files([routes])
+    forward = loaded.config.steps[0].forward
+    assert forward == {
+        "channel": "webhook",
+        "url": "https://fhir.example.org/r4/$process-message?t=a$",
+        "hmac_secret": "pa$SWORD${X",
+        "name": "cost$",
+    }
+    fields = loaded.config.when.fields
+    assert fields["PID-5.1"].regex == "^A$|^\\$USD|[$]EUR"
+
+
+def test_an_unset_host_of_a_forward_has_no_default_one_of_a_listener_may(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MLLP or email host is where patient data goes, as a URL is: a default would send it
+    to whatever listens there. A listener's host is where the hub listens."""
+    monkeypatch.delenv("CH_TEST_EHR_HOST", raising=False)
+    routes = write(
+        tmp_path,
+        "routes:\n  - name: adt\n    steps:\n"
+        "      - forward: {channel: mllp, host: '${CH_TEST_EHR_HOST}', port: 2575}\n",
+        "routes.yaml",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([routes])
+    assert str(caught.value) == (
+        f"{routes}:4: routes[0].steps[0].forward.host: environment variable CH_TEST_EHR_HOST is "
+        "not set (set it to the address of the system it names: an address has no default, so "
+        "nothing is sent where nobody said)"
+    )
+    notify = write(
+        tmp_path,
+        "routes:\n  - name: adt\n    steps:\n      - notify:\n          channels:\n"
+        "            email: {channel: email, host: '${CH_TEST_EHR_HOST}'}\n",
+        "notify.yaml",
+    )
+    with pytest.raises(ConfigError, match="an address has no default"):
+        load_route_files([notify])
+    path = write(tmp_path, "listeners:\n  mllp:\n    - host: ${CH_TEST_EHR_HOST}\n")
+    assert "write ${CH_TEST_EHR_HOST:-default} to give a default" in config_error(path)
+
+
+# -- misspelt keys ------------------------------------------------------------------------------
+def test_a_misspelt_key_is_told_at_its_own_line_with_the_key_it_may_be(tmp_path: Path) -> None:
+    """The key's line, not its block's first line, and the known key nearest it."""
+    path = write(
+        tmp_path,
+        "hub: {application: X}\n"
+        "store: {durabilty: process}\n"
+        "listener:\n"
+        "  mllp:\n"
+        "    - {name: adt, port: 2575}\n",
+    )
+    assert config_error(path).splitlines() == [
+        f"{path}:2: store.durabilty: Extra inputs are not permitted; did you mean `durability`?",
+        f"{path}:3: listener: Extra inputs are not permitted; did you mean `listeners`?",
+    ]
+    # Nothing near enough: no guess.
+    assert config_error(write(tmp_path, "zzz: 1\n")).endswith("zzz: Extra inputs are not permitted")

@@ -280,7 +280,8 @@ def test_bed_move_is_none_but_updates_location(feed: Feed) -> None:
     bed = feed.send(adt("A02", "B2", cls="I", location="MED^202^2^MAIN", prior="MED^201^1^MAIN"))
     assert (bed.kind, bed.state) == ("none", "admitted")
     unit = feed.send(adt("A02", "B3", cls="I", location="ICU^1^1^MAIN", prior="MED^202^2^MAIN"))
-    assert unit.kind == "none"  # a unit is not a level of care unless the class changes
+    # A unit is not a level of care unless the class changes, but it is news.
+    assert (unit.kind, unit.summary["changed"]) == ("updated", ["encounter.location"])
     rec = feed.encounter(first.encounter_id)
     assert rec.location == "ICU/1/1" and rec.facility == "MAIN"
     assert rec.snapshot["encounter"]["location"]["point_of_care"] == "ICU"

@@ -227,9 +227,9 @@ def feed(name: str) -> str:
 def test_a_stay_is_told_as_admit_transfer_discharge_and_nothing_else(
     tmp_path: Path, endpoint: NotificationEndpoint
 ) -> None:
-    # ED arrival, admission, A08 repeating it, transfer to ICU at another campus, a bed move
-    # inside the ICU, the discharge to a nursing facility, and the admission sent again under
-    # a new control ID.
+    # ED arrival, admission, an A08 with a new phone number, transfer to ICU at another
+    # campus, a bed move inside the ICU, the discharge to a nursing facility, and the
+    # admission sent again under a new control ID.
     texts = [feed(n) for n in ("01", "02", "03", "03b", "03c", "04")]
     texts.append(feed("02").replace("|RGH-000102|", "|RGH-000102-AGAIN|"))
     deliveries = run(tmp_path, routes(endpoint.base_url), texts)
@@ -245,7 +245,7 @@ def test_a_stay_is_told_as_admit_transfer_discharge_and_nothing_else(
     assert [d.status for d in deliveries] == [
         "delivered", "delivered", "skipped", "delivered", "skipped", "delivered", "skipped"
     ]  # fmt: skip
-    assert "nothing new for the visit" in receipts[2]
+    assert "only details changed (patient.phone)" in receipts[2]
 
     ed, admit, transfer, discharge = endpoint.received
     # One visit: the same Encounter in every notification, with its visit number.

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from carehub.builtins.transform import Transform, TransformOptions
+from carehub.builtins.transform import Transform, TransformOptions, WrittenText
 from carehub.cli import main
 from carehub.components import ComponentContext, Work
 from carehub.config import load_config
@@ -914,6 +914,7 @@ def test_plugins_options_for_an_unknown_name() -> None:
         (dict[str, list[str]], "mapping of text to list of text"),
         (str | list[str] | None, "text or list of text"),
         (When, "condition (as in a route's when)"),
+        (dict[str, WrittenText], "mapping of text to text"),
     ],
 )
 def test_type_names_read_as_route_authors_write(annotation: Any, text: str) -> None:
@@ -1158,3 +1159,230 @@ def test_each_bad_edit_is_told_at_its_own_line(tmp_path: Path) -> None:
     assert "numbers in a path start at 1" in first
     assert second.startswith(f"{routes}:10: route 'r': steps[0].transform.edits: edits[3] set: ")
     assert "bad field path 'nonsense'" in second
+
+
+# -- conditions that could never hold, and misspelt route keys ----------------------------------
+@pytest.mark.parametrize(
+    ("condition", "wanted"),
+    [
+        (
+            "events: A01, A03, A04",
+            "when.events: Value error, 'A01, A03, A04' would match no message: MSH-9.2 holds one "
+            "code, never a comma, space or semicolon; write a list: events: [A01, A03, A04]",
+        ),
+        ("type: ADT ORU", "write a list: type: [ADT, ORU]"),
+        ("patient_class: {not: 'I,E'}", "write a list: patient_class: {not: [I, E]}"),
+        ("events: [A01, 'A03 A04']", "'A03 A04' would match no message"),
+        (
+            "events: []",
+            "when.events: Value error, is an empty list, so it would match no message",
+        ),
+        ("fields: {PV1-2: []}", "when.fields.PV1-2: Value error, is an empty list"),
+        ("events: {not: []}", "{not: []} leaves nothing out, so it tests nothing"),
+    ],
+)
+def test_a_condition_that_can_match_no_message_is_refused(
+    tmp_path: Path, condition: str, wanted: str
+) -> None:
+    """`events: A01, A03, A04` (brackets left out) is the one value "A01, A03, A04", and
+    `events: []` is no value: either way the route would match nothing, its messages ACKed and
+    left unrouted without a word."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "routes:\n"
+        "  - name: adt\n"
+        "    when:\n"
+        "      sending_facility: RGH\n"
+        f"      {condition}\n"
+        "    steps: [{forward: {channel: file, directory: out}}]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([path])
+    assert str(caught.value).startswith(f"{path}:5: route 'adt': "), str(caught.value)
+    assert wanted in str(caught.value)
+
+
+def test_names_that_may_hold_a_space_are_not_taken_for_lists(tmp_path: Path) -> None:
+    path = write_routes(
+        tmp_path,
+        """
+        routes:
+          - name: adt
+            when: {sending_facility: RIVERSIDE GH, events: [A01]}
+            steps: [{forward: {channel: file, directory: out}}]
+        """,
+    )
+    (loaded,) = load_route_files([path])
+    assert loaded.config.when.sending_facility is not None
+    assert loaded.config.when.sending_facility.any_of == ["RIVERSIDE GH"]
+
+
+def test_a_misspelt_route_key_is_told_at_its_line_with_the_key_it_may_be(tmp_path: Path) -> None:
+    path = write_routes(
+        tmp_path,
+        """
+        routes:
+          - name: adt
+            description: ADT to the platform
+            wehn:
+              type: ADT
+              sending_facilty: RGH
+            steps: [{forward: {channel: file, directory: out}}]
+          - name: ref
+            when:
+              sending_facilty: RGH
+            steps: [{forward: {channel: file, directory: out}}]
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_route_files([path])
+    assert str(caught.value).splitlines() == [
+        f"{path}:4: route 'adt': wehn: Extra inputs are not permitted; did you mean `when`?",
+        f"{path}:10: route 'ref': when.sending_facilty: Extra inputs are not permitted; "
+        "did you mean `sending_facility`?",
+    ]
+
+
+def test_routes_check_refuses_codes_written_without_brackets_and_misspelt_keys(
+    tmp_path: Path,
+) -> None:
+    config = project(
+        tmp_path / "site",
+        "routes:\n"
+        "  - name: adt\n"
+        "    when:\n"
+        "      events: A01, A03, A04\n"
+        "    steps: [{forward: {channel: file, directory: out}}]\n"
+        "  - name: ref\n"
+        "    wehn:\n"
+        "      type: REF\n"
+        "    steps: [{forward: {channel: file, directory: out}}]\n",
+    )
+    checked = routes_check(config, tmp_path / "data")
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    routes = config.parent / "routes.yaml"
+    assert checked.stderr.strip().splitlines() == [
+        f"error: {routes}:4: route 'adt': when.events: Value error, 'A01, A03, A04' would match "
+        "no message: MSH-9.2 holds one code, never a comma, space or semicolon; write a list: "
+        "events: [A01, A03, A04]",
+        f"{routes}:7: route 'ref': wehn: Extra inputs are not permitted; did you mean `when`?",
+    ]
+
+
+def test_routes_check_refuses_a_shell_style_variable(tmp_path: Path) -> None:
+    """`directory: $CAREHUB_DATA_DIR/out` would write patient data under a folder of that name;
+    `host: $EHR_HOST` would dial a host of that name."""
+    config = project(
+        tmp_path / "site",
+        "routes:\n"
+        "  - name: adt\n"
+        "    steps:\n"
+        "      - forward: {channel: file, name: copy, directory: $CAREHUB_DATA_DIR/out}\n"
+        "      - forward: {channel: mllp, name: ehr, host: $EHR_HOST, port: 2575}\n",
+    )
+    checked = routes_check(config, tmp_path / "data", EHR_HOST="127.0.0.1")
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert checked.stderr.strip() == (
+        f"error: {config.parent / 'routes.yaml'}:4: routes[0].steps[0].forward.directory: "
+        "$CAREHUB_DATA_DIR is not expanded: carehub expands only ${NAME}, so write "
+        "${CAREHUB_DATA_DIR} (a $ before a name meant as text, as in a password, is given "
+        "through a variable)"
+    )
+    assert not (tmp_path / "site" / "$CAREHUB_DATA_DIR").exists()
+
+
+# -- values YAML reads as numbers or booleans in transform steps --------------------------------
+def test_a_set_value_yaml_reads_as_a_number_is_told_as_written(tmp_path: Path) -> None:
+    """`set: {PV1-36: 01}` means the disposition 01; the fix offered is '01', never the 1 YAML
+    made of it, which would write another code."""
+    config = hub_config(
+        tmp_path / "config",
+        """
+        routes:
+          - name: r
+            steps:
+              - transform:
+                  edits:
+                    - set: {PV1-3.1: ED}
+                    - set: {PV1-36: 01, PV1-2: I}
+                    - set:
+                        PV1-4: NO
+                        PV1-5: 2.50
+              - forward: {channel: file, directory: out}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_routing(load_config(config), tmp_path / "data")
+    routes = tmp_path / "config" / "routes" / "routes.yaml"
+    where = "route 'r': steps[0].transform.edits"
+    assert str(caught.value).splitlines() == [
+        f"{routes}:8: {where}[1].set.PV1-36: YAML read 01 as the number 1, not text; quote it "
+        "as written: '01'",
+        f"{routes}:10: {where}[2].set.PV1-4: YAML read NO as false, not text; quote it as "
+        "written: 'NO'",
+        f"{routes}:11: {where}[2].set.PV1-5: YAML read 2.50 as the number 2.5, not text; quote "
+        "it as written: '2.50'",
+    ]
+
+
+def test_a_table_code_yaml_reads_as_a_number_or_boolean_is_told_as_written(
+    tmp_path: Path,
+) -> None:
+    """010 is octal 8 to YAML, NO is false, 01 is 1: each is named as written, never as the
+    [8] or [0] pydantic would show, with the quoted code to write."""
+    config = hub_config(
+        tmp_path / "config",
+        """
+        routes:
+          - name: r
+            steps:
+              - transform:
+                  edits:
+                    - map: {path: PV1-3.1, table: locations}
+                  tables:
+                    locations:
+                      4W: MED4WEST
+                      010: TEN
+                      NO: NORTH
+                      01: MAIN
+                      ICU: 01
+              - forward: {channel: file, directory: out}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_routing(load_config(config), tmp_path / "data")
+    routes = tmp_path / "config" / "routes" / "routes.yaml"
+    where = f"{routes}:{{}}: route 'r': steps[0].transform.tables.locations"
+    assert str(caught.value).splitlines() == [
+        f"{where.format(11)}.010: YAML read the key 010 as the number 8, not text; quote it as "
+        "written: '010'",
+        f"{where.format(12)}.NO: YAML read the key NO as false, not text; quote it as written: "
+        "'NO'",
+        f"{where.format(13)}.01: YAML read the key 01 as the number 1, not text; quote it as "
+        "written: '01'",
+        f"{where.format(14)}.ICU: YAML read 01 as the number 1, not text; quote it as written: "
+        "'01'",
+    ]
+
+
+def test_routes_check_tells_a_set_value_as_written(tmp_path: Path) -> None:
+    config = project(
+        tmp_path / "site",
+        "routes:\n"
+        "  - name: r\n"
+        "    steps:\n"
+        "      - transform:\n"
+        "          edits: [{set: {PV1-36: 01}}, {map: {path: PV1-3.1, table: units}}]\n"
+        "          tables: {units: {010: TEN}}\n"
+        "      - forward: {channel: file, directory: out}\n",
+    )
+    checked = routes_check(config, tmp_path / "data")
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    routes = config.parent / "routes.yaml"
+    assert checked.stderr.strip().splitlines() == [
+        f"error: {routes}:6: route 'r': steps[0].transform.tables.units.010: YAML read the key "
+        "010 as the number 8, not text; quote it as written: '010'",
+        f"{routes}:5: route 'r': steps[0].transform.edits[0].set.PV1-36: YAML read 01 as the "
+        "number 1, not text; quote it as written: '01'",
+    ]

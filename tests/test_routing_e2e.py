@@ -239,7 +239,7 @@ routes:
             make_adt("INPATIENT", patient_class="I", patient_id="P1"),
             make_adt("OUTPATIENT", patient_class="O", patient_id="P2"),
         ) == ["AA", "AA"]
-        wait_statuses(hub.store, {"INPATIENT": "delivered", "OUTPATIENT": "routed"})
+        wait_statuses(hub.store, {"INPATIENT": "delivered", "OUTPATIENT": "filtered"})
         store = hub.store
         kept = Outbox(store).steps(by_control_id(store, "INPATIENT").id)
         assert [(s.step, s.outcome) for s in kept] == [

@@ -368,7 +368,7 @@ def test_transform_tables_file_problems_are_config_errors(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"edits\[0\] map PID-8: unknown table 'sex'"):
         build({"tables_file": "other.yaml", "edits": edits}, tmp_path)
     (tmp_path / "numbers.yaml").write_text("sex:\n  01: female\n")
-    with pytest.raises(ConfigError, match="must be text"):
+    with pytest.raises(ConfigError, match=r"numbers.yaml:2: .*code 01 as the number 1, not text"):
         build({"tables_file": "numbers.yaml", "edits": edits}, tmp_path)
     with pytest.raises(ConfigError, match="cannot read"):
         build({"tables_file": "missing.yaml", "edits": edits}, tmp_path)
@@ -427,3 +427,39 @@ def test_a_transform_that_changes_nothing_keeps_the_original_text() -> None:
     item = work(crlf)
     build({"edits": [{"clear": "PV1-3"}]}).translate(item)
     assert item.v2 == crlf
+
+
+def test_a_value_yaml_made_a_number_is_never_offered_back_as_the_fix() -> None:
+    """`set: {PV1-36: 01}` reaches the step as the number 1: quoting '1' would write another
+    code, so the error names the value's own path and asks for the text as written."""
+    with pytest.raises(ValidationError) as caught:
+        TransformOptions.model_validate(
+            {"edits": [{"set": {"PV1-36": 1}}], "tables": {"units": {"ICU": False}}}
+        )
+    errors = {error["loc"]: error["msg"] for error in caught.value.errors()}
+    assert set(errors) == {("tables", "units", "ICU"), ("edits", 0, "set", "PV1-36")}
+    for message in errors.values():
+        assert "'1'" not in message and "'False'" not in message, message
+        assert "quote it as the message writes it, e.g. '01'" in message
+    assert "YAML read it as the number 1" in errors[("edits", 0, "set", "PV1-36")]
+    assert "YAML read it as true/false" in errors[("tables", "units", "ICU")]
+
+
+def test_a_tables_file_code_yaml_made_no_text_is_told_as_written(tmp_path: Path) -> None:
+    edits = [{"map": {"path": "PV1-3.1", "table": "units"}}]
+    (tmp_path / "octal.yaml").write_text("units:\n  4W: MED4WEST\n  010: TEN\n")
+    with pytest.raises(ConfigError) as caught:
+        build({"tables_file": "octal.yaml", "edits": edits}, tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / 'octal.yaml'}:3: table 'units': YAML read the code 010 as the number 8, "
+        "not text; quote it as written: '010'"
+    )
+    (tmp_path / "north.yaml").write_text("units:\n  NO: NORTH\n  EA: off\n")
+    with pytest.raises(ConfigError, match=r"north.yaml:2: table 'units': YAML read the code NO as"):
+        build({"tables_file": "north.yaml", "edits": edits}, tmp_path)
+    (tmp_path / "east.yaml").write_text("units:\n  EA: off\n")
+    with pytest.raises(ConfigError) as caught:
+        build({"tables_file": "east.yaml", "edits": edits}, tmp_path)
+    assert "east.yaml:2: table 'units': YAML read the value of code 'EA' off as false" in str(
+        caught.value
+    )

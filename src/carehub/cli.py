@@ -461,7 +461,8 @@ _FILTER_OPTIONS = (
     click.option(
         "--status",
         type=MESSAGE_STATUS,
-        help="received, refused, rejected, routed, unrouted, delivered or failed.",
+        help="received, refused, rejected, routed (deliveries to make), unrouted, filtered "
+        "(routes matched, nothing to deliver), delivered or failed.",
     ),
     click.option(
         "--type",
@@ -903,8 +904,9 @@ def _note_discarded_left_out(
 def _warn_of_overtaking(outbox: Any, message_id: int, result: RoutingResult) -> None:
     """Say where the message will arrive after its patient's later messages: what
     `dead-letters retry` warns of too (an A04 after the A03 it preceded)."""
-    queued = {d.destination for r in result.routes for d in r.deliveries}
-    for destination, count in sorted(outbox.later_delivered(message_id, queued).items()):
+    lines = {d.destination: d.line or d.destination for r in result.routes for d in r.deliveries}
+    later = outbox.later_delivered(message_id, set(lines), lines)
+    for destination, count in sorted(later.items()):
         click.echo(
             f"warning: message {message_id} reaches {destination} after {count} later "
             "message(s) of the same patient already delivered there: the receiver gets it "
@@ -1320,7 +1322,9 @@ def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
     steps read at start (rosters, directories, code tables, TLS files) and check that the store
     would open and the queue's broker answers, as `serve` would before it is ready, printing
     the warnings its routes would log (recipients no channel reaches, destinations on other
-    machines sent to in clear or without checking the server); no listener
+    machines sent to in clear or without checking the server) and which forwards share a
+    line, as they reach one receiving system (each patient's order, and a dead letter's hold,
+    span them all); no listener
     starts, nothing is sent, and the store is neither created nor migrated. With --offline
     (a CI job that has the config but not the production database or broker) the store and
     broker are left out."""
@@ -1350,6 +1354,8 @@ def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
     for route in table.routes:
         steps = ", ".join(step.label for step in route.steps)
         click.echo(f"route {route.name} ({route.source.where()}): {steps}")
+    for shared in table.shared_line_text():  # one order per patient at that receiver
+        click.echo(shared)
     # Both are checked, so one run names every setting `serve` would stop on.
     problems: list[str] = []
     checks = (

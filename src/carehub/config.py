@@ -7,15 +7,19 @@ Input should be less than or equal to 65535``), so the fix is obvious from the m
 from __future__ import annotations
 
 import codecs
+import difflib
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import unquote_plus
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
+from yaml.constructor import SafeConstructor
 
 from carehub.errors import ConfigError
 
@@ -31,14 +35,23 @@ QUEUE_HEARTBEAT_SECONDS = 30
 _ENV_REFERENCE = re.compile(
     r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^${}]|\$(?!\{)|\$\{[^{}]*\})*))?\}"
 )
+#: What is left of a ${...} carehub does not expand (unclosed, a name it cannot hold, a shell
+#: form like ${VAR-x}), or a shell-style $NAME. A $ after a backslash is a regex's literal $.
+_STRAY_REFERENCE = re.compile(r"(?<!\\)\$(\{|[A-Za-z_][A-Za-z0-9_]*)")
+#: How environment variables are named: a $NAME of this form is taken for one even when it
+#: is not set. Other names ($process-message, a FHIR operation in a URL) are left as text
+#: unless a variable of that name is set.
+_VARIABLE_STYLE = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 #: Variable names that hold secrets: an unset one is not to be given a default in the file.
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|PRIVATE", re.IGNORECASE)
-#: Keys whose value is where carehub sends (a destination's URL, the store's, the broker's):
-#: an unset variable there is told to be set, not given a default, since a default sends
-#: patient data to whatever listens at it.
-_ADDRESS_KEYS = frozenset({"url", "base_url", "api_url"})
+#: Keys whose value is where carehub sends (a destination's URL or host, the store's, the
+#: broker's): an unset variable there is told to be set, not given a default, since a default
+#: sends patient data to whatever listens at it. A ``host`` under ``listeners`` is where the
+#: hub listens, not where it sends, and may have a default.
+_ADDRESS_KEYS = frozenset({"url", "base_url", "api_url", "host"})
+_LISTENING = "listeners"
 
 
 class _Strict(BaseModel):
@@ -329,9 +342,13 @@ class HubConfig(_Strict):
 
 
 def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -> str:
-    """Replace ${VAR} and ${VAR:-default}; a missing variable without default is an error.
+    """Replace ${VAR} and ${VAR:-default}; a missing variable without default is an error,
+    and so is a reference carehub would leave as text (see unexpanded_reference).
     ``known``: values carehub itself supplies (CAREHUB_DATA_DIR in route files) for names
     the environment does not set."""
+    stray = unexpanded_reference(value, known)
+    if stray is not None:
+        raise ConfigError(f"{where}: {stray}")
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -343,7 +360,7 @@ def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -
             return expand_env(default, where, known)
         if _SECRET_NAME.search(name):
             hint = "set it in the environment: a secret has no default"
-        elif where.rsplit(".", 1)[-1] in _ADDRESS_KEYS:
+        elif _is_address(where):
             hint = (
                 "set it to the address of the system it names: an address has no default, "
                 "so nothing is sent where nobody said"
@@ -353,6 +370,52 @@ def expand_env(value: str, where: str, known: Mapping[str, str] | None = None) -
         raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
 
     return _ENV_REFERENCE.sub(replace, value)
+
+
+def _is_address(where: str) -> bool:
+    """Whether the key path ``where`` (listeners.http.host, routes[0].steps[2].forward.url)
+    names where carehub sends."""
+    return where.rsplit(".", 1)[-1] in _ADDRESS_KEYS and not where.startswith(_LISTENING)
+
+
+def unexpanded_reference(value: str, known: Mapping[str, str] | None = None) -> str | None:
+    """What is wrong with a value written in a config or route file that still holds a
+    variable reference after expansion, or None. carehub expands only ${NAME} and
+    ${NAME:-default}: a shell habit ($EHR_HOST) or a ${ left open would otherwise stay as
+    text, and a file forward would write patient data under a folder named
+    $CAREHUB_DATA_DIR, an MLLP forward dial a host named so.
+
+    Only the text written in the file is read (a variable's value may hold any $), and a $NAME
+    is taken for a variable when NAME is written as variables are (upper case, digits, _) or
+    names one that is set: a FHIR operation ($process-message) or a regex's $ stays text."""
+    last = 0
+    pieces: list[str] = []
+    for match in _ENV_REFERENCE.finditer(value):
+        pieces.append(value[last : match.start()])
+        if match.group(2):
+            inner = unexpanded_reference(match.group(2), known)
+            if inner is not None:
+                return inner
+        last = match.end()
+    pieces.append(value[last:])
+    for piece in pieces:
+        for stray in _STRAY_REFERENCE.finditer(piece):
+            name = stray.group(1)
+            if name == "{":
+                written = piece[stray.start() :]
+                shown = written if len(written) <= 40 else written[:40] + "..."
+                return (
+                    f"{shown!r} is not a reference carehub expands (a ${{ left open, or a "
+                    "form other than ${NAME} and ${NAME:-default}): close it, e.g. "
+                    "${EHR_HOST} or ${EHR_HOST:-ehr.example.org}"
+                )
+            if _VARIABLE_STYLE.fullmatch(name) or name in os.environ or (known and name in known):
+                return (
+                    f"${name} is not expanded: carehub expands only ${{NAME}}, so write "
+                    f"${{{name}}} (a $ before a name meant as text, as in a password, is "
+                    "given through a variable)"
+                )
+    return None
 
 
 def referenced_environment(text: str) -> list[tuple[str, str | None]]:
@@ -372,7 +435,8 @@ def referenced_environment(text: str) -> list[tuple[str, str | None]]:
 
 
 class UnsetVariable(ConfigError):
-    """A ${VAR} without a default whose variable is not set, at ``loc`` in the file's tree."""
+    """A value that cannot be expanded, at ``loc`` in the file's tree: a ${VAR} without a
+    default whose variable is not set, or a reference carehub does not expand."""
 
     def __init__(self, loc: tuple[Any, ...], message: str) -> None:
         super().__init__(message)
@@ -420,23 +484,192 @@ def check_no_duplicate_keys(node: yaml.Node | None, path: Path) -> None:
             check_no_duplicate_keys(item, path)
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """Line (1-based) of the YAML node at ``loc``, or of the nearest parent that exists."""
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...], at_key: bool = False) -> int | None:
+    """Line (1-based) of the YAML node at ``loc``, or of the nearest parent that exists.
+    ``at_key``: the line of the key ``loc`` ends with rather than of its value, for an error
+    about the key itself (a misspelt ``wehn:`` whose value is a block is on the line that
+    says ``wehn``, not on its value's first line)."""
     line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
+    for index, part in enumerate(loc):
+        key: yaml.Node | None = None
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
-            if match is None:
+            pair = _entry(node, part)
+            if pair is None:
                 break
-            node = match
+            key, node = pair
         elif (
             isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
         ):
             node = node.value[part]
         else:
             break
-        line = node.start_mark.line + 1
+        told = key if at_key and key is not None and index == len(loc) - 1 else node
+        line = told.start_mark.line + 1
     return line
+
+
+#: The tags YAML gives a plain (unquoted) scalar it reads as something other than text.
+_NOT_TEXT_TAGS = {
+    "tag:yaml.org,2002:int": "the number",
+    "tag:yaml.org,2002:float": "the number",
+    "tag:yaml.org,2002:bool": "",
+}
+#: The error type of a value that must be text and is not (see not_text).
+NOT_TEXT = "not_text"
+
+
+def yaml_value(node: yaml.Node) -> Any:
+    """The Python value YAML makes of a node (``010`` -> 8, ``NO`` -> False), to find the
+    entry of a key pydantic names by that value."""
+    try:
+        return SafeConstructor().construct_object(node, deep=True)
+    except yaml.YAMLError:  # pragma: no cover - composed by the same YAML
+        return node.value
+
+
+def _entry(
+    node: yaml.MappingNode, part: Any, input_value: Any = None
+) -> tuple[yaml.Node, yaml.Node] | None:
+    """(key node, value node) of the entry ``part`` names: the key written so, or one YAML
+    read as a number or boolean equal to it (pydantic names the key 010 as 8, NO as 0);
+    ``input_value``, when given, must be that very value (NO, not 0, for False)."""
+    for key, value in node.value:
+        if getattr(key, "value", None) == part and key.tag == "tag:yaml.org,2002:str":
+            return key, value
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag not in _NOT_TEXT_TAGS:
+            continue
+        made = yaml_value(key)
+        if made == part and (input_value is None or type(made) is type(input_value)):
+            return key, value
+    return None
+
+
+def _written_nodes(
+    node: yaml.Node | None, loc: tuple[Any, ...], input_value: Any = None
+) -> list[yaml.Node | None]:
+    """For each part of ``loc``, the YAML key node it named (None for a list index or a part
+    not found); ``[key]`` (pydantic's mark for a mapping's key) names the key before it."""
+    found: list[yaml.Node | None] = []
+    for index, part in enumerate(loc):
+        named_key = index + 1 < len(loc) and loc[index + 1] == "[key]"
+        if isinstance(node, yaml.MappingNode) and part != "[key]":
+            pair = _entry(node, part, input_value if named_key else None)
+            found.append(pair[0] if pair else None)
+            node = pair[1] if pair else None
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            found.append(None)
+            node = node.value[part] if part < len(node.value) else None
+        else:
+            found.append(None)
+            node = None
+    found.append(node)  # the value at loc itself
+    return found
+
+
+def yaml_reading(node: yaml.Node | None) -> str | None:
+    """What YAML made of ``node`` ("the number 8", "false") when it is a plain scalar read as
+    no text (an unquoted 010, NO), for an error to name what was written beside it; else None."""
+    if not isinstance(node, yaml.ScalarNode) or node.style or node.tag not in _NOT_TEXT_TAGS:
+        return None
+    made = yaml_value(node)
+    kind = _NOT_TEXT_TAGS[node.tag]
+    return f"{kind} {made!r}" if kind else str(made).lower()
+
+
+def not_text(value: Any) -> PydanticCustomError:
+    """The error for a value that must be text (a code, a field's value) and that YAML read
+    as a number or a boolean. It never offers the number YAML made as the fix (an unquoted 01
+    is 1, 010 the octal 8): the file's loader, which has the YAML, names what was written."""
+    made = "true/false" if isinstance(value, bool) else f"the number {value!r}"
+    return PydanticCustomError(
+        NOT_TEXT,
+        f"is not text: YAML read it as {made} (an unquoted 01 is the number 1, 010 the octal "
+        "number 8, NO false); quote it as the message writes it, e.g. '01'",
+    )
+
+
+def explain_error(
+    node: yaml.Node | None, error: ErrorDetails, loc: tuple[Any, ...], at: tuple[Any, ...] = ()
+) -> tuple[str, str]:
+    """(key path, message) of one validation error at ``loc``, whose YAML node is at
+    ``(*at, *loc)`` under ``node``. A key or value that must be text and that YAML read as a
+    number or a boolean is named as written, with the fix: ``tables.locations.010: YAML read
+    the key 010 as the number 8; quote it as written: '010'``, not ``locations[8].[key]``."""
+    message = error["msg"]
+    if error["type"] not in ("string_type", NOT_TEXT) or isinstance(error["input"], str):
+        return _loc_text(loc), message
+    nodes = _written_nodes(node, (*at, *loc), error["input"])[len(at) :]
+    keys, value = nodes[:-1], nodes[-1]
+    is_key = bool(loc) and loc[-1] == "[key]"
+    written = keys[-2] if is_key and len(keys) >= 2 else value
+    made = yaml_reading(written)
+    if made is None or written is None:
+        return _loc_text(loc), message
+    text = str(written.value)
+    shown: list[Any] = []
+    for part, key in zip(loc, keys, strict=True):
+        if part == "[key]":
+            continue
+        shown.append(str(key.value) if key is not None and yaml_reading(key) else part)
+    what = "the key " if is_key else ""
+    message = f"YAML read {what}{text} as {made}, not text; quote it as written: '{text}'"
+    return _loc_text(tuple(shown)), message
+
+
+def unknown_key_hint(model: type[BaseModel], error: ErrorDetails) -> str:
+    """The suggestion ("; did you mean `when`?") for a key ``model`` does not know at the
+    error's place (a misspelt ``wehn``, ``listener``) when a known key there is close; "" for
+    any other error, or when no known key is close."""
+    loc = tuple(part for part in error["loc"] if part != "[key]")
+    if error["type"] != "extra_forbidden" or not loc or not isinstance(loc[-1], str):
+        return ""
+    known = _keys_at(model, loc[:-1])
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _keys_at(annotation: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model reached from ``annotation`` along ``loc`` takes, as written in a
+    file (aliases: ``events``, ``any``); none when ``loc`` leads elsewhere."""
+    for part in loc:
+        annotation = _inner(annotation, part)
+        if annotation is None:
+            return []
+    models = [a for a in _alternatives(annotation) if _is_model(a)]
+    if len(models) != 1:
+        return []
+    return [field.alias or name for name, field in models[0].model_fields.items()]
+
+
+def _inner(annotation: Any, part: Any) -> Any:
+    """The type ``part`` of a value of type ``annotation`` has: a model's field, a list's item,
+    a mapping's value; None when it has none or it is not one type."""
+    found = []
+    for option in _alternatives(annotation):
+        origin = get_origin(option)
+        if _is_model(option) and isinstance(part, str):
+            for name, field in option.model_fields.items():
+                if part in (name, field.alias):
+                    found.append(field.annotation)
+        elif origin in (list, tuple) and isinstance(part, int):
+            found.append(get_args(option)[0])
+        elif origin is dict and get_args(option):
+            found.append(get_args(option)[1])
+    return found[0] if len(found) == 1 else None
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    """The types a union (``X | None``) or Annotated[X, ...] stands for, None left out."""
+    if get_origin(annotation) is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [a for option in get_args(annotation) for a in _alternatives(option)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def read_config_text(path: Path, what: str, encoding: str = "utf-8") -> str:
@@ -555,8 +788,10 @@ def load_config(path: Path | None) -> HubConfig:
         problems = []
         for error in err.errors():
             loc = tuple(error["loc"])
-            line = _line_of(tree, loc)
-            problems.append(f"{path}{f':{line}' if line else ''}: {_loc_text(loc)}: {error['msg']}")
+            line = _line_of(tree, loc, at_key=error["type"] == "extra_forbidden")
+            shown, message = explain_error(tree, error, loc)
+            hint = unknown_key_hint(HubConfig, error)
+            problems.append(f"{path}{f':{line}' if line else ''}: {shown}: {message}{hint}")
         raise ConfigError("\n".join(problems)) from None
     config.source = path.resolve()
     http_tokens(config)  # an empty $CAREHUB_HTTP_TOKENS is refused with the file's own errors

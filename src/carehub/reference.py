@@ -20,7 +20,7 @@ import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
@@ -123,6 +123,8 @@ def type_text(annotation: Any, nested: list[type[BaseModel]] | None = None) -> s
     """A route author's name for a type: ``text``, ``list of text``, ``"v2" | "event"``.
     Nested option models are named and appended to ``nested`` to be documented too."""
     origin = get_origin(annotation)
+    if origin is Annotated:  # a type with a validator of its own is written as its base type
+        return type_text(get_args(annotation)[0], nested)
     if origin is Literal:
         return " | ".join(json.dumps(value) for value in get_args(annotation))
     if origin in (Union, types.UnionType):

@@ -506,7 +506,9 @@ class Worker:
             )
 
     def _apply_line_policy(self) -> None:
-        """Dead letters get their destination's ``retry.after_dead_letter`` as the routes say
+        """Deliveries waiting and dead letters go in the line the routes give their
+        destination now (forwards that reach one receiving system share one), dead letters
+        get their destination's ``retry.after_dead_letter`` as the routes say
         now (a setting changed since, or dead letters from before lines were held), and the
         log says how many deliveries wait behind dead letters: after an upgrade or a long
         outage, those lines move only when an operator retries or discards."""
@@ -519,7 +521,7 @@ class Worker:
             if destination is not None:
                 holds = destination.retry.holds_line(destination.channel.name)
                 (holding if holds else going_on).append(name)
-        self.outbox.apply_line_policy(holding, going_on)
+        self.outbox.apply_line_policy(holding, going_on, self.table.lines())
         held = sum(self.outbox.held().values())
         if held:
             log.warning(
@@ -908,6 +910,7 @@ class Worker:
                 receipt,
                 destination=delivery.destination,
                 order_key=delivery.order_key,
+                line=delivery.line or "",
                 skipped=skipped,
                 early=early,
             )
@@ -966,6 +969,7 @@ class Worker:
                 retry_at,
                 destination=delivery.destination,
                 order_key=delivery.order_key,
+                line=delivery.line or "",
                 holds_line=holds,
                 loggable=_clean_text(_reason(err)),  # what `carehub status` shows of it
                 early=early,

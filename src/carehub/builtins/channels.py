@@ -39,6 +39,7 @@ from carehub.builtins.http_channel import (
     http_url,
     read_some,
 )
+from carehub.care.model import Transition
 from carehub.client import MLLPClient, NoAnswer
 from carehub.components import (
     Channel,
@@ -723,6 +724,9 @@ class WebhookChannel(HttpChannel):
           "trigger_event": "A01",          # MSH-9.2 as received
           "control_id": "MSG00001",        # MSH-10 of the message as routed
           "event": {...} | null,           # the care event, null when the route made none
+          "transition": {...},             # only after an encounter-state step: what the
+                                           # message did to its visit ("kind", "state", and
+                                           # for "updated" the facts "changed")
           "v2": "MSH|^~\\\\&|..."          # only with body: v2 (CR segment ends)
         }
 
@@ -800,6 +804,10 @@ class WebhookChannel(HttpChannel):
         # The event's JSON is spliced in as encoded once for every channel of the route; the
         # bytes are the same as encoding the whole document.
         parts = [head[:-1], b',"event":', work.event_json_bytes() or b"null"]
+        transition = work.data.get("encounter")
+        if isinstance(transition, Transition):
+            # A receiver cannot tell from the event alone whether an A08 changed anything.
+            parts += [b',"transition":', compact_json(transition.for_receiver())]
         if self.options.body == "v2":
             parts += [b',"v2":', compact_json(cr_segments(work.v2))]
         return Outgoing(b"".join([*parts, b"}"]), JSON_CONTENT_TYPE, idempotency_key, {})

@@ -32,13 +32,20 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from carehub.components import ComponentContext, ComponentOptions, Translator, Work
-from carehub.config import read_config_text
+from carehub.config import not_text, read_config_text, yaml_reading, yaml_value
 from carehub.errors import ConfigError
 from carehub.hl7.edit import EditError, MessageEditor, PathError, check_path, check_segment
 from carehub.routing.conditions import When
@@ -51,6 +58,19 @@ _SEGMENT_TEXT = re.compile(r"[A-Z][A-Z0-9]{2}(?:[^A-Za-z0-9].*)?", re.S)
 _NOT_ADDABLE = ("MSH", "FHS", "BHS", "BTS", "FTS")
 
 Op = Literal["set", "copy", "clear", "map", "remove", "add"]
+
+
+def _written_text(value: Any) -> Any:
+    """A value written into the message or a table's code must be text: YAML reads 01 as 1,
+    010 as 8 and NO as false, so the edit would write, or the table look up, another code.
+    The error leaves the fix to the route file's loader, which has the text as written."""
+    if isinstance(value, bool | int | float):
+        raise not_text(value)
+    return value
+
+
+#: Text as a route file gives it: a number or boolean YAML made is refused (see _written_text).
+WrittenText = Annotated[str, BeforeValidator(_written_text)]
 
 
 class CopySpec(ComponentOptions):
@@ -99,7 +119,7 @@ class Edit(ComponentOptions):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    set_: dict[str, str] | None = Field(
+    set_: dict[str, WrittenText] | None = Field(
         None, alias="set", description="PATH: value; {PATH} in a value inserts that field"
     )
     copy_: CopySpec | None = Field(None, alias="copy", description="{from: PATH, to: PATH}")
@@ -138,16 +158,8 @@ class Edit(ComponentOptions):
         if ops[0] == "set":
             if not isinstance(settings, dict) or not settings:
                 raise ValueError("set takes a mapping of PATH: value, e.g. {MSH-5: CAREHUB}")
-            fixed: dict[Any, Any] = {}
-            for path, text in settings.items():
-                if text is None:
-                    text = ""
-                elif not isinstance(text, str):
-                    # YAML turns 0012 into 10 and 2.50 into 2.5: insist on quotes.
-                    raise ValueError(
-                        f"set {path}: the value must be text; quote it in YAML ('{text}')"
-                    )
-                fixed[path] = text
+            # An empty value (`PV1-36:`) clears; numbers and booleans are refused per path.
+            fixed = {path: "" if text is None else text for path, text in settings.items()}
             value = {**value, "set": fixed}
         if ops[0] == "clear" and (settings is None or settings == []):
             raise ValueError("clear takes a path or a list of paths")
@@ -187,7 +199,7 @@ def _segments_to_remove(settings: Any) -> list[str]:
 class TransformOptions(ComponentOptions):
     """Options of the transform step: the edits, in order, and the code tables they use."""
 
-    tables: dict[str, dict[str, str]] = Field(
+    tables: dict[str, dict[WrittenText, WrittenText]] = Field(
         default_factory=dict, description="code tables: {name: {code: value}}"
     )
     tables_file: str | None = Field(
@@ -481,6 +493,7 @@ def load_tables(path: Path) -> dict[str, dict[str, str]]:
             table[code] = value
         return tables
     try:
+        tree = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
@@ -491,9 +504,41 @@ def load_tables(path: Path) -> dict[str, dict[str, str]]:
             raise ConfigError(f"{path}: table {name!r} must be a mapping of code: value")
         for code, value in table.items():
             if not isinstance(code, str) or not isinstance(value, str):
-                raise ConfigError(
-                    f"{path}: table {name!r}: code {code!r} -> {value!r}: codes and values must "
-                    "be text; quote them (YAML reads 01 as the number 1)"
-                )
+                raise ConfigError(_not_text_in_table(path, tree, name, code, value))
         tables[name] = dict(table)
     return tables
+
+
+def _not_text_in_table(path: Path, tree: yaml.Node | None, name: str, code: Any, value: Any) -> str:
+    """The error for a code or value of table ``name`` that YAML read as no text: told as
+    written in the file (010, not the 8 YAML made of it), at its line."""
+    general = (
+        f"{path}: table {name!r}: code {code!r} -> {value!r}: codes and values must be text; "
+        "quote them as written (YAML reads 01 as the number 1, 010 as 8, NO as false)"
+    )
+    tables = tree.value if isinstance(tree, yaml.MappingNode) else []
+    entries = [v for k, v in tables if getattr(k, "value", None) == name]
+    if not entries or not isinstance(entries[-1], yaml.MappingNode):
+        return general
+    # The last entry of that code, as YAML keeps the last of two equal keys.
+    found = [
+        (key, node)
+        for key, node in entries[-1].value
+        if isinstance(key, yaml.ScalarNode)
+        and type(made := yaml_value(key)) is type(code)
+        and made == code
+    ]
+    if not found:  # pragma: no cover - every key of the mapping was read from a node
+        return general
+    key, node = found[-1]
+    if isinstance(code, str):
+        written, what = node, f"the value of code {code!r}"
+    else:
+        written, what = key, "the code"
+    reading = yaml_reading(written)
+    if reading is None:
+        return general
+    return (
+        f"{path}:{written.start_mark.line + 1}: table {name!r}: YAML read {what} "
+        f"{written.value} as {reading}, not text; quote it as written: '{written.value}'"
+    )

@@ -46,9 +46,16 @@ Rules (see docs on each handler for the reasons):
   discharge time (PV1-45) no later than the message itself to a visit not yet discharged ->
   ``discharge`` (sites that discharge by update, never sending an A03: without it no one would
   be told and no follow-up clock would start); a discharge time after the message is a planned
-  one and is kept out of the state. Any other A08 merges quietly (``none``).
-- A02 -> ``transfer`` only when the patient class or the facility (PV1-3.4) changes; a unit,
-  room or bed move is ``none`` but updates the location.
+  one and is kept out of the state. Any other A08 merges into the visit: ``updated`` when it
+  changes a fact someone acts on (``UPDATE_FACTS``: the patient's name, birth date, sex,
+  address, phone or PCP, the visit's class, unit or facility, its attending, admitting or
+  referring doctor, service, reason or diagnoses), with those facts named in ``changed``,
+  compared with the visit as known (case, spacing and a phone's punctuation aside, a doctor
+  by NPI); ``none`` when it repeats what is known, however its fields are written.
+- A02 -> ``transfer`` only when the patient class or the facility (PV1-3.4) changes; a move to
+  another unit is ``updated`` (``changed: [encounter.location]``), a room or bed move inside
+  the unit ``none``; both update the location. An A12 that undoes such a move is
+  ``updated`` too (the location goes back).
 - A03 -> ``discharge`` with PV1-45 (else the message time, kept in the snapshot as sent),
   PV1-36 and PV1-37; a discharge for an unknown visit creates the encounter already
   discharged, with no ``opened_at`` (PV1-44, else when the visit was first heard of, which
@@ -162,6 +169,31 @@ _SAME_DISCHARGE_TIME = timedelta(minutes=1)
 #: On the timeline row of an A13 that found nothing discharged: the discharge it cancels has
 #: not arrived yet, and when it does it is taken back (see ``_discharge_cancelled_before``).
 _AWAITS_DISCHARGE = "awaits_discharge"
+#: The care-event kinds that merge into a visit without changing its state unless they bring
+#: news (an A08, an A02 that is no transfer, an A12 that undoes one): one that changes one of
+#: ``UPDATE_FACTS`` is ``updated``, one that changes none of them ``none``.
+_UPDATES = frozenset({"update", "transfer", "cancel_transfer"})
+#: What an update may change that a care team or a downstream system acts on, named as in the
+#: care event: who the patient is and how to reach them, where the visit is, who treats the
+#: patient and for what. Not what is only the message's own (its times, control id), a
+#: discharge's facts (``discharge_corrected`` tells those) or a bed or room inside the same
+#: unit (a bed move is no news, as for an A02).
+UPDATE_FACTS: tuple[str, ...] = (
+    "patient.name",
+    "patient.birth_date",
+    "patient.sex",
+    "patient.address",
+    "patient.phone",
+    "patient.pcp",
+    "encounter.patient_class",
+    "encounter.location",
+    "encounter.attending",
+    "encounter.admitting",
+    "encounter.referring",
+    "encounter.hospital_service",
+    "encounter.admit_reason",
+    "diagnoses",
+)
 
 
 class EncounterStateError(CarehubError):
@@ -387,6 +419,70 @@ def _clear(snapshot: dict[str, Any], cleared: list[str] | None) -> None:
             found.pop(name, None)
             if name == "discharged_to":
                 found.pop("discharged_to_name", None)
+
+
+def _text(value: Any) -> str | None:
+    """A value as compared between messages: case and spacing are how a sender writes it,
+    not a new fact (``OKAFOR`` and ``Okafor`` name one patient)."""
+    if value is None:
+        return None
+    text = " ".join(str(value).split()).casefold()
+    return text or None
+
+
+def _person(value: Any) -> tuple[Any, ...] | None:
+    """A practitioner by who they are: the id (an NPI) when sent, else the name; a title or
+    organization added or dropped is the same doctor."""
+    if not isinstance(value, dict):
+        return None
+    if _text(value.get("id")):
+        return ("id", _text(value.get("id")))
+    name = (_text(value.get("family")), _text(value.get("given")))
+    return ("name", *name) if any(name) else None
+
+
+def _facts(rec: EncounterRecord) -> dict[str, Any]:
+    """The visit's ``UPDATE_FACTS`` in a form that compares equal when nothing a reader acts
+    on differs (see ``_changed_facts``)."""
+    snap = rec.snapshot
+    patient = snap.get("patient") or {}
+    enc = snap.get("encounter") or {}
+    name = patient.get("name") or {}
+    address = patient.get("address") or {}
+    location = enc.get("location") or {}
+    phone = patient.get("phone")
+    digits = "".join(ch for ch in str(phone) if ch.isdigit()) if phone else ""
+    diagnoses = snap.get("diagnoses") or []
+    return {
+        "patient.name": tuple(_text(name.get(k)) for k in ("family", "given", "middle", "suffix")),
+        "patient.birth_date": _text(patient.get("birth_date")),
+        "patient.sex": _text(patient.get("sex")),
+        "patient.address": tuple(
+            _text(address.get(k))
+            for k in ("line1", "line2", "city", "state", "postal_code", "country")
+        ),
+        "patient.phone": digits or _text(phone),
+        "patient.pcp": _person(patient.get("pcp")),
+        "encounter.patient_class": _text(rec.patient_class),
+        # The facility column keeps PV1-3.4 when a later PV1-3 leaves it out.
+        "encounter.location": (
+            _text(rec.facility),
+            _text(location.get("point_of_care") or location.get("description")),
+        ),
+        "encounter.attending": _person(enc.get("attending")),
+        "encounter.admitting": _person(enc.get("admitting")),
+        "encounter.referring": _person(enc.get("referring")),
+        "encounter.hospital_service": _text(enc.get("hospital_service")),
+        "encounter.admit_reason": _text(enc.get("admit_reason")),
+        "diagnoses": frozenset(
+            _text(d.get("code") or d.get("display")) for d in diagnoses if isinstance(d, dict)
+        ),
+    }
+
+
+def _changed_facts(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The ``UPDATE_FACTS`` that differ, in that order (never the message's field order)."""
+    return [name for name in UPDATE_FACTS if before.get(name) != after.get(name)]
 
 
 def _transition_from(output: dict[str, Any]) -> Transition:
@@ -994,6 +1090,7 @@ class EncounterTracker:
         else:
             key = rec.patient_key  # a visit recorded under the unscoped key goes on under it
         before = None if is_new else rec.core()
+        facts = None if is_new else _facts(rec)
         previous_state = None if is_new else rec.state
         late = _older_than_held(rec, event)
         self._merge_fields(rec, event, enc, message_id, now, late=late)
@@ -1014,6 +1111,8 @@ class EncounterTracker:
             if isinstance(encounter, dict):
                 for name in _DISCHARGE_KEYS:
                     encounter.pop(name, None)
+        if step.kind == "none" and facts is not None and event.kind in _UPDATES:
+            step = self._updated(step, facts, rec)
         b.save(rec)
         if step.kind == "admission":
             step.summary["readmission_of"] = self._readmission_of(b, rec, event, now)
@@ -1026,6 +1125,20 @@ class EncounterTracker:
         if step.kind == "admission" and is_new and trigger in ("A01", "A06"):
             self._close_superseded_ed(b, rec, event, message_id, message_key, now)
         return transition
+
+    @staticmethod
+    def _updated(step: _Step, facts: dict[str, Any], rec: EncounterRecord) -> _Step:
+        """An A08 (or an A02 that is no transfer) that changed no state: ``updated`` when it
+        changed facts someone acts on (a corrected name, a new attending, another unit),
+        naming them in ``changed``; else ``none``, an echo of what is known."""
+        changed = _changed_facts(facts, _facts(rec))
+        if not changed:
+            return step
+        note = "changed: " + ", ".join(changed)
+        if step.detail.get("note"):
+            note = f"{step.detail['note']}; {note}"
+        detail = {**step.detail, "note": note, "changed": changed}
+        return _Step("updated", detail, {**step.summary, "changed": changed})
 
     @staticmethod
     def _readmission_of(
@@ -1214,8 +1327,9 @@ class EncounterTracker:
     ) -> _Step:
         """A02: a transfer only when the level of care (patient class) or the facility changes;
         unit/room/bed moves just update the location (CMS and Da Vinci: no notice for bed
-        moves). An ED patient moved to an inpatient class is an admission, as by an A08. A
-        late A02 reports a move the visit's newer facts already cover."""
+        moves; ``_visit`` makes a move to another unit ``updated``). An ED patient moved to an
+        inpatient class is an admission, as by an A08. A late A02 reports a move the visit's
+        newer facts already cover."""
         new_facility = enc.location.facility if enc.location is not None else None
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
@@ -1360,7 +1474,8 @@ class EncounterTracker:
         message's own time is a plan, not a discharge). And a discharged visit's corrected
         disposition, destination or discharge time. A late A08 can still bring the discharge
         (its PV1-45 says when), but not a class or discharge facts older than those the visit
-        holds."""
+        holds. Otherwise ``none``, which ``_visit`` makes ``updated`` when the A08 changed a
+        fact someone acts on (a new name, attending, unit)."""
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
             return _Step("none", {"note": "update of an unknown visit"})
@@ -1427,7 +1542,8 @@ class EncounterTracker:
     ) -> _Step:
         """A12: put back the location, class and facility from before the last A02 not yet
         undone. Only undoing a real transfer is a ``cancel_transfer``; undoing a bed move is
-        ``none`` (no notice went out for it)."""
+        ``none`` (no notice went out for it), and undoing a move to another unit ``updated``
+        (``_visit`` finds the unit changed back)."""
         if before is None:
             rec.state = _state_for_class(rec.patient_class)
             return _Step("none", {"note": "cancel of an unknown visit"})
@@ -1637,6 +1753,7 @@ class EncounterStateEnricher(TrackingEnricher[EncounterTracker]):
     description = (
         "Track each visit's state from ADT (PV1-19 stitching, cancels, merges, A08 noise) and "
         "say what the message changed: ed_arrival, admission, transfer, discharge, a cancel, "
+        "updated (an A08 that changed the patient's or the visit's details, naming them), "
         "or none."
     )
 

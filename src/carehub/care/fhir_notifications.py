@@ -14,7 +14,9 @@ encounter-state step's transition (``work.data["encounter"]``): its kind decides
 what the message is sent, and its summary (the visit as all its messages built it) fills the
 Encounter. So a discharge whose A03 left out the admission time or the attending still carries
 them, and an A08 that repeated what was known, a bed move or a resend under a new MSH-10 (kind
-``none``) sends nothing. The trigger rules are the ones the notify step follows: an ED arrival
+``none``) sends nothing; nor does an A08 that changed only the patient's or the visit's details
+(``updated``: a name, an attending, a unit), which the IG has no event for: the visit's next
+notification carries them. The trigger rules are the ones the notify step follows: an ED arrival
 and an admission are ``notification-admit``, a change of level of care or facility is
 ``notification-transfer``, a discharge ``notification-discharge``.
 
@@ -319,6 +321,11 @@ def notification_event(transition: Transition, kinds: list[str]) -> tuple[str | 
         return None, _NOTHING_TO_CANCEL
     if kind == "none":
         return None, "nothing new for the visit (a resend, an update or a bed move)"
+    if kind == "updated":
+        # The IG has no event for changed details; the next admit, transfer or discharge
+        # notification carries them, as the visit holds them.
+        changed = ", ".join(transition.summary.get("changed") or ())
+        return None, f"no admission, transfer or discharge: only details changed ({changed})"
     return None, f"no admission, transfer or discharge (transition {kind})"
 
 

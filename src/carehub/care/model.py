@@ -82,8 +82,13 @@ TransitionKind = Literal[
     "registration",  # A04 outpatient
     "merge",  # A40
     "demographics",  # A28, A31
+    # An A08 (or an A02 that is no transfer) that changed details someone acts on (name,
+    # address, phone, PCP, class, unit, doctors, diagnoses) but not the visit's state; the
+    # summary's ``changed`` names them (carehub.care.encounters.UPDATE_FACTS). Not in
+    # NOTIFIABLE: nobody is notified of it, a route may forward it.
+    "updated",
     "stale_closed",  # an ED visit with no discharge after the configured time
-    "none",  # A08 echo, bed move, resend: state merged quietly
+    "none",  # A08 echo, bed move, resend: nothing new, merged quietly
 ]
 #: Every transition kind, for configuration that names them (a filter's ``transition``).
 TRANSITION_KINDS: tuple[str, ...] = get_args(TransitionKind)
@@ -112,6 +117,16 @@ class Transition:
 
     def as_output(self) -> dict[str, Any]:
         return asdict(self)
+
+    def for_receiver(self) -> dict[str, Any]:
+        """What a webhook tells its receiver of the transition: the kind, the visit's state
+        after it and, for ``updated``, which facts changed. The care event beside it carries
+        the facts themselves, so the summary's copy of them is not sent twice."""
+        told: dict[str, Any] = {"kind": self.kind, "state": self.state or None}
+        changed = self.summary.get("changed")
+        if changed:
+            told["changed"] = list(changed)
+        return told
 
 
 Preference = Literal["immediate", "daily_digest", "discharge_only"]

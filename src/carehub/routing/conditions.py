@@ -42,6 +42,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -84,6 +85,22 @@ class ValueCondition(BaseModel):
         if value is None:
             raise ValueError(_NULL_KEY)
         return value
+
+    @model_validator(mode="after")
+    def _lists_name_something(self) -> ValueCondition:
+        """``events: []`` matches no message, and ``{not: []}`` excludes none, so tests
+        nothing: a route or filter written so was meant otherwise."""
+        if self.any_of == []:
+            raise ValueError(
+                "is an empty list, so it would match no message; name at least one value "
+                "([A01, A04]) or remove the key"
+            )
+        if self.none_of == []:
+            raise ValueError(
+                "{not: []} leaves nothing out, so it tests nothing; name what to leave out "
+                "({not: [A08]}) or remove the key"
+            )
+        return self
 
     @field_validator("regex")
     @classmethod
@@ -209,6 +226,10 @@ NAMED_FIELDS = {
     "receiving_facility": "MSH-6.1",
     "patient_class": "PV1-2.1",
 }
+
+#: Named conditions on an HL7 code (MSH-9.1, MSH-9.2, PV1-2.1): a code holds no comma or
+#: space. The sender and receiver names (MSH-3 to MSH-6) may hold spaces, and are not checked.
+_CODE_CONDITIONS = ("type", "event", "patient_class")
 
 _ANY = "[*]"
 _ANY_REPETITION = re.compile(r"-\d+\[\*\]")
@@ -389,6 +410,29 @@ class When(BaseModel):
         if inner is not None and inner.is_empty():
             raise ValueError("is empty, so it would match no message; give it a condition")
         return inner
+
+    @field_validator(*_CODE_CONDITIONS)
+    @classmethod
+    def _one_code_each(
+        cls, condition: ValueCondition | None, info: ValidationInfo
+    ) -> ValueCondition | None:
+        """``events: A01, A03, A04`` (a Mirth filter list, brackets left out) is one value,
+        "A01, A03, A04", that no message's MSH-9.2 holds: the route would never match, and
+        its messages would be ACKed and left unrouted without a word."""
+        if condition is None:
+            return None
+        for value in (condition.any_of or []) + (condition.none_of or []):
+            codes = [code for code in re.split(r"[\s,;]+", value) if code]
+            if len(codes) > 1 or (codes and codes[0] != value):
+                name = info.field_name or ""
+                key = "events" if name == "event" else name
+                listed = f"[{', '.join(codes)}]"
+                fix = f"{{not: {listed}}}" if value in (condition.none_of or []) else listed
+                raise ValueError(
+                    f"{value!r} would match no message: {NAMED_FIELDS[name]} holds one code, "
+                    f"never a comma, space or semicolon; write a list: {key}: {fix}"
+                )
+        return condition
 
     @field_validator("transition")
     @classmethod

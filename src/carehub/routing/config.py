@@ -47,6 +47,7 @@ from carehub.config import (
     check_no_duplicate_keys,
     expand_tree,
     read_config_text,
+    unknown_key_hint,
     where_in_config,
 )
 from carehub.errors import ConfigError
@@ -359,7 +360,7 @@ def _describe(err: ValidationError, path: Path, node: yaml.Node | None, data: An
     problems = []
     for error in err.errors():
         loc = tuple(part for part in error["loc"] if part != "[key]")  # pydantic's key marker
-        line = _line_of(node, loc)
+        line = _line_of(node, loc, at_key=error["type"] == "extra_forbidden")
         where = f"{path}{f':{line}' if line else ''}"
         route = ""
         if len(loc) >= 2 and loc[0] == "routes" and isinstance(loc[1], int):
@@ -368,7 +369,8 @@ def _describe(err: ValidationError, path: Path, node: yaml.Node | None, data: An
             except (KeyError, IndexError, TypeError, AttributeError):
                 route = f"route #{loc[1]}: "
             loc = loc[2:]
-        problems.append(f"{where}: {route}{_loc_text(loc) or '(route)'}: {error['msg']}")
+        hint = unknown_key_hint(RoutesFile, error)
+        problems.append(f"{where}: {route}{_loc_text(loc) or '(route)'}: {error['msg']}{hint}")
     return "\n".join(problems)
 
 

@@ -1,8 +1,12 @@
 """Running one stored message through the route table.
 
 Each route the message matches runs independently: its steps in the order written, each
-step's output recorded. A step that raises ends that route (recorded as an error) without
-touching the other routes; one that raises :class:`StepProblem` has done its part and found
+step's output recorded. A step that raises ends that route (recorded as an error, the message
+ends ``failed``) without touching the other routes; what the steps before it planned (forwards,
+notices) is kept and sent, as a filter that stops a route keeps what came before it: each was
+fixed when its step ran and owes nothing to the steps after it, so an archive copy placed first
+is written whatever a later lookup does, and ``messages reprocess --undelivered`` after the fix
+sends only the rest. One that raises :class:`StepProblem` has done its part and found
 something an operator must see: it is recorded as an error (the message ends ``failed``,
 saying why) and the route goes on. Forward steps do not send anything here: they fix the
 exact bytes to send (``Channel.render``) and become deliveries, which the delivery workers
@@ -77,6 +81,8 @@ class PlannedDelivery:
     outgoing: Outgoing
     order_key: str
     max_attempts: int
+    #: The line it keeps its patient's order in (Destination.line); empty: its destination's.
+    line: str = ""
 
 
 @dataclass(slots=True)
@@ -317,6 +323,7 @@ class Router:
                             outgoing,
                             order_key(message),
                             destination.retry.max_attempts,
+                            destination.line,
                         )
                     )
                     summary = {
@@ -365,7 +372,8 @@ class Router:
                 result.steps.append(
                     StepRecord(route.name, position, step.label, "error", result.error)
                 )
-                result.deliveries.clear()
+                # The deliveries planned before it stay: their step records say they were
+                # planned, and they are sent (see the module doc).
                 break
         return result
 

@@ -7,11 +7,14 @@ in any route is reported, with file, line, route and key, before the hub takes a
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -20,7 +23,7 @@ from carehub.care.encounters import EncounterStateEnricher
 from carehub.care.notify import Notifier, NotifyConfig
 from carehub.care.roster import CareTeamEnricher
 from carehub.components import Channel, Component, ComponentContext, Enricher, Translator
-from carehub.config import _loc_text
+from carehub.config import _loc_text, explain_error
 from carehub.errors import ConfigError
 from carehub.plugins import FailureKind, PluginHost
 from carehub.referrals.notices import ReferralNoticeConfig, ReferralNotifier
@@ -53,6 +56,12 @@ class Destination:
     plugin: str | None = None  # the plugin that registered the channel
     #: The forward's allow_cleartext: sending in clear to this machine is accepted.
     allow_cleartext: bool = False
+    #: The line its deliveries keep each patient's order in, and that its dead letters hold:
+    #: its own name, or, for forwards that reach one receiving system, the line they share
+    #: (see share_lines). Set by bind_routes.
+    line: str = ""
+    #: For a forward, the receiving system it reaches, as receiving_system() writes it.
+    endpoint: str | None = None
 
 
 @dataclass(slots=True)
@@ -87,6 +96,8 @@ class RouteTable:
     #: What start() found that will not stop routing but loses notices or sends patient
     #: data unprotected (logged as warnings; `routes check` prints them).
     start_warnings: list[str] = field(default_factory=list)
+    #: Each line that several forwards share, by its name: those forwards (see share_lines).
+    shared_lines: dict[str, list[Destination]] = field(default_factory=dict)
     #: Per step whose tick() fails: its run of failures, for the log (see _tick_one).
     _tick_runs: dict[str, FailureRun] = field(default_factory=dict, repr=False)
 
@@ -96,6 +107,23 @@ class RouteTable:
         if found is None and name in self.former_names:
             found = self.destinations.get(self.former_names[name])
         return found
+
+    def lines(self) -> dict[str, str]:
+        """Each destination's line by its name, former names included (RouteTable.destination):
+        what the outbox puts its waiting deliveries and dead letters in when routes load."""
+        found = {name: d.line or name for name, d in self.destinations.items()}
+        for former, current in self.former_names.items():
+            if current in self.destinations:
+                found[former] = found[current]
+        return found
+
+    def shared_line_text(self) -> list[str]:
+        """One line per shared line, for `routes check` and the start's log: its name, the
+        forwards in it and the receiving system they reach (no credentials)."""
+        return [
+            f"shared line {line}: {', '.join(d.name for d in forwards)} ({forwards[0].endpoint})"
+            for line, forwards in sorted(self.shared_lines.items())
+        ]
 
     def components(self) -> list[Component]:
         built: list[Component] = []
@@ -191,6 +219,8 @@ class RouteTable:
         self.start_warnings = self._unreachable_recipients() + self._unprotected_destinations()
         for warning in self.start_warnings:
             log.warning("%s", warning)
+        for shared in self.shared_line_text():
+            log.info("%s: one receiving system, so one order per patient for them all", shared)
 
     def _unreachable_recipients(self) -> list[str]:
         """Routes whose roster or provider directory (read at start) reach someone by a
@@ -408,7 +438,84 @@ def bind_routes(
                 )
             )
         table.routes.append(Route(config.name, config.when, steps, item.source, config.description))
+    table.shared_lines = share_lines(table.routes)
     return table
+
+
+def share_lines(routes: list[Route]) -> dict[str, list[Destination]]:
+    """Put the forwards that reach one receiving system (receiving_system) in one line, named
+    after the first of their names, and return those lines with their forwards. A patient's
+    order and a dead letter's hold are the receiver's concern, not the route's: two routes
+    that split a feed by event (A01/A03 on one, A08 on the other) and forward to the same EHR
+    must not let the A08 reach it before the A01 it updates. The line is found from the
+    routes as they are, so it needs no setting, and every process that loads these routes
+    names it alike. Notify steps' channels keep their own line: each notice goes to a
+    person, through a relay or gateway that is not the receiver."""
+    by_system: dict[str, list[Destination]] = {}
+    for route in routes:
+        for step in route.steps:
+            destination = step.destination
+            if step.kind != "forward" or destination is None:
+                continue
+            destination.endpoint = receiving_system(destination.channel)
+            if destination.endpoint is not None:
+                by_system.setdefault(destination.endpoint, []).append(destination)
+    shared: dict[str, list[Destination]] = {}
+    for forwards in by_system.values():
+        if len(forwards) < 2:
+            continue
+        forwards = sorted(forwards, key=lambda d: d.name)
+        for destination in forwards:
+            destination.line = forwards[0].name
+        shared[forwards[0].name] = forwards
+    return shared
+
+
+#: The port a URL without one reaches, by scheme.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def receiving_system(channel: Channel) -> str | None:
+    """The receiving system a forward's channel reaches, as one text that two forwards to it
+    share: the channel's name and its address, ``mllp 127.0.0.1:22600``, ``webhook
+    https://ehr.example.org:443/adt``, ``file /srv/out/adt``. Read from the options the
+    built-in channels (and plugins alike) name it by: ``url`` or ``base_url`` (scheme and
+    host in lower case, the default port written out, no trailing slash; credentials, query
+    and fragment left out, as they name who sends, not where), ``host`` with ``port``, or
+    ``directory`` (from the config folder). None for email and SMS, whose server only passes
+    notices on to people, and for a channel with none of these options. A name is not
+    resolved: ``localhost`` and ``127.0.0.1`` are two systems here."""
+    if channel.name in RetryPolicy.CONTINUE_BY_DEFAULT:
+        return None
+    options = channel.options
+    for key in ("url", "base_url"):
+        value = getattr(options, key, None)
+        if isinstance(value, str) and value.strip():
+            return f"{channel.name} {_url_address(value.strip())}"
+    host, port = getattr(options, "host", None), getattr(options, "port", None)
+    if isinstance(host, str) and host.strip() and isinstance(port, int):
+        host = host.strip().lower().rstrip(".")
+        return f"{channel.name} {f'[{host}]' if ':' in host else host}:{port}"
+    directory = getattr(options, "directory", None)
+    if isinstance(directory, (str, Path)) and str(directory):
+        return f"{channel.name} {os.path.abspath(channel.context.path(directory))}"
+    return None
+
+
+def _url_address(url: str) -> str:
+    """``url`` as receiving_system compares it (see there); as written when it does not
+    parse, so only the same text matches it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = port or _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{host}{f':{port}' if port else ''}{parts.path.rstrip('/')}"
 
 
 def _bind_forward(
@@ -449,7 +556,9 @@ def _bind_forward(
     what = f"steps[{position}] ({_named(label, plugin)})"
     channel = _build(channel_class, rest, context, source, route, loc, what)
     assert isinstance(channel, Channel)
-    return Destination(destination, channel, forward.retry, plugin, forward.allow_cleartext)
+    return Destination(
+        destination, channel, forward.retry, plugin, forward.allow_cleartext, line=destination
+    )
 
 
 def _unnamed_forwards(steps: list[StepConfig], source: RouteSource, route: str) -> dict[int, str]:
@@ -587,8 +696,9 @@ def _errors(err: ValidationError, source: RouteSource, route: str, loc: tuple[An
     lines = []
     for error in err.errors():
         full = (*loc, *error["loc"])
-        for where, message in _items_named(full, error["msg"]):
-            lines.append(f"{source.where(where)}: route {route!r}: {_loc_text(full)}: {message}")
+        shown, text = explain_error(source.node, error, full, ("routes", source.index))
+        for where, message in _items_named(full, text):
+            lines.append(f"{source.where(where)}: route {route!r}: {shown}: {message}")
     return "\n".join(lines)
 
 

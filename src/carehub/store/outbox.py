@@ -6,7 +6,9 @@ attempt row each; a failed attempt sets the next try time, and the last one make
 letter. Deliveries to one destination for one patient (a line) go out in order: a later one is
 not claimed while an earlier one is still pending, nor while an earlier one is a dead letter
 that holds its line (its destination's ``retry.after_dead_letter``, hold unless the channel's
-notices are read one by one) until an operator retries or discards it.
+notices are read one by one) until an operator retries or discards it. Forwards that reach one
+receiving system share a line (routing.table.share_lines): each delivery names its line
+(``line``), and every line query reads that, never the destination.
 
 A delivery that waits behind a stalled line (a dead letter that holds it, or a delivery waiting
 for its next retry) is parked: its due time is PARKED, so claims, which walk pending deliveries
@@ -94,6 +96,9 @@ class DeliveryRecord:
     #: Failed attempts made early, as its destination seemed back, not counted in
     #: ``attempts`` (see the module doc); read by find() and get(), 0 elsewhere.
     early_attempts: int = 0
+    #: The line it keeps its patient's order in (see the module doc); None on a delivery
+    #: finished before lines had their own column, whose line was its destination.
+    line: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,9 +113,11 @@ class AttemptResult:
     delivered: bool
     detail: str
     retry_at: datetime | None = None  # None with delivered=False means: dead letter
-    #: The delivery's line, so the deliveries behind it are parked or made due with it.
+    #: The delivery's line, so the deliveries behind it are parked or made due with it
+    #: (``line``: DeliveryRecord.line; empty, its destination's).
     destination: str = ""
     order_key: str = ""
+    line: str = ""
     #: For a dead letter: whether it holds its line (the destination's after_dead_letter).
     holds_line: bool = True
     #: The channel found nothing to send (NothingToSend): settled as skipped, ``detail``
@@ -141,7 +148,7 @@ class LineReport:
     """What an operator's retry or discard of dead letters did to their lines."""
 
     count: int  # dead letters retried or discarded
-    lines: int  # distinct (destination, patient) lines they were in
+    lines: int  # distinct (line, patient) lines they were in
     released: int  # deliveries that waited behind them and are now due
     #: Later deliveries of those lines that had been delivered before them (their order at the
     #: receiver is already broken: sent before this hub held lines, or with ``continue``).
@@ -228,8 +235,18 @@ def _record(row: Any) -> DeliveryRecord:
 _DELIVERY_COLUMNS = (
     "message_id", "run", "route", "destination", "channel", "idempotency_key", "order_key",
     "payload", "content_type", "metadata", "status", "attempts", "max_attempts", "not_before",
-    "lease_until", "created_at", "updated_at",
+    "lease_until", "created_at", "updated_at", "line",
 )  # fmt: skip
+
+
+def _line_of(planned: PlannedDelivery) -> str:
+    """The line a planned delivery goes in: its destination's, unless it shares one."""
+    return planned.line or planned.destination
+
+
+def _result_line(result: AttemptResult) -> str:
+    """The line of the delivery an attempt was for (empty: its destination's)."""
+    return result.line or result.destination
 
 
 def _metadata_text(metadata: dict[str, Any] | None) -> str:
@@ -267,6 +284,7 @@ def _new_delivery_values(
         lease_until,
         now,
         now,
+        _line_of(planned),
     )
 
 
@@ -296,8 +314,8 @@ class Handover:
     """Room a worker has to start new deliveries itself, offered to ``record_routing``.
 
     A delivery that routing has just planned and that is first in its line (nothing pending,
-    being sent or holding the line as a dead letter before it to that destination for that
-    patient) is written already leased and handed straight back, rather than written pending
+    being sent or holding the line as a dead letter before it in its line, for that patient)
+    is written already leased and handed straight back, rather than written pending
     and claimed by a query a moment later. The worker takes at most ``room`` of them, none to
     a destination in ``full``."""
 
@@ -323,6 +341,8 @@ def _literal(condition: Any) -> str:
 
 #: The unfinished-deliveries condition as SQL text, the same as its partial index's.
 _UNFINISHED_SQL = _literal(delivery_in(deliveries, *UNFINISHED))
+#: The statuses of a delivery not made yet: its message is still routed.
+_UNFINISHED_VALUES = frozenset(status.value for status in UNFINISHED)
 #: Of ``deliveries``, one that waits (pending, the due-index's condition written out).
 _PENDING_SQL = _literal(delivery_in(deliveries, *PENDING))
 
@@ -334,7 +354,7 @@ def _stalled_before(row: str, alias: str) -> str:
     operator paused ``row``'s destination: the whole destination stalls until resumed, so
     parking, the sweep and a line moving on all leave its deliveries parked."""
     line = (
-        f"{alias}.destination = {row}.destination AND {alias}.order_key = {row}.order_key "
+        f"{alias}.line = {row}.line AND {alias}.order_key = {row}.order_key "
         f"AND {alias}.id < {row}.id"
     )
     unfinished = _UNFINISHED_SQL.replace("deliveries.", f"{alias}.")
@@ -373,23 +393,23 @@ class _WorkerSQL(DriverSQL):
             f"not_before = coalesce({m}, not_before), accepted_at = {m}, "
             f"holds_line = {m}, lease_until = NULL, updated_at = {m} WHERE id = {m}"
         )
-        # Parameters: PARKED, destination, order key, the id after which to park.
+        # Parameters: PARKED, line, order key, the id after which to park.
         self.park_line = (
             f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
-            f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} AND id > {m}"
+            f"AND {_PENDING_SQL} AND line = {m} AND order_key = {m} AND id > {m}"
         )
-        # Parameters: PARKED, destination, order key, PARKED. Those of the line a stalled
-        # delivery is before.
+        # Parameters: PARKED, line, order key, PARKED. Those of the line a stalled delivery
+        # is before.
         self.park_behind = (
             f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
-            f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} "
+            f"AND {_PENDING_SQL} AND line = {m} AND order_key = {m} "
             f"AND not_before < {m} AND {_stalled_before('deliveries', 'e')}"
         )
-        # Parameters: now, destination, order key, PARKED. Only those no stalled delivery is
+        # Parameters: now, line, order key, PARKED. Only those no stalled delivery is
         # before: the rest of the line stays parked behind it.
         self.unpark_line = (
             f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
-            f"AND {_PENDING_SQL} AND destination = {m} AND order_key = {m} "
+            f"AND {_PENDING_SQL} AND line = {m} AND order_key = {m} "
             f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
         )
         # Parameters: the sorted line keys, as an array. PostgreSQL only (Outbox._lock_lines).
@@ -406,7 +426,7 @@ class _WorkerSQL(DriverSQL):
             f"AND not_before >= {m} AND NOT {_stalled_before('deliveries', 'e')}"
         )
         # Parameters: PARKED, destination, PARKED. Every waiting delivery of a destination
-        # being paused, through the index of unfinished deliveries by line.
+        # being paused, through the index of unfinished deliveries by destination.
         self.park_destination = (
             f"UPDATE deliveries SET not_before = {m} WHERE {_UNFINISHED_SQL} "
             f"AND {_PENDING_SQL} AND destination = {m} AND not_before < {m}"
@@ -445,8 +465,8 @@ class _WorkerSQL(DriverSQL):
             f"AND status = '{MessageStatus.RECEIVED.value}'"
         )
 
-    def busy_lines(self, destinations: int, order_keys: int) -> str:
-        """Which (destination, order key) lines already hold an unfinished delivery or a dead
+    def busy_lines(self, lines: int, order_keys: int, destinations: int | None = None) -> str:
+        """Which (line, order key) lines already hold an unfinished delivery or a dead
         letter that holds the line, each with the highest attempt count among those waiting
         (above 0: one failed and waits to be tried again) or -1 for a dead letter: a new
         delivery there waits, parked when the line is stalled. One being sent again right
@@ -454,38 +474,34 @@ class _WorkerSQL(DriverSQL):
         sees, and a delivery another worker was routing into the line meanwhile would stay
         parked until the sweep; when it fails, the finish parks what is behind it. Then each of the
         destinations that is paused, as (destination, NULL, -2): its deliveries are written
-        parked. Takes the destinations and keys twice, then the destinations."""
-        lines = (
-            f"destination IN ({self.marks(destinations)}) "
-            f"AND order_key IN ({self.marks(order_keys)})"
-        )
+        parked. Takes the lines and keys twice, then the destinations (as many as the lines
+        unless said)."""
+        where = f"line IN ({self.marks(lines)}) AND order_key IN ({self.marks(order_keys)})"
+        destinations = lines if destinations is None else destinations
         return (
-            "SELECT destination, order_key, "
+            "SELECT line, order_key, "
             f"max(CASE WHEN status = '{DeliveryStatus.PENDING.value}' THEN attempts ELSE 0 END) "
-            f"FROM deliveries WHERE {lines} "
-            f"AND {_UNFINISHED_SQL} GROUP BY destination, order_key "
-            f"UNION ALL SELECT DISTINCT destination, order_key, -1 FROM deliveries "
-            f"WHERE {lines} AND status = '{DeliveryStatus.DEAD.value}' AND holds_line "
+            f"FROM deliveries WHERE {where} "
+            f"AND {_UNFINISHED_SQL} GROUP BY line, order_key "
+            f"UNION ALL SELECT DISTINCT line, order_key, -1 FROM deliveries "
+            f"WHERE {where} AND status = '{DeliveryStatus.DEAD.value}' AND holds_line "
             f"UNION ALL SELECT destination, NULL, -2 FROM paused_destinations "
             f"WHERE destination IN ({self.marks(destinations)})"
         )
 
-    def line_senders(self, destinations: int, order_keys: int) -> str:
+    def line_senders(self, lines: int, order_keys: int) -> str:
         """The sending facility (MSH-4) and patient authority of each message with an
-        unfinished delivery, or a dead letter that holds the line, in the lines (destination,
-        order key) named. Takes the destinations and keys twice."""
-        lines = (
-            f"d.destination IN ({self.marks(destinations)}) "
-            f"AND d.order_key IN ({self.marks(order_keys)})"
-        )
+        unfinished delivery, or a dead letter that holds the line, in the lines (line, order
+        key) named. Takes the lines and keys twice."""
+        where = f"d.line IN ({self.marks(lines)}) AND d.order_key IN ({self.marks(order_keys)})"
         unfinished = _UNFINISHED_SQL.replace("deliveries.", "d.")
         return (
-            "SELECT DISTINCT d.destination, d.order_key, m.sending_facility, "
+            "SELECT DISTINCT d.line, d.order_key, m.sending_facility, "
             "m.patient_authority FROM deliveries d JOIN messages m ON m.id = d.message_id "
-            f"WHERE {lines} AND {unfinished} "
-            "UNION SELECT DISTINCT d.destination, d.order_key, m.sending_facility, "
+            f"WHERE {where} AND {unfinished} "
+            "UNION SELECT DISTINCT d.line, d.order_key, m.sending_facility, "
             "m.patient_authority FROM deliveries d JOIN messages m ON m.id = d.message_id "
-            f"WHERE {lines} AND d.status = '{DeliveryStatus.DEAD.value}' AND d.holds_line"
+            f"WHERE {where} AND d.status = '{DeliveryStatus.DEAD.value}' AND d.holds_line"
         )
 
     def ids_by_key(self, count: int) -> str:
@@ -495,9 +511,11 @@ class _WorkerSQL(DriverSQL):
         )
 
     def delivery_statuses(self, count: int) -> str:
-        """Each delivery's status of ``count`` messages, with its message's status."""
+        """Each delivery's status of ``count`` messages, with its message's status and
+        detail."""
         return (
-            "SELECT d.message_id, d.status, m.status, d.idempotency_key FROM deliveries d "
+            "SELECT d.message_id, d.status, m.status, d.idempotency_key, m.detail "
+            "FROM deliveries d "
             f"JOIN messages m ON m.id = d.message_id WHERE d.message_id IN ({self.marks(count)}) "
             "ORDER BY d.id"
         )
@@ -517,11 +535,11 @@ def _unscoped_line(order_key: str) -> tuple[str, str] | None:
 def _with_unscoped_lines(lines: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """``lines`` and, for each, the unscoped line it may join (see Outbox._join_unscoped)."""
     found: list[tuple[str, str]] = []
-    for destination, key in lines:
-        found.append((destination, key))
+    for line, key in lines:
+        found.append((line, key))
         unscoped = _unscoped_line(key)
         if unscoped is not None:
-            found.append((destination, unscoped[1]))
+            found.append((line, unscoped[1]))
     return found
 
 
@@ -586,12 +604,12 @@ _FAILED_STEPS = (
 
 
 def _earlier_in_line(earlier: Any, *conditions: Any) -> Any:
-    """EXISTS a delivery before this one in its line (destination, patient) that meets
+    """EXISTS a delivery before this one in its line (line, patient) that meets
     ``conditions``."""
     return (
         select(earlier.c.id)
         .where(
-            earlier.c.destination == deliveries.c.destination,
+            earlier.c.line == deliveries.c.line,
             earlier.c.order_key == deliveries.c.order_key,
             *conditions,
             earlier.c.id < deliveries.c.id,
@@ -750,12 +768,6 @@ class Outbox:
             # process's write gate) is then held only while the statements run, and intake's
             # commits wait that much less behind it.
             statuses = {mid: _routing_status(r) for mid, r in chosen.items()}
-            status_rows = [
-                (status.value, now, detail, mid) for mid, (status, detail) in statuses.items()
-            ]
-            event_rows = [
-                (mid, now, status.value, detail) for mid, (status, detail) in statuses.items()
-            ]
             step_rows = [
                 (
                     mid,
@@ -775,13 +787,20 @@ class Outbox:
                 taken = self._take_places(conn, [r for r in chosen.values() if r.run > 1], moment)
                 if places_taken is not None:
                     places_taken.extend(taken)
+                statuses.update(self._status_after_reprocess(conn, chosen.values(), statuses))
+            status_rows = [
+                (status.value, now, detail, mid) for mid, (status, detail) in statuses.items()
+            ]
+            event_rows = [
+                (mid, now, status.value, detail) for mid, (status, detail) in statuses.items()
+            ]
             planned = [
                 (mid, result.run, d) for mid, result in chosen.items() for d in result.deliveries
             ]
             handed: list[int] = []  # positions in planned
             parked: set[int] = set()
             if planned:
-                lines = ((d.destination, d.order_key) for _, _, d in planned)
+                lines = ((_line_of(d), d.order_key) for _, _, d in planned)
                 self._lock_lines(conn, _with_unscoped_lines(lines))
                 handed, parked = self._place_in_line(conn, planned, handover)
             leased = set(handed)
@@ -805,7 +824,7 @@ class Outbox:
             if delivery_rows:
                 conn.exec_driver_sql(sql.add_deliveries, delivery_rows)
             if parked:
-                lines = {(planned[i][2].destination, planned[i][2].order_key) for i in parked}
+                lines = {(_line_of(planned[i][2]), planned[i][2].order_key) for i in parked}
                 self._recheck_parked(conn, lines, now)
             if handed:
                 assert handover is not None
@@ -814,8 +833,58 @@ class Outbox:
                 )
         return list(chosen)
 
+    def _status_after_reprocess(
+        self,
+        conn: Any,
+        results: Iterable[RoutingResult],
+        statuses: Mapping[int, tuple[MessageStatus, str | None]],
+    ) -> dict[int, tuple[MessageStatus, str | None]]:
+        """The status of each message whose reprocess run writes no delivery of its own
+        (filtered, its destinations left out, its deliveries planned before or carried by an
+        earlier one) and found no error: it follows the deliveries the message already has,
+        the latest to each destination, as a finish settles it (delivered; failed for a dead
+        letter; routed while one is still to make). A delivered message reprocessed for one
+        destination whose route now filters it stays delivered. A message with no delivery at
+        all keeps the run's own status (``statuses``: filtered, unrouted)."""
+        idle = [r for r in results if r.run > 1 and not r.errors and not r.deliveries]
+        if not idle:
+            return {}
+        ids = tuple(sorted(r.message_id for r in idle))
+        if not self.store.is_sqlite:
+            # A worker finishing one of these deliveries meanwhile settles the message after
+            # this commit (it waits for the row), so it never leaves the status read here.
+            conn.exec_driver_sql(
+                f"SELECT id FROM messages WHERE id IN ({self._sql.marks(len(ids))}) "
+                "ORDER BY id FOR UPDATE",
+                ids,
+            )
+        latest: dict[int, dict[str, str]] = {}
+        for message_id, status, _, key, _ in conn.exec_driver_sql(
+            self._sql.delivery_statuses(len(ids)), ids
+        ):
+            latest.setdefault(message_id, {})[_same_delivery(key, message_id)] = status
+        found: dict[int, tuple[MessageStatus, str | None]] = {}
+        for result in idle:
+            made = list(latest.get(result.message_id, {}).values())
+            if not made:
+                continue
+            status, detail = statuses[result.message_id]
+            waiting = sum(s in _UNFINISHED_VALUES for s in made)
+            if waiting:
+                if status is not MessageStatus.ROUTED:  # nothing of this run's own waits
+                    found[result.message_id] = (
+                        MessageStatus.ROUTED,
+                        f"{detail}; {waiting} delivery(ies) of an earlier run still to make",
+                    )
+                continue
+            matched = ", ".join(r.route for r in result.matched)
+            said = f"routes {matched}; nothing new to deliver" if matched else "no route matched"
+            settled, told = _settled(made, [])
+            found[result.message_id] = (settled, f"{said}; {told}" if told else said)
+        return found
+
     def _lock_lines(self, conn: Any, lines: Iterable[tuple[str, str]]) -> None:
-        """PostgreSQL: hold these lines (destination, patient) until the commit.
+        """PostgreSQL: hold these lines (line, patient) until the commit.
 
         Routing reads whether a line is stalled and writes its new delivery parked or due; a
         finish moves the line on and makes due what it sees parked in it. Run at the same
@@ -830,7 +899,7 @@ class Outbox:
         there checks what it wrote parked once it holds the write lock (_recheck_parked)."""
         if self.store.is_sqlite:
             return
-        keys = sorted({f"{destination}\x1f{key}" for destination, key in lines})
+        keys = sorted({f"{line}\x1f{key}" for line, key in lines})
         if keys:
             conn.exec_driver_sql(self._sql.lock_lines, (keys,))
 
@@ -845,7 +914,7 @@ class Outbox:
         if not self.store.is_sqlite:
             return
         parked = self._sql.time(PARKED)
-        rows = [(now, destination, key, parked) for destination, key in sorted(lines)]
+        rows = [(now, line, key, parked) for line, key in sorted(lines)]
         if rows:
             conn.exec_driver_sql(self._sql.unpark_line, rows)
 
@@ -919,6 +988,7 @@ class Outbox:
                         lease_until=None,
                         holds_line=None,
                         updated_at=now,
+                        line=_line_of(planned),
                     )
                 )
                 conn.execute(
@@ -932,7 +1002,7 @@ class Outbox:
                     },
                 )
                 taken.append(PlaceTaken(result.message_id, row.id, row.status, True))
-                lines.add((planned.destination, planned.order_key))
+                lines.add((_line_of(planned), planned.order_key))
         if lines:
             self._settle_lines(conn, lines, now)
         return taken
@@ -948,23 +1018,24 @@ class Outbox:
         batch), to a destination the worker has room for, at most ``handover.room`` of them;
         and of those to write parked, as their line is stalled (see the module doc)."""
         destinations = tuple({d.destination for _, _, d in planned})
+        lines = tuple({_line_of(d) for _, _, d in planned})
         keys = {d.order_key for _, _, d in planned}
         unscoped = {key: line for key in keys if (line := _unscoped_line(key)) is not None}
         asked = tuple(keys | {line for _, line in unscoped.values()})
         rows = conn.exec_driver_sql(
-            self._sql.busy_lines(len(destinations), len(asked)),
-            (destinations + asked) * 2 + destinations,
+            self._sql.busy_lines(len(lines), len(asked), len(destinations)),
+            (lines + asked) * 2 + destinations,
         )
         busy: set[tuple[str, str]] = set()
         stalled: set[tuple[str, str]] = set()
         paused: set[str] = set()
-        for destination, key, attempts in rows:
+        for name, key, attempts in rows:
             if attempts == PAUSED_LINE:
-                paused.add(destination)
+                paused.add(name)  # a destination
                 continue
-            busy.add((destination, key))
+            busy.add((name, key))
             if attempts:  # failed once and waiting, or a dead letter holding the line (-1)
-                stalled.add((destination, key))
+                stalled.add((name, key))
         if unscoped:
             self._join_unscoped(conn, planned, unscoped, busy)
         room = handover.room if handover is not None else 0
@@ -972,7 +1043,7 @@ class Outbox:
         handed: list[int] = []
         parked: set[int] = set()
         for position, (_, _, d) in enumerate(planned):
-            line = (d.destination, d.order_key)
+            line = (_line_of(d), d.order_key)
             if line in stalled or d.destination in paused:
                 parked.add(position)
                 continue
@@ -1001,22 +1072,22 @@ class Outbox:
             d
             for _, _, d in planned
             if d.order_key in unscoped
-            and (d.destination, d.order_key) not in busy
-            and (d.destination, unscoped[d.order_key][1]) in busy
+            and (_line_of(d), d.order_key) not in busy
+            and (_line_of(d), unscoped[d.order_key][1]) in busy
         ]
         if not joining:
             return
-        destinations = tuple({d.destination for d in joining})
+        lines = tuple({_line_of(d) for d in joining})
         keys = tuple({unscoped[d.order_key][1] for d in joining})
         rows = conn.exec_driver_sql(
-            self._sql.line_senders(len(destinations), len(keys)), (destinations + keys) * 2
+            self._sql.line_senders(len(lines), len(keys)), (lines + keys) * 2
         )
         senders: dict[tuple[str, str], set[str | None]] = {}
-        for destination, key, facility, authority in rows:
-            senders.setdefault((destination, key), set()).add(scoped_authority(authority, facility))
+        for line_name, key, facility, authority in rows:
+            senders.setdefault((line_name, key), set()).add(scoped_authority(authority, facility))
         for d in joining:
             authority, line = unscoped[d.order_key]
-            if authority in senders.get((d.destination, line), ()):
+            if authority in senders.get((_line_of(d), line), ()):
                 d.order_key = line
 
     def _handed_records(
@@ -1051,6 +1122,7 @@ class Outbox:
                 created_at=now,
                 updated_at=now,
                 lease_until=lease_until,
+                line=_line_of(d),
             )
             for mid, run, d in handed
         ]
@@ -1080,7 +1152,7 @@ class Outbox:
                 )
                 conn.exec_driver_sql(self._sql.add_deliveries, row)
                 if parked:
-                    self._recheck_parked(conn, [(planned.destination, planned.order_key)], now)
+                    self._recheck_parked(conn, [(_line_of(planned), planned.order_key)], now)
                 return True
         except IntegrityError:  # another worker inserted the same key first: sent once
             return False
@@ -1130,13 +1202,14 @@ class Outbox:
         exclude_destinations: list[str] | None = None,
         skip_ids: list[int] | None = None,
     ) -> list[DeliveryRecord]:
-        """Take up to ``limit`` pending deliveries that are due and first in line for their
-        destination and patient; they stay ours until the lease runs out.
+        """Take up to ``limit`` pending deliveries that are due and first in their line (their
+        patient's, to their destination or the receiving system it shares a line to); they stay
+        ours until the lease runs out.
 
         The query walks pending rows that are due, oldest due first (the partial index of
         pending rows by not_before, id), and stops at ``limit``, checking each candidate's
         place in line through the partial indexes of unfinished deliveries and of dead letters
-        by (destination, order_key, id): nothing unfinished before it, and no dead letter that
+        by (line, order_key, id): nothing unfinished before it, and no dead letter that
         holds the line. Rows waiting for a later retry, and rows parked behind a stalled line
         (see the module doc), are never read, so a down destination's backlog costs other
         destinations' claims nothing. Order within a patient's line comes from the
@@ -1212,7 +1285,7 @@ class Outbox:
         # statements run (the lease check before it only reads).
         rows = self._finish_rows(results, now)
         with self.engine.begin() as conn:
-            self._lock_lines(conn, ((r.destination, r.order_key) for r in results))
+            self._lock_lines(conn, ((_result_line(r), r.order_key) for r in results))
             lost = leased.keys() - set(self._still_held(conn, leased)) if leased else set()
             if lost:
                 log.warning(
@@ -1279,6 +1352,7 @@ class Outbox:
         in the caller's transaction (``conn``)."""
         by_message: dict[int, dict[str, str]] = {}
         routing_failed: set[int] = set()
+        now_as: dict[int, tuple[str, str | None]] = {}  # each message's status and detail
         ids = tuple(sorted(message_ids))
         if not self.store.is_sqlite:
             # Two workers finishing deliveries of one message at the same moment would each
@@ -1292,15 +1366,15 @@ class Outbox:
                 ids,
             )
         rows = conn.exec_driver_sql(self._sql.delivery_statuses(len(ids)), ids)
-        for message_id, status, message_status, key in rows:
+        for message_id, status, message_status, key, message_detail in rows:
             by_message.setdefault(message_id, {})[_same_delivery(key, message_id)] = status
+            now_as[message_id] = (message_status, message_detail)
             if message_status == MessageStatus.FAILED.value:
                 routing_failed.add(message_id)
-        unfinished = (DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value)
         done = {
             mid: list(latest.values())
             for mid, latest in by_message.items()
-            if not any(s in unfinished for s in latest.values())
+            if not any(s in _UNFINISHED_VALUES for s in latest.values())
         }
         if not done:
             return []
@@ -1310,28 +1384,19 @@ class Outbox:
         errors = _route_errors(conn, suspects) if suspects else {}
         changes = []
         for message_id, statuses in sorted(done.items()):
-            dead = statuses.count(DeliveryStatus.DEAD.value)
-            discarded = statuses.count(DeliveryStatus.DISCARDED.value)
-            skipped = statuses.count(DeliveryStatus.SKIPPED.value)
-            told = [
-                *([f"{dead} of {len(statuses)} deliveries are dead letters"] if dead else []),
-                *([f"{discarded} of {len(statuses)} were discarded"] if discarded else []),
-                *([f"{skipped} of {len(statuses)} had nothing to send"] if skipped else []),
-            ]
-            detail = "; ".join(told) or None
-            dead += discarded  # given up on all the same: the message was not delivered
-            failures = errors.get(message_id, [])
-            status = MessageStatus.FAILED if dead or failures else MessageStatus.DELIVERED
-            if failures:
-                detail = "; ".join([*failures, *([detail] if detail else [])])
+            status, detail = _settled(statuses, errors.get(message_id, []))
             changes.append((message_id, status.value, detail))
+        # A message that already says this (failed by its route when routed, and its other
+        # deliveries now made) keeps its row as it is: its history tells each change once.
+        news = [c for c in changes if now_as.get(c[0]) != (c[1], c[2])]
         sql = self._sql
-        conn.exec_driver_sql(
-            sql.set_message_status, [(status, now, detail, mid) for mid, status, detail in changes]
-        )
-        conn.exec_driver_sql(
-            sql.add_events, [(mid, now, status, detail) for mid, status, detail in changes]
-        )
+        if news:
+            conn.exec_driver_sql(
+                sql.set_message_status, [(status, now, detail, mid) for mid, status, detail in news]
+            )
+            conn.exec_driver_sql(
+                sql.add_events, [(mid, now, status, detail) for mid, status, detail in news]
+            )
         return [mid for mid, _, _ in changes]
 
     def release(self, held: Mapping[int, datetime]) -> int:
@@ -1438,14 +1503,25 @@ class Outbox:
             discarded = set(conn.execute(query).scalars())
         return discarded - self.delivered_destinations(message_id)
 
-    def later_delivered(self, message_id: int, destinations: set[str]) -> dict[str, int]:
+    def later_delivered(
+        self,
+        message_id: int,
+        destinations: set[str],
+        lines: Mapping[str, str] | None = None,
+    ) -> dict[str, int]:
         """For each destination, how many later messages of the same patient (higher ids) it
-        has already been delivered: a message sent there now arrives after them. The patient
-        is keyed as everywhere in the store (store.scoped_authority): an identifier without
-        an authority is its sending facility's, so two hospitals' 55501 are two patients, and
-        a row stored before such identifiers were scoped (no authority) is its sender's."""
+        has already been delivered, it or the forwards it shares its line with (``lines``:
+        destination -> line, as Destination.line): a message sent there now arrives after
+        them. The patient is keyed as everywhere in the store (store.scoped_authority): an
+        identifier without an authority is its sending facility's, so two hospitals' 55501
+        are two patients, and a row stored before such identifiers were scoped (no
+        authority) is its sender's."""
         if not destinations:
             return {}
+        lines = lines or {}
+        line_of = {name: lines.get(name, name) for name in destinations}
+        asked = set(line_of.values())
+        members = {name for name, line in lines.items() if line in asked} | set(destinations)
         with self.engine.connect() as conn:
             patient = conn.execute(
                 select(
@@ -1463,6 +1539,7 @@ class Outbox:
             query = (
                 select(
                     deliveries.c.destination,
+                    deliveries.c.line,
                     messages.c.id,
                     messages.c.patient_authority,
                     messages.c.sending_facility,
@@ -1470,7 +1547,10 @@ class Outbox:
                 .distinct()
                 .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
                 .where(
-                    deliveries.c.destination.in_(sorted(destinations)),
+                    or_(
+                        deliveries.c.destination.in_(sorted(members)),
+                        deliveries.c.line.in_(sorted(asked)),
+                    ),
                     deliveries.c.status == DeliveryStatus.DELIVERED.value,
                     messages.c.id > message_id,
                     messages.c.patient_id == patient.patient_id,
@@ -1478,9 +1558,14 @@ class Outbox:
                 )
             )
             later: dict[str, set[int]] = {}
-            for destination, later_id, later_authority, facility in conn.execute(query):
-                if scoped_authority(later_authority, facility) == scope:
-                    later.setdefault(destination, set()).add(later_id)
+            for destination, line, later_id, later_authority, facility in conn.execute(query):
+                if scoped_authority(later_authority, facility) != scope:
+                    continue
+                # The line the routes give its destination now; else the one it went out in.
+                went = lines.get(destination) or line or destination
+                for name in destinations:
+                    if name == destination or line_of[name] == went:
+                        later.setdefault(name, set()).add(later_id)
         return {destination: len(ids) for destination, ids in later.items()}
 
     def get(self, delivery_id: int) -> DeliveryRecord | None:
@@ -1551,7 +1636,7 @@ class Outbox:
             )
             if not dead:
                 return LineReport(0, 0, 0)
-            lines = {(row.destination, row.order_key) for row in dead}
+            lines = {(row.line or row.destination, row.order_key) for row in dead}
             self._lock_lines(conn, lines)  # before settling them: see _lock_lines
             released = self._settle_lines(conn, lines, now)
             detail = "dead letters queued again"
@@ -1603,7 +1688,7 @@ class Outbox:
             )
             if not dead:
                 return LineReport(0, 0, 0)
-            lines = {(row.destination, row.order_key) for row in dead}
+            lines = {(row.line or row.destination, row.order_key) for row in dead}
             self._lock_lines(conn, lines)  # before settling them: see _lock_lines
             conn.execute(
                 insert(delivery_attempts),
@@ -1663,12 +1748,13 @@ class Outbox:
 
     def _dead_letters(self, conn: Any, chosen: list[Any]) -> list[Any]:
         """The dead letters chosen (_dead_letters_chosen): id, message_id, destination,
-        order_key, attempts; oldest first."""
+        line, order_key, attempts; oldest first."""
         query = (
             select(
                 deliveries.c.id,
                 deliveries.c.message_id,
                 deliveries.c.destination,
+                deliveries.c.line,
                 deliveries.c.order_key,
                 deliveries.c.attempts,
             )
@@ -1683,11 +1769,9 @@ class Outbox:
         sql = self._sql
         parked, at = sql.time(PARKED), sql.time(now)
         released = 0
-        for destination, key in sorted(lines):
-            conn.exec_driver_sql(sql.park_behind, (parked, destination, key, parked))
-            released += conn.exec_driver_sql(
-                sql.unpark_line, (at, destination, key, parked)
-            ).rowcount
+        for line, key in sorted(lines):
+            conn.exec_driver_sql(sql.park_behind, (parked, line, key, parked))
+            released += conn.exec_driver_sql(sql.unpark_line, (at, line, key, parked)).rowcount
         return released
 
     def _overtaken(self, conn: Any, dead: list[Any]) -> dict[tuple[str, str], int]:
@@ -1695,10 +1779,11 @@ class Outbox:
         delivered (sent before lines were held, or with ``continue``). Read through the
         patient's messages (the patient index, then each message's deliveries), as the outbox
         keeps no index of delivered rows by line: the deliveries planned for the dead
-        letters' patient, as the store's messages name the patient."""
+        letters' patient, as the store's messages name the patient. A delivery finished
+        before lines had their own column is in its destination's line."""
         first: dict[tuple[str, str], Any] = {}
         for row in dead:
-            first.setdefault((row.destination, row.order_key), row)
+            first.setdefault((row.line or row.destination, row.order_key), row)
         patients = {
             row.id: (row.patient_id, row.patient_authority)
             for chunk in _chunks([row.message_id for row in first.values()])
@@ -1715,7 +1800,7 @@ class Outbox:
                 select(func.count())
                 .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
                 .where(
-                    deliveries.c.destination == line[0],
+                    func.coalesce(deliveries.c.line, deliveries.c.destination) == line[0],
                     deliveries.c.order_key == line[1],
                     deliveries.c.id > row.id,
                     deliveries.c.status == DeliveryStatus.DELIVERED.value,
@@ -1758,13 +1843,21 @@ class Outbox:
         with self.engine.connect() as conn:
             return held_counts(conn)
 
-    def apply_line_policy(self, holding: Iterable[str], going_on: Iterable[str]) -> int:
-        """Give the dead letters of these destinations their setting as the routes have it
-        now (``retry.after_dead_letter``), so a changed setting applies to dead letters made
+    def apply_line_policy(
+        self,
+        holding: Iterable[str],
+        going_on: Iterable[str],
+        lines: Mapping[str, str] | None = None,
+    ) -> int:
+        """Put the deliveries still in play of each destination in ``lines`` (destination ->
+        its line, RouteTable.lines) in that line (_move_to_lines), and give the dead letters of
+        these destinations their setting as the routes have it now
+        (``retry.after_dead_letter``), so a changed setting applies to dead letters made
         before it, and those from before lines were held get one; then settle every line
         (tidy_lines). Returns how many dead letters changed."""
         changed = 0
         with self.engine.begin() as conn:
+            moved = self._move_to_lines(conn, lines) if lines else 0
             for names, flag in ((sorted(set(holding)), True), (sorted(set(going_on)), False)):
                 for chunk in _chunks(names):
                     changed += conn.execute(
@@ -1776,8 +1869,43 @@ class Outbox:
                         )
                         .values(holds_line=flag)
                     ).rowcount
+        if moved:
+            log.info(
+                "%d delivery(ies) waiting or dead moved into the line the routes give their "
+                "destination now (forwards that reach one receiving system share one)",
+                moved,
+            )
         self.tidy_lines()
         return changed
+
+    def _move_to_lines(self, conn: Any, lines: Mapping[str, str]) -> int:
+        """Give the deliveries still in play (waiting, being sent, dead letters) of each
+        destination named the line ``lines`` gives it, as the routes loaded now share lines:
+        after an upgrade, or routes whose forwards now reach one receiving system, or no
+        longer. A line keeps its order by id, the order routing wrote them in, so deliveries
+        that join a shared line take their places in it as they were routed, each line's in
+        its own order, and a line split in two keeps its order in each. The sweep (here,
+        apply_line_policy's tidy_lines) parks what now waits behind a stalled delivery and
+        frees what no longer does. Finished deliveries keep the line they went out in.
+        Returns how many moved."""
+        by_line: dict[str, list[str]] = {}
+        for destination, line in lines.items():
+            by_line.setdefault(line, []).append(destination)
+        moved = 0
+        for line, names in sorted(by_line.items()):
+            for chunk in _chunks(sorted(names)):
+                # One statement per partial index (unfinished, dead), each read through it.
+                for statuses in (UNFINISHED, (DeliveryStatus.DEAD,)):
+                    moved += conn.execute(
+                        update(deliveries)
+                        .where(
+                            delivery_in(deliveries, *statuses),
+                            deliveries.c.destination.in_(chunk),
+                            deliveries.c.line.is_distinct_from(line),
+                        )
+                        .values(line=line)
+                    ).rowcount
+        return moved
 
     # -- pausing a destination -------------------------------------------------------------
     def pause_destination(
@@ -1900,12 +2028,12 @@ def _pause(row: Any) -> PausedDestination:
 
 
 def _waiting_behind(dead: Any, waiting: Any) -> Any:
-    """``dead`` joined to the unfinished deliveries after it in its line (same destination
-    and patient), ``waiting``: what a dead letter keeps back."""
+    """``dead`` joined to the unfinished deliveries after it in its line (same line and
+    patient), ``waiting``: what a dead letter keeps back."""
     return dead.join(
         waiting,
         and_(
-            waiting.c.destination == dead.c.destination,
+            waiting.c.line == dead.c.line,
             waiting.c.order_key == dead.c.order_key,
             delivery_in(waiting, *UNFINISHED),
             waiting.c.id > dead.c.id,
@@ -1963,15 +2091,39 @@ def _route_errors(conn: Any, message_ids: list[int]) -> dict[int, list[str]]:
 
 
 def _routing_status(result: RoutingResult) -> tuple[MessageStatus, str | None]:
+    """The status a routing run gives its message: failed for a route error, unrouted when
+    no route matched, filtered when routes matched and planned nothing (a filter stopped
+    them, or they forward nothing): final, as nothing is left to send; else routed until its
+    deliveries are made (settle_messages). A reprocess run that writes no delivery may take
+    its status from earlier runs' deliveries instead (Outbox._status_after_reprocess)."""
     if result.errors:
         return MessageStatus.FAILED, "; ".join(result.errors)
     matched = [r.route for r in result.matched]
     if not matched:
         return MessageStatus.UNROUTED, "no route matched"
     if not result.deliveries:
-        # Matched, but filtered or nothing to forward: routed is where it stays.
-        return MessageStatus.ROUTED, f"routes {', '.join(matched)}; nothing to deliver"
+        return MessageStatus.FILTERED, f"routes {', '.join(matched)}; nothing to deliver"
     return MessageStatus.ROUTED, f"routes {', '.join(matched)}; {len(result.deliveries)} deliveries"
+
+
+def _settled(statuses: list[str], failures: list[str]) -> tuple[MessageStatus, str | None]:
+    """A message's status once its deliveries (``statuses``: the latest to each place) are
+    all done: delivered, or failed for a dead letter, a discarded one or a route error of its
+    latest run (``failures``, "route: error"), with what the detail tells."""
+    dead = statuses.count(DeliveryStatus.DEAD.value)
+    discarded = statuses.count(DeliveryStatus.DISCARDED.value)
+    skipped = statuses.count(DeliveryStatus.SKIPPED.value)
+    told = [
+        *([f"{dead} of {len(statuses)} deliveries are dead letters"] if dead else []),
+        *([f"{discarded} of {len(statuses)} were discarded"] if discarded else []),
+        *([f"{skipped} of {len(statuses)} had nothing to send"] if skipped else []),
+    ]
+    detail = "; ".join(told) or None
+    dead += discarded  # given up on all the same: the message was not delivered
+    status = MessageStatus.FAILED if dead or failures else MessageStatus.DELIVERED
+    if failures:
+        detail = "; ".join([*failures, *([detail] if detail else [])])
+    return status, detail
 
 
 def _line_moves(
@@ -1984,16 +2136,17 @@ def _line_moves(
     park: list[tuple[Any, ...]] = []
     unpark: list[tuple[Any, ...]] = []
     for r in results:
-        if not r.destination:  # a result without its line: the sweep mends it
+        line = _result_line(r)
+        if not line:  # a result without its line: the sweep mends it
             continue
         status = _final_status(r)
         stalls = status is DeliveryStatus.PENDING or (
             status is DeliveryStatus.DEAD and r.holds_line
         )
         if stalls:
-            park.append((parked, r.destination, r.order_key, r.delivery_id))
+            park.append((parked, line, r.order_key, r.delivery_id))
         elif status is DeliveryStatus.DEAD or r.attempt > 1:
-            unpark.append((now, r.destination, r.order_key, parked))
+            unpark.append((now, line, r.order_key, parked))
     return park, unpark
 
 

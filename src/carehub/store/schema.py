@@ -40,8 +40,11 @@ class MessageStatus(StrEnum):
     RECEIVED = "received"  # stored and ACKed AA, waiting for routing
     REFUSED = "refused"  # stored, content refused (ACKed AE)
     REJECTED = "rejected"  # not HL7 or over the size limit (ACKed AR)
-    ROUTED = "routed"
-    UNROUTED = "unrouted"
+    ROUTED = "routed"  # routed, deliveries to make: delivered or failed once they are made
+    UNROUTED = "unrouted"  # no route matched
+    # Routes matched, and none had anything to deliver (filtered, or no forward): final, never
+    # in flight, so a message a filter stopped is found as such, apart from those still sent.
+    FILTERED = "filtered"
     DELIVERED = "delivered"
     FAILED = "failed"
 
@@ -196,10 +199,14 @@ deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # When the destination accepted it (quality measures count receipt times).
     Column("accepted_at", DateTime(timezone=True), nullable=True),
-    # A dead letter's: whether the later deliveries of its line (destination, order_key) wait
+    # A dead letter's: whether the later deliveries of its line (line, order_key) wait
     # for it to be retried or discarded (the destination's retry.after_dead_letter). NULL on
     # every other delivery (migration 0010).
     Column("holds_line", Boolean, nullable=True),
+    # The line the delivery keeps its patient's order in: its destination, or the line the
+    # forwards that reach one receiving system share (routing.table.share_lines). NULL on
+    # deliveries finished before migration 0021, whose line was their destination.
+    Column("line", String(255), nullable=True),
 )
 
 
@@ -231,16 +238,23 @@ Index(
 )
 Index(
     "ix_deliveries_unfinished",
-    deliveries.c.destination,
+    deliveries.c.line,
     deliveries.c.order_key,
     deliveries.c.id,
+    sqlite_where=_unfinished,
+    postgresql_where=_unfinished,
+)
+# A destination's own (pausing it, counting what waits for it): lines may span destinations.
+Index(
+    "ix_deliveries_unfinished_destination",
+    deliveries.c.destination,
     sqlite_where=_unfinished,
     postgresql_where=_unfinished,
 )
 Index("ix_deliveries_dead", deliveries.c.id, sqlite_where=_dead, postgresql_where=_dead)
 Index(
     "ix_deliveries_dead_line",
-    deliveries.c.destination,
+    deliveries.c.line,
     deliveries.c.order_key,
     deliveries.c.id,
     sqlite_where=_dead,

@@ -1397,12 +1397,12 @@ class MessageStore:
         with since: the message, failed for it alone in its latest routing run, takes the
         status a message routed without it has. It is routed again, with ``note`` in its
         history saying why, and then delivered or failed as its deliveries stand (routed
-        while some still wait). Returns the status it ends in; None, changing nothing, when
-        it is not failed for ``problem`` alone (not routed yet, routed again since, or
-        failed for something else too). The step rows that raised it are marked ``cleared``
-        (their error kept as their output): settling the message again later (a dead letter
-        of it retried) must not fail it for a problem dealt with, and `messages show` tells
-        the step that raised it from one that still fails."""
+        while some still wait; filtered when it has none). Returns the status it ends in;
+        None, changing nothing, when it is not failed for ``problem`` alone (not routed yet,
+        routed again since, or failed for something else too). The step rows that raised it
+        are marked ``cleared`` (their error kept as their output): settling the message again
+        later (a dead letter of it retried) must not fail it for a problem dealt with, and
+        `messages show` tells the step that raised it from one that still fails."""
         from carehub.store.outbox import Outbox  # outbox builds on this module
 
         outbox = Outbox(self)
@@ -1438,9 +1438,21 @@ class MessageStore:
                 .where(message_steps.c.id.in_([row.id for row in raised]))
                 .values(outcome="cleared")  # message_steps.outcome fits 16 characters
             )
+            entered = routed
+            if (
+                conn.execute(
+                    select(deliveries.c.id).where(deliveries.c.message_id == message_id).limit(1)
+                ).first()
+                is None
+            ):
+                # Nothing to deliver: final, as a message its routes filter (MessageStatus).
+                entered = MessageStatus.FILTERED.value
+                conn.execute(
+                    update(messages).where(messages.c.id == message_id).values(status=entered)
+                )
             conn.execute(
                 insert(message_events),
-                {"message_id": message_id, "at": now, "event": routed, "detail": note},
+                {"message_id": message_id, "at": now, "event": entered, "detail": note},
             )
             outbox.settle_messages(conn, {message_id}, self.sql.time(now))
             return conn.execute(
