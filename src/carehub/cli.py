@@ -706,6 +706,7 @@ def show_message(
             sent = [
                 (d, outbox.attempts(d.id)) for d in outbox.find(message_id=message_id, limit=None)
             ]
+            held = outbox.holding([d.id for d, _ in sent])  # behind which dead letters
     finally:
         store.close()
     if raw:
@@ -714,12 +715,12 @@ def show_message(
     if as_json:
         from carehub.display import message_json
 
-        shown = message_json(message, history, steps, sent, payloads=payload)
+        shown = message_json(message, history, steps, sent, payloads=payload, held=held)
         click.echo(json.dumps(shown, default=str, ensure_ascii=False))
         return
     from carehub.display import show_message as render
 
-    render(message, history, steps, sent, full=full, payloads=payload)
+    render(message, history, steps, sent, full=full, payloads=payload, held=held)
 
 
 @messages.command("reprocess")
@@ -953,6 +954,8 @@ def _queued_and_suppressed(
             if isinstance(decision, dict) and decision.get("status") == "suppressed":
                 why = decision.get("reason") or "suppressed"
                 reasons.append(f"{step.route}/{step.step}: {why}")
+                # Left out by the outbox, which marked its decision: said here, not twice.
+                dropped -= "told_by_run" in decision
     queued = 0
     sent_as = [(d.destination, d.outgoing.payload, d.outgoing.metadata) for d in result.deliveries]
     for place in carried:
@@ -967,7 +970,7 @@ def _queued_and_suppressed(
             queued += 1
         else:
             reasons.append(f"{destination}: {not_sent}")
-    reasons.extend(["planned under a key an earlier run used: not made again"] * dropped)
+    reasons.extend(["planned under a key an earlier run used: not made again"] * max(0, dropped))
     return queued, reasons
 
 
@@ -1493,8 +1496,13 @@ def dead_letters_list(
             total = outbox.count(status=status.value, destination=destination)
         behind = {} if discarded else outbox.waiting_behind([d.id for d in dead if d.holds_line])
         discards: dict[int, Discard] = outbox.discards([d.id for d in dead]) if discarded else {}
-        if destination is not None and not dead and not discarded:
-            _no_dead_letters_for(destination, outbox.dead_by_destination())
+        if destination is not None and not dead:
+            # A name no delivery ever had is checked against the routes: a mistyped one is an
+            # error, as `destinations pause` makes it; one removed from the routes still lists.
+            if not outbox.find(destination=destination, limit=1):
+                _known_destination(config, data_dir, destination)
+            if not discarded:
+                _no_dead_letters_for(destination, outbox.dead_by_destination())
     finally:
         store.close()
     if as_json:
@@ -1538,6 +1546,20 @@ def dead_letters_list(
             f"{each}; `dead-letters retry` sends the dead letter first and the held ones after "
             "it, `dead-letters discard` gives up on it and lets them go"
         )
+
+
+def _known_destination(config: HubConfig, data_dir: Path, name: str) -> None:
+    """Raise unless the routes have destination ``name``: a name neither they nor any
+    delivery has is mistyped, or another site's, and "none" would reassure wrongly."""
+    try:
+        known = _route_destinations(config, data_dir)
+    except CarehubError as err:
+        raise CarehubError(
+            f"no delivery in the store is for destination {name!r}, and the routes cannot be "
+            f"read to tell whether they have it: {err}"
+        ) from err
+    if name not in known:
+        raise _unknown_destination(name, known)
 
 
 def _no_dead_letters_for(destination: str, dead: dict[str, int]) -> None:
@@ -2252,12 +2274,17 @@ def store() -> None:
 
 @store.command("upgrade")
 @hub_options
-def store_upgrade(config: HubConfig, data_dir: Path) -> None:
+@click.option(
+    "--force", is_flag=True, help="Even while processes of an earlier release run on the store."
+)
+def store_upgrade(config: HubConfig, data_dir: Path, force: bool) -> None:
     """Bring the store's schema to this release's (`serve` and `worker` also do it as they
-    start; the other commands only check it, and say when it is older or newer)."""
+    start; the other commands only check it, and say when it is older or newer). Stop the
+    processes of the earlier release first: it refuses while one runs on the store (and so
+    do `serve` and `worker`), unless --force."""
     from carehub.hub import open_store
 
-    opened = open_store(config, data_dir)
+    opened = open_store(config, data_dir, under_older_processes=force)
     click.echo(f"store at schema revision {opened.schema_revision()}")
     opened.close()
 

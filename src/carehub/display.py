@@ -47,6 +47,26 @@ def attempts_text(attempts: int, max_attempts: int, early: int = 0) -> str:
     return f"{counted} (+{early} early)" if early else counted
 
 
+#: Dead letters holding a waiting delivery's line, by the waiting delivery's id, each as
+#: (delivery id, message id, destination), oldest first (Outbox.holding).
+Holders = Mapping[int, list[tuple[int, int, str]]]
+
+
+def held_text(delivery: DeliveryRecord, holders: list[tuple[int, int, str]]) -> str:
+    """Why a waiting delivery is not sent, and what lets it go: ``held behind dead letter #N
+    (message M): carehub dead-letters retry|discard N``. A holder of another destination (its
+    line is shared by forwards that reach one receiving system) is named with it."""
+    named = ", ".join(
+        f"#{dead_id}"
+        + (f" to {destination}" if destination != delivery.destination else "")
+        + f" (message {message_id})"
+        for dead_id, message_id, destination in holders
+    )
+    ids = " ".join(str(dead_id) for dead_id, _, _ in holders)
+    noun = "dead letter" if len(holders) == 1 else "dead letters"
+    return f"held behind {noun} {named}: carehub dead-letters retry|discard {ids}"
+
+
 def _early_count(attempts: list[AttemptRow]) -> int:
     return sum(1 for attempt in attempts if attempt.outcome == EARLY_FAILURE)
 
@@ -95,9 +115,11 @@ def show_message(
     *,
     full: bool = False,
     payloads: bool = False,
+    held: Holders | None = None,
 ) -> None:
     """`carehub messages show`: compact by default (step outputs cut short, no payloads);
-    ``full`` prints each step's output whole, ``payloads`` what each delivery sent."""
+    ``full`` prints each step's output whole, ``payloads`` what each delivery sent; ``held``
+    names the dead letters a waiting delivery is held behind."""
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -157,6 +179,9 @@ def show_message(
                     f"{len(delivery.payload):,} bytes {delivery.content_type}"
                 )
             )
+            holders = (held or {}).get(delivery.id)
+            if holders:
+                _console.print(Text(f"      {held_text(delivery, holders)}"))
             for attempt in attempts:
                 stamp = attempt.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
                 outcome = attempt.outcome
@@ -267,9 +292,11 @@ def message_json(
     sent: list[tuple[DeliveryRecord, list[AttemptRow]]],
     *,
     payloads: bool = False,
+    held: Holders | None = None,
 ) -> dict[str, Any]:
     """`carehub messages show --json`: everything the text view shows, nothing cut short.
-    Payloads only with ``payloads``: as text when they decode, else as base64."""
+    Payloads only with ``payloads``: as text when they decode, else as base64. Each delivery's
+    ``held_behind`` lists the dead letters holding its line (empty when none do)."""
     return {
         "message": message.summary(),
         "text": message.text,
@@ -289,7 +316,10 @@ def message_json(
             }
             for step in steps
         ],
-        "deliveries": [_delivery_json(d, attempts, payloads) for d, attempts in sent],
+        "deliveries": [
+            _delivery_json(d, attempts, payloads, (held or {}).get(d.id, []))
+            for d, attempts in sent
+        ],
     }
 
 
@@ -303,7 +333,10 @@ def masked_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _delivery_json(
-    delivery: DeliveryRecord, attempts: list[AttemptRow], payloads: bool
+    delivery: DeliveryRecord,
+    attempts: list[AttemptRow],
+    payloads: bool,
+    holders: list[tuple[int, int, str]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": delivery.id,
@@ -318,6 +351,10 @@ def _delivery_json(
         "early_attempts": _early_count(attempts),
         "max_attempts": delivery.max_attempts,
         "not_before": delivery.not_before.isoformat(),
+        "held_behind": [
+            {"delivery_id": dead_id, "message_id": message_id, "destination": destination}
+            for dead_id, message_id, destination in holders
+        ],
         "last_error": without_password(delivery.last_error)
         if delivery.last_error
         else delivery.last_error,

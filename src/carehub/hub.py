@@ -110,6 +110,7 @@ def open_store(
     must_exist: bool = False,
     migrate: bool | None = None,
     check_schema: bool = True,
+    under_older_processes: bool = False,
 ) -> MessageStore:
     """The store the config names (SQLite under data_dir by default), with the schema this
     release needs.
@@ -123,7 +124,9 @@ def open_store(
     runs the hub (`serve`, `worker`) and `store upgrade` do. The other commands only check it:
     one of them, run from a new release during a rolling upgrade, must not migrate the store
     under the old release's processes, which could then not start again. ``check_schema``
-    False opens whatever schema is there (`store downgrade`)."""
+    False opens whatever schema is there (`store downgrade`). A migration is refused while
+    processes of an earlier release answer on the store, unless ``under_older_processes``
+    (`store upgrade --force`)."""
     url = config.store.url or sqlite_url(data_dir)
     if must_exist and not config.store.url and not (data_dir / STORE_FILE).is_file():
         # A command that reads the store was pointed at a folder without one: a mistyped
@@ -142,6 +145,8 @@ def open_store(
             lock_timeout=SERVING_LOCK_TIMEOUT if serving else LOCK_TIMEOUT,
         )
         if migrate if migrate is not None else not must_exist:
+            if not under_older_processes:
+                _refuse_migrating_under_older_processes(store)
             store.migrate()
         elif check_schema:
             behind = store.schema_behind()
@@ -161,6 +166,29 @@ def open_store(
 
 class StoreOpenError(CarehubError):
     """The store cannot be opened: the message names the setting to fix."""
+
+
+def _refuse_migrating_under_older_processes(store: MessageStore) -> None:
+    """Raise (closing the store) when the schema waits for a migration and processes of an
+    earlier release answer on the store: they could not work with the newer schema, and
+    nothing would tell them."""
+    from carehub.store.processes import older_processes_running
+
+    behind = store.schema_behind()
+    if behind is None or "newer carehub" in behind:
+        return  # nothing to migrate, or migrate says why it cannot
+    with store.engine.connect() as conn:
+        older = older_processes_running(conn)
+    if older is None:
+        return
+    revision = store.schema_revision() or "none"
+    store.close()
+    raise StoreOpenError(
+        f"the store's schema is at revision {revision} and this carehub {__version__} would "
+        f"migrate it, but processes of an earlier carehub release run on it: {older}; stop "
+        "them first (they could not work with the newer schema), or run `carehub store "
+        "upgrade --force` to migrate under them"
+    )
 
 
 def _store_open_problem(config: HubConfig, data_dir: Path, err: Exception) -> str:
@@ -674,7 +702,7 @@ class Hub:
             raise
         self._note_routes()
         self.table.attach_store(self.store)
-        self.writer = group_commit_for(self.store)
+        self.writer = group_commit_for(self.store, room=room_for_messages(self.config))
         self.writer.start()
         # Everything after the store opens is undone if a later step fails (the broker, a
         # component's start() in the worker, a port): the store, its writer and checkpoint
@@ -763,6 +791,7 @@ class Hub:
             "serve",
             lambda: self.reloader.route_set,
             partitions=None if self.work_queue.is_memory else self.work_queue.partitions,
+            store_locked=self.store_lock is not None,
         )
         await self.beacon.start()
         self._serving = True
@@ -1019,7 +1048,9 @@ class Hub:
     def health(self) -> dict[str, Any]:
         """Whether intake can take messages now. The store answering a read is not enough: a
         held write lock or a full disk still answers SELECT 1 while every message is refused
-        "not stored, please resend", so a write failure that has not cleared counts too."""
+        "not stored, please resend", so a write failure that has not cleared counts too.
+        Then whether this hub's worker can use the store: while it cannot, routing and
+        delivery stand still behind messages answered AA, and the status says "degraded"."""
         store_ok = self.store is not None and self.store.ping()
         writer: GroupCommit | None = getattr(self, "writer", None)  # set by start()
         if store_ok and writer is not None and not writer.writable():
@@ -1027,13 +1058,22 @@ class Hub:
             since = writes.failing_since_at
             when = since.isoformat(timespec="seconds") if since else "now"
             store_text = f"not storing since {when}: {writes.last_error}"
+            short = writer.short_of_room()
+            if short is not None:
+                store_text += f" ({short})"
             store_ok = False
         else:
             store_text = "ok" if store_ok else "unavailable"
+        worker_text = self._worker_health()
+        if not store_ok:
+            status = "store unavailable"
+        else:
+            status = "ok" if worker_text in ("ok", NO_WORKER) else "degraded"
         return {
-            "status": "ok" if store_ok else "store unavailable",
+            "status": status,
             "version": __version__,
             "store": store_text,
+            "worker": worker_text,
             # Intake still stores and answers, so the status stays ok; routing waits.
             "queue": self._queue_health(),
             "listeners": [
@@ -1041,6 +1081,21 @@ class Hub:
             ],
             "intake": {f"{k[0]}/{k[1]}": v for k, v in sorted(self.intake.counts.items())},
         }
+
+    def _worker_health(self) -> str:
+        """What /health says of this hub's worker: "ok", or since when and why its use of the
+        store fails (its failure run: StoreTrouble), or that routing is left to others."""
+        worker = self.worker
+        if worker is None:
+            return NO_WORKER
+        run = worker.store_trouble.run
+        since = run.failing_since_at
+        if since is None:
+            return "ok"
+        return (
+            f"cannot use the store since {since.isoformat(timespec='seconds')}: "
+            f"{run.last_error}; routing and delivery wait"
+        )
 
     def _queue_health(self) -> str:
         """What /health says of the queue: "ok", or what keeps stored messages from being
@@ -1057,6 +1112,19 @@ class Hub:
                 f"{since.isoformat(timespec='seconds')}: {reason}"
             )
         return "ok"
+
+
+#: /health's "worker" for a hub that routes nothing itself (`serve --no-worker`).
+NO_WORKER = "none in this process"
+
+
+def room_for_messages(config: HubConfig) -> int:
+    """Free bytes a SQLite store's filesystem needs before a run of writes refused for lack
+    of room ends (GroupCommit.room): twice the largest message any listener takes."""
+    listeners = config.listeners
+    sizes = [listeners.http.max_message_bytes]
+    sizes += [listener.max_message_bytes for listener in [*listeners.mllp, *listeners.files]]
+    return 2 * max(sizes)
 
 
 def _report_worker_end(task: asyncio.Task[None]) -> None:

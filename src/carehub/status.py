@@ -27,7 +27,6 @@ from carehub.config import without_password
 from carehub.store.outbox import held_counts
 from carehub.store.processes import HubProcess, partitions_disagree, running_processes
 from carehub.store.schema import (
-    PENDING,
     UNFINISHED,
     DeliveryStatus,
     MessageStatus,
@@ -76,8 +75,8 @@ class DestinationState:
     #: Of those waiting, the ones held behind a dead letter of their patient's line: they go
     #: when it is retried or discarded (`carehub dead-letters`).
     held: int = 0
-    #: Of the newest delivery that failed and waits to retry, else of the newest dead letter:
-    #: what the log says of it (see _loggable_error).
+    #: Of the newest delivery that failed and waits to retry (or is being tried again), else
+    #: of the newest dead letter: what the log says of it (see _loggable_error).
     last_error: str | None = None
     #: Paused by an operator (`carehub destinations pause`): since when, by whom, why.
     paused: bool = False
@@ -289,7 +288,9 @@ def _destinations(conn: Any, since: datetime) -> list[DestinationState]:
     )
     error_rows = conn.execute(
         select(*error_columns)
-        .where(and_(delivery_in(deliveries, *PENDING), deliveries.c.attempts > 0))
+        # Being sent again counts: a retry in flight (one a hanging destination keeps for
+        # its whole timeout) has not cleared the error it retries.
+        .where(and_(delivery_in(deliveries, *UNFINISHED), deliveries.c.attempts > 0))
         .order_by(deliveries.c.updated_at.desc())
         .limit(LAST_ERRORS_READ)
     )

@@ -514,6 +514,7 @@ class Worker:
         outage, those lines move only when an operator retries or discards."""
         holding: list[str] = []
         going_on: list[str] = []
+        limits: dict[str, int] = {}  # retry.max_attempts, for the deliveries waiting
         names = {name: name for name in self.table.destinations}
         names.update(self.table.former_names)
         for name, current in names.items():
@@ -521,7 +522,9 @@ class Worker:
             if destination is not None:
                 holds = destination.retry.holds_line(destination.channel.name)
                 (holding if holds else going_on).append(name)
+                limits[name] = destination.retry.max_attempts
         self.outbox.apply_line_policy(holding, going_on, self.table.lines())
+        self.outbox.apply_retry_limits(limits)
         held = sum(self.outbox.held().values())
         if held:
             log.warning(
@@ -913,6 +916,7 @@ class Worker:
                 line=delivery.line or "",
                 skipped=skipped,
                 early=early,
+                max_attempts=destination.retry.max_attempts,
             )
             trouble = self._trouble.get(delivery.destination)
             outage = trouble.delivered() if trouble is not None else None
@@ -942,7 +946,10 @@ class Worker:
             # left 'sending' holding its patient's line until a restart.
             retryable = err.retryable if isinstance(err, DeliveryError) else True
             detail = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__}: {err}"
-            limit = delivery.max_attempts  # 0: retried until it is taken
+            # The destination's limit as the routes have it now, as the delay below is: a
+            # reload or a restart that changes it applies to deliveries already waiting. One
+            # no longer configured keeps the limit it was planned with. 0: until it is taken.
+            limit = delivery.max_attempts if destination is None else destination.retry.max_attempts
             # An early attempt is not counted: it never makes a dead letter of its own.
             spent = not early and 0 < limit <= attempt
             final = not retryable or spent or destination is None
@@ -973,9 +980,12 @@ class Worker:
                 holds_line=holds,
                 loggable=_clean_text(_reason(err)),  # what `carehub status` shows of it
                 early=early,
+                max_attempts=limit,
             )
             self.failed_attempts += 1
-            self._log_failure(delivery, attempt, err, final=final, holds=holds, early=early)
+            self._log_failure(
+                delivery, attempt, err, final=final, holds=holds, early=early, max_attempts=limit
+            )
             host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
         if self._inflight.pop(delivery.id, None) is not None:
@@ -991,6 +1001,7 @@ class Worker:
         final: bool,
         holds: bool,
         early: bool = False,
+        max_attempts: int | None = None,
     ) -> None:
         """Log a failed attempt. The error's full text, which can quote what the destination
         answered and so the message, goes to the store (attempt rows, dead letters); the log
@@ -998,7 +1009,7 @@ class Worker:
         DestinationTrouble), each attempt a DEBUG line; a dead letter, which waits for an
         operator, is a WARNING of its own."""
         reason = _reason(err)
-        limit = delivery.max_attempts or "unlimited"
+        limit = (delivery.max_attempts if max_attempts is None else max_attempts) or "unlimited"
         retryable = err.retryable if isinstance(err, DeliveryError) else True
         if retryable:  # a refusal for good is about the message, not the destination
             trouble = self._trouble.get(delivery.destination)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import functools
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +44,29 @@ LOCK_PATIENCE = 30.0  # then the waiting messages are answered "not stored"
 COMMIT_PATIENCE = 15.0
 #: Why a message was not stored while SQLite's write lock was held by another writer.
 LOCK_HELD = "the store's write lock is held by another writer"
+#: Free bytes a SQLite store's filesystem needs before a run of writes refused for lack of
+#: room ends: twice the largest message a listener takes, with the default limit of 1 MiB
+#: (the hub gives the writer its own listeners' figure: Hub.start).
+ROOM_FOR_MESSAGES = 2 * 1024 * 1024
+#: errno values that say a write found no room (ENOSPC), or a quota or file size limit.
+_NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def for_lack_of_room(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps) says the write found no room: SQLite's "database
+    or disk is full", or an OSError for a full disk, a quota or a file size limit."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlite3.Error):
+            if getattr(current, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+                return True
+        elif isinstance(current, OSError) and current.errno in _NO_ROOM_ERRNOS:
+            return True
+        wrapped = getattr(current, "orig", None)  # SQLAlchemy's DBAPIError
+        current = wrapped if isinstance(wrapped, BaseException) else current.__cause__
+    return False
 
 
 class StoreUnavailable(RuntimeError):
@@ -51,9 +76,14 @@ class StoreUnavailable(RuntimeError):
 class GroupCommit:
     """What intake needs of a writer; ``batches`` and ``rows`` feed the metrics."""
 
-    def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, store: MessageStore, max_batch: int = MAX_BATCH, room: int = ROOM_FOR_MESSAGES
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
+        #: Free bytes a SQLite store's filesystem needs for a run of writes refused for lack
+        #: of room to end (see short_of_room).
+        self.room = room
         self.batches = 0
         self.rows = 0
         #: A full disk or a lost database fails every commit: logged as one run, not per commit.
@@ -63,13 +93,24 @@ class GroupCommit:
             "message(s)",
             logger=log,
         )
+        #: Whether a write of the run now failing found no room (a full disk).
+        self._no_room = False
 
     @property
     def failing(self) -> bool:
         """Whether intake's writes are failing now (a write lock held past LOCK_PATIENCE, a
         full disk, a commit unanswered past COMMIT_PATIENCE). A run of failures ends with the
-        next write that works; with no message to store, ``writable`` tries one of its own."""
+        next write that works; with no message to store, ``writable`` tries one of its own.
+        A run that met a full disk also needs the room for messages back (short_of_room):
+        a full disk still takes a write that fits in the WAL file's pages."""
         return self.failures.failing_since is not None
+
+    def short_of_room(self) -> str | None:
+        """While a run of failures that met a full disk lasts: why a message still may not
+        fit (the store's filesystem has less than ``room`` bytes free), else None."""
+        if not self._no_room or not self.failing:
+            return None
+        return self.store.short_of_room(self.room)
 
     @property
     def stuck(self) -> bool:
@@ -80,13 +121,19 @@ class GroupCommit:
         """False while intake's writes fail; while they do, a test write decides, so /health
         stops saying "not storing" once the lock is let go or space is freed, before the
         next message comes (a balancer that took the hub out sends none). While a commit
-        given up on has not come back, the store has not answered it: no test write then."""
+        given up on has not come back, the store has not answered it: no test write then.
+        After a full disk, the store's filesystem must also have ``room`` free: the test
+        write commits on a full disk (see MessageStore.can_write)."""
         if not self.failing:
             return True
-        if self.stuck or not self.store.can_write():
+        if self.stuck or self.short_of_room() is not None or not self.store.can_write():
             return False
-        self.failures.succeeded()
+        self._run_ended()
         return True
+
+    def _run_ended(self) -> None:
+        self.failures.succeeded()
+        self._no_room = False
 
     def start(self) -> None:
         """Begin taking submissions."""
@@ -111,24 +158,44 @@ class GroupCommit:
             raise outcome
         return outcome
 
-    def _write(
-        self, messages: list[NewMessage], busy_ok: bool = False
-    ) -> list[InsertOutcome] | StoreUnavailable:
+    def _write(self, messages: list[NewMessage], busy_ok: bool = False) -> Outcomes:
         try:
             outcomes = self.store.insert_messages(messages)
         except Exception as err:  # the callers answer with an error ACK; the hub keeps running
             if busy_ok and isinstance(err, StoreBusy):
                 raise
-            return self._not_stored(err, messages)
+            return self._refused(err, messages)
         return self._stored(messages, outcomes)
 
     def _stored(
         self, messages: list[NewMessage], outcomes: list[InsertOutcome]
     ) -> list[InsertOutcome]:
-        self.failures.succeeded()
+        # A write that found room in the WAL file's pages does not end a full disk's run:
+        # the next message, or the worker's next write, is refused again.
+        if self.failing and self.short_of_room() is None:
+            self._run_ended()
         self.batches += 1
         self.rows += len(messages)
         return outcomes
+
+    def _refused(self, err: Exception, messages: list[NewMessage]) -> Outcomes:
+        """The answers to a group whose commit failed: "not stored", except that on a full
+        SQLite disk a resend of a message the store holds is answered as one (AA): only its
+        "resent" history row could not be written. Read on a SQLite store only: a read there
+        does not wait on a server that may be gone."""
+        known: list[int | None] = []
+        if for_lack_of_room(err) and self.store.is_sqlite:
+            try:
+                known = self.store.stored_already(messages)
+            except Exception as lookup:  # then all are "not stored", as before
+                log.debug("resends could not be looked up: %s", lookup)
+        if not any(known):
+            return self._not_stored(err, messages)
+        unknown = [m for m, was in zip(messages, known, strict=True) if was is None]
+        refused = self._not_stored(err, unknown)
+        return [
+            refused if original is None else InsertOutcome(original, True) for original in known
+        ]
 
     def _not_stored(self, err: Exception, messages: list[NewMessage]) -> StoreUnavailable:
         """Why these messages were not stored, for their answers; every such failure goes
@@ -136,6 +203,8 @@ class GroupCommit:
         lasts and when it ends (a lock held for minutes must not be silent)."""
         if isinstance(err, StoreBusy):
             err = StoreUnavailable(LOCK_HELD)
+        if for_lack_of_room(err):
+            self._no_room = True
         self.failures.failed(err, len(messages))
         return err if isinstance(err, StoreUnavailable) else StoreUnavailable(str(err))
 
@@ -146,9 +215,11 @@ class GroupCommit:
 
 #: Called with a submitted message's outcome, or with why it was not stored.
 Committed = Callable[[InsertOutcome | StoreUnavailable], None]
+#: A group's answers: one for all ("not stored"), or one for each message.
+Outcomes = list[InsertOutcome] | list[InsertOutcome | StoreUnavailable] | StoreUnavailable
 
 
-def _settle(callbacks: list[Committed], outcome: list[InsertOutcome] | StoreUnavailable) -> None:
+def _settle(callbacks: list[Committed], outcome: Outcomes) -> None:
     for i, done in enumerate(callbacks):
         try:
             done(outcome if isinstance(outcome, StoreUnavailable) else outcome[i])
@@ -158,14 +229,15 @@ def _settle(callbacks: list[Committed], outcome: list[InsertOutcome] | StoreUnav
             log.exception("a store commit callback failed")
 
 
-def group_commit_for(store: MessageStore) -> GroupCommit:
+def group_commit_for(store: MessageStore, room: int = ROOM_FOR_MESSAGES) -> GroupCommit:
     """Inline for SQLite without fsync; a thread wherever a commit waits on the disk (fsync
     with durability=power) or the network (PostgreSQL), since both release the GIL and the
     loop keeps answering other connections meanwhile. Measured with `make bench`, eight
-    connections: process 8.2k msg/s inline vs 6.9k threaded; power 3.1k vs 4.1k."""
+    connections: process 8.2k msg/s inline vs 6.9k threaded; power 3.1k vs 4.1k. ``room``:
+    see GroupCommit.room."""
     if store.is_sqlite and store.durability == "process":
-        return InlineGroupCommit(store)
-    return ThreadedGroupCommit(store)
+        return InlineGroupCommit(store, room=room)
+    return ThreadedGroupCommit(store, room=room)
 
 
 class InlineGroupCommit(GroupCommit):
@@ -176,8 +248,10 @@ class InlineGroupCommit(GroupCommit):
     the write gate calls it back the moment that writer lets go, with whatever else arrived
     meanwhile. A writer in another process (a CLI command) is polled for instead."""
 
-    def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
-        super().__init__(store, max_batch)
+    def __init__(
+        self, store: MessageStore, max_batch: int = MAX_BATCH, room: int = ROOM_FOR_MESSAGES
+    ) -> None:
+        super().__init__(store, max_batch, room)
         store.intake_waits_for_lock = False
         store.intake_gate_free = self._gate_free
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -295,8 +369,10 @@ class ThreadedGroupCommit(GroupCommit):
     resend", and so is every message that comes until it is back. Should it have committed
     after all, each resend is recognised as one and answered AA."""
 
-    def __init__(self, store: MessageStore, max_batch: int = MAX_BATCH) -> None:
-        super().__init__(store, max_batch)
+    def __init__(
+        self, store: MessageStore, max_batch: int = MAX_BATCH, room: int = ROOM_FOR_MESSAGES
+    ) -> None:
+        super().__init__(store, max_batch, room)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._waiting: list[tuple[NewMessage, Committed]] = []
         self._flight: _Flight | None = None
@@ -373,7 +449,7 @@ class ThreadedGroupCommit(GroupCommit):
         result = StoreUnavailable("the writer stopped") if done.cancelled() else done.result()
         if isinstance(result, Exception):
             if not flight.given_up:  # else answered and counted when it was given up on
-                _settle(callbacks, self._not_stored(result, messages))
+                _settle(callbacks, self._refused(result, messages))
         else:
             outcome = self._stored(messages, result)  # committed, even if given up on
             if not flight.given_up:

@@ -135,6 +135,10 @@ class AttemptResult:
     #: Outbox.claim_early): a failure to be retried is not counted against max_attempts, and
     #: ``retry_at`` is the retry time the delivery already had.
     early: bool = False
+    #: The limit this attempt was counted against (its destination's ``retry.max_attempts``
+    #: as the routes have it now), written to the delivery so views show it; None keeps the
+    #: delivery's own.
+    max_attempts: int | None = None
 
     @property
     def kept_on_schedule(self) -> bool:
@@ -388,7 +392,8 @@ class _WorkerSQL(DriverSQL):
             ("delivery_id", "number", "started_at", "duration_ms", "outcome", "detail"),
         )
         self.record_attempt = (
-            f"UPDATE deliveries SET attempts = {m}, status = {m}, receipt = {m}, "
+            f"UPDATE deliveries SET attempts = {m}, "
+            f"max_attempts = coalesce({m}, max_attempts), status = {m}, receipt = {m}, "
             f"last_error = {m}, last_error_loggable = {m}, "
             f"not_before = coalesce({m}, not_before), accepted_at = {m}, "
             f"holds_line = {m}, lease_until = NULL, updated_at = {m} WHERE id = {m}"
@@ -767,7 +772,12 @@ class Outbox:
             # Every row is built before the first write: the write lock (SQLite's, and the
             # process's write gate) is then held only while the statements run, and intake's
             # commits wait that much less behind it.
-            statuses = {mid: _routing_status(r) for mid, r in chosen.items()}
+            told: dict[int, dict[str, int]] = {}
+            if any(result.run > 1 for result in chosen.values()):
+                # Only a read: the status and steps written below then say what this run
+                # queues, not what it planned.
+                told = self._drop_known_deliveries(conn, chosen.values())
+            statuses = {mid: _routing_status(r, told.get(mid)) for mid, r in chosen.items()}
             step_rows = [
                 (
                     mid,
@@ -783,7 +793,6 @@ class Outbox:
                 for s in result.steps
             ]
             if any(result.run > 1 for result in chosen.values()):
-                self._drop_known_deliveries(conn, chosen.values())
                 taken = self._take_places(conn, [r for r in chosen.values() if r.run > 1], moment)
                 if places_taken is not None:
                     places_taken.extend(taken)
@@ -918,18 +927,36 @@ class Outbox:
         if rows:
             conn.exec_driver_sql(self._sql.unpark_line, rows)
 
-    def _drop_known_deliveries(self, conn: Any, results: Iterable[RoutingResult]) -> None:
+    def _drop_known_deliveries(
+        self, conn: Any, results: Iterable[RoutingResult]
+    ) -> dict[int, dict[str, int]]:
         """Take off each route's result the deliveries whose idempotency key is already in the
-        outbox (planned by an earlier run)."""
-        routes = [route for result in results for route in result.routes if route.deliveries]
-        keys = tuple({d.outgoing.idempotency_key for r in routes for d in r.deliveries})
+        outbox (planned by an earlier run), and mark the step decisions that planned them
+        suppressed ("told by run N"), so the run's record does not say it queued them.
+        Returns, by message id, each key taken off and the run that made it."""
+        results = list(results)
+        keys = tuple({d.outgoing.idempotency_key for r in results for d in r.deliveries})
         if not keys:
-            return
-        known = {key for key, _ in conn.exec_driver_sql(self._sql.ids_by_key(len(keys)), keys)}
-        for route in routes:
-            route.deliveries = [
-                d for d in route.deliveries if d.outgoing.idempotency_key not in known
-            ]
+            return {}
+        known: dict[str, int] = {}
+        for chunk in _chunks(list(keys), _IDS_PER_STATEMENT):
+            query = select(deliveries.c.idempotency_key, deliveries.c.run).where(
+                deliveries.c.idempotency_key.in_(chunk)
+            )
+            known.update({key: int(run) for key, run in conn.execute(query)})
+        dropped: dict[int, dict[str, int]] = {}
+        for result in results:
+            for route in result.routes:
+                for d in route.deliveries:
+                    key = d.outgoing.idempotency_key
+                    if key in known:
+                        dropped.setdefault(result.message_id, {})[key] = known[key]
+                route.deliveries = [
+                    d for d in route.deliveries if d.outgoing.idempotency_key not in known
+                ]
+            if result.message_id in dropped:
+                _mark_told(result, dropped[result.message_id])
+        return dropped
 
     def _take_places(
         self, conn: Any, results: list[RoutingResult], now: datetime
@@ -1316,6 +1343,7 @@ class Outbox:
         delivery_rows = [
             (
                 r.attempt - 1 if r.kept_on_schedule else r.attempt,
+                r.max_attempts,
                 _final_status(r).value,
                 r.detail if r.delivered or r.skipped else None,
                 None if r.delivered or r.skipped else r.detail,
@@ -1837,6 +1865,29 @@ class Outbox:
                 found.update({delivery_id: count for delivery_id, count in conn.execute(query)})
         return found
 
+    def holding(self, delivery_ids: list[int]) -> dict[int, list[tuple[int, int, str]]]:
+        """For each of these deliveries that waits behind dead letters holding its line, those
+        dead letters, oldest first, as (delivery id, message id, destination): read as
+        waiting_behind and held_counts count it, so what `messages show` says holds it is
+        what `dead-letters list` counts it against."""
+        dead, waiting = aliased(deliveries), aliased(deliveries)
+        found: dict[int, list[tuple[int, int, str]]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(delivery_ids):
+                query = (
+                    select(waiting.c.id, dead.c.id, dead.c.message_id, dead.c.destination)
+                    .select_from(_waiting_behind(dead, waiting))
+                    .where(
+                        waiting.c.id.in_(chunk),
+                        delivery_in(dead, DeliveryStatus.DEAD),
+                        dead.c.holds_line.is_(True),
+                    )
+                    .order_by(dead.c.id)
+                )
+                for delivery_id, dead_id, message_id, destination in conn.execute(query):
+                    found.setdefault(delivery_id, []).append((dead_id, message_id, destination))
+        return found
+
     def held(self) -> dict[tuple[str, str], int]:
         """Deliveries waiting behind a dead letter that holds their line, by (destination,
         channel); see held_counts."""
@@ -1906,6 +1957,30 @@ class Outbox:
                         .values(line=line)
                     ).rowcount
         return moved
+
+    def apply_retry_limits(self, limits: Mapping[str, int]) -> int:
+        """Give the waiting deliveries (pending or being sent) of each destination in
+        ``limits`` (destination -> its ``retry.max_attempts`` as the routes have it now) that
+        limit, the one the worker counts their next attempts against, so what `messages
+        show` prints of them is what applies. A dead letter keeps the limit it reached (a
+        retry starts it again under the one in force). Returns how many changed."""
+        by_limit: dict[int, list[str]] = {}
+        for destination, limit in limits.items():
+            by_limit.setdefault(limit, []).append(destination)
+        changed = 0
+        with self.engine.begin() as conn:
+            for limit, names in sorted(by_limit.items()):
+                for chunk in _chunks(sorted(names)):
+                    changed += conn.execute(
+                        update(deliveries)
+                        .where(
+                            delivery_in(deliveries, *UNFINISHED),
+                            deliveries.c.destination.in_(chunk),
+                            deliveries.c.max_attempts != limit,
+                        )
+                        .values(max_attempts=limit)
+                    ).rowcount
+        return changed
 
     # -- pausing a destination -------------------------------------------------------------
     def pause_destination(
@@ -2090,7 +2165,34 @@ def _route_errors(conn: Any, message_ids: list[int]) -> dict[int, list[str]]:
     return found
 
 
-def _routing_status(result: RoutingResult) -> tuple[MessageStatus, str | None]:
+def _mark_told(result: RoutingResult, told: Mapping[str, int]) -> None:
+    """Mark "suppressed" each step decision whose delivery key an earlier run made (``told``:
+    key -> that run): the step's output then says what was left out, and by whom told."""
+    for step in result.steps:
+        output = step.output
+        changed = False
+        for decision in output if isinstance(output, list) else []:
+            if not isinstance(decision, dict) or decision.get("status") != "queued":
+                continue
+            run = told.get(decision.get("delivery_key") or "")
+            if run is not None:
+                decision.update(status="suppressed", reason=f"told by run {run}", told_by_run=run)
+                changed = True
+        if changed:
+            step.output_json = None  # encoded again from the marked output
+
+
+def _told_text(told: Mapping[str, int] | None) -> str:
+    """``, 1 suppressed (told by run 1)``; empty when nothing was."""
+    if not told:
+        return ""
+    runs = ", ".join(str(run) for run in sorted(set(told.values())))
+    return f", {len(told)} suppressed (told by run {runs})"
+
+
+def _routing_status(
+    result: RoutingResult, told: Mapping[str, int] | None = None
+) -> tuple[MessageStatus, str | None]:
     """The status a routing run gives its message: failed for a route error, unrouted when
     no route matched, filtered when routes matched and planned nothing (a filter stopped
     them, or they forward nothing): final, as nothing is left to send; else routed until its
@@ -2102,8 +2204,14 @@ def _routing_status(result: RoutingResult) -> tuple[MessageStatus, str | None]:
     if not matched:
         return MessageStatus.UNROUTED, "no route matched"
     if not result.deliveries:
-        return MessageStatus.FILTERED, f"routes {', '.join(matched)}; nothing to deliver"
-    return MessageStatus.ROUTED, f"routes {', '.join(matched)}; {len(result.deliveries)} deliveries"
+        return (
+            MessageStatus.FILTERED,
+            f"routes {', '.join(matched)}; nothing to deliver{_told_text(told)}",
+        )
+    return (
+        MessageStatus.ROUTED,
+        f"routes {', '.join(matched)}; {len(result.deliveries)} deliveries{_told_text(told)}",
+    )
 
 
 def _settled(statuses: list[str], failures: list[str]) -> tuple[MessageStatus, str | None]:

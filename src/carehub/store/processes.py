@@ -8,7 +8,10 @@ said it was alive (every HEARTBEAT seconds), a digest of the route files it load
 processes running different route sets stand out, and how many partition queues it uses on
 the broker, so that a serve and workers with different queue.partitions (patients queued to
 partitions no worker consumes) are warned of. A process that stops removes its row; one that
-dies leaves it to go stale (`status` says for how long), pruned after PRUNE_AFTER.
+dies leaves it to go stale (`status` says for how long), pruned after PRUNE_AFTER. A serve that
+holds a SQLite store's lock removes at start the rows of the earlier serves of its host on that
+store: they cannot be running, or it would not have the lock (see ProcessBeacon). Nothing
+tells that of a PostgreSQL store's processes, which many hosts and data dirs share.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import and_, delete, insert, inspect, select, update
 
 from carehub import __version__
 from carehub.store.schema import hub_processes
@@ -121,6 +125,45 @@ def partitions_disagree(processes: list[HubProcess], now: datetime) -> str | Non
     )
 
 
+def older_processes_running(conn: Any, now: datetime | None = None) -> str | None:
+    """The answering processes of an earlier carehub release on this store, named (host,
+    pid, version, when last heard), or None: a migration made under them would leave them
+    working on a schema they do not know. Rows not refreshed within STALE_AFTER do not
+    count; those of this release or a later one neither."""
+    if not inspect(conn).has_table("hub_processes"):
+        return None  # a schema from before the process list (revision 0013)
+    now = now or datetime.now(UTC)
+    table = hub_processes.c
+    # The columns every revision of the list has: the store is at an older one.
+    rows = conn.execute(
+        select(table.role, table.host, table.pid, table.version, table.last_seen)
+        .where(table.last_seen >= now - STALE_AFTER)
+        .order_by(table.role, table.host, table.pid)
+    ).all()
+    older = [row for row in rows if _earlier_release(row.version)]
+    if not older:
+        return None
+    return "; ".join(
+        f"{row.role} on {row.host} (pid {row.pid}, carehub {row.version}, last heard "
+        f"{max(0.0, (now - _aware(row.last_seen)).total_seconds()):.0f} s ago)"
+        for row in older
+    )
+
+
+def _earlier_release(version: str) -> bool:
+    """Whether ``version`` names a release before this one; one that cannot be read counts
+    as earlier, since nothing says it knows this schema."""
+
+    def numbers(text: str) -> tuple[int, ...] | None:
+        found = re.match(r"\d+(?:\.\d+)*", text or "")
+        return tuple(int(part) for part in found.group().split(".")) if found else None
+
+    theirs, ours = numbers(version), numbers(__version__)
+    if theirs is None or ours is None:
+        return version != __version__
+    return theirs < ours
+
+
 class ProcessBeacon:
     """This process's row: written at start, refreshed every HEARTBEAT seconds (with the
     route set it runs now, which a reload may change), removed at stop. A failed write is a
@@ -128,7 +171,13 @@ class ProcessBeacon:
 
     ``partitions``: the partition queues this process uses on a broker (None in-process).
     At start and at each beat the beacon reads the other rows, and warns once when the
-    answering processes use different partition counts (again if what differs changes)."""
+    answering processes use different partition counts (again if what differs changes).
+
+    ``store_locked``: this serve holds its SQLite store's lock (carehub.lockfile), which one
+    serve at a time holds and which the kernel lets go of when a process ends, however it
+    ends. Any other serve row of this host on this store is then of a serve that ended
+    without removing it (killed, the machine lost power): removed at start, rather than
+    shown as "not answering" until it is pruned."""
 
     def __init__(
         self,
@@ -136,11 +185,14 @@ class ProcessBeacon:
         role: str,
         routes: Callable[[], str | None],
         partitions: int | None = None,
+        *,
+        store_locked: bool = False,
     ) -> None:
         self.store = store
         self.role = role
         self.routes = routes
         self.partitions = partitions
+        self.store_locked = store_locked
         self.id = str(uuid.uuid4())
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -217,13 +269,17 @@ class ProcessBeacon:
     def _register(self) -> None:
         now = datetime.now(UTC)
         routes = self.routes()
+        host = socket.gethostname()[:255]
+        ended: list[Any] = []
         with self.store.engine.begin() as conn:
             conn.execute(delete(hub_processes).where(hub_processes.c.last_seen < now - PRUNE_AFTER))
+            if self.store_locked and self.role == "serve":
+                ended = self._remove_ended_serves(conn, host)
             conn.execute(
                 insert(hub_processes).values(
                     id=self.id,
                     role=self.role,
-                    host=socket.gethostname()[:255],
+                    host=host,
                     pid=os.getpid(),
                     version=__version__,
                     started_at=now,
@@ -234,6 +290,27 @@ class ProcessBeacon:
                 )
             )
         self._routes_sent = routes
+        for row in ended:
+            log.info(
+                "serve on this host (pid %d), last heard from at %s, ended without removing its "
+                "row from the store's processes: removed (this serve holds the store's lock)",
+                row.pid,
+                _aware(row.last_seen).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            )
+
+    def _remove_ended_serves(self, conn: Any, host: str) -> list[Any]:
+        """Remove and return the rows of this host's other serves on this store (see
+        ``store_locked``)."""
+        earlier = and_(
+            hub_processes.c.role == "serve",
+            hub_processes.c.host == host,
+            hub_processes.c.id != self.id,
+        )
+        columns = (hub_processes.c.pid, hub_processes.c.last_seen)
+        rows = conn.execute(select(*columns).where(earlier)).all()
+        if rows:
+            conn.execute(delete(hub_processes).where(earlier))
+        return list(rows)
 
     def _beat(self) -> None:
         now = datetime.now(UTC)

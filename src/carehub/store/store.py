@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import stat
@@ -1099,11 +1100,15 @@ class MessageStore:
             return False
 
     def can_write(self) -> bool:
-        """Whether a write commits now, answered within PROBE_PATIENCE: a held write lock or
-        a full disk still answers a read, so this writes (the store identity row, unchanged)
-        and commits. On SQLite it waits CAN_WRITE_WAIT for the lock at most, on a connection
-        of its own: /health must answer a balancer at once, and the pool's connections wait
-        LOCK_TIMEOUT."""
+        """Whether a write commits now, answered within PROBE_PATIENCE: a held write lock
+        still answers a read, so this takes the write lock, updates the store identity row
+        (unchanged) and commits. On SQLite it waits CAN_WRITE_WAIT for the lock at most, on a
+        connection of its own: /health must answer a balancer at once, and the pool's
+        connections wait LOCK_TIMEOUT.
+
+        On SQLite that proves the lock and nothing more: SQLite writes no page for a row
+        set to what it holds, so a full disk commits it. Whether a message fits is
+        ``short_of_room``'s to say."""
         return self._write_probe()
 
     def _can_write_now(self) -> bool:
@@ -1121,6 +1126,68 @@ class MessageStore:
             return True
         except Exception:
             return False
+
+    def free_space(self) -> int | None:
+        """Bytes this process may still write on the filesystem of a SQLite store's file;
+        None for PostgreSQL (its disk is the server's, and its own write probe fails when
+        that is full), for an in-memory store, or when the filesystem cannot be asked."""
+        folder = self._file_folder()
+        if folder is None:
+            return None
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            return None
+
+    def short_of_room(self, need: int) -> str | None:
+        """Why a message may not fit now, or None when it may: a SQLite store whose
+        filesystem has less than ``need`` bytes free. A full disk still takes a write that
+        fits in the pages the WAL file already has (``can_write``'s among them), while a
+        message that needs the file to grow is refused: only the free space tells them
+        apart. None too where free space says nothing (``free_space``)."""
+        free = self.free_space()
+        if free is None or free >= need:
+            return None
+        return (
+            f"{_amount(free)} free on the filesystem of {self._file_folder()}, "
+            f"{_amount(need)} needed"
+        )
+
+    def _file_folder(self) -> Path | None:
+        if not self.is_sqlite:
+            return None
+        path = self.url.removeprefix("sqlite:///")
+        if not path or path == ":memory:":
+            return None
+        return Path(path).parent
+
+    def stored_already(self, batch: list[NewMessage]) -> list[int | None]:
+        """For each message of ``batch``, the id of the stored message it repeats (a
+        resend, as ``insert_messages`` would find it), or None; with reads alone. While the
+        disk is full a resend's "resent" history row cannot be written, yet the message it
+        repeats is stored: its sender is answered AA all the same (GroupCommit), rather
+        than told to resend, again and again, what the hub holds."""
+        identities = [item.identity() for item in batch]
+        if not any(identities):
+            return [None] * len(batch)
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            uses = self._probe_uses(cursor, identities)
+            found: list[int | None] = []
+            for i, (item, identity) in enumerate(zip(batch, identities, strict=True)):
+                # A message that differs from a stored one in trailing delimiters only takes
+                # that one's digest here, as it would on its way in.
+                self._check_use(cursor, uses, item, identity, batch[:i])
+                row = None
+                if identity is not None:
+                    row = cursor.execute(self._sql_find, (item.identity(),)).fetchone()
+                found.append(int(row[0]) if row is not None else None)
+            return found
+        finally:
+            with contextlib.suppress(Exception):
+                connection.rollback()
+            connection.close()
 
     # -- writes ---------------------------------------------------------------------------
     def _prepare_insert_sql(self) -> None:
@@ -2120,6 +2187,15 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 #: Seconds can_write waits for SQLite's write lock.
 CAN_WRITE_WAIT = 0.2
+
+
+def _amount(size: int) -> str:
+    """A number of bytes as a person reads it: 64 KiB, 2.0 MiB."""
+    if size < 1024 * 1024:
+        return f"{size // 1024} KiB"
+    if size < 1024**3:
+        return f"{size / 1024**2:.1f} MiB"
+    return f"{size / 1024**3:.1f} GiB"
 
 
 class _WalCheckpointer:
