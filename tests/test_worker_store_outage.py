@@ -85,6 +85,10 @@ def test_what_serve_stored_while_the_worker_lost_the_database_is_routed_in_order
                     )
                     assert "the worker's use of the store works again" in worker.stderr
                     assert worker.terminate() == 0, worker.stderr
+                    # A clean stop says so, so that it is told apart from a crash.
+                    said = worker.stderr
+                    assert "carehub worker stopping" in said
+                    assert said.rstrip().endswith("carehub worker stopped"), said[-500:]
                 assert serve.terminate() == 0, serve.stderr
         finally:
             store.close()

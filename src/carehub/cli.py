@@ -2208,11 +2208,19 @@ def worker_command(
     host, table = build_routing(config, data_dir, store)
     settings = WorkerSettings.from_config(config.worker, single_host=False)
 
+    worker_log = logging.getLogger("carehub.worker")
+
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopping() -> None:
+            if not stop.is_set():
+                worker_log.info("carehub worker stopping: finishing the sends under way")
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         worker = Worker(store, table, host, work_queue, settings)
         consuming = asyncio.Event()
 
@@ -2264,6 +2272,7 @@ def worker_command(
         asyncio.run(run())
     finally:
         store.close()
+    worker_log.info("carehub worker stopped")  # a clean stop, told apart from a crash
 
 
 # -- store maintenance -----------------------------------------------------------------------

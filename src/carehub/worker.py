@@ -1297,9 +1297,12 @@ class Worker:
             self._inflight_to.clear()
             log.warning(
                 "%d send(s) still under way %g s after the stop began are cut off; their "
-                "deliveries are sent again at the next start",
+                "deliveries go back in line, %s",
                 len(cut_off),
                 grace,
+                "to be sent at the next start"
+                if self.settings.single_host
+                else "for another worker to send now (or this one at its next start)",
             )
             await self._hand_back(cut_off)
         for last in (False, True):
