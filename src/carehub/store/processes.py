@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, inspect, select, update
 
 from carehub import __version__
+from carehub.store.failure_run import FailureRun
 from carehub.store.schema import hub_processes
 from carehub.store.store import MessageStore, _aware
 
@@ -200,12 +201,21 @@ class ProcessBeacon:
         self._routes_sent: str | None = None
         #: The disagreement on partition counts last warned of (see _check_partitions).
         self._partitions_said: str | None = None
+        self._beats_failing = FailureRun(
+            "telling the store this process is alive",
+            "`carehub status` will show it as not answering",
+            "heartbeat(s)",
+            report_every=300.0,
+            logger=log,
+            level=logging.WARNING,
+            traceback=False,
+        )
 
     async def start(self, every: float = HEARTBEAT) -> None:
         try:
             await asyncio.to_thread(self._register)
         except Exception as err:
-            log.warning("could not record this process in the store: %s", err)
+            log.warning("could not record this process in the store: %s", _first_line(err))
         await self._check_partitions()
         self._task = asyncio.create_task(self._beat_loop(every), name="process beacon")
 
@@ -223,7 +233,7 @@ class ProcessBeacon:
         try:
             await asyncio.to_thread(self._unregister)
         except Exception as err:
-            log.warning("could not remove this process's row from the store: %s", err)
+            log.warning("could not remove this process's row from the store: %s", _first_line(err))
 
     async def _beat_loop(self, every: float) -> None:
         while True:
@@ -235,7 +245,11 @@ class ProcessBeacon:
             try:
                 await asyncio.to_thread(self._beat)
             except Exception as err:
-                log.warning("could not tell the store this process is alive: %s", err)
+                # One line of the driver's text, once a run and every few minutes: an outage
+                # is logged by the loops that use the store, and this is one more of them.
+                self._beats_failing.failed(RuntimeError(_first_line(err)))
+            else:
+                self._beats_failing.succeeded()
             await self._check_partitions()
 
     async def _check_partitions(self) -> None:
@@ -330,3 +344,9 @@ class ProcessBeacon:
     def _unregister(self) -> None:
         with self.store.engine.begin() as conn:
             conn.execute(delete(hub_processes).where(hub_processes.c.id == self.id))
+
+
+def _first_line(err: Exception) -> str:
+    """The driver's account of a failed write, without the statement and SQLAlchemy's
+    "Background on this error" lines that follow it."""
+    return (str(err) or type(err).__name__).split("\n", 1)[0]
