@@ -719,3 +719,17 @@ def test_send_the_sample_feeds(sample_hub: HubThread) -> None:
     assert sum(": AA (" in line for line in lines) == len(feeds) - 1
     (refused,) = [line for line in lines if ": AE (" in line]
     assert "missing-control-id" in refused and "MSH-10" in refused
+
+
+def test_serve_without_worker_on_the_default_queue_names_no_line_the_file_lacks(
+    tmp_path: Path,
+) -> None:
+    """The queue is not written in the file (the default, memory://): the error says so
+    rather than pointing at the file's first key, which holds no queue setting."""
+    config = tmp_path / "carehub.yaml"
+    config.write_text("# a hub\n\nhub:\n  application: CAREHUB\nroutes: []\n")
+    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--no-worker"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert f"{config}: queue.url (not set there: the default)" in result.output, result.output
+    assert f"{config}:3:" not in result.output

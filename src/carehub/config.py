@@ -754,10 +754,13 @@ def where_in_config(config: HubConfig, *key: str | int) -> str:
     if config.source is None:
         return dotted
     try:
-        line = _line_of(yaml.compose(config.source.read_text(encoding="utf-8")), key)
+        tree = yaml.compose(config.source.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: no longer UTF-8 text
-        line = None
-    return f"{config.source}{f':{line}' if line else ''}: {dotted}"
+        return f"{config.source}: {dotted}"
+    if not isinstance(tree, yaml.MappingNode) or _entry(tree, key[0]) is None:
+        # Not written in the file at all: its first line would point at something else.
+        return f"{config.source}: {dotted} (not set there: the default)"
+    return f"{config.source}:{_line_of(tree, key)}: {dotted}"
 
 
 def load_config(path: Path | None) -> HubConfig:
