@@ -81,6 +81,19 @@ class TLSConfig(_Strict):
     )
 
 
+#: The answer to a message the store could not take (a full disk, a lost database), which the
+#: sender must send again. HL7 v2 gives AR for "rejected for a reason unrelated to content or
+#: format" (system down) and AE for an error in the message; senders differ in which of the
+#: two they resend, so a listener says which its senders resend. AE by default, as before.
+NOT_STORED_ACK_DEFAULT = "AE"
+NOT_STORED_ACK_HELP = (
+    "the acknowledgment code of a message the store could not take (a full disk, a lost "
+    "database), which the sender must send again: AE (the default), or AR, HL7's code for a "
+    "message rejected for a reason unrelated to its content (system down); choose the one "
+    "this listener's senders resend"
+)
+
+
 class MLLPListenerConfig(_Strict):
     name: str = "mllp"
     host: str = "0.0.0.0"
@@ -110,6 +123,10 @@ class MLLPListenerConfig(_Strict):
         "rejected), sent only when MSH-15 asks (AL always, NE never, ER on errors, SU on "
         "success); off, every frame gets an original-mode AA/AE/AR",
     )
+    not_stored_ack: Literal["AE", "AR"] = Field(
+        NOT_STORED_ACK_DEFAULT,
+        description=NOT_STORED_ACK_HELP,
+    )
 
     _charset = field_validator("default_charset")(_known_codec)
 
@@ -126,6 +143,10 @@ class HTTPListenerConfig(_Strict):
     )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     default_charset: str = "utf-8"
+    not_stored_ack: Literal["AE", "AR"] = Field(
+        NOT_STORED_ACK_DEFAULT,
+        description=NOT_STORED_ACK_HELP,
+    )
     api_docs: bool = Field(
         False,
         description="serve the API description at /docs, /redoc and /openapi.json, without "

@@ -258,7 +258,9 @@ def build_app(
         if not authorized(request):
             return unauthorized()
         peer = f"{request.client.host}:{request.client.port}" if request.client else None
-        arrival = Arrival("http", "http", peer, config.default_charset)
+        arrival = Arrival(
+            "http", "http", peer, config.default_charset, not_stored=AckCode(config.not_stored_ack)
+        )
         body, size = await read_body(request, config.max_message_bytes)
         if size > config.max_message_bytes:
             reason = (
@@ -340,8 +342,8 @@ async def _split(body: bytes) -> SplitData:
 
 
 def _status(result: IntakeResult) -> int:
-    if result.code is AckCode.ERROR and result.message_id is None:
-        return 503  # not stored at all: the sender must retry
+    if result.code is not AckCode.ACCEPT and result.message_id is None:
+        return 503  # not stored at all (AE, or AR by not_stored_ack): the sender must retry
     return _STATUS_FOR_CODE[result.code]
 
 

@@ -46,6 +46,8 @@ class Arrival:
     default_charset: str = "utf-8"
     #: The listener honours enhanced-mode acknowledgment (MLLPListenerConfig.enhanced_acks).
     enhanced_acks: bool = False
+    #: The code of a message the store could not take (a listener's ``not_stored_ack``).
+    not_stored: AckCode = AckCode.ERROR
 
 
 @dataclass(slots=True, frozen=True)
@@ -313,7 +315,7 @@ class Intake:
                 else "message not stored: the message store is unavailable; please resend"
             )
             return self._result(
-                AckCode.ERROR,
+                arrival.not_stored,
                 view,
                 message,
                 arrival,

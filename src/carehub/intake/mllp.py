@@ -32,6 +32,7 @@ import time
 from collections import deque
 
 from carehub.config import MLLPListenerConfig
+from carehub.hl7.ack import AckCode
 from carehub.hl7.framing import BrokenFrame, Frame, FrameDecoder, OversizeFrame, encode_frame
 from carehub.intake import tls as listener_tls
 from carehub.intake.intake import Arrival, Intake, IntakeResult
@@ -176,7 +177,12 @@ class _Connection(asyncio.Protocol):
             self.peer = f"{peername[0]}:{peername[1]}"
         config = self.listener.config
         self.arrival = Arrival(
-            "mllp", config.name, self.peer, config.default_charset, config.enhanced_acks
+            "mllp",
+            config.name,
+            self.peer,
+            config.default_charset,
+            config.enhanced_acks,
+            AckCode(config.not_stored_ack),
         )
         context = self.listener.ssl_context
         if context is not None:
