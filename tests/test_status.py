@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from carehub import __version__
 from carehub.cli import main
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread, make_adt, mllp_exchange
@@ -229,13 +230,15 @@ def test_status_lists_the_processes_and_names_a_silent_one_and_mixed_routes(
     data_dir = tmp_path / "data"
     now = datetime.now(UTC)
 
-    def worker_row(pid: int, seen: datetime, routes: str) -> dict[str, Any]:
+    def worker_row(
+        pid: int, seen: datetime, routes: str, version: str = __version__
+    ) -> dict[str, Any]:
         return {
             "id": f"worker-{pid}",
             "role": "worker",
             "host": "host-b",
             "pid": pid,
-            "version": "0.1.0",
+            "version": version,
             "started_at": now - timedelta(hours=1),
             "last_seen": seen,
             "routes": routes,
@@ -264,5 +267,15 @@ def test_status_lists_the_processes_and_names_a_silent_one_and_mixed_routes(
         text = plain(result.output)
         assert "not answering" in text
         assert "the running processes use 2 different route sets" in text
+        # During an upgrade the releases may digest the same route files otherwise: the
+        # advice is to finish the upgrade, not to reload.
+        with hub.store.engine.begin() as conn:
+            conn.execute(insert(hub_processes), [worker_row(4003, now, "fedcba987654", "0.1.0")])
+        result = CliRunner().invoke(
+            main, ["status", "--data-dir", str(data_dir)], env=env_without_carehub()
+        )
+        text = plain(result.output)
+        assert f"run 2 carehub releases (0.1.0, {__version__}): finish the upgrade" in text
+        assert "reload the ones behind" not in text
     left = {p["pid"] for p in status_json(data_dir)["processes"]}
-    assert left == {4001, 4002}  # the hub removed its own row as it stopped
+    assert left == {4001, 4002, 4003}  # the hub removed its own row as it stopped

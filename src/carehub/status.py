@@ -124,6 +124,13 @@ class HubStatus:
         return {p.routes or "?" for p in self.processes if not p.stale(self.now)}
 
     @property
+    def versions(self) -> set[str]:
+        """The carehub releases the answering processes run: more than one during an
+        upgrade, when their route-set digests cannot be compared (a release may digest the
+        same files otherwise)."""
+        return {p.version for p in self.processes if not p.stale(self.now)}
+
+    @property
     def paused(self) -> list[DestinationState]:
         return [item for item in self.destinations if item.paused]
 
@@ -412,7 +419,16 @@ def render(status: HubStatus) -> RenderableType:
     else:
         parts.append(Text("Deliveries: none"))
     parts.append(_processes(status))
-    if len(status.route_sets) > 1:
+    if len(status.versions) > 1:
+        parts.append(
+            Text(
+                f"the running processes run {len(status.versions)} carehub releases "
+                f"({', '.join(sorted(status.versions))}): finish the upgrade; their route sets "
+                "are compared once they run one release",
+                style="yellow",
+            )
+        )
+    elif len(status.route_sets) > 1:
         parts.append(
             Text(
                 f"the running processes use {len(status.route_sets)} different route sets: "
