@@ -468,9 +468,11 @@ class MLLPChannel(Channel):
     reused connection turns out to have been closed by the peer while idle, the message is sent
     once more on a fresh connection within the same attempt.
 
-    Answers: AA/CA -> receipt "AA"; AE/CE -> retryable; AR/CR -> not retryable; no answer,
-    timeout, refused connection, TLS failure, an answer that is not an ACK, or an ACK whose
-    MSA-2 is not the MSH-10 sent -> retryable.
+    Answers: AA/CA -> receipt "AA"; AE/CE -> retried (``error_ack: dead_letter`` for a
+    receiver whose AE means "fix the message"); AR/CR -> a dead letter at once (``reject_ack:
+    retry`` for a receiver that answers AR while it is down, as HL7 v2 describes AR); no
+    answer, timeout, refused connection, TLS failure, an answer that is not an ACK, or an ACK
+    whose MSA-2 is not the MSH-10 sent -> retried.
     """
 
     name = "mllp"
@@ -492,6 +494,18 @@ class MLLPChannel(Channel):
             None,
             description="character set for messages whose MSH-18 declares none, for a receiver "
             "that reads those in another than they arrived in (unset: sent as they arrived)",
+        )
+        error_ack: Literal["retry", "dead_letter"] = Field(
+            "retry",
+            description="what an AE (or CE) answer makes of the delivery: retry (as the "
+            "retry settings allow), or dead_letter at once, for a receiver whose AE means the "
+            "message must be fixed before it can take it",
+        )
+        reject_ack: Literal["dead_letter", "retry"] = Field(
+            "dead_letter",
+            description="what an AR (or CR) answer makes of the delivery: dead_letter at once, "
+            "or retry, for a receiver that answers AR while it is down or busy (HL7 v2's AR: "
+            "rejected for a reason unrelated to the message)",
         )
 
         @field_validator("encoding")
@@ -682,10 +696,16 @@ class MLLPChannel(Channel):
             return "AA"
         if code in ("AR", "CR"):
             raise DeliveryError(
-                f"{self.address} rejected the message ({code})", retryable=False, said=said
+                f"{self.address} rejected the message ({code})",
+                retryable=self.options.reject_ack == "retry",
+                said=said,
             )
         if code in ("AE", "CE"):
-            raise DeliveryError(f"{self.address} answered {code}", retryable=True, said=said)
+            raise DeliveryError(
+                f"{self.address} answered {code}",
+                retryable=self.options.error_ack == "retry",
+                said=said,
+            )
         raise DeliveryError(
             f"{self.address} answered an unknown acknowledgment code",
             said=f"MSA-1 {code[:8]!r}" + (f"; {reason}" if reason else ""),
