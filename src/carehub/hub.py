@@ -174,11 +174,14 @@ def _refuse_migrating_under_older_processes(store: MessageStore) -> None:
     nothing would tell them."""
     from carehub.store.processes import older_processes_running
 
-    behind = store.schema_behind()
-    if behind is None or "newer carehub" in behind:
-        return  # nothing to migrate, or migrate says why it cannot
-    with store.engine.connect() as conn:
-        older = older_processes_running(conn)
+    try:
+        if not store.migration_pending():
+            return  # nothing to migrate, or a newer schema, which migrate says it cannot follow
+        with store.engine.connect() as conn:
+            older = older_processes_running(conn)
+    except BaseException:
+        store.close()
+        raise
     if older is None:
         return
     revision = store.schema_revision() or "none"

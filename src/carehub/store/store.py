@@ -946,6 +946,15 @@ class MessageStore:
 
         return engine
 
+    def migration_pending(self) -> bool:
+        """Whether ``migrate`` would change the schema: it is older than this release's (a
+        newer one, from a later release, is not migrated: ``schema_behind`` says why)."""
+        script = ScriptDirectory.from_config(_alembic_config())
+        revision = self.schema_revision()
+        if revision == script.get_current_head():
+            return False
+        return revision is None or _known_revision(script, revision)
+
     def schema_behind(self) -> str | None:
         """Why this store's schema does not fit this release (None when it does): older, and
         waiting for ``migrate`` (run by `carehub store upgrade`, `serve` and `worker`), or
