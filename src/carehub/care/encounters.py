@@ -1090,7 +1090,8 @@ class EncounterTracker:
         else:
             key = rec.patient_key  # a visit recorded under the unscoped key goes on under it
         before = None if is_new else rec.core()
-        facts = None if is_new else _facts(rec)
+        # What the visit was, for telling an update that changed it (read only for those).
+        facts = _facts(rec) if not is_new and event.kind in _UPDATES else None
         previous_state = None if is_new else rec.state
         late = _older_than_held(rec, event)
         self._merge_fields(rec, event, enc, message_id, now, late=late)

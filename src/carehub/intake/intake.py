@@ -99,7 +99,9 @@ async def receive_in_groups(
     Once a message is answered "not stored" (a full disk, a write lock held too long), every
     later group is answered "not stored" without being stored: the sender's resend of the
     batch then brings them in the batch's order. Storing them would route a patient's A03
-    ahead of the A01 that only the resend brings."""
+    ahead of the A01 that only the resend brings. Within a group the messages share one
+    commit, and so one outcome, unless other senders' messages fill that commit (MAX_BATCH):
+    then its tail goes in the next, which a full disk may take when it refused the first."""
     group: list[_Item] = []
     taker = intake
 

@@ -1622,7 +1622,8 @@ class FhirReferralChannel(HttpChannel):
                 timeout=self.options.timeout,
                 verify=self.options.verify_tls,
                 follow_redirects=False,
-                headers={"User-Agent": "carehub"},
+                # Only the codings read_answer unpacks within its bound.
+                headers={"User-Agent": "carehub", "Accept-Encoding": "gzip, deflate"},
             )
         transitions = []
         for task_id, entry in sorted(self.tasks.all().items()):

@@ -552,7 +552,13 @@ class ApiDirectory:
         self._client = httpx.Client(
             base_url=self.base_url + "/",
             timeout=timeout,
-            headers={"Accept": "application/json", **(headers or {})},
+            # Only the codings read_answer unpacks within its bound (httpx would also offer
+            # br and zstd when their packages happen to be installed).
+            headers={
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
+                **(headers or {}),
+            },
         )
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
         self._lock = threading.Lock()
