@@ -13,13 +13,12 @@ from pathlib import Path
 
 import httpx
 
-from carehub.config import HubConfig
 from carehub.hl7.ack import read_ack
-from carehub.hub import open_store
 from carehub.intake.intake import BATCH_GROUP
 from carehub.testing import make_adt
 from tests.helpers_http import CarehubProcess
 from tests.test_filedrop import drop, names, wait_for
+from tests.test_filedrop_large_files import stored_rows
 
 HTTP_LINE = re.compile(r"HTTP listener '\S+' on ([\d.]+):(\d+)")
 PATIENTS = BATCH_GROUP
@@ -57,11 +56,7 @@ def serve_args(tmp_path: Path, listeners: str) -> list[str]:
 
 
 def stored_order(tmp_path: Path) -> list[str]:
-    store = open_store(HubConfig(), tmp_path / "data")
-    try:
-        return [m.control_id or "" for m in sorted(store.find(limit=None), key=lambda m: m.id)]
-    finally:
-        store.close()
+    return [m.control_id or "" for m in stored_rows(tmp_path / "data")]
 
 
 def assert_each_patient_in_order(order: list[str]) -> None:

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from carehub.config import HubConfig
 from carehub.hl7.ack import read_ack
@@ -91,6 +92,21 @@ class Sender(threading.Thread):
         return max(later - earlier for earlier, later in itertools.pairwise(times))
 
 
+def stored_rows(data_dir: Path) -> list[Any]:
+    """Every message the hub's store holds, in the order it stored them."""
+    store = open_store(HubConfig(), data_dir)
+    try:
+        return sorted(store.find(limit=None), key=lambda m: m.id)
+    finally:
+        store.close()
+
+
+def stored_meanwhile(rows: list[Any], batch: list[Any], listener: str) -> list[Any]:
+    """The rows from ``listener`` stored between the batch's first and last message."""
+    first, last = batch[0].id, batch[-1].id
+    return [m for m in rows if m.listener == listener and first < m.id < last]
+
+
 def test_mllp_senders_are_answered_while_a_large_batch_is_taken(tmp_path: Path) -> None:
     """The batch is read and split off the event loop and stored a group at a time: the MLLP
     sender's answers keep coming, and its messages are stored between the batch's own (the
@@ -119,16 +135,11 @@ def test_mllp_senders_are_answered_while_a_large_batch_is_taken(tmp_path: Path) 
         f"an MLLP sender waited {gap:.2f} s for an answer while the batch was taken "
         f"({end - start:.1f} s)"
     )
-    store = open_store(HubConfig(), tmp_path / "data")
-    try:
-        rows = sorted(store.find(limit=None), key=lambda m: m.id)
-    finally:
-        store.close()
+    rows = stored_rows(tmp_path / "data")
     from_file = [m for m in rows if m.listener == "inbox"]
     assert [m.control_id for m in from_file] == control_ids
     assert {m.status for m in from_file} == {"received"}
-    first, last = from_file[0].id, from_file[-1].id
-    between = [m for m in rows if m.listener == "senders" and first < m.id < last]
+    between = stored_meanwhile(rows, from_file, "senders")
     assert len(between) >= 5, (
         f"{len(between)} of the sender's {len(sender.control_ids)} messages were stored while "
         "the batch was"

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import httpx
 
-from carehub.config import HubConfig
 from carehub.hl7.ack import read_ack
-from carehub.hub import open_store
 from tests.helpers_http import CarehubProcess
 from tests.test_filedrop import wait_for
-from tests.test_filedrop_large_files import LONGEST_GAP, Sender, nightly_batch
+from tests.test_filedrop_large_files import (
+    LONGEST_GAP,
+    Sender,
+    nightly_batch,
+    stored_meanwhile,
+    stored_rows,
+)
 
 HTTP_LINE = re.compile(r"HTTP listener '\S+' on ([\d.]+):(\d+)")
 #: About 17 MB: split on the event loop, it held every listener for about 2 s on a 2-CPU
@@ -69,15 +73,10 @@ def test_mllp_senders_are_answered_while_a_large_batch_is_posted(tmp_path: Path)
         f"an MLLP sender waited {gap:.2f} s for an answer while the batch was posted "
         f"({end - start:.1f} s)"
     )
-    store = open_store(HubConfig(), tmp_path / "data")
-    try:
-        rows = sorted(store.find(limit=None), key=lambda m: m.id)
-    finally:
-        store.close()
+    rows = stored_rows(tmp_path / "data")
     posted = [m for m in rows if m.transport == "http"]
     assert [m.control_id for m in posted] == control_ids
-    first, last = posted[0].id, posted[-1].id
-    between = [m for m in rows if m.listener == "senders" and first < m.id < last]
+    between = stored_meanwhile(rows, posted, "senders")
     assert len(between) >= 3, (
         f"{len(between)} of the sender's {len(sender.control_ids)} messages were stored while "
         "the batch was"

@@ -30,7 +30,7 @@ from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.group_commit import Committed, GroupCommit, StoreUnavailable
 from carehub.store.schema import MessageStatus
-from carehub.store.store import InsertOutcome, NewMessage
+from carehub.store.store import InsertOutcome, MessageStore, NewMessage
 from carehub.workqueue import patient_key
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,11 @@ def _not_stored(result: IntakeResult) -> bool:
 
 class _StoringNothing(GroupCommit):
     """A writer that answers every message "not stored" with one reason, on the next loop
-    pass, and stores nothing (Intake.storing_nothing)."""
+    pass, and stores nothing (Intake.storing_nothing). It keeps the store it stands in for, so
+    that it is a whole GroupCommit to whatever asks (writable, failing)."""
 
-    def __init__(self, reason: StoreUnavailable) -> None:  # no store: nothing is written
+    def __init__(self, store: MessageStore, reason: StoreUnavailable) -> None:
+        super().__init__(store)
         self.reason = reason
 
     def submit_soon(self, message: NewMessage, done: Committed) -> None:
@@ -175,7 +177,7 @@ class Intake:
         """This intake with a writer that stores nothing and answers each message "not
         stored" for ``reason``; it counts into the same counts."""
         stopped = copy.copy(self)
-        stopped.writer = _StoringNothing(reason)
+        stopped.writer = _StoringNothing(self.writer.store, reason)
         return stopped
 
     async def receive(self, payload: bytes, arrival: Arrival) -> IntakeResult:
