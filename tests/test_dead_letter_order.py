@@ -416,7 +416,7 @@ routes:
     steps:
       - forward: {{channel: webhook, name: ehr, url: {url}, retry: {retry}}}
 """
-#: Two fast attempts, then a dead letter (the sample routes give up after minutes; same thing).
+#: Two fast attempts, then a dead letter (the sample routes give up after a day; same thing).
 TWO_TRIES = "{max_attempts: 2, initial_delay: 0.05, multiplier: 1, max_delay: 0.05, jitter: 0}"
 TWO_TRIES_CONTINUE = TWO_TRIES[:-1] + ", after_dead_letter: continue}"
 DESTINATION = "adt/ehr"

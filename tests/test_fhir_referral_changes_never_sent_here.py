@@ -32,7 +32,7 @@ CREATES = "sdoh-referrals/cbo-platform"
 #: The specialist referral's later messages without RF1-3: they pass the change route's filter.
 UNTYPED = {**SPECIALIST, "SO^Social services^HL70281": ""}
 STAT = {"REF^I12^REF_I12": "REF^I13^REF_I12", "R^Routine^HL70280": "S^STAT^HL70280"}
-SHIPPED_RETRY = "retry: {max_attempts: 8, initial_delay: 5, max_delay: 900}"
+SHIPPED_RETRY = "retry: {give_up_after: 24h, initial_delay: 5, max_delay: 900}"
 FAST_RETRY = "retry: {max_attempts: forever, initial_delay: 0.2, multiplier: 1, max_delay: 0.2}"
 
 

@@ -252,7 +252,7 @@ def test_show_stays_compact_and_says_how_to_see_more(shown: tuple[Path, int]) ->
     assert "payload" not in out.split("Deliveries")[1].split("(--payload")[0]
     assert "(--payload shows what each one sends)" in out
     assert "(outputs cut short: --full shows them whole)" in out
-    assert "adt/v2copy (file) delivered, 1/" in out and "x-application/hl7-v2+er7" in out
+    assert "adt/v2copy (file) delivered, 1 attempts" in out and "x-application/hl7-v2+er7" in out
 
 
 def test_show_payload_prints_what_each_delivery_sent_in_full(shown: tuple[Path, int]) -> None:

@@ -6,11 +6,12 @@ that names the option (exit 2), not a traceback from deep inside a socket or SQL
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
+
+from carehub.timespans import parse_age
 
 #: A TCP port; 0 lets the system pick a free one.
 PORT = click.IntRange(0, 65_535)
@@ -42,22 +43,8 @@ class MessageStatusChoice(click.ParamType):
 MESSAGE_STATUS = MessageStatusChoice()
 
 
-_AGE = re.compile(r"(\d+)([smhd])")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: The longest age that still has a calendar date behind it for any command to compare with.
 _LONGEST_AGE = timedelta(days=36_500)
-
-
-def parse_age(text: str) -> timedelta | None:
-    """``30m``, ``2h``, ``7d`` (seconds, minutes, hours, days) as a timedelta; None when the
-    text is not an age, so that a caller may try it as a date instead."""
-    match = _AGE.fullmatch(text.strip())
-    if match is None:
-        return None
-    try:
-        return timedelta(seconds=int(match.group(1)) * _AGE_UNITS[match.group(2)])
-    except OverflowError:  # past what a timedelta holds: longer than any calendar
-        return timedelta.max
 
 
 class AgeType(click.ParamType):

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -20,7 +20,9 @@ from carehub.config import without_password
 from carehub.hl7.fieldnames import field_name
 from carehub.hl7.view import MessageView, NotHL7Error
 from carehub.store.outbox import EARLY_FAILURE, AttemptRow, DeliveryRecord, Discard, StepRow
+from carehub.store.schema import UNFINISHED
 from carehub.store.store import StatusChange, StoredMessage
+from carehub.timespans import span_text
 
 if TYPE_CHECKING:
     from carehub.routing.dryrun import DryRunResult
@@ -38,13 +40,37 @@ def new_console(pipe_width: int = PIPE_WIDTH) -> Console:
 
 
 _console = new_console()
+#: Delivery statuses a time limit still applies to: waiting for an attempt, or being sent.
+_WAITING = frozenset(status.value for status in UNFINISHED)
 
 
-def attempts_text(attempts: int, max_attempts: int, early: int = 0) -> str:
+def attempts_text(delivery: DeliveryRecord, early: int = 0) -> str:
     """``2/5``, and ``2/5 (+1 early)`` when attempts made early as the destination seemed
-    back failed: those are in the history but not in the count against the limit."""
-    counted = f"{attempts}/{max_attempts or 'forever'}"  # 0: retried until it works
+    back failed: those are in the history but not in the count against the limit. With no
+    count limit, ``2`` when a time limit applies (see give_up_text) and ``2/forever`` when
+    none does."""
+    attempts, limit = delivery.attempts, delivery.max_attempts
+    if limit:
+        counted = f"{attempts}/{limit}"
+    else:
+        counted = str(attempts) if delivery.give_up_after else f"{attempts}/forever"
     return f"{counted} (+{early} early)" if early else counted
+
+
+def _after_comma(text: str) -> str:
+    return f", {text}" if text else ""
+
+
+def give_up_text(delivery: DeliveryRecord) -> str:
+    """When a waiting delivery that goes on failing becomes a dead letter by its time limit:
+    ``gives up at 2026-12-08 09:00 UTC`` once a run of failures has begun, else ``gives up
+    after 24h of failing``; empty with no time limit, and for a finished delivery."""
+    if not delivery.give_up_after or delivery.status not in _WAITING:
+        return ""
+    if delivery.failing_since is None:
+        return f"gives up after {span_text(delivery.give_up_after)} of failing"
+    deadline = delivery.failing_since + timedelta(seconds=delivery.give_up_after)
+    return f"gives up at {deadline.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
 
 
 #: Dead letters holding a waiting delivery's line, by the waiting delivery's id, each as
@@ -174,7 +200,8 @@ def show_message(
                 Text(
                     f"  #{delivery.id} {delivery.destination} ({delivery.channel}) "
                     f"{delivery.status}, "
-                    f"{attempts_text(delivery.attempts, delivery.max_attempts, early)} attempts, "
+                    f"{attempts_text(delivery, early)} attempts"
+                    f"{_after_comma(give_up_text(delivery))}, "
                     f"key {delivery.idempotency_key}, "
                     f"{len(delivery.payload):,} bytes {delivery.content_type}"
                 )
@@ -350,6 +377,8 @@ def _delivery_json(
         "attempts": delivery.attempts,
         "early_attempts": _early_count(attempts),
         "max_attempts": delivery.max_attempts,
+        "give_up_after": delivery.give_up_after,
+        "failing_since": delivery.failing_since.isoformat() if delivery.failing_since else None,
         "not_before": delivery.not_before.isoformat(),
         "held_behind": [
             {"delivery_id": dead_id, "message_id": message_id, "destination": destination}
@@ -407,7 +436,7 @@ def delivery_table(found: list[DeliveryRecord], title: str, total: int | None = 
             str(d.message_id),
             d.destination,
             d.channel,
-            attempts_text(d.attempts, d.max_attempts, d.early_attempts),
+            attempts_text(d, d.early_attempts) + _after_comma(give_up_text(d)),
             d.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
             Text(without_password(d.last_error or "")),
         )
@@ -443,7 +472,7 @@ def discarded_table(
             str(d.message_id),
             d.destination,
             d.channel,
-            attempts_text(d.attempts, d.max_attempts, d.early_attempts),
+            attempts_text(d, d.early_attempts),
             when,
             Text(by or ""),
             Text(reason or ""),

@@ -46,6 +46,7 @@ from carehub.store.outbox import AttemptResult, DeliveryRecord, Handover, Outbox
 from carehub.store.processes import running_processes
 from carehub.store.schema import MessageStatus
 from carehub.store.store import MessageStore, StoredMessage, StoreError
+from carehub.timespans import span_text
 from carehub.workqueue import Consumer, QueueUnavailable, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -514,7 +515,7 @@ class Worker:
         outage, those lines move only when an operator retries or discards."""
         holding: list[str] = []
         going_on: list[str] = []
-        limits: dict[str, int] = {}  # retry.max_attempts, for the deliveries waiting
+        limits: dict[str, tuple[int, int]] = {}  # retry limits, for the deliveries waiting
         names = {name: name for name in self.table.destinations}
         names.update(self.table.former_names)
         for name, current in names.items():
@@ -522,7 +523,10 @@ class Worker:
             if destination is not None:
                 holds = destination.retry.holds_line(destination.channel.name)
                 (holding if holds else going_on).append(name)
-                limits[name] = destination.retry.max_attempts
+                limits[name] = (
+                    destination.retry.max_attempts,
+                    destination.retry.give_up_seconds,
+                )
         self.outbox.apply_line_policy(holding, going_on, self.table.lines())
         self.outbox.apply_retry_limits(limits)
         held = sum(self.outbox.held().values())
@@ -917,6 +921,7 @@ class Worker:
                 skipped=skipped,
                 early=early,
                 max_attempts=destination.retry.max_attempts,
+                give_up_after=destination.retry.give_up_seconds,
             )
             trouble = self._trouble.get(delivery.destination)
             outage = trouble.delivered() if trouble is not None else None
@@ -950,8 +955,18 @@ class Worker:
             # reload or a restart that changes it applies to deliveries already waiting. One
             # no longer configured keeps the limit it was planned with. 0: until it is taken.
             limit = delivery.max_attempts if destination is None else destination.retry.max_attempts
+            give_up = (
+                delivery.give_up_after if destination is None else destination.retry.give_up_seconds
+            )
+            # The run of failures begins with the first counted one; an early attempt only
+            # ever fails inside a run (it is made to a delivery waiting out a retry delay).
+            failing_since = delivery.failing_since or started
+            deadline = failing_since + timedelta(seconds=give_up) if give_up else None
+            now = datetime.now(UTC)
             # An early attempt is not counted: it never makes a dead letter of its own.
-            spent = not early and 0 < limit <= attempt
+            spent = not early and (
+                0 < limit <= attempt or (deadline is not None and now >= deadline)
+            )
             final = not retryable or spent or destination is None
             retry_at = None
             if early and not final:
@@ -959,7 +974,9 @@ class Worker:
             elif not final:
                 assert destination is not None
                 delay = _retry_delay(destination, attempt, err)
-                retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+                retry_at = now + timedelta(seconds=delay)
+                if deadline is not None:  # the last attempt is made when the time is up
+                    retry_at = min(retry_at, max(deadline, now))
             # A dead letter to a destination no longer configured lets its line go on: the
             # later ones cannot be sent there either, and would wait behind it for nothing.
             holds = destination is not None and destination.retry.holds_line(
@@ -981,10 +998,19 @@ class Worker:
                 loggable=_clean_text(_reason(err)),  # what `carehub status` shows of it
                 early=early,
                 max_attempts=limit,
+                give_up_after=give_up,
+                failing_since=None if early else failing_since,
             )
             self.failed_attempts += 1
             self._log_failure(
-                delivery, attempt, err, final=final, holds=holds, early=early, max_attempts=limit
+                delivery,
+                attempt,
+                err,
+                final=final,
+                holds=holds,
+                early=early,
+                max_attempts=limit,
+                give_up=give_up,
             )
             host.notify("carehub_message_failed", delivery=delivery, error=detail, final=final)
         self._results.append(result)
@@ -1002,6 +1028,7 @@ class Worker:
         holds: bool,
         early: bool = False,
         max_attempts: int | None = None,
+        give_up: int | None = None,
     ) -> None:
         """Log a failed attempt. The error's full text, which can quote what the destination
         answered and so the message, goes to the store (attempt rows, dead letters); the log
@@ -1009,7 +1036,17 @@ class Worker:
         DestinationTrouble), each attempt a DEBUG line; a dead letter, which waits for an
         operator, is a WARNING of its own."""
         reason = _reason(err)
-        limit = (delivery.max_attempts if max_attempts is None else max_attempts) or "unlimited"
+        count = delivery.max_attempts if max_attempts is None else max_attempts
+        span = delivery.give_up_after if give_up is None else give_up
+        limit = (
+            " or ".join(
+                [
+                    *([str(count)] if count else []),
+                    *([f"{span_text(span)} of failing"] if span else []),
+                ]
+            )
+            or "unlimited"
+        )
         retryable = err.retryable if isinstance(err, DeliveryError) else True
         if retryable:  # a refusal for good is about the message, not the destination
             trouble = self._trouble.get(delivery.destination)

@@ -817,6 +817,7 @@ class Notifier:
                 ),
                 order_key,
                 self.config.retry.max_attempts,
+                give_up_after=self.config.retry.give_up_seconds,
             )
             for number, text in enumerate(texts, start=1)
         ]

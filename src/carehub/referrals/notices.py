@@ -656,6 +656,7 @@ class ReferralNotifier:
             outgoing=Outgoing(body.encode("utf-8"), "text/plain; charset=utf-8", key, metadata),
             order_key=transition.patient_key or order_key(work.message),
             max_attempts=self.config.retry.max_attempts,
+            give_up_after=self.config.retry.give_up_seconds,
         )
 
     def render(self, kind: str, channel: str, context: dict[str, Any]) -> tuple[str, str]:

@@ -52,6 +52,7 @@ from carehub.config import (
 )
 from carehub.errors import ConfigError
 from carehub.routing.conditions import When
+from carehub.timespans import parse_age
 
 STEP_KINDS = (
     "translate",
@@ -73,9 +74,16 @@ class RetryPolicy(_Strict):
     """Exponential backoff with jitter: delay n = min(max_delay, initial * multiplier**(n-1)),
     then spread by +/- jitter so retries from many messages do not arrive in lockstep.
 
-    ``max_attempts: 0`` (or ``forever``) retries until the destination takes the delivery, for
-    a receiver where order matters more than time; a refusal for good (HTTP 400, an AR) still
-    makes a dead letter at once, as repeating it would not change the answer.
+    A delivery that goes on failing becomes a dead letter when it reaches either limit
+    written: ``max_attempts`` attempts, or ``give_up_after`` (a span: ``90s``, ``30m``,
+    ``24h``, ``3d``, or seconds) since its first failed attempt. With neither written it is
+    retried for DEFAULT_GIVE_UP_AFTER: a receiving system down for a maintenance window, or
+    a night, gets its backlog when it comes back, as an interface engine's queue does, not a
+    dead-letter queue for an operator to retry by hand. ``max_attempts`` written alone keeps
+    its meaning (no time limit); ``0`` (or ``forever``) for both retries until the
+    destination takes it, for a receiver where order matters more than time. A refusal for
+    good (HTTP 400, an AR) still makes a dead letter at once, as repeating it would not
+    change the answer.
 
     ``after_dead_letter`` is what a dead letter does to the later deliveries of its patient to
     its destination (its line): ``hold`` keeps them waiting until the dead letter is retried
@@ -88,13 +96,32 @@ class RetryPolicy(_Strict):
     #: care-team member of a patient in one line, so one bad address or number would otherwise
     #: stop that patient's later notices to everyone.
     CONTINUE_BY_DEFAULT: ClassVar[frozenset[str]] = frozenset({"email", "sms"})
+    #: Seconds a delivery is retried, from its first failure, when no limit is written.
+    DEFAULT_GIVE_UP_AFTER: ClassVar[int] = 86_400
 
-    max_attempts: int = 8
-    initial_delay: float = Field(1.0, ge=0)
-    multiplier: float = Field(2.0, ge=1)
-    max_delay: float = Field(600.0, ge=0)
-    jitter: float = Field(0.2, ge=0, le=1)
-    after_dead_letter: Literal["hold", "continue"] | None = None
+    max_attempts: int = Field(
+        0,
+        description="attempts before a delivery that goes on failing is a dead letter; 0 (or "
+        "forever): no count limit",
+    )
+    #: Seconds from the first failed attempt; None: not written (see give_up_seconds).
+    give_up_after: int | None = Field(
+        None,
+        description="how long (90s, 30m, 24h, 3d, or seconds) a delivery is retried from its "
+        "first failed attempt before it is a dead letter; forever (or 0): no time limit; "
+        "unset: 24h, unless max_attempts is written, which is then the only limit",
+    )
+    initial_delay: float = Field(1.0, ge=0, description="seconds before the first retry")
+    multiplier: float = Field(2.0, ge=1, description="each retry's delay over the one before")
+    max_delay: float = Field(600.0, ge=0, description="the longest delay between two attempts")
+    jitter: float = Field(
+        0.2, ge=0, le=1, description="each delay spread by up to this fraction either way"
+    )
+    after_dead_letter: Literal["hold", "continue"] | None = Field(
+        None,
+        description="hold: a dead letter holds its patient's later deliveries to this "
+        "destination; continue: they go on; unset: continue for email and sms, else hold",
+    )
 
     @field_validator("max_attempts", mode="before")
     @classmethod
@@ -110,9 +137,41 @@ class RetryPolicy(_Strict):
             raise ValueError("must be 1 or more, or 0 (or forever) to retry until it works")
         return value
 
+    @field_validator("give_up_after", mode="before")
+    @classmethod
+    def _span(cls, value: Any) -> Any:
+        """A span as the CLI's ages are written (``30m``, ``24h``, ``3d``), seconds, or
+        ``forever``; the error shows the forms, as the next thing one would try."""
+        forms = "use a span such as 90s, 30m, 24h or 3d, a number of seconds, or forever"
+        if value is None or isinstance(value, bool):
+            raise ValueError(forms)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "forever":
+                return 0
+            span = parse_age(text)
+            if span is None:
+                raise ValueError(f"{value!r}: {forms}")
+            return min(int(span.total_seconds()), 2**31 - 1)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 or more: 0 (or forever) gives up never")
+        return value
+
+    @property
+    def give_up_seconds(self) -> int:
+        """Seconds from a delivery's first failed attempt after which a failure makes it a
+        dead letter; 0: no time limit. Unwritten, DEFAULT_GIVE_UP_AFTER unless
+        ``max_attempts`` is written, which then is the only limit."""
+        if self.give_up_after is not None:
+            return self.give_up_after
+        return 0 if "max_attempts" in self.model_fields_set else self.DEFAULT_GIVE_UP_AFTER
+
     @property
     def forever(self) -> bool:
-        return self.max_attempts == 0
+        """Whether a delivery that goes on failing is never given up on."""
+        return self.max_attempts == 0 and self.give_up_seconds == 0
 
     def holds_line(self, channel: str) -> bool:
         """Whether a dead letter to this destination (of ``channel``) holds its line."""

@@ -83,6 +83,8 @@ class PlannedDelivery:
     max_attempts: int
     #: The line it keeps its patient's order in (Destination.line); empty: its destination's.
     line: str = ""
+    #: Seconds of failing after which it is a dead letter (RetryPolicy.give_up_seconds).
+    give_up_after: int = 0
 
 
 @dataclass(slots=True)
@@ -324,6 +326,7 @@ class Router:
                             order_key(message),
                             destination.retry.max_attempts,
                             destination.line,
+                            destination.retry.give_up_seconds,
                         )
                     )
                     summary = {

@@ -612,7 +612,7 @@ def _bind_notify(
     for key, channel_settings in config.channels.items():
         forward = {
             "name": f"notify-{key}",
-            "retry": config.retry.model_dump(),
+            "retry": config.retry.model_dump(exclude_unset=True),
             **channel_settings,
         }
         destinations[key] = _bind_forward(
@@ -639,7 +639,11 @@ def _bind_referral_notify(
         raise ConfigError(_errors(err, source, route, loc)) from None
     destinations = {
         key: _bind_forward(
-            {"name": f"notify-referral-{key}", "retry": config.retry.model_dump(), **channel},
+            {
+                "name": f"notify-referral-{key}",
+                "retry": config.retry.model_dump(exclude_unset=True),
+                **channel,
+            },
             route,
             position,
             host,

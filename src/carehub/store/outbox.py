@@ -99,6 +99,11 @@ class DeliveryRecord:
     #: The line it keeps its patient's order in (see the module doc); None on a delivery
     #: finished before lines had their own column, whose line was its destination.
     line: str | None = None
+    #: Seconds from ``failing_since`` after which a failure makes it a dead letter; 0: no
+    #: time limit (RetryPolicy.give_up_seconds).
+    give_up_after: int = 0
+    #: When its current run of failed attempts began; None while none has failed.
+    failing_since: datetime | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -139,6 +144,11 @@ class AttemptResult:
     #: as the routes have it now), written to the delivery so views show it; None keeps the
     #: delivery's own.
     max_attempts: int | None = None
+    #: Likewise its ``retry.give_up_seconds`` (0: no time limit); None keeps the delivery's.
+    give_up_after: int | None = None
+    #: For a counted failure: when the delivery's run of failures began (this attempt's
+    #: start, for its first); None leaves the delivery's as it is.
+    failing_since: datetime | None = None
 
     @property
     def kept_on_schedule(self) -> bool:
@@ -227,7 +237,8 @@ def _record(row: Any) -> DeliveryRecord:
     values = dict(row._mapping)
     for name in ("not_before", "created_at", "updated_at"):
         values[name] = _aware(values[name])
-    for name in ("accepted_at", "lease_until"):
+    values["give_up_after"] = values.get("give_up_after") or 0
+    for name in ("accepted_at", "lease_until", "failing_since"):
         if values.get(name) is not None:
             values[name] = _aware(values[name])
     values["payload"] = bytes(values["payload"])
@@ -239,7 +250,7 @@ def _record(row: Any) -> DeliveryRecord:
 _DELIVERY_COLUMNS = (
     "message_id", "run", "route", "destination", "channel", "idempotency_key", "order_key",
     "payload", "content_type", "metadata", "status", "attempts", "max_attempts", "not_before",
-    "lease_until", "created_at", "updated_at", "line",
+    "lease_until", "created_at", "updated_at", "line", "give_up_after",
 )  # fmt: skip
 
 
@@ -289,6 +300,7 @@ def _new_delivery_values(
         now,
         now,
         _line_of(planned),
+        planned.give_up_after,
     )
 
 
@@ -393,7 +405,9 @@ class _WorkerSQL(DriverSQL):
         )
         self.record_attempt = (
             f"UPDATE deliveries SET attempts = {m}, "
-            f"max_attempts = coalesce({m}, max_attempts), status = {m}, receipt = {m}, "
+            f"max_attempts = coalesce({m}, max_attempts), "
+            f"give_up_after = coalesce({m}, give_up_after), "
+            f"failing_since = coalesce({m}, failing_since), status = {m}, receipt = {m}, "
             f"last_error = {m}, last_error_loggable = {m}, "
             f"not_before = coalesce({m}, not_before), accepted_at = {m}, "
             f"holds_line = {m}, lease_until = NULL, updated_at = {m} WHERE id = {m}"
@@ -1011,6 +1025,8 @@ class Outbox:
                         status=DeliveryStatus.PENDING.value,
                         attempts=0,
                         max_attempts=planned.max_attempts,
+                        give_up_after=planned.give_up_after,
+                        failing_since=None,
                         not_before=now,
                         lease_until=None,
                         holds_line=None,
@@ -1143,6 +1159,7 @@ class Outbox:
                 status=DeliveryStatus.SENDING.value,
                 attempts=0,
                 max_attempts=d.max_attempts,
+                give_up_after=d.give_up_after,
                 not_before=now,
                 last_error=None,
                 receipt=None,
@@ -1344,6 +1361,8 @@ class Outbox:
             (
                 r.attempt - 1 if r.kept_on_schedule else r.attempt,
                 r.max_attempts,
+                r.give_up_after,
+                sql.time(r.failing_since) if r.failing_since is not None else None,
                 _final_status(r).value,
                 r.detail if r.delivered or r.skipped else None,
                 None if r.delivered or r.skipped else r.detail,
@@ -1656,6 +1675,7 @@ class Outbox:
                 .values(
                     status=DeliveryStatus.PENDING.value,
                     attempts=0,
+                    failing_since=None,
                     not_before=now,
                     updated_at=now,
                     lease_until=None,
@@ -1958,27 +1978,31 @@ class Outbox:
                     ).rowcount
         return moved
 
-    def apply_retry_limits(self, limits: Mapping[str, int]) -> int:
+    def apply_retry_limits(self, limits: Mapping[str, tuple[int, int]]) -> int:
         """Give the waiting deliveries (pending or being sent) of each destination in
-        ``limits`` (destination -> its ``retry.max_attempts`` as the routes have it now) that
-        limit, the one the worker counts their next attempts against, so what `messages
-        show` prints of them is what applies. A dead letter keeps the limit it reached (a
-        retry starts it again under the one in force). Returns how many changed."""
-        by_limit: dict[int, list[str]] = {}
+        ``limits`` (destination -> its ``retry.max_attempts`` and ``retry.give_up_seconds``
+        as the routes have them now) those limits, the ones the worker counts their next
+        attempts against, so what `messages show` prints of them is what applies. A dead
+        letter keeps the limits it reached (a retry starts it again under those in force).
+        Returns how many changed."""
+        by_limit: dict[tuple[int, int], list[str]] = {}
         for destination, limit in limits.items():
             by_limit.setdefault(limit, []).append(destination)
         changed = 0
         with self.engine.begin() as conn:
-            for limit, names in sorted(by_limit.items()):
+            for (max_attempts, give_up_after), names in sorted(by_limit.items()):
                 for chunk in _chunks(sorted(names)):
                     changed += conn.execute(
                         update(deliveries)
                         .where(
                             delivery_in(deliveries, *UNFINISHED),
                             deliveries.c.destination.in_(chunk),
-                            deliveries.c.max_attempts != limit,
+                            or_(
+                                deliveries.c.max_attempts != max_attempts,
+                                func.coalesce(deliveries.c.give_up_after, 0) != give_up_after,
+                            ),
                         )
-                        .values(max_attempts=limit)
+                        .values(max_attempts=max_attempts, give_up_after=give_up_after)
                     ).rowcount
         return changed
 

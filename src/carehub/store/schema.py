@@ -188,6 +188,12 @@ deliveries = Table(
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False),
+    # Seconds from failing_since after which a failure makes it a dead letter (its
+    # destination's retry.give_up_seconds); 0 or NULL: no time limit (migration 0022).
+    Column("give_up_after", Integer, nullable=True),
+    # When its current run of failed attempts began; NULL until one fails, and again once a
+    # dead letter is retried (migration 0022).
+    Column("failing_since", DateTime(timezone=True), nullable=True),
     Column("not_before", DateTime(timezone=True), nullable=False),
     Column("lease_until", DateTime(timezone=True), nullable=True),
     Column("last_error", Text, nullable=True),
