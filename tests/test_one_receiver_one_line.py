@@ -209,6 +209,11 @@ def test_a_dead_a01_holds_the_a08_of_the_other_route_until_it_is_retried(
         assert listed.exit_code == 0, listed.output
         [dead] = [json.loads(line) for line in listed.output.splitlines()]
         assert (dead["destination"], dead["held_behind"]) == (ADMITS, 1)
+        # The A08 waits in the line the dead A01 holds, though it goes to another destination.
+        [a08] = [m for m in hub.store.find(limit=None) if m.control_id == "Q-004"]
+        shown = cli(config, data_dir, "messages", "show", str(a08.id), "--json")
+        [waiting] = json.loads(shown.output)["deliveries"]
+        assert (waiting["destination"], waiting["line"], dead["line"]) == (UPDATES, ADMITS, ADMITS)
 
         result = cli(config, data_dir, "dead-letters", "retry", "--destination", ADMITS)
         assert result.exit_code == 0, result.output

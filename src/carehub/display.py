@@ -373,6 +373,7 @@ def _delivery_json(
         "channel": delivery.channel,
         "idempotency_key": delivery.idempotency_key,
         "order_key": delivery.order_key,
+        "line": delivery.line or delivery.destination,
         "status": delivery.status,
         "attempts": delivery.attempts,
         "early_attempts": _early_count(attempts),
