@@ -6,6 +6,6 @@ A plugin needs only ``from carehub import hookimpl`` and the component base clas
 
 from carehub.hookspecs import hookimpl
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["__version__", "hookimpl"]

@@ -1339,7 +1339,7 @@ def routes_check(config: HubConfig, data_dir: Path, offline: bool) -> None:
         mllp_tls_contexts,
     )
 
-    host, table = build_routing(config, data_dir)
+    host, table = build_routing(config, data_dir, check_only=True)
     mllp_tls_contexts(config)
     http_tls_context(config)
 

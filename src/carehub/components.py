@@ -61,6 +61,10 @@ class ComponentContext:
     store: MessageStore | None = None
     #: State that steps of one kind share without a store (TrackingEnricher's memory tables).
     shared: dict[str, Any] = field(default_factory=dict)
+    #: `routes check`: start() checks what it would set up (a folder it would create) without
+    #: setting it up. The check may run as another user than serve (root, before an upgrade),
+    #: and what it created would belong to that user.
+    check_only: bool = False
 
     def path(self, value: str | Path) -> Path:
         """A path from a route file, relative to the config folder."""

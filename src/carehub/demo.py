@@ -67,9 +67,14 @@ class Sent:
 
 
 def find_sample_config() -> Path:
-    """config/carehub.yaml of this checkout: from the working folder, else beside the package."""
-    candidates = [Path.cwd() / "config" / "carehub.yaml"]
-    candidates.append(Path(__file__).resolve().parents[2] / "config" / "carehub.yaml")
+    """config/carehub.yaml of this checkout: from the working folder, else beside the package
+    (a checkout's src/), else the copy an installed wheel carries (carehub/samples)."""
+    here = Path(__file__).resolve()
+    candidates = [
+        Path.cwd() / "config" / "carehub.yaml",
+        here.parents[2] / "config" / "carehub.yaml",
+        here.parent / "samples" / "carehub.yaml",
+    ]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

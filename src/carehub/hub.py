@@ -412,14 +412,20 @@ def config_dir(config: HubConfig) -> Path:
 
 
 def build_routing(
-    config: HubConfig, data_dir: Path, store: MessageStore | None = None
+    config: HubConfig,
+    data_dir: Path,
+    store: MessageStore | None = None,
+    *,
+    check_only: bool = False,
 ) -> tuple[PluginHost, RouteTable]:
     """Load plugins and bind every route file: all configuration errors surface here.
-    Without a store (dry runs, `routes check`), components keep any state in memory."""
+    Without a store (dry runs, `routes check`), components keep any state in memory;
+    ``check_only`` (`routes check`) starts them without creating anything."""
     host = PluginHost().load(config=config)
     base = config_dir(config)
     loaded = load_route_files(configured_route_files(config, base), data_dir)
-    table = bind_routes(loaded, host, ComponentContext(base, data_dir, store))
+    context = ComponentContext(base, data_dir, store, check_only=check_only)
+    table = bind_routes(loaded, host, context)
     return host, table
 
 

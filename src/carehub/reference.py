@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="exit 1, writing nothing, when a file is stale"
     )
     args = parser.parse_args(argv)
+    if not args.docs.is_dir():
+        parser.error(f"{args.docs}: no such folder (run from the checkout, or name the folder)")
     stale = []
     for name, content in generated_files().items():
         target = args.docs / name

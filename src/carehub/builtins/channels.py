@@ -275,10 +275,14 @@ class FileChannel(Channel):
         self._write_on_loop = False  # decided in start(), once the folder exists
 
     async def start(self) -> None:
+        if self.context.check_only:
+            _check_writable(self.directory)
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"file channel: cannot create {self.directory}: {err}") from err
+        _check_writable(self.directory)
         writer = self.options.writer
         self._write_on_loop = writer == "loop" or (
             writer == "auto" and not self._fsync() and is_local_filesystem(self.directory)
@@ -438,6 +442,23 @@ def _write_atomically(directory: Path, filename: str, payload: bytes, fsync: boo
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse at start, naming the folder, a folder this process cannot write files into
+    (or, before it exists, whose nearest existing parent it cannot create it in): every
+    delivery would otherwise fail at send time while the hub reports itself ready."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"file channel: {existing} is not a folder, so {directory} cannot be one")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write files in" if existing == directory else f"create {directory} in"
+        raise ConfigError(
+            f"file channel: this process (uid {os.getuid()}) cannot {what} {existing}: "
+            "give the user carehub runs as that right, or choose another directory"
+        )
 
 
 def _fsync_directory(directory: Path) -> None:
