@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from carehub import __version__
 from carehub.config import load_config
 from carehub.hub import open_store
-from carehub.store.processes import running_processes
+from carehub.store.processes import release_name, running_processes
 from carehub.store.schema import hub_processes
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread
@@ -77,7 +76,7 @@ def add_row(store: MessageStore, role: str, host: str, pid: int) -> None:
                 role=role,
                 host=host,
                 pid=pid,
-                version=__version__,
+                version=release_name(),
                 started_at=now,
                 last_seen=now,
                 routes=None,

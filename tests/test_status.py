@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from carehub import __version__
 from carehub.cli import main
+from carehub.store.processes import release_name
 from carehub.store.store import MessageStore
 from carehub.testing import HubThread, make_adt, mllp_exchange
 from tests import test_store
@@ -230,15 +230,13 @@ def test_status_lists_the_processes_and_names_a_silent_one_and_mixed_routes(
     data_dir = tmp_path / "data"
     now = datetime.now(UTC)
 
-    def worker_row(
-        pid: int, seen: datetime, routes: str, version: str = __version__
-    ) -> dict[str, Any]:
+    def worker_row(pid: int, seen: datetime, routes: str, version: str = "") -> dict[str, Any]:
         return {
             "id": f"worker-{pid}",
             "role": "worker",
             "host": "host-b",
             "pid": pid,
-            "version": version,
+            "version": version or release_name(),
             "started_at": now - timedelta(hours=1),
             "last_seen": seen,
             "routes": routes,
@@ -275,7 +273,7 @@ def test_status_lists_the_processes_and_names_a_silent_one_and_mixed_routes(
             main, ["status", "--data-dir", str(data_dir)], env=env_without_carehub()
         )
         text = plain(result.output)
-        assert f"run 2 carehub releases (0.1.0, {__version__}): finish the upgrade" in text
+        assert f"run 2 carehub releases (0.1.0, {release_name()}): finish the upgrade" in text
         assert "reload the ones behind" not in text
     left = {p["pid"] for p in status_json(data_dir)["processes"]}
     assert left == {4001, 4002, 4003}  # the hub removed its own row as it stopped

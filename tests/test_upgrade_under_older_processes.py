@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import DateTime, Integer, String, column, create_engine, table
 
 from carehub import __version__
+from carehub.store.processes import release_name
 from carehub.store.store import STORE_FILE
 from tests import test_rabbitmq
 from tests.helpers_cli import CAREHUB, environment
@@ -101,7 +102,7 @@ def add_process(url: str, version: str, heard: timedelta = timedelta(seconds=3))
 def check_refusals(where: list[str], url: str, worker: bool) -> None:
     """The store at OLD_REVISION: only a live earlier-release process holds the migration."""
     # Same release, and an earlier one not heard from for minutes: no refusal.
-    add_process(url, __version__)
+    add_process(url, release_name())
     add_process(url, "0.1.0", heard=timedelta(minutes=5))
     done = run("store", "upgrade", *where)
     assert done.returncode == 0, done.stderr
@@ -149,3 +150,18 @@ def test_postgresql_store_is_not_migrated_under_an_earlier_release(
     )
     store_at_old_revision(where)
     check_refusals(where, pg_url, worker=True)
+
+
+def test_a_build_of_this_version_that_knows_an_older_schema_holds_the_migration(
+    tmp_path: Path,
+) -> None:
+    """Two builds can share a version string (one from between two releases); the schema
+    each knows tells them apart: one that knows only OLD_REVISION must not be migrated under."""
+    where = project(tmp_path / "site")
+    store_at_old_revision(where)
+    pid = add_process(
+        f"sqlite:///{tmp_path / 'site' / 'data' / STORE_FILE}", f"{__version__}+{OLD_REVISION}"
+    )
+    refused = run("store", "upgrade", *where)
+    assert refused.returncode != 0, refused.stdout
+    assert f"(pid {pid}, carehub {__version__}+{OLD_REVISION}, last heard" in refused.stderr

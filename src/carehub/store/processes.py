@@ -33,7 +33,7 @@ from sqlalchemy import and_, delete, insert, inspect, select, update
 from carehub import __version__
 from carehub.store.failure_run import FailureRun
 from carehub.store.schema import hub_processes
-from carehub.store.store import MessageStore, _aware
+from carehub.store.store import MessageStore, _aware, schema_head
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,32 @@ def older_processes_running(conn: Any, now: datetime | None = None) -> str | Non
     )
 
 
+def release_name() -> str:
+    """This process's release as its row names it: the version and the newest schema
+    revision its code knows, ``0.3.0+0022``. Two builds that share a version string (a build
+    from between two releases) are still told apart by what schema they know, which is what
+    a migration under them must not outrun."""
+    return f"{__version__}+{schema_head()}"
+
+
 def _earlier_release(version: str) -> bool:
-    """Whether ``version`` names a release before this one; one that cannot be read counts
-    as earlier, since nothing says it knows this schema."""
+    """Whether ``version`` (a row's release_name) names a release before this one: an older
+    schema head, else an older version number. A row without a head is from a release before
+    rows named one, so earlier; one that cannot be read counts as earlier too, since nothing
+    says it knows this schema."""
 
     def numbers(text: str) -> tuple[int, ...] | None:
         found = re.match(r"\d+(?:\.\d+)*", text or "")
         return tuple(int(part) for part in found.group().split(".")) if found else None
 
-    theirs, ours = numbers(version), numbers(__version__)
+    number, _, head = (version or "").partition("+")
+    if not head:
+        return True
+    if head != schema_head():
+        return head < schema_head()  # revisions are numbered 0001, 0002, ...
+    theirs, ours = numbers(number), numbers(__version__)
     if theirs is None or ours is None:
-        return version != __version__
+        return number != __version__
     return theirs < ours
 
 
@@ -295,7 +310,7 @@ class ProcessBeacon:
                     role=self.role,
                     host=host,
                     pid=os.getpid(),
-                    version=__version__,
+                    version=release_name(),
                     started_at=now,
                     last_seen=now,
                     routes=routes,

@@ -809,6 +809,14 @@ def _alembic_config() -> AlembicConfig:
     return cfg
 
 
+@functools.cache
+def schema_head() -> str:
+    """The newest schema revision this release's code knows (its migrations' head)."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the migrations have no head"
+    return head
+
+
 def _known_revision(script: ScriptDirectory, revision: str) -> bool:
     try:
         return script.get_revision(revision) is not None
