@@ -296,11 +296,12 @@ def test_commands_show_encounters_and_follow_ups(shipped: Setup) -> None:
     assert due["visit"] == datetime(2026, 12, 8, 5, 59, 59, 999999, tzinfo=UTC)
 
     # The clock moves on: stale ED visits close, the overdue contact alerts the coordinator
-    # who was told of the visit (once), and the daily digests go out.
+    # who was told of the visit (once), and the daily digests go out (at 07:00 in the
+    # sample's America/Chicago: 13:00 UTC in winter).
     today = datetime.now(UTC).date()
     later = max(
-        datetime(2026, 11, 27, 7, 5, tzinfo=UTC),
-        datetime.combine(today + timedelta(days=2), time(7, 5), tzinfo=UTC),
+        datetime(2026, 11, 27, 13, 5, tzinfo=UTC),
+        datetime.combine(today + timedelta(days=2), time(13, 5), tzinfo=UTC),
     )
     shipped.running.hub.table.tick(later)
     shipped.settle()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import encode_frame
 from carehub.hl7.header import MessageHeader
 from carehub.hl7.view import MessageView
-from carehub.testing import HubThread, read_frames
+from carehub.testing import HubThread, local_config, read_frames
 from tests.conftest import corpus_files, requires_corpus
 
 pytestmark = requires_corpus
@@ -36,6 +37,17 @@ def test_view_reads_every_field_of_every_segment(path: Path) -> None:
                 view.get(f"{name}[{occurrence}]-{number}[{repetition}].1")
     header = MessageHeader.read(view)
     assert header.message_type and header.control_id and header.version
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubThread]:
+    """A hub whose MLLP listener takes every processing ID: nine samples are training
+    messages (MSH-11 T), which a listener takes only when it says so (see
+    test_processing_id_checked for how the default listener answers them)."""
+    config = local_config()
+    config.listeners.mllp[0].processing_ids = ["P", "T", "D"]
+    with HubThread(config, tmp_path / "data") as running:
+        yield running
 
 
 @pytest.mark.skipif(not corpus_files(), reason="sample corpus not found")

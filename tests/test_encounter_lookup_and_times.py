@@ -96,13 +96,15 @@ def test_a_follow_up_cannot_be_done_before_its_discharge(care: Care) -> None:
 
     code, output = done(care, contact, "2026-11-28T10:00")
     assert code == 2
-    assert "before the discharge at 2026-12-01 21:30 UTC" in output
+    # Times without an offset, and the answers, are in the coordinators' zone (the sample's
+    # America/Chicago, -0600 in December).
+    assert "before the discharge at 2026-12-01 15:30 CST" in output
     assert {f["status"] for f in care.followups()} == {"open"}
 
-    code, output = done(care, contact, "2026-12-01T21:00")  # 15:00 at -0600, still before
+    code, output = done(care, contact, "2026-12-01T15:00")  # 21:00 UTC, still before
     assert code == 2
-    code, output = done(care, contact, "2026-12-02T14:30:00-06:00")
-    assert (code, "done at 2026-12-02 20:30 UTC" in output) == (0, True)
+    code, output = done(care, contact, "2026-12-02T20:30:00+00:00")
+    assert (code, "done at 2026-12-02 14:30 CST" in output) == (0, True)
 
 
 def test_times_in_the_json_output_carry_their_offset(care: Care) -> None:

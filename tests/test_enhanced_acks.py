@@ -1,8 +1,9 @@
 """Enhanced-mode acknowledgment on an MLLP listener that honours it (enhanced_acks: true), over
 real sockets: a message with MSH-15 or MSH-16 valued gets an accept ACK (CA/CE/CR), sent only
-as MSH-15 asks; a sender that said NE, and so reads no ACKs, is never sent one. Every message
-is stored either way, and answers that are sent keep their frames' order. Without the setting
-every frame gets its original-mode answer."""
+as MSH-15 asks, and the application ACK its MSH-16 asks for after it (see
+test_application_acks); a sender that said NE to both, and so reads no ACKs, is never sent
+one. Every message is stored either way, and answers that are sent keep their frames' order.
+Without the setting every frame gets its original-mode answer."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_msh15_ne_is_stored_and_never_answered_and_later_answers_keep_their_orde
     """Three NE messages, then one in original mode on the same connection: the first bytes
     back are the last one's AA, and all four are stored."""
     with socket.create_connection(hub.mllp_address, timeout=TIMEOUT) as sock:
-        send(sock, *(asking(f"NE-{i}", "NE", "AL") for i in range(3)), make_adt("OM-1").encode())
+        send(sock, *(asking(f"NE-{i}", "NE", "NE") for i in range(3)), make_adt("OM-1").encode())
         assert answers(sock, 1) == [("AA", "OM-1", "")]
         assert nothing_more(sock)
     assert stored_control_ids(hub) == ["NE-0", "NE-1", "NE-2", "OM-1"]
@@ -101,7 +102,7 @@ def test_msh15_su_answers_only_a_success(hub: HubThread) -> None:
 def test_msh16_alone_asks_for_enhanced_mode_and_is_answered(hub: HubThread) -> None:
     with socket.create_connection(hub.mllp_address, timeout=TIMEOUT) as sock:
         send(sock, asking("M16-1", "", "AL"))
-        assert answers(sock, 1) == [("CA", "M16-1", "")]
+        assert answers(sock, 2) == [("CA", "M16-1", ""), ("AA", "M16-1", "")]
 
 
 def test_a_resend_in_enhanced_mode_gets_its_commit_accept_again(hub: HubThread) -> None:

@@ -96,8 +96,8 @@ def test_clocks_reopened_after_a_cancelled_readmission_run_from_the_corrected_ti
     for item in pending:
         assert item["was_due_at"] == WAS_DUE[item["kind"]]
     listed = care.text("followups", "list", "--patient", AMARA)
-    assert "moved from 2026-12-04 05:59 (discharge time corrected)" in listed
-    assert "moved from 2026-12-16 05:59 (discharge time corrected)" in listed
+    assert "moved from 2026-12-03 23:59 CST (discharge time corrected)" in listed
+    assert "moved from 2026-12-15 23:59 CST (discharge time corrected)" in listed
 
     # Past the first contact deadline, before the corrected one: nothing is overdue.
     care.tick(datetime(2026, 12, 5, 18, 0, tzinfo=UTC))

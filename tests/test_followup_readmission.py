@@ -112,7 +112,7 @@ def test_done_records_when_the_contact_happened(care: Care) -> None:
     discharged_home(care)
     contact = next(f for f in care.followups() if f["kind"] == "contact")
     said = care.text("followups", "done", str(contact["id"]), "--at", "2026-12-02T14:30:00-06:00")
-    assert f"follow-up {contact['id']} (contact, {AMARA}) done at 2026-12-02 20:30 UTC" in said
+    assert f"follow-up {contact['id']} (contact, {AMARA}) done at 2026-12-02 14:30 CST" in said
     (done,) = [f for f in care.followups() if f["id"] == contact["id"]]
     assert (done["status"], done["closed_at"]) == ("done", "2026-12-02T20:30:00+00:00")
     future = CliRunner().invoke(

@@ -597,7 +597,7 @@ def test_overdue_follow_up_alerts_the_care_coordinator_once(care: Callable[..., 
         # Full detail (email): the disposition on its own line, and the due dates.
         body = discharge.body.replace("\r\n", "\n")
         assert "Discharged: 01 (home or self care)\n" in body
-        assert "discharged from GENERAL on 2026-11-23 12:00." in body  # PV1-45, not MSH-7
+        assert "discharged from GENERAL on 2026-11-23 12:00 UTC." in body  # PV1-45, not MSH-7
         assert "Follow-up due: contact by 2026-11-25; visit by 2026-12-07" in discharge.body
         texts_before = len(hub.texts())
         mails_to_pcp = len(hub.mailbox.to(PCP))

@@ -129,7 +129,7 @@ def test_async_hook_implementations_are_refused_at_load_naming_the_plugin_and_th
 
     monkeypatch.setenv(ENV_PLUGINS_DIR, str(folder))
     listed = cli("plugins")
-    assert listed.exit_code == 0, listed.output
+    assert listed.exit_code == 1, listed.output  # a plugin failed to load
     assert (
         f"asynchook (file {folder / 'asynchook.py'}): FAILED TO LOAD: plugin 'asynchook': "
         "carehub_message_delivered must not be 'async def'"

@@ -181,7 +181,7 @@ def test_the_cli_and_the_hub_go_on_without_the_clashing_plugin(
 
     monkeypatch.setenv(ENV_PLUGINS_DIR, str(config.parent / "plugins"))
     listed = cli("plugins")
-    assert listed.exit_code == 0, listed.output
+    assert listed.exit_code == 1, listed.output  # gamma failed to load
     assert "    channel webhook: POST each message as JSON" in listed.stdout
     assert (
         f"gamma (file {config.parent / 'plugins' / 'gamma.py'}): FAILED TO LOAD: two plugins "

@@ -189,7 +189,10 @@ def test_route_using_the_pager_components_binds_and_dry_runs(tmp_path: Path) -> 
     ]
     (delivery,) = result.deliveries
     page = json.loads(delivery.outgoing.payload)
-    assert page == {"to": "5550101", "text": "carehub: admission - unit WARD - msg 0"}
+    assert page == {
+        "to": "5550101",
+        "text": f"carehub: admission - unit WARD - msg {result.message_id}",
+    }
     assert b"TESTPATIENT" not in delivery.outgoing.payload
     assert b"s3cret" not in delivery.outgoing.payload
 
@@ -334,12 +337,17 @@ def test_misspelt_hook_is_a_plugin_error(tmp_path: Path) -> None:
         """,
     )
     with pytest.raises(PluginError, match="carehub_register_chanels") as caught:
-        PluginHost().load(plugins_dir=folder)
+        PluginHost().load(plugins_dir=folder, strict=True)
     # Named as `carehub plugins` and the allow list name it, not by its module's repr.
-    assert str(caught.value) == (
-        f"plugin 'typo' (file {folder / 'typo.py'}) implements a hook that does not exist: "
-        "carehub_register_chanels; did you mean carehub_register_channels?"
-    )
+    refused = str(caught.value)
+    assert refused.startswith(f"plugin 'typo' (file {folder / 'typo.py'}) ")
+    assert (
+        "implements a hook that does not exist: carehub_register_chanels; did you mean "
+        "carehub_register_channels?"
+    ) in refused
+    # Loaded as the hub loads plugins, it is skipped: the other plugins still load.
+    host = PluginHost().load(plugins_dir=folder)
+    assert [failure.name for failure in host.failures] == ["typo"]
 
 
 @pytest.mark.parametrize(

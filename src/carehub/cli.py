@@ -471,14 +471,14 @@ _FILTER_OPTIONS = (
         callback=_message_type,
         help="Message type (MSH-9.1), e.g. ADT; or with its event as listed, e.g. ADT^A01.",
     ),
-    click.option("--event", help="Trigger event (MSH-9.2), e.g. A01."),
+    click.option("--event", help="Trigger event (MSH-9.2, else EVN-1), e.g. A01."),
     click.option(
         "--patient",
         metavar="ID[^AUTHORITY]",
         callback=_patient,
         help="Patient identifier (PID-3.1), at every facility; or with its assigning "
-        "authority as listed (PID-3.4, else the sending facility's code when PID-3.4 is "
-        "empty), e.g. RG100234^RGH.",
+        "authority as listed (CX.4's namespace ID, else its universal ID, else the sending "
+        "facility's code), e.g. RG100234^RGH.",
     ),
     click.option(
         "--listener",
@@ -2102,7 +2102,13 @@ def audit_list(
 
 # -- plugins and workers ---------------------------------------------------------------------
 @main.command("plugins")
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object a line: each plugin, then each that failed to load "
+    '({"name", "source", "failed": true, "error", "at"}).',
+)
 @click.option(
     "--options",
     "options_of",
@@ -2114,7 +2120,8 @@ def audit_list(
 )
 def plugins_command(as_json: bool, options_of: str | None) -> None:
     """Every plugin loaded, its version, and the components and hooks it provides; with
-    --options, the options each component takes in a route step."""
+    --options, the options each component takes in a route step. Exits 1 when a plugin
+    failed to load (each is listed), so a check in CI fails with it."""
     from carehub.plugins import PluginHost
 
     host = PluginHost().load()
@@ -2159,7 +2166,13 @@ def plugins_command(as_json: bool, options_of: str | None) -> None:
                 click.echo(f"    {component['kind']} {component['name']}{about}")
             click.echo(f"    hooks: {', '.join(row['hooks']) or '-'}")
     for failure in host.failures:
-        click.echo(f"{failure.name} ({failure.source}): FAILED TO LOAD: {failure.error}")
+        if as_json:
+            failed = {"name": failure.name, "source": failure.source, "failed": True}
+            click.echo(json.dumps({**failed, "error": failure.error, "at": failure.at}))
+        else:
+            click.echo(f"{failure.name} ({failure.source}): FAILED TO LOAD: {failure.error}")
+    if host.failures:
+        sys.exit(1)
 
 
 @main.command("worker")

@@ -1,4 +1,10 @@
-"""An asyncio MLLP client: send a message, wait for the frame that answers it."""
+"""An asyncio MLLP client: send a message, wait for the frame that answers it.
+
+A message whose MSH-16 asks for an application acknowledgment is answered, by a receiver in
+enhanced mode, with an accept ACK (CA/CE/CR, when MSH-15 asks for one) and then the
+application ACK (AA/AE/AR) on the same connection: ``send`` waits for both and returns the
+application ACK, so that the next message's answer is not taken for this one's.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,12 @@ import asyncio
 import contextlib
 import ssl
 
+from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
+from carehub.hl7.view import MessageView, NotHL7Error
+
+#: The outcome each accept acknowledgment code reports, in application-ACK terms.
+_OUTCOME_OF_ACCEPT = {"CA": "AA", "CE": "AE", "CR": "AR"}
 
 
 class NoAnswer(ConnectionError):
@@ -60,13 +71,31 @@ class MLLPClient:
         await self.close()
 
     async def send(self, payload: bytes) -> bytes:
-        """Send one message and return the payload of the next frame the peer sends back."""
+        """Send one message and return its answer: the next frame the peer sends back, or,
+        when that is an accept ACK and the message's MSH-16 asks for an application ACK of
+        the outcome it reports, the frame after it (the application ACK)."""
+        answers = await self.exchange(payload)
+        return answers[-1]
+
+    async def exchange(self, payload: bytes) -> list[bytes]:
+        """Send one message and return every frame that answers it, in order: one, or an
+        accept ACK and the application ACK after it (see ``send``)."""
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
         self._writer.write(encode_frame(payload))
         await self._writer.drain()
-        return await self.receive()
+        first = await self.receive()
+        accept_code = _accept_code(first)
+        if accept_code is None or not _application_ack_asked(payload, accept_code):
+            return [first]
+        try:
+            return [first, await self.receive()]
+        except NoAnswer as err:
+            raise NoAnswer(
+                f"{err}: the accept ACK ({accept_code}) came, but not the application ACK "
+                "the message's MSH-16 asks for"
+            ) from err
 
     async def receive(self) -> bytes:
         """The next answer frame (answers that arrived together are handed out in order)."""
@@ -84,3 +113,33 @@ class MLLPClient:
                 if isinstance(event, Frame):
                     self._answers.append(event.payload)
         return self._answers.pop(0)
+
+
+def _accept_code(answer: bytes) -> str | None:
+    """MSA-1 of an answer when it is an accept acknowledgment (CA, CE or CR), else None."""
+    try:
+        view = MessageView(answer.decode("latin-1"))
+    except NotHL7Error:
+        return None
+    code = view.get("MSA-1").strip().upper()
+    return code if code in _OUTCOME_OF_ACCEPT else None
+
+
+def _application_ack_asked(payload: bytes, accept_code: str) -> bool:
+    """Whether the message's MSH-16 (HL7 table 0155) asks for an application ACK of the
+    outcome its accept ACK reports: AL always, ER on an error or rejection, SU on success,
+    NE or empty never. A value the table lacks: always, as carehub's own listener answers it
+    (carehub.intake.intake.application_ack_wanted)."""
+    try:
+        view = MessageView(decode_message(payload).text)
+    except NotHL7Error:
+        return False
+    kind = view.get("MSH-16").strip().upper()
+    success = _OUTCOME_OF_ACCEPT[accept_code] == "AA"
+    if kind in ("", "NE"):
+        return False
+    if kind == "ER":
+        return not success
+    if kind == "SU":
+        return success
+    return True

@@ -94,6 +94,21 @@ NOT_STORED_ACK_HELP = (
 )
 
 
+#: HL7 table 0103: what MSH-11.1 says a message is for.
+ProcessingId = Literal["P", "T", "D"]
+PROCESSING_IDS_HELP = (
+    "the MSH-11 processing IDs (HL7 table 0103: P production, T training, D debugging) this "
+    "listener takes; a message with another is answered AR (CR in enhanced mode) and stored "
+    "as rejected, never routed, so that a test system pointed at a production port by "
+    "mistake feeds nobody's care team (one with MSH-11 empty is refused, AE, as an empty "
+    "MSH-10 is)"
+)
+
+
+def _processing_ids() -> list[ProcessingId]:
+    return ["P"]
+
+
 class MLLPListenerConfig(_Strict):
     name: str = "mllp"
     host: str = "0.0.0.0"
@@ -121,11 +136,15 @@ class MLLPListenerConfig(_Strict):
         description="honour enhanced-mode acknowledgment: a message with MSH-15 or MSH-16 "
         "valued is answered with an accept ACK (CA stored, CE refused or not stored, CR "
         "rejected), sent only when MSH-15 asks (AL always, NE never, ER on errors, SU on "
-        "success); off, every frame gets an original-mode AA/AE/AR",
+        "success), then, on the same connection, with an application ACK (AA/AE/AR) when "
+        "MSH-16 asks in the same terms; off, every frame gets an original-mode AA/AE/AR",
     )
     not_stored_ack: Literal["AE", "AR"] = Field(
         NOT_STORED_ACK_DEFAULT,
         description=NOT_STORED_ACK_HELP,
+    )
+    processing_ids: list[ProcessingId] = Field(
+        default_factory=_processing_ids, min_length=1, description=PROCESSING_IDS_HELP
     )
 
     _charset = field_validator("default_charset")(_known_codec)
@@ -146,6 +165,16 @@ class HTTPListenerConfig(_Strict):
     not_stored_ack: Literal["AE", "AR"] = Field(
         NOT_STORED_ACK_DEFAULT,
         description=NOT_STORED_ACK_HELP,
+    )
+    processing_ids: list[ProcessingId] = Field(
+        default_factory=_processing_ids, min_length=1, description=PROCESSING_IDS_HELP
+    )
+    status_codes: Literal["hl7_over_http", "by_ack"] = Field(
+        "hl7_over_http",
+        description="hl7_over_http: the ACK of every stored message comes with 200, AE and AR "
+        "too, as HL7 over HTTP has it (a sender that retries any status of 400 or more would "
+        "resend a refused message forever); 503 not stored, 413 too large and 401 stay. "
+        "by_ack: 422 with an AE, 400 with an AR",
     )
     api_docs: bool = Field(
         False,
@@ -245,6 +274,9 @@ class FileDropConfig(_Strict):
         "file is read whole, so this bounds the memory one dropped file can take",
     )
     default_charset: str = "utf-8"
+    processing_ids: list[ProcessingId] = Field(
+        default_factory=_processing_ids, min_length=1, description=PROCESSING_IDS_HELP
+    )
 
     _charset = field_validator("default_charset")(_known_codec)
 

@@ -461,6 +461,10 @@ class Patient(_Model):
     address: Address | None = None
     phone: str | None = None
     pcp: Practitioner | None = None  # PD1-4, else ROL PP/PCP, else PRD PP
+    #: PID-29 and PID-30: a death the sender reports whatever the visit, so follow-ups owed to
+    #: the patient can close; ``deceased`` False is an explicit "N" (a report taken back).
+    death_time: datetime | None = None  # PID-29
+    deceased: bool | None = None  # PID-30
 
 
 def identifier_scope(event: CareEvent | None) -> str | None:

@@ -13,8 +13,8 @@ the contract) fails its own plugin's loading only. Observer hooks
 for every message or delivery and must be quick; an observer that raises is logged and never
 affects the message. ``carehub_run_step`` wraps every translate and enrich step. Every hook
 is a plain ``def`` (carehub calls them without awaiting: an ``async def`` one is refused at
-load). Every hook is documented in docs/hooks/ with its arguments, when it is called and an
-example.
+load). Every hook is documented in docs/hooks/ with its arguments, when it is called, an
+example and the release it appeared in (HOOK_VERSIONS below).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def carehub_message_failed(delivery: DeliveryRecord, error: str, final: bool) ->
 def carehub_run_step(work: Work, step: str, run: Callable[[], Any]) -> Any:
     """Runs one translate or enrich step (filters and forwards are carehub's own bookkeeping).
     carehub's implementation calls ``run()``; a plugin wraps it with
-    ``@hookimpl(wrapper=True)`` to time or trace steps:
+    ``@hookimpl(wrapper=True)`` to time or trace steps (a plain ``@hookimpl`` is refused at
+    load: what it returned would replace every step's output):
 
         @hookimpl(wrapper=True)
         def carehub_run_step(work, step, run):
@@ -99,4 +100,22 @@ def carehub_run_step(work: Work, step: str, run: Callable[[], Any]) -> Any:
     """
 
 
-__all__ = ["hookimpl", "hookspec"]
+#: The carehub release each hook first appeared in. Within a release series hooks and their
+#: arguments are only ever added, never removed or renamed; a plugin that implements a hook
+#: newer than the oldest carehub it supports marks it ``@hookimpl(optionalhook=True)``, which
+#: an older carehub skips instead of refusing the plugin (docs/plugins.md, "Versions").
+HOOK_VERSIONS: dict[str, str] = {
+    "carehub_register_translators": "0.1.0",
+    "carehub_register_enrichers": "0.1.0",
+    "carehub_register_channels": "0.1.0",
+    "carehub_register_commands": "0.1.0",
+    "carehub_message_received": "0.1.0",
+    "carehub_message_routed": "0.1.0",
+    "carehub_message_delivered": "0.1.0",
+    "carehub_message_skipped": "0.3.0",
+    "carehub_message_failed": "0.1.0",
+    "carehub_run_step": "0.1.0",
+}
+
+
+__all__ = ["HOOK_VERSIONS", "hookimpl", "hookspec"]

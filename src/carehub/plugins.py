@@ -16,9 +16,11 @@ import importlib.util
 import inspect
 import logging
 import os
+import signal
 import sys
 import sysconfig
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +67,11 @@ CALLED_METHODS: dict[str, tuple[str, ...]] = {
 
 #: Seconds between the log's reminders that one plugin's observer hook keeps raising.
 OBSERVER_REPORT_SECONDS = 60.0
+#: Seconds an observer hook may take for one call before a WARNING names it: observers run
+#: where messages are acknowledged, so a slow one delays every ACK.
+SLOW_OBSERVER = 0.25
+#: Seconds between WARNINGs about the same slow observer (plugin and hook).
+SLOW_OBSERVER_EVERY = 300
 
 #: Step keys carehub reads itself, by component kind: an Options field of one of these names
 #: would never receive the route's value (StepConfig.component pops ``use``; ForwardConfig
@@ -205,6 +212,8 @@ class PluginHost:
         #: called from the event loop and from routing's helper threads, hence the lock.
         self._observer_runs: dict[tuple[str, str], FailureRun] = {}
         self._observer_lock = threading.Lock()
+        #: (plugin, hook) -> (when a slow call was last logged, slow calls since then).
+        self._observer_slow_logged: dict[tuple[str, str], tuple[float | None, int]] = {}
 
     # -- loading --------------------------------------------------------------------------
     def load(
@@ -399,7 +408,27 @@ class PluginHost:
             caller = getattr(self.pm.hook, hook_name, None)
             spec = caller.spec if caller is not None else None
             if spec is None:
-                continue  # no such hook: _check_hooks names it, with the closest one
+                if options.get("optionalhook"):
+                    continue  # a hook of a newer carehub: never called here, by request
+                close = difflib.get_close_matches(hook_name, _hook_names(), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise HookImplementationError(
+                    f"plugin {name!r}: implements a hook that does not exist: {hook_name}"
+                    f"{hint} (a hook only newer carehub versions have is implemented with "
+                    "@hookimpl(optionalhook=True))",
+                    at,
+                )
+            if (
+                hook_name == "carehub_run_step"
+                and name != CORE_PLUGIN
+                and not (options.get("wrapper") or options.get("hookwrapper"))
+            ):
+                raise HookImplementationError(
+                    f"plugin {name!r}: carehub_run_step must be @hookimpl(wrapper=True) (a "
+                    "generator that yields to the step): a plain implementation's return "
+                    "value would replace the output of every translate and enrich step",
+                    at,
+                )
             declared = pluggy.HookImpl(plugin, name, function, options).argnames
             unknown = [a for a in declared if a not in (*spec.argnames, *spec.kwargnames)]
             if unknown:
@@ -565,15 +594,49 @@ class PluginHost:
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an observer hook on every plugin; a plugin that raises is logged and skipped."""
+        """Call an observer hook on every plugin; a plugin that raises (SystemExit and
+        KeyboardInterrupt of its own included) is logged and skipped, and one that takes
+        SLOW_OBSERVER seconds or more is named in a WARNING (see _observer_slow): observers
+        run where messages are acknowledged, so a slow one delays every ACK."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            started = time.perf_counter()
             try:
                 # Like pluggy itself, pass only the arguments the implementation declares.
                 impl.function(**{name: kwargs[name] for name in impl.argnames})
-            except Exception as err:
+            except (Exception, SystemExit, KeyboardInterrupt) as err:
+                if not isinstance(err, Exception) and not raised_by_plugin(err):
+                    raise
                 self._observer_failed(self.pm.get_name(impl.plugin) or "?", hook_name, err)
+            took = time.perf_counter() - started
+            if took >= SLOW_OBSERVER:
+                self._observer_slow(self.pm.get_name(impl.plugin) or "?", hook_name, took)
 
-    def _observer_failed(self, plugin_name: str, hook_name: str, err: Exception) -> None:
+    def _observer_slow(self, plugin_name: str, hook_name: str, took: float) -> None:
+        """WARNING that one plugin's observer hook took ``took`` seconds, at most once every
+        SLOW_OBSERVER_EVERY seconds per plugin and hook (with how many slow calls meanwhile),
+        so an observer slow on every message is one line, not one per message."""
+        now = time.monotonic()
+        with self._observer_lock:
+            last, count = self._observer_slow_logged.get((plugin_name, hook_name), (None, 0))
+            count += 1
+            if last is not None and now - last < SLOW_OBSERVER_EVERY:
+                self._observer_slow_logged[(plugin_name, hook_name)] = (last, count)
+                return
+            self._observer_slow_logged[(plugin_name, hook_name)] = (now, 0)
+        log.warning(
+            "%s of plugin %r took %.2f s (%d slow call(s) since the last report; observers "
+            "should take well under %g s): it runs for every message and holds up the hub's "
+            "work, acknowledgments included, while it runs; hand slow work to a thread or "
+            "queue of its own (said at most every %d s)",
+            hook_name,
+            plugin_name,
+            took,
+            count,
+            SLOW_OBSERVER,
+            SLOW_OBSERVER_EVERY,
+        )
+
+    def _observer_failed(self, plugin_name: str, hook_name: str, err: BaseException) -> None:
         """Log an observer that raised as a run per plugin and hook: at ERROR the first time,
         then at most once an OBSERVER_REPORT_SECONDS with how many failed meanwhile, so one
         that fails on every message cannot flood the log. The log names the exception's type
@@ -609,7 +672,53 @@ class PluginHost:
             raise PluginError(
                 f"no plugin runs route steps (carehub_run_step): {CORE_PLUGIN!r} is not loaded"
             )
-        return self.pm.hook.carehub_run_step(work=work, step=step, run=run)
+        try:
+            return self.pm.hook.carehub_run_step(work=work, step=step, run=run)
+        except (SystemExit, KeyboardInterrupt) as err:
+            if not raised_by_plugin(err):
+                raise
+            raise self.ended_inside(err, f"step {step}", self._step_owner(step)) from err
+
+    def _step_owner(self, step: str) -> str | None:
+        """The plugin whose component a step label (``translate NAME``) names, if known."""
+        verb, _, component = step.partition(" ")
+        kind = {"translate": Translator.kind, "enrich": Enricher.kind}.get(verb)
+        return self.owner(kind, component) if kind else None
+
+    def ended_inside(self, err: BaseException, what: str, plugin: str | None) -> PluginExit:
+        """The PluginExit, logged at ERROR naming ``what`` (``send() of channel 'x'``, ``step
+        translate y``) and its plugin, for a SystemExit or KeyboardInterrupt a plugin's own
+        code raised (a vendor library calling sys.exit()): an Exception, so the caller
+        takes it as that attempt or step failing, and the hub goes on. The stop of the
+        process comes from SIGTERM and SIGINT, which the hub's event loop handles itself."""
+        code = f"({err.code!r})" if isinstance(err, SystemExit) and err.code is not None else ""
+        raised = f"{type(err).__name__}{code}"
+        owner = f" (plugin {plugin!r})" if plugin else ""
+        log.error(
+            "%s%s raised %s, which would end the process: taken as a failure of this %s; "
+            "carehub goes on",
+            what,
+            owner,
+            raised,
+            "send" if what.startswith("send()") else "step",
+        )
+        return PluginExit(f"{what}{owner} raised {raised}")
+
+
+class PluginExit(PluginError):
+    """A plugin's code raised SystemExit or KeyboardInterrupt: a failure of what it was
+    doing (a send, a step), never the end of the hub (see PluginHost.ended_inside)."""
+
+
+def raised_by_plugin(err: BaseException) -> bool:
+    """Whether a SystemExit or KeyboardInterrupt comes from code that was called (a plugin,
+    a library it uses) rather than from the process being told to stop: a KeyboardInterrupt
+    is Ctrl-C only in the main thread while Python's own SIGINT handler is installed (serve
+    and worker handle SIGINT on their event loop, so there it never is one)."""
+    if not isinstance(err, KeyboardInterrupt):
+        return True
+    in_main = threading.current_thread() is threading.main_thread()
+    return not (in_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
 class FailureKind(Exception):

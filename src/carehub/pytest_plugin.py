@@ -12,13 +12,20 @@ fixture for route tests in a project's own suite.
 
 A string holding a segment separator or ``|`` is message text; any other string, like a
 ``Path``, is a file path relative to the rootdir. The config comes from ``--carehub-config``, the
-``carehub_config`` ini option, or config/carehub.yaml in the rootdir. pytest loads this module
+``carehub_config`` ini option, or config/carehub.yaml in the rootdir.
+
+``carehub_plugins`` (ini) or ``--carehub-plugins`` (comma-separated plugin names) keeps the
+session to those plugins, as ``CAREHUB_PLUGINS`` does: every helper and fixture, and every
+``carehub`` process the tests start, then loads the built-ins and those plugins only, so
+another vendor's package installed in the same environment cannot change a plugin's test
+results. pytest loads this module
 in every run of any environment carehub is installed in, so it imports nothing of carehub
 until the fixture is used: the hub, its store and web stack take most of a second to import.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +39,47 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("carehub")
     group.addoption("--carehub-config", default=None, help="carehub config for carehub_routes")
     parser.addini("carehub_config", "carehub config file for the carehub_routes fixture")
+    group.addoption(
+        "--carehub-plugins",
+        default=None,
+        metavar="NAMES",
+        help="load only these carehub plugins (comma-separated) besides the built-ins",
+    )
+    parser.addini(
+        "carehub_plugins",
+        "carehub plugins (comma-separated) the session loads besides the built-ins, as "
+        "CAREHUB_PLUGINS; others installed are left out",
+    )
+
+
+#: The environment variable the plugin host reads its allow-list from (carehub.plugins
+#: ENV_ALLOW; not imported, so that pytest runs without carehub's import cost).
+ENV_ALLOW = "CAREHUB_PLUGINS"
+#: CAREHUB_PLUGINS as it was before the session set it: None when it was not set.
+_ALLOW_BEFORE = "_carehub_plugins_before"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Set CAREHUB_PLUGINS for the session from --carehub-plugins or the carehub_plugins ini
+    option: the plugin host reads it at every load, in this process and in the ``carehub``
+    processes tests start, which inherit it."""
+    names = config.getoption("--carehub-plugins") or config.getini("carehub_plugins")
+    if not names:
+        return
+    allow = ",".join(n.strip() for n in str(names).replace("\n", ",").split(",") if n.strip())
+    setattr(config, _ALLOW_BEFORE, os.environ.get(ENV_ALLOW))
+    os.environ[ENV_ALLOW] = allow
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Give CAREHUB_PLUGINS back its value from before the session."""
+    if not hasattr(config, _ALLOW_BEFORE):
+        return
+    before = getattr(config, _ALLOW_BEFORE)
+    if before is None:
+        os.environ.pop(ENV_ALLOW, None)
+    else:
+        os.environ[ENV_ALLOW] = before
 
 
 class RouteRunner:
@@ -90,4 +138,10 @@ def carehub_routes(request: pytest.FixtureRequest, tmp_path: Path) -> RouteRunne
     return RouteRunner(config_path, rootpath, tmp_path / "carehub-data")
 
 
-__all__ = ["RouteRunner", "carehub_routes", "pytest_addoption"]
+__all__ = [
+    "RouteRunner",
+    "carehub_routes",
+    "pytest_addoption",
+    "pytest_configure",
+    "pytest_unconfigure",
+]

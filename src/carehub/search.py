@@ -64,7 +64,8 @@ def parse_sender(text: str) -> tuple[str | None, str | None]:
 
 
 def parse_message_type(text: str) -> tuple[str | None, str | None]:
-    """``TYPE`` or ``TYPE^EVENT``, as `messages list` shows the type, as (MSH-9.1, MSH-9.2); an
+    """``TYPE`` or ``TYPE^EVENT``, as `messages list` shows the type, as (MSH-9.1, the trigger
+    event: MSH-9.2, else EVN-1); an
     empty part is not filtered on. ValueError when both are empty, or for more components."""
     if "^" not in text:
         return text, None
@@ -75,8 +76,9 @@ def parse_message_type(text: str) -> tuple[str | None, str | None]:
 
 
 def parse_patient(text: str) -> tuple[str, str | None]:
-    """``ID`` or ``ID^AUTHORITY``, as `messages list` shows the patient, as (PID-3.1, PID-3.4,
-    else the sending facility's code for an identifier sent without one); an empty authority
+    """``ID`` or ``ID^AUTHORITY``, as `messages list` shows the patient, as (the identifier,
+    its authority: CX.4's namespace ID, else its universal ID, else the sending facility's
+    code for an identifier sent without one); an empty authority
     is not filtered on, so ``ID`` alone finds that id at every facility. ValueError without
     an identifier, or for more components (the whole PID-3 of the message is not what was
     stored)."""
@@ -97,10 +99,10 @@ class MessageFilter:
 
     status: str | None = None
     message_type: str | None = None  # MSH-9.1, compared upper-case
-    event: str | None = None  # MSH-9.2, compared upper-case
+    event: str | None = None  # MSH-9.2, else EVN-1 (header.trigger_event), compared upper-case
     patient: str | None = None  # PID-3.1 as intake stored it
-    #: That identifier's PID-3.4, else the code of the facility that sent it (MSH-4), as
-    #: intake keys the patient (store.scoped_authority).
+    #: That identifier's authority (CX.4's namespace ID, else its universal ID), else the code
+    #: of the facility that sent it (MSH-4), as intake keys the patient (store.patient_columns).
     patient_authority: str | None = None
     listener: str | None = None  # a listener's name, or TRANSPORT:NAME (see listener_forms)
     sending_application: str | None = None  # MSH-3: the whole field or its first component

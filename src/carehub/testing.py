@@ -4,7 +4,8 @@
 synchronous tests can talk to it, and waits for its deliveries; ``mllp_exchange`` sends frames
 over a real socket; ``make_adt`` builds synthetic messages; ``run_routes`` and
 ``run_routes_async`` dry-run a message through a config's routes, ``run_routes_all`` (and
-``run_routes_all_async``) every message of a file or batch; ``bind_channel`` gives one
+``run_routes_all_async``) every message of a file or batch; ``only_plugins`` keeps them to
+the named plugins (and the built-ins); ``bind_channel`` gives one
 destination's channel, to test its ``send()`` on its own, and ``HTTPReceiver`` is a real
 HTTP server to send it to. Without a ``data_dir`` they use a temporary one, removed when it
 is no longer needed. The pytest fixture ``carehub_routes`` lives in
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -56,6 +58,26 @@ def _hub_config(config: ConfigSource) -> HubConfig:
     raise TypeError(
         f"config must be a HubConfig or the path of a carehub.yaml, not {type(config).__name__}"
     )
+
+
+@contextlib.contextmanager
+def only_plugins(*names: str) -> Iterator[None]:
+    """Inside ``with``, load the built-ins and the plugins ``names`` only (entry points and
+    plugins-directory files alike), whatever else is installed: the helpers here, a hub and
+    the ``carehub`` processes started meanwhile read CAREHUB_PLUGINS, which this sets and
+    then gives back its value. (Under pytest, the ``carehub_plugins`` ini option does the
+    same for a whole session.)"""
+    from carehub.plugins import ENV_ALLOW
+
+    before = os.environ.get(ENV_ALLOW)
+    os.environ[ENV_ALLOW] = ",".join(names)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_ALLOW, None)
+        else:
+            os.environ[ENV_ALLOW] = before
 
 
 def local_config(*, worker: bool = False, **overrides: Any) -> HubConfig:

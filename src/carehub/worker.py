@@ -905,6 +905,13 @@ class Worker:
                     "(worker.send_timeout)",
                     retryable=True,
                 ) from err
+            except (SystemExit, KeyboardInterrupt) as err:
+                # A vendor library calling sys.exit() inside send(): this attempt failed, the
+                # hub goes on (SIGTERM and SIGINT stop it through the event loop, not here).
+                channel = destination.channel.name
+                raise host.ended_inside(
+                    err, f"send() of channel {channel!r}", host.owner("channel", channel)
+                ) from err
             if not isinstance(receipt, str):
                 receipt = self._receipt_text(receipt, destination)
             result = AttemptResult(

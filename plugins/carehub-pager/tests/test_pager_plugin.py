@@ -63,7 +63,10 @@ def test_route_pages_the_unit_on_call_with_no_patient_details(tmp_path: Path) ->
         f"forward pager {DESTINATION}",
     ]
     assert route.steps[1].output == {"unit": "WARD", "on_call": "Dr. Robin Okafor"}
-    assert page_of(result) == {"to": "5550101", "text": "carehub: admission - unit WARD - msg 0"}
+    assert page_of(result) == {
+        "to": "5550101",
+        "text": f"carehub: admission - unit WARD - msg {result.message_id}",
+    }
     (delivery,) = result.deliveries
     recorded = delivery.outgoing.payload.decode() + json.dumps(delivery.outgoing.metadata)
     for detail in (*PATIENT_DETAILS, "test-token"):
@@ -91,7 +94,7 @@ def test_unit_not_in_the_schedule_pages_the_star_entry(tmp_path: Path) -> None:
     result = run_routes(on_unit("5E", event="A04", patient_class="E"), CONFIG, tmp_path)
     assert page_of(result) == {
         "to": "5550199",
-        "text": "carehub: ed registration - unit 5E - msg 0",
+        "text": f"carehub: ed registration - unit 5E - msg {result.message_id}",
     }
 
 
@@ -123,7 +126,10 @@ def test_no_one_on_call_is_a_route_error_not_a_silent_drop(tmp_path: Path) -> No
     config = write_config(tmp_path / "conf", "on-call.csv")
 
     icu = run_routes(on_unit("icu"), config, tmp_path / "data")
-    assert page_of(icu) == {"to": "+1 555 0177", "text": "carehub: admission - unit icu - msg 0"}
+    assert page_of(icu) == {
+        "to": "+1 555 0177",
+        "text": f"carehub: admission - unit icu - msg {icu.message_id}",
+    }
 
     result = run_routes(on_unit("5E"), config, tmp_path / "data")
     assert result.deliveries == []
@@ -197,10 +203,9 @@ def test_send_posts_the_page_to_the_gateway(
 
     (request,) = gateway.received
     assert request.path == "/page"
-    assert json.loads(request.body) == {
-        "to": "5550101",
-        "text": "carehub: admission - unit WARD - msg 0",
-    }
+    assert json.loads(request.body) == json.loads(outgoing.payload)
+    assert json.loads(request.body)["to"] == "5550101"
+    assert json.loads(request.body)["text"].startswith("carehub: admission - unit WARD - msg ")
     assert request.headers["authorization"] == "Bearer s3cret"
     assert request.headers["idempotency-key"] == outgoing.idempotency_key
     assert request.headers["content-type"] == "application/json"

@@ -762,7 +762,7 @@ class WebhookChannel(HttpChannel):
           "route": "adt-to-care-team",
           "idempotency_key": "...",        # same as the Idempotency-Key header
           "message_type": "ADT",           # MSH-9.1 as received
-          "trigger_event": "A01",          # MSH-9.2 as received
+          "trigger_event": "A01",          # MSH-9.2, else EVN-1, as received
           "control_id": "MSG00001",        # MSH-10 of the message as routed
           "event": {...} | null,           # the care event, null when the route made none
           "transition": {...},             # only after an encounter-state step: what the

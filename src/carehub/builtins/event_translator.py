@@ -35,6 +35,7 @@ from carehub.events import (
     parse_hl7_datetime,
     scoped_identifier,
 )
+from carehub.hl7.header import read_cx, read_hd, trigger_event
 from carehub.hl7.view import MessageView, unescape
 
 __all__ = ["V2ToEvent", "translate_v2_to_event"]
@@ -122,21 +123,23 @@ class _Reader:
         return " ".join(parts) if parts else None
 
     def hd(self, comps: list[str], number: int) -> str | None:
-        """An HD (or HD-typed component): namespace id, else universal id."""
+        """An HD (or HD-typed component): namespace id, else universal id (read_hd)."""
         if number > len(comps):
             return None
-        value = comps[number - 1]
-        if self.sub not in value:
-            return self.leaf(comps, number)
-        namespace, universal = [*value.split(self.sub), ""][:2]
-        return self.text(namespace) or self.text(universal)
+        return read_hd(comps[number - 1], self.seps) or None
 
     # -- data types ----------------------------------------------------------------------
     def cx(self, comps: list[str]) -> Identifier | None:
-        value = self.leaf(comps, 1)
-        if value is None:
+        """A CX read as intake reads PID-3 (carehub.hl7.header.read_cx), so that Patient.key
+        and the order key of the message name the patient alike."""
+        found = read_cx(comps, self.seps)
+        if found is None:
             return None
-        return Identifier(value=value, authority=self.hd(comps, 4), type_code=self.leaf(comps, 5))
+        return Identifier(
+            value=found.value,
+            authority=found.authority or None,
+            type_code=found.type_code or None,
+        )
 
     def cx_list(self, fields: list[str], number: int, keep_national_ids: bool) -> list[Identifier]:
         """The identifiers of a repeating CX field, national ones only if asked to keep them."""
@@ -233,7 +236,8 @@ class _Reader:
 
 
 def _primary(identifiers: list[Identifier]) -> Identifier | None:
-    """The identifier that names the patient: the MRN (type MR), else the first."""
+    """The identifier that names the patient: the MRN (type MR), else the first; of PID-3,
+    else PID-2, the choice carehub.hl7.header.primary_patient_id makes for intake's key."""
     found = next((i for i in identifiers if (i.type_code or "").upper() == "MR"), None)
     return found or (identifiers[0] if identifiers else None)
 
@@ -262,7 +266,15 @@ def _patient(r: _Reader, fields: list[str], keep_national_ids: bool, scope: str 
         sex=r.leaf(r.first(fields, 8), 1),
         address=r.xad(r.first(fields, 11)),
         phone=r.xtn(fields, 13),
+        death_time=parse_hl7_datetime(r.leaf(r.first(fields, 29), 1)),
+        deceased=_yes_no(r.leaf(r.first(fields, 30), 1)),
     )
+
+
+def _yes_no(value: str | None) -> bool | None:
+    """An HL7 ID of table 0136 (PID-30): Y is True, N is False, anything else unknown."""
+    flag = (value or "").strip().upper()
+    return True if flag == "Y" else False if flag == "N" else None
 
 
 def _discharged_to(r: _Reader, comps: list[str]) -> tuple[str | None, str | None]:
@@ -499,7 +511,8 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
     msh = view.fields(0)
     msg = r.first(msh, 9)
     message_type = (r.leaf(msg, 1) or "").upper()
-    trigger = (r.leaf(msg, 2) or "").upper()
+    # The trigger event intake stored and route conditions tested: MSH-9.2, else EVN-1.
+    trigger = trigger_event(view).upper()
 
     positions: dict[str, list[int]] = {}
     for position, name in enumerate(names):
@@ -510,8 +523,6 @@ def translate_v2_to_event(view: MessageView, *, keep_national_ids: bool = False)
         return view.fields(found[0]) if found else None
 
     evn = first("EVN")
-    if not trigger and evn is not None:
-        trigger = (r.leaf(r.first(evn, 1), 1) or "").upper()
     occurred_at = None
     if evn is not None:
         occurred_at = parse_hl7_datetime(r.leaf(r.first(evn, 2), 1))

@@ -41,7 +41,20 @@ Rules (see docs on each handler for the reasons):
   the ED visit).
 - An admission within 30 days after another visit of the patient was discharged names that
   visit in ``readmission_of`` (the follow-up clocks end its TCM episode); an A11 of that
-  admission names it again.
+  admission names it again. An inpatient stay (class I) never told as admitted, because its
+  A01 came late (after its A03) or never (an A03 or A08 was its first message), is a
+  readmission by its PV1-44 all the same: the message that brings it names the visits in
+  ``readmission_of``. So does an A40 that puts an admission and an earlier discharge of two
+  records together (``merge``), and each such discharge's timeline says so.
+- A death the message reports, whichever visit it comes on, is in the summary's ``death``
+  (``source``: PV1-36 for a discharge disposition 20 or 40-42, PID-30 for Y, PID-29 for a
+  death time; ``encounter_ids``: every visit of the patient, whose follow-ups end). A death
+  is taken back (``death_retracted``) by an A13 of the discharge that gave it, by a
+  correction of that disposition to one that is not a death, or, for a death PID-29/PID-30
+  reported, by a later message of the patient with PID-30=N; ``encounter_ids`` then names the
+  visits whose follow-ups run again (not those whose own discharge says the patient died).
+  A PID-30 of N is only a retraction after such a report: senders that fill N on every
+  message do not reopen anything, and it never takes back a death disposition.
 - A08 or A02 that turns class E into I -> ``admission`` (site quirk). An A08 that brings a
   discharge time (PV1-45) no later than the message itself to a visit not yet discharged ->
   ``discharge`` (sites that discharge by update, never sending an A03: without it no one would
@@ -107,7 +120,13 @@ from pydantic import Field
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 
 from carehub.care.merges import follow_merges
-from carehub.care.model import DISPOSITIONS, Transition, TransitionKind, normalize_disposition
+from carehub.care.model import (
+    DIED,
+    DISPOSITIONS,
+    Transition,
+    TransitionKind,
+    normalize_disposition,
+)
 from carehub.components import ComponentOptions, TrackingEnricher, Work
 from carehub.errors import CarehubError
 from carehub.events import (
@@ -383,6 +402,51 @@ def _older_than_held(rec: EncounterRecord, event: CareEvent) -> bool:
     if (held.tzinfo is None) != (event.occurred_at.tzinfo is None):
         return False
     return _later(held, event.occurred_at)
+
+
+def _admitted_at(rec: EncounterRecord) -> datetime | None:
+    """When the visit's inpatient stay began: the admission told, else, for an inpatient
+    (class I) visit no admission message reached, its PV1-44."""
+    if rec.admitted_at is not None:
+        return rec.admitted_at
+    if (rec.patient_class or "").upper() == "I":
+        return rec.opened_at
+    return None
+
+
+def _pid_death(patient: Any) -> bool:
+    """Whether a visit's snapshot of the patient holds a death (PID-30 Y, or a PID-29 time
+    not contradicted by PID-30 N)."""
+    if not isinstance(patient, dict):
+        return False
+    if patient.get("deceased") is True:
+        return True
+    return bool(patient.get("death_time")) and patient.get("deceased") is not False
+
+
+def _death_reported(
+    rec: EncounterRecord | None, event: CareEvent
+) -> tuple[str | None, datetime | None]:
+    """Whether the message says the patient died, and how (PV1-36, PID-30 or PID-29) and
+    when. A discharge disposition counts when the message gives it and it stands as the
+    visit's; PID-30 N outweighs a PID-29 time."""
+    enc = event.encounter
+    if (
+        rec is not None
+        and enc is not None
+        and normalize_disposition(enc.discharge_disposition) in DIED
+        and rec.state == "discharged"
+        and normalize_disposition(rec.disposition) in DIED
+    ):
+        return "PV1-36", rec.discharged_at
+    patient = event.patient
+    if patient is None or patient.deceased is False:
+        return None, None
+    if patient.deceased:
+        return "PID-30", patient.death_time
+    if patient.death_time is not None:
+        return "PID-29", patient.death_time
+    return None, None
 
 
 def _merge_snapshot(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -1093,6 +1157,8 @@ class EncounterTracker:
         # What the visit was, for telling an update that changed it (read only for those).
         facts = _facts(rec) if not is_new and event.kind in _UPDATES else None
         previous_state = None if is_new else rec.state
+        disposition_before = rec.disposition
+        reported_here = _pid_death(rec.snapshot.get("patient"))
         late = _older_than_held(rec, event)
         self._merge_fields(rec, event, enc, message_id, now, late=late)
         handler = {
@@ -1117,6 +1183,21 @@ class EncounterTracker:
         b.save(rec)
         if step.kind == "admission":
             step.summary["readmission_of"] = self._readmission_of(b, rec, event, now)
+        elif self._admitted_untold(b, rec, event):
+            found = self._readmission_of(b, rec, event, now, admitted=_admitted_at(rec))
+            if found:
+                step.summary["readmission_of"] = found
+                step.detail["readmission_of"] = found
+        self._death_news(
+            b,
+            rec,
+            event,
+            step,
+            disposition_before,
+            message_id,
+            message_key,
+            reported_here=reported_here,
+        )
         summary = {**_summary(rec, event, previous_state), **step.summary}
         transition = Transition(step.kind, rec.id, key, trigger, rec.state, summary)
         if late:
@@ -1143,11 +1224,17 @@ class EncounterTracker:
 
     @staticmethod
     def _readmission_of(
-        b: _Backend, rec: EncounterRecord, event: CareEvent, now: datetime
+        b: _Backend,
+        rec: EncounterRecord,
+        event: CareEvent,
+        now: datetime,
+        *,
+        admitted: datetime | None = None,
     ) -> list[int]:
         """The patient's other visits discharged in the ``READMISSION_WINDOW`` before this
-        admission: it is a readmission after them, which ends their TCM follow-up episode."""
-        admitted = _aware(rec.admitted_at or event.occurred_at or now)
+        admission (``admitted``, else the visit's): it is a readmission after them, which
+        ends their TCM follow-up episode."""
+        admitted = _aware(admitted or rec.admitted_at or event.occurred_at or now)
         found = []
         for other in b.of_patient(rec.patient_key, ("discharged",)):
             if other.id == rec.id or other.discharged_at is None:
@@ -1156,6 +1243,118 @@ class EncounterTracker:
             if timedelta(0) <= since <= READMISSION_WINDOW:
                 found.append(other.id or 0)
         return sorted(found)
+
+    def _admitted_untold(self, b: _Backend, rec: EncounterRecord, event: CareEvent) -> bool:
+        """Whether the visit is an inpatient stay whose admission no message told (its A01
+        came after its A03, or never came): the message that shows it must still ask whether
+        it is a readmission, or the earlier discharge's follow-ups would run on. Cancels do
+        not ask: they take something back."""
+        if event.kind in ("cancel_admission", "cancel_transfer", "cancel_discharge"):
+            return False
+        admitted = _admitted_at(rec)
+        if rec.state not in ("admitted", "discharged") or admitted is None:
+            return False
+        if (rec.patient_class or "").upper() != "I":
+            return False
+        if event.occurred_at is not None and _later(admitted, event.occurred_at):
+            return False  # a pre-admission update: the stay is planned, not begun
+        return not self._told(b, rec, "admission", undone_by="cancel_admission")
+
+    def _death_news(
+        self,
+        b: _Backend,
+        rec: EncounterRecord | None,
+        event: CareEvent,
+        step: _Step,
+        disposition_before: str | None,
+        message_id: int,
+        message_key: Any,
+        *,
+        patient_key: str | None = None,
+        reported_here: bool = False,
+    ) -> None:
+        """Put a death the message reports, or takes back, in the summary (see the module
+        doc), and on the timeline of the patient's other discharged visits, whose follow-ups
+        it closes or reopens. A death is patient news: the visit it comes on is often not the
+        one whose follow-ups are open (an ED visit days after a discharge home). ``rec`` is
+        the message's visit (None for an A28/A31), ``reported_here`` whether its snapshot
+        held a PID-29/PID-30 death before the message."""
+        key = rec.patient_key if rec is not None else patient_key or ""
+        own = rec.id if rec is not None else None
+        visits = [v for v in b.of_patient(key, STATES) if v.id != own]
+        source, died_at = _death_reported(rec, event)
+        reported_before = reported_here or any(
+            _pid_death(v.snapshot.get("patient")) for v in visits
+        )
+        if source is not None:
+            everyone = [*visits, *([rec] if rec is not None else [])]
+            step.summary["death"] = {
+                "source": source,
+                "died_at": _iso(died_at),
+                "encounter_ids": sorted(v.id or 0 for v in everyone),
+            }
+            step.detail.setdefault("note", f"the patient's death was reported ({source})")
+            if source != "PV1-36":
+                # Kept on every visit, so a later PID-30 N on any of them can take it back.
+                for v in visits:
+                    if not _pid_death(v.snapshot.get("patient")):
+                        patient = v.snapshot.setdefault("patient", {})
+                        patient["deceased"] = True
+                        if died_at is not None:
+                            patient["death_time"] = _iso(died_at)
+                        b.save(v)
+            news = step.kind in ("discharge", "discharge_corrected") or (
+                source != "PV1-36" and not reported_before
+            )
+            if news:
+                where = f" on visit {rec.visit_key}" if rec is not None else ""
+                note = f"the patient's death was reported ({source}){where}"
+                self._note_others(b, visits, event, message_id, message_key, note)
+            return
+        dead_before = normalize_disposition(disposition_before) in DIED
+        undone: str | None = None
+        if step.kind == "cancel_discharge" and dead_before:
+            undone = "A13"
+        elif step.kind == "discharge_corrected" and dead_before:
+            undone = "PV1-36"
+        elif event.patient is not None and event.patient.deceased is False and reported_before:
+            undone = "PID-30"
+            for v in [*visits, *([rec] if rec is not None else [])]:
+                patient = v.snapshot.get("patient")
+                if isinstance(patient, dict) and (
+                    patient.get("deceased") or patient.get("death_time")
+                ):
+                    patient.pop("death_time", None)
+                    patient["deceased"] = False
+                    b.save(v)
+        if undone is None:
+            return
+        # Visits whose own discharge says the patient died keep their follow-ups closed; so
+        # does the visit whose own discharge was cancelled or corrected (its clocks follow
+        # its own discharge, see carehub.care.followup).
+        candidates = visits if undone != "PID-30" or rec is None else [*visits, rec]
+        reopen = [v.id or 0 for v in candidates if normalize_disposition(v.disposition) not in DIED]
+        step.summary["death_retracted"] = {"source": undone, "encounter_ids": sorted(reopen)}
+        step.detail.setdefault("note", f"the patient's reported death was taken back ({undone})")
+        where = f" on visit {rec.visit_key}" if rec is not None else ""
+        note = f"the patient's reported death was taken back ({undone}){where}"
+        self._note_others(b, visits, event, message_id, message_key, note)
+
+    def _note_others(
+        self,
+        b: _Backend,
+        visits: list[EncounterRecord],
+        event: CareEvent | None,
+        message_id: int,
+        message_key: Any,
+        note: str,
+    ) -> None:
+        """Say on the timeline of each discharged visit (those that can hold follow-ups)
+        what another visit's message told of the patient."""
+        for other in visits:
+            if other.state == "discharged":
+                row = self._event_row(other, event, message_id, "none", {"note": note})
+                b.add_event(row, message_key)
 
     @staticmethod
     def _merge_fields(
@@ -1501,7 +1700,7 @@ class EncounterTracker:
         return _Step("none")
 
     def _on_cancel_admission(
-        self, b: _Backend, rec: EncounterRecord, before: Any, *_: Any
+        self, b: _Backend, rec: EncounterRecord, before: Any, event: CareEvent, *_: Any
     ) -> _Step:
         """A11: undo the admission. A visit admitted from the ED goes back to the ED (with its
         ED class and location); any other admitted or registered visit is cancelled. The
@@ -1518,9 +1717,14 @@ class EncounterTracker:
                 rec.state = "ed"
             else:
                 rec.state = "cancelled"
+            # What this admission is a readmission after, found again: an A40 may have put
+            # visits together since it was told.
+            found = self._readmission_of(b, rec, event, self.clock())
             rec.admitted_at = None
             told = (admitted.detail.get("result") or {}) if admitted is not None else {}
-            readmission_of = (told.get("summary") or {}).get("readmission_of") or []
+            readmission_of = sorted(
+                {*((told.get("summary") or {}).get("readmission_of") or []), *found}
+            )
             return _Step(
                 "cancel_admission",
                 {"undoes": admitted.id if admitted else None},
@@ -1645,20 +1849,61 @@ class EncounterTracker:
                     told.append(keyed.model_dump(mode="json", exclude_none=True))
                 moved += self._rekey(b, old, target, patient, message_id, now, told)
         final = self._resolve(b, key)
+        readmitted = self._readmissions_joined(b, final, moved)
         summary = {
             **_patient_summary({"patient": patient}),
             "patient_key": final,
             "retired_keys": retired,
             "encounter_ids": [r.id for r in moved],
             "occurred_at": _iso(event.occurred_at),
+            "readmission_of": sorted(readmitted),
         }
         transition = Transition(
             "merge", moved[0].id if moved else None, final, event.trigger_event, "", summary
         )
+        notes = {
+            earlier_id: (
+                f"readmission: visit {admission.visit_key} was admitted within "
+                f"{READMISSION_WINDOW.days} days of this discharge (the merge joined them)"
+            )
+            for earlier_id, admission in readmitted.items()
+        }
         for rec in moved:
             detail = {"result": transition.as_output(), "retired_keys": retired}
+            if rec.id in notes:
+                detail["note"] = notes.pop(rec.id or 0)
             b.add_event(self._event_row(rec, event, message_id, "merge", detail), message_key)
+        for earlier_id, note in sorted(notes.items()):  # the survivor's own visits
+            earlier = b.get_by_id(earlier_id)
+            if earlier is not None:
+                row = self._event_row(earlier, event, message_id, "none", {"note": note})
+                b.add_event(row, message_key)
         return transition
+
+    @staticmethod
+    def _readmissions_joined(
+        b: _Backend, patient_key: str, moved: list[EncounterRecord]
+    ) -> dict[int, EncounterRecord]:
+        """The patient's discharges followed within ``READMISSION_WINDOW`` by an admission of
+        another visit, where a merge just brought one of the two over: {the discharged visit's
+        id: the admission}. Each record held a part of the story, so neither's admission
+        could have been found to be a readmission before."""
+        moved_ids = {r.id for r in moved}
+        visits = b.of_patient(patient_key, STATES)
+        found: dict[int, EncounterRecord] = {}
+        for admission in visits:
+            admitted = _admitted_at(admission)
+            if admitted is None or admission.state not in ("admitted", "discharged"):
+                continue
+            for other in visits:
+                if other.id == admission.id or other.discharged_at is None:
+                    continue
+                if other.state != "discharged" or not {admission.id, other.id} & moved_ids:
+                    continue
+                since = _aware(admitted) - _aware(other.discharged_at)
+                if timedelta(0) <= since <= READMISSION_WINDOW:
+                    found.setdefault(other.id or 0, admission)
+        return found
 
     @staticmethod
     def _rekey(
@@ -1703,6 +1948,10 @@ class EncounterTracker:
             "patient_key": key,
             "occurred_at": _iso(event.occurred_at),
         }
+        # A death reported (or taken back) by an A31 is news for every visit's follow-ups.
+        news = _Step("demographics")
+        self._death_news(b, None, event, news, None, message_id, message_key, patient_key=key)
+        summary.update(news.summary)
         transition = Transition("demographics", None, key, event.trigger_event, "", summary)
         deleted = [path for path in event.cleared or () if path.startswith("patient.")]
         for rec in b.of_patient(key, OPEN_STATES):

@@ -20,6 +20,16 @@ items stay as they are, except those a readmission closed: they are replaced in 
 by items still closed as ``readmitted``, so an A11 that cancels the readmission reopens
 clocks due from the corrected time.
 
+A death closes every pending item of the patient as ``died``, whichever visit the message
+that tells it comes on: a discharge disposition 20 or 40-42 (an ED visit days after the
+discharge home), PID-30=Y or a PID-29 time on any ADT message (an A08, an A31). It is taken
+back, and the items so closed reopen (open, or overdue if alerted before), by an A13 of the
+discharge that gave the death, a correction of that disposition, or a later PID-30=N after a
+death PID-29/PID-30 reported (see carehub.care.encounters). A readmission no admission
+message told, found when a stay's A03 or A08 comes before its A01 (or without one) or when an
+A40 joins two records, closes the earlier discharge's items as ``readmitted`` as the A01
+would have.
+
 An overdue item is marked alerted only once someone was told. One the notify step finds
 nobody to alert about (no care coordinator told of the discharge or on the roster, none with a
 channel the route has) stays unalerted: the visit's timeline says why, once, ``followups list``
@@ -45,6 +55,10 @@ Due-date convention (``BusinessCalendar``):
   too, so a daylight-saving change between discharge and due date moves the due time by an
   hour. An offset-less time is taken as UTC. Due times are stored in UTC, like every time in
   the store.
+* Holidays are known up to the end of the last year the holidays list names. Business days
+  after that are counted as if none were a holiday: the step says so in the history of the
+  discharge that opened the items (``calendar_note``), and warns at start, once a day and in
+  ``routes check`` while the list names no holiday in this year or the next.
 
 Dry runs have no store: the clocks then live in a ``FollowupMemory``, with the same behaviour.
 """
@@ -52,6 +66,7 @@ Dry runs have no store: the clocks then live in a ``FollowupMemory``, with the s
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -69,12 +84,12 @@ from sqlalchemy import Engine, insert, select, update
 # module included) lazily, from inside a running command, so importing it here cannot cycle.
 from carehub.care.encounters import DISCHARGE_CHANGES, EncounterTracker, patient_key_matches
 from carehub.care.model import DIED, DISPOSITIONS, Transition, normalize_disposition
-from carehub.cli import hub_options
-from carehub.cliparams import LIMIT, ROW_ID, moment
+from carehub.cli import hub_options, operator_option
+from carehub.cliparams import LIMIT, ROW_ID
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.config import read_config_text
 from carehub.errors import CarehubError, ConfigError
-from carehub.events import parse_hl7_datetime
+from carehub.events import display_name, parse_hl7_datetime
 from carehub.store.schema import encounters as encounters_table
 from carehub.store.schema import followups as followups_table
 from carehub.store.schema import notifications as notifications_table
@@ -122,6 +137,8 @@ _MOVABLE = (*PENDING, READMITTED)
 #: Why a reprocessed message opens, closes or reopens nothing.
 OVERTAKEN = "a later change to this discharge or admission came to the visit since this message"
 
+log = logging.getLogger(__name__)
+
 FollowupKind = Literal["contact", "visit"]
 #: Transitions that say the patient was discharged, and where to.
 _DISCHARGES = ("discharge", "discharge_corrected")
@@ -160,6 +177,21 @@ class BusinessCalendar:
 
     def is_business_day(self, day: date) -> bool:
         return day.weekday() not in self.weekend and day not in self.holidays
+
+    @property
+    def ends(self) -> date | None:
+        """The last day the holidays cover: the end of the last year that has one (None
+        without holidays). Business days after it are counted as if no day were a holiday."""
+        return date(max(d.year for d in self.holidays), 12, 31) if self.holidays else None
+
+    def missing_years(self, today: date) -> list[int]:
+        """Of this year and the next, those with no holiday listed: a sign the holidays list
+        was not carried forward, so deadlines then count holidays as business days. [] when
+        no holidays are configured at all (a site that keeps none)."""
+        if not self.holidays:
+            return []
+        years = {d.year for d in self.holidays}
+        return [year for year in (today.year, today.year + 1) if year not in years]
 
     def local(self, moment: datetime) -> datetime:
         """``moment`` on the hospital's wall clock: in ``zone`` if set, otherwise as given."""
@@ -305,6 +337,10 @@ class FollowupItem:
     created_at: datetime
     closed_at: datetime | None = None
     alerted_at: datetime | None = None
+    #: Who marked it done, how (phone, visit, portal...) and their note, when done by hand.
+    done_by: str | None = None
+    done_method: str | None = None
+    done_note: str | None = None
 
     @property
     def reason(self) -> str | None:
@@ -519,17 +555,22 @@ class FollowupClock:
         """Reopen the encounters' items a readmission closed, once that readmission is
         cancelled (A11): the TCM episode runs on. An item alerted before is overdue again, and
         is not alerted a second time; one that fell due meanwhile alerts at the next tick."""
+        return self.reopen(encounter_ids, READMITTED)
+
+    def reopen(self, encounter_ids: Iterable[int], status: str) -> list[FollowupItem]:
+        """Reopen the encounters' items closed as ``status`` (a readmission cancelled, a
+        reported death taken back), as ``reopen_readmitted`` says."""
         wanted = sorted(set(encounter_ids))
         t = followups_table
-        closed = [t.c.encounter_id.in_(wanted), t.c.status == READMITTED]
+        closed = [t.c.encounter_id.in_(wanted), t.c.status == status]
         never_alerted = self._change(
-            lambda i: i.encounter_id in wanted and i.status == READMITTED and i.alerted_at is None,
+            lambda i: i.encounter_id in wanted and i.status == status and i.alerted_at is None,
             [*closed, t.c.alerted_at.is_(None)],
             status=OPEN,
             closed_at=None,
         )
         alerted = self._change(  # those left were alerted
-            lambda i: i.encounter_id in wanted and i.status == READMITTED,
+            lambda i: i.encounter_id in wanted and i.status == status,
             closed,
             status=OVERDUE,
             closed_at=None,
@@ -642,25 +683,36 @@ class FollowupClock:
             last[item.encounter_id, item.kind] = item
         return replaces, replaced_by
 
-    def complete(self, item_id: int, now: datetime) -> FollowupItem:
+    def complete(
+        self,
+        item_id: int,
+        now: datetime,
+        *,
+        by: str | None = None,
+        method: str | None = None,
+        note: str | None = None,
+        zone: tzinfo = UTC,
+    ) -> FollowupItem:
         """Mark an item done at ``now`` (when the contact or visit happened). Done again is a
         no-op. A withdrawn or unknown item raises FollowupError, because completing it would
         record work that is no longer owed (a discharge withdrawn, a patient readmitted), and
         so does a time before the visit's discharge: a transitional-care contact or visit
-        before the patient left cannot count."""
+        before the patient left cannot count. ``zone``: the one the refusal's times are in,
+        the coordinator's."""
         pending = self.get(item_id)
         if pending is not None and pending.status in PENDING:
             discharged = self._discharged_at(pending.encounter_id)
             if discharged is not None and _utc(now) < discharged:
                 raise FollowupError(
-                    f"follow-up {item_id} cannot be done at {_minute(now)} UTC: that is before "
-                    f"the discharge at {_minute(discharged)} UTC; not changed"
+                    f"follow-up {item_id} cannot be done at {_zoned(now, zone)}: that is "
+                    f"before the discharge at {_zoned(discharged, zone)}; not changed"
                 )
         self._change(
             lambda i: i.id == item_id and i.status in PENDING,
             [followups_table.c.id == item_id, followups_table.c.status.in_(PENDING)],
             status=DONE,
             closed_at=_utc(now),
+            done={"done_by": by, "done_method": method, "done_note": note},
         )
         item = self.get(item_id)
         if item is None:
@@ -675,15 +727,23 @@ class FollowupClock:
         return item
 
     def _change(
-        self, matches: Any, where: list[Any], *, status: str, closed_at: datetime | None
+        self,
+        matches: Any,
+        where: list[Any],
+        *,
+        status: str,
+        closed_at: datetime | None,
+        done: dict[str, str | None] | None = None,
     ) -> list[FollowupItem]:
-        """Set the status (and closing time) of the items that ``matches`` (in memory) or
-        ``where`` (in the store) select; returns them changed."""
+        """Set the status (and closing time, and for one done by hand who did it and how) of
+        the items that ``matches`` (in memory) or ``where`` (in the store) select; returns
+        them changed."""
+        extra = done or {}
         memory = self._memory
         if memory is not None:
             with memory.lock:
                 changed = [
-                    replace(i, status=status, closed_at=closed_at)
+                    replace(i, status=status, closed_at=closed_at, **extra)
                     for i in memory.items.values()
                     if matches(i)
                 ]
@@ -694,7 +754,7 @@ class FollowupClock:
             rows = conn.execute(
                 update(followups_table)
                 .where(*where)
-                .values(status=status, closed_at=closed_at)
+                .values(status=status, closed_at=closed_at, **extra)
                 .returning(*followups_table.c)
             ).all()
         return sorted((_item(r) for r in rows), key=lambda i: i.id)
@@ -955,6 +1015,8 @@ class FollowupEnricher(Enricher):
         self.calendar = BusinessCalendar(
             holidays, zone=ZoneInfo(opts.timezone) if opts.timezone else None
         )
+        self.holidays_from = opts.holidays_file or "the follow-up-clock holidays option"
+        self._calendar_checked: date | None = None
         self.policy = FollowupPolicy(
             home_dispositions=frozenset(opts.home_dispositions),
             contact_business_days=opts.contact_business_days,
@@ -962,6 +1024,41 @@ class FollowupEnricher(Enricher):
             excluded_patient_classes=frozenset(c.upper() for c in opts.exclude_patient_classes),
         )
         self.memory = FollowupMemory()
+
+    async def start(self) -> None:
+        self._check_calendar(datetime.now(UTC).date())
+
+    def tick(self, now: datetime) -> None:
+        """Once a day, warn again if the holidays list has run out: a hub runs for months,
+        and the year a list covers ends while it does."""
+        if self._calendar_checked != now.date():
+            self._check_calendar(now.date())
+
+    def _check_calendar(self, today: date) -> None:
+        self._calendar_checked = today
+        missing = self.calendar.missing_years(today)
+        if missing:
+            years = " or ".join(str(y) for y in missing)
+            log.warning(
+                "follow-up-clock: %s lists no holiday in %s: contact deadlines then count "
+                "holidays as business days (add that year's holidays)",
+                self.holidays_from,
+                years,
+            )
+
+    def _calendar_note(self, discharged_at: datetime) -> str | None:
+        """What the item's history must say when the contact's business days run past the
+        end of the holidays list: they were counted without holidays."""
+        ends = self.calendar.ends
+        if ends is None:
+            return None
+        due = self.calendar.add_business_days(discharged_at, self.policy.contact_business_days)
+        if due.date() <= ends:
+            return None
+        return (
+            f"business days after {ends.isoformat()}, where the holidays list "
+            f"({self.holidays_from}) ends, are counted without holidays"
+        )
 
     @property
     def clock(self) -> FollowupClock:
@@ -981,6 +1078,40 @@ class FollowupEnricher(Enricher):
         work.data["followups"] = []
         work.data["followups_closed"] = []
         now = datetime.now(UTC)
+        result = self._for_transition(transition, work, now)
+        if result.get("reason") == OVERTAKEN:
+            return result
+        return {**result, **self._for_patient(transition, work, now)}
+
+    def _for_patient(self, transition: Transition, work: Work, now: datetime) -> dict[str, Any]:
+        """What the message tells of the patient rather than of its own visit's discharge: a
+        death (every visit's pending items close as ``died``, so nobody is told to call a
+        patient who died on a later visit), a death taken back (those items run again), and
+        a readmission no admission transition told (a late or missing A01, an A40 that put
+        two records together), which closes the earlier discharge's items as ``readmitted``.
+        """
+        summary = transition.summary or {}
+        out: dict[str, Any] = {}
+        readmission_of = summary.get("readmission_of") or []
+        if readmission_of and transition.kind not in _ADMISSION_CHANGES:
+            closed = self._withdraw(readmission_of, READMITTED, work, now)
+            out["readmission_of"] = readmission_of
+            out["readmitted"] = _briefs(closed)
+        death = summary.get("death")
+        if isinstance(death, dict) and death.get("encounter_ids"):
+            closed = self._withdraw(death["encounter_ids"], PATIENT_DIED, work, now)
+            out["death"] = {"source": death.get("source"), "items": _briefs(closed)}
+        retracted = summary.get("death_retracted")
+        if isinstance(retracted, dict) and retracted.get("encounter_ids"):
+            reopened = self.clock.reopen(retracted["encounter_ids"], PATIENT_DIED)
+            out["death_retracted"] = {
+                "source": retracted.get("source"),
+                "items": _briefs(reopened),
+            }
+        return out
+
+    def _for_transition(self, transition: Transition, work: Work, now: datetime) -> dict[str, Any]:
+        """What the message's own transition does to its visit's clocks."""
         base: dict[str, Any] = {"transition": transition.kind}
         if transition.encounter_id is None:
             return {**base, "action": "none", "reason": "the transition has no encounter id"}
@@ -1036,6 +1167,9 @@ class FollowupEnricher(Enricher):
             return {**base, "action": "none", "reason": reason}
         assert facts.discharged_at is not None
         base["discharged_at"] = facts.discharged_at.isoformat()
+        calendar_note = self._calendar_note(facts.discharged_at)
+        if calendar_note is not None:
+            base["calendar_note"] = calendar_note
         opened = clock.open_for_discharge(transition, now, facts=facts)
         if opened:
             work.data["followups"] = opened
@@ -1065,7 +1199,7 @@ class FollowupEnricher(Enricher):
         """Close the encounters' pending items as ``status`` and hand them to the later steps
         (``work.data["followups_closed"]``), so a notice can say the clocks stopped and why."""
         closed = self.clock.withdraw(encounter_ids, status, now)
-        work.data["followups_closed"] = closed
+        work.data["followups_closed"] = [*work.data.get("followups_closed", []), *closed]
         return closed
 
     def _overtaken(self, transition: Transition, work: Work) -> bool:
@@ -1121,10 +1255,142 @@ def followups() -> None:
     """Transitional-care follow-ups (TCM contact and visit): list them, mark them done."""
 
 
+#: How a follow-up can be done, for `followups done --method`.
+DONE_METHODS = ("phone", "video", "visit", "portal", "other")
+
+
+@dataclass(slots=True)
+class _Worklist:
+    """What the shipped route files say about the coordinator's worklist: the zone times are
+    given in (the notify step's, else the follow-up clock's, else UTC), the roster and the
+    roles that coordinate a patient's care."""
+
+    zone: tzinfo = UTC
+    roster: Path | None = None
+    roles: tuple[str, ...] = ("care_coordinator",)
+
+
+def _worklist(config: HubConfig, zone_name: str | None) -> _Worklist:
+    """Read the route files for the notify and care-team steps (their timezone, roster and
+    coordinator roles): the worklist gives times as the notices do."""
+    found = _Worklist()
+    folder = config.source.parent if config.source else Path.cwd()
+    notify_zone = clock_zone = None
+    for pattern in config.routes:
+        for path in sorted(folder.glob(pattern)):
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            for route in data.get("routes") or []:
+                for step in (route or {}).get("steps") or []:
+                    if not isinstance(step, dict):
+                        continue
+                    notify = step.get("notify")
+                    if isinstance(notify, dict):
+                        notify_zone = notify_zone or notify.get("timezone")
+                        roles = notify.get("coordinator_roles")
+                        if roles:
+                            found.roles = tuple(roles)
+                    enrich = step.get("enrich")
+                    if isinstance(enrich, dict) and enrich.get("use") == "follow-up-clock":
+                        clock_zone = clock_zone or enrich.get("timezone")
+                    if isinstance(enrich, dict) and enrich.get("use") == "care-team":
+                        roster = enrich.get("roster")
+                        if roster and found.roster is None:
+                            found.roster = folder / roster
+    name = zone_name or notify_zone or clock_zone
+    if name:
+        try:
+            found.zone = ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as err:
+            raise click.BadParameter(
+                f"unknown time zone {name!r}", param_hint="'--timezone'"
+            ) from err
+    return found
+
+
+def _zoned(when: datetime | None, zone: tzinfo) -> str:
+    """A stored time in the worklist's zone, with its abbreviation ("2026-12-04 14:30 CST")."""
+    if when is None:
+        return ""
+    return _utc(when).astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _worklist_facts(
+    engine: Engine, items: Sequence[FollowupItem]
+) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]]]:
+    """Per encounter: the patient's name, the hospital and the discharge time (from the
+    visit's snapshot), and who was alerted about it or told of its discharge."""
+    ids = {item.encounter_id for item in items}
+    facts: dict[int, dict[str, Any]] = {}
+    told: dict[int, list[str]] = {}
+    if not ids:
+        return facts, told
+    with engine.connect() as conn:
+        for row in conn.execute(
+            select(
+                encounters_table.c.id,
+                encounters_table.c.snapshot,
+                encounters_table.c.discharged_at,
+            ).where(encounters_table.c.id.in_(ids))
+        ):
+            snapshot = json.loads(row.snapshot) if row.snapshot else {}
+            patient = snapshot.get("patient") or {}
+            encounter = snapshot.get("encounter") or {}
+            facts[row.id] = {
+                "name": display_name(patient.get("name") or {}) or "",
+                "facility": encounter.get("facility") or snapshot.get("sending_facility") or "",
+                "discharged_at": row.discharged_at,
+            }
+        for row in conn.execute(
+            select(
+                notifications_table.c.encounter_id,
+                notifications_table.c.recipient,
+                notifications_table.c.kind,
+                notifications_table.c.status,
+            ).where(notifications_table.c.encounter_id.in_(ids))
+        ):
+            if row.kind in ("discharge", "followup_overdue") and row.status in (
+                "queued",
+                "digest",
+                "digested",
+            ):
+                names = told.setdefault(row.encounter_id, [])
+                if row.recipient not in names:
+                    names.append(row.recipient)
+    return facts, told
+
+
+def _assigned(setting: _Worklist, patient_key: str) -> list[tuple[str, str, str]]:
+    """(member id, name, organization) of each coordinator the roster lists for the patient
+    now; none without a roster."""
+    if setting.roster is None or not setting.roster.exists():
+        return []
+    from carehub.care.roster import Roster
+
+    entry = Roster(setting.roster).find_key(patient_key)
+    if entry is None:
+        return []
+    return [(m.member_id, m.name, m.organization) for m in entry.members if m.role in setting.roles]
+
+
 @followups.command("list")
 @hub_options
 @click.option("--overdue", is_flag=True, help="Only pending items already past due.")
 @click.option("--patient", help="Patient id (PID-3.1), or authority|id; merged ids follow.")
+@click.option(
+    "--coordinator",
+    help="Only patients this coordinator follows: a roster member id, name or address.",
+)
+@click.option(
+    "--practice", help="Only patients whose coordinator is of this organization (roster)."
+)
+@click.option(
+    "--timezone",
+    "zone_name",
+    help="IANA zone times are given in; default: the notify step's timezone.",
+)
 @click.option("--all", "show_all", is_flag=True, help="Also done and closed items.")
 @click.option("--limit", type=LIMIT, default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -1133,16 +1399,21 @@ def list_followups(
     data_dir: Path,
     overdue: bool,
     patient: str | None,
+    coordinator: str | None,
+    practice: str | None,
+    zone_name: str | None,
     show_all: bool,
     limit: int,
     as_json: bool,
 ) -> None:
-    """Pending follow-ups (open or overdue), soonest due first; one whose due date a
-    corrected discharge time moved says from when, and an overdue one nobody could be alerted
-    about yet says why."""
+    """Pending follow-ups (open or overdue), soonest due first, with the patient, hospital,
+    discharge and the coordinator the roster assigns, times in the notify step's zone; one
+    whose due date a corrected discharge time moved says from when, and an overdue one
+    nobody could be alerted about yet says why."""
     from carehub.hub import open_store
 
     now = datetime.now(UTC)
+    setting = _worklist(config, zone_name)
     store = open_store(config, data_dir, must_exist=True)
     try:
         clock = FollowupClock(store.engine)
@@ -1154,58 +1425,119 @@ def list_followups(
         )
         replaces, replaced_by = clock.links(found)
         unalerted = clock.unalerted(found, now)
+        facts, told = _worklist_facts(store.engine, found)
     finally:
         store.close()
+    assigned = {item.patient_key: _assigned(setting, item.patient_key) for item in found}
+    if coordinator or practice:
+        wanted_by = (coordinator or "").strip().lower()
+        wanted_org = (practice or "").strip().lower()
+
+        def follows(item: FollowupItem) -> bool:
+            members = assigned[item.patient_key]
+            if wanted_org and not any(wanted_org in org.lower() for _, _, org in members):
+                return False
+            if not wanted_by:
+                return True
+            names = [part.lower() for m in members for part in m[:2]]
+            names += [r.lower() for r in told.get(item.encounter_id, [])]
+            return any(wanted_by == n or (len(wanted_by) > 2 and wanted_by in n) for n in names)
+
+        found = [item for item in found if follows(item)]
+    zone = setting.zone
     if as_json:
         for item in found:
             earlier, later = replaces.get(item.id), replaced_by.get(item.id)
+            fact = facts.get(item.encounter_id, {})
             out = item.as_output()
             out["replaces"] = earlier.id if earlier else None
             out["was_due_at"] = earlier.due_at.isoformat() if earlier else None
             out["replaced_by"] = later.id if later else None
             out["unalerted"] = unalerted.get(item.id)
+            out["patient_name"] = fact.get("name") or None
+            out["facility"] = fact.get("facility") or None
+            discharged = fact.get("discharged_at")
+            out["discharged_at"] = _utc(discharged).isoformat() if discharged else None
+            out["coordinators"] = [
+                {"id": m, "name": n, "organization": o} for m, n, o in assigned[item.patient_key]
+            ]
+            out["told"] = told.get(item.encounter_id, [])
+            out["timezone"] = str(zone)
+            out["due_local"] = _zoned(item.due_at, zone)
             click.echo(json.dumps(out, ensure_ascii=False))
         return
     from rich.table import Table
     from rich.text import Text
 
-    from carehub.care.encounters_cli import utc_minute
     from carehub.display import new_console
 
     table = Table(show_edge=False, header_style="bold")
-    columns = ("id", "patient", "encounter", "kind", "due (UTC)", "status", "alerted (UTC)")
-    for column in (*columns, "closed (UTC)", "note"):
+    columns = (
+        "id",
+        "patient",
+        "name",
+        "hospital",
+        "discharged",
+        "kind",
+        "due",
+        "status",
+        "coordinator",
+        "alerted",
+        "closed",
+        "note",
+    )
+    for column in columns:
         table.add_column(column, overflow="fold")
     for item in found:
         earlier, later = replaces.get(item.id), replaced_by.get(item.id)
+        fact = facts.get(item.encounter_id, {})
         if item.reason is not None:
             note = item.reason + (f" (now #{later.id})" if later else "")
         elif earlier is not None:
-            note = f"moved from {utc_minute(earlier.due_at)} (discharge time corrected)"
+            note = f"moved from {_zoned(earlier.due_at, zone)} (discharge time corrected)"
         else:
             note = ""
+        if item.status == DONE and (item.done_by or item.done_method or item.done_note):
+            how = " ".join(
+                part
+                for part in (
+                    f"by {item.done_by}" if item.done_by else "",
+                    f"via {item.done_method}" if item.done_method else "",
+                )
+                if part
+            )
+            note = "; ".join(
+                part for part in (note, f"done {how}".strip(), item.done_note or "") if part
+            )
         if item.id in unalerted:
             # Overdue with nobody told yet: the alert goes once someone can be.
             note = "; ".join(
                 part for part in (note, f"nobody to alert yet: {unalerted[item.id]}") if part
             )
+        members = assigned[item.patient_key]
+        who = ", ".join(
+            f"{name} ({org})" if org else name for _, name, org in members
+        ) or ", ".join(told.get(item.encounter_id, []))
         # Pending and past due is overdue, whether or not the alert has gone out yet (the
         # alerted column says); a due date moved into the past is overdue at once.
         late = item.status == OPEN and item.due_at < now
         table.add_row(
             str(item.id),
             Text(item.patient_key),
-            str(item.encounter_id),
+            Text(fact.get("name", "")),
+            Text(fact.get("facility", "")),
+            _zoned(fact.get("discharged_at"), zone),
             item.kind,
-            utc_minute(item.due_at),
+            _zoned(item.due_at, zone),
             OVERDUE if late else item.status,
-            utc_minute(item.alerted_at),
-            utc_minute(item.closed_at),
-            note,
+            Text(who),
+            _zoned(item.alerted_at, zone),
+            _zoned(item.closed_at, zone),
+            Text(note),
         )
     console = new_console()
     console.print(table)
-    console.print(f"{len(found)} follow-up(s)")
+    console.print(f"{len(found)} follow-up(s); times in {zone}")
 
 
 @followups.command("done")
@@ -1214,24 +1546,75 @@ def list_followups(
 @click.option(
     "--at",
     "happened_at",
-    callback=moment,
-    help="When the contact or visit took place: an ISO date/time (without an offset: UTC) "
-    "or an age back from now (2h, 1d), not before the discharge. Default: now.",
+    help="When the contact or visit took place: an ISO date/time (without an offset: in "
+    "--timezone) or an age back from now (2h, 1d), not before the discharge. Default: now.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(DONE_METHODS),
+    help="How the contact was made or where the visit took place.",
+)
+@click.option("--note", help="A note for the record (who was reached, what was agreed).")
+@click.option(
+    "--timezone",
+    "zone_name",
+    help="IANA zone of --at without an offset and of the output; default: the notify "
+    "step's timezone.",
+)
+@operator_option
 def done_followup(
-    config: HubConfig, data_dir: Path, item_id: int, happened_at: datetime | None
+    config: HubConfig,
+    data_dir: Path,
+    item_id: int,
+    happened_at: str | None,
+    method: str | None,
+    note: str | None,
+    zone_name: str | None,
+    operator: str | None,
 ) -> None:
-    """Mark a follow-up done (the contact was made or the visit took place)."""
-    from carehub.care.encounters_cli import utc_minute
+    """Mark a follow-up done (the contact was made or the visit took place): who did it
+    (--by), how (--method) and a note are kept on the item and in the audit trail, for
+    billing and hand-offs."""
+    from carehub.cli import _audited, _operator
     from carehub.hub import open_store
 
     now = datetime.now(UTC)
-    if happened_at is not None and happened_at > now:
+    zone = _worklist(config, zone_name).zone
+    when = _local_moment(happened_at, zone)
+    if when is not None and when > now:
         raise click.BadParameter("is in the future", param_hint="'--at'")
+    by = operator or _operator()
     store = open_store(config, data_dir, must_exist=True)
     try:
-        item = FollowupClock(store.engine).complete(item_id, happened_at or now)
+        with _audited(store, "followups done", f"follow-up {item_id}", by) as action:
+            item = FollowupClock(store.engine).complete(
+                item_id, when or now, by=by, method=method, note=note, zone=zone
+            )
+            action.detail = f"{item.kind}, {method or 'method not given'}"
     finally:  # a FollowupError is a CarehubError: one line, exit 2, as for any unknown id
         store.close()
-    when = utc_minute(item.closed_at)
-    click.echo(f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at {when} UTC")
+    how = f" via {item.done_method}" if item.done_method else ""
+    click.echo(
+        f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at "
+        f"{_zoned(item.closed_at, zone)}{how}, recorded by {item.done_by}"
+    )
+
+
+def _local_moment(value: str | None, zone: tzinfo) -> datetime | None:
+    """``--at``: an age back from now, or an ISO time; one without an offset is read in
+    ``zone`` (a coordinator types the clock on the wall), not in UTC."""
+    if not value:
+        return None
+    from carehub.cliparams import parse_age
+
+    try:
+        age = parse_age(value)
+        if age is not None:
+            return datetime.now(UTC) - age
+        parsed = datetime.fromisoformat(value)
+    except (ValueError, OverflowError) as err:
+        raise click.BadParameter(
+            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",
+            param_hint="'--at'",
+        ) from err
+    return _utc(parsed if parsed.tzinfo else parsed.replace(tzinfo=zone))

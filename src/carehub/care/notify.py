@@ -256,6 +256,11 @@ class Notifier:
         self._memory = _MemoryRows()
         #: Where ``digest_hour`` is.
         self.zone = ZoneInfo(config.timezone)
+        #: The zone notices give times in, when the step names one; else each time keeps the
+        #: offset the hospital sent, labelled with it.
+        self.notice_zone: ZoneInfo | None = (
+            self.zone if "timezone" in config.model_fields_set else None
+        )
         self.templates = MessageTemplates.from_folder(
             context, config.templates, BUILTIN_TEMPLATES, config.channels
         )
@@ -443,7 +448,10 @@ class Notifier:
             # follow-up-clock hands over FollowupItems (dicts accepted too): was dicts only,
             # so discharge notices never showed the due dates.
             followups=[
-                {"kind": _field(f, "kind"), "due": _local_day(_field(f, "due_at"), event)}
+                {
+                    "kind": _field(f, "kind"),
+                    "due": _local_day(_field(f, "due_at"), event, self.notice_zone),
+                }
                 for f in followups
             ],
             followup_note=work.data.get("followup_note"),
@@ -463,7 +471,8 @@ class Notifier:
         said = " to ".join(part for part in (words, where) if part)
         was = previous.get("discharged_at")
         if was and was != summary.get("discharged_at"):
-            said = f"{said} on {_local_minute(was, summary.get('discharge_time'))}".strip()
+            local = _local_minute(was, summary.get("discharge_time"), self.notice_zone)
+            said = f"{said} on {local}".strip()
         return said or None
 
     def _event_context(
@@ -474,7 +483,7 @@ class Notifier:
     ) -> dict[str, Any]:
         """``event_context`` with the institution by its name where ``facilities`` gives one,
         and where the patient went by the provider directory's name, with the code."""
-        context = event_context(event, kind, summary)
+        context = event_context(event, kind, summary, self.notice_zone)
         code = context["institution"]
         context["institution"] = self.config.facilities.get(code.strip().upper(), code)
         encounter = event.get("encounter") or {}
@@ -604,12 +613,28 @@ class Notifier:
         told: list[int] = []
         for alert in clock.due_alerts(now):
             snapshot = self._snapshots({alert.encounter_id}).get(alert.encounter_id, {})
-            context = self._event_context(snapshot)
+            # Read as a discharge notice reads it: when and how the patient left.
+            context = self._event_context(snapshot, "discharge")
+            still_open = [
+                item
+                for item in clock.find(encounter_id=alert.encounter_id)
+                if item.id != alert.id and item.status in ("open", "overdue")
+            ]
             context.update(
-                followup_kind="interactive contact"
-                if alert.kind == "contact"
-                else "follow-up visit",
-                due=_local_day(alert.due_at, snapshot),
+                followup_kind=_FOLLOWUP_LABELS.get(alert.kind, alert.kind),
+                followup_id=alert.id,
+                due=_local_day(alert.due_at, snapshot, self.notice_zone),
+                discharged_at=context["occurred_at"],
+                # The rest of the episode still owed, so one alert gives the whole picture.
+                still_open=[
+                    {
+                        "id": item.id,
+                        "kind": _FOLLOWUP_LABELS.get(item.kind, item.kind),
+                        "due": _local_day(item.due_at, snapshot, self.notice_zone),
+                    }
+                    for item in still_open
+                ],
+                done_command=f"carehub followups done {alert.id}",
             )
             nobody = self._tell_coordinators(
                 "followup_overdue",
@@ -726,10 +751,13 @@ class Notifier:
         about: str,
         message_id: int | None,
     ) -> str | None:
-        """Send `kind` to each care coordinator among those told earlier (`earlier` are
-        notification rows); else to the coordinators the roster lists for the patient now (a
-        patient nobody was told about yet, one merged into a rostered patient since, one whose
-        coordinator was added later), the alert going with ``message_id``. A patient who opted
+        """Send `kind` to the care coordinators the roster lists for the patient now, at the
+        address it gives now: a coordinator told earlier (`earlier` are notification rows)
+        whom the roster no longer lists is not sent the patient's details again, and the
+        visit's record says who was dropped and who was alerted instead. For a patient the
+        roster does not list at all, those told earlier; else the roster's coordinators (one
+        merged into a rostered patient since, one whose coordinator was added later), the
+        alert going with ``message_id``. A patient who opted
         out (roster or message) is never the subject of an alert. Returns None when someone
         was told (queued), else why nobody was (naming ``about``): the caller records that
         once (``_record_nobody``) and leaves the alert to be tried again at the next tick, so
@@ -748,8 +776,32 @@ class Notifier:
             and r["status"] in TOLD
         }
         reason = f"no care coordinator on record for {about}"
-        if not coordinators and self.care_team is not None and message_id is not None:
+        team: list[Recipient] = []
+        if self.care_team is not None:
             team, _ = self.care_team.roster_team(patient_key, self.config.coordinator_roles)
+        dropped: list[dict[str, Any]] = []
+        if self.care_team is not None and self.care_team.roster_team(patient_key, ROLES)[0]:
+            # The roster lists the patient: it says who coordinates their care now. One told
+            # earlier whom it no longer lists (the patient moved to another practice) hears
+            # nothing more about the patient; one it lists now is alerted, told before or not.
+            listed = {member.id for member in team}
+            dropped = [r for key, r in coordinators.items() if key[0] not in listed]
+            told_before = {key[0]: r for key, r in coordinators.items() if key[0] in listed}
+            anyone_before = bool(coordinators)
+            coordinators = {}
+            for member in team:
+                if member.channel not in self.destinations or not member.address:
+                    continue
+                before = told_before.get(member.id)
+                if before is not None:
+                    told = {**before, "role": member.role, "added": False}
+                elif message_id is not None:
+                    told = {"message_id": message_id, "role": member.role}
+                    told["added"] = anyone_before
+                else:
+                    continue
+                coordinators[(member.id, member.channel, member.address)] = told
+        if not coordinators and self.care_team is not None and message_id is not None:
             for member in team:
                 if member.channel not in self.destinations or not member.address:
                     reason = (
@@ -761,9 +813,46 @@ class Notifier:
                 coordinators[(member.id, member.channel, member.address)] = told
         if not coordinators:
             return reason
+        if dropped:
+            now_listed = ", ".join(sorted({key[0] for key in coordinators}))
+            self._insert_rows(
+                [
+                    {
+                        **row,
+                        "message_id": r["message_id"],
+                        "recipient": r["recipient"],
+                        "role": r["role"],
+                        "channel": r["channel"],
+                        "address": r["address"],
+                        "status": "suppressed",
+                        "reason": f"{about} overdue: no longer on the patient's care team "
+                        f"(roster); alerted instead: {now_listed}",
+                    }
+                    for r in {r["recipient"]: r for r in dropped}.values()
+                ]
+            )
         for (recipient, channel, address), told in coordinators.items():
-            subject, body = self.render(kind, channel, context)
+            role = told["role"] or ""
+            subject, body = self.render(
+                kind,
+                channel,
+                {
+                    **context,
+                    "full": self.config.detail.get(
+                        channel, "minimum" if channel in MINIMUM_BY_DEFAULT else "full"
+                    )
+                    == "full",
+                    "recipient": {
+                        "id": recipient,
+                        "role": role,
+                        "role_label": ROLE_LABELS.get(role, role.replace("_", " ") or "a member"),
+                    },
+                },
+            )
             key = key_of_this_store(f"{key_prefix}-{_safe(recipient)}", self.context)
+            why = f"{about} overdue"
+            if told.get("added"):
+                why += " (on the roster's care team now; not told before)"
             self._insert_rows(
                 [
                     {
@@ -774,7 +863,7 @@ class Notifier:
                         "channel": channel,
                         "address": address,
                         "status": "queued",
-                        "reason": f"{about} overdue",
+                        "reason": why,
                         "delivery_key": key,
                     }
                 ]
@@ -952,16 +1041,41 @@ _NOTICE_TIME = {
 }
 
 
-def notice_time(kind: str | None, facts: dict[str, Any]) -> str:
-    """When a notice of ``kind`` says it happened, on the hospital's clock as its messages
-    gave it ("2026-11-23 12:00"), from ``facts`` (a transition summary, or an event's times).
-    The immediate notice and the digest line read the same summary, so they agree."""
+#: How notices name a follow-up item's kind.
+_FOLLOWUP_LABELS = {"contact": "interactive contact", "visit": "follow-up visit"}
+
+
+def notice_time(kind: str | None, facts: dict[str, Any], zone: ZoneInfo | None = None) -> str:
+    """When a notice of ``kind`` says it happened, from ``facts`` (a transition summary, or an
+    event's times), with its zone: in ``zone`` ("2026-11-23 12:00 CST") when the notify step
+    names one, else on the hospital's clock as its messages gave it, labelled with their offset
+    ("2026-11-23 12:00 UTC-06:00"). A reader with hospitals on two clocks cannot tell an
+    unlabelled time's zone. The immediate notice and the digest line read the same summary,
+    so they agree."""
     moment = facts.get(_NOTICE_TIME.get(kind or "", "")) or facts.get("occurred_at") or ""
-    return str(moment)[:16].replace("T", " ")
+    return zoned_minute(moment, zone)
+
+
+def zoned_minute(moment: Any, zone: ZoneInfo | None = None) -> str:
+    """A time to the minute with its zone's abbreviation: converted to ``zone`` when given,
+    else in the offset it carries; a time that carries none is given as it is."""
+    text = str(moment or "")
+    try:
+        when = moment if isinstance(moment, datetime) else datetime.fromisoformat(text)
+    except ValueError:
+        return text[:16].replace("T", " ")
+    if when.tzinfo is None:
+        return text[:16].replace("T", " ")
+    if zone is not None:
+        when = when.astimezone(zone)
+    return when.strftime("%Y-%m-%d %H:%M ") + (when.tzname() or "")
 
 
 def event_context(
-    event: dict[str, Any], kind: str | None = None, summary: dict[str, Any] | None = None
+    event: dict[str, Any],
+    kind: str | None = None,
+    summary: dict[str, Any] | None = None,
+    zone: ZoneInfo | None = None,
 ) -> dict[str, Any]:
     """Template variables from a care event (JSON form): the CMS minimum first. ``kind`` is
     the notice's, when it is not the event's own (a discharge an A08 brought); ``summary``
@@ -987,7 +1101,7 @@ def event_context(
         "birth_date": patient.get("birth_date"),
         "institution": encounter.get("facility") or event.get("sending_facility") or "the hospital",
         "practitioner": display_name(practitioner, with_prefix=True) or "",
-        "occurred_at": notice_time(kind or event.get("kind"), times),
+        "occurred_at": notice_time(kind or event.get("kind"), times, zone),
         "location": " ".join(p for p in (location.get("point_of_care"), location.get("room")) if p),
         "reason": encounter.get("admit_reason"),
         "diagnoses": "; ".join(d for d in diagnoses if d),
@@ -1056,10 +1170,10 @@ def _hospital_zone(*times: str | None) -> Any:
     return None
 
 
-def _local_day(due: Any, event: dict[str, Any]) -> str:
+def _local_day(due: Any, event: dict[str, Any], zone: ZoneInfo | None = None) -> str:
     """A due date as the hospital's calendar day: due times are stored in UTC, and the end of
-    a local day is already the next day in UTC west of Greenwich. The hospital's offset is
-    taken from the event's own times."""
+    a local day is already the next day in UTC west of Greenwich. In ``zone`` when the notify
+    step names one, else in the hospital's offset, taken from the event's own times."""
     if isinstance(due, str):
         try:
             due = datetime.fromisoformat(due)
@@ -1068,21 +1182,19 @@ def _local_day(due: Any, event: dict[str, Any]) -> str:
     if not isinstance(due, datetime):
         return ""
     encounter = event.get("encounter") or {}
-    zone = _hospital_zone(encounter.get("discharge_time"), event.get("occurred_at"))
+    zone = zone or _hospital_zone(encounter.get("discharge_time"), event.get("occurred_at"))
     return (_aware(due).astimezone(zone) if zone else _aware(due)).strftime("%Y-%m-%d")
 
 
-def _local_minute(moment: str, local_example: str | None) -> str:
-    """A stored UTC time as the hospital's clock reads it, its offset taken from another time
-    the hospital sent (``local_example``); in UTC when that has none."""
+def _local_minute(moment: str, local_example: str | None, zone: ZoneInfo | None = None) -> str:
+    """A stored UTC time in ``zone`` when given, else as the hospital's clock reads it, its
+    offset taken from another time the hospital sent (``local_example``); in UTC when that
+    has none. Labelled with its zone either way."""
     try:
         when = _aware(datetime.fromisoformat(moment))
     except (TypeError, ValueError):
         return moment
-    zone = _hospital_zone(local_example)
-    if zone is None:
-        return when.strftime("%Y-%m-%d %H:%M UTC")
-    return when.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+    return zoned_minute(when, zone or _hospital_zone(local_example) or UTC)
 
 
 def _no_longer_listed(earlier: list[dict[str, Any]], team: CareTeam) -> list[Recipient]:

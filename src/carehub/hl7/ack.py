@@ -7,7 +7,11 @@ version, echoes MSH-10 in MSA-2, and carries an ERR segment with a readable reas
 
 from __future__ import annotations
 
+import base64
 import itertools
+import os
+import secrets
+import threading
 import time
 from enum import StrEnum
 from functools import lru_cache
@@ -48,6 +52,7 @@ class ErrorCode(StrEnum):
     REQUIRED_FIELD_MISSING = "101"
     DATA_TYPE_ERROR = "102"
     UNSUPPORTED_MESSAGE_TYPE = "200"
+    UNSUPPORTED_PROCESSING_ID = "202"
     APPLICATION_INTERNAL_ERROR = "207"
 
 
@@ -56,16 +61,51 @@ _ERROR_TEXT = {
     ErrorCode.REQUIRED_FIELD_MISSING: "Required field missing",
     ErrorCode.DATA_TYPE_ERROR: "Data type error",
     ErrorCode.UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
+    ErrorCode.UNSUPPORTED_PROCESSING_ID: "Unsupported processing ID",
     ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
 }
 
-_counter = itertools.count(1)
-_start = int(time.time())
+#: MSH-10 is at most 20 characters before v2.7: "CH", the process's prefix, then a counter.
+CONTROL_ID_LENGTH = 20
+#: Random bytes of the prefix: 40 bits, eight base 32 characters.
+_PREFIX_BYTES = 5
+#: The counter, in hexadecimal, fills the rest; past it a new prefix is drawn.
+_COUNTER_LIMIT = 16 ** (CONTROL_ID_LENGTH - len("CH") - _PREFIX_BYTES * 8 // 5)
+
+
+def _new_series() -> tuple[str, itertools.count[int]]:
+    """A random prefix and a counter for it. Random, not the start time: hubs started in the
+    same second (scaled out on one store, or restarted within it) must not issue the same ACK
+    control IDs, and neither must a process forked from one."""
+    prefix = base64.b32encode(secrets.token_bytes(_PREFIX_BYTES)).decode("ascii")
+    return prefix, itertools.count(1)
+
+
+_series = _new_series()
+_series_lock = threading.Lock()
+
+
+def _new_series_in_child() -> None:
+    global _series, _series_lock
+    _series, _series_lock = _new_series(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_series_in_child)
 
 
 def new_control_id() -> str:
-    """A short unique MSH-10 for ACKs (MSH-10 is limited to 20 characters before v2.7)."""
-    return f"CH{_start:x}{next(_counter):x}"[:20]
+    """A short MSH-10 for ACKs and batch headers, unique across processes: this process's
+    random prefix and a counter, 20 characters at most."""
+    global _series
+    prefix, counter = _series
+    number = next(counter)
+    if number >= _COUNTER_LIMIT:
+        with _series_lock:
+            if _series[1] is counter:
+                _series = _new_series()
+            prefix, counter = _series
+            number = next(counter)
+    return f"CH{prefix}{number:X}"
 
 
 _stamp_second = -1
@@ -99,6 +139,35 @@ def _encoding_characters(seps: Separators, written: str) -> str:
     if written and len(written) < 4:
         return written
     return seps.encoding_characters
+
+
+#: MSA-3 (ST) and ERR-1 (ELD) hold at most 80 characters before v2.5: receivers built on those
+#: versions keep them in fixed-size fields, and cut or refuse a longer value.
+SHORT_TEXT_LIMIT = 80
+_ELLIPSIS = "..."
+#: Where a shortened text preferably ends: after a clause, else after a word.
+_CLAUSE_ENDS = ("; ", ": ", ", ", " (")
+
+
+def short_text(reason: str, seps: Separators, limit: int) -> str:
+    """``reason`` escaped for a field of at most ``limit`` characters, its escape sequences
+    counted: whole when it fits, else cut where it still fits, at the end of a clause or else
+    of a word when one ends in its second half, followed by "...". The whole reason stays in
+    the store (and in ERR-8 from v2.5 on)."""
+    whole = escape(reason, seps)
+    if len(whole) <= limit:
+        return whole
+    ellipsis = escape(_ELLIPSIS, seps)
+    room = limit - len(ellipsis)
+    if room <= 0:
+        return ""
+    end = min(len(reason), room)
+    while end > 0 and len(escape(reason[:end], seps)) > room:
+        end -= 1
+    clause = max(reason.rfind(mark, 0, end + len(mark)) for mark in _CLAUSE_ENDS)
+    blank = reason.rfind(" ", 0, end + 1)
+    end = next((at for at in (clause, blank) if at > end // 2), end)
+    return escape(reason[:end].rstrip(" ,;:("), seps) + ellipsis
 
 
 def build_ack(
@@ -156,7 +225,9 @@ def build_ack(
     modern = _version_tuple(version) >= (2, 5)
     msa = ["MSA", COMMIT_CODES[code] if enhanced else code.value, field(10)]
     if text and _version_tuple(version) < (2, 7):
-        msa.append(text)  # MSA-3 was withdrawn in v2.7; ERR-8 carries the text from v2.5 on.
+        # MSA-3 was withdrawn in v2.7; ERR-8 carries the whole text from v2.5 on. Before
+        # v2.5 the ACK has no room for it: MSA-3 gets a short form.
+        msa.append(text if modern else short_text(reason, seps, SHORT_TEXT_LIMIT))
     segments.append(f.join(msa))
 
     if code is not AckCode.ACCEPT:
@@ -166,13 +237,17 @@ def build_ack(
         if modern:
             segments.append(f.join(["ERR", "", location, coded, "E", "", "", "", text]))
         else:
-            # ERR-1.4 (ELD's code, a CE) holds the text as its second subcomponent; escape()
-            # already encodes every delimiter, the subcomponent separator included.
-            eld_text = text or _ERROR_TEXT[error_code]
-            eld_code = seps.subcomponent.join([error_code.value, eld_text, "HL70357"])
+            # ERR-1 (ELD): segment^sequence^field^code, the code a CE holding the text as its
+            # second subcomponent; escape() already encodes every delimiter, the subcomponent
+            # separator included. The whole field is held to SHORT_TEXT_LIMIT.
             parts = location.split(c) if location else ["", ""]
             parts += [""] * (3 - len(parts))
-            segments.append(f.join(["ERR", c.join([*parts[:3], eld_code])]))
+            before = c.join([*parts[:3], error_code.value]) + seps.subcomponent
+            after = seps.subcomponent + "HL70357"
+            room = SHORT_TEXT_LIMIT - len(before) - len(after)
+            eld_text = short_text(reason, seps, room) if reason else ""
+            eld_text = eld_text or _ERROR_TEXT[error_code]
+            segments.append(f.join(["ERR", f"{before}{eld_text}{after}"]))
     return "\r".join(segments) + "\r"
 
 

@@ -299,7 +299,13 @@ class FileDropListener:
         """Store the file's messages and move it aside; nothing is taken from a file that
         changes while it is read, or from a batch that is not whole (see the module's
         docstring)."""
-        arrival = Arrival("file", self.name, path.name, self.config.default_charset)
+        arrival = Arrival(
+            "file",
+            self.name,
+            path.name,
+            self.config.default_charset,
+            processing_ids=tuple(self.config.processing_ids),
+        )
         stat = os.lstat(path)
         signature = _signature(stat)
         seen = self._seen.get(path.name)
@@ -421,7 +427,7 @@ class FileDropListener:
                     code, control_id, text = read_ack(decode_message(result.ack).text)
                     problems.append(
                         f"message {number} of {total} (MSH-10 {control_id or 'empty'}): "
-                        f"{code}: {text or result.reason}"
+                        f"{code}: {result.reason or text}"
                     )
         if stopped:
             problems.append(

@@ -1,8 +1,14 @@
 """HTTP intake (FastAPI on uvicorn, in the hub's event loop).
 
-POST /hl7 with an HL7 v2 message as the body returns the ACK as the body, with a status that
-matches it: 200 AA, 422 AE (stored, content refused), 400 AR (not HL7), 413 over the size
-limit, 401 without a valid bearer token when tokens are configured, 503 when the store is down.
+POST /hl7 with an HL7 v2 message as the body returns the ACK as the body, typed
+``x-application/hl7-v2+er7; charset=NAME`` with the IANA name of the character set the ACK is
+written in (the message's own). Its status is 200 for every ACK of a message stored, AA, AE
+(content refused) or AR (not taken as a message) alike, as HL7 over HTTP says: the exchange
+worked, and the ACK says what became of the message; a sender that queues and retries any
+status of 400 or more would otherwise send a refused message for ever. The other statuses
+are for answers that are not the outcome of a stored message: 503 when the store could not
+take it (send it again), 413 over the size limit, 401 without a valid bearer token when tokens
+are configured. A listener with ``status_codes: by_ack`` answers 422 for AE and 400 for AR.
 A body holding several messages, or an FHS/BHS batch, is split as the file drop splits a file:
 each message is stored and answered like one posted alone, text outside the messages is
 stored as a rejected row (AR), and the body of the answer holds every ACK in order (wrapped in
@@ -23,6 +29,7 @@ Requests refused for their bearer token are counted and logged per peer address.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hmac
 import logging
@@ -42,6 +49,7 @@ from carehub.components import on_this_machine
 from carehub.config import ENV_HTTP_TOKENS, HTTPListenerConfig
 from carehub.hl7.ack import AckCode
 from carehub.hl7.batch import MessageSlice, SplitData, Stray, answer_envelope, split_data
+from carehub.hl7.charsets import LATIN1_AS_WINDOWS_1252, decode_message
 from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake, IntakeResult, receive_in_groups
 from carehub.intake.tls import (
@@ -56,10 +64,43 @@ from carehub.store.store import MessageStore
 log = logging.getLogger(__name__)
 
 HL7_MEDIA_TYPE = "x-application/hl7-v2+er7"
-_STATUS_FOR_CODE = {AckCode.ACCEPT: 200, AckCode.ERROR: 422, AckCode.REJECT: 400}
+#: With listeners.http.status_codes ``by_ack``: the status of each ACK code (by default every
+#: ACK of a stored message is 200, as HL7 over HTTP has it).
+_STATUS_BY_ACK = {AckCode.ACCEPT: 200, AckCode.ERROR: 422, AckCode.REJECT: 400}
 #: Which status of several ACKs answers the request: the one a sender most needs to act on.
 #: 503 first (something was not stored: send the body again, resends are recognised).
 _SEVERITY = {200: 0, 422: 1, 400: 2, 503: 3}
+
+#: IANA names (RFC 2978) of the Python codecs intake answers in, by codecs.lookup() name, for
+#: the charset parameter; ISO-8859-n and windows-125n are named by rule (_iana_charset).
+_IANA_CHARSETS = {
+    "utf-8": "utf-8",
+    "ascii": "US-ASCII",
+    LATIN1_AS_WINDOWS_1252: "windows-1252",
+    "utf-16-le": "UTF-16LE",
+    "utf-16-be": "UTF-16BE",
+    "utf-16": "UTF-16",
+    "utf-32-le": "UTF-32LE",
+    "utf-32-be": "UTF-32BE",
+    "utf-32": "UTF-32",
+    "iso2022_jp": "ISO-2022-JP",
+    "iso2022_jp_2": "ISO-2022-JP-2",
+    "gb18030": "GB18030",
+    "gbk": "GBK",
+    "gb2312": "GB2312",
+    "euc_kr": "EUC-KR",
+    "euc_jp": "EUC-JP",
+    "shift_jis": "Shift_JIS",
+    "big5": "Big5",
+    "big5hkscs": "Big5-HKSCS",
+    "koi8-r": "KOI8-R",
+    "koi8-u": "KOI8-U",
+    "mac-roman": "macintosh",
+    "tis-620": "TIS-620",
+    "cp437": "IBM437",
+    "cp850": "IBM850",
+    "cp866": "IBM866",
+}
 
 
 #: For an answer sent before the whole request body was read: the connection cannot carry
@@ -74,6 +115,14 @@ MIN_TOKEN_LENGTH = 16
 #: Set in a request's ASGI scope by an endpoint that refused the bearer token it was given
 #: without answering 401 (/health answers its status alone): counted and logged as a 401 is.
 AUTH_REFUSED = "carehub.auth_refused"
+
+#: The byte order mark of each UTF-16/32 codec that names its byte order.
+_WIDE_BOMS = {
+    "utf-16-le": codecs.BOM_UTF16_LE,
+    "utf-16-be": codecs.BOM_UTF16_BE,
+    "utf-32-le": codecs.BOM_UTF32_LE,
+    "utf-32-be": codecs.BOM_UTF32_BE,
+}
 
 ASGIApp = Callable[
     [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
@@ -253,13 +302,24 @@ def build_app(
     def authorized(request: Request) -> bool:
         return bearer_accepted(request, tokens)
 
+    # HL7 over HTTP unless the listener asks otherwise (a configuration without the key too).
+    by_ack = config.status_codes == "by_ack"
+
+    def status_of(result: IntakeResult) -> int:
+        return _status(result, by_ack)
+
     @app.post("/hl7", summary="Submit one HL7 v2 message; the response body is its ACK")
     async def receive_message(request: Request) -> Response:
         if not authorized(request):
             return unauthorized()
         peer = f"{request.client.host}:{request.client.port}" if request.client else None
         arrival = Arrival(
-            "http", "http", peer, config.default_charset, not_stored=AckCode(config.not_stored_ack)
+            "http",
+            "http",
+            peer,
+            config.default_charset,
+            not_stored=AckCode(config.not_stored_ack),
+            processing_ids=tuple(config.processing_ids),
         )
         body, size = await read_body(request, config.max_message_bytes)
         if size > config.max_message_bytes:
@@ -267,8 +327,10 @@ def build_app(
                 f"message of {oversize_text(request, size, config.max_message_bytes)} exceeds "
                 f"this listener's limit of {config.max_message_bytes} bytes"
             )
-            result = await intake.reject_unreadable_frame(body[:HEAD_BYTES], size, arrival, reason)
-            return Response(result.ack, status_code=413, media_type=HL7_MEDIA_TYPE, headers=CLOSE)
+            head = body[:HEAD_BYTES]
+            result = await intake.reject_unreadable_frame(head, size, arrival, reason)
+            codec = await _answer_codec(head, arrival.default_charset)
+            return _hl7_response(result.ack, 413, codec, CLOSE)
         contents = None if _single(body) else await _split(body)
         if contents is not None and contents.batch_problems:
             # A batch cut short on the way, or whose trailers count other than it holds: none
@@ -277,13 +339,14 @@ def build_app(
                 f"the batch does not hold together: {'; '.join(contents.batch_problems)}; "
                 "none of its messages was stored, send the whole batch again"
             )
-            result = await intake.reject_unreadable_frame(
-                body[:HEAD_BYTES], len(body), arrival, reason
-            )
-            return Response(result.ack, status_code=400, media_type=HL7_MEDIA_TYPE)
+            head = body[:HEAD_BYTES]
+            result = await intake.reject_unreadable_frame(head, len(body), arrival, reason)
+            codec = await _answer_codec(head, arrival.default_charset)
+            return _hl7_response(result.ack, status_of(result), codec)
         if contents is not None and (len(contents.messages) > 1 or contents.wrappers):
-            results = await _receive_parts(intake, contents, arrival)
-            status = max((_status(r) for r in results), key=_SEVERITY.__getitem__, default=200)
+            items = _in_body_order(contents)
+            results = await _receive_parts(intake, items, arrival)
+            status = max((status_of(r) for r in results), key=_SEVERITY.__getitem__, default=200)
             head, tail = answer_envelope(
                 contents.wrappers, len(results), intake.hub_application, intake.hub_facility
             )
@@ -291,10 +354,16 @@ def build_app(
             if head:
                 encode = contents.codec
                 acks = head.encode(encode, "replace") + acks + tail.encode(encode, "replace")
-            return Response(acks, status_code=status, media_type=HL7_MEDIA_TYPE)
+            # One charset names the whole answer: that of its first ACK (a batch whose messages
+            # are in different character sets is one no single name fits).
+            codec = contents.codec
+            if items:
+                codec = await _answer_codec(_taken(items[0]), arrival.default_charset)
+            return _hl7_response(acks, status, codec)
         # One message, or none: taken whole, exactly like an MLLP frame.
         result = await intake.receive(body, arrival)
-        return Response(result.ack, status_code=_status(result), media_type=HL7_MEDIA_TYPE)
+        codec = await _answer_codec(body, arrival.default_charset)
+        return _hl7_response(result.ack, status_of(result), codec)
 
     @app.get("/health", summary="Liveness and store reachability; details with a token")
     async def health_check(request: Request) -> JSONResponse:
@@ -341,20 +410,68 @@ async def _split(body: bytes) -> SplitData:
     return await asyncio.to_thread(split_data, body)
 
 
-def _status(result: IntakeResult) -> int:
+def _status(result: IntakeResult, by_ack: bool) -> int:
+    """200 for the ACK of a stored message (with ``by_ack``: 422 AE, 400 AR); 503 for one that
+    was not stored, which the sender must send again."""
     if result.code is not AckCode.ACCEPT and result.message_id is None:
         return 503  # not stored at all (AE, or AR by not_stored_ack): the sender must retry
-    return _STATUS_FOR_CODE[result.code]
+    return _STATUS_BY_ACK[result.code] if by_ack else 200
+
+
+def _hl7_response(
+    ack: bytes, status: int, codec: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    """An answer holding ACKs written in ``codec``, its charset named as HL7 over HTTP asks:
+    without it a client reads the body in a default of its own, and garbles every name
+    with a letter outside ASCII."""
+    media_type = f"{HL7_MEDIA_TYPE}; charset={_iana_charset(codec, ack)}"
+    return Response(ack, status_code=status, media_type=media_type, headers=headers)
+
+
+async def _answer_codec(payload: bytes, default: str) -> str:
+    """The codec intake answered ``payload`` in: the one it read it with, as decode_message
+    chooses it (MSH-18, the byte order of UTF-16/32, else ``default`` or ISO-8859-1). Read on
+    a worker thread once it is large, as _split does."""
+    if len(payload) <= SPLIT_INLINE_BYTES:
+        return decode_message(payload, default).charset
+    decoded = await asyncio.to_thread(decode_message, payload, default)
+    return decoded.charset
+
+
+def _iana_charset(codec: str, body: bytes) -> str:
+    """The IANA name of a Python codec, for the charset parameter of ``body`` written in it:
+    UTF-16/32 that starts with its byte order mark is named without the order (RFC 2781:
+    the mark gives it, and a name with the order says there is none). A codec IANA has no
+    name for keeps Python's."""
+    try:
+        name = codecs.lookup(codec).name
+    except LookupError:
+        return "utf-8"  # what encode_reply writes for a codec it does not know
+    bom = _WIDE_BOMS.get(name)
+    if bom is not None and body.startswith(bom):
+        return _IANA_CHARSETS[name[: len("utf-16")]]
+    if name.startswith("iso8859-"):
+        return f"ISO-8859-{name.removeprefix('iso8859-')}"
+    if name.startswith("cp125") and name[5:].isdigit():
+        return f"windows-{name.removeprefix('cp')}"
+    return _IANA_CHARSETS.get(name, name)
+
+
+def _in_body_order(contents: SplitData) -> list[MessageSlice | Stray]:
+    """The messages of a split body and the text outside them, in body order."""
+    return sorted([*contents.messages, *contents.stray], key=lambda item: item.offset)
+
+
+def _taken(item: MessageSlice | Stray) -> bytes:
+    """What intake is handed of an item: a message whole, stray text only its head."""
+    return item.data if isinstance(item, MessageSlice) else item.data[:HEAD_BYTES]
 
 
 async def _receive_parts(
-    intake: Intake, contents: SplitData, arrival: Arrival
+    intake: Intake, items: list[MessageSlice | Stray], arrival: Arrival
 ) -> list[IntakeResult]:
     """Every message of a split body stored as if posted alone, and any text outside them
     stored as a rejected row (as the file drop does), answered in body order."""
-    items: list[MessageSlice | Stray] = sorted(
-        [*contents.messages, *contents.stray], key=lambda item: item.offset
-    )
 
     def take(intake: Intake, item: MessageSlice | Stray) -> Awaitable[IntakeResult]:
         if isinstance(item, MessageSlice):
@@ -363,9 +480,7 @@ async def _receive_parts(
             f"text outside any HL7 message at byte {item.offset} of the body "
             "(not blank and not a batch header or trailer segment)"
         )
-        return intake.reject_unreadable_frame(
-            item.data[:HEAD_BYTES], len(item.data), arrival, reason
-        )
+        return intake.reject_unreadable_frame(_taken(item), len(item.data), arrival, reason)
 
     # Submitted in body order, a group at a time, so the messages keep their order and other
     # senders are answered while a large batch is stored; none is stored after one was not.

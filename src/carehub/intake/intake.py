@@ -1,11 +1,12 @@
 """The one path every listener (MLLP, HTTP, file drop) sends received bytes down.
 
 decode by MSH-18 -> read the header through the lazy view -> store (group commit) -> ACK.
-AA only after the commit; AE when stored but the content is refused (an empty MSH-9 or MSH-10,
-bytes that are not in the character set MSH-18 names, a line that is not a segment); AR when
-the frame is not HL7 at all or cannot be taken as one message (too large, cut short, several
-messages in one frame, unusable delimiters). Every outcome is a row in the store, and only an
-AA message is routed.
+AA only after the commit; AE when stored but the content is refused (an empty MSH-9, MSH-10 or
+MSH-11, bytes that are not in the character set MSH-18 names, a line that is not a segment);
+AR when the frame is not HL7 at all or cannot be taken as one message (too large, cut short,
+several messages in one frame, unusable delimiters), or its MSH-11 processing ID is not one
+the listener takes (a training or debugging message on a production port). Every outcome is a
+row in the store, and only an AA message is routed.
 
 A resend of a stored message (same MSH-3, MSH-4, MSH-10 and content) is answered AA and not
 stored again; a message that reuses a control ID with other content is a new message, stored
@@ -48,13 +49,19 @@ class Arrival:
     enhanced_acks: bool = False
     #: The code of a message the store could not take (a listener's ``not_stored_ack``).
     not_stored: AckCode = AckCode.ERROR
+    #: The MSH-11 processing IDs the listener takes (its ``processing_ids``): production
+    #: only unless it says otherwise.
+    processing_ids: tuple[str, ...] = ("P",)
 
 
 @dataclass(slots=True, frozen=True)
 class IntakeResult:
     """One frame's outcome. ``code`` is the outcome in original-mode terms, whatever was sent
     (it is what the store records); ``ack`` is the answer, with CA/CE/CR in enhanced mode;
-    ``send`` is False when the sender's MSH-15 asked for no answer to this outcome."""
+    ``send`` is False when the sender's MSH-15 asked for no answer to this outcome;
+    ``application_ack`` is, in enhanced mode, the application acknowledgment (AA/AE/AR) its
+    MSH-16 asked for, to be sent on the same connection after ``ack`` (or alone when ``send``
+    is False)."""
 
     code: AckCode
     ack: bytes
@@ -62,6 +69,7 @@ class IntakeResult:
     duplicate: bool = False
     reason: str | None = None
     send: bool = True
+    application_ack: bytes | None = None
 
 
 #: Called with the result of one frame once it is settled (committed, or refused by the store).
@@ -203,14 +211,17 @@ class Intake:
         try:
             view = MessageView(decoded.text, decoded.charset)
         except NotHL7Error:
+            # A batch is answered from its FHS/BHS header, so its sender can match the AR.
+            batch = _batch_header(decoded.text, decoded.charset)
             self._reject(
                 payload,
                 arrival,
-                None,
+                batch.view if batch else None,
                 _not_hl7_reason(decoded.text),
                 ErrorCode.SEGMENT_SEQUENCE,
                 answer,
                 charset=decoded.charset,
+                header=batch.header if batch else None,
             )
             return
         unreadable = _delimiters_problem(decoded.text)
@@ -265,10 +276,32 @@ class Intake:
                 )
                 return
         header = MessageHeader.read(view)
+        processing_id = header.processing_id
+        if processing_id and processing_id not in arrival.processing_ids:
+            # A training or debugging message on a production port (a test system pointed at
+            # it by mistake): routing it would tell care teams of patients who do not exist.
+            self._reject(
+                payload,
+                arrival,
+                view,
+                _processing_id_reason(processing_id, arrival.processing_ids),
+                ErrorCode.UNSUPPORTED_PROCESSING_ID,
+                answer,
+                charset=decoded.charset,
+                location="MSH-1-11",
+                header=header,
+            )
+            return
         header_problem = header.problem()
         if header_problem:
             location = "MSH-1-10" if "MSH-10" in header_problem else "MSH-1-9"
             problem = _Refusal(header_problem, ErrorCode.REQUIRED_FIELD_MISSING, location)
+        elif not processing_id:
+            problem = _Refusal(
+                _no_processing_id_reason(arrival.processing_ids),
+                ErrorCode.REQUIRED_FIELD_MISSING,
+                "MSH-1-11",
+            )
         elif decoded.lossy:
             # Routing it would forward replacement characters in place of a patient's letters.
             problem = _Refusal(
@@ -449,25 +482,79 @@ class Intake:
         location: str = "",
     ) -> IntakeResult:
         """The answer to one frame: an original-mode ACK, or on a listener that honours it and
-        for a message that asks for it, the enhanced-mode accept ACK, sent as MSH-15 says."""
+        for a message that asks for it, the enhanced-mode accept ACK, sent as MSH-15 says, and
+        the application ACK, as MSH-16 says. carehub's application is the store and the routing
+        after it: its AA says the message is committed and will be routed, so both answers are
+        known at the commit and go out together, the application ACK second."""
         header = message.header
         enhanced = arrival.enhanced_acks and header is not None and header.asks_enhanced_mode
-        ack = build_ack(
-            code,
-            view,
-            reason=reason,
-            error_code=error_code,
-            error_location=location,
-            hub_application=self.hub_application,
-            hub_facility=self.hub_facility,
-            enhanced=enhanced,
-            charset_field=_ack_charset_field(view, message.charset),
-        )
+
+        def encoded(as_accept_ack: bool) -> bytes:
+            ack = build_ack(
+                code,
+                view,
+                reason=reason,
+                error_code=error_code,
+                error_location=location,
+                hub_application=self.hub_application,
+                hub_facility=self.hub_facility,
+                enhanced=as_accept_ack,
+                charset_field=_ack_charset_field(view, message.charset),
+            )
+            return encode_reply(ack, message.charset or "utf-8", message.raw)
+
+        ack = encoded(enhanced)
         send = True
+        application_ack = None
         if enhanced and header is not None:
             send = accept_ack_wanted(header.accept_ack_type, code)
-        encoded = encode_reply(ack, message.charset or "utf-8", message.raw)
-        return IntakeResult(code, encoded, message_id, duplicate, reason or None, send)
+            if application_ack_wanted(header.application_ack_type, code):
+                application_ack = encoded(False)  # an ACK of its own, with its own MSH-10
+        return IntakeResult(
+            code,
+            ack,
+            message_id,
+            duplicate,
+            reason or None,
+            send,
+            application_ack,
+        )
+
+
+def application_ack_wanted(application_ack_type: str, code: AckCode) -> bool:
+    """Whether MSH-16 (HL7 table 0155) asks for an application acknowledgment of this outcome:
+    AL always, ER on an error or rejection only, SU on success only, NE or empty never (empty
+    MSH-16 beside a valued MSH-15 asks for the accept acknowledgment alone). A value the table
+    lacks: always, as accept_ack_wanted does for MSH-15, since an answer the sender did not
+    want costs less than one it waits for in vain."""
+    kind = application_ack_type.strip().upper()
+    if kind in ("", "NE"):
+        return False
+    if kind == "ER":
+        return code is not AckCode.ACCEPT
+    if kind == "SU":
+        return code is AckCode.ACCEPT
+    return True
+
+
+#: HL7 table 0103: what each MSH-11 processing ID says a message is for.
+PROCESSING_ID_MEANINGS = {"P": "production", "T": "training", "D": "debugging"}
+
+
+def _processing_id_reason(value: str, taken: tuple[str, ...]) -> str:
+    """Why a message whose MSH-11 the listener does not take is rejected."""
+    meaning = PROCESSING_ID_MEANINGS.get(value, "not an HL7 table 0103 value")
+    return (
+        f"MSH-11 processing ID '{value}' ({meaning}) is not taken by this listener "
+        f"(processing_ids: [{', '.join(taken)}])"
+    )
+
+
+def _no_processing_id_reason(taken: tuple[str, ...]) -> str:
+    return (
+        "MSH-11 (processing ID) is empty: it must say what the message is for (P production, "
+        f"T training, D debugging; this listener takes [{', '.join(taken)}])"
+    )
 
 
 _WIDE_ON_MLLP = (
@@ -513,7 +600,8 @@ def _delimiters_problem(text: str) -> str | None:
         return None  # nearly every message
     field = body[3]
     if field.isalnum() or field.isspace():
-        return f"MSH-1 (the field separator) is {field!r}: it must not be a letter, digit or blank"
+        shown = f"'{field}'" if field.isprintable() and field != " " else f"U+{ord(field):04X}"
+        return f"MSH-1 (the field separator) is {shown}: it must not be a letter, digit or blank"
     encoding = re.split(r"[\r\n]", body[4:], maxsplit=1)[0].split(field, 1)[0]
     delimiters = field + encoding
     if (
@@ -523,9 +611,10 @@ def _delimiters_problem(text: str) -> str | None:
         or len(set(delimiters)) != len(delimiters)
     ):
         return (
-            f"MSH-2 (the encoding characters) is {encoding!r}: it must hold the component, "
-            "repetition, escape and subcomponent separators, none a letter, digit or blank "
-            "and all different, as in MSH|^~\\&|; the message cannot be read without them"
+            f"MSH-2 (the encoding characters) is '{_excerpt(encoding)}': it must hold the "
+            "component, repetition, escape and subcomponent separators, none a letter, digit "
+            "or blank and all different, as in MSH|^~\\&|; the message cannot be read "
+            "without them"
         )
     return None
 
@@ -605,6 +694,50 @@ def _not_hl7_reason(text: str) -> str:
     return reason
 
 
+def _batch_header(text: str, charset: str) -> _ReadableHeader | None:
+    """What answers an FHS/BHS batch sent where one message is expected, so that its sender
+    can match the AR to what it sent: the sender and receiver of its FHS (else BHS), swapped
+    in the ACK's MSH-3 to MSH-6; its control ID, FHS-11 (else BHS-11), in MSA-2; the
+    processing ID and version of its first message. Each field is taken from the first
+    header that values it. None when the text does not begin with FHS or BHS, or its
+    delimiters cannot be used."""
+    body = text.lstrip(_LEADING_BLANK)
+    if not body.startswith(("FHS", "BHS")) or len(body) < 4:
+        return None
+    if _delimiters_problem("MSH" + body[3:]) is not None:
+        return None
+    separator = body[3]
+    headers: list[list[str]] = []
+    first_message: list[str] = []
+    for line in _LINE_END.split(body):
+        if line.startswith(("FHS" + separator, "BHS" + separator)):
+            headers.append(line.split(separator))
+        elif line.startswith("MSH" + separator):
+            first_message = line.split(separator)
+            break
+
+    def value(fields: list[str], number: int) -> str:
+        """FHS-n, BHS-n or MSH-n as written (fields[0] is the segment ID, fields[1] n=2)."""
+        return fields[number - 1] if number - 1 < len(fields) else ""
+
+    def first(number: int) -> str:
+        return next((v for h in headers if (v := value(h, number)).strip()), "")
+
+    msh = [
+        "MSH",
+        value(headers[0], 2),
+        *(first(number) for number in (3, 4, 5, 6)),
+        "",  # MSH-7
+        "",  # MSH-8
+        "",  # MSH-9: the ACK names no trigger event
+        first(11).strip(),
+        value(first_message, 11),
+        value(first_message, 12),
+    ]
+    view = MessageView(separator.join(msh), charset)
+    return _ReadableHeader(view, MessageHeader.read(view))
+
+
 def _second_message(view: MessageView, start: int) -> int | None:
     """Position of the first segment from ``start`` on that begins another message."""
     segments = view.segments
@@ -643,7 +776,7 @@ def _not_a_segment_reason(text: str, view: MessageView, position: int) -> str:
     line = _line_number(text, position)
     return (
         f"line {line} is not an HL7 segment (a segment ID such as PID, then "
-        f"{view.separators.field!r}): it starts {_excerpt(view.segments[position])!r}; "
+        f"'{view.separators.field}'): it starts '{_excerpt(view.segments[position])}'; "
         "the message was stored but not accepted"
     )
 

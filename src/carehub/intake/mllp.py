@@ -1,7 +1,9 @@
 """The MLLP listener: asyncio, persistent connections, every frame answered in order.
 
-(With ``enhanced_acks`` a frame whose MSH-15 asks for no answer to its outcome gets none; it
-still keeps its place, so the answers that are sent stay in frame order.)
+(With ``enhanced_acks`` a frame whose MSH-15 asks for no answer to its outcome gets no accept
+ACK, and one whose MSH-16 asks for an application ACK gets it right after the accept ACK, or
+alone; a frame answered with nothing still keeps its place, so the answers that are sent stay
+in frame order.)
 
 Each connection is an ``asyncio.Protocol``: whatever the socket hands over goes through the
 frame decoder, each complete frame goes to intake at once (frames read together share a
@@ -183,6 +185,7 @@ class _Connection(asyncio.Protocol):
             config.default_charset,
             config.enhanced_acks,
             AckCode(config.not_stored_ack),
+            tuple(config.processing_ids),
         )
         context = self.listener.ssl_context
         if context is not None:
@@ -372,8 +375,12 @@ class _Connection(asyncio.Protocol):
         intake = self.listener.intake
 
         def answered(result: IntakeResult) -> None:
-            # b"": its sender's MSH-15 asked for no answer; it still keeps its place in line.
-            answer.frame = encode_frame(result.ack) if result.send else b""
+            # b"": its sender's MSH-15 and MSH-16 asked for no answer; it still keeps its
+            # place in line. In enhanced mode the application ACK follows the accept ACK.
+            frame = encode_frame(result.ack) if result.send else b""
+            if result.application_ack is not None:
+                frame += encode_frame(result.application_ack)
+            answer.frame = frame
             self._write_answered()
 
         if isinstance(event, Frame):

@@ -15,6 +15,9 @@ field as written, every repetition with its ``~``. ``[*]`` reads every one inste
 condition holds when any of them passes: ``PID-3[*].4: SSA`` (any identifier's authority),
 ``OBX[*]-3.1: GLU`` (any OBX), ``OBX[*]-5[*]`` (any repetition of any OBX).
 
+``events:`` tests the trigger event the hub stores for the message: MSH-9.2, else EVN-1,
+where HL7 v2.1 and v2.2 feeds send it (MSH-9 then holds the message type alone).
+
 A filter step placed after an ``encounter-state`` step may also test ``transition``: what that
 step found the message did to its visit (``admission``, ``transfer``, ``discharge``, a cancel,
 ``none`` for an A08 echo, a bed move or a resend under a new MSH-10; see
@@ -47,6 +50,7 @@ from pydantic import (
     model_validator,
 )
 
+from carehub.hl7.header import trigger_event_at
 from carehub.hl7.view import FieldPath, MessageView, PathError, parse_path
 
 
@@ -216,7 +220,8 @@ def _opposite(expected: str) -> str:
     return f"not ({expected})"
 
 
-# The named conditions and the field each one reads.
+# The named conditions and the field each one reads; ``event`` reads MSH-9.2, else EVN-1
+# (see TriggerEventRef).
 NAMED_FIELDS = {
     "type": "MSH-9.1",
     "event": "MSH-9.2",
@@ -283,6 +288,24 @@ class FieldRef:
         return found
 
 
+@dataclass(slots=True, frozen=True)
+class TriggerEventRef:
+    """What ``events:`` tests: the trigger event as the header decides it once for the
+    whole hub (carehub.hl7.header.trigger_event_at), MSH-9.2, else EVN-1 for HL7 v2.1 and
+    v2.2 feeds whose MSH-9 is the message type alone. So a route matches the event that
+    intake stored and that the translator records, not only what MSH-9.2 holds."""
+
+    def read(self, view: MessageView) -> tuple[str, str]:
+        """(where the event was read, MSH-9.2 or EVN-1 (MSH-9.2 when neither holds one);
+        the event)."""
+        event, at = trigger_event_at(view)
+        return at or "MSH-9.2", event
+
+
+#: A named condition's reader: a field path, or the trigger event.
+ValueRef = FieldRef | TriggerEventRef
+
+
 @lru_cache(maxsize=1024)
 def field_ref(path: str) -> FieldRef:
     """Parse a condition path: a terse path, with ``[*]`` allowed right after the segment name
@@ -320,14 +343,20 @@ def _field_path(path: str) -> str:
 FieldPathKey = Annotated[str, AfterValidator(_field_path)]
 
 
-def _test(ref: FieldRef, condition: ValueCondition, view: MessageView) -> bool:
+def _test(ref: ValueRef, condition: ValueCondition, view: MessageView) -> bool:
+    if isinstance(ref, TriggerEventRef):
+        return condition.test(trigger_event_at(view)[0])
     if not ref.wildcard:
         return condition.test(view.get(ref.spec))
     return any(condition.test(value) for _, value in ref.values(view))
 
 
-def _check(label: str, ref: FieldRef, condition: ValueCondition, view: MessageView) -> Check:
+def _check(label: str, ref: ValueRef, condition: ValueCondition, view: MessageView) -> Check:
+    """The event's label says where it was read: ``event (MSH-9.2)`` or ``event (EVN-1)``."""
     wanted = condition.describe()
+    if isinstance(ref, TriggerEventRef):
+        at, value = ref.read(view)
+        return Check(f"{label} ({at})", value, wanted, condition.test(value))
     if not ref.wildcard:
         value = view.get(ref.spec)
         return Check(label, value, wanted, condition.test(value))
@@ -348,7 +377,12 @@ class When(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: ValueCondition | None = Field(None, description="MSH-9.1, e.g. ADT")
-    event: ValueCondition | None = Field(None, alias="events", description="MSH-9.2, e.g. A01")
+    event: ValueCondition | None = Field(
+        None,
+        alias="events",
+        description="MSH-9.2, else EVN-1 (HL7 v2.1-2.2 feeds send MSH-9 as the type alone), "
+        "e.g. A01",
+    )
     sending_application: ValueCondition | None = Field(None, description="MSH-3.1")
     sending_facility: ValueCondition | None = Field(None, description="MSH-4.1")
     receiving_application: ValueCondition | None = Field(None, description="MSH-5.1")
@@ -374,7 +408,7 @@ class When(BaseModel):
         None, alias="all", min_length=1, description="conditions that all hold"
     )
     not_: When | None = Field(None, alias="not", description="a condition that does not hold")
-    _found: list[tuple[str, FieldRef, ValueCondition]] | None = PrivateAttr(None)
+    _found: list[tuple[str, ValueRef, ValueCondition]] | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -470,14 +504,19 @@ class When(BaseModel):
         """Whether this condition, or any branch of it, tests the patient's opt-out."""
         return self.opted_out is not None or any(b.uses_opt_out() for b in self._branches())
 
-    def _conditions(self) -> list[tuple[str, FieldRef, ValueCondition]]:
-        """(label, path, condition) of the named conditions and fields, worked out once: live
-        routing asks every route's ``when`` about every message."""
+    def _conditions(self) -> list[tuple[str, ValueRef, ValueCondition]]:
+        """(label, what it reads, condition) of the named conditions and fields, worked out
+        once: live routing asks every route's ``when`` about every message. The event's
+        label gets the field it was read from when checked (see _check)."""
         if self._found is None:
-            found = []
+            found: list[tuple[str, ValueRef, ValueCondition]] = []
             for name, path in NAMED_FIELDS.items():
                 condition = getattr(self, name)
-                if condition is not None:
+                if condition is None:
+                    continue
+                if name == "event":
+                    found.append((name, _TRIGGER_EVENT, condition))
+                else:
                     found.append((f"{name} ({path})", field_ref(path), condition))
             found += [(path, field_ref(path), c) for path, c in self.fields.items()]
             self._found = found
@@ -551,6 +590,7 @@ When.model_rebuild()
 
 
 _NO_FACTS = StepFacts()
+_TRIGGER_EVENT = TriggerEventRef()
 
 
 def _yes_no(value: bool | None) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,9 @@ from carehub.store.store import InsertOutcome, NewMessage, StoredMessage
 
 #: How a dry run's message arrives. The checks that belong to MLLP alone (MLLP block bytes
 #: in the message, UTF-16 and UTF-32) depend on the listener and are not applied.
-DRY_RUN_ARRIVAL = Arrival(transport="dry-run", listener="dry-run")
+#: A dry run shows what the routes do with a message, whatever its MSH-11: which processing IDs
+#: a listener takes is intake's question, not the routes'.
+DRY_RUN_ARRIVAL = Arrival(transport="dry-run", listener="dry-run", processing_ids=("P", "T", "D"))
 
 
 @dataclass(slots=True)
@@ -81,6 +85,17 @@ def preview_message(raw: bytes, message_id: int = 0) -> StoredMessage:
     return received.stored(message_id)
 
 
+def dry_run_message_id(message: StoredMessage) -> int:
+    """The id a dry run gives a message, in place of the store's row id: a number made from
+    its identity as the store has it (MSH-3, MSH-4, MSH-10 and the content's hash, see
+    StoredMessage.identity), so different messages get different idempotency keys
+    (``carehub-ID-RUN-...``) and a resend (the same content, a new MSH-7, say) the original's,
+    as on the hub. They are not the keys the hub gives the message, which are made from its
+    row id and the store's own id."""
+    digest = hashlib.sha256(message.identity.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:5], "big") or 1
+
+
 def dry_run(table: RouteTable, host: PluginHost, raw: bytes) -> DryRunResult:
     """Route one message through the table with components started, nothing stored or sent."""
     return dry_run_all(table, host, [raw])[0]
@@ -116,7 +131,9 @@ async def dry_run_all_async(
                     )
                 )
                 continue
-            routed = router.route(preview_message(raw), explain=True)
+            preview = preview_message(raw)
+            preview = dataclasses.replace(preview, id=dry_run_message_id(preview))
+            routed = router.route(preview, explain=True)
             results.append(DryRunResult(routed.message_id, routed.run, routed.routes))
         return results
     finally:

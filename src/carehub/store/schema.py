@@ -456,6 +456,10 @@ followups = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("closed_at", DateTime(timezone=True), nullable=True),
     Column("alerted_at", DateTime(timezone=True), nullable=True),
+    # Who marked it done, how (phone, visit, portal, other) and their note (migration 0023).
+    Column("done_by", String(255), nullable=True),
+    Column("done_method", String(32), nullable=True),
+    Column("done_note", Text, nullable=True),
 )
 Index("ix_followups_due", followups.c.status, followups.c.due_at)
 

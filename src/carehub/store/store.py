@@ -53,8 +53,8 @@ from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 from carehub import __version__
 from carehub.events import facility_code
 from carehub.hl7.charsets import decode_message
-from carehub.hl7.header import MessageHeader
-from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest, unescape
+from carehub.hl7.header import MessageHeader, read_cx
+from carehub.hl7.view import DIGEST_CHARS, MessageView, NotHL7Error, raw_digest
 from carehub.search import MessageFilter
 from carehub.store.failure_run import FailureRun
 from carehub.store.schema import (
@@ -183,7 +183,7 @@ class NewMessage:
             _fit(h.receiving_application, _NAME) if h else None,
             _fit(h.receiving_facility, _NAME) if h else None,
             _fit(h.message_type or None, _CODE) if h else None,
-            _fit(h.trigger_event or None, _CODE) if h else None,
+            event_column(h),
             _fit(h.structure or None, _CODE) if h else None,
             _fit(h.control_id or None, _CONTROL_ID) if h else None,
             _fit(h.version or None, _CODE) if h else None,
@@ -198,17 +198,10 @@ class NewMessage:
         )
 
     def patient(self) -> tuple[str | None, str | None]:
-        """(patient_id, patient_authority) as the row holds them: PID-3's identifier and its
-        authority, else the sending facility's code (scoped_authority); the order key of
-        the message's deliveries is made of them."""
-        if self._patient is not None:
-            return self._patient
-        h = self.header
-        if h is None or (patient := h.patient) is None:
-            self._patient = (None, None)
-        else:
-            authority = scoped_authority(patient.authority, h.sending_facility) or ""
-            self._patient = (_fit(patient.value, _NAME), _fit(authority, _NAME))
+        """(patient_id, patient_authority) as the row holds them (patient_columns); the
+        order key of the message's deliveries is made of them."""
+        if self._patient is None:
+            self._patient = patient_columns(self.header)
         return self._patient
 
     def stored(self, message_id: int) -> StoredMessage:
@@ -317,6 +310,23 @@ class StatusChange:
     at: datetime
     event: str
     detail: str | None
+
+
+def patient_columns(header: MessageHeader | None) -> tuple[str | None, str | None]:
+    """(patient_id, patient_authority) of a message row: the identifier that names the
+    patient (header.primary_patient_id, as Patient.key is chosen) and its assigning
+    authority, else the sending facility's code (scoped_authority); (None, None) when the
+    message names no patient."""
+    if header is None or (patient := header.patient) is None:
+        return None, None
+    authority = scoped_authority(patient.authority, header.sending_facility) or ""
+    return _fit(patient.value, _NAME), _fit(authority, _NAME)
+
+
+def event_column(header: MessageHeader | None) -> str | None:
+    """trigger_event of a message row: the header's (MSH-9.2, else EVN-1), what
+    `messages list --event` finds and route conditions test."""
+    return _fit(header.trigger_event or None, _CODE) if header is not None else None
 
 
 @dataclass(slots=True, frozen=True)
@@ -836,8 +846,9 @@ _MERGE_TRIGGERS = frozenset({"A30", "A34", "A36", "A39", "A40"})
 
 
 def scoped_authority(authority: str | None, sending_facility: str | None) -> str | None:
-    """The authority a patient identifier is keyed by: its own (PID-3.4), else the sending
-    facility's code (MSH-4), as carehub.events.scoped_identifier scopes Patient.key, so two
+    """The authority a patient identifier is keyed by: its own (CX.4 as header.read_cx
+    reads it), else the sending facility's code (MSH-4), as
+    carehub.events.scoped_identifier scopes Patient.key, so two
     hospitals' 55501 sent without one are two patients (and two order keys). Rows stored
     before hold an empty authority: read through this, they key as their sender's."""
     return authority or facility_code(sending_facility) or None
@@ -853,8 +864,9 @@ def _patient_of(message: StoredMessage) -> tuple[str, str | None]:
 
 
 def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
-    """(MRG-1.1, MRG-1.4.1) of each MRG of a merge message: the identifiers it retires, one
-    without an authority scoped by the sender as PID-3 is (scoped_authority)."""
+    """(identifier, authority) of each MRG-1 of a merge message, read as PID-3 is
+    (header.read_cx): the identifiers it retires, one without an authority scoped by the
+    sender as PID-3 is (scoped_authority)."""
     if (message.trigger_event or "").upper() not in _MERGE_TRIGGERS:
         return []
     try:
@@ -868,12 +880,10 @@ def _merged_identifiers(message: StoredMessage) -> list[tuple[str, str | None]]:
             continue
         fields = view.fields(position)
         for repetition in (fields[1] if len(fields) > 1 else "").split(seps.repetition):
-            parts = [*repetition.split(seps.component), "", "", "", ""]
-            if seps.escape in repetition:  # read as PID-3 is read (header.primary_patient_id)
-                parts = [unescape(part, seps) for part in parts]
-            if parts[0]:
-                authority = parts[3].split(seps.subcomponent, 1)[0]
-                found.append((parts[0], scoped_authority(authority, message.sending_facility)))
+            retired = read_cx(repetition.split(seps.component, 5), seps)
+            if retired is not None:
+                authority = scoped_authority(retired.authority, message.sending_facility)
+                found.append((retired.value, authority))
     return found
 
 
