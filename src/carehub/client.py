@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ssl
 
+from carehub.hl7.ack import AckCode, application_ack_wanted
 from carehub.hl7.charsets import decode_message
 from carehub.hl7.framing import Frame, FrameDecoder, encode_frame
 from carehub.hl7.view import MessageView, NotHL7Error
@@ -126,20 +127,11 @@ def _accept_code(answer: bytes) -> str | None:
 
 
 def _application_ack_asked(payload: bytes, accept_code: str) -> bool:
-    """Whether the message's MSH-16 (HL7 table 0155) asks for an application ACK of the
-    outcome its accept ACK reports: AL always, ER on an error or rejection, SU on success,
-    NE or empty never. A value the table lacks: always, as carehub's own listener answers it
-    (carehub.intake.intake.application_ack_wanted)."""
+    """Whether the message's MSH-16 asks for an application ACK of the outcome its accept ACK
+    reports, as carehub's own listener decides it (ack.application_ack_wanted)."""
     try:
         view = MessageView(decode_message(payload).text)
     except NotHL7Error:
         return False
-    kind = view.get("MSH-16").strip().upper()
-    success = _OUTCOME_OF_ACCEPT[accept_code] == "AA"
-    if kind in ("", "NE"):
-        return False
-    if kind == "ER":
-        return not success
-    if kind == "SU":
-        return success
-    return True
+    outcome = AckCode(_OUTCOME_OF_ACCEPT[accept_code])
+    return application_ack_wanted(view.get("MSH-16"), outcome)

@@ -6,7 +6,7 @@ that names the option (exit 2), not a traceback from deep inside a socket or SQL
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import click
@@ -68,8 +68,10 @@ class AgeType(click.ParamType):
 AGE = AgeType()
 
 
-def parse_moment(value: str | None, option: str = "--since") -> datetime | None:
-    """A moment given as an ISO date/time or an age back from now; errors name ``option``."""
+def parse_moment(value: str | None, option: str = "--since", zone: tzinfo = UTC) -> datetime | None:
+    """A moment given as an ISO date/time or an age back from now, in UTC; a time without an
+    offset is read in ``zone`` (UTC unless the command works in a site's zone). Errors name
+    ``option``."""
     if not value:
         return None
     try:
@@ -78,7 +80,7 @@ def parse_moment(value: str | None, option: str = "--since") -> datetime | None:
             return datetime.now(UTC) - age
         parsed = datetime.fromisoformat(value)
         # In UTC now, as the store compares: a time at the calendar's edge fails here, by name.
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=zone)).astimezone(UTC)
     except ValueError as err:
         raise click.BadParameter(
             f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",

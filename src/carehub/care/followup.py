@@ -85,7 +85,7 @@ from sqlalchemy import Engine, insert, select, update
 from carehub.care.encounters import DISCHARGE_CHANGES, EncounterTracker, patient_key_matches
 from carehub.care.model import DIED, DISPOSITIONS, Transition, normalize_disposition
 from carehub.cli import hub_options, operator_option
-from carehub.cliparams import LIMIT, ROW_ID
+from carehub.cliparams import LIMIT, ROW_ID, parse_moment
 from carehub.components import ComponentContext, ComponentOptions, Enricher, Work
 from carehub.config import read_config_text
 from carehub.errors import CarehubError, ConfigError
@@ -1580,7 +1580,8 @@ def done_followup(
 
     now = datetime.now(UTC)
     zone = _worklist(config, zone_name).zone
-    when = _local_moment(happened_at, zone)
+    # Without an offset, in the coordinators' zone: they type the clock on the wall.
+    when = parse_moment(happened_at, "--at", zone)
     if when is not None and when > now:
         raise click.BadParameter("is in the future", param_hint="'--at'")
     by = operator or _operator()
@@ -1598,23 +1599,3 @@ def done_followup(
         f"follow-up {item.id} ({item.kind}, {item.patient_key}) done at "
         f"{_zoned(item.closed_at, zone)}{how}, recorded by {item.done_by}"
     )
-
-
-def _local_moment(value: str | None, zone: tzinfo) -> datetime | None:
-    """``--at``: an age back from now, or an ISO time; one without an offset is read in
-    ``zone`` (a coordinator types the clock on the wall), not in UTC."""
-    if not value:
-        return None
-    from carehub.cliparams import parse_age
-
-    try:
-        age = parse_age(value)
-        if age is not None:
-            return datetime.now(UTC) - age
-        parsed = datetime.fromisoformat(value)
-    except (ValueError, OverflowError) as err:
-        raise click.BadParameter(
-            f"{value!r}: use an ISO date/time (2026-11-25T08:00) or an age (30m, 2h, 7d)",
-            param_hint="'--at'",
-        ) from err
-    return _utc(parsed if parsed.tzinfo else parsed.replace(tzinfo=zone))

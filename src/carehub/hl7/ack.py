@@ -30,12 +30,14 @@ class AckCode(StrEnum):
 COMMIT_CODES = {AckCode.ACCEPT: "CA", AckCode.ERROR: "CE", AckCode.REJECT: "CR"}
 
 
-def accept_ack_wanted(accept_ack_type: str, code: AckCode) -> bool:
-    """Whether MSH-15 (HL7 table 0155) asks for an accept acknowledgment of this outcome: AL
-    always, NE never, ER on an error or rejection only, SU on success only. Empty (enhanced
-    mode asked for by MSH-16 alone) or a value the table lacks: always, as an answer the
-    sender did not want costs less than one it waits for in vain."""
-    kind = accept_ack_type.strip().upper()
+def _asked_for(ack_type: str, code: AckCode, when_empty: bool) -> bool:
+    """Whether an acknowledgment type (HL7 table 0155) asks for an answer to this outcome: AL
+    always, NE never, ER on an error or rejection only, SU on success only; empty:
+    ``when_empty``. A value the table lacks: always, as an answer the sender did not want
+    costs less than one it waits for in vain."""
+    kind = ack_type.strip().upper()
+    if not kind:
+        return when_empty
     if kind == "NE":
         return False
     if kind == "ER":
@@ -43,6 +45,18 @@ def accept_ack_wanted(accept_ack_type: str, code: AckCode) -> bool:
     if kind == "SU":
         return code is AckCode.ACCEPT
     return True
+
+
+def accept_ack_wanted(accept_ack_type: str, code: AckCode) -> bool:
+    """Whether MSH-15 asks for an accept acknowledgment of this outcome; empty (enhanced mode
+    asked for by MSH-16 alone) asks for it always."""
+    return _asked_for(accept_ack_type, code, when_empty=True)
+
+
+def application_ack_wanted(application_ack_type: str, code: AckCode) -> bool:
+    """Whether MSH-16 asks for an application acknowledgment of this outcome; empty never
+    (an empty MSH-16 beside a valued MSH-15 asks for the accept acknowledgment alone)."""
+    return _asked_for(application_ack_type, code, when_empty=False)
 
 
 class ErrorCode(StrEnum):

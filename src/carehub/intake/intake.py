@@ -24,7 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from carehub.hl7.ack import AckCode, ErrorCode, accept_ack_wanted, build_ack
+from carehub.hl7.ack import (
+    AckCode,
+    ErrorCode,
+    accept_ack_wanted,
+    application_ack_wanted,
+    build_ack,
+)
 from carehub.hl7.batch import split_data
 from carehub.hl7.charsets import codec_for, decode_message, encode_reply, is_wide, same_charset
 from carehub.hl7.header import MessageHeader
@@ -519,22 +525,6 @@ class Intake:
             send,
             application_ack,
         )
-
-
-def application_ack_wanted(application_ack_type: str, code: AckCode) -> bool:
-    """Whether MSH-16 (HL7 table 0155) asks for an application acknowledgment of this outcome:
-    AL always, ER on an error or rejection only, SU on success only, NE or empty never (empty
-    MSH-16 beside a valued MSH-15 asks for the accept acknowledgment alone). A value the table
-    lacks: always, as accept_ack_wanted does for MSH-15, since an answer the sender did not
-    want costs less than one it waits for in vain."""
-    kind = application_ack_type.strip().upper()
-    if kind in ("", "NE"):
-        return False
-    if kind == "ER":
-        return code is not AckCode.ACCEPT
-    if kind == "SU":
-        return code is AckCode.ACCEPT
-    return True
 
 
 #: HL7 table 0103: what each MSH-11 processing ID says a message is for.
