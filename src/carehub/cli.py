@@ -2423,7 +2423,12 @@ def _refuse_while_processes_run(store: MessageStore, command: str) -> None:
 @store.command("prune")
 @hub_options
 @click.option("--older-than", "days", type=DAYS, required=True, help="Days.")
-@click.option("--full", is_flag=True, help="PostgreSQL: VACUUM FULL (locks the tables).")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="PostgreSQL: VACUUM FULL (locks the tables). SQLite: VACUUM even while a hub serves "
+    "from the store (it holds the write lock for its whole run: intake answers 'not stored').",
+)
 @click.option(
     "--include-unfinished",
     is_flag=True,
@@ -2451,7 +2456,12 @@ def store_prune(
     waiting or being sent, or with a dead letter; an encounter still open, with a follow-up
     pending or a notification held for a digest; an open referral. Patients' opt-outs are
     always kept. It asks first when --older-than is 0 (everything up to now, perhaps while a
-    hub is taking messages) or when work would be deleted; --yes skips the question."""
+    hub is taking messages) or when work would be deleted; --yes skips the question.
+
+    Rows go in short batches, so a hub serving from the store keeps answering meanwhile. On
+    SQLite, VACUUM gives the freed space back to the disk only when no hub serves from the
+    store (or with --full) and the disk has room for a second copy of the store; otherwise
+    the freed pages stay in the file for new messages to reuse."""
     from carehub.hub import open_store
     from carehub.lockfile import store_holder
 
@@ -2478,8 +2488,16 @@ def store_prune(
         target = f"older than {days} day(s)" + (
             ", including unfinished" if include_unfinished else ""
         )
+        # VACUUM holds SQLite's write lock for its whole run: not under a serving hub unless
+        # asked for (the freed pages are reused by new rows meanwhile).
+        serving = store_holder(config, data_dir) if opened.is_sqlite and not full else None
         with _audited(opened, "store prune", target, operator) as action:
-            result = opened.prune(age, full_vacuum=full, include_unfinished=include_unfinished)
+            result = opened.prune(
+                age,
+                full_vacuum=full,
+                include_unfinished=include_unfinished,
+                vacuum=full or serving is None,
+            )
             action.counts = {"messages": result.messages_deleted, **result.care_deleted}
             if result.plan is not None:
                 action.counts["kept"] = result.plan.kept
@@ -2490,14 +2508,27 @@ def store_prune(
     finally:
         opened.close()
     line = f"pruned {result.messages_deleted} message(s) older than {days} day(s)"
-    if result.bytes_before is not None and result.bytes_after is not None:
+    if opened.is_sqlite and not result.vacuumed and result.used_after is not None:
+        line += (
+            f"; data {result.used_before or 0:,} -> {result.used_after:,} bytes, store file "
+            f"{result.bytes_after or 0:,} bytes (the freed pages are reused by new rows)"
+        )
+    elif result.bytes_before is not None and result.bytes_after is not None:
         what = "store file" if opened.is_sqlite else "pruned tables"
         line += f"; {what} {result.bytes_before:,} -> {result.bytes_after:,} bytes"
         if not opened.is_sqlite and not full:
             # Plain VACUUM keeps the freed pages for the tables' own reuse, and a feed
             # writing meanwhile can grow them: only VACUUM FULL gives the space back.
             line += " (the freed space is kept for reuse by the tables; --full returns it)"
+    if result.wal_after:
+        line += f"; WAL {result.wal_after:,} bytes (trimmed by the serving hub's next checkpoint)"
     click.echo(line)
+    if opened.is_sqlite and not result.vacuumed:
+        if serving is not None and not full:
+            why = f"a hub ({serving}) serves from this store and VACUUM would stop its intake"
+            click.echo(f"not vacuumed: {why}; --full vacuums anyway")
+        elif result.not_vacuumed and result.not_vacuumed != "not asked for":
+            click.echo(f"not vacuumed: {result.not_vacuumed}", err=True)
     if result.plan is not None and result.plan.kept:
         click.echo(
             f"kept {result.plan.kept:,} older message(s) with work left: "

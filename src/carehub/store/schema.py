@@ -462,6 +462,10 @@ followups = Table(
     Column("done_note", Text, nullable=True),
 )
 Index("ix_followups_due", followups.c.status, followups.c.due_at)
+# A visit's follow-ups: found by index when a discharge opens them, and when retention deletes
+# the visit (ON DELETE CASCADE looks its follow-ups up by encounter_id; without the index,
+# every visit deleted scanned the whole table). Revision 0025.
+Index("ix_followups_encounter", followups.c.encounter_id)
 
 
 # -- closed-loop referrals (REF/RRI, webhooks, FHIR Task polls) -------------------------------

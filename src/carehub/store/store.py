@@ -15,6 +15,7 @@ import shutil
 import socket
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -500,6 +501,16 @@ class PruneResult:
     plan: PrunePlan | None = None
     #: Care and referral rows deleted, per table (CARE_RECORD_TABLES).
     care_deleted: dict[str, int] = field(default_factory=dict)
+    #: SQLite: bytes of the database's pages holding data (pages less the free list), before
+    #: and after: what the rows take, whether or not VACUUM gave the freed pages back.
+    used_before: int | None = None
+    used_after: int | None = None
+    #: SQLite: bytes left in the WAL after the final checkpoint (a reader, such as a serving
+    #: hub, can keep it from being trimmed; the hub's checkpointer trims it later).
+    wal_after: int | None = None
+    #: SQLite: whether VACUUM ran, and if not, why (not asked for, or too little disk).
+    vacuumed: bool = False
+    not_vacuumed: str | None = None
 
 
 def _utc(value: datetime) -> datetime:
@@ -1888,6 +1899,7 @@ class MessageStore:
         *,
         full_vacuum: bool = False,
         include_unfinished: bool = False,
+        vacuum: bool = True,
     ) -> PruneResult:
         """Delete messages received before now - older_than, and the care and referral
         records finished before then (see CareRecordsPlan), then give the space back.
@@ -1895,43 +1907,205 @@ class MessageStore:
         Retention is for finished work: a message that still has work (not routed yet, a
         delivery waiting, a dead letter), an open encounter or referral, a pending follow-up
         is kept unless ``include_unfinished``, because deleting it loses the work without a
-        trace."""
+        trace.
+
+        The rows go in batches, one short transaction each (see _PruneBatches), so that a
+        hub serving from the store meanwhile still stores and acknowledges messages: in one
+        transaction, SQLite's write lock was held for minutes and intake answered "not
+        stored". On SQLite, ``vacuum`` runs VACUUM at the end, which gives the freed pages
+        back to the disk but holds the write lock for its whole run and needs room for a
+        second copy of the store (see _vacuum_room); without it the freed pages stay in the
+        file and new rows reuse them. On PostgreSQL plain VACUUM always runs (it blocks no
+        writer), VACUUM FULL with ``full_vacuum``."""
         cutoff = datetime.now(UTC) - older_than
         before = self._file_size()
+        used_before = self._bytes_in_use()
         with self.engine.begin() as conn:
             if self.is_sqlite:  # so that the ids deleted are never handed out again
                 conn.exec_driver_sql(_SQL_KEEP_MESSAGE_ID_FLOOR)
-            # Counted in the transaction that deletes (on SQLite, under its write lock).
+        # What was found before deleting; each batch checks its rows again as it deletes.
+        with self.engine.connect() as conn:
             plan = _prune_plan(conn, cutoff, include_unfinished)
-            where = _prunable(cutoff, include_unfinished)
-            doomed = select(messages.c.id).where(*where)
-            conn.execute(delete(message_events).where(message_events.c.message_id.in_(doomed)))
-            deleted = conn.execute(delete(messages).where(*where)).rowcount
-            care_deleted = _CareRetention(cutoff, include_unfinished).delete(conn)
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            if self.is_sqlite:
-                conn.exec_driver_sql("VACUUM")
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-            else:
+        batches = _PruneBatches(self.engine)
+        where = _prunable(cutoff, include_unfinished)
+
+        def messages_batch(conn: Any, ids: list[int]) -> int:
+            going = select(messages.c.id).where(messages.c.id.in_(ids), *where)
+            conn.execute(delete(message_events).where(message_events.c.message_id.in_(going)))
+            return conn.execute(delete(messages).where(messages.c.id.in_(ids), *where)).rowcount
+
+        deleted = batches.run(messages.c.id, where, messages_batch)
+        care_deleted = _CareRetention(cutoff, include_unfinished).delete_in(batches)
+        not_vacuumed: str | None = None
+        wal_after: int | None = None
+        if self.is_sqlite:
+            not_vacuumed = self._vacuum_room() if vacuum else "not asked for"
+            if not_vacuumed is None:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                    c.exec_driver_sql("VACUUM")
+            wal_after = self._truncate_wal()
+        else:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 verb = "VACUUM (FULL, ANALYZE)" if full_vacuum else "VACUUM (ANALYZE)"
                 for table in _PRUNED_TABLES:
                     conn.exec_driver_sql(f"{verb} {table}")
-        return PruneResult(deleted or 0, before, self._file_size(), plan, care_deleted)
+        return PruneResult(
+            deleted,
+            before,
+            self._file_size(),
+            plan,
+            care_deleted,
+            used_before=used_before,
+            used_after=self._bytes_in_use(),
+            wal_after=wal_after,
+            vacuumed=self.is_sqlite and not_vacuumed is None,
+            not_vacuumed=not_vacuumed,
+        )
+
+    def _vacuum_room(self) -> str | None:
+        """Why VACUUM may not run for lack of disk space, or None when it may.
+
+        VACUUM writes the store's live pages to a temporary database (in SQLite's temporary
+        folder, SQLITE_TMPDIR or TMPDIR or /var/tmp or /tmp) and then copies them back
+        through the WAL next to the store: about twice the live data, on one filesystem or
+        split over two. Running out halfway fails the VACUUM, after the deletes were
+        committed, with the disk full under a serving hub."""
+        used = self._bytes_in_use() or 0
+        folder = self._file_folder()
+        if folder is None:
+            return None
+        need = {folder: used}
+        temp = Path(os.environ.get("SQLITE_TMPDIR") or tempfile.gettempdir())
+        try:
+            same = os.stat(folder).st_dev == os.stat(temp).st_dev
+        except OSError:
+            same = True
+        if same:
+            need[folder] = 2 * used
+        else:
+            need[temp] = used
+        for place, bytes_needed in need.items():
+            bytes_needed += bytes_needed // 10  # and a margin for what grows meanwhile
+            try:
+                free = shutil.disk_usage(place).free
+            except OSError:
+                continue
+            if free < bytes_needed:
+                return (
+                    f"VACUUM needs about {_amount(bytes_needed)} free on the filesystem of "
+                    f"{place} and {_amount(free)} is"
+                )
+        return None
+
+    def _truncate_wal(self) -> int:
+        """Checkpoint the WAL and trim it to nothing; the WAL's size in bytes afterwards.
+
+        A TRUNCATE checkpoint waits for readers, and gives up (busy) when one still reads an
+        older snapshot, as a serving hub may: then it is tried again for a few seconds, and
+        the WAL left over is reported as such (the hub's own checkpointer trims it later)."""
+        deadline = time.monotonic() + _TRUNCATE_PATIENCE
+        while True:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                row = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            busy = row is not None and bool(row[0])
+            if not busy or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        path = self._database_path()
+        wal = path.with_name(path.name + "-wal") if path is not None else None
+        return wal.stat().st_size if wal is not None and wal.exists() else 0
+
+    def _database_path(self) -> Path | None:
+        path = self.url.removeprefix("sqlite:///")
+        return Path(path) if self.is_sqlite and path and path != ":memory:" else None
+
+    def _bytes_in_use(self) -> int | None:
+        """SQLite: bytes of the database's pages that hold data (its pages less its free
+        list, what the WAL holds counted as written); None on PostgreSQL."""
+        pages = self._pages()
+        return None if pages is None else pages[0] - pages[1]
+
+    def _pages(self) -> tuple[int, int] | None:
+        """SQLite: the database's size and its free list's, in bytes, as they are with the
+        WAL's pages written back (the database file's size once checkpointed)."""
+        if not self.is_sqlite:
+            return None
+        with self.engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+            free = conn.exec_driver_sql("PRAGMA freelist_count").scalar_one()
+            size = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
+        return int(pages) * int(size), int(free) * int(size)
 
     def _file_size(self) -> int | None:
-        """Bytes the store takes on disk: SQLite's file and WAL, or on PostgreSQL the tables
-        retention deletes from, with their indexes and TOAST (what VACUUM FULL gives back)."""
+        """Bytes the store takes: SQLite's database file as it is once its WAL is written
+        back (the WAL is reported on its own: a WAL a reader kept from being trimmed is not
+        the store growing), or on PostgreSQL the tables retention deletes from, with their
+        indexes and TOAST (what VACUUM FULL gives back)."""
         if not self.is_sqlite:
             sizes = " + ".join(f"pg_total_relation_size('{table}')" for table in _PRUNED_TABLES)
             with self.engine.connect() as conn:
                 return int(conn.exec_driver_sql(f"SELECT {sizes}").scalar_one())
-        path = Path(self.url.removeprefix("sqlite:///"))
+        pages = self._pages()
+        return None if pages is None else pages[0]
+
+
+#: How long prune retries a WAL checkpoint that a reader keeps from trimming the WAL.
+_TRUNCATE_PATIENCE = 3.0
+
+#: Rows retention deletes per transaction at first; then each batch is sized to hold SQLite's
+#: write lock for about _BATCH_SECONDS, between these bounds.
+_BATCH_FIRST = 200
+_BATCH_MIN = 10
+_BATCH_MAX = 1_000
+_BATCH_SECONDS = 0.05
+#: The least time the write lock is let go between two batches. Intake retries SQLite's lock
+#: every half millisecond (group_commit.LOCK_RETRY), so it gets in within this; the pause also
+#: grows to the time the last batch held the lock, leaving the routing worker an equal share.
+_BATCH_PAUSE = 0.01
+
+
+class _PruneBatches:
+    """Retention's deletes, a bounded batch of rows per transaction.
+
+    Each batch picks the next ids that match (in id order, after the last batch's), then
+    deletes those of them that still match, with their dependent rows, and commits: the write
+    lock is held for one batch at a time, and let go between batches so that intake's group
+    commit and the routing worker write in between. SQLite's automatic checkpoints run after
+    the commits, so the WAL stays about one batch long instead of the whole prune."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.size = _BATCH_FIRST
+
+    def run(
+        self,
+        id_column: Any,
+        where: list[ColumnElement[bool]] | ColumnElement[bool],
+        delete_batch: Callable[[Any, list[int]], int],
+    ) -> int:
+        """Delete, batch by batch, the rows of ``id_column``'s table matching ``where``;
+        ``delete_batch(conn, ids)`` deletes those of ``ids`` that still match and returns
+        how many. The total deleted."""
+        conditions = where if isinstance(where, list) else [where]
+        after: Any = None
         total = 0
-        for suffix in ("", "-wal"):
-            candidate = path.with_name(path.name + suffix)
-            if candidate.exists():
-                total += candidate.stat().st_size
-        return total
+        while True:
+            query = select(id_column).where(*conditions).order_by(id_column).limit(self.size)
+            if after is not None:
+                query = query.where(id_column > after)
+            started = time.monotonic()
+            with self.engine.begin() as conn:
+                ids = list(conn.execute(query).scalars())
+                if not ids:
+                    return total
+                total += delete_batch(conn, ids) or 0
+            held = time.monotonic() - started
+            after = ids[-1]
+            if len(ids) < self.size:
+                return total
+            scaled = int(self.size * _BATCH_SECONDS / max(held, 0.001))
+            self.size = max(_BATCH_MIN, min(_BATCH_MAX, scaled, 2 * self.size))
+            time.sleep(max(_BATCH_PAUSE, held))
 
 
 def _with_work() -> Any:
@@ -2163,30 +2337,61 @@ class _CareRetention:
             include_unfinished=self.include_unfinished,
         )
 
-    def delete(self, conn: Any) -> dict[str, int]:
-        """Delete what ``plan`` counts, children before their parents; rows deleted per
-        table. The rows that stay are the same before and after, so the merges they decide
-        are the ones the plan counted."""
-        doomed_merges, _ = self.merges(conn)
-        deleted = {
-            "notifications": conn.execute(delete(notifications).where(self.notifications())),
-            "followups": conn.execute(
-                delete(followups).where(self._of_encounters(followups.c.encounter_id))
-            ),
-            "encounter_events": conn.execute(
-                delete(encounter_events).where(self._of_encounters(encounter_events.c.encounter_id))
-            ),
-            "encounters": conn.execute(delete(encounters).where(*self.encounters())),
-            "referral_events": conn.execute(delete(referral_events).where(self.referral_events())),
-            "referrals": conn.execute(delete(referrals).where(*self.referrals())),
-        }
-        counts = {table: result.rowcount or 0 for table, result in deleted.items()}
-        counts["patient_merges"] = 0
+    def delete_in(self, batches: _PruneBatches) -> dict[str, int]:
+        """Delete what ``plan`` counts, a batch at a time (see _PruneBatches), children
+        before their parents; rows deleted per table. A visit's and a referral's rows go in
+        the batch that deletes it. The rows that stay are the same before and after, so the
+        merges they decide are the ones the plan counted."""
+        with batches.engine.connect() as conn:
+            doomed_merges, _ = self.merges(conn)
+        counts = dict.fromkeys(CARE_RECORD_TABLES, 0)
+
+        def gone(conn: Any, table: str, statement: Any) -> None:
+            counts[table] += conn.execute(statement).rowcount or 0
+
+        def visits(conn: Any, ids: list[int]) -> int:
+            going = select(encounters.c.id).where(encounters.c.id.in_(ids), *self.encounters())
+            gone(conn, "notifications", delete(notifications).where(
+                notifications.c.encounter_id.is_not(None), notifications.c.encounter_id.in_(going)
+            ))  # fmt: skip
+            gone(conn, "followups", delete(followups).where(followups.c.encounter_id.in_(going)))
+            gone(conn, "encounter_events", delete(encounter_events).where(
+                encounter_events.c.encounter_id.in_(going)
+            ))  # fmt: skip
+            where = [encounters.c.id.in_(ids), *self.encounters()]
+            gone(conn, "encounters", delete(encounters).where(*where))
+            return len(ids)
+
+        def notices(conn: Any, ids: list[int]) -> int:
+            where = [notifications.c.id.in_(ids), self.notifications()]
+            gone(conn, "notifications", delete(notifications).where(*where))
+            return len(ids)
+
+        def referrals_(conn: Any, ids: list[int]) -> int:
+            going = select(referrals.c.id).where(referrals.c.id.in_(ids), *self.referrals())
+            gone(conn, "referral_events", delete(referral_events).where(
+                referral_events.c.referral_id.in_(going)
+            ))  # fmt: skip
+            where = [referrals.c.id.in_(ids), *self.referrals()]
+            gone(conn, "referrals", delete(referrals).where(*where))
+            return len(ids)
+
+        def unmatched(conn: Any, ids: list[int]) -> int:
+            where = [referral_events.c.id.in_(ids), self.referral_events()]
+            gone(conn, "referral_events", delete(referral_events).where(*where))
+            return len(ids)
+
+        batches.run(encounters.c.id, self.encounters(), visits)
+        batches.run(notifications.c.id, self.notifications(), notices)
+        batches.run(referrals.c.id, self.referrals(), referrals_)
+        batches.run(referral_events.c.id, self.referral_events(), unmatched)
         for start in range(0, len(doomed_merges), _KEYS_PER_QUERY):
             chunk = doomed_merges[start : start + _KEYS_PER_QUERY]
-            result = conn.execute(delete(patient_merges).where(patient_merges.c.id.in_(chunk)))
-            counts["patient_merges"] += result.rowcount or 0
-        return {table: counts[table] for table in CARE_RECORD_TABLES}
+            with batches.engine.begin() as conn:
+                gone(conn, "patient_merges", delete(patient_merges).where(
+                    patient_merges.c.id.in_(chunk)
+                ))  # fmt: skip
+        return counts
 
 
 def _chains(links: list[tuple[str, str]]) -> dict[str, str]:
