@@ -350,9 +350,10 @@ def counter_by(
     return family
 
 
-def worker_counters(worker: Worker) -> Iterator[CounterMetricFamily]:
+def worker_counters(worker: Worker) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
     """What a worker counted since it started: messages routed, deliveries sent or skipped,
-    attempts failed (serve's in-process worker, or a `carehub worker` of its own)."""
+    attempts failed (serve's in-process worker, or a `carehub worker` of its own); and the
+    destinations it takes for down (its breakers), which only it knows."""
     for name, help_text, value in (
         ("carehub_routed_messages", "Messages routed by this worker", worker.routed),
         (
@@ -375,6 +376,15 @@ def worker_counters(worker: Worker) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(name, help_text)
         family.add_metric([], value)
         yield family
+    down = GaugeMetricFamily(
+        "carehub_destination_down_seconds",
+        "Seconds since this worker took the destination for down (its breaker opened: one "
+        "probe at a time, the other deliveries wait unattempted); listed only while it is",
+        labels=["destination"],
+    )
+    for name, breaker in sorted(worker.breakers().items()):
+        down.add_metric([name], breaker.down_for())
+    yield down
 
 
 def _deliveries_by_status(store: MessageStore) -> dict[str, int]:

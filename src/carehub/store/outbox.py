@@ -690,6 +690,34 @@ _EARLY_CANDIDATES = (
     .order_by(deliveries.c.not_before, deliveries.c.id)
     .limit(bindparam("limit"))
 )
+
+
+#: Outbox.claim_probe: one destination's due deliveries, first in their line, soonest due
+#: first: read through the index of unfinished deliveries by destination, so a claim for a
+#: destination with few deliveries due never walks the other destinations' due rows.
+def _probe_candidates(by_id: bool) -> Select[Any]:
+    """One destination's due deliveries, first in their line, soonest due first (``by_id``:
+    only the one named), read through the index of unfinished deliveries by destination, so
+    a destination with few due never walks the other destinations' due rows."""
+    query = select(deliveries.c.id).where(
+        delivery_in(deliveries, *UNFINISHED),
+        deliveries.c.destination == bindparam("destination"),
+        deliveries.c.status == DeliveryStatus.PENDING.value,
+        deliveries.c.not_before <= bindparam("now"),
+        *_first_in_line(),
+    )
+    if by_id:
+        query = query.where(deliveries.c.id == bindparam("id"))
+    return query.order_by(deliveries.c.not_before, deliveries.c.id).limit(1)
+
+
+_PROBE_CANDIDATES = {by_id: _probe_candidates(by_id) for by_id in (False, True)}
+#: Outbox.claim_probe's delivery probed before: its due time while it is still pending.
+_PROBE_KEPT = select(deliveries.c.not_before).where(
+    deliveries.c.id == bindparam("id"),
+    deliveries.c.destination == bindparam("destination"),
+    delivery_in(deliveries, *PENDING),
+)
 # The rows are found by id; the status test only guards against another worker having taken
 # one meanwhile. Wrapped in coalesce so no planner reads it as a way in: through the index of
 # pending rows it would visit every one of them.
@@ -2073,6 +2101,54 @@ class Outbox:
             taken = {"ids": ids, "_lease_until": now + lease, "_now": now}
             rows = conn.execute(_TAKE, taken).all()
         return sorted((_record(r) for r in rows), key=lambda d: d.id)
+
+    def claim_probe(
+        self,
+        destination: str,
+        lease: timedelta,
+        prefer: int | None = None,
+        now: datetime | None = None,
+    ) -> DeliveryRecord | datetime | None:
+        """Lease one due delivery of ``destination`` to try while its worker takes it for down
+        (the worker's breaker: its other deliveries are left unclaimed meanwhile). ``prefer``,
+        the delivery probed last time, is taken again as long as it is pending, and only once
+        it is due: the same delivery is tried at its own retry times, as the head of a queue,
+        so its retry limits run while the others wait unattempted. Returns the delivery
+        leased; while ``prefer`` waits out its retry delay, when it is due; else None."""
+        now = now or _now()
+        with self.engine.begin() as conn:
+            params: dict[str, Any] = {"destination": destination, "now": now, "id": prefer}
+            ids: list[int] = []
+            if prefer is not None:
+                due = conn.execute(_PROBE_KEPT, params).scalar_one_or_none()
+                if due is not None and _aware(due) > now:
+                    return _aware(due)
+                if due is not None:
+                    ids = [r[0] for r in conn.execute(_PROBE_CANDIDATES[True], params)]
+            if not ids:
+                ids = [r[0] for r in conn.execute(_PROBE_CANDIDATES[False], params)]
+            if not ids:
+                return None
+            taken = {"ids": ids, "_lease_until": now + lease, "_now": now}
+            rows = conn.execute(_TAKE, taken).all()
+        return _record(rows[0]) if rows else None
+
+    def restart_failure_runs(self, destination: str, before: datetime) -> int:
+        """Start a new run of failures (and so a new ``give_up_after``) for ``destination``'s
+        pending deliveries whose run began before ``before``, when their worker took the
+        destination for down and left them unattempted: the time they waited for it is not
+        time spent failing. Returns how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(deliveries)
+                .where(
+                    delivery_in(deliveries, *UNFINISHED),  # reads the index by destination
+                    deliveries.c.destination == destination,
+                    deliveries.c.status == DeliveryStatus.PENDING.value,
+                    deliveries.c.failing_since < before,
+                )
+                .values(failing_since=None)
+            ).rowcount
 
     def waiting_for(self, destination: str) -> int:
         """How many deliveries to ``destination`` are pending or being sent."""
