@@ -511,6 +511,33 @@ def test_discharge_only_member_hears_only_the_discharge(care: Callable[..., Any]
         hub.assert_sent_with_receipt_times()
 
 
+def test_the_post_acute_provider_is_not_sent_the_practices_follow_up_dues(
+    care: Callable[..., Any],
+) -> None:
+    """A discharge home with home health (06) starts the practice's follow-up clocks; the home
+    health agency hears of the discharge, not of the practice's deadlines. Full-detail emails
+    give the date of birth, so a practice can tell two patients of one name apart."""
+    with care() as hub:
+        hub.send(
+            adt("A01", "ADM1", cls="I"),
+            adt(
+                "A03",
+                "DIS1",
+                cls="I",
+                disposition="06",
+                discharged_to="SNF1",
+                discharged_at="20261127100000",
+            ),
+        )
+        hub.settle()
+        discharge = hub.mailbox.to(PCP)[-1]
+        assert discharge.subject == "Discharge from GENERAL"
+        assert "Follow-up due: contact by" in discharge.body
+        assert "Date of birth: 1960-01-01." in discharge.body
+        (agency,) = hub.mailbox.to("intake@snf.test")
+        assert "Follow-up due" not in agency.body and "No follow-up clock" not in agency.body
+
+
 def test_member_asking_for_the_minimum_gets_no_diagnoses_by_email(
     care: Callable[..., Any],
 ) -> None:

@@ -26,6 +26,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 from aiosmtpd.controller import Controller
 from fastapi import FastAPI, Request, Response
@@ -51,9 +52,10 @@ console = new_console(pipe_width=120)
 NOT_HL7 = b"GET / HTTP/1.1\r\nHost: carehub\r\n\r\n"
 
 #: Where the demo moves the clock for the periodic work: just past the sample's digest_hour
-#: (7, UTC), at least as long after the feeds as its stale_ed_hours and its referrals'
-#: response_hours (24), so stale ED visits close, digests go out and referrals fall overdue.
-PERIODIC_WORK_TIME = clock_time(7, 5, tzinfo=UTC)
+#: (7, in its notify timezone, America/Chicago), at least as long after the feeds as its
+#: stale_ed_hours and its referrals' response_hours (24), so stale ED visits close, digests go
+#: out and referrals fall overdue.
+PERIODIC_WORK_TIME = clock_time(7, 5, tzinfo=ZoneInfo("America/Chicago"))
 PERIODIC_WORK_AFTER = timedelta(hours=24)
 
 

@@ -77,6 +77,8 @@ KIND_LABELS = {
 TOLD_EACH_TIME = frozenset({"transfer", "discharge_corrected"})
 #: What a recipient who wants discharge notices only is told.
 DISCHARGE_NOTICES = frozenset({"discharge", "discharge_corrected"})
+#: The role of a skilled nursing facility or home health agency a discharge sends the patient to.
+POST_ACUTE = "post_acute"
 ROLE_LABELS = {
     "pcp": "primary care practitioner",
     "care_coordinator": "care coordinator",
@@ -447,14 +449,18 @@ class Notifier:
             retracted_label=KIND_LABELS.get(_retracted_kind(decision.reason), "notification"),
             # follow-up-clock hands over FollowupItems (dicts accepted too): was dicts only,
             # so discharge notices never showed the due dates.
+            # The follow-up clocks are the practice's work (TCM): a post-acute provider is
+            # not sent the practice's deadlines.
             followups=[
                 {
                     "kind": _field(f, "kind"),
                     "due": _local_day(_field(f, "due_at"), event, self.notice_zone),
                 }
                 for f in followups
-            ],
-            followup_note=work.data.get("followup_note"),
+            ]
+            if decision.role != POST_ACUTE
+            else [],
+            followup_note=work.data.get("followup_note") if decision.role != POST_ACUTE else None,
         )
         return context
 
@@ -1229,7 +1235,9 @@ def _recipient_context(decision: Decision, team: CareTeam | None) -> dict[str, A
     role = decision.role or ""
     return {
         "id": decision.recipient,
-        "name": member.name if member else decision.recipient,
+        # A name only as the roster or directory gives it: one no longer listed is addressed
+        # by address alone, not by carehub's id for it ("facility:PRAIRIE_HHA").
+        "name": member.name if member else None,
         "role": role,
         "role_label": ROLE_LABELS.get(role, role.replace("_", " ") or "a member of the care team"),
     }
