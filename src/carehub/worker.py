@@ -99,14 +99,16 @@ TROUBLE_REPORT_SECONDS = 30.0
 RETRY_SOON_AFTER = 30.0
 RETRY_SOON_EVERY = 300.0
 #: A destination is taken for down (Breaker) after this many failed attempts in a row (to be
-#: retried: a refusal for good is about the message), the first at least BREAKER_SECONDS
-#: before the last. Three, so one dropped connection or one message the destination chokes on
-#: is not an outage; two seconds, so the sends in flight at one moment failing together (a
-#: connection pool reset, a load balancer swap) are ridden out by ordinary retries, while a
-#: destination refusing everything for longer costs at most a couple of seconds of attempts
-#: (with 400 patients waiting and connections refused, about 175 attempt rows a second).
-#: Opening on a blip costs little: the first probe goes at the first retry delay.
+#: retried: a refusal for good is about the message), of BREAKER_DELIVERIES deliveries or
+#: more, the first at least BREAKER_SECONDS before the last. Three of two deliveries, so one
+#: dropped connection, or one message the destination keeps refusing, is not an outage; two
+#: seconds, so the sends in flight at one moment failing together (a connection pool reset, a
+#: load balancer swap) are ridden out by ordinary retries, while a destination refusing
+#: everything for longer costs at most a couple of seconds of attempts (with 400 patients
+#: waiting and connections refused, about 175 attempt rows a second). Opening on a blip costs
+#: little: the first probe goes at the first retry delay.
 BREAKER_FAILURES = 3
+BREAKER_DELIVERIES = 2
 BREAKER_SECONDS = 2.0
 #: Seconds before looking again for a delivery to probe a down destination with, when none
 #: was due.
@@ -227,10 +229,6 @@ class Worker:
         #: Each destination's breaker (see Breaker): while open, its deliveries wait unclaimed
         #: but for one probe at a time.
         self._breakers: dict[str, Breaker] = {}
-        #: Destinations whose breaker closed, with when it opened: their waiting deliveries'
-        #: runs of failures start again (Outbox.restart_failure_runs), written by the delivery
-        #: loop.
-        self._runs_to_restart: dict[str, datetime] = {}
         #: When each destination's retries were last brought forward (see _retry_soon).
         self._brought_forward: dict[str, float] = {}
         #: Destinations whose retries are being taken early (see _claim_early), with how
@@ -841,8 +839,6 @@ class Worker:
                 if self._bringing_forward:
                     await self._claim_early(lease)
                 last_claim = time.monotonic()
-            if self._runs_to_restart:
-                await self._restart_runs()
             if any(b.is_open for b in self._breakers.values()):
                 await self._claim_probes(lease)
                 await self._hand_back_behind_breakers()
@@ -1007,8 +1003,6 @@ class Worker:
             # The run of failures begins with the first counted one; an early attempt only
             # ever fails inside a run (it is made to a delivery waiting out a retry delay).
             failing_since = delivery.failing_since or started
-            if self._waited_behind_breaker(delivery):
-                failing_since = started  # the wait was not time spent failing
             deadline = failing_since + timedelta(seconds=give_up) if give_up else None
             now = datetime.now(UTC)
             # An early attempt is not counted: it never makes a dead letter of its own.
@@ -1203,31 +1197,22 @@ class Worker:
         retryable: bool,
     ) -> AttemptResult:
         """Count a failed attempt in its destination's breaker: it opens on a run of them
-        (BREAKER_FAILURES over BREAKER_SECONDS); a failed probe sets when the next goes. A
-        probe that waited behind the breaker with a run of failures begun before it opened
-        starts a new run (see _waited_behind_breaker). Returns ``result``."""
+        (Breaker.failed); a failed probe sets when the next goes, the delivery first due
+        then. Returns ``result``."""
         breaker = self._breaker_of(delivery.destination)
-        retry_in = None
-        if result.retry_at is not None:
-            retry_in = max(0.0, (result.retry_at - datetime.now(UTC)).total_seconds())
         probe = breaker.is_open and breaker.probe_id == delivery.id
         if probe:
-            if result.retry_at is None:  # a dead letter now: the next probe is another
-                fallback = destination.retry.delay(breaker.probes + 1) if destination else 0.0
-                breaker.probed(None, fallback)
-            else:
-                breaker.probed(delivery.id, retry_in or 0.0)
+            breaker.probed(None, self._probe_interval(destination, breaker.probes + 1))
             return result
         if not retryable:  # about the message, not the destination
             return result
-        if breaker.failed(time.monotonic()):
-            fallback = destination.retry.delay(1) if destination else PROBE_RECHECK
-            breaker.open(delivery.id if retry_in is not None else None, retry_in or fallback)
+        if breaker.failed(time.monotonic(), delivery.id):
+            breaker.open(None, self._probe_interval(destination, 1))
             log.warning(
                 "sending to %s: %d attempts failed in a row over %.1f s: it is taken for down. "
-                "Its deliveries wait unattempted (their give_up_after does not run meanwhile), "
-                "and one is sent at a time, as a probe, at its retry times (at most every "
-                "%g s, its retry.max_delay); the first that goes through ends this",
+                "Its deliveries wait unattempted but one at a time, sent as a probe (the one "
+                "first due), at growing intervals (at most every %g s, its retry.max_delay); "
+                "the first that goes through ends this",
                 delivery.destination,
                 breaker.failures,
                 breaker.run_seconds,
@@ -1235,18 +1220,11 @@ class Worker:
             )
         return result
 
-    def _waited_behind_breaker(self, delivery: DeliveryRecord) -> bool:
-        """Whether ``delivery`` is its destination's probe and its run of failures began
-        before the breaker opened: it waited unattempted since, so its run (and its
-        give_up_after) starts again with this attempt."""
-        breaker = self._breakers.get(delivery.destination)
-        return (
-            breaker is not None
-            and breaker.opened_at is not None
-            and breaker.probe_id == delivery.id
-            and delivery.failing_since is not None
-            and delivery.failing_since < breaker.opened_at
-        )
+    @staticmethod
+    def _probe_interval(destination: Destination | None, probes: int) -> float:
+        """Seconds before the next probe of a destination taken for down, after ``probes``
+        failed ones: its retry delays, so they grow up to its ``retry.max_delay``."""
+        return destination.retry.delay(probes) if destination is not None else PROBE_RECHECK
 
     def _breaker_answered(self, delivery: DeliveryRecord, *, went_through: bool) -> None:
         """A send to the destination ended without failing: a run of failures is over, and
@@ -1264,7 +1242,6 @@ class Worker:
         breaker.close()
         if opened_at is None:
             return
-        self._runs_to_restart[delivery.destination] = opened_at
         log.warning(
             "sending to %s: a delivery went through after %.0f s taken for down (%d probe(s) "
             "failed meanwhile); its waiting deliveries are sent again, at most %d at a time",
@@ -1322,16 +1299,6 @@ class Worker:
         gone = set(back)
         self._claimed = [d for d in self._claimed if d.id not in gone]
         await self._hand_back(back)
-
-    async def _restart_runs(self) -> None:
-        """Deliveries that waited behind a breaker now closed start a new run of failures."""
-        for name, opened_at in list(self._runs_to_restart.items()):
-            try:
-                await self._store_call(self.outbox.restart_failure_runs, name, opened_at)
-            except Exception as err:  # tried again at the next claim
-                self._failed(err, "results")
-                return
-            del self._runs_to_restart[name]
 
     def _retry_soon(self, destination: str, outage: float) -> None:
         """The destination takes deliveries again: those of its deliveries waiting out a
@@ -1602,19 +1569,21 @@ class StoreTrouble:
 
 class Breaker:
     """A destination's circuit breaker on this worker. After BREAKER_FAILURES failed attempts
-    in a row over BREAKER_SECONDS or more it opens: the destination is taken for down, its
-    deliveries are not claimed (and get no attempts), but for one probe at a time, a real
-    delivery sent as usual, counted and recorded. The same delivery is probed at its own
-    retry times (growing as its delays do, up to ``retry.max_delay``) until it goes through,
-    which closes the breaker, or becomes a dead letter by its own limits, when another is
-    probed. Without it, every waiting patient's line retried on its own: a day's outage with
-    40,000 patients waiting wrote about 5.8 million attempt rows.
+    in a row, of BREAKER_DELIVERIES deliveries or more, over BREAKER_SECONDS or more, it
+    opens: the destination is taken for down, its deliveries are not claimed (and get no
+    attempts), but for one probe at a time, a real delivery sent as usual, counted and
+    recorded. Each probe is the delivery first due then, so a message the destination keeps
+    refusing is not the only one tried: another patient's that goes through closes the
+    breaker. Probes go at the destination's retry delays, growing with each failed probe up
+    to ``retry.max_delay``. Without it, every waiting patient's line retried on its own: a
+    day's outage with 40,000 patients waiting wrote about 5.8 million attempt rows.
 
     Per worker process: with N workers, N probes go out per retry interval."""
 
     def __init__(self, destination: str) -> None:
         self.destination = destination
         self.failures = 0  # failed attempts in a row, while closed
+        self._failed_deliveries: set[int] = set()  # of how many deliveries (up to a few)
         self._first_failed = 0.0  # time.monotonic() of the first of them
         self._last_failed = 0.0
         self.opened: float | None = None  # time.monotonic() when it opened
@@ -1635,15 +1604,22 @@ class Breaker:
     def run_seconds(self) -> float:
         return self._last_failed - self._first_failed
 
-    def failed(self, now: float) -> bool:
+    def failed(self, now: float, delivery_id: int) -> bool:
         """A failed attempt while closed; True when it opens the breaker."""
         if self.is_open:
             return False
         if self.failures == 0:
             self._first_failed = now
+            self._failed_deliveries.clear()
         self.failures += 1
         self._last_failed = now
-        return self.failures >= BREAKER_FAILURES and self.run_seconds >= BREAKER_SECONDS
+        if len(self._failed_deliveries) < BREAKER_DELIVERIES:
+            self._failed_deliveries.add(delivery_id)
+        return (
+            self.failures >= BREAKER_FAILURES
+            and len(self._failed_deliveries) >= BREAKER_DELIVERIES
+            and self.run_seconds >= BREAKER_SECONDS
+        )
 
     def open(self, probe_id: int | None, wait: float) -> None:
         self.opened = time.monotonic()
@@ -1663,6 +1639,7 @@ class Breaker:
 
     def close(self) -> None:
         self.failures = 0
+        self._failed_deliveries.clear()
         self.opened = self.opened_at = self.probe_id = None
         self.probes = 0
 

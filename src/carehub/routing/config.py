@@ -70,6 +70,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The longest give_up_after kept, in seconds: the store's 32-bit column (about 68 years).
+MAX_SPAN = 2**31 - 1
+
+
 class RetryPolicy(_Strict):
     """Exponential backoff with jitter: delay n = min(max_delay, initial * multiplier**(n-1)),
     then spread by +/- jitter so retries from many messages do not arrive in lockstep.
@@ -152,11 +156,13 @@ class RetryPolicy(_Strict):
             span = parse_age(text)
             if span is None:
                 raise ValueError(f"{value!r}: {forms}")
-            return min(int(span.total_seconds()), 2**31 - 1)
+            return min(int(span.total_seconds()), MAX_SPAN)
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
         if isinstance(value, int) and value < 0:
             raise ValueError("must be 0 or more: 0 (or forever) gives up never")
+        if isinstance(value, int):
+            return min(value, MAX_SPAN)  # what the store's integer column holds (68 years)
         return value
 
     @property

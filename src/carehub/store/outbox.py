@@ -2110,11 +2110,10 @@ class Outbox:
         now: datetime | None = None,
     ) -> DeliveryRecord | datetime | None:
         """Lease one due delivery of ``destination`` to try while its worker takes it for down
-        (the worker's breaker: its other deliveries are left unclaimed meanwhile). ``prefer``,
-        the delivery probed last time, is taken again as long as it is pending, and only once
-        it is due: the same delivery is tried at its own retry times, as the head of a queue,
-        so its retry limits run while the others wait unattempted. Returns the delivery
-        leased; while ``prefer`` waits out its retry delay, when it is due; else None."""
+        (the worker's breaker: its other deliveries are left unclaimed meanwhile): the first
+        due and first in its line, or ``prefer`` (a probe whose turn was handed back before it
+        was sent) while it is pending and due. Returns the delivery leased; while ``prefer``
+        waits out its retry delay, when it is due; else None."""
         now = now or _now()
         with self.engine.begin() as conn:
             params: dict[str, Any] = {"destination": destination, "now": now, "id": prefer}
@@ -2132,23 +2131,6 @@ class Outbox:
             taken = {"ids": ids, "_lease_until": now + lease, "_now": now}
             rows = conn.execute(_TAKE, taken).all()
         return _record(rows[0]) if rows else None
-
-    def restart_failure_runs(self, destination: str, before: datetime) -> int:
-        """Start a new run of failures (and so a new ``give_up_after``) for ``destination``'s
-        pending deliveries whose run began before ``before``, when their worker took the
-        destination for down and left them unattempted: the time they waited for it is not
-        time spent failing. Returns how many."""
-        with self.engine.begin() as conn:
-            return conn.execute(
-                update(deliveries)
-                .where(
-                    delivery_in(deliveries, *UNFINISHED),  # reads the index by destination
-                    deliveries.c.destination == destination,
-                    deliveries.c.status == DeliveryStatus.PENDING.value,
-                    deliveries.c.failing_since < before,
-                )
-                .values(failing_since=None)
-            ).rowcount
 
     def waiting_for(self, destination: str) -> int:
         """How many deliveries to ``destination`` are pending or being sent."""
