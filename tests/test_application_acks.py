@@ -65,11 +65,11 @@ def codes(answers: list[MessageView]) -> list[tuple[str, str]]:
         ("NE", "AL", False, ["AA"]),
         ("NE", "AL", True, ["AE"]),
         ("ER", "AL", False, ["AA"]),
-        ("ER", "AL", True, ["CE", "AE"]),
+        ("ER", "AL", True, ["CE"]),  # refused at commit: no application to answer
         ("AL", "AL", False, ["CA", "AA"]),
-        ("AL", "AL", True, ["CE", "AE"]),
+        ("AL", "AL", True, ["CE"]),
         ("AL", "ER", False, ["CA"]),
-        ("AL", "ER", True, ["CE", "AE"]),
+        ("AL", "ER", True, ["CE"]),
         ("AL", "SU", False, ["CA", "AA"]),
         ("AL", "SU", True, ["CE"]),
         ("NE", "SU", True, []),
@@ -87,20 +87,31 @@ def test_msh15_by_msh16(
 
 
 def test_the_application_ack_is_an_ack_of_its_own(hub: HubThread) -> None:
-    accept, application = exchange(hub, asking("OWN-1", "AL", "AL", refused=True), 2)
+    accept, application = exchange(hub, asking("OWN-1", "AL", "AL"), 2)
     assert accept.get("MSH-10") != application.get("MSH-10")
     assert application.raw("MSH-9") == "ACK^A01^ACK"
     assert [application.get(f"MSH-{n}") for n in (3, 5)] == ["CAREHUB", "ADT_SENDER"]
-    assert application.get("ERR-8") == accept.get("ERR-8")
-    assert "line 4 is not an HL7 segment" in application.get("ERR-8")
     assert (application.get("MSH-15"), application.get("MSH-16")) == ("", "")  # not answered
 
 
-def test_a_rejected_message_gets_a_commit_reject_and_an_application_reject(
+def test_an_application_error_is_told_when_the_accept_ack_was_not_wanted(
     hub: HubThread,
 ) -> None:
+    """MSH-15 NE, MSH-16 AL: no accept ACK, so the outcome comes as the application ACK."""
+    (application,) = exchange(hub, asking("OWN-2", "NE", "AL", refused=True), 1)
+    assert application.get("MSA-1") == "AE"
+    assert "line 4 is not an HL7 segment" in application.get("ERR-8")
+
+
+def test_a_message_rejected_at_commit_gets_the_commit_reject_alone(hub: HubThread) -> None:
+    """HL7: a message refused at commit (CR, CE) reaches no application, so no application
+    ACK follows; the next message on the connection gets its own answers."""
     training = asking("REJ-1", "AL", "AL").replace(b"|P|2.5", b"|T|2.5", 1)
-    assert codes(exchange(hub, training, 2)) == [("CR", "REJ-1"), ("AR", "REJ-1")]
+    frames = [training, asking("REJ-2", "AL", "AL")]
+    with socket.create_connection(hub.mllp_address, timeout=TIMEOUT) as sock:
+        sock.sendall(b"".join(encode_frame(f) for f in frames))
+        answers = [MessageView(f.decode()) for f in read_frames(sock, 3, TIMEOUT)]
+    assert codes(answers) == [("CR", "REJ-1"), ("CA", "REJ-2"), ("AA", "REJ-2")]
 
 
 def test_answers_keep_their_frames_order_on_one_connection(hub: HubThread) -> None:
@@ -148,7 +159,7 @@ def test_carehub_send_reads_a_commit_accept_then_its_application_ack(
     ]
 
 
-def test_carehub_send_reports_the_application_error_after_a_commit_error(
+def test_carehub_send_reports_a_commit_error_and_goes_on(
     hub: HubThread, tmp_path: Path
 ) -> None:
     feed = tmp_path / "feed.hl7"
@@ -156,7 +167,7 @@ def test_carehub_send_reports_the_application_error_after_a_commit_error(
     done = send_command(hub, feed)
     assert done.returncode == 1, done.stdout + done.stderr
     first, second = done.stdout.splitlines()
-    assert first.startswith(f"{feed} #1: AE (MSH-10 SEND-E): line 4 is not an HL7 segment")
+    assert first.startswith(f"{feed} #1: CE (MSH-10 SEND-E): line 4 is not an HL7 segment")
     assert second == f"{feed} #2: AA (MSH-10 SEND-F)"
 
 

@@ -353,7 +353,7 @@ def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, insecure: 
 async def _send_all(
     outgoing: list[tuple[str, bytes]], host: str, port: int, context: Any, timeout: float
 ) -> int:
-    from carehub.client import MLLPClient, NoAnswer
+    from carehub.client import MLLPClient, NoAnswer, NoApplicationAck
     from carehub.hl7.ack import read_ack
     from carehub.hl7.view import NotHL7Error
 
@@ -379,6 +379,12 @@ async def _send_all(
                     break
             try:
                 answer = await client.send(payload)
+            except NoApplicationAck as err:
+                # Committed (CA): the message is the receiver's; only its outcome is unknown.
+                answer = err.accept
+                click.echo(f"{label}: no application ACK in {timeout:g} s after the CA")
+                await client.close()
+                connected = False
             except (NoAnswer, OSError) as err:
                 click.echo(f"{label}: no answer: {err}")
                 failures += 1

@@ -25,6 +25,17 @@ class NoAnswer(ConnectionError):
     """The peer closed the connection or did not answer in time."""
 
 
+class NoApplicationAck(NoAnswer):
+    """The accept ACK came (CA: the receiver has committed the message), but not the
+    application ACK its MSH-16 asks for, in time: the message is the receiver's, its outcome
+    is not known. ``accept`` is the accept ACK. The connection is out of step (the
+    application ACK may still come) and should be closed."""
+
+    def __init__(self, message: str, accept: bytes) -> None:
+        super().__init__(message)
+        self.accept = accept
+
+
 class MLLPClient:
     """One persistent connection; ``send`` is request/response (one frame out, one frame back)."""
 
@@ -87,15 +98,17 @@ class MLLPClient:
         self._writer.write(encode_frame(payload))
         await self._writer.drain()
         first = await self.receive()
-        accept_code = _accept_code(first)
-        if accept_code is None or not _application_ack_asked(payload, accept_code):
+        # A message refused at commit (CE, CR) reaches no application: no application ACK
+        # follows its accept ACK.
+        if _accept_code(first) != "CA" or not _application_ack_asked(payload, "CA"):
             return [first]
         try:
             return [first, await self.receive()]
         except NoAnswer as err:
-            raise NoAnswer(
-                f"{err}: the accept ACK ({accept_code}) came, but not the application ACK "
-                "the message's MSH-16 asks for"
+            raise NoApplicationAck(
+                f"{err}: the accept ACK (CA) came, but not the application ACK the message's "
+                "MSH-16 asks for",
+                first,
             ) from err
 
     async def receive(self) -> bytes:

@@ -40,7 +40,7 @@ from carehub.builtins.http_channel import (
     read_some,
 )
 from carehub.care.model import Transition
-from carehub.client import MLLPClient, NoAnswer
+from carehub.client import MLLPClient, NoAnswer, NoApplicationAck
 from carehub.components import (
     Channel,
     ComponentContext,
@@ -675,7 +675,14 @@ class MLLPChannel(Channel):
             )
             await client.connect()
             self._client = client
-        return await self._client.send(payload)
+        try:
+            return await self._client.send(payload)
+        except NoApplicationAck as err:
+            # Committed by the receiver (CA), its application ACK not (yet) sent: delivered,
+            # as a CA alone is. The connection goes, so that a late application ACK is not
+            # read as the next message's answer; resending would deliver it twice.
+            await self._drop()
+            return err.accept
 
     async def _drop(self) -> None:
         client, self._client = self._client, None

@@ -514,7 +514,11 @@ class Intake:
         application_ack = None
         if enhanced and header is not None:
             send = accept_ack_wanted(header.accept_ack_type, code)
-            if application_ack_wanted(header.application_ack_type, code):
+            # A message refused at commit (CE, CR) reaches no application: its accept ACK is
+            # the whole answer. One whose accept ACK the sender did not want still hears its
+            # outcome, as MSH-16 asks.
+            processed = code is AckCode.ACCEPT or not send
+            if processed and application_ack_wanted(header.application_ack_type, code):
                 application_ack = encoded(False)  # an ACK of its own, with its own MSH-10
         return IntakeResult(
             code,
