@@ -159,9 +159,7 @@ def test_carehub_send_reads_a_commit_accept_then_its_application_ack(
     ]
 
 
-def test_carehub_send_reports_a_commit_error_and_goes_on(
-    hub: HubThread, tmp_path: Path
-) -> None:
+def test_carehub_send_reports_a_commit_error_and_goes_on(hub: HubThread, tmp_path: Path) -> None:
     feed = tmp_path / "feed.hl7"
     feed.write_bytes(asking("SEND-E", "AL", "AL", refused=True) + asking("SEND-F", "AL", "AL"))
     done = send_command(hub, feed)

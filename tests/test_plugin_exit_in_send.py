@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from carehub.testing import make_adt, mllp_exchange, run_routes
+from tests.helpers_cli import CAREHUB, environment
 from tests.helpers_http import CarehubProcess, wait_for
 
 #: A channel whose send() raises ``exits`` (SystemExit(3) or KeyboardInterrupt) on the first
@@ -164,3 +167,57 @@ def test_an_exit_raised_in_a_step_fails_its_route_only(tmp_path: Path) -> None:
     assert "step translate exiting-step (plugin 'exitstep') raised SystemExit(4)" in exits.error
     assert goes_on.error is None
     assert [s.outcome for s in goes_on.steps] == ["ok"]
+
+
+#: A translator that takes its time, so a Ctrl-C comes while a route runs.
+SLOW_STEP_PLUGIN = """
+import time
+
+from carehub import hookimpl
+from carehub.components import Translator
+
+
+class Slow(Translator):
+    name = "slow-step"
+
+    def translate(self, work):
+        time.sleep(0.5)
+        return None
+
+
+@hookimpl
+def carehub_register_translators(register):
+    register(Slow)
+"""
+
+
+def test_one_ctrl_c_stops_routes_test_at_once(tmp_path: Path) -> None:
+    """A Ctrl-C while `carehub routes test` runs a step is the operator's, not a plugin's:
+    it stops the command, rather than failing one step and going on with the rest."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "slow.py").write_text(SLOW_STEP_PLUGIN, encoding="utf-8")
+    (tmp_path / "routes.yaml").write_text(
+        "routes:\n  - name: slow\n    steps: [{translate: slow-step}]\n", encoding="utf-8"
+    )
+    config = tmp_path / "carehub.yaml"
+    config.write_text("routes: [routes.yaml]\nplugins_dir: plugins\n", encoding="utf-8")
+    feed = tmp_path / "feed.hl7"
+    feed.write_text("".join(make_adt(f"SLOW-{n}") for n in range(40)), encoding="utf-8")
+    process = subprocess.Popen(
+        [*CAREHUB, "routes", "test", str(feed), "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
+    try:
+        time.sleep(3.0)  # started, and some way through the 20 s of steps
+        process.send_signal(signal.SIGINT)
+        began = time.monotonic()
+        process.communicate(timeout=30)
+        stopped_in = time.monotonic() - began
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert stopped_in < 3.0, stopped_in

@@ -712,13 +712,15 @@ class PluginExit(PluginError):
 
 def raised_by_plugin(err: BaseException) -> bool:
     """Whether a SystemExit or KeyboardInterrupt comes from code that was called (a plugin,
-    a library it uses) rather than from the process being told to stop: a KeyboardInterrupt
-    is Ctrl-C only in the main thread while Python's own SIGINT handler is installed (serve
-    and worker handle SIGINT on their event loop, so there it never is one)."""
+    a library it uses) rather than from the process being told to stop. A KeyboardInterrupt
+    in the main thread is Ctrl-C (Python's own handler, or asyncio.run's, which raises it in
+    the main task) unless an event loop takes SIGINT itself: serve and worker do
+    (loop.add_signal_handler, which leaves Python's handler a no-op), so there it never is."""
     if not isinstance(err, KeyboardInterrupt):
         return True
-    in_main = threading.current_thread() is threading.main_thread()
-    return not (in_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if threading.current_thread() is not threading.main_thread():
+        return True
+    return getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_sighandler_noop"
 
 
 class FailureKind(Exception):

@@ -119,6 +119,9 @@ async def dry_run_all_async(
         router = Router(table, host)
         results = []
         for raw in payloads:
+            # Steps run synchronously: without a turn of the loop between messages, a Ctrl-C
+            # (asyncio.run cancels the main task) would land only after the last of them.
+            await asyncio.sleep(0)
             answer = await intake_answer(raw)
             if answer.code is not AckCode.ACCEPT:
                 results.append(
