@@ -122,8 +122,11 @@ def test_a_folder_the_service_user_cannot_write_is_refused_naming_it() -> None:
 def _refused_as_nobody(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     out = tmp_path / "outbox"
-    out.mkdir(mode=0o755)  # root's, as `routes check` run as root used to leave it
+    out.mkdir()
+    out.chmod(0o755)  # root's, as `routes check` run as root used to leave it
     config = _config(tmp_path, "outbox")
+    for readable in (config, tmp_path / "routes.yaml"):  # whatever the umask
+        readable.chmod(0o644)
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     carehub_cli = [sys.executable, "-m", "carehub.cli"]
     result = subprocess.run(
