@@ -39,3 +39,18 @@ def test_plugins_exits_0_when_every_plugin_loaded(tmp_path: Path) -> None:
     assert all(json.loads(line) for line in listed.stdout.splitlines())
     shown = " ".join(carehub("plugins", "--help").stdout.split())
     assert "Exits 1 when a plugin failed to load" in shown
+
+
+def test_plugins_with_a_config_loads_its_plugins_dir(tmp_path: Path) -> None:
+    """The folder a hub's config names (plugins_dir) is what serve loads: `carehub plugins
+    --config` checks it, and fails on a broken plugin there as serve's log would show."""
+    plugins_dir(tmp_path / "plugins", lowercase=TRANSLATOR_PLUGIN, broken="import nope_sdk\n")
+    config = tmp_path / "carehub.yaml"
+    config.write_text("plugins_dir: plugins\n", encoding="utf-8")
+
+    listed = carehub("plugins", "--json", "--config", str(config))
+
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert any(row["name"] == "lowercase" and "failed" not in row for row in rows)
+    assert [row["name"] for row in rows if row.get("failed")] == ["broken"]

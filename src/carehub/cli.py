@@ -2124,13 +2124,22 @@ def audit_list(
     metavar="[NAME]",
     help="Print each component's options (type, default, description), or only NAME's.",
 )
-def plugins_command(as_json: bool, options_of: str | None) -> None:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=ENV_CONFIG,
+    help=f"Hub config YAML (or ${ENV_CONFIG}): its plugins_dir and plugin lists are loaded too.",
+)
+def plugins_command(as_json: bool, options_of: str | None, config_path: Path | None) -> None:
     """Every plugin loaded, its version, and the components and hooks it provides; with
     --options, the options each component takes in a route step. Exits 1 when a plugin
-    failed to load (each is listed), so a check in CI fails with it."""
+    failed to load (each is listed), so a check in CI fails with it. With a config, the
+    plugins the hub would load: its plugins_dir's too."""
     from carehub.plugins import PluginHost
 
-    host = PluginHost().load()
+    config = load_config(config_path) if config_path is not None else None
+    host = PluginHost().load(config=config)
     if options_of is not None:
         from carehub.reference import options_output
 
