@@ -98,7 +98,7 @@ def test_a_down_destination_is_probed_not_retried_by_every_line(
 
     said = [r.getMessage() for r in caplog.records if "care/hook" in r.getMessage()]
     assert any("taken for down" in line for line in said), said
-    assert any("went through after" in line for line in said), said
+    assert any("answered again after" in line for line in said), said
     assert not any("BRK" in line for line in said)  # no patient identifiers in the log
 
 
@@ -125,3 +125,32 @@ def test_a_give_up_after_past_what_the_store_holds_is_capped() -> None:
 
     assert RetryPolicy(give_up_after=3_000_000_000).give_up_seconds == MAX_SPAN
     assert RetryPolicy.model_validate({"give_up_after": "100000d"}).give_up_seconds == MAX_SPAN
+
+
+def test_a_probe_refused_for_good_ends_the_outage(
+    tmp_path: Path, receiver: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination that answers the probe with a refusal for good (HTTP 400: that message
+    is bad) is up: the others go at once, not after the next, longer probe interval."""
+    monkeypatch.setattr(worker_module, "BREAKER_SECONDS", 0.5, raising=False)
+    retry = "{initial_delay: 0.1, multiplier: 2, max_delay: 3, jitter: 0}"
+    config = load_config(
+        write_config(tmp_path, routes(receiver.url("/events")).replace(RETRY, retry))
+    )
+    with HubThread(config, tmp_path / "data") as hub:
+        send(hub, [make_adt(f"UP-{n}", "A08", patient_id=f"BRKUP{n}") for n in range(10)])
+        wait_for(lambda: receiver.requests, 10, what="a first attempt")
+        time.sleep(3.5)  # down, its probes now seconds apart
+        refused: list[bool] = []
+
+        def answer(_request: object) -> int:
+            if not refused:
+                refused.append(True)
+                return 400
+            return 200
+
+        receiver.respond = answer
+        wait_for(lambda: len(receiver.answered(200)) == 9, 20, what="the other nine")
+    (bad,) = receiver.answered(400)
+    last = max(request.at for request in receiver.answered(200))
+    assert last - bad.at < 1.2, last - bad.at

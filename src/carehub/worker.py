@@ -1201,6 +1201,10 @@ class Worker:
         then. Returns ``result``."""
         breaker = self._breaker_of(delivery.destination)
         probe = breaker.is_open and breaker.probe_id == delivery.id
+        if probe and not retryable:
+            # Refused for good: about the message, and the destination answered: it is up.
+            self._breaker_answered(delivery, went_through=True)
+            return result
         if probe:
             breaker.probed(None, self._probe_interval(destination, breaker.probes + 1))
             return result
@@ -1243,7 +1247,7 @@ class Worker:
         if opened_at is None:
             return
         log.warning(
-            "sending to %s: a delivery went through after %.0f s taken for down (%d probe(s) "
+            "sending to %s: it answered again after %.0f s taken for down (%d probe(s) "
             "failed meanwhile); its waiting deliveries are sent again, at most %d at a time",
             delivery.destination,
             down_for,
