@@ -49,7 +49,7 @@ from carehub.components import on_this_machine
 from carehub.config import ENV_HTTP_TOKENS, HTTPListenerConfig
 from carehub.hl7.ack import AckCode
 from carehub.hl7.batch import MessageSlice, SplitData, Stray, answer_envelope, split_data
-from carehub.hl7.charsets import LATIN1_AS_WINDOWS_1252, decode_message
+from carehub.hl7.charsets import LATIN1_AS_WINDOWS_1252
 from carehub.hl7.framing import HEAD_BYTES
 from carehub.intake.intake import Arrival, Intake, IntakeResult, receive_in_groups
 from carehub.intake.tls import (
@@ -329,8 +329,7 @@ def build_app(
             )
             head = body[:HEAD_BYTES]
             result = await intake.reject_unreadable_frame(head, size, arrival, reason)
-            codec = await _answer_codec(head, arrival.default_charset)
-            return _hl7_response(result.ack, 413, codec, CLOSE)
+            return _hl7_response(result.ack, 413, result.charset, CLOSE)
         contents = None if _single(body) else await _split(body)
         if contents is not None and contents.batch_problems:
             # A batch cut short on the way, or whose trailers count other than it holds: none
@@ -341,8 +340,7 @@ def build_app(
             )
             head = body[:HEAD_BYTES]
             result = await intake.reject_unreadable_frame(head, len(body), arrival, reason)
-            codec = await _answer_codec(head, arrival.default_charset)
-            return _hl7_response(result.ack, status_of(result), codec)
+            return _hl7_response(result.ack, status_of(result), result.charset)
         if contents is not None and (len(contents.messages) > 1 or contents.wrappers):
             items = _in_body_order(contents)
             results = await _receive_parts(intake, items, arrival)
@@ -356,14 +354,11 @@ def build_app(
                 acks = head.encode(encode, "replace") + acks + tail.encode(encode, "replace")
             # One charset names the whole answer: that of its first ACK (a batch whose messages
             # are in different character sets is one no single name fits).
-            codec = contents.codec
-            if items:
-                codec = await _answer_codec(_taken(items[0]), arrival.default_charset)
+            codec = results[0].charset if results else contents.codec
             return _hl7_response(acks, status, codec)
         # One message, or none: taken whole, exactly like an MLLP frame.
         result = await intake.receive(body, arrival)
-        codec = await _answer_codec(body, arrival.default_charset)
-        return _hl7_response(result.ack, status_of(result), codec)
+        return _hl7_response(result.ack, status_of(result), result.charset)
 
     @app.get("/health", summary="Liveness and store reachability; details with a token")
     async def health_check(request: Request) -> JSONResponse:
@@ -426,16 +421,6 @@ def _hl7_response(
     with a letter outside ASCII."""
     media_type = f"{HL7_MEDIA_TYPE}; charset={_iana_charset(codec, ack)}"
     return Response(ack, status_code=status, media_type=media_type, headers=headers)
-
-
-async def _answer_codec(payload: bytes, default: str) -> str:
-    """The codec intake answered ``payload`` in: the one it read it with, as decode_message
-    chooses it (MSH-18, the byte order of UTF-16/32, else ``default`` or ISO-8859-1). Read on
-    a worker thread once it is large, as _split does."""
-    if len(payload) <= SPLIT_INLINE_BYTES:
-        return decode_message(payload, default).charset
-    decoded = await asyncio.to_thread(decode_message, payload, default)
-    return decoded.charset
 
 
 def _iana_charset(codec: str, body: bytes) -> str:

@@ -67,7 +67,8 @@ class IntakeResult:
     ``send`` is False when the sender's MSH-15 asked for no answer to this outcome;
     ``application_ack`` is, in enhanced mode, the application acknowledgment (AA/AE/AR) its
     MSH-16 asked for, to be sent on the same connection after ``ack`` (or alone when ``send``
-    is False)."""
+    is False); ``charset`` is the codec the answers are written in, the one the message was
+    read with (HTTP names it in the answer's content type)."""
 
     code: AckCode
     ack: bytes
@@ -76,6 +77,7 @@ class IntakeResult:
     reason: str | None = None
     send: bool = True
     application_ack: bytes | None = None
+    charset: str = "utf-8"
 
 
 #: Called with the result of one frame once it is settled (committed, or refused by the store).
@@ -494,6 +496,7 @@ class Intake:
         known at the commit and go out together, the application ACK second."""
         header = message.header
         enhanced = arrival.enhanced_acks and header is not None and header.asks_enhanced_mode
+        charset = message.charset or "utf-8"
 
         def encoded(as_accept_ack: bool) -> bytes:
             ack = build_ack(
@@ -507,7 +510,7 @@ class Intake:
                 enhanced=as_accept_ack,
                 charset_field=_ack_charset_field(view, message.charset),
             )
-            return encode_reply(ack, message.charset or "utf-8", message.raw)
+            return encode_reply(ack, charset, message.raw)
 
         ack = encoded(enhanced)
         send = True
@@ -528,6 +531,7 @@ class Intake:
             reason or None,
             send,
             application_ack,
+            charset,
         )
 
 
